@@ -1,0 +1,234 @@
+// CPU kernels for the mlxq ops: argument checks (checks.h), layout preparation, the parallel
+// split, and the choice between streaming decode kernels and dequantize-tile + dense GEMM.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+#include "checks.h"
+#include "cpu/cpu_features.h"
+#include "cpu/kernel_table.h"
+#include "cpu/quantize.h"
+
+namespace mlxq::cpu {
+namespace {
+
+std::atomic<int> g_isa_override{-1};  // -1: not set, else an Isa value
+
+Isa detect_isa() {
+  const char* env = std::getenv("MLXQ_CPU_ISA");
+  if (env != nullptr && std::string(env) == "portable") return Isa::kPortable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kPortable;
+}
+
+const KernelTable& kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (active_isa_enum() == Isa::kAvx2) return avx2_kernels();
+#endif
+  return portable_kernels();
+}
+
+ScaleType scale_type_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return ScaleType::kHalf;
+    case at::kBFloat16: return ScaleType::kBFloat16;
+    default: return ScaleType::kFloat;
+  }
+}
+
+// Rows of a 2-D contiguous packed weight as raw bytes (uint32 and int32 share the bits).
+QuantWeight view_weight(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                        int64_t group_size, int64_t bits) {
+  QuantWeight W;
+  W.w = static_cast<const uint8_t*>(wq.const_data_ptr());
+  W.scales = scales.const_data_ptr();
+  W.biases = biases.const_data_ptr();
+  W.scale_type = scale_type_of(scales);
+  W.N = wq.size(0);
+  W.G = scales.size(1);
+  W.K = W.G * group_size;
+  W.bits = static_cast<int>(bits);
+  W.group_size = static_cast<int>(group_size);
+  return W;
+}
+
+// Below this many rows of x, stream the packed weight (memory bound); above, dequantize tiles
+// and use the dense GEMM (compute bound). Chosen from benchmarks/bench_ops.py.
+constexpr int64_t kDecodeMaxRows = 16;
+// Rows of W dequantized at a time on the GEMM path: about 4 MiB of fp32, so a tile stays in
+// the last-level cache between its dequantization and its GEMM.
+constexpr int64_t kTileBytes = int64_t{4} << 20;
+
+at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
+  const int64_t M = x.size(0);
+  const int64_t out_features = transpose ? W.N : W.K;
+  auto opts = x.options().dtype(at::kFloat);
+  if (M == 0 || W.N == 0) return at::zeros({M, out_features}, opts);
+  const KernelTable& kt = kernels();
+  if (M <= kDecodeMaxRows) {
+    at::Tensor y = at::empty({M, out_features}, opts);
+    if (transpose) {
+      at::Tensor xsum = x.view({M, W.G, W.group_size}).sum(-1).contiguous();
+      QmvArgs a{W, x.const_data_ptr<float>(), xsum.const_data_ptr<float>(),
+                y.mutable_data_ptr<float>(), 0};
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxDecodeRows) {
+        QmvArgs part = a;
+        part.M = std::min(kMaxDecodeRows, M - m0);
+        part.x += m0 * W.K;
+        part.xsum += m0 * W.G;
+        part.y += m0 * W.N;
+        at::parallel_for(0, W.N, 16, [&](int64_t n0, int64_t n1) { kt.qmv(part, n0, n1); });
+      }
+    } else {
+      QvmArgs a{W, x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M};
+      at::parallel_for(0, W.G, 1, [&](int64_t g0, int64_t g1) { kt.qvm(a, g0, g1); });
+    }
+    return y;
+  }
+  at::Tensor y = transpose ? at::empty({M, out_features}, opts) : at::zeros({M, out_features}, opts);
+  const int64_t tile_rows = std::max<int64_t>(8, kTileBytes / (W.K * 4));
+  at::Tensor tile = at::empty({std::min(tile_rows, W.N), W.K}, opts);
+  for (int64_t n0 = 0; n0 < W.N; n0 += tile_rows) {
+    const int64_t n1 = std::min(W.N, n0 + tile_rows);
+    at::Tensor t = tile.narrow(0, 0, n1 - n0);
+    float* tp = t.mutable_data_ptr<float>();
+    at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
+      kt.dequantize(W, tp + (a - n0) * W.K, a, b);
+    });
+    if (transpose) {
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(x, t.t()));
+    } else {
+      y.addmm_(x.narrow(1, n0, n1 - n0), t);
+    }
+  }
+  return y;
+}
+
+at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                             const at::Tensor& biases, int64_t group_size, int64_t bits,
+                             bool transpose) {
+  const MatmulGeometry g = check_matmul(x, wq, scales, biases, group_size, bits, transpose);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor w = wq.contiguous(), s = scales.contiguous(), b = biases.contiguous();
+  const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
+  if (g.batch.empty()) {
+    const QuantWeight W = view_weight(w, s, b, group_size, bits);
+    at::Tensor y = matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose);
+    return y.to(x.scalar_type()).reshape(g.out_shape);
+  }
+  // Batched weights: map each broadcast batch entry to its x and w entries with tiny index
+  // tensors, so that broadcasting never copies a weight.
+  auto batch_index = [&](at::IntArrayRef shape) {
+    const int64_t n = c10::multiply_integers(shape);
+    return at::arange(n, at::kLong).reshape(shape).expand(g.batch).reshape({-1}).contiguous();
+  };
+  const at::Tensor xi = batch_index(x.sizes().slice(0, x.dim() - 2));
+  const at::Tensor wi = batch_index(g.w.batch);
+  const at::Tensor x3 = xf.reshape({-1, g.M, g.in_features});
+  const at::Tensor w3 = w.reshape({-1, rows, Kp});
+  const at::Tensor s3 = s.reshape({-1, rows, G}), b3 = b.reshape({-1, rows, G});
+  const int64_t B = xi.size(0);
+  at::Tensor y = at::empty({B, g.M, g.out_features}, xf.options());
+  const int64_t* xip = xi.const_data_ptr<int64_t>();
+  const int64_t* wip = wi.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    const QuantWeight W = view_weight(w3[wip[i]], s3[wip[i]], b3[wip[i]], group_size, bits);
+    y[i].copy_(matmul_2d(x3[xip[i]], W, transpose));
+  }
+  return y.to(x.scalar_type()).reshape(g.out_shape);
+}
+
+at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
+                                 const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  const PackedGeometry g = check_packed(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
+  shape.back() = g.cols;
+  const int64_t R = wq.numel() / wq.size(-1);
+  at::Tensor out = at::empty({R, g.cols}, scales.options().dtype(at::kFloat));
+  if (R > 0) {
+    const at::Tensor w = wq.contiguous().reshape({R, wq.size(-1)});
+    const at::Tensor s = scales.contiguous().reshape({R, g.groups});
+    const at::Tensor b = biases.contiguous().reshape({R, g.groups});
+    const QuantWeight W = view_weight(w, s, b, group_size, bits);
+    const KernelTable& kt = kernels();
+    float* op = out.mutable_data_ptr<float>();
+    at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
+      kt.dequantize(W, op + r0 * W.K, r0, r1);
+    });
+  }
+  return out.to(scales.scalar_type()).reshape(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cpu(const at::Tensor& w,
+                                                                    int64_t group_size,
+                                                                    int64_t bits) {
+  check_quantize_input(w, group_size, bits);
+  const int64_t K = w.size(-1), G = K / group_size;
+  const int64_t R = w.numel() / K;
+  const at::Tensor wf = w.to(at::kFloat).contiguous();
+  std::vector<int64_t> qshape(w.sizes().begin(), w.sizes().end());
+  std::vector<int64_t> sshape = qshape;
+  qshape.back() = packed_cols(K, bits);
+  sshape.back() = G;
+  at::Tensor wq = at::empty(qshape, w.options().dtype(at::kUInt32));
+  at::Tensor s = at::empty(sshape, w.options().dtype(at::kFloat));
+  at::Tensor b = at::empty(sshape, w.options().dtype(at::kFloat));
+  const float* wp = wf.const_data_ptr<float>();
+  auto* qp = static_cast<uint8_t*>(wq.mutable_data_ptr());
+  float* sp = s.mutable_data_ptr<float>();
+  float* bp = b.mutable_data_ptr<float>();
+  const int64_t group_bytes = group_size * bits / 8;
+  at::parallel_for(0, R * G, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      quantize_group(wp + i * group_size, static_cast<int>(group_size), static_cast<int>(bits),
+                     qp + i * group_bytes, sp + i, bp + i);
+  });
+  return {wq, s.to(w.scalar_type()), b.to(w.scalar_type())};
+}
+
+}  // namespace
+
+Isa active_isa_enum() {
+  const int o = g_isa_override.load();
+  if (o >= 0) return static_cast<Isa>(o);
+  static const Isa detected = detect_isa();
+  return detected;
+}
+
+std::string active_isa() {
+  switch (active_isa_enum()) {
+    case Isa::kAvx2: return "avx2";
+    default:
+#if defined(__aarch64__) || defined(_M_ARM64)
+      return "neon";
+#else
+      return "portable";
+#endif
+  }
+}
+
+void set_isa(const std::string& name) {
+  if (name == "auto") {
+    g_isa_override = -1;
+  } else if (name == "portable" || name == "neon") {
+    g_isa_override = static_cast<int>(Isa::kPortable);
+  } else if (name == "avx2") {
+    TORCH_CHECK_VALUE(detect_isa() == Isa::kAvx2, "mlxq: this CPU cannot run the avx2 kernels");
+    g_isa_override = static_cast<int>(Isa::kAvx2);
+  } else {
+    TORCH_CHECK_VALUE(false, "mlxq: unknown CPU ISA '", name, "' (expected auto, portable, avx2)");
+  }
+}
+
+}  // namespace mlxq::cpu
+
+TORCH_LIBRARY_IMPL(mlxq, CPU, m) {
+  m.impl("affine_quantize", &mlxq::cpu::affine_quantize_cpu);
+  m.impl("affine_dequantize", &mlxq::cpu::affine_dequantize_cpu);
+  m.impl("affine_matmul", &mlxq::cpu::affine_matmul_cpu);
+}

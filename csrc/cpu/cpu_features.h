@@ -1,0 +1,18 @@
+// Run-time choice of the instruction set for the CPU kernels: the fastest one this CPU has
+// among those compiled in, so an older CPU never meets an illegal instruction.
+#pragma once
+
+#include <string>
+
+namespace mlxq::cpu {
+
+enum class Isa { kPortable, kAvx2 };
+
+// The ISA the kernels run with; MLXQ_CPU_ISA=portable forces the portable path (for tests).
+Isa active_isa_enum();
+std::string active_isa();
+
+// Forces "portable", "avx2" or back to "auto" (for tests and benchmarks).
+void set_isa(const std::string& name);
+
+}  // namespace mlxq::cpu

@@ -1,0 +1,56 @@
+// The CPU kernels' interface. kernels.h implements it once as templates; each ISA translation
+// unit (kernels_portable.cpp, kernels_avx2.cpp) compiles that text for its instruction set and
+// exposes a table of entry points. Entry points work on contiguous 2-D operands and a range of
+// rows or groups, so the caller decides the parallel split.
+#pragma once
+
+#include <cstdint>
+
+namespace mlxq::cpu {
+
+enum class ScaleType { kFloat, kHalf, kBFloat16 };
+
+// A contiguous 2-D packed weight: `w` is N rows of K*bits/8 bytes; scales and biases are
+// [N, G] in `scale_type`, G = K / group_size.
+struct QuantWeight {
+  const uint8_t* w = nullptr;
+  const void* scales = nullptr;
+  const void* biases = nullptr;
+  ScaleType scale_type = ScaleType::kFloat;
+  int64_t N = 0, K = 0, G = 0;
+  int bits = 4, group_size = 64;
+};
+
+// y[m, n] = sum_k x[m, k] * W[n, k] for M <= kMaxDecodeRows; xsum[m, g] = sum of x over group g.
+struct QmvArgs {
+  QuantWeight W;
+  const float* x = nullptr;
+  const float* xsum = nullptr;
+  float* y = nullptr;
+  int64_t M = 0;
+};
+
+// y[m, k] = sum_n x[m, n] * W[n, k] for M <= kMaxDecodeRows.
+struct QvmArgs {
+  QuantWeight W;
+  const float* x = nullptr;
+  float* y = nullptr;
+  int64_t M = 0;
+};
+
+constexpr int64_t kMaxDecodeRows = 4;
+
+struct KernelTable {
+  const char* name;
+  void (*qmv)(const QmvArgs& a, int64_t n_begin, int64_t n_end);  // output columns range
+  void (*qvm)(const QvmArgs& a, int64_t g_begin, int64_t g_end);  // groups of K range
+  // out[n - n_begin, k] = W[n, k] in fp32 for rows [n_begin, n_end); `out` is [n_end-n_begin, K].
+  void (*dequantize)(const QuantWeight& W, float* out, int64_t n_begin, int64_t n_end);
+};
+
+const KernelTable& portable_kernels();
+#if defined(__x86_64__) || defined(_M_X64)
+const KernelTable& avx2_kernels();
+#endif
+
+}  // namespace mlxq::cpu

@@ -1,0 +1,183 @@
+// CPU kernel bodies, written once with the 8-lane vectors of vec.h. Included by one translation
+// unit per instruction set, inside namespace MLXQ_ISA (see kernels_*.cpp); keep it free of
+// includes that define non-inline code.
+//
+// Decode (small M) kernels stream the packed weight once and never materialise it:
+//   qmv:  y[m, n] = sum_g s[n,g] * (sum_{k in g} q[n,k] x[m,k]) + b[n,g] * xsum[m,g]
+//   qvm:  y[m, k] += (x[m,n] s[n,g]) q[n,k] + x[m,n] b[n,g]
+// Prefill shapes dequantize row tiles to fp32 with `dequantize` and use a dense GEMM.
+
+#ifndef MLXQ_ISA
+#error "define MLXQ_ISA before including kernels.h"
+#endif
+
+#include "cpu/vec.h"
+
+namespace mlxq::cpu::MLXQ_ISA {
+
+// Scales/biases of one row, groups [g0, g1), converted to fp32.
+inline void load_scales(const QuantWeight& W, int64_t n, int64_t g0, int64_t g1, float* s,
+                        float* b) {
+  const int64_t off = n * W.G + g0, count = g1 - g0;
+  switch (W.scale_type) {
+    case ScaleType::kFloat:
+      std::memcpy(s, static_cast<const float*>(W.scales) + off, count * sizeof(float));
+      std::memcpy(b, static_cast<const float*>(W.biases) + off, count * sizeof(float));
+      return;
+    case ScaleType::kHalf: {
+      auto* sp = static_cast<const c10::Half*>(W.scales) + off;
+      auto* bp = static_cast<const c10::Half*>(W.biases) + off;
+      for (int64_t i = 0; i < count; ++i) s[i] = sp[i], b[i] = bp[i];
+      return;
+    }
+    case ScaleType::kBFloat16: {
+      auto* sp = static_cast<const c10::BFloat16*>(W.scales) + off;
+      auto* bp = static_cast<const c10::BFloat16*>(W.biases) + off;
+      for (int64_t i = 0; i < count; ++i) s[i] = sp[i], b[i] = bp[i];
+      return;
+    }
+  }
+}
+
+template <int Bits, int GS, int MB>
+void qmv_rows(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  const QuantWeight& W = a.W;
+  const int64_t K = W.K, G = W.G, row_bytes = K * Bits / 8;
+  std::vector<float> s(G), b(G);
+  const float* x[MB];
+  for (int m = 0; m < MB; ++m) x[m] = a.x + (m0 + m) * K;
+  for (int64_t n = n0; n < n1; ++n) {
+    load_scales(W, n, 0, G, s.data(), b.data());
+    const uint8_t* wrow = W.w + n * row_bytes;
+    v8f total[MB];
+    float bias_sum[MB];
+    for (int m = 0; m < MB; ++m) total[m] = v8f{}, bias_sum[m] = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* wg = wrow + g * (GS * Bits / 8);
+      const int64_t k0 = g * GS;
+      v8f acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = v8f{};
+#pragma GCC unroll 16
+      for (int c = 0; c < GS / 8; ++c) {
+        const v8f q = to_float(unpack8<Bits>(wg + c * Bits));
+        for (int m = 0; m < MB; ++m) acc[m] += q * load8(x[m] + k0 + c * 8);
+      }
+      for (int m = 0; m < MB; ++m) {
+        total[m] += splat(s[g]) * acc[m];
+        bias_sum[m] += b[g] * a.xsum[(m0 + m) * G + g];
+      }
+    }
+    for (int m = 0; m < MB; ++m) a.y[(m0 + m) * W.N + n] = hsum(total[m]) + bias_sum[m];
+  }
+}
+
+template <int Bits, int GS>
+void qmv_bits_group(const QmvArgs& a, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) qmv_rows<Bits, GS, 4>(a, m, n0, n1);
+  switch (a.M - m) {
+    case 3: qmv_rows<Bits, GS, 3>(a, m, n0, n1); break;
+    case 2: qmv_rows<Bits, GS, 2>(a, m, n0, n1); break;
+    case 1: qmv_rows<Bits, GS, 1>(a, m, n0, n1); break;
+    default: break;
+  }
+}
+
+template <int Bits, int GS>
+void qvm_bits_group(const QvmArgs& a, int64_t g0, int64_t g1) {
+  const QuantWeight& W = a.W;
+  const int64_t K = W.K, N = W.N, M = a.M, row_bytes = K * Bits / 8;
+  const int64_t width = (g1 - g0) * GS;
+  std::vector<float> ybuf(M * width, 0.f), s(g1 - g0), b(g1 - g0);
+  for (int64_t n = 0; n < N; ++n) {
+    load_scales(W, n, g0, g1, s.data(), b.data());
+    const uint8_t* wrow = W.w + n * row_bytes;
+    for (int64_t m = 0; m < M; ++m) {
+      const float xn = a.x[m * N + n];
+      if (xn == 0.f) continue;
+      float* yrow = ybuf.data() + m * width;
+      for (int64_t g = g0; g < g1; ++g) {
+        const v8f sx = splat(xn * s[g - g0]), bx = splat(xn * b[g - g0]);
+        const uint8_t* wg = wrow + g * (GS * Bits / 8);
+        float* yg = yrow + (g - g0) * GS;
+#pragma GCC unroll 16
+        for (int c = 0; c < GS / 8; ++c) {
+          const v8f q = to_float(unpack8<Bits>(wg + c * Bits));
+          store8(yg + c * 8, load8(yg + c * 8) + (q * sx + bx));
+        }
+      }
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(a.y + m * K + g0 * GS, ybuf.data() + m * width, width * sizeof(float));
+}
+
+template <int Bits, int GS>
+void dequantize_bits_group(const QuantWeight& W, float* out, int64_t n0, int64_t n1) {
+  const int64_t K = W.K, G = W.G, row_bytes = K * Bits / 8;
+  std::vector<float> s(G), b(G);
+  for (int64_t n = n0; n < n1; ++n) {
+    load_scales(W, n, 0, G, s.data(), b.data());
+    const uint8_t* wrow = W.w + n * row_bytes;
+    float* orow = out + (n - n0) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const v8f sv = splat(s[g]), bv = splat(b[g]);
+      const uint8_t* wg = wrow + g * (GS * Bits / 8);
+#pragma GCC unroll 16
+      for (int c = 0; c < GS / 8; ++c)
+        store8(orow + g * GS + c * 8, to_float(unpack8<Bits>(wg + c * Bits)) * sv + bv);
+    }
+  }
+}
+
+// Calls Fn<Bits, GS>::run(args...) for the runtime bits and group size (validated earlier).
+template <template <int, int> class Fn, typename... Args>
+void dispatch_bits_group(int bits, int gs, Args&&... args) {
+#define MLXQ_CASE_GS(B)                                      \
+  switch (gs) {                                              \
+    case 32: return Fn<B, 32>::run(std::forward<Args>(args)...);  \
+    case 64: return Fn<B, 64>::run(std::forward<Args>(args)...);  \
+    default: return Fn<B, 128>::run(std::forward<Args>(args)...); \
+  }
+  switch (bits) {
+    case 2: MLXQ_CASE_GS(2)
+    case 3: MLXQ_CASE_GS(3)
+    case 4: MLXQ_CASE_GS(4)
+    case 5: MLXQ_CASE_GS(5)
+    case 6: MLXQ_CASE_GS(6)
+    default: MLXQ_CASE_GS(8)
+  }
+#undef MLXQ_CASE_GS
+}
+
+template <int B, int G>
+struct QmvFn {
+  static void run(const QmvArgs& a, int64_t n0, int64_t n1) { qmv_bits_group<B, G>(a, n0, n1); }
+};
+template <int B, int G>
+struct QvmFn {
+  static void run(const QvmArgs& a, int64_t g0, int64_t g1) { qvm_bits_group<B, G>(a, g0, g1); }
+};
+template <int B, int G>
+struct DequantFn {
+  static void run(const QuantWeight& W, float* out, int64_t n0, int64_t n1) {
+    dequantize_bits_group<B, G>(W, out, n0, n1);
+  }
+};
+
+inline void qmv(const QmvArgs& a, int64_t n0, int64_t n1) {
+  dispatch_bits_group<QmvFn>(a.W.bits, a.W.group_size, a, n0, n1);
+}
+inline void qvm(const QvmArgs& a, int64_t g0, int64_t g1) {
+  dispatch_bits_group<QvmFn>(a.W.bits, a.W.group_size, a, g0, g1);
+}
+inline void dequantize(const QuantWeight& W, float* out, int64_t n0, int64_t n1) {
+  dispatch_bits_group<DequantFn>(W.bits, W.group_size, W, out, n0, n1);
+}
+
+inline const KernelTable& table(const char* name) {
+  static const KernelTable t{name, &qmv, &qvm, &dequantize};
+  return t;
+}
+
+}  // namespace mlxq::cpu::MLXQ_ISA

@@ -1,0 +1,23 @@
+// The mlxq op library: every schema lives here, once. Backends register kernels for these
+// schemas in their own files (cpu/affine_cpu.cpp, mps/affine_mps.mm); fake (meta) kernels and
+// autograd are registered from Python (python/mlxq/ops.py).
+#include <torch/extension.h>
+
+#include "cpu/cpu_features.h"
+
+TORCH_LIBRARY(mlxq, m) {
+  m.def("affine_quantize(Tensor w, int group_size=64, int bits=4) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "affine_dequantize(Tensor wq, Tensor scales, Tensor biases, int group_size=64, int bits=4)"
+      " -> Tensor");
+  m.def(
+      "affine_matmul(Tensor x, Tensor wq, Tensor scales, Tensor biases, int group_size=64, "
+      "int bits=4, bool transpose=True) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mlxq native op library (ops are reached through torch.ops.mlxq)";
+  m.def("set_cpu_isa", &mlxq::cpu::set_isa, "Force the CPU kernels onto portable, avx2 or auto");
+  m.def("cpu_isa", &mlxq::cpu::active_isa,
+        "Instruction set the CPU kernels run with on this machine (avx512, avx2, neon, portable)");
+}

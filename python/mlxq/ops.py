@@ -1,0 +1,115 @@
+"""The mlxq ops as Python functions, with their fake (meta) kernels and autograd.
+
+The math lives in the native kernels (`torch.ops.mlxq.*`); this module adds what torch needs
+around them: fake kernels that compute output shapes for `torch.compile`, and the gradient of
+`affine_matmul` with respect to `x`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mlxq._native import _C  # noqa: F401  (registers torch.ops.mlxq)
+
+__all__ = ["affine_quantize", "affine_dequantize", "affine_matmul"]
+
+
+def affine_quantize(
+    w: torch.Tensor, group_size: int = 64, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `w` [..., K] exactly as `mlx.core.quantize` does.
+
+    Returns the packed weight (uint32, [..., K*bits/32]) and the scales and biases
+    ([..., K/group_size], dtype of `w`).
+    """
+    return torch.ops.mlxq.affine_quantize(w, group_size, bits)
+
+
+def affine_dequantize(
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group_size: int = 64,
+    bits: int = 4,
+) -> torch.Tensor:
+    """Unpack `wq` to `scales * q + biases`, in the dtype of `scales` (computed in fp32)."""
+    return torch.ops.mlxq.affine_dequantize(wq, scales, biases, group_size, bits)
+
+
+def affine_matmul(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group_size: int = 64,
+    bits: int = 4,
+    transpose: bool = True,
+) -> torch.Tensor:
+    """`x @ W.T` (transpose=True) or `x @ W` for the quantized W, like `mx.quantized_matmul`.
+
+    Dequantizes and accumulates in fp32 and rounds only the output, in the dtype of `x`.
+    """
+    return torch.ops.mlxq.affine_matmul(x, wq, scales, biases, group_size, bits, transpose)
+
+
+# --- fake kernels: output shapes only (the native checks run when the op executes) ----------
+
+
+@torch.library.register_fake("mlxq::affine_quantize")
+def _quantize_fake(w: torch.Tensor, group_size: int = 64, bits: int = 4):
+    torch._check(w.dim() >= 1, lambda: "mlxq: w must have at least one dimension")
+    k = w.shape[-1]
+    torch._check(k % group_size == 0, lambda: f"mlxq: w last dimension must divide {group_size}")
+    lead = list(w.shape[:-1])
+    wq = w.new_empty([*lead, k * bits // 32], dtype=torch.uint32)
+    scales = w.new_empty([*lead, k // group_size])
+    return wq, scales, torch.empty_like(scales)
+
+
+@torch.library.register_fake("mlxq::affine_dequantize")
+def _dequantize_fake(wq, scales, biases, group_size: int = 64, bits: int = 4):
+    return scales.new_empty([*wq.shape[:-1], scales.shape[-1] * group_size])
+
+
+@torch.library.register_fake("mlxq::affine_matmul")
+def _matmul_fake(x, wq, scales, biases, group_size: int = 64, bits: int = 4, transpose=True):
+    rows, cols = wq.shape[-2], scales.shape[-1] * group_size
+    out_features = rows if transpose else cols
+    if wq.dim() == 2:
+        return x.new_empty([*x.shape[:-1], out_features])
+    batch = torch.broadcast_shapes(x.shape[:-2], wq.shape[:-2])
+    return x.new_empty([*batch, x.shape[-2], out_features])
+
+
+# --- autograd: d/dx of x @ W.T is grad @ W, and vice versa -----------------------------------
+
+
+def _matmul_setup_context(ctx, inputs, output) -> None:
+    x, wq, scales, biases, group_size, bits, transpose = inputs
+    ctx.save_for_backward(wq, scales, biases)
+    ctx.x_shape = x.shape
+    ctx.args = (group_size, bits, transpose)
+
+
+def _matmul_backward(ctx, grad):
+    wq, scales, biases = ctx.saved_tensors
+    group_size, bits, transpose = ctx.args
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise RuntimeError(
+            "mlxq.affine_matmul: the quantized weight is a constant; gradients with respect to "
+            "wq, scales or biases are not supported (call .requires_grad_(False) on them, or "
+            "train a float copy)"
+        )
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.mlxq.affine_matmul(
+            grad, wq, scales, biases, group_size, bits, not transpose
+        )
+        if grad_x.shape != ctx.x_shape:  # x was broadcast against a batched weight
+            grad_x = grad_x.sum_to_size(ctx.x_shape)
+    return grad_x, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "mlxq::affine_matmul", _matmul_backward, setup_context=_matmul_setup_context
+)
