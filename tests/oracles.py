@@ -1,0 +1,130 @@
+"""Test oracles for the mlxq ops: conversions between torch and MLX, and float64 references.
+
+The references are written from the format description (design.md), independently of the
+kernels: the packed words are unpacked bit by bit with numpy, and every product and sum is
+taken in float64.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import torch
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+TORCH_TO_MX = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+
+
+# --- torch <-> MLX ----------------------------------------------------------------------------
+
+
+def to_mx(t: torch.Tensor) -> mx.array:
+    """An MLX array with the same values and dtype (uint32/int32 packed words keep their bits)."""
+    t = t.detach().cpu()
+    if t.dtype in (torch.uint32, torch.int32):
+        return mx.array(t.contiguous().view(torch.int32).numpy().view(np.uint32))
+    # bf16 has no numpy dtype: go through fp32, which holds every bf16/fp16 value exactly.
+    return mx.array(t.float().numpy()).astype(TORCH_TO_MX[t.dtype])
+
+
+def to_torch(a: mx.array) -> torch.Tensor:
+    """A torch tensor with the same values and dtype as the MLX array `a`."""
+    if a.dtype == mx.uint32:
+        return torch.from_numpy(np.array(a).view(np.int32)).view(torch.uint32)
+    dtype = {v: k for k, v in TORCH_TO_MX.items()}[a.dtype]
+    return torch.from_numpy(np.array(a.astype(mx.float32))).to(dtype)
+
+
+def words(t: torch.Tensor) -> np.ndarray:
+    """Packed words (uint32 or int32 tensor) as a numpy uint32 array, for bit comparisons."""
+    return t.detach().contiguous().view(torch.int32).numpy().view(np.uint32)
+
+
+# --- float64 references -------------------------------------------------------------------------
+
+
+def unpack(wq: torch.Tensor, bits: int) -> np.ndarray:
+    """The integer values of packed rows [..., K*bits/32] as int64 [..., K].
+
+    Each row is a little-endian bit stream: value i occupies bits [i*bits, (i+1)*bits).
+    """
+    w = words(wq)
+    lead, kp = w.shape[:-1], w.shape[-1]
+    k = kp * 32 // bits
+    stream = np.unpackbits(w.astype("<u4").view(np.uint8), axis=-1, bitorder="little")
+    stream = stream.reshape(*lead, k, bits).astype(np.int64)
+    return (stream << np.arange(bits, dtype=np.int64)).sum(-1)
+
+
+def dequantize_ref(
+    wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group_size: int, bits: int
+) -> torch.Tensor:
+    """W = scales * q + biases in float64: the product of a float scale and an integer below 2^8
+    is exact, and the sum is rounded once at float64 precision, far below any fp32 rounding."""
+    q = torch.from_numpy(unpack(wq, bits)).double()
+    s = scales.detach().double().repeat_interleave(group_size, dim=-1)
+    b = biases.detach().double().repeat_interleave(group_size, dim=-1)
+    return s * q + b
+
+
+def matmul_ref(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group_size: int,
+    bits: int,
+    transpose: bool = True,
+    absolute: bool = False,
+) -> torch.Tensor:
+    """x @ W.T (or x @ W) in float64, broadcasting batch dims like mx.quantized_matmul.
+
+    With `absolute`, returns |x| @ |W|.T instead: the scale of the rounding error of any
+    float summation of those products.
+    """
+    w = dequantize_ref(wq, scales, biases, group_size, bits)
+    xd = x.detach().double()
+    if absolute:
+        w, xd = w.abs(), xd.abs()
+    wt = w.transpose(-1, -2) if transpose else w
+    if w.dim() == 2:
+        return xd @ wt
+    return torch.matmul(xd, wt)
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Unit roundoff (half an ulp of 1) of a float dtype."""
+    return torch.finfo(dtype).eps / 2
+
+
+def matmul_tolerance(
+    ref_abs: torch.Tensor, ref: torch.Tensor, k: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Error bound of an fp32 dequantize + fp32 accumulation rounded once to `out_dtype`.
+
+    fp32 dequantization and a K-term fp32 sum give at most (K + 2) * u32 * sum |x||w|
+    (the classic worst-case summation bound); the final rounding adds half an ulp of the
+    output dtype, i.e. u_out * |y| (with a floor for subnormal/zero outputs).
+    """
+    u32 = eps(torch.float32)
+    bound = (k + 2) * u32 * ref_abs
+    if out_dtype != torch.float32:
+        bound = bound + eps(out_dtype) * (ref.abs() + bound) + torch.finfo(out_dtype).tiny
+    return bound + 1e-30
+
+
+def assert_within(actual: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, what: str) -> None:
+    """Elementwise |actual - ref| <= tol, with a message that shows the worst element."""
+    assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    err = (actual.double() - ref).abs()
+    bad = err > tol
+    if bad.any():
+        i = int((err - tol).flatten().argmax())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{err.numel()} elements out of tolerance; worst at flat "
+            f"index {i}: got {actual.flatten()[i].item()!r}, reference {ref.flatten()[i].item()!r}"
+            f", |err| {err.flatten()[i].item():.3g} > tol {tol.flatten()[i].item():.3g}"
+        )
