@@ -1,0 +1,197 @@
+"""torch.nn modules holding MLX affine-quantized weights in MLX's own layout.
+
+Buffers are named and shaped as in an MLX checkpoint (``weight`` uint32 ``[N, K*bits/32]``,
+``scales`` and ``biases`` ``[N, K/group_size]``), so a state dict of these modules *is* an MLX
+checkpoint: loading and saving copy tensors unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize
+
+__all__ = ["AffineLinear", "AffineEmbedding", "TiedAffineHead", "SUPPORTED_BITS"]
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+
+def _check_format(name: str, in_features: int, bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"mlxq: {name}: bits={bits} is not one of {SUPPORTED_BITS}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"mlxq: {name}: group_size={group_size} is not one of {SUPPORTED_GROUP_SIZES}"
+        )
+    if in_features % group_size or (in_features * bits) % 32:
+        raise ValueError(
+            f"mlxq: {name}: in_features={in_features} is not a multiple of group_size="
+            f"{group_size} (and of 32/gcd(bits, 32) for bits={bits})"
+        )
+
+
+def _packed_buffers(
+    rows: int, cols: int, bits: int, group_size: int, dtype: torch.dtype, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = torch.empty(rows, cols * bits // 32, dtype=torch.uint32, device=device)
+    scales = torch.empty(rows, cols // group_size, dtype=dtype, device=device)
+    return weight, scales, torch.empty_like(scales)
+
+
+class AffineLinear(nn.Module):
+    """A linear layer `y = x @ W.T + bias` whose `W` is MLX affine-quantized.
+
+    Activations may be float16, bfloat16 or float32; the product is computed in fp32 and
+    rounded to the dtype of `x` (as MLX does). `bias`, when present, is a float parameter.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        bits: int = 4,
+        group_size: int = 64,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_format(type(self).__name__, in_features, bits, group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        weight, scales, biases = _packed_buffers(
+            out_features, in_features, bits, group_size, dtype, device
+        )
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("biases", biases)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64) -> AffineLinear:
+        """Quantize an `nn.Linear` exactly as `mlx.nn.quantize` would."""
+        w = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            bits=bits,
+            group_size=group_size,
+            dtype=w.dtype,
+            device=w.device,
+        )
+        module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float weight `[out_features, in_features]`, in the dtype of `scales`."""
+        return affine_dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = affine_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}"
+        )
+
+
+class AffineEmbedding(nn.Module):
+    """An embedding table stored MLX affine-quantized.
+
+    A lookup gathers the packed rows of the requested ids and dequantizes only those; the
+    output dtype is the dtype of `scales`. :meth:`as_linear` uses the table as an output head
+    (`x @ table.T`), which is how tied word embeddings work in MLX.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int = 4,
+        group_size: int = 64,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_format(type(self).__name__, embedding_dim, bits, group_size)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size, self.padding_idx = bits, group_size, padding_idx
+        weight, scales, biases = _packed_buffers(
+            num_embeddings, embedding_dim, bits, group_size, dtype, device
+        )
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("biases", biases)
+
+    @classmethod
+    def from_float(
+        cls, embedding: nn.Embedding, bits: int = 4, group_size: int = 64
+    ) -> AffineEmbedding:
+        """Quantize an `nn.Embedding` exactly as `mlx.nn.quantize` would."""
+        w = embedding.weight.detach()
+        module = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            bits=bits,
+            group_size=group_size,
+            padding_idx=embedding.padding_idx,
+            dtype=w.dtype,
+            device=w.device,
+        )
+        module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"mlxq: AffineEmbedding expects integer ids, got {ids.dtype}")
+        flat = ids.reshape(-1)
+        rows = affine_dequantize(
+            self.weight[flat], self.scales[flat], self.biases[flat], self.group_size, self.bits
+        )
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ table.T`: logits over the vocabulary, in the dtype of `x`."""
+        return affine_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
+            f"group_size={self.group_size}"
+        )
+
+
+class TiedAffineHead(nn.Module):
+    """Output head tied to a quantized embedding: `logits = embedding.as_linear(x)`.
+
+    Owns no tensors (so a state dict has no `lm_head.*` entries, as in MLX checkpoints); the
+    embedding is referenced, not registered, so it is saved once under its own name.
+    """
+
+    def __init__(self, embedding: AffineEmbedding) -> None:
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # plain reference, not a submodule
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    @property
+    def embedding(self) -> AffineEmbedding:
+        return self._embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embedding.as_linear(x)
+
+    def extra_repr(self) -> str:
+        return f"tied to AffineEmbedding({self.out_features}, {self.in_features})"

@@ -1,0 +1,177 @@
+"""mlxq.nn modules against MLX's own QuantizedLinear / QuantizedEmbedding (the oracle)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as mnn
+import mlxq
+import numpy as np
+import pytest
+import torch
+from mlxq.nn import AffineEmbedding, AffineLinear, TiedAffineHead
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+DTYPES = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+
+
+def _to_mx(t: torch.Tensor) -> mx.array:
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.float().numpy()).astype(mx.bfloat16)
+    if t.dtype == torch.uint32:
+        return mx.array(t.numpy())
+    return mx.array(t.numpy())
+
+
+def _to_np(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_affine_linear_matches_mlx_quantized_linear(bits: int, group_size: int) -> None:
+    torch.manual_seed(bits * 1000 + group_size)
+    linear = torch.nn.Linear(256, 48, bias=True)
+    module = AffineLinear.from_float(linear, bits=bits, group_size=group_size)
+
+    ref = mnn.Linear(256, 48, bias=True)
+    ref.weight = _to_mx(linear.weight.detach())
+    ref.bias = _to_mx(linear.bias.detach())
+    qref = mnn.QuantizedLinear.from_linear(ref, group_size=group_size, bits=bits)
+    # same packed tensors, bit for bit (the buffers keep MLX's layout)
+    np.testing.assert_array_equal(module.weight.numpy(), np.array(qref.weight))
+    np.testing.assert_array_equal(module.scales.numpy(), np.array(qref.scales))
+    np.testing.assert_array_equal(module.biases.numpy(), np.array(qref.biases))
+
+    x = torch.randn(2, 5, 256)
+    got = module(x)
+    want = _to_np(qref(_to_mx(x)))
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_affine_linear_activation_dtypes(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=False).to(dtype)
+    module = AffineLinear.from_float(linear, bits=4, group_size=64)
+    assert module.scales.dtype == dtype and module.weight.dtype == torch.uint32
+    qref = mnn.QuantizedLinear(128, 64, bias=False, group_size=64, bits=4)
+    qref.weight, qref.scales, qref.biases = (
+        _to_mx(module.weight),
+        _to_mx(module.scales),
+        _to_mx(module.biases),
+    )
+    x = torch.randn(3, 128).to(dtype)
+    got = module(x)
+    assert got.dtype == dtype
+    want = _to_np(qref(_to_mx(x)))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    np.testing.assert_allclose(got.float().detach().numpy(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits", (3, 4, 8))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_affine_embedding_matches_mlx(bits: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(bits)
+    emb = torch.nn.Embedding(100, 64).to(dtype)
+    module = AffineEmbedding.from_float(emb, bits=bits, group_size=32)
+    qref = mnn.QuantizedEmbedding(100, 64, group_size=32, bits=bits)
+    qref.weight, qref.scales, qref.biases = (
+        _to_mx(module.weight),
+        _to_mx(module.scales),
+        _to_mx(module.biases),
+    )
+    ids = torch.tensor([[0, 5, 99, 5], [7, 7, 1, 42]])
+    got = module(ids)
+    assert got.shape == (2, 4, 64) and got.dtype == dtype
+    # same math up to fp32 rounding order (MLX fuses scale * q + bias)
+    np.testing.assert_allclose(
+        got.float().numpy(),
+        _to_np(qref(mx.array(ids.numpy().astype(np.int32)))),
+        rtol=1e-6 if dtype == torch.float32 else 1e-2,
+        atol=1e-6 if dtype == torch.float32 else 1e-2,
+    )
+    # as_linear: the table as an output head, as MLX's tied heads do
+    x = torch.randn(3, 64).to(dtype)
+    got = module.as_linear(x)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        want = _to_np(qref.as_linear(_to_mx(x)))
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    else:
+        # half: fp32 math rounded once (MLX's CPU path rounds more often, so use float64)
+        table = mlxq.affine_dequantize(
+            module.weight, module.scales.float(), module.biases.float(), 32, bits
+        ).double()
+        want = x.double() @ table.T
+        torch.testing.assert_close(got.double(), want, rtol=2.0**-7, atol=1e-2)
+    head = TiedAffineHead(module)
+    assert torch.equal(head(x), module.as_linear(x))
+    assert list(head.state_dict()) == []  # the head owns no tensors
+
+
+def test_embedding_gathers_only_requested_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    emb = AffineEmbedding.from_float(torch.nn.Embedding(1000, 64), bits=4, group_size=64)
+    seen = []
+    import mlxq.nn as mlxq_nn
+
+    real = mlxq_nn.affine_dequantize
+
+    def spy(wq, *args):
+        seen.append(wq.shape[0])
+        return real(wq, *args)
+
+    monkeypatch.setattr(mlxq_nn, "affine_dequantize", spy)
+    emb(torch.tensor([[3, 4, 5]]))
+    assert seen == [3]
+
+
+def test_state_dict_is_mlx_layout_and_to_dtype_keeps_packing() -> None:
+    module = AffineLinear.from_float(torch.nn.Linear(96, 32, bias=True), bits=3, group_size=32)
+    sd = module.state_dict()
+    assert sorted(sd) == ["bias", "biases", "scales", "weight"]
+    assert sd["weight"].shape == (32, 96 * 3 // 32) and sd["weight"].dtype == torch.uint32
+    assert sd["scales"].shape == (32, 3)
+    packed = module.weight.clone()
+    module.to(torch.bfloat16)
+    assert module.weight.dtype == torch.uint32 and torch.equal(module.weight, packed)
+    assert module.scales.dtype == torch.bfloat16
+    assert module(torch.randn(2, 96, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    fresh = AffineLinear(96, 32, bias=True, bits=3, group_size=32, dtype=torch.bfloat16)
+    fresh.load_state_dict(module.state_dict())
+    x = torch.randn(4, 96)
+    assert torch.equal(fresh(x), module(x))
+
+
+def test_matches_dequantized_float_linear_and_gradients_flow() -> None:
+    torch.manual_seed(1)
+    module = AffineLinear.from_float(torch.nn.Linear(64, 16), bits=6, group_size=32)
+    w = module.dequantize_weight().double()
+    x = torch.randn(5, 64, requires_grad=True)
+    y = module(x)
+    want = x.double() @ w.T + module.bias.double()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad.double(), w.sum(0).expand(5, 64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 7}, "bits=7"),
+        ({"group_size": 48}, "group_size=48"),
+        ({"in_features": 100, "group_size": 32}, "in_features=100"),
+    ],
+)
+def test_bad_format_is_a_clear_error(kwargs: dict, message: str) -> None:
+    args = {"in_features": 128, "out_features": 8, "bits": 4, "group_size": 64, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        AffineLinear(**args)
+    with pytest.raises(ValueError, match=message):
+        AffineEmbedding(8, args["in_features"], bits=args["bits"], group_size=args["group_size"])
+
+
+def test_embedding_rejects_float_ids() -> None:
+    emb = AffineEmbedding.from_float(torch.nn.Embedding(10, 32), bits=4, group_size=32)
+    with pytest.raises(TypeError, match="integer ids"):
+        emb(torch.zeros(2))
