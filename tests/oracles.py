@@ -82,13 +82,16 @@ def matmul_ref(
 ) -> torch.Tensor:
     """x @ W.T (or x @ W) in float64, broadcasting batch dims like mx.quantized_matmul.
 
-    With `absolute`, returns |x| @ |W|.T instead: the scale of the rounding error of any
-    float summation of those products.
+    With `absolute`, returns |x| @ (|scales| * q + |biases|).T instead: the scale of the
+    rounding error of any float evaluation that splits w into its terms s*q and b (which can
+    cancel, so |W| alone would be too small a scale).
     """
-    w = dequantize_ref(wq, scales, biases, group_size, bits)
-    xd = x.detach().double()
     if absolute:
-        w, xd = w.abs(), xd.abs()
+        w = dequantize_ref(wq, scales.abs(), biases.abs(), group_size, bits)
+        xd = x.detach().double().abs()
+    else:
+        w = dequantize_ref(wq, scales, biases, group_size, bits)
+        xd = x.detach().double()
     wt = w.transpose(-1, -2) if transpose else w
     if w.dim() == 2:
         return xd @ wt
@@ -105,12 +108,13 @@ def matmul_tolerance(
 ) -> torch.Tensor:
     """Error bound of an fp32 dequantize + fp32 accumulation rounded once to `out_dtype`.
 
-    fp32 dequantization and a K-term fp32 sum give at most (K + 2) * u32 * sum |x||w|
-    (the classic worst-case summation bound); the final rounding adds half an ulp of the
-    output dtype, i.e. u_out * |y| (with a floor for subnormal/zero outputs).
+    `k` is the length of the dot products. Evaluating each term x*(s*q + b) in fp32 costs at
+    most 4 roundings and a k-term fp32 sum k more, each relative to the terms' magnitudes
+    `ref_abs` (the classic worst-case summation bound, (k + 4) * u32 * ref_abs); the final
+    rounding adds half an ulp of the output dtype, u_out * |y| (floored for tiny outputs).
     """
     u32 = eps(torch.float32)
-    bound = (k + 2) * u32 * ref_abs
+    bound = (k + 4) * u32 * ref_abs
     if out_dtype != torch.float32:
         bound = bound + eps(out_dtype) * (ref.abs() + bound) + torch.finfo(out_dtype).tiny
     return bound + 1e-30
