@@ -66,13 +66,25 @@ def _quantize_fake(w: torch.Tensor, group_size: int = 64, bits: int = 4):
     return wq, scales, torch.empty_like(scales)
 
 
+def _check_one_device(**tensors: torch.Tensor) -> None:
+    # These fake kernels also serve the Meta dispatch key, which wins when one operand is on
+    # "meta" and another on a real device: without this check such a call would return
+    # uninitialised memory instead of the native kernel's device error.
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"mlxq: all operands must be on one device, got {listed}")
+
+
 @torch.library.register_fake("mlxq::affine_dequantize")
 def _dequantize_fake(wq, scales, biases, group_size: int = 64, bits: int = 4):
+    _check_one_device(wq=wq, scales=scales, biases=biases)
     return scales.new_empty([*wq.shape[:-1], scales.shape[-1] * group_size])
 
 
 @torch.library.register_fake("mlxq::affine_matmul")
 def _matmul_fake(x, wq, scales, biases, group_size: int = 64, bits: int = 4, transpose=True):
+    _check_one_device(x=x, wq=wq, scales=scales, biases=biases)
     rows, cols = wq.shape[-2], scales.shape[-1] * group_size
     out_features = rows if transpose else cols
     if wq.dim() == 2:
@@ -82,6 +94,14 @@ def _matmul_fake(x, wq, scales, biases, group_size: int = 64, bits: int = 4, tra
 
 
 # --- autograd: d/dx of x @ W.T is grad @ W, and vice versa -----------------------------------
+
+
+def _raise_constant_weight(op: str, scales: bool, biases: bool) -> None:
+    names = " and ".join(n for n, wanted in (("scales", scales), ("biases", biases)) if wanted)
+    raise RuntimeError(
+        f"mlxq.{op}: the quantized weight is a constant; gradients with respect to {names} "
+        "are not supported (call .requires_grad_(False) on them, or train a float copy)"
+    )
 
 
 def _matmul_setup_context(ctx, inputs, output) -> None:
@@ -95,11 +115,7 @@ def _matmul_backward(ctx, grad):
     wq, scales, biases = ctx.saved_tensors
     group_size, bits, transpose = ctx.args
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        raise RuntimeError(
-            "mlxq.affine_matmul: the quantized weight is a constant; gradients with respect to "
-            "wq, scales or biases are not supported (call .requires_grad_(False) on them, or "
-            "train a float copy)"
-        )
+        _raise_constant_weight("affine_matmul", ctx.needs_input_grad[2], ctx.needs_input_grad[3])
     grad_x = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.ops.mlxq.affine_matmul(
@@ -112,4 +128,31 @@ def _matmul_backward(ctx, grad):
 
 torch.library.register_autograd(
     "mlxq::affine_matmul", _matmul_backward, setup_context=_matmul_setup_context
+)
+
+
+# --- the other ops are not differentiable: say so at backward time instead of torch's silent
+# "no autograd kernel" fallback, which returns no gradient at all.
+
+
+def _no_grad_setup_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _dequantize_backward(ctx, grad):
+    _raise_constant_weight("affine_dequantize", *ctx.needs_input_grad[1:3])
+
+
+def _quantize_backward(ctx, *grads):
+    raise RuntimeError(
+        "mlxq.affine_quantize: quantization (rounding to integers) has no useful gradient; "
+        "w must not require one here (quantize w.detach())"
+    )
+
+
+torch.library.register_autograd(
+    "mlxq::affine_dequantize", _dequantize_backward, setup_context=_no_grad_setup_context
+)
+torch.library.register_autograd(
+    "mlxq::affine_quantize", _quantize_backward, setup_context=_no_grad_setup_context
 )

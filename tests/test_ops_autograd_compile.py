@@ -1,0 +1,227 @@
+"""Gradients of affine_matmul against float64, errors for constant-weight gradients, the fake
+(meta) kernels, and torch.compile(fullgraph=True) of modules that call every op."""
+
+from __future__ import annotations
+
+import mlxq
+import pytest
+import torch
+from conftest import random_weight
+from oracles import DTYPES, assert_within, dequantize_ref, matmul_tolerance
+from torch._dynamo.testing import CompileCounter
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+
+def quantized(shape, dtype, group_size, bits, gen):
+    return mlxq.affine_quantize(random_weight(shape, dtype, gen), group_size, bits)
+
+
+# --- gradients ------------------------------------------------------------------------------
+
+
+def grad_reference(g, wq, s, b, group_size, bits, transpose, x_shape):
+    """d/dx sum(y * g) for y = x @ W.T (g @ W) or y = x @ W (g @ W.T), in float64, summed over
+    the batch dims along which x was broadcast; also the error scale |g| @ (|s|q + |b|)."""
+    w = dequantize_ref(wq, s, b, group_size, bits)
+    w_abs = dequantize_ref(wq, s.abs(), b.abs(), group_size, bits)
+    if not transpose:
+        w, w_abs = w.transpose(-1, -2), w_abs.transpose(-1, -2)
+    gd = g.double()
+    return (
+        torch.matmul(gd, w).sum_to_size(x_shape),
+        torch.matmul(gd.abs(), w_abs).sum_to_size(x_shape),
+    )
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["xWT", "xW"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 64), (8, 128)])
+def test_grad_x_matches_float64(bits, group_size, dtype, transpose, gen):
+    n, k = 24, 2 * group_size
+    wq, s, b = quantized((n, k), dtype, group_size, bits, gen)
+    for x_shape in [(1, k), (5, k), (2, 11, k)]:  # decode and GEMM paths in the backward too
+        if not transpose:
+            x_shape = (*x_shape[:-1], n)
+        x = torch.randn(x_shape, generator=gen).to(dtype).requires_grad_(True)
+        y = mlxq.affine_matmul(x, wq, s, b, group_size, bits, transpose)
+        g = torch.randn(y.shape, generator=gen).to(dtype)
+        y.backward(g)
+        assert x.grad.dtype == dtype and x.grad.shape == x.shape
+        ref, ref_abs = grad_reference(g, wq, s, b, group_size, bits, transpose, x.shape)
+        tol = matmul_tolerance(ref_abs, ref, g.shape[-1], dtype)
+        assert_within(x.grad, ref, tol, f"grad of x {tuple(x_shape)}")
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["xWT", "xW"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_grad_x_batched_weight_sums_over_broadcast(dtype, transpose, gen):
+    """x broadcast against a batched weight gets the sum of the gradients of its copies."""
+    n, k, gs, bits = 10, 64, 32, 4
+    wq, s, b = quantized((3, n, k), dtype, gs, bits, gen)
+    inner = k if transpose else n
+    for x_shape, w_sel in [
+        ((1, 6, inner), slice(None)),  # x broadcast over the weight batch (3)
+        ((6, inner), slice(None)),  # 2-D x against batched w
+        ((2, 1, 18, inner), slice(None)),  # batch [2, 3], GEMM path
+        ((4, 5, inner), slice(0, 1)),  # w broadcast over x's batch: no sum
+    ]:
+        x = torch.randn(x_shape, generator=gen).to(dtype).requires_grad_(True)
+        w = (wq[w_sel], s[w_sel], b[w_sel])
+        y = mlxq.affine_matmul(x, *w, gs, bits, transpose)
+        g = torch.randn(y.shape, generator=gen).to(dtype)
+        y.backward(g)
+        assert x.grad.shape == x.shape
+        ref, ref_abs = grad_reference(g, *w, gs, bits, transpose, x.shape)
+        copies = y.numel() // (x.numel() // inner * g.shape[-1])  # summed per element of x.grad
+        # each copy is rounded to dtype before the sum: one rounding of dtype per copy on top
+        tol = matmul_tolerance(ref_abs, ref, g.shape[-1], dtype)
+        tol = tol + copies * torch.finfo(dtype).eps * ref_abs
+        assert_within(x.grad, ref, tol, f"grad of x {x_shape} vs w batch {wq[w_sel].shape[0]}")
+
+
+def test_grad_of_quantized_weight_is_a_clear_error(gen):
+    wq, s, b = quantized((8, 64), torch.float32, 32, 4, gen)
+    x = torch.randn((2, 64), generator=gen, requires_grad=True)
+    for name in ("scales", "biases"):
+        s_, b_ = s.clone(), b.clone()
+        (s_ if name == "scales" else b_).requires_grad_(True)
+        y = mlxq.affine_matmul(x, wq, s_, b_, 32, 4)
+        with pytest.raises(RuntimeError, match=f"affine_matmul.*constant.*{name}"):
+            y.sum().backward()
+        d = mlxq.affine_dequantize(wq, s_, b_, 32, 4)
+        with pytest.raises(RuntimeError, match=f"affine_dequantize.*constant.*{name}"):
+            d.sum().backward()
+    w = torch.randn((4, 64), generator=gen, requires_grad=True)
+    _, s_q, b_q = mlxq.affine_quantize(w, 32, 4)
+    with pytest.raises(RuntimeError, match="affine_quantize.*no useful gradient"):
+        (s_q.sum() + b_q.sum()).backward()
+    # with the weight constant, x still gets its gradient
+    mlxq.affine_matmul(x, wq, s, b, 32, 4).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+# --- fake kernels -------------------------------------------------------------------------------
+
+
+def op_calls(gen):
+    """(name, callable on a tuple of tensors, tensors) for each op in several shapes."""
+    out = []
+    for bits, gs, shape in [(4, 32, (7, 64)), (3, 64, (2, 5, 128)), (6, 128, (128,))]:
+        w = random_weight(shape, torch.bfloat16, gen)
+        out.append(
+            (f"quantize {shape}", lambda w, gs=gs, b=bits: mlxq.affine_quantize(w, gs, b), (w,))
+        )
+        q = mlxq.affine_quantize(w, gs, bits)
+        out.append(
+            (f"dequantize {shape}", lambda *t, gs=gs, b=bits: mlxq.affine_dequantize(*t, gs, b), q)
+        )
+    wq, s, b = quantized((3, 12, 64), torch.float16, 32, 5, gen)
+    for x_shape, w_sel, tr in [
+        ((4, 64), 0, True),
+        ((2, 3, 12), 0, False),
+        ((1, 4, 64), slice(None), True),
+        ((2, 1, 4, 12), slice(None), False),
+    ]:
+        x = torch.randn(x_shape, generator=gen).half()
+        out.append(
+            (
+                f"matmul x {x_shape} transpose={tr}",
+                lambda *t, tr=tr: mlxq.affine_matmul(*t, 32, 5, tr),
+                (x, wq[w_sel], s[w_sel], b[w_sel]),
+            )
+        )
+    return out
+
+
+def test_fake_kernels_match_real_shapes_and_dtypes(gen):
+    """The meta device and FakeTensorMode give the real outputs' shapes, dtypes and devices."""
+    for name, fn, args in op_calls(gen):
+        real = fn(*args)
+        real = real if isinstance(real, tuple) else (real,)
+        meta = fn(*(a.to("meta") for a in args))
+        meta = meta if isinstance(meta, tuple) else (meta,)
+        with FakeTensorMode() as mode:
+            fake = fn(*(mode.from_tensor(a) for a in args))
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        for r, m, f in zip(real, meta, fake, strict=True):
+            assert (m.shape, m.dtype, m.device.type) == (r.shape, r.dtype, "meta"), name
+            assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device), name
+
+
+# --- torch.compile ----------------------------------------------------------------------------
+
+
+class QuantModule(torch.nn.Module):
+    """A small module that calls every op: quantize a weight, dequantize it, and matmul."""
+
+    def __init__(self, w: torch.Tensor, group_size: int, bits: int, transpose: bool = True):
+        super().__init__()
+        wq, s, b = mlxq.affine_quantize(w, group_size, bits)
+        self.register_buffer("wq", wq)
+        self.register_buffer("scales", s)
+        self.register_buffer("biases", b)
+        self.group_size, self.bits, self.transpose = group_size, bits, transpose
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gs, bits = self.group_size, self.bits
+        y = mlxq.affine_matmul(x, self.wq, self.scales, self.biases, gs, bits, self.transpose)
+        w = mlxq.affine_dequantize(self.wq, self.scales, self.biases, gs, bits)
+        wq2, s2, b2 = mlxq.affine_quantize(w * 2, gs, bits)
+        return torch.nn.functional.gelu(y) * 0.5, w, wq2, s2, b2
+
+
+def assert_same(outs, refs, what):
+    for i, (o, r) in enumerate(zip(outs, refs, strict=True)):
+        assert o.shape == r.shape and o.dtype == r.dtype, f"{what}: output {i}"
+        assert torch.equal(o, r), f"{what}: output {i} differs from eager"
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph_matches_eager(backend, dynamic, gen):
+    torch._dynamo.reset()
+    for transpose in (True, False):
+        mod = QuantModule(random_weight((16, 128), torch.bfloat16, gen), 64, 3, transpose)
+        counter = CompileCounter()
+        # CompileCounter stands in for the backend: it counts graphs and runs them eagerly;
+        # aot_eager also traces the ops through the fake kernels (and the backward).
+        compiled = torch.compile(
+            mod, fullgraph=True, dynamic=dynamic, backend=counter if backend == "eager" else backend
+        )
+        inner = 128 if transpose else 16
+        for shape in [(3, inner), (20, inner), (2, 7, inner)]:
+            x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+            assert_same(compiled(x), mod(x), f"{backend} transpose={transpose} x {shape}")
+        if backend == "eager":
+            # 2-D and 3-D x are different graphs; with dynamic shapes M varies without recompiling
+            assert counter.frame_count <= (2 if dynamic else 3), counter.frame_count
+
+
+def test_compile_aot_eager_backward_and_batched_weight(gen):
+    torch._dynamo.reset()
+    wq, s, b = quantized((3, 12, 64), torch.float32, 32, 4, gen)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return mlxq.affine_matmul(x, wq, s, b, 32, 4).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=True)
+    for shape in [(1, 5, 64), (3, 18, 64), (2, 1, 4, 64)]:
+        x = torch.randn(shape, generator=gen)
+        xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        lc, le = compiled(xc), loss(xe)
+        lc.backward()
+        le.backward()
+        assert torch.equal(lc, le), shape
+        assert torch.equal(xc.grad, xe.grad), shape
+
+
+def test_compile_inductor(gen):
+    """The default backend (inductor) fuses around the custom op and matches eager."""
+    torch._dynamo.reset()
+    mod = QuantModule(random_weight((24, 64), torch.float32, gen), 32, 4)
+    compiled = torch.compile(mod, fullgraph=True)
+    for shape in [(2, 64), (19, 64)]:
+        x = torch.randn(shape, generator=gen)
+        outs, refs = compiled(x), mod(x)
+        assert_same(outs[1:], refs[1:], f"inductor x {shape}")
+        torch.testing.assert_close(outs[0], refs[0], rtol=1e-6, atol=1e-6)
