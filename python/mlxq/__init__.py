@@ -6,8 +6,23 @@ as ``torch.ops.mlxq.*``.
 
 from __future__ import annotations
 
+from mlxq.integrations.registration import install as _install_transformers_hook  # noqa: E402
+from mlxq.nn import AffineEmbedding, AffineLinear  # noqa: E402
 from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize
+from mlxq.quantize_model import quantize_model  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["affine_quantize", "affine_dequantize", "affine_matmul", "__version__"]
+__all__ += ["AffineLinear", "AffineEmbedding", "quantize_model", "MLXQuantConfig"]
+
+# from_pretrained on MLX checkpoints after `import mlxq`; transformers itself loads lazily
+_install_transformers_hook()
+
+
+def __getattr__(name: str):
+    if name == "MLXQuantConfig":  # imports transformers, so only on first use
+        from mlxq.integrations.config import MLXQuantConfig
+
+        return MLXQuantConfig
+    raise AttributeError(f"module 'mlxq' has no attribute {name!r}")

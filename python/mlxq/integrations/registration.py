@@ -1,0 +1,150 @@
+"""The one place where mlxq plugs into transformers. Idempotent; runs on `import mlxq`.
+
+What it does, and why each piece is needed:
+
+1. Registers :class:`MLXQuantConfig` and :class:`MLXHfQuantizer` as quant_method ``"mlx"``
+   through transformers' public API (`register_quantization_config`, `register_quantizer`).
+2. Config detection (the unavoidable hook): MLX config.json files carry ``quantization`` /
+   ``quantization_config`` *without* a ``quant_method``, which transformers rejects. A wrapper
+   around ``transformers.modeling_utils.get_hf_quantizer`` tags such a dict with
+   ``quant_method: "mlx"`` (on a copy) before transformers reads it. Any dict that already has
+   a quant_method (e.g. ``"metal"`` for transformers' own MetalConfig) is left alone.
+3. Stale shard indexes: a wrapper around ``transformers.modeling_utils.get_checkpoint_shard_files``
+   checks the index against the safetensors files present and, when it is stale, returns a
+   weight map rebuilt from their headers (:func:`mlxq.integrations.checkpoint.repair_shard_index`).
+
+Importing transformers takes seconds, so `import mlxq` does not: if
+``transformers.modeling_utils`` is not imported yet, a finder on `sys.meta_path` runs
+:func:`register` right after it is.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+from typing import Any
+
+__all__ = ["install", "register", "is_registered"]
+
+_TARGET = "transformers.modeling_utils"
+_MARK = "__mlxq_wrapped__"
+
+
+def is_registered() -> bool:
+    """True once the quantizer and both wrappers are installed in the loaded transformers."""
+    modeling_utils = sys.modules.get(_TARGET)
+    return modeling_utils is not None and all(
+        getattr(getattr(modeling_utils, fn, None), _MARK, False)
+        for fn in ("get_hf_quantizer", "get_checkpoint_shard_files")
+    )
+
+
+def _tag_mlx_quantization(config: Any) -> None:
+    """Give an MLX quantization block of `config` (or its text config) quant_method "mlx"."""
+    from mlxq.integrations.config import QUANT_METHOD, is_mlx_quantization
+
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        text = config.get_text_config(decoder=True)
+        if text is not config:
+            configs.append(text)
+    for cfg in configs:
+        q = getattr(cfg, "quantization_config", None)
+        if q is None:
+            q = getattr(cfg, "quantization", None)  # older mlx-lm wrote only this key
+        if isinstance(q, dict) and "quant_method" not in q and is_mlx_quantization(q):
+            cfg.quantization_config = {**q, "quant_method": QUANT_METHOD}
+
+
+def register() -> None:
+    """Register the "mlx" quantizer and install the two wrappers (idempotent)."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers.quantizers import auto
+
+    from mlxq.integrations.checkpoint import repair_shard_index
+    from mlxq.integrations.config import QUANT_METHOD, MLXQuantConfig
+    from mlxq.integrations.quantizer import MLXHfQuantizer
+
+    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        auto.register_quantization_config(QUANT_METHOD)(MLXQuantConfig)
+    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+        auto.register_quantizer(QUANT_METHOD)(MLXHfQuantizer)
+
+    original_get_hf_quantizer = modeling_utils.get_hf_quantizer
+    if not getattr(original_get_hf_quantizer, _MARK, False):
+
+        def get_hf_quantizer(config, quantization_config, *args, **kwargs):
+            _tag_mlx_quantization(config)
+            return original_get_hf_quantizer(config, quantization_config, *args, **kwargs)
+
+        setattr(get_hf_quantizer, _MARK, True)
+        get_hf_quantizer.__wrapped__ = original_get_hf_quantizer
+        modeling_utils.get_hf_quantizer = get_hf_quantizer
+
+    original_shard_files = modeling_utils.get_checkpoint_shard_files
+    if not getattr(original_shard_files, _MARK, False):
+
+        def get_checkpoint_shard_files(pretrained_model_name_or_path, index_filename, **kwargs):
+            download = {k: kwargs.get(k) for k in ("cache_dir", "force_download", "token")}
+            download.update(
+                revision=kwargs.get("revision"), local_files_only=kwargs.get("local_files_only")
+            )
+            repaired = repair_shard_index(
+                pretrained_model_name_or_path,
+                index_filename,
+                subfolder=kwargs.get("subfolder") or "",
+                **download,
+            )
+            if repaired is not None:
+                return repaired
+            return original_shard_files(pretrained_model_name_or_path, index_filename, **kwargs)
+
+        setattr(get_checkpoint_shard_files, _MARK, True)
+        get_checkpoint_shard_files.__wrapped__ = original_shard_files
+        modeling_utils.get_checkpoint_shard_files = get_checkpoint_shard_files
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds `transformers.modeling_utils` through the other finders, then registers after it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                loader = spec.loader
+                exec_module = loader.exec_module
+
+                def exec_then_register(module, _exec=exec_module):
+                    _exec(module)
+                    register()
+
+                spec.loader = _LoaderProxy(loader, exec_then_register)
+                return spec
+        return None
+
+
+class _LoaderProxy(importlib.abc.Loader):
+    def __init__(self, loader, exec_module) -> None:
+        self._loader, self._exec = loader, exec_module
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._exec(module)
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+
+def install() -> None:
+    """Register now if transformers is loaded, else right after it loads (idempotent)."""
+    if _TARGET in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
