@@ -22,6 +22,7 @@ __all__ = [
     "smollm2_gguf_path",
     "prepare_smollm2_checkpoint",
     "cached_smollm2_checkpoint",
+    "cached_smollm2_float_checkpoint",
     "mlxq_cache_dir",
 ]
 
@@ -91,12 +92,15 @@ def prepare_smollm2_checkpoint(
     group_size: int = 32,
     recipe: str | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    float_checkpoint: str | os.PathLike | None = None,
 ) -> Path:
     """Build an MLX checkpoint of SmolLM2-135M-Instruct in `out_dir` (must not exist yet).
 
     `recipe` is one of mlx-lm's mixed recipes (e.g. ``"mixed_3_6"``); it replaces `bits`. Group
     32 with 4 bits reproduces the GGUF's own Q4_1 grid (the demo answers "Paris"). Needs `mlx`,
-    `mlx-lm`, `gguf` and `accelerate`; reads no network. Returns `out_dir`.
+    `mlx-lm`, `gguf` and `accelerate`; reads no network. `float_checkpoint` reuses a folder
+    made by :func:`cached_smollm2_float_checkpoint` instead of reading the GGUF again.
+    Returns `out_dir`.
     """
     out = Path(out_dir)
     if out.exists():
@@ -110,8 +114,9 @@ def prepare_smollm2_checkpoint(
         ) from error
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mlxq-smollm2-") as tmp:
-        float_dir = Path(tmp) / "float"
-        _save_float_smollm2(float_dir, progress)
+        float_dir = Path(float_checkpoint) if float_checkpoint else Path(tmp) / "float"
+        if not float_checkpoint:
+            _save_float_smollm2(float_dir, progress)
         progress(f"mlx_lm.convert: bits={bits} group_size={group_size} recipe={recipe}")
         convert(
             str(float_dir),
@@ -124,28 +129,63 @@ def prepare_smollm2_checkpoint(
     return out
 
 
-def cached_smollm2_checkpoint(
-    bits: int = 4,
-    group_size: int = 32,
-    recipe: str | None = None,
-    progress: Callable[[str], None] = lambda message: None,
-) -> Path:
-    """Like :func:`prepare_smollm2_checkpoint`, built once into the user cache and reused."""
-    key = json.dumps({"bits": bits, "group_size": group_size, "recipe": recipe, "v": 1})
-    tag = f"smollm2-135m-{recipe or f'{bits}bit'}-g{group_size}"
-    tag += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-    final = mlxq_cache_dir() / "models" / tag
+def _cached_build(tag: str, build: Callable[[Path], object], cache_dir: Path | None) -> Path:
+    """`build(folder)` once into the cache under `tag`; atomic against concurrent builders."""
+    final = Path(cache_dir or mlxq_cache_dir()) / "models" / tag
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=final.parent))
     try:
-        prepare_smollm2_checkpoint(staging / "model", bits, group_size, recipe, progress)
+        build(staging / "model")
         try:
-            os.replace(staging / "model", final)  # atomic: concurrent builders cannot mix files
+            os.replace(staging / "model", final)
         except OSError:
             if not (final / "config.json").is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    return "-".join(version(p) for p in ("transformers", "mlx-lm"))
+
+
+def cached_smollm2_float_checkpoint(
+    progress: Callable[[str], None] = lambda message: None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The GGUF dequantized to a float (bf16) HF checkpoint, built once into the user cache."""
+    tag = "smollm2-135m-float-" + hashlib.sha256(_versions().encode()).hexdigest()[:8]
+    return _cached_build(tag, lambda out: _save_float_smollm2(out, progress), cache_dir)
+
+
+def cached_smollm2_checkpoint(
+    bits: int = 4,
+    group_size: int = 32,
+    recipe: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Like :func:`prepare_smollm2_checkpoint`, built once into the user cache and reused.
+
+    The cache is `cache_dir`/models, by default :func:`mlxq_cache_dir`/models.
+    """
+    key = json.dumps({"bits": bits, "group_size": group_size, "recipe": recipe, "v": _versions()})
+    tag = f"smollm2-135m-{recipe or f'{bits}bit'}-g{group_size}"
+    tag += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return _cached_build(
+        tag,
+        lambda out: prepare_smollm2_checkpoint(
+            out,
+            bits,
+            group_size,
+            recipe,
+            progress,
+            float_checkpoint=cached_smollm2_float_checkpoint(progress, cache_dir),
+        ),
+        cache_dir,
+    )
