@@ -5,6 +5,10 @@
 
 #include "cpu/cpu_features.h"
 
+namespace mlxq::plan {
+void register_plan_bindings(pybind11::module& m);  // csrc/plan/plan_bindings.cpp
+}
+
 TORCH_LIBRARY(mlxq, m) {
   m.def("affine_quantize(Tensor w, int group_size=64, int bits=4) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -20,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &mlxq::cpu::set_isa, "Force the CPU kernels onto portable, avx2 or auto");
   m.def("cpu_isa", &mlxq::cpu::active_isa,
         "Instruction set the CPU kernels run with on this machine (avx512, avx2, neon, portable)");
+  mlxq::plan::register_plan_bindings(m);
 }

@@ -1,0 +1,55 @@
+// The dispatch plan of the Metal kernels in plain C++ (no Metal types): which kernel, how many
+// threadgroups of how many threads, which tensor goes to which buffer index, how much
+// threadgroup memory, and the bytes of the params struct (metal/mlxq_params.h). The MPS backend
+// turns a plan into setBuffer/setBytes/dispatchThreadgroups calls; the emulator and the
+// runtime-compiled fallback execute the same plan. Validation goes through csrc/checks.h.
+//
+// Callers must pass contiguous tensors, and scales/biases in the kernel's dtype (`dtype`
+// below; for affine_matmul that is the dtype of x).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+
+namespace mlxq::plan {
+
+struct Binding {
+  int index;         // [[buffer(index)]]
+  std::string role;  // "x", "w", "wq", "scales", "biases", "out", "params"
+};
+
+struct DispatchPlan {
+  std::string kernel;                                       // host name in the metallib
+  std::string dtype;                                        // kernel dtype: float, half, bfloat
+  std::array<uint32_t, 3> grid{0, 0, 0};                    // threadgroups per grid
+  std::array<uint32_t, 3> threads{1, 1, 1};                 // threads per threadgroup
+  std::vector<Binding> bindings;                            // device buffers and params
+  std::vector<std::pair<int, int64_t>> threadgroup_memory;  // [[threadgroup(i)]] -> bytes
+  std::vector<uint8_t> params;                              // bytes for the "params" binding
+  std::vector<std::vector<int64_t>> out_shapes;             // outputs, in binding order
+  // Nothing to launch (an empty tensor): the caller returns the empty outputs.
+  bool empty() const { return grid[0] == 0 || grid[1] == 0 || grid[2] == 0; }
+};
+
+// Kernel dtype name for x / scales: float, half or bfloat.
+std::string dtype_name(at::ScalarType t);
+
+// affine_matmul from validated geometry: qmv (transpose, M <= MLXQ_QMV_MAX_M), qvm
+// (!transpose, small M) or qmm (otherwise).
+DispatchPlan plan_affine_matmul(const MatmulGeometry& g, at::ScalarType dtype, int64_t group_size,
+                                int64_t bits, bool transpose);
+DispatchPlan plan_affine_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                                const at::Tensor& biases, int64_t group_size, int64_t bits,
+                                bool transpose);
+DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits);
+DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
+                                    const at::Tensor& biases, int64_t group_size, int64_t bits);
+
+}  // namespace mlxq::plan

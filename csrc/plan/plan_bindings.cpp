@@ -1,0 +1,66 @@
+// Python view of the dispatch plan (mlxq._C.plan_affine_*): plain dicts, so that the emulator,
+// the runtime-compiled fallback and tests read the same plan the MPS backend executes. Shapes
+// alone can be planned by passing meta tensors.
+#include <torch/extension.h>
+
+#include "plan/dispatch_plan.h"
+
+namespace mlxq::plan {
+namespace {
+
+pybind11::dict to_dict(const DispatchPlan& plan) {
+  pybind11::dict d;
+  d["kernel"] = plan.kernel;
+  d["dtype"] = plan.dtype;
+  d["grid"] = pybind11::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
+  d["threads"] = pybind11::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
+  pybind11::list bindings;
+  for (const Binding& b : plan.bindings) bindings.append(pybind11::make_tuple(b.index, b.role));
+  d["bindings"] = bindings;
+  pybind11::list tgm;
+  for (const auto& [index, bytes] : plan.threadgroup_memory) {
+    tgm.append(pybind11::make_tuple(index, bytes));
+  }
+  d["threadgroup_memory"] = tgm;
+  d["params"] =
+      pybind11::bytes(reinterpret_cast<const char*>(plan.params.data()), plan.params.size());
+  pybind11::list shapes;
+  for (const auto& s : plan.out_shapes) shapes.append(pybind11::tuple(pybind11::cast(s)));
+  d["out_shapes"] = shapes;
+  d["empty"] = plan.empty();
+  return d;
+}
+
+}  // namespace
+
+void register_plan_bindings(pybind11::module& m) {
+  m.def(
+      "plan_affine_matmul",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
+        return to_dict(plan_affine_matmul(x, wq, scales, biases, group_size, bits, transpose));
+      },
+      pybind11::arg("x"), pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("biases"),
+      pybind11::arg("group_size") = 64, pybind11::arg("bits") = 4,
+      pybind11::arg("transpose") = true,
+      "Metal dispatch plan of affine_matmul (kernel, grid, threads, bindings, threadgroup "
+      "memory, params bytes, output shapes). Tensors may be on the meta device.");
+  m.def(
+      "plan_affine_quantize",
+      [](const at::Tensor& w, int64_t group_size, int64_t bits) {
+        return to_dict(plan_affine_quantize(w, group_size, bits));
+      },
+      pybind11::arg("w"), pybind11::arg("group_size") = 64, pybind11::arg("bits") = 4,
+      "Metal dispatch plan of affine_quantize.");
+  m.def(
+      "plan_affine_dequantize",
+      [](const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+         int64_t group_size, int64_t bits) {
+        return to_dict(plan_affine_dequantize(wq, scales, biases, group_size, bits));
+      },
+      pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("biases"),
+      pybind11::arg("group_size") = 64, pybind11::arg("bits") = 4,
+      "Metal dispatch plan of affine_dequantize.");
+}
+
+}  // namespace mlxq::plan

@@ -1,0 +1,133 @@
+// qmm entry point: prefill-shaped affine_matmul, both transposes (see affine_qmm.h). Host
+// names: affine_qmm_t_* (x @ W^T) and affine_qmm_n_* (x @ W).
+// Threadgroup: 128 threads (4 simdgroups); grid: (ceil(out_features / 32), ceil(M / 32), batch);
+// threadgroup memory 0: mlxq::qmm_threadgroup_floats() floats.
+#include <metal_stdlib>
+using namespace metal;
+
+#include "affine_qmm.h"
+
+template <typename T, int GS, int BITS, bool TRANSPOSE>
+[[kernel]] void affine_qmm(const device T* x [[buffer(0)]], const device uint* wq [[buffer(1)]],
+                           const device T* scales [[buffer(2)]],
+                           const device T* biases [[buffer(3)]], device T* y [[buffer(4)]],
+                           constant AffineMatmulParams& p [[buffer(5)]],
+                           threadgroup float* tg [[threadgroup(0)]],
+                           uint3 tgid [[threadgroup_position_in_grid]],
+                           uint tid [[thread_index_in_threadgroup]],
+                           uint sg [[simdgroup_index_in_threadgroup]],
+                           uint lane [[thread_index_in_simdgroup]]) {
+  mlxq::affine_qmm_impl<T, GS, BITS, TRANSPOSE>(x, wq, scales, biases, y, p, tg, tgid, tid, sg,
+                                                lane);
+}
+
+// clang-format off
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs32_b2", affine_qmm, float, 32, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs32_b3", affine_qmm, float, 32, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs32_b4", affine_qmm, float, 32, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs32_b5", affine_qmm, float, 32, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs32_b6", affine_qmm, float, 32, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs32_b8", affine_qmm, float, 32, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs64_b2", affine_qmm, float, 64, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs64_b3", affine_qmm, float, 64, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs64_b4", affine_qmm, float, 64, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs64_b5", affine_qmm, float, 64, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs64_b6", affine_qmm, float, 64, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs64_b8", affine_qmm, float, 64, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs128_b2", affine_qmm, float, 128, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs128_b3", affine_qmm, float, 128, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs128_b4", affine_qmm, float, 128, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs128_b5", affine_qmm, float, 128, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs128_b6", affine_qmm, float, 128, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_float_gs128_b8", affine_qmm, float, 128, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs32_b2", affine_qmm, half, 32, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs32_b3", affine_qmm, half, 32, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs32_b4", affine_qmm, half, 32, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs32_b5", affine_qmm, half, 32, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs32_b6", affine_qmm, half, 32, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs32_b8", affine_qmm, half, 32, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs64_b2", affine_qmm, half, 64, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs64_b3", affine_qmm, half, 64, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs64_b4", affine_qmm, half, 64, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs64_b5", affine_qmm, half, 64, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs64_b6", affine_qmm, half, 64, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs64_b8", affine_qmm, half, 64, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs128_b2", affine_qmm, half, 128, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs128_b3", affine_qmm, half, 128, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs128_b4", affine_qmm, half, 128, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs128_b5", affine_qmm, half, 128, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs128_b6", affine_qmm, half, 128, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_half_gs128_b8", affine_qmm, half, 128, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs32_b2", affine_qmm, bfloat, 32, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs32_b3", affine_qmm, bfloat, 32, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs32_b4", affine_qmm, bfloat, 32, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs32_b5", affine_qmm, bfloat, 32, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs32_b6", affine_qmm, bfloat, 32, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs32_b8", affine_qmm, bfloat, 32, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs64_b2", affine_qmm, bfloat, 64, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs64_b3", affine_qmm, bfloat, 64, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs64_b4", affine_qmm, bfloat, 64, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs64_b5", affine_qmm, bfloat, 64, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs64_b6", affine_qmm, bfloat, 64, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs64_b8", affine_qmm, bfloat, 64, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs128_b2", affine_qmm, bfloat, 128, 2, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs128_b3", affine_qmm, bfloat, 128, 3, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs128_b4", affine_qmm, bfloat, 128, 4, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs128_b5", affine_qmm, bfloat, 128, 5, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs128_b6", affine_qmm, bfloat, 128, 6, true)
+MLXQ_INSTANTIATE("affine_qmm_t_bfloat_gs128_b8", affine_qmm, bfloat, 128, 8, true)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs32_b2", affine_qmm, float, 32, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs32_b3", affine_qmm, float, 32, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs32_b4", affine_qmm, float, 32, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs32_b5", affine_qmm, float, 32, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs32_b6", affine_qmm, float, 32, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs32_b8", affine_qmm, float, 32, 8, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs64_b2", affine_qmm, float, 64, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs64_b3", affine_qmm, float, 64, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs64_b4", affine_qmm, float, 64, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs64_b5", affine_qmm, float, 64, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs64_b6", affine_qmm, float, 64, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs64_b8", affine_qmm, float, 64, 8, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs128_b2", affine_qmm, float, 128, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs128_b3", affine_qmm, float, 128, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs128_b4", affine_qmm, float, 128, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs128_b5", affine_qmm, float, 128, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs128_b6", affine_qmm, float, 128, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_float_gs128_b8", affine_qmm, float, 128, 8, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs32_b2", affine_qmm, half, 32, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs32_b3", affine_qmm, half, 32, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs32_b4", affine_qmm, half, 32, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs32_b5", affine_qmm, half, 32, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs32_b6", affine_qmm, half, 32, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs32_b8", affine_qmm, half, 32, 8, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs64_b2", affine_qmm, half, 64, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs64_b3", affine_qmm, half, 64, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs64_b4", affine_qmm, half, 64, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs64_b5", affine_qmm, half, 64, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs64_b6", affine_qmm, half, 64, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs64_b8", affine_qmm, half, 64, 8, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs128_b2", affine_qmm, half, 128, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs128_b3", affine_qmm, half, 128, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs128_b4", affine_qmm, half, 128, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs128_b5", affine_qmm, half, 128, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs128_b6", affine_qmm, half, 128, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_half_gs128_b8", affine_qmm, half, 128, 8, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs32_b2", affine_qmm, bfloat, 32, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs32_b3", affine_qmm, bfloat, 32, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs32_b4", affine_qmm, bfloat, 32, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs32_b5", affine_qmm, bfloat, 32, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs32_b6", affine_qmm, bfloat, 32, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs32_b8", affine_qmm, bfloat, 32, 8, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs64_b2", affine_qmm, bfloat, 64, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs64_b3", affine_qmm, bfloat, 64, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs64_b4", affine_qmm, bfloat, 64, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs64_b5", affine_qmm, bfloat, 64, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs64_b6", affine_qmm, bfloat, 64, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs64_b8", affine_qmm, bfloat, 64, 8, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs128_b2", affine_qmm, bfloat, 128, 2, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs128_b3", affine_qmm, bfloat, 128, 3, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs128_b4", affine_qmm, bfloat, 128, 4, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs128_b5", affine_qmm, bfloat, 128, 5, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs128_b6", affine_qmm, bfloat, 128, 6, false)
+MLXQ_INSTANTIATE("affine_qmm_n_bfloat_gs128_b8", affine_qmm, bfloat, 128, 8, false)
+// clang-format on

@@ -1,0 +1,128 @@
+// qvm: y = x @ W for a few rows of x (transpose=False, e.g. the gradient of a decode step).
+// W is [N, K]; the output has K columns. Each lane owns one pack of 8 output columns (BITS
+// bytes of every weight row, one aligned load for 2/4/8 bits), a threadgroup owns
+// MLXQ_QVM_COLS columns and its two simdgroups split the rows. Rows are walked in chunks of
+// MLXQ_QVM_ROW_CHUNK: the chunk's x values and the scales/biases of the threadgroup's groups are
+// staged in threadgroup memory by one thread each, so packed words, scales and biases are read
+// from device memory exactly once. The two simdgroups' partial sums meet in threadgroup memory.
+#pragma once
+
+#include "mlxq_utils.h"
+
+namespace mlxq {
+
+// Threadgroup memory (floats) used by qvm for group size GS.
+template <int GS>
+constexpr int qvm_threadgroup_floats() {
+  return MLXQ_QMV_MAX_M * MLXQ_QVM_ROW_CHUNK              // staged x
+         + 2 * MLXQ_QVM_ROW_CHUNK * (MLXQ_QVM_COLS / GS)  // staged scales and biases
+         + MLXQ_QMV_MAX_M * MLXQ_QVM_COLS;                // partial sums of simdgroup 1
+}
+
+template <typename T, int GS, int BITS>
+void affine_qvm_impl(const device T* x, const device uint* wq, const device T* scales,
+                     const device T* biases, device T* y, constant AffineMatmulParams& p,
+                     threadgroup float* tg, uint3 tgid, uint tid, uint sg, uint lane) {
+  constexpr int MAXM = MLXQ_QMV_MAX_M;
+  constexpr int CHUNK = MLXQ_QVM_ROW_CHUNK;
+  constexpr int COLS = MLXQ_QVM_COLS;
+  constexpr int NG = COLS / GS;  // groups per row inside the threadgroup's columns
+  constexpr int RPS = CHUNK / MLXQ_QVM_SIMDGROUPS;  // rows of a chunk per simdgroup
+  const int M = p.M, N = p.N, K = p.K, G = p.groups;
+  const long row_bytes = long(K) * BITS / 8;
+
+  long xb, wb;
+  batch_entries(p, tgid.z, xb, wb);
+  x += xb * M * N;
+  const device uchar* wbytes = (const device uchar*)(wq + wb * N * (row_bytes / 4));
+  scales += wb * N * G;
+  biases += wb * N * G;
+  y += long(tgid.z) * M * K;
+
+  threadgroup float* xs = tg;                 // [MAXM][CHUNK]
+  threadgroup float* ss = xs + MAXM * CHUNK;  // [CHUNK][NG]
+  threadgroup float* sb = ss + CHUNK * NG;    // [CHUNK][NG]
+  threadgroup float* red = sb + CHUNK * NG;   // [MAXM][COLS]
+
+  const int c0 = int(tgid.x) * COLS;
+  const int c = c0 + int(lane) * 8;  // first of this lane's 8 columns
+  const bool col_ok = c < K;
+  const int lg = (int(lane) * 8) / GS;  // this lane's group inside the threadgroup's columns
+
+  float acc[MAXM][8];
+#pragma clang loop unroll(full)
+  for (int m = 0; m < MAXM; ++m) {
+#pragma clang loop unroll(full)
+    for (int j = 0; j < 8; ++j) {
+      acc[m][j] = 0.0f;
+    }
+  }
+
+  for (int nb = 0; nb < N; nb += CHUNK) {
+    // Stage x[:, nb + tid] and the scales/biases of row nb + tid.
+    const int ns = nb + int(tid);
+    const bool row_ok = ns < N;
+    for (int m = 0; m < M; ++m) {
+      xs[m * CHUNK + tid] = row_ok ? float(x[long(m) * N + ns]) : 0.0f;
+    }
+#pragma clang loop unroll(full)
+    for (int g = 0; g < NG; ++g) {
+      const int gi = c0 / GS + g;
+      const bool ok = row_ok && gi < G;
+      ss[tid * NG + g] = ok ? float(scales[long(ns) * G + gi]) : 0.0f;
+      sb[tid * NG + g] = ok ? float(biases[long(ns) * G + gi]) : 0.0f;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    for (int i = 0; i < RPS; ++i) {
+      const int r = int(sg) * RPS + i;
+      const int n = nb + r;
+      if (n < N && col_ok) {
+        const ulong pk = load_pack<BITS>(wbytes + n * row_bytes, c / 8);
+        const float s = ss[r * NG + lg];
+        const float b = sb[r * NG + lg];
+        float q[8];
+#pragma clang loop unroll(full)
+        for (int j = 0; j < 8; ++j) {
+          q[j] = float(pack_value<BITS>(pk, j));
+        }
+#pragma clang loop unroll(full)
+        for (int m = 0; m < MAXM; ++m) {
+          if (m < M) {
+            const float xv = xs[m * CHUNK + r];
+            const float sx = xv * s, bx = xv * b;
+#pragma clang loop unroll(full)
+            for (int j = 0; j < 8; ++j) {
+              acc[m][j] += sx * q[j] + bx;
+            }
+          }
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+
+  // Simdgroup 1 hands its partial sums to simdgroup 0, which writes the output.
+  if (sg == 1) {
+    for (int m = 0; m < M; ++m) {
+#pragma clang loop unroll(full)
+      for (int j = 0; j < 8; ++j) {
+        red[m * COLS + lane * 8 + j] = acc[m][j];
+      }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (sg == 0 && col_ok) {
+#pragma clang loop unroll(full)
+    for (int m = 0; m < MAXM; ++m) {
+      if (m < M) {
+#pragma clang loop unroll(full)
+        for (int j = 0; j < 8; ++j) {
+          y[long(m) * K + c + j] = T(acc[m][j] + red[m * COLS + lane * 8 + j]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace mlxq
