@@ -1,0 +1,1 @@
+"""Testing utilities for mlxq: the MSL emulator (:mod:`mlxq.testing.metal_emulator`)."""

@@ -1,0 +1,634 @@
+// Runtime of the MSL emulator: runs every GPU thread of a threadgroup as a fiber, resolves
+// barriers and simdgroup collectives, checks and counts every device/threadgroup memory access.
+// Linked into each emulated kernel library; not instrumented itself.
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "mlxq_emu_runtime.h"
+
+#define HIDDEN __attribute__((visibility("hidden")))
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+using namespace mlxq_emu;
+
+extern "C" HIDDEN const KernelEntry mlxq_emu_kernels[];
+extern "C" HIDDEN const int mlxq_emu_nkernels;
+// Bounds of the section that holds the kernels' fixed-size `threadgroup` arrays (absent if none).
+extern "C" char __start_mlxq_tg[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_mlxq_tg[] __attribute__((weak, visibility("hidden")));
+
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr int kSimdWidth = 32;
+constexpr size_t kStackSize = 256 * 1024;
+constexpr size_t kPage = 4096;
+constexpr int kSlots = 64;  // 32 device/constant buffers, then 32 host-bound threadgroup blocks
+constexpr int kSlotShift = 32;
+constexpr uint64_t kSlotSize = 1ull << kSlotShift;
+constexpr uint16_t kMulti = 0xFFFF;
+
+enum State { kRunnable, kDone, kWaitBarrier, kWaitCollective, kFailed };
+
+struct Thread {
+  void* sp;
+  int state;
+  u32 tid, lane, sg;
+  ThreadArgs args;
+  ResolveFn fn;
+  const char* op;
+  void* in;
+  void* out;
+  const char* file;
+  int line;
+  u64 seq;
+};
+
+// Shadow state of one byte of threadgroup memory, for unwritten-read and race detection.
+struct Shadow {
+  u32 w_epoch, w_sync;
+  u32 r_epoch, r_sync;
+  uint16_t w_tid, r_tid, r_sg, pad;
+};
+
+struct Region {
+  bool active = false;
+  bool threadgroup = false;
+  int index = 0;
+  char* base = nullptr;
+  int64_t size = 0;
+  size_t mapped = 0;
+  Shadow* shadow = nullptr;
+  size_t shadow_cap = 0;
+};
+
+char* g_arena = nullptr;
+uint64_t g_arena_size = 0;
+Region g_slots[kSlots];
+Region g_static_tg;
+
+Thread g_threads[kMaxThreads];
+char* g_stacks = nullptr;
+void* g_sched_sp = nullptr;
+Thread* g_cur = nullptr;
+EntryFn g_entry = nullptr;
+int g_nthreads = 0;
+u32 g_tgpos[3];
+
+bool g_failed = false;
+char g_err[4096];
+
+u32 g_epoch = 1, g_tg_base = 1;
+u32 g_sync_counter = 1;
+u32 g_sg_sync[kMaxThreads / kSimdWidth];
+
+int64_t g_read[32], g_written[32];
+
+void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void fail(const char* fmt, ...) {
+  if (g_failed) return;
+  g_failed = true;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_err, sizeof g_err, fmt, ap);
+  va_end(ap);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fibers.
+#if defined(__x86_64__)
+extern "C" void mlxq_emu_swap(void** save_sp, void* new_sp);
+asm(R"(
+.text
+.globl mlxq_emu_swap
+.hidden mlxq_emu_swap
+.type mlxq_emu_swap,@function
+mlxq_emu_swap:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size mlxq_emu_swap, .-mlxq_emu_swap
+)");
+#elif defined(__aarch64__)
+extern "C" void mlxq_emu_swap(void** save_sp, void* new_sp);
+asm(R"(
+.text
+.globl mlxq_emu_swap
+.hidden mlxq_emu_swap
+.type mlxq_emu_swap,%function
+mlxq_emu_swap:
+  sub sp, sp, #176
+  stp x19, x20, [sp, #0]
+  stp x21, x22, [sp, #16]
+  stp x23, x24, [sp, #32]
+  stp x25, x26, [sp, #48]
+  stp x27, x28, [sp, #64]
+  stp x29, x30, [sp, #80]
+  stp d8, d9, [sp, #96]
+  stp d10, d11, [sp, #112]
+  stp d12, d13, [sp, #128]
+  stp d14, d15, [sp, #144]
+  mov x9, sp
+  str x9, [x0]
+  mov sp, x1
+  ldp x19, x20, [sp, #0]
+  ldp x21, x22, [sp, #16]
+  ldp x23, x24, [sp, #32]
+  ldp x25, x26, [sp, #48]
+  ldp x27, x28, [sp, #64]
+  ldp x29, x30, [sp, #80]
+  ldp d8, d9, [sp, #96]
+  ldp d10, d11, [sp, #112]
+  ldp d12, d13, [sp, #128]
+  ldp d14, d15, [sp, #144]
+  add sp, sp, #176
+  ret
+)");
+#else
+#error "the MSL emulator's fibers support x86_64 and aarch64"
+#endif
+
+extern "C" __attribute__((noreturn, used)) void mlxq_emu_fiber_main() {
+  Thread* t = g_cur;
+  g_entry(&t->args);
+  t->state = kDone;
+  mlxq_emu_swap(&t->sp, g_sched_sp);
+  __builtin_trap();
+}
+
+void init_fiber(Thread* t, int i) {
+  char* top = g_stacks + (size_t)(i + 1) * (kStackSize + kPage);
+  uintptr_t a = ((uintptr_t)top & ~(uintptr_t)15) - 16;
+#if defined(__x86_64__)
+  uint64_t* s = (uint64_t*)a;
+  s[0] = (uint64_t)&mlxq_emu_fiber_main;  // return address of the first switch
+  for (int k = 1; k <= 6; ++k) s[-k] = 0;  // rbp rbx r12-r15
+  uint32_t* csr = (uint32_t*)(s - 7);
+  csr[0] = 0x1F80;  // mxcsr
+  csr[1] = 0x037F;  // x87 control word
+  t->sp = s - 7;
+#else
+  uint64_t* s = (uint64_t*)(a - 176);
+  memset(s, 0, 176);
+  s[10] = 0;                                // x29
+  s[11] = (uint64_t)&mlxq_emu_fiber_main;  // x30
+  t->sp = s;
+#endif
+}
+
+bool ensure_stacks() {
+  if (g_stacks) return true;
+  size_t total = (size_t)kMaxThreads * (kStackSize + kPage);
+  void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
+  if (p == MAP_FAILED) return false;
+  g_stacks = (char*)p;
+  for (int i = 0; i < kMaxThreads; ++i)  // guard page below every stack
+    mprotect(g_stacks + (size_t)i * (kStackSize + kPage), kPage, PROT_NONE);
+  return true;
+}
+
+[[noreturn]] void abort_thread() {
+  g_cur->state = kFailed;
+  mlxq_emu_swap(&g_cur->sp, g_sched_sp);
+  __builtin_trap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory: every device buffer and host-bound threadgroup block lives in its own 4 GiB slot of a
+// reserved arena, so that any address the kernel computes from it maps back to it.
+bool ensure_arena() {
+  if (g_arena) return true;
+  g_arena_size = (uint64_t)kSlots << kSlotShift;
+  void* p = mmap(nullptr, g_arena_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
+                 0);
+  if (p == MAP_FAILED) return false;
+  g_arena = (char*)p;
+  return true;
+}
+
+bool map_region(Region& r, int slot, int64_t size) {
+  r.base = g_arena + (uint64_t)slot * kSlotSize + kSlotSize / 2;
+  size_t need = ((size_t)size + kPage - 1) & ~(kPage - 1);
+  if (need > r.mapped) {
+    if (mprotect(r.base, need, PROT_READ | PROT_WRITE) != 0) return false;
+    r.mapped = need;
+  }
+  r.size = size;
+  return true;
+}
+
+bool ensure_shadow(Region& r, size_t n) {
+  if (n > r.shadow_cap) {
+    free(r.shadow);
+    r.shadow = (Shadow*)calloc(n ? n : 1, sizeof(Shadow));
+    if (!r.shadow) return false;
+    r.shadow_cap = n;
+  }
+  return true;
+}
+
+const char* thread_desc() {
+  static char buf[160];
+  Thread* t = g_cur;
+  snprintf(buf, sizeof buf, "thread %u (lane %u of simdgroup %u) of threadgroup (%u, %u, %u)",
+           t->tid, t->lane, t->sg, g_tgpos[0], g_tgpos[1], g_tgpos[2]);
+  return buf;
+}
+
+void region_name(const Region& r, int64_t off, char* out, size_t n) {
+  if (&r == &g_static_tg) {
+    snprintf(out, n, "threadgroup array (static section offset %lld)", (long long)off);
+  } else if (r.threadgroup) {
+    snprintf(out, n, "threadgroup(%d) memory", r.index);
+  } else {
+    snprintf(out, n, "buffer(%d)", r.index);
+  }
+}
+
+void check_threadgroup(Region& r, int64_t off, uint64_t n, bool write) {
+  Thread* t = g_cur;
+  u32 s = t->sg;
+  for (uint64_t i = 0; i < n; ++i) {
+    Shadow& sh = r.shadow[off + i];
+    char name[96];
+    if (!write) {
+      if (sh.w_epoch < g_tg_base) {
+        region_name(r, off + i, name, sizeof name);
+        fail("read of never-written %s at byte offset %lld by %s", name, (long long)(off + i),
+             thread_desc());
+        abort_thread();
+      }
+      if (sh.w_epoch == g_epoch && sh.w_tid != t->tid &&
+          !(g_threads[sh.w_tid].sg == s && g_sg_sync[s] > sh.w_sync)) {
+        region_name(r, off + i, name, sizeof name);
+        fail("race on %s at byte offset %lld: read by %s after a write by thread %u with no "
+             "barrier in between",
+             name, (long long)(off + i), thread_desc(), sh.w_tid);
+        abort_thread();
+      }
+      if (sh.r_epoch == g_epoch && sh.r_tid != t->tid) {
+        sh.r_tid = kMulti;
+        if (sh.r_sg != s) sh.r_sg = kMulti;
+        sh.r_sync = g_sg_sync[s];
+      } else {
+        sh.r_epoch = g_epoch;
+        sh.r_tid = (uint16_t)t->tid;
+        sh.r_sg = (uint16_t)s;
+        sh.r_sync = g_sg_sync[s];
+      }
+    } else {
+      if (sh.w_epoch == g_epoch && sh.w_tid != t->tid &&
+          !(g_threads[sh.w_tid].sg == s && g_sg_sync[s] > sh.w_sync)) {
+        region_name(r, off + i, name, sizeof name);
+        fail("race on %s at byte offset %lld: written by %s and by thread %u with no barrier in "
+             "between",
+             name, (long long)(off + i), thread_desc(), sh.w_tid);
+        abort_thread();
+      }
+      if (sh.r_epoch == g_epoch && sh.r_tid != t->tid &&
+          !(sh.r_sg == s && g_sg_sync[s] > sh.r_sync)) {
+        region_name(r, off + i, name, sizeof name);
+        fail("race on %s at byte offset %lld: written by %s after a read by %s%u with no barrier "
+             "in between",
+             name, (long long)(off + i), thread_desc(),
+             sh.r_tid == kMulti ? "several threads, e.g. thread " : "thread ",
+             sh.r_tid == kMulti ? 0u : (u32)sh.r_tid);
+        abort_thread();
+      }
+      sh.w_epoch = g_epoch;
+      sh.w_tid = (uint16_t)t->tid;
+      sh.w_sync = g_sg_sync[s];
+    }
+  }
+}
+
+void mem_access(const void* p, uint64_t n, int kind /*0 read, 1 write, 2 atomic*/) {
+  uintptr_t a = (uintptr_t)p;
+  if (a - (uintptr_t)g_arena < g_arena_size) {
+    int slot = (int)((a - (uintptr_t)g_arena) >> kSlotShift);
+    Region& r = g_slots[slot];
+    int64_t off = (int64_t)(a - (uintptr_t)r.base);
+    if (!r.active) {
+      fail("%s of %llu bytes through an unbound %s(%d) by %s", kind == 1 ? "write" : "read",
+           (unsigned long long)n, slot >= 32 ? "threadgroup" : "buffer", slot % 32, thread_desc());
+      abort_thread();
+    }
+    if (off < 0 || off + (int64_t)n > r.size) {
+      char name[96];
+      region_name(r, off, name, sizeof name);
+      fail("out-of-bounds %s of %llu bytes at byte offset %lld of %s (size %lld bytes) by %s",
+           kind == 1 ? "write" : "read", (unsigned long long)n, (long long)off, name,
+           (long long)r.size, thread_desc());
+      abort_thread();
+    }
+    if (r.threadgroup) {
+      if (kind != 2) check_threadgroup(r, off, n, kind == 1);
+    } else if (kind == 1) {
+      g_written[r.index] += n;
+    } else {
+      g_read[r.index] += n;
+      if (kind == 2) g_written[r.index] += n;
+    }
+  } else if (g_static_tg.size && a - (uintptr_t)g_static_tg.base < (uint64_t)g_static_tg.size) {
+    if (kind != 2)
+      check_threadgroup(g_static_tg, (int64_t)(a - (uintptr_t)g_static_tg.base), n, kind == 1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduling.
+void describe_lanes(char* out, size_t n, int first, int count) {
+  size_t len = 0;
+  out[0] = 0;
+  for (int i = first; i < first + count && len + 120 < n; ++i) {
+    Thread& t = g_threads[i];
+    const char* what = t.state == kDone           ? "exited"
+                       : t.state == kWaitBarrier  ? "threadgroup_barrier"
+                       : t.state == kWaitCollective ? t.op
+                                                    : "running";
+    // Collapse runs of threads that are at the same place.
+    int j = i;
+    while (j + 1 < first + count && g_threads[j + 1].state == t.state &&
+           g_threads[j + 1].op == t.op && g_threads[j + 1].line == t.line &&
+           g_threads[j + 1].file == t.file)
+      ++j;
+    if (t.state == kDone)
+      len += snprintf(out + len, n - len, "%sthreads %d-%d exited", len ? "; " : "", i, j);
+    else
+      len += snprintf(out + len, n - len, "%sthreads %d-%d at %s (%s:%d)", len ? "; " : "", i, j,
+                      what, t.file ? t.file : "?", t.line);
+    i = j;
+  }
+}
+
+bool run_simdgroup(int s) {
+  int first = s * kSimdWidth;
+  int count = g_nthreads - first < kSimdWidth ? g_nthreads - first : kSimdWidth;
+  for (;;) {
+    for (int l = 0; l < count; ++l) {
+      Thread* t = &g_threads[first + l];
+      if (t->state != kRunnable) continue;
+      g_cur = t;
+      mlxq_emu_swap(&g_sched_sp, t->sp);
+      if (g_failed) return false;
+    }
+    int ncoll = 0, nbar = 0;
+    Thread* ref = nullptr;
+    bool same = true;
+    for (int l = 0; l < count; ++l) {
+      Thread* t = &g_threads[first + l];
+      if (t->state == kWaitCollective) {
+        ++ncoll;
+        if (!ref)
+          ref = t;
+        else if (t->fn != ref->fn || t->line != ref->line || t->file != ref->file ||
+                 t->seq != ref->seq)
+          same = false;
+      } else if (t->state == kWaitBarrier) {
+        ++nbar;
+      }
+    }
+    if (ncoll == 0) return true;
+    if (nbar || !same) {
+      char lanes[2048];
+      describe_lanes(lanes, sizeof lanes, first, count);
+      fail("divergent collective in simdgroup %d of threadgroup (%u, %u, %u): %s", s, g_tgpos[0],
+           g_tgpos[1], g_tgpos[2], lanes);
+      return false;
+    }
+    void* in[kSimdWidth] = {};
+    void* out[kSimdWidth] = {};
+    u32 mask = 0;
+    for (int l = 0; l < count; ++l) {
+      Thread* t = &g_threads[first + l];
+      if (t->state != kWaitCollective) continue;
+      in[l] = t->in;
+      out[l] = t->out;
+      mask |= 1u << l;
+    }
+    if (ref->fn) {
+      const char* err = ref->fn(in, out, mask, count);
+      if (err) {
+        fail("%s (%s:%d) in simdgroup %d of threadgroup (%u, %u, %u): %s", ref->op, ref->file,
+             ref->line, s, g_tgpos[0], g_tgpos[1], g_tgpos[2], err);
+        return false;
+      }
+    }
+    g_sg_sync[s] = ++g_sync_counter;
+    for (int l = 0; l < count; ++l)
+      if (g_threads[first + l].state == kWaitCollective) g_threads[first + l].state = kRunnable;
+  }
+}
+
+bool run_threadgroup(const u32 grid[3], const u32 tptg[3], void* const* bufs, void* const* tgs) {
+  ++g_epoch;
+  g_tg_base = g_epoch;
+  int nsg = (g_nthreads + kSimdWidth - 1) / kSimdWidth;
+  for (int i = 0; i < g_nthreads; ++i) {
+    Thread& t = g_threads[i];
+    t.state = kRunnable;
+    t.tid = i;
+    t.lane = i % kSimdWidth;
+    t.sg = i / kSimdWidth;
+    t.fn = nullptr;
+    t.op = nullptr;
+    t.file = nullptr;
+    t.line = 0;
+    t.seq = 0;
+    t.args.buffers = bufs;
+    t.args.tgmem = tgs;
+    u32 pos[3] = {i % tptg[0], (i / tptg[0]) % tptg[1], i / (tptg[0] * tptg[1])};
+    u32(*b)[3] = t.args.builtins;
+    for (int d = 0; d < 3; ++d) {
+      b[kThreadPositionInGrid][d] = g_tgpos[d] * tptg[d] + pos[d];
+      b[kThreadPositionInThreadgroup][d] = pos[d];
+      b[kThreadgroupPositionInGrid][d] = g_tgpos[d];
+      b[kThreadsPerThreadgroup][d] = tptg[d];
+      b[kThreadgroupsPerGrid][d] = grid[d];
+      b[kThreadsPerGrid][d] = grid[d] * tptg[d];
+      b[kThreadIndexInThreadgroup][d] = d ? 0 : i;
+      b[kThreadIndexInSimdgroup][d] = d ? 0 : t.lane;
+      b[kSimdgroupIndexInThreadgroup][d] = d ? 0 : t.sg;
+      b[kThreadsPerSimdgroup][d] = d ? 0 : kSimdWidth;
+      b[kSimdgroupsPerThreadgroup][d] = d ? 0 : nsg;
+      b[kThreadIndexInQuadgroup][d] = d ? 0 : i % 4;
+      b[kQuadgroupIndexInThreadgroup][d] = d ? 0 : i / 4;
+    }
+    init_fiber(&t, i);
+  }
+  for (;;) {
+    for (int s = 0; s < nsg; ++s)
+      if (!run_simdgroup(s)) return false;
+    int ndone = 0, nbar = 0;
+    const Thread* ref = nullptr;
+    bool same = true;
+    for (int i = 0; i < g_nthreads; ++i) {
+      const Thread& t = g_threads[i];
+      if (t.state == kDone) {
+        ++ndone;
+      } else {
+        ++nbar;
+        if (!ref)
+          ref = &t;
+        else if (t.line != ref->line || t.file != ref->file)
+          same = false;
+      }
+    }
+    if (nbar == 0) return true;
+    if (ndone || !same) {
+      char lanes[2048];
+      describe_lanes(lanes, sizeof lanes, 0, g_nthreads);
+      fail("threadgroup_barrier not reached by every thread of threadgroup (%u, %u, %u): %s",
+           g_tgpos[0], g_tgpos[1], g_tgpos[2], lanes);
+      return false;
+    }
+    ++g_epoch;
+    for (int i = 0; i < g_nthreads; ++i) g_threads[i].state = kRunnable;
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Hooks called by the kernel code.
+extern "C" HIDDEN void __mlxq_ld(const void* p, unsigned long long n) { mem_access(p, n, 0); }
+extern "C" HIDDEN void __mlxq_st(const void* p, unsigned long long n) { mem_access(p, n, 1); }
+extern "C" HIDDEN void __mlxq_at(const void* p, unsigned long long n) { mem_access(p, n, 2); }
+
+extern "C" HIDDEN void mlxq_emu_collective(ResolveFn fn, const char* op, void* in, void* out,
+                                           const char* file, int line) {
+  Thread* t = g_cur;
+  t->state = kWaitCollective;
+  t->fn = fn;
+  t->op = op;
+  t->in = in;
+  t->out = out;
+  t->file = file;
+  t->line = line;
+  ++t->seq;
+  mlxq_emu_swap(&t->sp, g_sched_sp);
+}
+
+extern "C" HIDDEN void mlxq_emu_barrier(int scope, const char* file, int line) {
+  if (scope == 1) {
+    mlxq_emu_collective(nullptr, "simdgroup_barrier", nullptr, nullptr, file, line);
+    return;
+  }
+  Thread* t = g_cur;
+  t->state = kWaitBarrier;
+  t->op = "threadgroup_barrier";
+  t->file = file;
+  t->line = line;
+  mlxq_emu_swap(&t->sp, g_sched_sp);
+}
+
+extern "C" HIDDEN unsigned mlxq_emu_lane() { return g_cur->lane; }
+
+// ---------------------------------------------------------------------------------------------
+// Host API (called through ctypes).
+EXPORT int mlxq_emu_num_kernels() { return mlxq_emu_nkernels; }
+EXPORT const char* mlxq_emu_kernel_name(int i) { return mlxq_emu_kernels[i].name; }
+
+// buf_size[i] < 0 marks an absent buffer; tg_size likewise. Returns 0 on success, else 1 with the
+// message in err.
+EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* const* buf_ptr,
+                        const int64_t* buf_size, const int* buf_writable, const int64_t* tg_size,
+                        int64_t* bytes_read, int64_t* bytes_written, char* err, int errlen) {
+  g_failed = false;
+  g_err[0] = 0;
+  int ok = 0;
+  u64 nthreads = (u64)tptg[0] * tptg[1] * tptg[2];
+  if (kernel < 0 || kernel >= mlxq_emu_nkernels) {
+    fail("no kernel #%d", kernel);
+  } else if (nthreads == 0 || nthreads > kMaxThreads) {
+    fail("threads_per_threadgroup (%u, %u, %u) must hold 1..%d threads", tptg[0], tptg[1], tptg[2],
+         kMaxThreads);
+  } else if (!ensure_arena() || !ensure_stacks()) {
+    fail("cannot reserve emulator memory");
+  }
+  void* bufs[32] = {};
+  void* tgs[32] = {};
+  if (!g_failed) {
+    for (int i = 0; i < kSlots; ++i) g_slots[i].active = false;
+    for (int i = 0; i < 32 && !g_failed; ++i) {
+      g_read[i] = g_written[i] = 0;
+      if (buf_size[i] >= 0) {
+        Region& r = g_slots[i];
+        if (!map_region(r, i, buf_size[i])) {
+          fail("cannot map buffer(%d) of %lld bytes", i, (long long)buf_size[i]);
+          break;
+        }
+        r.active = true;
+        r.threadgroup = false;
+        r.index = i;
+        if (buf_size[i]) memcpy(r.base, buf_ptr[i], (size_t)buf_size[i]);
+        bufs[i] = r.base;
+      }
+      if (tg_size[i] >= 0) {
+        Region& r = g_slots[32 + i];
+        if (!map_region(r, 32 + i, tg_size[i]) || !ensure_shadow(r, (size_t)tg_size[i])) {
+          fail("cannot map threadgroup(%d) of %lld bytes", i, (long long)tg_size[i]);
+          break;
+        }
+        r.active = true;
+        r.threadgroup = true;
+        r.index = i;
+        tgs[i] = r.base;
+      }
+    }
+  }
+  if (!g_failed && __start_mlxq_tg && !g_static_tg.base) {
+    g_static_tg.base = __start_mlxq_tg;
+    g_static_tg.threadgroup = true;
+    if (ensure_shadow(g_static_tg, (size_t)(__stop_mlxq_tg - __start_mlxq_tg)))
+      g_static_tg.size = __stop_mlxq_tg - __start_mlxq_tg;
+  }
+  if (!g_failed) {
+    g_entry = mlxq_emu_kernels[kernel].entry;
+    g_nthreads = (int)nthreads;
+    for (u32 z = 0; z < grid[2] && !g_failed; ++z)
+      for (u32 y = 0; y < grid[1] && !g_failed; ++y)
+        for (u32 x = 0; x < grid[0] && !g_failed; ++x) {
+          g_tgpos[0] = x;
+          g_tgpos[1] = y;
+          g_tgpos[2] = z;
+          run_threadgroup(grid, tptg, bufs, tgs);
+        }
+  }
+  if (!g_failed) {
+    for (int i = 0; i < 32; ++i)
+      if (buf_size[i] > 0 && buf_writable[i]) memcpy(buf_ptr[i], bufs[i], (size_t)buf_size[i]);
+  }
+  for (int i = 0; i < 32; ++i) {
+    bytes_read[i] = g_read[i];
+    bytes_written[i] = g_written[i];
+  }
+  if (g_failed) {
+    snprintf(err, errlen, "%s", g_err);
+    ok = 1;
+  }
+  return ok;
+}
