@@ -91,8 +91,7 @@ MatmulGeometry check_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
                     " of the quantized weight with shape [", g.w.rows, ", ", g.w.cols,
                     "], transpose=", transpose ? "True" : "False", ")");
   if (g.w.batch.empty()) {
-    g.M = x.numel() / std::max<int64_t>(x.size(-1), 1);
-    if (x.size(-1) == 0) g.M = 0;
+    g.M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));  // also when K or N is 0
     g.out_shape.assign(x.sizes().begin(), x.sizes().end() - 1);
   } else {
     TORCH_CHECK_VALUE(x.dim() >= 2, "mlxq: with a batched wq of shape ", shape_str(wq.sizes()),

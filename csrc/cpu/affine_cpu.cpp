@@ -113,6 +113,9 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
                              const at::Tensor& biases, int64_t group_size, int64_t bits,
                              bool transpose) {
   const MatmulGeometry g = check_matmul(x, wq, scales, biases, group_size, bits, transpose);
+  // Empty operands: the output is empty, or its dot products are empty sums (x [M, 0] @ W with
+  // N = 0). Return early: the reshapes below cannot infer a -1 dimension next to a zero.
+  if (x.numel() == 0 || wq.numel() == 0) return at::zeros(g.out_shape, x.options());
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor w = wq.contiguous(), s = scales.contiguous(), b = biases.contiguous();
   const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
