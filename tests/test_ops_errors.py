@@ -1,0 +1,313 @@
+"""Every argument check of the ops (csrc/checks.cpp) raises ValueError/TypeError with a message
+that names the argument and the expected and actual values; and the empty shapes that are
+valid give correct empty or zero results."""
+
+from __future__ import annotations
+
+import re
+
+import mlxq
+import pytest
+import torch
+
+U32, I32 = torch.uint32, torch.int32
+
+
+def packed(n=4, k=64, bits=4, gs=32, dtype=torch.float32, batch=()):
+    """A valid (wq, scales, biases) of logical shape [*batch, n, k], all zeros."""
+    wq = torch.zeros((*batch, n, k * bits // 32), dtype=U32)
+    s = torch.ones((*batch, n, k // gs), dtype=dtype)
+    return wq, s, s.clone()
+
+
+def x_(*shape, dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype)
+
+
+W = packed()  # [4, 64], 4 bits, group 32
+W3 = packed(batch=(3,))  # [3, 4, 64]
+
+qz, dq, mm = mlxq.affine_quantize, mlxq.affine_dequantize, mlxq.affine_matmul
+
+# (id, call, exception type, fragments the message must contain: the argument, the expected
+# and the actual value)
+CASES = [
+    # bits and group size, for every op
+    ("quantize bits", lambda: qz(x_(2, 64), 32, 7), ValueError, ["bits", "2, 3, 4, 5, 6, 8", "7"]),
+    ("quantize bits 1", lambda: qz(x_(2, 64), 32, 1), ValueError, ["bits", "got 1"]),
+    (
+        "quantize group",
+        lambda: qz(x_(2, 64), 16, 4),
+        ValueError,
+        ["group_size", "32, 64, 128", "16"],
+    ),
+    ("dequantize bits", lambda: dq(*W, 32, 16), ValueError, ["bits", "got 16"]),
+    ("dequantize group", lambda: dq(*W, 256, 4), ValueError, ["group_size", "got 256"]),
+    ("matmul bits", lambda: mm(x_(1, 64), *W, 32, 0), ValueError, ["bits", "got 0"]),
+    ("matmul group", lambda: mm(x_(1, 64), *W, -32, 4), ValueError, ["group_size", "got -32"]),
+    ("huge bits", lambda: dq(*W, 32, 2**40 + 4), ValueError, ["bits", str(2**40 + 4)]),
+    # quantize input
+    (
+        "quantize int w",
+        lambda: qz(torch.zeros(2, 64, dtype=I32), 32, 4),
+        TypeError,
+        ["w", "float32", "Int"],
+    ),
+    (
+        "quantize f64 w",
+        lambda: qz(torch.zeros(2, 64, dtype=torch.float64), 32, 4),
+        TypeError,
+        ["w", "Double"],
+    ),
+    (
+        "quantize scalar w",
+        lambda: qz(torch.tensor(1.0), 32, 4),
+        ValueError,
+        ["w", "non-empty last dimension", "[]"],
+    ),
+    ("quantize K=0", lambda: qz(x_(4, 0), 32, 4), ValueError, ["w", "non-empty", "[4, 0]"]),
+    (
+        "quantize K % group",
+        lambda: qz(x_(4, 96), 64, 4),
+        ValueError,
+        ["w last dimension 96", "divisible by group_size 64"],
+    ),
+    (
+        "quantize K < group",
+        lambda: qz(x_(4, 32), 128, 4),
+        ValueError,
+        ["w last dimension 32", "group_size 128"],
+    ),
+    # packed weight dtype and rank
+    (
+        "wq float",
+        lambda: dq(W[0].float(), *W[1:], 32, 4),
+        TypeError,
+        ["wq", "uint32 or int32", "Float"],
+    ),
+    (
+        "wq int64",
+        lambda: mm(x_(1, 64), W[0].long(), *W[1:], 32, 4),
+        TypeError,
+        ["wq", "uint32 or int32", "Long"],
+    ),
+    (
+        "wq uint8",
+        lambda: mm(x_(1, 64), W[0].to(torch.uint8), *W[1:], 32, 4),
+        TypeError,
+        ["wq", "Byte"],
+    ),
+    (
+        "wq scalar",
+        lambda: dq(torch.tensor(0, dtype=U32), torch.tensor(1.0), torch.tensor(1.0), 32, 4),
+        ValueError,
+        ["wq", "at least 1 dimensions", "[]"],
+    ),
+    (
+        "matmul 1-D wq",
+        lambda: mm(x_(1, 64), W[0][0], W[1][0], W[2][0], 32, 4),
+        ValueError,
+        ["wq", "at least 2 dimensions", "[8]"],
+    ),
+    # scales / biases dtypes and shapes
+    (
+        "scales int",
+        lambda: dq(W[0], W[1].int(), W[2].int(), 32, 4),
+        TypeError,
+        ["scales", "float32, float16 or bfloat16", "Int"],
+    ),
+    (
+        "scales f64",
+        lambda: dq(W[0], W[1].double(), W[2].double(), 32, 4),
+        TypeError,
+        ["scales", "Double"],
+    ),
+    (
+        "biases dtype",
+        lambda: dq(W[0], W[1], W[2].half(), 32, 4),
+        TypeError,
+        ["biases dtype Half", "scales dtype Float"],
+    ),
+    (
+        "biases shape",
+        lambda: dq(W[0], W[1], W[2][:3], 32, 4),
+        ValueError,
+        ["scales shape [4, 2]", "biases shape [3, 2]"],
+    ),
+    (
+        "scales rows",
+        lambda: dq(W[0], W[1][:3], W[2][:3], 32, 4),
+        ValueError,
+        ["scales shape [3, 2]", "wq shape [4, 8]", "every dimension but the last"],
+    ),
+    (
+        "scales rank",
+        lambda: dq(W[0], W[1][None], W[2][None], 32, 4),
+        ValueError,
+        ["scales shape [1, 4, 2]", "wq shape [4, 8]"],
+    ),
+    (
+        "scales batch",
+        lambda: mm(x_(3, 1, 64), W3[0], W3[1][:2], W3[2][:2], 32, 4),
+        ValueError,
+        ["scales shape [2, 4, 2]", "wq shape [3, 4, 8]"],
+    ),
+    (
+        "zero groups",
+        lambda: dq(torch.zeros(4, 0, dtype=U32), x_(4, 0), x_(4, 0), 32, 4),
+        ValueError,
+        ["scales", "at least one group", "[4, 0]"],
+    ),
+    # packed width against bits, group size and groups
+    (
+        "packed width bits",
+        lambda: dq(*W, 32, 8),
+        ValueError,
+        ["wq last dimension 8", "expected 16 uint32 words", "K=64", "8 bits"],
+    ),
+    (
+        "packed width group",
+        lambda: dq(*W, 64, 4),
+        ValueError,
+        ["wq last dimension 8", "2 groups of 64", "expected 16", "K=128"],
+    ),
+    (
+        "packed width 3 bits",
+        lambda: mm(x_(1, 64), *W, 32, 3),
+        ValueError,
+        ["wq last dimension 8", "expected 6", "3 bits"],
+    ),
+    (
+        "packed width sliced",
+        lambda: dq(W[0][:, :7], *W[1:], 32, 4),
+        ValueError,
+        ["wq last dimension 7", "expected 8"],
+    ),
+    # x
+    (
+        "x int",
+        lambda: mm(x_(1, 64, dtype=torch.int64), *W, 32, 4),
+        TypeError,
+        ["x", "float32, float16 or bfloat16", "Long"],
+    ),
+    ("x f64", lambda: mm(x_(1, 64, dtype=torch.float64), *W, 32, 4), TypeError, ["x", "Double"]),
+    (
+        "x scalar",
+        lambda: mm(torch.tensor(1.0), *W, 32, 4),
+        ValueError,
+        ["x", "at least 1 dimension", "scalar"],
+    ),
+    (
+        "x K",
+        lambda: mm(x_(2, 63), *W, 32, 4),
+        ValueError,
+        [
+            "x last dimension 63",
+            "must equal 64",
+            "K of the quantized weight",
+            "[4, 64]",
+            "transpose=True",
+        ],
+    ),
+    (
+        "x N",
+        lambda: mm(x_(2, 64), *W, 32, 4, False),
+        ValueError,
+        ["x last dimension 64", "must equal 4", "N of", "transpose=False"],
+    ),
+    (
+        "x rank vs batched w",
+        lambda: mm(x_(64), *W3, 32, 4),
+        ValueError,
+        ["batched wq", "[3, 4, 8]", "x needs at least 2 dimensions", "[64]"],
+    ),
+    (
+        "batch no broadcast",
+        lambda: mm(x_(2, 5, 64), *W3, 32, 4),
+        ValueError,
+        ["batch dimensions of x [2, 5, 64]", "wq [3, 4, 8]", "do not broadcast"],
+    ),
+    (
+        "batch no broadcast 4-D",
+        lambda: mm(x_(2, 2, 5, 64), *W3, 32, 4),
+        ValueError,
+        ["x [2, 2, 5, 64]", "do not broadcast"],
+    ),
+    (
+        "x batch 0 vs 3",
+        lambda: mm(x_(0, 5, 64), *W3, 32, 4),
+        ValueError,
+        ["x [0, 5, 64]", "do not broadcast"],
+    ),
+    # devices: a meta operand next to CPU ones (the fake kernels answer for the Meta key)
+    (
+        "x on meta",
+        lambda: mm(x_(2, 64).to("meta"), *W, 32, 4),
+        ValueError,
+        ["one device", "x on meta", "wq on cpu"],
+    ),
+    (
+        "wq on meta",
+        lambda: mm(x_(2, 64), W[0].to("meta"), *W[1:], 32, 4),
+        ValueError,
+        ["one device", "wq on meta"],
+    ),
+    (
+        "scales on meta",
+        lambda: dq(W[0], W[1].to("meta"), W[2], 32, 4),
+        ValueError,
+        ["one device", "scales on meta", "biases on cpu"],
+    ),
+]
+
+
+@pytest.mark.parametrize("call,exc,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_arguments_raise_clear_errors(call, exc, fragments):
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} missing from the message: {message!r}"
+
+
+def test_same_checks_through_torch_ops():
+    """torch.ops.mlxq.* (what compiled graphs call) run the same checks."""
+    with pytest.raises(ValueError, match=re.escape("x last dimension 63 must equal 64")):
+        torch.ops.mlxq.affine_matmul(x_(2, 63), *W, 32, 4, True)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        torch.ops.mlxq.affine_quantize(x_(2, 64), 32, 9)
+
+
+# --- valid empty shapes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["xWT", "xW"])
+def test_empty_operands_give_empty_or_zero_results(transpose):
+    inner = 64 if transpose else 4
+    out = 4 if transpose else 64
+    # no rows of x, in decode-sized and 3-D shapes
+    assert mm(x_(0, inner), *W, 32, 4, transpose).shape == (0, out)
+    assert mm(x_(2, 0, inner), *W, 32, 4, transpose).shape == (2, 0, out)
+    assert mm(x_(3, 0, inner), *W3, 32, 4, transpose).shape == (3, 0, out)
+    assert mm(x_(1, 0, inner), *W3, 32, 4, transpose).shape == (3, 0, out)
+    # no rows of W (N = 0): x @ W.T is [M, 0]; x [M, 0] @ W is a sum of nothing: zeros
+    w0 = packed(n=0)
+    for m in (3, 40):  # decode and GEMM sizes
+        y = mm(x_(m, 64 if transpose else 0), *w0, 32, 4, transpose)
+        assert y.shape == ((m, 0) if transpose else (m, 64))
+        assert bool((y == 0).all())
+    w0b = packed(n=0, batch=(2,))
+    y = mm(x_(2, 5, 64 if transpose else 0), *w0b, 32, 4, transpose)
+    assert y.shape == ((2, 5, 0) if transpose else (2, 5, 64)) and bool((y == 0).all())
+    # an empty weight batch
+    wb0 = packed(batch=(0,))
+    assert mm(x_(1, 5, inner), *wb0, 32, 4, transpose).shape == (0, 5, out)
+
+
+def test_empty_quantize_and_dequantize():
+    wq, s, b = qz(x_(0, 128, dtype=torch.bfloat16), 64, 3)
+    assert (wq.shape, s.shape, s.dtype) == ((0, 12), (0, 2), torch.bfloat16)
+    assert qz(x_(2, 0, 64), 32, 5)[0].shape == (2, 0, 10)
+    d = dq(wq, s, b, 64, 3)
+    assert d.shape == (0, 128) and d.dtype == torch.bfloat16
+    assert dq(*packed(n=0, batch=(3,)), 32, 4).shape == (3, 0, 64)
