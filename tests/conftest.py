@@ -69,3 +69,14 @@ def random_weight(
         flat[pick[0]] = 0.0
         flat[pick[1]] = flat[pick[1], 0]
     return flat.reshape(shape).to(dtype)
+
+
+# --- MLX checkpoints for the transformers integration tests (tests/mlx_models.py) -------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_4bit_g32() -> Path:
+    """SmolLM2-135M-Instruct, 4-bit group 32, converted by mlx-lm (cached across sessions)."""
+    from mlx_models import smollm2
+
+    return smollm2(4, 32)

@@ -1,0 +1,127 @@
+"""Real MLX checkpoints for the integration tests, and mlx-lm as the whole-model oracle.
+
+Checkpoints are made by `mlx_lm.convert` (as mlx-community does) and cached across sessions
+under $MLXQ_TEST_CACHE (default ~/.cache/mlxq-tests), keyed by the inputs and the versions of
+transformers and mlx-lm.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+TEST_CACHE = Path(os.environ.get("MLXQ_TEST_CACHE", Path.home() / ".cache" / "mlxq-tests"))
+
+
+def smollm2(bits: int = 4, group_size: int = 32, recipe: str | None = None) -> Path:
+    """SmolLM2-135M-Instruct converted by mlx-lm (cached)."""
+    from mlxq.demo_model import cached_smollm2_checkpoint
+
+    return cached_smollm2_checkpoint(bits, group_size, recipe, cache_dir=TEST_CACHE)
+
+
+TINY_ARCHS = {
+    # untied head; intermediate 192 is not a multiple of 128, so with group 128 mlx-lm leaves
+    # down_proj in float without a config entry (design.md, trap 4)
+    "qwen3": dict(
+        model_type="qwen3",
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    ),
+    # q/k/v carry a float bias next to the quantized weight
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    ),
+}
+
+
+def tiny_float_model(arch: str, out: Path) -> Path:
+    """A small random model of another architecture, saved as a float HF checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer_dir = smollm2()  # any tokenizer will do; this one is local
+    params = dict(TINY_ARCHS[arch])
+    model_type = params.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=49152, **params)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():  # larger random weights than the init, so that logits differ clearly
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rope_theta"] = params["rope_theta"]  # mlx-lm reads the top-level key (trap 2)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def tiny_mlx_checkpoint(arch: str, bits: int = 4, group_size: int = 128) -> Path:
+    """The tiny model converted by mlx-lm (cached)."""
+    from mlx_lm import convert
+
+    from mlxq.demo_model import _versions
+
+    final = TEST_CACHE / "models" / f"tiny-{arch}-{bits}bit-g{group_size}-{_versions()}"
+    if (final / "config.json").is_file():
+        return final
+    staging = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        float_dir = tiny_float_model(arch, staging / "float")
+        convert(
+            str(float_dir),
+            str(staging / "mlx"),
+            quantize=True,
+            q_group_size=group_size,
+            q_bits=bits,
+        )
+        os.replace(staging / "mlx", final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+@functools.lru_cache(maxsize=4)
+def _mlx_model(path: str, dtype: str):
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, _ = load(path)
+    if dtype == "float32":
+        model.set_dtype(mx.float32)
+    return model
+
+
+def mlx_lm_logits(path: str | Path, tokens, dtype: str = "float32") -> np.ndarray:
+    """mlx-lm's own forward pass over `tokens` ([T] ints): logits [T, vocab], as float32.
+
+    dtype "float32" casts the model first (design.md: exactness is tested in fp32);
+    "native" runs it in the checkpoint's dtype.
+    """
+    import mlx.core as mx
+
+    model = _mlx_model(str(path), dtype)
+    logits = model(mx.array(np.asarray(tokens, dtype=np.int32)[None]))[0]
+    return np.array(logits.astype(mx.float32))
