@@ -79,7 +79,6 @@ def tiny_float_model(arch: str, out: Path) -> Path:
 def tiny_mlx_checkpoint(arch: str, bits: int = 4, group_size: int = 128) -> Path:
     """The tiny model converted by mlx-lm (cached)."""
     from mlx_lm import convert
-
     from mlxq.demo_model import _versions
 
     final = TEST_CACHE / "models" / f"tiny-{arch}-{bits}bit-g{group_size}-{_versions()}"

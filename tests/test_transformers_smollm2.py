@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlxq
 import numpy as np
 import pytest
 import torch
 from mlx_models import mlx_lm_logits, smollm2
-
-import mlxq
 from mlxq.nn import AffineEmbedding, AffineLinear, TiedAffineHead
 
 # fp32 logits of mlxq vs mlx-lm (cast to fp32). Both dequantize exactly and sum in fp32, in

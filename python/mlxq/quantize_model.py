@@ -95,14 +95,18 @@ def _mark_transformers_model(model, bits, group_size, overrides, skip, replaced)
     if config is None or not hasattr(config, "to_dict"):
         return
     from mlxq.integrations.config import MLXQuantConfig
-    from mlxq.integrations.quantizer import MLXHfQuantizer, _drop_tied_keys
+    from mlxq.integrations.quantizer import (
+        MLXHfQuantizer,
+        _drop_tied_keys,
+        add_mlx_lm_config_keys,
+    )
 
     _drop_tied_keys(model, replaced)
     qconfig = MLXQuantConfig(
         bits=bits, group_size=group_size, overrides=overrides, modules_to_not_convert=skip
     )
     config.quantization_config = qconfig
-    config.quantization = qconfig.mlx_dict()
+    add_mlx_lm_config_keys(config)
     model.hf_quantizer = MLXHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = qconfig.quant_method

@@ -26,7 +26,7 @@ from mlxq.nn import (
     TiedAffineHead,
 )
 
-__all__ = ["MLXHfQuantizer", "stored_format", "tie_quantized_head"]
+__all__ = ["MLXHfQuantizer", "stored_format", "tie_quantized_head", "add_mlx_lm_config_keys"]
 
 _PACKED_DTYPES = ("U32", "I32")
 
@@ -103,6 +103,24 @@ def stored_format(
             f"{fmt.group_size} expected weight {want_w} and scales/biases {want_s}"
         )
     return ModuleFormat(bits, group_size, mode)
+
+
+def add_mlx_lm_config_keys(config) -> None:
+    """Make a saved config.json read the same in mlx-lm: its `quantization` block, and a
+    top-level `rope_theta` (transformers 5 keeps it only in `rope_parameters`; mlx-lm 0.32
+    reads the top-level key and silently falls back to a default otherwise)."""
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        text = config.get_text_config(decoder=True)
+        if text is not config:
+            configs.append(text)
+    for cfg in configs:
+        rope = getattr(cfg, "rope_parameters", None)
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in vars(cfg):
+            cfg.rope_theta = rope["rope_theta"]
+    q = getattr(config, "quantization_config", None)
+    if hasattr(q, "mlx_dict"):
+        config.quantization = q.mlx_dict()
 
 
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -245,7 +263,8 @@ class MLXHfQuantizer(HfQuantizer):
                         raise ValueError(
                             f"mlxq: layer {name!r}: {name}.{tensor_name} was not loaded"
                         )
-        model.config.quantization = config.mlx_dict()  # the block mlx-lm reads when saved
+        model.config.quantization_config = config
+        add_mlx_lm_config_keys(model.config)
         return model
 
     def is_serializable(self) -> bool:
