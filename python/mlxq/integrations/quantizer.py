@@ -194,7 +194,7 @@ class MLXHfQuantizer(HfQuantizer):
                 kind = "cuda"
             if kind not in ("cpu", "mps", "meta") and device not in ("auto", "disk"):
                 raise ValueError(
-                    f"mlxq: device {device!r} in device_map is not supported (cpu and mps are)"
+                    f"mlxq: device '{device}' in device_map is not supported (cpu and mps are)"
                 )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):

@@ -1,0 +1,308 @@
+"""Loading edge cases: stale shard indexes (local folder, mocked Hub listing), the registration
+hook, config variants, and every error path naming the layer at fault."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlxq
+import numpy as np
+import pytest
+import torch
+from mlx_models import tiny_mlx_checkpoint
+from mlxq.integrations import checkpoint as ckpt
+from mlxq.nn import AffineLinear
+from safetensors.torch import load_file, save_file
+
+LAYER = "model.layers.0.self_attn.q_proj"
+TOKENS = torch.tensor([[5, 60, 700, 8000]])
+
+
+def _load(path: Path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return tiny_mlx_checkpoint("qwen3", 4, 128)
+
+
+@pytest.fixture(scope="module")
+def tiny_logits(tiny: Path) -> torch.Tensor:
+    return _logits(_load(tiny))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit(folder: Path, tensors=None, config=None) -> Path:
+    """Rewrite a checkpoint copy: `tensors(dict)` edits the weights, `config(dict)` config.json."""
+    if tensors is not None:
+        weights = load_file(folder / "model.safetensors")
+        tensors(weights)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "mlx"})
+        (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    if config is not None:
+        data = json.loads((folder / "config.json").read_text())
+        config(data)
+        (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
+def _shard(folder: Path) -> dict[str, str]:
+    """Split model.safetensors into two shards (no index); returns the true weight map."""
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    keys = sorted(weights)
+    true_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: weights[k] for k in part}, folder / name, metadata={"format": "mlx"})
+        true_map.update(dict.fromkeys(part, name))
+    return true_map
+
+
+def _stale_index(folder: Path, true_map: dict[str, str]) -> None:
+    """The original float model's index: other shard names, no scales/biases entries."""
+    weight_map = {k: "model-00001-of-00003.safetensors" for k in true_map if k.endswith("weight")}
+    weight_map["lm_head.weight"] = "model-00003-of-00003.safetensors"
+    index = {"metadata": {"total_size": 1}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+# --- stale shard indexes -------------------------------------------------------------------
+
+
+def test_stale_index_in_a_local_folder_is_rebuilt_from_the_shards(
+    tiny: Path, tiny_logits: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _copy(tiny, tmp_path / "ckpt")
+    _stale_index(folder, _shard(folder))
+    with caplog.at_level(logging.WARNING, logger="mlxq"):
+        model = _load(folder)
+        _load(folder)
+    stale = [r for r in caplog.records if "stale" in r.getMessage()]
+    assert len(stale) == 1 and str(folder) in stale[0].getMessage()  # warned once
+    assert torch.equal(_logits(model), tiny_logits)
+
+
+def test_index_naming_the_right_shards_but_wrong_tensors_is_rebuilt(
+    tiny: Path, tiny_logits: torch.Tensor, tmp_path: Path
+) -> None:
+    folder = _copy(tiny, tmp_path / "ckpt")
+    true_map = _shard(folder)
+    wrong = {k: v for k, v in true_map.items() if not k.endswith(".biases")}  # drops tensors
+    index = {"metadata": {}, "weight_map": wrong}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    files, metadata = ckpt.repair_shard_index(folder, folder / "model.safetensors.index.json")
+    assert metadata["weight_map"] == true_map
+    assert sorted(Path(f).name for f in files) == sorted(set(true_map.values()))
+    assert torch.equal(_logits(_load(folder)), tiny_logits)
+
+
+def test_correct_index_is_left_alone(tiny: Path, tmp_path: Path) -> None:
+    folder = _copy(tiny, tmp_path / "ckpt")
+    true_map = _shard(folder)
+    index = {"metadata": {}, "weight_map": true_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert ckpt.repair_shard_index(folder, folder / "model.safetensors.index.json") is None
+
+
+def test_stale_index_on_a_mocked_hub_repo(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    import transformers.modeling_utils as modeling_utils
+
+    repo = _copy(tiny, tmp_path / "repo")  # stands in for the Hub repo's files
+    true_map = _shard(repo)
+    _stale_index(repo, true_map)
+    listing = sorted(p.name for p in repo.iterdir()) + ["README.md", "sub/other.safetensors"]
+    downloads: list[str] = []
+
+    def list_repo_files(self, repo_id, revision=None, token=None, **kwargs):
+        assert repo_id == "mlx-community/tiny-qwen3-4bit"
+        return listing
+
+    def hf_hub_download(repo_id, filename, subfolder=None, **kwargs):
+        downloads.append(filename)
+        return str(repo / filename)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    # through the hook transformers calls (the index was fetched by transformers already)
+    files, metadata = modeling_utils.get_checkpoint_shard_files(
+        "mlx-community/tiny-qwen3-4bit", str(repo / "model.safetensors.index.json")
+    )
+    assert sorted(downloads) == sorted(set(true_map.values()))  # only real shards fetched
+    assert [Path(f).parent for f in files] == [repo, repo]
+    assert metadata["weight_map"] == true_map
+    assert sorted(metadata["all_checkpoint_keys"]) == sorted(true_map)
+
+
+# --- registration and config variants -----------------------------------------------------
+
+
+def test_registration_is_idempotent_and_keeps_metal() -> None:
+    from mlxq.integrations import registration
+    from transformers.quantizers import auto
+    from transformers.quantizers.quantizer_metal import MetalHfQuantizer
+    from transformers.utils.quantization_config import MetalConfig
+
+    registration.register()
+    registration.install()
+    assert registration.is_registered()
+    assert auto.AUTO_QUANTIZER_MAPPING["mlx"] is mlxq.integrations.MLXHfQuantizer
+    assert auto.AUTO_QUANTIZER_MAPPING["metal"] is MetalHfQuantizer
+    assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING["metal"] is MetalConfig
+    import transformers.modeling_utils as modeling_utils
+
+    fn = modeling_utils.get_hf_quantizer
+    assert not getattr(fn.__wrapped__, "__mlxq_wrapped__", False)  # wrapped exactly once
+
+    class Config:
+        quantization_config = {"quant_method": "metal", "bits": 4, "group_size": 64}
+
+    cfg = Config()
+    registration._tag_mlx_quantization(cfg)
+    assert cfg.quantization_config == {"quant_method": "metal", "bits": 4, "group_size": 64}
+
+
+def test_only_import_mlxq_in_a_fresh_process(tiny: Path) -> None:
+    code = (
+        "import sys, mlxq\n"
+        "assert 'transformers' not in sys.modules, 'import mlxq must not import transformers'\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tiny)!r})\n"
+        "print(type(m.model.layers[0].self_attn.q_proj).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("AffineLinear")
+
+
+def test_config_with_only_the_quantization_key(
+    tiny: Path, tiny_logits: torch.Tensor, tmp_path: Path
+) -> None:
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), config=lambda c: c.pop("quantization_config"))
+    model = _load(folder, device_map="cpu")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, AffineLinear)
+    assert torch.equal(_logits(model), tiny_logits)
+
+
+def test_explicit_config_on_an_mlx_checkpoint(tiny: Path, tiny_logits: torch.Tensor) -> None:
+    model = _load(tiny, quantization_config=mlxq.MLXQuantConfig(bits=4, group_size=128))
+    assert torch.equal(_logits(model), tiny_logits)
+
+
+def test_config_round_trip() -> None:
+    raw = {"group_size": 64, "bits": 4, "mode": "affine", "a.b": {"bits": 8, "group_size": 32}}
+    raw["c"] = False
+    config = mlxq.MLXQuantConfig.from_dict(raw)
+    assert config.mlx_dict() == raw
+    assert config.to_dict() == {**raw, "quant_method": "mlx"}
+    assert config.module_format("c") is None
+    assert (config.module_format("a.b").bits, config.module_format("x").bits) == (8, 4)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_modes_mlxq_does_not_run_name_the_layer(tiny: Path, tmp_path: Path, mode: str) -> None:
+    def to_mode(c: dict) -> None:
+        c["quantization"]["mode"] = c["quantization_config"]["mode"] = mode
+
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), config=to_mode)
+    with pytest.raises(NotImplementedError, match=rf"layer 'model\..*{mode}.*does not run"):
+        _load(folder)
+
+
+def _drop(key: str):
+    return lambda w: w.pop(key)
+
+
+def _truncate(key: str):
+    def edit(w: dict) -> None:
+        w[key] = w[key][:, :-1].contiguous()
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_drop(f"{LAYER}.scales"), rf"{LAYER}.weight is packed .* {LAYER}.scales is missing"),
+        (_drop(f"{LAYER}.biases"), rf"{LAYER}.biases, missing"),
+        (_drop(f"{LAYER}.weight"), rf"{LAYER}.weight is missing"),
+        (_truncate(f"{LAYER}.scales"), rf"layer '{LAYER}' .*mis-shaped.*scales \[128, 0\]"),
+        (_truncate(f"{LAYER}.weight"), rf"layer '{LAYER}' .*mis-shaped.*weight \[128, 15\]"),
+    ],
+    ids=["no-scales", "no-biases", "no-weight", "short-scales", "short-weight"],
+)
+def test_missing_or_misshaped_tensors_name_the_layer(
+    tiny: Path, tmp_path: Path, edit, message: str
+) -> None:
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), tensors=edit)
+    with pytest.raises(ValueError, match=message):
+        _load(folder)
+
+
+def test_config_entry_disagreeing_with_tensors_names_the_layer(tiny: Path, tmp_path: Path):
+    def entry(c: dict) -> None:
+        c["quantization"][LAYER] = c["quantization_config"][LAYER] = {"bits": 8, "group_size": 128}
+
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), config=entry)
+    with pytest.raises(ValueError, match=rf"layer '{LAYER}'.*bits=8 group_size=128"):
+        _load(folder)
+
+
+def test_metal_style_qbiases_are_named_in_the_error(tiny: Path, tmp_path: Path) -> None:
+    def rename(w: dict) -> None:
+        w[f"{LAYER}.qbiases"] = w.pop(f"{LAYER}.biases")
+
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), tensors=rename)
+    with pytest.raises(ValueError, match="qbiases: a transformers MetalConfig checkpoint"):
+        _load(folder)
+
+
+def test_unsupported_device_and_mode_values(tiny: Path) -> None:
+    with pytest.raises(ValueError, match="device 'cuda(:0)?' in device_map is not supported"):
+        _load(tiny, device_map="cuda")
+    with pytest.raises(ValueError, match="unknown MLX quantization mode 'int3'"):
+        mlxq.MLXQuantConfig(mode="int3")
+    with pytest.raises(ValueError, match="must be a dict or false"):
+        mlxq.MLXQuantConfig(overrides={"a": 3})
+    with pytest.raises(ValueError, match="bits=7"):
+        mlxq.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), bits=7)
+
+
+def test_header_reader_rejects_non_safetensors(tmp_path: Path) -> None:
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"abc")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        ckpt.read_header(bad)
+    bad.write_bytes((10**12).to_bytes(8, "little"))
+    with pytest.raises(ValueError, match="not plausible"):
+        ckpt.read_header(bad)
+
+
+def test_device_map_cpu_places_buffers(tiny: Path) -> None:
+    model = _load(tiny, device_map="cpu")
+    assert {b.device.type for b in model.buffers()} == {"cpu"}
+    assert np.isfinite(_logits(model).numpy()).all()
