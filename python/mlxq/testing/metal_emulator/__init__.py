@@ -74,7 +74,9 @@ class Library:
             lib.mlxq_emu_run.restype = ctypes.c_int
             lib.mlxq_emu_kernel_name.restype = ctypes.c_char_p
             self._libs.append(lib)
-            names = [lib.mlxq_emu_kernel_name(i).decode() for i in range(lib.mlxq_emu_num_kernels())]
+            names = [
+                lib.mlxq_emu_kernel_name(i).decode() for i in range(lib.mlxq_emu_num_kernels())
+            ]
             for i, (name, d) in enumerate(zip(names, desc)):
                 assert name == d["name"], (name, d["name"])
                 params = [_source.Param(*p) for p in d["params"]]
@@ -261,13 +263,24 @@ def _run(
     written = (ctypes.c_int64 * 32)()
     err = ctypes.create_string_buffer(4096)
     rc = k.lib.mlxq_emu_run(
-        ctypes.c_int(k.index), (ctypes.c_uint32 * 3)(*g), (ctypes.c_uint32 * 3)(*t), ptrs, sizes,
-        writable, tg_sizes, read, written, err, ctypes.c_int(len(err)),
+        ctypes.c_int(k.index),
+        (ctypes.c_uint32 * 3)(*g),
+        (ctypes.c_uint32 * 3)(*t),
+        ptrs,
+        sizes,
+        writable,
+        tg_sizes,
+        read,
+        written,
+        err,
+        ctypes.c_int(len(err)),
     )
     if rc != 0:
         raise EmulatorError(f"{name}: {err.value.decode(errors='replace')}")
     report = DispatchReport(
-        name, g, t,
+        name,
+        g,
+        t,
         {i: int(read[i]) for i in sorted(buffers)},
         {i: int(written[i]) for i in sorted(buffers)},
     )

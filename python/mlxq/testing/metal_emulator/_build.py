@@ -163,8 +163,17 @@ def _runtime_object(work: Path) -> Path:
     if not obj.exists():
         tmp = work / "runtime.o"
         _run(
-            [*compiler(), *CXXFLAGS, "-O2", "-fvisibility=hidden", f"-I{INCLUDE_DIR}", "-c",
-             str(RUNTIME_SRC), "-o", str(tmp)],
+            [
+                *compiler(),
+                *CXXFLAGS,
+                "-O2",
+                "-fvisibility=hidden",
+                f"-I{INCLUDE_DIR}",
+                "-c",
+                str(RUNTIME_SRC),
+                "-o",
+                str(tmp),
+            ],
             "compiling the emulator runtime",
         )
         _atomic_write(obj, tmp.read_bytes())
@@ -193,8 +202,20 @@ def build(metal_file: Path, include_dirs: list[Path] | None = None) -> tuple[Pat
         gen.write_text(code)
         ll = work / "kernels.ll"
         _run(
-            [*compiler(), *CXXFLAGS, *KERNEL_OPT, "-include", str(INCLUDE_DIR / "mlxq_emu_shim.h"),
-             f"-I{INCLUDE_DIR}", "-nostdinc++", "-S", "-emit-llvm", str(gen), "-o", str(ll)],
+            [
+                *compiler(),
+                *CXXFLAGS,
+                *KERNEL_OPT,
+                "-include",
+                str(INCLUDE_DIR / "mlxq_emu_shim.h"),
+                f"-I{INCLUDE_DIR}",
+                "-nostdinc++",
+                "-S",
+                "-emit-llvm",
+                str(gen),
+                "-o",
+                str(ll),
+            ],
             f"compiling {metal_file.name} for the emulator",
         )
         ll_i = work / "kernels_i.ll"
@@ -210,8 +231,15 @@ def build(metal_file: Path, include_dirs: list[Path] | None = None) -> tuple[Pat
         if link[-1] == "c++" and "ziglang" in link:
             link[-1] = "cc"  # no C++ runtime needed; avoids building zig's libc++
         _run(
-            [*link, "-shared", "-Wl,-Bsymbolic", str(obj), str(_runtime_object(work)), "-o",
-             str(so)],
+            [
+                *link,
+                "-shared",
+                "-Wl,-Bsymbolic",
+                str(obj),
+                str(_runtime_object(work)),
+                "-o",
+                str(so),
+            ],
             f"linking {metal_file.name}",
         )
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,9 +273,17 @@ def check_strict(metal_file: Path, include_dirs: list[Path] | None = None) -> No
     with tempfile.TemporaryDirectory(prefix="mlxq-emu-") as tmpd:
         gen = Path(tmpd) / "strict.cpp"
         gen.write_text(code)
-        cmd = [*compiler(), *CXXFLAGS, "-DMLXQ_EMU_STRICT", "-include",
-               str(INCLUDE_DIR / "mlxq_emu_shim.h"), f"-I{INCLUDE_DIR}", "-nostdinc++",
-               "-fsyntax-only", str(gen)]
+        cmd = [
+            *compiler(),
+            *CXXFLAGS,
+            "-DMLXQ_EMU_STRICT",
+            "-include",
+            str(INCLUDE_DIR / "mlxq_emu_shim.h"),
+            f"-I{INCLUDE_DIR}",
+            "-nostdinc++",
+            "-fsyntax-only",
+            str(gen),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
         # ziglang's driver reports a bogus "failed to rename <output>" after a clean

@@ -30,8 +30,10 @@ _RESULT = r"(?:%[-\w.$]+|%\"[^\"]*\") = "
 _LOAD = re.compile(r"^(\s+)(" + _RESULT + r")?load (atomic )?(volatile )?(.*)$")
 _STORE = re.compile(r"^(\s+)store (atomic )?(volatile )?(.*)$")
 _RMW = re.compile(r"^(\s+)(" + _RESULT + r")?(atomicrmw|cmpxchg) (?:weak )?(?:volatile )?(.*)$")
-_MEMINTR = re.compile(r"^(\s+)(?:tail |musttail |notail )?call void @llvm\.(memcpy|memmove|memset)"
-                      r"(?:\.inline)?\.[\w.]+\((.*)\)(?:\s*#\d+)?\s*(?:,.*)?$")
+_MEMINTR = re.compile(
+    r"^(\s+)(?:tail |musttail |notail )?call void @llvm\.(memcpy|memmove|memset)"
+    r"(?:\.inline)?\.[\w.]+\((.*)\)(?:\s*#\d+)?\s*(?:,.*)?$"
+)
 _PTR_ATTRS = re.compile(
     r"^(?:(?:align \d+|noundef|nonnull|noalias|nocapture|readonly|writeonly|immarg|"
     r"dereferenceable(?:_or_null)?\(\d+\)|captures\([^)]*\))\s+)*"

@@ -220,14 +220,14 @@ def find_kernels(pp_text: str) -> list[KernelInfo]:
 
 
 _VEC_NAMES = r"(?:float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong|bool)(?:2|3|4|8|16)"
-_VEC_CTOR = re.compile(r"(?<![\w.])(?:metal::)?(" + _VEC_NAMES + r")\s*\(")
+_VEC_CTOR = re.compile(r"(?<![\w.])(?:metal::)?(" + _VEC_NAMES + r"|half|bfloat)\s*\(")
 _VEC_TEMPLATE_CTOR = re.compile(r"(?<![\w.])(?:metal::)?vec\s*<([^<>;(){}]*)>\s*\(")
 _STATIC_CAST = re.compile(
-    r"\bstatic_cast\s*<\s*((?:metal::)?" + _VEC_NAMES + r"|(?:metal::)?vec\s*<[^<>;(){}]*>)\s*>\s*\("
+    r"\bstatic_cast\s*<\s*((?:metal::)?"
+    + _VEC_NAMES
+    + r"|(?:metal::)?vec\s*<[^<>;(){}]*>)\s*>\s*\("
 )
-_HALF_LITERAL = re.compile(
-    r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)[hH]\b"
-)
+_HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)[hH]\b")
 _TG_DECL = re.compile(r"\bthreadgroup\b(?=[^;(){}*&]*;)")
 _KERNEL_KW = re.compile(r"\bkernel(\s+void\b)")
 
@@ -257,7 +257,9 @@ def _rewrite_code(text: str) -> str:
 
     text = _STATIC_CAST.sub(lambda m: f"::mlxq_emu::make_vec<{m.group(1)}>(", text)
     text = _VEC_CTOR.sub(ctor, text)
-    text = _VEC_TEMPLATE_CTOR.sub(lambda m: f"::mlxq_emu::make_vec<metal::vec<{m.group(1)}>>(", text)
+    text = _VEC_TEMPLATE_CTOR.sub(
+        lambda m: f"::mlxq_emu::make_vec<metal::vec<{m.group(1)}>>(", text
+    )
     text = _HALF_LITERAL.sub(lambda m: f"((half){m.group(1)}f)", text)
     text = _TG_DECL.sub("MLXQ_TG_VAR", text)
     return text

@@ -95,12 +95,23 @@ struct vt<const T> : vt<T> {};
 template <class T, int N>
 using vec = T __attribute__((ext_vector_type(N)));
 
+// half <-> bfloat has no direct conversion in clang; MSL allows it (exact through float).
+template <class E, class S>
+inline E cvt(S x) {
+  constexpr bool f16 = __is_same(S, _Float16) || __is_same(S, __bf16);
+  constexpr bool t16 = __is_same(E, _Float16) || __is_same(E, __bf16);
+  if constexpr (f16 && t16 && !__is_same(E, S))
+    return (E)(float)x;
+  else
+    return (E)x;
+}
+
 template <class E, class A>
 inline void put(E* out, int& k, A a) {
   if constexpr (vt<A>::n == 0) {
-    out[k++] = (E)a;
+    out[k++] = cvt<E>(a);
   } else {
-    for (int i = 0; i < vt<A>::n; ++i) out[k++] = (E)a[i];
+    for (int i = 0; i < vt<A>::n; ++i) out[k++] = cvt<E>(a[i]);
   }
 }
 
@@ -112,9 +123,9 @@ inline V make_vec(A... a) {
   constexpr int N = vt<V>::n;
   if constexpr (N == 0) {
     static_assert(sizeof...(A) == 1, "scalar constructor takes one value");
-    return (V)(a, ...);
+    return cvt<V>(a...);
   } else if constexpr (sizeof...(A) == 1 && ((vt<A>::n == 0) && ...)) {
-    return (V)(E)(a, ...);
+    return (V)cvt<E>(a...);
   } else if constexpr (sizeof...(A) == 0) {
     return (V)(E)0;
   } else {

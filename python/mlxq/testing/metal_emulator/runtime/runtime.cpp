@@ -373,13 +373,19 @@ void describe_lanes(char* out, size_t n, int first, int count) {
     int j = i;
     while (j + 1 < first + count && g_threads[j + 1].state == t.state &&
            g_threads[j + 1].op == t.op && g_threads[j + 1].line == t.line &&
-           g_threads[j + 1].file == t.file)
+           g_threads[j + 1].file == t.file && g_threads[j + 1].seq == t.seq)
       ++j;
-    if (t.state == kDone)
-      len += snprintf(out + len, n - len, "%sthreads %d-%d exited", len ? "; " : "", i, j);
+    char who[32];
+    if (i == j)
+      snprintf(who, sizeof who, "thread %d", i);
     else
-      len += snprintf(out + len, n - len, "%sthreads %d-%d at %s (%s:%d)", len ? "; " : "", i, j,
-                      what, t.file ? t.file : "?", t.line);
+      snprintf(who, sizeof who, "threads %d-%d", i, j);
+    if (t.state == kDone)
+      len += snprintf(out + len, n - len, "%s%s exited after %llu collectives", len ? "; " : "",
+                      who, (unsigned long long)t.seq);
+    else
+      len += snprintf(out + len, n - len, "%s%s at %s (%s:%d)", len ? "; " : "", who, what,
+                      t.file ? t.file : "?", t.line);
     i = j;
   }
 }
@@ -400,6 +406,9 @@ bool run_simdgroup(int s) {
     bool same = true;
     for (int l = 0; l < count; ++l) {
       Thread* t = &g_threads[first + l];
+      // A lane may leave before the simdgroup's first collective (`if (gid >= n) return;`);
+      // leaving after taking part in one while others go on is divergent control flow.
+      if (t->state == kDone && t->seq > 0) same = false;
       if (t->state == kWaitCollective) {
         ++ncoll;
         if (!ref)

@@ -1,0 +1,75 @@
+// Kernels with planted bugs that the MSL emulator must report (tests/test_metal_emulator.py).
+#include <metal_stdlib>
+using namespace metal;
+
+// Writes one element past the end of dst (the last thread).
+[[kernel]] void oob_write(const device float* src [[buffer(0)]], device float* dst [[buffer(1)]],
+                          uint gid [[thread_position_in_grid]]) {
+  dst[gid + 1] = src[gid];
+}
+
+// Reads one element before the start of src (thread 0).
+[[kernel]] void oob_read(const device float* src [[buffer(0)]], device float* dst [[buffer(1)]],
+                         uint gid [[thread_position_in_grid]]) {
+  dst[gid] = src[int(gid) - 1];
+}
+
+// Missing barrier: thread i reads the slot thread i+1 writes.
+[[kernel]] void missing_barrier(const device float* src [[buffer(0)]],
+                                device float* dst [[buffer(1)]],
+                                threadgroup float* tg [[threadgroup(0)]],
+                                uint tid [[thread_index_in_threadgroup]],
+                                uint n [[threads_per_threadgroup]]) {
+  tg[tid] = src[tid];
+  dst[tid] = tg[(tid + 1) % n];
+}
+
+// Race: after the barrier, thread i reads slot i+1 and then overwrites its own slot, which
+// thread i-1 read in the same barrier interval (write-after-read).
+[[kernel]] void war_race(const device float* src [[buffer(0)]], device float* dst [[buffer(1)]],
+                         uint tid [[thread_index_in_threadgroup]],
+                         uint n [[threads_per_threadgroup]]) {
+  threadgroup float buf[64];
+  buf[tid] = src[tid];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const float v = buf[(tid + 1) % n];
+  buf[tid] = v * 2.0f;
+  dst[tid] = v;
+}
+
+// Half the simdgroup sums, the other half takes the maximum.
+[[kernel]] void divergent_collective(const device float* src [[buffer(0)]],
+                                     device float* dst [[buffer(1)]],
+                                     uint lane [[thread_index_in_simdgroup]]) {
+  float v = src[lane];
+  if (lane < 16) {
+    v = simd_sum(v);
+  } else {
+    v = simd_max(v);
+  }
+  dst[lane] = v;
+}
+
+// Threads of the second simdgroup leave before the barrier the others wait at.
+[[kernel]] void exit_before_barrier(const device float* src [[buffer(0)]],
+                                    device float* dst [[buffer(1)]],
+                                    uint tid [[thread_index_in_threadgroup]]) {
+  if (tid >= 32) {
+    return;
+  }
+  threadgroup float buf[64];
+  buf[tid] = src[tid];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  dst[tid] = buf[31 - tid];
+}
+
+// A collective in a loop whose trip count depends on the lane.
+[[kernel]] void divergent_loop(const device float* src [[buffer(0)]],
+                               device float* dst [[buffer(1)]],
+                               uint lane [[thread_index_in_simdgroup]]) {
+  float v = src[lane];
+  for (uint i = 0; i < 1 + lane % 2; ++i) {
+    v = simd_sum(v);
+  }
+  dst[lane] = v;
+}

@@ -1,0 +1,237 @@
+"""The MSL emulator's own semantics, on small kernels in tests/metal_kernels/.
+
+Barriers, SIMD/quad collectives, simdgroup_matrix, memory checks (out of bounds, unwritten
+threadgroup memory, races), divergence reports, the strict address-space pass, traffic counts and
+half/bfloat arithmetic. The op kernels of metal/ are tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlxq.testing import metal_emulator as emu
+
+KERNELS = Path(__file__).parent / "metal_kernels"
+
+pytestmark = pytest.mark.skipif(not emu.available(), reason="no clang >= 17 for the emulator")
+
+
+@pytest.fixture(scope="module")
+def lib() -> emu.Library:
+    return emu.load_library([KERNELS / "emu_basic.metal", KERNELS / "emu_bugs.metal"])
+
+
+def u32(v: int) -> bytes:
+    return struct.pack("<I", v)
+
+
+def test_entry_points_and_bindings(lib: emu.Library) -> None:
+    copy = lib.kernels["copy_float"]
+    assert copy.function == "copy<float>"
+    assert copy.buffer_indices == [0, 1, 2]
+    assert lib.kernels["reverse_tg"].threadgroup_indices == [0]
+    assert "sg_matmul_bfloat" in lib.kernels and "war_race" in lib.kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_copy_and_exact_traffic(lib: emu.Library, dtype: torch.dtype) -> None:
+    n = 1000
+    x = torch.randn(n).to(dtype)
+    y = torch.zeros(n, dtype=dtype)
+    name = "copy_float" if dtype == torch.float32 else "copy_half"
+    rep = emu.dispatch(name, (8, 1, 1), (128, 1, 1), {0: x, 1: y, 2: u32(n)})
+    assert torch.equal(x, y)
+    size = x.element_size()
+    assert rep.bytes_read[0] == n * size and rep.bytes_written[0] == 0
+    assert rep.bytes_written[1] == n * size and rep.bytes_read[1] == 0
+    assert rep.bytes_read[2] == 8 * 128 * 4  # every thread reads n once
+    assert emu.last_dispatch_report() == rep
+    assert rep.kernel == name and rep.grid == (8, 1, 1) and rep.threads_per_threadgroup == (128, 1, 1)
+
+
+def test_barrier_orders_threadgroup_memory(lib: emu.Library) -> None:
+    x = torch.randn(4 * 256)
+    y = torch.zeros_like(x)
+    emu.dispatch("reverse_tg", (4, 1, 1), (256, 1, 1), {0: x, 1: y}, {0: 256 * 4})
+    assert torch.equal(y, x.view(4, 256).flip(1).reshape(-1))
+
+
+def test_static_threadgroup_array_reused_across_threadgroups(lib: emu.Library) -> None:
+    nx, ny = 16, 8  # 128 threads as a 2-D threadgroup, grid of 3 threadgroups in y
+    x = torch.randn(nx * ny)
+    y = torch.zeros(3 * nx * ny)
+    emu.dispatch("reverse_static", (1, 3, 1), (nx, ny, 1), {0: x, 1: y})
+    count = nx * ny
+    for gy in range(3):
+        g = torch.tensor([gy * ny * 1000 + 0.0])  # gid.y * 1000 + gid.x for tid's position
+        tid = torch.arange(count)
+        pos_x, pos_y = tid % nx, tid // nx
+        gid_term = ((gy * ny + pos_y) * 1000 + pos_x) % 7
+        buf = x + gid_term.float()
+        rev = buf.flip(0) * 2.0
+        expect = rev[(tid + 1) % count]
+        assert torch.equal(y[gy * count : (gy + 1) * count], expect), g
+
+
+def _simd_reference(x: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(x.numel(), 16)
+    for s in range(0, x.numel(), 32):
+        v = x[s : s + 32].double()
+        lane = torch.arange(32)
+        o = out[s : s + 32]
+        o[:, 0] = v.sum().float()
+        o[:, 1] = v.max().float()
+        o[:, 2] = v.min().float()
+        o[:, 3] = v.cumsum(0).float()
+        o[:, 4] = (v.cumsum(0) - v).float()
+        o[:, 5] = v[(lane + 5) % 32].float()
+        o[:, 6] = torch.where(lane + 3 < 32, v[(lane + 3).clamp(max=31)], v).float()
+        o[:, 7] = torch.where(lane >= 2, v[(lane - 2).clamp(min=0)], v).float()
+        o[:, 8] = v[lane ^ 7].float()
+        o[:, 9] = v[9].float()
+        q = v.view(8, 4)
+        o[:, 10] = q.sum(1).repeat_interleave(4).float()
+        o[:, 11] = q.flip(1).reshape(-1).float()
+        o[:, 12] = v[lane ^ 1].float()
+        o[:, 13] = float(sum(range(32)))
+        o[:, 14] = float((v > 0).any()) + (2.0 if bool((v > -100).all()) else 0.0)
+        o[:, 15] = (2 * v).sum().float()
+    return out
+
+
+def test_simd_and_quad_collectives(lib: emu.Library) -> None:
+    # Integer-valued inputs: sums are exact in any order.
+    x = torch.randint(-50, 50, (128,)).float()
+    out = torch.zeros(128 * 16)
+    emu.dispatch("simd_ops", (2, 1, 1), (64, 1, 1), {0: x, 1: out})
+    torch.testing.assert_close(out.view(128, 16), _simd_reference(x), rtol=0, atol=0)
+
+
+def test_collective_over_partial_simdgroup(lib: emu.Library) -> None:
+    x = torch.randint(-9, 9, (64,)).float()
+    out = torch.full((64,), -1.0)
+    # 40 active threads: simdgroup 0 full, simdgroup 1 has lanes 0-7 active.
+    emu.dispatch("simd_sum_partial", (1, 1, 1), (64, 1, 1), {0: x, 1: out, 2: u32(40)})
+    assert torch.equal(out[:32], x[:32].sum().expand(32))
+    assert torch.equal(out[32:40], x[32:40].sum().expand(8))
+    assert torch.equal(out[40:], torch.full((24,), -1.0))
+
+
+@pytest.mark.parametrize(
+    "name,dtype,transpose_b",
+    [
+        ("sg_matmul_float", torch.float32, False),
+        ("sg_matmul_half", torch.float16, False),
+        ("sg_matmul_bfloat", torch.bfloat16, False),
+        ("sg_matmul_float_bt", torch.float32, True),
+    ],
+)
+def test_simdgroup_matrix_multiply(
+    lib: emu.Library, name: str, dtype: torch.dtype, transpose_b: bool
+) -> None:
+    m, n, k = 24, 32, 40
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    b_arg = b.t().contiguous() if transpose_b else b
+    c = torch.zeros(m, n)
+    # Two simdgroups per threadgroup, each computes one 8x8 tile of C.
+    rep = emu.dispatch(
+        name, (n // 16, m // 8, 1), (64, 1, 1), {0: a, 1: b_arg, 2: c, 3: struct.pack("<4I", m, n, k, 0)}
+    )
+    ref = a.double() @ b.double()
+    torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-4)
+    # Every element of A is loaded once per tile column, B once per tile row.
+    assert rep.bytes_read[0] == a.numel() * a.element_size() * (n // 8)
+    assert rep.bytes_read[1] == b.numel() * b.element_size() * (m // 8)
+    assert rep.bytes_written[2] == c.numel() * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_bfloat_arithmetic(lib: emu.Library, dtype: torch.dtype) -> None:
+    n = 256
+    x = (torch.randn(n) * 3).to(dtype)
+    y = torch.zeros(n, dtype=dtype)
+    f = torch.zeros(n)
+    bits = torch.zeros(n, dtype=torch.int16)
+    name = "arith_half" if dtype == torch.float16 else "arith_bfloat"
+    emu.dispatch(name, (2, 1, 1), (128, 1, 1), {0: x, 1: y, 2: f, 3: bits})
+    # Each operation rounds to the type, as torch's CPU half/bfloat ops do.
+    assert torch.equal(y, x * x + x)
+    xf = x.float()
+    v4 = torch.stack([xf, (x * 2).float(), torch.full_like(xf, 0.5), -xf])
+    assert torch.equal(f, 0.25 + v4[0] + v4[1] + v4[2] + v4[3])
+    assert torch.equal(bits, x.view(torch.int16))
+
+
+def test_out_of_bounds_write_is_reported(lib: emu.Library) -> None:
+    x = torch.randn(64)
+    y = torch.zeros(64)
+    with pytest.raises(emu.EmulatorError) as e:
+        emu.dispatch("oob_write", (1, 1, 1), (64, 1, 1), {0: x, 1: y})
+    msg = str(e.value)
+    assert "oob_write" in msg and "out-of-bounds write" in msg
+    assert "buffer(1)" in msg and "byte offset 256" in msg and "thread 63" in msg
+
+
+def test_out_of_bounds_read_is_reported(lib: emu.Library) -> None:
+    with pytest.raises(emu.EmulatorError, match=r"out-of-bounds read .* offset -4 of buffer\(0\)"):
+        emu.dispatch("oob_read", (1, 1, 1), (32, 1, 1), {0: torch.randn(32), 1: torch.zeros(32)})
+
+
+def test_read_of_unwritten_threadgroup_memory_is_reported(lib: emu.Library) -> None:
+    x = torch.randn(64)
+    with pytest.raises(emu.EmulatorError, match=r"never-written threadgroup\(0\) memory"):
+        emu.dispatch("missing_barrier", (1, 1, 1), (64, 1, 1), {0: x, 1: torch.zeros(64)}, {0: 256})
+
+
+def test_write_after_read_race_is_reported(lib: emu.Library) -> None:
+    with pytest.raises(emu.EmulatorError, match=r"race on threadgroup array .* after a read"):
+        emu.dispatch("war_race", (1, 1, 1), (64, 1, 1), {0: torch.randn(64), 1: torch.zeros(64)})
+
+
+@pytest.mark.parametrize(
+    "kernel,threads,pattern",
+    [
+        ("divergent_collective", 32, r"divergent collective .*simd_sum.*simd_max"),
+        ("divergent_loop", 32, r"divergent collective"),
+        ("exit_before_barrier", 64, r"threadgroup_barrier not reached .*exited"),
+    ],
+)
+def test_divergence_is_reported_not_hung(
+    lib: emu.Library, kernel: str, threads: int, pattern: str
+) -> None:
+    with pytest.raises(emu.EmulatorError, match=pattern):
+        emu.dispatch(kernel, (1, 1, 1), (threads, 1, 1), {0: torch.randn(64), 1: torch.zeros(64)})
+
+
+def test_emulator_recovers_after_errors(lib: emu.Library) -> None:
+    with pytest.raises(emu.EmulatorError):
+        emu.dispatch("oob_write", (1, 1, 1), (64, 1, 1), {0: torch.randn(64), 1: torch.zeros(64)})
+    x = torch.randn(256)
+    y = torch.zeros(256)
+    emu.dispatch("reverse_tg", (1, 1, 1), (256, 1, 1), {0: x, 1: y}, {0: 1024})
+    assert torch.equal(y, x.flip(0))
+
+
+def test_bad_dispatches_raise_clear_errors(lib: emu.Library) -> None:
+    with pytest.raises(emu.EmulatorError, match="unknown kernel 'copy_flaot'.*copy_float"):
+        lib.dispatch("copy_flaot", 1, 32, {})
+    with pytest.raises(emu.EmulatorError, match=r"buffer\(2\) .*not bound"):
+        emu.dispatch("copy_float", 1, 32, {0: torch.zeros(32), 1: torch.zeros(32)})
+    with pytest.raises(emu.EmulatorError, match=r"threadgroup\(0\) .*has no size"):
+        emu.dispatch("reverse_tg", 1, 32, {0: torch.zeros(32), 1: torch.zeros(32)})
+    with pytest.raises(emu.EmulatorError, match="exceeds 1024"):
+        emu.dispatch("copy_float", 1, (64, 32, 1), {0: torch.zeros(1), 1: torch.zeros(1), 2: u32(1)})
+    with pytest.raises(emu.EmulatorError, match="contiguous"):
+        emu.dispatch("copy_float", 1, 32, {0: torch.zeros(4, 8).t(), 1: torch.zeros(32), 2: u32(32)})
+
+
+def test_strict_pass_rejects_address_space_mistake() -> None:
+    emu.check_syntax_strict(KERNELS / "emu_basic.metal")
+    emu.check_syntax_strict(KERNELS / "emu_bugs.metal")
+    with pytest.raises(emu.EmulatorError, match=r"address_space\(3\).*device float"):
+        emu.check_syntax_strict(KERNELS / "emu_strict_bad.metal")
