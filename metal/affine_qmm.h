@@ -5,9 +5,11 @@
 // threadgroup memory, then multiplied with 8x8 multiply-accumulates. K is a multiple of 32, so
 // a 32-value weight chunk lies inside one quantization group: each of the 128 threads
 // dequantizes one pack of 8 values (BITS bytes, read once), and one lane of every 4 reads the
-// chunk's scale and bias and shares them by shuffle. Every weight tile is thus read from device
-// memory once per row-block of x. Partial tiles (M, N, or the reduction length N for
-// transpose=False) are zero-filled on load and masked on store.
+// chunk's scale and bias and shares them by shuffle (with TRANSPOSE only when the K walk enters
+// a new group). Packed weights are thus read from device memory once per row-block of x; so are
+// scales and biases, except that with !TRANSPOSE and group_size > BN the tiles that share a
+// group each read its scale (group_size / 32 times per row-block). Partial tiles (M, N, or the
+// reduction length N for transpose=False) are zero-filled on load and masked on store.
 #pragma once
 
 #include "mlxq_utils.h"
@@ -55,6 +57,7 @@ void affine_qmm_impl(const device T* x, const device uint* wq, const device T* s
     }
   }
 
+  float s = 0.0f, b = 0.0f;  // scale and bias of the group this thread's pack lies in
   for (int r0 = 0; r0 < IN; r0 += BK) {
     // x tile: row m0 + tr, reduction columns r0 + tc .. +8.
     {
@@ -71,13 +74,17 @@ void affine_qmm_impl(const device T* x, const device uint* wq, const device T* s
       const int wc = (TRANSPOSE ? r0 : o0) + tc;  // first weight column (k) of the pack
       const bool ok = wr < N;
       const ulong pk = ok ? load_pack<BITS>(wbytes + wr * row_bytes, wc / 8) : ulong(0);
-      float sv = 0.0f, bv = 0.0f;
-      if (ok && ushort(lane) == quad_lead) {
-        sv = float(scales[long(wr) * G + wc / GS]);
-        bv = float(biases[long(wr) * G + wc / GS]);
+      // With TRANSPOSE a thread keeps its weight row and walks K, so a group's scale and bias
+      // are loaded once when the walk enters the group (r0 is uniform: so is the shuffle).
+      if (!TRANSPOSE || r0 % GS == 0) {
+        float sv = 0.0f, bv = 0.0f;
+        if (ok && ushort(lane) == quad_lead) {
+          sv = float(scales[long(wr) * G + wc / GS]);
+          bv = float(biases[long(wr) * G + wc / GS]);
+        }
+        s = simd_shuffle(sv, quad_lead);
+        b = simd_shuffle(bv, quad_lead);
       }
-      const float s = simd_shuffle(sv, quad_lead);
-      const float b = simd_shuffle(bv, quad_lead);
 #pragma clang loop unroll(full)
       for (int j = 0; j < 8; ++j) {
         const float v = ok ? s * float(pack_value<BITS>(pk, j)) + b : 0.0f;
