@@ -211,6 +211,12 @@ def fuzz_matmul(data) -> None:
         ref_abs = matmul_ref(a["x"], a["wq"], a["scales"], a["biases"], a["group_size"],
                              a["bits"], a["transpose"], absolute=True)  # fmt: skip
         tol = matmul_tolerance(ref_abs, ref, a["x"].shape[-1], y.dtype)
+        # fp16 outputs can overflow (large weights): there the result is inf of the right sign
+        near_max = ref.abs() + tol >= torch.finfo(y.dtype).max
+        if bool(near_max.any()):
+            big = y[near_max].double()
+            assert bool((big.sign() == ref[near_max].sign()).all()), "overflow with wrong sign"
+            y, ref, tol = y[~near_max], ref[~near_max], tol[~near_max]
         assert_within(y, ref, tol, f"matmul {mutation=} x {tuple(a['x'].shape)}")
 
     expect_clean_error_or(call, culprits, check)
