@@ -68,6 +68,17 @@ def smollm2_model(smollm2_4bit_g32: Path):
     return _load(smollm2_4bit_g32)
 
 
+@pytest.fixture(scope="module")
+def greedy_runs(smollm2_model) -> dict[str, tuple[int, torch.Tensor]]:
+    """mlxq's greedy continuation (32 tokens at most) of each prompt: prompt -> (len, tokens)."""
+    model, tokenizer = smollm2_model
+    runs = {}
+    for prompt in PROMPTS:
+        ids = _prompt_ids(tokenizer, prompt)
+        runs[prompt] = (ids.shape[1], _greedy(model, ids))
+    return runs
+
+
 def test_loads_with_only_import_mlxq(smollm2_model) -> None:
     model, _ = smollm2_model
     assert isinstance(model.model.embed_tokens, AffineEmbedding)
@@ -81,21 +92,22 @@ def test_loads_with_only_import_mlxq(smollm2_model) -> None:
     assert n_linear == 0  # every linear of this checkpoint is quantized
 
 
-def test_greedy_generation_equals_mlx_lm_and_answers_paris(smollm2_4bit_g32, smollm2_model):
+def test_greedy_generation_equals_mlx_lm_and_answers_paris(
+    smollm2_4bit_g32, smollm2_model, greedy_runs
+):
     model, tokenizer = smollm2_model
     worst = 0.0
     for prompt in PROMPTS:
-        ids = _prompt_ids(tokenizer, prompt)
-        sequence = _greedy(model, ids)
-        text = tokenizer.decode(sequence[ids.shape[1] :], skip_special_tokens=True)
+        prompt_len, sequence = greedy_runs[prompt]
+        text = tokenizer.decode(sequence[prompt_len:], skip_special_tokens=True)
         print(f"\n[4-bit g32] {prompt!r} -> {text!r}")
         if "France" in prompt:
             assert "Paris" in text
         ref = mlx_lm_logits(smollm2_4bit_g32, sequence.numpy())
         got = _logits(model, sequence)
         worst = max(worst, float(np.abs(got - ref).max()))
-        want = ref.argmax(-1)[ids.shape[1] - 1 : -1]
-        assert np.array_equal(want, sequence[ids.shape[1] :].numpy()), prompt
+        want = ref.argmax(-1)[prompt_len - 1 : -1]
+        assert np.array_equal(want, sequence[prompt_len:].numpy()), prompt
     print(f"[4-bit g32] max |logits - mlx-lm| = {worst:.2e}")
     assert worst < FP32_LOGIT_ATOL
 
@@ -156,3 +168,27 @@ def test_float16_activations_and_to(smollm2_model) -> None:
         assert half.to("cpu") is half
     finally:
         model.to(torch.float32)
+
+
+def test_save_round_trip_is_unchanged_and_mlx_lm_generates_the_same(
+    smollm2_4bit_g32: Path, greedy_runs, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+
+    model, tokenizer = _load(smollm2_4bit_g32, dtype=torch.bfloat16)  # the checkpoint's dtype
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    with (
+        safe_open(smollm2_4bit_g32 / "model.safetensors", "pt") as a,
+        safe_open(saved / "model.safetensors", "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())  # no lm_head: still tied
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    config = json.loads((saved / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert config["rope_theta"] == 100000.0 and config["tie_word_embeddings"] is True
+
+    prompt_len, sequence = greedy_runs[PROMPTS[0]]
+    _check_greedy_equals_mlx_lm(saved, sequence, prompt_len)
