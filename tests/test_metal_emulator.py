@@ -235,3 +235,14 @@ def test_strict_pass_rejects_address_space_mistake() -> None:
     emu.check_syntax_strict(KERNELS / "emu_bugs.metal")
     with pytest.raises(emu.EmulatorError, match=r"address_space\(3\).*device float"):
         emu.check_syntax_strict(KERNELS / "emu_strict_bad.metal")
+
+
+def test_faults_in_kernel_code_are_reported(lib: emu.Library) -> None:
+    with pytest.raises(emu.EmulatorError, match="invalid memory access at 0x10 "):
+        emu.dispatch("wild_pointer", 1, 32, {0: torch.zeros(32), 1: struct.pack("<Q", 16)})
+    with pytest.raises(emu.EmulatorError, match="stack overflow"):
+        emu.dispatch("stack_overflow", 1, 32, {0: torch.zeros(32)})
+    x = torch.randn(64)
+    y = torch.zeros(64)
+    emu.dispatch("reverse_tg", 1, 64, {0: x, 1: y}, {0: 256})
+    assert torch.equal(y, x.flip(0))

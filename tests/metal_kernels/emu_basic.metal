@@ -126,3 +126,13 @@ template <typename T>
 }
 EMU_INSTANTIATE("arith_half", arith, half)
 EMU_INSTANTIATE("arith_bfloat", arith, bfloat)
+
+// Cost of collectives: `rounds` simd_sum calls per thread.
+[[kernel]] void sum_rounds(device float* x [[buffer(0)]], constant uint& rounds [[buffer(1)]],
+                           uint gid [[thread_position_in_grid]]) {
+  float v = x[gid];
+  for (uint r = 0; r < rounds; ++r) {
+    v = simd_sum(v) * 0.03125f;
+  }
+  x[gid] = v;
+}

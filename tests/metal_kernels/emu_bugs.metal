@@ -73,3 +73,24 @@ using namespace metal;
   }
   dst[lane] = v;
 }
+
+// Dereferences a pointer that is not derived from any buffer.
+[[kernel]] void wild_pointer(device float* dst [[buffer(0)]], constant ulong& addr [[buffer(1)]],
+                             uint gid [[thread_position_in_grid]]) {
+  device float* p = (device float*)addr;
+  dst[gid] = p[gid];
+}
+
+// Unbounded recursion overflows the thread's stack.
+inline float deep(thread float* v, uint n) {
+  float local[64];
+  for (int i = 0; i < 64; ++i) {
+    local[i] = v[i % 4] + float(n);
+  }
+  return n == 0 ? local[3] : deep(local, n + 1) + local[n % 64];
+}
+
+[[kernel]] void stack_overflow(device float* dst [[buffer(0)]], uint gid [[thread_position_in_grid]]) {
+  float v[4] = {1, 2, 3, 4};
+  dst[gid] = deep(v, 1);
+}

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
 
 #include "mlxq_emu_runtime.h"
@@ -390,6 +391,53 @@ void describe_lanes(char* out, size_t n, int first, int count) {
   }
 }
 
+// Faults inside kernel code (a wild pointer outside every buffer, a fiber stack overflow,
+// integer division by zero) end the dispatch with an error instead of killing the process.
+volatile bool g_in_kernel = false;
+char g_altstack_mem[64 * 1024];
+struct sigaction g_old_act[3];
+stack_t g_old_altstack;
+const int kFaultSignals[3] = {SIGSEGV, SIGBUS, SIGFPE};
+
+void on_fault(int sig, siginfo_t* si, void*) {
+  if (!g_in_kernel || !g_cur) {
+    for (int i = 0; i < 3; ++i)
+      if (kFaultSignals[i] == sig) sigaction(sig, &g_old_act[i], nullptr);
+    return;  // the faulting instruction runs again under the previous handler
+  }
+  uintptr_t a = (uintptr_t)si->si_addr;
+  uintptr_t rel = a - (uintptr_t)g_stacks;
+  bool overflow = rel < (uintptr_t)kMaxThreads * (kStackSize + kPage) &&
+                  rel % (kStackSize + kPage) < kPage;
+  if (sig == SIGFPE)
+    fail("arithmetic fault (integer division by zero?) in %s", thread_desc());
+  else if (overflow)
+    fail("stack overflow (%zu KiB per thread) in %s", kStackSize / 1024, thread_desc());
+  else
+    fail("invalid memory access at %p (outside every buffer) by %s", si->si_addr, thread_desc());
+  g_in_kernel = false;
+  g_cur->state = kFailed;
+  mlxq_emu_swap(&g_cur->sp, g_sched_sp);
+  __builtin_trap();
+}
+
+void install_fault_handlers() {
+  stack_t ss = {};
+  ss.ss_sp = g_altstack_mem;
+  ss.ss_size = sizeof g_altstack_mem;
+  sigaltstack(&ss, &g_old_altstack);
+  struct sigaction act = {};
+  act.sa_sigaction = on_fault;
+  act.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&act.sa_mask);
+  for (int i = 0; i < 3; ++i) sigaction(kFaultSignals[i], &act, &g_old_act[i]);
+}
+
+void remove_fault_handlers() {
+  for (int i = 0; i < 3; ++i) sigaction(kFaultSignals[i], &g_old_act[i], nullptr);
+  sigaltstack(&g_old_altstack, nullptr);
+}
+
 bool run_simdgroup(int s) {
   int first = s * kSimdWidth;
   int count = g_nthreads - first < kSimdWidth ? g_nthreads - first : kSimdWidth;
@@ -398,7 +446,9 @@ bool run_simdgroup(int s) {
       Thread* t = &g_threads[first + l];
       if (t->state != kRunnable) continue;
       g_cur = t;
+      g_in_kernel = true;
       mlxq_emu_swap(&g_sched_sp, t->sp);
+      g_in_kernel = false;
       if (g_failed) return false;
     }
     int ncoll = 0, nbar = 0;
@@ -618,6 +668,7 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
   if (!g_failed) {
     g_entry = mlxq_emu_kernels[kernel].entry;
     g_nthreads = (int)nthreads;
+    install_fault_handlers();
     for (u32 z = 0; z < grid[2] && !g_failed; ++z)
       for (u32 y = 0; y < grid[1] && !g_failed; ++y)
         for (u32 x = 0; x < grid[0] && !g_failed; ++x) {
@@ -626,6 +677,7 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
           g_tgpos[2] = z;
           run_threadgroup(grid, tptg, bufs, tgs);
         }
+    remove_fault_handlers();
   }
   if (!g_failed) {
     for (int i = 0; i < 32; ++i)
