@@ -57,6 +57,19 @@ QuantWeight view_weight(const at::Tensor& wq, const at::Tensor& scales, const at
   return W;
 }
 
+// x [M, K] to and from the chunk order of the decode kernels (kernel_table.h).
+at::Tensor to_chunk_order(const at::Tensor& x, int bits) {
+  if (!uses_chunk_order(bits)) return x;
+  const int64_t P = 8 / bits, M = x.size(0);
+  return x.view({M, -1, 8, P}).transpose(2, 3).contiguous().view({M, -1});
+}
+
+at::Tensor from_chunk_order(const at::Tensor& y, int bits) {
+  if (!uses_chunk_order(bits)) return y;
+  const int64_t P = 8 / bits, M = y.size(0);
+  return y.view({M, -1, P, 8}).transpose(2, 3).contiguous().view({M, -1});
+}
+
 // Below this many rows of x, stream the packed weight (memory bound); above, dequantize tiles
 // and use the dense GEMM (compute bound). Chosen from benchmarks/bench_ops.py.
 constexpr int64_t kDecodeMaxRows = 16;
@@ -74,7 +87,8 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) 
     at::Tensor y = at::empty({M, out_features}, opts);
     if (transpose) {
       at::Tensor xsum = x.view({M, W.G, W.group_size}).sum(-1).contiguous();
-      QmvArgs a{W, x.const_data_ptr<float>(), xsum.const_data_ptr<float>(),
+      at::Tensor xc = to_chunk_order(x, W.bits);
+      QmvArgs a{W, xc.const_data_ptr<float>(), xsum.const_data_ptr<float>(),
                 y.mutable_data_ptr<float>(), 0};
       for (int64_t m0 = 0; m0 < M; m0 += kMaxDecodeRows) {
         QmvArgs part = a;
@@ -87,6 +101,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) 
     } else {
       QvmArgs a{W, x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M};
       at::parallel_for(0, W.G, 1, [&](int64_t g0, int64_t g1) { kt.qvm(a, g0, g1); });
+      y = from_chunk_order(y, W.bits);
     }
     return y;
   }

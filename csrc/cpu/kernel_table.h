@@ -21,6 +21,11 @@ struct QuantWeight {
   int bits = 4, group_size = 64;
 };
 
+// The decode kernels for 2, 4 and 8 bits read x (qmv) and write y (qvm) in "chunk order":
+// within each run of 64/bits values, value l*P + j (P = 8/bits values per byte) sits at
+// j*8 + l, so that a zero-extended byte load lines up with 8 consecutive x values.
+inline bool uses_chunk_order(int bits) { return bits == 2 || bits == 4 || bits == 8; }
+
 // y[m, n] = sum_k x[m, k] * W[n, k] for M <= kMaxDecodeRows; xsum[m, g] = sum of x over group g.
 struct QmvArgs {
   QuantWeight W;

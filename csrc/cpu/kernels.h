@@ -39,36 +39,71 @@ inline void load_scales(const QuantWeight& W, int64_t n, int64_t g0, int64_t g1,
   }
 }
 
-template <int Bits, int GS, int MB>
-void qmv_rows(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+// MB rows of x times R rows of W at once: MB*R*A independent FMA chains hide the FMA latency,
+// and each x vector load serves R weight rows. x is in chunk order (see Chunk in vec.h).
+template <int Bits, int GS, int MB, int R>
+void qmv_tile(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1, float* s, float* b) {
+  using C = Chunk<Bits>;
+  constexpr int A = MB * R >= 8 ? 1 : 2;  // accumulators per (m, r): keep >= 8 FMA chains
   const QuantWeight& W = a.W;
   const int64_t K = W.K, G = W.G, row_bytes = K * Bits / 8;
-  std::vector<float> s(G), b(G);
   const float* x[MB];
   for (int m = 0; m < MB; ++m) x[m] = a.x + (m0 + m) * K;
-  for (int64_t n = n0; n < n1; ++n) {
-    load_scales(W, n, 0, G, s.data(), b.data());
-    const uint8_t* wrow = W.w + n * row_bytes;
-    v8f total[MB];
-    float bias_sum[MB];
-    for (int m = 0; m < MB; ++m) total[m] = v8f{}, bias_sum[m] = 0.f;
+  for (int64_t n = n0; n + R <= n1; n += R) {
+    const uint8_t* wrow[R];
+    for (int r = 0; r < R; ++r) {
+      load_scales(W, n + r, 0, G, s + r * G, b + r * G);
+      wrow[r] = W.w + (n + r) * row_bytes;
+    }
+    v8f total[MB][R];
+    float bias_sum[MB][R];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) total[m][r] = v8f{}, bias_sum[m][r] = 0.f;
     for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* wg = wrow + g * (GS * Bits / 8);
-      const int64_t k0 = g * GS;
-      v8f acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = v8f{};
+      const int64_t k0 = g * GS, byte0 = g * (GS * Bits / 8);
+      v8f acc[MB][R][A];
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < R; ++r)
+          for (int i = 0; i < A; ++i) acc[m][r][i] = v8f{};
 #pragma GCC unroll 16
-      for (int c = 0; c < GS / 8; ++c) {
-        const v8f q = to_float(unpack8<Bits>(wg + c * Bits));
-        for (int m = 0; m < MB; ++m) acc[m] += q * load8(x[m] + k0 + c * 8);
+      for (int c = 0; c < GS / C::kValues; ++c) {
+        v8i bytes[R];
+        for (int r = 0; r < R; ++r) bytes[r] = chunk_bytes<Bits>(wrow[r] + byte0 + c * C::kBytes);
+#pragma GCC unroll 4
+        for (int j = 0; j < C::kVecs; ++j) {
+          const int i = (c * C::kVecs + j) % A;
+          v8f q[R];
+          for (int r = 0; r < R; ++r) q[r] = to_float(chunk_vec<Bits>(bytes[r], j));
+          for (int m = 0; m < MB; ++m) {
+            const v8f xv = load8(x[m] + k0 + c * C::kValues + j * 8);
+            for (int r = 0; r < R; ++r) acc[m][r][i] += q[r] * xv;
+          }
+        }
       }
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < R; ++r)
+          for (int i = 1; i < A; ++i) acc[m][r][0] += acc[m][r][i];
       for (int m = 0; m < MB; ++m) {
-        total[m] += splat(s[g]) * acc[m];
-        bias_sum[m] += b[g] * a.xsum[(m0 + m) * G + g];
+        const float xs = a.xsum[(m0 + m) * G + g];
+        for (int r = 0; r < R; ++r) {
+          total[m][r] += splat(s[r * G + g]) * acc[m][r][0];
+          bias_sum[m][r] += b[r * G + g] * xs;
+        }
       }
     }
-    for (int m = 0; m < MB; ++m) a.y[(m0 + m) * W.N + n] = hsum(total[m]) + bias_sum[m];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r)
+        a.y[(m0 + m) * W.N + n + r] = hsum(total[m][r]) + bias_sum[m][r];
   }
+}
+
+template <int Bits, int GS, int MB>
+void qmv_rows(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int R = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
+  std::vector<float> s(R * a.W.G), b(R * a.W.G);
+  const int64_t n_full = n0 + (n1 - n0) / R * R;
+  qmv_tile<Bits, GS, MB, R>(a, m0, n0, n_full, s.data(), b.data());
+  if constexpr (R > 1) qmv_tile<Bits, GS, MB, 1>(a, m0, n_full, n1, s.data(), b.data());
 }
 
 template <int Bits, int GS>
@@ -83,8 +118,10 @@ void qmv_bits_group(const QmvArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
+// y is produced in chunk order, like x in qmv (the caller restores natural order).
 template <int Bits, int GS>
 void qvm_bits_group(const QvmArgs& a, int64_t g0, int64_t g1) {
+  using C = Chunk<Bits>;
   const QuantWeight& W = a.W;
   const int64_t K = W.K, N = W.N, M = a.M, row_bytes = K * Bits / 8;
   const int64_t width = (g1 - g0) * GS;
@@ -101,9 +138,13 @@ void qvm_bits_group(const QvmArgs& a, int64_t g0, int64_t g1) {
         const uint8_t* wg = wrow + g * (GS * Bits / 8);
         float* yg = yrow + (g - g0) * GS;
 #pragma GCC unroll 16
-        for (int c = 0; c < GS / 8; ++c) {
-          const v8f q = to_float(unpack8<Bits>(wg + c * Bits));
-          store8(yg + c * 8, load8(yg + c * 8) + (q * sx + bx));
+        for (int c = 0; c < GS / C::kValues; ++c) {
+          const v8i bytes = chunk_bytes<Bits>(wg + c * C::kBytes);
+#pragma GCC unroll 4
+          for (int j = 0; j < C::kVecs; ++j) {
+            float* yp = yg + c * C::kValues + j * 8;
+            store8(yp, load8(yp) + (to_float(chunk_vec<Bits>(bytes, j)) * sx + bx));
+          }
         }
       }
     }

@@ -2,6 +2,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
@@ -19,6 +20,7 @@
 #endif
 
 #define MLXQ_ISA avx2
+#define MLXQ_X86_AVX2 1
 #include "cpu/kernels.h"
 
 #if defined(__clang__)

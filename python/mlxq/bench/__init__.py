@@ -1,0 +1,1 @@
+"""Benchmark harnesses: mlxq side by side with its peers, reported as ratios from one run."""
