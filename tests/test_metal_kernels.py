@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import mlx.core as mx
 import mlxq
 import pytest
 import torch
 from mlxq._native import _C
 from mlxq.testing import metal_emulator as emu
 from mlxq.testing.metal_emulator import ops as metal_ops
-from oracles import BITS, DTYPES, GROUP_SIZES
+from oracles import BITS, DTYPES, GROUP_SIZES, to_mx, to_torch
 
 pytestmark = pytest.mark.skipif(
     not emu.available(), reason="no clang for the MSL emulator (pip install ziglang)"
@@ -107,6 +108,10 @@ def test_quantize_bit_exact(bits, gs, dtype, gen) -> None:
     for name, g, r in zip(("wq", "scales", "biases"), got, want, strict=True):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         assert torch.equal(_bits_of(g), _bits_of(r)), f"{name} differs from the CPU op"
+    # ... and, independently of the CPU op, with MLX itself.
+    mlx_out = mx.quantize(to_mx(w), group_size=gs, bits=bits)
+    for name, g, r in zip(("wq", "scales", "biases"), got, mlx_out, strict=True):
+        assert torch.equal(_bits_of(g), _bits_of(to_torch(r))), f"{name} differs from MLX"
 
 
 @pytest.mark.parametrize(("bits", "gs", "dtype"), COMBOS, ids=COMBO_IDS)
@@ -177,6 +182,14 @@ def test_matmul_leading_dims_and_empty(gen) -> None:
     _check_matmul(torch.randn(2, 20, 64, generator=gen), wq, s, b, 32, 4, True)
     y = metal_ops.affine_matmul(torch.randn(0, 64), wq, s, b, 32, 4, True)
     assert y.shape == (0, 16)
+
+
+def test_matmul_int32_weights_and_upcast_scales(gen) -> None:
+    """int32 packed words hold the same bits; scales of another dtype are converted to x's."""
+    wq, s, b = _quantized(gen, (9, 64), 32, 5, torch.float16)
+    x = torch.randn(3, 64, generator=gen)
+    _check_matmul(x, wq.view(torch.int32), s, b, 32, 5, True)
+    _check_matmul(torch.randn(40, 64, generator=gen), wq, s, b, 32, 5, True)
 
 
 def test_plan_rejects_bad_input() -> None:
