@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from mlxq.testing import metal_emulator as emu
 
 KERNELS = Path(__file__).parent / "metal_kernels"
@@ -50,7 +49,9 @@ def test_copy_and_exact_traffic(lib: emu.Library, dtype: torch.dtype) -> None:
     assert rep.bytes_written[1] == n * size and rep.bytes_read[1] == 0
     assert rep.bytes_read[2] == 8 * 128 * 4  # every thread reads n once
     assert emu.last_dispatch_report() == rep
-    assert rep.kernel == name and rep.grid == (8, 1, 1) and rep.threads_per_threadgroup == (128, 1, 1)
+    assert (
+        rep.kernel == name and rep.grid == (8, 1, 1) and rep.threads_per_threadgroup == (128, 1, 1)
+    )
 
 
 def test_barrier_orders_threadgroup_memory(lib: emu.Library) -> None:
@@ -140,7 +141,10 @@ def test_simdgroup_matrix_multiply(
     c = torch.zeros(m, n)
     # Two simdgroups per threadgroup, each computes one 8x8 tile of C.
     rep = emu.dispatch(
-        name, (n // 16, m // 8, 1), (64, 1, 1), {0: a, 1: b_arg, 2: c, 3: struct.pack("<4I", m, n, k, 0)}
+        name,
+        (n // 16, m // 8, 1),
+        (64, 1, 1),
+        {0: a, 1: b_arg, 2: c, 3: struct.pack("<4I", m, n, k, 0)},
     )
     ref = a.double() @ b.double()
     torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-4)
@@ -225,9 +229,13 @@ def test_bad_dispatches_raise_clear_errors(lib: emu.Library) -> None:
     with pytest.raises(emu.EmulatorError, match=r"threadgroup\(0\) .*has no size"):
         emu.dispatch("reverse_tg", 1, 32, {0: torch.zeros(32), 1: torch.zeros(32)})
     with pytest.raises(emu.EmulatorError, match="exceeds 1024"):
-        emu.dispatch("copy_float", 1, (64, 32, 1), {0: torch.zeros(1), 1: torch.zeros(1), 2: u32(1)})
+        emu.dispatch(
+            "copy_float", 1, (64, 32, 1), {0: torch.zeros(1), 1: torch.zeros(1), 2: u32(1)}
+        )
     with pytest.raises(emu.EmulatorError, match="contiguous"):
-        emu.dispatch("copy_float", 1, 32, {0: torch.zeros(4, 8).t(), 1: torch.zeros(32), 2: u32(32)})
+        emu.dispatch(
+            "copy_float", 1, 32, {0: torch.zeros(4, 8).t(), 1: torch.zeros(32), 2: u32(32)}
+        )
 
 
 def test_strict_pass_rejects_address_space_mistake() -> None:

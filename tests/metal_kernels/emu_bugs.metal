@@ -90,7 +90,8 @@ inline float deep(thread float* v, uint n) {
   return n == 0 ? local[3] : deep(local, n + 1) + local[n % 64];
 }
 
-[[kernel]] void stack_overflow(device float* dst [[buffer(0)]], uint gid [[thread_position_in_grid]]) {
+[[kernel]] void stack_overflow(device float* dst [[buffer(0)]],
+                               uint gid [[thread_position_in_grid]]) {
   float v[4] = {1, 2, 3, 4};
   dst[gid] = deep(v, 1);
 }

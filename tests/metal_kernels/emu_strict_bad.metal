@@ -3,9 +3,7 @@
 #include <metal_stdlib>
 using namespace metal;
 
-inline void store_twice(device float* dst, float v, uint i) {
-  dst[i] = 2.0f * v;
-}
+inline void store_twice(device float* dst, float v, uint i) { dst[i] = 2.0f * v; }
 
 [[kernel]] void wrong_address_space(const device float* src [[buffer(0)]],
                                     device float* dst [[buffer(1)]],

@@ -77,7 +77,7 @@ class Library:
             names = [
                 lib.mlxq_emu_kernel_name(i).decode() for i in range(lib.mlxq_emu_num_kernels())
             ]
-            for i, (name, d) in enumerate(zip(names, desc)):
+            for i, (name, d) in enumerate(zip(names, desc, strict=True)):
                 assert name == d["name"], (name, d["name"])
                 params = [_source.Param(*p) for p in d["params"]]
                 info = _source.KernelInfo(name, d["function"], params, d["source"])

@@ -33,8 +33,8 @@ struct ArgSpec {
 };
 
 struct ThreadArgs {
-  void* const* buffers;      // [32]
-  void* const* tgmem;      // [32]
+  void* const* buffers;  // [32]
+  void* const* tgmem;    // [32]
   u32 builtins[kNumBuiltins][3];
 };
 

@@ -57,7 +57,7 @@ typedef __PTRDIFF_TYPE__ ptrdiff_t;
 typedef __UINTPTR_TYPE__ uintptr_t;
 typedef __INTPTR_TYPE__ intptr_t;
 
-#define MLXQ_VEC(T, name)                                 \
+#define MLXQ_VEC(T, name)                                \
   typedef T name##2 __attribute__((ext_vector_type(2))); \
   typedef T name##3 __attribute__((ext_vector_type(3))); \
   typedef T name##4 __attribute__((ext_vector_type(4))); \
@@ -221,8 +221,8 @@ template <bool C, class A, class B>
 using conditional_t = typename conditional<C, A, B>::type;
 template <class T>
 struct is_floating_point {
-  static constexpr bool value = is_same_v<T, float> || is_same_v<T, half> ||
-                                is_same_v<T, bfloat> || is_same_v<T, double>;
+  static constexpr bool value =
+      is_same_v<T, float> || is_same_v<T, half> || is_same_v<T, bfloat> || is_same_v<T, double>;
 };
 template <class T>
 constexpr bool is_floating_point_v = is_floating_point<T>::value;
@@ -251,7 +251,7 @@ using make_signed_t = __make_signed(T);
 
 template <class T>
 struct numeric_limits;
-#define MLXQ_LIMITS(T, lo, hi, lowest_, eps, inf, nan)  \
+#define MLXQ_LIMITS(T, lo, hi, lowest_, eps, inf, nan) \
   template <>                                          \
   struct numeric_limits<T> {                           \
     static constexpr bool is_specialized = true;       \
@@ -289,17 +289,17 @@ inline To as_type(From x) {
   return __builtin_bit_cast(To, x);
 }
 
-#define MLXQ_MAP1(name, fexpr)                                                      \
-  template <class T>                                                                \
-  inline T name(T x) {                                                              \
-    if constexpr (mlxq_emu::vt<T>::n == 0) {                                        \
-      float v = (float)x;                                                           \
-      return (T)(fexpr);                                                            \
-    } else {                                                                        \
-      T r;                                                                          \
-      for (int i = 0; i < mlxq_emu::vt<T>::n; ++i) r[i] = name(x[i]);               \
-      return r;                                                                     \
-    }                                                                               \
+#define MLXQ_MAP1(name, fexpr)                                        \
+  template <class T>                                                  \
+  inline T name(T x) {                                                \
+    if constexpr (mlxq_emu::vt<T>::n == 0) {                          \
+      float v = (float)x;                                             \
+      return (T)(fexpr);                                              \
+    } else {                                                          \
+      T r;                                                            \
+      for (int i = 0; i < mlxq_emu::vt<T>::n; ++i) r[i] = name(x[i]); \
+      return r;                                                       \
+    }                                                                 \
   }
 MLXQ_MAP1(floor, __builtin_floorf(v))
 MLXQ_MAP1(ceil, __builtin_ceilf(v))
@@ -322,16 +322,16 @@ MLXQ_MAP1(sign, v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f))
 MLXQ_MAP1(erf, __builtin_erff(v))
 #undef MLXQ_MAP1
 
-#define MLXQ_MAP2(name, sexpr)                                        \
-  template <class T>                                                  \
-  inline T name(T a, T b) {                                           \
-    if constexpr (mlxq_emu::vt<T>::n == 0) {                          \
-      return (T)(sexpr);                                              \
-    } else {                                                          \
-      T r;                                                            \
+#define MLXQ_MAP2(name, sexpr)                                              \
+  template <class T>                                                        \
+  inline T name(T a, T b) {                                                 \
+    if constexpr (mlxq_emu::vt<T>::n == 0) {                                \
+      return (T)(sexpr);                                                    \
+    } else {                                                                \
+      T r;                                                                  \
       for (int i = 0; i < mlxq_emu::vt<T>::n; ++i) r[i] = name(a[i], b[i]); \
-      return r;                                                       \
-    }                                                                 \
+      return r;                                                             \
+    }                                                                       \
   }
 MLXQ_MAP2(min, b < a ? b : a)
 MLXQ_MAP2(max, a < b ? b : a)
@@ -436,7 +436,8 @@ inline T popcount(T x) {
 }
 template <class T>
 inline T clz(T x) {
-  return x == 0 ? (T)(8 * sizeof(T)) : (T)(__builtin_clzll((unsigned long long)x) - 64 + 8 * sizeof(T));
+  return x == 0 ? (T)(8 * sizeof(T))
+                : (T)(__builtin_clzll((unsigned long long)x) - 64 + 8 * sizeof(T));
 }
 template <class T>
 inline T ctz(T x) {
@@ -664,9 +665,9 @@ struct simd_vote {
 };
 typedef simd_vote quad_vote;
 
-#define MLXQ_REDUCE(name, OP, GROUP)                                          \
-  template <class T>                                                          \
-  inline T name(T x, MLXQ_SRC) {                                              \
+#define MLXQ_REDUCE(name, OP, GROUP)                                                 \
+  template <class T>                                                                 \
+  inline T name(T x, MLXQ_SRC) {                                                     \
     return mlxq_emu::reduce<T, mlxq_emu::OP, GROUP>(x, #name, mlxq_file, mlxq_line); \
   }
 MLXQ_REDUCE(simd_sum, kSum, 32)
@@ -685,9 +686,9 @@ MLXQ_REDUCE(quad_or, kOr, 4)
 MLXQ_REDUCE(quad_xor, kXor, 4)
 #undef MLXQ_REDUCE
 
-#define MLXQ_PREFIX(name, OP, GROUP, INCL)                                              \
-  template <class T>                                                                    \
-  inline T name(T x, MLXQ_SRC) {                                                        \
+#define MLXQ_PREFIX(name, OP, GROUP, INCL)                                                 \
+  template <class T>                                                                       \
+  inline T name(T x, MLXQ_SRC) {                                                           \
     return mlxq_emu::prefix<T, mlxq_emu::OP, GROUP, INCL>(x, #name, mlxq_file, mlxq_line); \
   }
 MLXQ_PREFIX(simd_prefix_inclusive_sum, kSum, 32, true)
@@ -728,8 +729,8 @@ inline T simd_broadcast_first(T x, MLXQ_SRC) {
 }
 template <class T>
 inline T quad_broadcast_first(T x, MLXQ_SRC) {
-  return mlxq_emu::shuffle<T, mlxq_emu::kBroadcastFirst, 4>(x, 0, "quad_broadcast_first",
-                                                            mlxq_file, mlxq_line);
+  return mlxq_emu::shuffle<T, mlxq_emu::kBroadcastFirst, 4>(x, 0, "quad_broadcast_first", mlxq_file,
+                                                            mlxq_line);
 }
 inline simd_vote simd_ballot(bool b, MLXQ_SRC) {
   unsigned long long r;
@@ -756,8 +757,7 @@ inline simd_vote simd_active_threads_mask(MLXQ_SRC) {
 }
 inline bool simd_is_first(MLXQ_SRC) {
   unsigned long long r;
-  mlxq_emu_collective(&mlxq_emu::mask_resolve, "simd_is_first", nullptr, &r, mlxq_file,
-                      mlxq_line);
+  mlxq_emu_collective(&mlxq_emu::mask_resolve, "simd_is_first", nullptr, &r, mlxq_file, mlxq_line);
   return (unsigned)__builtin_ctzll(r) == mlxq_emu_lane();
 }
 
@@ -770,9 +770,7 @@ namespace mlxq_emu {
 inline int sgm_row(unsigned lane) {
   return (int)(((lane >> 4) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1));
 }
-inline int sgm_col(unsigned lane) {
-  return (int)(((lane >> 3) & 1) * 4 + (lane & 1) * 2);
-}
+inline int sgm_col(unsigned lane) { return (int)(((lane >> 3) & 1) * 4 + (lane & 1) * 2); }
 }  // namespace mlxq_emu
 
 namespace metal {

@@ -1,12 +1,12 @@
 // Runtime of the MSL emulator: runs every GPU thread of a threadgroup as a fiber, resolves
 // barriers and simdgroup collectives, checks and counts every device/threadgroup memory access.
 // Linked into each emulated kernel library; not instrumented itself.
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <signal.h>
 #include <sys/mman.h>
 
 #include "mlxq_emu_runtime.h"
@@ -184,7 +184,7 @@ void init_fiber(Thread* t, int i) {
   uintptr_t a = ((uintptr_t)top & ~(uintptr_t)15) - 16;
 #if defined(__x86_64__)
   uint64_t* s = (uint64_t*)a;
-  s[0] = (uint64_t)&mlxq_emu_fiber_main;  // return address of the first switch
+  s[0] = (uint64_t)&mlxq_emu_fiber_main;   // return address of the first switch
   for (int k = 1; k <= 6; ++k) s[-k] = 0;  // rbp rbx r12-r15
   uint32_t* csr = (uint32_t*)(s - 7);
   csr[0] = 0x1F80;  // mxcsr
@@ -193,7 +193,7 @@ void init_fiber(Thread* t, int i) {
 #else
   uint64_t* s = (uint64_t*)(a - 176);
   memset(s, 0, 176);
-  s[10] = 0;                                // x29
+  s[10] = 0;                               // x29
   s[11] = (uint64_t)&mlxq_emu_fiber_main;  // x30
   t->sp = s;
 #endif
@@ -202,8 +202,8 @@ void init_fiber(Thread* t, int i) {
 bool ensure_stacks() {
   if (g_stacks) return true;
   size_t total = (size_t)kMaxThreads * (kStackSize + kPage);
-  void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                 -1, 0);
+  void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) return false;
   g_stacks = (char*)p;
   for (int i = 0; i < kMaxThreads; ++i)  // guard page below every stack
@@ -223,8 +223,8 @@ bool ensure_stacks() {
 bool ensure_arena() {
   if (g_arena) return true;
   g_arena_size = (uint64_t)kSlots << kSlotShift;
-  void* p = mmap(nullptr, g_arena_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
-                 0);
+  void* p =
+      mmap(nullptr, g_arena_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) return false;
   g_arena = (char*)p;
   return true;
@@ -285,9 +285,10 @@ void check_threadgroup(Region& r, int64_t off, uint64_t n, bool write) {
       if (sh.w_epoch == g_epoch && sh.w_tid != t->tid &&
           !(g_threads[sh.w_tid].sg == s && g_sg_sync[s] > sh.w_sync)) {
         region_name(r, off + i, name, sizeof name);
-        fail("race on %s at byte offset %lld: read by %s after a write by thread %u with no "
-             "barrier in between",
-             name, (long long)(off + i), thread_desc(), sh.w_tid);
+        fail(
+            "race on %s at byte offset %lld: read by %s after a write by thread %u with no "
+            "barrier in between",
+            name, (long long)(off + i), thread_desc(), sh.w_tid);
         abort_thread();
       }
       if (sh.r_epoch == g_epoch && sh.r_tid != t->tid) {
@@ -304,19 +305,21 @@ void check_threadgroup(Region& r, int64_t off, uint64_t n, bool write) {
       if (sh.w_epoch == g_epoch && sh.w_tid != t->tid &&
           !(g_threads[sh.w_tid].sg == s && g_sg_sync[s] > sh.w_sync)) {
         region_name(r, off + i, name, sizeof name);
-        fail("race on %s at byte offset %lld: written by %s and by thread %u with no barrier in "
-             "between",
-             name, (long long)(off + i), thread_desc(), sh.w_tid);
+        fail(
+            "race on %s at byte offset %lld: written by %s and by thread %u with no barrier in "
+            "between",
+            name, (long long)(off + i), thread_desc(), sh.w_tid);
         abort_thread();
       }
       if (sh.r_epoch == g_epoch && sh.r_tid != t->tid &&
           !(sh.r_sg == s && g_sg_sync[s] > sh.r_sync)) {
         region_name(r, off + i, name, sizeof name);
-        fail("race on %s at byte offset %lld: written by %s after a read by %s%u with no barrier "
-             "in between",
-             name, (long long)(off + i), thread_desc(),
-             sh.r_tid == kMulti ? "several threads, e.g. thread " : "thread ",
-             sh.r_tid == kMulti ? 0u : (u32)sh.r_tid);
+        fail(
+            "race on %s at byte offset %lld: written by %s after a read by %s%u with no barrier "
+            "in between",
+            name, (long long)(off + i), thread_desc(),
+            sh.r_tid == kMulti ? "several threads, e.g. thread " : "thread ",
+            sh.r_tid == kMulti ? 0u : (u32)sh.r_tid);
         abort_thread();
       }
       sh.w_epoch = g_epoch;
@@ -366,8 +369,8 @@ void describe_lanes(char* out, size_t n, int first, int count) {
   out[0] = 0;
   for (int i = first; i < first + count && len + 120 < n; ++i) {
     Thread& t = g_threads[i];
-    const char* what = t.state == kDone           ? "exited"
-                       : t.state == kWaitBarrier  ? "threadgroup_barrier"
+    const char* what = t.state == kDone             ? "exited"
+                       : t.state == kWaitBarrier    ? "threadgroup_barrier"
                        : t.state == kWaitCollective ? t.op
                                                     : "running";
     // Collapse runs of threads that are at the same place.
@@ -407,8 +410,8 @@ void on_fault(int sig, siginfo_t* si, void*) {
   }
   uintptr_t a = (uintptr_t)si->si_addr;
   uintptr_t rel = a - (uintptr_t)g_stacks;
-  bool overflow = rel < (uintptr_t)kMaxThreads * (kStackSize + kPage) &&
-                  rel % (kStackSize + kPage) < kPage;
+  bool overflow =
+      rel < (uintptr_t)kMaxThreads * (kStackSize + kPage) && rel % (kStackSize + kPage) < kPage;
   if (sig == SIGFPE)
     fail("arithmetic fault (integer division by zero?) in %s", thread_desc());
   else if (overflow)
