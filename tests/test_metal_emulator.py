@@ -254,3 +254,49 @@ def test_faults_in_kernel_code_are_reported(lib: emu.Library) -> None:
     y = torch.zeros(64)
     emu.dispatch("reverse_tg", 1, 64, {0: x, 1: y}, {0: 256})
     assert torch.equal(y, x.flip(0))
+
+
+def test_msl_idioms() -> None:
+    lib = emu.load_library(KERNELS / "emu_idioms.metal")
+    v = [1.0, 2.0, 0.5, -3.0]
+    w = [4.0, -1.0, 2.0, 8.0]
+    x = torch.tensor([v, w])
+    out = torch.zeros(32)
+    lib.dispatch("idioms", 1, 1, {0: x, 1: out, 2: struct.pack("<if", 5, 0.25)})
+    h01 = float(torch.tensor(0.1).half())
+    expect = [
+        2.0 + 10 * 1.0 + 100 * 1.5 + 1000 * 1.5,
+        2 + 4 + 1 + 6,
+        -3.0,
+        7.0 + 1.0,
+        -2.0,
+        4.0 + 2.0 + 2.0 + 8.0,
+        1.0,
+        0.0,
+        4.0 - 2.0 + 1.0 - 24.0,
+        1.0 + 2.0,
+        0.5,
+        5.0,
+        1.0 / -1.0,
+        2.0 + 3.0 - 2.0 - 1.0,
+        7.0 + 0.25 + 0.5,
+        1.0,
+        127.0,
+        65504.0,
+        -(2.0**31),
+        8.0 + 4.0 + 0.5,
+        3 * 5 + 0.25,
+        3.0,
+        2.0,
+        8.0 + 31.0 + 3.0,
+        h01,
+        -1.0,
+        0.0 + 65535.0,
+        43.0,
+        5.0,
+        2.5,
+        9.0,
+        8.0 + 1600.0,
+    ]
+    got = out.tolist()
+    assert got == pytest.approx(expect, rel=1e-6, abs=0), list(zip(got, expect, strict=True))
