@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlxq
 import pytest
 import torch
@@ -213,6 +215,28 @@ def test_compile_aot_eager_backward_and_batched_weight(gen):
         le.backward()
         assert torch.equal(lc, le), shape
         assert torch.equal(xc.grad, xe.grad), shape
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_bad_arguments_still_name_the_argument(backend, gen):
+    """Under torch.compile an invalid call fails with the op's message (raised by the native
+    checks at run time, or by the fake kernel while tracing, which dynamo wraps)."""
+    wq, s, b = quantized((8, 64), torch.float32, 32, 4, gen)
+    cases = [
+        (
+            lambda x: mlxq.affine_matmul(x, wq, s, b, 32, 4),
+            torch.zeros(2, 63),
+            "x last dimension 63",
+        ),
+        (lambda w: mlxq.affine_quantize(w, 32, 4), torch.zeros(2, 48), "w last dimension 48"),
+        (lambda x: mlxq.affine_matmul(x, wq, s, b, 32, 5), torch.zeros(2, 64), "wq last dimension"),
+        (lambda x: mlxq.affine_matmul(x, wq, s, b, 16, 4), torch.zeros(2, 64), "group_size"),
+    ]
+    for fn, arg, fragment in cases:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend=backend)
+        with pytest.raises((ValueError, RuntimeError), match=re.escape(fragment)):
+            compiled(arg)
 
 
 def test_compile_inductor(gen):

@@ -252,6 +252,25 @@ CASES = [
         ValueError,
         ["one device", "wq on meta"],
     ),
+    # all operands on meta: the fake kernels still refuse what has no output shape
+    (
+        "meta quantize K % group",
+        lambda: qz(x_(2, 48).to("meta"), 32, 4),
+        ValueError,
+        ["w last dimension 48", "divisible by group_size 32"],
+    ),
+    (
+        "meta matmul group 0",
+        lambda: mm(x_(2, 64).to("meta"), *(t.to("meta") for t in W), 0, 4),
+        ValueError,
+        ["group_size", "got 0"],
+    ),
+    (
+        "meta dequantize bits",
+        lambda: dq(*(t.to("meta") for t in W), 32, 7),
+        ValueError,
+        ["bits", "got 7"],
+    ),
     (
         "scales on meta",
         lambda: dq(W[0], W[1].to("meta"), W[2], 32, 4),

@@ -57,13 +57,26 @@ def affine_matmul(
 
 @torch.library.register_fake("mlxq::affine_quantize")
 def _quantize_fake(w: torch.Tensor, group_size: int = 64, bits: int = 4):
-    torch._check(w.dim() >= 1, lambda: "mlxq: w must have at least one dimension")
+    _check_bits_group(bits, group_size)
+    torch._check_value(w.dim() >= 1, lambda: "mlxq: w must have at least one dimension")
     k = w.shape[-1]
-    torch._check(k % group_size == 0, lambda: f"mlxq: w last dimension must divide {group_size}")
+    torch._check_value(
+        k % group_size == 0,
+        lambda: f"mlxq: w last dimension {k} must be divisible by group_size {group_size}",
+    )
     lead = list(w.shape[:-1])
     wq = w.new_empty([*lead, k * bits // 32], dtype=torch.uint32)
     scales = w.new_empty([*lead, k // group_size])
     return wq, scales, torch.empty_like(scales)
+
+
+def _check_bits_group(bits: int, group_size: int) -> None:
+    # Only what the output shapes need (no division by a zero group size); the native kernels
+    # run the full checks of csrc/checks.cpp when the op executes.
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"mlxq: bits must be one of 2, 3, 4, 5, 6, 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"mlxq: group_size must be one of 32, 64, 128, got {group_size}")
 
 
 def _check_one_device(**tensors: torch.Tensor) -> None:
@@ -78,12 +91,14 @@ def _check_one_device(**tensors: torch.Tensor) -> None:
 
 @torch.library.register_fake("mlxq::affine_dequantize")
 def _dequantize_fake(wq, scales, biases, group_size: int = 64, bits: int = 4):
+    _check_bits_group(bits, group_size)
     _check_one_device(wq=wq, scales=scales, biases=biases)
     return scales.new_empty([*wq.shape[:-1], scales.shape[-1] * group_size])
 
 
 @torch.library.register_fake("mlxq::affine_matmul")
 def _matmul_fake(x, wq, scales, biases, group_size: int = 64, bits: int = 4, transpose=True):
+    _check_bits_group(bits, group_size)
     _check_one_device(x=x, wq=wq, scales=scales, biases=biases)
     rows, cols = wq.shape[-2], scales.shape[-1] * group_size
     out_features = rows if transpose else cols
