@@ -139,3 +139,69 @@ def test_dequantize_gives_float_modules() -> None:
     model.dequantize()
     assert not any(isinstance(m, (AffineLinear, AffineEmbedding)) for m in model.modules())
     np.testing.assert_allclose(_logits(model, tokens), before, rtol=1e-4, atol=1e-4)
+
+
+def test_image_text_checkpoint_with_mlx_vlm_names(tmp_path: Path) -> None:
+    """An image-text model whose checkpoint uses the legacy names mlx-vlm writes
+    (`language_model.model.*`, `vision_tower.*`) loads through AutoModelForImageTextToText."""
+    from safetensors.torch import save_file
+    from transformers import (
+        AutoModelForImageTextToText,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+        projection_dim=64,
+    )
+    text = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=1000, tie_word_embeddings=False
+    )
+    torch.manual_seed(0)
+    model = mlxq.quantize_model(LlavaForConditionalGeneration(config).eval(), 4, 64)
+    legacy = (
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    )
+    tensors = {}
+    for key, value in model.state_dict().items():
+        for new, old in legacy:
+            if key.startswith(new):
+                key = old + key[len(new) :]
+                break
+        tensors[key] = value.contiguous()
+    assert "language_model.model.layers.0.self_attn.q_proj.scales" in tensors
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "mlx"})
+    raw = model.config.to_dict()
+    raw.pop("quantization_config")  # as mlx-vlm writes it: only the MLX block
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32)
+    assert isinstance(loaded.model.language_model.layers[0].mlp.up_proj, AffineLinear)
+    assert isinstance(loaded.model.vision_tower.encoder.layers[0].mlp.fc1, AffineLinear)
+    assert isinstance(loaded.lm_head, AffineLinear)
+    ids = torch.tensor([[5, 1000, 1000, 1000, 1000, 9, 11]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(input_ids=ids, pixel_values=pixels).logits
+        got = loaded(input_ids=ids, pixel_values=pixels).logits
+    assert torch.equal(got, want)

@@ -123,6 +123,34 @@ def add_mlx_lm_config_keys(config) -> None:
         config.quantization = q.mlx_dict()
 
 
+def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInfo]):
+    """Rename checkpoint tensor names the way transformers will when loading them.
+
+    Image-text checkpoints (mlx-vlm, older transformers) name tensors `language_model.model.*`
+    where transformers 5 modules are `model.language_model.*`; the model's own renamings (and
+    the base-model prefix) are applied per module, so `scales`/`biases` follow their `weight`.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    except (ImportError, AttributeError, TypeError):  # another transformers: names as they are
+        return headers
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    modules: dict[str, str] = {}
+    out: dict[str, TensorInfo] = {}
+    for key, info in headers.items():
+        module, _, leaf = key.rpartition(".")
+        if module not in modules:
+            renamed, _ = rename_source_key(f"{module}.weight", renamings, [], prefix, meta)
+            modules[module] = renamed.removesuffix(".weight")
+        out[f"{modules[module]}.{leaf}" if modules[module] else leaf] = info
+    return out
+
+
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
@@ -200,7 +228,7 @@ class MLXHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
             return model
-        headers = read_headers(checkpoint_files or [])
+        headers = checkpoint_keys_as_model_keys(model, read_headers(checkpoint_files or []))
         config = self.quantization_config
         replaced: set[str] = set()
         for name, module in list(model.named_modules()):
