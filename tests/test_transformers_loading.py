@@ -306,3 +306,14 @@ def test_device_map_cpu_places_buffers(tiny: Path) -> None:
     model = _load(tiny, device_map="cpu")
     assert {b.device.type for b in model.buffers()} == {"cpu"}
     assert np.isfinite(_logits(model).numpy()).all()
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs an Apple GPU (MPS)")
+def test_device_map_mps_and_to_match_cpu(tiny: Path, tiny_logits: torch.Tensor) -> None:
+    model = _load(tiny, device_map="mps")
+    assert {b.device.type for b in model.buffers()} == {"mps"}
+    with torch.no_grad():
+        got = model(TOKENS.to("mps")).logits.cpu()
+    torch.testing.assert_close(got, tiny_logits, rtol=1e-4, atol=1e-4)
+    model.to("cpu")
+    assert torch.equal(_logits(model), tiny_logits)
