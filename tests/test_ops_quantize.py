@@ -158,3 +158,20 @@ def test_dequantize_empty_rows():
     s = torch.zeros((0, 1), dtype=torch.float16)
     out = mlxq.affine_dequantize(wq, s, s, 32, 8)
     assert out.shape == (0, 32) and out.dtype == torch.float16
+
+
+def test_default_arguments_are_mlx_defaults(gen):
+    """group_size=64, bits=4 by default, in the Python API and in the op schemas alike."""
+    w = random_weight((6, 128), torch.float16, gen)
+    theirs = mx.quantize(to_mx(w))  # mlx defaults: group 64, 4 bits
+    for ours in (mlxq.affine_quantize(w), torch.ops.mlxq.affine_quantize(w)):
+        for o, t, name in zip(ours, theirs, ("wq", "scales", "biases"), strict=True):
+            assert_bit_equal(o, t, name)
+    wq, s, b = mlxq.affine_quantize(w)
+    expected = mx_dequantize(wq, s, b, 64, 4)
+    assert mlxq.affine_dequantize(wq, s, b).shape == expected.shape
+    assert torch.ops.mlxq.affine_dequantize(wq, s, b).shape == expected.shape
+    x = torch.randn((3, 128), generator=gen).half()
+    y = mlxq.affine_matmul(x, wq, s, b)
+    assert torch.equal(torch.ops.mlxq.affine_matmul(x, wq, s, b), y)
+    assert torch.equal(mlxq.affine_matmul(x, wq, s, b, 64, 4, True), y)
