@@ -57,15 +57,23 @@ def test_copy_and_exact_traffic(lib: emu.Library, dtype: torch.dtype) -> None:
 def test_barrier_orders_threadgroup_memory(lib: emu.Library) -> None:
     x = torch.randn(4 * 256)
     y = torch.zeros_like(x)
-    emu.dispatch("reverse_tg", (4, 1, 1), (256, 1, 1), {0: x, 1: y}, {0: 256 * 4})
+    rep = emu.dispatch("reverse_tg", (4, 1, 1), (256, 1, 1), {0: x, 1: y}, {0: 256 * 4})
     assert torch.equal(y, x.view(4, 256).flip(1).reshape(-1))
+    assert rep.threadgroup_bytes == 1024
+
+
+def test_threadgroup_memory_limit(lib: emu.Library) -> None:
+    x = torch.randn(256)
+    with pytest.raises(emu.EmulatorError, match="threadgroup memory of 40000 bytes exceeds"):
+        emu.dispatch("reverse_tg", 1, 256, {0: x, 1: torch.zeros(256)}, {0: 40000})
 
 
 def test_static_threadgroup_array_reused_across_threadgroups(lib: emu.Library) -> None:
     nx, ny = 16, 8  # 128 threads as a 2-D threadgroup, grid of 3 threadgroups in y
     x = torch.randn(nx * ny)
     y = torch.zeros(3 * nx * ny)
-    emu.dispatch("reverse_static", (1, 3, 1), (nx, ny, 1), {0: x, 1: y})
+    rep = emu.dispatch("reverse_static", (1, 3, 1), (nx, ny, 1), {0: x, 1: y})
+    assert rep.threadgroup_bytes == nx * ny * 4  # the part of buf[256] the threads wrote
     count = nx * ny
     for gy in range(3):
         g = torch.tensor([gy * ny * 1000 + 0.0])  # gid.y * 1000 + gid.x for tid's position

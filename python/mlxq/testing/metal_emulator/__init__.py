@@ -51,6 +51,8 @@ class DispatchReport:
     threads_per_threadgroup: tuple[int, int, int]
     bytes_read: dict[int, int] = field(default_factory=dict)
     bytes_written: dict[int, int] = field(default_factory=dict)
+    # Threadgroup memory of one threadgroup: host-bound blocks + fixed-size arrays written.
+    threadgroup_bytes: int = 0
 
 
 @dataclass
@@ -261,6 +263,7 @@ def _run(
         tg_sizes[idx] = int(n)
     read = (ctypes.c_int64 * 32)()
     written = (ctypes.c_int64 * 32)()
+    tg_bytes = ctypes.c_int64()
     err = ctypes.create_string_buffer(4096)
     rc = k.lib.mlxq_emu_run(
         ctypes.c_int(k.index),
@@ -272,6 +275,7 @@ def _run(
         tg_sizes,
         read,
         written,
+        ctypes.byref(tg_bytes),
         err,
         ctypes.c_int(len(err)),
     )
@@ -283,6 +287,7 @@ def _run(
         t,
         {i: int(read[i]) for i in sorted(buffers)},
         {i: int(written[i]) for i in sorted(buffers)},
+        int(tg_bytes.value),
     )
     _last_report = report
     return report

@@ -616,9 +616,24 @@ EXPORT const char* mlxq_emu_kernel_name(int i) { return mlxq_emu_kernels[i].name
 
 // buf_size[i] < 0 marks an absent buffer; tg_size likewise. Returns 0 on success, else 1 with the
 // message in err.
+// Threadgroup memory the first threadgroup used: host-bound blocks plus the bytes of fixed-size
+// `threadgroup` arrays it wrote.
+int64_t threadgroup_bytes(const int64_t* tg_size) {
+  int64_t n = 0;
+  for (int i = 0; i < 32; ++i)
+    if (tg_size[i] > 0) n += tg_size[i];
+  for (int64_t i = 0; i < g_static_tg.size; ++i)
+    if (g_static_tg.shadow[i].w_epoch >= g_tg_base) ++n;
+  return n;
+}
+
+constexpr int64_t kMaxThreadgroupMemory = 32768;
+
 EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* const* buf_ptr,
                         const int64_t* buf_size, const int* buf_writable, const int64_t* tg_size,
-                        int64_t* bytes_read, int64_t* bytes_written, char* err, int errlen) {
+                        int64_t* bytes_read, int64_t* bytes_written, int64_t* tg_bytes, char* err,
+                        int errlen) {
+  *tg_bytes = 0;
   g_failed = false;
   g_err[0] = 0;
   int ok = 0;
@@ -679,6 +694,12 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
           g_tgpos[1] = y;
           g_tgpos[2] = z;
           run_threadgroup(grid, tptg, bufs, tgs);
+          if (x == 0 && y == 0 && z == 0 && !g_failed) {
+            *tg_bytes = threadgroup_bytes(tg_size);
+            if (*tg_bytes > kMaxThreadgroupMemory)
+              fail("threadgroup memory of %lld bytes exceeds Metal's limit of %lld bytes",
+                   (long long)*tg_bytes, (long long)kMaxThreadgroupMemory);
+          }
         }
     remove_fault_handlers();
   }
