@@ -4,8 +4,8 @@
 //
 // Quantization reproduces mlx.core.quantize (and csrc/cpu/quantize.h) bit for bit: fp32 math;
 // the edge of larger magnitude is kept exact, which can make the scale negative; values are
-// rounded half to even (rint) and clamped to [0, 2^BITS - 1]. Bit-exactness needs IEEE division:
-// build the metallib with -fno-fast-math (and disable fast math for runtime compiles).
+// rounded half to even (rint) and clamped to [0, 2^BITS - 1]. Divisions are precise::divide, so
+// the result stays bit-exact when the library is compiled with fast math (Metal's default).
 #pragma once
 
 #include "mlxq_utils.h"
@@ -31,13 +31,13 @@ void affine_quantize_impl(const device T* w, device uint* wq, device T* scales, 
     w_max = max(w_max, v[j]);
   }
   const bool min_is_edge = abs(w_min) > abs(w_max);
-  float s = max((w_max - w_min) / n_bins, 1e-7f);
+  float s = max(precise::divide(w_max - w_min, n_bins), 1e-7f);
   s = min_is_edge ? s : -s;
   const float edge = min_is_edge ? w_min : w_max;
-  const float q0 = rint(edge / s);
+  const float q0 = rint(precise::divide(edge, s));
   float b = 0.0f;
   if (q0 != 0.0f) {
-    s = edge / q0;
+    s = precise::divide(edge, q0);
     b = edge;
   }
   // The group's bit stream, emitted a word at a time.
@@ -47,7 +47,7 @@ void affine_quantize_impl(const device T* w, device uint* wq, device T* scales, 
   int word = 0;
 #pragma clang loop unroll(full)
   for (int j = 0; j < GS; ++j) {
-    const float q = min(max(rint((v[j] - b) / s), 0.0f), n_bins);
+    const float q = min(max(rint(precise::divide(v[j] - b, s)), 0.0f), n_bins);
     bitbuf |= ulong(uint(q)) << nbits;
     nbits += BITS;
     if (nbits >= 32) {
