@@ -4,8 +4,14 @@
 // turns a plan into setBuffer/setBytes/dispatchThreadgroups calls; the emulator and the
 // runtime-compiled fallback execute the same plan. Validation goes through csrc/checks.h.
 //
-// Callers must pass contiguous tensors, and scales/biases in the kernel's dtype (`dtype`
-// below; for affine_matmul that is the dtype of x).
+// What an executor of a plan must do:
+//  - bind contiguous tensors whose data starts 16-byte aligned (the kernels use uint4/uint2
+//    loads on packed rows); int32 packed weights are bound as they are (same bits);
+//  - pass scales/biases in the kernel's dtype (`dtype`; for affine_matmul that of x);
+//  - bind `params` with setBytes, and each threadgroup_memory entry with
+//    setThreadgroupMemoryLength(bytes, index);
+//  - skip the launch when empty() (the outputs are empty tensors of out_shapes);
+//  - compile the library for MSL 3.1 (bfloat).
 #pragma once
 
 #include <ATen/ATen.h>
