@@ -272,13 +272,33 @@ def test_config_entry_disagreeing_with_tensors_names_the_layer(tiny: Path, tmp_p
         _load(folder)
 
 
-def test_metal_style_qbiases_are_named_in_the_error(tiny: Path, tmp_path: Path) -> None:
-    def rename(w: dict) -> None:
-        w[f"{LAYER}.qbiases"] = w.pop(f"{LAYER}.biases")
+def test_metal_checkpoints_stay_metal_unless_mlxq_is_asked(
+    tiny: Path, tiny_logits: torch.Tensor, tmp_path: Path
+) -> None:
+    """transformers' MetalConfig format: same packing, `qbiases`, quant_method "metal"."""
 
-    folder = _edit(_copy(tiny, tmp_path / "ckpt"), tensors=rename)
-    with pytest.raises(ValueError, match="qbiases: a transformers MetalConfig checkpoint"):
-        _load(folder)
+    def rename(w: dict) -> None:
+        for key in [k for k in w if k.endswith(".biases")]:
+            w[key[: -len("biases")] + "qbiases"] = w.pop(key)
+
+    def metal(c: dict) -> None:
+        c.pop("quantization")
+        c["quantization_config"] = {"quant_method": "metal", "bits": 4, "group_size": 128}
+
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), tensors=rename, config=metal)
+    # by default transformers' own MetalHfQuantizer handles it (on CPU: dequantized to float;
+    # without device_map it would ask for "mps")
+    default = _load(folder, device_map="cpu")
+    assert not isinstance(getattr(default, "hf_quantizer", None), mlxq.integrations.MLXHfQuantizer)
+    assert not any(isinstance(m, AffineLinear) for m in default.modules())
+    # transformers' own dequantizer agrees with mlxq's kernels (an independent check; it rounds
+    # the dequantized weights to the checkpoint's bf16, hence the looser tolerance)
+    theirs = _logits(default).float()
+    torch.testing.assert_close(theirs, tiny_logits, rtol=0, atol=0.02 * tiny_logits.abs().max())
+    # asked for, mlxq runs it quantized on any device, with the same results as the MLX original
+    model = _load(folder, quantization_config=mlxq.MLXQuantConfig())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, AffineLinear)
+    assert torch.equal(_logits(model), tiny_logits)
 
 
 def test_unsupported_device_and_mode_values(tiny: Path) -> None:

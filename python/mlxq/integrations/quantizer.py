@@ -32,7 +32,11 @@ _PACKED_DTYPES = ("U32", "I32")
 
 
 def stored_format(
-    name: str, in_features: int, out_features: int, headers: dict[str, TensorInfo], config
+    name: str,
+    in_features: int,
+    out_features: int,
+    headers: dict[str, TensorInfo],
+    config,
 ) -> ModuleFormat | None:
     """The format module `name` is stored in, from its tensors; None if it is float.
 
@@ -57,16 +61,11 @@ def stored_format(
         )
     if weight is None:
         raise ValueError(f"mlxq: layer {name!r}: {name}.scales exists but {name}.weight is missing")
-    biases = headers.get(f"{name}.biases")
+    # transformers' MetalConfig checkpoints name the biases `qbiases` (renamed when loading)
+    biases = headers.get(f"{name}.biases", headers.get(f"{name}.qbiases"))
     if biases is None:
-        hint = (
-            " (it has qbiases: a transformers MetalConfig checkpoint)"
-            if (f"{name}.qbiases" in headers)
-            else ""
-        )
         raise ValueError(
-            f"mlxq: layer {name!r}: affine mode needs {name}.biases, missing from the "
-            f"checkpoint{hint}"
+            f"mlxq: layer {name!r}: affine mode needs {name}.biases, missing from the checkpoint"
         )
     if weight.dtype not in _PACKED_DTYPES or len(weight.shape) != 2 or len(scales.shape) != 2:
         raise ValueError(
@@ -294,6 +293,12 @@ class MLXHfQuantizer(HfQuantizer):
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         return model
+
+    def get_weight_conversions(self):
+        """Read transformers MetalConfig checkpoints too: their `qbiases` are our `biases`."""
+        from transformers.core_model_loading import WeightRenaming
+
+        return [WeightRenaming(source_patterns=r"\.qbiases$", target_patterns=".biases")]
 
     def is_serializable(self) -> bool:
         return True

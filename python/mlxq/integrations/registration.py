@@ -8,7 +8,9 @@ What it does, and why each piece is needed:
    ``quantization_config`` *without* a ``quant_method``, which transformers rejects. A wrapper
    around ``transformers.modeling_utils.get_hf_quantizer`` tags such a dict with
    ``quant_method: "mlx"`` (on a copy) before transformers reads it. Any dict that already has
-   a quant_method (e.g. ``"metal"`` for transformers' own MetalConfig) is left alone.
+   a quant_method (e.g. ``"metal"`` for transformers' own MetalConfig) is left alone, unless
+   the caller passes ``quantization_config=MLXQuantConfig()``: then a MetalConfig checkpoint
+   (same packing, ``qbiases`` for ``biases``) runs on mlxq's kernels on every device.
 3. Stale shard indexes: a wrapper around ``transformers.modeling_utils.get_checkpoint_shard_files``
    checks the index against the safetensors files present and, when it is stale, returns a
    weight map rebuilt from their headers (:func:`mlxq.integrations.checkpoint.repair_shard_index`).
@@ -40,9 +42,13 @@ def is_registered() -> bool:
     )
 
 
-def _tag_mlx_quantization(config: Any) -> None:
-    """Give an MLX quantization block of `config` (or its text config) quant_method "mlx"."""
-    from mlxq.integrations.config import QUANT_METHOD, is_mlx_quantization
+def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
+    """Give an MLX quantization block of `config` (or its text config) quant_method "mlx".
+
+    A transformers MetalConfig checkpoint (same packing, `qbiases` naming) is taken over only
+    when the caller asked for it by passing an `MLXQuantConfig`; otherwise it stays Metal's.
+    """
+    from mlxq.integrations.config import QUANT_METHOD, MLXQuantConfig, is_mlx_quantization
 
     configs = [config]
     if hasattr(config, "get_text_config"):
@@ -55,6 +61,19 @@ def _tag_mlx_quantization(config: Any) -> None:
             q = getattr(cfg, "quantization", None)  # older mlx-lm wrote only this key
         if isinstance(q, dict) and "quant_method" not in q and is_mlx_quantization(q):
             cfg.quantization_config = {**q, "quant_method": QUANT_METHOD}
+        elif isinstance(requested, MLXQuantConfig) and _is_metal(q):
+            q = q if isinstance(q, dict) else q.to_dict()
+            cfg.quantization_config = {
+                "bits": q["bits"],
+                "group_size": q["group_size"],
+                "modules_to_not_convert": q.get("modules_to_not_convert") or [],
+                "quant_method": QUANT_METHOD,
+            }
+
+
+def _is_metal(q: Any) -> bool:
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(getattr(method, "value", method)) == "metal"
 
 
 def register() -> None:
@@ -75,7 +94,7 @@ def register() -> None:
     if not getattr(original_get_hf_quantizer, _MARK, False):
 
         def get_hf_quantizer(config, quantization_config, *args, **kwargs):
-            _tag_mlx_quantization(config)
+            _tag_mlx_quantization(config, quantization_config)
             return original_get_hf_quantizer(config, quantization_config, *args, **kwargs)
 
         setattr(get_hf_quantizer, _MARK, True)
