@@ -308,3 +308,11 @@ def test_msl_idioms() -> None:
     ]
     got = out.tolist()
     assert got == pytest.approx(expect, rel=1e-6, abs=0), list(zip(got, expect, strict=True))
+
+
+def test_device_races_between_threadgroups_are_reported(lib: emu.Library) -> None:
+    with pytest.raises(emu.EmulatorError, match=r"buffer\(0\) .*written by threadgroups #0 and #1"):
+        emu.dispatch("overlapping_tiles", 2, 32, {0: torch.zeros(32)})
+    with pytest.raises(emu.EmulatorError, match=r"read by .* after threadgroup #0 wrote it"):
+        emu.dispatch("cross_threadgroup_read", 2, 32, {0: torch.zeros(64)})
+    emu.dispatch("overlapping_tiles", 1, 32, {0: torch.zeros(32)})  # one threadgroup: fine

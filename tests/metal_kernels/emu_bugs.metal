@@ -95,3 +95,21 @@ inline float deep(thread float* v, uint n) {
   float v[4] = {1, 2, 3, 4};
   dst[gid] = deep(v, 1);
 }
+
+// Every threadgroup writes the same output element.
+[[kernel]] void overlapping_tiles(device float* dst [[buffer(0)]],
+                                  uint tg [[threadgroup_position_in_grid]],
+                                  uint tid [[thread_index_in_threadgroup]]) {
+  dst[tid] = float(tg);
+}
+
+// Threadgroup 1 reads what threadgroup 0 wrote.
+[[kernel]] void cross_threadgroup_read(device float* buf [[buffer(0)]],
+                                       uint tg [[threadgroup_position_in_grid]],
+                                       uint tid [[thread_index_in_threadgroup]]) {
+  if (tg == 0) {
+    buf[tid] = 1.0f;
+  } else {
+    buf[32 + tid] = buf[tid];
+  }
+}

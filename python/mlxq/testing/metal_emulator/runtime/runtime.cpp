@@ -65,6 +65,11 @@ struct Region {
   size_t mapped = 0;
   Shadow* shadow = nullptr;
   size_t shadow_cap = 0;
+  // Device buffers: which threadgroup (linear index + 1) wrote each byte in this dispatch;
+  // allocated on the buffer's first write.
+  uint32_t* writer = nullptr;
+  size_t writer_cap = 0;
+  bool writer_live = false;
 };
 
 char* g_arena = nullptr;
@@ -329,6 +334,52 @@ void check_threadgroup(Region& r, int64_t off, uint64_t n, bool write) {
   }
 }
 
+// Threadgroups of a dispatch are not ordered: a byte of device memory written by one threadgroup
+// must not be written or read by another.
+uint32_t g_tg_linear = 0;
+
+void check_device_write(Region& r, int64_t off, uint64_t n) {
+  if (!r.writer_live) {
+    if ((size_t)r.size > r.writer_cap) {
+      free(r.writer);
+      r.writer = (uint32_t*)malloc((size_t)r.size * sizeof(uint32_t));
+      if (!r.writer) {
+        r.writer_cap = 0;
+        return;
+      }
+      r.writer_cap = (size_t)r.size;
+    }
+    memset(r.writer, 0, (size_t)r.size * sizeof(uint32_t));
+    r.writer_live = true;
+  }
+  const uint32_t me = g_tg_linear + 1;
+  for (uint64_t i = 0; i < n; ++i) {
+    uint32_t& w = r.writer[off + i];
+    if (w != 0 && w != me) {
+      fail(
+          "race on buffer(%d) at byte offset %lld: written by threadgroups #%u and #%u (%s); "
+          "threadgroups of a dispatch are not ordered",
+          r.index, (long long)(off + i), w - 1, me - 1, thread_desc());
+      abort_thread();
+    }
+    w = me;
+  }
+}
+
+void check_device_read(Region& r, int64_t off, uint64_t n) {
+  const uint32_t me = g_tg_linear + 1;
+  for (uint64_t i = 0; i < n; ++i) {
+    uint32_t w = r.writer[off + i];
+    if (w != 0 && w != me) {
+      fail(
+          "race on buffer(%d) at byte offset %lld: read by %s after threadgroup #%u wrote it "
+          "in the same dispatch; threadgroups of a dispatch are not ordered",
+          r.index, (long long)(off + i), thread_desc(), w - 1);
+      abort_thread();
+    }
+  }
+}
+
 void mem_access(const void* p, uint64_t n, int kind /*0 read, 1 write, 2 atomic*/) {
   uintptr_t a = (uintptr_t)p;
   if (a - (uintptr_t)g_arena < g_arena_size) {
@@ -352,7 +403,9 @@ void mem_access(const void* p, uint64_t n, int kind /*0 read, 1 write, 2 atomic*
       if (kind != 2) check_threadgroup(r, off, n, kind == 1);
     } else if (kind == 1) {
       g_written[r.index] += n;
+      check_device_write(r, off, n);
     } else {
+      if (kind == 0 && r.writer_live) check_device_read(r, off, n);
       g_read[r.index] += n;
       if (kind == 2) g_written[r.index] += n;
     }
@@ -660,6 +713,7 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
         }
         r.active = true;
         r.threadgroup = false;
+        r.writer_live = false;
         r.index = i;
         if (buf_size[i]) memcpy(r.base, buf_ptr[i], (size_t)buf_size[i]);
         bufs[i] = r.base;
@@ -693,6 +747,7 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
           g_tgpos[0] = x;
           g_tgpos[1] = y;
           g_tgpos[2] = z;
+          g_tg_linear = (z * grid[1] + y) * grid[0] + x;
           run_threadgroup(grid, tptg, bufs, tgs);
           if (x == 0 && y == 0 && z == 0 && !g_failed) {
             *tg_bytes = threadgroup_bytes(tg_size);
