@@ -249,8 +249,23 @@ def test_bad_dispatches_raise_clear_errors(lib: emu.Library) -> None:
 def test_strict_pass_rejects_address_space_mistake() -> None:
     emu.check_syntax_strict(KERNELS / "emu_basic.metal")
     emu.check_syntax_strict(KERNELS / "emu_bugs.metal")
-    with pytest.raises(emu.EmulatorError, match=r"address_space\(3\).*device float"):
+    with pytest.raises(emu.EmulatorError) as e:
         emu.check_syntax_strict(KERNELS / "emu_strict_bad.metal")
+    msg = str(e.value)
+    # A threadgroup array passed as a device pointer, and a store to constant memory.
+    assert "emu_strict_bad.metal" in msg and "store_twice" in msg and "address_space(3)" in msg
+    assert "read-only variable is not assignable" in msg and "params[tid] = 1.0f" in msg
+
+
+def test_kernel_parameters_need_address_spaces(tmp_path: Path) -> None:
+    src = tmp_path / "no_space.metal"
+    src.write_text(
+        "#include <metal_stdlib>\nusing namespace metal;\n"
+        "[[kernel]] void k(float* x [[buffer(0)]], uint i [[thread_position_in_grid]]) "
+        "{ x[i] = 0; }\n"
+    )
+    with pytest.raises(emu.EmulatorError, match="needs the device or constant address space"):
+        emu.load_library(src)
 
 
 def test_faults_in_kernel_code_are_reported(lib: emu.Library) -> None:

@@ -13,3 +13,9 @@ inline void store_twice(device float* dst, float v, uint i) { dst[i] = 2.0f * v;
   threadgroup_barrier(mem_flags::mem_threadgroup);
   dst[tid] = buf[tid];
 }
+
+// Writes through a pointer to the read-only constant address space.
+[[kernel]] void write_to_constant(constant float* params [[buffer(0)]],
+                                  uint tid [[thread_index_in_threadgroup]]) {
+  params[tid] = 1.0f;
+}

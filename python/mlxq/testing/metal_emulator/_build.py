@@ -276,6 +276,7 @@ def check_strict(metal_file: Path, include_dirs: list[Path] | None = None) -> No
         cmd = [
             *compiler(),
             *CXXFLAGS,
+            "-Wno-duplicate-decl-specifier",  # `const constant T*` -> const const
             "-DMLXQ_EMU_STRICT",
             "-include",
             str(INCLUDE_DIR / "mlxq_emu_shim.h"),

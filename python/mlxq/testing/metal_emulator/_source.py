@@ -156,6 +156,17 @@ def _parse_params(name: str, text: str) -> list[Param]:
         plain = _ATTR.sub("", decl).strip()
         pname = re.findall(r"(\w+)\s*$", plain)
         pname = pname[0] if pname else "?"
+        spaces = set(re.findall(r"\b(device|constant|threadgroup)\b", plain))
+        if attr == "buffer" and not spaces & {"device", "constant"}:
+            raise SourceError(
+                f"kernel {name}: buffer parameter `{plain}` needs the device or constant "
+                "address space"
+            )
+        if attr == "threadgroup" and spaces != {"threadgroup"}:
+            raise SourceError(
+                f"kernel {name}: threadgroup parameter `{plain}` needs the threadgroup "
+                "address space"
+            )
         if attr == "buffer":
             params.append(Param(KIND_BUFFER, int(idx), pname, plain))
         elif attr == "threadgroup":

@@ -20,7 +20,8 @@
 
 #ifdef MLXQ_EMU_STRICT
 #define device __attribute__((address_space(1)))
-#define constant __attribute__((address_space(2)))
+// `constant` memory is read-only in MSL.
+#define constant const __attribute__((address_space(2)))
 #define threadgroup __attribute__((address_space(3)))
 #define MLXQ_TG_VAR static __attribute__((address_space(3)))
 #else
