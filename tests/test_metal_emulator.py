@@ -240,6 +240,9 @@ def test_bad_dispatches_raise_clear_errors(lib: emu.Library) -> None:
         emu.dispatch(
             "copy_float", 1, (64, 32, 1), {0: torch.zeros(1), 1: torch.zeros(1), 2: u32(1)}
         )
+    x = torch.zeros(64)
+    with pytest.raises(emu.EmulatorError, match=r"buffer\(0\) and buffer\(1\) share memory"):
+        emu.dispatch("copy_float", 1, 32, {0: x[:32], 1: x[16:48], 2: u32(32)})
     with pytest.raises(emu.EmulatorError, match="contiguous"):
         emu.dispatch(
             "copy_float", 1, 32, {0: torch.zeros(4, 8).t(), 1: torch.zeros(32), 2: u32(32)}

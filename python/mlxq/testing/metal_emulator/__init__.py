@@ -281,6 +281,7 @@ def _run(
     )
     if rc != 0:
         raise EmulatorError(f"{name}: {err.value.decode(errors='replace')}")
+    _check_aliasing(name, ptrs, sizes, written)
     report = DispatchReport(
         name,
         g,
@@ -291,6 +292,18 @@ def _run(
     )
     _last_report = report
     return report
+
+
+def _check_aliasing(name: str, ptrs: Any, sizes: Any, written: Any) -> None:
+    """Buffers are copied into separate emulator memory: no written buffer may overlap another."""
+    spans = [(i, ptrs[i] or 0, sizes[i]) for i in range(32) if sizes[i] > 0]
+    for i, a, na in spans:
+        for j, b, nb in spans:
+            if i < j and a < b + nb and b < a + na and (written[i] or written[j]):
+                raise EmulatorError(
+                    f"{name}: buffer({i}) and buffer({j}) share memory and one of them is written; "
+                    "the emulator does not support aliased buffers"
+                )
 
 
 def _buffer(name: str, idx: int, buf: Any) -> tuple[int, int, int, Any]:

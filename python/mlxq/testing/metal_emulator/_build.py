@@ -132,6 +132,19 @@ def _deps_hash(metal_file: Path, include_dirs: list[Path]) -> str:
     return _hash(*parts)
 
 
+def _prune(pattern: str, keep: int = 6) -> None:
+    """Drop all but the `keep` newest cache entries matching `pattern` (old shim/source versions).
+
+    A library already loaded by another process stays valid after its file is unlinked.
+    """
+    entries = sorted(cache_dir().glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "wb") as f:
@@ -177,6 +190,7 @@ def _runtime_object(work: Path) -> Path:
             "compiling the emulator runtime",
         )
         _atomic_write(obj, tmp.read_bytes())
+        _prune("runtime-*.o")
     return obj
 
 
@@ -254,6 +268,7 @@ def build(metal_file: Path, include_dirs: list[Path] | None = None) -> tuple[Pat
         ]
         _atomic_write(lib, so.read_bytes())
         _atomic_write(meta, json.dumps(desc).encode())
+    _prune(f"{metal_file.stem}-*")
     return lib, desc
 
 
@@ -293,3 +308,4 @@ def check_strict(metal_file: Path, include_dirs: list[Path] | None = None) -> No
             msg = proc.stderr.strip().replace(str(gen), str(metal_file) + " (preprocessed)")
             raise EmulatorError(f"strict address-space check of {metal_file} failed:\n{msg}")
     ok.write_text("ok\n")
+    _prune(f"strict-{metal_file.stem}-*")
