@@ -322,8 +322,10 @@ def test_header_reader_rejects_non_safetensors(tmp_path: Path) -> None:
         ckpt.read_header(bad)
 
 
-def test_device_map_cpu_places_buffers(tiny: Path) -> None:
-    model = _load(tiny, device_map="cpu")
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the CPU placement")
+@pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
+def test_device_map_cpu_places_buffers(tiny: Path, device_map) -> None:
+    model = _load(tiny, device_map=device_map)
     assert {b.device.type for b in model.buffers()} == {"cpu"}
     assert np.isfinite(_logits(model).numpy()).all()
 

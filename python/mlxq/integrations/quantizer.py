@@ -29,6 +29,7 @@ from mlxq.nn import (
 __all__ = ["MLXHfQuantizer", "stored_format", "tie_quantized_head", "add_mlx_lm_config_keys"]
 
 _PACKED_DTYPES = ("U32", "I32")
+_PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def stored_format(
@@ -216,13 +217,19 @@ class MLXHfQuantizer(HfQuantizer):
         device_map = kwargs.get("device_map")
         devices = device_map.values() if isinstance(device_map, dict) else [device_map]
         for device in devices:
-            kind = torch.device(device).type if isinstance(device, (str, torch.device)) else "cpu"
-            if isinstance(device, int):
-                kind = "cuda"
-            if kind not in ("cpu", "mps", "meta") and device not in ("auto", "disk"):
+            if device is None or device in (*_PLACEMENT_STRATEGIES, "disk"):
+                continue
+            kind = "cuda" if isinstance(device, int) else torch.device(device).type
+            if kind not in ("cpu", "mps", "meta"):
                 raise ValueError(
                     f"mlxq: device '{device}' in device_map is not supported (cpu and mps are)"
                 )
+
+    def update_device_map(self, device_map):
+        """A placement strategy ("auto", ...) means the one device mlxq runs on here."""
+        if isinstance(device_map, str) and device_map in _PLACEMENT_STRATEGIES:
+            return {"": "mps" if torch.backends.mps.is_available() else "cpu"}
+        return device_map
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
