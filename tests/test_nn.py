@@ -15,6 +15,11 @@ GROUPS = (32, 64, 128)
 DTYPES = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
 
 
+def _seed_from(gen: torch.Generator) -> None:
+    """Fresh data each session (conftest's seed): module inits use torch's global generator."""
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+
+
 def _to_mx(t: torch.Tensor) -> mx.array:
     if t.dtype == torch.bfloat16:
         return mx.array(t.float().numpy()).astype(mx.bfloat16)
@@ -29,8 +34,10 @@ def _to_np(a: mx.array) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUPS)
-def test_affine_linear_matches_mlx_quantized_linear(bits: int, group_size: int) -> None:
-    torch.manual_seed(bits * 1000 + group_size)
+def test_affine_linear_matches_mlx_quantized_linear(
+    bits: int, group_size: int, gen: torch.Generator
+) -> None:
+    _seed_from(gen)
     linear = torch.nn.Linear(256, 48, bias=True)
     module = AffineLinear.from_float(linear, bits=bits, group_size=group_size)
 
@@ -50,8 +57,8 @@ def test_affine_linear_matches_mlx_quantized_linear(bits: int, group_size: int) 
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_affine_linear_activation_dtypes(dtype: torch.dtype) -> None:
-    torch.manual_seed(0)
+def test_affine_linear_activation_dtypes(dtype: torch.dtype, gen: torch.Generator) -> None:
+    _seed_from(gen)
     linear = torch.nn.Linear(128, 64, bias=False).to(dtype)
     module = AffineLinear.from_float(linear, bits=4, group_size=64)
     assert module.scales.dtype == dtype and module.weight.dtype == torch.uint32
@@ -71,8 +78,8 @@ def test_affine_linear_activation_dtypes(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("bits", (3, 4, 8))
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_affine_embedding_matches_mlx(bits: int, dtype: torch.dtype) -> None:
-    torch.manual_seed(bits)
+def test_affine_embedding_matches_mlx(bits: int, dtype: torch.dtype, gen: torch.Generator) -> None:
+    _seed_from(gen)
     emb = torch.nn.Embedding(100, 64).to(dtype)
     module = AffineEmbedding.from_float(emb, bits=bits, group_size=32)
     qref = mnn.QuantizedEmbedding(100, 64, group_size=32, bits=bits)
@@ -143,8 +150,8 @@ def test_state_dict_is_mlx_layout_and_to_dtype_keeps_packing() -> None:
     assert torch.equal(fresh(x), module(x))
 
 
-def test_matches_dequantized_float_linear_and_gradients_flow() -> None:
-    torch.manual_seed(1)
+def test_matches_dequantized_float_linear_and_gradients_flow(gen: torch.Generator) -> None:
+    _seed_from(gen)
     module = AffineLinear.from_float(torch.nn.Linear(64, 16), bits=6, group_size=32)
     w = module.dequantize_weight().double()
     x = torch.randn(5, 64, requires_grad=True)
