@@ -112,9 +112,12 @@ def _hash(*parts: bytes | str) -> str:
 
 
 def _shim_hash() -> str:
-    files = sorted(INCLUDE_DIR.iterdir()) + [RUNTIME_SRC, Path(__file__), Path(_ir.__file__)]
+    # This file itself is not hashed (cosmetic edits must not invalidate every cached library):
+    # bump FORMAT_VERSION when the way libraries are built changes.
+    files = sorted(INCLUDE_DIR.iterdir()) + [RUNTIME_SRC, Path(_ir.__file__)]
     return _hash(
         FORMAT_VERSION,
+        repr((CXXFLAGS, KERNEL_OPT)),
         " ".join(compiler()),
         find_compiler()[1],
         *[f.name for f in files],
