@@ -1,0 +1,340 @@
+"""Whole-model benchmark: SmolLM2-135M-Instruct 4-bit through transformers + mlxq vs its peers.
+
+Peers (each in its own process, so that load time and peak memory are its own):
+- ``mlxq``: the MLX 4-bit checkpoint through transformers + mlxq (fp32 activations on CPU);
+- ``mlxq_bf16``: the same with bf16 activations;
+- ``dense_bf16`` / ``dense_fp32``: transformers with the dense float model (the GGUF dequantized);
+- ``mlx_lm``: mlx-lm on the same machine with the same MLX checkpoint.
+
+Measured: load time (from_pretrained / mlx_lm.load), prefill tokens/s (one forward pass over a
+`--prompt-tokens` prompt with an empty cache, logits of the last position only, median of
+`--reps`), decode tokens/s (greedy, batch 1, `--decode-tokens` new tokens after that prompt,
+timed from the first new token to the last, so prefill is excluded) and peak RSS. mlx-lm's CPU
+backend is very slow, so it runs a shorter prompt and fewer tokens (`--mlx-prompt-tokens`,
+`--mlx-decode-tokens`); the table says how many tokens each number is over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main", "PEERS", "ratios"]
+
+PEERS = ("mlxq", "mlxq_bf16", "dense_bf16", "dense_fp32", "mlx_lm")
+DEFAULT_PEERS = ["mlxq", "dense_bf16", "dense_fp32", "mlx_lm"]
+TARGETS = {  # (name, numerator, denominator, metric, minimum)
+    "decode_vs_dense_bf16": ("mlxq", "dense_bf16", "decode_tps", 1.5),
+    "decode_vs_mlx_lm": ("mlxq", "mlx_lm", "decode_tps", 20.0),
+    "prefill_vs_dense_fp32": ("mlxq", "dense_fp32", "prefill_tps", 0.8),
+}
+_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined movable metal type, oil-based ink and a wooden screw press into a "
+    "system that could produce books faster and more cheaply than scribes. Within fifty years "
+    "printing shops had spread across Europe, and the number of books in circulation grew "
+    "from thousands to millions. Scholars argue about how much this changed the world: some "
+    "credit the press with the Reformation, the scientific revolution and the rise of "
+    "literacy, while others point out that manuscripts remained common for a long time. "
+)
+
+
+def _peak_rss() -> int:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _torch_worker(spec: dict) -> dict:
+    import torch
+
+    import mlxq  # noqa: F401  (registers the MLX quantizer)
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    dtype = getattr(torch, spec["dtype"])
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype).eval()
+    load_s = time.perf_counter() - start
+    prompt = torch.tensor([spec["prompt_ids"]])
+    out: dict = {"load_s": load_s, "threads": torch.get_num_threads()}
+
+    if spec["prefill"]:
+        times = []
+        with torch.inference_mode():
+            for i in range(spec["reps"] + 1):  # the first one warms up
+                t = time.perf_counter()
+                model(prompt, use_cache=True, logits_to_keep=1)
+                if i:
+                    times.append(time.perf_counter() - t)
+        out["prefill_tokens"] = prompt.shape[1]
+        out["prefill_tps"] = prompt.shape[1] / statistics.median(times)
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.first = True
+
+        def put(self, value) -> None:
+            if self.first:
+                self.first = False  # the prompt
+            else:
+                self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def run(n: int, ids: torch.Tensor) -> list[float]:
+        clock = Clock()
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=0,
+            )
+        return clock.times
+
+    n = spec["decode_tokens"]
+    decode_ids = prompt[:, : spec["decode_context"]]
+    run(4, decode_ids)  # warm-up
+    times = run(n, decode_ids)
+    out["decode_tokens"] = len(times)
+    out["decode_context"] = decode_ids.shape[1]
+    out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def _mlx_worker(spec: dict) -> dict:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    start = time.perf_counter()
+    model, _ = load(spec["path"])
+    load_s = time.perf_counter() - start
+    out: dict = {"load_s": load_s}
+    prompt = mx.array(spec["prompt_ids"])
+    if spec["prefill"]:
+        times = []
+        for i in range(spec["reps"] + 1):
+            cache = make_prompt_cache(model)
+            t = time.perf_counter()
+            logits = model(prompt[None], cache=cache)
+            mx.eval(logits[:, -1, :], [c.state for c in cache])
+            if i:
+                times.append(time.perf_counter() - t)
+        out["prefill_tokens"] = int(prompt.shape[0])
+        out["prefill_tps"] = prompt.shape[0] / statistics.median(times)
+    decode_prompt = prompt[: spec["decode_context"]]
+    times = []
+    for _ in generate_step(decode_prompt, model, max_tokens=spec["decode_tokens"]):
+        times.append(time.perf_counter())
+    out["decode_tokens"] = len(times)
+    out["decode_context"] = int(decode_prompt.shape[0])
+    out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def _worker(spec: dict) -> dict:
+    return _mlx_worker(spec) if spec["peer"] == "mlx_lm" else _torch_worker(spec)
+
+
+def prompt_ids(tokenizer_dir: Path, n: int) -> list[int]:
+    """`n` token ids of a fixed English text (repeated as needed), the same for every peer."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(_TEXT).ids
+    return ids[:n]
+
+
+def _default_checkpoints(group_size: int) -> tuple[Path, Path]:
+    from mlxq import demo_model
+
+    quant = demo_model.cached_smollm2_checkpoint(4, group_size)
+    return quant, demo_model.cached_smollm2_float_checkpoint()
+
+
+def ratios(results: dict[str, dict]) -> dict[str, dict]:
+    """The targets of the issue, from one run's results."""
+    out = {}
+    for name, (num, den, metric, minimum) in TARGETS.items():
+        a, b = results.get(num, {}).get(metric), results.get(den, {}).get(metric)
+        if a and b:
+            out[name] = {"ratio": a / b, "target": minimum, "met": a / b >= minimum}
+    return out
+
+
+def format_table(results: dict[str, dict]) -> str:
+    cols = ["peer", "load s", "prefill tok/s", "(tokens)", "decode tok/s", "(tokens)", "peak MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for peer, r in results.items():
+        if "error" in r:
+            lines.append(f"| {peer} | failed: {r['error']} |" + " |" * (len(cols) - 2))
+            continue
+        cells = [
+            peer,
+            f"{r['load_s']:.2f}",
+            f"{r['prefill_tps']:.1f}" if "prefill_tps" in r else "",
+            str(r.get("prefill_tokens", "")),
+            f"{r['decode_tps']:.2f}",
+            f"{r['decode_tokens']} after {r['decode_context']}",
+            f"{r['peak_rss'] / 1e6:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = {p: r for p, r in results.items() if "error" not in r}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, title in zip(
+        axes, ("prefill_tps", "decode_tps"), ("prefill tokens/s", "decode tokens/s"), strict=True
+    ):
+        peers = [p for p in ok if metric in ok[p]]
+        ax.bar(peers, [ok[p][metric] for p in peers], color="tab:blue")
+        ax.set_title(title)
+        ax.set_yscale("log")
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("SmolLM2-135M-Instruct 4-bit: mlxq vs peers (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="mlxq bench model", description=__doc__.splitlines()[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, help="MLX checkpoint (default: SmolLM2 4-bit, cached)")
+    p.add_argument("--float-model", type=Path, help="float checkpoint for the dense peers")
+    p.add_argument("--group-size", type=int, default=32, help="of the default 4-bit checkpoint")
+    p.add_argument("--peers", nargs="+", default=DEFAULT_PEERS, choices=PEERS)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument(
+        "--decode-context",
+        type=int,
+        default=None,
+        help="prompt before decode (default: the whole prompt)",
+    )
+    p.add_argument("--mlx-prompt-tokens", type=int, default=64)
+    p.add_argument("--mlx-decode-tokens", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3, help="prefill repetitions (median)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/model"))
+    args = p.parse_args(argv)
+    if args.worker:
+        spec = json.loads(Path(args.worker).read_text())
+        print("MLXQ_RESULT " + json.dumps(_worker(spec)), flush=True)
+        return {}
+    for flag in ("prompt_tokens", "decode_tokens", "mlx_prompt_tokens", "mlx_decode_tokens"):
+        if getattr(args, flag) < 2:
+            p.error(f"--{flag.replace('_', '-')} must be at least 2")
+
+    if args.model is None or (
+        args.float_model is None and set(args.peers) & {"dense_bf16", "dense_fp32"}
+    ):
+        quant, dense = _default_checkpoints(args.group_size)
+        args.model = args.model or quant
+        args.float_model = args.float_model or dense
+    for path in (args.model, args.float_model):
+        if path is not None and not (path / "config.json").is_file():
+            p.error(f"{path} is not a model folder (no config.json)")
+    ids = prompt_ids(args.model, max(args.prompt_tokens, args.mlx_prompt_tokens))
+    context = args.decode_context or args.prompt_tokens
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="mlxq-bench-") as tmp:
+        for peer in args.peers:
+            mlx = peer == "mlx_lm"
+            n_prompt = args.mlx_prompt_tokens if mlx else args.prompt_tokens
+            spec = {
+                "peer": peer,
+                "path": str(args.float_model if peer.startswith("dense") else args.model),
+                "dtype": "bfloat16" if peer.endswith("bf16") else "float32",
+                "prompt_ids": ids[:n_prompt],
+                "prefill": True,
+                "reps": args.reps,
+                "decode_tokens": args.mlx_decode_tokens if mlx else args.decode_tokens,
+                "decode_context": min(context, n_prompt),
+                "threads": args.threads,
+            }
+            spec_file = Path(tmp) / f"{peer}.json"
+            spec_file.write_text(json.dumps(spec))
+            print(f"[bench] {peer} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "mlxq.bench.model", "--worker", str(spec_file)],
+                capture_output=True,
+                text=True,
+            )
+            line = [x for x in proc.stdout.splitlines() if x.startswith("MLXQ_RESULT ")]
+            if proc.returncode or not line:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                results[peer] = {"error": tail[:200]}
+                print(f"[bench] {peer} failed: {tail}", file=sys.stderr, flush=True)
+            else:
+                results[peer] = json.loads(line[-1].removeprefix("MLXQ_RESULT "))
+    import torch
+
+    import mlxq
+
+    info = {
+        "model": str(args.model),
+        "float_model": str(args.float_model),
+        "torch": torch.__version__,
+        "threads": args.threads or torch.get_num_threads(),
+        "cpu_isa": mlxq._C.cpu_isa(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens,
+    }
+    targets = ratios(results)
+    print(
+        f"\n# SmolLM2-135M-Instruct whole-model benchmark ({info['cpu_isa']}, "
+        f"{info['threads']} threads)"
+    )
+    print(format_table(results))
+    for name, t in targets.items():
+        verdict = "met" if t["met"] else "NOT met"
+        print(f"{name}: {t['ratio']:.2f}x (target >= {t['target']}x) {verdict}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"info": info, "results": results, "targets": targets}
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    if plot(results, args.out.with_suffix(".png")):
+        print(f"plot: {args.out.with_suffix('.png')}")
+    print(f"json: {args.out.with_suffix('.json')}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Float transformers checkpoint -> MLX checkpoint (what `mlx_lm.convert -q` writes), in torch.
+
+The float model is loaded by transformers, quantized by :func:`mlxq.quantize_model` (bit-exact
+with `mlx.nn.quantize`) and saved with `save_pretrained`, which writes the MLX tensors and the
+`quantization` block mlx-lm reads. mlx-lm's mixed recipes (``mixed_3_6`` ...) are reproduced
+module by module, so the per-module entries in config.json are the ones mlx-lm would write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+__all__ = ["RECIPES", "recipe_overrides", "convert_checkpoint", "ConvertSummary"]
+
+# recipe -> (low bits, high bits), as in mlx-lm 0.32 (mlx_lm/convert.py)
+RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def recipe_overrides(model: nn.Module, recipe: str, group_size: int) -> dict[str, dict]:
+    """Per-module formats of one of mlx-lm's mixed recipes (llama.cpp Q*_K_M-like choices).
+
+    The first and last eighth of the layers, and every third layer between, keep `v_proj` and
+    `down_proj` at the high bit width; `lm_head` always gets the high width; everything else
+    the low one. Only modules mlx-lm would quantize (input width a multiple of the group size)
+    get an entry.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"mlxq: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    low, high = RECIPES[recipe]
+    modules = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name and isinstance(m, (nn.Linear, nn.Embedding))
+    ]
+    down = [name for name, _ in modules if "down_proj" in name]
+    if not down:
+        raise ValueError(f"mlxq: recipe {recipe!r} needs a model with down_proj layers")
+    parts = down[0].split(".")
+    where = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))
+    layers = len({n.split(".")[where] for n in down if len(n.split(".")) > where})
+
+    out: dict[str, dict] = {}
+    for name, module in modules:
+        width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+        if width % group_size:
+            continue
+        parts = name.split(".")
+        index = int(parts[where]) if len(parts) > where and parts[where].isdigit() else 0
+        more = index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
+        high_here = ("lm_head" in name) or (
+            more and any(k in name for k in ("v_proj", "v_a_proj", "v_b_proj", "down_proj"))
+        )
+        out[name] = {"group_size": group_size, "bits": high if high_here else low, "mode": "affine"}
+    return out
+
+
+@dataclass
+class ConvertSummary:
+    """What :func:`convert_checkpoint` wrote."""
+
+    out: Path
+    quantized: int
+    kept_float: list[str]
+    bytes_written: int
+
+
+def _read_config(src: str) -> dict:
+    path = Path(src) / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(src, "config.json")).read_text())
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    bits: int = 4,
+    group_size: int = 64,
+    recipe: str | None = None,
+    dtype: str = "auto",
+    progress: Callable[[str], None] = lambda message: None,
+) -> ConvertSummary:
+    """Quantize the float transformers checkpoint `src` (folder or Hub repo) into `out`.
+
+    `dtype` is the float type of the saved scales, biases and unquantized layers: "auto" keeps
+    the checkpoint's own (as mlx-lm does), or one of float16, bfloat16, float32. `out` must not
+    exist or be empty. Raises ValueError for an already quantized `src`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlxq.quantize_model import quantize_model
+
+    src = str(src)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"mlxq: {out} already exists and is not empty; pass a new folder")
+    config = _read_config(src)
+    text = config.get("text_config") or {}
+    if any(k in c for c in (config, text) for k in ("quantization", "quantization_config")):
+        q = config.get("quantization_config") or config.get("quantization")
+        raise ValueError(
+            f"mlxq: {src} is already quantized ({q}); convert takes a float checkpoint"
+        )
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ValueError(f"mlxq: dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    progress(f"loading {src}")
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
+    )
+    overrides = recipe_overrides(model, recipe, group_size) if recipe else None
+    progress(f"quantizing: bits={bits} group_size={group_size} recipe={recipe}")
+    quantize_model(model, bits=bits, group_size=group_size, overrides=overrides)
+    from mlxq.nn import AffineEmbedding, AffineLinear
+
+    quantized = sum(isinstance(m, (AffineLinear, AffineEmbedding)) for m in model.modules())
+    kept = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, nn.Identity)
+    ]
+    progress(f"saving to {out}")
+    created = not out.exists()
+    try:
+        model.save_pretrained(out)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+        except (OSError, ValueError):  # a model without tokenizer files converts all the same
+            tokenizer = None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return ConvertSummary(out, quantized, kept, written)

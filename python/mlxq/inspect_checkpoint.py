@@ -1,0 +1,410 @@
+"""What is in a checkpoint, and what mlxq will do with each tensor (`mlxq inspect`).
+
+The model is built on the meta device from its config (no weights read), and every linear and
+embedding layer is matched with its tensors through the same helpers the transformers loader
+uses (:func:`mlxq.integrations.quantizer.stored_format`, the safetensors headers and the shard
+index repair), so the report says what loading will actually do, and what would make it fail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
+
+DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+    "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}  # fmt: skip
+
+
+@dataclass
+class ModuleReport:
+    """One linear/embedding layer: its stored format and what mlxq does with it."""
+
+    name: str
+    kind: str  # Linear | Embedding
+    out_features: int
+    in_features: int
+    bits: int | None  # None: float
+    group_size: int | None
+    mode: str | None
+    params: int
+    bytes: int
+    action: str
+
+
+@dataclass
+class Problem:
+    """`error`: loading will fail; `warning`: it loads, but something is off."""
+
+    severity: str
+    message: str
+
+
+@dataclass
+class CheckpointReport:
+    source: str
+    model_type: str | None
+    architectures: list[str]
+    quantization: dict | None
+    files: list[str]
+    tensors: int
+    params: int
+    bytes: int
+    modules: list[ModuleReport] = field(default_factory=list)
+    other_tensors: int = 0
+    other_bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _nbytes(info) -> int:
+    n = DTYPE_BYTES.get(info.dtype, 4)
+    for d in info.shape:
+        n *= d
+    return n
+
+
+def _capture_mlxq_warnings():
+    """Collect what the integration logs (e.g. the stale-index warning) instead of printing."""
+    records: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    return records, Grab()
+
+
+def _meta_model(folder: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _check_index(folder: Path, source: str, headers_by_file: dict, problems: list[Problem]):
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    from mlxq.integrations.checkpoint import repair_shard_index
+
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        logger = logging.getLogger("mlxq")
+        records, handler = _capture_mlxq_warnings()
+        logger.addHandler(handler)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            repaired = repair_shard_index(folder, index)
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+        if repaired is not None:
+            detail = records[0] if records else f"the shard index of {source} is stale"
+            detail = detail.removeprefix("mlxq: ")
+            problems.append(Problem("warning", f"{detail} (mlxq repairs this when loading)"))
+        return
+    # a Hub repo whose shards were not downloaded: compare the index with the headers read
+    weight_map = json.loads(index.read_text()).get("weight_map", {})
+    actual = {k: f for f, h in headers_by_file.items() for k in h}
+    if weight_map != actual:
+        missing = sorted(set(weight_map.values()) - set(headers_by_file))
+        problems.append(
+            Problem(
+                "warning",
+                f"the shard index is stale (it names {len(weight_map)} tensors, the files hold "
+                f"{len(actual)}{'; missing shards: ' + ', '.join(missing[:3]) if missing else ''})"
+                " (mlxq repairs this when loading)",
+            )
+        )
+
+
+def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None = None):
+    """Report on the checkpoint in `folder` (config.json + safetensors files).
+
+    `headers_by_file` ({file name: {tensor: TensorInfo}}) replaces reading the headers from
+    `folder` (for Hub repos whose headers were fetched without the weights).
+    """
+    from mlxq.integrations.checkpoint import read_header
+    from mlxq.integrations.config import RUNNABLE_MODES, MLXQuantConfig, is_mlx_quantization
+    from mlxq.integrations.quantizer import stored_format
+
+    config = json.loads((folder / "config.json").read_text())
+    text_config = config.get("text_config") or {}
+    if headers_by_file is None:
+        headers_by_file = {p.name: read_header(p) for p in sorted(folder.glob("*.safetensors"))}
+    headers = {k: v for h in headers_by_file.values() for k, v in h.items()}
+    q = config.get("quantization_config") or config.get("quantization")
+    q = q or text_config.get("quantization_config") or text_config.get("quantization")
+    report = CheckpointReport(
+        source=source,
+        model_type=config.get("model_type"),
+        architectures=list(config.get("architectures") or []),
+        quantization=q if isinstance(q, dict) else None,
+        files=sorted(headers_by_file),
+        tensors=len(headers),
+        params=0,
+        bytes=sum(_nbytes(i) for i in headers.values()),
+    )
+    problems = report.problems
+    if not headers_by_file:
+        other = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt")
+        )
+        problems.append(
+            Problem(
+                "error",
+                "no *.safetensors files"
+                + (
+                    f" (found {', '.join(other[:3])}: mlxq reads safetensors only)" if other else ""
+                ),
+            )
+        )
+    mlx_q = is_mlx_quantization(q)
+    packed = [k for k, v in headers.items() if v.dtype in ("U32", "I32") and k.endswith("weight")]
+    if isinstance(q, dict) and not mlx_q:
+        method = q.get("quant_method", "?")
+        problems.append(
+            Problem(
+                "warning",
+                f"not an MLX checkpoint: quant_method {method!r} is loaded by transformers' own "
+                "quantizer, not by mlxq",
+            )
+        )
+    elif packed and not mlx_q:
+        problems.append(
+            Problem(
+                "error",
+                f"{len(packed)} packed uint32 weights (e.g. {packed[0]}) but config.json has no "
+                "MLX `quantization` block",
+            )
+        )
+    qconfig = MLXQuantConfig.from_dict(q) if mlx_q else MLXQuantConfig()
+
+    rope = config.get("rope_parameters") or text_config.get("rope_parameters") or {}
+    if (
+        mlx_q
+        and "rope_theta" in rope
+        and "rope_theta" not in config
+        and "rope_theta" not in text_config
+    ):
+        problems.append(
+            Problem(
+                "warning",
+                f"config.json has rope_theta={rope['rope_theta']} only in rope_parameters: "
+                "mlx-lm 0.32 reads the top-level key and would use its default",
+            )
+        )
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        problems.append(Problem("warning", "no tokenizer files (tokenizer.json/.model)"))
+    _check_index(folder, source, headers_by_file, problems)
+
+    try:
+        model = _meta_model(folder)
+    except (ValueError, KeyError, OSError, ImportError) as error:
+        problems.append(Problem("error", f"transformers cannot build this model: {error}"))
+        return report
+    report.params = sum(p.numel() for p in model.parameters())
+    try:
+        from mlxq.integrations.quantizer import checkpoint_keys_as_model_keys
+
+        headers = checkpoint_keys_as_model_keys(model, headers)
+    except ImportError:
+        pass
+
+    from torch import nn
+
+    tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    used: set[str] = set()
+    formats: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            kind, dims = "Linear", (module.in_features, module.out_features)
+        elif isinstance(module, nn.Embedding):
+            kind, dims = "Embedding", (module.embedding_dim, module.num_embeddings)
+        else:
+            continue
+        keys = [k for k in headers if k.rpartition(".")[0] == name]
+        used.update(keys)
+        nbytes = sum(_nbytes(headers[k]) for k in keys)
+        params = dims[0] * dims[1] + (
+            dims[1] if isinstance(module, nn.Linear) and module.bias is not None else 0
+        )
+        row = ModuleReport(name, kind, dims[1], dims[0], None, None, None, params, nbytes, "")
+        if module is head and tied and f"{name}.weight" not in headers:
+            emb_fmt = formats.get(_name_of(model, embedding))
+            row.params = 0
+            row.action = (
+                "TiedAffineHead: logits through the quantized embedding (no tensors of its own)"
+                if emb_fmt
+                else "tied to the float input embedding"
+            )
+            if emb_fmt:
+                row.bits, row.group_size, row.mode = emb_fmt.bits, emb_fmt.group_size, emb_fmt.mode
+            report.modules.append(row)
+            continue
+        try:
+            fmt = stored_format(name, *dims, headers, qconfig) if mlx_q else None
+        except (ValueError, NotImplementedError) as error:
+            problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+            row.action = "cannot load (see problems)"
+            report.modules.append(row)
+            continue
+        formats[name] = fmt
+        if fmt is not None:
+            row.bits, row.group_size, row.mode = fmt.bits, fmt.group_size, fmt.mode
+            row.action = (
+                "mlxq AffineLinear: affine_matmul on the packed weight"
+                if kind == "Linear"
+                else "mlxq AffineEmbedding: dequantizes only the rows looked up"
+            )
+            if fmt.mode not in RUNNABLE_MODES:
+                row.action = f"mode {fmt.mode} is not run by mlxq"
+        elif f"{name}.weight" not in headers:
+            problems.append(Problem("error", f"layer {name!r}: {name}.weight is not in the files"))
+            row.action = "missing (see problems)"
+        else:
+            dtype = headers[f"{name}.weight"].dtype
+            row.action = f"torch nn.{kind}, float ({dtype}), untouched"
+            want = qconfig.module_format(name) if mlx_q else None
+            if want is not None and dims[0] % want.group_size:
+                row.action += (
+                    f"; in_features {dims[0]} is not a multiple of group {want.group_size}, "
+                    "so mlx-lm left it float"
+                )
+        report.modules.append(row)
+    others = [k for k in headers if k not in used]
+    known = set(model.state_dict())
+    unknown = [k for k in others if k not in known]
+    report.other_tensors = len(others) - len(unknown)
+    report.other_bytes = sum(_nbytes(headers[k]) for k in others if k in known)
+    if unknown:
+        problems.append(
+            Problem(
+                "warning",
+                f"{len(unknown)} tensors the model does not use (e.g. {unknown[0]}); "
+                "transformers ignores them",
+            )
+        )
+    return report
+
+
+def _name_of(model, target) -> str | None:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _ranges(indices: list[int]) -> str:
+    out, start = [], None
+    for i, v in enumerate(indices):
+        if start is None:
+            start = v
+        if i + 1 == len(indices) or indices[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+def _grouped(modules: list[ModuleReport]) -> list[tuple[str, list[ModuleReport]]]:
+    """Rows that differ only in the layer index, merged: `model.layers.{0-29}.mlp.up_proj`."""
+    groups: dict[tuple, list[tuple[int | None, ModuleReport]]] = {}
+    for m in modules:
+        match = re.search(r"\.(\d+)\.", m.name)
+        pattern = m.name if not match else m.name[: match.start()] + ".{}." + m.name[match.end() :]
+        index = int(match.group(1)) if match else None
+        key = (pattern, m.bits, m.group_size, m.mode, m.out_features, m.in_features, m.action)
+        groups.setdefault(key, []).append((index, m))
+    out = []
+    for key, members in groups.items():
+        pattern = key[0]
+        if "{}" in pattern:
+            label = pattern.replace("{}", "{" + _ranges(sorted(i for i, _ in members)) + "}")
+        else:
+            label = pattern
+        out.append((label, [m for _, m in members]))
+    return out
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def format_report(report: CheckpointReport, every_module: bool = False) -> str:
+    """The human-readable report printed by `mlxq inspect`."""
+    lines = [f"checkpoint   {report.source}"]
+    arch = ", ".join(report.architectures) or "?"
+    lines.append(f"model        {report.model_type or '?'} ({arch})")
+    q = report.quantization
+    if q is None:
+        lines.append("quantization none (float checkpoint)")
+    else:
+        per_module = {k: v for k, v in q.items() if isinstance(v, (dict, bool))}
+        base = {k: v for k, v in q.items() if k not in per_module}
+        lines.append(
+            f"quantization {json.dumps(base)}"
+            + (f" + {len(per_module)} per-module entries" if per_module else "")
+        )
+    lines.append(
+        f"files        {len(report.files)} safetensors, {report.tensors} tensors, "
+        f"{_mb(report.bytes)}"
+    )
+    if report.modules:
+        rows = [(m.name, [m]) for m in report.modules] if every_module else _grouped(report.modules)
+        name_w = min(max(len(label) for label, _ in rows), 60)
+        lines.append("")
+        lines.append(f"{'module':<{name_w}}  {'shape':>11}  {'format':<14} {'bytes':>9}  action")
+        for label, members in rows:
+            m = members[0]
+            fmt = f"{m.bits}-bit g{m.group_size}" if m.bits else "float"
+            if m.mode and m.mode != "affine":
+                fmt += f" {m.mode}"
+            shape = f"{m.out_features}x{m.in_features}"
+            nbytes = sum(x.bytes for x in members)
+            count = f" x{len(members)}" if len(members) > 1 else ""
+            lines.append(
+                f"{label:<{name_w}}  {shape:>11}  {fmt:<14} {_mb(nbytes):>9}  {m.action}{count}"
+            )
+        if report.other_tensors:
+            lines.append(
+                f"{'other tensors (norms, ...)':<{name_w}}  {'':>11}  {'float':<14} "
+                f"{_mb(report.other_bytes):>9}  {report.other_tensors} tensors, untouched"
+            )
+        quantized = [m for m in report.modules if m.bits and m.bytes]
+        qparams = sum(m.params for m in quantized)
+        qbytes = sum(m.bytes for m in quantized)
+        lines.append("")
+        summary = f"parameters   {report.params / 1e6:.1f} M; stored {_mb(report.bytes)}"
+        if report.params:
+            summary += f" ({report.bytes * 8 / report.params:.2f} bits/parameter"
+            summary += f", bf16 would be {_mb(report.params * 2)})"
+        lines.append(summary)
+        if qparams:
+            lines.append(
+                f"quantized    {len(quantized)} layers, {qparams / 1e6:.1f} M weights in "
+                f"{_mb(qbytes)} ({qbytes * 8 / qparams:.2f} bits/weight with scales and biases)"
+            )
+    lines.append("")
+    if report.problems:
+        lines.append(f"problems     {len(report.problems)}")
+        lines.extend(f"  {p.severity}: {p.message}" for p in report.problems)
+    else:
+        lines.append("problems     none")
+    return "\n".join(lines)
