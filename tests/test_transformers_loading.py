@@ -341,3 +341,21 @@ def test_device_map_mps_and_to_match_cpu(tiny: Path, tiny_logits: torch.Tensor) 
     torch.testing.assert_close(got, tiny_logits, rtol=1e-4, atol=1e-4)
     model.to("cpu")
     assert torch.equal(_logits(model), tiny_logits)
+
+
+def test_stale_index_of_a_cached_hub_repo_loads_offline(
+    tiny: Path, tiny_logits: torch.Tensor, tmp_path: Path
+) -> None:
+    """from_pretrained("org/name", local_files_only=True) on a Hub cache whose snapshot has a
+    stale index: the whole path through transformers' Hub resolution, without network."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--mlx-community--tiny-qwen3-4bit"
+    snapshot = _copy(tiny, repo / "snapshots" / commit)
+    _stale_index(snapshot, _shard(snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model = _load(
+        "mlx-community/tiny-qwen3-4bit", cache_dir=str(tmp_path / "hub"), local_files_only=True
+    )
+    assert isinstance(model.model.layers[0].self_attn.q_proj, AffineLinear)
+    assert torch.equal(_logits(model), tiny_logits)

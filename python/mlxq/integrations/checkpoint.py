@@ -71,6 +71,12 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
 def _list_hub_safetensors(repo_id: str, subfolder: str, revision: str | None, token) -> list[str]:
     from huggingface_hub import HfApi
 
@@ -113,6 +119,13 @@ def repair_shard_index(
     source = str(pretrained_model_name_or_path)
     if os.path.isdir(source):
         folder = Path(source) / subfolder
+        present = sorted(p.name for p in folder.glob("*.safetensors"))
+
+        def local(name: str) -> str:
+            return str(folder / name)
+    elif download_kwargs.get("local_files_only") or _hub_offline():
+        # offline: the repo's files are the ones in the cached snapshot next to the index
+        folder = Path(index_filename).parent
         present = sorted(p.name for p in folder.glob("*.safetensors"))
 
         def local(name: str) -> str:
