@@ -287,7 +287,7 @@ def test_msl_idioms() -> None:
     v = [1.0, 2.0, 0.5, -3.0]
     w = [4.0, -1.0, 2.0, 8.0]
     x = torch.tensor([v, w])
-    out = torch.zeros(32)
+    out = torch.zeros(33)
     lib.dispatch("idioms", 1, 1, {0: x, 1: out, 2: struct.pack("<if", 5, 0.25)})
     h01 = float(torch.tensor(0.1).half())
     expect = [
@@ -323,6 +323,7 @@ def test_msl_idioms() -> None:
         2.5,
         9.0,
         8.0 + 1600.0,
+        1.0 + 2.0,
     ]
     got = out.tolist()
     assert got == pytest.approx(expect, rel=1e-6, abs=0), list(zip(got, expect, strict=True))

@@ -1,5 +1,5 @@
 // Common MSL idioms the emulator's shim must compile with Metal's meaning
-// (tests/test_metal_emulator.py::test_msl_idioms). One thread writes 32 results.
+// (tests/test_metal_emulator.py::test_msl_idioms). One thread writes 33 results.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -62,4 +62,5 @@ struct Pair {
   out[k++] = mix(0.0f, 10.0f, 0.25f);
   out[k++] = float(max3(1, 9, 4));
   out[k++] = float(sizeof(half3)) + 100.0f * float(sizeof(float3));
+  out[k++] = float(static_cast<bfloat>(h.x)) + float(half(bh));  // half <-> bfloat
 }

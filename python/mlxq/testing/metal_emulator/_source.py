@@ -91,7 +91,6 @@ def _attribute_spans(text: str) -> list[tuple[int, int]]:
     spans = []
     i = text.find("[[")
     while i >= 0:
-        end = text.find("]]", i)
         # Attributes may contain calls with brackets; find the closing ]] at depth 0.
         depth = 0
         j = i
@@ -234,9 +233,9 @@ _VEC_NAMES = r"(?:float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong|
 _VEC_CTOR = re.compile(r"(?<![\w.])(?:metal::)?(" + _VEC_NAMES + r"|half|bfloat)\s*\(")
 _VEC_TEMPLATE_CTOR = re.compile(r"(?<![\w.])(?:metal::)?vec\s*<([^<>;(){}]*)>\s*\(")
 _STATIC_CAST = re.compile(
-    r"\bstatic_cast\s*<\s*((?:metal::)?"
+    r"\bstatic_cast\s*<\s*((?:metal::)?(?:"
     + _VEC_NAMES
-    + r"|(?:metal::)?vec\s*<[^<>;(){}]*>)\s*>\s*\("
+    + r"|half|bfloat)|(?:metal::)?vec\s*<[^<>;(){}]*>)\s*>\s*\("
 )
 _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)[hH]\b")
 _TG_DECL = re.compile(r"\bthreadgroup\b(?=[^;(){}*&]*;)")
