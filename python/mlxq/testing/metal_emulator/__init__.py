@@ -7,6 +7,27 @@ and threadgroup memory access is checked: out-of-bounds accesses, reads of never
 threadgroup memory, threadgroup races and divergent collectives raise :class:`EmulatorError`.
 Device bytes read and written per buffer are counted (:func:`last_dispatch_report`).
 
+Semantics and limits:
+
+- Threadgroups run one after the other in grid order (x fastest); the threads of a threadgroup
+  run as fibers in thread-index order and switch only at barriers and collectives. SIMD-groups
+  have 32 lanes; `simdgroup_matrix` (8x8 only) spreads elements over lanes as Apple GPUs do.
+- Collectives act on the active lanes. Lanes may return before their SIMD-group's first
+  collective (`if (gid >= n) return;`); any other divergence (lanes at different collectives or
+  barriers, lanes leaving after a collective, threads leaving before a barrier) is an error.
+- Threadgroup memory: reading bytes no thread wrote in this threadgroup, and read/write or
+  write/write pairs of different threads with no barrier in between, are errors (lanes of one
+  SIMD-group may communicate after a `simdgroup_barrier` or a collective). Device memory: every
+  access is bounds-checked and counted; bytes written by one threadgroup must not be read or
+  written by another (threadgroups are not ordered). Threadgroup memory is limited to 32 KiB.
+- Arithmetic is IEEE with per-operation rounding for half/bfloat and no fast math: where the
+  real Metal compiler's fast math could change results, kernels must say `precise::`.
+- Atomics run as plain read-modify-writes (threads run one at a time) and skip race checks.
+- Not supported: textures, samplers, imageblocks, function constants, argument buffers,
+  `[[stage_in]]`, `simd_shuffle_and_fill_*`, conversions between half and bfloat through a
+  template parameter (`T(h)` with T = bfloat; `bfloat(h)` and `static_cast` work), implicit
+  conversions between vector types. A kernel that loops forever hangs the dispatch.
+
 Example::
 
     from mlxq.testing import metal_emulator as emu
@@ -106,7 +127,8 @@ class Library:
         k = self._kernels.get(kernel_name)
         if k is None:
             raise EmulatorError(_unknown(kernel_name, self._kernels))
-        return _run(k, grid, threads_per_threadgroup, buffers, threadgroup_memory or {})
+        with _lock:  # the runtime is single-threaded (and ctypes releases the GIL)
+            return _run(k, grid, threads_per_threadgroup, buffers, threadgroup_memory or {})
 
 
 _lock = threading.RLock()
