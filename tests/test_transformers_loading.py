@@ -359,3 +359,14 @@ def test_stale_index_of_a_cached_hub_repo_loads_offline(
     )
     assert isinstance(model.model.layers[0].self_attn.q_proj, AffineLinear)
     assert torch.equal(_logits(model), tiny_logits)
+
+
+def test_quantized_tensors_of_an_unsupported_module_are_refused(tiny: Path, tmp_path: Path):
+    def quantize_norm(w: dict) -> None:  # as if a module mlxq cannot replace were quantized
+        norm = "model.layers.0.input_layernorm"
+        w[f"{norm}.scales"] = torch.ones(1, 4, dtype=torch.bfloat16)
+        w[f"{norm}.biases"] = torch.zeros(1, 4, dtype=torch.bfloat16)
+
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), tensors=quantize_norm)
+    with pytest.raises(NotImplementedError, match=r"input_layernorm.scales: .*Qwen3RMSNorm"):
+        _load(folder)

@@ -151,6 +151,23 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     return out
 
 
+def _check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
+    """Quantized tensors of modules mlxq cannot replace would load as garbage: refuse them."""
+    for key in headers:
+        if not key.endswith(".scales") or key[: -len(".scales")] in used:
+            continue
+        name = key[: -len(".scales")]
+        try:
+            kind = type(model.get_submodule(name)).__name__
+        except AttributeError:
+            kind = "no such module"
+        raise NotImplementedError(
+            f"mlxq: {key}: module {name!r} ({kind}) of {type(model).__name__} is quantized in the "
+            "checkpoint, but mlxq runs quantized nn.Linear and nn.Embedding modules only "
+            "(e.g. not fused MoE experts yet)"
+        )
+
+
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
@@ -269,6 +286,7 @@ class MLXHfQuantizer(HfQuantizer):
                 )
             model.set_submodule(name, new)
             replaced.add(name)
+        _check_all_quantized_tensors_used(model, headers, replaced)
         if replaced:
             _drop_tied_keys(model, replaced)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
