@@ -335,3 +335,15 @@ def test_device_races_between_threadgroups_are_reported(lib: emu.Library) -> Non
     with pytest.raises(emu.EmulatorError, match=r"read by .* after threadgroup #0 wrote it"):
         emu.dispatch("cross_threadgroup_read", 2, 32, {0: torch.zeros(64)})
     emu.dispatch("overlapping_tiles", 1, 32, {0: torch.zeros(32)})  # one threadgroup: fine
+
+
+def test_kernel_keyword_and_grid_builtins(lib: emu.Library) -> None:
+    grid, threads = (2, 3, 2), (4, 2, 5)  # 40 threads: 2 simdgroups
+    n = 2 * 4 * 3 * 2 * 2 * 5
+    out = torch.zeros(n, 4, dtype=torch.int32)
+    emu.dispatch("grid_ids", grid, threads, {0: out})
+    z, y, x = torch.meshgrid(torch.arange(10), torch.arange(6), torch.arange(8), indexing="ij")
+    assert torch.equal(out[:, 0], x.reshape(-1).int())
+    assert torch.equal(out[:, 1], (y // 2).reshape(-1).int())
+    assert torch.equal(out[:, 2], (z // 5).reshape(-1).int())
+    assert torch.equal(out[:, 3], torch.full((n,), 232, dtype=torch.int32))

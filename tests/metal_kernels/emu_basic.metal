@@ -136,3 +136,12 @@ EMU_INSTANTIATE("arith_bfloat", arith, bfloat)
   }
   x[gid] = v;
 }
+
+// MSL's `kernel` keyword instead of the [[kernel]] attribute; 3-D grid builtins.
+kernel void grid_ids(device uint4* out [[buffer(0)]], uint3 tpig [[thread_position_in_grid]],
+                     uint3 tgpig [[threadgroup_position_in_grid]], uint3 tpg [[threads_per_grid]],
+                     uint sgs [[simdgroups_per_threadgroup]],
+                     uint width [[threads_per_simdgroup]]) {
+  const uint i = (tpig.z * tpg.y + tpig.y) * tpg.x + tpig.x;
+  out[i] = uint4(tpig.x, tgpig.y, tgpig.z, sgs * 100 + width);
+}
