@@ -347,3 +347,16 @@ def test_kernel_keyword_and_grid_builtins(lib: emu.Library) -> None:
     assert torch.equal(out[:, 1], (y // 2).reshape(-1).int())
     assert torch.equal(out[:, 2], (z // 5).reshape(-1).int())
     assert torch.equal(out[:, 3], torch.full((n,), 232, dtype=torch.int32))
+
+
+def test_simdgroup_matrix_lane_layout(lib: emu.Library) -> None:
+    m = torch.arange(64.0)
+    out = torch.zeros(2, 32, 2)
+    emu.dispatch("sg_layout", 1, 32, {0: m, 1: out})
+    for lane in range(32):
+        # Apple's layout, as MLX's steel kernels state it (BaseMMAFrag::get_coord).
+        qid = lane // 4
+        row = (qid & 4) + (lane // 2) % 4
+        col = (qid & 2) * 2 + (lane % 2) * 2
+        assert out[0, lane].tolist() == [row * 8 + col, row * 8 + col + 1]
+        assert out[1, lane].tolist() == [col * 8 + row, (col + 1) * 8 + row]

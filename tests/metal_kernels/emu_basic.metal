@@ -145,3 +145,14 @@ kernel void grid_ids(device uint4* out [[buffer(0)]], uint3 tpig [[thread_positi
   const uint i = (tpig.z * tpg.y + tpig.y) * tpg.x + tpig.x;
   out[i] = uint4(tpig.x, tgpig.y, tgpig.z, sgs * 100 + width);
 }
+
+// Which matrix elements each lane holds after simdgroup_load (plain and transposed).
+[[kernel]] void sg_layout(const device float* m [[buffer(0)]], device float2* out [[buffer(1)]],
+                          ushort lane [[thread_index_in_simdgroup]]) {
+  simdgroup_matrix<float, 8, 8> a;
+  simdgroup_load(a, m, 8);
+  out[lane] = a.thread_elements();
+  simdgroup_matrix<float, 8, 8> t;
+  simdgroup_load(t, m, 8, ulong2(0, 0), true);
+  out[32 + lane] = t.thread_elements();
+}
