@@ -6,23 +6,42 @@ A torch extension must be built against the torch it runs with, so install with
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
 from pathlib import Path
 
+import torch
 from setuptools import setup
+from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).parent.resolve()
 IS_MACOS = sys.platform == "darwin"
 
 
+def _load_build_helpers():
+    # Platform logic lives in python/mlxq/_build_helpers.py (stdlib only, tested on Linux);
+    # loaded by path because the package is not importable while it is being built.
+    path = ROOT / "python" / "mlxq" / "_build_helpers.py"
+    spec = importlib.util.spec_from_file_location("_mlxq_build_helpers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+helpers = _load_build_helpers()
+MPS_BUILT = torch.backends.mps.is_built()
+BUILD_METAL, METAL_REQUIRED, METAL_WHY = helpers.metal_build_decision(sys.platform, os.environ)
+print(f"mlxq: {METAL_WHY}")  # said once per build
+if IS_MACOS and not MPS_BUILT:
+    print("mlxq: this torch has no MPS support: skipping the Objective-C++ MPS backend")
+
+
 def native_sources() -> list[str]:
     """The one source list shared with CMakeLists.txt; Objective-C++ only on macOS."""
-    lines = (ROOT / "csrc" / "sources.txt").read_text().splitlines()
-    files = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-    return [f for f in files if IS_MACOS or not f.endswith(".mm")]
+    return helpers.native_sources(ROOT, sys.platform, MPS_BUILT)
 
 
 def compile_args() -> list[str]:
@@ -32,14 +51,39 @@ def compile_args() -> list[str]:
     return args
 
 
+class BuildExtWithMetal(BuildExtension):
+    """Builds the extension, then (macOS) mlxq.metallib next to it, in the wheel or in place."""
+
+    def run(self) -> None:
+        super().run()
+        if not BUILD_METAL:
+            return
+        out = Path(self.get_ext_fullpath("mlxq._C")).parent / helpers.METALLIB_NAME
+        air_dir = Path(self.build_temp) / "metal"
+        helpers.build_metallib(ROOT, air_dir, out, required=METAL_REQUIRED)
+
+
+class BuildPyWithMetalSources(build_py):
+    """Ships metal/*.metal and *.h as mlxq/metal/ (read by the run-time compiled fallback)."""
+
+    def run(self) -> None:
+        super().run()
+        helpers.copy_metal_sources(ROOT, Path(self.build_lib) / "mlxq" / "metal")
+
+
 ext = CppExtension(
     name="mlxq._C",
     sources=native_sources(),
     include_dirs=[str(ROOT / "csrc")],
+    define_macros=helpers.native_macros(sys.platform, MPS_BUILT),
     extra_compile_args={"cxx": compile_args()},
+    extra_link_args=helpers.native_link_args(sys.platform, MPS_BUILT),
 )
 
 setup(
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={
+        "build_ext": BuildExtWithMetal.with_options(use_ninja=True),
+        "build_py": BuildPyWithMetalSources,
+    },
 )

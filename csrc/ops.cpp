@@ -8,6 +8,9 @@
 namespace mlxq::plan {
 void register_plan_bindings(pybind11::module& m);  // csrc/plan/plan_bindings.cpp
 }
+namespace mlxq::mps {
+void register_mps_bindings(pybind11::module& m);  // csrc/mps/mps_bindings.cpp
+}
 
 TORCH_LIBRARY(mlxq, m) {
   m.def("affine_quantize(Tensor w, int group_size=64, int bits=4) -> (Tensor, Tensor, Tensor)");
@@ -25,4 +28,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &mlxq::cpu::active_isa,
         "Instruction set the CPU kernels run with on this machine (avx512, avx2, neon, portable)");
   mlxq::plan::register_plan_bindings(m);
+  mlxq::mps::register_mps_bindings(m);
 }

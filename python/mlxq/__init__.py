@@ -6,6 +6,8 @@ as ``torch.ops.mlxq.*``.
 
 from __future__ import annotations
 
+from mlxq import metal_backend as _metal_backend  # noqa: E402
+from mlxq.backend_info import backend_info  # noqa: E402
 from mlxq.integrations.registration import install as _install_transformers_hook  # noqa: E402
 from mlxq.nn import AffineEmbedding, AffineLinear  # noqa: E402
 from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize
@@ -15,6 +17,10 @@ __version__ = "0.1.0"
 
 __all__ = ["affine_quantize", "affine_dequantize", "affine_matmul", "__version__"]
 __all__ += ["AffineLinear", "AffineEmbedding", "quantize_model", "MLXQuantConfig"]
+__all__ += ["backend_info"]
+
+# Metal kernels for MPS tensors: prebuilt, runtime-compiled or off (see mlxq.metal_backend)
+_metal_backend.install()
 
 # from_pretrained on MLX checkpoints after `import mlxq`; transformers itself loads lazily
 _install_transformers_hook()
