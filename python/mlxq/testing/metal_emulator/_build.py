@@ -46,8 +46,16 @@ class EmulatorError(RuntimeError):
 
 
 def cache_dir() -> Path:
+    """Compiled libraries: $MLXQ_EMU_CACHE, else ~/.cache/mlxq/metal_emulator (else a temp dir)."""
     root = os.environ.get("MLXQ_EMU_CACHE")
     path = Path(root) if root else Path.home() / ".cache" / "mlxq" / "metal_emulator"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    path = Path(tempfile.gettempdir()) / f"mlxq-metal-emulator-{os.getuid()}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
