@@ -145,10 +145,17 @@ def test_stale_index_on_a_mocked_hub_repo(
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    # through the hook transformers calls (the index was fetched by transformers already)
-    files, metadata = modeling_utils.get_checkpoint_shard_files(
-        "mlx-community/tiny-qwen3-4bit", str(repo / "model.safetensors.index.json")
-    )
+    from mlxq.integrations import registration
+
+    # through the hook transformers calls (the index was fetched by transformers already),
+    # as during the load of an MLX checkpoint
+    token = registration._loading_mlx.set(True)
+    try:
+        files, metadata = modeling_utils.get_checkpoint_shard_files(
+            "mlx-community/tiny-qwen3-4bit", str(repo / "model.safetensors.index.json")
+        )
+    finally:
+        registration._loading_mlx.reset(token)
     assert sorted(downloads) == sorted(set(true_map.values()))  # only real shards fetched
     assert [Path(f).parent for f in files] == [repo, repo]
     assert metadata["weight_map"] == true_map

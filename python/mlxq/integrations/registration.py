@@ -14,6 +14,8 @@ What it does, and why each piece is needed:
 3. Stale shard indexes: a wrapper around ``transformers.modeling_utils.get_checkpoint_shard_files``
    checks the index against the safetensors files present and, when it is stale, returns a
    weight map rebuilt from their headers (:func:`mlxq.integrations.checkpoint.repair_shard_index`).
+   Local folders are always checked; Hub repos only while an MLX checkpoint loads (the check
+   lists the repo's files).
 
 Importing transformers takes seconds, so `import mlxq` does not: if
 ``transformers.modeling_utils`` is not imported yet, a finder on `sys.meta_path` runs
@@ -22,8 +24,9 @@ Importing transformers takes seconds, so `import mlxq` does not: if
 
 from __future__ import annotations
 
+import contextvars
 import importlib.abc
-import importlib.machinery
+import os
 import sys
 from typing import Any
 
@@ -31,6 +34,9 @@ __all__ = ["install", "register", "is_registered"]
 
 _TARGET = "transformers.modeling_utils"
 _MARK = "__mlxq_wrapped__"
+# set by each from_pretrained's quantizer lookup: Hub repos are checked for a stale index only
+# while an MLX checkpoint loads (local folders always: it costs a directory listing)
+_loading_mlx: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxq_loading", default=False)
 
 
 def is_registered() -> bool:
@@ -95,7 +101,9 @@ def register() -> None:
 
         def get_hf_quantizer(config, quantization_config, *args, **kwargs):
             _tag_mlx_quantization(config, quantization_config)
-            return original_get_hf_quantizer(config, quantization_config, *args, **kwargs)
+            result = original_get_hf_quantizer(config, quantization_config, *args, **kwargs)
+            _loading_mlx.set(isinstance(result[0], MLXHfQuantizer))
+            return result
 
         setattr(get_hf_quantizer, _MARK, True)
         get_hf_quantizer.__wrapped__ = original_get_hf_quantizer
@@ -105,6 +113,8 @@ def register() -> None:
     if not getattr(original_shard_files, _MARK, False):
 
         def get_checkpoint_shard_files(pretrained_model_name_or_path, index_filename, **kwargs):
+            if not (_loading_mlx.get() or os.path.isdir(pretrained_model_name_or_path)):
+                return original_shard_files(pretrained_model_name_or_path, index_filename, **kwargs)
             download = {k: kwargs.get(k) for k in ("cache_dir", "force_download", "token")}
             download.update(
                 revision=kwargs.get("revision"), local_files_only=kwargs.get("local_files_only")
