@@ -33,7 +33,9 @@ inline void quantize_group(const float* w, int group_size, int bits, uint8_t* ou
     uint64_t packed = 0;
     for (int j = 0; j < 8; ++j) {
       float q = std::nearbyint((w[c * 8 + j] - b) / s);
-      q = std::min(std::max(q, 0.f), n_bins);
+      // NaN (a constant group at +-FLT_MAX makes the scale -0) clamps to 0, as in mlx; a NaN
+      // cast to an integer is undefined and can set bits of the neighbouring values.
+      q = q > 0.f ? std::min(q, n_bins) : 0.f;
       packed |= static_cast<uint64_t>(q) << (j * bits);
     }
     std::memcpy(out + c * bits, &packed, bits);
