@@ -175,3 +175,25 @@ def test_default_arguments_are_mlx_defaults(gen):
     y = mlxq.affine_matmul(x, wq, s, b)
     assert torch.equal(torch.ops.mlxq.affine_matmul(x, wq, s, b), y)
     assert torch.equal(mlxq.affine_matmul(x, wq, s, b, 64, 4, True), y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_quantize_extreme_finite_values(dtype, gen):
+    """Groups at the edges of the dtype's range (near max, subnormal, all equal, +-0) still
+    match mx.quantize bit for bit."""
+    info = torch.finfo(dtype)
+    w = torch.randn((8, 64), generator=gen)
+    w[0] *= info.max / 8  # values near the largest finite magnitude
+    w[1, 3] = info.max
+    w[2] *= info.tiny  # subnormal and tiny values
+    w[3] = -info.max
+    w[4] = 0.0
+    w[4, ::2] = -0.0
+    w[5] = info.tiny
+    w = w.to(dtype)
+    assert bool(torch.isfinite(w).all())
+    for bits in BITS:
+        ours = mlxq.affine_quantize(w, 32, bits)
+        theirs = mx_quantize(w, 32, bits)
+        for o, t, name in zip(ours, theirs, ("wq", "scales", "biases"), strict=True):
+            assert_bit_equal(o, t, f"{name} bits={bits}")
