@@ -13,9 +13,7 @@ std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 }  // namespace
 
@@ -35,8 +33,7 @@ PackedGeometry check_packed(const at::Tensor& wq, const at::Tensor& scales,
   TORCH_CHECK_VALUE(wq.dim() >= min_dim, "mlxq: wq (packed weight) must have at least ", min_dim,
                     " dimensions, got shape ", shape_str(wq.sizes()));
   TORCH_CHECK_TYPE(is_float(scales.scalar_type()),
-                   "mlxq: scales must be float32, float16 or bfloat16, got ",
-                   scales.scalar_type());
+                   "mlxq: scales must be float32, float16 or bfloat16, got ", scales.scalar_type());
   TORCH_CHECK_TYPE(biases.scalar_type() == scales.scalar_type(), "mlxq: biases dtype ",
                    biases.scalar_type(), " must match scales dtype ", scales.scalar_type());
   TORCH_CHECK_VALUE(scales.device() == wq.device() && biases.device() == wq.device(),
@@ -46,10 +43,10 @@ PackedGeometry check_packed(const at::Tensor& wq, const at::Tensor& scales,
                     shape_str(scales.sizes()), " must equal biases shape ",
                     shape_str(biases.sizes()));
   const int64_t d = wq.dim();
-  TORCH_CHECK_VALUE(scales.dim() == d && scales.sizes().slice(0, d - 1) == wq.sizes().slice(0, d - 1),
-                    "mlxq: scales shape ", shape_str(scales.sizes()),
-                    " must match wq shape ", shape_str(wq.sizes()),
-                    " in every dimension but the last");
+  TORCH_CHECK_VALUE(
+      scales.dim() == d && scales.sizes().slice(0, d - 1) == wq.sizes().slice(0, d - 1),
+      "mlxq: scales shape ", shape_str(scales.sizes()), " must match wq shape ",
+      shape_str(wq.sizes()), " in every dimension but the last");
   PackedGeometry g;
   g.batch.assign(wq.sizes().begin(), wq.sizes().end() - (d >= 2 ? 2 : 1));
   g.rows = d >= 2 ? wq.size(-2) : 1;
@@ -58,17 +55,18 @@ PackedGeometry check_packed(const at::Tensor& wq, const at::Tensor& scales,
   TORCH_CHECK_VALUE(g.groups > 0, "mlxq: scales must have at least one group, got shape ",
                     shape_str(scales.sizes()));
   TORCH_CHECK_VALUE(wq.size(-1) == packed_cols(g.cols, bits), "mlxq: wq last dimension ",
-                    wq.size(-1), " does not fit scales with ", g.groups, " groups of ",
-                    group_size, " values at ", bits, " bits (expected ",
-                    packed_cols(g.cols, bits), " uint32 words, K=", g.cols, ")");
+                    wq.size(-1), " does not fit scales with ", g.groups, " groups of ", group_size,
+                    " values at ", bits, " bits (expected ", packed_cols(g.cols, bits),
+                    " uint32 words, K=", g.cols, ")");
   return g;
 }
 
 void check_quantize_input(const at::Tensor& w, int64_t group_size, int64_t bits) {
   check_bits_group(bits, group_size);
-  TORCH_CHECK_TYPE(is_float(w.scalar_type()),
-                   "mlxq: w must be float32, float16 or bfloat16, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() >= 1 && w.size(-1) > 0, "mlxq: w must have a non-empty last dimension, got shape ",
+  TORCH_CHECK_TYPE(is_float(w.scalar_type()), "mlxq: w must be float32, float16 or bfloat16, got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() >= 1 && w.size(-1) > 0,
+                    "mlxq: w must have a non-empty last dimension, got shape ",
                     shape_str(w.sizes()));
   TORCH_CHECK_VALUE(w.size(-1) % group_size == 0, "mlxq: w last dimension ", w.size(-1),
                     " must be divisible by group_size ", group_size);
@@ -100,8 +98,8 @@ MatmulGeometry check_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
     try {
       g.batch = at::infer_size(xb, g.w.batch);
     } catch (const c10::Error&) {
-      TORCH_CHECK_VALUE(false, "mlxq: batch dimensions of x ", shape_str(x.sizes()),
-                        " and wq ", shape_str(wq.sizes()), " do not broadcast");
+      TORCH_CHECK_VALUE(false, "mlxq: batch dimensions of x ", shape_str(x.sizes()), " and wq ",
+                        shape_str(wq.sizes()), " do not broadcast");
     }
     g.M = x.size(-2);
     g.out_shape = g.batch;
