@@ -1,33 +1,29 @@
 // qvm: y = x @ W for a few rows of x (transpose=False, e.g. the gradient of a decode step).
-// W is [N, K]; the output has K columns. Each lane owns one pack of 8 output columns (BITS
-// bytes of every weight row, one aligned load for 2/4/8 bits), a threadgroup owns
-// MLXQ_QVM_COLS columns and its two simdgroups split the rows. Rows are walked in chunks of
-// MLXQ_QVM_ROW_CHUNK: the chunk's x values and the scales/biases of the threadgroup's groups are
-// staged in threadgroup memory by one thread each, so packed words, scales and biases are read
-// from device memory exactly once. The two simdgroups' partial sums meet in threadgroup memory.
+// W is [N, K]; the output has K columns. A threadgroup of 64 threads owns MLXQ_QVM_COLS = 128
+// output columns: 16 column packs of 8 values (BITS bytes of a weight row, one aligned load for
+// 2/4/8 bits) times MLXQ_QVM_PHASES = 4 threads per pack that split the rows. Rows are walked in
+// chunks of MLXQ_QVM_ROW_CHUNK: the chunk's x values and the scales/biases of the
+// threadgroup's groups are staged in threadgroup memory by one thread each, so packed words,
+// scales and biases are read from device memory exactly once (x once per threadgroup). The
+// four phases' partial sums meet in threadgroup memory at the end; all math is fp32.
 #pragma once
 
 #include "mlxq_utils.h"
 
 namespace mlxq {
 
-// Threadgroup memory (floats) used by qvm for group size GS.
-template <int GS>
-constexpr int qvm_threadgroup_floats() {
-  return MLXQ_QMV_MAX_M * MLXQ_QVM_ROW_CHUNK              // staged x
-         + 2 * MLXQ_QVM_ROW_CHUNK * (MLXQ_QVM_COLS / GS)  // staged scales and biases
-         + MLXQ_QMV_MAX_M * MLXQ_QVM_COLS;                // partial sums of simdgroup 1
-}
-
 template <typename T, int GS, int BITS>
 void affine_qvm_impl(const device T* x, const device uint* wq, const device T* scales,
                      const device T* biases, device T* y, constant AffineMatmulParams& p,
-                     threadgroup float* tg, uint3 tgid, uint tid, uint sg, uint lane) {
+                     threadgroup float* tg, uint3 tgid, uint tid) {
   constexpr int MAXM = MLXQ_QMV_MAX_M;
   constexpr int CHUNK = MLXQ_QVM_ROW_CHUNK;
   constexpr int COLS = MLXQ_QVM_COLS;
+  constexpr int PHASES = MLXQ_QVM_PHASES;
+  constexpr int PACKS = COLS / 8;
   constexpr int NG = COLS / GS;  // groups per row inside the threadgroup's columns
-  constexpr int RPS = CHUNK / MLXQ_QVM_SIMDGROUPS;  // rows of a chunk per simdgroup
+  static_assert(PACKS * PHASES == 32 * MLXQ_QVM_SIMDGROUPS, "one thread per (pack, phase)");
+  static_assert(CHUNK == 32 * MLXQ_QVM_SIMDGROUPS, "one staging thread per chunk row");
   const int M = p.M, N = p.N, K = p.K, G = p.groups;
   const long row_bytes = long(K) * BITS / 8;
 
@@ -42,12 +38,14 @@ void affine_qvm_impl(const device T* x, const device uint* wq, const device T* s
   threadgroup float* xs = tg;                 // [MAXM][CHUNK]
   threadgroup float* ss = xs + MAXM * CHUNK;  // [CHUNK][NG]
   threadgroup float* sb = ss + CHUNK * NG;    // [CHUNK][NG]
-  threadgroup float* red = sb + CHUNK * NG;   // [MAXM][COLS]
+  threadgroup float* red = sb + CHUNK * NG;   // [PHASES][MAXM][COLS]
 
+  const int pack = int(tid) % PACKS;
+  const int phase = int(tid) / PACKS;
   const int c0 = int(tgid.x) * COLS;
-  const int c = c0 + int(lane) * 8;  // first of this lane's 8 columns
+  const int c = c0 + pack * 8;  // first of this thread's 8 columns
   const bool col_ok = c < K;
-  const int lg = (int(lane) * 8) / GS;  // this lane's group inside the threadgroup's columns
+  const int lg = (pack * 8) / GS;  // this thread's group inside the threadgroup's columns
 
   float acc[MAXM][8];
 #pragma clang loop unroll(full)
@@ -74,8 +72,9 @@ void affine_qvm_impl(const device T* x, const device uint* wq, const device T* s
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
-    for (int i = 0; i < RPS; ++i) {
-      const int r = int(sg) * RPS + i;
+    // Phase f takes rows f, f + 4, ...: the 16 threads of a phase read one row's 16 packs.
+    for (int i = 0; i < CHUNK / PHASES; ++i) {
+      const int r = i * PHASES + phase;
       const int n = nb + r;
       if (n < N && col_ok) {
         const ulong pk = load_pack<BITS>(wbytes + n * row_bytes, c / 8);
@@ -102,24 +101,23 @@ void affine_qvm_impl(const device T* x, const device uint* wq, const device T* s
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
-  // Simdgroup 1 hands its partial sums to simdgroup 0, which writes the output.
-  if (sg == 1) {
-    for (int m = 0; m < M; ++m) {
+  // Every phase hands over its partial sums; each thread then sums the phases of 2 columns.
+  for (int m = 0; m < M; ++m) {
 #pragma clang loop unroll(full)
-      for (int j = 0; j < 8; ++j) {
-        red[m * COLS + lane * 8 + j] = acc[m][j];
-      }
+    for (int j = 0; j < 8; ++j) {
+      red[(phase * MAXM + m) * COLS + pack * 8 + j] = acc[m][j];
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (sg == 0 && col_ok) {
+  for (int col = int(tid); col < COLS; col += 32 * MLXQ_QVM_SIMDGROUPS) {
+    if (c0 + col < K) {
+      for (int m = 0; m < M; ++m) {
+        float t = 0.0f;
 #pragma clang loop unroll(full)
-    for (int m = 0; m < MAXM; ++m) {
-      if (m < M) {
-#pragma clang loop unroll(full)
-        for (int j = 0; j < 8; ++j) {
-          y[long(m) * K + c + j] = T(acc[m][j] + red[m * COLS + lane * 8 + j]);
+        for (int f = 0; f < PHASES; ++f) {
+          t += red[(f * MAXM + m) * COLS + col];
         }
+        y[long(m) * K + c0 + col] = T(t);
       }
     }
   }

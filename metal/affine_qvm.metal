@@ -1,6 +1,6 @@
 // qvm entry point: decode-shaped affine_matmul with transpose=False (see affine_qvm.h).
-// Threadgroup: 64 threads (2 simdgroups); grid: (ceil(K / 256), 1, batch);
-// threadgroup memory 0: mlxq::qvm_threadgroup_floats<GS>() floats.
+// Threadgroup: 64 threads (2 simdgroups); grid: (ceil(K / 128), 1, batch);
+// threadgroup memory 0: MLXQ_QVM_TG_FLOATS(group_size) floats.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -13,10 +13,8 @@ template <typename T, int GS, int BITS>
                            constant AffineMatmulParams& p [[buffer(5)]],
                            threadgroup float* tg [[threadgroup(0)]],
                            uint3 tgid [[threadgroup_position_in_grid]],
-                           uint tid [[thread_index_in_threadgroup]],
-                           uint sg [[simdgroup_index_in_threadgroup]],
-                           uint lane [[thread_index_in_simdgroup]]) {
-  mlxq::affine_qvm_impl<T, GS, BITS>(x, wq, scales, biases, y, p, tg, tgid, tid, sg, lane);
+                           uint tid [[thread_index_in_threadgroup]]) {
+  mlxq::affine_qvm_impl<T, GS, BITS>(x, wq, scales, biases, y, p, tg, tgid, tid);
 }
 
 // clang-format off

@@ -12,14 +12,19 @@
 #define MLXQ_QMV_ROWS 4          // weight rows per qmv simdgroup
 #define MLXQ_QMV_LANE_VALUES 32  // weight values per lane per step (= `bits` uint32 words)
 #define MLXQ_QVM_SIMDGROUPS 2    // simdgroups per qvm threadgroup (they split the rows)
-#define MLXQ_QVM_COLS 256        // output columns per qvm threadgroup (8 per lane)
+#define MLXQ_QVM_COLS 128        // output columns per qvm threadgroup (16 packs of 8)
+#define MLXQ_QVM_PHASES 4        // qvm threads per column pack, splitting the rows (64 / 16)
 #define MLXQ_QVM_ROW_CHUNK 64    // rows of x/scales staged in threadgroup memory at a time
-#define MLXQ_QMM_BM 32           // qmm tile: rows of x
-#define MLXQ_QMM_BN 32           // qmm tile: output columns
-#define MLXQ_QMM_BK 32           // qmm tile: reduction step (one quantization group or less)
-#define MLXQ_QMM_LD 36           // row pitch (floats) of the threadgroup tiles (padded)
-#define MLXQ_QMM_THREADS 128     // 4 simdgroups, 2x2 over the 32x32 output tile
-#define MLXQ_QUANT_THREADS 64    // affine_quantize / affine_dequantize: one thread per group
+// qvm threadgroup memory in floats: staged x, staged scales and biases, per-phase partial sums.
+#define MLXQ_QVM_TG_FLOATS(gs)                                                             \
+  (MLXQ_QMV_MAX_M * MLXQ_QVM_ROW_CHUNK + 2 * MLXQ_QVM_ROW_CHUNK * (MLXQ_QVM_COLS / (gs)) + \
+   MLXQ_QVM_PHASES * MLXQ_QMV_MAX_M * MLXQ_QVM_COLS)
+#define MLXQ_QMM_BM 32         // qmm tile: rows of x
+#define MLXQ_QMM_BN 32         // qmm tile: output columns
+#define MLXQ_QMM_BK 32         // qmm tile: reduction step (one quantization group or less)
+#define MLXQ_QMM_LD 36         // row pitch (floats) of the threadgroup tiles (padded)
+#define MLXQ_QMM_THREADS 128   // 4 simdgroups, 2x2 over the 32x32 output tile
+#define MLXQ_QUANT_THREADS 64  // affine_quantize / affine_dequantize: one thread per group
 
 // affine_matmul: y[b] = x[b] @ W[b]^T (transpose) or x[b] @ W[b], W = scales * q + biases.
 // The grid's z index is the flat index into the broadcast batch shape; the strides turn it into

@@ -163,12 +163,13 @@ def test_matmul_every_m(M, transpose, gen) -> None:
 
 @pytest.mark.parametrize("transpose", [True, False], ids=["t", "n"])
 @pytest.mark.parametrize("M", [2, 40])
-@pytest.mark.parametrize(("bits", "gs"), [(3, 128), (4, 64), (6, 32)])
-def test_matmul_long_loops(bits, gs, M, transpose, gen) -> None:
-    """K = 1152 and N = 150: qmv takes a second, partial 1024-value step; qvm walks three
-    64-row chunks (the last partial) and a partial 256-column tile; qmm runs 36 K-steps."""
-    wq, s, b = _quantized(gen, (150, 1152), gs, bits, torch.bfloat16)
-    x = torch.randn(M, 1152 if transpose else 150, generator=gen).to(torch.bfloat16)
+@pytest.mark.parametrize(("bits", "gs", "K"), [(3, 128, 1152), (4, 64, 1088), (6, 32, 1056)])
+def test_matmul_long_loops(bits, gs, K, M, transpose, gen) -> None:
+    """K > 1024 and N = 150: qmv takes a second, partial 1024-value step; qvm walks three
+    64-row chunks (the last partial) and, for K = 1088 or 1056, a partial 128-column tile;
+    qmm runs 33 to 36 K-steps."""
+    wq, s, b = _quantized(gen, (150, K), gs, bits, torch.bfloat16)
+    x = torch.randn(M, K if transpose else 150, generator=gen).to(torch.bfloat16)
     _check_matmul(x, wq, s, b, gs, bits, transpose)
 
 

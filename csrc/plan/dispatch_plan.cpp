@@ -45,12 +45,7 @@ std::vector<int64_t> broadcast_strides(const std::vector<int64_t>& batch,
   return strides;
 }
 
-int64_t qvm_threadgroup_bytes(int64_t gs) {
-  const int64_t floats = MLXQ_QMV_MAX_M * MLXQ_QVM_ROW_CHUNK +
-                         2 * MLXQ_QVM_ROW_CHUNK * (MLXQ_QVM_COLS / gs) +
-                         MLXQ_QMV_MAX_M * MLXQ_QVM_COLS;
-  return floats * 4;
-}
+int64_t qvm_threadgroup_bytes(int64_t gs) { return int64_t{MLXQ_QVM_TG_FLOATS(gs)} * 4; }
 
 }  // namespace
 
