@@ -96,9 +96,19 @@ def compiler() -> tuple[str, ...]:
     return found[0]
 
 
-def _run(cmd: list[str], what: str, cwd: str | None = None) -> str:
+def _env(scratch: Path | None) -> dict[str, str] | None:
+    """Compile steps get a private zig cache in the scratch dir: zig would otherwise keep every
+    object file it produces in ~/.cache/zig (gigabytes over time) and parallel compiles race
+    on it. Linking keeps the shared cache, where zig's libc stubs are built once."""
+    if scratch is None or not any("ziglang" in part for part in compiler()):
+        return None
+    cache = str(scratch / "zig-cache")
+    return {**os.environ, "ZIG_GLOBAL_CACHE_DIR": cache, "ZIG_LOCAL_CACHE_DIR": cache}
+
+
+def _run(cmd: list[str], what: str, scratch: Path | None = None) -> str:
     for attempt in range(2):
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(scratch))
         if proc.returncode == 0:
             return proc.stdout
         # zig's shared cache occasionally loses a rename race between parallel compiles.
@@ -163,7 +173,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def preprocess(metal_file: Path, include_dirs: list[Path]) -> str:
+def preprocess(metal_file: Path, include_dirs: list[Path], scratch: Path | None = None) -> str:
     """`clang -E` with the shim in preprocess mode: macros expanded, MSL tokens kept."""
     cmd = [
         *compiler(),
@@ -178,7 +188,7 @@ def preprocess(metal_file: Path, include_dirs: list[Path]) -> str:
         "-nostdinc++",
         str(metal_file),
     ]
-    return _run(cmd, f"preprocessing {metal_file}")
+    return _run(cmd, f"preprocessing {metal_file}", scratch)
 
 
 def _runtime_object(work: Path) -> Path:
@@ -199,6 +209,7 @@ def _runtime_object(work: Path) -> Path:
                 str(tmp),
             ],
             "compiling the emulator runtime",
+            work,
         )
         _atomic_write(obj, tmp.read_bytes())
         _prune("runtime-*.o")
@@ -217,7 +228,7 @@ def build(metal_file: Path, include_dirs: list[Path] | None = None) -> tuple[Pat
         return lib, json.loads(meta.read_text())
     with tempfile.TemporaryDirectory(prefix="mlxq-emu-") as tmpd:
         work = Path(tmpd)
-        pp = preprocess(metal_file, dirs)
+        pp = preprocess(metal_file, dirs, work)
         try:
             kernels = _source.find_kernels(pp)
             code = _source.rewrite(pp) + _source.wrappers(kernels)
@@ -242,6 +253,7 @@ def build(metal_file: Path, include_dirs: list[Path] | None = None) -> tuple[Pat
                 str(ll),
             ],
             f"compiling {metal_file.name} for the emulator",
+            work,
         )
         ll_i = work / "kernels_i.ll"
         ll_i.write_text(_ir.instrument(ll.read_text()))
@@ -250,6 +262,7 @@ def build(metal_file: Path, include_dirs: list[Path] | None = None) -> tuple[Pat
         _run(
             [*compiler(), "-O0", "-fPIC", "-Wno-override-module", "-c", str(ll_i), "-o", str(obj)],
             f"compiling instrumented {metal_file.name}",
+            work,
         )
         so = work / "kernels.so"
         link = list(compiler())
@@ -291,12 +304,12 @@ def check_strict(metal_file: Path, include_dirs: list[Path] | None = None) -> No
     ok = cache_dir() / f"strict-{metal_file.stem}-{key}.ok"
     if ok.exists():
         return
-    pp = preprocess(metal_file, dirs)
-    try:
-        code = _source.rewrite(pp)
-    except _source.SourceError as e:
-        raise EmulatorError(f"{metal_file}: {e}") from None
     with tempfile.TemporaryDirectory(prefix="mlxq-emu-") as tmpd:
+        pp = preprocess(metal_file, dirs, Path(tmpd))
+        try:
+            code = _source.rewrite(pp)
+        except _source.SourceError as e:
+            raise EmulatorError(f"{metal_file}: {e}") from None
         gen = Path(tmpd) / "strict.cpp"
         gen.write_text(code)
         cmd = [
@@ -308,10 +321,11 @@ def check_strict(metal_file: Path, include_dirs: list[Path] | None = None) -> No
             str(INCLUDE_DIR / "mlxq_emu_shim.h"),
             f"-I{INCLUDE_DIR}",
             "-nostdinc++",
+            "-c",  # without it ziglang's driver also links, building libc++ on a cold cache
             "-fsyntax-only",
             str(gen),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(Path(tmpd)))
         errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
         # ziglang's driver reports a bogus "failed to rename <output>" after a clean
         # -fsyntax-only run (there is no output to rename); only real errors count.
