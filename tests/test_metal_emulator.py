@@ -360,3 +360,10 @@ def test_simdgroup_matrix_lane_layout(lib: emu.Library) -> None:
         col = (qid & 2) * 2 + (lane % 2) * 2
         assert out[0, lane].tolist() == [row * 8 + col, row * 8 + col + 1]
         assert out[1, lane].tolist() == [col * 8 + row, (col + 1) * 8 + row]
+
+
+def test_simdgroup_matrix_through_threadgroup_memory(lib: emu.Library) -> None:
+    x = torch.randn(64)
+    y = torch.zeros(64)
+    emu.dispatch("sg_tg_roundtrip", 1, 32, {0: x, 1: y})
+    assert torch.equal(y, 2 * x)

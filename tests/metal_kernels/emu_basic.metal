@@ -156,3 +156,22 @@ kernel void grid_ids(device uint4* out [[buffer(0)]], uint3 tpig [[thread_positi
   simdgroup_load(t, m, 8, ulong2(0, 0), true);
   out[32 + lane] = t.thread_elements();
 }
+
+// simdgroup_matrix through threadgroup memory: tile = 2 * I * (tile loaded from device).
+[[kernel]] void sg_tg_roundtrip(const device float* src [[buffer(0)]],
+                                device float* dst [[buffer(1)]],
+                                ushort lane [[thread_index_in_simdgroup]]) {
+  threadgroup float tile[64];
+  tile[lane] = src[lane];
+  tile[lane + 32] = src[lane + 32];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_matrix<float, 8, 8> m;
+  simdgroup_load(m, tile, 8);
+  const simdgroup_matrix<float, 8, 8> twice(2.0f);
+  simdgroup_multiply(m, twice, m);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_store(m, tile, 8);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  dst[lane] = tile[lane];
+  dst[lane + 32] = tile[lane + 32];
+}
