@@ -1,0 +1,5 @@
+// Syntax-check stand-in (see ../Metal/Metal.h): what torch's ATen/mps/MPSStream.h names.
+#pragma once
+#include <Metal/Metal.h>
+@interface MPSCommandBuffer : NSObject
+@end
