@@ -65,9 +65,9 @@ struct Region {
   size_t mapped = 0;
   Shadow* shadow = nullptr;
   size_t shadow_cap = 0;
-  // Device buffers: which threadgroup (linear index + 1) wrote each byte in this dispatch;
-  // allocated on the buffer's first write.
-  uint32_t* writer = nullptr;
+  // Device buffers: which threadgroup (linear index mod 65535, + 1) wrote each byte in this
+  // dispatch; allocated on the buffer's first write.
+  uint16_t* writer = nullptr;
   size_t writer_cap = 0;
   bool writer_live = false;
 };
@@ -342,24 +342,24 @@ void check_device_write(Region& r, int64_t off, uint64_t n) {
   if (!r.writer_live) {
     if ((size_t)r.size > r.writer_cap) {
       free(r.writer);
-      r.writer = (uint32_t*)malloc((size_t)r.size * sizeof(uint32_t));
+      r.writer = (uint16_t*)malloc((size_t)r.size * sizeof(uint16_t));
       if (!r.writer) {
         r.writer_cap = 0;
         return;
       }
       r.writer_cap = (size_t)r.size;
     }
-    memset(r.writer, 0, (size_t)r.size * sizeof(uint32_t));
+    memset(r.writer, 0, (size_t)r.size * sizeof(uint16_t));
     r.writer_live = true;
   }
-  const uint32_t me = g_tg_linear + 1;
+  const uint16_t me = (uint16_t)(g_tg_linear % 65535 + 1);
   for (uint64_t i = 0; i < n; ++i) {
-    uint32_t& w = r.writer[off + i];
+    uint16_t& w = r.writer[off + i];
     if (w != 0 && w != me) {
       fail(
           "race on buffer(%d) at byte offset %lld: written by threadgroups #%u and #%u (%s); "
           "threadgroups of a dispatch are not ordered",
-          r.index, (long long)(off + i), w - 1, me - 1, thread_desc());
+          r.index, (long long)(off + i), w - 1u, g_tg_linear, thread_desc());
       abort_thread();
     }
     w = me;
@@ -367,14 +367,14 @@ void check_device_write(Region& r, int64_t off, uint64_t n) {
 }
 
 void check_device_read(Region& r, int64_t off, uint64_t n) {
-  const uint32_t me = g_tg_linear + 1;
+  const uint16_t me = (uint16_t)(g_tg_linear % 65535 + 1);
   for (uint64_t i = 0; i < n; ++i) {
-    uint32_t w = r.writer[off + i];
+    uint16_t w = r.writer[off + i];
     if (w != 0 && w != me) {
       fail(
           "race on buffer(%d) at byte offset %lld: read by %s after threadgroup #%u wrote it "
           "in the same dispatch; threadgroups of a dispatch are not ordered",
-          r.index, (long long)(off + i), thread_desc(), w - 1);
+          r.index, (long long)(off + i), thread_desc(), w - 1u);
       abort_thread();
     }
   }
