@@ -190,15 +190,21 @@ def test_registration_is_idempotent_and_keeps_metal() -> None:
     assert cfg.quantization_config == {"quant_method": "metal", "bits": 4, "group_size": 64}
 
 
-def test_only_import_mlxq_in_a_fresh_process(tiny: Path) -> None:
-    code = (
-        "import sys, mlxq\n"
-        "assert 'transformers' not in sys.modules, 'import mlxq must not import transformers'\n"
+@pytest.mark.parametrize("transformers_first", [False, True], ids=["mlxq-first", "hf-first"])
+def test_only_import_mlxq_in_a_fresh_process(tiny: Path, transformers_first: bool) -> None:
+    if transformers_first:  # registers at `import mlxq`, as modeling_utils is there already
+        head = "import transformers.modeling_utils, mlxq\n"
+    else:  # registers when transformers loads modeling_utils, after a fast `import mlxq`
+        head = (
+            "import sys, mlxq\n"
+            "assert 'transformers' not in sys.modules, 'import mlxq must not import transformers'\n"
+        )
+    code = head + (
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(tiny)!r})\n"
         "print(type(m.model.layers[0].self_attn.q_proj).__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("AffineLinear")
 
