@@ -2,6 +2,10 @@
 
 Ops: :func:`affine_quantize`, :func:`affine_dequantize`, :func:`affine_matmul`, also reachable
 as ``torch.ops.mlxq.*``.
+
+transformers: after ``import mlxq``, ``AutoModelForCausalLM.from_pretrained(path_or_repo)``
+loads MLX checkpoints (mlx-community) into :class:`AffineLinear` / :class:`AffineEmbedding`;
+``save_pretrained`` writes MLX checkpoints back; :func:`quantize_model` quantizes a float model.
 """
 
 from __future__ import annotations
