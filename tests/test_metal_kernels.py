@@ -13,6 +13,7 @@ per row-block of x.
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -202,6 +203,46 @@ def test_matmul_int32_weights_and_upcast_scales(gen) -> None:
     x = torch.randn(3, 64, generator=gen)
     _check_matmul(x, wq.view(torch.int32), s, b, 32, 5, True)
     _check_matmul(torch.randn(40, 64, generator=gen), wq, s, b, 32, 5, True)
+
+
+def _meta(*shape: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_plan_geometry_and_params_layout() -> None:
+    """The launch contract the MPS backend relies on: kernel, grid, threads, threadgroup memory,
+    bindings, and the byte layout of AffineMatmulParams / AffineQuantParams."""
+    N, K, gs, bits = 37, 1024, 64, 4
+    w = (_meta(N, K * bits // 32, dtype=torch.uint32), _meta(N, K // gs), _meta(N, K // gs))
+    cases = [  # x shape, transpose -> kernel, grid, threads, threadgroup memory
+        ((5, K), True, "affine_qmv_half_gs64_b4", (5, 1, 1), (64, 1, 1), []),
+        ((8, N), False, "affine_qvm_half_gs64_b4", (8, 1, 1), (64, 1, 1), [(0, 19456)]),
+        ((70, K), True, "affine_qmm_t_half_gs64_b4", (2, 3, 1), (128, 1, 1), [(0, 9216)]),
+        ((9, N), False, "affine_qmm_n_half_gs64_b4", (32, 1, 1), (128, 1, 1), [(0, 9216)]),
+    ]
+    for xshape, transpose, kernel, grid, threads, tgm in cases:
+        plan = _C.plan_affine_matmul(_meta(*xshape), *w, gs, bits, transpose)
+        assert (plan["kernel"], plan["grid"], plan["threads"]) == (kernel, grid, threads)
+        assert plan["threadgroup_memory"] == tgm
+        roles = ["x", "wq", "scales", "biases", "out", "params"]
+        assert plan["bindings"] == list(enumerate(roles))
+        head = struct.unpack_from("8i", plan["params"])
+        assert head == (xshape[0], N, K, K // gs, xshape[1], K if not transpose else N, 1, 0)
+        assert len(plan["params"]) == 4 * (8 + 3 * 6)
+    # Batched: x [2, 1, M, K] against wq [3, N, ...] -> batch (2, 3), strides in entries.
+    wb = (_meta(3, N, K * bits // 32, dtype=torch.uint32), _meta(3, N, K // gs), _meta(3, N, 16))
+    plan = _C.plan_affine_matmul(_meta(2, 1, 4, K), *wb, gs, bits, True)
+    p = struct.unpack_from("26i", plan["params"])
+    assert plan["grid"] == (5, 1, 6) and p[6:8] == (6, 2)
+    assert (p[8:10], p[14:16], p[20:22]) == ((2, 3), (1, 0), (0, 1))
+    plan = _C.plan_affine_quantize(_meta(3, 5, 256), 128, 3)
+    assert (plan["kernel"], plan["grid"], plan["threads"]) == (
+        "affine_quantize_half_gs128_b3",
+        (1, 1, 1),
+        (64, 1, 1),
+    )
+    assert struct.unpack("3i", plan["params"]) == (15, 256, 2)
+    assert plan["out_shapes"] == [(3, 5, 24), (3, 5, 2), (3, 5, 2)]
 
 
 def test_plan_rejects_bad_input() -> None:
