@@ -7,7 +7,8 @@ of the rows per threadgroup, K at its smallest legal size (= group_size), M from
 that qmv/qvm and qmm with partial tiles all run), and batched/broadcast weights. The traffic
 tests hold the device bytes each kernel reads against the minimum: qmv/qvm/quantize/dequantize
 read packed weights, scales and biases exactly once; qmm reads each weight tile at most once
-per row-block of x.
+per row-block of x (for transpose=False, a group wider than the 32-column tile has its scale
+read by each tile it spans).
 """
 
 from __future__ import annotations
