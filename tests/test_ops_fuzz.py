@@ -48,6 +48,10 @@ SETTINGS = settings(
 )
 CHILD_TIMEOUT_S = 240
 
+from conftest import _available_isas  # noqa: E402
+
+ISAS = ["auto", *_available_isas()]
+
 BAD_BITS = st.sampled_from([-4, 0, 1, 7, 9, 16, 32, 2**33])
 BAD_GROUPS = st.sampled_from([-64, 0, 1, 8, 16, 48, 96, 256, 2**40])
 BAD_FLOAT_DTYPES = st.sampled_from([torch.float64, torch.int32, torch.int64, torch.uint8])
@@ -194,7 +198,7 @@ def fuzz_matmul(data) -> None:
     elif mutation == "transpose":
         args["transpose"] = not transpose
 
-    isa = data.draw(st.sampled_from(["auto", "portable"]))
+    isa = data.draw(st.sampled_from(ISAS))
 
     def call():
         mlxq._C.set_cpu_isa(isa)
@@ -261,7 +265,7 @@ def fuzz_dequantize(data) -> None:
     for key in ("wq", "scales", "biases"):
         if args[key].dim() >= 2 and data.draw(st.booleans()):
             args[key] = strided(args[key], 2)
-    isa = data.draw(st.sampled_from(["auto", "portable"]))
+    isa = data.draw(st.sampled_from(ISAS))
 
     def call():
         mlxq._C.set_cpu_isa(isa)

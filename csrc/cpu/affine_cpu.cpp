@@ -21,13 +21,20 @@ Isa detect_isa() {
   const char* env = std::getenv("MLXQ_CPU_ISA");
   if (env != nullptr && std::string(env) == "portable") return Isa::kPortable;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bf16") &&
+      !(env != nullptr && std::string(env) == "avx2"))
+    return Isa::kAvx512;
+  if (avx2) return Isa::kAvx2;
 #endif
   return Isa::kPortable;
 }
 
 const KernelTable& kernels() {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (active_isa_enum() == Isa::kAvx512) return avx512_kernels();
   if (active_isa_enum() == Isa::kAvx2) return avx2_kernels();
 #endif
   return portable_kernels();
@@ -70,6 +77,24 @@ at::Tensor from_chunk_order(const at::Tensor& y, int bits) {
   return y.view({M, -1, P, 8}).transpose(2, 3).contiguous().view({M, -1});
 }
 
+// x [M, K] (fp32, holding values of dtype `src`) as the bf16 pieces of QmvBf16Args, in the
+// bf16 kernels' chunk order: [pieces * M, K].
+at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
+  const int pieces = src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
+  std::vector<at::Tensor> parts;
+  at::Tensor rest = x;
+  for (int p = 0; p < pieces; ++p) {
+    parts.push_back(rest.to(at::kBFloat16));
+    if (p + 1 < pieces) rest = rest - parts.back().to(at::kFloat);  // exact in fp32
+  }
+  const int64_t P = 8 / bits;
+  return at::stack(parts)
+      .view({pieces * x.size(0), -1, kBf16ByteLanes, P})
+      .transpose(2, 3)
+      .contiguous()
+      .view({pieces * x.size(0), -1});
+}
+
 // Below this many rows of x, stream the packed weight (memory bound); above, dequantize tiles
 // and use the dense GEMM (compute bound). Chosen from benchmarks/bench_ops.py.
 constexpr int64_t kDecodeMaxRows = 16;
@@ -77,7 +102,10 @@ constexpr int64_t kDecodeMaxRows = 16;
 // the last-level cache between its dequantization and its GEMM.
 constexpr int64_t kTileBytes = int64_t{4} << 20;
 
-at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
+// x is fp32 [M, in_features]; `x_dtype` is the dtype its values came in (bf16 and fp16
+// values need fewer bf16 pieces).
+at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
+                     at::ScalarType x_dtype) {
   const int64_t M = x.size(0);
   const int64_t out_features = transpose ? W.N : W.K;
   auto opts = x.options().dtype(at::kFloat);
@@ -87,6 +115,15 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) 
     at::Tensor y = at::empty({M, out_features}, opts);
     if (transpose) {
       at::Tensor xsum = x.view({M, W.G, W.group_size}).sum(-1).contiguous();
+      if (kt.qmv_bf16 != nullptr && (W.bits == 2 || W.bits == 4) &&
+          W.K % kBf16BlockValues(W.bits) == 0) {
+        const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
+        const QmvBf16Args a{W,   static_cast<const uint16_t*>(xp.const_data_ptr()),
+                            static_cast<int>(xp.size(0) / M), xsum.const_data_ptr<float>(),
+                            y.mutable_data_ptr<float>(), M};
+        at::parallel_for(0, W.N, 16, [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
+        return y;
+      }
       at::Tensor xc = to_chunk_order(x, W.bits);
       QmvArgs a{W, xc.const_data_ptr<float>(), xsum.const_data_ptr<float>(),
                 y.mutable_data_ptr<float>(), 0};
@@ -136,7 +173,7 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
   const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
   if (g.batch.empty()) {
     const QuantWeight W = view_weight(w, s, b, group_size, bits);
-    at::Tensor y = matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose);
+    at::Tensor y = matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose, x.scalar_type());
     return y.to(x.scalar_type()).reshape(g.out_shape);
   }
   // Batched weights: map each broadcast batch entry to its x and w entries with tiny index
@@ -156,7 +193,7 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
   const int64_t* wip = wi.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) {
     const QuantWeight W = view_weight(w3[wip[i]], s3[wip[i]], b3[wip[i]], group_size, bits);
-    y[i].copy_(matmul_2d(x3[xip[i]], W, transpose));
+    y[i].copy_(matmul_2d(x3[xip[i]], W, transpose, x.scalar_type()));
   }
   return y.to(x.scalar_type()).reshape(g.out_shape);
 }
@@ -220,6 +257,7 @@ Isa active_isa_enum() {
 
 std::string active_isa() {
   switch (active_isa_enum()) {
+    case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default:
 #if defined(__aarch64__) || defined(_M_ARM64)
@@ -236,10 +274,14 @@ void set_isa(const std::string& name) {
   } else if (name == "portable" || name == "neon") {
     g_isa_override = static_cast<int>(Isa::kPortable);
   } else if (name == "avx2") {
-    TORCH_CHECK_VALUE(detect_isa() == Isa::kAvx2, "mlxq: this CPU cannot run the avx2 kernels");
+    TORCH_CHECK_VALUE(detect_isa() != Isa::kPortable, "mlxq: this CPU cannot run the avx2 kernels");
     g_isa_override = static_cast<int>(Isa::kAvx2);
+  } else if (name == "avx512") {
+    TORCH_CHECK_VALUE(detect_isa() == Isa::kAvx512,
+                      "mlxq: this CPU cannot run the avx512 kernels (needs AVX512-BF16)");
+    g_isa_override = static_cast<int>(Isa::kAvx512);
   } else {
-    TORCH_CHECK_VALUE(false, "mlxq: unknown CPU ISA '", name, "' (expected auto, portable, avx2)");
+    TORCH_CHECK_VALUE(false, "mlxq: unknown CPU ISA '", name, "' (expected auto, portable, avx2, avx512)");
   }
 }
 

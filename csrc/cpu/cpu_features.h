@@ -6,13 +6,13 @@
 
 namespace mlxq::cpu {
 
-enum class Isa { kPortable, kAvx2 };
+enum class Isa { kPortable, kAvx2, kAvx512 };
 
-// The ISA the kernels run with; MLXQ_CPU_ISA=portable forces the portable path (for tests).
+// The ISA the kernels run with; MLXQ_CPU_ISA=portable|avx2 caps it (for tests, benchmarks).
 Isa active_isa_enum();
 std::string active_isa();
 
-// Forces "portable", "avx2" or back to "auto" (for tests and benchmarks).
+// Forces "portable", "avx2", "avx512" or back to "auto" (for tests and benchmarks).
 void set_isa(const std::string& name);
 
 }  // namespace mlxq::cpu

@@ -21,9 +21,10 @@ struct QuantWeight {
   int bits = 4, group_size = 64;
 };
 
-// The decode kernels for 2, 4 and 8 bits read x (qmv) and write y (qvm) in "chunk order":
-// within each run of 64/bits values, value l*P + j (P = 8/bits values per byte) sits at
-// j*8 + l, so that a zero-extended byte load lines up with 8 consecutive x values.
+// The decode kernels for 2, 4 and 8 bits read x (qmv) and write y (qvm) in "chunk order" with
+// L byte lanes: within each run of L*P values (P = 8/bits values per byte), value l*P + j sits
+// at j*L + l, so that L zero-extended packed bytes line up with L consecutive x values.
+// The generic kernels use L = 8 (one 8-lane vector), the bf16 kernels L = 32.
 inline bool uses_chunk_order(int bits) { return bits == 2 || bits == 4 || bits == 8; }
 
 // y[m, n] = sum_k x[m, k] * W[n, k] for M <= kMaxDecodeRows; xsum[m, g] = sum of x over group g.
@@ -45,17 +46,35 @@ struct QvmArgs {
 
 constexpr int64_t kMaxDecodeRows = 4;
 
+// Decode through bf16 dot products (AVX512-BF16), for bits 2 and 4 and K a multiple of
+// kBf16BlockValues(bits). x is given as `pieces` bf16 tensors [pieces, M, K] whose sum is x
+// (exact for bf16 and fp16 x; three pieces carry fp32's precision), each in chunk order with
+// kBf16ByteLanes byte lanes (see uses_chunk_order).
+struct QmvBf16Args {
+  QuantWeight W;
+  const uint16_t* x = nullptr;
+  int pieces = 1;
+  const float* xsum = nullptr;
+  float* y = nullptr;
+  int64_t M = 0;
+};
+constexpr int kBf16ByteLanes = 32;
+inline int64_t kBf16BlockValues(int bits) { return kBf16ByteLanes * 8 / bits; }
+
 struct KernelTable {
   const char* name;
   void (*qmv)(const QmvArgs& a, int64_t n_begin, int64_t n_end);  // output columns range
   void (*qvm)(const QvmArgs& a, int64_t g_begin, int64_t g_end);  // groups of K range
   // out[n - n_begin, k] = W[n, k] in fp32 for rows [n_begin, n_end); `out` is [n_end-n_begin, K].
   void (*dequantize)(const QuantWeight& W, float* out, int64_t n_begin, int64_t n_end);
+  // Optional (null where the CPU lacks it): decode at 2 and 4 bits through bf16 dot products.
+  void (*qmv_bf16)(const QmvBf16Args& a, int64_t n_begin, int64_t n_end) = nullptr;
 };
 
 const KernelTable& portable_kernels();
 #if defined(__x86_64__) || defined(_M_X64)
 const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
 #endif
 
 }  // namespace mlxq::cpu

@@ -217,7 +217,7 @@ inline void dequantize(const QuantWeight& W, float* out, int64_t n0, int64_t n1)
 }
 
 inline const KernelTable& table(const char* name) {
-  static const KernelTable t{name, &qmv, &qvm, &dequantize};
+  static const KernelTable t{name, &qmv, &qvm, &dequantize, nullptr};
   return t;
 }
 
