@@ -640,7 +640,23 @@ def test_doctor_runs_as_a_module() -> None:
 
 COMBOS = [(op, b, g, d) for op in ("quantize", "dequantize", "qmv", "qvm", "qmm_t", "qmm_n")
           for d in DTYPES for g in (32, 64, 128) for b in (2, 3, 4, 5, 6, 8)]  # fmt: skip
-SHAPE = {"qmv": (3, True), "qvm": (5, False), "qmm_t": (37, True), "qmm_n": (40, False)}
+# Rows of x per batch entry (x is [2, m, K]: 2*m rows for a 2-D weight) and transpose, so that
+# the plan picks the named kernel (checked without a Mac below).
+SHAPE = {"qmv": (3, True), "qvm": (4, False), "qmm_t": (37, True), "qmm_n": (40, False)}
+
+
+def _mps_matmul_operands(gen, op, bits, gs, dtype):
+    m, transpose = SHAPE[op]
+    wq, s, b = _weights(gen, 20, 2 * gs, gs, bits, dtype)
+    x = torch.randn(2, m, 2 * gs if transpose else 20, generator=gen).to(dtype)
+    return x, wq, s, b, transpose
+
+
+@pytest.mark.parametrize("op", sorted(SHAPE))
+def test_mps_matmul_shapes_reach_every_kernel(op, gen) -> None:
+    x, wq, s, b, transpose = _mps_matmul_operands(gen, op, 4, 64, torch.float16)
+    kernel = _C.plan_affine_matmul(x, wq, s, b, 64, 4, transpose)["kernel"]
+    assert kernel == f"affine_{op}_half_gs64_b4"
 
 
 def _mps_case(op, bits, gs, dtype):
@@ -659,13 +675,12 @@ def test_mps_op_matches_cpu(op, bits, gs, dtype, gen) -> None:
         w = torch.randn(5, 3 * gs, generator=gen).to(dtype)
         _check(mlxq.affine_quantize(w.to("mps"), gs, bits), mlxq.affine_quantize(w, gs, bits))
         return
-    wq, s, b = _weights(gen, 20, 2 * gs, gs, bits, dtype)
     if case[0] == "dequantize":
+        wq, s, b = _weights(gen, 20, 2 * gs, gs, bits, dtype)
         got = mlxq.affine_dequantize(wq.to("mps"), s.to("mps"), b.to("mps"), gs, bits)
         _check((got,), (mlxq.affine_dequantize(wq, s, b, gs, bits),))
         return
-    _, _, _, _, m, transpose = case
-    x = torch.randn(2, m, 2 * gs if transpose else 20, generator=gen).to(dtype)
+    x, wq, s, b, transpose = _mps_matmul_operands(gen, op, bits, gs, dtype)
     y = mlxq.affine_matmul(x.to("mps"), wq.to("mps"), s.to("mps"), b.to("mps"), gs, bits, transpose)
     _assert_matmul_close(y, x, wq, s, b, gs, bits, transpose)
 
