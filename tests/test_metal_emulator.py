@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlxq.testing import metal_emulator as emu
+from mlxq.testing.metal_emulator import _source
 
 KERNELS = Path(__file__).parent / "metal_kernels"
 
@@ -367,3 +368,23 @@ def test_simdgroup_matrix_through_threadgroup_memory(lib: emu.Library) -> None:
     y = torch.zeros(64)
     emu.dispatch("sg_tg_roundtrip", 1, 32, {0: x, 1: y})
     assert torch.equal(y, 2 * x)
+
+
+@pytest.mark.parametrize(
+    "decl,shared",
+    [
+        ("threadgroup float buf[(64 + 1) * 2];", True),
+        ("threadgroup float a[4], b[4];", True),
+        ("threadgroup vec<float, 4> v[N];", True),
+        ("threadgroup float s;", True),
+        ("void f(threadgroup float* tg, int x) {}", False),
+        ("void g(threadgroup float& r) {}", False),
+        ("auto p = (threadgroup float*)x;", False),
+        ("threadgroup float* ptrs[4];", False),
+        ("threadgroup T (&ref)[4] = x;", False),
+        ("threadgroup_barrier(mem_flags::mem_threadgroup);", False),
+    ],
+)
+def test_threadgroup_variables_are_shared(decl: str, shared: bool) -> None:
+    # Only variable declarations become one array per threadgroup; pointers stay per thread.
+    assert ("MLXQ_TG_VAR" in _source.rewrite(decl)) == shared

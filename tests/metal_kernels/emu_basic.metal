@@ -33,7 +33,7 @@ EMU_INSTANTIATE("copy_half", copy, half)
                                uint2 gid [[thread_position_in_grid]],
                                uint tid [[thread_index_in_threadgroup]],
                                uint2 n [[threads_per_threadgroup]]) {
-  threadgroup float buf[256];
+  threadgroup float buf[(128 + 128)], unused[4];
   const uint count = n.x * n.y;
   const uint g = gid.y * 1000 + gid.x;
   buf[tid] = src[tid] + float(g % 7);

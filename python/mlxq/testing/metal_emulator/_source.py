@@ -238,7 +238,7 @@ _STATIC_CAST = re.compile(
     + r"|half|bfloat)|(?:metal::)?vec\s*<[^<>;(){}]*>)\s*>\s*\("
 )
 _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)[hH]\b")
-_TG_DECL = re.compile(r"\bthreadgroup\b(?=[^;(){}*&]*;)")
+_TG_WORD = re.compile(r"\bthreadgroup\b")
 _KERNEL_KW = re.compile(r"\bkernel(\s+void\b)")
 
 
@@ -271,8 +271,39 @@ def _rewrite_code(text: str) -> str:
         lambda m: f"::mlxq_emu::make_vec<metal::vec<{m.group(1)}>>(", text
     )
     text = _HALF_LITERAL.sub(lambda m: f"((half){m.group(1)}f)", text)
-    text = _TG_DECL.sub("MLXQ_TG_VAR", text)
-    return text
+    return _mark_threadgroup_variables(text)
+
+
+def _is_variable_declaration(text: str, start: int) -> bool:
+    """Whether the `threadgroup` ending at `start` begins a variable declaration (ends in `;`,
+    no pointer/reference declarator, no function parameter or cast)."""
+    depth = 0
+    for c in text[start:]:
+        if depth == 0 and c in "*&(":
+            return False  # pointer, reference or function declarator
+        if c in "[(<":
+            depth += 1
+        elif c in "])>":
+            depth -= 1
+            if depth < 0:
+                return False  # closes a parameter list or a cast
+        elif c in "{}":
+            return False
+        elif c == ";":
+            return depth == 0
+    return False
+
+
+def _mark_threadgroup_variables(text: str) -> str:
+    """`threadgroup T buf[N];` -> one array shared by the threadgroup (MLXQ_TG_VAR)."""
+    out, last = [], 0
+    for m in _TG_WORD.finditer(text):
+        if _is_variable_declaration(text, m.end()):
+            out.append(text[last : m.start()])
+            out.append("MLXQ_TG_VAR")
+            last = m.end()
+    out.append(text[last:])
+    return "".join(out)
 
 
 def wrappers(kernels: list[KernelInfo]) -> str:
