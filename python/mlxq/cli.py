@@ -48,11 +48,11 @@ def _hub_error(name: str, error: Exception) -> CLIError:
         return CLIError(f"no model {name!r}: not a local folder, and no such repo on the Hub")
     if isinstance(error, errors.RevisionNotFoundError):
         return CLIError(f"{name}: revision not found on the Hub")
-    if isinstance(error, errors.EntryNotFoundError):
-        return CLIError(f"{name}: the Hub repo has no config.json (not a transformers model)")
     if isinstance(error, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
         return CLIError(f"{name!r} is not a local folder, and it is not in the Hub cache ({why})")
+    if isinstance(error, errors.EntryNotFoundError):  # after its subclass LocalEntryNotFound
+        return CLIError(f"{name}: the Hub repo has no config.json (not a transformers model)")
     return CLIError(f"{name}: {str(error).splitlines()[0]}")
 
 

@@ -35,10 +35,18 @@ def recipe_overrides(model: nn.Module, recipe: str, group_size: int) -> dict[str
     if recipe not in RECIPES:
         raise ValueError(f"mlxq: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     low, high = RECIPES[recipe]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied_head = (
+        head is not None
+        and embedding is not None
+        and getattr(head, "weight", None) is getattr(embedding, "weight", False)
+    )
     modules = [
         (name, m)
         for name, m in model.named_modules()
-        if name and isinstance(m, (nn.Linear, nn.Embedding))
+        # a tied head is the embedding itself in MLX (no module of its own, no entry)
+        if name and isinstance(m, (nn.Linear, nn.Embedding)) and not (tied_head and m is head)
     ]
     down = [name for name, _ in modules if "down_proj" in name]
     if not down:
@@ -124,11 +132,7 @@ def convert_checkpoint(
     from mlxq.nn import AffineEmbedding, AffineLinear
 
     quantized = sum(isinstance(m, (AffineLinear, AffineEmbedding)) for m in model.modules())
-    kept = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, nn.Identity)
-    ]
+    kept = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     progress(f"saving to {out}")
     created = not out.exists()
     try:

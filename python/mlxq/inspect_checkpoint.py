@@ -370,7 +370,9 @@ def format_report(report: CheckpointReport, every_module: bool = False) -> str:
         rows = [(m.name, [m]) for m in report.modules] if every_module else _grouped(report.modules)
         name_w = min(max(len(label) for label, _ in rows), 60)
         lines.append("")
-        lines.append(f"{'module':<{name_w}}  {'shape':>11}  {'format':<14} {'bytes':>9}  action")
+        lines.append(
+            f"{'module':<{name_w}} {'n':>3}  {'shape':>11}  {'format':<12} {'bytes':>9}  action"
+        )
         for label, members in rows:
             m = members[0]
             fmt = f"{m.bits}-bit g{m.group_size}" if m.bits else "float"
@@ -378,14 +380,15 @@ def format_report(report: CheckpointReport, every_module: bool = False) -> str:
                 fmt += f" {m.mode}"
             shape = f"{m.out_features}x{m.in_features}"
             nbytes = sum(x.bytes for x in members)
-            count = f" x{len(members)}" if len(members) > 1 else ""
             lines.append(
-                f"{label:<{name_w}}  {shape:>11}  {fmt:<14} {_mb(nbytes):>9}  {m.action}{count}"
+                f"{label:<{name_w}} {len(members):>3}  {shape:>11}  {fmt:<12} {_mb(nbytes):>9}  "
+                f"{m.action}"
             )
         if report.other_tensors:
             lines.append(
-                f"{'other tensors (norms, ...)':<{name_w}}  {'':>11}  {'float':<14} "
-                f"{_mb(report.other_bytes):>9}  {report.other_tensors} tensors, untouched"
+                f"{'other tensors (norms, ...)':<{name_w}} {report.other_tensors:>3}  {'':>11}  "
+                f"{'float':<12} "
+                f"{_mb(report.other_bytes):>9}  untouched"
             )
         quantized = [m for m in report.modules if m.bits and m.bytes]
         qparams = sum(m.params for m in quantized)

@@ -1,0 +1,325 @@
+"""The `mlxq` command line, run as users run it: `python -m mlxq ...` in a subprocess.
+
+Checkpoints come from the session cache (tests/mlx_models.py); nothing is downloaded
+(HF_HUB_OFFLINE=1). Oracles: the demo must say "Paris"; `convert` must write exactly the
+tensors and config entries that `mlx_lm.convert` wrote for the same float model, and mlx-lm must
+load the result; `inspect` must agree with the per-module entries mlx-lm wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlx_models import TEST_CACHE, smollm2
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", MLXQ_CACHE=str(TEST_CACHE), **env)
+    environ.pop("MLXQ_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "mlxq", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environ,
+        cwd=REPO,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Non-zero exit, no traceback, exactly one line on stderr naming what is wrong."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("mlxq: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def float_checkpoint() -> Path:
+    from mlxq.demo_model import cached_smollm2_float_checkpoint
+
+    return cached_smollm2_float_checkpoint(cache_dir=TEST_CACHE)
+
+
+def test_help_lists_every_command() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("demo", "generate", "inspect", "convert", "bench", "doctor"):
+        assert command in proc.stdout
+
+
+def test_demo_answers_paris() -> None:
+    # builds (once per cache) the 4-bit g32 checkpoint with mlxq's own converter, then chats
+    proc = run_cli("demo", "--max-tokens", "24")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout, proc.stdout
+    stats = proc.stdout.strip().splitlines()[-1]
+    for field in ("load", "prefill", "decode", "tok/s", "peak memory"):
+        assert field in stats, stats
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _assert_same_checkpoint(ours: Path, reference: Path) -> None:
+    a, b = _tensors(ours), _tensors(reference)
+    assert sorted(a) == sorted(b)
+    for name, tensor in b.items():
+        assert a[name].dtype == tensor.dtype, name
+        assert torch.equal(a[name], tensor), name
+    cfg, ref_cfg = (json.loads((p / "config.json").read_text()) for p in (ours, reference))
+    assert cfg["quantization"] == ref_cfg["quantization"]
+    assert cfg["rope_theta"] == ref_cfg["rope_theta"]
+
+
+def test_demo_checkpoint_is_what_mlx_lm_convert_makes(smollm2_4bit_g32: Path) -> None:
+    from mlxq.cli import demo_checkpoint
+
+    # built by mlxq (transformers + mlxq.convert), compared with mlx_lm.convert's output
+    _assert_same_checkpoint(demo_checkpoint(str(TEST_CACHE)), smollm2_4bit_g32)
+
+
+def test_generate_chat_streams_the_answer(smollm2_4bit_g32: Path) -> None:
+    proc = run_cli(
+        "generate",
+        "--model",
+        str(smollm2_4bit_g32),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "12",
+        "--dtype",
+        "bfloat16",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "cpu bfloat16" in proc.stdout
+
+
+# (argv, exit status, words the error line must contain); {tmp}, {file}, {ckpt}, {float} are
+# filled in. Exit 2 is argparse's (usage, then an error line), 1 is mlxq's one-line error.
+ERROR_CASES = {
+    "generate-no-folder": (["generate", "--model", "/no/such/folder"], 1, ["no such folder"]),
+    "generate-relative": (["generate", "--model", "./missing-model"], 1, ["no such folder"]),
+    "inspect-no-folder": (["inspect", "/no/such/folder"], 1, ["no such folder"]),
+    "inspect-offline-repo": (
+        ["inspect", "mlx-community/no-such-model-xyz"],
+        1,
+        ["not in the Hub cache", "OFFLINE"],
+    ),
+    "generate-offline-repo": (
+        ["generate", "--model", "mlx-community/no-such-model-xyz"],
+        1,
+        ["not in the Hub cache"],
+    ),
+    "generate-bad-id": (["generate", "--model", "bad repo id!"], 1, ["no such folder"]),
+    "generate-no-config": (["generate", "--model", "{tmp}"], 1, ["has no config.json"]),
+    "inspect-file": (["inspect", "{file}"], 1, ["is a file"]),
+    "generate-zero-tokens": (["generate", "--model", "{ckpt}", "--max-tokens", "0"], 1, ["--max"]),
+    "demo-negative-tokens": (["demo", "--max-tokens", "-3"], 1, ["--max-tokens"]),
+    "generate-float-model": (
+        ["generate", "--model", "{float}"],
+        1,
+        ["float checkpoint", "mlxq convert"],
+    ),
+    "generate-mps-missing": (["generate", "--model", "{ckpt}", "--device", "mps"], 1, ["MPS"]),
+    "convert-quantized-input": (["convert", "{ckpt}", "{tmp}/new"], 1, ["already quantized"]),
+    "convert-existing-output": (["convert", "{float}", "{tmp}"], 1, ["already exists"]),
+    "argparse-no-model": (["generate"], 2, ["--model"]),
+    "argparse-bad-device": (["generate", "--model", "x", "--device", "cuda"], 2, ["cuda"]),
+    "argparse-bad-bits": (["convert", "a", "b", "--bits", "7"], 2, ["--bits"]),
+    "argparse-bad-recipe": (["convert", "a", "b", "--recipe", "mixed_9_9"], 2, ["--recipe"]),
+    "argparse-bad-command": (["frobnicate"], 2, ["frobnicate"]),
+    "argparse-bad-bench": (["bench", "kernels"], 2, ["kernels"]),
+}
+
+
+def run_many(argvs: dict[str, list[str]], jobs: int = 4) -> dict[str, subprocess.CompletedProcess]:
+    """Run `python -m mlxq ARGV` for each entry, `jobs` at a time (each mostly imports torch)."""
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", MLXQ_CACHE=str(TEST_CACHE))
+    environ.pop("MLXQ_DEBUG", None)
+    out: dict[str, subprocess.CompletedProcess] = {}
+    pending = list(argvs.items())
+    while pending:
+        batch, pending = pending[:jobs], pending[jobs:]
+        procs = {
+            name: subprocess.Popen(
+                [sys.executable, "-m", "mlxq", *argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=environ,
+                cwd=REPO,
+            )
+            for name, argv in batch
+        }
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def error_runs(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_4bit_g32: Path, float_checkpoint: Path
+) -> dict[str, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    (tmp / "weights.bin").write_bytes(b"x")
+    subs = {
+        "{tmp}": str(tmp),
+        "{file}": str(tmp / "weights.bin"),
+        "{ckpt}": str(smollm2_4bit_g32),
+        "{float}": str(float_checkpoint),
+    }
+
+    def fill(arg: str) -> str:
+        for key, value in subs.items():
+            arg = arg.replace(key, value)
+        return arg
+
+    return run_many({name: [fill(a) for a in case[0]] for name, case in ERROR_CASES.items()})
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_input_gives_one_line(case: str, error_runs: dict) -> None:
+    _, status, needles = ERROR_CASES[case]
+    if case == "generate-mps-missing" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS (the error path is for machines without it)")
+    proc = error_runs[case]
+    if status == 1:
+        assert_one_line_error(proc, *needles)
+    else:  # argparse: usage, then one error line; no traceback
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("mlxq") and "error:" in last
+        for needle in needles:
+            assert needle in last, last
+
+
+def _mixed_entries(config: dict) -> dict[str, int]:
+    q = config["quantization"]
+    return {k: v["bits"] for k, v in q.items() if isinstance(v, dict)}
+
+
+def test_inspect_mixed_recipe_agrees_with_mlx_lm_config() -> None:
+    path = smollm2(4, 64, "mixed_3_6")
+    proc = run_cli("inspect", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    want = _mixed_entries(json.loads((path / "config.json").read_text()))
+    got = {m["name"]: m["bits"] for m in report["modules"] if m["bits"] and m["bytes"]}
+    assert got == want  # every quantized module, with the bits mlx-lm wrote for it
+    assert {3, 6} == set(got.values())
+    assert report["problems"] == []
+    # the readable form merges layers: v_proj of the layers mlx-lm kept at 6 bits in one row
+    text = run_cli("inspect", str(path)).stdout
+    six = sorted(int(k.split(".")[2]) for k, b in want.items() if "v_proj" in k and b == 6)
+    assert six == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    row = next(line for line in text.splitlines() if "{0-2,5,8,11,14,17,20,23,26-29}" in line)
+    assert "self_attn.v_proj" in row and "6-bit g64" in row and " 14 " in row
+    assert "problems     none" in text
+
+
+def test_inspect_reports_stale_index_and_broken_layer(
+    smollm2_4bit_g32: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(smollm2_4bit_g32, model)
+    # a stale index (as many mlx-community repos carry): loads, with a warning
+    index = {
+        "metadata": {},
+        "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"},
+    }
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    proc = run_cli("inspect", str(model))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stdout and "stale" in proc.stdout
+    assert "4-bit g32" in proc.stdout
+
+    # a layer without its biases: inspect names it and fails; generate says so in one line
+    (model / "model.safetensors.index.json").unlink()
+    file = model / "model.safetensors"
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    del tensors["model.layers.3.mlp.down_proj.biases"]
+    save_file(tensors, file, metadata=metadata)
+    proc = run_cli("inspect", str(model))
+    assert proc.returncode == 1
+    assert "error: layer 'model.layers.3.mlp.down_proj'" in proc.stdout
+    assert "biases" in proc.stdout
+    proc = run_cli("generate", "--model", str(model), "--max-tokens", "2")
+    assert_one_line_error(proc, "model.layers.3.mlp.down_proj", "biases")
+
+
+def test_convert_mixed_recipe_matches_mlx_lm_convert(
+    float_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["convert", str(float_checkpoint), str(out), "--group-size", "64"]
+    proc = run_cli(*args, "--recipe", "mixed_3_6")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    _assert_same_checkpoint(out, smollm2(4, 64, "mixed_3_6"))  # made by mlx_lm.convert
+    from mlx_lm import load
+
+    load(str(out))  # and mlx-lm loads what we wrote
+
+
+def test_bench_ops(tmp_path: Path) -> None:
+    out = tmp_path / "ops"
+    proc = run_cli(
+        "bench", "ops", "--m", "1", "--bits", "4", "--shapes", "4096x4096", "--peers", "dense",
+        "--budget", "0.05", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["mlxq_fp32"] > 0 and rows[0]["dense_fp32"] > 0
+
+
+def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    proc = run_cli(
+        "bench", "model", "--model", str(smollm2_4bit_g32), "--float-model",
+        str(float_checkpoint), "--peers", "mlxq", "dense_fp32", "mlx_lm", "--prompt-tokens",
+        "16", "--decode-tokens", "4", "--mlx-prompt-tokens", "4", "--mlx-decode-tokens", "2",
+        "--reps", "1", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(out.with_suffix(".json").read_text())
+    results = payload["results"]
+    assert set(results) == {"mlxq", "dense_fp32", "mlx_lm"}, results
+    for peer, r in results.items():
+        assert "error" not in r, (peer, r)
+        assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_rss"] > 0
+    assert results["mlxq"]["prefill_tokens"] == 16 and results["mlxq"]["decode_tokens"] == 4
+    assert results["mlx_lm"]["prefill_tokens"] == 4 and results["mlx_lm"]["decode_tokens"] == 2
+    ratio = payload["targets"]["prefill_vs_dense_fp32"]["ratio"]
+    assert ratio == pytest.approx(
+        results["mlxq"]["prefill_tps"] / results["dense_fp32"]["prefill_tps"]
+    )
+    assert "| mlxq |" in proc.stdout
+
+
+def test_doctor() -> None:
+    proc = run_cli("doctor")
+    assert proc.returncode == 0, proc.stderr
+    assert "torch" in proc.stdout
