@@ -582,18 +582,33 @@ def test_install_registers_one_mps_kernel_per_op(tmp_path, gen, monkeypatch, cap
     assert not any(_has_mps_kernel(op) for op in mb.OPS)
 
 
-def test_off_and_failed_register_kernels_that_say_why(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("mode", ["off", "failed"])
+def test_off_and_failed_register_kernels_that_say_why(mode, tmp_path, monkeypatch, caplog) -> None:
     if any(_has_mps_kernel(op) for op in mb.OPS):
         pytest.skip("this process already registered Metal kernels (a Mac)")
     monkeypatch.setattr(mb, "_choice", None)
+    if mode == "off":
+        monkeypatch.setenv("MLXQ_METAL", "Off ")  # read from the environment, case-insensitive
+        env, why = _env(tmp_path), "MLXQ_METAL=off"
+    else:
+        monkeypatch.delenv("MLXQ_METAL", raising=False)
+        env = _env(tmp_path, native=FakeNative(compiled=False), compile_shader=False)
+        why = "no torch.mps.compile_shader"
     lib = torch.library.Library("mlxq", "FRAGMENT")
     try:
-        c = mb.install(_env(tmp_path), "off", lib=lib)
-        assert c.path == "off"
+        with caplog.at_level(logging.INFO, logger="mlxq"):
+            c = mb.install(env, lib=lib)
+        assert c.path == mode and why in c.reason
+        (record,) = [r for r in caplog.records if "Metal path" in r.getMessage()]
+        assert record.levelno == (logging.INFO if mode == "off" else logging.WARNING)
         mps_only = torch._C.DispatchKeySet(torch._C.DispatchKey.MPS)
         w = torch.randn(2, 64)
-        with pytest.raises(RuntimeError, match="MLXQ_METAL=off"):
-            torch.ops.mlxq.affine_quantize.default.redispatch(mps_only, w, 64, 4)
+        for op, args in (
+            (torch.ops.mlxq.affine_quantize, (w, 64, 4)),
+            (torch.ops.mlxq.affine_matmul, (w, *mlxq.affine_quantize(w), 64, 4, True)),
+        ):
+            with pytest.raises(RuntimeError, match=f"no Metal kernels for MPS tensors: .*{why}"):
+                op.default.redispatch(mps_only, *args)
     finally:
         lib._destroy()
 
