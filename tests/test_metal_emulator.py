@@ -288,7 +288,7 @@ def test_msl_idioms() -> None:
     v = [1.0, 2.0, 0.5, -3.0]
     w = [4.0, -1.0, 2.0, 8.0]
     x = torch.tensor([v, w])
-    out = torch.zeros(33)
+    out = torch.zeros(34)
     lib.dispatch("idioms", 1, 1, {0: x, 1: out, 2: struct.pack("<if", 5, 0.25)})
     h01 = float(torch.tensor(0.1).half())
     expect = [
@@ -325,6 +325,7 @@ def test_msl_idioms() -> None:
         9.0,
         8.0 + 1600.0,
         1.0 + 2.0,
+        2 + 4 + 1 + 6 + 16,
     ]
     got = out.tolist()
     assert got == pytest.approx(expect, rel=1e-6, abs=0), list(zip(got, expect, strict=True))
@@ -388,3 +389,20 @@ def test_simdgroup_matrix_through_threadgroup_memory(lib: emu.Library) -> None:
 def test_threadgroup_variables_are_shared(decl: str, shared: bool) -> None:
     # Only variable declarations become one array per threadgroup; pointers stay per thread.
     assert ("MLXQ_TG_VAR" in _source.rewrite(decl)) == shared
+
+
+@pytest.mark.parametrize(
+    "code,expect",
+    [
+        ("y = (float4)h + 1;", "y = ::mlxq_emu::make_vec<float4>(h) + 1;"),
+        ("y = (uint4)(a * b).xy;", "y = ::mlxq_emu::make_vec<uint4>((a * b).xy);"),
+        ("y = (float2)x.yz * 2;", "y = ::mlxq_emu::make_vec<float2>(x.yz) * 2;"),
+        ("y = (float4)f(a, b)[2] - c;", "y = ::mlxq_emu::make_vec<float4>(f(a, b)[2]) - c;"),
+        ("y = (half)p->v.x;", "y = ::mlxq_emu::make_vec<half>(p->v.x);"),
+        ("n = sizeof(float4) * 2;", "n = sizeof(float4) * 2;"),
+        ("y = (float)x;", "y = (float)x;"),
+    ],
+)
+def test_c_style_vector_casts_convert(code: str, expect: str) -> None:
+    # clang would bit-cast same-size vectors; MSL converts element-wise.
+    assert _source._rewrite_c_casts(code) == expect

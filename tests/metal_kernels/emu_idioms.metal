@@ -1,5 +1,5 @@
 // Common MSL idioms the emulator's shim must compile with Metal's meaning
-// (tests/test_metal_emulator.py::test_msl_idioms). One thread writes 33 results.
+// (tests/test_metal_emulator.py::test_msl_idioms). One thread writes 34 results.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -63,4 +63,6 @@ struct Pair {
   out[k++] = float(max3(1, 9, 4));
   out[k++] = float(sizeof(half3)) + 100.0f * float(sizeof(float3));
   out[k++] = float(static_cast<bfloat>(h.x)) + float(half(bh));  // half <-> bfloat
+  const uint4 cu = (uint4)(abs(v) * 2.0f);                       // C-style: converts too
+  out[k++] = float(cu.x + cu.y + cu.z + cu.w) + float(((uint2)0x10u).x);
 }

@@ -239,6 +239,11 @@ _STATIC_CAST = re.compile(
 )
 _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)[hH]\b")
 _TG_WORD = re.compile(r"\bthreadgroup\b")
+_NAME_OR_NUMBER = re.compile(
+    r"(?:::)?[A-Za-z_]\w*(?:::\w+)*"
+    r"|(?:0[xX][0-9a-fA-F]+|\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)[fFhHuUlL]*"
+)
+_C_CAST = re.compile(r"\(\s*((?:metal::)?(?:" + _VEC_NAMES + r"|half|bfloat))\s*\)(?=\s*[\w(.])")
 _KERNEL_KW = re.compile(r"\bkernel(\s+void\b)")
 
 
@@ -265,6 +270,7 @@ def _rewrite_code(text: str) -> str:
             return m.group(0)
         return f"::mlxq_emu::make_vec<{m.group(1)}>("
 
+    text = _rewrite_c_casts(text)
     text = _STATIC_CAST.sub(lambda m: f"::mlxq_emu::make_vec<{m.group(1)}>(", text)
     text = _VEC_CTOR.sub(ctor, text)
     text = _VEC_TEMPLATE_CTOR.sub(
@@ -272,6 +278,53 @@ def _rewrite_code(text: str) -> str:
     )
     text = _HALF_LITERAL.sub(lambda m: f"((half){m.group(1)}f)", text)
     return _mark_threadgroup_variables(text)
+
+
+def _operand_end(text: str, i: int) -> int:
+    """End of the cast operand starting at text[i]: a parenthesised expression or a name/literal,
+    each with postfix `.member`, `->member`, `[...]` and `(...)`; -1 if it is neither."""
+    n = len(text)
+    while i < n and text[i].isspace():
+        i += 1
+    nested = _C_CAST.match(text, i)
+    if nested:
+        return _operand_end(text, nested.end())
+    if i < n and text[i] == "(":
+        i = _match_close(text, i, "(", ")")
+    else:
+        m = _NAME_OR_NUMBER.match(text, i)
+        if not m:
+            return -1
+        i = m.end()
+    while i < n:
+        if text[i] == "[":
+            i = _match_close(text, i, "[", "]")
+        elif text[i] == "(":
+            i = _match_close(text, i, "(", ")")
+        elif text.startswith("->", i) or text[i] == ".":
+            m = re.match(r"(?:->|\.)\s*\w+", text[i:])
+            if not m:
+                break
+            i += m.end()
+        else:
+            break
+    return i
+
+
+def _rewrite_c_casts(text: str) -> str:
+    """`(float4)x` converts element-wise in MSL but bit-casts same-size vectors in clang."""
+    out, last = [], 0
+    for m in _C_CAST.finditer(text):
+        if m.start() < last:
+            continue
+        end = _operand_end(text, m.end())
+        if end < 0:
+            raise SourceError(f"unsupported C-style cast `{text[m.start() : m.end() + 20]}`")
+        out.append(text[last : m.start()])
+        out.append(f"::mlxq_emu::make_vec<{m.group(1)}>({_rewrite_c_casts(text[m.end() : end])})")
+        last = end
+    out.append(text[last:])
+    return "".join(out)
 
 
 def _is_variable_declaration(text: str, start: int) -> bool:
