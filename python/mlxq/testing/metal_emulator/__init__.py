@@ -25,15 +25,18 @@ Semantics and limits:
 - Atomics run as plain read-modify-writes (threads run one at a time) and skip race checks.
 - Not supported: textures, samplers, imageblocks, function constants, argument buffers,
   `[[stage_in]]`, `simd_shuffle_and_fill_*`, conversions between half and bfloat through a
-  template parameter (`T(h)` with T = bfloat; `bfloat(h)` and `static_cast` work), implicit
-  conversions between vector types. A kernel that loops forever hangs the dispatch.
+  template parameter (`T(h)` with T = bfloat; `bfloat(h)`, `(bfloat)h` and `static_cast`
+  work). A kernel that loops forever hangs the dispatch.
 
-Example::
+Example (the op-level `affine_quantize` / `affine_dequantize` / `affine_matmul` of `.ops` wrap
+this with the dispatch plan)::
 
     from mlxq.testing import metal_emulator as emu
-    emu.dispatch("affine_qmv_half_gs64_b4", grid=(n_tg, 1, 1), threads_per_threadgroup=(64, 1, 1),
-                 buffers={0: wq, 1: scales, 2: biases, 3: x, 4: y, 5: params_bytes})
-    emu.last_dispatch_report().bytes_read
+    plan = mlxq._C.plan_affine_matmul(x, wq, scales, biases, 64, 4, True)
+    rep = emu.dispatch(plan["kernel"], plan["grid"], plan["threads"],
+                       {0: x, 1: wq, 2: scales, 3: biases, 4: out, 5: bytes(plan["params"])},
+                       dict(plan["threadgroup_memory"]))
+    rep.bytes_read[1]  # device bytes the kernel read from buffer(1)
 """
 
 from __future__ import annotations
