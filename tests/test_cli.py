@@ -299,23 +299,21 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
     out = tmp_path / "model"
     proc = run_cli(
         "bench", "model", "--model", str(smollm2_4bit_g32), "--float-model",
-        str(float_checkpoint), "--peers", "mlxq", "dense_fp32", "mlx_lm", "--prompt-tokens",
+        str(float_checkpoint), "--peers", "mlxq", "mlx_lm", "--prompt-tokens",
         "16", "--decode-tokens", "4", "--mlx-prompt-tokens", "4", "--mlx-decode-tokens", "2",
         "--reps", "1", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(out.with_suffix(".json").read_text())
     results = payload["results"]
-    assert set(results) == {"mlxq", "dense_fp32", "mlx_lm"}, results
+    assert set(results) == {"mlxq", "mlx_lm"}, results
     for peer, r in results.items():
         assert "error" not in r, (peer, r)
         assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_rss"] > 0
     assert results["mlxq"]["prefill_tokens"] == 16 and results["mlxq"]["decode_tokens"] == 4
     assert results["mlx_lm"]["prefill_tokens"] == 4 and results["mlx_lm"]["decode_tokens"] == 2
-    ratio = payload["targets"]["prefill_vs_dense_fp32"]["ratio"]
-    assert ratio == pytest.approx(
-        results["mlxq"]["prefill_tps"] / results["dense_fp32"]["prefill_tps"]
-    )
+    ratio = payload["targets"]["decode_vs_mlx_lm"]["ratio"]
+    assert ratio == pytest.approx(results["mlxq"]["decode_tps"] / results["mlx_lm"]["decode_tps"])
     assert "| mlxq |" in proc.stdout
 
 

@@ -98,16 +98,19 @@ def _quantization(config: dict) -> dict | None:
     return None
 
 
-def _require_quantized(name: str, config: dict) -> dict:
-    from mlxq.integrations.config import is_mlx_quantization
+def _is_mlx_quantization(q: dict) -> bool:
+    # as mlxq.integrations.config.is_mlx_quantization, without importing transformers (seconds)
+    return "bits" in q and "group_size" in q and q.get("quant_method") in (None, "mlx")
 
+
+def _require_quantized(name: str, config: dict) -> dict:
     q = _quantization(config)
     if q is None:
         raise CLIError(
             f"{name} is a float checkpoint, not an MLX quantized one; make one with: "
             f"mlxq convert {name} OUT --bits 4 --group-size 64"
         )
-    if not (is_mlx_quantization(q) or q.get("quant_method") == "metal"):
+    if not (_is_mlx_quantization(q) or q.get("quant_method") == "metal"):
         raise CLIError(
             f"{name} is quantized with quant_method {q.get('quant_method')!r}, not MLX affine; "
             "load it with transformers directly"

@@ -357,7 +357,9 @@ def format_report(report: CheckpointReport, every_module: bool = False) -> str:
         lines.append("quantization none (float checkpoint)")
     else:
         per_module = {k: v for k, v in q.items() if isinstance(v, (dict, bool))}
-        base = {k: v for k, v in q.items() if k not in per_module}
+        base = {k: v for k, v in q.items() if k not in per_module and k != "quant_method"}
+        if q.get("quant_method", "mlx") != "mlx":
+            base["quant_method"] = q["quant_method"]
         lines.append(
             f"quantization {json.dumps(base)}"
             + (f" + {len(per_module)} per-module entries" if per_module else "")
