@@ -295,6 +295,46 @@ def test_launch_rejects_bad_input_with_the_shared_checks(gen) -> None:
         _C.mps_launch_affine_matmul(torch.randn(1, 65), wq, s, b, 64, 4, True)
 
 
+def test_native_encoder_call_sequence(gen) -> None:
+    """The calls affine_mps.mm makes on the MTLComputeCommandEncoder (recorded): every tensor at
+    its buffer index and storage offset in bytes, the params bytes, threadgroup memory, one
+    dispatch of the plan's grid; and the pipeline/device checks before encoding."""
+    gs, bits = 32, 5
+    wq, s, b = _weights(gen, 48, 4 * gs, gs, bits, torch.float16)
+    x = torch.randn(40, 4 * gs, generator=gen).to(torch.float16)
+    wq_v, s_v, b_v, x_v = wq[8:], s[8:], b[8:], x[4:]  # contiguous views at offsets: no copies
+    calls = _C.mps_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True)
+    plan = _C.plan_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True)
+    assert plan["kernel"] == "affine_qmm_t_half_gs32_b5"
+    roles = dict(plan["bindings"])
+    set_buffers = {c[1]: c for c in calls if c[0] == "set_buffer"}
+    assert sorted(set_buffers) == sorted(i for i, r in roles.items() if r != "params")
+    expect = {"x": x_v, "wq": wq_v, "scales": s_v, "biases": b_v}
+    for index, (_, _, t, offset) in set_buffers.items():
+        assert offset == t.storage_offset() * t.element_size()
+        if roles[index] in expect:  # bound in place, at the view's offset
+            src = expect[roles[index]]
+            assert t.data_ptr() == src.data_ptr() and offset > 0
+    (params,) = [c for c in calls if c[0] == "set_bytes"]
+    assert params[1] == dict((r, i) for i, r in plan["bindings"])["params"]
+    assert params[2] == plan["params"]
+    tgm = [(c[1], c[2]) for c in calls if c[0] == "set_threadgroup_memory"]
+    assert tgm == [(i, -(-n // 16) * 16) for i, n in plan["threadgroup_memory"]] and tgm
+    assert calls[-1] == ("dispatch_threadgroups", plan["grid"], plan["threads"])
+    assert [c[0] for c in calls].count("dispatch_threadgroups") == 1
+
+    with pytest.raises(RuntimeError, match="affine_qmm_t_half_gs32_b5 needs 128 threads"):
+        _C.mps_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True, max_threads=64)
+    with pytest.raises(RuntimeError, match="bytes of threadgroup memory, the device allows 8192"):
+        _C.mps_encode_trace_affine_matmul(
+            x_v, wq_v, s_v, b_v, gs, bits, True, max_threadgroup_bytes=8192
+        )
+    with pytest.raises(ValueError, match="buffer 0 is on cpu, expected MPS"):
+        _C.mps_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True, device="mps")
+    empty = _C.mps_encode_trace_affine_matmul(x[:0], wq, s, b, gs, bits, True)
+    assert empty == []  # nothing to launch: nothing encoded
+
+
 # --- the launch in the emulator: what the native backend encodes ----------------------------
 
 CASES = [  # (op, bits, gs, dtype, M, transpose)

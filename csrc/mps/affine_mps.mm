@@ -10,6 +10,7 @@
 #include <ATen/mps/MPSStream.h>
 #include <torch/library.h>
 
+#include <array>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -64,25 +65,43 @@ id<MTLComputePipelineState> pipeline(const std::string& kernel) {
   return pso;
 }
 
+// Metal's side of encode_launch (mps/launch.h): one encoder call each.
+class MetalEncoder final : public Encoder {
+ public:
+  explicit MetalEncoder(id<MTLComputeCommandEncoder> enc) : enc_(enc) {}
+  void set_buffer(int index, const at::Tensor& t, int64_t offset_bytes) override {
+    // An MPS storage's data pointer is its MTLBuffer (PyTorch's getMTLBufferStorage).
+    id<MTLBuffer> buf = __builtin_bit_cast(id<MTLBuffer>, t.storage().data());
+    [enc_ setBuffer:buf
+             offset:static_cast<NSUInteger>(offset_bytes)
+            atIndex:static_cast<NSUInteger>(index)];
+  }
+  void set_bytes(int index, const std::vector<uint8_t>& bytes) override {
+    [enc_ setBytes:bytes.data() length:bytes.size() atIndex:static_cast<NSUInteger>(index)];
+  }
+  void set_threadgroup_memory(int index, int64_t bytes) override {
+    [enc_ setThreadgroupMemoryLength:static_cast<NSUInteger>(bytes)
+                             atIndex:static_cast<NSUInteger>(index)];
+  }
+  void dispatch_threadgroups(const std::array<uint32_t, 3>& grid,
+                             const std::array<uint32_t, 3>& threads) override {
+    [enc_ dispatchThreadgroups:MTLSizeMake(grid[0], grid[1], grid[2])
+         threadsPerThreadgroup:MTLSizeMake(threads[0], threads[1], threads[2])];
+  }
+
+ private:
+  id<MTLComputeCommandEncoder> enc_;
+};
+
 // Encodes `l` on the current MPS stream's compute encoder, in stream order.
 void encode(const Launch& l) {
   if (l.empty()) return;
-  const plan::DispatchPlan& p = l.plan;
-  for (const auto& [index, t] : l.tensors) {
-    TORCH_CHECK_VALUE(t.is_mps(), "mlxq: Metal kernel ", p.kernel, ": buffer ", index, " is on ",
-                      t.device(), ", expected an MPS tensor");
-  }
-  id<MTLComputePipelineState> pso = pipeline(p.kernel);
-  const uint64_t threads = uint64_t{p.threads[0]} * p.threads[1] * p.threads[2];
-  TORCH_CHECK(threads <= [pso maxTotalThreadsPerThreadgroup], "mlxq: Metal kernel ", p.kernel,
-              " needs ", threads, " threads per threadgroup, its pipeline allows ",
-              [pso maxTotalThreadsPerThreadgroup]);
-  int64_t tg_bytes = static_cast<int64_t>([pso staticThreadgroupMemoryLength]);
-  for (const auto& [index, bytes] : p.threadgroup_memory)
-    tg_bytes += threadgroup_bytes_aligned(bytes);
-  const int64_t tg_limit = static_cast<int64_t>([[pso device] maxThreadgroupMemoryLength]);
-  TORCH_CHECK(tg_bytes <= tg_limit, "mlxq: Metal kernel ", p.kernel, " needs ", tg_bytes,
-              " bytes of threadgroup memory, the device allows ", tg_limit);
+  id<MTLComputePipelineState> pso = pipeline(l.plan.kernel);
+  PipelineLimits limits;
+  limits.max_threads_per_threadgroup = [pso maxTotalThreadsPerThreadgroup];
+  limits.static_threadgroup_bytes = static_cast<int64_t>([pso staticThreadgroupMemoryLength]);
+  limits.max_threadgroup_bytes = static_cast<int64_t>([[pso device] maxThreadgroupMemoryLength]);
+  check_launch(l, limits, c10::DeviceType::MPS);
 
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   const Launch* lp = &l;  // dispatch_sync runs the block before returning
@@ -93,26 +112,8 @@ void encode(const Launch& l) {
         id<MTLComputeCommandEncoder> enc = stream->commandEncoder();
         TORCH_CHECK(enc != nil, "mlxq: the MPS stream has no compute command encoder");
         [enc setComputePipelineState:pso];
-        for (const auto& [index, t] : lp->tensors) {
-          // An MPS storage's data pointer is its MTLBuffer (PyTorch's getMTLBufferStorage);
-          // views start at an offset into it.
-          id<MTLBuffer> buf = __builtin_bit_cast(id<MTLBuffer>, t.storage().data());
-          [enc setBuffer:buf
-                  offset:static_cast<NSUInteger>(t.storage_offset() * t.element_size())
-                 atIndex:static_cast<NSUInteger>(index)];
-        }
-        const auto& params = lp->plan.params;
-        [enc setBytes:params.data()
-               length:params.size()
-              atIndex:static_cast<NSUInteger>(lp->params_index)];
-        for (const auto& [index, bytes] : lp->plan.threadgroup_memory) {
-          [enc setThreadgroupMemoryLength:static_cast<NSUInteger>(threadgroup_bytes_aligned(bytes))
-                                  atIndex:static_cast<NSUInteger>(index)];
-        }
-        const auto& g = lp->plan.grid;
-        const auto& t = lp->plan.threads;
-        [enc dispatchThreadgroups:MTLSizeMake(g[0], g[1], g[2])
-            threadsPerThreadgroup:MTLSizeMake(t[0], t[1], t[2])];
+        MetalEncoder metal(enc);
+        encode_launch(*lp, metal);
       } catch (...) {
         failure = std::current_exception();  // exceptions must not cross libdispatch
       }

@@ -82,4 +82,34 @@ Launch launch_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
   return bind(std::move(plan), roles, {out});
 }
 
+void check_launch(const Launch& l, const PipelineLimits& limits, c10::DeviceType device) {
+  const plan::DispatchPlan& p = l.plan;
+  for (const auto& [index, t] : l.tensors) {
+    TORCH_CHECK_VALUE(t.device().type() == device, "mlxq: Metal kernel ", p.kernel, ": buffer ",
+                      index, " is on ", t.device(), ", expected ", c10::DeviceTypeName(device));
+  }
+  const uint64_t threads = uint64_t{p.threads[0]} * p.threads[1] * p.threads[2];
+  TORCH_CHECK(threads <= limits.max_threads_per_threadgroup, "mlxq: Metal kernel ", p.kernel,
+              " needs ", threads, " threads per threadgroup, its pipeline allows ",
+              limits.max_threads_per_threadgroup);
+  int64_t tg_bytes = limits.static_threadgroup_bytes;
+  for (const auto& [index, bytes] : p.threadgroup_memory) {
+    tg_bytes += threadgroup_bytes_aligned(bytes);
+  }
+  TORCH_CHECK(tg_bytes <= limits.max_threadgroup_bytes, "mlxq: Metal kernel ", p.kernel, " needs ",
+              tg_bytes, " bytes of threadgroup memory, the device allows ",
+              limits.max_threadgroup_bytes);
+}
+
+void encode_launch(const Launch& l, Encoder& enc) {
+  for (const auto& [index, t] : l.tensors) {
+    enc.set_buffer(index, t, t.storage_offset() * static_cast<int64_t>(t.element_size()));
+  }
+  enc.set_bytes(l.params_index, l.plan.params);
+  for (const auto& [index, bytes] : l.plan.threadgroup_memory) {
+    enc.set_threadgroup_memory(index, threadgroup_bytes_aligned(bytes));
+  }
+  enc.dispatch_threadgroups(l.plan.grid, l.plan.threads);
+}
+
 }  // namespace mlxq::mps

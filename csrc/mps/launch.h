@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -33,5 +34,32 @@ Launch launch_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
 
 // Threadgroup memory lengths must be multiples of 16 bytes for setThreadgroupMemoryLength.
 inline int64_t threadgroup_bytes_aligned(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// The calls that encode a launch on a compute command encoder. affine_mps.mm implements them
+// with Metal (one call each); the tests record them (mlxq._C.mps_encode_trace_*).
+class Encoder {
+ public:
+  virtual ~Encoder() = default;
+  virtual void set_buffer(int index, const at::Tensor& t, int64_t offset_bytes) = 0;
+  virtual void set_bytes(int index, const std::vector<uint8_t>& bytes) = 0;
+  virtual void set_threadgroup_memory(int index, int64_t bytes) = 0;
+  virtual void dispatch_threadgroups(const std::array<uint32_t, 3>& grid,
+                                     const std::array<uint32_t, 3>& threads) = 0;
+};
+
+// What the pipeline state of the launch's kernel allows.
+struct PipelineLimits {
+  uint64_t max_threads_per_threadgroup = 1024;
+  int64_t static_threadgroup_bytes = 0;   // fixed-size threadgroup arrays of the kernel
+  int64_t max_threadgroup_bytes = 32768;  // the device's limit
+};
+
+// Checks a launch against its pipeline and its buffers against `device` (clear errors naming
+// the kernel), before anything is encoded.
+void check_launch(const Launch& l, const PipelineLimits& limits, c10::DeviceType device);
+
+// Encodes `l`: every tensor at its buffer index (at its storage offset, in bytes), the params
+// bytes, the threadgroup memory lengths (16-byte aligned), then one dispatchThreadgroups.
+void encode_launch(const Launch& l, Encoder& enc);
 
 }  // namespace mlxq::mps

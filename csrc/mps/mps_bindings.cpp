@@ -2,6 +2,8 @@
 // (mlxq._C.mps_native_*, macOS builds only). mlxq.metal_backend picks the Metal path with these.
 #include <torch/extension.h>
 
+#include <string>
+
 #include "mps/launch.h"
 #ifdef MLXQ_WITH_MPS
 #include "mps/native.h"
@@ -36,9 +38,51 @@ py::dict to_dict(const Launch& l) {
   return d;
 }
 
+// Records encode_launch's calls: ("set_buffer", index, tensor, offset_bytes), ("set_bytes",
+// index, bytes), ("set_threadgroup_memory", index, bytes), ("dispatch_threadgroups", grid,
+// threads).
+class TraceEncoder final : public Encoder {
+ public:
+  py::list calls;
+  void set_buffer(int index, const at::Tensor& t, int64_t offset_bytes) override {
+    calls.append(py::make_tuple("set_buffer", index, t, offset_bytes));
+  }
+  void set_bytes(int index, const std::vector<uint8_t>& bytes) override {
+    const auto* data = reinterpret_cast<const char*>(bytes.data());
+    calls.append(py::make_tuple("set_bytes", index, py::bytes(data, bytes.size())));
+  }
+  void set_threadgroup_memory(int index, int64_t bytes) override {
+    calls.append(py::make_tuple("set_threadgroup_memory", index, bytes));
+  }
+  void dispatch_threadgroups(const std::array<uint32_t, 3>& g,
+                             const std::array<uint32_t, 3>& t) override {
+    calls.append(py::make_tuple("dispatch_threadgroups", py::make_tuple(g[0], g[1], g[2]),
+                                py::make_tuple(t[0], t[1], t[2])));
+  }
+};
+
+// check_launch + encode_launch of the matmul launch, recorded (the native backend's sequence).
+py::list trace_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                      const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose,
+                      uint64_t max_threads, int64_t static_tg_bytes, int64_t max_tg_bytes,
+                      const std::string& device) {
+  const Launch l = launch_affine_matmul(x, wq, scales, biases, group_size, bits, transpose);
+  const PipelineLimits limits{max_threads, static_tg_bytes, max_tg_bytes};
+  check_launch(l, limits, device.empty() ? x.device().type() : c10::Device(device).type());
+  TraceEncoder enc;
+  if (!l.empty()) encode_launch(l, enc);
+  return enc.calls;
+}
+
 }  // namespace
 
 void register_mps_bindings(py::module& m) {
+  m.def("mps_encode_trace_affine_matmul", &trace_matmul, py::arg("x"), py::arg("wq"),
+        py::arg("scales"), py::arg("biases"), py::arg("group_size") = 64, py::arg("bits") = 4,
+        py::arg("transpose") = true, py::arg("max_threads") = 1024,
+        py::arg("static_threadgroup_bytes") = 0, py::arg("max_threadgroup_bytes") = 32768,
+        py::arg("device") = "",
+        "The encoder calls the native MPS backend makes for affine_matmul (for tests).");
   m.def(
       "mps_launch_affine_matmul",
       [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
