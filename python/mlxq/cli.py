@@ -194,20 +194,11 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
 
 def peak_memory_bytes(device: str = "cpu") -> dict[str, int]:
     """Peak resident memory of this process, plus the MPS driver's allocation on MPS."""
+    from mlxq.bench.model import peak_rss_bytes
+
     out: dict[str, int] = {}
-    try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_rss"] = rss if sys.platform == "darwin" else rss * 1024  # bytes vs KiB
-    except ImportError:  # Windows
-        try:
-            import psutil
-
-            info = psutil.Process().memory_info()
-            out["peak_rss"] = getattr(info, "peak_wset", info.rss)
-        except ImportError:
-            pass
+    if (rss := peak_rss_bytes()) is not None:
+        out["peak_rss"] = rss
     if device == "mps":
         import torch
 

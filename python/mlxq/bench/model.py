@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["main", "PEERS", "ratios"]
+__all__ = ["main", "PEERS", "ratios", "peak_rss_bytes"]
 
 PEERS = ("mlxq", "mlxq_bf16", "dense_bf16", "dense_fp32", "mlx_lm")
 DEFAULT_PEERS = ["mlxq", "dense_bf16", "dense_fp32", "mlx_lm"]
@@ -46,11 +46,31 @@ _TEXT = (
 )
 
 
-def _peak_rss() -> int:
-    import resource
+def peak_rss_bytes() -> int | None:
+    """Peak resident set of this process in bytes (None where it cannot be read).
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    Linux: VmHWM, because ru_maxrss survives exec and so would report the parent's RSS at fork
+    time for a worker started by a large parent. macOS: ru_maxrss (bytes there). Windows: psutil.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+    except ImportError:
+        try:
+            import psutil
+
+            info = psutil.Process().memory_info()
+            return getattr(info, "peak_wset", info.rss)
+        except ImportError:
+            return None
 
 
 def _torch_worker(spec: dict) -> dict:
@@ -119,7 +139,7 @@ def _torch_worker(spec: dict) -> dict:
     out["decode_tokens"] = len(times)
     out["decode_context"] = decode_ids.shape[1]
     out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
-    out["peak_rss"] = _peak_rss()
+    out["peak_rss"] = peak_rss_bytes() or 0
     return out
 
 
@@ -152,7 +172,7 @@ def _mlx_worker(spec: dict) -> dict:
     out["decode_tokens"] = len(times)
     out["decode_context"] = int(decode_prompt.shape[0])
     out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
-    out["peak_rss"] = _peak_rss()
+    out["peak_rss"] = peak_rss_bytes() or 0
     return out
 
 
