@@ -24,8 +24,7 @@ Isa detect_isa() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bf16") &&
-      !(env != nullptr && std::string(env) == "avx2"))
+      __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::string(env) == "avx2"))
     return Isa::kAvx512;
   if (avx2) return Isa::kAvx2;
 #endif
@@ -42,9 +41,12 @@ const KernelTable& kernels() {
 
 ScaleType scale_type_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kHalf: return ScaleType::kHalf;
-    case at::kBFloat16: return ScaleType::kBFloat16;
-    default: return ScaleType::kFloat;
+    case at::kHalf:
+      return ScaleType::kHalf;
+    case at::kBFloat16:
+      return ScaleType::kBFloat16;
+    default:
+      return ScaleType::kFloat;
   }
 }
 
@@ -116,11 +118,14 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     if (transpose) {
       at::Tensor xsum = x.view({M, W.G, W.group_size}).sum(-1).contiguous();
       if (kt.qmv_bf16 != nullptr && (W.bits == 2 || W.bits == 4) &&
-          W.K % kBf16BlockValues(W.bits) == 0) {
+          W.K % bf16_block_values(W.bits) == 0) {
         const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
-        const QmvBf16Args a{W,   static_cast<const uint16_t*>(xp.const_data_ptr()),
-                            static_cast<int>(xp.size(0) / M), xsum.const_data_ptr<float>(),
-                            y.mutable_data_ptr<float>(), M};
+        const QmvBf16Args a{W,
+                            static_cast<const uint16_t*>(xp.const_data_ptr()),
+                            static_cast<int>(xp.size(0) / M),
+                            xsum.const_data_ptr<float>(),
+                            y.mutable_data_ptr<float>(),
+                            M};
         at::parallel_for(0, W.N, 16, [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
         return y;
       }
@@ -142,16 +147,16 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     }
     return y;
   }
-  at::Tensor y = transpose ? at::empty({M, out_features}, opts) : at::zeros({M, out_features}, opts);
+  at::Tensor y =
+      transpose ? at::empty({M, out_features}, opts) : at::zeros({M, out_features}, opts);
   const int64_t tile_rows = std::max<int64_t>(8, kTileBytes / (W.K * 4));
   at::Tensor tile = at::empty({std::min(tile_rows, W.N), W.K}, opts);
   for (int64_t n0 = 0; n0 < W.N; n0 += tile_rows) {
     const int64_t n1 = std::min(W.N, n0 + tile_rows);
     at::Tensor t = tile.narrow(0, 0, n1 - n0);
     float* tp = t.mutable_data_ptr<float>();
-    at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
-      kt.dequantize(W, tp + (a - n0) * W.K, a, b);
-    });
+    at::parallel_for(n0, n1, 8,
+                     [&](int64_t a, int64_t b) { kt.dequantize(W, tp + (a - n0) * W.K, a, b); });
     if (transpose) {
       y.narrow(1, n0, n1 - n0).copy_(at::mm(x, t.t()));
     } else {
@@ -212,16 +217,15 @@ at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
     const QuantWeight W = view_weight(w, s, b, group_size, bits);
     const KernelTable& kt = kernels();
     float* op = out.mutable_data_ptr<float>();
-    at::parallel_for(0, R, 8, [&](int64_t r0, int64_t r1) {
-      kt.dequantize(W, op + r0 * W.K, r0, r1);
-    });
+    at::parallel_for(0, R, 8,
+                     [&](int64_t r0, int64_t r1) { kt.dequantize(W, op + r0 * W.K, r0, r1); });
   }
   return out.to(scales.scalar_type()).reshape(shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cpu(const at::Tensor& w,
-                                                                    int64_t group_size,
-                                                                    int64_t bits) {
+                                                                   int64_t group_size,
+                                                                   int64_t bits) {
   check_quantize_input(w, group_size, bits);
   const int64_t K = w.size(-1), G = K / group_size;
   const int64_t R = w.numel() / K;
@@ -257,8 +261,10 @@ Isa active_isa_enum() {
 
 std::string active_isa() {
   switch (active_isa_enum()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
     default:
 #if defined(__aarch64__) || defined(_M_ARM64)
       return "neon";
@@ -281,7 +287,8 @@ void set_isa(const std::string& name) {
                       "mlxq: this CPU cannot run the avx512 kernels (needs AVX512-BF16)");
     g_isa_override = static_cast<int>(Isa::kAvx512);
   } else {
-    TORCH_CHECK_VALUE(false, "mlxq: unknown CPU ISA '", name, "' (expected auto, portable, avx2, avx512)");
+    TORCH_CHECK_VALUE(false, "mlxq: unknown CPU ISA '", name,
+                      "' (expected auto, portable, avx2, avx512)");
   }
 }
 

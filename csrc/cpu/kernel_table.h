@@ -47,7 +47,7 @@ struct QvmArgs {
 constexpr int64_t kMaxDecodeRows = 4;
 
 // Decode through bf16 dot products (AVX512-BF16), for bits 2 and 4 and K a multiple of
-// kBf16BlockValues(bits). x is given as `pieces` bf16 tensors [pieces, M, K] whose sum is x
+// bf16_block_values(bits). x is given as `pieces` bf16 tensors [pieces, M, K] whose sum is x
 // (exact for bf16 and fp16 x; three pieces carry fp32's precision), each in chunk order with
 // kBf16ByteLanes byte lanes (see uses_chunk_order).
 struct QmvBf16Args {
@@ -59,7 +59,7 @@ struct QmvBf16Args {
   int64_t M = 0;
 };
 constexpr int kBf16ByteLanes = 32;
-inline int64_t kBf16BlockValues(int bits) { return kBf16ByteLanes * 8 / bits; }
+inline int64_t bf16_block_values(int bits) { return kBf16ByteLanes * 8 / bits; }
 
 struct KernelTable {
   const char* name;

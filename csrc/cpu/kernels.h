@@ -104,8 +104,7 @@ void qmv_tile(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1, float* s, fl
       }
     }
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < R; ++r)
-        a.y[(m0 + m) * W.N + n + r] = hsum(total[m][r]) + bias_sum[m][r];
+      for (int r = 0; r < R; ++r) a.y[(m0 + m) * W.N + n + r] = hsum(total[m][r]) + bias_sum[m][r];
   }
 }
 
@@ -123,10 +122,17 @@ void qmv_bits_group(const QmvArgs& a, int64_t n0, int64_t n1) {
   int64_t m = 0;
   for (; m + 4 <= a.M; m += 4) qmv_rows<Bits, GS, 4>(a, m, n0, n1);
   switch (a.M - m) {
-    case 3: qmv_rows<Bits, GS, 3>(a, m, n0, n1); break;
-    case 2: qmv_rows<Bits, GS, 2>(a, m, n0, n1); break;
-    case 1: qmv_rows<Bits, GS, 1>(a, m, n0, n1); break;
-    default: break;
+    case 3:
+      qmv_rows<Bits, GS, 3>(a, m, n0, n1);
+      break;
+    case 2:
+      qmv_rows<Bits, GS, 2>(a, m, n0, n1);
+      break;
+    case 1:
+      qmv_rows<Bits, GS, 1>(a, m, n0, n1);
+      break;
+    default:
+      break;
   }
 }
 
@@ -186,19 +192,28 @@ void dequantize_bits_group(const QuantWeight& W, float* out, int64_t n0, int64_t
 // Calls Fn<Bits, GS>::run(args...) for the runtime bits and group size (validated earlier).
 template <template <int, int> class Fn, typename... Args>
 void dispatch_bits_group(int bits, int gs, Args&&... args) {
-#define MLXQ_CASE_GS(B)                                      \
-  switch (gs) {                                              \
-    case 32: return Fn<B, 32>::run(std::forward<Args>(args)...);  \
-    case 64: return Fn<B, 64>::run(std::forward<Args>(args)...);  \
-    default: return Fn<B, 128>::run(std::forward<Args>(args)...); \
+#define MLXQ_CASE_GS(B)                                    \
+  switch (gs) {                                            \
+    case 32:                                               \
+      return Fn<B, 32>::run(std::forward<Args>(args)...);  \
+    case 64:                                               \
+      return Fn<B, 64>::run(std::forward<Args>(args)...);  \
+    default:                                               \
+      return Fn<B, 128>::run(std::forward<Args>(args)...); \
   }
   switch (bits) {
-    case 2: MLXQ_CASE_GS(2)
-    case 3: MLXQ_CASE_GS(3)
-    case 4: MLXQ_CASE_GS(4)
-    case 5: MLXQ_CASE_GS(5)
-    case 6: MLXQ_CASE_GS(6)
-    default: MLXQ_CASE_GS(8)
+    case 2:
+      MLXQ_CASE_GS(2)
+    case 3:
+      MLXQ_CASE_GS(3)
+    case 4:
+      MLXQ_CASE_GS(4)
+    case 5:
+      MLXQ_CASE_GS(5)
+    case 6:
+      MLXQ_CASE_GS(6)
+    default:
+      MLXQ_CASE_GS(8)
   }
 #undef MLXQ_CASE_GS
 }

@@ -19,7 +19,7 @@
 #include "cpu/kernel_table.h"
 
 #if defined(__clang__)
-#pragma clang attribute push(                                                             \
+#pragma clang attribute push(                                                               \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))), \
     apply_to = function)
 #else
@@ -115,9 +115,9 @@ void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, flo
         __m512 bias = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; g += 16) {
           const __mmask16 k = G - g >= 16 ? 0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-          const __m512 bg = _mm512_fnmadd_ps(_mm512_set1_ps(kOffset),
-                                             _mm512_maskz_loadu_ps(k, s + r * G + g),
-                                             _mm512_maskz_loadu_ps(k, b + r * G + g));
+          const __m512 bg =
+              _mm512_fnmadd_ps(_mm512_set1_ps(kOffset), _mm512_maskz_loadu_ps(k, s + r * G + g),
+                               _mm512_maskz_loadu_ps(k, b + r * G + g));
           bias = _mm512_fmadd_ps(bg, _mm512_maskz_loadu_ps(k, xs + g), bias);
         }
         a.y[(m0 + m) * W.N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(total[m][r], bias));
@@ -145,18 +145,24 @@ void qmv_bf16_rows(const QmvBf16Args& a, int64_t n0, int64_t n1) {
 template <int Bits, int GS>
 void qmv_bf16_pieces(const QmvBf16Args& a, int64_t n0, int64_t n1) {
   switch (a.pieces) {
-    case 1: return qmv_bf16_rows<Bits, GS, 1>(a, n0, n1);
-    case 2: return qmv_bf16_rows<Bits, GS, 2>(a, n0, n1);
-    default: return qmv_bf16_rows<Bits, GS, 3>(a, n0, n1);
+    case 1:
+      return qmv_bf16_rows<Bits, GS, 1>(a, n0, n1);
+    case 2:
+      return qmv_bf16_rows<Bits, GS, 2>(a, n0, n1);
+    default:
+      return qmv_bf16_rows<Bits, GS, 3>(a, n0, n1);
   }
 }
 
 template <int Bits>
 void qmv_bf16_group(const QmvBf16Args& a, int64_t n0, int64_t n1) {
   switch (a.W.group_size) {
-    case 32: return qmv_bf16_pieces<Bits, 32>(a, n0, n1);
-    case 64: return qmv_bf16_pieces<Bits, 64>(a, n0, n1);
-    default: return qmv_bf16_pieces<Bits, 128>(a, n0, n1);
+    case 32:
+      return qmv_bf16_pieces<Bits, 32>(a, n0, n1);
+    case 64:
+      return qmv_bf16_pieces<Bits, 64>(a, n0, n1);
+    default:
+      return qmv_bf16_pieces<Bits, 128>(a, n0, n1);
   }
 }
 

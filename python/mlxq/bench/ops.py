@@ -53,8 +53,9 @@ def _int4pack_peer(n: int, k: int, x_bf16: torch.Tensor, group_size: int):
     return lambda: fn(x_bf16, packed, group_size, scales_zeros)
 
 
-def bench_row(n: int, k: int, bits: int, m: int, group_size: int, budget_s: float,
-              peers: set[str]) -> dict:
+def bench_row(
+    n: int, k: int, bits: int, m: int, group_size: int, budget_s: float, peers: set[str]
+) -> dict:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen) * 0.02
     wq, scales, biases = mlxq.affine_quantize(w, group_size, bits)
@@ -93,9 +94,22 @@ def bench_row(n: int, k: int, bits: int, m: int, group_size: int, budget_s: floa
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["shape", "bits", "M", "mlxq_fp32", "mlxq_bf16", "mlx_fp32", "int4pack_bf16",
-            "dense_fp32", "dense_bf16", "deq_mm_fp32", "x_vs_mlx_fp32", "x_vs_int4pack_bf16",
-            "x_vs_dense_fp32", "mlxq_GBps"]
+    cols = [
+        "shape",
+        "bits",
+        "M",
+        "mlxq_fp32",
+        "mlxq_bf16",
+        "mlx_fp32",
+        "int4pack_bf16",
+        "dense_fp32",
+        "dense_bf16",
+        "deq_mm_fp32",
+        "x_vs_mlx_fp32",
+        "x_vs_int4pack_bf16",
+        "x_vs_dense_fp32",
+        "mlxq_GBps",
+    ]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         cells = []
@@ -118,8 +132,12 @@ def plot(rows: list[dict], path: Path) -> bool:
     for bits in sorted({r["bits"] for r in rows}):
         sel = [r for r in rows if r["bits"] == bits and r["N"] == r["K"]]
         if sel:
-            ax.plot([r["M"] for r in sel], [r.get("x_vs_dense_fp32", 0) for r in sel],
-                    marker="o", label=f"{bits}-bit vs dense fp32")
+            ax.plot(
+                [r["M"] for r in sel],
+                [r.get("x_vs_dense_fp32", 0) for r in sel],
+                marker="o",
+                label=f"{bits}-bit vs dense fp32",
+            )
     ax.set_xscale("log", base=2)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("M (rows of x)")

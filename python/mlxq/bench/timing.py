@@ -7,8 +7,14 @@ import time
 from collections.abc import Callable
 
 
-def median_ms(fn: Callable[[], object], *, warmup: int = 2, min_reps: int = 5,
-              budget_s: float = 1.0, max_reps: int = 200) -> float:
+def median_ms(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 2,
+    min_reps: int = 5,
+    budget_s: float = 1.0,
+    max_reps: int = 200,
+) -> float:
     """Median wall time of `fn` in milliseconds, after `warmup` calls.
 
     Repeats until `budget_s` seconds are spent (at least `min_reps` unless a single call already
