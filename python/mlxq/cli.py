@@ -367,14 +367,14 @@ def _mlxq_version() -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    for package in ("gguf", "accelerate"):
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec(package) is None and not _demo_cached(args.cache_dir):
-            raise CLIError(
-                f"building the demo model needs `{package}` to read the GGUF: "
-                "pip install gguf accelerate"
-            )
+    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing and not _demo_cached(args.cache_dir):
+        raise CLIError(
+            f"building the demo model once needs {' and '.join(missing)} to read the GGUF: "
+            'pip install "mlxq[demo]" (or: pip install gguf accelerate)'
+        )
     path = demo_checkpoint(args.cache_dir)
     model, tokenizer, info = load_model(str(path), args.device, args.dtype, args.threads)
     print(
