@@ -80,21 +80,27 @@ at::Tensor from_chunk_order(const at::Tensor& y, int bits) {
 }
 
 // x [M, K] (fp32, holding values of dtype `src`) as the bf16 pieces of QmvBf16Args, in the
-// bf16 kernels' chunk order: [pieces * M, K].
+// bf16 kernels' chunk order: [pieces * M, K]. One pass in plain C++: decode calls are small,
+// and a chain of tensor ops would cost more than the kernel for small layers.
 at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
   const int pieces = src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
-  std::vector<at::Tensor> parts;
-  at::Tensor rest = x;
-  for (int p = 0; p < pieces; ++p) {
-    parts.push_back(rest.to(at::kBFloat16));
-    if (p + 1 < pieces) rest = rest - parts.back().to(at::kFloat);  // exact in fp32
+  const int64_t M = x.size(0), K = x.size(1), P = 8 / bits, block = kBf16ByteLanes * P;
+  at::Tensor out = at::empty({pieces * M, K}, x.options().dtype(at::kBFloat16));
+  const float* xp = x.const_data_ptr<float>();
+  auto* op = out.mutable_data_ptr<c10::BFloat16>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t within = k % block;
+      const int64_t pos = k - within + (within % P) * kBf16ByteLanes + within / P;
+      float rest = xp[m * K + k];
+      for (int p = 0; p < pieces; ++p) {
+        const c10::BFloat16 h(rest);  // round to nearest even
+        op[(p * M + m) * K + pos] = h;
+        rest -= static_cast<float>(h);  // exact in fp32
+      }
+    }
   }
-  const int64_t P = 8 / bits;
-  return at::stack(parts)
-      .view({pieces * x.size(0), -1, kBf16ByteLanes, P})
-      .transpose(2, 3)
-      .contiguous()
-      .view({pieces * x.size(0), -1});
+  return out;
 }
 
 // Below this many rows of x, stream the packed weight (memory bound); above, dequantize tiles
