@@ -36,6 +36,17 @@ class ModuleFormat:
     mode: str = "affine"
 
 
+def config_and_text_config(config: Any) -> list[Any]:
+    """`config`, plus its text (decoder) sub-config when it has a distinct one (image-text
+    models keep quantization and rope settings there)."""
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        text = config.get_text_config(decoder=True)
+        if text is not config:
+            configs.append(text)
+    return configs
+
+
 def is_mlx_quantization(q: Any) -> bool:
     """True for an MLX `quantization` dict: `bits` and `group_size`, no foreign `quant_method`."""
     if not isinstance(q, dict) or "bits" not in q or "group_size" not in q:

@@ -17,7 +17,12 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
-from mlxq.integrations.config import RUNNABLE_MODES, MLXQuantConfig, ModuleFormat
+from mlxq.integrations.config import (
+    RUNNABLE_MODES,
+    MLXQuantConfig,
+    ModuleFormat,
+    config_and_text_config,
+)
 from mlxq.nn import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
@@ -109,12 +114,7 @@ def add_mlx_lm_config_keys(config) -> None:
     """Make a saved config.json read the same in mlx-lm: its `quantization` block, and a
     top-level `rope_theta` (transformers 5 keeps it only in `rope_parameters`; mlx-lm 0.32
     reads the top-level key and silently falls back to a default otherwise)."""
-    configs = [config]
-    if hasattr(config, "get_text_config"):
-        text = config.get_text_config(decoder=True)
-        if text is not config:
-            configs.append(text)
-    for cfg in configs:
+    for cfg in config_and_text_config(config):
         rope = getattr(cfg, "rope_parameters", None)
         if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in vars(cfg):
             cfg.rope_theta = rope["rope_theta"]

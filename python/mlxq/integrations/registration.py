@@ -54,14 +54,14 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
     A transformers MetalConfig checkpoint (same packing, `qbiases` naming) is taken over only
     when the caller asked for it by passing an `MLXQuantConfig`; otherwise it stays Metal's.
     """
-    from mlxq.integrations.config import QUANT_METHOD, MLXQuantConfig, is_mlx_quantization
+    from mlxq.integrations.config import (
+        QUANT_METHOD,
+        MLXQuantConfig,
+        config_and_text_config,
+        is_mlx_quantization,
+    )
 
-    configs = [config]
-    if hasattr(config, "get_text_config"):
-        text = config.get_text_config(decoder=True)
-        if text is not config:
-            configs.append(text)
-    for cfg in configs:
+    for cfg in config_and_text_config(config):
         q = getattr(cfg, "quantization_config", None)
         if q is None:
             q = getattr(cfg, "quantization", None)  # older mlx-lm wrote only this key
