@@ -58,6 +58,19 @@ BAD_FLOAT_DTYPES = st.sampled_from([torch.float64, torch.int32, torch.int64, tor
 BAD_WORD_DTYPES = st.sampled_from([torch.float32, torch.int64, torch.int16, torch.uint8])
 
 
+def on_isa(isa: str, op, args: dict):
+    """A call of `op(**args)` with the CPU kernels forced onto `isa` (restored afterwards)."""
+
+    def call():
+        mlxq._C.set_cpu_isa(isa)
+        try:
+            return op(**args)
+        finally:
+            mlxq._C.set_cpu_isa("auto")
+
+    return call
+
+
 def names_in(message: str, names: list[str]) -> bool:
     """Whether the message names one of the arguments (as a word: 'x' is not the x of 'mlxq')."""
     return any(re.search(rf"\b{re.escape(n)}\b", message) for n in names)
@@ -198,14 +211,7 @@ def fuzz_matmul(data) -> None:
     elif mutation == "transpose":
         args["transpose"] = not transpose
 
-    isa = data.draw(st.sampled_from(ISAS))
-
-    def call():
-        mlxq._C.set_cpu_isa(isa)
-        try:
-            return mlxq.affine_matmul(**args)
-        finally:
-            mlxq._C.set_cpu_isa("auto")
+    call = on_isa(data.draw(st.sampled_from(ISAS)), mlxq.affine_matmul, args)
 
     def check(y):
         a = args
@@ -265,14 +271,7 @@ def fuzz_dequantize(data) -> None:
     for key in ("wq", "scales", "biases"):
         if args[key].dim() >= 2 and data.draw(st.booleans()):
             args[key] = strided(args[key], 2)
-    isa = data.draw(st.sampled_from(ISAS))
-
-    def call():
-        mlxq._C.set_cpu_isa(isa)
-        try:
-            return mlxq.affine_dequantize(**args)
-        finally:
-            mlxq._C.set_cpu_isa("auto")
+    call = on_isa(data.draw(st.sampled_from(ISAS)), mlxq.affine_dequantize, args)
 
     def check(out):
         a = args
