@@ -35,6 +35,13 @@ helpers = _load_build_helpers()
 MPS_BUILT = torch.backends.mps.is_built()
 BUILD_METAL, METAL_REQUIRED, METAL_WHY = helpers.metal_build_decision(sys.platform, os.environ)
 print(f"mlxq: {METAL_WHY}")  # said once per build
+OMP_CFLAGS, OMP_LDFLAGS, OMP_WHY = helpers.openmp_flags(
+    sys.platform,
+    torch.backends.openmp.is_available(),
+    Path(torch.__file__).parent / "lib",
+    os.environ,
+)
+print(f"mlxq: {OMP_WHY}")
 if IS_MACOS and not MPS_BUILT:
     print("mlxq: this torch has no MPS support: skipping the Objective-C++ MPS backend")
 
@@ -45,7 +52,7 @@ def native_sources() -> list[str]:
 
 
 def compile_args() -> list[str]:
-    args = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno"]
+    args = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", *OMP_CFLAGS]
     if platform.machine().lower() in ("arm64", "aarch64"):
         args.append("-march=armv8-a")  # NEON is baseline on arm64
     return args
@@ -77,7 +84,7 @@ ext = CppExtension(
     include_dirs=[str(ROOT / "csrc")],
     define_macros=helpers.native_macros(sys.platform, MPS_BUILT),
     extra_compile_args={"cxx": compile_args()},
-    extra_link_args=helpers.native_link_args(sys.platform, MPS_BUILT),
+    extra_link_args=[*helpers.native_link_args(sys.platform, MPS_BUILT), *OMP_LDFLAGS],
 )
 
 setup(

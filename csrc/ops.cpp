@@ -27,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &mlxq::cpu::set_isa, "Force the CPU kernels onto portable, avx2 or auto");
   m.def("cpu_isa", &mlxq::cpu::active_isa,
         "Instruction set the CPU kernels run with on this machine (avx512, avx2, neon, portable)");
+  m.def("cpu_threaded", &mlxq::cpu::threaded,
+        "Whether the CPU kernels run on torch's intra-op threads (False: built without OpenMP)");
   mlxq::plan::register_plan_bindings(m);
   mlxq::mps::register_mps_bindings(m);
 }

@@ -81,6 +81,23 @@ def test_native_sources_per_platform() -> None:
     assert bh.native_link_args("linux", True) == []
 
 
+def test_openmp_flags() -> None:
+    lib = Path("/torch/lib")
+    assert bh.openmp_flags("linux", False, lib, {})[:2] == ([], [])
+    assert bh.openmp_flags("linux", True, lib, {})[:2] == (["-fopenmp"], ["-fopenmp"])
+    # macOS: a header from OMP_PREFIX (or Homebrew) and torch's own libomp.dylib, or no OpenMP.
+    have = {Path("/omp/include/omp.h"), lib / "libomp.dylib"}
+    cflags, ldflags, why = bh.openmp_flags(
+        "darwin", True, lib, {"OMP_PREFIX": "/omp"}, have.__contains__
+    )
+    assert cflags == ["-Xpreprocessor", "-fopenmp", "-I", "/omp/include"]
+    assert ldflags == ["-L/torch/lib", "-lomp", "-Wl,-rpath,/torch/lib"] and "libomp" in why
+    cflags, ldflags, why = bh.openmp_flags("darwin", True, lib, {}, lambda p: False)
+    assert (cflags, ldflags) == ([], []) and "omp.h" in why and "one thread" in why
+    only_header = {Path("/opt/homebrew/opt/libomp/include/omp.h")}.__contains__
+    assert bh.openmp_flags("darwin", True, lib, {}, only_header)[:2] == ([], [])
+
+
 def test_metal_build_decision() -> None:
     assert bh.metal_build_decision("darwin", {}) == (True, False, "macOS: building mlxq.metallib")
     assert bh.metal_build_decision("darwin", {"MLXQ_BUILD_METAL": "require"})[:2] == (True, True)

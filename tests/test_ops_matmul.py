@@ -193,3 +193,32 @@ def test_matmul_zero_and_special_x(gen, isa):
         y = mlxq.affine_matmul(x, wq, s, b, 32, 4, transpose)
         assert bool(y[1].isnan().all()), f"transpose={transpose} M={m}: NaN was lost"
         assert not bool(y[0].isnan().any())
+
+
+def test_cpu_kernels_run_on_torchs_threads():
+    # With torch's OpenMP backend, at::parallel_for is inline OpenMP: a build without -fopenmp
+    # silently runs every kernel on one thread (openmp_flags in _build_helpers.py).
+    if torch.backends.openmp.is_available() and torch.__config__.parallel_info().count("OpenMP"):
+        assert mlxq._C.cpu_threaded(), "mlxq was built without OpenMP: kernels run on one thread"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_thread_count_does_not_change_results(bits, m, isa, gen):
+    # Rows of the output are split between threads; each row's sum runs in one fixed order.
+    wq, s, b = quantized((1000, 512), torch.float32, 64, bits, gen)
+    x = torch.randn(m, 512, generator=gen)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outs.append(mlxq.affine_matmul(x, wq, s, b, 64, bits))
+            outs.append(mlxq.affine_dequantize(wq, s, b, 64, bits))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[1], outs[3]), "dequantize depends on the thread count"
+    if m <= 16:  # decode kernels; the GEMM path's at::mm may reorder sums with threads
+        assert torch.equal(outs[0], outs[2]), "decode result depends on the thread count"
+    else:
+        torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-4)

@@ -265,6 +265,14 @@ Isa active_isa_enum() {
   return detected;
 }
 
+bool threaded() {
+#ifdef INTRA_OP_PARALLEL
+  return true;
+#else
+  return false;
+#endif
+}
+
 std::string active_isa() {
   switch (active_isa_enum()) {
     case Isa::kAvx512:

@@ -12,6 +12,10 @@ enum class Isa { kPortable, kAvx2, kAvx512 };
 Isa active_isa_enum();
 std::string active_isa();
 
+// Whether at::parallel_for runs on torch's intra-op threads in this build (with torch's OpenMP
+// backend it needs -fopenmp, see openmp_flags in python/mlxq/_build_helpers.py).
+bool threaded();
+
 // Forces "portable", "avx2", "avx512" or back to "auto" (for tests and benchmarks).
 void set_isa(const std::string& name);
 

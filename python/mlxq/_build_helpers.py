@@ -46,6 +46,38 @@ def native_link_args(platform: str, mps_built: bool) -> list[str]:
     return list(OBJCXX_LINK_ARGS) if builds_objcxx(platform, mps_built) else []
 
 
+def openmp_flags(
+    platform: str,
+    torch_uses_openmp: bool,
+    torch_lib_dir: Path,
+    env: Mapping[str, str],
+    is_file: Callable[[Path], bool] = Path.is_file,
+) -> tuple[list[str], list[str], str]:
+    """(compile flags, link flags, why) that make `at::parallel_for` run on torch's threads.
+
+    With torch's OpenMP backend, `at::parallel_for` is inline code around `#pragma omp
+    parallel`: an extension compiled without OpenMP silently runs it on one thread. On Linux
+    `-fopenmp` links `libgomp.so.1`, which resolves to the copy torch already loaded (same
+    soname), so mlxq shares torch's thread pool and `torch.set_num_threads`. Apple clang needs an
+    `omp.h` from elsewhere (OMP_PREFIX or Homebrew's libomp) and links torch's own libomp.dylib,
+    so that one OpenMP runtime is loaded; without a header the CPU kernels run on one thread.
+    """
+    if not torch_uses_openmp:
+        return [], [], "torch's parallel backend is not OpenMP: no OpenMP flags needed"
+    if platform != "darwin":
+        return ["-fopenmp"], ["-fopenmp"], "OpenMP: -fopenmp, sharing torch's libgomp"
+    prefixes = [env.get("OMP_PREFIX", ""), "/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    includes = [Path(p) / "include" for p in prefixes if p]
+    include = next((d for d in includes if is_file(d / "omp.h")), None)
+    libomp = Path(torch_lib_dir) / "libomp.dylib"
+    if include is None or not is_file(libomp):
+        missing = "omp.h (set OMP_PREFIX or `brew install libomp`)" if include is None else libomp
+        return [], [], f"no OpenMP build: {missing} not found; CPU kernels run on one thread"
+    cflags = ["-Xpreprocessor", "-fopenmp", "-I", str(include)]
+    ldflags = [f"-L{torch_lib_dir}", "-lomp", f"-Wl,-rpath,{torch_lib_dir}"]
+    return cflags, ldflags, f"OpenMP: {include}/omp.h, linking torch's {libomp}"
+
+
 def metal_sources(root: Path) -> list[Path]:
     """Every metal/*.metal, sorted (each becomes one .air)."""
     return sorted((Path(root) / "metal").glob("*.metal"))
@@ -174,6 +206,7 @@ __all__: Sequence[str] = [
     "native_sources",
     "native_macros",
     "native_link_args",
+    "openmp_flags",
     "metal_sources",
     "metal_files",
     "metal_build_decision",

@@ -40,6 +40,8 @@ def backend_info() -> dict[str, Any]:
         "metal_sources": str(sources) if sources else None,
         "compile_shader_available": hasattr(torch.mps, "compile_shader"),
         "cpu_isa": _C.cpu_isa(),
+        "cpu_threaded": _C.cpu_threaded(),
+        "cpu_threads": torch.get_num_threads(),
     }
     return info
 

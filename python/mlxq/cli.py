@@ -501,7 +501,8 @@ def _interim_doctor() -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
     ]
     try:
-        lines.append(f"cpu kernels: {mlxq._C.cpu_isa()}")
+        threads = "threaded" if mlxq._C.cpu_threaded() else "ONE THREAD (built without OpenMP)"
+        lines.append(f"cpu kernels: {mlxq._C.cpu_isa()}, {threads}")
     except Exception as error:  # noqa: BLE001
         lines.append(f"cpu kernels: NOT LOADED ({error})")
     mps = getattr(torch.backends, "mps", None)
