@@ -84,19 +84,21 @@ at::Tensor from_chunk_order(const at::Tensor& y, int bits) {
 // and a chain of tensor ops would cost more than the kernel for small layers.
 at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
   const int pieces = src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
-  const int64_t M = x.size(0), K = x.size(1), P = 8 / bits, block = kBf16ByteLanes * P;
+  const int64_t M = x.size(0), K = x.size(1), P = 8 / bits, L = kBf16ByteLanes;
   at::Tensor out = at::empty({pieces * M, K}, x.options().dtype(at::kBFloat16));
   const float* xp = x.const_data_ptr<float>();
   auto* op = out.mutable_data_ptr<c10::BFloat16>();
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t within = k % block;
-      const int64_t pos = k - within + (within % P) * kBf16ByteLanes + within / P;
-      float rest = xp[m * K + k];
-      for (int p = 0; p < pieces; ++p) {
-        const c10::BFloat16 h(rest);  // round to nearest even
-        op[(p * M + m) * K + pos] = h;
-        rest -= static_cast<float>(h);  // exact in fp32
+    for (int64_t k0 = 0; k0 < K; k0 += L * P) {
+      for (int64_t l = 0; l < L; ++l) {
+        for (int64_t j = 0; j < P; ++j) {
+          float rest = xp[m * K + k0 + l * P + j];
+          for (int p = 0; p < pieces; ++p) {
+            const c10::BFloat16 h(rest);  // round to nearest even
+            op[(p * M + m) * K + k0 + j * L + l] = h;
+            rest -= static_cast<float>(h);  // exact in fp32
+          }
+        }
       }
     }
   }
@@ -109,6 +111,12 @@ constexpr int64_t kDecodeMaxRows = 16;
 // Rows of W dequantized at a time on the GEMM path: about 4 MiB of fp32, so a tile stays in
 // the last-level cache between its dequantization and its GEMM.
 constexpr int64_t kTileBytes = int64_t{4} << 20;
+
+// Rows of W per parallel task on the decode path: enough weights (~64K) that waking a thread
+// costs less than the task, which matters for the small layers of small models.
+int64_t decode_grain(const QuantWeight& W) {
+  return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(W.K, 1));
+}
 
 // x is fp32 [M, in_features]; `x_dtype` is the dtype its values came in (bf16 and fp16
 // values need fewer bf16 pieces).
@@ -132,7 +140,8 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
                             xsum.const_data_ptr<float>(),
                             y.mutable_data_ptr<float>(),
                             M};
-        at::parallel_for(0, W.N, 16, [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
+        at::parallel_for(0, W.N, decode_grain(W),
+                         [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
         return y;
       }
       at::Tensor xc = to_chunk_order(x, W.bits);
@@ -144,7 +153,8 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
         part.x += m0 * W.K;
         part.xsum += m0 * W.G;
         part.y += m0 * W.N;
-        at::parallel_for(0, W.N, 16, [&](int64_t n0, int64_t n1) { kt.qmv(part, n0, n1); });
+        at::parallel_for(0, W.N, decode_grain(W),
+                         [&](int64_t n0, int64_t n1) { kt.qmv(part, n0, n1); });
       }
     } else {
       QvmArgs a{W, x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M};
