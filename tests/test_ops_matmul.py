@@ -222,3 +222,20 @@ def test_thread_count_does_not_change_results(bits, m, isa, gen):
         assert torch.equal(outs[0], outs[2]), "decode result depends on the thread count"
     else:
         torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "enable_grad"])
+@pytest.mark.parametrize("m", [1, 40])
+def test_grad_modes_give_the_same_result(mode, m, gen):
+    # The GEMM path runs ATen ops on OpenMP workers, which must see the caller's inference
+    # mode: under torch.inference_mode() the output is an inference tensor they write into.
+    wq, s, b = quantized((300, 256), torch.float32, 64, 4, gen)
+    x = torch.randn(m, 256, generator=gen)
+    expected = mlxq.affine_matmul(x, wq, s, b, 64, 4)
+    with getattr(torch, mode)():
+        got = mlxq.affine_matmul(x, wq, s, b, 64, 4)
+        got_t = mlxq.affine_matmul(
+            x[:, :128].contiguous(), wq[:128], s[:128], b[:128], 64, 4, False
+        )
+    assert torch.equal(got, expected)
+    assert got_t.shape == (m, 256)

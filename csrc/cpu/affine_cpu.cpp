@@ -1,6 +1,7 @@
 // CPU kernels for the mlxq ops: argument checks (checks.h), layout preparation, the parallel
 // split, and the choice between streaming decode kernels and dequantize-tile + dense GEMM.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -204,7 +205,11 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     const int64_t per_thread = std::max<int64_t>(1, W.N * W.K * 4 / (threads * kThreadTileBytes));
     const int64_t rows = (W.N + threads * per_thread - 1) / (threads * per_thread);
     const int64_t tiles = (W.N + rows - 1) / rows;
+    // OpenMP workers do not inherit the caller's thread-local state (inference mode, excluded
+    // dispatch keys), which at::mm_out needs to write into y.
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      const at::ThreadLocalStateGuard same_state(caller_state);
       float* tp = tile_buffer(rows * W.K);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * rows, n1 = std::min(W.N, n0 + rows);
