@@ -93,6 +93,23 @@ def test_matmul_every_m_across_the_decode_gemm_switch(bits, dtype, transpose, ge
         check(x, wq, s, b, group_size, bits, transpose, what=f"M={m}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_matmul_decode_whole_and_half_blocks(bits, dtype, gen, isa):
+    """The AVX512-BF16 decode kernel reads 64-byte blocks and may end in a 32-byte half block
+    (K = 576 at 4 bits, SmolLM2's width): K of 1..5 half blocks, every group size."""
+    half = 256 // bits  # values in 32 packed bytes
+    for group_size in GROUP_SIZES:
+        for halves in range(1, 6):
+            k = halves * half
+            if k % group_size:
+                continue
+            wq, s, b = quantized((37, k), dtype, group_size, bits, gen)
+            for m in (1, 2, 3, 5):
+                x = torch.randn((m, k), generator=gen).to(dtype)
+                check(x, wq, s, b, group_size, bits, what=f"gs={group_size} K={k} M={m}")
+
+
 @pytest.mark.parametrize("transpose", [True, False], ids=["xWT", "xW"])
 @pytest.mark.parametrize("bits", [2, 5, 6, 8])
 def test_matmul_layer_sized(bits, transpose, gen, isa):

@@ -90,12 +90,13 @@ at::Tensor from_chunk_order(const at::Tensor& y, int bits) {
 // and a chain of tensor ops would cost more than the kernel for small layers.
 at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
   const int pieces = src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
-  const int64_t M = x.size(0), K = x.size(1), P = 8 / bits, L = kBf16ByteLanes;
+  const int64_t M = x.size(0), K = x.size(1), L = kBf16Lanes;
   at::Tensor out = at::empty({pieces * M, K}, x.options().dtype(at::kBFloat16));
   const float* xp = x.const_data_ptr<float>();
   auto* op = out.mutable_data_ptr<c10::BFloat16>();
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k0 = 0; k0 < K; k0 += L * P) {
+    for (int64_t k0 = 0, P = 0; k0 < K; k0 += L * P) {
+      P = bf16_lane_values(k0, K, bits);
       for (int64_t l = 0; l < L; ++l) {
         for (int64_t j = 0; j < P; ++j) {
           float rest = xp[m * K + k0 + l * P + j];

@@ -24,7 +24,7 @@ struct QuantWeight {
 // The decode kernels for 2, 4 and 8 bits read x (qmv) and write y (qvm) in "chunk order" with
 // L byte lanes: within each run of L*P values (P = 8/bits values per byte), value l*P + j sits
 // at j*L + l, so that L zero-extended packed bytes line up with L consecutive x values.
-// The generic kernels use L = 8 (one 8-lane vector), the bf16 kernels L = 32.
+// The generic kernels use L = 8 (one 8-lane vector); QmvBf16Args has its own order.
 inline bool uses_chunk_order(int bits) { return bits == 2 || bits == 4 || bits == 8; }
 
 // y[m, n] = sum_k x[m, k] * W[n, k] for M <= kMaxDecodeRows; xsum[m, g] = sum of x over group g.
@@ -48,8 +48,10 @@ constexpr int64_t kMaxDecodeRows = 4;
 
 // Decode through bf16 dot products (AVX512-BF16), for bits 2 and 4 and K a multiple of
 // bf16_block_values(bits). x is given as `pieces` bf16 tensors [pieces, M, K] whose sum is x
-// (exact for bf16 and fp16 x; three pieces carry fp32's precision), each in chunk order with
-// kBf16ByteLanes byte lanes (see uses_chunk_order).
+// (exact for bf16 and fp16 x; three pieces carry fp32's precision). The kernel reads W in
+// blocks of 64 bytes as kBf16Lanes 16-bit lanes of 16/bits values each, and a K that ends in
+// half a block ends with 32 bytes widened to 16-bit lanes of 8/bits values; x follows the same
+// order: within a block whose lanes hold PL values, value l*PL + j sits at j*kBf16Lanes + l.
 struct QmvBf16Args {
   QuantWeight W;
   const uint16_t* x = nullptr;
@@ -58,8 +60,12 @@ struct QmvBf16Args {
   float* y = nullptr;
   int64_t M = 0;
 };
-constexpr int kBf16ByteLanes = 32;
-inline int64_t bf16_block_values(int bits) { return kBf16ByteLanes * 8 / bits; }
+constexpr int kBf16Lanes = 32;
+inline int64_t bf16_block_values(int bits) { return kBf16Lanes * 8 / bits; }  // half a block
+// Values per 16-bit lane of x's bf16 order for the block that starts at k0 (see QmvBf16Args).
+inline int64_t bf16_lane_values(int64_t k0, int64_t K, int bits) {
+  return k0 + kBf16Lanes * 16 / bits <= K ? 16 / bits : 8 / bits;
+}
 
 struct KernelTable {
   const char* name;

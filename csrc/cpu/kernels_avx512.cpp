@@ -1,9 +1,10 @@
 // Kernels for CPUs with AVX-512 and its BF16 dot product (Zen 4, Sapphire Rapids and newer).
 // The generic kernels (kernels.h) are compiled here once more for this target, and decode at
-// 2 and 4 bits gets a dedicated kernel: packed values become exact bf16 integers through a
-// 32-entry table lookup (vpermw), and vdpbf16ps multiplies them with x held as a sum of bf16
-// pieces (1 piece for bf16 x, 2 for fp16, 3 for fp32: exact to fp32 precision), accumulating
-// in fp32. That is about a quarter of the instructions of the fp32 path per weight.
+// 2 and 4 bits gets a dedicated kernel: 64 packed bytes are read as 32 16-bit lanes, and each
+// lane shifted by j*bits becomes the exact bf16 integer of its value j through one 32-entry
+// table lookup (vpermw, which ignores the higher bits), and vdpbf16ps multiplies them with x held
+// as a sum of bf16 pieces (1 piece for bf16 x, 2 for fp16, 3 for fp32: exact to fp32 precision),
+// accumulating in fp32. That is about a quarter of the instructions of the fp32 path per weight.
 // (Placing q in the mantissa of 2^bits saves the lookup but its offset must be cancelled
 // through the bias term, which costs fp32 accuracy; the lookup costs under 5% of the time.)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -33,12 +34,13 @@
 
 namespace mlxq::cpu::avx512 {
 
-// bf16 bit patterns of the integers 0 .. 2^Bits - 1, one per 16-bit lane.
+// bf16 bit patterns of q = i & (2^Bits - 1) for a 5-bit index i (vpermw reads the low 5 bits of
+// each 16-bit lane), so a lane shifted right by j*Bits needs no mask to select value j.
 template <int Bits>
 __m512i bf16_integer_table() {
   alignas(64) uint16_t t[32] = {};
-  for (int i = 0; i < (1 << Bits); ++i) {
-    const float f = static_cast<float>(i);
+  for (int i = 0; i < 32; ++i) {
+    const float f = static_cast<float>(i & ((1 << Bits) - 1));
     uint32_t u;
     std::memcpy(&u, &f, 4);
     t[i] = static_cast<uint16_t>(u >> 16);
@@ -46,22 +48,67 @@ __m512i bf16_integer_table() {
   return _mm512_load_si512(t);
 }
 
-// MB rows of x, R rows of W, NP bf16 pieces of x. A block is 32 packed bytes (P values each);
-// accumulators are split by value position j so that MB*R*P dot-product chains run at once.
+// One block of 32 16-bit lanes per row of W, each lane holding PL packed values (value
+// i*PL + j of the block in lane i; x is laid out to match, see QmvBf16Args): MB*R dot
+// products over the block, each scaled by its group's scale and added to `total`.
+template <int Bits, int GS, int MB, int R, int NP, int PL>
+inline void bf16_block(const __m512i (&lanes)[R], const uint16_t* const (&x)[NP][MB], int64_t k0,
+                       const float* s, int64_t G, __m512i table, __m512 (&total)[MB][R]) {
+  constexpr int kValues = 32 * PL;
+  constexpr int kGroups = GS >= kValues ? 1 : kValues / GS;  // groups in the block
+  constexpr int A = MB * R >= 8 ? 1 : 2;  // accumulators per (m, r): keep >= 8 chains
+  __m512 acc[MB][R][A];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < A; ++i) acc[m][r][i] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int j = 0; j < PL; ++j) {
+    __m512i q[R];
+    for (int r = 0; r < R; ++r)
+      q[r] = _mm512_permutexvar_epi16(j == 0 ? lanes[r] : _mm512_srli_epi16(lanes[r], j * Bits),
+                                      table);
+    for (int p = 0; p < NP; ++p)
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xv = _mm512_loadu_si512(x[p][m] + k0 + j * 32);
+        for (int r = 0; r < R; ++r)
+          acc[m][r][j % A] = _mm512_dpbf16_ps(acc[m][r][j % A], (__m512bh)q[r], (__m512bh)xv);
+      }
+  }
+  const int64_t g0 = k0 / GS;
+  for (int r = 0; r < R; ++r) {
+    __m512 sv;
+    if constexpr (kGroups == 1) {
+      sv = _mm512_set1_ps(s[r * G + g0]);
+    } else {
+      // fp32 lane i sums 16-bit lanes 2i and 2i+1: group i / (16 / kGroups) of the block.
+      alignas(64) static constexpr int32_t kLaneGroup[16] = {
+          0 * kGroups / 16,  1 * kGroups / 16,  2 * kGroups / 16,  3 * kGroups / 16,
+          4 * kGroups / 16,  5 * kGroups / 16,  6 * kGroups / 16,  7 * kGroups / 16,
+          8 * kGroups / 16,  9 * kGroups / 16,  10 * kGroups / 16, 11 * kGroups / 16,
+          12 * kGroups / 16, 13 * kGroups / 16, 14 * kGroups / 16, 15 * kGroups / 16};
+      const __m512 sg = _mm512_maskz_loadu_ps((__mmask16)((1u << kGroups) - 1), s + r * G + g0);
+      sv = _mm512_permutexvar_ps(_mm512_load_si512(kLaneGroup), sg);
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m512 sum = acc[m][r][0];
+      for (int i = 1; i < A; ++i) sum = _mm512_add_ps(sum, acc[m][r][i]);
+      total[m][r] = _mm512_fmadd_ps(sv, sum, total[m][r]);
+    }
+  }
+}
+
+// MB rows of x, R rows of W, NP bf16 pieces of x. Blocks of 64 packed bytes are read as 32
+// 16-bit lanes of 16/Bits values; a K that ends in half a block ends with 32 bytes widened to
+// 16-bit lanes of 8/Bits values.
 template <int Bits, int GS, int MB, int R, int NP>
 void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, float* s, float* b) {
-  constexpr int P = 8 / Bits;
-  constexpr int kBlockValues = 32 * P;
-  constexpr int kGroupsPerBlock = GS >= kBlockValues ? 1 : kBlockValues / GS;
+  constexpr int kLaneValues = 16 / Bits;
+  constexpr int kBlockValues = 32 * kLaneValues;
   const QuantWeight& W = a.W;
   const int64_t K = W.K, G = W.G, M = a.M, row_bytes = K * Bits / 8;
   const int64_t blocks = K / kBlockValues;
+  const bool half_block = K % kBlockValues != 0;
   const __m512i table = bf16_integer_table<Bits>();
-  const __m512i mask = _mm512_set1_epi16((1 << Bits) - 1);
-  // Lane i of an accumulator covers packed bytes 2i and 2i+1: the group index within a block.
-  alignas(64) int32_t lane_group[16];
-  for (int i = 0; i < 16; ++i) lane_group[i] = i / (16 / kGroupsPerBlock);
-  const __m512i lane_group_v = _mm512_load_si512(lane_group);
   const uint16_t* x[NP][MB];
   for (int p = 0; p < NP; ++p)
     for (int m = 0; m < MB; ++m) x[p][m] = a.x + (p * M + m0 + m) * K;
@@ -76,45 +123,18 @@ void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, flo
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      __m512i bytes[R];
+      __m512i lanes[R];
+      for (int r = 0; r < R; ++r) lanes[r] = _mm512_loadu_si512(wrow[r] + blk * 64);
+      bf16_block<Bits, GS, MB, R, NP, kLaneValues>(lanes, x, blk * kBlockValues, s, G, table,
+                                                   total);
+    }
+    if (half_block) {
+      __m512i lanes[R];
       for (int r = 0; r < R; ++r)
-        bytes[r] = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blk * 32)));
-      __m512 acc[MB][R][P];
-      for (int m = 0; m < MB; ++m)
-        for (int r = 0; r < R; ++r)
-          for (int j = 0; j < P; ++j) acc[m][r][j] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-      for (int j = 0; j < P; ++j) {
-        __m512i q[R];
-        for (int r = 0; r < R; ++r) {
-          __m512i v = j == 0 ? bytes[r] : _mm512_srli_epi16(bytes[r], j * Bits);
-          if (j != P - 1) v = _mm512_and_si512(v, mask);
-          q[r] = _mm512_permutexvar_epi16(v, table);
-        }
-        for (int p = 0; p < NP; ++p)
-          for (int m = 0; m < MB; ++m) {
-            const __m512i xv = _mm512_loadu_si512(x[p][m] + blk * kBlockValues + j * 32);
-            for (int r = 0; r < R; ++r)
-              acc[m][r][j] = _mm512_dpbf16_ps(acc[m][r][j], (__m512bh)q[r], (__m512bh)xv);
-          }
-      }
-      const int64_t g0 = blk * kBlockValues / GS;
-      for (int r = 0; r < R; ++r) {
-        __m512 sv;
-        if constexpr (kGroupsPerBlock == 1) {
-          sv = _mm512_set1_ps(s[r * G + g0]);
-        } else {
-          const __m512 sg =
-              _mm512_maskz_loadu_ps((__mmask16)((1u << kGroupsPerBlock) - 1), s + r * G + g0);
-          sv = _mm512_permutexvar_ps(lane_group_v, sg);
-        }
-        for (int m = 0; m < MB; ++m) {
-          __m512 sum = acc[m][r][0];
-          for (int j = 1; j < P; ++j) sum = _mm512_add_ps(sum, acc[m][r][j]);
-          total[m][r] = _mm512_fmadd_ps(sv, sum, total[m][r]);
-        }
-      }
+        lanes[r] = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blocks * 64)));
+      bf16_block<Bits, GS, MB, R, NP, 8 / Bits>(lanes, x, blocks * kBlockValues, s, G, table,
+                                                total);
     }
     for (int m = 0; m < MB; ++m) {
       const float* xs = a.xsum + (m0 + m) * G;
