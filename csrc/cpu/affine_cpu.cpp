@@ -30,7 +30,8 @@ Isa detect_isa() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::string(env) == "avx2"))
+      __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
+      !(env != nullptr && std::string(env) == "avx2"))
     return Isa::kAvx512;
   if (avx2) return Isa::kAvx2;
 #endif
@@ -88,8 +89,12 @@ at::Tensor from_chunk_order(const at::Tensor& y, int bits) {
 // x [M, K] (fp32, holding values of dtype `src`) as the bf16 pieces of QmvBf16Args, in the
 // bf16 kernels' chunk order: [pieces * M, K]. One pass in plain C++: decode calls are small,
 // and a chain of tensor ops would cost more than the kernel for small layers.
+int bf16_piece_count(at::ScalarType src) {
+  return src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
+}
+
 at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
-  const int pieces = src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
+  const int pieces = bf16_piece_count(src);
   const int64_t M = x.size(0), K = x.size(1), L = kBf16Lanes;
   at::Tensor out = at::empty({pieces * M, K}, x.options().dtype(at::kBFloat16));
   const float* xp = x.const_data_ptr<float>();
@@ -151,6 +156,15 @@ int64_t decode_grain(const QuantWeight& W) {
   return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(W.K, 1));
 }
 
+// Whether the AVX512-BF16 decode kernel beats the generic one. Its cost grows with M times
+// the bf16 pieces of x; at 3, 5 and 6 bits, where each value is gathered, the generic fp32
+// kernel wins from about 8 piece-rows on (measured at 4096x4096, 3 and 6 bits).
+bool use_bf16_decode(const QuantWeight& W, int64_t M, at::ScalarType x_dtype) {
+  if (W.bits == 8 || W.K % bf16_block_values(W.bits) != 0) return false;
+  const int64_t pieces = bf16_piece_count(x_dtype);
+  return bf16_shifted_lanes(W.bits) || pieces == 1 || M * pieces <= 6;
+}
+
 // x is fp32 [M, in_features]; `x_dtype` is the dtype its values came in (bf16 and fp16
 // values need fewer bf16 pieces).
 at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
@@ -164,8 +178,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     at::Tensor y = at::empty({M, out_features}, opts);
     if (transpose) {
       at::Tensor xsum = x.view({M, W.G, W.group_size}).sum(-1).contiguous();
-      if (kt.qmv_bf16 != nullptr && (W.bits == 2 || W.bits == 4) &&
-          W.K % bf16_block_values(W.bits) == 0) {
+      if (kt.qmv_bf16 != nullptr && use_bf16_decode(W, M, x_dtype)) {
         const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
         const QmvBf16Args a{W,
                             static_cast<const uint16_t*>(xp.const_data_ptr()),

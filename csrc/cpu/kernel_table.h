@@ -46,12 +46,13 @@ struct QvmArgs {
 
 constexpr int64_t kMaxDecodeRows = 4;
 
-// Decode through bf16 dot products (AVX512-BF16), for bits 2 and 4 and K a multiple of
+// Decode through bf16 dot products (AVX512-BF16), for bits 2 to 6 and K a multiple of
 // bf16_block_values(bits). x is given as `pieces` bf16 tensors [pieces, M, K] whose sum is x
-// (exact for bf16 and fp16 x; three pieces carry fp32's precision). The kernel reads W in
-// blocks of 64 bytes as kBf16Lanes 16-bit lanes of 16/bits values each, and a K that ends in
-// half a block ends with 32 bytes widened to 16-bit lanes of 8/bits values; x follows the same
-// order: within a block whose lanes hold PL values, value l*PL + j sits at j*kBf16Lanes + l.
+// (exact for bf16 and fp16 x; three pieces carry fp32's precision). At 2 and 4 bits the kernel
+// reads W in blocks of 64 bytes as kBf16Lanes 16-bit lanes of 16/bits values each, and a K that
+// ends in half a block ends with 32 bytes widened to 16-bit lanes of 8/bits values; x follows
+// the same order: within a block whose lanes hold PL values, value l*PL + j sits at
+// j*kBf16Lanes + l. At 3, 5 and 6 bits each lane holds one value (PL = 1): natural order.
 struct QmvBf16Args {
   QuantWeight W;
   const uint16_t* x = nullptr;
@@ -61,9 +62,14 @@ struct QmvBf16Args {
   int64_t M = 0;
 };
 constexpr int kBf16Lanes = 32;
-inline int64_t bf16_block_values(int bits) { return kBf16Lanes * 8 / bits; }  // half a block
+constexpr bool bf16_shifted_lanes(int bits) { return bits == 2 || bits == 4; }
+// K must be a multiple of this: half a 64-byte block at 2 and 4 bits, else 32 values.
+inline int64_t bf16_block_values(int bits) {
+  return bf16_shifted_lanes(bits) ? kBf16Lanes * 8 / bits : kBf16Lanes;
+}
 // Values per 16-bit lane of x's bf16 order for the block that starts at k0 (see QmvBf16Args).
 inline int64_t bf16_lane_values(int64_t k0, int64_t K, int bits) {
+  if (!bf16_shifted_lanes(bits)) return 1;
   return k0 + kBf16Lanes * 16 / bits <= K ? 16 / bits : 8 / bits;
 }
 
@@ -73,7 +79,7 @@ struct KernelTable {
   void (*qvm)(const QvmArgs& a, int64_t g_begin, int64_t g_end);  // groups of K range
   // out[n - n_begin, k] = W[n, k] in fp32 for rows [n_begin, n_end); `out` is [n_end-n_begin, K].
   void (*dequantize)(const QuantWeight& W, float* out, int64_t n_begin, int64_t n_end);
-  // Optional (null where the CPU lacks it): decode at 2 and 4 bits through bf16 dot products.
+  // Optional (null where the CPU lacks it): decode at 2 to 6 bits through bf16 dot products.
   void (*qmv_bf16)(const QmvBf16Args& a, int64_t n_begin, int64_t n_end) = nullptr;
 };
 

@@ -1,10 +1,11 @@
-// Kernels for CPUs with AVX-512 and its BF16 dot product (Zen 4, Sapphire Rapids and newer).
+// Kernels for CPUs with AVX-512, its BF16 dot product and VBMI (Zen 4, Sapphire Rapids, newer).
 // The generic kernels (kernels.h) are compiled here once more for this target, and decode at
-// 2 and 4 bits gets a dedicated kernel: 64 packed bytes are read as 32 16-bit lanes, and each
-// lane shifted by j*bits becomes the exact bf16 integer of its value j through one 32-entry
-// table lookup (vpermw, which ignores the higher bits), and vdpbf16ps multiplies them with x held
-// as a sum of bf16 pieces (1 piece for bf16 x, 2 for fp16, 3 for fp32: exact to fp32 precision),
-// accumulating in fp32. That is about a quarter of the instructions of the fp32 path per weight.
+// 2 to 6 bits gets a dedicated kernel: packed values are brought into 16-bit lanes (at 2 and 4
+// bits 64 bytes are 32 lanes of 16/bits values, shifted by j*bits for value j; at 3, 5, 6 bits
+// each lane gathers its value's two bytes with vpermb and shifts them), become exact bf16
+// integers through a table lookup (vpermw/vpermt2w, which ignore the bits above the index), and
+// vdpbf16ps multiplies them with x held as a sum of bf16 pieces (1 piece for bf16 x, 2 for
+// fp16, 3 for fp32: exact to fp32 precision), accumulating in fp32.
 // (Placing q in the mantissa of 2^bits saves the lookup but its offset must be cancelled
 // through the bias term, which costs fp32 accuracy; the lookup costs under 5% of the time.)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -21,11 +22,12 @@
 
 #if defined(__clang__)
 #pragma clang attribute push(                                                               \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))), \
+    __attribute__((                                                                         \
+        target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c"))), \
     apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c")
 #endif
 
 #define MLXQ_ISA avx512
@@ -34,13 +36,14 @@
 
 namespace mlxq::cpu::avx512 {
 
-// bf16 bit patterns of q = i & (2^Bits - 1) for a 5-bit index i (vpermw reads the low 5 bits of
-// each 16-bit lane), so a lane shifted right by j*Bits needs no mask to select value j.
+// bf16 bit patterns of q = i & (2^Bits - 1), i = 32*half .. 32*half + 31: vpermw reads the
+// low 5 bits of each 16-bit lane (vpermt2w the low 6), so a lane shifted right to put value j
+// in its low bits needs no mask.
 template <int Bits>
-__m512i bf16_integer_table() {
+__m512i bf16_integer_table(int half) {
   alignas(64) uint16_t t[32] = {};
   for (int i = 0; i < 32; ++i) {
-    const float f = static_cast<float>(i & ((1 << Bits) - 1));
+    const float f = static_cast<float>((i + 32 * half) & ((1 << Bits) - 1));
     uint32_t u;
     std::memcpy(&u, &f, 4);
     t[i] = static_cast<uint16_t>(u >> 16);
@@ -48,15 +51,27 @@ __m512i bf16_integer_table() {
   return _mm512_load_si512(t);
 }
 
+// Packed value in the low bits of each 16-bit lane -> its exact bf16 integer.
+template <int Bits>
+struct Bf16Lookup {
+  static_assert(Bits <= 6, "a 64-entry table covers at most 6 bits");
+  __m512i lo = bf16_integer_table<Bits>(0), hi = bf16_integer_table<Bits>(1);
+  __m512i operator()(__m512i v) const {
+    if constexpr (Bits <= 5) return _mm512_permutexvar_epi16(v, lo);
+    return _mm512_permutex2var_epi16(lo, v, hi);
+  }
+};
+
 // One block of 32 16-bit lanes per row of W, each lane holding PL packed values (value
 // i*PL + j of the block in lane i; x is laid out to match, see QmvBf16Args): MB*R dot
 // products over the block, each scaled by its group's scale and added to `total`.
 template <int Bits, int GS, int MB, int R, int NP, int PL>
 inline void bf16_block(const __m512i (&lanes)[R], const uint16_t* const (&x)[NP][MB], int64_t k0,
-                       const float* s, int64_t G, __m512i table, __m512 (&total)[MB][R]) {
+                       const float* s, int64_t G, const Bf16Lookup<Bits>& lookup,
+                       __m512 (&total)[MB][R]) {
   constexpr int kValues = 32 * PL;
   constexpr int kGroups = GS >= kValues ? 1 : kValues / GS;  // groups in the block
-  constexpr int A = MB * R >= 8 ? 1 : 2;  // accumulators per (m, r): keep >= 8 chains
+  constexpr int A = MB * R >= 8 || PL == 1 ? 1 : 2;          // per (m, r): keep >= 8 chains
   __m512 acc[MB][R][A];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
@@ -65,8 +80,7 @@ inline void bf16_block(const __m512i (&lanes)[R], const uint16_t* const (&x)[NP]
   for (int j = 0; j < PL; ++j) {
     __m512i q[R];
     for (int r = 0; r < R; ++r)
-      q[r] = _mm512_permutexvar_epi16(j == 0 ? lanes[r] : _mm512_srli_epi16(lanes[r], j * Bits),
-                                      table);
+      q[r] = lookup(j == 0 ? lanes[r] : _mm512_srli_epi16(lanes[r], j * Bits));
     for (int p = 0; p < NP; ++p)
       for (int m = 0; m < MB; ++m) {
         const __m512i xv = _mm512_loadu_si512(x[p][m] + k0 + j * 32);
@@ -97,18 +111,44 @@ inline void bf16_block(const __m512i (&lanes)[R], const uint16_t* const (&x)[NP]
   }
 }
 
-// MB rows of x, R rows of W, NP bf16 pieces of x. Blocks of 64 packed bytes are read as 32
-// 16-bit lanes of 16/Bits values; a K that ends in half a block ends with 32 bytes widened to
-// 16-bit lanes of 8/Bits values.
+// The bytes of 32 consecutive Bits-bit values (Bits = 3, 5, 6), as 32 16-bit lanes holding
+// value i in their low bits: lane i gets bytes b and b+1 around bit i*Bits (vpermb), shifted
+// right by (i*Bits) % 8 (vpsrlvw). Reads exactly the 4*Bits bytes of the values.
+template <int Bits>
+struct GatherLanes {
+  __m512i index, shift;
+  GatherLanes() {
+    alignas(64) uint8_t idx[64];
+    alignas(64) uint16_t sh[32];
+    for (int i = 0; i < 32; ++i) {
+      idx[2 * i] = static_cast<uint8_t>(i * Bits / 8);
+      idx[2 * i + 1] = static_cast<uint8_t>(i * Bits / 8 + 1);
+      sh[i] = static_cast<uint16_t>(i * Bits % 8);
+    }
+    index = _mm512_load_si512(idx);
+    shift = _mm512_load_si512(sh);
+  }
+  __m512i operator()(const uint8_t* p) const {
+    const __m512i bytes = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << (4 * Bits)) - 1), p);
+    return _mm512_srlv_epi16(_mm512_permutexvar_epi8(index, bytes), shift);
+  }
+};
+
+// MB rows of x, R rows of W, NP bf16 pieces of x. At 2 and 4 bits, blocks of 64 packed bytes
+// are read as 32 16-bit lanes of 16/Bits values, and a K that ends in half a block ends with 32
+// bytes widened to 16-bit lanes of 8/Bits values; at 3, 5 and 6 bits every 32 values are
+// gathered into 16-bit lanes (GatherLanes) and x is in natural order.
 template <int Bits, int GS, int MB, int R, int NP>
 void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, float* s, float* b) {
-  constexpr int kLaneValues = 16 / Bits;
+  constexpr bool kShifted = bf16_shifted_lanes(Bits);
+  constexpr int kLaneValues = kShifted ? 16 / Bits : 1;
   constexpr int kBlockValues = 32 * kLaneValues;
   const QuantWeight& W = a.W;
   const int64_t K = W.K, G = W.G, M = a.M, row_bytes = K * Bits / 8;
   const int64_t blocks = K / kBlockValues;
   const bool half_block = K % kBlockValues != 0;
-  const __m512i table = bf16_integer_table<Bits>();
+  const Bf16Lookup<Bits> lookup;
+  const GatherLanes<kShifted ? 3 : Bits> gather;
   const uint16_t* x[NP][MB];
   for (int p = 0; p < NP; ++p)
     for (int m = 0; m < MB; ++m) x[p][m] = a.x + (p * M + m0 + m) * K;
@@ -124,17 +164,25 @@ void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, flo
       for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; ++blk) {
       __m512i lanes[R];
-      for (int r = 0; r < R; ++r) lanes[r] = _mm512_loadu_si512(wrow[r] + blk * 64);
-      bf16_block<Bits, GS, MB, R, NP, kLaneValues>(lanes, x, blk * kBlockValues, s, G, table,
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = wrow[r] + blk * kBlockValues * Bits / 8;
+        if constexpr (kShifted)
+          lanes[r] = _mm512_loadu_si512(p);
+        else
+          lanes[r] = gather(p);
+      }
+      bf16_block<Bits, GS, MB, R, NP, kLaneValues>(lanes, x, blk * kBlockValues, s, G, lookup,
                                                    total);
     }
-    if (half_block) {
-      __m512i lanes[R];
-      for (int r = 0; r < R; ++r)
-        lanes[r] = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blocks * 64)));
-      bf16_block<Bits, GS, MB, R, NP, 8 / Bits>(lanes, x, blocks * kBlockValues, s, G, table,
-                                                total);
+    if constexpr (kShifted) {
+      if (half_block) {
+        __m512i lanes[R];
+        for (int r = 0; r < R; ++r)
+          lanes[r] = _mm512_cvtepu8_epi16(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blocks * 64)));
+        bf16_block<Bits, GS, MB, R, NP, 8 / Bits>(lanes, x, blocks * kBlockValues, s, G, lookup,
+                                                  total);
+      }
     }
     for (int m = 0; m < MB; ++m) {
       const float* xs = a.xsum + (m0 + m) * G;
@@ -192,8 +240,18 @@ void qmv_bf16_group(const QmvBf16Args& a, int64_t n0, int64_t n1) {
 }
 
 void qmv_bf16(const QmvBf16Args& a, int64_t n0, int64_t n1) {
-  if (a.W.bits == 2) return qmv_bf16_group<2>(a, n0, n1);
-  return qmv_bf16_group<4>(a, n0, n1);
+  switch (a.W.bits) {
+    case 2:
+      return qmv_bf16_group<2>(a, n0, n1);
+    case 3:
+      return qmv_bf16_group<3>(a, n0, n1);
+    case 4:
+      return qmv_bf16_group<4>(a, n0, n1);
+    case 5:
+      return qmv_bf16_group<5>(a, n0, n1);
+    default:
+      return qmv_bf16_group<6>(a, n0, n1);
+  }
 }
 
 }  // namespace mlxq::cpu::avx512
