@@ -86,13 +86,14 @@ at::Tensor from_chunk_order(const at::Tensor& y, int bits) {
   return y.view({M, -1, P, 8}).transpose(2, 3).contiguous().view({M, -1});
 }
 
-// x [M, K] (fp32, holding values of dtype `src`) as the bf16 pieces of QmvBf16Args, in the
-// bf16 kernels' chunk order: [pieces * M, K]. One pass in plain C++: decode calls are small,
-// and a chain of tensor ops would cost more than the kernel for small layers.
+// bf16 pieces whose sum holds a value of dtype `src` exactly (fp32: to fp32 precision).
 int bf16_piece_count(at::ScalarType src) {
   return src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
 }
 
+// x [M, K] (fp32, holding values of dtype `src`) as the bf16 pieces of QmvBf16Args, in the
+// bf16 kernels' order: [pieces * M, K]. One pass in plain C++: decode calls are small, and a
+// chain of tensor ops would cost more than the kernel for small layers.
 at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
   const int pieces = bf16_piece_count(src);
   const int64_t M = x.size(0), K = x.size(1), L = kBf16Lanes;

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -134,6 +135,11 @@ struct GatherLanes {
   }
 };
 
+// At 2 and 4 bits, 64 packed bytes already are 32 16-bit lanes of 16/Bits values.
+struct WholeLanes {
+  __m512i operator()(const uint8_t* p) const { return _mm512_loadu_si512(p); }
+};
+
 // MB rows of x, R rows of W, NP bf16 pieces of x. At 2 and 4 bits, blocks of 64 packed bytes
 // are read as 32 16-bit lanes of 16/Bits values, and a K that ends in half a block ends with 32
 // bytes widened to 16-bit lanes of 8/Bits values; at 3, 5 and 6 bits every 32 values are
@@ -148,7 +154,7 @@ void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, flo
   const int64_t blocks = K / kBlockValues;
   const bool half_block = K % kBlockValues != 0;
   const Bf16Lookup<Bits> lookup;
-  const GatherLanes<kShifted ? 3 : Bits> gather;
+  const std::conditional_t<kShifted, WholeLanes, GatherLanes<Bits>> load_lanes;
   const uint16_t* x[NP][MB];
   for (int p = 0; p < NP; ++p)
     for (int m = 0; m < MB; ++m) x[p][m] = a.x + (p * M + m0 + m) * K;
@@ -164,13 +170,7 @@ void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, flo
       for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; ++blk) {
       __m512i lanes[R];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* p = wrow[r] + blk * kBlockValues * Bits / 8;
-        if constexpr (kShifted)
-          lanes[r] = _mm512_loadu_si512(p);
-        else
-          lanes[r] = gather(p);
-      }
+      for (int r = 0; r < R; ++r) lanes[r] = load_lanes(wrow[r] + blk * kBlockValues * Bits / 8);
       bf16_block<Bits, GS, MB, R, NP, kLaneValues>(lanes, x, blk * kBlockValues, s, G, lookup,
                                                    total);
     }
