@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,22 +96,23 @@ def test_demo_checkpoint_is_what_mlx_lm_convert_makes(smollm2_4bit_g32: Path) ->
     _assert_same_checkpoint(demo_checkpoint(str(TEST_CACHE)), smollm2_4bit_g32)
 
 
-def test_generate_chat_streams_the_answer(smollm2_4bit_g32: Path) -> None:
-    proc = run_cli(
-        "generate",
-        "--model",
-        str(smollm2_4bit_g32),
-        "--chat",
-        "--prompt",
-        "What is the capital of France?",
-        "--max-tokens",
-        "12",
-        "--dtype",
-        "bfloat16",
-    )
+def test_generate_applies_the_chat_template_by_default(smollm2_4bit_g32: Path) -> None:
+    # as mlx_lm.generate: an instruct model answers without extra flags
+    args = ["generate", "--model", str(smollm2_4bit_g32), "--max-tokens", "12"]
+    proc = run_cli(*args, "--prompt", "What is the capital of France?", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "cpu bfloat16" in proc.stdout
+    templated = re.search(r"prefill (\d+) tokens", proc.stdout)
+    raw = run_cli(*args, "--prompt", "What is the capital of France?", "--ignore-chat-template")
+    assert raw.returncode == 0, raw.stderr
+    sent = re.search(r"prefill (\d+) tokens", raw.stdout)
+    assert templated and sent and int(sent.group(1)) < int(templated.group(1)) - 10
+
+
+def test_generate_help_says_which_prompt_is_sent() -> None:
+    proc = run_cli("generate", "-h")
+    assert "--ignore-chat-template" in proc.stdout and "chat template" in proc.stdout
 
 
 # (argv, exit status, words the error line must contain); {tmp}, {file}, {ckpt}, {float} are

@@ -236,17 +236,20 @@ def generate(
     tokenizer,
     prompt: str,
     max_tokens: int,
-    chat: bool,
+    chat: bool = True,
     temperature: float = 0.0,
     echo: bool = True,
 ) -> dict[str, Any]:
-    """Stream a completion of `prompt` to stdout; return its text and timings."""
+    """Stream a completion of `prompt` to stdout; return its text and timings.
+
+    As `mlx_lm.generate` does, the prompt is wrapped in the tokenizer's chat template when it
+    has one (an instruct model given the raw prompt often ends at once); `chat=False` sends the
+    prompt as it is.
+    """
     import torch
 
     device = next(model.parameters(), torch.empty(0)).device
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise CLIError("--chat: this model's tokenizer has no chat template")
+    if chat and getattr(tokenizer, "chat_template", None):
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}],
             add_generation_prompt=True,
@@ -307,7 +310,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     model, tokenizer, info = load_model(args.model, args.device, args.dtype, args.threads)
-    stats = generate(model, tokenizer, args.prompt, args.max_tokens, args.chat, args.temperature)
+    chat = not args.ignore_chat_template
+    stats = generate(model, tokenizer, args.prompt, args.max_tokens, chat, args.temperature)
     _print_stats(info, stats)
     return 0
 
@@ -564,7 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with an MLX checkpoint")
     p.add_argument("--model", required=True, help="local folder or Hub repo id")
     p.add_argument("--prompt", default="Hello, my name is")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="send the prompt as it is; by default it is wrapped in the tokenizer's chat "
+        "template when the tokenizer has one (as mlx_lm.generate does)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     _add_run_options(p, 128)
     p.set_defaults(func=cmd_generate)
