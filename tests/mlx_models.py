@@ -89,7 +89,11 @@ def tiny_mlx_checkpoint(arch: str, bits: int = 4, group_size: int = 128) -> Path
     from mlx_lm import convert
     from mlxq.demo_model import _versions
 
-    final = TEST_CACHE / "models" / f"tiny-{arch}-{bits}bit-g{group_size}-{_versions()}"
+    final = (
+        TEST_CACHE
+        / "models"
+        / f"tiny-{arch}-{bits}bit-g{group_size}-{_versions('transformers', 'mlx-lm')}"
+    )
     if (final / "config.json").is_file():
         return final
     staging = final.with_name(final.name + f".tmp{os.getpid()}")

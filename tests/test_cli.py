@@ -272,15 +272,21 @@ def test_inspect_reports_stale_index_and_broken_layer(
     assert_one_line_error(proc, "model.layers.3.mlp.down_proj", "biases")
 
 
+@pytest.mark.parametrize(
+    ("recipe", "group_size"), [("mixed_3_6", 64), ("mixed_4_6", None)], ids=["g64", "g-null"]
+)
 def test_convert_mixed_recipe_matches_mlx_lm_convert(
-    float_checkpoint: Path, tmp_path: Path
+    float_checkpoint: Path, tmp_path: Path, recipe: str, group_size: int | None
 ) -> None:
     out = tmp_path / "out"
-    args = ["convert", str(float_checkpoint), str(out), "--group-size", "64"]
-    proc = run_cli(*args, "--recipe", "mixed_3_6")
+    args = ["convert", str(float_checkpoint), str(out), "--recipe", recipe]
+    if group_size:
+        args += ["--group-size", str(group_size)]
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
-    _assert_same_checkpoint(out, smollm2(4, 64, "mixed_3_6"))  # made by mlx_lm.convert
+    # made by mlx_lm.convert (no --q-group-size: entries say "group_size": null)
+    _assert_same_checkpoint(out, smollm2(4, group_size, recipe))
     from mlx_lm import load
 
     load(str(out))  # and mlx-lm loads what we wrote

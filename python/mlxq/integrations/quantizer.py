@@ -16,22 +16,22 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
+from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, ModuleFormat
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
-from mlxq.integrations.config import (
-    RUNNABLE_MODES,
-    MLXQuantConfig,
-    ModuleFormat,
-    config_and_text_config,
-)
+from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.nn import (
-    SUPPORTED_BITS,
-    SUPPORTED_GROUP_SIZES,
     AffineEmbedding,
     AffineLinear,
     TiedAffineHead,
 )
 
-__all__ = ["MLXHfQuantizer", "stored_format", "tie_quantized_head", "add_mlx_lm_config_keys"]
+__all__ = [
+    "MLXHfQuantizer",
+    "stored_format",
+    "check_all_quantized_tensors_used",
+    "tie_quantized_head",
+    "add_mlx_lm_config_keys",
+]
 
 _PACKED_DTYPES = ("U32", "I32")
 _PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -46,9 +46,10 @@ def stored_format(
 ) -> ModuleFormat | None:
     """The format module `name` is stored in, from its tensors; None if it is float.
 
-    A per-module config entry must agree with the tensors; otherwise bits and group size are
-    read off the shapes (as mlx-lm does). Raises a ValueError naming the layer and tensor for a
-    missing or mis-shaped tensor, NotImplementedError for a mode mlxq does not run.
+    Bits and group size are read off the shapes (as mlx-lm does for modules without an entry);
+    a per-module config entry must agree with them. Raises a ValueError naming the layer, the
+    tensor or config key and both values for a missing, mis-shaped or contradicted tensor,
+    NotImplementedError for a mode mlxq does not run.
     """
     weight, scales = headers.get(f"{name}.weight"), headers.get(f"{name}.scales")
     if scales is None:
@@ -58,8 +59,14 @@ def stored_format(
                 f"{list(weight.shape)}) but {name}.scales is missing from the checkpoint"
             )
         return None
-    entry = config.overrides.get(name)
-    mode = entry.get("mode", config.mode) if isinstance(entry, dict) else config.mode
+    has_entry = name in config.overrides
+    want = config.module_format(name) if has_entry else None
+    if has_entry and want is None:
+        raise ValueError(
+            f"mlxq: layer {name!r}: config.json keeps it float ({name!r}: false) but the "
+            f"checkpoint has {name}.scales"
+        )
+    mode = want.mode if want is not None else config.default_format.mode
     if mode not in RUNNABLE_MODES:
         raise NotImplementedError(
             f"mlxq: layer {name!r} is quantized with mode {mode!r}, which mlxq does not run yet "
@@ -82,14 +89,18 @@ def stored_format(
     groups = scales.shape[1]
     bits = packed * 32 // in_features if (packed * 32) % in_features == 0 else None
     group_size = in_features // groups if groups and in_features % groups == 0 else None
-    if isinstance(entry, dict):  # the recipe's own entry: the shapes must match it
-        want = ModuleFormat(
-            int(entry.get("bits", config.bits)),
-            int(entry.get("group_size", config.group_size)),
-            mode,
-        )
-        if (bits, group_size) != (want.bits, want.group_size):
-            bits = group_size = None
+    if want is not None and bits is not None and group_size is not None:
+        for key, stored, configured in (
+            ("bits", bits, want.bits),
+            ("group_size", group_size, want.group_size),
+        ):
+            if stored != configured:
+                raise ValueError(
+                    f"mlxq: layer {name!r}: config.json quantization[{name!r}] says "
+                    f"{key}={configured}, but the tensors are stored with {key}={stored} "
+                    f"({name}.weight {list(weight.shape)}, {name}.scales {list(scales.shape)}, "
+                    f"in_features {in_features})"
+                )
     shape_ok = (
         rows == out_features
         and bits in SUPPORTED_BITS
@@ -98,7 +109,7 @@ def stored_format(
         and scales.shape[0] == rows
     )
     if not shape_ok:
-        fmt = config.module_format(name) or ModuleFormat(config.bits, config.group_size)
+        fmt = want or config.default_format
         want_w = [out_features, in_features * fmt.bits // 32]
         want_s = [out_features, in_features // fmt.group_size]
         raise ValueError(
@@ -151,7 +162,7 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     return out
 
 
-def _check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
+def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
     """Quantized tensors of modules mlxq cannot replace would load as garbage: refuse them."""
     for key in headers:
         if not key.endswith(".scales") or key[: -len(".scales")] in used:
@@ -286,7 +297,7 @@ class MLXHfQuantizer(HfQuantizer):
                 )
             model.set_submodule(name, new)
             replaced.add(name)
-        _check_all_quantized_tensors_used(model, headers, replaced)
+        check_all_quantized_tensors_used(model, headers, replaced)
         if replaced:
             _drop_tied_keys(model, replaced)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
