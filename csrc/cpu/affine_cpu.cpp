@@ -293,18 +293,27 @@ at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
   std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
   shape.back() = g.cols;
   const int64_t R = wq.numel() / wq.size(-1);
-  at::Tensor out = at::empty({R, g.cols}, scales.options().dtype(at::kFloat));
+  at::Tensor q = at::empty({R, g.cols}, scales.options().dtype(at::kFloat));
   if (R > 0) {
+    // The kernel unpacks the integers q (unit scales and zero biases make it exact); the
+    // affine map is then evaluated as mx.dequantize does on the CPU: s*q rounded to the
+    // output dtype, then + b rounded again (no fused multiply-add), so results match MLX
+    // bit for bit. The product is exact in fp32 for fp16/bf16 scales (<= 19 significant
+    // bits), so rounding it once to the dtype is MLX's single rounding.
     const at::Tensor w = wq.contiguous().reshape({R, wq.size(-1)});
-    const at::Tensor s = scales.contiguous().reshape({R, g.groups});
-    const at::Tensor b = biases.contiguous().reshape({R, g.groups});
-    const QuantWeight W = view_weight(w, s, b, group_size, bits);
+    const at::Tensor ones = at::ones({R, g.groups}, q.options());
+    const at::Tensor zeros = at::zeros({R, g.groups}, q.options());
+    const QuantWeight W = view_weight(w, ones, zeros, group_size, bits);
     const KernelTable& kt = kernels();
-    float* op = out.mutable_data_ptr<float>();
+    float* qp = q.mutable_data_ptr<float>();
     at::parallel_for(0, R, 8,
-                     [&](int64_t r0, int64_t r1) { kt.dequantize(W, op + r0 * W.K, r0, r1); });
+                     [&](int64_t r0, int64_t r1) { kt.dequantize(W, qp + r0 * W.K, r0, r1); });
   }
-  return out.to(scales.scalar_type()).reshape(shape);
+  const at::Tensor q3 = q.view({R, g.groups, group_size});
+  const at::Tensor s3 = scales.reshape({R, g.groups, 1});
+  const at::Tensor b3 = biases.reshape({R, g.groups, 1});
+  const at::Tensor product = at::mul(q3, s3.to(at::kFloat)).to(scales.scalar_type());
+  return at::add(product, b3).reshape(shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cpu(const at::Tensor& w,
