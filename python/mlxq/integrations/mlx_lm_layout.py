@@ -77,6 +77,17 @@ def _flat_rope(rope: dict) -> tuple[dict, dict]:
     return rope, {}
 
 
+def _sliding_window_pattern(layer_types: Any) -> int | None:
+    """p such that layer i is full attention exactly when (i + 1) % p == 0, else None."""
+    if not isinstance(layer_types, list) or "full_attention" not in layer_types:
+        return None
+    p = layer_types.index("full_attention") + 1
+    full = [(i + 1) % p == 0 for i in range(len(layer_types))]
+    if full != [t == "full_attention" for t in layer_types]:
+        return None
+    return p
+
+
 def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
     """Top-level config.json keys mlx-lm reads for this config's architecture and that
     transformers 5 does not write (values from `rope_parameters` and the config itself).
@@ -106,6 +117,9 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
         if model_type == "gpt_neox":
             out["rotary_emb_base"] = full.get("rope_theta", 10000.0)
             out["rotary_pct"] = full.get("partial_rotary_factor", 1.0)
+    pattern = _sliding_window_pattern(cfg.get("layer_types"))
+    if pattern is not None and model_type in ("gemma3_text", "gemma3", "cohere2"):
+        out["sliding_window_pattern"] = pattern  # mlx-lm derives the layer types from it
     if model_type == "gpt2" and "n_positions" in cfg:
         out["n_ctx"] = cfg["n_positions"]
     return {k: v for k, v in out.items() if k not in cfg}
