@@ -127,6 +127,13 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     "ministral3": ({}, {}),
     "bitnet": (ROPE, TOP),
     "exaone": (ROPE, TOP),
+    # mixture-of-experts models: transformers 5 fuses the experts into 3-D parameters, which
+    # mlxq does not run quantized yet; they must be refused by name, not load wrong
+    "mixtral": ({**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2}, TOP),
+    "qwen3_moe": (
+        {**ROPE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
+        {**TOP, "num_experts": 4},  # transformers 5 calls it num_local_experts
+    ),
 }
 
 # the Hub's GPT-2 checkpoints (which mlx-lm's sanitize expects) have no `transformer.` prefix
