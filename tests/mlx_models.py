@@ -1,7 +1,8 @@
 """Real MLX checkpoints for the integration tests, and mlx-lm as the whole-model oracle.
 
 Checkpoints are made by `mlx_lm.convert` (as mlx-community does) and cached across sessions
-under $MLXQ_TEST_CACHE (default ~/.cache/mlxq-tests), keyed by the inputs and the versions of
+under $MLXQ_TEST_CACHE (default: the mlxq user cache + /tests, so an empty $MLXQ_CACHE or
+$XDG_CACHE_HOME means a cold start, as for a new user), keyed by the inputs and the versions of
 transformers and mlx-lm.
 """
 
@@ -15,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-TEST_CACHE = Path(os.environ.get("MLXQ_TEST_CACHE", Path.home() / ".cache" / "mlxq-tests"))
+
+def _test_cache() -> Path:
+    from mlxq.demo_model import mlxq_cache_dir
+
+    return Path(os.environ.get("MLXQ_TEST_CACHE") or mlxq_cache_dir() / "tests")
+
+
+TEST_CACHE = _test_cache()
 
 
 def smollm2(bits: int = 4, group_size: int = 32, recipe: str | None = None) -> Path:
@@ -81,7 +89,11 @@ def tiny_mlx_checkpoint(arch: str, bits: int = 4, group_size: int = 128) -> Path
     from mlx_lm import convert
     from mlxq.demo_model import _versions
 
-    final = TEST_CACHE / "models" / f"tiny-{arch}-{bits}bit-g{group_size}-{_versions()}"
+    final = (
+        TEST_CACHE
+        / "models"
+        / f"tiny-{arch}-{bits}bit-g{group_size}-{_versions('transformers', 'mlx-lm')}"
+    )
     if (final / "config.json").is_file():
         return final
     staging = final.with_name(final.name + f".tmp{os.getpid()}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,22 +96,23 @@ def test_demo_checkpoint_is_what_mlx_lm_convert_makes(smollm2_4bit_g32: Path) ->
     _assert_same_checkpoint(demo_checkpoint(str(TEST_CACHE)), smollm2_4bit_g32)
 
 
-def test_generate_chat_streams_the_answer(smollm2_4bit_g32: Path) -> None:
-    proc = run_cli(
-        "generate",
-        "--model",
-        str(smollm2_4bit_g32),
-        "--chat",
-        "--prompt",
-        "What is the capital of France?",
-        "--max-tokens",
-        "12",
-        "--dtype",
-        "bfloat16",
-    )
+def test_generate_applies_the_chat_template_by_default(smollm2_4bit_g32: Path) -> None:
+    # as mlx_lm.generate: an instruct model answers without extra flags
+    args = ["generate", "--model", str(smollm2_4bit_g32), "--max-tokens", "12"]
+    proc = run_cli(*args, "--prompt", "What is the capital of France?", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "cpu bfloat16" in proc.stdout
+    templated = re.search(r"prefill (\d+) tokens", proc.stdout)
+    raw = run_cli(*args, "--prompt", "What is the capital of France?", "--ignore-chat-template")
+    assert raw.returncode == 0, raw.stderr
+    sent = re.search(r"prefill (\d+) tokens", raw.stdout)
+    assert templated and sent and int(sent.group(1)) < int(templated.group(1)) - 10
+
+
+def test_generate_help_says_which_prompt_is_sent() -> None:
+    proc = run_cli("generate", "-h")
+    assert "--ignore-chat-template" in proc.stdout and "chat template" in proc.stdout
 
 
 # (argv, exit status, words the error line must contain); {tmp}, {file}, {ckpt}, {float} are
@@ -270,15 +272,21 @@ def test_inspect_reports_stale_index_and_broken_layer(
     assert_one_line_error(proc, "model.layers.3.mlp.down_proj", "biases")
 
 
+@pytest.mark.parametrize(
+    ("recipe", "group_size"), [("mixed_3_6", 64), ("mixed_4_6", None)], ids=["g64", "g-null"]
+)
 def test_convert_mixed_recipe_matches_mlx_lm_convert(
-    float_checkpoint: Path, tmp_path: Path
+    float_checkpoint: Path, tmp_path: Path, recipe: str, group_size: int | None
 ) -> None:
     out = tmp_path / "out"
-    args = ["convert", str(float_checkpoint), str(out), "--group-size", "64"]
-    proc = run_cli(*args, "--recipe", "mixed_3_6")
+    args = ["convert", str(float_checkpoint), str(out), "--recipe", recipe]
+    if group_size:
+        args += ["--group-size", str(group_size)]
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
-    _assert_same_checkpoint(out, smollm2(4, 64, "mixed_3_6"))  # made by mlx_lm.convert
+    # made by mlx_lm.convert (no --q-group-size: entries say "group_size": null)
+    _assert_same_checkpoint(out, smollm2(4, group_size, recipe))
     from mlx_lm import load
 
     load(str(out))  # and mlx-lm loads what we wrote

@@ -47,3 +47,46 @@ def test_built_checkpoint_is_an_mlx_checkpoint_with_rope_theta() -> None:
     assert config["rope_theta"] == 100000.0  # trap 2: without it mlx-lm runs another model
     assert (path / "tokenizer.json").is_file() and (path / "model.safetensors").is_file()
     assert demo_model.cached_smollm2_checkpoint(4, 32, cache_dir=path.parents[1]) == path
+
+
+_NEW_USER = """
+import sys
+
+# the demo extra installs neither mlx nor mlx-lm: make them unimportable here (a None entry in
+# sys.modules is what Python itself uses for "known to be missing")
+for name in ("mlx", "mlx_lm"):
+    sys.modules[name] = None
+from importlib import metadata
+real_version = metadata.version
+def version(name):
+    if name.replace("_", "-") in ("mlx", "mlx-lm"):
+        raise metadata.PackageNotFoundError(name)
+    return real_version(name)
+metadata.version = version
+
+from mlxq.cli import main
+sys.exit(main(["demo", "--max-tokens", "12"]))
+"""
+
+
+def test_demo_builds_for_a_new_user_without_mlx(tmp_path: Path) -> None:
+    """README's first command on a fresh machine: empty caches, no mlx / mlx-lm installed."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.update(
+        MLXQ_CACHE=str(tmp_path / "mlxq"),
+        XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+    )
+    env.pop("MLXQ_TEST_CACHE", None)
+    run = subprocess.run(
+        [sys.executable, "-c", _NEW_USER], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Paris" in run.stdout, run.stdout
+    built = list((tmp_path / "mlxq" / "models").glob("smollm2-135m-4bit-g32-mlxq-*"))
+    assert len(built) == 1 and (built[0] / "config.json").is_file()

@@ -22,6 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlxq.format import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    find_quantization,
+    is_mlx_quantization,
+)
+
 __all__ = ["main", "CLIError"]
 
 DEMO_PROMPT = "What is the capital of France?"
@@ -90,27 +97,16 @@ def resolve_config(name: str) -> tuple[str, dict]:
     return name, json.loads(Path(config).read_text())
 
 
-def _quantization(config: dict) -> dict | None:
-    for cfg in (config, config.get("text_config") or {}):
-        q = cfg.get("quantization_config") or cfg.get("quantization")
-        if isinstance(q, dict):
-            return q
-    return None
-
-
-def _is_mlx_quantization(q: dict) -> bool:
-    # as mlxq.integrations.config.is_mlx_quantization, without importing transformers (seconds)
-    return "bits" in q and "group_size" in q and q.get("quant_method") in (None, "mlx")
-
-
 def _require_quantized(name: str, config: dict) -> dict:
-    q = _quantization(config)
+    q = find_quantization(config)
     if q is None:
         raise CLIError(
             f"{name} is a float checkpoint, not an MLX quantized one; make one with: "
             f"mlxq convert {name} OUT --bits 4 --group-size 64"
         )
-    if not (_is_mlx_quantization(q) or q.get("quant_method") == "metal"):
+    if not isinstance(q, dict):
+        raise CLIError(f"{name}: config.json quantization must be an object, got {q!r}")
+    if not (is_mlx_quantization(q) or q.get("quant_method") == "metal"):
         raise CLIError(
             f"{name} is quantized with quant_method {q.get('quant_method')!r}, not MLX affine; "
             "load it with transformers directly"
@@ -236,17 +232,20 @@ def generate(
     tokenizer,
     prompt: str,
     max_tokens: int,
-    chat: bool,
+    chat: bool = True,
     temperature: float = 0.0,
     echo: bool = True,
 ) -> dict[str, Any]:
-    """Stream a completion of `prompt` to stdout; return its text and timings."""
+    """Stream a completion of `prompt` to stdout; return its text and timings.
+
+    As `mlx_lm.generate` does, the prompt is wrapped in the tokenizer's chat template when it
+    has one (an instruct model given the raw prompt often ends at once); `chat=False` sends the
+    prompt as it is.
+    """
     import torch
 
     device = next(model.parameters(), torch.empty(0)).device
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise CLIError("--chat: this model's tokenizer has no chat template")
+    if chat and getattr(tokenizer, "chat_template", None):
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}],
             add_generation_prompt=True,
@@ -307,7 +306,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     model, tokenizer, info = load_model(args.model, args.device, args.dtype, args.threads)
-    stats = generate(model, tokenizer, args.prompt, args.max_tokens, args.chat, args.temperature)
+    chat = not args.ignore_chat_template
+    stats = generate(model, tokenizer, args.prompt, args.max_tokens, chat, args.temperature)
     _print_stats(info, stats)
     return 0
 
@@ -426,7 +426,6 @@ def _hub_headers(repo: str) -> tuple[Path, dict | None]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     source, _ = resolve_config(args.model)
     _quiet_transformers()
-    import mlxq  # noqa: F401
     from mlxq.inspect_checkpoint import format_report, inspect_checkpoint
 
     if Path(source).is_dir():
@@ -446,13 +445,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"{args.out} already exists and is not empty; pass a new folder")
     source, config = resolve_config(args.hf_path)
-    if _quantization(config) is not None:
+    if find_quantization(config) is not None:
         raise CLIError(
-            f"{args.hf_path} is already quantized ({json.dumps(_quantization(config))[:80]}); "
+            f"{args.hf_path} is already quantized ({json.dumps(find_quantization(config))[:80]}); "
             "convert takes a float checkpoint"
         )
     _quiet_transformers()
-    import mlxq  # noqa: F401
     from mlxq.convert import convert_checkpoint
 
     start = time.perf_counter()
@@ -468,7 +466,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     kept = f", kept float: {', '.join(summary.kept_float)}" if summary.kept_float else ""
     print(
         f"[mlxq] wrote {summary.out}: {summary.quantized} layers quantized "
-        f"({args.recipe or f'{args.bits}-bit'} group {args.group_size}){kept}; "
+        f"({args.recipe or f'{args.bits}-bit'} group {args.group_size or 'default (64)'}){kept}; "
         f"{summary.bytes_written / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s",
         flush=True,
     )
@@ -564,7 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with an MLX checkpoint")
     p.add_argument("--model", required=True, help="local folder or Hub repo id")
     p.add_argument("--prompt", default="Hello, my name is")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="send the prompt as it is; by default it is wrapped in the tokenizer's chat "
+        "template when the tokenizer has one (as mlx_lm.generate does)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     _add_run_options(p, 128)
     p.set_defaults(func=cmd_generate)
@@ -580,8 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="float transformers checkpoint -> MLX checkpoint")
     p.add_argument("hf_path", metavar="HF_PATH", help="float checkpoint: folder or Hub repo id")
     p.add_argument("out", metavar="OUT", help="new folder for the MLX checkpoint")
-    p.add_argument("--bits", type=int, choices=[2, 3, 4, 5, 6, 8], default=4)
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
+    p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=SUPPORTED_GROUP_SIZES,
+        default=None,
+        help="default: the mode's default (64), written as null in mixed-recipe entries, as "
+        "mlx_lm convert does without --q-group-size",
+    )
     p.add_argument("--recipe", choices=list(RECIPES), default=None, help="mlx-lm mixed recipe")
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
     p.set_defaults(func=cmd_convert)

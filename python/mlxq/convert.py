@@ -17,6 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
+from mlxq.format import MODE_DEFAULTS, find_quantization
+
 __all__ = ["RECIPES", "recipe_overrides", "convert_checkpoint", "ConvertSummary"]
 
 # recipe -> (low bits, high bits), as in mlx-lm 0.32 (mlx_lm/convert.py)
@@ -24,17 +26,19 @@ RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
-def recipe_overrides(model: nn.Module, recipe: str, group_size: int) -> dict[str, dict]:
+def recipe_overrides(model: nn.Module, recipe: str, group_size: int | None) -> dict[str, dict]:
     """Per-module formats of one of mlx-lm's mixed recipes (llama.cpp Q*_K_M-like choices).
 
     The first and last eighth of the layers, and every third layer between, keep `v_proj` and
     `down_proj` at the high bit width; `lm_head` always gets the high width; everything else
     the low one. Only modules mlx-lm would quantize (input width a multiple of the group size)
-    get an entry.
+    get an entry. A `group_size` of None is written as null, as mlx-lm writes it when no
+    group size was asked for (and read as the mode's default, 64).
     """
     if recipe not in RECIPES:
         raise ValueError(f"mlxq: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     low, high = RECIPES[recipe]
+    width_group = group_size or MODE_DEFAULTS["affine"][0]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied_head = (
@@ -58,7 +62,7 @@ def recipe_overrides(model: nn.Module, recipe: str, group_size: int) -> dict[str
     out: dict[str, dict] = {}
     for name, module in modules:
         width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
-        if width % group_size:
+        if width % width_group:
             continue
         parts = name.split(".")
         index = int(parts[where]) if len(parts) > where and parts[where].isdigit() else 0
@@ -93,7 +97,7 @@ def convert_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
     bits: int = 4,
-    group_size: int = 64,
+    group_size: int | None = None,
     recipe: str | None = None,
     dtype: str = "auto",
     progress: Callable[[str], None] = lambda message: None,
@@ -102,7 +106,8 @@ def convert_checkpoint(
 
     `dtype` is the float type of the saved scales, biases and unquantized layers: "auto" keeps
     the checkpoint's own (as mlx-lm does), or one of float16, bfloat16, float32. `out` must not
-    exist or be empty. Raises ValueError for an already quantized `src`.
+    exist or be empty. `group_size` None is the mode's default (64). Raises ValueError for an
+    already quantized `src`.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,9 +119,8 @@ def convert_checkpoint(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"mlxq: {out} already exists and is not empty; pass a new folder")
     config = _read_config(src)
-    text = config.get("text_config") or {}
-    if any(k in c for c in (config, text) for k in ("quantization", "quantization_config")):
-        q = config.get("quantization_config") or config.get("quantization")
+    q = find_quantization(config)
+    if q is not None:
         raise ValueError(
             f"mlxq: {src} is already quantized ({q}); convert takes a float checkpoint"
         )

@@ -148,10 +148,15 @@ def _cached_build(tag: str, build: Callable[[Path], object], cache_dir: Path | N
     return final
 
 
-def _versions() -> str:
+def _versions(*packages: str) -> str:
+    """Cache key part: the versions of the packages that made a cached model.
+
+    The float checkpoint is made by transformers alone; asking for mlx-lm's version there
+    broke `mlxq demo` on machines without mlx-lm (it builds with mlxq's own converter).
+    """
     from importlib.metadata import version
 
-    return "-".join(version(p) for p in ("transformers", "mlx-lm"))
+    return "-".join(version(p) for p in packages)
 
 
 def cached_smollm2_float_checkpoint(
@@ -159,7 +164,8 @@ def cached_smollm2_float_checkpoint(
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """The GGUF dequantized to a float (bf16) HF checkpoint, built once into the user cache."""
-    tag = "smollm2-135m-float-" + hashlib.sha256(_versions().encode()).hexdigest()[:8]
+    key = _versions("transformers")
+    tag = "smollm2-135m-float-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     return _cached_build(tag, lambda out: _save_float_smollm2(out, progress), cache_dir)
 
 
@@ -174,7 +180,14 @@ def cached_smollm2_checkpoint(
 
     The cache is `cache_dir`/models, by default :func:`mlxq_cache_dir`/models.
     """
-    key = json.dumps({"bits": bits, "group_size": group_size, "recipe": recipe, "v": _versions()})
+    key = json.dumps(
+        {
+            "bits": bits,
+            "group_size": group_size,
+            "recipe": recipe,
+            "v": _versions("transformers", "mlx-lm"),
+        }
+    )
     tag = f"smollm2-135m-{recipe or f'{bits}bit'}-g{group_size}"
     tag += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     return _cached_build(

@@ -9,11 +9,12 @@ index repair), so the report says what loading will actually do, and what would 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
 
@@ -77,17 +78,6 @@ def _nbytes(info) -> int:
     return n
 
 
-def _capture_mlxq_warnings():
-    """Collect what the integration logs (e.g. the stale-index warning) instead of printing."""
-    records: list[str] = []
-
-    class Grab(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    return records, Grab()
-
-
 def _meta_model(folder: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -101,22 +91,14 @@ def _check_index(folder: Path, source: str, headers_by_file: dict, problems: lis
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
         return
-    from mlxq.integrations.checkpoint import repair_shard_index
+    from mlxq.integrations.checkpoint import check_shard_index
 
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-        logger = logging.getLogger("mlxq")
-        records, handler = _capture_mlxq_warnings()
-        logger.addHandler(handler)
-        propagate, logger.propagate = logger.propagate, False
-        try:
-            repaired = repair_shard_index(folder, index)
-        finally:
-            logger.removeHandler(handler)
-            logger.propagate = propagate
-        if repaired is not None:
-            detail = records[0] if records else f"the shard index of {source} is stale"
-            detail = detail.removeprefix("mlxq: ")
-            problems.append(Problem("warning", f"{detail} (mlxq repairs this when loading)"))
+        # the loader's own check, without its once-per-checkpoint warning: a later
+        # from_pretrained in this process still warns
+        result = check_shard_index(folder, index)
+        if result is not None:
+            problems.append(Problem("warning", f"{result[2]} (mlxq repairs this when loading)"))
         return
     # a Hub repo whose shards were not downloaded: compare the index with the headers read
     weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -140,7 +122,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     `folder` (for Hub repos whose headers were fetched without the weights).
     """
     from mlxq.integrations.checkpoint import read_header
-    from mlxq.integrations.config import RUNNABLE_MODES, MLXQuantConfig, is_mlx_quantization
+    from mlxq.integrations.config import MLXQuantConfig
     from mlxq.integrations.quantizer import stored_format
 
     config = json.loads((folder / "config.json").read_text())
@@ -148,8 +130,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     if headers_by_file is None:
         headers_by_file = {p.name: read_header(p) for p in sorted(folder.glob("*.safetensors"))}
     headers = {k: v for h in headers_by_file.values() for k, v in h.items()}
-    q = config.get("quantization_config") or config.get("quantization")
-    q = q or text_config.get("quantization_config") or text_config.get("quantization")
+    q = find_quantization(config)
     report = CheckpointReport(
         source=source,
         model_type=config.get("model_type"),
@@ -193,7 +174,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
                 "MLX `quantization` block",
             )
         )
-    qconfig = MLXQuantConfig.from_dict(q) if mlx_q else MLXQuantConfig()
+    try:
+        qconfig = MLXQuantConfig.from_dict(q) if mlx_q else MLXQuantConfig()
+    except (ValueError, NotImplementedError) as error:  # as from_pretrained would refuse it
+        problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+        return report
 
     rope = config.get("rope_parameters") or text_config.get("rope_parameters") or {}
     if (
@@ -219,12 +204,12 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         problems.append(Problem("error", f"transformers cannot build this model: {error}"))
         return report
     report.params = sum(p.numel() for p in model.parameters())
-    try:
-        from mlxq.integrations.quantizer import checkpoint_keys_as_model_keys
+    from mlxq.integrations.quantizer import (
+        check_all_quantized_tensors_used,
+        checkpoint_keys_as_model_keys,
+    )
 
-        headers = checkpoint_keys_as_model_keys(model, headers)
-    except ImportError:
-        pass
+    headers = checkpoint_keys_as_model_keys(model, headers)
 
     from torch import nn
 
@@ -289,6 +274,10 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
                     "so mlx-lm left it float"
                 )
         report.modules.append(row)
+    try:  # the loader's own refusal of quantized tensors it has no module for (MoE experts...)
+        check_all_quantized_tensors_used(model, headers, {m.name for m in report.modules})
+    except NotImplementedError as error:
+        problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
     others = [k for k in headers if k not in used]
     known = set(model.state_dict())
     unknown = [k for k in others if k not in known]

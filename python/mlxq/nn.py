@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mlxq.format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize
 
 __all__ = [
@@ -19,9 +20,6 @@ __all__ = [
     "TiedAffineHead",
     "SUPPORTED_BITS",
 ]
-
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 
 def _check_format(name: str, in_features: int, bits: int, group_size: int) -> None:

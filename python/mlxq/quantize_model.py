@@ -15,38 +15,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlxq.nn import (
+from mlxq.format import (
     SUPPORTED_BITS,
-    AffineEmbedding,
-    AffineLinear,
-    ScaledAffineEmbedding,
-    TiedAffineHead,
+    ModuleFormat,
+    check_quantization,
+    entry_format,
+    is_skipped,
 )
+from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding, TiedAffineHead
 from mlxq.swap import is_conv1d, swap_plan
 
 __all__ = ["quantize_model", "dequantize_model"]
 
 
 def _format(
-    name: str,
-    bits: int,
-    group_size: int,
-    overrides: dict[str, dict | bool],
-    skip: list[str],
-) -> tuple[int, int] | None:
-    if name in skip or any(name.startswith(s + ".") for s in skip):
+    name: str, top: ModuleFormat, overrides: dict[str, dict | bool], skip: list[str]
+) -> ModuleFormat | None:
+    if is_skipped(name, skip):
         return None
-    entry = overrides.get(name)
-    if entry is False:
-        return None
-    entry = entry if isinstance(entry, dict) else {}
-    return int(entry.get("bits", bits)), int(entry.get("group_size", group_size))
+    if name not in overrides:
+        return top
+    return entry_format(name, overrides[name], top)
 
 
 def quantize_model(
     model: nn.Module,
-    bits: int = 4,
-    group_size: int = 64,
+    bits: int | None = 4,
+    group_size: int | None = 64,
     overrides: dict[str, dict | bool] | None = None,
     modules_to_not_convert: list[str] | None = None,
 ) -> nn.Module:
@@ -54,16 +49,18 @@ def quantize_model(
 
     Args:
         model: a float model (any `nn.Module`; transformers models also get their config set).
-        bits, group_size: the default format (bits 2, 3, 4, 5, 6, 8; group 32, 64, 128).
+        bits, group_size: the default format (bits 2, 3, 4, 5, 6, 8; group 32, 64, 128;
+            None: the affine default, 4 bits and group 64, as in MLX).
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
             recorded in the saved config like mlx-lm's mixed recipes.
         modules_to_not_convert: module paths (and their children) kept in float.
 
     Returns the same model.
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"mlxq.quantize_model: bits={bits} is not one of {SUPPORTED_BITS}")
     overrides = dict(overrides or {})
+    top = check_quantization({"group_size": group_size, "bits": bits, **overrides})
+    if top.bits not in SUPPORTED_BITS:
+        raise ValueError(f"mlxq.quantize_model: bits={bits} is not one of {SUPPORTED_BITS}")
     skip = list(modules_to_not_convert or [])
     input_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     output_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -82,12 +79,12 @@ def quantize_model(
         plan = swap_plan(name, module) if name else None
         if plan is None:
             continue
-        fmt = _format(name, bits, group_size, overrides, skip)
+        fmt = _format(name, top, overrides, skip)
         if fmt is None:
             continue
-        if plan.in_features % fmt[1] or (plan.in_features * fmt[0]) % 32:
+        if plan.in_features % fmt.group_size or (plan.in_features * fmt.bits) % 32:
             continue  # mlx-lm leaves such layers in float too
-        new = plan.require().quantize(module, bits=fmt[0], group_size=fmt[1])
+        new = plan.require().quantize(module, bits=fmt.bits, group_size=fmt.group_size)
         model.set_submodule(name, new)
         replaced.add(name)
         if module is input_emb:
@@ -95,11 +92,11 @@ def quantize_model(
     if head_name is not None and isinstance(input_emb, AffineEmbedding):
         model.set_submodule(head_name, TiedAffineHead(input_emb))
         replaced.add(head_name)
-    _mark_transformers_model(model, bits, group_size, overrides, skip, replaced)
+    _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
     return model
 
 
-def _mark_transformers_model(model, bits, group_size, overrides, skip, replaced) -> None:
+def _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
@@ -112,8 +109,12 @@ def _mark_transformers_model(model, bits, group_size, overrides, skip, replaced)
 
     _drop_tied_keys(model, replaced)
     _use_mlx_lm_layout(model)
+    # the top level is written resolved (64, not null), as mlx_lm convert writes it
     qconfig = MLXQuantConfig(
-        bits=bits, group_size=group_size, overrides=overrides, modules_to_not_convert=skip
+        bits=bits or top.bits,
+        group_size=group_size or top.group_size,
+        overrides=overrides,
+        modules_to_not_convert=skip,
     )
     config.quantization_config = qconfig
     add_mlx_lm_config_keys(config)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TensorInfo", "read_header", "read_headers", "repair_shard_index"]
+__all__ = ["TensorInfo", "read_header", "read_headers", "check_shard_index", "repair_shard_index"]
 
 logger = logging.getLogger("mlxq")
 _warned: set[str] = set()
@@ -107,11 +107,28 @@ def repair_shard_index(
     subfolder: str = "",
     **download_kwargs: Any,
 ) -> tuple[list[str], dict[str, Any]] | None:
-    """Check a shard index against the checkpoint; rebuild it when stale.
+    """:func:`check_shard_index`, warning once per checkpoint when the index is stale."""
+    result = check_shard_index(
+        pretrained_model_name_or_path, index_filename, subfolder, **download_kwargs
+    )
+    if result is None:
+        return None
+    paths, metadata, reason = result
+    _warn_once(str(pretrained_model_name_or_path), f"mlxq: {reason}")
+    return paths, metadata
+
+
+def check_shard_index(
+    pretrained_model_name_or_path: str | os.PathLike,
+    index_filename: str | os.PathLike,
+    subfolder: str = "",
+    **download_kwargs: Any,
+) -> tuple[list[str], dict[str, Any], str] | None:
+    """Check a shard index against the checkpoint; rebuild it when stale. Logs nothing.
 
     Returns None when the index is right (the caller then proceeds as usual), else the list of
-    local shard paths and the sharded metadata (`weight_map`, `all_checkpoint_keys`) built from
-    the headers of the safetensors files present. Warns once per checkpoint.
+    local shard paths, the sharded metadata (`weight_map`, `all_checkpoint_keys`) built from
+    the headers of the safetensors files present, and the reason, in words.
     """
     index = json.loads(Path(index_filename).read_text(encoding="utf-8"))
     weight_map: dict[str, str] = index.get("weight_map", {})
@@ -151,13 +168,12 @@ def repair_shard_index(
     paths = {name: local(name) for name in present}
     new_map = {key: name for name, path in paths.items() for key in read_header(path)}
     missing = sorted(set(named) - set(present))
-    _warn_once(
-        source,
-        f"mlxq: the shard index of {source} is stale (it names {len(weight_map)} tensors in "
+    reason = (
+        f"the shard index of {source} is stale (it names {len(weight_map)} tensors in "
         f"{len(named)} shards{', missing: ' + ', '.join(missing[:3]) if missing else ''}); "
-        f"using the {len(new_map)} tensors of the {len(present)} safetensors files present",
+        f"using the {len(new_map)} tensors of the {len(present)} safetensors files present"
     )
     metadata = dict(index.get("metadata") or {})
     metadata["weight_map"] = new_map
     metadata["all_checkpoint_keys"] = list(new_map)
-    return [paths[name] for name in present], metadata
+    return [paths[name] for name in present], metadata, reason

@@ -8,32 +8,31 @@ transformers can dispatch it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from mlxq.format import (
+    KNOWN_MODES,
+    RUNNABLE_MODES,
+    ModuleFormat,
+    check_quantization,
+    entry_format,
+    is_mlx_quantization,
+    is_skipped,
+    top_level_format,
+)
 
 __all__ = [
     "MLXQuantConfig",
     "ModuleFormat",
     "QUANT_METHOD",
     "RUNNABLE_MODES",
+    "KNOWN_MODES",
     "is_mlx_quantization",
 ]
 
 QUANT_METHOD = "mlx"
-RUNNABLE_MODES = ("affine",)
-KNOWN_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
-_GLOBAL_KEYS = ("group_size", "bits", "mode")
-
-
-@dataclass(frozen=True)
-class ModuleFormat:
-    """How one module is stored: its bits, group size and mode."""
-
-    bits: int
-    group_size: int
-    mode: str = "affine"
 
 
 def config_and_text_config(config: Any) -> list[Any]:
@@ -45,13 +44,6 @@ def config_and_text_config(config: Any) -> list[Any]:
         if text is not config:
             configs.append(text)
     return configs
-
-
-def is_mlx_quantization(q: Any) -> bool:
-    """True for an MLX `quantization` dict: `bits` and `group_size`, no foreign `quant_method`."""
-    if not isinstance(q, dict) or "bits" not in q or "group_size" not in q:
-        return False
-    return q.get("quant_method") in (None, QUANT_METHOD)
 
 
 class MLXQuantConfig(QuantizationConfigMixin):
@@ -69,8 +61,8 @@ class MLXQuantConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int = 4,
-        group_size: int = 64,
+        bits: int | None = 4,
+        group_size: int | None = 64,
         mode: str = "affine",
         overrides: dict[str, dict | bool] | None = None,
         modules_to_not_convert: list[str] | None = None,
@@ -81,32 +73,38 @@ class MLXQuantConfig(QuantizationConfigMixin):
         self.overrides: dict[str, dict | bool] = dict(overrides or {})
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         for key, value in kwargs.items():  # per-module entries of a config.json
-            if isinstance(value, dict) or value is False:
-                self.overrides[key] = value
+            if not isinstance(value, (dict, bool)):
+                raise ValueError(
+                    f"mlxq: MLXQuantConfig: unknown argument {key!r} = {value!r} (neither bits, "
+                    "group_size, mode, overrides, modules_to_not_convert nor a per-module entry)"
+                )
+            self.overrides[key] = value
         self.post_init()
 
     def post_init(self) -> None:
-        if self.mode not in KNOWN_MODES:
-            raise ValueError(f"mlxq: unknown MLX quantization mode {self.mode!r} ({KNOWN_MODES})")
+        """Validate every key and value (an error names the one at fault)."""
+        top = check_quantization(
+            {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+        )
         for name, entry in self.overrides.items():
-            if not (entry is False or isinstance(entry, dict)):
-                raise ValueError(
-                    f"mlxq: quantization entry for {name!r} must be a dict or false, got {entry!r}"
-                )
+            entry_format(name, entry, top)
+
+    @property
+    def default_format(self) -> ModuleFormat:
+        """The top-level format, `None` bits or group size resolved to the mode's default."""
+        return top_level_format(self.mlx_dict())
 
     def module_format(self, name: str) -> ModuleFormat | None:
-        """The configured format of module `name`, or None where the config keeps it float."""
-        if name in self.modules_to_not_convert:
+        """The configured format of module `name`, or None where the config keeps it float.
+
+        A per-module entry is read as mlx-lm reads it (:mod:`mlxq.format`); a module without
+        one gets the top-level format.
+        """
+        if is_skipped(name, self.modules_to_not_convert):
             return None
-        entry = self.overrides.get(name)
-        if entry is False:
-            return None
-        entry = entry if isinstance(entry, dict) else {}
-        return ModuleFormat(
-            bits=int(entry.get("bits", self.bits)),
-            group_size=int(entry.get("group_size", self.group_size)),
-            mode=entry.get("mode", self.mode),
-        )
+        if name not in self.overrides:
+            return self.default_format
+        return entry_format(name, self.overrides[name], self.default_format)
 
     def mlx_dict(self) -> dict[str, Any]:
         """The `quantization` block mlx-lm reads (no `quant_method`)."""
@@ -126,9 +124,16 @@ class MLXQuantConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """Build from a config.json block; `kwargs` that are not attributes are returned unused
+        (with `return_unused_kwargs`), as transformers' own configs do."""
         data = {k: v for k, v in config_dict.items() if k != "quant_method"}
         config = cls(**data)
+        unused = {}
         for key, value in kwargs.items():
             if hasattr(config, key):
                 setattr(config, key, value)
-        return (config, {}) if return_unused_kwargs else config
+            else:
+                unused[key] = value
+        if unused and not return_unused_kwargs:
+            raise ValueError(f"mlxq: MLXQuantConfig.from_dict: unknown arguments {sorted(unused)}")
+        return (config, unused) if return_unused_kwargs else config

@@ -16,24 +16,24 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
+from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, ModuleFormat
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
-from mlxq.integrations.config import (
-    RUNNABLE_MODES,
-    MLXQuantConfig,
-    ModuleFormat,
-    config_and_text_config,
-)
+from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
 from mlxq.nn import (
-    SUPPORTED_BITS,
-    SUPPORTED_GROUP_SIZES,
     AffineEmbedding,
     AffineLinear,
     TiedAffineHead,
 )
 from mlxq.swap import swap_plan
 
-__all__ = ["MLXHfQuantizer", "stored_format", "tie_quantized_head", "add_mlx_lm_config_keys"]
+__all__ = [
+    "MLXHfQuantizer",
+    "stored_format",
+    "check_all_quantized_tensors_used",
+    "tie_quantized_head",
+    "add_mlx_lm_config_keys",
+]
 
 _PACKED_DTYPES = ("U32", "I32")
 _PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -48,9 +48,10 @@ def stored_format(
 ) -> ModuleFormat | None:
     """The format module `name` is stored in, from its tensors; None if it is float.
 
-    A per-module config entry must agree with the tensors; otherwise bits and group size are
-    read off the shapes (as mlx-lm does). Raises a ValueError naming the layer and tensor for a
-    missing or mis-shaped tensor, NotImplementedError for a mode mlxq does not run.
+    Bits and group size are read off the shapes (as mlx-lm does for modules without an entry);
+    a per-module config entry must agree with them. Raises a ValueError naming the layer, the
+    tensor or config key and both values for a missing, mis-shaped or contradicted tensor,
+    NotImplementedError for a mode mlxq does not run.
     """
     weight, scales = headers.get(f"{name}.weight"), headers.get(f"{name}.scales")
     if scales is None:
@@ -60,8 +61,14 @@ def stored_format(
                 f"{list(weight.shape)}) but {name}.scales is missing from the checkpoint"
             )
         return None
-    entry = config.overrides.get(name)
-    mode = entry.get("mode", config.mode) if isinstance(entry, dict) else config.mode
+    has_entry = name in config.overrides
+    want = config.module_format(name) if has_entry else None
+    if has_entry and want is None:
+        raise ValueError(
+            f"mlxq: layer {name!r}: config.json keeps it float ({name!r}: false) but the "
+            f"checkpoint has {name}.scales"
+        )
+    mode = want.mode if want is not None else config.default_format.mode
     if mode not in RUNNABLE_MODES:
         raise NotImplementedError(
             f"mlxq: layer {name!r} is quantized with mode {mode!r}, which mlxq does not run yet "
@@ -84,14 +91,18 @@ def stored_format(
     groups = scales.shape[1]
     bits = packed * 32 // in_features if (packed * 32) % in_features == 0 else None
     group_size = in_features // groups if groups and in_features % groups == 0 else None
-    if isinstance(entry, dict):  # the recipe's own entry: the shapes must match it
-        want = ModuleFormat(
-            int(entry.get("bits", config.bits)),
-            int(entry.get("group_size", config.group_size)),
-            mode,
-        )
-        if (bits, group_size) != (want.bits, want.group_size):
-            bits = group_size = None
+    if want is not None and bits is not None and group_size is not None:
+        for key, stored, configured in (
+            ("bits", bits, want.bits),
+            ("group_size", group_size, want.group_size),
+        ):
+            if stored != configured:
+                raise ValueError(
+                    f"mlxq: layer {name!r}: config.json quantization[{name!r}] says "
+                    f"{key}={configured}, but the tensors are stored with {key}={stored} "
+                    f"({name}.weight {list(weight.shape)}, {name}.scales {list(scales.shape)}, "
+                    f"in_features {in_features})"
+                )
     shape_ok = (
         rows == out_features
         and bits in SUPPORTED_BITS
@@ -100,7 +111,7 @@ def stored_format(
         and scales.shape[0] == rows
     )
     if not shape_ok:
-        fmt = config.module_format(name) or ModuleFormat(config.bits, config.group_size)
+        fmt = want or config.default_format
         want_w = [out_features, in_features * fmt.bits // 32]
         want_s = [out_features, in_features // fmt.group_size]
         raise ValueError(
@@ -132,7 +143,11 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     Image-text checkpoints (mlx-vlm, older transformers) name tensors `language_model.model.*`
     where transformers 5 modules are `model.language_model.*`; the model's own renamings (and
     the base-model prefix) are applied per module, so `scales`/`biases` follow their `weight`.
+    mlx-lm's own names for GPT-2/GPT-J/GPT-NeoX are mapped first (:mod:`.mlx_lm_layout`).
     """
+    layout = checkpoint_layout(_model_type(model), headers)
+    if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
+        headers = {layout.to_transformers(k): v for k, v in headers.items()}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -154,7 +169,7 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     return out
 
 
-def _check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
+def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
     """Quantized tensors of modules mlxq cannot replace would load as garbage: refuse them."""
     for key in headers:
         if not key.endswith(".scales") or key[: -len(".scales")] in used:
@@ -262,8 +277,6 @@ class MLXHfQuantizer(HfQuantizer):
         headers = read_headers(checkpoint_files or [])
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
-        if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
-            headers = {layout.to_transformers(k): v for k, v in headers.items()}
         headers = checkpoint_keys_as_model_keys(model, headers)
         config = self.quantization_config
         replaced: set[str] = set()
@@ -284,7 +297,7 @@ class MLXHfQuantizer(HfQuantizer):
             )
             model.set_submodule(name, new)
             replaced.add(name)
-        _check_all_quantized_tensors_used(model, headers, replaced)
+        check_all_quantized_tensors_used(model, headers, replaced)
         if replaced:
             _drop_tied_keys(model, replaced)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
