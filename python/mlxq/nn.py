@@ -13,7 +13,13 @@ from torch import nn
 from mlxq.format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize
 
-__all__ = ["AffineLinear", "AffineEmbedding", "TiedAffineHead", "SUPPORTED_BITS"]
+__all__ = [
+    "AffineLinear",
+    "AffineEmbedding",
+    "ScaledAffineEmbedding",
+    "TiedAffineHead",
+    "SUPPORTED_BITS",
+]
 
 
 def _check_format(name: str, in_features: int, bits: int, group_size: int) -> None:
@@ -170,6 +176,45 @@ class AffineEmbedding(nn.Module):
             f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
             f"group_size={self.group_size}"
         )
+
+
+class ScaledAffineEmbedding(AffineEmbedding):
+    """An :class:`AffineEmbedding` whose lookup is multiplied by a constant, as the scaled word
+    embeddings of Gemma, MiniCPM3, BART, ... do (`embed_scale`, e.g. `sqrt(hidden_size)`).
+
+    The product is rounded the way the replaced module rounds it: with `scale_dtype` set, the
+    scale is a tensor of that dtype cast to the rows' dtype first (Gemma's
+    `embed_scale.to(weight.dtype)`); with `scale_dtype=None` it is a Python float (BART's
+    `* self.embed_scale`). :meth:`as_linear` (a tied output head) does not scale, as in the
+    models. The scale is not part of the state dict: MLX checkpoints do not store it.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        embed_scale: float,
+        scale_dtype: torch.dtype | None = torch.float32,
+        bits: int = 4,
+        group_size: int = 64,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            num_embeddings, embedding_dim, bits, group_size, padding_idx, dtype, device
+        )
+        self.embed_scale, self.scale_dtype = float(embed_scale), scale_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(ids)
+        if self.scale_dtype is None:
+            return rows * self.embed_scale
+        scale = torch.tensor(self.embed_scale, dtype=self.scale_dtype, device=rows.device)
+        return rows * scale.to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, embed_scale={self.embed_scale}"
 
 
 class TiedAffineHead(nn.Module):

@@ -1,10 +1,13 @@
 """Quantize a float torch / transformers model into mlxq modules, the way mlx-lm does.
 
-Every `nn.Linear` and `nn.Embedding` whose input width is a multiple of the group size becomes
-an :class:`~mlxq.nn.AffineLinear` / :class:`~mlxq.nn.AffineEmbedding` (bit-exact with
-`mlx.nn.quantize`); others stay float, as in mlx-lm. A tied output head becomes a view of the
-quantized embedding. A transformers model also gets an MLX quantization config, so that
-`save_pretrained` writes an MLX checkpoint that mlx-lm loads.
+Every `nn.Linear` and `nn.Embedding` (and the modules :mod:`mlxq.swap` knows: scaled word
+embeddings, GPT-2's `Conv1D`) whose input width is a multiple of the group size becomes an
+:class:`~mlxq.nn.AffineLinear` / :class:`~mlxq.nn.AffineEmbedding` (bit-exact with
+`mlx.nn.quantize`); others stay float, as in mlx-lm. A subclass whose forward mlxq does not
+reproduce is refused with an error naming it (keep it float with `modules_to_not_convert`).
+A tied output head becomes a view of the quantized embedding. A transformers model also gets
+an MLX quantization config, so that `save_pretrained` writes an MLX checkpoint that mlx-lm
+loads.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from mlxq.format import (
     entry_format,
     is_skipped,
 )
-from mlxq.nn import AffineEmbedding, AffineLinear, TiedAffineHead
+from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding, TiedAffineHead
+from mlxq.swap import is_conv1d, swap_plan
 
 __all__ = ["quantize_model", "dequantize_model"]
 
@@ -72,16 +76,15 @@ def quantize_model(
         if tied and module is output_emb:
             head_name = name
             continue
-        if not name or not isinstance(module, (nn.Linear, nn.Embedding)):
+        plan = swap_plan(name, module) if name else None
+        if plan is None:
             continue
         fmt = _format(name, top, overrides, skip)
         if fmt is None:
             continue
-        width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
-        if width % fmt.group_size or (width * fmt.bits) % 32:
+        if plan.in_features % fmt.group_size or (plan.in_features * fmt.bits) % 32:
             continue  # mlx-lm leaves such layers in float too
-        cls = AffineLinear if isinstance(module, nn.Linear) else AffineEmbedding
-        new = cls.from_float(module, bits=fmt.bits, group_size=fmt.group_size)
+        new = plan.require().quantize(module, bits=fmt.bits, group_size=fmt.group_size)
         model.set_submodule(name, new)
         replaced.add(name)
         if module is input_emb:
@@ -105,6 +108,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     )
 
     _drop_tied_keys(model, replaced)
+    _use_mlx_lm_layout(model)
     # the top level is written resolved (64, not null), as mlx_lm convert writes it
     qconfig = MLXQuantConfig(
         bits=bits or top.bits,
@@ -119,6 +123,55 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     model.quantization_method = qconfig.quant_method
 
 
+def _use_mlx_lm_layout(model) -> None:
+    """Save in mlx-lm's tensor names where they differ from transformers' (GPT-2, GPT-NeoX):
+    float GPT-2 `Conv1D`s become `nn.Linear` (mlx-lm's `[out, in]`), and the renames are added
+    to the ones transformers reverses when saving."""
+    from mlxq.integrations.mlx_lm_layout import LAYOUTS
+
+    layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
+    if layout is None:
+        return
+    if layout.conv1d_as_linear:
+        for name, module in list(model.named_modules()):
+            if is_conv1d(module):
+                model.set_submodule(name, swap_plan(name, module).float_linear(module))
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # built from a config: what transformers would revert when saving
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    # first in the list, so reversed last: the model's own renamings have run by then
+    model._weight_conversions = [*layout.weight_renamings(), *conversions]
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Float form of a :class:`ScaledAffineEmbedding` with a tensor scale (Gemma's rounding);
+    its forward is the one :mod:`mlxq.swap` recognises, so it can be quantized again."""
+
+    def __init__(self, num, dim, padding_idx, embed_scale: float, scale_dtype: torch.dtype):
+        super().__init__(num, dim, padding_idx)
+        self.register_buffer(
+            "embed_scale", torch.tensor(embed_scale, dtype=scale_dtype), persistent=False
+        )
+
+    def forward(self, input_ids: torch.Tensor):
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class _FloatScaledEmbedding(nn.Embedding):
+    """Float form of a :class:`ScaledAffineEmbedding` with a Python float scale (BART's)."""
+
+    def __init__(self, num, dim, padding_idx, embed_scale: float):
+        super().__init__(num, dim, padding_idx)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor):
+        return super().forward(input_ids) * self.embed_scale
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace mlxq modules by float `nn.Linear` / `nn.Embedding` (in place; for fine-tuning)."""
     for name, module in list(model.named_modules()):
@@ -130,8 +183,14 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
                 new.bias = nn.Parameter(module.bias.detach().to(dtype or w.dtype))
         elif isinstance(module, AffineEmbedding):
             rows = torch.arange(module.num_embeddings, device=module.weight.device)
-            w = module(rows)
-            new = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
+            w = AffineEmbedding.forward(module, rows)  # the table itself, not scaled
+            shape = (module.num_embeddings, module.embedding_dim, module.padding_idx)
+            if isinstance(module, ScaledAffineEmbedding) and module.scale_dtype is not None:
+                new = _ScaledEmbedding(*shape, module.embed_scale, module.scale_dtype)
+            elif isinstance(module, ScaledAffineEmbedding):
+                new = _FloatScaledEmbedding(*shape, module.embed_scale)
+            else:
+                new = nn.Embedding(*shape)
             new.weight = nn.Parameter(w.to(dtype or w.dtype))
         else:
             continue

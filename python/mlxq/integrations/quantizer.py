@@ -19,11 +19,13 @@ from transformers.quantizers.base import HfQuantizer
 from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, ModuleFormat
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
+from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
     TiedAffineHead,
 )
+from mlxq.swap import swap_plan
 
 __all__ = [
     "MLXHfQuantizer",
@@ -122,13 +124,14 @@ def stored_format(
 
 
 def add_mlx_lm_config_keys(config) -> None:
-    """Make a saved config.json read the same in mlx-lm: its `quantization` block, and a
-    top-level `rope_theta` (transformers 5 keeps it only in `rope_parameters`; mlx-lm 0.32
-    reads the top-level key and silently falls back to a default otherwise)."""
+    """Make a saved config.json read the same in mlx-lm: its `quantization` block, and the
+    top-level keys mlx-lm reads but transformers 5 keeps only inside `rope_parameters`
+    (`rope_theta`, `partial_rotary_factor`, `rope_scaling`, ...: mlx-lm silently falls back to
+    defaults otherwise; see :func:`mlxq.integrations.mlx_lm_layout.mlx_lm_config_keys`)."""
     for cfg in config_and_text_config(config):
-        rope = getattr(cfg, "rope_parameters", None)
-        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in vars(cfg):
-            cfg.rope_theta = rope["rope_theta"]
+        # written into __dict__: `rope_scaling` is a property aliasing `rope_parameters` in
+        # transformers 5, and to_dict serializes __dict__
+        vars(cfg).update(mlx_lm_config_keys(cfg))
     q = getattr(config, "quantization_config", None)
     if hasattr(q, "mlx_dict"):
         config.quantization = q.mlx_dict()
@@ -140,7 +143,11 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     Image-text checkpoints (mlx-vlm, older transformers) name tensors `language_model.model.*`
     where transformers 5 modules are `model.language_model.*`; the model's own renamings (and
     the base-model prefix) are applied per module, so `scales`/`biases` follow their `weight`.
+    mlx-lm's own names for GPT-2/GPT-J/GPT-NeoX are mapped first (:mod:`.mlx_lm_layout`).
     """
+    layout = checkpoint_layout(_model_type(model), headers)
+    if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
+        headers = {layout.to_transformers(k): v for k, v in headers.items()}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -177,6 +184,11 @@ def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used
             "checkpoint, but mlxq runs quantized nn.Linear and nn.Embedding modules only "
             "(e.g. not fused MoE experts yet)"
         )
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
 
 
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -262,39 +274,27 @@ class MLXHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
             return model
-        headers = checkpoint_keys_as_model_keys(model, read_headers(checkpoint_files or []))
+        headers = read_headers(checkpoint_files or [])
+        layout = checkpoint_layout(_model_type(model), headers)
+        self._mlx_layout: MlxLayout | None = layout
+        headers = checkpoint_keys_as_model_keys(model, headers)
         config = self.quantization_config
         replaced: set[str] = set()
         for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear):
-                dims = (module.in_features, module.out_features)
-            elif isinstance(module, nn.Embedding):
-                dims = (module.embedding_dim, module.num_embeddings)
-            else:
+            plan = swap_plan(name, module)
+            if plan is None:
                 continue
-            fmt = stored_format(name, *dims, headers, config)
+            fmt = stored_format(name, plan.in_features, plan.out_features, headers, config)
             if fmt is None:
+                if plan.transposed and layout is not None and layout.conv1d_as_linear:
+                    # a float Conv1D that mlx-lm stored as a linear layer ([out, in])
+                    model.set_submodule(name, plan.float_linear(module))
                 continue
-            dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float16
-            if isinstance(module, nn.Linear):
-                new = AffineLinear(
-                    *dims,
-                    bias=module.bias is not None,
-                    bits=fmt.bits,
-                    group_size=fmt.group_size,
-                    dtype=dtype,
-                    device="meta",
-                )
-            else:
-                new = AffineEmbedding(
-                    module.num_embeddings,
-                    module.embedding_dim,
-                    bits=fmt.bits,
-                    group_size=fmt.group_size,
-                    padding_idx=module.padding_idx,
-                    dtype=dtype,
-                    device="meta",
-                )
+            weight = getattr(module, "weight", None)
+            dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
+            new = plan.require().empty(
+                fmt.bits, fmt.group_size, dtype or torch.float16, device="meta"
+            )
             model.set_submodule(name, new)
             replaced.add(name)
         check_all_quantized_tensors_used(model, headers, replaced)
@@ -329,6 +329,14 @@ class MLXHfQuantizer(HfQuantizer):
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """mlx-lm's tensor names, for the architectures it renames, go first: the model's own
+        renamings (e.g. GPT-NeoX `embed_out` -> `lm_head`) then chain after them, and saving
+        reverses them last, so that `save_pretrained` writes mlx-lm's layout again."""
+        layout = getattr(self, "_mlx_layout", None)
+        renames = layout.weight_renamings() if layout is not None else []
+        return [*renames, *super().update_weight_conversions(weight_conversions, model)]
 
     def get_weight_conversions(self):
         """Read transformers MetalConfig checkpoints too: their `qbiases` are our `biases`."""

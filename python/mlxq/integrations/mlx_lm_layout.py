@@ -1,0 +1,125 @@
+"""Where mlx-lm's checkpoints differ from transformers' for the same architecture.
+
+Two things, both per architecture:
+- tensor names: mlx-lm's `sanitize` renames some architectures' tensors when it converts them
+  (GPT-2 `transformer.*` -> `model.*`, GPT-NeoX `gpt_neox.layers.*` -> `model.h.*`, GPT-J
+  `transformer.*` -> `model.*`) and stores GPT-2's `Conv1D` weights as linear layers
+  (`[out, in]`). :data:`LAYOUTS` maps them back when loading and forward again when saving.
+- config.json keys: transformers 5 keeps rope settings only inside `rope_parameters`; mlx-lm
+  reads top-level keys (`rope_theta`, `partial_rotary_factor`, `rope_scaling`, GPT-NeoX's
+  `rotary_emb_base`/`rotary_pct`, Gemma 3's `rope_local_base_freq`, GPT-2's `n_ctx`) and
+  falls back to its own defaults without a word when they are missing (design.md trap 8).
+  :func:`mlx_lm_config_keys` computes them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MlxLayout", "LAYOUTS", "checkpoint_layout", "mlx_lm_config_keys"]
+
+
+@dataclass(frozen=True)
+class MlxLayout:
+    """mlx-lm's tensor names for one architecture, as regex renames mlx-lm -> transformers."""
+
+    model_type: str
+    renames: tuple[tuple[str, str], ...]
+    marker: str  # a key prefix only mlx-lm's layout has
+    conv1d_as_linear: bool = False  # Conv1D weights stored [out, in] (as nn.Linear)
+
+    def to_transformers(self, key: str) -> str:
+        for pattern, repl in self.renames:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                return new
+        return key
+
+    def weight_renamings(self) -> list:
+        """The renames as transformers `WeightRenaming`s (applied on load, reversed on save)."""
+        from transformers.core_model_loading import WeightRenaming
+
+        return [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in self.renames]
+
+
+LAYOUTS: dict[str, MlxLayout] = {
+    "gpt2": MlxLayout("gpt2", ((r"^model\.", "transformer."),), "model.h.", conv1d_as_linear=True),
+    "gptj": MlxLayout("gptj", ((r"^model\.", "transformer."),), "model.h."),
+    "gpt_neox": MlxLayout(
+        "gpt_neox",
+        (
+            (r"^model\.h\.", "gpt_neox.layers."),
+            (r"^model\.(embed_in|final_layer_norm|emb_dropout)\.", r"gpt_neox.\1."),
+            (r"^model\.embed_out\.", "lm_head."),  # transformers 5 names the head lm_head
+        ),
+        "model.h.",
+    ),
+}
+
+
+def checkpoint_layout(model_type: str | None, keys: Iterable[str]) -> MlxLayout | None:
+    """mlx-lm's layout when the checkpoint of a `model_type` model uses it, else None."""
+    layout = LAYOUTS.get(model_type or "")
+    if layout is None or not any(k.startswith(layout.marker) for k in keys):
+        return None
+    return layout
+
+
+def _flat_rope(rope: dict) -> tuple[dict, dict]:
+    """(rope settings of full attention, of sliding attention) from `rope_parameters`, which
+    transformers nests per layer type for some models (Gemma 3, OLMo 3)."""
+    if isinstance(rope.get("full_attention"), dict):
+        sliding = rope.get("sliding_attention")
+        return rope["full_attention"], sliding if isinstance(sliding, dict) else {}
+    return rope, {}
+
+
+def _sliding_window_pattern(layer_types: Any) -> int | None:
+    """p such that layer i is full attention exactly when (i + 1) % p == 0, else None."""
+    if not isinstance(layer_types, list) or "full_attention" not in layer_types:
+        return None
+    p = layer_types.index("full_attention") + 1
+    full = [(i + 1) % p == 0 for i in range(len(layer_types))]
+    if full != [t == "full_attention" for t in layer_types]:
+        return None
+    return p
+
+
+def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
+    """Top-level config.json keys mlx-lm reads for this config's architecture and that
+    transformers 5 does not write (values from `rope_parameters` and the config itself).
+
+    Keys the config already has at the top level are not returned.
+    """
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    model_type = cfg.get("model_type")
+    out: dict[str, Any] = {}
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict):
+        full, sliding = _flat_rope(rope)
+        if "rope_theta" in full:
+            out["rope_theta"] = full["rope_theta"]
+        if "partial_rotary_factor" in full:
+            out["partial_rotary_factor"] = full["partial_rotary_factor"]
+        if "rope_theta" in sliding and model_type in ("gemma3_text", "gemma3"):
+            out["rope_local_base_freq"] = sliding["rope_theta"]
+        rope_type = full.get("rope_type", full.get("type", "default"))
+        if rope_type != "default":
+            scaling = {
+                k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")
+            }
+            out["rope_scaling"] = scaling
+        elif model_type == "exaone4":  # a required argument of mlx-lm's exaone4
+            out["rope_scaling"] = None
+        if model_type == "gpt_neox":
+            out["rotary_emb_base"] = full.get("rope_theta", 10000.0)
+            out["rotary_pct"] = full.get("partial_rotary_factor", 1.0)
+    pattern = _sliding_window_pattern(cfg.get("layer_types"))
+    if pattern is not None and model_type in ("gemma3_text", "gemma3", "cohere2"):
+        out["sliding_window_pattern"] = pattern  # mlx-lm derives the layer types from it
+    if model_type == "gpt2" and "n_positions" in cfg:
+        out["n_ctx"] = cfg["n_positions"]
+    return {k: v for k, v in out.items() if k not in cfg}

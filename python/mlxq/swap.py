@@ -1,0 +1,210 @@
+"""Which float modules mlxq may replace by quantized ones, and how, without changing the model.
+
+A module is replaced only when mlxq reproduces its exact forward:
+- `nn.Linear` (or a subclass that does not override `forward`): `x @ W.T + b`;
+- `nn.Embedding` (same rule; `max_norm` renormalizes rows in `forward`, so it is refused).
+  `padding_idx` only changes gradients, not the lookup: it is kept as an attribute;
+- transformers' scaled word embeddings (Gemma 1/2/3/3n/4, MiniCPM3, BART, ...), recognised by
+  the source of their `forward` (`super().forward(ids) * self.embed_scale[.to(weight.dtype)]`),
+  not by their name: the scale and its rounding are kept;
+- GPT-2's `Conv1D` (`x @ W + b` with `W` stored `[in, out]`): an MLX checkpoint stores it as a
+  linear layer (`[out, in]`), so it becomes an `AffineLinear`, or an `nn.Linear` when float.
+Any other subclass of `nn.Linear`/`nn.Embedding` overrides `forward` with code mlxq does not
+know; replacing it would silently change the model, so :meth:`SwapPlan.require` refuses it
+with an error naming the module and its class.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
+from mlxq.ops import affine_quantize
+
+__all__ = ["SwapPlan", "swap_plan", "is_conv1d"]
+
+# The bodies of the scaled-embedding forwards mlxq reproduces (whitespace removed), and whether
+# the scale is a tensor cast to the weight's dtype (True) or a Python float (False).
+_SCALED_FORWARDS = {
+    "returnsuper().forward(input_ids)*self.embed_scale.to(self.weight.dtype)": True,
+    "returnsuper().forward(input_ids)*self.embed_scale": False,
+}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style `Conv1D` (weight `[in, out]`), subclasses included,
+    as long as they keep its forward."""
+    for cls in type(module).__mro__:
+        if cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils":
+            return type(module).forward is cls.forward
+    return False
+
+
+def _forward_body(cls: type) -> str | None:
+    """The body of `cls.forward` with all whitespace removed; None if it has no source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.forward))
+    except (OSError, TypeError):
+        return None
+    lines = source.splitlines()
+    while lines and not lines[0].rstrip().endswith(":"):  # a signature over several lines
+        lines.pop(0)
+    return "".join("".join(lines[1:]).split())
+
+
+def _scaled_embedding(module: nn.Embedding) -> tuple[float, torch.dtype | None] | None:
+    """(scale, dtype of the scale tensor or None for a Python float) for a known scaled
+    embedding; None when its forward is not one of the known ones."""
+    cls = type(module)
+    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+    as_tensor = _SCALED_FORWARDS.get(_forward_body(owner) or "")
+    if as_tensor is None or not issubclass(owner.__mro__[1], nn.Embedding):
+        return None
+    if owner.__mro__[1].forward is not nn.Embedding.forward:  # super() must be nn.Embedding's
+        return None
+    scale = getattr(module, "embed_scale", None)
+    if not as_tensor:
+        return (float(scale), None) if isinstance(scale, (int, float)) else None
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
+        return None
+    if scale.device.type != "meta":
+        return float(scale.detach().float().cpu()), scale.dtype
+    # on the meta device (before loading) the value lives in the float the buffer is built from
+    scalar = getattr(module, "scalar_embed_scale", None)
+    if not isinstance(scalar, (int, float)):
+        return None
+    # (explicit cpu: loading runs under a meta default device)
+    return float(torch.tensor(scalar, dtype=scale.dtype, device="cpu").float()), scale.dtype
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """How a float module maps onto an mlxq module; `refusal` says why it cannot."""
+
+    name: str
+    cls_name: str
+    kind: str  # "linear" or "embedding"
+    in_features: int  # K: the width that is quantized (embedding_dim for embeddings)
+    out_features: int  # rows (num_embeddings for embeddings)
+    bias: bool = False
+    transposed: bool = False  # Conv1D: the float weight is [in, out]
+    embed_scale: float | None = None
+    scale_dtype: torch.dtype | None = None
+    padding_idx: int | None = None
+    refusal: str | None = None
+
+    def require(self) -> SwapPlan:
+        """This plan, or a NotImplementedError naming the module when mlxq cannot replace it."""
+        if self.refusal is not None:
+            raise NotImplementedError(
+                f"mlxq: module {self.name!r} ({self.cls_name}): {self.refusal}; mlxq replaces "
+                "only modules whose forward it reproduces exactly (nn.Linear, nn.Embedding, "
+                "transformers' scaled word embeddings and GPT-2 Conv1D)"
+            )
+        return self
+
+    def empty(self, bits: int, group_size: int, dtype: torch.dtype, device) -> nn.Module:
+        """The quantized module with uninitialized buffers of the checkpoint's shapes."""
+        self.require()
+        if self.kind == "linear":
+            return AffineLinear(
+                self.in_features,
+                self.out_features,
+                bias=self.bias,
+                bits=bits,
+                group_size=group_size,
+                dtype=dtype,
+                device=device,
+            )
+        common = dict(
+            bits=bits,
+            group_size=group_size,
+            padding_idx=self.padding_idx,
+            dtype=dtype,
+            device=device,
+        )
+        if self.embed_scale is not None:
+            return ScaledAffineEmbedding(
+                self.out_features,
+                self.in_features,
+                self.embed_scale,
+                self.scale_dtype,
+                **common,
+            )
+        return AffineEmbedding(self.out_features, self.in_features, **common)
+
+    def quantize(self, module: nn.Module, bits: int, group_size: int) -> nn.Module:
+        """`module`'s weights quantized exactly as `mlx.nn.quantize` does (bit-exact)."""
+        w = module.weight.detach()
+        if self.transposed:
+            w = w.t()
+        new = self.empty(bits, group_size, w.dtype, w.device)
+        new.weight, new.scales, new.biases = affine_quantize(w.contiguous(), group_size, bits)
+        if self.bias and module.bias is not None:
+            new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        return new
+
+    def float_linear(self, module: nn.Module | None = None, device=None) -> nn.Linear:
+        """An `nn.Linear` with this module's forward (Conv1D in MLX's `[out, in]` layout)."""
+        dtype = module.weight.dtype if module is not None else None
+        device = module.weight.device if module is not None else device
+        new = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias, dtype=dtype, device=device
+        )
+        if module is not None and module.weight.device.type != "meta":
+            w = module.weight.detach()
+            new.weight = nn.Parameter(w.t().contiguous() if self.transposed else w.clone())
+            if self.bias:
+                new.bias = nn.Parameter(module.bias.detach().clone())
+        return new
+
+
+def swap_plan(name: str, module: nn.Module) -> SwapPlan | None:
+    """How `module` would be replaced; None for modules that hold no linear/embedding weight.
+
+    The plan of a subclass whose forward mlxq does not reproduce carries a `refusal`: callers
+    raise it (:meth:`SwapPlan.require`) only where they must replace the module.
+    """
+    cls = type(module)
+    if isinstance(module, nn.Linear):
+        plan = SwapPlan(
+            name,
+            cls.__name__,
+            "linear",
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+        )
+        if cls.forward is not nn.Linear.forward:
+            return _refuse(plan, "it subclasses nn.Linear and overrides forward")
+        return plan
+    if isinstance(module, nn.Embedding):
+        plan = SwapPlan(
+            name,
+            cls.__name__,
+            "embedding",
+            module.embedding_dim,
+            module.num_embeddings,
+            padding_idx=module.padding_idx,
+        )
+        if module.max_norm is not None:
+            return _refuse(plan, f"max_norm={module.max_norm} renormalizes rows in forward")
+        if cls.forward is nn.Embedding.forward:
+            return plan
+        scaled = _scaled_embedding(module)
+        if scaled is None:
+            return _refuse(plan, "it subclasses nn.Embedding and overrides forward")
+        return SwapPlan(**{**vars(plan), "embed_scale": scaled[0], "scale_dtype": scaled[1]})
+    if is_conv1d(module):
+        nx, nf = module.weight.shape
+        return SwapPlan(name, cls.__name__, "linear", nx, nf, bias=True, transposed=True)
+    return None
+
+
+def _refuse(plan: SwapPlan, why: str) -> SwapPlan:
+    return SwapPlan(**{**vars(plan), "refusal": why})

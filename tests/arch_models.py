@@ -1,0 +1,324 @@
+"""Tiny random models of every dense architecture that transformers 5 and mlx-lm both run,
+converted by `mlx_lm.convert`, and the comparison of mlxq's logits with mlx-lm's.
+
+Used by tests/test_arch_coverage.py (a fast subset) and benchmarks/arch_coverage.py (the whole
+matrix). Each model: 2 layers, hidden 128, vocab 512, random weights larger than the init (so
+that a dropped scale or a transposed weight changes the logits clearly), a word-level tokenizer
+built here (no download). The float checkpoint is saved by transformers in bfloat16 and gets
+the top-level config keys mlx-lm reads (design.md traps 2 and 8) from this file's own
+parameters, not from mlxq's code, so the oracle stays independent of the code under test.
+Converted checkpoints are cached under $MLXQ_TEST_CACHE like tests/mlx_models.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mlx_models import TEST_CACHE, mlx_lm_logits
+
+VOCAB = 512
+BASE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# rope settings that differ from every default, so that a key mlx-lm misses shows in the logits;
+# given the transformers 5 way (some configs ignore a top-level `rope_theta` kwarg)
+THETA = 5000.0
+ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
+TOP = {"rope_theta": THETA}
+
+
+def _partial(factor: float) -> tuple[dict, dict]:
+    rope = {"rope_type": "default", "rope_theta": THETA, "partial_rotary_factor": factor}
+    return {"rope_parameters": rope}, {**TOP, "partial_rotary_factor": factor}
+
+
+def _alternating(**extra) -> dict:
+    """Layer 0 sliding, layer 1 full: a 2-layer model with both kinds of attention."""
+    return {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64, **extra}
+
+
+# model_type -> (transformers config overrides, top-level keys mlx-lm needs in config.json)
+ARCHS: dict[str, tuple[dict, dict]] = {
+    "llama": (ROPE, TOP),
+    "mistral": (ROPE, TOP),
+    "qwen2": (ROPE, TOP),
+    "qwen3": (ROPE, TOP),
+    # transformers runs Gemma's `gelu` as the tanh approximation, mlx-lm as the exact gelu: the
+    # float models differ by ~6e-4 (hidden_act is not a choice here)
+    "gemma": (ROPE, TOP),
+    "gemma2": ({**ROPE, "query_pre_attn_scalar": 32}, TOP),
+    "gemma3_text": (
+        {
+            **_alternating(query_pre_attn_scalar=32),
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": THETA},
+            },
+        },
+        {"rope_theta": THETA, "rope_local_base_freq": 10_000.0, "sliding_window_pattern": 2},
+    ),
+    "phi": _partial(0.5),
+    "phi3": _partial(0.5),
+    "stablelm": _partial(0.25),
+    "glm4": _partial(0.5),
+    # mlx-lm's glm rotates the whole head (transformers' default factor is 0.5)
+    "glm": _partial(1.0),
+    "nemotron": _partial(0.5),
+    "gpt2": (dict(n_embd=128, n_layer=2, n_head=4, n_positions=256), {"n_ctx": 256}),
+    # mlx-lm's gpt_neox has an MLP of 4*hidden and a fixed fast gelu
+    "gpt_neox": (
+        {**_partial(0.5)[0], "intermediate_size": 512, "hidden_act": "gelu_fast"},
+        {"rotary_emb_base": THETA, "rotary_pct": 0.5},
+    ),
+    # mlx-lm's gpt_bigcode and starcoder2 use the exact gelu (so does the tiny gpt_bigcode)
+    "gpt_bigcode": (
+        dict(n_embd=128, n_layer=2, n_head=4, n_positions=256, n_inner=512)
+        | {"activation_function": "gelu"},
+        {},
+    ),
+    "gptj": (dict(n_embd=128, n_layer=2, n_head=4, n_positions=256, rotary_dim=16), {}),
+    "starcoder2": ({**ROPE, "hidden_act": "gelu"}, TOP),
+    "cohere": (ROPE, TOP),
+    "cohere2": ({**ROPE, **_alternating()}, {**TOP, "sliding_window_pattern": 2}),
+    "olmo": (ROPE, TOP),
+    "olmo2": (ROPE, TOP),
+    "olmo3": (
+        {
+            **_alternating(),
+            "rope_parameters": {
+                kind: {"rope_type": "default", "rope_theta": THETA}
+                for kind in ("sliding_attention", "full_attention")
+            },
+        },
+        TOP,
+    ),
+    "granite": (ROPE, TOP),
+    "helium": (ROPE, TOP),
+    "smollm3": (ROPE, TOP),
+    "seed_oss": (ROPE, TOP),
+    "ernie4_5": (ROPE, TOP),
+    "exaone4": ({**ROPE, **_alternating()}, {**TOP, "rope_scaling": None}),
+    "hunyuan_v1_dense": (ROPE, TOP),
+    "internlm3": (ROPE, TOP),
+    # transformers' Apertus has q/k norms, no MLP bias and no post norms
+    "apertus": (ROPE, {**TOP, "mlp_bias": False, "post_norm": False, "qk_norm": True}),
+    "nanochat": (ROPE, TOP),
+    "minicpm3": (ROPE, TOP),
+    "lfm2": (ROPE, TOP),
+    "ministral3": ({}, {}),
+    "bitnet": (ROPE, TOP),
+    "exaone": (ROPE, TOP),
+    # mixture-of-experts models: transformers 5 fuses the experts into 3-D parameters, which
+    # mlxq does not run quantized yet; they must be refused by name, not load wrong
+    "mixtral": ({**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2}, TOP),
+    "qwen3_moe": (
+        {**ROPE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
+        {**TOP, "num_experts": 4},  # transformers 5 calls it num_local_experts
+    ),
+}
+
+# the Hub's GPT-2 checkpoints (which mlx-lm's sanitize expects) have no `transformer.` prefix
+HUB_PREFIX_DROPPED = {"gpt2": "transformer."}
+
+# the fast subset run by pytest
+FAST = ("gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "qwen3", "phi")
+TOKENS = [1, 5, 77, 300, 12, 499, 3, 42, 250, 7, 128, 64]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One conversion: tied or untied head, and mlx-lm's quantization settings."""
+
+    tied: bool
+    bits: int = 4
+    group_size: int = 64
+    recipe: str | None = None
+
+    @property
+    def tag(self) -> str:
+        recipe = self.recipe or f"{self.bits}bit"
+        return f"{'tied' if self.tied else 'untied'}-{recipe}-g{self.group_size}"
+
+
+VARIANTS = (Variant(tied=True), Variant(tied=False, bits=3, recipe="mixed_3_6"))
+
+
+def tiny_tokenizer(out: Path) -> None:
+    """A word-level tokenizer over `t0..t511` with <pad>/<s>/</s> at ids 0/1/2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"t{i}": i for i in range(4, VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    fast.save_pretrained(out)
+
+
+def _config(arch: str, tied: bool):
+    from transformers import AutoConfig
+
+    overrides = copy.deepcopy(ARCHS[arch][0])  # transformers edits rope_parameters in place
+    params = {**BASE, **overrides, "tie_word_embeddings": tied}
+    return AutoConfig.for_model(arch, **{k: v for k, v in params.items() if v is not None})
+
+
+_SAME_AS = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
+
+
+def _check_mlx_keys(arch: str, config) -> None:
+    """The keys written for mlx-lm must describe the model transformers runs (a config kwarg
+    that transformers ignores would otherwise make the two oracles run different models)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope.get("full_attention"), dict):
+        local = rope["sliding_attention"]["rope_theta"]
+        rope = {**rope["full_attention"], "rope_local_base_freq": local}
+    for key, value in ARCHS[arch][1].items():
+        name = _SAME_AS.get(key, key)
+        if name in rope and rope[name] != value:
+            raise AssertionError(f"{arch}: mlx-lm key {key}={value}, transformers {rope[name]}")
+
+
+def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
+    """A tiny random bf16 model of `arch` saved by transformers, readable by mlx-lm."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _config(arch, tied)
+    _check_mlx_keys(arch, config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            else:  # norms and biases away from their init values (0 or 1)
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    if arch in HUB_PREFIX_DROPPED:
+        from safetensors.torch import load_file, save_file
+
+        prefix = HUB_PREFIX_DROPPED[arch]
+        tensors = load_file(out / "model.safetensors")
+        tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    tiny_tokenizer(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(ARCHS[arch][1])
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _cache_key(arch: str, variant: Variant) -> str:
+    from mlxq.demo_model import _versions
+
+    spec = json.dumps([BASE, ARCHS[arch], variant.tag, VOCAB], sort_keys=True, default=str)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    return f"arch-{arch}-{variant.tag}-{_versions()}-{digest}"
+
+
+def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
+    """The tiny model converted by `mlx_lm.convert` (cached). Raises what mlx-lm raises."""
+    from mlx_lm import convert
+
+    final = TEST_CACHE / "models" / _cache_key(arch, variant)
+    if (final / "config.json").is_file():
+        return final
+    staging = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        float_dir = tiny_float_checkpoint(arch, staging / "float", variant.tied)
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert(
+                str(float_dir),
+                str(staging / "mlx"),
+                quantize=True,
+                q_group_size=variant.group_size,
+                q_bits=variant.bits,
+                quant_predicate=variant.recipe,
+            )
+        os.replace(staging / "mlx", final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def mlxq_logits(path: Path, tokens) -> np.ndarray:
+    """mlxq's fp32 logits through transformers' from_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+@dataclass
+class Outcome:
+    """What happened to one architecture/variant: `loads` with a max diff, or a reason."""
+
+    arch: str
+    variant: Variant
+    status: str  # "loads", "refused" (by mlxq), "mlx-lm fails" (no oracle)
+    max_diff: float | None = None
+    reason: str = ""
+
+    def line(self) -> str:
+        if self.status == "loads":
+            return f"{self.arch:18s} {self.variant.tag:24s} loads    max|diff| {self.max_diff:.2e}"
+        return f"{self.arch:18s} {self.variant.tag:24s} {self.status}: {self.reason}"
+
+
+def run_arch(arch: str, variant: Variant) -> Outcome:
+    """Convert with mlx-lm, run both, compare fp32 logits (mlxq errors become `refused`).
+
+    A mixed recipe needs `down_proj` modules; without them the variant falls back to plain
+    3-bit group 32 (still another format than the tied variant's)."""
+    try:
+        try:
+            path = tiny_mlx_checkpoint(arch, variant)
+        except ValueError as e:
+            if variant.recipe is None or "expected keys for mixed quant" not in str(e):
+                raise
+            variant = Variant(variant.tied, bits=3, group_size=32)
+            path = tiny_mlx_checkpoint(arch, variant)
+        ref = mlx_lm_logits(path, TOKENS)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the oracle cannot run this variant
+        return Outcome(arch, variant, "mlx-lm fails", reason=_one_line(e))
+    try:
+        got = mlxq_logits(path, TOKENS)
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        return Outcome(arch, variant, "refused", reason=_one_line(e))
+    return Outcome(arch, variant, "loads", max_diff=float(np.abs(got - ref).max()))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"

@@ -1,0 +1,198 @@
+"""Architectures beyond Llama: tiny random models converted by `mlx_lm.convert` must give
+mlx-lm's fp32 logits in mlxq, or be refused by name; saving writes what mlx-lm reads.
+
+The whole matrix runs as `python benchmarks/arch_coverage.py`; here a fast subset, plus the
+swap rules (scaled embeddings, padding_idx, Conv1D, subclasses that override forward).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlxq
+import numpy as np
+import pytest
+import torch
+from arch_models import (
+    ARCHS,
+    FAST,
+    TOKENS,
+    VARIANTS,
+    mlxq_logits,
+    run_arch,
+    tiny_float_checkpoint,
+    tiny_mlx_checkpoint,
+)
+from mlx_models import mlx_lm_logits
+from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
+from mlxq.swap import swap_plan
+from torch import nn
+
+TOLERANCE = 1e-3  # fp32 logits of ~1-10; transformers and mlx-lm float models differ < 1e-3
+# mlx-lm's own models have no untied head for these, and no tied head for those
+MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2"}
+MLX_LM_UNTIED_ONLY = {"phi", "gpt_neox"}
+
+
+@pytest.mark.parametrize("arch", FAST)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.tag)
+def test_matches_mlx_lm(arch: str, variant) -> None:
+    outcome = run_arch(arch, variant)
+    print(f"\n{outcome.line()}")
+    if (variant.tied and arch in MLX_LM_UNTIED_ONLY) or (
+        not variant.tied and arch in MLX_LM_TIED_ONLY
+    ):
+        assert outcome.status == "mlx-lm fails", outcome.line()
+        return
+    assert outcome.status == "loads", outcome.line()
+    assert outcome.max_diff <= TOLERANCE, outcome.line()
+
+
+def test_gemma_embedding_keeps_its_scale() -> None:
+    """The quantized Gemma embedding multiplies by sqrt(hidden) as transformers' does."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_mlx_checkpoint("gemma", VARIANTS[0])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    emb = model.model.embed_tokens
+    assert isinstance(emb, ScaledAffineEmbedding)
+    assert emb.embed_scale == pytest.approx(128**0.5, rel=1e-6)
+    assert isinstance(model.lm_head, nn.Module) and not isinstance(model.lm_head, AffineLinear)
+    ids = torch.tensor([[1, 2, 3]])
+    table = AffineEmbedding.forward(emb, ids)  # unscaled rows
+    torch.testing.assert_close(emb(ids), table * torch.tensor(128**0.5, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_embeddings_reproduce_transformers_rounding(dtype: torch.dtype) -> None:
+    """Gemma scales with a tensor cast to the weight dtype, BART with a Python float: the
+    quantized module gives bit-identical results to the float module on the same table."""
+    from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
+    from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (3, 5))
+    for float_module in (
+        GemmaTextScaledWordEmbedding(64, 128, padding_idx=0, embed_scale=2048**0.5),
+        BartScaledWordEmbedding(64, 128, padding_idx=0, embed_scale=2048**0.5),
+    ):
+        float_module = float_module.to(dtype)
+        quantized = swap_plan("embed", float_module).require().quantize(float_module, 4, 64)
+        assert isinstance(quantized, ScaledAffineEmbedding) and quantized.padding_idx == 0
+        with torch.no_grad():  # the float module on the quantized table: the same function
+            float_module.weight.copy_(AffineEmbedding.forward(quantized, torch.arange(64)))
+            want = float_module(ids)
+        assert torch.equal(quantized(ids), want), type(float_module).__name__
+
+
+def test_padding_idx_row_is_looked_up_like_nn_embedding() -> None:
+    """padding_idx only affects gradients: its row is looked up like any other."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(32, 64, padding_idx=3)
+    with torch.no_grad():
+        emb.weight[3] = torch.randn(64)  # a loaded checkpoint may hold anything there
+    quantized = swap_plan("e", emb).quantize(emb, 8, 32)
+    assert quantized.padding_idx == 3
+    rows = quantized(torch.tensor([3, 4]))
+    assert rows[0].abs().sum() > 0
+    torch.testing.assert_close(rows, emb(torch.tensor([3, 4])), atol=0.05, rtol=0)
+
+
+class _Doubling(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+class _Renamed(nn.Embedding):  # a subclass that keeps nn.Embedding's forward is fine
+    pass
+
+
+def test_swap_refuses_subclasses_that_override_forward() -> None:
+    with pytest.raises(NotImplementedError, match=r"'mlp\.up' \(_Doubling\).*overrides forward"):
+        swap_plan("mlp.up", _Doubling(64, 64)).require()
+    with pytest.raises(NotImplementedError, match=r"'emb' \(Embedding\): max_norm=1\.0"):
+        swap_plan("emb", nn.Embedding(8, 64, max_norm=1.0)).require()
+    assert swap_plan("emb", _Renamed(8, 64)).refusal is None
+    assert swap_plan("norm", nn.LayerNorm(64)) is None
+
+    model = nn.Sequential(nn.Linear(64, 64), _Doubling(64, 64))
+    with pytest.raises(NotImplementedError, match=r"'1' \(_Doubling\)"):
+        mlxq.quantize_model(model, 4, 64)
+    mlxq.quantize_model(model, 4, 64, modules_to_not_convert=["1"])  # kept float: exact
+    assert isinstance(model[0], AffineLinear) and type(model[1]) is _Doubling
+
+
+def test_loading_refuses_a_quantized_module_whose_forward_is_unknown(monkeypatch) -> None:
+    """A transformers model whose quantized layer is an unknown nn.Linear subclass is refused
+    at load with the module's name and class, instead of being replaced."""
+    from transformers.models.llama import modeling_llama
+
+    class _ScaledMLP(modeling_llama.LlamaMLP):
+        def __init__(self, config):
+            super().__init__(config)
+            self.up_proj = _Doubling(config.hidden_size, config.intermediate_size, bias=False)
+
+    monkeypatch.setattr(modeling_llama, "LlamaMLP", _ScaledMLP)
+    with pytest.raises(
+        NotImplementedError, match=r"'model\.layers\.0\.mlp\.up_proj' \(_Doubling\)"
+    ):
+        mlxq_logits(tiny_mlx_checkpoint("llama", VARIANTS[0]), TOKENS)
+
+
+def test_dequantize_keeps_the_embedding_scale() -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("gemma", VARIANTS[0]), dtype=torch.float32
+    )
+    ids = torch.tensor([TOKENS])
+    with torch.no_grad():
+        before = model(ids).logits
+        model.dequantize()
+        after = model(ids).logits
+    assert not any(isinstance(m, AffineEmbedding) for m in model.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+# Saving: a float checkpoint whose config.json has only what transformers 5 writes (no
+# top-level rope keys), quantized by mlxq and saved, must load in mlx-lm as the same model.
+@pytest.mark.parametrize(
+    ("arch", "tied"),
+    [
+        ("phi", False),
+        ("stablelm", False),
+        ("gpt_neox", False),
+        ("gpt2", True),
+        ("gemma3_text", True),
+    ],
+)
+def test_save_pretrained_writes_what_mlx_lm_reads(tmp_path: Path, arch: str, tied: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    float_dir = tiny_float_checkpoint(arch, tmp_path / "float", tied)
+    config = json.loads((float_dir / "config.json").read_text())
+    for key in ARCHS[arch][1]:  # as transformers 5 saved it: rope settings nested only
+        config.pop(key, None)
+    (float_dir / "config.json").write_text(json.dumps(config))
+
+    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    # a square Conv1D kept float: saved as mlx-lm's [out, in] linear (a transposed square weight
+    # would load without any shape error)
+    keep_float = ["transformer.h.0.attn.c_proj"] if arch == "gpt2" else []
+    mlxq.quantize_model(model, bits=4, group_size=64, modules_to_not_convert=keep_float)
+    saved = tmp_path / "mlx"
+    model.save_pretrained(saved)
+    for file in float_dir.iterdir():  # the tokenizer's files
+        if not (saved / file.name).exists():
+            (saved / file.name).write_bytes(file.read_bytes())
+    written = json.loads((saved / "config.json").read_text())
+    for key, value in ARCHS[arch][1].items():
+        assert written.get(key) == value, (key, written.get(key))
+
+    with torch.no_grad():
+        ours = model(torch.tensor([TOKENS])).logits[0].numpy()
+    ref = mlx_lm_logits(saved, TOKENS)
+    assert float(np.abs(ours - ref).max()) <= TOLERANCE
+    # and transformers + mlxq read mlx-lm's layout back (GPT-2, GPT-NeoX names)
+    np.testing.assert_allclose(mlxq_logits(saved, TOKENS), ours, rtol=0, atol=1e-5)
