@@ -54,6 +54,69 @@ def test_grad_x_matches_float64(bits, group_size, dtype, transpose, gen):
         assert_within(x.grad, ref, tol, f"grad of x {tuple(x_shape)}")
 
 
+def jvp_reference(t, wq, s, b, group_size, bits, transpose):
+    """The tangent of y = x @ W.T (t @ W.T) or y = x @ W (t @ W) in float64, and its error
+    scale |t| @ (|s|q + |b|)."""
+    w = dequantize_ref(wq, s, b, group_size, bits)
+    w_abs = dequantize_ref(wq, s.abs(), b.abs(), group_size, bits)
+    if transpose:
+        w, w_abs = w.transpose(-1, -2), w_abs.transpose(-1, -2)
+    return torch.matmul(t.double(), w), torch.matmul(t.double().abs(), w_abs)
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["xWT", "xW"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (5, 64)])
+def test_forward_mode_tangent_matches_float64(bits, group_size, dtype, transpose, gen):
+    """torch.func.jvp and torch.autograd.forward_ad give the tangent (it used to be all zero)."""
+    import torch.autograd.forward_ad as fwAD
+
+    n, k = 24, 2 * group_size
+    wq, s, b = quantized((n, k), dtype, group_size, bits, gen)
+    inner = k if transpose else n
+    for x_shape in [(1, inner), (3, 9, inner)]:
+        x = torch.randn(x_shape, generator=gen).to(dtype)
+        t = torch.randn(x_shape, generator=gen).to(dtype)
+
+        def f(x):
+            return mlxq.affine_matmul(x, wq, s, b, group_size, bits, transpose)
+
+        y, tangent = torch.func.jvp(f, (x,), (t,))
+        assert torch.equal(y, f(x))
+        ref, ref_abs = jvp_reference(t, wq, s, b, group_size, bits, transpose)
+        tol = matmul_tolerance(ref_abs, ref, inner, dtype)
+        assert_within(tangent, ref, tol, f"jvp tangent {tuple(x_shape)}")
+        with fwAD.dual_level():
+            dual = f(fwAD.make_dual(x, t))
+            assert torch.equal(fwAD.unpack_dual(dual).tangent, tangent)
+
+
+def test_forward_mode_jacobian_equals_reverse_mode_and_module(gen):
+    wq, s, b = quantized((16, 64), torch.float32, 32, 4, gen)
+    x = torch.randn(3, 64, generator=gen)
+
+    def f(x):
+        return mlxq.affine_matmul(x, wq, s, b, 32, 4)
+
+    torch.testing.assert_close(torch.func.jacfwd(f)(x), torch.func.jacrev(f)(x))
+    layer = mlxq.AffineLinear.from_float(torch.nn.Linear(64, 16), bits=4, group_size=32)
+    t = torch.randn(3, 64, generator=gen)
+    _, tangent = torch.func.jvp(layer, (x,), (t,))
+    assert tangent.abs().max() > 0
+    torch.testing.assert_close(tangent, layer(t) - layer(torch.zeros_like(t)))
+
+
+def test_forward_mode_refuses_tangents_of_the_weight(gen):
+    import torch.autograd.forward_ad as fwAD
+
+    wq, s, b = quantized((16, 64), torch.float32, 32, 4, gen)
+    x = torch.randn(2, 64, generator=gen)
+    with pytest.raises(RuntimeError, match="gradients with respect to scales are not supported"):
+        torch.func.jvp(lambda s: mlxq.affine_matmul(x, wq, s, b, 32, 4), (s,), (s,))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="respect to biases"):
+        mlxq.affine_matmul(x, wq, s, fwAD.make_dual(b, b), 32, 4)
+
+
 @pytest.mark.parametrize("transpose", [True, False], ids=["xWT", "xW"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_grad_x_batched_weight_sums_over_broadcast(dtype, transpose, gen):

@@ -8,6 +8,7 @@ around them: fake kernels that compute output shapes for `torch.compile`, and th
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from mlxq._native import _C  # noqa: F401  (registers torch.ops.mlxq)
 
@@ -48,7 +49,12 @@ def affine_matmul(
     """`x @ W.T` (transpose=True) or `x @ W` for the quantized W, like `mx.quantized_matmul`.
 
     Dequantizes and accumulates in fp32 and rounds only the output, in the dtype of `x`.
+    Differentiable with respect to `x` in reverse mode and in forward mode (`torch.func.jvp`,
+    `torch.autograd.forward_ad`); the weight is a constant.
     """
+    if _forward_mode_active():
+        _check_constant_in_forward_mode(scales, biases)
+        return _AffineMatmulFunction.apply(x, wq, scales, biases, group_size, bits, transpose)
     return torch.ops.mlxq.affine_matmul(x, wq, scales, biases, group_size, bits, transpose)
 
 
@@ -119,31 +125,71 @@ def _raise_constant_weight(op: str, scales: bool, biases: bool) -> None:
     )
 
 
-def _matmul_setup_context(ctx, inputs, output) -> None:
-    x, wq, scales, biases, group_size, bits, transpose = inputs
-    ctx.save_for_backward(wq, scales, biases)
-    ctx.x_shape = x.shape
-    ctx.args = (group_size, bits, transpose)
+class _AffineMatmulFunction(torch.autograd.Function):
+    generate_vmap_rule = True  # forward and jvp are ops that vmap can batch
+    """The derivatives of affine_matmul: it is linear in x, so the vjp (grad @ W) and the jvp
+    (tangent @ W.T) are affine_matmul itself; the weight is a constant. Its backward is the
+    op's registered autograd; `mlxq.affine_matmul` applies the whole Function only in forward
+    mode (`torch.library.register_autograd` has none), so the common path pays nothing."""
 
+    @staticmethod
+    def forward(x, wq, scales, biases, group_size, bits, transpose):
+        return torch.ops.mlxq.affine_matmul(x, wq, scales, biases, group_size, bits, transpose)
 
-def _matmul_backward(ctx, grad):
-    wq, scales, biases = ctx.saved_tensors
-    group_size, bits, transpose = ctx.args
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        _raise_constant_weight("affine_matmul", ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.mlxq.affine_matmul(
-            grad, wq, scales, biases, group_size, bits, not transpose
-        )
-        if grad_x.shape != ctx.x_shape:  # x was broadcast against a batched weight
-            grad_x = grad_x.sum_to_size(ctx.x_shape)
-    return grad_x, None, None, None, None, None, None
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, wq, scales, biases, group_size, bits, transpose = inputs
+        ctx.save_for_backward(wq, scales, biases)
+        ctx.save_for_forward(wq, scales, biases)
+        ctx.x_shape = x.shape
+        ctx.args = (group_size, bits, transpose)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wq, scales, biases = ctx.saved_tensors
+        group_size, bits, transpose = ctx.args
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            _raise_constant_weight(
+                "affine_matmul", ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+            )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mlxq.affine_matmul(
+                grad, wq, scales, biases, group_size, bits, not transpose
+            )
+            if grad_x.shape != ctx.x_shape:  # x was broadcast against a batched weight
+                grad_x = grad_x.sum_to_size(ctx.x_shape)
+        return grad_x, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        # tangents of scales/biases are zero here: _check_constant_in_forward_mode refused the
+        # calls where they are not (functorch passes zero tensors for them all the same)
+        wq, scales, biases = ctx.saved_tensors
+        return torch.ops.mlxq.affine_matmul(x_t, wq, scales, biases, *ctx.args)
 
 
 torch.library.register_autograd(
-    "mlxq::affine_matmul", _matmul_backward, setup_context=_matmul_setup_context
+    "mlxq::affine_matmul",
+    _AffineMatmulFunction.backward,
+    setup_context=_AffineMatmulFunction.setup_context,
 )
+
+
+def _check_constant_in_forward_mode(scales: torch.Tensor, biases: torch.Tensor) -> None:
+    def has_tangent(t: torch.Tensor) -> bool:
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor(t)
+        return wrapped or (fwAD._current_level >= 0 and fwAD.unpack_dual(t).tangent is not None)
+
+    s, b = has_tangent(scales), has_tangent(biases)
+    if s or b:
+        _raise_constant_weight("affine_matmul", s, b)
+
+
+def _forward_mode_active() -> bool:
+    """True inside torch.func.jvp / a torch.autograd.forward_ad dual level, where the op's
+    registered autograd (reverse mode only) would drop the tangent without a word."""
+    return torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0
 
 
 # --- the other ops are not differentiable: say so at backward time instead of torch's silent
