@@ -240,7 +240,7 @@ def _cache_key(arch: str, variant: Variant) -> str:
 
     spec = json.dumps([BASE, ARCHS[arch], variant.tag, VOCAB], sort_keys=True, default=str)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
-    return f"arch-{arch}-{variant.tag}-{_versions()}-{digest}"
+    return f"arch-{arch}-{variant.tag}-{_versions('transformers', 'mlx-lm')}-{digest}"
 
 
 def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:

@@ -1,0 +1,54 @@
+"""mlxq.inspect_checkpoint called directly: it takes the loader's decisions from the loader's
+own code, and leaves the loader's warnings to the loader."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from arch_models import Variant, tiny_mlx_checkpoint
+from mlxq.inspect_checkpoint import inspect_checkpoint
+
+
+def _loads(path: Path) -> str | None:
+    """None when from_pretrained loads `path`, else its error."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM.from_pretrained(path)
+    except (ValueError, NotImplementedError) as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"),
+    [("qwen3_moe", Variant(tied=False)), ("gemma", Variant(tied=True)), ("llama", Variant(False))],
+)
+def test_inspect_and_from_pretrained_take_the_same_decision(arch: str, variant: Variant) -> None:
+    path = tiny_mlx_checkpoint(arch, variant)
+    report = inspect_checkpoint(path, str(path))
+    error = _loads(path)
+    errors = [p.message for p in report.errors]
+    assert bool(errors) == (error is not None), (errors, error)
+    if error is not None:  # the same reason, in the same words
+        assert any(message in error for message in errors), (errors, error)
+
+
+def test_inspect_leaves_the_stale_index_warning_to_the_loader(
+    smollm2_4bit_g32: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(smollm2_4bit_g32, model)
+    # sharded, so that transformers reads the index (it names a shard that is not there)
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-0001.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    report = inspect_checkpoint(model, str(model))
+    assert any("stale" in p.message for p in report.problems if p.severity == "warning")
+    with caplog.at_level(logging.WARNING, logger="mlxq"):
+        assert _loads(model) is None
+    assert any("stale" in r.getMessage() for r in caplog.records)  # still said, once
