@@ -16,10 +16,6 @@
 
 namespace mlxq {
 
-constexpr int qmm_threadgroup_floats() {
-  return 2 * MLXQ_QMM_BM * MLXQ_QMM_LD;  // x tile + weight tile (the x tile is reused for output)
-}
-
 template <typename T, int GS, int BITS, bool TRANSPOSE>
 void affine_qmm_impl(const device T* x, const device uint* wq, const device T* scales,
                      const device T* biases, device T* y, constant AffineMatmulParams& p,

@@ -1,7 +1,7 @@
 // qmm entry point: prefill-shaped affine_matmul, both transposes (see affine_qmm.h). Host
 // names: affine_qmm_t_* (x @ W^T) and affine_qmm_n_* (x @ W).
 // Threadgroup: 128 threads (4 simdgroups); grid: (ceil(out_features / 32), ceil(M / 32), batch);
-// threadgroup memory 0: mlxq::qmm_threadgroup_floats() floats.
+// threadgroup memory 0: MLXQ_QMM_TG_FLOATS floats.
 #include <metal_stdlib>
 using namespace metal;
 

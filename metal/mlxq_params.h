@@ -25,6 +25,8 @@
 #define MLXQ_QMM_LD 36         // row pitch (floats) of the threadgroup tiles (padded)
 #define MLXQ_QMM_THREADS 128   // 4 simdgroups, 2x2 over the 32x32 output tile
 #define MLXQ_QUANT_THREADS 64  // affine_quantize / affine_dequantize: one thread per group
+// qmm threadgroup memory in floats: the x tile (reused for the output) and the weight tile
+#define MLXQ_QMM_TG_FLOATS (2 * MLXQ_QMM_BM * MLXQ_QMM_LD)
 
 // affine_matmul: y[b] = x[b] @ W[b]^T (transpose) or x[b] @ W[b], W = scales * q + biases.
 // The grid's z index is the flat index into the broadcast batch shape; the strides turn it into

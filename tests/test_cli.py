@@ -329,3 +329,5 @@ def test_doctor() -> None:
     proc = run_cli("doctor")
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout
+    for key in ("cpu_isa", "cpu_threaded", "transformers_version", "mlx-lm_version", "cache"):
+        assert key in proc.stdout, key

@@ -1,5 +1,6 @@
 // The CPU kernels' interface. kernels.h implements it once as templates; each ISA translation
-// unit (kernels_portable.cpp, kernels_avx2.cpp) compiles that text for its instruction set and
+// unit (kernels_portable.cpp: the build target's baseline, NEON on arm64; kernels_avx2.cpp;
+// kernels_avx512.cpp, which adds the bf16 decode) compiles that text for its instruction set and
 // exposes a table of entry points. Entry points work on contiguous 2-D operands and a range of
 // rows or groups, so the caller decides the parallel split.
 #pragma once

@@ -15,7 +15,6 @@
 
 namespace mlxq::cpu::MLXQ_ISA {
 
-// Scales/biases of one row, groups [g0, g1), converted to fp32.
 // `count` fp16 or bf16 values (raw 16-bit patterns) to fp32, 8 at a time where possible.
 inline void widen16(const uint16_t* src, float* dst, int64_t count, bool is_half) {
   int64_t i = 0;
@@ -40,6 +39,7 @@ inline void widen16(const uint16_t* src, float* dst, int64_t count, bool is_half
                      : static_cast<float>(c10::BFloat16(src[i], c10::BFloat16::from_bits()));
 }
 
+// Scales/biases of one row, groups [g0, g1), converted to fp32.
 inline void load_scales(const QuantWeight& W, int64_t n, int64_t g0, int64_t g1, float* s,
                         float* b) {
   const int64_t off = n * W.G + g0, count = g1 - g0;

