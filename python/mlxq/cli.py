@@ -83,7 +83,7 @@ def resolve_config(name: str) -> tuple[str, dict]:
         if not config.is_file():
             raise CLIError(f"{name} has no config.json: not a transformers/MLX model folder")
         try:
-            return str(path), json.loads(config.read_text())
+            return str(path), _config_object(config, json.loads(config.read_text()))
         except json.JSONDecodeError as error:
             raise CLIError(f"{config} is not valid JSON ({error})") from None
     if _looks_like_path(name):
@@ -94,11 +94,22 @@ def resolve_config(name: str) -> tuple[str, dict]:
         config = hf_hub_download(name, "config.json")
     except Exception as error:  # noqa: BLE001 - every Hub failure becomes one line
         raise _hub_error(name, error) from None
-    return name, json.loads(Path(config).read_text())
+    return name, _config_object(config, json.loads(Path(config).read_text()))
+
+
+def _config_object(path, config: Any) -> dict:
+    if not isinstance(config, dict):
+        raise CLIError(f"{path} must be a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _require_quantized(name: str, config: dict) -> dict:
     q = find_quantization(config)
+    if q is None and _packed_weight(name) is not None:
+        raise CLIError(
+            f"{name}: {_packed_weight(name)} is a packed (uint32) weight but config.json has no "
+            "MLX `quantization` block (was it removed?); restore the block mlx-lm wrote"
+        )
     if q is None:
         raise CLIError(
             f"{name} is a float checkpoint, not an MLX quantized one; make one with: "
@@ -112,6 +123,18 @@ def _require_quantized(name: str, config: dict) -> dict:
             "load it with transformers directly"
         )
     return q
+
+
+def _packed_weight(name: str) -> str | None:
+    """The first packed `*.weight` in a local checkpoint's safetensors headers, else None."""
+    from mlxq.integrations.checkpoint import read_header
+
+    path = Path(name).expanduser()
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        for key, info in read_header(file).items():
+            if key.endswith(".weight") and info.dtype in ("U32", "I32"):
+                return key
+    return None
 
 
 # --- devices, loading, generation ----------------------------------------------------------------

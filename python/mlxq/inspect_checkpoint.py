@@ -15,13 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization
+from mlxq.integrations.checkpoint import DTYPE_BYTES
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
-
-DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-    "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-}  # fmt: skip
 
 
 @dataclass
@@ -78,6 +74,37 @@ def _nbytes(info) -> int:
     return n
 
 
+def _nonfinite_scales(folder: Path, headers_by_file: dict) -> list[str]:
+    """The loader's NaN/Inf check on every `scales`/`biases` tensor (they are small)."""
+    from safetensors import safe_open
+
+    from mlxq.integrations.quantizer import check_finite
+
+    errors = []
+    for file, header in headers_by_file.items():
+        keys = [k for k in header if k.endswith((".scales", ".biases"))]
+        if not keys:
+            continue
+        with safe_open(folder / file, "pt") as f:
+            for key in keys:
+                try:
+                    check_finite(key, f.get_tensor(key))
+                except ValueError as error:
+                    errors.append(str(error).removeprefix("mlxq: "))
+    return errors
+
+
+def _read_config(path: Path) -> tuple[dict, str | None]:
+    """config.json as a dict, or ({}, why it cannot be read)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return {}, f"{path.name} cannot be read: {error}"
+    if not isinstance(config, dict):
+        return {}, f"{path.name} must be a JSON object, got {type(config).__name__}"
+    return config, None
+
+
 def _meta_model(folder: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -101,7 +128,9 @@ def _check_index(folder: Path, source: str, headers_by_file: dict, problems: lis
             problems.append(Problem("warning", f"{result[2]} (mlxq repairs this when loading)"))
         return
     # a Hub repo whose shards were not downloaded: compare the index with the headers read
-    weight_map = json.loads(index.read_text()).get("weight_map", {})
+    from mlxq.integrations.checkpoint import read_index
+
+    weight_map = read_index(index)["weight_map"]
     actual = {k: f for f, h in headers_by_file.items() for k in h}
     if weight_map != actual:
         missing = sorted(set(weight_map.values()) - set(headers_by_file))
@@ -125,10 +154,17 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     from mlxq.integrations.config import MLXQuantConfig
     from mlxq.integrations.quantizer import stored_format
 
-    config = json.loads((folder / "config.json").read_text())
+    config, config_error = _read_config(folder / "config.json")
     text_config = config.get("text_config") or {}
+    file_errors: list[Problem] = []
+    folder_is_local = headers_by_file is None
     if headers_by_file is None:
-        headers_by_file = {p.name: read_header(p) for p in sorted(folder.glob("*.safetensors"))}
+        headers_by_file = {}
+        for p in sorted(folder.glob("*.safetensors")):
+            try:
+                headers_by_file[p.name] = read_header(p)
+            except (OSError, ValueError) as error:  # the loader refuses the file: say why
+                file_errors.append(Problem("error", str(error).removeprefix("mlxq: ")))
     headers = {k: v for h in headers_by_file.values() for k, v in h.items()}
     q = find_quantization(config)
     report = CheckpointReport(
@@ -142,6 +178,10 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         bytes=sum(_nbytes(i) for i in headers.values()),
     )
     problems = report.problems
+    problems.extend(file_errors)
+    if config_error:
+        problems.append(Problem("error", config_error))
+        return report
     if not headers_by_file:
         other = sorted(p.name for p in folder.glob("*.bin")) + sorted(
             p.name for p in folder.glob("*.pt")
@@ -196,7 +236,12 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         )
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         problems.append(Problem("warning", "no tokenizer files (tokenizer.json/.model)"))
-    _check_index(folder, source, headers_by_file, problems)
+    try:
+        _check_index(folder, source, headers_by_file, problems)
+    except ValueError as error:
+        problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+    if file_errors:  # the model cannot load: the rest would repeat the same reason
+        return report
 
     try:
         model = _meta_model(folder)
@@ -207,6 +252,8 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     from mlxq.integrations.quantizer import (
         check_all_quantized_tensors_used,
         checkpoint_keys_as_model_keys,
+        missing_message,
+        missing_tensors,
     )
 
     headers = checkpoint_keys_as_model_keys(model, headers)
@@ -262,7 +309,6 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
             if fmt.mode not in RUNNABLE_MODES:
                 row.action = f"mode {fmt.mode} is not run by mlxq"
         elif f"{name}.weight" not in headers:
-            problems.append(Problem("error", f"layer {name!r}: {name}.weight is not in the files"))
             row.action = "missing (see problems)"
         else:
             dtype = headers[f"{name}.weight"].dtype
@@ -278,6 +324,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         check_all_quantized_tensors_used(model, headers, {m.name for m in report.modules})
     except NotImplementedError as error:
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+    if mlx_q and (missing := missing_tensors(model, set(headers))):
+        problems.append(Problem("error", missing_message(missing)))
+    if mlx_q and folder_is_local:
+        for error in _nonfinite_scales(folder, headers_by_file):
+            problems.append(Problem("error", error))
     others = [k for k in headers if k not in used]
     known = set(model.state_dict())
     unknown = [k for k in others if k not in known]

@@ -16,7 +16,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TensorInfo", "read_header", "read_headers", "check_shard_index", "repair_shard_index"]
+__all__ = [
+    "TensorInfo",
+    "DTYPE_BYTES",
+    "read_header",
+    "read_headers",
+    "read_index",
+    "check_shard_index",
+    "repair_shard_index",
+]
 
 logger = logging.getLogger("mlxq")
 _warned: set[str] = set()
@@ -39,21 +47,65 @@ class TensorInfo(tuple):
         return self[1]
 
 
+# bytes per element of the safetensors dtypes
+DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+    "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}  # fmt: skip
+
+
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes of a safetensors file, read from its header only."""
+    """Tensor names, dtypes and shapes of a safetensors file, read from its header only.
+
+    The header is checked against the file before anything trusts it: valid JSON, known
+    dtypes, each tensor's byte range inside the file, of the size its shape needs, and no two
+    ranges overlapping (a truncated or half-written file fails here, naming the file).
+    """
+    size_on_disk = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"mlxq: {path} is not a safetensors file (shorter than 8 bytes)")
         (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise ValueError(f"mlxq: {path}: safetensors header of {size} bytes is not plausible")
-        header = json.loads(f.read(size))
-    return {
-        name: TensorInfo(info["dtype"], info["shape"])
-        for name, info in header.items()
-        if name != "__metadata__"
-    }
+        if size > 100_000_000 or 8 + size > size_on_disk:
+            raise ValueError(
+                f"mlxq: {path}: safetensors header of {size} bytes is not plausible "
+                f"(the file has {size_on_disk} bytes; truncated, or not a safetensors file)"
+            )
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"mlxq: {path}: safetensors header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"mlxq: {path}: safetensors header must be an object")
+    data_size = size_on_disk - 8 - size
+    out: dict[str, TensorInfo] = {}
+    ranges = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = DTYPE_BYTES[dtype]
+            for d in shape:
+                nbytes *= int(d)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"mlxq: {path}: tensor {name!r} has a malformed header entry {info!r} ({error!r})"
+            ) from None
+        if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
+            raise ValueError(
+                f"mlxq: {path}: tensor {name!r} ({dtype} {list(shape)}, {nbytes} bytes) has data "
+                f"offsets [{begin}, {end}] outside the {data_size} data bytes of the file or of "
+                "the wrong length (truncated or half-written file?)"
+            )
+        ranges.append((begin, end, name))
+        out[name] = TensorInfo(dtype, shape)
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:], strict=False):
+        if begin < end:
+            raise ValueError(f"mlxq: {path}: tensors {first!r} and {second!r} overlap in the file")
+    return out
 
 
 def read_headers(paths: Iterable[str | os.PathLike]) -> dict[str, TensorInfo]:
@@ -101,6 +153,24 @@ def _download(repo_id: str, filename: str, subfolder: str, **kwargs: Any) -> str
     )
 
 
+def read_index(path: str | os.PathLike) -> dict[str, Any]:
+    """A `model.safetensors.index.json`, checked: an object whose `weight_map` maps tensor
+    names to file names (a ValueError names the file and what is wrong)."""
+    try:
+        index = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"mlxq: {path}: not a JSON shard index ({error})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ValueError(
+            f'mlxq: {path}: a shard index must be an object whose "weight_map" maps tensor '
+            f"names to file names, got {json.dumps(index)[:120]}"
+        )
+    return index
+
+
 def repair_shard_index(
     pretrained_model_name_or_path: str | os.PathLike,
     index_filename: str | os.PathLike,
@@ -130,8 +200,8 @@ def check_shard_index(
     local shard paths, the sharded metadata (`weight_map`, `all_checkpoint_keys`) built from
     the headers of the safetensors files present, and the reason, in words.
     """
-    index = json.loads(Path(index_filename).read_text(encoding="utf-8"))
-    weight_map: dict[str, str] = index.get("weight_map", {})
+    index = read_index(index_filename)
+    weight_map: dict[str, str] = index["weight_map"]
     named = sorted(set(weight_map.values()))
     source = str(pretrained_model_name_or_path)
     if os.path.isdir(source):

@@ -31,11 +31,16 @@ __all__ = [
     "MLXHfQuantizer",
     "stored_format",
     "check_all_quantized_tensors_used",
+    "check_finite",
+    "check_nothing_missing",
+    "missing_tensors",
+    "missing_message",
     "tie_quantized_head",
     "add_mlx_lm_config_keys",
 ]
 
 _PACKED_DTYPES = ("U32", "I32")
+_SCALE_DTYPES = ("F16", "BF16", "F32")
 _PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -82,6 +87,12 @@ def stored_format(
         raise ValueError(
             f"mlxq: layer {name!r}: affine mode needs {name}.biases, missing from the checkpoint"
         )
+    for tensor, info in ((f"{name}.scales", scales), (f"{name}.biases", biases)):
+        if info.dtype not in _SCALE_DTYPES:
+            raise ValueError(
+                f"mlxq: layer {name!r}: {tensor} is {info.dtype}; affine scales and biases must "
+                f"be one of {', '.join(_SCALE_DTYPES)}"
+            )
     if weight.dtype not in _PACKED_DTYPES or len(weight.shape) != 2 or len(scales.shape) != 2:
         raise ValueError(
             f"mlxq: layer {name!r}: expected a 2-D uint32 {name}.weight and 2-D {name}.scales, "
@@ -121,6 +132,57 @@ def stored_format(
             f"{fmt.group_size} expected weight {want_w} and scales/biases {want_s}"
         )
     return ModuleFormat(bits, group_size, mode)
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN or Inf in scales/biases: the layer would compute garbage without a word."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(
+            f"mlxq: {name} has {int(bad.sum())} non-finite values (NaN or Inf), e.g. at index "
+            f"{where}: the checkpoint is corrupt"
+        )
+
+
+def check_nothing_missing(model: nn.Module) -> None:
+    """Every parameter and persistent buffer must have come from the checkpoint.
+
+    transformers marks what it loaded (and tied weights) with `_is_hf_initialized` and fills
+    anything else with random values, saying so only in its load report; a quantized model
+    with a random layer generates garbage, so a missing tensor is an error naming it.
+    """
+    loaded = {
+        key
+        for key, tensor in model.state_dict(keep_vars=True).items()
+        if getattr(tensor, "_is_hf_initialized", False)
+    }
+    missing = missing_tensors(model, loaded)
+    if missing:
+        raise ValueError(f"mlxq: {missing_message(missing)}")
+
+
+def missing_tensors(model: nn.Module, present: set[str]) -> list[str]:
+    """State-dict keys of `model` not in `present`, less tied weights and the keys the model
+    declares optional (`_keys_to_ignore_on_load_missing`)."""
+    import re
+
+    patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+    ignore = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return [
+        key
+        for key in model.state_dict()
+        if key not in present and key not in tied and not (ignore and ignore.search(key))
+    ]
+
+
+def missing_message(missing: list[str]) -> str:
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return (
+        f"the checkpoint lacks {', '.join(missing[:5])}{more}; transformers would initialise "
+        "them randomly (a corrupt or incomplete checkpoint?)"
+    )
 
 
 def add_mlx_lm_config_keys(config) -> None:
@@ -326,6 +388,10 @@ class MLXHfQuantizer(HfQuantizer):
                         raise ValueError(
                             f"mlxq: layer {name!r}: {name}.{tensor_name} was not loaded"
                         )
+                    if tensor_name in ("scales", "biases"):
+                        check_finite(f"{name}.{tensor_name}", tensor)
+        if self.pre_quantized:
+            check_nothing_missing(model)
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         return model

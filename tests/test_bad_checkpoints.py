@@ -1,0 +1,185 @@
+"""Malformed MLX checkpoints: from_pretrained, `mlxq inspect` and `mlxq generate` each say which
+file, tensor or key is wrong (never random weights, garbage output or a bare traceback)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from mlx_models import tiny_mlx_checkpoint
+from safetensors.torch import load_file, save_file
+
+LAYER = "model.layers.1.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return tiny_mlx_checkpoint("qwen3", 4, 64)
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mlxq", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _tensors(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        weights = load_file(folder / "model.safetensors")
+        edit(weights)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "mlx"})
+
+    return apply
+
+
+def _drop(*keys: str):
+    return _tensors(lambda w: [w.pop(k) for k in keys])
+
+
+def _poison(key: str, value: float):
+    def edit(w: dict) -> None:
+        w[key] = w[key].clone()
+        w[key].view(-1)[3] = value
+
+    return _tensors(edit)
+
+
+def _as_int32(key: str):
+    return _tensors(lambda w: w.update({key: w[key].to(torch.int32)}))
+
+
+def _raw(edit: Callable[[bytearray], bytes]):
+    def apply(folder: Path) -> None:
+        file = folder / "model.safetensors"
+        file.write_bytes(edit(bytearray(file.read_bytes())))
+
+    return apply
+
+
+def _header_edit(change: Callable[[dict], None]):
+    def edit(data: bytearray) -> bytes:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size])
+        change(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        return struct.pack("<Q", len(text)) + text + bytes(data[8 + size :])
+
+    return edit
+
+
+def _overlap(header: dict) -> None:
+    """The second tensor in the file starts where the first does."""
+    names = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"]
+    )
+    (a_begin, _), (b_begin, b_end) = (header[k]["data_offsets"] for k in names[:2])
+    header[names[1]]["data_offsets"] = [a_begin, a_begin + b_end - b_begin]
+
+
+def _config(change: Callable[[dict], object]):
+    def apply(folder: Path) -> None:
+        data = json.loads((folder / "config.json").read_text())
+        data = change(data) or data
+        (folder / "config.json").write_text(json.dumps(data))
+
+    return apply
+
+
+def _index(content) -> Callable[[Path], None]:
+    def apply(folder: Path) -> None:
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(content))
+
+    return apply
+
+
+_QUANTIZATION_KEYS = ("quantization", "quantization_config")
+
+
+def _bits_four(data: dict) -> None:
+    for key in _QUANTIZATION_KEYS:
+        data[key][LAYER] = {"bits": "four"}
+
+
+def _no_quantization(data: dict) -> None:
+    data.pop("quantization", None)
+    data.pop("quantization_config", None)
+
+
+# case -> (edit, words the error must contain)
+CASES = {
+    "missing-layer": (
+        _drop(f"{LAYER}.weight", f"{LAYER}.scales", f"{LAYER}.biases"),
+        [f"{LAYER}.weight", "lacks"],
+    ),
+    "missing-norm": (_drop("model.norm.weight"), ["model.norm.weight", "lacks"]),
+    "nan-scales": (_poison(f"{LAYER}.scales", float("nan")), [f"{LAYER}.scales", "non-finite"]),
+    "inf-biases": (_poison(f"{LAYER}.biases", float("inf")), [f"{LAYER}.biases", "non-finite"]),
+    "int32-scales": (_as_int32(f"{LAYER}.scales"), [f"{LAYER}.scales", "I32"]),
+    "header-not-json": (
+        _raw(lambda d: d[:8] + b"{not json" + bytes(d[17:])),
+        ["model.safetensors", "not JSON"],
+    ),
+    "truncated": (_raw(lambda d: bytes(d[: len(d) - 1000])), ["model.safetensors", "offsets"]),
+    "overlapping": (_raw(_header_edit(_overlap)), ["model.safetensors", "overlap"]),
+    "bits-four": (
+        _config(_bits_four),
+        [LAYER, "'bits'", "'four'"],
+    ),
+    "config-list": (_config(lambda c: [c]), ["config.json", "list"]),
+    "index-list": (_index([]), ["model.safetensors.index.json", "weight_map"]),
+    "index-weight-map-list": (_index({"weight_map": []}), ["index.json", "weight_map"]),
+    "index-int-values": (_index({"weight_map": {"a": 1}}), ["index.json", "weight_map"]),
+    "no-quantization-block": (_config(_no_quantization), ["packed", "quantization"]),
+}
+
+
+def _broken(tiny: Path, tmp_path: Path, case: str) -> Path:
+    folder = tmp_path / case
+    shutil.copytree(tiny, folder)
+    edit, _ = CASES[case]
+    edit(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in ("config-list",)])
+def test_from_pretrained_names_what_is_wrong(tiny: Path, tmp_path: Path, case: str) -> None:
+    folder = _broken(tiny, tmp_path, case)
+    words = CASES[case][1]
+    if case == "no-quantization-block":  # a float load of packed weights: transformers' error
+        words = []
+    with pytest.raises((ValueError, NotImplementedError, RuntimeError, OSError)) as error:
+        _load(folder)
+    for word in words:
+        assert word in str(error.value), (word, str(error.value)[:500])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inspect_and_generate_name_what_is_wrong(tiny: Path, tmp_path: Path, case: str) -> None:
+    folder = _broken(tiny, tmp_path, case)
+    words = CASES[case][1]
+    report = _cli("inspect", str(folder))
+    assert report.returncode == 1, report.stdout + report.stderr
+    text = report.stdout + report.stderr
+    for word in words:
+        assert word in text, (word, text[-2000:])
+    gen = _cli("generate", "--model", str(folder), "--max-tokens", "2")
+    assert gen.returncode == 1 and "Traceback" not in gen.stderr, gen.stderr[-2000:]
+    line = gen.stderr.strip().splitlines()[-1]
+    assert line.startswith("mlxq: error:")
+    for word in words:
+        assert word in line, (word, line)
