@@ -173,6 +173,24 @@ SymMatmul check_matmul_sym(const at::Tensor& x, const at::Tensor& wq, const at::
   return g;
 }
 
+// affine_dequantize's output: wq's shape with K columns.
+std::vector<SymInt> dequantize_shape(const at::Tensor& wq, const SymPacked& g) {
+  std::vector<SymInt> shape(wq.sym_sizes().begin(), wq.sym_sizes().end() - 1);
+  shape.push_back(g.cols);
+  return shape;
+}
+
+SymPacked check_dequantize_sym(const at::Tensor& wq, const at::Tensor& scales,
+                               const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  SymPacked g = check_packed_sym(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  const std::vector<SymInt> shape = dequantize_shape(wq, g);
+  SymInt numel;
+  TORCH_CHECK_VALUE(product_fits(shape, &numel), "mlxq: wq shape ", shape_str(wq.sym_sizes()),
+                    " dequantizes to shape ", shape_str(shape),
+                    ", more elements than int64 can count");
+  return g;
+}
+
 // Sizes of a real (non-symbolic) tensor's checks as plain integers.
 std::vector<int64_t> concrete(const std::vector<SymInt>& v) {
   std::vector<int64_t> out;
@@ -194,23 +212,15 @@ void check_bits_group(int64_t bits, int64_t group_size) {
                     "mlxq: group_size must be one of 32, 64, 128, got ", group_size);
 }
 
-PackedGeometry check_packed(const at::Tensor& wq, const at::Tensor& scales,
-                            const at::Tensor& biases, int64_t group_size, int64_t bits,
-                            int64_t min_dim) {
-  return concrete(check_packed_sym(wq, scales, biases, group_size, bits, min_dim));
+PackedGeometry check_dequantize(const at::Tensor& wq, const at::Tensor& scales,
+                                const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  return concrete(check_dequantize_sym(wq, scales, biases, group_size, bits));
 }
 
 std::vector<c10::SymInt> dequantize_out_shape(const at::Tensor& wq, const at::Tensor& scales,
                                               const at::Tensor& biases, int64_t group_size,
                                               int64_t bits) {
-  const SymPacked g = check_packed_sym(wq, scales, biases, group_size, bits, /*min_dim=*/1);
-  std::vector<SymInt> shape(wq.sym_sizes().begin(), wq.sym_sizes().end() - 1);
-  shape.push_back(g.cols);
-  SymInt numel;
-  TORCH_CHECK_VALUE(product_fits(shape, &numel), "mlxq: wq shape ", shape_str(wq.sym_sizes()),
-                    " dequantizes to shape ", shape_str(shape),
-                    ", more elements than int64 can count");
-  return shape;
+  return dequantize_shape(wq, check_dequantize_sym(wq, scales, biases, group_size, bits));
 }
 
 std::vector<std::vector<c10::SymInt>> quantize_out_shapes(const at::Tensor& w, int64_t group_size,

@@ -29,10 +29,10 @@ struct PackedGeometry {
 };
 
 // Checks wq (uint32/int32), scales and biases (same float dtype, same device, shape
-// [..., rows, K/group_size]) against bits and group size. `min_dim` is 2 for matmul.
-PackedGeometry check_packed(const at::Tensor& wq, const at::Tensor& scales,
-                            const at::Tensor& biases, int64_t group_size, int64_t bits,
-                            int64_t min_dim);
+// [..., rows, K/group_size]) against bits and group size, and that the dequantized output's
+// element count fits in int64.
+PackedGeometry check_dequantize(const at::Tensor& wq, const at::Tensor& scales,
+                                const at::Tensor& biases, int64_t group_size, int64_t bits);
 
 // Checks the float weight given to affine_quantize.
 void check_quantize_input(const at::Tensor& w, int64_t group_size, int64_t bits);

@@ -319,7 +319,7 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
 
 at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
                                  const at::Tensor& biases, int64_t group_size, int64_t bits) {
-  const PackedGeometry g = check_packed(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
   std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
   shape.back() = g.cols;
   const int64_t R = c10::multiply_integers(wq.sizes().slice(0, wq.dim() - 1));  // no division

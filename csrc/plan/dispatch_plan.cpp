@@ -179,7 +179,7 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64
 
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                     const at::Tensor& biases, int64_t group_size, int64_t bits) {
-  const PackedGeometry g = check_packed(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
   DispatchPlan plan;
   plan.dtype = dtype_name(scales.scalar_type());
   plan.kernel = host_name("affine_dequantize", plan.dtype, group_size, bits);
