@@ -425,6 +425,11 @@ def test_overflowing_sizes_are_refused(overflow_results, case_id, call, fragment
     with pytest.raises(ValueError) as info:
         exec(call, scope)  # noqa: S102
     assert str(info.value) == message
+    # the Metal dispatch plan (built from the same checks) refuses it too
+    scope.update(dq=mlxq._C.plan_affine_dequantize, mm=mlxq._C.plan_affine_matmul)
+    with pytest.raises(ValueError) as info:
+        exec(call, scope)  # noqa: S102
+    assert str(info.value) == message
 
 
 # --- the fake (meta) kernels run the real kernels' check ---------------------------------------
