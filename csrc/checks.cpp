@@ -1,19 +1,207 @@
 #include "checks.h"
 
+#include <c10/core/SymBool.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
 #include <sstream>
+#include <string>
+#include <utility>
 
 namespace mlxq {
 namespace {
 
-std::string shape_str(at::IntArrayRef s) {
+using c10::SymInt;
+using c10::SymIntArrayRef;
+
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+
+// The geometries of checks.h with sizes that may be symbolic.
+struct SymPacked {
+  std::vector<SymInt> batch;
+  SymInt rows, cols, groups;
+};
+
+struct SymMatmul {
+  SymPacked w;
+  std::vector<SymInt> out_shape, batch;
+  SymInt batch_size = 1, M, in_features, out_features;
+};
+
+std::string shape_str(SymIntArrayRef s) {
   std::ostringstream os;
   os << s;
   return os.str();
 }
 
 bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+// Whether a condition on sizes holds. Concrete conditions are evaluated; a symbolic one that
+// cannot be decided while tracing is assumed, and the traced graph asserts it at run time.
+bool holds(const c10::SymBool& cond) { return cond.expect_true(__FILE__, __LINE__); }
+
+bool same_sizes(SymIntArrayRef a, SymIntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (!holds(a[i].sym_eq(b[i]))) return false;
+  return true;
+}
+
+// *out = a * b. False when concrete sizes overflow int64; symbolic sizes multiply symbolically
+// (the real kernel checks the concrete product at run time).
+bool mul_fits(const SymInt& a, const SymInt& b, SymInt* out) {
+  const auto ia = a.maybe_as_int(), ib = b.maybe_as_int();
+  if (ia && ib) {
+    int64_t r = 0;
+    if (__builtin_mul_overflow(*ia, *ib, &r)) return false;
+    *out = SymInt(r);
+    return true;
+  }
+  *out = a * b;
+  return true;
+}
+
+// *out = product of dims; false when a partial product overflows int64 (as torch refuses such
+// a tensor even when a later dimension is 0).
+bool product_fits(SymIntArrayRef dims, SymInt* out) {
+  SymInt p = 1;
+  for (const SymInt& d : dims)
+    if (!mul_fits(p, d, &p)) return false;
+  *out = std::move(p);
+  return true;
+}
+
+void check_one_device(std::initializer_list<std::pair<const char*, const at::Tensor*>> operands) {
+  const at::Device first = operands.begin()->second->device();
+  bool same = true;
+  for (const auto& [name, t] : operands) same = same && t->device() == first;
+  if (same) return;
+  std::ostringstream listed;
+  const char* sep = "";
+  for (const auto& [name, t] : operands) {
+    listed << sep << name << " on " << t->device();
+    sep = ", ";
+  }
+  TORCH_CHECK_VALUE(false, "mlxq: all operands must be on one device, got ", listed.str());
+}
+
+// `x` (matmul only) joins the one-device check.
+SymPacked check_packed_sym(const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
+                           int64_t group_size, int64_t bits, int64_t min_dim,
+                           const at::Tensor* x = nullptr) {
+  check_bits_group(bits, group_size);
+  TORCH_CHECK_TYPE(wq.scalar_type() == at::kUInt32 || wq.scalar_type() == at::kInt,
+                   "mlxq: wq (packed weight) must be uint32 or int32, got ", wq.scalar_type());
+  const SymIntArrayRef ws = wq.sym_sizes(), ss = scales.sym_sizes(), bs = biases.sym_sizes();
+  TORCH_CHECK_VALUE(wq.dim() >= min_dim, "mlxq: wq (packed weight) must have at least ", min_dim,
+                    " dimensions, got shape ", shape_str(ws));
+  TORCH_CHECK_TYPE(is_float(scales.scalar_type()),
+                   "mlxq: scales must be float32, float16 or bfloat16, got ", scales.scalar_type());
+  TORCH_CHECK_TYPE(biases.scalar_type() == scales.scalar_type(), "mlxq: biases dtype ",
+                   biases.scalar_type(), " must match scales dtype ", scales.scalar_type());
+  if (x != nullptr) {
+    check_one_device({{"x", x}, {"wq", &wq}, {"scales", &scales}, {"biases", &biases}});
+  } else {
+    check_one_device({{"wq", &wq}, {"scales", &scales}, {"biases", &biases}});
+  }
+  TORCH_CHECK_VALUE(same_sizes(ss, bs), "mlxq: scales shape ", shape_str(ss),
+                    " must equal biases shape ", shape_str(bs));
+  const size_t d = ws.size();
+  TORCH_CHECK_VALUE(ss.size() == d && same_sizes(ss.slice(0, d - 1), ws.slice(0, d - 1)),
+                    "mlxq: scales shape ", shape_str(ss), " must match wq shape ", shape_str(ws),
+                    " in every dimension but the last");
+  SymPacked g;
+  g.batch.assign(ws.begin(), ws.end() - (d >= 2 ? 2 : 1));
+  g.rows = d >= 2 ? ws[d - 2] : SymInt(1);
+  g.groups = ss[d - 1];
+  TORCH_CHECK_VALUE(holds(g.groups.sym_gt(0)),
+                    "mlxq: scales must have at least one group, got shape ", shape_str(ss));
+  TORCH_CHECK_VALUE(mul_fits(g.groups, group_size, &g.cols), "mlxq: scales shape ", shape_str(ss),
+                    " has ", g.groups, " groups of group_size ", group_size, ": K = ", g.groups,
+                    " * ", group_size, " exceeds the int64 range (at most ", kInt64Max, ")");
+  const SymInt words = g.cols / 32 * bits;  // packed_cols; cols is a multiple of 32
+  TORCH_CHECK_VALUE(holds(ws[d - 1].sym_eq(words)), "mlxq: wq last dimension ", ws[d - 1],
+                    " does not fit scales with ", g.groups, " groups of ", group_size,
+                    " values at ", bits, " bits (expected ", words, " uint32 words, K=", g.cols,
+                    ")");
+  return g;
+}
+
+SymMatmul check_matmul_sym(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                           const at::Tensor& biases, int64_t group_size, int64_t bits,
+                           bool transpose) {
+  SymMatmul g;
+  g.w = check_packed_sym(wq, scales, biases, group_size, bits, /*min_dim=*/2, &x);
+  TORCH_CHECK_TYPE(is_float(x.scalar_type()), "mlxq: x must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "mlxq: x must have at least 1 dimension, got a scalar");
+  const SymIntArrayRef xs = x.sym_sizes(), ws = wq.sym_sizes();
+  const size_t xd = xs.size();
+  g.in_features = transpose ? g.w.cols : g.w.rows;
+  g.out_features = transpose ? g.w.rows : g.w.cols;
+  TORCH_CHECK_VALUE(holds(xs[xd - 1].sym_eq(g.in_features)), "mlxq: x last dimension ", xs[xd - 1],
+                    " must equal ", g.in_features, " (", transpose ? "K" : "N",
+                    " of the quantized weight with shape [", g.w.rows, ", ", g.w.cols,
+                    "], transpose=", transpose ? "True" : "False", ")");
+  if (g.w.batch.empty()) {
+    // All leading dims of x are rows (also when K or N is 0); x exists, so this fits.
+    TORCH_CHECK_VALUE(product_fits(xs.slice(0, xd - 1), &g.M), "mlxq: x shape ", shape_str(xs),
+                      " has more rows than int64 can count");
+    g.out_shape.assign(xs.begin(), xs.end() - 1);
+  } else {
+    TORCH_CHECK_VALUE(xd >= 2, "mlxq: with a batched wq of shape ", shape_str(ws),
+                      ", x needs at least 2 dimensions, got shape ", shape_str(xs));
+    try {
+      g.batch = at::infer_size_symint(xs.slice(0, xd - 2), g.w.batch);
+    } catch (const c10::Error&) {
+      TORCH_CHECK_VALUE(false, "mlxq: batch dimensions of x ", shape_str(xs), " and wq ",
+                        shape_str(ws), " do not broadcast");
+    }
+    TORCH_CHECK_VALUE(product_fits(g.batch, &g.batch_size), "mlxq: batch dimensions of x ",
+                      shape_str(xs), " and wq ", shape_str(ws), " broadcast to ",
+                      shape_str(g.batch), ", more batch entries than int64 can count");
+    g.M = xs[xd - 2];
+    g.out_shape = g.batch;
+    g.out_shape.push_back(g.M);
+  }
+  g.out_shape.push_back(g.out_features);
+  SymInt numel;
+  TORCH_CHECK_VALUE(product_fits(g.out_shape, &numel), "mlxq: the output of x ", shape_str(xs),
+                    " times the quantized weight (wq ", shape_str(ws), ", K=", g.w.cols,
+                    ") would have shape ", shape_str(g.out_shape),
+                    ", more elements than int64 can count");
+  return g;
+}
+
+// affine_dequantize's output: wq's shape with K columns.
+std::vector<SymInt> dequantize_shape(const at::Tensor& wq, const SymPacked& g) {
+  std::vector<SymInt> shape(wq.sym_sizes().begin(), wq.sym_sizes().end() - 1);
+  shape.push_back(g.cols);
+  return shape;
+}
+
+SymPacked check_dequantize_sym(const at::Tensor& wq, const at::Tensor& scales,
+                               const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  SymPacked g = check_packed_sym(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  const std::vector<SymInt> shape = dequantize_shape(wq, g);
+  SymInt numel;
+  TORCH_CHECK_VALUE(product_fits(shape, &numel), "mlxq: wq shape ", shape_str(wq.sym_sizes()),
+                    " dequantizes to shape ", shape_str(shape),
+                    ", more elements than int64 can count");
+  return g;
+}
+
+// Sizes of a real (non-symbolic) tensor's checks as plain integers.
+std::vector<int64_t> concrete(const std::vector<SymInt>& v) {
+  std::vector<int64_t> out;
+  out.reserve(v.size());
+  for (const SymInt& s : v) out.push_back(s.expect_int());
+  return out;
+}
+
+PackedGeometry concrete(const SymPacked& s) {
+  return {concrete(s.batch), s.rows.expect_int(), s.cols.expect_int(), s.groups.expect_int()};
+}
 
 }  // namespace
 
@@ -24,89 +212,57 @@ void check_bits_group(int64_t bits, int64_t group_size) {
                     "mlxq: group_size must be one of 32, 64, 128, got ", group_size);
 }
 
-PackedGeometry check_packed(const at::Tensor& wq, const at::Tensor& scales,
-                            const at::Tensor& biases, int64_t group_size, int64_t bits,
-                            int64_t min_dim) {
-  check_bits_group(bits, group_size);
-  TORCH_CHECK_TYPE(wq.scalar_type() == at::kUInt32 || wq.scalar_type() == at::kInt,
-                   "mlxq: wq (packed weight) must be uint32 or int32, got ", wq.scalar_type());
-  TORCH_CHECK_VALUE(wq.dim() >= min_dim, "mlxq: wq (packed weight) must have at least ", min_dim,
-                    " dimensions, got shape ", shape_str(wq.sizes()));
-  TORCH_CHECK_TYPE(is_float(scales.scalar_type()),
-                   "mlxq: scales must be float32, float16 or bfloat16, got ", scales.scalar_type());
-  TORCH_CHECK_TYPE(biases.scalar_type() == scales.scalar_type(), "mlxq: biases dtype ",
-                   biases.scalar_type(), " must match scales dtype ", scales.scalar_type());
-  TORCH_CHECK_VALUE(scales.device() == wq.device() && biases.device() == wq.device(),
-                    "mlxq: wq, scales and biases must be on one device, got ", wq.device(), ", ",
-                    scales.device(), ", ", biases.device());
-  TORCH_CHECK_VALUE(scales.sizes() == biases.sizes(), "mlxq: scales shape ",
-                    shape_str(scales.sizes()), " must equal biases shape ",
-                    shape_str(biases.sizes()));
-  const int64_t d = wq.dim();
-  TORCH_CHECK_VALUE(
-      scales.dim() == d && scales.sizes().slice(0, d - 1) == wq.sizes().slice(0, d - 1),
-      "mlxq: scales shape ", shape_str(scales.sizes()), " must match wq shape ",
-      shape_str(wq.sizes()), " in every dimension but the last");
-  PackedGeometry g;
-  g.batch.assign(wq.sizes().begin(), wq.sizes().end() - (d >= 2 ? 2 : 1));
-  g.rows = d >= 2 ? wq.size(-2) : 1;
-  g.groups = scales.size(-1);
-  g.cols = g.groups * group_size;
-  TORCH_CHECK_VALUE(g.groups > 0, "mlxq: scales must have at least one group, got shape ",
-                    shape_str(scales.sizes()));
-  TORCH_CHECK_VALUE(wq.size(-1) == packed_cols(g.cols, bits), "mlxq: wq last dimension ",
-                    wq.size(-1), " does not fit scales with ", g.groups, " groups of ", group_size,
-                    " values at ", bits, " bits (expected ", packed_cols(g.cols, bits),
-                    " uint32 words, K=", g.cols, ")");
-  return g;
+PackedGeometry check_dequantize(const at::Tensor& wq, const at::Tensor& scales,
+                                const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  return concrete(check_dequantize_sym(wq, scales, biases, group_size, bits));
 }
 
-void check_quantize_input(const at::Tensor& w, int64_t group_size, int64_t bits) {
+std::vector<c10::SymInt> dequantize_out_shape(const at::Tensor& wq, const at::Tensor& scales,
+                                              const at::Tensor& biases, int64_t group_size,
+                                              int64_t bits) {
+  return dequantize_shape(wq, check_dequantize_sym(wq, scales, biases, group_size, bits));
+}
+
+std::vector<std::vector<c10::SymInt>> quantize_out_shapes(const at::Tensor& w, int64_t group_size,
+                                                          int64_t bits) {
   check_bits_group(bits, group_size);
   TORCH_CHECK_TYPE(is_float(w.scalar_type()), "mlxq: w must be float32, float16 or bfloat16, got ",
                    w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() >= 1 && w.size(-1) > 0,
-                    "mlxq: w must have a non-empty last dimension, got shape ",
-                    shape_str(w.sizes()));
-  TORCH_CHECK_VALUE(w.size(-1) % group_size == 0, "mlxq: w last dimension ", w.size(-1),
+  const SymIntArrayRef ws = w.sym_sizes();
+  TORCH_CHECK_VALUE(w.dim() >= 1 && holds(ws.back().sym_gt(0)),
+                    "mlxq: w must have a non-empty last dimension, got shape ", shape_str(ws));
+  const SymInt& K = ws.back();
+  TORCH_CHECK_VALUE(holds((K % group_size).sym_eq(0)), "mlxq: w last dimension ", K,
                     " must be divisible by group_size ", group_size);
+  std::vector<SymInt> qshape(ws.begin(), ws.end()), sshape(ws.begin(), ws.end());
+  qshape.back() = K / 32 * bits;  // packed_cols (K is a multiple of 32); no wider than w
+  sshape.back() = K / group_size;
+  return {qshape, sshape, sshape};
+}
+
+void check_quantize_input(const at::Tensor& w, int64_t group_size, int64_t bits) {
+  quantize_out_shapes(w, group_size, bits);
 }
 
 MatmulGeometry check_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                             const at::Tensor& biases, int64_t group_size, int64_t bits,
                             bool transpose) {
+  const SymMatmul s = check_matmul_sym(x, wq, scales, biases, group_size, bits, transpose);
   MatmulGeometry g;
-  g.w = check_packed(wq, scales, biases, group_size, bits, /*min_dim=*/2);
-  TORCH_CHECK_TYPE(is_float(x.scalar_type()), "mlxq: x must be float32, float16 or bfloat16, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.device() == wq.device(), "mlxq: x is on ", x.device(), " but wq is on ",
-                    wq.device());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "mlxq: x must have at least 1 dimension, got a scalar");
-  g.in_features = transpose ? g.w.cols : g.w.rows;
-  g.out_features = transpose ? g.w.rows : g.w.cols;
-  TORCH_CHECK_VALUE(x.size(-1) == g.in_features, "mlxq: x last dimension ", x.size(-1),
-                    " must equal ", g.in_features, " (", transpose ? "K" : "N",
-                    " of the quantized weight with shape [", g.w.rows, ", ", g.w.cols,
-                    "], transpose=", transpose ? "True" : "False", ")");
-  if (g.w.batch.empty()) {
-    g.M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));  // also when K or N is 0
-    g.out_shape.assign(x.sizes().begin(), x.sizes().end() - 1);
-  } else {
-    TORCH_CHECK_VALUE(x.dim() >= 2, "mlxq: with a batched wq of shape ", shape_str(wq.sizes()),
-                      ", x needs at least 2 dimensions, got shape ", shape_str(x.sizes()));
-    auto xb = x.sizes().slice(0, x.dim() - 2);
-    try {
-      g.batch = at::infer_size(xb, g.w.batch);
-    } catch (const c10::Error&) {
-      TORCH_CHECK_VALUE(false, "mlxq: batch dimensions of x ", shape_str(x.sizes()), " and wq ",
-                        shape_str(wq.sizes()), " do not broadcast");
-    }
-    g.M = x.size(-2);
-    g.out_shape = g.batch;
-    g.out_shape.push_back(g.M);
-  }
-  g.out_shape.push_back(g.out_features);
+  g.w = concrete(s.w);
+  g.out_shape = concrete(s.out_shape);
+  g.batch = concrete(s.batch);
+  g.batch_size = s.batch_size.expect_int();
+  g.M = s.M.expect_int();
+  g.in_features = s.in_features.expect_int();
+  g.out_features = s.out_features.expect_int();
   return g;
+}
+
+std::vector<c10::SymInt> matmul_out_shape(const at::Tensor& x, const at::Tensor& wq,
+                                          const at::Tensor& scales, const at::Tensor& biases,
+                                          int64_t group_size, int64_t bits, bool transpose) {
+  return check_matmul_sym(x, wq, scales, biases, group_size, bits, transpose).out_shape;
 }
 
 }  // namespace mlxq

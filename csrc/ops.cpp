@@ -1,10 +1,14 @@
 // The mlxq op library: every schema lives here, once. Backends register kernels for these
 // schemas in their own files (cpu/affine_cpu.cpp, mps/affine_mps.mm); fake (meta) kernels and
-// autograd are registered from Python (python/mlxq/ops.py).
+// autograd are registered from Python (python/mlxq/ops.py), the fake kernels running the
+// backends' own argument checks (checks.h, through check_bindings.cpp).
 #include <torch/extension.h>
 
 #include "cpu/cpu_features.h"
 
+namespace mlxq {
+void register_check_bindings(pybind11::module& m);  // csrc/check_bindings.cpp
+}
 namespace mlxq::plan {
 void register_plan_bindings(pybind11::module& m);  // csrc/plan/plan_bindings.cpp
 }
@@ -29,6 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set the CPU kernels run with on this machine (avx512, avx2, neon, portable)");
   m.def("cpu_threaded", &mlxq::cpu::threaded,
         "Whether the CPU kernels run on torch's intra-op threads (False: built without OpenMP)");
+  mlxq::register_check_bindings(m);
   mlxq::plan::register_plan_bindings(m);
   mlxq::mps::register_mps_bindings(m);
 }

@@ -187,3 +187,27 @@ def test_embedding_rejects_float_ids() -> None:
     emb = AffineEmbedding.from_float(torch.nn.Embedding(10, 32), bits=4, group_size=32)
     with pytest.raises(TypeError, match="integer ids"):
         emb(torch.zeros(2))
+
+
+OUT_OF_RANGE = [
+    (bad, dtype) for bad in (-1, -10, 10, 11) for dtype in (torch.int64, torch.int32, torch.int16)
+] + [(2**40, torch.int64)]
+
+
+@pytest.mark.parametrize(
+    "bad,id_dtype", OUT_OF_RANGE, ids=[f"id{b}-{str(d).split('.')[-1]}" for b, d in OUT_OF_RANGE]
+)
+def test_embedding_refuses_out_of_range_ids_like_nn_embedding(bad: int, id_dtype) -> None:
+    """An id outside [0, num_embeddings) raises IndexError, as nn.Embedding does; it used to
+    return a row (id -1 the last one, as negative indexing does)."""
+    table = torch.nn.Embedding(10, 32)
+    emb = AffineEmbedding.from_float(table, bits=4, group_size=32)
+    ids = torch.tensor([[0, 3], [bad, 9]], dtype=id_dtype)
+    with pytest.raises(IndexError):
+        table(ids.long())
+    with pytest.raises(IndexError, match=rf"AffineEmbedding\(10, 32\).*\[0, 10\), got {bad}"):
+        emb(ids)
+    # the valid ids around it still work, and in every integer dtype
+    good = torch.tensor([[0, 3], [9, 9]], dtype=id_dtype)
+    assert emb(good).shape == (2, 2, 32)
+    assert torch.equal(emb(good), emb(good.long()))

@@ -213,6 +213,26 @@ def test_fake_kernels_match_real_shapes_and_dtypes(gen):
             assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device), name
 
 
+def test_opcheck(gen):
+    """torch.library.opcheck (schema, autograd registration, fake kernel against the real one on
+    fake tensors, AOT dispatch with dynamic shapes) for each op, empty shapes included."""
+    w = random_weight((8, 64), torch.float32, gen)
+    wq, s, b = mlxq.affine_quantize(w, 32, 4)
+    ops = torch.ops.mlxq
+    cases = [
+        (ops.affine_quantize.default, (w, 32, 4)),
+        (ops.affine_quantize.default, (w[:0], 32, 4)),
+        (ops.affine_dequantize.default, (wq, s, b, 32, 4)),
+        (ops.affine_dequantize.default, (wq[:0], s[:0], b[:0], 32, 4)),
+        (ops.affine_matmul.default, (torch.randn(3, 64, generator=gen), wq, s, b, 32, 4, True)),
+        (ops.affine_matmul.default, (torch.randn(2, 3, 8, generator=gen), wq, s, b, 32, 4, False)),
+        (ops.affine_matmul.default, (torch.randn(0, 64, generator=gen), wq, s, b, 32, 4, True)),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
 # --- torch.compile ----------------------------------------------------------------------------
 
 

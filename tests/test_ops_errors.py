@@ -4,7 +4,10 @@ valid give correct empty or zero results."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 
 import mlxq
 import pytest
@@ -330,3 +333,148 @@ def test_empty_quantize_and_dequantize():
     d = dq(wq, s, b, 64, 3)
     assert d.shape == (0, 128) and d.dtype == torch.bfloat16
     assert dq(*packed(n=0, batch=(3,)), 32, 4).shape == (3, 0, 64)
+
+
+# --- sizes whose products overflow int64 ---------------------------------------------------------
+# Expanded (stride 0) tensors give any size at no memory cost. Each call runs in a child process:
+# before the overflow checks, the first one killed the process (SIGFPE: K wrapped to 0, then a
+# division by the empty wq's width).
+
+_OVERFLOW_PRELUDE = """
+import json, sys, torch, mlxq
+U32 = torch.uint32
+def big(*shape, dtype=torch.float32, device="cpu"):
+    return torch.zeros([1] * len(shape), dtype=dtype, device=device).expand(*shape)
+dq, mm = mlxq.affine_dequantize, mlxq.affine_matmul
+"""
+
+# (id, call as source text (`device` is "cpu" or "meta"), fragments of the ValueError message)
+OVERFLOW_CASES = [
+    (
+        "K wraps to 0 (issue 18)",
+        "s = big(1, 2**59, device=device); dq(big(1, 0, dtype=U32, device=device), s, s, 32, 4)",
+        ["scales shape [1, 576460752303423488]", "K = 576460752303423488 * 32", "int64 range"],
+    ),
+    (
+        "K wraps to 64",
+        "s = big(1, 2**59 + 2, device=device); "
+        "dq(big(1, 64, dtype=U32, device=device), s, s, 32, 4)",
+        ["scales shape [1, 576460752303423490]", "groups of group_size 32", "int64 range"],
+    ),
+    (
+        "matmul K",
+        "s = big(3, 2**57, device=device); "
+        "mm(big(1, 0, device=device), big(3, 0, dtype=U32, device=device), s, s, 128, 4)",
+        ["scales shape [3, 144115188075855872]", "* 128", "int64 range"],
+    ),
+    (
+        "broadcast batch",
+        "s = big(1, 2**40, 4, 2, device=device); mm(big(2**40, 1, 1, 64, device=device), "
+        "big(1, 2**40, 4, 8, dtype=U32, device=device), s, s, 32, 4)",
+        ["batch dimensions of x [1099511627776, 1, 1, 64]", "wq [1, 1099511627776, 4, 8]",
+         "broadcast to [1099511627776, 1099511627776]", "more batch entries than int64"],
+    ),
+    (
+        "matmul output",
+        "s = big(1024, 2, device=device); mm(big(2**56, 64, device=device), "
+        "big(1024, 8, dtype=U32, device=device), s, s, 32, 4)",
+        ["output of x [72057594037927936, 64]", "wq [1024, 8]", "[72057594037927936, 1024]",
+         "more elements than int64"],
+    ),
+    (
+        "dequantize output",
+        "s = big(2**59, 2, device=device); "
+        "dq(big(2**59, 8, dtype=U32, device=device), s, s, 32, 4)",
+        ["wq shape [576460752303423488, 8]", "dequantizes to shape [576460752303423488, 64]",
+         "more elements than int64"],
+    ),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def overflow_results() -> dict:
+    """Runs every overflow case on the CPU in one child process: {id: (type, message)}."""
+    code = _OVERFLOW_PRELUDE + "\ndevice = 'cpu'\n"
+    for case_id, call, _ in OVERFLOW_CASES:
+        code += (
+            f"try:\n    {call}\n    r = ('no error', '')\n"
+            f"except Exception as e:\n    r = (type(e).__name__, str(e))\n"
+            f"print(json.dumps([{case_id!r}, *r]), flush=True)\n"
+        )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    results = {}
+    for line in proc.stdout.splitlines():
+        case_id, kind, message = json.loads(line)
+        results[case_id] = (kind, message)
+    results["_exit"] = (proc.returncode, proc.stderr[-2000:])
+    return results
+
+
+@pytest.mark.parametrize(
+    "case_id,call,fragments", OVERFLOW_CASES, ids=[c[0] for c in OVERFLOW_CASES]
+)
+def test_overflowing_sizes_are_refused(overflow_results, case_id, call, fragments):
+    """Real (CPU, in a child process) and meta kernels refuse with the same clear ValueError."""
+    assert case_id in overflow_results, f"the child process died: {overflow_results['_exit']}"
+    kind, message = overflow_results[case_id]
+    assert kind == "ValueError", f"{kind}: {message}"
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} missing from the message: {message!r}"
+    scope: dict = {}
+    exec(_OVERFLOW_PRELUDE + "\ndevice = 'meta'\n", scope)  # noqa: S102 (our own test text)
+    with pytest.raises(ValueError) as info:
+        exec(call, scope)  # noqa: S102
+    assert str(info.value) == message
+    # the Metal dispatch plan (built from the same checks) refuses it too
+    scope.update(dq=mlxq._C.plan_affine_dequantize, mm=mlxq._C.plan_affine_matmul)
+    with pytest.raises(ValueError) as info:
+        exec(call, scope)  # noqa: S102
+    assert str(info.value) == message
+
+
+# --- the fake (meta) kernels run the real kernels' check ---------------------------------------
+
+M_W = packed()
+BAD_FOR_BOTH = [
+    # the cases of issue 18 that the fake kernels used to accept (or fail with IndexError)
+    ("x K=63", mm, (x_(2, 63), *M_W, 32, 4)),
+    ("wq of 5 words", mm, (x_(2, 64), M_W[0][:, :5], *M_W[1:], 32, 4)),
+    ("float64 scales", mm, (x_(2, 64), M_W[0], M_W[1].double(), M_W[2].double(), 32, 4)),
+    ("int64 x", mm, (x_(2, 64, dtype=torch.int64), *M_W, 32, 4)),
+    ("1-D wq", mm, (x_(2, 64), M_W[0][0], M_W[1][0], M_W[2][0], 32, 4)),
+    # and more of the checks
+    ("x N", mm, (x_(2, 64), *M_W, 32, 4, False)),
+    ("scales rows", dq, (M_W[0], M_W[1][:3], M_W[2][:3], 32, 4)),
+    ("biases dtype", dq, (M_W[0], M_W[1], M_W[2].half(), 32, 4)),
+    ("zero groups", dq, (torch.zeros(4, 0, dtype=U32), x_(4, 0), x_(4, 0), 32, 4)),
+    ("wq float", dq, (M_W[0].float(), *M_W[1:], 32, 4)),
+    ("batch no broadcast", mm, (x_(2, 5, 64), *W3, 32, 4)),
+    ("x rank vs batched w", mm, (x_(64), *W3, 32, 4)),
+    ("quantize K=0", qz, (x_(4, 0), 32, 4)),
+    ("quantize int w", qz, (torch.zeros(2, 64, dtype=I32), 32, 4)),
+    ("quantize bits", qz, (x_(2, 64), 32, 7)),
+]
+
+
+def _outcome(fn, args):
+    try:
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001 (any exception is an outcome to compare)
+        return type(e), str(e)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [(o.shape, o.dtype) for o in outs]
+
+
+@pytest.mark.parametrize("fn,args", [c[1:] for c in BAD_FOR_BOTH], ids=[c[0] for c in BAD_FOR_BOTH])
+def test_fake_kernels_refuse_what_the_real_op_refuses(fn, args):
+    """meta tensors and FakeTensorMode (what torch.compile traces with) raise the real op's
+    exception, with the same message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = _outcome(fn, args)
+    assert isinstance(real, tuple) and real[0] in (ValueError, TypeError), real
+    to_meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    assert _outcome(fn, to_meta) == real
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        assert _outcome(fn, fake) == real

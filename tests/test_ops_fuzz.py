@@ -1,7 +1,10 @@
-"""Hypothesis fuzz of the ops: random shapes, dtypes, bits, group sizes, layouts and CPU kernels,
-with random invalid arguments mixed in. Every call must either raise a clean ValueError /
-TypeError / RuntimeError whose message names the offending argument, or return the result of
-the float64 reference (MLX for quantize).
+"""Hypothesis fuzz of the ops: random shapes (empty ones included), dtypes, bits, group sizes,
+layouts and CPU kernels, with random invalid arguments mixed in. Every call must either raise a
+clean ValueError / TypeError / RuntimeError whose message names the offending argument, or
+return the result of the float64 reference (MLX for quantize); and the same call on meta
+tensors (the fake kernels) must raise the same error or give outputs of the same shapes and
+dtypes. A fuzzer of sizes whose products overflow int64, and of huge but empty shapes, checks
+that both refuse the former with the same ValueError and accept the latter.
 
 The fuzzers run in a child Python process under a time limit, so that a segfault or a hang in
 the native code fails its test (with the child's output) instead of killing or stalling the
@@ -76,18 +79,46 @@ def names_in(message: str, names: list[str]) -> bool:
     return any(re.search(rf"\b{re.escape(n)}\b", message) for n in names)
 
 
-def expect_clean_error_or(call, culprits: list[str] | None, check_result) -> None:
+def on_meta(op, args: dict):
+    """The call `op(**args)` with every tensor moved to the meta device (the fake kernels)."""
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    return lambda: op(**meta)
+
+
+def outputs_of(out) -> list[tuple]:
+    return [(tuple(o.shape), o.dtype) for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def expect_fake_agrees(fake_call, real_error: Exception | None, real_out=None) -> None:
+    """The fake kernels refuse exactly what the real op refuses, with the same exception and
+    message, and otherwise give outputs of the real op's shapes and dtypes."""
+    try:
+        fake_out = fake_call()
+    except Exception as e:  # noqa: BLE001 (compared with the real outcome below)
+        assert real_error is not None, f"fake kernel refused a valid call: {e!r}"
+        assert (type(e), str(e)) == (type(real_error), str(real_error)), (
+            f"fake kernel raised {e!r}, the real op {real_error!r}"
+        )
+        return
+    assert real_error is None, f"fake kernel accepted a call the real op refused: {real_error!r}"
+    assert outputs_of(fake_out) == outputs_of(real_out), "fake and real outputs differ"
+
+
+def expect_clean_error_or(call, culprits: list[str] | None, check_result, fake_call) -> None:
     """Runs `call`. With culprits (an invalid argument was planted), a clean error naming one of
     them is the expected outcome; if the call succeeds anyway (the mutation happened to be
-    valid), or without culprits, the result must pass `check_result`."""
+    valid), or without culprits, the result must pass `check_result`. `fake_call`, the same
+    call through the fake kernels, must agree."""
     try:
         out = call()
     except (ValueError, TypeError, RuntimeError) as e:
         msg = str(e)
         assert culprits is not None, f"valid call raised {type(e).__name__}: {msg}"
         assert names_in(msg, culprits), f"error does not name any of {culprits}: {msg!r}"
+        expect_fake_agrees(fake_call, e)
         return
     check_result(out)
+    expect_fake_agrees(fake_call, None, out)
 
 
 @st.composite
@@ -96,9 +127,9 @@ def packed_case(draw, batched: bool):
     bits = draw(st.sampled_from(BITS))
     gs = draw(st.sampled_from(GROUP_SIZES))
     dtype = draw(st.sampled_from(DTYPES))
-    n = draw(st.integers(1, 40))
+    n = draw(st.integers(0, 40))
     groups = draw(st.integers(1, 3))
-    batch = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2))) if batched else ()
+    batch = tuple(draw(st.lists(st.integers(0, 3), min_size=1, max_size=2))) if batched else ()
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     shape = (*batch, n, groups * gs)
@@ -229,14 +260,14 @@ def fuzz_matmul(data) -> None:
             y, ref, tol = y[~near_max], ref[~near_max], tol[~near_max]
         assert_within(y, ref, tol, f"matmul {mutation=} x {tuple(a['x'].shape)}")
 
-    expect_clean_error_or(call, culprits, check)
+    expect_clean_error_or(call, culprits, check, on_meta(mlxq.affine_matmul, args))
 
 
 @SETTINGS
 @given(data=st.data())
 def fuzz_dequantize(data) -> None:
     wq, s, b, bits, gs, gen = data.draw(packed_case(data.draw(st.booleans())))
-    if data.draw(st.booleans()) and wq.dim() == 2:  # 1-D weight: a single row
+    if data.draw(st.booleans()) and wq.dim() == 2 and len(wq):  # 1-D weight: a single row
         wq, s, b = wq[0], s[0], b[0]
     args = dict(wq=wq, scales=s, biases=b, group_size=gs, bits=bits)
     mutation = data.draw(
@@ -283,7 +314,7 @@ def fuzz_dequantize(data) -> None:
         tol = torch.finfo(out.dtype).eps * size + torch.finfo(out.dtype).tiny
         assert_within(out, ref, tol, f"dequantize {mutation=}")
 
-    expect_clean_error_or(call, culprits, check)
+    expect_clean_error_or(call, culprits, check, on_meta(mlxq.affine_dequantize, args))
 
 
 @SETTINGS
@@ -329,13 +360,105 @@ def fuzz_quantize(data) -> None:
         assert (words(wq) == words(mq)).all(), "packed words differ from mx.quantize"
         assert torch.equal(s, ms) and torch.equal(b, mb), "scales/biases differ"
 
-    expect_clean_error_or(lambda: mlxq.affine_quantize(**args), culprits, check)
+    expect_clean_error_or(
+        lambda: mlxq.affine_quantize(**args), culprits, check, on_meta(mlxq.affine_quantize, args)
+    )
+
+
+def big(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of any size at no memory cost (all strides 0)."""
+    return torch.zeros([1] * len(shape), dtype=dtype).expand(*shape)
+
+
+INT64_MAX = 2**63 - 1
+
+
+@SETTINGS
+@given(data=st.data())
+def fuzz_sizes(data) -> None:
+    """Sizes whose products overflow int64 (K = groups * group_size, the broadcast batch, the
+    output's element count) must be refused by the real op and the fake kernels with the same
+    ValueError naming the operands; huge shapes with no elements must be accepted by both."""
+    kind = data.draw(st.sampled_from(["groups", "batch", "out", "dequant_out", "empty_huge"]))
+    bits = data.draw(st.sampled_from(BITS))
+    gs = data.draw(st.sampled_from(GROUP_SIZES))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    word = data.draw(st.sampled_from([torch.uint32, torch.int32]))
+    transpose = data.draw(st.booleans())
+    groups = data.draw(st.integers(1, 3))
+    k = groups * gs
+    words_ = k * bits // 32
+    op, expected = mlxq.affine_matmul, None  # expected: output shape of a valid call
+    if kind == "groups":  # K = groups * group_size overflows
+        rows = data.draw(st.integers(1, 3))
+        g = data.draw(st.integers(INT64_MAX // gs + 1, INT64_MAX // rows))
+        s = big((rows, g), dtype)
+        wq = big((rows, data.draw(st.sampled_from([0, 1, 2, 64]))), word)
+        args = dict(wq=wq, scales=s, biases=s, group_size=gs, bits=bits)
+        culprits = ["scales"]
+        if data.draw(st.booleans()):
+            op = mlxq.affine_dequantize
+        else:
+            x = big((data.draw(st.integers(0, 3)), data.draw(st.sampled_from([0, 32]))), dtype)
+            args.update(x=x, transpose=transpose)
+    elif kind == "batch":  # the broadcast batch of x and wq overflows
+        n, m = data.draw(st.integers(1, 8)), data.draw(st.integers(1, 3))
+        a, b = (data.draw(st.integers(2**32, 2**40)) for _ in range(2))
+        s = big((1, b, n, groups), dtype)
+        x = big((a, 1, m, k if transpose else n), dtype)
+        args = dict(x=x, wq=big((1, b, n, words_), word), scales=s, biases=s)
+        args.update(group_size=gs, bits=bits, transpose=transpose)
+        culprits = ["x", "wq"]
+    elif kind == "out":  # x and the weight fit, the output does not (out_features > inner)
+        n = k + data.draw(st.integers(1, 64)) if transpose else data.draw(st.integers(1, k - 1))
+        inner = k if transpose else n
+        s = big((n, groups), dtype)
+        x = big((INT64_MAX // inner, inner), dtype)
+        args = dict(x=x, wq=big((n, words_), word), scales=s, biases=s)
+        args.update(group_size=gs, bits=bits, transpose=transpose)
+        culprits = ["x", "wq"]
+    elif kind == "dequant_out":  # wq fits, its dequantized output (K > words) does not
+        rows = INT64_MAX // words_
+        s = big((rows, groups), dtype)
+        args = dict(wq=big((rows, words_), word), scales=s, biases=s, group_size=gs, bits=bits)
+        op, culprits = mlxq.affine_dequantize, ["wq"]
+    else:  # huge dimensions next to an empty one: valid, and nothing to compute
+        variant = data.draw(st.integers(0, 2))
+        huge = data.draw(st.integers(2**40, 2**50))
+        n = data.draw(st.integers(1, 8))
+        culprits = None
+        if variant == 0:  # no rows of W, a huge x: [huge, 0]
+            s = torch.zeros(0, groups, dtype=dtype)
+            args = dict(x=big((huge, k), dtype), wq=torch.zeros(0, words_, dtype=word))
+            args.update(scales=s, biases=s, group_size=gs, bits=bits, transpose=True)
+            expected = (huge, 0)
+        elif variant == 1:  # a huge weight batch, no rows of x: [huge, 0, out]
+            s = big((huge, n, groups), dtype)
+            x = torch.zeros(1, 0, k if transpose else n, dtype=dtype)
+            args = dict(x=x, wq=big((huge, n, words_), word), scales=s, biases=s)
+            args.update(group_size=gs, bits=bits, transpose=transpose)
+            expected = (huge, 0, n if transpose else k)
+        else:  # dequantize no rows of a huge K
+            s = torch.zeros(0, huge, dtype=dtype)
+            wq = torch.zeros(0, huge * gs // 32 * bits, dtype=word)
+            args = dict(wq=wq, scales=s, biases=s, group_size=gs, bits=bits)
+            op, expected = mlxq.affine_dequantize, (0, huge * gs)
+
+    def check(out):
+        assert expected is not None, f"{kind}: an overflowing size was accepted"
+        assert tuple(out.shape) == expected and out.numel() == 0
+        assert out.dtype == (args["x"] if "x" in args else args["scales"]).dtype
+
+    call = on_isa(data.draw(st.sampled_from(ISAS)), op, args)
+    expect_clean_error_or(call, culprits, check, on_meta(op, args))
 
 
 # --- the tests: each fuzzer in a child process ----------------------------------------------
 
 
-@pytest.mark.parametrize("fuzzer", ["fuzz_matmul", "fuzz_dequantize", "fuzz_quantize"])
+@pytest.mark.parametrize(
+    "fuzzer", ["fuzz_matmul", "fuzz_dequantize", "fuzz_quantize", "fuzz_sizes"]
+)
 def test_fuzz(fuzzer: str) -> None:
     code = (
         f"import sys; sys.path.insert(0, {str(TESTS)!r}); "

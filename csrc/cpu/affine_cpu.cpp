@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #ifdef __linux__
@@ -166,50 +167,60 @@ bool use_bf16_decode(const QuantWeight& W, int64_t M, at::ScalarType x_dtype) {
   return bf16_shifted_lanes(W.bits) || pieces == 1 || M * pieces <= 6;
 }
 
-// x is fp32 [M, in_features]; `x_dtype` is the dtype its values came in (bf16 and fp16
-// values need fewer bf16 pieces).
-at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
+// Whether every value of a contiguous fp32 tensor is finite (integer test: vectorizes).
+bool all_finite(const at::Tensor& y) {
+  const auto* p = static_cast<const uint32_t*>(y.const_data_ptr());
+  uint32_t bad = 0;
+  for (int64_t i = 0, n = y.numel(); i < n; ++i) bad |= (p[i] & 0x7F800000u) == 0x7F800000u;
+  return bad == 0;
+}
+
+// The streaming kernels, for M <= kDecodeMaxRows rows of x (fp32 [M, in_features]).
+at::Tensor decode_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
                      at::ScalarType x_dtype) {
+  const KernelTable& kt = kernels();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, transpose ? W.N : W.K}, x.options().dtype(at::kFloat));
+  if (!transpose) {
+    QvmArgs a{W, x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M};
+    at::parallel_for(0, W.G, 1, [&](int64_t g0, int64_t g1) { kt.qvm(a, g0, g1); });
+    return from_chunk_order(y, W.bits);
+  }
+  at::Tensor xsum = x.view({M, W.G, W.group_size}).sum(-1).contiguous();
+  if (kt.qmv_bf16 != nullptr && use_bf16_decode(W, M, x_dtype)) {
+    const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
+    const QmvBf16Args a{W,
+                        static_cast<const uint16_t*>(xp.const_data_ptr()),
+                        static_cast<int>(xp.size(0) / M),
+                        xsum.const_data_ptr<float>(),
+                        y.mutable_data_ptr<float>(),
+                        M};
+    at::parallel_for(0, W.N, decode_grain(W),
+                     [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
+    return y;
+  }
+  at::Tensor xc = to_chunk_order(x, W.bits);
+  QmvArgs a{W, xc.const_data_ptr<float>(), xsum.const_data_ptr<float>(),
+            y.mutable_data_ptr<float>(), 0};
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxDecodeRows) {
+    QmvArgs part = a;
+    part.M = std::min(kMaxDecodeRows, M - m0);
+    part.x += m0 * W.K;
+    part.xsum += m0 * W.G;
+    part.y += m0 * W.N;
+    at::parallel_for(0, W.N, decode_grain(W),
+                     [&](int64_t n0, int64_t n1) { kt.qmv(part, n0, n1); });
+  }
+  return y;
+}
+
+// Dequantize row tiles of W to fp32 and multiply them with a dense GEMM: sum_k x * (s*q + b),
+// the order of MLX's own kernels.
+at::Tensor gemm_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
+  const KernelTable& kt = kernels();
   const int64_t M = x.size(0);
   const int64_t out_features = transpose ? W.N : W.K;
   auto opts = x.options().dtype(at::kFloat);
-  if (M == 0 || W.N == 0) return at::zeros({M, out_features}, opts);
-  const KernelTable& kt = kernels();
-  if (M <= kDecodeMaxRows) {
-    at::Tensor y = at::empty({M, out_features}, opts);
-    if (transpose) {
-      at::Tensor xsum = x.view({M, W.G, W.group_size}).sum(-1).contiguous();
-      if (kt.qmv_bf16 != nullptr && use_bf16_decode(W, M, x_dtype)) {
-        const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
-        const QmvBf16Args a{W,
-                            static_cast<const uint16_t*>(xp.const_data_ptr()),
-                            static_cast<int>(xp.size(0) / M),
-                            xsum.const_data_ptr<float>(),
-                            y.mutable_data_ptr<float>(),
-                            M};
-        at::parallel_for(0, W.N, decode_grain(W),
-                         [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
-        return y;
-      }
-      at::Tensor xc = to_chunk_order(x, W.bits);
-      QmvArgs a{W, xc.const_data_ptr<float>(), xsum.const_data_ptr<float>(),
-                y.mutable_data_ptr<float>(), 0};
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxDecodeRows) {
-        QmvArgs part = a;
-        part.M = std::min(kMaxDecodeRows, M - m0);
-        part.x += m0 * W.K;
-        part.xsum += m0 * W.G;
-        part.y += m0 * W.N;
-        at::parallel_for(0, W.N, decode_grain(W),
-                         [&](int64_t n0, int64_t n1) { kt.qmv(part, n0, n1); });
-      }
-    } else {
-      QvmArgs a{W, x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M};
-      at::parallel_for(0, W.G, 1, [&](int64_t g0, int64_t g1) { kt.qvm(a, g0, g1); });
-      y = from_chunk_order(y, W.bits);
-    }
-    return y;
-  }
   at::Tensor y =
       transpose ? at::empty({M, out_features}, opts) : at::zeros({M, out_features}, opts);
   if (transpose) {
@@ -245,6 +256,25 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     y.addmm_(x.narrow(1, n0, n1 - n0), at::from_blob(tp, {n1 - n0, W.K}, opts));
   }
   return y;
+}
+
+// x is fp32 [M, in_features] with M > 0 and W has K > 0 (checked by the caller); `x_dtype` is
+// the dtype its values came in (bf16 and fp16 values need fewer bf16 pieces).
+at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
+                     at::ScalarType x_dtype) {
+  const int64_t M = x.size(0);
+  if (M == 0 || W.N == 0) return at::zeros({M, transpose ? W.N : W.K}, x.options());
+  if (M <= kDecodeMaxRows) {
+    at::Tensor y = decode_2d(x, W, transpose, x_dtype);
+    // The decode kernels factor each group's scale and bias out of its sum
+    // (s * sum(q*x) + b * sum(x)) and the bf16 kernel splits x into bf16 pieces; with |x| near
+    // the float maximum these can overflow where every x*w is finite, and an infinite x gives
+    // inf - inf = NaN where x*w gives +-inf. An overflow always leaves a non-finite output, so
+    // such an output is computed again as sum x*(s*q+b) (MLX's order), which gives the finite
+    // result, or MLX's +-inf. Normal calls pay one scan of y.
+    if (all_finite(y)) return y;
+  }
+  return gemm_2d(x, W, transpose);
 }
 
 at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
@@ -289,10 +319,10 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
 
 at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
                                  const at::Tensor& biases, int64_t group_size, int64_t bits) {
-  const PackedGeometry g = check_packed(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
   std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
   shape.back() = g.cols;
-  const int64_t R = wq.numel() / wq.size(-1);
+  const int64_t R = c10::multiply_integers(wq.sizes().slice(0, wq.dim() - 1));  // no division
   at::Tensor q = at::empty({R, g.cols}, scales.options().dtype(at::kFloat));
   if (R > 0) {
     // The kernel unpacks the integers q (unit scales and zero biases make it exact); the
@@ -321,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cpu(const at::Ten
                                                                    int64_t bits) {
   check_quantize_input(w, group_size, bits);
   const int64_t K = w.size(-1), G = K / group_size;
-  const int64_t R = w.numel() / K;
+  const int64_t R = c10::multiply_integers(w.sizes().slice(0, w.dim() - 1));
   const at::Tensor wf = w.to(at::kFloat).contiguous();
   std::vector<int64_t> qshape(w.sizes().begin(), w.sizes().end());
   std::vector<int64_t> sshape = qshape;

@@ -1,6 +1,7 @@
 #include "plan/dispatch_plan.h"
 
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <cstring>
 #include <limits>
@@ -78,8 +79,7 @@ DispatchPlan plan_affine_matmul(const MatmulGeometry& g, at::ScalarType dtype, i
   to_i32(g.M * std::max(g.in_features, g.out_features), "rows x features of one batch entry");
 
   // Batch entries; their shape and strides are filled in by the tensor overload below.
-  int64_t batch = 1;
-  for (int64_t b : g.batch) batch *= b;
+  const int64_t batch = g.batch_size;
   p.batch = to_i32(batch, "batch size");
   plan.out_shapes.push_back(g.out_shape);
 
@@ -158,7 +158,7 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64
   plan.dtype = dtype_name(w.scalar_type());
   plan.kernel = host_name("affine_quantize", plan.dtype, group_size, bits);
   const int64_t K = w.size(-1);
-  const int64_t rows = K == 0 ? 0 : w.numel() / K;
+  const int64_t rows = c10::multiply_integers(w.sizes().slice(0, w.dim() - 1));  // no division
   AffineQuantParams p{};
   p.rows = to_i32(rows, "rows of w");
   p.K = to_i32(K, "K (last dimension of w)");
@@ -179,11 +179,11 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64
 
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                     const at::Tensor& biases, int64_t group_size, int64_t bits) {
-  const PackedGeometry g = check_packed(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
   DispatchPlan plan;
   plan.dtype = dtype_name(scales.scalar_type());
   plan.kernel = host_name("affine_dequantize", plan.dtype, group_size, bits);
-  const int64_t rows = scales.numel() / g.groups;
+  const int64_t rows = c10::multiply_integers(scales.sizes().slice(0, scales.dim() - 1));
   AffineQuantParams p{};
   p.rows = to_i32(rows, "rows of wq");
   p.K = to_i32(g.cols, "K (logical columns)");

@@ -162,10 +162,29 @@ class AffineEmbedding(nn.Module):
         if ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"mlxq: AffineEmbedding expects integer ids, got {ids.dtype}")
         flat = ids.reshape(-1)
+        if flat.dtype not in (torch.int32, torch.int64):
+            flat = flat.long()
+        if not torch.compiler.is_compiling():
+            self._check_ids(flat)
+        # index_select, not indexing: a negative id must not wrap around to the last rows
+        # (nn.Embedding raises for it); compiled graphs keep index_select's own bounds check.
         rows = affine_dequantize(
-            self.weight[flat], self.scales[flat], self.biases[flat], self.group_size, self.bits
+            self.weight.index_select(0, flat),
+            self.scales.index_select(0, flat),
+            self.biases.index_select(0, flat),
+            self.group_size,
+            self.bits,
         )
         return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def _check_ids(self, flat: torch.Tensor) -> None:
+        # One reduction, on every device (index_select does not check bounds on all of them).
+        bad = (flat < 0) | (flat >= self.num_embeddings)
+        if bool(bad.any()):
+            raise IndexError(
+                f"mlxq: AffineEmbedding({self.num_embeddings}, {self.embedding_dim}): ids must "
+                f"lie in [0, {self.num_embeddings}), got {int(flat[bad][0])}"
+            )
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ table.T`: logits over the vocabulary, in the dtype of `x`."""

@@ -1,8 +1,8 @@
 """The mlxq ops as Python functions, with their fake (meta) kernels and autograd.
 
 The math lives in the native kernels (`torch.ops.mlxq.*`); this module adds what torch needs
-around them: fake kernels that compute output shapes for `torch.compile`, and the gradient of
-`affine_matmul` with respect to `x`.
+around them: fake kernels that compute output shapes for `torch.compile` (through the native
+argument checks), and the gradient of `affine_matmul` with respect to `x`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from mlxq._native import _C  # noqa: F401  (registers torch.ops.mlxq)
+from mlxq._native import _C  # registers torch.ops.mlxq; its checks serve the fake kernels
 
 __all__ = ["affine_quantize", "affine_dequantize", "affine_matmul"]
 
@@ -58,60 +58,33 @@ def affine_matmul(
     return torch.ops.mlxq.affine_matmul(x, wq, scales, biases, group_size, bits, transpose)
 
 
-# --- fake kernels: output shapes only (the native checks run when the op executes) ----------
+# --- fake kernels: output shapes from the native argument checks -------------------------------
+# Each fake kernel runs the same C++ check as the real kernels (csrc/checks.cpp, exposed as
+# mlxq._C.*_out_shape), so meta tensors and torch.compile refuse exactly the calls the real op
+# refuses, with the same message. The checks read sizes as SymInts: under dynamic shapes a
+# condition that cannot be decided while tracing becomes a run-time assertion of the graph.
+# These fake kernels also serve the Meta dispatch key, which wins when one operand is on "meta"
+# and another on a real device: the check's one-device rule refuses such a call.
 
 
 @torch.library.register_fake("mlxq::affine_quantize")
 def _quantize_fake(w: torch.Tensor, group_size: int = 64, bits: int = 4):
-    _check_bits_group(bits, group_size)
-    torch._check_value(w.dim() >= 1, lambda: "mlxq: w must have at least one dimension")
-    k = w.shape[-1]
-    torch._check_value(
-        k % group_size == 0,
-        lambda: f"mlxq: w last dimension {k} must be divisible by group_size {group_size}",
+    qshape, sshape, bshape = _C.quantize_out_shapes(w, group_size, bits)
+    return (
+        w.new_empty(qshape, dtype=torch.uint32),
+        w.new_empty(sshape),
+        w.new_empty(bshape),
     )
-    lead = list(w.shape[:-1])
-    wq = w.new_empty([*lead, k * bits // 32], dtype=torch.uint32)
-    scales = w.new_empty([*lead, k // group_size])
-    return wq, scales, torch.empty_like(scales)
-
-
-def _check_bits_group(bits: int, group_size: int) -> None:
-    # Only what the output shapes need (no division by a zero group size); the native kernels
-    # run the full checks of csrc/checks.cpp when the op executes.
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"mlxq: bits must be one of 2, 3, 4, 5, 6, 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"mlxq: group_size must be one of 32, 64, 128, got {group_size}")
-
-
-def _check_one_device(**tensors: torch.Tensor) -> None:
-    # These fake kernels also serve the Meta dispatch key, which wins when one operand is on
-    # "meta" and another on a real device: without this check such a call would return
-    # uninitialised memory instead of the native kernel's device error.
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"mlxq: all operands must be on one device, got {listed}")
 
 
 @torch.library.register_fake("mlxq::affine_dequantize")
 def _dequantize_fake(wq, scales, biases, group_size: int = 64, bits: int = 4):
-    _check_bits_group(bits, group_size)
-    _check_one_device(wq=wq, scales=scales, biases=biases)
-    return scales.new_empty([*wq.shape[:-1], scales.shape[-1] * group_size])
+    return scales.new_empty(_C.dequantize_out_shape(wq, scales, biases, group_size, bits))
 
 
 @torch.library.register_fake("mlxq::affine_matmul")
 def _matmul_fake(x, wq, scales, biases, group_size: int = 64, bits: int = 4, transpose=True):
-    _check_bits_group(bits, group_size)
-    _check_one_device(x=x, wq=wq, scales=scales, biases=biases)
-    rows, cols = wq.shape[-2], scales.shape[-1] * group_size
-    out_features = rows if transpose else cols
-    if wq.dim() == 2:
-        return x.new_empty([*x.shape[:-1], out_features])
-    batch = torch.broadcast_shapes(x.shape[:-2], wq.shape[:-2])
-    return x.new_empty([*batch, x.shape[-2], out_features])
+    return x.new_empty(_C.matmul_out_shape(x, wq, scales, biases, group_size, bits, transpose))
 
 
 # --- autograd: d/dx of x @ W.T is grad @ W, and vice versa -----------------------------------

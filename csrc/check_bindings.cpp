@@ -1,0 +1,24 @@
+// Python view of the argument checks (mlxq._C.*_out_shape): the fake (meta) kernels of
+// python/mlxq/ops.py call these, so that meta tensors and torch.compile accept and refuse
+// exactly what the real kernels do. Tensors may be meta or fake tensors with symbolic sizes;
+// shapes come back as lists of ints or torch.SymInts.
+#include <torch/extension.h>
+
+#include "checks.h"
+
+namespace mlxq {
+
+void register_check_bindings(pybind11::module& m) {
+  namespace py = pybind11;
+  m.def("matmul_out_shape", &matmul_out_shape, py::arg("x"), py::arg("wq"), py::arg("scales"),
+        py::arg("biases"), py::arg("group_size"), py::arg("bits"), py::arg("transpose"),
+        "Checks the arguments of affine_matmul (csrc/checks.cpp) and returns its output shape.");
+  m.def("dequantize_out_shape", &dequantize_out_shape, py::arg("wq"), py::arg("scales"),
+        py::arg("biases"), py::arg("group_size"), py::arg("bits"),
+        "Checks the arguments of affine_dequantize and returns its output shape.");
+  m.def("quantize_out_shapes", &quantize_out_shapes, py::arg("w"), py::arg("group_size"),
+        py::arg("bits"),
+        "Checks the arguments of affine_quantize and returns the shapes of wq, scales, biases.");
+}
+
+}  // namespace mlxq
