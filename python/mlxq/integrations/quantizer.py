@@ -20,6 +20,12 @@ from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, M
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
+from mlxq.integrations.mlx_vlm_layout import (
+    VlmLayout,
+    channels_last_conversions,
+    checkpoint_vlm_layout,
+    mlx_vlm_config_keys,
+)
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
@@ -132,9 +138,22 @@ def add_mlx_lm_config_keys(config) -> None:
         # written into __dict__: `rope_scaling` is a property aliasing `rope_parameters` in
         # transformers 5, and to_dict serializes __dict__
         vars(cfg).update(mlx_lm_config_keys(cfg))
+    add_mlx_vlm_config_keys(config)
     q = getattr(config, "quantization_config", None)
     if hasattr(q, "mlx_dict"):
         config.quantization = q.mlx_dict()
+
+
+def add_mlx_vlm_config_keys(config) -> None:
+    """For image-text models: the config.json keys mlx-vlm reads from the Hub layout (text
+    settings at the top level for Qwen2-VL/2.5-VL, the vision `model_type` it expects), see
+    :func:`mlxq.integrations.mlx_vlm_layout.mlx_vlm_config_keys`."""
+    keys = mlx_vlm_config_keys(config)
+    vars(config).update(keys["top"])
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and keys["vision"]:
+        # written into __dict__ only: to_dict serializes it, the class attribute stays
+        vars(vision).update(keys["vision"])
 
 
 def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInfo]):
@@ -148,6 +167,9 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     layout = checkpoint_layout(_model_type(model), headers)
     if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
         headers = {layout.to_transformers(k): v for k, v in headers.items()}
+    vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
+    if vlm_layout is not None:  # mlx-vlm's names for image-text models
+        headers = {vlm_layout.to_transformers(k): v for k, v in headers.items()}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -167,6 +189,28 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
             modules[module] = renamed.removesuffix(".weight")
         out[f"{modules[module]}.{leaf}" if modules[module] else leaf] = info
     return out
+
+
+def _with_model_names(model: nn.Module, config: MLXQuantConfig) -> MLXQuantConfig:
+    """`config` with its per-module entries under the model's module names (mlx-vlm names
+    them as in its checkpoint, e.g. `language_model.model.layers.0.mlp.down_proj`)."""
+    if not config.overrides:
+        return config
+    probe = {f"{name}.weight": TensorInfo("F32", ()) for name in config.overrides}
+    renamed = list(checkpoint_keys_as_model_keys(model, probe))
+    if renamed == list(probe):
+        return config
+    overrides = {
+        new.removesuffix(".weight"): config.overrides[old.removesuffix(".weight")]
+        for old, new in zip(probe, renamed, strict=True)
+    }
+    return MLXQuantConfig(
+        bits=config.bits,
+        group_size=config.group_size,
+        mode=config.mode,
+        overrides=overrides,
+        modules_to_not_convert=config.modules_to_not_convert,
+    )
 
 
 def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
@@ -277,8 +321,14 @@ class MLXHfQuantizer(HfQuantizer):
         headers = read_headers(checkpoint_files or [])
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
+        vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
+        self._vlm_layout: VlmLayout | None = vlm_layout
         headers = checkpoint_keys_as_model_keys(model, headers)
-        config = self.quantization_config
+        # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load
+        self._vlm_conversions = channels_last_conversions(
+            model, headers, prefer_last=vlm_layout is not None
+        )
+        config = _with_model_names(model, self.quantization_config)
         replaced: set[str] = set()
         for name, module in list(model.named_modules()):
             plan = swap_plan(name, module)
@@ -336,7 +386,15 @@ class MLXHfQuantizer(HfQuantizer):
         reverses them last, so that `save_pretrained` writes mlx-lm's layout again."""
         layout = getattr(self, "_mlx_layout", None)
         renames = layout.weight_renamings() if layout is not None else []
-        return [*renames, *super().update_weight_conversions(weight_conversions, model)]
+        vlm_layout = getattr(self, "_vlm_layout", None)
+        if vlm_layout is not None:  # mlx-vlm's names, also reversed last when saving
+            renames = [*vlm_layout.weight_renamings(), *renames]
+        converters = list(getattr(self, "_vlm_conversions", []))
+        return [
+            *renames,
+            *super().update_weight_conversions(weight_conversions, model),
+            *converters,
+        ]
 
     def get_weight_conversions(self):
         """Read transformers MetalConfig checkpoints too: their `qbiases` are our `biases`."""

@@ -1,0 +1,374 @@
+"""Tiny random image-text models of the families both transformers 5 and mlx-vlm run,
+converted by `mlx_vlm.convert`, and the comparison of mlxq's logits with mlx-vlm's.
+
+Used by tests/test_vlm_coverage.py (a fast subset) and benchmarks/vlm_coverage.py (every
+family). Each model: 2 text layers (hidden 128, vocab 512), a 2-block vision tower of width
+64, random weights larger than the init, a word-level tokenizer built here with the family's
+image tokens (no download) and the family's own image processor with a small image size.
+
+mlx-vlm 0.7 reads the config.json layout of the Hub checkpoints (transformers 4): some
+families want the text settings at the top level, the vision `model_type` of the whole model
+and a top-level `rope_theta`/`rope_scaling`. Each family's `mlx_vlm_keys` writes them from this
+file's own parameters (not from mlxq's code), so the oracle stays independent of the code
+under test. Converted checkpoints are cached under $MLXQ_TEST_CACHE like tests/mlx_models.py's.
+
+The inputs (token ids with the image tokens expanded, pixel values and the family's extra
+tensors) come from mlx-vlm's processor and are fed unchanged to both models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlx_models import TEST_CACHE
+
+VOCAB = 512
+TEXT = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+)
+THETA = 5000.0
+TEXT_PROMPT = "t5 t77 t300 t12 t499 t3 t42 t250 t7 t128 t64"
+
+
+def _flatten_text(cfg: dict, extra: dict | None = None) -> None:
+    """Hub layout of Qwen2-VL / Qwen2.5-VL: the text settings at the top level too."""
+    for key, value in cfg["text_config"].items():
+        cfg.setdefault(key, value)
+    cfg.update(extra or {})
+
+
+@dataclass(frozen=True)
+class Family:
+    """One image-text family: its tiny config, tokens, image processor and mlx-vlm keys."""
+
+    model_type: str
+    text: dict  # text_config overrides
+    vision: dict  # vision_config overrides
+    special: tuple[str, ...]  # special tokens, placed at the end of the vocabulary
+    token_ids: dict[str, str]  # config attribute -> special token
+    image_processor: Callable[[], Any]
+    prompt: str  # the text around the image; the processor expands the image token
+    image_size: tuple[int, int] = (56, 56)  # (width, height) of the test image
+    top: dict = field(default_factory=dict)  # top-level config overrides
+    mlx_vlm_keys: Callable[[dict], None] | None = None  # edits config.json for mlx-vlm
+    extra_inputs: tuple[str, ...] = ()  # processor outputs besides ids, mask, pixel_values
+    # inputs transformers' processor adds and mlx-vlm's does not: (inputs, config) -> inputs
+    torch_inputs: Callable[[dict, Any], dict] | None = None
+    fast: bool = False  # in the pytest subset
+
+
+def _qwen_image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    return Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2
+    )
+
+
+_QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+_QWEN_IDS = {
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+}
+_QWEN_PROMPT = "t5 t6 <|vision_start|><|image_pad|><|vision_end|> t7 t300 t42"
+
+
+def _qwen2_keys(cfg: dict) -> None:
+    section = cfg["text_config"]["rope_parameters"]["mrope_section"]
+    _flatten_text(
+        cfg, {"rope_theta": THETA, "rope_scaling": {"type": "mrope", "mrope_section": section}}
+    )
+    cfg["vision_config"]["model_type"] = cfg["model_type"]
+
+
+def _mm_token_types(inputs: dict, config) -> dict:
+    """Qwen-VL in transformers 5 places the rope of image tokens by `mm_token_type_ids`
+    (1 for image tokens), which its processor returns and mlx-vlm's does not."""
+    ids = inputs["input_ids"]
+    return {**inputs, "mm_token_type_ids": (ids == config.image_token_id).astype(np.int64)}
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl",
+        text={
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": THETA,
+                "mrope_section": [4, 6, 6],
+            },
+        },
+        vision=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            fullatt_block_indexes=[1],
+            window_size=56,
+        ),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        image_processor=_qwen_image_processor,
+        prompt=_QWEN_PROMPT,
+        image_size=(84, 56),
+        mlx_vlm_keys=_qwen2_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+        fast=True,
+    ),
+}
+
+
+def tiny_tokenizer(out: Path, special: tuple[str, ...]):
+    """A word-level tokenizer over `t4..` with <pad>/<s>/</s>/<unk> at 0..3 and the family's
+    special tokens at the end of the vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    first_special = VOCAB - len(special)
+    vocab.update({f"t{i}": i for i in range(4, first_special)})
+    vocab.update({s: first_special + i for i, s in enumerate(special)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    fast.save_pretrained(out)
+    return fast, {s: first_special + i for i, s in enumerate(special)}
+
+
+def _config(family: Family, ids: dict[str, int], tied: bool):
+    from transformers import AutoConfig
+
+    text = {**TEXT, **copy.deepcopy(family.text), "tie_word_embeddings": tied}
+    top = {attr: ids[token] for attr, token in family.token_ids.items()}
+    return AutoConfig.for_model(
+        family.model_type,
+        text_config=text,
+        vision_config=copy.deepcopy(family.vision),
+        tie_word_embeddings=tied,
+        **top,
+        **family.top,
+    )
+
+
+def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
+    """A tiny random bf16 image-text model of family `name` saved by transformers, with a
+    tokenizer and image processor, and config.json in the layout mlx-vlm reads."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    family = FAMILIES[name]
+    out.mkdir(parents=True, exist_ok=True)
+    _, ids = tiny_tokenizer(out, family.special)
+    family.image_processor().save_pretrained(out)
+    config = _config(family, ids, tied)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            else:  # norms and biases away from their init values (0 or 1)
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    if family.mlx_vlm_keys is not None:
+        family.mlx_vlm_keys(cfg)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One conversion: tied or untied head and the quantization settings."""
+
+    tied: bool = False
+    bits: int = 4
+    group_size: int = 64
+
+    @property
+    def tag(self) -> str:
+        return f"{'tied' if self.tied else 'untied'}-{self.bits}bit-g{self.group_size}"
+
+
+VARIANT = Variant()
+
+
+def _cache_key(name: str, variant: Variant) -> str:
+    import mlx_vlm
+    from mlxq.demo_model import _versions
+
+    family = FAMILIES[name]
+    spec = json.dumps(
+        [TEXT, family.text, family.vision, family.top, family.prompt, variant.tag, VOCAB],
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    return f"vlm-{name}-{variant.tag}-{_versions()}-vlm{mlx_vlm.__version__}-{digest}"
+
+
+def tiny_mlx_vlm_checkpoint(name: str, variant: Variant = VARIANT) -> Path:
+    """The tiny model converted by `mlx_vlm.convert -q` (cached). Raises what mlx-vlm raises."""
+    from mlx_vlm import convert
+
+    final = TEST_CACHE / "models" / _cache_key(name, variant)
+    if (final / "config.json").is_file():
+        return final
+    staging = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        float_dir = tiny_float_checkpoint(name, staging / "float", variant.tied)
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert(
+                str(float_dir),
+                str(staging / "mlx"),
+                quantize=True,
+                q_group_size=variant.group_size,
+                q_bits=variant.bits,
+            )
+        os.replace(staging / "mlx", final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def test_image(size: tuple[int, int]):
+    """A deterministic RGB image with structure in both directions and every channel."""
+    from PIL import Image
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack(
+        [(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x * 7 + y * 13) % 256)],
+        axis=-1,
+    )
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarray]:
+    """The processor's output (numpy) for the family's prompt, with or without the image."""
+    import importlib
+
+    from mlx_vlm.utils import load_processor
+
+    family = FAMILIES[name]
+    # registers mlx-vlm's own processor classes, which its saved processor_config.json names
+    importlib.import_module(f"mlx_vlm.models.{family.model_type}")
+    processor = load_processor(path)
+    if not with_image:
+        ids = processor.tokenizer(TEXT_PROMPT, add_special_tokens=False)["input_ids"]
+        ids = np.array([ids], dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    out = processor(
+        text=[family.prompt], images=[test_image(family.image_size)], return_tensors="np"
+    )
+    keep = ("input_ids", "attention_mask", "pixel_values", *family.extra_inputs)
+    return {k: np.asarray(out[k]) for k in keep if k in out}
+
+
+def mlx_vlm_logits(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """mlx-vlm's fp32 logits for these inputs (the model cast to float32)."""
+    import mlx.core as mx
+    from mlx_vlm.utils import load_model
+
+    model = load_model(Path(path))
+    model.set_dtype(mx.float32)
+    kwargs = {k: mx.array(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    if "pixel_values" in kwargs:
+        kwargs["pixel_values"] = kwargs["pixel_values"].astype(mx.float32)
+    out = model(mx.array(inputs["input_ids"]), mask=mx.array(inputs["attention_mask"]), **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out
+    return np.array(logits[0].astype(mx.float32))
+
+
+def mlxq_logits(path: Path, name: str, inputs: dict[str, np.ndarray], model=None) -> np.ndarray:
+    """mlxq's fp32 logits through transformers' AutoModelForImageTextToText."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    if model is None:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    family = FAMILIES[name]
+    if family.torch_inputs is not None:
+        inputs = family.torch_inputs(inputs, model.config)
+    kwargs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    if "pixel_values" in kwargs:
+        kwargs["pixel_values"] = kwargs["pixel_values"].float()
+    with torch.no_grad():
+        return model(**kwargs).logits[0].float().numpy()
+
+
+@dataclass
+class Outcome:
+    """One family: `loads` with the max diffs (text only, image + text), or a reason."""
+
+    name: str
+    variant: Variant
+    status: str  # "loads", "refused" (by mlxq or transformers), "mlx-vlm fails" (no oracle)
+    text_diff: float | None = None
+    image_diff: float | None = None
+    reason: str = ""
+
+    def line(self) -> str:
+        head = f"{self.name:14s} {self.variant.tag:18s}"
+        if self.status == "loads":
+            return f"{head} loads  text {self.text_diff:.2e}  image+text {self.image_diff:.2e}"
+        return f"{head} {self.status}: {self.reason}"
+
+
+def run_family(name: str, variant: Variant = VARIANT) -> Outcome:
+    """Convert with mlx-vlm, run both on a text prompt and on an image + text prompt."""
+    try:
+        path = tiny_mlx_vlm_checkpoint(name, variant)
+        inputs = [model_inputs(path, name, with_image) for with_image in (False, True)]
+        refs = [mlx_vlm_logits(path, x) for x in inputs]
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the oracle cannot run this family
+        return Outcome(name, variant, "mlx-vlm fails", reason=_one_line(e))
+    try:
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        got = [mlxq_logits(path, name, x, model) for x in inputs]
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        return Outcome(name, variant, "refused", reason=_one_line(e))
+    diffs = [float(np.abs(g - r).max()) for g, r in zip(got, refs, strict=True)]
+    return Outcome(name, variant, "loads", text_diff=diffs[0], image_diff=diffs[1])
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
