@@ -58,32 +58,41 @@ def _flatten_text(cfg: dict, extra: dict | None = None) -> None:
 
 @dataclass(frozen=True)
 class Family:
-    """One image-text family: its tiny config, tokens, image processor and mlx-vlm keys."""
+    """One image-text family: its tiny config, tokens, processor and mlx-vlm keys."""
 
     model_type: str
     text: dict  # text_config overrides
     vision: dict  # vision_config overrides
     special: tuple[str, ...]  # special tokens, placed at the end of the vocabulary
     token_ids: dict[str, str]  # config attribute -> special token
-    image_processor: Callable[[], Any]
+    # (tokenizer) -> a processor or image processor to save next to the model
+    processor: Callable[[Any], Any]
     prompt: str  # the text around the image; the processor expands the image token
     image_size: tuple[int, int] = (56, 56)  # (width, height) of the test image
     top: dict = field(default_factory=dict)  # top-level config overrides
+    named_tokens: dict[str, str] = field(default_factory=dict)  # tokenizer.<attr> = token
     mlx_vlm_keys: Callable[[dict], None] | None = None  # edits config.json for mlx-vlm
     extra_inputs: tuple[str, ...] = ()  # processor outputs besides ids, mask, pixel_values
     # inputs transformers' processor adds and mlx-vlm's does not: (inputs, config) -> inputs
     torch_inputs: Callable[[dict, Any], dict] | None = None
+    # float tensor renames into the Hub (transformers 4) layout mlx-vlm converts from
+    hub_renames: tuple[tuple[str, str], ...] = ()
+    tied: bool = False  # mlx-vlm's model of the family has a tied head only
     fast: bool = False  # in the pytest subset
 
 
-def _qwen_image_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
+def _qwen_image_processor(patch: int):
+    def make(tokenizer):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
 
-    return Qwen2VLImageProcessorPil(
-        min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2
-    )
+        side = patch * 4
+        return Qwen2VLImageProcessorPil(
+            min_pixels=side * side, max_pixels=4 * side * side, patch_size=patch, merge_size=2
+        )
+
+    return make
 
 
 _QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -94,6 +103,7 @@ _QWEN_IDS = {
     "video_token_id": "<|video_pad|>",
 }
 _QWEN_PROMPT = "t5 t6 <|vision_start|><|image_pad|><|vision_end|> t7 t300 t42"
+_MROPE = {"rope_type": "default", "rope_theta": THETA, "mrope_section": [4, 6, 6]}
 
 
 def _qwen2_keys(cfg: dict) -> None:
@@ -104,6 +114,26 @@ def _qwen2_keys(cfg: dict) -> None:
     cfg["vision_config"]["model_type"] = cfg["model_type"]
 
 
+def _text_rope_keys(**extra: Any) -> Callable[[dict], None]:
+    """mlx-vlm reads `rope_theta` (and Gemma 3's local base and pattern) in text_config."""
+
+    def edit(cfg: dict) -> None:
+        cfg["text_config"].update({"rope_theta": THETA, **extra})
+
+    return edit
+
+
+def _qwen3_keys(cfg: dict) -> None:
+    section = cfg["text_config"]["rope_parameters"]["mrope_section"]
+    rope = {"type": "default", "mrope_section": section, "mrope_interleaved": True}
+    cfg["text_config"].update({"rope_theta": THETA, "rope_scaling": rope})
+    cfg["vision_config"]["model_type"] = cfg["model_type"]
+
+
+# CLIP/SigLIP towers: the Hub checkpoints (transformers 4) name them `vision_tower.vision_model.`
+_HUB_VISION_MODEL = ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)
+
+
 def _mm_token_types(inputs: dict, config) -> dict:
     """Qwen-VL in transformers 5 places the rope of image tokens by `mm_token_type_ids`
     (1 for image tokens), which its processor returns and mlx-vlm's does not."""
@@ -111,16 +141,93 @@ def _mm_token_types(inputs: dict, config) -> dict:
     return {**inputs, "mm_token_type_ids": (ids == config.image_token_id).astype(np.int64)}
 
 
+def _gemma3_processor(tokenizer):
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=ip, tokenizer=tokenizer, image_seq_length=4)
+
+
+def _llava_processor(tokenizer):
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def _paligemma_processor(tokenizer):
+    from transformers import PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    ip = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    ip.image_seq_length = 4
+    return PaliGemmaProcessor(image_processor=ip, tokenizer=tokenizer)
+
+
+def _pixtral_processor(tokenizer):
+    # mlx-vlm's own classes: transformers' PixtralProcessor needs torchvision
+    from mlx_vlm.models.mistral3.processing_mistral3 import Mistral3Processor
+    from mlx_vlm.models.pixtral.image_processing_pixtral import PixtralImageProcessor
+
+    ip = PixtralImageProcessor(size={"longest_edge": 56}, patch_size={"height": 14, "width": 14})
+    return Mistral3Processor(
+        image_processor=ip, tokenizer=tokenizer, patch_size=14, spatial_merge_size=2
+    )
+
+
+def _idefics3_processor(kind: str):
+    def make(tokenizer):
+        if kind == "smolvlm":  # mlx-vlm's processor: transformers' needs torchvision
+            from mlx_vlm.models.smolvlm.processing_smolvlm import SmolVLMProcessor as Processor
+            from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+                SmolVLMImageProcessorPil as ImageProcessor,
+            )
+        else:
+            from transformers import Idefics3Processor as Processor
+            from transformers.models.idefics3.image_processing_pil_idefics3 import (
+                Idefics3ImageProcessorPil as ImageProcessor,
+            )
+
+        ip = ImageProcessor(
+            do_image_splitting=False,
+            size={"longest_edge": 32},
+            max_image_size={"longest_edge": 32},
+        )
+        return Processor(image_processor=ip, tokenizer=tokenizer, image_seq_len=4)
+
+    return make
+
+
+_SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+_LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
+_IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
+
 FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family(
+        "qwen2_vl",
+        text={"rope_parameters": dict(_MROPE)},
+        vision=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(14),
+        prompt=_QWEN_PROMPT,
+        image_size=(84, 56),
+        mlx_vlm_keys=_qwen2_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+    ),
     "qwen2_5_vl": Family(
         "qwen2_5_vl",
-        text={
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": THETA,
-                "mrope_section": [4, 6, 6],
-            },
-        },
+        text={"rope_parameters": dict(_MROPE)},
         vision=dict(
             depth=2,
             hidden_size=64,
@@ -132,7 +239,7 @@ FAMILIES: dict[str, Family] = {
         ),
         special=_QWEN_SPECIAL,
         token_ids=_QWEN_IDS,
-        image_processor=_qwen_image_processor,
+        processor=_qwen_image_processor(14),
         prompt=_QWEN_PROMPT,
         image_size=(84, 56),
         mlx_vlm_keys=_qwen2_keys,
@@ -140,10 +247,141 @@ FAMILIES: dict[str, Family] = {
         torch_inputs=_mm_token_types,
         fast=True,
     ),
+    "qwen3_vl": Family(
+        "qwen3_vl",
+        text={"rope_parameters": {**_MROPE, "mrope_interleaved": True}},
+        vision=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+            patch_size=16,
+        ),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(16),
+        prompt=_QWEN_PROMPT,
+        image_size=(96, 64),
+        mlx_vlm_keys=_qwen3_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+        fast=True,
+    ),
+    "gemma3": Family(
+        "gemma3",
+        text={
+            "query_pre_attn_scalar": 32,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 64,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": THETA},
+            },
+        },
+        vision=dict(_SIGLIP, image_size=32, patch_size=8),
+        special=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+        token_ids={
+            "boi_token_index": "<start_of_image>",
+            "eoi_token_index": "<end_of_image>",
+            "image_token_index": "<image_soft_token>",
+        },
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+        processor=_gemma3_processor,
+        prompt="t5 t6 <start_of_image> t7 t300 t42",
+        image_size=(32, 32),
+        top={"mm_tokens_per_image": 4},
+        mlx_vlm_keys=_text_rope_keys(
+            rope_global_base_freq=THETA,
+            rope_local_base_freq=10_000.0,
+            sliding_window_pattern=2,
+            mm_tokens_per_image=4,
+        ),
+        fast=True,
+        hub_renames=_HUB_VISION_MODEL,
+    ),
+    "llava": Family(
+        "llava",
+        text=_LLAMA_TEXT,
+        vision=dict(_SIGLIP, image_size=28, patch_size=14),
+        special=("<image>",),
+        token_ids={"image_token_index": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_llava_processor,
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(28, 28),
+        top={"image_seq_length": 4},
+        mlx_vlm_keys=_text_rope_keys(),
+        hub_renames=_HUB_VISION_MODEL,
+    ),
+    "paligemma": Family(
+        "paligemma",
+        text={**_LLAMA_TEXT, "head_dim": 32},
+        vision=dict(
+            _SIGLIP, image_size=28, patch_size=14, projection_dim=128, vision_use_head=False
+        ),
+        special=("<image>",),
+        token_ids={"image_token_index": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_paligemma_processor,
+        prompt="t5 t6 t7 t300 t42",
+        image_size=(28, 28),
+        top={"projection_dim": 128, "hidden_size": 128},
+        mlx_vlm_keys=_text_rope_keys(),
+        hub_renames=_HUB_VISION_MODEL,
+        tied=True,
+    ),
+    "mistral3": Family(
+        "mistral3",
+        text=_LLAMA_TEXT,
+        vision=dict(_SIGLIP, head_dim=32, image_size=56, patch_size=14),
+        special=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+        token_ids={"image_token_index": "[IMG]"},
+        named_tokens={"image_token": "[IMG]"},
+        processor=_pixtral_processor,
+        prompt="t5 t6 [IMG] t7 t300 t42",
+        image_size=(56, 56),
+        mlx_vlm_keys=_text_rope_keys(),
+        extra_inputs=("image_sizes",),
+    ),
+    "idefics3": Family(
+        "idefics3",
+        text=_LLAMA_TEXT,
+        vision=dict(_SIGLIP, image_size=32, patch_size=8),
+        special=_IDEFICS_SPECIAL,
+        token_ids={"image_token_id": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_idefics3_processor("idefics3"),
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(32, 32),
+        top={"scale_factor": 2},
+        mlx_vlm_keys=_text_rope_keys(),
+        extra_inputs=("pixel_attention_mask",),
+    ),
+    "smolvlm": Family(
+        "smolvlm",
+        text=_LLAMA_TEXT,
+        vision=dict(_SIGLIP, image_size=32, patch_size=8),
+        special=_IDEFICS_SPECIAL,
+        token_ids={"image_token_id": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_idefics3_processor("smolvlm"),
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(32, 32),
+        top={"scale_factor": 2},
+        mlx_vlm_keys=_text_rope_keys(),
+        extra_inputs=("pixel_attention_mask",),
+    ),
 }
 
 
-def tiny_tokenizer(out: Path, special: tuple[str, ...]):
+def tiny_tokenizer(out: Path, special: tuple[str, ...], named: dict[str, str] | None = None):
     """A word-level tokenizer over `t4..` with <pad>/<s>/</s>/<unk> at 0..3 and the family's
     special tokens at the end of the vocabulary."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
@@ -162,6 +400,7 @@ def tiny_tokenizer(out: Path, special: tuple[str, ...]):
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
+        extra_special_tokens=dict(named or {}),
     )
     fast.save_pretrained(out)
     return fast, {s: first_special + i for i, s in enumerate(special)}
@@ -190,8 +429,8 @@ def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
 
     family = FAMILIES[name]
     out.mkdir(parents=True, exist_ok=True)
-    _, ids = tiny_tokenizer(out, family.special)
-    family.image_processor().save_pretrained(out)
+    tokenizer, ids = tiny_tokenizer(out, family.special, family.named_tokens)
+    family.processor(tokenizer).save_pretrained(out)
     config = _config(family, ids, tied)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16)
@@ -202,6 +441,15 @@ def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
             else:  # norms and biases away from their init values (0 or 1)
                 p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(out)
+    if family.hub_renames:
+        import re
+
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(out / "model.safetensors")
+        for pattern, repl in family.hub_renames:
+            tensors = {re.sub(pattern, repl, k): v for k, v in tensors.items()}
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
     if family.mlx_vlm_keys is not None:
         family.mlx_vlm_keys(cfg)
@@ -222,16 +470,14 @@ class Variant:
         return f"{'tied' if self.tied else 'untied'}-{self.bits}bit-g{self.group_size}"
 
 
-VARIANT = Variant()
-
-
 def _cache_key(name: str, variant: Variant) -> str:
     import mlx_vlm
     from mlxq.demo_model import _versions
 
     family = FAMILIES[name]
     spec = json.dumps(
-        [TEXT, family.text, family.vision, family.top, family.prompt, variant.tag, VOCAB],
+        [TEXT, family.text, family.vision, family.top, family.prompt, family.special]
+        + [family.named_tokens, family.image_size, variant.tag, VOCAB],
         sort_keys=True,
         default=str,
     )
@@ -239,10 +485,16 @@ def _cache_key(name: str, variant: Variant) -> str:
     return f"vlm-{name}-{variant.tag}-{_versions()}-vlm{mlx_vlm.__version__}-{digest}"
 
 
-def tiny_mlx_vlm_checkpoint(name: str, variant: Variant = VARIANT) -> Path:
+def variant_of(name: str) -> Variant:
+    """The variant a family is tested with: untied head unless mlx-vlm has tied only."""
+    return Variant(tied=FAMILIES[name].tied)
+
+
+def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
     """The tiny model converted by `mlx_vlm.convert -q` (cached). Raises what mlx-vlm raises."""
     from mlx_vlm import convert
 
+    variant = variant or variant_of(name)
     final = TEST_CACHE / "models" / _cache_key(name, variant)
     if (final / "config.json").is_file():
         return final
@@ -307,9 +559,11 @@ def mlx_vlm_logits(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     model = load_model(Path(path))
     model.set_dtype(mx.float32)
     kwargs = {k: mx.array(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    if "pixel_values" in kwargs:
-        kwargs["pixel_values"] = kwargs["pixel_values"].astype(mx.float32)
-    out = model(mx.array(inputs["input_ids"]), mask=mx.array(inputs["attention_mask"]), **kwargs)
+    pixels = kwargs.pop("pixel_values", None)
+    if pixels is not None:
+        pixels = pixels.astype(mx.float32)
+    ids, mask = mx.array(inputs["input_ids"]), mx.array(inputs["attention_mask"])
+    out = model(ids, pixels, mask=mask, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     return np.array(logits[0].astype(mx.float32))
 
@@ -349,8 +603,9 @@ class Outcome:
         return f"{head} {self.status}: {self.reason}"
 
 
-def run_family(name: str, variant: Variant = VARIANT) -> Outcome:
+def run_family(name: str, variant: Variant | None = None) -> Outcome:
     """Convert with mlx-vlm, run both on a text prompt and on an image + text prompt."""
+    variant = variant or variant_of(name)
     try:
         path = tiny_mlx_vlm_checkpoint(name, variant)
         inputs = [model_inputs(path, name, with_image) for with_image in (False, True)]

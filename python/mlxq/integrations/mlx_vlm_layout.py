@@ -33,6 +33,7 @@ __all__ = [
     "ChannelsLastToFirst",
     "channels_last_conversions",
     "mlx_vlm_config_keys",
+    "missing_tensors",
 ]
 
 # mlx-vlm's language model and head, the same in every family it writes
@@ -49,9 +50,11 @@ class VlmLayout:
 
     model_type: str
     renames: tuple[tuple[str, str], ...]
-    # config.json keys mlx-vlm reads from the top level (Hub layout), see mlx_vlm_config_keys
+    marker: str = "language_model.model."  # a key prefix only mlx-vlm's layout has
+    # config.json keys mlx-vlm reads from the Hub layout, see mlx_vlm_config_keys
     flat_text_config: bool = False  # the whole text config copied to the top level
     vision_model_type: str | None = None  # vision_config.model_type mlx-vlm expects
+    text_keys_from_top: tuple[str, ...] = ()  # top-level keys mlx-vlm reads in text_config
 
     def to_transformers(self, key: str) -> str:
         for pattern, repl in self.renames:
@@ -67,15 +70,32 @@ class VlmLayout:
         return [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in self.renames]
 
 
-def _llava_like(model_type: str, vision: str = "vision_tower", **kw: Any) -> VlmLayout:
+def _llava_like(model_type: str, *extra: tuple[str, str], **kw: Any) -> VlmLayout:
     return VlmLayout(
         model_type,
         (
             *_TEXT,
-            (rf"^{vision}\.", "model.vision_tower."),
+            # CLIP/SigLIP/Pixtral towers: transformers 5 drops their `vision_model.` level
+            (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+            (r"^vision_tower\.", "model.vision_tower."),
             (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+            *extra,
         ),
         **kw,
+    )
+
+
+def _idefics3(model_type: str) -> VlmLayout:
+    # mlx-vlm keeps Idefics 3's text model without a `model.` level
+    return VlmLayout(
+        model_type,
+        (
+            (r"^language_model\.lm_head\.", "lm_head."),
+            (r"^language_model\.", "model.text_model."),
+            (r"^vision_model\.", "model.vision_model."),
+            (r"^connector\.", "model.connector."),
+        ),
+        marker="language_model.layers.",
     )
 
 
@@ -87,33 +107,13 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
     "qwen3_vl": _qwen_vl("qwen3_vl"),
-    "gemma3": _llava_like("gemma3"),
+    "gemma3": _llava_like("gemma3", text_keys_from_top=("mm_tokens_per_image",)),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
-    "llava_next": VlmLayout(
-        "llava_next",
-        (
-            *_llava_like("llava_next").renames,
-            (r"^image_newline", "model.image_newline"),
-        ),
-    ),
+    "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
     "mistral3": _llava_like("mistral3"),
-    "idefics3": VlmLayout(
-        "idefics3",
-        (
-            *_TEXT,
-            (r"^vision_model\.", "model.vision_model."),
-            (r"^connector\.", "model.connector."),
-        ),
-    ),
-    "smolvlm": VlmLayout(
-        "smolvlm",
-        (
-            *_TEXT,
-            (r"^vision_model\.", "model.vision_model."),
-            (r"^connector\.", "model.connector."),
-        ),
-    ),
+    "idefics3": _idefics3("idefics3"),
+    "smolvlm": _idefics3("smolvlm"),
 }
 
 
@@ -123,11 +123,10 @@ def is_image_text(config: Any) -> bool:
 
 
 def checkpoint_vlm_layout(model_type: str | None, keys: Iterable[str]) -> VlmLayout | None:
-    """mlx-vlm's layout when the checkpoint of a `model_type` model uses it, else None.
-
-    mlx-vlm's checkpoints are recognised by their `language_model.model.` prefix."""
+    """mlx-vlm's layout when the checkpoint of a `model_type` model uses it, else None
+    (recognised by a key prefix only mlx-vlm writes, e.g. `language_model.model.`)."""
     layout = VLM_LAYOUTS.get(model_type or "")
-    if layout is None or not any(k.startswith("language_model.model.") for k in keys):
+    if layout is None or not any(k.startswith(layout.marker) for k in keys):
         return None
     return layout
 
@@ -208,34 +207,56 @@ def channels_last_conversions(
     return out
 
 
-def _rope(text: dict) -> dict:
+def _rope(text: dict, gemma3: bool) -> dict:
     rope = text.get("rope_parameters")
     if not isinstance(rope, dict):
         return {}
+    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3)
+        rope = rope["full_attention"]
     out: dict[str, Any] = {}
     if "rope_theta" in rope:
         out["rope_theta"] = rope["rope_theta"]
+        if gemma3:  # mlx-vlm's Gemma 3 calls the global base rope_global_base_freq
+            out["rope_global_base_freq"] = rope["rope_theta"]
     if "mrope_section" in rope:
-        out["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        out["rope_scaling"] = {"type": "default", "mrope_section": list(rope["mrope_section"])}
     return out
 
 
-def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
-    """Top-level config.json keys mlx-vlm reads for this image-text config and that
-    transformers 5 does not write, and the `vision_config` entries it expects.
-
-    Returns `{"top": {...}, "vision": {...}}`; keys the config already has are not returned.
-    """
+def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
+    """The config.json keys mlx-vlm reads for this image-text config and that transformers 5
+    does not write: `{"top": {...}, "text": {...}, "vision": {...}}` for the top level,
+    `text_config` and `vision_config`. Keys already present are not returned."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     layout = VLM_LAYOUTS.get(cfg.get("model_type") or "")
-    top: dict[str, Any] = {}
-    vision: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {"top": {}, "text": {}, "vision": {}}
     if layout is None:
-        return {"top": top, "vision": vision}
+        return out
     text = cfg.get("text_config") or {}
-    if layout.flat_text_config:
-        top.update({k: v for k, v in text.items() if k not in cfg})
-        top.update(_rope(text))
+    rope = _rope(text, gemma3=layout.model_type == "gemma3")
+    if layout.flat_text_config:  # Qwen2-VL/2.5-VL: text settings at the top, mrope typed
+        out["top"].update({k: v for k, v in text.items() if k not in cfg})
+        out["top"].update(rope)
+        if "rope_scaling" in rope:
+            out["top"]["rope_scaling"] = {**rope["rope_scaling"], "type": "mrope"}
+    out["text"].update(rope)
+    out["text"].update({k: cfg[k] for k in layout.text_keys_from_top if k in cfg})
     if layout.vision_model_type is not None:
-        vision["model_type"] = layout.vision_model_type
-    return {"top": {k: v for k, v in top.items() if k not in cfg}, "vision": vision}
+        out["vision"]["model_type"] = layout.vision_model_type
+    vision = cfg.get("vision_config") or {}
+    return {
+        "top": {k: v for k, v in out["top"].items() if k not in cfg},
+        "text": {k: v for k, v in out["text"].items() if k not in text},
+        "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
+    }
+
+
+def missing_tensors(model: nn.Module, headers: Mapping[str, Any]) -> list[str]:
+    """The model's parameters and persistent buffers that no checkpoint tensor fills (names
+    after renaming), tied ones excepted: loading would initialise them at random."""
+    tied: set[str] = set()
+    for name, sub in model.named_modules():
+        keys = getattr(sub, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            tied.update(f"{name}.{k}" if name else k for k in keys)
+    return [k for k in model.state_dict() if k not in headers and k not in tied]

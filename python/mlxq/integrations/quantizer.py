@@ -24,6 +24,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     VlmLayout,
     channels_last_conversions,
     checkpoint_vlm_layout,
+    missing_tensors,
     mlx_vlm_config_keys,
 )
 from mlxq.nn import (
@@ -149,11 +150,13 @@ def add_mlx_vlm_config_keys(config) -> None:
     settings at the top level for Qwen2-VL/2.5-VL, the vision `model_type` it expects), see
     :func:`mlxq.integrations.mlx_vlm_layout.mlx_vlm_config_keys`."""
     keys = mlx_vlm_config_keys(config)
+    # written into __dict__ (to_dict serializes it; properties such as rope_scaling alias
+    # rope_parameters in transformers 5)
     vars(config).update(keys["top"])
-    vision = getattr(config, "vision_config", None)
-    if vision is not None and keys["vision"]:
-        # written into __dict__ only: to_dict serializes it, the class attribute stays
-        vars(vision).update(keys["vision"])
+    for sub, name in (("text_config", "text"), ("vision_config", "vision")):
+        sub_config = getattr(config, sub, None)
+        if sub_config is not None and keys[name]:
+            vars(sub_config).update(keys[name])
 
 
 def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInfo]):
@@ -211,6 +214,19 @@ def _with_model_names(model: nn.Module, config: MLXQuantConfig) -> MLXQuantConfi
         overrides=overrides,
         modules_to_not_convert=config.modules_to_not_convert,
     )
+
+
+def _refuse_missing_tensors(model: nn.Module, headers: dict[str, TensorInfo]) -> None:
+    """An mlx-vlm checkpoint must fill every tensor of the model: transformers would
+    initialise a missing one at random (and only log it)."""
+    missing = missing_tensors(model, headers)
+    if missing:
+        unused = sorted(set(headers) - set(model.state_dict()))
+        raise ValueError(
+            f"mlxq: {type(model).__name__}: the checkpoint has no tensor for "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} ({len(missing)} "
+            f"missing; checkpoint tensors without a place: {', '.join(unused[:4]) or 'none'})"
+        )
 
 
 def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
@@ -354,6 +370,8 @@ class MLXHfQuantizer(HfQuantizer):
         head_name = _module_name(model, head)
         in_checkpoint = head_name is not None and f"{head_name}.weight" in headers
         tie_quantized_head(model, head_in_checkpoint=in_checkpoint)
+        if vlm_layout is not None:
+            _refuse_missing_tensors(model, headers)
         self.modules_to_not_convert = []
         return model
 
