@@ -34,6 +34,7 @@ import numpy as np
 from mlx_models import TEST_CACHE
 
 VOCAB = 512
+HARNESS = 2  # bump when a checkpoint built here changes (part of the cache key)
 TEXT = dict(
     hidden_size=128,
     intermediate_size=256,
@@ -75,6 +76,14 @@ class Family:
     extra_inputs: tuple[str, ...] = ()  # processor outputs besides ids, mask, pixel_values
     # inputs transformers' processor adds and mlx-vlm's does not: (inputs, config) -> inputs
     torch_inputs: Callable[[dict, Any], dict] | None = None
+    # mlx-vlm 0.7's Gemma 3 turns the attention mask into an all-ones 4-D mask when an image
+    # is present: the whole prompt attends bidirectionally. transformers 5 attends causally,
+    # and bidirectionally within each image. Its embeddings (vision tower, projector, merge)
+    # are then run through its language model with transformers' mask, built here.
+    image_block_mask: bool = False
+    # mlx-vlm's model reads `mask` (PaliGemma: the prefix attends bidirectionally, as in
+    # transformers); other families get none (several read `mask` as an additive mask)
+    mlx_mask: bool = False
     # float tensor renames into the Hub (transformers 4) layout mlx-vlm converts from
     hub_renames: tuple[tuple[str, str], ...] = ()
     tied: bool = False  # mlx-vlm's model of the family has a tied head only
@@ -134,11 +143,28 @@ def _qwen3_keys(cfg: dict) -> None:
 _HUB_VISION_MODEL = ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)
 
 
+def _gemma3_keys(**text: Any) -> Callable[[dict], None]:
+    """mlx-vlm's Gemma 3 scales image features by a top-level `hidden_size` (default 2048)."""
+
+    def edit(cfg: dict) -> None:
+        cfg["text_config"].update({"rope_theta": THETA, **text})
+        cfg["hidden_size"] = cfg["text_config"]["hidden_size"]
+
+    return edit
+
+
 def _mm_token_types(inputs: dict, config) -> dict:
     """Qwen-VL in transformers 5 places the rope of image tokens by `mm_token_type_ids`
     (1 for image tokens), which its processor returns and mlx-vlm's does not."""
     ids = inputs["input_ids"]
     return {**inputs, "mm_token_type_ids": (ids == config.image_token_id).astype(np.int64)}
+
+
+def _image_token_types(inputs: dict, config) -> dict:
+    """Gemma 3 in transformers 5 attends bidirectionally within an image by `token_type_ids`
+    (1 for image tokens), which its processor returns and mlx-vlm's does not."""
+    ids = inputs["input_ids"]
+    return {**inputs, "token_type_ids": (ids == config.image_token_index).astype(np.int64)}
 
 
 def _gemma3_processor(tokenizer):
@@ -281,7 +307,7 @@ FAMILIES: dict[str, Family] = {
                 "full_attention": {"rope_type": "default", "rope_theta": THETA},
             },
         },
-        vision=dict(_SIGLIP, image_size=32, patch_size=8),
+        vision=dict(_SIGLIP, image_size=32, patch_size=8, vision_use_head=False),
         special=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
         token_ids={
             "boi_token_index": "<start_of_image>",
@@ -297,12 +323,14 @@ FAMILIES: dict[str, Family] = {
         prompt="t5 t6 <start_of_image> t7 t300 t42",
         image_size=(32, 32),
         top={"mm_tokens_per_image": 4},
-        mlx_vlm_keys=_text_rope_keys(
+        mlx_vlm_keys=_gemma3_keys(
             rope_global_base_freq=THETA,
             rope_local_base_freq=10_000.0,
             sliding_window_pattern=2,
             mm_tokens_per_image=4,
         ),
+        image_block_mask=True,
+        torch_inputs=_image_token_types,
         fast=True,
         hub_renames=_HUB_VISION_MODEL,
     ),
@@ -335,6 +363,7 @@ FAMILIES: dict[str, Family] = {
         top={"projection_dim": 128, "hidden_size": 128},
         mlx_vlm_keys=_text_rope_keys(),
         hub_renames=_HUB_VISION_MODEL,
+        mlx_mask=True,
         tied=True,
     ),
     "mistral3": Family(
@@ -477,7 +506,7 @@ def _cache_key(name: str, variant: Variant) -> str:
     family = FAMILIES[name]
     spec = json.dumps(
         [TEXT, family.text, family.vision, family.top, family.prompt, family.special]
-        + [family.named_tokens, family.image_size, variant.tag, VOCAB],
+        + [family.named_tokens, family.image_size, variant.tag, VOCAB, HARNESS],
         sort_keys=True,
         default=str,
     )
@@ -551,7 +580,17 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
     return {k: np.asarray(out[k]) for k in keep if k in out}
 
 
-def mlx_vlm_logits(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+def _causal_with_image_blocks(ids: np.ndarray, image_token: int) -> np.ndarray:
+    """[L, L] bool: causal attention, and bidirectional within each run of image tokens."""
+    n = len(ids)
+    is_image = ids == image_token
+    run = np.cumsum(np.concatenate([[0], (is_image[1:] != is_image[:-1]).astype(int)]))
+    causal = np.tril(np.ones((n, n), dtype=bool))
+    same_image = is_image[:, None] & is_image[None, :] & (run[:, None] == run[None, :])
+    return causal | same_image
+
+
+def mlx_vlm_logits(path: Path, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """mlx-vlm's fp32 logits for these inputs (the model cast to float32)."""
     import mlx.core as mx
     from mlx_vlm.utils import load_model
@@ -562,8 +601,15 @@ def mlx_vlm_logits(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     pixels = kwargs.pop("pixel_values", None)
     if pixels is not None:
         pixels = pixels.astype(mx.float32)
-    ids, mask = mx.array(inputs["input_ids"]), mx.array(inputs["attention_mask"])
-    out = model(ids, pixels, mask=mask, **kwargs)
+    ids = mx.array(inputs["input_ids"])
+    if FAMILIES[name].image_block_mask and pixels is not None:
+        mask = mx.array(inputs["attention_mask"])
+        embeds = model.get_input_embeddings(ids, pixels, mask=mask, **kwargs).inputs_embeds
+        block = _causal_with_image_blocks(inputs["input_ids"][0], model.config.image_token_index)
+        out = model.language_model(ids, inputs_embeds=embeds, mask=mx.array(block[None, None]))
+    else:
+        mask = mx.array(inputs["attention_mask"]) if FAMILIES[name].mlx_mask else None
+        out = model(ids, pixels, mask=mask, **kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     return np.array(logits[0].astype(mx.float32))
 
@@ -609,7 +655,7 @@ def run_family(name: str, variant: Variant | None = None) -> Outcome:
     try:
         path = tiny_mlx_vlm_checkpoint(name, variant)
         inputs = [model_inputs(path, name, with_image) for with_image in (False, True)]
-        refs = [mlx_vlm_logits(path, x) for x in inputs]
+        refs = [mlx_vlm_logits(path, name, x) for x in inputs]
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the oracle cannot run this family
         return Outcome(name, variant, "mlx-vlm fails", reason=_one_line(e))
     try:

@@ -55,6 +55,7 @@ class VlmLayout:
     flat_text_config: bool = False  # the whole text config copied to the top level
     vision_model_type: str | None = None  # vision_config.model_type mlx-vlm expects
     text_keys_from_top: tuple[str, ...] = ()  # top-level keys mlx-vlm reads in text_config
+    top_keys_from_text: tuple[str, ...] = ()  # text_config keys mlx-vlm reads at the top
 
     def to_transformers(self, key: str) -> str:
         for pattern, repl in self.renames:
@@ -107,7 +108,10 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
     "qwen3_vl": _qwen_vl("qwen3_vl"),
-    "gemma3": _llava_like("gemma3", text_keys_from_top=("mm_tokens_per_image",)),
+    # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
+    "gemma3": _llava_like(
+        "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)
+    ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
@@ -240,6 +244,7 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
         if "rope_scaling" in rope:
             out["top"]["rope_scaling"] = {**rope["rope_scaling"], "type": "mrope"}
     out["text"].update(rope)
+    out["top"].update({k: text[k] for k in layout.top_keys_from_text if k in text})
     out["text"].update({k: cfg[k] for k in layout.text_keys_from_top if k in cfg})
     if layout.vision_model_type is not None:
         out["vision"]["model_type"] = layout.vision_model_type
