@@ -369,7 +369,8 @@ FAMILIES: dict[str, Family] = {
     "mistral3": Family(
         "mistral3",
         text=_LLAMA_TEXT,
-        vision=dict(_SIGLIP, head_dim=32, image_size=56, patch_size=14),
+        # silu as in the Hub Pixtral configs (mlx-vlm hard-codes it; transformers defaults gelu)
+        vision=dict(_SIGLIP, head_dim=32, image_size=56, patch_size=14, hidden_act="silu"),
         special=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
         token_ids={"image_token_index": "[IMG]"},
         named_tokens={"image_token": "[IMG]"},
