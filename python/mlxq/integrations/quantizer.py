@@ -155,8 +155,27 @@ def add_mlx_vlm_config_keys(config) -> None:
     vars(config).update(keys["top"])
     for sub, name in (("text_config", "text"), ("vision_config", "vision")):
         sub_config = getattr(config, sub, None)
-        if sub_config is not None and keys[name]:
-            vars(sub_config).update(keys[name])
+        if sub_config is None or not keys[name]:
+            continue
+        values = dict(keys[name])
+        model_type = values.pop("model_type", None)
+        vars(sub_config).update(values)
+        if model_type is not None:
+            # to_dict writes the class's model_type: a subclass that names mlx-vlm's (the Hub
+            # layout, e.g. "qwen2_5_vl"; transformers reads it back as the same vision config)
+            sub_config.__class__ = _with_model_type(type(sub_config), model_type)
+
+
+_RENAMED_CONFIGS: dict[tuple[type, str], type] = {}
+
+
+def _with_model_type(cls: type, model_type: str) -> type:
+    if getattr(cls, "model_type", None) == model_type:
+        return cls
+    key = (cls, model_type)
+    if key not in _RENAMED_CONFIGS:
+        _RENAMED_CONFIGS[key] = type(cls.__name__, (cls,), {"model_type": model_type})
+    return _RENAMED_CONFIGS[key]
 
 
 def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInfo]):
