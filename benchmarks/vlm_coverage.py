@@ -10,7 +10,11 @@ generated image (mlx-vlm's processor output fed to both). One line per family:
     refused: <error>                                  mlxq (or transformers) refuses it by name
     mlx-vlm fails: <error>                            mlx-vlm cannot convert/run it: no oracle
 
-Usage: python benchmarks/vlm_coverage.py [FAMILY ...] [--markdown]
+With --variants, two more conversions per family: the vision tower quantized too (mlx-vlm's
+own rule keeps it float; patched for this), and the mixed_3_6 recipe (3-bit group 32, per-module
+entries under mlx-vlm's names).
+
+Usage: python benchmarks/vlm_coverage.py [FAMILY ...] [--markdown] [--variants]
 Checkpoints are cached under $MLXQ_TEST_CACHE (default ~/.cache/mlxq-tests).
 """
 
@@ -26,13 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import mlxq  # noqa: E402,F401  (registers the quantizer)
-from vlm_models import FAMILIES, Outcome, run_family  # noqa: E402
+from vlm_models import FAMILIES, Outcome, Variant, run_family, variant_of  # noqa: E402
 
 TOLERANCE = 1e-3
 
 
 def _markdown(outcomes: list[Outcome]) -> str:
-    rows = ["| family | text only | image + text |", "|---|---|---|"]
+    rows = ["| family | variant | text only | image + text |", "|---|---|---|---|"]
     for o in outcomes:
         if o.status == "loads":
             cells = [
@@ -42,7 +46,7 @@ def _markdown(outcomes: list[Outcome]) -> str:
         else:
             reason = o.reason.split(":", 1)[-1].strip()[:100].replace("|", "/")
             cells = [f"{o.status}: {reason}", "same"]
-        rows.append(f"| {o.name} | " + " | ".join(cells) + " |")
+        rows.append(f"| {o.name} | {o.variant.tag} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("families", nargs="*", help=f"default: all {len(FAMILIES)}")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    parser.add_argument("--variants", action="store_true", help="quantized vision, mixed_3_6")
     args = parser.parse_args(argv)
     unknown = [a for a in args.families if a not in FAMILIES]
     if unknown:
@@ -64,9 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
     outcomes = []
     bad = 0
+    runs = []
     for name in args.families or list(FAMILIES):
+        base = variant_of(name)
+        runs.append((name, base))
+        if args.variants:
+            runs.append((name, Variant(tied=base.tied, quantize_vision=True)))
+            runs.append((name, Variant(tied=base.tied, bits=3, group_size=32, recipe="mixed_3_6")))
+    for name, variant in runs:
         start = time.perf_counter()
-        outcome = run_family(name)
+        outcome = run_family(name, variant)
         outcomes.append(outcome)
         bad += outcome.status == "loads" and max(outcome.text_diff, outcome.image_diff) > TOLERANCE
         print(f"{outcome.line()}  [{time.perf_counter() - start:.1f}s]", flush=True)

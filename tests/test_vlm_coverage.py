@@ -16,6 +16,7 @@ import pytest
 import torch
 from vlm_models import (
     FAMILIES,
+    Variant,
     mlx_vlm_logits,
     mlxq_logits,
     model_inputs,
@@ -82,3 +83,24 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
     (broken / "model.safetensors.index.json").unlink(missing_ok=True)
     with pytest.raises(ValueError, match=r"no tensor for model\.visual\.merger\.ln_q\.weight"):
         _load(broken)
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [
+        ("qwen2_5_vl", Variant(quantize_vision=True)),
+        ("llava", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+    ],
+    ids=lambda x: getattr(x, "tag", x),
+)
+def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) -> None:
+    """A vision tower quantized by mlx-vlm (its own rule keeps it float; patched here), and
+    a mixed recipe whose per-module entries carry mlx-vlm's names."""
+    from mlxq.nn import AffineLinear
+
+    outcome = run_family(name, variant)
+    assert outcome.status == "loads", outcome.line()
+    assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
+    if variant.quantize_vision:
+        model = _load(tiny_mlx_vlm_checkpoint(name, variant))
+        assert isinstance(model.model.visual.blocks[0].attn.qkv, AffineLinear)

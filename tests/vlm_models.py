@@ -494,10 +494,14 @@ class Variant:
     tied: bool = False
     bits: int = 4
     group_size: int = 64
+    recipe: str | None = None  # mlx-vlm's --quant-predicate (per-module entries)
+    quantize_vision: bool = False  # the vision tower quantized too (mlx-vlm skips it)
 
     @property
     def tag(self) -> str:
-        return f"{'tied' if self.tied else 'untied'}-{self.bits}bit-g{self.group_size}"
+        head = "tied" if self.tied else "untied"
+        recipe = self.recipe or f"{self.bits}bit"
+        return f"{head}-{recipe}-g{self.group_size}" + ("-qvision" if self.quantize_vision else "")
 
 
 def _cache_key(name: str, variant: Variant) -> str:
@@ -533,13 +537,25 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
     staging.mkdir(parents=True)
     try:
         float_dir = tiny_float_checkpoint(name, staging / "float", variant.tied)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            if variant.quantize_vision:  # mlx-vlm's own rule keeps vision modules float
+                import importlib
+                from unittest import mock
+
+                # (the package exports a function of the same name as the module)
+                convert_module = importlib.import_module("mlx_vlm.convert")
+
+                stack.enter_context(
+                    mock.patch.object(convert_module, "skip_multimodal_module", lambda p: False)
+                )
             convert(
                 str(float_dir),
                 str(staging / "mlx"),
                 quantize=True,
                 q_group_size=variant.group_size,
                 q_bits=variant.bits,
+                quant_predicate=variant.recipe,
             )
         os.replace(staging / "mlx", final)
     finally:
