@@ -20,6 +20,13 @@ from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, M
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
+from mlxq.integrations.mlx_vlm_layout import (
+    VlmLayout,
+    channels_last_conversions,
+    checkpoint_vlm_layout,
+    missing_tensors,
+    mlx_vlm_config_keys,
+)
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
@@ -194,9 +201,43 @@ def add_mlx_lm_config_keys(config) -> None:
         # written into __dict__: `rope_scaling` is a property aliasing `rope_parameters` in
         # transformers 5, and to_dict serializes __dict__
         vars(cfg).update(mlx_lm_config_keys(cfg))
+    add_mlx_vlm_config_keys(config)
     q = getattr(config, "quantization_config", None)
     if hasattr(q, "mlx_dict"):
         config.quantization = q.mlx_dict()
+
+
+def add_mlx_vlm_config_keys(config) -> None:
+    """For image-text models: the config.json keys mlx-vlm reads from the Hub layout (text
+    settings at the top level for Qwen2-VL/2.5-VL, the vision `model_type` it expects), see
+    :func:`mlxq.integrations.mlx_vlm_layout.mlx_vlm_config_keys`."""
+    keys = mlx_vlm_config_keys(config)
+    # written into __dict__ (to_dict serializes it; properties such as rope_scaling alias
+    # rope_parameters in transformers 5)
+    vars(config).update(keys["top"])
+    for sub, name in (("text_config", "text"), ("vision_config", "vision")):
+        sub_config = getattr(config, sub, None)
+        if sub_config is None or not keys[name]:
+            continue
+        values = dict(keys[name])
+        model_type = values.pop("model_type", None)
+        vars(sub_config).update(values)
+        if model_type is not None:
+            # to_dict writes the class's model_type: a subclass that names mlx-vlm's (the Hub
+            # layout, e.g. "qwen2_5_vl"; transformers reads it back as the same vision config)
+            sub_config.__class__ = _with_model_type(type(sub_config), model_type)
+
+
+_RENAMED_CONFIGS: dict[tuple[type, str], type] = {}
+
+
+def _with_model_type(cls: type, model_type: str) -> type:
+    if getattr(cls, "model_type", None) == model_type:
+        return cls
+    key = (cls, model_type)
+    if key not in _RENAMED_CONFIGS:
+        _RENAMED_CONFIGS[key] = type(cls.__name__, (cls,), {"model_type": model_type})
+    return _RENAMED_CONFIGS[key]
 
 
 def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInfo]):
@@ -210,6 +251,9 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     layout = checkpoint_layout(_model_type(model), headers)
     if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
         headers = {layout.to_transformers(k): v for k, v in headers.items()}
+    vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
+    if vlm_layout is not None:  # mlx-vlm's names for image-text models
+        headers = {vlm_layout.to_transformers(k): v for k, v in headers.items()}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -229,6 +273,41 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
             modules[module] = renamed.removesuffix(".weight")
         out[f"{modules[module]}.{leaf}" if modules[module] else leaf] = info
     return out
+
+
+def _with_model_names(model: nn.Module, config: MLXQuantConfig) -> MLXQuantConfig:
+    """`config` with its per-module entries under the model's module names (mlx-vlm names
+    them as in its checkpoint, e.g. `language_model.model.layers.0.mlp.down_proj`)."""
+    if not config.overrides:
+        return config
+    probe = {f"{name}.weight": TensorInfo("F32", ()) for name in config.overrides}
+    renamed = list(checkpoint_keys_as_model_keys(model, probe))
+    if renamed == list(probe):
+        return config
+    overrides = {
+        new.removesuffix(".weight"): config.overrides[old.removesuffix(".weight")]
+        for old, new in zip(probe, renamed, strict=True)
+    }
+    return MLXQuantConfig(
+        bits=config.bits,
+        group_size=config.group_size,
+        mode=config.mode,
+        overrides=overrides,
+        modules_to_not_convert=config.modules_to_not_convert,
+    )
+
+
+def _refuse_missing_tensors(model: nn.Module, headers: dict[str, TensorInfo]) -> None:
+    """An mlx-vlm checkpoint must fill every tensor of the model: transformers would
+    initialise a missing one at random (and only log it)."""
+    missing = missing_tensors(model, headers)
+    if missing:
+        unused = sorted(set(headers) - set(model.state_dict()))
+        raise ValueError(
+            f"mlxq: {type(model).__name__}: the checkpoint has no tensor for "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} ({len(missing)} "
+            f"missing; checkpoint tensors without a place: {', '.join(unused[:4]) or 'none'})"
+        )
 
 
 def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
@@ -339,8 +418,14 @@ class MLXHfQuantizer(HfQuantizer):
         headers = read_headers(checkpoint_files or [])
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
+        vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
+        self._vlm_layout: VlmLayout | None = vlm_layout
         headers = checkpoint_keys_as_model_keys(model, headers)
-        config = self.quantization_config
+        # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load
+        self._vlm_conversions = channels_last_conversions(
+            model, headers, prefer_last=vlm_layout is not None
+        )
+        config = _with_model_names(model, self.quantization_config)
         replaced: set[str] = set()
         for name, module in list(model.named_modules()):
             plan = swap_plan(name, module)
@@ -366,6 +451,8 @@ class MLXHfQuantizer(HfQuantizer):
         head_name = _module_name(model, head)
         in_checkpoint = head_name is not None and f"{head_name}.weight" in headers
         tie_quantized_head(model, head_in_checkpoint=in_checkpoint)
+        if vlm_layout is not None:
+            _refuse_missing_tensors(model, headers)
         self.modules_to_not_convert = []
         return model
 
@@ -402,7 +489,15 @@ class MLXHfQuantizer(HfQuantizer):
         reverses them last, so that `save_pretrained` writes mlx-lm's layout again."""
         layout = getattr(self, "_mlx_layout", None)
         renames = layout.weight_renamings() if layout is not None else []
-        return [*renames, *super().update_weight_conversions(weight_conversions, model)]
+        vlm_layout = getattr(self, "_vlm_layout", None)
+        if vlm_layout is not None:  # mlx-vlm's names, also reversed last when saving
+            renames = [*vlm_layout.weight_renamings(), *renames]
+        converters = list(getattr(self, "_vlm_conversions", []))
+        return [
+            *renames,
+            *super().update_weight_conversions(weight_conversions, model),
+            *converters,
+        ]
 
     def get_weight_conversions(self):
         """Read transformers MetalConfig checkpoints too: their `qbiases` are our `biases`."""

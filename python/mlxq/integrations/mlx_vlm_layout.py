@@ -1,0 +1,267 @@
+"""Where mlx-vlm's checkpoints differ from transformers 5's for the same image-text model.
+
+Three things:
+- tensor names: mlx-vlm writes `language_model.model.*`, `language_model.lm_head.*` and its
+  own vision prefixes (`vision_tower.*` for Qwen's `visual`, `vision_model.*` for Idefics 3,
+  ...) where transformers 5 has `model.language_model.*`, `lm_head.*`, `model.visual.*`, ...
+  :data:`VLM_LAYOUTS` holds the renames per `model_type`, applied on load and reversed when
+  saving (transformers' `WeightRenaming`).
+- convolution weights: MLX convolutions are channels-last (`[out, kh, kw, in]`,
+  `[out, t, kh, kw, in]`), PyTorch's channels-first (`[out, in, kh, kw]`, ...).
+  :func:`channels_last_conversions` finds the convolutions whose checkpoint tensor is stored
+  channels-last (from the shapes in the safetensors header) and returns transformers
+  `WeightConverter`s that permute them at load and back at save; nothing is re-initialised.
+- config.json: mlx-vlm 0.7 reads the Hub (transformers 4) layout, e.g. Qwen2-VL's text settings
+  at the top level, a top-level `rope_theta`/`rope_scaling`, and the vision `model_type` of the
+  whole model. :func:`mlx_vlm_config_keys` computes what to add when saving.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "VlmLayout",
+    "VLM_LAYOUTS",
+    "checkpoint_vlm_layout",
+    "ChannelsLastToFirst",
+    "channels_last_conversions",
+    "mlx_vlm_config_keys",
+    "missing_tensors",
+]
+
+# mlx-vlm's language model and head, the same in every family it writes
+_TEXT = (
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^language_model\.model\.", "model.language_model."),
+)
+
+
+@dataclass(frozen=True)
+class VlmLayout:
+    """mlx-vlm's tensor names for one image-text `model_type`, as regex renames
+    mlx-vlm -> transformers 5 (the first rename that matches a key wins)."""
+
+    model_type: str
+    renames: tuple[tuple[str, str], ...]
+    marker: str = "language_model.model."  # a key prefix only mlx-vlm's layout has
+    # config.json keys mlx-vlm reads from the Hub layout, see mlx_vlm_config_keys
+    flat_text_config: bool = False  # the whole text config copied to the top level
+    vision_model_type: str | None = None  # vision_config.model_type mlx-vlm expects
+    text_keys_from_top: tuple[str, ...] = ()  # top-level keys mlx-vlm reads in text_config
+    top_keys_from_text: tuple[str, ...] = ()  # text_config keys mlx-vlm reads at the top
+
+    def to_transformers(self, key: str) -> str:
+        for pattern, repl in self.renames:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                return new
+        return key
+
+    def weight_renamings(self) -> list:
+        """The renames as transformers `WeightRenaming`s (applied on load, reversed on save)."""
+        from transformers.core_model_loading import WeightRenaming
+
+        return [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in self.renames]
+
+
+def _llava_like(model_type: str, *extra: tuple[str, str], **kw: Any) -> VlmLayout:
+    return VlmLayout(
+        model_type,
+        (
+            *_TEXT,
+            # CLIP/SigLIP/Pixtral towers: transformers 5 drops their `vision_model.` level
+            (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+            *extra,
+        ),
+        **kw,
+    )
+
+
+def _idefics3(model_type: str) -> VlmLayout:
+    # mlx-vlm keeps Idefics 3's text model without a `model.` level
+    return VlmLayout(
+        model_type,
+        (
+            (r"^language_model\.lm_head\.", "lm_head."),
+            (r"^language_model\.", "model.text_model."),
+            (r"^vision_model\.", "model.vision_model."),
+            (r"^connector\.", "model.connector."),
+        ),
+        marker="language_model.layers.",
+    )
+
+
+def _qwen_vl(model_type: str, **kw: Any) -> VlmLayout:
+    return VlmLayout(model_type, (*_TEXT, (r"^vision_tower\.", "model.visual.")), **kw)
+
+
+VLM_LAYOUTS: dict[str, VlmLayout] = {
+    "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
+    "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
+    "qwen3_vl": _qwen_vl("qwen3_vl"),
+    # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
+    "gemma3": _llava_like(
+        "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)
+    ),
+    "paligemma": _llava_like("paligemma"),
+    "llava": _llava_like("llava"),
+    "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
+    "mistral3": _llava_like("mistral3"),
+    "idefics3": _idefics3("idefics3"),
+    "smolvlm": _idefics3("smolvlm"),
+}
+
+
+def is_image_text(config: Any) -> bool:
+    """True for a composite config with a vision tower (an image-text model)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def checkpoint_vlm_layout(model_type: str | None, keys: Iterable[str]) -> VlmLayout | None:
+    """mlx-vlm's layout when the checkpoint of a `model_type` model uses it, else None
+    (recognised by a key prefix only mlx-vlm writes, e.g. `language_model.model.`)."""
+    layout = VLM_LAYOUTS.get(model_type or "")
+    if layout is None or not any(k.startswith(layout.marker) for k in keys):
+        return None
+    return layout
+
+
+def _to_first(ndim: int) -> tuple[int, ...]:
+    """Permutation channels-last -> channels-first for a weight of `ndim` dimensions."""
+    return (0, ndim - 1, *range(1, ndim - 1))
+
+
+def _to_last(ndim: int) -> tuple[int, ...]:
+    return (0, *range(2, ndim), 1)
+
+
+def _permuted(shape: tuple[int, ...], perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[i] for i in perm)
+
+
+class ChannelsLastToFirst:
+    """A transformers `ConversionOps`: an MLX channels-last convolution weight to PyTorch's
+    channels-first layout (its reverse, used by `save_pretrained`, permutes it back)."""
+
+    def __new__(cls, to_first: bool = True):
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, to_first: bool) -> None:
+                self.to_first = to_first
+
+            def __repr__(self) -> str:
+                return "ChannelsLastToFirst" if self.to_first else "ChannelsFirstToLast"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                (value,) = input_dict.values()
+                tensor = value[0] if isinstance(value, list) else value
+                perm = _to_first(tensor.dim()) if self.to_first else _to_last(tensor.dim())
+                return {target_patterns[0]: tensor.permute(perm).contiguous()}
+
+            @property
+            def reverse_op(self):
+                return _Op(not self.to_first)
+
+        return _Op(to_first)
+
+
+def channels_last_conversions(
+    model: nn.Module, headers: Mapping[str, Any], prefer_last: bool
+) -> list:
+    """`WeightConverter`s for the convolution weights the checkpoint stores channels-last.
+
+    `headers` maps the model's parameter names (after renaming) to the checkpoint's
+    `TensorInfo`. A weight whose stored shape is the channels-last form of the module's shape
+    is permuted at load; one stored channels-first is loaded as it is. When both read the same
+    (e.g. a 3x3 kernel over 3 channels), `prefer_last` (an mlx-vlm checkpoint) decides.
+    """
+    from transformers.core_model_loading import WeightConverter
+
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        key = f"{name}.weight"
+        info = headers.get(key)
+        if info is None:
+            continue
+        want = tuple(module.weight.shape)
+        stored = tuple(info.shape)
+        as_last = _permuted(want, _to_last(len(want)))
+        if stored != as_last or (stored == want and not prefer_last):
+            continue
+        out.append(
+            WeightConverter(
+                source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+                target_patterns=key,
+                operations=[ChannelsLastToFirst(True)],
+            )
+        )
+    return out
+
+
+def _rope(text: dict, gemma3: bool) -> dict:
+    rope = text.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3)
+        rope = rope["full_attention"]
+    out: dict[str, Any] = {}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+        if gemma3:  # mlx-vlm's Gemma 3 calls the global base rope_global_base_freq
+            out["rope_global_base_freq"] = rope["rope_theta"]
+    if "mrope_section" in rope:
+        out["rope_scaling"] = {"type": "default", "mrope_section": list(rope["mrope_section"])}
+    return out
+
+
+def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
+    """The config.json keys mlx-vlm reads for this image-text config and that transformers 5
+    does not write: `{"top": {...}, "text": {...}, "vision": {...}}` for the top level,
+    `text_config` and `vision_config`. Keys already present are not returned."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    layout = VLM_LAYOUTS.get(cfg.get("model_type") or "")
+    out: dict[str, dict[str, Any]] = {"top": {}, "text": {}, "vision": {}}
+    if layout is None:
+        return out
+    text = cfg.get("text_config") or {}
+    rope = _rope(text, gemma3=layout.model_type == "gemma3")
+    if layout.flat_text_config:  # Qwen2-VL/2.5-VL: text settings at the top, mrope typed
+        out["top"].update({k: v for k, v in text.items() if k not in cfg})
+        out["top"].update(rope)
+        if "rope_scaling" in rope:
+            out["top"]["rope_scaling"] = {**rope["rope_scaling"], "type": "mrope"}
+    out["text"].update(rope)
+    out["top"].update({k: text[k] for k in layout.top_keys_from_text if k in text})
+    out["text"].update({k: cfg[k] for k in layout.text_keys_from_top if k in cfg})
+    if layout.vision_model_type is not None:
+        out["vision"]["model_type"] = layout.vision_model_type
+    vision = cfg.get("vision_config") or {}
+    return {
+        "top": {k: v for k, v in out["top"].items() if k not in cfg},
+        "text": {k: v for k, v in out["text"].items() if k not in text},
+        "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
+    }
+
+
+def missing_tensors(model: nn.Module, headers: Mapping[str, Any]) -> list[str]:
+    """The model's parameters and persistent buffers that no checkpoint tensor fills (names
+    after renaming), tied ones excepted: loading would initialise them at random."""
+    tied: set[str] = set()
+    for name, sub in model.named_modules():
+        keys = getattr(sub, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            tied.update(f"{name}.{k}" if name else k for k in keys)
+    return [k for k in model.state_dict() if k not in headers and k not in tied]

@@ -1,0 +1,106 @@
+"""Image-text models from mlx-vlm: tiny random models converted by `mlx_vlm.convert -q` give
+mlx-vlm's fp32 logits in mlxq (text only, and one generated image + text), save back to a
+checkpoint mlx-vlm loads, and a checkpoint that would leave a tensor unfilled is refused.
+
+Every family runs as `python benchmarks/vlm_coverage.py`; here the fast subset.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from vlm_models import (
+    FAMILIES,
+    Variant,
+    mlx_vlm_logits,
+    mlxq_logits,
+    model_inputs,
+    run_family,
+    tiny_mlx_vlm_checkpoint,
+)
+
+TOLERANCE = 1e-3  # fp32 logits of ~1-10
+FAST = [name for name, family in FAMILIES.items() if family.fast]
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_matches_mlx_vlm(name: str) -> None:
+    outcome = run_family(name)
+    print(f"\n{outcome.line()}")
+    assert outcome.status == "loads", outcome.line()
+    assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
+
+
+def _load(path: Path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
+    """The saved checkpoint has mlx-vlm's names, channels-last convolutions and the config
+    keys mlx-vlm reads: mlx-vlm runs it as the same model, and mlxq reads it back."""
+    from mlxq.nn import AffineLinear
+    from safetensors import safe_open
+
+    source = tiny_mlx_vlm_checkpoint(name)
+    model = _load(source)
+    assert any(isinstance(m, AffineLinear) for m in model.modules())
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for file in source.iterdir():  # tokenizer and processor files
+        if not (saved / file.name).exists() and file.is_file():
+            shutil.copy(file, saved / file.name)
+    with safe_open(saved / "model.safetensors", "np") as f:
+        original = safe_open(source / "model.safetensors", "np")
+        assert set(f.keys()) == set(original.keys())
+        for key in f.keys():
+            assert f.get_slice(key).get_shape() == original.get_slice(key).get_shape(), key
+    cfg = json.loads((saved / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4 and "quant_method" not in cfg["quantization"]
+    inputs = model_inputs(saved, name, with_image=True)
+    ours = mlxq_logits(saved, name, inputs, model)
+    assert float(np.abs(mlx_vlm_logits(saved, name, inputs) - ours).max()) <= TOLERANCE
+    np.testing.assert_allclose(mlxq_logits(saved, name, inputs), ours, rtol=0, atol=1e-5)
+
+
+def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
+    """transformers would initialise a missing tensor at random and only log it."""
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_mlx_vlm_checkpoint("qwen2_5_vl")
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["vision_tower.merger.ln_q.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "mlx"})
+    (broken / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"no tensor for model\.visual\.merger\.ln_q\.weight"):
+        _load(broken)
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [
+        ("qwen2_5_vl", Variant(quantize_vision=True)),
+        ("llava", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+    ],
+    ids=lambda x: getattr(x, "tag", x),
+)
+def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) -> None:
+    """A vision tower quantized by mlx-vlm (its own rule keeps it float; patched here), and
+    a mixed recipe whose per-module entries carry mlx-vlm's names."""
+    from mlxq.nn import AffineLinear
+
+    outcome = run_family(name, variant)
+    assert outcome.status == "loads", outcome.line()
+    assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
+    if variant.quantize_vision:
+        model = _load(tiny_mlx_vlm_checkpoint(name, variant))
+        assert isinstance(model.model.visual.blocks[0].attn.qkv, AffineLinear)

@@ -1,0 +1,692 @@
+"""Tiny random image-text models of the families both transformers 5 and mlx-vlm run,
+converted by `mlx_vlm.convert`, and the comparison of mlxq's logits with mlx-vlm's.
+
+Used by tests/test_vlm_coverage.py (a fast subset) and benchmarks/vlm_coverage.py (every
+family). Each model: 2 text layers (hidden 128, vocab 512), a 2-block vision tower of width
+64, random weights larger than the init, a word-level tokenizer built here with the family's
+image tokens (no download) and the family's own image processor with a small image size.
+
+mlx-vlm 0.7 reads the config.json layout of the Hub checkpoints (transformers 4): some
+families want the text settings at the top level, the vision `model_type` of the whole model
+and a top-level `rope_theta`/`rope_scaling`. Each family's `mlx_vlm_keys` writes them from this
+file's own parameters (not from mlxq's code), so the oracle stays independent of the code
+under test. Converted checkpoints are cached under $MLXQ_TEST_CACHE like tests/mlx_models.py's.
+
+The inputs (token ids with the image tokens expanded, pixel values and the family's extra
+tensors) come from mlx-vlm's processor and are fed unchanged to both models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlx_models import TEST_CACHE
+
+VOCAB = 512
+HARNESS = 2  # bump when a checkpoint built here changes (part of the cache key)
+TEXT = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+)
+THETA = 5000.0
+TEXT_PROMPT = "t5 t77 t300 t12 t499 t3 t42 t250 t7 t128 t64"
+
+
+def _flatten_text(cfg: dict, extra: dict | None = None) -> None:
+    """Hub layout of Qwen2-VL / Qwen2.5-VL: the text settings at the top level too."""
+    for key, value in cfg["text_config"].items():
+        cfg.setdefault(key, value)
+    cfg.update(extra or {})
+
+
+@dataclass(frozen=True)
+class Family:
+    """One image-text family: its tiny config, tokens, processor and mlx-vlm keys."""
+
+    model_type: str
+    text: dict  # text_config overrides
+    vision: dict  # vision_config overrides
+    special: tuple[str, ...]  # special tokens, placed at the end of the vocabulary
+    token_ids: dict[str, str]  # config attribute -> special token
+    # (tokenizer) -> a processor or image processor to save next to the model
+    processor: Callable[[Any], Any]
+    prompt: str  # the text around the image; the processor expands the image token
+    image_size: tuple[int, int] = (56, 56)  # (width, height) of the test image
+    top: dict = field(default_factory=dict)  # top-level config overrides
+    named_tokens: dict[str, str] = field(default_factory=dict)  # tokenizer.<attr> = token
+    mlx_vlm_keys: Callable[[dict], None] | None = None  # edits config.json for mlx-vlm
+    extra_inputs: tuple[str, ...] = ()  # processor outputs besides ids, mask, pixel_values
+    # inputs transformers' processor adds and mlx-vlm's does not: (inputs, config) -> inputs
+    torch_inputs: Callable[[dict, Any], dict] | None = None
+    # mlx-vlm 0.7's Gemma 3 turns the attention mask into an all-ones 4-D mask when an image
+    # is present: the whole prompt attends bidirectionally. transformers 5 attends causally,
+    # and bidirectionally within each image. Its embeddings (vision tower, projector, merge)
+    # are then run through its language model with transformers' mask, built here.
+    image_block_mask: bool = False
+    # mlx-vlm's model reads `mask` (PaliGemma: the prefix attends bidirectionally, as in
+    # transformers); other families get none (several read `mask` as an additive mask)
+    mlx_mask: bool = False
+    # float tensor renames into the Hub (transformers 4) layout mlx-vlm converts from
+    hub_renames: tuple[tuple[str, str], ...] = ()
+    tied: bool = False  # mlx-vlm's model of the family has a tied head only
+    fast: bool = False  # in the pytest subset
+
+
+def _qwen_image_processor(patch: int):
+    def make(tokenizer):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        side = patch * 4
+        return Qwen2VLImageProcessorPil(
+            min_pixels=side * side, max_pixels=4 * side * side, patch_size=patch, merge_size=2
+        )
+
+    return make
+
+
+_QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+_QWEN_IDS = {
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+}
+_QWEN_PROMPT = "t5 t6 <|vision_start|><|image_pad|><|vision_end|> t7 t300 t42"
+_MROPE = {"rope_type": "default", "rope_theta": THETA, "mrope_section": [4, 6, 6]}
+
+
+def _qwen2_keys(cfg: dict) -> None:
+    section = cfg["text_config"]["rope_parameters"]["mrope_section"]
+    _flatten_text(
+        cfg, {"rope_theta": THETA, "rope_scaling": {"type": "mrope", "mrope_section": section}}
+    )
+    cfg["vision_config"]["model_type"] = cfg["model_type"]
+
+
+def _text_rope_keys(**extra: Any) -> Callable[[dict], None]:
+    """mlx-vlm reads `rope_theta` (and Gemma 3's local base and pattern) in text_config."""
+
+    def edit(cfg: dict) -> None:
+        cfg["text_config"].update({"rope_theta": THETA, **extra})
+
+    return edit
+
+
+def _qwen3_keys(cfg: dict) -> None:
+    section = cfg["text_config"]["rope_parameters"]["mrope_section"]
+    rope = {"type": "default", "mrope_section": section, "mrope_interleaved": True}
+    cfg["text_config"].update({"rope_theta": THETA, "rope_scaling": rope})
+    cfg["vision_config"]["model_type"] = cfg["model_type"]
+
+
+# CLIP/SigLIP towers: the Hub checkpoints (transformers 4) name them `vision_tower.vision_model.`
+_HUB_VISION_MODEL = ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)
+
+
+def _gemma3_keys(**text: Any) -> Callable[[dict], None]:
+    """mlx-vlm's Gemma 3 scales image features by a top-level `hidden_size` (default 2048)."""
+
+    def edit(cfg: dict) -> None:
+        cfg["text_config"].update({"rope_theta": THETA, **text})
+        cfg["hidden_size"] = cfg["text_config"]["hidden_size"]
+
+    return edit
+
+
+def _mm_token_types(inputs: dict, config) -> dict:
+    """Qwen-VL in transformers 5 places the rope of image tokens by `mm_token_type_ids`
+    (1 for image tokens), which its processor returns and mlx-vlm's does not."""
+    ids = inputs["input_ids"]
+    return {**inputs, "mm_token_type_ids": (ids == config.image_token_id).astype(np.int64)}
+
+
+def _image_token_types(inputs: dict, config) -> dict:
+    """Gemma 3 in transformers 5 attends bidirectionally within an image by `token_type_ids`
+    (1 for image tokens), which its processor returns and mlx-vlm's does not."""
+    ids = inputs["input_ids"]
+    return {**inputs, "token_type_ids": (ids == config.image_token_index).astype(np.int64)}
+
+
+def _gemma3_processor(tokenizer):
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=ip, tokenizer=tokenizer, image_seq_length=4)
+
+
+def _llava_processor(tokenizer):
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def _paligemma_processor(tokenizer):
+    from transformers import PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    ip = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    ip.image_seq_length = 4
+    return PaliGemmaProcessor(image_processor=ip, tokenizer=tokenizer)
+
+
+def _pixtral_processor(tokenizer):
+    # mlx-vlm's own classes: transformers' PixtralProcessor needs torchvision
+    from mlx_vlm.models.mistral3.processing_mistral3 import Mistral3Processor
+    from mlx_vlm.models.pixtral.image_processing_pixtral import PixtralImageProcessor
+
+    ip = PixtralImageProcessor(size={"longest_edge": 56}, patch_size={"height": 14, "width": 14})
+    return Mistral3Processor(
+        image_processor=ip, tokenizer=tokenizer, patch_size=14, spatial_merge_size=2
+    )
+
+
+def _idefics3_processor(kind: str):
+    def make(tokenizer):
+        if kind == "smolvlm":  # mlx-vlm's processor: transformers' needs torchvision
+            from mlx_vlm.models.smolvlm.processing_smolvlm import SmolVLMProcessor as Processor
+            from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+                SmolVLMImageProcessorPil as ImageProcessor,
+            )
+        else:
+            from transformers import Idefics3Processor as Processor
+            from transformers.models.idefics3.image_processing_pil_idefics3 import (
+                Idefics3ImageProcessorPil as ImageProcessor,
+            )
+
+        ip = ImageProcessor(
+            do_image_splitting=False,
+            size={"longest_edge": 32},
+            max_image_size={"longest_edge": 32},
+        )
+        return Processor(image_processor=ip, tokenizer=tokenizer, image_seq_len=4)
+
+    return make
+
+
+_SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+_LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
+_IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family(
+        "qwen2_vl",
+        text={"rope_parameters": dict(_MROPE)},
+        vision=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(14),
+        prompt=_QWEN_PROMPT,
+        image_size=(84, 56),
+        mlx_vlm_keys=_qwen2_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+    ),
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl",
+        text={"rope_parameters": dict(_MROPE)},
+        vision=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            fullatt_block_indexes=[1],
+            window_size=56,
+        ),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(14),
+        prompt=_QWEN_PROMPT,
+        image_size=(84, 56),
+        mlx_vlm_keys=_qwen2_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+        fast=True,
+    ),
+    "qwen3_vl": Family(
+        "qwen3_vl",
+        text={"rope_parameters": {**_MROPE, "mrope_interleaved": True}},
+        vision=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+            patch_size=16,
+        ),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(16),
+        prompt=_QWEN_PROMPT,
+        image_size=(96, 64),
+        mlx_vlm_keys=_qwen3_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+        fast=True,
+    ),
+    "gemma3": Family(
+        "gemma3",
+        text={
+            "query_pre_attn_scalar": 32,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 64,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": THETA},
+            },
+        },
+        vision=dict(_SIGLIP, image_size=32, patch_size=8, vision_use_head=False),
+        special=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+        token_ids={
+            "boi_token_index": "<start_of_image>",
+            "eoi_token_index": "<end_of_image>",
+            "image_token_index": "<image_soft_token>",
+        },
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+        processor=_gemma3_processor,
+        prompt="t5 t6 <start_of_image> t7 t300 t42",
+        image_size=(32, 32),
+        top={"mm_tokens_per_image": 4},
+        mlx_vlm_keys=_gemma3_keys(
+            rope_global_base_freq=THETA,
+            rope_local_base_freq=10_000.0,
+            sliding_window_pattern=2,
+            mm_tokens_per_image=4,
+        ),
+        image_block_mask=True,
+        torch_inputs=_image_token_types,
+        fast=True,
+        hub_renames=_HUB_VISION_MODEL,
+    ),
+    "llava": Family(
+        "llava",
+        text=_LLAMA_TEXT,
+        vision=dict(_SIGLIP, image_size=28, patch_size=14),
+        special=("<image>",),
+        token_ids={"image_token_index": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_llava_processor,
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(28, 28),
+        top={"image_seq_length": 4},
+        mlx_vlm_keys=_text_rope_keys(),
+        hub_renames=_HUB_VISION_MODEL,
+    ),
+    "paligemma": Family(
+        "paligemma",
+        text={**_LLAMA_TEXT, "head_dim": 32},
+        vision=dict(
+            _SIGLIP, image_size=28, patch_size=14, projection_dim=128, vision_use_head=False
+        ),
+        special=("<image>",),
+        token_ids={"image_token_index": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_paligemma_processor,
+        prompt="t5 t6 t7 t300 t42",
+        image_size=(28, 28),
+        top={"projection_dim": 128, "hidden_size": 128},
+        mlx_vlm_keys=_text_rope_keys(),
+        hub_renames=_HUB_VISION_MODEL,
+        mlx_mask=True,
+        tied=True,
+    ),
+    "mistral3": Family(
+        "mistral3",
+        text=_LLAMA_TEXT,
+        # silu as in the Hub Pixtral configs (mlx-vlm hard-codes it; transformers defaults gelu)
+        vision=dict(_SIGLIP, head_dim=32, image_size=56, patch_size=14, hidden_act="silu"),
+        special=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+        token_ids={"image_token_index": "[IMG]"},
+        named_tokens={"image_token": "[IMG]"},
+        processor=_pixtral_processor,
+        prompt="t5 t6 [IMG] t7 t300 t42",
+        image_size=(56, 56),
+        mlx_vlm_keys=_text_rope_keys(),
+        extra_inputs=("image_sizes",),
+    ),
+    "idefics3": Family(
+        "idefics3",
+        text=_LLAMA_TEXT,
+        vision=dict(_SIGLIP, image_size=32, patch_size=8),
+        special=_IDEFICS_SPECIAL,
+        token_ids={"image_token_id": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_idefics3_processor("idefics3"),
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(32, 32),
+        top={"scale_factor": 2},
+        mlx_vlm_keys=_text_rope_keys(),
+        extra_inputs=("pixel_attention_mask",),
+    ),
+    "smolvlm": Family(
+        "smolvlm",
+        text=_LLAMA_TEXT,
+        vision=dict(_SIGLIP, image_size=32, patch_size=8),
+        special=_IDEFICS_SPECIAL,
+        token_ids={"image_token_id": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_idefics3_processor("smolvlm"),
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(32, 32),
+        top={"scale_factor": 2},
+        mlx_vlm_keys=_text_rope_keys(),
+        extra_inputs=("pixel_attention_mask",),
+    ),
+}
+
+
+def tiny_tokenizer(out: Path, special: tuple[str, ...], named: dict[str, str] | None = None):
+    """A word-level tokenizer over `t4..` with <pad>/<s>/</s>/<unk> at 0..3 and the family's
+    special tokens at the end of the vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    first_special = VOCAB - len(special)
+    vocab.update({f"t{i}": i for i in range(4, first_special)})
+    vocab.update({s: first_special + i for i, s in enumerate(special)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=dict(named or {}),
+    )
+    fast.save_pretrained(out)
+    return fast, {s: first_special + i for i, s in enumerate(special)}
+
+
+def _config(family: Family, ids: dict[str, int], tied: bool):
+    from transformers import AutoConfig
+
+    text = {**TEXT, **copy.deepcopy(family.text), "tie_word_embeddings": tied}
+    top = {attr: ids[token] for attr, token in family.token_ids.items()}
+    return AutoConfig.for_model(
+        family.model_type,
+        text_config=text,
+        vision_config=copy.deepcopy(family.vision),
+        tie_word_embeddings=tied,
+        **top,
+        **family.top,
+    )
+
+
+def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
+    """A tiny random bf16 image-text model of family `name` saved by transformers, with a
+    tokenizer and image processor, and config.json in the layout mlx-vlm reads."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    family = FAMILIES[name]
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, ids = tiny_tokenizer(out, family.special, family.named_tokens)
+    family.processor(tokenizer).save_pretrained(out)
+    config = _config(family, ids, tied)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            else:  # norms and biases away from their init values (0 or 1)
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    if family.hub_renames:
+        import re
+
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(out / "model.safetensors")
+        for pattern, repl in family.hub_renames:
+            tensors = {re.sub(pattern, repl, k): v for k, v in tensors.items()}
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    if family.mlx_vlm_keys is not None:
+        family.mlx_vlm_keys(cfg)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One conversion: tied or untied head and the quantization settings."""
+
+    tied: bool = False
+    bits: int = 4
+    group_size: int = 64
+    recipe: str | None = None  # mlx-vlm's --quant-predicate (per-module entries)
+    quantize_vision: bool = False  # the vision tower quantized too (mlx-vlm skips it)
+
+    @property
+    def tag(self) -> str:
+        head = "tied" if self.tied else "untied"
+        recipe = self.recipe or f"{self.bits}bit"
+        return f"{head}-{recipe}-g{self.group_size}" + ("-qvision" if self.quantize_vision else "")
+
+
+def _cache_key(name: str, variant: Variant) -> str:
+    import mlx_vlm
+    from mlxq.demo_model import _versions
+
+    family = FAMILIES[name]
+    spec = json.dumps(
+        [TEXT, family.text, family.vision, family.top, family.prompt, family.special]
+        + [family.named_tokens, family.image_size, variant.tag, VOCAB, HARNESS],
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    return f"vlm-{name}-{variant.tag}-{_versions()}-vlm{mlx_vlm.__version__}-{digest}"
+
+
+def variant_of(name: str) -> Variant:
+    """The variant a family is tested with: untied head unless mlx-vlm has tied only."""
+    return Variant(tied=FAMILIES[name].tied)
+
+
+def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
+    """The tiny model converted by `mlx_vlm.convert -q` (cached). Raises what mlx-vlm raises."""
+    from mlx_vlm import convert
+
+    variant = variant or variant_of(name)
+    final = TEST_CACHE / "models" / _cache_key(name, variant)
+    if (final / "config.json").is_file():
+        return final
+    staging = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        float_dir = tiny_float_checkpoint(name, staging / "float", variant.tied)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            if variant.quantize_vision:  # mlx-vlm's own rule keeps vision modules float
+                import importlib
+                from unittest import mock
+
+                # (the package exports a function of the same name as the module)
+                convert_module = importlib.import_module("mlx_vlm.convert")
+
+                stack.enter_context(
+                    mock.patch.object(convert_module, "skip_multimodal_module", lambda p: False)
+                )
+            convert(
+                str(float_dir),
+                str(staging / "mlx"),
+                quantize=True,
+                q_group_size=variant.group_size,
+                q_bits=variant.bits,
+                quant_predicate=variant.recipe,
+            )
+        os.replace(staging / "mlx", final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def test_image(size: tuple[int, int]):
+    """A deterministic RGB image with structure in both directions and every channel."""
+    from PIL import Image
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack(
+        [(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x * 7 + y * 13) % 256)],
+        axis=-1,
+    )
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarray]:
+    """The processor's output (numpy) for the family's prompt, with or without the image."""
+    import importlib
+
+    from mlx_vlm.utils import load_processor
+
+    family = FAMILIES[name]
+    # registers mlx-vlm's own processor classes, which its saved processor_config.json names
+    importlib.import_module(f"mlx_vlm.models.{family.model_type}")
+    processor = load_processor(path)
+    if not with_image:
+        ids = processor.tokenizer(TEXT_PROMPT, add_special_tokens=False)["input_ids"]
+        ids = np.array([ids], dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    out = processor(
+        text=[family.prompt], images=[test_image(family.image_size)], return_tensors="np"
+    )
+    keep = ("input_ids", "attention_mask", "pixel_values", *family.extra_inputs)
+    return {k: np.asarray(out[k]) for k in keep if k in out}
+
+
+def _causal_with_image_blocks(ids: np.ndarray, image_token: int) -> np.ndarray:
+    """[L, L] bool: causal attention, and bidirectional within each run of image tokens."""
+    n = len(ids)
+    is_image = ids == image_token
+    run = np.cumsum(np.concatenate([[0], (is_image[1:] != is_image[:-1]).astype(int)]))
+    causal = np.tril(np.ones((n, n), dtype=bool))
+    same_image = is_image[:, None] & is_image[None, :] & (run[:, None] == run[None, :])
+    return causal | same_image
+
+
+def mlx_vlm_logits(path: Path, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """mlx-vlm's fp32 logits for these inputs (the model cast to float32)."""
+    import mlx.core as mx
+    from mlx_vlm.utils import load_model
+
+    model = load_model(Path(path))
+    model.set_dtype(mx.float32)
+    kwargs = {k: mx.array(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    pixels = kwargs.pop("pixel_values", None)
+    if pixels is not None:
+        pixels = pixels.astype(mx.float32)
+    ids = mx.array(inputs["input_ids"])
+    if FAMILIES[name].image_block_mask and pixels is not None:
+        mask = mx.array(inputs["attention_mask"])
+        embeds = model.get_input_embeddings(ids, pixels, mask=mask, **kwargs).inputs_embeds
+        block = _causal_with_image_blocks(inputs["input_ids"][0], model.config.image_token_index)
+        out = model.language_model(ids, inputs_embeds=embeds, mask=mx.array(block[None, None]))
+    else:
+        mask = mx.array(inputs["attention_mask"]) if FAMILIES[name].mlx_mask else None
+        out = model(ids, pixels, mask=mask, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out
+    return np.array(logits[0].astype(mx.float32))
+
+
+def mlxq_logits(path: Path, name: str, inputs: dict[str, np.ndarray], model=None) -> np.ndarray:
+    """mlxq's fp32 logits through transformers' AutoModelForImageTextToText."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    if model is None:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    family = FAMILIES[name]
+    if family.torch_inputs is not None:
+        inputs = family.torch_inputs(inputs, model.config)
+    kwargs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    if "pixel_values" in kwargs:
+        kwargs["pixel_values"] = kwargs["pixel_values"].float()
+    with torch.no_grad():
+        return model(**kwargs).logits[0].float().numpy()
+
+
+@dataclass
+class Outcome:
+    """One family: `loads` with the max diffs (text only, image + text), or a reason."""
+
+    name: str
+    variant: Variant
+    status: str  # "loads", "refused" (by mlxq or transformers), "mlx-vlm fails" (no oracle)
+    text_diff: float | None = None
+    image_diff: float | None = None
+    reason: str = ""
+
+    def line(self) -> str:
+        head = f"{self.name:14s} {self.variant.tag:18s}"
+        if self.status == "loads":
+            return f"{head} loads  text {self.text_diff:.2e}  image+text {self.image_diff:.2e}"
+        return f"{head} {self.status}: {self.reason}"
+
+
+def run_family(name: str, variant: Variant | None = None) -> Outcome:
+    """Convert with mlx-vlm, run both on a text prompt and on an image + text prompt."""
+    variant = variant or variant_of(name)
+    try:
+        path = tiny_mlx_vlm_checkpoint(name, variant)
+        inputs = [model_inputs(path, name, with_image) for with_image in (False, True)]
+        refs = [mlx_vlm_logits(path, name, x) for x in inputs]
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the oracle cannot run this family
+        return Outcome(name, variant, "mlx-vlm fails", reason=_one_line(e))
+    try:
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        got = [mlxq_logits(path, name, x, model) for x in inputs]
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        return Outcome(name, variant, "refused", reason=_one_line(e))
+    diffs = [float(np.abs(g - r).max()) for g, r in zip(got, refs, strict=True)]
+    return Outcome(name, variant, "loads", text_diff=diffs[0], image_diff=diffs[1])
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
