@@ -1,5 +1,5 @@
 // CUDA kernels for the mlxq ops: argument checks (checks.h, shared with every backend), layout
-// preparation, and the choice between the streaming decode kernel (M <= 16) and dequantized
+// preparation, and the choice between the streaming decode kernel (M <= 8) and dequantized
 // tiles multiplied by cuBLAS (larger M). Every launch goes to the current CUDA stream of the
 // operands' device, so the ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
@@ -21,7 +21,7 @@
 namespace mlxq::cuda {
 
 void launch_dequantize(int bits, const DequantParams& p, DType out_dtype, cudaStream_t stream) {
-  const int64_t threads = p.R * (p.K / 32);
+  const int64_t threads = p.R * (p.K / 8);
   if (threads == 0) return;
   const int64_t blocks = (threads + 255) / 256;
 #define MLXQ_DEQ_LAUNCH(B, O) \

@@ -169,26 +169,99 @@ __device__ __forceinline__ void load_x8(const __half* x, float (&v)[8]) {
   }
 }
 
-// ---- decode: y = x @ W.T for M <= MT rows of x ----------------------------------------------
+// ---- decode: y = x @ W.T for M <= MT rows of x (M <= 8)
+// ----------------------------------------------
 //
 // One warp owns R consecutive rows of W; its lanes take the row's chunks round robin (lane l:
 // chunks l, l+32, ...), U chunks per row in flight before any arithmetic, so that each thread
-// keeps U*R*4*Bits bytes of loads outstanding. Per chunk and row of x:
+// keeps U*R*4*Bits bytes of loads outstanding (twice that with Prefetch). Per chunk and row of x:
 //   acc += s * sum_j q_j x_j + b * sum_j x_j
 // (the group's affine map applied to the chunk's partial dot product, in fp32). The lanes'
 // partial sums are reduced with shuffles at the end. Rows of x past M repeat row M-1 (no
 // branch in the inner loop) and are not written.
 
-template <int Bits>
-struct DecodeShape {
-  static constexpr int kUnroll = Bits == 2 ? 8 : (Bits == 8 ? 2 : 4);  // chunks in flight
-};
-
 constexpr int kDecodeWarps = 8;  // warps per block
 
-template <int Bits, int MT, int R, typename T>
+// Loads U chunks (lane's chunks c0, c0 + 32, ...) of each of the warp's R rows.
+template <int Bits, int R, int U>
+__device__ __forceinline__ void qmv_load(const uint32_t* const (&wrow)[R], int64_t c0, int64_t C,
+                                         uint32_t (&w)[U][R][Bits]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) load_chunk<Bits>(wrow[r] + c * Bits, w[u][r]);
+    }
+  }
+}
+
+// Adds the loaded chunks' contributions to acc[m][r].
+template <int Bits, int MT, int R, int U, typename T>
+__device__ __forceinline__ void qmv_step(const QmvParams& p, const int64_t (&srow)[R],
+                                         const T* const (&xrow)[MT], int64_t c0, int64_t C,
+                                         const uint32_t (&w)[U][R][Bits], float (&acc)[MT][R]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c >= C) break;
+    const int64_t g = (c * 32) >> p.group_shift;
+    float s[R], b[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      s[r] = load_scale(p.scales, srow[r] + g, p.scale_type);
+      b[r] = load_scale(p.biases, srow[r] + g, p.scale_type);
+    }
+    float dot[MT][R], xs[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      xs[m] = 0.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) dot[m][r] = 0.f;
+    }
+#pragma unroll
+    for (int piece = 0; piece < 4; ++piece) {
+      float q[R][8];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        switch (piece) {  // piece is a compile-time constant after unrolling
+          case 0:
+            chunk_piece<Bits, 0>(w[u][r], q[r]);
+            break;
+          case 1:
+            chunk_piece<Bits, 1>(w[u][r], q[r]);
+            break;
+          case 2:
+            chunk_piece<Bits, 2>(w[u][r], q[r]);
+            break;
+          default:
+            chunk_piece<Bits, 3>(w[u][r], q[r]);
+            break;
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        float xv[8];
+        load_x8(xrow[m] + c * 32 + piece * 8, xv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          xs[m] += xv[j];
+#pragma unroll
+          for (int r = 0; r < R; ++r) dot[m][r] = fmaf(q[r][j], xv[j], dot[m][r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[m][r] += fmaf(s[r], dot[m][r], b[r] * xs[m]);
+  }
+}
+
+// Prefetch: the next U chunks of each row are loaded before the current ones are used (twice
+// the registers for loads, but the warp never waits for memory with nothing in flight).
+template <int Bits, int MT, int R, int U, bool Prefetch, typename T>
 __global__ void __launch_bounds__(kDecodeWarps * 32) qmv_kernel(const QmvParams p) {
-  constexpr int U = DecodeShape<Bits>::kUnroll;
   const int lane = threadIdx.x & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kDecodeWarps + (threadIdx.x >> 5);
   const int64_t n0 = warp * R;
@@ -214,70 +287,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) qmv_kernel(const QmvParams 
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
 
+  uint32_t w[U][R][Bits];
+  if constexpr (Prefetch) qmv_load<Bits, R, U>(wrow, lane, C, w);
   for (int64_t c0 = lane; c0 < C; c0 += 32 * U) {
-    uint32_t w[U][R][Bits];
+    if constexpr (Prefetch) {
+      uint32_t next[U][R][Bits];
+      qmv_load<Bits, R, U>(wrow, c0 + 32 * U, C, next);
+      qmv_step<Bits, MT, R, U, T>(p, srow, xrow, c0, C, w, acc);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t c = c0 + 32 * u;
-      if (c < C) {
+      for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int r = 0; r < R; ++r) load_chunk<Bits>(wrow[r] + c * Bits, w[u][r]);
-      }
-    }
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t c = c0 + 32 * u;
-      if (c >= C) break;
-      const int64_t g = (c * 32) >> p.group_shift;
-      float s[R], b[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        s[r] = load_scale(p.scales, srow[r] + g, p.scale_type);
-        b[r] = load_scale(p.biases, srow[r] + g, p.scale_type);
-      }
-      float dot[MT][R], xs[MT];
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        xs[m] = 0.f;
-#pragma unroll
-        for (int r = 0; r < R; ++r) dot[m][r] = 0.f;
-      }
-#pragma unroll
-      for (int piece = 0; piece < 4; ++piece) {
-        float q[R][8];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          switch (piece) {  // piece is a compile-time constant after unrolling
-            case 0:
-              chunk_piece<Bits, 0>(w[u][r], q[r]);
-              break;
-            case 1:
-              chunk_piece<Bits, 1>(w[u][r], q[r]);
-              break;
-            case 2:
-              chunk_piece<Bits, 2>(w[u][r], q[r]);
-              break;
-            default:
-              chunk_piece<Bits, 3>(w[u][r], q[r]);
-              break;
-          }
-        }
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          float xv[8];
-          load_x8(xrow[m] + c * 32 + piece * 8, xv);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            xs[m] += xv[j];
-#pragma unroll
-            for (int r = 0; r < R; ++r) dot[m][r] = fmaf(q[r][j], xv[j], dot[m][r]);
-          }
-        }
-      }
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[m][r] += fmaf(s[r], dot[m][r], b[r] * xs[m]);
+          for (int i = 0; i < Bits; ++i) w[u][r][i] = next[u][r][i];
+    } else {
+      qmv_load<Bits, R, U>(wrow, c0, C, w);
+      qmv_step<Bits, MT, R, U, T>(p, srow, xrow, c0, C, w, acc);
     }
   }
 
@@ -322,33 +347,39 @@ __device__ __forceinline__ void store8(O* out, const float (&v)[8]) {
   *reinterpret_cast<uint4*>(out) = make_uint4(u[0], u[1], u[2], u[3]);
 }
 
-template <int Bits, int P, typename O>
-__device__ __forceinline__ void dequantize_piece(const uint32_t (&w)[Bits], float s, float b,
-                                                 O* out) {
-  float q[8];
-  chunk_piece<Bits, P>(w, q);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) q[j] = fmaf(q[j], s, b);  // the CPU kernels' FMA
-  store8<O>(out + 8 * P, q);
-}
-
-// out must be 16-byte aligned (each thread writes 32 values: 64 or 128 bytes).
+// One thread per 8 consecutive values of a row (their `Bits` bytes), so that the threads of a
+// warp write one contiguous run of output (16-byte stores for fp16/bf16, 2 x 16 for fp32);
+// out must be 16-byte aligned. The values' bytes are read as the (at most three) aligned words
+// that hold them.
 template <int Bits, typename O>
 __global__ void __launch_bounds__(256) dequantize_kernel(const DequantParams p) {
-  const int64_t C = p.K / 32;
+  const int64_t per_row = p.K / 8;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.R * C) return;
-  const int64_t r = i / C, c = i - r * C;
-  uint32_t w[Bits];
-  load_chunk<Bits>(p.w + i * Bits, w);
-  const int64_t g = r * p.G + ((c * 32) >> p.group_shift);
+  if (i >= p.R * per_row) return;
+  const int64_t r = i / per_row, t = i - r * per_row;
+  const int64_t row_words = p.K * Bits / 32;
+  const int64_t byte0 = t * Bits;  // first byte of the 8 values in their row
+  const uint32_t* wp = p.w + r * row_words + byte0 / 4;
+  const int shift = static_cast<int>(byte0 % 4) * 8;
+  const int64_t left = row_words - byte0 / 4;  // words of this row from wp on
+  // 8 values need 8*Bits bits from `shift` on: one word for 2 and 4 bits (shift 0), else two
+  // (at most 24 + 40 = 64 bits), never past the row's last word.
+  uint64_t v = __ldg(wp);
+  if constexpr (Bits != 2 && Bits != 4) {
+    if (left > 1) v |= static_cast<uint64_t>(__ldg(wp + 1)) << 32;
+  }
+  v >>= shift;
+  const int64_t g = r * p.G + ((t * 8) >> p.group_shift);
   const float s = load_scale(p.scales, g, p.scale_type);
   const float b = load_scale(p.biases, g, p.scale_type);
-  O* out = static_cast<O*>(p.out) + r * p.K + c * 32;
-  dequantize_piece<Bits, 0>(w, s, b, out);
-  dequantize_piece<Bits, 1>(w, s, b, out);
-  dequantize_piece<Bits, 2>(w, s, b, out);
-  dequantize_piece<Bits, 3>(w, s, b, out);
+  constexpr uint32_t kMask = (1u << Bits) - 1u;
+  float q[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t qj = static_cast<uint32_t>(v >> (j * Bits)) & kMask;
+    q[j] = fmaf(magic_to_float(qj | 0x4B000000u), s, b);  // the CPU kernels' FMA
+  }
+  store8<O>(static_cast<O*>(p.out) + r * p.K + t * 8, q);
 }
 
 // ---- quantize: one thread per group, the arithmetic of csrc/cpu/quantize.h ------------------

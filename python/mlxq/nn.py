@@ -158,8 +158,13 @@ class AffineEmbedding(nn.Module):
         if ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"mlxq: AffineEmbedding expects integer ids, got {ids.dtype}")
         flat = ids.reshape(-1)
+        # gathered as int32 (the same bits): CUDA has no uint32 indexing
         rows = affine_dequantize(
-            self.weight[flat], self.scales[flat], self.biases[flat], self.group_size, self.bits
+            self.weight.view(torch.int32)[flat],
+            self.scales[flat],
+            self.biases[flat],
+            self.group_size,
+            self.bits,
         )
         return rows.reshape(*ids.shape, self.embedding_dim)
 

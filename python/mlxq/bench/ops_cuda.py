@@ -5,7 +5,8 @@ Each row is one (shape, bits, group size, M); columns are milliseconds per call 
 - ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, 4-bit, same group size),
 - ``dense_bf16``: cuBLAS ``x @ W.T`` with the dequantized bf16 weight,
 plus ``copy_TBps``, the device copy bandwidth (bytes read + written per second) measured in the
-same run, and the ratios: ``x_vs_tinygemm`` and ``x_vs_dense`` (> 1: mlxq is faster),
+same run (and ``read_TBps``, a plain fp32 sum, in the run's info), and the ratios:
+``x_vs_tinygemm`` and ``x_vs_dense`` (> 1: mlxq is faster),
 ``mlxq_TBps`` (packed weight, scale and bias bytes per second at M = 1) and ``of_copy``
 (that bandwidth as a fraction of the copy bandwidth).
 
@@ -60,6 +61,19 @@ def copy_tbps(nbytes: int = 2 << 30) -> float:
     dst = torch.empty_like(src)
     ms = graph_ms([lambda: dst.copy_(src)], replays=10)
     return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def read_tbps(nbytes: int = 2 << 30) -> float:
+    """Device read bandwidth (a sum over `nbytes` of fp32, timed eagerly), in TB/s."""
+    src = torch.ones(nbytes // 4, device="cuda")
+    src.sum()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        src.sum()
+    end.record()
+    end.synchronize()
+    return nbytes / (start.elapsed_time(end) / 10 * 1e-3) / 1e12
 
 
 def _copies(nbytes: int) -> int:
@@ -150,6 +164,7 @@ def run(
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
         "copy_TBps": copy_bw,
+        "read_TBps": read_tbps(),
     }
     rows = []
     for shape in shapes:
