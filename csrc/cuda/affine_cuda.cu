@@ -123,6 +123,24 @@ void dequantize_rows(const Weight& W, int64_t n0, int64_t n1, at::Tensor& out) {
                     c10::cuda::getCurrentCUDAStream());
 }
 
+// Whether the decode runs on tensor cores (4-bit W, fp16/bf16 x, compute capability >= 8.0).
+// Its time hardly grows with M, but its cost per group is higher than the CUDA-core kernel's,
+// so it wins once M * group_size >= 256. Measured on an H200 (28672x8192, bf16, ms, CUDA
+// cores / tensor cores): group 128: M=1 0.059/0.076, M=2 0.086/0.076, M=8 0.283/0.088;
+// group 64: M=2 0.092/0.106, M=4 0.141/0.108; group 32: M=2 0.097/0.176, M=8 ~0.30/0.196.
+// MLXQ_CUDA_MMA=0 turns it off, =1 uses it for every M (benchmarks compare the two).
+bool use_tensor_cores(const Weight& W, int64_t M, at::ScalarType dt, int device) {
+  static const int mode = [] {
+    const char* env = std::getenv("MLXQ_CUDA_MMA");
+    return env == nullptr ? -1 : std::atoi(env);
+  }();
+  if (mode == 0 || W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16)) return false;
+  if (mode != 1 && M * W.group_size < 256) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
 // Bytes of dequantized weight per tile on the prefill path; MLXQ_CUDA_TILE_MB overrides it.
 // Large enough that most layers are one tile (one cuBLAS call at full efficiency), bounded so
 // that huge layers do not double their memory.
@@ -163,7 +181,11 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     p.M = static_cast<int>(M);
     p.group_shift = log2_of(W.group_size);
     p.scale_type = scale_type_of(W.s.scalar_type());
-    launch_qmv(static_cast<int>(W.bits), p, dtype_of(dt), stream);
+    if (use_tensor_cores(W, M, dt, x.get_device())) {
+      launch_qmv_mma4(p, dtype_of(dt), stream);
+    } else {
+      launch_qmv(static_cast<int>(W.bits), p, dtype_of(dt), stream);
+    }
     return y;
   }
   // Prefill: tiles of W dequantized to the dtype of x (as MLX's GEMM does in threadgroup

@@ -326,6 +326,166 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) qmv_kernel(const QmvParams 
   }
 }
 
+// ---- decode on tensor cores: 4-bit weights, fp16/bf16 x, M <= 8 ---------------------------
+//
+// The CUDA-core kernel above spends ~5 instructions per weight value unpacking and multiplying,
+// which caps it near 2 TB/s at 4 bits. Here the products go to the tensor cores (mma.sync
+// m16n8k16, fp32 accumulation): the 4-bit values become exact fp16/bf16 integers with one mask
+// and one subtraction per two values, x is the B operand as it is (exact: x already has that
+// dtype), and the products q*x are exact, so this is still "dequantize in fp32, accumulate in
+// fp32": per group, y += s * sum(q*x) + b * sum(x), with sum(x) from a second mma against ones.
+//
+// A block owns 16 rows of W; its 8 warps take the groups round robin and are summed through
+// shared memory at the end. In a warp, lane (g, t) = (lane / 4, lane % 4) holds, per group,
+// GS/32 words of rows g and g+8 (words t*GS/32 ... of the group) and the x values under them.
+// The order of k inside an mma is free as long as A and B agree: a word's nibbles split into
+// the pairs (v0,v4), (v1,v5), (v2,v6), (v3,v7), and x's 8 values are paired the same way.
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__nv_bfloat16> {
+  // bf16 0x4300 is 128: 0x4300 | v is 128 + v for v < 128
+  static constexpr uint32_t kMagic = 0x43004300u;
+  static __device__ __forceinline__ uint32_t unbias(uint32_t u) {
+    const __nv_bfloat162 r =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&u), __floats2bfloat162_rn(128.f, 128.f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ uint32_t ones() { return 0x3F803F80u; }
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host only picks this kernel on compute capability >= 8.0
+#endif
+  }
+};
+template <>
+struct MmaType<__half> {
+  // fp16 0x6400 is 1024: 0x6400 | v is 1024 + v for v < 1024
+  static constexpr uint32_t kMagic = 0x64006400u;
+  static __device__ __forceinline__ uint32_t unbias(uint32_t u) {
+    const __half2 r =
+        __hsub2(*reinterpret_cast<const __half2*>(&u), __floats2half2_rn(1024.f, 1024.f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ uint32_t ones() { return 0x3C003C00u; }
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+
+template <int N>
+__device__ __forceinline__ void load_words(const uint32_t* p, uint32_t (&w)[N]) {
+  if constexpr (N == 4) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (N == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x, w[1] = v.y;
+  } else {
+    w[0] = __ldg(p);
+  }
+}
+
+constexpr int kMmaWarps = 8;  // warps per block of the tensor-core decode kernel
+
+template <int GS, typename T>
+__global__ void __launch_bounds__(kMmaWarps * 32) qmv_mma4_kernel(const QmvParams p) {
+  using Mma = MmaType<T>;
+  constexpr int WPL = GS / 32;  // words of one row per lane and group
+  constexpr int UG = 512 / GS;  // groups in flight per warp: 32 words per lane
+  __shared__ float partial[kMmaWarps][32][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const int64_t ra = n0 + g < p.N ? n0 + g : p.N - 1;
+  const int64_t rb = n0 + g + 8 < p.N ? n0 + g + 8 : p.N - 1;
+  const int64_t row_words = p.K / 8;
+  const uint32_t* wa = p.w + ra * row_words + t * WPL;
+  const uint32_t* wb = p.w + rb * row_words + t * WPL;
+  const bool has_x = g < p.M;  // B column g is row g of x (zero past M)
+  const T* xr =
+      static_cast<const T*>(p.x) + static_cast<int64_t>(has_x ? g : 0) * p.K + t * 8 * WPL;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t gi0 = warp; gi0 < p.G; gi0 += kMmaWarps * UG) {
+    // Only the weights are held in registers across the loads (x is small and stays in L1),
+    // so that each lane keeps 2 * UG * WPL words = 128 bytes of weights in flight.
+    uint32_t qa[UG][WPL], qb[UG][WPL];
+#pragma unroll
+    for (int u = 0; u < UG; ++u) {
+      const int64_t gi = gi0 + kMmaWarps * u;
+      if (gi < p.G) {
+        load_words<WPL>(wa + gi * (GS / 8), qa[u]);
+        load_words<WPL>(wb + gi * (GS / 8), qb[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UG; ++u) {
+      const int64_t gi = gi0 + kMmaWarps * u;
+      if (gi >= p.G) break;
+      float cq[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < WPL; ++j) {
+        // x0..x7 as (x0,x1) (x2,x3) (x4,x5) (x6,x7)
+        const uint4 x = has_x ? __ldg(reinterpret_cast<const uint4*>(xr + gi * GS + j * 8))
+                              : make_uint4(0u, 0u, 0u, 0u);
+        const uint32_t b[4] = {__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
+                               __byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632)};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // nibbles (0,4),(1,5) then (2,6),(3,7)
+          const int s0 = 8 * h, s1 = 8 * h + 4;
+          const uint32_t a0 = Mma::unbias(((qa[u][j] >> s0) & 0x000F000Fu) | Mma::kMagic);
+          const uint32_t a1 = Mma::unbias(((qb[u][j] >> s0) & 0x000F000Fu) | Mma::kMagic);
+          const uint32_t a2 = Mma::unbias(((qa[u][j] >> s1) & 0x000F000Fu) | Mma::kMagic);
+          const uint32_t a3 = Mma::unbias(((qb[u][j] >> s1) & 0x000F000Fu) | Mma::kMagic);
+          Mma::mma(cq, a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+          Mma::mma(c1, Mma::ones(), Mma::ones(), Mma::ones(), Mma::ones(), b[2 * h], b[2 * h + 1]);
+        }
+      }
+      // c[0], c[1]: row g, x rows 2t and 2t+1; c[2], c[3]: row g+8
+      const float s_a = load_scale(p.scales, ra * p.G + gi, p.scale_type);
+      const float b_a = load_scale(p.biases, ra * p.G + gi, p.scale_type);
+      const float s_b = load_scale(p.scales, rb * p.G + gi, p.scale_type);
+      const float b_b = load_scale(p.biases, rb * p.G + gi, p.scale_type);
+      acc[0] += fmaf(s_a, cq[0], b_a * c1[0]);
+      acc[1] += fmaf(s_a, cq[1], b_a * c1[1]);
+      acc[2] += fmaf(s_b, cq[2], b_b * c1[2]);
+      acc[3] += fmaf(s_b, cq[3], b_b * c1[3]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int w = 1; w < kMmaWarps; ++w)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] += partial[w][lane][i];
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = 2 * t + (i & 1);
+    const int64_t n = n0 + g + (i >= 2 ? 8 : 0);
+    if (m < p.M && n < p.N) y[static_cast<int64_t>(m) * p.N + n] = from_float<T>(acc[i]);
+  }
+}
+
 // ---- dequantize: one thread per chunk -------------------------------------------------------
 
 template <typename O>

@@ -49,6 +49,10 @@ inline void launch_qmv(int bits, const QmvParams& p, DType x_dtype, cudaStream_t
   }
 }
 
+// y = x @ W.T on tensor cores for 4-bit W, fp16/bf16 x, 1 <= p.M <= 8, compute capability
+// >= 8.0 (qmv_mma.cu).
+void launch_qmv_mma4(const QmvParams& p, DType x_dtype, cudaStream_t stream);
+
 // out = dequantized W in `out_dtype` (affine_cuda.cu).
 void launch_dequantize(int bits, const DequantParams& p, DType out_dtype, cudaStream_t stream);
 
