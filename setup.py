@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from setuptools import setup
 from setuptools.command.build_py import build_py
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils import cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent.resolve()
 IS_MACOS = sys.platform == "darwin"
@@ -42,13 +43,22 @@ OMP_CFLAGS, OMP_LDFLAGS, OMP_WHY = helpers.openmp_flags(
     os.environ,
 )
 print(f"mlxq: {OMP_WHY}")
+_NVCC = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc" if cpp_extension.CUDA_HOME else None
+BUILD_CUDA, CUDA_WHY = helpers.cuda_build_decision(torch.version.cuda, _NVCC, os.environ)
+print(f"mlxq: {CUDA_WHY}")
+if BUILD_CUDA:
+    _torch_archs = getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or ""
+    CUDA_ARCH_FLAGS, _ARCH_WHY = helpers.cuda_arch_flags(
+        _torch_archs, helpers.nvcc_archs(_NVCC), os.environ
+    )
+    print(f"mlxq: {_ARCH_WHY}")
 if IS_MACOS and not MPS_BUILT:
     print("mlxq: this torch has no MPS support: skipping the Objective-C++ MPS backend")
 
 
 def native_sources() -> list[str]:
     """The one source list shared with CMakeLists.txt; Objective-C++ only on macOS."""
-    return helpers.native_sources(ROOT, sys.platform, MPS_BUILT)
+    return helpers.native_sources(ROOT, sys.platform, MPS_BUILT, cuda=BUILD_CUDA)
 
 
 def compile_args() -> list[str]:
@@ -78,14 +88,24 @@ class BuildPyWithMetalSources(build_py):
         helpers.copy_metal_sources(ROOT, Path(self.build_lib) / "mlxq" / "metal")
 
 
-ext = CppExtension(
+def nvcc_args() -> list[str]:
+    # No fast math: the quantizer must round exactly like the CPU op (IEEE division, rint).
+    return ["-O3", "-std=c++17", "-lineinfo", *CUDA_ARCH_FLAGS]
+
+
+ext_kwargs = dict(
     name="mlxq._C",
     sources=native_sources(),
     include_dirs=[str(ROOT / "csrc")],
-    define_macros=helpers.native_macros(sys.platform, MPS_BUILT),
-    extra_compile_args={"cxx": compile_args()},
+    define_macros=helpers.native_macros(sys.platform, MPS_BUILT, cuda=BUILD_CUDA),
     extra_link_args=[*helpers.native_link_args(sys.platform, MPS_BUILT), *OMP_LDFLAGS],
 )
+if BUILD_CUDA:
+    ext = CUDAExtension(
+        **ext_kwargs, extra_compile_args={"cxx": compile_args(), "nvcc": nvcc_args()}
+    )
+else:
+    ext = CppExtension(**ext_kwargs, extra_compile_args={"cxx": compile_args()})
 
 setup(
     ext_modules=[ext],

@@ -69,10 +69,12 @@ def _weights(gen, n, k, gs, bits, dtype, device="cpu"):
 def test_native_sources_per_platform() -> None:
     listed = bh.read_source_list(ROOT)
     mm = [f for f in listed if f.endswith(".mm")]
+    cu = [f for f in listed if f.endswith(".cu")]  # CUDA builds only (tests/test_cuda_ops.py)
     assert "csrc/mps/affine_mps.mm" in mm
-    assert bh.native_sources(ROOT, "linux", True) == [f for f in listed if f not in mm]
-    assert bh.native_sources(ROOT, "darwin", True) == listed
-    assert bh.native_sources(ROOT, "darwin", False) == [f for f in listed if f not in mm]
+    plain = [f for f in listed if f not in mm and f not in cu]
+    assert bh.native_sources(ROOT, "linux", True) == plain
+    assert bh.native_sources(ROOT, "darwin", True) == [f for f in listed if f not in cu]
+    assert bh.native_sources(ROOT, "darwin", False) == plain
     for f in listed:
         assert (ROOT / f).is_file(), f
     assert bh.native_macros("darwin", True) == [("MLXQ_WITH_MPS", "1")]

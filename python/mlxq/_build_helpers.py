@@ -6,6 +6,7 @@ tests call the same functions on Linux, so the macOS branch is checked without a
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -31,15 +32,80 @@ def builds_objcxx(platform: str, mps_built: bool) -> bool:
     return platform == "darwin" and mps_built
 
 
-def native_sources(root: Path, platform: str, mps_built: bool) -> list[str]:
-    """The source list for this platform: every line, .mm lines only where they build."""
+def native_sources(root: Path, platform: str, mps_built: bool, cuda: bool = False) -> list[str]:
+    """The source list for this platform: .mm lines only where they build, .cu lines only in a
+    CUDA build (see :func:`cuda_build_decision`)."""
     keep_mm = builds_objcxx(platform, mps_built)
-    return [f for f in read_source_list(root) if keep_mm or not f.endswith(".mm")]
+    return [
+        f
+        for f in read_source_list(root)
+        if (keep_mm or not f.endswith(".mm")) and (cuda or not f.endswith(".cu"))
+    ]
 
 
-def native_macros(platform: str, mps_built: bool) -> list[tuple[str, str]]:
-    """MLXQ_WITH_MPS tells the bindings that the native Metal backend is linked in."""
-    return [("MLXQ_WITH_MPS", "1")] if builds_objcxx(platform, mps_built) else []
+def native_macros(platform: str, mps_built: bool, cuda: bool = False) -> list[tuple[str, str]]:
+    """MLXQ_WITH_MPS / MLXQ_WITH_CUDA tell the bindings which GPU backends are linked in."""
+    macros = [("MLXQ_WITH_MPS", "1")] if builds_objcxx(platform, mps_built) else []
+    return macros + ([("MLXQ_WITH_CUDA", "1")] if cuda else [])
+
+
+def cuda_build_decision(
+    torch_cuda_version: str | None, nvcc: Path | None, env: Mapping[str, str]
+) -> tuple[bool, str]:
+    """(build the CUDA backend?, why) from torch's CUDA version, the nvcc found, MLXQ_BUILD_CUDA.
+
+    MLXQ_BUILD_CUDA: unset/auto (build when torch has CUDA and nvcc exists), 1/require (fail
+    the build when either is missing), 0/off (skip). A CPU-only torch builds exactly as before.
+    """
+    mode = env.get("MLXQ_BUILD_CUDA", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "1", "require", "on", "0", "off"):
+        raise ValueError(f"MLXQ_BUILD_CUDA must be auto, require/1 or off/0, got {mode!r}")
+    if mode in ("0", "off"):
+        return False, "MLXQ_BUILD_CUDA=off: not building the CUDA backend"
+    missing = None
+    if not torch_cuda_version:
+        missing = "this torch has no CUDA support"
+    elif nvcc is None or not Path(nvcc).is_file():
+        missing = "nvcc was not found (set CUDA_HOME)"
+    if missing is not None:
+        if mode in ("1", "require", "on"):
+            raise ValueError(f"MLXQ_BUILD_CUDA={mode} but {missing}")
+        return False, f"{missing}: not building the CUDA backend"
+    return True, f"CUDA {torch_cuda_version}: building the CUDA backend with {nvcc}"
+
+
+def cuda_arch_flags(
+    torch_arch_flags: str, nvcc_archs: Sequence[str], env: Mapping[str, str]
+) -> tuple[list[str], str]:
+    """nvcc -gencode flags: the architectures torch was built for plus sm_90, as machine code,
+    and PTX of the newest one (so newer GPUs can run it), limited to what this nvcc knows.
+
+    `torch_arch_flags` is torch's own list ("sm_80 sm_90 ..."); MLXQ_CUDA_ARCHS ("90" or
+    "80;90") replaces it, e.g. to build only for the GPU at hand.
+    """
+    override = env.get("MLXQ_CUDA_ARCHS", "").strip()
+    source = override if override else torch_arch_flags
+    archs = {int(m) for m in re.findall(r"(?:sm_|compute_)?(\d{2,3})", source)}
+    if not override:
+        archs.add(90)
+    known = {int(m) for m in re.findall(r"compute_(\d{2,3})", " ".join(nvcc_archs))}
+    if known:
+        archs &= known
+    if not archs:
+        raise ValueError(f"no CUDA architecture to build for (from {source!r})")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sorted(archs)]
+    newest = max(archs)
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags, "CUDA architectures: " + " ".join(f"sm_{a}" for a in sorted(archs))
+
+
+def nvcc_archs(nvcc: Path, run: Callable[..., subprocess.CompletedProcess] = subprocess.run):
+    """The virtual architectures this nvcc can target (`nvcc --list-gpu-arch`), or []."""
+    try:
+        res = run([str(nvcc), "--list-gpu-arch"], capture_output=True, text=True)
+    except OSError:
+        return []
+    return res.stdout.split() if res.returncode == 0 else []
 
 
 def native_link_args(platform: str, mps_built: bool) -> list[str]:
@@ -206,6 +272,9 @@ __all__: Sequence[str] = [
     "native_sources",
     "native_macros",
     "native_link_args",
+    "cuda_build_decision",
+    "cuda_arch_flags",
+    "nvcc_archs",
     "openmp_flags",
     "metal_sources",
     "metal_files",

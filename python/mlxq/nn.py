@@ -168,8 +168,9 @@ class AffineEmbedding(nn.Module):
             self._check_ids(flat)
         # index_select, not indexing: a negative id must not wrap around to the last rows
         # (nn.Embedding raises for it); compiled graphs keep index_select's own bounds check.
+        # The packed rows are gathered as int32 (the same bits): CUDA has no uint32 indexing.
         rows = affine_dequantize(
-            self.weight.index_select(0, flat),
+            self.weight.view(torch.int32).index_select(0, flat),
             self.scales.index_select(0, flat),
             self.biases.index_select(0, flat),
             self.group_size,

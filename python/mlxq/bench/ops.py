@@ -1,4 +1,5 @@
-"""Op benchmark: mlxq's affine_matmul against its peers on the CPU.
+"""Op benchmark: mlxq's affine_matmul against its peers on the CPU (``--device cuda``: on an
+NVIDIA GPU against torch's int4 tinygemm and dense bf16, see mlxq.bench.ops_cuda).
 
 Each row is one (shape, bits, M); columns are median milliseconds of
 - ``mlxq`` fp32 and bf16 activations,
@@ -159,7 +160,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timing per cell")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/ops"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--cuda-shapes", nargs="+", default=["4096x4096", "28672x8192"], help="with --device cuda"
+    )
+    p.add_argument(
+        "--cuda-group-sizes", type=int, nargs="+", default=[128, 64], help="with --device cuda"
+    )
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        return _main_cuda(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -186,6 +196,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if plot(rows, args.out.with_suffix(".png")):
         print(f"plot: {args.out.with_suffix('.png')}")
     print(f"json: {args.out.with_suffix('.json')}")
+    return rows
+
+
+def _main_cuda(args: argparse.Namespace) -> list[dict]:
+    from mlxq.bench import ops_cuda
+
+    info, rows = ops_cuda.run(args.cuda_shapes, args.bits, args.cuda_group_sizes, args.m)
+    print()
+    print(f"# mlxq op benchmark on CUDA ({info})")
+    print(ops_cuda.format_table(rows))
+    out = args.out.with_name(args.out.name + "_cuda").with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    print(f"json: {out}")
     return rows
 
 

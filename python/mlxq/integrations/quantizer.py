@@ -384,6 +384,11 @@ def tie_quantized_head(model: nn.Module, head_in_checkpoint: bool) -> str | None
     return head_name
 
 
+def _has_cuda_kernels() -> bool:
+    """Whether this build of mlxq registered CUDA kernels (csrc/cuda/, built only with CUDA)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("mlxq::affine_matmul", "CUDA")
+
+
 class MLXHfQuantizer(HfQuantizer):
     """Loads MLX affine checkpoints into :mod:`mlxq.nn` modules (quant_method ``"mlx"``).
 
@@ -401,14 +406,19 @@ class MLXHfQuantizer(HfQuantizer):
             if device is None or device in (*_PLACEMENT_STRATEGIES, "disk"):
                 continue
             kind = "cuda" if isinstance(device, int) else torch.device(device).type
+            if kind == "cuda" and _has_cuda_kernels():
+                continue
             if kind not in ("cpu", "mps", "meta"):
                 raise ValueError(
-                    f"mlxq: device '{device}' in device_map is not supported (cpu and mps are)"
+                    f"mlxq: device '{device}' in device_map is not supported (cpu and mps are; "
+                    "cuda needs mlxq built with its CUDA backend)"
                 )
 
     def update_device_map(self, device_map):
         """A placement strategy ("auto", ...) means the one device mlxq runs on here."""
         if isinstance(device_map, str) and device_map in _PLACEMENT_STRATEGIES:
+            if torch.cuda.is_available() and _has_cuda_kernels():
+                return {"": "cuda"}
             return {"": "mps" if torch.backends.mps.is_available() else "cpu"}
         return device_map
 

@@ -1,0 +1,305 @@
+// CUDA kernels for the mlxq ops: argument checks (checks.h, shared with every backend), layout
+// preparation, and the choice between the streaming decode kernel (M <= 8) and dequantized
+// tiles multiplied by cuBLAS (larger M). Every launch goes to the current CUDA stream of the
+// operands' device, so the ops can be captured in CUDA graphs.
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cuda/kernels.cuh"
+#include "cuda/launch.h"
+
+namespace mlxq::cuda {
+
+void launch_dequantize(int bits, const DequantParams& p, DType out_dtype, cudaStream_t stream) {
+  const int64_t threads = p.R * (p.K / 8);
+  if (threads == 0) return;
+  const int64_t blocks = (threads + 255) / 256;
+#define MLXQ_DEQ_LAUNCH(B, O) \
+  dequantize_kernel<B, O><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p)
+#define MLXQ_DEQ_BITS(O)     \
+  switch (bits) {            \
+    case 2:                  \
+      MLXQ_DEQ_LAUNCH(2, O); \
+      break;                 \
+    case 3:                  \
+      MLXQ_DEQ_LAUNCH(3, O); \
+      break;                 \
+    case 4:                  \
+      MLXQ_DEQ_LAUNCH(4, O); \
+      break;                 \
+    case 5:                  \
+      MLXQ_DEQ_LAUNCH(5, O); \
+      break;                 \
+    case 6:                  \
+      MLXQ_DEQ_LAUNCH(6, O); \
+      break;                 \
+    default:                 \
+      MLXQ_DEQ_LAUNCH(8, O); \
+      break;                 \
+  }
+  switch (out_dtype) {
+    case DType::kHalf:
+      MLXQ_DEQ_BITS(__half)
+      break;
+    case DType::kBFloat16:
+      MLXQ_DEQ_BITS(__nv_bfloat16)
+      break;
+    default:
+      MLXQ_DEQ_BITS(float)
+      break;
+  }
+#undef MLXQ_DEQ_BITS
+#undef MLXQ_DEQ_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+namespace {
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      return DType::kFloat;
+  }
+}
+
+ScaleType scale_type_of(at::ScalarType t) { return static_cast<ScaleType>(dtype_of(t)); }
+
+int log2_of(int64_t group_size) { return group_size == 32 ? 5 : (group_size == 64 ? 6 : 7); }
+
+// Contiguous and 16-byte aligned (the kernels use 16-byte vector accesses): a view that starts
+// off alignment is copied.
+at::Tensor aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+// A 2-D packed weight [N, K*bits/32] with its [N, G] scales and biases (all contiguous).
+struct Weight {
+  at::Tensor w, s, b;
+  int64_t N = 0, K = 0, G = 0;
+  int64_t group_size = 0, bits = 0;
+};
+
+Weight make_weight(const at::Tensor& w, const at::Tensor& s, const at::Tensor& b,
+                   int64_t group_size, int64_t bits) {
+  Weight W{aligned(w), s.contiguous(), b.contiguous()};
+  W.N = w.size(0);
+  W.G = s.size(1);
+  W.K = W.G * group_size;
+  W.group_size = group_size;
+  W.bits = bits;
+  return W;
+}
+
+// Dequantizes rows [n0, n1) of W into `out` [n1 - n0, K] (contiguous, 16-byte aligned).
+void dequantize_rows(const Weight& W, int64_t n0, int64_t n1, at::Tensor& out) {
+  DequantParams p;
+  const int64_t row_words = W.K * W.bits / 32;
+  p.w = static_cast<const uint32_t*>(W.w.const_data_ptr()) + n0 * row_words;
+  p.scales = static_cast<const char*>(W.s.const_data_ptr()) + n0 * W.G * W.s.element_size();
+  p.biases = static_cast<const char*>(W.b.const_data_ptr()) + n0 * W.G * W.b.element_size();
+  p.out = out.mutable_data_ptr();
+  p.R = n1 - n0;
+  p.K = W.K;
+  p.G = W.G;
+  p.group_shift = log2_of(W.group_size);
+  p.scale_type = scale_type_of(W.s.scalar_type());
+  launch_dequantize(static_cast<int>(W.bits), p, dtype_of(out.scalar_type()),
+                    c10::cuda::getCurrentCUDAStream());
+}
+
+// Whether the decode runs on tensor cores (4-bit W, fp16/bf16 x, compute capability >= 8.0).
+// Its time hardly grows with M, but its cost per group is higher than the CUDA-core kernel's,
+// so it wins once M * group_size >= 256. Measured on an H200 (28672x8192, bf16, ms, CUDA
+// cores / tensor cores): group 128: M=1 0.059/0.076, M=2 0.086/0.076, M=8 0.283/0.088;
+// group 64: M=2 0.092/0.106, M=4 0.141/0.108; group 32: M=2 0.097/0.176, M=8 ~0.30/0.196.
+// MLXQ_CUDA_MMA=0 turns it off, =1 uses it for every M (benchmarks compare the two).
+bool use_tensor_cores(const Weight& W, int64_t M, at::ScalarType dt, int device) {
+  static const int mode = [] {
+    const char* env = std::getenv("MLXQ_CUDA_MMA");
+    return env == nullptr ? -1 : std::atoi(env);
+  }();
+  if (mode == 0 || W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16)) return false;
+  if (mode != 1 && M * W.group_size < 256) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+// Bytes of dequantized weight per tile on the prefill path; MLXQ_CUDA_TILE_MB overrides it.
+// Large enough that most layers are one tile (one cuBLAS call at full efficiency), bounded so
+// that huge layers do not double their memory.
+int64_t tile_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("MLXQ_CUDA_TILE_MB");
+    const int64_t mb = env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : 512;
+    return mb << 20;
+  }();
+  return bytes;
+}
+
+// x [M, in_features] (contiguous, 16-byte aligned, any float dtype) -> y [M, out_features] in
+// the dtype of x.
+at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
+  const int64_t M = x.size(0);
+  const at::ScalarType dt = x.scalar_type();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (!transpose) {
+    // y = x @ W sums over the rows of W: dequantize all of W once. Decode sizes multiply in
+    // fp32 (the numerics contract); larger M in the dtype of x with cuBLAS's fp32 accumulation.
+    const at::ScalarType wt = M <= kDecodeMaxRows ? at::kFloat : dt;
+    at::Tensor wd = at::empty({W.N, W.K}, x.options().dtype(wt));
+    dequantize_rows(W, 0, W.N, wd);
+    return at::matmul(x.to(wt), wd).to(dt);
+  }
+  if (M <= kDecodeMaxRows) {
+    at::Tensor y = at::empty({M, W.N}, x.options());
+    QmvParams p;
+    p.w = static_cast<const uint32_t*>(W.w.const_data_ptr());
+    p.scales = W.s.const_data_ptr();
+    p.biases = W.b.const_data_ptr();
+    p.x = x.const_data_ptr();
+    p.y = y.mutable_data_ptr();
+    p.N = W.N;
+    p.K = W.K;
+    p.G = W.G;
+    p.M = static_cast<int>(M);
+    p.group_shift = log2_of(W.group_size);
+    p.scale_type = scale_type_of(W.s.scalar_type());
+    if (use_tensor_cores(W, M, dt, x.get_device())) {
+      launch_qmv_mma4(p, dtype_of(dt), stream);
+    } else {
+      launch_qmv(static_cast<int>(W.bits), p, dtype_of(dt), stream);
+    }
+    return y;
+  }
+  // Prefill: tiles of W dequantized to the dtype of x (as MLX's GEMM does in threadgroup
+  // memory), multiplied by cuBLAS with fp32 accumulation into their columns of y.
+  const int64_t elem = x.element_size();
+  const int64_t rows = std::min(W.N, std::max<int64_t>(64, tile_bytes() / (W.K * elem)));
+  at::Tensor tile = at::empty({rows, W.K}, x.options());
+  at::Tensor y = at::empty({M, W.N}, x.options());
+  for (int64_t n0 = 0; n0 < W.N; n0 += rows) {
+    const int64_t n1 = std::min(W.N, n0 + rows);
+    at::Tensor t = tile.narrow(0, 0, n1 - n0);
+    dequantize_rows(W, n0, n1, t);
+    at::Tensor out = rows == W.N ? y : y.narrow(1, n0, n1 - n0);
+    at::mm_out(out, x, t.t());
+  }
+  return y;
+}
+
+// Row-major index into a batch of shape `from` (right-aligned against `to`, size-1 dimensions
+// broadcast) of entry `i` of the broadcast batch shape `to`.
+int64_t broadcast_index(int64_t i, const std::vector<int64_t>& to, at::IntArrayRef from) {
+  int64_t idx = 0, stride = 1;
+  const int64_t offset = static_cast<int64_t>(to.size()) - static_cast<int64_t>(from.size());
+  for (int64_t d = static_cast<int64_t>(to.size()) - 1; d >= 0; --d) {
+    const int64_t coord = i % to[d];
+    i /= to[d];
+    const int64_t fd = d - offset;
+    if (fd < 0) continue;
+    if (from[fd] != 1) idx += coord * stride;
+    stride *= from[fd];
+  }
+  return idx;
+}
+
+at::Tensor affine_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                              const at::Tensor& biases, int64_t group_size, int64_t bits,
+                              bool transpose) {
+  // Reached below autograd (python/mlxq/ops.py owns the gradient).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const MatmulGeometry g = check_matmul(x, wq, scales, biases, group_size, bits, transpose);
+  const c10::cuda::CUDAGuard device(x.device());
+  if (x.numel() == 0 || wq.numel() == 0) return at::zeros(g.out_shape, x.options());
+  const at::Tensor xc = aligned(x);
+  if (g.batch.empty()) {
+    const Weight W = make_weight(wq, scales, biases, group_size, bits);
+    return matmul_2d(xc.view({g.M, g.in_features}), W, transpose).view(g.out_shape);
+  }
+  // Batched weights: each broadcast batch entry multiplies its own x and w entries (views, so
+  // broadcasting never copies a weight).
+  const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
+  const at::Tensor x3 = xc.reshape({-1, g.M, g.in_features});
+  const at::Tensor w3 = wq.contiguous().reshape({-1, rows, Kp});
+  const at::Tensor s3 = scales.contiguous().reshape({-1, rows, G});
+  const at::Tensor b3 = biases.contiguous().reshape({-1, rows, G});
+  const auto xb = x.sizes().slice(0, x.dim() - 2);
+  const int64_t B = c10::multiply_integers(g.batch);
+  at::Tensor y = at::empty({B, g.M, g.out_features}, x.options());
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t xi = broadcast_index(i, g.batch, xb);
+    const int64_t wi = broadcast_index(i, g.batch, g.w.batch);
+    const Weight W = make_weight(w3[wi], s3[wi], b3[wi], group_size, bits);
+    y[i].copy_(matmul_2d(aligned(x3[xi]), W, transpose));
+  }
+  return y.view(g.out_shape);
+}
+
+at::Tensor affine_dequantize_cuda(const at::Tensor& wq, const at::Tensor& scales,
+                                  const at::Tensor& biases, int64_t group_size, int64_t bits) {
+  const PackedGeometry g = check_packed(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  const c10::cuda::CUDAGuard device(wq.device());
+  std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
+  shape.back() = g.cols;
+  const int64_t R = wq.numel() / wq.size(-1);
+  at::Tensor out = at::empty({R, g.cols}, scales.options());
+  if (R > 0) {
+    const Weight W = make_weight(wq.reshape({R, wq.size(-1)}), scales.reshape({R, g.groups}),
+                                 biases.reshape({R, g.groups}), group_size, bits);
+    dequantize_rows(W, 0, R, out);
+  }
+  return out.view(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cuda(const at::Tensor& w,
+                                                                    int64_t group_size,
+                                                                    int64_t bits) {
+  check_quantize_input(w, group_size, bits);
+  const c10::cuda::CUDAGuard device(w.device());
+  const int64_t K = w.size(-1), G = K / group_size;
+  const int64_t R = w.numel() / K;
+  const at::Tensor wf = w.to(at::kFloat).contiguous();
+  std::vector<int64_t> qshape(w.sizes().begin(), w.sizes().end());
+  std::vector<int64_t> sshape = qshape;
+  qshape.back() = packed_cols(K, bits);
+  sshape.back() = G;
+  at::Tensor wq = at::empty(qshape, w.options().dtype(at::kUInt32));
+  at::Tensor s = at::empty(sshape, w.options().dtype(at::kFloat));
+  at::Tensor b = at::empty(sshape, w.options().dtype(at::kFloat));
+  const int64_t groups = R * G;
+  if (groups > 0) {
+    const int64_t blocks = (groups + 255) / 256;
+    quantize_kernel<><<<static_cast<unsigned>(blocks), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        wf.const_data_ptr<float>(), groups, static_cast<int>(group_size), static_cast<int>(bits),
+        static_cast<uint8_t*>(wq.mutable_data_ptr()), s.mutable_data_ptr<float>(),
+        b.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {wq, s.to(w.scalar_type()), b.to(w.scalar_type())};
+}
+
+}  // namespace
+}  // namespace mlxq::cuda
+
+TORCH_LIBRARY_IMPL(mlxq, CUDA, m) {
+  m.impl("affine_quantize", &mlxq::cuda::affine_quantize_cuda);
+  m.impl("affine_dequantize", &mlxq::cuda::affine_dequantize_cuda);
+  m.impl("affine_matmul", &mlxq::cuda::affine_matmul_cuda);
+}

@@ -1,0 +1,3 @@
+// Decode kernels (y = x @ W.T, M <= 8) for 4-bit weights; see qmv_launch.cuh.
+#define MLXQ_QMV_BITS 4
+#include "cuda/qmv_launch.cuh"

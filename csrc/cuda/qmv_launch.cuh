@@ -1,0 +1,88 @@
+// Body of qmv_b<Bits>.cu: the decode launcher for one bit width (MLXQ_QMV_BITS), which picks
+// the kernel's x-row count MT (the next power of two >= M, M <= kDecodeMaxRows) and rows per warp
+// R.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <type_traits>
+
+#include "cuda/launch.h"
+
+#ifndef MLXQ_QMV_BITS
+#error "define MLXQ_QMV_BITS before including qmv_launch.cuh"
+#endif
+
+namespace mlxq::cuda {
+namespace {
+
+template <int MT, int R, int U, bool Prefetch, typename T>
+void launch_shape(const QmvParams& p, cudaStream_t stream) {
+  const int64_t warps = (p.N + R - 1) / R;
+  const int64_t blocks = (warps + kDecodeWarps - 1) / kDecodeWarps;
+  qmv_kernel<MLXQ_QMV_BITS, MT, R, U, Prefetch, T>
+      <<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The M = 1 kernel shape: rows per warp R, chunks per row in flight U, and prefetching.
+// "a": R4 U4, "b": R4 U2 prefetch, "c": R2 U4 prefetch, "d": R2 U2 (64 registers: more warps
+// per SM). Measured on an H200 (28672x8192, M = 1): bf16/fp16 x is fastest with "d" (4 bits
+// 0.059 ms, 8 bits 0.070 ms, "a" 0.061/0.082); fp32 x, whose loads "d" shares over fewer rows,
+// with "b" (0.086 ms, "d" 0.131). MLXQ_QMV_VARIANT (read once) overrides it, for benchmarks.
+template <typename T>
+char qmv_variant() {
+  static const char v = [] {
+    const char* env = std::getenv("MLXQ_QMV_VARIANT");
+    if (env != nullptr && env[0] >= 'a' && env[0] <= 'd') return env[0];
+    return std::is_same_v<T, float> ? 'b' : 'd';
+  }();
+  return v;
+}
+
+template <int MT, typename T>
+void launch_mt(const QmvParams& p, cudaStream_t stream) {
+  // Chunks in flight per row: more for narrow chunks, so each thread keeps ~64 bytes loading.
+  constexpr int U = MLXQ_QMV_BITS == 2 ? 8 : (MLXQ_QMV_BITS == 8 ? 2 : 4);
+  if constexpr (MT == 1) {
+    switch (qmv_variant<T>()) {
+      case 'b':
+        return launch_shape<1, 4, (U > 1 ? U / 2 : 1), true, T>(p, stream);
+      case 'c':
+        return launch_shape<1, 2, U, true, T>(p, stream);
+      case 'd':
+        return launch_shape<1, 2, (U > 1 ? U / 2 : 1), false, T>(p, stream);
+      default:
+        return launch_shape<1, 4, U, false, T>(p, stream);
+    }
+  } else {
+    // Few rows of x: 4 rows of W per warp share each load of x; more rows of x: 2 keep the
+    // accumulators (MT * R) in registers.
+    return launch_shape<MT, (MT <= 2 ? 4 : 2), U, false, T>(p, stream);
+  }
+}
+
+template <typename T>
+void launch_typed(const QmvParams& p, cudaStream_t stream) {
+  if (p.M <= 1) return launch_mt<1, T>(p, stream);
+  if (p.M <= 2) return launch_mt<2, T>(p, stream);
+  if (p.M <= 4) return launch_mt<4, T>(p, stream);
+  return launch_mt<8, T>(p, stream);
+}
+
+}  // namespace
+
+template <>
+void launch_qmv<MLXQ_QMV_BITS>(const QmvParams& p, DType x_dtype, cudaStream_t stream) {
+  switch (x_dtype) {
+    case DType::kHalf:
+      return launch_typed<__half>(p, stream);
+    case DType::kBFloat16:
+      return launch_typed<__nv_bfloat16>(p, stream);
+    default:
+      return launch_typed<float>(p, stream);
+  }
+}
+
+}  // namespace mlxq::cuda

@@ -1,0 +1,189 @@
+"""Op benchmark on an NVIDIA GPU: mlxq's affine_matmul vs torch's int4 tinygemm vs dense bf16.
+
+Each row is one (shape, bits, group size, M); columns are milliseconds per call of
+- ``mlxq_bf16`` (bf16 x, bf16 scales) and ``mlxq_fp32`` (M = 1 only),
+- ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, 4-bit, same group size),
+- ``dense_bf16``: cuBLAS ``x @ W.T`` with the dequantized bf16 weight,
+plus ``copy_TBps``, the device copy bandwidth (bytes read + written per second) measured in the
+same run (and ``read_TBps``, a plain fp32 sum, in the run's info), and the ratios:
+``x_vs_tinygemm`` and ``x_vs_dense`` (> 1: mlxq is faster),
+``mlxq_TBps`` (packed weight, scale and bias bytes per second at M = 1) and ``of_copy``
+(that bandwidth as a fraction of the copy bandwidth).
+
+Timing: each method is captured in a CUDA graph that calls it on enough copies of its
+weights to overflow the L2 cache (a decoding model never finds a layer's weights in L2), and
+the graph is replayed between CUDA events, so launch overhead on the CPU is left out for all
+methods alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+import mlxq
+
+SHAPES = {"4096x4096": (4096, 4096), "28672x8192": (28672, 8192)}
+L2_SPILL_BYTES = 256 << 20  # several times the H100/H200 L2 (50 MB)
+
+
+def graph_ms(calls: list[Callable[[], object]], replays: int = 20) -> float:
+    """Milliseconds per call of `calls`, captured once in a CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in calls:  # warm up (cuBLAS workspaces, lazy init) outside the capture
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            for fn in calls:
+                fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (replays * len(calls)))
+    return min(times)
+
+
+def copy_tbps(nbytes: int = 2 << 30) -> float:
+    """Device copy bandwidth: (bytes read + bytes written) per second, in TB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = graph_ms([lambda: dst.copy_(src)], replays=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def read_tbps(nbytes: int = 2 << 30) -> float:
+    """Device read bandwidth (a sum over `nbytes` of fp32, timed eagerly), in TB/s."""
+    src = torch.ones(nbytes // 4, device="cuda")
+    src.sum()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        src.sum()
+    end.record()
+    end.synchronize()
+    return nbytes / (start.elapsed_time(end) / 10 * 1e-3) / 1e12
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(64, math.ceil(L2_SPILL_BYTES / max(nbytes, 1))))
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _tinygemm(n: int, k: int, group_size: int, x: torch.Tensor):
+    """Calls of torch's int4 tinygemm on copies of a random int4 weight, or None."""
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm", None)
+    conv = getattr(torch.ops.aten, "_convert_weight_to_int4pack", None)
+    if op is None or conv is None:
+        return None
+    # torch >= 2.5 takes the weight as uint8 [N, K/2] (two 4-bit values a byte)
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    packed = conv(q, 8)  # 8 inner k tiles, tinygemm's fastest layout
+    sz = torch.randn(k // group_size, n, 2, device="cuda").bfloat16() * 0.01
+    copies = [(packed.clone(), sz.clone()) for _ in range(_copies(_nbytes(packed, sz)))]
+    return [lambda p=p, z=z: op(x, p, group_size, z) for p, z in copies]
+
+
+def bench_row(n: int, k: int, bits: int, group_size: int, m: int, copy_bw: float) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    wq, s, b = mlxq.affine_quantize(w, group_size, bits)
+    del w
+    sb, bb = s.bfloat16(), b.bfloat16()
+    x = torch.randn(m, k, device="cuda", generator=gen)
+    xb = x.bfloat16()
+    row: dict = {"N": n, "K": k, "bits": bits, "group_size": group_size, "M": m}
+    packed = _nbytes(wq, sb, bb)
+    copies = [(wq.clone(), sb.clone(), bb.clone()) for _ in range(_copies(packed))]
+    row["mlxq_bf16"] = graph_ms(
+        [lambda c=c: mlxq.affine_matmul(xb, c[0], c[1], c[2], group_size, bits) for c in copies]
+    )
+    if m == 1:
+        copies32 = [(c[0], c[1].float(), c[2].float()) for c in copies]
+        row["mlxq_fp32"] = graph_ms(
+            [lambda c=c: mlxq.affine_matmul(x, *c, group_size, bits) for c in copies32]
+        )
+        del copies32
+    del copies
+    if bits == 4 and (calls := _tinygemm(n, k, group_size, xb)):
+        row["tinygemm"] = graph_ms(calls)
+        del calls
+    wd = mlxq.affine_dequantize(wq, sb, bb, group_size, bits)
+    dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
+    row["dense_bf16"] = graph_ms([lambda d=d: xb @ d.T for d in dense])
+    del dense, wd
+    best = row["mlxq_bf16"]
+    row["packed_MB"] = packed / 1e6
+    row["copy_TBps"] = copy_bw
+    if m == 1:
+        row["mlxq_TBps"] = packed / (best * 1e-3) / 1e12
+        row["of_copy"] = row["mlxq_TBps"] / copy_bw
+    for peer in ("tinygemm", "dense_bf16"):
+        if peer in row:
+            row[f"x_vs_{peer}"] = row[peer] / best
+    torch.cuda.empty_cache()
+    return row
+
+
+COLUMNS = [
+    "shape",
+    "bits",
+    "group_size",
+    "M",
+    "mlxq_bf16",
+    "mlxq_fp32",
+    "tinygemm",
+    "dense_bf16",
+    "x_vs_tinygemm",
+    "x_vs_dense_bf16",
+    "mlxq_TBps",
+    "of_copy",
+]
+
+
+def run(
+    shapes: list[str], bits_list: list[int], group_sizes: list[int], ms: list[int]
+) -> tuple[dict, list[dict]]:
+    """Benchmark every combination; returns (info, rows)."""
+    copy_bw = copy_tbps()
+    info = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "copy_TBps": copy_bw,
+        "read_TBps": read_tbps(),
+    }
+    rows = []
+    for shape in shapes:
+        n, k = SHAPES[shape]
+        for bits in bits_list:
+            for gs in group_sizes:
+                # the other widths only at M = 1, where the packed size sets the speed
+                for m in ms if bits == 4 else [1]:
+                    rows.append(bench_row(n, k, bits, gs, m, copy_bw))
+                    print(" | ".join(_cell(rows[-1], c) for c in COLUMNS), flush=True)
+    return info, rows
+
+
+def _cell(row: dict, col: str) -> str:
+    v = f"{row['N']}x{row['K']}" if col == "shape" else row.get(col)
+    return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [" | ".join(COLUMNS), " | ".join("---" for _ in COLUMNS)]
+    lines += [" | ".join(_cell(r, c) for c in COLUMNS) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""The CUDA backend (csrc/cuda/) against the CPU op, and a tiny MLX model on CUDA vs the CPU.
+
+Every op runs on random data for every bits x group size x dtype and is compared with the CPU
+op on the same inputs (quantize bit for bit; matmul also against a float64 product of the
+dequantized weight). Tests that need a GPU skip with the reason where there is none or mlxq
+was built without CUDA; the build logic of the CUDA backend is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlxq
+import pytest
+import torch
+from conftest import random_weight
+from mlxq import _build_helpers as bh
+
+ROOT = Path(__file__).resolve().parents[1]
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# unit roundoff of each output dtype
+EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+DECODE_MAX_ROWS = 8  # csrc/cuda/launch.h: larger M dequantizes W to x's dtype for cuBLAS
+
+
+def _cuda_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (the CUDA backend is tested on an NVIDIA GPU only)"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("mlxq::affine_matmul", "CUDA"):
+        return "mlxq was built without its CUDA backend (torch without CUDA, or no nvcc)"
+    return None
+
+
+needs_cuda = pytest.mark.skipif(_cuda_skip_reason() is not None, reason=str(_cuda_skip_reason()))
+
+
+def _quantized(gen, n, k, gs, bits, dtype):
+    w = random_weight((n, k), dtype, gen)
+    return mlxq.affine_quantize(w, gs, bits)
+
+
+def _check_matmul(x, wq, s, b, gs, bits, transpose=True):
+    """GPU vs float64 oracle and vs the CPU op, within the error the numerics contract allows."""
+    y_gpu = mlxq.affine_matmul(x.cuda(), wq.cuda(), s.cuda(), b.cuda(), gs, bits, transpose).cpu()
+    y_cpu = mlxq.affine_matmul(x, wq, s, b, gs, bits, transpose)
+    assert y_gpu.dtype == x.dtype and y_gpu.shape == y_cpu.shape
+    w = mlxq.affine_dequantize(wq, s.float(), b.float(), gs, bits).double()
+    w = w if transpose else w.transpose(-1, -2)
+    ref = x.double() @ w.transpose(-1, -2)
+    bound = x.double().abs() @ w.abs().transpose(-1, -2)  # sum of |terms|
+    eps = EPS[x.dtype]
+    m = x.shape[-2] if x.dim() >= 2 else 1
+    # fp32 sums in another order; the output rounded once; large M rounds W to x's dtype
+    prefill = m > DECODE_MAX_ROWS or not transpose
+    weight_eps = eps if prefill and x.dtype != torch.float32 else 0.0
+    tol = 64 * 2.0**-24 * bound + eps * ref.abs() + weight_eps * bound + 1e-30
+    err = (y_gpu.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max err/tol {float((err / tol).max()):.3g}"
+    assert bool(((y_gpu.double() - y_cpu.double()).abs() <= 2 * tol).all())
+
+
+# --- build logic (runs everywhere) -----------------------------------------------------------
+
+
+def test_cuda_sources_only_in_cuda_builds() -> None:
+    listed = bh.read_source_list(ROOT)
+    cu = [f for f in listed if f.endswith(".cu")]
+    assert "csrc/cuda/affine_cuda.cu" in cu and all(f.startswith("csrc/cuda/") for f in cu)
+    assert not set(cu) & set(bh.native_sources(ROOT, "linux", False))
+    assert set(cu) <= set(bh.native_sources(ROOT, "linux", False, cuda=True))
+    assert ("MLXQ_WITH_CUDA", "1") in bh.native_macros("linux", False, cuda=True)
+    assert bh.native_macros("linux", False) == []
+
+
+def test_cuda_build_decision(tmp_path: Path) -> None:
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("")
+    assert bh.cuda_build_decision(None, nvcc, {})[0] is False  # CPU-only torch: as before
+    assert bh.cuda_build_decision("13.0", None, {})[0] is False
+    assert bh.cuda_build_decision("13.0", tmp_path / "missing", {})[0] is False
+    assert bh.cuda_build_decision("13.0", nvcc, {})[0] is True
+    assert bh.cuda_build_decision("13.0", nvcc, {"MLXQ_BUILD_CUDA": "off"})[0] is False
+    with pytest.raises(ValueError, match="no CUDA support"):
+        bh.cuda_build_decision(None, nvcc, {"MLXQ_BUILD_CUDA": "require"})
+    with pytest.raises(ValueError, match="MLXQ_BUILD_CUDA must be"):
+        bh.cuda_build_decision("13.0", nvcc, {"MLXQ_BUILD_CUDA": "maybe"})
+
+
+def test_cuda_arch_flags() -> None:
+    nvcc_knows = ["compute_75", "compute_80", "compute_90", "compute_100", "compute_120"]
+    flags, why = bh.cuda_arch_flags("sm_80 sm_86 sm_120", nvcc_knows, {})
+    # torch's list (as far as nvcc knows it) plus sm_90, PTX of the newest
+    assert flags == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_120,code=sm_120",
+        "-gencode=arch=compute_120,code=compute_120",
+    ]
+    assert "sm_90" in why
+    flags, _ = bh.cuda_arch_flags("sm_80", nvcc_knows, {"MLXQ_CUDA_ARCHS": "90"})
+    assert flags == [
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    with pytest.raises(ValueError, match="no CUDA architecture"):
+        bh.cuda_arch_flags("", ["compute_75"], {"MLXQ_CUDA_ARCHS": "90"})
+
+
+def test_cuda_device_refused_without_cuda_kernels() -> None:
+    from mlxq.integrations.quantizer import MLXHfQuantizer
+
+    quantizer = MLXHfQuantizer(mlxq.MLXQuantConfig())
+    if _cuda_skip_reason() is None:
+        quantizer.validate_environment(device_map="cuda")  # accepted
+    else:
+        with pytest.raises(ValueError, match="device 'cuda' in device_map is not supported"):
+            quantizer.validate_environment(device_map="cuda")
+
+
+# --- ops vs the CPU op -----------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_quantize_bit_exact(gen, bits: int, group_size: int, dtype: torch.dtype) -> None:
+    w = random_weight((37, 3 * 128), dtype, gen)
+    want = mlxq.affine_quantize(w, group_size, bits)
+    got = [t.cpu() for t in mlxq.affine_quantize(w.cuda(), group_size, bits)]
+    assert got[0].dtype == torch.uint32 and got[1].dtype == dtype
+    assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32))
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantize(gen, bits: int, group_size: int, dtype: torch.dtype) -> None:
+    wq, s, b = _quantized(gen, 37, 3 * 128, group_size, bits, dtype)
+    want = mlxq.affine_dequantize(wq, s, b, group_size, bits)
+    got = mlxq.affine_dequantize(wq.cuda(), s.cuda(), b.cuda(), group_size, bits).cpu()
+    assert got.dtype == dtype and got.shape == want.shape
+    # fp32 s*q+b with one FMA (the CPU kernels' too, where the CPU has FMA), then one rounding
+    torch.testing.assert_close(got, want, rtol=2 * EPS[dtype], atol=0)
+    # int32 packed weights are the same bits; leading dimensions are kept
+    got3 = mlxq.affine_dequantize(
+        wq.view(torch.int32).cuda().reshape(1, 37, -1),
+        s.cuda()[None],
+        b.cuda()[None],
+        group_size,
+        bits,
+    )
+    assert torch.equal(got3.cpu()[0], got)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_matmul_all_formats(gen, bits: int, group_size: int, dtype: torch.dtype) -> None:
+    wq, s, b = _quantized(gen, 37, 3 * 128, group_size, bits, dtype)
+    for m in (1, 2, 3, 5, 8, 9, 16, 64):  # every decode width, then the cuBLAS path
+        x = torch.randn(m, 3 * 128, generator=gen).to(dtype)
+        _check_matmul(x, wq, s, b, group_size, bits)
+    for m in (1, 40):  # x @ W
+        x = torch.randn(m, 37, generator=gen).to(dtype)
+        _check_matmul(x, wq, s, b, group_size, bits, transpose=False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m", [1, 4, 16, 100])
+def test_matmul_long_rows(gen, bits: int, m: int) -> None:
+    # K = 5120: 160 chunks per row, more than one unrolled round of every lane, with a tail
+    wq, s, b = _quantized(gen, 301, 5120, 64, bits, torch.bfloat16)
+    x = torch.randn(m, 5120, generator=gen).bfloat16()
+    _check_matmul(x, wq, s, b, 64, bits)
+    _check_matmul(x.float(), wq, s.float(), b.float(), 64, bits)
+
+
+@needs_cuda
+def test_matmul_mixed_dtypes_layouts_and_batches(gen) -> None:
+    wq, s, b = _quantized(gen, 64, 256, 32, 4, torch.float16)
+    # bf16 x with fp16 scales; x with leading dimensions
+    _check_matmul(torch.randn(2, 3, 256, generator=gen).bfloat16(), wq, s, b, 32, 4)
+    # a view that starts off 16-byte alignment, and a transposed one
+    big = torch.randn(5, 257, generator=gen)
+    _check_matmul(big[:, 1:], wq, s.float(), b.float(), 32, 4)
+    xt = torch.randn(256, 6, generator=gen).t()
+    _check_matmul(xt, wq, s, b, 32, 4)
+    # batched weights broadcast against batched x: [3, 1] x [2] -> [3, 2]
+    wqs, ss, bs = (torch.stack([t, t.flip(0)]) for t in (wq, s, b))
+    for m in (1, 20):
+        x = torch.randn(3, 1, m, 256, generator=gen).half()
+        _check_matmul(x, wqs, ss, bs, 32, 4)
+        _check_matmul(x[..., :64], wqs, ss, bs, 32, 4, transpose=False)
+
+
+@needs_cuda
+def test_errors_and_empty(gen) -> None:
+    wq, s, b = (t.cuda() for t in _quantized(gen, 8, 64, 32, 4, torch.float32))
+    with pytest.raises(ValueError, match="x is on cpu but wq is on cuda"):
+        mlxq.affine_matmul(torch.randn(1, 64), wq, s, b, 32, 4)
+    with pytest.raises(ValueError, match="must equal 64"):
+        mlxq.affine_matmul(torch.randn(1, 32, device="cuda"), wq, s, b, 32, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        mlxq.affine_quantize(torch.randn(4, 64, device="cuda"), 16, 4)
+    empty = mlxq.affine_matmul(torch.randn(0, 64, device="cuda"), wq, s, b, 32, 4)
+    assert empty.shape == (0, 8) and empty.is_cuda
+
+
+@needs_cuda
+def test_streams_and_cuda_graphs(gen) -> None:
+    wq, s, b = (t.cuda() for t in _quantized(gen, 512, 1024, 64, 4, torch.bfloat16))
+    x = torch.randn(4, 1024, generator=gen).bfloat16().cuda()
+    want = {m: mlxq.affine_matmul(x[:m], wq, s, b, 64, 4) for m in (1, 4)}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up on the side stream, then capture there
+        for m in (1, 4):
+            mlxq.affine_matmul(x[:m], wq, s, b, 64, 4)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = {m: mlxq.affine_matmul(x[:m], wq, s, b, 64, 4) for m in (1, 4)}
+    torch.cuda.current_stream().wait_stream(side)
+    x.mul_(-1)  # the graph reads x again when replayed
+    graph.replay()
+    torch.cuda.synchronize()
+    for m in (1, 4):
+        assert torch.equal(out[m], -want[m])
+
+
+# --- a tiny model on CUDA vs the CPU ---------------------------------------------------------
+
+
+def _tiny_checkpoint(tmp_path: Path) -> Path:
+    """A tiny Llama with random weights, quantized (4 bits, group 64) and saved as MLX."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the init, so that logits differ clearly
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    mlxq.quantize_model(model, bits=4, group_size=64)
+    out = tmp_path / "tiny-mlx"
+    model.save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    return out
+
+
+@needs_cuda
+def test_tiny_model_on_cuda_matches_cpu(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = _tiny_checkpoint(tmp_path)
+    kw = dict(dtype=torch.float32)
+    cpu = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **kw)
+    gpu = AutoModelForCausalLM.from_pretrained(path, device_map="cuda", **kw)
+    assert gpu.model.layers[0].mlp.up_proj.weight.is_cuda
+    # 24 tokens: the prefill goes through the cuBLAS path (M > 16), decoding through qmv
+    prompt = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = cpu(prompt).logits
+        got = gpu(prompt.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    gen = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    with torch.no_grad():
+        tokens_cpu = cpu.generate(prompt, attention_mask=torch.ones_like(prompt), **gen)
+        tokens_gpu = gpu.generate(
+            prompt.cuda(), attention_mask=torch.ones_like(prompt).cuda(), **gen
+        ).cpu()
+    assert torch.equal(tokens_gpu, tokens_cpu)
+    # bf16 on the GPU stays close to the fp32 CPU logits (decode and prefill paths)
+    gpu16 = AutoModelForCausalLM.from_pretrained(path, device_map="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got16 = gpu16(prompt.cuda()).logits.float().cpu()
+    assert float((got16 - want).abs().max()) < 0.05 * float(want.abs().max())
