@@ -33,7 +33,6 @@ __all__ = [
     "ChannelsLastToFirst",
     "channels_last_conversions",
     "mlx_vlm_config_keys",
-    "missing_tensors",
 ]
 
 # mlx-vlm's language model and head, the same in every family it writes
@@ -254,14 +253,3 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
         "text": {k: v for k, v in out["text"].items() if k not in text},
         "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
     }
-
-
-def missing_tensors(model: nn.Module, headers: Mapping[str, Any]) -> list[str]:
-    """The model's parameters and persistent buffers that no checkpoint tensor fills (names
-    after renaming), tied ones excepted: loading would initialise them at random."""
-    tied: set[str] = set()
-    for name, sub in model.named_modules():
-        keys = getattr(sub, "all_tied_weights_keys", None)
-        if isinstance(keys, dict):
-            tied.update(f"{name}.{k}" if name else k for k in keys)
-    return [k for k in model.state_dict() if k not in headers and k not in tied]

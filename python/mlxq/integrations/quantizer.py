@@ -24,7 +24,6 @@ from mlxq.integrations.mlx_vlm_layout import (
     VlmLayout,
     channels_last_conversions,
     checkpoint_vlm_layout,
-    missing_tensors,
     mlx_vlm_config_keys,
 )
 from mlxq.nn import (
@@ -176,7 +175,11 @@ def missing_tensors(model: nn.Module, present: set[str]) -> list[str]:
 
     patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
     ignore = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    tied: set[str] = set()  # each (sub)model lists its tied keys relative to itself
+    for name, sub in model.named_modules():
+        keys = getattr(sub, "all_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            tied.update(f"{name}.{k}" if name else k for k in keys)
     return [
         key
         for key in model.state_dict()
