@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    environ = dict(os.environ, HF_HUB_OFFLINE="1", MLXQ_CACHE=str(TEST_CACHE), **env)
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", MLXQ_CACHE=str(TEST_CACHE))
+    environ.update(env)
     environ.pop("MLXQ_DEBUG", None)
     return subprocess.run(
         [sys.executable, "-m", "mlxq", *args],
@@ -301,6 +302,15 @@ def test_bench_ops(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["mlxq_fp32"] > 0 and rows[0]["dense_fp32"] > 0
+
+
+def test_bench_writes_into_the_cache_by_default(tmp_path: Path) -> None:
+    # never into the current folder (mlxq may be installed anywhere): the cache, or --out
+    args = ["--m", "1", "--bits", "4", "--shapes", "4096x4096", "--peers", "dense"]
+    proc = run_cli("bench", "ops", *args, "--budget", "0.01", MLXQ_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "bench" / "ops.json").is_file()
+    assert f"json: {tmp_path / 'bench' / 'ops.json'}" in proc.stdout
 
 
 def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: Path) -> None:

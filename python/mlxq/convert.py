@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,18 +139,22 @@ def convert_checkpoint(
     quantized = sum(isinstance(m, (AffineLinear, AffineEmbedding)) for m in model.modules())
     kept = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     progress(f"saving to {out}")
-    created = not out.exists()
+    # written into a staging folder beside OUT and renamed at the end: a kill mid-write leaves
+    # no half checkpoint under OUT's name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        model.save_pretrained(out)
+        model.save_pretrained(staging)
         try:
             tokenizer = AutoTokenizer.from_pretrained(src)
         except (OSError, ValueError):  # a model without tokenizer files converts all the same
             tokenizer = None
         if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return ConvertSummary(out, quantized, kept, written)

@@ -129,12 +129,29 @@ def prepare_smollm2_checkpoint(
     return out
 
 
+# a staging folder untouched this long belongs to a build that was killed (builds take minutes)
+_STALE_STAGING_S = 6 * 3600
+
+
+def _remove_stale_staging(folder: Path, tag: str) -> None:
+    """Delete staging folders of `tag` that a killed build left behind."""
+    import time
+
+    for old in folder.glob(f".{tag}-*"):
+        try:
+            if time.time() - old.stat().st_mtime > _STALE_STAGING_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # removed by another process meanwhile
+            pass
+
+
 def _cached_build(tag: str, build: Callable[[Path], object], cache_dir: Path | None) -> Path:
     """`build(folder)` once into the cache under `tag`; atomic against concurrent builders."""
     final = Path(cache_dir or mlxq_cache_dir()) / "models" / tag
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(final.parent, tag)
     staging = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=final.parent))
     try:
         build(staging / "model")

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlxq.bench.timing import default_out
+
 __all__ = ["main", "PEERS", "ratios", "peak_rss_bytes"]
 
 PEERS = ("mlxq", "mlxq_bf16", "dense_bf16", "dense_fp32", "mlx_lm")
@@ -271,7 +273,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mlx-decode-tokens", type=int, default=8)
     p.add_argument("--reps", type=int, default=3, help="prefill repetitions (median)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/model"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results path without suffix (.json, .png); default: the mlxq cache's bench/model",
+    )
     args = p.parse_args(argv)
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
@@ -347,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, t in targets.items():
         verdict = "met" if t["met"] else "NOT met"
         print(f"{name}: {t['ratio']:.2f}x (target >= {t['target']}x) {verdict}")
+    args.out = args.out or default_out("model")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"info": info, "results": results, "targets": targets}
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import mlxq
-from mlxq.bench.timing import median_ms
+from mlxq.bench.timing import default_out, median_ms
 
 SHAPES = {"4096x4096": (4096, 4096), "llama8b_mlp_up": (14336, 4096)}
 
@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--peers", nargs="+", default=["mlx", "int4pack", "dense", "deq"])
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timing per cell")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/ops"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results path without suffix (.json, .png); default: the mlxq cache's bench/ops",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--cuda-shapes", nargs="+", default=["4096x4096", "28672x8192"], help="with --device cuda"
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print(f"# mlxq op benchmark ({info})")
     print(format_table(rows))
+    args.out = args.out or default_out("ops")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     if plot(rows, args.out.with_suffix(".png")):

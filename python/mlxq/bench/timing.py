@@ -32,3 +32,11 @@ def median_ms(
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def default_out(name: str):
+    """Where a benchmark writes its results without --out: the mlxq user cache (never the
+    current folder, which may be anywhere once mlxq is installed)."""
+    from mlxq.demo_model import mlxq_cache_dir
+
+    return mlxq_cache_dir() / "bench" / name

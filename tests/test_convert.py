@@ -1,0 +1,89 @@
+"""mlxq.convert called directly: tiny float models to MLX checkpoints (compared with mlx-lm's
+convert), and no half-written output when it is interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlx_models import TEST_CACHE, tiny_float_model
+from mlxq import demo_model
+from mlxq.convert import convert_checkpoint, recipe_overrides
+from safetensors.torch import load_file
+
+
+@pytest.fixture(scope="module")
+def tiny_float(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_float_model("qwen3", tmp_path_factory.mktemp("float") / "qwen3")
+
+
+def test_convert_matches_mlx_lm_convert(tiny_float: Path, tmp_path: Path) -> None:
+    from mlx_lm import convert
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    summary = convert_checkpoint(tiny_float, ours, bits=3, group_size=32)
+    convert(str(tiny_float), str(theirs), quantize=True, q_group_size=32, q_bits=3)
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    q = json.loads((ours / "config.json").read_text())["quantization"]
+    assert q == json.loads((theirs / "config.json").read_text())["quantization"]
+    assert (
+        summary.quantized > 0
+        and summary.bytes_written == (ours / "model.safetensors").stat().st_size
+    )
+
+
+def test_recipe_entries_with_null_group_size(tiny_float: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_float)
+    entries = recipe_overrides(model, "mixed_3_6", None)
+    assert entries and all(e["group_size"] is None for e in entries.values())
+    assert {e["bits"] for e in entries.values()} == {3, 6}
+
+
+def test_interrupted_convert_leaves_no_output(
+    tiny_float: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+
+    def save_then_die(self, folder, *args, **kwargs):
+        original(self, folder, *args, **kwargs)
+        raise KeyboardInterrupt  # as a kill right after the weights were written
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_die)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(tiny_float, out, bits=4, group_size=64)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging folder left either
+
+
+def test_stale_staging_folders_of_the_model_cache_are_removed(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    stale, fresh = models / ".tag-abc123", models / ".tag-def456"
+    for folder in (stale, fresh):
+        (folder / "model").mkdir(parents=True)
+    old = time.time() - 7 * 3600
+    os.utime(stale, (old, old))
+
+    def build(out: Path) -> None:
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    final = demo_model._cached_build("tag", build, tmp_path)
+    assert (final / "config.json").is_file()
+    assert not stale.exists() and fresh.exists()  # a recent one may be a concurrent build
+
+
+def test_test_cache_is_under_the_mlxq_cache() -> None:
+    if "MLXQ_TEST_CACHE" not in os.environ:
+        assert TEST_CACHE == demo_model.mlxq_cache_dir() / "tests"
