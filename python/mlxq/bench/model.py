@@ -83,7 +83,6 @@ def _torch_worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -106,41 +105,15 @@ def _torch_worker(spec: dict) -> dict:
         out["prefill_tokens"] = prompt.shape[1]
         out["prefill_tps"] = prompt.shape[1] / statistics.median(times)
 
-    class Clock(BaseStreamer):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.first = True
-
-        def put(self, value) -> None:
-            if self.first:
-                self.first = False  # the prompt
-            else:
-                self.times.append(time.perf_counter())
-
-        def end(self) -> None:
-            pass
-
-    def run(n: int, ids: torch.Tensor) -> list[float]:
-        clock = Clock()
-        with torch.inference_mode():
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                streamer=clock,
-                pad_token_id=0,
-            )
-        return clock.times
+    from mlxq.generation import timed_generate
 
     n = spec["decode_tokens"]
     decode_ids = prompt[:, : spec["decode_context"]]
-    run(4, decode_ids)  # warm-up
-    times = run(n, decode_ids)
-    out["decode_tokens"] = len(times)
+    timed_generate(model, decode_ids, 4, min_new_tokens=4)  # warm-up
+    _, stats = timed_generate(model, decode_ids, n, min_new_tokens=n)
+    out["decode_tokens"] = stats["generated_tokens"]
     out["decode_context"] = decode_ids.shape[1]
-    out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
+    out["decode_tps"] = stats["decode_tps"]
     out["peak_rss"] = peak_rss_bytes() or 0
     return out
 

@@ -1,0 +1,44 @@
+"""`mlxq convert`: a float transformers checkpoint to an MLX checkpoint, in PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mlxq.cli.common import CLIError, quiet_transformers, resolve_config
+from mlxq.format import find_quantization
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"{args.out} already exists and is not empty; pass a new folder")
+    source, config = resolve_config(args.hf_path)
+    if find_quantization(config) is not None:
+        raise CLIError(
+            f"{args.hf_path} is already quantized ({json.dumps(find_quantization(config))[:80]}); "
+            "convert takes a float checkpoint"
+        )
+    quiet_transformers()
+    from mlxq.convert import convert_checkpoint
+
+    start = time.perf_counter()
+    summary = convert_checkpoint(
+        source,
+        out,
+        args.bits,
+        args.group_size,
+        recipe=args.recipe,
+        dtype=args.dtype,
+        progress=lambda message: print(f"[mlxq] {message}", flush=True),
+    )
+    kept = f", kept float: {', '.join(summary.kept_float)}" if summary.kept_float else ""
+    print(
+        f"[mlxq] wrote {summary.out}: {summary.quantized} layers quantized "
+        f"({args.recipe or f'{args.bits}-bit'} group {args.group_size or 'default (64)'}){kept}; "
+        f"{summary.bytes_written / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
+    return 0

@@ -1,0 +1,60 @@
+"""`mlxq generate`: stream a completion with an MLX checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mlxq.cli.common import CLIError, load_model, print_stats
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_tokens: int,
+    chat: bool = True,
+    temperature: float = 0.0,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Stream a completion of `prompt` to stdout; return its text and timings.
+
+    As `mlx_lm.generate` does, the prompt is wrapped in the tokenizer's chat template when it
+    has one (an instruct model given the raw prompt often ends at once); `chat=False` sends the
+    prompt as it is.
+    """
+    import torch
+
+    from mlxq.generation import timed_generate, token_clock
+
+    device = next(model.parameters(), torch.empty(0)).device
+    if chat and getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    new, stats = timed_generate(
+        model,
+        inputs["input_ids"].to(device),
+        max_tokens,
+        attention_mask=inputs["attention_mask"].to(device),
+        streamer=token_clock(tokenizer, echo),
+        temperature=temperature,
+        pad_token_id=pad,
+    )
+    return {"text": tokenizer.decode(new, skip_special_tokens=True), **stats}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.max_tokens < 1:
+        raise CLIError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    model, tokenizer, info = load_model(args.model, args.device, args.dtype, args.threads)
+    chat = not args.ignore_chat_template
+    stats = generate(model, tokenizer, args.prompt, args.max_tokens, chat, args.temperature)
+    print_stats(info, stats)
+    return 0
