@@ -38,7 +38,8 @@ CXXFLAGS = [
     "-Wno-ignored-attributes",
     "-ferror-limit=8",
 ]
-KERNEL_OPT = ["-O2", "-fno-vectorize", "-fno-slp-vectorize"]
+# array-bounds: fixed-size (thread-private) arrays are checked through the runtime's UBSan handlers.
+KERNEL_OPT = ["-O2", "-fno-vectorize", "-fno-slp-vectorize", "-fsanitize=array-bounds"]
 
 
 class EmulatorError(RuntimeError):

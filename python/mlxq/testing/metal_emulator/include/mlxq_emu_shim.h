@@ -496,11 +496,13 @@ constexpr mem_flags operator|(mem_flags a, mem_flags b) {
 
 #define MLXQ_SRC const char *mlxq_file = __builtin_FILE(), int mlxq_line = __builtin_LINE()
 
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, MLXQ_SRC) {
-  mlxq_emu_barrier(0, mlxq_file, mlxq_line);
+// The flags say which memory the barrier orders (mem_none: execution only); the runtime's race
+// checks follow them.
+inline void threadgroup_barrier(mem_flags f, MLXQ_SRC) {
+  mlxq_emu_barrier(0 | ((int)f << 4), mlxq_file, mlxq_line);
 }
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MLXQ_SRC) {
-  mlxq_emu_barrier(1, mlxq_file, mlxq_line);
+inline void simdgroup_barrier(mem_flags f, MLXQ_SRC) {
+  mlxq_emu_barrier(1 | ((int)f << 4), mlxq_file, mlxq_line);
 }
 
 enum memory_order { memory_order_relaxed = 0 };
