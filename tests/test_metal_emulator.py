@@ -468,3 +468,22 @@ def test_thread_private_array_bounds(lib: emu.Library) -> None:
     msg = str(e.value)
     assert msg.startswith("private_overflow: out-of-bounds index 31 into fixed-size array"), msg
     assert "float[31]" in msg and "emu_bugs.metal:" in msg and "thread 0 (lane 0" in msg
+
+
+def test_plain_division_is_fast_math_and_precise_divide_is_exact(lib: emu.Library) -> None:
+    n = 4096
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, generator=gen)
+    b = torch.randn(n, generator=gen) + 3.0
+    out = torch.zeros(3 * n)
+    hout = torch.zeros(2 * n, dtype=torch.float16)
+    emu.dispatch("divisions", n // 64, 64, {0: a, 1: b, 2: out, 3: hout})
+    fast, exact, exact_vec = out.view(n, 3).unbind(1)
+    assert torch.equal(exact, a / b) and torch.equal(exact_vec, a / b)
+    # Fast math: a * (1 / b), two roundings; it differs from a / b on a good share of inputs.
+    assert torch.equal(fast, a * (1.0 / b))
+    assert (fast != a / b).float().mean() > 0.05
+    ah, bh = a.half(), b.half()
+    hfast, hexact = hout.view(n, 2).unbind(1)
+    assert torch.equal(hexact, (ah.float() / bh.float()).half())
+    assert torch.equal(hfast, ah * (1.0 / bh))

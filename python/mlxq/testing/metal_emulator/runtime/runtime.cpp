@@ -693,6 +693,8 @@ extern "C" HIDDEN void mlxq_emu_barrier(int scope, const char* file, int line) {
 }
 
 extern "C" HIDDEN unsigned mlxq_emu_lane() { return g_cur->lane; }
+// precise::divide: correctly rounded (kernel code's own divisions are rewritten to fast math).
+extern "C" HIDDEN float mlxq_emu_precise_fdiv(float a, float b) { return a / b; }
 
 // Bounds of fixed-size arrays (thread-private arrays above all, which live on the fiber stacks and
 // are invisible to the memory hooks): kernels are compiled with -fsanitize=array-bounds, whose
