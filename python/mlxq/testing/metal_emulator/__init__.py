@@ -125,13 +125,21 @@ class Library:
         threads_per_threadgroup: Iterable[int] | int,
         buffers: Mapping[int, Any],
         threadgroup_memory: Mapping[int, int] | None = None,
+        only_threadgroup: Iterable[int] | None = None,
     ) -> DispatchReport:
         """Run `kernel_name` over `grid` threadgroups; see :func:`dispatch`."""
         k = self._kernels.get(kernel_name)
         if k is None:
             raise EmulatorError(_unknown(kernel_name, self._kernels))
         with _lock:  # the runtime is single-threaded (and ctypes releases the GIL)
-            return _run(k, grid, threads_per_threadgroup, buffers, threadgroup_memory or {})
+            return _run(
+                k,
+                grid,
+                threads_per_threadgroup,
+                buffers,
+                threadgroup_memory or {},
+                only_threadgroup,
+            )
 
 
 _lock = threading.RLock()
@@ -207,6 +215,7 @@ def dispatch(
     threads_per_threadgroup: Iterable[int] | int,
     buffers: Mapping[int, Any],
     threadgroup_memory: Mapping[int, int] | None = None,
+    only_threadgroup: Iterable[int] | None = None,
 ) -> DispatchReport:
     """Run a kernel on the CPU with Metal semantics.
 
@@ -215,6 +224,9 @@ def dispatch(
     bytearray (written back)}. threadgroup_memory: {index: bytes} for `[[threadgroup(i)]]`.
     Raises EmulatorError on unknown kernels, missing bindings, out-of-bounds accesses, reads of
     never-written threadgroup memory, threadgroup races and divergent collectives.
+    only_threadgroup: run just the threadgroup at that grid position (x, y, z), e.g. the last
+    one of a grid too large to emulate whole, with params claiming huge shapes and tiny buffers:
+    32-bit index arithmetic that passes 2^31 is then reported as a signed integer overflow.
     """
     with _lock:
         k = _find(kernel_name)
@@ -224,7 +236,9 @@ def dispatch(
         if k is None:
             names = {n: 1 for lib in _libraries for n in lib._kernels}
             raise EmulatorError(_unknown(kernel_name, names))
-        return _run(k, grid, threads_per_threadgroup, buffers, threadgroup_memory or {})
+        return _run(
+            k, grid, threads_per_threadgroup, buffers, threadgroup_memory or {}, only_threadgroup
+        )
 
 
 def last_dispatch_report() -> DispatchReport:
@@ -259,11 +273,18 @@ def _run(
     tptg: Iterable[int] | int,
     buffers: Mapping[int, Any],
     tgmem: Mapping[int, int],
+    only: Iterable[int] | None = None,
 ) -> DispatchReport:
     global _last_report
     name = k.info.name
     g = _dims(grid, "grid")
     t = _dims(tptg, "threads_per_threadgroup")
+    only_arg = None
+    if only is not None:
+        o = _dims(tuple(int(v) + 1 for v in only), "only_threadgroup")
+        if any(o[d] > g[d] for d in range(3)):
+            raise EmulatorError(f"{name}: only_threadgroup {tuple(only)} is outside the grid {g}")
+        only_arg = (ctypes.c_uint32 * 3)(*(v - 1 for v in o))
     if t[0] * t[1] * t[2] > 1024:
         raise EmulatorError(f"{name}: threads_per_threadgroup {t} exceeds 1024 threads")
     for p in k.info.params:
@@ -303,6 +324,7 @@ def _run(
         ctypes.byref(tg_bytes),
         err,
         ctypes.c_int(len(err)),
+        only_arg,
     )
     if rc != 0:
         raise EmulatorError(f"{name}: {err.value.decode(errors='replace')}")

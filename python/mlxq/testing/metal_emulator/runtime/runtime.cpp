@@ -29,7 +29,7 @@ constexpr int kSimdWidth = 32;
 constexpr size_t kStackSize = 256 * 1024;
 constexpr size_t kPage = 4096;
 constexpr int kSlots = 64;  // 32 device/constant buffers, then 32 host-bound threadgroup blocks
-constexpr int kSlotShift = 32;
+constexpr int kSlotShift = 36;  // 64 GiB: a 64-bit offset up to 32 GiB still names its buffer
 constexpr uint64_t kSlotSize = 1ull << kSlotShift;
 constexpr uint16_t kMulti = 0xFFFF;
 
@@ -230,7 +230,7 @@ bool ensure_stacks() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Memory: every device buffer and host-bound threadgroup block lives in its own 4 GiB slot of a
+// Memory: every device buffer and host-bound threadgroup block lives in its own 64 GiB slot of a
 // reserved arena, so that any address the kernel computes from it maps back to it.
 bool ensure_arena() {
   if (g_arena) return true;
@@ -729,10 +729,59 @@ struct UbsanOutOfBounds {
   fail("out-of-bounds index %lld into fixed-size array of type %s (a thread-private or "
        "threadgroup array) at %s:%u by %s",
        idx, d->array->name, d->loc.file, d->loc.line, thread_desc());
-  g_in_kernel = false;
   abort_thread();
 }
 }  // namespace
+
+// -fsanitize=object-size: an access through a pointer past the end of the object the optimiser
+// traced it to (after inlining: a thread-private array passed as `thread float*`).
+struct UbsanTypeMismatch {
+  UbsanLoc loc;
+  const UbsanType* type;
+  unsigned char log_alignment, kind;
+};
+
+extern "C" HIDDEN void __ubsan_handle_type_mismatch_v1(const UbsanTypeMismatch* d, uintptr_t p) {
+  fail("out-of-bounds access to %s at %p past the end of its thread-private object at %s:%u by %s",
+       d->type->name, (void*)p, d->loc.file, d->loc.line, thread_desc());
+  abort_thread();
+}
+extern "C" HIDDEN void __ubsan_handle_type_mismatch_v1_abort(const UbsanTypeMismatch* d,
+                                                             uintptr_t p) {
+  __ubsan_handle_type_mismatch_v1(d, p);
+}
+
+// -fsanitize=signed-integer-overflow: 32-bit index arithmetic that passes 2^31 (Metal wraps it
+// silently; the address is then wrong).
+struct UbsanOverflow {
+  UbsanLoc loc;
+  const UbsanType* type;
+};
+
+[[noreturn]] void integer_overflow(const UbsanOverflow* d, const char* op) {
+  fail("signed integer overflow (%s of %s) at %s:%u by %s: 32-bit index arithmetic passed 2^31; "
+       "compute it in 64 bits (long)",
+       op, d->type->name, d->loc.file, d->loc.line, thread_desc());
+  abort_thread();
+}
+#define MLXQ_OVERFLOW_HANDLER(name, op)                                                      \
+  extern "C" HIDDEN void __ubsan_handle_##name(const UbsanOverflow* d, uintptr_t, uintptr_t) { \
+    integer_overflow(d, op);                                                                  \
+  }                                                                                           \
+  extern "C" HIDDEN void __ubsan_handle_##name##_abort(const UbsanOverflow* d, uintptr_t,      \
+                                                       uintptr_t) {                            \
+    integer_overflow(d, op);                                                                  \
+  }
+MLXQ_OVERFLOW_HANDLER(add_overflow, "addition")
+MLXQ_OVERFLOW_HANDLER(sub_overflow, "subtraction")
+MLXQ_OVERFLOW_HANDLER(mul_overflow, "multiplication")
+MLXQ_OVERFLOW_HANDLER(divrem_overflow, "division")
+extern "C" HIDDEN void __ubsan_handle_negate_overflow(const UbsanOverflow* d, uintptr_t) {
+  integer_overflow(d, "negation");
+}
+extern "C" HIDDEN void __ubsan_handle_negate_overflow_abort(const UbsanOverflow* d, uintptr_t) {
+  integer_overflow(d, "negation");
+}
 
 extern "C" HIDDEN void __ubsan_handle_out_of_bounds(const UbsanOutOfBounds* d, uintptr_t v) {
   out_of_bounds_index(d, v);
@@ -764,7 +813,7 @@ constexpr int64_t kMaxThreadgroupMemory = 32768;
 EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* const* buf_ptr,
                         const int64_t* buf_size, const int* buf_writable, const int64_t* tg_size,
                         int64_t* bytes_read, int64_t* bytes_written, int64_t* tg_bytes, char* err,
-                        int errlen) {
+                        int errlen, const u32* only) {
   *tg_bytes = 0;
   g_failed = false;
   g_err[0] = 0;
@@ -827,12 +876,14 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
     for (u32 z = 0; z < grid[2] && !g_failed; ++z)
       for (u32 y = 0; y < grid[1] && !g_failed; ++y)
         for (u32 x = 0; x < grid[0] && !g_failed; ++x) {
+          // `only`: run just that threadgroup (index-width runs over huge grids).
+          if (only && (x != only[0] || y != only[1] || z != only[2])) continue;
           g_tgpos[0] = x;
           g_tgpos[1] = y;
           g_tgpos[2] = z;
           g_tg_linear = (z * grid[1] + y) * grid[0] + x;
           run_threadgroup(grid, tptg, bufs, tgs);
-          if (x == 0 && y == 0 && z == 0 && !g_failed) {
+          if (((x == 0 && y == 0 && z == 0) || only) && !g_failed) {
             *tg_bytes = threadgroup_bytes(tg_size);
             if (*tg_bytes > kMaxThreadgroupMemory)
               fail("threadgroup memory of %lld bytes exceeds Metal's limit of %lld bytes",
