@@ -15,13 +15,24 @@ Semantics and limits:
 - Collectives act on the active lanes. Lanes may return before their SIMD-group's first
   collective (`if (gid >= n) return;`); any other divergence (lanes at different collectives or
   barriers, lanes leaving after a collective, threads leaving before a barrier) is an error.
-- Threadgroup memory: reading bytes no thread wrote in this threadgroup, and read/write or
-  write/write pairs of different threads with no barrier in between, are errors (lanes of one
-  SIMD-group may communicate after a `simdgroup_barrier` or a collective). Device memory: every
-  access is bounds-checked and counted; bytes written by one threadgroup must not be read or
-  written by another (threadgroups are not ordered). Threadgroup memory is limited to 32 KiB.
-- Arithmetic is IEEE with per-operation rounding for half/bfloat and no fast math: where the
-  real Metal compiler's fast math could change results, kernels must say `precise::`.
+- Barriers order only the memory their `mem_flags` name: `threadgroup_barrier(mem_none)` (or
+  `mem_texture`) synchronises execution and orders nothing, `mem_threadgroup` orders
+  threadgroup memory, `mem_device` device memory; `simdgroup_barrier` likewise for the lanes of
+  one SIMD-group (collectives order both for their lanes).
+- Races inside a threadgroup: read/write or write/write pairs of different threads on the same
+  threadgroup or device byte with no barrier ordering that memory in between are errors, as is
+  reading threadgroup bytes no thread wrote in this threadgroup. Device memory: every access is
+  bounds-checked and counted; bytes written by one threadgroup must not be read or written by
+  another (threadgroups are not ordered). Threadgroup memory is limited to 32 KiB.
+- Fixed-size arrays (thread-private ones included) are bounds-checked when indexed directly and,
+  through clang's object-size checks after Metal-like inlining, through pointers to them.
+  Signed 32-bit integer arithmetic that overflows is an error (index math past 2^31);
+  `only_threadgroup` runs the last threadgroup of a huge grid to reach such indices. Unsigned
+  (`uint`) wrap-around is not detected.
+- Arithmetic is IEEE with per-operation rounding for half/bfloat. Division is fast math, as in
+  the runtime-compiled library: a plain float/half `/` is `a * (1 / b)` (two roundings, within
+  Metal's 2.5 ulp), `precise::divide` is correctly rounded. `exp`, `rsqrt` and the other math
+  functions are exact (fast-math approximations of those are not modelled).
 - Atomics run as plain read-modify-writes (threads run one at a time) and skip race checks.
 - Not supported: textures, samplers, imageblocks, function constants, argument buffers,
   `[[stage_in]]`, `simd_shuffle_and_fill_*`, conversions between half and bfloat through a

@@ -1,4 +1,4 @@
-"""Instrument LLVM IR: a call to the emulator runtime before every load and store, fast-math division.
+"""Instrument LLVM IR: runtime hooks before every load and store; fast-math division.
 
 `__mlxq_ld(ptr, size)` / `__mlxq_st(ptr, size)` / `__mlxq_at(ptr, size)` (atomics) let the runtime
 bounds-check, count and race-check every memory access of the kernel code. Done on the textual IR

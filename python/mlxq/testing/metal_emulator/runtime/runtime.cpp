@@ -28,7 +28,7 @@ constexpr int kMaxThreads = 1024;
 constexpr int kSimdWidth = 32;
 constexpr size_t kStackSize = 256 * 1024;
 constexpr size_t kPage = 4096;
-constexpr int kSlots = 64;  // 32 device/constant buffers, then 32 host-bound threadgroup blocks
+constexpr int kSlots = 64;      // 32 device/constant buffers, then 32 host-bound threadgroup blocks
 constexpr int kSlotShift = 36;  // 64 GiB: a 64-bit offset up to 32 GiB still names its buffer
 constexpr uint64_t kSlotSize = 1ull << kSlotShift;
 constexpr uint16_t kMulti = 0xFFFF;
@@ -331,8 +331,7 @@ void check_shadow(Region& r, int64_t off, uint64_t n, bool write, bool dev) {
             name, (long long)(off + i), thread_desc(), sh.w_tid, need);
         abort_thread();
       }
-      if (sh.r_epoch == epoch && sh.r_tid != t->tid &&
-          !(sh.r_sg == s && sync[s] > sh.r_sync)) {
+      if (sh.r_epoch == epoch && sh.r_tid != t->tid && !(sh.r_sg == s && sync[s] > sh.r_sync)) {
         region_name(r, off + i, name, sizeof name);
         fail(
             "race on %s at byte offset %lld: written by %s after a read by %s%u with no %s in "
@@ -726,9 +725,10 @@ struct UbsanOutOfBounds {
       idx = (long long)u;
     }
   }
-  fail("out-of-bounds index %lld into fixed-size array of type %s (a thread-private or "
-       "threadgroup array) at %s:%u by %s",
-       idx, d->array->name, d->loc.file, d->loc.line, thread_desc());
+  fail(
+      "out-of-bounds index %lld into fixed-size array of type %s (a thread-private or "
+      "threadgroup array) at %s:%u by %s",
+      idx, d->array->name, d->loc.file, d->loc.line, thread_desc());
   abort_thread();
 }
 }  // namespace
@@ -759,18 +759,19 @@ struct UbsanOverflow {
 };
 
 [[noreturn]] void integer_overflow(const UbsanOverflow* d, const char* op) {
-  fail("signed integer overflow (%s of %s) at %s:%u by %s: 32-bit index arithmetic passed 2^31; "
-       "compute it in 64 bits (long)",
-       op, d->type->name, d->loc.file, d->loc.line, thread_desc());
+  fail(
+      "signed integer overflow (%s of %s) at %s:%u by %s: 32-bit index arithmetic passed 2^31; "
+      "compute it in 64 bits (long)",
+      op, d->type->name, d->loc.file, d->loc.line, thread_desc());
   abort_thread();
 }
-#define MLXQ_OVERFLOW_HANDLER(name, op)                                                      \
+#define MLXQ_OVERFLOW_HANDLER(name, op)                                                        \
   extern "C" HIDDEN void __ubsan_handle_##name(const UbsanOverflow* d, uintptr_t, uintptr_t) { \
-    integer_overflow(d, op);                                                                  \
-  }                                                                                           \
+    integer_overflow(d, op);                                                                   \
+  }                                                                                            \
   extern "C" HIDDEN void __ubsan_handle_##name##_abort(const UbsanOverflow* d, uintptr_t,      \
                                                        uintptr_t) {                            \
-    integer_overflow(d, op);                                                                  \
+    integer_overflow(d, op);                                                                   \
   }
 MLXQ_OVERFLOW_HANDLER(add_overflow, "addition")
 MLXQ_OVERFLOW_HANDLER(sub_overflow, "subtraction")
