@@ -177,8 +177,7 @@ inline float deep(thread float* v, uint n) {
 
 // A thread-private array one element too short: the last iteration writes xs[31].
 [[kernel]] void private_overflow(const device float* src [[buffer(0)]],
-                                 device float* dst [[buffer(1)]],
-                                 constant uint& n [[buffer(2)]],
+                                 device float* dst [[buffer(1)]], constant uint& n [[buffer(2)]],
                                  uint gid [[thread_position_in_grid]]) {
   float xs[31];
   for (uint i = 0; i < n; ++i) {
