@@ -406,3 +406,84 @@ def test_threadgroup_variables_are_shared(decl: str, shared: bool) -> None:
 def test_c_style_vector_casts_convert(code: str, expect: str) -> None:
     # clang would bit-cast same-size vectors; MSL converts element-wise.
     assert _source._rewrite_c_casts(code) == expect
+
+
+# --- issue 17: barrier flags, races inside one threadgroup, thread-private bounds ---------------
+
+
+def test_mem_none_barrier_does_not_order_threadgroup_memory(lib: emu.Library) -> None:
+    x = torch.randn(64)
+    with pytest.raises(emu.EmulatorError) as e:
+        emu.dispatch("mem_none_barrier", 1, 64, {0: x, 1: torch.zeros(64)}, {0: 256})
+    msg = str(e.value)
+    assert msg.startswith("mem_none_barrier: race on threadgroup(0) memory"), msg
+    assert "thread 0 (lane 0" in msg and "mem_flags::mem_threadgroup" in msg
+    with pytest.raises(emu.EmulatorError, match=r"wrong_flags_barrier: race on threadgroup array"):
+        emu.dispatch("wrong_flags_barrier", 1, 64, {0: x, 1: torch.zeros(64)})
+
+
+@pytest.mark.parametrize("flags", [0, 1])
+def test_simdgroup_barrier_flags(lib: emu.Library, flags: int) -> None:
+    x = torch.randn(32)
+    y = torch.zeros(32)
+    if flags == 0:
+        with pytest.raises(emu.EmulatorError, match=r"simd_exchange: race on threadgroup array"):
+            emu.dispatch("simd_exchange", 1, 32, {0: x, 1: y, 2: u32(flags)})
+    else:
+        emu.dispatch("simd_exchange", 1, 32, {0: x, 1: y, 2: u32(flags)})
+        assert torch.equal(y, x.flip(0))
+
+
+def test_device_write_race_inside_one_threadgroup(lib: emu.Library) -> None:
+    with pytest.raises(emu.EmulatorError) as e:
+        emu.dispatch("device_write_race", 1, 32, {0: torch.randn(32), 1: torch.zeros(1)})
+    msg = str(e.value)
+    assert msg.startswith("device_write_race: race on buffer(1) at byte offset 0"), msg
+    assert "written by thread 1 (lane 1" in msg and "and by thread 0" in msg
+
+
+@pytest.mark.parametrize("flags", [0, 1])
+def test_device_memory_needs_a_mem_device_barrier(lib: emu.Library, flags: int) -> None:
+    buf, y = torch.zeros(64), torch.zeros(64)
+    if flags == 0:
+        with pytest.raises(emu.EmulatorError) as e:
+            emu.dispatch("device_exchange", 1, 64, {0: buf, 1: y, 2: u32(flags)})
+        msg = str(e.value)
+        assert msg.startswith("device_exchange: race on buffer(0) at byte offset 4"), msg
+        assert "read by thread 0 " in msg and "mem_flags::mem_device" in msg
+    else:
+        emu.dispatch("device_exchange", 1, 64, {0: buf, 1: y, 2: u32(flags)})
+        assert torch.equal(y, (torch.arange(64) + 1).remainder(64).float())
+
+
+def test_thread_private_array_bounds(lib: emu.Library) -> None:
+    x = torch.randn(4 * 32)
+    y = torch.zeros(4)
+    ok = emu.dispatch("private_overflow", 1, 4, {0: x[: 4 * 31].contiguous(), 1: y, 2: u32(31)})
+    assert ok.bytes_written[1] == 16
+    expect = (x[: 4 * 31].view(4, 31) * torch.arange(31).float()).sum(1)
+    torch.testing.assert_close(y, expect)
+    with pytest.raises(emu.EmulatorError) as e:
+        emu.dispatch("private_overflow", 1, 4, {0: x, 1: y, 2: u32(32)})
+    msg = str(e.value)
+    assert msg.startswith("private_overflow: out-of-bounds index 31 into fixed-size array"), msg
+    assert "float[31]" in msg and "emu_bugs.metal:" in msg and "thread 0 (lane 0" in msg
+
+
+def test_plain_division_is_fast_math_and_precise_divide_is_exact(lib: emu.Library) -> None:
+    n = 4096
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, generator=gen)
+    b = torch.randn(n, generator=gen) + 3.0
+    out = torch.zeros(3 * n)
+    hout = torch.zeros(2 * n, dtype=torch.float16)
+    emu.dispatch("divisions", n // 64, 64, {0: a, 1: b, 2: out, 3: hout})
+    fast, exact, exact_vec = out.view(n, 3).unbind(1)
+    assert torch.equal(exact, a / b) and torch.equal(exact_vec, a / b)
+    # Fast math: a * (1 / b), two roundings; it differs from a / b on a good share of inputs.
+    assert torch.equal(fast, a * (1.0 / b))
+    assert (fast != a / b).float().mean() > 0.05
+    ah, bh = a.half(), b.half()
+    hfast, hexact = hout.view(n, 2).unbind(1)
+    assert torch.equal(hexact, (ah.float() / bh.float()).half())
+    assert torch.equal(hfast, ah * (1.0 / bh))

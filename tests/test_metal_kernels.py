@@ -8,7 +8,8 @@ that qmv/qvm and qmm with partial tiles all run), and batched/broadcast weights.
 tests hold the device bytes each kernel reads against the minimum: qmv/qvm/quantize/dequantize
 read packed weights, scales and biases exactly once; qmm reads each weight tile at most once
 per row-block of x (for transpose=False, a group wider than the 32-column tile has its scale
-read by each tile it spans).
+read by each tile it spans); x is read at most once per threadgroup column (qmv: per
+simdgroup); outputs are written exactly once and never read; inputs are never written.
 """
 
 from __future__ import annotations
@@ -311,9 +312,13 @@ def _traffic_case(kind: str, gen):
         for i, (r, minimum, allowed) in list(bounds.items()):
             if r in ("scales", "biases"):
                 bounds[i] = (r, minimum, allowed * max(1, gs // 32))
-    # x: no bound, reported against its size.
+    # x: qmv's simdgroups each read the rows of x they need once (no staging: every lane reads
+    # its own K chunk); qvm and qmm read x once per threadgroup column (grid x).
     xi = next(i for i, r in plan["bindings"] if r == "x")
-    bounds[xi] = ("x", x.nbytes, math.inf)
+    x_times = plan["grid"][0]
+    if kind == "qmv":
+        x_times *= -(-plan["threads"][0] // 32)
+    bounds[xi] = ("x", x.nbytes, x_times * x.nbytes)
     written = {i: y.nbytes for i, r in plan["bindings"] if r == "out"}
     return rep, bounds, written
 
@@ -330,6 +335,14 @@ def test_traffic_within_bound(kind, gen) -> None:
         assert got <= allowed, f"{rep.kernel}: read {got} B of {role}, bound {allowed} B"
     for index, nbytes in written.items():
         assert rep.bytes_written[index] == nbytes, f"{rep.kernel}: output {index} not written once"
+        assert rep.bytes_read[index] == 0, f"{rep.kernel}: output {index} read back"
+    for index in set(rep.bytes_written) - set(written):
+        assert rep.bytes_written[index] == 0, f"{rep.kernel}: input buffer({index}) written"
+    # The params block (constant memory): at most once per thread.
+    threads = math.prod(rep.grid) * math.prod(rep.threads_per_threadgroup)
+    params = set(rep.bytes_read) - set(bounds) - set(written)
+    for index in params:
+        assert rep.bytes_read[index] <= threads * 64, f"{rep.kernel}: params read too often"
     print(f"\n{rep.kernel} grid={rep.grid} threads={rep.threads_per_threadgroup}")
     for index, (role, minimum, allowed) in bounds.items():
         got = rep.bytes_read[index]

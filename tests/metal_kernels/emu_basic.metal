@@ -175,3 +175,14 @@ kernel void grid_ids(device uint4* out [[buffer(0)]], uint3 tpig [[thread_positi
   dst[lane] = tile[lane];
   dst[lane + 32] = tile[lane + 32];
 }
+
+// Division as the runtime-compiled (fast-math) library computes it, and precise::divide.
+[[kernel]] void divisions(const device float* a [[buffer(0)]], const device float* b [[buffer(1)]],
+                          device float* out [[buffer(2)]], device half* hout [[buffer(3)]],
+                          uint gid [[thread_position_in_grid]]) {
+  out[3 * gid] = a[gid] / b[gid];
+  out[3 * gid + 1] = precise::divide(a[gid], b[gid]);
+  out[3 * gid + 2] = precise::divide(float2(a[gid], 1.0f), float2(b[gid], 1.0f)).x;
+  hout[2 * gid] = half(a[gid]) / half(b[gid]);
+  hout[2 * gid + 1] = precise::divide(half(a[gid]), half(b[gid]));
+}

@@ -113,3 +113,79 @@ inline float deep(thread float* v, uint n) {
     buf[32 + tid] = buf[tid];
   }
 }
+
+// reverse_tg with an execution-only barrier: mem_none does not order threadgroup memory.
+[[kernel]] void mem_none_barrier(const device float* src [[buffer(0)]],
+                                 device float* dst [[buffer(1)]],
+                                 threadgroup float* tg [[threadgroup(0)]],
+                                 uint gid [[thread_position_in_grid]],
+                                 uint tid [[thread_index_in_threadgroup]],
+                                 uint n [[threads_per_threadgroup]]) {
+  tg[tid] = src[gid];
+  threadgroup_barrier(mem_flags::mem_none);
+  dst[gid] = tg[n - 1 - tid];
+}
+
+// Threadgroup memory ordered by a device-only barrier.
+[[kernel]] void wrong_flags_barrier(const device float* src [[buffer(0)]],
+                                    device float* dst [[buffer(1)]],
+                                    uint tid [[thread_index_in_threadgroup]],
+                                    uint n [[threads_per_threadgroup]]) {
+  threadgroup float buf[64];
+  buf[tid] = src[tid];
+  threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_texture);
+  dst[tid] = buf[n - 1 - tid];
+}
+
+// Lanes of one simdgroup exchange through threadgroup memory; `flags` selects the barrier
+// (0: simdgroup_barrier(mem_none), a bug; 1: mem_threadgroup, correct).
+[[kernel]] void simd_exchange(const device float* src [[buffer(0)]],
+                              device float* dst [[buffer(1)]], constant uint& flags [[buffer(2)]],
+                              uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float buf[32];
+  buf[lane] = src[lane];
+  if (flags == 1) {
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+  } else {
+    simdgroup_barrier(mem_flags::mem_none);
+  }
+  dst[lane] = buf[31 - lane];
+}
+
+// Every thread of the threadgroup writes the same output element (write/write race in one
+// threadgroup).
+[[kernel]] void device_write_race(const device float* src [[buffer(0)]],
+                                  device float* dst [[buffer(1)]],
+                                  uint tid [[thread_index_in_threadgroup]]) {
+  dst[0] = src[tid];
+}
+
+// Threads exchange through device memory; `flags` selects the barrier (0: mem_threadgroup, a
+// bug for device memory; 1: mem_device, correct).
+[[kernel]] void device_exchange(device float* buf [[buffer(0)]], device float* dst [[buffer(1)]],
+                                constant uint& flags [[buffer(2)]],
+                                uint tid [[thread_index_in_threadgroup]],
+                                uint n [[threads_per_threadgroup]]) {
+  buf[tid] = float(tid);
+  if (flags == 1) {
+    threadgroup_barrier(mem_flags::mem_device);
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  dst[tid] = buf[(tid + 1) % n];
+}
+
+// A thread-private array one element too short: the last iteration writes xs[31].
+[[kernel]] void private_overflow(const device float* src [[buffer(0)]],
+                                 device float* dst [[buffer(1)]], constant uint& n [[buffer(2)]],
+                                 uint gid [[thread_position_in_grid]]) {
+  float xs[31];
+  for (uint i = 0; i < n; ++i) {
+    xs[i] = src[gid * n + i];
+  }
+  float acc = 0.0f;
+  for (uint i = 0; i < n; ++i) {
+    acc += xs[i] * float(i);
+  }
+  dst[gid] = acc;
+}

@@ -15,13 +15,24 @@ Semantics and limits:
 - Collectives act on the active lanes. Lanes may return before their SIMD-group's first
   collective (`if (gid >= n) return;`); any other divergence (lanes at different collectives or
   barriers, lanes leaving after a collective, threads leaving before a barrier) is an error.
-- Threadgroup memory: reading bytes no thread wrote in this threadgroup, and read/write or
-  write/write pairs of different threads with no barrier in between, are errors (lanes of one
-  SIMD-group may communicate after a `simdgroup_barrier` or a collective). Device memory: every
-  access is bounds-checked and counted; bytes written by one threadgroup must not be read or
-  written by another (threadgroups are not ordered). Threadgroup memory is limited to 32 KiB.
-- Arithmetic is IEEE with per-operation rounding for half/bfloat and no fast math: where the
-  real Metal compiler's fast math could change results, kernels must say `precise::`.
+- Barriers order only the memory their `mem_flags` name: `threadgroup_barrier(mem_none)` (or
+  `mem_texture`) synchronises execution and orders nothing, `mem_threadgroup` orders
+  threadgroup memory, `mem_device` device memory; `simdgroup_barrier` likewise for the lanes of
+  one SIMD-group (collectives order both for their lanes).
+- Races inside a threadgroup: read/write or write/write pairs of different threads on the same
+  threadgroup or device byte with no barrier ordering that memory in between are errors, as is
+  reading threadgroup bytes no thread wrote in this threadgroup. Device memory: every access is
+  bounds-checked and counted; bytes written by one threadgroup must not be read or written by
+  another (threadgroups are not ordered). Threadgroup memory is limited to 32 KiB.
+- Fixed-size arrays (thread-private ones included) are bounds-checked when indexed directly and,
+  through clang's object-size checks after Metal-like inlining, through pointers to them.
+  Signed 32-bit integer arithmetic that overflows is an error (index math past 2^31);
+  `only_threadgroup` runs the last threadgroup of a huge grid to reach such indices. Unsigned
+  (`uint`) wrap-around is not detected.
+- Arithmetic is IEEE with per-operation rounding for half/bfloat. Division is fast math, as in
+  the runtime-compiled library: a plain float/half `/` is `a * (1 / b)` (two roundings, within
+  Metal's 2.5 ulp), `precise::divide` is correctly rounded. `exp`, `rsqrt` and the other math
+  functions are exact (fast-math approximations of those are not modelled).
 - Atomics run as plain read-modify-writes (threads run one at a time) and skip race checks.
 - Not supported: textures, samplers, imageblocks, function constants, argument buffers,
   `[[stage_in]]`, `simd_shuffle_and_fill_*`, conversions between half and bfloat through a
@@ -125,13 +136,21 @@ class Library:
         threads_per_threadgroup: Iterable[int] | int,
         buffers: Mapping[int, Any],
         threadgroup_memory: Mapping[int, int] | None = None,
+        only_threadgroup: Iterable[int] | None = None,
     ) -> DispatchReport:
         """Run `kernel_name` over `grid` threadgroups; see :func:`dispatch`."""
         k = self._kernels.get(kernel_name)
         if k is None:
             raise EmulatorError(_unknown(kernel_name, self._kernels))
         with _lock:  # the runtime is single-threaded (and ctypes releases the GIL)
-            return _run(k, grid, threads_per_threadgroup, buffers, threadgroup_memory or {})
+            return _run(
+                k,
+                grid,
+                threads_per_threadgroup,
+                buffers,
+                threadgroup_memory or {},
+                only_threadgroup,
+            )
 
 
 _lock = threading.RLock()
@@ -207,6 +226,7 @@ def dispatch(
     threads_per_threadgroup: Iterable[int] | int,
     buffers: Mapping[int, Any],
     threadgroup_memory: Mapping[int, int] | None = None,
+    only_threadgroup: Iterable[int] | None = None,
 ) -> DispatchReport:
     """Run a kernel on the CPU with Metal semantics.
 
@@ -215,6 +235,9 @@ def dispatch(
     bytearray (written back)}. threadgroup_memory: {index: bytes} for `[[threadgroup(i)]]`.
     Raises EmulatorError on unknown kernels, missing bindings, out-of-bounds accesses, reads of
     never-written threadgroup memory, threadgroup races and divergent collectives.
+    only_threadgroup: run just the threadgroup at that grid position (x, y, z), e.g. the last
+    one of a grid too large to emulate whole, with params claiming huge shapes and tiny buffers:
+    32-bit index arithmetic that passes 2^31 is then reported as a signed integer overflow.
     """
     with _lock:
         k = _find(kernel_name)
@@ -224,7 +247,9 @@ def dispatch(
         if k is None:
             names = {n: 1 for lib in _libraries for n in lib._kernels}
             raise EmulatorError(_unknown(kernel_name, names))
-        return _run(k, grid, threads_per_threadgroup, buffers, threadgroup_memory or {})
+        return _run(
+            k, grid, threads_per_threadgroup, buffers, threadgroup_memory or {}, only_threadgroup
+        )
 
 
 def last_dispatch_report() -> DispatchReport:
@@ -259,11 +284,18 @@ def _run(
     tptg: Iterable[int] | int,
     buffers: Mapping[int, Any],
     tgmem: Mapping[int, int],
+    only: Iterable[int] | None = None,
 ) -> DispatchReport:
     global _last_report
     name = k.info.name
     g = _dims(grid, "grid")
     t = _dims(tptg, "threads_per_threadgroup")
+    only_arg = None
+    if only is not None:
+        o = _dims(tuple(int(v) + 1 for v in only), "only_threadgroup")
+        if any(o[d] > g[d] for d in range(3)):
+            raise EmulatorError(f"{name}: only_threadgroup {tuple(only)} is outside the grid {g}")
+        only_arg = (ctypes.c_uint32 * 3)(*(v - 1 for v in o))
     if t[0] * t[1] * t[2] > 1024:
         raise EmulatorError(f"{name}: threads_per_threadgroup {t} exceeds 1024 threads")
     for p in k.info.params:
@@ -303,6 +335,7 @@ def _run(
         ctypes.byref(tg_bytes),
         err,
         ctypes.c_int(len(err)),
+        only_arg,
     )
     if rc != 0:
         raise EmulatorError(f"{name}: {err.value.decode(errors='replace')}")

@@ -38,7 +38,19 @@ CXXFLAGS = [
     "-Wno-ignored-attributes",
     "-ferror-limit=8",
 ]
-KERNEL_OPT = ["-O2", "-fno-vectorize", "-fno-slp-vectorize"]
+# array-bounds and object-size: fixed-size (thread-private) arrays, indexed directly or through a
+# pointer the optimiser traces back to them, are checked through the runtime's UBSan handlers;
+# signed-integer-overflow: 32-bit index arithmetic that passes 2^31 (see `only_threadgroup`).
+KERNEL_OPT = [
+    "-O2",
+    "-fno-vectorize",
+    "-fno-slp-vectorize",
+    "-fsanitize=array-bounds,object-size,signed-integer-overflow",
+    # Inline like the Metal compiler does, so that object-size sees a thread-private array
+    # through the `thread T*` parameters of the helpers it is handed to.
+    "-mllvm",
+    "-inline-threshold=1000",
+]
 
 
 class EmulatorError(RuntimeError):

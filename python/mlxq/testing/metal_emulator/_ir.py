@@ -1,9 +1,15 @@
-"""Instrument LLVM IR: a call to the emulator runtime before every load and store.
+"""Instrument LLVM IR: runtime hooks before every load and store; fast-math division.
 
 `__mlxq_ld(ptr, size)` / `__mlxq_st(ptr, size)` / `__mlxq_at(ptr, size)` (atomics) let the runtime
 bounds-check, count and race-check every memory access of the kernel code. Done on the textual IR
 of the optimised module (locals already live in registers), because clang's own sanitizer
 coverage hooks are not available in every clang build (ziglang's lacks them).
+
+Division: Metal compiles with fast math by default (the runtime-compiled library does), where
+`a / b` may be computed as `a * (1 / b)` (Metal allows 2.5 ulp). Every float/half `fdiv` of the
+kernel code is rewritten to exactly that, two roundings, so a kernel whose result must be exact
+fails its bit-exact tests unless it says `precise::divide` (the shim routes that one through the
+runtime, correctly rounded). Divisions by a power of two stay exact, as they do on the GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ _MEMINTR = re.compile(
     r"^(\s+)(?:tail |musttail |notail )?call void @llvm\.(memcpy|memmove|memset)"
     r"(?:\.inline)?\.[\w.]+\((.*)\)(?:\s*#\d+)?\s*(?:,.*)?$"
 )
+_FDIV = re.compile(
+    r"^(\s+)(%[-\w.$]+) = fdiv (?:[a-z]+ )*(float|half|<(\d+) x (float|half)>) (.*?)(, !.*)?$"
+)
+_ONE = {"float": "1.000000e+00", "half": "0xH3C00"}
 _EMU_FUNC = re.compile(r"@_ZN[KV]*8mlxq_emu")
 _PTR_ATTRS = re.compile(
     r"^(?:(?:align \d+|noundef|nonnull|noalias|nocapture|readonly|writeonly|immarg|"
@@ -122,6 +132,10 @@ def instrument(ir: str) -> str:
             # their fiber stacks, argument binding) touch no kernel memory: leave them fast.
             skip = bool(_EMU_FUNC.search(line))
         elif line.startswith("  ") and not skip:
+            fast = _fast_fdiv(line)
+            if fast:
+                out.append(fast)
+                continue
             hook = _hook(line)
             if hook:
                 out.append(hook)
@@ -130,6 +144,22 @@ def instrument(ir: str) -> str:
     out.append("declare void @__mlxq_st(ptr, i64)")
     out.append("declare void @__mlxq_at(ptr, i64)")
     return "\n".join(out) + "\n"
+
+
+def _fast_fdiv(line: str) -> str | None:
+    """`%r = fdiv T a, b` -> `%r.rcp = fdiv T 1, b` and `%r = fmul T a, %r.rcp` (fast math)."""
+    m = _FDIV.match(line)
+    if not m:
+        return None
+    ind, res, ty, lanes, elem, ops, _ = m.groups()
+    parts = _split_top(ops)
+    if len(parts) != 2:
+        return None
+    one = _ONE[elem or ty]
+    if lanes:
+        one = "<" + ", ".join(f"{elem} {one}" for _ in range(int(lanes))) + ">"
+    rcp = f"%mlxq.rcp.{res[1:]}"  # a valid name for numbered results (%5) too
+    return f"{ind}{rcp} = fdiv {ty} {one}, {parts[1]}\n{ind}{res} = fmul {ty} {parts[0]}, {rcp}"
 
 
 def _call(indent: str, fn: str, ptr: str, size: str) -> str:

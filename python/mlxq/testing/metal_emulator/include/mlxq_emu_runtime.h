@@ -56,7 +56,7 @@ extern "C" {
 // the last one to arrive runs `fn` for all of them.
 void mlxq_emu_collective(mlxq_emu::ResolveFn fn, const char* op, void* in, void* out,
                          const char* file, int line);
-// threadgroup_barrier (scope 0) or simdgroup_barrier (scope 1).
+// threadgroup_barrier (scope 0) or simdgroup_barrier (scope 1), bits 4..: the mem_flags.
 void mlxq_emu_barrier(int scope, const char* file, int line);
 // Instrumentation hooks inserted before every load and store of the kernel code.
 void __mlxq_ld(const void* p, unsigned long long n);

@@ -185,6 +185,7 @@ inline void invoke(void (*f)(P...), const ThreadArgs* t, const ArgSpec* s) {
 }  // namespace mlxq_emu
 
 extern "C" unsigned mlxq_emu_lane() __attribute__((visibility("hidden")));
+extern "C" float mlxq_emu_precise_fdiv(float, float) __attribute__((visibility("hidden")));
 
 namespace metal {
 
@@ -455,7 +456,16 @@ inline T mulhi(T a, T b) {
 
 namespace precise {
 using metal::cos;
-using metal::divide;
+// Kernel code's plain float/half divisions become fast-math divisions (see _ir.py); this one
+// stays correctly rounded: the runtime divides, out of the optimiser's and the rewriter's reach.
+inline float divide(float a, float b) { return mlxq_emu_precise_fdiv(a, b); }
+inline half divide(half a, half b) { return (half)mlxq_emu_precise_fdiv((float)a, (float)b); }
+template <class T>
+inline T divide(T a, T b) {
+  T r = a;
+  for (int i = 0; i < (int)__builtin_vectorelements(T); ++i) r[i] = divide(a[i], b[i]);
+  return r;
+}
 using metal::exp;
 using metal::exp2;
 using metal::log;
@@ -496,11 +506,13 @@ constexpr mem_flags operator|(mem_flags a, mem_flags b) {
 
 #define MLXQ_SRC const char *mlxq_file = __builtin_FILE(), int mlxq_line = __builtin_LINE()
 
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, MLXQ_SRC) {
-  mlxq_emu_barrier(0, mlxq_file, mlxq_line);
+// The flags say which memory the barrier orders (mem_none: execution only); the runtime's race
+// checks follow them.
+inline void threadgroup_barrier(mem_flags f, MLXQ_SRC) {
+  mlxq_emu_barrier(0 | ((int)f << 4), mlxq_file, mlxq_line);
 }
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MLXQ_SRC) {
-  mlxq_emu_barrier(1, mlxq_file, mlxq_line);
+inline void simdgroup_barrier(mem_flags f, MLXQ_SRC) {
+  mlxq_emu_barrier(1 | ((int)f << 4), mlxq_file, mlxq_line);
 }
 
 enum memory_order { memory_order_relaxed = 0 };

@@ -28,8 +28,8 @@ constexpr int kMaxThreads = 1024;
 constexpr int kSimdWidth = 32;
 constexpr size_t kStackSize = 256 * 1024;
 constexpr size_t kPage = 4096;
-constexpr int kSlots = 64;  // 32 device/constant buffers, then 32 host-bound threadgroup blocks
-constexpr int kSlotShift = 32;
+constexpr int kSlots = 64;      // 32 device/constant buffers, then 32 host-bound threadgroup blocks
+constexpr int kSlotShift = 36;  // 64 GiB: a 64-bit offset up to 32 GiB still names its buffer
 constexpr uint64_t kSlotSize = 1ull << kSlotShift;
 constexpr uint16_t kMulti = 0xFFFF;
 
@@ -47,7 +47,11 @@ struct Thread {
   const char* file;
   int line;
   u64 seq;
+  int flags;  // mem_flags of the barrier the thread waits at (collectives: kOrderAll)
 };
+
+// mem_flags bits (the shim passes Metal's values).
+constexpr int kMemDevice = 1, kMemThreadgroup = 2, kOrderAll = kMemDevice | kMemThreadgroup;
 
 // Shadow state of one byte of threadgroup memory, for unwritten-read and race detection.
 struct Shadow {
@@ -91,6 +95,9 @@ char g_err[4096];
 u32 g_epoch = 1, g_tg_base = 1;
 u32 g_sync_counter = 1;
 u32 g_sg_sync[kMaxThreads / kSimdWidth];
+// Device memory has its own barrier intervals: only barriers with mem_flags::mem_device end them.
+u32 g_dev_epoch = 1;
+u32 g_sg_dev_sync[kMaxThreads / kSimdWidth];
 
 int64_t g_read[32], g_written[32];
 
@@ -223,7 +230,7 @@ bool ensure_stacks() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Memory: every device buffer and host-bound threadgroup block lives in its own 4 GiB slot of a
+// Memory: every device buffer and host-bound threadgroup block lives in its own 64 GiB slot of a
 // reserved arena, so that any address the kernel computes from it maps back to it.
 bool ensure_arena() {
   if (g_arena) return true;
@@ -274,62 +281,69 @@ void region_name(const Region& r, int64_t off, char* out, size_t n) {
   }
 }
 
-void check_threadgroup(Region& r, int64_t off, uint64_t n, bool write) {
+// Races between threads of one threadgroup, on threadgroup memory (`dev` false) or device memory
+// (`dev` true): two threads touch a byte, one of them writes, and no barrier that orders that
+// kind of memory (threadgroup_barrier with mem_threadgroup / mem_device; for lanes of one
+// simdgroup also a simdgroup_barrier with those flags or a collective) lies in between.
+void check_shadow(Region& r, int64_t off, uint64_t n, bool write, bool dev) {
   Thread* t = g_cur;
   u32 s = t->sg;
+  const u32 epoch = dev ? g_dev_epoch : g_epoch;
+  const u32* sync = dev ? g_sg_dev_sync : g_sg_sync;
+  const char* need = dev ? "threadgroup_barrier(mem_flags::mem_device)"
+                         : "threadgroup_barrier(mem_flags::mem_threadgroup)";
   for (uint64_t i = 0; i < n; ++i) {
     Shadow& sh = r.shadow[off + i];
     char name[96];
     if (!write) {
-      if (sh.w_epoch < g_tg_base) {
+      if (!dev && sh.w_epoch < g_tg_base) {
         region_name(r, off + i, name, sizeof name);
         fail("read of never-written %s at byte offset %lld by %s", name, (long long)(off + i),
              thread_desc());
         abort_thread();
       }
-      if (sh.w_epoch == g_epoch && sh.w_tid != t->tid &&
-          !(g_threads[sh.w_tid].sg == s && g_sg_sync[s] > sh.w_sync)) {
+      if (sh.w_epoch == epoch && sh.w_tid != t->tid &&
+          !(g_threads[sh.w_tid].sg == s && sync[s] > sh.w_sync)) {
         region_name(r, off + i, name, sizeof name);
         fail(
             "race on %s at byte offset %lld: read by %s after a write by thread %u with no "
-            "barrier in between",
-            name, (long long)(off + i), thread_desc(), sh.w_tid);
+            "%s in between",
+            name, (long long)(off + i), thread_desc(), sh.w_tid, need);
         abort_thread();
       }
-      if (sh.r_epoch == g_epoch && sh.r_tid != t->tid) {
+      if (sh.r_epoch == epoch && sh.r_tid != t->tid) {
         sh.r_tid = kMulti;
         if (sh.r_sg != s) sh.r_sg = kMulti;
-        sh.r_sync = g_sg_sync[s];
+        sh.r_sync = sync[s];
       } else {
-        sh.r_epoch = g_epoch;
+        sh.r_epoch = epoch;
         sh.r_tid = (uint16_t)t->tid;
         sh.r_sg = (uint16_t)s;
-        sh.r_sync = g_sg_sync[s];
+        sh.r_sync = sync[s];
       }
     } else {
-      if (sh.w_epoch == g_epoch && sh.w_tid != t->tid &&
-          !(g_threads[sh.w_tid].sg == s && g_sg_sync[s] > sh.w_sync)) {
+      if (sh.w_epoch == epoch && sh.w_tid != t->tid &&
+          !(g_threads[sh.w_tid].sg == s && sync[s] > sh.w_sync)) {
         region_name(r, off + i, name, sizeof name);
         fail(
-            "race on %s at byte offset %lld: written by %s and by thread %u with no barrier in "
+            "race on %s at byte offset %lld: written by %s and by thread %u with no %s in "
             "between",
-            name, (long long)(off + i), thread_desc(), sh.w_tid);
+            name, (long long)(off + i), thread_desc(), sh.w_tid, need);
         abort_thread();
       }
-      if (sh.r_epoch == g_epoch && sh.r_tid != t->tid &&
-          !(sh.r_sg == s && g_sg_sync[s] > sh.r_sync)) {
+      if (sh.r_epoch == epoch && sh.r_tid != t->tid && !(sh.r_sg == s && sync[s] > sh.r_sync)) {
         region_name(r, off + i, name, sizeof name);
         fail(
-            "race on %s at byte offset %lld: written by %s after a read by %s%u with no barrier "
-            "in between",
+            "race on %s at byte offset %lld: written by %s after a read by %s%u with no %s in "
+            "between",
             name, (long long)(off + i), thread_desc(),
             sh.r_tid == kMulti ? "several threads, e.g. thread " : "thread ",
-            sh.r_tid == kMulti ? 0u : (u32)sh.r_tid);
+            sh.r_tid == kMulti ? 0u : (u32)sh.r_tid, need);
         abort_thread();
       }
-      sh.w_epoch = g_epoch;
+      sh.w_epoch = epoch;
       sh.w_tid = (uint16_t)t->tid;
-      sh.w_sync = g_sg_sync[s];
+      sh.w_sync = sync[s];
     }
   }
 }
@@ -400,18 +414,20 @@ void mem_access(const void* p, uint64_t n, int kind /*0 read, 1 write, 2 atomic*
       abort_thread();
     }
     if (r.threadgroup) {
-      if (kind != 2) check_threadgroup(r, off, n, kind == 1);
+      if (kind != 2) check_shadow(r, off, n, kind == 1, false);
     } else if (kind == 1) {
       g_written[r.index] += n;
       check_device_write(r, off, n);
+      if (r.shadow) check_shadow(r, off, n, true, true);
     } else {
+      if (kind == 0 && r.shadow) check_shadow(r, off, n, false, true);
       if (kind == 0 && r.writer_live) check_device_read(r, off, n);
       g_read[r.index] += n;
       if (kind == 2) g_written[r.index] += n;
     }
   } else if (g_static_tg.size && a - (uintptr_t)g_static_tg.base < (uint64_t)g_static_tg.size) {
     if (kind != 2)
-      check_threadgroup(g_static_tg, (int64_t)(a - (uintptr_t)g_static_tg.base), n, kind == 1);
+      check_shadow(g_static_tg, (int64_t)(a - (uintptr_t)g_static_tg.base), n, kind == 1, false);
   }
 }
 
@@ -552,7 +568,8 @@ bool run_simdgroup(int s) {
         return false;
       }
     }
-    g_sg_sync[s] = ++g_sync_counter;
+    if (ref->flags & kMemThreadgroup) g_sg_sync[s] = ++g_sync_counter;
+    if (ref->flags & kMemDevice) g_sg_dev_sync[s] = ++g_sync_counter;
     for (int l = 0; l < count; ++l)
       if (g_threads[first + l].state == kWaitCollective) g_threads[first + l].state = kRunnable;
   }
@@ -561,6 +578,7 @@ bool run_simdgroup(int s) {
 bool run_threadgroup(const u32 grid[3], const u32 tptg[3], void* const* bufs, void* const* tgs) {
   ++g_epoch;
   g_tg_base = g_epoch;
+  ++g_dev_epoch;
   int nsg = (g_nthreads + kSimdWidth - 1) / kSimdWidth;
   for (int i = 0; i < g_nthreads; ++i) {
     Thread& t = g_threads[i];
@@ -573,6 +591,7 @@ bool run_threadgroup(const u32 grid[3], const u32 tptg[3], void* const* bufs, vo
     t.file = nullptr;
     t.line = 0;
     t.seq = 0;
+    t.flags = 0;
     t.args.buffers = bufs;
     t.args.tgmem = tgs;
     u32 pos[3] = {i % tptg[0], (i / tptg[0]) % tptg[1], i / (tptg[0] * tptg[1])};
@@ -608,7 +627,7 @@ bool run_threadgroup(const u32 grid[3], const u32 tptg[3], void* const* bufs, vo
         ++nbar;
         if (!ref)
           ref = &t;
-        else if (t.line != ref->line || t.file != ref->file)
+        else if (t.line != ref->line || t.file != ref->file || t.flags != ref->flags)
           same = false;
       }
     }
@@ -620,7 +639,9 @@ bool run_threadgroup(const u32 grid[3], const u32 tptg[3], void* const* bufs, vo
            g_tgpos[0], g_tgpos[1], g_tgpos[2], lanes);
       return false;
     }
-    ++g_epoch;
+    // mem_none (or mem_texture) is an execution barrier only: it ends no barrier interval.
+    if (ref->flags & kMemThreadgroup) ++g_epoch;
+    if (ref->flags & kMemDevice) ++g_dev_epoch;
     for (int i = 0; i < g_nthreads; ++i) g_threads[i].state = kRunnable;
   }
 }
@@ -633,9 +654,11 @@ extern "C" HIDDEN void __mlxq_ld(const void* p, unsigned long long n) { mem_acce
 extern "C" HIDDEN void __mlxq_st(const void* p, unsigned long long n) { mem_access(p, n, 1); }
 extern "C" HIDDEN void __mlxq_at(const void* p, unsigned long long n) { mem_access(p, n, 2); }
 
-extern "C" HIDDEN void mlxq_emu_collective(ResolveFn fn, const char* op, void* in, void* out,
-                                           const char* file, int line) {
+namespace {
+void collective(ResolveFn fn, const char* op, void* in, void* out, const char* file, int line,
+                int flags) {
   Thread* t = g_cur;
+  t->flags = flags;
   t->state = kWaitCollective;
   t->fn = fn;
   t->op = op;
@@ -646,13 +669,21 @@ extern "C" HIDDEN void mlxq_emu_collective(ResolveFn fn, const char* op, void* i
   ++t->seq;
   mlxq_emu_swap(&t->sp, g_sched_sp);
 }
+}  // namespace
+
+extern "C" HIDDEN void mlxq_emu_collective(ResolveFn fn, const char* op, void* in, void* out,
+                                           const char* file, int line) {
+  collective(fn, op, in, out, file, line, kOrderAll);
+}
 
 extern "C" HIDDEN void mlxq_emu_barrier(int scope, const char* file, int line) {
-  if (scope == 1) {
-    mlxq_emu_collective(nullptr, "simdgroup_barrier", nullptr, nullptr, file, line);
+  const int flags = scope >> 4;
+  if ((scope & 15) == 1) {
+    collective(nullptr, "simdgroup_barrier", nullptr, nullptr, file, line, flags);
     return;
   }
   Thread* t = g_cur;
+  t->flags = flags;
   t->state = kWaitBarrier;
   t->op = "threadgroup_barrier";
   t->file = file;
@@ -661,6 +692,104 @@ extern "C" HIDDEN void mlxq_emu_barrier(int scope, const char* file, int line) {
 }
 
 extern "C" HIDDEN unsigned mlxq_emu_lane() { return g_cur->lane; }
+// precise::divide: correctly rounded (kernel code's own divisions are rewritten to fast math).
+extern "C" HIDDEN float mlxq_emu_precise_fdiv(float a, float b) { return a / b; }
+
+// Bounds of fixed-size arrays (thread-private arrays above all, which live on the fiber stacks and
+// are invisible to the memory hooks): kernels are compiled with -fsanitize=array-bounds, whose
+// checks call these handlers (the layouts are clang's UBSan ABI).
+namespace {
+struct UbsanLoc {
+  const char* file;
+  u32 line, column;
+};
+struct UbsanType {
+  uint16_t kind, info;  // kind 0: integer; info: log2(bit width) << 1 | signed
+  char name[1];
+};
+struct UbsanOutOfBounds {
+  UbsanLoc loc;
+  const UbsanType* array;
+  const UbsanType* index;
+};
+
+[[noreturn]] void out_of_bounds_index(const UbsanOutOfBounds* d, uintptr_t v) {
+  long long idx = (long long)v;
+  const UbsanType* it = d->index;
+  if (it->kind == 0) {
+    const int bits = 1 << (it->info >> 1);
+    if (bits < 64) {
+      const uint64_t m = (1ull << bits) - 1;
+      uint64_t u = (uint64_t)v & m;
+      if ((it->info & 1) && (u >> (bits - 1))) u |= ~m;
+      idx = (long long)u;
+    }
+  }
+  fail(
+      "out-of-bounds index %lld into fixed-size array of type %s (a thread-private or "
+      "threadgroup array) at %s:%u by %s",
+      idx, d->array->name, d->loc.file, d->loc.line, thread_desc());
+  abort_thread();
+}
+}  // namespace
+
+// -fsanitize=object-size: an access through a pointer past the end of the object the optimiser
+// traced it to (after inlining: a thread-private array passed as `thread float*`).
+struct UbsanTypeMismatch {
+  UbsanLoc loc;
+  const UbsanType* type;
+  unsigned char log_alignment, kind;
+};
+
+extern "C" HIDDEN void __ubsan_handle_type_mismatch_v1(const UbsanTypeMismatch* d, uintptr_t p) {
+  fail("out-of-bounds access to %s at %p past the end of its thread-private object at %s:%u by %s",
+       d->type->name, (void*)p, d->loc.file, d->loc.line, thread_desc());
+  abort_thread();
+}
+extern "C" HIDDEN void __ubsan_handle_type_mismatch_v1_abort(const UbsanTypeMismatch* d,
+                                                             uintptr_t p) {
+  __ubsan_handle_type_mismatch_v1(d, p);
+}
+
+// -fsanitize=signed-integer-overflow: 32-bit index arithmetic that passes 2^31 (Metal wraps it
+// silently; the address is then wrong).
+struct UbsanOverflow {
+  UbsanLoc loc;
+  const UbsanType* type;
+};
+
+[[noreturn]] void integer_overflow(const UbsanOverflow* d, const char* op) {
+  fail(
+      "signed integer overflow (%s of %s) at %s:%u by %s: 32-bit index arithmetic passed 2^31; "
+      "compute it in 64 bits (long)",
+      op, d->type->name, d->loc.file, d->loc.line, thread_desc());
+  abort_thread();
+}
+#define MLXQ_OVERFLOW_HANDLER(name, op)                                                        \
+  extern "C" HIDDEN void __ubsan_handle_##name(const UbsanOverflow* d, uintptr_t, uintptr_t) { \
+    integer_overflow(d, op);                                                                   \
+  }                                                                                            \
+  extern "C" HIDDEN void __ubsan_handle_##name##_abort(const UbsanOverflow* d, uintptr_t,      \
+                                                       uintptr_t) {                            \
+    integer_overflow(d, op);                                                                   \
+  }
+MLXQ_OVERFLOW_HANDLER(add_overflow, "addition")
+MLXQ_OVERFLOW_HANDLER(sub_overflow, "subtraction")
+MLXQ_OVERFLOW_HANDLER(mul_overflow, "multiplication")
+MLXQ_OVERFLOW_HANDLER(divrem_overflow, "division")
+extern "C" HIDDEN void __ubsan_handle_negate_overflow(const UbsanOverflow* d, uintptr_t) {
+  integer_overflow(d, "negation");
+}
+extern "C" HIDDEN void __ubsan_handle_negate_overflow_abort(const UbsanOverflow* d, uintptr_t) {
+  integer_overflow(d, "negation");
+}
+
+extern "C" HIDDEN void __ubsan_handle_out_of_bounds(const UbsanOutOfBounds* d, uintptr_t v) {
+  out_of_bounds_index(d, v);
+}
+extern "C" HIDDEN void __ubsan_handle_out_of_bounds_abort(const UbsanOutOfBounds* d, uintptr_t v) {
+  out_of_bounds_index(d, v);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Host API (called through ctypes).
@@ -685,7 +814,7 @@ constexpr int64_t kMaxThreadgroupMemory = 32768;
 EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* const* buf_ptr,
                         const int64_t* buf_size, const int* buf_writable, const int64_t* tg_size,
                         int64_t* bytes_read, int64_t* bytes_written, int64_t* tg_bytes, char* err,
-                        int errlen) {
+                        int errlen, const u32* only) {
   *tg_bytes = 0;
   g_failed = false;
   g_err[0] = 0;
@@ -715,6 +844,10 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
         r.threadgroup = false;
         r.writer_live = false;
         r.index = i;
+        if (!ensure_shadow(r, (size_t)buf_size[i])) {
+          fail("cannot allocate the shadow of buffer(%d) (%lld bytes)", i, (long long)buf_size[i]);
+          break;
+        }
         if (buf_size[i]) memcpy(r.base, buf_ptr[i], (size_t)buf_size[i]);
         bufs[i] = r.base;
       }
@@ -744,12 +877,14 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
     for (u32 z = 0; z < grid[2] && !g_failed; ++z)
       for (u32 y = 0; y < grid[1] && !g_failed; ++y)
         for (u32 x = 0; x < grid[0] && !g_failed; ++x) {
+          // `only`: run just that threadgroup (index-width runs over huge grids).
+          if (only && (x != only[0] || y != only[1] || z != only[2])) continue;
           g_tgpos[0] = x;
           g_tgpos[1] = y;
           g_tgpos[2] = z;
           g_tg_linear = (z * grid[1] + y) * grid[0] + x;
           run_threadgroup(grid, tptg, bufs, tgs);
-          if (x == 0 && y == 0 && z == 0 && !g_failed) {
+          if (((x == 0 && y == 0 && z == 0) || only) && !g_failed) {
             *tg_bytes = threadgroup_bytes(tg_size);
             if (*tg_bytes > kMaxThreadgroupMemory)
               fail("threadgroup memory of %lld bytes exceeds Metal's limit of %lld bytes",
