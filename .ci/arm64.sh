@@ -95,7 +95,7 @@ print("\n".join(h.native_sources(Path(".").resolve(), "linux", False, cuda=False
 EOF
 )
 TI=$SITE/torch/include
-CXXFLAGS=(-O3 -std=c++17 -ffp-contract=fast -fno-math-errno -fopenmp -march=armv8-a -fPIC
+CXXFLAGS=(-std=c++17 -ffp-contract=fast -fno-math-errno -fopenmp -march=armv8-a -fPIC
   -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=1
   -I"$ROOT/csrc" -isystem "$TI" -isystem "$TI/torch/csrc/api/include"
   -isystem "$SYSROOT/usr/include/python3.11"
@@ -106,7 +106,10 @@ pids=()
 for src in "${sources[@]}"; do
   obj=$WORK/obj/$(echo "$src" | tr / _).o
   objs+=("$obj")
-  aarch64-linux-gnu-g++ "${CXXFLAGS[@]}" -c "$src" -o "$obj" &
+  # setup.py's flags (-O3, -march=armv8-a: NEON baseline) for the kernels; -O1 for the
+  # bindings and argument checks, whose torch/pybind11 headers dominate the build time.
+  case $src in csrc/cpu/*) opt=-O3 ;; *) opt=-O1 ;; esac
+  aarch64-linux-gnu-g++ "$opt" "${CXXFLAGS[@]}" -c "$src" -o "$obj" &
   pids+=($!)
   if [ ${#pids[@]} -ge 2 ]; then # two cores
     wait "${pids[0]}"
@@ -114,7 +117,11 @@ for src in "${sources[@]}"; do
   fi
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-aarch64-linux-gnu-g++ -shared -fopenmp "${objs[@]}" -L"$SITE/torch/lib" -lc10 -ltorch \
+# OpenMP: link the libgomp that torch's wheel bundles (renamed libgomp-HASH.so), which torch
+# has loaded already, so that mlxq shares torch's thread pool (-fopenmp would link the
+# toolchain's libgomp.so.1, absent from the sysroot and a second OpenMP runtime besides).
+gomp=("$SITE"/torch.libs/libgomp-*.so*)
+aarch64-linux-gnu-g++ -shared "${objs[@]}" "${gomp[0]}" -L"$SITE/torch/lib" -lc10 -ltorch \
   -ltorch_cpu -ltorch_python -o "$PKG/mlxq/_C.cpython-311-aarch64-linux-gnu.so"
 echo "== cross-compile took $(($(date +%s) - build_start)) s"
 
