@@ -16,10 +16,9 @@ from __future__ import annotations
 import sys
 import time
 
+import mlxq
 import numpy as np
 import torch
-
-import mlxq
 from mlxq._native import _C
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -65,6 +64,38 @@ def cases():
                     yield f"b{bits}_g{gs}_{dname}_n{n}", bits, gs, dname, n, groups * gs
 
 
+def extreme_cases():
+    """(name, bits, dtype name) of the weights at the edges of each dtype's range."""
+    for bits in BITS:
+        for dname in DTYPES:
+            yield f"extreme_b{bits}_{dname}", bits, dname
+
+
+def extreme_weight(dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Groups of 64 at the edges of the dtype's range: subnormal, smallest normal, largest
+    finite (spread and constant, both signs), and one huge value among ordinary ones."""
+    info = torch.finfo(dtype)
+    tiny_sub = info.smallest_normal / 2**3
+    rows = [
+        torch.randn(64, generator=gen) * tiny_sub,  # subnormal (rounds to 0 for some)
+        torch.randn(64, generator=gen) * info.smallest_normal,
+        torch.rand(64, generator=gen) * info.max,
+        -torch.rand(64, generator=gen) * info.max,
+        torch.full((64,), info.max),
+        torch.full((64,), -info.max),
+        torch.cat([torch.randn(63, generator=gen), torch.tensor([info.max / 2])]),
+        torch.zeros(64),
+    ]
+    return torch.stack(rows).to(dtype)
+
+
+def big_x_weight(gen: torch.Generator) -> torch.Tensor:
+    """|W| in [0.01, 0.05], one sign per row: x at the dtype's largest finite value times W is
+    finite, and so must every output be (tests/test_ops_extremes.py's case)."""
+    sign = torch.where(torch.rand(16, 1, generator=gen) < 0.5, -1.0, 1.0)
+    return sign * (0.01 + 0.04 * torch.rand(16, 256, generator=gen))
+
+
 def make(path: str) -> None:
     gen = torch.Generator().manual_seed(22)
     out: dict[str, np.ndarray] = {}
@@ -78,6 +109,12 @@ def make(path: str) -> None:
             x = torch.randn((m, k if transpose else n), generator=gen).to(dtype)
             out[f"{name}/x{m}{'t' if transpose else 'n'}"] = raw(x)
         out[f"{name}/xbatch"] = raw(torch.randn((2, 3, k), generator=gen).to(dtype))
+    for name, bits, dname in extreme_cases():
+        dtype = DTYPES[dname]
+        w = extreme_weight(dtype, gen)
+        wq, s, b = mlxq.affine_quantize(w, 64, bits)
+        out[f"{name}/w"], out[f"{name}/wq"] = raw(w), raw(wq)
+        out[f"{name}/s"], out[f"{name}/b"] = raw(s), raw(b)
     np.savez(path, **out)
     print(f"wrote {len(out)} arrays to {path} (x86-64, mlxq kernels: {_C.cpu_isa()})")
 
@@ -171,6 +208,33 @@ def check(path: str) -> int:
             c.expect(y.dtype == dtype, f"{name} {key}: matmul dtype {y.dtype}")
             depth = k if transpose else n
             c.within(y, r, tolerance(r_abs, r, depth, dtype), f"{name} {key}: matmul")
+    for name, bits, dname in extreme_cases():
+        wq, s, b = mlxq.affine_quantize(from_raw(ref[f"{name}/w"], DTYPES[dname]), 64, bits)
+        for part, got in (("wq", wq), ("s", s), ("b", b)):
+            c.expect(
+                np.array_equal(raw(got), ref[f"{name}/{part}"]),
+                f"{name}: quantize {part} differs from x86-64 bit for bit",
+            )
+    gen = torch.Generator().manual_seed(18)
+    for bits in BITS:
+        for dname, dtype in DTYPES.items():
+            wq, s, b = mlxq.affine_quantize(big_x_weight(gen).to(dtype), 64, bits)
+            wd = dequantize_ref(wq, s, b, 64, bits)
+            wd_abs = dequantize_ref(wq, s.abs(), b.abs(), 64, bits)
+            for m in (1, 3, 20):
+                for transpose in (True, False):
+                    x = torch.randn((m, 256 if transpose else 16), generator=gen)
+                    x[:, 3] = torch.finfo(dtype).max
+                    x = x.to(dtype)
+                    y = mlxq.affine_matmul(x, wq, s, b, 64, bits, transpose)
+                    w64, w64_abs = (wd.T, wd_abs.T) if transpose else (wd, wd_abs)
+                    # explicit products and sums: a BLAS may overflow through its blocking
+                    r = (x.double()[:, :, None] * w64[None]).sum(1)
+                    r_abs = (x.double().abs()[:, :, None] * w64_abs[None]).sum(1)
+                    what = f"b{bits} {dname} M={m} transpose={transpose} x at max"
+                    c.expect(bool(torch.isfinite(y).all()), f"{what}: non-finite output")
+                    depth = 256 if transpose else 16
+                    c.within(y, r, tolerance(r_abs, r, depth, dtype), what)
     print(f"checked {len(list(cases()))} weights in {time.time() - t0:.0f} s")
     print(f"arm64: {c.passed} passed, {len(c.failures)} failed")
     return 1 if c.failures else 0
