@@ -35,7 +35,7 @@ def smollm2(bits: int = 4, group_size: int = 32, recipe: str | None = None) -> P
 
 TINY_ARCHS = {
     # untied head; intermediate 192 is not a multiple of 128, so with group 128 mlx-lm leaves
-    # down_proj in float without a config entry (design.md, trap 4)
+    # down_proj in float without a config entry (mlx-lm's own rule)
     "qwen3": dict(
         model_type="qwen3",
         hidden_size=128,
@@ -128,7 +128,7 @@ def _mlx_model(path: str, dtype: str):
 def mlx_lm_logits(path: str | Path, tokens, dtype: str = "float32") -> np.ndarray:
     """mlx-lm's own forward pass over `tokens` ([T] ints): logits [T, vocab], as float32.
 
-    dtype "float32" casts the model first (design.md: exactness is tested in fp32);
+    dtype "float32" casts the model first (exactness is tested in fp32);
     "native" runs it in the checkpoint's dtype.
     """
     import mlx.core as mx

@@ -1,6 +1,6 @@
 """Test oracles for the mlxq ops: conversions between torch and MLX, and float64 references.
 
-The references are written from the format description (design.md), independently of the
+The references are written from the MLX format description (README), independently of the
 kernels: the packed words are unpacked bit by bit with numpy, and every product and sum is
 taken in float64.
 """

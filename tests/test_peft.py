@@ -24,7 +24,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.fixture
 def one_thread():
     """Training steps of a tiny model: one thread is several times faster on a loaded 2-core
-    machine (OpenMP spin-waiting, design.md trap 11)."""
+    machine (OpenMP spin-waiting)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -19,7 +19,7 @@ from mlx_models import mlx_lm_logits, smollm2
 from mlxq.nn import AffineEmbedding, AffineLinear, TiedAffineHead
 
 # fp32 logits of mlxq vs mlx-lm (cast to fp32). Both dequantize exactly and sum in fp32, in
-# different orders; an independent fp32 reference differs from mlx-lm by <= 3e-4 (design.md).
+# different orders; an independent fp32 reference differs from mlx-lm by <= 3e-4.
 FP32_LOGIT_ATOL = 1e-3
 # the chat question answers "Paris"; the plain-text prompts keep mlx-lm's pass short
 PROMPTS = [

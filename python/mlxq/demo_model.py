@@ -28,7 +28,7 @@ __all__ = [
 
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # transformers 5 saves only `rope_parameters`; mlx-lm 0.32 reads a top-level `rope_theta` and
-# silently defaults to 10000, which would make mlx-lm run a different model (design.md, trap 2).
+# silently defaults to 10000, which would make mlx-lm run a different model.
 _SMOLLM2_ROPE_THETA = 100000.0
 
 

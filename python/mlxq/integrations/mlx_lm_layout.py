@@ -8,7 +8,7 @@ Two things, both per architecture:
 - config.json keys: transformers 5 keeps rope settings only inside `rope_parameters`; mlx-lm
   reads top-level keys (`rope_theta`, `partial_rotary_factor`, `rope_scaling`, GPT-NeoX's
   `rotary_emb_base`/`rotary_pct`, Gemma 3's `rope_local_base_freq`, GPT-2's `n_ctx`) and
-  falls back to its own defaults without a word when they are missing (design.md trap 8).
+  falls back to its own defaults without a word when they are missing.
   :func:`mlx_lm_config_keys` computes them.
 """
 
