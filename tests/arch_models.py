@@ -5,8 +5,9 @@ Used by tests/test_arch_coverage.py (a fast subset) and benchmarks/arch_coverage
 matrix). Each model: 2 layers, hidden 128, vocab 512, random weights larger than the init (so
 that a dropped scale or a transposed weight changes the logits clearly), a word-level tokenizer
 built here (no download). The float checkpoint is saved by transformers in bfloat16 and gets
-the top-level config keys mlx-lm reads (transformers 5 keeps some only in rope_parameters) from this file's own
-parameters, not from mlxq's code, so the oracle stays independent of the code under test.
+the top-level config keys mlx-lm reads (transformers 5 keeps some only in rope_parameters)
+from this file's own parameters, not from mlxq's code, so the oracle stays independent of
+the code under test.
 Converted checkpoints are cached under $MLXQ_TEST_CACHE like tests/mlx_models.py's.
 """
 
