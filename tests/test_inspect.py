@@ -26,7 +26,13 @@ def _loads(path: Path) -> str | None:
 
 @pytest.mark.parametrize(
     ("arch", "variant"),
-    [("qwen3_moe", Variant(tied=False)), ("gemma", Variant(tied=True)), ("llama", Variant(False))],
+    [
+        ("qwen3_moe", Variant(tied=False)),
+        ("gemma", Variant(tied=True)),
+        ("llama", Variant(False)),
+        ("gpt2", Variant(tied=True)),  # Conv1D projections
+        ("phi", Variant(tied=False, bits=3, group_size=32)),
+    ],
 )
 def test_inspect_and_from_pretrained_take_the_same_decision(arch: str, variant: Variant) -> None:
     path = tiny_mlx_checkpoint(arch, variant)
@@ -36,6 +42,8 @@ def test_inspect_and_from_pretrained_take_the_same_decision(arch: str, variant: 
     assert bool(errors) == (error is not None), (errors, error)
     if error is not None:  # the same reason, in the same words
         assert any(message in error for message in errors), (errors, error)
+    else:  # every module the loader quantizes is reported with its format
+        assert any(m.bits for m in report.modules)
 
 
 def test_inspect_leaves_the_stale_index_warning_to_the_loader(

@@ -255,10 +255,9 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         missing_message,
         missing_tensors,
     )
+    from mlxq.swap import swap_plan
 
     headers = checkpoint_keys_as_model_keys(model, headers)
-
-    from torch import nn
 
     tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -266,18 +265,15 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     used: set[str] = set()
     formats: dict[str, Any] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            kind, dims = "Linear", (module.in_features, module.out_features)
-        elif isinstance(module, nn.Embedding):
-            kind, dims = "Embedding", (module.embedding_dim, module.num_embeddings)
-        else:
+        plan = swap_plan(name, module) if name else None  # the loader's own rule
+        if plan is None:
             continue
+        kind = "Linear" if plan.kind == "linear" else "Embedding"
+        dims = (plan.in_features, plan.out_features)
         keys = [k for k in headers if k.rpartition(".")[0] == name]
         used.update(keys)
         nbytes = sum(_nbytes(headers[k]) for k in keys)
-        params = dims[0] * dims[1] + (
-            dims[1] if isinstance(module, nn.Linear) and module.bias is not None else 0
-        )
+        params = dims[0] * dims[1] + (dims[1] if plan.bias else 0)
         row = ModuleReport(name, kind, dims[1], dims[0], None, None, None, params, nbytes, "")
         if module is head and tied and f"{name}.weight" not in headers:
             emb_fmt = formats.get(_name_of(model, embedding))
@@ -293,6 +289,8 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
             continue
         try:
             fmt = stored_format(name, *dims, headers, qconfig) if mlx_q else None
+            if fmt is not None:
+                plan.require()  # a module whose forward mlxq does not reproduce is refused
         except (ValueError, NotImplementedError) as error:
             problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
             row.action = "cannot load (see problems)"
