@@ -161,7 +161,7 @@ int64_t decode_grain(const QuantWeight& W) {
 // the bf16 pieces of x; at 3, 5 and 6 bits, where each value is gathered, the generic fp32
 // kernel wins from about 8 piece-rows on (measured at 4096x4096, 3 and 6 bits).
 bool use_bf16_decode(const QuantWeight& W, int64_t M, at::ScalarType x_dtype) {
-  if (W.bits == 8 || W.K % bf16_block_values(W.bits) != 0) return false;
+  if (W.bits == 8 || W.bits == 1 || W.K % bf16_block_values(W.bits) != 0) return false;
   const int64_t pieces = bf16_piece_count(x_dtype);
   return bf16_shifted_lanes(W.bits) || pieces == 1 || M * pieces <= 6;
 }

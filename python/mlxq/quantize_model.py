@@ -49,7 +49,7 @@ def quantize_model(
 
     Args:
         model: a float model (any `nn.Module`; transformers models also get their config set).
-        bits, group_size: the default format (bits 2, 3, 4, 5, 6, 8; group 32, 64, 128;
+        bits, group_size: the default format (bits 1, 2, 3, 4, 5, 6, 8; group 32, 64, 128;
             None: the affine default, 4 bits and group 64, as in MLX).
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
             recorded in the saved config like mlx-lm's mixed recipes.
