@@ -104,3 +104,26 @@ def test_quantize_model_equals_mlx_lm_convert(tmp_path: Path, mode: str) -> None
         assert torch.equal(ours[key].view(torch.uint8), tensor.view(torch.uint8)), key
     block = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization"]
     assert block == {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def test_cli_convert_q_mode_equals_mlx_lm_convert(tmp_path: Path, capsys) -> None:
+    """`mlxq convert --q-mode nvfp4` writes mlx_lm convert --q-mode nvfp4's tensors and block,
+    and `mlxq inspect` reads the result without problems."""
+    from mlxq.cli import main
+
+    ref_path = tiny_mlx_checkpoint("llama", VARIANTS[1])
+    float_dir = tiny_float_checkpoint("llama", tmp_path / "float", tied=False)
+    assert main(["convert", str(float_dir), str(tmp_path / "ours"), "--q-mode", "nvfp4"]) == 0
+    assert "nvfp4 4-bit group default (16)" in capsys.readouterr().out
+    ours, ref = _tensors(tmp_path / "ours"), _tensors(ref_path)
+    assert sorted(ours) == sorted(ref)
+    for key, tensor in ref.items():
+        assert torch.equal(ours[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    block = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization"]
+    assert block == {"group_size": 16, "bits": 4, "mode": "nvfp4"}
+    assert main(["inspect", str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert "4-bit g16 nvfp4" in out and "problems     none" in out
+    assert main(["convert", str(float_dir), str(tmp_path / "x"), "--q-mode", "mxfp4",
+                 "--recipe", "mixed_3_6"]) == 1  # fmt: skip
+    assert "--q-mode affine only" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxq.format import (
+    MODE_DEFAULTS,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     find_quantization,
@@ -450,6 +451,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"{args.hf_path} is already quantized ({json.dumps(find_quantization(config))[:80]}); "
             "convert takes a float checkpoint"
         )
+    if args.recipe and args.q_mode != "affine":
+        raise CLIError(
+            f"--recipe works with --q-mode affine only (as in mlx_lm), got {args.q_mode}"
+        )
     _quiet_transformers()
     from mlxq.convert import convert_checkpoint
 
@@ -462,11 +467,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         dtype=args.dtype,
         progress=lambda message: print(f"[mlxq] {message}", flush=True),
+        mode=args.q_mode,
     )
     kept = f", kept float: {', '.join(summary.kept_float)}" if summary.kept_float else ""
+    default_group, default_bits = MODE_DEFAULTS[args.q_mode]
+    mode = "" if args.q_mode == "affine" else f"{args.q_mode} "
     print(
         f"[mlxq] wrote {summary.out}: {summary.quantized} layers quantized "
-        f"({args.recipe or f'{args.bits}-bit'} group {args.group_size or 'default (64)'}){kept}; "
+        f"({mode}{args.recipe or f'{args.bits or default_bits}-bit'} group "
+        f"{args.group_size or f'default ({default_group})'}){kept}; "
         f"{summary.bytes_written / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s",
         flush=True,
     )
@@ -583,14 +592,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="float transformers checkpoint -> MLX checkpoint")
     p.add_argument("hf_path", metavar="HF_PATH", help="float checkpoint: folder or Hub repo id")
     p.add_argument("out", metavar="OUT", help="new folder for the MLX checkpoint")
-    p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
+    p.add_argument(
+        "--bits", type=int, choices=SUPPORTED_BITS, default=None, help="default: the mode's (4)"
+    )
     p.add_argument(
         "--group-size",
         type=int,
-        choices=SUPPORTED_GROUP_SIZES,
+        choices=(16, *SUPPORTED_GROUP_SIZES),
         default=None,
-        help="default: the mode's default (64), written as null in mixed-recipe entries, as "
-        "mlx_lm convert does without --q-group-size",
+        help="default: the mode's default (affine 64, mxfp4/mxfp8 32, nvfp4 16), written as "
+        "null in mixed-recipe entries, as mlx_lm convert does without --q-group-size",
+    )
+    p.add_argument(
+        "--q-mode",
+        choices=list(MODE_DEFAULTS),
+        default="affine",
+        help="MLX quantization mode, as mlx_lm convert --q-mode (recipes: affine only)",
     )
     p.add_argument("--recipe", choices=list(RECIPES), default=None, help="mlx-lm mixed recipe")
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
