@@ -71,9 +71,12 @@ at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose) 
   const KernelTable& kt = fp_kernels();
   if (transpose && M <= kFpDecodeMaxRows) {
     at::Tensor y = at::empty({M, out_features}, opts);
+    const at::Tensor xc = fp_uses_chunk_order(W.mode)
+                              ? x.view({M, -1, 8, 2}).transpose(2, 3).contiguous().view({M, -1})
+                              : x;
     const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(W.K, 1));
     for (int64_t m0 = 0; m0 < M; m0 += kMaxDecodeRows) {
-      FpQmvArgs a{W, x.const_data_ptr<float>() + m0 * W.K, y.mutable_data_ptr<float>() + m0 * W.N,
+      FpQmvArgs a{W, xc.const_data_ptr<float>() + m0 * W.K, y.mutable_data_ptr<float>() + m0 * W.N,
                   std::min(kMaxDecodeRows, M - m0)};
       at::parallel_for(0, W.N, grain, [&](int64_t n0, int64_t n1) { kt.fp_qmv(a, n0, n1); });
     }

@@ -47,31 +47,50 @@ MLXQ_INLINE float fp_scale(const FpWeight& W, uint8_t s, const FpTables& t) {
   return v * W.global;
 }
 
-// The 8 values at p (4 bytes of FP4 codes, or 8 FP8 bytes) in natural order, as fp32.
+// The fp32 values of 8 FP4 (Bits 4) or FP8 E4M3 (Bits 8) codes, one per int32 lane. With AVX2:
+// FP4 magnitudes come from a register table (vpermps reads the low 3 bits) and bit 3 is the
+// sign; FP8 values are built from their bit fields: a normal value's exponent and mantissa
+// move into an fp32 pattern with a rebiased exponent, a subnormal (exponent field 0) is
+// converted from its integer mantissa (so no fp32 subnormal is an input and flush-to-zero
+// modes cannot change the result), and 0x7F/0xFF become NaN. Elsewhere: a table lookup per lane
+// (vector code with per-lane shifts would be scalarized on SSE2).
 template <int Bits>
-MLXQ_INLINE v8f fp_decode8(const uint8_t* p, const FpTables& t) {
-  const v8i idx = unpack8<Bits>(p);
+MLXQ_INLINE v8f fp_values(v8i code, const FpTables& t) {
 #if defined(MLXQ_X86_AVX2)
-  __m256i vi;
-  std::memcpy(&vi, &idx, sizeof(vi));
-  __m256 v;
   if constexpr (Bits == 4) {
-    // Magnitude from the 8 positive entries (vpermps reads the low 3 bits), sign from bit 3.
+    __m256i vi;
+    std::memcpy(&vi, &code, sizeof(vi));
     const __m256 mag = _mm256_permutevar8x32_ps(_mm256_load_ps(t.fp4), vi);
     const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(vi, _mm256_set1_epi32(8)), 28);
-    v = _mm256_xor_ps(mag, _mm256_castsi256_ps(sign));
+    const __m256 v = _mm256_xor_ps(mag, _mm256_castsi256_ps(sign));
+    v8f out;
+    std::memcpy(&out, &v, sizeof(out));
+    return out;
   } else {
-    v = _mm256_i32gather_ps(t.fp8, vi, 4);
+    const v8i mag = code & 0x7F;
+    const v8i normal = (mag << 20) + ((127 - 7) << 23);
+    const v8f sub = to_float(mag) * (1.0f / 512.0f);  // m * 2^-9
+    v8i subi;
+    std::memcpy(&subi, &sub, sizeof(subi));
+    const v8i is_sub = mag < 8;  // -1 where the exponent field is 0
+    v8i bits = (subi & is_sub) | (normal & ~is_sub);
+    bits |= ((mag == 0x7F) & 0x7FC00000) | ((code >> 7) << 31);
+    v8f out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
   }
-  v8f out;
-  std::memcpy(&out, &v, sizeof(out));
-  return out;
 #else
   const float* lut = Bits == 4 ? t.fp4 : t.fp8;
   v8f out;
-  for (int i = 0; i < 8; ++i) out[i] = lut[idx[i]];
+  for (int i = 0; i < 8; ++i) out[i] = lut[code[i]];
   return out;
 #endif
+}
+
+// The 8 values at p (4 bytes of FP4 codes, or 8 FP8 bytes) in natural order.
+template <int Bits>
+MLXQ_INLINE v8f fp_decode8(const uint8_t* p, const FpTables& t) {
+  return fp_values<Bits>(unpack8<Bits>(p), t);
 }
 
 template <FpMode Mode>
@@ -98,10 +117,25 @@ void fp_qmv_rows(const FpQmvArgs& a, int64_t m0, int64_t n0, int64_t n1) {
       const uint8_t* wg = wrow + g * T::kGroupBytes;
       v8f acc[MB][2];
       for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = v8f{};
+      if constexpr (T::kBits == 4) {
+        // 8 bytes = 16 values: low nibbles pair with x_chunk[0..7], high with [8..15]
+        // (x in chunk order, see FpQmvArgs)
+#pragma GCC unroll 2
+        for (int c = 0; c < T::kGroup / 16; ++c) {
+          const v8i bytes = chunk_bytes<4>(wg + c * 8);
+          const v8f lo = fp_values<4>(bytes & 15, tables), hi = fp_values<4>(bytes >> 4, tables);
+          for (int m = 0; m < MB; ++m) {
+            const float* xc = x[m] + g * T::kGroup + c * 16;
+            acc[m][0] += lo * load8(xc);
+            acc[m][1] += hi * load8(xc + 8);
+          }
+        }
+      } else {
 #pragma GCC unroll 4
-      for (int c = 0; c < T::kGroup / 8; ++c) {
-        const v8f q = fp_decode8<T::kBits>(wg + c * T::kBits, tables);
-        for (int m = 0; m < MB; ++m) acc[m][c & 1] += q * load8(x[m] + g * T::kGroup + c * 8);
+        for (int c = 0; c < T::kGroup / 8; ++c) {
+          const v8f q = fp_values<8>(chunk_bytes<8>(wg + c * 8), tables);
+          for (int m = 0; m < MB; ++m) acc[m][c & 1] += q * load8(x[m] + g * T::kGroup + c * 8);
+        }
       }
       const v8f sv = splat(fp_scale(W, srow[g], tables));
       for (int m = 0; m < MB; ++m) total[m] += sv * (acc[m][0] + acc[m][1]);

@@ -89,7 +89,9 @@ struct FpWeight {
   float global = 1.f;
 };
 
-// y[m, n] = sum_k x[m, k] * W[n, k] for M <= kMaxDecodeRows, x in natural order.
+// y[m, n] = sum_k x[m, k] * W[n, k] for M <= kMaxDecodeRows. For the FP4 modes x is in chunk
+// order of 16 values (8 bytes): x_chunk[j*8 + l] = x[l*2 + j]; FP8: natural order.
+inline bool fp_uses_chunk_order(FpMode mode) { return mode != FpMode::kMxfp8; }
 struct FpQmvArgs {
   FpWeight W;
   const float* x = nullptr;
