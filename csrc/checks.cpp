@@ -34,6 +34,8 @@ std::string shape_str(SymIntArrayRef s) {
   return os.str();
 }
 
+std::string shape_str(at::IntArrayRef s) { return shape_str(c10::fromIntArrayRefSlow(s)); }
+
 bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 // Whether a condition on sizes holds. Concrete conditions are evaluated; a symbolic one that
@@ -206,8 +208,9 @@ PackedGeometry concrete(const SymPacked& s) {
 }  // namespace
 
 void check_bits_group(int64_t bits, int64_t group_size) {
-  TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8,
-                    "mlxq: bits must be one of 2, 3, 4, 5, 6, 8, got ", bits);
+  TORCH_CHECK_VALUE(
+      bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8,
+      "mlxq: bits must be one of 1, 2, 3, 4, 5, 6, 8, got ", bits);
   TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128,
                     "mlxq: group_size must be one of 32, 64, 128, got ", group_size);
 }
@@ -263,6 +266,121 @@ std::vector<c10::SymInt> matmul_out_shape(const at::Tensor& x, const at::Tensor&
                                           const at::Tensor& scales, const at::Tensor& biases,
                                           int64_t group_size, int64_t bits, bool transpose) {
   return check_matmul_sym(x, wq, scales, biases, group_size, bits, transpose).out_shape;
+}
+
+// --- MLX's floating-point modes ----------------------------------------------------------------
+
+int check_fp_mode(c10::string_view mode, int64_t group_size, int64_t bits) {
+  struct Mode {
+    const char* name;
+    int64_t group_size, bits;
+  };
+  static constexpr Mode kModes[] = {{"mxfp4", 32, 4}, {"nvfp4", 16, 4}, {"mxfp8", 32, 8}};
+  for (int i = 0; i < 3; ++i) {
+    const Mode& m = kModes[i];
+    if (mode != m.name) continue;
+    TORCH_CHECK_VALUE(group_size == m.group_size, "mlxq: group_size must be ", m.group_size,
+                      " for mode '", m.name, "', got ", group_size);
+    TORCH_CHECK_VALUE(bits == m.bits, "mlxq: bits must be ", m.bits, " for mode '", m.name,
+                      "', got ", bits);
+    return i;
+  }
+  TORCH_CHECK_VALUE(false, "mlxq: mode must be one of 'mxfp4', 'nvfp4', 'mxfp8' here, got '",
+                    std::string(mode), "' (affine weights use the affine_* ops)");
+  return -1;
+}
+
+void check_fp_global_scale(const c10::optional<at::Tensor>& global_scale, int mode,
+                           const at::Device& device) {
+  if (!global_scale.has_value()) return;
+  const at::Tensor& g = *global_scale;
+  TORCH_CHECK_VALUE(mode == 1, "mlxq: global_scale is only used by mode 'nvfp4', got mode '",
+                    mode == 0 ? "mxfp4" : "mxfp8", "'");
+  TORCH_CHECK_TYPE(g.scalar_type() == at::kFloat, "mlxq: global_scale must be float32, got ",
+                   g.scalar_type());
+  TORCH_CHECK_VALUE(g.numel() == 1, "mlxq: global_scale must hold one value, got shape ",
+                    shape_str(g.sizes()));
+  TORCH_CHECK_VALUE(g.device() == device, "mlxq: global_scale is on ", g.device(),
+                    " but the weight is on ", device);
+}
+
+PackedGeometry check_fp_packed(const at::Tensor& wq, const at::Tensor& scales, int64_t group_size,
+                               int64_t bits, int64_t min_dim) {
+  TORCH_CHECK_TYPE(wq.scalar_type() == at::kUInt32 || wq.scalar_type() == at::kInt,
+                   "mlxq: wq (packed weight) must be uint32 or int32, got ", wq.scalar_type());
+  TORCH_CHECK_VALUE(wq.dim() >= min_dim, "mlxq: wq (packed weight) must have at least ", min_dim,
+                    " dimensions, got shape ", shape_str(wq.sizes()));
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kByte,
+                   "mlxq: scales of a floating-point mode must be uint8, got ",
+                   scales.scalar_type());
+  TORCH_CHECK_VALUE(scales.device() == wq.device(),
+                    "mlxq: wq and scales must be on one device, got ", wq.device(), ", ",
+                    scales.device());
+  const int64_t d = wq.dim();
+  TORCH_CHECK_VALUE(
+      scales.dim() == d && scales.sizes().slice(0, d - 1) == wq.sizes().slice(0, d - 1),
+      "mlxq: scales shape ", shape_str(scales.sizes()), " must match wq shape ",
+      shape_str(wq.sizes()), " in every dimension but the last");
+  PackedGeometry g;
+  g.batch.assign(wq.sizes().begin(), wq.sizes().end() - (d >= 2 ? 2 : 1));
+  g.rows = d >= 2 ? wq.size(-2) : 1;
+  g.groups = scales.size(-1);
+  TORCH_CHECK_VALUE(g.groups > 0, "mlxq: scales must have at least one group, got shape ",
+                    shape_str(scales.sizes()));
+  TORCH_CHECK_VALUE(g.groups <= std::numeric_limits<int64_t>::max() / group_size,
+                    "mlxq: scales last dimension ", g.groups, " is too large");
+  g.cols = g.groups * group_size;
+  TORCH_CHECK_VALUE(wq.size(-1) == packed_cols(g.cols, bits), "mlxq: wq last dimension ",
+                    wq.size(-1), " does not fit scales with ", g.groups, " groups of ", group_size,
+                    " values at ", bits, " bits (expected ", packed_cols(g.cols, bits),
+                    " uint32 words, K=", g.cols, ")");
+  return g;
+}
+
+void check_fp_quantize_input(const at::Tensor& w, int64_t group_size) {
+  TORCH_CHECK_TYPE(is_float(w.scalar_type()), "mlxq: w must be float32, float16 or bfloat16, got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() >= 1 && w.size(-1) > 0,
+                    "mlxq: w must have a non-empty last dimension, got shape ",
+                    shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(w.size(-1) % group_size == 0, "mlxq: w last dimension ", w.size(-1),
+                    " must be divisible by group_size ", group_size);
+}
+
+MatmulGeometry check_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                               int64_t group_size, int64_t bits, bool transpose) {
+  MatmulGeometry g;
+  g.w = check_fp_packed(wq, scales, group_size, bits, /*min_dim=*/2);
+  TORCH_CHECK_TYPE(is_float(x.scalar_type()), "mlxq: x must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == wq.device(), "mlxq: x is on ", x.device(), " but wq is on ",
+                    wq.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "mlxq: x must have at least 1 dimension, got a scalar");
+  g.in_features = transpose ? g.w.cols : g.w.rows;
+  g.out_features = transpose ? g.w.rows : g.w.cols;
+  TORCH_CHECK_VALUE(x.size(-1) == g.in_features, "mlxq: x last dimension ", x.size(-1),
+                    " must equal ", g.in_features, " (", transpose ? "K" : "N",
+                    " of the quantized weight with shape [", g.w.rows, ", ", g.w.cols,
+                    "], transpose=", transpose ? "True" : "False", ")");
+  if (g.w.batch.empty()) {
+    g.M = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+    g.out_shape.assign(x.sizes().begin(), x.sizes().end() - 1);
+  } else {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "mlxq: with a batched wq of shape ", shape_str(wq.sizes()),
+                      ", x needs at least 2 dimensions, got shape ", shape_str(x.sizes()));
+    auto xb = x.sizes().slice(0, x.dim() - 2);
+    try {
+      g.batch = at::infer_size(xb, g.w.batch);
+    } catch (const c10::Error&) {
+      TORCH_CHECK_VALUE(false, "mlxq: batch dimensions of x ", shape_str(x.sizes()), " and wq ",
+                        shape_str(wq.sizes()), " do not broadcast");
+    }
+    g.M = x.size(-2);
+    g.out_shape = g.batch;
+    g.out_shape.push_back(g.M);
+  }
+  g.out_shape.push_back(g.out_features);
+  return g;
 }
 
 }  // namespace mlxq

@@ -11,13 +11,15 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <vector>
 
 namespace mlxq {
 
-// Validates bits in {2,3,4,5,6,8} and group_size in {32,64,128}.
+// Validates bits in {1,2,3,4,5,6,8} and group_size in {32,64,128}.
 void check_bits_group(int64_t bits, int64_t group_size);
 
 // Geometry of a packed weight [..., rows, packed_cols] with its scales/biases.
@@ -65,7 +67,31 @@ std::vector<std::vector<c10::SymInt>> quantize_out_shapes(const at::Tensor& w, i
                                                           int64_t bits);
 
 // Number of uint32 words that hold `cols` values of `bits` bits. `cols` is a multiple of 32
-// (whole groups), so dividing first is exact and cannot overflow.
-inline int64_t packed_cols(int64_t cols, int64_t bits) { return cols / 32 * bits; }
+// (affine) or of 16 (nvfp4, 4 bits): whole 32-value blocks first, so nothing overflows, then
+// the 16-value tail, which fills whole words at 4 or 8 bits.
+inline int64_t packed_cols(int64_t cols, int64_t bits) {
+  return cols / 32 * bits + cols % 32 * bits / 32;
+}
+
+// --- MLX's floating-point modes (mxfp4, nvfp4, mxfp8) ----------------------------------------
+
+// The mode's index (0 mxfp4, 1 nvfp4, 2 mxfp8, as cpu::FpMode); checks that group_size and bits
+// are the mode's own (MLX accepts no others: 32/4, 16/4, 32/8).
+int check_fp_mode(c10::string_view mode, int64_t group_size, int64_t bits);
+
+// nvfp4's optional global scale: float32, one element, on `device`; refused for other modes.
+void check_fp_global_scale(const c10::optional<at::Tensor>& global_scale, int mode,
+                           const at::Device& device);
+
+// Checks wq (uint32/int32) and uint8 scales [..., rows, K/group_size] of a floating-point mode.
+PackedGeometry check_fp_packed(const at::Tensor& wq, const at::Tensor& scales, int64_t group_size,
+                               int64_t bits, int64_t min_dim);
+
+// Checks the float weight given to fp_quantize.
+void check_fp_quantize_input(const at::Tensor& w, int64_t group_size);
+
+// As check_matmul, for a weight of a floating-point mode (x: float, same device as wq).
+MatmulGeometry check_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                               int64_t group_size, int64_t bits, bool transpose);
 
 }  // namespace mlxq

@@ -26,6 +26,22 @@ TORCH_LIBRARY(mlxq, m) {
       "int bits=4, bool transpose=True) -> Tensor");
 }
 
+// MLX's floating-point modes (mxfp4, nvfp4, mxfp8): FP4/FP8 values with uint8 scales, no
+// biases, and for nvfp4 an optional float32 global scale. A family of their own rather than a
+// `mode` argument on the affine ops: the operands differ (no biases, uint8 scales, a global
+// scale), so one schema per family keeps every argument meaningful and every check simple.
+TORCH_LIBRARY_FRAGMENT(mlxq, m) {
+  m.def(
+      "fp_quantize(Tensor w, str mode, int group_size, int bits, Tensor? global_scale=None)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "fp_dequantize(Tensor wq, Tensor scales, str mode, int group_size, int bits, "
+      "Tensor? global_scale=None, ScalarType? dtype=None) -> Tensor");
+  m.def(
+      "fp_matmul(Tensor x, Tensor wq, Tensor scales, str mode, int group_size, int bits, "
+      "bool transpose=True, Tensor? global_scale=None) -> Tensor");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mlxq native op library (ops are reached through torch.ops.mlxq)";
   m.def("set_cpu_isa", &mlxq::cpu::set_isa, "Force the CPU kernels onto portable, avx2 or auto");

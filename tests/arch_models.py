@@ -153,11 +153,27 @@ class Variant:
     bits: int = 4
     group_size: int = 64
     recipe: str | None = None
+    mode: str = "affine"  # mlx_lm convert --q-mode
 
     @property
     def tag(self) -> str:
         recipe = self.recipe or f"{self.bits}bit"
-        return f"{'tied' if self.tied else 'untied'}-{recipe}-g{self.group_size}"
+        mode = "" if self.mode == "affine" else f"{self.mode}-"
+        return f"{'tied' if self.tied else 'untied'}-{mode}{recipe}-g{self.group_size}"
+
+
+def _mixed_fp(path: str, module) -> bool | dict:
+    """A per-module recipe across modes (mlx-lm's string recipes are affine only): `down_proj`
+    in mxfp8, embeddings and head in affine 4-bit g64, the rest in the top-level mode."""
+    if path.endswith("down_proj"):
+        return {"group_size": 32, "bits": 8, "mode": "mxfp8"}
+    if path.endswith(("embed_tokens", "lm_head")):
+        return {"group_size": 64, "bits": 4, "mode": "affine"}
+    return True
+
+
+# recipes given to mlx_lm.convert as a callable predicate
+PREDICATES = {"mixed_fp": _mixed_fp}
 
 
 VARIANTS = (Variant(tied=True), Variant(tied=False, bits=3, recipe="mixed_3_6"))
@@ -263,7 +279,8 @@ def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
                 quantize=True,
                 q_group_size=variant.group_size,
                 q_bits=variant.bits,
-                quant_predicate=variant.recipe,
+                q_mode=variant.mode,
+                quant_predicate=PREDICATES.get(variant.recipe, variant.recipe),
             )
         os.replace(staging / "mlx", final)
     finally:

@@ -11,7 +11,8 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-BITS = (2, 3, 4, 5, 6, 8)
+BITS = (2, 3, 4, 5, 6, 8)  # every kernel set, Metal included
+CPU_BITS = (1, *BITS)  # 1-bit affine: CPU kernels only so far
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import random_weight
 from mlxq import _build_helpers
+from oracles import CPU_BITS as BITS
 from oracles import (
-    BITS,
     DTYPES,
     GROUP_SIZES,
     assert_within,

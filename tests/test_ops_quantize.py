@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_weight
-from oracles import BITS, DTYPES, GROUP_SIZES, dequantize_ref, to_mx, to_torch, words
+from oracles import CPU_BITS as BITS
+from oracles import DTYPES, GROUP_SIZES, dequantize_ref, to_mx, to_torch, words
 
 GRID = [(b, g, d) for b in BITS for g in GROUP_SIZES for d in DTYPES]
 GRID_IDS = [f"b{b}-g{g}-{str(d).split('.')[-1]}" for b, g, d in GRID]

@@ -237,12 +237,17 @@ def test_config_round_trip() -> None:
 
 
 @pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
-def test_modes_mlxq_does_not_run_name_the_layer(tiny: Path, tmp_path: Path, mode: str) -> None:
+def test_affine_tensors_under_a_float_mode_name_the_layer(
+    tiny: Path, tmp_path: Path, mode: str
+) -> None:
+    """A config that says a floating-point mode over affine tensors (biases, float scales) is
+    refused naming the layer, the mode and the tensor that does not belong."""
+
     def to_mode(c: dict) -> None:
         c["quantization"]["mode"] = c["quantization_config"]["mode"] = mode
 
     folder = _edit(_copy(tiny, tmp_path / "ckpt"), config=to_mode)
-    with pytest.raises(NotImplementedError, match=rf"layer 'model\..*{mode}.*does not run"):
+    with pytest.raises(ValueError, match=rf"layer 'model\..*'{mode}'.*biases"):
         _load(folder)
 
 

@@ -18,6 +18,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/kernel_table.h"
 #include "cpu/quantize.h"
+#include "mlx_rounding.h"
 
 namespace mlxq::cpu {
 namespace {
@@ -162,7 +163,7 @@ int64_t decode_grain(const QuantWeight& W) {
 // the bf16 pieces of x; at 3, 5 and 6 bits, where each value is gathered, the generic fp32
 // kernel wins from about 8 piece-rows on (measured at 4096x4096, 3 and 6 bits).
 bool use_bf16_decode(const QuantWeight& W, int64_t M, at::ScalarType x_dtype) {
-  if (W.bits == 8 || W.K % bf16_block_values(W.bits) != 0) return false;
+  if (W.bits == 8 || W.bits == 1 || W.K % bf16_block_values(W.bits) != 0) return false;
   const int64_t pieces = bf16_piece_count(x_dtype);
   return bf16_shifted_lanes(W.bits) || pieces == 1 || M * pieces <= 6;
 }
@@ -326,10 +327,7 @@ at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
   at::Tensor q = at::empty({R, g.cols}, scales.options().dtype(at::kFloat));
   if (R > 0) {
     // The kernel unpacks the integers q (unit scales and zero biases make it exact); the
-    // affine map is then evaluated as mx.dequantize does on the CPU: s*q rounded to the
-    // output dtype, then + b rounded again (no fused multiply-add), so results match MLX
-    // bit for bit. The product is exact in fp32 for fp16/bf16 scales (<= 19 significant
-    // bits), so rounding it once to the dtype is MLX's single rounding.
+    // affine map is then evaluated as mx.dequantize does (mlx_rounding.h).
     const at::Tensor w = wq.contiguous().reshape({R, wq.size(-1)});
     const at::Tensor ones = at::ones({R, g.groups}, q.options());
     const at::Tensor zeros = at::zeros({R, g.groups}, q.options());
@@ -339,11 +337,7 @@ at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
     at::parallel_for(0, R, 8,
                      [&](int64_t r0, int64_t r1) { kt.dequantize(W, qp + r0 * W.K, r0, r1); });
   }
-  const at::Tensor q3 = q.view({R, g.groups, group_size});
-  const at::Tensor s3 = scales.reshape({R, g.groups, 1});
-  const at::Tensor b3 = biases.reshape({R, g.groups, 1});
-  const at::Tensor product = at::mul(q3, s3.to(at::kFloat)).to(scales.scalar_type());
-  return at::add(product, b3).reshape(shape);
+  return mlx_affine_map(q, scales, biases, R, g.groups, group_size).reshape(shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cpu(const at::Tensor& w,

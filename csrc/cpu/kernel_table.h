@@ -74,6 +74,32 @@ inline int64_t bf16_lane_values(int64_t k0, int64_t K, int bits) {
   return k0 + kBf16Lanes * 16 / bits <= K ? 16 / bits : 8 / bits;
 }
 
+// MLX's floating-point quantization modes (cpu/fp_format.h describes them).
+enum class FpMode { kMxfp4 = 0, kNvfp4 = 1, kMxfp8 = 2 };
+
+// A contiguous 2-D weight in one of MLX's floating-point modes (fp_format.h): `w` is N rows of
+// K*bits/8 bytes (FP4 codes two per byte, low nibble first, or FP8 E4M3 bytes), `scales` is
+// [N, G] scale bytes (E8M0 for mx modes, E4M3 for nvfp4); every value is further multiplied by
+// `global` (nvfp4's global_scale / (448*6), else 1).
+struct FpWeight {
+  const uint8_t* w = nullptr;
+  const uint8_t* scales = nullptr;
+  int64_t N = 0, K = 0, G = 0;
+  FpMode mode = FpMode::kMxfp4;
+  int bits = 4, group_size = 32;
+  float global = 1.f;
+};
+
+// y[m, n] = sum_k x[m, k] * W[n, k] for M <= kMaxDecodeRows. For the FP4 modes x is in chunk
+// order of 16 values (8 bytes): x_chunk[j*8 + l] = x[l*2 + j]; FP8: natural order.
+inline bool fp_uses_chunk_order(FpMode mode) { return mode != FpMode::kMxfp8; }
+struct FpQmvArgs {
+  FpWeight W;
+  const float* x = nullptr;
+  float* y = nullptr;
+  int64_t M = 0;
+};
+
 struct KernelTable {
   const char* name;
   void (*qmv)(const QmvArgs& a, int64_t n_begin, int64_t n_end);  // output columns range
@@ -82,6 +108,10 @@ struct KernelTable {
   void (*dequantize)(const QuantWeight& W, float* out, int64_t n_begin, int64_t n_end);
   // Optional (null where the CPU lacks it): decode at 2 to 6 bits through bf16 dot products.
   void (*qmv_bf16)(const QmvBf16Args& a, int64_t n_begin, int64_t n_end) = nullptr;
+  // The floating-point modes (fp_kernels.h): decode for M <= kMaxDecodeRows, and rows of W
+  // dequantized to fp32 (exact: every FP4/FP8 value times its scale is an fp32 number).
+  void (*fp_qmv)(const FpQmvArgs& a, int64_t n_begin, int64_t n_end) = nullptr;
+  void (*fp_dequantize)(const FpWeight& W, float* out, int64_t n_begin, int64_t n_end) = nullptr;
 };
 
 const KernelTable& portable_kernels();

@@ -202,6 +202,8 @@ void dispatch_bits_group(int bits, int gs, Args&&... args) {
       return Fn<B, 128>::run(std::forward<Args>(args)...); \
   }
   switch (bits) {
+    case 1:
+      MLXQ_CASE_GS(1)
     case 2:
       MLXQ_CASE_GS(2)
     case 3:
@@ -243,8 +245,14 @@ inline void dequantize(const QuantWeight& W, float* out, int64_t n0, int64_t n1)
   dispatch_bits_group<DequantFn>(W.bits, W.group_size, W, out, n0, n1);
 }
 
+}  // namespace mlxq::cpu::MLXQ_ISA
+
+#include "cpu/fp_kernels.h"
+
+namespace mlxq::cpu::MLXQ_ISA {
+
 inline const KernelTable& table(const char* name) {
-  static const KernelTable t{name, &qmv, &qvm, &dequantize, nullptr};
+  static const KernelTable t{name, &qmv, &qvm, &dequantize, nullptr, &fp_qmv, &fp_dequantize};
   return t;
 }
 

@@ -1,6 +1,7 @@
 // Affine quantization of one group, reproducing mlx.core.quantize bit for bit: fp32 math,
-// the edge of larger magnitude kept exact (which can make the scale negative), values rounded
-// half to even and clamped to [0, 2^bits - 1], packed as a little-endian bit stream.
+// the edge of larger magnitude kept exact (which can make the scale negative; at 1 bit MLX
+// uses plain min/max), values rounded half to even and clamped to [0, 2^bits - 1], packed as a
+// little-endian bit stream.
 #pragma once
 
 #include <algorithm>
@@ -18,15 +19,21 @@ inline void quantize_group(const float* w, int group_size, int bits, uint8_t* ou
     w_min = std::min(w_min, w[j]);
     w_max = std::max(w_max, w[j]);
   }
-  const bool min_is_edge = std::abs(w_min) > std::abs(w_max);
-  float s = std::max((w_max - w_min) / n_bins, 1e-7f);
-  s = min_is_edge ? s : -s;
-  const float edge = min_is_edge ? w_min : w_max;
-  const float q0 = std::nearbyint(edge / s);
-  float b = 0.f;
-  if (q0 != 0.f) {
-    s = edge / q0;
-    b = edge;
+  float s, b = 0.f;
+  if (bits == 1) {
+    // MLX quantizes 1 bit as plain min/max: scale max - min, bias min, no exact edge.
+    s = std::max(w_max - w_min, 1e-7f);
+    b = w_min;
+  } else {
+    const bool min_is_edge = std::abs(w_min) > std::abs(w_max);
+    s = std::max((w_max - w_min) / n_bins, 1e-7f);
+    s = min_is_edge ? s : -s;
+    const float edge = min_is_edge ? w_min : w_max;
+    const float q0 = std::nearbyint(edge / s);
+    if (q0 != 0.f) {
+      s = edge / q0;
+      b = edge;
+    }
   }
   // 8 values always fill exactly `bits` bytes.
   for (int c = 0; c < group_size / 8; ++c) {

@@ -53,6 +53,7 @@ MLXQ_INLINE uint32_t load_u32(const uint8_t* p) {
 // power-of-two loads so that no load reads past the last byte.
 template <int Bits>
 MLXQ_INLINE uint64_t load_bits8(const uint8_t* p) {
+  if constexpr (Bits == 1) return p[0];
   if constexpr (Bits == 2) return load_u16(p);
   if constexpr (Bits == 3) return load_u16(p) | (uint32_t{p[2]} << 16);
   if constexpr (Bits == 4) return load_u32(p);
@@ -86,7 +87,7 @@ MLXQ_INLINE v8i unpack8(const uint8_t* p) {
 // - 2, 4, 8 bits: 8 bytes, i.e. 8 byte lanes of P = 8/Bits values each. Vector j holds value
 //   j of every byte, so it pairs with x in "chunk order" (x_chunk[j*8 + l] = x[l*P + j]):
 //   one zero-extending byte load and a shift+mask per 8 values.
-// - 3, 5, 6 bits: `Bits` bytes holding 8 values in natural order (values straddle bytes).
+// - 1, 3, 5, 6 bits: `Bits` bytes holding 8 values in natural order (values straddle bytes).
 template <int Bits>
 struct Chunk {
   static constexpr bool kByteLanes = (Bits == 2 || Bits == 4 || Bits == 8);

@@ -17,6 +17,7 @@
 #include "checks.h"
 #include "cuda/kernels.cuh"
 #include "cuda/launch.h"
+#include "mlx_rounding.h"
 
 namespace mlxq::cuda {
 
@@ -220,12 +221,18 @@ int64_t broadcast_index(int64_t i, const std::vector<int64_t>& to, at::IntArrayR
   return idx;
 }
 
+// The CUDA kernels cover MLX's affine 2-6 and 8 bits; 1-bit affine runs on the CPU only.
+void check_cuda_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(bits != 1, "mlxq: 1-bit affine has no CUDA kernel yet (the CPU op runs it)");
+}
+
 at::Tensor affine_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                               const at::Tensor& biases, int64_t group_size, int64_t bits,
                               bool transpose) {
   // Reached below autograd (python/mlxq/ops.py owns the gradient).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const MatmulGeometry g = check_matmul(x, wq, scales, biases, group_size, bits, transpose);
+  check_cuda_bits(bits);
   const c10::cuda::CUDAGuard device(x.device());
   if (x.numel() == 0 || wq.numel() == 0) return at::zeros(g.out_shape, x.options());
   const at::Tensor xc = aligned(x);
@@ -254,24 +261,28 @@ at::Tensor affine_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const a
 
 at::Tensor affine_dequantize_cuda(const at::Tensor& wq, const at::Tensor& scales,
                                   const at::Tensor& biases, int64_t group_size, int64_t bits) {
-  const PackedGeometry g = check_packed(wq, scales, biases, group_size, bits, /*min_dim=*/1);
+  const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
+  check_cuda_bits(bits);
   const c10::cuda::CUDAGuard device(wq.device());
   std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
   shape.back() = g.cols;
-  const int64_t R = wq.numel() / wq.size(-1);
-  at::Tensor out = at::empty({R, g.cols}, scales.options());
+  const int64_t R = c10::multiply_integers(wq.sizes().slice(0, wq.dim() - 1));  // no division
+  // q unpacked exactly (unit scales, zero biases), then mx.dequantize's two roundings
+  at::Tensor q = at::empty({R, g.cols}, scales.options().dtype(at::kFloat));
   if (R > 0) {
-    const Weight W = make_weight(wq.reshape({R, wq.size(-1)}), scales.reshape({R, g.groups}),
-                                 biases.reshape({R, g.groups}), group_size, bits);
-    dequantize_rows(W, 0, R, out);
+    const at::Tensor ones = at::ones({R, g.groups}, q.options());
+    const Weight W =
+        make_weight(wq.reshape({R, wq.size(-1)}), ones, at::zeros_like(ones), group_size, bits);
+    dequantize_rows(W, 0, R, q);
   }
-  return out.view(shape);
+  return mlx_affine_map(q, scales, biases, R, g.groups, group_size).view(shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cuda(const at::Tensor& w,
                                                                     int64_t group_size,
                                                                     int64_t bits) {
   check_quantize_input(w, group_size, bits);
+  check_cuda_bits(bits);
   const c10::cuda::CUDAGuard device(w.device());
   const int64_t K = w.size(-1), G = K / group_size;
   const int64_t R = w.numel() / K;

@@ -64,9 +64,19 @@ std::string dtype_name(at::ScalarType t) {
   return {};
 }
 
+namespace {
+// 1-bit affine weights run on the CPU only so far: the metallib has no 1-bit kernels.
+void check_metal_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(bits != 1,
+                    "mlxq: bits=1 (1-bit affine) has no Metal kernel yet; run it on "
+                    "the CPU (expected bits 2, 3, 4, 5, 6 or 8 here, got 1)");
+}
+}  // namespace
+
 DispatchPlan plan_affine_matmul(const MatmulGeometry& g, at::ScalarType dtype, int64_t group_size,
                                 int64_t bits, bool transpose) {
   check_bits_group(bits, group_size);
+  check_metal_bits(bits);
   DispatchPlan plan;
   plan.dtype = dtype_name(dtype);
   AffineMatmulParams p{};
@@ -154,6 +164,7 @@ DispatchPlan plan_affine_matmul(const at::Tensor& x, const at::Tensor& wq, const
 
 DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits) {
   check_quantize_input(w, group_size, bits);
+  check_metal_bits(bits);
   DispatchPlan plan;
   plan.dtype = dtype_name(w.scalar_type());
   plan.kernel = host_name("affine_quantize", plan.dtype, group_size, bits);
@@ -180,6 +191,7 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                     const at::Tensor& biases, int64_t group_size, int64_t bits) {
   const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
+  check_metal_bits(bits);
   DispatchPlan plan;
   plan.dtype = dtype_name(scales.scalar_type());
   plan.kernel = host_name("affine_dequantize", plan.dtype, group_size, bits);

@@ -14,14 +14,21 @@ from mlxq import metal_backend as _metal_backend  # noqa: E402
 from mlxq.backend_info import backend_info  # noqa: E402
 from mlxq.integrations.registration import install as _install_transformers_hook  # noqa: E402
 from mlxq.nn import AffineEmbedding, AffineLinear  # noqa: E402
-from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize
+from mlxq.ops import (
+    affine_dequantize,
+    affine_matmul,
+    affine_quantize,
+    dequantize,
+    quantize,
+    quantized_matmul,
+)
 from mlxq.quantize_model import quantize_model  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["affine_quantize", "affine_dequantize", "affine_matmul", "__version__"]
 __all__ += ["AffineLinear", "AffineEmbedding", "quantize_model", "MLXQuantConfig"]
-__all__ += ["backend_info"]
+__all__ += ["backend_info", "quantize", "dequantize", "quantized_matmul"]
 
 # Metal kernels for MPS tensors: prebuilt, runtime-compiled or off (see mlxq.metal_backend)
 _metal_backend.install()

@@ -97,18 +97,20 @@ def _read_config(src: str) -> dict:
 def convert_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
-    bits: int = 4,
+    bits: int | None = 4,
     group_size: int | None = None,
     recipe: str | None = None,
     dtype: str = "auto",
     progress: Callable[[str], None] = lambda message: None,
+    mode: str = "affine",
 ) -> ConvertSummary:
     """Quantize the float transformers checkpoint `src` (folder or Hub repo) into `out`.
 
     `dtype` is the float type of the saved scales, biases and unquantized layers: "auto" keeps
     the checkpoint's own (as mlx-lm does), or one of float16, bfloat16, float32. `out` must not
-    exist or be empty. `group_size` None is the mode's default (64). Raises ValueError for an
-    already quantized `src`.
+    exist or be empty. `bits`/`group_size` None are the mode's defaults (affine: 4 and 64).
+    `mode` is MLX's quantization mode (mlx_lm convert --q-mode); recipes are affine only, as in
+    mlx-lm. Raises ValueError for an already quantized `src`.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,8 +134,10 @@ def convert_checkpoint(
         src, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
     )
     overrides = recipe_overrides(model, recipe, group_size) if recipe else None
-    progress(f"quantizing: bits={bits} group_size={group_size} recipe={recipe}")
-    quantize_model(model, bits=bits, group_size=group_size, overrides=overrides)
+    if recipe and mode != "affine":
+        raise ValueError(f"mlxq: recipes work with mode 'affine' only (as in mlx-lm), got {mode!r}")
+    progress(f"quantizing: mode={mode} bits={bits} group_size={group_size} recipe={recipe}")
+    quantize_model(model, bits=bits, group_size=group_size, overrides=overrides, mode=mode)
     from mlxq.nn import AffineEmbedding, AffineLinear
 
     quantized = sum(isinstance(m, (AffineLinear, AffineEmbedding)) for m in model.modules())

@@ -24,6 +24,7 @@ __all__ = [
     "KNOWN_MODES",
     "RUNNABLE_MODES",
     "SUPPORTED_BITS",
+    "METAL_BITS",
     "SUPPORTED_GROUP_SIZES",
     "ModuleFormat",
     "find_quantization",
@@ -42,8 +43,9 @@ MODE_DEFAULTS: dict[str, tuple[int, int]] = {
     "mxfp8": (32, 8),
 }
 KNOWN_MODES = tuple(MODE_DEFAULTS)
-RUNNABLE_MODES = ("affine",)
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+RUNNABLE_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")  # CPU; Metal runs "affine" only
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)  # affine
+METAL_BITS = (2, 3, 4, 5, 6, 8)  # affine bits the metallib has kernels for (no 1-bit yet)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 _TOP_KEYS = ("group_size", "bits", "mode")

@@ -299,8 +299,9 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         formats[name] = fmt
         if fmt is not None:
             row.bits, row.group_size, row.mode = fmt.bits, fmt.group_size, fmt.mode
+            op = "affine_matmul" if fmt.mode == "affine" else "fp_matmul (CPU only so far)"
             row.action = (
-                "mlxq AffineLinear: affine_matmul on the packed weight"
+                f"mlxq AffineLinear: {op} on the packed weight"
                 if kind == "Linear"
                 else "mlxq AffineEmbedding: dequantizes only the rows looked up"
             )
@@ -411,7 +412,7 @@ def format_report(report: CheckpointReport, every_module: bool = False) -> str:
         name_w = min(max(len(label) for label, _ in rows), 60)
         lines.append("")
         lines.append(
-            f"{'module':<{name_w}} {'n':>3}  {'shape':>11}  {'format':<12} {'bytes':>9}  action"
+            f"{'module':<{name_w}} {'n':>3}  {'shape':>11}  {'format':<15} {'bytes':>9}  action"
         )
         for label, members in rows:
             m = members[0]
@@ -421,13 +422,13 @@ def format_report(report: CheckpointReport, every_module: bool = False) -> str:
             shape = f"{m.out_features}x{m.in_features}"
             nbytes = sum(x.bytes for x in members)
             lines.append(
-                f"{label:<{name_w}} {len(members):>3}  {shape:>11}  {fmt:<12} {_mb(nbytes):>9}  "
+                f"{label:<{name_w}} {len(members):>3}  {shape:>11}  {fmt:<15} {_mb(nbytes):>9}  "
                 f"{m.action}"
             )
         if report.other_tensors:
             lines.append(
                 f"{'other tensors (norms, ...)':<{name_w}} {report.other_tensors:>3}  {'':>11}  "
-                f"{'float':<12} "
+                f"{'float':<15} "
                 f"{_mb(report.other_bytes):>9}  untouched"
             )
         quantized = [m for m in report.modules if m.bits and m.bytes]

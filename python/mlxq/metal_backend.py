@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from mlxq._native import _C
-from mlxq.format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from mlxq.format import METAL_BITS, SUPPORTED_GROUP_SIZES
 
 __all__ = [
     "MetalChoice",
@@ -101,7 +101,7 @@ def expected_kernel_names() -> set[str]:
     meta = {"device": "meta"}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for gs in SUPPORTED_GROUP_SIZES:
-            for bits in SUPPORTED_BITS:
+            for bits in METAL_BITS:
                 k, n = gs, 8
                 wq = torch.empty(n, k * bits // 32, dtype=torch.uint32, **meta)
                 s = torch.empty(n, 1, dtype=dtype, **meta)

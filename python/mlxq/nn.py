@@ -1,8 +1,11 @@
-"""torch.nn modules holding MLX affine-quantized weights in MLX's own layout.
+"""torch.nn modules holding MLX-quantized weights in MLX's own layout.
 
 Buffers are named and shaped as in an MLX checkpoint (``weight`` uint32 ``[N, K*bits/32]``,
 ``scales`` and ``biases`` ``[N, K/group_size]``), so a state dict of these modules *is* an MLX
-checkpoint: loading and saving copy tensors unchanged.
+checkpoint: loading and saving copy tensors unchanged. The modules hold every MLX mode
+(``mode=``): ``"affine"`` (float scales and biases), and ``"mxfp4"``, ``"nvfp4"``, ``"mxfp8"``
+(uint8 ``scales``, no ``biases`` buffer), as MLX's own QuantizedLinear/QuantizedEmbedding do;
+the class names keep the affine prefix they were introduced with.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlxq.format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize
+from mlxq.format import MODE_DEFAULTS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize, quantize
 
 __all__ = [
     "AffineLinear",
@@ -22,7 +25,26 @@ __all__ = [
 ]
 
 
-def _check_format(name: str, in_features: int, bits: int, group_size: int) -> None:
+def _check_format(
+    name: str, in_features: int, bits: int, group_size: int, mode: str = "affine"
+) -> None:
+    if mode != "affine":
+        if mode not in MODE_DEFAULTS:
+            raise ValueError(
+                f"mlxq: {name}: mode={mode!r} is not one of {', '.join(MODE_DEFAULTS)}"
+            )
+        if (group_size, bits) != MODE_DEFAULTS[mode]:
+            want_group, want_bits = MODE_DEFAULTS[mode]
+            raise ValueError(
+                f"mlxq: {name}: mode {mode!r} needs group_size={want_group} and bits={want_bits}, "
+                f"got group_size={group_size} and bits={bits}"
+            )
+        if in_features % group_size:
+            raise ValueError(
+                f"mlxq: {name}: in_features={in_features} is not a multiple of group_size="
+                f"{group_size}"
+            )
+        return
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"mlxq: {name}: bits={bits} is not one of {SUPPORTED_BITS}")
     if group_size not in SUPPORTED_GROUP_SIZES:
@@ -37,18 +59,25 @@ def _check_format(name: str, in_features: int, bits: int, group_size: int) -> No
 
 
 def _packed_buffers(
-    rows: int, cols: int, bits: int, group_size: int, dtype: torch.dtype, device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows: int, cols: int, bits: int, group_size: int, dtype: torch.dtype, device, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     weight = torch.empty(rows, cols * bits // 32, dtype=torch.uint32, device=device)
+    if mode != "affine":  # uint8 scale bytes, no biases
+        return weight, torch.empty(rows, cols // group_size, dtype=torch.uint8, device=device), None
     scales = torch.empty(rows, cols // group_size, dtype=dtype, device=device)
     return weight, scales, torch.empty_like(scales)
 
 
+def _mode_repr(mode: str) -> str:
+    return "" if mode == "affine" else f", mode={mode}"
+
+
 class AffineLinear(nn.Module):
-    """A linear layer `y = x @ W.T + bias` whose `W` is MLX affine-quantized.
+    """A linear layer `y = x @ W.T + bias` whose `W` is MLX-quantized (any `mode`).
 
     Activations may be float16, bfloat16 or float32; the product is computed in fp32 and
     rounded to the dtype of `x` (as MLX does). `bias`, when present, is a float parameter.
+    `dtype` is the float dtype of the scales and biases (affine) or of `dequantize_weight`.
     """
 
     def __init__(
@@ -60,13 +89,14 @@ class AffineLinear(nn.Module):
         group_size: int = 64,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        mode: str = "affine",
     ) -> None:
         super().__init__()
-        _check_format(type(self).__name__, in_features, bits, group_size)
+        _check_format(type(self).__name__, in_features, bits, group_size, mode)
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.mode, self.dtype = bits, group_size, mode, dtype
         weight, scales, biases = _packed_buffers(
-            out_features, in_features, bits, group_size, dtype, device
+            out_features, in_features, bits, group_size, dtype, device, mode
         )
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
@@ -77,7 +107,9 @@ class AffineLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64) -> AffineLinear:
+    def from_float(
+        cls, linear: nn.Linear, bits: int = 4, group_size: int = 64, mode: str = "affine"
+    ) -> AffineLinear:
         """Quantize an `nn.Linear` exactly as `mlx.nn.quantize` would."""
         w = linear.weight.detach()
         module = cls(
@@ -88,18 +120,24 @@ class AffineLinear(nn.Module):
             group_size=group_size,
             dtype=w.dtype,
             device=w.device,
+            mode=mode,
         )
-        module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
+        module.load_quantized(w)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
 
+    def load_quantized(self, w: torch.Tensor) -> None:
+        """Quantize the float weight `w` into this module's buffers (bit-exact with MLX)."""
+        _quantize_into(self, w)
+
     def dequantize_weight(self) -> torch.Tensor:
-        """The float weight `[out_features, in_features]`, in the dtype of `scales`."""
-        return affine_dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+        """The float weight `[out_features, in_features]`, in the dtype of `scales` (affine) or
+        `self.dtype` (exact for the floating-point modes)."""
+        return _dequantize_rows(self, self.weight, self.scales, self.biases)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = affine_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        y = _matmul(self, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -108,15 +146,17 @@ class AffineLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}"
+            f"{_mode_repr(self.mode)}"
         )
 
 
 class AffineEmbedding(nn.Module):
-    """An embedding table stored MLX affine-quantized.
+    """An embedding table stored MLX-quantized (any `mode`).
 
     A lookup gathers the packed rows of the requested ids and dequantizes only those; the
-    output dtype is the dtype of `scales`. :meth:`as_linear` uses the table as an output head
-    (`x @ table.T`), which is how tied word embeddings work in MLX.
+    output dtype is the dtype of `scales` (affine) or `dtype` (floating-point modes, whose
+    values it holds exactly where MLX returns bfloat16). :meth:`as_linear` uses the table as
+    an output head (`x @ table.T`), which is how tied word embeddings work in MLX.
     """
 
     def __init__(
@@ -128,13 +168,15 @@ class AffineEmbedding(nn.Module):
         padding_idx: int | None = None,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        mode: str = "affine",
     ) -> None:
         super().__init__()
-        _check_format(type(self).__name__, embedding_dim, bits, group_size)
+        _check_format(type(self).__name__, embedding_dim, bits, group_size, mode)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.padding_idx = bits, group_size, padding_idx
+        self.mode, self.dtype = mode, dtype
         weight, scales, biases = _packed_buffers(
-            num_embeddings, embedding_dim, bits, group_size, dtype, device
+            num_embeddings, embedding_dim, bits, group_size, dtype, device, mode
         )
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
@@ -142,7 +184,7 @@ class AffineEmbedding(nn.Module):
 
     @classmethod
     def from_float(
-        cls, embedding: nn.Embedding, bits: int = 4, group_size: int = 64
+        cls, embedding: nn.Embedding, bits: int = 4, group_size: int = 64, mode: str = "affine"
     ) -> AffineEmbedding:
         """Quantize an `nn.Embedding` exactly as `mlx.nn.quantize` would."""
         w = embedding.weight.detach()
@@ -154,9 +196,14 @@ class AffineEmbedding(nn.Module):
             padding_idx=embedding.padding_idx,
             dtype=w.dtype,
             device=w.device,
+            mode=mode,
         )
-        module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
+        module.load_quantized(w)
         return module
+
+    def load_quantized(self, w: torch.Tensor) -> None:
+        """Quantize the float table `w` into this module's buffers (bit-exact with MLX)."""
+        _quantize_into(self, w)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.is_floating_point() or ids.is_complex():
@@ -169,12 +216,12 @@ class AffineEmbedding(nn.Module):
         # index_select, not indexing: a negative id must not wrap around to the last rows
         # (nn.Embedding raises for it); compiled graphs keep index_select's own bounds check.
         # The packed rows are gathered as int32 (the same bits): CUDA has no uint32 indexing.
-        rows = affine_dequantize(
+        biases = None if self.biases is None else self.biases.index_select(0, flat)
+        rows = _dequantize_rows(
+            self,
             self.weight.view(torch.int32).index_select(0, flat),
             self.scales.index_select(0, flat),
-            self.biases.index_select(0, flat),
-            self.group_size,
-            self.bits,
+            biases,
         )
         return rows.reshape(*ids.shape, self.embedding_dim)
 
@@ -189,12 +236,12 @@ class AffineEmbedding(nn.Module):
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ table.T`: logits over the vocabulary, in the dtype of `x`."""
-        return affine_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        return _matmul(self, x)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
-            f"group_size={self.group_size}"
+            f"group_size={self.group_size}{_mode_repr(self.mode)}"
         )
 
 
@@ -220,9 +267,10 @@ class ScaledAffineEmbedding(AffineEmbedding):
         padding_idx: int | None = None,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        mode: str = "affine",
     ) -> None:
         super().__init__(
-            num_embeddings, embedding_dim, bits, group_size, padding_idx, dtype, device
+            num_embeddings, embedding_dim, bits, group_size, padding_idx, dtype, device, mode
         )
         self.embed_scale, self.scale_dtype = float(embed_scale), scale_dtype
 
@@ -258,3 +306,38 @@ class TiedAffineHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tied to AffineEmbedding({self.out_features}, {self.in_features})"
+
+
+# --- one place that turns a module's mode into op calls -----------------------------------------
+
+
+def _quantize_into(module: AffineLinear | AffineEmbedding, w: torch.Tensor) -> None:
+    if module.mode == "affine":
+        module.weight, module.scales, module.biases = affine_quantize(
+            w, module.group_size, module.bits
+        )
+    else:
+        module.weight, module.scales = quantize(w, module.group_size, module.bits, module.mode)
+
+
+def _dequantize_rows(
+    module: AffineLinear | AffineEmbedding,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None,
+) -> torch.Tensor:
+    if module.mode == "affine":
+        return affine_dequantize(wq, scales, biases, module.group_size, module.bits)
+    return torch.ops.mlxq.fp_dequantize(
+        wq, scales, module.mode, module.group_size, module.bits, None, module.dtype
+    )
+
+
+def _matmul(module: AffineLinear | AffineEmbedding, x: torch.Tensor) -> torch.Tensor:
+    if module.mode == "affine":
+        return affine_matmul(
+            x, module.weight, module.scales, module.biases, module.group_size, module.bits
+        )
+    return torch.ops.mlxq.fp_matmul(
+        x, module.weight, module.scales, module.mode, module.group_size, module.bits, True, None
+    )

@@ -11,8 +11,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from mlxq._native import _C  # registers torch.ops.mlxq; its checks serve the fake kernels
+from mlxq.format import MODE_DEFAULTS
 
-__all__ = ["affine_quantize", "affine_dequantize", "affine_matmul"]
+__all__ = [
+    "affine_quantize",
+    "affine_dequantize",
+    "affine_matmul",
+    "quantize",
+    "dequantize",
+    "quantized_matmul",
+]
 
 
 def affine_quantize(
@@ -189,4 +197,222 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "mlxq::affine_quantize", _quantize_backward, setup_context=_no_grad_setup_context
+)
+
+
+# --- MLX's floating-point modes (mxfp4, nvfp4, mxfp8) and the mode-generic functions ----------
+#
+# The native library has one op family per kind of operands: `affine_*` (packed integers,
+# float scales and biases) and `fp_*` (FP4/FP8 values, uint8 scales, no biases, nvfp4's
+# optional float32 global scale). The functions below take MLX's `mode` argument and its
+# defaults, as `mx.quantize` / `mx.dequantize` / `mx.quantized_matmul` do, and call the family
+# the mode belongs to.
+
+
+def _mode_params(mode: str, group_size: int | None, bits: int | None) -> tuple[int, int]:
+    if mode not in MODE_DEFAULTS:
+        raise ValueError(
+            f"mlxq: mode must be one of {', '.join(repr(m) for m in MODE_DEFAULTS)}, got {mode!r}"
+        )
+    default_group, default_bits = MODE_DEFAULTS[mode]
+    return (
+        default_group if group_size is None else group_size,
+        default_bits if bits is None else bits,
+    )
+
+
+def _check_biases(mode: str, biases: torch.Tensor | None) -> None:
+    if mode == "affine" and biases is None:
+        raise ValueError("mlxq: biases must be given for mode 'affine', got None")
+    if mode != "affine" and biases is not None:
+        raise ValueError(f"mlxq: biases must be None for mode {mode!r}, got a tensor")
+
+
+def _check_no_global_scale(mode: str, global_scale: torch.Tensor | None) -> None:
+    if mode == "affine" and global_scale is not None:
+        raise ValueError("mlxq: global_scale is only used by mode 'nvfp4', got mode 'affine'")
+
+
+def quantize(
+    w: torch.Tensor,
+    group_size: int | None = None,
+    bits: int | None = None,
+    mode: str = "affine",
+    *,
+    global_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Quantize `w` [..., K] exactly as `mlx.core.quantize(w, group_size, bits, mode=mode)` does
+    on the CPU; `None` group size / bits take the mode's defaults.
+
+    Returns (wq, scales, biases) for mode "affine" and (wq, scales) for "mxfp4", "nvfp4" and
+    "mxfp8" (uint8 scales). `global_scale` (float32, one value) is nvfp4's optional tensor scale.
+    """
+    group_size, bits = _mode_params(mode, group_size, bits)
+    _check_no_global_scale(mode, global_scale)
+    if mode == "affine":
+        return torch.ops.mlxq.affine_quantize(w, group_size, bits)
+    return torch.ops.mlxq.fp_quantize(w, mode, group_size, bits, global_scale)
+
+
+def dequantize(
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None = None,
+    group_size: int | None = None,
+    bits: int | None = None,
+    mode: str = "affine",
+    *,
+    global_scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The float weight of a quantized one, bit for bit `mlx.core.dequantize` on the CPU.
+
+    The result's dtype is `dtype`, else the scales' dtype for "affine" and bfloat16 for the
+    floating-point modes (MLX's defaults); with nvfp4's `global_scale` it is float32, as in MLX
+    (the float32 global scale promotes the product).
+    """
+    group_size, bits = _mode_params(mode, group_size, bits)
+    _check_biases(mode, biases)
+    _check_no_global_scale(mode, global_scale)
+    if mode == "affine":
+        out = torch.ops.mlxq.affine_dequantize(wq, scales, biases, group_size, bits)
+        return out if dtype is None else out.to(dtype)
+    return torch.ops.mlxq.fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype)
+
+
+def quantized_matmul(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None = None,
+    transpose: bool = True,
+    group_size: int | None = None,
+    bits: int | None = None,
+    mode: str = "affine",
+    *,
+    global_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x @ W.T` (transpose=True) or `x @ W` for a weight quantized in any MLX mode, like
+    `mlx.core.quantized_matmul`; fp32 dequantize and accumulate, output in the dtype of `x`.
+
+    `global_scale` (nvfp4 only; MLX takes it in `gather_qmm`) multiplies every weight by
+    global_scale / (448*6), as `dequantize` does.
+    """
+    group_size, bits = _mode_params(mode, group_size, bits)
+    _check_biases(mode, biases)
+    _check_no_global_scale(mode, global_scale)
+    if mode == "affine":
+        return torch.ops.mlxq.affine_matmul(x, wq, scales, biases, group_size, bits, transpose)
+    return torch.ops.mlxq.fp_matmul(x, wq, scales, mode, group_size, bits, transpose, global_scale)
+
+
+def _check_fp_mode_fake(mode: str, group_size: int, bits: int) -> None:
+    # What the output shapes need; the native checks (csrc/checks.cpp) run with the op.
+    if mode not in ("mxfp4", "nvfp4", "mxfp8"):
+        raise ValueError(f"mlxq: mode must be one of 'mxfp4', 'nvfp4', 'mxfp8' here, got {mode!r}")
+    want_group, want_bits = MODE_DEFAULTS[mode]
+    if group_size != want_group:
+        raise ValueError(
+            f"mlxq: group_size must be {want_group} for mode {mode!r}, got {group_size}"
+        )
+    if bits != want_bits:
+        raise ValueError(f"mlxq: bits must be {want_bits} for mode {mode!r}, got {bits}")
+
+
+def _check_one_device(**tensors: torch.Tensor) -> None:
+    # The fp fake kernels also serve the Meta dispatch key, which wins when one operand is on
+    # "meta" and another on a real device: refuse that as the native kernel would.
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"mlxq: all operands must be on one device, got {listed}")
+
+
+@torch.library.register_fake("mlxq::fp_quantize")
+def _fp_quantize_fake(w, mode: str, group_size: int, bits: int, global_scale=None):
+    _check_fp_mode_fake(mode, group_size, bits)
+    torch._check_value(w.dim() >= 1, lambda: "mlxq: w must have at least one dimension")
+    k = w.shape[-1]
+    torch._check_value(
+        k % group_size == 0,
+        lambda: f"mlxq: w last dimension {k} must be divisible by group_size {group_size}",
+    )
+    lead = list(w.shape[:-1])
+    wq = w.new_empty([*lead, k * bits // 32], dtype=torch.uint32)
+    return wq, w.new_empty([*lead, k // group_size], dtype=torch.uint8)
+
+
+@torch.library.register_fake("mlxq::fp_dequantize")
+def _fp_dequantize_fake(
+    wq, scales, mode: str, group_size: int, bits: int, global_scale=None, dtype=None
+):
+    _check_fp_mode_fake(mode, group_size, bits)
+    _check_one_device(wq=wq, scales=scales)
+    out_dtype = torch.float32 if global_scale is not None else (dtype or torch.bfloat16)
+    return wq.new_empty([*wq.shape[:-1], scales.shape[-1] * group_size], dtype=out_dtype)
+
+
+@torch.library.register_fake("mlxq::fp_matmul")
+def _fp_matmul_fake(
+    x, wq, scales, mode: str, group_size: int, bits: int, transpose=True, global_scale=None
+):
+    _check_fp_mode_fake(mode, group_size, bits)
+    _check_one_device(x=x, wq=wq, scales=scales)
+    rows, cols = wq.shape[-2], scales.shape[-1] * group_size
+    out_features = rows if transpose else cols
+    if wq.dim() == 2:
+        return x.new_empty([*x.shape[:-1], out_features])
+    batch = torch.broadcast_shapes(x.shape[:-2], wq.shape[:-2])
+    return x.new_empty([*batch, x.shape[-2], out_features])
+
+
+def _fp_matmul_setup_context(ctx, inputs, output) -> None:
+    x, wq, scales, mode, group_size, bits, transpose, global_scale = inputs
+    ctx.save_for_backward(wq, scales, global_scale)
+    ctx.x_shape = x.shape
+    ctx.args = (mode, group_size, bits, transpose)
+
+
+def _fp_matmul_backward(ctx, grad):
+    wq, scales, global_scale = ctx.saved_tensors
+    mode, group_size, bits, transpose = ctx.args
+    needs = ctx.needs_input_grad  # no entry for a global_scale that was left out
+    if needs[2] or (len(needs) > 7 and needs[7]):
+        _raise_constant_weight_names("fp_matmul", "scales and global_scale")
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.mlxq.fp_matmul(
+            grad, wq, scales, mode, group_size, bits, not transpose, global_scale
+        )
+        if grad_x.shape != ctx.x_shape:  # x was broadcast against a batched weight
+            grad_x = grad_x.sum_to_size(ctx.x_shape)
+    return (grad_x, *([None] * (len(needs) - 1)))
+
+
+def _raise_constant_weight_names(op: str, names: str) -> None:
+    raise RuntimeError(
+        f"mlxq.{op}: the quantized weight is a constant; gradients with respect to {names} "
+        "are not supported (call .requires_grad_(False) on it, or train a float copy)"
+    )
+
+
+def _fp_dequantize_backward(ctx, grad):
+    _raise_constant_weight_names("fp_dequantize", "global_scale")
+
+
+def _fp_quantize_backward(ctx, *grads):
+    raise RuntimeError(
+        "mlxq.fp_quantize: quantization (rounding to FP4/FP8) has no useful gradient; "
+        "w must not require one here (quantize w.detach())"
+    )
+
+
+torch.library.register_autograd(
+    "mlxq::fp_matmul", _fp_matmul_backward, setup_context=_fp_matmul_setup_context
+)
+torch.library.register_autograd(
+    "mlxq::fp_dequantize", _fp_dequantize_backward, setup_context=_no_grad_setup_context
+)
+torch.library.register_autograd(
+    "mlxq::fp_quantize", _fp_quantize_backward, setup_context=_no_grad_setup_context
 )

@@ -40,26 +40,29 @@ def _format(
 
 def quantize_model(
     model: nn.Module,
-    bits: int | None = 4,
-    group_size: int | None = 64,
+    bits: int | None = None,
+    group_size: int | None = None,
     overrides: dict[str, dict | bool] | None = None,
     modules_to_not_convert: list[str] | None = None,
+    mode: str = "affine",
 ) -> nn.Module:
     """Replace the model's linear and embedding layers by mlxq quantized modules, in place.
 
     Args:
         model: a float model (any `nn.Module`; transformers models also get their config set).
-        bits, group_size: the default format (bits 2, 3, 4, 5, 6, 8; group 32, 64, 128;
-            None: the affine default, 4 bits and group 64, as in MLX).
+        bits, group_size: the default format (affine: bits 1, 2, 3, 4, 5, 6, 8; group 32, 64,
+            128; None: the mode's default, for affine 4 bits and group 64, as in MLX).
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
             recorded in the saved config like mlx-lm's mixed recipes.
         modules_to_not_convert: module paths (and their children) kept in float.
+        mode: MLX's quantization mode: "affine", "mxfp4", "nvfp4" or "mxfp8" (mlx_lm convert
+            --q-mode); per-module entries may name their own.
 
     Returns the same model.
     """
     overrides = dict(overrides or {})
-    top = check_quantization({"group_size": group_size, "bits": bits, **overrides})
-    if top.bits not in SUPPORTED_BITS:
+    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
+    if top.mode == "affine" and top.bits not in SUPPORTED_BITS:
         raise ValueError(f"mlxq.quantize_model: bits={bits} is not one of {SUPPORTED_BITS}")
     skip = list(modules_to_not_convert or [])
     input_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -84,7 +87,9 @@ def quantize_model(
             continue
         if plan.in_features % fmt.group_size or (plan.in_features * fmt.bits) % 32:
             continue  # mlx-lm leaves such layers in float too
-        new = plan.require().quantize(module, bits=fmt.bits, group_size=fmt.group_size)
+        new = plan.require().quantize(
+            module, bits=fmt.bits, group_size=fmt.group_size, mode=fmt.mode
+        )
         model.set_submodule(name, new)
         replaced.add(name)
         if module is input_emb:
@@ -113,6 +118,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     qconfig = MLXQuantConfig(
         bits=bits or top.bits,
         group_size=group_size or top.group_size,
+        mode=top.mode,
         overrides=overrides,
         modules_to_not_convert=skip,
     )

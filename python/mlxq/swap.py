@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
-from mlxq.ops import affine_quantize
 
 __all__ = ["SwapPlan", "swap_plan", "is_conv1d"]
 
@@ -108,7 +107,9 @@ class SwapPlan:
             )
         return self
 
-    def empty(self, bits: int, group_size: int, dtype: torch.dtype, device) -> nn.Module:
+    def empty(
+        self, bits: int, group_size: int, dtype: torch.dtype, device, mode: str = "affine"
+    ) -> nn.Module:
         """The quantized module with uninitialized buffers of the checkpoint's shapes."""
         self.require()
         if self.kind == "linear":
@@ -120,6 +121,7 @@ class SwapPlan:
                 group_size=group_size,
                 dtype=dtype,
                 device=device,
+                mode=mode,
             )
         common = dict(
             bits=bits,
@@ -127,6 +129,7 @@ class SwapPlan:
             padding_idx=self.padding_idx,
             dtype=dtype,
             device=device,
+            mode=mode,
         )
         if self.embed_scale is not None:
             return ScaledAffineEmbedding(
@@ -138,13 +141,15 @@ class SwapPlan:
             )
         return AffineEmbedding(self.out_features, self.in_features, **common)
 
-    def quantize(self, module: nn.Module, bits: int, group_size: int) -> nn.Module:
+    def quantize(
+        self, module: nn.Module, bits: int, group_size: int, mode: str = "affine"
+    ) -> nn.Module:
         """`module`'s weights quantized exactly as `mlx.nn.quantize` does (bit-exact)."""
         w = module.weight.detach()
         if self.transposed:
             w = w.t()
-        new = self.empty(bits, group_size, w.dtype, w.device)
-        new.weight, new.scales, new.biases = affine_quantize(w.contiguous(), group_size, bits)
+        new = self.empty(bits, group_size, w.dtype, w.device, mode)
+        new.load_quantized(w.contiguous())
         if self.bias and module.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         return new

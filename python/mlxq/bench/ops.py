@@ -8,6 +8,8 @@ Each row is one (shape, bits, M); columns are median milliseconds of
 - ``dense_fp32`` / ``dense_bf16``: torch matmul with the float weight (no quantization),
 - ``deq+mm``: mlxq.affine_dequantize then a torch matmul (the naive route),
 plus ratios against mlxq fp32 and, for M=1, the packed-weight bandwidth in GB/s.
+With ``--modes mxfp4 nvfp4 mxfp8``, rows for MLX's floating-point modes follow (same shapes and
+M; ``bits`` names the mode), with ``x_vs_affine4``: their time against affine 4-bit's.
 """
 
 from __future__ import annotations
@@ -94,6 +96,59 @@ def bench_row(
     return row
 
 
+def _mlx_mode_peer(wq, scales, x, mode: str) -> Callable[[], object] | None:
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return None
+    mw = mx.array(wq.view(torch.int32).numpy()).view(mx.uint32)
+    ms, mxx = mx.array(scales.numpy()), mx.array(x.float().numpy())
+    mx.eval(mw, ms, mxx)
+
+    def run():
+        mx.eval(mx.quantized_matmul(mxx, mw, ms, transpose=True, mode=mode))
+
+    return run
+
+
+def bench_mode_row(n: int, k: int, mode: str, m: int, budget_s: float, peers: set[str]) -> dict:
+    """One row for a floating-point mode (mxfp4, nvfp4, mxfp8), as bench_row does for affine."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    wq, scales = mlxq.quantize(w, mode=mode)
+    x = torch.randn(m, k, generator=gen)
+    xb = x.bfloat16()
+    row: dict = {
+        "N": n,
+        "K": k,
+        "bits": mode,
+        "group_size": k // scales.shape[-1],
+        "M": m,
+    }
+
+    def t(fn):
+        return median_ms(fn, budget_s=budget_s)
+
+    row["mlxq_fp32"] = t(lambda: mlxq.quantized_matmul(x, wq, scales, mode=mode))
+    row["mlxq_bf16"] = t(lambda: mlxq.quantized_matmul(xb, wq, scales, mode=mode))
+    if "mlx" in peers and (peer := _mlx_mode_peer(wq, scales, x, mode)):
+        row["mlx_fp32"] = t(peer)
+    if "dense" in peers:
+        wd = mlxq.dequantize(wq, scales, mode=mode, dtype=torch.float32)
+        wdb = wd.bfloat16()
+        row["dense_fp32"] = t(lambda: x @ wd.T)
+        row["dense_bf16"] = t(lambda: xb @ wdb.T)
+    packed_bytes = wq.numel() * 4 + scales.numel()
+    row["packed_MB"] = packed_bytes / 1e6
+    best = min(row["mlxq_fp32"], row["mlxq_bf16"])
+    if m == 1:
+        row["mlxq_GBps"] = packed_bytes / (best * 1e-3) / 1e9
+    for peer in ("mlx_fp32", "dense_fp32", "dense_bf16"):
+        if peer in row:
+            row[f"x_vs_{peer}"] = row[peer] / best
+    return row
+
+
 def format_table(rows: list[dict]) -> str:
     cols = [
         "shape",
@@ -110,6 +165,7 @@ def format_table(rows: list[dict]) -> str:
         "x_vs_int4pack_bf16",
         "x_vs_dense_fp32",
         "mlxq_GBps",
+        "x_vs_affine4",
     ]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
@@ -130,7 +186,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(9, 5))
-    for bits in sorted({r["bits"] for r in rows}):
+    for bits in sorted({r["bits"] for r in rows if isinstance(r["bits"], int)}):
         sel = [r for r in rows if r["bits"] == bits and r["N"] == r["K"]]
         if sel:
             ax.plot(
@@ -155,6 +211,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--m", type=int, nargs="+", default=[1, 8, 32, 128, 512])
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument(
+        "--modes",
+        nargs="*",
+        default=[],
+        choices=["mxfp4", "nvfp4", "mxfp8"],
+        help="also benchmark these floating-point modes (rows beside affine 4-bit)",
+    )
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--peers", nargs="+", default=["mlx", "int4pack", "dense", "deq"])
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timing per cell")
@@ -184,6 +247,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for bits in args.bits if shape == "4096x4096" else [4]:
             for m in args.m:
                 row = bench_row(n, k, bits, m, args.group_size, args.budget, set(args.peers))
+                rows.append(row)
+                print(format_table([row]).splitlines()[-1], flush=True)
+        for mode in args.modes:
+            for m in args.m:
+                row = bench_mode_row(n, k, mode, m, args.budget, set(args.peers))
+                affine4 = [r for r in rows if r["bits"] == 4 and r["M"] == m and r["N"] == n]
+                if affine4:  # >1: the mode is faster than affine 4-bit at this group size
+                    row["x_vs_affine4"] = affine4[0]["mlxq_fp32"] / row["mlxq_fp32"]
                 rows.append(row)
                 print(format_table([row]).splitlines()[-1], flush=True)
     info = {

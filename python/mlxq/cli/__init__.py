@@ -23,7 +23,7 @@ from mlxq.cli.demo import DEMO_PROMPT, cmd_demo, demo_checkpoint
 from mlxq.cli.generate import cmd_generate
 from mlxq.cli.inspect import cmd_inspect
 from mlxq.cli.tools import cmd_bench, cmd_doctor
-from mlxq.format import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from mlxq.format import MODE_DEFAULTS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 __all__ = ["main", "CLIError", "build_parser", "demo_checkpoint"]
 
@@ -77,14 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="float transformers checkpoint -> MLX checkpoint")
     p.add_argument("hf_path", metavar="HF_PATH", help="float checkpoint: folder or Hub repo id")
     p.add_argument("out", metavar="OUT", help="new folder for the MLX checkpoint")
-    p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
+    p.add_argument(
+        "--bits", type=int, choices=SUPPORTED_BITS, default=None, help="default: the mode's (4)"
+    )
     p.add_argument(
         "--group-size",
         type=int,
-        choices=SUPPORTED_GROUP_SIZES,
+        choices=(16, *SUPPORTED_GROUP_SIZES),
         default=None,
-        help="default: the mode's default (64), written as null in mixed-recipe entries, as "
-        "mlx_lm convert does without --q-group-size",
+        help="default: the mode's default (affine 64, mxfp4/mxfp8 32, nvfp4 16), written as "
+        "null in mixed-recipe entries, as mlx_lm convert does without --q-group-size",
+    )
+    p.add_argument(
+        "--q-mode",
+        choices=list(MODE_DEFAULTS),
+        default="affine",
+        help="MLX quantization mode, as mlx_lm convert --q-mode (recipes: affine only)",
     )
     p.add_argument("--recipe", choices=list(RECIPES), default=None, help="mlx-lm mixed recipe")
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")

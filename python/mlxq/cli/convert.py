@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from mlxq.cli.common import CLIError, quiet_transformers, resolve_config
-from mlxq.format import find_quantization
+from mlxq.format import MODE_DEFAULTS, find_quantization
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -20,6 +20,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.hf_path} is already quantized ({json.dumps(find_quantization(config))[:80]}); "
             "convert takes a float checkpoint"
+        )
+    if args.recipe and args.q_mode != "affine":
+        raise CLIError(
+            f"--recipe works with --q-mode affine only (as in mlx_lm), got {args.q_mode}"
         )
     quiet_transformers()
     from mlxq.convert import convert_checkpoint
@@ -33,11 +37,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         dtype=args.dtype,
         progress=lambda message: print(f"[mlxq] {message}", flush=True),
+        mode=args.q_mode,
     )
+    default_group, default_bits = MODE_DEFAULTS[args.q_mode]
+    mode = "" if args.q_mode == "affine" else f"{args.q_mode} "
     kept = f", kept float: {', '.join(summary.kept_float)}" if summary.kept_float else ""
     print(
         f"[mlxq] wrote {summary.out}: {summary.quantized} layers quantized "
-        f"({args.recipe or f'{args.bits}-bit'} group {args.group_size or 'default (64)'}){kept}; "
+        f"({mode}{args.recipe or f'{args.bits or default_bits}-bit'} group "
+        f"{args.group_size or f'default ({default_group})'}){kept}; "
         f"{summary.bytes_written / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s",
         flush=True,
     )

@@ -50,7 +50,7 @@ class MLXQuantConfig(QuantizationConfigMixin):
     """Quantization config of an MLX checkpoint (affine: uint32 weight, scales, biases).
 
     Args:
-        bits: default bits of quantized modules (2, 3, 4, 5, 6, 8).
+        bits: default bits of quantized modules (1, 2, 3, 4, 5, 6, 8).
         group_size: default group size (32, 64, 128).
         mode: ``"affine"``; the float modes ``mxfp4``/``nvfp4``/``mxfp8`` are recognised but
             mlxq does not run them yet (loading raises an error naming the layer).

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, ModuleFormat
+from mlxq.format import (
+    MODE_DEFAULTS,
+    RUNNABLE_MODES,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    ModuleFormat,
+)
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
@@ -87,6 +93,8 @@ def stored_format(
         )
     if weight is None:
         raise ValueError(f"mlxq: layer {name!r}: {name}.scales exists but {name}.weight is missing")
+    if mode != "affine":
+        return _stored_fp_format(name, mode, in_features, out_features, headers, want)
     # transformers' MetalConfig checkpoints name the biases `qbiases` (renamed when loading)
     biases = headers.get(f"{name}.biases", headers.get(f"{name}.qbiases"))
     if biases is None:
@@ -193,6 +201,47 @@ def missing_message(missing: list[str]) -> str:
         f"the checkpoint lacks {', '.join(missing[:5])}{more}; transformers would initialise "
         "them randomly (a corrupt or incomplete checkpoint?)"
     )
+
+
+def _stored_fp_format(
+    name: str,
+    mode: str,
+    in_features: int,
+    out_features: int,
+    headers: dict[str, TensorInfo],
+    want: ModuleFormat | None,
+) -> ModuleFormat:
+    """The format of a module stored in a floating-point mode (uint32 weight, uint8 scales, no
+    biases), checked against the mode's own group size and bits."""
+    weight, scales = headers[f"{name}.weight"], headers[f"{name}.scales"]
+    group_size, bits = MODE_DEFAULTS[mode]
+    if want is not None and (want.group_size, want.bits) != (group_size, bits):
+        raise ValueError(
+            f"mlxq: layer {name!r}: config.json quantization[{name!r}] says mode {mode!r} with "
+            f"group_size={want.group_size} bits={want.bits}, but {mode} has group_size="
+            f"{group_size} and bits={bits} only"
+        )
+    for extra in ("biases", "qbiases", "global_scale"):
+        if f"{name}.{extra}" in headers:
+            raise ValueError(
+                f"mlxq: layer {name!r}: mode {mode!r} has no {extra} for a linear or embedding "
+                f"layer, but the checkpoint has {name}.{extra}; refusing to ignore it"
+            )
+    want_w = [out_features, in_features * bits // 32]
+    want_s = [out_features, in_features // group_size]
+    if (
+        weight.dtype not in _PACKED_DTYPES
+        or scales.dtype != "U8"
+        or in_features % group_size
+        or list(weight.shape) != want_w
+        or list(scales.shape) != want_s
+    ):
+        raise ValueError(
+            f"mlxq: layer {name!r} ({out_features}x{in_features}): mode {mode!r} expects a uint32 "
+            f"{name}.weight {want_w} and uint8 {name}.scales {want_s}, got {weight.dtype} "
+            f"{list(weight.shape)} and {scales.dtype} {list(scales.shape)}"
+        )
+    return ModuleFormat(bits, group_size, mode)
 
 
 def add_mlx_lm_config_keys(config) -> None:
@@ -453,7 +502,7 @@ class MLXHfQuantizer(HfQuantizer):
             weight = getattr(module, "weight", None)
             dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
             new = plan.require().empty(
-                fmt.bits, fmt.group_size, dtype or torch.float16, device="meta"
+                fmt.bits, fmt.group_size, dtype or torch.float16, device="meta", mode=fmt.mode
             )
             model.set_submodule(name, new)
             replaced.add(name)

@@ -1,0 +1,271 @@
+// CPU kernels for the floating-point modes of MLX (mxfp4, nvfp4, mxfp8): argument checks
+// (checks.h), quantize and dequantize reproducing mx.quantize / mx.dequantize on the CPU bit for
+// bit (fp_format.h), and matmul through the decode kernels (small M) or dequantized fp32 tiles
+// and a dense GEMM (fp_kernels.h).
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_features.h"
+#include "cpu/fp_format.h"
+#include "cpu/kernel_table.h"
+
+namespace mlxq::cpu {
+namespace {
+
+const KernelTable& fp_kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (active_isa_enum() == Isa::kAvx512) return avx512_kernels();
+  if (active_isa_enum() == Isa::kAvx2) return avx2_kernels();
+#endif
+  return portable_kernels();
+}
+
+ScaleType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return ScaleType::kHalf;
+    case at::kBFloat16:
+      return ScaleType::kBFloat16;
+    default:
+      return ScaleType::kFloat;
+  }
+}
+
+// nvfp4's global scale as a float (one element, checked), or none.
+c10::optional<float> global_value(const c10::optional<at::Tensor>& global_scale) {
+  if (!global_scale.has_value()) return c10::nullopt;
+  return global_scale->to(at::kCPU).item<float>();
+}
+
+// Rows below which the decode kernel streams the weight (as for the affine ops).
+constexpr int64_t kFpDecodeMaxRows = 16;
+// fp32 tile per thread on the GEMM path: about a core's L2.
+constexpr int64_t kFpTileBytes = int64_t{2} << 20;
+
+FpWeight view_fp_weight(const at::Tensor& wq, const at::Tensor& scales, int mode,
+                        int64_t group_size, int64_t bits, float global) {
+  FpWeight W;
+  W.w = static_cast<const uint8_t*>(wq.const_data_ptr());
+  W.scales = scales.const_data_ptr<uint8_t>();
+  W.N = wq.size(0);
+  W.G = scales.size(1);
+  W.K = W.G * group_size;
+  W.mode = static_cast<FpMode>(mode);
+  W.bits = static_cast<int>(bits);
+  W.group_size = static_cast<int>(group_size);
+  W.global = global;
+  return W;
+}
+
+// x fp32 [M, in_features] -> y fp32 [M, out_features].
+at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose) {
+  const int64_t M = x.size(0);
+  const int64_t out_features = transpose ? W.N : W.K;
+  auto opts = x.options().dtype(at::kFloat);
+  if (M == 0 || W.N == 0) return at::zeros({M, out_features}, opts);
+  const KernelTable& kt = fp_kernels();
+  if (transpose && M <= kFpDecodeMaxRows) {
+    at::Tensor y = at::empty({M, out_features}, opts);
+    const at::Tensor xc = fp_uses_chunk_order(W.mode)
+                              ? x.view({M, -1, 8, 2}).transpose(2, 3).contiguous().view({M, -1})
+                              : x;
+    const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(W.K, 1));
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxDecodeRows) {
+      FpQmvArgs a{W, xc.const_data_ptr<float>() + m0 * W.K, y.mutable_data_ptr<float>() + m0 * W.N,
+                  std::min(kMaxDecodeRows, M - m0)};
+      at::parallel_for(0, W.N, grain, [&](int64_t n0, int64_t n1) { kt.fp_qmv(a, n0, n1); });
+    }
+    return y;
+  }
+  if (transpose) {
+    // Each thread dequantizes its own row tiles and runs a single-threaded GEMM into its
+    // columns of y (see affine_cpu.cpp for why no barrier is needed).
+    at::Tensor y = at::empty({M, out_features}, opts);
+    const int64_t threads = at::get_num_threads();
+    const int64_t per_thread = std::max<int64_t>(1, W.N * W.K * 4 / (threads * kFpTileBytes));
+    const int64_t rows = (W.N + threads * per_thread - 1) / (threads * per_thread);
+    const int64_t tiles = (W.N + rows - 1) / rows;
+    const at::ThreadLocalState caller_state;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      const at::ThreadLocalStateGuard same_state(caller_state);
+      at::Tensor tile = at::empty({rows, W.K}, opts);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * rows, n1 = std::min(W.N, n0 + rows);
+        kt.fp_dequantize(W, tile.mutable_data_ptr<float>(), n0, n1);
+        at::Tensor out = y.narrow(1, n0, n1 - n0);
+        at::mm_out(out, x, tile.narrow(0, 0, n1 - n0).t());
+      }
+    });
+    return y;
+  }
+  // x @ W: tiles of W's rows take turns, each dequantized by all threads.
+  at::Tensor y = at::zeros({M, out_features}, opts);
+  const int64_t tile_rows = std::min(W.N, std::max<int64_t>(8, kFpTileBytes * 2 / (W.K * 4)));
+  at::Tensor tile = at::empty({tile_rows, W.K}, opts);
+  float* tp = tile.mutable_data_ptr<float>();
+  for (int64_t n0 = 0; n0 < W.N; n0 += tile_rows) {
+    const int64_t n1 = std::min(W.N, n0 + tile_rows);
+    at::parallel_for(n0, n1, 8,
+                     [&](int64_t a, int64_t b) { kt.fp_dequantize(W, tp + (a - n0) * W.K, a, b); });
+    y.addmm_(x.narrow(1, n0, n1 - n0), tile.narrow(0, 0, n1 - n0));
+  }
+  return y;
+}
+
+at::Tensor fp_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                         c10::string_view mode, int64_t group_size, int64_t bits, bool transpose,
+                         const c10::optional<at::Tensor>& global_scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int m = check_fp_mode(mode, group_size, bits);
+  const MatmulGeometry g = check_fp_matmul(x, wq, scales, group_size, bits, transpose);
+  check_fp_global_scale(global_scale, m, wq.device());
+  if (x.numel() == 0 || wq.numel() == 0) return at::zeros(g.out_shape, x.options());
+  // Dequantized values are scale * value * global_scale / (448*6), as mx.dequantize computes
+  // the last two factors: one fp32 rounding of the group's scale.
+  const auto gv = global_value(global_scale);
+  const float global = gv.has_value() ? *gv / 2688.0f : 1.0f;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor w = wq.contiguous(), s = scales.contiguous();
+  const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
+  if (g.batch.empty()) {
+    const FpWeight W = view_fp_weight(w, s, m, group_size, bits, global);
+    at::Tensor y = fp_matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose);
+    return y.to(x.scalar_type()).reshape(g.out_shape);
+  }
+  auto batch_index = [&](at::IntArrayRef shape) {
+    const int64_t n = c10::multiply_integers(shape);
+    return at::arange(n, at::kLong).reshape(shape).expand(g.batch).reshape({-1}).contiguous();
+  };
+  const at::Tensor xi = batch_index(x.sizes().slice(0, x.dim() - 2));
+  const at::Tensor wi = batch_index(g.w.batch);
+  const at::Tensor x3 = xf.reshape({-1, g.M, g.in_features});
+  const at::Tensor w3 = w.reshape({-1, rows, Kp});
+  const at::Tensor s3 = s.reshape({-1, rows, G});
+  const int64_t B = xi.size(0);
+  at::Tensor y = at::empty({B, g.M, g.out_features}, xf.options());
+  const int64_t* xip = xi.const_data_ptr<int64_t>();
+  const int64_t* wip = wi.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    const FpWeight W = view_fp_weight(w3[wip[i]], s3[wip[i]], m, group_size, bits, global);
+    y[i].copy_(fp_matmul_2d(x3[xip[i]], W, transpose));
+  }
+  return y.to(x.scalar_type()).reshape(g.out_shape);
+}
+
+// mx.dequantize's CPU graph in the output dtype `t`: element value and scale are each rounded
+// to t, then their product; with a global scale the factor global/(448*6) is fp32 and so is
+// the product (MLX then returns float32).
+template <FpMode Mode>
+void fp_dequantize_rows(const uint8_t* w, const uint8_t* scales, int64_t rows, int64_t groups,
+                        ScaleType t, c10::optional<float> global, float* out) {
+  constexpr int kBits = Mode == FpMode::kMxfp8 ? 8 : 4;
+  constexpr int kGroup = Mode == FpMode::kNvfp4 ? 16 : 32;
+  const float inv_enc = global.has_value() ? *global / 2688.0f : 1.0f;
+  at::parallel_for(0, rows * groups, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t sb = scales[i];
+      float scale;
+      if constexpr (Mode == FpMode::kNvfp4) {
+        scale = round_to(e4m3_value(sb), t);
+        if (global.has_value()) scale *= inv_enc;
+      } else {
+        const float e = round_to(static_cast<float>(sb), t) - 127.0f;
+        scale = round_to(std::pow(2.0f, e), t);
+      }
+      const ScaleType pt = global.has_value() ? ScaleType::kFloat : t;
+      const uint8_t* wg = w + i * (kGroup * kBits / 8);
+      float* og = out + i * kGroup;
+      for (int j = 0; j < kGroup; ++j) {
+        float v;
+        if constexpr (kBits == 8) {
+          v = e4m3_value(wg[j]);
+        } else {
+          v = kFp4Values[(wg[j / 2] >> ((j % 2) * 4)) & 0xF];
+        }
+        og[j] = round_to(round_to(v, t) * scale, pt);
+      }
+    }
+  });
+}
+
+at::Tensor fp_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
+                             int64_t group_size, int64_t bits,
+                             const c10::optional<at::Tensor>& global_scale,
+                             c10::optional<at::ScalarType> dtype) {
+  const int m = check_fp_mode(mode, group_size, bits);
+  const PackedGeometry g = check_fp_packed(wq, scales, group_size, bits, /*min_dim=*/1);
+  check_fp_global_scale(global_scale, m, wq.device());
+  const at::ScalarType requested = dtype.value_or(at::kBFloat16);
+  TORCH_CHECK_TYPE(requested == at::kFloat || requested == at::kHalf || requested == at::kBFloat16,
+                   "mlxq: dtype must be float32, float16 or bfloat16, got ", requested);
+  const auto gv = global_value(global_scale);
+  // As mx.dequantize: the float32 global scale promotes the result to float32.
+  const at::ScalarType out_dtype = gv.has_value() ? at::kFloat : requested;
+  std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
+  shape.back() = g.cols;
+  const int64_t R = wq.numel() / wq.size(-1);
+  at::Tensor out = at::empty({R, g.cols}, wq.options().dtype(at::kFloat));
+  if (R > 0) {
+    const at::Tensor w = wq.contiguous(), s = scales.contiguous();
+    const auto* wp = static_cast<const uint8_t*>(w.const_data_ptr());
+    const uint8_t* sp = s.const_data_ptr<uint8_t>();
+    const ScaleType t = dtype_of(requested);
+    float* op = out.mutable_data_ptr<float>();
+    switch (static_cast<FpMode>(m)) {
+      case FpMode::kMxfp4:
+        fp_dequantize_rows<FpMode::kMxfp4>(wp, sp, R, g.groups, t, gv, op);
+        break;
+      case FpMode::kNvfp4:
+        fp_dequantize_rows<FpMode::kNvfp4>(wp, sp, R, g.groups, t, gv, op);
+        break;
+      default:
+        fp_dequantize_rows<FpMode::kMxfp8>(wp, sp, R, g.groups, t, gv, op);
+        break;
+    }
+  }
+  return out.to(out_dtype).reshape(shape);  // values already rounded to out_dtype: exact
+}
+
+std::tuple<at::Tensor, at::Tensor> fp_quantize_cpu(const at::Tensor& w, c10::string_view mode,
+                                                   int64_t group_size, int64_t bits,
+                                                   const c10::optional<at::Tensor>& global_scale) {
+  const int m = check_fp_mode(mode, group_size, bits);
+  check_fp_quantize_input(w, group_size);
+  check_fp_global_scale(global_scale, m, w.device());
+  const auto gv = global_value(global_scale);
+  const float enc = gv.has_value() ? 2688.0f / *gv : 1.0f;
+  const int64_t K = w.size(-1), G = K / group_size, R = w.numel() / K;
+  const at::Tensor wf = w.to(at::kFloat).contiguous();
+  std::vector<int64_t> qshape(w.sizes().begin(), w.sizes().end());
+  std::vector<int64_t> sshape = qshape;
+  qshape.back() = packed_cols(K, bits);
+  sshape.back() = G;
+  at::Tensor wq = at::empty(qshape, w.options().dtype(at::kUInt32));
+  at::Tensor s = at::empty(sshape, w.options().dtype(at::kByte));
+  const float* wp = wf.const_data_ptr<float>();
+  auto* qp = static_cast<uint8_t*>(wq.mutable_data_ptr());
+  uint8_t* sp = s.mutable_data_ptr<uint8_t>();
+  const int64_t group_bytes = group_size * bits / 8;
+  const ScaleType t = dtype_of(w.scalar_type());
+  const auto fm = static_cast<FpMode>(m);
+  at::parallel_for(0, R * G, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      quantize_fp_group(wp + i * group_size, static_cast<int>(group_size), fm, t, enc,
+                        qp + i * group_bytes, sp + i);
+  });
+  return {wq, s};
+}
+
+}  // namespace
+}  // namespace mlxq::cpu
+
+TORCH_LIBRARY_IMPL(mlxq, CPU, m) {
+  m.impl("fp_quantize", &mlxq::cpu::fp_quantize_cpu);
+  m.impl("fp_dequantize", &mlxq::cpu::fp_dequantize_cpu);
+  m.impl("fp_matmul", &mlxq::cpu::fp_matmul_cpu);
+}
