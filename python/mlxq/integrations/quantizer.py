@@ -20,12 +20,14 @@ from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, M
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
+from mlxq.integrations.moe_loading import replace_moe_module
+from mlxq.moe import AffineSwitchLinear
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
     TiedAffineHead,
 )
-from mlxq.swap import swap_plan
+from mlxq.swap import moe_plan, swap_plan
 
 __all__ = [
     "MLXHfQuantizer",
@@ -181,8 +183,8 @@ def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used
             kind = "no such module"
         raise NotImplementedError(
             f"mlxq: {key}: module {name!r} ({kind}) of {type(model).__name__} is quantized in the "
-            "checkpoint, but mlxq runs quantized nn.Linear and nn.Embedding modules only "
-            "(e.g. not fused MoE experts yet)"
+            "checkpoint, but mlxq runs quantized nn.Linear and nn.Embedding modules, MoE experts "
+            "and routers only"
         )
 
 
@@ -281,6 +283,10 @@ class MLXHfQuantizer(HfQuantizer):
         config = self.quantization_config
         replaced: set[str] = set()
         for name, module in list(model.named_modules()):
+            moe = moe_plan(name, module)  # MoE experts and routers (integrations/moe_loading.py)
+            if moe is not None:
+                replaced |= replace_moe_module(model, name, module, moe, headers, config)
+                continue
             plan = swap_plan(name, module)
             if plan is None:
                 continue
@@ -320,7 +326,9 @@ class MLXHfQuantizer(HfQuantizer):
                 modules_to_not_convert=config.modules_to_not_convert,
             )
         for name, module in model.named_modules():
-            if isinstance(module, (AffineLinear, AffineEmbedding)):
+            if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
+                module, "_mlxq_name"
+            ):
                 for tensor_name, tensor in module.named_buffers(recurse=False):
                     if tensor.device.type == "meta":
                         raise ValueError(
