@@ -269,8 +269,9 @@ class MoePlan:
 
 
 def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
-    """The MoE plan of `module`: fused experts, or a module with a 2-D `weight` parameter
-    that is not a plain nn.Linear/nn.Embedding (routers); None otherwise."""
+    """The MoE plan of `module`: fused experts, or a router: a module with a 2-D `weight`
+    parameter that is not an nn.Linear, nn.Embedding or Conv1D (those are :func:`swap_plan`'s),
+    or an nn.Linear subclass named `*Router`; None otherwise."""
     cls = type(module)
     params = dict(module.named_parameters(recurse=False))
     gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
@@ -300,8 +301,10 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     weight = params.get("weight")
     if weight is None or weight.dim() != 2:
         return None
-    if cls.forward in (nn.Linear.forward, nn.Embedding.forward) or isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding) or is_conv1d(module):
         return None  # swap_plan's business
+    if isinstance(module, nn.Linear) and not cls.__name__.endswith("Router"):
+        return None  # swap_plan's (an nn.Linear subclass named *Router is PhiMoE's router)
     out_features, in_features = weight.shape
     plan = MoePlan(name, cls.__name__, "router", 0, in_features, out_features)
     owner = next(c for c in cls.__mro__ if "forward" in vars(c))

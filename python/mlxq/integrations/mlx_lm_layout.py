@@ -135,12 +135,18 @@ for _model_type in (
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",
-    "phimoe",
     "deepseek_v2",
     "deepseek_v3",
     "glm4_moe",
 ):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
+# transformers renames PhiMoE's `gate.weight` (only) to `router.weight`: rename the router's
+# folder for all its tensors (transformers' `.block_sparse_moe.` -> `.mlp.` chains after it)
+LAYOUTS["phimoe"] = MlxLayout(
+    "phimoe",
+    ((r"\.block_sparse_moe\.gate\.", ".block_sparse_moe.router."), *_MOE_RENAMES),
+    ".switch_mlp.",
+)
 # mlx-lm's GraniteMoE router is a `GraniteMoeTopKGating` holding an nn.Linear `layer`
 LAYOUTS["granitemoe"] = MlxLayout(
     "granitemoe", (*_MOE_RENAMES, (r"\.router\.layer\.", ".router.")), ".switch_mlp."

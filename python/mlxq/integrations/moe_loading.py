@@ -20,7 +20,7 @@ from mlxq.integrations.checkpoint import TensorInfo
 from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, quantized_router
 from mlxq.swap import MoePlan
 
-__all__ = ["stored_stack_format", "replace_moe_module", "PROJECTIONS"]
+__all__ = ["stored_stack_format", "replace_moe_module", "check_moe_tensors_loaded", "PROJECTIONS"]
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -111,3 +111,25 @@ def replace_moe_module(
     new = MoeExperts(**projections, act_fn=module.act_fn)
     model.set_submodule(name, new)
     return {f"{name}.{p}" for p in PROJECTIONS if isinstance(projections[p], AffineSwitchLinear)}
+
+
+def check_moe_tensors_loaded(model: nn.Module) -> None:
+    """Every tensor of mlxq's MoE modules came from the checkpoint.
+
+    transformers materializes a missing tensor (it reports it as MISSING and initializes it),
+    so a tensor still on the meta device is not the only sign of a name that did not map: the
+    loader marks what it loaded with `_is_hf_initialized`, and anything else is refused.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, (AffineSwitchLinear, SwitchLinear)) and not hasattr(
+            module, "_mlxq_name"
+        ):
+            continue
+        tensors = dict(module.named_buffers(recurse=False))
+        tensors.update(module.named_parameters(recurse=False))
+        for leaf, tensor in tensors.items():
+            if tensor.device.type == "meta" or not getattr(tensor, "_is_hf_initialized", False):
+                raise ValueError(
+                    f"mlxq: {name}.{leaf} was not loaded from the checkpoint (its name did not "
+                    "map onto the model's)"
+                )

@@ -20,7 +20,7 @@ from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, M
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
-from mlxq.integrations.moe_loading import replace_moe_module
+from mlxq.integrations.moe_loading import check_moe_tensors_loaded, replace_moe_module
 from mlxq.moe import AffineSwitchLinear
 from mlxq.nn import (
     AffineEmbedding,
@@ -334,6 +334,7 @@ class MLXHfQuantizer(HfQuantizer):
                         raise ValueError(
                             f"mlxq: layer {name!r}: {name}.{tensor_name} was not loaded"
                         )
+        check_moe_tensors_loaded(model)
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         return model
