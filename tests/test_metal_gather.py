@@ -140,3 +140,69 @@ def test_gather_qmv_reads_only_the_selected_experts(gen) -> None:
     threads = math.prod(rep.grid) * math.prod(rep.threads_per_threadgroup)
     assert rep.bytes_read[6] == rep.bytes_read[7] == 4 * threads
     assert rep.bytes_written[4] == pairs * rows * 2
+
+
+# --- the MPS backend's launch and the run-time fallback, executed by the emulator -------------
+
+LAUNCH_CASES = [  # (bits, gs, dtype, rows of x per pair, transpose)
+    (4, 64, torch.bfloat16, 1, True),  # gather qmv
+    (3, 32, torch.float16, 2, False),  # gather qvm (threadgroup memory)
+    (6, 128, torch.float32, 33, True),  # gather qmm_t
+]
+
+
+def _launch_case(case, gen):
+    bits, gs, dtype, m, transpose = case
+    wq, s, b = _experts(gen, 4, 20, 2 * gs, gs, bits, dtype)
+    x = torch.randn(3, m, 2 * gs if transpose else 20, generator=gen).to(dtype)
+    lhs, rhs = torch.tensor([[2], [0]]), torch.tensor([1, 3, 1])
+    launch = mlxq._C.mps_launch_affine_gather_matmul(x, wq, s, b, lhs, rhs, gs, bits, transpose)
+    for t in launch["outputs"]:
+        t.fill_(float("nan"))
+    want = mlxq.affine_gather_matmul(x, wq, s, b, lhs, rhs, gs, bits, transpose)
+    return launch, want
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype and not got.isnan().any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=4 * OUT_EPS[got.dtype], atol=1e-3)
+
+
+@pytest.mark.parametrize("case", LAUNCH_CASES, ids=lambda c: f"b{c[0]}-gs{c[1]}-m{c[3]}")
+def test_native_launch_in_emulator(case, gen) -> None:
+    launch, want = _launch_case(case, gen)
+    assert launch["kernel"].startswith("affine_gather_")
+    assert launch["buffers"][6].dtype == launch["buffers"][7].dtype == torch.int32
+    tgm = dict(launch["threadgroup_memory"]) or None
+    emu.dispatch(launch["kernel"], launch["grid"], launch["threads"], launch["buffers"], tgm)
+    _assert_close(launch["outputs"][0], want)
+
+
+def test_native_launch_refuses_out_of_range_indices(gen) -> None:
+    wq, s, b = _experts(gen, 4, 20, 64, 64, 4, torch.float32)
+    with pytest.raises(IndexError, match="rhs_indices"):
+        mlxq._C.mps_launch_affine_gather_matmul(
+            torch.randn(1, 1, 64), wq, s, b, None, torch.tensor([4]), 64, 4, True
+        )
+
+
+@pytest.mark.parametrize("case", LAUNCH_CASES[:2], ids=lambda c: f"b{c[0]}-gs{c[1]}-m{c[3]}")
+def test_runtime_fallback_in_emulator(case, gen, tmp_path) -> None:
+    from mlxq import metal_backend as mb
+    from test_mps_backend import METAL_DIR, FakeCompileShader
+
+    fake = FakeCompileShader(tmp_path)
+    runner = mb.RuntimeKernels(fake, METAL_DIR)
+    launch, want = _launch_case(case, gen)
+    runner.run(launch)
+    _assert_close(launch["outputs"][0], want)
+    assert len(fake.sources) == 1
+
+
+def test_gather_kernels_are_expected_in_a_prebuilt_library() -> None:
+    from mlxq import metal_backend as mb
+
+    names = mb.expected_kernel_names()
+    instantiated = mb.instantiated_kernels(mb.metal_source_dir())
+    gather = {n for n in names if n.startswith("affine_gather_")}
+    assert len(gather) == 4 * len(COMBOS) and gather <= set(instantiated)
