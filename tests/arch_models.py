@@ -183,7 +183,11 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**ROPE, **_DEEPSEEK, "topk_method": "greedy"},
         {**TOP, "n_routed_experts": 4, "rope_scaling": {"type": "yarn", "factor": 1.0}},
     ),
-    "deepseek_v3": ({**ROPE, **_DEEPSEEK}, {**TOP, "n_routed_experts": 4}),
+    # transformers' deepseek_v3 ropes `head_dim` values: the rope part of the heads
+    "deepseek_v3": (
+        {**ROPE, **_DEEPSEEK, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
+        {**TOP, "n_routed_experts": 4},
+    ),
     "glm4_moe": (
         {
             **_partial(0.5)[0],

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from arch_models import MOE_FAST, TOKENS, VARIANTS, mlxq_logits, run_arch, tiny_mlx_checkpoint
+from arch_models import (
+    MOE_FAST,
+    TOKENS,
+    VARIANTS,
+    mlxq_logits,
+    run_arch,
+    tiny_mlx_checkpoint,
+)
 from mlx_models import mlx_lm_logits
 from mlxq.moe import AffineSwitchLinear, AffineWeight, MoeExperts, quantized_router
 from mlxq.swap import moe_plan
@@ -90,10 +97,13 @@ def test_greedy_generation_matches_mlx_lm() -> None:
     assert np.array_equal(ref.argmax(-1)[len(prompt) - 1 : -1], out[len(prompt) :].numpy())
 
 
-@pytest.mark.parametrize(("arch", "variant"), [("mixtral", 0), ("phimoe", 1), ("granitemoe", 0)])
+@pytest.mark.parametrize(
+    ("arch", "variant"), [("mixtral", 0), ("phimoe", 1), ("granitemoe", 0), ("deepseek_v3", 1)]
+)
 def test_save_pretrained_writes_mlx_lm_layout(tmp_path: Path, arch: str, variant: int) -> None:
     """The saved tensors have mlx-lm's names (switch_mlp, PhiMoE's gate, GraniteMoE's
-    router.layer) and mlx-lm runs the saved checkpoint as the original one."""
+    router.layer, DeepSeek V3's embed_q/unembed_out) and mlx-lm runs the saved checkpoint as
+    the original one."""
     from safetensors import safe_open
 
     path = tiny_mlx_checkpoint(arch, VARIANTS[variant])
@@ -158,3 +168,18 @@ def test_experts_with_another_forward_are_refused() -> None:
     plan = moe_plan("mlp.experts", GptOssExperts(config))
     with pytest.raises(NotImplementedError, match=r"'mlp\.experts' \(GptOssExperts\)"):
         plan.require()
+
+
+def test_deepseek_v3_latent_attention_from_mlx_lm_split() -> None:
+    """mlx-lm splits kv_b_proj into embed_q (float here: qk_nope 16 < group 64) and a
+    quantized unembed_out; mlxq runs kv_b_proj on the two and matches mlx-lm."""
+    from mlxq.mla import AffineMultiLinear, MultiLinear, SplitKvB
+
+    variant = VARIANTS[1]
+    outcome = run_arch("deepseek_v3", variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    model = _load(tiny_mlx_checkpoint("deepseek_v3", variant))
+    kv_b = model.model.layers[0].self_attn.kv_b_proj
+    assert isinstance(kv_b, SplitKvB)
+    assert isinstance(kv_b.embed_q, MultiLinear) and isinstance(kv_b.unembed_out, AffineMultiLinear)
+    assert isinstance(model.model.layers[1].mlp.experts, MoeExperts)

@@ -129,27 +129,30 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
 # (gpt-oss: `mlp.experts.<proj>`); mlxq's MoeExperts holds them as `<block>.experts.<proj>.*`
 # (where transformers 5 has its fused experts module), so only the folder name changes. A
 # marker that starts with "." is looked for anywhere in a key.
-_MOE_RENAMES = ((r"\.switch_mlp\.", ".experts."),)
-for _model_type in (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "glm4_moe",
-):
+# The renames name the block too: saving applies them backwards with the target as the
+# pattern, and a bare `.experts.` would also match `shared_experts.` (DeepSeek, GLM).
+_MOE_RENAMES = ((r"\.mlp\.switch_mlp\.", ".mlp.experts."),)
+_MOE_RENAMES_BLOCK = ((r"\.block_sparse_moe\.switch_mlp\.", ".block_sparse_moe.experts."),)
+for _model_type in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "glm4_moe"):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
+LAYOUTS["mixtral"] = MlxLayout("mixtral", _MOE_RENAMES_BLOCK, ".switch_mlp.")
+# DeepSeek V3: mlx-lm splits `self_attn.kv_b_proj` into `embed_q` and `unembed_out`
+# (mlxq.mla.SplitKvB holds them under kv_b_proj)
+LAYOUTS["deepseek_v3"] = MlxLayout(
+    "deepseek_v3",
+    ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
+    ".switch_mlp.",
+)
 # transformers renames PhiMoE's `gate.weight` (only) to `router.weight`: rename the router's
 # folder for all its tensors (transformers' `.block_sparse_moe.` -> `.mlp.` chains after it)
 LAYOUTS["phimoe"] = MlxLayout(
     "phimoe",
-    ((r"\.block_sparse_moe\.gate\.", ".block_sparse_moe.router."), *_MOE_RENAMES),
+    ((r"\.block_sparse_moe\.gate\.", ".block_sparse_moe.router."), *_MOE_RENAMES_BLOCK),
     ".switch_mlp.",
 )
 # mlx-lm's GraniteMoE router is a `GraniteMoeTopKGating` holding an nn.Linear `layer`
 LAYOUTS["granitemoe"] = MlxLayout(
-    "granitemoe", (*_MOE_RENAMES, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
+    "granitemoe", (*_MOE_RENAMES_BLOCK, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
 )
 
 

@@ -17,10 +17,17 @@ from torch import nn
 
 from mlxq.format import ModuleFormat
 from mlxq.integrations.checkpoint import TensorInfo
+from mlxq.mla import AffineMultiLinear, MultiLinear, SplitKvB
 from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, quantized_router
 from mlxq.swap import MoePlan
 
-__all__ = ["stored_stack_format", "replace_moe_module", "check_moe_tensors_loaded", "PROJECTIONS"]
+__all__ = [
+    "replace_split_kv_b",
+    "stored_stack_format",
+    "replace_moe_module",
+    "check_moe_tensors_loaded",
+    "PROJECTIONS",
+]
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -121,9 +128,8 @@ def check_moe_tensors_loaded(model: nn.Module) -> None:
     loader marks what it loaded with `_is_hf_initialized`, and anything else is refused.
     """
     for name, module in model.named_modules():
-        if not isinstance(module, (AffineSwitchLinear, SwitchLinear)) and not hasattr(
-            module, "_mlxq_name"
-        ):
+        kinds = (AffineSwitchLinear, SwitchLinear, AffineMultiLinear, MultiLinear)
+        if not isinstance(module, kinds) and not hasattr(module, "_mlxq_name"):
             continue
         tensors = dict(module.named_buffers(recurse=False))
         tensors.update(module.named_parameters(recurse=False))
@@ -133,3 +139,39 @@ def check_moe_tensors_loaded(model: nn.Module) -> None:
                     f"mlxq: {name}.{leaf} was not loaded from the checkpoint (its name did not "
                     "map onto the model's)"
                 )
+
+
+def replace_split_kv_b(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    headers: dict[str, TensorInfo],
+    config,
+) -> set[str] | None:
+    """DeepSeek V3's `kv_b_proj` stored as mlx-lm's `embed_q`/`unembed_out` (mapped to
+    `<name>.embed_q.*`/`<name>.unembed_out.*` by :mod:`.mlx_lm_layout`): replaced by
+    :class:`mlxq.mla.SplitKvB`. Returns the quantized parts' names, or None when `module` is
+    not such a projection (it is then swap_plan's)."""
+    if not isinstance(module, nn.Linear) or f"{name}.unembed_out.weight" not in headers:
+        return None
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = cfg.num_attention_heads
+    nope, v_dim, rank = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if (module.in_features, module.out_features) != (rank, heads * (nope + v_dim)):
+        raise ValueError(
+            f"mlxq: {name}: {module.out_features}x{module.in_features} does not match "
+            f"kv_lora_rank={rank} and {heads} heads of {nope}+{v_dim} (mlx-lm's embed_q / "
+            "unembed_out split)"
+        )
+    dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float16
+    parts, quantized = {}, set()
+    for part, (k, n) in {"embed_q": (nope, rank), "unembed_out": (rank, v_dim)}.items():
+        fmt = stored_stack_format(f"{name}.{part}", heads, k, n, headers, config)
+        if fmt is None:
+            parts[part] = MultiLinear(heads, k, n, dtype, "meta")
+        else:
+            parts[part] = AffineMultiLinear(heads, k, n, fmt.bits, fmt.group_size, dtype, "meta")
+            quantized.add(f"{name}.{part}")
+    model.set_submodule(name, SplitKvB(heads, rank, nope, v_dim, **parts))
+    return quantized

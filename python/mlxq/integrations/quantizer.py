@@ -20,7 +20,11 @@ from mlxq.format import RUNNABLE_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, M
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
-from mlxq.integrations.moe_loading import check_moe_tensors_loaded, replace_moe_module
+from mlxq.integrations.moe_loading import (
+    check_moe_tensors_loaded,
+    replace_moe_module,
+    replace_split_kv_b,
+)
 from mlxq.moe import AffineSwitchLinear
 from mlxq.nn import (
     AffineEmbedding,
@@ -286,6 +290,10 @@ class MLXHfQuantizer(HfQuantizer):
             moe = moe_plan(name, module)  # MoE experts and routers (integrations/moe_loading.py)
             if moe is not None:
                 replaced |= replace_moe_module(model, name, module, moe, headers, config)
+                continue
+            split = replace_split_kv_b(model, name, module, headers, config)  # DeepSeek V3
+            if split is not None:
+                replaced |= split
                 continue
             plan = swap_plan(name, module)
             if plan is None:
