@@ -183,3 +183,42 @@ def test_deepseek_v3_latent_attention_from_mlx_lm_split() -> None:
     assert isinstance(kv_b, SplitKvB)
     assert isinstance(kv_b.embed_q, MultiLinear) and isinstance(kv_b.unembed_out, AffineMultiLinear)
     assert isinstance(model.model.layers[1].mlp.experts, MoeExperts)
+
+
+def test_dequantize_gives_float_moe_with_the_same_logits() -> None:
+    from mlxq.moe import SwitchLinear
+
+    model = _load(tiny_mlx_checkpoint("qwen3_moe", VARIANTS[0]))
+    ids = torch.tensor([TOKENS])
+    with torch.no_grad():
+        before = model(ids).logits
+        model.dequantize()
+        after = model(ids).logits
+    experts = model.model.layers[0].mlp.experts
+    assert (
+        isinstance(experts.gate_proj, SwitchLinear) and experts.gate_proj.weight.is_floating_point()
+    )
+    gate = model.model.layers[0].mlp.gate
+    assert type(gate).__name__ == "Qwen3MoeTopKRouter" and isinstance(gate.weight, nn.Parameter)
+    assert not any(b.dtype == torch.uint32 for b in model.buffers())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_model_refuses_fused_experts_by_name() -> None:
+    import mlxq
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_experts=4,
+        vocab_size=64,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(NotImplementedError, match=r"'model\.layers\.0\.mlp\.experts'"):
+        mlxq.quantize_model(model, 4, 64)

@@ -288,3 +288,42 @@ def quantized_router(
         biases = torch.empty_like(scales)
     new._buffers.update(weight=packed, scales=scales, biases=biases)
     return new
+
+
+def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace mlxq's quantized MoE parts by float ones in place (part of
+    :func:`mlxq.quantize_model.dequantize_model`): stacked experts become :class:`SwitchLinear`
+    (mlx-lm's float `switch_mlp` layout), quantized routers their own class with a float
+    `weight`, DeepSeek V3's per-head projections :class:`mlxq.mla.MultiLinear`."""
+    from mlxq.mla import AffineMultiLinear, MultiLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AffineSwitchLinear):
+            w = module.dequantize_weight()
+            new = SwitchLinear(
+                module.num_experts, module.in_features, module.out_features, w.dtype, w.device
+            )
+            new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+        elif isinstance(module, AffineMultiLinear):
+            w = affine_dequantize(
+                module.weight, module.scales, module.biases, module.group_size, module.bits
+            )
+            heads, out_features, in_features = w.shape
+            new = MultiLinear(heads, in_features, out_features, w.dtype, w.device)
+            new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+        elif isinstance(module, _AffineRouter):
+            w = affine_dequantize(
+                module.weight_packed, module.scales, module.biases, module.group_size, module.bits
+            )
+            new = object.__new__(type(module).__mro__[2])
+            new.__dict__.update(module.__dict__)
+            for attr in ("_mlxq_name", "bits", "group_size"):
+                new.__dict__.pop(attr, None)
+            new._buffers = {
+                k: v for k, v in module._buffers.items() if k not in ("weight", "scales", "biases")
+            }
+            new._parameters = {**module._parameters, "weight": nn.Parameter(w.to(dtype or w.dtype))}
+        else:
+            continue
+        model.set_submodule(name, new)
+    return model
