@@ -384,3 +384,86 @@ MatmulGeometry check_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const 
 }
 
 }  // namespace mlxq
+
+// --- affine_gather_matmul -----------------------------------------------------------------------
+
+namespace mlxq {
+namespace {
+
+void check_index_tensor(const std::optional<at::Tensor>& t, const char* name,
+                        const at::Device& device) {
+  if (!t.has_value()) return;
+  const at::ScalarType s = t->scalar_type();
+  TORCH_CHECK_TYPE(at::isIntegralType(s, /*includeBool=*/false), "mlxq: ", name,
+                   " must be an integer tensor, got ", s);
+  TORCH_CHECK_VALUE(t->device() == device, "mlxq: ", name, " is on ", t->device(), " but wq is on ",
+                    device);
+}
+
+std::vector<int64_t> index_shape_or_batch(const std::optional<at::Tensor>& t,
+                                          at::IntArrayRef batch) {
+  if (t.has_value()) return std::vector<int64_t>(t->sizes().begin(), t->sizes().end());
+  return std::vector<int64_t>(batch.begin(), batch.end());
+}
+
+}  // namespace
+
+GatherGeometry check_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                   const at::Tensor& scales, const at::Tensor& biases,
+                                   const std::optional<at::Tensor>& lhs_indices,
+                                   const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
+                                   int64_t bits, bool transpose) {
+  GatherGeometry g;
+  g.w = concrete(check_packed_sym(wq, scales, biases, group_size, bits, /*min_dim=*/2));
+  TORCH_CHECK_TYPE(is_float(x.scalar_type()), "mlxq: x must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == wq.device(), "mlxq: x is on ", x.device(), " but wq is on ",
+                    wq.device());
+  TORCH_CHECK_VALUE(x.dim() >= 2, "mlxq: x must have at least 2 dimensions [..., M, K], got shape ",
+                    shape_str(x.sizes()));
+  check_index_tensor(lhs_indices, "lhs_indices", wq.device());
+  check_index_tensor(rhs_indices, "rhs_indices", wq.device());
+  g.in_features = transpose ? g.w.cols : g.w.rows;
+  g.out_features = transpose ? g.w.rows : g.w.cols;
+  TORCH_CHECK_VALUE(x.size(-1) == g.in_features, "mlxq: x last dimension ", x.size(-1),
+                    " must equal ", g.in_features, " (", transpose ? "K" : "N",
+                    " of the quantized weights with shape [", g.w.rows, ", ", g.w.cols,
+                    "], transpose=", transpose ? "True" : "False", ")");
+  const auto x_batch = x.sizes().slice(0, x.dim() - 2);
+  g.x_batch = c10::multiply_integers(x_batch);
+  g.w_batch = c10::multiply_integers(g.w.batch);
+  g.M = x.size(-2);
+  const auto lhs_shape = index_shape_or_batch(lhs_indices, x_batch);
+  const auto rhs_shape = index_shape_or_batch(rhs_indices, g.w.batch);
+  try {
+    g.index_shape = at::infer_size(lhs_shape, rhs_shape);
+  } catch (const c10::Error&) {
+    TORCH_CHECK_VALUE(false, "mlxq: lhs_indices shape ", shape_str(lhs_shape),
+                      " and rhs_indices shape ", shape_str(rhs_shape),
+                      " do not broadcast (an absent index is the batch shape of x, resp. wq)");
+  }
+  g.out_shape = g.index_shape;
+  g.out_shape.push_back(g.M);
+  g.out_shape.push_back(g.out_features);
+  return g;
+}
+
+at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
+                               const std::vector<int64_t>& batch_shape, const GatherGeometry& g,
+                               int64_t limit, const char* name, const at::Device& device) {
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  at::Tensor idx = indices.has_value()
+                       ? indices->to(at::kLong)
+                       : at::arange(c10::multiply_integers(batch_shape), opts).reshape(batch_shape);
+  idx = idx.expand(g.index_shape).reshape({-1}).contiguous();
+  if (idx.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(idx);
+    const int64_t min = lo.item<int64_t>(), max = hi.item<int64_t>();
+    TORCH_CHECK_INDEX(min >= 0 && max < limit, "mlxq: ", name, " values must lie in [0, ", limit,
+                      ") (the number of matrices in ", name[0] == 'l' ? "x" : "wq",
+                      "), got values from ", min, " to ", max);
+  }
+  return idx;
+}
+
+}  // namespace mlxq

@@ -15,6 +15,7 @@
 #include <c10/util/string_view.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace mlxq {
@@ -93,5 +94,39 @@ void check_fp_quantize_input(const at::Tensor& w, int64_t group_size);
 // As check_matmul, for a weight of a floating-point mode (x: float, same device as wq).
 MatmulGeometry check_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                                int64_t group_size, int64_t bits, bool transpose);
+
+}  // namespace mlxq
+
+namespace mlxq {
+
+// Everything an affine_gather_matmul kernel needs to know about its operands (MLX's gather_qmm):
+// x [..., M, in] holds x_batch matrices, wq [..., rows, Kp] holds w_batch matrices; the
+// broadcast lhs/rhs indices (flat indices into those batches) pick the pair of each output.
+struct GatherGeometry {
+  PackedGeometry w;
+  std::vector<int64_t> index_shape;  // broadcast shape of lhs_indices and rhs_indices
+  std::vector<int64_t> out_shape;    // index_shape + [M, out_features]
+  int64_t x_batch = 1;               // number of [M, in_features] matrices in x
+  int64_t w_batch = 1;               // number of quantized matrices in wq
+  int64_t M = 0;                     // x.size(-2)
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+};
+
+// Shapes, dtypes and devices of affine_gather_matmul's operands; absent indices are MLX's
+// defaults (arange over the batch of x, resp. wq). Index values are checked separately, by
+// check_gather_index_values, because that needs their data.
+GatherGeometry check_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                   const at::Tensor& scales, const at::Tensor& biases,
+                                   const std::optional<at::Tensor>& lhs_indices,
+                                   const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
+                                   int64_t bits, bool transpose);
+
+// The indices (or their defaults) broadcast to g.index_shape and flattened, as a contiguous
+// int64 tensor on `indices`' device, every value checked to lie in [0, limit): out-of-range
+// indices raise an IndexError naming `name` instead of reading outside the batch.
+at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
+                               const std::vector<int64_t>& batch_shape, const GatherGeometry& g,
+                               int64_t limit, const char* name, const at::Device& device);
 
 }  // namespace mlxq

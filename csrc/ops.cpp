@@ -24,6 +24,13 @@ TORCH_LIBRARY(mlxq, m) {
   m.def(
       "affine_matmul(Tensor x, Tensor wq, Tensor scales, Tensor biases, int group_size=64, "
       "int bits=4, bool transpose=True) -> Tensor");
+  // MLX's gather_qmm: pair i of the broadcast indices multiplies x's matrix lhs_indices[i]
+  // with wq's matrix rhs_indices[i] (mixture-of-experts layers); absent indices are aranges
+  // over the batch of x, resp. wq.
+  m.def(
+      "affine_gather_matmul(Tensor x, Tensor wq, Tensor scales, Tensor biases, "
+      "Tensor? lhs_indices=None, Tensor? rhs_indices=None, int group_size=64, int bits=4, "
+      "bool transpose=True, bool sorted_indices=False) -> Tensor");
 }
 
 // MLX's floating-point modes (mxfp4, nvfp4, mxfp8): FP4/FP8 values with uint8 scales, no

@@ -57,6 +57,24 @@ def _alternating(**extra) -> dict:
     return {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64, **extra}
 
 
+# the MoE part of DeepSeek V2/V3 and GLM-4-MoE: 4 routed experts, one shared, layer 0 dense;
+# multi-head latent attention with a KV rank the group size divides (so it is quantized)
+_DEEPSEEK = {
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 64,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.0,
+    "kv_lora_rank": 64,
+    "q_lora_rank": 64,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 32,
+}
+
 # model_type -> (transformers config overrides, top-level keys mlx-lm needs in config.json)
 ARCHS: dict[str, tuple[dict, dict]] = {
     "llama": (ROPE, TOP),
@@ -128,12 +146,61 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     "ministral3": ({}, {}),
     "bitnet": (ROPE, TOP),
     "exaone": (ROPE, TOP),
-    # mixture-of-experts models: transformers 5 fuses the experts into 3-D parameters, which
-    # mlxq does not run quantized yet; they must be refused by name, not load wrong
+    # mixture-of-experts models: transformers 5 fuses the experts into 3-D parameters, mlx-lm
+    # stacks them per projection (switch_mlp); routers are quantized too (often at 8 bits)
     "mixtral": ({**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2}, TOP),
     "qwen3_moe": (
         {**ROPE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
         {**TOP, "num_experts": 4},  # transformers 5 calls it num_local_experts
+    ),
+    "qwen2_moe": (
+        {
+            **ROPE,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 128,
+            "shared_expert_intermediate_size": 128,
+        },
+        {**TOP, "num_experts": 4},
+    ),
+    "olmoe": (
+        {**ROPE, "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
+        {**TOP, "num_experts": 4},
+    ),
+    # mlx-lm's phimoe has attention and head biases
+    "phimoe": (
+        {
+            **ROPE,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "attention_bias": True,
+            "lm_head_bias": True,
+        },
+        TOP,
+    ),
+    "granitemoe": ({**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2}, TOP),
+    # mlx-lm's deepseek_v2 always runs YaRN rope: factor 1 is the default rope
+    "deepseek_v2": (
+        {**ROPE, **_DEEPSEEK, "topk_method": "greedy"},
+        {**TOP, "n_routed_experts": 4, "rope_scaling": {"type": "yarn", "factor": 1.0}},
+    ),
+    # transformers' deepseek_v3 ropes `head_dim` values: the rope part of the heads
+    "deepseek_v3": (
+        {**ROPE, **_DEEPSEEK, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
+        {**TOP, "n_routed_experts": 4},
+    ),
+    "glm4_moe": (
+        {
+            **_partial(0.5)[0],
+            **_DEEPSEEK,
+            "norm_topk_prob": True,
+            "use_qk_norm": False,
+        },
+        {**_partial(0.5)[1], "n_routed_experts": 4, "rope_scaling": None},
+    ),
+    "gpt_oss": (
+        {**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
+        TOP,
     ),
 }
 
@@ -142,6 +209,8 @@ HUB_PREFIX_DROPPED = {"gpt2": "transformer."}
 
 # the fast subset run by pytest
 FAST = ("gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "qwen3", "phi")
+# mixture-of-experts architectures run by pytest (tests/test_moe.py)
+MOE_FAST = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
 TOKENS = [1, 5, 77, 300, 12, 499, 3, 42, 250, 7, 128, 64]
 
 

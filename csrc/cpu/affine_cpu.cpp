@@ -10,9 +10,13 @@
 #include <sys/mman.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/cpu_features.h"
@@ -423,4 +427,198 @@ TORCH_LIBRARY_IMPL(mlxq, CPU, m) {
   m.impl("affine_quantize", &mlxq::cpu::affine_quantize_cpu);
   m.impl("affine_dequantize", &mlxq::cpu::affine_dequantize_cpu);
   m.impl("affine_matmul", &mlxq::cpu::affine_matmul_cpu);
+}
+
+// --- affine_gather_matmul (MLX's gather_qmm) ----------------------------------------------------
+//
+// Output pair p multiplies x matrix lhs[p] ([M, in]) with quantized matrix rhs[p] (an expert).
+// Pairs that share an expert are grouped and their x rows stacked, so each selected expert's
+// packed rows are read once per call however many tokens chose it, and experts nobody chose are
+// never touched. Each group is one matmul with the dense op's kernels and the same numerics:
+// small groups (decode) run the streaming qmv kernels, all groups inside one parallel region
+// (a fork per expert would cost more than a small expert's weights take to stream); large
+// groups (prefill) take matmul_2d's dequantize-tile + GEMM path.
+
+namespace mlxq::cpu {
+namespace {
+
+struct ExpertGroup {
+  int64_t expert;  // index into the batch of wq
+  int64_t begin;   // first position of the group in `order`
+  int64_t count;   // pairs in the group
+};
+
+// Pairs grouped by expert: `order` lists pair indices group after group. With sorted_indices
+// the runs of equal indices are taken as they come (still correct if the hint is wrong: a run
+// that reappears is only a second group); otherwise a stable sort by expert.
+std::vector<ExpertGroup> group_pairs(const int64_t* rhs, int64_t P, bool sorted,
+                                     std::vector<int64_t>& order) {
+  order.resize(P);
+  for (int64_t p = 0; p < P; ++p) order[p] = p;
+  if (!sorted)
+    std::stable_sort(order.begin(), order.end(),
+                     [rhs](int64_t a, int64_t b) { return rhs[a] < rhs[b]; });
+  std::vector<ExpertGroup> groups;
+  for (int64_t j = 0; j < P; ++j) {
+    if (j == 0 || rhs[order[j]] != rhs[order[j - 1]]) groups.push_back({rhs[order[j]], j, 0});
+    groups.back().count += 1;
+  }
+  return groups;
+}
+
+// Matrix `e` of contiguous [E, rows, Kp] packed weights and [E, rows, G] scales/biases, without
+// creating tensors (decode calls are small: a tensor per expert would show).
+QuantWeight expert_weight(const at::Tensor& w, const at::Tensor& s, const at::Tensor& b, int64_t e,
+                          int64_t group_size, int64_t bits) {
+  QuantWeight W;
+  W.N = w.size(1);
+  W.G = s.size(2);
+  W.K = W.G * group_size;
+  W.bits = static_cast<int>(bits);
+  W.group_size = static_cast<int>(group_size);
+  W.scale_type = scale_type_of(s);
+  W.w = static_cast<const uint8_t*>(w.const_data_ptr()) + e * w.stride(0) * w.element_size();
+  W.scales = static_cast<const uint8_t*>(s.const_data_ptr()) + e * s.stride(0) * s.element_size();
+  W.biases = static_cast<const uint8_t*>(b.const_data_ptr()) + e * b.stride(0) * b.element_size();
+  return W;
+}
+
+// Rows `rows` of the 2-D contiguous `src`, stacked into a new tensor (plain copies).
+at::Tensor take_rows(const at::Tensor& src, const std::vector<int64_t>& rows) {
+  const int64_t width = src.size(1);
+  at::Tensor out = at::empty({static_cast<int64_t>(rows.size()), width}, src.options());
+  const auto* sp = static_cast<const uint8_t*>(src.const_data_ptr());
+  auto* op = static_cast<uint8_t*>(out.mutable_data_ptr());
+  const int64_t row_bytes = width * src.element_size();
+  for (size_t i = 0; i < rows.size(); ++i)
+    std::memcpy(op + i * row_bytes, sp + rows[i] * row_bytes, row_bytes);
+  return out;
+}
+
+// One expert group on the streaming path, with its stacked x rows in the layout its kernel
+// reads (the same tensors matmul_2d builds for these rows).
+struct DecodeGroup {
+  QuantWeight W;
+  int64_t rows = 0;   // pairs * M
+  int64_t y_row = 0;  // first row in the stacked output
+  bool bf16 = false;
+  at::Tensor x;     // bf16: the bf16 pieces; else fp32 rows in chunk order
+  at::Tensor xsum;  // [rows, G]
+};
+
+void run_decode_groups(const std::vector<DecodeGroup>& groups, const at::Tensor& y) {
+  if (groups.empty()) return;
+  const KernelTable& kt = kernels();
+  struct Task {
+    int64_t group, n0, n1;
+  };
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const QuantWeight& W = groups[i].W;
+    const int64_t grain = decode_grain(W);
+    for (int64_t n0 = 0; n0 < W.N; n0 += grain)
+      tasks.push_back({static_cast<int64_t>(i), n0, std::min(W.N, n0 + grain)});
+  }
+  const int64_t out_features = groups[0].W.N;
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const DecodeGroup& d = groups[tasks[t].group];
+      const int64_t n0 = tasks[t].n0, n1 = tasks[t].n1;
+      float* yg = yp + d.y_row * out_features;
+      if (d.bf16) {
+        const QmvBf16Args a{d.W,
+                            static_cast<const uint16_t*>(d.x.const_data_ptr()),
+                            static_cast<int>(d.x.size(0) / d.rows),
+                            d.xsum.const_data_ptr<float>(),
+                            yg,
+                            d.rows};
+        kt.qmv_bf16(a, n0, n1);
+        continue;
+      }
+      for (int64_t m0 = 0; m0 < d.rows; m0 += kMaxDecodeRows) {
+        const QmvArgs a{d.W, d.x.const_data_ptr<float>() + m0 * d.W.K,
+                        d.xsum.const_data_ptr<float>() + m0 * d.W.G, yg + m0 * out_features,
+                        std::min(kMaxDecodeRows, d.rows - m0)};
+        kt.qmv(a, n0, n1);
+      }
+    }
+  });
+}
+
+at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
+                                    const at::Tensor& scales, const at::Tensor& biases,
+                                    const std::optional<at::Tensor>& lhs_indices,
+                                    const std::optional<at::Tensor>& rhs_indices,
+                                    int64_t group_size, int64_t bits, bool transpose,
+                                    bool sorted_indices) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in affine_matmul_cpu
+  const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                               group_size, bits, transpose);
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const int64_t P = lhs.numel(), M = g.M, in = g.in_features, out = g.out_features;
+  if (P == 0 || M == 0 || out == 0 || in == 0) return at::zeros(g.out_shape, x.options());
+  const at::Tensor xf = x.to(at::kFloat).contiguous().view({g.x_batch * M, in});
+  const at::Tensor w = wq.contiguous().view({g.w_batch, g.w.rows, wq.size(-1)});
+  const at::Tensor s = scales.contiguous().view({g.w_batch, g.w.rows, g.w.groups});
+  const at::Tensor b = biases.contiguous().view({g.w_batch, g.w.rows, g.w.groups});
+  const int64_t* lp = lhs.const_data_ptr<int64_t>();
+  std::vector<int64_t> order;
+  const std::vector<ExpertGroup> groups =
+      group_pairs(rhs.const_data_ptr<int64_t>(), P, sorted_indices, order);
+
+  at::Tensor y = at::empty({P * M, out}, xf.options());  // pairs in `order`, M rows each
+  const KernelTable& kt = kernels();
+  at::Tensor xsum_all, xc_all;  // built once, for the streaming groups only
+  std::vector<DecodeGroup> decode;
+  for (const ExpertGroup& e : groups) {
+    const QuantWeight W = expert_weight(w, s, b, e.expert, group_size, bits);
+    std::vector<int64_t> rows;
+    rows.reserve(e.count * M);
+    for (int64_t j = e.begin; j < e.begin + e.count; ++j)
+      for (int64_t m = 0; m < M; ++m) rows.push_back(lp[order[j]] * M + m);
+    const int64_t n_rows = static_cast<int64_t>(rows.size());
+    if (!transpose || n_rows > kDecodeMaxRows) {
+      const at::Tensor ye = matmul_2d(take_rows(xf, rows), W, transpose, x.scalar_type());
+      y.narrow(0, e.begin * M, n_rows).copy_(ye);
+      continue;
+    }
+    if (!xsum_all.defined()) xsum_all = xf.view({-1, W.G, W.group_size}).sum(-1).contiguous();
+    DecodeGroup d;
+    d.W = W;
+    d.rows = n_rows;
+    d.y_row = e.begin * M;
+    d.xsum = take_rows(xsum_all, rows);
+    d.bf16 = kt.qmv_bf16 != nullptr && use_bf16_decode(W, n_rows, x.scalar_type());
+    if (d.bf16) {
+      d.x = bf16_pieces(take_rows(xf, rows), x.scalar_type(), W.bits);
+    } else {
+      if (!xc_all.defined()) xc_all = to_chunk_order(xf, W.bits).contiguous();
+      d.x = take_rows(xc_all, rows);
+    }
+    decode.push_back(std::move(d));
+  }
+  run_decode_groups(decode, y);
+
+  bool identity = true;
+  for (int64_t j = 0; j < P && identity; ++j) identity = order[j] == j;
+  at::Tensor result = y.view({P, M, out});
+  if (!identity) {
+    at::Tensor inverse = at::empty({P}, lhs.options());
+    int64_t* ip = inverse.mutable_data_ptr<int64_t>();
+    for (int64_t j = 0; j < P; ++j) ip[order[j]] = j;
+    result = result.index_select(0, inverse);
+  }
+  return result.to(x.scalar_type()).reshape(g.out_shape);
+}
+
+}  // namespace
+}  // namespace mlxq::cpu
+
+TORCH_LIBRARY_IMPL(mlxq, CPU, m) {
+  m.impl("affine_gather_matmul", &mlxq::cpu::affine_gather_matmul_cpu);
 }

@@ -145,6 +145,18 @@ at::Tensor affine_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales,
   return l.outputs[0];
 }
 
+at::Tensor affine_gather_matmul_mps(const at::Tensor& x, const at::Tensor& wq,
+                                    const at::Tensor& scales, const at::Tensor& biases,
+                                    const std::optional<at::Tensor>& lhs_indices,
+                                    const std::optional<at::Tensor>& rhs_indices,
+                                    int64_t group_size, int64_t bits, bool transpose,
+                                    bool /*sorted_indices: a hint the kernels do not need*/) {
+  Launch l = launch_affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                         group_size, bits, transpose);
+  encode(l);
+  return l.outputs[0];
+}
+
 }  // namespace
 
 std::string load_library(const std::string& path) {
@@ -192,6 +204,7 @@ void register_kernels() {
   g_impl->impl("affine_quantize", TORCH_FN(affine_quantize_mps));
   g_impl->impl("affine_dequantize", TORCH_FN(affine_dequantize_mps));
   g_impl->impl("affine_matmul", TORCH_FN(affine_matmul_mps));
+  g_impl->impl("affine_gather_matmul", TORCH_FN(affine_gather_matmul_mps));
 }
 
 bool kernels_registered() {

@@ -113,3 +113,33 @@ void encode_launch(const Launch& l, Encoder& enc) {
 }
 
 }  // namespace mlxq::mps
+
+namespace mlxq::mps {
+
+Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                   const at::Tensor& scales, const at::Tensor& biases,
+                                   const std::optional<at::Tensor>& lhs_indices,
+                                   const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
+                                   int64_t bits, bool transpose) {
+  const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                               group_size, bits, transpose);
+  plan::DispatchPlan plan =
+      plan::plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
+  const at::ScalarType dt = x.scalar_type();
+  at::Tensor out = new_output(plan, 0, x.options());
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  std::map<std::string, at::Tensor> roles{{"x", x.contiguous()},
+                                          {"wq", packed_words(wq)},
+                                          {"scales", scales.to(dt).contiguous()},
+                                          {"biases", biases.to(dt).contiguous()},
+                                          {"out", out},
+                                          {"lhs_indices", lhs.to(at::kInt).contiguous()},
+                                          {"rhs_indices", rhs.to(at::kInt).contiguous()}};
+  return bind(std::move(plan), roles, {out});
+}
+
+}  // namespace mlxq::mps

@@ -63,3 +63,16 @@ void check_launch(const Launch& l, const PipelineLimits& limits, c10::DeviceType
 void encode_launch(const Launch& l, Encoder& enc);
 
 }  // namespace mlxq::mps
+
+namespace mlxq::mps {
+
+// affine_gather_matmul: the plan of plan_affine_gather_matmul, with the indices broadcast,
+// flattened and range-checked (mlxq::gather_flat_indices: a sync on MPS) and bound as int32
+// words (the kernels read them as uint; the plan keeps the batches below 2^31).
+Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                   const at::Tensor& scales, const at::Tensor& biases,
+                                   const std::optional<at::Tensor>& lhs_indices,
+                                   const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
+                                   int64_t bits, bool transpose);
+
+}  // namespace mlxq::mps

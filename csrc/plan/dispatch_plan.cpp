@@ -213,3 +213,48 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
 }
 
 }  // namespace mlxq::plan
+
+// --- affine_gather_matmul ---------------------------------------------------------------------
+
+namespace mlxq::plan {
+
+DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
+                                       int64_t group_size, int64_t bits, bool transpose) {
+  check_metal_bits(bits);
+  MatmulGeometry one;  // one pair: the dense plan's kernel choice and x/y geometry
+  one.w = g.w;
+  one.w.batch.clear();
+  one.M = g.M;
+  one.in_features = g.in_features;
+  one.out_features = g.out_features;
+  one.out_shape = g.out_shape;
+  DispatchPlan plan = plan_affine_matmul(one, dtype, group_size, bits, transpose);
+  const std::string prefix = "affine_";
+  plan.kernel = "affine_gather_" + plan.kernel.substr(prefix.size());
+  const int64_t pairs = c10::multiply_integers(g.index_shape);
+  // the indices are uint32 and the offsets they give are computed in 64 bits in the kernels
+  to_i32(g.x_batch, "matrices in x");
+  to_i32(g.w_batch, "matrices in wq");
+  AffineMatmulParams p;
+  std::memcpy(&p, plan.params.data(), sizeof(p));
+  p.batch = to_i32(pairs, "number of pairs");
+  p.batch_ndim = 0;
+  plan.params = to_bytes(p);
+  if (!plan.empty()) plan.grid[2] = static_cast<uint32_t>(pairs);
+  if (pairs == 0) plan.grid = {0, 0, 0};
+  plan.bindings.push_back({6, "lhs_indices"});
+  plan.bindings.push_back({7, "rhs_indices"});
+  return plan;
+}
+
+DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                       const at::Tensor& scales, const at::Tensor& biases,
+                                       const std::optional<at::Tensor>& lhs_indices,
+                                       const std::optional<at::Tensor>& rhs_indices,
+                                       int64_t group_size, int64_t bits, bool transpose) {
+  const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                               group_size, bits, transpose);
+  return plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
+}
+
+}  // namespace mlxq::plan

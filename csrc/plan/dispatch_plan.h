@@ -59,3 +59,21 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
                                     const at::Tensor& biases, int64_t group_size, int64_t bits);
 
 }  // namespace mlxq::plan
+
+namespace mlxq::plan {
+
+// affine_gather_matmul (mx.gather_qmm): the kernel affine_matmul picks for one pair ([M, in]
+// against one [rows, K] matrix) in its gather variant (affine_gather_qmv/qvm/qmm_t/qmm_n,
+// metal/affine_gather_*.metal), with grid z = the number of pairs and batch_ndim = 0. Binds the
+// broadcast, flattened indices as contiguous uint32 tensors (roles "lhs_indices" and
+// "rhs_indices") at buffers 6 and 7; their values are checked by the caller
+// (mlxq::gather_flat_indices) before a launch.
+DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
+                                       int64_t group_size, int64_t bits, bool transpose);
+DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                       const at::Tensor& scales, const at::Tensor& biases,
+                                       const std::optional<at::Tensor>& lhs_indices,
+                                       const std::optional<at::Tensor>& rhs_indices,
+                                       int64_t group_size, int64_t bits, bool transpose);
+
+}  // namespace mlxq::plan

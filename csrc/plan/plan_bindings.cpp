@@ -61,6 +61,21 @@ void register_plan_bindings(pybind11::module& m) {
       pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("biases"),
       pybind11::arg("group_size") = 64, pybind11::arg("bits") = 4,
       "Metal dispatch plan of affine_dequantize.");
+  m.def(
+      "plan_affine_gather_matmul",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
+         const std::optional<at::Tensor>& rhs_indices, int64_t group_size, int64_t bits,
+         bool transpose) {
+        return to_dict(plan_affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                                 group_size, bits, transpose));
+      },
+      pybind11::arg("x"), pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("biases"),
+      pybind11::arg("lhs_indices") = pybind11::none(),
+      pybind11::arg("rhs_indices") = pybind11::none(), pybind11::arg("group_size") = 64,
+      pybind11::arg("bits") = 4, pybind11::arg("transpose") = true,
+      "Metal dispatch plan of affine_gather_matmul (the indices are bound as flat uint32 "
+      "tensors, roles lhs_indices and rhs_indices).");
 }
 
 }  // namespace mlxq::plan

@@ -1,6 +1,7 @@
 """mlxq: MLX-quantized (affine, 2-8 bit) weights inside PyTorch.
 
-Ops: :func:`affine_quantize`, :func:`affine_dequantize`, :func:`affine_matmul`, also reachable
+Ops: :func:`affine_quantize`, :func:`affine_dequantize`, :func:`affine_matmul`,
+:func:`affine_gather_matmul` (mixture-of-experts layers), also reachable
 as ``torch.ops.mlxq.*``.
 
 transformers: after ``import mlxq``, ``AutoModelForCausalLM.from_pretrained(path_or_repo)``
@@ -16,6 +17,7 @@ from mlxq.integrations.registration import install as _install_transformers_hook
 from mlxq.nn import AffineEmbedding, AffineLinear  # noqa: E402
 from mlxq.ops import (
     affine_dequantize,
+    affine_gather_matmul,
     affine_matmul,
     affine_quantize,
     dequantize,
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = ["affine_quantize", "affine_dequantize", "affine_matmul", "__version__"]
 __all__ += ["AffineLinear", "AffineEmbedding", "quantize_model", "MLXQuantConfig"]
 __all__ += ["backend_info", "quantize", "dequantize", "quantized_matmul"]
+__all__ += ["affine_gather_matmul"]
 
 # Metal kernels for MPS tensors: prebuilt, runtime-compiled or off (see mlxq.metal_backend)
 _metal_backend.install()

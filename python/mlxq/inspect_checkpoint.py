@@ -264,7 +264,14 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     used: set[str] = set()
     formats: dict[str, Any] = {}
+    moe_modules: list[str] = []  # replaced whole by mlxq.moe: their float keys do not apply
     for name, module in model.named_modules():
+        moe_rows = _moe_rows(name, module, headers, qconfig, problems) if mlx_q else None
+        if moe_rows is not None:  # MoE experts and quantized routers (mlxq.moe)
+            moe_modules.append(name)
+            report.modules.extend(moe_rows)
+            used.update(k for k in headers for r in moe_rows if k.rpartition(".")[0] == r.name)
+            continue
         plan = swap_plan(name, module) if name else None  # the loader's own rule
         if plan is None:
             continue
@@ -323,7 +330,12 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         check_all_quantized_tensors_used(model, headers, {m.name for m in report.modules})
     except NotImplementedError as error:
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
-    if mlx_q and (missing := missing_tensors(model, set(headers))):
+    missing = [
+        key
+        for key in missing_tensors(model, set(headers))
+        if not any(key.startswith(f"{m}.") for m in moe_modules)
+    ]
+    if mlx_q and missing:
         problems.append(Problem("error", missing_message(missing)))
     if mlx_q and folder_is_local:
         for error in _nonfinite_scales(folder, headers_by_file):
@@ -452,3 +464,62 @@ def format_report(report: CheckpointReport, every_module: bool = False) -> str:
     else:
         lines.append("problems     none")
     return "\n".join(lines)
+
+
+def _moe_rows(name: str, module, headers: dict, qconfig, problems: list[Problem]):
+    """Report rows for a MoE experts module (one per stacked projection) or a quantized
+    router, as the loader replaces them (mlxq.integrations.moe_loading); None for any other
+    module (and for routers the checkpoint keeps float: they are reported as they are)."""
+    from mlxq.integrations.moe_loading import PROJECTIONS, stored_stack_format
+    from mlxq.integrations.quantizer import stored_format
+    from mlxq.swap import moe_plan
+
+    plan = moe_plan(name, module)
+    if plan is None:
+        return None
+    rows: list[ModuleReport] = []
+    try:
+        if plan.kind == "router":
+            fmt = stored_format(name, plan.in_features, plan.out_features, headers, qconfig)
+            if fmt is None:
+                return None
+            plan.require()
+            row = ModuleReport(
+                name,
+                plan.cls_name,
+                plan.out_features,
+                plan.in_features,
+                None,
+                None,
+                None,
+                plan.in_features * plan.out_features,
+                0,
+                "",
+            )
+            row.bits, row.group_size, row.mode = fmt.bits, fmt.group_size, fmt.mode
+            row.bytes = sum(_nbytes(v) for k, v in headers.items() if k.startswith(name + "."))
+            row.action = "mlxq quantized router: its own forward, F.linear on the packed weight"
+            return [row]
+        if f"{name}.gate_up_proj" in headers:
+            return None  # transformers' own float layout
+        plan.require()
+        hidden, inter, e = plan.in_features, plan.out_features, plan.num_experts
+        shapes = {"gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                  "down_proj": (inter, hidden)}  # fmt: skip
+        for proj in PROJECTIONS:
+            k, n = shapes[proj]
+            full = f"{name}.{proj}"
+            fmt = stored_stack_format(full, e, k, n, headers, qconfig)
+            row = ModuleReport(full, f"{e} experts", n, k, None, None, None, e * k * n, 0, "")
+            row.bytes = sum(_nbytes(v) for key, v in headers.items() if key.startswith(full + "."))
+            if fmt is None:
+                row.action = "mlxq SwitchLinear, float experts"
+            else:
+                row.bits, row.group_size, row.mode = fmt.bits, fmt.group_size, fmt.mode
+                row.action = "mlxq AffineSwitchLinear: affine_gather_matmul, selected experts only"
+            rows.append(row)
+    except (ValueError, NotImplementedError) as error:
+        problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+        return [ModuleReport(name, plan.cls_name, 0, 0, None, None, None, 0, 0,
+                             "cannot load (see problems)")]  # fmt: skip
+    return rows

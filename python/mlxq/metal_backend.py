@@ -58,7 +58,7 @@ __all__ = [
 logger = logging.getLogger("mlxq")
 
 PATHS = ("auto", "prebuilt", "runtime", "off")
-OPS = ("affine_quantize", "affine_dequantize", "affine_matmul")
+OPS = ("affine_quantize", "affine_dequantize", "affine_matmul", "affine_gather_matmul")
 _PKG_DIR = Path(__file__).resolve().parent
 
 
@@ -112,6 +112,10 @@ def expected_kernel_names() -> set[str]:
                     for transpose, width in ((True, k), (False, n)):
                         x = torch.empty(m, width, dtype=dtype, **meta)
                         plan = _C.plan_affine_matmul(x, wq, s, s, gs, bits, transpose)
+                        names.add(plan["kernel"])
+                        plan = _C.plan_affine_gather_matmul(
+                            x, wq, s, s, None, None, gs, bits, transpose
+                        )
                         names.add(plan["kernel"])
     return names
 
@@ -264,7 +268,25 @@ def _register_runtime_kernels(runner: RuntimeKernels, lib: Any = None) -> None:
         runner.run(launch)
         return launch["outputs"][0]
 
-    for op, fn in zip(OPS, (quantize, dequantize, matmul), strict=True):
+    def gather_matmul(
+        x,
+        wq,
+        scales,
+        biases,
+        lhs_indices=None,
+        rhs_indices=None,
+        group_size=64,
+        bits=4,
+        transpose=True,
+        sorted_indices=False,
+    ):
+        launch = _C.mps_launch_affine_gather_matmul(
+            x, wq, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose
+        )
+        runner.run(launch)
+        return launch["outputs"][0]
+
+    for op, fn in zip(OPS, (quantize, dequantize, matmul, gather_matmul), strict=True):
         torch.library.register_kernel(f"mlxq::{op}", "mps", fn, lib=lib)
 
 

@@ -416,3 +416,108 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "mlxq::fp_quantize", _fp_quantize_backward, setup_context=_no_grad_setup_context
 )
+
+
+# --- affine_gather_matmul: MLX's gather_qmm (mixture-of-experts layers) ------------------------
+
+__all__ += ["affine_gather_matmul"]
+
+
+def affine_gather_matmul(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    lhs_indices: torch.Tensor | None = None,
+    rhs_indices: torch.Tensor | None = None,
+    group_size: int = 64,
+    bits: int = 4,
+    transpose: bool = True,
+    sorted_indices: bool = False,
+) -> torch.Tensor:
+    """Quantized matmul with a gather over matrices, like `mx.gather_qmm`.
+
+    `x` is `[..., M, in]` (a batch of matrices), `wq` `[..., rows, K*bits/32]` (e.g. one matrix
+    per expert). `lhs_indices` and `rhs_indices` hold flat indices into the batch dimensions of
+    `x` and `wq` (absent: an arange over that batch, reshaped to it); they broadcast together to
+    a shape `I`, and the output `[*I, M, out]` holds `x[lhs[i]] @ W[rhs[i]].T` (or `@ W` with
+    transpose=False). Same numerics as :func:`affine_matmul` (fp32 dequantize and accumulate,
+    output in the dtype of `x`); each selected matrix is read once per call, however many pairs
+    use it. `sorted_indices` is a hint that `rhs_indices` is sorted; results do not depend on it.
+    """
+    return torch.ops.mlxq.affine_gather_matmul(
+        x, wq, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose, sorted_indices
+    )
+
+
+def _index_shape(indices: torch.Tensor | None, batch) -> list[int]:
+    return list(indices.shape) if indices is not None else list(batch)
+
+
+@torch.library.register_fake("mlxq::affine_gather_matmul")
+def _gather_matmul_fake(
+    x,
+    wq,
+    scales,
+    biases,
+    lhs_indices=None,
+    rhs_indices=None,
+    group_size: int = 64,
+    bits: int = 4,
+    transpose: bool = True,
+    sorted_indices: bool = False,
+):
+    torch._check_value(group_size > 0, lambda: f"mlxq: group_size must be > 0, got {group_size}")
+    tensors = dict(x=x, wq=wq, scales=scales, biases=biases)
+    tensors.update({k: v for k, v in (("lhs_indices", lhs_indices), ("rhs_indices", rhs_indices))})
+    _check_one_device(**{k: v for k, v in tensors.items() if v is not None})
+    torch._check_value(x.dim() >= 2, lambda: "mlxq: x must have at least 2 dimensions [..., M, K]")
+    torch._check_value(wq.dim() >= 2, lambda: "mlxq: wq must have at least 2 dimensions")
+    rows, cols = wq.shape[-2], scales.shape[-1] * group_size
+    out_features = rows if transpose else cols
+    index_shape = torch.broadcast_shapes(
+        _index_shape(lhs_indices, x.shape[:-2]), _index_shape(rhs_indices, wq.shape[:-2])
+    )
+    return x.new_empty([*index_shape, x.shape[-2], out_features])
+
+
+def _gather_setup_context(ctx, inputs, output) -> None:
+    x, wq, scales, biases, lhs, rhs, group_size, bits, transpose, sorted_indices = inputs
+    ctx.save_for_backward(wq, scales, biases, lhs, rhs)
+    ctx.x_shape = x.shape
+    ctx.args = (group_size, bits, transpose)
+
+
+def _gather_backward(ctx, grad):
+    # y[i] = x[lhs[i]] @ op(W[rhs[i]]): dx[l] = sum over i with lhs[i] = l of grad[i] @ op(W)^T,
+    # i.e. the same gather with the other transpose, scattered back onto x's batch.
+    wq, scales, biases, lhs, rhs = ctx.saved_tensors
+    group_size, bits, transpose = ctx.args
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        _raise_constant_weight(
+            "affine_gather_matmul", ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        )
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 10
+    x_shape = ctx.x_shape
+    index_shape = grad.shape[:-2]
+    x_batch = x_shape[:-2]
+    if lhs is None:
+        lhs = torch.arange(x_shape[:-2].numel(), device=grad.device).reshape(x_batch)
+    if rhs is None:
+        rhs = torch.arange(wq.shape[:-2].numel(), device=grad.device).reshape(wq.shape[:-2])
+    lhs_flat = lhs.long().expand(index_shape).reshape(-1)
+    rhs_flat = rhs.expand(index_shape).reshape(-1)
+    pairs = lhs_flat.numel()
+    g = grad.reshape(pairs, grad.shape[-2], grad.shape[-1])
+    part = torch.ops.mlxq.affine_gather_matmul(
+        g, wq, scales, biases, None, rhs_flat, group_size, bits, not transpose, False
+    )
+    grad_x = part.new_zeros(x_batch.numel(), x_shape[-2], x_shape[-1])
+    grad_x.index_add_(0, lhs_flat, part)
+    return (grad_x.reshape(x_shape),) + (None,) * 9
+
+
+torch.library.register_autograd(
+    "mlxq::affine_gather_matmul", _gather_backward, setup_context=_gather_setup_context
+)

@@ -23,7 +23,7 @@ from mlxq.format import (
     is_skipped,
 )
 from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding, TiedAffineHead
-from mlxq.swap import is_conv1d, swap_plan
+from mlxq.swap import is_conv1d, moe_plan, swap_plan
 
 __all__ = ["quantize_model", "dequantize_model"]
 
@@ -79,6 +79,13 @@ def quantize_model(
         if tied and module is output_emb:
             head_name = name
             continue
+        moe = moe_plan(name, module) if name else None
+        if moe is not None and moe.kind == "experts" and _format(name, top, overrides, skip):
+            raise NotImplementedError(
+                f"mlxq.quantize_model: module {name!r} ({moe.cls_name}) holds fused MoE experts, "
+                "which mlxq quantizes only when it loads an mlx-lm checkpoint so far (convert "
+                f"with mlx_lm.convert), or keep it float: modules_to_not_convert=[{name!r}]"
+            )
         plan = swap_plan(name, module) if name else None
         if plan is None:
             continue
@@ -201,6 +208,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         else:
             continue
         model.set_submodule(name, new)
+    from mlxq.moe import dequantize_moe
+
+    dequantize_moe(model, dtype)  # MoE experts, routers, DeepSeek V3's split kv_b_proj
     for name, module in list(model.named_modules()):
         if isinstance(module, TiedAffineHead):  # tie the float head to the float embedding
             emb = model.get_input_embeddings()

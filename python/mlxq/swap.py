@@ -16,7 +16,9 @@ with an error naming the module and its class.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import re
 import textwrap
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
 
-__all__ = ["SwapPlan", "swap_plan", "is_conv1d"]
+__all__ = ["SwapPlan", "swap_plan", "is_conv1d", "MoePlan", "moe_plan"]
 
 # The bodies of the scaled-embedding forwards mlxq reproduces (whitespace removed), and whether
 # the scale is a tensor cast to the weight's dtype (True) or a Python float (False).
@@ -213,3 +215,115 @@ def swap_plan(name: str, module: nn.Module) -> SwapPlan | None:
 
 def _refuse(plan: SwapPlan, why: str) -> SwapPlan:
     return SwapPlan(**{**vars(plan), "refusal": why})
+
+
+# --- mixture-of-experts: fused experts and routers ---------------------------------------------
+#
+# transformers 5 keeps a MoE block's experts fused (`gate_up_proj` [E, 2I, H], `down_proj`
+# [E, H, I]) in an `*Experts` module whose eager forward is the same loop in every architecture
+# that has it; mlxq replaces such a module by :class:`mlxq.moe.MoeExperts` only when that
+# forward is the one it reproduces. Routers (`*TopKRouter`, or any module with a 2-D weight)
+# keep their own forward when quantized, which is exact when that forward reaches the weight
+# only through `F.linear(x, self.weight[, bias])` (or nn.Linear's forward through super()).
+
+# sha256 of the whitespace-free body of transformers 5's eager experts forward (e.g.
+# MixtralExperts.forward before `use_experts_implementation` wraps it): one-hot mask over the
+# experts hit, `act_fn(gate) * up` from `gate_up_proj[e]`, `down_proj[e]`, times the routing
+# weight, `index_add_` into the output. Checked against Mixtral, Qwen2/Qwen3-MoE, OLMoE,
+# PhiMoE, GraniteMoE, DeepSeek V2/V3 and GLM-4-MoE in transformers 5.24.
+_EAGER_EXPERTS_DIGEST = "9aeb8813b50f2bd3ebab6a861ae28a9bd91af7cb79009da5ddf793d92690033c"
+
+_LINEAR_USE = re.compile(
+    r"(?:\bF|functional)\.linear\(\w+,self\.weight(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
+)
+_WEIGHT_USE = re.compile(r"self\.weight(?!\w)")
+
+
+def _experts_digest(cls: type) -> str | None:
+    """sha256 of the whitespace-free body of the eager forward an experts class wraps."""
+    forward = getattr(cls.forward, "__wrapped__", None)
+    if forward is None:
+        return None
+    holder = type("_Holder", (), {"forward": forward})
+    body = _forward_body(holder)
+    return hashlib.sha256(body.encode()).hexdigest() if body else None
+
+
+@dataclass(frozen=True)
+class MoePlan:
+    """How a MoE module maps onto mlxq's: `kind` is "experts" (fused `gate_up_proj` and
+    `down_proj`) or "router" (a module whose forward uses its 2-D weight through F.linear)."""
+
+    name: str
+    cls_name: str
+    kind: str
+    num_experts: int = 0
+    in_features: int = 0  # router: K; experts: hidden size
+    out_features: int = 0  # router: rows; experts: intermediate size
+    refusal: str | None = None
+
+    def require(self) -> MoePlan:
+        """This plan, or a NotImplementedError naming the module when mlxq cannot replace it."""
+        if self.refusal is not None:
+            raise NotImplementedError(
+                f"mlxq: module {self.name!r} ({self.cls_name}): {self.refusal}; mlxq replaces "
+                "only MoE experts whose forward is transformers' eager experts loop and routers "
+                "that use their weight only through F.linear"
+            )
+        return self
+
+
+def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
+    """The MoE plan of `module`: fused experts, or a router: a module with a 2-D `weight`
+    parameter that is not an nn.Linear, nn.Embedding or Conv1D (those are :func:`swap_plan`'s),
+    or an nn.Linear subclass named `*Router`; None otherwise."""
+    cls = type(module)
+    params = dict(module.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if gate_up is not None and down is not None and gate_up.dim() == 3:
+        e, two_i, hidden = gate_up.shape
+        plan = MoePlan(name, cls.__name__, "experts", e, hidden, two_i // 2)
+        digest = _experts_digest(cls)
+        if digest is None or digest != _EAGER_EXPERTS_DIGEST:
+            return _refuse_moe(plan, "its forward is not transformers' eager experts loop")
+        flags = {
+            "has_gate": True,
+            "has_bias": False,
+            "is_transposed": False,
+            "is_concatenated": True,
+            "has_post_expert_norm": False,
+        }
+        for flag, want in flags.items():
+            if getattr(module, flag, want) != want:
+                return _refuse_moe(plan, f"{flag}={getattr(module, flag)} is not supported")
+        from transformers.integrations.moe import _default_apply_gate
+
+        if getattr(cls, "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+            return _refuse_moe(plan, "it overrides _apply_gate")
+        if tuple(down.shape) != (e, hidden, two_i // 2) or two_i % 2:
+            return _refuse_moe(plan, f"down_proj {list(down.shape)} does not fit gate_up_proj")
+        return plan
+    weight = params.get("weight")
+    if weight is None or weight.dim() != 2:
+        return None
+    if isinstance(module, nn.Embedding) or is_conv1d(module):
+        return None  # swap_plan's business
+    if isinstance(module, nn.Linear) and not cls.__name__.endswith("Router"):
+        return None  # swap_plan's (an nn.Linear subclass named *Router is PhiMoE's router)
+    out_features, in_features = weight.shape
+    plan = MoePlan(name, cls.__name__, "router", 0, in_features, out_features)
+    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+    body = _forward_body(owner) or ""
+    uses = _LINEAR_USE.findall(body)
+    supers = [u for u in uses if u.startswith("super")]
+    if supers and owner.__mro__[1].forward is not nn.Linear.forward:
+        return _refuse_moe(plan, "its forward calls a super().forward mlxq does not know")
+    if supers and not isinstance(module, nn.Linear):
+        return _refuse_moe(plan, "its forward calls super().forward")
+    if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) or not uses:
+        return _refuse_moe(plan, "its forward uses self.weight other than in F.linear(x, w)")
+    return plan
+
+
+def _refuse_moe(plan: MoePlan, why: str) -> MoePlan:
+    return MoePlan(**{**vars(plan), "refusal": why})

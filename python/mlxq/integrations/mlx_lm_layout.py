@@ -63,7 +63,7 @@ LAYOUTS: dict[str, MlxLayout] = {
 def checkpoint_layout(model_type: str | None, keys: Iterable[str]) -> MlxLayout | None:
     """mlx-lm's layout when the checkpoint of a `model_type` model uses it, else None."""
     layout = LAYOUTS.get(model_type or "")
-    if layout is None or not any(k.startswith(layout.marker) for k in keys):
+    if layout is None or not any(_has_marker(k, layout.marker) for k in keys):
         return None
     return layout
 
@@ -123,3 +123,38 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
     if model_type == "gpt2" and "n_positions" in cfg:
         out["n_ctx"] = cfg["n_positions"]
     return {k: v for k, v in out.items() if k not in cfg}
+
+
+# Mixture-of-experts: mlx-lm stacks each expert projection as `<block>.switch_mlp.<proj>.*`
+# (gpt-oss: `mlp.experts.<proj>`); mlxq's MoeExperts holds them as `<block>.experts.<proj>.*`
+# (where transformers 5 has its fused experts module), so only the folder name changes. A
+# marker that starts with "." is looked for anywhere in a key.
+# The renames name the block too: saving applies them backwards with the target as the
+# pattern, and a bare `.experts.` would also match `shared_experts.` (DeepSeek, GLM).
+_MOE_RENAMES = ((r"\.mlp\.switch_mlp\.", ".mlp.experts."),)
+_MOE_RENAMES_BLOCK = ((r"\.block_sparse_moe\.switch_mlp\.", ".block_sparse_moe.experts."),)
+for _model_type in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "glm4_moe"):
+    LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
+LAYOUTS["mixtral"] = MlxLayout("mixtral", _MOE_RENAMES_BLOCK, ".switch_mlp.")
+# DeepSeek V3: mlx-lm splits `self_attn.kv_b_proj` into `embed_q` and `unembed_out`
+# (mlxq.mla.SplitKvB holds them under kv_b_proj)
+LAYOUTS["deepseek_v3"] = MlxLayout(
+    "deepseek_v3",
+    ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
+    ".switch_mlp.",
+)
+# transformers renames PhiMoE's `gate.weight` (only) to `router.weight`: rename the router's
+# folder for all its tensors (transformers' `.block_sparse_moe.` -> `.mlp.` chains after it)
+LAYOUTS["phimoe"] = MlxLayout(
+    "phimoe",
+    ((r"\.block_sparse_moe\.gate\.", ".block_sparse_moe.router."), *_MOE_RENAMES_BLOCK),
+    ".switch_mlp.",
+)
+# mlx-lm's GraniteMoE router is a `GraniteMoeTopKGating` holding an nn.Linear `layer`
+LAYOUTS["granitemoe"] = MlxLayout(
+    "granitemoe", (*_MOE_RENAMES_BLOCK, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
+)
+
+
+def _has_marker(key: str, marker: str) -> bool:
+    return marker in key if marker.startswith(".") else key.startswith(marker)

@@ -32,12 +32,18 @@ from mlxq.integrations.mlx_vlm_layout import (
     checkpoint_vlm_layout,
     mlx_vlm_config_keys,
 )
+from mlxq.integrations.moe_loading import (
+    check_moe_tensors_loaded,
+    replace_moe_module,
+    replace_split_kv_b,
+)
+from mlxq.moe import AffineSwitchLinear
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
     TiedAffineHead,
 )
-from mlxq.swap import swap_plan
+from mlxq.swap import moe_plan, swap_plan
 
 __all__ = [
     "MLXHfQuantizer",
@@ -374,8 +380,8 @@ def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used
             kind = "no such module"
         raise NotImplementedError(
             f"mlxq: {key}: module {name!r} ({kind}) of {type(model).__name__} is quantized in the "
-            "checkpoint, but mlxq runs quantized nn.Linear and nn.Embedding modules only "
-            "(e.g. not fused MoE experts yet)"
+            "checkpoint, but mlxq runs quantized nn.Linear and nn.Embedding modules, MoE experts "
+            "and routers only"
         )
 
 
@@ -490,6 +496,14 @@ class MLXHfQuantizer(HfQuantizer):
         config = _with_model_names(model, self.quantization_config)
         replaced: set[str] = set()
         for name, module in list(model.named_modules()):
+            moe = moe_plan(name, module)  # MoE experts and routers (integrations/moe_loading.py)
+            if moe is not None:
+                replaced |= replace_moe_module(model, name, module, moe, headers, config)
+                continue
+            split = replace_split_kv_b(model, name, module, headers, config)  # DeepSeek V3
+            if split is not None:
+                replaced |= split
+                continue
             plan = swap_plan(name, module)
             if plan is None:
                 continue
@@ -531,7 +545,9 @@ class MLXHfQuantizer(HfQuantizer):
                 modules_to_not_convert=config.modules_to_not_convert,
             )
         for name, module in model.named_modules():
-            if isinstance(module, (AffineLinear, AffineEmbedding)):
+            if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
+                module, "_mlxq_name"
+            ):
                 for tensor_name, tensor in module.named_buffers(recurse=False):
                     if tensor.device.type == "meta":
                         raise ValueError(
@@ -541,6 +557,7 @@ class MLXHfQuantizer(HfQuantizer):
                         check_finite(f"{name}.{tensor_name}", tensor)
         if self.pre_quantized:
             check_nothing_missing(model)
+        check_moe_tensors_loaded(model)
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         return model

@@ -104,3 +104,57 @@ def affine_matmul(
             },
         )
     return out
+
+
+__all__ += ["affine_gather_matmul"]
+
+
+def _flat_indices(indices, batch, shape, limit: int, name: str) -> torch.Tensor:
+    """The indices (an arange over `batch` when absent) broadcast to `shape`, flattened, as the
+    contiguous uint32 tensor the gather kernels read; values outside [0, limit) are refused."""
+    if indices is None:
+        indices = torch.arange(max(1, int(torch.Size(batch).numel()))).reshape(batch)
+    flat = indices.to(torch.int64).broadcast_to(shape).reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= limit):
+        raise IndexError(f"mlxq: {name} values must lie in [0, {limit})")
+    return flat.to(torch.int32).contiguous().view(torch.uint32)
+
+
+def affine_gather_matmul(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    lhs_indices: torch.Tensor | None = None,
+    rhs_indices: torch.Tensor | None = None,
+    group_size: int = 64,
+    bits: int = 4,
+    transpose: bool = True,
+    sorted_indices: bool = False,
+) -> torch.Tensor:
+    """`mlxq.affine_gather_matmul` run by the gather kernel the plan picks
+    (affine_gather_qmv, _qvm, _qmm_t or _qmm_n); `sorted_indices` is only a hint."""
+    plan = _C.plan_affine_gather_matmul(
+        x, wq, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose
+    )
+    out = _poisoned(plan["out_shapes"][0], x.dtype)
+    if not plan["empty"]:
+        shape = out.shape[:-2]
+        x_batch, w_batch = x.shape[:-2], wq.shape[:-2]
+        run_plan(
+            plan,
+            {
+                "x": x.contiguous(),
+                "wq": _packed(wq),
+                "scales": scales.to(x.dtype).contiguous(),
+                "biases": biases.to(x.dtype).contiguous(),
+                "out": out,
+                "lhs_indices": _flat_indices(
+                    lhs_indices, x_batch, shape, x_batch.numel(), "lhs_indices"
+                ),
+                "rhs_indices": _flat_indices(
+                    rhs_indices, w_batch, shape, w_batch.numel(), "rhs_indices"
+                ),
+            },
+        )
+    return out

@@ -1,0 +1,78 @@
+// Gather entry point of qvm (see affine_gather.h): decode-shaped pairs, x @ W. Host names
+// affine_gather_qvm_*; geometry as affine_qvm with grid z = the number of pairs; buffers 6 and
+// 7: the flat uint32 lhs/rhs indices; threadgroup memory 0 as affine_qvm.
+#include <metal_stdlib>
+using namespace metal;
+
+#include "affine_gather.h"
+#include "affine_qvm.h"
+
+template <typename T, int GS, int BITS>
+[[kernel]] void affine_gather_qvm(
+    const device T* x [[buffer(0)]], const device uint* wq [[buffer(1)]],
+    const device T* scales [[buffer(2)]], const device T* biases [[buffer(3)]],
+    device T* y [[buffer(4)]], constant AffineMatmulParams& p [[buffer(5)]],
+    const device uint* lhs [[buffer(6)]], const device uint* rhs [[buffer(7)]],
+    threadgroup float* tg [[threadgroup(0)]], uint3 tgid [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  const mlxq::GatherOffsets o = mlxq::gather_offsets<BITS>(p, lhs, rhs, tgid.z);
+  mlxq::affine_qvm_impl<T, GS, BITS>(x + o.x, wq + o.w, scales + o.s, biases + o.s, y + o.y, p, tg,
+                                     uint3(tgid.x, tgid.y, 0u), tid);
+}
+
+// clang-format off
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs32_b2", affine_gather_qvm, float, 32, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs32_b3", affine_gather_qvm, float, 32, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs32_b4", affine_gather_qvm, float, 32, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs32_b5", affine_gather_qvm, float, 32, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs32_b6", affine_gather_qvm, float, 32, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs32_b8", affine_gather_qvm, float, 32, 8)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs64_b2", affine_gather_qvm, float, 64, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs64_b3", affine_gather_qvm, float, 64, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs64_b4", affine_gather_qvm, float, 64, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs64_b5", affine_gather_qvm, float, 64, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs64_b6", affine_gather_qvm, float, 64, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs64_b8", affine_gather_qvm, float, 64, 8)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs128_b2", affine_gather_qvm, float, 128, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs128_b3", affine_gather_qvm, float, 128, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs128_b4", affine_gather_qvm, float, 128, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs128_b5", affine_gather_qvm, float, 128, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs128_b6", affine_gather_qvm, float, 128, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_float_gs128_b8", affine_gather_qvm, float, 128, 8)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs32_b2", affine_gather_qvm, half, 32, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs32_b3", affine_gather_qvm, half, 32, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs32_b4", affine_gather_qvm, half, 32, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs32_b5", affine_gather_qvm, half, 32, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs32_b6", affine_gather_qvm, half, 32, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs32_b8", affine_gather_qvm, half, 32, 8)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs64_b2", affine_gather_qvm, half, 64, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs64_b3", affine_gather_qvm, half, 64, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs64_b4", affine_gather_qvm, half, 64, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs64_b5", affine_gather_qvm, half, 64, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs64_b6", affine_gather_qvm, half, 64, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs64_b8", affine_gather_qvm, half, 64, 8)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs128_b2", affine_gather_qvm, half, 128, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs128_b3", affine_gather_qvm, half, 128, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs128_b4", affine_gather_qvm, half, 128, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs128_b5", affine_gather_qvm, half, 128, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs128_b6", affine_gather_qvm, half, 128, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_half_gs128_b8", affine_gather_qvm, half, 128, 8)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs32_b2", affine_gather_qvm, bfloat, 32, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs32_b3", affine_gather_qvm, bfloat, 32, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs32_b4", affine_gather_qvm, bfloat, 32, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs32_b5", affine_gather_qvm, bfloat, 32, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs32_b6", affine_gather_qvm, bfloat, 32, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs32_b8", affine_gather_qvm, bfloat, 32, 8)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs64_b2", affine_gather_qvm, bfloat, 64, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs64_b3", affine_gather_qvm, bfloat, 64, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs64_b4", affine_gather_qvm, bfloat, 64, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs64_b5", affine_gather_qvm, bfloat, 64, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs64_b6", affine_gather_qvm, bfloat, 64, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs64_b8", affine_gather_qvm, bfloat, 64, 8)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs128_b2", affine_gather_qvm, bfloat, 128, 2)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs128_b3", affine_gather_qvm, bfloat, 128, 3)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs128_b4", affine_gather_qvm, bfloat, 128, 4)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs128_b5", affine_gather_qvm, bfloat, 128, 5)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs128_b6", affine_gather_qvm, bfloat, 128, 6)
+MLXQ_INSTANTIATE("affine_gather_qvm_bfloat_gs128_b8", affine_gather_qvm, bfloat, 128, 8)
+// clang-format on

@@ -1,0 +1,98 @@
+"""DeepSeek V3 multi-head latent attention as mlx-lm stores it.
+
+mlx-lm splits transformers' `self_attn.kv_b_proj` (`[heads * (qk_nope + v_head), kv_lora]`)
+per head into `embed_q` (the key part, transposed: `[heads, kv_lora, qk_nope]`) and
+`unembed_out` (the value part: `[heads, v_head, kv_lora]`), each quantized along its own last
+axis or left float (small models: `qk_nope` below the group size). :class:`SplitKvB` is
+`kv_b_proj` on top of the two, with transformers' output layout (per head: the `qk_nope` key
+values, then the `v_head` values), so the attention module runs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlxq.ops import affine_matmul
+
+__all__ = ["MultiLinear", "AffineMultiLinear", "SplitKvB"]
+
+
+class MultiLinear(nn.Module):
+    """Per-head float weights `[heads, out, in]`: `forward(x, transpose)` is `x @ W[h].T`
+    (or `x @ W[h]`) for every head h, x broadcast over the heads."""
+
+    def __init__(self, heads: int, in_features: int, out_features: int, dtype, device) -> None:
+        super().__init__()
+        w = torch.empty(heads, out_features, in_features, dtype=dtype, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        return torch.matmul(x, w.transpose(-1, -2) if transpose else w)
+
+
+class AffineMultiLinear(nn.Module):
+    """Per-head MLX-quantized weights (mlx-lm's `QuantizedMultiLinear`): packed `weight`
+    `[heads, out, in*bits/32]`, `scales`/`biases` `[heads, out, in/group_size]`."""
+
+    def __init__(
+        self,
+        heads: int,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        dtype,
+        device,
+    ) -> None:
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        kw = dict(device=device)
+        packed = in_features * bits // 32
+        self.register_buffer(
+            "weight", torch.empty(heads, out_features, packed, dtype=torch.uint32, **kw)
+        )
+        groups = in_features // group_size
+        self.register_buffer("scales", torch.empty(heads, out_features, groups, dtype=dtype, **kw))
+        self.register_buffer("biases", torch.empty_like(self.scales))
+
+    def forward(self, x: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+        return affine_matmul(
+            x, self.weight, self.scales, self.biases, self.group_size, self.bits, transpose
+        )
+
+
+class SplitKvB(nn.Module):
+    """transformers' `kv_b_proj` from mlx-lm's `embed_q` and `unembed_out`."""
+
+    def __init__(
+        self,
+        heads: int,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        v_head_dim: int,
+        embed_q: nn.Module,
+        unembed_out: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_lora_rank = heads, kv_lora_rank
+        self.qk_nope_head_dim, self.v_head_dim = qk_nope_head_dim, v_head_dim
+        self.in_features = kv_lora_rank
+        self.out_features = heads * (qk_nope_head_dim + v_head_dim)
+        self.embed_q, self.unembed_out = embed_q, unembed_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(1, -1, self.kv_lora_rank)  # one x matrix, broadcast over the heads
+        k = self.embed_q(flat, transpose=False)  # [heads, T, qk_nope]
+        v = self.unembed_out(flat)  # [heads, T, v_head]
+        out = torch.cat([k, v], dim=-1).transpose(0, 1)  # [T, heads, qk_nope + v_head]
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.heads}, kv_lora_rank={self.kv_lora_rank}, "
+            f"qk_nope_head_dim={self.qk_nope_head_dim}, v_head_dim={self.v_head_dim} "
+            "(mlx-lm's embed_q / unembed_out)"
+        )

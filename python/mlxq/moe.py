@@ -1,0 +1,329 @@
+"""Mixture-of-experts modules holding MLX-quantized experts and routers.
+
+mlx-lm stores the experts of a layer as one stacked tensor per projection
+(`switch_mlp.{gate,up,down}_proj.weight` `[E, out, in*bits/32]`, scales and biases
+`[E, out, in/group_size]`). :class:`AffineSwitchLinear` keeps such a stack packed and
+multiplies only the experts each token selected (:func:`mlxq.affine_gather_matmul`);
+:class:`MoeExperts` is the experts module of a transformers MoE block on top of three of them.
+
+Routers (transformers' `*TopKRouter`) are quantized by mlx-lm as the linear layers they are in
+MLX, but in transformers each has its own forward (softmax/top-k/normalisation). mlxq keeps that
+forward as it is and only changes what `self.weight` is: an :class:`AffineWeight`, on which
+`F.linear(x, self.weight[, bias])` runs the quantized matmul (through `__torch_function__`) and
+any other use raises an error naming the module (see :func:`quantized_router`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlxq.ops import affine_dequantize, affine_gather_matmul, affine_matmul, affine_quantize
+
+__all__ = ["AffineSwitchLinear", "SwitchLinear", "MoeExperts", "AffineWeight", "quantized_router"]
+
+
+class AffineSwitchLinear(nn.Module):
+    """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`).
+
+    `forward(x, indices)` follows `mx.gather_qmm`: `x` `[..., M, in]` and `indices` broadcast
+    (absent x indices are an arange over x's batch), output `[*I, M, out]`.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 64,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = (
+            num_experts,
+            in_features,
+            out_features,
+        )
+        self.bits, self.group_size = bits, group_size
+        packed = in_features * bits // 32
+        groups = in_features // group_size
+        kw = dict(device=device)
+        self.register_buffer(
+            "weight", torch.empty(num_experts, out_features, packed, dtype=torch.uint32, **kw)
+        )
+        self.register_buffer(
+            "scales", torch.empty(num_experts, out_features, groups, dtype=dtype, **kw)
+        )
+        self.register_buffer("biases", torch.empty_like(self.scales))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int, group_size: int) -> AffineSwitchLinear:
+        """Quantize a stacked float weight `[E, out, in]` as `mlx.nn.quantize` would."""
+        e, out_features, in_features = weight.shape
+        module = cls(e, in_features, out_features, bits, group_size, weight.dtype, weight.device)
+        module.weight, module.scales, module.biases = affine_quantize(
+            weight.detach().contiguous(), group_size, bits
+        )
+        return module
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
+    ) -> torch.Tensor:
+        return affine_gather_matmul(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            None,
+            indices,
+            self.group_size,
+            self.bits,
+            True,
+            sorted_indices,
+        )
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float weights `[E, out, in]`, in the dtype of `scales`."""
+        return affine_dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        )
+
+
+class SwitchLinear(nn.Module):
+    """Float stacked experts `[E, out, in]` (a stack mlx-lm left unquantized), with the same
+    `forward(x, indices)` as :class:`AffineSwitchLinear`."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = (
+            num_experts,
+            in_features,
+            out_features,
+        )
+        w = torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
+    ) -> torch.Tensor:
+        w = self.weight[indices]  # [*I, out, in]
+        return torch.matmul(x, w.transpose(-1, -2).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, "
+            f"out_features={self.out_features}"
+        )
+
+
+class MoeExperts(nn.Module):
+    """The experts of a transformers MoE block (`*Experts`, fused `gate_up_proj`/`down_proj`)
+    as three stacked projections in mlx-lm's layout (`gate_proj`, `up_proj`, `down_proj`).
+
+    `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])` is transformers'
+    eager experts loop: `down(act(gate(x)) * up(x))` per selected expert, weighted and summed
+    over the k experts of each token; only the selected experts' weights are read.
+    """
+
+    def __init__(
+        self,
+        gate_proj: nn.Module,
+        up_proj: nn.Module,
+        down_proj: nn.Module,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.act_fn = act_fn
+        self.num_experts = gate_proj.num_experts
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden = hidden_states.shape[-1]
+        x = hidden_states.reshape(-1, 1, 1, hidden)  # [T, 1, 1, H]: one x matrix per token
+        idx = top_k_index.reshape(x.shape[0], -1)  # [T, k]
+        h = self.act_fn(self.gate_proj(x, idx)) * self.up_proj(x, idx)  # [T, k, 1, I]
+        y = self.down_proj(h, idx).squeeze(-2)  # [T, k, H]: x lhs = arange over [T, k]
+        y = y * top_k_weights.reshape(idx.shape).unsqueeze(-1)
+        return y.sum(dim=1).to(hidden_states.dtype).reshape(hidden_states.shape)
+
+
+class AffineWeight:
+    """A quantized `[out, in]` weight as a router's forward sees `self.weight`.
+
+    Not a tensor: `F.linear(x, w, bias=None)` computes `affine_matmul(x, ...) (+ bias)` through
+    `__torch_function__`; every other torch function, and attributes other than `shape`,
+    `dtype` and `device`, raise an error naming the module, so that a forward mlxq does not
+    reproduce fails loudly instead of running on the packed integers.
+    """
+
+    def __init__(self, owner: str, module: nn.Module) -> None:
+        self._owner = owner
+        self._module = module
+
+    # shape, dtype and device are those of the packed tensor stored as `weight` (what the state
+    # dict and transformers' loader see); the router's forward never reads them (swap.moe_plan
+    # accepts only forwards that use self.weight inside F.linear).
+    @property
+    def shape(self) -> torch.Size:
+        return self._module.weight_packed.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._module.weight_packed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._module.weight_packed.device
+
+    def _refuse(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"mlxq: module {self._owner} uses its quantized weight in {what}; mlxq runs a "
+            "quantized router weight only through F.linear(x, self.weight[, bias])"
+        )
+
+    def __getattr__(self, name: str):
+        if name == "_is_hf_initialized":  # transformers' init functions skip loaded tensors
+            return getattr(self._module.weight_packed, name, False)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise self._refuse(f"`self.weight.{name}`")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        owner = next(a for a in (*args, *kwargs.values()) if isinstance(a, AffineWeight))
+        if func is F.linear:
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if w is owner and isinstance(x, torch.Tensor) and not isinstance(bias, AffineWeight):
+                m = owner._module
+                y = affine_matmul(x, m.weight_packed, m.scales, m.biases, m.group_size, m.bits)
+                return y if bias is None else y + bias.to(y.dtype)
+        raise owner._refuse(f"`{getattr(func, '__name__', func)}`")
+
+
+class _AffineRouter:
+    """Mixin placed before a router class: `self.weight` becomes an :class:`AffineWeight`
+    over the packed buffers (`weight` in the state dict, as in MLX checkpoints)."""
+
+    @property
+    def weight(self) -> AffineWeight:
+        return AffineWeight(f"{self._mlxq_name!r} ({type(self).__mro__[2].__name__})", self)
+
+    @property
+    def weight_packed(self) -> torch.Tensor:
+        return self._buffers["weight"]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size} (quantized by mlxq)"
+        )
+
+
+_ROUTER_CLASSES: dict[type, type] = {}
+
+
+def _router_class(cls: type) -> type:
+    if cls not in _ROUTER_CLASSES:
+        _ROUTER_CLASSES[cls] = type(
+            f"Affine{cls.__name__}",
+            (_AffineRouter, cls),
+            {"__module__": __name__, "__doc__": f"{cls.__name__} with an MLX-quantized weight."},
+        )
+    return _ROUTER_CLASSES[cls]
+
+
+def quantized_router(
+    name: str,
+    module: nn.Module,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    device,
+    weight: torch.Tensor | None = None,
+) -> nn.Module:
+    """`module` (a router whose forward reaches its weight only through `F.linear`; see
+    :func:`mlxq.swap.moe_plan`) with that weight quantized: the same object state and forward,
+    its `weight` parameter replaced by packed `weight`/`scales`/`biases` buffers (uninitialized,
+    or `weight` [out, in] quantized bit-exactly as mlx does)."""
+    out_features, in_features = module.weight.shape
+    new = object.__new__(_router_class(type(module)))
+    new.__dict__.update(module.__dict__)
+    new._parameters = {k: v for k, v in module._parameters.items() if k != "weight"}
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    new._mlxq_name = name
+    new.in_features, new.out_features = in_features, out_features
+    new.bits, new.group_size = bits, group_size
+    if weight is not None:
+        packed, scales, biases = affine_quantize(weight.detach().contiguous(), group_size, bits)
+    else:
+        packed = torch.empty(out_features, in_features * bits // 32, dtype=torch.uint32)
+        scales = torch.empty(out_features, in_features // group_size, dtype=dtype)
+        packed, scales = packed.to(device), scales.to(device)
+        biases = torch.empty_like(scales)
+    new._buffers.update(weight=packed, scales=scales, biases=biases)
+    return new
+
+
+def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace mlxq's quantized MoE parts by float ones in place (part of
+    :func:`mlxq.quantize_model.dequantize_model`): stacked experts become :class:`SwitchLinear`
+    (mlx-lm's float `switch_mlp` layout), quantized routers their own class with a float
+    `weight`, DeepSeek V3's per-head projections :class:`mlxq.mla.MultiLinear`."""
+    from mlxq.mla import AffineMultiLinear, MultiLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AffineSwitchLinear):
+            w = module.dequantize_weight()
+            new = SwitchLinear(
+                module.num_experts, module.in_features, module.out_features, w.dtype, w.device
+            )
+            new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+        elif isinstance(module, AffineMultiLinear):
+            w = affine_dequantize(
+                module.weight, module.scales, module.biases, module.group_size, module.bits
+            )
+            heads, out_features, in_features = w.shape
+            new = MultiLinear(heads, in_features, out_features, w.dtype, w.device)
+            new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+        elif isinstance(module, _AffineRouter):
+            w = affine_dequantize(
+                module.weight_packed, module.scales, module.biases, module.group_size, module.bits
+            )
+            new = object.__new__(type(module).__mro__[2])
+            new.__dict__.update(module.__dict__)
+            for attr in ("_mlxq_name", "bits", "group_size"):
+                new.__dict__.pop(attr, None)
+            new._buffers = {
+                k: v for k, v in module._buffers.items() if k not in ("weight", "scales", "biases")
+            }
+            new._parameters = {**module._parameters, "weight": nn.Parameter(w.to(dtype or w.dtype))}
+        else:
+            continue
+        model.set_submodule(name, new)
+    return model
