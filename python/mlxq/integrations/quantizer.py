@@ -562,7 +562,7 @@ class MLXHfQuantizer(HfQuantizer):
         add_mlx_lm_config_keys(model.config)
         return model
 
-    def update_weight_conversions(self, weight_conversions, model):
+    def update_weight_conversions(self, weight_conversions, *model):
         """mlx-lm's tensor names, for the architectures it renames, go first: the model's own
         renamings (e.g. GPT-NeoX `embed_out` -> `lm_head`) then chain after them, and saving
         reverses them last, so that `save_pretrained` writes mlx-lm's layout again."""
@@ -574,7 +574,8 @@ class MLXHfQuantizer(HfQuantizer):
         converters = list(getattr(self, "_vlm_conversions", []))
         return [
             *renames,
-            *super().update_weight_conversions(weight_conversions, model),
+            # transformers >= 5.2x passes the model too; older 5.x only the conversions
+            *super().update_weight_conversions(weight_conversions, *model),
             *converters,
         ]
 
