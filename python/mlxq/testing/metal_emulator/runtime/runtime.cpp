@@ -242,6 +242,16 @@ bool ensure_arena() {
   return true;
 }
 
+// Every loaded kernel library has its own arena of kSlots << kSlotShift bytes (4 TiB) of address
+// space; a process that has run many libraries would exhaust the 128 TiB a process has, so the
+// arena is given back after every dispatch (the buffers are copied in and out each run anyway).
+void release_arena() {
+  if (!g_arena) return;
+  munmap(g_arena, g_arena_size);
+  g_arena = nullptr;
+  for (Region& r : g_slots) r.mapped = 0;
+}
+
 bool map_region(Region& r, int slot, int64_t size) {
   r.base = g_arena + (uint64_t)slot * kSlotSize + kSlotSize / 2;
   size_t need = ((size_t)size + kPage - 1) & ~(kPage - 1);
@@ -905,5 +915,6 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
     snprintf(err, errlen, "%s", g_err);
     ok = 1;
   }
+  release_arena();
   return ok;
 }
