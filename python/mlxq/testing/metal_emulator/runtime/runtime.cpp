@@ -242,14 +242,21 @@ bool ensure_arena() {
   return true;
 }
 
-// Every loaded kernel library has its own arena of kSlots << kSlotShift bytes (4 TiB) of address
-// space; a process that has run many libraries would exhaust the 128 TiB a process has, so the
-// arena is given back after every dispatch (the buffers are copied in and out each run anyway).
-void release_arena() {
-  if (!g_arena) return;
-  munmap(g_arena, g_arena_size);
-  g_arena = nullptr;
-  for (Region& r : g_slots) r.mapped = 0;
+// Every loaded kernel library has its own arena (kSlots << kSlotShift bytes, 4 TiB of address
+// space) and thread stacks (a guard page each: 2 * kMaxThreads memory mappings). Kept between
+// dispatches, a process that ran a few dozen libraries hit the kernel's limit on mappings
+// (vm.max_map_count) and every later mmap failed, so both are given back after every dispatch
+// (the buffers are copied in and out each run anyway).
+void release_memory() {
+  if (g_arena) {
+    munmap(g_arena, g_arena_size);
+    g_arena = nullptr;
+    for (Region& r : g_slots) r.mapped = 0;
+  }
+  if (g_stacks) {
+    munmap(g_stacks, (size_t)kMaxThreads * (kStackSize + kPage));
+    g_stacks = nullptr;
+  }
 }
 
 bool map_region(Region& r, int slot, int64_t size) {
@@ -915,6 +922,6 @@ EXPORT int mlxq_emu_run(int kernel, const u32* grid, const u32* tptg, void* cons
     snprintf(err, errlen, "%s", g_err);
     ok = 1;
   }
-  release_arena();
+  release_memory();
   return ok;
 }
