@@ -114,6 +114,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
+    "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
     "mistral3": _llava_like("mistral3"),
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
