@@ -87,6 +87,8 @@ class Family:
     # float tensor renames into the Hub (transformers 4) layout mlx-vlm converts from
     hub_renames: tuple[tuple[str, str], ...] = ()
     tied: bool = False  # mlx-vlm's model of the family has a tied head only
+    # a correction of mlx-vlm's forward where it departs from the model (a context manager)
+    mlx_fix: Callable[[], contextlib.AbstractContextManager] | None = None
     # why mlx-vlm's image + text forward is not the model's (then the image check compares
     # the projected features of each image tile instead, see tile_features)
     no_image_oracle: str = ""
@@ -287,6 +289,46 @@ def _llava_next_processor(tokenizer):
     )
 
 
+def _idefics2_processor(tokenizer):
+    from transformers import Idefics2Processor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import (
+        Idefics2ImageProcessorPil,
+    )
+
+    ip = Idefics2ImageProcessorPil(
+        do_image_splitting=False, size={"shortest_edge": 32, "longest_edge": 32}
+    )
+    return Idefics2Processor(image_processor=ip, tokenizer=tokenizer, image_seq_len=4)
+
+
+@contextlib.contextmanager
+def _idefics2_positions():
+    """mlx-vlm 0.7.10's Idefics 2 buckets patch positions with other boundaries than the model
+    (`linspace(1/n, 1, n, endpoint=False)` and `digitize(right=True) - 1`: position -1, the
+    last embedding, for the first row and column). Replaced by the model's rule: the patch at
+    fraction f of the image takes the bucket `#{k/n <= f, k = 1..n-1}` of n per side."""
+    from unittest import mock
+
+    import mlx.core as mx
+    from mlx_vlm.models.idefics2.vision import VisionEmbeddings
+
+    def call(self, x, mask=None):
+        b, h, w, _ = x.shape
+        n = self.num_patches
+        bounds = np.arange(1, n) / n
+        ids = np.zeros((b, (h // self.patch_size) * (w // self.patch_size)), dtype=np.int64)
+        for i, patches in enumerate(np.array(mask)):
+            rows, cols = int(patches[:, 0].sum()), int(patches[0, :].sum())
+            bh = np.searchsorted(bounds, np.arange(rows) / rows, side="right")
+            bw = np.searchsorted(bounds, np.arange(cols) / cols, side="right")
+            ids[i][patches.reshape(-1)] = (bh[:, None] * n + bw[None, :]).reshape(-1)
+        embeddings = mx.flatten(self.patch_embedding(x), start_axis=1, end_axis=2)
+        return embeddings + self.position_embedding(mx.array(ids))
+
+    with mock.patch.object(VisionEmbeddings, "__call__", call):
+        yield
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -471,6 +513,37 @@ FAMILIES: dict[str, Family] = {
         image_size=(56, 56),
         mlx_vlm_keys=_text_rope_keys(),
         extra_inputs=("image_sizes",),
+    ),
+    "idefics2": Family(
+        "idefics2",
+        text={**_LLAMA_TEXT, "model_type": "mistral"},
+        # mlx-vlm's Idefics 2 tower runs quick_gelu (x * sigmoid(1.702 x)) where the model's
+        # default is gelu_pytorch_tanh, and a post-layernorm eps of 1e-5: both set to its values
+        vision=dict(
+            _SIGLIP, image_size=32, patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5
+        ),
+        special=_IDEFICS_SPECIAL,
+        token_ids={"image_token_id": "<image>"},
+        named_tokens={
+            "image_token": "<image>",
+            "image_boundary_token": "<fake_token_around_image>",
+        },
+        processor=_idefics2_processor,
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(32, 32),
+        top={
+            "perceiver_config": dict(
+                hidden_act="silu",
+                resampler_n_latents=4,
+                resampler_depth=2,
+                resampler_n_heads=2,
+                resampler_head_dim=32,
+                num_key_value_heads=1,
+            )
+        },
+        mlx_vlm_keys=_text_rope_keys(),
+        mlx_fix=_idefics2_positions,
+        extra_inputs=("pixel_attention_mask",),
     ),
     "idefics3": Family(
         "idefics3",
@@ -701,6 +774,12 @@ def _causal_with_image_blocks(ids: np.ndarray, image_token: int) -> np.ndarray:
 
 def mlx_vlm_logits(path: Path, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """mlx-vlm's fp32 logits for these inputs (the model cast to float32)."""
+    fix = FAMILIES[name].mlx_fix
+    with fix() if fix is not None else contextlib.nullcontext():
+        return _mlx_vlm_logits(path, name, inputs)
+
+
+def _mlx_vlm_logits(path: Path, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
     import mlx.core as mx
     from mlx_vlm.utils import load_model
 
