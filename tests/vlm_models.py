@@ -87,6 +87,8 @@ class Family:
     # float tensor renames into the Hub (transformers 4) layout mlx-vlm converts from
     hub_renames: tuple[tuple[str, str], ...] = ()
     tied: bool = False  # mlx-vlm's model of the family has a tied head only
+    # a factor transformers' model leaves out of its logits and mlx-vlm applies: (config) -> float
+    logit_scale: Callable[[Any], float] | None = None
     # a correction of mlx-vlm's forward where it departs from the model (a context manager)
     mlx_fix: Callable[[], contextlib.AbstractContextManager] | None = None
     # why mlx-vlm's image + text forward is not the model's (then the image check compares
@@ -329,6 +331,29 @@ def _idefics2_positions():
         yield
 
 
+_AYA_SPECIAL = (
+    "<image>",
+    "<|START_OF_IMG|>",
+    "<|END_OF_IMG|>",
+    "<|IMG_PATCH|>",
+    "<|IMG_LINE_BREAK|>",
+    "TILE",
+    "TILE_GLOBAL",
+)
+
+
+def _aya_processor(tokenizer):
+    from transformers import AyaVisionProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil,
+    )
+
+    ip = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=False)
+    return AyaVisionProcessor(
+        image_processor=ip, tokenizer=tokenizer, patch_size=14, img_size=56, downsample_factor=2
+    )
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -499,6 +524,28 @@ FAMILIES: dict[str, Family] = {
         },
         mlx_vlm_keys=_text_rope_keys(),
         extra_inputs=("image_sizes",),
+    ),
+    "aya_vision": Family(
+        "aya_vision",
+        text={
+            **_LLAMA_TEXT,
+            "model_type": "cohere2",
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 64,
+        },
+        vision=dict(_SIGLIP, image_size=56, patch_size=14, vision_use_head=False),
+        special=_AYA_SPECIAL,
+        token_ids={"image_token_index": "<|IMG_PATCH|>"},
+        processor=_aya_processor,
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(56, 56),
+        top={"downsample_factor": 2, "alignment_intermediate_size": 256},
+        mlx_vlm_keys=_text_rope_keys(sliding_window_pattern=2),
+        hub_renames=_HUB_VISION_MODEL,
+        # transformers' AyaVisionForConditionalGeneration leaves out Cohere 2's logit_scale
+        # (its own Cohere2ForCausalLM applies it): same argmax, logits 1/logit_scale larger
+        logit_scale=lambda config: config.text_config.logit_scale,
+        tied=True,
     ),
     "mistral3": Family(
         "mistral3",
@@ -888,6 +935,8 @@ def run_family(name: str, variant: Variant | None = None) -> Outcome:
             got = [mlxq_logits(path, name, inputs[0], model), mlxq_tile_features(model, inputs[1])]
         else:
             got = [mlxq_logits(path, name, x, model) for x in inputs]
+        if FAMILIES[name].logit_scale is not None:
+            got = [g * FAMILIES[name].logit_scale(model.config) for g in got]
     except (NotImplementedError, ValueError, RuntimeError) as e:
         return Outcome(name, variant, "refused", reason=_one_line(e))
     diffs = [float(np.abs(g - r).max()) for g, r in zip(got, refs, strict=True)]

@@ -116,6 +116,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
     "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
     "mistral3": _llava_like("mistral3"),
+    "aya_vision": _llava_like("aya_vision"),
     "idefics2": _idefics3("idefics2"),
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
