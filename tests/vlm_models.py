@@ -249,7 +249,8 @@ class _SavedImageProcessor:
         self.processor_config = processor_config
 
     def save_pretrained(self, out: Path) -> None:
-        self.image_processor.save_pretrained(out)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(out)
         (Path(out) / "processor_config.json").write_text(json.dumps(self.processor_config))
 
 
@@ -352,6 +353,21 @@ def _aya_processor(tokenizer):
     return AyaVisionProcessor(
         image_processor=ip, tokenizer=tokenizer, patch_size=14, img_size=56, downsample_factor=2
     )
+
+
+def _internvl_processor(tokenizer):
+    # mlx-vlm's processor builds its image processor from config.json and reads only the
+    # number of tokens per tile here (transformers' needs torchvision)
+    return _SavedImageProcessor(None, {"image_seq_length": 4})
+
+
+def _flat_tiles(inputs: dict, config) -> dict:
+    """InternVL in transformers takes the image tiles as a batch ([tiles, C, H, W]); mlx-vlm's
+    processor returns them per image ([1, tiles, C, H, W])."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None or pixels.ndim == 4:
+        return inputs
+    return {**inputs, "pixel_values": pixels.reshape(-1, *pixels.shape[2:])}
 
 
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
@@ -546,6 +562,33 @@ FAMILIES: dict[str, Family] = {
         # (its own Cohere2ForCausalLM applies it): same argmax, logits 1/logit_scale larger
         logit_scale=lambda config: config.text_config.logit_scale,
         tied=True,
+    ),
+    "internvl": Family(
+        "internvl",
+        text={**_LLAMA_TEXT, "model_type": "qwen3"},
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=[56, 56],
+            patch_size=[14, 14],
+        ),
+        special=("<img>", "</img>", "<IMG_CONTEXT>"),
+        token_ids={"image_token_id": "<IMG_CONTEXT>"},
+        named_tokens={"image_token": "<IMG_CONTEXT>"},
+        processor=_internvl_processor,
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(56, 56),
+        # mlx-vlm's InternVL projector runs the tanh gelu (`approx="precise"`) where the Hub
+        # configs say gelu (exact): set to its function (5e-4 apart otherwise)
+        top={
+            "max_dynamic_patch": 1,
+            "use_thumbnail": False,
+            "projector_hidden_act": "gelu_pytorch_tanh",
+        },
+        torch_inputs=_flat_tiles,
+        mlx_vlm_keys=_text_rope_keys(),
     ),
     "mistral3": Family(
         "mistral3",

@@ -117,6 +117,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
     "mistral3": _llava_like("mistral3"),
     "aya_vision": _llava_like("aya_vision"),
+    "internvl": _llava_like("internvl"),
     "idefics2": _idefics3("idefics2"),
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
