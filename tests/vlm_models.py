@@ -251,6 +251,8 @@ class _SavedImageProcessor:
     def save_pretrained(self, out: Path) -> None:
         if self.image_processor is not None:
             self.image_processor.save_pretrained(out)
+        else:  # the processor's own settings are the image processor's
+            (Path(out) / "preprocessor_config.json").write_text(json.dumps(self.processor_config))
         (Path(out) / "processor_config.json").write_text(json.dumps(self.processor_config))
 
 
@@ -368,6 +370,19 @@ def _flat_tiles(inputs: dict, config) -> dict:
     if pixels is None or pixels.ndim == 4:
         return inputs
     return {**inputs, "pixel_values": pixels.reshape(-1, *pixels.shape[2:])}
+
+
+def _lfm2_vl_processor(tokenizer):
+    # mlx-vlm's processor (transformers' image processor needs torchvision) reads its image
+    # settings from preprocessor_config.json: 8-pixel patches, 4 to 16 image tokens
+    settings = {
+        "encoder_patch_size": 8,
+        "downsample_factor": 2,
+        "min_image_tokens": 4,
+        "max_image_tokens": 16,
+        "tile_size": 64,
+    }
+    return _SavedImageProcessor(None, {"processor_class": "Lfm2VlProcessor", **settings})
 
 
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
@@ -589,6 +604,34 @@ FAMILIES: dict[str, Family] = {
         },
         torch_inputs=_flat_tiles,
         mlx_vlm_keys=_text_rope_keys(),
+    ),
+    "lfm2_vl": Family(
+        "lfm2_vl",
+        text={
+            **_LLAMA_TEXT,
+            "model_type": "lfm2",
+            "layer_types": ["conv", "full_attention"],
+            "block_auto_adjust_ff_dim": False,
+            "norm_eps": 1e-5,
+        },
+        vision=dict(
+            _SIGLIP,
+            model_type="siglip2_vision_model",
+            patch_size=8,
+            num_patches=16,
+            vision_use_head=False,
+        ),
+        special=("<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"),
+        token_ids={"image_token_id": "<image>"},
+        named_tokens={"image_token": "<image>"},
+        processor=_lfm2_vl_processor,
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(32, 32),
+        top={"projector_hidden_size": 128, "downsample_factor": 2},
+        # mlx-vlm's LFM2 sizes its blocks by the Hub's block_dim/conv_dim (default 1024)
+        mlx_vlm_keys=_text_rope_keys(block_dim=128, conv_dim=128, conv_dim_out=128),
+        extra_inputs=("pixel_attention_mask", "spatial_shapes"),
+        tied=True,
     ),
     "mistral3": Family(
         "mistral3",

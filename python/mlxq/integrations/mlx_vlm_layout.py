@@ -118,6 +118,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "mistral3": _llava_like("mistral3"),
     "aya_vision": _llava_like("aya_vision"),
     "internvl": _llava_like("internvl"),
+    "lfm2_vl": _llava_like("lfm2_vl"),
     "idefics2": _idefics3("idefics2"),
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
