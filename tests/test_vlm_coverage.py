@@ -16,6 +16,7 @@ import pytest
 import torch
 from vlm_models import (
     FAMILIES,
+    VISION_MXFP4,
     Variant,
     mlx_vlm_logits,
     mlxq_logits,
@@ -90,17 +91,35 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
     [
         ("qwen2_5_vl", Variant(quantize_vision=True)),
         ("llava", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("qwen2_5_vl", Variant(recipe=VISION_MXFP4)),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
 def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) -> None:
-    """A vision tower quantized by mlx-vlm (its own rule keeps it float; patched here), and
-    a mixed recipe whose per-module entries carry mlx-vlm's names."""
+    """A vision tower quantized by mlx-vlm (its own rule keeps it float; patched here), a
+    mixed recipe whose per-module entries carry mlx-vlm's names, and entries for vision
+    modules only (mxfp4 in an affine 4-bit model): they are found under the model's names
+    although no entry names the language model (the mode is read from the entry)."""
     from mlxq.nn import AffineLinear
 
     outcome = run_family(name, variant)
     assert outcome.status == "loads", outcome.line()
     assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
-    if variant.quantize_vision:
+    if variant.quantize_vision or variant.recipe == VISION_MXFP4:
         model = _load(tiny_mlx_vlm_checkpoint(name, variant))
-        assert isinstance(model.model.visual.blocks[0].attn.qkv, AffineLinear)
+        qkv = model.model.visual.blocks[0].attn.qkv
+        assert isinstance(qkv, AffineLinear)
+        assert qkv.mode == ("mxfp4" if variant.recipe == VISION_MXFP4 else "affine")
+        assert model.model.language_model.layers[0].mlp.down_proj.mode == "affine"
+
+
+def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An mlx-vlm checkpoint of an image-text family whose layout mlxq does not map is
+    refused with the family's name and the reason, not with its first unmatched tensor."""
+    from mlxq.integrations import mlx_vlm_layout
+
+    source = tiny_mlx_vlm_checkpoint("qwen2_5_vl")
+    monkeypatch.delitem(mlx_vlm_layout.VLM_LAYOUTS, "qwen2_5_vl")
+    with pytest.raises(ValueError, match=r"model_type 'qwen2_5_vl' is an image-text family whose"):
+        _load(source)
+    assert "timm" in mlx_vlm_layout.unmapped_vlm_note("gemma3n")

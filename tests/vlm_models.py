@@ -536,6 +536,7 @@ FAMILIES: dict[str, Family] = {
             "mlx-vlm 0.7.10's llava_next puts a whole tile's features at each (expanded) image "
             "token and skips the anyres packing (unpad, newlines)"
         ),
+        fast=True,
     ),
     "llava_onevision": Family(
         "llava_onevision",
@@ -555,6 +556,7 @@ FAMILIES: dict[str, Family] = {
         },
         mlx_vlm_keys=_text_rope_keys(),
         extra_inputs=("image_sizes",),
+        fast=True,
     ),
     "aya_vision": Family(
         "aya_vision",
@@ -577,6 +579,7 @@ FAMILIES: dict[str, Family] = {
         # (its own Cohere2ForCausalLM applies it): same argmax, logits 1/logit_scale larger
         logit_scale=lambda config: config.text_config.logit_scale,
         tied=True,
+        fast=True,
     ),
     "internvl": Family(
         "internvl",
@@ -604,6 +607,7 @@ FAMILIES: dict[str, Family] = {
         },
         torch_inputs=_flat_tiles,
         mlx_vlm_keys=_text_rope_keys(),
+        fast=True,
     ),
     "lfm2_vl": Family(
         "lfm2_vl",
@@ -632,6 +636,7 @@ FAMILIES: dict[str, Family] = {
         mlx_vlm_keys=_text_rope_keys(block_dim=128, conv_dim=128, conv_dim_out=128),
         extra_inputs=("pixel_attention_mask", "spatial_shapes"),
         tied=True,
+        fast=True,
     ),
     "mistral3": Family(
         "mistral3",
@@ -677,6 +682,7 @@ FAMILIES: dict[str, Family] = {
         mlx_vlm_keys=_text_rope_keys(),
         mlx_fix=_idefics2_positions,
         extra_inputs=("pixel_attention_mask",),
+        fast=True,
     ),
     "idefics3": Family(
         "idefics3",
@@ -822,6 +828,33 @@ def variant_of(name: str) -> Variant:
     return Variant(tied=FAMILIES[name].tied)
 
 
+# recipes of this file, not mlx-vlm's: the vision tower's linear layers in 8 bits, group 32
+# (or mxfp4), the rest at the variant's default; so the per-module entries name vision modules
+# only (mlxq must translate their names to apply them)
+VISION_8BIT = "vision_8bit_g32"
+VISION_MXFP4 = "vision_mxfp4"
+_VISION_RECIPES = {
+    VISION_8BIT: {"group_size": 32, "bits": 8},
+    VISION_MXFP4: {"group_size": 32, "bits": 4, "mode": "mxfp4"},
+}
+
+
+def _quant_predicate(recipe: str | None):
+    """mlx-vlm's recipe name, or this file's own recipe as an mlx-vlm predicate."""
+    if recipe not in _VISION_RECIPES:
+        return recipe
+    from mlx_vlm.utils import skip_multimodal_module
+
+    def predicate(path: str, module) -> bool | dict:
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 32:
+            return False
+        if skip_multimodal_module(path):
+            return dict(_VISION_RECIPES[recipe])
+        return True
+
+    return predicate
+
+
 def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
     """The tiny model converted by `mlx_vlm.convert -q` (cached). Raises what mlx-vlm raises."""
     from mlx_vlm import convert
@@ -853,7 +886,7 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
                 quantize=True,
                 q_group_size=variant.group_size,
                 q_bits=variant.bits,
-                quant_predicate=variant.recipe,
+                quant_predicate=_quant_predicate(variant.recipe),
             )
         os.replace(staging / "mlx", final)
     finally:
