@@ -43,7 +43,7 @@ def _load(path: Path):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava_onevision", "lfm2_vl"])
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     """The saved checkpoint has mlx-vlm's names, channels-last convolutions and the config
     keys mlx-vlm reads: mlx-vlm runs it as the same model, and mlxq reads it back."""

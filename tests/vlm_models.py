@@ -1014,6 +1014,40 @@ def mlxq_tile_features(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return model.model.multi_modal_projector(selected).numpy()
 
 
+def save_round_trip(name: str, out: Path, variant: Variant | None = None) -> float:
+    """Load the mlx-vlm checkpoint in mlxq, `save_pretrained` it to `out` (with the source's
+    tokenizer and processor files) and return max |mlx-vlm logits on the saved checkpoint -
+    mlxq's logits| for the image + text prompt (or the tile features, see no_image_oracle)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    source = tiny_mlx_vlm_checkpoint(name, variant)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
+    model.save_pretrained(out)
+    for file in source.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (out / file.name).exists():
+            shutil.copy(file, out / file.name)
+    from safetensors import safe_open
+
+    with (
+        safe_open(out / "model.safetensors", "np") as f,
+        safe_open(source / "model.safetensors", "np") as g,
+    ):
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        if shapes != {k: g.get_slice(k).get_shape() for k in g.keys()}:
+            raise ValueError(f"{name}: the saved tensors are not mlx-vlm's names and shapes")
+    inputs = model_inputs(out, name, with_image=True)
+    family = FAMILIES[name]
+    if family.no_image_oracle:
+        return float(
+            np.abs(mlx_tile_features(out, inputs) - mlxq_tile_features(model, inputs)).max()
+        )
+    ours = mlxq_logits(out, name, inputs, model)
+    if family.logit_scale is not None:
+        ours = ours * family.logit_scale(model.config)
+    return float(np.abs(mlx_vlm_logits(out, name, inputs) - ours).max())
+
+
 @dataclass
 class Outcome:
     """One family: `loads` with the max diffs (text only, image + text), or a reason."""

@@ -109,7 +109,7 @@ def _qwen_vl(model_type: str, **kw: Any) -> VlmLayout:
 VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
-    "qwen3_vl": _qwen_vl("qwen3_vl"),
+    "qwen3_vl": _qwen_vl("qwen3_vl", vision_model_type="qwen3_vl"),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
         "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)
