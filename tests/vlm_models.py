@@ -1,10 +1,11 @@
 """Tiny random image-text models of the families both transformers 5 and mlx-vlm run,
 converted by `mlx_vlm.convert`, and the comparison of mlxq's logits with mlx-vlm's.
 
-Used by tests/test_vlm_coverage.py (a fast subset) and benchmarks/vlm_coverage.py (every
-family). Each model: 2 text layers (hidden 128, vocab 512), a 2-block vision tower of width
-64, random weights larger than the init, a word-level tokenizer built here with the family's
-image tokens (no download) and the family's own image processor with a small image size.
+Used by tests/test_vlm_coverage.py (every family, a few variants) and
+benchmarks/vlm_coverage.py (every family and variant). Each model: 2 text layers (hidden
+128, vocab 512), a 2-block vision tower of width 64, random weights larger than the init, a
+word-level tokenizer built here with the family's image tokens (no download) and the family's
+own image processor (or mlx-vlm's, where transformers' needs torchvision) with a small image.
 
 mlx-vlm 0.7 reads the config.json layout of the Hub checkpoints (transformers 4): some
 families want the text settings at the top level, the vision `model_type` of the whole model
@@ -94,7 +95,6 @@ class Family:
     # why mlx-vlm's image + text forward is not the model's (then the image check compares
     # the projected features of each image tile instead, see tile_features)
     no_image_oracle: str = ""
-    fast: bool = False  # in the pytest subset
 
 
 def _qwen_image_processor(patch: int):
@@ -423,7 +423,6 @@ FAMILIES: dict[str, Family] = {
         mlx_vlm_keys=_qwen2_keys,
         extra_inputs=("image_grid_thw",),
         torch_inputs=_mm_token_types,
-        fast=True,
     ),
     "qwen3_vl": Family(
         "qwen3_vl",
@@ -446,7 +445,6 @@ FAMILIES: dict[str, Family] = {
         mlx_vlm_keys=_qwen3_keys,
         extra_inputs=("image_grid_thw",),
         torch_inputs=_mm_token_types,
-        fast=True,
     ),
     "gemma3": Family(
         "gemma3",
@@ -483,7 +481,6 @@ FAMILIES: dict[str, Family] = {
         ),
         image_block_mask=True,
         torch_inputs=_image_token_types,
-        fast=True,
         hub_renames=_HUB_VISION_MODEL,
     ),
     "llava": Family(
@@ -536,7 +533,6 @@ FAMILIES: dict[str, Family] = {
             "mlx-vlm 0.7.10's llava_next puts a whole tile's features at each (expanded) image "
             "token and skips the anyres packing (unpad, newlines)"
         ),
-        fast=True,
     ),
     "llava_onevision": Family(
         "llava_onevision",
@@ -556,7 +552,6 @@ FAMILIES: dict[str, Family] = {
         },
         mlx_vlm_keys=_text_rope_keys(),
         extra_inputs=("image_sizes",),
-        fast=True,
     ),
     "aya_vision": Family(
         "aya_vision",
@@ -579,7 +574,6 @@ FAMILIES: dict[str, Family] = {
         # (its own Cohere2ForCausalLM applies it): same argmax, logits 1/logit_scale larger
         logit_scale=lambda config: config.text_config.logit_scale,
         tied=True,
-        fast=True,
     ),
     "internvl": Family(
         "internvl",
@@ -607,7 +601,6 @@ FAMILIES: dict[str, Family] = {
         },
         torch_inputs=_flat_tiles,
         mlx_vlm_keys=_text_rope_keys(),
-        fast=True,
     ),
     "lfm2_vl": Family(
         "lfm2_vl",
@@ -636,7 +629,6 @@ FAMILIES: dict[str, Family] = {
         mlx_vlm_keys=_text_rope_keys(block_dim=128, conv_dim=128, conv_dim_out=128),
         extra_inputs=("pixel_attention_mask", "spatial_shapes"),
         tied=True,
-        fast=True,
     ),
     "mistral3": Family(
         "mistral3",
@@ -682,7 +674,6 @@ FAMILIES: dict[str, Family] = {
         mlx_vlm_keys=_text_rope_keys(),
         mlx_fix=_idefics2_positions,
         extra_inputs=("pixel_attention_mask",),
-        fast=True,
     ),
     "idefics3": Family(
         "idefics3",
