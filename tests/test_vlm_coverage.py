@@ -124,3 +124,18 @@ def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(ValueError, match=r"model_type 'qwen2_5_vl' is an image-text family whose"):
         _load(source)
     assert "timm" in mlx_vlm_layout.unmapped_vlm_note("gemma3n")
+
+
+@pytest.mark.parametrize("name", ["lfm2_vl", "internvl"])
+def test_own_class_loads_the_same_model(name: str) -> None:
+    """The model's own class reads an mlx-vlm checkpoint as AutoModelForImageTextToText does."""
+    import transformers
+
+    path = tiny_mlx_vlm_checkpoint(name)
+    auto = _load(path)
+    own = getattr(transformers, type(auto).__name__).from_pretrained(path, dtype=torch.float32)
+    assert type(own) is type(auto)
+    inputs = model_inputs(path, name, with_image=True)
+    np.testing.assert_array_equal(
+        mlxq_logits(path, name, inputs, own), mlxq_logits(path, name, inputs, auto)
+    )
