@@ -613,6 +613,11 @@ class MLXHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """The ops have fake kernels and stay opaque to the compiler, so generate may compile."""
+        return True
+
     def _dequantize(self, model, dtype=None):
         from mlxq.quantize_model import dequantize_model
 
