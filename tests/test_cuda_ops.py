@@ -95,15 +95,22 @@ def test_cuda_arch_flags() -> None:
     # torch's list (as far as nvcc knows it) plus sm_90, PTX of the newest
     assert flags == [
         "-gencode=arch=compute_80,code=sm_80",
-        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90a,code=sm_90a",  # wgmma for the fused prefill
         "-gencode=arch=compute_120,code=sm_120",
         "-gencode=arch=compute_120,code=compute_120",
+        "-DMLXQ_CUDA_SM90A=1",
     ]
-    assert "sm_90" in why
+    assert "sm_90a" in why
     flags, _ = bh.cuda_arch_flags("sm_80", nvcc_knows, {"MLXQ_CUDA_ARCHS": "90"})
     assert flags == [
-        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90a,code=sm_90a",
         "-gencode=arch=compute_90,code=compute_90",
+        "-DMLXQ_CUDA_SM90A=1",
+    ]
+    flags, _ = bh.cuda_arch_flags("sm_80", nvcc_knows, {"MLXQ_CUDA_ARCHS": "80"})
+    assert flags == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_80,code=compute_80",
     ]
     with pytest.raises(ValueError, match="no CUDA architecture"):
         bh.cuda_arch_flags("", ["compute_75"], {"MLXQ_CUDA_ARCHS": "90"})
@@ -181,6 +188,28 @@ def test_matmul_long_rows(gen, bits: int, m: int) -> None:
     x = torch.randn(m, 5120, generator=gen).bfloat16()
     _check_matmul(x, wq, s, b, 64, bits)
     _check_matmul(x.float(), wq, s.float(), b.float(), 64, bits)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_decode_split_k(gen, group_size: int, dtype: torch.dtype) -> None:
+    # few rows and a long K: the streaming tensor-core decode splits K over up to 8 warps of a
+    # block (summed in shared memory); 40 rows leave a partial 16-row tile
+    wq, s, b = _quantized(gen, 40, 8192, group_size, 4, dtype)
+    for m in range(1, DECODE_MAX_ROWS + 1):
+        _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, 4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_prefill_tiles_and_tails(gen, group_size: int, dtype: torch.dtype) -> None:
+    # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
+    # (128 x 128 tiles of y: partial tiles in both M and N), cuBLAS tiles elsewhere
+    wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
+    for m in (9, 128, 300):
+        _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda

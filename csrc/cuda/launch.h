@@ -53,6 +53,28 @@ inline void launch_qmv(int bits, const QmvParams& p, DType x_dtype, cudaStream_t
 // >= 8.0 (qmv_mma.cu).
 void launch_qmv_mma4(const QmvParams& p, DType x_dtype, cudaStream_t stream);
 
+// The same on tensor cores, streaming (qmv_tc_kernel): each warp walks its rows with the next
+// step's weights in flight; K is split over more warps where the rows alone leave the GPU's
+// `sm_count` multiprocessors short of warps (qmv_mma.cu).
+void launch_qmv_tc4(const QmvParams& p, DType x_dtype, int sm_count, cudaStream_t stream);
+
+// Prefill on Hopper tensor cores (gemm_sm90.cu): y = x @ W.T for 4-bit W, fp16/bf16 x with
+// scales and biases of the same dtype, K a multiple of 64, all contiguous and 16-byte aligned.
+struct GemmArgs {
+  const uint32_t* w;   // [N, K / 8]
+  const void* scales;  // [N, G], dtype of x
+  const void* biases;  // [N, G]
+  uint32_t* sb;        // [N, G] workspace: (scale, bias) pairs
+  const void* x;       // [M, K]
+  void* y;             // [M, N]
+  int64_t N, M, K, G;
+  int group_shift;
+};
+// Whether this build and `device` run it (sm_90a code built, compute capability 9.0, and
+// MLXQ_CUDA_GEMM is not 0).
+bool gemm_w4_sm90_available(int device);
+void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream);
+
 // out = dequantized W in `out_dtype` (affine_cuda.cu).
 void launch_dequantize(int bits, const DequantParams& p, DType out_dtype, cudaStream_t stream);
 
