@@ -193,22 +193,33 @@ def test_matmul_long_rows(gen, bits: int, m: int) -> None:
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-def test_decode_split_k(gen, group_size: int, dtype: torch.dtype) -> None:
-    # few rows and a long K: the streaming tensor-core decode splits K over up to 8 warps of a
-    # block (summed in shared memory); 40 rows leave a partial 16-row tile
+@pytest.mark.parametrize("kernel", ["cores", "mma", "tc"])
+def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, monkeypatch) -> None:
+    # every decode kernel (the op reads MLXQ_CUDA_DECODE on every call); few rows and a long K:
+    # the streaming tensor-core kernel splits K over up to 8 warps of a block (summed in shared
+    # memory); 40 rows leave a partial 16-row tile
+    monkeypatch.setenv("MLXQ_CUDA_DECODE", kernel)
     wq, s, b = _quantized(gen, 40, 8192, group_size, 4, dtype)
     for m in range(1, DECODE_MAX_ROWS + 1):
         _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, 4)
+    wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
+    for m in (1, 3, 8):
+        _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-def test_prefill_tiles_and_tails(gen, group_size: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_prefill_tiles_and_tails(
+    gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
+) -> None:
     # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
-    # (128 x 128 tiles of y: partial tiles in both M and N), cuBLAS tiles elsewhere
+    # (tiles of 128 rows of W by 128 or 256 rows of x: partial tiles in both), and the cuBLAS
+    # tiles (MLXQ_CUDA_GEMM=0, read on every call)
+    monkeypatch.setenv("MLXQ_CUDA_GEMM", fused)
     wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
-    for m in (9, 128, 300):
+    for m in (9, 128, 129, 300, 513):
         _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 

@@ -126,25 +126,29 @@ void dequantize_rows(const Weight& W, int64_t n0, int64_t n1, at::Tensor& out) {
                     c10::cuda::getCurrentCUDAStream());
 }
 
-// Which decode kernel runs: CUDA cores (any bits and dtype), or, for 4-bit W with fp16/bf16 x
-// on compute capability >= 8.0, tensor cores: the streaming kernel (qmv_tc_kernel) for every M,
-// measured on an H200 faster than the CUDA-core kernel at M = 1 already (it spends ~2
-// instructions per weight where the CUDA cores spend ~5). MLXQ_CUDA_DECODE=cores|mma|tc forces
-// one ("mma": the first tensor-core kernel, qmv_mma4_kernel), for benchmarks.
+// Which decode kernel runs. CUDA cores take any bits and dtype. For 4-bit W with fp16/bf16 x on
+// compute capability >= 8.0 there are two tensor-core kernels; qmv_mma4_kernel's time hardly
+// grows with M but its cost per group is higher than the CUDA-core kernel's, so it runs once
+// M * group_size >= 256. Measured on an H200 (28672 x 8192, bf16, ms, cores / mma / tc):
+// group 128: M=1 0.059/0.076/0.079, M=4 0.139/0.078/0.088; group 64, M=1: 0.061/0.107/0.098;
+// group 32, M=1: 0.062/0.174/0.153. The streaming kernel (tc, qmv_tc_kernel) splits K for few
+// rows but waits on its activation loads; it is kept for MLXQ_CUDA_DECODE=tc.
+// MLXQ_CUDA_DECODE=cores|mma|tc forces one (read on every call, so that a benchmark can compare
+// them in one process).
 enum class Decode { kCores, kMma, kTc };
 
-Decode decode_kernel(const Weight& W, at::ScalarType dt, int device) {
-  // read on every call (not once), so that a benchmark can compare kernels in one process
+Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) {
   const char* env = std::getenv("MLXQ_CUDA_DECODE");
   const std::string v(env == nullptr ? "" : env);
-  const int forced = v == "cores" ? 0 : (v == "mma" ? 1 : (v == "tc" ? 2 : -1));
-  if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || forced == 0 || W.G > INT32_MAX) {
+  if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || v == "cores" || W.G > INT32_MAX) {
     return Decode::kCores;
   }
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 8) return Decode::kCores;
-  return forced == 1 ? Decode::kMma : Decode::kTc;
+  if (v == "tc") return Decode::kTc;
+  if (v == "mma") return Decode::kMma;
+  return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
 }
 
 int sm_count(int device) {
@@ -202,7 +206,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     p.group_shift = log2_of(W.group_size);
     p.scale_type = scale_type_of(W.s.scalar_type());
     const int device = x.get_device();
-    switch (decode_kernel(W, dt, device)) {
+    switch (decode_kernel(W, M, dt, device)) {
       case Decode::kTc:
         launch_qmv_tc4(p, dtype_of(dt), sm_count(device), stream);
         break;

@@ -496,6 +496,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) qmv_mma4_kernel(const QmvParam
 // The scales and biases of a step are loaded by the lanes together (lane L: row L % 16, scales or
 // biases by L / 16, all groups of the step) and passed to the lanes that need them with shuffles.
 
+// (a & mask) | magic in one LOP3: written out because the compiler otherwise splits it into an
+// AND and an OR (a LOP3 takes one immediate; the magic goes in a register).
+template <uint32_t Mask>
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(Mask), "r"(magic));
+  return d;
+}
+
 template <int GS, typename T>
 struct TcStep {
   static constexpr int kWpl = GS / 32;  // words of one row per lane and group
@@ -526,15 +535,17 @@ __device__ __forceinline__ void tc_load(const uint32_t* wa, const uint32_t* wb, 
   }
 }
 
-template <int GS, typename T>
+// Multiplies the groups [gi0, gi0 + kGroups) of a loaded step; Full: all of them exist, so that
+// the groups' independent mma chains interleave (no exit between them).
+template <int GS, typename T, bool Full>
 __device__ __forceinline__ void tc_step(const T* xr, bool has_x, int g, int gi0, int ge,
-                                        const TcStep<GS, T>& st, float (&acc)[4]) {
+                                        uint32_t magic, const TcStep<GS, T>& st, float (&acc)[4]) {
   using Mma = MmaType<T>;
   using S = TcStep<GS, T>;
 #pragma unroll
   for (int u = 0; u < S::kGroups; ++u) {
     const int gi = gi0 + u;
-    if (gi >= ge) break;  // uniform across the warp
+    if (!Full && gi >= ge) break;  // uniform across the warp
     float cq[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < S::kWpl; ++j) {
@@ -546,10 +557,10 @@ __device__ __forceinline__ void tc_step(const T* xr, bool has_x, int g, int gi0,
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // nibbles (0,4),(1,5) then (2,6),(3,7)
         const int s0 = 8 * h, s1 = 8 * h + 4;
-        const uint32_t a0 = Mma::unbias(((qa >> s0) & 0x000F000Fu) | Mma::kMagic);
-        const uint32_t a1 = Mma::unbias(((qb >> s0) & 0x000F000Fu) | Mma::kMagic);
-        const uint32_t a2 = Mma::unbias(((qa >> s1) & 0x000F000Fu) | Mma::kMagic);
-        const uint32_t a3 = Mma::unbias(((qb >> s1) & 0x000F000Fu) | Mma::kMagic);
+        const uint32_t a0 = Mma::unbias(and_or<0x000F000Fu>(qa >> s0, magic));
+        const uint32_t a1 = Mma::unbias(and_or<0x000F000Fu>(qb >> s0, magic));
+        const uint32_t a2 = Mma::unbias(and_or<0x000F000Fu>(qa >> s1, magic));
+        const uint32_t a3 = Mma::unbias(and_or<0x000F000Fu>(qb >> s1, magic));
         Mma::mma(cq, a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
         Mma::mma(c1, Mma::ones(), Mma::ones(), Mma::ones(), Mma::ones(), b[2 * h], b[2 * h + 1]);
       }
@@ -563,6 +574,17 @@ __device__ __forceinline__ void tc_step(const T* xr, bool has_x, int g, int gi0,
     acc[1] += fmaf(s_a, cq[1], b_a * c1[1]);
     acc[2] += fmaf(s_b, cq[2], b_b * c1[2]);
     acc[3] += fmaf(s_b, cq[3], b_b * c1[3]);
+  }
+}
+
+template <int GS, typename T>
+__device__ __forceinline__ void tc_step_any(const T* xr, bool has_x, int g, int gi0, int ge,
+                                            uint32_t magic, const TcStep<GS, T>& st,
+                                            float (&acc)[4]) {
+  if (gi0 + TcStep<GS, T>::kGroups <= ge) {
+    tc_step<GS, T, true>(xr, has_x, g, gi0, ge, magic, st, acc);
+  } else {
+    tc_step<GS, T, false>(xr, has_x, g, gi0, ge, magic, st, acc);
   }
 }
 
@@ -598,17 +620,20 @@ __global__ void __launch_bounds__(KW * TPB * 32, 512 / (KW * TPB * 32))
     const int G = static_cast<int>(p.G);
     const int gb = static_cast<int>(static_cast<int64_t>(G) * kw / KW);
     const int ge = static_cast<int>(static_cast<int64_t>(G) * (kw + 1) / KW);
+    // the magic exponent in a register (opaque to the compiler, so that it stays one)
+    uint32_t magic = MmaType<T>::kMagic;
+    asm volatile("" : "+r"(magic));
     TcStep<GS, T> cur, nxt;
     int gi = gb;
     if (gi < ge) tc_load<GS, T>(wa, wb, sb_row, stype, gi, ge, cur);
     while (gi < ge) {  // two steps per round, so that the buffers never need copying
       const int g1 = gi + S::kGroups;
       if (g1 < ge) tc_load<GS, T>(wa, wb, sb_row, stype, g1, ge, nxt);
-      tc_step<GS, T>(xr, has_x, g, gi, ge, cur, acc);
+      tc_step_any<GS, T>(xr, has_x, g, gi, ge, magic, cur, acc);
       if (g1 >= ge) break;
       const int g2 = g1 + S::kGroups;
       if (g2 < ge) tc_load<GS, T>(wa, wb, sb_row, stype, g2, ge, cur);
-      tc_step<GS, T>(xr, has_x, g, g1, ge, nxt, acc);
+      tc_step_any<GS, T>(xr, has_x, g, g1, ge, magic, nxt, acc);
       gi = g2;
     }
   }
