@@ -221,7 +221,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
   }
   if (use_sm90_gemm(W, dt, x.get_device())) {
     at::Tensor y = at::empty({M, W.N}, x.options());
-    at::Tensor sb = at::empty({W.N, W.G}, x.options().dtype(at::kInt));
+    at::Tensor sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
     GemmArgs a;
     a.w = static_cast<const uint32_t*>(W.w.const_data_ptr());
     a.scales = W.s.const_data_ptr();

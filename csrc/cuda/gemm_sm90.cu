@@ -1,14 +1,20 @@
 // Prefill on Hopper tensor cores (wgmma, sm_90a) for 4-bit affine weights with fp16/bf16 x and
 // scales of the same dtype: y = x @ W.T with W dequantized in registers, never in memory.
 //
-// A block computes a 128 (rows of W) x 128 (rows of x) tile of y^T with two warpgroups, one
-// wgmma.m64n128k16 per warpgroup and 16 values of K. Stages of 64 values of K (x tile, packed W
-// tile and the tile's (scale, bias) pairs) arrive by cp.async kAhead stages ahead of their use.
-// Each stage's W tile is dequantized into shared memory (s * q + b with one fp16/bf16 FMA of the
-// exact q: the weight is rounded once to the dtype of x, as the tiles of the cuBLAS path and
-// MLX's GEMM are) while the tensor cores still multiply the previous stage; both operands are
-// then read by wgmma from shared memory (K-major, 128-byte swizzle), products summed in fp32.
+// A block computes a 128 (rows of W) x NT (rows of x; 128, or 256 for large M) tile of y^T with
+// two warpgroups, one wgmma.m64nNTk16 per warpgroup and 16 values of K. Stages of 64 values of K
+// (x tile, packed W tile and the tile's (scale, bias) pairs) arrive by TMA (cp.async.bulk.tensor,
+// completion on an mbarrier) kAhead stages ahead of their use; the x tile lands in the 128-byte
+// swizzled layout that wgmma reads. Each stage's W tile is dequantized into shared memory
+// (s * q + b with one fp16/bf16 FMA of the exact q: the weight is rounded once to the dtype of x,
+// as the tiles of the cuBLAS path and MLX's GEMM are) while the tensor cores still multiply the
+// previous stage; both operands are then read by wgmma from shared memory, products summed in
+// fp32. The threads that write the dequantized tile issue no copies of their own: the proxy
+// fence that publishes their stores to the tensor cores then waits for nothing else (with
+// cp.async loads in flight it cost ~2x, measured on an H200).
 #include <c10/cuda/CUDAException.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include <cstdlib>
 
@@ -21,7 +27,7 @@ constexpr int kThreads = 256;                 // two warpgroups
 constexpr int kTileN = 128;                   // rows of W per block (64 per warpgroup)
 constexpr int kTileK = 64;                    // values of K per stage: one 128-byte row of x
 constexpr int kWBytes = kTileN * kTileK / 2;  // 4 KB of packed W per stage
-constexpr int kSbBytes = kTileN * 8;          // (scale, bias) of at most 2 groups per row
+constexpr int kSbBytes = kTileN * 16;         // (scale, bias) of 4 groups per row (2 used)
 constexpr int kABytes = kTileN * kTileK * 2;  // dequantized W of one stage (16 KB), two of them
 
 // NT rows of x per block (the wgmma N): 128, or 256 for large M (half the dequantization per
@@ -40,19 +46,25 @@ struct Cfg {
 
 struct GemmParams {
   const uint32_t* w;   // [N, K / 8]
-  const uint32_t* sb;  // [N, G]: scale in the low half, bias in the high half (dtype of x)
+  const uint32_t* sb;  // [N, Gp]: scale in the low half, bias in the high half (dtype of x)
   const void* x;       // [M, K]
   void* y;             // [M, N]
   int64_t N;
   int64_t M;
   int64_t K;
-  int64_t G;
+  int64_t Gp;  // columns of sb
   int group_shift;
 };
 
-__global__ void pack_sb_kernel(const uint16_t* s, const uint16_t* b, uint32_t* out, int64_t n) {
+// out[r, g] = (s[r, g], b[r, g]) for g < G; rows padded to Gp (a multiple of 4: TMA strides are
+// multiples of 16 bytes) with zeros.
+__global__ void pack_sb_kernel(const uint16_t* s, const uint16_t* b, uint32_t* out, int64_t G,
+                               int64_t Gp, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = static_cast<uint32_t>(s[i]) | (static_cast<uint32_t>(b[i]) << 16);
+  if (i >= n) return;
+  const int64_t r = i / Gp, g = i - r * Gp;
+  out[i] = g < G ? static_cast<uint32_t>(s[r * G + g]) | (static_cast<uint32_t>(b[r * G + g]) << 16)
+                 : 0u;
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -60,20 +72,29 @@ __global__ void pack_sb_kernel(const uint16_t* s, const uint16_t* b, uint32_t* o
 #endif
 
 #ifdef MLXQ_WGMMA
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
 }
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(phase)
+      : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+// A 2-D box of `map` at (c0 innermost, c1) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                       uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
 }
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
@@ -238,8 +259,11 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
 
 #endif
 
-template <typename T, int GS, int NT, bool LateLoads>
-__global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmParams p) {
+template <typename T, int GS, int NT>
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_w4_sm90_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
+                        const __grid_constant__ CUtensorMap map_w,
+                        const __grid_constant__ CUtensorMap map_sb) {
 #ifdef MLXQ_WGMMA
   using Op = Wgmma<T>;
   using C = Cfg<NT>;
@@ -256,41 +280,30 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmPar
   const T* x = static_cast<const T*>(p.x);
   const int64_t row_words = p.K / 8;
 
+  __shared__ __align__(8) uint64_t full[kStages];  // stage landed (TMA transaction count)
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+  if (tid == 0) {
+    for (int i = 0; i < kStages; ++i) mbar_init(bar0 + 8 * i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  // One thread loads a stage: x box (64 values x NT rows, swizzled), W box (8 words x 128 rows)
+  // and (scale, bias) box (4 pairs x 128 rows); rows past M or N arrive as zeros.
   auto load_stage = [&](int s) {
     const uint32_t base = smem0 + (s % kStages) * kStageBytes;
-    const int64_t k0 = static_cast<int64_t>(s) * kTileK;
-#pragma unroll
-    for (int i = tid; i < NT * 8; i += kThreads) {  // x: 8 chunks of 16 bytes per row
-      const int r = i >> 3, c = i & 7;
-      const bool ok = m0 + r < p.M;  // rows past M are zero-filled
-      const T* src = x + (ok ? m0 + r : 0) * p.K + k0 + c * 8;
-      cp_async16(base + r * 128 + ((c ^ (r & 7)) << 4), src, ok ? 16 : 0);
-    }
-    {  // W: 2 chunks of 16 bytes per row, the second row of each 4 swapped (no bank conflicts)
-      const int r = tid >> 1, c = tid & 1;
-      const int64_t n = n0 + r < p.N ? n0 + r : p.N - 1;
-      cp_async16(base + kXBytes + r * 32 + ((c ^ ((r >> 2) & 1)) << 4),
-                 p.w + n * row_words + k0 / 8 + c * 4, 16);
-    }
-    if (tid < kTileN) {  // (scale, bias) of the stage's groups: 2 for group size 32, else 1
-      const int64_t n = n0 + tid < p.N ? n0 + tid : p.N - 1;
-      const uint32_t* src = p.sb + n * p.G + (k0 >> p.group_shift);
-      const uint32_t dst = base + kXBytes + kWBytes + tid * 8;
-      if constexpr (GS == 32) {
-        cp_async8(dst, src);
-      } else {
-        cp_async4(dst, src);
-      }
-    }
+    const uint32_t bar = bar0 + 8 * (s % kStages);
+    const int k0 = s * kTileK;
+    mbar_expect_tx(bar, kStageBytes);
+    tma_2d(base, &map_x, k0, static_cast<int>(m0), bar);
+    tma_2d(base + kXBytes, &map_w, k0 / 8, static_cast<int>(n0), bar);
+    tma_2d(base + kXBytes + kWBytes, &map_sb, k0 >> p.group_shift, static_cast<int>(n0), bar);
   };
 
   float d[C::kAcc];
 #pragma unroll
   for (int i = 0; i < C::kAcc; ++i) d[i] = 0.f;
-#pragma unroll
-  for (int s = 0; s < kAhead; ++s) {
-    if (s < nst) load_stage(s);
-    cp_async_commit();
+  if (tid == 0) {
+    for (int s = 0; s < kAhead && s < nst; ++s) load_stage(s);
   }
   // Dequantization: thread tid writes row tid / 2 of the tile (its own warpgroup's rows), 32
   // values (one 16-byte chunk of packed W, 4 chunks of 8 dequantized values).
@@ -299,21 +312,16 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmPar
   const uint32_t a_region = smem0 + kStages * kStageBytes;
 
   for (int s = 0; s < nst; ++s) {
-    cp_async_wait<kAhead - 1>();  // this thread's copies of stage s have landed
-    // its copies visible to the tensor cores (the async proxy) before the barrier publishes them
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();  // everyone's copies; every warpgroup is done with stage s - 2
-    if constexpr (!LateLoads) {
-      if (s + kAhead < nst) load_stage(s + kAhead);
-      cp_async_commit();
-    }
+    mbar_wait(bar0 + 8 * (s % kStages), (s / kStages) & 1);  // stage s has landed
+    __syncthreads();  // every warpgroup is done with stage s - 2, whose slot is loaded next
+    if (tid == 0 && s + kAhead < nst) load_stage(s + kAhead);
     const uint32_t base = smem0 + (s % kStages) * kStageBytes;
     const uint32_t wbase = base + kXBytes;
     // A buffer s % 2 was last read by stage s - 2's wgmma, which has completed
     const uint32_t abuf = a_region + (s & 1) * kABytes;
     {
-      const uint4 wv = lds128(wbase + dr * 32 + ((dh ^ ((dr >> 2) & 1)) << 4));
-      const uint32_t pr = lds32(wbase + kWBytes + dr * 8 + (GS == 32 ? dh * 4 : 0));
+      const uint4 wv = lds128(wbase + dr * 32 + dh * 16);
+      const uint32_t pr = lds32(wbase + kWBytes + dr * 16 + (GS == 32 ? dh * 4 : 0));
       const uint32_t s2 = __byte_perm(pr, pr, 0x1010), b2 = __byte_perm(pr, pr, 0x3232);
       const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
@@ -330,11 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmPar
       }
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // A visible to wgmma
-    if constexpr (LateLoads) {  // the next loads only behind the fence (measured faster)
-      if (s + kAhead < nst) load_stage(s + kAhead);
-      cp_async_commit();
-    }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // the warpgroup's rows
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");   // the warpgroup's rows
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
     const uint32_t a_tile = abuf + wg * 64 * 128;
 #pragma unroll
@@ -365,28 +369,59 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmPar
 #endif
 }
 
-template <typename T, int GS, int NT, bool LateLoads>
-void launch_nt(const GemmParams& p, cudaStream_t stream) {
-  auto kernel = gemm_w4_sm90_kernel<T, GS, NT, LateLoads>;
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                    cudaEnableDefault, &q));
+    TORCH_CHECK(f != nullptr && q == cudaDriverEntryPointSuccess,
+                "mlxq: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A row-major [rows, cols] tensor map with boxes of box_cols x box_rows.
+CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType type, int64_t elem, int64_t rows,
+                       int64_t cols, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols * elem)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t estrides[2] = {1, 1};
+  const CUresult r =
+      encode_fn()(&map, type, 2, const_cast<void*>(ptr), dims, strides, box, estrides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "mlxq: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
+  return map;
+}
+
+template <typename T, int GS, int NT>
+void launch_nt(const GemmParams& p, bool half, cudaStream_t stream) {
+  auto kernel = gemm_w4_sm90_kernel<T, GS, NT>;
   constexpr int smem = Cfg<NT>::kSmemBytes;
+  const CUtensorMap mx =
+      tensor_map(p.x, half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
+                 p.M, p.K, kTileK, NT, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
+                                    kTileK / 8, kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  const CUtensorMap msb = tensor_map(p.sb, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.Gp, 4, kTileN,
+                                     CU_TENSOR_MAP_SWIZZLE_NONE);
   // per launch (a cheap attribute write) rather than once: it belongs to the current device
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(static_cast<unsigned>((p.M + NT - 1) / NT),
                   static_cast<unsigned>((p.N + kTileN - 1) / kTileN));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, kThreads, smem, stream>>>(p, mx, mw, msb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int GS>
-void launch_typed(const GemmParams& p, cudaStream_t stream) {
-  const char* env = std::getenv("MLXQ_GEMM_VARIANT");  // development: pipeline variants
-  const int v = env == nullptr ? 1 : std::atoi(env);
+void launch_typed(const GemmParams& p, bool half, cudaStream_t stream) {
   // 256 rows of x per block once there are more than 128: half the dequantization per product
-  const bool wide = v == 3 ? false : (v == 4 ? true : p.M > 128);
-  if (v == 0) {
-    return wide ? launch_nt<T, GS, 256, false>(p, stream) : launch_nt<T, GS, 128, false>(p, stream);
-  }
-  return wide ? launch_nt<T, GS, 256, true>(p, stream) : launch_nt<T, GS, 128, true>(p, stream);
+  if (p.M > 128) return launch_nt<T, GS, 256>(p, half, stream);
+  return launch_nt<T, GS, 128>(p, half, stream);
 }
 
 }  // namespace
@@ -406,26 +441,29 @@ bool gemm_w4_sm90_available(int device) {
 #endif
 }
 
+int64_t gemm_w4_sm90_sb_cols(int64_t G) { return (G + 3) / 4 * 4; }
+
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) {
-  // (scale, bias) pairs, so that one 4- or 8-byte copy brings a row's pairs of a stage
-  const int64_t n = a.N * a.G;
+  // (scale, bias) pairs, rows padded to a multiple of 4 pairs (TMA's 16-byte strides)
+  const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
   if (n > 0) {
     pack_sb_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        static_cast<const uint16_t*>(a.scales), static_cast<const uint16_t*>(a.biases), a.sb, n);
+        static_cast<const uint16_t*>(a.scales), static_cast<const uint16_t*>(a.biases), a.sb, a.G,
+        gp, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  GemmParams p{a.w, a.sb, a.x, a.y, a.N, a.M, a.K, a.G, a.group_shift};
+  GemmParams p{a.w, a.sb, a.x, a.y, a.N, a.M, a.K, gp, a.group_shift};
   const bool half = x_dtype == DType::kHalf;
   switch (a.group_shift) {
     case 5:
-      return half ? launch_typed<__half, 32>(p, stream)
-                  : launch_typed<__nv_bfloat16, 32>(p, stream);
+      return half ? launch_typed<__half, 32>(p, half, stream)
+                  : launch_typed<__nv_bfloat16, 32>(p, half, stream);
     case 6:
-      return half ? launch_typed<__half, 64>(p, stream)
-                  : launch_typed<__nv_bfloat16, 64>(p, stream);
+      return half ? launch_typed<__half, 64>(p, half, stream)
+                  : launch_typed<__nv_bfloat16, 64>(p, half, stream);
     default:
-      return half ? launch_typed<__half, 128>(p, stream)
-                  : launch_typed<__nv_bfloat16, 128>(p, stream);
+      return half ? launch_typed<__half, 128>(p, half, stream)
+                  : launch_typed<__nv_bfloat16, 128>(p, half, stream);
   }
 }
 

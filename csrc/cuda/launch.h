@@ -64,7 +64,7 @@ struct GemmArgs {
   const uint32_t* w;   // [N, K / 8]
   const void* scales;  // [N, G], dtype of x
   const void* biases;  // [N, G]
-  uint32_t* sb;        // [N, G] workspace: (scale, bias) pairs
+  uint32_t* sb;        // [N, gemm_w4_sm90_sb_cols(G)] workspace: (scale, bias) pairs
   const void* x;       // [M, K]
   void* y;             // [M, N]
   int64_t N, M, K, G;
@@ -73,6 +73,7 @@ struct GemmArgs {
 // Whether this build and `device` run it (sm_90a code built, compute capability 9.0, and
 // MLXQ_CUDA_GEMM is not 0).
 bool gemm_w4_sm90_available(int device);
+int64_t gemm_w4_sm90_sb_cols(int64_t G);
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream);
 
 // out = dequantized W in `out_dtype` (affine_cuda.cu).
