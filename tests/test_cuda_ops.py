@@ -210,13 +210,14 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("fused", ["2", "0"])
 def test_prefill_tiles_and_tails(
     gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
 ) -> None:
     # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
-    # (tiles of 128 rows of W by 128 or 256 rows of x: partial tiles in both), and the cuBLAS
-    # tiles (MLXQ_CUDA_GEMM=0, read on every call)
+    # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
+    # tiles of 128 rows of W by 128 or 256 rows of x, partial in both), and the cuBLAS tiles
+    # (MLXQ_CUDA_GEMM=0); the op reads the variable on every call
     monkeypatch.setenv("MLXQ_CUDA_GEMM", fused)
     wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
     for m in (9, 128, 129, 300, 513):

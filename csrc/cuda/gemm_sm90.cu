@@ -27,7 +27,6 @@ constexpr int kThreads = 256;                 // two warpgroups
 constexpr int kTileN = 128;                   // rows of W per block (64 per warpgroup)
 constexpr int kTileK = 64;                    // values of K per stage: one 128-byte row of x
 constexpr int kWBytes = kTileN * kTileK / 2;  // 4 KB of packed W per stage
-constexpr int kSbBytes = kTileN * 16;         // (scale, bias) of 4 groups per row (2 used)
 constexpr int kABytes = kTileN * kTileK * 2;  // dequantized W of one stage (16 KB), two of them
 
 // NT rows of x per block (the wgmma N): 128, or 256 for large M (half the dequantization per
@@ -35,7 +34,7 @@ constexpr int kABytes = kTileN * kTileK * 2;  // dequantized W of one stage (16 
 template <int NT>
 struct Cfg {
   static constexpr int kXBytes = NT * kTileK * 2;  // 16 or 32 KB
-  static constexpr int kStageBytes = kXBytes + kWBytes + kSbBytes;
+  static constexpr int kStageBytes = kXBytes + kWBytes;
   static constexpr int kStages = NT == 256 ? 5 : 6;  // shared-memory ring
   static constexpr int kAhead = kStages - 2;         // stages in flight (one in use, one draining)
   static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kABytes + 1024;  // + alignment
@@ -75,6 +74,9 @@ __global__ void pack_sb_kernel(const uint16_t* s, const uint16_t* b, uint32_t* o
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
@@ -101,11 +103,6 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
   return v;
 }
 __device__ __forceinline__ void sts128(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
@@ -262,8 +259,7 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
 template <typename T, int GS, int NT>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_w4_sm90_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
-                        const __grid_constant__ CUtensorMap map_w,
-                        const __grid_constant__ CUtensorMap map_sb) {
+                        const __grid_constant__ CUtensorMap map_w) {
 #ifdef MLXQ_WGMMA
   using Op = Wgmma<T>;
   using C = Cfg<NT>;
@@ -280,15 +276,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   const T* x = static_cast<const T*>(p.x);
   const int64_t row_words = p.K / 8;
 
-  __shared__ __align__(8) uint64_t full[kStages];  // stage landed (TMA transaction count)
+  // full: a stage has landed (TMA transaction count); empty: both warpgroups are done with it
+  __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+  const uint32_t ebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
   if (tid == 0) {
-    for (int i = 0; i < kStages; ++i) mbar_init(bar0 + 8 * i, 1);
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(bar0 + 8 * i, 1);
+      mbar_init(ebar0 + 8 * i, 2);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  // One thread loads a stage: x box (64 values x NT rows, swizzled), W box (8 words x 128 rows)
-  // and (scale, bias) box (4 pairs x 128 rows); rows past M or N arrive as zeros.
+  // One thread loads a stage: x box (64 values x NT rows, swizzled) and W box (8 words x 128
+  // rows); rows past M or N arrive as zeros.
   auto load_stage = [&](int s) {
     const uint32_t base = smem0 + (s % kStages) * kStageBytes;
     const uint32_t bar = bar0 + 8 * (s % kStages);
@@ -296,7 +297,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_expect_tx(bar, kStageBytes);
     tma_2d(base, &map_x, k0, static_cast<int>(m0), bar);
     tma_2d(base + kXBytes, &map_w, k0 / 8, static_cast<int>(n0), bar);
-    tma_2d(base + kXBytes + kWBytes, &map_sb, k0 >> p.group_shift, static_cast<int>(n0), bar);
   };
 
   float d[C::kAcc];
@@ -305,23 +305,41 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < kAhead && s < nst; ++s) load_stage(s);
   }
+  __syncwarp();  // warp 0 converged again: the wgmma instructions are .aligned
   // Dequantization: thread tid writes row tid / 2 of the tile (its own warpgroup's rows), 32
   // values (one 16-byte chunk of packed W, 4 chunks of 8 dequantized values).
   const int wg = warp >> 2;
   const int dr = tid >> 1, dh = tid & 1;
   const uint32_t a_region = smem0 + kStages * kStageBytes;
+  // The thread's (scale, bias) pair of each stage, loaded two stages ahead into registers (a
+  // 4-byte TMA box of them faulted; a cp.async would slow the proxy fence below).
+  const int64_t sb_row = (n0 + dr < p.N ? n0 + dr : p.N - 1) * p.Gp;
+  auto load_pair = [&](int s) -> uint32_t {
+    if (s >= nst) return 0u;
+    const int64_t k = static_cast<int64_t>(s) * kTileK + (GS == 32 ? 32 * dh : 0);
+    return __ldg(p.sb + sb_row + (k >> p.group_shift));
+  };
+  uint32_t pair_next = load_pair(0), pair_after = load_pair(1);
 
   for (int s = 0; s < nst; ++s) {
+    // The warpgroups run on their own (no block-wide barrier per stage), so that one
+    // dequantizes while the other's products run; only the loading thread waits until both are
+    // done with stage s - 2, whose slot stage s + kAhead takes.
+    if (tid == 0 && s + kAhead < nst) {
+      if (s >= 2) mbar_wait(ebar0 + 8 * ((s - 2) % kStages), ((s - 2) / kStages) & 1);
+      load_stage(s + kAhead);
+    }
+    __syncwarp();
     mbar_wait(bar0 + 8 * (s % kStages), (s / kStages) & 1);  // stage s has landed
-    __syncthreads();  // every warpgroup is done with stage s - 2, whose slot is loaded next
-    if (tid == 0 && s + kAhead < nst) load_stage(s + kAhead);
     const uint32_t base = smem0 + (s % kStages) * kStageBytes;
     const uint32_t wbase = base + kXBytes;
     // A buffer s % 2 was last read by stage s - 2's wgmma, which has completed
     const uint32_t abuf = a_region + (s & 1) * kABytes;
     {
       const uint4 wv = lds128(wbase + dr * 32 + dh * 16);
-      const uint32_t pr = lds32(wbase + kWBytes + dr * 16 + (GS == 32 ? dh * 4 : 0));
+      const uint32_t pr = pair_next;
+      pair_next = pair_after;
+      pair_after = load_pair(s + 2);
       const uint32_t s2 = __byte_perm(pr, pr, 0x1010), b2 = __byte_perm(pr, pr, 0x3232);
       const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
@@ -339,6 +357,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // A visible to wgmma
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");   // the warpgroup's rows
+    __syncwarp();  // the waits above may leave lanes apart; wgmma instructions are .aligned
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
     const uint32_t a_tile = abuf + wg * 64 * 128;
 #pragma unroll
@@ -346,6 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       Op::mma(d, smem_desc(a_tile + 32 * i), smem_desc(base + 32 * i));
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // stage s - 1 is done
+    if ((tid & 127) == 0 && s >= 1) mbar_arrive(ebar0 + 8 * ((s - 1) % kStages));
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
@@ -407,13 +427,11 @@ void launch_nt(const GemmParams& p, bool half, cudaStream_t stream) {
                  p.M, p.K, kTileK, NT, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
                                     kTileK / 8, kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
-  const CUtensorMap msb = tensor_map(p.sb, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.Gp, 4, kTileN,
-                                     CU_TENSOR_MAP_SWIZZLE_NONE);
   // per launch (a cheap attribute write) rather than once: it belongs to the current device
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(static_cast<unsigned>((p.M + NT - 1) / NT),
                   static_cast<unsigned>((p.N + kTileN - 1) / kTileN));
-  kernel<<<grid, kThreads, smem, stream>>>(p, mx, mw, msb);
+  kernel<<<grid, kThreads, smem, stream>>>(p, mx, mw);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -441,10 +459,10 @@ bool gemm_w4_sm90_available(int device) {
 #endif
 }
 
-int64_t gemm_w4_sm90_sb_cols(int64_t G) { return (G + 3) / 4 * 4; }
+int64_t gemm_w4_sm90_sb_cols(int64_t G) { return G; }
 
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) {
-  // (scale, bias) pairs, rows padded to a multiple of 4 pairs (TMA's 16-byte strides)
+  // (scale, bias) pairs: one 4-byte load gives a thread both
   const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
   if (n > 0) {
     pack_sb_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(

@@ -71,7 +71,7 @@ struct GemmArgs {
   int group_shift;
 };
 // Whether this build and `device` run it (sm_90a code built, compute capability 9.0, and
-// MLXQ_CUDA_GEMM is not 0).
+// MLXQ_CUDA_GEMM is not 0; affine_cuda.cu decides where it pays, "2" forces it).
 bool gemm_w4_sm90_available(int device);
 int64_t gemm_w4_sm90_sb_cols(int64_t G);
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream);
