@@ -160,11 +160,12 @@ int sm_count(int device) {
 // Whether the fused Hopper prefill runs y = x @ W.T (gemm_sm90.cu): 4-bit W, fp16/bf16 x with
 // scales and biases of the same dtype, K a multiple of its 64-value stages, an sm_90a build on a
 // compute capability 9.0 device. Otherwise tiles of W are dequantized for cuBLAS.
-// It needs blocks (128 rows of W by 128 or 256 rows of x) for every multiprocessor, and loses to
+// It needs blocks (128 rows of W by 128 or 256 rows of x) for most multiprocessors, and loses to
 // cuBLAS's own tiles once M is large enough to amortize one dequantization of W. Measured on an
-// H200 (bf16, ms, fused / tiles + cuBLAS): 28672 x 8192: M=16 0.20/0.30, M=128 0.17/0.31,
-// M=512 0.44/0.50, M=1024 0.77/0.82, M=2048 1.67/1.56; 4096 x 4096 (64 blocks at M=512):
-// M=32 0.046/0.024, M=512 0.053/0.038.
+// H200 (bf16, ms, fused / tiles + cuBLAS): 28672 x 8192 (N x K): M=9 0.21/0.29, M=32 0.19/0.30,
+// M=128 0.19/0.31, M=512 0.44-0.47/0.49, M=1024 0.87/0.87, M=2048 1.67/1.56; 8192 x 28672
+// (128 blocks at M=512) 0.44/0.52; 4096 x 4096 (64 blocks at M=512): M=32 0.049/0.024,
+// M=512 0.058/0.039.
 bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
   if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || W.s.scalar_type() != dt ||
       W.b.scalar_type() != dt || W.K % 64 != 0 || !gemm_w4_sm90_available(device)) {
@@ -172,9 +173,9 @@ bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
   }
   const char* env = std::getenv("MLXQ_CUDA_GEMM");  // "2": wherever it can run (tests)
   if (env != nullptr && std::string(env) == "2") return true;
-  if (M > 1024) return false;
+  if (M > 768) return false;
   const int64_t nt = M > 128 ? 256 : 128;
-  return (W.N + 127) / 128 * ((M + nt - 1) / nt) >= sm_count(device);
+  return 4 * ((W.N + 127) / 128) * ((M + nt - 1) / nt) >= 3 * sm_count(device);
 }
 
 // Bytes of dequantized weight per tile on the prefill path; MLXQ_CUDA_TILE_MB overrides it.
