@@ -11,7 +11,7 @@ namespace mlxq::cuda {
 
 enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
-// The largest M the decode kernels take; larger M dequantizes tiles for cuBLAS. The decode
+// The largest M the decode kernels take; larger M goes to the prefill paths. The decode
 // kernel's FMAs grow with M while its traffic does not: on an H200 (28672x8192, 4 bits) it
 // takes 0.06 ms at M=1, 0.14 ms at M=4 and 0.9 ms at M=16, where tiles + cuBLAS take ~0.4 ms.
 constexpr int kDecodeMaxRows = 8;
