@@ -1,17 +1,20 @@
 // Prefill on Hopper tensor cores (wgmma, sm_90a) for 4-bit affine weights with fp16/bf16 x and
-// scales of the same dtype: y = x @ W.T with W dequantized in registers, never in memory.
+// scales of the same dtype: y = x @ W.T with W dequantized on chip (shared memory), never in
+// global memory.
 //
 // A block computes a 128 (rows of W) x NT (rows of x; 128, or 256 for large M) tile of y^T with
 // two warpgroups, one wgmma.m64nNTk16 per warpgroup and 16 values of K. Stages of 64 values of K
-// (x tile, packed W tile and the tile's (scale, bias) pairs) arrive by TMA (cp.async.bulk.tensor,
-// completion on an mbarrier) kAhead stages ahead of their use; the x tile lands in the 128-byte
+// (x tile and packed W tile) arrive by TMA (cp.async.bulk.tensor, completion on an mbarrier)
+// kAhead stages ahead of their use, the (scale, bias) pairs by plain loads into registers two
+// stages ahead; the x tile lands in the 128-byte
 // swizzled layout that wgmma reads. Each stage's W tile is dequantized into shared memory
 // (s * q + b with one fp16/bf16 FMA of the exact q: the weight is rounded once to the dtype of x,
 // as the tiles of the cuBLAS path and MLX's GEMM are) while the tensor cores still multiply the
 // previous stage; both operands are then read by wgmma from shared memory, products summed in
 // fp32. The threads that write the dequantized tile issue no copies of their own: the proxy
 // fence that publishes their stores to the tensor cores then waits for nothing else (with
-// cp.async loads in flight it cost ~2x, measured on an H200).
+// cp.async loads in flight it cost ~2x, measured on an H200). The two warpgroups are tied only
+// by per-stage "empty" barriers that the loading thread waits on before reusing a slot.
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
