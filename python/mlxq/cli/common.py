@@ -223,6 +223,8 @@ def print_stats(info: dict, stats: dict) -> None:
         parts.append(
             f"decode {stats['generated_tokens']} tokens at {stats['decode_tps']:.1f} tok/s"
         )
+    if "first_step_s" in stats:
+        parts.append(f"compiled step ready in {stats['first_step_s']:.1f} s")
     if "peak_rss" in memory:
         parts.append(f"peak memory {memory['peak_rss'] / 1e6:.0f} MB")
     if "mps_driver" in memory:
