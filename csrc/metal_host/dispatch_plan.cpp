@@ -1,4 +1,4 @@
-#include "plan/dispatch_plan.h"
+#include "metal_host/dispatch_plan.h"
 
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
@@ -8,7 +8,7 @@
 
 #include "../../metal/mlxq_params.h"
 
-namespace mlxq::plan {
+namespace mlxq::metal {
 namespace {
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
@@ -212,11 +212,11 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
   return plan;
 }
 
-}  // namespace mlxq::plan
+}  // namespace mlxq::metal
 
 // --- affine_gather_matmul ---------------------------------------------------------------------
 
-namespace mlxq::plan {
+namespace mlxq::metal {
 
 DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
                                        int64_t group_size, int64_t bits, bool transpose) {
@@ -257,4 +257,4 @@ DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq
   return plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
 }
 
-}  // namespace mlxq::plan
+}  // namespace mlxq::metal

@@ -24,7 +24,7 @@
 
 #include "checks.h"
 
-namespace mlxq::plan {
+namespace mlxq::metal {
 
 struct Binding {
   int index;         // [[buffer(index)]]
@@ -58,9 +58,9 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                     const at::Tensor& biases, int64_t group_size, int64_t bits);
 
-}  // namespace mlxq::plan
+}  // namespace mlxq::metal
 
-namespace mlxq::plan {
+namespace mlxq::metal {
 
 // affine_gather_matmul (mx.gather_qmm): the kernel affine_matmul picks for one pair ([M, in]
 // against one [rows, K] matrix) in its gather variant (affine_gather_qmv/qvm/qmm_t/qmm_n,
@@ -76,4 +76,4 @@ DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq
                                        const std::optional<at::Tensor>& rhs_indices,
                                        int64_t group_size, int64_t bits, bool transpose);
 
-}  // namespace mlxq::plan
+}  // namespace mlxq::metal

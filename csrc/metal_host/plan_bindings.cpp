@@ -3,9 +3,9 @@
 // alone can be planned by passing meta tensors.
 #include <torch/extension.h>
 
-#include "plan/dispatch_plan.h"
+#include "metal_host/dispatch_plan.h"
 
-namespace mlxq::plan {
+namespace mlxq::metal {
 namespace {
 
 pybind11::dict to_dict(const DispatchPlan& plan) {
@@ -78,4 +78,4 @@ void register_plan_bindings(pybind11::module& m) {
       "tensors, roles lhs_indices and rhs_indices).");
 }
 
-}  // namespace mlxq::plan
+}  // namespace mlxq::metal
