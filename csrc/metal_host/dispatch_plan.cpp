@@ -73,10 +73,11 @@ void check_metal_bits(int64_t bits) {
 }
 }  // namespace
 
-DispatchPlan plan_affine_matmul(const MatmulGeometry& g, at::ScalarType dtype, int64_t group_size,
-                                int64_t bits, bool transpose) {
-  check_bits_group(bits, group_size);
-  check_metal_bits(bits);
+namespace {
+
+// The matmul plan without a kernel: params (no batch strides yet), output shape, and an empty
+// grid when there is nothing to compute. Shared by the affine and floating-point families.
+DispatchPlan matmul_plan_base(const MatmulGeometry& g, at::ScalarType dtype) {
   DispatchPlan plan;
   plan.dtype = dtype_name(dtype);
   AffineMatmulParams p{};
@@ -87,49 +88,40 @@ DispatchPlan plan_affine_matmul(const MatmulGeometry& g, at::ScalarType dtype, i
   p.in_features = to_i32(g.in_features, "in_features");
   p.out_features = to_i32(g.out_features, "out_features");
   to_i32(g.M * std::max(g.in_features, g.out_features), "rows x features of one batch entry");
-
-  // Batch entries; their shape and strides are filled in by the tensor overload below.
-  const int64_t batch = g.batch_size;
-  p.batch = to_i32(batch, "batch size");
+  // Batch entries; their shape and strides are filled in by set_batch_strides.
+  p.batch = to_i32(g.batch_size, "batch size");
   plan.out_shapes.push_back(g.out_shape);
-
-  // Kernel choice and geometry.
-  const bool small_m = g.M <= MLXQ_QMV_MAX_M;
-  const int64_t z = batch;
-  if (transpose && small_m) {
-    plan.kernel = host_name("affine_qmv", plan.dtype, group_size, bits);
-    const int64_t rows_per_tg = MLXQ_QMV_SIMDGROUPS * MLXQ_QMV_ROWS;
-    plan.grid = {ceil_div(g.w.rows, rows_per_tg), 1, static_cast<uint32_t>(z)};
-    plan.threads = {32 * MLXQ_QMV_SIMDGROUPS, 1, 1};
-  } else if (!transpose && small_m) {
-    plan.kernel = host_name("affine_qvm", plan.dtype, group_size, bits);
-    plan.grid = {ceil_div(g.w.cols, MLXQ_QVM_COLS), 1, static_cast<uint32_t>(z)};
-    plan.threads = {32 * MLXQ_QVM_SIMDGROUPS, 1, 1};
-    plan.threadgroup_memory.emplace_back(0, qvm_threadgroup_bytes(group_size));
-  } else {
-    plan.kernel =
-        host_name(transpose ? "affine_qmm_t" : "affine_qmm_n", plan.dtype, group_size, bits);
-    plan.grid = {ceil_div(g.out_features, MLXQ_QMM_BN), ceil_div(g.M, MLXQ_QMM_BM),
-                 static_cast<uint32_t>(z)};
-    plan.threads = {MLXQ_QMM_THREADS, 1, 1};
-    plan.threadgroup_memory.emplace_back(0, int64_t{MLXQ_QMM_TG_FLOATS} * 4);
-  }
-  if (g.M == 0 || g.out_features == 0 || g.in_features == 0 || batch == 0) {
-    plan.grid = {0, 0, 0};
-  }
-  plan.bindings = {{0, "x"}, {1, "wq"}, {2, "scales"}, {3, "biases"}, {4, "out"}, {5, "params"}};
   plan.params = to_bytes(p);
   return plan;
 }
 
-DispatchPlan plan_affine_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
-                                const at::Tensor& biases, int64_t group_size, int64_t bits,
-                                bool transpose) {
-  const MatmulGeometry g = check_matmul(x, wq, scales, biases, group_size, bits, transpose);
-  DispatchPlan plan = plan_affine_matmul(g, x.scalar_type(), group_size, bits, transpose);
-  if (g.batch.empty()) return plan;
+// The tiled qmm kernel `name` (prefill shapes), over (out_features, M, batch).
+void use_qmm(DispatchPlan& plan, const MatmulGeometry& g, const std::string& name) {
+  plan.kernel = name;
+  plan.grid = {ceil_div(g.out_features, MLXQ_QMM_BN), ceil_div(g.M, MLXQ_QMM_BM),
+               static_cast<uint32_t>(g.batch_size)};
+  plan.threads = {MLXQ_QMM_THREADS, 1, 1};
+  plan.threadgroup_memory.emplace_back(0, int64_t{MLXQ_QMM_TG_FLOATS} * 4);
+}
 
-  // Batch strides of x and w against the broadcast batch shape, then simplified.
+// The decode kernel `name` (qmv layout: MLXQ_QMV_ROWS rows per simdgroup), over (N, 1, batch).
+void use_qmv(DispatchPlan& plan, const MatmulGeometry& g, const std::string& name) {
+  plan.kernel = name;
+  const int64_t rows_per_tg = MLXQ_QMV_SIMDGROUPS * MLXQ_QMV_ROWS;
+  plan.grid = {ceil_div(g.w.rows, rows_per_tg), 1, static_cast<uint32_t>(g.batch_size)};
+  plan.threads = {32 * MLXQ_QMV_SIMDGROUPS, 1, 1};
+}
+
+void skip_if_empty(DispatchPlan& plan, const MatmulGeometry& g) {
+  if (g.M == 0 || g.out_features == 0 || g.in_features == 0 || g.batch_size == 0) {
+    plan.grid = {0, 0, 0};
+  }
+}
+
+// Batch strides of x and w against the broadcast batch shape (merging dimensions that are one
+// contiguous run for both), written into the plan's params.
+void set_batch_strides(DispatchPlan& plan, const at::Tensor& x, const MatmulGeometry& g) {
+  if (g.batch.empty()) return;
   std::vector<int64_t> xdims(x.sizes().begin(), x.sizes().end() - 2);
   std::vector<int64_t> shape = g.batch;
   std::vector<int64_t> xs = broadcast_strides(shape, xdims);
@@ -159,6 +151,38 @@ DispatchPlan plan_affine_matmul(const at::Tensor& x, const at::Tensor& wq, const
     p.w_batch_strides[d] = to_i32(w2[d], "wq batch stride");
   }
   plan.params = to_bytes(p);
+}
+
+}  // namespace
+
+DispatchPlan plan_affine_matmul(const MatmulGeometry& g, at::ScalarType dtype, int64_t group_size,
+                                int64_t bits, bool transpose) {
+  check_bits_group(bits, group_size);
+  check_metal_bits(bits);
+  DispatchPlan plan = matmul_plan_base(g, dtype);
+  const bool small_m = g.M <= MLXQ_QMV_MAX_M;
+  if (transpose && small_m) {
+    use_qmv(plan, g, host_name("affine_qmv", plan.dtype, group_size, bits));
+  } else if (!transpose && small_m) {
+    plan.kernel = host_name("affine_qvm", plan.dtype, group_size, bits);
+    plan.grid = {ceil_div(g.w.cols, MLXQ_QVM_COLS), 1, static_cast<uint32_t>(g.batch_size)};
+    plan.threads = {32 * MLXQ_QVM_SIMDGROUPS, 1, 1};
+    plan.threadgroup_memory.emplace_back(0, qvm_threadgroup_bytes(group_size));
+  } else {
+    use_qmm(plan, g,
+            host_name(transpose ? "affine_qmm_t" : "affine_qmm_n", plan.dtype, group_size, bits));
+  }
+  skip_if_empty(plan, g);
+  plan.bindings = {{0, "x"}, {1, "wq"}, {2, "scales"}, {3, "biases"}, {4, "out"}, {5, "params"}};
+  return plan;
+}
+
+DispatchPlan plan_affine_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                                const at::Tensor& biases, int64_t group_size, int64_t bits,
+                                bool transpose) {
+  const MatmulGeometry g = check_matmul(x, wq, scales, biases, group_size, bits, transpose);
+  DispatchPlan plan = plan_affine_matmul(g, x.scalar_type(), group_size, bits, transpose);
+  set_batch_strides(plan, x, g);
   return plan;
 }
 
@@ -255,6 +279,44 @@ DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq
   const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
                                                group_size, bits, transpose);
   return plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
+}
+
+}  // namespace mlxq::metal
+
+// --- fp_matmul: MLX's floating-point modes ----------------------------------------------------
+
+namespace mlxq::metal {
+
+DispatchPlan plan_fp_matmul(const MatmulGeometry& g, at::ScalarType dtype, int mode,
+                            bool transpose) {
+  static const char* const kModeNames[] = {"mxfp4", "nvfp4", "mxfp8"};
+  TORCH_INTERNAL_ASSERT(mode >= 0 && mode < 3, "mlxq: fp mode index ", mode);
+  DispatchPlan plan = matmul_plan_base(g, dtype);
+  const std::string suffix = "_" + plan.dtype + "_" + kModeNames[mode];
+  if (transpose && g.M <= MLXQ_QMV_MAX_M) {
+    use_qmv(plan, g, "fp_qmv" + suffix);
+  } else {
+    // No qvm variant: transpose=False runs the tiled kernel at every M (correct, not tuned).
+    use_qmm(plan, g, (transpose ? "fp_qmm_t" : "fp_qmm_n") + suffix);
+  }
+  skip_if_empty(plan, g);
+  plan.bindings = {{0, "x"},   {1, "wq"},    {2, "scales"}, {3, "global_scale"},
+                   {4, "out"}, {5, "params"}};
+  return plan;
+}
+
+DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& global_scale, c10::string_view mode,
+                            int64_t group_size, int64_t bits, bool transpose) {
+  const int m = check_fp_mode(mode, group_size, bits);
+  check_fp_global_scale(global_scale, m, wq.device());
+  MatmulGeometry g = check_fp_matmul(x, wq, scales, group_size, bits, transpose);
+  // check_fp_matmul leaves batch_size at 1 (the CPU kernels walk g.batch themselves).
+  g.batch_size = 1;
+  for (const int64_t d : g.batch) g.batch_size = to_i32(g.batch_size * d, "batch size");
+  DispatchPlan plan = plan_fp_matmul(g, x.scalar_type(), m, transpose);
+  set_batch_strides(plan, x, g);
+  return plan;
 }
 
 }  // namespace mlxq::metal

@@ -77,3 +77,18 @@ DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq
                                        int64_t group_size, int64_t bits, bool transpose);
 
 }  // namespace mlxq::metal
+
+namespace mlxq::metal {
+
+// fp_matmul (mxfp4, nvfp4, mxfp8; mode index as check_fp_mode): fp_qmv (transpose, M <=
+// MLXQ_QMV_MAX_M) or fp_qmm_t / fp_qmm_n (metal/fp_*.metal), with AffineMatmulParams. Binds x,
+// wq, the uint8 scales, the float32 global scale (role "global_scale": the tensor's own for
+// nvfp4, else one value 448 * 6, which makes nvfp4's factor exactly 1 and is never read by the
+// mx modes), out and params at buffers 0-5.
+DispatchPlan plan_fp_matmul(const MatmulGeometry& g, at::ScalarType dtype, int mode,
+                            bool transpose);
+DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& global_scale, c10::string_view mode,
+                            int64_t group_size, int64_t bits, bool transpose);
+
+}  // namespace mlxq::metal

@@ -141,3 +141,24 @@ Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
 }
 
 }  // namespace mlxq::metal
+
+namespace mlxq::metal {
+
+Launch launch_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& global_scale, c10::string_view mode,
+                        int64_t group_size, int64_t bits, bool transpose) {
+  DispatchPlan plan =
+      plan_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose);
+  at::Tensor out = new_output(plan, 0, x.options());
+  const at::Tensor global = global_scale.has_value()
+                                ? global_scale->reshape({1}).contiguous()
+                                : at::full({1}, 448.0f * 6.0f, x.options().dtype(at::kFloat));
+  std::map<std::string, at::Tensor> roles{{"x", x.contiguous()},
+                                          {"wq", packed_words(wq)},
+                                          {"scales", scales.contiguous()},
+                                          {"global_scale", global},
+                                          {"out", out}};
+  return bind(std::move(plan), roles, {out});
+}
+
+}  // namespace mlxq::metal

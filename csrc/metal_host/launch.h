@@ -76,3 +76,13 @@ Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                    int64_t bits, bool transpose);
 
 }  // namespace mlxq::metal
+
+namespace mlxq::metal {
+
+// fp_matmul: the plan of plan_fp_matmul with x, the packed words, the uint8 scales and the
+// global scale bound (a one-value 448 * 6 tensor on x's device when there is none).
+Launch launch_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& global_scale, c10::string_view mode,
+                        int64_t group_size, int64_t bits, bool transpose);
+
+}  // namespace mlxq::metal

@@ -114,6 +114,17 @@ void register_launch_bindings(py::module& m) {
       py::arg("group_size") = 64, py::arg("bits") = 4, py::arg("transpose") = true,
       "The Metal launch of affine_gather_matmul (indices as flat int32 at buffers 6 and 7).");
   m.def(
+      "metal_launch_fp_matmul",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const std::string& mode, int64_t group_size, int64_t bits, bool transpose,
+         const std::optional<at::Tensor>& global_scale) {
+        return to_dict(
+            launch_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose));
+      },
+      py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("mode"), py::arg("group_size"),
+      py::arg("bits"), py::arg("transpose") = true, py::arg("global_scale") = py::none(),
+      "The Metal launch of fp_matmul (arguments in the op's order).");
+  m.def(
       "metal_launch_affine_dequantize",
       [](const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
          int64_t group_size, int64_t bits) {

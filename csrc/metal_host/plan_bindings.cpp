@@ -76,6 +76,18 @@ void register_plan_bindings(pybind11::module& m) {
       pybind11::arg("bits") = 4, pybind11::arg("transpose") = true,
       "Metal dispatch plan of affine_gather_matmul (the indices are bound as flat uint32 "
       "tensors, roles lhs_indices and rhs_indices).");
+  m.def(
+      "plan_fp_matmul",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const std::string& mode, int64_t group_size, int64_t bits, bool transpose,
+         const std::optional<at::Tensor>& global_scale) {
+        return to_dict(
+            plan_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose));
+      },
+      pybind11::arg("x"), pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("mode"),
+      pybind11::arg("group_size"), pybind11::arg("bits"), pybind11::arg("transpose") = true,
+      pybind11::arg("global_scale") = pybind11::none(),
+      "Metal dispatch plan of fp_matmul (mxfp4, nvfp4, mxfp8; arguments in the op's order).");
 }
 
 }  // namespace mlxq::metal

@@ -164,6 +164,15 @@ at::Tensor affine_gather_matmul_mps(const at::Tensor& x, const at::Tensor& wq,
   return l.outputs[0];
 }
 
+at::Tensor fp_matmul_mps(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                         c10::string_view mode, int64_t group_size, int64_t bits, bool transpose,
+                         const std::optional<at::Tensor>& global_scale) {
+  Launch l =
+      metal::launch_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose);
+  encode(l);
+  return l.outputs[0];
+}
+
 }  // namespace
 
 std::string load_library(const std::string& path) {
@@ -211,6 +220,7 @@ void register_kernels() {
   g_impl->impl("affine_quantize", TORCH_FN(affine_quantize_mps));
   g_impl->impl("affine_dequantize", TORCH_FN(affine_dequantize_mps));
   g_impl->impl("affine_matmul", TORCH_FN(affine_matmul_mps));
+  g_impl->impl("fp_matmul", TORCH_FN(fp_matmul_mps));
   g_impl->impl("affine_gather_matmul", TORCH_FN(affine_gather_matmul_mps));
 }
 

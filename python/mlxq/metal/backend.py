@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from mlxq._native import _C
-from mlxq.format import METAL_BITS, SUPPORTED_GROUP_SIZES
+from mlxq.format import METAL_BITS, MODE_DEFAULTS, SUPPORTED_GROUP_SIZES
 from mlxq.metal.runtime import OPS, RuntimeKernels, instantiated_kernels, register_runtime_kernels
 
 __all__ = [
@@ -56,6 +56,8 @@ logger = logging.getLogger("mlxq")
 
 PATHS = ("auto", "prebuilt", "runtime", "off")
 _PKG_DIR = Path(__file__).resolve().parents[1]  # the mlxq package
+# MLX's floating-point modes -> (group size, bits): fp_matmul has Metal kernels for each
+FP_MODES = {mode: MODE_DEFAULTS[mode] for mode in ("mxfp4", "nvfp4", "mxfp8")}
 
 
 # --- where things are -------------------------------------------------------------------------
@@ -80,7 +82,8 @@ def metal_source_dir(package_dir: Path = _PKG_DIR) -> Path | None:
 
 def expected_kernel_names() -> set[str]:
     """Every kernel the dispatch plan can ask for, found by planning each op, dtype, group size,
-    bits and matmul shape (decode/GEMM, transposed or not) on meta tensors."""
+    bits (or floating-point mode) and matmul shape (decode/GEMM, transposed or not) on meta
+    tensors."""
     names: set[str] = set()
     meta = {"device": "meta"}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -101,6 +104,15 @@ def expected_kernel_names() -> set[str]:
                             x, wq, s, s, None, None, gs, bits, transpose
                         )
                         names.add(plan["kernel"])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for mode, (gs, bits) in FP_MODES.items():
+            k, n = 2 * gs, 8
+            wq = torch.empty(n, k * bits // 32, dtype=torch.uint32, **meta)
+            s = torch.empty(n, k // gs, dtype=torch.uint8, **meta)
+            for m in (1, 64):
+                for transpose, width in ((True, k), (False, n)):
+                    x = torch.empty(m, width, dtype=dtype, **meta)
+                    names.add(_C.plan_fp_matmul(x, wq, s, mode, gs, bits, transpose)["kernel"])
     return names
 
 

@@ -26,7 +26,7 @@ __all__ = ["OPS", "RuntimeKernels", "instantiated_kernels", "register_runtime_ke
 logger = logging.getLogger("mlxq")
 
 # The ops that have Metal kernels: one MPS kernel is registered for each (see mlxq.metal.backend).
-OPS = ("affine_quantize", "affine_dequantize", "affine_matmul", "affine_gather_matmul")
+OPS = ("affine_quantize", "affine_dequantize", "affine_matmul", "affine_gather_matmul", "fp_matmul")
 
 
 _INSTANTIATE = re.compile(r'^[ \t]*MLXQ_INSTANTIATE\([ \t]*"([^"]+)"', re.M)
@@ -205,5 +205,13 @@ def register_runtime_kernels(runner: RuntimeKernels, lib: Any = None) -> None:
         runner.run(launch)
         return launch["outputs"][0]
 
-    for op, fn in zip(OPS, (quantize, dequantize, matmul, gather_matmul), strict=True):
+    def fp_matmul(x, wq, scales, mode, group_size, bits, transpose=True, global_scale=None):
+        launch = _C.metal_launch_fp_matmul(
+            x, wq, scales, mode, group_size, bits, transpose, global_scale
+        )
+        runner.run(launch)
+        return launch["outputs"][0]
+
+    kernels = (quantize, dequantize, matmul, gather_matmul, fp_matmul)
+    for op, fn in zip(OPS, kernels, strict=True):
         torch.library.register_kernel(f"mlxq::{op}", "mps", fn, lib=lib)

@@ -1,0 +1,202 @@
+"""The fp_matmul Metal kernels (metal/fp_qmv.metal, metal/fp_qmm.metal) for MLX's floating-point
+modes (mxfp4, nvfp4, mxfp8), executed by the MSL emulator through the launch that the MPS
+backend and the run-time fallback encode (`mlxq._C.metal_launch_fp_matmul`).
+
+Oracles: mx.quantized_matmul (mx modes and nvfp4 without a global scale; MLX's
+quantized_matmul takes none), and float64 products with the weights dequantized by the CPU op
+(bit-exact with mx.dequantize, tests/test_fp_modes.py) for every case, nvfp4's global scale
+included. Bound: one rounding of the output plus fp32 accumulation-order noise relative to
+sum |x| |w|, as tests/test_metal_kernels.py. The decode test runs every FP4/FP8 code and every
+usable scale byte through a kernel and compares the products bit for bit with the CPU op.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlxq
+import numpy as np
+import pytest
+import torch
+from mlxq._native import _C
+from mlxq.testing import metal_emulator as emu
+from oracles import DTYPES, to_mx, to_torch
+
+pytestmark = pytest.mark.skipif(
+    not emu.available(), reason="no clang for the MSL emulator (pip install ziglang)"
+)
+
+METAL_DIR = Path(__file__).resolve().parents[1] / "metal"
+MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+# (mode, global scale): nvfp4 alone takes a global scale
+CASES = [("mxfp4", None), ("nvfp4", None), ("nvfp4", 0.37), ("mxfp8", None)]
+CASE_IDS = [m if g is None else f"{m}-g{g}" for m, g in CASES]
+DTYPE_IDS = [str(d).split(".")[-1] for d in DTYPES]
+OUT_EPS = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+ACC_EPS = 2e-6
+MSL_DTYPE = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library() -> emu.Library:
+    return emu.load_library([METAL_DIR / "fp_qmv.metal", METAL_DIR / "fp_qmm.metal"])
+
+
+def _global(g: float | None) -> torch.Tensor | None:
+    return None if g is None else torch.tensor(g, dtype=torch.float32)
+
+
+def _run(x, wq, s, mode, transpose, global_scale=None) -> tuple[torch.Tensor, str]:
+    """The shipped launch of fp_matmul, dispatched in the emulator (outputs start as NaN)."""
+    gs, bits = MODES[mode]
+    launch = _C.metal_launch_fp_matmul(x, wq, s, mode, gs, bits, transpose, global_scale)
+    out = launch["outputs"][0]
+    if launch["empty"]:
+        return out, launch["kernel"]
+    out.fill_(float("nan"))
+    tgm = dict(launch["threadgroup_memory"]) or None
+    emu.dispatch(launch["kernel"], launch["grid"], launch["threads"], launch["buffers"], tgm)
+    return out, launch["kernel"]
+
+
+def _weights(gen, shape, mode, dtype, global_scale=None):
+    gs, bits = MODES[mode]
+    w = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    wq, s = mlxq.quantize(w, gs, bits, mode=mode, global_scale=_global(global_scale))
+    W = torch.ops.mlxq.fp_dequantize(
+        wq, s, mode, gs, bits, _global(global_scale), torch.float32
+    ).double()
+    return wq, s, W
+
+
+def _check(y, x, W, transpose, kernel, ref=None) -> None:
+    """y within the bound of `ref` (default: the float64 product with W)."""
+    Wt = W.transpose(-1, -2) if transpose else W
+    ref = x.double() @ Wt if ref is None else ref
+    absprod = x.double().abs() @ Wt.abs()
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert not y.isnan().any(), f"{kernel}: some outputs were never written"
+    bound = OUT_EPS[x.dtype] * ref.abs() + 2 * ACC_EPS * absprod + 1e-30
+    err = (y.double() - ref).abs()
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"{kernel}: error {err.max().item():.3g} is {worst:.2f}x the bound"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode,global_scale", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "M,transpose,kernel",
+    [(1, True, "fp_qmv"), (5, True, "fp_qmv"), (33, True, "fp_qmm_t"), (3, False, "fp_qmm_n"),
+     (40, False, "fp_qmm_n")],
+)  # fmt: skip
+def test_fp_matmul(M, transpose, kernel, mode, global_scale, dtype, gen) -> None:
+    gs, _ = MODES[mode]
+    n, k = 37, 3 * gs  # N not a multiple of 8 or 32; K = 48 for nvfp4 (not a multiple of 32)
+    wq, s, W = _weights(gen, (n, k), mode, dtype, global_scale)
+    x = torch.randn(M, k if transpose else n, generator=gen).to(dtype)
+    y, name = _run(x, wq, s, mode, transpose, _global(global_scale))
+    assert name == f"{kernel}_{MSL_DTYPE[dtype]}_{mode}"
+    _check(y, x, W, transpose, name)
+    if global_scale is None:  # MLX's own quantized_matmul (it takes no global scale), in fp32
+        ref = mx.quantized_matmul(
+            to_mx(x.float()), to_mx(wq), mx.array(s.numpy()), transpose=transpose, mode=mode
+        )
+        _check(y, x, W, transpose, name, to_torch(ref).double())
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["xWT", "xW"])
+@pytest.mark.parametrize("M", [2, 33])
+def test_fp_matmul_batched_weight_broadcasts(M, transpose, gen) -> None:
+    mode = "nvfp4"
+    wq, s, W = _weights(gen, (2, 24, 64), mode, torch.float16, 1.5)
+    x = torch.randn(3, 1, M, 64 if transpose else 24, generator=gen).to(torch.float16)
+    y, name = _run(x, wq, s, mode, transpose, _global(1.5))
+    assert y.shape == (3, 2, M, 24 if transpose else 64)
+    _check(y, x, W, transpose, name)
+
+
+def test_fp_matmul_leading_dims_and_empty(gen) -> None:
+    wq, s, W = _weights(gen, (16, 64), "mxfp8", torch.float32)
+    x = torch.randn(2, 3, 64, generator=gen)
+    y, name = _run(x, wq, s, "mxfp8", True)
+    _check(y, x, W, True, name)
+    y, _ = _run(torch.empty(0, 64), wq, s, "mxfp8", True)
+    assert y.shape == (0, 16)
+
+
+def _pack(codes: np.ndarray, bits: int) -> torch.Tensor:
+    """Codes [N, K] (4 or 8 bits, little-endian within each word) as uint32 words."""
+    per = 32 // bits
+    c = codes.astype(np.uint64).reshape(codes.shape[0], -1, per)
+    words = (c << (np.arange(per, dtype=np.uint64) * bits)).sum(-1).astype(np.uint32)
+    return torch.from_numpy(words.view(np.int32)).view(torch.uint32)
+
+
+@pytest.mark.parametrize("mode,global_scale", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("M", [8, 64], ids=["qmv", "qmm"])
+def test_every_code_and_scale_byte_decodes_as_on_the_cpu(M, mode, global_scale) -> None:
+    # x = unit vectors: each output is one decoded value times its scale, exactly. Codes and
+    # scale bytes cycle over the rows, so that the first columns already see every one.
+    gs, bits = MODES[mode]
+    if mode == "nvfp4":
+        scale_bytes = [b for b in range(256) if b & 0x7F != 0x7F]  # every non-NaN E4M3
+    else:
+        scale_bytes = list(range(0, 246, 3))  # E8M0 up to 2^118: no product overflows
+    n, k = 256, 64
+    rows, cols = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    codes = (rows * 13 + cols * 7) % (1 << bits)
+    if bits == 8:  # FP8 NaN codes only in row 0: NaN times x's zeros spreads over a row
+        codes[(codes & 0x7F) == 0x7F] = 0x7E
+        codes[0, 0], codes[0, 1] = 0x7F, 0xFF
+    wq = _pack(codes, bits)
+    rows, grps = np.meshgrid(np.arange(n), np.arange(k // gs), indexing="ij")
+    picks = (rows * 5 + grps) % len(scale_bytes)
+    s = torch.from_numpy(np.array(scale_bytes, dtype=np.uint8)[picks])
+    g = _global(global_scale)
+    want = torch.ops.mlxq.fp_dequantize(wq, s, mode, gs, bits, g, torch.float32)
+    x = torch.eye(k)[:M]
+    y, name = _run(x, wq, s, mode, True, g)
+    got = y.T  # y[m, n] = W[n, m]
+    ref = want[:, :M]
+    clean = ~want.isnan().any(1)
+    same = got == ref  # exact (-0 may come back as +0: the other products are +0)
+    assert same[clean].all(), f"{name}: {(~same[clean]).sum().item()} values differ from the CPU"
+    assert got[~clean].isnan().all() and (clean.sum() == n - (bits == 8))
+    seen_codes = np.unique(codes[1:, :M])
+    assert len(seen_codes) == (1 << bits) - 2 * (bits == 8)
+    assert len(np.unique(s.numpy()[1:, 0])) == len(scale_bytes)
+
+
+def test_plan_kernels_and_refusals() -> None:
+    meta = dict(device="meta")
+    wq = torch.empty(64, 96 * 4 // 32, dtype=torch.uint32, **meta)
+    s = torch.empty(64, 96 // 16, dtype=torch.uint8, **meta)
+    x = torch.empty(8, 96, dtype=torch.bfloat16, **meta)
+    plan = _C.plan_fp_matmul(x, wq, s, "nvfp4", 16, 4, True)
+    assert plan["kernel"] == "fp_qmv_bfloat_nvfp4" and plan["grid"] == (8, 1, 1)
+    assert (3, "global_scale") in plan["bindings"]
+    plan = _C.plan_fp_matmul(torch.empty(9, 96, **meta), wq, s, "nvfp4", 16, 4, True)
+    assert plan["kernel"] == "fp_qmm_t_float_nvfp4" and plan["grid"] == (2, 1, 1)
+    with pytest.raises(ValueError, match="group_size must be 32 for mode 'mxfp4'"):
+        _C.plan_fp_matmul(x, wq, s, "mxfp4", 16, 4, True)
+    with pytest.raises(ValueError, match="only used by mode 'nvfp4'"):
+        _C.plan_fp_matmul(x, wq, s, "mxfp8", 32, 8, True, torch.ones(1, **meta))
+
+
+@pytest.mark.parametrize("M,transpose", [(2, True), (33, False)])
+def test_runtime_fallback_in_emulator(M, transpose, gen, tmp_path) -> None:
+    # The run-time fallback's source for one kernel (headers pasted in, threadgroup memory
+    # declared in the body), compiled by a stand-in for torch.mps.compile_shader.
+    from mlxq.metal import runtime as rt
+    from test_mps_backend import FakeCompileShader
+
+    fake = FakeCompileShader(tmp_path)
+    runner = rt.RuntimeKernels(fake, METAL_DIR)
+    wq, s, W = _weights(gen, (20, 64), "nvfp4", torch.bfloat16, 0.37)
+    x = torch.randn(M, 64 if transpose else 20, generator=gen).to(torch.bfloat16)
+    launch = _C.metal_launch_fp_matmul(x, wq, s, "nvfp4", 16, 4, transpose, _global(0.37))
+    launch["outputs"][0].fill_(float("nan"))
+    runner.run(launch)
+    _check(launch["outputs"][0], x, W, transpose, launch["kernel"])
+    assert len(fake.sources) == 1 and fake.sources[0].count('MLXQ_INSTANTIATE("') == 1
