@@ -21,7 +21,7 @@ import pytest
 import torch
 from mlxq._native import _C
 from mlxq.testing import metal_emulator as emu
-from oracles import DTYPES, to_mx, to_torch
+from oracles import DTYPES, TORCH_TO_MX, to_mx, to_torch
 
 pytestmark = pytest.mark.skipif(
     not emu.available(), reason="no clang for the MSL emulator (pip install ziglang)"
@@ -40,7 +40,8 @@ MSL_DTYPE = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfl
 
 @pytest.fixture(scope="module", autouse=True)
 def library() -> emu.Library:
-    return emu.load_library([METAL_DIR / "fp_qmv.metal", METAL_DIR / "fp_qmm.metal"])
+    names = ("fp_qmv.metal", "fp_qmm.metal", "fp_dequantize.metal")
+    return emu.load_library([METAL_DIR / n for n in names])
 
 
 def _global(g: float | None) -> torch.Tensor | None:
@@ -200,3 +201,78 @@ def test_runtime_fallback_in_emulator(M, transpose, gen, tmp_path) -> None:
     runner.run(launch)
     _check(launch["outputs"][0], x, W, transpose, launch["kernel"])
     assert len(fake.sources) == 1 and fake.sources[0].count('MLXQ_INSTANTIATE("') == 1
+
+
+# --- fp_dequantize -------------------------------------------------------------------------------
+
+TORCH_TO_MX_DTYPE = {
+    torch.float32: mx.float32,
+    torch.float16: mx.float16,
+    torch.bfloat16: mx.bfloat16,
+}
+
+
+def _dequantize(wq, s, mode, global_scale, dtype) -> tuple[torch.Tensor, str]:
+    gs, bits = MODES[mode]
+    launch = _C.metal_launch_fp_dequantize(wq, s, mode, gs, bits, global_scale, dtype)
+    out = launch["outputs"][0]
+    out.fill_(float("nan"))
+    emu.dispatch(launch["kernel"], launch["grid"], launch["threads"], launch["buffers"])
+    return out, launch["kernel"]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ints = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return (a.view(ints) == b.view(ints)) | (a.isnan() & b.isnan())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode,global_scale", CASES, ids=CASE_IDS)
+def test_fp_dequantize_bit_exact(mode, global_scale, dtype, gen) -> None:
+    gs, bits = MODES[mode]
+    # K a multiple of 32: mx.dequantize (0.32.4) cannot reshape nvfp4 rows of 16 * odd values
+    w = torch.randn(9, 6 * gs, generator=gen) * torch.logspace(-3, 3, 9)[:, None]
+    wq, s = mlxq.quantize(w.to(dtype), gs, bits, mode=mode, global_scale=_global(global_scale))
+    g = _global(global_scale)
+    y, name = _dequantize(wq, s, mode, g, dtype)
+    assert y.dtype == (torch.float32 if g is not None else dtype)
+    want = torch.ops.mlxq.fp_dequantize(wq, s, mode, gs, bits, g, dtype)
+    assert _same_bits(y, want).all(), f"{name} differs from the CPU op"
+    kw = {} if g is None else {"global_scale": mx.array(global_scale, mx.float32)}
+    ref = mx.dequantize(to_mx(wq), mx.array(s.numpy()), mode=mode, dtype=TORCH_TO_MX[dtype], **kw)
+    assert _same_bits(y, to_torch(ref)).all(), f"{name} differs from mx.dequantize"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode,global_scale", CASES, ids=CASE_IDS)
+def test_fp_dequantize_every_code_and_scale_byte(mode, global_scale, dtype) -> None:
+    # Every element code with every scale byte 0..255 (inf, NaN and subnormal products
+    # included), bit for bit against the CPU op.
+    gs, bits = MODES[mode]
+    n, k = 256, 3 * gs  # nvfp4: K = 48, not a multiple of 32
+    rows, cols = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    codes = (rows * 13 + cols * 7) % (1 << bits)
+    wq = _pack(codes, bits)
+    s = torch.from_numpy((np.arange(n * 3).reshape(n, 3) * 5 % 256).astype(np.uint8))
+    g = _global(global_scale)
+    y, name = _dequantize(wq, s, mode, g, dtype)
+    want = torch.ops.mlxq.fp_dequantize(wq, s, mode, gs, bits, g, dtype)
+    same = _same_bits(y, want)
+    # A result below fp32's normal range (tiny E8M0 scales) may come back flushed to zero:
+    # the emulator's float -> bfloat conversion does on AVX-512 BF16 hosts, and GPUs may.
+    tiny = (want.float().abs() < 2.0**-126) & (want != 0) & (y.float() == 0)
+    assert (same | tiny).all(), f"{name}: {(~same).sum().item()} values differ from the CPU op"
+    assert len(np.unique(s.numpy())) == 256 and len(np.unique(codes)) == 1 << bits
+
+
+def test_fp_dequantize_plan() -> None:
+    meta = dict(device="meta")
+    wq = torch.empty(3, 5, 64 * 4 // 32, dtype=torch.uint32, **meta)
+    s = torch.empty(3, 5, 4, dtype=torch.uint8, **meta)
+    plan = _C.plan_fp_dequantize(wq, s, "nvfp4", 16, 4, torch.ones(1, **meta), torch.float16)
+    assert plan["kernel"] == "fp_dequantize_half_nvfp4_to_float"
+    assert plan["out_shapes"] == [(3, 5, 64)] and plan["grid"] == (1, 1, 1)
+    plan = _C.plan_fp_dequantize(wq, s, "nvfp4", 16, 4)
+    assert plan["kernel"] == "fp_dequantize_bfloat_nvfp4"  # MLX's default dtype
+    with pytest.raises(TypeError, match="dtype must be float32"):
+        _C.plan_fp_dequantize(wq, s, "nvfp4", 16, 4, None, torch.int32)

@@ -65,15 +65,6 @@ std::string dtype_name(at::ScalarType t) {
 }
 
 namespace {
-// 1-bit affine weights run on the CPU only so far: the metallib has no 1-bit kernels.
-void check_metal_bits(int64_t bits) {
-  TORCH_CHECK_VALUE(bits != 1,
-                    "mlxq: bits=1 (1-bit affine) has no Metal kernel yet; run it on "
-                    "the CPU (expected bits 2, 3, 4, 5, 6 or 8 here, got 1)");
-}
-}  // namespace
-
-namespace {
 
 // The matmul plan without a kernel: params (no batch strides yet), output shape, and an empty
 // grid when there is nothing to compute. Shared by the affine and floating-point families.
@@ -158,7 +149,6 @@ void set_batch_strides(DispatchPlan& plan, const at::Tensor& x, const MatmulGeom
 DispatchPlan plan_affine_matmul(const MatmulGeometry& g, at::ScalarType dtype, int64_t group_size,
                                 int64_t bits, bool transpose) {
   check_bits_group(bits, group_size);
-  check_metal_bits(bits);
   DispatchPlan plan = matmul_plan_base(g, dtype);
   const bool small_m = g.M <= MLXQ_QMV_MAX_M;
   if (transpose && small_m) {
@@ -188,7 +178,6 @@ DispatchPlan plan_affine_matmul(const at::Tensor& x, const at::Tensor& wq, const
 
 DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits) {
   check_quantize_input(w, group_size, bits);
-  check_metal_bits(bits);
   DispatchPlan plan;
   plan.dtype = dtype_name(w.scalar_type());
   plan.kernel = host_name("affine_quantize", plan.dtype, group_size, bits);
@@ -215,7 +204,6 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                     const at::Tensor& biases, int64_t group_size, int64_t bits) {
   const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
-  check_metal_bits(bits);
   DispatchPlan plan;
   plan.dtype = dtype_name(scales.scalar_type());
   plan.kernel = host_name("affine_dequantize", plan.dtype, group_size, bits);
@@ -244,7 +232,6 @@ namespace mlxq::metal {
 
 DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
                                        int64_t group_size, int64_t bits, bool transpose) {
-  check_metal_bits(bits);
   MatmulGeometry one;  // one pair: the dense plan's kernel choice and x/y geometry
   one.w = g.w;
   one.w.batch.clear();
@@ -287,12 +274,18 @@ DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq
 
 namespace mlxq::metal {
 
-DispatchPlan plan_fp_matmul(const MatmulGeometry& g, at::ScalarType dtype, int mode,
-                            bool transpose) {
+namespace {
+const char* fp_mode_name(int mode) {
   static const char* const kModeNames[] = {"mxfp4", "nvfp4", "mxfp8"};
   TORCH_INTERNAL_ASSERT(mode >= 0 && mode < 3, "mlxq: fp mode index ", mode);
+  return kModeNames[mode];
+}
+}  // namespace
+
+DispatchPlan plan_fp_matmul(const MatmulGeometry& g, at::ScalarType dtype, int mode,
+                            bool transpose) {
   DispatchPlan plan = matmul_plan_base(g, dtype);
-  const std::string suffix = "_" + plan.dtype + "_" + kModeNames[mode];
+  const std::string suffix = "_" + plan.dtype + "_" + fp_mode_name(mode);
   if (transpose && g.M <= MLXQ_QMV_MAX_M) {
     use_qmv(plan, g, "fp_qmv" + suffix);
   } else {
@@ -316,6 +309,43 @@ DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
   for (const int64_t d : g.batch) g.batch_size = to_i32(g.batch_size * d, "batch size");
   DispatchPlan plan = plan_fp_matmul(g, x.scalar_type(), m, transpose);
   set_batch_strides(plan, x, g);
+  return plan;
+}
+
+at::ScalarType fp_dequantize_dtype(const std::optional<at::Tensor>& global_scale,
+                                   std::optional<at::ScalarType> dtype) {
+  const at::ScalarType requested = dtype.value_or(at::kBFloat16);
+  return global_scale.has_value() ? at::kFloat : requested;
+}
+
+DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales,
+                                c10::string_view mode, int64_t group_size, int64_t bits,
+                                const std::optional<at::Tensor>& global_scale,
+                                std::optional<at::ScalarType> dtype) {
+  const int m = check_fp_mode(mode, group_size, bits);
+  const PackedGeometry g = check_fp_packed(wq, scales, group_size, bits, /*min_dim=*/1);
+  check_fp_global_scale(global_scale, m, wq.device());
+  const at::ScalarType requested = dtype.value_or(at::kBFloat16);  // MLX's default
+  TORCH_CHECK_TYPE(requested == at::kFloat || requested == at::kHalf || requested == at::kBFloat16,
+                   "mlxq: dtype must be float32, float16 or bfloat16, got ", requested);
+  DispatchPlan plan;
+  plan.dtype = dtype_name(requested);
+  plan.kernel = "fp_dequantize_" + plan.dtype + "_" + fp_mode_name(m);
+  if (global_scale.has_value() && requested != at::kFloat) plan.kernel += "_to_float";
+  const int64_t rows = wq.numel() / wq.size(-1);
+  AffineQuantParams p{};
+  p.rows = to_i32(rows, "rows of wq");
+  p.K = to_i32(g.cols, "K (logical columns)");
+  p.groups = to_i32(g.groups, "groups");
+  to_i32(rows * g.groups, "number of groups");
+  plan.grid = {ceil_div(rows * g.groups, MLXQ_QUANT_THREADS), 1, 1};
+  plan.threads = {MLXQ_QUANT_THREADS, 1, 1};
+  plan.bindings = {{0, "wq"}, {1, "scales"}, {2, "global_scale"}, {3, "out"}, {4, "params"}};
+  plan.params = to_bytes(p);
+  std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
+  shape.back() = g.cols;
+  plan.out_shapes = {shape};
+  if (rows == 0) plan.grid = {0, 0, 0};
   return plan;
 }
 

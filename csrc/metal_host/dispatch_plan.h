@@ -91,4 +91,15 @@ DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
                             const std::optional<at::Tensor>& global_scale, c10::string_view mode,
                             int64_t group_size, int64_t bits, bool transpose);
 
+// fp_dequantize: fp_dequantize_<dtype>_<mode> (metal/fp_dequantize.metal), one thread per group,
+// binding wq, the uint8 scales, the global scale (as plan_fp_matmul), out and params at 0-4.
+// The output is float32 with a global scale, else `dtype` (default bfloat16, as MLX):
+// fp_dequantize_dtype.
+DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales,
+                                c10::string_view mode, int64_t group_size, int64_t bits,
+                                const std::optional<at::Tensor>& global_scale,
+                                std::optional<at::ScalarType> dtype);
+at::ScalarType fp_dequantize_dtype(const std::optional<at::Tensor>& global_scale,
+                                   std::optional<at::ScalarType> dtype);
+
 }  // namespace mlxq::metal

@@ -144,20 +144,42 @@ Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
 
 namespace mlxq::metal {
 
+namespace {
+// nvfp4's global scale as bound: the tensor's own, or 448 * 6 (factor exactly 1).
+at::Tensor bound_global_scale(const std::optional<at::Tensor>& global_scale,
+                              const at::TensorOptions& opts) {
+  return global_scale.has_value() ? global_scale->reshape({1}).contiguous()
+                                  : at::full({1}, 448.0f * 6.0f, opts.dtype(at::kFloat));
+}
+}  // namespace
+
 Launch launch_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                         const std::optional<at::Tensor>& global_scale, c10::string_view mode,
                         int64_t group_size, int64_t bits, bool transpose) {
   DispatchPlan plan =
       plan_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose);
   at::Tensor out = new_output(plan, 0, x.options());
-  const at::Tensor global = global_scale.has_value()
-                                ? global_scale->reshape({1}).contiguous()
-                                : at::full({1}, 448.0f * 6.0f, x.options().dtype(at::kFloat));
-  std::map<std::string, at::Tensor> roles{{"x", x.contiguous()},
-                                          {"wq", packed_words(wq)},
-                                          {"scales", scales.contiguous()},
-                                          {"global_scale", global},
-                                          {"out", out}};
+  std::map<std::string, at::Tensor> roles{
+      {"x", x.contiguous()},
+      {"wq", packed_words(wq)},
+      {"scales", scales.contiguous()},
+      {"global_scale", bound_global_scale(global_scale, x.options())},
+      {"out", out}};
+  return bind(std::move(plan), roles, {out});
+}
+
+Launch launch_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
+                            int64_t group_size, int64_t bits,
+                            const std::optional<at::Tensor>& global_scale,
+                            std::optional<at::ScalarType> dtype) {
+  DispatchPlan plan = plan_fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype);
+  at::Tensor out =
+      new_output(plan, 0, wq.options().dtype(fp_dequantize_dtype(global_scale, dtype)));
+  std::map<std::string, at::Tensor> roles{
+      {"wq", packed_words(wq)},
+      {"scales", scales.contiguous()},
+      {"global_scale", bound_global_scale(global_scale, wq.options())},
+      {"out", out}};
   return bind(std::move(plan), roles, {out});
 }
 

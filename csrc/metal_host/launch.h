@@ -85,4 +85,10 @@ Launch launch_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Ten
                         const std::optional<at::Tensor>& global_scale, c10::string_view mode,
                         int64_t group_size, int64_t bits, bool transpose);
 
+// fp_dequantize: the plan of plan_fp_dequantize, bound as launch_fp_matmul binds its operands.
+Launch launch_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
+                            int64_t group_size, int64_t bits,
+                            const std::optional<at::Tensor>& global_scale,
+                            std::optional<at::ScalarType> dtype);
+
 }  // namespace mlxq::metal

@@ -88,6 +88,17 @@ void register_plan_bindings(pybind11::module& m) {
       pybind11::arg("group_size"), pybind11::arg("bits"), pybind11::arg("transpose") = true,
       pybind11::arg("global_scale") = pybind11::none(),
       "Metal dispatch plan of fp_matmul (mxfp4, nvfp4, mxfp8; arguments in the op's order).");
+  m.def(
+      "plan_fp_dequantize",
+      [](const at::Tensor& wq, const at::Tensor& scales, const std::string& mode,
+         int64_t group_size, int64_t bits, const std::optional<at::Tensor>& global_scale,
+         std::optional<at::ScalarType> dtype) {
+        return to_dict(plan_fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype));
+      },
+      pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("mode"),
+      pybind11::arg("group_size"), pybind11::arg("bits"),
+      pybind11::arg("global_scale") = pybind11::none(), pybind11::arg("dtype") = pybind11::none(),
+      "Metal dispatch plan of fp_dequantize (arguments in the op's order).");
 }
 
 }  // namespace mlxq::metal

@@ -164,6 +164,15 @@ at::Tensor affine_gather_matmul_mps(const at::Tensor& x, const at::Tensor& wq,
   return l.outputs[0];
 }
 
+at::Tensor fp_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
+                             int64_t group_size, int64_t bits,
+                             const std::optional<at::Tensor>& global_scale,
+                             std::optional<at::ScalarType> dtype) {
+  Launch l = metal::launch_fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype);
+  encode(l);
+  return l.outputs[0];
+}
+
 at::Tensor fp_matmul_mps(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                          c10::string_view mode, int64_t group_size, int64_t bits, bool transpose,
                          const std::optional<at::Tensor>& global_scale) {
@@ -221,6 +230,7 @@ void register_kernels() {
   g_impl->impl("affine_dequantize", TORCH_FN(affine_dequantize_mps));
   g_impl->impl("affine_matmul", TORCH_FN(affine_matmul_mps));
   g_impl->impl("fp_matmul", TORCH_FN(fp_matmul_mps));
+  g_impl->impl("fp_dequantize", TORCH_FN(fp_dequantize_mps));
   g_impl->impl("affine_gather_matmul", TORCH_FN(affine_gather_matmul_mps));
 }
 

@@ -26,7 +26,14 @@ __all__ = ["OPS", "RuntimeKernels", "instantiated_kernels", "register_runtime_ke
 logger = logging.getLogger("mlxq")
 
 # The ops that have Metal kernels: one MPS kernel is registered for each (see mlxq.metal.backend).
-OPS = ("affine_quantize", "affine_dequantize", "affine_matmul", "affine_gather_matmul", "fp_matmul")
+OPS = (
+    "affine_quantize",
+    "affine_dequantize",
+    "affine_matmul",
+    "affine_gather_matmul",
+    "fp_matmul",
+    "fp_dequantize",
+)
 
 
 _INSTANTIATE = re.compile(r'^[ \t]*MLXQ_INSTANTIATE\([ \t]*"([^"]+)"', re.M)
@@ -212,6 +219,13 @@ def register_runtime_kernels(runner: RuntimeKernels, lib: Any = None) -> None:
         runner.run(launch)
         return launch["outputs"][0]
 
-    kernels = (quantize, dequantize, matmul, gather_matmul, fp_matmul)
+    def fp_dequantize(wq, scales, mode, group_size, bits, global_scale=None, dtype=None):
+        launch = _C.metal_launch_fp_dequantize(
+            wq, scales, mode, group_size, bits, global_scale, dtype
+        )
+        runner.run(launch)
+        return launch["outputs"][0]
+
+    kernels = (quantize, dequantize, matmul, gather_matmul, fp_matmul, fp_dequantize)
     for op, fn in zip(OPS, kernels, strict=True):
         torch.library.register_kernel(f"mlxq::{op}", "mps", fn, lib=lib)
