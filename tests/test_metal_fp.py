@@ -276,3 +276,19 @@ def test_fp_dequantize_plan() -> None:
     assert plan["kernel"] == "fp_dequantize_bfloat_nvfp4"  # MLX's default dtype
     with pytest.raises(TypeError, match="dtype must be float32"):
         _C.plan_fp_dequantize(wq, s, "nvfp4", 16, 4, None, torch.int32)
+
+
+@pytest.mark.parametrize("mode,global_scale", CASES, ids=CASE_IDS)
+def test_fp_qmv_reads_the_weight_once(mode, global_scale, gen) -> None:
+    # Decode is a memory-bandwidth problem: packed words and scale bytes are read exactly once
+    # for all rows of x, the global scale only by nvfp4, and each output is written once.
+    gs, bits = MODES[mode]
+    n, k, m = 24, 40 * gs, 3
+    wq, s, W = _weights(gen, (n, k), mode, torch.float16, global_scale)
+    x = torch.randn(m, k, generator=gen).to(torch.float16)
+    y, name = _run(x, wq, s, mode, True, _global(global_scale))
+    rep = emu.last_dispatch_report()
+    assert rep.bytes_read[1] == n * k * bits // 8 and rep.bytes_read[2] == n * k // gs
+    assert (rep.bytes_read.get(3, 0) > 0) == (mode == "nvfp4")
+    assert rep.bytes_written[4] == m * n * 2 and rep.bytes_written.get(1, 0) == 0
+    _check(y, x, W, True, name)
