@@ -200,10 +200,12 @@ def test_runtime_fallback_in_emulator(case, gen, tmp_path) -> None:
 
 
 def test_gather_kernels_are_expected_in_a_prebuilt_library() -> None:
+    from mlxq.format import METAL_BITS
     from mlxq.metal import backend as mb
     from mlxq.metal import runtime as rt
 
     names = mb.expected_kernel_names()
     instantiated = rt.instantiated_kernels(mb.metal_source_dir())
     gather = {n for n in names if n.startswith("affine_gather_")}
-    assert len(gather) == 4 * len(COMBOS) and gather <= set(instantiated)
+    per_bits = 4 * len(DTYPES) * len(GROUP_SIZES)  # qmv, qvm, qmm_t, qmm_n
+    assert len(gather) == per_bits * len(METAL_BITS) and gather <= set(instantiated)
