@@ -1,13 +1,15 @@
-"""The fp_matmul Metal kernels (metal/fp_qmv.metal, metal/fp_qmm.metal) for MLX's floating-point
-modes (mxfp4, nvfp4, mxfp8), executed by the MSL emulator through the launch that the MPS
-backend and the run-time fallback encode (`mlxq._C.metal_launch_fp_matmul`).
+"""The Metal kernels of MLX's floating-point modes (mxfp4, nvfp4, mxfp8): fp_qmv / fp_qmm
+(fp_matmul), fp_dequantize and fp_quantize (metal/fp_*.metal), executed by the MSL emulator
+through the launch that the MPS backend and the run-time fallback encode
+(`mlxq._C.metal_launch_fp_*`).
 
 Oracles: mx.quantized_matmul (mx modes and nvfp4 without a global scale; MLX's
-quantized_matmul takes none), and float64 products with the weights dequantized by the CPU op
-(bit-exact with mx.dequantize, tests/test_fp_modes.py) for every case, nvfp4's global scale
-included. Bound: one rounding of the output plus fp32 accumulation-order noise relative to
-sum |x| |w|, as tests/test_metal_kernels.py. The decode test runs every FP4/FP8 code and every
-usable scale byte through a kernel and compares the products bit for bit with the CPU op.
+quantized_matmul takes none; run in float32), float64 products with the weights dequantized by
+the CPU op (bit-exact with mx.dequantize, tests/test_fp_modes.py) for every case, nvfp4's
+global scale included; mx.quantize / mx.dequantize and the CPU ops bit for bit. Matmul bound:
+one rounding of the output plus fp32 accumulation-order noise relative to sum |x| |w|, as
+tests/test_metal_kernels.py. Every FP4/FP8 code and scale byte goes through the matmul and
+dequantize kernels; every 16-bit value is a group maximum for quantize.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 import torch
 from mlxq._native import _C
 from mlxq.testing import metal_emulator as emu
+from mlxq.testing.metal_emulator import ops as metal_ops
 from oracles import DTYPES, TORCH_TO_MX, to_mx, to_torch
 
 pytestmark = pytest.mark.skipif(
@@ -40,7 +43,7 @@ MSL_DTYPE = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfl
 
 @pytest.fixture(scope="module", autouse=True)
 def library() -> emu.Library:
-    names = ("fp_qmv.metal", "fp_qmm.metal", "fp_dequantize.metal")
+    names = ("fp_qmv.metal", "fp_qmm.metal", "fp_dequantize.metal", "fp_quantize.metal")
     return emu.load_library([METAL_DIR / n for n in names])
 
 
@@ -292,3 +295,56 @@ def test_fp_qmv_reads_the_weight_once(mode, global_scale, gen) -> None:
     assert (rep.bytes_read.get(3, 0) > 0) == (mode == "nvfp4")
     assert rep.bytes_written[4] == m * n * 2 and rep.bytes_written.get(1, 0) == 0
     _check(y, x, W, True, name)
+
+
+# --- fp_quantize ---------------------------------------------------------------------------------
+
+
+def _quantize(w, mode, global_scale=None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    gs, bits = MODES[mode]
+    launch = _C.metal_launch_fp_quantize(w, mode, gs, bits, global_scale)
+    wq, s = metal_ops.run_launch(launch)
+    return wq, s, launch["kernel"]
+
+
+def _assert_same_quantization(wq, s, ref_q, ref_s, what: str, keep=None) -> None:
+    """Words and scale bytes equal, over the rows `keep` (all when None)."""
+    keep = slice(None) if keep is None else keep
+    wq_bits, ref_bits = wq.view(torch.int32)[keep], ref_q.contiguous().view(torch.int32)[keep]
+    assert torch.equal(wq_bits, ref_bits), f"{what}: {(wq_bits != ref_bits).sum()} words differ"
+    assert torch.equal(s[keep], ref_s[keep]), f"{what}: {(s[keep] != ref_s[keep]).sum()} scales"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode,global_scale", CASES, ids=CASE_IDS)
+def test_fp_quantize_bit_exact(mode, global_scale, dtype, gen) -> None:
+    from test_fp_modes import make_weight, mx_quantize
+
+    for shape in [(64, 256), (3, 8, 96)]:
+        w = make_weight(shape, dtype, gen)
+        wq, s, name = _quantize(w, mode, _global(global_scale))
+        assert name == f"fp_quantize_{MSL_DTYPE[dtype]}_{mode}"
+        cpu_q, cpu_s = mlxq.quantize(w, mode=mode, global_scale=_global(global_scale))
+        _assert_same_quantization(wq, s, cpu_q, cpu_s, f"{name} {shape} vs the CPU op")
+        ref_q, ref_s = mx_quantize(w, mode, global_scale)
+        _assert_same_quantization(wq, s, ref_q, ref_s, f"{name} {shape} vs mx.quantize")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_fp_quantize_every_16bit_value_as_group_maximum(mode, dtype) -> None:
+    # Every positive finite value of the dtype as a group's maximum: each scale byte and each
+    # rounding of the maximum itself matches the CPU op (itself bit-exact with MLX).
+    gs, bits = MODES[mode]
+    codes = torch.arange(1, 0x7F80 if dtype == torch.bfloat16 else 0x7C00, dtype=torch.int32)
+    vals = codes.to(torch.int16).view(dtype).float()
+    w = torch.zeros(vals.numel(), gs)
+    w[:, 0], w[:, 1], w[:, 2] = vals, -vals / 3, vals / 7
+    w = w.to(dtype)
+    wq, s, name = _quantize(w, mode)
+    cpu_q, cpu_s = mlxq.quantize(w, mode=mode)
+    # bfloat16 intermediates below fp32's normal range (the scale max / 6 or max / 448): the
+    # emulator's float -> bfloat conversion flushes them on AVX-512 BF16 hosts (as GPUs may),
+    # so only group maxima whose scale is a normal fp32 number are held to the CPU op there.
+    keep = vals.abs() >= 2.0**-126 * 448 if dtype == torch.bfloat16 else None
+    _assert_same_quantization(wq, s, cpu_q, cpu_s, name, keep)

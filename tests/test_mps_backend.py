@@ -277,8 +277,9 @@ def test_every_planned_kernel_is_instantiated_in_metal_sources() -> None:
     defined = rt.instantiated_kernels(METAL_DIR)
     # affine: (quantize, dequantize, qmv, qvm, qmm_t, qmm_n + their 4 gather variants) x dtypes
     # x group sizes x bits (1-6, 8); float modes: (fp_qmv, fp_qmm_t, fp_qmm_n, fp_dequantize) x
-    # dtypes x modes, + fp_dequantize of nvfp4 with a global scale for half and bfloat
-    assert len(expected) == (6 + 4) * 3 * 3 * 7 + 4 * 3 * 3 + 2
+    # dtypes x modes, + fp_dequantize of nvfp4 with a global scale for half and bfloat, +
+    # fp_quantize x dtypes x modes
+    assert len(expected) == (6 + 4) * 3 * 3 * 7 + 4 * 3 * 3 + 2 + 3 * 3
     assert expected <= set(defined), sorted(expected - set(defined))[:5]
 
 
@@ -644,7 +645,7 @@ def test_install_registers_one_mps_kernel_per_op(tmp_path, gen, monkeypatch, cap
         mps_only = torch._C.DispatchKeySet(torch._C.DispatchKey.MPS)
         y = torch.ops.mlxq.affine_matmul.default.redispatch(mps_only, x, wq, s, b, 64, 4, True)
         _assert_matmul_close(y, x, wq, s, b, 64, 4, True)
-        # the floating-point modes: fp_matmul and fp_dequantize run, fp_quantize says why not
+        # the floating-point modes
         wq4, s4 = mlxq.quantize(torch.randn(8, 64, generator=gen), 32, 4, mode="mxfp4")
         y = torch.ops.mlxq.fp_matmul.default.redispatch(
             mps_only, x, wq4, s4, "mxfp4", 32, 4, True, None
@@ -654,8 +655,10 @@ def test_install_registers_one_mps_kernel_per_op(tmp_path, gen, monkeypatch, cap
         args = (wq4, s4, "mxfp4", 32, 4, None, torch.float32)
         w = torch.ops.mlxq.fp_dequantize.default.redispatch(mps_only, *args)
         assert torch.equal(w, torch.ops.mlxq.fp_dequantize(*args))
-        with pytest.raises(NotImplementedError, match="fp_quantize .* no Metal kernel"):
-            torch.ops.mlxq.fp_quantize.default.redispatch(mps_only, x, "mxfp4", 32, 4, None)
+        w = torch.randn(8, 64, generator=gen)
+        got = torch.ops.mlxq.fp_quantize.default.redispatch(mps_only, w, "mxfp4", 32, 4, None)
+        want = torch.ops.mlxq.fp_quantize(w, "mxfp4", 32, 4, None)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     finally:
         lib._destroy()
     assert not any(_has_mps_kernel(op) for op in rt.OPS)

@@ -349,4 +349,32 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales,
   return plan;
 }
 
+DispatchPlan plan_fp_quantize(const at::Tensor& w, c10::string_view mode, int64_t group_size,
+                              int64_t bits, const std::optional<at::Tensor>& global_scale) {
+  const int m = check_fp_mode(mode, group_size, bits);
+  check_fp_quantize_input(w, group_size);
+  check_fp_global_scale(global_scale, m, w.device());
+  DispatchPlan plan;
+  plan.dtype = dtype_name(w.scalar_type());
+  plan.kernel = "fp_quantize_" + plan.dtype + "_" + fp_mode_name(m);
+  const int64_t K = w.size(-1);
+  const int64_t rows = c10::multiply_integers(w.sizes().slice(0, w.dim() - 1));  // no division
+  AffineQuantParams p{};
+  p.rows = to_i32(rows, "rows of w");
+  p.K = to_i32(K, "K (last dimension of w)");
+  p.groups = to_i32(K / group_size, "groups");
+  to_i32(rows * (K / group_size), "number of groups");
+  plan.grid = {ceil_div(rows * (K / group_size), MLXQ_QUANT_THREADS), 1, 1};
+  plan.threads = {MLXQ_QUANT_THREADS, 1, 1};
+  plan.bindings = {{0, "w"}, {1, "wq"}, {2, "scales"}, {3, "global_scale"}, {4, "params"}};
+  plan.params = to_bytes(p);
+  std::vector<int64_t> qshape(w.sizes().begin(), w.sizes().end() - 1);
+  std::vector<int64_t> sshape = qshape;
+  qshape.push_back(packed_cols(K, bits));
+  sshape.push_back(K / group_size);
+  plan.out_shapes = {qshape, sshape};
+  if (rows == 0) plan.grid = {0, 0, 0};
+  return plan;
+}
+
 }  // namespace mlxq::metal

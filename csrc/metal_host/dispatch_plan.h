@@ -102,4 +102,9 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales,
 at::ScalarType fp_dequantize_dtype(const std::optional<at::Tensor>& global_scale,
                                    std::optional<at::ScalarType> dtype);
 
+// fp_quantize: fp_quantize_<dtype of w>_<mode> (metal/fp_quantize.metal), one thread per group,
+// binding w, the outputs wq (uint32) and scales (uint8), the global scale and params at 0-4.
+DispatchPlan plan_fp_quantize(const at::Tensor& w, c10::string_view mode, int64_t group_size,
+                              int64_t bits, const std::optional<at::Tensor>& global_scale);
+
 }  // namespace mlxq::metal

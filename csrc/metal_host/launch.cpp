@@ -183,4 +183,17 @@ Launch launch_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, c10:
   return bind(std::move(plan), roles, {out});
 }
 
+Launch launch_fp_quantize(const at::Tensor& w, c10::string_view mode, int64_t group_size,
+                          int64_t bits, const std::optional<at::Tensor>& global_scale) {
+  DispatchPlan plan = plan_fp_quantize(w, mode, group_size, bits, global_scale);
+  at::Tensor wq = new_output(plan, 0, w.options().dtype(at::kUInt32));
+  at::Tensor scales = new_output(plan, 1, w.options().dtype(at::kByte));
+  std::map<std::string, at::Tensor> roles{
+      {"w", w.contiguous()},
+      {"wq", wq},
+      {"scales", scales},
+      {"global_scale", bound_global_scale(global_scale, w.options())}};
+  return bind(std::move(plan), roles, {wq, scales});
+}
+
 }  // namespace mlxq::metal

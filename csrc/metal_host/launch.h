@@ -91,4 +91,9 @@ Launch launch_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, c10:
                             const std::optional<at::Tensor>& global_scale,
                             std::optional<at::ScalarType> dtype);
 
+// fp_quantize: the plan of plan_fp_quantize with w, the allocated (wq, scales) and the global
+// scale bound as in launch_fp_matmul.
+Launch launch_fp_quantize(const at::Tensor& w, c10::string_view mode, int64_t group_size,
+                          int64_t bits, const std::optional<at::Tensor>& global_scale);
+
 }  // namespace mlxq::metal

@@ -136,6 +136,15 @@ void register_launch_bindings(py::module& m) {
       py::arg("global_scale") = py::none(), py::arg("dtype") = py::none(),
       "The Metal launch of fp_dequantize (arguments in the op's order).");
   m.def(
+      "metal_launch_fp_quantize",
+      [](const at::Tensor& w, const std::string& mode, int64_t group_size, int64_t bits,
+         const std::optional<at::Tensor>& global_scale) {
+        return to_dict(launch_fp_quantize(w, mode, group_size, bits, global_scale));
+      },
+      py::arg("w"), py::arg("mode"), py::arg("group_size"), py::arg("bits"),
+      py::arg("global_scale") = py::none(),
+      "The Metal launch of fp_quantize (arguments in the op's order).");
+  m.def(
       "metal_launch_affine_dequantize",
       [](const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
          int64_t group_size, int64_t bits) {

@@ -99,6 +99,15 @@ void register_plan_bindings(pybind11::module& m) {
       pybind11::arg("group_size"), pybind11::arg("bits"),
       pybind11::arg("global_scale") = pybind11::none(), pybind11::arg("dtype") = pybind11::none(),
       "Metal dispatch plan of fp_dequantize (arguments in the op's order).");
+  m.def(
+      "plan_fp_quantize",
+      [](const at::Tensor& w, const std::string& mode, int64_t group_size, int64_t bits,
+         const std::optional<at::Tensor>& global_scale) {
+        return to_dict(plan_fp_quantize(w, mode, group_size, bits, global_scale));
+      },
+      pybind11::arg("w"), pybind11::arg("mode"), pybind11::arg("group_size"), pybind11::arg("bits"),
+      pybind11::arg("global_scale") = pybind11::none(),
+      "Metal dispatch plan of fp_quantize (arguments in the op's order).");
 }
 
 }  // namespace mlxq::metal

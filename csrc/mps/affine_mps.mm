@@ -164,6 +164,14 @@ at::Tensor affine_gather_matmul_mps(const at::Tensor& x, const at::Tensor& wq,
   return l.outputs[0];
 }
 
+std::tuple<at::Tensor, at::Tensor> fp_quantize_mps(const at::Tensor& w, c10::string_view mode,
+                                                   int64_t group_size, int64_t bits,
+                                                   const std::optional<at::Tensor>& global_scale) {
+  Launch l = metal::launch_fp_quantize(w, mode, group_size, bits, global_scale);
+  encode(l);
+  return {l.outputs[0], l.outputs[1]};
+}
+
 at::Tensor fp_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
                              int64_t group_size, int64_t bits,
                              const std::optional<at::Tensor>& global_scale,
@@ -231,6 +239,7 @@ void register_kernels() {
   g_impl->impl("affine_matmul", TORCH_FN(affine_matmul_mps));
   g_impl->impl("fp_matmul", TORCH_FN(fp_matmul_mps));
   g_impl->impl("fp_dequantize", TORCH_FN(fp_dequantize_mps));
+  g_impl->impl("fp_quantize", TORCH_FN(fp_quantize_mps));
   g_impl->impl("affine_gather_matmul", TORCH_FN(affine_gather_matmul_mps));
 }
 

@@ -43,7 +43,7 @@ MODE_DEFAULTS: dict[str, tuple[int, int]] = {
     "mxfp8": (32, 8),
 }
 KNOWN_MODES = tuple(MODE_DEFAULTS)
-# CPU and Metal (on Metal the float modes have fp_matmul and fp_dequantize; fp_quantize is CPU only)
+# every op of these modes runs on the CPU and on Metal
 RUNNABLE_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)  # affine
 METAL_BITS = (1, 2, 3, 4, 5, 6, 8)  # affine bits the metallib has kernels for

@@ -56,7 +56,7 @@ logger = logging.getLogger("mlxq")
 
 PATHS = ("auto", "prebuilt", "runtime", "off")
 _PKG_DIR = Path(__file__).resolve().parents[1]  # the mlxq package
-# MLX's floating-point modes -> (group size, bits): fp_matmul and fp_dequantize have Metal kernels
+# MLX's floating-point modes -> (group size, bits): every fp_* op has Metal kernels for each
 FP_MODES = {mode: MODE_DEFAULTS[mode] for mode in ("mxfp4", "nvfp4", "mxfp8")}
 
 
@@ -115,6 +115,8 @@ def expected_kernel_names() -> set[str]:
                     names.add(_C.plan_fp_matmul(x, wq, s, mode, gs, bits, transpose)["kernel"])
             for g in (None, torch.ones(1, **meta)) if mode == "nvfp4" else (None,):
                 names.add(_C.plan_fp_dequantize(wq, s, mode, gs, bits, g, dtype)["kernel"])
+            w = torch.empty(n, k, dtype=dtype, **meta)
+            names.add(_C.plan_fp_quantize(w, mode, gs, bits)["kernel"])
     return names
 
 
@@ -231,21 +233,6 @@ def _apply(choice: MetalChoice, env: MetalEnv, lib: Any = None) -> None:
         register_runtime_kernels(RuntimeKernels(env.compile_shader, env.sources), lib)
     elif choice.path in ("off", "failed"):
         _register_error_kernels(choice.reason, lib)
-    if choice.path in ("prebuilt", "runtime"):
-        _register_refusals(lib)
-
-
-def _register_refusals(lib: Any = None) -> None:
-    # Ops without Metal kernels say so by name on MPS tensors (instead of torch's generic
-    # "could not run ... with arguments from the 'MPS' backend").
-    def fp_quantize(w, mode, group_size, bits, global_scale=None):
-        raise NotImplementedError(
-            f"mlxq: fp_quantize (mode {mode!r}) has no Metal kernel yet: quantize on the CPU "
-            "(w.cpu()) and move wq and scales to the MPS device; fp_matmul and fp_dequantize "
-            "run on MPS"
-        )
-
-    torch.library.register_kernel("mlxq::fp_quantize", "mps", fp_quantize, lib=lib)
 
 
 def current_env() -> MetalEnv:

@@ -33,6 +33,7 @@ OPS = (
     "affine_gather_matmul",
     "fp_matmul",
     "fp_dequantize",
+    "fp_quantize",
 )
 
 
@@ -226,6 +227,11 @@ def register_runtime_kernels(runner: RuntimeKernels, lib: Any = None) -> None:
         runner.run(launch)
         return launch["outputs"][0]
 
-    kernels = (quantize, dequantize, matmul, gather_matmul, fp_matmul, fp_dequantize)
+    def fp_quantize(w, mode, group_size, bits, global_scale=None):
+        launch = _C.metal_launch_fp_quantize(w, mode, group_size, bits, global_scale)
+        runner.run(launch)
+        return tuple(launch["outputs"])
+
+    kernels = (quantize, dequantize, matmul, gather_matmul, fp_matmul, fp_dequantize, fp_quantize)
     for op, fn in zip(OPS, kernels, strict=True):
         torch.library.register_kernel(f"mlxq::{op}", "mps", fn, lib=lib)

@@ -4,8 +4,8 @@ Each function has the signature of its `mlxq.ops` counterpart and runs the launc
 backend encodes (`mlxq._C.metal_launch_*`: the dispatch plan, the operands converted and bound
 to their buffer indices, the outputs allocated), so the tested path is the shipped one: only
 the encoder differs (the emulator's `dispatch` instead of a Metal command encoder). Outputs
-start filled with NaN (or all-ones bits for packed weights), so an element a kernel forgets to
-write cannot pass a comparison by luck.
+start filled with NaN (or all-ones bits for packed weights and scale bytes), so an element a
+kernel forgets to write cannot pass a comparison by luck.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "affine_gather_matmul",
     "fp_matmul",
     "fp_dequantize",
+    "fp_quantize",
     "run_launch",
 ]
 
@@ -30,6 +31,8 @@ __all__ = [
 def _poison(t: torch.Tensor) -> None:
     if t.dtype in (torch.uint32, torch.int32):
         t.view(torch.int32).fill_(-1)
+    elif t.dtype == torch.uint8:
+        t.fill_(255)
     else:
         t.fill_(float("nan"))
 
@@ -134,3 +137,15 @@ def fp_dequantize(
     """`torch.ops.mlxq.fp_dequantize` run by the `fp_dequantize_*` Metal kernel."""
     launch = _C.metal_launch_fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype)
     return run_launch(launch)[0]
+
+
+def fp_quantize(
+    w: torch.Tensor,
+    mode: str,
+    group_size: int,
+    bits: int,
+    global_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.ops.mlxq.fp_quantize` run by the `fp_quantize_*` Metal kernel."""
+    wq, scales = run_launch(_C.metal_launch_fp_quantize(w, mode, group_size, bits, global_scale))
+    return wq, scales
