@@ -28,15 +28,23 @@ inline void load_x_tile(const device T* x, threadgroup float* xs, int M, int IN,
 }
 
 // One pack of 8 weight values W[wr][wc .. wc + 8], dequantized to fp32 (0 outside W), stored
-// reduction-major in the weight tile: ws[k][n] for TRANSPOSE, ws[n][k] otherwise.
+// reduction-major in the weight tile: ws[k][n] for TRANSPOSE, ws[n][k] otherwise. The GS / 8
+// consecutive lanes whose packs share a group (same row, consecutive columns) get its scale
+// from their first lane by shuffle, so each scale byte is read once per tile (all lanes call
+// this: the shuffle is uniform).
 template <int MODE, bool TRANSPOSE>
 inline void load_w_pack(const device uchar* wbytes, const device uchar* scales,
                         threadgroup float* ws, int N, int K, int G, long row_bytes,
-                        float global_factor, int wr, int wc, int tr, int tc) {
+                        float global_factor, int wr, int wc, int tr, int tc, uint lane) {
   constexpr int GS = fp_group_size(MODE), BITS = fp_bits(MODE);
   const bool ok = wr < N && wc < K;
   const ulong pk = ok ? load_pack<BITS>(wbytes + wr * row_bytes, wc / 8) : ulong(0);
-  const float s = ok ? fp_scale<MODE>(uint(scales[long(wr) * G + wc / GS]), global_factor) : 0.0f;
+  const ushort lead = ushort(lane & ~uint(GS / 8 - 1));
+  float sv = 0.0f;
+  if (ok && ushort(lane) == lead) {
+    sv = fp_scale<MODE>(uint(scales[long(wr) * G + wc / GS]), global_factor);
+  }
+  const float s = simd_shuffle(sv, lead);
 #pragma clang loop unroll(full)
   for (int j = 0; j < kQmmLoadCols; ++j) {
     const float v = s * fp_element<MODE>(pack_value<BITS>(pk, j));
@@ -74,7 +82,7 @@ inline void tile_multiply(const threadgroup float* xs, const threadgroup float* 
 template <typename T, int MODE, bool TRANSPOSE>
 void fp_qmm_impl(const device T* x, const device uint* wq, const device uchar* scales,
                  const device float* global_scale, device T* y, constant AffineMatmulParams& p,
-                 threadgroup float* tg, uint3 tgid, uint tid, uint sg) {
+                 threadgroup float* tg, uint3 tgid, uint tid, uint sg, uint lane) {
   constexpr int BM = MLXQ_QMM_BM, BN = MLXQ_QMM_BN, BK = MLXQ_QMM_BK, LD = MLXQ_QMM_LD;
   static_assert(BM == 32 && BN == 32 && BK == 32, "the load mapping assumes 32x32x32 tiles");
   constexpr int BITS = fp_bits(MODE);
@@ -110,7 +118,7 @@ void fp_qmm_impl(const device T* x, const device uint* wq, const device uchar* s
     const int wr = (TRANSPOSE ? o0 : r0) + tr;  // weight row (n)
     const int wc = (TRANSPOSE ? r0 : o0) + tc;  // first weight column (k) of the pack
     load_w_pack<MODE, TRANSPOSE>(wbytes, scales, ws, N, K, G, row_bytes, global_factor, wr, wc, tr,
-                                 tc);
+                                 tc, lane);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     tile_multiply(xs, ws, sy, sx, acc);
     threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -15,8 +15,9 @@ template <typename T, int MODE, bool TRANSPOSE>
                        threadgroup float* tg [[threadgroup(0)]],
                        uint3 tgid [[threadgroup_position_in_grid]],
                        uint tid [[thread_index_in_threadgroup]],
-                       uint sg [[simdgroup_index_in_threadgroup]]) {
-  mlxq::fp_qmm_impl<T, MODE, TRANSPOSE>(x, wq, scales, global_scale, y, p, tg, tgid, tid, sg);
+                       uint sg [[simdgroup_index_in_threadgroup]],
+                       uint lane [[thread_index_in_simdgroup]]) {
+  mlxq::fp_qmm_impl<T, MODE, TRANSPOSE>(x, wq, scales, global_scale, y, p, tg, tgid, tid, sg, lane);
 }
 
 // clang-format off

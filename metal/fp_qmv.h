@@ -30,14 +30,23 @@ inline void load_group_words(const device uint* src, thread uint* w) {
   }
 }
 
-// sum_j value(code_j) * x_j over one group of GS values (x converted to fp32 on the fly).
-template <typename T, int MODE>
-inline float group_dot(const thread uint* w, const device T* x) {
+// One group of x (GS values) as fp32, read once for all weight rows of the simdgroup.
+template <typename T, int GS>
+inline void load_x_group(const device T* x, thread float* xv) {
+#pragma clang loop unroll(full)
+  for (int j = 0; j < GS; ++j) {
+    xv[j] = float(x[j]);
+  }
+}
+
+// sum_j value(code_j) * x_j over one group of GS values.
+template <int MODE>
+inline float group_dot(const thread uint* w, const thread float* xv) {
   constexpr int GS = fp_group_size(MODE), BITS = fp_bits(MODE);
   float acc = 0.0f;
 #pragma clang loop unroll(full)
   for (int j = 0; j < GS; ++j) {
-    acc += fp_element<MODE>(fp_code<BITS>(w, j)) * float(x[j]);
+    acc += fp_element<MODE>(fp_code<BITS>(w, j)) * xv[j];
   }
   return acc;
 }
@@ -96,9 +105,11 @@ void fp_qmv_impl(const device T* x, const device uint* wq, const device uchar* s
 #pragma clang loop unroll(full)
     for (int m = 0; m < MAXM; ++m) {
       if (m < M) {
+        float xv[GS];
+        load_x_group<T, GS>(x + long(m) * K + k, xv);
 #pragma clang loop unroll(full)
         for (int r = 0; r < ROWS; ++r) {
-          acc[m][r] += s[r] * group_dot<T, MODE>(w[r], x + long(m) * K + k);
+          acc[m][r] += s[r] * group_dot<MODE>(w[r], xv);
         }
       }
     }

@@ -282,7 +282,7 @@ def test_fp_dequantize_plan() -> None:
 
 
 @pytest.mark.parametrize("mode,global_scale", CASES, ids=CASE_IDS)
-def test_fp_qmv_reads_the_weight_once(mode, global_scale, gen) -> None:
+def test_fp_matmul_traffic(mode, global_scale, gen) -> None:
     # Decode is a memory-bandwidth problem: packed words and scale bytes are read exactly once
     # for all rows of x, the global scale only by nvfp4, and each output is written once.
     gs, bits = MODES[mode]
@@ -294,6 +294,15 @@ def test_fp_qmv_reads_the_weight_once(mode, global_scale, gen) -> None:
     assert rep.bytes_read[1] == n * k * bits // 8 and rep.bytes_read[2] == n * k // gs
     assert (rep.bytes_read.get(3, 0) > 0) == (mode == "nvfp4")
     assert rep.bytes_written[4] == m * n * 2 and rep.bytes_written.get(1, 0) == 0
+    assert rep.bytes_read[0] == x.numel() * 2 * (n // 4)  # x once per simdgroup (4 rows each)
+    _check(y, x, W, True, name)
+    # the tiled kernel: the weight tile and its scales once per 32-row block of x, x once per
+    # 32-column output tile
+    x = torch.randn(40, k, generator=gen).to(torch.float16)
+    y, name = _run(x, wq, s, mode, True, _global(global_scale))
+    rep = emu.last_dispatch_report()
+    assert rep.bytes_read[1] == 2 * n * k * bits // 8 and rep.bytes_read[2] == 2 * n * k // gs
+    assert rep.bytes_read[0] == x.numel() * 2 * 1 and rep.bytes_written[4] == 40 * n * 2
     _check(y, x, W, True, name)
 
 
