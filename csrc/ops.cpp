@@ -9,12 +9,10 @@
 namespace mlxq {
 void register_check_bindings(pybind11::module& m);  // csrc/check_bindings.cpp
 }
-namespace mlxq::plan {
-void register_plan_bindings(pybind11::module& m);  // csrc/plan/plan_bindings.cpp
-}
-namespace mlxq::mps {
-void register_mps_bindings(pybind11::module& m);  // csrc/mps/mps_bindings.cpp
-}
+namespace mlxq::metal {
+void register_plan_bindings(pybind11::module& m);    // csrc/metal_host/plan_bindings.cpp
+void register_launch_bindings(pybind11::module& m);  // csrc/metal_host/launch_bindings.cpp
+}  // namespace mlxq::metal
 
 TORCH_LIBRARY(mlxq, m) {
   m.def("affine_quantize(Tensor w, int group_size=64, int bits=4) -> (Tensor, Tensor, Tensor)");
@@ -57,6 +55,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_threaded", &mlxq::cpu::threaded,
         "Whether the CPU kernels run on torch's intra-op threads (False: built without OpenMP)");
   mlxq::register_check_bindings(m);
-  mlxq::plan::register_plan_bindings(m);
-  mlxq::mps::register_mps_bindings(m);
+  mlxq::metal::register_plan_bindings(m);
+  mlxq::metal::register_launch_bindings(m);
 }

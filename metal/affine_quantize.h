@@ -3,7 +3,8 @@
 // (GS * BITS / 32 whole words) are written with word stores.
 //
 // Quantization reproduces mlx.core.quantize (and csrc/cpu/quantize.h) bit for bit: fp32 math;
-// the edge of larger magnitude is kept exact, which can make the scale negative; values are
+// the edge of larger magnitude is kept exact, which can make the scale negative (1 bit: plain
+// min/max, as MLX); values are
 // rounded half to even (rint) and clamped to [0, 2^BITS - 1]. Divisions are precise::divide, so
 // the result stays bit-exact when the library is compiled with fast math (Metal's default).
 #pragma once
@@ -30,15 +31,22 @@ void affine_quantize_impl(const device T* w, device uint* wq, device T* scales, 
     w_min = min(w_min, v[j]);
     w_max = max(w_max, v[j]);
   }
-  const bool min_is_edge = abs(w_min) > abs(w_max);
-  float s = max(precise::divide(w_max - w_min, n_bins), 1e-7f);
-  s = min_is_edge ? s : -s;
-  const float edge = min_is_edge ? w_min : w_max;
-  const float q0 = rint(precise::divide(edge, s));
-  float b = 0.0f;
-  if (q0 != 0.0f) {
-    s = precise::divide(edge, q0);
-    b = edge;
+  float s, b;
+  if (BITS == 1) {
+    // MLX quantizes 1 bit as plain min/max: scale max - min, bias min, no exact edge.
+    s = max(w_max - w_min, 1e-7f);
+    b = w_min;
+  } else {
+    const bool min_is_edge = abs(w_min) > abs(w_max);
+    s = max(precise::divide(w_max - w_min, n_bins), 1e-7f);
+    s = min_is_edge ? s : -s;
+    const float edge = min_is_edge ? w_min : w_max;
+    const float q0 = rint(precise::divide(edge, s));
+    b = 0.0f;
+    if (q0 != 0.0f) {
+      s = precise::divide(edge, q0);
+      b = edge;
+    }
   }
   // The group's bit stream, emitted a word at a time.
   device uint* dst = wq + long(gid) * (GS * BITS / 32);

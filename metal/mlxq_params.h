@@ -1,4 +1,4 @@
-// Parameter structs shared by the host (csrc/plan, the emulator) and the Metal kernels.
+// Parameter structs shared by the host (csrc/metal_host, the emulator) and the Metal kernels.
 // This header compiles as MSL and as plain C++: fixed-width 32-bit ints only, no pointers, no
 // Metal types, so the host can memcpy a struct into `setBytes` and the kernel reads the same
 // bytes through `constant T& p [[buffer(i)]]`.

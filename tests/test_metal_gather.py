@@ -156,7 +156,7 @@ def _launch_case(case, gen):
     wq, s, b = _experts(gen, 4, 20, 2 * gs, gs, bits, dtype)
     x = torch.randn(3, m, 2 * gs if transpose else 20, generator=gen).to(dtype)
     lhs, rhs = torch.tensor([[2], [0]]), torch.tensor([1, 3, 1])
-    launch = mlxq._C.mps_launch_affine_gather_matmul(x, wq, s, b, lhs, rhs, gs, bits, transpose)
+    launch = mlxq._C.metal_launch_affine_gather_matmul(x, wq, s, b, lhs, rhs, gs, bits, transpose)
     for t in launch["outputs"]:
         t.fill_(float("nan"))
     want = mlxq.affine_gather_matmul(x, wq, s, b, lhs, rhs, gs, bits, transpose)
@@ -181,18 +181,18 @@ def test_native_launch_in_emulator(case, gen) -> None:
 def test_native_launch_refuses_out_of_range_indices(gen) -> None:
     wq, s, b = _experts(gen, 4, 20, 64, 64, 4, torch.float32)
     with pytest.raises(IndexError, match="rhs_indices"):
-        mlxq._C.mps_launch_affine_gather_matmul(
+        mlxq._C.metal_launch_affine_gather_matmul(
             torch.randn(1, 1, 64), wq, s, b, None, torch.tensor([4]), 64, 4, True
         )
 
 
 @pytest.mark.parametrize("case", LAUNCH_CASES[:2], ids=lambda c: f"b{c[0]}-gs{c[1]}-m{c[3]}")
 def test_runtime_fallback_in_emulator(case, gen, tmp_path) -> None:
-    from mlxq import metal_backend as mb
+    from mlxq.metal import runtime as rt
     from test_mps_backend import METAL_DIR, FakeCompileShader
 
     fake = FakeCompileShader(tmp_path)
-    runner = mb.RuntimeKernels(fake, METAL_DIR)
+    runner = rt.RuntimeKernels(fake, METAL_DIR)
     launch, want = _launch_case(case, gen)
     runner.run(launch)
     _assert_close(launch["outputs"][0], want)
@@ -200,9 +200,12 @@ def test_runtime_fallback_in_emulator(case, gen, tmp_path) -> None:
 
 
 def test_gather_kernels_are_expected_in_a_prebuilt_library() -> None:
-    from mlxq import metal_backend as mb
+    from mlxq.format import METAL_BITS
+    from mlxq.metal import backend as mb
+    from mlxq.metal import runtime as rt
 
     names = mb.expected_kernel_names()
-    instantiated = mb.instantiated_kernels(mb.metal_source_dir())
+    instantiated = rt.instantiated_kernels(mb.metal_source_dir())
     gather = {n for n in names if n.startswith("affine_gather_")}
-    assert len(gather) == 4 * len(COMBOS) and gather <= set(instantiated)
+    per_bits = 4 * len(DTYPES) * len(GROUP_SIZES)  # qmv, qvm, qmm_t, qmm_n
+    assert len(gather) == per_bits * len(METAL_BITS) and gather <= set(instantiated)

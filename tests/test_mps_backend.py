@@ -23,8 +23,9 @@ import mlxq
 import pytest
 import torch
 from mlxq import _build_helpers as bh
-from mlxq import metal_backend as mb
 from mlxq._native import _C
+from mlxq.metal import backend as mb
+from mlxq.metal import runtime as rt
 from mlxq.testing import metal_emulator as emu
 from oracles import dequantize_ref
 
@@ -273,10 +274,12 @@ def test_plans_fit_metal_and_compile_shader() -> None:
 
 def test_every_planned_kernel_is_instantiated_in_metal_sources() -> None:
     expected = mb.expected_kernel_names()
-    defined = mb.instantiated_kernels(METAL_DIR)
-    # (quantize, dequantize, qmv, qvm, qmm_t, qmm_n + their 4 gather variants) x dtypes x
-    # group sizes x bits
-    assert len(expected) == (6 + 4) * 3 * 3 * 6
+    defined = rt.instantiated_kernels(METAL_DIR)
+    # affine: (quantize, dequantize, qmv, qvm, qmm_t, qmm_n + their 4 gather variants) x dtypes
+    # x group sizes x bits (1-6, 8); float modes: (fp_qmv, fp_qmm_t, fp_qmm_n, fp_dequantize) x
+    # dtypes x modes, + fp_dequantize of nvfp4 with a global scale for half and bfloat, +
+    # fp_quantize x dtypes x modes
+    assert len(expected) == (6 + 4) * 3 * 3 * 7 + 4 * 3 * 3 + 2 + 3 * 3
     assert expected <= set(defined), sorted(expected - set(defined))[:5]
 
 
@@ -285,7 +288,7 @@ def test_launch_binds_converted_operands_and_allocates_outputs(gen) -> None:
     wq, s, b = _weights(gen, 16, 2 * gs, gs, bits, torch.float32)
     x = torch.randn(3, 2 * 2 * gs, generator=gen).to(torch.bfloat16)[:, ::2]  # strided view
     wq32 = wq.view(torch.int32)
-    launch = _C.mps_launch_affine_matmul(x, wq32, s, b, gs, bits, True)
+    launch = _C.metal_launch_affine_matmul(x, wq32, s, b, gs, bits, True)
     plan = _C.plan_affine_matmul(x, wq32, s, b, gs, bits, True)
     assert launch["kernel"] == plan["kernel"] == "affine_qmv_bfloat_gs64_b4"
     assert launch["grid"] == plan["grid"] and launch["threads"] == plan["threads"]
@@ -301,20 +304,20 @@ def test_launch_binds_converted_operands_and_allocates_outputs(gen) -> None:
     assert out is by_role["out"] or out.data_ptr() == by_role["out"].data_ptr()
     assert out.shape == (3, 16) and out.dtype == torch.bfloat16
 
-    q = _C.mps_launch_affine_quantize(torch.randn(2, 3, gs, generator=gen), gs, 3)
+    q = _C.metal_launch_affine_quantize(torch.randn(2, 3, gs, generator=gen), gs, 3)
     assert [tuple(o.shape) for o in q["outputs"]] == [(2, 3, 6), (2, 3, 1), (2, 3, 1)]
     assert q["outputs"][0].dtype == torch.uint32
     # Nothing to launch, but an empty reduction still sums to zeros.
-    e = _C.mps_launch_affine_matmul(torch.randn(2, 0), wq[:0], s[:0], b[:0], gs, bits, False)
+    e = _C.metal_launch_affine_matmul(torch.randn(2, 0), wq[:0], s[:0], b[:0], gs, bits, False)
     assert e["empty"] and torch.equal(e["outputs"][0], torch.zeros(2, 2 * gs))
 
 
 def test_launch_rejects_bad_input_with_the_shared_checks(gen) -> None:
     wq, s, b = _weights(gen, 8, 64, 64, 4, torch.float32)
     with pytest.raises(ValueError, match="group_size"):
-        _C.mps_launch_affine_matmul(torch.randn(1, 64), wq, s, b, 48, 4, True)
+        _C.metal_launch_affine_matmul(torch.randn(1, 64), wq, s, b, 48, 4, True)
     with pytest.raises(ValueError, match="x"):
-        _C.mps_launch_affine_matmul(torch.randn(1, 65), wq, s, b, 64, 4, True)
+        _C.metal_launch_affine_matmul(torch.randn(1, 65), wq, s, b, 64, 4, True)
 
 
 def test_native_encoder_call_sequence(gen) -> None:
@@ -325,7 +328,7 @@ def test_native_encoder_call_sequence(gen) -> None:
     wq, s, b = _weights(gen, 48, 4 * gs, gs, bits, torch.float16)
     x = torch.randn(40, 4 * gs, generator=gen).to(torch.float16)
     wq_v, s_v, b_v, x_v = wq[8:], s[8:], b[8:], x[4:]  # contiguous views at offsets: no copies
-    calls = _C.mps_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True)
+    calls = _C.metal_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True)
     plan = _C.plan_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True)
     assert plan["kernel"] == "affine_qmm_t_half_gs32_b5"
     roles = dict(plan["bindings"])
@@ -346,14 +349,14 @@ def test_native_encoder_call_sequence(gen) -> None:
     assert [c[0] for c in calls].count("dispatch_threadgroups") == 1
 
     with pytest.raises(RuntimeError, match="affine_qmm_t_half_gs32_b5 needs 128 threads"):
-        _C.mps_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True, max_threads=64)
+        _C.metal_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True, max_threads=64)
     with pytest.raises(RuntimeError, match="bytes of threadgroup memory, the device allows 8192"):
-        _C.mps_encode_trace_affine_matmul(
+        _C.metal_encode_trace_affine_matmul(
             x_v, wq_v, s_v, b_v, gs, bits, True, max_threadgroup_bytes=8192
         )
     with pytest.raises(ValueError, match="buffer 0 is on cpu, expected MPS"):
-        _C.mps_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True, device="mps")
-    empty = _C.mps_encode_trace_affine_matmul(x[:0], wq, s, b, gs, bits, True)
+        _C.metal_encode_trace_affine_matmul(x_v, wq_v, s_v, b_v, gs, bits, True, device="mps")
+    empty = _C.metal_encode_trace_affine_matmul(x[:0], wq, s, b, gs, bits, True)
     assert empty == []  # nothing to launch: nothing encoded
 
 
@@ -375,20 +378,20 @@ def _run_op(case, gen, runner, device="cpu"):
     op, bits, gs, dtype, m, transpose = case
     if op == "quantize":
         w = torch.randn(5, 3 * gs, generator=gen).to(dtype)
-        launch = _C.mps_launch_affine_quantize(w.to(device), gs, bits)
+        launch = _C.metal_launch_affine_quantize(w.to(device), gs, bits)
         runner(launch)
         return launch["outputs"], mlxq.affine_quantize(w, gs, bits)
     n, k = 20, 2 * gs
     wq, s, b = _weights(gen, n, k, gs, bits, dtype, device)
     if op == "dequantize":
-        launch = _C.mps_launch_affine_dequantize(wq, s, b, gs, bits)
+        launch = _C.metal_launch_affine_dequantize(wq, s, b, gs, bits)
         runner(launch)
         # the Metal kernel rounds s*q+b once (the CPU op rounds twice, as mx.dequantize does):
         # held to the float64 value rounded once
         want = dequantize_ref(wq.cpu(), s.cpu(), b.cpu(), gs, bits).to(dtype)
         return launch["outputs"], (want,)
     x = torch.randn(m, k if transpose else n, generator=gen).to(dtype).to(device)
-    launch = _C.mps_launch_affine_matmul(x, wq, s, b, gs, bits, transpose)
+    launch = _C.metal_launch_affine_matmul(x, wq, s, b, gs, bits, transpose)
     for t in launch["outputs"]:
         t.fill_(float("nan"))  # an element the kernel forgets cannot pass by luck
     runner(launch)
@@ -475,16 +478,16 @@ class FakeCompileShader:
 
 def test_runtime_source_is_one_kernel_without_host_threadgroup_memory() -> None:
     name = "affine_qvm_half_gs32_b3"
-    src = mb.runtime_source(name, METAL_DIR, {0: 14336})
+    src = rt.runtime_source(name, METAL_DIR, {0: 14336})
     assert '#include "' not in src and "#pragma once" not in src
     assert src.count('MLXQ_INSTANTIATE("') == 1 and f'MLXQ_INSTANTIATE("{name}"' in src
     assert "[[threadgroup(" not in src
     assert "threadgroup float tg_storage[3584];" in src
     src.encode("ascii")
     with pytest.raises(RuntimeError, match="no size for threadgroup"):
-        mb.runtime_source(name, METAL_DIR, {})
+        rt.runtime_source(name, METAL_DIR, {})
     with pytest.raises(RuntimeError, match="no MLXQ_INSTANTIATE"):
-        mb.runtime_source("affine_qvm_half_gs48_b3", METAL_DIR, {})
+        rt.runtime_source("affine_qvm_half_gs48_b3", METAL_DIR, {})
 
 
 @needs_emu
@@ -492,7 +495,7 @@ def test_runtime_source_passes_the_strict_address_space_check(tmp_path: Path) ->
     for name in ("affine_qvm_bfloat_gs64_b4", "affine_qmm_t_float_gs32_b5"):
         plan_tgm = {0: 16384}
         path = tmp_path / f"{name}.metal"
-        path.write_text(mb.runtime_source(name, METAL_DIR, plan_tgm))
+        path.write_text(rt.runtime_source(name, METAL_DIR, plan_tgm))
         emu.check_syntax_strict(path)
 
 
@@ -500,7 +503,7 @@ def test_runtime_source_passes_the_strict_address_space_check(tmp_path: Path) ->
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_runtime_fallback_in_emulator(case, gen, tmp_path: Path) -> None:
     fake = FakeCompileShader(tmp_path)
-    runner = mb.RuntimeKernels(fake, METAL_DIR)
+    runner = rt.RuntimeKernels(fake, METAL_DIR)
     _check(*_run_op(case, gen, runner.run))
     assert len(fake.sources) == 1 and len(fake.calls) == 1
     call = fake.calls[0]
@@ -512,7 +515,7 @@ def test_runtime_fallback_in_emulator(case, gen, tmp_path: Path) -> None:
 @needs_emu
 def test_runtime_fallback_on_torch_without_arg_casts(gen, tmp_path: Path) -> None:
     fake = FakeCompileShader(tmp_path, FakeKernelOldTorch)
-    runner = mb.RuntimeKernels(fake, METAL_DIR)
+    runner = rt.RuntimeKernels(fake, METAL_DIR)
     _check(*_run_op(CASES[0], gen, runner.run))
     assert "arg_casts" not in fake.calls[0]
 
@@ -521,8 +524,8 @@ def test_runtime_fallback_reports_compile_errors(tmp_path: Path) -> None:
     def broken(source: str):
         raise SyntaxError("program_source:3:1: error: unknown type name 'bfloat'")
 
-    runner = mb.RuntimeKernels(broken, METAL_DIR)
-    launch = _C.mps_launch_affine_quantize(torch.randn(2, 64), 64, 4)
+    runner = rt.RuntimeKernels(broken, METAL_DIR)
+    launch = _C.metal_launch_affine_quantize(torch.randn(2, 64), 64, 4)
     with pytest.raises(RuntimeError, match="affine_quantize_float_gs64_b4.*unknown type name"):
         runner.run(launch)
 
@@ -619,7 +622,7 @@ def _has_mps_kernel(op: str) -> bool:
 
 @needs_emu
 def test_install_registers_one_mps_kernel_per_op(tmp_path, gen, monkeypatch, caplog) -> None:
-    if any(_has_mps_kernel(op) for op in mb.OPS):
+    if any(_has_mps_kernel(op) for op in rt.OPS):
         pytest.skip("this process already registered Metal kernels (a Mac)")
     fake = FakeCompileShader(tmp_path)
     env = _env(tmp_path, native=FakeNative(compiled=False))
@@ -634,7 +637,7 @@ def test_install_registers_one_mps_kernel_per_op(tmp_path, gen, monkeypatch, cap
         assert [r.getMessage() for r in caplog.records].count(
             f"mlxq: Metal path: runtime ({c.reason})"
         ) == 1
-        assert all(_has_mps_kernel(op) for op in mb.OPS)
+        assert all(_has_mps_kernel(op) for op in rt.OPS)
         # The registered MPS kernel, reached through the dispatcher (with CPU tensors, run by
         # the emulator behind the fake compile_shader).
         wq, s, b = _weights(gen, 8, 64, 64, 4, torch.float32)
@@ -642,14 +645,28 @@ def test_install_registers_one_mps_kernel_per_op(tmp_path, gen, monkeypatch, cap
         mps_only = torch._C.DispatchKeySet(torch._C.DispatchKey.MPS)
         y = torch.ops.mlxq.affine_matmul.default.redispatch(mps_only, x, wq, s, b, 64, 4, True)
         _assert_matmul_close(y, x, wq, s, b, 64, 4, True)
+        # the floating-point modes
+        wq4, s4 = mlxq.quantize(torch.randn(8, 64, generator=gen), 32, 4, mode="mxfp4")
+        y = torch.ops.mlxq.fp_matmul.default.redispatch(
+            mps_only, x, wq4, s4, "mxfp4", 32, 4, True, None
+        )
+        want = mlxq.quantized_matmul(x, wq4, s4, mode="mxfp4")
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        args = (wq4, s4, "mxfp4", 32, 4, None, torch.float32)
+        w = torch.ops.mlxq.fp_dequantize.default.redispatch(mps_only, *args)
+        assert torch.equal(w, torch.ops.mlxq.fp_dequantize(*args))
+        w = torch.randn(8, 64, generator=gen)
+        got = torch.ops.mlxq.fp_quantize.default.redispatch(mps_only, w, "mxfp4", 32, 4, None)
+        want = torch.ops.mlxq.fp_quantize(w, "mxfp4", 32, 4, None)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     finally:
         lib._destroy()
-    assert not any(_has_mps_kernel(op) for op in mb.OPS)
+    assert not any(_has_mps_kernel(op) for op in rt.OPS)
 
 
 @pytest.mark.parametrize("mode", ["off", "failed"])
 def test_off_and_failed_register_kernels_that_say_why(mode, tmp_path, monkeypatch, caplog) -> None:
-    if any(_has_mps_kernel(op) for op in mb.OPS):
+    if any(_has_mps_kernel(op) for op in rt.OPS):
         pytest.skip("this process already registered Metal kernels (a Mac)")
     monkeypatch.setattr(mb, "_choice", None)
     if mode == "off":
@@ -683,7 +700,7 @@ def test_process_choice_on_this_machine() -> None:
     if HAS_MPS:
         assert c.path in ("prebuilt", "runtime", "off", "failed")
     else:
-        assert c.path == "unavailable" and not any(_has_mps_kernel(op) for op in mb.OPS)
+        assert c.path == "unavailable" and not any(_has_mps_kernel(op) for op in rt.OPS)
 
 
 # --- backend_info / doctor ----------------------------------------------------------------------
@@ -698,19 +715,19 @@ def test_backend_info_and_doctor() -> None:
     assert info["native_mps_compiled"] is bool(_C.mps_native_compiled)
     assert info["metallib"].endswith("mlxq.metallib")
     assert info["metal_sources"] == str(mb.metal_source_dir())
-    report = mlxq.backend_info.doctor_report()
+    report = mlxq.doctor_report()
     for key, value in info.items():
         line = next(ln for ln in report.splitlines() if ln.startswith(key + " "))
         if not isinstance(value, list):
             assert line.split(None, 1)[1].strip() == str(value)
-    from mlxq.backend_info import doctor_report
+    from mlxq.doctor import doctor_report
 
     assert doctor_report() == report
 
 
 def test_doctor_runs_as_a_module() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "mlxq.backend_info"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "mlxq.doctor"], capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0, res.stderr
     assert "metal_path" in res.stdout and "cpu_isa" in res.stdout
@@ -771,12 +788,12 @@ def test_mps_runtime_path_matches_cpu(op, bits, gs, dtype, gen) -> None:
     """The run-time compiled kernels on the GPU, whatever path the process chose."""
     source_dir = mb.metal_source_dir()
     assert source_dir is not None and hasattr(torch.mps, "compile_shader")
-    runner = _MPS_RUNNER.setdefault("r", mb.RuntimeKernels(torch.mps.compile_shader, source_dir))
+    runner = _MPS_RUNNER.setdefault("r", rt.RuntimeKernels(torch.mps.compile_shader, source_dir))
     case = _mps_case(op, bits, gs, dtype)
     _check(*_run_op(case, gen, runner.run, device="mps"))
 
 
-_MPS_RUNNER: dict[str, mb.RuntimeKernels] = {}
+_MPS_RUNNER: dict[str, rt.RuntimeKernels] = {}
 
 
 @needs_mps

@@ -1,8 +1,8 @@
 // Native Metal kernels of the mlxq ops for the MPS dispatch key. Every decision (kernel, grid,
 // bindings, threadgroup memory, params bytes, operand layout, outputs) is made by the shared,
-// tested launch (mps/launch.h over plan/dispatch_plan.h); this file only loads the prebuilt
-// metallib, caches one pipeline per kernel name, and encodes a launch on PyTorch's current MPS
-// stream: no extra synchronisation and no host round trip, so the kernels queue up with the
+// tested launch (metal_host/launch.h over metal_host/dispatch_plan.h); this file only loads the
+// prebuilt metallib, caches one pipeline per kernel name, and encodes a launch on PyTorch's current
+// MPS stream: no extra synchronisation and no host round trip, so the kernels queue up with the
 // surrounding torch ops in stream order.
 // Written without ARC or manual release: the library and the pipelines are created once (`new*`
 // returns them retained) and live for the process, which is correct under ARC and MRC alike.
@@ -18,11 +18,18 @@
 #include <unordered_map>
 #include <vector>
 
-#include "mps/launch.h"
+#include "metal_host/launch.h"
 #include "mps/native.h"
 
 namespace mlxq::mps::native {
 namespace {
+
+// The portable host side (csrc/metal_host/): what to launch and how to encode it.
+using metal::check_launch;
+using metal::encode_launch;
+using metal::Encoder;
+using metal::Launch;
+using metal::PipelineLimits;
 
 std::mutex g_mutex;              // guards everything below
 id<MTLLibrary> g_library = nil;  // the loaded metallib
@@ -41,7 +48,7 @@ std::string describe(NSError* error) {
 id<MTLComputePipelineState> pipeline(const std::string& kernel) {
   std::lock_guard<std::mutex> lock(g_mutex);
   TORCH_CHECK(g_library != nil,
-              "mlxq: the prebuilt Metal library is not loaded (mlxq.metal_backend loads it on "
+              "mlxq: the prebuilt Metal library is not loaded (mlxq.metal.backend loads it on "
               "import; see `mlxq doctor`)");
   auto it = g_pipelines.find(kernel);
   if (it != g_pipelines.end()) return it->second;
@@ -65,7 +72,7 @@ id<MTLComputePipelineState> pipeline(const std::string& kernel) {
   return pso;
 }
 
-// Metal's side of encode_launch (mps/launch.h): one encoder call each.
+// Metal's side of encode_launch (metal_host/launch.h): one encoder call each.
 class MetalEncoder final : public Encoder {
  public:
   explicit MetalEncoder(id<MTLComputeCommandEncoder> enc) : enc_(enc) {}
@@ -125,7 +132,7 @@ void encode(const Launch& l) {
 at::Tensor affine_matmul_mps(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                              const at::Tensor& biases, int64_t group_size, int64_t bits,
                              bool transpose) {
-  Launch l = launch_affine_matmul(x, wq, scales, biases, group_size, bits, transpose);
+  Launch l = metal::launch_affine_matmul(x, wq, scales, biases, group_size, bits, transpose);
   encode(l);
   return l.outputs[0];
 }
@@ -133,14 +140,14 @@ at::Tensor affine_matmul_mps(const at::Tensor& x, const at::Tensor& wq, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_mps(const at::Tensor& w,
                                                                    int64_t group_size,
                                                                    int64_t bits) {
-  Launch l = launch_affine_quantize(w, group_size, bits);
+  Launch l = metal::launch_affine_quantize(w, group_size, bits);
   encode(l);
   return {l.outputs[0], l.outputs[1], l.outputs[2]};
 }
 
 at::Tensor affine_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales,
                                  const at::Tensor& biases, int64_t group_size, int64_t bits) {
-  Launch l = launch_affine_dequantize(wq, scales, biases, group_size, bits);
+  Launch l = metal::launch_affine_dequantize(wq, scales, biases, group_size, bits);
   encode(l);
   return l.outputs[0];
 }
@@ -151,8 +158,34 @@ at::Tensor affine_gather_matmul_mps(const at::Tensor& x, const at::Tensor& wq,
                                     const std::optional<at::Tensor>& rhs_indices,
                                     int64_t group_size, int64_t bits, bool transpose,
                                     bool /*sorted_indices: a hint the kernels do not need*/) {
-  Launch l = launch_affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
-                                         group_size, bits, transpose);
+  Launch l = metal::launch_affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                                group_size, bits, transpose);
+  encode(l);
+  return l.outputs[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> fp_quantize_mps(const at::Tensor& w, c10::string_view mode,
+                                                   int64_t group_size, int64_t bits,
+                                                   const std::optional<at::Tensor>& global_scale) {
+  Launch l = metal::launch_fp_quantize(w, mode, group_size, bits, global_scale);
+  encode(l);
+  return {l.outputs[0], l.outputs[1]};
+}
+
+at::Tensor fp_dequantize_mps(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
+                             int64_t group_size, int64_t bits,
+                             const std::optional<at::Tensor>& global_scale,
+                             std::optional<at::ScalarType> dtype) {
+  Launch l = metal::launch_fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype);
+  encode(l);
+  return l.outputs[0];
+}
+
+at::Tensor fp_matmul_mps(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                         c10::string_view mode, int64_t group_size, int64_t bits, bool transpose,
+                         const std::optional<at::Tensor>& global_scale) {
+  Launch l =
+      metal::launch_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose);
   encode(l);
   return l.outputs[0];
 }
@@ -204,6 +237,9 @@ void register_kernels() {
   g_impl->impl("affine_quantize", TORCH_FN(affine_quantize_mps));
   g_impl->impl("affine_dequantize", TORCH_FN(affine_dequantize_mps));
   g_impl->impl("affine_matmul", TORCH_FN(affine_matmul_mps));
+  g_impl->impl("fp_matmul", TORCH_FN(fp_matmul_mps));
+  g_impl->impl("fp_dequantize", TORCH_FN(fp_dequantize_mps));
+  g_impl->impl("fp_quantize", TORCH_FN(fp_quantize_mps));
   g_impl->impl("affine_gather_matmul", TORCH_FN(affine_gather_matmul_mps));
 }
 

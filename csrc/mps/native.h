@@ -1,5 +1,5 @@
 // The native Metal backend (affine_mps.mm, compiled on macOS with an MPS-enabled torch only; the
-// build defines MLXQ_WITH_MPS then). Python (mlxq.metal_backend) decides whether it is used:
+// build defines MLXQ_WITH_MPS then). Python (mlxq.metal.backend) decides whether it is used:
 // it loads the prebuilt metallib and, on success, registers these kernels for the MPS key.
 #pragma once
 

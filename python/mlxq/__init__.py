@@ -15,9 +15,9 @@ from mlxq._threads import set_openmp_wait_policy as _set_openmp_wait_policy
 
 _set_openmp_wait_policy()  # before torch loads OpenMP (see mlxq._threads)
 
-from mlxq import metal_backend as _metal_backend  # noqa: E402
-from mlxq.backend_info import backend_info  # noqa: E402
+from mlxq.doctor import backend_info, doctor_report  # noqa: E402
 from mlxq.integrations.registration import install as _install_transformers_hook  # noqa: E402
+from mlxq.metal.backend import install as _install_metal  # noqa: E402
 from mlxq.nn import AffineEmbedding, AffineLinear  # noqa: E402
 from mlxq.ops import (  # noqa: E402
     affine_dequantize,
@@ -34,11 +34,11 @@ __version__ = "0.1.0"
 
 __all__ = ["affine_quantize", "affine_dequantize", "affine_matmul", "__version__"]
 __all__ += ["AffineLinear", "AffineEmbedding", "quantize_model", "MLXQuantConfig"]
-__all__ += ["backend_info", "quantize", "dequantize", "quantized_matmul"]
+__all__ += ["backend_info", "doctor_report", "quantize", "dequantize", "quantized_matmul"]
 __all__ += ["affine_gather_matmul"]
 
-# Metal kernels for MPS tensors: prebuilt, runtime-compiled or off (see mlxq.metal_backend)
-_metal_backend.install()
+# Metal kernels for MPS tensors: prebuilt, runtime-compiled or off (see mlxq.metal.backend)
+_install_metal()
 
 # from_pretrained on MLX checkpoints after `import mlxq`; transformers itself loads lazily
 _install_transformers_hook()

@@ -43,9 +43,10 @@ MODE_DEFAULTS: dict[str, tuple[int, int]] = {
     "mxfp8": (32, 8),
 }
 KNOWN_MODES = tuple(MODE_DEFAULTS)
-RUNNABLE_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")  # CPU; Metal runs "affine" only
+# every op of these modes runs on the CPU and on Metal
+RUNNABLE_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)  # affine
-METAL_BITS = (2, 3, 4, 5, 6, 8)  # affine bits the metallib has kernels for (no 1-bit yet)
+METAL_BITS = (1, 2, 3, 4, 5, 6, 8)  # affine bits the metallib has kernels for
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 _TOP_KEYS = ("group_size", "bits", "mode")

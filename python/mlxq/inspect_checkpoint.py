@@ -306,7 +306,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         formats[name] = fmt
         if fmt is not None:
             row.bits, row.group_size, row.mode = fmt.bits, fmt.group_size, fmt.mode
-            op = "affine_matmul" if fmt.mode == "affine" else "fp_matmul (CPU only so far)"
+            op = "affine_matmul" if fmt.mode == "affine" else "fp_matmul"
             row.action = (
                 f"mlxq AffineLinear: {op} on the packed weight"
                 if kind == "Linear"

@@ -19,7 +19,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from mlxq.backend_info import doctor_report
+    from mlxq.doctor import doctor_report
 
     print(doctor_report())
     return 0

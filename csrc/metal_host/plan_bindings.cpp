@@ -3,9 +3,9 @@
 // alone can be planned by passing meta tensors.
 #include <torch/extension.h>
 
-#include "plan/dispatch_plan.h"
+#include "metal_host/dispatch_plan.h"
 
-namespace mlxq::plan {
+namespace mlxq::metal {
 namespace {
 
 pybind11::dict to_dict(const DispatchPlan& plan) {
@@ -76,6 +76,38 @@ void register_plan_bindings(pybind11::module& m) {
       pybind11::arg("bits") = 4, pybind11::arg("transpose") = true,
       "Metal dispatch plan of affine_gather_matmul (the indices are bound as flat uint32 "
       "tensors, roles lhs_indices and rhs_indices).");
+  m.def(
+      "plan_fp_matmul",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const std::string& mode, int64_t group_size, int64_t bits, bool transpose,
+         const std::optional<at::Tensor>& global_scale) {
+        return to_dict(
+            plan_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose));
+      },
+      pybind11::arg("x"), pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("mode"),
+      pybind11::arg("group_size"), pybind11::arg("bits"), pybind11::arg("transpose") = true,
+      pybind11::arg("global_scale") = pybind11::none(),
+      "Metal dispatch plan of fp_matmul (mxfp4, nvfp4, mxfp8; arguments in the op's order).");
+  m.def(
+      "plan_fp_dequantize",
+      [](const at::Tensor& wq, const at::Tensor& scales, const std::string& mode,
+         int64_t group_size, int64_t bits, const std::optional<at::Tensor>& global_scale,
+         std::optional<at::ScalarType> dtype) {
+        return to_dict(plan_fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype));
+      },
+      pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("mode"),
+      pybind11::arg("group_size"), pybind11::arg("bits"),
+      pybind11::arg("global_scale") = pybind11::none(), pybind11::arg("dtype") = pybind11::none(),
+      "Metal dispatch plan of fp_dequantize (arguments in the op's order).");
+  m.def(
+      "plan_fp_quantize",
+      [](const at::Tensor& w, const std::string& mode, int64_t group_size, int64_t bits,
+         const std::optional<at::Tensor>& global_scale) {
+        return to_dict(plan_fp_quantize(w, mode, group_size, bits, global_scale));
+      },
+      pybind11::arg("w"), pybind11::arg("mode"), pybind11::arg("group_size"), pybind11::arg("bits"),
+      pybind11::arg("global_scale") = pybind11::none(),
+      "Metal dispatch plan of fp_quantize (arguments in the op's order).");
 }
 
-}  // namespace mlxq::plan
+}  // namespace mlxq::metal

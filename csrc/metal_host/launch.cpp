@@ -1,11 +1,11 @@
-#include "mps/launch.h"
+#include "metal_host/launch.h"
 
 #include <c10/util/Exception.h>
 
 #include <map>
 #include <string>
 
-namespace mlxq::mps {
+namespace mlxq::metal {
 namespace {
 
 // The packed weight as contiguous 32-bit words. int32 holds the same bits as uint32 and has
@@ -17,17 +17,17 @@ at::Tensor packed_words(const at::Tensor& wq) {
 
 // Outputs start uninitialised, except when nothing is launched: then an output with elements
 // (affine_matmul with an empty reduction) must hold the empty sums, zeros.
-at::Tensor new_output(const plan::DispatchPlan& plan, size_t i, const at::TensorOptions& opts) {
+at::Tensor new_output(const DispatchPlan& plan, size_t i, const at::TensorOptions& opts) {
   TORCH_INTERNAL_ASSERT(i < plan.out_shapes.size(), "mlxq: plan of ", plan.kernel, " has ",
                         plan.out_shapes.size(), " outputs, wanted output ", i);
   return plan.empty() ? at::zeros(plan.out_shapes[i], opts) : at::empty(plan.out_shapes[i], opts);
 }
 
 // Binds every plan binding to its tensor by role; "params" is the plan's own bytes.
-Launch bind(plan::DispatchPlan plan, const std::map<std::string, at::Tensor>& by_role,
+Launch bind(DispatchPlan plan, const std::map<std::string, at::Tensor>& by_role,
             std::vector<at::Tensor> outputs) {
   Launch l;
-  for (const plan::Binding& b : plan.bindings) {
+  for (const Binding& b : plan.bindings) {
     if (b.role == "params") {
       l.params_index = b.index;
       continue;
@@ -48,8 +48,7 @@ Launch bind(plan::DispatchPlan plan, const std::map<std::string, at::Tensor>& by
 Launch launch_affine_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                             const at::Tensor& biases, int64_t group_size, int64_t bits,
                             bool transpose) {
-  plan::DispatchPlan plan =
-      plan::plan_affine_matmul(x, wq, scales, biases, group_size, bits, transpose);
+  DispatchPlan plan = plan_affine_matmul(x, wq, scales, biases, group_size, bits, transpose);
   // The kernels read scales and biases in the dtype of x (all math is fp32 inside).
   const at::ScalarType dt = x.scalar_type();
   at::Tensor out = new_output(plan, 0, x.options());
@@ -62,7 +61,7 @@ Launch launch_affine_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
 }
 
 Launch launch_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t bits) {
-  plan::DispatchPlan plan = plan::plan_affine_quantize(w, group_size, bits);
+  DispatchPlan plan = plan_affine_quantize(w, group_size, bits);
   at::Tensor wq = new_output(plan, 0, w.options().dtype(at::kUInt32));
   at::Tensor scales = new_output(plan, 1, w.options());
   at::Tensor biases = new_output(plan, 2, w.options());
@@ -73,7 +72,7 @@ Launch launch_affine_quantize(const at::Tensor& w, int64_t group_size, int64_t b
 
 Launch launch_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                 const at::Tensor& biases, int64_t group_size, int64_t bits) {
-  plan::DispatchPlan plan = plan::plan_affine_dequantize(wq, scales, biases, group_size, bits);
+  DispatchPlan plan = plan_affine_dequantize(wq, scales, biases, group_size, bits);
   at::Tensor out = new_output(plan, 0, scales.options());
   std::map<std::string, at::Tensor> roles{{"wq", packed_words(wq)},
                                           {"scales", scales.contiguous()},
@@ -83,7 +82,7 @@ Launch launch_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
 }
 
 void check_launch(const Launch& l, const PipelineLimits& limits, c10::DeviceType device) {
-  const plan::DispatchPlan& p = l.plan;
+  const DispatchPlan& p = l.plan;
   for (const auto& [index, t] : l.tensors) {
     TORCH_CHECK_VALUE(t.device().type() == device, "mlxq: Metal kernel ", p.kernel, ": buffer ",
                       index, " is on ", t.device(), ", expected ", c10::DeviceTypeName(device));
@@ -112,9 +111,9 @@ void encode_launch(const Launch& l, Encoder& enc) {
   enc.dispatch_threadgroups(l.plan.grid, l.plan.threads);
 }
 
-}  // namespace mlxq::mps
+}  // namespace mlxq::metal
 
-namespace mlxq::mps {
+namespace mlxq::metal {
 
 Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                    const at::Tensor& scales, const at::Tensor& biases,
@@ -123,8 +122,7 @@ Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                    int64_t bits, bool transpose) {
   const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
                                                group_size, bits, transpose);
-  plan::DispatchPlan plan =
-      plan::plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
+  DispatchPlan plan = plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
   const at::ScalarType dt = x.scalar_type();
   at::Tensor out = new_output(plan, 0, x.options());
   const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
@@ -142,4 +140,60 @@ Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
   return bind(std::move(plan), roles, {out});
 }
 
-}  // namespace mlxq::mps
+}  // namespace mlxq::metal
+
+namespace mlxq::metal {
+
+namespace {
+// nvfp4's global scale as bound: the tensor's own, or 448 * 6 (factor exactly 1).
+at::Tensor bound_global_scale(const std::optional<at::Tensor>& global_scale,
+                              const at::TensorOptions& opts) {
+  return global_scale.has_value() ? global_scale->reshape({1}).contiguous()
+                                  : at::full({1}, 448.0f * 6.0f, opts.dtype(at::kFloat));
+}
+}  // namespace
+
+Launch launch_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& global_scale, c10::string_view mode,
+                        int64_t group_size, int64_t bits, bool transpose) {
+  DispatchPlan plan =
+      plan_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose);
+  at::Tensor out = new_output(plan, 0, x.options());
+  std::map<std::string, at::Tensor> roles{
+      {"x", x.contiguous()},
+      {"wq", packed_words(wq)},
+      {"scales", scales.contiguous()},
+      {"global_scale", bound_global_scale(global_scale, x.options())},
+      {"out", out}};
+  return bind(std::move(plan), roles, {out});
+}
+
+Launch launch_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
+                            int64_t group_size, int64_t bits,
+                            const std::optional<at::Tensor>& global_scale,
+                            std::optional<at::ScalarType> dtype) {
+  DispatchPlan plan = plan_fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype);
+  at::Tensor out =
+      new_output(plan, 0, wq.options().dtype(fp_dequantize_dtype(global_scale, dtype)));
+  std::map<std::string, at::Tensor> roles{
+      {"wq", packed_words(wq)},
+      {"scales", scales.contiguous()},
+      {"global_scale", bound_global_scale(global_scale, wq.options())},
+      {"out", out}};
+  return bind(std::move(plan), roles, {out});
+}
+
+Launch launch_fp_quantize(const at::Tensor& w, c10::string_view mode, int64_t group_size,
+                          int64_t bits, const std::optional<at::Tensor>& global_scale) {
+  DispatchPlan plan = plan_fp_quantize(w, mode, group_size, bits, global_scale);
+  at::Tensor wq = new_output(plan, 0, w.options().dtype(at::kUInt32));
+  at::Tensor scales = new_output(plan, 1, w.options().dtype(at::kByte));
+  std::map<std::string, at::Tensor> roles{
+      {"w", w.contiguous()},
+      {"wq", wq},
+      {"scales", scales},
+      {"global_scale", bound_global_scale(global_scale, w.options())}};
+  return bind(std::move(plan), roles, {wq, scales});
+}
+
+}  // namespace mlxq::metal

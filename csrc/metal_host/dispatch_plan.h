@@ -24,7 +24,7 @@
 
 #include "checks.h"
 
-namespace mlxq::plan {
+namespace mlxq::metal {
 
 struct Binding {
   int index;         // [[buffer(index)]]
@@ -58,9 +58,9 @@ DispatchPlan plan_affine_quantize(const at::Tensor& w, int64_t group_size, int64
 DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scales,
                                     const at::Tensor& biases, int64_t group_size, int64_t bits);
 
-}  // namespace mlxq::plan
+}  // namespace mlxq::metal
 
-namespace mlxq::plan {
+namespace mlxq::metal {
 
 // affine_gather_matmul (mx.gather_qmm): the kernel affine_matmul picks for one pair ([M, in]
 // against one [rows, K] matrix) in its gather variant (affine_gather_qmv/qvm/qmm_t/qmm_n,
@@ -76,4 +76,35 @@ DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq
                                        const std::optional<at::Tensor>& rhs_indices,
                                        int64_t group_size, int64_t bits, bool transpose);
 
-}  // namespace mlxq::plan
+}  // namespace mlxq::metal
+
+namespace mlxq::metal {
+
+// fp_matmul (mxfp4, nvfp4, mxfp8; mode index as check_fp_mode): fp_qmv (transpose, M <=
+// MLXQ_QMV_MAX_M) or fp_qmm_t / fp_qmm_n (metal/fp_*.metal), with AffineMatmulParams. Binds x,
+// wq, the uint8 scales, the float32 global scale (role "global_scale": the tensor's own for
+// nvfp4, else one value 448 * 6, which makes nvfp4's factor exactly 1 and is never read by the
+// mx modes), out and params at buffers 0-5.
+DispatchPlan plan_fp_matmul(const MatmulGeometry& g, at::ScalarType dtype, int mode,
+                            bool transpose);
+DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& global_scale, c10::string_view mode,
+                            int64_t group_size, int64_t bits, bool transpose);
+
+// fp_dequantize: fp_dequantize_<dtype>_<mode> (metal/fp_dequantize.metal), one thread per group,
+// binding wq, the uint8 scales, the global scale (as plan_fp_matmul), out and params at 0-4.
+// The output is float32 with a global scale, else `dtype` (default bfloat16, as MLX):
+// fp_dequantize_dtype.
+DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales,
+                                c10::string_view mode, int64_t group_size, int64_t bits,
+                                const std::optional<at::Tensor>& global_scale,
+                                std::optional<at::ScalarType> dtype);
+at::ScalarType fp_dequantize_dtype(const std::optional<at::Tensor>& global_scale,
+                                   std::optional<at::ScalarType> dtype);
+
+// fp_quantize: fp_quantize_<dtype of w>_<mode> (metal/fp_quantize.metal), one thread per group,
+// binding w, the outputs wq (uint32) and scales (uint8), the global scale and params at 0-4.
+DispatchPlan plan_fp_quantize(const at::Tensor& w, c10::string_view mode, int64_t group_size,
+                              int64_t bits, const std::optional<at::Tensor>& global_scale);
+
+}  // namespace mlxq::metal

@@ -1,7 +1,7 @@
 // A Metal kernel launch ready to encode: the dispatch plan plus the tensors bound to each buffer
 // index, with the operands already in the layout and dtype the kernel reads and the outputs
 // allocated. Plain C++ (no Metal types), device-generic: the MPS backend (affine_mps.mm), the
-// runtime-compiled fallback (python/mlxq/metal_backend.py) and the Linux tests (which run a
+// runtime-compiled fallback (python/mlxq/metal/runtime.py) and the Linux tests (which run a
 // launch of CPU tensors in the MSL emulator) all execute the same launch.
 #pragma once
 
@@ -12,12 +12,12 @@
 #include <utility>
 #include <vector>
 
-#include "plan/dispatch_plan.h"
+#include "metal_host/dispatch_plan.h"
 
-namespace mlxq::mps {
+namespace mlxq::metal {
 
 struct Launch {
-  plan::DispatchPlan plan;
+  DispatchPlan plan;
   // [[buffer(index)]] -> tensor, for every binding but "params" (contiguous, kernel dtype).
   std::vector<std::pair<int, at::Tensor>> tensors;
   int params_index = -1;            // [[buffer(index)]] of the params bytes (plan.params)
@@ -62,9 +62,9 @@ void check_launch(const Launch& l, const PipelineLimits& limits, c10::DeviceType
 // bytes, the threadgroup memory lengths (16-byte aligned), then one dispatchThreadgroups.
 void encode_launch(const Launch& l, Encoder& enc);
 
-}  // namespace mlxq::mps
+}  // namespace mlxq::metal
 
-namespace mlxq::mps {
+namespace mlxq::metal {
 
 // affine_gather_matmul: the plan of plan_affine_gather_matmul, with the indices broadcast,
 // flattened and range-checked (mlxq::gather_flat_indices: a sync on MPS) and bound as int32
@@ -75,4 +75,25 @@ Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                    const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
                                    int64_t bits, bool transpose);
 
-}  // namespace mlxq::mps
+}  // namespace mlxq::metal
+
+namespace mlxq::metal {
+
+// fp_matmul: the plan of plan_fp_matmul with x, the packed words, the uint8 scales and the
+// global scale bound (a one-value 448 * 6 tensor on x's device when there is none).
+Launch launch_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& global_scale, c10::string_view mode,
+                        int64_t group_size, int64_t bits, bool transpose);
+
+// fp_dequantize: the plan of plan_fp_dequantize, bound as launch_fp_matmul binds its operands.
+Launch launch_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
+                            int64_t group_size, int64_t bits,
+                            const std::optional<at::Tensor>& global_scale,
+                            std::optional<at::ScalarType> dtype);
+
+// fp_quantize: the plan of plan_fp_quantize with w, the allocated (wq, scales) and the global
+// scale bound as in launch_fp_matmul.
+Launch launch_fp_quantize(const at::Tensor& w, c10::string_view mode, int64_t group_size,
+                          int64_t bits, const std::optional<at::Tensor>& global_scale);
+
+}  // namespace mlxq::metal

@@ -1,15 +1,15 @@
-// Python view of the Metal launches (mlxq._C.mps_launch_*) and of the native Metal backend
-// (mlxq._C.mps_native_*, macOS builds only). mlxq.metal_backend picks the Metal path with these.
+// Python view of the Metal launches (mlxq._C.metal_launch_*) and of the native Metal backend
+// (mlxq._C.mps_native_*, macOS builds only). mlxq.metal.backend picks the Metal path with these.
 #include <torch/extension.h>
 
 #include <string>
 
-#include "mps/launch.h"
+#include "metal_host/launch.h"
 #ifdef MLXQ_WITH_MPS
 #include "mps/native.h"
 #endif
 
-namespace mlxq::mps {
+namespace mlxq::metal {
 namespace {
 
 namespace py = pybind11;
@@ -17,7 +17,7 @@ namespace py = pybind11;
 // kernel, grid, threads, threadgroup_memory (16-byte aligned, as encoded), buffers {index:
 // tensor | params bytes}, params_index, outputs, empty.
 py::dict to_dict(const Launch& l) {
-  const plan::DispatchPlan& p = l.plan;
+  const DispatchPlan& p = l.plan;
   py::dict d;
   d["kernel"] = p.kernel;
   d["grid"] = py::make_tuple(p.grid[0], p.grid[1], p.grid[2]);
@@ -76,15 +76,15 @@ py::list trace_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tenso
 
 }  // namespace
 
-void register_mps_bindings(py::module& m) {
-  m.def("mps_encode_trace_affine_matmul", &trace_matmul, py::arg("x"), py::arg("wq"),
+void register_launch_bindings(py::module& m) {
+  m.def("metal_encode_trace_affine_matmul", &trace_matmul, py::arg("x"), py::arg("wq"),
         py::arg("scales"), py::arg("biases"), py::arg("group_size") = 64, py::arg("bits") = 4,
         py::arg("transpose") = true, py::arg("max_threads") = 1024,
         py::arg("static_threadgroup_bytes") = 0, py::arg("max_threadgroup_bytes") = 32768,
         py::arg("device") = "",
         "The encoder calls the native MPS backend makes for affine_matmul (for tests).");
   m.def(
-      "mps_launch_affine_matmul",
+      "metal_launch_affine_matmul",
       [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
          const at::Tensor& biases, int64_t group_size, int64_t bits, bool transpose) {
         return to_dict(launch_affine_matmul(x, wq, scales, biases, group_size, bits, transpose));
@@ -94,14 +94,14 @@ void register_mps_bindings(py::module& m) {
       "The Metal launch of affine_matmul: plan, bound tensors (converted and allocated on the "
       "operands' device) and outputs; the MPS backend encodes exactly this.");
   m.def(
-      "mps_launch_affine_quantize",
+      "metal_launch_affine_quantize",
       [](const at::Tensor& w, int64_t group_size, int64_t bits) {
         return to_dict(launch_affine_quantize(w, group_size, bits));
       },
       py::arg("w"), py::arg("group_size") = 64, py::arg("bits") = 4,
       "The Metal launch of affine_quantize.");
   m.def(
-      "mps_launch_affine_gather_matmul",
+      "metal_launch_affine_gather_matmul",
       [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
          const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
          const std::optional<at::Tensor>& rhs_indices, int64_t group_size, int64_t bits,
@@ -114,7 +114,38 @@ void register_mps_bindings(py::module& m) {
       py::arg("group_size") = 64, py::arg("bits") = 4, py::arg("transpose") = true,
       "The Metal launch of affine_gather_matmul (indices as flat int32 at buffers 6 and 7).");
   m.def(
-      "mps_launch_affine_dequantize",
+      "metal_launch_fp_matmul",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const std::string& mode, int64_t group_size, int64_t bits, bool transpose,
+         const std::optional<at::Tensor>& global_scale) {
+        return to_dict(
+            launch_fp_matmul(x, wq, scales, global_scale, mode, group_size, bits, transpose));
+      },
+      py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("mode"), py::arg("group_size"),
+      py::arg("bits"), py::arg("transpose") = true, py::arg("global_scale") = py::none(),
+      "The Metal launch of fp_matmul (arguments in the op's order).");
+  m.def(
+      "metal_launch_fp_dequantize",
+      [](const at::Tensor& wq, const at::Tensor& scales, const std::string& mode,
+         int64_t group_size, int64_t bits, const std::optional<at::Tensor>& global_scale,
+         std::optional<at::ScalarType> dtype) {
+        return to_dict(
+            launch_fp_dequantize(wq, scales, mode, group_size, bits, global_scale, dtype));
+      },
+      py::arg("wq"), py::arg("scales"), py::arg("mode"), py::arg("group_size"), py::arg("bits"),
+      py::arg("global_scale") = py::none(), py::arg("dtype") = py::none(),
+      "The Metal launch of fp_dequantize (arguments in the op's order).");
+  m.def(
+      "metal_launch_fp_quantize",
+      [](const at::Tensor& w, const std::string& mode, int64_t group_size, int64_t bits,
+         const std::optional<at::Tensor>& global_scale) {
+        return to_dict(launch_fp_quantize(w, mode, group_size, bits, global_scale));
+      },
+      py::arg("w"), py::arg("mode"), py::arg("group_size"), py::arg("bits"),
+      py::arg("global_scale") = py::none(),
+      "The Metal launch of fp_quantize (arguments in the op's order).");
+  m.def(
+      "metal_launch_affine_dequantize",
       [](const at::Tensor& wq, const at::Tensor& scales, const at::Tensor& biases,
          int64_t group_size, int64_t bits) {
         return to_dict(launch_affine_dequantize(wq, scales, biases, group_size, bits));
@@ -123,16 +154,16 @@ void register_mps_bindings(py::module& m) {
       py::arg("bits") = 4, "The Metal launch of affine_dequantize.");
 #ifdef MLXQ_WITH_MPS
   m.attr("mps_native_compiled") = true;
-  m.def("mps_native_load", &native::load_library, py::arg("path"),
+  m.def("mps_native_load", &mps::native::load_library, py::arg("path"),
         "Load the prebuilt metallib; returns '' on success, else the Metal error text.");
-  m.def("mps_native_library_path", &native::library_path);
-  m.def("mps_native_function_names", &native::function_names);
-  m.def("mps_native_register", &native::register_kernels,
+  m.def("mps_native_library_path", &mps::native::library_path);
+  m.def("mps_native_function_names", &mps::native::function_names);
+  m.def("mps_native_register", &mps::native::register_kernels,
         "Register the native Metal kernels for the MPS dispatch key (once).");
-  m.def("mps_native_registered", &native::kernels_registered);
+  m.def("mps_native_registered", &mps::native::kernels_registered);
 #else
   m.attr("mps_native_compiled") = false;
 #endif
 }
 
-}  // namespace mlxq::mps
+}  // namespace mlxq::metal

@@ -1,25 +1,22 @@
-"""What mlxq runs on here: :func:`backend_info` (a dict) and :func:`doctor_report` (the text of
-``mlxq doctor``, to paste into a bug report about a Metal failure)."""
+"""What mlxq runs on here: :func:`backend_info` (a dict, re-exported as ``mlxq.backend_info``) and
+:func:`doctor_report` (the text of ``mlxq doctor`` / ``python -m mlxq.doctor``, to paste into a
+bug report about a Metal failure). The Metal entries come from :mod:`mlxq.metal.info`."""
 
 from __future__ import annotations
 
-import os
 import platform
 from typing import Any
 
 import torch
 
-from mlxq import metal_backend
 from mlxq._native import _C
+from mlxq.metal.info import metal_info
 
 __all__ = ["backend_info", "doctor_report"]
 
 
 def backend_info() -> dict[str, Any]:
     """torch version, MPS availability, the active Metal path and why, the CPU ISA in use."""
-    choice = metal_backend.active()
-    metallib = metal_backend.metallib_path()
-    sources = metal_backend.metal_source_dir()
     info: dict[str, Any] = {
         "mlxq_version": _mlxq_version(),
         "torch_version": torch.__version__,
@@ -27,18 +24,7 @@ def backend_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "macos_version": platform.mac_ver()[0] or None,
-        "mps_built": torch.backends.mps.is_built(),
-        "mps_available": torch.backends.mps.is_available(),
-        "mps_device": _mps_device_name(),
-        "metal_requested": os.environ.get("MLXQ_METAL", "auto"),
-        "metal_path": choice.path,
-        "metal_reason": choice.reason,
-        "metal_attempts": list(choice.attempts),
-        "native_mps_compiled": bool(getattr(_C, "mps_native_compiled", False)),
-        "metallib": str(metallib),
-        "metallib_exists": metallib.is_file(),
-        "metal_sources": str(sources) if sources else None,
-        "compile_shader_available": hasattr(torch.mps, "compile_shader"),
+        **metal_info(),
         "cpu_isa": _C.cpu_isa(),
         "cpu_threaded": _C.cpu_threaded(),
         "cpu_threads": torch.get_num_threads(),
@@ -87,20 +73,5 @@ def _mlxq_version() -> str:
     return getattr(mlxq, "__version__", "unknown")
 
 
-def _mps_device_name() -> str | None:
-    # torch._C._mps_get_name exists in MPS builds of torch (torch/csrc/mps/Module.cpp).
-    if not torch.backends.mps.is_available():
-        return None
-    get_name = getattr(torch._C, "_mps_get_name", None)
-    try:
-        return get_name() if get_name else "mps"
-    except RuntimeError:
-        return "mps"
-
-
-# `mlxq.backend_info` is the function (the package re-exports it); let the module's other
-# public function be reached from it too, as in `mlxq.backend_info.doctor_report()`.
-backend_info.doctor_report = doctor_report  # type: ignore[attr-defined]
-
-if __name__ == "__main__":  # python -m mlxq.backend_info
+if __name__ == "__main__":  # python -m mlxq.doctor
     print(doctor_report())
