@@ -13,6 +13,9 @@ loaded float model (tested in tests/test_quantize_on_load.py).
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +28,7 @@ from mlxq.model_walk import plan_quantization
 from mlxq.nn import TiedAffineHead
 from mlxq.swap import SwapPlan
 
-__all__ = ["OnLoadLayer", "plan_on_load", "QuantizeOnLoad"]
+__all__ = ["OnLoadLayer", "plan_on_load", "QuantizeOnLoad", "release_file_pages"]
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,9 @@ class QuantizeOnLoad(ConversionOps):
     the layer's packed `weight`, `scales` (and `biases` in affine mode), bit-exact with
     `mlx.nn.quantize` (:meth:`mlxq.nn.AffineLinear.load_quantized`)."""
 
-    def __init__(self, layers: dict[str, OnLoadLayer]) -> None:
+    def __init__(self, layers: dict[str, OnLoadLayer], files: list[str] | None = None) -> None:
         self.layers = layers
+        self.files = [os.path.realpath(f) for f in files or []]
         # transformers logs a conversion's exception and goes on: kept here so that the
         # quantizer's check after loading names the layer and the reason
         self.errors: dict[str, str] = {}
@@ -82,10 +86,13 @@ class QuantizeOnLoad(ConversionOps):
         value = value[0] if isinstance(value, list) else value
         name = key.removesuffix(".weight")
         try:
-            return self._quantize(key, name, value)
+            out = self._quantize(key, name, value)
         except Exception as error:
             self.errors[name] = str(error).removeprefix("mlxq: ")
             raise
+        del value, input_dict
+        release_file_pages(self.files)
+        return out
 
     def _quantize(self, key: str, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         layer = self.layers.get(name)
@@ -110,3 +117,46 @@ class QuantizeOnLoad(ConversionOps):
             for leaf, tensor in module.named_buffers(recurse=False)
             if leaf in ("weight", "scales", "biases")
         }
+
+
+_MADV_DONTNEED = 4
+
+
+def release_file_pages(files: list[str]) -> None:
+    """Give back the pages of the memory-mapped checkpoint `files` read so far (Linux).
+
+    transformers reads safetensors through a mapping of each file that stays open until every
+    tensor is loaded, so each page read would stay resident: the whole float file by the end.
+    A mapping none of whose pages was written (no anonymous copy-on-write pages, as
+    /proc/self/smaps reports) holds only the file's contents: dropping its pages is safe, the
+    next access reads them again from the page cache or the file. Other mappings are left.
+    """
+    if not files or not sys.platform.startswith("linux"):
+        return
+    try:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.read().splitlines()
+    except OSError:
+        return
+    wanted = set(files)
+    ranges: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
+            current = None
+            if len(parts) == 6 and parts[5] in wanted:
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                current = (start, end)
+        elif current is not None and parts[:1] == ["Anonymous:"]:
+            if parts[1] == "0":  # never written: only the file's pages
+                ranges.append(current)
+            current = None
+    libc = ctypes.CDLL(None, use_errno=True)
+    for start, end in ranges:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    # the float tensor just freed sits between quantized ones in glibc's heap, which keeps
+    # such holes resident (measured: ~1x the float file by the end); give their pages back
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

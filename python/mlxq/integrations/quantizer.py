@@ -334,8 +334,8 @@ class MLXHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:  # a float checkpoint: quantized tensor by tensor as it loads
-            self._on_load = QuantizeOnLoad({})
-            self._on_load.layers, replaced = plan_on_load(model, self.quantization_config)
+            layers, replaced = plan_on_load(model, self.quantization_config)
+            self._on_load = QuantizeOnLoad(layers, checkpoint_files)
             drop_tied_keys(model, replaced)
             return model
         headers = read_headers(checkpoint_files or [])
