@@ -136,9 +136,11 @@ def convert_checkpoint(
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
     # the top level is written resolved (64, not null), as mlx_lm convert writes it
     qconfig = MLXQuantConfig(
-        bits=bits or top.bits, group_size=group_size or top.group_size, mode=mode,
+        bits=bits or top.bits,
+        group_size=group_size or top.group_size,
+        mode=mode,
         overrides=overrides,
-    )  # fmt: skip
+    )
     progress(
         f"loading {src}, quantizing each layer as it loads: mode={mode} bits={bits} "
         f"group_size={group_size} recipe={recipe}"

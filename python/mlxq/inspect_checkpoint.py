@@ -326,9 +326,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
                     "so mlx-lm left it float"
                 )
         report.modules.append(row)
-    if walk.head.tied:  # no tensors of its own: it follows the embedding
-        head = model.get_submodule(walk.head.head)
-        plan = swap_plan(walk.head.head, head)
+    head_plan = (
+        swap_plan(walk.head.head, model.get_submodule(walk.head.head)) if walk.head.tied else None
+    )
+    if head_plan is not None:  # tied: no tensors of its own, it follows the embedding
+        plan = head_plan
         emb_fmt = formats.get(walk.head.embedding)
         row = ModuleReport(
             walk.head.head, "Linear", plan.out_features, plan.in_features,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from mlxq.format import SUPPORTED_BITS, ModuleFormat, configured_format, fits
+from mlxq.nn import AffineEmbedding, TiedAffineHead
 from mlxq.swap import MoePlan, SwapPlan, moe_plan, swap_plan
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "head_decision",
     "plan_modules",
     "plan_quantization",
+    "tie_head",
 ]
 
 
@@ -117,6 +119,18 @@ def head_decision(model: nn.Module, stored: Collection[str] | None = None) -> He
     if stored is not None and f"{decision.head}.weight" in stored:
         return decision
     return HeadDecision(decision.head, decision.embedding, tied=True)
+
+
+def tie_head(model: nn.Module, head: HeadDecision) -> bool:
+    """Make a tied head a view of the quantized input embedding (:class:`~mlxq.nn.
+    TiedAffineHead`, as MLX does); False where the head is not tied or the embedding is float."""
+    if not head.tied:
+        return False
+    embedding = model.get_submodule(head.embedding)
+    if not isinstance(embedding, AffineEmbedding):
+        return False
+    model.set_submodule(head.head, TiedAffineHead(embedding))
+    return True
 
 
 FormatOf = Callable[[str, SwapPlan], "ModuleFormat | None"]

@@ -16,8 +16,7 @@ from torch import nn
 
 from mlxq.dequantize import dequantize_model
 from mlxq.format import check_quantization
-from mlxq.model_walk import ModelPlan, plan_quantization
-from mlxq.nn import AffineEmbedding, TiedAffineHead
+from mlxq.model_walk import ModelPlan, plan_quantization, tie_head
 
 __all__ = ["quantize_model", "dequantize_model"]
 
@@ -67,10 +66,8 @@ def quantize_planned(model: nn.Module, walk: ModelPlan) -> set[str]:
         )
         model.set_submodule(entry.name, new)
         replaced.add(entry.name)
-    head = walk.head
-    if head.tied and isinstance(model.get_submodule(head.embedding), AffineEmbedding):
-        model.set_submodule(head.head, TiedAffineHead(model.get_submodule(head.embedding)))
-        replaced.add(head.head)
+    if tie_head(model, walk.head):
+        replaced.add(walk.head.head)
     return replaced
 
 

@@ -24,8 +24,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 
 from mlxq.format import ModuleFormat
-from mlxq.model_walk import plan_quantization
-from mlxq.nn import TiedAffineHead
+from mlxq.model_walk import plan_quantization, tie_head
 from mlxq.swap import SwapPlan
 
 __all__ = ["OnLoadLayer", "plan_on_load", "QuantizeOnLoad", "release_file_pages"]
@@ -62,10 +61,8 @@ def plan_on_load(model: nn.Module, config) -> tuple[dict[str, OnLoadLayer], set[
         model.set_submodule(entry.name, new)
         layers[entry.name] = OnLoadLayer(entry.swap, fmt, dtype)
     replaced = set(layers)
-    head = walk.head
-    if head.tied and head.embedding in layers:
-        model.set_submodule(head.head, TiedAffineHead(model.get_submodule(head.embedding)))
-        replaced.add(head.head)
+    if tie_head(model, walk.head):
+        replaced.add(walk.head.head)
     return layers, replaced
 
 

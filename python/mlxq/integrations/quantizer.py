@@ -37,12 +37,11 @@ from mlxq.integrations.moe_loading import (
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
-from mlxq.model_walk import HeadDecision, plan_modules
+from mlxq.model_walk import HeadDecision, plan_modules, tie_head
 from mlxq.moe import AffineSwitchLinear
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
-    TiedAffineHead,
 )
 
 __all__ = [
@@ -283,12 +282,8 @@ def drop_tied_keys(model: nn.Module, module_names: set[str]) -> None:
 def tie_quantized_head(model: nn.Module, head: HeadDecision) -> str | None:
     """With a tied head (:func:`mlxq.model_walk.head_decision`) and a quantized input
     embedding, make the head use it (as MLX does). Returns the head's name when replaced."""
-    if not head.tied:
+    if not tie_head(model, head):
         return None
-    embedding = model.get_submodule(head.embedding)
-    if not isinstance(embedding, AffineEmbedding):
-        return None
-    model.set_submodule(head.head, TiedAffineHead(embedding))
     drop_tied_keys(model, {head.head, head.embedding})
     return head.head
 
