@@ -74,6 +74,7 @@ class QuantizeOnLoad(ConversionOps):
     def __init__(self, layers: dict[str, OnLoadLayer], files: list[str] | None = None) -> None:
         self.layers = layers
         self.files = [os.path.realpath(f) for f in files or []]
+        self._pending = 0  # float bytes quantized since the file pages were last released
         # transformers logs a conversion's exception and goes on: kept here so that the
         # quantizer's check after loading names the layer and the reason
         self.errors: dict[str, str] = {}
@@ -87,8 +88,12 @@ class QuantizeOnLoad(ConversionOps):
         except Exception as error:
             self.errors[name] = str(error).removeprefix("mlxq: ")
             raise
-        del value, input_dict
-        release_file_pages(self.files)
+        # every 16 MiB of float weights: reading /proc/self/smaps costs ~30 ms in a process
+        # with torch loaded, and a page of the file stays resident until then anyway
+        self._pending += value.numel() * value.element_size()
+        if self._pending >= _RELEASE_EVERY:
+            release_file_pages(self.files)
+            self._pending = 0
         return out
 
     def _quantize(self, key: str, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -117,6 +122,7 @@ class QuantizeOnLoad(ConversionOps):
 
 
 _MADV_DONTNEED = 4
+_RELEASE_EVERY = 16 << 20
 
 
 def release_file_pages(files: list[str]) -> None:
