@@ -71,6 +71,47 @@ def dequantize_ref(
     return s * q + b
 
 
+def bf16_tile_ref(
+    wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group_size: int, bits: int
+) -> torch.Tensor:
+    """W as the bf16 tiles of the bf16 GEMM path (MLX's Metal numerics for bf16, the same
+    numbers as mx.dequantize in bf16): s*q in fp32 rounded to bf16, plus b in fp32, rounded to
+    bf16 again. Returned in float64."""
+    q = torch.from_numpy(unpack(wq, bits)).float()
+    s = scales.detach().float().repeat_interleave(group_size, dim=-1)
+    b = biases.detach().float().repeat_interleave(group_size, dim=-1)
+    product = (q * s).to(torch.bfloat16).float()
+    return (product + b).to(torch.bfloat16).double()
+
+
+CPU_DECODE_MAX_ROWS = 16  # kDecodeMaxRows in csrc/cpu/affine_cpu.cpp
+
+
+def takes_bf16_gemm(x: torch.Tensor, wq: torch.Tensor, transpose: bool) -> bool:
+    """Whether the CPU op takes the bf16-tile GEMM: bf16 x @ W.T with more than 16 rows per
+    matmul (all of x's rows against a 2-D weight; x's last-but-one dim against a batched one)."""
+    rows = x.shape[-2] if wq.dim() > 2 else x.numel() // max(x.shape[-1], 1)
+    return x.dtype == torch.bfloat16 and transpose and rows > CPU_DECODE_MAX_ROWS
+
+
+def path_weight_refs(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group_size: int,
+    bits: int,
+    transpose: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 W that the CPU op's path for this x multiplies by (bf16 tiles or exact) and
+    the error scale of its terms (|s|q + |b|, or the tiles' magnitudes)."""
+    if takes_bf16_gemm(x, wq, transpose):
+        w = bf16_tile_ref(wq, scales, biases, group_size, bits)
+        return w, w.abs()
+    w = dequantize_ref(wq, scales, biases, group_size, bits)
+    return w, dequantize_ref(wq, scales.abs(), biases.abs(), group_size, bits)
+
+
 def matmul_ref(
     x: torch.Tensor,
     wq: torch.Tensor,
@@ -80,14 +121,19 @@ def matmul_ref(
     bits: int,
     transpose: bool = True,
     absolute: bool = False,
+    bf16_tiles: bool = False,
 ) -> torch.Tensor:
     """x @ W.T (or x @ W) in float64, broadcasting batch dims like mx.quantized_matmul.
 
     With `absolute`, returns |x| @ (|scales| * q + |biases|).T instead: the scale of the
     rounding error of any float evaluation that splits w into its terms s*q and b (which can
-    cancel, so |W| alone would be too small a scale).
+    cancel, so |W| alone would be too small a scale). With `bf16_tiles`, W is bf16_tile_ref's
+    (and |W| for `absolute`): the reference of the bf16 GEMM path.
     """
-    if absolute:
+    if bf16_tiles:
+        w = bf16_tile_ref(wq, scales, biases, group_size, bits)
+        w, xd = (w.abs(), x.detach().double().abs()) if absolute else (w, x.detach().double())
+    elif absolute:
         w = dequantize_ref(wq, scales.abs(), biases.abs(), group_size, bits)
         xd = x.detach().double().abs()
     else:

@@ -20,12 +20,12 @@ LAYERS = {
     "swap": 2,
     "model_walk": 2,
     "dequantize": 2,
-    "generation": 2,
     "integrations": 3,
     "quantize_model": 4,
     "convert": 4,
     "inspect_checkpoint": 4,
     "demo_model": 4,
+    "generation": 4,  # the generation loop of the CLI and the benchmark
     "bench": 5,
     "cli": 5,
 }

@@ -9,7 +9,7 @@ import mlxq
 import pytest
 import torch
 from conftest import random_weight
-from oracles import DTYPES, assert_within, dequantize_ref, matmul_tolerance
+from oracles import DTYPES, assert_within, matmul_tolerance, path_weight_refs
 from torch._dynamo.testing import CompileCounter
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -23,9 +23,9 @@ def quantized(shape, dtype, group_size, bits, gen):
 
 def grad_reference(g, wq, s, b, group_size, bits, transpose, x_shape):
     """d/dx sum(y * g) for y = x @ W.T (g @ W) or y = x @ W (g @ W.T), in float64, summed over
-    the batch dims along which x was broadcast; also the error scale |g| @ (|s|q + |b|)."""
-    w = dequantize_ref(wq, s, b, group_size, bits)
-    w_abs = dequantize_ref(wq, s.abs(), b.abs(), group_size, bits)
+    the batch dims along which x was broadcast; also the error scale |g| @ (|s|q + |b|).
+    The backward is a matmul of g, so W is the one that matmul's path uses."""
+    w, w_abs = path_weight_refs(g, wq, s, b, group_size, bits, not transpose)
     if not transpose:
         w, w_abs = w.transpose(-1, -2), w_abs.transpose(-1, -2)
     gd = g.double()
@@ -56,9 +56,8 @@ def test_grad_x_matches_float64(bits, group_size, dtype, transpose, gen):
 
 def jvp_reference(t, wq, s, b, group_size, bits, transpose):
     """The tangent of y = x @ W.T (t @ W.T) or y = x @ W (t @ W) in float64, and its error
-    scale |t| @ (|s|q + |b|)."""
-    w = dequantize_ref(wq, s, b, group_size, bits)
-    w_abs = dequantize_ref(wq, s.abs(), b.abs(), group_size, bits)
+    scale |t| @ (|s|q + |b|), with the W of the path that t's matmul takes."""
+    w, w_abs = path_weight_refs(t, wq, s, b, group_size, bits, transpose)
     if transpose:
         w, w_abs = w.transpose(-1, -2), w_abs.transpose(-1, -2)
     return torch.matmul(t.double(), w), torch.matmul(t.double().abs(), w_abs)

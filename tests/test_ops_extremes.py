@@ -8,7 +8,15 @@ import mlx.core as mx
 import mlxq
 import pytest
 import torch
-from oracles import BITS, DTYPES, assert_within, dequantize_ref, matmul_tolerance, to_mx, to_torch
+from oracles import (
+    BITS,
+    DTYPES,
+    assert_within,
+    matmul_tolerance,
+    path_weight_refs,
+    to_mx,
+    to_torch,
+)
 
 M_SIZES = (1, 3, 20)  # decode (fp32 and bf16 kernels) and dequantize + GEMM
 N, K, GS = 16, 256, 64
@@ -45,9 +53,9 @@ def test_largest_finite_x_gives_finite_output(isa, bits, dtype, transpose, gen):
             x[:, 3] = big
             x = x.to(dtype)
             y = mlxq.affine_matmul(x, wq, s, b, GS, bits, transpose)
-            w64 = dequantize_ref(wq, s, b, GS, bits)
+            w64, w64_abs = path_weight_refs(x, wq, s, b, GS, bits, transpose)
             ref = reference(x, w64, transpose)
-            ref_abs = reference(x.abs(), dequantize_ref(wq, s.abs(), b.abs(), GS, bits), transpose)
+            ref_abs = reference(x.abs(), w64_abs, transpose)
             assert bool(torch.isfinite(y).all()), f"{m=} x={big:g}: non-finite output"
             tol = matmul_tolerance(ref_abs, ref, inner, dtype)
             assert_within(y, ref, tol, f"{isa} {m=} x={big:g}")
@@ -61,7 +69,6 @@ def test_infinite_x_gives_mlx_infinities(isa, bits, dtype, transpose, gen):
     other rows exact; against float64 and, in fp32, against mx.quantized_matmul."""
     wq, s, b = mlxq.affine_quantize(one_signed_weight(gen, dtype), GS, bits)
     inner = K if transpose else N
-    w64 = dequantize_ref(wq, s, b, GS, bits)
     for m in M_SIZES:
         x = torch.randn(m, inner, generator=gen)
         x[0, 3] = float("inf")
@@ -71,13 +78,14 @@ def test_infinite_x_gives_mlx_infinities(isa, bits, dtype, transpose, gen):
             x[2, 3], x[2, 5] = float("inf"), float("-inf")  # inf - inf: NaN, as in MLX
         x = x.to(dtype)
         y = mlxq.affine_matmul(x, wq, s, b, GS, bits, transpose).double()
+        w64, w64_abs = path_weight_refs(x, wq, s, b, GS, bits, transpose)
         ref = reference(x, w64, transpose)
         what = f"{isa} {m=}"
         assert torch.equal(y.isnan(), ref.isnan()), f"{what}: NaN where float64 has none"
         inf = ref.isinf()
         assert bool(inf[0].all()) and torch.equal(y[inf], ref[inf]), f"{what}: wrong infinities"
         finite = ref.isfinite()
-        ref_abs = reference(x.abs(), dequantize_ref(wq, s.abs(), b.abs(), GS, bits), transpose)
+        ref_abs = reference(x.abs(), w64_abs, transpose)
         tol = matmul_tolerance(ref_abs, ref, inner, dtype)
         assert_within(y[finite], ref[finite], tol[finite], what)
         if dtype == torch.float32:

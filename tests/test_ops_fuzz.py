@@ -37,6 +37,7 @@ from oracles import (  # noqa: E402
     dequantize_ref,
     matmul_ref,
     matmul_tolerance,
+    takes_bf16_gemm,
     to_mx,
     to_torch,
     words,
@@ -247,10 +248,11 @@ def fuzz_matmul(data) -> None:
     def check(y):
         a = args
         assert y.dtype == a["x"].dtype
+        tiles = takes_bf16_gemm(a["x"], a["wq"], a["transpose"])
         ref = matmul_ref(a["x"], a["wq"], a["scales"], a["biases"], a["group_size"], a["bits"],
-                         a["transpose"])  # fmt: skip
+                         a["transpose"], bf16_tiles=tiles)  # fmt: skip
         ref_abs = matmul_ref(a["x"], a["wq"], a["scales"], a["biases"], a["group_size"],
-                             a["bits"], a["transpose"], absolute=True)  # fmt: skip
+                             a["bits"], a["transpose"], True, bf16_tiles=tiles)  # fmt: skip
         tol = matmul_tolerance(ref_abs, ref, a["x"].shape[-1], y.dtype)
         # fp16 outputs can overflow (large weights): there the result is inf of the right sign
         near_max = ref.abs() + tol >= torch.finfo(y.dtype).max

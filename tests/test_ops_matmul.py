@@ -2,6 +2,8 @@
 
 Our op dequantizes and accumulates in fp32 and rounds once to x's dtype, so it is held to the
 float64 reference within a worst-case fp32 summation bound (see oracles.matmul_tolerance).
+One exception, MLX's Metal numerics for bf16 prefill: bf16 x @ W.T with more than 16 rows
+rounds W's tiles to bf16 first (oracles.bf16_tile_ref) and is held to that reference.
 MLX on the CPU computes fp16/bf16 in that dtype, so against MLX the fp32 comparison is tight
 and the fp16/bf16 one uses MLX's own (much larger) error bound.
 """
@@ -23,10 +25,12 @@ from oracles import (
     DTYPES,
     GROUP_SIZES,
     assert_within,
+    bf16_tile_ref,
     dequantize_ref,
     eps,
     matmul_ref,
     matmul_tolerance,
+    takes_bf16_gemm,
     to_mx,
     to_torch,
 )
@@ -51,7 +55,11 @@ def check(x, wq, s, b, group_size, bits, transpose=True, mlx=True, what="", dens
     """
     y = mlxq.affine_matmul(x, wq, s, b, group_size, bits, transpose)
     assert y.dtype == x.dtype, f"{what}: output dtype {y.dtype} != x dtype {x.dtype}"
-    if dense is None:
+    tiles = takes_bf16_gemm(x, wq, transpose)
+    if tiles:
+        ref = matmul_ref(x, wq, s, b, group_size, bits, transpose, bf16_tiles=True)
+        ref_abs = matmul_ref(x, wq, s, b, group_size, bits, transpose, True, bf16_tiles=True)
+    elif dense is None:
         ref = matmul_ref(x, wq, s, b, group_size, bits, transpose)
         ref_abs = matmul_ref(x, wq, s, b, group_size, bits, transpose, absolute=True)
     else:
@@ -266,3 +274,18 @@ def test_grad_modes_give_the_same_result(mode, m, gen):
         )
     assert torch.equal(got, expected)
     assert got_t.shape == (m, 256)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_gemm_tiles_are_mlx_dequantize_in_bf16(bits, gen):
+    """The bf16 prefill's tiles are the numbers mx.dequantize gives in bf16, and a bf16 prefill
+    lands within fp32 accumulation of x @ tiles.T, well away from the fp32-tile result."""
+    for group_size in GROUP_SIZES:
+        wq, s, b = quantized((48, 4 * group_size), torch.bfloat16, group_size, bits, gen)
+        theirs = to_torch(mx.dequantize(to_mx(wq), to_mx(s), to_mx(b), group_size, bits))
+        tiles = bf16_tile_ref(wq, s, b, group_size, bits)
+        assert torch.equal(tiles, theirs.double()), f"g{group_size}: tiles != mx.dequantize"
+    x = torch.randn((40, 4 * group_size), generator=gen).to(torch.bfloat16)
+    y = check(x, wq, s, b, group_size, bits, what="bf16 prefill")
+    exact = mlxq.affine_matmul(x.float(), wq, s, b, group_size, bits)
+    assert not torch.equal(y, exact.to(torch.bfloat16)), "bf16 prefill still uses fp32 tiles"

@@ -1,8 +1,10 @@
 """Image-text models from mlx-vlm: tiny random models converted by `mlx_vlm.convert -q` give
 mlx-vlm's fp32 logits in mlxq (text only, and one generated image + text), save back to a
-checkpoint mlx-vlm loads, and a checkpoint that would leave a tensor unfilled is refused.
+checkpoint mlx-vlm loads, and a checkpoint that would leave a tensor unfilled (or of a family
+whose layout mlxq does not map) is refused by name.
 
-Every family runs as `python benchmarks/vlm_coverage.py`; here the fast subset.
+Every family's base conversion runs here (each takes a fraction of a second once converted);
+`python benchmarks/vlm_coverage.py --variants` adds the variants of every family.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 from vlm_models import (
     FAMILIES,
+    VISION_MXFP4,
     Variant,
     mlx_vlm_logits,
     mlxq_logits,
@@ -25,10 +28,9 @@ from vlm_models import (
 )
 
 TOLERANCE = 1e-3  # fp32 logits of ~1-10
-FAST = [name for name, family in FAMILIES.items() if family.fast]
 
 
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_matches_mlx_vlm(name: str) -> None:
     outcome = run_family(name)
     print(f"\n{outcome.line()}")
@@ -42,7 +44,7 @@ def _load(path: Path):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava_onevision", "lfm2_vl"])
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     """The saved checkpoint has mlx-vlm's names, channels-last convolutions and the config
     keys mlx-vlm reads: mlx-vlm runs it as the same model, and mlxq reads it back."""
@@ -90,17 +92,50 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
     [
         ("qwen2_5_vl", Variant(quantize_vision=True)),
         ("llava", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("qwen2_5_vl", Variant(recipe=VISION_MXFP4)),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
 def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) -> None:
-    """A vision tower quantized by mlx-vlm (its own rule keeps it float; patched here), and
-    a mixed recipe whose per-module entries carry mlx-vlm's names."""
+    """A vision tower quantized by mlx-vlm (its own rule keeps it float; patched here), a
+    mixed recipe whose per-module entries carry mlx-vlm's names, and entries for vision
+    modules only (mxfp4 in an affine 4-bit model): they are found under the model's names
+    although no entry names the language model (the mode is read from the entry)."""
     from mlxq.nn import AffineLinear
 
     outcome = run_family(name, variant)
     assert outcome.status == "loads", outcome.line()
     assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
-    if variant.quantize_vision:
+    if variant.quantize_vision or variant.recipe == VISION_MXFP4:
         model = _load(tiny_mlx_vlm_checkpoint(name, variant))
-        assert isinstance(model.model.visual.blocks[0].attn.qkv, AffineLinear)
+        qkv = model.model.visual.blocks[0].attn.qkv
+        assert isinstance(qkv, AffineLinear)
+        assert qkv.mode == ("mxfp4" if variant.recipe == VISION_MXFP4 else "affine")
+        assert model.model.language_model.layers[0].mlp.down_proj.mode == "affine"
+
+
+def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An mlx-vlm checkpoint of an image-text family whose layout mlxq does not map is
+    refused with the family's name and the reason, not with its first unmatched tensor."""
+    from mlxq.integrations import mlx_vlm_layout
+
+    source = tiny_mlx_vlm_checkpoint("qwen2_5_vl")
+    monkeypatch.delitem(mlx_vlm_layout.VLM_LAYOUTS, "qwen2_5_vl")
+    with pytest.raises(ValueError, match=r"model_type 'qwen2_5_vl' is an image-text family whose"):
+        _load(source)
+    assert "timm" in mlx_vlm_layout.unmapped_vlm_note("gemma3n")
+
+
+@pytest.mark.parametrize("name", ["lfm2_vl", "internvl"])
+def test_own_class_loads_the_same_model(name: str) -> None:
+    """The model's own class reads an mlx-vlm checkpoint as AutoModelForImageTextToText does."""
+    import transformers
+
+    path = tiny_mlx_vlm_checkpoint(name)
+    auto = _load(path)
+    own = getattr(transformers, type(auto).__name__).from_pretrained(path, dtype=torch.float32)
+    assert type(own) is type(auto)
+    inputs = model_inputs(path, name, with_image=True)
+    np.testing.assert_array_equal(
+        mlxq_logits(path, name, inputs, own), mlxq_logits(path, name, inputs, auto)
+    )

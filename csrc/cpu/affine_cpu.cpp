@@ -263,8 +263,36 @@ at::Tensor gemm_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
   return y;
 }
 
+// x @ W.T for bf16 activations the way MLX's Metal GEMM computes it: tiles of W dequantized to
+// bf16 (dequantize_bf16) and a bf16 GEMM that accumulates in fp32 and rounds once, which lets
+// oneDNN use the CPU's bf16 dot products. x is fp32 holding bf16 values; y comes back in bf16.
+at::Tensor gemm_2d_bf16(const at::Tensor& x, const QuantWeight& W) {
+  const KernelTable& kt = kernels();
+  const int64_t M = x.size(0);
+  const at::Tensor xb = x.to(at::kBFloat16);  // exact: the values are bf16 already
+  at::Tensor y = at::empty({M, W.N}, xb.options());
+  // As gemm_2d: each thread dequantizes its own tiles (half the bytes of fp32 tiles).
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = std::max<int64_t>(1, W.N * W.K * 2 / (threads * kThreadTileBytes));
+  const int64_t rows = (W.N + threads * per_thread - 1) / (threads * per_thread);
+  const int64_t tiles = (W.N + rows - 1) / rows;
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    const at::ThreadLocalStateGuard same_state(caller_state);
+    auto* tp = reinterpret_cast<uint16_t*>(tile_buffer((rows * W.K + 1) / 2));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * rows, n1 = std::min(W.N, n0 + rows);
+      kt.dequantize_bf16(W, tp, n0, n1);
+      at::Tensor out = y.narrow(1, n0, n1 - n0);
+      at::mm_out(out, xb, at::from_blob(tp, {n1 - n0, W.K}, xb.options()).t());
+    }
+  });
+  return y;
+}
+
 // x is fp32 [M, in_features] with M > 0 and W has K > 0 (checked by the caller); `x_dtype` is
-// the dtype its values came in (bf16 and fp16 values need fewer bf16 pieces).
+// the dtype its values came in (bf16 and fp16 values need fewer bf16 pieces; bf16 x @ W.T above
+// the decode rows takes the bf16 GEMM, with MLX's Metal numerics for bf16).
 at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
                      at::ScalarType x_dtype) {
   const int64_t M = x.size(0);
@@ -278,6 +306,8 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     // such an output is computed again as sum x*(s*q+b) (MLX's order), which gives the finite
     // result, or MLX's +-inf. Normal calls pay one scan of y.
     if (all_finite(y)) return y;
+  } else if (x_dtype == at::kBFloat16 && transpose) {
+    return gemm_2d_bf16(x, W);
   }
   return gemm_2d(x, W, transpose);
 }

@@ -5,7 +5,8 @@
 // Decode (small M) kernels stream the packed weight once and never materialise it:
 //   qmv:  y[m, n] = sum_g s[n,g] * (sum_{k in g} q[n,k] x[m,k]) + b[n,g] * xsum[m,g]
 //   qvm:  y[m, k] += (x[m,n] s[n,g]) q[n,k] + x[m,n] b[n,g]
-// Prefill shapes dequantize row tiles to fp32 with `dequantize` and use a dense GEMM.
+// Prefill shapes dequantize row tiles to fp32 with `dequantize` (to bf16 with `dequantize_bf16`
+// for bf16 activations) and use a dense GEMM.
 
 #ifndef MLXQ_ISA
 #error "define MLXQ_ISA before including kernels.h"
@@ -189,6 +190,29 @@ void dequantize_bits_group(const QuantWeight& W, float* out, int64_t n0, int64_t
   }
 }
 
+// Rows [n0, n1) of W as the bf16 tile of MLX's GEMM for bf16 activations (the same numbers as
+// mx.dequantize in bf16): s*q rounded to bf16, plus b, rounded again. `out` is
+// [n1 - n0, K] bf16 values. The product is exact in fp32 for 16-bit scales.
+template <int Bits, int GS>
+void dequantize_bf16_bits_group(const QuantWeight& W, uint16_t* out, int64_t n0, int64_t n1) {
+  const int64_t K = W.K, G = W.G, row_bytes = K * Bits / 8;
+  std::vector<float> s(G), b(G);
+  for (int64_t n = n0; n < n1; ++n) {
+    load_scales(W, n, 0, G, s.data(), b.data());
+    const uint8_t* wrow = W.w + n * row_bytes;
+    uint16_t* orow = out + (n - n0) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const v8f sv = splat(s[g]), bv = splat(b[g]);
+      const uint8_t* wg = wrow + g * (GS * Bits / 8);
+#pragma GCC unroll 16
+      for (int c = 0; c < GS / 8; ++c) {
+        const v8f product = bits_to_float(round_bf16(to_float(unpack8<Bits>(wg + c * Bits)) * sv));
+        store8_bf16(orow + g * GS + c * 8, round_bf16(product + bv));
+      }
+    }
+  }
+}
+
 // Calls Fn<Bits, GS>::run(args...) for the runtime bits and group size (validated earlier).
 template <template <int, int> class Fn, typename... Args>
 void dispatch_bits_group(int bits, int gs, Args&&... args) {
@@ -229,6 +253,12 @@ struct QvmFn {
   static void run(const QvmArgs& a, int64_t g0, int64_t g1) { qvm_bits_group<B, G>(a, g0, g1); }
 };
 template <int B, int G>
+struct DequantBf16Fn {
+  static void run(const QuantWeight& W, uint16_t* out, int64_t n0, int64_t n1) {
+    dequantize_bf16_bits_group<B, G>(W, out, n0, n1);
+  }
+};
+template <int B, int G>
 struct DequantFn {
   static void run(const QuantWeight& W, float* out, int64_t n0, int64_t n1) {
     dequantize_bits_group<B, G>(W, out, n0, n1);
@@ -244,6 +274,9 @@ inline void qvm(const QvmArgs& a, int64_t g0, int64_t g1) {
 inline void dequantize(const QuantWeight& W, float* out, int64_t n0, int64_t n1) {
   dispatch_bits_group<DequantFn>(W.bits, W.group_size, W, out, n0, n1);
 }
+inline void dequantize_bf16(const QuantWeight& W, uint16_t* out, int64_t n0, int64_t n1) {
+  dispatch_bits_group<DequantBf16Fn>(W.bits, W.group_size, W, out, n0, n1);
+}
 
 }  // namespace mlxq::cpu::MLXQ_ISA
 
@@ -252,7 +285,8 @@ inline void dequantize(const QuantWeight& W, float* out, int64_t n0, int64_t n1)
 namespace mlxq::cpu::MLXQ_ISA {
 
 inline const KernelTable& table(const char* name) {
-  static const KernelTable t{name, &qmv, &qvm, &dequantize, nullptr, &fp_qmv, &fp_dequantize};
+  static const KernelTable t{name,    &qmv,    &qvm,           &dequantize,
+                             nullptr, &fp_qmv, &fp_dequantize, &dequantize_bf16};
   return t;
 }
 

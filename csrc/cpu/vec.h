@@ -127,4 +127,27 @@ MLXQ_INLINE v8i chunk_vec(v8i bytes, int j) {
 
 MLXQ_INLINE v8f to_float(v8i v) { return __builtin_convertvector(v, v8f); }
 
+// Each lane rounded to bf16 (to nearest even; NaN stays a quiet NaN, infinities stay), kept as
+// an fp32 bit pattern whose low 16 bits are zero: the fp32 value of that bf16 number.
+MLXQ_INLINE v8u round_bf16(v8f v) {
+  v8u u;
+  std::memcpy(&u, &v, sizeof(u));
+  const v8u rounded = (u + (0x7FFFu + ((u >> 16) & 1u))) & 0xFFFF0000u;
+  const v8u nan = (v8u)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
+  return (rounded & ~nan) | ((u | 0x00400000u) & 0xFFFF0000u & nan);
+}
+
+MLXQ_INLINE v8f bits_to_float(v8u u) {
+  v8f v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+// The bf16 halves of round_bf16's lanes, stored as 8 consecutive bf16 values.
+MLXQ_INLINE void store8_bf16(uint16_t* p, v8u rounded) {
+  typedef uint16_t v8h __attribute__((vector_size(16)));
+  const v8h h = __builtin_convertvector(rounded >> 16, v8h);
+  std::memcpy(p, &h, sizeof(h));
+}
+
 }  // namespace mlxq::cpu::MLXQ_ISA

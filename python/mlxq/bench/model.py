@@ -4,7 +4,14 @@ Peers (each in its own process, so that load time and peak memory are its own):
 - ``mlxq``: the MLX 4-bit checkpoint through transformers + mlxq (fp32 activations on CPU);
 - ``mlxq_bf16``: the same with bf16 activations;
 - ``dense_bf16`` / ``dense_fp32``: transformers with the dense float model (the GGUF dequantized);
-- ``mlx_lm``: mlx-lm on the same machine with the same MLX checkpoint.
+- ``mlx_lm``: mlx-lm on the same machine with the same MLX checkpoint;
+- ``llama_cpp``: llama.cpp (llama-cpp-python, the `bench` extra) on the Q4_1 GGUF that the
+  default checkpoint was made from, with the same token ids;
+- ``limit``: not a peer but a row: the decode rate that memory bandwidth allows, the bytes of
+  the tensors read per token over the read bandwidth measured here with the same threads.
+
+With ``--busy N``, every peer decodes a second time while N other processes spin on the CPU
+(the ``loaded`` column), so the table shows what a busy machine costs each of them.
 
 Measured: load time (from_pretrained / mlx_lm.load), prefill tokens/s (one forward pass over a
 `--prompt-tokens` prompt with an empty cache, logits of the last position only, median of
@@ -18,24 +25,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mlxq.bench.timing import default_out
 
 __all__ = ["main", "PEERS", "ratios", "peak_rss_bytes"]
 
-PEERS = ("mlxq", "mlxq_bf16", "dense_bf16", "dense_fp32", "mlx_lm")
-DEFAULT_PEERS = ["mlxq", "dense_bf16", "dense_fp32", "mlx_lm"]
+PEERS = ("mlxq", "mlxq_bf16", "dense_bf16", "dense_fp32", "mlx_lm", "llama_cpp")
+DEFAULT_PEERS = ["mlxq", "mlxq_bf16", "dense_bf16", "llama_cpp"]
 TARGETS = {  # (name, numerator, denominator, metric, minimum)
+    "decode_vs_llama_cpp": ("mlxq_bf16", "llama_cpp", "decode_tps", 1.0),
+    "decode_vs_limit": ("mlxq_bf16", "limit", "decode_tps", 0.5),
+    "prefill_vs_dense_bf16": ("mlxq_bf16", "dense_bf16", "prefill_tps", 1.0),
+    "prefill_vs_llama_cpp": ("mlxq_bf16", "llama_cpp", "prefill_tps", 1.5),
+    "loaded_vs_quiet_decode": ("mlxq_bf16", "mlxq_bf16", "loaded_decode_tps/decode_tps", 0.5),
     "decode_vs_dense_bf16": ("mlxq", "dense_bf16", "decode_tps", 1.5),
     "decode_vs_mlx_lm": ("mlxq", "mlx_lm", "decode_tps", 20.0),
-    "prefill_vs_dense_fp32": ("mlxq", "dense_fp32", "prefill_tps", 0.8),
 }
 _TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes "
@@ -109,11 +122,77 @@ def _torch_worker(spec: dict) -> dict:
 
     n = spec["decode_tokens"]
     decode_ids = prompt[:, : spec["decode_context"]]
+
+    def decode() -> dict:
+        _, stats = timed_generate(model, decode_ids, n, min_new_tokens=n)
+        return {"tokens": stats["generated_tokens"], "tps": stats["decode_tps"]}
+
     timed_generate(model, decode_ids, 4, min_new_tokens=4)  # warm-up
-    _, stats = timed_generate(model, decode_ids, n, min_new_tokens=n)
-    out["decode_tokens"] = stats["generated_tokens"]
+    out.update(_decode_quiet_and_loaded(decode, spec))
     out["decode_context"] = decode_ids.shape[1]
-    out["decode_tps"] = stats["decode_tps"]
+    out["peak_rss"] = peak_rss_bytes() or 0
+    return out
+
+
+def _decode_quiet_and_loaded(decode: Callable[[], dict], spec: dict) -> dict:
+    """Runs `decode` once on a quiet machine and, with `busy` > 0, once more while that many
+    other processes spin on the CPU; returns the decode rates of both."""
+    quiet = decode()
+    out = {"decode_tokens": quiet["tokens"], "decode_tps": quiet["tps"]}
+    if spec.get("busy"):
+        spinners = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(spec["busy"])
+        ]
+        try:
+            time.sleep(0.5)  # let the scheduler see them as busy
+            out["loaded_decode_tps"] = decode()["tps"]
+        finally:
+            for proc in spinners:
+                proc.kill()
+                proc.wait()
+    return out
+
+
+def _llama_cpp_worker(spec: dict) -> dict:
+    from llama_cpp import Llama
+
+    threads = spec.get("threads") or os.cpu_count() or 1
+    start = time.perf_counter()
+    llm = Llama(
+        model_path=spec["path"],
+        n_ctx=len(spec["prompt_ids"]) + spec["decode_tokens"] + 8,
+        n_batch=len(spec["prompt_ids"]),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    out: dict = {"load_s": time.perf_counter() - start, "threads": threads}
+    prompt = spec["prompt_ids"]
+    if spec["prefill"]:
+        times = []
+        for i in range(spec["reps"] + 1):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(prompt)
+            if i:
+                times.append(time.perf_counter() - t)
+        out["prefill_tokens"] = len(prompt)
+        out["prefill_tps"] = len(prompt) / statistics.median(times)
+    decode_ids = prompt[: spec["decode_context"]]
+
+    def decode() -> dict:
+        # Greedy, as timed_generate: the first token follows the prompt's evaluation, so the
+        # rate runs from the first new token to the last.
+        stamps = []
+        for _ in llm.generate(decode_ids, top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == spec["decode_tokens"]:
+                break
+        return {"tokens": len(stamps), "tps": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+    out.update(_decode_quiet_and_loaded(decode, spec))
+    out["decode_context"] = len(decode_ids)
     out["peak_rss"] = peak_rss_bytes() or 0
     return out
 
@@ -141,18 +220,60 @@ def _mlx_worker(spec: dict) -> dict:
         out["prefill_tokens"] = int(prompt.shape[0])
         out["prefill_tps"] = prompt.shape[0] / statistics.median(times)
     decode_prompt = prompt[: spec["decode_context"]]
-    times = []
-    for _ in generate_step(decode_prompt, model, max_tokens=spec["decode_tokens"]):
-        times.append(time.perf_counter())
-    out["decode_tokens"] = len(times)
+
+    def decode() -> dict:
+        times = []
+        for _ in generate_step(decode_prompt, model, max_tokens=spec["decode_tokens"]):
+            times.append(time.perf_counter())
+        return {"tokens": len(times), "tps": (len(times) - 1) / (times[-1] - times[0])}
+
+    out.update(_decode_quiet_and_loaded(decode, spec))
     out["decode_context"] = int(decode_prompt.shape[0])
-    out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
     out["peak_rss"] = peak_rss_bytes() or 0
     return out
 
 
 def _worker(spec: dict) -> dict:
-    return _mlx_worker(spec) if spec["peer"] == "mlx_lm" else _torch_worker(spec)
+    if spec["peer"] == "mlx_lm":
+        return _mlx_worker(spec)
+    if spec["peer"] == "llama_cpp":
+        return _llama_cpp_worker(spec)
+    return _torch_worker(spec)
+
+
+def bytes_per_token(model_dir: Path) -> int:
+    """Bytes of the checkpoint's tensors that one decoded token reads: all of them, less an
+    untied input embedding (a token reads one row of it)."""
+    import math
+
+    from mlxq.integrations.checkpoint import DTYPE_BYTES, read_header
+
+    total = embedding = 0
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        for name, info in read_header(shard).items():
+            size = DTYPE_BYTES[info.dtype] * math.prod(info.shape)
+            total += size
+            if "embed_tokens" in name:
+                embedding += size
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config.get("text_config", {})
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+    return total if tied else total - embedding
+
+
+def read_bandwidth(threads: int | None) -> float:
+    """Bytes per second that torch reads (a sum over 512 MiB, best of 5) with `threads`."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = torch.ones(128 << 20)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - t)
+    return data.numel() * data.element_size() / best
 
 
 def prompt_ids(tokenizer_dir: Path, n: int) -> list[int]:
@@ -173,22 +294,34 @@ def _default_checkpoints(group_size: int) -> tuple[Path, Path]:
     return quant, demo_model.cached_smollm2_float_checkpoint()
 
 
+def _default_gguf() -> Path:
+    from mlxq import demo_model
+
+    return demo_model.smollm2_gguf_path()
+
+
 def ratios(results: dict[str, dict]) -> dict[str, dict]:
     """The targets of the issue, from one run's results."""
     out = {}
     for name, (num, den, metric, minimum) in TARGETS.items():
-        a, b = results.get(num, {}).get(metric), results.get(den, {}).get(metric)
+        top, bottom = metric.split("/") if "/" in metric else (metric, metric)
+        a, b = results.get(num, {}).get(top), results.get(den, {}).get(bottom)
         if a and b:
             out[name] = {"ratio": a / b, "target": minimum, "met": a / b >= minimum}
     return out
 
 
 def format_table(results: dict[str, dict]) -> str:
-    cols = ["peer", "load s", "prefill tok/s", "(tokens)", "decode tok/s", "(tokens)", "peak MB"]
+    cols = ["peer", "load s", "prefill tok/s", "(tokens)", "decode tok/s", "(tokens)"]
+    cols += ["decode, busy CPU", "peak MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for peer, r in results.items():
         if "error" in r:
             lines.append(f"| {peer} | failed: {r['error']} |" + " |" * (len(cols) - 2))
+            continue
+        if peer == "limit":
+            cells = [peer, "", "", "", f"{r['decode_tps']:.1f}", r["note"], "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         cells = [
             peer,
@@ -197,6 +330,7 @@ def format_table(results: dict[str, dict]) -> str:
             str(r.get("prefill_tokens", "")),
             f"{r['decode_tps']:.2f}",
             f"{r['decode_tokens']} after {r['decode_context']}",
+            f"{r['loaded_decode_tps']:.2f}" if "loaded_decode_tps" in r else "",
             f"{r['peak_rss'] / 1e6:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -211,7 +345,7 @@ def plot(results: dict[str, dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    ok = {p: r for p, r in results.items() if "error" not in r}
+    ok = {p: r for p, r in results.items() if "error" not in r and p != "limit"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, title in zip(
         axes, ("prefill_tps", "decode_tps"), ("prefill tokens/s", "decode tokens/s"), strict=True
@@ -247,6 +381,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=3, help="prefill repetitions (median)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
+        "--busy",
+        type=int,
+        default=1,
+        help="other busy processes during a second decode run (0: quiet only)",
+    )
+    p.add_argument("--gguf", type=Path, help="GGUF for llama_cpp (default: the demo's Q4_1)")
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -277,9 +418,13 @@ def main(argv: list[str] | None = None) -> dict:
         for peer in args.peers:
             mlx = peer == "mlx_lm"
             n_prompt = args.mlx_prompt_tokens if mlx else args.prompt_tokens
+            if peer == "llama_cpp":
+                path = args.gguf or _default_gguf()
+            else:
+                path = args.float_model if peer.startswith("dense") else args.model
             spec = {
                 "peer": peer,
-                "path": str(args.float_model if peer.startswith("dense") else args.model),
+                "path": str(path),
                 "dtype": "bfloat16" if peer.endswith("bf16") else "float32",
                 "prompt_ids": ids[:n_prompt],
                 "prefill": True,
@@ -287,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "decode_tokens": args.mlx_decode_tokens if mlx else args.decode_tokens,
                 "decode_context": min(context, n_prompt),
                 "threads": args.threads,
+                "busy": args.busy,
             }
             spec_file = Path(tmp) / f"{peer}.json"
             spec_file.write_text(json.dumps(spec))
@@ -307,6 +453,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import mlxq
 
+    per_token = bytes_per_token(args.model)
+    bandwidth = read_bandwidth(args.threads)
+    results["limit"] = {
+        "decode_tps": bandwidth / per_token,
+        "note": f"{per_token / 1e6:.1f} MB/token at {bandwidth / 1e9:.1f} GB/s",
+    }
     info = {
         "model": str(args.model),
         "float_model": str(args.float_model),

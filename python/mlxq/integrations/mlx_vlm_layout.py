@@ -30,6 +30,9 @@ __all__ = [
     "VlmLayout",
     "VLM_LAYOUTS",
     "checkpoint_vlm_layout",
+    "UNVERIFIED_VLM",
+    "looks_like_mlx_vlm",
+    "unmapped_vlm_note",
     "ChannelsLastToFirst",
     "channels_last_conversions",
     "mlx_vlm_config_keys",
@@ -106,7 +109,7 @@ def _qwen_vl(model_type: str, **kw: Any) -> VlmLayout:
 VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
-    "qwen3_vl": _qwen_vl("qwen3_vl"),
+    "qwen3_vl": _qwen_vl("qwen3_vl", vision_model_type="qwen3_vl"),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
         "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)
@@ -114,10 +117,41 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
+    "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
     "mistral3": _llava_like("mistral3"),
+    "aya_vision": _llava_like("aya_vision"),
+    "internvl": _llava_like("internvl"),
+    "lfm2_vl": _llava_like("lfm2_vl"),
+    "idefics2": _idefics3("idefics2"),
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
 }
+
+
+# Image-text families that transformers 5 and mlx-vlm both have and whose mlx-vlm checkpoints
+# mlxq does not map, with the reason; an mlx-vlm checkpoint of one (or of any family missing
+# from VLM_LAYOUTS) that leaves a model tensor unfilled is refused with this note.
+UNVERIFIED_VLM: dict[str, str] = {
+    "gemma3n": (
+        "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
+        "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
+        "model was converted and compared with mlx-vlm"
+    ),
+}
+
+
+def looks_like_mlx_vlm(keys: Iterable[str]) -> bool:
+    """True when tensor names follow mlx-vlm's top level (`language_model.*`)."""
+    return any(k.startswith("language_model.") for k in keys)
+
+
+def unmapped_vlm_note(model_type: str | None) -> str:
+    """Why an mlx-vlm checkpoint of `model_type` does not load: no mapping of its layout."""
+    reason = UNVERIFIED_VLM.get(model_type or "", "no tiny model of it was checked against mlx-vlm")
+    return (
+        f"model_type {model_type!r} is an image-text family whose mlx-vlm layout mlxq does not "
+        f"map ({reason}); mapped: {', '.join(sorted(VLM_LAYOUTS))}"
+    )
 
 
 def is_image_text(config: Any) -> bool:

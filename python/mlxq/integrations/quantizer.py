@@ -29,7 +29,10 @@ from mlxq.integrations.mlx_vlm_layout import (
     VlmLayout,
     channels_last_conversions,
     checkpoint_vlm_layout,
+    is_image_text,
+    looks_like_mlx_vlm,
     mlx_vlm_config_keys,
+    unmapped_vlm_note,
 )
 from mlxq.integrations.moe_loading import (
     check_moe_tensors_loaded,
@@ -198,18 +201,28 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     return out
 
 
-def _with_model_names(model: nn.Module, config: MLXQuantConfig) -> MLXQuantConfig:
+def _with_model_names(
+    model: nn.Module, config: MLXQuantConfig, vlm_layout: VlmLayout | None = None
+) -> MLXQuantConfig:
     """`config` with its per-module entries under the model's module names (mlx-vlm names
-    them as in its checkpoint, e.g. `language_model.model.layers.0.mlp.down_proj`)."""
+    them as in its checkpoint, e.g. `language_model.model.layers.0.mlp.down_proj`).
+
+    `vlm_layout` is the layout the checkpoint's tensors were recognised by: the entries alone
+    may not show it (a recipe with entries for vision modules only)."""
     if not config.overrides:
         return config
-    probe = {f"{name}.weight": TensorInfo("F32", ()) for name in config.overrides}
-    renamed = list(checkpoint_keys_as_model_keys(model, probe))
-    if renamed == list(probe):
+    names = list(config.overrides)
+    keys = [f"{name}.weight" for name in names]
+    if vlm_layout is not None:
+        keys = [vlm_layout.to_transformers(key) for key in keys]
+    renamed = list(checkpoint_keys_as_model_keys(model, dict.fromkeys(keys, TensorInfo("F32", ()))))
+    if len(renamed) != len(names):  # two entries for one module: keep the names as they are
+        return config
+    if renamed == [f"{name}.weight" for name in names]:
         return config
     overrides = {
-        new.removesuffix(".weight"): config.overrides[old.removesuffix(".weight")]
-        for old, new in zip(probe, renamed, strict=True)
+        new.removesuffix(".weight"): config.overrides[old]
+        for old, new in zip(names, renamed, strict=True)
     }
     return MLXQuantConfig(
         bits=config.bits,
@@ -220,7 +233,9 @@ def _with_model_names(model: nn.Module, config: MLXQuantConfig) -> MLXQuantConfi
     )
 
 
-def _refuse_missing_tensors(model: nn.Module, headers: dict[str, TensorInfo]) -> None:
+def _refuse_missing_tensors(
+    model: nn.Module, headers: dict[str, TensorInfo], note: str = ""
+) -> None:
     """An mlx-vlm checkpoint must fill every tensor of the model: transformers would
     initialise a missing one at random (and only log it)."""
     missing = missing_tensors(model, headers)
@@ -230,6 +245,7 @@ def _refuse_missing_tensors(model: nn.Module, headers: dict[str, TensorInfo]) ->
             f"mlxq: {type(model).__name__}: the checkpoint has no tensor for "
             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} ({len(missing)} "
             f"missing; checkpoint tensors without a place: {', '.join(unused[:4]) or 'none'})"
+            + (f": {note}" if note else "")
         )
 
 
@@ -338,12 +354,17 @@ class MLXHfQuantizer(HfQuantizer):
         self._mlx_layout: MlxLayout | None = layout
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
         self._vlm_layout: VlmLayout | None = vlm_layout
+        mlx_vlm_names = looks_like_mlx_vlm(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
+        if vlm_layout is None and mlx_vlm_names and is_image_text(model.config):
+            # an image-text family whose mlx-vlm layout is not mapped: refused by name here
+            # (later checks would only see the first unmatched tensor)
+            _refuse_missing_tensors(model, headers, unmapped_vlm_note(_model_type(model)))
         # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load
         self._vlm_conversions = channels_last_conversions(
             model, headers, prefer_last=vlm_layout is not None
         )
-        config = _with_model_names(model, self.quantization_config)
+        config = _with_model_names(model, self.quantization_config, vlm_layout)
         walk = plan_modules(
             model,
             lambda name, plan: stored_format(
@@ -448,6 +469,11 @@ class MLXHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        """The ops have fake kernels and stay opaque to the compiler, so generate may compile."""
+        return True
 
     def _dequantize(self, model, dtype=None):
         from mlxq.dequantize import dequantize_model
