@@ -319,20 +319,31 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
         "bench", "model", "--model", str(smollm2_4bit_g32), "--float-model",
         str(float_checkpoint), "--peers", "mlxq", "mlx_lm", "--prompt-tokens",
         "16", "--decode-tokens", "4", "--mlx-prompt-tokens", "4", "--mlx-decode-tokens", "2",
-        "--reps", "1", "--out", str(out),
+        "--reps", "1", "--busy", "1", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(out.with_suffix(".json").read_text())
     results = payload["results"]
-    assert set(results) == {"mlxq", "mlx_lm"}, results
+    assert set(results) == {"mlxq", "mlx_lm", "limit"}, results
+    limit = results.pop("limit")
+    assert limit["decode_tps"] > 0 and "MB/token" in limit["note"]
     for peer, r in results.items():
         assert "error" not in r, (peer, r)
         assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_rss"] > 0
+        assert r["loaded_decode_tps"] > 0, peer  # decoded again beside a busy process
     assert results["mlxq"]["prefill_tokens"] == 16 and results["mlxq"]["decode_tokens"] == 4
     assert results["mlx_lm"]["prefill_tokens"] == 4 and results["mlx_lm"]["decode_tokens"] == 2
     ratio = payload["targets"]["decode_vs_mlx_lm"]["ratio"]
     assert ratio == pytest.approx(results["mlxq"]["decode_tps"] / results["mlx_lm"]["decode_tps"])
-    assert "| mlxq |" in proc.stdout
+    assert "| mlxq |" in proc.stdout and "| limit |" in proc.stdout
+
+
+def test_bytes_per_token_counts_the_tied_head_once(smollm2_4bit_g32: Path) -> None:
+    from mlxq.bench.model import bytes_per_token
+
+    files = sum(f.stat().st_size for f in smollm2_4bit_g32.glob("*.safetensors"))
+    # SmolLM2 ties its head to the embedding: every tensor is read once per token
+    assert 0.99 * files < bytes_per_token(smollm2_4bit_g32) <= files
 
 
 def test_doctor() -> None:

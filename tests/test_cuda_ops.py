@@ -95,15 +95,22 @@ def test_cuda_arch_flags() -> None:
     # torch's list (as far as nvcc knows it) plus sm_90, PTX of the newest
     assert flags == [
         "-gencode=arch=compute_80,code=sm_80",
-        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90a,code=sm_90a",  # wgmma for the fused prefill
         "-gencode=arch=compute_120,code=sm_120",
         "-gencode=arch=compute_120,code=compute_120",
+        "-DMLXQ_CUDA_SM90A=1",
     ]
-    assert "sm_90" in why
+    assert "sm_90a" in why
     flags, _ = bh.cuda_arch_flags("sm_80", nvcc_knows, {"MLXQ_CUDA_ARCHS": "90"})
     assert flags == [
-        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90a,code=sm_90a",
         "-gencode=arch=compute_90,code=compute_90",
+        "-DMLXQ_CUDA_SM90A=1",
+    ]
+    flags, _ = bh.cuda_arch_flags("sm_80", nvcc_knows, {"MLXQ_CUDA_ARCHS": "80"})
+    assert flags == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_80,code=compute_80",
     ]
     with pytest.raises(ValueError, match="no CUDA architecture"):
         bh.cuda_arch_flags("", ["compute_75"], {"MLXQ_CUDA_ARCHS": "90"})
@@ -181,6 +188,40 @@ def test_matmul_long_rows(gen, bits: int, m: int) -> None:
     x = torch.randn(m, 5120, generator=gen).bfloat16()
     _check_matmul(x, wq, s, b, 64, bits)
     _check_matmul(x.float(), wq, s.float(), b.float(), 64, bits)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("kernel", ["cores", "mma", "tc"])
+def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, monkeypatch) -> None:
+    # every decode kernel (the op reads MLXQ_CUDA_DECODE on every call); few rows and a long K:
+    # the streaming tensor-core kernel splits K over up to 8 warps of a block (summed in shared
+    # memory); 40 rows leave a partial 16-row tile
+    monkeypatch.setenv("MLXQ_CUDA_DECODE", kernel)
+    wq, s, b = _quantized(gen, 40, 8192, group_size, 4, dtype)
+    for m in range(1, DECODE_MAX_ROWS + 1):
+        _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, 4)
+    wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
+    for m in (1, 3, 8):
+        _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("fused", ["2", "0"])
+def test_prefill_tiles_and_tails(
+    gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
+) -> None:
+    # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
+    # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
+    # tiles of 128 rows of W by 128 or 256 rows of x, partial in both), and the cuBLAS tiles
+    # (MLXQ_CUDA_GEMM=0); the op reads the variable on every call
+    monkeypatch.setenv("MLXQ_CUDA_GEMM", fused)
+    wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
+    for m in (9, 128, 129, 300, 513):
+        _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda

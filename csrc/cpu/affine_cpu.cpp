@@ -97,21 +97,18 @@ int bf16_piece_count(at::ScalarType src) {
   return src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
 }
 
-// x [M, K] (fp32, holding values of dtype `src`) as the bf16 pieces of QmvBf16Args, in the
-// bf16 kernels' order: [pieces * M, K]. One pass in plain C++: decode calls are small, and a
-// chain of tensor ops would cost more than the kernel for small layers.
-at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
-  const int pieces = bf16_piece_count(src);
-  const int64_t M = x.size(0), K = x.size(1), L = kBf16Lanes;
-  at::Tensor out = at::empty({pieces * M, K}, x.options().dtype(at::kBFloat16));
-  const float* xp = x.const_data_ptr<float>();
-  auto* op = out.mutable_data_ptr<c10::BFloat16>();
+// x [M, K] (contiguous fp32, bf16 or fp16, holding values of dtype `src`) as the bf16 pieces of
+// QmvBf16Args, in the bf16 kernels' order: [pieces * M, K]. One pass in plain C++: decode calls
+// are small, and a chain of tensor ops would cost more than the kernel for small layers.
+template <typename T>
+void fill_bf16_pieces(const T* xp, int64_t M, int64_t K, int pieces, int bits, c10::BFloat16* op) {
+  const int64_t L = kBf16Lanes;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k0 = 0, P = 0; k0 < K; k0 += L * P) {
       P = bf16_lane_values(k0, K, bits);
       for (int64_t l = 0; l < L; ++l) {
         for (int64_t j = 0; j < P; ++j) {
-          float rest = xp[m * K + k0 + l * P + j];
+          float rest = static_cast<float>(xp[m * K + k0 + l * P + j]);
           for (int p = 0; p < pieces; ++p) {
             const c10::BFloat16 h(rest);  // round to nearest even
             op[(p * M + m) * K + k0 + j * L + l] = h;
@@ -121,6 +118,36 @@ at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
       }
     }
   }
+}
+
+at::Tensor bf16_pieces(const at::Tensor& x, at::ScalarType src, int bits) {
+  const int pieces = bf16_piece_count(src);
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({pieces * M, K}, x.options().dtype(at::kBFloat16));
+  auto* op = out.mutable_data_ptr<c10::BFloat16>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bf16_pieces", [&] {
+    fill_bf16_pieces(x.const_data_ptr<scalar_t>(), M, K, pieces, bits, op);
+  });
+  return out;
+}
+
+// The sum of x over each group ([M, G] fp32, the decode kernels' b * sum(x) term), added in
+// order in fp32 so that every path that streams these rows gets the same sums, whatever dtype
+// it read them from.
+at::Tensor group_sums(const at::Tensor& x, int64_t group_size) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size;
+  at::Tensor out = at::empty({M, G}, x.options().dtype(at::kFloat));
+  float* op = out.mutable_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_sums", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.f;
+        for (int64_t i = 0; i < group_size; ++i)
+          sum += static_cast<float>(xp[m * K + g * group_size + i]);
+        op[m * G + g] = sum;
+      }
+  });
   return out;
 }
 
@@ -180,6 +207,40 @@ bool all_finite(const at::Tensor& y) {
   return bad == 0;
 }
 
+// x @ W.T through the bf16 decode kernel (which the caller checked applies) for x [M, K]
+// contiguous in fp32, bf16 or fp16, holding values of dtype `x_dtype`; y is fp32.
+at::Tensor stream_bf16(const at::Tensor& x, const QuantWeight& W, at::ScalarType x_dtype) {
+  const int64_t M = x.size(0);
+  const at::Tensor xsum = group_sums(x, W.group_size);
+  const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
+  at::Tensor y = at::empty({M, W.N}, x.options().dtype(at::kFloat));
+  const QmvBf16Args a{W,
+                      static_cast<const uint16_t*>(xp.const_data_ptr()),
+                      static_cast<int>(xp.size(0) / M),
+                      xsum.const_data_ptr<float>(),
+                      y.mutable_data_ptr<float>(),
+                      M};
+  const KernelTable& kt = kernels();
+  at::parallel_for(0, W.N, decode_grain(W),
+                   [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
+  return y;
+}
+
+// y (fp32, or already in `dtype`) rounded to `dtype` (round to nearest even); a decode step's few
+// values in one loop, since at::to costs more than the conversion there.
+at::Tensor round_to(const at::Tensor& y, at::ScalarType dtype) {
+  constexpr int64_t kLoopValues = 4096;
+  if (y.scalar_type() == dtype) return y;
+  if (y.numel() > kLoopValues) return y.to(dtype);
+  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
+  const float* yp = y.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "round_to", [&] {
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0, n = y.numel(); i < n; ++i) op[i] = static_cast<scalar_t>(yp[i]);
+  });
+  return out;
+}
+
 // The streaming kernels, for M <= kDecodeMaxRows rows of x (fp32 [M, in_features]).
 at::Tensor decode_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
                      at::ScalarType x_dtype) {
@@ -191,19 +252,8 @@ at::Tensor decode_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     at::parallel_for(0, W.G, 1, [&](int64_t g0, int64_t g1) { kt.qvm(a, g0, g1); });
     return from_chunk_order(y, W.bits);
   }
-  at::Tensor xsum = x.view({M, W.G, W.group_size}).sum(-1).contiguous();
-  if (kt.qmv_bf16 != nullptr && use_bf16_decode(W, M, x_dtype)) {
-    const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
-    const QmvBf16Args a{W,
-                        static_cast<const uint16_t*>(xp.const_data_ptr()),
-                        static_cast<int>(xp.size(0) / M),
-                        xsum.const_data_ptr<float>(),
-                        y.mutable_data_ptr<float>(),
-                        M};
-    at::parallel_for(0, W.N, decode_grain(W),
-                     [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
-    return y;
-  }
+  if (kt.qmv_bf16 != nullptr && use_bf16_decode(W, M, x_dtype)) return stream_bf16(x, W, x_dtype);
+  const at::Tensor xsum = group_sums(x, W.group_size);
   at::Tensor xc = to_chunk_order(x, W.bits);
   QmvArgs a{W, xc.const_data_ptr<float>(), xsum.const_data_ptr<float>(),
             y.mutable_data_ptr<float>(), 0};
@@ -322,13 +372,23 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
   // Empty operands: the output is empty, or its dot products are empty sums (x [M, 0] @ W with
   // N = 0). Return early: the reshapes below cannot infer a -1 dimension next to a zero.
   if (x.numel() == 0 || wq.numel() == 0) return at::zeros(g.out_shape, x.options());
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor w = wq.contiguous(), s = scales.contiguous(), b = biases.contiguous();
   const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
+  if (g.batch.empty() && transpose && g.M <= kDecodeMaxRows) {
+    // A decode step: the bf16 kernel reads x in its own dtype (no fp32 copy of x, no tensor
+    // ops around the kernel), which is most of the cost of a small layer's call.
+    const QuantWeight W = view_weight(w, s, b, group_size, bits);
+    if (kernels().qmv_bf16 != nullptr && use_bf16_decode(W, g.M, x.scalar_type())) {
+      const at::Tensor y =
+          stream_bf16(x.reshape({g.M, g.in_features}).contiguous(), W, x.scalar_type());
+      if (all_finite(y)) return round_to(y, x.scalar_type()).view(g.out_shape);
+    }
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
   if (g.batch.empty()) {
     const QuantWeight W = view_weight(w, s, b, group_size, bits);
     at::Tensor y = matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose, x.scalar_type());
-    return y.to(x.scalar_type()).reshape(g.out_shape);
+    return round_to(y, x.scalar_type()).reshape(g.out_shape);
   }
   // Batched weights: map each broadcast batch entry to its x and w entries with tiny index
   // tensors, so that broadcasting never copies a weight.
@@ -617,7 +677,7 @@ at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
       y.narrow(0, e.begin * M, n_rows).copy_(ye);
       continue;
     }
-    if (!xsum_all.defined()) xsum_all = xf.view({-1, W.G, W.group_size}).sum(-1).contiguous();
+    if (!xsum_all.defined()) xsum_all = group_sums(xf, W.group_size);
     DecodeGroup d;
     d.W = W;
     d.rows = n_rows;

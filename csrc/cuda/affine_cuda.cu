@@ -10,7 +10,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -124,22 +126,56 @@ void dequantize_rows(const Weight& W, int64_t n0, int64_t n1, at::Tensor& out) {
                     c10::cuda::getCurrentCUDAStream());
 }
 
-// Whether the decode runs on tensor cores (4-bit W, fp16/bf16 x, compute capability >= 8.0).
-// Its time hardly grows with M, but its cost per group is higher than the CUDA-core kernel's,
-// so it wins once M * group_size >= 256. Measured on an H200 (28672x8192, bf16, ms, CUDA
-// cores / tensor cores): group 128: M=1 0.059/0.076, M=2 0.086/0.076, M=8 0.283/0.088;
-// group 64: M=2 0.092/0.106, M=4 0.141/0.108; group 32: M=2 0.097/0.176, M=8 ~0.30/0.196.
-// MLXQ_CUDA_MMA=0 turns it off, =1 uses it for every M (benchmarks compare the two).
-bool use_tensor_cores(const Weight& W, int64_t M, at::ScalarType dt, int device) {
-  static const int mode = [] {
-    const char* env = std::getenv("MLXQ_CUDA_MMA");
-    return env == nullptr ? -1 : std::atoi(env);
-  }();
-  if (mode == 0 || W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16)) return false;
-  if (mode != 1 && M * W.group_size < 256) return false;
+// Which decode kernel runs. CUDA cores take any bits and dtype. For 4-bit W with fp16/bf16 x on
+// compute capability >= 8.0 there are two tensor-core kernels; qmv_mma4_kernel's time hardly
+// grows with M but its cost per group is higher than the CUDA-core kernel's, so it runs once
+// M * group_size >= 256. Measured on an H200 (28672 x 8192, bf16, ms, cores / mma / tc):
+// group 128: M=1 0.059/0.076/0.079, M=4 0.139/0.078/0.088; group 64, M=1: 0.061/0.107/0.098;
+// group 32, M=1: 0.062/0.174/0.153. The streaming kernel (tc, qmv_tc_kernel) splits K for few
+// rows but waits on its activation loads; it is kept for MLXQ_CUDA_DECODE=tc.
+// MLXQ_CUDA_DECODE=cores|mma|tc forces one (read on every call, so that a benchmark can compare
+// them in one process).
+enum class Decode { kCores, kMma, kTc };
+
+Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) {
+  const char* env = std::getenv("MLXQ_CUDA_DECODE");
+  const std::string v(env == nullptr ? "" : env);
+  if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || v == "cores" || W.G > INT32_MAX) {
+    return Decode::kCores;
+  }
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;
+  if (major < 8) return Decode::kCores;
+  if (v == "tc") return Decode::kTc;
+  if (v == "mma") return Decode::kMma;
+  return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
+}
+
+int sm_count(int device) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+// Whether the fused Hopper prefill runs y = x @ W.T (gemm_sm90.cu): 4-bit W, fp16/bf16 x with
+// scales and biases of the same dtype, K a multiple of its 64-value stages, an sm_90a build on a
+// compute capability 9.0 device. Otherwise tiles of W are dequantized for cuBLAS.
+// It needs blocks (128 rows of W by 128 or 256 rows of x) for most multiprocessors, and loses to
+// cuBLAS's own tiles once M is large enough to amortize one dequantization of W. Measured on an
+// H200 (bf16, ms, fused / tiles + cuBLAS): 28672 x 8192 (N x K): M=9 0.21/0.29, M=32 0.19/0.30,
+// M=128 0.19/0.31, M=512 0.44-0.47/0.49, M=1024 0.87/0.87, M=2048 1.67/1.56; 8192 x 28672
+// (128 blocks at M=512) 0.44/0.52; 4096 x 4096 (64 blocks at M=512): M=32 0.049/0.024,
+// M=512 0.058/0.039.
+bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
+  if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || W.s.scalar_type() != dt ||
+      W.b.scalar_type() != dt || W.K % 64 != 0 || !gemm_w4_sm90_available(device)) {
+    return false;
+  }
+  const char* env = std::getenv("MLXQ_CUDA_GEMM");  // "2": wherever it can run (tests)
+  if (env != nullptr && std::string(env) == "2") return true;
+  if (M > 768) return false;
+  const int64_t nt = M > 128 ? 256 : 128;
+  return 4 * ((W.N + 127) / 128) * ((M + nt - 1) / nt) >= 3 * sm_count(device);
 }
 
 // Bytes of dequantized weight per tile on the prefill path; MLXQ_CUDA_TILE_MB overrides it.
@@ -182,11 +218,36 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     p.M = static_cast<int>(M);
     p.group_shift = log2_of(W.group_size);
     p.scale_type = scale_type_of(W.s.scalar_type());
-    if (use_tensor_cores(W, M, dt, x.get_device())) {
-      launch_qmv_mma4(p, dtype_of(dt), stream);
-    } else {
-      launch_qmv(static_cast<int>(W.bits), p, dtype_of(dt), stream);
+    const int device = x.get_device();
+    switch (decode_kernel(W, M, dt, device)) {
+      case Decode::kTc:
+        launch_qmv_tc4(p, dtype_of(dt), sm_count(device), stream);
+        break;
+      case Decode::kMma:
+        launch_qmv_mma4(p, dtype_of(dt), stream);
+        break;
+      default:
+        launch_qmv(static_cast<int>(W.bits), p, dtype_of(dt), stream);
+        break;
     }
+    return y;
+  }
+  if (use_sm90_gemm(W, M, dt, x.get_device())) {
+    at::Tensor y = at::empty({M, W.N}, x.options());
+    at::Tensor sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
+    GemmArgs a;
+    a.w = static_cast<const uint32_t*>(W.w.const_data_ptr());
+    a.scales = W.s.const_data_ptr();
+    a.biases = W.b.const_data_ptr();
+    a.sb = static_cast<uint32_t*>(sb.mutable_data_ptr());
+    a.x = x.const_data_ptr();
+    a.y = y.mutable_data_ptr();
+    a.N = W.N;
+    a.M = M;
+    a.K = W.K;
+    a.G = W.G;
+    a.group_shift = log2_of(W.group_size);
+    launch_gemm_w4_sm90(a, dtype_of(dt), stream);
     return y;
   }
   // Prefill: tiles of W dequantized to the dtype of x (as MLX's GEMM does in threadgroup

@@ -11,7 +11,7 @@ namespace mlxq::cuda {
 
 enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
-// The largest M the decode kernels take; larger M dequantizes tiles for cuBLAS. The decode
+// The largest M the decode kernels take; larger M goes to the prefill paths. The decode
 // kernel's FMAs grow with M while its traffic does not: on an H200 (28672x8192, 4 bits) it
 // takes 0.06 ms at M=1, 0.14 ms at M=4 and 0.9 ms at M=16, where tiles + cuBLAS take ~0.4 ms.
 constexpr int kDecodeMaxRows = 8;
@@ -52,6 +52,29 @@ inline void launch_qmv(int bits, const QmvParams& p, DType x_dtype, cudaStream_t
 // y = x @ W.T on tensor cores for 4-bit W, fp16/bf16 x, 1 <= p.M <= 8, compute capability
 // >= 8.0 (qmv_mma.cu).
 void launch_qmv_mma4(const QmvParams& p, DType x_dtype, cudaStream_t stream);
+
+// The same on tensor cores, streaming (qmv_tc_kernel): each warp walks its rows with the next
+// step's weights in flight; K is split over more warps where the rows alone leave the GPU's
+// `sm_count` multiprocessors short of warps (qmv_mma.cu).
+void launch_qmv_tc4(const QmvParams& p, DType x_dtype, int sm_count, cudaStream_t stream);
+
+// Prefill on Hopper tensor cores (gemm_sm90.cu): y = x @ W.T for 4-bit W, fp16/bf16 x with
+// scales and biases of the same dtype, K a multiple of 64, all contiguous and 16-byte aligned.
+struct GemmArgs {
+  const uint32_t* w;   // [N, K / 8]
+  const void* scales;  // [N, G], dtype of x
+  const void* biases;  // [N, G]
+  uint32_t* sb;        // [N, gemm_w4_sm90_sb_cols(G)] workspace: (scale, bias) pairs
+  const void* x;       // [M, K]
+  void* y;             // [M, N]
+  int64_t N, M, K, G;
+  int group_shift;
+};
+// Whether this build and `device` run it (sm_90a code built, compute capability 9.0, and
+// MLXQ_CUDA_GEMM is not 0; affine_cuda.cu decides where it pays, "2" forces it).
+bool gemm_w4_sm90_available(int device);
+int64_t gemm_w4_sm90_sb_cols(int64_t G);
+void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream);
 
 // out = dequantized W in `out_dtype` (affine_cuda.cu).
 void launch_dequantize(int bits, const DequantParams& p, DType out_dtype, cudaStream_t stream);

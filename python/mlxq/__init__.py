@@ -11,11 +11,15 @@ loads MLX checkpoints (mlx-community) into :class:`AffineLinear` / :class:`Affin
 
 from __future__ import annotations
 
+from mlxq._threads import set_openmp_wait_policy as _set_openmp_wait_policy
+
+_set_openmp_wait_policy()  # before torch loads OpenMP (see mlxq._threads)
+
 from mlxq import metal_backend as _metal_backend  # noqa: E402
 from mlxq.backend_info import backend_info  # noqa: E402
 from mlxq.integrations.registration import install as _install_transformers_hook  # noqa: E402
 from mlxq.nn import AffineEmbedding, AffineLinear  # noqa: E402
-from mlxq.ops import (
+from mlxq.ops import (  # noqa: E402
     affine_dequantize,
     affine_gather_matmul,
     affine_matmul,

@@ -77,8 +77,9 @@ def cuda_build_decision(
 def cuda_arch_flags(
     torch_arch_flags: str, nvcc_archs: Sequence[str], env: Mapping[str, str]
 ) -> tuple[list[str], str]:
-    """nvcc -gencode flags: the architectures torch was built for plus sm_90, as machine code,
-    and PTX of the newest one (so newer GPUs can run it), limited to what this nvcc knows.
+    """nvcc -gencode flags: the architectures torch was built for plus sm_90 (as sm_90a), as
+    machine code, and PTX of the newest one (so newer GPUs can run it), limited to what this
+    nvcc knows.
 
     `torch_arch_flags` is torch's own list ("sm_80 sm_90 ..."); MLXQ_CUDA_ARCHS ("90" or
     "80;90") replaces it, e.g. to build only for the GPU at hand.
@@ -93,10 +94,20 @@ def cuda_arch_flags(
         archs &= known
     if not archs:
         raise ValueError(f"no CUDA architecture to build for (from {source!r})")
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sorted(archs)]
+    # sm_90 machine code is built as sm_90a (runs on every compute capability 9.0 GPU), whose
+    # wgmma instructions the fused prefill kernel needs; MLXQ_CUDA_SM90A tells the host code.
+    flags = [
+        "-gencode=arch=compute_90a,code=sm_90a"
+        if a == 90
+        else f"-gencode=arch=compute_{a},code=sm_{a}"
+        for a in sorted(archs)
+    ]
     newest = max(archs)
     flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
-    return flags, "CUDA architectures: " + " ".join(f"sm_{a}" for a in sorted(archs))
+    if 90 in archs:
+        flags.append("-DMLXQ_CUDA_SM90A=1")
+    names = " ".join("sm_90a" if a == 90 else f"sm_{a}" for a in sorted(archs))
+    return flags, "CUDA architectures: " + names
 
 
 def nvcc_archs(nvcc: Path, run: Callable[..., subprocess.CompletedProcess] = subprocess.run):

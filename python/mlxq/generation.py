@@ -53,7 +53,7 @@ def token_clock(tokenizer=None, echo: bool = False):
 
 # Static caches come in multiples of this many positions, so that one compiled decode step
 # serves every prompt and length up to the bucket (a new length would mean a new graph).
-CACHE_BUCKET = 512
+CACHE_BUCKET = 256
 
 
 def compiled_decode_kwargs(model, total_tokens: int) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def compiled_decode_kwargs(model, total_tokens: int) -> dict[str, Any]:
     config = CompileConfig(
         fullgraph=True,
         dynamic=False,
-        mode="default",
+        mode=None,  # transformers' default, reduce-overhead, means CUDA graphs
         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
     )
     config._compile_all_devices = True  # transformers compiles only on GPUs unless told

@@ -3,6 +3,8 @@
 Peers (each in its own process, so that load time and peak memory are its own):
 - ``mlxq``: the MLX 4-bit checkpoint through transformers + mlxq (fp32 activations on CPU);
 - ``mlxq_bf16``: the same with bf16 activations;
+- ``mlxq_compiled``: bf16, decoding with a compiled step on a static cache (`--compile` of
+  `mlxq generate`); its ``compile s`` column is its first step, compile included;
 - ``dense_bf16`` / ``dense_fp32``: transformers with the dense float model (the GGUF dequantized);
 - ``mlx_lm``: mlx-lm on the same machine with the same MLX checkpoint;
 - ``llama_cpp``: llama.cpp (llama-cpp-python, the `bench` extra) on the Q4_1 GGUF that the
@@ -39,10 +41,11 @@ from mlxq.bench.timing import default_out
 
 __all__ = ["main", "PEERS", "ratios", "peak_rss_bytes"]
 
-PEERS = ("mlxq", "mlxq_bf16", "dense_bf16", "dense_fp32", "mlx_lm", "llama_cpp")
-DEFAULT_PEERS = ["mlxq", "mlxq_bf16", "dense_bf16", "llama_cpp"]
+PEERS = ("mlxq", "mlxq_bf16", "mlxq_compiled", "dense_bf16", "dense_fp32", "mlx_lm", "llama_cpp")
+DEFAULT_PEERS = ["mlxq", "mlxq_bf16", "mlxq_compiled", "dense_bf16", "llama_cpp"]
 TARGETS = {  # (name, numerator, denominator, metric, minimum)
     "decode_vs_llama_cpp": ("mlxq_bf16", "llama_cpp", "decode_tps", 1.0),
+    "compiled_decode_vs_llama_cpp": ("mlxq_compiled", "llama_cpp", "decode_tps", 1.0),
     "decode_vs_limit": ("mlxq_bf16", "limit", "decode_tps", 0.5),
     "prefill_vs_dense_bf16": ("mlxq_bf16", "dense_bf16", "prefill_tps", 1.0),
     "prefill_vs_llama_cpp": ("mlxq_bf16", "llama_cpp", "prefill_tps", 1.5),
@@ -123,11 +126,15 @@ def _torch_worker(spec: dict) -> dict:
     n = spec["decode_tokens"]
     decode_ids = prompt[:, : spec["decode_context"]]
 
+    compile = spec.get("compile", False)
+
     def decode() -> dict:
-        _, stats = timed_generate(model, decode_ids, n, min_new_tokens=n)
+        _, stats = timed_generate(model, decode_ids, n, min_new_tokens=n, compile=compile)
         return {"tokens": stats["generated_tokens"], "tps": stats["decode_tps"]}
 
-    timed_generate(model, decode_ids, 4, min_new_tokens=4)  # warm-up
+    _, warm = timed_generate(model, decode_ids, 4, min_new_tokens=4, compile=compile)
+    if compile:
+        out["compile_s"] = warm["first_step_s"]
     out.update(_decode_quiet_and_loaded(decode, spec))
     out["decode_context"] = decode_ids.shape[1]
     out["peak_rss"] = peak_rss_bytes() or 0
@@ -313,14 +320,14 @@ def ratios(results: dict[str, dict]) -> dict[str, dict]:
 
 def format_table(results: dict[str, dict]) -> str:
     cols = ["peer", "load s", "prefill tok/s", "(tokens)", "decode tok/s", "(tokens)"]
-    cols += ["decode, busy CPU", "peak MB"]
+    cols += ["decode, busy CPU", "compile s", "peak MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for peer, r in results.items():
         if "error" in r:
             lines.append(f"| {peer} | failed: {r['error']} |" + " |" * (len(cols) - 2))
             continue
         if peer == "limit":
-            cells = [peer, "", "", "", f"{r['decode_tps']:.1f}", r["note"], "", ""]
+            cells = [peer, "", "", "", f"{r['decode_tps']:.1f}", r["note"], "", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
             continue
         cells = [
@@ -331,6 +338,7 @@ def format_table(results: dict[str, dict]) -> str:
             f"{r['decode_tps']:.2f}",
             f"{r['decode_tokens']} after {r['decode_context']}",
             f"{r['loaded_decode_tps']:.2f}" if "loaded_decode_tps" in r else "",
+            f"{r['compile_s']:.1f}" if "compile_s" in r else "",
             f"{r['peak_rss'] / 1e6:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -425,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
             spec = {
                 "peer": peer,
                 "path": str(path),
-                "dtype": "bfloat16" if peer.endswith("bf16") else "float32",
+                "dtype": "float32" if peer in ("mlxq", "dense_fp32", "mlx_lm") else "bfloat16",
                 "prompt_ids": ids[:n_prompt],
                 "prefill": True,
                 "reps": args.reps,
@@ -433,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "decode_context": min(context, n_prompt),
                 "threads": args.threads,
                 "busy": args.busy,
+                "compile": peer == "mlxq_compiled",
             }
             spec_file = Path(tmp) / f"{peer}.json"
             spec_file.write_text(json.dumps(spec))

@@ -2,6 +2,9 @@
 
 Each row is one (shape, bits, group size, M); columns are milliseconds per call of
 - ``mlxq_bf16`` (bf16 x, bf16 scales) and ``mlxq_fp32`` (M = 1 only),
+- ``mlxq_prev``: the same call on the path mlxq took before its tensor-core kernels (the
+  CUDA-core decode for M <= 8, dequantized tiles + cuBLAS above), selected with
+  ``MLXQ_CUDA_DECODE=cores`` / ``MLXQ_CUDA_GEMM=0`` (read by the op on every call),
 - ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, 4-bit, same group size),
 - ``dense_bf16``: cuBLAS ``x @ W.T`` with the dequantized bf16 weight,
 plus ``copy_TBps``, the device copy bandwidth (bytes read + written per second) measured in the
@@ -19,7 +22,9 @@ methods alike.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -53,6 +58,19 @@ def graph_ms(calls: list[Callable[[], object]], replays: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / (replays * len(calls)))
     return min(times)
+
+
+@contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def copy_tbps(nbytes: int = 2 << 30) -> float:
@@ -109,16 +127,18 @@ def bench_row(n: int, k: int, bits: int, group_size: int, m: int, copy_bw: float
     row: dict = {"N": n, "K": k, "bits": bits, "group_size": group_size, "M": m}
     packed = _nbytes(wq, sb, bb)
     copies = [(wq.clone(), sb.clone(), bb.clone()) for _ in range(_copies(packed))]
-    row["mlxq_bf16"] = graph_ms(
-        [lambda c=c: mlxq.affine_matmul(xb, c[0], c[1], c[2], group_size, bits) for c in copies]
-    )
+    calls = [lambda c=c: mlxq.affine_matmul(xb, c[0], c[1], c[2], group_size, bits) for c in copies]
+    row["mlxq_bf16"] = graph_ms(calls)
+    if bits == 4:  # the path before the tensor-core kernels (chosen when the graph is captured)
+        with _env(*(("MLXQ_CUDA_DECODE", "cores") if m <= 8 else ("MLXQ_CUDA_GEMM", "0"))):
+            row["mlxq_prev"] = graph_ms(calls)
     if m == 1:
         copies32 = [(c[0], c[1].float(), c[2].float()) for c in copies]
         row["mlxq_fp32"] = graph_ms(
             [lambda c=c: mlxq.affine_matmul(x, *c, group_size, bits) for c in copies32]
         )
         del copies32
-    del copies
+    del copies, calls
     if bits == 4 and (calls := _tinygemm(n, k, group_size, xb)):
         row["tinygemm"] = graph_ms(calls)
         del calls
@@ -146,6 +166,7 @@ COLUMNS = [
     "M",
     "mlxq_bf16",
     "mlxq_fp32",
+    "mlxq_prev",
     "tinygemm",
     "dense_bf16",
     "x_vs_tinygemm",

@@ -147,8 +147,12 @@ def _pick_dtype(name: str, device: str, config: dict):
     if name != "auto":
         return getattr(torch, name)
     if device == "cpu":
-        # mlxq's CPU kernels compute in fp32 anyway; fp32 activations skip the conversions
-        return torch.float32
+        # bf16 where the CPU has bf16 dot products (the avx512 kernels need AVX512-BF16): bf16
+        # GEMMs for the prompt and one bf16 piece of x per decode dot product. Elsewhere bf16
+        # GEMMs are emulated, and fp32 (which the kernels compute in anyway) is faster.
+        from mlxq import _C
+
+        return torch.bfloat16 if _C.cpu_isa() == "avx512" else torch.float32
     saved = config.get("dtype") or config.get("torch_dtype") or "float16"
     return getattr(torch, saved, torch.float16)
 
@@ -219,6 +223,8 @@ def print_stats(info: dict, stats: dict) -> None:
         parts.append(
             f"decode {stats['generated_tokens']} tokens at {stats['decode_tps']:.1f} tok/s"
         )
+    if "first_step_s" in stats:
+        parts.append(f"compiled step ready in {stats['first_step_s']:.1f} s")
     if "peak_rss" in memory:
         parts.append(f"peak memory {memory['peak_rss'] / 1e6:.0f} MB")
     if "mps_driver" in memory:

@@ -78,7 +78,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"> {args.prompt}", flush=True)
-    stats = generate(model, tokenizer, args.prompt, args.max_tokens, chat=True)
+    stats = generate(
+        model, tokenizer, args.prompt, args.max_tokens, chat=True, compile=args.compile
+    )
     print_stats(info, stats)
     return 0
 

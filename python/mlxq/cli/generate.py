@@ -16,12 +16,13 @@ def generate(
     chat: bool = True,
     temperature: float = 0.0,
     echo: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Stream a completion of `prompt` to stdout; return its text and timings.
 
     As `mlx_lm.generate` does, the prompt is wrapped in the tokenizer's chat template when it
     has one (an instruct model given the raw prompt often ends at once); `chat=False` sends the
-    prompt as it is.
+    prompt as it is. `compile` decodes with a compiled step (mlxq.generation.timed_generate).
     """
     import torch
 
@@ -46,6 +47,7 @@ def generate(
         streamer=token_clock(tokenizer, echo),
         temperature=temperature,
         pad_token_id=pad,
+        compile=compile,
     )
     return {"text": tokenizer.decode(new, skip_special_tokens=True), **stats}
 
@@ -55,6 +57,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     model, tokenizer, info = load_model(args.model, args.device, args.dtype, args.threads)
     chat = not args.ignore_chat_template
-    stats = generate(model, tokenizer, args.prompt, args.max_tokens, chat, args.temperature)
+    stats = generate(
+        model, tokenizer, args.prompt, args.max_tokens, chat, args.temperature, compile=args.compile
+    )
     print_stats(info, stats)
     return 0

@@ -19,6 +19,7 @@ from transformers.quantizers.base import HfQuantizer
 from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
+from mlxq.integrations.cpu_attention import use_fp32_decode_attention
 from mlxq.integrations.mlx_lm_layout import (
     MlxLayout,
     checkpoint_layout,
@@ -438,6 +439,7 @@ class MLXHfQuantizer(HfQuantizer):
         check_moe_tensors_loaded(model)
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
+        use_fp32_decode_attention(model)
         return model
 
     def update_weight_conversions(self, weight_conversions, *model):
