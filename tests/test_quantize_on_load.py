@@ -62,6 +62,9 @@ def test_smollm2_streamed_equals_whole_model_quantize() -> None:
     assert isinstance(streamed.lm_head, TiedAffineHead)  # tied: the quantized embedding
     assert isinstance(streamed.model.layers[0].mlp.down_proj, AffineLinear)
     ids = torch.tensor([[1, 504, 3458, 282, 260, 3575, 282, 4649, 47]])
+    from mlxq.integrations.cpu_attention import use_fp32_decode_attention
+
+    use_fp32_decode_attention(whole)  # what from_pretrained gives the streamed model
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, whole(ids).logits)
 
