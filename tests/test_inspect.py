@@ -60,3 +60,48 @@ def test_inspect_leaves_the_stale_index_warning_to_the_loader(
     with caplog.at_level(logging.WARNING, logger="mlxq"):
         assert _loads(model) is None
     assert any("stale" in r.getMessage() for r in caplog.records)  # still said, once
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"),
+    [("llama", Variant(tied=True)), ("llama", Variant(tied=False)), ("gpt2", Variant(tied=True))],
+)
+def test_inspect_rows_are_the_modules_the_loader_builds(arch: str, variant: Variant) -> None:
+    """Row by row, the format inspect reports is the one of the module from_pretrained builds,
+    the tied-head decision included (one walk: mlxq.model_walk)."""
+    from mlxq.nn import AffineEmbedding, AffineLinear, TiedAffineHead
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_mlx_checkpoint(arch, variant)
+    report = inspect_checkpoint(path, str(path))
+    assert not report.errors
+    model = AutoModelForCausalLM.from_pretrained(path)
+    rows = {m.name: m for m in report.modules}
+    modules = dict(model.named_modules())
+    checked = 0
+    for name, row in rows.items():
+        module = modules[name]
+        if isinstance(module, TiedAffineHead):
+            assert "TiedAffineHead" in row.action and row.params == 0
+            assert (row.bits, row.group_size) == (
+                module.embedding.bits,
+                module.embedding.group_size,
+            )
+        elif isinstance(module, (AffineLinear, AffineEmbedding)):
+            assert (row.bits, row.group_size, row.mode) == (
+                module.bits,
+                module.group_size,
+                module.mode,
+            ), name
+        else:
+            assert row.bits is None, name
+        checked += 1
+    head = model.get_output_embeddings()
+    assert isinstance(head, TiedAffineHead) == variant.tied
+    quantized = [
+        n
+        for n, m in modules.items()
+        if isinstance(m, (AffineLinear, AffineEmbedding, TiedAffineHead))
+    ]
+    assert quantized and set(quantized) <= set(rows)
+    assert checked == len(rows)

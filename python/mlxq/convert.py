@@ -1,7 +1,9 @@
 """Float transformers checkpoint -> MLX checkpoint (what `mlx_lm.convert -q` writes), in torch.
 
-The float model is loaded by transformers, quantized by :func:`mlxq.quantize_model` (bit-exact
-with `mlx.nn.quantize`) and saved with `save_pretrained`, which writes the MLX tensors and the
+The float model is loaded by transformers with an :class:`~mlxq.integrations.MLXQuantConfig`,
+which quantizes each layer as its weight is read (bit-exact with `mlx.nn.quantize`, and the
+same tensors as :func:`mlxq.quantize_model`; the float model is never whole in memory), and
+saved with `save_pretrained`, which writes the MLX tensors and the
 `quantization` block mlx-lm reads. mlx-lm's mixed recipes (``mixed_3_6`` ...) are reproduced
 module by module, so the per-module entries in config.json are the ones mlx-lm would write.
 """
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from torch import nn
 
-from mlxq.format import MODE_DEFAULTS, find_quantization
+from mlxq.format import MODE_DEFAULTS, check_quantization, find_quantization
+from mlxq.model_walk import plan_modules
 
 __all__ = ["RECIPES", "recipe_overrides", "convert_checkpoint", "ConvertSummary"]
 
@@ -40,19 +43,9 @@ def recipe_overrides(model: nn.Module, recipe: str, group_size: int | None) -> d
         raise ValueError(f"mlxq: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     low, high = RECIPES[recipe]
     width_group = group_size or MODE_DEFAULTS["affine"][0]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied_head = (
-        head is not None
-        and embedding is not None
-        and getattr(head, "weight", None) is getattr(embedding, "weight", False)
-    )
-    modules = [
-        (name, m)
-        for name, m in model.named_modules()
-        # a tied head is the embedding itself in MLX (no module of its own, no entry)
-        if name and isinstance(m, (nn.Linear, nn.Embedding)) and not (tied_head and m is head)
-    ]
+    # a tied head is not listed: in MLX it is the embedding itself (no module, no entry)
+    walk = plan_modules(model, lambda name, plan: None)
+    modules = [(m.name, m.swap) for m in walk.modules if m.swap is not None]
     down = [name for name, _ in modules if "down_proj" in name]
     if not down:
         raise ValueError(f"mlxq: recipe {recipe!r} needs a model with down_proj layers")
@@ -61,9 +54,8 @@ def recipe_overrides(model: nn.Module, recipe: str, group_size: int | None) -> d
     layers = len({n.split(".")[where] for n in down if len(n.split(".")) > where})
 
     out: dict[str, dict] = {}
-    for name, module in modules:
-        width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
-        if width % width_group:
+    for name, plan in modules:
+        if plan.in_features % width_group:
             continue
         parts = name.split(".")
         index = int(parts[where]) if len(parts) > where and parts[where].isdigit() else 0
@@ -94,6 +86,15 @@ def _read_config(src: str) -> dict:
     return json.loads(Path(hf_hub_download(src, "config.json")).read_text())
 
 
+def _meta_model(src: str) -> nn.Module:
+    """The model of checkpoint `src` on the meta device (names and shapes, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -115,7 +116,7 @@ def convert_checkpoint(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlxq.quantize_model import quantize_model
+    from mlxq.integrations.config import MLXQuantConfig
 
     src = str(src)
     out = Path(out)
@@ -129,15 +130,27 @@ def convert_checkpoint(
         )
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"mlxq: dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
-    progress(f"loading {src}")
-    model = AutoModelForCausalLM.from_pretrained(
-        src, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
-    )
-    overrides = recipe_overrides(model, recipe, group_size) if recipe else None
     if recipe and mode != "affine":
         raise ValueError(f"mlxq: recipes work with mode 'affine' only (as in mlx-lm), got {mode!r}")
-    progress(f"quantizing: mode={mode} bits={bits} group_size={group_size} recipe={recipe}")
-    quantize_model(model, bits=bits, group_size=group_size, overrides=overrides, mode=mode)
+    overrides = recipe_overrides(_meta_model(src), recipe, group_size) if recipe else None
+    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    # the top level is written resolved (64, not null), as mlx_lm convert writes it
+    qconfig = MLXQuantConfig(
+        bits=bits or top.bits,
+        group_size=group_size or top.group_size,
+        mode=mode,
+        overrides=overrides,
+    )
+    progress(
+        f"loading {src}, quantizing each layer as it loads: mode={mode} bits={bits} "
+        f"group_size={group_size} recipe={recipe}"
+    )
+    # quantized tensor by tensor while loading: the float model is never whole in memory
+    model = AutoModelForCausalLM.from_pretrained(
+        src,
+        dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+        quantization_config=qconfig,
+    )
     from mlxq.nn import AffineEmbedding, AffineLinear
 
     quantized = sum(isinstance(m, (AffineLinear, AffineEmbedding)) for m in model.modules())

@@ -12,12 +12,17 @@ How mlx-lm 0.32 resolves the format of one module (``mlx_lm.utils.load_model``, 
   or ``null`` ``group_size``/``bits`` means the default of the entry's *mode* (not the
   top-level value), and a missing ``mode`` means ``"affine"``;
 - any other module is quantized as its tensors say (bits and group size read off the shapes).
+
+:func:`stored_format` reads one module's format off its safetensors header entries (checked
+against the config); :func:`configured_format` is the format a config gives a module when a
+float model is quantized.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = [
     "MODE_DEFAULTS",
@@ -33,6 +38,9 @@ __all__ = [
     "top_level_format",
     "entry_format",
     "is_skipped",
+    "configured_format",
+    "fits",
+    "stored_format",
 ]
 
 # mode -> (default group size, default bits), as mlx.nn's quantized layers resolve `None`
@@ -178,3 +186,180 @@ def check_quantization(q: Any, extra_keys: tuple[str, ...] = ()) -> ModuleFormat
 def is_skipped(name: str, skip: list[str] | tuple[str, ...]) -> bool:
     """The one skip rule: `name` is one of `skip`, or inside one of them."""
     return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def configured_format(
+    name: str,
+    top: ModuleFormat,
+    overrides: Mapping[str, dict | bool],
+    skip: list[str] | tuple[str, ...] = (),
+) -> ModuleFormat | None:
+    """The format a quantization config gives module `name`: None where it is skipped or its
+    entry keeps it float, its per-module entry where it has one, else the top-level format."""
+    if is_skipped(name, skip):
+        return None
+    if name not in overrides:
+        return top
+    return entry_format(name, overrides[name], top)
+
+
+def fits(in_features: int, fmt: ModuleFormat) -> bool:
+    """Whether a layer of input width `in_features` can be stored in `fmt`: mlx-lm quantizes
+    only layers whose width is a multiple of the group size (and packs into whole uint32s),
+    and leaves the others float without an entry."""
+    return in_features % fmt.group_size == 0 and (in_features * fmt.bits) % 32 == 0
+
+
+# --- reading a module's format off the safetensors headers ---------------------------------------
+
+_PACKED_DTYPES = ("U32", "I32")
+_SCALE_DTYPES = ("F16", "BF16", "F32")
+
+
+class _Header(Protocol):
+    """One tensor of a safetensors header (``mlxq.integrations.checkpoint.TensorInfo``)."""
+
+    dtype: str
+    shape: Any
+
+
+class _Formats(Protocol):
+    """What :func:`stored_format` reads of a quantization config (``MLXQuantConfig``)."""
+
+    overrides: Mapping[str, dict | bool]
+    default_format: ModuleFormat
+
+    def module_format(self, name: str) -> ModuleFormat | None: ...
+
+
+def stored_format(
+    name: str,
+    in_features: int,
+    out_features: int,
+    headers: Mapping[str, _Header],
+    config: _Formats,
+) -> ModuleFormat | None:
+    """The format module `name` is stored in, from its tensors; None if it is float.
+
+    Bits and group size are read off the shapes (as mlx-lm does for modules without an entry);
+    a per-module config entry must agree with them. Raises a ValueError naming the layer, the
+    tensor or config key and both values for a missing, mis-shaped or contradicted tensor,
+    NotImplementedError for a mode mlxq does not run.
+    """
+    weight, scales = headers.get(f"{name}.weight"), headers.get(f"{name}.scales")
+    if scales is None:
+        if weight is not None and weight.dtype in _PACKED_DTYPES:
+            raise ValueError(
+                f"mlxq: layer {name!r}: {name}.weight is packed ({weight.dtype}, "
+                f"{list(weight.shape)}) but {name}.scales is missing from the checkpoint"
+            )
+        return None
+    has_entry = name in config.overrides
+    want = config.module_format(name) if has_entry else None
+    if has_entry and want is None:
+        raise ValueError(
+            f"mlxq: layer {name!r}: config.json keeps it float ({name!r}: false) but the "
+            f"checkpoint has {name}.scales"
+        )
+    mode = want.mode if want is not None else config.default_format.mode
+    if mode not in RUNNABLE_MODES:
+        raise NotImplementedError(
+            f"mlxq: layer {name!r} is quantized with mode {mode!r}, which mlxq does not run yet "
+            f"(it runs {', '.join(RUNNABLE_MODES)})"
+        )
+    if weight is None:
+        raise ValueError(f"mlxq: layer {name!r}: {name}.scales exists but {name}.weight is missing")
+    if mode != "affine":
+        return _stored_fp_format(name, mode, in_features, out_features, headers, want)
+    # transformers' MetalConfig checkpoints name the biases `qbiases` (renamed when loading)
+    biases = headers.get(f"{name}.biases", headers.get(f"{name}.qbiases"))
+    if biases is None:
+        raise ValueError(
+            f"mlxq: layer {name!r}: affine mode needs {name}.biases, missing from the checkpoint"
+        )
+    for tensor, info in ((f"{name}.scales", scales), (f"{name}.biases", biases)):
+        if info.dtype not in _SCALE_DTYPES:
+            raise ValueError(
+                f"mlxq: layer {name!r}: {tensor} is {info.dtype}; affine scales and biases must "
+                f"be one of {', '.join(_SCALE_DTYPES)}"
+            )
+    if weight.dtype not in _PACKED_DTYPES or len(weight.shape) != 2 or len(scales.shape) != 2:
+        raise ValueError(
+            f"mlxq: layer {name!r}: expected a 2-D uint32 {name}.weight and 2-D {name}.scales, "
+            f"got {weight.dtype} {list(weight.shape)} and {list(scales.shape)}"
+        )
+    rows, packed = weight.shape
+    groups = scales.shape[1]
+    bits = packed * 32 // in_features if (packed * 32) % in_features == 0 else None
+    group_size = in_features // groups if groups and in_features % groups == 0 else None
+    if want is not None and bits is not None and group_size is not None:
+        for key, stored, configured in (
+            ("bits", bits, want.bits),
+            ("group_size", group_size, want.group_size),
+        ):
+            if stored != configured:
+                raise ValueError(
+                    f"mlxq: layer {name!r}: config.json quantization[{name!r}] says "
+                    f"{key}={configured}, but the tensors are stored with {key}={stored} "
+                    f"({name}.weight {list(weight.shape)}, {name}.scales {list(scales.shape)}, "
+                    f"in_features {in_features})"
+                )
+    shape_ok = (
+        rows == out_features
+        and bits in SUPPORTED_BITS
+        and group_size in SUPPORTED_GROUP_SIZES
+        and tuple(biases.shape) == tuple(scales.shape)
+        and scales.shape[0] == rows
+    )
+    if not shape_ok:
+        fmt = want or config.default_format
+        want_w = [out_features, in_features * fmt.bits // 32]
+        want_s = [out_features, in_features // fmt.group_size]
+        raise ValueError(
+            f"mlxq: layer {name!r} ({out_features}x{in_features}): mis-shaped tensors: "
+            f"{name}.weight {list(weight.shape)}, {name}.scales {list(scales.shape)}, "
+            f"{name}.biases {list(biases.shape)}; for bits={fmt.bits} group_size="
+            f"{fmt.group_size} expected weight {want_w} and scales/biases {want_s}"
+        )
+    return ModuleFormat(bits, group_size, mode)
+
+
+def _stored_fp_format(
+    name: str,
+    mode: str,
+    in_features: int,
+    out_features: int,
+    headers: Mapping[str, _Header],
+    want: ModuleFormat | None,
+) -> ModuleFormat:
+    """The format of a module stored in a floating-point mode (uint32 weight, uint8 scales, no
+    biases), checked against the mode's own group size and bits."""
+    weight, scales = headers[f"{name}.weight"], headers[f"{name}.scales"]
+    group_size, bits = MODE_DEFAULTS[mode]
+    if want is not None and (want.group_size, want.bits) != (group_size, bits):
+        raise ValueError(
+            f"mlxq: layer {name!r}: config.json quantization[{name!r}] says mode {mode!r} with "
+            f"group_size={want.group_size} bits={want.bits}, but {mode} has group_size="
+            f"{group_size} and bits={bits} only"
+        )
+    for extra in ("biases", "qbiases", "global_scale"):
+        if f"{name}.{extra}" in headers:
+            raise ValueError(
+                f"mlxq: layer {name!r}: mode {mode!r} has no {extra} for a linear or embedding "
+                f"layer, but the checkpoint has {name}.{extra}; refusing to ignore it"
+            )
+    want_w = [out_features, in_features * bits // 32]
+    want_s = [out_features, in_features // group_size]
+    if (
+        weight.dtype not in _PACKED_DTYPES
+        or scales.dtype != "U8"
+        or in_features % group_size
+        or list(weight.shape) != want_w
+        or list(scales.shape) != want_s
+    ):
+        raise ValueError(
+            f"mlxq: layer {name!r} ({out_features}x{in_features}): mode {mode!r} expects a uint32 "
+            f"{name}.weight {want_w} and uint8 {name}.scales {want_s}, got {weight.dtype} "
+            f"{list(weight.shape)} and {scales.dtype} {list(scales.shape)}"
+        )
+    return ModuleFormat(bits, group_size, mode)

@@ -2,8 +2,9 @@
 
 The model is built on the meta device from its config (no weights read), and every linear and
 embedding layer is matched with its tensors through the same helpers the transformers loader
-uses (:func:`mlxq.integrations.quantizer.stored_format`, the safetensors headers and the shard
-index repair), so the report says what loading will actually do, and what would make it fail.
+uses (:func:`mlxq.model_walk.plan_modules`, :func:`mlxq.format.stored_format`, the safetensors
+headers and the shard index repair), so the report says what loading will actually do, and
+what would make it fail.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization
+from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
 from mlxq.integrations.checkpoint import DTYPE_BYTES
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
@@ -152,7 +153,6 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     """
     from mlxq.integrations.checkpoint import read_header
     from mlxq.integrations.config import MLXQuantConfig
-    from mlxq.integrations.quantizer import stored_format
 
     config, config_error = _read_config(folder / "config.json")
     text_config = config.get("text_config") or {}
@@ -255,26 +255,41 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         missing_message,
         missing_tensors,
     )
+    from mlxq.model_walk import plan_modules
     from mlxq.swap import swap_plan
 
     headers = checkpoint_keys_as_model_keys(model, headers)
 
-    tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    def format_of(name: str, plan) -> Any:  # what loading does: read, then require
+        fmt = stored_format(name, plan.in_features, plan.out_features, headers, qconfig)
+        if fmt is not None:
+            plan.require()  # a module whose forward mlxq does not reproduce is refused
+        return fmt
+
+    # the loader's own walk: candidates, formats and the head decision
+    walk = plan_modules(
+        model, format_of if mlx_q else lambda name, plan: None, headers, collect_errors=True
+    )
     used: set[str] = set()
     formats: dict[str, Any] = {}
     moe_modules: list[str] = []  # replaced whole by mlxq.moe: their float keys do not apply
-    for name, module in model.named_modules():
-        moe_rows = _moe_rows(name, module, headers, qconfig, problems) if mlx_q else None
-        if moe_rows is not None:  # MoE experts and quantized routers (mlxq.moe)
-            moe_modules.append(name)
-            report.modules.extend(moe_rows)
-            used.update(k for k in headers for r in moe_rows if k.rpartition(".")[0] == r.name)
-            continue
-        plan = swap_plan(name, module) if name else None  # the loader's own rule
-        if plan is None:
-            continue
+    for entry in walk.modules:
+        name, module = entry.name, entry.module
+        plan, error = entry.swap, entry.error
+        if entry.moe is not None:
+            moe_rows = _moe_rows(name, entry.moe, headers, qconfig, problems) if mlx_q else None
+            if moe_rows is not None:  # MoE experts and quantized routers (mlxq.moe)
+                moe_modules.append(name)
+                report.modules.extend(moe_rows)
+                used.update(k for k in headers for r in moe_rows if k.rpartition(".")[0] == r.name)
+                continue
+            plan = swap_plan(name, module)  # a float router: reported as a layer, if one
+            if plan is None:
+                continue
+            try:
+                entry.format = format_of(name, plan) if mlx_q else None
+            except (ValueError, NotImplementedError) as caught:
+                error = caught
         kind = "Linear" if plan.kind == "linear" else "Embedding"
         dims = (plan.in_features, plan.out_features)
         keys = [k for k in headers if k.rpartition(".")[0] == name]
@@ -282,27 +297,12 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         nbytes = sum(_nbytes(headers[k]) for k in keys)
         params = dims[0] * dims[1] + (dims[1] if plan.bias else 0)
         row = ModuleReport(name, kind, dims[1], dims[0], None, None, None, params, nbytes, "")
-        if module is head and tied and f"{name}.weight" not in headers:
-            emb_fmt = formats.get(_name_of(model, embedding))
-            row.params = 0
-            row.action = (
-                "TiedAffineHead: logits through the quantized embedding (no tensors of its own)"
-                if emb_fmt
-                else "tied to the float input embedding"
-            )
-            if emb_fmt:
-                row.bits, row.group_size, row.mode = emb_fmt.bits, emb_fmt.group_size, emb_fmt.mode
-            report.modules.append(row)
-            continue
-        try:
-            fmt = stored_format(name, *dims, headers, qconfig) if mlx_q else None
-            if fmt is not None:
-                plan.require()  # a module whose forward mlxq does not reproduce is refused
-        except (ValueError, NotImplementedError) as error:
+        if error is not None:
             problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
             row.action = "cannot load (see problems)"
             report.modules.append(row)
             continue
+        fmt = entry.format
         formats[name] = fmt
         if fmt is not None:
             row.bits, row.group_size, row.mode = fmt.bits, fmt.group_size, fmt.mode
@@ -325,6 +325,23 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
                     f"; in_features {dims[0]} is not a multiple of group {want.group_size}, "
                     "so mlx-lm left it float"
                 )
+        report.modules.append(row)
+    head_plan = (
+        swap_plan(walk.head.head, model.get_submodule(walk.head.head)) if walk.head.tied else None
+    )
+    if head_plan is not None:  # tied: no tensors of its own, it follows the embedding
+        plan = head_plan
+        emb_fmt = formats.get(walk.head.embedding)
+        row = ModuleReport(
+            walk.head.head, "Linear", plan.out_features, plan.in_features,
+            None, None, None, 0, 0,
+            "TiedAffineHead: logits through the quantized embedding (no tensors of its own)"
+            if emb_fmt
+            else "tied to the float input embedding",
+        )  # fmt: skip
+        if emb_fmt:
+            row.bits, row.group_size, row.mode = emb_fmt.bits, emb_fmt.group_size, emb_fmt.mode
+        used.update(k for k in headers if k.rpartition(".")[0] == walk.head.head)
         report.modules.append(row)
     try:  # the loader's own refusal of quantized tensors it has no module for (MoE experts...)
         check_all_quantized_tensors_used(model, headers, {m.name for m in report.modules})
@@ -354,13 +371,6 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
             )
         )
     return report
-
-
-def _name_of(model, target) -> str | None:
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    return None
 
 
 def _ranges(indices: list[int]) -> str:
@@ -466,17 +476,12 @@ def format_report(report: CheckpointReport, every_module: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _moe_rows(name: str, module, headers: dict, qconfig, problems: list[Problem]):
+def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
     """Report rows for a MoE experts module (one per stacked projection) or a quantized
     router, as the loader replaces them (mlxq.integrations.moe_loading); None for any other
     module (and for routers the checkpoint keeps float: they are reported as they are)."""
     from mlxq.integrations.moe_loading import PROJECTIONS, stored_stack_format
-    from mlxq.integrations.quantizer import stored_format
-    from mlxq.swap import moe_plan
 
-    plan = moe_plan(name, module)
-    if plan is None:
-        return None
     rows: list[ModuleReport] = []
     try:
         if plan.kind == "router":

@@ -17,9 +17,9 @@ from mlxq.format import (
     RUNNABLE_MODES,
     ModuleFormat,
     check_quantization,
+    configured_format,
     entry_format,
     is_mlx_quantization,
-    is_skipped,
     top_level_format,
 )
 
@@ -100,11 +100,9 @@ class MLXQuantConfig(QuantizationConfigMixin):
         A per-module entry is read as mlx-lm reads it (:mod:`mlxq.format`); a module without
         one gets the top-level format.
         """
-        if is_skipped(name, self.modules_to_not_convert):
-            return None
-        if name not in self.overrides:
-            return self.default_format
-        return entry_format(name, self.overrides[name], self.default_format)
+        return configured_format(
+            name, self.default_format, self.overrides, self.modules_to_not_convert
+        )
 
     def mlx_dict(self) -> dict[str, Any]:
         """The `quantization` block mlx-lm reads (no `quant_method`)."""

@@ -19,7 +19,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MlxLayout", "LAYOUTS", "checkpoint_layout", "mlx_lm_config_keys"]
+from mlxq.swap import is_conv1d, swap_plan
+
+__all__ = [
+    "MlxLayout",
+    "LAYOUTS",
+    "checkpoint_layout",
+    "mlx_lm_config_keys",
+    "use_mlx_lm_layout",
+]
 
 
 @dataclass(frozen=True)
@@ -158,3 +166,25 @@ LAYOUTS["granitemoe"] = MlxLayout(
 
 def _has_marker(key: str, marker: str) -> bool:
     return marker in key if marker.startswith(".") else key.startswith(marker)
+
+
+def use_mlx_lm_layout(model) -> None:
+    """Save in mlx-lm's tensor names where they differ from transformers' (GPT-2, GPT-NeoX):
+    float GPT-2 `Conv1D`s become `nn.Linear` (mlx-lm's `[out, in]`), and the renames are added
+    to the ones transformers reverses when saving."""
+    layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
+    if layout is None:
+        return
+    if layout.conv1d_as_linear:
+        for name, module in list(model.named_modules()):
+            if is_conv1d(module):
+                model.set_submodule(name, swap_plan(name, module).float_linear(module))
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # built from a config: what transformers would revert when saving
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    # first in the list, so reversed last: the model's own renamings have run by then
+    model._weight_conversions = [*layout.weight_renamings(), *conversions]

@@ -5,7 +5,7 @@ transformers 5 fuses gate and up into one `*Experts` parameter. Before the weigh
 experts module is replaced by :class:`mlxq.moe.MoeExperts` with buffers of the checkpoint's
 shapes (its tensors are named `experts.{gate,up,down}_proj.*`, which
 :mod:`.mlx_lm_layout` maps from and back to `switch_mlp`), and each quantized router by
-:func:`mlxq.moe.quantized_router`. The checks follow :func:`.quantizer.stored_format`: the
+:func:`mlxq.moe.quantized_router`. The checks follow :func:`mlxq.format.stored_format`: the
 bits and group size come from the tensors, and anything missing or mis-shaped is refused by
 name.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlxq.format import ModuleFormat
+from mlxq.format import ModuleFormat, stored_format
 from mlxq.integrations.checkpoint import TensorInfo
 from mlxq.mla import AffineMultiLinear, MultiLinear, SplitKvB
 from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, quantized_router
@@ -41,8 +41,6 @@ def stored_stack_format(
     config,
 ) -> ModuleFormat | None:
     """The format of the stacked projection `name` ([E, out, in]); None if it is float."""
-    from mlxq.integrations.quantizer import stored_format
-
     weight = headers.get(f"{name}.weight")
     if weight is None:
         raise ValueError(
@@ -89,8 +87,6 @@ def replace_moe_module(
 ) -> set[str]:
     """Replace `module` by its mlxq form when the checkpoint quantizes it; returns the names of
     the modules now holding quantized tensors (empty when it stays as it is)."""
-    from mlxq.integrations.quantizer import stored_format
-
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float16)
     if plan.kind == "router":
         fmt = stored_format(name, plan.in_features, plan.out_features, headers, config)

@@ -16,17 +16,16 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from mlxq.format import (
-    MODE_DEFAULTS,
-    RUNNABLE_MODES,
-    SUPPORTED_BITS,
-    SUPPORTED_GROUP_SIZES,
-    ModuleFormat,
-)
+from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.cpu_attention import use_fp32_decode_attention
-from mlxq.integrations.mlx_lm_layout import MlxLayout, checkpoint_layout, mlx_lm_config_keys
+from mlxq.integrations.mlx_lm_layout import (
+    MlxLayout,
+    checkpoint_layout,
+    mlx_lm_config_keys,
+    use_mlx_lm_layout,
+)
 from mlxq.integrations.mlx_vlm_layout import (
     VlmLayout,
     channels_last_conversions,
@@ -41,13 +40,13 @@ from mlxq.integrations.moe_loading import (
     replace_moe_module,
     replace_split_kv_b,
 )
+from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
+from mlxq.model_walk import HeadDecision, plan_modules, tie_head
 from mlxq.moe import AffineSwitchLinear
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
-    TiedAffineHead,
 )
-from mlxq.swap import moe_plan, swap_plan
 
 __all__ = [
     "MLXHfQuantizer",
@@ -58,104 +57,11 @@ __all__ = [
     "missing_tensors",
     "missing_message",
     "tie_quantized_head",
+    "drop_tied_keys",
     "add_mlx_lm_config_keys",
 ]
 
-_PACKED_DTYPES = ("U32", "I32")
-_SCALE_DTYPES = ("F16", "BF16", "F32")
 _PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def stored_format(
-    name: str,
-    in_features: int,
-    out_features: int,
-    headers: dict[str, TensorInfo],
-    config,
-) -> ModuleFormat | None:
-    """The format module `name` is stored in, from its tensors; None if it is float.
-
-    Bits and group size are read off the shapes (as mlx-lm does for modules without an entry);
-    a per-module config entry must agree with them. Raises a ValueError naming the layer, the
-    tensor or config key and both values for a missing, mis-shaped or contradicted tensor,
-    NotImplementedError for a mode mlxq does not run.
-    """
-    weight, scales = headers.get(f"{name}.weight"), headers.get(f"{name}.scales")
-    if scales is None:
-        if weight is not None and weight.dtype in _PACKED_DTYPES:
-            raise ValueError(
-                f"mlxq: layer {name!r}: {name}.weight is packed ({weight.dtype}, "
-                f"{list(weight.shape)}) but {name}.scales is missing from the checkpoint"
-            )
-        return None
-    has_entry = name in config.overrides
-    want = config.module_format(name) if has_entry else None
-    if has_entry and want is None:
-        raise ValueError(
-            f"mlxq: layer {name!r}: config.json keeps it float ({name!r}: false) but the "
-            f"checkpoint has {name}.scales"
-        )
-    mode = want.mode if want is not None else config.default_format.mode
-    if mode not in RUNNABLE_MODES:
-        raise NotImplementedError(
-            f"mlxq: layer {name!r} is quantized with mode {mode!r}, which mlxq does not run yet "
-            f"(it runs {', '.join(RUNNABLE_MODES)})"
-        )
-    if weight is None:
-        raise ValueError(f"mlxq: layer {name!r}: {name}.scales exists but {name}.weight is missing")
-    if mode != "affine":
-        return _stored_fp_format(name, mode, in_features, out_features, headers, want)
-    # transformers' MetalConfig checkpoints name the biases `qbiases` (renamed when loading)
-    biases = headers.get(f"{name}.biases", headers.get(f"{name}.qbiases"))
-    if biases is None:
-        raise ValueError(
-            f"mlxq: layer {name!r}: affine mode needs {name}.biases, missing from the checkpoint"
-        )
-    for tensor, info in ((f"{name}.scales", scales), (f"{name}.biases", biases)):
-        if info.dtype not in _SCALE_DTYPES:
-            raise ValueError(
-                f"mlxq: layer {name!r}: {tensor} is {info.dtype}; affine scales and biases must "
-                f"be one of {', '.join(_SCALE_DTYPES)}"
-            )
-    if weight.dtype not in _PACKED_DTYPES or len(weight.shape) != 2 or len(scales.shape) != 2:
-        raise ValueError(
-            f"mlxq: layer {name!r}: expected a 2-D uint32 {name}.weight and 2-D {name}.scales, "
-            f"got {weight.dtype} {list(weight.shape)} and {list(scales.shape)}"
-        )
-    rows, packed = weight.shape
-    groups = scales.shape[1]
-    bits = packed * 32 // in_features if (packed * 32) % in_features == 0 else None
-    group_size = in_features // groups if groups and in_features % groups == 0 else None
-    if want is not None and bits is not None and group_size is not None:
-        for key, stored, configured in (
-            ("bits", bits, want.bits),
-            ("group_size", group_size, want.group_size),
-        ):
-            if stored != configured:
-                raise ValueError(
-                    f"mlxq: layer {name!r}: config.json quantization[{name!r}] says "
-                    f"{key}={configured}, but the tensors are stored with {key}={stored} "
-                    f"({name}.weight {list(weight.shape)}, {name}.scales {list(scales.shape)}, "
-                    f"in_features {in_features})"
-                )
-    shape_ok = (
-        rows == out_features
-        and bits in SUPPORTED_BITS
-        and group_size in SUPPORTED_GROUP_SIZES
-        and tuple(biases.shape) == tuple(scales.shape)
-        and scales.shape[0] == rows
-    )
-    if not shape_ok:
-        fmt = want or config.default_format
-        want_w = [out_features, in_features * fmt.bits // 32]
-        want_s = [out_features, in_features // fmt.group_size]
-        raise ValueError(
-            f"mlxq: layer {name!r} ({out_features}x{in_features}): mis-shaped tensors: "
-            f"{name}.weight {list(weight.shape)}, {name}.scales {list(scales.shape)}, "
-            f"{name}.biases {list(biases.shape)}; for bits={fmt.bits} group_size="
-            f"{fmt.group_size} expected weight {want_w} and scales/biases {want_s}"
-        )
-    return ModuleFormat(bits, group_size, mode)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -211,47 +117,6 @@ def missing_message(missing: list[str]) -> str:
         f"the checkpoint lacks {', '.join(missing[:5])}{more}; transformers would initialise "
         "them randomly (a corrupt or incomplete checkpoint?)"
     )
-
-
-def _stored_fp_format(
-    name: str,
-    mode: str,
-    in_features: int,
-    out_features: int,
-    headers: dict[str, TensorInfo],
-    want: ModuleFormat | None,
-) -> ModuleFormat:
-    """The format of a module stored in a floating-point mode (uint32 weight, uint8 scales, no
-    biases), checked against the mode's own group size and bits."""
-    weight, scales = headers[f"{name}.weight"], headers[f"{name}.scales"]
-    group_size, bits = MODE_DEFAULTS[mode]
-    if want is not None and (want.group_size, want.bits) != (group_size, bits):
-        raise ValueError(
-            f"mlxq: layer {name!r}: config.json quantization[{name!r}] says mode {mode!r} with "
-            f"group_size={want.group_size} bits={want.bits}, but {mode} has group_size="
-            f"{group_size} and bits={bits} only"
-        )
-    for extra in ("biases", "qbiases", "global_scale"):
-        if f"{name}.{extra}" in headers:
-            raise ValueError(
-                f"mlxq: layer {name!r}: mode {mode!r} has no {extra} for a linear or embedding "
-                f"layer, but the checkpoint has {name}.{extra}; refusing to ignore it"
-            )
-    want_w = [out_features, in_features * bits // 32]
-    want_s = [out_features, in_features // group_size]
-    if (
-        weight.dtype not in _PACKED_DTYPES
-        or scales.dtype != "U8"
-        or in_features % group_size
-        or list(weight.shape) != want_w
-        or list(scales.shape) != want_s
-    ):
-        raise ValueError(
-            f"mlxq: layer {name!r} ({out_features}x{in_features}): mode {mode!r} expects a uint32 "
-            f"{name}.weight {want_w} and uint8 {name}.scales {want_s}, got {weight.dtype} "
-            f"{list(weight.shape)} and {scales.dtype} {list(scales.shape)}"
-        )
-    return ModuleFormat(bits, group_size, mode)
 
 
 def add_mlx_lm_config_keys(config) -> None:
@@ -416,15 +281,7 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
     return None
 
 
-def _ties_embeddings(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    if config is None:
-        return False
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
-
-
-def _drop_tied_keys(model: nn.Module, module_names: set[str]) -> None:
+def drop_tied_keys(model: nn.Module, module_names: set[str]) -> None:
     """Forget transformers' tying of tensors that quantized modules now own or share."""
     for sub in model.modules():
         keys = getattr(sub, "all_tied_weights_keys", None)
@@ -439,24 +296,13 @@ def _drop_tied_keys(model: nn.Module, module_names: set[str]) -> None:
                     break
 
 
-def tie_quantized_head(model: nn.Module, head_in_checkpoint: bool) -> str | None:
-    """With tied embeddings and a quantized input embedding, make the head use it (as MLX does).
-
-    Returns the head's module name when it was replaced.
-    """
-    get_in = getattr(model, "get_input_embeddings", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    if get_in is None or get_out is None or head_in_checkpoint or not _ties_embeddings(model):
+def tie_quantized_head(model: nn.Module, head: HeadDecision) -> str | None:
+    """With a tied head (:func:`mlxq.model_walk.head_decision`) and a quantized input
+    embedding, make the head use it (as MLX does). Returns the head's name when replaced."""
+    if not tie_head(model, head):
         return None
-    embedding, head = get_in(), get_out()
-    if not isinstance(embedding, AffineEmbedding) or head is None:
-        return None
-    head_name = _module_name(model, head)
-    if head_name is None:
-        return None
-    model.set_submodule(head_name, TiedAffineHead(embedding))
-    _drop_tied_keys(model, {head_name, _module_name(model, embedding) or ""})
-    return head_name
+    drop_tied_keys(model, {head.head, head.embedding})
+    return head.head
 
 
 def _has_cuda_kernels() -> bool:
@@ -467,8 +313,9 @@ def _has_cuda_kernels() -> bool:
 class MLXHfQuantizer(HfQuantizer):
     """Loads MLX affine checkpoints into :mod:`mlxq.nn` modules (quant_method ``"mlx"``).
 
-    With a float checkpoint and an explicit ``quantization_config=MLXQuantConfig(...)``, the
-    model is loaded in float and quantized afterwards (as :func:`mlxq.quantize_model` does).
+    With a float checkpoint and an explicit ``quantization_config=MLXQuantConfig(...)``, each
+    layer is quantized as its float weight is read (:mod:`.quantize_on_load`; the same tensors
+    as :func:`mlxq.quantize_model` makes from the loaded float model).
     """
 
     requires_calibration = False
@@ -498,7 +345,10 @@ class MLXHfQuantizer(HfQuantizer):
         return device_map
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        if not self.pre_quantized:
+        if not self.pre_quantized:  # a float checkpoint: quantized tensor by tensor as it loads
+            layers, replaced = plan_on_load(model, self.quantization_config)
+            self._on_load = QuantizeOnLoad(layers, checkpoint_files)
+            drop_tied_keys(model, replaced)
             return model
         headers = read_headers(checkpoint_files or [])
         layout = checkpoint_layout(_model_type(model), headers)
@@ -516,20 +366,25 @@ class MLXHfQuantizer(HfQuantizer):
             model, headers, prefer_last=vlm_layout is not None
         )
         config = _with_model_names(model, self.quantization_config, vlm_layout)
+        walk = plan_modules(
+            model,
+            lambda name, plan: stored_format(
+                name, plan.in_features, plan.out_features, headers, config
+            ),
+            stored=headers,
+            collect_errors=True,  # raised in module order below
+        )
         replaced: set[str] = set()
-        for name, module in list(model.named_modules()):
-            moe = moe_plan(name, module)  # MoE experts and routers (integrations/moe_loading.py)
-            if moe is not None:
-                replaced |= replace_moe_module(model, name, module, moe, headers, config)
+        for entry in walk.modules:
+            name, module = entry.name, entry.module
+            if entry.moe is not None:  # MoE experts and routers (integrations/moe_loading.py)
+                replaced |= replace_moe_module(model, name, module, entry.moe, headers, config)
                 continue
             split = replace_split_kv_b(model, name, module, headers, config)  # DeepSeek V3
             if split is not None:
                 replaced |= split
                 continue
-            plan = swap_plan(name, module)
-            if plan is None:
-                continue
-            fmt = stored_format(name, plan.in_features, plan.out_features, headers, config)
+            plan, fmt = entry.swap, entry.require_format()
             if fmt is None:
                 if plan.transposed and layout is not None and layout.conv1d_as_linear:
                     # a float Conv1D that mlx-lm stored as a linear layer ([out, in])
@@ -544,36 +399,38 @@ class MLXHfQuantizer(HfQuantizer):
             replaced.add(name)
         check_all_quantized_tensors_used(model, headers, replaced)
         if replaced:
-            _drop_tied_keys(model, replaced)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        head_name = _module_name(model, head)
-        in_checkpoint = head_name is not None and f"{head_name}.weight" in headers
-        tie_quantized_head(model, head_in_checkpoint=in_checkpoint)
+            drop_tied_keys(model, replaced)
+        tie_quantized_head(model, walk.head)
         if vlm_layout is not None:
             _refuse_missing_tensors(model, headers)
         self.modules_to_not_convert = []
         return model
 
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        """The float `weight` of a layer quantized while loading (see :mod:`.quantize_on_load`)."""
+        if self.pre_quantized or not param_name.endswith(".weight"):
+            return False
+        on_load = getattr(self, "_on_load", None)
+        return on_load is not None and param_name.removesuffix(".weight") in on_load.layers
+
+    def get_quantize_ops(self):
+        return self._on_load
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        on_load = getattr(self, "_on_load", None)
         if not self.pre_quantized:
-            from mlxq.quantize_model import quantize_model
-
-            quantize_model(
-                model,
-                bits=config.bits,
-                group_size=config.group_size,
-                overrides=config.overrides,
-                modules_to_not_convert=config.modules_to_not_convert,
-            )
+            use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
                 module, "_mlxq_name"
             ):
                 for tensor_name, tensor in module.named_buffers(recurse=False):
                     if tensor.device.type == "meta":
+                        why = on_load.errors.get(name) if on_load is not None else None
                         raise ValueError(
                             f"mlxq: layer {name!r}: {name}.{tensor_name} was not loaded"
+                            + (f" (quantizing it failed: {why})" if why else "")
                         )
                     if tensor_name in ("scales", "biases"):
                         check_finite(f"{name}.{tensor_name}", tensor)
@@ -621,6 +478,6 @@ class MLXHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
-        from mlxq.quantize_model import dequantize_model
+        from mlxq.dequantize import dequantize_model
 
         return dequantize_model(model, dtype=dtype)

@@ -1,0 +1,211 @@
+"""One walk over a model: which modules mlxq may replace, in which format, and the output head.
+
+Every place that goes through a model's modules (loading an MLX checkpoint, quantizing a float
+model while it loads or after, mlx-lm's mixed recipes, `mlxq inspect`) calls
+:func:`plan_modules`, so that they agree on
+
+- which modules are candidates: MoE experts and routers first (:func:`mlxq.swap.moe_plan`),
+  then linear and embedding layers (:func:`mlxq.swap.swap_plan`), in `named_modules` order;
+- the format of each linear/embedding layer, from a callback (the checkpoint's tensors, or a
+  quantization config);
+- the head decision (:func:`head_decision`): an output head tied to the input embedding has
+  no tensors of its own in an MLX checkpoint; it follows the embedding (a
+  :class:`~mlxq.nn.TiedAffineHead` when the embedding is quantized).
+
+This module sits beside :mod:`mlxq.swap` (nn layer): it imports no transformers code and
+nothing from the integration layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from mlxq.format import SUPPORTED_BITS, ModuleFormat, configured_format, fits
+from mlxq.nn import AffineEmbedding, TiedAffineHead
+from mlxq.swap import MoePlan, SwapPlan, moe_plan, swap_plan
+
+__all__ = [
+    "HeadDecision",
+    "PlannedModule",
+    "ModelPlan",
+    "head_decision",
+    "plan_modules",
+    "plan_quantization",
+    "tie_head",
+]
+
+
+@dataclass(frozen=True)
+class HeadDecision:
+    """The model's output head and input embedding (module names, None where it has none), and
+    whether the head is tied: it shares the embedding's weight and has no tensors of its own."""
+
+    head: str | None = None
+    embedding: str | None = None
+    tied: bool = False
+
+
+@dataclass
+class PlannedModule:
+    """One module mlxq may replace: its swap plan (linear/embedding) or MoE plan, and for a
+    linear/embedding layer the format it is (to be) stored in (None: float), or the error the
+    format callback raised for it."""
+
+    name: str
+    module: nn.Module
+    swap: SwapPlan | None = None
+    moe: MoePlan | None = None
+    format: ModuleFormat | None = None
+    error: Exception | None = None
+
+    def require_format(self) -> ModuleFormat | None:
+        """The format, or the error it could not be read with."""
+        if self.error is not None:
+            raise self.error
+        return self.format
+
+
+@dataclass
+class ModelPlan:
+    """The result of :func:`plan_modules`: the candidate modules (the tied head excluded) and
+    the head decision."""
+
+    modules: list[PlannedModule] = field(default_factory=list)
+    head: HeadDecision = field(default_factory=HeadDecision)
+
+    def formats(self) -> dict[str, ModuleFormat]:
+        """Module name -> format of every linear/embedding layer that is quantized."""
+        return {m.name: m.format for m in self.modules if m.format is not None}
+
+
+def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is target), None)
+
+
+def _config_ties(model: nn.Module) -> bool:
+    """`tie_word_embeddings` of the model's (text) config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+
+
+def head_decision(model: nn.Module, stored: Collection[str] | None = None) -> HeadDecision:
+    """Whether `model`'s output head is tied to its input embedding, and their names.
+
+    The head is tied when it shares the embedding's weight (as transformers ties them, also
+    on the meta device), or, before the weights are loaded, when the config says
+    `tie_word_embeddings`. With `stored` (the checkpoint's tensor names, under the model's
+    names), a head whose weight the checkpoint holds is not tied: it loads its own tensors.
+    """
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    decision = HeadDecision(_name_of(model, head), _name_of(model, embedding))
+    if decision.head is None or decision.embedding is None:
+        return decision
+    head_w, emb_w = getattr(head, "weight", None), getattr(embedding, "weight", None)
+    if head_w is None or emb_w is None:
+        return decision
+    if head_w is not emb_w and not (head_w.device.type == "meta" and _config_ties(model)):
+        return decision
+    if stored is not None and f"{decision.head}.weight" in stored:
+        return decision
+    return HeadDecision(decision.head, decision.embedding, tied=True)
+
+
+def tie_head(model: nn.Module, head: HeadDecision) -> bool:
+    """Make a tied head a view of the quantized input embedding (:class:`~mlxq.nn.
+    TiedAffineHead`, as MLX does); False where the head is not tied or the embedding is float."""
+    if not head.tied:
+        return False
+    embedding = model.get_submodule(head.embedding)
+    if not isinstance(embedding, AffineEmbedding):
+        return False
+    model.set_submodule(head.head, TiedAffineHead(embedding))
+    return True
+
+
+FormatOf = Callable[[str, SwapPlan], "ModuleFormat | None"]
+
+
+def plan_modules(
+    model: nn.Module,
+    format_of: FormatOf,
+    stored: Collection[str] | None = None,
+    collect_errors: bool = False,
+) -> ModelPlan:
+    """Walk `model` once: each module mlxq may replace, with its format, and the head decision.
+
+    Args:
+        model: the model (on the meta device or loaded).
+        format_of: ``(name, swap_plan) -> ModuleFormat | None``, the format of a linear or
+            embedding layer (None: it stays float); from the checkpoint's headers when loading
+            an MLX checkpoint, from the quantization config when quantizing a float model.
+        stored: the checkpoint's tensor names (model names), for the head decision.
+        collect_errors: keep a ValueError/NotImplementedError of `format_of` in the module's
+            `error` (for reports) instead of raising it at once.
+    """
+    head = head_decision(model, stored)
+    plan = ModelPlan(head=head)
+    for name, module in model.named_modules():
+        if not name or (head.tied and name == head.head):
+            continue
+        moe = moe_plan(name, module)
+        if moe is not None:
+            plan.modules.append(PlannedModule(name, module, moe=moe))
+            continue
+        swap = swap_plan(name, module)
+        if swap is None:
+            continue
+        entry = PlannedModule(name, module, swap=swap)
+        try:
+            entry.format = format_of(name, swap)
+        except (ValueError, NotImplementedError) as error:
+            if not collect_errors:
+                raise
+            entry.error = error
+        plan.modules.append(entry)
+    return plan
+
+
+def plan_quantization(
+    model: nn.Module,
+    top: ModuleFormat,
+    overrides: Mapping[str, dict | bool] | None = None,
+    skip: list[str] | tuple[str, ...] = (),
+) -> ModelPlan:
+    """The walk for quantizing a float model (after loading or while it loads): each
+    linear/embedding layer gets the format the config gives it (:func:`mlxq.format.
+    configured_format`), or stays float where its width does not fit that format (as in
+    mlx-lm). Fused MoE experts the config would quantize are refused with an error naming them.
+    """
+    overrides = overrides or {}
+    if top.mode == "affine" and top.bits not in SUPPORTED_BITS:
+        raise ValueError(f"mlxq: bits={top.bits} is not one of {SUPPORTED_BITS}")
+
+    def format_of(name: str, swap: SwapPlan) -> ModuleFormat | None:
+        fmt = configured_format(name, top, overrides, skip)
+        return fmt if fmt is not None and fits(swap.in_features, fmt) else None
+
+    plan = plan_modules(model, format_of)
+    for entry in plan.modules:
+        moe = entry.moe
+        if (
+            moe is not None
+            and moe.kind == "experts"
+            and configured_format(entry.name, top, overrides, skip)
+        ):
+            raise NotImplementedError(
+                f"mlxq: module {entry.name!r} ({moe.cls_name}) holds fused MoE experts, which "
+                "mlxq quantizes only when it loads an mlx-lm checkpoint so far (convert with "
+                f"mlx_lm.convert), or keep it float: modules_to_not_convert=[{entry.name!r}]"
+            )
+    return plan
