@@ -229,7 +229,8 @@ def print_stats(info: dict, stats: dict) -> None:
         parts.append(f"peak memory {memory['peak_rss'] / 1e6:.0f} MB")
     if "mps_driver" in memory:
         parts.append(f"MPS {memory['mps_driver'] / 1e6:.0f} MB")
-    parts.append(f"{info['device']} {info['dtype']}, {info['threads']} threads")
+    threads = stats.get("threads", info["threads"])
+    parts.append(f"{info['device']} {info['dtype']}, {threads} threads")
     print("-- " + " | ".join(parts), flush=True)
 
 
