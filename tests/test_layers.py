@@ -13,13 +13,14 @@ ROOT = Path(__file__).resolve().parents[1] / "python" / "mlxq"
 LAYERS = {
     "format": 0,
     "_native": 0,
+    "_threads": 0,
     "ops": 1,
     "nn": 2,
     "moe": 2,
     "mla": 2,
     "swap": 2,
     "model_walk": 2,
-    "dequantize": 2,
+    "dequantize_model": 2,
     "integrations": 3,
     "quantize_model": 4,
     "convert": 4,
@@ -29,8 +30,8 @@ LAYERS = {
     "bench": 5,
     "cli": 5,
 }
-# known, owned elsewhere: backend_info reads the cache folder from demo_model
-ALLOWED = {("backend_info", "demo_model")}
+# known, owned elsewhere: doctor reads the cache folder from demo_model
+ALLOWED = {("backend_info", "demo_model"), ("doctor", "demo_model")}
 
 
 def _module_name(path: Path) -> str:
@@ -91,3 +92,20 @@ def test_no_import_circle_between_modules() -> None:
                 elif nxt not in path:
                     stack.append((nxt, [*path, nxt]))
     assert not circles, circles[:5]
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    """Importing a submodule sets the package attribute of its name: a module named like a
+    public function (mlxq.dequantize, mlxq.backend_info) would replace that function."""
+    import importlib
+    import pkgutil
+
+    import mlxq
+
+    for info in pkgutil.walk_packages(mlxq.__path__, "mlxq."):
+        if ".testing." in info.name or info.name.endswith("__main__"):
+            continue
+        importlib.import_module(info.name)
+    for name in mlxq.__all__:
+        assert callable(getattr(mlxq, name)) or name == "__version__", name
+        assert not isinstance(getattr(mlxq, name), type(mlxq)), f"mlxq.{name} is a module"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlxq.dequantize import dequantize_model
+from mlxq.dequantize_model import dequantize_model
 from mlxq.format import check_quantization
 from mlxq.model_walk import ModelPlan, plan_quantization, tie_head
 

@@ -478,6 +478,6 @@ class MLXHfQuantizer(HfQuantizer):
         return True
 
     def _dequantize(self, model, dtype=None):
-        from mlxq.dequantize import dequantize_model
+        from mlxq.dequantize_model import dequantize_model
 
         return dequantize_model(model, dtype=dtype)
