@@ -2,11 +2,13 @@
 // packed word, scale and bias is read or written exactly once and a group's packed bits
 // (GS * BITS / 32 whole words) are written with word stores.
 //
-// Quantization reproduces mlx.core.quantize (and csrc/cpu/quantize.h) bit for bit: fp32 math;
-// the edge of larger magnitude is kept exact, which can make the scale negative (1 bit: plain
-// min/max, as MLX); values are
-// rounded half to even (rint) and clamped to [0, 2^BITS - 1]. Divisions are precise::divide, so
-// the result stays bit-exact when the library is compiled with fast math (Metal's default).
+// Quantization reproduces MLX's own Metal affine_quantize (what mx.quantize does on a Mac's GPU,
+// and so what most mlx-community checkpoints hold), not its CPU path: w_max starts at 0 (an
+// all-negative group spans [min, 0]), and values are rounded half away from zero (round, not
+// rint); then, as on the CPU, the edge of larger magnitude is kept exact (which can make the
+// scale negative) and q is clamped to [0, 2^BITS - 1]. 1 bit, which MLX's GPU kernel lacks,
+// keeps the CPU rule (plain min/max, rint). fp32 math; divisions are precise::divide (MLX builds
+// its kernels with -fno-fast-math), so the result stays bit-exact under Metal's default fast math.
 #pragma once
 
 #include "mlxq_utils.h"
@@ -31,6 +33,9 @@ void affine_quantize_impl(const device T* w, device uint* wq, device T* scales, 
     w_min = min(w_min, v[j]);
     w_max = max(w_max, v[j]);
   }
+  if (BITS != 1) {
+    w_max = max(w_max, 0.0f);  // MLX's GPU kernel starts its maximum at 0
+  }
   float s, b;
   if (BITS == 1) {
     // MLX quantizes 1 bit as plain min/max: scale max - min, bias min, no exact edge.
@@ -41,7 +46,7 @@ void affine_quantize_impl(const device T* w, device uint* wq, device T* scales, 
     s = max(precise::divide(w_max - w_min, n_bins), 1e-7f);
     s = min_is_edge ? s : -s;
     const float edge = min_is_edge ? w_min : w_max;
-    const float q0 = rint(precise::divide(edge, s));
+    const float q0 = round(precise::divide(edge, s));  // ties away from zero
     b = 0.0f;
     if (q0 != 0.0f) {
       s = precise::divide(edge, q0);
@@ -55,7 +60,8 @@ void affine_quantize_impl(const device T* w, device uint* wq, device T* scales, 
   int word = 0;
 #pragma clang loop unroll(full)
   for (int j = 0; j < GS; ++j) {
-    const float q = min(max(rint(precise::divide(v[j] - b, s)), 0.0f), n_bins);
+    const float r = precise::divide(v[j] - b, s);
+    const float q = min(max(BITS == 1 ? rint(r) : round(r), 0.0f), n_bins);
     bitbuf |= ulong(uint(q)) << nbits;
     nbits += BITS;
     if (nbits >= 32) {

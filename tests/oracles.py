@@ -179,3 +179,71 @@ def assert_within(actual: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, wh
             f"index {i}: got {actual.flatten()[i].item()!r}, reference {ref.flatten()[i].item()!r}"
             f", |err| {err.flatten()[i].item():.3g} > tol {tol.flatten()[i].item():.3g}"
         )
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    """Rounds float64 values to float32 (and back): one fp32 operation, correctly rounded,
+    since a float64 sum, difference or quotient of fp32 values rounds to fp32 without a
+    double-rounding error."""
+    return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def _round_away(a: np.ndarray) -> np.ndarray:
+    """Round half away from zero (C's round, Metal's round), exact for fp32 values in float64."""
+    return np.sign(a) * np.floor(np.abs(a) + 0.5)
+
+
+def _pack_rows(q: np.ndarray, bits: int) -> torch.Tensor:
+    """Packs integers [R, K] into little-endian bit streams [R, K*bits/32] (uint32 tensor)."""
+    rows, k = q.shape
+    pos = np.arange(k, dtype=np.int64) * bits
+    vals = q.astype(np.uint64) << (pos % 32).astype(np.uint64)
+    out = np.zeros((rows, k * bits // 32 + 1), dtype=np.uint64)
+    r = np.repeat(np.arange(rows), k)
+    w = np.tile(pos // 32, rows)
+    np.bitwise_or.at(out, (r, w), (vals & np.uint64(0xFFFFFFFF)).ravel())
+    np.bitwise_or.at(out, (r, w + 1), (vals >> np.uint64(32)).ravel())
+    return torch.from_numpy(out[:, :-1].astype(np.uint32).view(np.int32)).view(torch.uint32)
+
+
+def affine_quantize_ref(
+    w: torch.Tensor, group_size: int, bits: int, rule: str = "gpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLX's affine quantization restated in float64 numpy (each fp32 operation of MLX rounded
+    to fp32 explicitly); returns (packed uint32 [..., K*bits/32], scales, biases [..., K/gs]).
+
+    rule="gpu" is MLX's Metal kernel (what mx.quantize does on a Mac): the group maximum
+    starts at 0, the minimum at the dtype's largest value (so, for finite data, the group
+    minimum), and rounding is half away from zero. rule="cpu" is MLX's CPU path: plain
+    min/max, rounding half to even. Both then: scale = max((max - min) / n_bins, 1e-7),
+    negated unless |min| > |max|; the edge of larger magnitude e gives q0 = round(e / scale);
+    unless q0 is 0, scale = e / q0 and bias = e (else bias 0); q = round((w - bias) / scale)
+    clamped to [0, n_bins]. 1 bit is not covered (MLX uses plain min/max there).
+    """
+    assert bits >= 2 and rule in ("gpu", "cpu")
+    lead, k = w.shape[:-1], w.shape[-1]
+    x = w.detach().float().double().numpy().reshape(-1, group_size)
+    n_bins = float((1 << bits) - 1)
+    rnd = _round_away if rule == "gpu" else np.rint
+    w_min = x.min(axis=1)
+    w_max = x.max(axis=1)
+    if rule == "gpu":
+        w_max = np.maximum(w_max, 0.0)
+    scale = np.maximum(_f32(_f32(w_max - w_min) / n_bins), _f32(1e-7))
+    side = np.abs(w_min) > np.abs(w_max)
+    scale = np.where(side, scale, -scale)
+    edge = np.where(side, w_min, w_max)
+    q0 = rnd(_f32(edge / scale))
+    at_zero = q0 == 0
+    scale = np.where(at_zero, scale, _f32(edge / np.where(at_zero, 1.0, q0)))
+    bias = np.where(at_zero, 0.0, edge)
+    q = rnd(_f32(_f32(x - bias[:, None]) / scale[:, None]))
+    if rule == "gpu":
+        # MLX's Metal kernel clamps only from above: a negative q would be undefined there.
+        assert (q >= 0).all(), "MLX's GPU rule produced a negative level"
+    q = np.clip(q, 0.0, n_bins).astype(np.int64)
+    packed = _pack_rows(q.reshape(-1, k), bits).reshape(*lead, k * bits // 32)
+    groups = (*lead, k // group_size)
+    s = torch.from_numpy(scale.astype(np.float32)).to(w.dtype).reshape(groups)
+    b = torch.from_numpy(bias.astype(np.float32)).to(w.dtype).reshape(groups)
+    return packed, s, b
