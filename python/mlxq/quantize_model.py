@@ -128,8 +128,8 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.config import MLXQuantConfig
     from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
-    from mlxq.moe import MoeExperts
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
+    from mlxq.moe import MoeExperts
 
     drop_tied_keys(model, replaced)
     use_mlx_lm_layout(model)

@@ -201,7 +201,5 @@ def drop_fused_expert_converters(model: nn.Module, experts: set[str]) -> None:
     model._weight_conversions = [
         c
         for c in conversions
-        if not (
-            isinstance(c, WeightConverter) and all(map(replaced, c._original_target_patterns))
-        )
+        if not (isinstance(c, WeightConverter) and all(map(replaced, c._original_target_patterns)))
     ]
