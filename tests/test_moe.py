@@ -210,7 +210,7 @@ def _tiny_float_moe(arch: str, folder: Path) -> Path:
     return tiny_float_checkpoint(arch, folder, tied=False)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "phimoe"])
 def test_convert_float_moe_matches_mlx_lm_convert(tmp_path: Path, arch: str) -> None:
     """`mlxq convert` (quantize_model on the loaded float model) writes the tensors of
     `mlx_lm convert -q` bit for bit (switch_mlp stacks, routers: Qwen3-MoE's at 8 bits) and the
@@ -292,3 +292,43 @@ def test_moe_refusals_name_the_module(tmp_path: Path) -> None:
         mlxq.quantize_model(model, mode="mxfp4")
     with pytest.raises(NotImplementedError, match=r"recipe 'mixed_3_6'.*'model\.layers\.0"):
         convert_checkpoint(src, tmp_path / "out", bits=3, recipe="mixed_3_6")
+
+
+def test_granitemoe_rule_refused_explicit_entries_match_mlx_lm(tmp_path: Path) -> None:
+    """mlx-lm's GraniteMoE class picks 8 bits for some modules by its own rule, which mlxq does
+    not reproduce: refused by model type. With explicit entries ({}: the top format
+    everywhere) the saved tensors are those of `mlx_lm convert` given the same choice (its
+    router under `router.layer`, stacks under `switch_mlp`), and mlx-lm's logits match."""
+    import contextlib
+    import io
+
+    import mlxq
+    from mlx_lm import convert
+    from safetensors.torch import load_file
+
+    src = _tiny_float_moe("granitemoe", tmp_path / "float")
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(
+            str(src),
+            str(theirs),
+            quantize=True,
+            q_group_size=64,
+            q_bits=4,
+            quant_predicate=lambda path, module: True,
+        )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)  # as mlx-lm loads it
+    with pytest.raises(NotImplementedError, match=r"model type 'granitemoe'"):
+        mlxq.quantize_model(model, 4, 64)
+    mlxq.quantize_model(model, 4, 64, overrides={})
+    model.save_pretrained(ours)
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:4], sorted(set(b) - set(a))[:4])
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    for file in src.iterdir():  # the tokenizer's files
+        if not (ours / file.name).exists():
+            (ours / file.name).write_bytes(file.read_bytes())
+    np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), mlx_lm_logits(theirs, TOKENS))

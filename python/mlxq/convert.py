@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from mlxq.format import MODE_DEFAULTS, check_quantization, find_quantization
-from mlxq.model_walk import plan_modules
+from mlxq.model_walk import mlx_lm_model_entries, plan_modules
 from mlxq.quantize_model import quantize_model
 
 __all__ = ["RECIPES", "recipe_overrides", "convert_checkpoint", "ConvertSummary"]
@@ -141,8 +141,17 @@ def convert_checkpoint(
             "reproduced yet (mlx-lm's recipe also picks the bits of switch_mlp stacks); convert "
             "without a recipe"
         )
-    overrides = recipe_overrides(meta, recipe, group_size) if recipe else None
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    # without a recipe, mlx-lm applies its model class's own per-module rule (checked here for
+    # every path: the MoE path applies it in quantize_model, the streaming one needs none)
+    overrides = recipe_overrides(meta, recipe, group_size) if recipe else None
+    model_entries = mlx_lm_model_entries(meta, top) if not recipe else {}
+    if model_entries and not moe:
+        raise NotImplementedError(
+            f"mlxq: mlx_lm convert gives {next(iter(model_entries))!r} ... their own formats "
+            "for this model type; mlxq applies such entries only when it quantizes a loaded "
+            "model (mlxq.quantize_model)"
+        )
     # the top level is written resolved (64, not null), as mlx_lm convert writes it
     qconfig = MLXQuantConfig(
         bits=bits or top.bits,

@@ -188,12 +188,31 @@ _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict], ...]] = {
 }
 
 
+# model types whose mlx-lm class has a `quant_predicate` mlxq does not reproduce (mlx-lm 0.32,
+# mlx_lm/models/<type>.py): quantizing them without explicit entries is refused
+_MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
+    "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 gemma4_text gpt_oss "
+    "granite granitemoe granitemoehybrid jamba kimi_linear laguna lfm2_moe longcat_flash "
+    "longcat_flash_ngram mellum minimax muse_spark qwen3_5 qwen3_next qwen3_vl_moe rwkv7 "
+    "spark2_5 step3p5".split()
+)
+
+
 def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]:
     """The per-module entries mlx-lm's own model class would write for `model` (its
     `quant_predicate`), for the modules that would be quantized (width a multiple of the top
-    group size, as mlx-lm checks before asking the predicate)."""
+    group size, as mlx-lm checks before asking the predicate). Raises NotImplementedError for
+    a model type whose predicate mlxq does not reproduce."""
     config = getattr(model, "config", None)
-    rules = _MLX_LM_MODEL_ENTRIES.get(getattr(config, "model_type", None), ())
+    model_type = getattr(config, "model_type", None)
+    if model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:
+        raise NotImplementedError(
+            f"mlxq: mlx_lm convert quantizes model type {model_type!r} by its own per-module "
+            f"rule (quant_predicate in mlx_lm/models/{model_type}.py), which mlxq does not "
+            "reproduce yet; give the per-module formats yourself (quantize_model(..., "
+            "overrides={...}), {} for the top-level format everywhere)"
+        )
+    rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
     if not rules:
         return {}
     entries: dict[str, dict] = {}

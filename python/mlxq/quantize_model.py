@@ -134,7 +134,8 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     drop_tied_keys(model, replaced)
     use_mlx_lm_layout(model)
     experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}
-    drop_fused_expert_converters(model, experts)
+    routers = {name for name, m in model.named_modules() if hasattr(m, "_mlxq_name")}
+    drop_fused_expert_converters(model, experts, routers)
     # the top level is written resolved (64, not null), as mlx_lm convert writes it
     qconfig = MLXQuantConfig(
         bits=bits or top.bits,

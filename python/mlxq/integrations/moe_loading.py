@@ -174,16 +174,20 @@ def replace_split_kv_b(
     return quantized
 
 
-def drop_fused_expert_converters(model: nn.Module, experts: set[str]) -> None:
-    """Forget transformers' converters between per-expert tensors and the fused experts
-    parameters (`experts.*.down_proj.weight` <-> `experts.down_proj`) of the experts modules
-    `experts` that mlxq replaced by :class:`mlxq.moe.MoeExperts` after loading: saving would
-    otherwise reverse them on mlxq's `experts.down_proj.weight` and split the stack."""
+def drop_fused_expert_converters(model: nn.Module, experts: set[str], routers: set[str]) -> None:
+    """Forget transformers' converters and renamings between its checkpoints' expert tensors and
+    the fused experts parameters (`experts.*.down_proj.weight` <-> `experts.down_proj`,
+    GraniteMoE's `output_linear.weight` <-> `experts.down_proj`) of the experts modules
+    `experts` that mlxq replaced by :class:`mlxq.moe.MoeExperts` after loading, and those onto
+    the weight of the quantized `routers` (GraniteMoE's `router.layer.weight` <->
+    `router.weight`): saving would otherwise reverse them on mlxq's tensors (split a stack, or
+    rename a router's `weight` but not its `scales`); mlx-lm's layout renames the whole
+    module instead."""
     import re
 
-    from transformers.core_model_loading import WeightConverter
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    if not experts:
+    if not experts and not routers:
         return
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:  # built from a config: what transformers would revert when saving
@@ -193,6 +197,7 @@ def drop_fused_expert_converters(model: nn.Module, experts: set[str]) -> None:
         conversions = get_model_conversion_mapping(model, add_legacy=False)
         conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
     fused = [f"{name}.{param}" for name in experts for param in ("gate_up_proj", "down_proj")]
+    fused += [f"{name}.weight" for name in routers]
 
     def replaced(pattern: str) -> bool:
         regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+") + "$")
@@ -201,5 +206,8 @@ def drop_fused_expert_converters(model: nn.Module, experts: set[str]) -> None:
     model._weight_conversions = [
         c
         for c in conversions
-        if not (isinstance(c, WeightConverter) and all(map(replaced, c._original_target_patterns)))
+        if not (
+            isinstance(c, (WeightConverter, WeightRenaming))
+            and all(map(replaced, c._original_target_patterns))
+        )
     ]
