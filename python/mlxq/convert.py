@@ -4,8 +4,11 @@ The float model is loaded by transformers with an :class:`~mlxq.integrations.MLX
 which quantizes each layer as its weight is read (bit-exact with `mlx.nn.quantize`, and the
 same tensors as :func:`mlxq.quantize_model`; the float model is never whole in memory), and
 saved with `save_pretrained`, which writes the MLX tensors and the
-`quantization` block mlx-lm reads. mlx-lm's mixed recipes (``mixed_3_6`` ...) are reproduced
-module by module, so the per-module entries in config.json are the ones mlx-lm would write.
+`quantization` block mlx-lm reads. A mixture-of-experts model is loaded in float and then
+quantized whole by :func:`mlxq.quantize_model` (transformers fuses the per-expert tensors as it
+reads them, which the streaming path cannot quantize yet). mlx-lm's mixed recipes
+(``mixed_3_6`` ...) are reproduced module by module, so the per-module entries in config.json
+are the ones mlx-lm would write (not yet for MoE models: refused).
 """
 
 from __future__ import annotations
