@@ -204,21 +204,131 @@ def test_dequantize_gives_float_moe_with_the_same_logits() -> None:
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_quantize_model_refuses_fused_experts_by_name() -> None:
-    import mlxq
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+def _tiny_float_moe(arch: str, folder: Path) -> Path:
+    from arch_models import tiny_float_checkpoint
 
-    config = Qwen3MoeConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        num_experts=4,
-        vocab_size=64,
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(NotImplementedError, match=r"'model\.layers\.0\.mlp\.experts'"):
+    return tiny_float_checkpoint(arch, folder, tied=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "phimoe"])
+def test_convert_float_moe_matches_mlx_lm_convert(tmp_path: Path, arch: str) -> None:
+    """`mlxq convert` (quantize_model on the loaded float model) writes the tensors of
+    `mlx_lm convert -q` bit for bit (switch_mlp stacks, routers: Qwen3-MoE's at 8 bits) and the
+    same quantization block; the result loads back and matches mlx-lm's fp32 logits."""
+    import contextlib
+    import io
+    import json
+
+    from mlx_lm import convert
+    from mlxq.convert import convert_checkpoint
+    from safetensors.torch import load_file
+
+    src = _tiny_float_moe(arch, tmp_path / "float")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    summary = convert_checkpoint(src, ours, bits=4, group_size=64)
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(src), str(theirs), quantize=True, q_group_size=64, q_bits=4)
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:4], sorted(set(b) - set(a))[:4])
+    assert any(".switch_mlp.down_proj.scales" in k for k in b)
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    q = json.loads((ours / "config.json").read_text())["quantization"]
+    assert q == json.loads((theirs / "config.json").read_text())["quantization"]
+    if arch == "qwen3_moe":
+        assert q["model.layers.0.mlp.gate"] == {"group_size": 64, "bits": 8}
+    assert summary.quantized > 0
+    ref = mlx_lm_logits(theirs, TOKENS)
+    assert float(np.abs(mlxq_logits(ours, TOKENS) - ref).max()) <= TOLERANCE
+    # mlx-lm reads mlxq's config.json as its own (num_experts written for qwen3_moe)
+    np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), ref)
+
+
+def test_quantize_model_on_float_moe(tmp_path: Path) -> None:
+    """quantize_model in memory: experts packed as stacks bit-exact with `mx.quantize` of the
+    fused weight's gate/up/down parts (a projection can stay float by a per-module entry),
+    routers quantized at the top format when no per-module entry is given."""
+    import mlx.core as mx
+    import mlxq
+    from mlxq.moe import SwitchLinear
+
+    model = _load(_tiny_float_moe("qwen3_moe", tmp_path / "float"))
+    fused = model.model.layers[1].mlp.experts
+    inter = fused.gate_up_proj.shape[1] // 2
+    stacks = {
+        "gate_proj": fused.gate_up_proj[:, :inter],
+        "up_proj": fused.gate_up_proj[:, inter:],
+        "down_proj": fused.down_proj,
+    }
+    stacks = {k: v.detach().clone() for k, v in stacks.items()}
+    kept = model.model.layers[0].mlp.experts.down_proj.detach().clone()
+    mlxq.quantize_model(model, 8, 32, overrides={"model.layers.0.mlp.experts.down_proj": False})
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, MoeExperts)
+    for proj, w in stacks.items():
+        module = getattr(experts, proj)
+        assert isinstance(module, AffineSwitchLinear) and module.bits == 8
+        ref = mx.quantize(mx.array(w.numpy()), group_size=32, bits=8)
+        for got, want in zip((module.weight, module.scales, module.biases), ref, strict=True):
+            assert np.array_equal(got.numpy(), np.array(want)), proj
+    first = model.model.layers[0].mlp.experts
+    assert isinstance(first.down_proj, SwitchLinear) and torch.equal(first.down_proj.weight, kept)
+    assert isinstance(first.gate_proj, AffineSwitchLinear)
+    gate = model.model.layers[0].mlp.gate
+    assert isinstance(gate.weight, AffineWeight) and (gate.bits, gate.group_size) == (8, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([TOKENS])).logits).all()
+
+
+def test_moe_refusals_name_the_module(tmp_path: Path) -> None:
+    """What is not reproduced is refused by name: MoE in a mode other than affine, a mixed
+    recipe on a MoE model (mlx-lm's recipe also picks the switch_mlp bits)."""
+    import mlxq
+    from mlxq.convert import convert_checkpoint
+
+    src = _tiny_float_moe("qwen3_moe", tmp_path / "float")
+    model = _load(src)
+    with pytest.raises(NotImplementedError, match=r"'model\.layers\.0\.mlp\.(gate|experts)'"):
+        mlxq.quantize_model(model, mode="mxfp4")
+    with pytest.raises(NotImplementedError, match=r"recipe 'mixed_3_6'.*'model\.layers\.0"):
+        convert_checkpoint(src, tmp_path / "out", bits=3, recipe="mixed_3_6")
+
+
+def test_granitemoe_rule_refused_explicit_entries_match_mlx_lm(tmp_path: Path) -> None:
+    """mlx-lm's GraniteMoE class picks 8 bits for some modules by its own rule, which mlxq does
+    not reproduce: refused by model type. With explicit entries ({}: the top format
+    everywhere) the saved tensors are those of `mlx_lm convert` given the same choice (its
+    router under `router.layer`, stacks under `switch_mlp`), and mlx-lm's logits match."""
+    import contextlib
+    import io
+
+    import mlxq
+    from mlx_lm import convert
+    from safetensors.torch import load_file
+
+    src = _tiny_float_moe("granitemoe", tmp_path / "float")
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(
+            str(src),
+            str(theirs),
+            quantize=True,
+            q_group_size=64,
+            q_bits=4,
+            quant_predicate=lambda path, module: True,
+        )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)  # as mlx-lm loads it
+    with pytest.raises(NotImplementedError, match=r"model type 'granitemoe'"):
         mlxq.quantize_model(model, 4, 64)
+    mlxq.quantize_model(model, 4, 64, overrides={})
+    model.save_pretrained(ours)
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:4], sorted(set(b) - set(a))[:4])
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    for file in src.iterdir():  # the tokenizer's files
+        if not (ours / file.name).exists():
+            (ours / file.name).write_bytes(file.read_bytes())
+    np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), mlx_lm_logits(theirs, TOKENS))

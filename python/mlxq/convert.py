@@ -4,8 +4,11 @@ The float model is loaded by transformers with an :class:`~mlxq.integrations.MLX
 which quantizes each layer as its weight is read (bit-exact with `mlx.nn.quantize`, and the
 same tensors as :func:`mlxq.quantize_model`; the float model is never whole in memory), and
 saved with `save_pretrained`, which writes the MLX tensors and the
-`quantization` block mlx-lm reads. mlx-lm's mixed recipes (``mixed_3_6`` ...) are reproduced
-module by module, so the per-module entries in config.json are the ones mlx-lm would write.
+`quantization` block mlx-lm reads. A mixture-of-experts model is loaded in float and then
+quantized whole by :func:`mlxq.quantize_model` (transformers fuses the per-expert tensors as it
+reads them, which the streaming path cannot quantize yet). mlx-lm's mixed recipes
+(``mixed_3_6`` ...) are reproduced module by module, so the per-module entries in config.json
+are the ones mlx-lm would write (not yet for MoE models: refused).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 from torch import nn
 
 from mlxq.format import MODE_DEFAULTS, check_quantization, find_quantization
-from mlxq.model_walk import plan_modules
+from mlxq.model_walk import mlx_lm_model_entries, plan_modules
+from mlxq.quantize_model import quantize_model
 
 __all__ = ["RECIPES", "recipe_overrides", "convert_checkpoint", "ConvertSummary"]
 
@@ -132,8 +136,25 @@ def convert_checkpoint(
         raise ValueError(f"mlxq: dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
     if recipe and mode != "affine":
         raise ValueError(f"mlxq: recipes work with mode 'affine' only (as in mlx-lm), got {mode!r}")
-    overrides = recipe_overrides(_meta_model(src), recipe, group_size) if recipe else None
+    meta = _meta_model(src)
+    moe = [m.name for m in plan_modules(meta, lambda name, plan: None).modules if m.moe]
+    if recipe and moe:
+        raise NotImplementedError(
+            f"mlxq: recipe {recipe!r} on a mixture-of-experts model ({moe[0]!r}, ...) is not "
+            "reproduced yet (mlx-lm's recipe also picks the bits of switch_mlp stacks); convert "
+            "without a recipe"
+        )
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    # without a recipe, mlx-lm applies its model class's own per-module rule (checked here for
+    # every path: the MoE path applies it in quantize_model, the streaming one needs none)
+    overrides = recipe_overrides(meta, recipe, group_size) if recipe else None
+    model_entries = mlx_lm_model_entries(meta, top) if not recipe else {}
+    if model_entries and not moe:
+        raise NotImplementedError(
+            f"mlxq: mlx_lm convert gives {next(iter(model_entries))!r} ... their own formats "
+            "for this model type; mlxq applies such entries only when it quantizes a loaded "
+            "model (mlxq.quantize_model)"
+        )
     # the top level is written resolved (64, not null), as mlx_lm convert writes it
     qconfig = MLXQuantConfig(
         bits=bits or top.bits,
@@ -145,15 +166,22 @@ def convert_checkpoint(
         f"loading {src}, quantizing each layer as it loads: mode={mode} bits={bits} "
         f"group_size={group_size} recipe={recipe}"
     )
-    # quantized tensor by tensor while loading: the float model is never whole in memory
-    model = AutoModelForCausalLM.from_pretrained(
-        src,
-        dtype="auto" if dtype == "auto" else getattr(torch, dtype),
-        quantization_config=qconfig,
-    )
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    if moe:
+        # MoE experts cannot be quantized while they load yet (transformers fuses the
+        # per-expert tensors as it reads them): the float model is loaded whole, then quantized
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
+        quantize_model(model, bits, group_size, mode=mode)
+    else:
+        # quantized tensor by tensor while loading: the float model is never whole in memory
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=torch_dtype, quantization_config=qconfig
+        )
+    from mlxq.moe import AffineSwitchLinear
     from mlxq.nn import AffineEmbedding, AffineLinear
 
-    quantized = sum(isinstance(m, (AffineLinear, AffineEmbedding)) for m in model.modules())
+    kinds = (AffineLinear, AffineEmbedding, AffineSwitchLinear)
+    quantized = sum(isinstance(m, kinds) or hasattr(m, "_mlxq_name") for m in model.modules())
     kept = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     progress(f"saving to {out}")
     # written into a staging folder beside OUT and renamed at the end: a kill mid-write leaves

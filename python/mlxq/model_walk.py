@@ -34,6 +34,7 @@ __all__ = [
     "head_decision",
     "plan_modules",
     "plan_quantization",
+    "mlx_lm_model_entries",
     "tie_head",
 ]
 
@@ -60,6 +61,9 @@ class PlannedModule:
     moe: MoePlan | None = None
     format: ModuleFormat | None = None
     error: Exception | None = None
+    # fused MoE experts being quantized: projection (gate_proj/up_proj/down_proj) -> format
+    # (None: that stack stays float), as mlx-lm's switch_mlp stores each projection
+    parts: dict[str, ModuleFormat | None] = field(default_factory=dict)
 
     def require_format(self) -> ModuleFormat | None:
         """The format, or the error it could not be read with."""
@@ -176,6 +180,52 @@ def plan_modules(
     return plan
 
 
+# Per-module entries mlx-lm's model classes add through their own `quant_predicate` when
+# `mlx_lm convert` is given no recipe: model_type -> (name suffix, entry). Qwen3-MoE keeps its
+# routers at 8 bits, group 64 (mlx_lm/models/qwen3_moe.py).
+_MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict], ...]] = {
+    "qwen3_moe": (("mlp.gate", {"group_size": 64, "bits": 8}),),
+}
+
+
+# model types whose mlx-lm class has a `quant_predicate` mlxq does not reproduce (mlx-lm 0.32,
+# mlx_lm/models/<type>.py): quantizing them without explicit entries is refused
+_MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
+    "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 gemma4_text gpt_oss "
+    "granite granitemoe granitemoehybrid jamba kimi_linear laguna lfm2_moe longcat_flash "
+    "longcat_flash_ngram mellum minimax muse_spark qwen3_5 qwen3_next qwen3_vl_moe rwkv7 "
+    "spark2_5 step3p5".split()
+)
+
+
+def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]:
+    """The per-module entries mlx-lm's own model class would write for `model` (its
+    `quant_predicate`), for the modules that would be quantized (width a multiple of the top
+    group size, as mlx-lm checks before asking the predicate). Raises NotImplementedError for
+    a model type whose predicate mlxq does not reproduce."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:
+        raise NotImplementedError(
+            f"mlxq: mlx_lm convert quantizes model type {model_type!r} by its own per-module "
+            f"rule (quant_predicate in mlx_lm/models/{model_type}.py), which mlxq does not "
+            "reproduce yet; give the per-module formats yourself (quantize_model(..., "
+            "overrides={...}), {} for the top-level format everywhere)"
+        )
+    rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
+    if not rules:
+        return {}
+    entries: dict[str, dict] = {}
+    for entry in plan_modules(model, lambda name, plan: None).modules:
+        width = entry.swap.in_features if entry.swap is not None else entry.moe.in_features
+        if entry.moe is not None and entry.moe.kind == "experts":
+            continue
+        for suffix, value in rules:
+            if entry.name.endswith(suffix) and width % top.group_size == 0:
+                entries[entry.name] = dict(value)
+    return entries
+
+
 def plan_quantization(
     model: nn.Module,
     top: ModuleFormat,
@@ -185,7 +235,8 @@ def plan_quantization(
     """The walk for quantizing a float model (after loading or while it loads): each
     linear/embedding layer gets the format the config gives it (:func:`mlxq.format.
     configured_format`), or stays float where its width does not fit that format (as in
-    mlx-lm). Fused MoE experts the config would quantize are refused with an error naming them.
+    mlx-lm). A MoE router gets a `format` like a linear layer; fused MoE experts get one format
+    per projection in `parts` (names `<experts>.gate_proj` ... for per-module entries).
     """
     overrides = overrides or {}
     if top.mode == "affine" and top.bits not in SUPPORTED_BITS:
@@ -198,14 +249,38 @@ def plan_quantization(
     plan = plan_modules(model, format_of)
     for entry in plan.modules:
         moe = entry.moe
-        if (
-            moe is not None
-            and moe.kind == "experts"
-            and configured_format(entry.name, top, overrides, skip)
-        ):
-            raise NotImplementedError(
-                f"mlxq: module {entry.name!r} ({moe.cls_name}) holds fused MoE experts, which "
-                "mlxq quantizes only when it loads an mlx-lm checkpoint so far (convert with "
-                f"mlx_lm.convert), or keep it float: modules_to_not_convert=[{entry.name!r}]"
-            )
+        if moe is None:
+            continue
+        if moe.kind == "router":
+            fmt = configured_format(entry.name, top, overrides, skip)
+            if fmt is not None and fits(moe.in_features, fmt):
+                _require_affine(entry.name, moe.cls_name, fmt)
+                moe.require()
+                entry.format = fmt
+            continue
+        # experts: gate/up read the hidden size, down the intermediate size (as in mlx-lm,
+        # each stack is quantized when its own input width fits the format)
+        widths = {
+            "gate_proj": moe.in_features,
+            "up_proj": moe.in_features,
+            "down_proj": moe.out_features,
+        }
+        for proj, width in widths.items():
+            fmt = configured_format(f"{entry.name}.{proj}", top, overrides, skip)
+            entry.parts[proj] = fmt if fmt is not None and fits(width, fmt) else None
+        if any(entry.parts.values()):
+            moe.require()
+            for fmt in entry.parts.values():
+                if fmt is not None:
+                    _require_affine(entry.name, moe.cls_name, fmt)
     return plan
+
+
+def _require_affine(name: str, cls_name: str, fmt: ModuleFormat) -> None:
+    """mlxq's quantized MoE modules hold affine tensors only."""
+    if fmt.mode != "affine":
+        raise NotImplementedError(
+            f"mlxq: module {name!r} ({cls_name}) would be quantized in mode {fmt.mode!r}; mlxq "
+            "quantizes MoE experts and routers in mode 'affine' only so far (keep it float: "
+            f"modules_to_not_convert=[{name!r}])"
+        )

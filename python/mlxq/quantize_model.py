@@ -16,7 +16,13 @@ from torch import nn
 
 from mlxq.dequantize_model import dequantize_model
 from mlxq.format import check_quantization
-from mlxq.model_walk import ModelPlan, plan_quantization, tie_head
+from mlxq.model_walk import (
+    ModelPlan,
+    PlannedModule,
+    mlx_lm_model_entries,
+    plan_quantization,
+    tie_head,
+)
 
 __all__ = ["quantize_model", "dequantize_model"]
 
@@ -36,14 +42,19 @@ def quantize_model(
         bits, group_size: the default format (affine: bits 1, 2, 3, 4, 5, 6, 8; group 32, 64,
             128; None: the mode's default, for affine 4 bits and group 64, as in MLX).
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
-            recorded in the saved config like mlx-lm's mixed recipes.
+            recorded in the saved config like mlx-lm's mixed recipes. None: the entries
+            mlx-lm's own model class adds (Qwen3-MoE's routers at 8 bits), as `mlx_lm convert`
+            without a recipe. Fused MoE experts take entries under `<experts>.gate_proj` ....
         modules_to_not_convert: module paths (and their children) kept in float.
         mode: MLX's quantization mode: "affine", "mxfp4", "nvfp4" or "mxfp8" (mlx_lm convert
             --q-mode); per-module entries may name their own.
 
     Returns the same model.
     """
-    overrides = dict(overrides or {})
+    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
+        overrides = mlx_lm_model_entries(model, top)
+    overrides = dict(overrides)
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
     skip = list(modules_to_not_convert or [])
     walk = plan_quantization(model, top, overrides, skip)
@@ -59,6 +70,9 @@ def quantize_planned(model: nn.Module, walk: ModelPlan) -> set[str]:
     replaced: set[str] = set()
     for entry in walk.modules:
         fmt = entry.format
+        if entry.moe is not None:
+            replaced |= _quantize_moe(model, entry)
+            continue
         if entry.swap is None or fmt is None:
             continue
         new = entry.swap.require().quantize(
@@ -71,16 +85,57 @@ def quantize_planned(model: nn.Module, walk: ModelPlan) -> set[str]:
     return replaced
 
 
+def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
+    """A router with a format becomes a quantized router (its own forward, packed weight);
+    fused experts with any projection to quantize become :class:`~mlxq.moe.MoeExperts` over
+    mlx-lm's three stacks (`gate_up_proj` [E, 2I, H] is gate rows then up rows)."""
+    from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, quantized_router
+
+    module = entry.module
+    if entry.moe.kind == "router":
+        fmt = entry.format
+        if fmt is None:
+            return set()
+        w = module.weight
+        new = quantized_router(
+            entry.name, module, fmt.bits, fmt.group_size, w.dtype, w.device, weight=w
+        )
+        model.set_submodule(entry.name, new)
+        return {entry.name}
+    if not any(entry.parts.values()):
+        return set()
+    inter = entry.moe.out_features
+    gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+    stacks = {"gate_proj": gate_up[:, :inter], "up_proj": gate_up[:, inter:], "down_proj": down}
+    projections: dict[str, nn.Module] = {}
+    for proj, w in stacks.items():
+        fmt = entry.parts[proj]
+        if fmt is None:
+            e, n, k = w.shape
+            float_stack = SwitchLinear(e, k, n, w.dtype, w.device)
+            float_stack.weight.data.copy_(w)
+            projections[proj] = float_stack
+        else:
+            projections[proj] = AffineSwitchLinear.from_float(w, fmt.bits, fmt.group_size)
+    model.set_submodule(entry.name, MoeExperts(**projections, act_fn=module.act_fn))
+    return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}
+
+
 def _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
     from mlxq.integrations.config import MLXQuantConfig
     from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
+    from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
+    from mlxq.moe import MoeExperts
 
     drop_tied_keys(model, replaced)
     use_mlx_lm_layout(model)
+    experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}
+    routers = {name for name, m in model.named_modules() if hasattr(m, "_mlxq_name")}
+    drop_fused_expert_converters(model, experts, routers)
     # the top level is written resolved (64, not null), as mlx_lm convert writes it
     qconfig = MLXQuantConfig(
         bits=bits or top.bits,

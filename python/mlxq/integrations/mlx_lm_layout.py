@@ -125,6 +125,10 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
         if model_type == "gpt_neox":
             out["rotary_emb_base"] = full.get("rope_theta", 10000.0)
             out["rotary_pct"] = full.get("partial_rotary_factor", 1.0)
+    # transformers 5 writes these models' expert count as `num_local_experts` only; mlx-lm's
+    # ModelArgs requires `num_experts`
+    if model_type in ("qwen3_moe", "qwen2_moe", "olmoe") and "num_local_experts" in cfg:
+        out["num_experts"] = cfg["num_local_experts"]
     pattern = _sliding_window_pattern(cfg.get("layer_types"))
     if pattern is not None and model_type in ("gemma3_text", "gemma3", "cohere2"):
         out["sliding_window_pattern"] = pattern  # mlx-lm derives the layer types from it

@@ -27,6 +27,7 @@ __all__ = [
     "replace_moe_module",
     "check_moe_tensors_loaded",
     "PROJECTIONS",
+    "drop_fused_expert_converters",
 ]
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -171,3 +172,42 @@ def replace_split_kv_b(
             quantized.add(f"{name}.{part}")
     model.set_submodule(name, SplitKvB(heads, rank, nope, v_dim, **parts))
     return quantized
+
+
+def drop_fused_expert_converters(model: nn.Module, experts: set[str], routers: set[str]) -> None:
+    """Forget transformers' converters and renamings between its checkpoints' expert tensors and
+    the fused experts parameters (`experts.*.down_proj.weight` <-> `experts.down_proj`,
+    GraniteMoE's `output_linear.weight` <-> `experts.down_proj`) of the experts modules
+    `experts` that mlxq replaced by :class:`mlxq.moe.MoeExperts` after loading, and those onto
+    the weight of the quantized `routers` (GraniteMoE's `router.layer.weight` <->
+    `router.weight`): saving would otherwise reverse them on mlxq's tensors (split a stack, or
+    rename a router's `weight` but not its `scales`); mlx-lm's layout renames the whole
+    module instead."""
+    import re
+
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    if not experts and not routers:
+        return
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # built from a config: what transformers would revert when saving
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    fused = [f"{name}.{param}" for name in experts for param in ("gate_up_proj", "down_proj")]
+    fused += [f"{name}.weight" for name in routers]
+
+    def replaced(pattern: str) -> bool:
+        regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+") + "$")
+        return any(regex.search(key) for key in fused)
+
+    model._weight_conversions = [
+        c
+        for c in conversions
+        if not (
+            isinstance(c, (WeightConverter, WeightRenaming))
+            and all(map(replaced, c._original_target_patterns))
+        )
+    ]

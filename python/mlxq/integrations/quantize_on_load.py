@@ -52,6 +52,13 @@ def plan_on_load(model: nn.Module, config) -> tuple[dict[str, OnLoadLayer], set[
     )
     layers: dict[str, OnLoadLayer] = {}
     for entry in walk.modules:
+        if entry.moe is not None and (entry.format is not None or any(entry.parts.values())):
+            raise NotImplementedError(
+                f"mlxq: module {entry.name!r} ({entry.moe.cls_name}) is a MoE "
+                f"{entry.moe.kind} that mlxq cannot quantize while it loads yet; load the float "
+                "model and call mlxq.quantize_model (mlxq convert does that for MoE models), or "
+                f"keep it float: modules_to_not_convert=[{entry.name!r}]"
+            )
         fmt = entry.format
         if entry.swap is None or fmt is None:
             continue
