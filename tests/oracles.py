@@ -105,7 +105,19 @@ def path_weight_refs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 W that the CPU op's path for this x multiplies by (bf16 tiles or exact) and
     the error scale of its terms (|s|q + |b|, or the tiles' magnitudes)."""
-    if takes_bf16_gemm(x, wq, transpose):
+    return weight_refs(wq, scales, biases, group_size, bits, takes_bf16_gemm(x, wq, transpose))
+
+
+def weight_refs(
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    group_size: int,
+    bits: int,
+    bf16_tiles: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W in float64 (bf16_tile_ref's tiles or exact) and the error scale of its terms."""
+    if bf16_tiles:
         w = bf16_tile_ref(wq, scales, biases, group_size, bits)
         return w, w.abs()
     w = dequantize_ref(wq, scales, biases, group_size, bits)
@@ -130,15 +142,10 @@ def matmul_ref(
     cancel, so |W| alone would be too small a scale). With `bf16_tiles`, W is bf16_tile_ref's
     (and |W| for `absolute`): the reference of the bf16 GEMM path.
     """
-    if bf16_tiles:
-        w = bf16_tile_ref(wq, scales, biases, group_size, bits)
-        w, xd = (w.abs(), x.detach().double().abs()) if absolute else (w, x.detach().double())
-    elif absolute:
-        w = dequantize_ref(wq, scales.abs(), biases.abs(), group_size, bits)
-        xd = x.detach().double().abs()
-    else:
-        w = dequantize_ref(wq, scales, biases, group_size, bits)
-        xd = x.detach().double()
+    w, w_abs = weight_refs(wq, scales, biases, group_size, bits, bf16_tiles)
+    xd = x.detach().double()
+    if absolute:
+        w, xd = w_abs, xd.abs()
     wt = w.transpose(-1, -2) if transpose else w
     if w.dim() == 2:
         return xd @ wt

@@ -171,7 +171,7 @@ def _run(lib: emu.Library, op: str) -> None:
     plan = _C.plan_affine_matmul(x, wq, s, b, GS, BITS, transpose)
     y = torch.full(plan["out_shapes"][0], float("nan"), dtype=dtype)
     rep = _dispatch(lib, plan, {"x": x, "wq": wq, "scales": s, "biases": b, "out": y})
-    ref = mlxq.affine_matmul(x, wq, s, b, GS, BITS, transpose)
+    ref = mlxq.affine_matmul(x.float(), wq, s, b, GS, BITS, transpose).to(x.dtype)  # fp32 tiles
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
     # The traffic bound of tests/test_metal_kernels.py: x once per simdgroup (qmv) or
     # threadgroup column (qvm).

@@ -289,3 +289,16 @@ def test_bf16_gemm_tiles_are_mlx_dequantize_in_bf16(bits, gen):
     y = check(x, wq, s, b, group_size, bits, what="bf16 prefill")
     exact = mlxq.affine_matmul(x.float(), wq, s, b, group_size, bits)
     assert not torch.equal(y, exact.to(torch.bfloat16)), "bf16 prefill still uses fp32 tiles"
+
+
+def test_bf16_gemm_tiles_with_tiny_scales(gen):
+    """4-bit tiles use vcvtneps2bf16 on AVX512-BF16, which flushes subnormals; rows whose
+    scales or biases are below 2^-100 take the generic kernel and keep mx.dequantize's numbers.
+    (The bf16 GEMM itself, AVX512-BF16 dot products, reads subnormal bf16 values as zero, so
+    the weights here stay normal: about 2^-112.)"""
+    wq, s, b = quantized((48, 128), torch.bfloat16, 32, 4, gen)
+    tiny = (s.float() * 2.0**-105).to(torch.bfloat16), (b.float() * 2.0**-105).to(torch.bfloat16)
+    theirs = to_torch(mx.dequantize(to_mx(wq), to_mx(tiny[0]), to_mx(tiny[1]), 32, 4))
+    assert torch.equal(bf16_tile_ref(wq, *tiny, 32, 4), theirs.double())
+    x = torch.randn((40, 128), generator=gen).to(torch.bfloat16) * 2.0**100
+    check(x, wq, *tiny, 32, 4, what="tiny tiles")

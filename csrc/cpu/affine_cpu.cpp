@@ -22,6 +22,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/kernel_table.h"
 #include "cpu/quantize.h"
+#include "cpu/thread_tiles.h"
 #include "mlx_rounding.h"
 
 namespace mlxq::cpu {
@@ -279,13 +280,8 @@ at::Tensor gemm_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
   at::Tensor y =
       transpose ? at::empty({M, out_features}, opts) : at::zeros({M, out_features}, opts);
   if (transpose) {
-    // Each thread dequantizes its own tiles and multiplies each with a single-threaded GEMM
-    // into its columns of y, so a tile is read by the core that wrote it, from its own cache,
-    // and no barrier separates dequantization from the GEMM. At least one tile per thread.
-    const int64_t threads = at::get_num_threads();
-    const int64_t per_thread = std::max<int64_t>(1, W.N * W.K * 4 / (threads * kThreadTileBytes));
-    const int64_t rows = (W.N + threads * per_thread - 1) / (threads * per_thread);
-    const int64_t tiles = (W.N + rows - 1) / rows;
+    const ThreadTiles split = thread_tiles(W.N, W.K, sizeof(float), kThreadTileBytes);
+    const int64_t rows = split.rows, tiles = split.count;
     // OpenMP workers do not inherit the caller's thread-local state (inference mode, excluded
     // dispatch keys), which at::mm_out needs to write into y.
     const at::ThreadLocalState caller_state;
@@ -321,11 +317,8 @@ at::Tensor gemm_2d_bf16(const at::Tensor& x, const QuantWeight& W) {
   const int64_t M = x.size(0);
   const at::Tensor xb = x.to(at::kBFloat16);  // exact: the values are bf16 already
   at::Tensor y = at::empty({M, W.N}, xb.options());
-  // As gemm_2d: each thread dequantizes its own tiles (half the bytes of fp32 tiles).
-  const int64_t threads = at::get_num_threads();
-  const int64_t per_thread = std::max<int64_t>(1, W.N * W.K * 2 / (threads * kThreadTileBytes));
-  const int64_t rows = (W.N + threads * per_thread - 1) / (threads * per_thread);
-  const int64_t tiles = (W.N + rows - 1) / rows;
+  const ThreadTiles split = thread_tiles(W.N, W.K, sizeof(uint16_t), kThreadTileBytes);
+  const int64_t rows = split.rows, tiles = split.count;
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     const at::ThreadLocalStateGuard same_state(caller_state);

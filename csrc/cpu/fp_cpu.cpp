@@ -13,6 +13,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/fp_format.h"
 #include "cpu/kernel_table.h"
+#include "cpu/thread_tiles.h"
 
 namespace mlxq::cpu {
 namespace {
@@ -86,10 +87,8 @@ at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose) 
     // Each thread dequantizes its own row tiles and runs a single-threaded GEMM into its
     // columns of y (see affine_cpu.cpp for why no barrier is needed).
     at::Tensor y = at::empty({M, out_features}, opts);
-    const int64_t threads = at::get_num_threads();
-    const int64_t per_thread = std::max<int64_t>(1, W.N * W.K * 4 / (threads * kFpTileBytes));
-    const int64_t rows = (W.N + threads * per_thread - 1) / (threads * per_thread);
-    const int64_t tiles = (W.N + rows - 1) / rows;
+    const ThreadTiles split = thread_tiles(W.N, W.K, sizeof(float), kFpTileBytes);
+    const int64_t rows = split.rows, tiles = split.count;
     const at::ThreadLocalState caller_state;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       const at::ThreadLocalStateGuard same_state(caller_state);

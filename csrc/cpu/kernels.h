@@ -172,22 +172,29 @@ void qvm_bits_group(const QvmArgs& a, int64_t g0, int64_t g1) {
     std::memcpy(a.y + m * K + g0 * GS, ybuf.data() + m * width, width * sizeof(float));
 }
 
-template <int Bits, int GS>
-void dequantize_bits_group(const QuantWeight& W, float* out, int64_t n0, int64_t n1) {
+// Rows [n0, n1) of W, 8 values at a time: store(i, q, s, b) with i the offset of the values in
+// a [n1 - n0, K] output, q the integers as fp32 and s, b their group's scale and bias.
+template <int Bits, int GS, typename Store>
+MLXQ_INLINE void for_each_weight_vector(const QuantWeight& W, int64_t n0, int64_t n1, Store store) {
   const int64_t K = W.K, G = W.G, row_bytes = K * Bits / 8;
   std::vector<float> s(G), b(G);
   for (int64_t n = n0; n < n1; ++n) {
     load_scales(W, n, 0, G, s.data(), b.data());
     const uint8_t* wrow = W.w + n * row_bytes;
-    float* orow = out + (n - n0) * K;
     for (int64_t g = 0; g < G; ++g) {
       const v8f sv = splat(s[g]), bv = splat(b[g]);
       const uint8_t* wg = wrow + g * (GS * Bits / 8);
 #pragma GCC unroll 16
       for (int c = 0; c < GS / 8; ++c)
-        store8(orow + g * GS + c * 8, to_float(unpack8<Bits>(wg + c * Bits)) * sv + bv);
+        store((n - n0) * K + g * GS + c * 8, to_float(unpack8<Bits>(wg + c * Bits)), sv, bv);
     }
   }
+}
+
+template <int Bits, int GS>
+void dequantize_bits_group(const QuantWeight& W, float* out, int64_t n0, int64_t n1) {
+  for_each_weight_vector<Bits, GS>(
+      W, n0, n1, [&](int64_t i, v8f q, v8f s, v8f b) { store8(out + i, q * s + b); });
 }
 
 // Rows [n0, n1) of W as the bf16 tile of MLX's GEMM for bf16 activations (the same numbers as
@@ -195,22 +202,9 @@ void dequantize_bits_group(const QuantWeight& W, float* out, int64_t n0, int64_t
 // [n1 - n0, K] bf16 values. The product is exact in fp32 for 16-bit scales.
 template <int Bits, int GS>
 void dequantize_bf16_bits_group(const QuantWeight& W, uint16_t* out, int64_t n0, int64_t n1) {
-  const int64_t K = W.K, G = W.G, row_bytes = K * Bits / 8;
-  std::vector<float> s(G), b(G);
-  for (int64_t n = n0; n < n1; ++n) {
-    load_scales(W, n, 0, G, s.data(), b.data());
-    const uint8_t* wrow = W.w + n * row_bytes;
-    uint16_t* orow = out + (n - n0) * K;
-    for (int64_t g = 0; g < G; ++g) {
-      const v8f sv = splat(s[g]), bv = splat(b[g]);
-      const uint8_t* wg = wrow + g * (GS * Bits / 8);
-#pragma GCC unroll 16
-      for (int c = 0; c < GS / 8; ++c) {
-        const v8f product = bits_to_float(round_bf16(to_float(unpack8<Bits>(wg + c * Bits)) * sv));
-        store8_bf16(orow + g * GS + c * 8, round_bf16(product + bv));
-      }
-    }
-  }
+  for_each_weight_vector<Bits, GS>(W, n0, n1, [&](int64_t i, v8f q, v8f s, v8f b) {
+    store8_bf16(out + i, round_bf16(bits_to_float(round_bf16(q * s)) + b));
+  });
 }
 
 // Calls Fn<Bits, GS>::run(args...) for the runtime bits and group size (validated earlier).

@@ -254,6 +254,56 @@ void qmv_bf16(const QmvBf16Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+// The bf16 prefill's tiles at 4 bits (dequantize_bf16 in kernels.h, same numbers): 16 values
+// at a time, each rounding one vcvtneps2bf16 where the generic kernel spends eight integer ops.
+// That instruction flushes subnormal inputs and results to zero; with q < 16, s*q is subnormal
+// only for a subnormal s, and s*q + b only where |s| and |b| are below about 2^-119, so a row
+// with any scale or bias below 2^-100 takes the generic kernel.
+bool has_tiny(const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = v[i] < 0 ? -v[i] : v[i];
+    if (a != 0.f && a < 0x1p-100f) return true;
+  }
+  return false;
+}
+
+void dequantize_bf16_4bit(const QuantWeight& W, uint16_t* out, int64_t n0, int64_t n1) {
+  const int64_t K = W.K, G = W.G, GS = W.group_size, row_bytes = K / 2;
+  std::vector<float> s(G), b(G);
+  // vpmovzxbd of each byte twice: even lanes keep its low nibble (value 2i), odd lanes shift
+  // its high nibble (value 2i + 1) down, MLX's order within a byte.
+  const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const __m512i nibble = _mm512_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    uint16_t* orow = out + (n - n0) * K;
+    load_scales(W, n, 0, G, s.data(), b.data());
+    if (has_tiny(s.data(), G) || has_tiny(b.data(), G)) {
+      dequantize_bf16(W, orow, n, n + 1);  // the generic kernel, for this row
+      continue;
+    }
+    const uint8_t* wrow = W.w + n * row_bytes;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 sv = _mm512_set1_ps(s[g]), bv = _mm512_set1_ps(b[g]);
+      for (int64_t c = g * GS; c < (g + 1) * GS; c += 16) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrow + c / 2));
+        const __m512i q = _mm512_and_si512(
+            _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes)), shifts),
+            nibble);
+        const __m256bh product = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q), sv));
+        const __m512 widened =
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)product), 16));
+        const __m256bh w = _mm512_cvtneps_pbh(_mm512_add_ps(widened, bv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + c), (__m256i)w);
+      }
+    }
+  }
+}
+
+void dequantize_bf16_tiles(const QuantWeight& W, uint16_t* out, int64_t n0, int64_t n1) {
+  if (W.bits == 4) return dequantize_bf16_4bit(W, out, n0, n1);
+  dequantize_bf16(W, out, n0, n1);
+}
+
 }  // namespace mlxq::cpu::avx512
 
 #if defined(__clang__)
@@ -267,6 +317,7 @@ const KernelTable& avx512_kernels() {
   static const KernelTable t = [] {
     KernelTable k = avx512::table("avx512");
     k.qmv_bf16 = &avx512::qmv_bf16;
+    k.dequantize_bf16 = &avx512::dequantize_bf16_tiles;
     return k;
   }();
   return t;
