@@ -230,7 +230,7 @@ def print_stats(info: dict, stats: dict) -> None:
     if "mps_driver" in memory:
         parts.append(f"MPS {memory['mps_driver'] / 1e6:.0f} MB")
     threads = stats.get("threads", info["threads"])
-    parts.append(f"{info['device']} {info['dtype']}, {threads} threads")
+    parts.append(f"{info['device']} {info['dtype']}, {threads} thread{'s' * (threads != 1)}")
     print("-- " + " | ".join(parts), flush=True)
 
 
