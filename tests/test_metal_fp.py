@@ -193,7 +193,7 @@ def test_runtime_fallback_in_emulator(M, transpose, gen, tmp_path) -> None:
     # The run-time fallback's source for one kernel (headers pasted in, threadgroup memory
     # declared in the body), compiled by a stand-in for torch.mps.compile_shader.
     from mlxq.metal import runtime as rt
-    from test_mps_backend import FakeCompileShader
+    from metal_backend_helpers import FakeCompileShader
 
     fake = FakeCompileShader(tmp_path)
     runner = rt.RuntimeKernels(fake, METAL_DIR)

@@ -10,16 +10,11 @@ and the fp16/bf16 one uses MLX's own (much larger) error bound.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import mlx.core as mx
 import mlxq
 import pytest
 import torch
 from conftest import random_weight
-from mlxq import _build_helpers
 from oracles import CPU_BITS as BITS
 from oracles import (
     DTYPES,
@@ -223,18 +218,6 @@ def test_matmul_zero_and_special_x(gen, isa):
         y = mlxq.affine_matmul(x, wq, s, b, 32, 4, transpose)
         assert bool(y[1].isnan().all()), f"transpose={transpose} M={m}: NaN was lost"
         assert not bool(y[0].isnan().any())
-
-
-def test_cpu_kernels_run_on_torchs_threads():
-    # With torch's OpenMP backend, at::parallel_for is inline OpenMP: a build without -fopenmp
-    # silently runs every kernel on one thread. The build decides with openmp_flags; the only
-    # unthreaded build it allows is macOS without an omp.h, and it says so.
-    uses_openmp = torch.backends.openmp.is_available()
-    cflags, _, why = _build_helpers.openmp_flags(
-        sys.platform, uses_openmp, Path(torch.__file__).parent / "lib", os.environ
-    )
-    expected = not uses_openmp or bool(cflags)
-    assert mlxq._C.cpu_threaded() == expected, f"threaded build expected ({why})"
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

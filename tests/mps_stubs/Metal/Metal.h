@@ -1,6 +1,6 @@
 // Syntax-check stand-in for Apple's <Metal/Metal.h>: only the declarations that
 // csrc/mps/affine_mps.mm and torch's ATen/mps headers use, with Apple's selectors and types.
-// Lets tests/test_mps_backend.py compile the Objective-C++ backend with -fsyntax-only on Linux.
+// Lets tests/test_build.py compile the Objective-C++ backend with -fsyntax-only on Linux.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
