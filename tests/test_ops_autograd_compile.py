@@ -214,7 +214,7 @@ def test_fake_kernels_match_real_shapes_and_dtypes(gen):
 
 def test_opcheck(gen):
     """torch.library.opcheck (schema, autograd registration, fake kernel against the real one on
-    fake tensors, AOT dispatch with dynamic shapes) for each op, empty shapes included."""
+    fake tensors, AOT dispatch with dynamic shapes) for every op, empty shapes included."""
     w = random_weight((8, 64), torch.float32, gen)
     wq, s, b = mlxq.affine_quantize(w, 32, 4)
     ops = torch.ops.mlxq
@@ -226,6 +226,28 @@ def test_opcheck(gen):
         (ops.affine_matmul.default, (torch.randn(3, 64, generator=gen), wq, s, b, 32, 4, True)),
         (ops.affine_matmul.default, (torch.randn(2, 3, 8, generator=gen), wq, s, b, 32, 4, False)),
         (ops.affine_matmul.default, (torch.randn(0, 64, generator=gen), wq, s, b, 32, 4, True)),
+    ]
+    # the floating-point modes (nvfp4 with and without its global scale) and the gather op
+    for mode, gs, bits, global_scale in [
+        ("mxfp4", 32, 4, None),
+        ("nvfp4", 16, 4, torch.tensor(3.0)),
+        ("mxfp8", 32, 8, None),
+    ]:
+        fq, fs = ops.fp_quantize(w, mode, gs, bits, global_scale)
+        cases += [
+            (ops.fp_quantize.default, (w, mode, gs, bits, global_scale)),
+            (ops.fp_dequantize.default, (fq, fs, mode, gs, bits, global_scale, torch.bfloat16)),
+            (
+                ops.fp_matmul.default,
+                (torch.randn(3, 64, generator=gen), fq, fs, mode, gs, bits, True, global_scale),
+            ),
+        ]
+    ew, es, eb = mlxq.affine_quantize(random_weight((3, 8, 64), torch.float32, gen), 32, 4)
+    xg = torch.randn(4, 1, 64, generator=gen)
+    rhs = torch.tensor([2, 0, 2, 1])
+    cases += [
+        (ops.affine_gather_matmul.default, (xg, ew, es, eb, None, rhs, 32, 4, True, False)),
+        (ops.affine_gather_matmul.default, (xg, ew, es, eb, None, rhs.sort().values, 32, 4)),
     ]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
