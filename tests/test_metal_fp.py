@@ -192,8 +192,8 @@ def test_plan_kernels_and_refusals() -> None:
 def test_runtime_fallback_in_emulator(M, transpose, gen, tmp_path) -> None:
     # The run-time fallback's source for one kernel (headers pasted in, threadgroup memory
     # declared in the body), compiled by a stand-in for torch.mps.compile_shader.
-    from mlxq.metal import runtime as rt
     from metal_backend_helpers import FakeCompileShader
+    from mlxq.metal import runtime as rt
 
     fake = FakeCompileShader(tmp_path)
     runner = rt.RuntimeKernels(fake, METAL_DIR)

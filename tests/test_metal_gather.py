@@ -189,8 +189,8 @@ def test_native_launch_refuses_out_of_range_indices(gen) -> None:
 
 @pytest.mark.parametrize("case", LAUNCH_CASES[:2], ids=lambda c: f"b{c[0]}-gs{c[1]}-m{c[3]}")
 def test_runtime_fallback_in_emulator(case, gen, tmp_path) -> None:
-    from mlxq.metal import runtime as rt
     from metal_backend_helpers import METAL_DIR, FakeCompileShader
+    from mlxq.metal import runtime as rt
 
     fake = FakeCompileShader(tmp_path)
     runner = rt.RuntimeKernels(fake, METAL_DIR)
