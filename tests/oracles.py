@@ -89,9 +89,13 @@ CPU_DECODE_MAX_ROWS = 16  # kDecodeMaxRows in csrc/cpu/affine_cpu.cpp
 
 def takes_bf16_gemm(x: torch.Tensor, wq: torch.Tensor, transpose: bool) -> bool:
     """Whether the CPU op takes the bf16-tile GEMM: bf16 x @ W.T with more than 16 rows per
-    matmul (all of x's rows against a 2-D weight; x's last-but-one dim against a batched one)."""
+    matmul (all of x's rows against a 2-D weight; x's last-but-one dim against a batched one),
+    on the avx512 kernel set (AVX512-BF16; elsewhere the tiles stay fp32)."""
+    import mlxq
+
     rows = x.shape[-2] if wq.dim() > 2 else x.numel() // max(x.shape[-1], 1)
-    return x.dtype == torch.bfloat16 and transpose and rows > CPU_DECODE_MAX_ROWS
+    bf16_dot = mlxq._C.cpu_isa() == "avx512"  # only that kernel set has the bf16 tiles
+    return x.dtype == torch.bfloat16 and transpose and rows > CPU_DECODE_MAX_ROWS and bf16_dot
 
 
 def path_weight_refs(

@@ -243,12 +243,15 @@ def fuzz_matmul(data) -> None:
     elif mutation == "transpose":
         args["transpose"] = not transpose
 
-    call = on_isa(data.draw(st.sampled_from(ISAS)), mlxq.affine_matmul, args)
+    isa = data.draw(st.sampled_from(ISAS))
+    call = on_isa(isa, mlxq.affine_matmul, args)
 
     def check(y):
         a = args
         assert y.dtype == a["x"].dtype
-        tiles = takes_bf16_gemm(a["x"], a["wq"], a["transpose"])
+        tiles = on_isa(
+            isa, takes_bf16_gemm, {"x": a["x"], "wq": a["wq"], "transpose": a["transpose"]}
+        )()
         ref = matmul_ref(a["x"], a["wq"], a["scales"], a["biases"], a["group_size"], a["bits"],
                          a["transpose"], bf16_tiles=tiles)  # fmt: skip
         ref_abs = matmul_ref(a["x"], a["wq"], a["scales"], a["biases"], a["group_size"],

@@ -335,7 +335,8 @@ at::Tensor gemm_2d_bf16(const at::Tensor& x, const QuantWeight& W) {
 
 // x is fp32 [M, in_features] with M > 0 and W has K > 0 (checked by the caller); `x_dtype` is
 // the dtype its values came in (bf16 and fp16 values need fewer bf16 pieces; bf16 x @ W.T above
-// the decode rows takes the bf16 GEMM, with MLX's Metal numerics for bf16).
+// the decode rows takes the bf16 GEMM, with MLX's Metal numerics for bf16, where the CPU has bf16
+// dot products: elsewhere a bf16 GEMM is emulated, slower than fp32 tiles, and exact tiles stay).
 at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
                      at::ScalarType x_dtype) {
   const int64_t M = x.size(0);
@@ -349,7 +350,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     // such an output is computed again as sum x*(s*q+b) (MLX's order), which gives the finite
     // result, or MLX's +-inf. Normal calls pay one scan of y.
     if (all_finite(y)) return y;
-  } else if (x_dtype == at::kBFloat16 && transpose) {
+  } else if (x_dtype == at::kBFloat16 && transpose && kernels().dequantize_bf16 != nullptr) {
     return gemm_2d_bf16(x, W);
   }
   return gemm_2d(x, W, transpose);

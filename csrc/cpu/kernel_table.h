@@ -112,7 +112,8 @@ struct KernelTable {
   // dequantized to fp32 (exact: every FP4/FP8 value times its scale is an fp32 number).
   void (*fp_qmv)(const FpQmvArgs& a, int64_t n_begin, int64_t n_end) = nullptr;
   void (*fp_dequantize)(const FpWeight& W, float* out, int64_t n_begin, int64_t n_end) = nullptr;
-  // Rows of W as bf16 bits, rounded as mx.dequantize does in bf16 (the bf16 prefill's tiles).
+  // Optional (null where the CPU has no bf16 dot products for the GEMM to use): rows of W as
+  // bf16 bits, rounded as mx.dequantize does in bf16 (the bf16 prefill's tiles).
   void (*dequantize_bf16)(const QuantWeight& W, uint16_t* out, int64_t n_begin,
                           int64_t n_end) = nullptr;
 };

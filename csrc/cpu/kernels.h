@@ -279,8 +279,7 @@ inline void dequantize_bf16(const QuantWeight& W, uint16_t* out, int64_t n0, int
 namespace mlxq::cpu::MLXQ_ISA {
 
 inline const KernelTable& table(const char* name) {
-  static const KernelTable t{name,    &qmv,    &qvm,           &dequantize,
-                             nullptr, &fp_qmv, &fp_dequantize, &dequantize_bf16};
+  static const KernelTable t{name, &qmv, &qvm, &dequantize, nullptr, &fp_qmv, &fp_dequantize};
   return t;
 }
 

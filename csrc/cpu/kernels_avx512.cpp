@@ -299,6 +299,8 @@ void dequantize_bf16_4bit(const QuantWeight& W, uint16_t* out, int64_t n0, int64
   }
 }
 
+// The bf16 prefill's tiles on this CPU (the only kernel set that has them: its bf16 dot
+// products make the bf16 GEMM pay).
 void dequantize_bf16_tiles(const QuantWeight& W, uint16_t* out, int64_t n0, int64_t n1) {
   if (W.bits == 4) return dequantize_bf16_4bit(W, out, n0, n1);
   dequantize_bf16(W, out, n0, n1);
