@@ -270,6 +270,29 @@ at::Tensor decode_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
   return y;
 }
 
+// y = x @ W.T with each thread dequantizing its own row tiles of W (`dequantize` writes `Tile`
+// values) and multiplying each with a single-threaded GEMM into its columns of y (row stride N:
+// BLAS writes it in place). The tiles are in x's dtype.
+template <typename Tile>
+void per_thread_tiles(const at::Tensor& x, const QuantWeight& W, const at::Tensor& y,
+                      void (*dequantize)(const QuantWeight&, Tile*, int64_t, int64_t)) {
+  const ThreadTiles split = thread_tiles(W.N, W.K, sizeof(Tile), kThreadTileBytes);
+  const int64_t tile_floats = (split.rows * W.K * int64_t{sizeof(Tile)} + 3) / 4;
+  // OpenMP workers do not inherit the caller's thread-local state (inference mode, excluded
+  // dispatch keys), which at::mm_out needs to write into y.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, split.count, 1, [&](int64_t t0, int64_t t1) {
+    const at::ThreadLocalStateGuard same_state(caller_state);
+    auto* tp = reinterpret_cast<Tile*>(tile_buffer(tile_floats));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * split.rows, n1 = std::min(W.N, n0 + split.rows);
+      dequantize(W, tp, n0, n1);
+      at::Tensor out = y.narrow(1, n0, n1 - n0);
+      at::mm_out(out, x, at::from_blob(tp, {n1 - n0, W.K}, x.options()).t());
+    }
+  });
+}
+
 // Dequantize row tiles of W to fp32 and multiply them with a dense GEMM: sum_k x * (s*q + b),
 // the order of MLX's own kernels.
 at::Tensor gemm_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
@@ -280,21 +303,7 @@ at::Tensor gemm_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
   at::Tensor y =
       transpose ? at::empty({M, out_features}, opts) : at::zeros({M, out_features}, opts);
   if (transpose) {
-    const ThreadTiles split = thread_tiles(W.N, W.K, sizeof(float), kThreadTileBytes);
-    const int64_t rows = split.rows, tiles = split.count;
-    // OpenMP workers do not inherit the caller's thread-local state (inference mode, excluded
-    // dispatch keys), which at::mm_out needs to write into y.
-    const at::ThreadLocalState caller_state;
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      const at::ThreadLocalStateGuard same_state(caller_state);
-      float* tp = tile_buffer(rows * W.K);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * rows, n1 = std::min(W.N, n0 + rows);
-        kt.dequantize(W, tp, n0, n1);
-        at::Tensor out = y.narrow(1, n0, n1 - n0);  // row stride N: BLAS writes it in place
-        at::mm_out(out, x, at::from_blob(tp, {n1 - n0, W.K}, opts).t());
-      }
-    });
+    per_thread_tiles<float>(x, W, y, kt.dequantize);
     return y;
   }
   // x @ W: every tile adds into all of y, so tiles take turns, each dequantized by all threads.
@@ -313,23 +322,10 @@ at::Tensor gemm_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
 // bf16 (dequantize_bf16) and a bf16 GEMM that accumulates in fp32 and rounds once, which lets
 // oneDNN use the CPU's bf16 dot products. x is fp32 holding bf16 values; y comes back in bf16.
 at::Tensor gemm_2d_bf16(const at::Tensor& x, const QuantWeight& W) {
-  const KernelTable& kt = kernels();
   const int64_t M = x.size(0);
   const at::Tensor xb = x.to(at::kBFloat16);  // exact: the values are bf16 already
   at::Tensor y = at::empty({M, W.N}, xb.options());
-  const ThreadTiles split = thread_tiles(W.N, W.K, sizeof(uint16_t), kThreadTileBytes);
-  const int64_t rows = split.rows, tiles = split.count;
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    const at::ThreadLocalStateGuard same_state(caller_state);
-    auto* tp = reinterpret_cast<uint16_t*>(tile_buffer((rows * W.K + 1) / 2));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * rows, n1 = std::min(W.N, n0 + rows);
-      kt.dequantize_bf16(W, tp, n0, n1);
-      at::Tensor out = y.narrow(1, n0, n1 - n0);
-      at::mm_out(out, xb, at::from_blob(tp, {n1 - n0, W.K}, xb.options()).t());
-    }
-  });
+  per_thread_tiles<uint16_t>(xb, W, y, kernels().dequantize_bf16);
   return y;
 }
 
@@ -368,24 +364,23 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
   if (x.numel() == 0 || wq.numel() == 0) return at::zeros(g.out_shape, x.options());
   const at::Tensor w = wq.contiguous(), s = scales.contiguous(), b = biases.contiguous();
   const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
-  if (g.batch.empty() && transpose && g.M <= kDecodeMaxRows) {
-    // A decode step: the bf16 kernel reads x in its own dtype (no fp32 copy of x, no tensor
-    // ops around the kernel), which is most of the cost of a small layer's call.
+  if (g.batch.empty()) {
     const QuantWeight W = view_weight(w, s, b, group_size, bits);
-    if (kernels().qmv_bf16 != nullptr && use_bf16_decode(W, g.M, x.scalar_type())) {
+    if (transpose && g.M <= kDecodeMaxRows && kernels().qmv_bf16 != nullptr &&
+        use_bf16_decode(W, g.M, x.scalar_type())) {
+      // A decode step: the bf16 kernel reads x in its own dtype (no fp32 copy of x, no tensor
+      // ops around the kernel), which is most of the cost of a small layer's call.
       const at::Tensor y =
           stream_bf16(x.reshape({g.M, g.in_features}).contiguous(), W, x.scalar_type());
       if (all_finite(y)) return round_to(y, x.scalar_type()).view(g.out_shape);
     }
-  }
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  if (g.batch.empty()) {
-    const QuantWeight W = view_weight(w, s, b, group_size, bits);
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor y = matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose, x.scalar_type());
     return round_to(y, x.scalar_type()).reshape(g.out_shape);
   }
   // Batched weights: map each broadcast batch entry to its x and w entries with tiny index
   // tensors, so that broadcasting never copies a weight.
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
   auto batch_index = [&](at::IntArrayRef shape) {
     const int64_t n = c10::multiply_integers(shape);
     return at::arange(n, at::kLong).reshape(shape).expand(g.batch).reshape({-1}).contiguous();

@@ -10,6 +10,8 @@ shapes and devices go to transformers' own sdpa unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -50,10 +52,16 @@ def _register() -> None:
 def _names_sdpa(model: nn.Module) -> bool:
     """Whether the model's code compares its attention implementation with "sdpa" by name
     (falcon, gemma4, ...): renaming it would send such a model down another path."""
+    return _module_names_sdpa(type(model).__module__)
+
+
+@functools.cache
+def _module_names_sdpa(module_name: str) -> bool:
+    """_names_sdpa for one modeling module, read once per process (each load asks again)."""
     import inspect
     import sys
 
-    module = sys.modules.get(type(model).__module__)
+    module = sys.modules.get(module_name)
     try:
         source = inspect.getsource(module) if module is not None else ""
     except (OSError, TypeError):
