@@ -111,9 +111,20 @@ class AffineLoraLinear(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """`scaling * B @ A` `[out, in]` in the adapter's dtype, as mlx-lm's fuse computes it
-        (`(scale * lora_b.T) @ lora_a.T`)."""
+        (`(scale * lora_b.T) @ lora_a.T`) on MLX's CPU.
+
+        The rank-r sum runs k in order, each product and running sum rounded to fp32, with no
+        fused multiply-add: the order of MLX's CPU GEMM (reference BLAS). A torch matmul fuses
+        and differs in the last bit for ~5% of entries, enough to flip a re-quantized word now
+        and then."""
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        return (self.scaling[adapter] * b) @ a
+        acc_dtype = torch.promote_types(a.dtype, torch.float32)
+        sb = (self.scaling[adapter] * b).to(acc_dtype)
+        a = a.to(acc_dtype)
+        delta = sb[:, :1] * a[0]
+        for k in range(1, a.shape[0]):
+            delta = delta + sb[:, k : k + 1] * a[k]
+        return delta.to(b.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapters into the base: dequantize (the dtype of the scales), add each delta
