@@ -1,7 +1,8 @@
 // The mlxq op library: every schema lives here, once. Backends register kernels for these
-// schemas in their own files (cpu/affine_cpu.cpp, mps/affine_mps.mm); fake (meta) kernels and
-// autograd are registered from Python (python/mlxq/ops.py), the fake kernels running the
-// backends' own argument checks (checks.h, through check_bindings.cpp).
+// schemas in their own files (cpu/affine_cpu.cpp, mps/affine_mps.mm); the matmul ops' reverse
+// mode is registered in autograd.cpp; fake (meta) kernels and the other ops' autograd from
+// Python (python/mlxq/ops.py), the fake kernels running the backends' own argument checks
+// (checks.h, through check_bindings.cpp).
 #include <torch/extension.h>
 
 #include "cpu/cpu_features.h"

@@ -164,6 +164,34 @@ def test_grad_of_quantized_weight_is_a_clear_error(gen):
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
 
 
+@pytest.mark.parametrize("mode", ["affine", "mxfp4"])
+def test_inference_call_runs_no_python(mode, gen):
+    """A call that needs no gradient (no_grad, as transformers' generate runs) goes from the
+    dispatcher to the kernel without Python: a Python autograd kernel cost ~7 us of a ~10 us
+    decode-step matmul. Reverse mode lives in C++ (csrc/autograd.cpp)."""
+    import sys
+
+    w = random_weight((64, 64), torch.float32, gen)
+    packed = mlxq.quantize(w, mode=mode) if mode != "affine" else mlxq.affine_quantize(w)
+    if mode == "affine":
+        call = torch.ops.mlxq.affine_matmul.default
+        args = (*packed, 64, 4, True)
+    else:
+        call = torch.ops.mlxq.fp_matmul.default
+        args = (*packed, mode, 32, 4, True, None)
+    x = torch.randn(1, 64, generator=gen, requires_grad=True)
+    python_calls = []
+    with torch.no_grad():
+        sys.setprofile(lambda frame, event, arg: python_calls.append((event, frame.f_code)))
+        try:
+            call(x, *args)
+        finally:
+            sys.setprofile(None)
+    # the only Python is the op handle's own __call__ (torch/_ops.py)
+    called = [c for e, c in python_calls if e == "call"]
+    assert [c for c in called if not c.co_filename.endswith("_ops.py")] == []
+
+
 # --- fake kernels -------------------------------------------------------------------------------
 
 

@@ -107,11 +107,12 @@ def _raise_constant_weight(op: str, scales: bool, biases: bool) -> None:
 
 
 class _AffineMatmulFunction(torch.autograd.Function):
-    generate_vmap_rule = True  # forward and jvp are ops that vmap can batch
     """The derivatives of affine_matmul: it is linear in x, so the vjp (grad @ W) and the jvp
-    (tangent @ W.T) are affine_matmul itself; the weight is a constant. Its backward is the
-    op's registered autograd; `mlxq.affine_matmul` applies the whole Function only in forward
-    mode (`torch.library.register_autograd` has none), so the common path pays nothing."""
+    (tangent @ W.T) are affine_matmul itself; the weight is a constant. The op's reverse mode
+    is registered in C++ (csrc/autograd.cpp, so that inference calls skip Python);
+    `mlxq.affine_matmul` applies this Function only in forward mode, which that has not."""
+
+    generate_vmap_rule = True  # forward and jvp are ops that vmap can batch
 
     @staticmethod
     def forward(x, wq, scales, biases, group_size, bits, transpose):
@@ -148,13 +149,6 @@ class _AffineMatmulFunction(torch.autograd.Function):
         # calls where they are not (functorch passes zero tensors for them all the same)
         wq, scales, biases = ctx.saved_tensors
         return torch.ops.mlxq.affine_matmul(x_t, wq, scales, biases, *ctx.args)
-
-
-torch.library.register_autograd(
-    "mlxq::affine_matmul",
-    _AffineMatmulFunction.backward,
-    setup_context=_AffineMatmulFunction.setup_context,
-)
 
 
 def _check_constant_in_forward_mode(scales: torch.Tensor, biases: torch.Tensor) -> None:
@@ -366,29 +360,6 @@ def _fp_matmul_fake(
     return x.new_empty([*batch, x.shape[-2], out_features])
 
 
-def _fp_matmul_setup_context(ctx, inputs, output) -> None:
-    x, wq, scales, mode, group_size, bits, transpose, global_scale = inputs
-    ctx.save_for_backward(wq, scales, global_scale)
-    ctx.x_shape = x.shape
-    ctx.args = (mode, group_size, bits, transpose)
-
-
-def _fp_matmul_backward(ctx, grad):
-    wq, scales, global_scale = ctx.saved_tensors
-    mode, group_size, bits, transpose = ctx.args
-    needs = ctx.needs_input_grad  # no entry for a global_scale that was left out
-    if needs[2] or (len(needs) > 7 and needs[7]):
-        _raise_constant_weight_names("fp_matmul", "scales and global_scale")
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.mlxq.fp_matmul(
-            grad, wq, scales, mode, group_size, bits, not transpose, global_scale
-        )
-        if grad_x.shape != ctx.x_shape:  # x was broadcast against a batched weight
-            grad_x = grad_x.sum_to_size(ctx.x_shape)
-    return (grad_x, *([None] * (len(needs) - 1)))
-
-
 def _raise_constant_weight_names(op: str, names: str) -> None:
     raise RuntimeError(
         f"mlxq.{op}: the quantized weight is a constant; gradients with respect to {names} "
@@ -407,9 +378,6 @@ def _fp_quantize_backward(ctx, *grads):
     )
 
 
-torch.library.register_autograd(
-    "mlxq::fp_matmul", _fp_matmul_backward, setup_context=_fp_matmul_setup_context
-)
 torch.library.register_autograd(
     "mlxq::fp_dequantize", _fp_dequantize_backward, setup_context=_no_grad_setup_context
 )
