@@ -12,6 +12,7 @@
 #error "define MLXQ_ISA before including kernels.h"
 #endif
 
+#include "cpu/stream_prefetch.h"
 #include "cpu/vec.h"
 
 namespace mlxq::cpu::MLXQ_ISA {
@@ -62,7 +63,9 @@ void qmv_tile(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1, float* s, fl
   const int64_t K = W.K, G = W.G, row_bytes = K * Bits / 8;
   const float* x[MB];
   for (int m = 0; m < MB; ++m) x[m] = a.x + (m0 + m) * K;
+  RowStreamPrefetch prefetch(W, n0, n1, R, G);
   for (int64_t n = n0; n + R <= n1; n += R) {
+    prefetch.start_tile(n);
     const uint8_t* wrow[R];
     for (int r = 0; r < R; ++r) {
       load_scales(W, n + r, 0, G, s + r * G, b + r * G);
@@ -73,6 +76,7 @@ void qmv_tile(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1, float* s, fl
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r) total[m][r] = v8f{}, bias_sum[m][r] = 0.f;
     for (int64_t g = 0; g < G; ++g) {
+      prefetch.step(g);
       const int64_t k0 = g * GS, byte0 = g * (GS * Bits / 8);
       v8f acc[MB][R][A];
       for (int m = 0; m < MB; ++m)

@@ -159,7 +159,9 @@ void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, flo
   for (int p = 0; p < NP; ++p)
     for (int m = 0; m < MB; ++m) x[p][m] = a.x + (p * M + m0 + m) * K;
 
+  RowStreamPrefetch prefetch(W, n0, n1, R, blocks + 1);
   for (int64_t n = n0; n + R <= n1; n += R) {
+    prefetch.start_tile(n);
     const uint8_t* wrow[R];
     for (int r = 0; r < R; ++r) {
       load_scales(W, n + r, 0, G, s + r * G, b + r * G);
@@ -169,11 +171,13 @@ void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, flo
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; ++blk) {
+      prefetch.step(blk);
       __m512i lanes[R];
       for (int r = 0; r < R; ++r) lanes[r] = load_lanes(wrow[r] + blk * kBlockValues * Bits / 8);
       bf16_block<Bits, GS, MB, R, NP, kLaneValues>(lanes, x, blk * kBlockValues, s, G, lookup,
                                                    total);
     }
+    prefetch.finish(blocks);
     if constexpr (kShifted) {
       if (half_block) {
         __m512i lanes[R];
