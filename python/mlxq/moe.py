@@ -2,9 +2,12 @@
 
 mlx-lm stores the experts of a layer as one stacked tensor per projection
 (`switch_mlp.{gate,up,down}_proj.weight` `[E, out, in*bits/32]`, scales and biases
-`[E, out, in/group_size]`). :class:`AffineSwitchLinear` keeps such a stack packed and
-multiplies only the experts each token selected (:func:`mlxq.affine_gather_matmul`);
-:class:`MoeExperts` is the experts module of a transformers MoE block on top of three of them.
+`[E, out, in/group_size]`, and for gpt-oss a float `bias` `[E, out]`). A stack is a
+:class:`SwitchProjection`: the gather matmul of its storage format (:class:`AffineSwitchLinear`:
+packed affine, :func:`mlxq.affine_gather_matmul`; :class:`SwitchLinear`: float), which
+multiplies only the experts each token selected, then the selected experts' bias.
+:class:`MoeExperts` is the experts module of a transformers MoE block on top of three of them,
+with transformers' gate (`act_fn(gate) * up`, or gpt-oss's :class:`ClampedSwiGLU`).
 
 Routers (transformers' `*TopKRouter`) are quantized by mlx-lm as the linear layers they are in
 MLX, but in transformers each has its own forward (softmax/top-k/normalisation). mlxq keeps that
@@ -23,15 +26,56 @@ from torch import nn
 
 from mlxq.ops import affine_dequantize, affine_gather_matmul, affine_matmul, affine_quantize
 
-__all__ = ["AffineSwitchLinear", "SwitchLinear", "MoeExperts", "AffineWeight", "quantized_router"]
+__all__ = [
+    "SwitchProjection",
+    "AffineSwitchLinear",
+    "SwitchLinear",
+    "ClampedSwiGLU",
+    "MoeExperts",
+    "fused_expert_stacks",
+    "experts_gate",
+    "AffineWeight",
+    "quantized_router",
+]
 
 
-class AffineSwitchLinear(nn.Module):
-    """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`).
+class SwitchProjection(nn.Module):
+    """`num_experts` linear layers stacked, applied to the experts each token selected.
 
-    `forward(x, indices)` follows `mx.gather_qmm`: `x` `[..., M, in]` and `indices` broadcast
-    (absent x indices are an arange over x's batch), output `[*I, M, out]`.
+    `forward(x, indices)` follows `mx.gather_qmm` / `mx.gather_mm`: `x` `[..., M, in]` and
+    `indices` broadcast (absent x indices are an arange over x's batch), output
+    `[*I, M, out]`; then, when the stack has one, the selected experts' `bias` `[E, out]` is
+    added (mlx-lm's `SwitchLinear` with `bias=True`: `y + bias[indices][..., None, :]`).
+    A subclass is one storage format: it implements :meth:`gather_matmul` only, so that
+    :class:`MoeExperts` and the bias do not depend on the format.
     """
+
+    bias: nn.Parameter | None
+
+    def _init_bias(self, bias: bool, dtype: torch.dtype, device) -> None:
+        b = torch.empty(self.num_experts, self.out_features, dtype=dtype, device=device)
+        self.bias = nn.Parameter(b, requires_grad=False) if bias else None
+
+    def gather_matmul(
+        self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
+    ) -> torch.Tensor:
+        """`x` times the transposed weights of the experts `indices` (no bias)."""
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
+    ) -> torch.Tensor:
+        y = self.gather_matmul(x, indices, sorted_indices)
+        if self.bias is None:
+            return y
+        # added after the matmul, in the output's dtype, as both transformers (gpt-oss:
+        # `x @ W[e] + b[e]`) and mlx-lm do
+        return y + self.bias[indices].unsqueeze(-2).to(y.dtype)
+
+
+class AffineSwitchLinear(SwitchProjection):
+    """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`), run by
+    :func:`mlxq.affine_gather_matmul` (see :class:`SwitchProjection`)."""
 
     def __init__(
         self,
@@ -42,6 +86,7 @@ class AffineSwitchLinear(nn.Module):
         group_size: int = 64,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.in_features, self.out_features = (
@@ -60,18 +105,29 @@ class AffineSwitchLinear(nn.Module):
             "scales", torch.empty(num_experts, out_features, groups, dtype=dtype, **kw)
         )
         self.register_buffer("biases", torch.empty_like(self.scales))
+        self._init_bias(bias, dtype, device)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bits: int, group_size: int) -> AffineSwitchLinear:
-        """Quantize a stacked float weight `[E, out, in]` as `mlx.nn.quantize` would."""
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+    ) -> AffineSwitchLinear:
+        """Quantize a stacked float weight `[E, out, in]` as `mlx.nn.quantize` would (`bias`
+        `[E, out]`, if given, is kept in float as mlx-lm keeps it)."""
         e, out_features, in_features = weight.shape
         module = cls(e, in_features, out_features, bits, group_size, weight.dtype, weight.device)
+        module._init_bias(bias is not None, weight.dtype, weight.device)
         module.weight, module.scales, module.biases = affine_quantize(
             weight.detach().contiguous(), group_size, bits
         )
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
         return module
 
-    def forward(
+    def gather_matmul(
         self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
     ) -> torch.Tensor:
         return affine_gather_matmul(
@@ -94,11 +150,12 @@ class AffineSwitchLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, in_features={self.in_features}, "
-            f"out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+            f"out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}"
         )
 
 
-class SwitchLinear(nn.Module):
+class SwitchLinear(SwitchProjection):
     """Float stacked experts `[E, out, in]` (a stack mlx-lm left unquantized), with the same
     `forward(x, indices)` as :class:`AffineSwitchLinear`."""
 
@@ -109,6 +166,7 @@ class SwitchLinear(nn.Module):
         out_features: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.in_features, self.out_features = (
@@ -118,8 +176,9 @@ class SwitchLinear(nn.Module):
         )
         w = torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device)
         self.weight = nn.Parameter(w, requires_grad=False)
+        self._init_bias(bias, dtype, device)
 
-    def forward(
+    def gather_matmul(
         self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
     ) -> torch.Tensor:
         w = self.weight[indices]  # [*I, out, in]
@@ -128,8 +187,27 @@ class SwitchLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, in_features={self.in_features}, "
-            f"out_features={self.out_features}"
+            f"out_features={self.out_features}, bias={self.bias is not None}"
         )
+
+
+class ClampedSwiGLU(nn.Module):
+    """gpt-oss's gate (transformers' `GptOssExperts._apply_gate` on the de-interleaved gate
+    and up halves, mlx-lm's `SwigluOAI`): the gate clamped from above at `limit`, the up part
+    to `[-limit, limit]`, then `(up + 1) * gate * sigmoid(gate * alpha)`, in that order."""
+
+    def __init__(self, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        return (up + 1) * glu
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
 
 
 class MoeExperts(nn.Module):
@@ -137,20 +215,26 @@ class MoeExperts(nn.Module):
     as three stacked projections in mlx-lm's layout (`gate_proj`, `up_proj`, `down_proj`).
 
     `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])` is transformers'
-    eager experts loop: `down(act(gate(x)) * up(x))` per selected expert, weighted and summed
-    over the k experts of each token; only the selected experts' weights are read.
+    eager experts loop: `down(act(gate(x)) * up(x))` per selected expert (or `down(glu(gate(x),
+    up(x)))` when a `glu` is given, e.g. gpt-oss's :class:`ClampedSwiGLU`; the projections add
+    their own biases), weighted and summed over the k experts of each token; only the selected
+    experts' weights are read. The projections may be of any :class:`SwitchProjection` format.
     """
 
     def __init__(
         self,
-        gate_proj: nn.Module,
-        up_proj: nn.Module,
-        down_proj: nn.Module,
-        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        gate_proj: SwitchProjection,
+        up_proj: SwitchProjection,
+        down_proj: SwitchProjection,
+        act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        glu: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        if (act_fn is None) == (glu is None):
+            raise ValueError("mlxq: MoeExperts takes either act_fn or glu")
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.act_fn = act_fn
+        self.glu = glu
         self.num_experts = gate_proj.num_experts
 
     def forward(
@@ -162,10 +246,43 @@ class MoeExperts(nn.Module):
         hidden = hidden_states.shape[-1]
         x = hidden_states.reshape(-1, 1, 1, hidden)  # [T, 1, 1, H]: one x matrix per token
         idx = top_k_index.reshape(x.shape[0], -1)  # [T, k]
-        h = self.act_fn(self.gate_proj(x, idx)) * self.up_proj(x, idx)  # [T, k, 1, I]
+        gate, up = self.gate_proj(x, idx), self.up_proj(x, idx)  # [T, k, 1, I]
+        h = self.glu(gate, up) if self.glu is not None else self.act_fn(gate) * up
         y = self.down_proj(h, idx).squeeze(-2)  # [T, k, H]: x lhs = arange over [T, k]
         y = y * top_k_weights.reshape(idx.shape).unsqueeze(-1)
         return y.sum(dim=1).to(hidden_states.dtype).reshape(hidden_states.shape)
+
+
+def fused_expert_stacks(
+    module: nn.Module, variant: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """mlx-lm's three stacks `{proj: (weight [E, out, in], bias [E, out] or None)}` from the
+    fused parameters of transformers' experts `module` of :class:`mlxq.swap.MoePlan` variant
+    `variant` (views, not copies)."""
+    down = module.down_proj.detach()
+    if variant == "gpt_oss":  # [E, H, 2I], gate and up interleaved (mlx-lm's sanitize)
+        gate_up = module.gate_up_proj.detach().transpose(1, 2)
+        bias = module.gate_up_proj_bias.detach()
+        return {
+            "gate_proj": (gate_up[:, ::2], bias[:, ::2]),
+            "up_proj": (gate_up[:, 1::2], bias[:, 1::2]),
+            "down_proj": (down.transpose(1, 2), module.down_proj_bias.detach()),
+        }
+    gate_up = module.gate_up_proj.detach()  # [E, 2I, H]: gate rows, then up rows
+    inter = gate_up.shape[1] // 2
+    return {
+        "gate_proj": (gate_up[:, :inter], None),
+        "up_proj": (gate_up[:, inter:], None),
+        "down_proj": (down, None),
+    }
+
+
+def experts_gate(module: nn.Module, variant: str) -> dict[str, nn.Module | Callable]:
+    """The gate arguments of :class:`MoeExperts` (`act_fn=` or `glu=`) for transformers'
+    experts `module` of variant `variant`."""
+    if variant == "gpt_oss":
+        return {"glu": ClampedSwiGLU(module.alpha, module.limit)}
+    return {"act_fn": module.act_fn}
 
 
 class AffineWeight:
@@ -304,6 +421,8 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
                 module.num_experts, module.in_features, module.out_features, w.dtype, w.device
             )
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+            if module.bias is not None:
+                new.bias = nn.Parameter(module.bias.detach().to(dtype or w.dtype), False)
         elif isinstance(module, AffineMultiLinear):
             w = affine_dequantize(
                 module.weight, module.scales, module.biases, module.group_size, module.bits

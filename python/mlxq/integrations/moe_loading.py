@@ -18,7 +18,7 @@ from torch import nn
 from mlxq.format import ModuleFormat, stored_format
 from mlxq.integrations.checkpoint import TensorInfo
 from mlxq.mla import AffineMultiLinear, MultiLinear, SplitKvB
-from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, quantized_router
+from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, experts_gate, quantized_router
 from mlxq.swap import MoePlan
 
 __all__ = [
@@ -71,10 +71,12 @@ def stored_stack_format(
 def _projection(
     plan: MoePlan, fmt: ModuleFormat | None, in_features: int, out_features: int, dtype
 ) -> nn.Module:
+    """The stack of the stored format (float or affine), on the meta device."""
+    e, bias = plan.num_experts, plan.bias
     if fmt is None:
-        return SwitchLinear(plan.num_experts, in_features, out_features, dtype, device="meta")
+        return SwitchLinear(e, in_features, out_features, dtype, device="meta", bias=bias)
     return AffineSwitchLinear(
-        plan.num_experts, in_features, out_features, fmt.bits, fmt.group_size, dtype, "meta"
+        e, in_features, out_features, fmt.bits, fmt.group_size, dtype, "meta", bias=bias
     )
 
 
@@ -112,7 +114,7 @@ def replace_moe_module(
         k, n = shapes[proj]
         fmt = stored_stack_format(f"{name}.{proj}", e, k, n, headers, config)
         projections[proj] = _projection(plan, fmt, k, n, dtype)
-    new = MoeExperts(**projections, act_fn=module.act_fn)
+    new = MoeExperts(**projections, **experts_gate(module, plan.variant))
     model.set_submodule(name, new)
     return {f"{name}.{p}" for p in PROJECTIONS if isinstance(projections[p], AffineSwitchLinear)}
 
