@@ -201,7 +201,7 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     # gpt-oss: experts with biases and a clamped gate; sinks in attention; a sliding window
     # shorter than the test sequences (TOKENS, a generation), so that it shows. transformers'
     # default yarn rope is not used: mlx-lm's yarn rounds the correction range (truncate=True)
-    # where gpt-oss's config says truncate=False (see benchmarks/arch_coverage.py's note)
+    # where gpt-oss's config says truncate=False (README, architecture table)
     "gpt_oss": (
         {
             **ROPE,
