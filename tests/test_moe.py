@@ -312,10 +312,17 @@ def test_deepseek_v3_latent_attention_from_mlx_lm_split() -> None:
     assert isinstance(model.model.layers[1].mlp.experts, MoeExperts)
 
 
-def test_dequantize_gives_float_moe_with_the_same_logits() -> None:
+@pytest.mark.parametrize(
+    ("arch", "variant", "router", "router_cls"),
+    [
+        ("qwen3_moe", VARIANTS[0], "gate", "Qwen3MoeTopKRouter"),
+        ("gpt_oss", GPT_OSS_VARIANTS[0], "router", "GptOssTopKRouter"),
+    ],
+)
+def test_dequantize_gives_float_moe_with_the_same_logits(arch, variant, router, router_cls) -> None:
     from mlxq.moe import SwitchLinear
 
-    model = _load(tiny_mlx_checkpoint("qwen3_moe", VARIANTS[0]))
+    model = _load(tiny_mlx_checkpoint(arch, variant))
     ids = torch.tensor([TOKENS])
     with torch.no_grad():
         before = model(ids).logits
@@ -325,8 +332,10 @@ def test_dequantize_gives_float_moe_with_the_same_logits() -> None:
     assert (
         isinstance(experts.gate_proj, SwitchLinear) and experts.gate_proj.weight.is_floating_point()
     )
-    gate = model.model.layers[0].mlp.gate
-    assert type(gate).__name__ == "Qwen3MoeTopKRouter" and isinstance(gate.weight, nn.Parameter)
+    if arch == "gpt_oss":  # the experts' biases come along
+        assert experts.down_proj.bias is not None and experts.down_proj.bias.shape == (4, 128)
+    gate = getattr(model.model.layers[0].mlp, router)
+    assert type(gate).__name__ == router_cls and isinstance(gate.weight, nn.Parameter)
     assert not any(b.dtype == torch.uint32 for b in model.buffers())
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
