@@ -264,6 +264,23 @@ def test_gpt_oss_matches_mlx_lm(variant) -> None:
     assert not any(p.dim() == 3 for p in model.parameters())  # no dense expert copy
 
 
+def test_gpt_oss_missing_expert_bias_is_refused_by_name(tmp_path: Path) -> None:
+    """An expert bias the checkpoint lacks is an error naming the tensor (transformers would
+    initialise it and only log it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_mlx_checkpoint("gpt_oss", GPT_OSS_VARIANTS[0])
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.up_proj.bias"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "mlx"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.up_proj\.bias"):
+        _load(broken)
+
+
 def test_tied_gpt_oss_is_no_oracle() -> None:
     """mlx-lm's gpt_oss always has its own head: a tied checkpoint is not an mlx-lm model."""
     assert run_arch("gpt_oss", VARIANTS[0]).status == "mlx-lm fails"
