@@ -281,6 +281,17 @@ def test_gpt_oss_missing_expert_bias_is_refused_by_name(tmp_path: Path) -> None:
         _load(broken)
 
 
+def test_float_mode_experts_are_refused_by_name() -> None:
+    """`mlx_lm convert --q-mode mxfp4` stores gpt-oss's experts in mxfp4 (uint8 scales, no
+    `biases`) and its routers in affine 8-bit: with no gather matmul for the float modes, the
+    stack is refused by name (it was once read as affine, its missing `biases` initialised)."""
+    variant = Variant(tied=False, bits=4, group_size=32, mode="mxfp4")
+    with pytest.raises(
+        NotImplementedError, match=r"model\.layers\.0\.mlp\.experts\.gate_proj.*'mxfp4'"
+    ):
+        _load(tiny_mlx_checkpoint("gpt_oss", variant))
+
+
 def test_tied_gpt_oss_is_no_oracle() -> None:
     """mlx-lm's gpt_oss always has its own head: a tied checkpoint is not an mlx-lm model."""
     assert run_arch("gpt_oss", VARIANTS[0]).status == "mlx-lm fails"

@@ -68,11 +68,28 @@ def stored_stack_format(
     return fmt
 
 
+def _require_affine(name: str, fmt: ModuleFormat) -> None:
+    """Stored MoE tensors in a float mode (mxfp4, nvfp4, mxfp8) have no gather matmul here yet:
+    refused by name (read as affine they would load without `biases` and run garbage)."""
+    if fmt.mode != "affine":
+        raise NotImplementedError(
+            f"mlxq: {name} is stored in mode {fmt.mode!r}; mlxq runs MoE expert stacks and "
+            "routers in mode 'affine' only so far"
+        )
+
+
 def _projection(
-    plan: MoePlan, fmt: ModuleFormat | None, in_features: int, out_features: int, dtype
+    name: str,
+    plan: MoePlan,
+    fmt: ModuleFormat | None,
+    in_features: int,
+    out_features: int,
+    dtype,
 ) -> nn.Module:
-    """The stack of the stored format (float or affine), on the meta device."""
+    """The stack `name` in its stored format (float or affine), on the meta device."""
     e, bias = plan.num_experts, plan.bias
+    if fmt is not None:
+        _require_affine(name, fmt)
     if fmt is None:
         return SwitchLinear(e, in_features, out_features, dtype, device="meta", bias=bias)
     return AffineSwitchLinear(
@@ -96,6 +113,7 @@ def replace_moe_module(
         if fmt is None:
             return set()
         plan.require()
+        _require_affine(name, fmt)
         new = quantized_router(name, module, fmt.bits, fmt.group_size, dtype, "meta")
         model.set_submodule(name, new)
         return {name}
@@ -113,7 +131,7 @@ def replace_moe_module(
     for proj in PROJECTIONS:
         k, n = shapes[proj]
         fmt = stored_stack_format(f"{name}.{proj}", e, k, n, headers, config)
-        projections[proj] = _projection(plan, fmt, k, n, dtype)
+        projections[proj] = _projection(f"{name}.{proj}", plan, fmt, k, n, dtype)
     new = MoeExperts(**projections, **experts_gate(module, plan.variant))
     model.set_submodule(name, new)
     return {f"{name}.{p}" for p in PROJECTIONS if isinstance(projections[p], AffineSwitchLinear)}
