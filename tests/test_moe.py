@@ -285,11 +285,16 @@ def test_float_mode_experts_are_refused_by_name() -> None:
     """`mlx_lm convert --q-mode mxfp4` stores gpt-oss's experts in mxfp4 (uint8 scales, no
     `biases`) and its routers in affine 8-bit: with no gather matmul for the float modes, the
     stack is refused by name (it was once read as affine, its missing `biases` initialised)."""
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+
     variant = Variant(tied=False, bits=4, group_size=32, mode="mxfp4")
+    path = tiny_mlx_checkpoint("gpt_oss", variant)
     with pytest.raises(
         NotImplementedError, match=r"model\.layers\.0\.mlp\.experts\.gate_proj.*'mxfp4'"
     ):
-        _load(tiny_mlx_checkpoint("gpt_oss", variant))
+        _load(path)
+    problems = [p.message for p in inspect_checkpoint(path, str(path)).problems]
+    assert any("experts.gate_proj is stored in mode 'mxfp4'" in m for m in problems), problems
 
 
 def test_tied_gpt_oss_is_no_oracle() -> None:

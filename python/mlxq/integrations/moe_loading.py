@@ -28,6 +28,7 @@ __all__ = [
     "check_moe_tensors_loaded",
     "PROJECTIONS",
     "drop_fused_expert_converters",
+    "require_affine_moe",
 ]
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -68,7 +69,7 @@ def stored_stack_format(
     return fmt
 
 
-def _require_affine(name: str, fmt: ModuleFormat) -> None:
+def require_affine_moe(name: str, fmt: ModuleFormat) -> None:
     """Stored MoE tensors in a float mode (mxfp4, nvfp4, mxfp8) have no gather matmul here yet:
     refused by name (read as affine they would load without `biases` and run garbage)."""
     if fmt.mode != "affine":
@@ -89,7 +90,7 @@ def _projection(
     """The stack `name` in its stored format (float or affine), on the meta device."""
     e, bias = plan.num_experts, plan.bias
     if fmt is not None:
-        _require_affine(name, fmt)
+        require_affine_moe(name, fmt)
     if fmt is None:
         return SwitchLinear(e, in_features, out_features, dtype, device="meta", bias=bias)
     return AffineSwitchLinear(
@@ -113,7 +114,7 @@ def replace_moe_module(
         if fmt is None:
             return set()
         plan.require()
-        _require_affine(name, fmt)
+        require_affine_moe(name, fmt)
         new = quantized_router(name, module, fmt.bits, fmt.group_size, dtype, "meta")
         model.set_submodule(name, new)
         return {name}
