@@ -234,7 +234,9 @@ def test_gpt_oss_experts_module_matches_transformers() -> None:
     with torch.no_grad():
         got = MoeExperts(**floats, **gate)(x, idx, w)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    packed = {p: AffineSwitchLinear.from_float(wb[0], 8, 32, wb[1]) for p, wb in stacks.items()}
+    packed = {
+        p: AffineSwitchLinear.from_float(wb[0], 8, 32, bias=wb[1]) for p, wb in stacks.items()
+    }
     with torch.no_grad():
         got8 = MoeExperts(**packed, **gate)(x, idx, w)
     assert 0 < float((got8 - ref).abs().max()) < 0.05 * float(ref.abs().max())

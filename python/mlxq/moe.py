@@ -113,6 +113,7 @@ class AffineSwitchLinear(SwitchProjection):
         weight: torch.Tensor,
         bits: int,
         group_size: int,
+        *,
         bias: torch.Tensor | None = None,
     ) -> AffineSwitchLinear:
         """Quantize a stacked float weight `[E, out, in]` as `mlx.nn.quantize` would (`bias`

@@ -123,7 +123,9 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
                 float_stack.bias.data.copy_(bias)
             projections[proj] = float_stack
         else:
-            projections[proj] = AffineSwitchLinear.from_float(w, fmt.bits, fmt.group_size, bias)
+            projections[proj] = AffineSwitchLinear.from_float(
+                w, fmt.bits, fmt.group_size, bias=bias
+            )
     gate = experts_gate(module, entry.moe.variant)
     model.set_submodule(entry.name, MoeExperts(**projections, **gate))
     return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}
