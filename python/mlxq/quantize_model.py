@@ -98,7 +98,7 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
             return set()
         w = module.weight
         new = quantized_router(
-            entry.name, module, fmt.bits, fmt.group_size, w.dtype, w.device, weight=w
+            entry.name, module, fmt.bits, fmt.group_size, w.dtype, w.device, w, fmt.mode
         )
         model.set_submodule(entry.name, new)
         return {entry.name}
@@ -116,7 +116,7 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
             float_stack.weight.data.copy_(w)
             projections[proj] = float_stack
         else:
-            projections[proj] = AffineSwitchLinear.from_float(w, fmt.bits, fmt.group_size)
+            projections[proj] = AffineSwitchLinear.from_float(w, fmt.bits, fmt.group_size, fmt.mode)
     model.set_submodule(entry.name, MoeExperts(**projections, act_fn=module.act_fn))
     return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}
 

@@ -24,6 +24,7 @@ from mlxq.swap import MoePlan
 __all__ = [
     "replace_split_kv_b",
     "stored_stack_format",
+    "stack_global_scale",
     "replace_moe_module",
     "check_moe_tensors_loaded",
     "PROJECTIONS",
@@ -68,13 +69,48 @@ def stored_stack_format(
     return fmt
 
 
+def stack_global_scale(
+    name: str, num_experts: int, fmt: ModuleFormat | None, headers: dict[str, TensorInfo]
+) -> bool:
+    """Whether the stack `name` has mlx-lm's per-expert nvfp4 tensor scales
+    (`<name>.global_scale`, float32 [E], written by `quantize_model(..., global_scale=True)`)."""
+    info = headers.get(f"{name}.global_scale")
+    if info is None:
+        return False
+    if fmt is None or fmt.mode != "nvfp4":
+        mode = "float" if fmt is None else f"mode {fmt.mode!r}"
+        raise ValueError(
+            f"mlxq: experts {name!r}: {name}.global_scale is only used by mode 'nvfp4', but the "
+            f"stack is stored in {mode}; refusing to ignore it"
+        )
+    if info.dtype != "F32" or list(info.shape) != [num_experts]:
+        raise ValueError(
+            f"mlxq: experts {name!r}: {name}.global_scale must be float32 [{num_experts}] (one "
+            f"per expert), got {info.dtype} {list(info.shape)}"
+        )
+    return True
+
+
 def _projection(
-    plan: MoePlan, fmt: ModuleFormat | None, in_features: int, out_features: int, dtype
+    plan: MoePlan,
+    fmt: ModuleFormat | None,
+    in_features: int,
+    out_features: int,
+    dtype,
+    global_scale: bool = False,
 ) -> nn.Module:
     if fmt is None:
         return SwitchLinear(plan.num_experts, in_features, out_features, dtype, device="meta")
     return AffineSwitchLinear(
-        plan.num_experts, in_features, out_features, fmt.bits, fmt.group_size, dtype, "meta"
+        plan.num_experts,
+        in_features,
+        out_features,
+        fmt.bits,
+        fmt.group_size,
+        dtype,
+        "meta",
+        mode=fmt.mode,
+        global_scale=global_scale,
     )
 
 
@@ -94,7 +130,7 @@ def replace_moe_module(
         if fmt is None:
             return set()
         plan.require()
-        new = quantized_router(name, module, fmt.bits, fmt.group_size, dtype, "meta")
+        new = quantized_router(name, module, fmt.bits, fmt.group_size, dtype, "meta", mode=fmt.mode)
         model.set_submodule(name, new)
         return {name}
     hidden, inter, e = plan.in_features, plan.out_features, plan.num_experts
@@ -111,7 +147,8 @@ def replace_moe_module(
     for proj in PROJECTIONS:
         k, n = shapes[proj]
         fmt = stored_stack_format(f"{name}.{proj}", e, k, n, headers, config)
-        projections[proj] = _projection(plan, fmt, k, n, dtype)
+        gs = stack_global_scale(f"{name}.{proj}", e, fmt, headers)
+        projections[proj] = _projection(plan, fmt, k, n, dtype, gs)
     new = MoeExperts(**projections, act_fn=module.act_fn)
     model.set_submodule(name, new)
     return {f"{name}.{p}" for p in PROJECTIONS if isinstance(projections[p], AffineSwitchLinear)}
