@@ -157,3 +157,74 @@ def test_dequantize_float_mode_experts(tmp_path: Path) -> None:
         after = model(ids).logits
     assert not any(b.dtype in (torch.uint32, torch.uint8) for b in model.buffers())
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def _global_scale_checkpoint(float_dir: Path, out: Path) -> Path:
+    """mlx-lm's nvfp4 with one tensor scale per expert on the switch layers
+    (`quantize_model(..., global_scale=True)`, which `mlx_lm convert` does not expose)."""
+    from mlx_lm.utils import load, quantize_model, save
+
+    model, tokenizer, config = load(str(float_dir), return_config=True, lazy=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        model, config = quantize_model(model, config, None, None, "nvfp4", global_scale=True)
+    save(out, float_dir, model, tokenizer, config)
+    return out
+
+
+def _mlx_lm_logits_dequantized_stacks(path: Path) -> np.ndarray:
+    """mlx-lm's fp32 forward with each global-scale stack replaced by its float weights from
+    mx.dequantize (MLX runs gather_qmm with a global scale on its GPU only)."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm import load
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    model, _ = load(str(path))
+    replaced = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedSwitchLinear) and m.global_scale is not None:
+            w = mx.stack(
+                [
+                    mx.dequantize(
+                        m.weight[e], m.scales[e], None, m.group_size, m.bits, mode=m.mode,
+                        global_scale=m.global_scale[e], dtype=mx.float32,
+                    )
+                    for e in range(m.num_experts)
+                ]
+            )  # fmt: skip
+            stack = SwitchLinear(m.input_dims, m.output_dims, m.num_experts, bias=False)
+            stack.weight = w
+            replaced.append((name, stack))
+    assert replaced
+    model.update_modules(tree_unflatten(replaced))
+    model.set_dtype(mx.float32)
+    logits = model(mx.array(np.asarray(TOKENS, dtype=np.int32)[None]))[0]
+    return np.array(logits.astype(mx.float32))
+
+
+def test_nvfp4_per_expert_global_scale(tmp_path: Path) -> None:
+    """Stacks with mlx-lm's per-expert nvfp4 global_scale [E] load (fp_gather_matmul's
+    global_scale), match mlx-lm's forward over mx.dequantize'd stacks in fp32, and save back."""
+    src = tiny_float_checkpoint("qwen3_moe", tmp_path / "float", tied=False)
+    path = _global_scale_checkpoint(src, tmp_path / "gs")
+    stored = _tensors(path)
+    key = "model.layers.0.mlp.switch_mlp.up_proj.global_scale"
+    assert stored[key].dtype == torch.float32 and stored[key].shape == (4,)
+    ref = _mlx_lm_logits_dequantized_stacks(path)
+    model = _load(path)
+    stack = model.model.layers[0].mlp.experts.up_proj
+    assert stack.mode == "nvfp4" and torch.equal(stack.global_scale, stored[key])
+    with torch.no_grad():
+        got = model(torch.tensor([TOKENS])).logits[0].numpy()
+    diff = float(np.abs(got - ref).max())
+    print(f"\nqwen3_moe nvfp4 per-expert global_scale: max|diff| {diff:.2e}")
+    assert diff <= TOLERANCE
+    model = _load(path, torch.bfloat16)
+    model.save_pretrained(tmp_path / "saved")
+    after = _tensors(tmp_path / "saved")
+    assert sorted(after) == sorted(stored)
+    for k, tensor in stored.items():
+        assert torch.equal(after[k].view(torch.uint8), tensor.view(torch.uint8)), k
+    block = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization"]
+    assert block == json.loads((path / "config.json").read_text())["quantization"]
+    assert block["model.layers.0.mlp.switch_mlp.up_proj"]["global_scale"] is True
