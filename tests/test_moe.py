@@ -283,20 +283,70 @@ def test_gpt_oss_missing_expert_bias_is_refused_by_name(tmp_path: Path) -> None:
         _load(broken)
 
 
-def test_float_mode_experts_are_refused_by_name() -> None:
-    """`mlx_lm convert --q-mode mxfp4` stores gpt-oss's experts in mxfp4 (uint8 scales, no
-    `biases`) and its routers in affine 8-bit: with no gather matmul for the float modes, the
-    stack is refused by name (it was once read as affine, its missing `biases` initialised)."""
+FP_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+
+
+@pytest.mark.parametrize("mode", list(FP_MODES))
+def test_gpt_oss_float_modes_match_mlx_lm(tmp_path: Path, mode: str) -> None:
+    """`mlx_lm convert --q-mode mxfp4` (what mlx-community's gpt-oss checkpoints are: experts in
+    mxfp4) and the other float modes: the stacks run fp_gather_matmul plus their float biases,
+    routers stay affine 8-bit (mlx-lm's gpt_oss rule has no mode); fp32 logits against mlx-lm,
+    and mlx-lm runs mlxq's save_pretrained as the original."""
+    import shutil
+
     from mlxq.inspect_checkpoint import inspect_checkpoint
 
-    variant = Variant(tied=False, bits=4, group_size=32, mode="mxfp4")
+    group_size, bits = FP_MODES[mode]
+    variant = Variant(tied=False, bits=bits, group_size=group_size, mode=mode)
+    outcome = run_arch("gpt_oss", variant)
+    print(f"\n{outcome.line()}")
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
     path = tiny_mlx_checkpoint("gpt_oss", variant)
-    with pytest.raises(
-        NotImplementedError, match=r"model\.layers\.0\.mlp\.experts\.gate_proj.*'mxfp4'"
-    ):
-        _load(path)
-    problems = [p.message for p in inspect_checkpoint(path, str(path)).problems]
-    assert any("experts.gate_proj is stored in mode 'mxfp4'" in m for m in problems), problems
+    model = _load(path)
+    mlp = model.model.layers[0].mlp
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        stack = getattr(mlp.experts, proj)
+        assert isinstance(stack, AffineSwitchLinear) and stack.mode == mode
+        assert stack.scales.dtype == torch.uint8 and stack.bias.shape == (4, 128)
+    assert (mlp.router.mode, mlp.router.bits, mlp.router.group_size) == ("affine", 8, 64)
+    report = inspect_checkpoint(path, str(path))
+    assert not [p for p in report.problems if p.severity == "error"], report.problems
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for file in path.iterdir():  # the tokenizer's files
+        if not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    np.testing.assert_array_equal(mlx_lm_logits(saved, TOKENS), mlx_lm_logits(path, TOKENS))
+
+
+def test_gpt_oss_mxfp4_convert_matches_mlx_lm_convert(tmp_path: Path) -> None:
+    """`mlxq convert --q-mode mxfp4` of the float gpt-oss writes `mlx_lm convert --q-mode mxfp4`'s
+    tensors (of the Hub layout of the same model) bit for bit: mxfp4 stacks with float biases,
+    affine 8-bit routers, the same quantization block."""
+    import contextlib
+    import io
+    import json
+    import shutil
+
+    from mlx_lm import convert
+    from mlxq.convert import convert_checkpoint
+    from safetensors.torch import load_file
+
+    src = _tiny_float_moe("gpt_oss", tmp_path / "float")
+    ours, theirs, hub = tmp_path / "ours", tmp_path / "theirs", tmp_path / "hub"
+    convert_checkpoint(src, ours, bits=4, group_size=32, mode="mxfp4")
+    shutil.copytree(src, hub)
+    MLX_LM_INPUT_LAYOUT["gpt_oss"](hub)
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(hub), str(theirs), quantize=True, q_group_size=32, q_bits=4, q_mode="mxfp4")
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:4], sorted(set(b) - set(a))[:4])
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    q = json.loads((ours / "config.json").read_text())["quantization"]
+    assert q == json.loads((theirs / "config.json").read_text())["quantization"]
+    ref = mlx_lm_logits(theirs, TOKENS)
+    assert float(np.abs(mlxq_logits(ours, TOKENS) - ref).max()) <= TOLERANCE
 
 
 def test_tied_gpt_oss_is_no_oracle() -> None:
@@ -465,15 +515,11 @@ def test_quantize_model_on_float_moe(tmp_path: Path) -> None:
 
 
 def test_moe_refusals_name_the_module(tmp_path: Path) -> None:
-    """What is not reproduced is refused by name: MoE in a mode other than affine, a mixed
-    recipe on a MoE model (mlx-lm's recipe also picks the switch_mlp bits)."""
-    import mlxq
+    """What is not reproduced is refused by name: a mixed recipe on a MoE model (mlx-lm's
+    recipe also picks the switch_mlp bits). (Float-mode MoE: tests/test_moe_fp.py.)"""
     from mlxq.convert import convert_checkpoint
 
     src = _tiny_float_moe("qwen3_moe", tmp_path / "float")
-    model = _load(src)
-    with pytest.raises(NotImplementedError, match=r"'model\.layers\.0\.mlp\.(gate|experts)'"):
-        mlxq.quantize_model(model, mode="mxfp4")
     with pytest.raises(NotImplementedError, match=r"recipe 'mixed_3_6'.*'model\.layers\.0"):
         convert_checkpoint(src, tmp_path / "out", bits=3, recipe="mixed_3_6")
 

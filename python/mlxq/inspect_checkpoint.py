@@ -480,11 +480,7 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
     """Report rows for a MoE experts module (one per stacked projection) or a quantized
     router, as the loader replaces them (mlxq.integrations.moe_loading); None for any other
     module (and for routers the checkpoint keeps float: they are reported as they are)."""
-    from mlxq.integrations.moe_loading import (
-        PROJECTIONS,
-        require_affine_moe,
-        stored_stack_format,
-    )
+    from mlxq.integrations.moe_loading import PROJECTIONS, stored_stack_format
 
     rows: list[ModuleReport] = []
     try:
@@ -493,7 +489,6 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
             if fmt is None:
                 return None
             plan.require()
-            require_affine_moe(name, fmt)
             row = ModuleReport(
                 name,
                 plan.cls_name,
@@ -520,15 +515,14 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
             k, n = shapes[proj]
             full = f"{name}.{proj}"
             fmt = stored_stack_format(full, e, k, n, headers, qconfig)
-            if fmt is not None:
-                require_affine_moe(full, fmt)
             row = ModuleReport(full, f"{e} experts", n, k, None, None, None, e * k * n, 0, "")
             row.bytes = sum(_nbytes(v) for key, v in headers.items() if key.startswith(full + "."))
             if fmt is None:
                 row.action = "mlxq SwitchLinear, float experts"
             else:
                 row.bits, row.group_size, row.mode = fmt.bits, fmt.group_size, fmt.mode
-                row.action = "mlxq AffineSwitchLinear: affine_gather_matmul, selected experts only"
+                op = "affine_gather_matmul" if fmt.mode == "affine" else "fp_gather_matmul"
+                row.action = f"mlxq AffineSwitchLinear: {op}, selected experts only"
             rows.append(row)
     except (ValueError, NotImplementedError) as error:
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))

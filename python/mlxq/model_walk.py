@@ -256,7 +256,6 @@ def plan_quantization(
         if moe.kind == "router":
             fmt = configured_format(entry.name, top, overrides, skip)
             if fmt is not None and fits(moe.in_features, fmt):
-                _require_affine(entry.name, moe.cls_name, fmt)
                 moe.require()
                 entry.format = fmt
             continue
@@ -272,17 +271,4 @@ def plan_quantization(
             entry.parts[proj] = fmt if fmt is not None and fits(width, fmt) else None
         if any(entry.parts.values()):
             moe.require()
-            for fmt in entry.parts.values():
-                if fmt is not None:
-                    _require_affine(entry.name, moe.cls_name, fmt)
     return plan
-
-
-def _require_affine(name: str, cls_name: str, fmt: ModuleFormat) -> None:
-    """mlxq's quantized MoE modules hold affine tensors only."""
-    if fmt.mode != "affine":
-        raise NotImplementedError(
-            f"mlxq: module {name!r} ({cls_name}) would be quantized in mode {fmt.mode!r}; mlxq "
-            "quantizes MoE experts and routers in mode 'affine' only so far (keep it float: "
-            f"modules_to_not_convert=[{name!r}])"
-        )

@@ -2,10 +2,11 @@
 
 mlx-lm stores the experts of a layer as one stacked tensor per projection
 (`switch_mlp.{gate,up,down}_proj.weight` `[E, out, in*bits/32]`, scales and biases
-`[E, out, in/group_size]`, and for gpt-oss a float `bias` `[E, out]`). A stack is a
-:class:`SwitchProjection`: the gather matmul of its storage format (:class:`AffineSwitchLinear`:
-packed affine, :func:`mlxq.affine_gather_matmul`; :class:`SwitchLinear`: float), which
-multiplies only the experts each token selected, then the selected experts' bias.
+`[E, out, in/group_size]`; the floating-point modes have uint8 scales and no biases; gpt-oss
+adds a float `bias` `[E, out]`). A stack is a :class:`SwitchProjection`: the gather matmul of
+its storage format (:class:`AffineSwitchLinear`: packed, any MLX mode, through
+:func:`mlxq.affine_gather_matmul` / :func:`mlxq.fp_gather_matmul`; :class:`SwitchLinear`:
+float), which multiplies only the experts each token selected, then the selected experts' bias.
 :class:`MoeExperts` is the experts module of a transformers MoE block on top of three of them,
 with transformers' gate (`act_fn(gate) * up`, or gpt-oss's :class:`ClampedSwiGLU`).
 
@@ -24,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlxq.ops import affine_dequantize, affine_gather_matmul, affine_matmul, affine_quantize
+from mlxq.format import MODE_DEFAULTS
+from mlxq.ops import (
+    affine_dequantize,
+    affine_quantize,
+    dequantize,
+    gather_quantized_matmul,
+    quantize,
+    quantized_matmul,
+)
 
 __all__ = [
     "SwitchProjection",
@@ -74,8 +83,12 @@ class SwitchProjection(nn.Module):
 
 
 class AffineSwitchLinear(SwitchProjection):
-    """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`), run by
-    :func:`mlxq.affine_gather_matmul` (see :class:`SwitchProjection`)."""
+    """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`), in any
+    MLX mode: "affine" (float `scales` and `biases`) or "mxfp4", "nvfp4", "mxfp8" (uint8
+    `scales`, no `biases`; nvfp4 optionally with mlx-lm's per-expert float32 `global_scale`
+    [E]), as :class:`mlxq.nn.AffineLinear` holds every mode under its affine name; the mode
+    picks the gather matmul (see :class:`SwitchProjection`; gpt-oss's float `bias` in any mode).
+    """
 
     def __init__(
         self,
@@ -86,25 +99,37 @@ class AffineSwitchLinear(SwitchProjection):
         group_size: int = 64,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        mode: str = "affine",
+        global_scale: bool = False,
         bias: bool = False,
     ) -> None:
         super().__init__()
+        if mode != "affine" and (group_size, bits) != MODE_DEFAULTS.get(mode):
+            raise ValueError(
+                f"mlxq: {type(self).__name__}: mode {mode!r} needs (group_size, bits) = "
+                f"{MODE_DEFAULTS.get(mode)}, got ({group_size}, {bits})"
+            )
+        if global_scale and mode != "nvfp4":
+            raise ValueError(f"mlxq: global_scale is only used by mode 'nvfp4', got {mode!r}")
         self.num_experts, self.in_features, self.out_features = (
             num_experts,
             in_features,
             out_features,
         )
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.mode, self.dtype = bits, group_size, mode, dtype
         packed = in_features * bits // 32
         groups = in_features // group_size
         kw = dict(device=device)
         self.register_buffer(
             "weight", torch.empty(num_experts, out_features, packed, dtype=torch.uint32, **kw)
         )
+        scale_dtype = dtype if mode == "affine" else torch.uint8
         self.register_buffer(
-            "scales", torch.empty(num_experts, out_features, groups, dtype=dtype, **kw)
+            "scales", torch.empty(num_experts, out_features, groups, dtype=scale_dtype, **kw)
         )
-        self.register_buffer("biases", torch.empty_like(self.scales))
+        self.register_buffer("biases", torch.empty_like(self.scales) if mode == "affine" else None)
+        gs = torch.empty(num_experts, dtype=torch.float32, **kw) if global_scale else None
+        self.register_buffer("global_scale", gs)
         self._init_bias(bias, dtype, device)
 
     @classmethod
@@ -113,17 +138,22 @@ class AffineSwitchLinear(SwitchProjection):
         weight: torch.Tensor,
         bits: int,
         group_size: int,
+        mode: str = "affine",
         *,
         bias: torch.Tensor | None = None,
     ) -> AffineSwitchLinear:
         """Quantize a stacked float weight `[E, out, in]` as `mlx.nn.quantize` would (`bias`
         `[E, out]`, if given, is kept in float as mlx-lm keeps it)."""
         e, out_features, in_features = weight.shape
-        module = cls(e, in_features, out_features, bits, group_size, weight.dtype, weight.device)
-        module._init_bias(bias is not None, weight.dtype, weight.device)
-        module.weight, module.scales, module.biases = affine_quantize(
-            weight.detach().contiguous(), group_size, bits
+        module = cls(
+            e, in_features, out_features, bits, group_size, weight.dtype, weight.device, mode
         )
+        module._init_bias(bias is not None, weight.dtype, weight.device)
+        w = weight.detach().contiguous()
+        if mode == "affine":
+            module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
+        else:
+            module.weight, module.scales = quantize(w, group_size, bits, mode)
         if bias is not None:
             module.bias.data.copy_(bias.detach())
         return module
@@ -131,28 +161,62 @@ class AffineSwitchLinear(SwitchProjection):
     def gather_matmul(
         self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
     ) -> torch.Tensor:
-        return affine_gather_matmul(
+        return gather_quantized_matmul(
             x,
             self.weight,
             self.scales,
             self.biases,
             None,
             indices,
+            True,
             self.group_size,
             self.bits,
-            True,
-            sorted_indices,
+            self.mode,
+            self.global_scale,
+            sorted_indices=sorted_indices,
         )
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The float weights `[E, out, in]`, in the dtype of `scales`."""
-        return affine_dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+        """The float weights `[E, out, in]`, in the dtype of `scales` (affine) or `dtype`; with
+        nvfp4's global scales float32 (as `mx.dequantize` returns them)."""
+        if self.mode == "affine":
+            return affine_dequantize(
+                self.weight, self.scales, self.biases, self.group_size, self.bits
+            )
+        if self.global_scale is None:
+            return dequantize(
+                self.weight,
+                self.scales,
+                None,
+                self.group_size,
+                self.bits,
+                self.mode,
+                dtype=self.dtype,
+            )
+        experts = [
+            dequantize(
+                self.weight[e],
+                self.scales[e],
+                None,
+                self.group_size,
+                self.bits,
+                self.mode,
+                global_scale=self.global_scale[e],
+                dtype=self.dtype,
+            )
+            for e in range(self.num_experts)
+        ]
+        return torch.stack(experts)
 
     def extra_repr(self) -> str:
+        mode = "" if self.mode == "affine" else f", mode={self.mode}"
+        if self.global_scale is not None:
+            mode += ", global_scale"
         return (
             f"num_experts={self.num_experts}, in_features={self.in_features}, "
-            f"out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}"
+            f"out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+            + mode
+            + f", bias={self.bias is not None}"
         )
 
 
@@ -289,7 +353,7 @@ def experts_gate(module: nn.Module, variant: str) -> dict[str, nn.Module | Calla
 class AffineWeight:
     """A quantized `[out, in]` weight as a router's forward sees `self.weight`.
 
-    Not a tensor: `F.linear(x, w, bias=None)` computes `affine_matmul(x, ...) (+ bias)` through
+    Not a tensor: `F.linear(x, w, bias=None)` computes `quantized_matmul(x, ...) (+ bias)` through
     `__torch_function__`; every other torch function, and attributes other than `shape`,
     `dtype` and `device`, raise an error naming the module, so that a forward mlxq does not
     reproduce fails loudly instead of running on the packed integers.
@@ -337,7 +401,9 @@ class AffineWeight:
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if w is owner and isinstance(x, torch.Tensor) and not isinstance(bias, AffineWeight):
                 m = owner._module
-                y = affine_matmul(x, m.weight_packed, m.scales, m.biases, m.group_size, m.bits)
+                y = quantized_matmul(
+                    x, m.weight_packed, m.scales, m.biases, True, m.group_size, m.bits, m.mode
+                )
                 return y if bias is None else y + bias.to(y.dtype)
         raise owner._refuse(f"`{getattr(func, '__name__', func)}`")
 
@@ -357,7 +423,9 @@ class _AffineRouter:
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bits={self.bits}, group_size={self.group_size} (quantized by mlxq)"
+            f"bits={self.bits}, group_size={self.group_size}"
+            + ("" if self.mode == "affine" else f", mode={self.mode}")
+            + " (quantized by mlxq)"
         )
 
 
@@ -382,11 +450,12 @@ def quantized_router(
     dtype: torch.dtype,
     device,
     weight: torch.Tensor | None = None,
+    mode: str = "affine",
 ) -> nn.Module:
     """`module` (a router whose forward reaches its weight only through `F.linear`; see
     :func:`mlxq.swap.moe_plan`) with that weight quantized: the same object state and forward,
-    its `weight` parameter replaced by packed `weight`/`scales`/`biases` buffers (uninitialized,
-    or `weight` [out, in] quantized bit-exactly as mlx does)."""
+    its `weight` parameter replaced by packed `weight`/`scales`(/`biases` in mode "affine")
+    buffers (uninitialized, or `weight` [out, in] quantized bit-exactly as mlx does)."""
     out_features, in_features = module.weight.shape
     new = object.__new__(_router_class(type(module)))
     new.__dict__.update(module.__dict__)
@@ -396,14 +465,16 @@ def quantized_router(
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     new._mlxq_name = name
     new.in_features, new.out_features = in_features, out_features
-    new.bits, new.group_size = bits, group_size
+    new.bits, new.group_size, new.mode, new._mlxq_dtype = bits, group_size, mode, dtype
     if weight is not None:
-        packed, scales, biases = affine_quantize(weight.detach().contiguous(), group_size, bits)
+        packed, scales, *rest = quantize(weight.detach().contiguous(), group_size, bits, mode)
+        biases = rest[0] if rest else None
     else:
+        scale_dtype = dtype if mode == "affine" else torch.uint8
         packed = torch.empty(out_features, in_features * bits // 32, dtype=torch.uint32)
-        scales = torch.empty(out_features, in_features // group_size, dtype=dtype)
+        scales = torch.empty(out_features, in_features // group_size, dtype=scale_dtype)
         packed, scales = packed.to(device), scales.to(device)
-        biases = torch.empty_like(scales)
+        biases = torch.empty_like(scales) if mode == "affine" else None
     new._buffers.update(weight=packed, scales=scales, biases=biases)
     return new
 
@@ -432,12 +503,18 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
             new = MultiLinear(heads, in_features, out_features, w.dtype, w.device)
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
         elif isinstance(module, _AffineRouter):
-            w = affine_dequantize(
-                module.weight_packed, module.scales, module.biases, module.group_size, module.bits
+            w = dequantize(
+                module.weight_packed,
+                module.scales,
+                module.biases,
+                module.group_size,
+                module.bits,
+                module.mode,
+                dtype=None if module.mode == "affine" else module._mlxq_dtype,
             )
             new = object.__new__(type(module).__mro__[2])
             new.__dict__.update(module.__dict__)
-            for attr in ("_mlxq_name", "bits", "group_size"):
+            for attr in ("_mlxq_name", "bits", "group_size", "mode", "_mlxq_dtype"):
                 new.__dict__.pop(attr, None)
             new._buffers = {
                 k: v for k, v in module._buffers.items() if k not in ("weight", "scales", "biases")

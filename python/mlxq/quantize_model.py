@@ -105,7 +105,7 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
             return set()
         w = module.weight
         new = quantized_router(
-            entry.name, module, fmt.bits, fmt.group_size, w.dtype, w.device, weight=w
+            entry.name, module, fmt.bits, fmt.group_size, w.dtype, w.device, w, fmt.mode
         )
         model.set_submodule(entry.name, new)
         return {entry.name}
@@ -124,7 +124,7 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
             projections[proj] = float_stack
         else:
             projections[proj] = AffineSwitchLinear.from_float(
-                w, fmt.bits, fmt.group_size, bias=bias
+                w, fmt.bits, fmt.group_size, fmt.mode, bias=bias
             )
     gate = experts_gate(module, entry.moe.variant)
     model.set_submodule(entry.name, MoeExperts(**projections, **gate))
