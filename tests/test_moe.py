@@ -354,14 +354,19 @@ def test_tied_gpt_oss_is_no_oracle() -> None:
     assert run_arch("gpt_oss", VARIANTS[0]).status == "mlx-lm fails"
 
 
-def test_gpt_oss_greedy_generation_matches_mlx_lm() -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [GPT_OSS_VARIANTS[0], Variant(tied=False, bits=4, group_size=32, mode="mxfp4")],
+    ids=lambda v: v.tag,
+)
+def test_gpt_oss_greedy_generation_matches_mlx_lm(variant) -> None:
     """16 greedy tokens from mlxq (transformers' generate, KV cache, the sliding window of 8
     passed) are mlx-lm's own greedy tokens (generate_step: its rotating cache), fp32."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_models import _mlx_model
 
-    path = tiny_mlx_checkpoint("gpt_oss", GPT_OSS_VARIANTS[0])
+    path = tiny_mlx_checkpoint("gpt_oss", variant)
     model = _load(path)
     prompt = TOKENS[:5]
     with torch.no_grad():
