@@ -228,3 +228,26 @@ def test_nvfp4_per_expert_global_scale(tmp_path: Path) -> None:
     block = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization"]
     assert block == json.loads((path / "config.json").read_text())["quantization"]
     assert block["model.layers.0.mlp.switch_mlp.up_proj"]["global_scale"] is True
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_switch_linear_in_float_modes(mode: str) -> None:
+    """AffineSwitchLinear.from_float(mode=) holds mx.quantize's tensors and its forward is the
+    gather over them (float64 reference from the dequantized stack); bad formats are refused
+    naming the module and the expected values."""
+    gen = torch.Generator().manual_seed(0)
+    group_size, bits = MODES[mode]
+    w = torch.randn(4, 32, 64, generator=gen)
+    stack = AffineSwitchLinear.from_float(w, bits, group_size, mode)
+    assert stack.scales.dtype == torch.uint8 and stack.biases is None
+    assert set(stack.state_dict()) == {"weight", "scales"}
+    x, idx = torch.randn(3, 1, 1, 64, generator=gen), torch.tensor([[3, 0], [1, 1], [2, 3]])
+    ref = x.double() @ stack.dequantize_weight().double()[idx].transpose(-1, -2)
+    torch.testing.assert_close(stack(x, idx).double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"mode '{mode}' needs \(group_size, bits\)"):
+        AffineSwitchLinear(4, 64, 32, 3, 64, mode=mode)
+    with pytest.raises(ValueError, match="mode='fp4' is not one of affine, mxfp4"):
+        AffineSwitchLinear(4, 64, 32, bits, group_size, mode="fp4")
+    if mode != "nvfp4":
+        with pytest.raises(ValueError, match="global_scale is only used by mode 'nvfp4'"):
+            AffineSwitchLinear(4, 64, 32, bits, group_size, mode=mode, global_scale=True)

@@ -58,10 +58,15 @@ class AffineSwitchLinear(nn.Module):
         global_scale: bool = False,
     ) -> None:
         super().__init__()
-        if mode != "affine" and (group_size, bits) != MODE_DEFAULTS.get(mode):
+        if mode not in MODE_DEFAULTS:
+            raise ValueError(
+                f"mlxq: {type(self).__name__}: mode={mode!r} is not one of "
+                f"{', '.join(MODE_DEFAULTS)}"
+            )
+        if mode != "affine" and (group_size, bits) != MODE_DEFAULTS[mode]:
             raise ValueError(
                 f"mlxq: {type(self).__name__}: mode {mode!r} needs (group_size, bits) = "
-                f"{MODE_DEFAULTS.get(mode)}, got ({group_size}, {bits})"
+                f"{MODE_DEFAULTS[mode]}, got ({group_size}, {bits})"
             )
         if global_scale and mode != "nvfp4":
             raise ValueError(f"mlxq: global_scale is only used by mode 'nvfp4', got {mode!r}")
