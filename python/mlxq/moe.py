@@ -381,9 +381,7 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
             )
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
         elif isinstance(module, AffineMultiLinear):
-            w = affine_dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits
-            )
+            w = module.dequantize_weight()
             heads, out_features, in_features = w.shape
             new = MultiLinear(heads, in_features, out_features, w.dtype, w.device)
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
