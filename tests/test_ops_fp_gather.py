@@ -271,6 +271,9 @@ def test_global_scale_shape_is_one_per_expert(gen):
             mlxq.fp_gather_matmul(x, wq, s, "nvfp4", 16, 4, None, torch.tensor([0, 1]), True, bad)
     with pytest.raises(TypeError, match="global_scale must be float32"):
         mlxq.fp_gather_matmul(x, wq, s, "nvfp4", 16, 4, None, torch.tensor([0]), True, gs.double())
+    # a 2-D weight is one matrix: its global scale is a single value (shape []), as fp_matmul's
+    y = mlxq.fp_gather_matmul(x, wq[1], s[1], "nvfp4", 16, 4, None, None, True, gs[1])
+    assert torch.equal(y, mlxq.quantized_matmul(x, wq[1], s[1], mode="nvfp4", global_scale=gs[1]))
 
 
 def test_fake_kernel_meta_and_compile(gen):

@@ -104,10 +104,15 @@ class AffineSwitchLinear(SwitchProjection):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        if mode != "affine" and (group_size, bits) != MODE_DEFAULTS.get(mode):
+        if mode not in MODE_DEFAULTS:
+            raise ValueError(
+                f"mlxq: {type(self).__name__}: mode={mode!r} is not one of "
+                f"{', '.join(MODE_DEFAULTS)}"
+            )
+        if mode != "affine" and (group_size, bits) != MODE_DEFAULTS[mode]:
             raise ValueError(
                 f"mlxq: {type(self).__name__}: mode {mode!r} needs (group_size, bits) = "
-                f"{MODE_DEFAULTS.get(mode)}, got ({group_size}, {bits})"
+                f"{MODE_DEFAULTS[mode]}, got ({group_size}, {bits})"
             )
         if global_scale and mode != "nvfp4":
             raise ValueError(f"mlxq: global_scale is only used by mode 'nvfp4', got {mode!r}")
@@ -496,9 +501,7 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
             if module.bias is not None:
                 new.bias = nn.Parameter(module.bias.detach().to(dtype or w.dtype), False)
         elif isinstance(module, AffineMultiLinear):
-            w = affine_dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits
-            )
+            w = module.dequantize_weight()
             heads, out_features, in_features = w.shape
             new = MultiLinear(heads, in_features, out_features, w.dtype, w.device)
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)

@@ -208,7 +208,9 @@ def replace_split_kv_b(
         if fmt is None:
             parts[part] = MultiLinear(heads, k, n, dtype, "meta")
         else:
-            parts[part] = AffineMultiLinear(heads, k, n, fmt.bits, fmt.group_size, dtype, "meta")
+            parts[part] = AffineMultiLinear(
+                heads, k, n, fmt.bits, fmt.group_size, dtype, "meta", mode=fmt.mode
+            )
             quantized.add(f"{name}.{part}")
     model.set_submodule(name, SplitKvB(heads, rank, nope, v_dim, **parts))
     return quantized
