@@ -12,8 +12,12 @@ For a decode step (1 token) and a short prefill, median ms of:
 and, for mlxq, the decode step at other top-k and expert counts: the work must follow the
 experts selected (top-k), not the experts stored.
 
+Float-mode rows (`modes`): the same layer (same float weights) quantized in mxfp4 / nvfp4 /
+mxfp8, mlxq's MoeExperts through fp_gather_matmul and mlx-lm's SwitchGLU with that mode, each
+with its ratio to mlxq's affine row of the same dtype and tokens.
+
 Usage: python benchmarks/bench_moe.py [--experts 64] [--top-k 8] [--hidden 2048]
-       [--inter 768] [--bits 4] [--prefill 32] [--threads N]
+       [--inter 768] [--bits 4] [--prefill 32] [--threads N] [--modes mxfp4,nvfp4,mxfp8]
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from mlxq.bench.timing import median_ms
 from mlxq.moe import AffineSwitchLinear, MoeExperts
 
 
-def _layer(e: int, hidden: int, inter: int, bits: int, group_size: int, gen):
-    """Random experts quantized by mlxq (== mx.quantize), as MoeExperts and as dense weights."""
+def _layer(e: int, hidden: int, inter: int, bits: int, group_size: int, gen, mode: str = "affine"):
+    """Random experts quantized by mlxq (== mx.quantize), as MoeExperts and as dense weights.
+    The same generator state gives the same float weights in every mode."""
     projections = {}
     for name, (rows, cols) in {
         "gate_proj": (inter, hidden),
@@ -39,7 +44,7 @@ def _layer(e: int, hidden: int, inter: int, bits: int, group_size: int, gen):
         "down_proj": (hidden, inter),
     }.items():
         w = torch.randn(e, rows, cols, generator=gen) * cols**-0.5
-        projections[name] = AffineSwitchLinear.from_float(w.bfloat16(), bits, group_size)
+        projections[name] = AffineSwitchLinear.from_float(w.bfloat16(), bits, group_size, mode)
     experts = MoeExperts(**projections, act_fn=torch.nn.SiLU())
     dense = {n: p.dequantize_weight().float() for n, p in projections.items()}
     return experts, dense
@@ -60,7 +65,7 @@ def _hf_experts(dense: dict, e: int, hidden: int, inter: int, dtype, implementat
     return module.to(dtype)
 
 
-def _mlx_switch_glu(experts: MoeExperts, bits: int, group_size: int):
+def _mlx_switch_glu(experts: MoeExperts, bits: int, group_size: int, mode: str = "affine"):
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
@@ -68,16 +73,21 @@ def _mlx_switch_glu(experts: MoeExperts, bits: int, group_size: int):
 
     p = experts.gate_proj
     glu = SwitchGLU(p.in_features, p.out_features, p.num_experts)
-    nn.quantize(glu, group_size=group_size, bits=bits)  # then overwritten with mlxq's tensors
+    # quantized by MLX, then overwritten with mlxq's tensors
+    nn.quantize(glu, group_size=group_size, bits=bits, mode=mode)
 
     def arr(t):
         if t.dtype == torch.uint32:
             return mx.array(t.view(torch.int32).numpy().view(np.uint32))
+        if t.dtype == torch.uint8:
+            return mx.array(t.numpy())
         return mx.array(t.float().numpy())
 
     for name in ("gate_proj", "up_proj", "down_proj"):
         src, dst = getattr(experts, name), getattr(glu, name)
-        dst.weight, dst.scales, dst.biases = arr(src.weight), arr(src.scales), arr(src.biases)
+        dst.weight, dst.scales = arr(src.weight), arr(src.scales)
+        if mode == "affine":
+            dst.biases = arr(src.biases)
     return glu
 
 
@@ -146,7 +156,41 @@ def run(args) -> dict:
             print(json.dumps(scaling[-1]))
         del big
     results["scaling"] = scaling
+    results["modes"] = _mode_rows(args, experts)
     return results
+
+
+def _mode_rows(args, affine: MoeExperts) -> list[dict]:
+    """The layer in each float mode (same float weights as the affine layer), with ratios to
+    mlxq's affine layer timed right before it on the same input (> 1: slower than affine; back
+    to back, so that a machine shared with other jobs shifts both alike)."""
+    import mlx.core as mx
+    from mlxq.format import MODE_DEFAULTS
+
+    rows = []
+    e, k, hidden, inter = args.experts, args.top_k, args.hidden, args.inter
+    for mode in [m for m in args.modes.split(",") if m]:
+        group_size, bits = MODE_DEFAULTS[mode]
+        gen = torch.Generator().manual_seed(0)  # the affine layer's weights
+        experts, _ = _layer(e, hidden, inter, bits, group_size, gen, mode)
+        glu = _mlx_switch_glu(experts, bits, group_size, mode)
+        route = torch.Generator().manual_seed(1)
+        for tokens in (1, args.prefill):
+            index, weights = _routing(tokens, e, k, route)
+            x = torch.randn(tokens, hidden, generator=route)
+            row = {"mode": mode, "tokens": tokens}
+            for dtype in (torch.float32, torch.bfloat16):
+                name = f"mlxq {str(dtype)[6:]}"
+                inputs = (x.to(dtype), index, weights.to(dtype))
+                base = _ms(affine, *inputs)
+                row[name] = _ms(experts, *inputs)
+                row[f"{name} / affine"] = round(row[name] / base, 3)
+            xm, im = mx.array(x.numpy()), mx.array(index.numpy().astype("uint32"))
+            row["mlx float32"] = _ms(lambda a, b, f=glu: mx.eval(f(a, b)), xm, im, budget_s=2.0)
+            row["mlx float32 / mlxq float32"] = round(row["mlx float32"] / row["mlxq float32"], 2)
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--modes", default="mxfp4,nvfp4,mxfp8", help="float modes ('' for none)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_moe.json"))
     args = parser.parse_args(argv)
     results = run(args)

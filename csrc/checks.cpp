@@ -406,15 +406,11 @@ std::vector<int64_t> index_shape_or_batch(const std::optional<at::Tensor>& t,
   return std::vector<int64_t>(batch.begin(), batch.end());
 }
 
-}  // namespace
-
-GatherGeometry check_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
-                                   const at::Tensor& scales, const at::Tensor& biases,
-                                   const std::optional<at::Tensor>& lhs_indices,
-                                   const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
-                                   int64_t bits, bool transpose) {
-  GatherGeometry g;
-  g.w = concrete(check_packed_sym(wq, scales, biases, group_size, bits, /*min_dim=*/2));
+// What every gather check shares once the weight's own operands are checked (g.w): x, the
+// indices, and the output shape.
+void check_gather_operands(GatherGeometry& g, const at::Tensor& x, const at::Tensor& wq,
+                           const std::optional<at::Tensor>& lhs_indices,
+                           const std::optional<at::Tensor>& rhs_indices, bool transpose) {
   TORCH_CHECK_TYPE(is_float(x.scalar_type()), "mlxq: x must be float32, float16 or bfloat16, got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.device() == wq.device(), "mlxq: x is on ", x.device(), " but wq is on ",
@@ -445,6 +441,42 @@ GatherGeometry check_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
   g.out_shape = g.index_shape;
   g.out_shape.push_back(g.M);
   g.out_shape.push_back(g.out_features);
+}
+
+}  // namespace
+
+GatherGeometry check_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                   const at::Tensor& scales, const at::Tensor& biases,
+                                   const std::optional<at::Tensor>& lhs_indices,
+                                   const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
+                                   int64_t bits, bool transpose) {
+  GatherGeometry g;
+  g.w = concrete(check_packed_sym(wq, scales, biases, group_size, bits, /*min_dim=*/2));
+  check_gather_operands(g, x, wq, lhs_indices, rhs_indices, transpose);
+  return g;
+}
+
+GatherGeometry check_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                      const at::Tensor& scales, int mode, int64_t group_size,
+                                      int64_t bits, const std::optional<at::Tensor>& lhs_indices,
+                                      const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                                      const c10::optional<at::Tensor>& global_scale) {
+  GatherGeometry g;
+  g.w = check_fp_packed(wq, scales, group_size, bits, /*min_dim=*/2);
+  check_gather_operands(g, x, wq, lhs_indices, rhs_indices, transpose);
+  if (global_scale.has_value()) {
+    const at::Tensor& s = *global_scale;
+    TORCH_CHECK_VALUE(mode == 1, "mlxq: global_scale is only used by mode 'nvfp4', got mode '",
+                      mode == 0 ? "mxfp4" : "mxfp8", "'");
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "mlxq: global_scale must be float32, got ",
+                     s.scalar_type());
+    TORCH_CHECK_VALUE(s.sizes() == at::IntArrayRef(g.w.batch),
+                      "mlxq: global_scale must hold one value per matrix of wq, shape ",
+                      shape_str(at::IntArrayRef(g.w.batch)), " (wq shape ", shape_str(wq.sizes()),
+                      "), got shape ", shape_str(s.sizes()));
+    TORCH_CHECK_VALUE(s.device() == wq.device(), "mlxq: global_scale is on ", s.device(),
+                      " but wq is on ", wq.device());
+  }
   return g;
 }
 

@@ -122,6 +122,15 @@ GatherGeometry check_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                    const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
                                    int64_t bits, bool transpose);
 
+// As check_gather_matmul, for weights of a floating-point mode (`mode` from check_fp_mode:
+// uint8 scales, no biases). nvfp4's optional global_scale is mx.gather_qmm's: float32, one value
+// per matrix of wq (shape wq.shape[:-2]).
+GatherGeometry check_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                      const at::Tensor& scales, int mode, int64_t group_size,
+                                      int64_t bits, const std::optional<at::Tensor>& lhs_indices,
+                                      const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                                      const c10::optional<at::Tensor>& global_scale);
+
 // The indices (or their defaults) broadcast to g.index_shape and flattened, as a contiguous
 // int64 tensor on `indices`' device, every value checked to lie in [0, limit): out-of-range
 // indices raise an IndexError naming `name` instead of reading outside the batch.

@@ -46,6 +46,13 @@ TORCH_LIBRARY_FRAGMENT(mlxq, m) {
   m.def(
       "fp_matmul(Tensor x, Tensor wq, Tensor scales, str mode, int group_size, int bits, "
       "bool transpose=True, Tensor? global_scale=None) -> Tensor");
+  // mx.gather_qmm in the floating-point modes: fp_matmul's operands, the gather indices of
+  // affine_gather_matmul, and nvfp4's global_scale as mx.gather_qmm takes it (one float32 per
+  // matrix of wq, shape wq.shape[:-2]).
+  m.def(
+      "fp_gather_matmul(Tensor x, Tensor wq, Tensor scales, str mode, int group_size, int bits, "
+      "Tensor? lhs_indices=None, Tensor? rhs_indices=None, bool transpose=True, "
+      "Tensor? global_scale=None, bool sorted_indices=False) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

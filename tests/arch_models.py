@@ -198,11 +198,48 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         },
         {**_partial(0.5)[1], "n_routed_experts": 4, "rope_scaling": None},
     ),
+    # gpt-oss: experts with biases and a clamped gate; sinks in attention; a sliding window
+    # shorter than the test sequences (TOKENS, a generation), so that it shows. transformers'
+    # default yarn rope is not used: mlx-lm's yarn rounds the correction range (truncate=True)
+    # where gpt-oss's config says truncate=False (README, architecture table)
     "gpt_oss": (
-        {**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
+        {
+            **ROPE,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 128,
+            "sliding_window": 8,
+        },
         TOP,
     ),
 }
+
+# parameters multiplied after the random init, so that a nonlinearity's edge is reached:
+# gpt-oss's gate/up values then pass its clamp (swiglu_limit 7) for about 1% of them
+AMPLIFIED = {"gpt_oss": {"gate_up_proj": 3.0}}
+
+
+def _gpt_oss_hub_layout(folder: Path) -> None:
+    """Rewrite transformers 5's gpt-oss experts (`experts.gate_up_proj` [E, H, 2I], gate and up
+    interleaved; `experts.down_proj` [E, I, H]; `*_bias`) as the Hub's original layout that
+    mlx-lm's sanitize reads (`gate_up_proj.weight` [E, 2I, H], `down_proj.weight` [E, H, I],
+    biases as they are): transposes only, so that sanitize itself de-interleaves gate and up
+    (the oracle does not share mlxq's split)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[f"{key}.weight"] = value.transpose(1, 2).contiguous()
+        else:
+            out[key] = value
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+# architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
+# sanitize reads before `mlx_lm.convert`
+MLX_LM_INPUT_LAYOUT = {"gpt_oss": _gpt_oss_hub_layout}
 
 # the Hub's GPT-2 checkpoints (which mlx-lm's sanitize expects) have no `transformer.` prefix
 HUB_PREFIX_DROPPED = {"gpt2": "transformer."}
@@ -306,6 +343,10 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
                 p.normal_(0, 0.08)
             else:  # norms and biases away from their init values (0 or 1)
                 p.add_(torch.randn_like(p) * 0.05)
+        for name, p in model.named_parameters():
+            scale = AMPLIFIED.get(arch, {}).get(name.rsplit(".", 1)[-1])
+            if scale is not None:
+                p.mul_(scale)
     model.save_pretrained(out)
     if arch in HUB_PREFIX_DROPPED:
         from safetensors.torch import load_file, save_file
@@ -324,7 +365,10 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
 def _cache_key(arch: str, variant: Variant) -> str:
     from mlxq.demo_model import _versions
 
-    spec = json.dumps([BASE, ARCHS[arch], variant.tag, VOCAB], sort_keys=True, default=str)
+    spec = [BASE, ARCHS[arch], variant.tag, VOCAB]
+    if arch in AMPLIFIED:  # (other architectures keep their cached checkpoints)
+        spec.append(AMPLIFIED[arch])
+    spec = json.dumps(spec, sort_keys=True, default=str)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
     return f"arch-{arch}-{variant.tag}-{_versions('transformers', 'mlx-lm')}-{digest}"
 
@@ -341,6 +385,8 @@ def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
     staging.mkdir(parents=True)
     try:
         float_dir = tiny_float_checkpoint(arch, staging / "float", variant.tied)
+        if arch in MLX_LM_INPUT_LAYOUT:
+            MLX_LM_INPUT_LAYOUT[arch](float_dir)
         with contextlib.redirect_stdout(io.StringIO()):
             convert(
                 str(float_dir),

@@ -258,3 +258,47 @@ def affine_quantize_ref(
     s = torch.from_numpy(scale.astype(np.float32)).to(w.dtype).reshape(groups)
     b = torch.from_numpy(bias.astype(np.float32)).to(w.dtype).reshape(groups)
     return packed, s, b
+
+
+# --- MLX's floating-point modes (mxfp4, nvfp4, mxfp8): float64 reference from the format ------
+
+FP_GROUP = {"mxfp4": 32, "nvfp4": 16, "mxfp8": 32}
+FP_BITS = {"mxfp4": 4, "nvfp4": 4, "mxfp8": 8}
+
+
+def fp4_value(code: np.ndarray) -> np.ndarray:
+    """E2M1: sign bit 3, exponent bits 1-2 (bias 1), mantissa bit 0; exponent 0 is subnormal."""
+    sign = np.where(code & 8, -1.0, 1.0)
+    e, m = (code >> 1) & 3, code & 1
+    mag = np.where(e == 0, m * 0.5, (1 + m / 2) * 2.0 ** (e.astype(np.float64) - 1))
+    return sign * mag
+
+
+def fp8_value(code: np.ndarray) -> np.ndarray:
+    """E4M3: sign bit 7, exponent bits 3-6 (bias 7), mantissa bits 0-2; exponent 0 subnormal;
+    all of bits 0-6 set is NaN (no infinities)."""
+    sign = np.where(code & 0x80, -1.0, 1.0)
+    e, m = (code >> 3) & 15, code & 7
+    mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e.astype(np.float64) - 7))
+    return np.where((code & 0x7F) == 0x7F, np.nan, sign * mag)
+
+
+def fp_dequantize_ref(wq, scales, mode: str, global_scale=None) -> torch.Tensor:
+    """W in float64: element value times its group's scale (times global_scale / 2688).
+
+    `global_scale` is a float (fp_matmul's single value) or an array of one value per matrix
+    of `wq` (shape wq.shape[:-2], mx.gather_qmm's per-expert scales), taken as float32.
+    """
+    raw = words(wq).astype("<u4").view(np.uint8).reshape(*wq.shape[:-1], -1).astype(np.int64)
+    if FP_BITS[mode] == 4:
+        codes = np.stack([raw & 15, raw >> 4], axis=-1).reshape(*raw.shape[:-1], -1)
+        values = fp4_value(codes)
+    else:
+        values = fp8_value(raw)
+    s = scales.numpy().astype(np.int64)
+    scale = fp8_value(s) if mode == "nvfp4" else 2.0 ** (s.astype(np.float64) - 127)
+    if global_scale is not None:
+        g = np.asarray(global_scale, dtype=np.float32).astype(np.float64) / 2688.0
+        scale = scale * g.reshape(*g.shape, 1, 1)
+    out = values * np.repeat(scale, FP_GROUP[mode], axis=-1)
+    return torch.from_numpy(out)

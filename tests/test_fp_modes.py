@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from oracles import DTYPES, TORCH_TO_MX, assert_within, to_mx, to_torch, words
+from oracles import fp_dequantize_ref as dequantize_ref
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 MODES = ("mxfp4", "nvfp4", "mxfp8")
@@ -41,42 +42,6 @@ def make_weight(shape, dtype, gen) -> torch.Tensor:
     w[..., 1, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25] * 2)
     w[..., 2, :8] = torch.tensor([6.0, -6.0, 7.0, 448.0, 464.0, -500.0, 1e-3, -1e-3])
     return w.to(dtype)
-
-
-# --- float64 reference, from the format description -----------------------------------------
-
-
-def fp4_value(code: np.ndarray) -> np.ndarray:
-    """E2M1: sign bit 3, exponent bits 1-2 (bias 1), mantissa bit 0; exponent 0 is subnormal."""
-    sign = np.where(code & 8, -1.0, 1.0)
-    e, m = (code >> 1) & 3, code & 1
-    mag = np.where(e == 0, m * 0.5, (1 + m / 2) * 2.0 ** (e.astype(np.float64) - 1))
-    return sign * mag
-
-
-def fp8_value(code: np.ndarray) -> np.ndarray:
-    """E4M3: sign bit 7, exponent bits 3-6 (bias 7), mantissa bits 0-2; exponent 0 subnormal;
-    all of bits 0-6 set is NaN (no infinities)."""
-    sign = np.where(code & 0x80, -1.0, 1.0)
-    e, m = (code >> 3) & 15, code & 7
-    mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e.astype(np.float64) - 7))
-    return np.where((code & 0x7F) == 0x7F, np.nan, sign * mag)
-
-
-def dequantize_ref(wq, scales, mode: str, global_scale: float | None) -> torch.Tensor:
-    """W in float64: element value times its group's scale (times global_scale / 2688)."""
-    raw = words(wq).astype("<u4").view(np.uint8).reshape(*wq.shape[:-1], -1).astype(np.int64)
-    if BITS[mode] == 4:
-        codes = np.stack([raw & 15, raw >> 4], axis=-1).reshape(*raw.shape[:-1], -1)
-        values = fp4_value(codes)
-    else:
-        values = fp8_value(raw)
-    s = scales.numpy().astype(np.int64)
-    scale = fp8_value(s) if mode == "nvfp4" else 2.0 ** (s.astype(np.float64) - 127)
-    if global_scale is not None:
-        scale = scale * np.float64(np.float32(global_scale)) / 2688.0
-    out = values * np.repeat(scale, GROUP[mode], axis=-1)
-    return torch.from_numpy(out)
 
 
 # --- quantize / dequantize: bit for bit with MLX -----------------------------------------------

@@ -277,6 +277,26 @@ def test_opcheck(gen):
         (ops.affine_gather_matmul.default, (xg, ew, es, eb, None, rhs, 32, 4, True, False)),
         (ops.affine_gather_matmul.default, (xg, ew, es, eb, None, rhs.sort().values, 32, 4)),
     ]
+    # fp_gather_matmul in the three float modes (nvfp4 with per-expert global scales), both
+    # transposes, sorted indices
+    for mode, gs, bits, global_scale in [
+        ("mxfp4", 32, 4, None),
+        ("nvfp4", 16, 4, torch.tensor([0.5, 2.0, 3.0])),
+        ("mxfp8", 32, 8, None),
+    ]:
+        fq, fs = ops.fp_quantize(random_weight((3, 8, 64), torch.float32, gen), mode, gs, bits)
+        xt = torch.randn(4, 1, 8, generator=gen)
+        cases += [
+            (
+                ops.fp_gather_matmul.default,
+                (xg, fq, fs, mode, gs, bits, None, rhs, True, global_scale, False),
+            ),
+            (ops.fp_gather_matmul.default, (xt, fq, fs, mode, gs, bits, None, rhs, False)),
+            (
+                ops.fp_gather_matmul.default,
+                (xg, fq, fs, mode, gs, bits, None, rhs.sort().values, True, global_scale, True),
+            ),
+        ]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)

@@ -20,6 +20,7 @@
 
 #include "checks.h"
 #include "cpu/cpu_features.h"
+#include "cpu/gather_pairs.h"
 #include "cpu/kernel_table.h"
 #include "cpu/quantize.h"
 #include "cpu/thread_tiles.h"
@@ -521,30 +522,6 @@ TORCH_LIBRARY_IMPL(mlxq, CPU, m) {
 namespace mlxq::cpu {
 namespace {
 
-struct ExpertGroup {
-  int64_t expert;  // index into the batch of wq
-  int64_t begin;   // first position of the group in `order`
-  int64_t count;   // pairs in the group
-};
-
-// Pairs grouped by expert: `order` lists pair indices group after group. With sorted_indices
-// the runs of equal indices are taken as they come (still correct if the hint is wrong: a run
-// that reappears is only a second group); otherwise a stable sort by expert.
-std::vector<ExpertGroup> group_pairs(const int64_t* rhs, int64_t P, bool sorted,
-                                     std::vector<int64_t>& order) {
-  order.resize(P);
-  for (int64_t p = 0; p < P; ++p) order[p] = p;
-  if (!sorted)
-    std::stable_sort(order.begin(), order.end(),
-                     [rhs](int64_t a, int64_t b) { return rhs[a] < rhs[b]; });
-  std::vector<ExpertGroup> groups;
-  for (int64_t j = 0; j < P; ++j) {
-    if (j == 0 || rhs[order[j]] != rhs[order[j - 1]]) groups.push_back({rhs[order[j]], j, 0});
-    groups.back().count += 1;
-  }
-  return groups;
-}
-
 // Matrix `e` of contiguous [E, rows, Kp] packed weights and [E, rows, G] scales/biases, without
 // creating tensors (decode calls are small: a tensor per expert would show).
 QuantWeight expert_weight(const at::Tensor& w, const at::Tensor& s, const at::Tensor& b, int64_t e,
@@ -560,18 +537,6 @@ QuantWeight expert_weight(const at::Tensor& w, const at::Tensor& s, const at::Te
   W.scales = static_cast<const uint8_t*>(s.const_data_ptr()) + e * s.stride(0) * s.element_size();
   W.biases = static_cast<const uint8_t*>(b.const_data_ptr()) + e * b.stride(0) * b.element_size();
   return W;
-}
-
-// Rows `rows` of the 2-D contiguous `src`, stacked into a new tensor (plain copies).
-at::Tensor take_rows(const at::Tensor& src, const std::vector<int64_t>& rows) {
-  const int64_t width = src.size(1);
-  at::Tensor out = at::empty({static_cast<int64_t>(rows.size()), width}, src.options());
-  const auto* sp = static_cast<const uint8_t*>(src.const_data_ptr());
-  auto* op = static_cast<uint8_t*>(out.mutable_data_ptr());
-  const int64_t row_bytes = width * src.element_size();
-  for (size_t i = 0; i < rows.size(); ++i)
-    std::memcpy(op + i * row_bytes, sp + rows[i] * row_bytes, row_bytes);
-  return out;
 }
 
 // One expert group on the streaming path, with its stacked x rows in the layout its kernel
@@ -656,10 +621,7 @@ at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
   std::vector<DecodeGroup> decode;
   for (const ExpertGroup& e : groups) {
     const QuantWeight W = expert_weight(w, s, b, e.expert, group_size, bits);
-    std::vector<int64_t> rows;
-    rows.reserve(e.count * M);
-    for (int64_t j = e.begin; j < e.begin + e.count; ++j)
-      for (int64_t m = 0; m < M; ++m) rows.push_back(lp[order[j]] * M + m);
+    const std::vector<int64_t> rows = group_rows(e, order, lp, M);
     const int64_t n_rows = static_cast<int64_t>(rows.size());
     if (!transpose || n_rows > kDecodeMaxRows) {
       const at::Tensor ye = matmul_2d(take_rows(xf, rows), W, transpose, x.scalar_type());
@@ -683,15 +645,7 @@ at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
   }
   run_decode_groups(decode, y);
 
-  bool identity = true;
-  for (int64_t j = 0; j < P && identity; ++j) identity = order[j] == j;
-  at::Tensor result = y.view({P, M, out});
-  if (!identity) {
-    at::Tensor inverse = at::empty({P}, lhs.options());
-    int64_t* ip = inverse.mutable_data_ptr<int64_t>();
-    for (int64_t j = 0; j < P; ++j) ip[order[j]] = j;
-    result = result.index_select(0, inverse);
-  }
+  const at::Tensor result = in_pair_order(y, order, M);
   return result.to(x.scalar_type()).reshape(g.out_shape);
 }
 

@@ -12,6 +12,7 @@
 #include "checks.h"
 #include "cpu/cpu_features.h"
 #include "cpu/fp_format.h"
+#include "cpu/gather_pairs.h"
 #include "cpu/kernel_table.h"
 #include "cpu/thread_tiles.h"
 
@@ -48,19 +49,34 @@ constexpr int64_t kFpDecodeMaxRows = 16;
 // fp32 tile per thread on the GEMM path: about a core's L2.
 constexpr int64_t kFpTileBytes = int64_t{2} << 20;
 
+// Matrix `matrix` of a contiguous packed weight [..., N, Kp] with scales [..., N, G] (a 2-D weight
+// is matrix 0), without creating tensors (decode calls are small: a tensor per expert shows).
 FpWeight view_fp_weight(const at::Tensor& wq, const at::Tensor& scales, int mode,
-                        int64_t group_size, int64_t bits, float global) {
+                        int64_t group_size, int64_t bits, float global, int64_t matrix = 0) {
   FpWeight W;
-  W.w = static_cast<const uint8_t*>(wq.const_data_ptr());
-  W.scales = scales.const_data_ptr<uint8_t>();
-  W.N = wq.size(0);
-  W.G = scales.size(1);
+  W.N = wq.size(-2);
+  W.G = scales.size(-1);
   W.K = W.G * group_size;
+  W.w = static_cast<const uint8_t*>(wq.const_data_ptr()) +
+        matrix * W.N * wq.size(-1) * wq.element_size();
+  W.scales = scales.const_data_ptr<uint8_t>() + matrix * W.N * W.G;
   W.mode = static_cast<FpMode>(mode);
   W.bits = static_cast<int>(bits);
   W.group_size = static_cast<int>(group_size);
   W.global = global;
   return W;
+}
+
+// Rows of W per parallel task on the decode path (~64K weights, as for the affine ops).
+int64_t fp_decode_grain(const FpWeight& W) {
+  return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(W.K, 1));
+}
+
+// x [M, K] fp32 in the decode kernel's order (FpQmvArgs): chunks of 16 values for the FP4 modes.
+at::Tensor fp_chunk_order(const at::Tensor& x, FpMode mode) {
+  if (!fp_uses_chunk_order(mode)) return x;
+  const int64_t M = x.size(0);
+  return x.view({M, -1, 8, 2}).transpose(2, 3).contiguous().view({M, -1});
 }
 
 // x fp32 [M, in_features] -> y fp32 [M, out_features].
@@ -72,10 +88,8 @@ at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose) 
   const KernelTable& kt = fp_kernels();
   if (transpose && M <= kFpDecodeMaxRows) {
     at::Tensor y = at::empty({M, out_features}, opts);
-    const at::Tensor xc = fp_uses_chunk_order(W.mode)
-                              ? x.view({M, -1, 8, 2}).transpose(2, 3).contiguous().view({M, -1})
-                              : x;
-    const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(W.K, 1));
+    const at::Tensor xc = fp_chunk_order(x, W.mode);
+    const int64_t grain = fp_decode_grain(W);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxDecodeRows) {
       FpQmvArgs a{W, xc.const_data_ptr<float>() + m0 * W.K, y.mutable_data_ptr<float>() + m0 * W.N,
                   std::min(kMaxDecodeRows, M - m0)};
@@ -263,7 +277,98 @@ std::tuple<at::Tensor, at::Tensor> fp_quantize_cpu(const at::Tensor& w, c10::str
 }  // namespace
 }  // namespace mlxq::cpu
 
+// --- fp_gather_matmul (mx.gather_qmm with mode mxfp4 / nvfp4 / mxfp8) --------------------------
+//
+// The pairs are grouped by expert as for affine_gather_matmul (gather_pairs.h) and each group is
+// one fp_matmul of its stacked x rows, with the dense op's kernels and numerics: small groups
+// (decode) run the streaming fp_qmv kernel, all of them inside one parallel region; large groups
+// (prefill) and x @ W take fp_matmul_2d's dequantized fp32 tiles and a dense GEMM.
+
+namespace mlxq::cpu {
+namespace {
+
+at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                                c10::string_view mode, int64_t group_size, int64_t bits,
+                                const std::optional<at::Tensor>& lhs_indices,
+                                const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                                const c10::optional<at::Tensor>& global_scale,
+                                bool sorted_indices) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in fp_matmul_cpu
+  const int m = check_fp_mode(mode, group_size, bits);
+  const GatherGeometry g = check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
+                                                  rhs_indices, transpose, global_scale);
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const int64_t P = lhs.numel(), M = g.M, in = g.in_features, out = g.out_features;
+  if (P == 0 || M == 0 || out == 0 || in == 0) return at::zeros(g.out_shape, x.options());
+  // One factor global_scale[e] / (448*6) per expert, rounded once in fp32 as fp_matmul does.
+  std::vector<float> global(g.w_batch, 1.0f);
+  if (global_scale.has_value()) {
+    const at::Tensor gs = global_scale->to(at::kCPU).contiguous();
+    const float* gp = gs.const_data_ptr<float>();
+    for (int64_t e = 0; e < g.w_batch; ++e) global[e] = gp[e] / 2688.0f;
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous().view({g.x_batch * M, in});
+  const at::Tensor w = wq.contiguous(), s = scales.contiguous();
+  const int64_t* lp = lhs.const_data_ptr<int64_t>();
+  std::vector<int64_t> order;
+  const std::vector<ExpertGroup> groups =
+      group_pairs(rhs.const_data_ptr<int64_t>(), P, sorted_indices, order);
+
+  at::Tensor y = at::empty({P * M, out}, xf.options());  // pairs in `order`, M rows each
+  struct DecodeGroup {
+    FpWeight W;
+    int64_t rows, y_row;
+    at::Tensor x;  // the group's x rows in the decode kernel's order
+  };
+  std::vector<DecodeGroup> decode;
+  at::Tensor xc_all;  // x in the decode kernel's order, built once for the streaming groups
+  for (const ExpertGroup& e : groups) {
+    const FpWeight W =
+        view_fp_weight(w, s, m, group_size, bits, global[e.expert], /*matrix=*/e.expert);
+    const std::vector<int64_t> rows = group_rows(e, order, lp, M);
+    const int64_t n_rows = static_cast<int64_t>(rows.size());
+    if (!transpose || n_rows > kFpDecodeMaxRows) {
+      y.narrow(0, e.begin * M, n_rows).copy_(fp_matmul_2d(take_rows(xf, rows), W, transpose));
+      continue;
+    }
+    if (!xc_all.defined()) xc_all = fp_chunk_order(xf, W.mode).contiguous();
+    decode.push_back({W, n_rows, e.begin * M, take_rows(xc_all, rows)});
+  }
+  if (!decode.empty()) {
+    struct Task {
+      int64_t group, n0, n1;
+    };
+    std::vector<Task> tasks;
+    for (size_t i = 0; i < decode.size(); ++i) {
+      const int64_t N = decode[i].W.N, grain = fp_decode_grain(decode[i].W);
+      for (int64_t n0 = 0; n0 < N; n0 += grain)
+        tasks.push_back({static_cast<int64_t>(i), n0, std::min(N, n0 + grain)});
+    }
+    const KernelTable& kt = fp_kernels();
+    float* yp = y.mutable_data_ptr<float>();
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const DecodeGroup& d = decode[tasks[t].group];
+        for (int64_t m0 = 0; m0 < d.rows; m0 += kMaxDecodeRows) {
+          const FpQmvArgs a{d.W, d.x.const_data_ptr<float>() + m0 * d.W.K,
+                            yp + (d.y_row + m0) * out, std::min(kMaxDecodeRows, d.rows - m0)};
+          kt.fp_qmv(a, tasks[t].n0, tasks[t].n1);
+        }
+      }
+    });
+  }
+  return in_pair_order(y, order, M).to(x.scalar_type()).reshape(g.out_shape);
+}
+
+}  // namespace
+}  // namespace mlxq::cpu
+
 TORCH_LIBRARY_IMPL(mlxq, CPU, m) {
+  m.impl("fp_gather_matmul", &mlxq::cpu::fp_gather_matmul_cpu);
   m.impl("fp_quantize", &mlxq::cpu::fp_quantize_cpu);
   m.impl("fp_dequantize", &mlxq::cpu::fp_dequantize_cpu);
   m.impl("fp_matmul", &mlxq::cpu::fp_matmul_cpu);

@@ -25,6 +25,8 @@ from mlxq.ops import (  # noqa: E402
     affine_matmul,
     affine_quantize,
     dequantize,
+    fp_gather_matmul,
+    gather_quantized_matmul,
     quantize,
     quantized_matmul,
 )
@@ -35,7 +37,7 @@ __version__ = "0.1.0"
 __all__ = ["affine_quantize", "affine_dequantize", "affine_matmul", "__version__"]
 __all__ += ["AffineLinear", "AffineEmbedding", "quantize_model", "MLXQuantConfig"]
 __all__ += ["backend_info", "doctor_report", "quantize", "dequantize", "quantized_matmul"]
-__all__ += ["affine_gather_matmul"]
+__all__ += ["affine_gather_matmul", "fp_gather_matmul", "gather_quantized_matmul"]
 
 # Metal kernels for MPS tensors: prebuilt, runtime-compiled or off (see mlxq.metal.backend)
 _install_metal()

@@ -521,7 +521,8 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
                 row.action = "mlxq SwitchLinear, float experts"
             else:
                 row.bits, row.group_size, row.mode = fmt.bits, fmt.group_size, fmt.mode
-                row.action = "mlxq AffineSwitchLinear: affine_gather_matmul, selected experts only"
+                op = "affine_gather_matmul" if fmt.mode == "affine" else "fp_gather_matmul"
+                row.action = f"mlxq AffineSwitchLinear: {op}, selected experts only"
             rows.append(row)
     except (ValueError, NotImplementedError) as error:
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))

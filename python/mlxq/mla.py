@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlxq.ops import affine_matmul
+from mlxq.ops import dequantize, quantized_matmul
 
 __all__ = ["MultiLinear", "AffineMultiLinear", "SplitKvB"]
 
@@ -34,7 +34,8 @@ class MultiLinear(nn.Module):
 
 class AffineMultiLinear(nn.Module):
     """Per-head MLX-quantized weights (mlx-lm's `QuantizedMultiLinear`): packed `weight`
-    `[heads, out, in*bits/32]`, `scales`/`biases` `[heads, out, in/group_size]`."""
+    `[heads, out, in*bits/32]`, `scales`/`biases` `[heads, out, in/group_size]` in mode
+    "affine"; uint8 `scales` and no `biases` in the floating-point modes."""
 
     def __init__(
         self,
@@ -45,21 +46,45 @@ class AffineMultiLinear(nn.Module):
         group_size: int,
         dtype,
         device,
+        mode: str = "affine",
     ) -> None:
         super().__init__()
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.mode, self.dtype = bits, group_size, mode, dtype
         kw = dict(device=device)
         packed = in_features * bits // 32
         self.register_buffer(
             "weight", torch.empty(heads, out_features, packed, dtype=torch.uint32, **kw)
         )
         groups = in_features // group_size
-        self.register_buffer("scales", torch.empty(heads, out_features, groups, dtype=dtype, **kw))
-        self.register_buffer("biases", torch.empty_like(self.scales))
+        scale_dtype = dtype if mode == "affine" else torch.uint8
+        self.register_buffer(
+            "scales", torch.empty(heads, out_features, groups, dtype=scale_dtype, **kw)
+        )
+        self.register_buffer("biases", torch.empty_like(self.scales) if mode == "affine" else None)
 
     def forward(self, x: torch.Tensor, transpose: bool = True) -> torch.Tensor:
-        return affine_matmul(
-            x, self.weight, self.scales, self.biases, self.group_size, self.bits, transpose
+        return quantized_matmul(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            transpose,
+            self.group_size,
+            self.bits,
+            self.mode,
+        )
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float weights `[heads, out, in]`, in the dtype of `scales` (affine) or `dtype`."""
+        dtype = None if self.mode == "affine" else self.dtype
+        return dequantize(
+            self.weight,
+            self.scales,
+            self.biases,
+            self.group_size,
+            self.bits,
+            self.mode,
+            dtype=dtype,
         )
 
 

@@ -181,17 +181,19 @@ def plan_modules(
 
 
 # Per-module entries mlx-lm's model classes add through their own `quant_predicate` when
-# `mlx_lm convert` is given no recipe: model_type -> (name suffix, entry). Qwen3-MoE keeps its
-# routers at 8 bits, group 64 (mlx_lm/models/qwen3_moe.py).
+# `mlx_lm convert` is given no recipe: model_type -> (name suffix, entry). Qwen3-MoE and gpt-oss
+# keep their routers at 8 bits, group 64 (mlx_lm/models/qwen3_moe.py, gpt_oss.py); the entry
+# has no mode, so the router stays affine in a float-mode (mxfp4) conversion too.
 _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict], ...]] = {
     "qwen3_moe": (("mlp.gate", {"group_size": 64, "bits": 8}),),
+    "gpt_oss": (("mlp.router", {"group_size": 64, "bits": 8}),),
 }
 
 
 # model types whose mlx-lm class has a `quant_predicate` mlxq does not reproduce (mlx-lm 0.32,
 # mlx_lm/models/<type>.py): quantizing them without explicit entries is refused
 _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
-    "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 gemma4_text gpt_oss "
+    "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 gemma4_text "
     "granite granitemoe granitemoehybrid jamba kimi_linear laguna lfm2_moe longcat_flash "
     "longcat_flash_ngram mellum minimax muse_spark qwen3_5 qwen3_next qwen3_vl_moe rwkv7 "
     "spark2_5 step3p5".split()
@@ -254,7 +256,6 @@ def plan_quantization(
         if moe.kind == "router":
             fmt = configured_format(entry.name, top, overrides, skip)
             if fmt is not None and fits(moe.in_features, fmt):
-                _require_affine(entry.name, moe.cls_name, fmt)
                 moe.require()
                 entry.format = fmt
             continue
@@ -270,17 +271,4 @@ def plan_quantization(
             entry.parts[proj] = fmt if fmt is not None and fits(width, fmt) else None
         if any(entry.parts.values()):
             moe.require()
-            for fmt in entry.parts.values():
-                if fmt is not None:
-                    _require_affine(entry.name, moe.cls_name, fmt)
     return plan
-
-
-def _require_affine(name: str, cls_name: str, fmt: ModuleFormat) -> None:
-    """mlxq's quantized MoE modules hold affine tensors only."""
-    if fmt.mode != "affine":
-        raise NotImplementedError(
-            f"mlxq: module {name!r} ({cls_name}) would be quantized in mode {fmt.mode!r}; mlxq "
-            "quantizes MoE experts and routers in mode 'affine' only so far (keep it float: "
-            f"modules_to_not_convert=[{name!r}])"
-        )

@@ -2,9 +2,13 @@
 
 mlx-lm stores the experts of a layer as one stacked tensor per projection
 (`switch_mlp.{gate,up,down}_proj.weight` `[E, out, in*bits/32]`, scales and biases
-`[E, out, in/group_size]`). :class:`AffineSwitchLinear` keeps such a stack packed and
-multiplies only the experts each token selected (:func:`mlxq.affine_gather_matmul`);
-:class:`MoeExperts` is the experts module of a transformers MoE block on top of three of them.
+`[E, out, in/group_size]`; the floating-point modes have uint8 scales and no biases; gpt-oss
+adds a float `bias` `[E, out]`). A stack is a :class:`SwitchProjection`: the gather matmul of
+its storage format (:class:`AffineSwitchLinear`: packed, any MLX mode, through
+:func:`mlxq.affine_gather_matmul` / :func:`mlxq.fp_gather_matmul`; :class:`SwitchLinear`:
+float), which multiplies only the experts each token selected, then the selected experts' bias.
+:class:`MoeExperts` is the experts module of a transformers MoE block on top of three of them,
+with transformers' gate (`act_fn(gate) * up`, or gpt-oss's :class:`ClampedSwiGLU`).
 
 Routers (transformers' `*TopKRouter`) are quantized by mlx-lm as the linear layers they are in
 MLX, but in transformers each has its own forward (softmax/top-k/normalisation). mlxq keeps that
@@ -21,16 +25,69 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlxq.ops import affine_dequantize, affine_gather_matmul, affine_matmul, affine_quantize
+from mlxq.format import MODE_DEFAULTS
+from mlxq.ops import (
+    affine_dequantize,
+    affine_quantize,
+    dequantize,
+    gather_quantized_matmul,
+    quantize,
+    quantized_matmul,
+)
 
-__all__ = ["AffineSwitchLinear", "SwitchLinear", "MoeExperts", "AffineWeight", "quantized_router"]
+__all__ = [
+    "SwitchProjection",
+    "AffineSwitchLinear",
+    "SwitchLinear",
+    "ClampedSwiGLU",
+    "MoeExperts",
+    "fused_expert_stacks",
+    "experts_gate",
+    "AffineWeight",
+    "quantized_router",
+]
 
 
-class AffineSwitchLinear(nn.Module):
-    """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`).
+class SwitchProjection(nn.Module):
+    """`num_experts` linear layers stacked, applied to the experts each token selected.
 
-    `forward(x, indices)` follows `mx.gather_qmm`: `x` `[..., M, in]` and `indices` broadcast
-    (absent x indices are an arange over x's batch), output `[*I, M, out]`.
+    `forward(x, indices)` follows `mx.gather_qmm` / `mx.gather_mm`: `x` `[..., M, in]` and
+    `indices` broadcast (absent x indices are an arange over x's batch), output
+    `[*I, M, out]`; then, when the stack has one, the selected experts' `bias` `[E, out]` is
+    added (mlx-lm's `SwitchLinear` with `bias=True`: `y + bias[indices][..., None, :]`).
+    A subclass is one storage format: it implements :meth:`gather_matmul` only, so that
+    :class:`MoeExperts` and the bias do not depend on the format.
+    """
+
+    bias: nn.Parameter | None
+
+    def _init_bias(self, bias: bool, dtype: torch.dtype, device) -> None:
+        b = torch.empty(self.num_experts, self.out_features, dtype=dtype, device=device)
+        self.bias = nn.Parameter(b, requires_grad=False) if bias else None
+
+    def gather_matmul(
+        self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
+    ) -> torch.Tensor:
+        """`x` times the transposed weights of the experts `indices` (no bias)."""
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
+    ) -> torch.Tensor:
+        y = self.gather_matmul(x, indices, sorted_indices)
+        if self.bias is None:
+            return y
+        # added after the matmul, in the output's dtype, as both transformers (gpt-oss:
+        # `x @ W[e] + b[e]`) and mlx-lm do
+        return y + self.bias[indices].unsqueeze(-2).to(y.dtype)
+
+
+class AffineSwitchLinear(SwitchProjection):
+    """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`), in any
+    MLX mode: "affine" (float `scales` and `biases`) or "mxfp4", "nvfp4", "mxfp8" (uint8
+    `scales`, no `biases`; nvfp4 optionally with mlx-lm's per-expert float32 `global_scale`
+    [E]), as :class:`mlxq.nn.AffineLinear` holds every mode under its affine name; the mode
+    picks the gather matmul (see :class:`SwitchProjection`; gpt-oss's float `bias` in any mode).
     """
 
     def __init__(
@@ -42,63 +99,133 @@ class AffineSwitchLinear(nn.Module):
         group_size: int = 64,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        mode: str = "affine",
+        global_scale: bool = False,
+        bias: bool = False,
     ) -> None:
         super().__init__()
+        if mode not in MODE_DEFAULTS:
+            raise ValueError(
+                f"mlxq: {type(self).__name__}: mode={mode!r} is not one of "
+                f"{', '.join(MODE_DEFAULTS)}"
+            )
+        if mode != "affine" and (group_size, bits) != MODE_DEFAULTS[mode]:
+            raise ValueError(
+                f"mlxq: {type(self).__name__}: mode {mode!r} needs (group_size, bits) = "
+                f"{MODE_DEFAULTS[mode]}, got ({group_size}, {bits})"
+            )
+        if global_scale and mode != "nvfp4":
+            raise ValueError(f"mlxq: global_scale is only used by mode 'nvfp4', got {mode!r}")
         self.num_experts, self.in_features, self.out_features = (
             num_experts,
             in_features,
             out_features,
         )
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.mode, self.dtype = bits, group_size, mode, dtype
         packed = in_features * bits // 32
         groups = in_features // group_size
         kw = dict(device=device)
         self.register_buffer(
             "weight", torch.empty(num_experts, out_features, packed, dtype=torch.uint32, **kw)
         )
+        scale_dtype = dtype if mode == "affine" else torch.uint8
         self.register_buffer(
-            "scales", torch.empty(num_experts, out_features, groups, dtype=dtype, **kw)
+            "scales", torch.empty(num_experts, out_features, groups, dtype=scale_dtype, **kw)
         )
-        self.register_buffer("biases", torch.empty_like(self.scales))
+        self.register_buffer("biases", torch.empty_like(self.scales) if mode == "affine" else None)
+        gs = torch.empty(num_experts, dtype=torch.float32, **kw) if global_scale else None
+        self.register_buffer("global_scale", gs)
+        self._init_bias(bias, dtype, device)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bits: int, group_size: int) -> AffineSwitchLinear:
-        """Quantize a stacked float weight `[E, out, in]` as `mlx.nn.quantize` would."""
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bits: int,
+        group_size: int,
+        mode: str = "affine",
+        *,
+        bias: torch.Tensor | None = None,
+    ) -> AffineSwitchLinear:
+        """Quantize a stacked float weight `[E, out, in]` as `mlx.nn.quantize` would (`bias`
+        `[E, out]`, if given, is kept in float as mlx-lm keeps it)."""
         e, out_features, in_features = weight.shape
-        module = cls(e, in_features, out_features, bits, group_size, weight.dtype, weight.device)
-        module.weight, module.scales, module.biases = affine_quantize(
-            weight.detach().contiguous(), group_size, bits
+        module = cls(
+            e, in_features, out_features, bits, group_size, weight.dtype, weight.device, mode
         )
+        module._init_bias(bias is not None, weight.dtype, weight.device)
+        w = weight.detach().contiguous()
+        if mode == "affine":
+            module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
+        else:
+            module.weight, module.scales = quantize(w, group_size, bits, mode)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
         return module
 
-    def forward(
+    def gather_matmul(
         self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
     ) -> torch.Tensor:
-        return affine_gather_matmul(
+        return gather_quantized_matmul(
             x,
             self.weight,
             self.scales,
             self.biases,
             None,
             indices,
+            True,
             self.group_size,
             self.bits,
-            True,
-            sorted_indices,
+            self.mode,
+            self.global_scale,
+            sorted_indices=sorted_indices,
         )
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The float weights `[E, out, in]`, in the dtype of `scales`."""
-        return affine_dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+        """The float weights `[E, out, in]`, in the dtype of `scales` (affine) or `dtype`; with
+        nvfp4's global scales float32 (as `mx.dequantize` returns them)."""
+        if self.mode == "affine":
+            return affine_dequantize(
+                self.weight, self.scales, self.biases, self.group_size, self.bits
+            )
+        if self.global_scale is None:
+            return dequantize(
+                self.weight,
+                self.scales,
+                None,
+                self.group_size,
+                self.bits,
+                self.mode,
+                dtype=self.dtype,
+            )
+        experts = [
+            dequantize(
+                self.weight[e],
+                self.scales[e],
+                None,
+                self.group_size,
+                self.bits,
+                self.mode,
+                global_scale=self.global_scale[e],
+                dtype=self.dtype,
+            )
+            for e in range(self.num_experts)
+        ]
+        return torch.stack(experts)
 
     def extra_repr(self) -> str:
+        mode = "" if self.mode == "affine" else f", mode={self.mode}"
+        if self.global_scale is not None:
+            mode += ", global_scale"
         return (
             f"num_experts={self.num_experts}, in_features={self.in_features}, "
             f"out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+            + mode
+            + f", bias={self.bias is not None}"
         )
 
 
-class SwitchLinear(nn.Module):
+class SwitchLinear(SwitchProjection):
     """Float stacked experts `[E, out, in]` (a stack mlx-lm left unquantized), with the same
     `forward(x, indices)` as :class:`AffineSwitchLinear`."""
 
@@ -109,6 +236,7 @@ class SwitchLinear(nn.Module):
         out_features: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.in_features, self.out_features = (
@@ -118,8 +246,9 @@ class SwitchLinear(nn.Module):
         )
         w = torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device)
         self.weight = nn.Parameter(w, requires_grad=False)
+        self._init_bias(bias, dtype, device)
 
-    def forward(
+    def gather_matmul(
         self, x: torch.Tensor, indices: torch.Tensor, sorted_indices: bool = False
     ) -> torch.Tensor:
         w = self.weight[indices]  # [*I, out, in]
@@ -128,8 +257,27 @@ class SwitchLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, in_features={self.in_features}, "
-            f"out_features={self.out_features}"
+            f"out_features={self.out_features}, bias={self.bias is not None}"
         )
+
+
+class ClampedSwiGLU(nn.Module):
+    """gpt-oss's gate (transformers' `GptOssExperts._apply_gate` on the de-interleaved gate
+    and up halves, mlx-lm's `SwigluOAI`): the gate clamped from above at `limit`, the up part
+    to `[-limit, limit]`, then `(up + 1) * gate * sigmoid(gate * alpha)`, in that order."""
+
+    def __init__(self, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        return (up + 1) * glu
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
 
 
 class MoeExperts(nn.Module):
@@ -137,20 +285,26 @@ class MoeExperts(nn.Module):
     as three stacked projections in mlx-lm's layout (`gate_proj`, `up_proj`, `down_proj`).
 
     `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])` is transformers'
-    eager experts loop: `down(act(gate(x)) * up(x))` per selected expert, weighted and summed
-    over the k experts of each token; only the selected experts' weights are read.
+    eager experts loop: `down(act(gate(x)) * up(x))` per selected expert (or `down(glu(gate(x),
+    up(x)))` when a `glu` is given, e.g. gpt-oss's :class:`ClampedSwiGLU`; the projections add
+    their own biases), weighted and summed over the k experts of each token; only the selected
+    experts' weights are read. The projections may be of any :class:`SwitchProjection` format.
     """
 
     def __init__(
         self,
-        gate_proj: nn.Module,
-        up_proj: nn.Module,
-        down_proj: nn.Module,
-        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        gate_proj: SwitchProjection,
+        up_proj: SwitchProjection,
+        down_proj: SwitchProjection,
+        act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        glu: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        if (act_fn is None) == (glu is None):
+            raise ValueError("mlxq: MoeExperts takes either act_fn or glu")
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.act_fn = act_fn
+        self.glu = glu
         self.num_experts = gate_proj.num_experts
 
     def forward(
@@ -162,16 +316,49 @@ class MoeExperts(nn.Module):
         hidden = hidden_states.shape[-1]
         x = hidden_states.reshape(-1, 1, 1, hidden)  # [T, 1, 1, H]: one x matrix per token
         idx = top_k_index.reshape(x.shape[0], -1)  # [T, k]
-        h = self.act_fn(self.gate_proj(x, idx)) * self.up_proj(x, idx)  # [T, k, 1, I]
+        gate, up = self.gate_proj(x, idx), self.up_proj(x, idx)  # [T, k, 1, I]
+        h = self.glu(gate, up) if self.glu is not None else self.act_fn(gate) * up
         y = self.down_proj(h, idx).squeeze(-2)  # [T, k, H]: x lhs = arange over [T, k]
         y = y * top_k_weights.reshape(idx.shape).unsqueeze(-1)
         return y.sum(dim=1).to(hidden_states.dtype).reshape(hidden_states.shape)
 
 
+def fused_expert_stacks(
+    module: nn.Module, variant: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """mlx-lm's three stacks `{proj: (weight [E, out, in], bias [E, out] or None)}` from the
+    fused parameters of transformers' experts `module` of :class:`mlxq.swap.MoePlan` variant
+    `variant` (views, not copies)."""
+    down = module.down_proj.detach()
+    if variant == "gpt_oss":  # [E, H, 2I], gate and up interleaved (mlx-lm's sanitize)
+        gate_up = module.gate_up_proj.detach().transpose(1, 2)
+        bias = module.gate_up_proj_bias.detach()
+        return {
+            "gate_proj": (gate_up[:, ::2], bias[:, ::2]),
+            "up_proj": (gate_up[:, 1::2], bias[:, 1::2]),
+            "down_proj": (down.transpose(1, 2), module.down_proj_bias.detach()),
+        }
+    gate_up = module.gate_up_proj.detach()  # [E, 2I, H]: gate rows, then up rows
+    inter = gate_up.shape[1] // 2
+    return {
+        "gate_proj": (gate_up[:, :inter], None),
+        "up_proj": (gate_up[:, inter:], None),
+        "down_proj": (down, None),
+    }
+
+
+def experts_gate(module: nn.Module, variant: str) -> dict[str, nn.Module | Callable]:
+    """The gate arguments of :class:`MoeExperts` (`act_fn=` or `glu=`) for transformers'
+    experts `module` of variant `variant`."""
+    if variant == "gpt_oss":
+        return {"glu": ClampedSwiGLU(module.alpha, module.limit)}
+    return {"act_fn": module.act_fn}
+
+
 class AffineWeight:
     """A quantized `[out, in]` weight as a router's forward sees `self.weight`.
 
-    Not a tensor: `F.linear(x, w, bias=None)` computes `affine_matmul(x, ...) (+ bias)` through
+    Not a tensor: `F.linear(x, w, bias=None)` computes `quantized_matmul(x, ...) (+ bias)` through
     `__torch_function__`; every other torch function, and attributes other than `shape`,
     `dtype` and `device`, raise an error naming the module, so that a forward mlxq does not
     reproduce fails loudly instead of running on the packed integers.
@@ -219,7 +406,9 @@ class AffineWeight:
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if w is owner and isinstance(x, torch.Tensor) and not isinstance(bias, AffineWeight):
                 m = owner._module
-                y = affine_matmul(x, m.weight_packed, m.scales, m.biases, m.group_size, m.bits)
+                y = quantized_matmul(
+                    x, m.weight_packed, m.scales, m.biases, True, m.group_size, m.bits, m.mode
+                )
                 return y if bias is None else y + bias.to(y.dtype)
         raise owner._refuse(f"`{getattr(func, '__name__', func)}`")
 
@@ -239,7 +428,9 @@ class _AffineRouter:
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bits={self.bits}, group_size={self.group_size} (quantized by mlxq)"
+            f"bits={self.bits}, group_size={self.group_size}"
+            + ("" if self.mode == "affine" else f", mode={self.mode}")
+            + " (quantized by mlxq)"
         )
 
 
@@ -264,11 +455,12 @@ def quantized_router(
     dtype: torch.dtype,
     device,
     weight: torch.Tensor | None = None,
+    mode: str = "affine",
 ) -> nn.Module:
     """`module` (a router whose forward reaches its weight only through `F.linear`; see
     :func:`mlxq.swap.moe_plan`) with that weight quantized: the same object state and forward,
-    its `weight` parameter replaced by packed `weight`/`scales`/`biases` buffers (uninitialized,
-    or `weight` [out, in] quantized bit-exactly as mlx does)."""
+    its `weight` parameter replaced by packed `weight`/`scales`(/`biases` in mode "affine")
+    buffers (uninitialized, or `weight` [out, in] quantized bit-exactly as mlx does)."""
     out_features, in_features = module.weight.shape
     new = object.__new__(_router_class(type(module)))
     new.__dict__.update(module.__dict__)
@@ -278,14 +470,16 @@ def quantized_router(
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     new._mlxq_name = name
     new.in_features, new.out_features = in_features, out_features
-    new.bits, new.group_size = bits, group_size
+    new.bits, new.group_size, new.mode, new._mlxq_dtype = bits, group_size, mode, dtype
     if weight is not None:
-        packed, scales, biases = affine_quantize(weight.detach().contiguous(), group_size, bits)
+        packed, scales, *rest = quantize(weight.detach().contiguous(), group_size, bits, mode)
+        biases = rest[0] if rest else None
     else:
+        scale_dtype = dtype if mode == "affine" else torch.uint8
         packed = torch.empty(out_features, in_features * bits // 32, dtype=torch.uint32)
-        scales = torch.empty(out_features, in_features // group_size, dtype=dtype)
+        scales = torch.empty(out_features, in_features // group_size, dtype=scale_dtype)
         packed, scales = packed.to(device), scales.to(device)
-        biases = torch.empty_like(scales)
+        biases = torch.empty_like(scales) if mode == "affine" else None
     new._buffers.update(weight=packed, scales=scales, biases=biases)
     return new
 
@@ -304,20 +498,26 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
                 module.num_experts, module.in_features, module.out_features, w.dtype, w.device
             )
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+            if module.bias is not None:
+                new.bias = nn.Parameter(module.bias.detach().to(dtype or w.dtype), False)
         elif isinstance(module, AffineMultiLinear):
-            w = affine_dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits
-            )
+            w = module.dequantize_weight()
             heads, out_features, in_features = w.shape
             new = MultiLinear(heads, in_features, out_features, w.dtype, w.device)
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
         elif isinstance(module, _AffineRouter):
-            w = affine_dequantize(
-                module.weight_packed, module.scales, module.biases, module.group_size, module.bits
+            w = dequantize(
+                module.weight_packed,
+                module.scales,
+                module.biases,
+                module.group_size,
+                module.bits,
+                module.mode,
+                dtype=None if module.mode == "affine" else module._mlxq_dtype,
             )
             new = object.__new__(type(module).__mro__[2])
             new.__dict__.update(module.__dict__)
-            for attr in ("_mlxq_name", "bits", "group_size"):
+            for attr in ("_mlxq_name", "bits", "group_size", "mode", "_mlxq_dtype"):
                 new.__dict__.pop(attr, None)
             new._buffers = {
                 k: v for k, v in module._buffers.items() if k not in ("weight", "scales", "biases")

@@ -489,3 +489,179 @@ def _gather_backward(ctx, grad):
 torch.library.register_autograd(
     "mlxq::affine_gather_matmul", _gather_backward, setup_context=_gather_setup_context
 )
+
+
+# --- fp_gather_matmul: mx.gather_qmm in the floating-point modes --------------------------------
+#
+# A separate op beside affine_gather_matmul, as fp_matmul is beside affine_matmul: its operands
+# are fp_matmul's (uint8 scales, no biases, nvfp4's global scale) plus the gather indices.
+# `gather_quantized_matmul` below is the mode-generic function with mx.gather_qmm's signature.
+
+__all__ += ["fp_gather_matmul", "gather_quantized_matmul"]
+
+
+def fp_gather_matmul(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    mode: str,
+    group_size: int,
+    bits: int,
+    lhs_indices: torch.Tensor | None = None,
+    rhs_indices: torch.Tensor | None = None,
+    transpose: bool = True,
+    global_scale: torch.Tensor | None = None,
+    sorted_indices: bool = False,
+) -> torch.Tensor:
+    """:func:`affine_gather_matmul` for weights in MLX's floating-point modes ("mxfp4" group 32
+    4 bits, "nvfp4" group 16 4 bits, "mxfp8" group 32 8 bits), like
+    `mx.gather_qmm(..., mode=mode)`.
+
+    `wq` `[..., rows, K*bits/32]` with uint8 `scales` `[..., rows, K/group_size]` holds a batch
+    of matrices (e.g. one per expert); the indices pick the pairs as in
+    :func:`affine_gather_matmul`, output `[*I, M, out]` in the dtype of `x`. Numerics are those
+    of :func:`quantized_matmul` (exact fp32 weights, fp32 accumulation, one output rounding).
+    `global_scale` (nvfp4 only) is mx.gather_qmm's: float32 with one value per matrix of `wq`
+    (shape `wq.shape[:-2]`), matrix e's weights multiplied by global_scale[e] / (448*6).
+    Differentiable with respect to `x` (reverse mode).
+    """
+    return torch.ops.mlxq.fp_gather_matmul(
+        x,
+        wq,
+        scales,
+        mode,
+        group_size,
+        bits,
+        lhs_indices,
+        rhs_indices,
+        transpose,
+        global_scale,
+        sorted_indices,
+    )
+
+
+def gather_quantized_matmul(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None = None,
+    lhs_indices: torch.Tensor | None = None,
+    rhs_indices: torch.Tensor | None = None,
+    transpose: bool = True,
+    group_size: int | None = None,
+    bits: int | None = None,
+    mode: str = "affine",
+    global_scale: torch.Tensor | None = None,
+    *,
+    sorted_indices: bool = False,
+) -> torch.Tensor:
+    """`mlx.core.gather_qmm` for a weight stack quantized in any MLX mode: argument order and
+    per-mode defaults as MLX's; calls :func:`affine_gather_matmul` or :func:`fp_gather_matmul`.
+    """
+    group_size, bits = _mode_params(mode, group_size, bits)
+    _check_biases(mode, biases)
+    _check_no_global_scale(mode, global_scale)
+    if mode == "affine":
+        return torch.ops.mlxq.affine_gather_matmul(
+            x,
+            wq,
+            scales,
+            biases,
+            lhs_indices,
+            rhs_indices,
+            group_size,
+            bits,
+            transpose,
+            sorted_indices,
+        )
+    return torch.ops.mlxq.fp_gather_matmul(
+        x,
+        wq,
+        scales,
+        mode,
+        group_size,
+        bits,
+        lhs_indices,
+        rhs_indices,
+        transpose,
+        global_scale,
+        sorted_indices,
+    )
+
+
+@torch.library.register_fake("mlxq::fp_gather_matmul")
+def _fp_gather_matmul_fake(
+    x,
+    wq,
+    scales,
+    mode: str,
+    group_size: int,
+    bits: int,
+    lhs_indices=None,
+    rhs_indices=None,
+    transpose: bool = True,
+    global_scale=None,
+    sorted_indices: bool = False,
+):
+    _check_fp_mode_fake(mode, group_size, bits)
+    tensors = dict(x=x, wq=wq, scales=scales, lhs_indices=lhs_indices, rhs_indices=rhs_indices)
+    tensors["global_scale"] = global_scale
+    _check_one_device(**{k: v for k, v in tensors.items() if v is not None})
+    torch._check_value(x.dim() >= 2, lambda: "mlxq: x must have at least 2 dimensions [..., M, K]")
+    torch._check_value(wq.dim() >= 2, lambda: "mlxq: wq must have at least 2 dimensions")
+    if global_scale is not None:
+        torch._check_value(
+            list(global_scale.shape) == list(wq.shape[:-2]),
+            lambda: (
+                "mlxq: global_scale must hold one value per matrix of wq, shape "
+                f"{list(wq.shape[:-2])}, got shape {list(global_scale.shape)}"
+            ),
+        )
+    rows, cols = wq.shape[-2], scales.shape[-1] * group_size
+    out_features = rows if transpose else cols
+    index_shape = torch.broadcast_shapes(
+        _index_shape(lhs_indices, x.shape[:-2]), _index_shape(rhs_indices, wq.shape[:-2])
+    )
+    return x.new_empty([*index_shape, x.shape[-2], out_features])
+
+
+def _fp_gather_setup_context(ctx, inputs, output) -> None:
+    defaults = (None, None, True, None, False)  # arguments a caller of torch.ops may leave out
+    x, wq, scales, mode, group_size, bits, lhs, rhs, transpose, global_scale, _ = (
+        *inputs,
+        *defaults[len(inputs) - 6 :],
+    )
+    ctx.save_for_backward(wq, scales, lhs, rhs, global_scale)
+    ctx.x_shape = x.shape
+    ctx.args = (mode, group_size, bits, transpose)
+
+
+def _fp_gather_backward(ctx, grad):
+    # As _gather_backward: the same gather with the other transpose, scattered back onto x.
+    wq, scales, lhs, rhs, global_scale = ctx.saved_tensors
+    mode, group_size, bits, transpose = ctx.args
+    needs = ctx.needs_input_grad  # no entries for arguments that were left out
+    if needs[2] or (len(needs) > 9 and needs[9]):
+        _raise_constant_weight_names("fp_gather_matmul", "scales and global_scale")
+    if not needs[0]:
+        return (None,) * len(needs)
+    x_shape = ctx.x_shape
+    index_shape, x_batch = grad.shape[:-2], x_shape[:-2]
+    if lhs is None:
+        lhs = torch.arange(x_batch.numel(), device=grad.device).reshape(x_batch)
+    if rhs is None:
+        rhs = torch.arange(wq.shape[:-2].numel(), device=grad.device).reshape(wq.shape[:-2])
+    lhs_flat = lhs.long().expand(index_shape).reshape(-1)
+    rhs_flat = rhs.expand(index_shape).reshape(-1)
+    g = grad.reshape(lhs_flat.numel(), grad.shape[-2], grad.shape[-1])
+    part = torch.ops.mlxq.fp_gather_matmul(
+        g, wq, scales, mode, group_size, bits, None, rhs_flat, not transpose, global_scale, False
+    )
+    grad_x = part.new_zeros(x_batch.numel(), x_shape[-2], x_shape[-1])
+    grad_x.index_add_(0, lhs_flat, part)
+    return (grad_x.reshape(x_shape),) + (None,) * (len(needs) - 1)
+
+
+torch.library.register_autograd(
+    "mlxq::fp_gather_matmul", _fp_gather_backward, setup_context=_fp_gather_setup_context
+)

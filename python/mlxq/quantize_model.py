@@ -88,8 +88,15 @@ def quantize_planned(model: nn.Module, walk: ModelPlan) -> set[str]:
 def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
     """A router with a format becomes a quantized router (its own forward, packed weight);
     fused experts with any projection to quantize become :class:`~mlxq.moe.MoeExperts` over
-    mlx-lm's three stacks (`gate_up_proj` [E, 2I, H] is gate rows then up rows)."""
-    from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, quantized_router
+    mlx-lm's three stacks (:func:`~mlxq.moe.fused_expert_stacks`: gpt-oss's biases too)."""
+    from mlxq.moe import (
+        AffineSwitchLinear,
+        MoeExperts,
+        SwitchLinear,
+        experts_gate,
+        fused_expert_stacks,
+        quantized_router,
+    )
 
     module = entry.module
     if entry.moe.kind == "router":
@@ -98,26 +105,29 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
             return set()
         w = module.weight
         new = quantized_router(
-            entry.name, module, fmt.bits, fmt.group_size, w.dtype, w.device, weight=w
+            entry.name, module, fmt.bits, fmt.group_size, w.dtype, w.device, w, fmt.mode
         )
         model.set_submodule(entry.name, new)
         return {entry.name}
     if not any(entry.parts.values()):
         return set()
-    inter = entry.moe.out_features
-    gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
-    stacks = {"gate_proj": gate_up[:, :inter], "up_proj": gate_up[:, inter:], "down_proj": down}
+    stacks = fused_expert_stacks(module, entry.moe.variant)
     projections: dict[str, nn.Module] = {}
-    for proj, w in stacks.items():
+    for proj, (w, bias) in stacks.items():
         fmt = entry.parts[proj]
         if fmt is None:
             e, n, k = w.shape
-            float_stack = SwitchLinear(e, k, n, w.dtype, w.device)
+            float_stack = SwitchLinear(e, k, n, w.dtype, w.device, bias=bias is not None)
             float_stack.weight.data.copy_(w)
+            if bias is not None:
+                float_stack.bias.data.copy_(bias)
             projections[proj] = float_stack
         else:
-            projections[proj] = AffineSwitchLinear.from_float(w, fmt.bits, fmt.group_size)
-    model.set_submodule(entry.name, MoeExperts(**projections, act_fn=module.act_fn))
+            projections[proj] = AffineSwitchLinear.from_float(
+                w, fmt.bits, fmt.group_size, fmt.mode, bias=bias
+            )
+    gate = experts_gate(module, entry.moe.variant)
+    model.set_submodule(entry.name, MoeExperts(**projections, **gate))
     return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}
 
 

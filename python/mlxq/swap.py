@@ -221,10 +221,12 @@ def _refuse(plan: SwapPlan, why: str) -> SwapPlan:
 #
 # transformers 5 keeps a MoE block's experts fused (`gate_up_proj` [E, 2I, H], `down_proj`
 # [E, H, I]) in an `*Experts` module whose eager forward is the same loop in every architecture
-# that has it; mlxq replaces such a module by :class:`mlxq.moe.MoeExperts` only when that
-# forward is the one it reproduces. Routers (`*TopKRouter`, or any module with a 2-D weight)
-# keep their own forward when quantized, which is exact when that forward reaches the weight
-# only through `F.linear(x, self.weight[, bias])` (or nn.Linear's forward through super()).
+# that has it, except gpt-oss (biases, transposed and interleaved weights, its own gate); mlxq
+# replaces such a module by :class:`mlxq.moe.MoeExperts` only when that forward (and gpt-oss's
+# gate) is one it reproduces, recognised by the source, not the class name. Routers
+# (`*TopKRouter`, or any module with a 2-D weight) keep their own forward when quantized, which
+# is exact when that forward reaches the weight only through `F.linear(x, self.weight[, bias])`
+# (or nn.Linear's forward through super()).
 
 # sha256 of the whitespace-free body of transformers 5's eager experts forward (e.g.
 # MixtralExperts.forward before `use_experts_implementation` wraps it): one-hot mask over the
@@ -232,6 +234,33 @@ def _refuse(plan: SwapPlan, why: str) -> SwapPlan:
 # weight, `index_add_` into the output. Checked against Mixtral, Qwen2/Qwen3-MoE, OLMoE,
 # PhiMoE, GraniteMoE, DeepSeek V2/V3 and GLM-4-MoE in transformers 5.24.
 _EAGER_EXPERTS_DIGEST = "9aeb8813b50f2bd3ebab6a861ae28a9bd91af7cb79009da5ddf793d92690033c"
+# GptOssExperts.forward (transformers 5.24): the same loop with `x @ gate_up_proj[e] +
+# gate_up_proj_bias[e]` (weights stored [in, out]), `self._apply_gate`, and `@ down_proj[e] +
+# down_proj_bias[e]`
+_GPT_OSS_EXPERTS_DIGEST = "5c459e4a3ca1baaa62d0fd18d8e6ee238acf863f243b6f0aa047540357cb7562"
+# GptOssExperts._apply_gate: gate/up interleaved (`[..., ::2]`, `[..., 1::2]`), gate clamped
+# from above at `limit`, up to [-limit, limit], `(up + 1) * gate * sigmoid(gate * alpha)`
+# (what mlxq.moe.ClampedSwiGLU computes)
+_GPT_OSS_GATE_DIGEST = "d65d1ff72a6d9341b4d3b56d16406ae977f1f01e02f681d8dbec2756e6a7eb23"
+
+
+@dataclass(frozen=True)
+class _ExpertsForward:
+    """An experts forward mlxq reproduces: its `use_experts_implementation` flags (which
+    transformers' other experts implementations also follow) and its `_apply_gate` (None:
+    transformers' default `act_fn(gate) * up` on `[gate; up]`)."""
+
+    variant: str
+    has_bias: bool
+    is_transposed: bool
+    is_concatenated: bool
+    gate_digest: str | None
+
+
+_KNOWN_EXPERTS = {
+    _EAGER_EXPERTS_DIGEST: _ExpertsForward("swiglu", False, False, True, None),
+    _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
+}
 
 _LINEAR_USE = re.compile(
     r"(?:\bF|functional)\.linear\(\w+,self\.weight(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
@@ -239,20 +268,28 @@ _LINEAR_USE = re.compile(
 _WEIGHT_USE = re.compile(r"self\.weight(?!\w)")
 
 
+def _function_digest(function) -> str | None:
+    """sha256 of the whitespace-free body of `function`; None without source."""
+    if function is None:
+        return None
+    body = _forward_body(type("_Holder", (), {"forward": function}))
+    return hashlib.sha256(body.encode()).hexdigest() if body else None
+
+
 def _experts_digest(cls: type) -> str | None:
     """sha256 of the whitespace-free body of the eager forward an experts class wraps."""
-    forward = getattr(cls.forward, "__wrapped__", None)
-    if forward is None:
-        return None
-    holder = type("_Holder", (), {"forward": forward})
-    body = _forward_body(holder)
-    return hashlib.sha256(body.encode()).hexdigest() if body else None
+    return _function_digest(getattr(cls.forward, "__wrapped__", None))
 
 
 @dataclass(frozen=True)
 class MoePlan:
     """How a MoE module maps onto mlxq's: `kind` is "experts" (fused `gate_up_proj` and
-    `down_proj`) or "router" (a module whose forward uses its 2-D weight through F.linear)."""
+    `down_proj`) or "router" (a module whose forward uses its 2-D weight through F.linear).
+
+    Experts come in two variants: "swiglu" (transformers' eager loop: `gate_up_proj`
+    [E, 2I, H] is gate rows then up rows, `act_fn(gate) * up`, no biases) and "gpt_oss"
+    (`gate_up_proj` [E, H, 2I] with gate and up interleaved, `down_proj` [E, I, H], biases,
+    :class:`mlxq.moe.ClampedSwiGLU`)."""
 
     name: str
     cls_name: str
@@ -261,14 +298,20 @@ class MoePlan:
     in_features: int = 0  # router: K; experts: hidden size
     out_features: int = 0  # router: rows; experts: intermediate size
     refusal: str | None = None
+    variant: str = "swiglu"  # experts only
+
+    @property
+    def bias(self) -> bool:
+        """Whether each expert projection has a bias (gpt-oss)."""
+        return self.variant == "gpt_oss"
 
     def require(self) -> MoePlan:
         """This plan, or a NotImplementedError naming the module when mlxq cannot replace it."""
         if self.refusal is not None:
             raise NotImplementedError(
                 f"mlxq: module {self.name!r} ({self.cls_name}): {self.refusal}; mlxq replaces "
-                "only MoE experts whose forward is transformers' eager experts loop and routers "
-                "that use their weight only through F.linear"
+                "only MoE experts whose forward is transformers' eager experts loop or gpt-oss's, "
+                "and routers that use their weight only through F.linear"
             )
         return self
 
@@ -281,28 +324,7 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     params = dict(module.named_parameters(recurse=False))
     gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
     if gate_up is not None and down is not None and gate_up.dim() == 3:
-        e, two_i, hidden = gate_up.shape
-        plan = MoePlan(name, cls.__name__, "experts", e, hidden, two_i // 2)
-        digest = _experts_digest(cls)
-        if digest is None or digest != _EAGER_EXPERTS_DIGEST:
-            return _refuse_moe(plan, "its forward is not transformers' eager experts loop")
-        flags = {
-            "has_gate": True,
-            "has_bias": False,
-            "is_transposed": False,
-            "is_concatenated": True,
-            "has_post_expert_norm": False,
-        }
-        for flag, want in flags.items():
-            if getattr(module, flag, want) != want:
-                return _refuse_moe(plan, f"{flag}={getattr(module, flag)} is not supported")
-        from transformers.integrations.moe import _default_apply_gate
-
-        if getattr(cls, "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-            return _refuse_moe(plan, "it overrides _apply_gate")
-        if tuple(down.shape) != (e, hidden, two_i // 2) or two_i % 2:
-            return _refuse_moe(plan, f"down_proj {list(down.shape)} does not fit gate_up_proj")
-        return plan
+        return _experts_plan(name, module, params)
     weight = params.get("weight")
     if weight is None or weight.dim() != 2:
         return None
@@ -322,6 +344,55 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
         return _refuse_moe(plan, "its forward calls super().forward")
     if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) or not uses:
         return _refuse_moe(plan, "its forward uses self.weight other than in F.linear(x, w)")
+    return plan
+
+
+def _experts_plan(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> MoePlan:
+    """The plan of fused experts: refused unless their forward is one mlxq reproduces."""
+    cls = type(module)
+    gate_up, down = params["gate_up_proj"], params["down_proj"]
+    known = _KNOWN_EXPERTS.get(_experts_digest(cls) or "")
+    transposed = known is not None and known.is_transposed
+    if transposed:  # [E, H, 2I]
+        e, hidden, two_i = gate_up.shape
+    else:  # [E, 2I, H]
+        e, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    plan = MoePlan(name, cls.__name__, "experts", e, hidden, inter)
+    if known is None:
+        return _refuse_moe(plan, "its forward is not transformers' eager experts loop")
+    plan = MoePlan(**{**vars(plan), "variant": known.variant})
+    flags = {
+        "has_gate": True,
+        "has_bias": known.has_bias,
+        "is_transposed": known.is_transposed,
+        "is_concatenated": known.is_concatenated,
+        "has_post_expert_norm": False,
+    }
+    for flag, want in flags.items():
+        if getattr(module, flag, want) != want:
+            return _refuse_moe(plan, f"{flag}={getattr(module, flag)} is not supported")
+    from transformers.integrations.moe import _default_apply_gate
+
+    apply_gate = getattr(cls, "_apply_gate", _default_apply_gate)
+    if known.gate_digest is None and apply_gate is not _default_apply_gate:
+        return _refuse_moe(plan, "it overrides _apply_gate")
+    if known.gate_digest is not None and _function_digest(apply_gate) != known.gate_digest:
+        return _refuse_moe(plan, "its _apply_gate is not the one mlxq reproduces")
+    want_down = (e, inter, hidden) if transposed else (e, hidden, inter)
+    if tuple(down.shape) != want_down or two_i % 2:
+        return _refuse_moe(plan, f"down_proj {list(down.shape)} does not fit gate_up_proj")
+    if known.has_bias:
+        biases = {"gate_up_proj_bias": (e, two_i), "down_proj_bias": (e, hidden)}
+        for bias, shape in biases.items():
+            got = params.get(bias)
+            if got is None or tuple(got.shape) != shape:
+                have = None if got is None else list(got.shape)
+                return _refuse_moe(plan, f"{bias} is {have}, expected {list(shape)}")
+    if known.variant == "gpt_oss":
+        for attr in ("alpha", "limit"):
+            if not isinstance(getattr(module, attr, None), (int, float)):
+                return _refuse_moe(plan, f"its {attr} is not a number")
     return plan
 
 

@@ -18,12 +18,13 @@ from torch import nn
 from mlxq.format import ModuleFormat, stored_format
 from mlxq.integrations.checkpoint import TensorInfo
 from mlxq.mla import AffineMultiLinear, MultiLinear, SplitKvB
-from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, quantized_router
+from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, experts_gate, quantized_router
 from mlxq.swap import MoePlan
 
 __all__ = [
     "replace_split_kv_b",
     "stored_stack_format",
+    "stack_global_scale",
     "replace_moe_module",
     "check_moe_tensors_loaded",
     "PROJECTIONS",
@@ -68,13 +69,51 @@ def stored_stack_format(
     return fmt
 
 
+def stack_global_scale(
+    name: str, num_experts: int, fmt: ModuleFormat | None, headers: dict[str, TensorInfo]
+) -> bool:
+    """Whether the stack `name` has mlx-lm's per-expert nvfp4 tensor scales
+    (`<name>.global_scale`, float32 [E], written by `quantize_model(..., global_scale=True)`)."""
+    info = headers.get(f"{name}.global_scale")
+    if info is None:
+        return False
+    if fmt is None or fmt.mode != "nvfp4":
+        mode = "float" if fmt is None else f"mode {fmt.mode!r}"
+        raise ValueError(
+            f"mlxq: experts {name!r}: {name}.global_scale is only used by mode 'nvfp4', but the "
+            f"stack is stored in {mode}; refusing to ignore it"
+        )
+    if info.dtype != "F32" or list(info.shape) != [num_experts]:
+        raise ValueError(
+            f"mlxq: experts {name!r}: {name}.global_scale must be float32 [{num_experts}] (one "
+            f"per expert), got {info.dtype} {list(info.shape)}"
+        )
+    return True
+
+
 def _projection(
-    plan: MoePlan, fmt: ModuleFormat | None, in_features: int, out_features: int, dtype
+    plan: MoePlan,
+    fmt: ModuleFormat | None,
+    in_features: int,
+    out_features: int,
+    dtype,
+    global_scale: bool = False,
 ) -> nn.Module:
+    """The stack in its stored format (float, or packed in any MLX mode), on the meta device."""
+    e, bias = plan.num_experts, plan.bias
     if fmt is None:
-        return SwitchLinear(plan.num_experts, in_features, out_features, dtype, device="meta")
+        return SwitchLinear(e, in_features, out_features, dtype, device="meta", bias=bias)
     return AffineSwitchLinear(
-        plan.num_experts, in_features, out_features, fmt.bits, fmt.group_size, dtype, "meta"
+        e,
+        in_features,
+        out_features,
+        fmt.bits,
+        fmt.group_size,
+        dtype,
+        "meta",
+        mode=fmt.mode,
+        global_scale=global_scale,
+        bias=bias,
     )
 
 
@@ -94,7 +133,7 @@ def replace_moe_module(
         if fmt is None:
             return set()
         plan.require()
-        new = quantized_router(name, module, fmt.bits, fmt.group_size, dtype, "meta")
+        new = quantized_router(name, module, fmt.bits, fmt.group_size, dtype, "meta", mode=fmt.mode)
         model.set_submodule(name, new)
         return {name}
     hidden, inter, e = plan.in_features, plan.out_features, plan.num_experts
@@ -111,8 +150,9 @@ def replace_moe_module(
     for proj in PROJECTIONS:
         k, n = shapes[proj]
         fmt = stored_stack_format(f"{name}.{proj}", e, k, n, headers, config)
-        projections[proj] = _projection(plan, fmt, k, n, dtype)
-    new = MoeExperts(**projections, act_fn=module.act_fn)
+        gs = stack_global_scale(f"{name}.{proj}", e, fmt, headers)
+        projections[proj] = _projection(plan, fmt, k, n, dtype, gs)
+    new = MoeExperts(**projections, **experts_gate(module, plan.variant))
     model.set_submodule(name, new)
     return {f"{name}.{p}" for p in PROJECTIONS if isinstance(projections[p], AffineSwitchLinear)}
 
@@ -168,7 +208,9 @@ def replace_split_kv_b(
         if fmt is None:
             parts[part] = MultiLinear(heads, k, n, dtype, "meta")
         else:
-            parts[part] = AffineMultiLinear(heads, k, n, fmt.bits, fmt.group_size, dtype, "meta")
+            parts[part] = AffineMultiLinear(
+                heads, k, n, fmt.bits, fmt.group_size, dtype, "meta", mode=fmt.mode
+            )
             quantized.add(f"{name}.{part}")
     model.set_submodule(name, SplitKvB(heads, rank, nope, v_dim, **parts))
     return quantized

@@ -432,7 +432,7 @@ class MLXHfQuantizer(HfQuantizer):
                             f"mlxq: layer {name!r}: {name}.{tensor_name} was not loaded"
                             + (f" (quantizing it failed: {why})" if why else "")
                         )
-                    if tensor_name in ("scales", "biases"):
+                    if tensor_name in ("scales", "biases", "global_scale"):
                         check_finite(f"{name}.{tensor_name}", tensor)
         if self.pre_quantized:
             check_nothing_missing(model)
