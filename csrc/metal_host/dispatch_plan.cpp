@@ -230,8 +230,18 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
 
 namespace mlxq::metal {
 
+namespace {
+constexpr int64_t kSortedMinRun = 4;  // average rows per expert for the sorted gather qmm
+}  // namespace
+
+bool use_sorted_gather(const GatherGeometry& g) {
+  const int64_t rows = c10::multiply_integers(g.index_shape) * g.M;
+  return g.M < MLXQ_QMM_BM && rows >= MLXQ_QMM_BM && rows >= kSortedMinRun * g.w_batch;
+}
+
 DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
-                                       int64_t group_size, int64_t bits, bool transpose) {
+                                       int64_t group_size, int64_t bits, bool transpose,
+                                       bool sorted_indices) {
   MatmulGeometry one;  // one pair: the dense plan's kernel choice and x/y geometry
   one.w = g.w;
   one.w.batch.clear();
@@ -251,8 +261,20 @@ DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType d
   p.batch = to_i32(pairs, "number of pairs");
   p.batch_ndim = 0;
   plan.params = to_bytes(p);
-  if (!plan.empty()) plan.grid[2] = static_cast<uint32_t>(pairs);
-  if (pairs == 0) plan.grid = {0, 0, 0};
+  const bool empty = plan.empty() || pairs == 0;
+  if (sorted_indices && use_sorted_gather(g)) {
+    // One [pairs * M, in_features] matrix of rows, tiled as qmm (see affine_gather_rhs.h).
+    const int64_t rows = to_i32(pairs * g.M, "rows of all pairs (pairs x M)");
+    plan.kernel = host_name(transpose ? "affine_gather_qmm_rhs_t" : "affine_gather_qmm_rhs_n",
+                            plan.dtype, group_size, bits);
+    plan.grid = {ceil_div(g.out_features, MLXQ_QMM_BN), ceil_div(rows, MLXQ_QMM_BM), 1};
+    plan.threads = {MLXQ_QMM_THREADS, 1, 1};
+    plan.threadgroup_memory = {{0, int64_t{MLXQ_QMM_TG_FLOATS} * 4},
+                               {1, int64_t{2 * MLXQ_QMM_BM} * 4}};
+  } else {
+    plan.grid[2] = static_cast<uint32_t>(pairs);
+  }
+  if (empty) plan.grid = {0, 0, 0};
   plan.bindings.push_back({6, "lhs_indices"});
   plan.bindings.push_back({7, "rhs_indices"});
   return plan;
@@ -262,10 +284,11 @@ DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq
                                        const at::Tensor& scales, const at::Tensor& biases,
                                        const std::optional<at::Tensor>& lhs_indices,
                                        const std::optional<at::Tensor>& rhs_indices,
-                                       int64_t group_size, int64_t bits, bool transpose) {
+                                       int64_t group_size, int64_t bits, bool transpose,
+                                       bool sorted_indices) {
   const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
                                                group_size, bits, transpose);
-  return plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
+  return plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose, sorted_indices);
 }
 
 }  // namespace mlxq::metal

@@ -68,13 +68,29 @@ namespace mlxq::metal {
 // broadcast, flattened indices as contiguous uint32 tensors (roles "lhs_indices" and
 // "rhs_indices") at buffers 6 and 7; their values are checked by the caller
 // (mlxq::gather_flat_indices) before a launch.
+// With sorted_indices (rhs_indices sorted by expert, as mlx-lm's MoE prefill passes them) and
+// use_sorted_gather(g), the sorted gather qmm instead (affine_gather_qmm_rhs_t/_n,
+// metal/affine_gather_qmm_rhs.metal): grid (ceil(out / 32), ceil(pairs * M / 32), 1), params.M =
+// rows per pair and params.batch = pairs, threadgroup memory 0 as qmm plus 1 (the block's
+// indices). Its result does not depend on the hint being true, only its speed.
 DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
-                                       int64_t group_size, int64_t bits, bool transpose);
+                                       int64_t group_size, int64_t bits, bool transpose,
+                                       bool sorted_indices = false);
 DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                        const at::Tensor& scales, const at::Tensor& biases,
                                        const std::optional<at::Tensor>& lhs_indices,
                                        const std::optional<at::Tensor>& rhs_indices,
-                                       int64_t group_size, int64_t bits, bool transpose);
+                                       int64_t group_size, int64_t bits, bool transpose,
+                                       bool sorted_indices = false);
+
+// Whether sorted indices go to the sorted gather qmm: each pair has fewer rows than a 32-row
+// tile (M < MLXQ_QMM_BM: with a full tile per pair, the per-pair qmm already reads a weight tile
+// once per 32 rows), there is at least one full tile of rows (pairs * M >= MLXQ_QMM_BM), and an
+// expert of wq has at least 4 rows on average (pairs * M >= 4 * experts; MLX uses the same
+// B / E >= 4). A block of 32 rows then spans few runs: it reads about (32 / run + 1) expert
+// tiles instead of one per pair, while a block split into many short runs would multiply its
+// tile-GEMM work by the number of runs (decode-sized calls stay on qmv/qvm).
+bool use_sorted_gather(const GatherGeometry& g);
 
 }  // namespace mlxq::metal
 

@@ -66,14 +66,15 @@ void register_plan_bindings(pybind11::module& m) {
       [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
          const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
          const std::optional<at::Tensor>& rhs_indices, int64_t group_size, int64_t bits,
-         bool transpose) {
+         bool transpose, bool sorted_indices) {
         return to_dict(plan_affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
-                                                 group_size, bits, transpose));
+                                                 group_size, bits, transpose, sorted_indices));
       },
       pybind11::arg("x"), pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("biases"),
       pybind11::arg("lhs_indices") = pybind11::none(),
       pybind11::arg("rhs_indices") = pybind11::none(), pybind11::arg("group_size") = 64,
       pybind11::arg("bits") = 4, pybind11::arg("transpose") = true,
+      pybind11::arg("sorted_indices") = false,
       "Metal dispatch plan of affine_gather_matmul (the indices are bound as flat uint32 "
       "tensors, roles lhs_indices and rhs_indices).");
   m.def(
