@@ -76,11 +76,11 @@ void affine_gather_qmm_rhs_impl(const device T* x, const device uint* wq, const 
     }
     qmm_stage_out(acc, sy, sx, xs);
     threadgroup_barrier(mem_flags::mem_threadgroup);
+    // No barrier before the next run: a thread reads back exactly the xs elements it stages
+    // next (row tr, columns tc .. + 8), and ws was last read before the K loop's last barrier.
     if (in_run) {
       qmm_write_row<T>(xs, yrow, OUT, o0, tr, tc);
     }
-    // the next run stages its x tile into xs, which this run's rows are still being read from
-    threadgroup_barrier(mem_flags::mem_threadgroup);
     a = b;
   }
 }

@@ -403,3 +403,57 @@ def test_sorted_gather_launch_in_emulator(sorted_launch, gen, tmp_path) -> None:
         assert len(fake.sources) == 1
     want = mlxq.affine_gather_matmul(x.float(), wq, s, b, None, rhs, 32, 3).to(x.dtype)
     _assert_close(launch["outputs"][0], want)
+
+
+# Bugs planted in affine_gather_rhs.h (one line each): the emulator's race check must report them.
+SORTED_PLANTS = {
+    "output_not_published": (  # threads read the output tile before other simdgroups store it
+        "    qmm_stage_out(acc, sy, sx, xs);\n"
+        "    threadgroup_barrier(mem_flags::mem_threadgroup);\n",
+        "    qmm_stage_out(acc, sy, sx, xs);\n    threadgroup_barrier(mem_flags::mem_none);\n",
+        r"race on threadgroup\(0\) memory",
+    ),
+    "indices_not_published": (  # threads read the block's staged indices before they are written
+        "    x_mat[tid] = lhs[pair];\n  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);\n",
+        "    x_mat[tid] = lhs[pair];\n  }\n  threadgroup_barrier(mem_flags::mem_none);\n",
+        r"race on threadgroup\(1\) memory",
+    ),
+}
+
+
+@pytest.mark.parametrize("plant", [None, *sorted(SORTED_PLANTS)])
+def test_sorted_gather_planted_bugs_are_reported(plant, gen, tmp_path) -> None:
+    """A copy of metal/ with one line of the sorted kernel changed (one instantiation, so that it
+    compiles in seconds), run on RUNS: the unchanged copy passes, each plant raises a race."""
+    import shutil
+    from pathlib import Path
+
+    src = tmp_path / "metal"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "metal", src)
+    if plant is not None:
+        old, new, _ = SORTED_PLANTS[plant]
+        header = src / "affine_gather_rhs.h"
+        text = header.read_text()
+        assert old in text, f"affine_gather_rhs.h no longer contains {old!r}"
+        header.write_text(text.replace(old, new, 1))
+    kernel = "affine_gather_qmm_rhs_t_half_gs32_b4"
+    metal = src / "affine_gather_qmm_rhs.metal"
+    lines = metal.read_text().splitlines()
+    keep = [ln for ln in lines if "MLXQ_INSTANTIATE(" not in ln or f'"{kernel}"' in ln]
+    metal.write_text("\n".join(keep) + "\n")
+    lib = emu.Library([metal])
+
+    wq, s, b = _experts(gen, len(RUNS), 20, 64, 32, 4, torch.float16)
+    rhs = _sorted_rhs(RUNS)
+    x = torch.randn(rhs.numel(), 1, 64, generator=gen).to(torch.float16)
+    launch = mlxq._C.metal_launch_affine_gather_matmul(x, wq, s, b, None, rhs, 32, 4, True, True)
+    assert launch["kernel"] == kernel
+    y = launch["outputs"][0].fill_(float("nan"))
+    tgm = dict(launch["threadgroup_memory"])
+    if plant is None:
+        lib.dispatch(kernel, launch["grid"], launch["threads"], launch["buffers"], tgm)
+        want = mlxq.affine_gather_matmul(x.float(), wq, s, b, None, rhs, 32, 4).to(x.dtype)
+        _assert_close(y, want)
+    else:
+        with pytest.raises(emu.EmulatorError, match=SORTED_PLANTS[plant][2]):
+            lib.dispatch(kernel, launch["grid"], launch["threads"], launch["buffers"], tgm)
