@@ -1,0 +1,153 @@
+"""Gather matmul kernels of MLX's floating-point modes (metal/fp_gather_qmv.metal,
+metal/fp_gather_qmm.metal: mx.gather_qmm with mode="mxfp4" / "nvfp4" / "mxfp8") in the MSL
+emulator.
+
+There is no float-mode gather op on this branch yet (the CPU op fp_gather_matmul is being added
+separately), so each case is launched the way affine_gather_matmul's plan derives its gather
+launch from the dense one: the plan of fp_matmul for one pair (`_C.plan_fp_matmul`), with the
+kernel renamed to its gather variant, grid z = the number of pairs and params.batch = pairs,
+plus the flat uint32 lhs/rhs indices at buffers 6 and 7 and nvfp4's global scale as one float32
+per matrix of wq at buffer 3 (pair z reads rhs[z]'s).
+
+Oracles: the float64 product of each pair with its expert dequantized by the CPU op
+(fp_dequantize, bit-exact with mx.dequantize; its own global scale for nvfp4), and
+mx.gather_qmm(mode=...) itself in fp32 when there is no global scale (MLX takes one only on the
+GPU). Bound: one output rounding plus fp32 accumulation-order noise, as tests/test_metal_fp.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import mlxq
+import numpy as np
+import pytest
+import torch
+from mlxq._native import _C
+from mlxq.testing import metal_emulator as emu
+from oracles import DTYPES, to_mx, to_torch
+
+pytestmark = pytest.mark.skipif(
+    not emu.available(), reason="no clang for the MSL emulator (pip install ziglang)"
+)
+
+METAL_DIR = Path(__file__).resolve().parents[1] / "metal"
+MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+CASES = [("mxfp4", False), ("nvfp4", False), ("nvfp4", True), ("mxfp8", False)]
+CASE_IDS = [f"{m}-global" if g else m for m, g in CASES]
+DTYPE_IDS = [str(d).split(".")[-1] for d in DTYPES]
+OUT_EPS = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+ACC_EPS = 2e-6
+NO_GLOBAL = 448.0 * 6.0  # nvfp4's factor is global / (448 * 6): exactly 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library() -> emu.Library:
+    return emu.load_library([METAL_DIR / "fp_gather_qmv.metal", METAL_DIR / "fp_gather_qmm.metal"])
+
+
+def _experts(gen, e, rows, cols, mode, dtype, with_global: bool):
+    """[e, rows, cols] weights quantized one matrix at a time (nvfp4: each with its own global
+    scale when `with_global`), their float64 values, and the per-matrix global scales."""
+    gs, bits = MODES[mode]
+    w = (torch.randn(e, rows, cols, generator=gen) * 3).to(dtype)
+    glob = torch.rand(e, generator=gen) + 0.2 if with_global else torch.full((e,), NO_GLOBAL)
+    qs, ss, ws = [], [], []
+    for i in range(e):
+        g = glob[i : i + 1].reshape(()) if with_global else None
+        q, s = mlxq.quantize(w[i], gs, bits, mode=mode, global_scale=g)
+        qs.append(q)
+        ss.append(s)
+        ws.append(torch.ops.mlxq.fp_dequantize(q, s, mode, gs, bits, g, torch.float32).double())
+    return torch.stack(qs), torch.stack(ss), torch.stack(ws), glob.float()
+
+
+def _launch(x, wq, s, glob, mode, lhs, rhs, transpose):
+    """Dispatches the gather variant of the pair kernel fp_matmul's plan picks; returns
+    (y [pairs, M, out], kernel)."""
+    gs, bits = MODES[mode]
+    pairs = lhs.numel()
+    dense = _C.plan_fp_matmul(x[0], wq[0], s[0], mode, gs, bits, transpose, None)
+    kernel = dense["kernel"].replace("fp_", "fp_gather_", 1)
+    params = bytearray(dense["params"])
+    struct.pack_into("<2i", params, 24, pairs, 0)  # batch = pairs, batch_ndim = 0
+    grid = (*dense["grid"][:2], pairs)
+    m, out_f = x.shape[-2], dense["out_shapes"][0][-1]
+    y = torch.full((pairs, m, out_f), float("nan"), dtype=x.dtype)
+    tensors = {
+        "x": x.contiguous(),
+        "wq": wq.view(torch.int32).contiguous(),
+        "scales": s.contiguous(),
+        "global_scale": glob,
+        "out": y,
+        "params": bytes(params),
+    }
+    buffers = {i: tensors[role] for i, role in dense["bindings"]}
+    buffers[6], buffers[7] = lhs.int().contiguous(), rhs.int().contiguous()
+    tgm = dict(dense["threadgroup_memory"]) or None
+    emu.dispatch(kernel, grid, dense["threads"], buffers, tgm)
+    return y, kernel
+
+
+def _check(y, x, W, lhs, rhs, transpose, kernel, ref=None) -> None:
+    Wp = W[rhs]
+    Wt = Wp.transpose(-1, -2) if transpose else Wp
+    xp = x.double()[lhs]
+    ref = xp @ Wt if ref is None else ref
+    absprod = xp.abs() @ Wt.abs()
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert not y.isnan().any(), f"{kernel}: some outputs were never written"
+    bound = OUT_EPS[x.dtype] * ref.abs() + 2 * ACC_EPS * absprod + 1e-30
+    err = (y.double() - ref).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{kernel}: error {err.max().item():.3g} is {worst:.2f}x the bound"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode,with_global", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "M,transpose,kernel",
+    [(1, True, "fp_gather_qmv"), (33, True, "fp_gather_qmm_t"), (3, False, "fp_gather_qmm_n")],
+)
+def test_fp_gather_kernels(M, transpose, kernel, mode, with_global, dtype, gen) -> None:
+    """Decode (one token, top-3 of 5 experts with a repeat) and prefill shapes (partial 32-row
+    tiles, both transposes), x's matrices picked by lhs."""
+    gs, _ = MODES[mode]
+    n, k = 37, 3 * gs  # N not a multiple of 8 or 32; K = 48 for nvfp4 (not a multiple of 32)
+    wq, s, W, glob = _experts(gen, 5, n, k, mode, dtype, with_global)
+    x = torch.randn(2, M, k if transpose else n, generator=gen).to(dtype)
+    lhs, rhs = torch.tensor([1, 0, 1, 1]), torch.tensor([4, 1, 4, 0])
+    y, name = _launch(x, wq, s, glob, mode, lhs, rhs, transpose)
+    assert name.startswith(kernel) and name.endswith(mode), name
+    _check(y, x, W, lhs, rhs, transpose, name)
+    if not with_global:  # mx.gather_qmm itself (it takes a global scale only on the GPU), fp32
+        ref = mx.gather_qmm(
+            to_mx(x.float()),
+            to_mx(wq),
+            mx.array(s.numpy()),
+            None,
+            lhs_indices=mx.array(lhs.numpy().astype(np.uint32)),
+            rhs_indices=mx.array(rhs.numpy().astype(np.uint32)),
+            transpose=transpose,
+            mode=mode,
+        )
+        _check(y, x, W, lhs, rhs, transpose, name, to_torch(ref).double())
+
+
+def test_fp_gather_qmv_reads_only_the_selected_experts(gen) -> None:
+    """Each pair reads its expert's packed rows and scale bytes once; unselected experts are
+    never read; each thread reads its pair's global scale once."""
+    mode, (gs, bits) = "nvfp4", MODES["nvfp4"]
+    e, n, k = 12, 24, 256
+    wq, s, _, glob = _experts(gen, e, n, k, mode, torch.float16, True)
+    x = torch.randn(1, 1, k, generator=gen).to(torch.float16)
+    rhs = torch.tensor([3, 9, 9, 5])
+    y, _ = _launch(x, wq, s, glob, mode, torch.zeros(4, dtype=torch.long), rhs, True)
+    rep = emu.last_dispatch_report()
+    assert not y.isnan().any()
+    assert rep.bytes_read[1] == rhs.numel() * n * k * bits // 8
+    assert rep.bytes_read[2] == rhs.numel() * n * (k // gs)
+    threads = int(np.prod(rep.grid)) * int(np.prod(rep.threads_per_threadgroup))
+    assert rep.bytes_read[3] == 4 * threads  # fp_global_factor: one float per thread
