@@ -457,3 +457,40 @@ def test_sorted_gather_planted_bugs_are_reported(plant, gen, tmp_path) -> None:
     else:
         with pytest.raises(emu.EmulatorError, match=SORTED_PLANTS[plant][2]):
             lib.dispatch(kernel, launch["grid"], launch["threads"], launch["buffers"], tgm)
+
+
+def test_sorted_gather_offsets_are_64_bit(gen) -> None:
+    """The last threadgroup of a legal sorted gather whose output has 2^32 elements (2^22 pairs
+    of 16 rows, 64 outputs; the plan bounds rows, not rows x outputs), with full index buffers
+    and tiny x, weights and output: 64-bit offsets reach the output row and are refused as an
+    out-of-bounds write, where 32-bit ones would be reported as a signed integer overflow."""
+    pairs, m, n, k = 1 << 22, 16, 64, 32
+    wq, s, b = _experts(gen, 1, n, k, 32, 4, torch.float32)
+    x = torch.empty(1, m, k, device="meta")  # the plan only needs shapes
+    idx = torch.empty(pairs, dtype=torch.long, device="meta")
+    plan = mlxq._C.plan_affine_gather_matmul(
+        x, wq.to("meta"), s.to("meta"), b.to("meta"), idx, idx, 32, 4, True, True
+    )
+    assert plan["kernel"] == "affine_gather_qmm_rhs_t_float_gs32_b4"
+    assert plan["grid"] == (2, pairs * m // 32, 1)
+    lhs_flat = torch.zeros(pairs, dtype=torch.int32)  # every pair reads x's matrix 0
+    buffers = {
+        0: torch.randn(m, k, generator=gen),
+        1: wq.view(torch.int32).contiguous(),
+        2: s.contiguous(),
+        3: b.contiguous(),
+        4: torch.zeros(64),
+        5: plan["params"],
+        6: lhs_flat,
+        7: torch.zeros(pairs, dtype=torch.int32),
+    }
+    last = tuple(g - 1 for g in plan["grid"])
+    with pytest.raises(emu.EmulatorError, match=r"out-of-bounds write .* of buffer\(4\)"):
+        emu.dispatch(
+            plan["kernel"],
+            plan["grid"],
+            plan["threads"],
+            buffers,
+            dict(plan["threadgroup_memory"]),
+            only_threadgroup=last,
+        )
