@@ -7,24 +7,52 @@
 // pair. A block whose rows belong to several experts (a run boundary, or indices that are not
 // sorted after all: the hint is never trusted for correctness) is computed once per run of
 // equal experts, each pass reading that expert's weight tile with only the run's x rows staged
-// (the other rows are zeros) and storing only the run's output rows.
+// (the other rows are zeros) and storing only the run's output rows. The body is generic over
+// how a weight tile is staged (`Tiles`: AffineTiles here, FpTiles in fp_gather_rhs.h).
 #pragma once
 
 #include "affine_qmm.h"
 
 namespace mlxq {
 
+// Weight tiles of affine experts: select(e) points at expert e of the stacked [E * N] rows,
+// stage(...) dequantizes one 32 x 32 tile (qmm_stage_w; `s`, `b` carry the group's scale and
+// bias between the K steps of one pass).
 template <typename T, int GS, int BITS, bool TRANSPOSE>
-void affine_gather_qmm_rhs_impl(const device T* x, const device uint* wq, const device T* scales,
-                                const device T* biases, device T* y, constant AffineMatmulParams& p,
-                                const device uint* lhs, const device uint* rhs,
-                                threadgroup float* tg, threadgroup uint* tile_rows, uint3 tgid,
-                                uint tid, uint sg, uint lane) {
+struct AffineTiles {
+  const device uint* wq;
+  const device T* scales;
+  const device T* biases;
+  int N, G;
+  long row_bytes;
+  const device uchar* w_e;
+  const device T* s_e;
+  const device T* b_e;
+  float s, b;
+
+  void select(uint e) {
+    const long w0 = long(e) * N;  // first row of expert e
+    w_e = (const device uchar*)wq + w0 * row_bytes;
+    s_e = scales + w0 * G;
+    b_e = biases + w0 * G;
+    s = 0.0f;
+    b = 0.0f;
+  }
+  void stage(int o0, int r0, int tr, int tc, uint lane, threadgroup float* ws) {
+    qmm_stage_w<T, GS, BITS, TRANSPOSE>(w_e, s_e, b_e, N, G, row_bytes, o0, r0, tr, tc, lane, s, b,
+                                        ws);
+  }
+};
+
+template <typename T, typename Tiles>
+void gather_rhs_impl(const device T* x, device T* y, constant AffineMatmulParams& p,
+                     thread Tiles& tiles, const device uint* lhs, const device uint* rhs,
+                     threadgroup float* tg, threadgroup uint* tile_rows, uint3 tgid, uint tid,
+                     uint sg, uint lane) {
   constexpr int BM = MLXQ_QMM_BM, BN = MLXQ_QMM_BN, BK = MLXQ_QMM_BK, LD = MLXQ_QMM_LD;
   static_assert(BM == 32 && BN == 32 && BK == 32, "the load mapping assumes 32x32x32 tiles");
-  const int M = p.M, N = p.N, K = p.K, G = p.groups;
+  const int M = p.M;
   const int IN = p.in_features, OUT = p.out_features;
-  const long row_bytes = long(K) * BITS / 8;
   const long rows = long(p.batch) * long(M);  // rows of all pairs (p.batch = pairs)
   const long f0 = long(tgid.y) * BM;          // first row of this block
   const int block_rows = rows - f0 < BM ? int(rows - f0) : BM;
@@ -60,16 +88,12 @@ void affine_gather_qmm_rhs_impl(const device T* x, const device uint* wq, const 
     while (b < block_rows && expert[b] == e) {
       ++b;
     }
-    const long w0 = long(e) * N;  // first row of expert e in the stacked [E * N] weight rows
-    const device uchar* wbytes = (const device uchar*)wq + w0 * row_bytes;
     const bool in_run = row_ok && tr >= a && tr < b;
-
+    tiles.select(e);
     qmm_clear(acc);
-    float s = 0.0f, bs = 0.0f;  // scale and bias of the group this thread's pack lies in
     for (int r0 = 0; r0 < IN; r0 += BK) {
       qmm_stage_x<T>(xrow, in_run, IN, r0, tr, tc, xs);
-      qmm_stage_w<T, GS, BITS, TRANSPOSE>(wbytes, scales + w0 * G, biases + w0 * G, N, G, row_bytes,
-                                          o0, r0, tr, tc, lane, s, bs, ws);
+      tiles.stage(o0, r0, tr, tc, lane, ws);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       qmm_multiply(xs, ws, sy, sx, acc);
       threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -83,6 +107,22 @@ void affine_gather_qmm_rhs_impl(const device T* x, const device uint* wq, const 
     }
     a = b;
   }
+}
+
+template <typename T, int GS, int BITS, bool TRANSPOSE>
+void affine_gather_qmm_rhs_impl(const device T* x, const device uint* wq, const device T* scales,
+                                const device T* biases, device T* y, constant AffineMatmulParams& p,
+                                const device uint* lhs, const device uint* rhs,
+                                threadgroup float* tg, threadgroup uint* tile_rows, uint3 tgid,
+                                uint tid, uint sg, uint lane) {
+  AffineTiles<T, GS, BITS, TRANSPOSE> tiles;
+  tiles.wq = wq;
+  tiles.scales = scales;
+  tiles.biases = biases;
+  tiles.N = p.N;
+  tiles.G = p.groups;
+  tiles.row_bytes = long(p.K) * BITS / 8;
+  gather_rhs_impl<T>(x, y, p, tiles, lhs, rhs, tg, tile_rows, tgid, tid, sg, lane);
 }
 
 }  // namespace mlxq

@@ -45,7 +45,8 @@ NO_GLOBAL = 448.0 * 6.0  # nvfp4's factor is global / (448 * 6): exactly 1
 
 @pytest.fixture(scope="module", autouse=True)
 def library() -> emu.Library:
-    return emu.load_library([METAL_DIR / "fp_gather_qmv.metal", METAL_DIR / "fp_gather_qmm.metal"])
+    names = ("fp_gather_qmv.metal", "fp_gather_qmm.metal", "fp_gather_qmm_rhs.metal")
+    return emu.load_library([METAL_DIR / n for n in names])
 
 
 def _experts(gen, e, rows, cols, mode, dtype, with_global: bool):
@@ -64,8 +65,9 @@ def _experts(gen, e, rows, cols, mode, dtype, with_global: bool):
     return torch.stack(qs), torch.stack(ss), torch.stack(ws), glob.float()
 
 
-def _launch(x, wq, s, glob, mode, lhs, rhs, transpose):
-    """Dispatches the gather variant of the pair kernel fp_matmul's plan picks; returns
+def _launch(x, wq, s, glob, mode, lhs, rhs, transpose, sorted_rows: bool = False):
+    """Dispatches the gather variant of the pair kernel fp_matmul's plan picks (or with
+    `sorted_rows` the sorted gather qmm, geometry as affine_gather_qmm_rhs's plan); returns
     (y [pairs, M, out], kernel)."""
     gs, bits = MODES[mode]
     pairs = lhs.numel()
@@ -75,6 +77,12 @@ def _launch(x, wq, s, glob, mode, lhs, rhs, transpose):
     struct.pack_into("<2i", params, 24, pairs, 0)  # batch = pairs, batch_ndim = 0
     grid = (*dense["grid"][:2], pairs)
     m, out_f = x.shape[-2], dense["out_shapes"][0][-1]
+    threads, tgm = dense["threads"], dict(dense["threadgroup_memory"]) or None
+    if sorted_rows:
+        dtype = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}[x.dtype]
+        kernel = f"fp_gather_qmm_rhs_{'t' if transpose else 'n'}_{dtype}_{mode}"
+        grid = (-(-out_f // 32), -(-pairs * m // 32), 1)
+        threads, tgm = (128, 1, 1), {0: 2 * 32 * 36 * 4, 1: 2 * 32 * 4}
     y = torch.full((pairs, m, out_f), float("nan"), dtype=x.dtype)
     tensors = {
         "x": x.contiguous(),
@@ -86,8 +94,7 @@ def _launch(x, wq, s, glob, mode, lhs, rhs, transpose):
     }
     buffers = {i: tensors[role] for i, role in dense["bindings"]}
     buffers[6], buffers[7] = lhs.int().contiguous(), rhs.int().contiguous()
-    tgm = dict(dense["threadgroup_memory"]) or None
-    emu.dispatch(kernel, grid, dense["threads"], buffers, tgm)
+    emu.dispatch(kernel, grid, threads, buffers, tgm)
     return y, kernel
 
 
@@ -151,3 +158,56 @@ def test_fp_gather_qmv_reads_only_the_selected_experts(gen) -> None:
     assert rep.bytes_read[2] == rhs.numel() * n * (k // gs)
     threads = int(np.prod(rep.grid)) * int(np.prod(rep.threads_per_threadgroup))
     assert rep.bytes_read[3] == 4 * threads  # fp_global_factor: one float per thread
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode,with_global", CASES, ids=CASE_IDS)
+def test_fp_sorted_gather_qmm(mode, with_global, dtype, gen) -> None:
+    """The sorted gather qmm in the float modes, both transposes: 56 one-row pairs sorted by
+    expert in runs of 3, 0, 1, 37, 0, 13, 2 (empty experts, a one-pair run, a run across the
+    32-row block boundary), tokens gathered through lhs in token order; against float64 and
+    mx.gather_qmm(mode=). Also a wrong hint (unsorted indices): still exact."""
+    gs, _ = MODES[mode]
+    runs = (3, 0, 1, 37, 0, 13, 2)
+    n, k = 37, 3 * gs
+    wq, s, W, glob = _experts(gen, len(runs), n, k, mode, dtype, with_global)
+    rhs = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(runs))
+    lhs = torch.randint(0, 24, rhs.shape, generator=gen)
+    lhs = lhs[torch.argsort(rhs * 24 + lhs, stable=True)]
+    for transpose in (True, False):
+        x = torch.randn(24, 1, k if transpose else n, generator=gen).to(dtype)
+        for r in (rhs, rhs[torch.randperm(rhs.numel(), generator=gen)]):
+            y, name = _launch(x, wq, s, glob, mode, lhs, r, transpose, sorted_rows=True)
+            assert name.startswith("fp_gather_qmm_rhs_") and name.endswith(mode), name
+            _check(y, x, W, lhs, r, transpose, name)
+            if not with_global:
+                ref = mx.gather_qmm(
+                    to_mx(x.float()),
+                    to_mx(wq),
+                    mx.array(s.numpy()),
+                    None,
+                    lhs_indices=mx.array(lhs.numpy().astype(np.uint32)),
+                    rhs_indices=mx.array(r.numpy().astype(np.uint32)),
+                    transpose=transpose,
+                    mode=mode,
+                    sorted_indices=r is rhs,
+                )
+                _check(y, x, W, lhs, r, transpose, name, to_torch(ref).double())
+
+
+def test_fp_sorted_gather_weight_traffic() -> None:
+    """mxfp8, runs of 16 one-row pairs: each (32-row block, run) pass reads its expert's packed
+    bytes and scale bytes once (128 pairs -> 8 passes), against once per pair unsorted."""
+    gen = torch.Generator().manual_seed(3)
+    mode, (gs, bits) = "mxfp8", MODES["mxfp8"]
+    e, n, k, pairs = 8, 32, 128, 128
+    wq, s, _, glob = _experts(gen, e, n, k, mode, torch.float16, False)
+    x = torch.randn(pairs, 1, k, generator=gen).to(torch.float16)
+    rhs = torch.arange(pairs) // 16
+    lhs = torch.arange(pairs)
+    y, _ = _launch(x, wq, s, glob, mode, lhs, rhs, True, sorted_rows=True)
+    rep = emu.last_dispatch_report()
+    assert rep.bytes_read[1] == 8 * n * k * bits // 8 and rep.bytes_read[2] == 8 * n * (k // gs)
+    y_pairs, _ = _launch(x, wq, s, glob, mode, lhs, rhs, True)
+    assert emu.last_dispatch_report().bytes_read[1] == pairs * n * k * bits // 8
+    torch.testing.assert_close(y, y_pairs, rtol=2e-3, atol=2e-3)
