@@ -3,11 +3,11 @@ metal/fp_gather_qmm.metal: mx.gather_qmm with mode="mxfp4" / "nvfp4" / "mxfp8") 
 emulator.
 
 There is no float-mode gather op on this branch yet (the CPU op fp_gather_matmul is being added
-separately), so each case is launched the way affine_gather_matmul's plan derives its gather
-launch from the dense one: the plan of fp_matmul for one pair (`_C.plan_fp_matmul`), with the
-kernel renamed to its gather variant, grid z = the number of pairs and params.batch = pairs,
-plus the flat uint32 lhs/rhs indices at buffers 6 and 7 and nvfp4's global scale as one float32
-per matrix of wq at buffer 3 (pair z reads rhs[z]'s).
+separately), so each case is launched from the dispatch plan of its geometry
+(`_C.plan_fp_gather_matmul_geometry`: the kernel fp_matmul's plan picks for one pair in its
+gather variant, or the sorted gather qmm under the affine gather's rule), binding the flat uint32
+lhs/rhs indices at buffers 6 and 7 and nvfp4's global scale as one float32 per matrix of wq at
+buffer 3 (pair z reads rhs[z]'s), as the op's launch will.
 
 Oracles: the float64 product of each pair with its expert dequantized by the CPU op
 (fp_dequantize, bit-exact with mx.dequantize; its own global scale for nvfp4), and
@@ -17,7 +17,6 @@ GPU). Bound: one output rounding plus fp32 accumulation-order noise, as tests/te
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -65,37 +64,41 @@ def _experts(gen, e, rows, cols, mode, dtype, with_global: bool):
     return torch.stack(qs), torch.stack(ss), torch.stack(ws), glob.float()
 
 
-def _launch(x, wq, s, glob, mode, lhs, rhs, transpose, sorted_rows: bool = False):
-    """Dispatches the gather variant of the pair kernel fp_matmul's plan picks (or with
-    `sorted_rows` the sorted gather qmm, geometry as affine_gather_qmm_rhs's plan); returns
-    (y [pairs, M, out], kernel)."""
+def _launch(x, wq, s, glob, mode, lhs, rhs, transpose, sorted_indices: bool = False):
+    """Dispatches what the float-mode gather plan (`_C.plan_fp_gather_matmul_geometry`) picks
+    for these operands; returns (y [pairs, M, out], kernel)."""
     gs, bits = MODES[mode]
-    pairs = lhs.numel()
-    dense = _C.plan_fp_matmul(x[0], wq[0], s[0], mode, gs, bits, transpose, None)
-    kernel = dense["kernel"].replace("fp_", "fp_gather_", 1)
-    params = bytearray(dense["params"])
-    struct.pack_into("<2i", params, 24, pairs, 0)  # batch = pairs, batch_ndim = 0
-    grid = (*dense["grid"][:2], pairs)
-    m, out_f = x.shape[-2], dense["out_shapes"][0][-1]
-    threads, tgm = dense["threads"], dict(dense["threadgroup_memory"]) or None
-    if sorted_rows:
-        dtype = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}[x.dtype]
-        kernel = f"fp_gather_qmm_rhs_{'t' if transpose else 'n'}_{dtype}_{mode}"
-        grid = (-(-out_f // 32), -(-pairs * m // 32), 1)
-        threads, tgm = (128, 1, 1), {0: 2 * 32 * 36 * 4, 1: 2 * 32 * 4}
-    y = torch.full((pairs, m, out_f), float("nan"), dtype=x.dtype)
+    pairs, m = lhs.numel(), x.shape[-2]
+    rows, cols = wq.shape[-2], s.shape[-1] * gs
+    plan = _C.plan_fp_gather_matmul_geometry(
+        m,
+        rows,
+        cols,
+        [pairs],
+        x.shape[0],
+        wq.shape[0],
+        x.dtype,
+        mode,
+        gs,
+        bits,
+        transpose,
+        sorted_indices,
+    )
+    y = torch.full(plan["out_shapes"][0], float("nan"), dtype=x.dtype)
     tensors = {
         "x": x.contiguous(),
         "wq": wq.view(torch.int32).contiguous(),
         "scales": s.contiguous(),
         "global_scale": glob,
         "out": y,
-        "params": bytes(params),
+        "params": plan["params"],
+        "lhs_indices": lhs.int().contiguous(),
+        "rhs_indices": rhs.int().contiguous(),
     }
-    buffers = {i: tensors[role] for i, role in dense["bindings"]}
-    buffers[6], buffers[7] = lhs.int().contiguous(), rhs.int().contiguous()
-    emu.dispatch(kernel, grid, threads, buffers, tgm)
-    return y, kernel
+    buffers = {i: tensors[role] for i, role in plan["bindings"]}
+    tgm = dict(plan["threadgroup_memory"]) or None
+    emu.dispatch(plan["kernel"], plan["grid"], plan["threads"], buffers, tgm)
+    return y, plan["kernel"]
 
 
 def _check(y, x, W, lhs, rhs, transpose, kernel, ref=None) -> None:
@@ -177,7 +180,7 @@ def test_fp_sorted_gather_qmm(mode, with_global, dtype, gen) -> None:
     for transpose in (True, False):
         x = torch.randn(24, 1, k if transpose else n, generator=gen).to(dtype)
         for r in (rhs, rhs[torch.randperm(rhs.numel(), generator=gen)]):
-            y, name = _launch(x, wq, s, glob, mode, lhs, r, transpose, sorted_rows=True)
+            y, name = _launch(x, wq, s, glob, mode, lhs, r, transpose, sorted_indices=True)
             assert name.startswith("fp_gather_qmm_rhs_") and name.endswith(mode), name
             _check(y, x, W, lhs, r, transpose, name)
             if not with_global:
@@ -205,9 +208,47 @@ def test_fp_sorted_gather_weight_traffic() -> None:
     x = torch.randn(pairs, 1, k, generator=gen).to(torch.float16)
     rhs = torch.arange(pairs) // 16
     lhs = torch.arange(pairs)
-    y, _ = _launch(x, wq, s, glob, mode, lhs, rhs, True, sorted_rows=True)
+    y, _ = _launch(x, wq, s, glob, mode, lhs, rhs, True, sorted_indices=True)
     rep = emu.last_dispatch_report()
     assert rep.bytes_read[1] == 8 * n * k * bits // 8 and rep.bytes_read[2] == 8 * n * (k // gs)
     y_pairs, _ = _launch(x, wq, s, glob, mode, lhs, rhs, True)
     assert emu.last_dispatch_report().bytes_read[1] == pairs * n * k * bits // 8
     torch.testing.assert_close(y, y_pairs, rtol=2e-3, atol=2e-3)
+
+
+def test_fp_gather_plan() -> None:
+    """The float-mode gather plan: the pair kernel's gather variant over grid z = pairs, or the
+    sorted kernel under the affine gather's rule (sorted hint, M < 32, >= 32 rows, >= 4 rows per
+    expert)."""
+
+    def plan(pairs, m, experts, mode="mxfp4", transpose=True, sorted_indices=True):
+        gs, bits = MODES[mode]
+        return _C.plan_fp_gather_matmul_geometry(
+            m,
+            96,
+            256,
+            [pairs],
+            pairs,
+            experts,
+            torch.float16,
+            mode,
+            gs,
+            bits,
+            transpose,
+            sorted_indices,
+        )
+
+    p = plan(64, 1, 16)
+    assert p["kernel"] == "fp_gather_qmm_rhs_t_half_mxfp4" and p["grid"] == (3, 2, 1)
+    assert sorted(p["threadgroup_memory"]) == [(0, 9216), (1, 256)]
+    roles = dict(p["bindings"])
+    assert roles[3] == "global_scale" and roles[6] == "lhs_indices" and roles[7] == "rhs_indices"
+    assert plan(64, 1, 16, "nvfp4", False)["kernel"] == "fp_gather_qmm_rhs_n_half_nvfp4"
+    unsorted = plan(64, 1, 16, sorted_indices=False)
+    assert unsorted["kernel"] == "fp_gather_qmv_half_mxfp4" and unsorted["grid"] == (12, 1, 64)
+    assert plan(64, 1, 17)["kernel"] == "fp_gather_qmv_half_mxfp4"  # < 4 rows per expert
+    assert plan(3, 40, 2)["kernel"] == "fp_gather_qmm_t_half_mxfp4"  # a full tile per pair
+    assert plan(5, 1, 2, "mxfp8", False)["kernel"] == "fp_gather_qmm_n_half_mxfp8"  # no qvm
+    assert plan(0, 1, 2)["empty"]
+    with pytest.raises(ValueError, match="group_size"):
+        _C.plan_fp_gather_matmul_geometry(1, 96, 256, [4], 1, 2, torch.float16, "nvfp4", 32, 4)

@@ -107,6 +107,16 @@ DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
                             const std::optional<at::Tensor>& global_scale, c10::string_view mode,
                             int64_t group_size, int64_t bits, bool transpose);
 
+// The float-mode gather (mx.gather_qmm with mode=), from validated geometry: the kernel
+// plan_fp_matmul picks for one pair in its gather variant (fp_gather_qmv / fp_gather_qmm_t /
+// fp_gather_qmm_n, metal/fp_gather_*.metal) over grid z = pairs, or with sorted_indices and
+// use_sorted_gather(g) the sorted gather qmm (fp_gather_qmm_rhs_t/_n) as for the affine gather.
+// Bindings as plan_fp_matmul's plus the indices at 6 and 7; "global_scale" holds one float32
+// per matrix of wq (pair z reads rhs[z]'s; an executor binds 448 * 6 for each when nvfp4 has
+// none). The tensor-level plan comes with the float-mode gather op's argument checks.
+DispatchPlan plan_fp_gather_matmul(const GatherGeometry& g, at::ScalarType dtype, int mode,
+                                   bool transpose, bool sorted_indices = false);
+
 // fp_dequantize: fp_dequantize_<dtype>_<mode> (metal/fp_dequantize.metal), one thread per group,
 // binding wq, the uint8 scales, the global scale (as plan_fp_matmul), out and params at 0-4.
 // The output is float32 with a global scale, else `dtype` (default bfloat16, as MLX):
