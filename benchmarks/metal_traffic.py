@@ -6,6 +6,10 @@ tensor read once). The bounds the tests enforce: qmv/qvm/quantize/dequantize rea
 weights, scales and biases exactly once; qmm reads them once per row-block of x (grid y), with
 scales of groups wider than a 32-column tile read once per tile for transpose=False.
 
+A second table is MoE prefill: pairs of one token row each, rhs indices sorted by expert in runs
+of equal length, through the sorted gather qmm (sorted_indices=True) and through the per-pair
+gather kernel the plan picks without the hint; weight bytes read per token against one expert.
+
     python benchmarks/metal_traffic.py [--bits 4] [--group-size 64] [--dtype float16]
 """
 
@@ -75,6 +79,25 @@ def main() -> None:
     print(
         _row("dequantize", plan, emu.last_dispatch_report(), {"wq": wq, "scales": s, "biases": b})
     )
+    _moe_table(gs, bits, dtype, g)
+
+
+def _moe_table(gs: int, bits: int, dtype: torch.dtype, g: torch.Generator) -> None:
+    experts, n, k, pairs = 32, 64, 256, 128  # 128 rows >= 4 rows per expert: the sorted path
+    w = torch.randn(experts, n, k, generator=g).to(dtype)
+    wq, s, b = mlxq.affine_quantize(w, gs, bits)
+    x = torch.randn(pairs, 1, k, generator=g).to(dtype)
+    expert_bytes = n * k * bits // 8
+    print(f"\nMoE prefill: {experts} experts [N={n}, K={k}], {pairs} pairs of one row\n")
+    print("| run length | kernel | weight bytes / token | fraction of one expert |")
+    print("|---|---|---|---|")
+    for run in (1, 4, 16, 64, 128):
+        rhs = torch.arange(pairs) // run % experts
+        for hint in (True, False):
+            metal_ops.affine_gather_matmul(x, wq, s, b, None, rhs, gs, bits, True, hint)
+            rep = emu.last_dispatch_report()
+            per_token = rep.bytes_read[1] / pairs
+            print(f"| {run} | {rep.kernel} | {per_token:.0f} | {per_token / expert_bytes:.3f} |")
 
 
 if __name__ == "__main__":

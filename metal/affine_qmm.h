@@ -16,6 +16,112 @@
 
 namespace mlxq {
 
+// The pieces of one BM x BN tile, shared with the sorted gather kernel (affine_gather_rhs.h).
+// Thread `tid` of the 128 stages tile row tr = tid / 4, columns tc = (tid % 4) * 8 .. + 8.
+
+// x tile: reduction columns r0 + tc .. + 8 of the row `xrow` (when `ok`, else zeros), as fp32.
+template <typename T>
+inline void qmm_stage_x(const device T* xrow, bool ok, int IN, int r0, int tr, int tc,
+                        threadgroup float* xs) {
+#pragma clang loop unroll(full)
+  for (int j = 0; j < 8; ++j) {
+    const int r = r0 + tc + j;
+    xs[tr * MLXQ_QMM_LD + tc + j] = (ok && r < IN) ? float(xrow[r]) : 0.0f;
+  }
+}
+
+// Weight tile of the reduction step at r0 for output columns o0..: 32 weight rows x 32 weight
+// columns of one [N, K] matrix, one pack of 8 values per thread, dequantized to fp32 and stored
+// reduction-major. `s` and `b` carry the scale and bias of the thread's group between steps:
+// with TRANSPOSE a thread keeps its weight row and walks K, so a group's scale and bias are
+// loaded once when the walk enters the group (r0 is uniform: so is the shuffle). All lanes call
+// this (the shuffle needs them).
+template <typename T, int GS, int BITS, bool TRANSPOSE>
+inline void qmm_stage_w(const device uchar* wbytes, const device T* scales, const device T* biases,
+                        int N, int G, long row_bytes, int o0, int r0, int tr, int tc, uint lane,
+                        thread float& s, thread float& b, threadgroup float* ws) {
+  const ushort quad_lead = ushort(lane & ~3u);
+  const int wr = (TRANSPOSE ? o0 : r0) + tr;  // weight row (n)
+  const int wc = (TRANSPOSE ? r0 : o0) + tc;  // first weight column (k) of the pack
+  const bool ok = wr < N;
+  const ulong pk = ok ? load_pack<BITS>(wbytes + wr * row_bytes, wc / 8) : ulong(0);
+  if (!TRANSPOSE || r0 % GS == 0) {
+    float sv = 0.0f, bv = 0.0f;
+    if (ok && ushort(lane) == quad_lead) {
+      sv = float(scales[long(wr) * G + wc / GS]);
+      bv = float(biases[long(wr) * G + wc / GS]);
+    }
+    s = simd_shuffle(sv, quad_lead);
+    b = simd_shuffle(bv, quad_lead);
+  }
+#pragma clang loop unroll(full)
+  for (int j = 0; j < 8; ++j) {
+    const float v = ok ? s * float(pack_value<BITS>(pk, j)) + b : 0.0f;
+    if (TRANSPOSE) {
+      ws[(tc + j) * MLXQ_QMM_LD + tr] = v;  // B[k][n] = W[n][k]
+    } else {
+      ws[tr * MLXQ_QMM_LD + tc + j] = v;  // B[n][k] = W[n][k]
+    }
+  }
+}
+
+// acc[2 * i + j] (the simdgroup's 16 x 16 share, 2 x 2 blocks of 8 x 8) += x tile @ weight tile
+// over one BK step.
+inline void qmm_multiply(const threadgroup float* xs, const threadgroup float* ws, int sy, int sx,
+                         thread simdgroup_matrix<float, 8, 8>* acc) {
+  constexpr int LD = MLXQ_QMM_LD;
+#pragma clang loop unroll(full)
+  for (int kk = 0; kk < MLXQ_QMM_BK; kk += 8) {
+    simdgroup_matrix<float, 8, 8> a[2], bm[2];
+#pragma clang loop unroll(full)
+    for (int i = 0; i < 2; ++i) {
+      simdgroup_load(a[i], xs + (sy * 16 + i * 8) * LD + kk, LD);
+      simdgroup_load(bm[i], ws + kk * LD + sx * 16 + i * 8, LD);
+    }
+#pragma clang loop unroll(full)
+    for (int i = 0; i < 2; ++i) {
+#pragma clang loop unroll(full)
+      for (int j = 0; j < 2; ++j) {
+        simdgroup_multiply_accumulate(acc[2 * i + j], a[i], bm[j], acc[2 * i + j]);
+      }
+    }
+  }
+}
+
+inline void qmm_clear(thread simdgroup_matrix<float, 8, 8>* acc) {
+#pragma clang loop unroll(full)
+  for (int i = 0; i < 4; ++i) {
+    acc[i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  }
+}
+
+// Stages the accumulators as the fp32 output tile in `xs` (the caller then synchronises).
+inline void qmm_stage_out(const thread simdgroup_matrix<float, 8, 8>* acc, int sy, int sx,
+                          threadgroup float* xs) {
+#pragma clang loop unroll(full)
+  for (int i = 0; i < 2; ++i) {
+#pragma clang loop unroll(full)
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_store(acc[2 * i + j], xs + (sy * 16 + i * 8) * MLXQ_QMM_LD + sx * 16 + j * 8,
+                      MLXQ_QMM_LD);
+    }
+  }
+}
+
+// Writes this thread's 8 columns of staged output row tr to `yrow` (columns o0 + tc ..), rounded
+// to T; columns past OUT are masked.
+template <typename T>
+inline void qmm_write_row(const threadgroup float* xs, device T* yrow, int OUT, int o0, int tr,
+                          int tc) {
+#pragma clang loop unroll(full)
+  for (int j = 0; j < 8; ++j) {
+    const int o = o0 + tc + j;
+    if (o < OUT) {
+      yrow[o] = T(xs[tr * MLXQ_QMM_LD + tc + j]);
+    }
+  }
+}
+
 template <typename T, int GS, int BITS, bool TRANSPOSE>
 void affine_qmm_impl(const device T* x, const device uint* wq, const device T* scales,
                      const device T* biases, device T* y, constant AffineMatmulParams& p,
@@ -42,94 +148,27 @@ void affine_qmm_impl(const device T* x, const device uint* wq, const device T* s
   const int sy = int(sg) / 2, sx = int(sg) % 2;  // this simdgroup's 16x16 sub-tile
   const int tr = int(tid) / 4;                   // tile row this thread loads
   const int tc = (int(tid) % 4) * 8;             // first of its 8 tile columns
-  const ushort quad_lead = ushort(lane & ~3u);
+  const int m = m0 + tr;                         // the row of x (and y) this thread stages
+  const bool m_ok = m < M;
+  const device T* xrow = x + (m_ok ? long(m) * IN : 0);
 
-  simdgroup_matrix<float, 8, 8> acc[2][2];
-#pragma clang loop unroll(full)
-  for (int i = 0; i < 2; ++i) {
-#pragma clang loop unroll(full)
-    for (int j = 0; j < 2; ++j) {
-      acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    }
-  }
-
+  simdgroup_matrix<float, 8, 8> acc[4];
+  qmm_clear(acc);
   float s = 0.0f, b = 0.0f;  // scale and bias of the group this thread's pack lies in
   for (int r0 = 0; r0 < IN; r0 += BK) {
-    // x tile: row m0 + tr, reduction columns r0 + tc .. +8.
-    {
-      const int m = m0 + tr;
-#pragma clang loop unroll(full)
-      for (int j = 0; j < 8; ++j) {
-        const int r = r0 + tc + j;
-        xs[tr * LD + tc + j] = (m < M && r < IN) ? float(x[long(m) * IN + r]) : 0.0f;
-      }
-    }
-    // Weight tile: 32 weight rows x 32 weight columns, one pack of 8 values per thread.
-    {
-      const int wr = (TRANSPOSE ? o0 : r0) + tr;  // weight row (n)
-      const int wc = (TRANSPOSE ? r0 : o0) + tc;  // first weight column (k) of the pack
-      const bool ok = wr < N;
-      const ulong pk = ok ? load_pack<BITS>(wbytes + wr * row_bytes, wc / 8) : ulong(0);
-      // With TRANSPOSE a thread keeps its weight row and walks K, so a group's scale and bias
-      // are loaded once when the walk enters the group (r0 is uniform: so is the shuffle).
-      if (!TRANSPOSE || r0 % GS == 0) {
-        float sv = 0.0f, bv = 0.0f;
-        if (ok && ushort(lane) == quad_lead) {
-          sv = float(scales[long(wr) * G + wc / GS]);
-          bv = float(biases[long(wr) * G + wc / GS]);
-        }
-        s = simd_shuffle(sv, quad_lead);
-        b = simd_shuffle(bv, quad_lead);
-      }
-#pragma clang loop unroll(full)
-      for (int j = 0; j < 8; ++j) {
-        const float v = ok ? s * float(pack_value<BITS>(pk, j)) + b : 0.0f;
-        if (TRANSPOSE) {
-          ws[(tc + j) * LD + tr] = v;  // B[k][n] = W[n][k]
-        } else {
-          ws[tr * LD + tc + j] = v;  // B[n][k] = W[n][k]
-        }
-      }
-    }
+    qmm_stage_x<T>(xrow, m_ok, IN, r0, tr, tc, xs);
+    qmm_stage_w<T, GS, BITS, TRANSPOSE>(wbytes, scales, biases, N, G, row_bytes, o0, r0, tr, tc,
+                                        lane, s, b, ws);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-
-#pragma clang loop unroll(full)
-    for (int kk = 0; kk < BK; kk += 8) {
-      simdgroup_matrix<float, 8, 8> a[2], bm[2];
-#pragma clang loop unroll(full)
-      for (int i = 0; i < 2; ++i) {
-        simdgroup_load(a[i], xs + (sy * 16 + i * 8) * LD + kk, LD);
-        simdgroup_load(bm[i], ws + kk * LD + sx * 16 + i * 8, LD);
-      }
-#pragma clang loop unroll(full)
-      for (int i = 0; i < 2; ++i) {
-#pragma clang loop unroll(full)
-        for (int j = 0; j < 2; ++j) {
-          simdgroup_multiply_accumulate(acc[i][j], a[i], bm[j], acc[i][j]);
-        }
-      }
-    }
+    qmm_multiply(xs, ws, sy, sx, acc);
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
   // Stage the output tile in threadgroup memory, then write the valid part with rounding.
-#pragma clang loop unroll(full)
-  for (int i = 0; i < 2; ++i) {
-#pragma clang loop unroll(full)
-    for (int j = 0; j < 2; ++j) {
-      simdgroup_store(acc[i][j], xs + (sy * 16 + i * 8) * LD + sx * 16 + j * 8, LD);
-    }
-  }
+  qmm_stage_out(acc, sy, sx, xs);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  const int m = m0 + tr;
-  if (m < M) {
-#pragma clang loop unroll(full)
-    for (int j = 0; j < 8; ++j) {
-      const int o = o0 + tc + j;
-      if (o < OUT) {
-        y[long(m) * OUT + o] = T(xs[tr * LD + tc + j]);
-      }
-    }
+  if (m_ok) {
+    qmm_write_row<T>(xs, y + long(m) * OUT, OUT, o0, tr, tc);
   }
 }
 

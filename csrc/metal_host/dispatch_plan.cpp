@@ -230,18 +230,27 @@ DispatchPlan plan_affine_dequantize(const at::Tensor& wq, const at::Tensor& scal
 
 namespace mlxq::metal {
 
-DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
-                                       int64_t group_size, int64_t bits, bool transpose) {
-  MatmulGeometry one;  // one pair: the dense plan's kernel choice and x/y geometry
+namespace {
+constexpr int64_t kSortedMinRun = 4;  // average rows per expert for the sorted gather qmm
+
+// One pair of a gather ([M, in] against one [rows, K] matrix) as a dense matmul geometry.
+MatmulGeometry pair_geometry(const GatherGeometry& g) {
+  MatmulGeometry one;
   one.w = g.w;
   one.w.batch.clear();
   one.M = g.M;
   one.in_features = g.in_features;
   one.out_features = g.out_features;
   one.out_shape = g.out_shape;
-  DispatchPlan plan = plan_affine_matmul(one, dtype, group_size, bits, transpose);
-  const std::string prefix = "affine_";
-  plan.kernel = "affine_gather_" + plan.kernel.substr(prefix.size());
+  return one;
+}
+
+// Turns the dense plan of one pair (kernel `family` + "_<kind>_<suffix>") into the gather plan:
+// the kernel's gather variant over grid z = pairs, or with `sorted` (use_sorted_gather already
+// checked) the sorted gather qmm over all rows; params.batch = pairs, the indices at 6 and 7.
+void make_gather_plan(DispatchPlan& plan, const GatherGeometry& g, const std::string& family,
+                      const std::string& sorted_kernel, bool sorted) {
+  plan.kernel = family + "_gather_" + plan.kernel.substr(family.size() + 1);
   const int64_t pairs = c10::multiply_integers(g.index_shape);
   // the indices are uint32 and the offsets they give are computed in 64 bits in the kernels
   to_i32(g.x_batch, "matrices in x");
@@ -251,10 +260,37 @@ DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType d
   p.batch = to_i32(pairs, "number of pairs");
   p.batch_ndim = 0;
   plan.params = to_bytes(p);
-  if (!plan.empty()) plan.grid[2] = static_cast<uint32_t>(pairs);
-  if (pairs == 0) plan.grid = {0, 0, 0};
+  const bool empty = plan.empty() || pairs == 0;
+  if (sorted) {
+    // One [pairs * M, in_features] matrix of rows, tiled as qmm (see affine_gather_rhs.h).
+    const int64_t rows = to_i32(pairs * g.M, "rows of all pairs (pairs x M)");
+    plan.kernel = sorted_kernel;
+    plan.grid = {ceil_div(g.out_features, MLXQ_QMM_BN), ceil_div(rows, MLXQ_QMM_BM), 1};
+    plan.threads = {MLXQ_QMM_THREADS, 1, 1};
+    plan.threadgroup_memory = {{0, int64_t{MLXQ_QMM_TG_FLOATS} * 4},
+                               {1, int64_t{2 * MLXQ_QMM_BM} * 4}};
+  } else {
+    plan.grid[2] = static_cast<uint32_t>(pairs);
+  }
+  if (empty) plan.grid = {0, 0, 0};
   plan.bindings.push_back({6, "lhs_indices"});
   plan.bindings.push_back({7, "rhs_indices"});
+}
+}  // namespace
+
+bool use_sorted_gather(const GatherGeometry& g) {
+  const int64_t rows = c10::multiply_integers(g.index_shape) * g.M;
+  return g.M < MLXQ_QMM_BM && rows >= MLXQ_QMM_BM && rows >= kSortedMinRun * g.w_batch;
+}
+
+DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
+                                       int64_t group_size, int64_t bits, bool transpose,
+                                       bool sorted_indices) {
+  DispatchPlan plan = plan_affine_matmul(pair_geometry(g), dtype, group_size, bits, transpose);
+  const std::string sorted_kernel =
+      host_name(transpose ? "affine_gather_qmm_rhs_t" : "affine_gather_qmm_rhs_n", plan.dtype,
+                group_size, bits);
+  make_gather_plan(plan, g, "affine", sorted_kernel, sorted_indices && use_sorted_gather(g));
   return plan;
 }
 
@@ -262,10 +298,11 @@ DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq
                                        const at::Tensor& scales, const at::Tensor& biases,
                                        const std::optional<at::Tensor>& lhs_indices,
                                        const std::optional<at::Tensor>& rhs_indices,
-                                       int64_t group_size, int64_t bits, bool transpose) {
+                                       int64_t group_size, int64_t bits, bool transpose,
+                                       bool sorted_indices) {
   const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
                                                group_size, bits, transpose);
-  return plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
+  return plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose, sorted_indices);
 }
 
 }  // namespace mlxq::metal
@@ -309,6 +346,16 @@ DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
   for (const int64_t d : g.batch) g.batch_size = to_i32(g.batch_size * d, "batch size");
   DispatchPlan plan = plan_fp_matmul(g, x.scalar_type(), m, transpose);
   set_batch_strides(plan, x, g);
+  return plan;
+}
+
+DispatchPlan plan_fp_gather_matmul(const GatherGeometry& g, at::ScalarType dtype, int mode,
+                                   bool transpose, bool sorted_indices) {
+  DispatchPlan plan = plan_fp_matmul(pair_geometry(g), dtype, mode, transpose);
+  const std::string sorted_kernel =
+      std::string(transpose ? "fp_gather_qmm_rhs_t_" : "fp_gather_qmm_rhs_n_") + plan.dtype + "_" +
+      fp_mode_name(mode);
+  make_gather_plan(plan, g, "fp", sorted_kernel, sorted_indices && use_sorted_gather(g));
   return plan;
 }
 

@@ -68,13 +68,29 @@ namespace mlxq::metal {
 // broadcast, flattened indices as contiguous uint32 tensors (roles "lhs_indices" and
 // "rhs_indices") at buffers 6 and 7; their values are checked by the caller
 // (mlxq::gather_flat_indices) before a launch.
+// With sorted_indices (rhs_indices sorted by expert, as mlx-lm's MoE prefill passes them) and
+// use_sorted_gather(g), the sorted gather qmm instead (affine_gather_qmm_rhs_t/_n,
+// metal/affine_gather_qmm_rhs.metal): grid (ceil(out / 32), ceil(pairs * M / 32), 1), params.M =
+// rows per pair and params.batch = pairs, threadgroup memory 0 as qmm plus 1 (the block's
+// indices). Its result does not depend on the hint being true, only its speed.
 DispatchPlan plan_affine_gather_matmul(const GatherGeometry& g, at::ScalarType dtype,
-                                       int64_t group_size, int64_t bits, bool transpose);
+                                       int64_t group_size, int64_t bits, bool transpose,
+                                       bool sorted_indices = false);
 DispatchPlan plan_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                        const at::Tensor& scales, const at::Tensor& biases,
                                        const std::optional<at::Tensor>& lhs_indices,
                                        const std::optional<at::Tensor>& rhs_indices,
-                                       int64_t group_size, int64_t bits, bool transpose);
+                                       int64_t group_size, int64_t bits, bool transpose,
+                                       bool sorted_indices = false);
+
+// Whether sorted indices go to the sorted gather qmm: each pair has fewer rows than a 32-row
+// tile (M < MLXQ_QMM_BM: with a full tile per pair, the per-pair qmm already reads a weight tile
+// once per 32 rows), there is at least one full tile of rows (pairs * M >= MLXQ_QMM_BM), and an
+// expert of wq has at least 4 rows on average (pairs * M >= 4 * experts; MLX uses the same
+// B / E >= 4). A block of 32 rows then spans few runs: it reads about (32 / run + 1) expert
+// tiles instead of one per pair, while a block split into many short runs would multiply its
+// tile-GEMM work by the number of runs (decode-sized calls stay on qmv/qvm).
+bool use_sorted_gather(const GatherGeometry& g);
 
 }  // namespace mlxq::metal
 
@@ -90,6 +106,16 @@ DispatchPlan plan_fp_matmul(const MatmulGeometry& g, at::ScalarType dtype, int m
 DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                             const std::optional<at::Tensor>& global_scale, c10::string_view mode,
                             int64_t group_size, int64_t bits, bool transpose);
+
+// The float-mode gather (mx.gather_qmm with mode=), from validated geometry: the kernel
+// plan_fp_matmul picks for one pair in its gather variant (fp_gather_qmv / fp_gather_qmm_t /
+// fp_gather_qmm_n, metal/fp_gather_*.metal) over grid z = pairs, or with sorted_indices and
+// use_sorted_gather(g) the sorted gather qmm (fp_gather_qmm_rhs_t/_n) as for the affine gather.
+// Bindings as plan_fp_matmul's plus the indices at 6 and 7; "global_scale" holds one float32
+// per matrix of wq (pair z reads rhs[z]'s; an executor binds 448 * 6 for each when nvfp4 has
+// none). The tensor-level plan comes with the float-mode gather op's argument checks.
+DispatchPlan plan_fp_gather_matmul(const GatherGeometry& g, at::ScalarType dtype, int mode,
+                                   bool transpose, bool sorted_indices = false);
 
 // fp_dequantize: fp_dequantize_<dtype>_<mode> (metal/fp_dequantize.metal), one thread per group,
 // binding wq, the uint8 scales, the global scale (as plan_fp_matmul), out and params at 0-4.

@@ -119,10 +119,11 @@ Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                    const at::Tensor& scales, const at::Tensor& biases,
                                    const std::optional<at::Tensor>& lhs_indices,
                                    const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
-                                   int64_t bits, bool transpose) {
+                                   int64_t bits, bool transpose, bool sorted_indices) {
   const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
                                                group_size, bits, transpose);
-  DispatchPlan plan = plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose);
+  DispatchPlan plan =
+      plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose, sorted_indices);
   const at::ScalarType dt = x.scalar_type();
   at::Tensor out = new_output(plan, 0, x.options());
   const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);

@@ -68,12 +68,13 @@ namespace mlxq::metal {
 
 // affine_gather_matmul: the plan of plan_affine_gather_matmul, with the indices broadcast,
 // flattened and range-checked (mlxq::gather_flat_indices: a sync on MPS) and bound as int32
-// words (the kernels read them as uint; the plan keeps the batches below 2^31).
+// words (the kernels read them as uint; the plan keeps the batches below 2^31). sorted_indices
+// may pick the sorted gather qmm (plan_affine_gather_matmul).
 Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                    const at::Tensor& scales, const at::Tensor& biases,
                                    const std::optional<at::Tensor>& lhs_indices,
                                    const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
-                                   int64_t bits, bool transpose);
+                                   int64_t bits, bool transpose, bool sorted_indices = false);
 
 }  // namespace mlxq::metal
 

@@ -105,13 +105,14 @@ void register_launch_bindings(py::module& m) {
       [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
          const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
          const std::optional<at::Tensor>& rhs_indices, int64_t group_size, int64_t bits,
-         bool transpose) {
+         bool transpose, bool sorted_indices) {
         return to_dict(launch_affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
-                                                   group_size, bits, transpose));
+                                                   group_size, bits, transpose, sorted_indices));
       },
       py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("biases"),
       py::arg("lhs_indices") = py::none(), py::arg("rhs_indices") = py::none(),
       py::arg("group_size") = 64, py::arg("bits") = 4, py::arg("transpose") = true,
+      py::arg("sorted_indices") = false,
       "The Metal launch of affine_gather_matmul (indices as flat int32 at buffers 6 and 7).");
   m.def(
       "metal_launch_fp_matmul",

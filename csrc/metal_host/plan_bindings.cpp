@@ -66,14 +66,15 @@ void register_plan_bindings(pybind11::module& m) {
       [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
          const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
          const std::optional<at::Tensor>& rhs_indices, int64_t group_size, int64_t bits,
-         bool transpose) {
+         bool transpose, bool sorted_indices) {
         return to_dict(plan_affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
-                                                 group_size, bits, transpose));
+                                                 group_size, bits, transpose, sorted_indices));
       },
       pybind11::arg("x"), pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("biases"),
       pybind11::arg("lhs_indices") = pybind11::none(),
       pybind11::arg("rhs_indices") = pybind11::none(), pybind11::arg("group_size") = 64,
       pybind11::arg("bits") = 4, pybind11::arg("transpose") = true,
+      pybind11::arg("sorted_indices") = false,
       "Metal dispatch plan of affine_gather_matmul (the indices are bound as flat uint32 "
       "tensors, roles lhs_indices and rhs_indices).");
   m.def(
@@ -88,6 +89,39 @@ void register_plan_bindings(pybind11::module& m) {
       pybind11::arg("group_size"), pybind11::arg("bits"), pybind11::arg("transpose") = true,
       pybind11::arg("global_scale") = pybind11::none(),
       "Metal dispatch plan of fp_matmul (mxfp4, nvfp4, mxfp8; arguments in the op's order).");
+  m.def(
+      "plan_fp_gather_matmul_geometry",
+      [](int64_t M, int64_t rows, int64_t cols, const std::vector<int64_t>& index_shape,
+         int64_t x_batch, int64_t w_batch, at::ScalarType dtype, const std::string& mode,
+         int64_t group_size, int64_t bits, bool transpose, bool sorted_indices) {
+        const int m = check_fp_mode(mode, group_size, bits);
+        TORCH_CHECK_VALUE(M >= 0 && rows >= 0 && cols >= 0 && cols % group_size == 0,
+                          "mlxq: bad gather geometry");
+        GatherGeometry g;
+        g.w.rows = rows;
+        g.w.cols = cols;
+        g.w.groups = cols / group_size;
+        g.w.batch = {w_batch};
+        g.index_shape = index_shape;
+        g.x_batch = x_batch;
+        g.w_batch = w_batch;
+        g.M = M;
+        g.in_features = transpose ? cols : rows;
+        g.out_features = transpose ? rows : cols;
+        g.out_shape = index_shape;
+        g.out_shape.push_back(M);
+        g.out_shape.push_back(g.out_features);
+        return to_dict(plan_fp_gather_matmul(g, dtype, m, transpose, sorted_indices));
+      },
+      pybind11::arg("M"), pybind11::arg("rows"), pybind11::arg("cols"),
+      pybind11::arg("index_shape"), pybind11::arg("x_batch"), pybind11::arg("w_batch"),
+      pybind11::arg("dtype"), pybind11::arg("mode"), pybind11::arg("group_size"),
+      pybind11::arg("bits"), pybind11::arg("transpose") = true,
+      pybind11::arg("sorted_indices") = false,
+      "Metal dispatch plan of the float-mode gather matmul from its geometry (M rows per pair, "
+      "w_batch matrices of [rows, cols], x_batch matrices of x, the broadcast index shape): "
+      "the float-mode gather op, which validates tensors into this geometry, is not on this "
+      "branch yet.");
   m.def(
       "plan_fp_dequantize",
       [](const at::Tensor& wq, const at::Tensor& scales, const std::string& mode,

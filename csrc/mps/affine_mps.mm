@@ -157,9 +157,10 @@ at::Tensor affine_gather_matmul_mps(const at::Tensor& x, const at::Tensor& wq,
                                     const std::optional<at::Tensor>& lhs_indices,
                                     const std::optional<at::Tensor>& rhs_indices,
                                     int64_t group_size, int64_t bits, bool transpose,
-                                    bool /*sorted_indices: a hint the kernels do not need*/) {
+                                    bool sorted_indices) {
+  // sorted_indices may pick the sorted gather qmm; results do not depend on it
   Launch l = metal::launch_affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
-                                                group_size, bits, transpose);
+                                                group_size, bits, transpose, sorted_indices);
   encode(l);
   return l.outputs[0];
 }

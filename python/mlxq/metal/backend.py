@@ -104,6 +104,13 @@ def expected_kernel_names() -> set[str]:
                             x, wq, s, s, None, None, gs, bits, transpose
                         )
                         names.add(plan["kernel"])
+                for transpose, width in ((True, k), (False, n)):
+                    # sorted indices over enough one-row pairs: the sorted gather qmm
+                    x = torch.empty(64, 1, width, dtype=dtype, **meta)
+                    plan = _C.plan_affine_gather_matmul(
+                        x, wq, s, s, None, None, gs, bits, transpose, True
+                    )
+                    names.add(plan["kernel"])
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for mode, (gs, bits) in FP_MODES.items():
             k, n = 2 * gs, 8

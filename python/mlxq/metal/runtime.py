@@ -208,7 +208,16 @@ def register_runtime_kernels(runner: RuntimeKernels, lib: Any = None) -> None:
         sorted_indices=False,
     ):
         launch = _C.metal_launch_affine_gather_matmul(
-            x, wq, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose
+            x,
+            wq,
+            scales,
+            biases,
+            lhs_indices,
+            rhs_indices,
+            group_size,
+            bits,
+            transpose,
+            sorted_indices,
         )
         runner.run(launch)
         return launch["outputs"][0]

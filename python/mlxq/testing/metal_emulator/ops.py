@@ -101,9 +101,10 @@ def affine_gather_matmul(
     sorted_indices: bool = False,
 ) -> torch.Tensor:
     """`mlxq.affine_gather_matmul` run by the gather kernel the plan picks
-    (affine_gather_qmv, _qvm, _qmm_t or _qmm_n); `sorted_indices` is only a hint."""
+    (affine_gather_qmv, _qvm, _qmm_t or _qmm_n, or with `sorted_indices` and enough rows
+    affine_gather_qmm_rhs_t/_n); the result does not depend on the hint."""
     launch = _C.metal_launch_affine_gather_matmul(
-        x, wq, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose
+        x, wq, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose, sorted_indices
     )
     return run_launch(launch)[0]
 
