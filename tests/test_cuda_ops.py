@@ -215,7 +215,7 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("fused", ["2", "2:128", "2:256", "0"])
+@pytest.mark.parametrize("fused", ["2", "2:128", "2:128x2", "2:256", "0"])
 def test_prefill_tiles_and_tails(
     gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
 ) -> None:

@@ -337,17 +337,32 @@ int main(int argc, char** argv) {
       if (gs == 128) check(P, stream<128, 4, true, bf>(), "stream gs128", true);
       if (gs == 128) check(P, stream<128, 2, true, bf>(2), "stream gs128 U2 kw2", true);
       if (gs == 64) check(P, stream<64, 4, true, bf>(4), "stream gs64 kw4", true);
-      if (gs == 64) check(P, stream<64, 2, true, bf, 0, 5>(), "ring gs64", true);
-      if (gs == 128) check(P, stream<128, 2, true, bf, 0, 5>(2), "ring gs128 kw2", true);
+
       release(P);
       Problem Q{100, K, gs, M, true};
       make(Q, 1);
       if (gs == 32) check(Q, stream<32, 4, true, hf>(8), "stream gs32 fp16 kw8", true);
-      if (gs == 32) check(Q, stream<32, 2, true, hf, 0, 4>(), "ring gs32 fp16", true);
+
       if (gs == 64) check(Q, stream<64, 4, true, hf>(), "stream gs64 fp16", true);
       if (gs == 128) check(Q, stream<128, 4, true, hf>(), "stream gs128 fp16", true);
       release(Q);
     }
+  }
+  // the ring copies whole steps of scales: rows of G % 8 == 0 groups (the library checks)
+  for (int M : {1, 2}) {
+    Problem P{100, 2048, 64, M, false};
+    make(P, 1);
+    check(P, stream<64, 2, true, bf, 0, 5>(), "ring gs64", true);
+    check(P, stream<64, 2, true, bf, 0, 5>(4), "ring gs64 kw4", true);
+    release(P);
+    Problem Q{100, 2048, 32, M, true};
+    make(Q, 1);
+    check(Q, stream<32, 2, true, hf, 0, 4>(), "ring gs32 fp16", true);
+    release(Q);
+    Problem R{100, 2048, 128, M, false};
+    make(R, 1);
+    check(R, stream<128, 2, true, bf, 0, 5>(2), "ring gs128 kw2", true);
+    release(R);
   }
   std::vector<Row> big = {
       {"cores d (R2 U2), current", cores<bf, 1, 2, 2, false>()},
@@ -356,6 +371,8 @@ int main(int argc, char** argv) {
       {"stream U2 ring4", stream<128, 2, true, bf, 0, 4>()},
       {"stream U2 ring6", stream<128, 2, true, bf, 0, 6>()},
       {"stream U4 ring3", stream<128, 4, true, bf, 0, 3>()},
+      {"stream U2 ring3 kw2", stream<128, 2, true, bf, 0, 3>(2)},
+      {"stream U2 ring3", stream<128, 2, true, bf, 0, 3>()},
       {"probe loads U4 norot", stream<128, 4, true, bf, 2>()},
       {"read kernel (floor)", read_floor()},
   };

@@ -405,16 +405,17 @@ void launch_nt(const GemmParams& p, bool half, cudaStream_t stream) {
 // Block shape: "256" (256 rows of x, one block per SM), "128" (one block per SM, 6 stages) or
 // "128x2" (two blocks per SM, 3 stages each, so that one block's dequantization and waits overlap
 // the other's products). Measured on an H200 (28672 x 8192, bf16, ms; 256 / 128 / 128x2):
-// M=128 0.242/0.194/0.153, M=512 0.470/0.650/0.506, M=768 0.703/1.012/0.791. So 128x2 up to
-// M = 128 and 256 above; MLXQ_CUDA_GEMM_TILE (read on every call, for benchmarks) overrides it.
+// M=32 0.311/0.194/0.205, M=128 0.260/0.193/0.154, M=512 0.476/0.648/0.514, M=768
+// 0.703/1.012/0.791. So 128 up to M = 64, 128x2 up to 128, 256 above; MLXQ_CUDA_GEMM_TILE (read
+// on every call, for benchmarks) overrides it.
 template <typename T, int GS>
 void launch_typed(const GemmParams& p, bool half, cudaStream_t stream) {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_TILE");
-  const std::string tile(env == nullptr ? "" : env);
-  if (tile == "128") return launch_nt<T, GS, 128, 1>(p, half, stream);
-  if (tile == "256" || (tile.empty() && p.M > 128))
-    return launch_nt<T, GS, 256, 1>(p, half, stream);
-  return launch_nt<T, GS, 128, 2>(p, half, stream);
+  std::string tile(env == nullptr ? "" : env);
+  if (tile.empty()) tile = p.M > 128 ? "256" : (p.M > 64 ? "128x2" : "128");
+  if (tile == "256") return launch_nt<T, GS, 256, 1>(p, half, stream);
+  if (tile == "128x2") return launch_nt<T, GS, 128, 2>(p, half, stream);
+  return launch_nt<T, GS, 128, 1>(p, half, stream);
 }
 
 }  // namespace
