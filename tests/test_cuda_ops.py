@@ -193,10 +193,10 @@ def test_matmul_long_rows(gen, bits: int, m: int) -> None:
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("kernel", ["cores", "mma", "tc", "stream", "stream_regs"])
+@pytest.mark.parametrize("kernel", ["cores", "mma", "stream"])
 def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, monkeypatch) -> None:
     # every decode kernel (the op reads MLXQ_CUDA_DECODE on every call; "stream", the default for
-    # M <= 2, and "stream_regs" fall back above); few rows and a long K: the streaming kernels
+    # M <= 2, falls back above); few rows and a long K: the streaming tensor-core kernels
     # split K over up to 8 warps of a block (summed in shared memory); 40 rows leave a partial
     # 16-row tile, K = 576 a partial 128-value span
     monkeypatch.setenv("MLXQ_CUDA_DECODE", kernel)

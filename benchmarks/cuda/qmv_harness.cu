@@ -152,14 +152,14 @@ static int auto_kw(const QmvParams& p, int U) {
   return kw;
 }
 
-template <int GS, int U, bool H, typename T, int V = 1, int ST = 0>
+template <int GS, int U, bool H, typename T, bool LoadsOnly = false>
 Launch stream(int kw_force = 0) {
   return [kw_force](const QmvParams& p, cudaStream_t s) {
     const int kw = kw_force ? kw_force : auto_kw(p, U);
     const int64_t tiles = (p.N + 15) / 16, tpb = kStreamWarps / kw;
     const int64_t blocks = (tiles + tpb - 1) / tpb;
-    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K, GS, U, ST));
-    auto k = qmv_stream_kernel<GS, U, H, T, V, ST>;
+    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K));
+    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly>;
     if (smem > 48 * 1024)
       CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     k<<<static_cast<unsigned>(blocks), kStreamWarps * 32, smem, s>>>(p, kw);
@@ -348,54 +348,26 @@ int main(int argc, char** argv) {
       release(Q);
     }
   }
-  // the ring copies whole steps of scales: rows of G % 8 == 0 groups (the library checks)
-  for (int M : {1, 2}) {
-    Problem P{100, 2048, 64, M, false};
-    make(P, 1);
-    check(P, stream<64, 2, true, bf, 0, 5>(), "ring gs64", true);
-    check(P, stream<64, 2, true, bf, 0, 5>(4), "ring gs64 kw4", true);
-    release(P);
-    Problem Q{100, 2048, 32, M, true};
-    make(Q, 1);
-    check(Q, stream<32, 2, true, hf, 0, 4>(), "ring gs32 fp16", true);
-    release(Q);
-    Problem R{100, 2048, 128, M, false};
-    make(R, 1);
-    check(R, stream<128, 2, true, bf, 0, 5>(2), "ring gs128 kw2", true);
-    release(R);
-  }
   std::vector<Row> big = {
-      {"cores d (R2 U2), current", cores<bf, 1, 2, 2, false>()},
-      {"stream U4 regs", stream<128, 4, true, bf, 0>()},
-      {"stream U2 ring5", stream<128, 2, true, bf, 0, 5>()},
-      {"stream U2 ring4", stream<128, 2, true, bf, 0, 4>()},
-      {"stream U2 ring6", stream<128, 2, true, bf, 0, 6>()},
-      {"stream U4 ring3", stream<128, 4, true, bf, 0, 3>()},
-      {"stream U2 ring3 kw2", stream<128, 2, true, bf, 0, 3>(2)},
-      {"stream U2 ring3", stream<128, 2, true, bf, 0, 3>()},
-      {"probe loads U4 norot", stream<128, 4, true, bf, 2>()},
+      {"cores d (R2 U2), the previous default", cores<bf, 1, 2, 2, false>()},
+      {"stream U2", stream<128, 2, true, bf>()},
+      {"stream U4 (default)", stream<128, 4, true, bf>()},
+      {"stream U4 no L2 hint", stream<128, 4, false, bf>()},
+      {"probe: stream U4 loads only", stream<128, 4, true, bf, true>()},
       {"read kernel (floor)", read_floor()},
   };
   bench(28672, 8192, 128, 1, false, big, false);
   std::vector<Row> small = big;
-  small.push_back({"stream U2 ring5 kw4", stream<128, 2, true, bf, 0, 5>(4)});
+  small.push_back({"stream U4 kw4", stream<128, 4, true, bf>(4)});
+  small.push_back({"stream U4 kw2", stream<128, 4, true, bf>(2)});
   bench(4096, 4096, 128, 1, false, small, true);
   if (quick) return 0;
   bench(28672, 8192, 64, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()},
-         {"stream U4 regs", stream<64, 4, true, bf, 0>()},
-         {"stream U2 ring5", stream<64, 2, true, bf, 0, 5>()}},
-        false);
-  bench(28672, 8192, 32, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()},
-         {"stream U4 regs", stream<32, 4, true, bf, 0>()},
-         {"stream U2 ring4", stream<32, 2, true, bf, 0, 4>()}},
+        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4", stream<64, 4, true, bf>()}},
         false);
   if (std::getenv("HARNESS_SHORT")) return 0;
   bench(28672, 8192, 32, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()},
-         {"stream U4 hint", stream<32, 4, true, bf>()},
-         {"stream U2 hint", stream<32, 2, true, bf>()}},
+        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4", stream<32, 4, true, bf>()}},
         false);
   bench(28672, 8192, 128, 1, true,
         {{"cores d fp16", cores<hf, 1, 2, 2, false>()},

@@ -131,12 +131,10 @@ void dequantize_rows(const Weight& W, int64_t n0, int64_t n1, at::Tensor& out) {
 // for M <= 2 with scales in the dtype of x, and qmv_mma4_kernel, whose time hardly grows with M
 // but whose cost per group is higher than the CUDA-core kernel's, once M * group_size >= 256.
 // Measured on an H200 (28672 x 8192, bf16, ms, cores / mma): group 128: M=1 0.059/0.076,
-// M=4 0.139/0.078; group 64, M=1: 0.061/0.107; group 32, M=1: 0.062/0.174. The older streaming
-// kernel (tc, qmv_tc_kernel) waits on its activation loads; it is kept for MLXQ_CUDA_DECODE=tc.
-// MLXQ_CUDA_DECODE=cores|mma|tc|stream|stream_regs forces one where it applies (read on every
-// call, so that a benchmark can compare them in one process); stream_regs is the streaming kernel
-// with its loads in registers instead of its shared-memory ring.
-enum class Decode { kCores, kMma, kTc, kStream, kStreamRegs };
+// M=4 0.139/0.078; group 64, M=1: 0.061/0.107; group 32, M=1: 0.062/0.174; the streaming kernel
+// (group 128, M=1 and 2) 0.053. MLXQ_CUDA_DECODE=cores|mma|stream forces one where it applies
+// (read on every call, so that a benchmark can compare them in one process).
+enum class Decode { kCores, kMma, kStream };
 
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
@@ -151,11 +149,9 @@ Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) 
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 8) return Decode::kCores;
-  if (v == "tc") return Decode::kTc;
   if (v == "mma") return Decode::kMma;
   const bool stream_ok = W.s.scalar_type() == dt && W.b.scalar_type() == dt && aligned16(W.s) &&
                          aligned16(W.b) && qmv_stream4_fits(M, W.K);
-  if (stream_ok && v == "stream_regs") return Decode::kStreamRegs;
   if (stream_ok) return Decode::kStream;
   return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
 }
@@ -228,14 +224,9 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     p.group_shift = log2_of(W.group_size);
     p.scale_type = scale_type_of(W.s.scalar_type());
     const int device = x.get_device();
-    const Decode kernel = decode_kernel(W, M, dt, device);
-    switch (kernel) {
+    switch (decode_kernel(W, M, dt, device)) {
       case Decode::kStream:
-      case Decode::kStreamRegs:
-        launch_qmv_stream4(p, dtype_of(dt), kernel == Decode::kStream, sm_count(device), stream);
-        break;
-      case Decode::kTc:
-        launch_qmv_tc4(p, dtype_of(dt), sm_count(device), stream);
+        launch_qmv_stream4(p, dtype_of(dt), sm_count(device), stream);
         break;
       case Decode::kMma:
         launch_qmv_mma4(p, dtype_of(dt), stream);

@@ -29,13 +29,10 @@ namespace mlxq::cuda {
 
 constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM)
 
-// Bytes of dynamic shared memory the streaming kernel needs for M rows of x of length K, plus
-// the ring of `stages` steps of U spans per warp when its loads go through shared memory.
-__host__ __device__ inline int64_t qmv_stream_smem(int64_t M, int64_t K, int GS = 128, int U = 4,
-                                                   int stages = 0) {
+// Bytes of dynamic shared memory the streaming kernel needs for M rows of x of length K.
+inline int64_t qmv_stream_smem(int64_t M, int64_t K) {
   const int64_t kp = (K + 127) / 128 * 128;
-  const int64_t ring = int64_t{kStreamWarps} * stages * (U * 1024 + 32 * (U * 128 / GS) * 2);
-  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4 + ring;
+  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4;
 }
 
 // A 16-byte global load of streamed data: not kept in L1, evicted first from L2.
@@ -85,78 +82,6 @@ struct StreamLane {
   uint64_t policy;
 };
 
-// The ring variant (Stages > 0): each lane copies its own bytes of a step into its own slots of
-// shared memory with cp.async (16-byte copies, zero-filled past the row) and reads them back
-// when the step's group has landed. No registers hold loads in flight, so a warp keeps
-// Stages - 1 steps on the way; no barrier is needed (a lane reads only what it copied).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(ok ? 16 : 0)
-               : "memory");
-}
-template <int Bytes>
-__device__ __forceinline__ void cp_async_small(uint32_t dst, const void* src) {
-  if constexpr (Bytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(Bytes)
-                 : "memory");
-  }
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Slot layout (per warp and stage): U spans x 2 rows x 32 lanes x 16 bytes, then 32 lanes x the
-// lane's scale words; consecutive lanes read consecutive 16 bytes (no bank conflicts).
-template <int GS, int U>
-struct StreamRing {
-  static constexpr int kSlotBytes = U * 1024 + 32 * StreamStep<GS, U>::kSbWords * 4;
-};
-
-template <int GS, int U>
-__device__ __forceinline__ void stream_issue(const StreamLane& L, int step, uint32_t slot,
-                                             int lane) {
-  using S = StreamStep<GS, U>;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int sp = step * U + u;
-    const bool ok = sp * 4 + L.t < L.chunks;
-    const int spc = ok ? sp : 0;
-    cp_async16(slot + (u * 2) * 512 + lane * 16, L.wa + spc * 4, ok);
-    cp_async16(slot + (u * 2 + 1) * 512 + lane * 16, L.wb + spc * 4, ok);
-  }
-  // scales: the host runs this variant only where G % 8 == 0, so a step's groups are whole
-  cp_async_small<S::kSbWords * 4>(slot + U * 1024 + lane * S::kSbWords * 4,
-                                  L.sbp + step * S::kGroups);
-}
-
-template <int GS, int U>
-__device__ __forceinline__ void stream_read(uint32_t slot, int lane, StreamStep<GS, U>& st) {
-  using S = StreamStep<GS, U>;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    uint4 a, b;
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(a.x), "=r"(a.y), "=r"(a.z), "=r"(a.w)
-                 : "r"(slot + (u * 2) * 512 + lane * 16));
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
-                 : "r"(slot + (u * 2 + 1) * 512 + lane * 16));
-    st.qa[u] = a, st.qb[u] = b;
-  }
-#pragma unroll
-  for (int i = 0; i < S::kSbWords; ++i) {
-    asm volatile("ld.shared.u32 %0, [%1];\n"
-                 : "=r"(st.sb[i])
-                 : "r"(slot + U * 1024 + lane * S::kSbWords * 4 + 4 * i));
-  }
-}
-
 template <int GS, int U, bool Hint>
 __device__ __forceinline__ void stream_load(const StreamLane& L, int step, StreamStep<GS, U>& st) {
   using S = StreamStep<GS, U>;
@@ -198,8 +123,6 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
                                             bool has_x, const float* sx, int g,
                                             const StreamStep<GS, U>& st, float& acc_a,
                                             float& acc_b) {
-  using Mma = MmaType<T>;
-  const uint32_t magic = Mma::kMagic;
   const int t = L.t, t0 = 2 * (t & 1);  // this lane's columns: span lanes t0, t0 + 1
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -208,18 +131,9 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
     float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint32_t qa = (&st.qa[u].x)[j], qb = (&st.qb[u].x)[j];
       // x of lane t's chunk of 8 values j, as (x0,x4) (x1,x5) (x2,x6) (x3,x7)
       const uint4 xv = has_x ? xs[(sp * 4 + t) * 4 + j] : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // nibbles (0,4),(1,5) then (2,6),(3,7)
-        const int s0 = 8 * h, s1 = 8 * h + 4;
-        const uint32_t a0 = Mma::unbias(((qa >> s0) & 0x000F000Fu) | magic);
-        const uint32_t a1 = Mma::unbias(((qb >> s0) & 0x000F000Fu) | magic);
-        const uint32_t a2 = Mma::unbias(((qa >> s1) & 0x000F000Fu) | magic);
-        const uint32_t a3 = Mma::unbias(((qb >> s1) & 0x000F000Fu) | magic);
-        Mma::mma(c, a0, a1, a2, a3, h == 0 ? xv.x : xv.z, h == 0 ? xv.y : xv.w);
-      }
+      mma_nibble_words<T>(c, (&st.qa[u].x)[j], (&st.qb[u].x)[j], xv.x, xv.y, xv.z, xv.w);
     }
     // scales and biases of rows g and g + 8 for columns t0 and t0 + 1
     float2 s_a, s_b, b_a, b_b;
@@ -275,10 +189,9 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
 }
 
 // y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, kStreamWarps / KW tiles a block.
-// Variant (benchmarks): bit 0 rotates each warp's walk over its steps (see below), bit 1 keeps
-// only the loads (a bandwidth probe of this access pattern; wrong results). Stages > 0: the ring
-// of cp.async stages in shared memory instead of two steps in registers.
-template <int GS, int U, bool Hint, typename T, int Variant = 1, int Stages = 0>
+// LoadsOnly (benchmarks): only the loads, a bandwidth probe of this access pattern (wrong
+// results).
+template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false>
 __global__ void __launch_bounds__(kStreamWarps * 32, 2)
     qmv_stream_kernel(const QmvParams p, const int KW) {
   using S = StreamStep<GS, U>;
@@ -320,20 +233,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
     L.policy = pol;
   }
   S cur, nxt;
-  const uint32_t ring =
-      static_cast<uint32_t>(__cvta_generic_to_shared(stream_smem)) +
-      static_cast<uint32_t>(qmv_stream_smem(M, p.K) + wi * Stages * StreamRing<GS, U>::kSlotBytes);
-  if constexpr (Stages > 0) {  // the first Stages - 1 steps on their way while x is staged
-#pragma unroll
-    for (int k = 0; k < Stages - 1; ++k) {
-      if (st0 + k < st1)
-        stream_issue<GS, U>(L, st0 + k, ring + k * StreamRing<GS, U>::kSlotBytes, lane);
-      cp_async_commit();
-    }
-  } else if (st0 < st1 && (Variant & 2) == 0) {  // in flight while x is staged
-    const int n0s = st1 - st0;
-    stream_load<GS, U, Hint>(L, st0 + ((Variant & 1) ? static_cast<int>(tile % n0s) : 0), cur);
-  }
+  if (st0 < st1 && !LoadsOnly)
+    stream_load<GS, U, Hint>(L, st0, cur);  // on its way while x is staged
 
   // Stage x: chunk c of 8 values of row m at xs[m * kp / 8 + c], permuted for the B operand, and
   // the sums of x per 32 values. The loop's trip count is uniform (the shuffles need all lanes).
@@ -368,26 +269,10 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
   const int om = t >> 1;  // the row of x of this lane's columns 2t, 2t + 1
   const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
   float acc_a = 0.f, acc_b = 0.f;
-  // With Variant bit 0, round i of the warp works on step st0 + (i + tile) % n of its slice:
-  // neighbouring tiles start at different offsets of their rows, so that the loads in flight at
-  // any time spread over the memory's channels instead of sharing one offset inside every row.
-  const int n = st1 - st0;
-  int sc = st0 + ((Variant & 1) && n > 0 ? static_cast<int>(tile % n) : 0);  // step of round i
-  if constexpr (Stages > 0) {
-    constexpr int kSlot = StreamRing<GS, U>::kSlotBytes;
-    for (int i = 0; i < n; ++i) {
-      const int ahead = i + Stages - 1;  // its slot was read in round i - 1
-      if (ahead < n) stream_issue<GS, U>(L, st0 + ahead, ring + (ahead % Stages) * kSlot, lane);
-      cp_async_commit();
-      cp_async_wait<Stages - 1>();  // step i has landed
-      stream_read<GS, U>(ring + (i % Stages) * kSlot, lane, cur);
-      stream_step<GS, U, T>(L, st0 + i, xrow, has_x, sxrow, g, cur, acc_a, acc_b);
-    }
-  } else if constexpr ((Variant & 2) != 0) {  // diagnostics: the loads alone
+  if constexpr (LoadsOnly) {
     uint32_t x = 0;
-    for (int i = 0; i < n; ++i) {
-      stream_load<GS, U, Hint>(L, sc, cur);
-      sc = sc + 1 == st1 ? st0 : sc + 1;
+    for (int st = st0; st < st1; ++st) {
+      stream_load<GS, U, Hint>(L, st, cur);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         x ^= cur.qa[u].x ^ cur.qa[u].y ^ cur.qa[u].z ^ cur.qa[u].w;
@@ -396,15 +281,12 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
     }
     acc_a = __uint_as_float(x & 0x3FFFFFFFu);
   } else {
-    for (int i = 0; i < n; i += 2) {  // two steps per round: the buffers never need copying
-      const int s1 = sc + 1 == st1 ? st0 : sc + 1;
-      if (i + 1 < n) stream_load<GS, U, Hint>(L, s1, nxt);
-      stream_step<GS, U, T>(L, sc, xrow, has_x, sxrow, g, cur, acc_a, acc_b);
-      if (i + 1 >= n) break;
-      const int s2 = s1 + 1 == st1 ? st0 : s1 + 1;
-      if (i + 2 < n) stream_load<GS, U, Hint>(L, s2, cur);
-      stream_step<GS, U, T>(L, s1, xrow, has_x, sxrow, g, nxt, acc_a, acc_b);
-      sc = s2;
+    for (int st = st0; st < st1; st += 2) {  // two steps per round: the buffers are never copied
+      if (st + 1 < st1) stream_load<GS, U, Hint>(L, st + 1, nxt);
+      stream_step<GS, U, T>(L, st, xrow, has_x, sxrow, g, cur, acc_a, acc_b);
+      if (st + 1 >= st1) break;
+      if (st + 2 < st1) stream_load<GS, U, Hint>(L, st + 2, cur);
+      stream_step<GS, U, T>(L, st + 1, xrow, has_x, sxrow, g, nxt, acc_a, acc_b);
     }
   }
   // columns 2t, 2t + 1 plus those of lane t ^ 1: the whole dot of rows g, g + 8 with row om

@@ -5,8 +5,6 @@ Each row is one (shape, bits, group size, M); columns are milliseconds per call 
 - ``mlxq_prev``: the same call on the path mlxq took before its tensor-core kernels (the
   CUDA-core decode for M <= 8, dequantized tiles + cuBLAS above), selected with
   ``MLXQ_CUDA_DECODE=cores`` / ``MLXQ_CUDA_GEMM=0`` (read by the op on every call),
-- ``mlxq_regs`` (4 bits, M <= 2): the streaming decode with its loads in registers instead of
-  its shared-memory ring (``MLXQ_CUDA_DECODE=stream_regs``),
 - ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, 4-bit, same group size),
 - ``dense_bf16``: cuBLAS ``x @ W.T`` with the dequantized bf16 weight,
 plus ``copy_TBps``, the device copy bandwidth (bytes read + written per second) measured in the
@@ -134,9 +132,6 @@ def bench_row(n: int, k: int, bits: int, group_size: int, m: int, copy_bw: float
     if bits == 4:  # the path before the tensor-core kernels (chosen when the graph is captured)
         with _env(*(("MLXQ_CUDA_DECODE", "cores") if m <= 8 else ("MLXQ_CUDA_GEMM", "0"))):
             row["mlxq_prev"] = graph_ms(calls)
-    if bits == 4 and m <= 2:
-        with _env("MLXQ_CUDA_DECODE", "stream_regs"):
-            row["mlxq_regs"] = graph_ms(calls)
     if m == 1:
         copies32 = [(c[0], c[1].float(), c[2].float()) for c in copies]
         row["mlxq_fp32"] = graph_ms(
@@ -172,7 +167,6 @@ COLUMNS = [
     "mlxq_bf16",
     "mlxq_fp32",
     "mlxq_prev",
-    "mlxq_regs",
     "tinygemm",
     "dense_bf16",
     "x_vs_tinygemm",
