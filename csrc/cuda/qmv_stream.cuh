@@ -1,5 +1,5 @@
 // Streaming decode on tensor cores for 4-bit weights, fp16/bf16 x and scales, M <= 2 rows of x:
-// the M = 1 kernel, built to read the packed weights at close to the memory's bandwidth.
+// the M = 1 kernel, built to stream the packed weights with as little work per byte as it can.
 //
 // Products: mma.sync m16n8k16 with the exact q (0..15 as fp16/bf16 integers: one LOP3 and one
 // HSUB2 per two values) as A and x as B, fp32 accumulation; per group y += s * sum(q*x) +
