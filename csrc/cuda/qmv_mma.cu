@@ -29,8 +29,9 @@ void launch_typed(const QmvParams& p, cudaStream_t stream) {
 
 // Spans (of 128 values) per step of the streaming kernel: 4 KB of loads in flight per warp. On an
 // H200 (28672 x 8192, bf16, group 128, M = 1) 4 spans took 52.4 us, 2 spans 57.6, 8 spilled
-// (72.8); a ring of cp.async stages in shared memory (2 spans x 3-6 stages) 52.3-62.7 us, and
-// rotating each warp's start over its row 53.0: kept out.
+// (72.8); a ring of cp.async stages in shared memory (2 spans x 3-6 stages) 52.3-62.7 us,
+// rotating each warp's start over its row 53.0, and 1 + q/16 operands (no HSUB2, x sums taken off
+// afterwards) 52.1 bf16 / 49.7 fp16 against 52.1 / 52.1: kept out. The loads alone take 34-37 us.
 constexpr int kStreamSpans = 4;
 
 template <int GS, typename T>
