@@ -146,7 +146,7 @@ ERROR_CASES = {
     "convert-quantized-input": (["convert", "{ckpt}", "{tmp}/new"], 1, ["already quantized"]),
     "convert-existing-output": (["convert", "{float}", "{tmp}"], 1, ["already exists"]),
     "argparse-no-model": (["generate"], 2, ["--model"]),
-    "argparse-bad-device": (["generate", "--model", "x", "--device", "cuda"], 2, ["cuda"]),
+    "argparse-bad-device": (["generate", "--model", "x", "--device", "tpu"], 2, ["tpu"]),
     "argparse-bad-bits": (["convert", "a", "b", "--bits", "7"], 2, ["--bits"]),
     "argparse-bad-recipe": (["convert", "a", "b", "--recipe", "mixed_9_9"], 2, ["--recipe"]),
     "argparse-bad-command": (["frobnicate"], 2, ["frobnicate"]),

@@ -193,11 +193,12 @@ def test_matmul_long_rows(gen, bits: int, m: int) -> None:
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("kernel", ["cores", "mma", "tc"])
+@pytest.mark.parametrize("kernel", ["cores", "mma", "stream"])
 def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, monkeypatch) -> None:
-    # every decode kernel (the op reads MLXQ_CUDA_DECODE on every call); few rows and a long K:
-    # the streaming tensor-core kernel splits K over up to 8 warps of a block (summed in shared
-    # memory); 40 rows leave a partial 16-row tile
+    # every decode kernel (the op reads MLXQ_CUDA_DECODE on every call; "stream", the default for
+    # M <= 2, falls back above); few rows and a long K: the streaming tensor-core kernels
+    # split K over up to 8 warps of a block (summed in shared memory); 40 rows leave a partial
+    # 16-row tile, K = 576 a partial 128-value span
     monkeypatch.setenv("MLXQ_CUDA_DECODE", kernel)
     wq, s, b = _quantized(gen, 40, 8192, group_size, 4, dtype)
     for m in range(1, DECODE_MAX_ROWS + 1):
@@ -205,20 +206,27 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
     wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
     for m in (1, 3, 8):
         _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
+    if group_size < 128:  # SmolLM2's width: 4.5 spans of 128 values
+        wq, s, b = _quantized(gen, 77, 576, group_size, 4, dtype)
+        for m in (1, 2):
+            _check_matmul(torch.randn(m, 576, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("fused", ["2", "0"])
+@pytest.mark.parametrize("fused", ["2", "2:128", "2:128x2", "2:256", "0"])
 def test_prefill_tiles_and_tails(
     gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
 ) -> None:
     # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
     # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
-    # tiles of 128 rows of W by 128 or 256 rows of x, partial in both), and the cuBLAS tiles
-    # (MLXQ_CUDA_GEMM=0); the op reads the variable on every call
-    monkeypatch.setenv("MLXQ_CUDA_GEMM", fused)
+    # tiles of 128 rows of W by 128 or 256 rows of x, partial in both; every block shape of
+    # MLXQ_CUDA_GEMM_TILE), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op reads the variables
+    # on every call
+    gemm, _, tile = fused.partition(":")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM", gemm)
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", tile)
     wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
     for m in (9, 128, 129, 300, 513):
         _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
@@ -245,7 +253,7 @@ def test_matmul_mixed_dtypes_layouts_and_batches(gen) -> None:
 @needs_cuda
 def test_errors_and_empty(gen) -> None:
     wq, s, b = (t.cuda() for t in _quantized(gen, 8, 64, 32, 4, torch.float32))
-    with pytest.raises(ValueError, match="x is on cpu but wq is on cuda"):
+    with pytest.raises(ValueError, match="one device, got x on cpu, wq on cuda"):
         mlxq.affine_matmul(torch.randn(1, 64), wq, s, b, 32, 4)
     with pytest.raises(ValueError, match="must equal 64"):
         mlxq.affine_matmul(torch.randn(1, 32, device="cuda"), wq, s, b, 32, 4)

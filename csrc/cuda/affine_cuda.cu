@@ -127,15 +127,18 @@ void dequantize_rows(const Weight& W, int64_t n0, int64_t n1, at::Tensor& out) {
 }
 
 // Which decode kernel runs. CUDA cores take any bits and dtype. For 4-bit W with fp16/bf16 x on
-// compute capability >= 8.0 there are two tensor-core kernels; qmv_mma4_kernel's time hardly
-// grows with M but its cost per group is higher than the CUDA-core kernel's, so it runs once
-// M * group_size >= 256. Measured on an H200 (28672 x 8192, bf16, ms, cores / mma / tc):
-// group 128: M=1 0.059/0.076/0.079, M=4 0.139/0.078/0.088; group 64, M=1: 0.061/0.107/0.098;
-// group 32, M=1: 0.062/0.174/0.153. The streaming kernel (tc, qmv_tc_kernel) splits K for few
-// rows but waits on its activation loads; it is kept for MLXQ_CUDA_DECODE=tc.
-// MLXQ_CUDA_DECODE=cores|mma|tc forces one (read on every call, so that a benchmark can compare
-// them in one process).
-enum class Decode { kCores, kMma, kTc };
+// compute capability >= 8.0 there are tensor-core kernels: the streaming one (qmv_stream.cuh)
+// for M <= 2 with scales in the dtype of x, and qmv_mma4_kernel, whose time hardly grows with M
+// but whose cost per group is higher than the CUDA-core kernel's, once M * group_size >= 256.
+// Measured on an H200 (28672 x 8192, bf16, ms, cores / mma): group 128: M=1 0.059/0.076,
+// M=4 0.139/0.078; group 64, M=1: 0.061/0.107; group 32, M=1: 0.062/0.174; the streaming kernel
+// (group 128, M=1 and 2) 0.053. MLXQ_CUDA_DECODE=cores|mma|stream forces one where it applies
+// (read on every call, so that a benchmark can compare them in one process).
+enum class Decode { kCores, kMma, kStream };
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
 
 Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) {
   const char* env = std::getenv("MLXQ_CUDA_DECODE");
@@ -146,8 +149,10 @@ Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) 
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 8) return Decode::kCores;
-  if (v == "tc") return Decode::kTc;
   if (v == "mma") return Decode::kMma;
+  const bool stream_ok = W.s.scalar_type() == dt && W.b.scalar_type() == dt && aligned16(W.s) &&
+                         aligned16(W.b) && qmv_stream4_fits(M, W.K);
+  if (stream_ok) return Decode::kStream;
   return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
 }
 
@@ -220,8 +225,8 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     p.scale_type = scale_type_of(W.s.scalar_type());
     const int device = x.get_device();
     switch (decode_kernel(W, M, dt, device)) {
-      case Decode::kTc:
-        launch_qmv_tc4(p, dtype_of(dt), sm_count(device), stream);
+      case Decode::kStream:
+        launch_qmv_stream4(p, dtype_of(dt), sm_count(device), stream);
         break;
       case Decode::kMma:
         launch_qmv_mma4(p, dtype_of(dt), stream);

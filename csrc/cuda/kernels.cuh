@@ -403,6 +403,27 @@ __device__ __forceinline__ void load_words(const uint32_t* p, uint32_t (&w)[N]) 
   }
 }
 
+// c += the products of one 32-bit word of 8 nibbles of row g (qa) and of row g + 8 (qb) with
+// the 8 values of x under them, as two mma.sync m16n8k16: the word's nibbles pair up as (0,4),
+// (1,5) for the first and (2,6), (3,7) for the second, and b holds x in that order, (x0,x4)
+// (x1,x5) (x2,x6) (x3,x7). Each nibble becomes an exact fp16/bf16 integer (one LOP3 and one
+// HSUB2 per two values).
+template <typename T>
+__device__ __forceinline__ void mma_nibble_words(float (&c)[4], uint32_t qa, uint32_t qb,
+                                                 uint32_t b0, uint32_t b1, uint32_t b2,
+                                                 uint32_t b3) {
+  using Mma = MmaType<T>;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int s0 = 8 * h, s1 = 8 * h + 4;
+    const uint32_t a0 = Mma::unbias(((qa >> s0) & 0x000F000Fu) | Mma::kMagic);
+    const uint32_t a1 = Mma::unbias(((qb >> s0) & 0x000F000Fu) | Mma::kMagic);
+    const uint32_t a2 = Mma::unbias(((qa >> s1) & 0x000F000Fu) | Mma::kMagic);
+    const uint32_t a3 = Mma::unbias(((qb >> s1) & 0x000F000Fu) | Mma::kMagic);
+    Mma::mma(c, a0, a1, a2, a3, h == 0 ? b0 : b2, h == 0 ? b1 : b3);
+  }
+}
+
 constexpr int kMmaWarps = 8;  // warps per block of the tensor-core decode kernel
 
 template <int GS, typename T>
@@ -447,14 +468,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) qmv_mma4_kernel(const QmvParam
                               : make_uint4(0u, 0u, 0u, 0u);
         const uint32_t b[4] = {__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
                                __byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632)};
+        mma_nibble_words<T>(cq, qa[u][j], qb[u][j], b[0], b[1], b[2], b[3]);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {  // nibbles (0,4),(1,5) then (2,6),(3,7)
-          const int s0 = 8 * h, s1 = 8 * h + 4;
-          const uint32_t a0 = Mma::unbias(((qa[u][j] >> s0) & 0x000F000Fu) | Mma::kMagic);
-          const uint32_t a1 = Mma::unbias(((qb[u][j] >> s0) & 0x000F000Fu) | Mma::kMagic);
-          const uint32_t a2 = Mma::unbias(((qa[u][j] >> s1) & 0x000F000Fu) | Mma::kMagic);
-          const uint32_t a3 = Mma::unbias(((qb[u][j] >> s1) & 0x000F000Fu) | Mma::kMagic);
-          Mma::mma(cq, a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+        for (int h = 0; h < 2; ++h) {  // sum(x) of the same values, against ones
           Mma::mma(c1, Mma::ones(), Mma::ones(), Mma::ones(), Mma::ones(), b[2 * h], b[2 * h + 1]);
         }
       }
@@ -477,177 +493,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) qmv_mma4_kernel(const QmvParam
   for (int w = 1; w < kMmaWarps; ++w)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[i] += partial[w][lane][i];
-  T* y = static_cast<T*>(p.y);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int m = 2 * t + (i & 1);
-    const int64_t n = n0 + g + (i >= 2 ? 8 : 0);
-    if (m < p.M && n < p.N) y[static_cast<int64_t>(m) * p.N + n] = from_float<T>(acc[i]);
-  }
-}
-
-// ---- streaming decode on tensor cores: 4-bit weights, fp16/bf16 x, M <= 8 ----------------
-//
-// The same products as qmv_mma4_kernel (exact q and x into mma.sync m16n8k16, fp32 sums, per
-// group y += s * sum(q*x) + b * sum(x)), laid out to stream: a warp owns 16 rows of W and a
-// contiguous range of groups (KW warps of a block split K and are summed through shared memory),
-// and walks it in steps of 512 values per row (256 for group size 32), loading step i+1 into
-// registers while step i is multiplied, so that every warp always has 4 KB of weights in flight.
-// The scales and biases of a step are loaded by the lanes together (lane L: row L % 16, scales or
-// biases by L / 16, all groups of the step) and passed to the lanes that need them with shuffles.
-
-// (a & mask) | magic in one LOP3: written out because the compiler otherwise splits it into an
-// AND and an OR (a LOP3 takes one immediate; the magic goes in a register).
-template <uint32_t Mask>
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t magic) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(Mask), "r"(magic));
-  return d;
-}
-
-template <int GS, typename T>
-struct TcStep {
-  static constexpr int kWpl = GS / 32;  // words of one row per lane and group
-  // groups per step: 512 values of each row (256 for group 32, whose 8 scales per 256 values
-  // would otherwise not fit in registers next to two steps of weights)
-  static constexpr int kGroups = GS == 32 ? 8 : 512 / GS;
-  uint32_t qa[kGroups * kWpl];  // row g of the warp's 16
-  uint32_t qb[kGroups * kWpl];  // row g + 8
-  float sb[kGroups];            // lane L: scales (L < 16) or biases of row L % 16
-};
-
-template <int GS, typename T>
-__device__ __forceinline__ void tc_load(const uint32_t* wa, const uint32_t* wb, const void* sb_row,
-                                        ScaleType stype, int gi0, int ge, TcStep<GS, T>& st) {
-  using S = TcStep<GS, T>;
-#pragma unroll
-  for (int u = 0; u < S::kGroups; ++u) {
-    const int gi = gi0 + u;
-    if (gi < ge) {  // uniform across the warp
-      uint32_t a[S::kWpl], b[S::kWpl];
-      load_words<S::kWpl>(wa + gi * (GS / 8), a);
-      load_words<S::kWpl>(wb + gi * (GS / 8), b);
-#pragma unroll
-      for (int j = 0; j < S::kWpl; ++j)
-        st.qa[u * S::kWpl + j] = a[j], st.qb[u * S::kWpl + j] = b[j];
-      st.sb[u] = load_scale(sb_row, gi, stype);
-    }
-  }
-}
-
-// Multiplies the groups [gi0, gi0 + kGroups) of a loaded step; Full: all of them exist, so that
-// the groups' independent mma chains interleave (no exit between them).
-template <int GS, typename T, bool Full>
-__device__ __forceinline__ void tc_step(const T* xr, bool has_x, int g, int gi0, int ge,
-                                        uint32_t magic, const TcStep<GS, T>& st, float (&acc)[4]) {
-  using Mma = MmaType<T>;
-  using S = TcStep<GS, T>;
-#pragma unroll
-  for (int u = 0; u < S::kGroups; ++u) {
-    const int gi = gi0 + u;
-    if (!Full && gi >= ge) break;  // uniform across the warp
-    float cq[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < S::kWpl; ++j) {
-      const uint32_t qa = st.qa[u * S::kWpl + j], qb = st.qb[u * S::kWpl + j];
-      const uint4 x = has_x ? __ldg(reinterpret_cast<const uint4*>(xr + gi * GS + j * 8))
-                            : make_uint4(0u, 0u, 0u, 0u);
-      const uint32_t b[4] = {__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632),
-                             __byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632)};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // nibbles (0,4),(1,5) then (2,6),(3,7)
-        const int s0 = 8 * h, s1 = 8 * h + 4;
-        const uint32_t a0 = Mma::unbias(and_or<0x000F000Fu>(qa >> s0, magic));
-        const uint32_t a1 = Mma::unbias(and_or<0x000F000Fu>(qb >> s0, magic));
-        const uint32_t a2 = Mma::unbias(and_or<0x000F000Fu>(qa >> s1, magic));
-        const uint32_t a3 = Mma::unbias(and_or<0x000F000Fu>(qb >> s1, magic));
-        Mma::mma(cq, a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
-        Mma::mma(c1, Mma::ones(), Mma::ones(), Mma::ones(), Mma::ones(), b[2 * h], b[2 * h + 1]);
-      }
-    }
-    // scales of rows g (lanes g, 16 + g) and g + 8 (lanes 8 + g, 24 + g)
-    const float s_a = __shfl_sync(0xffffffffu, st.sb[u], g);
-    const float b_a = __shfl_sync(0xffffffffu, st.sb[u], 16 + g);
-    const float s_b = __shfl_sync(0xffffffffu, st.sb[u], 8 + g);
-    const float b_b = __shfl_sync(0xffffffffu, st.sb[u], 24 + g);
-    acc[0] += fmaf(s_a, cq[0], b_a * c1[0]);
-    acc[1] += fmaf(s_a, cq[1], b_a * c1[1]);
-    acc[2] += fmaf(s_b, cq[2], b_b * c1[2]);
-    acc[3] += fmaf(s_b, cq[3], b_b * c1[3]);
-  }
-}
-
-template <int GS, typename T>
-__device__ __forceinline__ void tc_step_any(const T* xr, bool has_x, int g, int gi0, int ge,
-                                            uint32_t magic, const TcStep<GS, T>& st,
-                                            float (&acc)[4]) {
-  if (gi0 + TcStep<GS, T>::kGroups <= ge) {
-    tc_step<GS, T, true>(xr, has_x, g, gi0, ge, magic, st, acc);
-  } else {
-    tc_step<GS, T, false>(xr, has_x, g, gi0, ge, magic, st, acc);
-  }
-}
-
-// KW warps split the K of one 16-row tile; a block holds TPB tiles.
-template <int GS, typename T, int KW, int TPB>
-__global__ void __launch_bounds__(KW * TPB * 32, 512 / (KW * TPB * 32))
-    qmv_tc_kernel(const QmvParams p) {
-  using S = TcStep<GS, T>;
-  __shared__ float partial[KW > 1 ? TPB * KW : 1][32][4];
-  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
-  const int tile_in_block = wi / KW, kw = wi % KW;
-  const int g = lane >> 2, t = lane & 3;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * TPB + tile_in_block) * 16;
-  const bool active = n0 < p.N;  // no early return: the block meets at __syncthreads
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (active) {
-    const int64_t last = p.N - 1;
-    const int64_t ra = n0 + g < p.N ? n0 + g : last;
-    const int64_t rb = n0 + g + 8 < p.N ? n0 + g + 8 : last;
-    const int64_t rs = n0 + (lane & 15) < p.N ? n0 + (lane & 15) : last;
-    const int64_t row_words = p.K / 8;
-    const uint32_t* wa = p.w + ra * row_words + t * S::kWpl;
-    const uint32_t* wb = p.w + rb * row_words + t * S::kWpl;
-    // this lane's row of scales or biases (the element size of either is the same)
-    const int esize = p.scale_type == ScaleType::kFloat ? 4 : 2;
-    const void* sb_row =
-        static_cast<const char*>(lane < 16 ? p.scales : p.biases) + rs * p.G * esize;
-    const bool has_x = g < p.M;  // B column g is row g of x (zero past M)
-    const T* xr =
-        static_cast<const T*>(p.x) + static_cast<int64_t>(has_x ? g : 0) * p.K + t * 8 * S::kWpl;
-    const ScaleType stype = p.scale_type;
-    // G < 2^31 groups per row (checked by the host), so group indices are 32-bit
-    const int G = static_cast<int>(p.G);
-    const int gb = static_cast<int>(static_cast<int64_t>(G) * kw / KW);
-    const int ge = static_cast<int>(static_cast<int64_t>(G) * (kw + 1) / KW);
-    // the magic exponent in a register (opaque to the compiler, so that it stays one)
-    uint32_t magic = MmaType<T>::kMagic;
-    asm volatile("" : "+r"(magic));
-    TcStep<GS, T> cur, nxt;
-    int gi = gb;
-    if (gi < ge) tc_load<GS, T>(wa, wb, sb_row, stype, gi, ge, cur);
-    while (gi < ge) {  // two steps per round, so that the buffers never need copying
-      const int g1 = gi + S::kGroups;
-      if (g1 < ge) tc_load<GS, T>(wa, wb, sb_row, stype, g1, ge, nxt);
-      tc_step_any<GS, T>(xr, has_x, g, gi, ge, magic, cur, acc);
-      if (g1 >= ge) break;
-      const int g2 = g1 + S::kGroups;
-      if (g2 < ge) tc_load<GS, T>(wa, wb, sb_row, stype, g2, ge, cur);
-      tc_step_any<GS, T>(xr, has_x, g, g1, ge, magic, nxt, acc);
-      gi = g2;
-    }
-  }
-  if constexpr (KW > 1) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) partial[wi][lane][i] = acc[i];
-    __syncthreads();
-    if (kw != 0) return;
-#pragma unroll
-    for (int w = 1; w < KW; ++w)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] += partial[wi + w][lane][i];
-  }
-  if (!active) return;
   T* y = static_cast<T*>(p.y);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

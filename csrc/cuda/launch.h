@@ -53,10 +53,12 @@ inline void launch_qmv(int bits, const QmvParams& p, DType x_dtype, cudaStream_t
 // >= 8.0 (qmv_mma.cu).
 void launch_qmv_mma4(const QmvParams& p, DType x_dtype, cudaStream_t stream);
 
-// The same on tensor cores, streaming (qmv_tc_kernel): each warp walks its rows with the next
-// step's weights in flight; K is split over more warps where the rows alone leave the GPU's
-// `sm_count` multiprocessors short of warps (qmv_mma.cu).
-void launch_qmv_tc4(const QmvParams& p, DType x_dtype, int sm_count, cudaStream_t stream);
+// The streaming decode on tensor cores (qmv_stream.cuh): 4-bit W, fp16/bf16 x with scales and
+// biases of the same dtype (16-byte aligned rows), 1 <= p.M <= 2, compute capability >= 8.0,
+// where x fits its shared memory (qmv_stream4_fits); K is split over more warps for few rows.
+constexpr int64_t kQmvStreamMaxSmem = 100 * 1024;
+bool qmv_stream4_fits(int64_t M, int64_t K);
+void launch_qmv_stream4(const QmvParams& p, DType x_dtype, int sm_count, cudaStream_t stream);
 
 // Prefill on Hopper tensor cores (gemm_sm90.cu): y = x @ W.T for 4-bit W, fp16/bf16 x with
 // scales and biases of the same dtype, K a multiple of 64, all contiguous and 16-byte aligned.

@@ -302,6 +302,11 @@ class TiedAffineHead(nn.Module):
         return self._embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # accelerate may place the head on another GPU than its embedding (device_map="auto"):
+        # the product runs where the embedding's tensors are, and the logits come back to x's
+        device = self._embedding.weight.device
+        if x.device != device:
+            return self._embedding.as_linear(x.to(device)).to(x.device)
         return self._embedding.as_linear(x)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,12 @@ Peers (each in its own process, so that load time and peak memory are its own):
 - ``limit``: not a peer but a row: the decode rate that memory bandwidth allows, the bytes of
   the tensors read per token over the read bandwidth measured here with the same threads.
 
+With ``--device cuda`` the torch peers run on the GPU (mlxq, mlxq_bf16, dense_bf16, dense_fp32;
+mlx-lm and llama.cpp are CPU peers and are refused there); without ``--float-model`` the dense
+peers are the MLX checkpoint dequantized to dense float modules (`mlxq.dequantize_model`), the
+same float weights a dense checkpoint of those values would hold. The ``limit`` row then uses
+the GPU's read bandwidth.
+
 With ``--busy N``, every peer decodes a second time while N other processes spin on the CPU
 (the ``loaded`` column), so the table shows what a busy machine costs each of them.
 
@@ -43,6 +49,8 @@ __all__ = ["main", "PEERS", "ratios", "peak_rss_bytes"]
 
 PEERS = ("mlxq", "mlxq_bf16", "mlxq_compiled", "dense_bf16", "dense_fp32", "mlx_lm", "llama_cpp")
 DEFAULT_PEERS = ["mlxq", "mlxq_bf16", "mlxq_compiled", "dense_bf16", "llama_cpp"]
+CPU_ONLY_PEERS = ("mlx_lm", "llama_cpp")
+DEFAULT_CUDA_PEERS = ["mlxq", "mlxq_bf16", "dense_bf16"]
 TARGETS = {  # (name, numerator, denominator, metric, minimum)
     "decode_vs_llama_cpp": ("mlxq_bf16", "llama_cpp", "decode_tps", 1.0),
     "compiled_decode_vs_llama_cpp": ("mlxq_compiled", "llama_cpp", "decode_tps", 1.0),
@@ -104,10 +112,19 @@ def _torch_worker(spec: dict) -> dict:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     dtype = getattr(torch, spec["dtype"])
+    device = spec.get("device", "cpu")
+    cuda = device == "cuda"
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype).eval()
+    if spec.get("dequantize"):  # the dense peer from the MLX checkpoint's own values
+        from mlxq.dequantize_model import dequantize_model
+
+        dequantize_model(model, dtype)
+    model = model.to(device)
+    if cuda:
+        torch.cuda.synchronize()
     load_s = time.perf_counter() - start
-    prompt = torch.tensor([spec["prompt_ids"]])
+    prompt = torch.tensor([spec["prompt_ids"]], device=device)
     out: dict = {"load_s": load_s, "threads": torch.get_num_threads()}
 
     if spec["prefill"]:
@@ -116,6 +133,8 @@ def _torch_worker(spec: dict) -> dict:
             for i in range(spec["reps"] + 1):  # the first one warms up
                 t = time.perf_counter()
                 model(prompt, use_cache=True, logits_to_keep=1)
+                if cuda:
+                    torch.cuda.synchronize()
                 if i:
                     times.append(time.perf_counter() - t)
         out["prefill_tokens"] = prompt.shape[1]
@@ -138,6 +157,8 @@ def _torch_worker(spec: dict) -> dict:
     out.update(_decode_quiet_and_loaded(decode, spec))
     out["decode_context"] = decode_ids.shape[1]
     out["peak_rss"] = peak_rss_bytes() or 0
+    if cuda:
+        out["cuda_peak"] = torch.cuda.max_memory_allocated()
     return out
 
 
@@ -268,17 +289,23 @@ def bytes_per_token(model_dir: Path) -> int:
     return total if tied else total - embedding
 
 
-def read_bandwidth(threads: int | None) -> float:
-    """Bytes per second that torch reads (a sum over 512 MiB, best of 5) with `threads`."""
+def read_bandwidth(threads: int | None, device: str = "cpu") -> float:
+    """Bytes per second that torch reads (a sum over 512 MiB, best of 5) with `threads`; on
+    CUDA a sum over 2 GiB on the GPU."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    data = torch.ones(128 << 20)
+    cuda = device == "cuda"
+    data = torch.ones((512 if cuda else 128) << 20, device=device)
     best = float("inf")
     for _ in range(5):
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         data.sum()
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return data.numel() * data.element_size() / best
 
@@ -375,7 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", type=Path, help="MLX checkpoint (default: SmolLM2 4-bit, cached)")
     p.add_argument("--float-model", type=Path, help="float checkpoint for the dense peers")
     p.add_argument("--group-size", type=int, default=32, help="of the default 4-bit checkpoint")
-    p.add_argument("--peers", nargs="+", default=DEFAULT_PEERS, choices=PEERS)
+    p.add_argument("--peers", nargs="+", default=None, choices=PEERS)
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the torch peers run (cuda: mlxq's CUDA kernels vs dense float on the GPU)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument(
@@ -409,9 +442,22 @@ def main(argv: list[str] | None = None) -> dict:
     for flag in ("prompt_tokens", "decode_tokens", "mlx_prompt_tokens", "mlx_decode_tokens"):
         if getattr(args, flag) < 2:
             p.error(f"--{flag.replace('_', '-')} must be at least 2")
+    cuda = args.device == "cuda"
+    if args.peers is None:
+        args.peers = DEFAULT_CUDA_PEERS if cuda else DEFAULT_PEERS
+    if cuda and (cpu_only := [peer for peer in args.peers if peer in CPU_ONLY_PEERS]):
+        p.error(f"--device cuda: {', '.join(cpu_only)} run on the CPU only")
+    if cuda:
+        from mlxq._native import cuda_unavailable_reason
 
+        if (why := cuda_unavailable_reason()) is not None:
+            p.error(f"--device cuda: {why}")
+    # on CUDA the dense peers can be the MLX checkpoint dequantized (no float checkpoint needed)
+    dequantize = cuda and args.float_model is None and args.model is not None
     if args.model is None or (
-        args.float_model is None and set(args.peers) & {"dense_bf16", "dense_fp32"}
+        args.float_model is None
+        and not dequantize
+        and set(args.peers) & {"dense_bf16", "dense_fp32"}
     ):
         quant, dense = _default_checkpoints(args.group_size)
         args.model = args.model or quant
@@ -429,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
             if peer == "llama_cpp":
                 path = args.gguf or _default_gguf()
             else:
-                path = args.float_model if peer.startswith("dense") else args.model
+                dense = peer.startswith("dense") and not dequantize
+                path = args.float_model if dense else args.model
             spec = {
                 "peer": peer,
                 "path": str(path),
@@ -442,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "threads": args.threads,
                 "busy": args.busy,
                 "compile": peer == "mlxq_compiled",
+                "device": args.device,
+                "dequantize": dequantize and peer.startswith("dense"),
             }
             spec_file = Path(tmp) / f"{peer}.json"
             spec_file.write_text(json.dumps(spec))
@@ -463,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
     import mlxq
 
     per_token = bytes_per_token(args.model)
-    bandwidth = read_bandwidth(args.threads)
+    bandwidth = read_bandwidth(args.threads, args.device)
     results["limit"] = {
         "decode_tps": bandwidth / per_token,
         "note": f"{per_token / 1e6:.1f} MB/token at {bandwidth / 1e9:.1f} GB/s",
@@ -478,12 +527,11 @@ def main(argv: list[str] | None = None) -> dict:
         "processor": platform.processor(),
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
     targets = ratios(results)
-    print(
-        f"\n# SmolLM2-135M-Instruct whole-model benchmark ({info['cpu_isa']}, "
-        f"{info['threads']} threads)"
-    )
+    where = info["device"] if cuda else f"{info['cpu_isa']}, {info['threads']} threads"
+    print(f"\n# SmolLM2-135M-Instruct whole-model benchmark ({where}; {args.model.name})")
     print(format_table(results))
     for name, t in targets.items():
         verdict = "met" if t["met"] else "NOT met"

@@ -30,13 +30,19 @@ __all__ = ["main", "CLIError", "build_parser", "demo_checkpoint"]
 
 def _add_run_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate")
-    p.add_argument("--device", choices=["auto", "cpu", "mps"], default="auto")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "mps", "cuda"],
+        default="auto",
+        help="auto: mps where available, else cuda where mlxq has its CUDA kernels and a GPU, "
+        "else cpu",
+    )
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
         help="activation dtype (auto: bfloat16 on CPUs with AVX512-BF16, else float32; the "
-        "checkpoint's on mps)",
+        "checkpoint's on mps and cuda)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument(

@@ -133,11 +133,18 @@ def _mps_available() -> bool:
 
 
 def pick_device(name: str) -> str:
-    """`auto` -> mps when available, else cpu; an explicit mps on a machine without it fails."""
+    """`auto` -> mps when available, else cuda where mlxq runs on a GPU, else cpu; an explicit
+    mps or cuda on a machine without it fails with the reason."""
+    from mlxq._native import cuda_unavailable_reason
+
     if name == "auto":
-        return "mps" if _mps_available() else "cpu"
+        if _mps_available():
+            return "mps"
+        return "cuda" if cuda_unavailable_reason() is None else "cpu"
     if name == "mps" and not _mps_available():
         raise CLIError("--device mps: MPS is not available here (Apple GPU with macOS 12.3+)")
+    if name == "cuda" and (why := cuda_unavailable_reason()) is not None:
+        raise CLIError(f"--device cuda: {why}")
     return name
 
 
@@ -153,6 +160,7 @@ def _pick_dtype(name: str, device: str, config: dict):
         from mlxq import _C
 
         return torch.bfloat16 if _C.cpu_isa() == "avx512" else torch.float32
+    # mps and cuda: the checkpoint's own dtype (fp16/bf16 kernels on the GPU)
     saved = config.get("dtype") or config.get("torch_dtype") or "float16"
     return getattr(torch, saved, torch.float16)
 
@@ -201,7 +209,8 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
 
 
 def peak_memory_bytes(device: str = "cpu") -> dict[str, int]:
-    """Peak resident memory of this process, plus the MPS driver's allocation on MPS."""
+    """Peak resident memory of this process, plus the MPS driver's allocation on MPS and the
+    peak of torch's CUDA allocator on CUDA."""
     from mlxq.bench.model import peak_rss_bytes
 
     out: dict[str, int] = {}
@@ -211,6 +220,10 @@ def peak_memory_bytes(device: str = "cpu") -> dict[str, int]:
         import torch
 
         out["mps_driver"] = torch.mps.driver_allocated_memory()
+    if device == "cuda":
+        import torch
+
+        out["cuda_peak"] = torch.cuda.max_memory_allocated()
     return out
 
 
@@ -229,6 +242,8 @@ def print_stats(info: dict, stats: dict) -> None:
         parts.append(f"peak memory {memory['peak_rss'] / 1e6:.0f} MB")
     if "mps_driver" in memory:
         parts.append(f"MPS {memory['mps_driver'] / 1e6:.0f} MB")
+    if "cuda_peak" in memory:
+        parts.append(f"CUDA peak {memory['cuda_peak'] / 1e6:.0f} MB")
     threads = stats.get("threads", info["threads"])
     parts.append(f"{info['device']} {info['dtype']}, {threads} thread{'s' * (threads != 1)}")
     print("-- " + " | ".join(parts), flush=True)

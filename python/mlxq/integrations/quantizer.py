@@ -337,10 +337,11 @@ class MLXHfQuantizer(HfQuantizer):
                 )
 
     def update_device_map(self, device_map):
-        """A placement strategy ("auto", ...) means the one device mlxq runs on here."""
+        """A placement strategy ("auto", ...) is accelerate's to follow where mlxq runs on CUDA
+        (layers spread over the GPUs); elsewhere it means the one device mlxq runs on here."""
         if isinstance(device_map, str) and device_map in _PLACEMENT_STRATEGIES:
             if torch.cuda.is_available() and _has_cuda_kernels():
-                return {"": "cuda"}
+                return device_map
             return {"": "mps" if torch.backends.mps.is_available() else "cpu"}
         return device_map
 

@@ -1,0 +1,384 @@
+// Standalone harness for the CUDA decode kernels (no torch): numerics against a float64 CPU
+// reference and timings (CUDA-graph replay over enough weight copies to miss the L2) next to the
+// device's copy and read bandwidth, in one run. Build and run on the GPU machine:
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+//        benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness && /tmp/qmv_harness
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "cuda/kernels.cuh"
+#include "cuda/qmv_stream.cuh"
+
+using namespace mlxq::cuda;
+
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+static int g_sms = 132;
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rnd() {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return rng_state;
+}
+static float urand() { return (rnd() >> 40) * (1.0f / 16777216.0f); }
+
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+static float from_bf16(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static uint16_t to_h(float f, bool half) {
+  if (!half) return to_bf16(f);
+  __half h = __float2half_rn(f);
+  uint16_t r;
+  std::memcpy(&r, &h, 2);
+  return r;
+}
+static float from_h(uint16_t v, bool half) {
+  if (!half) return from_bf16(v);
+  __half h;
+  std::memcpy(&h, &v, 2);
+  return __half2float(h);
+}
+
+struct Problem {
+  int64_t N, K, GS;
+  int M;
+  bool half;
+  std::vector<uint32_t> w;
+  std::vector<uint16_t> s, b, x;
+  int copies = 1;
+  std::vector<uint32_t*> dw;
+  std::vector<uint16_t*> ds, db;
+  uint16_t* dx = nullptr;
+  uint16_t* dy = nullptr;
+  int64_t G() const { return K / GS; }
+  double packed_bytes() const { return N * K / 2.0 + 2.0 * N * G() * 2; }
+};
+
+static void make(Problem& P, int copies) {
+  const int64_t G = P.G();
+  P.w.resize(P.N * P.K / 8);
+  for (auto& v : P.w) v = static_cast<uint32_t>(rnd());
+  P.s.resize(P.N * G);
+  P.b.resize(P.N * G);
+  for (int64_t i = 0; i < P.N * G; ++i) {
+    float sc = 0.002f + 0.02f * urand();
+    if (rnd() & 1) sc = -sc;
+    P.s[i] = to_h(sc, P.half);
+    P.b[i] = to_h(-0.1f + 0.2f * urand(), P.half);
+  }
+  P.x.resize(P.M * P.K);
+  for (auto& v : P.x) v = to_h(-2.f + 4.f * urand(), P.half);
+  P.copies = copies;
+  for (int c = 0; c < copies; ++c) {
+    uint32_t* w;
+    uint16_t *s, *b;
+    CK(cudaMalloc(&w, P.w.size() * 4));
+    CK(cudaMalloc(&s, P.s.size() * 2));
+    CK(cudaMalloc(&b, P.b.size() * 2));
+    CK(cudaMemcpy(w, P.w.data(), P.w.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s, P.s.data(), P.s.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(b, P.b.data(), P.b.size() * 2, cudaMemcpyHostToDevice));
+    P.dw.push_back(w), P.ds.push_back(s), P.db.push_back(b);
+  }
+  CK(cudaMalloc(&P.dx, P.x.size() * 2));
+  CK(cudaMemcpy(P.dx, P.x.data(), P.x.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMalloc(&P.dy, P.M * P.N * 2));
+}
+
+static void release(Problem& P) {
+  for (int c = 0; c < P.copies; ++c) cudaFree(P.dw[c]), cudaFree(P.ds[c]), cudaFree(P.db[c]);
+  cudaFree(P.dx), cudaFree(P.dy);
+}
+
+static QmvParams params(const Problem& P, int c) {
+  QmvParams p;
+  p.w = P.dw[c];
+  p.scales = P.ds[c];
+  p.biases = P.db[c];
+  p.x = P.dx;
+  p.y = P.dy;
+  p.N = P.N;
+  p.K = P.K;
+  p.G = P.G();
+  p.M = P.M;
+  p.group_shift = P.GS == 32 ? 5 : (P.GS == 64 ? 6 : 7);
+  p.scale_type = P.half ? ScaleType::kHalf : ScaleType::kBFloat16;
+  return p;
+}
+
+using Launch = std::function<void(const QmvParams&, cudaStream_t)>;
+
+// ---- kernels under test ---------------------------------------------------------------------
+
+template <typename T, int MT, int R, int U, bool Pre>
+Launch cores() {
+  return [](const QmvParams& p, cudaStream_t s) {
+    const int64_t warps = (p.N + R - 1) / R;
+    const int64_t blocks = (warps + kDecodeWarps - 1) / kDecodeWarps;
+    qmv_kernel<4, MT, R, U, Pre, T><<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, s>>>(p);
+  };
+}
+
+static int auto_kw(const QmvParams& p, int U) {
+  const int64_t tiles = (p.N + 15) / 16, slots = static_cast<int64_t>(g_sms) * 16;
+  const int64_t steps = ((p.K / 32 + 3) / 4 + U - 1) / U;
+  int kw = 1;
+  while (kw < 8 && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
+  return kw;
+}
+
+template <int GS, int U, bool H, typename T, bool LoadsOnly = false>
+Launch stream(int kw_force = 0) {
+  return [kw_force](const QmvParams& p, cudaStream_t s) {
+    const int kw = kw_force ? kw_force : auto_kw(p, U);
+    const int64_t tiles = (p.N + 15) / 16, tpb = kStreamWarps / kw;
+    const int64_t blocks = (tiles + tpb - 1) / tpb;
+    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K));
+    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly>;
+    if (smem > 48 * 1024)
+      CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    k<<<static_cast<unsigned>(blocks), kStreamWarps * 32, smem, s>>>(p, kw);
+  };
+}
+
+__global__ void read_kernel(const uint4* p, int64_t n, uint32_t* out);
+
+// The packed weights read once by a plain streaming kernel (no arithmetic): the floor for a
+// kernel that reads them, launch included.
+static uint32_t* g_sink = nullptr;
+static Launch read_floor() {
+  return [](const QmvParams& p, cudaStream_t s) {
+    const int64_t n = p.N * p.K / 32;  // 16-byte words
+    read_kernel<<<g_sms * 8, 256, 0, s>>>(reinterpret_cast<const uint4*>(p.w), n, g_sink);
+  };
+}
+
+// ---- reference and timing -------------------------------------------------------------------
+
+static bool check(Problem& P, const Launch& fn, const char* name, bool full_ref) {
+  CK(cudaMemset(P.dy, 0xFF, P.M * P.N * 2));  // poison: NaN in both dtypes
+  fn(params(P, 0), 0);
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> y(P.M * P.N);
+  CK(cudaMemcpy(y.data(), P.dy, y.size() * 2, cudaMemcpyDeviceToHost));
+  const int64_t G = P.G();
+  const double eps = P.half ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+  double worst = 0;
+  int64_t bad = 0;
+  const int64_t rows = full_ref ? P.N : std::min<int64_t>(P.N, 2048);
+  for (int m = 0; m < P.M; ++m) {
+    for (int64_t n = 0; n < rows; ++n) {
+      double ref = 0, bound = 0;
+      for (int64_t k = 0; k < P.K; ++k) {
+        const uint32_t q = (P.w[n * (P.K / 8) + k / 8] >> (4 * (k % 8))) & 15u;
+        const double s = from_h(P.s[n * G + k / P.GS], P.half);
+        const double b = from_h(P.b[n * G + k / P.GS], P.half);
+        const double wv = s * q + b, xv = from_h(P.x[m * P.K + k], P.half);
+        ref += wv * xv;
+        bound += std::fabs(wv * xv);
+      }
+      const double got = from_h(y[m * P.N + n], P.half);
+      const double tol = 64 * std::ldexp(1.0, -24) * bound + eps * std::fabs(ref) + 1e-30;
+      const double r = std::fabs(got - ref) / tol;
+      if (!(r <= 1.0)) ++bad;
+      if (!(r <= worst)) worst = r;
+    }
+  }
+  std::printf("  check %-34s N=%lld K=%lld gs=%lld M=%d %s: max err/tol %.3g, %lld bad of %lld\n",
+              name, (long long)P.N, (long long)P.K, (long long)P.GS, P.M, P.half ? "fp16" : "bf16",
+              worst, (long long)bad, (long long)(rows * P.M));
+  return bad == 0;
+}
+
+static double graph_us(const std::function<void(int, cudaStream_t)>& call, int ncopies, int calls) {
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  for (int i = 0; i < ncopies; ++i) call(i, s);  // warm up
+  CK(cudaStreamSynchronize(s));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) call(i % ncopies, s);
+  CK(cudaStreamEndCapture(s, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  CK(cudaGraphLaunch(ge, s));
+  CK(cudaStreamSynchronize(s));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  double best = 1e30;
+  for (int r = 0; r < 7; ++r) {
+    CK(cudaEventRecord(a, s));
+    CK(cudaGraphLaunch(ge, s));
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    best = std::min(best, 1000.0 * ms / calls);
+  }
+  CK(cudaGetLastError());
+  cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
+  cudaEventDestroy(a), cudaEventDestroy(b);
+  return best;
+}
+
+static double time_us(Problem& P, const Launch& fn) {
+  return graph_us([&](int c, cudaStream_t s) { fn(params(P, c), s); }, P.copies, 40);
+}
+
+__global__ void read_kernel(const uint4* p, int64_t n, uint32_t* out) {
+  uint32_t acc = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    const uint4 a = __ldcs(p + i), b = __ldcs(p + i + stride), c = __ldcs(p + i + 2 * stride),
+                d = __ldcs(p + i + 3 * stride);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^
+           d.w;
+  }
+  for (; i < n; i += stride) {
+    const uint4 a = __ldcs(p + i);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  if (acc == 0x12345678u) out[0] = acc;  // keeps the loads
+}
+
+static void bandwidth() {
+  const int64_t bytes = 1ll << 30;
+  void *src, *dst;
+  CK(cudaMalloc(&src, bytes));
+  CK(cudaMalloc(&dst, bytes));
+  CK(cudaMemset(src, 1, bytes));
+  uint32_t* out;
+  CK(cudaMalloc(&out, 4));
+  const double copy_us = graph_us(
+      [&](int, cudaStream_t s) {
+        CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+      },
+      1, 5);
+  const double read_us = graph_us(
+      [&](int, cudaStream_t s) {
+        read_kernel<<<g_sms * 8, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
+      },
+      1, 5);
+  std::printf("copy (read+write): %.3f TB/s; read: %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6,
+              bytes / read_us / 1e6);
+  cudaFree(src), cudaFree(dst), cudaFree(out);
+}
+
+struct Row {
+  const char* name;
+  Launch fn;
+};
+
+static void bench(int64_t N, int64_t K, int64_t GS, int M, bool half, const std::vector<Row>& rows,
+                  bool full_ref) {
+  Problem P{N, K, GS, M, half};
+  const double bytes = N * K / 2.0 + 4.0 * N * (K / GS);
+  const int copies = std::max(1, std::min(16, static_cast<int>(std::ceil(400e6 / bytes))));
+  make(P, copies);
+  std::printf("== N=%lld K=%lld gs=%lld M=%d %s (%.1f MB packed, %d copies)\n", (long long)N,
+              (long long)K, (long long)GS, M, half ? "fp16" : "bf16", P.packed_bytes() / 1e6,
+              copies);
+  for (const Row& r : rows) {
+    const bool probe = std::strstr(r.name, "probe") != nullptr || std::strstr(r.name, "floor");
+    const bool ok = probe || check(P, r.fn, r.name, full_ref);
+    const double us = time_us(P, r.fn);
+    std::printf("  %-40s %8.2f us  %6.3f TB/s %s\n", r.name, us, P.packed_bytes() / us / 1e6,
+                ok ? "" : "WRONG");
+  }
+  release(P);
+}
+
+int main(int argc, char** argv) {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  g_sms = prop.multiProcessorCount;
+  CK(cudaMalloc(&g_sink, 4));
+  std::printf("%s, %d SMs, L2 %d MB\n", prop.name, g_sms, prop.l2CacheSize >> 20);
+  bandwidth();
+  using bf = __nv_bfloat16;
+  using hf = __half;
+  const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
+  // numerics on awkward shapes: K tails (576: 4.5 spans), N tails, split K, M = 2
+  for (int64_t gs : {32, 64, 128}) {
+    const int64_t K = gs == 128 ? 640 : 576;
+    for (int M : {1, 2}) {
+      Problem P{100, K, gs, M, false};
+      make(P, 1);
+      if (gs == 32) check(P, stream<32, 4, true, bf>(), "stream gs32", true);
+      if (gs == 64) check(P, stream<64, 4, true, bf>(), "stream gs64", true);
+      if (gs == 128) check(P, stream<128, 4, true, bf>(), "stream gs128", true);
+      if (gs == 128) check(P, stream<128, 2, true, bf>(2), "stream gs128 U2 kw2", true);
+      if (gs == 64) check(P, stream<64, 4, true, bf>(4), "stream gs64 kw4", true);
+
+      release(P);
+      Problem Q{100, K, gs, M, true};
+      make(Q, 1);
+      if (gs == 32) check(Q, stream<32, 4, true, hf>(8), "stream gs32 fp16 kw8", true);
+
+      if (gs == 64) check(Q, stream<64, 4, true, hf>(), "stream gs64 fp16", true);
+      if (gs == 128) check(Q, stream<128, 4, true, hf>(), "stream gs128 fp16", true);
+      release(Q);
+    }
+  }
+  std::vector<Row> big = {
+      {"cores d (R2 U2), the previous default", cores<bf, 1, 2, 2, false>()},
+      {"stream U2", stream<128, 2, true, bf>()},
+      {"stream U4 (default)", stream<128, 4, true, bf>()},
+      {"stream U4 no L2 hint", stream<128, 4, false, bf>()},
+      {"probe: stream U4 loads only", stream<128, 4, true, bf, true>()},
+      {"read kernel (floor)", read_floor()},
+  };
+  bench(28672, 8192, 128, 1, false, big, false);
+  std::vector<Row> small = big;
+  small.push_back({"stream U4 kw4", stream<128, 4, true, bf>(4)});
+  small.push_back({"stream U4 kw2", stream<128, 4, true, bf>(2)});
+  bench(4096, 4096, 128, 1, false, small, true);
+  if (quick) return 0;
+  bench(28672, 8192, 64, 1, false,
+        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4", stream<64, 4, true, bf>()}},
+        false);
+  if (std::getenv("HARNESS_SHORT")) return 0;
+  bench(28672, 8192, 32, 1, false,
+        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4", stream<32, 4, true, bf>()}},
+        false);
+  bench(28672, 8192, 128, 1, true,
+        {{"cores d fp16", cores<hf, 1, 2, 2, false>()},
+         {"stream U4 hint fp16", stream<128, 4, true, hf>()}},
+        false);
+  bench(28672, 8192, 128, 2, false,
+        {{"cores MT2 R4 U4", cores<bf, 2, 4, 4, false>()},
+         {"stream U4 hint M2", stream<128, 4, true, bf>()}},
+        false);
+  bench(8192, 28672, 128, 1, false,
+        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4 hint", stream<128, 4, true, bf>()}},
+        false);
+  return 0;
+}

@@ -1,0 +1,319 @@
+// Streaming decode on tensor cores for 4-bit weights, fp16/bf16 x and scales, M <= 2 rows of x:
+// the M = 1 kernel, built to stream the packed weights with as little work per byte as it can.
+//
+// Products: mma.sync m16n8k16 with the exact q (0..15 as fp16/bf16 integers: one LOP3 and one
+// HSUB2 per two values) as A and x as B, fp32 accumulation; per group y += s * sum(q*x) +
+// b * sum(x), with sum(x) precomputed per 32 values. So, as for every decode kernel here, the
+// weights are dequantized and summed in fp32 (the products q*x are exact).
+//
+// Layout. A warp owns a tile of 16 rows of W and a range of K (its "K slice"); lane (g, t) =
+// (lane / 4, lane % 4) reads rows g and g + 8. K is walked in spans of 128 values: in span sp lane
+// t holds the 32 values [sp*128 + 32t, +32) of both rows (one 16-byte load each), which lie in one
+// group for every group size (32, 64, 128). The 4 lanes of a row each feed their own 32 values
+// into the same mma, and the B operand keeps them apart: column n = 4m + t of B carries row m of x
+// only at lane t's values (zeros elsewhere), so column 4m + t of the product is lane t's partial
+// dot with row m of x, whatever group it belongs to. Scales are then applied per column.
+//
+// Streaming. A "step" is U spans (U * 1 KB of weights per warp). Each warp loads step i + 1 into
+// registers (16-byte loads that skip L1, with an L2 evict-first hint: the weights are read once)
+// before multiplying step i, so that it always has U KB of loads in flight; with 16 warps per SM
+// that keeps ~U * 16 KB per SM on the way. x (in the permuted order the B operand wants) and its
+// sums per 32 values are staged in shared memory once per block, while the first step's weights
+// are already loading. Where the tiles alone leave the GPU short of warps, KW warps of a block
+// split the K of one tile and add their partial sums through shared memory.
+#pragma once
+
+#include "cuda/kernels.cuh"
+
+namespace mlxq::cuda {
+
+constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM)
+
+// Bytes of dynamic shared memory the streaming kernel needs for M rows of x of length K.
+inline int64_t qmv_stream_smem(int64_t M, int64_t K) {
+  const int64_t kp = (K + 127) / 128 * 128;
+  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4;
+}
+
+// A 16-byte global load of streamed data: not kept in L1, evicted first from L2.
+template <bool Hint>
+__device__ __forceinline__ uint4 ld_stream(const uint4* p, uint64_t policy) {
+  uint4 v;
+  if constexpr (Hint) {
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "l"(policy));
+  } else {
+    v = __ldg(p);
+  }
+  return v;
+}
+
+// Two 16-bit scales/biases of a 32-bit word as floats (lo, hi).
+template <typename T>
+__device__ __forceinline__ float2 half_pair(uint32_t w);
+template <>
+__device__ __forceinline__ float2 half_pair<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+}
+template <>
+__device__ __forceinline__ float2 half_pair<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+
+template <int GS, int U>
+struct StreamStep {
+  static constexpr int kGroups = U * 128 / GS;  // groups of a row per step
+  static constexpr int kSbWords = kGroups / 2;  // this lane's scales (or biases), two a word
+  static_assert(kSbWords >= 1, "a step holds at least two groups");
+  uint4 qa[U], qb[U];  // rows g and g + 8: lane t's 32 values of each span
+  uint32_t sb[kSbWords];
+};
+
+struct StreamLane {
+  const uint4* wa;      // row g, at lane t's first 16 bytes
+  const uint4* wb;      // row g + 8
+  const uint16_t* sbp;  // lane L: scales (L < 16) or biases (L >= 16) of row L % 16
+  int chunks;           // 32-value chunks per row (K / 32)
+  int spans;            // 128-value spans per row
+  int t;
+  bool sb_vec;  // the scale rows allow aligned vector loads (G % 8 == 0)
+  int G;
+  uint64_t policy;
+};
+
+template <int GS, int U, bool Hint>
+__device__ __forceinline__ void stream_load(const StreamLane& L, int step, StreamStep<GS, U>& st) {
+  using S = StreamStep<GS, U>;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int sp = step * U + u;
+    const bool ok = sp * 4 + L.t < L.chunks;
+    st.qa[u] = ok ? ld_stream<Hint>(L.wa + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
+    st.qb[u] = ok ? ld_stream<Hint>(L.wb + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  const int g0 = step * S::kGroups;
+  if (L.sb_vec && g0 + S::kGroups <= L.G) {
+    if constexpr (S::kSbWords == 1) {
+      st.sb[0] = __ldg(reinterpret_cast<const uint32_t*>(L.sbp + g0));
+    } else if constexpr (S::kSbWords == 2) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(L.sbp + g0));
+      st.sb[0] = v.x, st.sb[1] = v.y;
+    } else {
+#pragma unroll
+      for (int i = 0; i < S::kSbWords / 4; ++i) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(L.sbp + g0) + i);
+        st.sb[4 * i] = v.x, st.sb[4 * i + 1] = v.y, st.sb[4 * i + 2] = v.z, st.sb[4 * i + 3] = v.w;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < S::kSbWords; ++i) {
+      const int a = g0 + 2 * i, b = a + 1;
+      const uint32_t lo = a < L.G ? __ldg(L.sbp + a) : 0u;
+      const uint32_t hi = b < L.G ? __ldg(L.sbp + b) : 0u;
+      st.sb[i] = lo | (hi << 16);
+    }
+  }
+}
+
+// Multiplies one loaded step: acc_a, acc_b (rows g, g + 8) collect this lane's two columns.
+template <int GS, int U, typename T>
+__device__ __forceinline__ void stream_step(const StreamLane& L, int step, const uint4* xs,
+                                            bool has_x, const float* sx, int g,
+                                            const StreamStep<GS, U>& st, float& acc_a,
+                                            float& acc_b) {
+  const int t = L.t, t0 = 2 * (t & 1);  // this lane's columns: span lanes t0, t0 + 1
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int sp = step * U + u;
+    if (sp >= L.spans) break;  // uniform across the warp
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // x of lane t's chunk of 8 values j, as (x0,x4) (x1,x5) (x2,x6) (x3,x7)
+      const uint4 xv = has_x ? xs[(sp * 4 + t) * 4 + j] : make_uint4(0u, 0u, 0u, 0u);
+      mma_nibble_words<T>(c, (&st.qa[u].x)[j], (&st.qb[u].x)[j], xv.x, xv.y, xv.z, xv.w);
+    }
+    // scales and biases of rows g and g + 8 for columns t0 and t0 + 1
+    float2 s_a, s_b, b_a, b_b;
+    if constexpr (GS == 128) {  // one group per span: word u / 2, half u % 2
+      const uint32_t w = st.sb[u / 2];
+      const uint32_t ws[4] = {__shfl_sync(0xffffffffu, w, g), __shfl_sync(0xffffffffu, w, 8 + g),
+                              __shfl_sync(0xffffffffu, w, 16 + g),
+                              __shfl_sync(0xffffffffu, w, 24 + g)};
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = half_pair<T>(ws[i]);
+        v[i] = (u & 1) ? f.y : f.x;
+      }
+      s_a = make_float2(v[0], v[0]), s_b = make_float2(v[1], v[1]);
+      b_a = make_float2(v[2], v[2]), b_b = make_float2(v[3], v[3]);
+    } else if constexpr (GS == 64) {  // groups 2u, 2u + 1: word u, half t & 1
+      const uint32_t w = st.sb[u];
+      const uint32_t ws[4] = {__shfl_sync(0xffffffffu, w, g), __shfl_sync(0xffffffffu, w, 8 + g),
+                              __shfl_sync(0xffffffffu, w, 16 + g),
+                              __shfl_sync(0xffffffffu, w, 24 + g)};
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = half_pair<T>(ws[i]);
+        v[i] = (t & 1) ? f.y : f.x;
+      }
+      s_a = make_float2(v[0], v[0]), s_b = make_float2(v[1], v[1]);
+      b_a = make_float2(v[2], v[2]), b_b = make_float2(v[3], v[3]);
+    } else {  // groups 4u .. 4u + 3: columns t0, t0 + 1 are word 2u + (t & 1)
+      const uint32_t w0 = st.sb[2 * u], w1 = st.sb[2 * u + 1];
+      uint32_t ws[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int src = 8 * i + g;
+        const uint32_t v0 = __shfl_sync(0xffffffffu, w0, src);
+        const uint32_t v1 = __shfl_sync(0xffffffffu, w1, src);
+        ws[i] = (t & 1) ? v1 : v0;
+      }
+      s_a = half_pair<T>(ws[0]), s_b = half_pair<T>(ws[1]);
+      b_a = half_pair<T>(ws[2]), b_b = half_pair<T>(ws[3]);
+    }
+    const float2 xsum = *reinterpret_cast<const float2*>(sx + sp * 4 + t0);
+    acc_a = fmaf(s_a.x, c[0], acc_a);
+    acc_a = fmaf(s_a.y, c[1], acc_a);
+    acc_a = fmaf(b_a.x, xsum.x, acc_a);
+    acc_a = fmaf(b_a.y, xsum.y, acc_a);
+    acc_b = fmaf(s_b.x, c[2], acc_b);
+    acc_b = fmaf(s_b.y, c[3], acc_b);
+    acc_b = fmaf(b_b.x, xsum.x, acc_b);
+    acc_b = fmaf(b_b.y, xsum.y, acc_b);
+  }
+}
+
+// y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, kStreamWarps / KW tiles a block.
+// LoadsOnly (benchmarks): only the loads, a bandwidth probe of this access pattern (wrong
+// results).
+template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false>
+__global__ void __launch_bounds__(kStreamWarps * 32, 2)
+    qmv_stream_kernel(const QmvParams p, const int KW) {
+  using S = StreamStep<GS, U>;
+  extern __shared__ __align__(16) uint8_t stream_smem[];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int M = p.M;
+  const int chunks = static_cast<int>(p.K / 32), spans = (chunks + 3) / 4;
+  const int kp = spans * 128;                                      // K padded to whole spans
+  uint4* xs = reinterpret_cast<uint4*>(stream_smem);               // [M][kp / 8]
+  float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);  // [M][kp / 32]
+  float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [8][2][16]
+
+  const int tpb = kStreamWarps / KW;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * tpb + wi / KW;
+  const int ks = wi % KW;
+  const int64_t n0 = tile * 16;
+  const bool active = n0 < p.N;  // no early return: the block meets at barriers
+  const int steps = (spans + U - 1) / U;
+  const int st0 = steps * ks / KW, st1 = active ? steps * (ks + 1) / KW : st0;
+
+  StreamLane L;
+  {
+    const int64_t last = p.N - 1;
+    const int64_t ra = n0 + g < p.N ? n0 + g : last;
+    const int64_t rb = n0 + g + 8 < p.N ? n0 + g + 8 : last;
+    const int64_t rs = n0 + (lane & 15) < p.N ? n0 + (lane & 15) : last;
+    const int64_t row_words = p.K / 8;
+    L.wa = reinterpret_cast<const uint4*>(p.w + ra * row_words) + t;  // span: 4 x 16 bytes
+    L.wb = reinterpret_cast<const uint4*>(p.w + rb * row_words) + t;
+    L.sbp = static_cast<const uint16_t*>(lane < 16 ? p.scales : p.biases) + rs * p.G;
+    L.chunks = chunks;
+    L.spans = spans;
+    L.t = t;
+    L.G = static_cast<int>(p.G);
+    L.sb_vec = p.G % 8 == 0;
+    uint64_t pol = 0;
+    if constexpr (Hint) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    L.policy = pol;
+  }
+  S cur, nxt;
+  if (st0 < st1 && !LoadsOnly)
+    stream_load<GS, U, Hint>(L, st0, cur);  // on its way while x is staged
+
+  // Stage x: chunk c of 8 values of row m at xs[m * kp / 8 + c], permuted for the B operand, and
+  // the sums of x per 32 values. The loop's trip count is uniform (the shuffles need all lanes).
+  const int per_row = kp / 8, total = M * per_row;
+  for (int base = 0; base < total; base += kStreamWarps * 32) {
+    const int idx = base + threadIdx.x;
+    const int m = idx / per_row, c = idx - m * per_row;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (idx < total && c * 8 < p.K) {
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.K + c * 8);
+    }
+    float s = 0.f;
+    {
+      const float2 f0 = half_pair<T>(v.x), f1 = half_pair<T>(v.y), f2 = half_pair<T>(v.z),
+                   f3 = half_pair<T>(v.w);
+      s = ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    if (idx < total) {
+      xs[idx] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                           __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+      if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
+    }
+  }
+  __syncthreads();
+
+  // B column 4m + t is row m of x at lane t's values: lane (g, t) feeds it where g == 4m + t.
+  const int xm = g >> 2;
+  const bool has_x = (g & 3) == t && xm < M;
+  const uint4* xrow = xs + (has_x ? xm : 0) * per_row;
+  const int om = t >> 1;  // the row of x of this lane's columns 2t, 2t + 1
+  const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
+  float acc_a = 0.f, acc_b = 0.f;
+  if constexpr (LoadsOnly) {
+    uint32_t x = 0;
+    for (int st = st0; st < st1; ++st) {
+      stream_load<GS, U, Hint>(L, st, cur);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        x ^= cur.qa[u].x ^ cur.qa[u].y ^ cur.qa[u].z ^ cur.qa[u].w;
+        x ^= cur.qb[u].x ^ cur.qb[u].y ^ cur.qb[u].z ^ cur.qb[u].w;
+      }
+    }
+    acc_a = __uint_as_float(x & 0x3FFFFFFFu);
+  } else {
+    for (int st = st0; st < st1; st += 2) {  // two steps per round: the buffers are never copied
+      if (st + 1 < st1) stream_load<GS, U, Hint>(L, st + 1, nxt);
+      stream_step<GS, U, T>(L, st, xrow, has_x, sxrow, g, cur, acc_a, acc_b);
+      if (st + 1 >= st1) break;
+      if (st + 2 < st1) stream_load<GS, U, Hint>(L, st + 2, cur);
+      stream_step<GS, U, T>(L, st + 1, xrow, has_x, sxrow, g, nxt, acc_a, acc_b);
+    }
+  }
+  // columns 2t, 2t + 1 plus those of lane t ^ 1: the whole dot of rows g, g + 8 with row om
+  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+  T* y = static_cast<T*>(p.y);
+  if (KW == 1) {
+    if ((t & 1) == 0 && om < M && active) {
+      if (n0 + g < p.N) y[om * p.N + n0 + g] = from_float<T>(acc_a);
+      if (n0 + g + 8 < p.N) y[om * p.N + n0 + g + 8] = from_float<T>(acc_b);
+    }
+    return;
+  }
+  if ((t & 1) == 0 && om < M) {
+    red[(wi * 2 + om) * 16 + g] = acc_a;
+    red[(wi * 2 + om) * 16 + g + 8] = acc_b;
+  }
+  __syncthreads();
+  const int outs = tpb * M * 16;
+  if (static_cast<int>(threadIdx.x) < outs) {
+    const int tb = threadIdx.x / (M * 16), rem = threadIdx.x - tb * M * 16;
+    const int m = rem / 16, r = rem % 16;
+    const int64_t n = (static_cast<int64_t>(blockIdx.x) * tpb + tb) * 16 + r;
+    float v = 0.f;
+    for (int k = 0; k < KW; ++k) v += red[((tb * KW + k) * 2 + m) * 16 + r];
+    if (n < p.N) y[m * p.N + n] = from_float<T>(v);
+  }
+}
+
+}  // namespace mlxq::cuda
