@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlxq
 import numpy as np
 import pytest
 import torch
@@ -147,7 +148,7 @@ class _LinearRouter(nn.Module):
         return torch.nn.functional.linear(x, self.weight).softmax(-1)
 
 
-def test_router_rules() -> None:
+def test_router_rules(gen) -> None:
     plan = moe_plan("mlp.gate", _SquaredRouter())
     assert plan.kind == "router" and "other than in F.linear" in plan.refusal
     with pytest.raises(NotImplementedError, match=r"'mlp\.gate' \(_SquaredRouter\)"):
@@ -155,8 +156,12 @@ def test_router_rules() -> None:
     router = _LinearRouter()
     assert moe_plan("r", router).refusal is None
     quantized = quantized_router("r", router, 8, 64, torch.float32, "cpu", weight=router.weight)
-    x = torch.randn(5, 64)
-    torch.testing.assert_close(quantized(x), router(x), rtol=0, atol=2e-2)
+    x = torch.randn(5, 64, generator=gen)
+    # the router's own forward on the quantized weight: F.linear runs the quantized matmul
+    packed = quantized.state_dict()
+    w = mlxq.affine_dequantize(packed["weight"], packed["scales"], packed["biases"], 64, 8)
+    expected = torch.nn.functional.linear(x, w).softmax(-1)
+    torch.testing.assert_close(quantized(x), expected, rtol=1e-5, atol=1e-6)
     # any other use of the quantized weight is refused by name, never run on packed integers
     with pytest.raises(NotImplementedError, match=r"'r' \(_LinearRouter\).*`add`"):
         torch.add(quantized.weight, 1)
