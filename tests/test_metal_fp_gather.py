@@ -351,3 +351,21 @@ def test_fp_gather_kernels_are_expected_in_a_prebuilt_library() -> None:
     instantiated = rt.instantiated_kernels(mb.metal_source_dir())
     # qmv, qmm_t, qmm_n, qmm_rhs_t, qmm_rhs_n per dtype and mode
     assert len(names) == 5 * len(DTYPES) * len(MODES) and names <= set(instantiated)
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs an Apple GPU (MPS)")
+@pytest.mark.parametrize("case", OP_CASES, ids=OP_IDS)
+def test_fp_gather_op_on_mps(case, gen) -> None:
+    """On a Mac: the op on MPS tensors (whichever path import mlxq chose) against the CPU op."""
+    args, kwargs, W, lf, rf, kernel = _op_case(case, gen)
+
+    def mps(t):
+        return t.to("mps") if isinstance(t, torch.Tensor) else t
+
+    y = torch.ops.mlxq.fp_gather_matmul(
+        *(mps(a) for a in args), **{k: mps(v) for k, v in kwargs.items()}
+    ).cpu()
+    x = args[0]
+    _check(y.reshape(-1, *y.shape[-2:]), x, W, lf, rf, args[8], kernel)
+    want = torch.ops.mlxq.fp_gather_matmul(x.float(), *args[1:], **kwargs).to(x.dtype)
+    torch.testing.assert_close(y.float(), want.float(), rtol=4 * OUT_EPS[x.dtype], atol=1e-3)
