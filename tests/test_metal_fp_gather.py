@@ -2,12 +2,13 @@
 metal/fp_gather_qmm.metal: mx.gather_qmm with mode="mxfp4" / "nvfp4" / "mxfp8") in the MSL
 emulator.
 
-There is no float-mode gather op on this branch yet (the CPU op fp_gather_matmul is being added
-separately), so each case is launched from the dispatch plan of its geometry
+The kernel cases are launched from the dispatch plan of their geometry
 (`_C.plan_fp_gather_matmul_geometry`: the kernel fp_matmul's plan picks for one pair in its
 gather variant, or the sorted gather qmm under the affine gather's rule), binding the flat uint32
 lhs/rhs indices at buffers 6 and 7 and nvfp4's global scale as one float32 per matrix of wq at
-buffer 3 (pair z reads rhs[z]'s), as the op's launch will.
+buffer 3 (pair z reads rhs[z]'s). The op itself runs end to end through the launch the MPS
+backend and the run-time fallback execute (`_C.metal_launch_fp_gather_matmul`, emulator
+`metal_ops.fp_gather_matmul`), against the CPU op.
 
 Oracles: the float64 product of each pair with its expert dequantized by the CPU op
 (fp_dequantize, bit-exact with mx.dequantize; its own global scale for nvfp4), and
@@ -26,6 +27,7 @@ import pytest
 import torch
 from mlxq._native import _C
 from mlxq.testing import metal_emulator as emu
+from mlxq.testing.metal_emulator import ops as metal_ops
 from oracles import DTYPES, to_mx, to_torch
 
 pytestmark = pytest.mark.skipif(
@@ -252,3 +254,118 @@ def test_fp_gather_plan() -> None:
     assert plan(0, 1, 2)["empty"]
     with pytest.raises(ValueError, match="group_size"):
         _C.plan_fp_gather_matmul_geometry(1, 96, 256, [4], 1, 2, torch.float16, "nvfp4", 32, 4)
+
+
+# --- the op's launch (MPS backend, run-time fallback), executed by the emulator ---------------
+
+OP_CASES = [  # (mode, per-expert global scales, dtype, rows of x per pair, transpose, sorted)
+    ("nvfp4", True, torch.bfloat16, 1, True, False),  # gather qmv, broadcast lhs x rhs
+    ("mxfp4", False, torch.float16, 1, True, True),  # sorted gather qmm: 64 one-row pairs
+    ("mxfp8", False, torch.float32, 33, False, False),  # gather qmm_n
+]
+OP_IDS = ["nvfp4-global-qmv", "mxfp4-sorted", "mxfp8-qmm_n"]
+
+
+def _op_case(case, gen):
+    """Operands of one OP_CASES case, the kernel family it must take, and the flat pairs."""
+    mode, with_global, dtype, m, transpose, sorted_indices = case
+    gs, _ = MODES[mode]
+    n, k = 40, 2 * gs
+    wq, s, W, glob = _experts(gen, 4, n, k, mode, dtype, with_global)
+    width = k if transpose else n
+    if sorted_indices:
+        x = torch.randn(64, m, width, generator=gen).to(dtype)
+        lhs, rhs = None, torch.randint(0, 4, (64,), generator=gen).sort().values
+        lf, rf, kernel = torch.arange(64), rhs, "fp_gather_qmm_rhs_t"
+    else:
+        x = torch.randn(3, m, width, generator=gen).to(dtype)
+        lhs, rhs = torch.tensor([[2], [0]]), torch.tensor([1, 3, 1])
+        lf, rf = (t.reshape(-1) for t in torch.broadcast_tensors(lhs, rhs))
+        kernel = "fp_gather_qmv" if m == 1 else "fp_gather_qmm_n"
+    args = (x, wq, s, mode, gs, MODES[mode][1], lhs, rhs, transpose)
+    kwargs = {"global_scale": glob if with_global else None, "sorted_indices": sorted_indices}
+    return args, kwargs, W, lf, rf, kernel
+
+
+def _check_op(y, args, kwargs, W, lf, rf, kernel) -> None:
+    x, transpose = args[0], args[8]
+    assert emu.last_dispatch_report().kernel.startswith(kernel)
+    ys = y.reshape(-1, *y.shape[-2:])
+    _check(ys, x, W, lf, rf, transpose, kernel)  # float64 oracle
+    # the CPU op in fp32, rounded once (as the kernels, which keep fp32 inside for every dtype)
+    want = torch.ops.mlxq.fp_gather_matmul(x.float(), *args[1:], **kwargs).to(x.dtype)
+    assert y.shape == want.shape and y.dtype == want.dtype
+    torch.testing.assert_close(y.float(), want.float(), rtol=4 * OUT_EPS[x.dtype], atol=1e-3)
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=OP_IDS)
+def test_fp_gather_op_in_emulator(case, gen) -> None:
+    """The op through the shipped launch (`_C.metal_launch_fp_gather_matmul`: checks, plan,
+    indices, nvfp4's per-expert global scale or 448 * 6 per expert) against the CPU op."""
+    args, kwargs, W, lf, rf, kernel = _op_case(case, gen)
+    y = metal_ops.fp_gather_matmul(*args, **kwargs)
+    _check_op(y, args, kwargs, W, lf, rf, kernel)
+
+
+def test_fp_gather_launch_binds_one_global_scale_per_expert(gen) -> None:
+    args, kwargs, *_ = _op_case(OP_CASES[1], gen)  # mxfp4: no global scale given
+    launch = _C.metal_launch_fp_gather_matmul(*args, **kwargs)
+    buffers = launch["buffers"]
+    assert buffers[3].dtype == torch.float32 and buffers[3].tolist() == [448.0 * 6.0] * 4
+    assert buffers[6].dtype == buffers[7].dtype == torch.int32
+    args, kwargs, *_ = _op_case(OP_CASES[0], gen)  # nvfp4 with its own [E] global scales
+    launch = _C.metal_launch_fp_gather_matmul(*args, **kwargs)
+    assert torch.equal(launch["buffers"][3], kwargs["global_scale"])
+    with pytest.raises(IndexError, match="rhs_indices"):
+        _C.metal_launch_fp_gather_matmul(*args[:7], torch.tensor([4]), *args[8:], **kwargs)
+    with pytest.raises(ValueError, match="global_scale"):
+        bad = dict(kwargs, global_scale=kwargs["global_scale"][:2])
+        _C.metal_launch_fp_gather_matmul(*args, **bad)
+
+
+def test_fp_gather_runtime_fallback_in_emulator(gen, tmp_path) -> None:
+    """The run-time compiled fallback registers the op and runs the same launch."""
+    from metal_backend_helpers import FakeCompileShader
+    from mlxq.metal import runtime as rt
+
+    assert "fp_gather_matmul" in rt.OPS
+    fake = FakeCompileShader(tmp_path)
+    runner = rt.RuntimeKernels(fake, METAL_DIR)
+    args, kwargs, W, lf, rf, kernel = _op_case(OP_CASES[0], gen)
+    launch = _C.metal_launch_fp_gather_matmul(*args, **kwargs)
+    for t in launch["outputs"]:
+        t.fill_(float("nan"))
+    runner.run(launch)
+    emu_kernel = launch["kernel"]
+    assert emu_kernel.startswith(kernel) and len(fake.sources) == 1
+    ys = launch["outputs"][0].reshape(-1, *launch["outputs"][0].shape[-2:])
+    _check(ys, args[0], W, lf, rf, args[8], emu_kernel)
+
+
+def test_fp_gather_kernels_are_expected_in_a_prebuilt_library() -> None:
+    """The prebuilt-library check asks for every float-mode gather kernel the op can pick."""
+    from mlxq.metal import backend as mb
+    from mlxq.metal import runtime as rt
+
+    names = {n for n in mb.expected_kernel_names() if n.startswith("fp_gather_")}
+    instantiated = rt.instantiated_kernels(mb.metal_source_dir())
+    # qmv, qmm_t, qmm_n, qmm_rhs_t, qmm_rhs_n per dtype and mode
+    assert len(names) == 5 * len(DTYPES) * len(MODES) and names <= set(instantiated)
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs an Apple GPU (MPS)")
+@pytest.mark.parametrize("case", OP_CASES, ids=OP_IDS)
+def test_fp_gather_op_on_mps(case, gen) -> None:
+    """On a Mac: the op on MPS tensors (whichever path import mlxq chose) against the CPU op."""
+    args, kwargs, W, lf, rf, kernel = _op_case(case, gen)
+
+    def mps(t):
+        return t.to("mps") if isinstance(t, torch.Tensor) else t
+
+    y = torch.ops.mlxq.fp_gather_matmul(
+        *(mps(a) for a in args), **{k: mps(v) for k, v in kwargs.items()}
+    ).cpu()
+    x = args[0]
+    _check(y.reshape(-1, *y.shape[-2:]), x, W, lf, rf, args[8], kernel)
+    want = torch.ops.mlxq.fp_gather_matmul(x.float(), *args[1:], **kwargs).to(x.dtype)
+    torch.testing.assert_close(y.float(), want.float(), rtol=4 * OUT_EPS[x.dtype], atol=1e-3)

@@ -66,9 +66,10 @@ def test_every_planned_kernel_is_instantiated_in_metal_sources() -> None:
     defined = rt.instantiated_kernels(METAL_DIR)
     # affine: (quantize, dequantize, qmv, qvm, qmm_t, qmm_n + their 4 gather variants + the
     # sorted gather qmm_rhs_t/_n) x dtypes x group sizes x bits (1-6, 8); float modes: (fp_qmv,
-    # fp_qmm_t, fp_qmm_n, fp_dequantize) x dtypes x modes, + fp_dequantize of nvfp4 with a
-    # global scale for half and bfloat, + fp_quantize x dtypes x modes
-    assert len(expected) == (6 + 4 + 2) * 3 * 3 * 7 + 4 * 3 * 3 + 2 + 3 * 3
+    # fp_qmm_t, fp_qmm_n, fp_dequantize + the gather fp_gather_qmv/_qmm_t/_qmm_n/_qmm_rhs_t/
+    # _qmm_rhs_n) x dtypes x modes, + fp_dequantize of nvfp4 with a global scale for half and
+    # bfloat, + fp_quantize x dtypes x modes
+    assert len(expected) == (6 + 4 + 2) * 3 * 3 * 7 + (4 + 5) * 3 * 3 + 2 + 3 * 3
     assert expected <= set(defined), sorted(expected - set(defined))[:5]
 
 

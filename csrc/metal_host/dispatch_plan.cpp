@@ -359,6 +359,19 @@ DispatchPlan plan_fp_gather_matmul(const GatherGeometry& g, at::ScalarType dtype
   return plan;
 }
 
+DispatchPlan plan_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                   const at::Tensor& scales, c10::string_view mode,
+                                   int64_t group_size, int64_t bits,
+                                   const std::optional<at::Tensor>& lhs_indices,
+                                   const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                                   const std::optional<at::Tensor>& global_scale,
+                                   bool sorted_indices) {
+  const int m = check_fp_mode(mode, group_size, bits);
+  const GatherGeometry g = check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
+                                                  rhs_indices, transpose, global_scale);
+  return plan_fp_gather_matmul(g, x.scalar_type(), m, transpose, sorted_indices);
+}
+
 at::ScalarType fp_dequantize_dtype(const std::optional<at::Tensor>& global_scale,
                                    std::optional<at::ScalarType> dtype) {
   const at::ScalarType requested = dtype.value_or(at::kBFloat16);

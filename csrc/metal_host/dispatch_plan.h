@@ -113,9 +113,18 @@ DispatchPlan plan_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
 // use_sorted_gather(g) the sorted gather qmm (fp_gather_qmm_rhs_t/_n) as for the affine gather.
 // Bindings as plan_fp_matmul's plus the indices at 6 and 7; "global_scale" holds one float32
 // per matrix of wq (pair z reads rhs[z]'s; an executor binds 448 * 6 for each when nvfp4 has
-// none). The tensor-level plan comes with the float-mode gather op's argument checks.
+// none).
 DispatchPlan plan_fp_gather_matmul(const GatherGeometry& g, at::ScalarType dtype, int mode,
                                    bool transpose, bool sorted_indices = false);
+// The same from tensors, after the float-mode gather op's argument checks
+// (check_fp_gather_matmul; arguments in the op's order, the mode as its name).
+DispatchPlan plan_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
+                                   const at::Tensor& scales, c10::string_view mode,
+                                   int64_t group_size, int64_t bits,
+                                   const std::optional<at::Tensor>& lhs_indices,
+                                   const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                                   const std::optional<at::Tensor>& global_scale,
+                                   bool sorted_indices = false);
 
 // fp_dequantize: fp_dequantize_<dtype>_<mode> (metal/fp_dequantize.metal), one thread per group,
 // binding wq, the uint8 scales, the global scale (as plan_fp_matmul), out and params at 0-4.

@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
 
@@ -166,6 +167,36 @@ Launch launch_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Ten
       {"scales", scales.contiguous()},
       {"global_scale", bound_global_scale(global_scale, x.options())},
       {"out", out}};
+  return bind(std::move(plan), roles, {out});
+}
+
+Launch launch_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                               c10::string_view mode, int64_t group_size, int64_t bits,
+                               const std::optional<at::Tensor>& lhs_indices,
+                               const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                               const std::optional<at::Tensor>& global_scale, bool sorted_indices) {
+  const int m = check_fp_mode(mode, group_size, bits);
+  const GatherGeometry g = check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
+                                                  rhs_indices, transpose, global_scale);
+  DispatchPlan plan = plan_fp_gather_matmul(g, x.scalar_type(), m, transpose, sorted_indices);
+  at::Tensor out = new_output(plan, 0, x.options());
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  // One value per matrix of wq (at least one, so that the buffer is never empty).
+  const at::Tensor global = global_scale.has_value()
+                                ? global_scale->reshape({-1}).contiguous()
+                                : at::full({std::max<int64_t>(g.w_batch, 1)}, 448.0f * 6.0f,
+                                           x.options().dtype(at::kFloat));
+  std::map<std::string, at::Tensor> roles{{"x", x.contiguous()},
+                                          {"wq", packed_words(wq)},
+                                          {"scales", scales.contiguous()},
+                                          {"global_scale", global},
+                                          {"out", out},
+                                          {"lhs_indices", lhs.to(at::kInt).contiguous()},
+                                          {"rhs_indices", rhs.to(at::kInt).contiguous()}};
   return bind(std::move(plan), roles, {out});
 }
 

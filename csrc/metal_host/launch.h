@@ -86,6 +86,17 @@ Launch launch_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Ten
                         const std::optional<at::Tensor>& global_scale, c10::string_view mode,
                         int64_t group_size, int64_t bits, bool transpose);
 
+// fp_gather_matmul: the plan of plan_fp_gather_matmul with the indices as in
+// launch_affine_gather_matmul and the global scale as one float32 per matrix of wq (nvfp4's own,
+// else 448 * 6 for each matrix: pair z reads rhs[z]'s). sorted_indices may pick the sorted
+// gather qmm; the result does not depend on it.
+Launch launch_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                               c10::string_view mode, int64_t group_size, int64_t bits,
+                               const std::optional<at::Tensor>& lhs_indices,
+                               const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                               const std::optional<at::Tensor>& global_scale,
+                               bool sorted_indices = false);
+
 // fp_dequantize: the plan of plan_fp_dequantize, bound as launch_fp_matmul binds its operands.
 Launch launch_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, c10::string_view mode,
                             int64_t group_size, int64_t bits,

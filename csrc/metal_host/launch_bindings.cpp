@@ -126,6 +126,22 @@ void register_launch_bindings(py::module& m) {
       py::arg("bits"), py::arg("transpose") = true, py::arg("global_scale") = py::none(),
       "The Metal launch of fp_matmul (arguments in the op's order).");
   m.def(
+      "metal_launch_fp_gather_matmul",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const std::string& mode, int64_t group_size, int64_t bits,
+         const std::optional<at::Tensor>& lhs_indices, const std::optional<at::Tensor>& rhs_indices,
+         bool transpose, const std::optional<at::Tensor>& global_scale, bool sorted_indices) {
+        return to_dict(launch_fp_gather_matmul(x, wq, scales, mode, group_size, bits, lhs_indices,
+                                               rhs_indices, transpose, global_scale,
+                                               sorted_indices));
+      },
+      py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("mode"), py::arg("group_size"),
+      py::arg("bits"), py::arg("lhs_indices") = py::none(), py::arg("rhs_indices") = py::none(),
+      py::arg("transpose") = true, py::arg("global_scale") = py::none(),
+      py::arg("sorted_indices") = false,
+      "The Metal launch of fp_gather_matmul (arguments in the op's order; indices as flat int32 "
+      "at buffers 6 and 7, the global scale as one float32 per matrix of wq at buffer 3).");
+  m.def(
       "metal_launch_fp_dequantize",
       [](const at::Tensor& wq, const at::Tensor& scales, const std::string& mode,
          int64_t group_size, int64_t bits, const std::optional<at::Tensor>& global_scale,

@@ -119,9 +119,23 @@ void register_plan_bindings(pybind11::module& m) {
       pybind11::arg("bits"), pybind11::arg("transpose") = true,
       pybind11::arg("sorted_indices") = false,
       "Metal dispatch plan of the float-mode gather matmul from its geometry (M rows per pair, "
-      "w_batch matrices of [rows, cols], x_batch matrices of x, the broadcast index shape): "
-      "the float-mode gather op, which validates tensors into this geometry, is not on this "
-      "branch yet.");
+      "w_batch matrices of [rows, cols], x_batch matrices of x, the broadcast index shape).");
+  m.def(
+      "plan_fp_gather_matmul",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const std::string& mode, int64_t group_size, int64_t bits,
+         const std::optional<at::Tensor>& lhs_indices, const std::optional<at::Tensor>& rhs_indices,
+         bool transpose, const std::optional<at::Tensor>& global_scale, bool sorted_indices) {
+        return to_dict(plan_fp_gather_matmul(x, wq, scales, mode, group_size, bits, lhs_indices,
+                                             rhs_indices, transpose, global_scale, sorted_indices));
+      },
+      pybind11::arg("x"), pybind11::arg("wq"), pybind11::arg("scales"), pybind11::arg("mode"),
+      pybind11::arg("group_size"), pybind11::arg("bits"),
+      pybind11::arg("lhs_indices") = pybind11::none(),
+      pybind11::arg("rhs_indices") = pybind11::none(), pybind11::arg("transpose") = true,
+      pybind11::arg("global_scale") = pybind11::none(), pybind11::arg("sorted_indices") = false,
+      "Metal dispatch plan of fp_gather_matmul (arguments in the op's order). Tensors may be on "
+      "the meta device.");
   m.def(
       "plan_fp_dequantize",
       [](const at::Tensor& wq, const at::Tensor& scales, const std::string& mode,

@@ -191,6 +191,19 @@ at::Tensor fp_matmul_mps(const at::Tensor& x, const at::Tensor& wq, const at::Te
   return l.outputs[0];
 }
 
+at::Tensor fp_gather_matmul_mps(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                                c10::string_view mode, int64_t group_size, int64_t bits,
+                                const std::optional<at::Tensor>& lhs_indices,
+                                const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                                const std::optional<at::Tensor>& global_scale,
+                                bool sorted_indices) {
+  // sorted_indices may pick the sorted gather qmm; results do not depend on it
+  Launch l = metal::launch_fp_gather_matmul(x, wq, scales, mode, group_size, bits, lhs_indices,
+                                            rhs_indices, transpose, global_scale, sorted_indices);
+  encode(l);
+  return l.outputs[0];
+}
+
 }  // namespace
 
 std::string load_library(const std::string& path) {
@@ -242,6 +255,7 @@ void register_kernels() {
   g_impl->impl("fp_dequantize", TORCH_FN(fp_dequantize_mps));
   g_impl->impl("fp_quantize", TORCH_FN(fp_quantize_mps));
   g_impl->impl("affine_gather_matmul", TORCH_FN(affine_gather_matmul_mps));
+  g_impl->impl("fp_gather_matmul", TORCH_FN(fp_gather_matmul_mps));
 }
 
 bool kernels_registered() {

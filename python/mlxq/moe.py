@@ -280,6 +280,11 @@ class ClampedSwiGLU(nn.Module):
         return f"alpha={self.alpha}, limit={self.limit}"
 
 
+# mlx-lm's SwitchGLU sorts the (token, expert) pairs by expert from this many pairs on
+# (`indices.size >= 64`): decode-sized calls (a few tokens x top-k) do not pay the sort.
+SORT_MIN_PAIRS = 64
+
+
 class MoeExperts(nn.Module):
     """The experts of a transformers MoE block (`*Experts`, fused `gate_up_proj`/`down_proj`)
     as three stacked projections in mlx-lm's layout (`gate_proj`, `up_proj`, `down_proj`).
@@ -316,11 +321,35 @@ class MoeExperts(nn.Module):
         hidden = hidden_states.shape[-1]
         x = hidden_states.reshape(-1, 1, 1, hidden)  # [T, 1, 1, H]: one x matrix per token
         idx = top_k_index.reshape(x.shape[0], -1)  # [T, k]
-        gate, up = self.gate_proj(x, idx), self.up_proj(x, idx)  # [T, k, 1, I]
-        h = self.glu(gate, up) if self.glu is not None else self.act_fn(gate) * up
-        y = self.down_proj(h, idx).squeeze(-2)  # [T, k, H]: x lhs = arange over [T, k]
+        if idx.numel() >= SORT_MIN_PAIRS:
+            y = self._sorted_experts(x, idx)
+        else:
+            y = self._experts(x, idx, False).squeeze(-2)  # [T, k, H]
         y = y * top_k_weights.reshape(idx.shape).unsqueeze(-1)
         return y.sum(dim=1).to(hidden_states.dtype).reshape(hidden_states.shape)
+
+    def _experts(self, x: torch.Tensor, idx: torch.Tensor, sorted_indices: bool) -> torch.Tensor:
+        """`down(glu(gate(x), up(x)))` of the pairs (x's matrices, experts `idx`):
+        `[*idx.shape, 1, H]`; x's lhs indices are the arange over its batch."""
+        gate = self.gate_proj(x, idx, sorted_indices)
+        up = self.up_proj(x, idx, sorted_indices)
+        h = self.glu(gate, up) if self.glu is not None else self.act_fn(gate) * up
+        return self.down_proj(h, idx, sorted_indices)
+
+    def _sorted_experts(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """:meth:`_experts` of the pairs in expert order, as mlx-lm's SwitchGLU runs prefill:
+        the pairs of one expert are consecutive, so the gather kernels take their sorted
+        path (the Metal sorted gather qmm reads each expert's tiles once per block of rows),
+        then the rows go back to token order: `[T, k, H]`. Each pair's row is computed as
+        unsorted (a stable sort keeps the pairs of an expert in token order, the order the
+        CPU kernels group them in anyway)."""
+        t, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.sort(flat, stable=True).indices  # [P]: pair numbers in expert order
+        xs = x.reshape(t, 1, x.shape[-1])[order // k]  # [P, 1, H]
+        ys = self._experts(xs, flat[order], True).squeeze(-2)  # [P, H]
+        # row p of ys is pair order[p]: scatter back instead of sorting again for the inverse
+        return ys.new_empty(ys.shape).index_copy(0, order, ys).reshape(t, k, -1)
 
 
 def fused_expert_stacks(

@@ -120,6 +120,15 @@ def expected_kernel_names() -> set[str]:
                 for transpose, width in ((True, k), (False, n)):
                     x = torch.empty(m, width, dtype=dtype, **meta)
                     names.add(_C.plan_fp_matmul(x, wq, s, mode, gs, bits, transpose)["kernel"])
+                    plan = _C.plan_fp_gather_matmul(x, wq, s, mode, gs, bits, None, None, transpose)
+                    names.add(plan["kernel"])
+            for transpose, width in ((True, k), (False, n)):
+                # sorted indices over enough one-row pairs: the sorted gather qmm
+                x = torch.empty(64, 1, width, dtype=dtype, **meta)
+                plan = _C.plan_fp_gather_matmul(
+                    x, wq, s, mode, gs, bits, None, None, transpose, None, True
+                )
+                names.add(plan["kernel"])
             for g in (None, torch.ones(1, **meta)) if mode == "nvfp4" else (None,):
                 names.add(_C.plan_fp_dequantize(wq, s, mode, gs, bits, g, dtype)["kernel"])
             w = torch.empty(n, k, dtype=dtype, **meta)

@@ -34,6 +34,7 @@ OPS = (
     "fp_matmul",
     "fp_dequantize",
     "fp_quantize",
+    "fp_gather_matmul",
 )
 
 
@@ -241,6 +242,44 @@ def register_runtime_kernels(runner: RuntimeKernels, lib: Any = None) -> None:
         runner.run(launch)
         return tuple(launch["outputs"])
 
-    kernels = (quantize, dequantize, matmul, gather_matmul, fp_matmul, fp_dequantize, fp_quantize)
+    def fp_gather_matmul(
+        x,
+        wq,
+        scales,
+        mode,
+        group_size,
+        bits,
+        lhs_indices=None,
+        rhs_indices=None,
+        transpose=True,
+        global_scale=None,
+        sorted_indices=False,
+    ):
+        launch = _C.metal_launch_fp_gather_matmul(
+            x,
+            wq,
+            scales,
+            mode,
+            group_size,
+            bits,
+            lhs_indices,
+            rhs_indices,
+            transpose,
+            global_scale,
+            sorted_indices,
+        )
+        runner.run(launch)
+        return launch["outputs"][0]
+
+    kernels = (
+        quantize,
+        dequantize,
+        matmul,
+        gather_matmul,
+        fp_matmul,
+        fp_dequantize,
+        fp_quantize,
+        fp_gather_matmul,
+    )
     for op, fn in zip(OPS, kernels, strict=True):
         torch.library.register_kernel(f"mlxq::{op}", "mps", fn, lib=lib)

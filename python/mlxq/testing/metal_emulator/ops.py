@@ -24,6 +24,7 @@ __all__ = [
     "fp_matmul",
     "fp_dequantize",
     "fp_quantize",
+    "fp_gather_matmul",
     "run_launch",
 ]
 
@@ -150,3 +151,34 @@ def fp_quantize(
     """`torch.ops.mlxq.fp_quantize` run by the `fp_quantize_*` Metal kernel."""
     wq, scales = run_launch(_C.metal_launch_fp_quantize(w, mode, group_size, bits, global_scale))
     return wq, scales
+
+
+def fp_gather_matmul(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    mode: str,
+    group_size: int,
+    bits: int,
+    lhs_indices: torch.Tensor | None = None,
+    rhs_indices: torch.Tensor | None = None,
+    transpose: bool = True,
+    global_scale: torch.Tensor | None = None,
+    sorted_indices: bool = False,
+) -> torch.Tensor:
+    """`torch.ops.mlxq.fp_gather_matmul` run by the gather kernel the plan picks (fp_gather_qmv,
+    _qmm_t or _qmm_n, or with `sorted_indices` and enough rows fp_gather_qmm_rhs_t/_n)."""
+    launch = _C.metal_launch_fp_gather_matmul(
+        x,
+        wq,
+        scales,
+        mode,
+        group_size,
+        bits,
+        lhs_indices,
+        rhs_indices,
+        transpose,
+        global_scale,
+        sorted_indices,
+    )
+    return run_launch(launch)[0]
