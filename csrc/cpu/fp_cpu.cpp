@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/bf16_pieces.h"
 #include "cpu/cpu_features.h"
 #include "cpu/fp_format.h"
 #include "cpu/gather_pairs.h"
@@ -79,13 +80,30 @@ at::Tensor fp_chunk_order(const at::Tensor& x, FpMode mode) {
   return x.view({M, -1, 8, 2}).transpose(2, 3).contiguous().view({M, -1});
 }
 
-// x fp32 [M, in_features] -> y fp32 [M, out_features].
-at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose) {
+// x @ W.T through the bf16 decode kernel (which the caller checked applies): x [M, K] fp32
+// holding values of dtype `x_dtype` (which sets the number of bf16 pieces), y fp32.
+at::Tensor fp_stream_bf16(const at::Tensor& x, const FpWeight& W, at::ScalarType x_dtype,
+                          const KernelTable& kt) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, W.N}, x.options().dtype(at::kFloat));
+  const at::Tensor xp = bf16_pieces(x, x_dtype, 4);
+  const FpQmvBf16Args a{W, reinterpret_cast<const uint16_t*>(xp.const_data_ptr<c10::BFloat16>()),
+                        bf16_piece_count(x_dtype), y.mutable_data_ptr<float>(), M};
+  at::parallel_for(0, W.N, fp_decode_grain(W),
+                   [&](int64_t n0, int64_t n1) { kt.fp_qmv_bf16(a, n0, n1); });
+  return y;
+}
+
+// x fp32 [M, in_features] (values of dtype `x_dtype`) -> y fp32 [M, out_features].
+at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose,
+                        at::ScalarType x_dtype) {
   const int64_t M = x.size(0);
   const int64_t out_features = transpose ? W.N : W.K;
   auto opts = x.options().dtype(at::kFloat);
   if (M == 0 || W.N == 0) return at::zeros({M, out_features}, opts);
   const KernelTable& kt = fp_kernels();
+  if (transpose && M <= kFpDecodeMaxRows && kt.fp_qmv_bf16 != nullptr && fp_bf16_decode_fits(W))
+    return fp_stream_bf16(x, W, x_dtype, kt);
   if (transpose && M <= kFpDecodeMaxRows) {
     at::Tensor y = at::empty({M, out_features}, opts);
     const at::Tensor xc = fp_chunk_order(x, W.mode);
@@ -147,7 +165,7 @@ at::Tensor fp_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Te
   const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
   if (g.batch.empty()) {
     const FpWeight W = view_fp_weight(w, s, m, group_size, bits, global);
-    at::Tensor y = fp_matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose);
+    at::Tensor y = fp_matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose, x.scalar_type());
     return y.to(x.scalar_type()).reshape(g.out_shape);
   }
   auto batch_index = [&](at::IntArrayRef shape) {
@@ -165,7 +183,7 @@ at::Tensor fp_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Te
   const int64_t* wip = wi.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) {
     const FpWeight W = view_fp_weight(w3[wip[i]], s3[wip[i]], m, group_size, bits, global);
-    y[i].copy_(fp_matmul_2d(x3[xip[i]], W, transpose));
+    y[i].copy_(fp_matmul_2d(x3[xip[i]], W, transpose, x.scalar_type()));
   }
   return y.to(x.scalar_type()).reshape(g.out_shape);
 }
@@ -332,7 +350,8 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
     const std::vector<int64_t> rows = group_rows(e, order, lp, M);
     const int64_t n_rows = static_cast<int64_t>(rows.size());
     if (!transpose || n_rows > kFpDecodeMaxRows) {
-      y.narrow(0, e.begin * M, n_rows).copy_(fp_matmul_2d(take_rows(xf, rows), W, transpose));
+      y.narrow(0, e.begin * M, n_rows)
+          .copy_(fp_matmul_2d(take_rows(xf, rows), W, transpose, x.scalar_type()));
       continue;
     }
     if (!xc_all.defined()) xc_all = fp_chunk_order(xf, W.mode).contiguous();

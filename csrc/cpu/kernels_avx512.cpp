@@ -37,14 +37,12 @@
 
 namespace mlxq::cpu::avx512 {
 
-// bf16 bit patterns of q = i & (2^Bits - 1), i = 32*half .. 32*half + 31: vpermw reads the
-// low 5 bits of each 16-bit lane (vpermt2w the low 6), so a lane shifted right to put value j
-// in its low bits needs no mask.
-template <int Bits>
-__m512i bf16_integer_table(int half) {
+// bf16 bit patterns of value(i), i = 32*half .. 32*half + 31, for a lookup table.
+template <typename Value>
+__m512i bf16_table(int half, Value value) {
   alignas(64) uint16_t t[32] = {};
   for (int i = 0; i < 32; ++i) {
-    const float f = static_cast<float>((i + 32 * half) & ((1 << Bits) - 1));
+    const float f = value(i + 32 * half);
     uint32_t u;
     std::memcpy(&u, &f, 4);
     t[i] = static_cast<uint16_t>(u >> 16);
@@ -52,11 +50,17 @@ __m512i bf16_integer_table(int half) {
   return _mm512_load_si512(t);
 }
 
-// Packed value in the low bits of each 16-bit lane -> its exact bf16 integer.
+// Packed value in the low bits of each 16-bit lane -> its exact bf16 value: by default the
+// integer q; a table `value` of index i must give the value of code i & (2^Bits - 1), since
+// vpermw reads the low 5 bits of each 16-bit lane (vpermt2w the low 6), so a lane shifted
+// right to put value j in its low bits needs no mask.
 template <int Bits>
 struct Bf16Lookup {
   static_assert(Bits <= 6, "a 64-entry table covers at most 6 bits");
-  __m512i lo = bf16_integer_table<Bits>(0), hi = bf16_integer_table<Bits>(1);
+  __m512i lo, hi;
+  Bf16Lookup() : Bf16Lookup([](int i) { return static_cast<float>(i & ((1 << Bits) - 1)); }) {}
+  template <typename Value>
+  explicit Bf16Lookup(Value value) : lo(bf16_table(0, value)), hi(bf16_table(1, value)) {}
   __m512i operator()(__m512i v) const {
     if constexpr (Bits <= 5) return _mm512_permutexvar_epi16(v, lo);
     return _mm512_permutex2var_epi16(lo, v, hi);
@@ -258,6 +262,87 @@ void qmv_bf16(const QmvBf16Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+// FP4 decode (mxfp4, nvfp4): the 4-bit affine kernel's lanes and blocks with the E2M1 values
+// (exact in bf16) in the lookup table, no bias, and each group's E8M0 / E4M3 scale applied in
+// fp32 as fp_qmv does; the sums differ from fp_qmv only in their fp32 summation order.
+template <int GS, int MB, int R, int NP>
+void fp_qmv_bf16_tile(const FpQmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, float* s) {
+  constexpr int kBlockValues = 32 * 4;  // 64 bytes
+  const FpWeight& W = a.W;
+  const int64_t K = W.K, G = W.G, M = a.M, row_bytes = K / 2;
+  const int64_t blocks = K / kBlockValues;
+  const bool half_block = K % kBlockValues != 0;
+  const FpTables& tables = fp_tables();
+  const Bf16Lookup<4> lookup([&](int i) { return tables.fp4[i & 15]; });
+  const WholeLanes load_lanes;
+  const uint16_t* x[NP][MB];
+  for (int p = 0; p < NP; ++p)
+    for (int m = 0; m < MB; ++m) x[p][m] = a.x + (p * M + m0 + m) * K;
+
+  RowStreamPrefetch prefetch(W, n0, n1, R, blocks + 1);
+  for (int64_t n = n0; n + R <= n1; n += R) {
+    prefetch.start_tile(n);
+    const uint8_t* wrow[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* srow = W.scales + (n + r) * G;
+      for (int64_t g = 0; g < G; ++g) s[r * G + g] = fp_scale(W, srow[g], tables);
+      wrow[r] = W.w + (n + r) * row_bytes;
+    }
+    __m512 total[MB][R];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      prefetch.step(blk);
+      __m512i lanes[R];
+      for (int r = 0; r < R; ++r) lanes[r] = load_lanes(wrow[r] + blk * 64);
+      bf16_block<4, GS, MB, R, NP, 4>(lanes, x, blk * kBlockValues, s, G, lookup, total);
+    }
+    prefetch.finish(blocks);
+    if (half_block) {
+      __m512i lanes[R];
+      for (int r = 0; r < R; ++r)
+        lanes[r] = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blocks * 64)));
+      bf16_block<4, GS, MB, R, NP, 2>(lanes, x, blocks * kBlockValues, s, G, lookup, total);
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) a.y[(m0 + m) * W.N + n + r] = _mm512_reduce_add_ps(total[m][r]);
+  }
+}
+
+template <int GS, int NP>
+void fp_qmv_bf16_rows(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
+  constexpr int R = 4;
+  std::vector<float> s(R * a.W.G);
+  const int64_t n_full = n0 + (n1 - n0) / R * R;
+  int64_t m = 0;
+  for (; m + 2 <= a.M; m += 2) {
+    fp_qmv_bf16_tile<GS, 2, R, NP>(a, m, n0, n_full, s.data());
+    fp_qmv_bf16_tile<GS, 2, 1, NP>(a, m, n_full, n1, s.data());
+  }
+  if (m < a.M) {
+    fp_qmv_bf16_tile<GS, 1, R, NP>(a, m, n0, n_full, s.data());
+    fp_qmv_bf16_tile<GS, 1, 1, NP>(a, m, n_full, n1, s.data());
+  }
+}
+
+template <int GS>
+void fp_qmv_bf16_pieces(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
+  switch (a.pieces) {
+    case 1:
+      return fp_qmv_bf16_rows<GS, 1>(a, n0, n1);
+    case 2:
+      return fp_qmv_bf16_rows<GS, 2>(a, n0, n1);
+    default:
+      return fp_qmv_bf16_rows<GS, 3>(a, n0, n1);
+  }
+}
+
+void fp_qmv_bf16(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
+  if (a.W.mode == FpMode::kNvfp4) return fp_qmv_bf16_pieces<16>(a, n0, n1);
+  return fp_qmv_bf16_pieces<32>(a, n0, n1);
+}
+
 // The bf16 prefill's tiles at 4 bits (dequantize_bf16 in kernels.h, same numbers): 16 values
 // at a time, each rounding one vcvtneps2bf16 where the generic kernel spends eight integer ops.
 // That instruction flushes subnormal inputs and results to zero; with q < 16, s*q is subnormal
@@ -323,6 +408,7 @@ const KernelTable& avx512_kernels() {
   static const KernelTable t = [] {
     KernelTable k = avx512::table("avx512");
     k.qmv_bf16 = &avx512::qmv_bf16;
+    k.fp_qmv_bf16 = &avx512::fp_qmv_bf16;
     k.dequantize_bf16 = &avx512::dequantize_bf16_tiles;
     return k;
   }();
