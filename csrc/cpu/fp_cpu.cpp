@@ -299,8 +299,9 @@ std::tuple<at::Tensor, at::Tensor> fp_quantize_cpu(const at::Tensor& w, c10::str
 //
 // The pairs are grouped by expert as for affine_gather_matmul (gather_pairs.h) and each group is
 // one fp_matmul of its stacked x rows, with the dense op's kernels and numerics: small groups
-// (decode) run the streaming fp_qmv kernel, all of them inside one parallel region; large groups
-// (prefill) and x @ W take fp_matmul_2d's dequantized fp32 tiles and a dense GEMM.
+// (decode) run the streaming decode kernels (fp_qmv, or the bf16 one), all of them inside one
+// parallel region; large groups (prefill) and x @ W take fp_matmul_2d's dequantized fp32 tiles and
+// a dense GEMM.
 
 namespace mlxq::cpu {
 namespace {
@@ -340,8 +341,10 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
   struct DecodeGroup {
     FpWeight W;
     int64_t rows, y_row;
-    at::Tensor x;  // the group's x rows in the decode kernel's order
+    bool bf16 = false;  // the bf16 kernel (x: its bf16 pieces), else fp_qmv
+    at::Tensor x;       // the group's x rows in the decode kernel's order
   };
+  const KernelTable& kt = fp_kernels();
   std::vector<DecodeGroup> decode;
   at::Tensor xc_all;  // x in the decode kernel's order, built once for the streaming groups
   for (const ExpertGroup& e : groups) {
@@ -354,8 +357,13 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
           .copy_(fp_matmul_2d(take_rows(xf, rows), W, transpose, x.scalar_type()));
       continue;
     }
+    if (kt.fp_qmv_bf16 != nullptr && fp_bf16_decode_fits(W)) {
+      decode.push_back(
+          {W, n_rows, e.begin * M, true, bf16_pieces(take_rows(xf, rows), x.scalar_type(), 4)});
+      continue;
+    }
     if (!xc_all.defined()) xc_all = fp_chunk_order(xf, W.mode).contiguous();
-    decode.push_back({W, n_rows, e.begin * M, take_rows(xc_all, rows)});
+    decode.push_back({W, n_rows, e.begin * M, false, take_rows(xc_all, rows)});
   }
   if (!decode.empty()) {
     struct Task {
@@ -367,11 +375,17 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
       for (int64_t n0 = 0; n0 < N; n0 += grain)
         tasks.push_back({static_cast<int64_t>(i), n0, std::min(N, n0 + grain)});
     }
-    const KernelTable& kt = fp_kernels();
     float* yp = y.mutable_data_ptr<float>();
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const DecodeGroup& d = decode[tasks[t].group];
+        if (d.bf16) {
+          const FpQmvBf16Args a{
+              d.W, reinterpret_cast<const uint16_t*>(d.x.const_data_ptr<c10::BFloat16>()),
+              bf16_piece_count(x.scalar_type()), yp + d.y_row * out, d.rows};
+          kt.fp_qmv_bf16(a, tasks[t].n0, tasks[t].n1);
+          continue;
+        }
         for (int64_t m0 = 0; m0 < d.rows; m0 += kMaxDecodeRows) {
           const FpQmvArgs a{d.W, d.x.const_data_ptr<float>() + m0 * d.W.K,
                             yp + (d.y_row + m0) * out, std::min(kMaxDecodeRows, d.rows - m0)};

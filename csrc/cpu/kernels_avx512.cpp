@@ -6,6 +6,7 @@
 // integers through a table lookup (vpermw/vpermt2w, which ignore the bits above the index), and
 // vdpbf16ps multiplies them with x held as a sum of bf16 pieces (1 piece for bf16 x, 2 for
 // fp16, 3 for fp32: exact to fp32 precision), accumulating in fp32.
+// The FP4 modes (mxfp4, nvfp4) decode the same way, their E2M1 values in the table.
 // (Placing q in the mantissa of 2^bits saves the lookup but its offset must be cancelled
 // through the bias term, which costs fp32 accuracy; the lookup costs under 5% of the time.)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -69,14 +70,16 @@ struct Bf16Lookup {
 
 // One block of 32 16-bit lanes per row of W, each lane holding PL packed values (value
 // i*PL + j of the block in lane i; x is laid out to match, see QmvBf16Args): MB*R dot
-// products over the block, each scaled by its group's scale and added to `total`.
-template <int Bits, int GS, int MB, int R, int NP, int PL>
+// products over the block, each scaled by its group's scale and added to `total`. `Chains`
+// accumulators per (m, r) (0: as many as keep >= 8 dependency chains; a fixed count makes each
+// sum independent of the tile shape MB x R).
+template <int Bits, int GS, int MB, int R, int NP, int PL, int Chains = 0>
 inline void bf16_block(const __m512i (&lanes)[R], const uint16_t* const (&x)[NP][MB], int64_t k0,
                        const float* s, int64_t G, const Bf16Lookup<Bits>& lookup,
                        __m512 (&total)[MB][R]) {
   constexpr int kValues = 32 * PL;
   constexpr int kGroups = GS >= kValues ? 1 : kValues / GS;  // groups in the block
-  constexpr int A = MB * R >= 8 || PL == 1 ? 1 : 2;          // per (m, r): keep >= 8 chains
+  constexpr int A = Chains > 0 ? Chains : (MB * R >= 8 || PL == 1 ? 1 : 2);
   __m512 acc[MB][R][A];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
@@ -264,7 +267,9 @@ void qmv_bf16(const QmvBf16Args& a, int64_t n0, int64_t n1) {
 
 // FP4 decode (mxfp4, nvfp4): the 4-bit affine kernel's lanes and blocks with the E2M1 values
 // (exact in bf16) in the lookup table, no bias, and each group's E8M0 / E4M3 scale applied in
-// fp32 as fp_qmv does; the sums differ from fp_qmv only in their fp32 summation order.
+// fp32 as fp_qmv does; the sums differ from fp_qmv only in their fp32 summation order. One
+// accumulator per (m, r), so that a row's result does not depend on the tiles it fell in
+// (nor on how the rows of x were grouped, which a gather's pair order decides).
 template <int GS, int MB, int R, int NP>
 void fp_qmv_bf16_tile(const FpQmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, float* s) {
   constexpr int kBlockValues = 32 * 4;  // 64 bytes
@@ -295,7 +300,7 @@ void fp_qmv_bf16_tile(const FpQmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1
       prefetch.step(blk);
       __m512i lanes[R];
       for (int r = 0; r < R; ++r) lanes[r] = load_lanes(wrow[r] + blk * 64);
-      bf16_block<4, GS, MB, R, NP, 4>(lanes, x, blk * kBlockValues, s, G, lookup, total);
+      bf16_block<4, GS, MB, R, NP, 4, 1>(lanes, x, blk * kBlockValues, s, G, lookup, total);
     }
     prefetch.finish(blocks);
     if (half_block) {
@@ -303,7 +308,7 @@ void fp_qmv_bf16_tile(const FpQmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1
       for (int r = 0; r < R; ++r)
         lanes[r] = _mm512_cvtepu8_epi16(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blocks * 64)));
-      bf16_block<4, GS, MB, R, NP, 2>(lanes, x, blocks * kBlockValues, s, G, lookup, total);
+      bf16_block<4, GS, MB, R, NP, 2, 1>(lanes, x, blocks * kBlockValues, s, G, lookup, total);
     }
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r) a.y[(m0 + m) * W.N + n + r] = _mm512_reduce_add_ps(total[m][r]);
