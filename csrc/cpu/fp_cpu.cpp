@@ -86,7 +86,7 @@ at::Tensor fp_stream_bf16(const at::Tensor& x, const FpWeight& W, at::ScalarType
                           const KernelTable& kt) {
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, W.N}, x.options().dtype(at::kFloat));
-  const at::Tensor xp = bf16_pieces(x, x_dtype, 4);
+  const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
   const FpQmvBf16Args a{W, reinterpret_cast<const uint16_t*>(xp.const_data_ptr<c10::BFloat16>()),
                         bf16_piece_count(x_dtype), y.mutable_data_ptr<float>(), M};
   at::parallel_for(0, W.N, fp_decode_grain(W),
@@ -358,8 +358,8 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
       continue;
     }
     if (kt.fp_qmv_bf16 != nullptr && fp_bf16_decode_fits(W)) {
-      decode.push_back(
-          {W, n_rows, e.begin * M, true, bf16_pieces(take_rows(xf, rows), x.scalar_type(), 4)});
+      decode.push_back({W, n_rows, e.begin * M, true,
+                        bf16_pieces(take_rows(xf, rows), x.scalar_type(), W.bits)});
       continue;
     }
     if (!xc_all.defined()) xc_all = fp_chunk_order(xf, W.mode).contiguous();

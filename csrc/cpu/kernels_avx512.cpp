@@ -6,7 +6,7 @@
 // integers through a table lookup (vpermw/vpermt2w, which ignore the bits above the index), and
 // vdpbf16ps multiplies them with x held as a sum of bf16 pieces (1 piece for bf16 x, 2 for
 // fp16, 3 for fp32: exact to fp32 precision), accumulating in fp32.
-// The FP4 modes (mxfp4, nvfp4) decode the same way, their E2M1 values in the table.
+// The floating-point modes decode the same way, their FP4 / FP8 values made bf16.
 // (Placing q in the mantissa of 2^bits saves the lookup but its offset must be cancelled
 // through the bias term, which costs fp32 accuracy; the lookup costs under 5% of the time.)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -73,10 +73,10 @@ struct Bf16Lookup {
 // products over the block, each scaled by its group's scale and added to `total`. `Chains`
 // accumulators per (m, r) (0: as many as keep >= 8 dependency chains; a fixed count makes each
 // sum independent of the tile shape MB x R).
-template <int Bits, int GS, int MB, int R, int NP, int PL, int Chains = 0>
+template <int Bits, int GS, int MB, int R, int NP, int PL, int Chains = 0,
+          typename Lookup = Bf16Lookup<Bits>>
 inline void bf16_block(const __m512i (&lanes)[R], const uint16_t* const (&x)[NP][MB], int64_t k0,
-                       const float* s, int64_t G, const Bf16Lookup<Bits>& lookup,
-                       __m512 (&total)[MB][R]) {
+                       const float* s, int64_t G, const Lookup& lookup, __m512 (&total)[MB][R]) {
   constexpr int kValues = 32 * PL;
   constexpr int kGroups = GS >= kValues ? 1 : kValues / GS;  // groups in the block
   constexpr int A = Chains > 0 ? Chains : (MB * R >= 8 || PL == 1 ? 1 : 2);
@@ -265,21 +265,54 @@ void qmv_bf16(const QmvBf16Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+// FP8 E4M3 code in the low byte of each 16-bit lane -> its exact bf16 value. A normal value
+// keeps its mantissa and its exponent rebiased (7 -> 127): bf16 = (code & 0x7F) << 4 plus
+// 120 << 7; a subnormal (exponent field 0) is m * 2^-9, normal in bf16, from an 8-entry
+// table; 0x7F / 0xFF are NaN; the sign moves from bit 7 to bit 15.
+struct E4M3Bf16 {
+  __m512i subnormal = bf16_table(0, [](int i) { return static_cast<float>(i & 7) / 512.f; });
+  __m512i operator()(__m512i v) const {
+    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
+    __m512i out = _mm512_add_epi16(_mm512_slli_epi16(mag, 4),
+                                   _mm512_set1_epi16(static_cast<int16_t>(120 << 7)));
+    out = _mm512_mask_permutexvar_epi16(out, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)),
+                                        mag, subnormal);
+    out = _mm512_mask_mov_epi16(out, _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7F)),
+                                _mm512_set1_epi16(0x7FC0));
+    return _mm512_or_si512(out, _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8));
+  }
+};
+
 // FP4 decode (mxfp4, nvfp4): the 4-bit affine kernel's lanes and blocks with the E2M1 values
 // (exact in bf16) in the lookup table, no bias, and each group's E8M0 / E4M3 scale applied in
-// fp32 as fp_qmv does; the sums differ from fp_qmv only in their fp32 summation order. One
+// fp32 as fp_qmv does (mxfp8: 32 bytes widened to 32 lanes of one E4M3 value, E4M3Bf16); the
+// sums differ from fp_qmv only in their fp32 summation order. One
 // accumulator per (m, r), so that a row's result does not depend on the tiles it fell in
 // (nor on how the rows of x were grouped, which a gather's pair order decides).
-template <int GS, int MB, int R, int NP>
+template <FpMode Mode, int MB, int R, int NP>
 void fp_qmv_bf16_tile(const FpQmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, float* s) {
-  constexpr int kBlockValues = 32 * 4;  // 64 bytes
+  using T = FpModeTraits<Mode>;
+  constexpr int GS = T::kGroup, Bits = T::kBits;
+  constexpr int kLaneValues = Bits == 4 ? 4 : 1;  // FP4: 64 bytes as 32 lanes; FP8: 32 bytes
+  constexpr int kBlockValues = 32 * kLaneValues, kBlockBytes = kBlockValues * Bits / 8;
   const FpWeight& W = a.W;
-  const int64_t K = W.K, G = W.G, M = a.M, row_bytes = K / 2;
+  const int64_t K = W.K, G = W.G, M = a.M, row_bytes = K * Bits / 8;
   const int64_t blocks = K / kBlockValues;
-  const bool half_block = K % kBlockValues != 0;
+  const bool half_block = Bits == 4 && K % kBlockValues != 0;
   const FpTables& tables = fp_tables();
-  const Bf16Lookup<4> lookup([&](int i) { return tables.fp4[i & 15]; });
-  const WholeLanes load_lanes;
+  using Lookup = std::conditional_t<Bits == 4, Bf16Lookup<4>, E4M3Bf16>;
+  const Lookup lookup = [&] {
+    if constexpr (Bits == 4)
+      return Bf16Lookup<4>([&](int i) { return tables.fp4[i & 15]; });
+    else
+      return E4M3Bf16();
+  }();
+  const auto load_lanes = [](const uint8_t* p) {
+    if constexpr (Bits == 4)
+      return _mm512_loadu_si512(p);
+    else
+      return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
   const uint16_t* x[NP][MB];
   for (int p = 0; p < NP; ++p)
     for (int m = 0; m < MB; ++m) x[p][m] = a.x + (p * M + m0 + m) * K;
@@ -299,53 +332,62 @@ void fp_qmv_bf16_tile(const FpQmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1
     for (int64_t blk = 0; blk < blocks; ++blk) {
       prefetch.step(blk);
       __m512i lanes[R];
-      for (int r = 0; r < R; ++r) lanes[r] = load_lanes(wrow[r] + blk * 64);
-      bf16_block<4, GS, MB, R, NP, 4, 1>(lanes, x, blk * kBlockValues, s, G, lookup, total);
+      for (int r = 0; r < R; ++r) lanes[r] = load_lanes(wrow[r] + blk * kBlockBytes);
+      bf16_block<Bits, GS, MB, R, NP, kLaneValues, 1>(lanes, x, blk * kBlockValues, s, G, lookup,
+                                                      total);
     }
     prefetch.finish(blocks);
-    if (half_block) {
-      __m512i lanes[R];
-      for (int r = 0; r < R; ++r)
-        lanes[r] = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blocks * 64)));
-      bf16_block<4, GS, MB, R, NP, 2, 1>(lanes, x, blocks * kBlockValues, s, G, lookup, total);
+    if constexpr (Bits == 4) {
+      if (half_block) {
+        __m512i lanes[R];
+        for (int r = 0; r < R; ++r)
+          lanes[r] = _mm512_cvtepu8_epi16(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blocks * 64)));
+        bf16_block<Bits, GS, MB, R, NP, 2, 1>(lanes, x, blocks * kBlockValues, s, G, lookup, total);
+      }
     }
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r) a.y[(m0 + m) * W.N + n + r] = _mm512_reduce_add_ps(total[m][r]);
   }
 }
 
-template <int GS, int NP>
+template <FpMode Mode, int NP>
 void fp_qmv_bf16_rows(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
   constexpr int R = 4;
   std::vector<float> s(R * a.W.G);
   const int64_t n_full = n0 + (n1 - n0) / R * R;
   int64_t m = 0;
   for (; m + 2 <= a.M; m += 2) {
-    fp_qmv_bf16_tile<GS, 2, R, NP>(a, m, n0, n_full, s.data());
-    fp_qmv_bf16_tile<GS, 2, 1, NP>(a, m, n_full, n1, s.data());
+    fp_qmv_bf16_tile<Mode, 2, R, NP>(a, m, n0, n_full, s.data());
+    fp_qmv_bf16_tile<Mode, 2, 1, NP>(a, m, n_full, n1, s.data());
   }
   if (m < a.M) {
-    fp_qmv_bf16_tile<GS, 1, R, NP>(a, m, n0, n_full, s.data());
-    fp_qmv_bf16_tile<GS, 1, 1, NP>(a, m, n_full, n1, s.data());
+    fp_qmv_bf16_tile<Mode, 1, R, NP>(a, m, n0, n_full, s.data());
+    fp_qmv_bf16_tile<Mode, 1, 1, NP>(a, m, n_full, n1, s.data());
   }
 }
 
-template <int GS>
+template <FpMode Mode>
 void fp_qmv_bf16_pieces(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
   switch (a.pieces) {
     case 1:
-      return fp_qmv_bf16_rows<GS, 1>(a, n0, n1);
+      return fp_qmv_bf16_rows<Mode, 1>(a, n0, n1);
     case 2:
-      return fp_qmv_bf16_rows<GS, 2>(a, n0, n1);
+      return fp_qmv_bf16_rows<Mode, 2>(a, n0, n1);
     default:
-      return fp_qmv_bf16_rows<GS, 3>(a, n0, n1);
+      return fp_qmv_bf16_rows<Mode, 3>(a, n0, n1);
   }
 }
 
 void fp_qmv_bf16(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
-  if (a.W.mode == FpMode::kNvfp4) return fp_qmv_bf16_pieces<16>(a, n0, n1);
-  return fp_qmv_bf16_pieces<32>(a, n0, n1);
+  switch (a.W.mode) {
+    case FpMode::kMxfp4:
+      return fp_qmv_bf16_pieces<FpMode::kMxfp4>(a, n0, n1);
+    case FpMode::kNvfp4:
+      return fp_qmv_bf16_pieces<FpMode::kNvfp4>(a, n0, n1);
+    default:
+      return fp_qmv_bf16_pieces<FpMode::kMxfp8>(a, n0, n1);
+  }
 }
 
 // The bf16 prefill's tiles at 4 bits (dequantize_bf16 in kernels.h, same numbers): 16 values
