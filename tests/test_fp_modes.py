@@ -137,6 +137,31 @@ def test_matmul_matches_float64(mode, global_scale, dtype, transpose, isa, gen):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_decode_every_code(mode, isa, gen):
+    """Each row of W one code repeated (every FP4 / FP8 code: signs, subnormals, E4M3's NaN),
+    through the decode kernels against the float64 reference; NaN where the code is NaN."""
+    n_codes, k = (16, 128) if BITS[mode] == 4 else (256, 64)
+    codes = torch.arange(n_codes, dtype=torch.int64)
+    if BITS[mode] == 4:
+        row_bytes = (codes | codes << 4).to(torch.uint8)
+    else:
+        row_bytes = codes.to(torch.uint8)
+    wq = row_bytes[:, None].repeat(1, k * BITS[mode] // 8).contiguous().view(torch.uint32)
+    # valid scales: E8M0 near 2^0, nvfp4's E4M3 positive and not NaN
+    lo, hi = (120, 135) if mode != "nvfp4" else (0x30, 0x40)
+    s = torch.randint(lo, hi, (n_codes, k // GROUP[mode]), generator=gen, dtype=torch.uint8)
+    W = dequantize_ref(wq, s, mode, None)
+    for m in (1, 2, 5):
+        x = torch.randn(m, k, generator=gen)
+        y = mlxq.quantized_matmul(x, wq, s, mode=mode)
+        ref = x.double() @ W.T
+        nan = ref.isnan()
+        assert torch.equal(y.isnan(), nan), f"{mode} M={m} {isa}: NaN positions"
+        tol = (k + 3) * torch.finfo(torch.float32).eps / 2 * (x.double().abs() @ W.abs().T)
+        assert_within(y[~nan], ref[~nan], tol[~nan] + 1e-30, f"{mode} M={m} {isa}")
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_matmul_matches_mlx(mode, gen):
     w = torch.randn(64, 128, generator=gen)
     wq, s = mlxq.quantize(w, mode=mode)
