@@ -111,27 +111,54 @@ def test_dequantize_bit_exact(mode, global_scale, out_dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("mode,global_scale", CASES, ids=CASE_IDS)
 def test_matmul_matches_float64(mode, global_scale, dtype, transpose, isa, gen):
-    n, k = 40, 160
-    w = torch.randn(n, k, generator=gen)
-    wq, s = mlxq.quantize(w, mode=mode, global_scale=gs_tensor(global_scale))
-    W = dequantize_ref(wq, s, mode, global_scale)
-    W_abs = W.abs()
-    for m in (1, 3, 4, 6, 17, 40):  # decode (4-row blocks and remainders) and GEMM paths
-        x = torch.randn(m, k if transpose else n, generator=gen).to(dtype)
-        y = mlxq.quantized_matmul(
-            x, wq, s, transpose=transpose, mode=mode, global_scale=gs_tensor(global_scale)
-        )
-        assert y.dtype == dtype and y.shape == (m, n if transpose else k)
-        Wt = W.T if transpose else W
-        ref = x.double() @ Wt
-        ref_abs = x.double().abs() @ (W_abs.T if transpose else W_abs)
-        # fp32 products of exact values, a k-term fp32 sum, one rounding of the group scale
-        # with a global scale, then the output rounding
-        u32 = torch.finfo(torch.float32).eps / 2
-        tol = (Wt.shape[0] + 3) * u32 * ref_abs
-        if dtype != torch.float32:
-            tol = tol + torch.finfo(dtype).eps / 2 * (ref.abs() + tol) + torch.finfo(dtype).tiny
-        assert_within(y, ref, tol + 1e-30, f"{mode} M={m} {isa}")
+    # k = 160 is no multiple of 64 (the bf16 FP4 decode's half block: the fp32 kernel runs);
+    # 192 ends in half a 128-value bf16 block and 256 does not; n = 42 and 37 leave row tails
+    for n, k in ((40, 160), (42, 192), (37, 256)):
+        w = torch.randn(n, k, generator=gen)
+        wq, s = mlxq.quantize(w, mode=mode, global_scale=gs_tensor(global_scale))
+        W = dequantize_ref(wq, s, mode, global_scale)
+        W_abs = W.abs()
+        for m in (1, 3, 4, 6, 17, 40):  # decode (4-row blocks and remainders) and GEMM paths
+            x = torch.randn(m, k if transpose else n, generator=gen).to(dtype)
+            y = mlxq.quantized_matmul(
+                x, wq, s, transpose=transpose, mode=mode, global_scale=gs_tensor(global_scale)
+            )
+            assert y.dtype == dtype and y.shape == (m, n if transpose else k)
+            Wt = W.T if transpose else W
+            ref = x.double() @ Wt
+            ref_abs = x.double().abs() @ (W_abs.T if transpose else W_abs)
+            # fp32 products of exact values, a k-term fp32 sum, one rounding of the group scale
+            # with a global scale, then the output rounding
+            u32 = torch.finfo(torch.float32).eps / 2
+            tol = (Wt.shape[0] + 3) * u32 * ref_abs
+            if dtype != torch.float32:
+                tol = tol + torch.finfo(dtype).eps / 2 * (ref.abs() + tol) + torch.finfo(dtype).tiny
+            assert_within(y, ref, tol + 1e-30, f"{mode} {n}x{k} M={m} {isa}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_every_code(mode, isa, gen):
+    """Each row of W one code repeated (every FP4 / FP8 code: signs, subnormals, E4M3's NaN),
+    through the decode kernels against the float64 reference; NaN where the code is NaN."""
+    n_codes, k = (16, 128) if BITS[mode] == 4 else (256, 64)
+    codes = torch.arange(n_codes, dtype=torch.int64)
+    if BITS[mode] == 4:
+        row_bytes = (codes | codes << 4).to(torch.uint8)
+    else:
+        row_bytes = codes.to(torch.uint8)
+    wq = row_bytes[:, None].repeat(1, k * BITS[mode] // 8).contiguous().view(torch.uint32)
+    # valid scales: E8M0 near 2^0, nvfp4's E4M3 positive and not NaN
+    lo, hi = (120, 135) if mode != "nvfp4" else (0x30, 0x40)
+    s = torch.randint(lo, hi, (n_codes, k // GROUP[mode]), generator=gen, dtype=torch.uint8)
+    W = dequantize_ref(wq, s, mode, None)
+    for m in (1, 2, 5):
+        x = torch.randn(m, k, generator=gen)
+        y = mlxq.quantized_matmul(x, wq, s, mode=mode)
+        ref = x.double() @ W.T
+        nan = ref.isnan()
+        assert torch.equal(y.isnan(), nan), f"{mode} M={m} {isa}: NaN positions"
+        tol = (k + 3) * torch.finfo(torch.float32).eps / 2 * (x.double().abs() @ W.abs().T)
+        assert_within(y[~nan], ref[~nan], tol[~nan] + 1e-30, f"{mode} M={m} {isa}")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/bf16_pieces.h"
 #include "cpu/cpu_features.h"
 #include "cpu/fp_format.h"
 #include "cpu/gather_pairs.h"
@@ -79,13 +80,30 @@ at::Tensor fp_chunk_order(const at::Tensor& x, FpMode mode) {
   return x.view({M, -1, 8, 2}).transpose(2, 3).contiguous().view({M, -1});
 }
 
-// x fp32 [M, in_features] -> y fp32 [M, out_features].
-at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose) {
+// x @ W.T through the bf16 decode kernel (which the caller checked applies): x [M, K] fp32
+// holding values of dtype `x_dtype` (which sets the number of bf16 pieces), y fp32.
+at::Tensor fp_stream_bf16(const at::Tensor& x, const FpWeight& W, at::ScalarType x_dtype,
+                          const KernelTable& kt) {
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, W.N}, x.options().dtype(at::kFloat));
+  const at::Tensor xp = bf16_pieces(x, x_dtype, W.bits);
+  const FpQmvBf16Args a{W, reinterpret_cast<const uint16_t*>(xp.const_data_ptr<c10::BFloat16>()),
+                        bf16_piece_count(x_dtype), y.mutable_data_ptr<float>(), M};
+  at::parallel_for(0, W.N, fp_decode_grain(W),
+                   [&](int64_t n0, int64_t n1) { kt.fp_qmv_bf16(a, n0, n1); });
+  return y;
+}
+
+// x fp32 [M, in_features] (values of dtype `x_dtype`) -> y fp32 [M, out_features].
+at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose,
+                        at::ScalarType x_dtype) {
   const int64_t M = x.size(0);
   const int64_t out_features = transpose ? W.N : W.K;
   auto opts = x.options().dtype(at::kFloat);
   if (M == 0 || W.N == 0) return at::zeros({M, out_features}, opts);
   const KernelTable& kt = fp_kernels();
+  if (transpose && M <= kFpDecodeMaxRows && kt.fp_qmv_bf16 != nullptr && fp_bf16_decode_fits(W))
+    return fp_stream_bf16(x, W, x_dtype, kt);
   if (transpose && M <= kFpDecodeMaxRows) {
     at::Tensor y = at::empty({M, out_features}, opts);
     const at::Tensor xc = fp_chunk_order(x, W.mode);
@@ -147,7 +165,7 @@ at::Tensor fp_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Te
   const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
   if (g.batch.empty()) {
     const FpWeight W = view_fp_weight(w, s, m, group_size, bits, global);
-    at::Tensor y = fp_matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose);
+    at::Tensor y = fp_matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose, x.scalar_type());
     return y.to(x.scalar_type()).reshape(g.out_shape);
   }
   auto batch_index = [&](at::IntArrayRef shape) {
@@ -165,7 +183,7 @@ at::Tensor fp_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Te
   const int64_t* wip = wi.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) {
     const FpWeight W = view_fp_weight(w3[wip[i]], s3[wip[i]], m, group_size, bits, global);
-    y[i].copy_(fp_matmul_2d(x3[xip[i]], W, transpose));
+    y[i].copy_(fp_matmul_2d(x3[xip[i]], W, transpose, x.scalar_type()));
   }
   return y.to(x.scalar_type()).reshape(g.out_shape);
 }
@@ -281,8 +299,9 @@ std::tuple<at::Tensor, at::Tensor> fp_quantize_cpu(const at::Tensor& w, c10::str
 //
 // The pairs are grouped by expert as for affine_gather_matmul (gather_pairs.h) and each group is
 // one fp_matmul of its stacked x rows, with the dense op's kernels and numerics: small groups
-// (decode) run the streaming fp_qmv kernel, all of them inside one parallel region; large groups
-// (prefill) and x @ W take fp_matmul_2d's dequantized fp32 tiles and a dense GEMM.
+// (decode) run the streaming decode kernels (fp_qmv, or the bf16 one), all of them inside one
+// parallel region; large groups (prefill) and x @ W take fp_matmul_2d's dequantized fp32 tiles and
+// a dense GEMM.
 
 namespace mlxq::cpu {
 namespace {
@@ -322,8 +341,10 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
   struct DecodeGroup {
     FpWeight W;
     int64_t rows, y_row;
-    at::Tensor x;  // the group's x rows in the decode kernel's order
+    bool bf16 = false;  // the bf16 kernel (x: its bf16 pieces), else fp_qmv
+    at::Tensor x;       // the group's x rows in the decode kernel's order
   };
+  const KernelTable& kt = fp_kernels();
   std::vector<DecodeGroup> decode;
   at::Tensor xc_all;  // x in the decode kernel's order, built once for the streaming groups
   for (const ExpertGroup& e : groups) {
@@ -332,11 +353,17 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
     const std::vector<int64_t> rows = group_rows(e, order, lp, M);
     const int64_t n_rows = static_cast<int64_t>(rows.size());
     if (!transpose || n_rows > kFpDecodeMaxRows) {
-      y.narrow(0, e.begin * M, n_rows).copy_(fp_matmul_2d(take_rows(xf, rows), W, transpose));
+      y.narrow(0, e.begin * M, n_rows)
+          .copy_(fp_matmul_2d(take_rows(xf, rows), W, transpose, x.scalar_type()));
+      continue;
+    }
+    if (kt.fp_qmv_bf16 != nullptr && fp_bf16_decode_fits(W)) {
+      decode.push_back({W, n_rows, e.begin * M, true,
+                        bf16_pieces(take_rows(xf, rows), x.scalar_type(), W.bits)});
       continue;
     }
     if (!xc_all.defined()) xc_all = fp_chunk_order(xf, W.mode).contiguous();
-    decode.push_back({W, n_rows, e.begin * M, take_rows(xc_all, rows)});
+    decode.push_back({W, n_rows, e.begin * M, false, take_rows(xc_all, rows)});
   }
   if (!decode.empty()) {
     struct Task {
@@ -348,11 +375,17 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
       for (int64_t n0 = 0; n0 < N; n0 += grain)
         tasks.push_back({static_cast<int64_t>(i), n0, std::min(N, n0 + grain)});
     }
-    const KernelTable& kt = fp_kernels();
     float* yp = y.mutable_data_ptr<float>();
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const DecodeGroup& d = decode[tasks[t].group];
+        if (d.bf16) {
+          const FpQmvBf16Args a{
+              d.W, reinterpret_cast<const uint16_t*>(d.x.const_data_ptr<c10::BFloat16>()),
+              bf16_piece_count(x.scalar_type()), yp + d.y_row * out, d.rows};
+          kt.fp_qmv_bf16(a, tasks[t].n0, tasks[t].n1);
+          continue;
+        }
         for (int64_t m0 = 0; m0 < d.rows; m0 += kMaxDecodeRows) {
           const FpQmvArgs a{d.W, d.x.const_data_ptr<float>() + m0 * d.W.K,
                             yp + (d.y_row + m0) * out, std::min(kMaxDecodeRows, d.rows - m0)};

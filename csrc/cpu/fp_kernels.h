@@ -108,7 +108,10 @@ void fp_qmv_rows(const FpQmvArgs& a, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t K = W.K, G = W.G, row_bytes = K * T::kBits / 8;
   const float* x[MB];
   for (int m = 0; m < MB; ++m) x[m] = a.x + (m0 + m) * K;
+  RowStreamPrefetch prefetch(W, n0, n1, 1, 1);  // one row per tile, asked for at once
   for (int64_t n = n0; n < n1; ++n) {
+    prefetch.start_tile(n);
+    prefetch.finish(0);
     const uint8_t* wrow = W.w + n * row_bytes;
     const uint8_t* srow = W.scales + n * G;
     v8f total[MB];

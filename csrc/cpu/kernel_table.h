@@ -100,6 +100,18 @@ struct FpQmvArgs {
   int64_t M = 0;
 };
 
+// Decode of the floating-point modes through bf16 dot products (AVX512-BF16): FP4 and FP8
+// values are exact in bf16. x is given as bf16 pieces in QmvBf16Args's order for W.bits, and K
+// must be a multiple of bf16_block_values(W.bits).
+struct FpQmvBf16Args {
+  FpWeight W;
+  const uint16_t* x = nullptr;
+  int pieces = 1;
+  float* y = nullptr;
+  int64_t M = 0;
+};
+inline bool fp_bf16_decode_fits(const FpWeight& W) { return W.K % bf16_block_values(W.bits) == 0; }
+
 struct KernelTable {
   const char* name;
   void (*qmv)(const QmvArgs& a, int64_t n_begin, int64_t n_end);  // output columns range
@@ -112,6 +124,8 @@ struct KernelTable {
   // dequantized to fp32 (exact: every FP4/FP8 value times its scale is an fp32 number).
   void (*fp_qmv)(const FpQmvArgs& a, int64_t n_begin, int64_t n_end) = nullptr;
   void (*fp_dequantize)(const FpWeight& W, float* out, int64_t n_begin, int64_t n_end) = nullptr;
+  // Optional (null where the CPU lacks it): decode through bf16 dot products.
+  void (*fp_qmv_bf16)(const FpQmvBf16Args& a, int64_t n_begin, int64_t n_end) = nullptr;
   // Optional (null where the CPU has no bf16 dot products for the GEMM to use): rows of W as
   // bf16 bits, rounded as mx.dequantize does in bf16 (the bf16 prefill's tiles).
   void (*dequantize_bf16)(const QuantWeight& W, uint16_t* out, int64_t n_begin,

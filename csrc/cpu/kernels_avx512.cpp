@@ -6,6 +6,7 @@
 // integers through a table lookup (vpermw/vpermt2w, which ignore the bits above the index), and
 // vdpbf16ps multiplies them with x held as a sum of bf16 pieces (1 piece for bf16 x, 2 for
 // fp16, 3 for fp32: exact to fp32 precision), accumulating in fp32.
+// The floating-point modes decode the same way, their FP4 / FP8 values made bf16.
 // (Placing q in the mantissa of 2^bits saves the lookup but its offset must be cancelled
 // through the bias term, which costs fp32 accuracy; the lookup costs under 5% of the time.)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -37,14 +38,12 @@
 
 namespace mlxq::cpu::avx512 {
 
-// bf16 bit patterns of q = i & (2^Bits - 1), i = 32*half .. 32*half + 31: vpermw reads the
-// low 5 bits of each 16-bit lane (vpermt2w the low 6), so a lane shifted right to put value j
-// in its low bits needs no mask.
-template <int Bits>
-__m512i bf16_integer_table(int half) {
+// bf16 bit patterns of value(i), i = 32*half .. 32*half + 31, for a lookup table.
+template <typename Value>
+__m512i bf16_table(int half, Value value) {
   alignas(64) uint16_t t[32] = {};
   for (int i = 0; i < 32; ++i) {
-    const float f = static_cast<float>((i + 32 * half) & ((1 << Bits) - 1));
+    const float f = value(i + 32 * half);
     uint32_t u;
     std::memcpy(&u, &f, 4);
     t[i] = static_cast<uint16_t>(u >> 16);
@@ -52,11 +51,17 @@ __m512i bf16_integer_table(int half) {
   return _mm512_load_si512(t);
 }
 
-// Packed value in the low bits of each 16-bit lane -> its exact bf16 integer.
+// Packed value in the low bits of each 16-bit lane -> its exact bf16 value: by default the
+// integer q; a table `value` of index i must give the value of code i & (2^Bits - 1), since
+// vpermw reads the low 5 bits of each 16-bit lane (vpermt2w the low 6), so a lane shifted
+// right to put value j in its low bits needs no mask.
 template <int Bits>
 struct Bf16Lookup {
   static_assert(Bits <= 6, "a 64-entry table covers at most 6 bits");
-  __m512i lo = bf16_integer_table<Bits>(0), hi = bf16_integer_table<Bits>(1);
+  __m512i lo, hi;
+  Bf16Lookup() : Bf16Lookup([](int i) { return static_cast<float>(i & ((1 << Bits) - 1)); }) {}
+  template <typename Value>
+  explicit Bf16Lookup(Value value) : lo(bf16_table(0, value)), hi(bf16_table(1, value)) {}
   __m512i operator()(__m512i v) const {
     if constexpr (Bits <= 5) return _mm512_permutexvar_epi16(v, lo);
     return _mm512_permutex2var_epi16(lo, v, hi);
@@ -65,14 +70,16 @@ struct Bf16Lookup {
 
 // One block of 32 16-bit lanes per row of W, each lane holding PL packed values (value
 // i*PL + j of the block in lane i; x is laid out to match, see QmvBf16Args): MB*R dot
-// products over the block, each scaled by its group's scale and added to `total`.
-template <int Bits, int GS, int MB, int R, int NP, int PL>
+// products over the block, each scaled by its group's scale and added to `total`. `Chains`
+// accumulators per (m, r) (0: as many as keep >= 8 dependency chains; a fixed count makes each
+// sum independent of the tile shape MB x R).
+template <int Bits, int GS, int MB, int R, int NP, int PL, int Chains = 0,
+          typename Lookup = Bf16Lookup<Bits>>
 inline void bf16_block(const __m512i (&lanes)[R], const uint16_t* const (&x)[NP][MB], int64_t k0,
-                       const float* s, int64_t G, const Bf16Lookup<Bits>& lookup,
-                       __m512 (&total)[MB][R]) {
+                       const float* s, int64_t G, const Lookup& lookup, __m512 (&total)[MB][R]) {
   constexpr int kValues = 32 * PL;
   constexpr int kGroups = GS >= kValues ? 1 : kValues / GS;  // groups in the block
-  constexpr int A = MB * R >= 8 || PL == 1 ? 1 : 2;          // per (m, r): keep >= 8 chains
+  constexpr int A = Chains > 0 ? Chains : (MB * R >= 8 || PL == 1 ? 1 : 2);
   __m512 acc[MB][R][A];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r)
@@ -258,6 +265,131 @@ void qmv_bf16(const QmvBf16Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+// FP8 E4M3 code in the low byte of each 16-bit lane -> its exact bf16 value. A normal value
+// keeps its mantissa and its exponent rebiased (7 -> 127): bf16 = (code & 0x7F) << 4 plus
+// 120 << 7; a subnormal (exponent field 0) is m * 2^-9, normal in bf16, from an 8-entry
+// table; 0x7F / 0xFF are NaN; the sign moves from bit 7 to bit 15.
+struct E4M3Bf16 {
+  __m512i subnormal = bf16_table(0, [](int i) { return static_cast<float>(i & 7) / 512.f; });
+  __m512i operator()(__m512i v) const {
+    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
+    __m512i out = _mm512_add_epi16(_mm512_slli_epi16(mag, 4),
+                                   _mm512_set1_epi16(static_cast<int16_t>(120 << 7)));
+    out = _mm512_mask_permutexvar_epi16(out, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)),
+                                        mag, subnormal);
+    out = _mm512_mask_mov_epi16(out, _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7F)),
+                                _mm512_set1_epi16(0x7FC0));
+    return _mm512_or_si512(out, _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8));
+  }
+};
+
+// FP4 decode (mxfp4, nvfp4): the 4-bit affine kernel's lanes and blocks with the E2M1 values
+// (exact in bf16) in the lookup table, no bias, and each group's E8M0 / E4M3 scale applied in
+// fp32 as fp_qmv does (mxfp8: 32 bytes widened to 32 lanes of one E4M3 value, E4M3Bf16); the
+// sums differ from fp_qmv only in their fp32 summation order. One
+// accumulator per (m, r), so that a row's result does not depend on the tiles it fell in
+// (nor on how the rows of x were grouped, which a gather's pair order decides).
+template <FpMode Mode, int MB, int R, int NP>
+void fp_qmv_bf16_tile(const FpQmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, float* s) {
+  using T = FpModeTraits<Mode>;
+  constexpr int GS = T::kGroup, Bits = T::kBits;
+  constexpr int kLaneValues = Bits == 4 ? 4 : 1;  // FP4: 64 bytes as 32 lanes; FP8: 32 bytes
+  constexpr int kBlockValues = 32 * kLaneValues, kBlockBytes = kBlockValues * Bits / 8;
+  const FpWeight& W = a.W;
+  const int64_t K = W.K, G = W.G, M = a.M, row_bytes = K * Bits / 8;
+  const int64_t blocks = K / kBlockValues;
+  const bool half_block = Bits == 4 && K % kBlockValues != 0;
+  const FpTables& tables = fp_tables();
+  using Lookup = std::conditional_t<Bits == 4, Bf16Lookup<4>, E4M3Bf16>;
+  const Lookup lookup = [&] {
+    if constexpr (Bits == 4)
+      return Bf16Lookup<4>([&](int i) { return tables.fp4[i & 15]; });
+    else
+      return E4M3Bf16();
+  }();
+  const auto load_lanes = [](const uint8_t* p) {
+    if constexpr (Bits == 4)
+      return _mm512_loadu_si512(p);
+    else
+      return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  const uint16_t* x[NP][MB];
+  for (int p = 0; p < NP; ++p)
+    for (int m = 0; m < MB; ++m) x[p][m] = a.x + (p * M + m0 + m) * K;
+
+  RowStreamPrefetch prefetch(W, n0, n1, R, blocks + 1);
+  for (int64_t n = n0; n + R <= n1; n += R) {
+    prefetch.start_tile(n);
+    const uint8_t* wrow[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* srow = W.scales + (n + r) * G;
+      for (int64_t g = 0; g < G; ++g) s[r * G + g] = fp_scale(W, srow[g], tables);
+      wrow[r] = W.w + (n + r) * row_bytes;
+    }
+    __m512 total[MB][R];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      prefetch.step(blk);
+      __m512i lanes[R];
+      for (int r = 0; r < R; ++r) lanes[r] = load_lanes(wrow[r] + blk * kBlockBytes);
+      bf16_block<Bits, GS, MB, R, NP, kLaneValues, 1>(lanes, x, blk * kBlockValues, s, G, lookup,
+                                                      total);
+    }
+    prefetch.finish(blocks);
+    if constexpr (Bits == 4) {
+      if (half_block) {
+        __m512i lanes[R];
+        for (int r = 0; r < R; ++r)
+          lanes[r] = _mm512_cvtepu8_epi16(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + blocks * 64)));
+        bf16_block<Bits, GS, MB, R, NP, 2, 1>(lanes, x, blocks * kBlockValues, s, G, lookup, total);
+      }
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) a.y[(m0 + m) * W.N + n + r] = _mm512_reduce_add_ps(total[m][r]);
+  }
+}
+
+template <FpMode Mode, int NP>
+void fp_qmv_bf16_rows(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
+  constexpr int R = 4;
+  std::vector<float> s(R * a.W.G);
+  const int64_t n_full = n0 + (n1 - n0) / R * R;
+  int64_t m = 0;
+  for (; m + 2 <= a.M; m += 2) {
+    fp_qmv_bf16_tile<Mode, 2, R, NP>(a, m, n0, n_full, s.data());
+    fp_qmv_bf16_tile<Mode, 2, 1, NP>(a, m, n_full, n1, s.data());
+  }
+  if (m < a.M) {
+    fp_qmv_bf16_tile<Mode, 1, R, NP>(a, m, n0, n_full, s.data());
+    fp_qmv_bf16_tile<Mode, 1, 1, NP>(a, m, n_full, n1, s.data());
+  }
+}
+
+template <FpMode Mode>
+void fp_qmv_bf16_pieces(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
+  switch (a.pieces) {
+    case 1:
+      return fp_qmv_bf16_rows<Mode, 1>(a, n0, n1);
+    case 2:
+      return fp_qmv_bf16_rows<Mode, 2>(a, n0, n1);
+    default:
+      return fp_qmv_bf16_rows<Mode, 3>(a, n0, n1);
+  }
+}
+
+void fp_qmv_bf16(const FpQmvBf16Args& a, int64_t n0, int64_t n1) {
+  switch (a.W.mode) {
+    case FpMode::kMxfp4:
+      return fp_qmv_bf16_pieces<FpMode::kMxfp4>(a, n0, n1);
+    case FpMode::kNvfp4:
+      return fp_qmv_bf16_pieces<FpMode::kNvfp4>(a, n0, n1);
+    default:
+      return fp_qmv_bf16_pieces<FpMode::kMxfp8>(a, n0, n1);
+  }
+}
+
 // The bf16 prefill's tiles at 4 bits (dequantize_bf16 in kernels.h, same numbers): 16 values
 // at a time, each rounding one vcvtneps2bf16 where the generic kernel spends eight integer ops.
 // That instruction flushes subnormal inputs and results to zero; with q < 16, s*q is subnormal
@@ -323,6 +455,7 @@ const KernelTable& avx512_kernels() {
   static const KernelTable t = [] {
     KernelTable k = avx512::table("avx512");
     k.qmv_bf16 = &avx512::qmv_bf16;
+    k.fp_qmv_bf16 = &avx512::fp_qmv_bf16;
     k.dequantize_bf16 = &avx512::dequantize_bf16_tiles;
     return k;
   }();

@@ -40,23 +40,16 @@ inline void prefetch_range(const uint8_t* begin, const uint8_t* end) {
     prefetch_line(reinterpret_cast<const void*>(p));
 }
 
-// Rows [n0, n1) of W, walked in tiles of `rows` rows, each tile in `steps` steps.
+// Rows [n0, n1) of W, walked in tiles of `rows` rows, each tile in `steps` steps. Serves the
+// affine weights (scales and biases) and the floating-point modes (one scale byte per group).
 class RowStreamPrefetch {
  public:
   RowStreamPrefetch(const QuantWeight& W, int64_t n0, int64_t n1, int64_t rows, int64_t steps)
-      : row_bytes_(W.K * W.bits / 8),
-        scale_row_bytes_(W.G * (W.scale_type == ScaleType::kFloat ? 4 : 2)),
-        tile_bytes_(rows * row_bytes_),
-        step_bytes_((tile_bytes_ + steps - 1) / steps),
-        w_(W.w),
-        scales_(static_cast<const uint8_t*>(W.scales)),
-        biases_(static_cast<const uint8_t*>(W.biases)),
-        end_(n1 * row_bytes_) {
-    // the first kPrefetchBytes are not ahead of any tile: ask for them at once
-    const int64_t first = n0 * row_bytes_, last = std::min(end_, first + kPrefetchBytes);
-    prefetch_range(w_ + first, w_ + last);
-    scale_rows(first, last);
-  }
+      : RowStreamPrefetch(W.w, W.K * W.bits / 8, static_cast<const uint8_t*>(W.scales),
+                          static_cast<const uint8_t*>(W.biases),
+                          W.G * (W.scale_type == ScaleType::kFloat ? 4 : 2), n0, n1, rows, steps) {}
+  RowStreamPrefetch(const FpWeight& W, int64_t n0, int64_t n1, int64_t rows, int64_t steps)
+      : RowStreamPrefetch(W.w, W.K * W.bits / 8, W.scales, nullptr, W.G, n0, n1, rows, steps) {}
 
   // Tile starting at row n: its scales and biases ahead; `step(i)` then asks for part i of the
   // weight bytes ahead, `finish()` for whatever the steps did not cover.
@@ -68,6 +61,23 @@ class RowStreamPrefetch {
   void finish(int64_t steps_done) const { span(steps_done * step_bytes_, tile_bytes_); }
 
  private:
+  RowStreamPrefetch(const uint8_t* w, int64_t row_bytes, const uint8_t* scales,
+                    const uint8_t* biases, int64_t scale_row_bytes, int64_t n0, int64_t n1,
+                    int64_t rows, int64_t steps)
+      : row_bytes_(row_bytes),
+        scale_row_bytes_(scale_row_bytes),
+        tile_bytes_(rows * row_bytes_),
+        step_bytes_((tile_bytes_ + steps - 1) / steps),
+        w_(w),
+        scales_(scales),
+        biases_(biases),
+        end_(n1 * row_bytes_) {
+    // the first kPrefetchBytes are not ahead of any tile: ask for them at once
+    const int64_t first = n0 * row_bytes_, last = std::min(end_, first + kPrefetchBytes);
+    prefetch_range(w_ + first, w_ + last);
+    scale_rows(first, last);
+  }
+
   void span(int64_t from, int64_t to) const {
     const int64_t begin = ahead_ + from, end = std::min({end_, ahead_ + to, ahead_ + tile_bytes_});
     if (begin < end) prefetch_range(w_ + begin, w_ + end);
@@ -77,7 +87,8 @@ class RowStreamPrefetch {
     if (from >= to) return;
     const int64_t r0 = from / row_bytes_, r1 = (to - 1) / row_bytes_ + 1;
     prefetch_range(scales_ + r0 * scale_row_bytes_, scales_ + r1 * scale_row_bytes_);
-    prefetch_range(biases_ + r0 * scale_row_bytes_, biases_ + r1 * scale_row_bytes_);
+    if (biases_ != nullptr)
+      prefetch_range(biases_ + r0 * scale_row_bytes_, biases_ + r1 * scale_row_bytes_);
   }
 
   int64_t row_bytes_, scale_row_bytes_, tile_bytes_, step_bytes_;
