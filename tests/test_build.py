@@ -12,23 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from metal_backend_helpers import (  # noqa: F401
-    CASE_IDS,
-    CASES,
-    DTYPES,
-    HAS_MPS,
+from metal_backend_helpers import (
     METAL_DIR,
-    MSL,
-    OUT_EPS,
     ROOT,
-    _assert_matmul_close,
-    _bits,
-    _check,
-    _emulate_launch,
-    _run_op,
-    _weights,
-    needs_emu,
-    needs_mps,
 )
 from mlxq import _build_helpers as bh
 from mlxq._native import _C

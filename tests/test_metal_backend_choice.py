@@ -10,24 +10,13 @@ import sys
 import mlxq
 import pytest
 import torch
-from metal_backend_helpers import (  # noqa: F401
-    CASE_IDS,
-    CASES,
-    DTYPES,
+from metal_backend_helpers import (
     HAS_MPS,
     METAL_DIR,
-    MSL,
-    OUT_EPS,
-    ROOT,
     FakeCompileShader,
     _assert_matmul_close,
-    _bits,
-    _check,
-    _emulate_launch,
-    _run_op,
     _weights,
     needs_emu,
-    needs_mps,
 )
 from mlxq._native import _C
 from mlxq.metal import backend as mb

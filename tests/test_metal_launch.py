@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from metal_backend_helpers import (  # noqa: F401
+from metal_backend_helpers import (
     CASE_IDS,
     CASES,
     DTYPES,
-    HAS_MPS,
     METAL_DIR,
-    MSL,
-    OUT_EPS,
-    ROOT,
-    _assert_matmul_close,
     _bits,
     _check,
     _emulate_launch,
     _run_op,
     _weights,
     needs_emu,
-    needs_mps,
 )
 from mlxq._native import _C
 from mlxq.metal import backend as mb

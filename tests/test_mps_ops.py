@@ -5,22 +5,12 @@ from __future__ import annotations
 import mlxq
 import pytest
 import torch
-from metal_backend_helpers import (  # noqa: F401
-    CASE_IDS,
-    CASES,
+from metal_backend_helpers import (
     DTYPES,
-    HAS_MPS,
-    METAL_DIR,
-    MSL,
-    OUT_EPS,
-    ROOT,
     _assert_matmul_close,
-    _bits,
     _check,
-    _emulate_launch,
     _run_op,
     _weights,
-    needs_emu,
     needs_mps,
 )
 from mlxq._native import _C
