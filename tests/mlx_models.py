@@ -136,3 +136,30 @@ def mlx_lm_logits(path: str | Path, tokens, dtype: str = "float32") -> np.ndarra
     model = _mlx_model(str(path), dtype)
     logits = model(mx.array(np.asarray(tokens, dtype=np.int32)[None]))[0]
     return np.array(logits.astype(mx.float32))
+
+
+def greedy_tokens(model, prompt, new_tokens: int):
+    """`prompt` followed by `new_tokens` greedy tokens from transformers' `generate` (KV cache,
+    one token a step): a [len(prompt) + new_tokens] tensor."""
+    import torch
+
+    ids = torch.as_tensor(prompt)[None]
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )[0]
+
+
+def assert_logits_match_mlx_lm(model, path: str | Path, tokens, tolerance: float) -> np.ndarray:
+    """The model's fp32 logits over `tokens` within `tolerance` of mlx-lm's; returns mlx-lm's."""
+    import torch
+
+    ref = mlx_lm_logits(path, tokens.numpy())
+    with torch.no_grad():
+        got = model(tokens[None]).logits[0].numpy()
+    assert float(np.abs(got - ref).max()) <= tolerance
+    return ref

@@ -24,7 +24,7 @@ from arch_models import (
     run_arch,
     tiny_mlx_checkpoint,
 )
-from mlx_models import mlx_lm_logits
+from mlx_models import assert_logits_match_mlx_lm, greedy_tokens, mlx_lm_logits
 from mlxq.moe import AffineSwitchLinear, AffineWeight, MoeExperts, quantized_router
 from mlxq.swap import moe_plan
 from torch import nn
@@ -84,19 +84,9 @@ def test_greedy_generation_matches_mlx_lm() -> None:
     streaming path) are mlx-lm's argmax under teacher forcing, and the logits match."""
     path = tiny_mlx_checkpoint("qwen3_moe", VARIANTS[1])
     model = _load(path)
-    prompt = torch.tensor(TOKENS[:5])
-    with torch.no_grad():
-        out = model.generate(
-            prompt[None],
-            attention_mask=torch.ones_like(prompt[None]),
-            max_new_tokens=16,
-            min_new_tokens=16,
-            do_sample=False,
-        )[0]
-    ref = mlx_lm_logits(path, out.numpy())
-    with torch.no_grad():
-        got = model(out[None]).logits[0].numpy()
-    assert float(np.abs(got - ref).max()) <= TOLERANCE
+    prompt = TOKENS[:5]
+    out = greedy_tokens(model, prompt, 16)
+    ref = assert_logits_match_mlx_lm(model, path, out, TOLERANCE)
     assert np.array_equal(ref.argmax(-1)[len(prompt) - 1 : -1], out[len(prompt) :].numpy())
 
 
@@ -374,22 +364,12 @@ def test_gpt_oss_greedy_generation_matches_mlx_lm(variant) -> None:
     path = tiny_mlx_checkpoint("gpt_oss", variant)
     model = _load(path)
     prompt = TOKENS[:5]
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=16,
-            min_new_tokens=16,
-            do_sample=False,
-        )[0]
+    out = greedy_tokens(model, prompt, 16)
     mlx_model = _mlx_model(str(path), "float32")
     steps = generate_step(mx.array(prompt), mlx_model, max_tokens=16)
     theirs = [int(token) for token, _ in steps]
     assert out[len(prompt) :].tolist() == theirs
-    ref = mlx_lm_logits(path, out.numpy())
-    with torch.no_grad():
-        got = model(out[None]).logits[0].numpy()
-    assert float(np.abs(got - ref).max()) <= TOLERANCE
+    assert_logits_match_mlx_lm(model, path, out, TOLERANCE)
 
 
 def test_deepseek_v3_latent_attention_from_mlx_lm_split() -> None:

@@ -26,7 +26,7 @@ from arch_models import (
     tiny_float_checkpoint,
     tiny_mlx_checkpoint,
 )
-from mlx_models import mlx_lm_logits
+from mlx_models import assert_logits_match_mlx_lm, greedy_tokens, mlx_lm_logits
 from mlxq.moe import AffineSwitchLinear, AffineWeight, MoeExperts
 from safetensors.torch import load_file
 
@@ -107,19 +107,9 @@ def test_float_mode_moe_greedy_decode_matches_mlx_lm() -> None:
     kernels) are mlx-lm's argmax under teacher forcing."""
     path = tiny_mlx_checkpoint("qwen3_moe", _variant("mxfp4"))
     model = _load(path)
-    prompt = torch.tensor(TOKENS[:5])
-    with torch.no_grad():
-        out = model.generate(
-            prompt[None],
-            attention_mask=torch.ones_like(prompt[None]),
-            max_new_tokens=12,
-            min_new_tokens=12,
-            do_sample=False,
-        )[0]
-    ref = mlx_lm_logits(path, out.numpy())
-    with torch.no_grad():
-        got = model(out[None]).logits[0].numpy()
-    assert float(np.abs(got - ref).max()) <= TOLERANCE
+    prompt = TOKENS[:5]
+    out = greedy_tokens(model, prompt, 12)
+    ref = assert_logits_match_mlx_lm(model, path, out, TOLERANCE)
     assert np.array_equal(ref.argmax(-1)[len(prompt) - 1 : -1], out[len(prompt) :].numpy())
 
 

@@ -10,7 +10,7 @@ import mlxq
 import numpy as np
 import pytest
 import torch
-from mlx_models import mlx_lm_logits, tiny_float_model, tiny_mlx_checkpoint
+from mlx_models import greedy_tokens, mlx_lm_logits, tiny_float_model, tiny_mlx_checkpoint
 from mlxq.nn import AffineEmbedding, AffineLinear
 from safetensors import safe_open
 
@@ -26,21 +26,9 @@ def _logits(model, tokens: torch.Tensor) -> np.ndarray:
         return model(tokens[None]).logits[0].float().numpy()
 
 
-def _greedy(model, prompt: torch.Tensor, n: int = 16) -> torch.Tensor:
-    with torch.no_grad():
-        out = model.generate(
-            prompt[None],
-            attention_mask=torch.ones_like(prompt[None]),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-        )
-    return out[0]
-
-
 def _assert_matches_mlx_lm(model, path: Path, prompt: torch.Tensor) -> float:
     """Greedy tokens equal mlx-lm's (teacher forcing) and fp32 logits close; returns max diff."""
-    sequence = _greedy(model, prompt)
+    sequence = greedy_tokens(model, prompt, 16)
     ref = mlx_lm_logits(path, sequence.numpy())
     got = _logits(model, sequence)
     diff = float(np.abs(got - ref).max())
