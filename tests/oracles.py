@@ -39,6 +39,32 @@ def to_torch(a: mx.array) -> torch.Tensor:
     return torch.from_numpy(np.array(a.astype(mx.float32))).to(dtype)
 
 
+def mx_gather_qmm(
+    x, wq, scales, biases, lhs, rhs, transpose=True, group_size=None, bits=None, mode="affine",
+    sorted_indices=False,
+) -> torch.Tensor:  # fmt: skip
+    """`mx.gather_qmm` on torch tensors (indices as uint32, absent ones None; uint8 float-mode
+    scales passed as their bytes), the result back as a torch tensor."""
+
+    def idx(t):
+        return None if t is None else mx.array(t.numpy().astype(np.uint32))
+
+    out = mx.gather_qmm(
+        to_mx(x),
+        to_mx(wq),
+        mx.array(scales.numpy()) if scales.dtype == torch.uint8 else to_mx(scales),
+        None if biases is None else to_mx(biases),
+        lhs_indices=idx(lhs),
+        rhs_indices=idx(rhs),
+        transpose=transpose,
+        group_size=group_size,
+        bits=bits,
+        mode=mode,
+        sorted_indices=sorted_indices,
+    )
+    return to_torch(out)
+
+
 def words(t: torch.Tensor) -> np.ndarray:
     """Packed words (uint32 or int32 tensor) as a numpy uint32 array, for bit comparisons."""
     return t.detach().contiguous().view(torch.int32).numpy().view(np.uint32)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
 import mlxq
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ import torch
 from mlxq._native import _C
 from mlxq.testing import metal_emulator as emu
 from mlxq.testing.metal_emulator import ops as metal_ops
-from oracles import DTYPES, to_mx, to_torch
+from oracles import DTYPES, mx_gather_qmm
 
 pytestmark = pytest.mark.skipif(
     not emu.available(), reason="no clang for the MSL emulator (pip install ziglang)"
@@ -135,17 +134,8 @@ def test_fp_gather_kernels(M, transpose, kernel, mode, with_global, dtype, gen) 
     assert name.startswith(kernel) and name.endswith(mode), name
     _check(y, x, W, lhs, rhs, transpose, name)
     if not with_global:  # mx.gather_qmm itself (it takes a global scale only on the GPU), fp32
-        ref = mx.gather_qmm(
-            to_mx(x.float()),
-            to_mx(wq),
-            mx.array(s.numpy()),
-            None,
-            lhs_indices=mx.array(lhs.numpy().astype(np.uint32)),
-            rhs_indices=mx.array(rhs.numpy().astype(np.uint32)),
-            transpose=transpose,
-            mode=mode,
-        )
-        _check(y, x, W, lhs, rhs, transpose, name, to_torch(ref).double())
+        ref = mx_gather_qmm(x.float(), wq, s, None, lhs, rhs, transpose, mode=mode)
+        _check(y, x, W, lhs, rhs, transpose, name, ref.double())
 
 
 def test_fp_gather_qmv_reads_only_the_selected_experts(gen) -> None:
@@ -186,18 +176,10 @@ def test_fp_sorted_gather_qmm(mode, with_global, dtype, gen) -> None:
             assert name.startswith("fp_gather_qmm_rhs_") and name.endswith(mode), name
             _check(y, x, W, lhs, r, transpose, name)
             if not with_global:
-                ref = mx.gather_qmm(
-                    to_mx(x.float()),
-                    to_mx(wq),
-                    mx.array(s.numpy()),
-                    None,
-                    lhs_indices=mx.array(lhs.numpy().astype(np.uint32)),
-                    rhs_indices=mx.array(r.numpy().astype(np.uint32)),
-                    transpose=transpose,
-                    mode=mode,
-                    sorted_indices=r is rhs,
+                ref = mx_gather_qmm(
+                    x.float(), wq, s, None, lhs, r, transpose, mode=mode, sorted_indices=r is rhs
                 )
-                _check(y, x, W, lhs, r, transpose, name, to_torch(ref).double())
+                _check(y, x, W, lhs, r, transpose, name, ref.double())
 
 
 def test_fp_sorted_gather_weight_traffic() -> None:

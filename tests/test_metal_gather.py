@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlxq.testing import metal_emulator as emu
 from mlxq.testing.metal_emulator import ops as metal_ops
-from oracles import BITS, DTYPES, GROUP_SIZES
+from oracles import BITS, DTYPES, GROUP_SIZES, mx_gather_qmm
 
 pytestmark = pytest.mark.skipif(
     not emu.available(), reason="no clang for the MSL emulator (pip install ziglang)"
@@ -256,29 +256,6 @@ def test_sorted_gather_qmm(bits, gs, dtype, gen) -> None:
     _check(x, wq, s, b, lhs, rhs, gs, bits, False, "affine_gather_qmm_rhs_n", sorted_indices=True)
 
 
-def _mlx_gather(x, wq, s, b, lhs, rhs, gs, bits, transpose) -> torch.Tensor:
-    import mlx.core as mx
-    import numpy as np
-    from oracles import to_mx, to_torch
-
-    def idx(t):
-        return None if t is None else mx.array(t.numpy().astype(np.uint32))
-
-    out = mx.gather_qmm(
-        to_mx(x),
-        to_mx(wq),
-        to_mx(s),
-        to_mx(b),
-        lhs_indices=idx(lhs),
-        rhs_indices=idx(rhs),
-        transpose=transpose,
-        group_size=gs,
-        bits=bits,
-        sorted_indices=True,
-    )
-    return to_torch(out)
-
-
 def _layouts(gen, transpose: bool):
     k, n = 64, 40  # two 32-column tiles for transpose=True
     feat = k if transpose else n
@@ -306,7 +283,7 @@ def test_sorted_gather_layouts_against_mlx(transpose, gen) -> None:
     prefix = "affine_gather_qmm_rhs_" + ("t" if transpose else "n")
     for name, x, lhs, rhs in _layouts(gen, transpose):
         y = _check(x, wq, s, b, lhs, rhs, 64, 4, transpose, prefix, sorted_indices=True)
-        theirs = _mlx_gather(x, wq, s, b, lhs, rhs, 64, 4, transpose)
+        theirs = mx_gather_qmm(x, wq, s, b, lhs, rhs, transpose, 64, 4, sorted_indices=True)
         assert theirs.shape == y.shape, name
         torch.testing.assert_close(y, theirs, rtol=1e-5, atol=1e-4, msg=name)
 

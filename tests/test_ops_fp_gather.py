@@ -9,12 +9,10 @@ expert's scale.
 
 from __future__ import annotations
 
-import mlx.core as mx
 import mlxq
-import numpy as np
 import pytest
 import torch
-from oracles import DTYPES, FP_BITS, FP_GROUP, assert_within, eps, to_mx, to_torch
+from oracles import DTYPES, FP_BITS, FP_GROUP, assert_within, eps, mx_gather_qmm
 from oracles import fp_dequantize_ref as dequantize_ref
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -65,24 +63,6 @@ def tolerance(ref, ref_abs, k: int, dtype) -> torch.Tensor:
     return tol + 1e-30
 
 
-def mlx_gather(x, wq, s, mode, lhs, rhs, transpose, sorted_indices=False):
-    def idx(t):
-        return None if t is None else mx.array(t.numpy().astype(np.uint32))
-
-    out = mx.gather_qmm(
-        to_mx(x),
-        to_mx(wq),
-        mx.array(s.numpy()),
-        None,
-        lhs_indices=idx(lhs),
-        rhs_indices=idx(rhs),
-        transpose=transpose,
-        mode=mode,
-        sorted_indices=sorted_indices,
-    )
-    return to_torch(out)
-
-
 def check(x, wq, s, mode, gs, lhs, rhs, transpose=True, sorted_indices=False):
     y = mlxq.fp_gather_matmul(
         x, wq, s, mode, FP_GROUP[mode], FP_BITS[mode], lhs, rhs, transpose, gs, sorted_indices
@@ -93,7 +73,9 @@ def check(x, wq, s, mode, gs, lhs, rhs, transpose=True, sorted_indices=False):
     tol = tolerance(ref, ref_abs, k, x.dtype)
     assert_within(y, ref, tol, f"{mode} vs float64 reference")
     if gs is None:  # MLX runs the global scale on its GPU only
-        theirs = mlx_gather(x, wq, s, mode, lhs, rhs, transpose, sorted_indices)
+        theirs = mx_gather_qmm(
+            x, wq, s, None, lhs, rhs, transpose, mode=mode, sorted_indices=sorted_indices
+        )
         assert theirs.shape == y.shape
         if x.dtype == torch.float32:
             mlx_tol = 2 * tol

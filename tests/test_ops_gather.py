@@ -8,9 +8,7 @@ affine_matmul on the same rows wherever both take the streaming path.
 
 from __future__ import annotations
 
-import mlx.core as mx
 import mlxq
-import numpy as np
 import pytest
 import torch
 from conftest import random_weight
@@ -22,8 +20,7 @@ from oracles import (
     dequantize_ref,
     eps,
     matmul_tolerance,
-    to_mx,
-    to_torch,
+    mx_gather_qmm,
 )
 
 GRID = [(b, g, d) for b in BITS for g in GROUP_SIZES for d in DTYPES]
@@ -56,25 +53,6 @@ def reference(x, wq, s, b, lhs, rhs, group_size, bits, transpose):
     return ref.reshape(*shape, *ref.shape[-2:]), ref_abs.reshape(*shape, *ref.shape[-2:])
 
 
-def mlx_gather(x, wq, s, b, lhs, rhs, group_size, bits, transpose, sorted_indices=False):
-    def idx(t):
-        return None if t is None else mx.array(t.numpy().astype(np.uint32))
-
-    out = mx.gather_qmm(
-        to_mx(x),
-        to_mx(wq),
-        to_mx(s),
-        to_mx(b),
-        lhs_indices=idx(lhs),
-        rhs_indices=idx(rhs),
-        transpose=transpose,
-        group_size=group_size,
-        bits=bits,
-        sorted_indices=sorted_indices,
-    )
-    return to_torch(out)
-
-
 def check(x, wq, s, b, lhs, rhs, group_size, bits, transpose=True, sorted_indices=False):
     y = mlxq.affine_gather_matmul(
         x, wq, s, b, lhs, rhs, group_size, bits, transpose, sorted_indices
@@ -89,7 +67,9 @@ def check(x, wq, s, b, lhs, rhs, group_size, bits, transpose=True, sorted_indice
         # exactly against those tiles).
         tol = tol + 2.01 * eps(torch.bfloat16) * ref_abs
     assert_within(y, ref, tol, "vs float64 reference")
-    theirs = mlx_gather(x, wq, s, b, lhs, rhs, group_size, bits, transpose, sorted_indices)
+    theirs = mx_gather_qmm(
+        x, wq, s, b, lhs, rhs, transpose, group_size, bits, sorted_indices=sorted_indices
+    )
     assert theirs.shape == y.shape
     if x.dtype == torch.float32:
         mlx_tol = 2 * tol
