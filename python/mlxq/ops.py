@@ -562,31 +562,14 @@ def gather_quantized_matmul(
     _check_biases(mode, biases)
     _check_no_global_scale(mode, global_scale)
     if mode == "affine":
-        return torch.ops.mlxq.affine_gather_matmul(
-            x,
-            wq,
-            scales,
-            biases,
-            lhs_indices,
-            rhs_indices,
-            group_size,
-            bits,
-            transpose,
+        return affine_gather_matmul(
+            x, wq, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose,
             sorted_indices,
-        )
-    return torch.ops.mlxq.fp_gather_matmul(
-        x,
-        wq,
-        scales,
-        mode,
-        group_size,
-        bits,
-        lhs_indices,
-        rhs_indices,
-        transpose,
-        global_scale,
+        )  # fmt: skip
+    return fp_gather_matmul(
+        x, wq, scales, mode, group_size, bits, lhs_indices, rhs_indices, transpose, global_scale,
         sorted_indices,
-    )
+    )  # fmt: skip
 
 
 @torch.library.register_fake("mlxq::fp_gather_matmul")
