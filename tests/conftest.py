@@ -39,6 +39,13 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
     return g
 
 
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request: pytest.FixtureRequest) -> None:
+    """Seeds torch's global generator per test too, so code that draws from it (transformers'
+    weight init, unseeded helpers) replays under MLXQ_TEST_SEED and ignores test order."""
+    torch.manual_seed(zlib.crc32(f"{SESSION_SEED}:global:{request.node.nodeid}".encode()))
+
+
 def _available_isas() -> list[str]:
     """Every CPU kernel set this machine can run (the best one is what "auto" picks)."""
     found = []
