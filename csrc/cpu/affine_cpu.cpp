@@ -283,7 +283,8 @@ at::Tensor gemm_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
 
 // x @ W.T for bf16 activations the way MLX's Metal GEMM computes it: tiles of W dequantized to
 // bf16 (dequantize_bf16) and a bf16 GEMM that accumulates in fp32 and rounds once, which lets
-// oneDNN use the CPU's bf16 dot products. x is fp32 holding bf16 values; y comes back in bf16.
+// oneDNN use the CPU's bf16 dot products. x is bf16, or fp32 holding bf16 values; y comes back
+// in bf16.
 at::Tensor gemm_2d_bf16(const at::Tensor& x, const QuantWeight& W) {
   const int64_t M = x.size(0);
   const at::Tensor xb = x.to(at::kBFloat16);  // exact: the values are bf16 already
@@ -336,6 +337,11 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
       const at::Tensor y =
           stream_bf16(x.reshape({g.M, g.in_features}).contiguous(), W, x.scalar_type());
       if (all_finite(y)) return round_to(y, x.scalar_type()).view(g.out_shape);
+    }
+    if (x.scalar_type() == at::kBFloat16 && transpose && g.M > kDecodeMaxRows &&
+        kernels().dequantize_bf16 != nullptr) {
+      // A bf16 prompt: the bf16 GEMM reads x as it is (an fp32 copy would be rounded back).
+      return gemm_2d_bf16(x.reshape({g.M, g.in_features}).contiguous(), W).view(g.out_shape);
     }
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor y = matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose, x.scalar_type());
