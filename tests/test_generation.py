@@ -58,3 +58,24 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
     compiled, stats = generation.timed_generate(model, prompt, 6, min_new_tokens=6, compile=True)
     assert torch.equal(compiled, eager)
     assert stats["first_step_s"] > 0 and stats["decode_tps"] > 0
+
+
+def test_ignore_eos_generates_through_the_end_token():
+    from mlx_models import tiny_mlx_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("qwen3", 4, 64), dtype=torch.float32
+    ).eval()
+    prompt = torch.tensor([[1, 400, 2000, 31, 7, 99, 1234, 5]])
+    model.generation_config.eos_token_id = None
+    free, _ = generation.timed_generate(model, prompt, 6)
+    # a later token of the greedy continuation (the first one not seen before it, else the
+    # first token) becomes the model's end token: generation stops there unless told otherwise
+    ids = free.tolist()
+    end = next((i for i in range(1, len(ids)) if ids[i] not in ids[:i]), 0)
+    model.generation_config.eos_token_id = ids[end]
+    stopped, _ = generation.timed_generate(model, prompt, 6)
+    assert torch.equal(stopped, free[: end + 1])
+    through, stats = generation.timed_generate(model, prompt, 6, ignore_eos=True)
+    assert torch.equal(through, free) and stats["generated_tokens"] == 6

@@ -148,10 +148,10 @@ def _torch_worker(spec: dict) -> dict:
     compile = spec.get("compile", False)
 
     def decode() -> dict:
-        _, stats = timed_generate(model, decode_ids, n, min_new_tokens=n, compile=compile)
+        _, stats = timed_generate(model, decode_ids, n, ignore_eos=True, compile=compile)
         return {"tokens": stats["generated_tokens"], "tps": stats["decode_tps"]}
 
-    _, warm = timed_generate(model, decode_ids, 4, min_new_tokens=4, compile=compile)
+    _, warm = timed_generate(model, decode_ids, 4, ignore_eos=True, compile=compile)
     if compile:
         out["compile_s"] = warm["first_step_s"]
     out.update(_decode_quiet_and_loaded(decode, spec))
