@@ -455,7 +455,8 @@ def test_fp_matmul_in_cuda_graph(gen) -> None:
     x.mul_(-1)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, -want)
+    # odd in x; cuBLAS may pick another algorithm under capture: one bf16 rounding apart
+    torch.testing.assert_close(out, -want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
 
 
 def _pairs_reference(x, w, lhs, rhs, transpose):
