@@ -8,8 +8,9 @@
 #include "cpu/cpu_features.h"
 
 namespace mlxq {
-void register_check_bindings(pybind11::module& m);  // csrc/check_bindings.cpp
-}
+void register_check_bindings(pybind11::module& m);      // csrc/check_bindings.cpp
+void register_composite_bindings(pybind11::module& m);  // csrc/composite/bindings.cpp
+}  // namespace mlxq
 namespace mlxq::metal {
 void register_plan_bindings(pybind11::module& m);    // csrc/metal_host/plan_bindings.cpp
 void register_launch_bindings(pybind11::module& m);  // csrc/metal_host/launch_bindings.cpp
@@ -63,6 +64,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_threaded", &mlxq::cpu::threaded,
         "Whether the CPU kernels run on torch's intra-op threads (False: built without OpenMP)");
   mlxq::register_check_bindings(m);
+  mlxq::register_composite_bindings(m);
   mlxq::metal::register_plan_bindings(m);
   mlxq::metal::register_launch_bindings(m);
 }

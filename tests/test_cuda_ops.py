@@ -340,3 +340,269 @@ def test_tiny_model_on_cuda_matches_cpu(tmp_path: Path) -> None:
     with torch.no_grad():
         got16 = gpu16(prompt.cuda()).logits.float().cpu()
     assert float((got16 - want).abs().max()) < 0.05 * float(want.abs().max())
+
+
+# --- the composite kernels (csrc/composite/): float modes and gathers vs the CPU op ------------
+
+FP_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+FP_CASES = [("mxfp4", None), ("nvfp4", None), ("nvfp4", 0.37), ("mxfp8", None)]
+FP_IDS = [m if g is None else f"{m}-gs{g}" for m, g in FP_CASES]
+
+
+def _same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Equal bit patterns where `want` is a number (so -0.0 is not 0.0), NaN where it is NaN."""
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    if got.is_floating_point():
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan), f"{what}: NaN positions differ"
+        ints = {2: torch.int16, 4: torch.int32}[want.element_size()]
+        got, want = got.view(ints)[~nan], want.view(ints)[~nan]
+    elif got.dtype == torch.uint32:
+        got, want = got.view(torch.int32), want.view(torch.int32)
+    assert torch.equal(got, want), f"{what}: {int((got != want).sum())} elements differ"
+
+
+def _fp_weight(gen, shape, dtype) -> torch.Tensor:
+    """Rows of very different magnitudes, a zero group, values on FP4/FP8 ties and past 448."""
+    w = torch.randn(shape, generator=gen) * torch.logspace(-5, 3, shape[-2])[:, None]
+    w[..., 0, :32] = 0.0
+    w[..., 1, :8] = torch.tensor([0.25, 0.75, 2.5, 5.0, 448.0, 464.0, -500.0, -1e-3])
+    return w.to(dtype)
+
+
+def _gs(global_scale: float | None) -> torch.Tensor | None:
+    return None if global_scale is None else torch.tensor(global_scale, dtype=torch.float32)
+
+
+def _cuda(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cuda()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,global_scale", FP_CASES, ids=FP_IDS)
+def test_fp_quantize_dequantize_bit_exact(gen, mode: str, global_scale, dtype) -> None:
+    group, bits = FP_MODES[mode]
+    g = _gs(global_scale)
+    w = _fp_weight(gen, (37, 4 * 64), dtype)
+    want = mlxq.quantize(w, mode=mode, global_scale=g)
+    got = [t.cpu() for t in mlxq.quantize(w.cuda(), mode=mode, global_scale=_cuda(g))]
+    _same_bits(got[0], want[0], "wq")
+    _same_bits(got[1], want[1], "scales")
+    # dequantize: random words (every code, NaN codes too) with every scale byte
+    wq = torch.randint(-(2**31), 2**31, (256, 4 * group * bits // 32), generator=gen)
+    wq = wq.to(torch.int32).view(torch.uint32)
+    s = torch.arange(256 * 4).remainder(256).to(torch.uint8).reshape(256, 4)
+    for out in (None, *DTYPES):
+        want = mlxq.dequantize(wq, s, mode=mode, global_scale=g, dtype=out)
+        got = mlxq.dequantize(wq.cuda(), s.cuda(), mode=mode, global_scale=_cuda(g), dtype=out)
+        _same_bits(got.cpu(), want, f"dequantize to {out}")
+
+
+def _check_fp_matmul(x, wq, s, mode, global_scale, transpose=True) -> None:
+    group, bits = FP_MODES[mode]
+    args = (None, transpose, group, bits, mode)
+    y_gpu = mlxq.quantized_matmul(
+        x.cuda(), wq.cuda(), s.cuda(), *args, global_scale=_cuda(global_scale)
+    ).cpu()
+    y_cpu = mlxq.quantized_matmul(x, wq, s, *args, global_scale=global_scale)
+    assert y_gpu.dtype == x.dtype and y_gpu.shape == y_cpu.shape
+    w = mlxq.dequantize(wq, s, mode=mode, global_scale=global_scale, dtype=torch.float32)
+    w = w.double() if transpose else w.double().transpose(-1, -2)
+    ref = x.double() @ w.transpose(-1, -2)
+    bound = x.double().abs() @ w.abs().transpose(-1, -2)
+    eps = EPS[x.dtype]
+    m = x.shape[-2] if x.dim() >= 2 and wq.dim() > 2 else x.numel() // x.shape[-1]
+    weight_eps = eps if m > DECODE_MAX_ROWS and x.dtype != torch.float32 else 0.0
+    # exact fp32 weights (one rounding by nvfp4's global factor), fp32 sums in any order, the
+    # output rounded once; above the decode width W rounded to the dtype of x for cuBLAS
+    tol = (x.shape[-1] + 4) * 2.0**-24 * bound + eps * ref.abs() + weight_eps * bound + 1e-30
+    err = (y_gpu.double() - ref).abs()
+    assert bool((err <= tol).all()), f"{mode} m={m}: max err/tol {float((err / tol).max()):.3g}"
+    assert bool(((y_gpu.double() - y_cpu.double()).abs() <= 2 * tol).all())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,global_scale", FP_CASES, ids=FP_IDS)
+def test_fp_matmul(gen, mode: str, global_scale, dtype) -> None:
+    g = _gs(global_scale)
+    wq, s = mlxq.quantize(random_weight((37, 3 * 128), dtype, gen), mode=mode, global_scale=g)
+    for m in (1, 2, 8, 9, 64):  # fp32 weights up to the decode width, then the dtype of x
+        _check_fp_matmul(torch.randn(m, 3 * 128, generator=gen).to(dtype), wq, s, mode, g)
+    for m in (1, 40):
+        _check_fp_matmul(torch.randn(m, 37, generator=gen).to(dtype), wq, s, mode, g, False)
+    # batched weights broadcast against batched x: [3, 1] x [2] -> [3, 2]
+    wqs, ss = torch.stack([wq, wq.flip(0)]), torch.stack([s, s.flip(0)])
+    x = torch.randn(3, 1, 5, 3 * 128, generator=gen).to(dtype)
+    _check_fp_matmul(x, wqs, ss, mode, None if global_scale is None else g)
+
+
+@needs_cuda
+def test_fp_matmul_in_cuda_graph(gen) -> None:
+    wq, s = (t.cuda() for t in mlxq.quantize(torch.randn(256, 512, generator=gen), mode="nvfp4"))
+    g = torch.tensor(2.5, device="cuda")
+    x = torch.randn(4, 512, generator=gen).bfloat16().cuda()
+    want = mlxq.quantized_matmul(x, wq, s, None, True, 16, 4, "nvfp4", global_scale=g)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        mlxq.quantized_matmul(x, wq, s, None, True, 16, 4, "nvfp4", global_scale=g)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = mlxq.quantized_matmul(x, wq, s, None, True, 16, 4, "nvfp4", global_scale=g)
+    torch.cuda.current_stream().wait_stream(side)
+    x.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    # odd in x; cuBLAS may pick another algorithm under capture: one bf16 rounding apart
+    torch.testing.assert_close(out, -want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
+
+
+def _pairs_reference(x, w, lhs, rhs, transpose):
+    """float64 x[lhs[i]] @ W[rhs[i]](.T) and the same with absolute values, [*I, M, out]."""
+    xb, wb = x.shape[:-2], w.shape[:-2]
+    lhs = torch.arange(xb.numel()).reshape(xb) if lhs is None else lhs
+    rhs = torch.arange(wb.numel()).reshape(wb) if rhs is None else rhs
+    lhs, rhs = torch.broadcast_tensors(lhs.long(), rhs.long())
+    xm = x.double().reshape(-1, *x.shape[-2:])[lhs.reshape(-1)]
+    wm = w.double().reshape(-1, *w.shape[-2:])[rhs.reshape(-1)]
+    wm = wm.transpose(-1, -2) if transpose else wm
+    shape = (*lhs.shape, x.shape[-2], wm.shape[-1])
+    return (xm @ wm).reshape(shape), (xm.abs() @ wm.abs()).reshape(shape)
+
+
+GATHER_INDICES = [  # repeated and unsorted experts, broadcast index shapes, absent indices
+    (torch.tensor([[0], [1], [2]]), torch.tensor([[3, 1], [1, 0], [3, 3]])),
+    (torch.tensor([2, 0, 1, 0, 2, 2]), torch.tensor([3, 0, 3, 1, 2, 3])),
+    (None, torch.tensor([[2], [0]])),
+]
+
+
+def _check_gather(y_gpu, y_cpu, x, w, lhs, rhs, transpose) -> None:
+    assert y_gpu.dtype == x.dtype and y_gpu.shape == y_cpu.shape
+    ref, bound = _pairs_reference(x, w, lhs, rhs, transpose)
+    eps = EPS[x.dtype]
+    weight_eps = eps if x.dtype != torch.float32 else 0.0  # any group may exceed the decode width
+    tol = (x.shape[-1] + 4) * 2.0**-24 * bound + eps * ref.abs() + weight_eps * bound + 1e-30
+    err = (y_gpu.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max err/tol {float((err / tol).max()):.3g}"
+    assert bool(((y_gpu.double() - y_cpu.double()).abs() <= 2 * tol).all())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["affine4", "affine3", "mxfp4", "nvfp4-gs", "mxfp8"])
+def test_gather_matmul(gen, kind: str, dtype) -> None:
+    e, n, k = 4, 40, 256
+    w = random_weight((e, n, k), dtype, gen)
+    if kind.startswith("affine"):
+        bits, group = int(kind[-1]), 64
+        wq, s, b = mlxq.affine_quantize(w, group, bits)
+        wd = mlxq.affine_dequantize(wq, s.float(), b.float(), group, bits)
+        operands, gs = (wq, s, b), None
+    else:
+        mode = kind.split("-")[0]
+        group, bits = FP_MODES[mode]
+        gs = (torch.rand(e, generator=gen) * 4 + 0.25).float() if kind.endswith("gs") else None
+        parts = [mlxq.quantize(w[i], mode=mode, global_scale=_gs_i(gs, i)) for i in range(e)]
+        wq, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        wd = torch.stack(
+            [
+                mlxq.dequantize(
+                    wq[i], s[i], mode=mode, global_scale=_gs_i(gs, i), dtype=torch.float32
+                )
+                for i in range(e)
+            ]
+        )
+        operands = (wq, s, None)
+    mode = "affine" if kind.startswith("affine") else kind.split("-")[0]
+    for lhs, rhs in GATHER_INDICES:
+        for m, transpose in ((1, True), (20, True), (3, False)):
+            xb = (3,) if lhs is None or lhs.numel() <= 3 else (6,)
+            x = torch.randn(*xb, m, k if transpose else n, generator=gen).to(dtype)
+            kw = dict(transpose=transpose, group_size=group, bits=bits, mode=mode)
+            y_cpu = mlxq.gather_quantized_matmul(x, *operands, lhs, rhs, global_scale=gs, **kw)
+            cuda_ops = [_cuda(t) for t in (x, *operands, lhs, rhs)]
+            y_gpu = mlxq.gather_quantized_matmul(*cuda_ops, global_scale=_cuda(gs), **kw).cpu()
+            _check_gather(y_gpu, y_cpu, x, wd, lhs, rhs, transpose)
+
+
+def _gs_i(gs: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if gs is None else gs[i]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_one_bit_composite(gen, group_size: int, dtype: torch.dtype) -> None:
+    # 1 bit has no CUDA kernel of its own: the composite ops (csrc/composite/) run it
+    w = random_weight((37, 3 * 128), dtype, gen)
+    want = mlxq.affine_quantize(w, group_size, 1)
+    got = [t.cpu() for t in mlxq.affine_quantize(w.cuda(), group_size, 1)]
+    for a, b, what in zip(got, want, ("wq", "scales", "biases"), strict=True):
+        _same_bits(a, b, what)
+    wq, s, b = want
+    deq = mlxq.affine_dequantize(wq.cuda(), s.cuda(), b.cuda(), group_size, 1).cpu()
+    _same_bits(deq, mlxq.affine_dequantize(wq, s, b, group_size, 1), "dequantize")
+    for m in (1, 8, 9, 64):
+        _check_matmul(torch.randn(m, 3 * 128, generator=gen).to(dtype), wq, s, b, group_size, 1)
+    _check_matmul(torch.randn(3, 37, generator=gen).to(dtype), wq, s, b, group_size, 1, False)
+
+
+def _tiny_float_mode_checkpoint(tmp_path: Path, arch: str, mode: str) -> Path:
+    """A tiny random Llama or Qwen3-MoE (4 experts, 2 a token) quantized by mlxq in `mode` (the
+    mode's own group size and bits; affine: 4 bits, group 64) and saved as an MLX checkpoint."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    if arch == "qwen3_moe":
+        config = Qwen3MoeConfig(
+            **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128
+        )
+    else:
+        config = LlamaConfig(**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger weights than the init, so that logits differ clearly
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    mlxq.quantize_model(model, mode=mode)
+    out = tmp_path / f"tiny-{arch}-{mode}"
+    model.save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["quantization"]["mode"] == mode
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "arch,mode", [("llama", "mxfp4"), ("qwen3_moe", "affine"), ("qwen3_moe", "mxfp4")]
+)
+def test_float_mode_and_moe_models_on_cuda_match_cpu(tmp_path: Path, arch: str, mode: str) -> None:
+    # the float mode's matmuls and embedding, and the MoE experts' gathers, run the composite
+    # kernels on the GPU: fp32 logits close to the CPU's and the CPU's greedy tokens
+    from transformers import AutoModelForCausalLM
+
+    path = _tiny_float_mode_checkpoint(tmp_path, arch, mode)
+    cpu = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32)
+    gpu = AutoModelForCausalLM.from_pretrained(path, device_map="cuda", dtype=torch.float32)
+    prompt = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = cpu(prompt).logits
+        got = gpu(prompt.cuda()).logits.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    gen = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    mask = torch.ones_like(prompt)
+    with torch.no_grad():
+        tokens_cpu = cpu.generate(prompt, attention_mask=mask, **gen)
+        tokens_gpu = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), **gen).cpu()
+    assert torch.equal(tokens_gpu, tokens_cpu)

@@ -1,7 +1,8 @@
 // CUDA kernels for the mlxq ops: argument checks (checks.h, shared with every backend), layout
 // preparation, and the choice between the streaming decode kernel (M <= 8) and dequantized
-// tiles multiplied by cuBLAS (larger M). Every launch goes to the current CUDA stream of the
-// operands' device, so the ops can be captured in CUDA graphs.
+// tiles multiplied by cuBLAS (larger M); 1-bit weights go to the composite ops (composite.h).
+// Every launch goes to the current CUDA stream of the operands' device, so the ops can be
+// captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "composite/composite.h"
 #include "cuda/kernels.cuh"
 #include "cuda/launch.h"
 #include "mlx_rounding.h"
@@ -287,18 +289,15 @@ int64_t broadcast_index(int64_t i, const std::vector<int64_t>& to, at::IntArrayR
   return idx;
 }
 
-// The CUDA kernels cover MLX's affine 2-6 and 8 bits; 1-bit affine runs on the CPU only.
-void check_cuda_bits(int64_t bits) {
-  TORCH_CHECK_VALUE(bits != 1, "mlxq: 1-bit affine has no CUDA kernel yet (the CPU op runs it)");
-}
-
 at::Tensor affine_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                               const at::Tensor& biases, int64_t group_size, int64_t bits,
                               bool transpose) {
   // Reached below autograd (python/mlxq/ops.py owns the gradient).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const MatmulGeometry g = check_matmul(x, wq, scales, biases, group_size, bits, transpose);
-  check_cuda_bits(bits);
+  if (bits == 1) {  // no kernel of its own: composed of ATen ops (csrc/composite/)
+    return composite::affine_matmul_1bit(x, wq, scales, biases, group_size, bits, transpose);
+  }
   const c10::cuda::CUDAGuard device(x.device());
   if (x.numel() == 0 || wq.numel() == 0) return at::zeros(g.out_shape, x.options());
   const at::Tensor xc = aligned(x);
@@ -328,7 +327,7 @@ at::Tensor affine_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const a
 at::Tensor affine_dequantize_cuda(const at::Tensor& wq, const at::Tensor& scales,
                                   const at::Tensor& biases, int64_t group_size, int64_t bits) {
   const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
-  check_cuda_bits(bits);
+  if (bits == 1) return composite::affine_dequantize_1bit(wq, scales, biases, group_size, bits);
   const c10::cuda::CUDAGuard device(wq.device());
   std::vector<int64_t> shape(wq.sizes().begin(), wq.sizes().end());
   shape.back() = g.cols;
@@ -348,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_quantize_cuda(const at::Te
                                                                     int64_t group_size,
                                                                     int64_t bits) {
   check_quantize_input(w, group_size, bits);
-  check_cuda_bits(bits);
+  if (bits == 1) return composite::affine_quantize_1bit(w, group_size, bits);
   const c10::cuda::CUDAGuard device(w.device());
   const int64_t K = w.size(-1), G = K / group_size;
   const int64_t R = w.numel() / K;

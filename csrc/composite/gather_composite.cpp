@@ -1,0 +1,119 @@
+// MLX's gather_qmm (affine_gather_matmul, fp_gather_matmul) as compositions of ATen ops and the
+// dense matmul ops (see composite.h): the pairs are sorted by expert (stable), the runs of equal
+// experts found with unique_consecutive, and each selected expert multiplies the stacked x rows
+// of all its pairs with one call of the dense op of the tensors' device, whose result rows are
+// scattered back to their pairs. The loop runs over the selected experts, never over rows.
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "composite/composite.h"
+
+namespace mlxq::composite {
+namespace {
+
+using AffineMatmulFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, int64_t, int64_t, bool);
+using FpMatmulFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              c10::string_view, int64_t, int64_t, bool,
+                              const c10::optional<at::Tensor>&);
+
+const c10::TypedOperatorHandle<AffineMatmulFn>& affine_matmul_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlxq::affine_matmul", "")
+                             .typed<AffineMatmulFn>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<FpMatmulFn>& fp_matmul_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mlxq::fp_matmul", "").typed<FpMatmulFn>();
+  return op;
+}
+
+// The pairs (lhs[p], rhs[p]) grouped by expert; dense(rows [c*M, in], expert) -> [c*M, out] in
+// the dtype of x. Returns [*index_shape, M, out].
+template <class Dense>
+at::Tensor gather_by_expert(const GatherGeometry& g, const at::Tensor& x, const at::Tensor& lhs,
+                            const at::Tensor& rhs, const Dense& dense) {
+  const int64_t P = lhs.numel(), M = g.M, in = g.in_features, out = g.out_features;
+  if (P == 0 || M == 0 || out == 0 || in == 0) return at::zeros(g.out_shape, x.options());
+  const at::Tensor x3 = x.reshape({g.x_batch, M, in});
+  const auto [experts_sorted, order] =
+      at::sort(rhs, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+  const auto [experts, inverse, counts] =
+      at::unique_consecutive(experts_sorted, /*return_inverse=*/false, /*return_counts=*/true);
+  // one device-to-host copy: which experts run, and on how many pairs
+  const at::Tensor e_host = experts.to(at::kCPU), c_host = counts.to(at::kCPU);
+  const int64_t* ep = e_host.const_data_ptr<int64_t>();
+  const int64_t* cp = c_host.const_data_ptr<int64_t>();
+  const at::Tensor lhs_sorted = lhs.index_select(0, order);
+  at::Tensor y = at::empty({P, M, out}, x.options());
+  int64_t begin = 0;
+  for (int64_t i = 0; i < e_host.numel(); ++i) {
+    const int64_t c = cp[i];
+    const at::Tensor rows = x3.index_select(0, lhs_sorted.narrow(0, begin, c)).reshape({c * M, in});
+    y.index_copy_(0, order.narrow(0, begin, c), dense(rows, ep[i]).reshape({c, M, out}));
+    begin += c;
+  }
+  return y.view(g.out_shape);
+}
+
+}  // namespace
+
+at::Tensor affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                                const at::Tensor& biases,
+                                const std::optional<at::Tensor>& lhs_indices,
+                                const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
+                                int64_t bits, bool transpose, bool /*sorted_indices*/) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ops.py owns the gradient
+  const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                               group_size, bits, transpose);
+  const c10::DeviceGuard device(x.device());
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const int64_t N = g.w.rows;
+  const at::Tensor w3 = wq.reshape({g.w_batch, N, wq.size(-1)});
+  const at::Tensor s3 = scales.reshape({g.w_batch, N, scales.size(-1)});
+  const at::Tensor b3 = biases.reshape({g.w_batch, N, biases.size(-1)});
+  return gather_by_expert(g, x, lhs, rhs, [&](const at::Tensor& rows, int64_t e) {
+    return affine_matmul_op().call(rows, w3[e], s3[e], b3[e], group_size, bits, transpose);
+  });
+}
+
+at::Tensor fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                            c10::string_view mode, int64_t group_size, int64_t bits,
+                            const std::optional<at::Tensor>& lhs_indices,
+                            const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                            const c10::optional<at::Tensor>& global_scale,
+                            bool /*sorted_indices*/) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ops.py owns the gradient
+  const int m = check_fp_mode(mode, group_size, bits);
+  const GatherGeometry g = check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
+                                                  rhs_indices, transpose, global_scale);
+  const c10::DeviceGuard device(x.device());
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const int64_t N = g.w.rows;
+  const at::Tensor w3 = wq.reshape({g.w_batch, N, wq.size(-1)});
+  const at::Tensor s3 = scales.reshape({g.w_batch, N, scales.size(-1)});
+  // mx.gather_qmm's global scale: one value per matrix, fp_matmul's one-element tensor
+  const at::Tensor gs = global_scale.has_value() ? global_scale->reshape({-1}) : at::Tensor();
+  return gather_by_expert(g, x, lhs, rhs, [&](const at::Tensor& rows, int64_t e) {
+    const c10::optional<at::Tensor> ge =
+        gs.defined() ? c10::optional<at::Tensor>(gs.narrow(0, e, 1)) : c10::nullopt;
+    return fp_matmul_op().call(rows, w3[e], s3[e], mode, group_size, bits, transpose, ge);
+  });
+}
+
+}  // namespace mlxq::composite
