@@ -71,11 +71,30 @@ inline void vector_exp(const float* x, float* y, int64_t n) {
   }
 }
 
-// s[j] = exp(s[j] - m) for j < n, rounded up to whole vectors (s has room for them; lanes past
-// n hold leftovers nobody reads).
-inline void exp_shifted(float* s, int64_t n, float m) {
+// The largest of s[0, n) (-inf if none is larger; NaN is skipped), n rounded up to whole
+// vectors: the caller has set the lanes past n to -inf.
+inline float max_of(const float* s, int64_t n) {
+  v8f m = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 8) {
+    const v8f x = load8(s + j);
+    m = select(x > m, x, m);
+  }
+  float r = m[0];
+  for (int i = 1; i < 8; ++i) r = m[i] > r ? m[i] : r;
+  return r;
+}
+
+// s[j] = exp(s[j] - m) for j < n rounded up to whole vectors (lanes past n hold -inf and
+// become 0); returns their sum.
+inline float exp_shifted(float* s, int64_t n, float m) {
   const v8f mv = splat(m);
-  for (int64_t j = 0; j < n; j += 8) store8(s + j, exp8(load8(s + j) - mv));
+  v8f sum = {};
+  for (int64_t j = 0; j < n; j += 8) {
+    const v8f p = exp8(load8(s + j) - mv);
+    store8(s + j, p);
+    sum += p;
+  }
+  return hsum(sum);
 }
 
 // Lane i: the sum of the lanes of a[i] (8 horizontal sums in 7 shuffle-add steps).
@@ -94,49 +113,78 @@ MLXQ_INLINE v8f sum_lanes8(const v8f* a) {
 
 constexpr int64_t kAttnChunk = 128;  // keys per online-softmax step
 
+// `count` values of `type` at src widened to fp32 at dst.
+inline void widen_span(const void* src, ScaleType type, int64_t count, float* dst) {
+  if (type == ScaleType::kFloat) {
+    std::memcpy(dst, src, count * sizeof(float));
+    return;
+  }
+  const auto* s16 = static_cast<const uint16_t*>(src);
+  int64_t d = 0;
+#if defined(MLXQ_X86_AVX2)
+  // bf16: one zero-extending load and a shift per vector (the generic form in widen16 compiles
+  // to two half-width extensions and an insert); fp16 goes to widen16's F16C loop.
+  if (type == ScaleType::kBFloat16) {
+#if defined(MLXQ_X86_AVX512)
+    for (; d + 16 <= count; d += 16)
+      _mm512_storeu_si512(
+          dst + d,
+          _mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s16 + d))),
+              16));
+#endif
+    for (; d + 8 <= count; d += 8)
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(dst + d),
+          _mm256_slli_epi32(
+              _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + d))),
+              16));
+  }
+#endif
+  widen16(s16 + d, dst + d, count - d, type == ScaleType::kHalf);
+}
+
 // A row of D values of `type` widened into dst[0, Dp), zero beyond D.
 inline void widen_row(const void* src, ScaleType type, int64_t D, int64_t Dp, float* dst) {
-  if (type == ScaleType::kFloat) {
-    std::memcpy(dst, src, D * sizeof(float));
-  } else {
-    widen16(static_cast<const uint16_t*>(src), dst, D, type == ScaleType::kHalf);
-  }
+  widen_span(src, type, D, dst);
   std::fill(dst + D, dst + Dp, 0.f);
 }
 
-// Per-task scratch: widened query rows, the running softmax state, the scores of one chunk
-// and one tile of 8 widened K or V rows (plus a row of zeros for the keys past the end).
+// Scratch of a thread's tasks: widened query rows, the running softmax state, the scores of one
+// chunk and one tile of 8 widened K or V rows (plus a row of zeros for the keys past the end).
+// Kept between calls (a decode step calls once per layer: no allocations).
 struct AttnScratch {
   std::vector<float> q, o, m, l, s, tile, zeros;
-  AttnScratch(int64_t rows, int64_t Dp)
-      : q(rows * Dp),
-        o(rows * Dp),
-        m(rows),
-        l(rows),
-        s(rows * kAttnChunk),
-        tile(8 * Dp),
-        zeros(Dp, 0.f) {}
+  void reserve(int64_t rows, int64_t Dp) {
+    q.resize(rows * Dp);
+    o.resize(rows * Dp);
+    m.resize(rows);
+    l.resize(rows);
+    s.resize(rows * kAttnChunk);
+    tile.resize(8 * Dp);
+    zeros.assign(Dp, 0.f);
+  }
 };
 
 // Pointers to the fp32 rows of keys [j, j + n) (n <= 8) of one head of K or V: the rows
 // themselves for fp32 with D a multiple of 8, else widened into the tile; rows past n read zeros.
 inline void tile_rows(const void* base, int64_t stride, ScaleType type, int64_t j, int64_t n,
                       int64_t D, int64_t Dp, AttnScratch& sc, const float* rows[8]) {
-  const bool direct = type == ScaleType::kFloat && D == Dp;
   const int64_t elem = type == ScaleType::kFloat ? 4 : 2;
-  for (int64_t i = 0; i < 8; ++i) {
-    if (i >= n) {
-      rows[i] = sc.zeros.data();
-      continue;
-    }
-    const void* src = static_cast<const char*>(base) + (j + i) * stride * elem;
-    if (direct) {
-      rows[i] = static_cast<const float*>(src);
+  const char* src = static_cast<const char*>(base) + j * stride * elem;
+  float* tile = sc.tile.data();
+  if (type == ScaleType::kFloat && D == Dp) {
+    for (int64_t i = 0; i < n; ++i) rows[i] = reinterpret_cast<const float*>(src + i * stride * 4);
+  } else {
+    if (stride == D && D == Dp) {  // back-to-back rows (a contiguous cache): one loop
+      widen_span(src, type, n * D, tile);
     } else {
-      widen_row(src, type, D, Dp, sc.tile.data() + i * Dp);
-      rows[i] = sc.tile.data() + i * Dp;
+      for (int64_t i = 0; i < n; ++i)
+        widen_row(src + i * stride * elem, type, D, Dp, tile + i * Dp);
     }
+    for (int64_t i = 0; i < n; ++i) rows[i] = tile + i * Dp;
   }
+  for (int64_t i = n; i < 8; ++i) rows[i] = sc.zeros.data();
 }
 
 inline float mask_value(const void* p, MaskType t, int64_t i) {
@@ -186,6 +234,62 @@ inline void write_row(const float* o, float l, ScaleType type, int64_t D, void* 
   }
 }
 
+// out[k]: 8 lanes whose sum is q . rows[k][0, Dp), for the 8 rows.
+MLXQ_INLINE void dot8(const float* q, const float* const* rows, int64_t Dp, v8f* out) {
+#if defined(MLXQ_X86_AVX512)
+  if (Dp % 16 == 0) {  // 16 lanes, folded to 8 at the end
+    __m512 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < Dp; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + d);
+      for (int k = 0; k < 8; ++k)
+        acc[k] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows[k] + d), acc[k]);
+    }
+    for (int k = 0; k < 8; ++k) {
+      const __m256 folded =
+          _mm256_add_ps(_mm512_castps512_ps256(acc[k]), _mm512_extractf32x8_ps(acc[k], 1));
+      std::memcpy(&out[k], &folded, sizeof(folded));
+    }
+    return;
+  }
+#endif
+  for (int k = 0; k < 8; ++k) out[k] = v8f{};
+  for (int64_t d = 0; d < Dp; d += 8) {
+    const v8f qv = load8(q + d);
+    for (int k = 0; k < 8; ++k) out[k] += qv * load8(rows[k] + d);
+  }
+}
+
+#if defined(MLXQ_X86_AVX512)
+// add_pv below with 16-lane vectors: o[0, 16W) += sum_k p[k] * rows[k][d0, d0 + 16W).
+template <int W>
+MLXQ_INLINE void add_pv16(float* o, const float* const* rows, int64_t d0, const float* p,
+                          int64_t nt) {
+  __m512 acc[W];
+  for (int u = 0; u < W; ++u) acc[u] = _mm512_loadu_ps(o + u * 16);
+  for (int64_t k = 0; k < nt; ++k) {
+    const __m512 pk = _mm512_set1_ps(p[k]);
+    for (int u = 0; u < W; ++u)
+      acc[u] = _mm512_fmadd_ps(pk, _mm512_loadu_ps(rows[k] + d0 + u * 16), acc[u]);
+  }
+  for (int u = 0; u < W; ++u) _mm512_storeu_ps(o + u * 16, acc[u]);
+}
+#endif
+
+// o[0, 8W) += sum_k p[k] * rows[k][d0, d0 + 8W): W vectors of the output held in registers
+// (a compile-time W, so that they are) while nt <= 8 rows of V stream past.
+template <int W>
+MLXQ_INLINE void add_pv(float* o, const float* const* rows, int64_t d0, const float* p,
+                        int64_t nt) {
+  v8f acc[W];
+  for (int u = 0; u < W; ++u) acc[u] = load8(o + u * 8);
+  for (int64_t k = 0; k < nt; ++k) {
+    const v8f pk = splat(p[k]);
+    for (int u = 0; u < W; ++u) acc[u] += pk * load8(rows[k] + d0 + u * 8);
+  }
+  for (int u = 0; u < W; ++u) store8(o + u * 8, acc[u]);
+}
+
 // One task (see AttentionArgs): rows [r0, r1) of unit (b, hkv) against keys [j0, j1).
 inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc) {
   const int64_t R = a.rows(), D = a.D, Dp = (D + 7) / 8 * 8, rep = a.Hq / a.Hkv;
@@ -218,12 +322,8 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
       tile_rows(kbase, a.k_stride[2], a.dtype, c0 + t, std::min<int64_t>(8, n - t), D, Dp, sc,
                 rows);
       for (int64_t i = 0; i < nr; ++i) {
-        const float* q = sc.q.data() + i * Dp;
-        v8f acc[8] = {};
-        for (int64_t d = 0; d < Dp; d += 8) {
-          const v8f qv = load8(q + d);
-          for (int k = 0; k < 8; ++k) acc[k] += qv * load8(rows[k] + d);
-        }
+        v8f acc[8];
+        dot8(sc.q.data() + i * Dp, rows, Dp, acc);
         store8(sc.s.data() + i * kAttnChunk + t, sum_lanes8(acc) * a.scale);
       }
     }
@@ -233,16 +333,13 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
       float* s = sc.s.data() + i * kAttnChunk;
       const int64_t r = r0 + i;
       if (a.mask_type != MaskType::kNone) add_mask(a, b, head_of(r), r % a.Lq, c0, n, s);
-      float cm = ninf;
-      for (int64_t j = 0; j < n; ++j) cm = s[j] > cm ? s[j] : cm;
-      const float m = std::max(sc.m[i], cm);
+      std::fill(s + n, s + (n + 7) / 8 * 8, ninf);
+      const float m = std::max(sc.m[i], max_of(s, n));
       if (m == ninf) {  // nothing attended so far
         std::fill(s, s + n, 0.f);
         continue;
       }
-      exp_shifted(s, n, m);
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) sum += s[j];
+      const float sum = exp_shifted(s, n, m);
       if (sc.m[i] != m) {
         const float corr = sc.m[i] == ninf ? 0.f : std::exp(sc.m[i] - m);
         sc.l[i] *= corr;
@@ -259,16 +356,19 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
       for (int64_t i = 0; i < nr; ++i) {
         const float* p = sc.s.data() + i * kAttnChunk + t;
         float* o = sc.o.data() + i * Dp;
-        for (int64_t d0 = 0; d0 < Dp; d0 += 64) {
-          const int64_t w = std::min<int64_t>(64, Dp - d0) / 8;
-          v8f acc[8];
-          for (int64_t u = 0; u < w; ++u) acc[u] = load8(o + d0 + u * 8);
-          for (int64_t k = 0; k < nt; ++k) {
-            const v8f pk = splat(p[k]);
-            for (int64_t u = 0; u < w; ++u) acc[u] += pk * load8(rows[k] + d0 + u * 8);
-          }
-          for (int64_t u = 0; u < w; ++u) store8(o + d0 + u * 8, acc[u]);
+        int64_t d0 = 0;
+#if defined(MLXQ_X86_AVX512)
+        if (Dp % 16 == 0) {
+          for (; d0 + 64 <= Dp; d0 += 64) add_pv16<4>(o + d0, rows, d0, p, nt);
+          if (d0 + 32 <= Dp) add_pv16<2>(o + d0, rows, d0, p, nt), d0 += 32;
+          if (d0 < Dp) add_pv16<1>(o + d0, rows, d0, p, nt);
+          continue;
         }
+#endif
+        for (; d0 + 64 <= Dp; d0 += 64) add_pv<8>(o + d0, rows, d0, p, nt);
+        if (d0 + 32 <= Dp) add_pv<4>(o + d0, rows, d0, p, nt), d0 += 32;
+        if (d0 + 16 <= Dp) add_pv<2>(o + d0, rows, d0, p, nt), d0 += 16;
+        if (d0 < Dp) add_pv<1>(o + d0, rows, d0, p, nt);
       }
     }
   }
@@ -289,7 +389,8 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
 }
 
 inline void attention(const AttentionArgs& a, int64_t t0, int64_t t1) {
-  AttnScratch sc(std::min(a.rows_per_group, a.rows()), (a.D + 7) / 8 * 8);
+  thread_local AttnScratch sc;
+  sc.reserve(std::min(a.rows_per_group, a.rows()), (a.D + 7) / 8 * 8);
   for (int64_t t = t0; t < t1; ++t) attention_task(a, t, sc);
 }
 
