@@ -261,6 +261,25 @@ MLXQ_INLINE void dot8(const float* q, const float* const* rows, int64_t Dp, v8f*
 }
 
 #if defined(MLXQ_X86_AVX512)
+// dot8 for bf16 q and K as they are, through vdpbf16ps: 32 exact bf16 products per instruction
+// summed in fp32 (no widening). D is a multiple of 32. vdpbf16ps reads subnormal bf16 values
+// (below 1.2e-38) as zero: a score changes by less than D * 1.2e-38 * max|q| (or |k|), far
+// below the rounding of any score whose exp differs from its neighbours'.
+MLXQ_INLINE void dot8_bf16(const uint16_t* q, const uint16_t* const* rows, int64_t D, v8f* out) {
+  __m512 acc[8];
+  for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512i qv = _mm512_loadu_si512(q + d);
+    for (int k = 0; k < 8; ++k)
+      acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)qv, (__m512bh)_mm512_loadu_si512(rows[k] + d));
+  }
+  for (int k = 0; k < 8; ++k) {
+    const __m256 folded =
+        _mm256_add_ps(_mm512_castps512_ps256(acc[k]), _mm512_extractf32x8_ps(acc[k], 1));
+    std::memcpy(&out[k], &folded, sizeof(folded));
+  }
+}
+
 // add_pv below with 16-lane vectors: o[0, 16W) += sum_k p[k] * rows[k][d0, d0 + 16W).
 template <int W>
 MLXQ_INLINE void add_pv16(float* o, const float* const* rows, int64_t d0, const float* p,
@@ -306,10 +325,12 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
   const char* vbase =
       static_cast<const char*>(a.v) + (b * a.v_stride[0] + hkv * a.v_stride[1]) * elem;
   auto head_of = [&](int64_t r) { return hkv * rep + r / a.Lq; };
+  auto q_row = [&](int64_t r) {  // q[b, head_of(r), r % Lq] as it is stored
+    const int64_t off = b * a.q_stride[0] + head_of(r) * a.q_stride[1] + r % a.Lq * a.q_stride[2];
+    return reinterpret_cast<const uint16_t*>(static_cast<const char*>(a.q) + off * elem);
+  };
   for (int64_t i = 0; i < nr; ++i) {
-    const int64_t r = r0 + i, hq = head_of(r), lq = r % a.Lq;
-    const int64_t off = b * a.q_stride[0] + hq * a.q_stride[1] + lq * a.q_stride[2];
-    widen_row(static_cast<const char*>(a.q) + off * elem, a.dtype, D, Dp, sc.q.data() + i * Dp);
+    widen_row(q_row(r0 + i), a.dtype, D, Dp, sc.q.data() + i * Dp);
     sc.m[i] = ninf;
     sc.l[i] = 0.f;
   }
@@ -318,7 +339,26 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
   for (int64_t c0 = j0; c0 < j1; c0 += kAttnChunk) {
     const int64_t n = std::min(kAttnChunk, j1 - c0);
     // Scores: 8 keys at a time, each tile of K rows read by every query row.
+#if defined(MLXQ_X86_AVX512)
+    if (a.dtype == ScaleType::kBFloat16 && D % 32 == 0) {
+      for (int64_t t = 0; t < n; t += 8) {
+        const uint16_t* krows[8];
+        for (int64_t i = 0; i < 8; ++i)
+          krows[i] =
+              t + i < n
+                  ? reinterpret_cast<const uint16_t*>(kbase + (c0 + t + i) * a.k_stride[2] * 2)
+                  : reinterpret_cast<const uint16_t*>(sc.zeros.data());
+        for (int64_t i = 0; i < nr; ++i) {
+          v8f acc[8];
+          dot8_bf16(q_row(r0 + i), krows, D, acc);
+          store8(sc.s.data() + i * kAttnChunk + t, sum_lanes8(acc) * a.scale);
+        }
+      }
+    }
+    for (int64_t t = 0; t < n && !(a.dtype == ScaleType::kBFloat16 && D % 32 == 0); t += 8) {
+#else
     for (int64_t t = 0; t < n; t += 8) {
+#endif
       tile_rows(kbase, a.k_stride[2], a.dtype, c0 + t, std::min<int64_t>(8, n - t), D, Dp, sc,
                 rows);
       for (int64_t i = 0; i < nr; ++i) {
