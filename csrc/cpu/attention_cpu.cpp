@@ -6,9 +6,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <optional>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/cpu_features.h"
@@ -97,19 +100,19 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   a.block_keys = g.Lk == 0 ? 1 : (g.Lk + a.blocks - 1) / a.blocks;
   a.blocks = g.Lk == 0 ? 1 : (g.Lk + a.block_keys - 1) / a.block_keys;
   const KernelTable& kt = attention_kernels();
-  at::Tensor parts;
+  std::vector<float> parts;
+  std::unique_ptr<std::atomic<int64_t>[]> done;
   if (a.blocks > 1) {
-    const int64_t slots = g.B * g.Hkv * R * a.blocks;
-    parts = at::empty({slots * (g.D + 2)}, q.options().dtype(at::kFloat));
-    a.part_m = parts.mutable_data_ptr<float>();
+    const int64_t slots = g.B * g.Hkv * R * a.blocks, groups = g.B * g.Hkv * a.row_groups;
+    parts.resize(slots * (g.D + 2));
+    a.part_m = parts.data();
     a.part_l = a.part_m + slots;
     a.part_o = a.part_l + slots;
+    done.reset(new std::atomic<int64_t>[groups]);
+    for (int64_t i = 0; i < groups; ++i) done[i].store(0, std::memory_order_relaxed);
+    a.blocks_done = done.get();
   }
   at::parallel_for(0, a.tasks(), 1, [&](int64_t t0, int64_t t1) { kt.attention(a, t0, t1); });
-  if (a.blocks > 1) {
-    at::parallel_for(0, g.B * g.Hkv * R, 8,
-                     [&](int64_t r0, int64_t r1) { kt.attention_merge(a, r0, r1); });
-  }
   return out;
 }
 

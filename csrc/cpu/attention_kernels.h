@@ -309,6 +309,36 @@ MLXQ_INLINE void add_pv(float* o, const float* const* rows, int64_t d0, const fl
   for (int u = 0; u < W; ++u) store8(o + u * 8, acc[u]);
 }
 
+// Combines the key blocks of rows [g0, g1) (global rows unit * R + r): the largest max M, the
+// sums and outputs of each block scaled by exp(m_blk - M); blocks that attended nothing skipped.
+inline void attention_merge(const AttentionArgs& a, int64_t g0, int64_t g1) {
+  const int64_t R = a.rows(), D = a.D, nb = a.blocks, rep = a.Hq / a.Hkv;
+  const int64_t elem = a.dtype == ScaleType::kFloat ? 4 : 2;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  std::vector<float> o(D);
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* m = a.part_m + g * nb;
+    const float* l = a.part_l + g * nb;
+    float M = ninf;
+    for (int64_t k = 0; k < nb; ++k) M = std::max(M, m[k]);
+    std::fill(o.begin(), o.end(), 0.f);
+    float L = 0.f;
+    if (M != ninf) {
+      for (int64_t k = 0; k < nb; ++k) {
+        if (m[k] == ninf) continue;
+        const float f = std::exp(m[k] - M);
+        L += l[k] * f;
+        const float* ok = a.part_o + (g * nb + k) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += ok[d] * f;
+      }
+    }
+    const int64_t unit = g / R, r = g % R, b = unit / a.Hkv, hkv = unit % a.Hkv;
+    const int64_t hq = hkv * rep + r / a.Lq, lq = r % a.Lq;
+    write_row(o.data(), L, a.dtype, D,
+              static_cast<char*>(a.out) + ((b * a.Hq + hq) * a.Lq + lq) * D * elem);
+  }
+}
+
 // One task (see AttentionArgs): rows [r0, r1) of unit (b, hkv) against keys [j0, j1).
 inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc) {
   const int64_t R = a.rows(), D = a.D, Dp = (D + 7) / 8 * 8, rep = a.Hq / a.Hkv;
@@ -426,42 +456,16 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
       std::memcpy(a.part_o + at * D, sc.o.data() + i * Dp, D * sizeof(float));
     }
   }
+  // The last block of this row group to finish merges them all (acq_rel: the other blocks'
+  // partials are visible to it), so that no second parallel region is needed.
+  if (a.blocks > 1 && a.blocks_done[rest].fetch_add(1, std::memory_order_acq_rel) == a.blocks - 1)
+    attention_merge(a, row0 + r0, row0 + r1);
 }
 
 inline void attention(const AttentionArgs& a, int64_t t0, int64_t t1) {
   thread_local AttnScratch sc;
   sc.reserve(std::min(a.rows_per_group, a.rows()), (a.D + 7) / 8 * 8);
   for (int64_t t = t0; t < t1; ++t) attention_task(a, t, sc);
-}
-
-// Combines the key blocks of rows [g0, g1) (global rows unit * R + r): the largest max M, the
-// sums and outputs of each block scaled by exp(m_blk - M); blocks that attended nothing skipped.
-inline void attention_merge(const AttentionArgs& a, int64_t g0, int64_t g1) {
-  const int64_t R = a.rows(), D = a.D, nb = a.blocks, rep = a.Hq / a.Hkv;
-  const int64_t elem = a.dtype == ScaleType::kFloat ? 4 : 2;
-  const float ninf = -std::numeric_limits<float>::infinity();
-  std::vector<float> o(D);
-  for (int64_t g = g0; g < g1; ++g) {
-    const float* m = a.part_m + g * nb;
-    const float* l = a.part_l + g * nb;
-    float M = ninf;
-    for (int64_t k = 0; k < nb; ++k) M = std::max(M, m[k]);
-    std::fill(o.begin(), o.end(), 0.f);
-    float L = 0.f;
-    if (M != ninf) {
-      for (int64_t k = 0; k < nb; ++k) {
-        if (m[k] == ninf) continue;
-        const float f = std::exp(m[k] - M);
-        L += l[k] * f;
-        const float* ok = a.part_o + (g * nb + k) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += ok[d] * f;
-      }
-    }
-    const int64_t unit = g / R, r = g % R, b = unit / a.Hkv, hkv = unit % a.Hkv;
-    const int64_t hq = hkv * rep + r / a.Lq, lq = r % a.Lq;
-    write_row(o.data(), L, a.dtype, D,
-              static_cast<char*>(a.out) + ((b * a.Hq + hq) * a.Lq + lq) * D * elem);
-  }
 }
 
 }  // namespace mlxq::cpu::MLXQ_ISA

@@ -5,6 +5,7 @@
 // rows or groups, so the caller decides the parallel split.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace mlxq::cpu {
@@ -137,10 +138,12 @@ struct AttentionArgs {
   int64_t rows_per_group = 1, row_groups = 1;
   int64_t block_keys = 1, blocks = 1;
   // blocks > 1: each task leaves its running max, sum of exponentials and unnormalised output
-  // per row, at index (unit * R + r) * blocks + blk (part_o: times D), for attention_merge.
+  // per row, at index (unit * R + r) * blocks + blk (part_o: times D), and counts itself in
+  // blocks_done[unit * row_groups + group]; the last block of a row group merges them.
   float* part_m = nullptr;
   float* part_l = nullptr;
   float* part_o = nullptr;
+  std::atomic<int64_t>* blocks_done = nullptr;
   int64_t rows() const { return Hq / Hkv * Lq; }  // R
   int64_t tasks() const { return B * Hkv * row_groups * blocks; }
 };
@@ -163,10 +166,8 @@ struct KernelTable {
   // bf16 bits, rounded as mx.dequantize does in bf16 (the bf16 prefill's tiles).
   void (*dequantize_bf16)(const QuantWeight& W, uint16_t* out, int64_t n_begin,
                           int64_t n_end) = nullptr;
-  // Decode attention: tasks [t_begin, t_end) of AttentionArgs; with blocks > 1, then
-  // attention_merge for rows [row_begin, row_end) of the B * Hkv * R rows.
+  // Decode attention: tasks [t_begin, t_end) of AttentionArgs.
   void (*attention)(const AttentionArgs& a, int64_t t_begin, int64_t t_end) = nullptr;
-  void (*attention_merge)(const AttentionArgs& a, int64_t row_begin, int64_t row_end) = nullptr;
   // y = exp(x) elementwise (the kernels' own vector exp, exposed for its accuracy test).
   void (*exp)(const float* x, float* y, int64_t n) = nullptr;
 };

@@ -287,7 +287,6 @@ inline const KernelTable& table(const char* name) {
   static const KernelTable t = [name] {
     KernelTable k{name, &qmv, &qvm, &dequantize, nullptr, &fp_qmv, &fp_dequantize};
     k.attention = &attention;
-    k.attention_merge = &attention_merge;
     k.exp = &vector_exp;
     return k;
   }();
