@@ -1,12 +1,14 @@
 // Decode attention on the CPU (AttentionArgs in kernel_table.h): a few queries against a KV
 // cache read in place in its own dtype, every number widened to fp32 as it is read:
-//   s[r, j] = scale * q[r] . k[j] + mask[r, j];  p = exp(s - max_j s);  out[r] = sum_j p v[j] / sum
-//   p
+//   s[r, j] = scale * q[r] . k[j] + mask[r, j],  p = exp(s - max_j s),
+//   out[r] = sum_j p[r, j] v[j] / sum_j p[r, j],
 // rounded once to the dtype of q. A task streams its keys once for all rows that share the kv
 // head (GQA), in chunks of kAttnChunk keys with an online softmax (running max and sum, the
 // output rescaled when the max grows), 8 keys at a time: 8 rows of K (or V) are widened into a
 // small fp32 tile that every query row then reads from L1. A row whose every score is -inf (fully
 // masked, or no keys) gives 0, as torch's scaled_dot_product_attention does.
+// On the avx512 kernels (AVX512-BF16), bf16 q . k skips the widening: vdpbf16ps multiplies the
+// stored bf16 values exactly and sums in fp32 (see dot8_bf16 for its one difference).
 // Included through kernels.h, inside namespace MLXQ_ISA.
 
 #ifndef MLXQ_ISA

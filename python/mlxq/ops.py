@@ -669,7 +669,9 @@ def decode_attention(
     broadcastable to [B, Hq, Lq, Lk]. `scale` defaults to 1/sqrt(D). Scores, softmax and the
     weighted sum of `v` are fp32; the output [B, Hq, Lq, D] (contiguous) is rounded once to the
     dtype of `q`. A row that attends no key gives 0, as torch's scaled_dot_product_attention.
-    Built for decode (Lq up to ~16) and correct for any Lq; not differentiable.
+    Built for decode (Lq up to ~16) and correct for any Lq; not differentiable. On CPUs with
+    AVX512-BF16, bf16 `q . k` uses bf16 dot products (exact products, fp32 sums), which read
+    subnormal bf16 values (below 1.2e-38) as zero.
     """
     return torch.ops.mlxq.decode_attention(q, k, v, mask, scale)
 
