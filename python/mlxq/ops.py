@@ -676,18 +676,8 @@ def decode_attention(
     return torch.ops.mlxq.decode_attention(q, k, v, mask, scale)
 
 
+# Not differentiable: csrc/autograd.cpp refuses a gradient at backward time (in C++, so that
+# decode calls run no Python autograd kernel).
 @torch.library.register_fake("mlxq::decode_attention")
 def _decode_attention_fake(q, k, v, mask=None, scale=None):
     return q.new_empty(_C.decode_attention_out_shape(q, k, v, mask))
-
-
-def _decode_attention_backward(ctx, grad):
-    raise RuntimeError(
-        "mlxq.decode_attention is an inference kernel and has no gradient; use "
-        "torch.nn.functional.scaled_dot_product_attention where gradients are needed"
-    )
-
-
-torch.library.register_autograd(
-    "mlxq::decode_attention", _decode_attention_backward, setup_context=_no_grad_setup_context
-)

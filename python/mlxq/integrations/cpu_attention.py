@@ -39,30 +39,29 @@ NATIVE_DECODE = True
 
 def _native_fits(module: nn.Module, query, key, value, attention_mask, kwargs) -> bool:
     """Whether mlxq.ops.decode_attention computes exactly what sdpa_attention_forward would
-    (in fp32) for this call; anything it does not reproduce keeps the widening path."""
-    if not NATIVE_DECODE:
+    (in fp32) for this call; anything it does not reproduce keeps the widening path. (Plain
+    tests in the order of their cost: this runs once per layer per token.)"""
+    if not NATIVE_DECODE or kwargs.get("dropout") or kwargs.get("output_attentions"):
         return False
-    if kwargs.get("dropout") or kwargs.get("output_attentions"):
+    if (
+        kwargs.get("softcap") is not None
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("s_aux") is not None
+        or getattr(module, "sinks", None) is not None
+    ):
         return False
-    if any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux")):
+    qs, ks = query.shape, key.shape
+    if len(qs) != 4 or len(ks) != 4 or value.shape != ks or qs[0] != ks[0] or qs[3] != ks[3]:
         return False
-    if getattr(module, "sinks", None) is not None:
-        return False
-    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+    if qs[1] != ks[1] * max(getattr(module, "num_key_value_groups", 1), 1):
         return False
     if not (query.dtype == key.dtype == value.dtype):
         return False
-    if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         return False
-    groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[1] != key.shape[1] * max(groups, 1):
-        return False
-    if any(t.stride(-1) != 1 for t in (query, key, value)):
-        return False
-    return (
-        attention_mask is None
-        or attention_mask.dtype == torch.bool
-        or (attention_mask.is_floating_point())
+    return attention_mask is None or (
+        attention_mask.dim() <= 4
+        and (attention_mask.dtype == torch.bool or attention_mask.is_floating_point())
     )
 
 
