@@ -196,6 +196,22 @@ def test_torch_compile_fullgraph(gen):
         assert torch.equal(dynamic(q, k, v, mask), f(q, k, v, mask))
 
 
+def test_opcheck(gen):
+    """torch.library.opcheck: schema, autograd registration, the fake kernel against the real
+    one, AOT dispatch with dynamic shapes; with and without a mask, no keys, strided k."""
+    q, k, v, mask = _case_inputs((2, 2, 3, 2, 40, 32, "float", "b1"), torch.bfloat16, gen)
+    cases = [
+        (q, k, v, mask, 0.2),
+        (q, k, v, mask > 0, None),
+        (q, k, v, None, None),
+        (q, k[:, :, :0], v[:, :, :0], None, 0.5),
+        (q.float(), k.float().transpose(1, 2).contiguous().transpose(1, 2), v.float(), None, 1.0),
+    ]
+    for args in cases:
+        result = torch.library.opcheck(torch.ops.mlxq.decode_attention.default, args)
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
 def test_meta_tensors_give_the_output_shape():
     q = torch.empty(2, 8, 3, 64, device="meta", dtype=torch.bfloat16)
     k = torch.empty(2, 2, 100, 64, device="meta", dtype=torch.bfloat16)
