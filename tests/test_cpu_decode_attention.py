@@ -288,12 +288,12 @@ def _tiny_llama(seed: int):
     return model
 
 
-def _generate(model, prompt, attention_mask, native: bool, monkeypatch):
+def _generate(model, prompt, attention_mask, native: bool, monkeypatch, **generate_kwargs):
     calls = []
     real = cpu_attention._native
 
     def spy(*args):
-        calls.append(args[1].shape[-2])
+        calls.append((args[1].shape[-2], args[2].shape[-2]))  # queries, keys
         return real(*args)
 
     with monkeypatch.context() as m:
@@ -308,16 +308,17 @@ def _generate(model, prompt, attention_mask, native: bool, monkeypatch):
                 do_sample=False,
                 output_logits=True,
                 return_dict_in_generate=True,
+                **generate_kwargs,
             )
     return out, calls
 
 
 @pytest.mark.parametrize(
-    "prompt_len,padded",
-    [(20, False), (20, True), (9, False)],
-    ids=["prompt20", "prompt20_left_padded_pair", "prompt9_causal_without_mask"],
+    "prompt_len,padded,cache",
+    [(20, False, "dynamic"), (20, True, "dynamic"), (9, False, "dynamic"), (20, True, "static")],
+    ids=["prompt20", "prompt20_left_padded_pair", "prompt9_causal_without_mask", "static_cache"],
 )
-def test_tiny_llama_decodes_as_the_widening_path(prompt_len, padded, gen, monkeypatch):
+def test_tiny_llama_decodes_as_the_widening_path(prompt_len, padded, cache, gen, monkeypatch):
     """Greedy tokens and logits of a bf16 Llama decoding through the op equal those of the
     fp32-widening path (the same fp32 attention, summed in another order), up to near-ties.
     A prompt of at most MAX_QUERIES tokens takes the op too, with sdpa's causal rule."""
@@ -327,11 +328,17 @@ def test_tiny_llama_decodes_as_the_widening_path(prompt_len, padded, gen, monkey
     if padded:
         attention_mask[1, :4] = 0
         prompt[1, :4] = 0
-    new, native_calls = _generate(model, prompt, attention_mask, True, monkeypatch)
-    old, old_calls = _generate(model, prompt, attention_mask, False, monkeypatch)
+    kwargs = {"cache_implementation": cache}
+    new, native_calls = _generate(model, prompt, attention_mask, True, monkeypatch, **kwargs)
+    old, old_calls = _generate(model, prompt, attention_mask, False, monkeypatch, **kwargs)
     layers = model.config.num_hidden_layers
     prefill = [prompt_len] * layers if prompt_len <= cpu_attention.MAX_QUERIES else []
-    assert native_calls == prefill + [1] * (11 * layers) and old_calls == []
+    assert [n for n, _ in native_calls] == prefill + [1] * (11 * layers) and old_calls == []
+    # a dynamic cache grows by a key a step; a static one hands over its whole buffer (prompt
+    # and new tokens but the last) every step, and the mask cuts it
+    keys = {k for _, k in native_calls[len(prefill) :]}
+    grown = set(range(prompt_len + 1, prompt_len + 12))
+    assert keys == ({prompt_len + 11} if cache == "static" else grown)
     tol = 0.01  # measured: bit-equal logits, or 1 bf16 ulp (0.004 at |logit| ~ 0.8)
     for step, (a, b) in enumerate(zip(old.logits, new.logits, strict=True)):
         assert (a.float() - b.float()).abs().max().item() <= tol, step
