@@ -137,6 +137,25 @@ def test_padded_batch_and_fully_masked_rows(isa, dtype, gen):
     assert torch.equal(got_min[rows], got_bool[rows])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_key_blocks_that_attend_nothing(isa, dtype, gen):
+    """Keys split between threads (one kv head, 1000 keys: 4 blocks on 4 threads) where whole
+    blocks are masked for a row, one row attends only the last keys, another nothing."""
+    q = torch.randn(1, 4, 3, 64, generator=gen).to(dtype)
+    k = torch.randn(1, 1, 1000, 64, generator=gen).to(dtype)
+    v = torch.randn(1, 1, 1000, 64, generator=gen).to(dtype)
+    keep = torch.rand(1, 1, 3, 1000, generator=gen) > 0.5
+    keep[0, 0, 0, :900] = False  # only the last block
+    keep[0, 0, 1, :] = False  # nothing
+    keep[0, 0, 2, 100:] = False  # only the first block
+    want = reference(q, k, v, keep, 0.1)
+    for threads in (1, 2, 4):
+        with num_threads(threads):
+            got = decode_attention(q, k, v, keep, 0.1)
+        assert_close_to_reference(got, want, dtype, v)
+        assert (got[0, :, 1] == 0).all()
+
+
 def test_no_keys_gives_zeros():
     q = torch.randn(1, 4, 2, 16, dtype=torch.bfloat16)
     k = torch.randn(1, 2, 0, 16, dtype=torch.bfloat16)
