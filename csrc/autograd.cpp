@@ -1,4 +1,5 @@
-// Reverse-mode derivatives of the matmul ops, registered at the Autograd key in C++.
+// Reverse-mode derivatives of the matmul ops, registered at the Autograd key in C++ (and
+// decode_attention's refusal of one, at the end).
 //
 // Every op is linear in x and treats the quantized weight as a constant, so each vjp is the op
 // itself with the other transpose. Registered here rather than with torch.library in Python:
@@ -10,6 +11,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 
 namespace mlxq {
@@ -152,10 +154,52 @@ at::Tensor fp_matmul_autograd(const at::Tensor& x, const at::Tensor& wq, const a
   return fp_matmul_op().call(x, wq, scales, mode, group_size, bits, transpose, global_scale);
 }
 
+// --- decode_attention ---------------------------------------------------------------------------
+// An inference kernel without a derivative. Its refusal lives here too, not in Python: a Python
+// autograd kernel would run on every decode call (once per layer per token), grad or not. A call
+// that needs no gradient goes straight to the backend; one that does gets a grad_fn that
+// refuses at backward time, instead of torch's silent "no autograd kernel" fallback.
+
+using DecodeAttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, std::optional<double>);
+
+const c10::TypedOperatorHandle<DecodeAttentionFn>& decode_attention_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlxq::decode_attention", "")
+                             .typed<DecodeAttentionFn>();
+  return op;
+}
+
+struct DecodeAttentionGrad : torch::autograd::Function<DecodeAttentionGrad> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                            std::optional<double> scale) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return decode_attention_op().call(q, k, v, mask, scale);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false,
+                "mlxq.decode_attention is an inference kernel and has no gradient; use "
+                "torch.nn.functional.scaled_dot_product_attention where gradients are needed");
+    return {};
+  }
+};
+
+at::Tensor decode_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const std::optional<at::Tensor>& mask,
+                                     std::optional<double> scale) {
+  const at::Tensor m = mask.value_or(at::Tensor());
+  if (needs_grad({&q, &k, &v, &m})) return DecodeAttentionGrad::apply(q, k, v, mask, scale);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return decode_attention_op().call(q, k, v, mask, scale);
+}
+
 }  // namespace
 }  // namespace mlxq
 
 TORCH_LIBRARY_IMPL(mlxq, Autograd, m) {
   m.impl("affine_matmul", &mlxq::affine_matmul_autograd);
   m.impl("fp_matmul", &mlxq::fp_matmul_autograd);
+  m.impl("decode_attention", &mlxq::decode_attention_autograd);
 }

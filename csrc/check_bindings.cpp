@@ -19,6 +19,9 @@ void register_check_bindings(pybind11::module& m) {
   m.def("quantize_out_shapes", &quantize_out_shapes, py::arg("w"), py::arg("group_size"),
         py::arg("bits"),
         "Checks the arguments of affine_quantize and returns the shapes of wq, scales, biases.");
+  m.def("decode_attention_out_shape", &decode_attention_out_shape, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("mask"),
+        "Checks the arguments of decode_attention and returns its output shape.");
 }
 
 }  // namespace mlxq

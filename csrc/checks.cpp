@@ -499,3 +499,84 @@ at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
 }
 
 }  // namespace mlxq
+
+// --- decode_attention ---------------------------------------------------------------------------
+
+namespace mlxq {
+namespace {
+
+// The last dimension of `t` is unit-stride (or has at most one element).
+bool unit_last_stride(const at::Tensor& t) {
+  return holds(t.sym_size(-1).sym_le(1)) || holds(t.sym_stride(-1).sym_eq(1));
+}
+
+std::vector<SymInt> check_decode_attention_sym(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v,
+                                               const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK_TYPE(is_float(q.scalar_type()), "mlxq: q must be float32, float16 or bfloat16, got ",
+                   q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "mlxq: q, k and v must have one dtype, got q ", q.scalar_type(), ", k ",
+                   k.scalar_type(), ", v ", v.scalar_type());
+  if (mask.has_value()) {
+    check_one_device({{"q", &q}, {"k", &k}, {"v", &v}, {"mask", &*mask}});
+  } else {
+    check_one_device({{"q", &q}, {"k", &k}, {"v", &v}});
+  }
+  const SymIntArrayRef qs = q.sym_sizes(), ks = k.sym_sizes(), vs = v.sym_sizes();
+  TORCH_CHECK_VALUE(q.dim() == 4, "mlxq: q must be [batch, heads, queries, head_dim], got shape ",
+                    shape_str(qs));
+  TORCH_CHECK_VALUE(k.dim() == 4, "mlxq: k must be [batch, kv_heads, keys, head_dim], got shape ",
+                    shape_str(ks));
+  TORCH_CHECK_VALUE(same_sizes(ks, vs), "mlxq: v shape ", shape_str(vs), " must equal k shape ",
+                    shape_str(ks));
+  TORCH_CHECK_VALUE(holds(ks[0].sym_eq(qs[0])) && holds(ks[3].sym_eq(qs[3])), "mlxq: k shape ",
+                    shape_str(ks), " must match q shape ", shape_str(qs),
+                    " in batch (dim 0) and head_dim (dim 3)");
+  TORCH_CHECK_VALUE(holds(ks[1].sym_ge(1)) && holds((qs[1] % ks[1]).sym_eq(0)),
+                    "mlxq: the kv heads of k (shape ", shape_str(ks),
+                    ") must be at least 1 and divide the query heads of q (shape ", shape_str(qs),
+                    ")");
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    TORCH_CHECK_VALUE(unit_last_stride(*t), "mlxq: ", name,
+                      " must have a unit-stride last dimension, got strides ",
+                      shape_str(t->sym_strides()), " (call .contiguous())");
+  }
+  const std::vector<SymInt> out(qs.begin(), qs.end());
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || is_float(m.scalar_type()),
+                     "mlxq: mask must be bool (True attends) or float32, float16, bfloat16 "
+                     "(added to the scores), got ",
+                     m.scalar_type());
+    const std::vector<SymInt> target = {qs[0], qs[1], qs[2], ks[2]};
+    const SymIntArrayRef ms = m.sym_sizes();
+    bool fits = m.dim() <= 4;
+    for (int64_t i = 0; fits && i < m.dim(); ++i) {
+      const SymInt& size = ms[m.dim() - 1 - i];
+      fits = holds(size.sym_eq(target[3 - i])) || holds(size.sym_eq(1));
+    }
+    TORCH_CHECK_VALUE(fits, "mlxq: mask shape ", shape_str(ms),
+                      " does not broadcast to [batch, heads, queries, keys] = ",
+                      shape_str(SymIntArrayRef(target)));
+  }
+  return out;
+}
+
+}  // namespace
+
+AttentionGeometry check_decode_attention(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v,
+                                         const std::optional<at::Tensor>& mask) {
+  check_decode_attention_sym(q, k, v, mask);
+  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+}
+
+std::vector<c10::SymInt> decode_attention_out_shape(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& mask) {
+  return check_decode_attention_sym(q, k, v, mask);
+}
+
+}  // namespace mlxq

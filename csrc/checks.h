@@ -139,3 +139,25 @@ at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
                                int64_t limit, const char* name, const at::Device& device);
 
 }  // namespace mlxq
+
+// --- decode_attention --------------------------------------------------------------------------
+
+namespace mlxq {
+
+struct AttentionGeometry {
+  int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, D = 0;
+};
+
+// q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] of one float dtype with Hkv >= 1 dividing Hq, a
+// unit-stride last dimension (any other strides), and an optional mask (bool, or float32,
+// float16, bfloat16) that broadcasts to [B, Hq, Lq, Lk]; all on one device.
+AttentionGeometry check_decode_attention(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v,
+                                         const std::optional<at::Tensor>& mask);
+
+// The same checks; returns the output shape [B, Hq, Lq, D] (sizes may be symbolic).
+std::vector<c10::SymInt> decode_attention_out_shape(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& mask);
+
+}  // namespace mlxq

@@ -56,6 +56,20 @@ TORCH_LIBRARY_FRAGMENT(mlxq, m) {
       "Tensor? global_scale=None, bool sorted_indices=False) -> Tensor");
 }
 
+// Attention of a few queries (decode) against a KV cache, read in place in its dtype:
+// q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] (query head h reads kv head h / (Hq / Hkv)); mask
+// bool (True attends) or float (added), broadcast to [B, Hq, Lq, Lk]; scale default 1/sqrt(D).
+// Computed in fp32, the output [B, Hq, Lq, D] rounded once to the dtype of q.
+TORCH_LIBRARY_FRAGMENT(mlxq, m) {
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float? scale=None)"
+      " -> Tensor");
+}
+
+namespace mlxq::cpu {
+at::Tensor vector_exp_for_tests(const at::Tensor& x);  // csrc/cpu/attention_cpu.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mlxq native op library (ops are reached through torch.ops.mlxq)";
   m.def("set_cpu_isa", &mlxq::cpu::set_isa, "Force the CPU kernels onto portable, avx2 or auto");
@@ -63,6 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set the CPU kernels run with on this machine (avx512, avx2, neon, portable)");
   m.def("cpu_threaded", &mlxq::cpu::threaded,
         "Whether the CPU kernels run on torch's intra-op threads (False: built without OpenMP)");
+  m.def("cpu_vector_exp", &mlxq::cpu::vector_exp_for_tests,
+        "exp of a float32 CPU tensor by the active CPU kernels' own vector exp (for its tests)");
   mlxq::register_check_bindings(m);
   mlxq::register_composite_bindings(m);
   mlxq::metal::register_plan_bindings(m);

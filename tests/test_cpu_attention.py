@@ -1,6 +1,8 @@
 """Decode attention in fp32 for bf16/fp16 models on the CPU (integrations/cpu_attention.py):
-which models switch, and that decode equals transformers' sdpa run on fp32 copies of q, k, v
-while a prompt still takes bf16 sdpa unchanged."""
+which models switch; that decode goes to mlxq.ops.decode_attention, or with NATIVE_DECODE off
+equals transformers' sdpa run on fp32 copies of q, k, v, while a prompt still takes bf16 sdpa
+unchanged; and which calls the native op leaves to the widening path.
+(tests/test_cpu_decode_attention.py holds the op itself to float64.)"""
 
 from __future__ import annotations
 
@@ -41,11 +43,21 @@ def test_models_that_name_sdpa_keep_it():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_decode_is_fp32_sdpa_and_prompt_is_unchanged(checkpoint, monkeypatch):
-    """Every attention call of a bf16 generate: few queries get fp32 q/k/v and return their
-    fp32 result rounded to bf16; the prompt's call is transformers' own bf16 sdpa."""
+@pytest.mark.parametrize("native", [True, False], ids=["native", "widening"])
+def test_decode_is_fp32_and_prompt_is_unchanged(checkpoint, native, monkeypatch):
+    """Every attention call of a bf16 generate: few queries go to the native op, or (with
+    NATIVE_DECODE off) get fp32 q/k/v and return their fp32 result rounded to bf16; the
+    prompt's call is transformers' own bf16 sdpa."""
     model = _load(checkpoint, torch.bfloat16)
-    calls = []
+    monkeypatch.setattr(cpu_attention, "NATIVE_DECODE", native)
+    calls, native_calls = [], []
+    real_native = cpu_attention._native
+
+    def native_spy(module, query, *args):
+        native_calls.append((query.shape[-2], query.dtype))
+        return real_native(module, query, *args)
+
+    monkeypatch.setattr(cpu_attention, "_native", native_spy)
 
     def spy(module, query, key, value, mask, **kwargs):
         out, _ = sdpa_attention_forward(module, query, key, value, mask, **kwargs)
@@ -59,13 +71,21 @@ def test_decode_is_fp32_sdpa_and_prompt_is_unchanged(checkpoint, monkeypatch):
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     layers = model.config.num_hidden_layers
-    assert len(calls) == 4 * layers, len(calls)
-    prompt_calls, decode_calls = calls[:layers], calls[layers:]
+    decode_calls = native_calls if native else calls[layers:]
+    assert len(calls) == (1 if native else 4) * layers, len(calls)
+    assert len(decode_calls) == 3 * layers
+    prompt_calls = calls[:layers]
     assert all(q == prompt.shape[1] and dt == torch.bfloat16 for q, dt, _ in prompt_calls)
-    assert all(q == 1 and dt == torch.float32 for q, dt, _ in decode_calls)
+    want_dtype = torch.bfloat16 if native else torch.float32
+    assert all(c[0] == 1 and c[1] == want_dtype for c in decode_calls)
 
 
-def test_fp32_path_equals_sdpa_on_fp32_copies():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "widening"])
+def test_fp32_path_equals_sdpa_on_fp32_copies(native, monkeypatch):
+    """The widening path is bit for bit sdpa on fp32 copies; the native op the same numbers
+    summed in another order (within one bf16 rounding); both closer to float64 attention than
+    torch's bf16 kernel."""
+    monkeypatch.setattr(cpu_attention, "NATIVE_DECODE", native)
     torch.manual_seed(0)
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal, module.training = 3, True, False
@@ -78,11 +98,73 @@ def test_fp32_path_equals_sdpa_on_fp32_copies():
     want, _ = sdpa_attention_forward(
         module, q.float(), k.float(), v.float(), mask.float(), scaling=0.2
     )
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, want.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 6, 32) and got.is_contiguous()
+    if native:
+        torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=2.0**-7, atol=1e-6)
+    else:
+        assert torch.equal(got, want.to(torch.bfloat16))
     # and it is closer to float64 attention than torch's bf16 kernel
     s = (q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2)) * 0.2 + mask.double()
     exact = s.softmax(-1) @ v.double().repeat_interleave(3, 1)
     theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.2)
     exact = exact.transpose(1, 2)
     assert (got.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
+
+
+def _module(groups: int = 3) -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = groups, True, False
+    return module
+
+
+def _qkv(lq: int = 1, lk: int = 40):
+    q = torch.randn(1, 6, lq, 32).to(torch.bfloat16)
+    k = torch.randn(1, 2, lk, 32).to(torch.bfloat16)
+    return q, k, torch.randn(1, 2, lk, 32).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"dropout": 0.1},
+        {"softcap": 30.0},
+        {"s_aux": torch.zeros(6)},
+        {"output_attentions": True},
+        {"module.sinks": torch.zeros(6)},
+        {"module.num_key_value_groups": 1},  # sdpa would refuse 6 query heads on 2 kv heads
+        {"value.head_dim": 16},  # another head size for v (MLA-like)
+        {"key.stride": 2},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_calls_the_op_does_not_reproduce_keep_the_widening_path(change, monkeypatch):
+    module = _module()
+    q, k, v = _qkv()
+    kwargs = {"scaling": 0.2}
+    ((name, value),) = change.items()
+    if name.startswith("module."):
+        setattr(module, name.split(".")[1], value)
+    elif name == "value.head_dim":
+        v = v[..., :16].contiguous()
+    elif name == "key.stride":
+        k = torch.randn(1, 2, 40, 64).to(torch.bfloat16)[..., ::2]
+    else:
+        kwargs[name] = value
+    assert not cpu_attention._native_fits(module, q, k, v, None, kwargs)
+    assert cpu_attention._native_fits(_module(), *_qkv(), None, {"scaling": 0.2})
+
+
+def test_several_queries_without_mask_are_causal_from_the_first_key():
+    """sdpa's is_causal for a few queries and no mask (a short prompt): query i sees keys
+    0..i, the rest of a longer cache too, as sdpa_attention_forward's cropping gives."""
+    module = _module()
+    for lk in (5, 12):
+        q, k, v = _qkv(lq=5, lk=lk)
+        got, _ = cpu_attention._attention(module, q, k, v, None, scaling=0.2)
+        want, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None, scaling=0.2)
+        torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=2.0**-7, atol=1e-6)
+        module.is_causal = False  # and without it, every key
+        got, _ = cpu_attention._attention(module, q, k, v, None, scaling=0.2)
+        want, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None, scaling=0.2)
+        torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=2.0**-7, atol=1e-6)
+        module.is_causal = True

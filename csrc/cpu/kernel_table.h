@@ -5,6 +5,7 @@
 // rows or groups, so the caller decides the parallel split.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace mlxq::cpu {
@@ -112,6 +113,41 @@ struct FpQmvBf16Args {
 };
 inline bool fp_bf16_decode_fits(const FpWeight& W) { return W.K % bf16_block_values(W.bits) == 0; }
 
+// Attention of a few queries against a KV cache (attention_kernels.h), read in place. A "unit"
+// is one (batch, kv head) pair; its R = (Hq / Hkv) * Lq rows are the (query head, query) pairs
+// that read that kv head, row r being query head hkv * Hq/Hkv + r / Lq, query r % Lq. A task is
+// (unit, row group, key block): rows [g * rows_per_group, ...) against keys
+// [blk * block_keys, ...). Strides are in elements; the last dimension of q, k, v is unit-stride.
+enum class MaskType { kNone, kBool, kFloat, kHalf, kBFloat16 };
+struct AttentionArgs {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  ScaleType dtype = ScaleType::kFloat;  // of q, k, v and out
+  int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, D = 0;
+  int64_t q_stride[3] = {};  // batch, head, query
+  int64_t k_stride[3] = {};  // batch, head, key
+  int64_t v_stride[3] = {};
+  // The mask broadcast to [B, Hq, Lq, Lk] (stride 0 along broadcast dimensions); bool: true
+  // attends, float: added to the scores.
+  const void* mask = nullptr;
+  MaskType mask_type = MaskType::kNone;
+  int64_t mask_stride[4] = {};
+  float scale = 1.f;
+  void* out = nullptr;  // [B, Hq, Lq, D] contiguous, dtype; written directly when blocks == 1
+  int64_t rows_per_group = 1, row_groups = 1;
+  int64_t block_keys = 1, blocks = 1;
+  // blocks > 1: each task leaves its running max, sum of exponentials and unnormalised output
+  // per row, at index (unit * R + r) * blocks + blk (part_o: times D), and counts itself in
+  // blocks_done[unit * row_groups + group]; the last block of a row group merges them.
+  float* part_m = nullptr;
+  float* part_l = nullptr;
+  float* part_o = nullptr;
+  std::atomic<int64_t>* blocks_done = nullptr;
+  int64_t rows() const { return Hq / Hkv * Lq; }  // R
+  int64_t tasks() const { return B * Hkv * row_groups * blocks; }
+};
+
 struct KernelTable {
   const char* name;
   void (*qmv)(const QmvArgs& a, int64_t n_begin, int64_t n_end);  // output columns range
@@ -130,6 +166,10 @@ struct KernelTable {
   // bf16 bits, rounded as mx.dequantize does in bf16 (the bf16 prefill's tiles).
   void (*dequantize_bf16)(const QuantWeight& W, uint16_t* out, int64_t n_begin,
                           int64_t n_end) = nullptr;
+  // Decode attention: tasks [t_begin, t_end) of AttentionArgs.
+  void (*attention)(const AttentionArgs& a, int64_t t_begin, int64_t t_end) = nullptr;
+  // y = exp(x) elementwise (the kernels' own vector exp, exposed for its accuracy test).
+  void (*exp)(const float* x, float* y, int64_t n) = nullptr;
 };
 
 const KernelTable& portable_kernels();

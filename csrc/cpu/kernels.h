@@ -278,12 +278,18 @@ inline void dequantize_bf16(const QuantWeight& W, uint16_t* out, int64_t n0, int
 
 }  // namespace mlxq::cpu::MLXQ_ISA
 
+#include "cpu/attention_kernels.h"
 #include "cpu/fp_kernels.h"
 
 namespace mlxq::cpu::MLXQ_ISA {
 
 inline const KernelTable& table(const char* name) {
-  static const KernelTable t{name, &qmv, &qvm, &dequantize, nullptr, &fp_qmv, &fp_dequantize};
+  static const KernelTable t = [name] {
+    KernelTable k{name, &qmv, &qvm, &dequantize, nullptr, &fp_qmv, &fp_dequantize};
+    k.attention = &attention;
+    k.exp = &vector_exp;
+    return k;
+  }();
   return t;
 }
 

@@ -34,6 +34,7 @@
 
 #define MLXQ_ISA avx512
 #define MLXQ_X86_AVX2 1
+#define MLXQ_X86_AVX512 1  // kernels.h may use 512-bit intrinsics (attention_kernels.h does)
 #include "cpu/kernels.h"
 
 namespace mlxq::cpu::avx512 {

@@ -20,6 +20,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantized_matmul",
+    "decode_attention",
 ]
 
 
@@ -648,3 +649,35 @@ def _fp_gather_backward(ctx, grad):
 torch.library.register_autograd(
     "mlxq::fp_gather_matmul", _fp_gather_backward, setup_context=_fp_gather_setup_context
 )
+
+
+# --- decode attention ----------------------------------------------------------------------------
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of a few queries against a KV cache read in place, in fp32 (CPU).
+
+    `q` [B, Hq, Lq, D], `k` and `v` [B, Hkv, Lk, D] of one dtype (float32, float16, bfloat16)
+    with Hkv dividing Hq (query head h reads kv head h // (Hq // Hkv)), any strides with a
+    unit-stride last dimension. `mask`: bool (True attends) or float (added to the scores),
+    broadcastable to [B, Hq, Lq, Lk]. `scale` defaults to 1/sqrt(D). Scores, softmax and the
+    weighted sum of `v` are fp32; the output [B, Hq, Lq, D] (contiguous) is rounded once to the
+    dtype of `q`. A row that attends no key gives 0, as torch's scaled_dot_product_attention.
+    Built for decode (Lq up to ~16) and correct for any Lq; not differentiable. On CPUs with
+    AVX512-BF16, bf16 `q . k` uses bf16 dot products (exact products, fp32 sums), which read
+    subnormal bf16 values (below 1.2e-38) as zero.
+    """
+    return torch.ops.mlxq.decode_attention(q, k, v, mask, scale)
+
+
+# Not differentiable: csrc/autograd.cpp refuses a gradient at backward time (in C++, so that
+# decode calls run no Python autograd kernel).
+@torch.library.register_fake("mlxq::decode_attention")
+def _decode_attention_fake(q, k, v, mask=None, scale=None):
+    return q.new_empty(_C.decode_attention_out_shape(q, k, v, mask))

@@ -1,11 +1,21 @@
-"""Attention for bf16/fp16 models decoding on the CPU: torch's sdpa, computed in fp32.
+"""Attention for bf16/fp16 models decoding on the CPU, computed in fp32.
 
 torch's CPU flash-attention kernel is 4-8x slower in bf16 than in fp32 for a few queries
 against a long cache (measured at one query and 512 or 1024 keys: 392 vs 90 microseconds with
 the conversion, 778 vs 132), and decode calls it once per layer per token. So for a few
-queries on the CPU, q, k and v are widened to fp32 and the output rounded back to the model's
-dtype, which is also how MLX's fused attention computes (fp32 accumulation and softmax). Other
-shapes and devices go to transformers' own sdpa unchanged.
+queries on the CPU, attention runs in fp32 and only the output is rounded to the model's dtype,
+which is also how MLX's fused attention computes (fp32 accumulation and softmax):
+
+- `mlxq.ops.decode_attention` (a native op) reads the bf16/fp16 cache in place, widening each
+  value as it is read, for every call whose result it reproduces: no dropout, no softcapping, no
+  position bias or attention sinks, one head size for q, k, v, one batch size, Hq a multiple
+  of Hkv as the module's `num_key_value_groups` says, unit-stride rows; the mask transformers
+  built (it carries causality, padding and sliding windows), or the causal mask
+  `scaled_dot_product_attention` applies itself when there is none (`is_causal`, upper-left).
+- The other calls with a few queries widen q, k and v to fp32 and run transformers' sdpa on
+  them (a copy of the whole cache per call: the path the op replaced, `NATIVE_DECODE = False`
+  sends every such call there).
+- Prompts and other devices go to transformers' own sdpa unchanged.
 """
 
 from __future__ import annotations
@@ -15,12 +25,60 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["NAME", "MAX_QUERIES", "use_fp32_decode_attention"]
+__all__ = ["NAME", "MAX_QUERIES", "NATIVE_DECODE", "use_fp32_decode_attention"]
 
 NAME = "mlxq_sdpa"
 # Up to this many queries (decode, and short speculative chunks) take the fp32 path; a prompt
 # takes bf16 sdpa, which is as fast as fp32 there (7.4 vs 7.0 ms for 512 causal queries).
 MAX_QUERIES = 16
+
+
+# False sends every few-query call down the fp32-widening path (comparisons and tests).
+NATIVE_DECODE = True
+
+
+def _native_fits(module: nn.Module, query, key, value, attention_mask, kwargs) -> bool:
+    """Whether mlxq.ops.decode_attention computes exactly what sdpa_attention_forward would
+    (in fp32) for this call; anything it does not reproduce keeps the widening path. (Plain
+    tests in the order of their cost: this runs once per layer per token.)"""
+    if not NATIVE_DECODE or kwargs.get("dropout") or kwargs.get("output_attentions"):
+        return False
+    if (
+        kwargs.get("softcap") is not None
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("s_aux") is not None
+        or getattr(module, "sinks", None) is not None
+    ):
+        return False
+    qs, ks = query.shape, key.shape
+    if len(qs) != 4 or len(ks) != 4 or value.shape != ks or qs[0] != ks[0] or qs[3] != ks[3]:
+        return False
+    if qs[1] != ks[1] * max(getattr(module, "num_key_value_groups", 1), 1):
+        return False
+    if not (query.dtype == key.dtype == value.dtype):
+        return False
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        return False
+    return attention_mask is None or (
+        attention_mask.dim() <= 4
+        and (attention_mask.dtype == torch.bool or attention_mask.is_floating_point())
+    )
+
+
+def _native(module: nn.Module, query, key, value, attention_mask, kwargs) -> torch.Tensor:
+    """sdpa_attention_forward's result through the native op: its causal rule (a causal mask
+    only for several queries without a mask, aligned to the first key) and its output layout
+    [B, Lq, H, D], contiguous."""
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    q_length, kv_length = query.shape[2], key.shape[2]
+    if q_length > 1 and attention_mask is None and is_causal:
+        attention_mask = torch.ones(
+            q_length, kv_length, dtype=torch.bool, device=query.device
+        ).tril()
+    out = torch.ops.mlxq.decode_attention(query, key, value, attention_mask, kwargs.get("scaling"))
+    return out.transpose(1, 2).contiguous()
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -31,6 +89,8 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         and query.dtype in (torch.bfloat16, torch.float16)
         and query.shape[-2] <= MAX_QUERIES
     ):
+        if _native_fits(module, query, key, value, attention_mask, kwargs):
+            return _native(module, query, key, value, attention_mask, kwargs), None
         mask = attention_mask
         if mask is not None and mask.is_floating_point():
             mask = mask.float()
@@ -71,7 +131,7 @@ def _module_names_sdpa(module_name: str) -> bool:
 
 def use_fp32_decode_attention(model: nn.Module) -> bool:
     """Switch a text model that uses transformers' sdpa to NAME (the same sdpa, with the
-    fp32 path above for decode on the CPU); returns whether it did. Models with sub-configs
+    fp32 paths above for decode on the CPU); returns whether it did. Models with sub-configs
     (image-text), other attention implementations and code that tests for "sdpa" by name are
     left as they are."""
     config = getattr(model, "config", None)

@@ -1,0 +1,132 @@
+// CPU kernel of mlxq::decode_attention: argument checks (checks.h), the view of the operands the
+// kernels read in place (AttentionArgs), and the parallel split over (batch, kv head), groups of
+// query rows and, when that leaves threads idle, blocks of keys merged at the end.
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/cpu_features.h"
+#include "cpu/kernel_table.h"
+
+namespace mlxq::cpu {
+namespace {
+
+const KernelTable& attention_kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (active_isa_enum() == Isa::kAvx512) return avx512_kernels();
+  if (active_isa_enum() == Isa::kAvx2) return avx2_kernels();
+#endif
+  return portable_kernels();
+}
+
+// Query rows a task takes at most: its scratch (scores of a chunk, outputs) stays in L1/L2.
+constexpr int64_t kMaxRowsPerTask = 32;
+// Keys per block at least, when keys are split between threads.
+constexpr int64_t kMinBlockKeys = 128;
+
+ScaleType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return ScaleType::kHalf;
+    case at::kBFloat16:
+      return ScaleType::kBFloat16;
+    default:
+      return ScaleType::kFloat;
+  }
+}
+
+MaskType mask_type_of(at::ScalarType t) {
+  switch (t) {
+    case at::kBool:
+      return MaskType::kBool;
+    case at::kHalf:
+      return MaskType::kHalf;
+    case at::kBFloat16:
+      return MaskType::kBFloat16;
+    default:
+      return MaskType::kFloat;
+  }
+}
+
+// Key blocks per (unit, row group): 1 when the units keep every thread busy; else enough that the
+// tasks divide evenly between the threads, each block at least kMinBlockKeys long.
+int64_t key_blocks(int64_t units, int64_t Lk) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || units >= 4 * threads) return 1;
+  const int64_t even = threads / std::gcd(units, threads);
+  return std::max<int64_t>(1, std::min(even, Lk / kMinBlockKeys));
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& mask,
+                                std::optional<double> scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const AttentionGeometry g = check_decode_attention(q, k, v, mask);
+  at::Tensor out = at::empty({g.B, g.Hq, g.Lq, g.D}, q.options());
+  if (out.numel() == 0) return out;
+  AttentionArgs a;
+  a.q = q.const_data_ptr();
+  a.k = k.const_data_ptr();
+  a.v = v.const_data_ptr();
+  a.dtype = dtype_of(q.scalar_type());
+  a.B = g.B, a.Hq = g.Hq, a.Hkv = g.Hkv, a.Lq = g.Lq, a.Lk = g.Lk, a.D = g.D;
+  for (int i = 0; i < 3; ++i) {
+    a.q_stride[i] = q.stride(i);
+    a.k_stride[i] = k.stride(i);
+    a.v_stride[i] = v.stride(i);
+  }
+  at::Tensor m;  // keeps the broadcast view alive
+  if (mask.has_value()) {
+    m = mask->expand({g.B, g.Hq, g.Lq, g.Lk});
+    a.mask = m.const_data_ptr();
+    a.mask_type = mask_type_of(m.scalar_type());
+    for (int i = 0; i < 4; ++i) a.mask_stride[i] = g.Lk == 0 ? 0 : m.stride(i);
+  }
+  a.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(double(g.D)));
+  a.out = out.mutable_data_ptr();
+  const int64_t R = a.rows();
+  a.row_groups = (R + kMaxRowsPerTask - 1) / kMaxRowsPerTask;
+  a.rows_per_group = (R + a.row_groups - 1) / a.row_groups;
+  a.blocks = key_blocks(g.B * g.Hkv * a.row_groups, g.Lk);
+  a.block_keys = g.Lk == 0 ? 1 : (g.Lk + a.blocks - 1) / a.blocks;
+  a.blocks = g.Lk == 0 ? 1 : (g.Lk + a.block_keys - 1) / a.block_keys;
+  const KernelTable& kt = attention_kernels();
+  std::vector<float> parts;
+  std::unique_ptr<std::atomic<int64_t>[]> done;
+  if (a.blocks > 1) {
+    const int64_t slots = g.B * g.Hkv * R * a.blocks, groups = g.B * g.Hkv * a.row_groups;
+    parts.resize(slots * (g.D + 2));
+    a.part_m = parts.data();
+    a.part_l = a.part_m + slots;
+    a.part_o = a.part_l + slots;
+    done.reset(new std::atomic<int64_t>[groups]);
+    for (int64_t i = 0; i < groups; ++i) done[i].store(0, std::memory_order_relaxed);
+    a.blocks_done = done.get();
+  }
+  at::parallel_for(0, a.tasks(), 1, [&](int64_t t0, int64_t t1) { kt.attention(a, t0, t1); });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor vector_exp_for_tests(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                   "mlxq: expects a float32 CPU tensor");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  attention_kernels().exp(xc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), xc.numel());
+  return y;
+}
+
+}  // namespace mlxq::cpu
+
+TORCH_LIBRARY_IMPL(mlxq, CPU, m) { m.impl("decode_attention", &mlxq::cpu::decode_attention_cpu); }
