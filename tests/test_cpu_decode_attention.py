@@ -137,6 +137,33 @@ def test_padded_batch_and_fully_masked_rows(isa, dtype, gen):
     assert torch.equal(got_min[rows], got_bool[rows])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keys_no_row_attends_are_not_read(isa, dtype, gen):
+    """A bool mask whose head and tail no row attends (a sliding window; a static cache's unused
+    positions): the op reads only the keys in between, and gives what it gives on that slice of
+    the cache. NaN there would poison any read of them."""
+    B, hkv, rep, lq, lk, d = 2, 3, 3, 2, 768, 64
+    q = torch.randn(B, hkv * rep, lq, d, generator=gen).to(dtype)
+    k = torch.randn(B, hkv, lk, d, generator=gen).to(dtype)
+    v = torch.randn(B, hkv, lk, d, generator=gen).to(dtype)
+    keep = torch.zeros(B, 1, lq, lk, dtype=torch.bool)
+    keep[0, :, :, 40:517] = True
+    keep[1, :, :, 100:300] = True
+    keep[1, :, 1, 100] = False
+    k[:, :, :40] = float("nan")
+    v[:, :, 517:] = float("nan")
+    for threads in (1, 2, 4):
+        with num_threads(threads):
+            got = decode_attention(q, k, v, keep, 0.125)
+            sliced = decode_attention(q, k[:, :, 40:517], v[:, :, 40:517], keep[..., 40:517], 0.125)
+        assert torch.equal(got, sliced)
+        keys = slice(40, 517)
+        want = reference(q, k[:, :, keys], v[:, :, keys], keep[..., keys], 0.125)
+        assert_close_to_reference(got, want, dtype, v[:, :, keys])
+    nothing = torch.zeros(B, 1, lq, lk, dtype=torch.bool)
+    assert (decode_attention(q, k, v, nothing, 0.125) == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_key_blocks_that_attend_nothing(isa, dtype, gen):
     """Keys split between threads (one kv head, 1000 keys: 4 blocks on 4 threads) where whole

@@ -66,6 +66,29 @@ int64_t key_blocks(int64_t units, int64_t Lk) {
   return std::max<int64_t>(1, std::min(even, Lk / kMinBlockKeys));
 }
 
+// [first, last) of the keys that some row of a bool mask attends ({0, 0} when none): keys
+// outside it add exp(-inf) = 0 to every row, so they need not be read. Transformers' static
+// caches mask a tail of unused positions and sliding windows a head of old ones.
+std::pair<int64_t, int64_t> attended_keys(const at::Tensor& m) {  // m: [B, Hq, Lq, Lk], expanded
+  const int64_t Lk = m.size(3), js = m.stride(3);
+  int64_t n[3];  // rows along each dimension, one where the mask is broadcast (stride 0)
+  for (int i = 0; i < 3; ++i) n[i] = m.stride(i) == 0 ? 1 : m.size(i);
+  const bool* p = m.const_data_ptr<bool>();
+  int64_t first = Lk, last = 0;
+  for (int64_t b = 0; b < n[0]; ++b)
+    for (int64_t h = 0; h < n[1]; ++h)
+      for (int64_t l = 0; l < n[2]; ++l) {
+        const bool* row = p + b * m.stride(0) + h * m.stride(1) + l * m.stride(2);
+        int64_t j = 0;
+        while (j < first && !row[j * js]) ++j;
+        first = std::min(first, j);
+        int64_t e = Lk;
+        while (e > last && !row[(e - 1) * js]) --e;
+        last = std::max(last, e);
+      }
+  return first < last ? std::make_pair(first, last) : std::make_pair(int64_t{0}, int64_t{0});
+}
+
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask,
                                 std::optional<double> scale) {
@@ -87,18 +110,25 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor m;  // keeps the broadcast view alive
   if (mask.has_value()) {
     m = mask->expand({g.B, g.Hq, g.Lq, g.Lk});
+    if (m.scalar_type() == at::kBool && g.Lk > 0) {
+      const auto [first, last] = attended_keys(m);
+      m = m.narrow(3, first, last - first);
+      a.k = static_cast<const char*>(a.k) + first * k.stride(2) * k.element_size();
+      a.v = static_cast<const char*>(a.v) + first * v.stride(2) * v.element_size();
+      a.Lk = last - first;
+    }
     a.mask = m.const_data_ptr();
     a.mask_type = mask_type_of(m.scalar_type());
-    for (int i = 0; i < 4; ++i) a.mask_stride[i] = g.Lk == 0 ? 0 : m.stride(i);
+    for (int i = 0; i < 4; ++i) a.mask_stride[i] = a.Lk == 0 ? 0 : m.stride(i);
   }
   a.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(double(g.D)));
   a.out = out.mutable_data_ptr();
   const int64_t R = a.rows();
   a.row_groups = (R + kMaxRowsPerTask - 1) / kMaxRowsPerTask;
   a.rows_per_group = (R + a.row_groups - 1) / a.row_groups;
-  a.blocks = key_blocks(g.B * g.Hkv * a.row_groups, g.Lk);
-  a.block_keys = g.Lk == 0 ? 1 : (g.Lk + a.blocks - 1) / a.blocks;
-  a.blocks = g.Lk == 0 ? 1 : (g.Lk + a.block_keys - 1) / a.block_keys;
+  a.blocks = key_blocks(g.B * g.Hkv * a.row_groups, a.Lk);
+  a.block_keys = a.Lk == 0 ? 1 : (a.Lk + a.blocks - 1) / a.blocks;
+  a.blocks = a.Lk == 0 ? 1 : (a.Lk + a.block_keys - 1) / a.block_keys;
   const KernelTable& kt = attention_kernels();
   std::vector<float> parts;
   std::unique_ptr<std::atomic<int64_t>[]> done;
