@@ -43,13 +43,21 @@ def test_models_that_name_sdpa_keep_it():
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "widening"])
-def test_decode_is_fp32_and_prompt_is_unchanged(checkpoint, native, monkeypatch):
+@pytest.mark.parametrize(
+    "native,prompt_scores",
+    [(True, cpu_attention.MAX_PROMPT_SCORES), (True, 0), (False, cpu_attention.MAX_PROMPT_SCORES)],
+    ids=["native", "native-decode-only", "widening"],
+)
+def test_decode_is_fp32_and_prompts_take_the_op_or_bf16_sdpa(
+    checkpoint, native, prompt_scores, monkeypatch
+):
     """Every attention call of a bf16 generate: few queries go to the native op, or (with
     NATIVE_DECODE off) get fp32 q/k/v and return their fp32 result rounded to bf16; the
-    prompt's call is transformers' own bf16 sdpa."""
+    prompt's call goes to the native op while its scores stay under MAX_PROMPT_SCORES, else it
+    is transformers' own bf16 sdpa."""
     model = _load(checkpoint, torch.bfloat16)
     monkeypatch.setattr(cpu_attention, "NATIVE_DECODE", native)
+    monkeypatch.setattr(cpu_attention, "MAX_PROMPT_SCORES", prompt_scores)
     calls, native_calls = [], []
     real_native = cpu_attention._native
 
@@ -68,16 +76,36 @@ def test_decode_is_fp32_and_prompt_is_unchanged(checkpoint, native, monkeypatch)
         "transformers.integrations.sdpa_attention.sdpa_attention_forward", spy, raising=True
     )
     prompt = torch.tensor([[1, 400, 2000, 31, 7, 99, 1234, 5] * 3])
+    assert prompt.shape[1] > cpu_attention.MAX_QUERIES
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     layers = model.config.num_hidden_layers
-    decode_calls = native_calls if native else calls[layers:]
-    assert len(calls) == (1 if native else 4) * layers, len(calls)
+    prompt_native = native and prompt_scores >= prompt.shape[1] ** 2
+    prompt_calls = (native_calls if prompt_native else calls)[:layers]
+    decode_calls = native_calls[layers if prompt_native else 0 :] if native else calls[layers:]
+    assert len(calls) == (0 if prompt_native else layers) + (0 if native else 3 * layers)
     assert len(decode_calls) == 3 * layers
-    prompt_calls = calls[:layers]
-    assert all(q == prompt.shape[1] and dt == torch.bfloat16 for q, dt, _ in prompt_calls)
+    assert all(c[0] == prompt.shape[1] and c[1] == torch.bfloat16 for c in prompt_calls)
     want_dtype = torch.bfloat16 if native else torch.float32
     assert all(c[0] == 1 and c[1] == want_dtype for c in decode_calls)
+
+
+def test_prompt_through_the_op_is_causal_sdpa_in_fp32():
+    """A prompt (more queries than MAX_QUERIES, no mask: sdpa's is_causal) through the native
+    op: sdpa's causal attention on fp32 copies within one bf16 rounding, and closer to float64
+    than torch's bf16 kernel."""
+    torch.manual_seed(0)
+    module = _module()
+    q, k, v = _qkv(lq=100, lk=100)
+    got, _ = cpu_attention._attention(module, q, k, v, None, scaling=0.2)
+    want, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None, scaling=0.2)
+    torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=2.0**-7, atol=1e-6)
+    causal = torch.ones(100, 100, dtype=torch.bool).tril()
+    s = (q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2)) * 0.2
+    exact = s.masked_fill(~causal, float("-inf")).softmax(-1) @ v.double().repeat_interleave(3, 1)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.2)
+    exact = exact.transpose(1, 2)
+    assert (got.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "widening"])

@@ -341,6 +341,36 @@ inline void attention_merge(const AttentionArgs& a, int64_t g0, int64_t g1) {
   }
 }
 
+// Narrows keys [j0, j1) to those that some of rows [r0, r1) of unit (b, hkv) attend under a bool
+// mask (an empty range when none does): a causal prompt's row group skips the keys after its
+// last row. Rows are scanned from the last for the end and from the first for the start, so a
+// causal mask costs about one pass over the keys per task.
+inline void attended_range(const AttentionArgs& a, int64_t b, int64_t hkv, int64_t r0, int64_t r1,
+                           int64_t& j0, int64_t& j1) {
+  const int64_t rep = a.Hq / a.Hkv, sj = a.mask_stride[3];
+  auto row = [&](int64_t r) {
+    const int64_t hq = hkv * rep + r / a.Lq, lq = r % a.Lq;
+    return static_cast<const bool*>(a.mask) + b * a.mask_stride[0] + hq * a.mask_stride[1] +
+           lq * a.mask_stride[2];
+  };
+  int64_t last = j0;
+  for (int64_t r = r1 - 1; r >= r0 && last < j1; --r) {
+    const bool* m = row(r);
+    int64_t e = j1;
+    while (e > last && !m[(e - 1) * sj]) --e;
+    last = e;
+  }
+  int64_t first = last;
+  for (int64_t r = r0; r < r1 && first > j0; ++r) {
+    const bool* m = row(r);
+    int64_t j = j0;
+    while (j < first && !m[j * sj]) ++j;
+    first = j;
+  }
+  j0 = first;
+  j1 = last;
+}
+
 // One task (see AttentionArgs): rows [r0, r1) of unit (b, hkv) against keys [j0, j1).
 inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc) {
   const int64_t R = a.rows(), D = a.D, Dp = (D + 7) / 8 * 8, rep = a.Hq / a.Hkv;
@@ -348,8 +378,9 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
   const int64_t group = rest % a.row_groups, unit = rest / a.row_groups;
   const int64_t b = unit / a.Hkv, hkv = unit % a.Hkv;
   const int64_t r0 = group * a.rows_per_group, r1 = std::min(R, r0 + a.rows_per_group);
-  const int64_t j0 = blk * a.block_keys, j1 = std::min(a.Lk, j0 + a.block_keys);
+  int64_t j0 = blk * a.block_keys, j1 = std::min(a.Lk, j0 + a.block_keys);
   const int64_t nr = r1 - r0;
+  if (a.mask_type == MaskType::kBool) attended_range(a, b, hkv, r0, r1, j0, j1);
   const int64_t elem = a.dtype == ScaleType::kFloat ? 4 : 2;
   const float ninf = -std::numeric_limits<float>::infinity();
   const char* kbase =

@@ -15,7 +15,10 @@ which is also how MLX's fused attention computes (fp32 accumulation and softmax)
 - The other calls with a few queries widen q, k and v to fp32 and run transformers' sdpa on
   them (a copy of the whole cache per call: the path the op replaced, `NATIVE_DECODE = False`
   sends every such call there).
-- Prompts and other devices go to transformers' own sdpa unchanged.
+- A prompt takes the native op too while queries x keys stay under MAX_PROMPT_SCORES (its
+  causal mask is built as a bool tensor; the op skips each row group's masked keys, and was
+  faster than torch's bf16 flash attention at 512 tokens); longer prompts and other devices go
+  to transformers' own sdpa unchanged.
 """
 
 from __future__ import annotations
@@ -25,16 +28,22 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["NAME", "MAX_QUERIES", "NATIVE_DECODE", "use_fp32_decode_attention"]
+__all__ = ["NAME", "MAX_QUERIES", "MAX_PROMPT_SCORES", "NATIVE_DECODE", "use_fp32_decode_attention"]
 
 NAME = "mlxq_sdpa"
-# Up to this many queries (decode, and short speculative chunks) take the fp32 path; a prompt
-# takes bf16 sdpa, which is as fast as fp32 there (7.4 vs 7.0 ms for 512 causal queries).
+# Up to this many queries (decode, and short speculative chunks) take the fp32 path (the op, or
+# the widening path for calls it does not reproduce); above, the op under MAX_PROMPT_SCORES, or
+# bf16 sdpa, which is as fast as widened fp32 there (7.4 vs 7.0 ms for 512 causal queries).
 MAX_QUERIES = 16
 
 
 # False sends every few-query call down the fp32-widening path (comparisons and tests).
 NATIVE_DECODE = True
+# A prompt goes to the native op too when its causal bool mask (built here when transformers
+# passes none) stays small: queries x keys up to this many. The op skips the keys after each
+# group of rows, and beat torch's bf16 flash attention at SmolLM2's 512-token prompt (3.1 vs
+# 3.5-4.2 ms a layer, 2 threads); longer prompts keep sdpa, which needs no mask.
+MAX_PROMPT_SCORES = 1 << 20
 
 
 def _native_fits(module: nn.Module, query, key, value, attention_mask, kwargs) -> bool:
@@ -84,11 +93,15 @@ def _native(module: nn.Module, query, key, value, attention_mask, kwargs) -> tor
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    reduced = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
     if (
-        query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and query.shape[-2] <= MAX_QUERIES
+        reduced
+        and query.shape[-2] > MAX_QUERIES
+        and query.shape[-2] * key.shape[-2] <= MAX_PROMPT_SCORES
+        and _native_fits(module, query, key, value, attention_mask, kwargs)
     ):
+        return _native(module, query, key, value, attention_mask, kwargs), None
+    if reduced and query.shape[-2] <= MAX_QUERIES:
         if _native_fits(module, query, key, value, attention_mask, kwargs):
             return _native(module, query, key, value, attention_mask, kwargs), None
         mask = attention_mask
