@@ -162,6 +162,7 @@ def _qkv(lq: int = 1, lk: int = 40):
         {"module.num_key_value_groups": 1},  # sdpa would refuse 6 query heads on 2 kv heads
         {"value.head_dim": 16},  # another head size for v (MLA-like)
         {"key.stride": 2},
+        {"query.requires_grad": True},  # training: the op has no gradient
     ],
     ids=lambda c: next(iter(c)),
 )
@@ -176,10 +177,24 @@ def test_calls_the_op_does_not_reproduce_keep_the_widening_path(change, monkeypa
         v = v[..., :16].contiguous()
     elif name == "key.stride":
         k = torch.randn(1, 2, 40, 64).to(torch.bfloat16)[..., ::2]
+    elif name == "query.requires_grad":
+        q.requires_grad_(True)
     else:
         kwargs[name] = value
     assert not cpu_attention._native_fits(module, q, k, v, None, kwargs)
     assert cpu_attention._native_fits(_module(), *_qkv(), None, {"scaling": 0.2})
+
+
+def test_training_backpropagates_through_the_widening_path():
+    """A bf16 call that needs a gradient (LoRA on the projections) keeps sdpa's autograd."""
+    module = _module()
+    q, k, v = _qkv(lq=12, lk=12)
+    q.requires_grad_(True)
+    out, _ = cpu_attention._attention(module, q, k, v, None, scaling=0.2)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape and q.grad.abs().sum() > 0
+    with torch.no_grad():  # no gradient asked: the op again
+        assert cpu_attention._native_fits(module, q, k, v, None, {"scaling": 0.2})
 
 
 def test_several_queries_without_mask_are_causal_from_the_first_key():

@@ -52,6 +52,10 @@ def _native_fits(module: nn.Module, query, key, value, attention_mask, kwargs) -
     tests in the order of their cost: this runs once per layer per token.)"""
     if not NATIVE_DECODE or kwargs.get("dropout") or kwargs.get("output_attentions"):
         return False
+    if torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+    ):
+        return False  # the op is inference-only: training (LoRA on q/k/v) keeps sdpa's gradient
     if (
         kwargs.get("softcap") is not None
         or kwargs.get("position_bias") is not None
