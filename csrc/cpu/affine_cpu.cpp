@@ -47,14 +47,6 @@ Isa detect_isa() {
   return Isa::kPortable;
 }
 
-const KernelTable& kernels() {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (active_isa_enum() == Isa::kAvx512) return avx512_kernels();
-  if (active_isa_enum() == Isa::kAvx2) return avx2_kernels();
-#endif
-  return portable_kernels();
-}
-
 ScaleType scale_type_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kHalf:
@@ -184,7 +176,7 @@ at::Tensor stream_bf16(const at::Tensor& x, const QuantWeight& W, at::ScalarType
                       xsum.const_data_ptr<float>(),
                       y.mutable_data_ptr<float>(),
                       M};
-  const KernelTable& kt = kernels();
+  const KernelTable& kt = active_kernels();
   at::parallel_for(0, W.N, decode_grain(W),
                    [&](int64_t n0, int64_t n1) { kt.qmv_bf16(a, n0, n1); });
   return y;
@@ -208,7 +200,7 @@ at::Tensor round_to(const at::Tensor& y, at::ScalarType dtype) {
 // The streaming kernels, for M <= kDecodeMaxRows rows of x (fp32 [M, in_features]).
 at::Tensor decode_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
                      at::ScalarType x_dtype) {
-  const KernelTable& kt = kernels();
+  const KernelTable& kt = active_kernels();
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, transpose ? W.N : W.K}, x.options().dtype(at::kFloat));
   if (!transpose) {
@@ -259,7 +251,7 @@ void per_thread_tiles(const at::Tensor& x, const QuantWeight& W, const at::Tenso
 // Dequantize row tiles of W to fp32 and multiply them with a dense GEMM: sum_k x * (s*q + b),
 // the order of MLX's own kernels.
 at::Tensor gemm_2d(const at::Tensor& x, const QuantWeight& W, bool transpose) {
-  const KernelTable& kt = kernels();
+  const KernelTable& kt = active_kernels();
   const int64_t M = x.size(0);
   const int64_t out_features = transpose ? W.N : W.K;
   auto opts = x.options().dtype(at::kFloat);
@@ -289,7 +281,7 @@ at::Tensor gemm_2d_bf16(const at::Tensor& x, const QuantWeight& W) {
   const int64_t M = x.size(0);
   const at::Tensor xb = x.to(at::kBFloat16);  // exact: the values are bf16 already
   at::Tensor y = at::empty({M, W.N}, xb.options());
-  per_thread_tiles<uint16_t>(xb, W, y, kernels().dequantize_bf16);
+  per_thread_tiles<uint16_t>(xb, W, y, active_kernels().dequantize_bf16);
   return y;
 }
 
@@ -310,7 +302,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const QuantWeight& W, bool transpose,
     // such an output is computed again as sum x*(s*q+b) (MLX's order), which gives the finite
     // result, or MLX's +-inf. Normal calls pay one scan of y.
     if (all_finite(y)) return y;
-  } else if (x_dtype == at::kBFloat16 && transpose && kernels().dequantize_bf16 != nullptr) {
+  } else if (x_dtype == at::kBFloat16 && transpose && active_kernels().dequantize_bf16 != nullptr) {
     return gemm_2d_bf16(x, W);
   }
   return gemm_2d(x, W, transpose);
@@ -330,7 +322,7 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
   const int64_t Kp = wq.size(-1), G = scales.size(-1), rows = g.w.rows;
   if (g.batch.empty()) {
     const QuantWeight W = view_weight(w, s, b, group_size, bits);
-    if (transpose && g.M <= kDecodeMaxRows && kernels().qmv_bf16 != nullptr &&
+    if (transpose && g.M <= kDecodeMaxRows && active_kernels().qmv_bf16 != nullptr &&
         use_bf16_decode(W, g.M, x.scalar_type())) {
       // A decode step: the bf16 kernel reads x in its own dtype (no fp32 copy of x, no tensor
       // ops around the kernel), which is most of the cost of a small layer's call.
@@ -339,7 +331,7 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
       if (all_finite(y)) return round_to(y, x.scalar_type()).view(g.out_shape);
     }
     if (x.scalar_type() == at::kBFloat16 && transpose && g.M > kDecodeMaxRows &&
-        kernels().dequantize_bf16 != nullptr) {
+        active_kernels().dequantize_bf16 != nullptr) {
       // A bf16 prompt: the bf16 GEMM reads x as it is (an fp32 copy would be rounded back).
       return gemm_2d_bf16(x.reshape({g.M, g.in_features}).contiguous(), W).view(g.out_shape);
     }
@@ -384,7 +376,7 @@ at::Tensor affine_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales,
     const at::Tensor ones = at::ones({R, g.groups}, q.options());
     const at::Tensor zeros = at::zeros({R, g.groups}, q.options());
     const QuantWeight W = view_weight(w, ones, zeros, group_size, bits);
-    const KernelTable& kt = kernels();
+    const KernelTable& kt = active_kernels();
     float* qp = q.mutable_data_ptr<float>();
     at::parallel_for(0, R, 8,
                      [&](int64_t r0, int64_t r1) { kt.dequantize(W, qp + r0 * W.K, r0, r1); });
@@ -426,6 +418,14 @@ Isa active_isa_enum() {
   if (o >= 0) return static_cast<Isa>(o);
   static const Isa detected = detect_isa();
   return detected;
+}
+
+const KernelTable& active_kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (active_isa_enum() == Isa::kAvx512) return avx512_kernels();
+  if (active_isa_enum() == Isa::kAvx2) return avx2_kernels();
+#endif
+  return portable_kernels();
 }
 
 bool threaded() {
@@ -520,7 +520,7 @@ struct DecodeGroup {
 
 void run_decode_groups(const std::vector<DecodeGroup>& groups, const at::Tensor& y) {
   if (groups.empty()) return;
-  const KernelTable& kt = kernels();
+  const KernelTable& kt = active_kernels();
   struct Task {
     int64_t group, n0, n1;
   };
@@ -584,7 +584,7 @@ at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
       group_pairs(rhs.const_data_ptr<int64_t>(), P, sorted_indices, order);
 
   at::Tensor y = at::empty({P * M, out}, xf.options());  // pairs in `order`, M rows each
-  const KernelTable& kt = kernels();
+  const KernelTable& kt = active_kernels();
   at::Tensor xsum_all, xc_all;  // built once, for the streaming groups only
   std::vector<DecodeGroup> decode;
   for (const ExpertGroup& e : groups) {

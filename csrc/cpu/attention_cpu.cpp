@@ -20,14 +20,6 @@
 namespace mlxq::cpu {
 namespace {
 
-const KernelTable& attention_kernels() {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (active_isa_enum() == Isa::kAvx512) return avx512_kernels();
-  if (active_isa_enum() == Isa::kAvx2) return avx2_kernels();
-#endif
-  return portable_kernels();
-}
-
 // Query rows a task takes at most: its scratch (scores of a chunk, outputs) stays in L1/L2.
 constexpr int64_t kMaxRowsPerTask = 32;
 // Keys per block at least, when keys are split between threads.
@@ -129,7 +121,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   a.blocks = key_blocks(g.B * g.Hkv * a.row_groups, a.Lk);
   a.block_keys = a.Lk == 0 ? 1 : (a.Lk + a.blocks - 1) / a.blocks;
   a.blocks = a.Lk == 0 ? 1 : (a.Lk + a.block_keys - 1) / a.block_keys;
-  const KernelTable& kt = attention_kernels();
+  const KernelTable& kt = active_kernels();
   std::vector<float> parts;
   std::unique_ptr<std::atomic<int64_t>[]> done;
   if (a.blocks > 1) {
@@ -153,7 +145,7 @@ at::Tensor vector_exp_for_tests(const at::Tensor& x) {
                    "mlxq: expects a float32 CPU tensor");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
-  attention_kernels().exp(xc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), xc.numel());
+  active_kernels().exp(xc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), xc.numel());
   return y;
 }
 

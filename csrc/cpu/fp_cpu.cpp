@@ -20,14 +20,6 @@
 namespace mlxq::cpu {
 namespace {
 
-const KernelTable& fp_kernels() {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (active_isa_enum() == Isa::kAvx512) return avx512_kernels();
-  if (active_isa_enum() == Isa::kAvx2) return avx2_kernels();
-#endif
-  return portable_kernels();
-}
-
 ScaleType dtype_of(at::ScalarType t) {
   switch (t) {
     case at::kHalf:
@@ -101,7 +93,7 @@ at::Tensor fp_matmul_2d(const at::Tensor& x, const FpWeight& W, bool transpose,
   const int64_t out_features = transpose ? W.N : W.K;
   auto opts = x.options().dtype(at::kFloat);
   if (M == 0 || W.N == 0) return at::zeros({M, out_features}, opts);
-  const KernelTable& kt = fp_kernels();
+  const KernelTable& kt = active_kernels();
   if (transpose && M <= kFpDecodeMaxRows && kt.fp_qmv_bf16 != nullptr && fp_bf16_decode_fits(W))
     return fp_stream_bf16(x, W, x_dtype, kt);
   if (transpose && M <= kFpDecodeMaxRows) {
@@ -344,7 +336,7 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
     bool bf16 = false;  // the bf16 kernel (x: its bf16 pieces), else fp_qmv
     at::Tensor x;       // the group's x rows in the decode kernel's order
   };
-  const KernelTable& kt = fp_kernels();
+  const KernelTable& kt = active_kernels();
   std::vector<DecodeGroup> decode;
   at::Tensor xc_all;  // x in the decode kernel's order, built once for the streaming groups
   for (const ExpertGroup& e : groups) {

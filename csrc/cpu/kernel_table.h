@@ -177,5 +177,7 @@ const KernelTable& portable_kernels();
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
 #endif
+// The table of the instruction set the kernels run with (active_isa_enum, cpu_features.h).
+const KernelTable& active_kernels();
 
 }  // namespace mlxq::cpu
