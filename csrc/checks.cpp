@@ -304,6 +304,13 @@ void check_fp_global_scale(const c10::optional<at::Tensor>& global_scale, int mo
                     " but the weight is on ", device);
 }
 
+at::ScalarType check_fp_dequantize_dtype(const c10::optional<at::ScalarType>& dtype) {
+  const at::ScalarType requested = dtype.value_or(at::kBFloat16);
+  TORCH_CHECK_TYPE(requested == at::kFloat || requested == at::kHalf || requested == at::kBFloat16,
+                   "mlxq: dtype must be float32, float16 or bfloat16, got ", requested);
+  return requested;
+}
+
 PackedGeometry check_fp_packed(const at::Tensor& wq, const at::Tensor& scales, int64_t group_size,
                                int64_t bits, int64_t min_dim) {
   TORCH_CHECK_TYPE(wq.scalar_type() == at::kUInt32 || wq.scalar_type() == at::kInt,

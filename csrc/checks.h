@@ -84,6 +84,9 @@ int check_fp_mode(c10::string_view mode, int64_t group_size, int64_t bits);
 void check_fp_global_scale(const c10::optional<at::Tensor>& global_scale, int mode,
                            const at::Device& device);
 
+// fp_dequantize's output dtype: float32, float16 or bfloat16 (MLX's default when absent).
+at::ScalarType check_fp_dequantize_dtype(const c10::optional<at::ScalarType>& dtype);
+
 // Checks wq (uint32/int32) and uint8 scales [..., rows, K/group_size] of a floating-point mode.
 PackedGeometry check_fp_packed(const at::Tensor& wq, const at::Tensor& scales, int64_t group_size,
                                int64_t bits, int64_t min_dim);

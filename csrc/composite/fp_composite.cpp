@@ -175,13 +175,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_groups(const at::Tensor& wg, int mod
   return {packed.to(at::kByte), scale_byte.reshape({n, -1}).to(at::kByte)};
 }
 
-at::ScalarType checked_dequantize_dtype(c10::optional<at::ScalarType> dtype) {
-  const at::ScalarType requested = dtype.value_or(at::kBFloat16);
-  TORCH_CHECK_TYPE(requested == at::kFloat || requested == at::kHalf || requested == at::kBFloat16,
-                   "mlxq: dtype must be float32, float16 or bfloat16, got ", requested);
-  return requested;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> fp_quantize(const at::Tensor& w, c10::string_view mode,
@@ -221,7 +214,7 @@ at::Tensor fp_dequantize(const at::Tensor& wq, const at::Tensor& scales, c10::st
   const int m = check_fp_mode(mode, group_size, bits);
   const PackedGeometry g = check_fp_packed(wq, scales, group_size, bits, /*min_dim=*/1);
   check_fp_global_scale(global_scale, m, wq.device());
-  const at::ScalarType requested = checked_dequantize_dtype(dtype);
+  const at::ScalarType requested = check_fp_dequantize_dtype(dtype);
   // As mx.dequantize: the float32 global scale promotes the result to float32.
   const at::ScalarType out_dtype = global_scale.has_value() ? at::kFloat : requested;
   const c10::DeviceGuard device(wq.device());

@@ -35,11 +35,19 @@ const c10::TypedOperatorHandle<FpMatmulFn>& fp_matmul_op() {
   return op;
 }
 
-// The pairs (lhs[p], rhs[p]) grouped by expert; dense(rows [c*M, in], expert) -> [c*M, out] in
-// the dtype of x. Returns [*index_shape, M, out].
+// The pairs (lhs[p], rhs[p]) of the checked indices (absent: the batch positions) grouped by
+// expert; dense(rows [c*M, in], expert) -> [c*M, out] in the dtype of x. Returns
+// [*index_shape, M, out].
 template <class Dense>
-at::Tensor gather_by_expert(const GatherGeometry& g, const at::Tensor& x, const at::Tensor& lhs,
-                            const at::Tensor& rhs, const Dense& dense) {
+at::Tensor gather_by_expert(const GatherGeometry& g, const at::Tensor& x,
+                            const std::optional<at::Tensor>& lhs_indices,
+                            const std::optional<at::Tensor>& rhs_indices, const Dense& dense) {
+  const c10::DeviceGuard device(x.device());
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
   const int64_t P = lhs.numel(), M = g.M, in = g.in_features, out = g.out_features;
   if (P == 0 || M == 0 || out == 0 || in == 0) return at::zeros(g.out_shape, x.options());
   const at::Tensor x3 = x.reshape({g.x_batch, M, in});
@@ -73,17 +81,11 @@ at::Tensor affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ops.py owns the gradient
   const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
                                                group_size, bits, transpose);
-  const c10::DeviceGuard device(x.device());
-  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
-  const at::Tensor lhs =
-      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
-  const at::Tensor rhs =
-      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
   const int64_t N = g.w.rows;
   const at::Tensor w3 = wq.reshape({g.w_batch, N, wq.size(-1)});
   const at::Tensor s3 = scales.reshape({g.w_batch, N, scales.size(-1)});
   const at::Tensor b3 = biases.reshape({g.w_batch, N, biases.size(-1)});
-  return gather_by_expert(g, x, lhs, rhs, [&](const at::Tensor& rows, int64_t e) {
+  return gather_by_expert(g, x, lhs_indices, rhs_indices, [&](const at::Tensor& rows, int64_t e) {
     return affine_matmul_op().call(rows, w3[e], s3[e], b3[e], group_size, bits, transpose);
   });
 }
@@ -98,18 +100,12 @@ at::Tensor fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
   const int m = check_fp_mode(mode, group_size, bits);
   const GatherGeometry g = check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
                                                   rhs_indices, transpose, global_scale);
-  const c10::DeviceGuard device(x.device());
-  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
-  const at::Tensor lhs =
-      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
-  const at::Tensor rhs =
-      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
   const int64_t N = g.w.rows;
   const at::Tensor w3 = wq.reshape({g.w_batch, N, wq.size(-1)});
   const at::Tensor s3 = scales.reshape({g.w_batch, N, scales.size(-1)});
   // mx.gather_qmm's global scale: one value per matrix, fp_matmul's one-element tensor
   const at::Tensor gs = global_scale.has_value() ? global_scale->reshape({-1}) : at::Tensor();
-  return gather_by_expert(g, x, lhs, rhs, [&](const at::Tensor& rows, int64_t e) {
+  return gather_by_expert(g, x, lhs_indices, rhs_indices, [&](const at::Tensor& rows, int64_t e) {
     const c10::optional<at::Tensor> ge =
         gs.defined() ? c10::optional<at::Tensor>(gs.narrow(0, e, 1)) : c10::nullopt;
     return fp_matmul_op().call(rows, w3[e], s3[e], mode, group_size, bits, transpose, ge);

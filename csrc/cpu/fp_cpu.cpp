@@ -223,9 +223,7 @@ at::Tensor fp_dequantize_cpu(const at::Tensor& wq, const at::Tensor& scales, c10
   const int m = check_fp_mode(mode, group_size, bits);
   const PackedGeometry g = check_fp_packed(wq, scales, group_size, bits, /*min_dim=*/1);
   check_fp_global_scale(global_scale, m, wq.device());
-  const at::ScalarType requested = dtype.value_or(at::kBFloat16);
-  TORCH_CHECK_TYPE(requested == at::kFloat || requested == at::kHalf || requested == at::kBFloat16,
-                   "mlxq: dtype must be float32, float16 or bfloat16, got ", requested);
+  const at::ScalarType requested = check_fp_dequantize_dtype(dtype);
   const auto gv = global_value(global_scale);
   // As mx.dequantize: the float32 global scale promotes the result to float32.
   const at::ScalarType out_dtype = gv.has_value() ? at::kFloat : requested;

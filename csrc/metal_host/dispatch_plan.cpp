@@ -385,9 +385,7 @@ DispatchPlan plan_fp_dequantize(const at::Tensor& wq, const at::Tensor& scales,
   const int m = check_fp_mode(mode, group_size, bits);
   const PackedGeometry g = check_fp_packed(wq, scales, group_size, bits, /*min_dim=*/1);
   check_fp_global_scale(global_scale, m, wq.device());
-  const at::ScalarType requested = dtype.value_or(at::kBFloat16);  // MLX's default
-  TORCH_CHECK_TYPE(requested == at::kFloat || requested == at::kHalf || requested == at::kBFloat16,
-                   "mlxq: dtype must be float32, float16 or bfloat16, got ", requested);
+  const at::ScalarType requested = check_fp_dequantize_dtype(dtype);
   DispatchPlan plan;
   plan.dtype = dtype_name(requested);
   plan.kernel = "fp_dequantize_" + plan.dtype + "_" + fp_mode_name(m);
