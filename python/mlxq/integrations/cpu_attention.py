@@ -98,16 +98,14 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     reduced = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+    few = query.shape[-2] <= MAX_QUERIES
     if (
         reduced
-        and query.shape[-2] > MAX_QUERIES
-        and query.shape[-2] * key.shape[-2] <= MAX_PROMPT_SCORES
+        and (few or query.shape[-2] * key.shape[-2] <= MAX_PROMPT_SCORES)
         and _native_fits(module, query, key, value, attention_mask, kwargs)
     ):
         return _native(module, query, key, value, attention_mask, kwargs), None
-    if reduced and query.shape[-2] <= MAX_QUERIES:
-        if _native_fits(module, query, key, value, attention_mask, kwargs):
-            return _native(module, query, key, value, attention_mask, kwargs), None
+    if reduced and few:
         mask = attention_mask
         if mask is not None and mask.is_floating_point():
             mask = mask.float()
