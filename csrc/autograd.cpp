@@ -95,6 +95,36 @@ at::Tensor affine_matmul_autograd(const at::Tensor& x, const at::Tensor& wq,
   return affine_matmul_op().call(x, wq, scales, biases, group_size, bits, transpose);
 }
 
+// --- affine_matmul_many -------------------------------------------------------------------------
+// Its outputs are affine_matmul's, so a call that needs a gradient is one affine_matmul per
+// weight, each with its own grad_fn; others go to the backend's one-call kernel.
+
+using AffineMatmulManyFn = std::vector<at::Tensor>(const at::Tensor&, at::TensorList,
+                                                   at::TensorList, at::TensorList, int64_t,
+                                                   int64_t);
+
+std::vector<at::Tensor> affine_matmul_many_autograd(const at::Tensor& x, at::TensorList wq,
+                                                    at::TensorList scales, at::TensorList biases,
+                                                    int64_t group_size, int64_t bits) {
+  bool grad = needs_grad({&x});
+  for (const at::TensorList list : {wq, scales, biases})
+    for (const at::Tensor& t : list) grad = grad || needs_grad({&t});
+  if (grad) {
+    TORCH_CHECK_VALUE(wq.size() == scales.size() && wq.size() == biases.size(),
+                      "mlxq: affine_matmul_many got ", wq.size(), " weights, ", scales.size(),
+                      " scales and ", biases.size(), " biases (one of each per weight)");
+    std::vector<at::Tensor> out;
+    for (size_t i = 0; i < wq.size(); ++i)
+      out.push_back(affine_matmul_autograd(x, wq[i], scales[i], biases[i], group_size, bits, true));
+    return out;
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlxq::affine_matmul_many", "")
+                             .typed<AffineMatmulManyFn>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, wq, scales, biases, group_size, bits);
+}
+
 // --- fp_matmul ----------------------------------------------------------------------------------
 
 using FpMatmulFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -200,6 +230,7 @@ at::Tensor decode_attention_autograd(const at::Tensor& q, const at::Tensor& k, c
 
 TORCH_LIBRARY_IMPL(mlxq, Autograd, m) {
   m.impl("affine_matmul", &mlxq::affine_matmul_autograd);
+  m.impl("affine_matmul_many", &mlxq::affine_matmul_many_autograd);
   m.impl("fp_matmul", &mlxq::fp_matmul_autograd);
   m.impl("decode_attention", &mlxq::decode_attention_autograd);
 }

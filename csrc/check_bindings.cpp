@@ -13,6 +13,14 @@ void register_check_bindings(pybind11::module& m) {
   m.def("matmul_out_shape", &matmul_out_shape, py::arg("x"), py::arg("wq"), py::arg("scales"),
         py::arg("biases"), py::arg("group_size"), py::arg("bits"), py::arg("transpose"),
         "Checks the arguments of affine_matmul (csrc/checks.cpp) and returns its output shape.");
+  m.def(
+      "matmul_many_out_shapes",
+      [](const at::Tensor& x, const std::vector<at::Tensor>& wq,
+         const std::vector<at::Tensor>& scales, const std::vector<at::Tensor>& biases,
+         int64_t group_size,
+         int64_t bits) { return matmul_many_out_shapes(x, wq, scales, biases, group_size, bits); },
+      py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("biases"), py::arg("group_size"),
+      py::arg("bits"), "Checks the arguments of affine_matmul_many and returns its output shapes.");
   m.def("dequantize_out_shape", &dequantize_out_shape, py::arg("wq"), py::arg("scales"),
         py::arg("biases"), py::arg("group_size"), py::arg("bits"),
         "Checks the arguments of affine_dequantize and returns its output shape.");

@@ -268,6 +268,24 @@ std::vector<c10::SymInt> matmul_out_shape(const at::Tensor& x, const at::Tensor&
   return check_matmul_sym(x, wq, scales, biases, group_size, bits, transpose).out_shape;
 }
 
+std::vector<std::vector<c10::SymInt>> matmul_many_out_shapes(const at::Tensor& x, at::TensorList wq,
+                                                             at::TensorList scales,
+                                                             at::TensorList biases,
+                                                             int64_t group_size, int64_t bits) {
+  TORCH_CHECK_VALUE(!wq.empty(), "mlxq: affine_matmul_many needs at least one weight");
+  TORCH_CHECK_VALUE(scales.size() == wq.size() && biases.size() == wq.size(),
+                    "mlxq: affine_matmul_many got ", wq.size(), " weights, ", scales.size(),
+                    " scales and ", biases.size(), " biases (one of each per weight)");
+  std::vector<std::vector<c10::SymInt>> shapes;
+  for (size_t i = 0; i < wq.size(); ++i) {
+    TORCH_CHECK_VALUE(wq[i].dim() == 2, "mlxq: affine_matmul_many: wq[", i,
+                      "] must be 2-D (one projection), got shape ", wq[i].sym_sizes());
+    shapes.push_back(
+        check_matmul_sym(x, wq[i], scales[i], biases[i], group_size, bits, true).out_shape);
+  }
+  return shapes;
+}
+
 // --- MLX's floating-point modes ----------------------------------------------------------------
 
 int check_fp_mode(c10::string_view mode, int64_t group_size, int64_t bits) {

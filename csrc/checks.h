@@ -94,6 +94,13 @@ PackedGeometry check_fp_packed(const at::Tensor& wq, const at::Tensor& scales, i
 // Checks the float weight given to fp_quantize.
 void check_fp_quantize_input(const at::Tensor& w, int64_t group_size);
 
+// affine_matmul_many's arguments: as many scales and biases as weights (at least one), each
+// weight 2-D and valid for check_matmul with x and transpose=True; returns the output shapes.
+std::vector<std::vector<c10::SymInt>> matmul_many_out_shapes(const at::Tensor& x, at::TensorList wq,
+                                                             at::TensorList scales,
+                                                             at::TensorList biases,
+                                                             int64_t group_size, int64_t bits);
+
 // As check_matmul, for a weight of a floating-point mode (x: float, same device as wq).
 MatmulGeometry check_fp_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                                int64_t group_size, int64_t bits, bool transpose);

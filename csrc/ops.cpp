@@ -31,6 +31,12 @@ TORCH_LIBRARY(mlxq, m) {
       "affine_gather_matmul(Tensor x, Tensor wq, Tensor scales, Tensor biases, "
       "Tensor? lhs_indices=None, Tensor? rhs_indices=None, int group_size=64, int bits=4, "
       "bool transpose=True, bool sorted_indices=False) -> Tensor");
+  // Sibling projections that read one input (q/k/v, gate/up): output i is
+  // affine_matmul(x, wq[i], scales[i], biases[i], group_size, bits), bit for bit, computed in
+  // one call so that a decode step's small layers share one parallel region.
+  m.def(
+      "affine_matmul_many(Tensor x, Tensor[] wq, Tensor[] scales, Tensor[] biases, "
+      "int group_size=64, int bits=4) -> Tensor[]");
 }
 
 // MLX's floating-point modes (mxfp4, nvfp4, mxfp8): FP4/FP8 values with uint8 scales, no

@@ -511,46 +511,40 @@ QuantWeight expert_weight(const at::Tensor& w, const at::Tensor& s, const at::Te
 // reads (the same tensors matmul_2d builds for these rows).
 struct DecodeGroup {
   QuantWeight W;
-  int64_t rows = 0;   // pairs * M
-  int64_t y_row = 0;  // first row in the stacked output
+  int64_t rows = 0;    // pairs * M
+  float* y = nullptr;  // its first output row; rows of W.N values
   bool bf16 = false;
   at::Tensor x;     // bf16: the bf16 pieces; else fp32 rows in chunk order
   at::Tensor xsum;  // [rows, G]
 };
 
-void run_decode_groups(const std::vector<DecodeGroup>& groups, const at::Tensor& y) {
+// The groups' output rows taken as one run of rows, in order, split evenly between the threads
+// (as one weight of all their rows would be), so that small groups neither get a thread each
+// nor leave one idle.
+void run_decode_groups(const std::vector<DecodeGroup>& groups) {
   if (groups.empty()) return;
   const KernelTable& kt = active_kernels();
-  struct Task {
-    int64_t group, n0, n1;
-  };
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < groups.size(); ++i) {
-    const QuantWeight& W = groups[i].W;
-    const int64_t grain = decode_grain(W);
-    for (int64_t n0 = 0; n0 < W.N; n0 += grain)
-      tasks.push_back({static_cast<int64_t>(i), n0, std::min(W.N, n0 + grain)});
-  }
-  const int64_t out_features = groups[0].W.N;
-  float* yp = y.mutable_data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const DecodeGroup& d = groups[tasks[t].group];
-      const int64_t n0 = tasks[t].n0, n1 = tasks[t].n1;
-      float* yg = yp + d.y_row * out_features;
+  std::vector<int64_t> first(groups.size() + 1, 0);  // first[i]: group i's first row in the run
+  for (size_t i = 0; i < groups.size(); ++i) first[i + 1] = first[i] + groups[i].W.N;
+  at::parallel_for(0, first.back(), decode_grain(groups[0].W), [&](int64_t r0, int64_t r1) {
+    for (size_t i = 0; i < groups.size(); ++i) {
+      const int64_t n0 = std::max(r0, first[i]) - first[i];
+      const int64_t n1 = std::min(r1, first[i + 1]) - first[i];
+      if (n0 >= n1) continue;
+      const DecodeGroup& d = groups[i];
       if (d.bf16) {
         const QmvBf16Args a{d.W,
                             static_cast<const uint16_t*>(d.x.const_data_ptr()),
                             static_cast<int>(d.x.size(0) / d.rows),
                             d.xsum.const_data_ptr<float>(),
-                            yg,
+                            d.y,
                             d.rows};
         kt.qmv_bf16(a, n0, n1);
         continue;
       }
       for (int64_t m0 = 0; m0 < d.rows; m0 += kMaxDecodeRows) {
         const QmvArgs a{d.W, d.x.const_data_ptr<float>() + m0 * d.W.K,
-                        d.xsum.const_data_ptr<float>() + m0 * d.W.G, yg + m0 * out_features,
+                        d.xsum.const_data_ptr<float>() + m0 * d.W.G, d.y + m0 * d.W.N,
                         std::min(kMaxDecodeRows, d.rows - m0)};
         kt.qmv(a, n0, n1);
       }
@@ -600,7 +594,7 @@ at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
     DecodeGroup d;
     d.W = W;
     d.rows = n_rows;
-    d.y_row = e.begin * M;
+    d.y = y.mutable_data_ptr<float>() + e.begin * M * out;
     d.xsum = take_rows(xsum_all, rows);
     d.bf16 = kt.qmv_bf16 != nullptr && use_bf16_decode(W, n_rows, x.scalar_type());
     if (d.bf16) {
@@ -611,10 +605,62 @@ at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
     }
     decode.push_back(std::move(d));
   }
-  run_decode_groups(decode, y);
+  run_decode_groups(decode);
 
   const at::Tensor result = in_pair_order(y, order, M);
   return result.to(x.scalar_type()).reshape(g.out_shape);
+}
+
+// --- affine_matmul_many: sibling projections of one input --------------------------------------
+//
+// A decode step of a small model spends much of a projection's time forking threads and
+// preparing x; q/k/v (or gate/up) read the same x, so the streaming kernels take all of them in
+// one parallel region with x prepared once. Each output row comes from the same kernel call on
+// the same prepared x as in affine_matmul, so the outputs are bit for bit affine_matmul's. Other
+// sizes (prompts) and rare cases (a non-finite output, recomputed in MLX's order) go through
+// affine_matmul_cpu one weight at a time.
+
+std::vector<at::Tensor> affine_matmul_many_cpu(const at::Tensor& x, at::TensorList wq,
+                                               at::TensorList scales, at::TensorList biases,
+                                               int64_t group_size, int64_t bits) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto shapes = matmul_many_out_shapes(x, wq, scales, biases, group_size, bits);
+  const size_t n = wq.size();
+  auto one = [&](size_t i) {
+    return affine_matmul_cpu(x, wq[i], scales[i], biases[i], group_size, bits, true);
+  };
+  const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K;
+  std::vector<at::Tensor> out;
+  if (M == 0 || M > kDecodeMaxRows || K == 0 || bits == 1) {
+    for (size_t i = 0; i < n; ++i) out.push_back(one(i));
+    return out;
+  }
+  const KernelTable& kt = active_kernels();
+  std::vector<at::Tensor> w(n), s(n), b(n), y(n);
+  std::vector<DecodeGroup> groups(n);
+  for (size_t i = 0; i < n; ++i) {
+    w[i] = wq[i].contiguous(), s[i] = scales[i].contiguous(), b[i] = biases[i].contiguous();
+    groups[i].W = view_weight(w[i], s[i], b[i], group_size, bits);
+    groups[i].rows = M;
+    y[i] = at::empty({M, groups[i].W.N}, x.options().dtype(at::kFloat));
+    groups[i].y = y[i].mutable_data_ptr<float>();
+  }
+  // affine_matmul's choice (same bits, K and M for every weight): the bf16 kernel on x in its
+  // own dtype, or the generic kernel on fp32 x in chunk order.
+  const bool bf16 = kt.qmv_bf16 != nullptr && use_bf16_decode(groups[0].W, M, x.scalar_type());
+  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  const at::Tensor xin = bf16 ? x2 : x2.to(at::kFloat);
+  const at::Tensor xsum = group_sums(xin, group_size);
+  const at::Tensor xk = bf16 ? bf16_pieces(xin, x.scalar_type(), static_cast<int>(bits))
+                             : to_chunk_order(xin, static_cast<int>(bits)).contiguous();
+  for (DecodeGroup& d : groups) d.bf16 = bf16, d.x = xk, d.xsum = xsum;
+  run_decode_groups(groups);
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<int64_t> shape(shapes[i].size());
+    for (size_t d = 0; d < shape.size(); ++d) shape[d] = shapes[i][d].expect_int();
+    out.push_back(all_finite(y[i]) ? round_to(y[i], x.scalar_type()).view(shape) : one(i));
+  }
+  return out;
 }
 
 }  // namespace
@@ -622,4 +668,5 @@ at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
 
 TORCH_LIBRARY_IMPL(mlxq, CPU, m) {
   m.impl("affine_gather_matmul", &mlxq::cpu::affine_gather_matmul_cpu);
+  m.impl("affine_matmul_many", &mlxq::cpu::affine_matmul_many_cpu);
 }

@@ -105,6 +105,8 @@ class AffineLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        # Set by mlxq.projection_groups: siblings on one input (q/k/v) computed in one call.
+        self.projection_group, self.projection_index = None, 0
 
     @classmethod
     def from_float(
@@ -137,7 +139,8 @@ class AffineLinear(nn.Module):
         return _dequantize_rows(self, self.weight, self.scales, self.biases)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _matmul(self, x)
+        group = self.projection_group
+        y = _matmul(self, x) if group is None else group.output(self, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -17,6 +17,7 @@ __all__ = [
     "affine_quantize",
     "affine_dequantize",
     "affine_matmul",
+    "affine_matmul_many",
     "quantize",
     "dequantize",
     "quantized_matmul",
@@ -67,6 +68,28 @@ def affine_matmul(
     return torch.ops.mlxq.affine_matmul(x, wq, scales, biases, group_size, bits, transpose)
 
 
+def affine_matmul_many(
+    x: torch.Tensor,
+    wq: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    group_size: int = 64,
+    bits: int = 4,
+) -> list[torch.Tensor]:
+    """`[affine_matmul(x, wq[i], scales[i], biases[i], group_size, bits) for i]` in one call.
+
+    For sibling projections that read one input (q/k/v, gate/up): the outputs are bit for bit
+    those of `affine_matmul` (and differentiable like them), and on the CPU a decode step's
+    weights share one parallel region and one preparation of `x`. Weights are 2-D
+    ([N_i, K*bits/32]); other backends run one `affine_matmul` per weight.
+    """
+    if _forward_mode_active():  # the one-call op has reverse mode only; affine_matmul has both
+        _C.matmul_many_out_shapes(x, wq, scales, biases, group_size, bits)
+        weights = zip(wq, scales, biases, strict=True)
+        return [affine_matmul(x, w, s, b, group_size, bits) for w, s, b in weights]
+    return torch.ops.mlxq.affine_matmul_many(x, wq, scales, biases, group_size, bits)
+
+
 # --- fake kernels: output shapes from the native argument checks -------------------------------
 # Each fake kernel runs the same C++ check as the real kernels (csrc/checks.cpp, exposed as
 # mlxq._C.*_out_shape), so meta tensors and torch.compile refuse exactly the calls the real op
@@ -94,6 +117,12 @@ def _dequantize_fake(wq, scales, biases, group_size: int = 64, bits: int = 4):
 @torch.library.register_fake("mlxq::affine_matmul")
 def _matmul_fake(x, wq, scales, biases, group_size: int = 64, bits: int = 4, transpose=True):
     return x.new_empty(_C.matmul_out_shape(x, wq, scales, biases, group_size, bits, transpose))
+
+
+@torch.library.register_fake("mlxq::affine_matmul_many")
+def _matmul_many_fake(x, wq, scales, biases, group_size: int = 64, bits: int = 4):
+    shapes = _C.matmul_many_out_shapes(x, wq, scales, biases, group_size, bits)
+    return [x.new_empty(shape) for shape in shapes]
 
 
 # --- autograd: d/dx of x @ W.T is grad @ W, and vice versa -----------------------------------

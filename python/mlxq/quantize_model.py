@@ -23,6 +23,7 @@ from mlxq.model_walk import (
     plan_quantization,
     tie_head,
 )
+from mlxq.projection_groups import group_projections
 
 __all__ = ["quantize_model", "dequantize_model"]
 
@@ -60,6 +61,7 @@ def quantize_model(
     walk = plan_quantization(model, top, overrides, skip)
     replaced = quantize_planned(model, walk)
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
+    group_projections(model)
     return model
 
 

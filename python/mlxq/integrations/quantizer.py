@@ -47,6 +47,7 @@ from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
 )
+from mlxq.projection_groups import group_projections
 
 __all__ = [
     "MLXHfQuantizer",
@@ -441,6 +442,7 @@ class MLXHfQuantizer(HfQuantizer):
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)
+        group_projections(model)
         return model
 
     def update_weight_conversions(self, weight_conversions, *model):
