@@ -49,7 +49,8 @@ def _same_format(a: AffineLinear, b: AffineLinear) -> bool:
 
 
 class ProjectionGroup:
-    """Affine projections of one format that their parent calls on one input (see module doc).
+    """Affine projections of one format that their parent calls on one input (see module doc);
+    creating one ties its members to it.
 
     `output(member, x)` is `member`'s `x @ W.T` (no bias): computed for all members at the
     first call with a new `x`, handed out to the others when they are called with that `x`.
@@ -59,6 +60,8 @@ class ProjectionGroup:
         if len(members) < 2 or not all(_same_format(members[0], m) for m in members):
             raise ValueError("mlxq: a projection group needs 2+ affine layers of one format")
         self.members = members
+        for i, m in enumerate(members):
+            m.projection_group, m.projection_index = self, i
         self.enabled = True
         self._x: torch.Tensor | None = None  # the input the pending outputs belong to
         self._version = -1
@@ -89,11 +92,13 @@ class ProjectionGroup:
                 self.enabled = False
                 self._clear()
                 return self.output(member, x)
+        # (_buffers: nn.Module's attribute lookup costs a microsecond a buffer in a decode step)
+        buffers = [m._buffers for m in self.members]
         outs = affine_matmul_many(
             x,
-            [m.weight for m in self.members],
-            [m.scales for m in self.members],
-            [m.biases for m in self.members],
+            [b["weight"] for b in buffers],
+            [b["scales"] for b in buffers],
+            [b["biases"] for b in buffers],
             first.group_size,
             first.bits,
         )
@@ -119,8 +124,6 @@ def group_projections(model: nn.Module) -> int:
                 continue
             if not all(_same_format(members[0], m) for m in members):
                 continue
-            group = ProjectionGroup(members)
-            for i, m in enumerate(members):
-                m.projection_group, m.projection_index = group, i
+            ProjectionGroup(members)
             count += 1
     return count
