@@ -225,6 +225,39 @@ at::Tensor decode_attention_autograd(const at::Tensor& q, const at::Tensor& k, c
   return decode_attention_op().call(q, k, v, mask, scale);
 }
 
+// --- rms_norm -----------------------------------------------------------------------------------
+// Inference only, like decode_attention: a call that needs a gradient gets a grad_fn that refuses
+// at backward time (mlxq's norm hook keeps transformers' own forward for such calls).
+
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, double)>&
+rms_norm_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlxq::rms_norm", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op;
+}
+
+struct RmsNormGrad : torch::autograd::Function<RmsNormGrad> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            double eps) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return rms_norm_op().call(x, weight, eps);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false,
+                "mlxq.rms_norm is an inference kernel and has no gradient; use the model's own "
+                "RMSNorm forward where gradients are needed");
+    return {};
+  }
+};
+
+at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (needs_grad({&x, &weight})) return RmsNormGrad::apply(x, weight, eps);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return rms_norm_op().call(x, weight, eps);
+}
+
 }  // namespace
 }  // namespace mlxq
 
@@ -233,4 +266,5 @@ TORCH_LIBRARY_IMPL(mlxq, Autograd, m) {
   m.impl("affine_matmul_many", &mlxq::affine_matmul_many_autograd);
   m.impl("fp_matmul", &mlxq::fp_matmul_autograd);
   m.impl("decode_attention", &mlxq::decode_attention_autograd);
+  m.impl("rms_norm", &mlxq::rms_norm_autograd);
 }

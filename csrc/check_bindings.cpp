@@ -27,6 +27,13 @@ void register_check_bindings(pybind11::module& m) {
   m.def("quantize_out_shapes", &quantize_out_shapes, py::arg("w"), py::arg("group_size"),
         py::arg("bits"),
         "Checks the arguments of affine_quantize and returns the shapes of wq, scales, biases.");
+  m.def(
+      "check_rms_norm",
+      [](const at::Tensor& x, const at::Tensor& weight, double eps) {
+        (void)check_rms_norm(x, weight, eps);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("eps"),
+      "Checks the arguments of rms_norm (its output takes the promoted dtype of x and weight).");
   m.def("decode_attention_out_shape", &decode_attention_out_shape, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("mask"),
         "Checks the arguments of decode_attention and returns its output shape.");

@@ -3,6 +3,7 @@
 #include <c10/core/SymBool.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -602,6 +603,22 @@ std::vector<c10::SymInt> decode_attention_out_shape(const at::Tensor& q, const a
                                                     const at::Tensor& v,
                                                     const std::optional<at::Tensor>& mask) {
   return check_decode_attention_sym(q, k, v, mask);
+}
+
+at::ScalarType check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK_TYPE(is_float(x.scalar_type()), "mlxq: rms_norm: x must be float32, float16 or ",
+                   "bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(is_float(weight.scalar_type()), "mlxq: rms_norm: weight must be float32, ",
+                   "float16 or bfloat16, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.sym_size(-1) >= 1, "mlxq: rms_norm: x must have a last ",
+                    "dimension of at least one value, got shape ", x.sym_sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.sym_size(0) == x.sym_size(-1),
+                    "mlxq: rms_norm: weight must have shape [", x.sym_size(-1), "] (x's last ",
+                    "dimension), got ", weight.sym_sizes());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "mlxq: rms_norm: eps must be finite and >= 0, ",
+                    "got ", eps);
+  check_one_device({{"x", &x}, {"weight", &weight}});
+  return c10::promoteTypes(x.scalar_type(), weight.scalar_type());
 }
 
 }  // namespace mlxq

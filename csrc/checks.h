@@ -165,6 +165,11 @@ AttentionGeometry check_decode_attention(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& v,
                                          const std::optional<at::Tensor>& mask);
 
+// rms_norm's arguments: x float of any shape with a last dimension of D >= 1 values, weight
+// float [D], both on one device, eps finite and >= 0. Returns the output dtype (x's and weight's
+// promoted, as transformers' `weight * normalized.to(x.dtype)` gives).
+at::ScalarType check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
 // The same checks; returns the output shape [B, Hq, Lq, D] (sizes may be symbolic).
 std::vector<c10::SymInt> decode_attention_out_shape(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v,

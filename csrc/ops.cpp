@@ -72,6 +72,11 @@ TORCH_LIBRARY_FRAGMENT(mlxq, m) {
       " -> Tensor");
 }
 
+// RMSNorm as transformers' Llama family computes it: y = weight * (x * rsqrt(mean(x^2) + eps))
+// with the normalization in fp32, rounded to the dtype of x before the product with weight (the
+// output takes the promoted dtype of the two).
+TORCH_LIBRARY_FRAGMENT(mlxq, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"); }
+
 namespace mlxq::cpu {
 at::Tensor vector_exp_for_tests(const at::Tensor& x);  // csrc/cpu/attention_cpu.cpp
 }

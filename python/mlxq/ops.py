@@ -22,6 +22,7 @@ __all__ = [
     "dequantize",
     "quantized_matmul",
     "decode_attention",
+    "rms_norm",
 ]
 
 
@@ -710,3 +711,22 @@ def decode_attention(
 @torch.library.register_fake("mlxq::decode_attention")
 def _decode_attention_fake(q, k, v, mask=None, scale=None):
     return q.new_empty(_C.decode_attention_out_shape(q, k, v, mask))
+
+
+# --- RMSNorm -------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama-family RMSNorm in one call (CPU):
+    `weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)`, normalized in fp32 (the mean of the
+    fp32 squares summed in double), rounded to the dtype of `x`, then multiplied by `weight` in
+    the promoted dtype of the two. Not differentiable (inference kernel).
+    """
+    return torch.ops.mlxq.rms_norm(x, weight, eps)
+
+
+# Not differentiable: csrc/autograd.cpp refuses a gradient at backward time.
+@torch.library.register_fake("mlxq::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    _C.check_rms_norm(x, weight, eps)
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))

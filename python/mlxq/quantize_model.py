@@ -39,7 +39,9 @@ def quantize_model(
     """Replace the model's linear and embedding layers by mlxq quantized modules, in place.
 
     Args:
-        model: a float model (any `nn.Module`; transformers models also get their config set).
+        model: a float model (any `nn.Module`; transformers models also get their config set
+            and, as a loaded MLX checkpoint, the native eager CPU RMSNorm of
+            `mlxq.integrations.cpu_norms`).
         bits, group_size: the default format (affine: bits 1, 2, 3, 4, 5, 6, 8; group 32, 64,
             128; None: the mode's default, for affine 4 bits and group 64, as in MLX).
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
@@ -138,6 +140,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     if config is None or not hasattr(config, "to_dict"):
         return
     from mlxq.integrations.config import MLXQuantConfig
+    from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
@@ -158,6 +161,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     )
     config.quantization_config = qconfig
     add_mlx_lm_config_keys(config)
+    use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     model.hf_quantizer = MLXHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = qconfig.quant_method

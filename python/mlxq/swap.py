@@ -46,7 +46,7 @@ def is_conv1d(module: nn.Module) -> bool:
     return False
 
 
-def _forward_body(cls: type) -> str | None:
+def forward_body(cls: type) -> str | None:
     """The body of `cls.forward` with all whitespace removed; None if it has no source."""
     try:
         source = textwrap.dedent(inspect.getsource(cls.forward))
@@ -63,7 +63,7 @@ def _scaled_embedding(module: nn.Embedding) -> tuple[float, torch.dtype | None] 
     embedding; None when its forward is not one of the known ones."""
     cls = type(module)
     owner = next(c for c in cls.__mro__ if "forward" in vars(c))
-    as_tensor = _SCALED_FORWARDS.get(_forward_body(owner) or "")
+    as_tensor = _SCALED_FORWARDS.get(forward_body(owner) or "")
     if as_tensor is None or not issubclass(owner.__mro__[1], nn.Embedding):
         return None
     if owner.__mro__[1].forward is not nn.Embedding.forward:  # super() must be nn.Embedding's
@@ -272,7 +272,7 @@ def _function_digest(function) -> str | None:
     """sha256 of the whitespace-free body of `function`; None without source."""
     if function is None:
         return None
-    body = _forward_body(type("_Holder", (), {"forward": function}))
+    body = forward_body(type("_Holder", (), {"forward": function}))
     return hashlib.sha256(body.encode()).hexdigest() if body else None
 
 
@@ -335,7 +335,7 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     out_features, in_features = weight.shape
     plan = MoePlan(name, cls.__name__, "router", 0, in_features, out_features)
     owner = next(c for c in cls.__mro__ if "forward" in vars(c))
-    body = _forward_body(owner) or ""
+    body = forward_body(owner) or ""
     uses = _LINEAR_USE.findall(body)
     supers = [u for u in uses if u.startswith("super")]
     if supers and owner.__mro__[1].forward is not nn.Linear.forward:

@@ -20,6 +20,7 @@ from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.cpu_attention import use_fp32_decode_attention
+from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.mlx_lm_layout import (
     MlxLayout,
     checkpoint_layout,
@@ -442,6 +443,7 @@ class MLXHfQuantizer(HfQuantizer):
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)
+        use_native_rms_norm(model)
         group_projections(model)
         return model
 
