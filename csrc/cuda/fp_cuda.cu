@@ -1,0 +1,113 @@
+// fp_matmul on CUDA: the streaming decode kernel (fp_qmv.cuh) for y = x @ W.T with up to
+// kDecodeMaxRows rows of x and a 2-D weight, the composite op (composite/fp_composite.cpp:
+// the weight decoded by ATen ops, then cuBLAS) for everything else. Both keep the CPU op's
+// numerics for decode sizes: exact fp32 weights, fp32 products and sums, one rounding of y.
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "checks.h"
+#include "composite/composite.h"
+#include "cuda/fp_qmv.h"
+
+namespace mlxq::cuda {
+namespace {
+
+DType fp_dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      return DType::kFloat;
+  }
+}
+
+// MLXQ_CUDA_FP_DECODE=composite sends every call to the composite op (benchmarks compare the two
+// in one process: read on every call, so a CUDA graph keeps the path chosen at capture).
+bool decode_kernel_enabled() {
+  const char* env = std::getenv("MLXQ_CUDA_FP_DECODE");
+  return env == nullptr || std::string(env) != "composite";
+}
+
+// The M = 1 kernel shape (fp_qmv.cuh): MLXQ_CUDA_FP_VARIANT=a|b|c|d, read on every call.
+char decode_variant() {
+  const char* env = std::getenv("MLXQ_CUDA_FP_VARIANT");
+  return env != nullptr && env[0] >= 'a' && env[0] <= 'd' ? env[0] : 'a';
+}
+
+// Contiguous, with a data pointer aligned to `bytes`: a view that starts off alignment is
+// copied (a fresh allocation is aligned).
+at::Tensor aligned_to(const at::Tensor& t, uintptr_t bytes) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % bytes != 0) c = c.clone();
+  return c;
+}
+
+at::Tensor fp_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+                          c10::string_view mode, int64_t group_size, int64_t bits, bool transpose,
+                          const c10::optional<at::Tensor>& global_scale) {
+  // Reached below autograd (csrc/autograd.cpp owns the gradient).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int m = check_fp_mode(mode, group_size, bits);
+  const MatmulGeometry g = check_fp_matmul(x, wq, scales, group_size, bits, transpose);
+  check_fp_global_scale(global_scale, m, wq.device());
+  const int64_t N = g.w.rows, K = g.w.cols;
+  const int64_t row_bytes = K / 8 * bits;  // K is a multiple of 16 (of 32 unless nvfp4)
+  const char variant = decode_variant();
+  const int64_t rows_per_warp = fp_qmv_rows_per_warp(g.M == 1 ? 1 : 2, variant);
+  const int64_t warps = (N + rows_per_warp - 1) / rows_per_warp;
+  // The kernel streams whole 16-byte chunks of a 2-D weight's rows (nvfp4 with an odd number
+  // of groups per row has none); batched weights, x @ W and prefill sizes take the composite.
+  const bool decode = transpose && g.batch.empty() && g.M >= 1 && g.M <= kDecodeMaxRows && N > 0 &&
+                      row_bytes % 16 == 0 && (warps + kFpWarps - 1) / kFpWarps <= INT32_MAX &&
+                      decode_kernel_enabled();
+  if (!decode) {
+    return composite::fp_matmul(x, wq, scales, mode, group_size, bits, transpose, global_scale);
+  }
+  const c10::cuda::CUDAGuard device(x.device());
+  const at::Tensor xc = aligned_to(x, 16).view({g.M, K});
+  const at::Tensor wc = aligned_to(wq, 16);
+  const at::Tensor sc = aligned_to(scales, 2);
+  at::Tensor gs;
+  if (global_scale.has_value()) gs = global_scale->contiguous();  // one float32 (checked)
+  at::Tensor y = at::empty({g.M, N}, x.options());
+  FpQmvParams p;
+  p.w = static_cast<const uint4*>(wc.const_data_ptr());
+  p.scales = static_cast<const uint8_t*>(sc.const_data_ptr());
+  p.global = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
+  p.x = xc.const_data_ptr();
+  p.y = y.mutable_data_ptr();
+  p.N = N;
+  p.K = K;
+  p.G = g.w.groups;
+  p.chunks = row_bytes / 16;
+  p.M = static_cast<int>(g.M);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DType dt = fp_dtype_of(x.scalar_type());
+  switch (m) {
+    case kFpMxfp4:
+      launch_fp_qmv<kFpMxfp4>(p, dt, variant, stream);
+      break;
+    case kFpNvfp4:
+      launch_fp_qmv<kFpNvfp4>(p, dt, variant, stream);
+      break;
+    default:
+      launch_fp_qmv<kFpMxfp8>(p, dt, variant, stream);
+      break;
+  }
+  return y.view(g.out_shape);
+}
+
+}  // namespace
+}  // namespace mlxq::cuda
+
+TORCH_LIBRARY_IMPL(mlxq, CUDA, m) { m.impl("fp_matmul", &mlxq::cuda::fp_matmul_cuda); }

@@ -1,0 +1,56 @@
+// The streaming decode of the floating-point modes (mxfp4, nvfp4, mxfp8): y = x @ W.T for
+// M <= kDecodeMaxRows rows of x. Plain host declarations over the kernel's parameter struct, so
+// that the op code (fp_cuda.cu) instantiates no kernel template; each mode's kernels compile in
+// their own translation unit (fp_qmv_<mode>.cu, bodies in fp_qmv.cuh).
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "cuda/launch.h"
+
+namespace mlxq::cuda {
+
+// check_fp_mode's indices.
+constexpr int kFpMxfp4 = 0, kFpNvfp4 = 1, kFpMxfp8 = 2;
+
+// Warps per block of the float-mode decode kernel.
+constexpr int kFpWarps = 8;
+
+// Arguments of the float-mode decode kernel: y[m, n] = sum_g scale[n, g] * factor *
+// sum_{k in g} value(code[n, k]) * x[m, k], the CPU op's order of operations.
+struct FpQmvParams {
+  const uint4* w;         // [N, chunks] 16-byte chunks of packed codes, 16-byte aligned
+  const uint8_t* scales;  // [N, G] scale bytes (2-byte aligned for nvfp4)
+  const float* global;    // nvfp4's global scale (one float on the device), or nullptr
+  const void* x;          // [M, K] in the activation dtype, 16-byte aligned
+  void* y;                // [M, N] in the activation dtype
+  int64_t N;
+  int64_t K;
+  int64_t G;
+  int64_t chunks;  // 16-byte chunks per row of W: K * bits / 128 (a whole number: checked)
+  int M;           // rows of x, 1 <= M <= kDecodeMaxRows
+};
+
+// y = x @ W.T for the mode `Mode` (kFp*), x and y in `x_dtype`. `variant` ('a'..'d') picks the
+// M = 1 kernel shape (fp_qmv.cuh). Defined in fp_qmv_<mode>.cu.
+template <int Mode>
+void launch_fp_qmv(const FpQmvParams& p, DType x_dtype, char variant, cudaStream_t stream);
+template <>
+void launch_fp_qmv<kFpMxfp4>(const FpQmvParams& p, DType x_dtype, char variant,
+                             cudaStream_t stream);
+template <>
+void launch_fp_qmv<kFpNvfp4>(const FpQmvParams& p, DType x_dtype, char variant,
+                             cudaStream_t stream);
+template <>
+void launch_fp_qmv<kFpMxfp8>(const FpQmvParams& p, DType x_dtype, char variant,
+                             cudaStream_t stream);
+
+// Rows of W per warp for `M` rows of x and `variant` (the grid size the host checks).
+inline int fp_qmv_rows_per_warp(int M, char variant) {
+  if (M == 1 && (variant == 'b' || variant == 'c')) return 4;
+  if (M == 1 && variant == 'd') return 1;
+  return 2;
+}
+
+}  // namespace mlxq::cuda
