@@ -459,6 +459,112 @@ def test_fp_matmul_in_cuda_graph(gen) -> None:
     torch.testing.assert_close(out, -want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
 
 
+# --- the float-mode decode kernel (csrc/cuda/fp_qmv.cuh: x @ W.T, M <= 8, 2-D weights) --------
+
+
+def _fp_decode_shapes(mode: str) -> list[tuple[int, int]]:
+    """Odd N; K of one chunk, of a partial round of the 32 lanes, and 4096 + 32; nvfp4 with an
+    odd number of groups per row (no whole 16-byte chunks: the composite op runs it)."""
+    return [(37, 32), (67, 4096 + 32), (130, 288)] + ([(5, 48)] if mode == "nvfp4" else [])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,global_scale", FP_CASES, ids=FP_IDS)
+def test_fp_decode_kernel(gen, mode: str, global_scale, dtype) -> None:
+    # every kernel width (M = 1, 2, 3 -> 4, 8) against float64 and the CPU op
+    g = _gs(global_scale)
+    for n, k in _fp_decode_shapes(mode):
+        wq, s = mlxq.quantize(_fp_weight(gen, (n, k), dtype), mode=mode, global_scale=g)
+        for m in (1, 2, 3, 8):
+            _check_fp_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, mode, g)
+        _check_fp_matmul(torch.randn(k, generator=gen).to(dtype), wq, s, mode, g)  # 1-D x
+        _check_fp_matmul(torch.randn(2, 4, k, generator=gen).to(dtype), wq, s, mode, g)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode,global_scale", FP_CASES, ids=FP_IDS)
+def test_fp_decode_layouts_and_shapes(gen, mode: str, global_scale, monkeypatch) -> None:
+    group, bits = FP_MODES[mode]
+    g = _cuda(_gs(global_scale))
+    wq, s = (t.cuda() for t in mlxq.quantize(torch.randn(67, 512, generator=gen), mode=mode))
+    args = (wq, s, None, True, group, bits, mode)
+    big = torch.randn(3, 513, generator=gen).bfloat16().cuda()
+    x = big[:, 1:]  # not contiguous, not 16-byte aligned: the op copies it
+    want = mlxq.quantized_matmul(x.contiguous(), *args, global_scale=g)
+    assert torch.equal(mlxq.quantized_matmul(x, *args, global_scale=g), want)
+    # the M = 1 shapes of the kernel (MLXQ_CUDA_FP_VARIANT, read on every call) split a row
+    # over the lanes alike: the same sums in the same order
+    x1 = big[:1, 1:].contiguous()
+    ys = []
+    for v in "abcd":
+        monkeypatch.setenv("MLXQ_CUDA_FP_VARIANT", v)
+        ys.append(mlxq.quantized_matmul(x1, *args, global_scale=g))
+    assert all(torch.equal(y, ys[0]) for y in ys)
+    # the composite (MLXQ_CUDA_FP_DECODE=composite) agrees within fp32 summation order
+    monkeypatch.setenv("MLXQ_CUDA_FP_DECODE", "composite")
+    other = mlxq.quantized_matmul(x.contiguous(), *args, global_scale=g)
+    torch.testing.assert_close(other, want, rtol=2**-7, atol=1e-5 * float(want.abs().max()))
+    # empty x: zeros of the output shape
+    monkeypatch.delenv("MLXQ_CUDA_FP_DECODE")
+    empty = mlxq.quantized_matmul(big[:0, 1:], *args, global_scale=g)
+    assert empty.shape == (0, 67)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", list(FP_MODES))
+def test_fp_decode_special_values(gen, mode: str) -> None:
+    # random words (every code, FP8 NaN codes included) and scale bytes from the subnormal 2^-127
+    # to infinity (E8M0 255; E4M3 NaN): NaN and infinities where the CPU op has them, the
+    # finite outputs within fp32 summation order of it (bytes <= 200 keep sums from overflowing)
+    group, bits = FP_MODES[mode]
+    n, k = 64, 8 * group
+    wq = torch.randint(-(2**31), 2**31, (n, k * bits // 32), generator=gen)
+    wq = wq.to(torch.int32).view(torch.uint32)
+    if mode == "nvfp4":
+        s = torch.randint(0, 256, (n, k // group), generator=gen).to(torch.uint8)
+    else:
+        s = torch.randint(0, 201, (n, k // group), generator=gen)
+        s[::7, 0], s[::5, 1] = 255, 0
+        s = s.to(torch.uint8)
+    args = (None, True, group, bits, mode)
+    for m in (1, 8):
+        x = torch.randn(m, k, generator=gen)
+        y_cpu = mlxq.quantized_matmul(x, wq, s, *args)
+        y_gpu = mlxq.quantized_matmul(x.cuda(), wq.cuda(), s.cuda(), *args).cpu()
+        assert torch.equal(y_gpu.isnan(), y_cpu.isnan())
+        assert torch.equal(y_gpu.isinf(), y_cpu.isinf())
+        inf = y_cpu.isinf()
+        assert torch.equal(y_gpu[inf], y_cpu[inf])
+        w = mlxq.dequantize(wq, s, mode=mode, dtype=torch.float32).double()
+        w = torch.where(w.isfinite(), w, 0.0)
+        bound = x.double().abs() @ w.abs().T
+        fin = y_cpu.isfinite()
+        tol = (k + 4) * 2.0**-24 * bound + 1e-30
+        assert bool(((y_gpu.double() - y_cpu.double()).abs()[fin] <= 2 * tol[fin]).all())
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode,m", [("mxfp4", 1), ("mxfp8", 8), ("nvfp4", 2)])
+def test_fp_decode_in_cuda_graph(gen, mode: str, m: int) -> None:
+    # launched on the current stream: captured in a graph, the replay is the eager result
+    group, bits = FP_MODES[mode]
+    wq, s = (t.cuda() for t in mlxq.quantize(torch.randn(300, 1024, generator=gen), mode=mode))
+    x = torch.randn(m, 1024, generator=gen).half().cuda()
+    want = mlxq.quantized_matmul(x, wq, s, None, True, group, bits, mode)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = mlxq.quantized_matmul(x, wq, s, None, True, group, bits, mode)
+    torch.cuda.current_stream().wait_stream(side)
+    x.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, -want)  # odd in x, one kernel, one summation order
+
+
 def _pairs_reference(x, w, lhs, rhs, transpose):
     """float64 x[lhs[i]] @ W[rhs[i]](.T) and the same with absolute values, [*I, M, out]."""
     xb, wb = x.shape[:-2], w.shape[:-2]
