@@ -38,7 +38,7 @@ bool decode_kernel_enabled() {
   return env == nullptr || std::string(env) != "composite";
 }
 
-// The M = 1 kernel shape (fp_qmv.cuh): MLXQ_CUDA_FP_VARIANT=a|b|c|d, read on every call.
+// The kernel shape (fp_qmv.cuh): MLXQ_CUDA_FP_VARIANT=a|b|c|d, read on every call.
 char decode_variant() {
   const char* env = std::getenv("MLXQ_CUDA_FP_VARIANT");
   return env != nullptr && env[0] >= 'a' && env[0] <= 'd' ? env[0] : 'a';
@@ -63,7 +63,7 @@ at::Tensor fp_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const at::T
   const int64_t N = g.w.rows, K = g.w.cols;
   const int64_t row_bytes = K / 8 * bits;  // K is a multiple of 16 (of 32 unless nvfp4)
   const char variant = decode_variant();
-  const int64_t rows_per_warp = fp_qmv_rows_per_warp(g.M == 1 ? 1 : 2, variant);
+  const int64_t rows_per_warp = fp_qmv_rows_per_warp(g.M, variant);
   const int64_t warps = (N + rows_per_warp - 1) / rows_per_warp;
   // The kernel streams whole 16-byte chunks of a 2-D weight's rows (nvfp4 with an odd number
   // of groups per row has none); batched weights, x @ W and prefill sizes take the composite.

@@ -159,7 +159,8 @@ __device__ __forceinline__ void fp_segment(const uint4 (&w)[R], const T* const (
 }
 
 template <int Mode, int MT, int R, int U, typename T>
-__global__ void __launch_bounds__(kFpWarps * 32) fp_qmv_kernel(const FpQmvParams p) {
+__global__ void __launch_bounds__(kFpWarps * 32, MT >= 2 ? 2 : 1)
+    fp_qmv_kernel(const FpQmvParams p) {
   using F = FpChunk<Mode>;
   const int lane = threadIdx.x & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kFpWarps + (threadIdx.x >> 5);
@@ -240,9 +241,28 @@ void fp_launch_shape(const FpQmvParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// M = 1 shapes (rows per warp R, chunks per row in flight U; fp_qmv_rows_per_warp must agree):
-// 'a' R2 U4, 'b' R4 U2, 'c' R4 U4, 'd' R1 U8. More rows of x: R2, with fewer chunks in flight
-// as the accumulators (MT * R) grow.
+// Kernel shapes (rows per warp R, chunks per row in flight U; fp_qmv_rows_per_warp agrees), by
+// `variant`. M = 1: 'a' R2 U4, 'b' R4 U2, 'c' R4 U4, 'd' R1 U8. Measured on an H200 (bf16 x, ms,
+// a/b/c/d): 28672 x 8192 mxfp4 0.050/0.048/0.053/0.070, nvfp4 0.058/0.054/0.056/0.073, mxfp8
+// 0.063/0.076/0.072/0.068; 4096 x 4096 mxfp4 0.0060/0.0070/0.0069/0.0072. More rows of x ('a'
+// R2 with U4 for M = 2, U2 above; 'b' R4 U1; 'c' R1 U4; 'd' R2 U1): more accumulators (MT * R)
+// leave fewer registers for loads in flight; above M = 1 the kernel is held to 128 registers,
+// so that two blocks fit a multiprocessor (at 150 registers one did, and its loads in flight
+// could not cover the memory latency).
+template <int MT, typename T>
+void fp_launch_rows(const FpQmvParams& p, char variant, cudaStream_t stream) {
+  switch (variant) {
+    case 'b':
+      return fp_launch_shape<MT, 4, 1, T>(p, stream);
+    case 'c':
+      return fp_launch_shape<MT, 1, 4, T>(p, stream);
+    case 'd':
+      return fp_launch_shape<MT, 2, 1, T>(p, stream);
+    default:
+      return fp_launch_shape<MT, 2, (MT == 2 ? 4 : 2), T>(p, stream);
+  }
+}
+
 template <typename T>
 void fp_launch_typed(const FpQmvParams& p, char variant, cudaStream_t stream) {
   if (p.M <= 1) {
@@ -257,9 +277,9 @@ void fp_launch_typed(const FpQmvParams& p, char variant, cudaStream_t stream) {
         return fp_launch_shape<1, 2, 4, T>(p, stream);
     }
   }
-  if (p.M <= 2) return fp_launch_shape<2, 2, 4, T>(p, stream);
-  if (p.M <= 4) return fp_launch_shape<4, 2, 2, T>(p, stream);
-  return fp_launch_shape<8, 2, 2, T>(p, stream);
+  if (p.M <= 2) return fp_launch_rows<2, T>(p, variant, stream);
+  if (p.M <= 4) return fp_launch_rows<4, T>(p, variant, stream);
+  return fp_launch_rows<8, T>(p, variant, stream);
 }
 
 }  // namespace

@@ -33,7 +33,7 @@ struct FpQmvParams {
 };
 
 // y = x @ W.T for the mode `Mode` (kFp*), x and y in `x_dtype`. `variant` ('a'..'d') picks the
-// M = 1 kernel shape (fp_qmv.cuh). Defined in fp_qmv_<mode>.cu.
+// kernel shape (fp_qmv.cuh). Defined in fp_qmv_<mode>.cu.
 template <int Mode>
 void launch_fp_qmv(const FpQmvParams& p, DType x_dtype, char variant, cudaStream_t stream);
 template <>
@@ -46,10 +46,11 @@ template <>
 void launch_fp_qmv<kFpMxfp8>(const FpQmvParams& p, DType x_dtype, char variant,
                              cudaStream_t stream);
 
-// Rows of W per warp for `M` rows of x and `variant` (the grid size the host checks).
-inline int fp_qmv_rows_per_warp(int M, char variant) {
-  if (M == 1 && (variant == 'b' || variant == 'c')) return 4;
-  if (M == 1 && variant == 'd') return 1;
+// Rows of W per warp for `M` rows of x and `variant` (the kernel shapes of fp_qmv.cuh), which
+// sets the grid size the host checks.
+inline int fp_qmv_rows_per_warp(int64_t M, char variant) {
+  if (variant == 'b' || (M == 1 && variant == 'c')) return 4;
+  if ((M == 1 && variant == 'd') || (M > 1 && variant == 'c')) return 1;
   return 2;
 }
 

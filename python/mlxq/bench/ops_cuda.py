@@ -18,8 +18,8 @@ Float-mode rows (``--modes mxfp4 nvfp4 mxfp8``, M <= 8) have columns ``mlxq_bf16
 streaming decode kernel, csrc/cuda/fp_qmv.cuh; ``mlxq_fp32`` at M = 1), ``composite`` (the same
 call through the composite op: the weight decoded by ATen ops, then cuBLAS, selected with
 ``MLXQ_CUDA_FP_DECODE=composite``), ``dense_bf16``, ``x_vs_composite`` and ``x_vs_dense_bf16``,
-``mlxq_TBps`` (packed code and scale bytes per second) and ``of_copy``; at M = 1 also
-``var_b`` .. ``var_d``, the kernel's other M = 1 shapes (``MLXQ_CUDA_FP_VARIANT``).
+``mlxq_TBps`` (packed code and scale bytes per second) and ``of_copy``, and ``var_b`` ..
+``var_d``, the kernel's other shapes (``MLXQ_CUDA_FP_VARIANT``).
 
 Timing: each method is captured in a CUDA graph that calls it on enough copies of its
 weights to overflow the L2 cache (a decoding model never finds a layer's weights in L2), and
@@ -193,9 +193,9 @@ def bench_fp_row(n: int, k: int, mode: str, m: int, copy_bw: float) -> dict:
     row["mlxq_bf16"] = graph_ms(calls(xb, copies))
     if m == 1:
         row["mlxq_fp32"] = graph_ms(calls(x, copies))
-        for v in "bcd":
-            with _env("MLXQ_CUDA_FP_VARIANT", v):
-                row[f"var_{v}"] = graph_ms(calls(xb, copies))
+    for v in "bcd":
+        with _env("MLXQ_CUDA_FP_VARIANT", v):
+            row[f"var_{v}"] = graph_ms(calls(xb, copies))
     with _env("MLXQ_CUDA_FP_DECODE", "composite"):
         row["composite"] = graph_ms(calls(xb, copies), replays=3)
     del copies
