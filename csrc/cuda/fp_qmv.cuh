@@ -116,13 +116,26 @@ __device__ __forceinline__ void fp_chunk_scales(const uint8_t* srow, int64_t c, 
   }
 }
 
-// Piece P of the chunk: dot[m][r] += value * x for its 8 values.
-template <int Mode, int P, int MT, int R, typename T>
+// Rows of x from which the group's scale multiplies each decoded value (then the products add
+// straight into the accumulators) instead of the group's partial dot products: that frees the
+// MT * R partial sums' registers for loads in flight, for one multiplication per value and row.
+template <int MT>
+constexpr bool kFoldScales = MT >= 4;
+
+// Piece P of the chunk: out[m][r] += value * sw[r] * x (Scaled) or value * x for its 8 values.
+template <int Mode, int P, int MT, int R, typename T, bool Scaled>
 __device__ __forceinline__ void fp_octet_dot(const uint4 (&w)[R], const T* const (&xrow)[MT],
-                                             int64_t k0, float (&dot)[MT][R]) {
+                                             int64_t k0, const float (&sw)[R],
+                                             float (&out)[MT][R]) {
   float q[R][8];
 #pragma unroll
-  for (int r = 0; r < R; ++r) fp_octet<Mode, P>(w[r], q[r]);
+  for (int r = 0; r < R; ++r) {
+    fp_octet<Mode, P>(w[r], q[r]);
+    if constexpr (Scaled) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[r][j] *= sw[r];
+    }
+  }
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     float xv[8];
@@ -130,32 +143,51 @@ __device__ __forceinline__ void fp_octet_dot(const uint4 (&w)[R], const T* const
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int r = 0; r < R; ++r) dot[m][r] = fmaf(q[r][j], xv[j], dot[m][r]);
+      for (int r = 0; r < R; ++r) out[m][r] = fmaf(q[r][j], xv[j], out[m][r]);
   }
 }
 
-// Segment H (one group) of chunk c: acc += scale * (its partial dot products).
+// The octets of segment H (one group) of a chunk into `out`.
+template <int Mode, int H, int MT, int R, typename T, bool Scaled>
+__device__ __forceinline__ void fp_segment_octets(const uint4 (&w)[R], const T* const (&xrow)[MT],
+                                                  int64_t k0, const float (&sw)[R],
+                                                  float (&out)[MT][R]) {
+  constexpr int kP = H * FpChunk<Mode>::kOctetsPerSegment;
+  fp_octet_dot<Mode, kP, MT, R, T, Scaled>(w, xrow, k0, sw, out);
+  fp_octet_dot<Mode, kP + 1, MT, R, T, Scaled>(w, xrow, k0, sw, out);
+  if constexpr (FpChunk<Mode>::kOctetsPerSegment == 4) {
+    fp_octet_dot<Mode, kP + 2, MT, R, T, Scaled>(w, xrow, k0, sw, out);
+    fp_octet_dot<Mode, kP + 3, MT, R, T, Scaled>(w, xrow, k0, sw, out);
+  }
+}
+
+// Segment H (one group) of chunk c: acc += scale * (its partial dot products), or for
+// kFoldScales the products of the scaled values. s: the rows' scales of the chunk's groups.
 template <int Mode, int H, int MT, int R, typename T>
 __device__ __forceinline__ void fp_segment(const uint4 (&w)[R], const T* const (&xrow)[MT],
                                            int64_t k0,
                                            const float (&s)[R][FpChunk<Mode>::kSegments],
                                            float (&acc)[MT][R]) {
   using F = FpChunk<Mode>;
-  float dot[MT][R];
+  float sw[R];
+  if constexpr (kFoldScales<MT>) {
+    // value * 2^-14 times scale * 2^14 (exact but for overflow past 2^114): the fp32 weight
+    // of the composite op, rounded once where nvfp4's global factor makes the scale inexact
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) sw[r] = s[r][H] * F::kPost;
+    fp_segment_octets<Mode, H, MT, R, T, true>(w, xrow, k0, sw, acc);
+  } else {
+    float dot[MT][R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) dot[m][r] = 0.f;
-  fp_octet_dot<Mode, H * F::kOctetsPerSegment, MT, R, T>(w, xrow, k0, dot);
-  fp_octet_dot<Mode, H * F::kOctetsPerSegment + 1, MT, R, T>(w, xrow, k0, dot);
-  if constexpr (F::kOctetsPerSegment == 4) {
-    fp_octet_dot<Mode, H * F::kOctetsPerSegment + 2, MT, R, T>(w, xrow, k0, dot);
-    fp_octet_dot<Mode, H * F::kOctetsPerSegment + 3, MT, R, T>(w, xrow, k0, dot);
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) dot[m][r] = 0.f;
+    fp_segment_octets<Mode, H, MT, R, T, false>(w, xrow, k0, sw, dot);
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[m][r] = fmaf(dot[m][r] * F::kPost, s[r][H], acc[m][r]);
   }
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = fmaf(dot[m][r] * F::kPost, s[r][H], acc[m][r]);
 }
 
 template <int Mode, int MT, int R, int U, typename T>
@@ -244,22 +276,22 @@ void fp_launch_shape(const FpQmvParams& p, cudaStream_t stream) {
 // Kernel shapes (rows per warp R, chunks per row in flight U; fp_qmv_rows_per_warp agrees), by
 // `variant`. M = 1: 'a' R2 U4, 'b' R4 U2, 'c' R4 U4, 'd' R1 U8. Measured on an H200 (bf16 x, ms,
 // a/b/c/d): 28672 x 8192 mxfp4 0.050/0.048/0.053/0.070, nvfp4 0.058/0.054/0.056/0.073, mxfp8
-// 0.063/0.076/0.072/0.068; 4096 x 4096 mxfp4 0.0060/0.0070/0.0069/0.0072. More rows of x ('a'
-// R2 with U4 for M = 2, U2 above; 'b' R4 U1; 'c' R1 U4; 'd' R2 U1): more accumulators (MT * R)
-// leave fewer registers for loads in flight; above M = 1 the kernel is held to 128 registers,
-// so that two blocks fit a multiprocessor (at 150 registers one did, and its loads in flight
-// could not cover the memory latency).
+// 0.063/0.076/0.072/0.068; 4096 x 4096 mxfp4 0.0060/0.0070/0.0069/0.0072 (runs differ by ~10%).
+// More rows of x: 'a' R4 (U2, U1 at M > 4), 'b' R2 U2, 'c' R1 U4, 'd' R2 U1: four rows of W share
+// each load and conversion of x, which dominate once the FMAs per value grow with M (28672 x 8192,
+// M = 8, before kFoldScales: R4 U1 0.186 ms, R2 U2 0.249). Above M = 1 the kernel is held to 128
+// registers, so that two blocks fit a multiprocessor.
 template <int MT, typename T>
 void fp_launch_rows(const FpQmvParams& p, char variant, cudaStream_t stream) {
   switch (variant) {
     case 'b':
-      return fp_launch_shape<MT, 4, 1, T>(p, stream);
+      return fp_launch_shape<MT, 2, 2, T>(p, stream);
     case 'c':
       return fp_launch_shape<MT, 1, 4, T>(p, stream);
     case 'd':
       return fp_launch_shape<MT, 2, 1, T>(p, stream);
     default:
-      return fp_launch_shape<MT, 2, (MT == 2 ? 4 : 2), T>(p, stream);
+      return fp_launch_shape<MT, 4, (MT == 8 ? 1 : 2), T>(p, stream);
   }
 }
 

@@ -49,9 +49,8 @@ void launch_fp_qmv<kFpMxfp8>(const FpQmvParams& p, DType x_dtype, char variant,
 // Rows of W per warp for `M` rows of x and `variant` (the kernel shapes of fp_qmv.cuh), which
 // sets the grid size the host checks.
 inline int fp_qmv_rows_per_warp(int64_t M, char variant) {
-  if (variant == 'b' || (M == 1 && variant == 'c')) return 4;
-  if ((M == 1 && variant == 'd') || (M > 1 && variant == 'c')) return 1;
-  return 2;
+  if (M == 1) return variant == 'b' || variant == 'c' ? 4 : (variant == 'd' ? 1 : 2);
+  return variant == 'b' || variant == 'd' ? 2 : (variant == 'c' ? 1 : 4);
 }
 
 }  // namespace mlxq::cuda
