@@ -645,6 +645,43 @@ def test_gather_matmul(gen, kind: str, dtype) -> None:
             _check_gather(y_gpu, y_cpu, x, wd, lhs, rhs, transpose)
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,global_scale", FP_CASES, ids=FP_IDS)
+def test_fp_gather_decode_kernel(gen, mode: str, global_scale, dtype, monkeypatch) -> None:
+    # the decode kernel's gather (one launch, each pair its own expert: M <= 8, few pairs)
+    # against float64 and the CPU op; many pairs go to the composite (grouped by expert)
+    group, bits = FP_MODES[mode]
+    e, n, k = 5, 37, 320
+    w = random_weight((e, n, k), torch.float32, gen)
+    gs = None if global_scale is None else (torch.rand(e, generator=gen) * 4 + 0.25).float()
+    parts = [mlxq.quantize(w[i], mode=mode, global_scale=_gs_i(gs, i)) for i in range(e)]
+    wq, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    wd = torch.stack(
+        [
+            mlxq.dequantize(wq[i], s[i], mode=mode, global_scale=_gs_i(gs, i), dtype=torch.float32)
+            for i in range(e)
+        ]
+    )
+    kw = dict(transpose=True, group_size=group, bits=bits, mode=mode)
+    cases = [  # (x batch, M, lhs, rhs): repeated, unsorted experts; 70 pairs (the composite)
+        ((3,), 1, torch.tensor([[0], [1], [2]]), torch.tensor([[4, 1], [1, 0], [4, 4]])),
+        ((2,), 2, None, torch.tensor([[3], [0]])),
+        ((6,), 8, torch.tensor([2, 0, 1, 5, 2, 3]), torch.tensor([3, 0, 3, 1, 2, 4])),
+        ((1,), 1, torch.zeros(70, dtype=torch.long), torch.arange(70) % e),
+    ]
+    for xb, m, lhs, rhs in cases:
+        x = torch.randn(*xb, m, k, generator=gen).to(dtype)
+        y_cpu = mlxq.gather_quantized_matmul(x, wq, s, None, lhs, rhs, global_scale=gs, **kw)
+        cuda_ops = [_cuda(t) for t in (x, wq, s, None, lhs, rhs)]
+        y_gpu = mlxq.gather_quantized_matmul(*cuda_ops, global_scale=_cuda(gs), **kw)
+        _check_gather(y_gpu.cpu(), y_cpu, x, wd, lhs, rhs, True)
+        monkeypatch.setenv("MLXQ_CUDA_FP_DECODE", "composite")
+        y_comp = mlxq.gather_quantized_matmul(*cuda_ops, global_scale=_cuda(gs), **kw)
+        monkeypatch.delenv("MLXQ_CUDA_FP_DECODE")
+        _check_gather(y_comp.cpu(), y_cpu, x, wd, lhs, rhs, True)
+
+
 def _gs_i(gs: torch.Tensor | None, i: int) -> torch.Tensor | None:
     return None if gs is None else gs[i]
 

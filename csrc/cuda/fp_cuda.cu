@@ -1,6 +1,7 @@
-// fp_matmul on CUDA: the streaming decode kernel (fp_qmv.cuh) for y = x @ W.T with up to
-// kDecodeMaxRows rows of x and a 2-D weight, the composite op (composite/fp_composite.cpp:
-// the weight decoded by ATen ops, then cuBLAS) for everything else. Both keep the CPU op's
+// fp_matmul and fp_gather_matmul on CUDA: the streaming decode kernel (fp_qmv.cuh) for
+// y = x @ W.T with up to kDecodeMaxRows rows of x (a 2-D weight; a gather of few pairs), the
+// composite ops (composite/: the weight decoded by ATen ops, then cuBLAS; the gather's pairs
+// grouped by expert) for everything else. Both keep the CPU op's
 // numerics for decode sizes: exact fp32 weights, fp32 products and sums, one rounding of y.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -8,10 +9,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "checks.h"
 #include "composite/composite.h"
@@ -50,6 +54,20 @@ at::Tensor aligned_to(const at::Tensor& t, uintptr_t bytes) {
   at::Tensor c = t.contiguous();
   if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % bytes != 0) c = c.clone();
   return c;
+}
+
+// y = x @ W.T by the decode kernel of mode `m` on the current stream.
+void launch(int m, const FpQmvParams& p, at::ScalarType x_dtype, char variant) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DType dt = fp_dtype_of(x_dtype);
+  switch (m) {
+    case kFpMxfp4:
+      return launch_fp_qmv<kFpMxfp4>(p, dt, variant, stream);
+    case kFpNvfp4:
+      return launch_fp_qmv<kFpNvfp4>(p, dt, variant, stream);
+    default:
+      return launch_fp_qmv<kFpMxfp8>(p, dt, variant, stream);
+  }
 }
 
 at::Tensor fp_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
@@ -91,23 +109,77 @@ at::Tensor fp_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const at::T
   p.G = g.w.groups;
   p.chunks = row_bytes / 16;
   p.M = static_cast<int>(g.M);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const DType dt = fp_dtype_of(x.scalar_type());
-  switch (m) {
-    case kFpMxfp4:
-      launch_fp_qmv<kFpMxfp4>(p, dt, variant, stream);
-      break;
-    case kFpNvfp4:
-      launch_fp_qmv<kFpNvfp4>(p, dt, variant, stream);
-      break;
-    default:
-      launch_fp_qmv<kFpMxfp8>(p, dt, variant, stream);
-      break;
+  launch(m, p, x.scalar_type(), variant);
+  return y.view(g.out_shape);
+}
+
+// The most pairs the gather kernel takes: each pair streams its expert's weight, so from a few
+// dozen pairs on the composite's grouping by expert (each selected expert read once) wins.
+constexpr int64_t kGatherMaxPairs = 64;
+
+at::Tensor fp_gather_matmul_cuda(const at::Tensor& x, const at::Tensor& wq,
+                                 const at::Tensor& scales, c10::string_view mode,
+                                 int64_t group_size, int64_t bits,
+                                 const std::optional<at::Tensor>& lhs_indices,
+                                 const std::optional<at::Tensor>& rhs_indices, bool transpose,
+                                 const c10::optional<at::Tensor>& global_scale,
+                                 bool sorted_indices) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ops.py owns the gradient
+  const int m = check_fp_mode(mode, group_size, bits);
+  const GatherGeometry g = check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
+                                                  rhs_indices, transpose, global_scale);
+  const int64_t N = g.w.rows, K = g.w.cols;
+  const int64_t P = c10::multiply_integers(g.index_shape);
+  const int64_t row_bytes = K / 8 * bits;
+  const char variant = decode_variant();
+  const int64_t rows_per_warp = fp_qmv_rows_per_warp(g.M, variant);
+  const int64_t warps = (N + rows_per_warp - 1) / rows_per_warp;
+  // Decode sizes of x @ W.T with few pairs: one launch, each pair streaming its own expert
+  // (no sort, no device-to-host copy of the experts); the rest groups the pairs by expert.
+  const bool decode = transpose && g.M >= 1 && g.M <= kDecodeMaxRows && N > 0 && P >= 1 &&
+                      P <= std::min(kGatherMaxPairs, kFpMaxPairs) && row_bytes % 16 == 0 &&
+                      (warps + kFpWarps - 1) / kFpWarps <= INT32_MAX && decode_kernel_enabled();
+  if (!decode) {
+    return composite::fp_gather_matmul(x, wq, scales, mode, group_size, bits, lhs_indices,
+                                       rhs_indices, transpose, global_scale, sorted_indices);
   }
+  const c10::cuda::CUDAGuard device(x.device());
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  // checked: every index lies in its batch (one device-to-host read of their range)
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const at::Tensor xc = aligned_to(x, 16);
+  const at::Tensor wc = aligned_to(wq, 16);
+  const at::Tensor sc = aligned_to(scales, 2);
+  at::Tensor gs;  // one float32 per weight matrix (checked)
+  if (global_scale.has_value()) gs = global_scale->contiguous();
+  at::Tensor y = at::empty({P, g.M, N}, x.options());
+  FpQmvParams p;
+  p.w = static_cast<const uint4*>(wc.const_data_ptr());
+  p.scales = static_cast<const uint8_t*>(sc.const_data_ptr());
+  p.global = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
+  p.x = xc.const_data_ptr();
+  p.y = y.mutable_data_ptr();
+  p.N = N;
+  p.K = K;
+  p.G = g.w.groups;
+  p.chunks = row_bytes / 16;
+  p.M = static_cast<int>(g.M);
+  p.lhs = lhs.const_data_ptr<int64_t>();
+  p.rhs = rhs.const_data_ptr<int64_t>();
+  p.pairs = P;
+  p.w_matrix = N * p.chunks;
+  p.s_matrix = N * p.G;
+  launch(m, p, x.scalar_type(), variant);
   return y.view(g.out_shape);
 }
 
 }  // namespace
 }  // namespace mlxq::cuda
 
-TORCH_LIBRARY_IMPL(mlxq, CUDA, m) { m.impl("fp_matmul", &mlxq::cuda::fp_matmul_cuda); }
+TORCH_LIBRARY_IMPL(mlxq, CUDA, m) {
+  m.impl("fp_matmul", &mlxq::cuda::fp_matmul_cuda);
+  m.impl("fp_gather_matmul", &mlxq::cuda::fp_gather_matmul_cuda);
+}

@@ -8,7 +8,8 @@
 // two nvfp4 groups) or 16 FP8 codes (half an mxfp8 group), so chunks never straddle groups.
 // x is read through the read-only cache (each value serves the warp's R rows) and converted to
 // fp32; the lanes' partial sums are reduced with shuffles at the end. Rows of x past M repeat
-// row M - 1 (no branch in the inner loop) and are not written.
+// row M - 1 (no branch in the inner loop) and are not written. The grid's y dimension runs the
+// pairs of a gather (fp_gather_matmul's decode: each pair its own x and weight matrix).
 //
 // Numerics (the CPU op's, fp_kernels.h): every code value is decoded exactly, products with x and
 // sums in fp32, and each group's scale (nvfp4: its E4M3 value times global_scale / 2688 in fp32)
@@ -198,22 +199,28 @@ __global__ void __launch_bounds__(kFpWarps * 32, MT >= 2 ? 2 : 1)
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kFpWarps + (threadIdx.x >> 5);
   const int64_t n0 = warp * R;
   if (n0 >= p.N) return;
+  const int64_t pair = blockIdx.y;
+  int64_t e = 0, xi = 0;  // this pair's weight and x matrices
+  if (p.rhs != nullptr) {
+    e = __ldg(p.rhs + pair);
+    xi = __ldg(p.lhs + pair);
+  }
   const int64_t C = p.chunks;
   const uint4* wrow[R];
   const uint8_t* srow[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r < p.N ? n0 + r : p.N - 1;
-    wrow[r] = p.w + n * C;
-    srow[r] = p.scales + n * p.G;
+    wrow[r] = p.w + e * p.w_matrix + n * C;
+    srow[r] = p.scales + e * p.s_matrix + n * p.G;
   }
+  const T* x = static_cast<const T*>(p.x) + xi * p.M * p.K;
   const T* xrow[MT];
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
-    xrow[m] = static_cast<const T*>(p.x) + static_cast<int64_t>(m < p.M ? m : p.M - 1) * p.K;
+  for (int m = 0; m < MT; ++m) xrow[m] = x + static_cast<int64_t>(m < p.M ? m : p.M - 1) * p.K;
   float factor = 1.0f;  // nvfp4: global_scale / (448 * 6), one IEEE division as the CPU op
   if constexpr (Mode == kFpNvfp4) {
-    if (p.global != nullptr) factor = __fdiv_rn(__ldg(p.global), 2688.0f);
+    if (p.global != nullptr) factor = __fdiv_rn(__ldg(p.global + e), 2688.0f);
   }
 
   float acc[MT][R];
@@ -254,7 +261,7 @@ __global__ void __launch_bounds__(kFpWarps * 32, MT >= 2 ? 2 : 1)
       acc[m][r] = v;
     }
   if (lane == 0) {
-    T* y = static_cast<T*>(p.y);
+    T* y = static_cast<T*>(p.y) + pair * p.M * p.N;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -268,8 +275,8 @@ template <int MT, int R, int U, typename T>
 void fp_launch_shape(const FpQmvParams& p, cudaStream_t stream) {
   const int64_t warps = (p.N + R - 1) / R;
   const int64_t blocks = (warps + kFpWarps - 1) / kFpWarps;
-  fp_qmv_kernel<MLXQ_FP_MODE, MT, R, U, T>
-      <<<static_cast<unsigned>(blocks), kFpWarps * 32, 0, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.pairs));
+  fp_qmv_kernel<MLXQ_FP_MODE, MT, R, U, T><<<grid, kFpWarps * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -30,7 +30,18 @@ struct FpQmvParams {
   int64_t G;
   int64_t chunks;  // 16-byte chunks per row of W: K * bits / 128 (a whole number: checked)
   int M;           // rows of x, 1 <= M <= kDecodeMaxRows
+  // The gather (fp_gather_matmul): pair i = blockIdx.y multiplies the M rows of x matrix lhs[i]
+  // by weight matrix rhs[i] (with its global scale global[rhs[i]]) into y matrix i. For a plain
+  // matmul: one pair, lhs = rhs = nullptr (matrix 0 of each).
+  const int64_t* lhs = nullptr;  // [pairs], checked to lie in the batch of x
+  const int64_t* rhs = nullptr;  // [pairs], checked to lie in the batch of W
+  int64_t pairs = 1;             // <= kFpMaxPairs
+  int64_t w_matrix = 0;          // chunks per weight matrix (N * chunks)
+  int64_t s_matrix = 0;          // scale bytes per weight matrix (N * G)
 };
+
+// The most pairs one gather launch takes (the grid's y dimension).
+constexpr int64_t kFpMaxPairs = 65535;
 
 // y = x @ W.T for the mode `Mode` (kFp*), x and y in `x_dtype`. `variant` ('a'..'d') picks the
 // kernel shape (fp_qmv.cuh). Defined in fp_qmv_<mode>.cu.

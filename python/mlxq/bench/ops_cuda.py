@@ -213,6 +213,55 @@ def bench_fp_row(n: int, k: int, mode: str, m: int, copy_bw: float) -> dict:
     return row
 
 
+def eager_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Milliseconds per call of `fn`, run eagerly (for ops that read indices on the host)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def bench_fp_gather_row(mode: str, experts: int = 32, n: int = 5760, k: int = 2880) -> dict:
+    """MoE decode (gpt-oss-20b's expert MLP up-projection: 32 experts of 5760 x 2880, top 4,
+    one token): fp_gather_matmul eagerly (it checks its indices on the host) through the decode
+    kernel's gather and through the composite, each on enough expert stacks to miss L2."""
+    group, bits = FP_MODES[mode]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    words = torch.randint(
+        -(2**31), 2**31, (experts, n, k * bits // 32), device="cuda", generator=gen
+    )
+    wq = words.to(torch.int32).view(torch.uint32)
+    del words
+    s = torch.randint(118, 122, (experts, n, k // group), device="cuda", generator=gen)
+    s = s.to(torch.uint8)
+    x = torch.randn(1, 1, k, device="cuda", generator=gen).bfloat16()
+    rhs = torch.tensor([[3, 17, 8, 29]], device="cuda")
+    stacks = [(wq.clone(), s.clone()) for _ in range(2)]  # 4 experts a call: ~33 MB each
+    state = {"i": 0}
+
+    def call() -> object:
+        w, sc = stacks[state["i"] % len(stacks)]
+        state["i"] += 1
+        return mlxq.gather_quantized_matmul(x, w, sc, None, None, rhs, True, group, bits, mode)
+
+    row: dict = {"N": n, "K": k, "mode": mode, "experts": experts, "top_k": 4}
+    row["mlxq_bf16"] = eager_ms(call)
+    with _env("MLXQ_CUDA_FP_DECODE", "composite"):
+        row["composite"] = eager_ms(call, calls=10)
+    row["x_vs_composite"] = row["composite"] / row["mlxq_bf16"]
+    packed = 4 * _nbytes(wq[0], s[0])
+    row["mlxq_TBps"] = packed / (row["mlxq_bf16"] * 1e-3) / 1e12
+    del wq, s
+    torch.cuda.empty_cache()
+    return row
+
+
 FP_COLUMNS = [
     "shape",
     "mode",
@@ -228,6 +277,17 @@ FP_COLUMNS = [
     "x_vs_dense_bf16",
     "mlxq_TBps",
     "of_copy",
+]
+
+GATHER_COLUMNS = [
+    "shape",
+    "mode",
+    "experts",
+    "top_k",
+    "mlxq_bf16",
+    "composite",
+    "x_vs_composite",
+    "mlxq_TBps",
 ]
 
 COLUMNS = [
@@ -276,6 +336,9 @@ def run(
             for m in [m for m in ms if m <= 8]:
                 rows.append(bench_fp_row(n, k, mode, m, copy_bw))
                 print(" | ".join(_cell(rows[-1], c) for c in FP_COLUMNS), flush=True)
+    for mode in modes or []:
+        rows.append(bench_fp_gather_row(mode))
+        print(" | ".join(_cell(rows[-1], c) for c in GATHER_COLUMNS), flush=True)
     return info, rows
 
 
@@ -289,7 +352,8 @@ def format_table(rows: list[dict]) -> str:
     tables = []
     for columns, kind in (
         (COLUMNS, [r for r in rows if "mode" not in r]),
-        (FP_COLUMNS, [r for r in rows if "mode" in r]),
+        (FP_COLUMNS, [r for r in rows if "mode" in r and "experts" not in r]),
+        (GATHER_COLUMNS, [r for r in rows if "experts" in r]),
     ):
         if kind:
             lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
