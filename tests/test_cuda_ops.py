@@ -416,10 +416,17 @@ def _check_fp_matmul(x, wq, s, mode, global_scale, transpose=True) -> None:
     weight_eps = eps if m > DECODE_MAX_ROWS and x.dtype != torch.float32 else 0.0
     # exact fp32 weights (one rounding by nvfp4's global factor), fp32 sums in any order, the
     # output rounded once; above the decode width W rounded to the dtype of x for cuBLAS
-    tol = (x.shape[-1] + 4) * 2.0**-24 * bound + eps * ref.abs() + weight_eps * bound + 1e-30
-    err = (y_gpu.double() - ref).abs()
-    assert bool((err <= tol).all()), f"{mode} m={m}: max err/tol {float((err / tol).max()):.3g}"
-    assert bool(((y_gpu.double() - y_cpu.double()).abs() <= 2 * tol).all())
+    # fp16 outputs below 2^-14 are subnormal: their rounding error is absolute (up to 2^-25)
+    tiny = 2.0**-25 if x.dtype == torch.float16 else 1e-30
+    tol = (x.shape[-1] + 4) * 2.0**-24 * bound + eps * ref.abs() + weight_eps * bound + tiny
+    # outputs past the dtype's range are infinite in both (fp16's 65504)
+    over = y_cpu.isinf()
+    assert torch.equal(y_gpu[over], y_cpu[over]), f"{mode} m={m}: overflows differ"
+    err = (y_gpu.double() - ref).abs()[~over]
+    assert bool((err <= tol[~over]).all()), (
+        f"{mode} m={m}: max err/tol {float((err / tol[~over]).max()):.3g}"
+    )
+    assert bool(((y_gpu.double() - y_cpu.double()).abs()[~over] <= 2 * tol[~over]).all())
 
 
 @needs_cuda
@@ -457,6 +464,116 @@ def test_fp_matmul_in_cuda_graph(gen) -> None:
     torch.cuda.synchronize()
     # odd in x; cuBLAS may pick another algorithm under capture: one bf16 rounding apart
     torch.testing.assert_close(out, -want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
+
+
+# --- the float-mode decode kernel (csrc/cuda/fp_qmv.cuh: x @ W.T, M <= 8, 2-D weights) --------
+
+
+def _fp_decode_shapes(mode: str) -> list[tuple[int, int]]:
+    """Odd N; K of one chunk, of a partial round of the 32 lanes, and 4096 + 32; nvfp4 with an
+    odd number of groups per row (no whole 16-byte chunks: the composite op runs it)."""
+    return [(37, 32), (67, 4096 + 32), (130, 288)] + ([(5, 48)] if mode == "nvfp4" else [])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,global_scale", FP_CASES, ids=FP_IDS)
+def test_fp_decode_kernel(gen, mode: str, global_scale, dtype) -> None:
+    # every kernel width (M = 1, 2, 3 -> 4, 8) against float64 and the CPU op
+    g = _gs(global_scale)
+    for n, k in _fp_decode_shapes(mode):
+        wq, s = mlxq.quantize(_fp_weight(gen, (n, k), dtype), mode=mode, global_scale=g)
+        for m in (1, 2, 3, 8):
+            _check_fp_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, mode, g)
+        _check_fp_matmul(torch.randn(k, generator=gen).to(dtype), wq, s, mode, g)  # 1-D x
+        _check_fp_matmul(torch.randn(2, 4, k, generator=gen).to(dtype), wq, s, mode, g)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode,global_scale", FP_CASES, ids=FP_IDS)
+def test_fp_decode_layouts_and_shapes(gen, mode: str, global_scale, monkeypatch) -> None:
+    group, bits = FP_MODES[mode]
+    g = _cuda(_gs(global_scale))
+    wq, s = (t.cuda() for t in mlxq.quantize(torch.randn(67, 512, generator=gen), mode=mode))
+    args = (wq, s, None, True, group, bits, mode)
+    big = torch.randn(3, 513, generator=gen).bfloat16().cuda()
+    x = big[:, 1:]  # not contiguous, not 16-byte aligned: the op copies it
+    want = mlxq.quantized_matmul(x.contiguous(), *args, global_scale=g)
+    assert torch.equal(mlxq.quantized_matmul(x, *args, global_scale=g), want)
+    # the kernel's shapes (MLXQ_CUDA_FP_VARIANT, read on every call) split a row over the lanes
+    # alike: the same sums in the same order, at M = 1 and M = 8
+    for xm in (big[:1, 1:].contiguous(), big[:, 1:].repeat(3, 1)[:8].contiguous()):
+        ys = []
+        for v in "abcd":
+            monkeypatch.setenv("MLXQ_CUDA_FP_VARIANT", v)
+            ys.append(mlxq.quantized_matmul(xm, *args, global_scale=g))
+        assert all(torch.equal(y, ys[0]) for y in ys)
+    monkeypatch.delenv("MLXQ_CUDA_FP_VARIANT")
+    # the composite (MLXQ_CUDA_FP_DECODE=composite) agrees within fp32 summation order
+    monkeypatch.setenv("MLXQ_CUDA_FP_DECODE", "composite")
+    other = mlxq.quantized_matmul(x.contiguous(), *args, global_scale=g)
+    torch.testing.assert_close(other, want, rtol=2**-7, atol=1e-5 * float(want.abs().max()))
+    # empty x: zeros of the output shape
+    monkeypatch.delenv("MLXQ_CUDA_FP_DECODE")
+    empty = mlxq.quantized_matmul(big[:0, 1:], *args, global_scale=g)
+    assert empty.shape == (0, 67)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", list(FP_MODES))
+def test_fp_decode_special_values(gen, mode: str) -> None:
+    # random words (every code, FP8 NaN codes included) and scale bytes from the subnormal 2^-127
+    # to infinity (E8M0 255; E4M3 NaN): NaN where the CPU op has it, the finite outputs within
+    # fp32 summation order of it (bytes <= 200 keep sums from overflowing). An infinite scale
+    # makes its row non-finite in both: +-inf times the group's partial sum here, and NaN or
+    # +-inf on the CPU, whose fp32 x is summed in three bf16 pieces (inf - inf is NaN)
+    group, bits = FP_MODES[mode]
+    n, k = 64, 8 * group
+    wq = torch.randint(-(2**31), 2**31, (n, k * bits // 32), generator=gen)
+    wq = wq.to(torch.int32).view(torch.uint32)
+    if mode == "nvfp4":
+        s = torch.randint(0, 256, (n, k // group), generator=gen).to(torch.uint8)
+    else:
+        s = torch.randint(0, 201, (n, k // group), generator=gen)
+        s[::7, 0], s[::5, 1] = 255, 0
+        s = s.to(torch.uint8)
+    args = (None, True, group, bits, mode)
+    for m in (1, 8):
+        x = torch.randn(m, k, generator=gen)
+        y_cpu = mlxq.quantized_matmul(x, wq, s, *args)
+        y_gpu = mlxq.quantized_matmul(x.cuda(), wq.cuda(), s.cuda(), *args).cpu()
+        inf_row = (s == 255).any(-1) if mode != "nvfp4" else torch.zeros(n, dtype=torch.bool)
+        assert not bool(y_gpu[:, inf_row].isfinite().any())
+        assert not bool(y_cpu[:, inf_row].isfinite().any())
+        assert torch.equal(y_gpu[:, ~inf_row].isnan(), y_cpu[:, ~inf_row].isnan())
+        assert not bool(y_cpu[:, ~inf_row].isinf().any())
+        w = mlxq.dequantize(wq, s, mode=mode, dtype=torch.float32).double()
+        w = torch.where(w.isfinite(), w, 0.0)
+        bound = x.double().abs() @ w.abs().T
+        fin = y_cpu.isfinite()
+        tol = (k + 4) * 2.0**-24 * bound + 1e-30
+        assert bool(((y_gpu.double() - y_cpu.double()).abs()[fin] <= 2 * tol[fin]).all())
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode,m", [("mxfp4", 1), ("mxfp8", 8), ("nvfp4", 2)])
+def test_fp_decode_in_cuda_graph(gen, mode: str, m: int) -> None:
+    # launched on the current stream: captured in a graph, the replay is the eager result
+    group, bits = FP_MODES[mode]
+    wq, s = (t.cuda() for t in mlxq.quantize(torch.randn(300, 1024, generator=gen), mode=mode))
+    x = torch.randn(m, 1024, generator=gen).half().cuda()
+    want = mlxq.quantized_matmul(x, wq, s, None, True, group, bits, mode)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = mlxq.quantized_matmul(x, wq, s, None, True, group, bits, mode)
+    torch.cuda.current_stream().wait_stream(side)
+    x.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, -want)  # odd in x, one kernel, one summation order
 
 
 def _pairs_reference(x, w, lhs, rhs, transpose):
@@ -526,6 +643,43 @@ def test_gather_matmul(gen, kind: str, dtype) -> None:
             cuda_ops = [_cuda(t) for t in (x, *operands, lhs, rhs)]
             y_gpu = mlxq.gather_quantized_matmul(*cuda_ops, global_scale=_cuda(gs), **kw).cpu()
             _check_gather(y_gpu, y_cpu, x, wd, lhs, rhs, transpose)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,global_scale", FP_CASES, ids=FP_IDS)
+def test_fp_gather_decode_kernel(gen, mode: str, global_scale, dtype, monkeypatch) -> None:
+    # the decode kernel's gather (one launch, each pair its own expert: M <= 8, few pairs)
+    # against float64 and the CPU op; many pairs go to the composite (grouped by expert)
+    group, bits = FP_MODES[mode]
+    e, n, k = 5, 37, 320
+    w = random_weight((e, n, k), torch.float32, gen)
+    gs = None if global_scale is None else (torch.rand(e, generator=gen) * 4 + 0.25).float()
+    parts = [mlxq.quantize(w[i], mode=mode, global_scale=_gs_i(gs, i)) for i in range(e)]
+    wq, s = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    wd = torch.stack(
+        [
+            mlxq.dequantize(wq[i], s[i], mode=mode, global_scale=_gs_i(gs, i), dtype=torch.float32)
+            for i in range(e)
+        ]
+    )
+    kw = dict(transpose=True, group_size=group, bits=bits, mode=mode)
+    cases = [  # (x batch, M, lhs, rhs): repeated, unsorted experts; 70 pairs (the composite)
+        ((3,), 1, torch.tensor([[0], [1], [2]]), torch.tensor([[4, 1], [1, 0], [4, 4]])),
+        ((2,), 2, None, torch.tensor([[3], [0]])),
+        ((6,), 8, torch.tensor([2, 0, 1, 5, 2, 3]), torch.tensor([3, 0, 3, 1, 2, 4])),
+        ((1,), 1, torch.zeros(70, dtype=torch.long), torch.arange(70) % e),
+    ]
+    for xb, m, lhs, rhs in cases:
+        x = torch.randn(*xb, m, k, generator=gen).to(dtype)
+        y_cpu = mlxq.gather_quantized_matmul(x, wq, s, None, lhs, rhs, global_scale=gs, **kw)
+        cuda_ops = [_cuda(t) for t in (x, wq, s, None, lhs, rhs)]
+        y_gpu = mlxq.gather_quantized_matmul(*cuda_ops, global_scale=_cuda(gs), **kw)
+        _check_gather(y_gpu.cpu(), y_cpu, x, wd, lhs, rhs, True)
+        monkeypatch.setenv("MLXQ_CUDA_FP_DECODE", "composite")
+        y_comp = mlxq.gather_quantized_matmul(*cuda_ops, global_scale=_cuda(gs), **kw)
+        monkeypatch.delenv("MLXQ_CUDA_FP_DECODE")
+        _check_gather(y_comp.cpu(), y_cpu, x, wd, lhs, rhs, True)
 
 
 def _gs_i(gs: torch.Tensor | None, i: int) -> torch.Tensor | None:

@@ -14,7 +14,8 @@
 //   most kExactRows rows (decode), fp32 x, or x @ W in fp32 multiply in fp32; otherwise the weight
 //   is rounded to the dtype of x and the product accumulates in fp32 (cuBLAS), as the CUDA
 //   affine path does for prefill. The weight is dequantized whole (in row tiles for a 2-D
-//   x @ W.T): decode costs a dequantize plus a GEMM, not a streaming kernel.
+//   x @ W.T): decode costs a dequantize plus a GEMM, not a streaming kernel (on CUDA the decode
+//   sizes run cuda/fp_qmv.cuh's streaming kernel instead, cuda/fp_cuda.cu).
 // - the gather ops: the pairs are grouped by expert (a stable sort of the expert indices and
 //   their runs); each selected expert multiplies all its rows at once through the dense op of
 //   the tensors' device (the dispatcher's affine_matmul / fp_matmul), so the numerics are that

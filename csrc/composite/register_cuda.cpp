@@ -1,7 +1,9 @@
 // The composite ops (composite.h) as the CUDA kernels of the mlxq ops that have no hand-written
-// CUDA kernel: the floating-point modes and the gather (MoE) ops. Compiled into every build,
-// registered only when the CUDA backend is built (MLXQ_WITH_CUDA), so that a CPU-only build's
-// dispatcher has no CUDA kernels at all.
+// CUDA kernel: fp_quantize, fp_dequantize and affine_gather_matmul. fp_matmul and
+// fp_gather_matmul are registered by cuda/fp_cuda.cu, which calls the composites where its decode
+// kernel does not apply.
+// Compiled into every build, registered only when the CUDA backend is built (MLXQ_WITH_CUDA), so
+// that a CPU-only build's dispatcher has no CUDA kernels at all.
 #ifdef MLXQ_WITH_CUDA
 #include <torch/library.h>
 
@@ -10,8 +12,6 @@
 TORCH_LIBRARY_IMPL(mlxq, CUDA, m) {
   m.impl("fp_quantize", &mlxq::composite::fp_quantize);
   m.impl("fp_dequantize", &mlxq::composite::fp_dequantize);
-  m.impl("fp_matmul", &mlxq::composite::fp_matmul);
   m.impl("affine_gather_matmul", &mlxq::composite::affine_gather_matmul);
-  m.impl("fp_gather_matmul", &mlxq::composite::fp_gather_matmul);
 }
 #endif  // MLXQ_WITH_CUDA

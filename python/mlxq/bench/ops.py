@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _main_cuda(args: argparse.Namespace) -> list[dict]:
     from mlxq.bench import ops_cuda
 
-    info, rows = ops_cuda.run(args.cuda_shapes, args.bits, args.cuda_group_sizes, args.m)
+    info, rows = ops_cuda.run(
+        args.cuda_shapes, args.bits, args.cuda_group_sizes, args.m, args.modes
+    )
     print()
     print(f"# mlxq op benchmark on CUDA ({info})")
     print(ops_cuda.format_table(rows))

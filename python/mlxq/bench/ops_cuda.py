@@ -1,4 +1,5 @@
-"""Op benchmark on an NVIDIA GPU: mlxq's affine_matmul vs torch's int4 tinygemm vs dense bf16.
+"""Op benchmark on an NVIDIA GPU: mlxq's affine_matmul vs torch's int4 tinygemm vs dense bf16,
+and the float modes' decode (fp_matmul, M <= 8) vs their composite op vs dense bf16.
 
 Each row is one (shape, bits, group size, M); columns are milliseconds per call of
 - ``mlxq_bf16`` (bf16 x, bf16 scales) and ``mlxq_fp32`` (M = 1 only),
@@ -12,6 +13,13 @@ same run (and ``read_TBps``, a plain fp32 sum, in the run's info), and the ratio
 ``x_vs_tinygemm`` and ``x_vs_dense`` (> 1: mlxq is faster),
 ``mlxq_TBps`` (packed weight, scale and bias bytes per second at M = 1) and ``of_copy``
 (that bandwidth as a fraction of the copy bandwidth).
+
+Float-mode rows (``--modes mxfp4 nvfp4 mxfp8``, M <= 8) have columns ``mlxq_bf16`` (the
+streaming decode kernel, csrc/cuda/fp_qmv.cuh; ``mlxq_fp32`` at M = 1), ``composite`` (the same
+call through the composite op: the weight decoded by ATen ops, then cuBLAS, selected with
+``MLXQ_CUDA_FP_DECODE=composite``), ``dense_bf16``, ``x_vs_composite`` and ``x_vs_dense_bf16``,
+``mlxq_TBps`` (packed code and scale bytes per second) and ``of_copy``, and ``var_b`` ..
+``var_d``, the kernel's other shapes (``MLXQ_CUDA_FP_VARIANT``).
 
 Timing: each method is captured in a CUDA graph that calls it on enough copies of its
 weights to overflow the L2 cache (a decoding model never finds a layer's weights in L2), and
@@ -159,6 +167,129 @@ def bench_row(n: int, k: int, bits: int, group_size: int, m: int, copy_bw: float
     return row
 
 
+FP_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+
+
+def bench_fp_row(n: int, k: int, mode: str, m: int, copy_bw: float) -> dict:
+    """One float-mode decode row: random codes and scale bytes (the timing does not depend on
+    their values), bf16 x."""
+    group, bits = FP_MODES[mode]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    words = torch.randint(-(2**31), 2**31, (n, k * bits // 32), device="cuda", generator=gen)
+    wq = words.to(torch.int32).view(torch.uint32)
+    s = torch.randint(118, 122, (n, k // group), device="cuda", generator=gen).to(torch.uint8)
+    x = torch.randn(m, k, device="cuda", generator=gen)
+    xb = x.bfloat16()
+    row: dict = {"N": n, "K": k, "mode": mode, "M": m}
+    packed = _nbytes(wq, s)
+    copies = [(wq.clone(), s.clone()) for _ in range(_copies(packed))]
+
+    def calls(xx: torch.Tensor, copies: list) -> list[Callable[[], object]]:
+        return [
+            lambda c=c: mlxq.quantized_matmul(xx, c[0], c[1], None, True, group, bits, mode)
+            for c in copies
+        ]
+
+    row["mlxq_bf16"] = graph_ms(calls(xb, copies))
+    if m == 1:
+        row["mlxq_fp32"] = graph_ms(calls(x, copies))
+    for v in "bcd":
+        with _env("MLXQ_CUDA_FP_VARIANT", v):
+            row[f"var_{v}"] = graph_ms(calls(xb, copies))
+    with _env("MLXQ_CUDA_FP_DECODE", "composite"):
+        row["composite"] = graph_ms(calls(xb, copies), replays=3)
+    del copies
+    wd = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
+    dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
+    row["dense_bf16"] = graph_ms([lambda d=d: xb @ d.T for d in dense])
+    del dense, wd
+    best = row["mlxq_bf16"]
+    row["packed_MB"] = packed / 1e6
+    row["mlxq_TBps"] = packed / (best * 1e-3) / 1e12
+    row["of_copy"] = row["mlxq_TBps"] / copy_bw
+    for peer in ("composite", "dense_bf16"):
+        row[f"x_vs_{peer}"] = row[peer] / best
+    torch.cuda.empty_cache()
+    return row
+
+
+def eager_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Milliseconds per call of `fn`, run eagerly (for ops that read indices on the host)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def bench_fp_gather_row(mode: str, experts: int = 32, n: int = 5760, k: int = 2880) -> dict:
+    """MoE decode (gpt-oss-20b's expert MLP up-projection: 32 experts of 5760 x 2880, top 4,
+    one token): fp_gather_matmul eagerly (it checks its indices on the host) through the decode
+    kernel's gather and through the composite, each on enough expert stacks to miss L2."""
+    group, bits = FP_MODES[mode]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    words = torch.randint(
+        -(2**31), 2**31, (experts, n, k * bits // 32), device="cuda", generator=gen
+    )
+    wq = words.to(torch.int32).view(torch.uint32)
+    del words
+    s = torch.randint(118, 122, (experts, n, k // group), device="cuda", generator=gen)
+    s = s.to(torch.uint8)
+    x = torch.randn(1, 1, k, device="cuda", generator=gen).bfloat16()
+    rhs = torch.tensor([[3, 17, 8, 29]], device="cuda")
+    stacks = [(wq.clone(), s.clone()) for _ in range(2)]  # 4 experts a call: ~33 MB each
+    state = {"i": 0}
+
+    def call() -> object:
+        w, sc = stacks[state["i"] % len(stacks)]
+        state["i"] += 1
+        return mlxq.gather_quantized_matmul(x, w, sc, None, None, rhs, True, group, bits, mode)
+
+    row: dict = {"N": n, "K": k, "mode": mode, "experts": experts, "top_k": 4}
+    row["mlxq_bf16"] = eager_ms(call)
+    with _env("MLXQ_CUDA_FP_DECODE", "composite"):
+        row["composite"] = eager_ms(call, calls=10)
+    row["x_vs_composite"] = row["composite"] / row["mlxq_bf16"]
+    packed = 4 * _nbytes(wq[0], s[0])
+    row["mlxq_TBps"] = packed / (row["mlxq_bf16"] * 1e-3) / 1e12
+    del wq, s
+    torch.cuda.empty_cache()
+    return row
+
+
+FP_COLUMNS = [
+    "shape",
+    "mode",
+    "M",
+    "mlxq_bf16",
+    "mlxq_fp32",
+    "var_b",
+    "var_c",
+    "var_d",
+    "composite",
+    "dense_bf16",
+    "x_vs_composite",
+    "x_vs_dense_bf16",
+    "mlxq_TBps",
+    "of_copy",
+]
+
+GATHER_COLUMNS = [
+    "shape",
+    "mode",
+    "experts",
+    "top_k",
+    "mlxq_bf16",
+    "composite",
+    "x_vs_composite",
+    "mlxq_TBps",
+]
+
 COLUMNS = [
     "shape",
     "bits",
@@ -177,9 +308,14 @@ COLUMNS = [
 
 
 def run(
-    shapes: list[str], bits_list: list[int], group_sizes: list[int], ms: list[int]
+    shapes: list[str],
+    bits_list: list[int],
+    group_sizes: list[int],
+    ms: list[int],
+    modes: list[str] | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Benchmark every combination; returns (info, rows)."""
+    """Benchmark every combination (float `modes` at the decode sizes M <= 8 only); returns
+    (info, rows)."""
     copy_bw = copy_tbps()
     info = {
         "torch": torch.__version__,
@@ -196,6 +332,13 @@ def run(
                 for m in ms if bits == 4 else [1]:
                     rows.append(bench_row(n, k, bits, gs, m, copy_bw))
                     print(" | ".join(_cell(rows[-1], c) for c in COLUMNS), flush=True)
+        for mode in modes or []:
+            for m in [m for m in ms if m <= 8]:
+                rows.append(bench_fp_row(n, k, mode, m, copy_bw))
+                print(" | ".join(_cell(rows[-1], c) for c in FP_COLUMNS), flush=True)
+    for mode in modes or []:
+        rows.append(bench_fp_gather_row(mode))
+        print(" | ".join(_cell(rows[-1], c) for c in GATHER_COLUMNS), flush=True)
     return info, rows
 
 
@@ -205,6 +348,15 @@ def _cell(row: dict, col: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [" | ".join(COLUMNS), " | ".join("---" for _ in COLUMNS)]
-    lines += [" | ".join(_cell(r, c) for c in COLUMNS) for r in rows]
-    return "\n".join(lines)
+    """The affine rows, then the float-mode rows, as markdown tables."""
+    tables = []
+    for columns, kind in (
+        (COLUMNS, [r for r in rows if "mode" not in r]),
+        (FP_COLUMNS, [r for r in rows if "mode" in r and "experts" not in r]),
+        (GATHER_COLUMNS, [r for r in rows if "experts" in r]),
+    ):
+        if kind:
+            lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+            lines += [" | ".join(_cell(r, c) for c in columns) for r in kind]
+            tables.append("\n".join(lines))
+    return "\n\n".join(tables)
