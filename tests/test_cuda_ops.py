@@ -760,3 +760,20 @@ def test_float_mode_and_moe_models_on_cuda_match_cpu(tmp_path: Path, arch: str, 
         tokens_cpu = cpu.generate(prompt, attention_mask=mask, **gen)
         tokens_gpu = gpu.generate(prompt.cuda(), attention_mask=mask.cuda(), **gen).cpu()
     assert torch.equal(tokens_gpu, tokens_cpu)
+
+
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_affine_matmul_many_on_cuda_is_affine_matmul(M: int) -> None:
+    # no one-call kernel on CUDA: the composite loop, so exactly affine_matmul's outputs
+    gen = torch.Generator().manual_seed(M)
+    weights = []
+    for n in (96, 33, 8):
+        w, s, b = mlxq.affine_quantize(torch.randn(n, 256, generator=gen), 64, 4)
+        weights.append((w.cuda(), s.bfloat16().cuda(), b.bfloat16().cuda()))
+    x = torch.randn(M, 256, generator=gen).bfloat16().cuda()
+    ws, ss, bs = (list(t) for t in zip(*weights, strict=True))
+    outs = mlxq.ops.affine_matmul_many(x, ws, ss, bs, 64, 4)
+    for out, w in zip(outs, weights, strict=True):
+        assert out.device == x.device
+        assert torch.equal(out, mlxq.affine_matmul(x, *w, 64, 4))
