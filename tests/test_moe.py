@@ -79,6 +79,21 @@ def test_experts_stay_packed_and_routers_keep_their_forward() -> None:
     torch.testing.assert_close(logits, x @ w.float().T, rtol=1e-5, atol=1e-5)
 
 
+def test_loader_can_size_an_accelerator_placement() -> None:
+    # transformers sizes its allocator warm-up for a device map on an accelerator from every
+    # loaded tensor's element_size() and numel(), the routers' quantized weight included (on an
+    # H200, device_map="cuda" failed there until AffineWeight answered them for its buffer)
+    from transformers.modeling_utils import get_total_byte_count
+
+    model = _load(tiny_mlx_checkpoint("qwen3_moe", VARIANTS[0]))
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    gate = model.model.layers[0].mlp.gate
+    assert gate.weight.element_size() == 4 and gate.weight.numel() == gate.weight_packed.numel()
+    total = get_total_byte_count(model, dict.fromkeys(names, "cuda:0"), model.hf_quantizer)
+    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert total["cuda:0"] >= stored > 0
+
+
 def test_greedy_generation_matches_mlx_lm() -> None:
     """16 greedy tokens decoded with the KV cache (one token, top-2 experts per step: the
     streaming path) are mlx-lm's argmax under teacher forcing, and the logits match."""

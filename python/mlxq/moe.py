@@ -389,7 +389,7 @@ class AffineWeight:
 
     Not a tensor: `F.linear(x, w, bias=None)` computes `quantized_matmul(x, ...) (+ bias)` through
     `__torch_function__`; every other torch function, and attributes other than `shape`,
-    `dtype` and `device`, raise an error naming the module, so that a forward mlxq does not
+    `dtype`, `device`, `element_size()` and `numel()`, raise an error naming the module, so that a forward mlxq does not
     reproduce fails loudly instead of running on the packed integers.
     """
 
@@ -411,6 +411,14 @@ class AffineWeight:
     @property
     def device(self) -> torch.device:
         return self._module.weight_packed.device
+
+    # Size queries answer for the stored tensor too: transformers' loader sizes its allocator
+    # warm-up for an accelerator device map with `element_size()` and `numel()`.
+    def element_size(self) -> int:
+        return self._module.weight_packed.element_size()
+
+    def numel(self) -> int:
+        return self._module.weight_packed.numel()
 
     def _refuse(self, what: str) -> NotImplementedError:
         return NotImplementedError(
