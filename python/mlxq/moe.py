@@ -389,8 +389,8 @@ class AffineWeight:
 
     Not a tensor: `F.linear(x, w, bias=None)` computes `quantized_matmul(x, ...) (+ bias)` through
     `__torch_function__`; every other torch function, and attributes other than `shape`,
-    `dtype`, `device`, `element_size()` and `numel()`, raise an error naming the module, so that a forward mlxq does not
-    reproduce fails loudly instead of running on the packed integers.
+    `dtype`, `device`, `element_size()` and `numel()`, raise an error naming the module, so that
+    a forward mlxq does not reproduce fails loudly instead of running on the packed integers.
     """
 
     def __init__(self, owner: str, module: nn.Module) -> None:
