@@ -10,7 +10,7 @@ import mlxq
 import pytest
 import torch
 from mlx_models import greedy_tokens, tiny_mlx_checkpoint
-from mlxq.integrations.cpu_norms import LLAMA_RMS_NORM_BODY, use_native_rms_norm
+from mlxq.integrations.cpu_norms import LLAMA_RMS_NORM_BODY, MAX_ROWS, use_native_rms_norm
 from mlxq.ops import rms_norm
 from mlxq.swap import forward_body
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
@@ -148,6 +148,10 @@ def test_hook_falls_back_where_the_op_does_not_apply(dtype) -> None:
         assert xg.grad is not None
         _, tangent = torch.func.jvp(norm, (x,), (torch.ones_like(x),))  # forward mode
         assert len(calls) == 1 and tangent.shape == x.shape
+        prompt = torch.randn(1, MAX_ROWS + 1, 64, generator=gen).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(norm(prompt), type(norm).forward(norm, prompt))  # a prompt
+        assert len(calls) == 1
     assert torch.equal(out.detach(), want)
     torch.testing.assert_close(got, want, rtol=0, atol=float(_ulp(want).max()) * 4)
     compiled = torch.compile(norm, fullgraph=True)
