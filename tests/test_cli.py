@@ -319,7 +319,7 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
         "bench", "model", "--model", str(smollm2_4bit_g32), "--float-model",
         str(float_checkpoint), "--peers", "mlxq", "mlx_lm", "--prompt-tokens",
         "16", "--decode-tokens", "4", "--mlx-prompt-tokens", "4", "--mlx-decode-tokens", "2",
-        "--reps", "1", "--busy", "1", "--out", str(out),
+        "--reps", "2", "--busy", "1", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(out.with_suffix(".json").read_text())
@@ -331,6 +331,8 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
         assert "error" not in r, (peer, r)
         assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_rss"] > 0
         assert r["loaded_decode_tps"] > 0, peer  # decoded again beside a busy process
+        runs = r["decode_tps_runs"]  # the quiet rate is the median of --reps runs
+        assert len(runs) == 2 and r["decode_tps"] == pytest.approx(sum(runs) / 2), (peer, r)
     assert results["mlxq"]["prefill_tokens"] == 16 and results["mlxq"]["decode_tokens"] == 4
     assert results["mlx_lm"]["prefill_tokens"] == 4 and results["mlx_lm"]["decode_tokens"] == 2
     ratio = payload["targets"]["decode_vs_mlx_lm"]["ratio"]
