@@ -14,6 +14,8 @@
 #include <optional>
 #include <string>
 
+#include "checks.h"
+
 namespace mlxq {
 namespace {
 
@@ -110,9 +112,7 @@ std::vector<at::Tensor> affine_matmul_many_autograd(const at::Tensor& x, at::Ten
   for (const at::TensorList list : {wq, scales, biases})
     for (const at::Tensor& t : list) grad = grad || needs_grad({&t});
   if (grad) {
-    TORCH_CHECK_VALUE(wq.size() == scales.size() && wq.size() == biases.size(),
-                      "mlxq: affine_matmul_many got ", wq.size(), " weights, ", scales.size(),
-                      " scales and ", biases.size(), " biases (one of each per weight)");
+    (void)matmul_many_out_shapes(x, wq, scales, biases, group_size, bits);  // the lists' checks
     std::vector<at::Tensor> out;
     for (size_t i = 0; i < wq.size(); ++i)
       out.push_back(affine_matmul_autograd(x, wq[i], scales[i], biases[i], group_size, bits, true));

@@ -655,11 +655,9 @@ std::vector<at::Tensor> affine_matmul_many_cpu(const at::Tensor& x, at::TensorLi
                              : to_chunk_order(xin, static_cast<int>(bits)).contiguous();
   for (DecodeGroup& d : groups) d.bf16 = bf16, d.x = xk, d.xsum = xsum;
   run_decode_groups(groups);
-  for (size_t i = 0; i < n; ++i) {
-    std::vector<int64_t> shape(shapes[i].size());
-    for (size_t d = 0; d < shape.size(); ++d) shape[d] = shapes[i][d].expect_int();
-    out.push_back(all_finite(y[i]) ? round_to(y[i], x.scalar_type()).view(shape) : one(i));
-  }
+  for (size_t i = 0; i < n; ++i)
+    out.push_back(all_finite(y[i]) ? round_to(y[i], x.scalar_type()).view_symint(shapes[i])
+                                   : one(i));
   return out;
 }
 

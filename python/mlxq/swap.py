@@ -58,11 +58,16 @@ def forward_body(cls: type) -> str | None:
     return "".join("".join(lines[1:]).split())
 
 
+def forward_owner(cls: type) -> type:
+    """The class of `cls`'s MRO that defines the `forward` it runs (nn.Module at the latest)."""
+    return next(c for c in cls.__mro__ if "forward" in vars(c))
+
+
 def _scaled_embedding(module: nn.Embedding) -> tuple[float, torch.dtype | None] | None:
     """(scale, dtype of the scale tensor or None for a Python float) for a known scaled
     embedding; None when its forward is not one of the known ones."""
     cls = type(module)
-    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+    owner = forward_owner(cls)
     as_tensor = _SCALED_FORWARDS.get(forward_body(owner) or "")
     if as_tensor is None or not issubclass(owner.__mro__[1], nn.Embedding):
         return None
@@ -334,7 +339,7 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
         return None  # swap_plan's (an nn.Linear subclass named *Router is PhiMoE's router)
     out_features, in_features = weight.shape
     plan = MoePlan(name, cls.__name__, "router", 0, in_features, out_features)
-    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+    owner = forward_owner(cls)
     body = forward_body(owner) or ""
     uses = _LINEAR_USE.findall(body)
     supers = [u for u in uses if u.startswith("super")]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mlxq.ops import _forward_mode_active, rms_norm
-from mlxq.swap import forward_body
+from mlxq.swap import forward_body, forward_owner
 
 __all__ = ["LLAMA_RMS_NORM_BODY", "MAX_ROWS", "use_native_rms_norm"]
 
@@ -60,9 +60,7 @@ def _native_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tenso
 
 
 def _is_llama_rms_norm(module: nn.Module) -> bool:
-    cls = type(module)
-    owner = next((c for c in cls.__mro__ if "forward" in vars(c)), None)
-    if owner is None or forward_body(owner) != LLAMA_RMS_NORM_BODY:
+    if forward_body(forward_owner(type(module))) != LLAMA_RMS_NORM_BODY:
         return False
     weight = getattr(module, "weight", None)
     return (
