@@ -101,16 +101,17 @@ def test_gather_grid(bits, group_size, dtype, gen):
 @pytest.mark.parametrize("sorted_indices", [False, True])
 def test_sorted_and_unsorted_indices(sorted_indices, gen, isa):
     """mlx-lm sorts the (token, expert) pairs of a long prompt and passes sorted_indices; the
-    result must not depend on the hint, nor on the order of the pairs."""
+    result must be right whatever the hint and the order of the pairs. (A wrong hint splits an
+    expert's rows into smaller groups, which may take another decode kernel and so another fp32
+    summation order: both are held to float64 and mx.gather_qmm, not to each other bit for bit.)"""
     wq, s, b = experts(8, 64, 128, torch.float32, 64, 4, gen)
     rhs = torch.randint(0, 8, (40,), generator=gen)
     if sorted_indices:
         rhs = rhs.sort().values
     x = torch.randn(40, 1, 128, generator=gen)
-    y = check(x, wq, s, b, None, rhs, 64, 4, sorted_indices=sorted_indices)
+    check(x, wq, s, b, None, rhs, 64, 4, sorted_indices=sorted_indices)
     # the hint only groups runs: a wrong hint still gives the right answer
-    y_hint = mlxq.affine_gather_matmul(x, wq, s, b, None, rhs, 64, 4, True, not sorted_indices)
-    torch.testing.assert_close(y_hint, y, rtol=1e-5, atol=1e-4)
+    check(x, wq, s, b, None, rhs, 64, 4, sorted_indices=not sorted_indices)
 
 
 def test_broadcast_batches(gen, isa):
