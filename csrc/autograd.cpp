@@ -258,6 +258,48 @@ at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, doub
   return rms_norm_op().call(x, weight, eps);
 }
 
+// --- rotary_embedding ---------------------------------------------------------------------------
+// Inference only, like rms_norm (mlxq's rotary hook keeps transformers' own function when a
+// gradient is needed).
+
+using RotaryFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const at::Tensor&);
+
+const c10::TypedOperatorHandle<RotaryFn>& rotary_embedding_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlxq::rotary_embedding", "")
+                             .typed<RotaryFn>();
+  return op;
+}
+
+struct RotaryGrad : torch::autograd::Function<RotaryGrad> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& cos, const at::Tensor& sin) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [q_out, k_out] = rotary_embedding_op().call(q, k, cos, sin);
+    return {q_out, k_out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false,
+                "mlxq.rotary_embedding is an inference kernel and has no gradient; use the "
+                "model's own apply_rotary_pos_emb where gradients are needed");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_autograd(const at::Tensor& q,
+                                                             const at::Tensor& k,
+                                                             const at::Tensor& cos,
+                                                             const at::Tensor& sin) {
+  if (needs_grad({&q, &k, &cos, &sin})) {
+    variable_list out = RotaryGrad::apply(q, k, cos, sin);
+    return {out[0], out[1]};
+  }
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return rotary_embedding_op().call(q, k, cos, sin);
+}
+
 }  // namespace
 }  // namespace mlxq
 
@@ -267,4 +309,5 @@ TORCH_LIBRARY_IMPL(mlxq, Autograd, m) {
   m.impl("fp_matmul", &mlxq::fp_matmul_autograd);
   m.impl("decode_attention", &mlxq::decode_attention_autograd);
   m.impl("rms_norm", &mlxq::rms_norm_autograd);
+  m.impl("rotary_embedding", &mlxq::rotary_embedding_autograd);
 }

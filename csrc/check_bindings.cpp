@@ -34,6 +34,8 @@ void register_check_bindings(pybind11::module& m) {
       },
       py::arg("x"), py::arg("weight"), py::arg("eps"),
       "Checks the arguments of rms_norm (its output takes the promoted dtype of x and weight).");
+  m.def("check_rotary_embedding", &check_rotary_embedding, py::arg("q"), py::arg("k"),
+        py::arg("cos"), py::arg("sin"), "Checks the arguments of rotary_embedding.");
   m.def("decode_attention_out_shape", &decode_attention_out_shape, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("mask"),
         "Checks the arguments of decode_attention and returns its output shape.");

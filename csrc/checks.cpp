@@ -621,4 +621,30 @@ at::ScalarType check_rms_norm(const at::Tensor& x, const at::Tensor& weight, dou
   return c10::promoteTypes(x.scalar_type(), weight.scalar_type());
 }
 
+void check_rotary_embedding(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                            const at::Tensor& sin) {
+  TORCH_CHECK_TYPE(is_float(q.scalar_type()), "mlxq: rotary_embedding: q must be float32, ",
+                   "float16 or bfloat16, got ", q.scalar_type());
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"k", &k}, {"cos", &cos}, {"sin", &sin}})
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), "mlxq: rotary_embedding: ", name,
+                     " must have q's dtype ", q.scalar_type(), ", got ", t->scalar_type());
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4, "mlxq: rotary_embedding: q and k must be 4-D ",
+                    "[batch, heads, positions, head_dim], got shapes ", q.sym_sizes(), " and ",
+                    k.sym_sizes());
+  TORCH_CHECK_VALUE(cos.dim() == 3 && sin.sym_sizes().equals(cos.sym_sizes()),
+                    "mlxq: rotary_embedding: cos and sin must be 3-D [batch, positions, head_dim] ",
+                    "of one shape, got ", cos.sym_sizes(), " and ", sin.sym_sizes());
+  const c10::SymInt &B = q.sym_size(0), &L = q.sym_size(2), &D = q.sym_size(3);
+  TORCH_CHECK_VALUE(k.sym_size(0) == B && k.sym_size(2) == L && k.sym_size(3) == D,
+                    "mlxq: rotary_embedding: k must have q's batch, positions and head_dim ", "(q ",
+                    q.sym_sizes(), "), got ", k.sym_sizes());
+  TORCH_CHECK_VALUE((cos.sym_size(0) == 1 || cos.sym_size(0) == B) && cos.sym_size(1) == L &&
+                        cos.sym_size(2) == D,
+                    "mlxq: rotary_embedding: cos must have shape [1 or ", B, ", ", L, ", ", D,
+                    "] (q ", q.sym_sizes(), "), got ", cos.sym_sizes());
+  TORCH_CHECK_VALUE(D % 2 == 0, "mlxq: rotary_embedding: head_dim must be even, got ", D);
+  check_one_device({{"q", &q}, {"k", &k}, {"cos", &cos}, {"sin", &sin}});
+}
+
 }  // namespace mlxq

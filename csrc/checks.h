@@ -170,6 +170,11 @@ AttentionGeometry check_decode_attention(const at::Tensor& q, const at::Tensor& 
 // promoted, as transformers' `weight * normalized.to(x.dtype)` gives).
 at::ScalarType check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// rotary_embedding's arguments: q [B, Hq, L, D] and k [B, Hk, L, D], cos and sin [Bc, L, D] with
+// Bc 1 or B and D even, all four of one float dtype and on one device (any strides).
+void check_rotary_embedding(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                            const at::Tensor& sin);
+
 // The same checks; returns the output shape [B, Hq, Lq, D] (sizes may be symbolic).
 std::vector<c10::SymInt> decode_attention_out_shape(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v,

@@ -77,6 +77,13 @@ TORCH_LIBRARY_FRAGMENT(mlxq, m) {
 // output takes the promoted dtype of the two).
 TORCH_LIBRARY_FRAGMENT(mlxq, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"); }
 
+// transformers' rotate-half rotary embedding (the Llama family's apply_rotary_pos_emb) of q and k
+// in one call: x * cos + rotate_half(x) * sin, each product rounded to the dtype of x and then
+// their sum. q [B, Hq, L, D], k [B, Hk, L, D], cos and sin [1 or B, L, D], one float dtype.
+TORCH_LIBRARY_FRAGMENT(mlxq, m) {
+  m.def("rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+}
+
 namespace mlxq::cpu {
 at::Tensor vector_exp_for_tests(const at::Tensor& x);  // csrc/cpu/attention_cpu.cpp
 }

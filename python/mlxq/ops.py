@@ -23,6 +23,7 @@ __all__ = [
     "quantized_matmul",
     "decode_attention",
     "rms_norm",
+    "rotary_embedding",
 ]
 
 
@@ -730,3 +731,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _rms_norm_fake(x, weight, eps):
     _C.check_rms_norm(x, weight, eps)
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+# --- rotary embedding ----------------------------------------------------------------------------
+
+
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' rotate-half rotary embedding of q and k in one call (CPU):
+    `x * cos + rotate_half(x) * sin` for x in (q, k), where rotate_half(x) is
+    `cat(-x[..., D/2:], x[..., :D/2])`. Each product is rounded to the dtype of x, then their
+    sum, as the separate tensor ops do, so the outputs equal the Llama family's
+    `apply_rotary_pos_emb(q, k, cos, sin)` bit for bit.
+
+    q [B, Hq, L, D] and k [B, Hk, L, D], cos and sin [1 or B, L, D] (before transformers'
+    unsqueeze), all of one float dtype; the outputs keep the layouts of q and k. Not
+    differentiable (inference kernel).
+    """
+    return torch.ops.mlxq.rotary_embedding(q, k, cos, sin)
+
+
+# Not differentiable: csrc/autograd.cpp refuses a gradient at backward time.
+@torch.library.register_fake("mlxq::rotary_embedding")
+def _rotary_embedding_fake(q, k, cos, sin):
+    _C.check_rotary_embedding(q, k, cos, sin)
+    return torch.empty_like(q), torch.empty_like(k)

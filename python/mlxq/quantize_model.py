@@ -141,6 +141,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
         return
     from mlxq.integrations.config import MLXQuantConfig
     from mlxq.integrations.cpu_norms import use_native_rms_norm
+    from mlxq.integrations.cpu_rope import use_native_rotary_embedding
     from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
@@ -162,6 +163,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     config.quantization_config = qconfig
     add_mlx_lm_config_keys(config)
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
+    use_native_rotary_embedding(model)
     model.hf_quantizer = MLXHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = qconfig.quant_method

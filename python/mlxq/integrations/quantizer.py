@@ -21,6 +21,7 @@ from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.cpu_attention import use_fp32_decode_attention
 from mlxq.integrations.cpu_norms import use_native_rms_norm
+from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
     MlxLayout,
     checkpoint_layout,
@@ -444,6 +445,7 @@ class MLXHfQuantizer(HfQuantizer):
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)
         use_native_rms_norm(model)
+        use_native_rotary_embedding(model)
         group_projections(model)
         return model
 
