@@ -140,6 +140,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     if config is None or not hasattr(config, "to_dict"):
         return
     from mlxq.integrations.config import MLXQuantConfig
+    from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
     from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
@@ -164,6 +165,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     add_mlx_lm_config_keys(config)
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
+    use_flat_decode_layers(model)
     model.hf_quantizer = MLXHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = qconfig.quant_method

@@ -20,6 +20,7 @@ from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.cpu_attention import use_fp32_decode_attention
+from mlxq.integrations.cpu_layers import use_flat_decode_layers
 from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
@@ -447,6 +448,7 @@ class MLXHfQuantizer(HfQuantizer):
         use_native_rms_norm(model)
         use_native_rotary_embedding(model)
         group_projections(model)
+        use_flat_decode_layers(model)  # after the norms and groups it reads
         return model
 
     def update_weight_conversions(self, weight_conversions, *model):

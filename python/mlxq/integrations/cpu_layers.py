@@ -1,0 +1,286 @@
+"""transformers' Llama decoder layer as one flat eager step for CPU decode.
+
+A decode step of a small model on the CPU is mostly Python: each layer calls about 15 modules
+(norms, attention, seven projections, the MLP, the activation), each through `nn.Module.__call__`
+and transformers' wrappers, for a few microseconds of arithmetic apiece (SmolLM2-135M: 1.0-1.5 ms
+of a 9 ms step at 512 tokens of context, 2 threads). `use_flat_decode_layers(model)` gives each
+decoder layer whose code is, token for token, transformers' Llama code (the decoder layer, its
+attention and MLP; LLAMA_*_BODY below), with Llama RMSNorms, a SiLU activation and mlxq
+projections, an instance `forward` that runs the same tensor operations, in the same order, in
+one function:
+
+- the norms through `mlxq.ops.rms_norm` and the projections through the mlxq matmul ops, as
+  their own forwards do at decode sizes (q/k/v and gate/up in one `affine_matmul_many` call when
+  they share a format, bit for bit the separate calls);
+- the rotary embedding, the cache update and the attention through the very functions the
+  attention module calls (its modeling module's `apply_rotary_pos_emb`, `cache.update` and the
+  registered attention interface), with the same arguments.
+
+So the outputs, the cache and the logits are bit-equal to the layer's own forward (tests compare
+them). The flat step runs only where that holds and the module calls it skips would do nothing
+else: eager CPU calls of up to MAX_ROWS tokens, without a gradient, in eval mode, with no hooks
+on the layer's modules and none global, and those modules unchanged since the layer was set up.
+Anything else (prompts, autograd, training, `torch.compile`, forward-mode AD, another device,
+output capturing through hooks, a PEFT adapter in place of a projection) runs the layer's own
+forward. Layers of other code (Mistral's and Qwen2's sliding-window argument, Qwen3's q/k norms,
+Gemma's norms, ...) are left alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+from mlxq.integrations.cpu_norms import MAX_ROWS, _is_llama_rms_norm, _native_forward
+from mlxq.nn import AffineLinear, _matmul
+from mlxq.ops import _forward_mode_active
+from mlxq.swap import forward_body, forward_owner
+
+__all__ = [
+    "LLAMA_DECODER_BODY",
+    "LLAMA_ATTENTION_BODY",
+    "LLAMA_MLP_BODY",
+    "MAX_ROWS",
+    "use_flat_decode_layers",
+]
+
+# The forwards of transformers' LlamaDecoderLayer, LlamaAttention and LlamaMLP (transformers 5)
+# without whitespace; a class whose forward differs in any token is left alone.
+LLAMA_DECODER_BODY = (
+    "residual=hidden_states"
+    "hidden_states=self.input_layernorm(hidden_states)"
+    "#SelfAttention"
+    "hidden_states,_=self.self_attn(hidden_states=hidden_states,attention_mask=attention_mask,"
+    "position_ids=position_ids,cache=cache,use_cache=use_cache,"
+    "position_embeddings=position_embeddings,**kwargs,)"
+    "hidden_states=residual+hidden_states"
+    "#FullyConnected"
+    "residual=hidden_states"
+    "hidden_states=self.post_attention_layernorm(hidden_states)"
+    "hidden_states=self.mlp(hidden_states)"
+    "hidden_states=residual+hidden_states"
+    "returnhidden_states"
+)
+LLAMA_ATTENTION_BODY = (
+    "input_shape=hidden_states.shape[:-1]"
+    "hidden_shape=(*input_shape,-1,self.head_dim)"
+    "query_states=self.q_proj(hidden_states).view(hidden_shape).transpose(1,2)"
+    "key_states=self.k_proj(hidden_states).view(hidden_shape).transpose(1,2)"
+    "value_states=self.v_proj(hidden_states).view(hidden_shape).transpose(1,2)"
+    "cos,sin=position_embeddings"
+    "query_states,key_states=apply_rotary_pos_emb(query_states,key_states,cos,sin)"
+    "ifcacheisnotNone:"
+    "key_states,value_states=cache.update(key_states,value_states,self.layer_idx,kwargs=kwargs)"
+    "attention_interface:Callable=ALL_ATTENTION_FUNCTIONS.get_interface("
+    "self.config._attn_implementation,eager_attention_forward)"
+    "attn_output,attn_weights=attention_interface(self,query_states,key_states,value_states,"
+    "attention_mask,dropout=0.0ifnotself.trainingelseself.attention_dropout,"
+    "scaling=self.scaling,**kwargs,)"
+    "attn_output=attn_output.reshape(*input_shape,-1).contiguous()"
+    "attn_output=self.o_proj(attn_output)"
+    "returnattn_output,attn_weights"
+)
+LLAMA_MLP_BODY = (
+    "down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj"
+)
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_matmul_many = torch.ops.mlxq.affine_matmul_many.default
+_rms_norm = torch.ops.mlxq.rms_norm.default
+_GATE_UP = ("gate_proj", "up_proj")
+
+
+def _globals_of(cls: type) -> dict:
+    """The module globals that `cls.forward`'s code reads (through any decorator)."""
+    return inspect.unwrap(forward_owner(cls).forward).__globals__
+
+
+def _is_silu(act: nn.Module) -> bool:
+    if type(act) is nn.SiLU:
+        return not act.inplace
+    return forward_body(forward_owner(type(act))) == "returnnn.functional.silu(input)"
+
+
+class _Plan:
+    """What the flat step of one layer reads, checked once when the layer is set up; `intact()`
+    checks at each call that nothing it skips would do more than it does."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.attn, self.mlp = attn, mlp
+        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.qkv = tuple(getattr(attn, n) for n in _QKV)
+        self.o_proj = attn.o_proj
+        self.gate_up = tuple(getattr(mlp, n) for n in _GATE_UP)
+        self.down_proj = mlp.down_proj
+        self.act = mlp.act_fn
+        self.attn_globals = _globals_of(type(attn))
+        self.skipped = (attn, mlp, self.act, *self.qkv, self.o_proj, *self.gate_up, self.down_proj)
+        self.children = (
+            (layer, "self_attn", attn),
+            (layer, "mlp", mlp),
+            (layer, "input_layernorm", self.norms[0]),
+            (layer, "post_attention_layernorm", self.norms[1]),
+            (attn, "o_proj", self.o_proj),
+            (mlp, "down_proj", self.down_proj),
+            (mlp, "act_fn", self.act),
+            *((attn, n, m) for n, m in zip(_QKV, self.qkv, strict=True)),
+            *((mlp, n, m) for n, m in zip(_GATE_UP, self.gate_up, strict=True)),
+        )
+
+    def intact(self) -> bool:
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return False
+        for parent, name, child in self.children:
+            if parent._modules.get(name) is not child:
+                return False  # replaced since (a PEFT adapter, say)
+        for m in self.skipped:
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+                return False  # hooks, or an instance forward (accelerate's, say)
+        for m in self.norms:  # their forward must be the native one, which calls rms_norm
+            if m._forward_hooks or m._forward_pre_hooks:
+                return False
+            if getattr(m.__dict__.get("forward"), "__func__", None) is not _native_forward:
+                return False
+        return True
+
+
+def _project(module: AffineLinear, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """AffineLinear.forward without its group: `y` (x @ W.T, when computed already) + bias."""
+    if y is None:
+        y = _matmul(module, x)
+    bias = module.bias
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _projections(modules: tuple[AffineLinear, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of `modules` on x: one affine_matmul_many call when they share a group (the
+    group's own call, bit for bit the separate ones), else one call each. (The op handles
+    directly: the flat step's conditions already exclude what the Python wrappers check.)"""
+    first = modules[0]
+    group = first.projection_group
+    if group is None or any(m.projection_group is not group for m in modules):
+        return [_project(m, x) for m in modules]
+    buffers = [m._buffers for m in modules]
+    outs = _matmul_many(
+        x,
+        [b["weight"] for b in buffers],
+        [b["scales"] for b in buffers],
+        [b["biases"] for b in buffers],
+        first.group_size,
+        first.bits,
+    )
+    return [_project(m, x, y) for m, y in zip(modules, outs, strict=True)]
+
+
+def _flat_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache=None,
+    use_cache: bool | None = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    plan: _Plan = self._mlxq_flat_plan
+    if not (
+        type(hidden_states) is torch.Tensor
+        and hidden_states.device.type == "cpu"
+        and 0 < hidden_states.numel() <= MAX_ROWS * hidden_states.shape[-1]
+        and not torch.is_grad_enabled()
+        and not self.training
+        and position_embeddings is not None
+        and "past_key_values" not in kwargs
+        and not torch.compiler.is_compiling()
+        and not _forward_mode_active()
+        and plan.intact()
+    ):
+        return type(self).forward(
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    attn = plan.attn
+    norm_in, norm_post = plan.norms
+    # self-attention: LlamaAttention.forward, with the projections' and the norm's forwards inlined
+    residual = hidden_states
+    h = _rms_norm(hidden_states, norm_in.weight, norm_in.variance_epsilon)
+    input_shape = h.shape[:-1]
+    hidden_shape = (*input_shape, -1, attn.head_dim)
+    q, k, v = (y.view(hidden_shape).transpose(1, 2) for y in _projections(plan.qkv, h))
+    cos, sin = position_embeddings
+    g = plan.attn_globals
+    q, k = g["apply_rotary_pos_emb"](q, k, cos, sin)
+    attn_kwargs = {"position_ids": position_ids, "use_cache": use_cache, **kwargs}
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx, kwargs=attn_kwargs)
+    interface = g["ALL_ATTENTION_FUNCTIONS"].get_interface(
+        attn.config._attn_implementation, g["eager_attention_forward"]
+    )
+    out, _ = interface(
+        attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **attn_kwargs
+    )
+    out = _project(plan.o_proj, out.reshape(*input_shape, -1).contiguous())
+    hidden_states = residual + out
+    # MLP: LlamaMLP.forward with SiLU
+    residual = hidden_states
+    h = _rms_norm(hidden_states, norm_post.weight, norm_post.variance_epsilon)
+    gate, up = _projections(plan.gate_up, h)
+    h = _project(plan.down_proj, F.silu(gate) * up)
+    return residual + h
+
+
+def _fits(layer: nn.Module) -> bool:
+    """Whether `layer` runs the code the flat step restates (module doc)."""
+    if forward_body(forward_owner(type(layer))) != LLAMA_DECODER_BODY:
+        return False
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None:
+        return False
+    if forward_body(forward_owner(type(attn))) != LLAMA_ATTENTION_BODY:
+        return False
+    if forward_body(forward_owner(type(mlp))) != LLAMA_MLP_BODY:
+        return False
+    norms = (
+        getattr(layer, "input_layernorm", None),
+        getattr(layer, "post_attention_layernorm", None),
+    )
+    if not all(n is not None and _is_llama_rms_norm(n) for n in norms):
+        return False
+    projections = [getattr(attn, n, None) for n in (*_QKV, "o_proj")]
+    projections += [getattr(mlp, n, None) for n in (*_GATE_UP, "down_proj")]
+    if not all(type(p) is AffineLinear for p in projections):
+        return False
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, nn.Module) or not _is_silu(act):
+        return False
+    g = _globals_of(type(attn))
+    return all(
+        n in g
+        for n in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
+    )
+
+
+def use_flat_decode_layers(model: nn.Module) -> int:
+    """Give every decoder layer of `model` that runs transformers' Llama code with mlxq
+    projections the flat eager CPU decode step (see the module doc); returns how many layers.
+    Called by mlxq's transformers integration after loading and by `quantize_model`."""
+    count = 0
+    for layer in model.modules():
+        if "forward" in vars(layer) or not _fits(layer):
+            continue
+        layer._mlxq_flat_plan = _Plan(layer)
+        layer.forward = types.MethodType(_flat_forward, layer)
+        count += 1
+    return count

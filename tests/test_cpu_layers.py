@@ -1,0 +1,180 @@
+"""The flat eager CPU decode step of transformers' Llama decoder layer
+(`integrations/cpu_layers.py`).
+
+Oracle: the layer's own forward (transformers' modules calling mlxq's), which the flat step must
+reproduce bit for bit (logits and cache); and every call it must not take goes to that forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlx_models import tiny_float_model, tiny_mlx_checkpoint
+from mlxq.integrations import cpu_layers
+from mlxq.integrations.cpu_layers import (
+    LLAMA_ATTENTION_BODY,
+    LLAMA_DECODER_BODY,
+    LLAMA_MLP_BODY,
+    MAX_ROWS,
+    use_flat_decode_layers,
+)
+from mlxq.swap import forward_body, forward_owner
+from transformers import AutoModelForCausalLM
+from transformers.models.llama import modeling_llama
+
+PROMPT = torch.tensor([[1, 400, 2000, 31, 7, 99, 1234, 5]])
+
+
+def _flat_layers(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "_mlxq_flat_plan") and "forward" in vars(m)]
+
+
+def _unflatten(model) -> None:
+    for layer in _flat_layers(model):
+        del layer.forward
+
+
+def _decode(model, steps: int = 6, **kwargs):
+    """Prompt, then `steps` greedy decode steps through the cache: (all step logits, cache)."""
+    with torch.no_grad():
+        out = model(PROMPT, use_cache=True, **kwargs)
+        cache, logits = out.past_key_values, [out.logits]
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(tok, past_key_values=cache, use_cache=True, **kwargs)
+            cache = out.past_key_values
+            logits.append(out.logits)
+            tok = out.logits[:, -1:].argmax(-1)
+    return torch.cat(logits, dim=1), cache
+
+
+def _count_flat_steps(monkeypatch) -> list:
+    calls = []
+    real = cpu_layers._projections
+
+    def counted(modules, x):
+        calls.append(len(modules))
+        return real(modules, x)
+
+    monkeypatch.setattr(cpu_layers, "_projections", counted)
+    return calls
+
+
+def _assert_same_cache(a, b) -> None:
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+
+
+def test_bodies_are_transformers_llama() -> None:
+    assert forward_body(forward_owner(modeling_llama.LlamaDecoderLayer)) == LLAMA_DECODER_BODY
+    assert forward_body(forward_owner(modeling_llama.LlamaAttention)) == LLAMA_ATTENTION_BODY
+    assert forward_body(forward_owner(modeling_llama.LlamaMLP)) == LLAMA_MLP_BODY
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_llama_decodes_bit_equal(dtype, monkeypatch) -> None:
+    """A Llama checkpoint written by `mlx_lm convert`: every layer gets the flat step, and decode
+    gives the logits and the cache of the layers' own forward, bit for bit."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mlx_checkpoint("llama", 4, 64), dtype=dtype)
+    assert len(_flat_layers(model)) == model.config.num_hidden_layers
+    assert use_flat_decode_layers(model) == 0  # already done
+    calls = _count_flat_steps(monkeypatch)
+    logits, cache = _decode(model)
+    # 6 decode steps x 2 layers x (q/k/v + gate/up); the prompt (8 rows) takes it too
+    assert len(calls) == 7 * 2 * 2
+    _unflatten(model)
+    want_logits, want_cache = _decode(model)
+    assert torch.equal(logits, want_logits)
+    _assert_same_cache(cache, want_cache)
+
+
+def test_mixed_formats_and_quantize_model_bit_equal(tmp_path, monkeypatch) -> None:
+    """`quantize_model` with a recipe: layer 0's v_proj and down_proj at 8 bits (so q/k/v do not
+    share a group there), the rest at 4; the flat step follows each projection's format."""
+    from mlxq import quantize_model
+
+    float_dir = tiny_float_model("llama", tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    eight = {"bits": 8, "group_size": 64}
+    overrides = {"model.layers.0.self_attn.v_proj": eight, "model.layers.0.mlp.down_proj": eight}
+    quantize_model(model, bits=4, group_size=64, overrides=overrides)
+    layer0 = model.model.layers[0]
+    assert layer0.self_attn.v_proj.bits == 8 and layer0.self_attn.q_proj.projection_group is None
+    assert len(_flat_layers(model)) == 2
+    calls = _count_flat_steps(monkeypatch)
+    logits, cache = _decode(model)
+    assert calls
+    _unflatten(model)
+    want_logits, want_cache = _decode(model)
+    assert torch.equal(logits, want_logits)
+    _assert_same_cache(cache, want_cache)
+
+
+def test_other_code_is_left_alone() -> None:
+    """Qwen2's attention passes a sliding window (another body): its layers keep their forward."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mlx_checkpoint("qwen2", 4, 64))
+    assert _flat_layers(model) == []
+    assert forward_body(forward_owner(type(model.model.layers[0].self_attn))) != (
+        LLAMA_ATTENTION_BODY
+    )
+
+
+def test_falls_back_where_the_step_does_not_apply(monkeypatch) -> None:
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("llama", 4, 64), dtype=torch.bfloat16
+    )
+    want_logits, _ = _decode(model)
+    calls = _count_flat_steps(monkeypatch)
+    # a prompt of more than MAX_ROWS tokens, a call with gradients, training mode
+    long_prompt = torch.arange(MAX_ROWS + 1)[None] + 3
+    with torch.no_grad():
+        model(long_prompt)
+    model(PROMPT)  # grad enabled
+    model.train()
+    with torch.no_grad():
+        model(PROMPT[:, :1])
+    model.eval()
+    assert calls == []
+    # a forward hook on a projection: it must fire, so the layer runs its own forward
+    fired = []
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(
+        lambda m, a, out: fired.append(out.shape)
+    )
+    logits, _ = _decode(model)
+    handle.remove()
+    assert len(fired) == 7 and torch.equal(logits, want_logits)
+    assert len(calls) == 7 * 2  # layer 0 still flat: 7 calls x (q/k/v + gate/up)
+    calls.clear()
+    # a projection replaced after loading (a PEFT adapter, say)
+    attn = model.model.layers[0].self_attn
+    original = attn.o_proj
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    attn.o_proj = Wrapped(original)
+    logits, _ = _decode(model)
+    attn.o_proj = original
+    assert torch.equal(logits, want_logits) and len(calls) == 7 * 2  # layer 1 only
+    calls.clear()
+    # output capturing (transformers' hooks): hidden states and attentions as the layers give
+    logits, _ = _decode(model, output_hidden_states=True)
+    _unflatten(model)
+    with torch.no_grad():
+        flat_free = model(PROMPT, output_hidden_states=True, output_attentions=True)
+    assert torch.equal(logits, want_logits)
+    use_flat_decode_layers(model)
+    with torch.no_grad():
+        out = model(PROMPT, output_hidden_states=True, output_attentions=True)
+    for a, b in zip(out.hidden_states, flat_free.hidden_states, strict=True):
+        assert torch.equal(a, b)
+    assert len(out.attentions) == len(flat_free.attentions)  # sdpa gives none
+    # transformers left its capturing hooks on the attention modules: no flat step since
+    calls.clear()
+    logits, _ = _decode(model)
+    assert calls == [] and torch.equal(logits, want_logits)
