@@ -232,6 +232,11 @@ def test_prefill_tiles_and_tails(
         for m in (9, 65, 128, 129, 300, 513):
             x = torch.randn(m, 1024, generator=gen).to(dtype)
             _check_matmul(x, wq, s, b, group_size, 4)
+    # few tiles with a long K: the fused kernel splits each tile's K over blocks and sums the
+    # parts' fp32 tiles
+    wq, s, b = _quantized(gen, 200, 8192, group_size, 4, dtype)
+    for m in (9, 300):
+        _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda

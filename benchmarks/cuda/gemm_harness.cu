@@ -72,19 +72,32 @@ static CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType type, int64_t
   return map;
 }
 
-template <int GS, int NT, int WGS, int Occ, int Probe = 0, bool Ping = true>
-static void launch(const GemmParams& p, cudaStream_t stream) {
+static int g_sms = 132;
+static float* g_ws = nullptr;  // tail-split scratch (zeroed counters stay zero between calls)
+static int* g_counters = nullptr;
+
+template <int GS, int NT, int WGS, int Occ, int Probe = 0, bool Ping = true, bool Split = true>
+static void launch(const GemmParams& p0, cudaStream_t stream) {
   using C = GemmCfg<NT, WGS, Occ>;
   auto kernel = gemm_w4_sm90_kernel<__nv_bfloat16, GS, NT, WGS, Occ, Probe, Ping>;
   constexpr int smem = C::kSmemBytes;
+  GemmParams p = p0;
+  p.tiles_m = (p.M + NT - 1) / NT;
+  const int64_t tiles = p.tiles_m * ((p.N + C::kTileN - 1) / C::kTileN);
+  const GemmSplit plan =
+      Split ? gemm_split_plan(tiles, g_sms, p.K / kGemmTileK) : GemmSplit{tiles, 1, 0};
+  if (plan.ws_floats(NT, C::kTileN) > (int64_t{32} << 20) || plan.rem > 1024) std::exit(2);
+  p.full = plan.full;
+  p.split = plan.split;
+  p.ws = g_ws;
+  p.counters = g_counters;
   const CUtensorMap mx = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
                                     NT, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
                                     kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
   CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid(static_cast<unsigned>((p.M + NT - 1) / NT),
-                  static_cast<unsigned>((p.N + C::kTileN - 1) / C::kTileN));
-  kernel<<<grid, C::kThreads, smem, stream>>>(p, mx, mw);
+  const int64_t blocks = plan.full + plan.rem * plan.split;
+  kernel<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream>>>(p, mx, mw);
   CK(cudaGetLastError());
 }
 
@@ -96,17 +109,15 @@ struct Shape {
 
 template <int GS>
 static std::vector<Shape> shapes_for(bool probes = false) {
-  std::vector<Shape> v = {
-      {"64", launch<GS, 64, 2, 1>, GS},        {"64x2", launch<GS, 64, 2, 2>, GS},
-      {"128", launch<GS, 128, 2, 1>, GS},      {"128x2", launch<GS, 128, 2, 2>, GS},
-      {"256", launch<GS, 256, 2, 1>, GS},      {"w256n64", launch<GS, 64, 4, 1>, GS},
-      {"w256n128", launch<GS, 128, 4, 1>, GS}, {"w192n128", launch<GS, 128, 3, 1>, GS},
-  };
+  std::vector<Shape> v = {{"64", launch<GS, 64, 2, 1>, GS},
+                          {"128", launch<GS, 128, 2, 1>, GS},
+                          {"128x2", launch<GS, 128, 2, 2>, GS},
+                          {"256", launch<GS, 256, 2, 1, 0, false>, GS},
+                          {"w256n128", launch<GS, 128, 4, 1>, GS}};
   if (probes) {
-    v.push_back({"256:noping", launch<GS, 256, 2, 1, 0, false>, GS});
-    v.push_back({"128x2:noping", launch<GS, 128, 2, 2, 0, false>, GS});
-    v.push_back({"256:nodeq", launch<GS, 256, 2, 1, 1>, GS});
-    v.push_back({"w256n128:nodeq", launch<GS, 128, 4, 1, 1>, GS});
+    v.push_back({"256:nosplit", launch<GS, 256, 2, 1, 0, false, false>, GS});
+    v.push_back({"128x2:nosplit", launch<GS, 128, 2, 2, 0, true, false>, GS});
+    v.push_back({"64:nosplit", launch<GS, 64, 2, 1, 0, true, false>, GS});
   }
   return v;
 }
@@ -237,11 +248,19 @@ int main(int argc, char** argv) {
     shapes.push_back({std::atoll(one.substr(0, x).c_str()), std::atoll(one.substr(x + 1).c_str())});
     pos = end + 1;
   }
+  {
+    int dev = 0;
+    CK(cudaGetDevice(&dev));
+    CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev));
+    CK(cudaMalloc(&g_ws, sizeof(float) << 25));
+    CK(cudaMalloc(&g_counters, 1024 * sizeof(int)));
+    CK(cudaMemset(g_counters, 0, 1024 * sizeof(int)));
+  }
   cublasHandle_t handle;
   if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) return 1;
   // numerics at every group size on a small odd shape (rows past N, M not a multiple of NT)
   for (int gs : {32, 64, 128}) {
-    Problem P{1000, 1024, 0, gs};
+    Problem P{1000, 8192, 0, gs};  // 8 tiles of W rows: every shape splits its tiles' K
     make(P, 1);
     set_m(P, 77);
     std::vector<Shape> list = gs == 32   ? shapes_for<32>()

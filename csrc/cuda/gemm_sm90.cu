@@ -4,6 +4,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <climits>
 #include <cstdlib>
 #include <string>
 
@@ -43,7 +44,7 @@ CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType type, int64_t elem, 
 }
 
 template <typename T, int GS, int NT, int WGS, int Occ, bool Ping>
-void launch_nt(const GemmParams& p, bool half, cudaStream_t stream) {
+void launch_nt(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
   using C = GemmCfg<NT, WGS, Occ>;
   auto kernel = gemm_w4_sm90_kernel<T, GS, NT, WGS, Occ, 0, Ping>;
   constexpr int smem = C::kSmemBytes;
@@ -54,9 +55,8 @@ void launch_nt(const GemmParams& p, bool half, cudaStream_t stream) {
                                     kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
   // per launch (a cheap attribute write) rather than once: it belongs to the current device
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid(static_cast<unsigned>((p.M + NT - 1) / NT),
-                  static_cast<unsigned>((p.N + C::kTileN - 1) / C::kTileN));
-  kernel<<<grid, C::kThreads, smem, stream>>>(p, mx, mw);
+  TORCH_CHECK(blocks <= INT32_MAX, "mlxq: too many blocks for the fused prefill");
+  kernel<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream>>>(p, mx, mw);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -68,15 +68,42 @@ void launch_nt(const GemmParams& p, bool half, cudaStream_t stream) {
 // 0.41/0.25/0.20/0.17, M=512 0.82/0.44-0.48/0.42/0.30, M=768 1.2/0.71/0.64/0.47. So 64 up to M =
 // 64, 128x2 up to 128, 256 above; MLXQ_CUDA_GEMM_TILE (read on every call, for benchmarks and
 // tests) overrides it.
-template <typename T, int GS>
-void launch_typed(const GemmParams& p, bool half, cudaStream_t stream) {
+std::string tile_for(int64_t M) {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_TILE");
   std::string tile(env == nullptr ? "" : env);
-  if (tile.empty()) tile = p.M > 128 ? "256" : (p.M > 64 ? "128x2" : "64");
-  if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, stream);
-  if (tile == "128x2") return launch_nt<T, GS, 128, 2, 2, true>(p, half, stream);
-  if (tile == "128") return launch_nt<T, GS, 128, 2, 1, true>(p, half, stream);
-  return launch_nt<T, GS, 64, 2, 1, true>(p, half, stream);
+  if (tile.empty()) tile = M > 128 ? "256" : (M > 64 ? "128x2" : "64");
+  return tile;
+}
+
+struct Shape {
+  int nt;   // rows of x per block
+  int occ;  // blocks per SM
+};
+Shape shape_of(const std::string& tile) {
+  if (tile == "256") return {256, 1};
+  if (tile == "128x2") return {128, 2};
+  if (tile == "128") return {128, 1};
+  return {64, 1};
+}
+
+GemmSplit split_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
+  const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + 127) / 128);
+  return gemm_split_plan(tiles, sm_count, K / kGemmTileK);
+}
+
+template <typename T, int GS>
+void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
+  const std::string tile = tile_for(p.M);
+  const Shape sh = shape_of(tile);
+  const GemmSplit plan = split_for(sh, p.M, p.N, p.K, sm_count);
+  p.tiles_m = (p.M + sh.nt - 1) / sh.nt;
+  p.full = plan.full;
+  p.split = plan.split;
+  const int64_t blocks = plan.full + plan.rem * plan.split;
+  if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
+  if (tile == "128x2") return launch_nt<T, GS, 128, 2, 2, true>(p, half, blocks, stream);
+  if (tile == "128") return launch_nt<T, GS, 128, 2, 1, true>(p, half, blocks, stream);
+  return launch_nt<T, GS, 64, 2, 1, true>(p, half, blocks, stream);
 }
 
 }  // namespace
@@ -98,6 +125,12 @@ bool gemm_w4_sm90_available(int device) {
 
 int64_t gemm_w4_sm90_sb_cols(int64_t G) { return G; }
 
+GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_count) {
+  const Shape sh = shape_of(tile_for(M));
+  const GemmSplit plan = split_for(sh, M, N, K, sm_count);
+  return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, 128), plan.rem};
+}
+
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) {
   // (scale, bias) pairs: one 4-byte load gives a thread both
   const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
@@ -108,18 +141,19 @@ void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const bool vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
-  GemmParams p{a.w, a.sb, a.x, a.y, a.N, a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0};
+  GemmParams p{a.w, a.sb, a.x, a.y,  a.N,       a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
+               1,   0,    1,   a.ws, a.counters};
   const bool half = x_dtype == DType::kHalf;
   switch (a.group_shift) {
     case 5:
-      return half ? launch_typed<__half, 32>(p, half, stream)
-                  : launch_typed<__nv_bfloat16, 32>(p, half, stream);
+      return half ? launch_typed<__half, 32>(p, half, a.sm_count, stream)
+                  : launch_typed<__nv_bfloat16, 32>(p, half, a.sm_count, stream);
     case 6:
-      return half ? launch_typed<__half, 64>(p, half, stream)
-                  : launch_typed<__nv_bfloat16, 64>(p, half, stream);
+      return half ? launch_typed<__half, 64>(p, half, a.sm_count, stream)
+                  : launch_typed<__nv_bfloat16, 64>(p, half, a.sm_count, stream);
     default:
-      return half ? launch_typed<__half, 128>(p, half, stream)
-                  : launch_typed<__nv_bfloat16, 128>(p, half, stream);
+      return half ? launch_typed<__half, 128>(p, half, a.sm_count, stream)
+                  : launch_typed<__nv_bfloat16, 128>(p, half, a.sm_count, stream);
   }
 }
 

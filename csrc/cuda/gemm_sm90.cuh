@@ -61,7 +61,38 @@ struct GemmParams {
   int64_t Gp;  // columns of sb
   int group_shift;
   int vec_out;  // y rows may be written in 16-byte vectors (N % 8 == 0, y 16-byte aligned)
+  // Tiles: tile t covers rows of x (t % tiles_m) * NT and rows of W (t / tiles_m) * 64*WGS.
+  // Block b < full computes tile b over all of K; the others split the stages of the remaining
+  // tiles `split` ways (block full + r * split + part: tile full + r, part `part` of K), write
+  // fp32 partial tiles to ws ([r][part][accumulator / 4][thread], float4) and count themselves in
+  // counters[r]; the last of a tile sums the partials in part order (the same sum whichever
+  // block is last), writes y and resets its counter to 0 for the next launch.
+  int64_t tiles_m;
+  int64_t full;
+  int split;
+  float* ws;
+  int* counters;
 };
+
+// The K split of gemm_split_plan: a launch of fewer tiles than half the multiprocessors leaves
+// most of them idle; splitting each tile's K over up to 4 blocks (parts of at least 4096 values)
+// fills them (8192 x 28672 at M = 32: 64 tiles, 0.15 instead of 0.26 ms on an H200). Splitting only
+// the last, partial wave of a larger launch measured slower (28672 x 8192, M = 512: 0.49 instead of
+// 0.44 ms), and so did splitting blocks that would share a multiprocessor, so neither is done.
+struct GemmSplit {
+  int64_t full;  // tiles computed whole
+  int split;     // blocks per remaining tile (1: none)
+  int64_t rem;   // remaining tiles
+  int64_t ws_floats(int NT, int tile_n) const { return rem * split * NT * tile_n; }
+};
+inline GemmSplit gemm_split_plan(int64_t tiles, int64_t sms, int64_t stages) {
+  if (tiles <= 0 || 2 * tiles > sms) return {tiles, 1, 0};
+  int64_t s = sms / tiles;
+  if (s > 4) s = 4;
+  if (s > stages / 64) s = stages / 64;  // parts of at least 4096 values of K
+  if (s < 2) return {tiles, 1, 0};
+  return {0, static_cast<int>(s), tiles};
+}
 
 // out[r, g] = (s[r, g], b[r, g]) for g < G; rows padded to Gp with zeros.
 __global__ void gemm_pack_sb_kernel(const uint16_t* s, const uint16_t* b, uint32_t* out, int64_t G,
@@ -282,9 +313,20 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
   const uint32_t smem0 =
       (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * NT;         // rows of x
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * C::kTileN;  // rows of W
-  const int nst = static_cast<int>(p.K / kGemmTileK);
+  // The block's tile and its stages s0 .. s0 + nst - 1 (GemmParams)
+  const int64_t blk = blockIdx.x;
+  const int nk = static_cast<int>(p.K / kGemmTileK);
+  int64_t tile = blk, r_split = 0;
+  int part = 0, s0 = 0, nst = nk;
+  if (blk >= p.full) {
+    r_split = (blk - p.full) / p.split;
+    part = static_cast<int>((blk - p.full) % p.split);
+    tile = p.full + r_split;
+    s0 = static_cast<int>(static_cast<int64_t>(nk) * part / p.split);
+    nst = static_cast<int>(static_cast<int64_t>(nk) * (part + 1) / p.split) - s0;
+  }
+  const int64_t m0 = (tile % p.tiles_m) * NT;         // rows of x
+  const int64_t n0 = (tile / p.tiles_m) * C::kTileN;  // rows of W
 
   // full: a stage has landed (TMA transaction count); empty: both warpgroups are done with it
   __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
@@ -305,8 +347,9 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
     if (s >= kStages) mbar_wait(ebar0 + 8 * slot, ((s / kStages) - 1) & 1);
     const uint32_t base = smem0 + slot * kStageBytes, bar = bar0 + 8 * slot;
     mbar_expect_tx(bar, (Probe & 2) ? C::kWBytes : kStageBytes);
-    if (!(Probe & 2)) tma_2d(base, &map_x, s * kGemmTileK, static_cast<int>(m0), bar);
-    tma_2d(base + kXBytes, &map_w, s * (kGemmTileK / 8), static_cast<int>(n0), bar);
+    const int k = s0 + s;  // stage of K
+    if (!(Probe & 2)) tma_2d(base, &map_x, k * kGemmTileK, static_cast<int>(m0), bar);
+    tma_2d(base + kXBytes, &map_w, k * (kGemmTileK / 8), static_cast<int>(n0), bar);
   };
   if (tid == 0) {
     for (int s = 0; s < kAhead && s < nst; ++s) load_stage(s);
@@ -329,7 +372,7 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
   auto load_pairs = [&](int s) -> Pairs {
     Pairs r{};
     if (s < nst) {
-      const int64_t gi = (static_cast<int64_t>(s) * kGemmTileK) >> p.group_shift;
+      const int64_t gi = (static_cast<int64_t>(s0 + s) * kGemmTileK) >> p.group_shift;
       r.v[0][0] = __ldg(sba + gi);
       r.v[1][0] = __ldg(sbb + gi);
       if constexpr (GS == 32) {
@@ -410,6 +453,33 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
   // Output: both warpgroups are done with the ring (all stages landed and were multiplied), so
   // the tile of y is staged there, row m of x at C::kOutStride bytes, then written out along
   // the rows of y. d[4j + e]: row of W 16 * warp + g (+ 8 for e >= 2), row of x 8j + 2t + (e & 1).
+  if (blk >= p.full) {  // a part of a split tile: the last one sums the partials
+    __shared__ int last;
+    // partial tile `part` of tile r_split: float4 c of thread tid at (c * threads + tid) * 4
+    float4* ws = reinterpret_cast<float4*>(p.ws + r_split * p.split * C::kAcc * C::kThreads);
+    constexpr int kVecs = C::kAcc / 4 * C::kThreads;  // float4 of one partial tile
+#pragma unroll
+    for (int c = 0; c < C::kAcc / 4; ++c) {
+      __stcg(ws + part * kVecs + c * C::kThreads + tid,
+             make_float4(d[4 * c], d[4 * c + 1], d[4 * c + 2], d[4 * c + 3]));
+    }
+    __threadfence();
+    asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
+    if (tid == 0) last = atomicAdd(p.counters + r_split, 1) == p.split - 1;
+    asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int c = 0; c < C::kAcc / 4; ++c) {
+      float4 v = __ldcg(ws + c * C::kThreads + tid);
+      for (int q = 1; q < p.split; ++q) {
+        const float4 u = __ldcg(ws + q * kVecs + c * C::kThreads + tid);
+        v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
+      }
+      d[4 * c] = v.x, d[4 * c + 1] = v.y, d[4 * c + 2] = v.z, d[4 * c + 3] = v.w;
+    }
+    if (tid == 0) p.counters[r_split] = 0;
+  }
   asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
   uint8_t* stage = smem_raw + (smem0 - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)));
 #pragma unroll
