@@ -157,7 +157,7 @@ int sm_count(int device) {
 // Whether the fused Hopper prefill runs y = x @ W.T (gemm_sm90.cu): 4-bit W, fp16/bf16 x with
 // scales and biases of the same dtype, K a multiple of its 64-value stages, an sm_90a build on a
 // compute capability 9.0 device. Otherwise tiles of W are dequantized for cuBLAS.
-// It needs blocks (128 rows of W by 64, 128 or 256 rows of x, or parts of their K) for most
+// It needs blocks (128 or 256 rows of W by 64 to 256 rows of x, or parts of their K) for most
 // multiprocessors, and loses to cuBLAS's own tiles once M is large enough to amortize one
 // dequantization of W.
 // Measured on an H200 (bf16, ms, fused / tiles + cuBLAS): 28672 x 8192 (N x K): M=32 0.11/0.30,
@@ -232,17 +232,17 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
   }
   if (use_sm90_gemm(W, M, dt, x.get_device())) {
     at::Tensor y = at::empty({M, W.N}, x.options());
-    at::Tensor sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
     const int sms = sm_count(x.get_device());
     const GemmWorkspace wsz = gemm_w4_sm90_workspace(M, W.N, W.K, sms);
-    at::Tensor ws = at::empty({std::max<int64_t>(wsz.floats, 1)}, x.options().dtype(at::kFloat));
-    at::Tensor counters =
-        at::zeros({std::max<int64_t>(wsz.counters, 1)}, x.options().dtype(at::kInt));
+    at::Tensor ws, counters;  // the K split's scratch, where it splits
+    if (wsz.counters > 0) {
+      ws = at::empty({wsz.floats}, x.options().dtype(at::kFloat));
+      counters = at::zeros({wsz.counters}, x.options().dtype(at::kInt));
+    }
     GemmArgs a;
     a.w = static_cast<const uint32_t*>(W.w.const_data_ptr());
     a.scales = W.s.const_data_ptr();
     a.biases = W.b.const_data_ptr();
-    a.sb = static_cast<uint32_t*>(sb.mutable_data_ptr());
     a.x = x.const_data_ptr();
     a.y = y.mutable_data_ptr();
     a.N = W.N;
@@ -251,8 +251,8 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     a.G = W.G;
     a.group_shift = log2_of(W.group_size);
     a.sm_count = sms;
-    a.ws = ws.mutable_data_ptr<float>();
-    a.counters = counters.mutable_data_ptr<int>();
+    a.ws = ws.defined() ? ws.mutable_data_ptr<float>() : nullptr;
+    a.counters = counters.defined() ? counters.mutable_data_ptr<int>() : nullptr;
     launch_gemm_w4_sm90(a, dtype_of(dt), stream);
     return y;
   }

@@ -1,5 +1,5 @@
 // Host side of the fused Hopper prefill (the kernel and its design: gemm_sm90.cuh): tensor maps,
-// the block shape for M, and the (scale, bias) pairs the kernel reads.
+// the block shape for M and the K split.
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -60,34 +60,35 @@ void launch_nt(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Block shape (rows of x per block; 128 rows of W, two warpgroups): "64" (one block per SM),
-// "128" (one block per SM, 8 stages), "128x2" (two blocks per SM) or "256" (one block per SM, 6
-// stages; the warpgroups do not take turns, which measured 4-9% faster at this shape). Measured
-// on an H200 (benchmarks/cuda/gemm_harness.cu, 28672 x 8192, bf16, ms; 64 / 128x2 / 256 / dense
-// bf16 cuBLAS): M=32 0.110/0.186/0.26/0.110, M=128 0.21/0.126/0.24/0.124, M=256
-// 0.41/0.25/0.20/0.17, M=512 0.82/0.44-0.48/0.42/0.30, M=768 1.2/0.71/0.64/0.47. So 64 up to M =
-// 64, 128x2 up to 128, 256 above; MLXQ_CUDA_GEMM_TILE (read on every call, for benchmarks and
-// tests) overrides it.
+// Block shape (rows of x per block; 128 rows of W and two warpgroups unless said otherwise):
+// "64" (one block per SM), "128" (one block per SM, 8 stages), "128x2" (two blocks per SM),
+// "128w4" (256 rows of W, four warpgroups, one block per SM) or "256" (one block per SM, 6
+// stages; its warpgroups do not take turns, which measured 4-9% faster at this shape).
+// Measured on an H200 (benchmarks/cuda/gemm_harness.cu, 28672 x 8192, bf16, ms, three runs;
+// 64 / 128x2 / 128w4 / 256 / dense bf16 cuBLAS): M=32 0.11-0.12/0.19-0.21/0.14/0.26-0.30/0.11,
+// M=128 0.20-0.23/0.126-0.15/0.119-0.142/0.24-0.25/0.124-0.13, M=512
+// 0.82-0.93/0.44-0.53/0.46-0.59/0.42-0.47/0.30-0.31. So 64 up to M = 64, 128w4 up to 128, 256
+// above; MLXQ_CUDA_GEMM_TILE (read on every call, for benchmarks and tests) overrides it.
 std::string tile_for(int64_t M) {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_TILE");
   std::string tile(env == nullptr ? "" : env);
-  if (tile.empty()) tile = M > 128 ? "256" : (M > 64 ? "128x2" : "64");
+  if (tile.empty()) tile = M > 128 ? "256" : (M > 64 ? "128w4" : "64");
   return tile;
 }
 
 struct Shape {
-  int nt;   // rows of x per block
-  int occ;  // blocks per SM
+  int nt;      // rows of x per block
+  int tile_n;  // rows of W per block
 };
 Shape shape_of(const std::string& tile) {
-  if (tile == "256") return {256, 1};
-  if (tile == "128x2") return {128, 2};
-  if (tile == "128") return {128, 1};
-  return {64, 1};
+  if (tile == "256") return {256, 128};
+  if (tile == "128w4") return {128, 256};
+  if (tile == "128x2" || tile == "128") return {128, 128};
+  return {64, 128};
 }
 
 GemmSplit split_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
-  const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + 127) / 128);
+  const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
   return gemm_split_plan(tiles, sm_count, K / kGemmTileK);
 }
 
@@ -101,6 +102,7 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   p.split = plan.split;
   const int64_t blocks = plan.full + plan.rem * plan.split;
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
+  if (tile == "128w4") return launch_nt<T, GS, 128, 4, 1, true>(p, half, blocks, stream);
   if (tile == "128x2") return launch_nt<T, GS, 128, 2, 2, true>(p, half, blocks, stream);
   if (tile == "128") return launch_nt<T, GS, 128, 2, 1, true>(p, half, blocks, stream);
   return launch_nt<T, GS, 64, 2, 1, true>(p, half, blocks, stream);
@@ -123,26 +125,30 @@ bool gemm_w4_sm90_available(int device) {
 #endif
 }
 
-int64_t gemm_w4_sm90_sb_cols(int64_t G) { return G; }
-
 GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_count) {
   const Shape sh = shape_of(tile_for(M));
   const GemmSplit plan = split_for(sh, M, N, K, sm_count);
-  return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, 128), plan.rem};
+  return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem};
 }
 
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) {
-  // (scale, bias) pairs: one 4-byte load gives a thread both
-  const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
-  if (n > 0) {
-    gemm_pack_sb_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        static_cast<const uint16_t*>(a.scales), static_cast<const uint16_t*>(a.biases), a.sb, a.G,
-        gp, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
   const bool vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
-  GemmParams p{a.w, a.sb, a.x, a.y,  a.N,       a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
-               1,   0,    1,   a.ws, a.counters};
+  GemmParams p{a.w,
+               static_cast<const uint16_t*>(a.scales),
+               static_cast<const uint16_t*>(a.biases),
+               a.x,
+               a.y,
+               a.N,
+               a.M,
+               a.K,
+               a.G,
+               a.group_shift,
+               vec_out ? 1 : 0,
+               1,
+               0,
+               1,
+               a.ws,
+               a.counters};
   const bool half = x_dtype == DType::kHalf;
   switch (a.group_shift) {
     case 5:
