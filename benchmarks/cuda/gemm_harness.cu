@@ -127,7 +127,7 @@ struct Problem {
   std::vector<uint32_t> w;
   std::vector<uint16_t> s, b, x;
   std::vector<uint32_t*> dw;
-  std::vector<uint16_t*> ds, db;
+  std::vector<uint32_t*> dsb;
   uint16_t* dx = nullptr;
   uint16_t* dy = nullptr;
   uint16_t* dwd = nullptr;  // dense dequantized weight [N, K] bf16
@@ -148,22 +148,21 @@ static void make(Problem& P, int copies) {
   for (auto& v : P.w) v = static_cast<uint32_t>(rnd());
   P.s.resize(P.N * G);
   P.b.resize(P.N * G);
+  std::vector<uint32_t> sb(P.N * G);
   for (int64_t i = 0; i < P.N * G; ++i) {
     float sc = 0.002f + 0.02f * urand();
     if (rnd() & 1) sc = -sc;
     P.s[i] = to_bf16(sc);
     P.b[i] = to_bf16(-0.1f + 0.2f * urand());
+    sb[i] = P.s[i] | (static_cast<uint32_t>(P.b[i]) << 16);
   }
   for (int c = 0; c < copies; ++c) {
-    uint32_t* w;
-    uint16_t *s, *b;
+    uint32_t *w, *s;
     CK(cudaMalloc(&w, P.w.size() * 4));
-    CK(cudaMalloc(&s, P.s.size() * 2));
-    CK(cudaMalloc(&b, P.b.size() * 2));
+    CK(cudaMalloc(&s, sb.size() * 4));
     CK(cudaMemcpy(w, P.w.data(), P.w.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(s, P.s.data(), P.s.size() * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(b, P.b.data(), P.b.size() * 2, cudaMemcpyHostToDevice));
-    P.dw.push_back(w), P.ds.push_back(s), P.db.push_back(b);
+    CK(cudaMemcpy(s, sb.data(), sb.size() * 4, cudaMemcpyHostToDevice));
+    P.dw.push_back(w), P.dsb.push_back(s);
   }
   std::vector<uint16_t> wd(P.N * P.K);
   for (int64_t n = 0; n < P.N; ++n)
@@ -184,8 +183,7 @@ static void set_m(Problem& P, int64_t M) {
 
 static GemmParams params(const Problem& P, int c) {
   return GemmParams{P.dw[c],
-                    P.ds[c],
-                    P.db[c],
+                    P.dsb[c],
                     P.dx,
                     P.dy,
                     P.N,
@@ -305,7 +303,7 @@ int main(int argc, char** argv) {
       std::printf("\n");
       std::fflush(stdout);
     }
-    for (int c = 0; c < 2; ++c) cudaFree(P.dw[c]), cudaFree(P.ds[c]), cudaFree(P.db[c]);
+    for (int c = 0; c < 2; ++c) cudaFree(P.dw[c]), cudaFree(P.dsb[c]);
     cudaFree(P.dwd), cudaFree(P.dx), cudaFree(P.dy);
   }
   return 0;

@@ -51,15 +51,14 @@ struct GemmCfg {
 };
 
 struct GemmParams {
-  const uint32_t* w;  // [N, K / 8]
-  const uint16_t* s;  // [N, G] scales (dtype of x)
-  const uint16_t* b;  // [N, G] biases
-  const void* x;      // [M, K]
-  void* y;            // [M, N]
+  const uint32_t* w;   // [N, K / 8]
+  const uint32_t* sb;  // [N, Gp]: scale in the low half, bias in the high half (dtype of x)
+  const void* x;       // [M, K]
+  void* y;             // [M, N]
   int64_t N;
   int64_t M;
   int64_t K;
-  int64_t G;
+  int64_t Gp;  // columns of sb
   int group_shift;
   int vec_out;  // y rows may be written in 16-byte vectors (N % 8 == 0, y 16-byte aligned)
   // Tiles: tile t covers rows of x (t % tiles_m) * NT and rows of W (t / tiles_m) * 64*WGS.
@@ -93,6 +92,16 @@ inline GemmSplit gemm_split_plan(int64_t tiles, int64_t sms, int64_t stages) {
   if (s > stages / 64) s = stages / 64;  // parts of at least 4096 values of K
   if (s < 2) return {tiles, 1, 0};
   return {0, static_cast<int>(s), tiles};
+}
+
+// out[r, g] = (s[r, g], b[r, g]) for g < G; rows padded to Gp with zeros.
+__global__ void gemm_pack_sb_kernel(const uint16_t* s, const uint16_t* b, uint32_t* out, int64_t G,
+                                    int64_t Gp, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t r = i / Gp, g = i - r * Gp;
+  out[i] = g < G ? static_cast<uint32_t>(s[r * G + g]) | (static_cast<uint32_t>(b[r * G + g]) << 16)
+                 : 0u;
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -353,11 +362,8 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
   const int wg = warp >> 2;
   const int ra = warp * 16 + g;  // the thread's first row in the tile; the second is ra + 8
   const uint32_t sel = t | (t << 4) | ((t + 4) << 8) | ((t + 4) << 12);
-  const int64_t rowa = (n0 + ra < p.N ? n0 + ra : p.N - 1) * p.G;
-  const int64_t rowb = (n0 + ra + 8 < p.N ? n0 + ra + 8 : p.N - 1) * p.G;
-  auto pair = [&](int64_t i) -> uint32_t {  // scale in the low half, bias in the high half
-    return static_cast<uint32_t>(__ldg(p.s + i)) | (static_cast<uint32_t>(__ldg(p.b + i)) << 16);
-  };
+  const uint32_t* sba = p.sb + (n0 + ra < p.N ? n0 + ra : p.N - 1) * p.Gp;
+  const uint32_t* sbb = p.sb + (n0 + ra + 8 < p.N ? n0 + ra + 8 : p.N - 1) * p.Gp;
   // (scale, bias) pairs of a stage for the two rows: [row][half of the stage] (group 32 has two
   // groups a stage), loaded two stages ahead into registers
   struct Pairs {
@@ -367,11 +373,11 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
     Pairs r{};
     if (s < nst) {
       const int64_t gi = (static_cast<int64_t>(s0 + s) * kGemmTileK) >> p.group_shift;
-      r.v[0][0] = pair(rowa + gi);
-      r.v[1][0] = pair(rowb + gi);
+      r.v[0][0] = __ldg(sba + gi);
+      r.v[1][0] = __ldg(sbb + gi);
       if constexpr (GS == 32) {
-        r.v[0][1] = pair(rowa + gi + 1);
-        r.v[1][1] = pair(rowb + gi + 1);
+        r.v[0][1] = __ldg(sba + gi + 1);
+        r.v[1][1] = __ldg(sbb + gi + 1);
       } else {
         r.v[0][1] = r.v[0][0];
         r.v[1][1] = r.v[1][0];

@@ -66,6 +66,7 @@ struct GemmArgs {
   const uint32_t* w;   // [N, K / 8]
   const void* scales;  // [N, G], dtype of x
   const void* biases;  // [N, G]
+  uint32_t* sb;        // [N, gemm_w4_sm90_sb_cols(G)] workspace: (scale, bias) pairs
   const void* x;       // [M, K]
   void* y;             // [M, N]
   int64_t N, M, K, G;
@@ -85,6 +86,7 @@ GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_cou
 // Whether this build and `device` run it (sm_90a code built, compute capability 9.0, and
 // MLXQ_CUDA_GEMM is not 0; affine_cuda.cu decides where it pays, "2" forces it).
 bool gemm_w4_sm90_available(int device);
+int64_t gemm_w4_sm90_sb_cols(int64_t G);
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream);
 
 // out = dequantized W in `out_dtype` (affine_cuda.cu).
