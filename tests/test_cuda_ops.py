@@ -215,21 +215,28 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("fused", ["2", "2:128", "2:128x2", "2:256", "0"])
+@pytest.mark.parametrize("fused", ["2", "2:64", "2:128", "2:128x2", "2:128w4", "2:256", "0"])
 def test_prefill_tiles_and_tails(
     gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
 ) -> None:
     # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
     # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
-    # tiles of 128 rows of W by 128 or 256 rows of x, partial in both; every block shape of
+    # tiles of 128 or 256 rows of W by 64, 128 or 256 rows of x, partial in both; every shape of
     # MLXQ_CUDA_GEMM_TILE), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op reads the variables
-    # on every call
+    # on every call. N = 300 writes y element by element, N = 264 in 16-byte vectors.
     gemm, _, tile = fused.partition(":")
     monkeypatch.setenv("MLXQ_CUDA_GEMM", gemm)
     monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", tile)
-    wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
-    for m in (9, 128, 129, 300, 513):
-        _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
+    for n in (300, 264):
+        wq, s, b = _quantized(gen, n, 1024, group_size, 4, dtype)
+        for m in (9, 65, 128, 129, 300, 513):
+            x = torch.randn(m, 1024, generator=gen).to(dtype)
+            _check_matmul(x, wq, s, b, group_size, 4)
+    # few tiles with a long K: the fused kernel splits each tile's K over blocks and sums the
+    # parts' fp32 tiles
+    wq, s, b = _quantized(gen, 200, 8192, group_size, 4, dtype)
+    for m in (9, 300):
+        _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda

@@ -18,7 +18,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, nargs="+", default=[32, 128, 512, 768])
     p.add_argument("--shapes", nargs="+", default=["28672x8192", "8192x28672", "4096x4096"])
-    p.add_argument("--tiles", nargs="+", default=["", "256", "128", "128x2"])
+    p.add_argument("--tiles", nargs="+", default=["", "64", "128x2", "128w4", "256"])
     args = p.parse_args()
     gs, bits = 128, 4
     for shape in args.shapes:

@@ -19,6 +19,7 @@
 
 #include "checks.h"
 #include "composite/composite.h"
+#include "cuda/dtype.h"
 #include "cuda/kernels.cuh"
 #include "cuda/launch.h"
 #include "mlx_rounding.h"
@@ -69,17 +70,6 @@ void launch_dequantize(int bits, const DequantParams& p, DType out_dtype, cudaSt
 }
 
 namespace {
-
-DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      return DType::kFloat;
-  }
-}
 
 ScaleType scale_type_of(at::ScalarType t) { return static_cast<ScaleType>(dtype_of(t)); }
 
@@ -167,12 +157,13 @@ int sm_count(int device) {
 // Whether the fused Hopper prefill runs y = x @ W.T (gemm_sm90.cu): 4-bit W, fp16/bf16 x with
 // scales and biases of the same dtype, K a multiple of its 64-value stages, an sm_90a build on a
 // compute capability 9.0 device. Otherwise tiles of W are dequantized for cuBLAS.
-// It needs blocks (128 rows of W by 128 or 256 rows of x) for most multiprocessors, and loses to
-// cuBLAS's own tiles once M is large enough to amortize one dequantization of W. Measured on an
-// H200 (bf16, ms, fused / tiles + cuBLAS): 28672 x 8192 (N x K): M=9 0.21/0.29, M=32 0.19/0.30,
-// M=128 0.19/0.31, M=512 0.44-0.47/0.49, M=1024 0.87/0.87, M=2048 1.67/1.56; 8192 x 28672
-// (128 blocks at M=512) 0.44/0.52; 4096 x 4096 (64 blocks at M=512): M=32 0.049/0.024,
-// M=512 0.058/0.039.
+// It needs blocks (128 or 256 rows of W by 64 to 256 rows of x, or parts of their K) for most
+// multiprocessors, and loses to cuBLAS's own tiles once M is large enough to amortize one
+// dequantization of W.
+// Measured on an H200 (bf16, ms, fused / tiles + cuBLAS): 28672 x 8192 (N x K): M=32 0.11/0.30,
+// M=128 0.13/0.31, M=512 0.42-0.45/0.49, M=768 0.64-0.66/0.66 (the previous fused kernel:
+// M=1024 0.87/0.87, M=2048 1.67/1.56); 8192 x 28672 (128 blocks at M=512) 0.35-0.39/0.52;
+// 4096 x 4096 (64 blocks at M=512): M=32 0.049/0.024, M=512 0.058/0.039 (previous kernel).
 bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
   if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || W.s.scalar_type() != dt ||
       W.b.scalar_type() != dt || W.K % 64 != 0 || !gemm_w4_sm90_available(device)) {
@@ -181,8 +172,8 @@ bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
   const char* env = std::getenv("MLXQ_CUDA_GEMM");  // "2": wherever it can run (tests)
   if (env != nullptr && std::string(env) == "2") return true;
   if (M > 768) return false;
-  const int64_t nt = M > 128 ? 256 : 128;
-  return 4 * ((W.N + 127) / 128) * ((M + nt - 1) / nt) >= 3 * sm_count(device);
+  const int sms = sm_count(device);
+  return 4 * gemm_w4_sm90_workspace(M, W.N, W.K, sms).blocks >= 3 * sms;
 }
 
 // Bytes of dequantized weight per tile on the prefill path; MLXQ_CUDA_TILE_MB overrides it.
@@ -242,6 +233,13 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
   if (use_sm90_gemm(W, M, dt, x.get_device())) {
     at::Tensor y = at::empty({M, W.N}, x.options());
     at::Tensor sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
+    const int sms = sm_count(x.get_device());
+    const GemmWorkspace wsz = gemm_w4_sm90_workspace(M, W.N, W.K, sms);
+    at::Tensor ws, counters;  // the K split's scratch, where it splits
+    if (wsz.counters > 0) {
+      ws = at::empty({wsz.floats}, x.options().dtype(at::kFloat));
+      counters = at::zeros({wsz.counters}, x.options().dtype(at::kInt));
+    }
     GemmArgs a;
     a.w = static_cast<const uint32_t*>(W.w.const_data_ptr());
     a.scales = W.s.const_data_ptr();
@@ -254,6 +252,9 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     a.K = W.K;
     a.G = W.G;
     a.group_shift = log2_of(W.group_size);
+    a.sm_count = sms;
+    a.ws = ws.defined() ? ws.mutable_data_ptr<float>() : nullptr;
+    a.counters = counters.defined() ? counters.mutable_data_ptr<int>() : nullptr;
     launch_gemm_w4_sm90(a, dtype_of(dt), stream);
     return y;
   }

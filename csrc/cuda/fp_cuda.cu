@@ -19,21 +19,11 @@
 
 #include "checks.h"
 #include "composite/composite.h"
+#include "cuda/dtype.h"
 #include "cuda/fp_qmv.h"
 
 namespace mlxq::cuda {
 namespace {
-
-DType fp_dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      return DType::kFloat;
-  }
-}
 
 // MLXQ_CUDA_FP_DECODE=composite sends every call to the composite op (benchmarks compare the two
 // in one process: read on every call, so a CUDA graph keeps the path chosen at capture).
@@ -60,10 +50,29 @@ at::Tensor aligned_to(const at::Tensor& t, uintptr_t bytes) {
   return c;
 }
 
+// The decode kernel's parameters of a matmul (one pair; the gather adds its pairs): x, W and the
+// scales contiguous and aligned, y [pairs, M, N], gs one float32 or undefined.
+FpQmvParams decode_params(const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& sc,
+                          const at::Tensor& gs, at::Tensor& y, int64_t N, int64_t K, int64_t G,
+                          int64_t row_bytes, int64_t M) {
+  FpQmvParams p;
+  p.w = static_cast<const uint4*>(wc.const_data_ptr());
+  p.scales = static_cast<const uint8_t*>(sc.const_data_ptr());
+  p.global = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
+  p.x = xc.const_data_ptr();
+  p.y = y.mutable_data_ptr();
+  p.N = N;
+  p.K = K;
+  p.G = G;
+  p.chunks = row_bytes / 16;
+  p.M = static_cast<int>(M);
+  return p;
+}
+
 // y = x @ W.T by the decode kernel of mode `m` on the current stream.
 void launch(int m, const FpQmvParams& p, at::ScalarType x_dtype, char variant) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const DType dt = fp_dtype_of(x_dtype);
+  const DType dt = dtype_of(x_dtype);
   switch (m) {
     case kFpMxfp4:
       return launch_fp_qmv<kFpMxfp4>(p, dt, variant, stream);
@@ -102,17 +111,7 @@ at::Tensor fp_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const at::T
   at::Tensor gs;
   if (global_scale.has_value()) gs = global_scale->contiguous();  // one float32 (checked)
   at::Tensor y = at::empty({g.M, N}, x.options());
-  FpQmvParams p;
-  p.w = static_cast<const uint4*>(wc.const_data_ptr());
-  p.scales = static_cast<const uint8_t*>(sc.const_data_ptr());
-  p.global = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
-  p.x = xc.const_data_ptr();
-  p.y = y.mutable_data_ptr();
-  p.N = N;
-  p.K = K;
-  p.G = g.w.groups;
-  p.chunks = row_bytes / 16;
-  p.M = static_cast<int>(g.M);
+  const FpQmvParams p = decode_params(xc, wc, sc, gs, y, N, K, g.w.groups, row_bytes, g.M);
   launch(m, p, x.scalar_type(), variant);
   return y.view(g.out_shape);
 }
@@ -160,17 +159,7 @@ at::Tensor fp_gather_matmul_cuda(const at::Tensor& x, const at::Tensor& wq,
   at::Tensor gs;  // one float32 per weight matrix (checked)
   if (global_scale.has_value()) gs = global_scale->contiguous();
   at::Tensor y = at::empty({P, g.M, N}, x.options());
-  FpQmvParams p;
-  p.w = static_cast<const uint4*>(wc.const_data_ptr());
-  p.scales = static_cast<const uint8_t*>(sc.const_data_ptr());
-  p.global = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
-  p.x = xc.const_data_ptr();
-  p.y = y.mutable_data_ptr();
-  p.N = N;
-  p.K = K;
-  p.G = g.w.groups;
-  p.chunks = row_bytes / 16;
-  p.M = static_cast<int>(g.M);
+  FpQmvParams p = decode_params(xc, wc, sc, gs, y, N, K, g.w.groups, row_bytes, g.M);
   p.lhs = lhs.const_data_ptr<int64_t>();
   p.rhs = rhs.const_data_ptr<int64_t>();
   p.pairs = P;

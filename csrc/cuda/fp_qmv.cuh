@@ -254,12 +254,7 @@ __global__ void __launch_bounds__(kFpWarps * 32, MT >= 2 ? 2 : 1)
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float v = acc[m][r];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      acc[m][r] = v;
-    }
+    for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
   if (lane == 0) {
     T* y = static_cast<T*>(p.y) + pair * p.M * p.N;
 #pragma unroll

@@ -72,6 +72,13 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// Sum of v over the 32 lanes of a warp (the same butterfly order in every lane).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // ---- packed chunks --------------------------------------------------------------------------
 
 // Loads the `Bits` words of one chunk with the widest accesses its alignment allows
@@ -309,12 +316,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) qmv_kernel(const QmvParams 
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float v = acc[m][r];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      acc[m][r] = v;
-    }
+    for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
   if (lane == 0) {
     T* y = static_cast<T*>(p.y);
 #pragma unroll

@@ -71,7 +71,18 @@ struct GemmArgs {
   void* y;             // [M, N]
   int64_t N, M, K, G;
   int group_shift;
+  int sm_count;   // multiprocessors of the device
+  float* ws;      // gemm_w4_sm90_workspace(...).floats fp32 values
+  int* counters;  // gemm_w4_sm90_workspace(...).counters zeros (left zero after each call)
 };
+// The launch of a call of these sizes: its blocks, and the scratch of its K split
+// (gemm_sm90.cuh's GemmSplit).
+struct GemmWorkspace {
+  int64_t blocks;
+  int64_t floats;
+  int64_t counters;
+};
+GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_count);
 // Whether this build and `device` run it (sm_90a code built, compute capability 9.0, and
 // MLXQ_CUDA_GEMM is not 0; affine_cuda.cu decides where it pays, "2" forces it).
 bool gemm_w4_sm90_available(int device);

@@ -1,0 +1,310 @@
+// Standalone harness for the fused Hopper prefill kernel (csrc/cuda/gemm_sm90.cuh), no torch:
+// every block shape against a float64 CPU reference (sampled outputs; every output checked to be
+// written) and timed next to dense bf16 cuBLAS on the dequantized weight, in one run (CUDA
+// events over weight copies that miss the L2). Build and run on an H100/H200:
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+//        benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness && /tmp/gemm_harness
+// Arguments: M values (default 32 64 128 256 512 768); MLXQ_HARNESS_SHAPES="NxK,..." picks the
+// shapes (default 28672x8192,8192x28672).
+#include <cublas_v2.h>
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda/gemm_sm90.cuh"
+
+using namespace mlxq::cuda;
+
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
+static uint64_t rnd() {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return rng_state;
+}
+static float urand() { return (rnd() >> 40) * (1.0f / 16777216.0f); }
+
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+static float from_bf16(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType type, int64_t elem, int64_t rows,
+                              int64_t cols, int box_cols, int box_rows,
+                              CUtensorMapSwizzle swizzle) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols * elem)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t estrides[2] = {1, 1};
+  const CUresult r =
+      cuTensorMapEncodeTiled(&map, type, 2, const_cast<void*>(ptr), dims, strides, box, estrides,
+                             CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr, "cuTensorMapEncodeTiled failed (%d)\n", static_cast<int>(r));
+    std::exit(1);
+  }
+  return map;
+}
+
+static int g_sms = 132;
+static float* g_ws = nullptr;  // tail-split scratch (zeroed counters stay zero between calls)
+static int* g_counters = nullptr;
+
+template <int GS, int NT, int WGS, int Occ, int Probe = 0, bool Ping = true, bool Split = true>
+static void launch(const GemmParams& p0, cudaStream_t stream) {
+  using C = GemmCfg<NT, WGS, Occ>;
+  auto kernel = gemm_w4_sm90_kernel<__nv_bfloat16, GS, NT, WGS, Occ, Probe, Ping>;
+  constexpr int smem = C::kSmemBytes;
+  GemmParams p = p0;
+  p.tiles_m = (p.M + NT - 1) / NT;
+  const int64_t tiles = p.tiles_m * ((p.N + C::kTileN - 1) / C::kTileN);
+  const GemmSplit plan =
+      Split ? gemm_split_plan(tiles, g_sms, p.K / kGemmTileK) : GemmSplit{tiles, 1, 0};
+  if (plan.ws_floats(NT, C::kTileN) > (int64_t{32} << 20) || plan.rem > 1024) std::exit(2);
+  p.full = plan.full;
+  p.split = plan.split;
+  p.ws = g_ws;
+  p.counters = g_counters;
+  const CUtensorMap mx = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
+                                    NT, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
+                                    kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int64_t blocks = plan.full + plan.rem * plan.split;
+  kernel<<<static_cast<unsigned>(blocks), C::kThreads, smem, stream>>>(p, mx, mw);
+  CK(cudaGetLastError());
+}
+
+struct Shape {
+  const char* name;
+  void (*fn)(const GemmParams&, cudaStream_t);
+  int gs;
+};
+
+template <int GS>
+static std::vector<Shape> shapes_for(bool probes = false) {
+  std::vector<Shape> v = {{"64", launch<GS, 64, 2, 1>, GS},
+                          {"128", launch<GS, 128, 2, 1>, GS},
+                          {"128x2", launch<GS, 128, 2, 2>, GS},
+                          {"256", launch<GS, 256, 2, 1, 0, false>, GS},
+                          {"w256n128", launch<GS, 128, 4, 1>, GS}};
+  if (probes) {
+    v.push_back({"256:nosplit", launch<GS, 256, 2, 1, 0, false, false>, GS});
+    v.push_back({"128x2:nosplit", launch<GS, 128, 2, 2, 0, true, false>, GS});
+    v.push_back({"64:nosplit", launch<GS, 64, 2, 1, 0, true, false>, GS});
+  }
+  return v;
+}
+
+struct Problem {
+  int64_t N, K, M, GS;
+  std::vector<uint32_t> w;
+  std::vector<uint16_t> s, b, x;
+  std::vector<uint32_t*> dw;
+  std::vector<uint32_t*> dsb;
+  uint16_t* dx = nullptr;
+  uint16_t* dy = nullptr;
+  uint16_t* dwd = nullptr;  // dense dequantized weight [N, K] bf16
+  int64_t G() const { return K / GS; }
+};
+
+static float deq(const Problem& P, int64_t n, int64_t k) {
+  const uint32_t q = (P.w[(n * P.K + k) / 8] >> (4 * (k % 8))) & 15u;
+  const int64_t gi = n * P.G() + k / P.GS;
+  // s * q + b exact in double (8 + 4 significant bits), rounded once to bf16 like the kernel
+  return from_bf16(to_bf16(
+      static_cast<float>(static_cast<double>(from_bf16(P.s[gi])) * q + from_bf16(P.b[gi]))));
+}
+
+static void make(Problem& P, int copies) {
+  const int64_t G = P.G();
+  P.w.resize(P.N * P.K / 8);
+  for (auto& v : P.w) v = static_cast<uint32_t>(rnd());
+  P.s.resize(P.N * G);
+  P.b.resize(P.N * G);
+  std::vector<uint32_t> sb(P.N * G);
+  for (int64_t i = 0; i < P.N * G; ++i) {
+    float sc = 0.002f + 0.02f * urand();
+    if (rnd() & 1) sc = -sc;
+    P.s[i] = to_bf16(sc);
+    P.b[i] = to_bf16(-0.1f + 0.2f * urand());
+    sb[i] = P.s[i] | (static_cast<uint32_t>(P.b[i]) << 16);
+  }
+  for (int c = 0; c < copies; ++c) {
+    uint32_t *w, *s;
+    CK(cudaMalloc(&w, P.w.size() * 4));
+    CK(cudaMalloc(&s, sb.size() * 4));
+    CK(cudaMemcpy(w, P.w.data(), P.w.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s, sb.data(), sb.size() * 4, cudaMemcpyHostToDevice));
+    P.dw.push_back(w), P.dsb.push_back(s);
+  }
+  std::vector<uint16_t> wd(P.N * P.K);
+  for (int64_t n = 0; n < P.N; ++n)
+    for (int64_t k = 0; k < P.K; ++k) wd[n * P.K + k] = to_bf16(deq(P, n, k));
+  CK(cudaMalloc(&P.dwd, wd.size() * 2));
+  CK(cudaMemcpy(P.dwd, wd.data(), wd.size() * 2, cudaMemcpyHostToDevice));
+}
+
+static void set_m(Problem& P, int64_t M) {
+  P.M = M;
+  P.x.resize(M * P.K);
+  for (auto& v : P.x) v = to_bf16(-2.f + 4.f * urand());
+  if (P.dx) cudaFree(P.dx), cudaFree(P.dy);
+  CK(cudaMalloc(&P.dx, P.x.size() * 2));
+  CK(cudaMemcpy(P.dx, P.x.data(), P.x.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMalloc(&P.dy, M * P.N * 2));
+}
+
+static GemmParams params(const Problem& P, int c) {
+  return GemmParams{P.dw[c],
+                    P.dsb[c],
+                    P.dx,
+                    P.dy,
+                    P.N,
+                    P.M,
+                    P.K,
+                    P.G(),
+                    __builtin_ctz(P.GS),
+                    P.N % 8 == 0 ? 1 : 0};
+}
+
+// max |y - ref| / max |ref| over sampled outputs; -1 if an output was left unwritten (NaN)
+static double check(const Problem& P) {
+  std::vector<uint16_t> y(P.M * P.N);
+  CK(cudaMemcpy(y.data(), P.dy, y.size() * 2, cudaMemcpyDeviceToHost));
+  for (auto v : y)
+    if (std::isnan(from_bf16(v))) return -1.0;
+  double err = 0, mx = 0;
+  for (int i = 0; i < 2048; ++i) {
+    const int64_t m = rnd() % P.M, n = (i < 64 ? P.N - 1 - i : rnd() % P.N);
+    double ref = 0;
+    for (int64_t k = 0; k < P.K; ++k)
+      ref += static_cast<double>(from_bf16(P.x[m * P.K + k])) * deq(P, n, k);
+    err = std::max(err, std::fabs(from_bf16(y[m * P.N + n]) - ref));
+    mx = std::max(mx, std::fabs(ref));
+  }
+  return err / mx;
+}
+
+template <typename F>
+static double time_ms(F&& f, int copies) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) f(i % copies);
+  std::vector<double> r;
+  for (int rep = 0; rep < 5; ++rep) {
+    const int iters = 20;
+    CK(cudaEventRecord(a));
+    for (int i = 0; i < iters; ++i) f(i % copies);
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    r.push_back(ms / iters);
+  }
+  std::sort(r.begin(), r.end());
+  return r[r.size() / 2];
+}
+
+int main(int argc, char** argv) {
+  std::vector<int64_t> ms;
+  for (int i = 1; i < argc; ++i) ms.push_back(std::atoll(argv[i]));
+  if (ms.empty()) ms = {32, 64, 128, 256, 512, 768};
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  const char* env = std::getenv("MLXQ_HARNESS_SHAPES");
+  std::string spec = env ? env : "28672x8192,8192x28672";
+  for (size_t pos = 0; pos < spec.size();) {
+    size_t end = spec.find(',', pos);
+    if (end == std::string::npos) end = spec.size();
+    const std::string one = spec.substr(pos, end - pos);
+    const size_t x = one.find('x');
+    shapes.push_back({std::atoll(one.substr(0, x).c_str()), std::atoll(one.substr(x + 1).c_str())});
+    pos = end + 1;
+  }
+  {
+    int dev = 0;
+    CK(cudaGetDevice(&dev));
+    CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, dev));
+    CK(cudaMalloc(&g_ws, sizeof(float) << 25));
+    CK(cudaMalloc(&g_counters, 1024 * sizeof(int)));
+    CK(cudaMemset(g_counters, 0, 1024 * sizeof(int)));
+  }
+  cublasHandle_t handle;
+  if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) return 1;
+  // numerics at every group size on a small odd shape (rows past N, M not a multiple of NT)
+  for (int gs : {32, 64, 128}) {
+    Problem P{1000, 8192, 0, gs};  // 8 tiles of W rows: every shape splits its tiles' K
+    make(P, 1);
+    set_m(P, 77);
+    std::vector<Shape> list = gs == 32   ? shapes_for<32>()
+                              : gs == 64 ? shapes_for<64>()
+                                         : shapes_for<128>();
+    for (const Shape& sh : list) {
+      CK(cudaMemset(P.dy, 0xFF, P.M * P.N * 2));
+      sh.fn(params(P, 0), 0);
+      CK(cudaDeviceSynchronize());
+      const double e = check(P);
+      std::printf("check gs=%d tile=%s: err %.2e %s\n", gs, sh.name, e,
+                  e >= 0 && e < 8e-3 ? "ok" : "FAIL");
+    }
+  }
+  for (const auto& nk : shapes) {
+    const int64_t N = nk.first, K = nk.second;
+    Problem P{N, K, 0, 128};
+    make(P, 2);
+    for (int64_t M : ms) {
+      set_m(P, M);
+      const float one = 1.f, zero = 0.f;
+      auto dense = [&](int) {
+        cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(M),
+                     static_cast<int>(K), &one, P.dwd, CUDA_R_16BF, static_cast<int>(K), P.dx,
+                     CUDA_R_16BF, static_cast<int>(K), &zero, P.dy, CUDA_R_16BF,
+                     static_cast<int>(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      };
+      const double dms = time_ms(dense, 1);
+      std::printf("%lldx%lld M=%lld dense %.4f", static_cast<long long>(N),
+                  static_cast<long long>(K), static_cast<long long>(M), dms);
+      for (const Shape& sh : shapes_for<128>(true)) {
+        CK(cudaMemset(P.dy, 0xFF, P.M * P.N * 2));
+        sh.fn(params(P, 0), 0);
+        CK(cudaDeviceSynchronize());
+        const bool probe = std::strchr(sh.name, ':') != nullptr;
+        const double e = M <= 128 && !probe ? check(P) : 0.0;  // the CPU reference is slow
+        const double t = time_ms([&](int c) { sh.fn(params(P, c), 0); }, 2);
+        std::printf(" | %s %.4f (%.2fx%s)", sh.name, t, t / dms, e < 0 ? " UNWRITTEN" : "");
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    for (int c = 0; c < 2; ++c) cudaFree(P.dw[c]), cudaFree(P.dsb[c]);
+    cudaFree(P.dwd), cudaFree(P.dx), cudaFree(P.dy);
+  }
+  return 0;
+}
