@@ -58,6 +58,18 @@ TINY_ARCHS = {
         tie_word_embeddings=True,
         rope_theta=10000.0,
     ),
+    # Llama's code with a sliding-window argument to the attention
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    ),
     # q/k/v carry a float bias next to the quantized weight
     "qwen2": dict(
         model_type="qwen2",

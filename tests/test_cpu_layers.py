@@ -12,6 +12,7 @@ import torch
 from mlx_models import tiny_float_model, tiny_mlx_checkpoint
 from mlxq.integrations import cpu_layers
 from mlxq.integrations.cpu_layers import (
+    ATTENTION_VARIANTS,
     LLAMA_ATTENTION_BODY,
     LLAMA_DECODER_BODY,
     LLAMA_MLP_BODY,
@@ -72,10 +73,13 @@ def test_bodies_are_transformers_llama() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loaded_llama_decodes_bit_equal(dtype, monkeypatch) -> None:
-    """A Llama checkpoint written by `mlx_lm convert`: every layer gets the flat step, and decode
-    gives the logits and the cache of the layers' own forward, bit for bit."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_mlx_checkpoint("llama", 4, 64), dtype=dtype)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_loaded_checkpoint_decodes_bit_equal(arch, dtype, monkeypatch) -> None:
+    """A checkpoint written by `mlx_lm convert` (Llama; Qwen2 with q/k/v biases; Qwen3 with q/k
+    norms; Mistral with a sliding window of 8, which the 14 positions here pass): every layer
+    gets the flat step, and decode gives the logits and the cache of the layers' own forward,
+    bit for bit."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mlx_checkpoint(arch, 4, 64), dtype=dtype)
     assert len(_flat_layers(model)) == model.config.num_hidden_layers
     assert use_flat_decode_layers(model) == 0  # already done
     calls = _count_flat_steps(monkeypatch)
@@ -111,12 +115,23 @@ def test_mixed_formats_and_quantize_model_bit_equal(tmp_path, monkeypatch) -> No
 
 
 def test_other_code_is_left_alone() -> None:
-    """Qwen2's attention passes a sliding window (another body): its layers keep their forward."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_mlx_checkpoint("qwen2", 4, 64))
-    assert _flat_layers(model) == []
-    assert forward_body(forward_owner(type(model.model.layers[0].self_attn))) != (
-        LLAMA_ATTENTION_BODY
-    )
+    """A layer whose attention (or MLP) code differs in any token keeps its own forward."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mlx_checkpoint("llama", 4, 64))
+    for layer in _flat_layers(model):
+        del layer.forward
+
+    class OtherAttention(modeling_llama.LlamaAttention):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    class OtherMLP(modeling_llama.LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    model.model.layers[0].self_attn.__class__ = OtherAttention
+    model.model.layers[1].mlp.__class__ = OtherMLP
+    assert use_flat_decode_layers(model) == 0
+    assert forward_body(OtherAttention) not in ATTENTION_VARIANTS
 
 
 def test_falls_back_where_the_step_does_not_apply(monkeypatch) -> None:

@@ -5,9 +5,10 @@ A decode step of a small model on the CPU is mostly Python: each layer calls abo
 and transformers' wrappers, for a few microseconds of arithmetic apiece (SmolLM2-135M: 1.0-1.5 ms
 of a 9 ms step at 512 tokens of context, 2 threads). `use_flat_decode_layers(model)` gives each
 decoder layer whose code is, token for token, transformers' Llama code (the decoder layer, its
-attention and MLP; LLAMA_*_BODY below), with Llama RMSNorms, a SiLU activation and mlxq
-projections, an instance `forward` that runs the same tensor operations, in the same order, in
-one function:
+attention and MLP; LLAMA_*_BODY below; the attention may also be Qwen2's, Mistral's or Qwen3's,
+which add a sliding-window argument and Qwen3's q/k norms: ATTENTION_VARIANTS), with Llama
+RMSNorms, a SiLU activation and mlxq projections, an instance `forward` that runs the same
+tensor operations, in the same order, in one function:
 
 - the norms through `mlxq.ops.rms_norm` and the projections through the mlxq matmul ops, as
   their own forwards do at decode sizes (q/k/v and gate/up in one `affine_matmul_many` call when
@@ -22,14 +23,15 @@ else: eager CPU calls of up to MAX_ROWS tokens, without a gradient, in eval mode
 on the layer's modules and none global, and those modules unchanged since the layer was set up.
 Anything else (prompts, autograd, training, `torch.compile`, forward-mode AD, another device,
 output capturing through hooks, a PEFT adapter in place of a projection) runs the layer's own
-forward. Layers of other code (Mistral's and Qwen2's sliding-window argument, Qwen3's q/k norms,
-Gemma's norms, ...) are left alone.
+forward. Layers of other code (Gemma's norms and attention, Phi-3's fused projections, ...) are
+left alone.
 """
 
 from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,7 @@ __all__ = [
     "LLAMA_DECODER_BODY",
     "LLAMA_ATTENTION_BODY",
     "LLAMA_MLP_BODY",
+    "ATTENTION_VARIANTS",
     "MAX_ROWS",
     "use_flat_decode_layers",
 ]
@@ -85,6 +88,40 @@ LLAMA_ATTENTION_BODY = (
     "attn_output=self.o_proj(attn_output)"
     "returnattn_output,attn_weights"
 )
+# The attention variants of other families that differ from Llama's only in what the flat step
+# restates below: a sliding-window argument to the attention interface (Qwen2, Mistral) and
+# Qwen3's q/k norms (called as modules, so they keep their own forward and hooks). Each maps to
+# (q/k norms, the sliding window of the module).
+_SCALING = "scaling=self.scaling,"
+_QWEN2_ATTENTION = LLAMA_ATTENTION_BODY.replace(
+    _SCALING, _SCALING + "sliding_window=self.sliding_window,#maindiffwithLlama"
+)
+_MISTRAL_ATTENTION = LLAMA_ATTENTION_BODY.replace(
+    _SCALING,
+    _SCALING + 'sliding_window=getattr(self.config,"sliding_window",None),#maindiffwithLlama',
+)
+_QWEN3_ATTENTION = (
+    LLAMA_ATTENTION_BODY.replace(
+        _SCALING, _SCALING + "sliding_window=self.sliding_window,#diffwithLlama"
+    )
+    .replace(
+        "query_states=self.q_proj(hidden_states).view(hidden_shape).transpose(1,2)",
+        "query_states=self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1,2)",
+    )
+    .replace(
+        "key_states=self.k_proj(hidden_states).view(hidden_shape).transpose(1,2)",
+        "key_states=self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1,2)",
+    )
+)
+ATTENTION_VARIANTS: dict[str, tuple[bool, Callable[[nn.Module], dict] | None]] = {
+    LLAMA_ATTENTION_BODY: (False, None),
+    _QWEN2_ATTENTION: (False, lambda attn: {"sliding_window": attn.sliding_window}),
+    _MISTRAL_ATTENTION: (
+        False,
+        lambda attn: {"sliding_window": getattr(attn.config, "sliding_window", None)},
+    ),
+    _QWEN3_ATTENTION: (True, lambda attn: {"sliding_window": attn.sliding_window}),
+}
 LLAMA_MLP_BODY = (
     "down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj"
 )
@@ -120,6 +157,7 @@ class _Plan:
         self.down_proj = mlp.down_proj
         self.act = mlp.act_fn
         self.attn_globals = _globals_of(type(attn))
+        self.qk_norms, self.window = ATTENTION_VARIANTS[forward_body(forward_owner(type(attn)))]
         self.skipped = (attn, mlp, self.act, *self.qkv, self.o_proj, *self.gate_up, self.down_proj)
         self.children = (
             (layer, "self_attn", attn),
@@ -218,7 +256,10 @@ def _flat_forward(
     h = _rms_norm(hidden_states, norm_in.weight, norm_in.variance_epsilon)
     input_shape = h.shape[:-1]
     hidden_shape = (*input_shape, -1, attn.head_dim)
-    q, k, v = (y.view(hidden_shape).transpose(1, 2) for y in _projections(plan.qkv, h))
+    q, k, v = _projections(plan.qkv, h)
+    if plan.qk_norms:  # Qwen3: the norms' own modules, on [B, L, H, D]
+        q, k = attn.q_norm(q.view(hidden_shape)), attn.k_norm(k.view(hidden_shape))
+    q, k, v = (y.view(hidden_shape).transpose(1, 2) for y in (q, k, v))
     cos, sin = position_embeddings
     g = plan.attn_globals
     q, k = g["apply_rotary_pos_emb"](q, k, cos, sin)
@@ -228,8 +269,9 @@ def _flat_forward(
     interface = g["ALL_ATTENTION_FUNCTIONS"].get_interface(
         attn.config._attn_implementation, g["eager_attention_forward"]
     )
+    extra = {} if plan.window is None else plan.window(attn)
     out, _ = interface(
-        attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **attn_kwargs
+        attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **extra, **attn_kwargs
     )
     out = _project(plan.o_proj, out.reshape(*input_shape, -1).contiguous())
     hidden_states = residual + out
@@ -248,7 +290,7 @@ def _fits(layer: nn.Module) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None:
         return False
-    if forward_body(forward_owner(type(attn))) != LLAMA_ATTENTION_BODY:
+    if forward_body(forward_owner(type(attn))) not in ATTENTION_VARIANTS:
         return False
     if forward_body(forward_owner(type(mlp))) != LLAMA_MLP_BODY:
         return False
