@@ -92,6 +92,21 @@ GemmSplit split_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_cou
   return gemm_split_plan(tiles, sm_count, K / kGemmTileK);
 }
 
+// Stream-K blocks (gemm_sk_blocks), 0 for none: only for the 256-row block, the one shape run
+// with one block per multiprocessor over several waves. Measured on an H200
+// (benchmarks/cuda/gemm_harness.cu, bf16, ms, 256 / 256 stream-K / dense cuBLAS, one run):
+// 28672 x 8192 M=256 0.242-0.247/0.239/0.175, M=512 0.485-0.509/0.444/0.308, M=768
+// 0.726-0.774/0.647/0.479; 8192 x 28672 M=768 (192 tiles) 0.817-0.836/0.656/0.469. At 128 tiles
+// (8192 x 28672, M=512; one wave) it measured slower (0.444 vs 0.408-0.443), and with the
+// 64-row blocks at M=32 too (0.150 vs 0.131): there it is not used. MLXQ_CUDA_GEMM_SK=0 (read on
+// every call, for benchmarks) turns it off.
+int64_t sk_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
+  const char* env = std::getenv("MLXQ_CUDA_GEMM_SK");
+  if (sh.nt != 256 || (env != nullptr && std::atoi(env) == 0)) return 0;
+  const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
+  return gemm_sk_blocks(tiles, sm_count, K / kGemmTileK);
+}
+
 template <typename T, int GS>
 void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   const std::string tile = tile_for(p.M);
@@ -100,7 +115,9 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   p.tiles_m = (p.M + sh.nt - 1) / sh.nt;
   p.full = plan.full;
   p.split = plan.split;
-  const int64_t blocks = plan.full + plan.rem * plan.split;
+  p.tiles = p.tiles_m * ((p.N + sh.tile_n - 1) / sh.tile_n);
+  p.sk = sk_for(sh, p.M, p.N, p.K, sm_count);
+  const int64_t blocks = p.sk > 0 ? p.sk : plan.full + plan.rem * plan.split;
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
   if (tile == "128w4") return launch_nt<T, GS, 128, 4, 1, true>(p, half, blocks, stream);
   if (tile == "128x2") return launch_nt<T, GS, 128, 2, 2, true>(p, half, blocks, stream);
@@ -129,6 +146,11 @@ int64_t gemm_w4_sm90_sb_cols(int64_t G) { return G; }
 
 GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_count) {
   const Shape sh = shape_of(tile_for(M));
+  const int64_t sk = sk_for(sh, M, N, K, sm_count);
+  if (sk > 0) {  // two partial tiles a block at most; a counter a tile
+    const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
+    return {sk, 2 * sk * sh.nt * sh.tile_n, tiles};
+  }
   const GemmSplit plan = split_for(sh, M, N, K, sm_count);
   return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem};
 }
@@ -144,8 +166,8 @@ void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) 
         gp, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  GemmParams p{a.w, a.sb, a.x, a.y,  a.N,       a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
-               1,   0,    1,   a.ws, a.counters};
+  GemmParams p{a.w, a.sb, a.x, a.y,  a.N,        a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
+               1,   0,    1,   a.ws, a.counters, 0};
   const bool half = x_dtype == DType::kHalf;
   switch (a.group_shift) {
     case 5:
