@@ -73,15 +73,13 @@ struct GemmParams {
   int split;
   float* ws;
   int* counters;
-  // Stream-K (sk > 0, full and split unused): the tiles' stages of K in one sequence (tile t's
-  // stage k is iteration t * (K / 64) + k), cut into sk equal ranges, one per block; a block
-  // computes the pieces of tiles its range holds in order. A tile cut between blocks is summed
-  // like a split one: every piece writes its fp32 partial to ws (slot 2 * block for a block's
-  // first piece, 2 * block + 1 for its last), counts itself in counters[tile], and the last sums
-  // the pieces in the order of K (the cuts depend on sk and the shape alone, so the sum is the
-  // same whichever block is last).
+  // Stream-K (gemm_sm90_sk.cuh; full and split unused there): the tiles' stages of K in one
+  // sequence (tile t's stage k is iteration t * (K / 64) + k), cut into sk equal ranges, one per
+  // block; tile t covers rows of x (t / (tiles / tiles_m)) * NT and rows of W
+  // (t % (tiles / tiles_m)) * 64*WGS (xmajor 1), or the order above (xmajor 0).
   int64_t tiles;
   int64_t sk;
+  int xmajor;
 };
 
 // The K split of gemm_split_plan: a launch of fewer tiles than half the multiprocessors leaves
@@ -95,12 +93,18 @@ struct GemmSplit {
   int64_t rem;   // remaining tiles
   int64_t ws_floats(int NT, int tile_n) const { return rem * split * NT * tile_n; }
 };
-// Stream-K where the tiles make more than one wave but not a whole number of them: 28672 x 8192
-// at M = 512 has 448 tiles of 256 x 128, 3.4 waves on 132 multiprocessors run as 4. With one
-// range of 448 * 128 / 132 stages per block the last wave's idle multiprocessors are used.
+// Stream-K blocks (gemm_sm90_sk.cuh), 0 where it does not pay. It pays where the last wave of
+// whole tiles would leave many multiprocessors idle: one block per multiprocessor, each with an
+// equal share of the stages. Measured on an H200 (benchmarks/cuda/gemm_harness.cu, 256 x 128
+// blocks, bf16, ms, one run; whole tiles / stream-K / dense cuBLAS): 8192 x 28672 M=768 (192
+// tiles, 1.45 waves run as 2) 0.755/0.632/0.451. Where the last wave is fuller, the cost of the
+// stream-K kernel's pieces (and of its loop over them, about 10% per tile in the same run) ate
+// the gain: 28672 x 8192 M=256 (1.7 waves) 0.220/0.241, M=512 (3.4) 0.443/0.448, M=768 (5.1)
+// 0.672/0.645. So only where whole waves would waste at least 30%.
 inline int64_t gemm_sk_blocks(int64_t tiles, int64_t sms, int64_t stages) {
-  if (tiles <= sms || tiles % sms == 0 || tiles * stages < sms) return 0;
-  return sms;
+  if (tiles <= sms || tiles * stages < sms) return 0;
+  const int64_t waves = (tiles + sms - 1) / sms;
+  return 10 * waves * sms >= 13 * tiles ? sms : 0;
 }
 inline GemmSplit gemm_split_plan(int64_t tiles, int64_t sms, int64_t stages) {
   if (tiles <= 0 || 2 * tiles > sms) return {tiles, 1, 0};
@@ -330,28 +334,23 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
   const uint32_t smem0 =
       (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // The block's iterations (GemmParams)
+  // The block's tile and its stages s0 .. s0 + nst - 1 (GemmParams)
   const int64_t blk = blockIdx.x;
   const int nk = static_cast<int>(p.K / kGemmTileK);
-  // The block's iterations [it, it_end) (tile * nk + stage of K), computed piece by piece
-  int64_t it, it_end;
-  if (p.sk > 0) {
-    const int64_t total = p.tiles * nk;
-    it = total * blk / p.sk;
-    it_end = total * (blk + 1) / p.sk;
-  } else if (blk < p.full) {
-    it = blk * nk;
-    it_end = it + nk;
-  } else {
-    const int64_t r = (blk - p.full) / p.split, part = (blk - p.full) % p.split;
-    it = (p.full + r) * nk + nk * part / p.split;
-    it_end = (p.full + r) * nk + nk * (part + 1) / p.split;
+  int64_t tile = blk, r_split = 0;
+  int part = 0, s0 = 0, nst = nk;
+  if (blk >= p.full) {
+    r_split = (blk - p.full) / p.split;
+    part = static_cast<int>((blk - p.full) % p.split);
+    tile = p.full + r_split;
+    s0 = static_cast<int>(static_cast<int64_t>(nk) * part / p.split);
+    nst = static_cast<int>(static_cast<int64_t>(nk) * (part + 1) / p.split) - s0;
   }
-  const int64_t it_first = it;
+  const int64_t m0 = (tile % p.tiles_m) * NT;         // rows of x
+  const int64_t n0 = (tile / p.tiles_m) * C::kTileN;  // rows of W
 
   // full: a stage has landed (TMA transaction count); empty: both warpgroups are done with it
   __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
-  __shared__ int last;
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
   const uint32_t ebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
   if (tid == 0) {
@@ -362,6 +361,20 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // Thread 0 loads stage s (x box: 64 values x NT rows, swizzled; W box: 8 words x 128 rows;
+  // rows past M or N arrive as zeros) into its slot once stage s - kStages has left it.
+  auto load_stage = [&](int s) {
+    const int slot = s % kStages;
+    if (s >= kStages) mbar_wait(ebar0 + 8 * slot, ((s / kStages) - 1) & 1);
+    const uint32_t base = smem0 + slot * kStageBytes, bar = bar0 + 8 * slot;
+    mbar_expect_tx(bar, (Probe & 2) ? C::kWBytes : kStageBytes);
+    const int k = s0 + s;  // stage of K
+    if (!(Probe & 2)) tma_2d(base, &map_x, k * kGemmTileK, static_cast<int>(m0), bar);
+    tma_2d(base + kXBytes, &map_w, k * (kGemmTileK / 8), static_cast<int>(n0), bar);
+  };
+  if (tid == 0) {
+    for (int s = 0; s < kAhead && s < nst; ++s) load_stage(s);
+  }
 
   // wgmma's A fragment of warp w (rows 16w .. 16w + 15 of the block's W tile) gives lane (g, t)
   // rows g and g + 8 at values 2t, 2t + 1 (registers 0, 1) and 2t + 8, 2t + 9 (registers 2, 3)
@@ -370,218 +383,148 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
   const int wg = warp >> 2;
   const int ra = warp * 16 + g;  // the thread's first row in the tile; the second is ra + 8
   const uint32_t sel = t | (t << 4) | ((t + 4) << 8) | ((t + 4) << 12);
-  uint8_t* stage = smem_raw + (smem0 - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)));
-  uint32_t gbase = 0;  // stages this block has consumed: slot and phase of the ring
+  const uint32_t* sba = p.sb + (n0 + ra < p.N ? n0 + ra : p.N - 1) * p.Gp;
+  const uint32_t* sbb = p.sb + (n0 + ra + 8 < p.N ? n0 + ra + 8 : p.N - 1) * p.Gp;
+  // (scale, bias) pairs of a stage for the two rows: [row][half of the stage] (group 32 has two
+  // groups a stage), loaded two stages ahead into registers
+  struct Pairs {
+    uint32_t v[2][2];
+  };
+  auto load_pairs = [&](int s) -> Pairs {
+    Pairs r{};
+    if (s < nst) {
+      const int64_t gi = (static_cast<int64_t>(s0 + s) * kGemmTileK) >> p.group_shift;
+      r.v[0][0] = __ldg(sba + gi);
+      r.v[1][0] = __ldg(sbb + gi);
+      if constexpr (GS == 32) {
+        r.v[0][1] = __ldg(sba + gi + 1);
+        r.v[1][1] = __ldg(sbb + gi + 1);
+      } else {
+        r.v[0][1] = r.v[0][0];
+        r.v[1][1] = r.v[1][0];
+      }
+    }
+    return r;
+  };
+  Pairs pr_next = load_pairs(0), pr_after = load_pairs(1);
+
   float d[C::kAcc];
+#pragma unroll
+  for (int i = 0; i < C::kAcc; ++i) d[i] = 0.f;
   uint32_t a[4][4];  // the A fragment of one stage: [16 values of K][register]
 
-  while (it < it_end) {
-    const int64_t tile = it / nk;
-    const int s0 = static_cast<int>(it % nk);
-    const int nst = static_cast<int>(nk - s0 < it_end - it ? nk - s0 : it_end - it);
-    const int64_t m0 = (tile % p.tiles_m) * NT;         // rows of x
-    const int64_t n0 = (tile / p.tiles_m) * C::kTileN;  // rows of W
-
-    // Thread 0 loads stage s of the piece (x box: 64 values x NT rows, swizzled; W box: 8 words x
-    // 128 rows; rows past M or N arrive as zeros) into its slot once the block's stage
-    // gbase + s - kStages has left it.
-    auto load_stage = [&](int s) {
-      const uint32_t q = gbase + s;
-      const int slot = q % kStages;
-      if (q >= kStages) mbar_wait(ebar0 + 8 * slot, ((q / kStages) - 1) & 1);
-      const uint32_t base = smem0 + slot * kStageBytes, bar = bar0 + 8 * slot;
-      mbar_expect_tx(bar, (Probe & 2) ? C::kWBytes : kStageBytes);
-      const int k = s0 + s;  // stage of K
-      if (!(Probe & 2)) tma_2d(base, &map_x, k * kGemmTileK, static_cast<int>(m0), bar);
-      tma_2d(base + kXBytes, &map_w, k * (kGemmTileK / 8), static_cast<int>(n0), bar);
-    };
-    if (tid == 0) {
-      for (int s = 0; s < kAhead && s < nst; ++s) load_stage(s);
-    }
-
-    const uint32_t* sba = p.sb + (n0 + ra < p.N ? n0 + ra : p.N - 1) * p.Gp;
-    const uint32_t* sbb = p.sb + (n0 + ra + 8 < p.N ? n0 + ra + 8 : p.N - 1) * p.Gp;
-    // (scale, bias) pairs of a stage for the two rows: [row][half of the stage] (group 32 has two
-    // groups a stage), loaded two stages ahead into registers
-    struct Pairs {
-      uint32_t v[2][2];
-    };
-    auto load_pairs = [&](int s) -> Pairs {
-      Pairs r{};
-      if (s < nst) {
-        const int64_t gi = (static_cast<int64_t>(s0 + s) * kGemmTileK) >> p.group_shift;
-        r.v[0][0] = __ldg(sba + gi);
-        r.v[1][0] = __ldg(sbb + gi);
-        if constexpr (GS == 32) {
-          r.v[0][1] = __ldg(sba + gi + 1);
-          r.v[1][1] = __ldg(sbb + gi + 1);
-        } else {
-          r.v[0][1] = r.v[0][0];
-          r.v[1][1] = r.v[1][0];
-        }
-      }
-      return r;
-    };
-    Pairs pr_next = load_pairs(0), pr_after = load_pairs(1);
-
-    // Where the piece's partial goes (my_slot) if the tile is cut, the tile's counter, its pieces
-    // and their slots in the order of K (slot0 + slot_step * q, plus slot0_extra for the first):
-    // worked out here, where no accumulators are live across the 64-bit divisions' calls.
-    int64_t my_slot = 0, counter = 0, slot0 = 0;
-    int pieces = 1, slot0_extra = 0, slot_step = 1;
-    if (nst < nk) {
-      if (p.sk > 0) {
-        my_slot = 2 * blk + (it == it_first ? 0 : 1);
-        counter = tile;
-        const int64_t total = p.tiles * nk, t0 = tile * nk, t1 = t0 + nk;
-        int64_t b = t0 * p.sk / total;  // the block holding iteration t0
-        while (b > 0 && total * b / p.sk > t0) --b;
-        while (total * (b + 1) / p.sk <= t0) ++b;
-        int64_t e = b;  // the block holding iteration t1 - 1
-        while (total * (e + 1) / p.sk < t1) ++e;
-        pieces = static_cast<int>(e - b + 1);
-        // a block's piece is its first (slot 2b) unless its range starts before the tile (2b + 1)
-        slot0 = 2 * b;
-        slot_step = 2;
-        slot0_extra = total * b / p.sk < t0 ? 1 : 0;
-      } else {
-        const int64_t r = (blk - p.full) / p.split;
-        my_slot = r * p.split + (blk - p.full) % p.split;
-        counter = r;
-        pieces = p.split;
-        slot0 = r * p.split;
-      }
-    }
-
+  // Each warpgroup dequantizes stage s into its registers, multiplies, and waits for the
+  // products before it frees the slot. ptxas serializes wgmma whose register inputs are written
+  // while earlier wgmma are still in flight (C7513), so a warpgroup does not overlap its own
+  // dequantization with its products: the two warpgroups run apart (no barrier ties them within
+  // a stage), and one dequantizes while the other's products run.
+  for (int s = 0; s < nst; ++s) {
+    if (tid == 0 && s + kAhead < nst) load_stage(s + kAhead);
+    const int slot = s % kStages;
+    const uint32_t base = smem0 + slot * kStageBytes;
+    const Pairs pr = pr_next;
+    pr_next = pr_after;
+    pr_after = load_pairs(s + 2);
+    mbar_wait(bar0 + 8 * slot, (s / kStages) & 1);  // stage s has landed
+    const uint32_t wrow = base + kXBytes + ra * 32;
+    const uint4 la = lds128(wrow), ha = lds128(wrow + 16);
+    const uint4 lb = lds128(wrow + 256), hb = lds128(wrow + 256 + 16);
+    const uint32_t wa[8] = {la.x, la.y, la.z, la.w, ha.x, ha.y, ha.z, ha.w};
+    const uint32_t wb[8] = {lb.x, lb.y, lb.z, lb.w, hb.x, hb.y, hb.z, hb.w};
 #pragma unroll
-    for (int i = 0; i < C::kAcc; ++i) d[i] = 0.f;
-
-    // Each warpgroup dequantizes stage s into its registers, multiplies, and waits for the
-    // products before it frees the slot. ptxas serializes wgmma whose register inputs are written
-    // while earlier wgmma are still in flight (C7513), so a warpgroup does not overlap its own
-    // dequantization with its products: the two warpgroups run apart (no barrier ties them within
-    // a stage), and one dequantizes while the other's products run.
-    for (int s = 0; s < nst; ++s) {
-      if (tid == 0 && s + kAhead < nst) load_stage(s + kAhead);
-      const uint32_t q = gbase + s;
-      const int slot = q % kStages;
-      const uint32_t base = smem0 + slot * kStageBytes;
-      const Pairs pr = pr_next;
-      pr_next = pr_after;
-      pr_after = load_pairs(s + 2);
-      mbar_wait(bar0 + 8 * slot, (q / kStages) & 1);  // stage s has landed
-      const uint32_t wrow = base + kXBytes + ra * 32;
-      const uint4 la = lds128(wrow), ha = lds128(wrow + 16);
-      const uint4 lb = lds128(wrow + 256), hb = lds128(wrow + 256 + 16);
-      const uint32_t wa[8] = {la.x, la.y, la.z, la.w, ha.x, ha.y, ha.z, ha.w};
-      const uint32_t wb[8] = {lb.x, lb.y, lb.z, lb.w, hb.x, hb.y, hb.z, hb.w};
+    for (int h = 0; h < 2; ++h) {  // the two halves of the stage (two groups at group size 32)
+      const uint32_t sa = __byte_perm(pr.v[0][h], 0, 0x1010);
+      const uint32_t ba = __byte_perm(pr.v[0][h], 0, 0x3232);
+      const uint32_t sb = __byte_perm(pr.v[1][h], 0, 0x1010);
+      const uint32_t bb = __byte_perm(pr.v[1][h], 0, 0x3232);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {  // the two halves of the stage (two groups at group size 32)
-        const uint32_t sa = __byte_perm(pr.v[0][h], 0, 0x1010);
-        const uint32_t ba = __byte_perm(pr.v[0][h], 0, 0x3232);
-        const uint32_t sb = __byte_perm(pr.v[1][h], 0, 0x1010);
-        const uint32_t bb = __byte_perm(pr.v[1][h], 0, 0x3232);
+      for (int jj = 0; jj < 2; ++jj) {
+        const int j = 2 * h + jj;  // 16 values of K: words 2j, 2j + 1
+        const uint32_t w[4] = {wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1]};
 #pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          const int j = 2 * h + jj;  // 16 values of K: words 2j, 2j + 1
-          const uint32_t w[4] = {wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1]};
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const uint32_t u = (__byte_perm(w[r], w[r] >> 4, sel) & 0x000F000Fu) | Op::kMagic;
-            a[j][r] = (Probe & 1) ? w[r] : (r & 1) ? Op::deq(u, sb, bb) : Op::deq(u, sa, ba);
-          }
-        }
-      }
-      keep(a);
-      // Ping: warpgroup w issues its products of stage s after warpgroup w - 1 has issued its own
-      // (the first after the last's of stage s - 1), meant to keep the warpgroups' dequantization
-      // apart so that one's products hide another's dequantization. Measured on an H200: 4-9%
-      // slower for 128 x 256 blocks, the same to slightly faster for the smaller ones (the host
-      // picks it per block shape).
-      if (Ping && (s > 0 || wg > 0)) {
-        asm volatile("bar.sync %0, 256;\n" ::"r"(2 + wg) : "memory");
-      }
-      __syncwarp();  // the waits above may leave lanes apart; wgmma instructions are .aligned
-      keep(d);
-      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-      for (int j = 0; j < 4; ++j) Op::mma(d, a[j], smem_desc(base + 32 * j));
-      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-      if (Ping && (s + 1 < nst || wg + 1 < WGS)) {
-        asm volatile("bar.arrive %0, 256;\n" ::"r"(2 + (wg + 1) % WGS) : "memory");
-      }
-      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-      keep(a);
-      keep(d);
-      if ((tid & 127) == 0) mbar_arrive(ebar0 + 8 * slot);
-    }
-    gbase += nst;
-    it += nst;
-
-    // A piece of a tile cut in K: write the partial, and the last piece sums them in K order.
-    bool write = true;
-    if (nst < nk) {
-      constexpr int kVecs = C::kAcc / 4 * C::kThreads;  // float4 of one partial tile
-      float4* ws = reinterpret_cast<float4*>(p.ws);
-#pragma unroll
-      for (int c = 0; c < C::kAcc / 4; ++c) {
-        __stcg(ws + my_slot * kVecs + c * C::kThreads + tid,
-               make_float4(d[4 * c], d[4 * c + 1], d[4 * c + 2], d[4 * c + 3]));
-      }
-      __threadfence();
-      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
-      if (tid == 0) last = atomicAdd(p.counters + counter, 1) == pieces - 1;
-      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
-      write = last;
-      if (write) {
-        __threadfence();
-        const float4* src = ws + (slot0 + slot0_extra) * kVecs + tid;
-#pragma unroll
-        for (int c = 0; c < C::kAcc / 4; ++c) {
-          float4 v = __ldcg(src + c * C::kThreads);
-          for (int q = 1; q < pieces; ++q) {
-            const float4 u = __ldcg(ws + (slot0 + slot_step * q) * kVecs + c * C::kThreads + tid);
-            v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
-          }
-          d[4 * c] = v.x, d[4 * c + 1] = v.y, d[4 * c + 2] = v.z, d[4 * c + 3] = v.w;
-        }
-        if (tid == 0) p.counters[counter] = 0;
-      }
-    }
-
-    // Output: the warpgroups are done with the ring (all stages of the piece landed and were
-    // multiplied, and no later stage is loaded before the barrier at the end), so the tile of y is
-    // staged there, row m of x at C::kOutStride bytes, then written out along the rows of y.
-    // d[4j + e]: row of W 16 * warp + g (+ 8 for e >= 2), row of x 8j + 2t + (e & 1).
-    if (write) {
-      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
-#pragma unroll
-      for (int j = 0; j < NT / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = 8 * j + 2 * t + (e & 1), n = ra + 8 * (e >> 1);
-          *reinterpret_cast<T*>(stage + m * C::kOutStride + 2 * n) = from_float<T>(d[4 * j + e]);
-        }
-      }
-      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
-      T* y = static_cast<T*>(p.y);
-      constexpr int kChunks = C::kTileN / 8;  // 16-byte vectors per staged row
-      for (int c = tid; c < NT * kChunks; c += C::kThreads) {
-        const int ml = c / kChunks, nc = c % kChunks;
-        const int64_t m = m0 + ml, n = n0 + 8 * nc;
-        if (m >= p.M || n >= p.N) continue;
-        const uint8_t* src = stage + ml * C::kOutStride + 16 * nc;
-        if (p.vec_out && n + 8 <= p.N) {
-          *reinterpret_cast<uint4*>(y + m * p.N + n) = *reinterpret_cast<const uint4*>(src);
-        } else {
-          for (int i = 0; i < 8 && n + i < p.N; ++i)
-            y[m * p.N + n + i] = reinterpret_cast<const T*>(src)[i];
+        for (int r = 0; r < 4; ++r) {
+          const uint32_t u = (__byte_perm(w[r], w[r] >> 4, sel) & 0x000F000Fu) | Op::kMagic;
+          a[j][r] = (Probe & 1) ? w[r] : (r & 1) ? Op::deq(u, sb, bb) : Op::deq(u, sa, ba);
         }
       }
     }
-    if (it < it_end) {  // the next piece's loads overwrite the staged tile: all reads done first
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
+    keep(a);
+    // Ping: warpgroup w issues its products of stage s after warpgroup w - 1 has issued its own
+    // (the first after the last's of stage s - 1), meant to keep the warpgroups' dequantization
+    // apart so that one's products hide another's dequantization. Measured on an H200: 4-9%
+    // slower for 128 x 256 blocks, the same to slightly faster for the smaller ones (the host
+    // picks it per block shape).
+    if (Ping && (s > 0 || wg > 0)) {
+      asm volatile("bar.sync %0, 256;\n" ::"r"(2 + wg) : "memory");
+    }
+    __syncwarp();  // the waits above may leave lanes apart; wgmma instructions are .aligned
+    keep(d);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < 4; ++j) Op::mma(d, a[j], smem_desc(base + 32 * j));
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    if (Ping && (s + 1 < nst || wg + 1 < WGS)) {
+      asm volatile("bar.arrive %0, 256;\n" ::"r"(2 + (wg + 1) % WGS) : "memory");
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    keep(a);
+    keep(d);
+    if ((tid & 127) == 0) mbar_arrive(ebar0 + 8 * slot);
+  }
+
+  // Output: both warpgroups are done with the ring (all stages landed and were multiplied), so
+  // the tile of y is staged there, row m of x at C::kOutStride bytes, then written out along
+  // the rows of y. d[4j + e]: row of W 16 * warp + g (+ 8 for e >= 2), row of x 8j + 2t + (e & 1).
+  if (blk >= p.full) {  // a part of a split tile: the last one sums the partials
+    __shared__ int last;
+    // partial tile `part` of tile r_split: float4 c of thread tid at (c * threads + tid) * 4
+    float4* ws = reinterpret_cast<float4*>(p.ws + r_split * p.split * C::kAcc * C::kThreads);
+    constexpr int kVecs = C::kAcc / 4 * C::kThreads;  // float4 of one partial tile
+#pragma unroll
+    for (int c = 0; c < C::kAcc / 4; ++c) {
+      __stcg(ws + part * kVecs + c * C::kThreads + tid,
+             make_float4(d[4 * c], d[4 * c + 1], d[4 * c + 2], d[4 * c + 3]));
+    }
+    __threadfence();
+    asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
+    if (tid == 0) last = atomicAdd(p.counters + r_split, 1) == p.split - 1;
+    asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int c = 0; c < C::kAcc / 4; ++c) {
+      float4 v = __ldcg(ws + c * C::kThreads + tid);
+      for (int q = 1; q < p.split; ++q) {
+        const float4 u = __ldcg(ws + q * kVecs + c * C::kThreads + tid);
+        v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
+      }
+      d[4 * c] = v.x, d[4 * c + 1] = v.y, d[4 * c + 2] = v.z, d[4 * c + 3] = v.w;
+    }
+    if (tid == 0) p.counters[r_split] = 0;
+  }
+  asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
+  uint8_t* stage = smem_raw + (smem0 - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)));
+#pragma unroll
+  for (int j = 0; j < NT / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = 8 * j + 2 * t + (e & 1), n = ra + 8 * (e >> 1);
+      *reinterpret_cast<T*>(stage + m * C::kOutStride + 2 * n) = from_float<T>(d[4 * j + e]);
+    }
+  }
+  asm volatile("bar.sync 1, %0;\n" ::"n"(C::kThreads) : "memory");
+  T* y = static_cast<T*>(p.y);
+  constexpr int kChunks = C::kTileN / 8;  // 16-byte vectors per staged row
+  for (int c = tid; c < NT * kChunks; c += C::kThreads) {
+    const int ml = c / kChunks, nc = c % kChunks;
+    const int64_t m = m0 + ml, n = n0 + 8 * nc;
+    if (m >= p.M || n >= p.N) continue;
+    const uint8_t* src = stage + ml * C::kOutStride + 16 * nc;
+    if (p.vec_out && n + 8 <= p.N) {
+      *reinterpret_cast<uint4*>(y + m * p.N + n) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int i = 0; i < 8 && n + i < p.N; ++i)
+        y[m * p.N + n + i] = reinterpret_cast<const T*>(src)[i];
     }
   }
 #else
