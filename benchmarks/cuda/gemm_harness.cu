@@ -4,6 +4,8 @@
 // events over weight copies that miss the L2). Build and run on an H100/H200:
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
 //        benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness && /tmp/gemm_harness
+// "256sk"/"256skx" are the stream-K kernel (gemm_sm90_sk.cuh; x: x-major tile order), "256auto"
+// what the op's rule picks (gemm_sk_blocks); ":nodeq" leaves the dequantization out.
 // Arguments: M values (default 32 64 128 256 512 768); MLXQ_HARNESS_SHAPES="NxK,..." picks the
 // shapes (default 28672x8192,8192x28672).
 #include <cublas_v2.h>
