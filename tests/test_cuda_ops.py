@@ -240,6 +240,27 @@ def test_prefill_tiles_and_tails(
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_prefill_stream_k(gen, group_size: int, dtype: torch.dtype, monkeypatch) -> None:
+    # the stream-K form of the fused kernel (MLXQ_CUDA_GEMM_SK=2 forces it wherever there are
+    # two 256 x 128 tiles or more): every block takes an equal share of all tiles' stages of K,
+    # so tiles are cut anywhere in K (here into many small pieces: 16 to 128 stages a tile over
+    # one block per multiprocessor) and summed in the order of K by their last piece; the result
+    # does not depend on which block finishes last, so two calls agree bit for bit
+    monkeypatch.setenv("MLXQ_CUDA_GEMM", "2")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", "256")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_SK", "2")
+    for n, k in ((300, 1024), (264, 8192)):
+        wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
+        for m in (129, 513):
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            _check_matmul(x, wq, s, b, group_size, 4)
+            args = (x.cuda(), wq.cuda(), s.cuda(), b.cuda(), group_size, 4)
+            assert torch.equal(mlxq.affine_matmul(*args), mlxq.affine_matmul(*args))
+
+
+@needs_cuda
 def test_matmul_mixed_dtypes_layouts_and_batches(gen) -> None:
     wq, s, b = _quantized(gen, 64, 256, 32, 4, torch.float16)
     # bf16 x with fp16 scales; x with leading dimensions

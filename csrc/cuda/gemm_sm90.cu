@@ -4,11 +4,13 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <string>
 
 #include "cuda/gemm_sm90.cuh"
+#include "cuda/gemm_sm90_sk.cuh"
 #include "cuda/launch.h"
 
 namespace mlxq::cuda {
@@ -47,6 +49,10 @@ template <typename T, int GS, int NT, int WGS, int Occ, bool Ping>
 void launch_nt(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
   using C = GemmCfg<NT, WGS, Occ>;
   auto kernel = gemm_w4_sm90_kernel<T, GS, NT, WGS, Occ, 0, Ping>;
+  if constexpr (NT == 256) {  // stream-K only for this shape (sk_for)
+    if (p.sk > 0) kernel = gemm_w4_sm90_sk_kernel<T, GS, NT, WGS, Occ, 0, Ping>;
+  }
+  TORCH_CHECK(NT == 256 || p.sk == 0, "mlxq: stream-K launched for a block shape without it");
   constexpr int smem = C::kSmemBytes;
   const CUtensorMap mx =
       tensor_map(p.x, half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
@@ -92,6 +98,19 @@ GemmSplit split_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_cou
   return gemm_split_plan(tiles, sm_count, K / kGemmTileK);
 }
 
+// Stream-K blocks (gemm_sk_blocks), 0 for none: only for the 256-row block, the one shape run
+// with one block per multiprocessor over several waves (it measured slower for the 64-row block,
+// 28672 x 8192 at M=32: 0.150 vs 0.131 ms). MLXQ_CUDA_GEMM_SK (read on every call, for benchmarks
+// and tests): 0 never, 2 wherever there are two tiles or more.
+int64_t sk_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
+  const char* env = std::getenv("MLXQ_CUDA_GEMM_SK");
+  const int mode = env == nullptr || *env == '\0' ? 1 : std::atoi(env);
+  const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
+  if (sh.nt != 256 || mode == 0) return 0;
+  if (mode == 2) return tiles > 1 ? std::min<int64_t>(sm_count, tiles * (K / kGemmTileK)) : 0;
+  return gemm_sk_blocks(tiles, sm_count, K / kGemmTileK);
+}
+
 template <typename T, int GS>
 void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   const std::string tile = tile_for(p.M);
@@ -100,7 +119,10 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   p.tiles_m = (p.M + sh.nt - 1) / sh.nt;
   p.full = plan.full;
   p.split = plan.split;
-  const int64_t blocks = plan.full + plan.rem * plan.split;
+  p.tiles = p.tiles_m * ((p.N + sh.tile_n - 1) / sh.tile_n);
+  p.sk = sk_for(sh, p.M, p.N, p.K, sm_count);
+  p.xmajor = 1;  // measured 2-4% faster than the other order with stream-K (harness)
+  const int64_t blocks = p.sk > 0 ? p.sk : plan.full + plan.rem * plan.split;
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
   if (tile == "128w4") return launch_nt<T, GS, 128, 4, 1, true>(p, half, blocks, stream);
   if (tile == "128x2") return launch_nt<T, GS, 128, 2, 2, true>(p, half, blocks, stream);
@@ -129,6 +151,11 @@ int64_t gemm_w4_sm90_sb_cols(int64_t G) { return G; }
 
 GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_count) {
   const Shape sh = shape_of(tile_for(M));
+  const int64_t sk = sk_for(sh, M, N, K, sm_count);
+  if (sk > 0) {  // two partial tiles a block at most; a counter a tile
+    const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
+    return {sk, 2 * sk * sh.nt * sh.tile_n, tiles};
+  }
   const GemmSplit plan = split_for(sh, M, N, K, sm_count);
   return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem};
 }
@@ -144,8 +171,8 @@ void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) 
         gp, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  GemmParams p{a.w, a.sb, a.x, a.y,  a.N,       a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
-               1,   0,    1,   a.ws, a.counters};
+  GemmParams p{a.w, a.sb, a.x, a.y,  a.N,        a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
+               1,   0,    1,   a.ws, a.counters, 0,   0,   0};
   const bool half = x_dtype == DType::kHalf;
   switch (a.group_shift) {
     case 5:

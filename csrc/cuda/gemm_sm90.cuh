@@ -73,6 +73,13 @@ struct GemmParams {
   int split;
   float* ws;
   int* counters;
+  // Stream-K (gemm_sm90_sk.cuh; full and split unused there): the tiles' stages of K in one
+  // sequence (tile t's stage k is iteration t * (K / 64) + k), cut into sk equal ranges, one per
+  // block; tile t covers rows of x (t / (tiles / tiles_m)) * NT and rows of W
+  // (t % (tiles / tiles_m)) * 64*WGS (xmajor 1), or the order above (xmajor 0).
+  int64_t tiles;
+  int64_t sk;
+  int xmajor;
 };
 
 // The K split of gemm_split_plan: a launch of fewer tiles than half the multiprocessors leaves
@@ -86,6 +93,19 @@ struct GemmSplit {
   int64_t rem;   // remaining tiles
   int64_t ws_floats(int NT, int tile_n) const { return rem * split * NT * tile_n; }
 };
+// Stream-K blocks (gemm_sm90_sk.cuh), 0 where it does not pay. It pays where the last wave of
+// whole tiles would leave many multiprocessors idle: one block per multiprocessor, each with an
+// equal share of the stages. Measured on an H200 (benchmarks/cuda/gemm_harness.cu, 256 x 128
+// blocks, bf16, ms, one run; whole tiles / stream-K / dense cuBLAS): 8192 x 28672 M=768 (192
+// tiles, 1.45 waves run as 2) 0.755/0.632/0.451. Where the last wave is fuller, the cost of the
+// stream-K kernel's pieces (and of its loop over them, about 10% per tile in the same run) ate
+// the gain: 28672 x 8192 M=256 (1.7 waves) 0.220/0.241, M=512 (3.4) 0.443/0.448, M=768 (5.1)
+// 0.672/0.645. So only where whole waves would waste at least 30%.
+inline int64_t gemm_sk_blocks(int64_t tiles, int64_t sms, int64_t stages) {
+  if (tiles <= sms || tiles * stages < sms) return 0;
+  const int64_t waves = (tiles + sms - 1) / sms;
+  return 10 * waves * sms >= 13 * tiles ? sms : 0;
+}
 inline GemmSplit gemm_split_plan(int64_t tiles, int64_t sms, int64_t stages) {
   if (tiles <= 0 || 2 * tiles > sms) return {tiles, 1, 0};
   int64_t s = sms / tiles;
