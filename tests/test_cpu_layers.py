@@ -133,6 +133,46 @@ def test_other_code_is_left_alone() -> None:
     assert use_flat_decode_layers(model) == 0
     assert forward_body(OtherAttention) not in ATTENTION_VARIANTS
 
+    class Reordered(modeling_llama.LlamaDecoderLayer):
+        """Llama's body, with position_embeddings second: a positional call binds otherwise."""
+
+        def forward(
+            self,
+            hidden_states,
+            position_embeddings=None,
+            attention_mask=None,
+            position_ids=None,
+            cache=None,
+            use_cache=False,
+            **kwargs,
+        ):
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+            # Self Attention
+            hidden_states, _ = self.self_attn(
+                hidden_states=hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            hidden_states = residual + hidden_states
+            # Fully Connected
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states = self.mlp(hidden_states)
+            hidden_states = residual + hidden_states
+            return hidden_states
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_mlx_checkpoint("llama", 4, 64))
+    for layer in _flat_layers(fresh):
+        del layer.forward
+        layer.__class__ = Reordered
+    assert forward_body(Reordered) == LLAMA_DECODER_BODY
+    assert use_flat_decode_layers(fresh) == 0
+
 
 def test_falls_back_where_the_step_does_not_apply(monkeypatch) -> None:
     model = AutoModelForCausalLM.from_pretrained(

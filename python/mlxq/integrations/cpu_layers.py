@@ -283,9 +283,17 @@ def _flat_forward(
     return residual + h
 
 
+def _parameters(fn: Callable) -> list[tuple[str, object, object]]:
+    return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+
 def _fits(layer: nn.Module) -> bool:
     """Whether `layer` runs the code the flat step restates (module doc)."""
-    if forward_body(forward_owner(type(layer))) != LLAMA_DECODER_BODY:
+    owner = forward_owner(type(layer))
+    if forward_body(owner) != LLAMA_DECODER_BODY:
+        return False
+    # the same parameters in the same order, so that positional calls bind alike
+    if _parameters(inspect.unwrap(owner.forward)) != _parameters(_flat_forward):
         return False
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None:
