@@ -127,7 +127,6 @@ LLAMA_MLP_BODY = (
 )
 
 _QKV = ("q_proj", "k_proj", "v_proj")
-_matmul_many = torch.ops.mlxq.affine_matmul_many.default
 _rms_norm = torch.ops.mlxq.rms_norm.default
 _GATE_UP = ("gate_proj", "up_proj")
 
@@ -197,23 +196,12 @@ def _project(module: AffineLinear, x: torch.Tensor, y: torch.Tensor | None = Non
 
 
 def _projections(modules: tuple[AffineLinear, ...], x: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of `modules` on x: one affine_matmul_many call when they share a group (the
-    group's own call, bit for bit the separate ones), else one call each. (The op handles
-    directly: the flat step's conditions already exclude what the Python wrappers check.)"""
-    first = modules[0]
-    group = first.projection_group
-    if group is None or any(m.projection_group is not group for m in modules):
+    """The outputs of `modules` on x: the group's one call when exactly they form a group (bit
+    for bit the separate calls), else one call each."""
+    group = modules[0].projection_group
+    if group is None or group.members != list(modules):
         return [_project(m, x) for m in modules]
-    buffers = [m._buffers for m in modules]
-    outs = _matmul_many(
-        x,
-        [b["weight"] for b in buffers],
-        [b["scales"] for b in buffers],
-        [b["biases"] for b in buffers],
-        first.group_size,
-        first.bits,
-    )
-    return [_project(m, x, y) for m, y in zip(modules, outs, strict=True)]
+    return [_project(m, x, y) for m, y in zip(modules, group.matmuls(x), strict=True)]
 
 
 def _flat_forward(
