@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
+from torch.utils.hooks import RemovableHandle
 
 from mlxq.integrations.cpu_norms import MAX_ROWS, _is_llama_rms_norm, _native_forward
 from mlxq.nn import AffineLinear, _matmul
@@ -158,31 +159,39 @@ class _Plan:
         self.attn_globals = _globals_of(type(attn))
         self.qk_norms, self.window = ATTENTION_VARIANTS[forward_body(forward_owner(type(attn)))]
         self.skipped = (attn, mlp, self.act, *self.qkv, self.o_proj, *self.gate_up, self.down_proj)
-        self.children = (
-            (layer, "self_attn", attn),
-            (layer, "mlp", mlp),
-            (layer, "input_layernorm", self.norms[0]),
-            (layer, "post_attention_layernorm", self.norms[1]),
-            (attn, "o_proj", self.o_proj),
-            (mlp, "down_proj", self.down_proj),
-            (mlp, "act_fn", self.act),
-            *((attn, n, m) for n, m in zip(_QKV, self.qkv, strict=True)),
-            *((mlp, n, m) for n, m in zip(_GATE_UP, self.gate_up, strict=True)),
+        # The children of the layer, its attention and its MLP as they were: a replaced child
+        # (a PEFT adapter, say) changes its parent's `_modules`.
+        self.children = tuple(
+            (parent._modules, tuple(parent._modules.values())) for parent in (layer, attn, mlp)
+        )
+        self.instance_dicts = tuple(m.__dict__ for m in self.skipped)
+        self.norm_dicts = tuple(m.__dict__ for m in self.norms)
+        self.hooks_seen = -1  # RemovableHandle.next_id when no hook was found last
+
+    def _no_hooks(self) -> bool:
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return False
+        return not any(
+            m._forward_hooks or m._forward_pre_hooks for m in (*self.skipped, *self.norms)
         )
 
     def intact(self) -> bool:
-        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-            return False
-        for parent, name, child in self.children:
-            if parent._modules.get(name) is not child:
-                return False  # replaced since (a PEFT adapter, say)
-        for m in self.skipped:
-            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
-                return False  # hooks, or an instance forward (accelerate's, say)
-        for m in self.norms:  # their forward must be the native one, which calls rms_norm
-            if m._forward_hooks or m._forward_pre_hooks:
+        # Every forward hook comes with a RemovableHandle, whose class counts them: while the
+        # count stands where it stood at the last check that found none, none was added since
+        # (a decode step touches every object read here after the weights left the caches, so
+        # the 26 hook tables are worth skipping: about 5 us a layer).
+        if RemovableHandle.next_id != self.hooks_seen:
+            if not self._no_hooks():
                 return False
-            if getattr(m.__dict__.get("forward"), "__func__", None) is not _native_forward:
+            self.hooks_seen = RemovableHandle.next_id
+        for modules, children in self.children:
+            if tuple(modules.values()) != children:
+                return False
+        for d in self.instance_dicts:  # an instance forward (accelerate's hooks, say)
+            if "forward" in d:
+                return False
+        for d in self.norm_dicts:  # the native forward, which calls rms_norm
+            if getattr(d.get("forward"), "__func__", None) is not _native_forward:
                 return False
         return True
 
