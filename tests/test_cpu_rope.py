@@ -184,6 +184,13 @@ def test_stand_in_falls_back_where_the_op_does_not_apply(dtype, monkeypatch) -> 
         stand_in(q, k, cos.double(), sin.double())
         meta = stand_in(*(t.to("meta") for t in (q, k, cos, sin)))
     assert len(calls) == 2 and meta[0].device.type == "meta"
+    # a call in an older signature (position_ids where unsqueeze_dim stands) gets the original's
+    # own error, not one of the stand-in's
+    with pytest.raises(Exception) as original_error:
+        original(q, k, cos, sin, torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(type(original_error.value)):
+        stand_in(q, k, cos, sin, torch.zeros(1, 3, dtype=torch.long))
+    assert len(calls) == 2
     # compiled: the original ops, which inductor fuses (without eager's bf16 roundings of the
     # products, so the reference is the original compiled the same way)
     compiled, compiled_original = (torch.compile(f, fullgraph=True) for f in (stand_in, original))

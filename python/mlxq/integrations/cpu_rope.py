@@ -88,7 +88,7 @@ def _fits(q, k, cos, sin, unsqueeze_dim) -> bool:
         and type(sin) is torch.Tensor
     ):
         return False
-    if q.device.type != "cpu" or unsqueeze_dim not in (1, 2):
+    if q.device.type != "cpu" or type(unsqueeze_dim) is not int or unsqueeze_dim not in (1, 2):
         return False
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
         return False
