@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -319,7 +320,7 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
         "bench", "model", "--model", str(smollm2_4bit_g32), "--float-model",
         str(float_checkpoint), "--peers", "mlxq", "mlx_lm", "--prompt-tokens",
         "16", "--decode-tokens", "4", "--mlx-prompt-tokens", "4", "--mlx-decode-tokens", "2",
-        "--reps", "2", "--busy", "1", "--out", str(out),
+        "--reps", "2", "--rounds", "2", "--busy", "1", "--out", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(out.with_suffix(".json").read_text())
@@ -331,13 +332,38 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
         assert "error" not in r, (peer, r)
         assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["peak_rss"] > 0
         assert r["loaded_decode_tps"] > 0, peer  # decoded again beside a busy process
-        runs = r["decode_tps_runs"]  # the quiet rate is the median of --reps runs
-        assert len(runs) == 2 and r["decode_tps"] == pytest.approx(sum(runs) / 2), (peer, r)
+        # the quiet rate is the median of --reps runs of every one of the --rounds rounds
+        runs = r["decode_tps_runs"]
+        assert len(runs) == 4 and r["rounds"] == 2, (peer, r)
+        assert r["decode_tps"] == pytest.approx(statistics.median(runs)), (peer, r)
     assert results["mlxq"]["prefill_tokens"] == 16 and results["mlxq"]["decode_tokens"] == 4
     assert results["mlx_lm"]["prefill_tokens"] == 4 and results["mlx_lm"]["decode_tokens"] == 2
     ratio = payload["targets"]["decode_vs_mlx_lm"]["ratio"]
     assert ratio == pytest.approx(results["mlxq"]["decode_tps"] / results["mlx_lm"]["decode_tps"])
     assert "| mlxq |" in proc.stdout and "| limit |" in proc.stdout
+
+
+def test_bench_rounds_pool_runs_and_keep_errors() -> None:
+    from mlxq.bench.model import merge_rounds
+
+    a = {
+        "decode_tps_runs": [10.0, 30.0],
+        "decode_tps": 20.0,
+        "prefill_tps": 100.0,
+        "loaded_decode_tps": 5.0,
+        "load_s": 1.0,
+        "peak_rss": 7,
+        "prefill_tokens": 16,
+    }
+    b = {"decode_tps_runs": [12.0, 14.0], "decode_tps": 13.0, "prefill_tps": 300.0,
+         "loaded_decode_tps": 9.0, "load_s": 3.0, "peak_rss": 9, "prefill_tokens": 16}  # fmt: skip
+    merged = merge_rounds([a, b])
+    assert merged["decode_tps_runs"] == [10.0, 30.0, 12.0, 14.0]
+    assert merged["decode_tps"] == 13.0  # the median of the pooled runs, not of the medians
+    assert merged["prefill_tps"] == 200.0 and merged["loaded_decode_tps"] == 7.0
+    assert merged["peak_rss"] == 9 and merged["rounds"] == 2 and merged["prefill_tokens"] == 16
+    assert "compile_s" not in merged
+    assert merge_rounds([a, {"error": "boom"}]) == {"error": "boom"}
 
 
 def test_bytes_per_token_counts_the_tied_head_once(smollm2_4bit_g32: Path) -> None:

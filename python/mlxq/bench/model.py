@@ -402,6 +402,63 @@ def plot(results: dict[str, dict], path: Path) -> bool:
     return True
 
 
+def _run_peer(peer: str, args, ids: list[int], context: int, dequantize: bool, tmp: Path) -> dict:
+    """One peer's measurements, in a worker process of its own."""
+    mlx = peer == "mlx_lm"
+    n_prompt = args.mlx_prompt_tokens if mlx else args.prompt_tokens
+    if peer == "llama_cpp":
+        path = args.gguf or _default_gguf()
+    else:
+        dense = peer.startswith("dense") and not dequantize
+        path = args.float_model if dense else args.model
+    spec = {
+        "peer": peer,
+        "path": str(path),
+        "dtype": "float32" if peer in ("mlxq", "dense_fp32", "mlx_lm") else "bfloat16",
+        "prompt_ids": ids[:n_prompt],
+        "prefill": True,
+        "reps": args.reps,
+        "decode_tokens": args.mlx_decode_tokens if mlx else args.decode_tokens,
+        "decode_context": min(context, n_prompt),
+        "threads": args.threads,
+        "busy": args.busy,
+        "compile": peer == "mlxq_compiled",
+        "device": args.device,
+        "dequantize": dequantize and peer.startswith("dense"),
+    }
+    spec_file = Path(tmp) / f"{peer}.json"
+    spec_file.write_text(json.dumps(spec))
+    print(f"[bench] {peer} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxq.bench.model", "--worker", str(spec_file)],
+        capture_output=True,
+        text=True,
+    )
+    line = [x for x in proc.stdout.splitlines() if x.startswith("MLXQ_RESULT ")]
+    if proc.returncode or not line:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"[bench] {peer} failed: {tail}", file=sys.stderr, flush=True)
+        return {"error": tail[:200]}
+    return json.loads(line[-1].removeprefix("MLXQ_RESULT "))
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One peer's result from its `--rounds` runs: every quiet decode run pooled (the rate is
+    their median), the median of the other rates and times, the largest peak memory; the
+    first error, if a round failed."""
+    if errors := [r for r in runs if "error" in r]:
+        return errors[0]
+    out = dict(runs[0])
+    out["decode_tps_runs"] = [t for r in runs for t in r["decode_tps_runs"]]
+    out["decode_tps"] = statistics.median(out["decode_tps_runs"])
+    for key in ("prefill_tps", "loaded_decode_tps", "load_s", "compile_s"):
+        if all(key in r for r in runs):
+            out[key] = statistics.median(r[key] for r in runs)
+    out["peak_rss"] = max(r.get("peak_rss", 0) for r in runs)
+    out["rounds"] = len(runs)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="mlxq bench model", description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -428,6 +485,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--reps", type=int, default=3, help="prefill and quiet decode repetitions (median)"
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every peer this many times, every other round in reverse order (its runs are "
+        "pooled): ratios that a drifting machine moves less",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--busy",
@@ -450,6 +514,8 @@ def main(argv: list[str] | None = None) -> dict:
     for flag in ("prompt_tokens", "decode_tokens", "mlx_prompt_tokens", "mlx_decode_tokens"):
         if getattr(args, flag) < 2:
             p.error(f"--{flag.replace('_', '-')} must be at least 2")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     cuda = args.device == "cuda"
     if args.peers is None:
         args.peers = DEFAULT_CUDA_PEERS if cuda else DEFAULT_PEERS
@@ -475,46 +541,14 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"{path} is not a model folder (no config.json)")
     ids = prompt_ids(args.model, max(args.prompt_tokens, args.mlx_prompt_tokens))
     context = args.decode_context or args.prompt_tokens
-    results: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {peer: [] for peer in args.peers}
     with tempfile.TemporaryDirectory(prefix="mlxq-bench-") as tmp:
-        for peer in args.peers:
-            mlx = peer == "mlx_lm"
-            n_prompt = args.mlx_prompt_tokens if mlx else args.prompt_tokens
-            if peer == "llama_cpp":
-                path = args.gguf or _default_gguf()
-            else:
-                dense = peer.startswith("dense") and not dequantize
-                path = args.float_model if dense else args.model
-            spec = {
-                "peer": peer,
-                "path": str(path),
-                "dtype": "float32" if peer in ("mlxq", "dense_fp32", "mlx_lm") else "bfloat16",
-                "prompt_ids": ids[:n_prompt],
-                "prefill": True,
-                "reps": args.reps,
-                "decode_tokens": args.mlx_decode_tokens if mlx else args.decode_tokens,
-                "decode_context": min(context, n_prompt),
-                "threads": args.threads,
-                "busy": args.busy,
-                "compile": peer == "mlxq_compiled",
-                "device": args.device,
-                "dequantize": dequantize and peer.startswith("dense"),
-            }
-            spec_file = Path(tmp) / f"{peer}.json"
-            spec_file.write_text(json.dumps(spec))
-            print(f"[bench] {peer} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(
-                [sys.executable, "-m", "mlxq.bench.model", "--worker", str(spec_file)],
-                capture_output=True,
-                text=True,
-            )
-            line = [x for x in proc.stdout.splitlines() if x.startswith("MLXQ_RESULT ")]
-            if proc.returncode or not line:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                results[peer] = {"error": tail[:200]}
-                print(f"[bench] {peer} failed: {tail}", file=sys.stderr, flush=True)
-            else:
-                results[peer] = json.loads(line[-1].removeprefix("MLXQ_RESULT "))
+        for r in range(args.rounds):
+            # every other round in reverse order: a machine that drifts during the run moves
+            # the first and the last peers alike
+            for peer in args.peers if r % 2 == 0 else reversed(args.peers):
+                rounds[peer].append(_run_peer(peer, args, ids, context, dequantize, Path(tmp)))
+    results = {peer: merge_rounds(runs) for peer, runs in rounds.items()}
     import torch
 
     import mlxq
