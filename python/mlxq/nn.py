@@ -140,10 +140,12 @@ class AffineLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.projection_group
-        y = _matmul(self, x) if group is None else group.output(self, x)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return self.add_bias(_matmul(self, x) if group is None else group.output(self, x))
+
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """`y` (this layer's `x @ W.T`) plus its bias, in the dtype of `y`."""
+        bias = self.bias
+        return y if bias is None else y + bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (

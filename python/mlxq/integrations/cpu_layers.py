@@ -128,8 +128,8 @@ LLAMA_MLP_BODY = (
 )
 
 _QKV = ("q_proj", "k_proj", "v_proj")
-_rms_norm = torch.ops.mlxq.rms_norm.default
 _GATE_UP = ("gate_proj", "up_proj")
+_rms_norm = torch.ops.mlxq.rms_norm.default
 
 
 def _globals_of(cls: type) -> dict:
@@ -149,7 +149,7 @@ class _Plan:
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.attn, self.mlp = attn, mlp
+        self.attn = attn
         self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
         self.qkv = tuple(getattr(attn, n) for n in _QKV)
         self.o_proj = attn.o_proj
@@ -196,12 +196,9 @@ class _Plan:
         return True
 
 
-def _project(module: AffineLinear, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """AffineLinear.forward without its group: `y` (x @ W.T, when computed already) + bias."""
-    if y is None:
-        y = _matmul(module, x)
-    bias = module.bias
-    return y if bias is None else y + bias.to(y.dtype)
+def _project(module: AffineLinear, x: torch.Tensor) -> torch.Tensor:
+    """AffineLinear.forward without its group."""
+    return module.add_bias(_matmul(module, x))
 
 
 def _projections(modules: tuple[AffineLinear, ...], x: torch.Tensor) -> list[torch.Tensor]:
@@ -210,7 +207,7 @@ def _projections(modules: tuple[AffineLinear, ...], x: torch.Tensor) -> list[tor
     group = modules[0].projection_group
     if group is None or group.members != list(modules):
         return [_project(m, x) for m in modules]
-    return [_project(m, x, y) for m, y in zip(modules, group.matmuls(x), strict=True)]
+    return [m.add_bias(y) for m, y in zip(modules, group.matmuls(x), strict=True)]
 
 
 def _flat_forward(
