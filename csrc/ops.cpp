@@ -8,8 +8,9 @@
 #include "cpu/cpu_features.h"
 
 namespace mlxq {
-void register_check_bindings(pybind11::module& m);      // csrc/check_bindings.cpp
-void register_composite_bindings(pybind11::module& m);  // csrc/composite/bindings.cpp
+void register_check_bindings(pybind11::module& m);          // csrc/check_bindings.cpp
+void register_composite_bindings(pybind11::module& m);      // csrc/composite/bindings.cpp
+void register_decoder_layer_bindings(pybind11::module& m);  // csrc/composite/decoder_layer.cpp
 }  // namespace mlxq
 namespace mlxq::metal {
 void register_plan_bindings(pybind11::module& m);    // csrc/metal_host/plan_bindings.cpp
@@ -99,6 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "exp of a float32 CPU tensor by the active CPU kernels' own vector exp (for its tests)");
   mlxq::register_check_bindings(m);
   mlxq::register_composite_bindings(m);
+  mlxq::register_decoder_layer_bindings(m);
   mlxq::metal::register_plan_bindings(m);
   mlxq::metal::register_launch_bindings(m);
 }

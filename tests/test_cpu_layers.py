@@ -50,15 +50,26 @@ def _decode(model, steps: int = 6, **kwargs):
 
 
 def _count_flat_steps(monkeypatch) -> list:
+    """One entry per flat layer step taken: whether it ran the native calls."""
     calls = []
-    real = cpu_layers._projections
+    real = cpu_layers._Plan.native_layer
 
-    def counted(modules, x):
-        calls.append(len(modules))
-        return real(modules, x)
+    def counted(plan):
+        native = real(plan)
+        calls.append(native is not None)
+        return native
 
-    monkeypatch.setattr(cpu_layers, "_projections", counted)
+    monkeypatch.setattr(cpu_layers._Plan, "native_layer", counted)
     return calls
+
+
+def _python_steps_only(monkeypatch) -> None:
+    """Plans built from here on run the flat step in Python (as for floating-point modes)."""
+
+    def no_native(plan) -> None:
+        plan.native, plan.held = None, ()
+
+    monkeypatch.setattr(cpu_layers._Plan, "_build_native", no_native)
 
 
 def _assert_same_cache(a, b) -> None:
@@ -72,20 +83,23 @@ def test_bodies_are_transformers_llama() -> None:
     assert forward_body(forward_owner(modeling_llama.LlamaMLP)) == LLAMA_MLP_BODY
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_loaded_checkpoint_decodes_bit_equal(arch, dtype, monkeypatch) -> None:
+def test_loaded_checkpoint_decodes_bit_equal(arch, dtype, native, monkeypatch) -> None:
     """A checkpoint written by `mlx_lm convert` (Llama; Qwen2 with q/k/v biases; Qwen3 with q/k
     norms; Mistral with a sliding window of 8, which the 14 positions here pass): every layer
-    gets the flat step, and decode gives the logits and the cache of the layers' own forward,
-    bit for bit."""
+    gets the flat step, native or in Python, and decode gives the logits and the cache of the
+    layers' own forward, bit for bit."""
+    if not native:
+        _python_steps_only(monkeypatch)
     model = AutoModelForCausalLM.from_pretrained(tiny_mlx_checkpoint(arch, 4, 64), dtype=dtype)
     assert len(_flat_layers(model)) == model.config.num_hidden_layers
     assert use_flat_decode_layers(model) == 0  # already done
     calls = _count_flat_steps(monkeypatch)
     logits, cache = _decode(model)
-    # 6 decode steps x 2 layers x (q/k/v + gate/up); the prompt (8 rows) takes it too
-    assert len(calls) == 7 * 2 * 2
+    # 6 decode steps x 2 layers; the prompt (8 rows) takes it too
+    assert calls == [native] * (7 * 2)
     _unflatten(model)
     want_logits, want_cache = _decode(model)
     assert torch.equal(logits, want_logits)
@@ -198,7 +212,7 @@ def test_falls_back_where_the_step_does_not_apply(monkeypatch) -> None:
     logits, _ = _decode(model)
     handle.remove()
     assert len(fired) == 7 and torch.equal(logits, want_logits)
-    assert len(calls) == 7 * 2  # layer 0 still flat: 7 calls x (q/k/v + gate/up)
+    assert len(calls) == 7  # layer 0 still flat
     calls.clear()
     # a projection replaced after loading (a PEFT adapter, say)
     attn = model.model.layers[0].self_attn
@@ -215,7 +229,7 @@ def test_falls_back_where_the_step_does_not_apply(monkeypatch) -> None:
     attn.o_proj = Wrapped(original)
     logits, _ = _decode(model)
     attn.o_proj = original
-    assert torch.equal(logits, want_logits) and len(calls) == 7 * 2  # layer 1 only
+    assert torch.equal(logits, want_logits) and len(calls) == 7  # layer 1 only
     calls.clear()
     # output capturing (transformers' hooks): hidden states and attentions as the layers give
     logits, _ = _decode(model, output_hidden_states=True)
@@ -233,3 +247,81 @@ def test_falls_back_where_the_step_does_not_apply(monkeypatch) -> None:
     calls.clear()
     logits, _ = _decode(model)
     assert calls == [] and torch.equal(logits, want_logits)
+
+
+def _ops_run(model, tokens) -> set[str]:
+    """The names of the ops that one forward of `tokens` through the cache ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(tokens, use_cache=True)
+    return {e.key for e in prof.key_averages()}
+
+
+def test_native_step_applies_the_rotary_op_where_the_stand_in_would(monkeypatch) -> None:
+    """The native call runs mlxq::rotary_embedding where the module's apply_rotary_pos_emb is
+    mlxq's stand-in, and hands q and k back unrotated to the module's own function otherwise:
+    both bit-equal to the layers' own forward."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("llama", 4, 64), dtype=torch.bfloat16
+    )
+    calls = _count_flat_steps(monkeypatch)
+    assert "mlxq::rotary_embedding" in _ops_run(model, PROMPT[:, :1])
+    assert calls == [True, True]
+    logits, cache = _decode(model)
+    stand_in = modeling_llama.apply_rotary_pos_emb
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", stand_in._mlxq_original)
+    assert "mlxq::rotary_embedding" not in _ops_run(model, PROMPT[:, :1])
+    assert torch.equal(_decode(model)[0], logits)
+    _unflatten(model)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", stand_in)
+    want_logits, want_cache = _decode(model)
+    assert torch.equal(logits, want_logits)
+    _assert_same_cache(cache, want_cache)
+
+
+def test_native_step_follows_replaced_tensors(monkeypatch) -> None:
+    """`model.to(dtype)` replaces the projections' buffers: the native step is rebuilt from the
+    modules' new tensors, never computed with the ones it held."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("qwen2", 4, 64), dtype=torch.float32
+    )
+    plan = model.model.layers[0]._mlxq_flat_plan
+    before = plan.native_layer()
+    assert before is not None
+    _decode(model)
+    model.to(torch.bfloat16)
+    calls = _count_flat_steps(monkeypatch)
+    logits, cache = _decode(model)
+    assert calls == [True] * (7 * 2)
+    assert plan.native_layer() is not before
+    assert all(d.get(name) is t for d, name, t in plan.held)
+    _unflatten(model)
+    want_logits, want_cache = _decode(model)
+    assert torch.equal(logits, want_logits)
+    _assert_same_cache(cache, want_cache)
+
+
+def test_function_mode_sees_every_call_of_the_step(monkeypatch) -> None:
+    """A TorchFunctionMode sees torch calls made from Python only, so under one the flat step
+    runs in Python (the mode sees its calls); torch.device's mode leaves the native step."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("llama", 4, 64), dtype=torch.bfloat16
+    )
+    want_logits, _ = _decode(model)
+    seen = []
+
+    class Seen(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    calls = _count_flat_steps(monkeypatch)
+    with Seen():
+        logits, _ = _decode(model)
+    assert calls == [False] * (7 * 2) and torch.equal(logits, want_logits)
+    assert "affine_matmul_many" in " ".join(seen)
+    calls.clear()
+    with torch.device("cpu"):
+        logits, _ = _decode(model)
+    assert calls == [True] * (7 * 2) and torch.equal(logits, want_logits)

@@ -38,6 +38,7 @@ __all__ = [
     "LLAMA_ROTARY_BODY",
     "LLAMA_ROTATE_HALF_BODY",
     "MAX_POSITIONS",
+    "is_stand_in",
     "use_native_rotary_embedding",
 ]
 
@@ -114,6 +115,12 @@ def _fits(q, k, cos, sin, unsqueeze_dim) -> bool:
     )
 
 
+def is_stand_in(fn: object) -> bool:
+    """Whether `fn` is mlxq's stand-in for a Llama apply_rotary_pos_emb (which calls the op
+    where `_fits`)."""
+    return hasattr(fn, "_mlxq_original")
+
+
 def _stand_in(original: Callable) -> Callable:
     """apply_rotary_pos_emb through the op where _fits, else `original`."""
 
@@ -133,7 +140,7 @@ def _stand_in(original: Callable) -> Callable:
 def _patch(module: types.ModuleType) -> bool:
     """Install the stand-in in `module` if its functions are the Llama ones (once)."""
     fn = getattr(module, "apply_rotary_pos_emb", None)
-    if fn is None or hasattr(fn, "_mlxq_original"):
+    if fn is None or is_stand_in(fn):
         return False
     rotate_half = getattr(module, "rotate_half", None)
     if _function_body(fn) != LLAMA_ROTARY_BODY:
