@@ -23,10 +23,13 @@ constexpr int64_t kPrefetchBytes = 4096;
 
 // An asm statement, not __builtin_prefetch: GCC's vectorizer deletes prefetch builtins from the
 // loops it vectorizes, which left a loop of nothing (measured: no prefetch instruction survived
-// in the kernels).
+// in the kernels). On x86 a non-temporal prefetch: the weights are read once per token, and
+// through L2 they evicted what the rest of the step reads again (the cache, the Python objects
+// of each call): decode ran 3% faster than with prefetcht0 (SmolLM2-135M, 2 threads, the two
+// interleaved in one process, 6 rounds), the Python checks of a flat layer step about 40%.
 inline void prefetch_line(const void* p) {
 #if defined(__x86_64__)
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  asm volatile("prefetchnta %0" : : "m"(*static_cast<const char*>(p)));
 #elif defined(__aarch64__)
   asm volatile("prfm pldl1keep, %0" : : "Q"(*static_cast<const char*>(p)));
 #else
