@@ -7,6 +7,8 @@ reproduce bit for bit (logits and cache); and every call it must not take goes t
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from mlx_models import tiny_float_model, tiny_mlx_checkpoint
@@ -325,3 +327,30 @@ def test_function_mode_sees_every_call_of_the_step(monkeypatch) -> None:
     with torch.device("cpu"):
         logits, _ = _decode(model)
     assert calls == [True] * (7 * 2) and torch.equal(logits, want_logits)
+
+
+def test_native_step_calls_mlxq_attention_itself(monkeypatch) -> None:
+    """With mlxq's attention interface (bf16 on the CPU), the native step asks the interface's
+    own `native_arguments` and runs the op with the rest of the layer; logits and cache equal the
+    layers' own forward, which calls the interface."""
+    from mlxq.integrations import cpu_attention
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("qwen3", 4, 64), dtype=torch.bfloat16
+    )
+    assert model.config._attn_implementation == cpu_attention.NAME
+    asked = []
+    real = cpu_attention.native_arguments
+
+    def spy(*args):
+        native = real(*args)
+        asked.append((sys._getframe(1).f_code.co_name, native is not None))  # who asked
+        return native
+
+    monkeypatch.setattr(cpu_attention, "native_arguments", spy)
+    logits, cache = _decode(model)
+    assert asked == [("_flat_forward", True)] * (7 * 2)
+    _unflatten(model)
+    want_logits, want_cache = _decode(model)
+    assert torch.equal(logits, want_logits)
+    _assert_same_cache(cache, want_cache)

@@ -2,11 +2,12 @@
 // cpu_layers.py) as two native calls: `attention_input` (the input norm, the q/k/v projections,
 // their head views and the rotary embedding) before the KV cache update, and `output` (o_proj,
 // the residual, the post-attention norm, gate/up, SiLU, down and the residual) after the
-// attention. In a small model's decode step the Python step spent about 2 us of Python per op
-// call, 15 calls a layer, next to kernels of a few microseconds. These calls reach, through the
-// dispatcher, the very ops the Python step calls (mlxq::rms_norm, mlxq::affine_matmul(_many),
-// mlxq::rotary_embedding, aten::add / silu / mul and the same views), in the same order with the
-// same arguments, so every output is bit for bit the layer's own forward.
+// attention, or `attention_output`, which begins with mlxq's decode attention op. In a small
+// model's decode step the Python step spent about 2 us of Python per op call, 15 calls a layer,
+// next to kernels of a few microseconds. These calls reach, through the dispatcher, the very ops
+// the Python step calls (mlxq::rms_norm, mlxq::affine_matmul(_many), mlxq::rotary_embedding,
+// aten::add / silu / mul and the same views), in the same order with the same arguments, so every
+// output is bit for bit the layer's own forward.
 //
 // The layer's tensors are held here once; the Python step checks at each call that the modules
 // still hold those very tensors (a replaced buffer makes it fall back), so a plan never
@@ -29,6 +30,8 @@ using AffineMatmulManyFn = std::vector<at::Tensor>(const at::Tensor&, at::Tensor
                                                    at::TensorList, at::TensorList, int64_t,
                                                    int64_t);
 using RmsNormFn = at::Tensor(const at::Tensor&, const at::Tensor&, double);
+using AttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, std::optional<double>);
 using RotaryFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                     const at::Tensor&, const at::Tensor&);
 
@@ -166,6 +169,16 @@ class FlatDecoderLayer {
     return hidden + down_proj_(at::silu(gate_up[0]) * gate_up[1])[0];
   }
 
+  // `output` of mlxq::decode_attention(q, k, v, mask, scale) in the [B, L, H, head_dim] layout
+  // mlxq's attention interface returns (integrations/cpu_attention.py: the Python side passes
+  // the mask and scale its `native_arguments` gives).
+  at::Tensor attention_output(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, std::optional<double> scale,
+                              const at::Tensor& residual, double eps) const {
+    static const auto attention = mlxq_op<AttentionFn>("mlxq::decode_attention");
+    return output(attention.call(q, k, v, mask, scale).transpose(1, 2).contiguous(), residual, eps);
+  }
+
  private:
   at::Tensor norm_in_, norm_post_;
   Projections qkv_, o_proj_, gate_up_, down_proj_;
@@ -191,7 +204,10 @@ void register_decoder_layer_bindings(pybind11::module& m) {
            py::arg("cos") = py::none(), py::arg("sin") = py::none(),
            py::call_guard<py::gil_scoped_release>())
       .def("output", &FlatDecoderLayer::output, py::arg("attention"), py::arg("residual"),
-           py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+           py::arg("eps"), py::call_guard<py::gil_scoped_release>())
+      .def("attention_output", &FlatDecoderLayer::attention_output, py::arg("q"), py::arg("k"),
+           py::arg("v"), py::arg("mask"), py::arg("scale"), py::arg("residual"), py::arg("eps"),
+           py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace mlxq

@@ -28,7 +28,14 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["NAME", "MAX_QUERIES", "MAX_PROMPT_SCORES", "NATIVE_DECODE", "use_fp32_decode_attention"]
+__all__ = [
+    "NAME",
+    "MAX_QUERIES",
+    "MAX_PROMPT_SCORES",
+    "NATIVE_DECODE",
+    "native_arguments",
+    "use_fp32_decode_attention",
+]
 
 NAME = "mlxq_sdpa"
 # Up to this many queries (decode, and short speculative chunks) take the fp32 path (the op, or
@@ -78,34 +85,39 @@ def _native_fits(module: nn.Module, query, key, value, attention_mask, kwargs) -
     )
 
 
-def _native(module: nn.Module, query, key, value, attention_mask, kwargs) -> torch.Tensor:
-    """sdpa_attention_forward's result through the native op: its causal rule (a causal mask
-    only for several queries without a mask, aligned to the first key) and its output layout
-    [B, Lq, H, D], contiguous."""
+def native_arguments(
+    module: nn.Module, query, key, value, attention_mask, kwargs: dict
+) -> tuple[torch.Tensor | None, float | None] | None:
+    """The (mask, scale) with which `mlxq.ops.decode_attention(query, key, value, mask, scale)`,
+    transposed to [B, Lq, H, D], is this interface's result, where it takes the native op (a
+    bf16/fp16 CPU call that `_native_fits`, with sdpa_attention_forward's causal rule: a causal
+    mask only for several queries without a mask, aligned to the first key); else None."""
+    if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    if q_length > MAX_QUERIES and q_length * kv_length > MAX_PROMPT_SCORES:
+        return None
+    if not _native_fits(module, query, key, value, attention_mask, kwargs):
+        return None
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    q_length, kv_length = query.shape[2], key.shape[2]
     if q_length > 1 and attention_mask is None and is_causal:
         attention_mask = torch.ones(
             q_length, kv_length, dtype=torch.bool, device=query.device
         ).tril()
-    out = torch.ops.mlxq.decode_attention(query, key, value, attention_mask, kwargs.get("scaling"))
-    return out.transpose(1, 2).contiguous()
+    return attention_mask, kwargs.get("scaling")
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    native = native_arguments(module, query, key, value, attention_mask, kwargs)
+    if native is not None:
+        out = torch.ops.mlxq.decode_attention(query, key, value, *native)
+        return out.transpose(1, 2).contiguous(), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     reduced = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
-    few = query.shape[-2] <= MAX_QUERIES
-    if (
-        reduced
-        and (few or query.shape[-2] * key.shape[-2] <= MAX_PROMPT_SCORES)
-        and _native_fits(module, query, key, value, attention_mask, kwargs)
-    ):
-        return _native(module, query, key, value, attention_mask, kwargs), None
-    if reduced and few:
+    if reduced and query.shape[-2] <= MAX_QUERIES:
         mask = attention_mask
         if mask is not None and mask.is_floating_point():
             mask = mask.float()

@@ -51,6 +51,7 @@ from torch.utils._device import DeviceContext
 from torch.utils.hooks import RemovableHandle
 
 from mlxq._native import _C
+from mlxq.integrations import cpu_attention
 from mlxq.integrations.cpu_norms import MAX_ROWS, _is_llama_rms_norm, _native_forward
 from mlxq.integrations.cpu_rope import MAX_POSITIONS, is_stand_in
 from mlxq.nn import AffineLinear, _matmul
@@ -347,9 +348,13 @@ def _flat_forward(
         attn.config._attn_implementation, g["eager_attention_forward"]
     )
     extra = {} if plan.window is None else plan.window(attn)
-    out, _ = interface(
-        attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **extra, **attn_kwargs
-    )
+    call = dict(dropout=0.0, scaling=attn.scaling, **extra, **attn_kwargs)
+    if native is not None and interface is cpu_attention._attention:
+        # mlxq's interface: its op and the rest of the layer in one native call
+        args = cpu_attention.native_arguments(attn, q, k, v, attention_mask, call)
+        if args is not None:
+            return native.attention_output(q, k, v, *args, residual, norm_post.variance_epsilon)
+    out, _ = interface(attn, q, k, v, attention_mask, **call)
     if native is not None:  # the rest of the layer in one native call
         return native.output(out, residual, norm_post.variance_epsilon)
     out = _project(plan.o_proj, out.reshape(*residual.shape[:-1], -1).contiguous())
