@@ -144,29 +144,31 @@ Launch cores() {
   };
 }
 
-static int auto_kw(const QmvParams& p, int U) {
-  const int64_t tiles = (p.N + 15) / 16, slots = static_cast<int64_t>(g_sms) * 16;
+static int auto_kw(const QmvParams& p, int U, int min_blocks) {
+  const int64_t tiles = (p.N + 15) / 16,
+                slots = static_cast<int64_t>(g_sms) * min_blocks * kStreamWarps;
   const int64_t steps = ((p.K / 32 + 3) / 4 + U - 1) / U;
   int kw = 1;
   while (kw < 8 && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
   return kw;
 }
 
-template <int GS, int U, bool H, typename T, bool LoadsOnly = false>
+template <int GS, int U, bool H, typename T, bool LoadsOnly = false, int MB = 2>
 Launch stream(int kw_force = 0) {
   return [kw_force](const QmvParams& p, cudaStream_t s) {
-    const int kw = kw_force ? kw_force : auto_kw(p, U);
+    const int kw = kw_force ? kw_force : auto_kw(p, U, MB);
     const int64_t tiles = (p.N + 15) / 16, tpb = kStreamWarps / kw;
     const int64_t blocks = (tiles + tpb - 1) / tpb;
     const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K));
-    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly>;
+    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly, MB>;
     if (smem > 48 * 1024)
       CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     k<<<static_cast<unsigned>(blocks), kStreamWarps * 32, smem, s>>>(p, kw);
   };
 }
 
-__global__ void read_kernel(const uint4* p, int64_t n, uint32_t* out);
+template <int F>
+__global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out);
 
 // The packed weights read once by a plain streaming kernel (no arithmetic): the floor for a
 // kernel that reads them, launch included.
@@ -174,7 +176,7 @@ static uint32_t* g_sink = nullptr;
 static Launch read_floor() {
   return [](const QmvParams& p, cudaStream_t s) {
     const int64_t n = p.N * p.K / 32;  // 16-byte words
-    read_kernel<<<g_sms * 8, 256, 0, s>>>(reinterpret_cast<const uint4*>(p.w), n, g_sink);
+    read_kernel_f<4><<<g_sms * 8, 256, 0, s>>>(reinterpret_cast<const uint4*>(p.w), n, g_sink);
   };
 }
 
@@ -252,15 +254,18 @@ static double time_us(Problem& P, const Launch& fn) {
   return graph_us([&](int c, cudaStream_t s) { fn(params(P, c), s); }, P.copies, 40);
 }
 
-__global__ void read_kernel(const uint4* p, int64_t n, uint32_t* out) {
+// A grid-stride read of n 16-byte words with F independent streaming loads in flight per thread.
+template <int F>
+__global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out) {
   uint32_t acc = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; i + 3 * stride < n; i += 4 * stride) {
-    const uint4 a = __ldcs(p + i), b = __ldcs(p + i + stride), c = __ldcs(p + i + 2 * stride),
-                d = __ldcs(p + i + 3 * stride);
-    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^
-           d.w;
+  for (; i + (F - 1) * stride < n; i += F * stride) {
+    uint4 v[F];
+#pragma unroll
+    for (int f = 0; f < F; ++f) v[f] = __ldcs(p + i + f * stride);
+#pragma unroll
+    for (int f = 0; f < F; ++f) acc ^= v[f].x ^ v[f].y ^ v[f].z ^ v[f].w;
   }
   for (; i < n; i += stride) {
     const uint4 a = __ldcs(p + i);
@@ -268,6 +273,7 @@ __global__ void read_kernel(const uint4* p, int64_t n, uint32_t* out) {
   }
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads
 }
+
 
 static void bandwidth() {
   const int64_t bytes = 1ll << 30;
@@ -284,11 +290,33 @@ static void bandwidth() {
       1, 5);
   const double read_us = graph_us(
       [&](int, cudaStream_t s) {
-        read_kernel<<<g_sms * 8, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
+        read_kernel_f<4><<<g_sms * 8, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
       },
       1, 5);
   std::printf("copy (read+write): %.3f TB/s; read: %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6,
               bytes / read_us / 1e6);
+  // The read ceiling by loads in flight per thread and blocks of 256 threads per SM, over 1 GB
+  // and over 8 copies of 128 MB (each call misses the L2 as a decode step's weights would).
+  const int64_t small = 128ll << 20;
+  for (int f : {1, 2, 4, 8}) {
+    for (int bps : {2, 4, 8}) {
+      auto k = f == 1 ? read_kernel_f<1>
+                      : (f == 2 ? read_kernel_f<2> : (f == 4 ? read_kernel_f<4> : read_kernel_f<8>));
+      const double us_big = graph_us(
+          [&](int, cudaStream_t s) {
+            k<<<g_sms * bps, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
+          },
+          1, 5);
+      const double us_small = graph_us(
+          [&](int c, cudaStream_t s) {
+            k<<<g_sms * bps, 256, 0, s>>>(static_cast<const uint4*>(src) + c * (small / 16),
+                                          small / 16, out);
+          },
+          8, 40);
+      std::printf("  read F=%d blocks/SM=%d: 1 GB %.3f TB/s, 128 MB %.3f TB/s (%.2f us)\n", f, bps,
+                  bytes / us_big / 1e6, small / us_small / 1e6, us_small);
+    }
+  }
   cudaFree(src), cudaFree(dst), cudaFree(out);
 }
 
@@ -322,9 +350,19 @@ int main(int argc, char** argv) {
   g_sms = prop.multiProcessorCount;
   CK(cudaMalloc(&g_sink, 4));
   std::printf("%s, %d SMs, L2 %d MB\n", prop.name, g_sms, prop.l2CacheSize >> 20);
-  bandwidth();
   using bf = __nv_bfloat16;
   using hf = __half;
+  if (argc > 1 && std::strcmp(argv[1], "ncu") == 0) {  // one launch of each, for a profiler
+    Problem P{28672, 8192, 128, 1, false};
+    make(P, 1);
+    for (const Launch& fn : {stream<128, 4, true, bf>(), stream<128, 2, true, bf, false, 3>()}) {
+      fn(params(P, 0), 0);
+      CK(cudaDeviceSynchronize());
+    }
+    release(P);
+    return 0;
+  }
+  bandwidth();
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
   // numerics on awkward shapes: K tails (576: 4.5 spans), N tails, split K, M = 2
   for (int64_t gs : {32, 64, 128}) {
@@ -345,6 +383,9 @@ int main(int argc, char** argv) {
 
       if (gs == 64) check(Q, stream<64, 4, true, hf>(), "stream gs64 fp16", true);
       if (gs == 128) check(Q, stream<128, 4, true, hf>(), "stream gs128 fp16", true);
+      if (gs == 128) check(Q, stream<128, 2, true, hf, false, 4>(2), "stream gs128 fp16 U2 MB4 kw2", true);
+      if (gs == 64) check(Q, stream<64, 2, true, hf, false, 3>(8), "stream gs64 fp16 U2 MB3 kw8", true);
+      if (gs == 32) check(Q, stream<32, 4, true, hf, false, 3>(), "stream gs32 fp16 U4 MB3", true);
       release(Q);
     }
   }
@@ -353,6 +394,12 @@ int main(int argc, char** argv) {
       {"stream U2", stream<128, 2, true, bf>()},
       {"stream U4 (default)", stream<128, 4, true, bf>()},
       {"stream U4 no L2 hint", stream<128, 4, false, bf>()},
+      {"stream U2 3 blocks/SM", stream<128, 2, true, bf, false, 3>()},
+      {"stream U2 4 blocks/SM", stream<128, 2, true, bf, false, 4>()},
+      {"stream U4 3 blocks/SM", stream<128, 4, true, bf, false, 3>()},
+      {"stream U2 4 blocks/SM kw2", stream<128, 2, true, bf, false, 4>(2)},
+      {"stream U2 3 blocks/SM kw2", stream<128, 2, true, bf, false, 3>(2)},
+      {"stream U4 3 blocks/SM kw2", stream<128, 4, true, bf, false, 3>(2)},
       {"probe: stream U4 loads only", stream<128, 4, true, bf, true>()},
       {"read kernel (floor)", read_floor()},
   };
@@ -363,11 +410,21 @@ int main(int argc, char** argv) {
   bench(4096, 4096, 128, 1, false, small, true);
   if (quick) return 0;
   bench(28672, 8192, 64, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4", stream<64, 4, true, bf>()}},
+        {{"cores d", cores<bf, 1, 2, 2, false>()},
+         {"stream U4", stream<64, 4, true, bf>()},
+         {"stream U2 3 blocks/SM", stream<64, 2, true, bf, false, 3>()},
+         {"stream U2 4 blocks/SM", stream<64, 2, true, bf, false, 4>()},
+         {"stream U4 3 blocks/SM", stream<64, 4, true, bf, false, 3>()},
+         {"stream U2 4 blocks/SM kw2", stream<64, 2, true, bf, false, 4>(2)}},
         false);
   if (std::getenv("HARNESS_SHORT")) return 0;
   bench(28672, 8192, 32, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4", stream<32, 4, true, bf>()}},
+        {{"cores d", cores<bf, 1, 2, 2, false>()},
+         {"stream U4", stream<32, 4, true, bf>()},
+         {"stream U2 3 blocks/SM", stream<32, 2, true, bf, false, 3>()},
+         {"stream U2 4 blocks/SM", stream<32, 2, true, bf, false, 4>()},
+         {"stream U4 3 blocks/SM", stream<32, 4, true, bf, false, 3>()},
+         {"stream U2 4 blocks/SM kw2", stream<32, 2, true, bf, false, 4>(2)}},
         false);
   bench(28672, 8192, 128, 1, true,
         {{"cores d fp16", cores<hf, 1, 2, 2, false>()},

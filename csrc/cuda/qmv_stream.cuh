@@ -32,7 +32,7 @@ constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM)
 // Bytes of dynamic shared memory the streaming kernel needs for M rows of x of length K.
 inline int64_t qmv_stream_smem(int64_t M, int64_t K) {
   const int64_t kp = (K + 127) / 128 * 128;
-  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4;
+  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4 + 64;
 }
 
 // A 16-byte global load of streamed data: not kept in L1, evicted first from L2.
@@ -118,9 +118,10 @@ __device__ __forceinline__ void stream_load(const StreamLane& L, int step, Strea
 }
 
 // Multiplies one loaded step: acc_a, acc_b (rows g, g + 8) collect this lane's two columns.
+// xs: this lane's B operand, xstride uint4 a span apart (0 where it feeds zeros, see the kernel).
 template <int GS, int U, typename T>
 __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const uint4* xs,
-                                            bool has_x, const float* sx, int g,
+                                            int xstride, const float* sx, int g,
                                             const StreamStep<GS, U>& st, float& acc_a,
                                             float& acc_b) {
   const int t = L.t, t0 = 2 * (t & 1);  // this lane's columns: span lanes t0, t0 + 1
@@ -132,12 +133,11 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       // x of lane t's chunk of 8 values j, as (x0,x4) (x1,x5) (x2,x6) (x3,x7)
-      const uint4 xv = has_x ? xs[(sp * 4 + t) * 4 + j] : make_uint4(0u, 0u, 0u, 0u);
+      const uint4 xv = xs[sp * xstride + j];
       mma_nibble_words<T>(c, (&st.qa[u].x)[j], (&st.qb[u].x)[j], xv.x, xv.y, xv.z, xv.w);
     }
-    // scales and biases of rows g and g + 8 for columns t0 and t0 + 1
-    float2 s_a, s_b, b_a, b_b;
-    if constexpr (GS == 128) {  // one group per span: word u / 2, half u % 2
+    if constexpr (GS == 128) {
+      // Every column is the whole span's dot (the span is one group): c[0] row g, c[2] row g + 8.
       const uint32_t w = st.sb[u / 2];
       const uint32_t ws[4] = {__shfl_sync(0xffffffffu, w, g), __shfl_sync(0xffffffffu, w, 8 + g),
                               __shfl_sync(0xffffffffu, w, 16 + g),
@@ -148,9 +148,17 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
         const float2 f = half_pair<T>(ws[i]);
         v[i] = (u & 1) ? f.y : f.x;
       }
-      s_a = make_float2(v[0], v[0]), s_b = make_float2(v[1], v[1]);
-      b_a = make_float2(v[2], v[2]), b_b = make_float2(v[3], v[3]);
-    } else if constexpr (GS == 64) {  // groups 2u, 2u + 1: word u, half t & 1
+      const float4 xq = *reinterpret_cast<const float4*>(sx + sp * 4);
+      const float xsum = (xq.x + xq.y) + (xq.z + xq.w);
+      acc_a = fmaf(v[0], c[0], acc_a);
+      acc_a = fmaf(v[2], xsum, acc_a);
+      acc_b = fmaf(v[1], c[2], acc_b);
+      acc_b = fmaf(v[3], xsum, acc_b);
+      continue;
+    }
+    // scales and biases of rows g and g + 8 for columns t0 and t0 + 1
+    float2 s_a, s_b, b_a, b_b;
+    if constexpr (GS == 64) {  // groups 2u, 2u + 1: word u, half t & 1
       const uint32_t w = st.sb[u];
       const uint32_t ws[4] = {__shfl_sync(0xffffffffu, w, g), __shfl_sync(0xffffffffu, w, 8 + g),
                               __shfl_sync(0xffffffffu, w, 16 + g),
@@ -191,8 +199,8 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
 // y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, kStreamWarps / KW tiles a block.
 // LoadsOnly (benchmarks): only the loads, a bandwidth probe of this access pattern (wrong
 // results).
-template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false>
-__global__ void __launch_bounds__(kStreamWarps * 32, 2)
+template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false, int MinBlocks = 2>
+__global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
     qmv_stream_kernel(const QmvParams p, const int KW) {
   using S = StreamStep<GS, U>;
   extern __shared__ __align__(16) uint8_t stream_smem[];
@@ -204,6 +212,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
   uint4* xs = reinterpret_cast<uint4*>(stream_smem);               // [M][kp / 8]
   float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);  // [M][kp / 32]
   float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [8][2][16]
+  uint4* zeros = reinterpret_cast<uint4*>(red + kStreamWarps * 2 * 16);          // [4]
 
   const int tpb = kStreamWarps / KW;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * tpb + wi / KW;
@@ -260,12 +269,18 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
       if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
     }
   }
+  if (threadIdx.x < 4) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
-  // B column 4m + t is row m of x at lane t's values: lane (g, t) feeds it where g == 4m + t.
+  // B column 4m + t is row m of x at lane t's values: lane (g, t) feeds it where g == 4m + t,
+  // and zeros elsewhere (read from `zeros`, the same 64 bytes for every span), so that each
+  // column's sum is lane t's partial dot with row m. With group 128 a span is one group and
+  // columns 4m .. 4m + 3 all carry row m (clamped to M - 1) at every lane's values: each is
+  // the whole span's dot.
   const int xm = g >> 2;
-  const bool has_x = (g & 3) == t && xm < M;
-  const uint4* xrow = xs + (has_x ? xm : 0) * per_row;
+  const bool has_x = GS == 128 || ((g & 3) == t && xm < M);
+  const uint4* xrow = has_x ? xs + (xm < M ? xm : M - 1) * per_row + t * 4 : zeros;
+  const int xstride = has_x ? 16 : 0;
   const int om = t >> 1;  // the row of x of this lane's columns 2t, 2t + 1
   const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
   float acc_a = 0.f, acc_b = 0.f;
@@ -283,15 +298,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
   } else {
     for (int st = st0; st < st1; st += 2) {  // two steps per round: the buffers are never copied
       if (st + 1 < st1) stream_load<GS, U, Hint>(L, st + 1, nxt);
-      stream_step<GS, U, T>(L, st, xrow, has_x, sxrow, g, cur, acc_a, acc_b);
+      stream_step<GS, U, T>(L, st, xrow, xstride, sxrow, g, cur, acc_a, acc_b);
       if (st + 1 >= st1) break;
       if (st + 2 < st1) stream_load<GS, U, Hint>(L, st + 2, cur);
-      stream_step<GS, U, T>(L, st + 1, xrow, has_x, sxrow, g, nxt, acc_a, acc_b);
+      stream_step<GS, U, T>(L, st + 1, xrow, xstride, sxrow, g, nxt, acc_a, acc_b);
     }
   }
   // columns 2t, 2t + 1 plus those of lane t ^ 1: the whole dot of rows g, g + 8 with row om
-  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
-  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+  if constexpr (GS != 128) {
+    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+  }
   T* y = static_cast<T*>(p.y);
   if (KW == 1) {
     if ((t & 1) == 0 && om < M && active) {
