@@ -144,26 +144,15 @@ Launch cores() {
   };
 }
 
-static int auto_kw(const QmvParams& p, int U, int min_blocks) {
-  const int64_t tiles = (p.N + 15) / 16,
-                slots = static_cast<int64_t>(g_sms) * min_blocks * kStreamWarps;
-  const int64_t steps = ((p.K / 32 + 3) / 4 + U - 1) / U;
-  int kw = 1;
-  while (kw < 8 && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
-  return kw;
-}
-
-template <int GS, int U, bool H, typename T, bool LoadsOnly = false, int MB = 2>
+template <int GS, int U, bool H, typename T, bool LoadsOnly = false, int MB = 2, int Ring = 0>
 Launch stream(int kw_force = 0) {
   return [kw_force](const QmvParams& p, cudaStream_t s) {
-    const int kw = kw_force ? kw_force : auto_kw(p, U, MB);
-    const int64_t tiles = (p.N + 15) / 16, tpb = kStreamWarps / kw;
-    const int64_t blocks = (tiles + tpb - 1) / tpb;
-    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K));
-    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly, MB>;
+    const StreamGrid grid = qmv_stream_grid(p.N, p.K, U, g_sms, MB, kw_force);
+    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K, Ring * U * 1024));
+    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly, MB, Ring>;
     if (smem > 48 * 1024)
       CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    k<<<static_cast<unsigned>(blocks), kStreamWarps * 32, smem, s>>>(p, kw);
+    k<<<static_cast<unsigned>(grid.blocks), kStreamWarps * 32, smem, s>>>(p, grid.kw);
   };
 }
 
@@ -274,7 +263,6 @@ __global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out) {
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads
 }
 
-
 static void bandwidth() {
   const int64_t bytes = 1ll << 30;
   void *src, *dst;
@@ -300,8 +288,9 @@ static void bandwidth() {
   const int64_t small = 128ll << 20;
   for (int f : {1, 2, 4, 8}) {
     for (int bps : {2, 4, 8}) {
-      auto k = f == 1 ? read_kernel_f<1>
-                      : (f == 2 ? read_kernel_f<2> : (f == 4 ? read_kernel_f<4> : read_kernel_f<8>));
+      auto k = f == 1
+                   ? read_kernel_f<1>
+                   : (f == 2 ? read_kernel_f<2> : (f == 4 ? read_kernel_f<4> : read_kernel_f<8>));
       const double us_big = graph_us(
           [&](int, cudaStream_t s) {
             k<<<g_sms * bps, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
@@ -352,10 +341,16 @@ int main(int argc, char** argv) {
   std::printf("%s, %d SMs, L2 %d MB\n", prop.name, g_sms, prop.l2CacheSize >> 20);
   using bf = __nv_bfloat16;
   using hf = __half;
+  if (argc > 1 && std::strcmp(argv[1], "san") == 0) {  // the U = 1 ring, for compute-sanitizer
+    Problem Z{6000, 4128, 32, 1, true};
+    make(Z, 1);
+    check(Z, stream<32, 2, true, hf, false, 4, 4>(8), "ring gs32 fp16 U2 x4 kw8", true);
+    return 0;
+  }
   if (argc > 1 && std::strcmp(argv[1], "ncu") == 0) {  // one launch of each, for a profiler
     Problem P{28672, 8192, 128, 1, false};
     make(P, 1);
-    for (const Launch& fn : {stream<128, 4, true, bf>(), stream<128, 2, true, bf, false, 3>()}) {
+    for (const Launch& fn : {stream<128, 4, true, bf>(), stream<128, 4, true, bf, true>()}) {
       fn(params(P, 0), 0);
       CK(cudaDeviceSynchronize());
     }
@@ -383,59 +378,81 @@ int main(int argc, char** argv) {
 
       if (gs == 64) check(Q, stream<64, 4, true, hf>(), "stream gs64 fp16", true);
       if (gs == 128) check(Q, stream<128, 4, true, hf>(), "stream gs128 fp16", true);
-      if (gs == 128) check(Q, stream<128, 2, true, hf, false, 4>(2), "stream gs128 fp16 U2 MB4 kw2", true);
-      if (gs == 64) check(Q, stream<64, 2, true, hf, false, 3>(8), "stream gs64 fp16 U2 MB3 kw8", true);
+      if (gs == 128)
+        check(Q, stream<128, 2, true, hf, false, 4>(2), "stream gs128 fp16 U2 MB4 kw2", true);
+      if (gs == 64)
+        check(Q, stream<64, 2, true, hf, false, 3>(8), "stream gs64 fp16 U2 MB3 kw8", true);
       if (gs == 32) check(Q, stream<32, 4, true, hf, false, 3>(), "stream gs32 fp16 U4 MB3", true);
       release(Q);
+      // several rounds of tile groups per block, and a partial last tile
+      Problem R{40100, K, gs, M, false};
+      make(R, 1);
+      if (gs == 32) check(R, stream<32, 2, true, bf, false, 4, 2>(), "ring gs32 U2 x2", true);
+      if (gs == 64) check(R, stream<64, 2, true, bf, false, 3, 3>(), "ring gs64 U2 x3", true);
+      if (gs == 128) check(R, stream<128, 2, true, bf, false, 4, 3>(), "ring gs128 U2 x3", true);
+      if (gs == 128) check(R, stream<128, 4, true, bf, false, 2, 2>(), "ring gs128 U4 x2", true);
+      if (gs == 64) check(R, stream<64, 4, true, bf, false, 2, 2>(), "ring gs64 U4 x2", true);
+      if (gs == 32) check(R, stream<32, 4, true, bf, false, 2, 2>(), "ring gs32 U4 x2", true);
+      release(R);
+      Problem Z{6000, 4096 + gs, gs, M, true};
+      make(Z, 1);
+      if (gs == 32) check(Z, stream<32, 4, true, hf>(), "stream gs32 fp16 kw8", true);
+      if (gs == 64) check(Z, stream<64, 4, true, hf>(), "stream gs64 fp16 kw8", true);
+      if (gs == 128)
+        check(Z, stream<128, 2, true, hf, false, 3, 3>(), "ring gs128 fp16 U2 x3", true);
+      if (gs == 64)
+        check(Z, stream<64, 2, true, hf, false, 4, 2>(4), "ring gs64 fp16 U2 x2 kw4", true);
+      if (gs == 32)
+        check(Z, stream<32, 2, true, hf, false, 4, 2>(8), "ring gs32 fp16 U2 x2 kw8", true);
+      release(Z);
     }
   }
+  // A: ring U4 x 2 stages, 2 blocks/SM; B: ring U2 x 3 stages, 4 blocks/SM (see qmv_mma.cu)
   std::vector<Row> big = {
       {"cores d (R2 U2), the previous default", cores<bf, 1, 2, 2, false>()},
-      {"stream U2", stream<128, 2, true, bf>()},
-      {"stream U4 (default)", stream<128, 4, true, bf>()},
-      {"stream U4 no L2 hint", stream<128, 4, false, bf>()},
-      {"stream U2 3 blocks/SM", stream<128, 2, true, bf, false, 3>()},
-      {"stream U2 4 blocks/SM", stream<128, 2, true, bf, false, 4>()},
-      {"stream U4 3 blocks/SM", stream<128, 4, true, bf, false, 3>()},
-      {"stream U2 4 blocks/SM kw2", stream<128, 2, true, bf, false, 4>(2)},
-      {"stream U2 3 blocks/SM kw2", stream<128, 2, true, bf, false, 3>(2)},
-      {"stream U4 3 blocks/SM kw2", stream<128, 4, true, bf, false, 3>(2)},
+      {"stream U4 (registers, the previous default)", stream<128, 4, true, bf>()},
+      {"ring A: U4 x2 stages 2 blocks/SM", stream<128, 4, true, bf, false, 2, 2>()},
+      {"ring B: U2 x3 stages 4 blocks/SM", stream<128, 2, true, bf, false, 4, 3>()},
+      {"ring U2 x2 stages 4 blocks/SM", stream<128, 2, true, bf, false, 4, 2>()},
+      {"ring U4 x2 stages 2 blocks/SM kw2", stream<128, 4, true, bf, false, 2, 2>(2)},
       {"probe: stream U4 loads only", stream<128, 4, true, bf, true>()},
       {"read kernel (floor)", read_floor()},
   };
   bench(28672, 8192, 128, 1, false, big, false);
-  std::vector<Row> small = big;
-  small.push_back({"stream U4 kw4", stream<128, 4, true, bf>(4)});
-  small.push_back({"stream U4 kw2", stream<128, 4, true, bf>(2)});
-  bench(4096, 4096, 128, 1, false, small, true);
+  bench(4096, 4096, 128, 1, false, big, true);
   if (quick) return 0;
-  bench(28672, 8192, 64, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()},
-         {"stream U4", stream<64, 4, true, bf>()},
-         {"stream U2 3 blocks/SM", stream<64, 2, true, bf, false, 3>()},
-         {"stream U2 4 blocks/SM", stream<64, 2, true, bf, false, 4>()},
-         {"stream U4 3 blocks/SM", stream<64, 4, true, bf, false, 3>()},
-         {"stream U2 4 blocks/SM kw2", stream<64, 2, true, bf, false, 4>(2)}},
-        false);
-  if (std::getenv("HARNESS_SHORT")) return 0;
-  bench(28672, 8192, 32, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()},
-         {"stream U4", stream<32, 4, true, bf>()},
-         {"stream U2 3 blocks/SM", stream<32, 2, true, bf, false, 3>()},
-         {"stream U2 4 blocks/SM", stream<32, 2, true, bf, false, 4>()},
-         {"stream U4 3 blocks/SM", stream<32, 4, true, bf, false, 3>()},
-         {"stream U2 4 blocks/SM kw2", stream<32, 2, true, bf, false, 4>(2)}},
-        false);
+  for (int64_t gs : {64, 32}) {
+    std::vector<Row> rows = {{"cores d", cores<bf, 1, 2, 2, false>()}};
+    if (gs == 64) {
+      rows.push_back({"stream U4", stream<64, 4, true, bf>()});
+      rows.push_back({"ring A", stream<64, 4, true, bf, false, 2, 2>()});
+      rows.push_back({"ring B", stream<64, 2, true, bf, false, 4, 3>()});
+    } else {
+      rows.push_back({"stream U4", stream<32, 4, true, bf>()});
+      rows.push_back({"ring A", stream<32, 4, true, bf, false, 2, 2>()});
+      rows.push_back({"ring B", stream<32, 2, true, bf, false, 4, 3>()});
+    }
+    bench(28672, 8192, gs, 1, false, rows, false);
+    bench(4096, 4096, gs, 1, false, rows, false);
+  }
   bench(28672, 8192, 128, 1, true,
         {{"cores d fp16", cores<hf, 1, 2, 2, false>()},
-         {"stream U4 hint fp16", stream<128, 4, true, hf>()}},
+         {"stream U4 fp16", stream<128, 4, true, hf>()},
+         {"ring A fp16", stream<128, 4, true, hf, false, 2, 2>()}},
         false);
+  for (int M : {1, 2}) {
+    bench(8192, 28672, 128, M, false,
+          {{"cores d", cores<bf, 1, 2, 2, false>()},
+           {"stream U4", stream<128, 4, true, bf>()},
+           {"ring A", stream<128, 4, true, bf, false, 2, 2>()},
+           {"ring B", stream<128, 2, true, bf, false, 4, 3>()},
+           {"ring U2 x2 4 blocks/SM", stream<128, 2, true, bf, false, 4, 2>()}},
+          false);
+  }
   bench(28672, 8192, 128, 2, false,
         {{"cores MT2 R4 U4", cores<bf, 2, 4, 4, false>()},
-         {"stream U4 hint M2", stream<128, 4, true, bf>()}},
-        false);
-  bench(8192, 28672, 128, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4 hint", stream<128, 4, true, bf>()}},
+         {"stream U4 M2", stream<128, 4, true, bf>()},
+         {"ring A M2", stream<128, 4, true, bf, false, 2, 2>()}},
         false);
   return 0;
 }

@@ -59,7 +59,7 @@ def main() -> None:
             for m in (1, 2):
                 x = torch.randn(m, k, device="cuda").bfloat16()
                 calls = [
-                    lambda p=p, z=z, x=x: torch.ops.aten._weight_int4pack_mm(x, p, gs, z)
+                    lambda p=p, z=z, x=x, gs=gs: torch.ops.aten._weight_int4pack_mm(x, p, gs, z)
                     for p, z in held
                 ]
                 ms = graph_ms(calls)

@@ -30,9 +30,30 @@ namespace mlxq::cuda {
 constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM)
 
 // Bytes of dynamic shared memory the streaming kernel needs for M rows of x of length K.
-inline int64_t qmv_stream_smem(int64_t M, int64_t K) {
+// ring_bytes: the ring variant's weight slots per warp (stages * U KB).
+inline int64_t qmv_stream_smem(int64_t M, int64_t K, int64_t ring_bytes = 0) {
   const int64_t kp = (K + 127) / 128 * 128;
-  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4 + 64;
+  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4 + 64 +
+         kStreamWarps * ring_bytes;
+}
+
+// The launch of the streaming kernel: KW warps split the K of a tile only while the tiles alone
+// leave warp slots (min_blocks blocks of kStreamWarps per multiprocessor) empty, and while each
+// warp keeps at least one whole step of U spans; kStreamWarps / KW tiles a block. kw_force > 0
+// forces KW (benchmarks).
+struct StreamGrid {
+  int kw;
+  int64_t blocks;
+};
+inline StreamGrid qmv_stream_grid(int64_t N, int64_t K, int U, int sm_count, int min_blocks,
+                                  int kw_force = 0) {
+  const int64_t tiles = (N + 15) / 16, slots = int64_t{sm_count} * min_blocks * kStreamWarps;
+  const int64_t steps = ((K / 32 + 3) / 4 + U - 1) / U;
+  int kw = 1;
+  while (kw < kStreamWarps && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
+  if (kw_force > 0) kw = kw_force;
+  const int64_t tpb = kStreamWarps / kw;
+  return {kw, (tiles + tpb - 1) / tpb};
 }
 
 // A 16-byte global load of streamed data: not kept in L1, evicted first from L2.
@@ -82,16 +103,11 @@ struct StreamLane {
   uint64_t policy;
 };
 
-template <int GS, int U, bool Hint>
-__device__ __forceinline__ void stream_load(const StreamLane& L, int step, StreamStep<GS, U>& st) {
+// The scales and biases of one step (this lane's row and kind, see StreamLane::sbp).
+template <int GS, int U>
+__device__ __forceinline__ void stream_load_sb(const StreamLane& L, int step,
+                                               StreamStep<GS, U>& st) {
   using S = StreamStep<GS, U>;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int sp = step * U + u;
-    const bool ok = sp * 4 + L.t < L.chunks;
-    st.qa[u] = ok ? ld_stream<Hint>(L.wa + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
-    st.qb[u] = ok ? ld_stream<Hint>(L.wb + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
-  }
   const int g0 = step * S::kGroups;
   if (L.sb_vec && g0 + S::kGroups <= L.G) {
     if constexpr (S::kSbWords == 1) {
@@ -114,6 +130,50 @@ __device__ __forceinline__ void stream_load(const StreamLane& L, int step, Strea
       const uint32_t hi = b < L.G ? __ldg(L.sbp + b) : 0u;
       st.sb[i] = lo | (hi << 16);
     }
+  }
+}
+
+template <int GS, int U, bool Hint>
+__device__ __forceinline__ void stream_load(const StreamLane& L, int step, StreamStep<GS, U>& st) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int sp = step * U + u;
+    const bool ok = sp * 4 + L.t < L.chunks;
+    st.qa[u] = ok ? ld_stream<Hint>(L.wa + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
+    st.qb[u] = ok ? ld_stream<Hint>(L.wb + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  stream_load_sb<GS, U>(L, step, st);
+}
+
+// The ring variant: the weights of a step go straight to this lane's slot of shared memory
+// (cp.async, no registers held while in flight; 16 zero bytes past the row's end), span u's
+// rows g and g + 8 at slot + (2u) * 512 and slot + (2u + 1) * 512 (each lane its own 16 bytes).
+// No L2 cache hint: with one, ptxas 13.0 emitted some of these copies with an odd uniform
+// register as the 64-bit policy descriptor (desc[UR1]), which faults as an illegal instruction.
+template <int U>
+__device__ __forceinline__ void ring_issue(const StreamLane& L, int step, uint32_t slot) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int sp = step * U + u;
+    const int bytes = sp * 4 + L.t < L.chunks ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(slot + 1024 * u),
+                 "l"(L.wa + sp * 4), "r"(bytes));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(slot + 1024 * u + 512),
+                 "l"(L.wb + sp * 4), "r"(bytes));
+  }
+}
+template <int GS, int U>
+__device__ __forceinline__ void ring_read(uint32_t slot, StreamStep<GS, U>& st) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    uint4 a, b;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(a.x), "=r"(a.y), "=r"(a.z), "=r"(a.w)
+                 : "r"(slot + 1024 * u));
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
+                 : "r"(slot + 1024 * u + 512));
+    st.qa[u] = a, st.qb[u] = b;
   }
 }
 
@@ -199,7 +259,8 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
 // y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, kStreamWarps / KW tiles a block.
 // LoadsOnly (benchmarks): only the loads, a bandwidth probe of this access pattern (wrong
 // results).
-template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false, int MinBlocks = 2>
+template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false, int MinBlocks = 2,
+          int Ring = 0>
 __global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
     qmv_stream_kernel(const QmvParams p, const int KW) {
   using S = StreamStep<GS, U>;
@@ -242,8 +303,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
     L.policy = pol;
   }
   S cur, nxt;
-  if (st0 < st1 && !LoadsOnly)
+  if constexpr (Ring > 0) {
+    if (st0 < st1) {  // slot 0 (the ring lies past `zeros`), on its way while x is staged
+      const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 4)) +
+                            wi * Ring * U * 1024 + lane * 16;
+      ring_issue<U>(L, st0, ring);
+      stream_load_sb<GS, U>(L, st0, cur);
+    }
+    asm volatile("cp.async.commit_group;");
+  } else if (st0 < st1 && !LoadsOnly) {
     stream_load<GS, U, Hint>(L, st0, cur);  // on its way while x is staged
+  }
 
   // Stage x: chunk c of 8 values of row m at xs[m * kp / 8 + c], permuted for the B operand, and
   // the sums of x per 32 values. The loop's trip count is uniform (the shuffles need all lanes).
@@ -295,6 +365,27 @@ __global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
       }
     }
     acc_a = __uint_as_float(x & 0x3FFFFFFFu);
+  } else if constexpr (Ring > 0) {
+    // Ring stages per warp: step st + Ring - 1 is copied while step st is multiplied.
+    constexpr uint32_t kSlot = U * 1024;
+    const uint32_t ring =
+        static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 4)) + wi * Ring * kSlot + lane * 16;
+#pragma unroll
+    for (int s = 1; s < Ring - 1; ++s) {
+      if (st0 + s < st1) ring_issue<U>(L, st0 + s, ring + s * kSlot);
+      asm volatile("cp.async.commit_group;");
+    }
+    for (int st = st0; st < st1; ++st) {
+      const int sn = st + Ring - 1;
+      if (sn < st1) ring_issue<U>(L, sn, ring + ((sn - st0) % Ring) * kSlot);
+      asm volatile("cp.async.commit_group;");
+      asm volatile("cp.async.wait_group %0;" ::"n"(Ring - 1));
+      ring_read<GS, U>(ring + ((st - st0) % Ring) * kSlot, cur);
+      if (st + 1 < st1) stream_load_sb<GS, U>(L, st + 1, nxt);
+      stream_step<GS, U, T>(L, st, xrow, xstride, sxrow, g, cur, acc_a, acc_b);
+#pragma unroll
+      for (int i = 0; i < S::kSbWords; ++i) cur.sb[i] = nxt.sb[i];
+    }
   } else {
     for (int st = st0; st < st1; st += 2) {  // two steps per round: the buffers are never copied
       if (st + 1 < st1) stream_load<GS, U, Hint>(L, st + 1, nxt);
