@@ -442,7 +442,7 @@ int main(int argc, char** argv) {
         false);
   for (int M : {1, 2}) {
     bench(8192, 28672, 128, M, false,
-          {{"cores d", cores<bf, 1, 2, 2, false>()},
+          {{"cores (M <= 2)", cores<bf, 2, 4, 4, false>()},
            {"stream U4", stream<128, 4, true, bf>()},
            {"ring A", stream<128, 4, true, bf, false, 2, 2>()},
            {"ring B", stream<128, 2, true, bf, false, 4, 3>()},

@@ -32,15 +32,19 @@ void launch_typed(const QmvParams& p, cudaStream_t stream) {
 // took 52.4 us, 2 spans 57.6, 8 spilled (72.8); rotating each warp's start over its row 53.0, and
 // 1 + q/16 operands (no HSUB2, x sums taken off afterwards) 52.1 bf16 / 49.7 fp16 against 52.1 /
 // 52.1: kept out. One LOP3 per nibble pair and no zeroing of B (kernels.cuh, qmv_stream.cuh) took
-// it to 44.8 us.
+// it to 44.8 us, straight-line steps (x staged to whole steps) to 42.0.
 constexpr int kStreamSpans = 4;
 // Stages of the ring variant (weights copied to shared memory with cp.async, no registers held
-// for them: 92 instead of 127). Where the tiles alone fill the GPU (KW = 1) and two blocks fit in
-// a multiprocessor's shared memory it is faster: H200, M = 1, bf16, us, registers / ring:
-// 28672 x 8192 group 128 44.9 / 41.7, group 64 45.8 / 42.6, group 32 51.9 / 47.0; with K split
-// it is slower (4096 x 4096: 6.6 / 7.0; 8192 x 28672, whose x takes 57 KB: 41.8 / 49.7). Other
-// shapes measured there: U2 x 2-4 stages at 2-4 blocks per multiprocessor 44.7-50.8 us; x 3 stages
-// of 4 spans does not fit twice.
+// for them: 104 instead of 128). Where the tiles alone fill the GPU (KW = 1) and two blocks fit
+// in a multiprocessor's shared memory it is faster: H200, M = 1, bf16, us, registers / ring:
+// 28672 x 8192 group 128 42.1 / 39.9, group 64 42.9 / 40.7, group 32 49.2 / 45.4; with K split
+// it is slower (4096 x 4096: 6.5 / 6.9; 8192 x 28672, whose x takes 57 KB: 39.5 / 44.8). Also
+// measured there: U2 x 2-4 stages at 2-4 blocks per multiprocessor 44.7-50.8 us (before the
+// straight-line steps); 3 stages of 4 spans do not fit twice; two accumulator chains per span, no
+// gain; an L2 prefetch of 128 or 256 bytes on the weight loads lifts the loads alone from 34 to
+// 30 us (the 64-byte row pieces cost the memory side) but not the kernel (39.9 / 39.7), which is
+// bound by its instruction stream: each warp's mma chains and unpacking, at 16 warps a
+// multiprocessor.
 constexpr int kRingStages = 2;
 
 template <int GS, typename T, int Ring>

@@ -32,7 +32,7 @@ constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM)
 // Bytes of dynamic shared memory the streaming kernel needs for M rows of x of length K.
 // ring_bytes: the ring variant's weight slots per warp (stages * U KB).
 inline int64_t qmv_stream_smem(int64_t M, int64_t K, int64_t ring_bytes = 0) {
-  const int64_t kp = (K + 127) / 128 * 128;
+  const int64_t kp = (K + 1023) / 1024 * 1024;  // the kernel pads x to whole steps (U <= 8 spans)
   return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4 + 64 +
          kStreamWarps * ring_bytes;
 }
@@ -188,7 +188,9 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int sp = step * U + u;
-    if (sp >= L.spans) break;  // uniform across the warp
+    // No early exit past the row's last span (x is staged to whole steps, zeros past K, and
+    // the weights and scales read there are zeros): a step is straight-line code, so that the
+    // compiler can interleave its spans' chains of dependent mma.
     float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -269,9 +271,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
   const int g = lane >> 2, t = lane & 3;
   const int M = p.M;
   const int chunks = static_cast<int>(p.K / 32), spans = (chunks + 3) / 4;
-  const int kp = spans * 128;                                      // K padded to whole spans
-  uint4* xs = reinterpret_cast<uint4*>(stream_smem);               // [M][kp / 8]
-  float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);  // [M][kp / 32]
+  const int kp = (spans + U - 1) / U * U * 128;  // K padded to whole steps (<= qmv_stream_smem's)
+  uint4* xs = reinterpret_cast<uint4*>(stream_smem);                             // [M][kp / 8]
+  float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);                // [M][kp / 32]
   float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [8][2][16]
   uint4* zeros = reinterpret_cast<uint4*>(red + kStreamWarps * 2 * 16);          // [4]
 
