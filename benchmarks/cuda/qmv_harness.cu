@@ -15,54 +15,11 @@
 
 #include "cuda/kernels.cuh"
 #include "cuda/qmv_stream.cuh"
+#include "harness.h"
 
 using namespace mlxq::cuda;
 
-#define CK(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
-
 static int g_sms = 132;
-
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static uint64_t rnd() {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return rng_state;
-}
-static float urand() { return (rnd() >> 40) * (1.0f / 16777216.0f); }
-
-static uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-static float from_bf16(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-static uint16_t to_h(float f, bool half) {
-  if (!half) return to_bf16(f);
-  __half h = __float2half_rn(f);
-  uint16_t r;
-  std::memcpy(&r, &h, 2);
-  return r;
-}
-static float from_h(uint16_t v, bool half) {
-  if (!half) return from_bf16(v);
-  __half h;
-  std::memcpy(&h, &v, 2);
-  return __half2float(h);
-}
 
 struct Problem {
   int64_t N, K, GS;
@@ -334,6 +291,7 @@ static void bench(int64_t N, int64_t K, int64_t GS, int M, bool half, const std:
 }
 
 int main(int argc, char** argv) {
+  harness_seed(0x9E3779B97F4A7C15ull);
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   g_sms = prop.multiProcessorCount;
