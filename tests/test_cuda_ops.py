@@ -210,6 +210,12 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
         wq, s, b = _quantized(gen, 77, 576, group_size, 4, dtype)
         for m in (1, 2):
             _check_matmul(torch.randn(m, 576, generator=gen).to(dtype), wq, s, b, group_size, 4)
+    if kernel == "stream":  # more 16-row tiles than warp slots: the shared-memory ring variant
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        n, k = 16 * 8 * sms + 40, (640 if group_size == 128 else 576)
+        wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
+        for m in (1, 2):
+            _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda

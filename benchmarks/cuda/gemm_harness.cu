@@ -22,39 +22,9 @@
 
 #include "cuda/gemm_sm90.cuh"
 #include "cuda/gemm_sm90_sk.cuh"
+#include "harness.h"
 
 using namespace mlxq::cuda;
-
-#define CK(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
-
-static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
-static uint64_t rnd() {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return rng_state;
-}
-static float urand() { return (rnd() >> 40) * (1.0f / 16777216.0f); }
-
-static uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-static float from_bf16(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 static CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType type, int64_t elem, int64_t rows,
                               int64_t cols, int box_cols, int box_rows,
@@ -256,6 +226,7 @@ static double time_ms(F&& f, int copies) {
 }
 
 int main(int argc, char** argv) {
+  harness_seed(0x2545F4914F6CDD1Dull);
   std::vector<int64_t> ms;
   for (int i = 1; i < argc; ++i) ms.push_back(std::atoll(argv[i]));
   if (ms.empty()) ms = {32, 64, 128, 256, 512, 768};

@@ -15,54 +15,11 @@
 
 #include "cuda/kernels.cuh"
 #include "cuda/qmv_stream.cuh"
+#include "harness.h"
 
 using namespace mlxq::cuda;
 
-#define CK(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
-
 static int g_sms = 132;
-
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static uint64_t rnd() {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return rng_state;
-}
-static float urand() { return (rnd() >> 40) * (1.0f / 16777216.0f); }
-
-static uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-static float from_bf16(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-static uint16_t to_h(float f, bool half) {
-  if (!half) return to_bf16(f);
-  __half h = __float2half_rn(f);
-  uint16_t r;
-  std::memcpy(&r, &h, 2);
-  return r;
-}
-static float from_h(uint16_t v, bool half) {
-  if (!half) return from_bf16(v);
-  __half h;
-  std::memcpy(&h, &v, 2);
-  return __half2float(h);
-}
 
 struct Problem {
   int64_t N, K, GS;
@@ -144,29 +101,20 @@ Launch cores() {
   };
 }
 
-static int auto_kw(const QmvParams& p, int U) {
-  const int64_t tiles = (p.N + 15) / 16, slots = static_cast<int64_t>(g_sms) * 16;
-  const int64_t steps = ((p.K / 32 + 3) / 4 + U - 1) / U;
-  int kw = 1;
-  while (kw < 8 && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
-  return kw;
-}
-
-template <int GS, int U, bool H, typename T, bool LoadsOnly = false>
+template <int GS, int U, bool H, typename T, bool LoadsOnly = false, int MB = 2, int Ring = 0>
 Launch stream(int kw_force = 0) {
   return [kw_force](const QmvParams& p, cudaStream_t s) {
-    const int kw = kw_force ? kw_force : auto_kw(p, U);
-    const int64_t tiles = (p.N + 15) / 16, tpb = kStreamWarps / kw;
-    const int64_t blocks = (tiles + tpb - 1) / tpb;
-    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K));
-    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly>;
+    const StreamGrid grid = qmv_stream_grid(p.N, p.K, U, g_sms, MB, kw_force);
+    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K, Ring * U * 1024));
+    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly, MB, Ring>;
     if (smem > 48 * 1024)
       CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    k<<<static_cast<unsigned>(blocks), kStreamWarps * 32, smem, s>>>(p, kw);
+    k<<<static_cast<unsigned>(grid.blocks), kStreamWarps * 32, smem, s>>>(p, grid.kw);
   };
 }
 
-__global__ void read_kernel(const uint4* p, int64_t n, uint32_t* out);
+template <int F>
+__global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out);
 
 // The packed weights read once by a plain streaming kernel (no arithmetic): the floor for a
 // kernel that reads them, launch included.
@@ -174,7 +122,7 @@ static uint32_t* g_sink = nullptr;
 static Launch read_floor() {
   return [](const QmvParams& p, cudaStream_t s) {
     const int64_t n = p.N * p.K / 32;  // 16-byte words
-    read_kernel<<<g_sms * 8, 256, 0, s>>>(reinterpret_cast<const uint4*>(p.w), n, g_sink);
+    read_kernel_f<4><<<g_sms * 8, 256, 0, s>>>(reinterpret_cast<const uint4*>(p.w), n, g_sink);
   };
 }
 
@@ -252,15 +200,18 @@ static double time_us(Problem& P, const Launch& fn) {
   return graph_us([&](int c, cudaStream_t s) { fn(params(P, c), s); }, P.copies, 40);
 }
 
-__global__ void read_kernel(const uint4* p, int64_t n, uint32_t* out) {
+// A grid-stride read of n 16-byte words with F independent streaming loads in flight per thread.
+template <int F>
+__global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out) {
   uint32_t acc = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; i + 3 * stride < n; i += 4 * stride) {
-    const uint4 a = __ldcs(p + i), b = __ldcs(p + i + stride), c = __ldcs(p + i + 2 * stride),
-                d = __ldcs(p + i + 3 * stride);
-    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^
-           d.w;
+  for (; i + (F - 1) * stride < n; i += F * stride) {
+    uint4 v[F];
+#pragma unroll
+    for (int f = 0; f < F; ++f) v[f] = __ldcs(p + i + f * stride);
+#pragma unroll
+    for (int f = 0; f < F; ++f) acc ^= v[f].x ^ v[f].y ^ v[f].z ^ v[f].w;
   }
   for (; i < n; i += stride) {
     const uint4 a = __ldcs(p + i);
@@ -284,11 +235,34 @@ static void bandwidth() {
       1, 5);
   const double read_us = graph_us(
       [&](int, cudaStream_t s) {
-        read_kernel<<<g_sms * 8, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
+        read_kernel_f<4><<<g_sms * 8, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
       },
       1, 5);
   std::printf("copy (read+write): %.3f TB/s; read: %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6,
               bytes / read_us / 1e6);
+  // The read ceiling by loads in flight per thread and blocks of 256 threads per SM, over 1 GB
+  // and over 8 copies of 128 MB (each call misses the L2 as a decode step's weights would).
+  const int64_t small = 128ll << 20;
+  for (int f : {1, 2, 4, 8}) {
+    for (int bps : {2, 4, 8}) {
+      auto k = f == 1
+                   ? read_kernel_f<1>
+                   : (f == 2 ? read_kernel_f<2> : (f == 4 ? read_kernel_f<4> : read_kernel_f<8>));
+      const double us_big = graph_us(
+          [&](int, cudaStream_t s) {
+            k<<<g_sms * bps, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
+          },
+          1, 5);
+      const double us_small = graph_us(
+          [&](int c, cudaStream_t s) {
+            k<<<g_sms * bps, 256, 0, s>>>(static_cast<const uint4*>(src) + c * (small / 16),
+                                          small / 16, out);
+          },
+          8, 40);
+      std::printf("  read F=%d blocks/SM=%d: 1 GB %.3f TB/s, 128 MB %.3f TB/s (%.2f us)\n", f, bps,
+                  bytes / us_big / 1e6, small / us_small / 1e6, us_small);
+    }
+  }
   cudaFree(src), cudaFree(dst), cudaFree(out);
 }
 
@@ -317,14 +291,31 @@ static void bench(int64_t N, int64_t K, int64_t GS, int M, bool half, const std:
 }
 
 int main(int argc, char** argv) {
+  harness_seed(0x9E3779B97F4A7C15ull);
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   g_sms = prop.multiProcessorCount;
   CK(cudaMalloc(&g_sink, 4));
   std::printf("%s, %d SMs, L2 %d MB\n", prop.name, g_sms, prop.l2CacheSize >> 20);
-  bandwidth();
   using bf = __nv_bfloat16;
   using hf = __half;
+  if (argc > 1 && std::strcmp(argv[1], "san") == 0) {  // the U = 1 ring, for compute-sanitizer
+    Problem Z{6000, 4128, 32, 1, true};
+    make(Z, 1);
+    check(Z, stream<32, 2, true, hf, false, 4, 4>(8), "ring gs32 fp16 U2 x4 kw8", true);
+    return 0;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "ncu") == 0) {  // one launch of each, for a profiler
+    Problem P{28672, 8192, 128, 1, false};
+    make(P, 1);
+    for (const Launch& fn : {stream<128, 4, true, bf>(), stream<128, 4, true, bf, true>()}) {
+      fn(params(P, 0), 0);
+      CK(cudaDeviceSynchronize());
+    }
+    release(P);
+    return 0;
+  }
+  bandwidth();
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
   // numerics on awkward shapes: K tails (576: 4.5 spans), N tails, split K, M = 2
   for (int64_t gs : {32, 64, 128}) {
@@ -345,40 +336,81 @@ int main(int argc, char** argv) {
 
       if (gs == 64) check(Q, stream<64, 4, true, hf>(), "stream gs64 fp16", true);
       if (gs == 128) check(Q, stream<128, 4, true, hf>(), "stream gs128 fp16", true);
+      if (gs == 128)
+        check(Q, stream<128, 2, true, hf, false, 4>(2), "stream gs128 fp16 U2 MB4 kw2", true);
+      if (gs == 64)
+        check(Q, stream<64, 2, true, hf, false, 3>(8), "stream gs64 fp16 U2 MB3 kw8", true);
+      if (gs == 32) check(Q, stream<32, 4, true, hf, false, 3>(), "stream gs32 fp16 U4 MB3", true);
       release(Q);
+      // several rounds of tile groups per block, and a partial last tile
+      Problem R{40100, K, gs, M, false};
+      make(R, 1);
+      if (gs == 32) check(R, stream<32, 2, true, bf, false, 4, 2>(), "ring gs32 U2 x2", true);
+      if (gs == 64) check(R, stream<64, 2, true, bf, false, 3, 3>(), "ring gs64 U2 x3", true);
+      if (gs == 128) check(R, stream<128, 2, true, bf, false, 4, 3>(), "ring gs128 U2 x3", true);
+      if (gs == 128) check(R, stream<128, 4, true, bf, false, 2, 2>(), "ring gs128 U4 x2", true);
+      if (gs == 64) check(R, stream<64, 4, true, bf, false, 2, 2>(), "ring gs64 U4 x2", true);
+      if (gs == 32) check(R, stream<32, 4, true, bf, false, 2, 2>(), "ring gs32 U4 x2", true);
+      release(R);
+      Problem Z{6000, 4096 + gs, gs, M, true};
+      make(Z, 1);
+      if (gs == 32) check(Z, stream<32, 4, true, hf>(), "stream gs32 fp16 kw8", true);
+      if (gs == 64) check(Z, stream<64, 4, true, hf>(), "stream gs64 fp16 kw8", true);
+      if (gs == 128)
+        check(Z, stream<128, 2, true, hf, false, 3, 3>(), "ring gs128 fp16 U2 x3", true);
+      if (gs == 64)
+        check(Z, stream<64, 2, true, hf, false, 4, 2>(4), "ring gs64 fp16 U2 x2 kw4", true);
+      if (gs == 32)
+        check(Z, stream<32, 2, true, hf, false, 4, 2>(8), "ring gs32 fp16 U2 x2 kw8", true);
+      release(Z);
     }
   }
+  // A: ring U4 x 2 stages, 2 blocks/SM; B: ring U2 x 3 stages, 4 blocks/SM (see qmv_mma.cu)
   std::vector<Row> big = {
       {"cores d (R2 U2), the previous default", cores<bf, 1, 2, 2, false>()},
-      {"stream U2", stream<128, 2, true, bf>()},
-      {"stream U4 (default)", stream<128, 4, true, bf>()},
-      {"stream U4 no L2 hint", stream<128, 4, false, bf>()},
+      {"stream U4 (registers, the previous default)", stream<128, 4, true, bf>()},
+      {"ring A: U4 x2 stages 2 blocks/SM", stream<128, 4, true, bf, false, 2, 2>()},
+      {"ring B: U2 x3 stages 4 blocks/SM", stream<128, 2, true, bf, false, 4, 3>()},
+      {"ring U2 x2 stages 4 blocks/SM", stream<128, 2, true, bf, false, 4, 2>()},
+      {"ring U4 x2 stages 2 blocks/SM kw2", stream<128, 4, true, bf, false, 2, 2>(2)},
       {"probe: stream U4 loads only", stream<128, 4, true, bf, true>()},
       {"read kernel (floor)", read_floor()},
   };
   bench(28672, 8192, 128, 1, false, big, false);
-  std::vector<Row> small = big;
-  small.push_back({"stream U4 kw4", stream<128, 4, true, bf>(4)});
-  small.push_back({"stream U4 kw2", stream<128, 4, true, bf>(2)});
-  bench(4096, 4096, 128, 1, false, small, true);
+  bench(4096, 4096, 128, 1, false, big, true);
   if (quick) return 0;
-  bench(28672, 8192, 64, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4", stream<64, 4, true, bf>()}},
-        false);
-  if (std::getenv("HARNESS_SHORT")) return 0;
-  bench(28672, 8192, 32, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4", stream<32, 4, true, bf>()}},
-        false);
+  for (int64_t gs : {64, 32}) {
+    std::vector<Row> rows = {{"cores d", cores<bf, 1, 2, 2, false>()}};
+    if (gs == 64) {
+      rows.push_back({"stream U4", stream<64, 4, true, bf>()});
+      rows.push_back({"ring A", stream<64, 4, true, bf, false, 2, 2>()});
+      rows.push_back({"ring B", stream<64, 2, true, bf, false, 4, 3>()});
+    } else {
+      rows.push_back({"stream U4", stream<32, 4, true, bf>()});
+      rows.push_back({"ring A", stream<32, 4, true, bf, false, 2, 2>()});
+      rows.push_back({"ring B", stream<32, 2, true, bf, false, 4, 3>()});
+    }
+    bench(28672, 8192, gs, 1, false, rows, false);
+    bench(4096, 4096, gs, 1, false, rows, false);
+  }
   bench(28672, 8192, 128, 1, true,
         {{"cores d fp16", cores<hf, 1, 2, 2, false>()},
-         {"stream U4 hint fp16", stream<128, 4, true, hf>()}},
+         {"stream U4 fp16", stream<128, 4, true, hf>()},
+         {"ring A fp16", stream<128, 4, true, hf, false, 2, 2>()}},
         false);
+  for (int M : {1, 2}) {
+    bench(8192, 28672, 128, M, false,
+          {{"cores (M <= 2)", cores<bf, 2, 4, 4, false>()},
+           {"stream U4", stream<128, 4, true, bf>()},
+           {"ring A", stream<128, 4, true, bf, false, 2, 2>()},
+           {"ring B", stream<128, 2, true, bf, false, 4, 3>()},
+           {"ring U2 x2 4 blocks/SM", stream<128, 2, true, bf, false, 4, 2>()}},
+          false);
+  }
   bench(28672, 8192, 128, 2, false,
         {{"cores MT2 R4 U4", cores<bf, 2, 4, 4, false>()},
-         {"stream U4 hint M2", stream<128, 4, true, bf>()}},
-        false);
-  bench(8192, 28672, 128, 1, false,
-        {{"cores d", cores<bf, 1, 2, 2, false>()}, {"stream U4 hint", stream<128, 4, true, bf>()}},
+         {"stream U4 M2", stream<128, 4, true, bf>()},
+         {"ring A M2", stream<128, 4, true, bf, false, 2, 2>()}},
         false);
   return 0;
 }

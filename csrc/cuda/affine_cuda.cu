@@ -124,12 +124,26 @@ void dequantize_rows(const Weight& W, int64_t n0, int64_t n1, at::Tensor& out) {
 // but whose cost per group is higher than the CUDA-core kernel's, once M * group_size >= 256.
 // Measured on an H200 (28672 x 8192, bf16, ms, cores / mma): group 128: M=1 0.059/0.076,
 // M=4 0.139/0.078; group 64, M=1: 0.061/0.107; group 32, M=1: 0.062/0.174; the streaming kernel
-// (group 128, M=1 and 2) 0.053. MLXQ_CUDA_DECODE=cores|mma|stream forces one where it applies
-// (read on every call, so that a benchmark can compare them in one process).
+// (benchmarks/cuda/qmv_harness.cu, M=1) 0.042 at group 128, 0.043 at 64, 0.047 at 32 (torch's
+// int4 tinygemm: 0.062, 0.066, 0.076). MLXQ_CUDA_DECODE=cores|mma|stream forces one where it
+// applies (read on every call, so that a benchmark can compare them in one process).
 enum class Decode { kCores, kMma, kStream };
 
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+int sm_count(int device) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+StreamDevice stream_device(int device) {
+  int block = 0, sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  return {sm_count(device), block, sm};
 }
 
 Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) {
@@ -143,15 +157,9 @@ Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) 
   if (major < 8) return Decode::kCores;
   if (v == "mma") return Decode::kMma;
   const bool stream_ok = W.s.scalar_type() == dt && W.b.scalar_type() == dt && aligned16(W.s) &&
-                         aligned16(W.b) && qmv_stream4_fits(M, W.K);
+                         aligned16(W.b) && qmv_stream4_fits(M, W.K, stream_device(device));
   if (stream_ok) return Decode::kStream;
   return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
-}
-
-int sm_count(int device) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
 }
 
 // Whether the fused Hopper prefill runs y = x @ W.T (gemm_sm90.cu): 4-bit W, fp16/bf16 x with
@@ -219,7 +227,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     const int device = x.get_device();
     switch (decode_kernel(W, M, dt, device)) {
       case Decode::kStream:
-        launch_qmv_stream4(p, dtype_of(dt), sm_count(device), stream);
+        launch_qmv_stream4(p, dtype_of(dt), stream_device(device), stream);
         break;
       case Decode::kMma:
         launch_qmv_mma4(p, dtype_of(dt), stream);

@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(128 * WGS, Occ)
           const uint32_t w[4] = {wa[2 * j], wb[2 * j], wa[2 * j + 1], wb[2 * j + 1]};
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const uint32_t u = (__byte_perm(w[r], w[r] >> 4, sel) & 0x000F000Fu) | Op::kMagic;
+            const uint32_t u = and_or<0x000F000Fu, Op::kMagic>(__byte_perm(w[r], w[r] >> 4, sel));
             a[j][r] = (Probe & 1) ? w[r] : (r & 1) ? Op::deq(u, sb, bb) : Op::deq(u, sa, ba);
           }
         }

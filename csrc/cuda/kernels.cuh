@@ -405,6 +405,16 @@ __device__ __forceinline__ void load_words(const uint32_t* p, uint32_t (&w)[N]) 
   }
 }
 
+// (a & mask) | magic as one LOP3. Written as C++, ptxas emits two (a LOP3 takes one immediate and
+// it does not keep the second constant in a register), which made the nibble unpacking of the
+// decode kernels ALU-bound.
+template <uint32_t Mask, uint32_t Magic>
+__device__ __forceinline__ uint32_t and_or(uint32_t a) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(Mask), "n"(Magic));
+  return d;
+}
+
 // c += the products of one 32-bit word of 8 nibbles of row g (qa) and of row g + 8 (qb) with
 // the 8 values of x under them, as two mma.sync m16n8k16: the word's nibbles pair up as (0,4),
 // (1,5) for the first and (2,6), (3,7) for the second, and b holds x in that order, (x0,x4)
@@ -418,10 +428,10 @@ __device__ __forceinline__ void mma_nibble_words(float (&c)[4], uint32_t qa, uin
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int s0 = 8 * h, s1 = 8 * h + 4;
-    const uint32_t a0 = Mma::unbias(((qa >> s0) & 0x000F000Fu) | Mma::kMagic);
-    const uint32_t a1 = Mma::unbias(((qb >> s0) & 0x000F000Fu) | Mma::kMagic);
-    const uint32_t a2 = Mma::unbias(((qa >> s1) & 0x000F000Fu) | Mma::kMagic);
-    const uint32_t a3 = Mma::unbias(((qb >> s1) & 0x000F000Fu) | Mma::kMagic);
+    const uint32_t a0 = Mma::unbias(and_or<0x000F000Fu, Mma::kMagic>(qa >> s0));
+    const uint32_t a1 = Mma::unbias(and_or<0x000F000Fu, Mma::kMagic>(qb >> s0));
+    const uint32_t a2 = Mma::unbias(and_or<0x000F000Fu, Mma::kMagic>(qa >> s1));
+    const uint32_t a3 = Mma::unbias(and_or<0x000F000Fu, Mma::kMagic>(qb >> s1));
     Mma::mma(c, a0, a1, a2, a3, h == 0 ? b0 : b2, h == 0 ? b1 : b3);
   }
 }

@@ -55,10 +55,16 @@ void launch_qmv_mma4(const QmvParams& p, DType x_dtype, cudaStream_t stream);
 
 // The streaming decode on tensor cores (qmv_stream.cuh): 4-bit W, fp16/bf16 x with scales and
 // biases of the same dtype (16-byte aligned rows), 1 <= p.M <= 2, compute capability >= 8.0,
-// where x fits its shared memory (qmv_stream4_fits); K is split over more warps for few rows.
-constexpr int64_t kQmvStreamMaxSmem = 100 * 1024;
-bool qmv_stream4_fits(int64_t M, int64_t K);
-void launch_qmv_stream4(const QmvParams& p, DType x_dtype, int sm_count, cudaStream_t stream);
+// where x fits a block's shared memory (qmv_stream4_fits: 8192 x 28672 at M = 2 stages 115 KB);
+// K is split over more warps for few rows.
+struct StreamDevice {
+  int sm_count;
+  int64_t smem_per_block;  // opt-in maximum of dynamic shared memory per block
+  int64_t smem_per_sm;
+};
+bool qmv_stream4_fits(int64_t M, int64_t K, const StreamDevice& dev);
+void launch_qmv_stream4(const QmvParams& p, DType x_dtype, const StreamDevice& dev,
+                        cudaStream_t stream);
 
 // Prefill on Hopper tensor cores (gemm_sm90.cu): y = x @ W.T for 4-bit W, fp16/bf16 x with
 // scales and biases of the same dtype, K a multiple of 64, all contiguous and 16-byte aligned.

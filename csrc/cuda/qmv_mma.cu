@@ -28,51 +28,70 @@ void launch_typed(const QmvParams& p, cudaStream_t stream) {
 }
 
 // Spans (of 128 values) per step of the streaming kernel: 4 KB of loads in flight per warp. On an
-// H200 (28672 x 8192, bf16, group 128, M = 1) 4 spans took 52.4 us, 2 spans 57.6, 8 spilled
-// (72.8); a ring of cp.async stages in shared memory (2 spans x 3-6 stages) 52.3-62.7 us,
-// rotating each warp's start over its row 53.0, and 1 + q/16 operands (no HSUB2, x sums taken off
-// afterwards) 52.1 bf16 / 49.7 fp16 against 52.1 / 52.1: kept out. The loads alone take 34-37 us.
+// H200 (28672 x 8192, bf16, group 128, M = 1), with weights double-buffered in registers, 4 spans
+// took 52.4 us, 2 spans 57.6, 8 spilled (72.8); rotating each warp's start over its row 53.0, and
+// 1 + q/16 operands (no HSUB2, x sums taken off afterwards) 52.1 bf16 / 49.7 fp16 against 52.1 /
+// 52.1: kept out. One LOP3 per nibble pair and no zeroing of B (kernels.cuh, qmv_stream.cuh) took
+// it to 44.8 us, straight-line steps (x staged to whole steps) to 42.0.
 constexpr int kStreamSpans = 4;
+// Stages of the ring variant (weights copied to shared memory with cp.async, no registers held
+// for them: 104 instead of 128). Where the tiles alone fill the GPU (KW = 1) and two blocks fit
+// in a multiprocessor's shared memory it is faster: H200, M = 1, bf16, us, registers / ring:
+// 28672 x 8192 group 128 42.1 / 39.9, group 64 42.9 / 40.7, group 32 49.2 / 45.4; with K split
+// it is slower (4096 x 4096: 6.5 / 6.9; 8192 x 28672, whose x takes 57 KB: 39.5 / 44.8). Also
+// measured there: U2 x 2-4 stages at 2-4 blocks per multiprocessor 44.7-50.8 us (before the
+// straight-line steps); 3 stages of 4 spans do not fit twice; two accumulator chains per span, no
+// gain; an L2 prefetch of 128 or 256 bytes on the weight loads lifts the loads alone from 34 to
+// 30 us (the 64-byte row pieces cost the memory side) but not the kernel (39.9 / 39.7), which is
+// bound by its instruction stream: each warp's mma chains and unpacking, at 16 warps a
+// multiprocessor.
+constexpr int kRingStages = 2;
 
-template <int GS, typename T>
-void launch_stream_gs(const QmvParams& p, int sm_count, cudaStream_t stream) {
-  // Split K over more warps only while the tiles alone cannot fill the GPU's warp slots (2
-  // blocks of kStreamWarps per SM), and while each warp keeps at least one whole step.
-  const int64_t tiles = (p.N + 15) / 16, slots = int64_t{sm_count} * 2 * kStreamWarps;
-  const int64_t steps = ((p.K / 32 + 3) / 4 + kStreamSpans - 1) / kStreamSpans;
-  int kw = 1;
-  while (kw < kStreamWarps && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
-  const int64_t tpb = kStreamWarps / kw, blocks = (tiles + tpb - 1) / tpb;
-  const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K));
-  auto kernel = qmv_stream_kernel<GS, kStreamSpans, true, T>;
+template <int GS, typename T, int Ring>
+void launch_stream_shape(const QmvParams& p, const StreamGrid& grid, int64_t smem,
+                         cudaStream_t stream) {
+  auto kernel = qmv_stream_kernel<GS, kStreamSpans, true, T, false, 2, Ring>;
   if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(blocks), kStreamWarps * 32, smem, stream>>>(p, kw);
+  kernel<<<static_cast<unsigned>(grid.blocks), kStreamWarps * 32, smem, stream>>>(p, grid.kw);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <int GS, typename T>
+void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
+  const StreamGrid grid = qmv_stream_grid(p.N, p.K, kStreamSpans, dev.sm_count, 2);
+  const int64_t ring = qmv_stream_smem(p.M, p.K, kRingStages * kStreamSpans * 1024);
+  // 1 KB of each block's shared memory is reserved by the system
+  if (grid.kw == 1 && ring <= dev.smem_per_block && 2 * (ring + 1024) <= dev.smem_per_sm) {
+    return launch_stream_shape<GS, T, kRingStages>(p, grid, ring, stream);
+  }
+  return launch_stream_shape<GS, T, 0>(p, grid, qmv_stream_smem(p.M, p.K), stream);
+}
+
 template <typename T>
-void launch_stream_typed(const QmvParams& p, int sm_count, cudaStream_t stream) {
+void launch_stream_typed(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
   switch (p.group_shift) {
     case 5:
-      return launch_stream_gs<32, T>(p, sm_count, stream);
+      return launch_stream_gs<32, T>(p, dev, stream);
     case 6:
-      return launch_stream_gs<64, T>(p, sm_count, stream);
+      return launch_stream_gs<64, T>(p, dev, stream);
     default:
-      return launch_stream_gs<128, T>(p, sm_count, stream);
+      return launch_stream_gs<128, T>(p, dev, stream);
   }
 }
 
 }  // namespace
 
-bool qmv_stream4_fits(int64_t M, int64_t K) {
-  return M >= 1 && M <= 2 && qmv_stream_smem(M, K) <= kQmvStreamMaxSmem;
+bool qmv_stream4_fits(int64_t M, int64_t K, const StreamDevice& dev) {
+  return M >= 1 && M <= 2 && qmv_stream_smem(M, K) <= dev.smem_per_block;
 }
 
-void launch_qmv_stream4(const QmvParams& p, DType x_dtype, int sm_count, cudaStream_t stream) {
-  if (x_dtype == DType::kHalf) return launch_stream_typed<__half>(p, sm_count, stream);
-  return launch_stream_typed<__nv_bfloat16>(p, sm_count, stream);
+void launch_qmv_stream4(const QmvParams& p, DType x_dtype, const StreamDevice& dev,
+                        cudaStream_t stream) {
+  if (x_dtype == DType::kHalf) return launch_stream_typed<__half>(p, dev, stream);
+  return launch_stream_typed<__nv_bfloat16>(p, dev, stream);
 }
 
 void launch_qmv_mma4(const QmvParams& p, DType x_dtype, cudaStream_t stream) {

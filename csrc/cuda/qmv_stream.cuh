@@ -30,9 +30,30 @@ namespace mlxq::cuda {
 constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM)
 
 // Bytes of dynamic shared memory the streaming kernel needs for M rows of x of length K.
-inline int64_t qmv_stream_smem(int64_t M, int64_t K) {
-  const int64_t kp = (K + 127) / 128 * 128;
-  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4;
+// ring_bytes: the ring variant's weight slots per warp (stages * U KB).
+inline int64_t qmv_stream_smem(int64_t M, int64_t K, int64_t ring_bytes = 0) {
+  const int64_t kp = (K + 1023) / 1024 * 1024;  // the kernel pads x to whole steps (U <= 8 spans)
+  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4 + 64 +
+         kStreamWarps * ring_bytes;
+}
+
+// The launch of the streaming kernel: KW warps split the K of a tile only while the tiles alone
+// leave warp slots (min_blocks blocks of kStreamWarps per multiprocessor) empty, and while each
+// warp keeps at least one whole step of U spans; kStreamWarps / KW tiles a block. kw_force > 0
+// forces KW (benchmarks).
+struct StreamGrid {
+  int kw;
+  int64_t blocks;
+};
+inline StreamGrid qmv_stream_grid(int64_t N, int64_t K, int U, int sm_count, int min_blocks,
+                                  int kw_force = 0) {
+  const int64_t tiles = (N + 15) / 16, slots = int64_t{sm_count} * min_blocks * kStreamWarps;
+  const int64_t steps = ((K / 32 + 3) / 4 + U - 1) / U;
+  int kw = 1;
+  while (kw < kStreamWarps && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
+  if (kw_force > 0) kw = kw_force;
+  const int64_t tpb = kStreamWarps / kw;
+  return {kw, (tiles + tpb - 1) / tpb};
 }
 
 // A 16-byte global load of streamed data: not kept in L1, evicted first from L2.
@@ -82,16 +103,11 @@ struct StreamLane {
   uint64_t policy;
 };
 
-template <int GS, int U, bool Hint>
-__device__ __forceinline__ void stream_load(const StreamLane& L, int step, StreamStep<GS, U>& st) {
+// The scales and biases of one step (this lane's row and kind, see StreamLane::sbp).
+template <int GS, int U>
+__device__ __forceinline__ void stream_load_sb(const StreamLane& L, int step,
+                                               StreamStep<GS, U>& st) {
   using S = StreamStep<GS, U>;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int sp = step * U + u;
-    const bool ok = sp * 4 + L.t < L.chunks;
-    st.qa[u] = ok ? ld_stream<Hint>(L.wa + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
-    st.qb[u] = ok ? ld_stream<Hint>(L.wb + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
-  }
   const int g0 = step * S::kGroups;
   if (L.sb_vec && g0 + S::kGroups <= L.G) {
     if constexpr (S::kSbWords == 1) {
@@ -117,27 +133,73 @@ __device__ __forceinline__ void stream_load(const StreamLane& L, int step, Strea
   }
 }
 
+template <int GS, int U, bool Hint>
+__device__ __forceinline__ void stream_load(const StreamLane& L, int step, StreamStep<GS, U>& st) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int sp = step * U + u;
+    const bool ok = sp * 4 + L.t < L.chunks;
+    st.qa[u] = ok ? ld_stream<Hint>(L.wa + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
+    st.qb[u] = ok ? ld_stream<Hint>(L.wb + sp * 4, L.policy) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  stream_load_sb<GS, U>(L, step, st);
+}
+
+// The ring variant: the weights of a step go straight to this lane's slot of shared memory
+// (cp.async, no registers held while in flight; 16 zero bytes past the row's end), span u's
+// rows g and g + 8 at slot + (2u) * 512 and slot + (2u + 1) * 512 (each lane its own 16 bytes).
+// No L2 cache hint: with one, ptxas 13.0 emitted some of these copies with an odd uniform
+// register as the 64-bit policy descriptor (desc[UR1]), which faults as an illegal instruction.
+template <int U>
+__device__ __forceinline__ void ring_issue(const StreamLane& L, int step, uint32_t slot) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int sp = step * U + u;
+    const int bytes = sp * 4 + L.t < L.chunks ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(slot + 1024 * u),
+                 "l"(L.wa + sp * 4), "r"(bytes));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(slot + 1024 * u + 512),
+                 "l"(L.wb + sp * 4), "r"(bytes));
+  }
+}
+template <int GS, int U>
+__device__ __forceinline__ void ring_read(uint32_t slot, StreamStep<GS, U>& st) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    uint4 a, b;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(a.x), "=r"(a.y), "=r"(a.z), "=r"(a.w)
+                 : "r"(slot + 1024 * u));
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
+                 : "r"(slot + 1024 * u + 512));
+    st.qa[u] = a, st.qb[u] = b;
+  }
+}
+
 // Multiplies one loaded step: acc_a, acc_b (rows g, g + 8) collect this lane's two columns.
+// xs: this lane's B operand, xstride uint4 a span apart (0 where it feeds zeros, see the kernel).
 template <int GS, int U, typename T>
 __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const uint4* xs,
-                                            bool has_x, const float* sx, int g,
+                                            int xstride, const float* sx, int g,
                                             const StreamStep<GS, U>& st, float& acc_a,
                                             float& acc_b) {
   const int t = L.t, t0 = 2 * (t & 1);  // this lane's columns: span lanes t0, t0 + 1
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int sp = step * U + u;
-    if (sp >= L.spans) break;  // uniform across the warp
+    // No early exit past the row's last span (x is staged to whole steps, zeros past K, and
+    // the weights and scales read there are zeros): a step is straight-line code, so that the
+    // compiler can interleave its spans' chains of dependent mma.
     float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       // x of lane t's chunk of 8 values j, as (x0,x4) (x1,x5) (x2,x6) (x3,x7)
-      const uint4 xv = has_x ? xs[(sp * 4 + t) * 4 + j] : make_uint4(0u, 0u, 0u, 0u);
+      const uint4 xv = xs[sp * xstride + j];
       mma_nibble_words<T>(c, (&st.qa[u].x)[j], (&st.qb[u].x)[j], xv.x, xv.y, xv.z, xv.w);
     }
-    // scales and biases of rows g and g + 8 for columns t0 and t0 + 1
-    float2 s_a, s_b, b_a, b_b;
-    if constexpr (GS == 128) {  // one group per span: word u / 2, half u % 2
+    if constexpr (GS == 128) {
+      // Every column is the whole span's dot (the span is one group): c[0] row g, c[2] row g + 8.
       const uint32_t w = st.sb[u / 2];
       const uint32_t ws[4] = {__shfl_sync(0xffffffffu, w, g), __shfl_sync(0xffffffffu, w, 8 + g),
                               __shfl_sync(0xffffffffu, w, 16 + g),
@@ -148,9 +210,17 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
         const float2 f = half_pair<T>(ws[i]);
         v[i] = (u & 1) ? f.y : f.x;
       }
-      s_a = make_float2(v[0], v[0]), s_b = make_float2(v[1], v[1]);
-      b_a = make_float2(v[2], v[2]), b_b = make_float2(v[3], v[3]);
-    } else if constexpr (GS == 64) {  // groups 2u, 2u + 1: word u, half t & 1
+      const float4 xq = *reinterpret_cast<const float4*>(sx + sp * 4);
+      const float xsum = (xq.x + xq.y) + (xq.z + xq.w);
+      acc_a = fmaf(v[0], c[0], acc_a);
+      acc_a = fmaf(v[2], xsum, acc_a);
+      acc_b = fmaf(v[1], c[2], acc_b);
+      acc_b = fmaf(v[3], xsum, acc_b);
+      continue;
+    }
+    // scales and biases of rows g and g + 8 for columns t0 and t0 + 1
+    float2 s_a, s_b, b_a, b_b;
+    if constexpr (GS == 64) {  // groups 2u, 2u + 1: word u, half t & 1
       const uint32_t w = st.sb[u];
       const uint32_t ws[4] = {__shfl_sync(0xffffffffu, w, g), __shfl_sync(0xffffffffu, w, 8 + g),
                               __shfl_sync(0xffffffffu, w, 16 + g),
@@ -191,8 +261,9 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
 // y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, kStreamWarps / KW tiles a block.
 // LoadsOnly (benchmarks): only the loads, a bandwidth probe of this access pattern (wrong
 // results).
-template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false>
-__global__ void __launch_bounds__(kStreamWarps * 32, 2)
+template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false, int MinBlocks = 2,
+          int Ring = 0>
+__global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
     qmv_stream_kernel(const QmvParams p, const int KW) {
   using S = StreamStep<GS, U>;
   extern __shared__ __align__(16) uint8_t stream_smem[];
@@ -200,10 +271,11 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
   const int g = lane >> 2, t = lane & 3;
   const int M = p.M;
   const int chunks = static_cast<int>(p.K / 32), spans = (chunks + 3) / 4;
-  const int kp = spans * 128;                                      // K padded to whole spans
-  uint4* xs = reinterpret_cast<uint4*>(stream_smem);               // [M][kp / 8]
-  float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);  // [M][kp / 32]
+  const int kp = (spans + U - 1) / U * U * 128;  // K padded to whole steps (<= qmv_stream_smem's)
+  uint4* xs = reinterpret_cast<uint4*>(stream_smem);                             // [M][kp / 8]
+  float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);                // [M][kp / 32]
   float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [8][2][16]
+  uint4* zeros = reinterpret_cast<uint4*>(red + kStreamWarps * 2 * 16);          // [4]
 
   const int tpb = kStreamWarps / KW;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * tpb + wi / KW;
@@ -233,8 +305,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
     L.policy = pol;
   }
   S cur, nxt;
-  if (st0 < st1 && !LoadsOnly)
+  if constexpr (Ring > 0) {
+    if (st0 < st1) {  // slot 0 (the ring lies past `zeros`), on its way while x is staged
+      const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 4)) +
+                            wi * Ring * U * 1024 + lane * 16;
+      ring_issue<U>(L, st0, ring);
+      stream_load_sb<GS, U>(L, st0, cur);
+    }
+    asm volatile("cp.async.commit_group;");
+  } else if (st0 < st1 && !LoadsOnly) {
     stream_load<GS, U, Hint>(L, st0, cur);  // on its way while x is staged
+  }
 
   // Stage x: chunk c of 8 values of row m at xs[m * kp / 8 + c], permuted for the B operand, and
   // the sums of x per 32 values. The loop's trip count is uniform (the shuffles need all lanes).
@@ -260,12 +341,18 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
       if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
     }
   }
+  if (threadIdx.x < 4) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
-  // B column 4m + t is row m of x at lane t's values: lane (g, t) feeds it where g == 4m + t.
+  // B column 4m + t is row m of x at lane t's values: lane (g, t) feeds it where g == 4m + t,
+  // and zeros elsewhere (read from `zeros`, the same 64 bytes for every span), so that each
+  // column's sum is lane t's partial dot with row m. With group 128 a span is one group and
+  // columns 4m .. 4m + 3 all carry row m (clamped to M - 1) at every lane's values: each is
+  // the whole span's dot.
   const int xm = g >> 2;
-  const bool has_x = (g & 3) == t && xm < M;
-  const uint4* xrow = xs + (has_x ? xm : 0) * per_row;
+  const bool has_x = GS == 128 || ((g & 3) == t && xm < M);
+  const uint4* xrow = has_x ? xs + (xm < M ? xm : M - 1) * per_row + t * 4 : zeros;
+  const int xstride = has_x ? 16 : 0;
   const int om = t >> 1;  // the row of x of this lane's columns 2t, 2t + 1
   const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
   float acc_a = 0.f, acc_b = 0.f;
@@ -280,18 +367,41 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 2)
       }
     }
     acc_a = __uint_as_float(x & 0x3FFFFFFFu);
+  } else if constexpr (Ring > 0) {
+    // Ring stages per warp: step st + Ring - 1 is copied while step st is multiplied.
+    constexpr uint32_t kSlot = U * 1024;
+    const uint32_t ring =
+        static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 4)) + wi * Ring * kSlot + lane * 16;
+#pragma unroll
+    for (int s = 1; s < Ring - 1; ++s) {
+      if (st0 + s < st1) ring_issue<U>(L, st0 + s, ring + s * kSlot);
+      asm volatile("cp.async.commit_group;");
+    }
+    for (int st = st0; st < st1; ++st) {
+      const int sn = st + Ring - 1;
+      if (sn < st1) ring_issue<U>(L, sn, ring + ((sn - st0) % Ring) * kSlot);
+      asm volatile("cp.async.commit_group;");
+      asm volatile("cp.async.wait_group %0;" ::"n"(Ring - 1));
+      ring_read<GS, U>(ring + ((st - st0) % Ring) * kSlot, cur);
+      if (st + 1 < st1) stream_load_sb<GS, U>(L, st + 1, nxt);
+      stream_step<GS, U, T>(L, st, xrow, xstride, sxrow, g, cur, acc_a, acc_b);
+#pragma unroll
+      for (int i = 0; i < S::kSbWords; ++i) cur.sb[i] = nxt.sb[i];
+    }
   } else {
     for (int st = st0; st < st1; st += 2) {  // two steps per round: the buffers are never copied
       if (st + 1 < st1) stream_load<GS, U, Hint>(L, st + 1, nxt);
-      stream_step<GS, U, T>(L, st, xrow, has_x, sxrow, g, cur, acc_a, acc_b);
+      stream_step<GS, U, T>(L, st, xrow, xstride, sxrow, g, cur, acc_a, acc_b);
       if (st + 1 >= st1) break;
       if (st + 2 < st1) stream_load<GS, U, Hint>(L, st + 2, cur);
-      stream_step<GS, U, T>(L, st + 1, xrow, has_x, sxrow, g, nxt, acc_a, acc_b);
+      stream_step<GS, U, T>(L, st + 1, xrow, xstride, sxrow, g, nxt, acc_a, acc_b);
     }
   }
   // columns 2t, 2t + 1 plus those of lane t ^ 1: the whole dot of rows g, g + 8 with row om
-  acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
-  acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+  if constexpr (GS != 128) {
+    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+  }
   T* y = static_cast<T*>(p.y);
   if (KW == 1) {
     if ((t & 1) == 0 && om < M && active) {
