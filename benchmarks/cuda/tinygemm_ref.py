@@ -4,7 +4,7 @@ the same machine and run:
 
     python benchmarks/cuda/tinygemm_ref.py [--shapes 28672x8192 4096x4096] [--gs 128 64 32]
 
-Timing as in ``mlxq.bench.ops_cuda``: a CUDA graph over enough weight copies to miss the L2,
+Timing by ``mlxq.bench.ops_cuda.graph_ms``: a CUDA graph over enough weight copies to miss the L2,
 replayed between CUDA events (best of 3). Bytes per second count the packed weight (N * K / 2)
 and the scale/zero pairs (N * K / gs * 2 * 2 bytes), the same bytes an MLX checkpoint holds.
 """
@@ -15,31 +15,7 @@ import argparse
 import math
 
 import torch
-
-
-def graph_ms(calls, replays: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in calls:
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            for fn in calls:
-                fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = math.inf
-    for _ in range(3):
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / (replays * len(calls)))
-    return best
+from mlxq.bench.ops_cuda import graph_ms  # the benchmark's own timing
 
 
 def main() -> None:
