@@ -10,8 +10,9 @@
 // output is bit for bit the layer's own forward.
 //
 // The layer's tensors are held here once; the Python step checks at each call that the modules
-// still hold those very tensors (a replaced buffer makes it fall back), so a plan never
-// computes with stale weights. Exposed as mlxq._C.FlatDecoderLayer; not public API.
+// still hold those very tensors (a replaced one, `model.to(dtype)` say, has it build a new
+// object first), so a step never computes with stale weights. Exposed as mlxq._C.FlatDecoderLayer;
+// not public API.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
