@@ -69,7 +69,7 @@ def _python_steps_only(monkeypatch) -> None:
     """Plans built from here on run the flat step in Python (as for floating-point modes)."""
 
     def no_native(plan) -> None:
-        plan.native, plan.held = None, ()
+        plan._use(None, ())
 
     monkeypatch.setattr(cpu_layers._Plan, "_build_native", no_native)
 

@@ -39,6 +39,8 @@ left alone.
 from __future__ import annotations
 
 import inspect
+import itertools
+import operator
 import types
 from collections.abc import Callable
 
@@ -141,6 +143,7 @@ LLAMA_MLP_BODY = (
     "down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj"
 )
 
+_FORWARD = itertools.repeat("forward")
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
 _rms_norm = torch.ops.mlxq.rms_norm.default
@@ -191,18 +194,18 @@ class _Plan:
         them."""
         projections = (*self.qkv, self.o_proj, *self.gate_up, self.down_proj)
         if not all(p.mode == "affine" for p in projections):
-            self.native, self.held = None, ()
+            self._use(None, ())
             return
         held = [(n._parameters, "weight") for n in self.norms]
         for p in projections:
             held += [(p._buffers, "weight"), (p._buffers, "scales"), (p._buffers, "biases")]
             held.append((p._parameters, "bias"))
-        self.held = tuple((d, name, d.get(name)) for d, name in held)
+        triples = tuple((d, name, d.get(name)) for d, name in held)
 
         def args(p: AffineLinear) -> tuple:
             return (p.weight, p.scales, p.biases, p.bias, p.group_size, p.bits)
 
-        self.native = _C.FlatDecoderLayer(
+        native = _C.FlatDecoderLayer(
             self.norms[0].weight,
             self.norms[1].weight,
             [args(p) for p in self.qkv],
@@ -211,6 +214,14 @@ class _Plan:
             args(self.down_proj),
             self.attn.head_dim,
         )
+        self._use(native, triples)
+
+    def _use(self, native: _C.FlatDecoderLayer | None, held: tuple) -> None:
+        """Run `native` (None: the Python step), which holds the (dict, key, tensor) `held`."""
+        self.native, self.held = native, held
+        self.held_dicts = tuple(d for d, _, _ in held)
+        self.held_names = tuple(name for _, name, _ in held)
+        self.held_tensors = tuple(tensor for _, _, tensor in held)
 
     def native_layer(self) -> _C.FlatDecoderLayer | None:
         """The native step, rebuilt first if a module holds another tensor than it does (a
@@ -218,10 +229,11 @@ class _Plan:
         TorchFunctionMode would miss the native calls (`_no_function_mode`)."""
         if not _no_function_mode():
             return None
-        for d, name, tensor in self.held:
-            if d.get(name) is not tensor:
-                self._build_native()
-                break
+        # (map over C functions: each of the ~30 lookups costs no bytecode)
+        if not all(
+            map(operator.is_, map(dict.get, self.held_dicts, self.held_names), self.held_tensors)
+        ):
+            self._build_native()
         return self.native
 
     def _no_hooks(self) -> bool:
@@ -243,9 +255,8 @@ class _Plan:
         for modules, children in self.children:
             if tuple(modules.values()) != children:
                 return False
-        for d in self.instance_dicts:  # an instance forward (accelerate's hooks, say)
-            if "forward" in d:
-                return False
+        if any(map(operator.contains, self.instance_dicts, _FORWARD)):
+            return False  # an instance forward (accelerate's hooks, say)
         for d in self.norm_dicts:  # the native forward, which calls rms_norm
             if getattr(d.get("forward"), "__func__", None) is not _native_forward:
                 return False
