@@ -354,3 +354,31 @@ def test_native_step_calls_mlxq_attention_itself(monkeypatch) -> None:
     want_logits, want_cache = _decode(model)
     assert torch.equal(logits, want_logits)
     _assert_same_cache(cache, want_cache)
+
+
+def test_deepcopy_gives_the_copy_its_own_step(monkeypatch) -> None:
+    """`copy.deepcopy(model)` copies each plan onto the copied modules: the copy decodes through
+    its own flat step and tensors (a change to the copy leaves the original alone), bit-equal to
+    its layers' own forward."""
+    import copy
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("llama", 4, 64), dtype=torch.bfloat16
+    )
+    twin = copy.deepcopy(model)
+    for layer, twin_layer in zip(model.model.layers, twin.model.layers, strict=True):
+        plan = twin_layer._mlxq_flat_plan
+        assert plan.attn is twin_layer.self_attn and plan.norms[0] is twin_layer.input_layernorm
+        assert plan.native is not layer._mlxq_flat_plan.native
+    want_logits, _ = _decode(model)
+    with torch.no_grad():
+        twin.model.layers[0].mlp.down_proj.scales.mul_(2)  # the copy's tensor, in place
+    calls = _count_flat_steps(monkeypatch)
+    logits, cache = _decode(twin)
+    assert calls == [True] * (7 * 2)
+    assert not torch.equal(logits, want_logits)
+    assert torch.equal(_decode(model)[0], want_logits)
+    _unflatten(twin)
+    twin_logits, twin_cache = _decode(twin)
+    assert torch.equal(logits, twin_logits)
+    _assert_same_cache(cache, twin_cache)

@@ -38,6 +38,7 @@ left alone.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import operator
@@ -144,6 +145,11 @@ LLAMA_MLP_BODY = (
 )
 
 _FORWARD = itertools.repeat("forward")
+# _Plan attributes that a copy builds anew rather than copies (__deepcopy__)
+_REBUILT = frozenset(
+    ("instance_dicts", "norm_dicts", "hooks_seen", "native", "held")
+    + ("held_dicts", "held_names", "held_tensors")
+)
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
 _rms_norm = torch.ops.mlxq.rms_norm.default
@@ -187,6 +193,25 @@ class _Plan:
         self.native: _C.FlatDecoderLayer | None = None
         self.held: tuple[tuple[dict, str, torch.Tensor | None], ...] = ()
         self._build_native()
+
+    def __deepcopy__(self, memo: dict) -> _Plan:
+        """The plan of a copied layer (`copy.deepcopy(model)`): its modules are the copies (the
+        layer's children are copied before its plan), the modeling module's globals are shared,
+        and the native object is built from the copied tensors."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            if name in ("attn_globals", "window"):
+                setattr(new, name, value)
+            elif name in _REBUILT:
+                continue
+            else:
+                setattr(new, name, copy.deepcopy(value, memo))
+        new.instance_dicts = tuple(m.__dict__ for m in new.skipped)
+        new.norm_dicts = tuple(m.__dict__ for m in new.norms)
+        new.hooks_seen = -1
+        new._build_native()
+        return new
 
     def _build_native(self) -> None:
         """The native step (mlxq._C.FlatDecoderLayer) for the modules' current tensors, where
