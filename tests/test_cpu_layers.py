@@ -297,7 +297,8 @@ def test_native_step_follows_replaced_tensors(monkeypatch) -> None:
     logits, cache = _decode(model)
     assert calls == [True] * (7 * 2)
     assert plan.native_layer() is not before
-    assert all(d.get(name) is t for d, name, t in plan.held)
+    held = zip(plan.held_dicts, plan.held_names, plan.held_tensors, strict=True)
+    assert plan.held_tensors and all(d.get(name) is t for d, name, t in held)
     _unflatten(model)
     want_logits, want_cache = _decode(model)
     assert torch.equal(logits, want_logits)

@@ -147,7 +147,7 @@ LLAMA_MLP_BODY = (
 _FORWARD = itertools.repeat("forward")
 # _Plan attributes that a copy builds anew rather than copies (__deepcopy__)
 _REBUILT = frozenset(
-    ("instance_dicts", "norm_dicts", "hooks_seen", "native", "held")
+    ("instance_dicts", "norm_dicts", "hooks_seen", "native")
     + ("held_dicts", "held_names", "held_tensors")
 )
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -187,11 +187,13 @@ class _Plan:
         self.children = tuple(
             (parent._modules, tuple(parent._modules.values())) for parent in (layer, attn, mlp)
         )
+        self._watch()
+
+    def _watch(self) -> None:
+        """What `intact` and `native_layer` read, from the plan's modules as they are now."""
         self.instance_dicts = tuple(m.__dict__ for m in self.skipped)
         self.norm_dicts = tuple(m.__dict__ for m in self.norms)
         self.hooks_seen = -1  # RemovableHandle.next_id when no hook was found last
-        self.native: _C.FlatDecoderLayer | None = None
-        self.held: tuple[tuple[dict, str, torch.Tensor | None], ...] = ()
         self._build_native()
 
     def __deepcopy__(self, memo: dict) -> _Plan:
@@ -207,16 +209,13 @@ class _Plan:
                 continue
             else:
                 setattr(new, name, copy.deepcopy(value, memo))
-        new.instance_dicts = tuple(m.__dict__ for m in new.skipped)
-        new.norm_dicts = tuple(m.__dict__ for m in new.norms)
-        new.hooks_seen = -1
-        new._build_native()
+        new._watch()
         return new
 
     def _build_native(self) -> None:
         """The native step (mlxq._C.FlatDecoderLayer) for the modules' current tensors, where
-        every projection is affine; `held` lists the tensors it holds, where the modules keep
-        them."""
+        every projection is affine; `held_*` list the tensors it holds, where the modules keep
+        them (dict, key, tensor)."""
         projections = (*self.qkv, self.o_proj, *self.gate_up, self.down_proj)
         if not all(p.mode == "affine" for p in projections):
             self._use(None, ())
@@ -243,7 +242,7 @@ class _Plan:
 
     def _use(self, native: _C.FlatDecoderLayer | None, held: tuple) -> None:
         """Run `native` (None: the Python step), which holds the (dict, key, tensor) `held`."""
-        self.native, self.held = native, held
+        self.native = native
         self.held_dicts = tuple(d for d, _, _ in held)
         self.held_names = tuple(name for _, name, _ in held)
         self.held_tensors = tuple(tensor for _, _, tensor in held)
