@@ -49,10 +49,30 @@ def assert_close_to_reference(got, want, dtype, v):
     assert (err <= tol).all(), f"max error {err.max().item():.3g}, worst excess {(err - tol).max()}"
 
 
+INTERVAL_KINDS = ("causal", "window", "left_pad")
+
+
+def interval_mask(kind, shape):
+    """Bool masks of prompts, each row one interval of keys: causal (the queries are the last
+    Lq positions), a causal sliding window of 40 keys, and causal with the first 7 keys of the
+    last batch masked (left padding) and its first query attending nothing."""
+    lq, lk = shape[-2], shape[-1]
+    keep = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    if kind == "window":
+        keep &= torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq - 39)
+    keep = keep.expand(shape).clone()
+    if kind == "left_pad":
+        keep[-1, ..., :7] = False
+        keep[-1, ..., 0, :] = False
+    return keep
+
+
 def make_mask(kind, shape, gen, dtype):
     """A mask of `kind` with shape `shape` ([..., Lq, Lk], broadcastable to the scores)."""
     if kind is None:
         return None
+    if kind in INTERVAL_KINDS:  # each row attends one interval of keys: the prompt kernel's masks
+        return interval_mask(kind, shape)
     keep = torch.rand(shape, generator=gen) > 0.3
     keep[..., -1] = True  # most rows attend something; fully masked rows have their own test
     if kind == "bool":
@@ -77,6 +97,12 @@ CASES = [
     (1, 2, 1, 1, 64, 128, "float_inf", "full"),
     (1, 1, 1, 3, 100, 30, "bool", "2d"),  # head size not a multiple of 8
     (1, 2, 4, 40, 300, 16, "bool", "b1"),  # more queries than decode uses: row groups
+    # prompts (bf16: blocks of 16 rows, one per lane), row groups across heads, partial blocks
+    (1, 3, 3, 50, 50, 64, "causal", "b1"),
+    (1, 1, 3, 512, 512, 64, "causal", "2d"),
+    (2, 1, 4, 37, 101, 96, "window", "b1"),
+    (2, 2, 3, 33, 80, 32, "left_pad", "full"),
+    (1, 2, 2, 70, 70, 128, "causal", "full"),
 ]
 
 

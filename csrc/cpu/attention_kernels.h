@@ -9,6 +9,7 @@
 // masked, or no keys) gives 0, as torch's scaled_dot_product_attention does.
 // On the avx512 kernels (AVX512-BF16), bf16 q . k skips the widening: vdpbf16ps multiplies the
 // stored bf16 values exactly and sums in fp32 (see dot8_bf16 for its one difference).
+// There, bf16 prompts (16 or more query rows a task) take attention_rows16.h, one row per lane.
 // Included through kernels.h, inside namespace MLXQ_ISA.
 
 #ifndef MLXQ_ISA
@@ -371,6 +372,37 @@ inline void attended_range(const AttentionArgs& a, int64_t b, int64_t hkv, int64
   j1 = last;
 }
 
+// A task's rows [r0, r1) of unit `unit` done: sc.o / sc.l written out in q's dtype, or, when keys
+// are split into blocks, left as this block's partials (max, sum, output) for the merge.
+inline void finish_rows(const AttentionArgs& a, int64_t task, int64_t unit, int64_t r0, int64_t r1,
+                        const AttnScratch& sc) {
+  const int64_t R = a.rows(), D = a.D, Dp = (D + 7) / 8 * 8, rep = a.Hq / a.Hkv;
+  const int64_t blk = task % a.blocks, rest = task / a.blocks;
+  const int64_t b = unit / a.Hkv, hkv = unit % a.Hkv, row0 = unit * R;
+  const int64_t elem = a.dtype == ScaleType::kFloat ? 4 : 2;
+  for (int64_t i = 0; i < r1 - r0; ++i) {
+    const int64_t r = r0 + i;
+    if (a.blocks == 1) {
+      const int64_t hq = hkv * rep + r / a.Lq, lq = r % a.Lq;
+      void* out = static_cast<char*>(a.out) + ((b * a.Hq + hq) * a.Lq + lq) * D * elem;
+      write_row(sc.o.data() + i * Dp, sc.l[i], a.dtype, D, out);
+    } else {
+      const int64_t at = (row0 + r) * a.blocks + blk;
+      a.part_m[at] = sc.m[i];
+      a.part_l[at] = sc.l[i];
+      std::memcpy(a.part_o + at * D, sc.o.data() + i * Dp, D * sizeof(float));
+    }
+  }
+  // The last block of this row group to finish merges them all (acq_rel: the other blocks'
+  // partials are visible to it), so that no second parallel region is needed.
+  if (a.blocks > 1 && a.blocks_done[rest].fetch_add(1, std::memory_order_acq_rel) == a.blocks - 1)
+    attention_merge(a, row0 + r0, row0 + r1);
+}
+
+#if defined(MLXQ_X86_AVX512)
+#include "cpu/attention_rows16.h"
+#endif
+
 // One task (see AttentionArgs): rows [r0, r1) of unit (b, hkv) against keys [j0, j1).
 inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc) {
   const int64_t R = a.rows(), D = a.D, Dp = (D + 7) / 8 * 8, rep = a.Hq / a.Hkv;
@@ -392,6 +424,13 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
     const int64_t off = b * a.q_stride[0] + head_of(r) * a.q_stride[1] + r % a.Lq * a.q_stride[2];
     return reinterpret_cast<const uint16_t*>(static_cast<const char*>(a.q) + off * elem);
   };
+#if defined(MLXQ_X86_AVX512)
+  // Prompts: blocks of 16 rows, one per lane (attention_rows16.h), where the mask allows.
+  if (rows16::fits(a, nr) && rows16::attend(a, b, hkv, r0, r1, j0, j1, sc)) {
+    finish_rows(a, task, unit, r0, r1, sc);
+    return;
+  }
+#endif
   for (int64_t i = 0; i < nr; ++i) {
     widen_row(q_row(r0 + i), a.dtype, D, Dp, sc.q.data() + i * Dp);
     sc.m[i] = ninf;
@@ -475,24 +514,7 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
       }
     }
   }
-  const int64_t row0 = unit * R;
-  for (int64_t i = 0; i < nr; ++i) {
-    const int64_t r = r0 + i;
-    if (a.blocks == 1) {
-      const int64_t hq = head_of(r), lq = r % a.Lq;
-      void* out = static_cast<char*>(a.out) + ((b * a.Hq + hq) * a.Lq + lq) * D * elem;
-      write_row(sc.o.data() + i * Dp, sc.l[i], a.dtype, D, out);
-    } else {
-      const int64_t at = (row0 + r) * a.blocks + blk;
-      a.part_m[at] = sc.m[i];
-      a.part_l[at] = sc.l[i];
-      std::memcpy(a.part_o + at * D, sc.o.data() + i * Dp, D * sizeof(float));
-    }
-  }
-  // The last block of this row group to finish merges them all (acq_rel: the other blocks'
-  // partials are visible to it), so that no second parallel region is needed.
-  if (a.blocks > 1 && a.blocks_done[rest].fetch_add(1, std::memory_order_acq_rel) == a.blocks - 1)
-    attention_merge(a, row0 + r0, row0 + r1);
+  finish_rows(a, task, unit, r0, r1, sc);
 }
 
 inline void attention(const AttentionArgs& a, int64_t t0, int64_t t1) {
