@@ -103,6 +103,8 @@ CASES = [
     (2, 1, 4, 37, 101, 96, "window", "b1"),
     (2, 2, 3, 33, 80, 32, "left_pad", "full"),
     (1, 2, 2, 70, 70, 128, "causal", "full"),
+    (1, 1, 2, 16, 1024, 64, "window", "b1"),  # one row group: keys split between threads
+    (1, 1, 2, 16, 1024, 64, "causal", "b1"),
 ]
 
 
