@@ -5,6 +5,7 @@
 // captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -133,31 +134,28 @@ bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
-int sm_count(int device) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
+// The device's properties from ATen's per-device cache: read once per process, so that a decode
+// call asks the driver nothing (four cudaDeviceGetAttribute calls a decode call before).
+const cudaDeviceProp& device_props(int device) { return *at::cuda::getDeviceProperties(device); }
+
+int sm_count(int device) { return device_props(device).multiProcessorCount; }
+
+StreamDevice stream_device(const cudaDeviceProp& props) {
+  return {props.multiProcessorCount, static_cast<int64_t>(props.sharedMemPerBlockOptin),
+          static_cast<int64_t>(props.sharedMemPerMultiprocessor)};
 }
 
-StreamDevice stream_device(int device) {
-  int block = 0, sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  return {sm_count(device), block, sm};
-}
-
-Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) {
+Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, const cudaDeviceProp& props,
+                     const StreamDevice& dev) {
   const char* env = std::getenv("MLXQ_CUDA_DECODE");
   const std::string v(env == nullptr ? "" : env);
   if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || v == "cores" || W.G > INT32_MAX) {
     return Decode::kCores;
   }
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 8) return Decode::kCores;
+  if (props.major < 8) return Decode::kCores;
   if (v == "mma") return Decode::kMma;
   const bool stream_ok = W.s.scalar_type() == dt && W.b.scalar_type() == dt && aligned16(W.s) &&
-                         aligned16(W.b) && qmv_stream4_fits(M, W.K, stream_device(device));
+                         aligned16(W.b) && qmv_stream4_fits(M, W.K, dev);
   if (stream_ok) return Decode::kStream;
   return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
 }
@@ -224,10 +222,11 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     p.M = static_cast<int>(M);
     p.group_shift = log2_of(W.group_size);
     p.scale_type = scale_type_of(W.s.scalar_type());
-    const int device = x.get_device();
-    switch (decode_kernel(W, M, dt, device)) {
+    const cudaDeviceProp& props = device_props(x.get_device());
+    const StreamDevice dev = stream_device(props);  // read once: the choice and the launch
+    switch (decode_kernel(W, M, dt, props, dev)) {
       case Decode::kStream:
-        launch_qmv_stream4(p, dtype_of(dt), stream_device(device), stream);
+        launch_qmv_stream4(p, dtype_of(dt), dev, stream);
         break;
       case Decode::kMma:
         launch_qmv_mma4(p, dtype_of(dt), stream);
