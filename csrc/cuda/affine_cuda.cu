@@ -5,15 +5,16 @@
 // captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -134,28 +135,43 @@ bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
-// The device's properties from ATen's per-device cache: read once per process, so that a decode
-// call asks the driver nothing (four cudaDeviceGetAttribute calls a decode call before).
-const cudaDeviceProp& device_props(int device) { return *at::cuda::getDeviceProperties(device); }
+// What the kernel choices read of a device, from the driver once per process (the attributes
+// never change): a decode call asks the driver nothing (it made eight cudaDeviceGetAttribute
+// calls before, four for the choice and four again for the launch).
+struct DeviceInfo {
+  int major = 0;
+  StreamDevice stream{};
+};
 
-int sm_count(int device) { return device_props(device).multiProcessorCount; }
-
-StreamDevice stream_device(const cudaDeviceProp& props) {
-  return {props.multiProcessorCount, static_cast<int64_t>(props.sharedMemPerBlockOptin),
-          static_cast<int64_t>(props.sharedMemPerMultiprocessor)};
+const DeviceInfo& device_info(int device) {
+  static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+  static std::array<DeviceInfo, C10_COMPILE_TIME_MAX_GPUS> info;
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "CUDA device index ", device,
+              " out of range");
+  std::call_once(once[device], [device] {
+    int major = 0, sms = 0, block = 0, sm = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    info[device] = {major, {sms, block, sm}};
+  });
+  return info[device];
 }
 
-Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, const cudaDeviceProp& props,
-                     const StreamDevice& dev) {
+int sm_count(int device) { return device_info(device).stream.sm_count; }
+
+Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, const DeviceInfo& dev) {
   const char* env = std::getenv("MLXQ_CUDA_DECODE");
   const std::string v(env == nullptr ? "" : env);
   if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || v == "cores" || W.G > INT32_MAX) {
     return Decode::kCores;
   }
-  if (props.major < 8) return Decode::kCores;
+  if (dev.major < 8) return Decode::kCores;
   if (v == "mma") return Decode::kMma;
   const bool stream_ok = W.s.scalar_type() == dt && W.b.scalar_type() == dt && aligned16(W.s) &&
-                         aligned16(W.b) && qmv_stream4_fits(M, W.K, dev);
+                         aligned16(W.b) && qmv_stream4_fits(M, W.K, dev.stream);
   if (stream_ok) return Decode::kStream;
   return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
 }
@@ -222,11 +238,10 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     p.M = static_cast<int>(M);
     p.group_shift = log2_of(W.group_size);
     p.scale_type = scale_type_of(W.s.scalar_type());
-    const cudaDeviceProp& props = device_props(x.get_device());
-    const StreamDevice dev = stream_device(props);  // read once: the choice and the launch
-    switch (decode_kernel(W, M, dt, props, dev)) {
+    const DeviceInfo& dev = device_info(x.get_device());  // for the choice and the launch
+    switch (decode_kernel(W, M, dt, dev)) {
       case Decode::kStream:
-        launch_qmv_stream4(p, dtype_of(dt), dev, stream);
+        launch_qmv_stream4(p, dtype_of(dt), dev.stream, stream);
         break;
       case Decode::kMma:
         launch_qmv_mma4(p, dtype_of(dt), stream);
