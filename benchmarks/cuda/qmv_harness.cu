@@ -101,15 +101,29 @@ Launch cores() {
   };
 }
 
-template <int GS, int U, bool H, typename T, bool LoadsOnly = false, int MB = 2, int Ring = 0>
+template <int GS, int U, bool H, typename T, bool LoadsOnly = false, int MB = 2, int Ring = 0,
+          int W = kStreamWarps>
 Launch stream(int kw_force = 0) {
   return [kw_force](const QmvParams& p, cudaStream_t s) {
-    const StreamGrid grid = qmv_stream_grid(p.N, p.K, U, g_sms, MB, kw_force);
-    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K, Ring * U * 1024));
-    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly, MB, Ring>;
+    const StreamGrid grid = qmv_stream_grid(p.N, p.K, U, g_sms, MB, kw_force, W);
+    const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K, Ring * U * 1024, W));
+    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly, MB, Ring, W>;
     if (smem > 48 * 1024)
       CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    k<<<static_cast<unsigned>(grid.blocks), kStreamWarps * 32, smem, s>>>(p, grid.kw);
+    k<<<static_cast<unsigned>(grid.blocks), W * 32, smem, s>>>(p, grid.kw);
+  };
+}
+
+// Blocks of 16 warps (one a multiprocessor: x staged once) with the ring of the 8-warp default
+// and with deeper rings, next to that default (qmv_mma.cu records what they measured).
+template <int GS, typename T>
+std::vector<std::pair<const char*, Launch>> wide_rows() {
+  return {
+      {"w8 ring U4x2 (the default)", stream<GS, 4, true, T, false, 2, 2>()},
+      {"w8 ring U2x5", stream<GS, 2, true, T, false, 2, 5>()},
+      {"w16 ring U4x2", stream<GS, 4, true, T, false, 1, 2, 16>()},
+      {"w16 ring U4x3", stream<GS, 4, true, T, false, 1, 3, 16>()},
+      {"w16 ring U2x6", stream<GS, 2, true, T, false, 1, 6, 16>()},
   };
 }
 
@@ -290,6 +304,81 @@ static void bench(int64_t N, int64_t K, int64_t GS, int M, bool half, const std:
   release(P);
 }
 
+// The checks and timings of the 16-warp and deeper-ring variants, with the default and the
+// floor beside them.
+static int wide_main() {
+  using bf = __nv_bfloat16;
+  using hf = __half;
+  {
+    const int64_t bytes = 1ll << 30;
+    void *src, *dst;
+    CK(cudaMalloc(&src, bytes));
+    CK(cudaMalloc(&dst, bytes));
+    CK(cudaMemset(src, 1, bytes));
+    const double copy_us = graph_us(
+        [&](int, cudaStream_t s) {
+          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+        },
+        1, 5);
+    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
+    cudaFree(src), cudaFree(dst);
+  }
+  int bad = 0;
+  // tails: K of 4.5 spans, partial last tiles, several tile rounds, split K, M = 2, fp16
+  for (int64_t gs : {32, 64, 128}) {
+    const int64_t K = gs == 128 ? 640 : 576;
+    for (int M : {1, 2}) {
+      for (int64_t N : {100, 40100}) {
+        Problem P{N, K, gs, M, N == 100};
+        make(P, 1);
+        const auto run = [&](auto rows) {
+          for (auto& r : rows) bad += !check(P, r.second, r.first, true);
+        };
+        if (gs == 32) run(P.half ? wide_rows<32, hf>() : wide_rows<32, bf>());
+        if (gs == 64) run(P.half ? wide_rows<64, hf>() : wide_rows<64, bf>());
+        if (gs == 128) run(P.half ? wide_rows<128, hf>() : wide_rows<128, bf>());
+        release(P);
+      }
+      Problem Z{6000, 4096 + gs, gs, M, true};  // K split over 2-8 warps
+      make(Z, 1);
+      if (gs == 32) bad += !check(Z, stream<32, 4, true, hf, false, 1, 3, 16>(), "w16", true);
+      if (gs == 64) bad += !check(Z, stream<64, 4, true, hf, false, 1, 2, 16>(4), "w16 kw4", true);
+      if (gs == 128) bad += !check(Z, stream<128, 2, true, hf, false, 2, 5>(2), "U2x5 kw2", true);
+      release(Z);
+    }
+  }
+  std::printf("checks: %d failed\n", bad);
+  const auto rows_of = [](auto wide, std::vector<Row> extra) {
+    std::vector<Row> rows;
+    for (auto& r : wide) rows.push_back({r.first, r.second});
+    for (auto& r : extra) rows.push_back(r);
+    return rows;
+  };
+  const std::vector<Row> floor = {{"read kernel (floor)", read_floor()}};
+  bench(28672, 8192, 128, 1, false, rows_of(wide_rows<128, bf>(), floor), false);
+  bench(28672, 8192, 64, 1, false, rows_of(wide_rows<64, bf>(), {}), false);
+  bench(28672, 8192, 32, 1, false, rows_of(wide_rows<32, bf>(), {}), false);
+  // x of 57 KB: 8 warps use the register variant with K split (kw 4); 16 warps fit 2 stages at
+  // M = 1 (at M = 2 x takes 115 KB: no ring of 16 warps fits)
+  bench(8192, 28672, 128, 1, false,
+        {{"w8 registers U4 (the default)", stream<128, 4, true, bf>()},
+         {"w16 ring U4x2", stream<128, 4, true, bf, false, 1, 2, 16>()},
+         {"w16 ring U2x3", stream<128, 2, true, bf, false, 1, 3, 16>()},
+         {"read kernel (floor)", read_floor()}},
+        false);
+  bench(4096, 4096, 128, 1, false,
+        {{"w8 registers U4 (the default)", stream<128, 4, true, bf>()},
+         {"w16 ring U4x2", stream<128, 4, true, bf, false, 1, 2, 16>()},
+         {"w16 registers U4", stream<128, 4, true, bf, false, 1, 0, 16>()},
+         {"read kernel (floor)", read_floor()}},
+        true);
+  bench(28672, 8192, 128, 2, false,
+        {{"w8 ring U4x2 M2 (the default)", stream<128, 4, true, bf, false, 2, 2>()},
+         {"w16 ring U4x2 M2", stream<128, 4, true, bf, false, 1, 2, 16>()}},
+        false);
+  return bad == 0 ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   harness_seed(0x9E3779B97F4A7C15ull);
   cudaDeviceProp prop;
@@ -315,6 +404,7 @@ int main(int argc, char** argv) {
     release(P);
     return 0;
   }
+  if (argc > 1 && std::strcmp(argv[1], "wide") == 0) return wide_main();
   bandwidth();
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
   // numerics on awkward shapes: K tails (576: 4.5 spans), N tails, split K, M = 2

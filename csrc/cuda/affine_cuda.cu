@@ -11,8 +11,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -133,31 +135,43 @@ bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
-int sm_count(int device) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
+// What the kernel choices read of a device, from the driver once per process (the attributes
+// never change): a decode call asks the driver nothing (it made eight cudaDeviceGetAttribute
+// calls before, four for the choice and four again for the launch).
+struct DeviceInfo {
+  int major = 0;
+  StreamDevice stream{};
+};
+
+const DeviceInfo& device_info(int device) {
+  static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+  static std::array<DeviceInfo, C10_COMPILE_TIME_MAX_GPUS> info;
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "CUDA device index ", device,
+              " out of range");
+  std::call_once(once[device], [device] {
+    int major = 0, sms = 0, block = 0, sm = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    info[device] = {major, {sms, block, sm}};
+  });
+  return info[device];
 }
 
-StreamDevice stream_device(int device) {
-  int block = 0, sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  return {sm_count(device), block, sm};
-}
+int sm_count(int device) { return device_info(device).stream.sm_count; }
 
-Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, int device) {
+Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, const DeviceInfo& dev) {
   const char* env = std::getenv("MLXQ_CUDA_DECODE");
   const std::string v(env == nullptr ? "" : env);
   if (W.bits != 4 || (dt != at::kHalf && dt != at::kBFloat16) || v == "cores" || W.G > INT32_MAX) {
     return Decode::kCores;
   }
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 8) return Decode::kCores;
+  if (dev.major < 8) return Decode::kCores;
   if (v == "mma") return Decode::kMma;
   const bool stream_ok = W.s.scalar_type() == dt && W.b.scalar_type() == dt && aligned16(W.s) &&
-                         aligned16(W.b) && qmv_stream4_fits(M, W.K, stream_device(device));
+                         aligned16(W.b) && qmv_stream4_fits(M, W.K, dev.stream);
   if (stream_ok) return Decode::kStream;
   return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
 }
@@ -224,10 +238,10 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     p.M = static_cast<int>(M);
     p.group_shift = log2_of(W.group_size);
     p.scale_type = scale_type_of(W.s.scalar_type());
-    const int device = x.get_device();
-    switch (decode_kernel(W, M, dt, device)) {
+    const DeviceInfo& dev = device_info(x.get_device());  // for the choice and the launch
+    switch (decode_kernel(W, M, dt, dev)) {
       case Decode::kStream:
-        launch_qmv_stream4(p, dtype_of(dt), stream_device(device), stream);
+        launch_qmv_stream4(p, dtype_of(dt), dev.stream, stream);
         break;
       case Decode::kMma:
         launch_qmv_mma4(p, dtype_of(dt), stream);

@@ -44,7 +44,14 @@ constexpr int kStreamSpans = 4;
 // gain; an L2 prefetch of 128 or 256 bytes on the weight loads lifts the loads alone from 34 to
 // 30 us (the 64-byte row pieces cost the memory side) but not the kernel (39.9 / 39.7), which is
 // bound by its instruction stream: each warp's mma chains and unpacking, at 16 warps a
-// multiprocessor.
+// multiprocessor. More weight bytes in flight do not help either (H200, M = 1, bf16, us, one
+// run, qmv_harness "wide"; 28672 x 8192 groups 128 / 64 / 32): this ring 39.4 / 41.6 / 45.8;
+// one block of 16 warps a multiprocessor (x staged once) with the same ring 38.9 / 39.9 / 47.1,
+// with 3 stages 43.6 / 44.6 / 52.0 (12 KB in flight a warp), U2 x 6 stages 50.2 / 52.3 / 57.9;
+// copies of whole 256-byte row pieces per instruction (8 / U rows a cp.async, lanes then read
+// each other's bytes) slower in every case (41.9 with 8 warps, 45.3 with 16 x 3 stages).
+// 8192 x 28672: the register variant 40.0, 16 warps with this ring 40.0. A plain read kernel
+// takes 28.1 (4.45 TB/s).
 constexpr int kRingStages = 2;
 
 template <int GS, typename T, int Ring>

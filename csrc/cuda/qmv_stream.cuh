@@ -27,32 +27,32 @@
 
 namespace mlxq::cuda {
 
-constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM)
+constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM); benchmarks also try 16
 
 // Bytes of dynamic shared memory the streaming kernel needs for M rows of x of length K.
-// ring_bytes: the ring variant's weight slots per warp (stages * U KB).
-inline int64_t qmv_stream_smem(int64_t M, int64_t K, int64_t ring_bytes = 0) {
+// ring_bytes: the ring variant's weight slots per warp (stages * U KB); warps: per block.
+inline int64_t qmv_stream_smem(int64_t M, int64_t K, int64_t ring_bytes = 0,
+                               int warps = kStreamWarps) {
   const int64_t kp = (K + 1023) / 1024 * 1024;  // the kernel pads x to whole steps (U <= 8 spans)
-  return M * kp * 2 + M * (kp / 32) * 4 + kStreamWarps * 2 * 16 * 4 + 64 +
-         kStreamWarps * ring_bytes;
+  return M * kp * 2 + M * (kp / 32) * 4 + warps * 2 * 16 * 4 + 64 + warps * ring_bytes;
 }
 
 // The launch of the streaming kernel: KW warps split the K of a tile only while the tiles alone
-// leave warp slots (min_blocks blocks of kStreamWarps per multiprocessor) empty, and while each
-// warp keeps at least one whole step of U spans; kStreamWarps / KW tiles a block. kw_force > 0
-// forces KW (benchmarks).
+// leave warp slots (min_blocks blocks of `warps` per multiprocessor) empty, and while each warp
+// keeps at least one whole step of U spans; warps / KW tiles a block. kw_force > 0 forces KW
+// (benchmarks).
 struct StreamGrid {
   int kw;
   int64_t blocks;
 };
 inline StreamGrid qmv_stream_grid(int64_t N, int64_t K, int U, int sm_count, int min_blocks,
-                                  int kw_force = 0) {
-  const int64_t tiles = (N + 15) / 16, slots = int64_t{sm_count} * min_blocks * kStreamWarps;
+                                  int kw_force = 0, int warps = kStreamWarps) {
+  const int64_t tiles = (N + 15) / 16, slots = int64_t{sm_count} * min_blocks * warps;
   const int64_t steps = ((K / 32 + 3) / 4 + U - 1) / U;
   int kw = 1;
-  while (kw < kStreamWarps && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
+  while (kw < warps && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
   if (kw_force > 0) kw = kw_force;
-  const int64_t tpb = kStreamWarps / kw;
+  const int64_t tpb = warps / kw;
   return {kw, (tiles + tpb - 1) / tpb};
 }
 
@@ -258,12 +258,13 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
   }
 }
 
-// y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, kStreamWarps / KW tiles a block.
+// y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, Warps / KW tiles a block.
 // LoadsOnly (benchmarks): only the loads, a bandwidth probe of this access pattern (wrong
-// results).
+// results). Warps: per block (benchmarks: 16 with MinBlocks 1 stages x once per multiprocessor,
+// which leaves shared memory for a deeper ring; see qmv_mma.cu for what it measured).
 template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false, int MinBlocks = 2,
-          int Ring = 0>
-__global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
+          int Ring = 0, int Warps = kStreamWarps>
+__global__ void __launch_bounds__(Warps * 32, MinBlocks)
     qmv_stream_kernel(const QmvParams p, const int KW) {
   using S = StreamStep<GS, U>;
   extern __shared__ __align__(16) uint8_t stream_smem[];
@@ -274,10 +275,10 @@ __global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
   const int kp = (spans + U - 1) / U * U * 128;  // K padded to whole steps (<= qmv_stream_smem's)
   uint4* xs = reinterpret_cast<uint4*>(stream_smem);                             // [M][kp / 8]
   float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);                // [M][kp / 32]
-  float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [8][2][16]
-  uint4* zeros = reinterpret_cast<uint4*>(red + kStreamWarps * 2 * 16);          // [4]
+  float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [W][2][16]
+  uint4* zeros = reinterpret_cast<uint4*>(red + Warps * 2 * 16);                 // [4]
 
-  const int tpb = kStreamWarps / KW;
+  const int tpb = Warps / KW;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * tpb + wi / KW;
   const int ks = wi % KW;
   const int64_t n0 = tile * 16;
@@ -320,7 +321,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, MinBlocks)
   // Stage x: chunk c of 8 values of row m at xs[m * kp / 8 + c], permuted for the B operand, and
   // the sums of x per 32 values. The loop's trip count is uniform (the shuffles need all lanes).
   const int per_row = kp / 8, total = M * per_row;
-  for (int base = 0; base < total; base += kStreamWarps * 32) {
+  for (int base = 0; base < total; base += Warps * 32) {
     const int idx = base + threadIdx.x;
     const int m = idx / per_row, c = idx - m * per_row;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
