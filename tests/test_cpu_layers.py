@@ -383,3 +383,85 @@ def test_deepcopy_gives_the_copy_its_own_step(monkeypatch) -> None:
     twin_logits, twin_cache = _decode(twin)
     assert torch.equal(logits, twin_logits)
     _assert_same_cache(cache, twin_cache)
+
+
+def test_append_kv_is_the_concatenation() -> None:
+    """`_C.append_kv` (the flat step's DynamicLayer update) gives torch.cat's keys and values,
+    as views of buffers it grows: in place while they have room (earlier results keep their
+    values), new buffers when they are full or the keys are not its views; None (cache.update
+    then runs) for operands it does not take."""
+    from mlxq._native import _C
+
+    gen = torch.Generator().manual_seed(0)
+
+    def heads(length: int) -> torch.Tensor:  # [B, H, L, D] as q/k/v views are: transposed
+        return torch.randn(2, length, 3, 16, generator=gen).to(torch.bfloat16).transpose(1, 2)
+
+    keys, values = heads(5).contiguous(), heads(5).contiguous()
+    kbuf = vbuf = None
+    history = []
+    for length in (1, 1, 3, 300, 1):  # 300 outgrows the first buffer
+        k, v = heads(length), heads(length)
+        want = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
+        before = None if kbuf is None else kbuf.data_ptr()
+        kbuf, vbuf, keys, values = _C.append_kv(kbuf, vbuf, keys, values, k, v)
+        assert torch.equal(keys, want[0]) and torch.equal(values, want[1])
+        assert keys.data_ptr() == kbuf.data_ptr() and values.data_ptr() == vbuf.data_ptr()
+        if length == 1 and before is not None:
+            assert kbuf.data_ptr() == before  # appended in place
+        history.append((keys, want[0].clone()))
+    for got, want_keys in history:
+        assert torch.equal(got, want_keys)
+    # keys that are not its views (a cropped cache): new buffers, the right values
+    cropped = keys[:, :, :7].clone()
+    k = heads(1)
+    out = _C.append_kv(kbuf, vbuf, cropped, values[:, :, :7].clone(), k, k)
+    assert out[0].data_ptr() != kbuf.data_ptr()
+    assert torch.equal(out[2], torch.cat([cropped, k], dim=-2))
+    assert _C.append_kv(None, None, keys, values, k.float(), k.float()) is None  # dtypes
+    assert _C.append_kv(None, None, keys, values, heads(1)[:1], heads(1)[:1]) is None  # batch
+    assert _C.append_kv(None, None, keys[0], values[0], k[0], k[0]) is None  # 3-D
+
+
+def test_dynamic_cache_grows_in_place_and_follows_crops(monkeypatch) -> None:
+    """Through the flat step a DynamicCache's keys and values stay views of one buffer per layer
+    while decoding (no copy of the cache a token); decode, a crop (which replaces the tensors),
+    and more decode give the logits and cache of the layers' own forward, bit for bit. A
+    sliding-window cache's layers (Mistral) keep transformers' own update."""
+
+    def run(model):
+        with torch.no_grad():
+            out = model(PROMPT, use_cache=True)
+            cache, logits, buffers = out.past_key_values, [out.logits], []
+            for step in range(8):
+                if step == 5:
+                    seen = cache.layers[0].keys  # a view handed out before the crop
+                    seen_values = seen.clone()
+                    cache.crop(-3)
+                tok = logits[-1][:, -1:].argmax(-1)
+                out = model(tok, past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+                buffers.append([vars(layer).get("_mlxq_kv") for layer in cache.layers])
+        assert torch.equal(seen, seen_values)  # not written again after the crop
+        return torch.cat(logits, dim=1), cache, buffers
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("llama", 4, 64), dtype=torch.bfloat16
+    )
+    logits, cache, buffers = run(model)
+    ptrs = [[None if b is None else b[0].data_ptr() for b in step] for step in buffers]
+    assert all(p is not None for p in ptrs[0])
+    assert ptrs[0] == ptrs[4]  # decode appended in place
+    assert ptrs[5] != ptrs[4] and ptrs[5] == ptrs[7]  # the crop's new tensors: new buffers
+    for layer in cache.layers:
+        assert layer.keys.data_ptr() == layer._mlxq_kv[0].data_ptr()
+    _unflatten(model)
+    want_logits, want_cache, _ = run(model)
+    assert torch.equal(logits, want_logits)
+    _assert_same_cache(cache, want_cache)
+
+    mistral = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("mistral", 4, 64), dtype=torch.bfloat16
+    )
+    _, cache = _decode(mistral)
+    assert not any("_mlxq_kv" in vars(layer) for layer in cache.layers)

@@ -20,6 +20,7 @@ from mlxq.integrations.cpu_rope import (
     use_native_rotary_embedding,
 )
 from mlxq.ops import rotary_embedding
+from mlxq.swap import function_body
 from transformers.models.glm import modeling_glm
 from transformers.models.llama import modeling_llama
 
@@ -128,10 +129,10 @@ def test_op_fake_compile_and_no_gradient() -> None:
 
 
 def test_stand_in_takes_only_the_llama_functions() -> None:
-    assert cpu_rope._function_body(_original()) == LLAMA_ROTARY_BODY
-    assert cpu_rope._function_body(modeling_llama.rotate_half) == LLAMA_ROTATE_HALF_BODY
+    assert function_body(_original()) == LLAMA_ROTARY_BODY
+    assert function_body(modeling_llama.rotate_half) == LLAMA_ROTATE_HALF_BODY
     # GLM rotates interleaved pairs over part of the head: another body, left alone
-    assert cpu_rope._function_body(modeling_glm.apply_rotary_pos_emb) != LLAMA_ROTARY_BODY
+    assert function_body(modeling_glm.apply_rotary_pos_emb) != LLAMA_ROTARY_BODY
     assert not cpu_rope._patch(modeling_glm)
     assert not hasattr(modeling_glm.apply_rotary_pos_emb, "_mlxq_original")
     # a module whose rotate_half differs in one token keeps its function

@@ -17,6 +17,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -186,6 +188,68 @@ class FlatDecoderLayer {
   int64_t head_dim_;
 };
 
+// A transformers DynamicLayer's keys (or values) [B, H, n, D] are a view of the first n positions
+// of `buf` [B, H, capacity, D], made here.
+bool views_start_of(const at::Tensor& t, const at::Tensor& buf) {
+  return buf.defined() && t.data_ptr() == buf.data_ptr() && t.dtype() == buf.dtype() &&
+         t.size(0) == buf.size(0) && t.size(1) == buf.size(1) && t.size(3) == buf.size(3) &&
+         t.strides() == buf.strides();
+}
+
+// dst = src for [B, H, L, D] tensors whose last dimension is unit-stride: a row copy each.
+void copy_rows(const at::Tensor& dst, const at::Tensor& src) {
+  if (dst.stride(3) != 1 || src.stride(3) != 1) {
+    dst.copy_(src);
+    return;
+  }
+  const int64_t bytes = src.size(3) * src.element_size();
+  auto* d = static_cast<char*>(dst.data_ptr());
+  const auto* s = static_cast<const char*>(src.const_data_ptr());
+  const int64_t es = src.element_size();
+  for (int64_t b = 0; b < src.size(0); ++b)
+    for (int64_t h = 0; h < src.size(1); ++h)
+      for (int64_t l = 0; l < src.size(2); ++l)
+        std::memcpy(d + (b * dst.stride(0) + h * dst.stride(1) + l * dst.stride(2)) * es,
+                    s + (b * src.stride(0) + h * src.stride(1) + l * src.stride(2)) * es, bytes);
+}
+
+// What DynamicLayer.update computes, cat([keys, k], -2) and cat([values, v], -2), into buffers
+// with room to grow: the new positions are copied in place and the results are views of the
+// first n + L positions (the same values, no copy of the n before; a cat copies the whole cache
+// every token: 20 us a layer at 512 positions, SmolLM2-135M). The caller passes the buffers only
+// with the keys/values last returned (so no earlier view sees a position written twice); new
+// buffers, with the old positions copied, when there are none, the keys/values are not their
+// views, or they are full. nullopt (the caller runs cache.update) where the operands are not CPU
+// tensors [B, H, n, D] / [B, H, L, D] of one dtype.
+using KvBuffers = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+std::optional<KvBuffers> append_kv(const std::optional<at::Tensor>& kbuf,
+                                   const std::optional<at::Tensor>& vbuf, const at::Tensor& keys,
+                                   const at::Tensor& values, const at::Tensor& k,
+                                   const at::Tensor& v) {
+  for (const at::Tensor* t : {&keys, &values, &k, &v})
+    if (t->dim() != 4 || !t->device().is_cpu() || t->scalar_type() != keys.scalar_type() ||
+        t->is_conj() || t->is_neg() || t->requires_grad())
+      return std::nullopt;
+  if (values.sizes() != keys.sizes() || v.sizes() != k.sizes() || k.size(0) != keys.size(0) ||
+      k.size(1) != keys.size(1) || k.size(3) != keys.size(3))
+    return std::nullopt;
+  const int64_t n = keys.size(2), total = n + k.size(2);
+  at::Tensor kb = kbuf.value_or(at::Tensor()), vb = vbuf.value_or(at::Tensor());
+  if (!(views_start_of(keys, kb) && views_start_of(values, vb) && total <= kb.size(2) &&
+        total <= vb.size(2))) {
+    const int64_t capacity = (total + std::max<int64_t>(256, total / 4) + 63) / 64 * 64;
+    kb = at::empty({keys.size(0), keys.size(1), capacity, keys.size(3)}, keys.options());
+    vb = at::empty_like(kb);
+    if (n > 0) {
+      copy_rows(kb.narrow(2, 0, n), keys);
+      copy_rows(vb.narrow(2, 0, n), values);
+    }
+  }
+  copy_rows(kb.narrow(2, n, k.size(2)), k);
+  copy_rows(vb.narrow(2, n, v.size(2)), v);
+  return KvBuffers{kb, vb, kb.narrow(2, 0, total), vb.narrow(2, 0, total)};
+}
+
 }  // namespace mlxq::composite
 
 namespace mlxq {
@@ -209,6 +273,11 @@ void register_decoder_layer_bindings(pybind11::module& m) {
       .def("attention_output", &FlatDecoderLayer::attention_output, py::arg("q"), py::arg("k"),
            py::arg("v"), py::arg("mask"), py::arg("scale"), py::arg("residual"), py::arg("eps"),
            py::call_guard<py::gil_scoped_release>());
+  m.def("append_kv", &composite::append_kv, py::arg("key_buffer"), py::arg("value_buffer"),
+        py::arg("keys"), py::arg("values"), py::arg("k"), py::arg("v"),
+        "DynamicLayer.update's concatenation into buffers that grow "
+        "(csrc/composite/decoder_layer.cpp); not public API",
+        py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace mlxq

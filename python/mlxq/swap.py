@@ -16,10 +16,12 @@ with an error naming the module and its class.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import re
 import textwrap
+import types
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,24 @@ def forward_body(cls: type) -> str | None:
     while lines and not lines[0].rstrip().endswith(":"):  # a signature over several lines
         lines.pop(0)
     return "".join("".join(lines[1:]).split())
+
+
+def function_body(fn: object) -> str | None:
+    """fn's arguments and body (docstring dropped) as ast.unparse writes them, without
+    whitespace; None for anything but a plain Python function with source."""
+    if type(fn) is not types.FunctionType or hasattr(fn, "__wrapped__"):
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(tree, ast.FunctionDef):
+        return None
+    body = tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    text = ast.unparse(tree.args) + ":" + ";".join(ast.unparse(s) for s in body)
+    return "".join(text.split())
 
 
 def forward_owner(cls: type) -> type:

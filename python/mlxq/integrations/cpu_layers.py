@@ -15,7 +15,10 @@ tensor operations, in the same order, in one function:
   they share a format, bit for bit the separate calls);
 - the rotary embedding, the cache update and the attention through the very functions the
   attention module calls (its modeling module's `apply_rotary_pos_emb`, `cache.update` and the
-  registered attention interface), with the same arguments.
+  registered attention interface), with the same arguments; for transformers' DynamicCache
+  (its update's code known token for token) the concatenation of each token's keys and values
+  goes into buffers that grow (`_cache_update`), the same values without a copy of the whole
+  cache a token.
 
 Where every projection is affine, the ops before the cache update (norm, q/k/v, head views,
 the rotary op where mlxq's `apply_rotary_pos_emb` stand-in would call it) and those after the
@@ -52,6 +55,7 @@ from torch.nn.modules import module as nn_module
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils._device import DeviceContext
 from torch.utils.hooks import RemovableHandle
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from mlxq._native import _C
 from mlxq.integrations import cpu_attention
@@ -59,7 +63,7 @@ from mlxq.integrations.cpu_norms import MAX_ROWS, _is_llama_rms_norm, _native_fo
 from mlxq.integrations.cpu_rope import MAX_POSITIONS, is_stand_in
 from mlxq.nn import AffineLinear, _matmul
 from mlxq.ops import _forward_mode_active
-from mlxq.swap import forward_body, forward_owner
+from mlxq.swap import forward_body, forward_owner, function_body
 
 __all__ = [
     "LLAMA_DECODER_BODY",
@@ -149,6 +153,29 @@ _FORWARD = itertools.repeat("forward")
 _REBUILT = frozenset(
     ("instance_dicts", "norm_dicts", "hooks_seen", "native")
     + ("held_dicts", "held_names", "held_tensors")
+)
+# transformers' Cache.update and DynamicLayer.update (transformers 5), as function_body gives
+# them: _cache_update restates what they do for a DynamicCache, only while they are these.
+CACHE_UPDATE_BODY = (
+    "self,key_states:torch.Tensor,value_states:torch.Tensor,layer_idx:int,*args,**kwargs:"
+    "ifself.layer_class_to_replicateisnotNone:whilelen(self.layers)<=layer_idx:"
+    "self.layers.append(self.layer_class_to_replicate());"
+    "ifself.offloading:torch.cuda.default_stream(key_states.device).wait_stream("
+    "self.prefetch_stream)self.prefetch_stream.wait_stream(torch.cuda.default_stream("
+    "key_states.device))self.prefetch(layer_idx+1,self.only_non_sliding);"
+    "keys,values=self.layers[layer_idx].update(key_states,value_states,*args,**kwargs);"
+    "ifself.offloading:self.offload(layer_idx,self.only_non_sliding);return(keys,values)"
+)
+DYNAMIC_LAYER_UPDATE_BODY = (
+    "self,key_states:torch.Tensor,value_states:torch.Tensor,*args,**kwargs:"
+    "ifnotself.is_initialized:self.lazy_initialization(key_states,value_states);"
+    "self.keys=torch.cat([self.keys,key_states],dim=-2);"
+    "self.values=torch.cat([self.values,value_states],dim=-2);return(self.keys,self.values)"
+)
+_KNOWN_DYNAMIC_CACHE = (
+    DynamicCache.update is Cache.update
+    and function_body(Cache.update) == CACHE_UPDATE_BODY
+    and function_body(DynamicLayer.update) == DYNAMIC_LAYER_UPDATE_BODY
 )
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
@@ -310,6 +337,34 @@ def _projections(modules: tuple[AffineLinear, ...], x: torch.Tensor) -> list[tor
     return [m.add_bias(y) for m, y in zip(modules, group.matmuls(x), strict=True)]
 
 
+def _cache_update(cache, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kwargs: dict) -> tuple:
+    """cache.update(k, v, layer_idx, kwargs=kwargs). For transformers' DynamicCache of
+    DynamicLayers (the code known token for token) the concatenation goes into buffers that grow
+    (`_C.append_kv`, kept on the layer): the same keys and values, as views of the buffers,
+    without a copy of the whole cache every token."""
+    layers = cache.layers
+    if not (
+        type(cache) is DynamicCache
+        and _KNOWN_DYNAMIC_CACHE
+        and not cache.offloading
+        and layer_idx < len(layers)
+        and type(layer := layers[layer_idx]) is DynamicLayer
+        and layer.is_initialized
+    ):
+        return cache.update(k, v, layer_idx, kwargs=kwargs)
+    # Only the keys/values last made here grow in place: other tensors (a crop's, a reorder's)
+    # get new buffers, so that no view handed out before sees a position written again.
+    held = layer.__dict__.get("_mlxq_kv")
+    ours = held is not None and layer.keys is held[2] and layer.values is held[3]
+    kbuf, vbuf = held[:2] if ours else (None, None)
+    out = _C.append_kv(kbuf, vbuf, layer.keys, layer.values, k, v)
+    if out is None:  # not CPU tensors of one layout and dtype: cat as transformers does
+        return cache.update(k, v, layer_idx, kwargs=kwargs)
+    layer.keys, layer.values = out[2], out[3]
+    layer._mlxq_kv = out
+    return out[2], out[3]
+
+
 def _flat_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -378,7 +433,7 @@ def _flat_forward(
         q, k = rotary(q, k, cos, sin)
     attn_kwargs = {"position_ids": position_ids, "use_cache": use_cache, **kwargs}
     if cache is not None:
-        k, v = cache.update(k, v, attn.layer_idx, kwargs=attn_kwargs)
+        k, v = _cache_update(cache, k, v, attn.layer_idx, attn_kwargs)
     interface = g["ALL_ATTENTION_FUNCTIONS"].get_interface(
         attn.config._attn_implementation, g["eager_attention_forward"]
     )

@@ -21,11 +21,8 @@ uses it: outputs stay bit-equal, only faster. Modules whose function differs in 
 
 from __future__ import annotations
 
-import ast
 import functools
-import inspect
 import sys
-import textwrap
 import types
 from collections.abc import Callable
 
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from mlxq.ops import _forward_mode_active, rotary_embedding
+from mlxq.swap import function_body
 
 __all__ = [
     "LLAMA_ROTARY_BODY",
@@ -59,24 +57,6 @@ LLAMA_ROTATE_HALF_BODY = (
 )
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _function_body(fn: object) -> str | None:
-    """fn's arguments and body (docstring dropped) as ast.unparse writes them, without
-    whitespace; None for anything but a plain Python function with source."""
-    if type(fn) is not types.FunctionType or hasattr(fn, "__wrapped__"):
-        return None
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
-    except (OSError, TypeError, SyntaxError, IndexError):
-        return None
-    if not isinstance(tree, ast.FunctionDef):
-        return None
-    body = tree.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]
-    text = ast.unparse(tree.args) + ":" + ";".join(ast.unparse(s) for s in body)
-    return "".join(text.split())
 
 
 def _fits(q, k, cos, sin, unsqueeze_dim) -> bool:
@@ -143,9 +123,9 @@ def _patch(module: types.ModuleType) -> bool:
     if fn is None or is_stand_in(fn):
         return False
     rotate_half = getattr(module, "rotate_half", None)
-    if _function_body(fn) != LLAMA_ROTARY_BODY:
+    if function_body(fn) != LLAMA_ROTARY_BODY:
         return False
-    if _function_body(rotate_half) != LLAMA_ROTATE_HALF_BODY:
+    if function_body(rotate_half) != LLAMA_ROTATE_HALF_BODY:
         return False
     module.apply_rotary_pos_emb = _stand_in(fn)
     return True
