@@ -213,3 +213,17 @@ def test_several_queries_without_mask_are_causal_from_the_first_key():
         want, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), None, scaling=0.2)
         torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=2.0**-7, atol=1e-6)
         module.is_causal = True
+
+
+def test_longer_prompts_take_the_op_where_its_16_row_kernel_runs(isa) -> None:
+    """bf16 prompts with a head size that is a multiple of 32 on AVX-512 BF16 (the op's 16-row
+    prompt kernel) take the op up to ROWS16_PROMPT_FACTOR times MAX_PROMPT_SCORES; others up to
+    MAX_PROMPT_SCORES."""
+    limit = cpu_attention.MAX_PROMPT_SCORES
+    q = torch.empty(1, 9, 1100, 64, dtype=torch.bfloat16)
+    fast = isa == "avx512"
+    assert cpu_attention._prompt_scores(q) == limit * (
+        cpu_attention.ROWS16_PROMPT_FACTOR if fast else 1
+    )
+    assert cpu_attention._prompt_scores(q.half()) == limit
+    assert cpu_attention._prompt_scores(torch.empty(1, 9, 1100, 80, dtype=torch.bfloat16)) == limit

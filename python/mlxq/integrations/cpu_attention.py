@@ -15,10 +15,11 @@ which is also how MLX's fused attention computes (fp32 accumulation and softmax)
 - The other calls with a few queries widen q, k and v to fp32 and run transformers' sdpa on
   them (a copy of the whole cache per call: the path the op replaced, `NATIVE_DECODE = False`
   sends every such call there).
-- A prompt takes the native op too while queries x keys stay under MAX_PROMPT_SCORES (its
-  causal mask is built as a bool tensor; the op skips each row group's masked keys, and was
-  faster than torch's bf16 flash attention at 512 tokens); longer prompts and other devices go
-  to transformers' own sdpa unchanged.
+- A prompt takes the native op too while queries x keys stay under MAX_PROMPT_SCORES, four
+  times that where the op's 16-row prompt kernel runs (its causal mask is built as a bool
+  tensor; the op skips each row group's masked keys, and is faster than torch's bf16 flash
+  attention: 2.5x at 512 tokens with that kernel); longer prompts and other devices go to
+  transformers' own sdpa unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import functools
 
 import torch
 from torch import nn
+
+from mlxq._native import _C
 
 __all__ = [
     "NAME",
@@ -51,6 +54,11 @@ NATIVE_DECODE = True
 # group of rows, and beat torch's bf16 flash attention at SmolLM2's 512-token prompt (3.1 vs
 # 3.5-4.2 ms a layer, 2 threads); longer prompts keep sdpa, which needs no mask.
 MAX_PROMPT_SCORES = 1 << 20
+# Where the op takes a prompt with its 16-row kernel (bf16, a head size that is a multiple of 32,
+# AVX-512 BF16: csrc/cpu/attention_rows16.h), it beats torch's bf16 flash attention further, its
+# mask built here included (SmolLM2 shapes, 2 threads: 1.4 vs 3.6 ms at 512 causal queries, 5.1
+# vs 10.2 at 1024, 19.8 vs 36.1 at 2048): prompts up to this many times MAX_PROMPT_SCORES.
+ROWS16_PROMPT_FACTOR = 4
 
 
 def _native_fits(module: nn.Module, query, key, value, attention_mask, kwargs) -> bool:
@@ -85,6 +93,14 @@ def _native_fits(module: nn.Module, query, key, value, attention_mask, kwargs) -
     )
 
 
+def _prompt_scores(query: torch.Tensor) -> int:
+    """The most queries x keys of a prompt that takes the op."""
+    rows16 = query.dtype == torch.bfloat16 and query.shape[-1] % 32 == 0
+    if rows16 and _C.cpu_isa() == "avx512":
+        return MAX_PROMPT_SCORES * ROWS16_PROMPT_FACTOR
+    return MAX_PROMPT_SCORES
+
+
 def native_arguments(
     module: nn.Module, query, key, value, attention_mask, kwargs: dict
 ) -> tuple[torch.Tensor | None, float | None] | None:
@@ -95,7 +111,7 @@ def native_arguments(
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
         return None
     q_length, kv_length = query.shape[-2], key.shape[-2]
-    if q_length > MAX_QUERIES and q_length * kv_length > MAX_PROMPT_SCORES:
+    if q_length > MAX_QUERIES and q_length * kv_length > _prompt_scores(query):
         return None
     if not _native_fits(module, query, key, value, attention_mask, kwargs):
         return None
