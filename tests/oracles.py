@@ -187,6 +187,13 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+def fp32_sum_eps(k: int) -> float:
+    """(k + 4) u32: the error of one fp32 evaluation of k products (each term up to 4 roundings,
+    then a k-term sum in any order), relative to the sum of the terms' magnitudes. Two such
+    evaluations (a kernel and the CPU op) are at most twice this apart."""
+    return (k + 4) * eps(torch.float32)
+
+
 def matmul_tolerance(
     ref_abs: torch.Tensor, ref: torch.Tensor, k: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
