@@ -234,7 +234,7 @@ def assert_product_within(
     b_abs: torch.Tensor | None = None,
     k: int | None = None,
 ) -> None:
-    """`actual` is torch.matmul(a, b) evaluated in fp32 (products, a fp32 sum) and rounded once
+    """`actual` is torch.matmul(a, b) evaluated in fp32 (products, an fp32 sum) and rounded once
     to actual's dtype: held to the float64 product within matmul_tolerance, whatever the order
     of the sum. `b_abs` is the error scale of b's terms where b is itself an fp32 expression
     (|s|q + |b| for an affine weight; default |b|); `k` the length of the longest fp32 sum
