@@ -187,6 +187,13 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+def fp32_sum_eps(k: int) -> float:
+    """(k + 4) u32: the error of one fp32 evaluation of k products (each term up to 4 roundings,
+    then a k-term sum in any order), relative to the sum of the terms' magnitudes. Two such
+    evaluations (a kernel and the CPU op) are at most twice this apart."""
+    return (k + 4) * eps(torch.float32)
+
+
 def matmul_tolerance(
     ref_abs: torch.Tensor, ref: torch.Tensor, k: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -216,6 +223,70 @@ def assert_within(actual: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, wh
             f"index {i}: got {actual.flatten()[i].item()!r}, reference {ref.flatten()[i].item()!r}"
             f", |err| {err.flatten()[i].item():.3g} > tol {tol.flatten()[i].item():.3g}"
         )
+
+
+def assert_product_within(
+    actual: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    what: str,
+    *,
+    b_abs: torch.Tensor | None = None,
+    k: int | None = None,
+) -> None:
+    """`actual` is torch.matmul(a, b) evaluated in fp32 (products, an fp32 sum) and rounded once
+    to actual's dtype: held to the float64 product within matmul_tolerance, whatever the order
+    of the sum. `b_abs` is the error scale of b's terms where b is itself an fp32 expression
+    (|s|q + |b| for an affine weight; default |b|); `k` the length of the longest fp32 sum
+    (default a's last dimension: more where partial products are summed again)."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    b_abs64 = b64.abs() if b_abs is None else b_abs.detach().double()
+    ref = torch.matmul(a64, b64)
+    ref_abs = torch.matmul(a64.abs(), b_abs64)
+    k = a.shape[-1] if k is None else k
+    assert_within(actual, ref, matmul_tolerance(ref_abs, ref, k, actual.dtype), what)
+
+
+def gather_grad_ref(
+    g: torch.Tensor,
+    w: torch.Tensor,
+    lhs: torch.Tensor,
+    rhs: torch.Tensor,
+    x_shape: tuple[int, ...],
+    transpose: bool,
+) -> torch.Tensor:
+    """d/dx of sum(g * y) for y = x[lhs] @ W[rhs].T (or @ W[rhs]) (x with one batch
+    dimension, W float [E, rows, cols]), in float64 by torch's autograd. It is linear in g and
+    W and made of products and sums only, so with |g| and the weight's error scale it gives
+    the sum of the magnitudes of its terms."""
+    xd = torch.zeros(x_shape, dtype=torch.float64, requires_grad=True)
+    w = w.detach().double()[rhs]
+    yd = xd[lhs] @ (w.transpose(-1, -2) if transpose else w)
+    (gd,) = torch.autograd.grad(yd, xd, g.detach().double())
+    return gd
+
+
+def assert_gather_grad_within(
+    gx: torch.Tensor,
+    g: torch.Tensor,
+    w: torch.Tensor,
+    w_abs: torch.Tensor,
+    lhs: torch.Tensor,
+    rhs: torch.Tensor,
+    transpose: bool,
+    what: str,
+) -> None:
+    """gx, the fp32 gradient of a gather matmul with respect to x, against the float64 one
+    (gather_grad_ref) within matmul_tolerance: each pair's part is an fp32 product g @ W with
+    g's last dimension as its length, and the parts of the pairs that share an x matrix are
+    summed in fp32 once more (one addition per pair), so k is that length plus the largest
+    number of pairs on one x matrix. `w_abs` is the weight's error scale (as for
+    assert_product_within)."""
+    ref = gather_grad_ref(g, w, lhs, rhs, tuple(gx.shape), transpose)
+    ref_abs = gather_grad_ref(g.abs(), w_abs, lhs, rhs, tuple(gx.shape), transpose)
+    pairs = int(torch.bincount(torch.broadcast_tensors(lhs, rhs)[0].reshape(-1).long()).max())
+    tol = matmul_tolerance(ref_abs, ref, g.shape[-1] + pairs, gx.dtype)
+    assert_within(gx, ref, tol, what)
 
 
 def _f32(a: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from mlxq._native import _C
 from mlxq.testing import metal_emulator as emu
 from mlxq.testing.metal_emulator import ops as metal_ops
-from oracles import DTYPES, GROUP_SIZES, to_mx, to_torch, words
+from oracles import DTYPES, GROUP_SIZES, fp32_sum_eps, to_mx, to_torch, words
 
 pytestmark = pytest.mark.skipif(
     not emu.available(), reason="no clang for the MSL emulator (pip install ziglang)"
@@ -26,7 +26,6 @@ pytestmark = pytest.mark.skipif(
 COMBOS = [(g, d) for d in DTYPES for g in GROUP_SIZES]
 COMBO_IDS = [f"gs{g}-{str(d).split('.')[-1]}" for g, d in COMBOS]
 OUT_EPS = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-ACC_EPS = 2e-6
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +37,7 @@ def _assert_close(y, ref, x, wq, s, b, gs, transpose, kernel) -> None:
     q = mlxq.affine_dequantize(wq, torch.ones_like(s), torch.zeros_like(b), gs, 1).float()
     w = s.float().abs().repeat_interleave(gs, -1) * q + b.float().abs().repeat_interleave(gs, -1)
     absprod = (x.float().abs() @ (w.transpose(-1, -2) if transpose else w)).reshape(ref.shape)
-    bound = OUT_EPS[x.dtype] * ref.float().abs() + 2 * ACC_EPS * absprod + 1e-30
+    bound = OUT_EPS[x.dtype] * ref.float().abs() + 2 * fp32_sum_eps(x.shape[-1]) * absprod + 1e-30
     err = (y.float() - ref.float()).abs()
     assert y.shape == ref.shape and y.dtype == ref.dtype
     assert not y.isnan().any(), f"{kernel}: some outputs were never written"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from mlxq.testing import metal_emulator as emu
 from mlxq.testing.metal_emulator import _source
+from oracles import assert_product_within
 
 KERNELS = Path(__file__).parent / "metal_kernels"
 
@@ -155,8 +156,8 @@ def test_simdgroup_matrix_multiply(
         (64, 1, 1),
         {0: a, 1: b_arg, 2: c, 3: struct.pack("<4I", m, n, k, 0)},
     )
-    ref = a.double() @ b.double()
-    torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-4)
+    # fp32 accumulation of k products: the derived bound of the float64 product
+    assert_product_within(c, a, b, name)
     # Every element of A is loaded once per tile column, B once per tile row.
     assert rep.bytes_read[0] == a.numel() * a.element_size() * (n // 8)
     assert rep.bytes_read[1] == b.numel() * b.element_size() * (m // 8)

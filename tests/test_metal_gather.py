@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlxq.testing import metal_emulator as emu
 from mlxq.testing.metal_emulator import ops as metal_ops
-from oracles import BITS, DTYPES, GROUP_SIZES, mx_gather_qmm
+from oracles import BITS, DTYPES, GROUP_SIZES, fp32_sum_eps, mx_gather_qmm
 
 pytestmark = pytest.mark.skipif(
     not emu.available(), reason="no clang for the MSL emulator (pip install ziglang)"
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.skipif(
 COMBOS = [(b, g, d) for d in DTYPES for g in GROUP_SIZES for b in BITS]
 COMBO_IDS = [f"b{b}-gs{g}-{str(d).split('.')[-1]}" for b, g, d in COMBOS]
 OUT_EPS = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-ACC_EPS = 2e-6
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,7 +59,7 @@ def _check(
     xm = x.float().abs().reshape(-1, *x.shape[-2:])[lf]
     wm = w_abs.reshape(-1, *w_abs.shape[-2:])[rf]
     absprod = (xm @ (wm.transpose(-1, -2) if transpose else wm)).reshape(ref.shape)
-    bound = OUT_EPS[x.dtype] * ref.float().abs() + 2 * ACC_EPS * absprod + 1e-30
+    bound = OUT_EPS[x.dtype] * ref.float().abs() + 2 * fp32_sum_eps(x.shape[-1]) * absprod + 1e-30
     err = (y.float() - ref.float()).abs()
     assert not y.isnan().any(), f"{kernel}: some outputs were never written"
     worst = (err / bound).max().item()

@@ -28,6 +28,7 @@ from arch_models import (
 )
 from mlx_models import assert_logits_match_mlx_lm, greedy_tokens, mlx_lm_logits
 from mlxq.moe import AffineSwitchLinear, AffineWeight, MoeExperts
+from oracles import assert_product_within
 from safetensors.torch import load_file
 
 TOLERANCE = 1e-3
@@ -266,8 +267,8 @@ def test_switch_linear_in_float_modes(mode: str) -> None:
     assert stack.scales.dtype == torch.uint8 and stack.biases is None
     assert set(stack.state_dict()) == {"weight", "scales"}
     x, idx = torch.randn(3, 1, 1, 64, generator=gen), torch.tensor([[3, 0], [1, 1], [2, 3]])
-    ref = x.double() @ stack.dequantize_weight().double()[idx].transpose(-1, -2)
-    torch.testing.assert_close(stack(x, idx).double(), ref, rtol=1e-5, atol=1e-5)
+    w = stack.dequantize_weight()[idx].transpose(-1, -2)  # exact in fp32
+    assert_product_within(stack(x, idx), x, w, f"{mode} stack")
     with pytest.raises(ValueError, match=rf"mode '{mode}' needs \(group_size, bits\)"):
         AffineSwitchLinear(4, 64, 32, 3, 64, mode=mode)
     with pytest.raises(ValueError, match="mode='fp4' is not one of affine, mxfp4"):
