@@ -342,18 +342,27 @@ inline void attention_merge(const AttentionArgs& a, int64_t g0, int64_t g1) {
   }
 }
 
+// Row r (of the R rows of unit (b, hkv)) of q as stored, and of a bool mask.
+inline const char* q_row(const AttentionArgs& a, int64_t b, int64_t hkv, int64_t r) {
+  const int64_t hq = hkv * (a.Hq / a.Hkv) + r / a.Lq, lq = r % a.Lq;
+  const int64_t elem = a.dtype == ScaleType::kFloat ? 4 : 2;
+  return static_cast<const char*>(a.q) +
+         (b * a.q_stride[0] + hq * a.q_stride[1] + lq * a.q_stride[2]) * elem;
+}
+inline const bool* bool_mask_row(const AttentionArgs& a, int64_t b, int64_t hkv, int64_t r) {
+  const int64_t hq = hkv * (a.Hq / a.Hkv) + r / a.Lq, lq = r % a.Lq;
+  return static_cast<const bool*>(a.mask) + b * a.mask_stride[0] + hq * a.mask_stride[1] +
+         lq * a.mask_stride[2];
+}
+
 // Narrows keys [j0, j1) to those that some of rows [r0, r1) of unit (b, hkv) attend under a bool
 // mask (an empty range when none does): a causal prompt's row group skips the keys after its
 // last row. Rows are scanned from the last for the end and from the first for the start, so a
 // causal mask costs about one pass over the keys per task.
 inline void attended_range(const AttentionArgs& a, int64_t b, int64_t hkv, int64_t r0, int64_t r1,
                            int64_t& j0, int64_t& j1) {
-  const int64_t rep = a.Hq / a.Hkv, sj = a.mask_stride[3];
-  auto row = [&](int64_t r) {
-    const int64_t hq = hkv * rep + r / a.Lq, lq = r % a.Lq;
-    return static_cast<const bool*>(a.mask) + b * a.mask_stride[0] + hq * a.mask_stride[1] +
-           lq * a.mask_stride[2];
-  };
+  const int64_t sj = a.mask_stride[3];
+  auto row = [&](int64_t r) { return bool_mask_row(a, b, hkv, r); };
   int64_t last = j0;
   for (int64_t r = r1 - 1; r >= r0 && last < j1; --r) {
     const bool* m = row(r);
@@ -420,10 +429,7 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
   const char* vbase =
       static_cast<const char*>(a.v) + (b * a.v_stride[0] + hkv * a.v_stride[1]) * elem;
   auto head_of = [&](int64_t r) { return hkv * rep + r / a.Lq; };
-  auto q_row = [&](int64_t r) {  // q[b, head_of(r), r % Lq] as it is stored
-    const int64_t off = b * a.q_stride[0] + head_of(r) * a.q_stride[1] + r % a.Lq * a.q_stride[2];
-    return reinterpret_cast<const uint16_t*>(static_cast<const char*>(a.q) + off * elem);
-  };
+  auto q_row16 = [&](int64_t r) { return reinterpret_cast<const uint16_t*>(q_row(a, b, hkv, r)); };
 #if defined(MLXQ_X86_AVX512)
   // Prompts: blocks of 16 rows, one per lane (attention_rows16.h), where the mask allows.
   if (rows16::fits(a, nr) && rows16::attend(a, b, hkv, r0, r1, j0, j1, sc)) {
@@ -432,7 +438,7 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
   }
 #endif
   for (int64_t i = 0; i < nr; ++i) {
-    widen_row(q_row(r0 + i), a.dtype, D, Dp, sc.q.data() + i * Dp);
+    widen_row(q_row16(r0 + i), a.dtype, D, Dp, sc.q.data() + i * Dp);
     sc.m[i] = ninf;
     sc.l[i] = 0.f;
   }
@@ -452,7 +458,7 @@ inline void attention_task(const AttentionArgs& a, int64_t task, AttnScratch& sc
                   : reinterpret_cast<const uint16_t*>(sc.zeros.data());
         for (int64_t i = 0; i < nr; ++i) {
           v8f acc[8];
-          dot8_bf16(q_row(r0 + i), krows, D, acc);
+          dot8_bf16(q_row16(r0 + i), krows, D, acc);
           store8(sc.s.data() + i * kAttnChunk + t, sum_lanes8(acc) * a.scale);
         }
       }

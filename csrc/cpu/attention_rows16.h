@@ -90,10 +90,9 @@ struct Scratch {
 // each row's unnormalised output, max and sum, as the general kernel leaves them.
 inline bool attend(const AttentionArgs& a, int64_t b, int64_t hkv, int64_t r0, int64_t r1,
                    int64_t j0, int64_t j1, AttnScratch& sc) {
-  const int64_t D = a.D, Dp = D, nr = r1 - r0, rep = a.Hq / a.Hkv, pairs = D / 2;
+  const int64_t D = a.D, Dp = D, nr = r1 - r0, pairs = D / 2;
   const int64_t nblocks = (nr + kLanes - 1) / kLanes;
   const float ninf = -std::numeric_limits<float>::infinity();
-  auto head_of = [&](int64_t r) { return hkv * rep + r / a.Lq; };
   // Per-row intervals, and q of each block as bf16 pairs.
   thread_local Scratch rs;
   std::vector<Block>& blocks = rs.blocks;
@@ -110,17 +109,15 @@ inline bool attend(const AttentionArgs& a, int64_t b, int64_t hkv, int64_t r0, i
     for (int64_t i = 0; i < kLanes; ++i) {
       firsts[i] = ends[i] = static_cast<int32_t>(j0);
       if (i >= blk.rows) continue;
-      const int64_t r = r0 + blk.row0 + i, hq = head_of(r), lq = r % a.Lq;
+      const int64_t r = r0 + blk.row0 + i;
       if (a.mask_type == MaskType::kBool) {
-        const bool* mrow = static_cast<const bool*>(a.mask) + b * a.mask_stride[0] +
-                           hq * a.mask_stride[1] + lq * a.mask_stride[2];
-        if (!attended_interval(mrow, j0, j1, firsts[i], ends[i])) return false;
+        if (!attended_interval(bool_mask_row(a, b, hkv, r), j0, j1, firsts[i], ends[i]))
+          return false;
       } else {
         firsts[i] = static_cast<int32_t>(j0);
         ends[i] = static_cast<int32_t>(j1);
       }
-      const char* q = static_cast<const char*>(a.q) +
-                      (b * a.q_stride[0] + hq * a.q_stride[1] + lq * a.q_stride[2]) * 2;
+      const char* q = q_row(a, b, hkv, r);
       for (int64_t p = 0; p < pairs; ++p) std::memcpy(qp + p * kLanes + i, q + 4 * p, 4);
     }
     blk.first = j1;
