@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/kernel_table.h"
 
@@ -17,6 +18,21 @@ inline int bf16_piece_count(at::ScalarType src) {
   return src == at::kBFloat16 ? 1 : (src == at::kHalf ? 2 : 3);
 }
 
+// The 16-bit values of rows [M, K] in the bf16 kernels' lane order (value l * P + j of a block
+// of L * P goes to j * L + l, P = bf16_lane_values): a decode step's bf16 x as its one piece.
+inline void bf16_lane_order(const uint16_t* x, int64_t M, int64_t K, int bits, uint16_t* out) {
+  const int64_t L = kBf16Lanes;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = x + m * K;
+    uint16_t* orow = out + m * K;
+    for (int64_t k0 = 0, P = 0; k0 < K; k0 += L * P) {
+      P = bf16_lane_values(k0, K, bits);
+      for (int64_t j = 0; j < P; ++j)
+        for (int64_t l = 0; l < L; ++l) orow[k0 + j * L + l] = xr[k0 + l * P + j];
+    }
+  }
+}
+
 // x [M, K] (contiguous fp32, bf16 or fp16, holding values of dtype `src`) as the bf16 pieces of
 // QmvBf16Args (and FpQmvBf16Args), in the bf16 kernels' order: [pieces * M, K]. One pass in plain
 // C++: decode calls are small, and a chain of tensor ops would cost more than the kernel for small
@@ -25,6 +41,13 @@ template <typename T>
 inline void fill_bf16_pieces(const T* xp, int64_t M, int64_t K, int pieces, int bits,
                              c10::BFloat16* op) {
   const int64_t L = kBf16Lanes;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (pieces == 1) {  // bf16 x is its own piece: only the lanes' order changes
+      bf16_lane_order(reinterpret_cast<const uint16_t*>(xp), M, K, bits,
+                      reinterpret_cast<uint16_t*>(op));
+      return;
+    }
+  }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k0 = 0, P = 0; k0 < K; k0 += L * P) {
       P = bf16_lane_values(k0, K, bits);

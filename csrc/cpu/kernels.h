@@ -20,6 +20,17 @@ namespace mlxq::cpu::MLXQ_ISA {
 // `count` fp16 or bf16 values (raw 16-bit patterns) to fp32, 8 at a time where possible.
 inline void widen16(const uint16_t* src, float* dst, int64_t count, bool is_half) {
   int64_t i = 0;
+#if defined(MLXQ_X86_AVX512)
+  // 16 at a time with a masked tail: a decode tile's scales are a few dozen values
+  for (; i < count; i += 16) {
+    const __mmask16 k = count - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - i)) - 1);
+    const __m256i h = _mm256_maskz_loadu_epi16(k, src + i);
+    const __m512 f = is_half ? _mm512_cvtph_ps(h)
+                             : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    _mm512_mask_storeu_ps(dst + i, k, f);
+  }
+  return;
+#endif
   if (!is_half) {  // bf16 is the top half of an fp32
     for (; i + 8 <= count; i += 8) {
       typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -55,6 +66,13 @@ inline void load_scales(const QuantWeight& W, int64_t n, int64_t g0, int64_t g1,
   widen16(static_cast<const uint16_t*>(W.biases) + off, b, count, is_half);
 }
 
+// Scales/biases of rows [n, n + rows), every group, converted to fp32 (s[r * G + g]). A row's
+// groups and the next row's are contiguous, so a decode tile converts its rows in one pass: per
+// row, two short conversions with their tails cost about as much as streaming a row of K = 576.
+inline void load_tile_scales(const QuantWeight& W, int64_t n, int64_t rows, float* s, float* b) {
+  load_scales(W, n, 0, rows * W.G, s, b);
+}
+
 template <int Bits, int GS, int MB, int R>
 void qmv_tile(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1, float* s, float* b) {
   using C = Chunk<Bits>;
@@ -67,10 +85,8 @@ void qmv_tile(const QmvArgs& a, int64_t m0, int64_t n0, int64_t n1, float* s, fl
   for (int64_t n = n0; n + R <= n1; n += R) {
     prefetch.start_tile(n);
     const uint8_t* wrow[R];
-    for (int r = 0; r < R; ++r) {
-      load_scales(W, n + r, 0, G, s + r * G, b + r * G);
-      wrow[r] = W.w + (n + r) * row_bytes;
-    }
+    load_tile_scales(W, n, R, s, b);
+    for (int r = 0; r < R; ++r) wrow[r] = W.w + (n + r) * row_bytes;
     v8f total[MB][R];
     float bias_sum[MB][R];
     for (int m = 0; m < MB; ++m)

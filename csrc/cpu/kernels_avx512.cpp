@@ -171,10 +171,8 @@ void qmv_bf16_tile(const QmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, flo
   for (int64_t n = n0; n + R <= n1; n += R) {
     prefetch.start_tile(n);
     const uint8_t* wrow[R];
-    for (int r = 0; r < R; ++r) {
-      load_scales(W, n + r, 0, G, s + r * G, b + r * G);
-      wrow[r] = W.w + (n + r) * row_bytes;
-    }
+    load_tile_scales(W, n, R, s, b);
+    for (int r = 0; r < R; ++r) wrow[r] = W.w + (n + r) * row_bytes;
     __m512 total[MB][R];
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
