@@ -6,7 +6,7 @@
 # tests/test_cuda_models.py and bench_ops (mlxq vs tinygemm vs dense bf16 at M = 1, 2 and 512;
 # M = 512 again with whole tiles only, MLXQ_CUDA_GEMM_SK=0). Logs in $OUT/logs.tgz (a call
 # brings back 8 files at most). A cold start plus this script takes about 500 s of device time.
-#   WHEELS=dir/of/wheels bash benchmarks/cuda/device_run.sh
+#   WHEELS=dir/of/wheels [SKIP_HARNESS=1] bash benchmarks/cuda/device_run.sh
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 L=/tmp/logs
@@ -25,19 +25,21 @@ fi
   echo "build rc=$?" >>$L/build.log) &
 BUILD=$!
 NVCC="nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc"
-$NVCC benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >$L/qmv_build.log 2>&1 &
-P1=$!
-$NVCC benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness >$L/gemm_build.log 2>&1 &
-P2=$!
-wait $P1 $P2
-stamp harnesses built
-/tmp/qmv_harness wide >$L/qmv.log 2>&1
-grep -E "copy|checks:|==|us " $L/qmv.log | head -50
-stamp qmv
-MLXQ_HARNESS_SHAPES=${GEMM_SHAPES:-28672x8192} timeout 150 /tmp/gemm_harness ${GEMM_M:-256 512 768} >$L/gemm.log 2>&1
-grep -v "ok$" $L/gemm.log | head -20
-echo "gemm checks ok: $(grep -c 'ok$' $L/gemm.log)"
-stamp "gemm; waiting for the build"
+if [ -z "$SKIP_HARNESS" ]; then
+  $NVCC benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >$L/qmv_build.log 2>&1 &
+  P1=$!
+  $NVCC benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness >$L/gemm_build.log 2>&1 &
+  P2=$!
+  wait $P1 $P2
+  stamp harnesses built
+  /tmp/qmv_harness wide >$L/qmv.log 2>&1
+  grep -E "copy|checks:|==|us " $L/qmv.log | head -50
+  stamp qmv
+  MLXQ_HARNESS_SHAPES=${GEMM_SHAPES:-28672x8192} timeout 150 /tmp/gemm_harness ${GEMM_M:-256 512 768} >$L/gemm.log 2>&1
+  grep -v "ok$" $L/gemm.log | head -20
+  echo "gemm checks ok: $(grep -c 'ok$' $L/gemm.log)"
+fi
+stamp "waiting for the build"
 wait $BUILD
 wait
 tail -3 $L/build.log
@@ -56,6 +58,9 @@ timeout 120 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 1 2 512 \
   --cuda-shapes 28672x8192 8192x28672 4096x4096 --cuda-group-sizes 128 --out /tmp/bench_ops \
   >$L/bench.log 2>&1
 tail -12 $L/bench.log
+timeout 60 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 1 --cuda-shapes 28672x8192 \
+  --cuda-group-sizes 64 32 --out /tmp/bench_ops_gs >$L/bench_gs.log 2>&1
+tail -4 $L/bench_gs.log
 MLXQ_CUDA_GEMM_SK=0 timeout 40 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 512 \
   --cuda-shapes 28672x8192 --cuda-group-sizes 128 --out /tmp/bench_ops_sk0 >$L/bench_sk0.log 2>&1
 tail -3 $L/bench_sk0.log
