@@ -7,16 +7,24 @@ taken in float64.
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import torch
+
+try:
+    import mlx.core as mx
+except ImportError:  # no MLX (the lent GPU machines): the float64 references still work, the
+    mx = None  # helpers that call MLX fail where they are called
 
 BITS = (2, 3, 4, 5, 6, 8)  # every kernel set, Metal included
 CPU_BITS = (1, *BITS)  # 1-bit affine: CPU kernels only so far
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-TORCH_TO_MX = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+TORCH_TO_MX = (
+    {}
+    if mx is None
+    else {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+)
 
 
 # --- torch <-> MLX ----------------------------------------------------------------------------

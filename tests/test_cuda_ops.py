@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import random_weight
 from mlxq import _build_helpers as bh
+from oracles import assert_within, fp32_sum_eps, weight_refs
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (2, 3, 4, 5, 6, 8)
@@ -42,24 +43,51 @@ def _quantized(gen, n, k, gs, bits, dtype):
     return mlxq.affine_quantize(w, gs, bits)
 
 
+def _matmul_tolerance(x, wq, s, b, gs, bits, transpose=True):
+    """The float64 product of x and the dequantized W and the error the numerics contract
+    allows the CUDA op: fp32 sums of k terms (k = x's last dimension) whose error scale is
+    |x| (|s| q + |b|), taken twice oracles.fp32_sum_eps(k) (tensor cores' fp32 sums truncate:
+    up to an ulp a step, not half), large M or W not transposed also rounding W to the dtype of
+    x first (half an ulp of each weight), and the output rounded once."""
+    w, w_abs = weight_refs(wq, s, b, gs, bits)
+    if not transpose:
+        w, w_abs = w.transpose(-1, -2), w_abs.transpose(-1, -2)
+    ref = x.double() @ w.transpose(-1, -2)
+    ref_abs = x.double().abs() @ w_abs.transpose(-1, -2)
+    m = x.shape[-2] if x.dim() >= 2 else 1
+    prefill = m > DECODE_MAX_ROWS or not transpose  # cuBLAS or the fused kernel: W in x's dtype
+    weight_eps = EPS[x.dtype] if prefill and x.dtype != torch.float32 else 0.0
+    acc = (2 * fp32_sum_eps(x.shape[-1]) + weight_eps) * ref_abs
+    tol = acc + EPS[x.dtype] * (ref.abs() + acc) + torch.finfo(x.dtype).tiny + 1e-30
+    return ref, tol
+
+
 def _check_matmul(x, wq, s, b, gs, bits, transpose=True):
-    """GPU vs float64 oracle and vs the CPU op, within the error the numerics contract allows."""
+    """GPU vs float64 oracle and vs the CPU op (each within _matmul_tolerance of the oracle, so
+    within twice it of each other)."""
     y_gpu = mlxq.affine_matmul(x.cuda(), wq.cuda(), s.cuda(), b.cuda(), gs, bits, transpose).cpu()
     y_cpu = mlxq.affine_matmul(x, wq, s, b, gs, bits, transpose)
     assert y_gpu.dtype == x.dtype and y_gpu.shape == y_cpu.shape
-    w = mlxq.affine_dequantize(wq, s.float(), b.float(), gs, bits).double()
-    w = w if transpose else w.transpose(-1, -2)
-    ref = x.double() @ w.transpose(-1, -2)
-    bound = x.double().abs() @ w.abs().transpose(-1, -2)  # sum of |terms|
-    eps = EPS[x.dtype]
-    m = x.shape[-2] if x.dim() >= 2 else 1
-    # fp32 sums in another order; the output rounded once; large M rounds W to x's dtype
-    prefill = m > DECODE_MAX_ROWS or not transpose
-    weight_eps = eps if prefill and x.dtype != torch.float32 else 0.0
-    tol = 64 * 2.0**-24 * bound + eps * ref.abs() + weight_eps * bound + 1e-30
-    err = (y_gpu.double() - ref).abs()
-    assert bool((err <= tol).all()), f"max err/tol {float((err / tol).max()):.3g}"
-    assert bool(((y_gpu.double() - y_cpu.double()).abs() <= 2 * tol).all())
+    ref, tol = _matmul_tolerance(x, wq, s, b, gs, bits, transpose)
+    assert_within(y_gpu, ref, tol, "GPU vs float64")
+    assert_within(y_gpu, y_cpu.double(), 2 * tol, "GPU vs CPU op")
+
+
+def test_matmul_tolerance_is_tight_enough() -> None:
+    # runs everywhere: the derived bound holds the CPU op (fp32 sums, the decode width and above)
+    # and still tells a wrong weight row from a right one: row 5 eight steps of q off (half the
+    # 4-bit range) puts most of its outputs past the bound, at every dtype and width
+    gen = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        wq, s, b = _quantized(gen, 64, 1024, 64, 4, dtype)
+        for m in (3, DECODE_MAX_ROWS + 1):
+            x = torch.randn(m, 1024, generator=gen).to(dtype)
+            ref, tol = _matmul_tolerance(x, wq, s, b, 64, 4)
+            assert_within(mlxq.affine_matmul(x, wq, s, b, 64, 4), ref, tol, f"CPU op {dtype}")
+            w, _ = weight_refs(wq, s, b, 64, 4)
+            w[5] += 8 * s[5].double().repeat_interleave(64)
+            off = ((x.double() @ w.T).to(dtype).double() - ref).abs() / tol
+            assert float(off[:, 5].median()) > 1, f"{dtype} m={m}: {off[:, 5]}"
 
 
 # --- build logic (runs everywhere) -----------------------------------------------------------
@@ -210,12 +238,14 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
         wq, s, b = _quantized(gen, 77, 576, group_size, 4, dtype)
         for m in (1, 2):
             _check_matmul(torch.randn(m, 576, generator=gen).to(dtype), wq, s, b, group_size, 4)
-    if kernel == "stream":  # more 16-row tiles than warp slots: the shared-memory ring variant
+    if kernel == "stream":  # more 16-row tiles than warp slots: the shared-memory ring variant,
+        # in blocks of 8 warps and (enough tiles for 3/4 of the multiprocessors) of 16
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        n, k = 16 * 8 * sms + 40, (640 if group_size == 128 else 576)
-        wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
-        for m in (1, 2):
-            _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, 4)
+        k = 640 if group_size == 128 else 576
+        for n in (16 * 8 * sms + 40, 16 * 12 * sms + 40):
+            wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
+            for m in (1, 2):
+                _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda

@@ -227,8 +227,11 @@ static double time_ms(F&& f, int copies) {
 
 int main(int argc, char** argv) {
   harness_seed(0x2545F4914F6CDD1Dull);
+  // "ncu": one launch each of the M = 512 stream-K kernel (with and without the dequantization)
+  // and of the whole-tile kernel at 28672 x 8192, for a profiler
+  const bool ncu = argc > 1 && std::strcmp(argv[1], "ncu") == 0;
   std::vector<int64_t> ms;
-  for (int i = 1; i < argc; ++i) ms.push_back(std::atoll(argv[i]));
+  for (int i = ncu ? 2 : 1; i < argc; ++i) ms.push_back(std::atoll(argv[i]));
   if (ms.empty()) ms = {32, 64, 128, 256, 512, 768};
   std::vector<std::pair<int64_t, int64_t>> shapes;
   const char* env = std::getenv("MLXQ_HARNESS_SHAPES");
@@ -251,6 +254,19 @@ int main(int argc, char** argv) {
   }
   cublasHandle_t handle;
   if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) return 1;
+  if (ncu) {
+    Problem P{28672, 8192, 0, 128};
+    make(P, 1);
+    set_m(P, 512);
+    for (const Shape& sh : shapes_for<128>(true)) {
+      if (std::strcmp(sh.name, "256skx") && std::strcmp(sh.name, "256skx:nodeq") &&
+          std::strcmp(sh.name, "256"))
+        continue;
+      sh.fn(params(P, 0), 0);
+      CK(cudaDeviceSynchronize());
+    }
+    return 0;
+  }
   // numerics at every group size on a small odd shape (rows past N, M not a multiple of NT)
   for (int gs : {32, 64, 128}) {
     Problem P{1000, 8192, 0, gs};  // 8 tiles of W rows: every shape splits its tiles' K

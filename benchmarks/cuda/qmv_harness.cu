@@ -124,6 +124,8 @@ std::vector<std::pair<const char*, Launch>> wide_rows() {
       {"w16 ring U4x2", stream<GS, 4, true, T, false, 1, 2, 16>()},
       {"w16 ring U4x3", stream<GS, 4, true, T, false, 1, 3, 16>()},
       {"w16 ring U2x6", stream<GS, 2, true, T, false, 1, 6, 16>()},
+      {"w14 ring U4x2", stream<GS, 4, true, T, false, 1, 2, 14>()},
+      {"w14 ring U4x3", stream<GS, 4, true, T, false, 1, 3, 14>()},
   };
 }
 
@@ -397,7 +399,10 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "ncu") == 0) {  // one launch of each, for a profiler
     Problem P{28672, 8192, 128, 1, false};
     make(P, 1);
-    for (const Launch& fn : {stream<128, 4, true, bf>(), stream<128, 4, true, bf, true>()}) {
+    // the op's default (ring U4 x 2, 8 warps), the loads alone, 14-warp blocks (one wave)
+    for (const Launch& fn :
+         {stream<128, 4, true, bf, false, 2, 2>(), stream<128, 4, true, bf, true>(),
+          stream<128, 4, true, bf, false, 1, 2, 14>(), read_floor()}) {
       fn(params(P, 0), 0);
       CK(cudaDeviceSynchronize());
     }

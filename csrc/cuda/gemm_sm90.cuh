@@ -100,7 +100,18 @@ struct GemmSplit {
 // tiles, 1.45 waves run as 2) 0.755/0.632/0.451. Where the last wave is fuller, the cost of the
 // stream-K kernel's pieces (and of its loop over them, about 10% per tile in the same run) ate
 // the gain: 28672 x 8192 M=256 (1.7 waves) 0.220/0.241, M=512 (3.4) 0.443/0.448, M=768 (5.1)
-// 0.672/0.645. So only where whole waves would waste at least 30%.
+// 0.672/0.645. So only where whole waves would waste at least 30%. Measured again later on an
+// H200: the harness put stream-K ahead at 28672 x 8192 M=512 (3.4 waves; 0.431-0.437 against
+// 0.451-0.476 whole tiles, four runs) and M=768 (0.628-0.635 against 0.687-0.72), but through the
+// op (bench_ops, CUDA-graph replay, two runs) M=512 took 0.4418-0.4420 ms with stream-K and
+// 0.4371-0.4385 with whole tiles, so the rule stayed. Also measured there (harness, M=512) and
+// not kept: each warpgroup dequantizing the next stage into a second A fragment while its
+// products of this stage run (ptxas did not serialize it), then waiting for them (whole tiles
+// 0.458 against 0.481 in the same run, stream-K 0.456 against 0.437) or keeping one stage of
+// products in flight (wgmma.wait_group 1: 0.461 against 0.476, stream-K 0.456 against 0.431):
+// mixed, and within the harness's spread. ncu put the whole-tile kernel's tensor pipe at 58%
+// busy (72% without the dequantization), its warps mostly waiting for their own products
+// (WARPGROUP.DEPBAR: 36% of the stall samples).
 inline int64_t gemm_sk_blocks(int64_t tiles, int64_t sms, int64_t stages) {
   if (tiles <= sms || tiles * stages < sms) return 0;
   const int64_t waves = (tiles + sms - 1) / sms;

@@ -54,20 +54,33 @@ constexpr int kStreamSpans = 4;
 // takes 28.1 (4.45 TB/s).
 constexpr int kRingStages = 2;
 
-template <int GS, typename T, int Ring>
+template <int GS, typename T, int Ring, int Warps = kStreamWarps, int MinBlocks = 2>
 void launch_stream_shape(const QmvParams& p, const StreamGrid& grid, int64_t smem,
                          cudaStream_t stream) {
-  auto kernel = qmv_stream_kernel<GS, kStreamSpans, true, T, false, 2, Ring>;
+  auto kernel = qmv_stream_kernel<GS, kStreamSpans, true, T, false, MinBlocks, Ring, Warps>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(grid.blocks), kStreamWarps * 32, smem, stream>>>(p, grid.kw);
+  kernel<<<static_cast<unsigned>(grid.blocks), Warps * 32, smem, stream>>>(p, grid.kw);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Blocks of 16 warps (one a multiprocessor, x staged once for all of them) with the same ring,
+// where the tiles fill at least 3/4 of the multiprocessors that way. Once x was staged without
+// bank conflicts they measured faster than two blocks of 8 (H200, bf16, us, two runs each,
+// qmv_harness "wide"; 28672 x 8192 groups 128 / 64 / 32 at M = 1 37.1 / 39.8 / 45.4 against
+// 38.2 / 41.5 / 46.3, at M = 2 37.3 against 41.2; 112 blocks on 132 multiprocessors).
+constexpr int kWideWarps = 16;
+
 template <int GS, typename T>
 void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
+  const StreamGrid wide = qmv_stream_grid(p.N, p.K, kStreamSpans, dev.sm_count, 1, 0, kWideWarps);
+  const int64_t ring_wide =
+      qmv_stream_smem(p.M, p.K, kRingStages * kStreamSpans * 1024, kWideWarps);
+  if (wide.kw == 1 && ring_wide <= dev.smem_per_block && 4 * wide.blocks >= 3 * dev.sm_count) {
+    return launch_stream_shape<GS, T, kRingStages, kWideWarps, 1>(p, wide, ring_wide, stream);
+  }
   const StreamGrid grid = qmv_stream_grid(p.N, p.K, kStreamSpans, dev.sm_count, 2);
   const int64_t ring = qmv_stream_smem(p.M, p.K, kRingStages * kStreamSpans * 1024);
   // 1 KB of each block's shared memory is reserved by the system

@@ -34,13 +34,13 @@ constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM); benchmark
 inline int64_t qmv_stream_smem(int64_t M, int64_t K, int64_t ring_bytes = 0,
                                int warps = kStreamWarps) {
   const int64_t kp = (K + 1023) / 1024 * 1024;  // the kernel pads x to whole steps (U <= 8 spans)
-  return M * kp * 2 + M * (kp / 32) * 4 + warps * 2 * 16 * 4 + 64 + warps * ring_bytes;
+  return M * kp * 2 + M * (kp / 32) * 4 + warps * 2 * 16 * 4 + 256 + warps * ring_bytes;
 }
 
 // The launch of the streaming kernel: KW warps split the K of a tile only while the tiles alone
 // leave warp slots (min_blocks blocks of `warps` per multiprocessor) empty, and while each warp
-// keeps at least one whole step of U spans; warps / KW tiles a block. kw_force > 0 forces KW
-// (benchmarks).
+// keeps at least one whole step of U spans; KW divides warps, warps / KW tiles a block. kw_force >
+// 0 forces KW (benchmarks).
 struct StreamGrid {
   int kw;
   int64_t blocks;
@@ -50,7 +50,8 @@ inline StreamGrid qmv_stream_grid(int64_t N, int64_t K, int U, int sm_count, int
   const int64_t tiles = (N + 15) / 16, slots = int64_t{sm_count} * min_blocks * warps;
   const int64_t steps = ((K / 32 + 3) / 4 + U - 1) / U;
   int kw = 1;
-  while (kw < warps && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1) kw *= 2;
+  while (kw < warps && warps % (kw * 2) == 0 && tiles * kw * 2 <= slots && steps / (kw * 2) >= 1)
+    kw *= 2;
   if (kw_force > 0) kw = kw_force;
   const int64_t tpb = warps / kw;
   return {kw, (tiles + tpb - 1) / tpb};
@@ -195,7 +196,7 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       // x of lane t's chunk of 8 values j, as (x0,x4) (x1,x5) (x2,x6) (x3,x7)
-      const uint4 xv = xs[sp * xstride + j];
+      const uint4 xv = xs[sp * xstride + 4 * j];
       mma_nibble_words<T>(c, (&st.qa[u].x)[j], (&st.qb[u].x)[j], xv.x, xv.y, xv.z, xv.w);
     }
     if constexpr (GS == 128) {
@@ -276,7 +277,7 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
   uint4* xs = reinterpret_cast<uint4*>(stream_smem);                             // [M][kp / 8]
   float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);                // [M][kp / 32]
   float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [W][2][16]
-  uint4* zeros = reinterpret_cast<uint4*>(red + Warps * 2 * 16);                 // [4]
+  uint4* zeros = reinterpret_cast<uint4*>(red + Warps * 2 * 16);                 // [16]
 
   const int tpb = Warps / KW;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * tpb + wi / KW;
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
   S cur, nxt;
   if constexpr (Ring > 0) {
     if (st0 < st1) {  // slot 0 (the ring lies past `zeros`), on its way while x is staged
-      const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 4)) +
+      const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 16)) +
                             wi * Ring * U * 1024 + lane * 16;
       ring_issue<U>(L, st0, ring);
       stream_load_sb<GS, U>(L, st0, cur);
@@ -318,8 +319,9 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
     stream_load<GS, U, Hint>(L, st0, cur);  // on its way while x is staged
   }
 
-  // Stage x: chunk c of 8 values of row m at xs[m * kp / 8 + c], permuted for the B operand, and
-  // the sums of x per 32 values. The loop's trip count is uniform (the shuffles need all lanes).
+  // Stage x: chunk c = 16 sp + 4 t + j of 8 values of row m (span sp, lane t's chunk j) at
+  // xs[m * kp / 8 + 16 sp + 4 j + t], permuted for the B operand, and the sums of x per 32 values.
+  // The loop's trip count is uniform (the shuffles need all lanes).
   const int per_row = kp / 8, total = M * per_row;
   for (int base = 0; base < total; base += Warps * 32) {
     const int idx = base + threadIdx.x;
@@ -337,22 +339,25 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
     s += __shfl_xor_sync(0xffffffffu, s, 1);
     s += __shfl_xor_sync(0xffffffffu, s, 2);
     if (idx < total) {
-      xs[idx] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
-                           __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+      // chunk j of lane t's 32 values of a span at 4j + t: the 4 lanes of a row read 64
+      // consecutive bytes (one wavefront; at 4t + j, t = 0 and 2 shared banks)
+      const int sw = m * per_row + (c & ~15) + ((c & 3) << 2) + ((c >> 2) & 3);
+      xs[sw] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
       if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
     }
   }
-  if (threadIdx.x < 4) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+  if (threadIdx.x < 16) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
   // B column 4m + t is row m of x at lane t's values: lane (g, t) feeds it where g == 4m + t,
-  // and zeros elsewhere (read from `zeros`, the same 64 bytes for every span), so that each
+  // and zeros elsewhere (read from `zeros`, the same 256 bytes for every span), so that each
   // column's sum is lane t's partial dot with row m. With group 128 a span is one group and
   // columns 4m .. 4m + 3 all carry row m (clamped to M - 1) at every lane's values: each is
   // the whole span's dot.
   const int xm = g >> 2;
   const bool has_x = GS == 128 || ((g & 3) == t && xm < M);
-  const uint4* xrow = has_x ? xs + (xm < M ? xm : M - 1) * per_row + t * 4 : zeros;
+  const uint4* xrow = has_x ? xs + (xm < M ? xm : M - 1) * per_row + t : zeros;
   const int xstride = has_x ? 16 : 0;
   const int om = t >> 1;  // the row of x of this lane's columns 2t, 2t + 1
   const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
@@ -372,7 +377,7 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
     // Ring stages per warp: step st + Ring - 1 is copied while step st is multiplied.
     constexpr uint32_t kSlot = U * 1024;
     const uint32_t ring =
-        static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 4)) + wi * Ring * kSlot + lane * 16;
+        static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 16)) + wi * Ring * kSlot + lane * 16;
 #pragma unroll
     for (int s = 1; s < Ring - 1; ++s) {
       if (st0 + s < st1) ring_issue<U>(L, st0 + s, ring + s * kSlot);
