@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (bare: nothing kept between calls), from the repository root:
 # the standalone harnesses (decode "wide" mode; prefill at GEMM_M on GEMM_SHAPES) while the
 # extension builds (about 100 s with 16 cores), then tests/test_cuda_ops.py (over 170 s with 8
-# workers; test_errors_and_empty, which crashed pytest in that image before, in its own process),
+# workers; test_errors_and_empty in its own process: it crashed pytest in that image before),
 # tests/test_cuda_models.py and bench_ops (mlxq vs tinygemm vs dense bf16 at M = 1, 2 and 512;
 # M = 512 again with whole tiles only, MLXQ_CUDA_GEMM_SK=0). Logs in $OUT/logs.tgz (a call
 # brings back 8 files at most). A cold start plus this script takes about 500 s of device time.
@@ -21,6 +21,10 @@ if [ -n "$WHEELS" ]; then
   (python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     "$WHEELS"/*.whl >$L/pip.log 2>&1; echo "pip rc=$?" >>$L/pip.log) &
 fi
+# The lent image's default C++ compiler (/opt/gcc) builds an extension whose argument checks
+# segfault when their message prints a number (test_errors_and_empty); built with the system g++
+# (13.3) the same test passes (H200, two builds of one tree in one call).
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 (MLXQ_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace >$L/build.log 2>&1
   echo "build rc=$?" >>$L/build.log) &
 BUILD=$!
