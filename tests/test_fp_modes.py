@@ -169,6 +169,39 @@ def test_decode_every_code(mode, isa, gen):
         assert_within(y[~nan], ref[~nan], tol[~nan] + 1e-30, f"{mode} M={m} {isa}")
 
 
+@pytest.mark.parametrize(
+    "mode,global_scale", CASES[:3] + CASES[4:], ids=CASE_IDS[:3] + CASE_IDS[4:]
+)
+def test_decode_every_scale_byte(mode, global_scale, isa, gen):
+    """Each row of W one scale byte (every E4M3 byte for nvfp4, its NaN and negative and
+    subnormal ones included; every E8M0 byte whose products stay finite in fp32, 0's 2^-127
+    included) through the decode kernels, fp32 and bf16 x, against the float64 reference: the
+    kernels decode a tile's scale bytes apart from the weights' codes."""
+    k = 128
+    n_rows = 256 if mode == "nvfp4" else 246  # E8M0 above 2^118 overflows fp32 products here
+    s = torch.arange(n_rows, dtype=torch.int64).to(torch.uint8)[:, None].repeat(1, k // GROUP[mode])
+    if BITS[mode] == 4:  # random codes, NaN-free (FP4 has none)
+        wq = torch.randint(0, 256, (n_rows, k // 2), generator=gen, dtype=torch.int64)
+    else:  # FP8 codes without E4M3's NaN (0x7F, 0xFF)
+        wq = torch.randint(0, 0x7F, (n_rows, k), generator=gen, dtype=torch.int64)
+        wq |= torch.randint(0, 2, (n_rows, k), generator=gen, dtype=torch.int64) << 7
+    wq = wq.to(torch.uint8).contiguous().view(torch.uint32)
+    W = dequantize_ref(wq, s, mode, global_scale)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 2):
+            x = (torch.randn(m, k, generator=gen) / 16).to(dtype)
+            y = mlxq.quantized_matmul(x, wq, s, mode=mode, global_scale=gs_tensor(global_scale))
+            ref = x.double() @ W.T
+            nan = ref.isnan()
+            assert torch.equal(y.isnan(), nan), f"{mode} {dtype} M={m} {isa}: NaN positions"
+            scale_abs = x.double().abs() @ W.abs().nan_to_num().T
+            tol = (k + 3) * torch.finfo(torch.float32).eps / 2 * scale_abs
+            if dtype != torch.float32:  # the output's rounding
+                tol = tol + torch.finfo(dtype).eps / 2 * (ref.abs().nan_to_num() + tol)
+            tol = tol + torch.finfo(torch.float32).tiny
+            assert_within(y.double()[~nan], ref[~nan], tol[~nan], f"{mode} {dtype} M={m} {isa}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_matmul_matches_mlx(mode, gen):
     w = torch.randn(64, 128, generator=gen)
