@@ -321,6 +321,7 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
         str(float_checkpoint), "--peers", "mlxq", "mlx_lm", "--prompt-tokens",
         "16", "--decode-tokens", "4", "--mlx-prompt-tokens", "4", "--mlx-decode-tokens", "2",
         "--reps", "2", "--rounds", "2", "--busy", "1", "--out", str(out),
+        "--interleave", "3", "--interleave-peers", "mlxq", "dense_bf16",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(out.with_suffix(".json").read_text())
@@ -341,6 +342,13 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
     ratio = payload["targets"]["decode_vs_mlx_lm"]["ratio"]
     assert ratio == pytest.approx(results["mlxq"]["decode_tps"] / results["mlx_lm"]["decode_tps"])
     assert "| mlxq |" in proc.stdout and "| limit |" in proc.stdout
+    # the two peers of --interleave decoded alternating in one process, 3 rounds
+    inter = payload["interleaved"]
+    assert inter["peers"] == ["mlxq", "dense_bf16"] and inter["rounds"] == 3, inter
+    a, b = inter["median_tps"]
+    assert a > 0 and b > 0 and inter["ratio"] == pytest.approx(a / b)
+    assert inter["round_ratio_min"] <= inter["round_ratio_max"]
+    assert "decode alternating in one process (3 rounds, 4 tokens after 16)" in proc.stdout
 
 
 def test_bench_rounds_pool_runs_and_keep_errors() -> None:

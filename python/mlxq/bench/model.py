@@ -18,6 +18,11 @@ peers are the MLX checkpoint dequantized to dense float modules (`mlxq.dequantiz
 same float weights a dense checkpoint of those values would hold. The ``limit`` row then uses
 the GPU's read bandwidth.
 
+With ``--interleave ROUNDS``, two peers (``--interleave-peers``, mlxq_bf16 and llama_cpp by
+default) are also loaded in one process and decode alternating, ROUNDS rounds: on a machine
+whose speed drifts between minutes (a shared VM), their ratio per round is the comparison that
+holds; the line after the table gives it, and the JSON its runs.
+
 With ``--busy N``, every peer decodes a second time while N other processes spin on the CPU
 (the ``loaded`` column), so the table shows what a busy machine costs each of them.
 
@@ -100,7 +105,8 @@ def peak_rss_bytes() -> int | None:
             return None
 
 
-def _torch_worker(spec: dict) -> dict:
+def _torch_model(spec: dict):
+    """The peer's transformers model, loaded as the benchmark does, and its load time."""
     import torch
 
     import mlxq  # noqa: F401  (registers the MLX quantizer)
@@ -114,7 +120,6 @@ def _torch_worker(spec: dict) -> dict:
     hf_logging.disable_progress_bar()
     dtype = getattr(torch, spec["dtype"])
     device = spec.get("device", "cpu")
-    cuda = device == "cuda"
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype).eval()
     if spec.get("dequantize"):  # the dense peer from the MLX checkpoint's own values
@@ -122,9 +127,34 @@ def _torch_worker(spec: dict) -> dict:
 
         dequantize_model(model, dtype)
     model = model.to(device)
-    if cuda:
+    if device == "cuda":
         torch.cuda.synchronize()
-    load_s = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def _torch_decoder(model, spec: dict) -> Callable[[], dict]:
+    """One timed greedy decode of the peer (`decode_tokens` after `decode_context` tokens)."""
+    import torch
+
+    from mlxq.generation import timed_generate
+
+    device = spec.get("device", "cpu")
+    decode_ids = torch.tensor([spec["prompt_ids"][: spec["decode_context"]]], device=device)
+    n, compile = spec["decode_tokens"], spec.get("compile", False)
+
+    def decode() -> dict:
+        _, stats = timed_generate(model, decode_ids, n, ignore_eos=True, compile=compile)
+        return {"tokens": stats["generated_tokens"], "tps": stats["decode_tps"]}
+
+    return decode
+
+
+def _torch_worker(spec: dict) -> dict:
+    import torch
+
+    model, load_s = _torch_model(spec)
+    device = spec.get("device", "cpu")
+    cuda = device == "cuda"
     prompt = torch.tensor([spec["prompt_ids"]], device=device)
     out: dict = {"load_s": load_s, "threads": torch.get_num_threads()}
 
@@ -143,20 +173,15 @@ def _torch_worker(spec: dict) -> dict:
 
     from mlxq.generation import timed_generate
 
-    n = spec["decode_tokens"]
-    decode_ids = prompt[:, : spec["decode_context"]]
-
-    compile = spec.get("compile", False)
-
-    def decode() -> dict:
-        _, stats = timed_generate(model, decode_ids, n, ignore_eos=True, compile=compile)
-        return {"tokens": stats["generated_tokens"], "tps": stats["decode_tps"]}
-
-    _, warm = timed_generate(model, decode_ids, 4, ignore_eos=True, compile=compile)
-    if compile:
+    decode = _torch_decoder(model, spec)
+    warm_ids = prompt[:, : spec["decode_context"]]
+    _, warm = timed_generate(
+        model, warm_ids, 4, ignore_eos=True, compile=spec.get("compile", False)
+    )
+    if spec.get("compile", False):
         out["compile_s"] = warm["first_step_s"]
     out.update(_decode_quiet_and_loaded(decode, spec))
-    out["decode_context"] = decode_ids.shape[1]
+    out["decode_context"] = warm_ids.shape[1]
     out["peak_rss"] = peak_rss_bytes() or 0
     if cuda:
         out["cuda_peak"] = torch.cuda.max_memory_allocated()
@@ -188,7 +213,8 @@ def _decode_quiet_and_loaded(decode: Callable[[], dict], spec: dict) -> dict:
     return out
 
 
-def _llama_cpp_worker(spec: dict) -> dict:
+def _llama_cpp_model(spec: dict):
+    """llama.cpp on the peer's GGUF with the benchmark's threads and context, and its load time."""
     from llama_cpp import Llama
 
     threads = spec.get("threads") or os.cpu_count() or 1
@@ -201,19 +227,11 @@ def _llama_cpp_worker(spec: dict) -> dict:
         n_threads_batch=threads,
         verbose=False,
     )
-    out: dict = {"load_s": time.perf_counter() - start, "threads": threads}
-    prompt = spec["prompt_ids"]
-    if spec["prefill"]:
-        times = []
-        for i in range(spec["reps"] + 1):
-            llm.reset()
-            t = time.perf_counter()
-            llm.eval(prompt)
-            if i:
-                times.append(time.perf_counter() - t)
-        out["prefill_tokens"] = len(prompt)
-        out["prefill_tps"] = len(prompt) / statistics.median(times)
-    decode_ids = prompt[: spec["decode_context"]]
+    return llm, time.perf_counter() - start
+
+
+def _llama_cpp_decoder(llm, spec: dict) -> Callable[[], dict]:
+    decode_ids = spec["prompt_ids"][: spec["decode_context"]]
 
     def decode() -> dict:
         # Greedy, as timed_generate: the first token follows the prompt's evaluation, so the
@@ -225,10 +243,65 @@ def _llama_cpp_worker(spec: dict) -> dict:
                 break
         return {"tokens": len(stamps), "tps": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
-    out.update(_decode_quiet_and_loaded(decode, spec))
-    out["decode_context"] = len(decode_ids)
+    return decode
+
+
+def _llama_cpp_worker(spec: dict) -> dict:
+    llm, load_s = _llama_cpp_model(spec)
+    out: dict = {"load_s": load_s, "threads": spec.get("threads") or os.cpu_count() or 1}
+    prompt = spec["prompt_ids"]
+    if spec["prefill"]:
+        times = []
+        for i in range(spec["reps"] + 1):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(prompt)
+            if i:
+                times.append(time.perf_counter() - t)
+        out["prefill_tokens"] = len(prompt)
+        out["prefill_tps"] = len(prompt) / statistics.median(times)
+    out.update(_decode_quiet_and_loaded(_llama_cpp_decoder(llm, spec), spec))
+    out["decode_context"] = min(len(prompt), spec["decode_context"])
     out["peak_rss"] = peak_rss_bytes() or 0
     return out
+
+
+def _interleave_worker(spec: dict) -> dict:
+    """Two peers loaded in one process, their decodes alternating for `rounds` rounds (the
+    first peer first in even rounds, second in odd ones): rates that a drifting machine moves
+    alike, so their ratio per round holds where rounds of separate processes do not."""
+    decoders = {}
+    for peer_spec in spec["pair"]:
+        if peer_spec["peer"] == "llama_cpp":
+            decoders[peer_spec["peer"]] = _llama_cpp_decoder(
+                _llama_cpp_model(peer_spec)[0], peer_spec
+            )
+        else:
+            decoders[peer_spec["peer"]] = _torch_decoder(_torch_model(peer_spec)[0], peer_spec)
+    for decode in decoders.values():  # warm both
+        decode()
+    names = list(decoders)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(spec["rounds"]):
+        for name in names if r % 2 == 0 else reversed(names):
+            runs[name].append(decoders[name]()["tps"])
+    return {"peers": names, "decode_tps_runs": runs}
+
+
+def interleaved_summary(result: dict) -> dict:
+    """The first peer's decode rate over the second's, from `_interleave_worker`'s runs: the
+    ratio of the medians and the lowest and highest ratio within a round."""
+    first, second = result["peers"]
+    a, b = result["decode_tps_runs"][first], result["decode_tps_runs"][second]
+    per_round = [x / y for x, y in zip(a, b, strict=True)]
+    return {
+        "peers": [first, second],
+        "median_tps": [statistics.median(a), statistics.median(b)],
+        "ratio": statistics.median(a) / statistics.median(b),
+        "round_ratio_min": min(per_round),
+        "round_ratio_max": max(per_round),
+        "rounds": len(per_round),
+    }
 
 
 def _mlx_worker(spec: dict) -> dict:
@@ -268,6 +341,8 @@ def _mlx_worker(spec: dict) -> dict:
 
 
 def _worker(spec: dict) -> dict:
+    if spec["peer"] == "interleave":
+        return _interleave_worker(spec)
     if spec["peer"] == "mlx_lm":
         return _mlx_worker(spec)
     if spec["peer"] == "llama_cpp":
@@ -378,6 +453,18 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_interleaved(summary: dict, tokens: int, context: int) -> str:
+    """The line that reports `interleaved_summary` (or its error)."""
+    if "error" in summary:
+        return f"decode alternating in one process: failed: {summary['error']}"
+    (first, second), (a, b) = summary["peers"], summary["median_tps"]
+    return (
+        f"decode alternating in one process ({summary['rounds']} rounds, {tokens} tokens after "
+        f"{context}): {first} {a:.1f} tok/s, {second} {b:.1f} (medians): {summary['ratio']:.2f}x, "
+        f"per round {summary['round_ratio_min']:.2f}-{summary['round_ratio_max']:.2f}x"
+    )
+
+
 def plot(results: dict[str, dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -402,8 +489,8 @@ def plot(results: dict[str, dict], path: Path) -> bool:
     return True
 
 
-def _run_peer(peer: str, args, ids: list[int], context: int, dequantize: bool, tmp: Path) -> dict:
-    """One peer's measurements, in a worker process of its own."""
+def _peer_spec(peer: str, args, ids: list[int], context: int, dequantize: bool) -> dict:
+    """What a worker needs to measure `peer`."""
     mlx = peer == "mlx_lm"
     n_prompt = args.mlx_prompt_tokens if mlx else args.prompt_tokens
     if peer == "llama_cpp":
@@ -411,7 +498,7 @@ def _run_peer(peer: str, args, ids: list[int], context: int, dequantize: bool, t
     else:
         dense = peer.startswith("dense") and not dequantize
         path = args.float_model if dense else args.model
-    spec = {
+    return {
         "peer": peer,
         "path": str(path),
         "dtype": "float32" if peer in ("mlxq", "dense_fp32", "mlx_lm") else "bfloat16",
@@ -426,9 +513,14 @@ def _run_peer(peer: str, args, ids: list[int], context: int, dequantize: bool, t
         "device": args.device,
         "dequantize": dequantize and peer.startswith("dense"),
     }
-    spec_file = Path(tmp) / f"{peer}.json"
+
+
+def _spawn(spec: dict, tmp: Path) -> dict:
+    """Runs `spec` in a worker process of its own; its result, or {"error": ...}."""
+    name = spec["peer"]
+    spec_file = Path(tmp) / f"{name}.json"
     spec_file.write_text(json.dumps(spec))
-    print(f"[bench] {peer} ...", file=sys.stderr, flush=True)
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(
         [sys.executable, "-m", "mlxq.bench.model", "--worker", str(spec_file)],
         capture_output=True,
@@ -437,9 +529,14 @@ def _run_peer(peer: str, args, ids: list[int], context: int, dequantize: bool, t
     line = [x for x in proc.stdout.splitlines() if x.startswith("MLXQ_RESULT ")]
     if proc.returncode or not line:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"[bench] {peer} failed: {tail}", file=sys.stderr, flush=True)
+        print(f"[bench] {name} failed: {tail}", file=sys.stderr, flush=True)
         return {"error": tail[:200]}
     return json.loads(line[-1].removeprefix("MLXQ_RESULT "))
+
+
+def _run_peer(peer: str, args, ids: list[int], context: int, dequantize: bool, tmp: Path) -> dict:
+    """One peer's measurements, in a worker process of its own."""
+    return _spawn(_peer_spec(peer, args, ids, context, dequantize), tmp)
 
 
 def merge_rounds(runs: list[dict]) -> dict:
@@ -492,6 +589,21 @@ def main(argv: list[str] | None = None) -> dict:
         help="run every peer this many times, every other round in reverse order (its runs are "
         "pooled): ratios that a drifting machine moves less",
     )
+    p.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also decode two peers (--interleave-peers) alternating in one process for ROUNDS "
+        "rounds: their ratio per round, which a drifting machine moves less",
+    )
+    p.add_argument(
+        "--interleave-peers",
+        nargs=2,
+        default=["mlxq_bf16", "llama_cpp"],
+        choices=[peer for peer in PEERS if peer not in ("mlx_lm", "mlxq_compiled")],
+        metavar="PEER",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--busy",
@@ -521,6 +633,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.peers = DEFAULT_CUDA_PEERS if cuda else DEFAULT_PEERS
     if cuda and (cpu_only := [peer for peer in args.peers if peer in CPU_ONLY_PEERS]):
         p.error(f"--device cuda: {', '.join(cpu_only)} run on the CPU only")
+    if cuda and args.interleave and "llama_cpp" in args.interleave_peers:
+        p.error("--device cuda: --interleave-peers llama_cpp runs on the CPU only")
+    if args.interleave < 0:
+        p.error("--interleave must be 0 (off) or a number of rounds")
     if cuda:
         from mlxq._native import cuda_unavailable_reason
 
@@ -548,6 +664,13 @@ def main(argv: list[str] | None = None) -> dict:
             # the first and the last peers alike
             for peer in args.peers if r % 2 == 0 else reversed(args.peers):
                 rounds[peer].append(_run_peer(peer, args, ids, context, dequantize, Path(tmp)))
+        interleaved = None
+        if args.interleave > 0:
+            pair = [_peer_spec(p, args, ids, context, dequantize) for p in args.interleave_peers]
+            spec = {"peer": "interleave", "pair": pair, "rounds": args.interleave}
+            interleaved = _spawn(spec, Path(tmp))
+            if "error" not in interleaved:
+                interleaved = interleaved_summary(interleaved)
     results = {peer: merge_rounds(runs) for peer, runs in rounds.items()}
     import torch
 
@@ -572,15 +695,27 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
     targets = ratios(results)
+    if interleaved is not None and interleaved.get("peers") == ["mlxq_bf16", "llama_cpp"]:
+        target = TARGETS["decode_vs_llama_cpp"][3]
+        ratio = interleaved["ratio"]
+        targets["decode_vs_llama_cpp_interleaved"] = {
+            "ratio": ratio,
+            "target": target,
+            "met": ratio >= target,
+        }
     where = info["device"] if cuda else f"{info['cpu_isa']}, {info['threads']} threads"
     print(f"\n# SmolLM2-135M-Instruct whole-model benchmark ({where}; {args.model.name})")
     print(format_table(results))
+    if interleaved is not None:
+        print(format_interleaved(interleaved, args.decode_tokens, context))
     for name, t in targets.items():
         verdict = "met" if t["met"] else "NOT met"
         print(f"{name}: {t['ratio']:.2f}x (target >= {t['target']}x) {verdict}")
     args.out = args.out or default_out("model")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"info": info, "results": results, "targets": targets}
+    if interleaved is not None:
+        payload["interleaved"] = interleaved
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     if plot(results, args.out.with_suffix(".png")):
         print(f"plot: {args.out.with_suffix('.png')}")
