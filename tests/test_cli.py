@@ -348,6 +348,7 @@ def test_bench_model(smollm2_4bit_g32: Path, float_checkpoint: Path, tmp_path: P
     a, b = inter["median_tps"]
     assert a > 0 and b > 0 and inter["ratio"] == pytest.approx(a / b)
     assert inter["round_ratio_min"] <= inter["round_ratio_max"]
+    assert [len(inter["decode_tps_runs"][p]) for p in inter["peers"]] == [3, 3]
     assert "decode alternating in one process (3 rounds, 4 tokens after 16)" in proc.stdout
 
 

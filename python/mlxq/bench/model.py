@@ -669,8 +669,8 @@ def main(argv: list[str] | None = None) -> dict:
             pair = [_peer_spec(p, args, ids, context, dequantize) for p in args.interleave_peers]
             spec = {"peer": "interleave", "pair": pair, "rounds": args.interleave}
             interleaved = _spawn(spec, Path(tmp))
-            if "error" not in interleaved:
-                interleaved = interleaved_summary(interleaved)
+            if "error" not in interleaved:  # the summary, and the runs it comes from
+                interleaved = {**interleaved_summary(interleaved), **interleaved}
     results = {peer: merge_rounds(runs) for peer, runs in rounds.items()}
     import torch
 
