@@ -117,6 +117,21 @@ def test_dequantize_vs_mlx_and_float64(bits, group_size, dtype, gen, isa):
         assert bool(((out.double() - ref64).abs() <= tol).all())
 
 
+def test_dequantize_product_overflows_like_mlx(isa) -> None:
+    """fp16 s * q that overflows before + b brings it back in range (the case a fuzz run found:
+    s = -10256, q = 7, b = 41024, s * q + b = -30768): mx.dequantize rounds the product to fp16
+    first, so the element is -inf; mlxq gives MLX's value, on every kernel set."""
+    bits, group_size = 4, 32
+    # q = 7, 6, 1, 0, ... (nibbles, low first): 7 * -10256 overflows fp16, 6 * -10256 does not
+    wq = torch.full((1, group_size // 8), 0x01670167, dtype=torch.int32).view(torch.uint32)
+    s = torch.tensor([[-10256.0]], dtype=torch.float16)
+    b = torch.tensor([[41024.0]], dtype=torch.float16)
+    out = mlxq.affine_dequantize(wq, s, b, group_size, bits)
+    theirs = mx_dequantize(wq, s, b, group_size, bits)
+    assert torch.equal(out, theirs), (out[0, :4], theirs[0, :4])
+    assert out[0, 0] == float("-inf") and out[0, 1] == -20512.0 and out[0, 3] == 41024.0
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_dequantize_strided_inputs(dtype, gen):
     """Non-contiguous wq/scales/biases (slices of bigger tensors) give the contiguous result."""
