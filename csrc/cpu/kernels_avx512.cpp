@@ -283,12 +283,6 @@ struct E4M3Bf16 {
   }
 };
 
-// FP4 decode (mxfp4, nvfp4): the 4-bit affine kernel's lanes and blocks with the E2M1 values
-// (exact in bf16) in the lookup table, no bias, and each group's E8M0 / E4M3 scale applied in
-// fp32 as fp_qmv does (mxfp8: 32 bytes widened to 32 lanes of one E4M3 value, E4M3Bf16); the
-// sums differ from fp_qmv only in their fp32 summation order. One
-// accumulator per (m, r), so that a row's result does not depend on the tiles it fell in
-// (nor on how the rows of x were grouped, which a gather's pair order decides).
 // fp_scale of `count` scale bytes (a decode tile's rows, contiguous), 16 at a time: the same
 // fp32 values as the table and shift of fp_scale, times the global factor, without a scalar
 // conversion per group (at group 16 a row's scales had cost as much as its weights).
@@ -320,6 +314,12 @@ inline void fp_tile_scales(const FpWeight& W, const uint8_t* src, int64_t count,
   }
 }
 
+// FP4 decode (mxfp4, nvfp4): the 4-bit affine kernel's lanes and blocks with the E2M1 values
+// (exact in bf16) in the lookup table, no bias, and each group's E8M0 / E4M3 scale applied in
+// fp32 as fp_qmv does (mxfp8: 32 bytes widened to 32 lanes of one E4M3 value, E4M3Bf16); the
+// sums differ from fp_qmv only in their fp32 summation order. One
+// accumulator per (m, r), so that a row's result does not depend on the tiles it fell in
+// (nor on how the rows of x were grouped, which a gather's pair order decides).
 template <FpMode Mode, int MB, int R, int NP>
 void fp_qmv_bf16_tile(const FpQmvBf16Args& a, int64_t m0, int64_t n0, int64_t n1, float* s) {
   using T = FpModeTraits<Mode>;

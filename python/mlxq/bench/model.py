@@ -637,6 +637,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--device cuda: --interleave-peers llama_cpp runs on the CPU only")
     if args.interleave < 0:
         p.error("--interleave must be 0 (off) or a number of rounds")
+    if args.interleave and args.interleave_peers[0] == args.interleave_peers[1]:
+        p.error("--interleave-peers: two different peers (their runs are kept by name)")
     if cuda:
         from mlxq._native import cuda_unavailable_reason
 
