@@ -148,6 +148,10 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     "exaone": (ROPE, TOP),
     # mixture-of-experts models: transformers 5 fuses the experts into 3-D parameters, mlx-lm
     # stacks them per projection (switch_mlp); routers are quantized too (often at 8 bits)
+    # hybrid state-space models: Mamba-2 mixers beside attention (falcon_h1); Mamba alone
+    # (its causal LM reads `lm_head.weight.dtype` in forward: refused by name)
+    "falcon_h1": (ROPE, TOP),
+    "mamba": ({}, {}),
     "mixtral": ({**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2}, TOP),
     "qwen3_moe": (
         {**ROPE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
@@ -245,7 +249,7 @@ MLX_LM_INPUT_LAYOUT = {"gpt_oss": _gpt_oss_hub_layout}
 HUB_PREFIX_DROPPED = {"gpt2": "transformer."}
 
 # the fast subset run by pytest
-FAST = ("gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "qwen3", "phi")
+FAST = ("gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "qwen3", "phi", "falcon_h1")
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
 MOE_FAST = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
 TOKENS = [1, 5, 77, 300, 12, 499, 3, 42, 250, 7, 128, 64]

@@ -49,6 +49,15 @@ def test_matches_mlx_lm(arch: str, variant) -> None:
     assert outcome.max_diff <= TOLERANCE, outcome.line()
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.tag)
+def test_mamba_is_refused_by_name(variant) -> None:
+    # MambaForCausalLM.forward casts by `self.lm_head.weight.dtype`: a quantized head (tied to
+    # the quantized embedding, or its own) would hand it the packed uint32 words
+    outcome = run_arch("mamba", variant)
+    assert outcome.status == "refused", outcome.line()
+    assert "'lm_head'" in outcome.reason and "MambaForCausalLM.forward" in outcome.reason
+
+
 def test_gemma_embedding_keeps_its_scale() -> None:
     """The quantized Gemma embedding multiplies by sqrt(hidden) as transformers' does."""
     from transformers import AutoModelForCausalLM

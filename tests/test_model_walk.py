@@ -100,3 +100,48 @@ def test_plan_quantization_config_rules() -> None:
     assert formats["lm_head"] == ModuleFormat(4, 64)  # untied: a layer of its own
     with pytest.raises(ValueError, match="bits=7"):
         plan_quantization(model, ModuleFormat(7, 64))
+
+
+class _ReadsHeadWeight(nn.Module):
+    """Like Mamba's causal LM: forward casts by the head's weight dtype; a training-only branch
+    and a helper outside forward read weights too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 32)
+
+    def forward(self, x):
+        if self.training:
+            return x @ self.body.weight.t()  # training only: not a read at inference
+        return self.head(self.body(x).to(self.head.weight.dtype))
+
+    def resize(self):
+        return self.body.weight.shape  # not a forward: runs only when asked for
+
+
+def test_plan_modules_refuses_a_quantized_module_whose_weight_forward_reads() -> None:
+    four_bit = ModuleFormat(4, 32)
+    with pytest.raises(NotImplementedError, match=r"'head'.*_ReadsHeadWeight\.forward"):
+        plan_modules(_ReadsHeadWeight(), lambda name, plan: four_bit)
+    # float head: nothing reads a packed weight; the body's reads are training-only or outside
+    # forward, so it may be quantized
+    walk = plan_modules(_ReadsHeadWeight(), lambda n, p: four_bit if n == "body" else None)
+    assert [(m.name, m.format) for m in walk.modules] == [("body", four_bit), ("head", None)]
+    collected = plan_modules(_ReadsHeadWeight(), lambda n, p: four_bit, collect_errors=True)
+    assert [m.name for m in collected.modules if m.error is not None] == ["head"]
+
+
+def test_plan_modules_refuses_a_tied_head_whose_weight_forward_reads() -> None:
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    config = MambaConfig(
+        hidden_size=64, num_hidden_layers=1, vocab_size=128, tie_word_embeddings=True
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    four_bit = ModuleFormat(4, 64)
+    # the head is tied: quantizing the embedding makes the head its view, which
+    # MambaForCausalLM.forward reads as `self.lm_head.weight.dtype`
+    with pytest.raises(NotImplementedError, match=r"'lm_head'.*MambaForCausalLM\.forward"):
+        plan_modules(model, lambda n, p: four_bit if n.endswith("embeddings") else None)

@@ -25,7 +25,7 @@ from torch import nn
 
 from mlxq.format import SUPPORTED_BITS, ModuleFormat, configured_format, fits
 from mlxq.nn import AffineEmbedding, TiedAffineHead
-from mlxq.swap import MoePlan, SwapPlan, moe_plan, swap_plan
+from mlxq.swap import MoePlan, SwapPlan, moe_plan, swap_plan, weight_reads
 
 __all__ = [
     "HeadDecision",
@@ -159,6 +159,7 @@ def plan_modules(
     """
     head = head_decision(model, stored)
     plan = ModelPlan(head=head)
+    reads = weight_reads(model)
     for name, module in model.named_modules():
         if not name or (head.tied and name == head.head):
             continue
@@ -172,12 +173,29 @@ def plan_modules(
         entry = PlannedModule(name, module, swap=swap)
         try:
             entry.format = format_of(name, swap)
+            if entry.format is not None:
+                _refuse_weight_reads(name, reads)
+                if head.tied and name == head.embedding and head.head is not None:
+                    _refuse_weight_reads(head.head, reads)  # the head becomes its view
         except (ValueError, NotImplementedError) as error:
             if not collect_errors:
                 raise
             entry.error = error
         plan.modules.append(entry)
     return plan
+
+
+def _refuse_weight_reads(name: str, reads: Mapping[str, list[str]]) -> None:
+    """A NotImplementedError when model code around `name` reads its `.weight` itself: a
+    quantized module's `weight` holds packed uint32 words, so that code would not run the
+    model the checkpoint describes."""
+    if name in reads:
+        raise NotImplementedError(
+            f"mlxq: module {name!r} is quantized in the checkpoint, but "
+            f"{', '.join(reads[name])} reads its .weight directly (not through the module's "
+            "forward), which a quantized module cannot serve (its weight holds packed uint32 "
+            "words); mlxq refuses the model rather than run another one"
+        )
 
 
 # Per-module entries mlx-lm's model classes add through their own `quant_predicate` when

@@ -29,7 +29,7 @@ from torch import nn
 
 from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
 
-__all__ = ["SwapPlan", "swap_plan", "is_conv1d", "MoePlan", "moe_plan"]
+__all__ = ["SwapPlan", "swap_plan", "is_conv1d", "MoePlan", "moe_plan", "weight_reads"]
 
 # The bodies of the scaled-embedding forwards mlxq reproduces (whitespace removed), and whether
 # the scale is a tensor cast to the weight's dtype (True) or a Python float (False).
@@ -423,3 +423,84 @@ def _experts_plan(name: str, module: nn.Module, params: dict[str, torch.Tensor])
 
 def _refuse_moe(plan: MoePlan, why: str) -> MoePlan:
     return MoePlan(**{**vars(plan), "refusal": why})
+
+
+def _runs_model(name: str) -> bool:
+    """The methods whose reads count: `forward` and its helpers (`slow_forward`,
+    `torch_forward`, ...). Others (`interpolate_pos_encoding`, initialisation, tying) run only
+    when asked for, and a read there of a quantized weight fails loudly on its uint32 dtype."""
+    return "forward" in name
+
+
+def _reads_training(test: ast.expr) -> bool:
+    return any(
+        isinstance(n, ast.Attribute) and n.attr == "training" and isinstance(n.value, ast.Name)
+        for n in ast.walk(test)
+    )
+
+
+def _inference_nodes(node: ast.AST):
+    """The nodes under `node` that run in inference: the bodies of `if self.training ...:`
+    are left out (Mamba-style mixers hand their weights to fused kernels only when training;
+    mlxq's quantized modules are for inference and adapters)."""
+    for child in ast.iter_child_nodes(node):
+        yield child
+        if isinstance(child, ast.If) and _reads_training(child.test):
+            for branch in child.orelse:
+                yield branch
+                yield from _inference_nodes(branch)
+            continue
+        yield from _inference_nodes(child)
+
+
+def _class_weight_reads(cls: type) -> dict[str, list[str]]:
+    """For a model class of its own (not torch's or transformers' base classes): the attribute
+    chains `a.b` of every `self.a.b.weight` read in its forward methods (not in their
+    training-only branches), with the methods that read them (`Class.method`)."""
+    module = cls.__module__ or ""
+    if module.startswith(("torch.", "mlxq.")) or (
+        module.startswith("transformers.") and not module.startswith("transformers.models.")
+    ):
+        return {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    reads: dict[str, list[str]] = {}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not _runs_model(fn.name):
+            continue
+        for node in _inference_nodes(fn):
+            if not (isinstance(node, ast.Attribute) and node.attr == "weight"):
+                continue
+            chain, value = [], node.value
+            while isinstance(value, ast.Attribute):
+                chain.append(value.attr)
+                value = value.value
+            if chain and isinstance(value, ast.Name) and value.id == "self":
+                where = f"{cls.__qualname__}.{fn.name}"
+                readers = reads.setdefault(".".join(reversed(chain)), [])
+                if where not in readers:
+                    readers.append(where)
+    return reads
+
+
+_WEIGHT_READS_CACHE: dict[type, dict[str, list[str]]] = {}
+
+
+def weight_reads(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> the methods of its ancestors' classes that read its `.weight` directly
+    (`self.lm_head.weight.dtype`, `self.out_proj.weight` handed to a fused kernel). Such a
+    module cannot be replaced by a quantized one: the code around it would read the packed
+    uint32 words as float weights."""
+    reads: dict[str, list[str]] = {}
+    for prefix, module in model.named_modules():
+        for cls in type(module).__mro__:
+            if cls not in _WEIGHT_READS_CACHE:
+                _WEIGHT_READS_CACHE[cls] = _class_weight_reads(cls)
+            for chain, readers in _WEIGHT_READS_CACHE[cls].items():
+                name = f"{prefix}.{chain}" if prefix else chain
+                for reader in readers:
+                    if reader not in reads.setdefault(name, []):
+                        reads[name].append(reader)
+    return reads
