@@ -152,6 +152,40 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     # (its causal LM reads `lm_head.weight.dtype` in forward: refused by name)
     "falcon_h1": (ROPE, TOP),
     "mamba": ({}, {}),
+    # Jamba: Mamba layer 0, attention + MoE layer 1. All experts selected: mlx-lm renormalizes
+    # the top-k router weights, transformers does not (README); with k = E both are the softmax
+    "jamba": (
+        dict(
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=4,
+            num_experts_per_tok=4,
+            mamba_d_state=16,
+            mamba_expand=2,
+            mamba_dt_rank=8,
+        ),
+        {},
+    ),
+    # Qwen3-Next: gated-delta linear attention (layer 0) and gated full attention (layer 1),
+    # MoE with a shared expert in both; mlx-lm stores its RMSNorm weights as 1 + w
+    "qwen3_next": (
+        {
+            **_partial(0.25)[0],
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 32,
+            "linear_value_head_dim": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 64,
+            "layer_types": ["linear_attention", "full_attention"],
+            "full_attention_interval": 2,
+        },
+        {**_partial(0.25)[1], "full_attention_interval": 2},
+    ),
     "mixtral": ({**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2}, TOP),
     "qwen3_moe": (
         {**ROPE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
@@ -251,7 +285,7 @@ HUB_PREFIX_DROPPED = {"gpt2": "transformer."}
 # the fast subset run by pytest
 FAST = ("gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "qwen3", "phi", "falcon_h1")
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
-MOE_FAST = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
+MOE_FAST = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "jamba", "qwen3_next")
 TOKENS = [1, 5, 77, 300, 12, 499, 3, 42, 250, 7, 128, 64]
 
 

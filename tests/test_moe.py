@@ -107,11 +107,20 @@ def test_greedy_generation_matches_mlx_lm() -> None:
 
 @pytest.mark.parametrize(
     ("arch", "variant"),
-    [("mixtral", 0), ("phimoe", 1), ("granitemoe", 0), ("deepseek_v3", 1), ("gpt_oss", 1)],
+    [
+        ("mixtral", 0),
+        ("phimoe", 1),
+        ("granitemoe", 0),
+        ("deepseek_v3", 1),
+        ("gpt_oss", 1),
+        ("jamba", 1),
+        ("qwen3_next", 0),
+    ],
 )
 def test_save_pretrained_writes_mlx_lm_layout(tmp_path: Path, arch: str, variant: int) -> None:
     """The saved tensors have mlx-lm's names (switch_mlp, PhiMoE's gate, GraniteMoE's
-    router.layer, DeepSeek V3's embed_q/unembed_out, gpt-oss's experts with their biases) and
+    router.layer, DeepSeek V3's embed_q/unembed_out, gpt-oss's experts with their biases,
+    Jamba's feed_forward.switch_mlp, Qwen3-Next's norms as 1 + w) and
     mlx-lm runs the saved checkpoint as the original one."""
     from safetensors import safe_open
 

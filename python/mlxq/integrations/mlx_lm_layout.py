@@ -24,6 +24,7 @@ from mlxq.swap import is_conv1d, swap_plan
 __all__ = [
     "MlxLayout",
     "LAYOUTS",
+    "UnitOffset",
     "checkpoint_layout",
     "mlx_lm_config_keys",
     "use_mlx_lm_layout",
@@ -38,6 +39,9 @@ class MlxLayout:
     renames: tuple[tuple[str, str], ...]
     marker: str  # a key prefix only mlx-lm's layout has
     conv1d_as_linear: bool = False  # Conv1D weights stored [out, in] (as nn.Linear)
+    # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
+    # 1 + w) that mlx-lm's sanitize stores as 1 + w, for its module that multiplies by w
+    unit_offset: tuple[str, ...] = ()
 
     def to_transformers(self, key: str) -> str:
         for pattern, repl in self.renames:
@@ -51,6 +55,49 @@ class MlxLayout:
         from transformers.core_model_loading import WeightRenaming
 
         return [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in self.renames]
+
+    def offset_conversions(self, names: Iterable[str]) -> list:
+        """`WeightConverter`s taking 1 off each of `names` (the model's tensor names) that
+        :attr:`unit_offset` matches at load; `save_pretrained` adds it back."""
+        from transformers.core_model_loading import WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=f"^{re.escape(name)}",  # no `$`: reversed, it would stay
+                target_patterns=name,
+                operations=[UnitOffset(-1.0)],
+            )
+            for name in sorted(names)
+            if any(re.search(p, name) for p in self.unit_offset)
+        ]
+
+
+class UnitOffset:
+    """A transformers `ConversionOps` adding `delta` (+-1) to a norm weight, in fp32; exact for
+    stored values in [0.5, 2], where mlx-lm's 1 + w lies (its reverse adds -delta)."""
+
+    def __new__(cls, delta: float):
+        import torch
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, delta: float) -> None:
+                self.delta = delta
+
+            def __repr__(self) -> str:
+                return f"UnitOffset({self.delta:+g})"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                (value,) = input_dict.values()
+                tensor = value[0] if isinstance(value, list) else value
+                return {target_patterns[0]: (tensor.float() + self.delta).to(tensor.dtype)}
+
+            @property
+            def reverse_op(self):
+                return _Op(-self.delta)
+
+        return _Op(delta)
 
 
 LAYOUTS: dict[str, MlxLayout] = {
@@ -147,7 +194,22 @@ _MOE_RENAMES = ((r"\.mlp\.switch_mlp\.", ".mlp.experts."),)
 _MOE_RENAMES_BLOCK = ((r"\.block_sparse_moe\.switch_mlp\.", ".block_sparse_moe.experts."),)
 for _model_type in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "glm4_moe"):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
+# Qwen3-Next: its RMSNorms multiply by 1 + w in transformers; mlx-lm's sanitize stores 1 + w
+# (rounded to the checkpoint's dtype) for its plain RMSNorm (not the gated norm of the linear
+# attention)
+LAYOUTS["qwen3_next"] = MlxLayout(
+    "qwen3_next",
+    _MOE_RENAMES,
+    ".switch_mlp.",
+    unit_offset=(
+        r"\.(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$",
+        r"^model\.norm\.weight$",
+    ),
+)
 LAYOUTS["mixtral"] = MlxLayout("mixtral", _MOE_RENAMES_BLOCK, ".switch_mlp.")
+LAYOUTS["jamba"] = MlxLayout(
+    "jamba", ((r"\.feed_forward\.switch_mlp\.", ".feed_forward.experts."),), ".switch_mlp."
+)
 # DeepSeek V3: mlx-lm splits `self_attn.kv_b_proj` into `embed_q` and `unembed_out`
 # (mlxq.mla.SplitKvB holds them under kv_b_proj)
 LAYOUTS["deepseek_v3"] = MlxLayout(
@@ -191,4 +253,5 @@ def use_mlx_lm_layout(model) -> None:
         conversions = get_model_conversion_mapping(model, add_legacy=False)
         conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
     # first in the list, so reversed last: the model's own renamings have run by then
-    model._weight_conversions = [*layout.weight_renamings(), *conversions]
+    offsets = layout.offset_conversions(name for name, _ in model.named_parameters())
+    model._weight_conversions = [*layout.weight_renamings(), *conversions, *offsets]

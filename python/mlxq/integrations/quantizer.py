@@ -366,10 +366,13 @@ class MLXHfQuantizer(HfQuantizer):
             # an image-text family whose mlx-vlm layout is not mapped: refused by name here
             # (later checks would only see the first unmatched tensor)
             _refuse_missing_tensors(model, headers, unmapped_vlm_note(_model_type(model)))
-        # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load
-        self._vlm_conversions = channels_last_conversions(
+        # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load,
+        # and norm weights that mlx-lm stores as 1 + w (Qwen3-Next) get their 1 back
+        self._value_conversions = channels_last_conversions(
             model, headers, prefer_last=vlm_layout is not None
         )
+        if layout is not None:
+            self._value_conversions += layout.offset_conversions(headers)
         config = _with_model_names(model, self.quantization_config, vlm_layout)
         walk = plan_modules(
             model,
@@ -460,7 +463,7 @@ class MLXHfQuantizer(HfQuantizer):
         vlm_layout = getattr(self, "_vlm_layout", None)
         if vlm_layout is not None:  # mlx-vlm's names, also reversed last when saving
             renames = [*vlm_layout.weight_renamings(), *renames]
-        converters = list(getattr(self, "_vlm_conversions", []))
+        converters = list(getattr(self, "_value_conversions", []))
         return [
             *renames,
             # transformers >= 5.2x passes the model too; older 5.x only the conversions
