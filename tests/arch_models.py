@@ -76,6 +76,46 @@ _DEEPSEEK = {
 }
 
 # model_type -> (transformers config overrides, top-level keys mlx-lm needs in config.json)
+# Qwen3-Next / Qwen 3.5: a gated-delta linear attention layer, then a full attention one
+_LINEAR_ATTENTION = {
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "layer_types": ["linear_attention", "full_attention"],
+    "full_attention_interval": 2,
+}
+_QWEN_MOE = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+}
+_QWEN35 = {
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": THETA,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    },
+    **_LINEAR_ATTENTION,
+}
+# image-text architectures whose language model mlx-lm converts: their tiny vision tower
+IMAGE_TEXT = {
+    arch: {
+        "depth": 1,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "out_hidden_size": 128,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+    }
+    for arch in ("qwen3_5", "qwen3_5_moe")
+}
+
 ARCHS: dict[str, tuple[dict, dict]] = {
     "llama": (ROPE, TOP),
     "mistral": (ROPE, TOP),
@@ -152,6 +192,10 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     # (its causal LM reads `lm_head.weight.dtype` in forward: refused by name)
     "falcon_h1": (ROPE, TOP),
     "mamba": ({}, {}),
+    # Qwen 3.5: image-text models on the Hub; mlx-lm converts their language model (dense and
+    # MoE, the linear attention of Qwen3-Next), mlxq loads it as transformers' causal LM
+    "qwen3_5": (_QWEN35, {}),
+    "qwen3_5_moe": ({**_QWEN35, **_QWEN_MOE}, {}),
     # Jamba: Mamba layer 0, attention + MoE layer 1. All experts selected: mlx-lm renormalizes
     # the top-k router weights, transformers does not (README); with k = E both are the softmax
     "jamba": (
@@ -171,19 +215,7 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     # Qwen3-Next: gated-delta linear attention (layer 0) and gated full attention (layer 1),
     # MoE with a shared expert in both; mlx-lm stores its RMSNorm weights as 1 + w
     "qwen3_next": (
-        {
-            **_partial(0.25)[0],
-            "linear_num_value_heads": 4,
-            "linear_num_key_heads": 2,
-            "linear_key_head_dim": 32,
-            "linear_value_head_dim": 32,
-            "num_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 64,
-            "shared_expert_intermediate_size": 64,
-            "layer_types": ["linear_attention", "full_attention"],
-            "full_attention_interval": 2,
-        },
+        {**_partial(0.25)[0], **_LINEAR_ATTENTION, **_QWEN_MOE},
         {**_partial(0.25)[1], "full_attention_interval": 2},
     ),
     "mixtral": ({**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2}, TOP),
@@ -275,17 +307,57 @@ def _gpt_oss_hub_layout(folder: Path) -> None:
     save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _fused_experts_hub_layout(folder: Path) -> None:
+    """Rewrite transformers 5's per-expert tensors (`mlp.experts.<e>.{gate,up,down}_proj.weight`,
+    as it saves Qwen 3.5 MoE) as the Hub's fused layout that mlx-lm's sanitize reads:
+    `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up) and `mlp.experts.down_proj`
+    [E, H, I]; concatenation and stacking only."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out, experts = {}, {}
+    for key, value in load_file(folder / "model.safetensors").items():
+        m = re.match(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", key)
+        if m is None:
+            out[key] = value
+        else:
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = value
+    for prefix, by_index in experts.items():
+        order = [by_index[e] for e in sorted(by_index)]
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([p["gate"], p["up"]]) for p in order]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([p["down"] for p in order])
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
-MLX_LM_INPUT_LAYOUT = {"gpt_oss": _gpt_oss_hub_layout}
+MLX_LM_INPUT_LAYOUT = {
+    "gpt_oss": _gpt_oss_hub_layout,
+    "qwen3_5_moe": _fused_experts_hub_layout,
+}
 
 # the Hub's GPT-2 checkpoints (which mlx-lm's sanitize expects) have no `transformer.` prefix
 HUB_PREFIX_DROPPED = {"gpt2": "transformer."}
 
 # the fast subset run by pytest
-FAST = ("gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "llama", "qwen3", "phi", "falcon_h1")
+FAST = (
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "gpt2",
+    "gpt_neox",
+    "llama",
+    "qwen3",
+    "phi",
+    "falcon_h1",
+    "qwen3_5",
+)
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
-MOE_FAST = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "jamba", "qwen3_next")
+MOE_FAST = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "jamba", "qwen3_next", "qwen3_5_moe")
 TOKENS = [1, 5, 77, 300, 12, 499, 3, 42, 250, 7, 128, 64]
 
 
@@ -347,7 +419,13 @@ def _config(arch: str, tied: bool):
 
     overrides = copy.deepcopy(ARCHS[arch][0])  # transformers edits rope_parameters in place
     params = {**BASE, **overrides, "tie_word_embeddings": tied}
-    return AutoConfig.for_model(arch, **{k: v for k, v in params.items() if v is not None})
+    params = {k: v for k, v in params.items() if v is not None}
+    if arch in IMAGE_TEXT:  # the text settings nest; the vision tower stays tiny
+        vision = IMAGE_TEXT[arch]
+        return AutoConfig.for_model(
+            arch, text_config=params, vision_config=vision, tie_word_embeddings=tied
+        )
+    return AutoConfig.for_model(arch, **params)
 
 
 _SAME_AS = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
@@ -372,8 +450,10 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
     from transformers import AutoModelForCausalLM
 
     config = _config(arch, tied)
-    _check_mlx_keys(arch, config)
+    _check_mlx_keys(arch, getattr(config, "text_config", config))
     torch.manual_seed(0)
+    if arch in IMAGE_TEXT:  # saved as the Hub has it: the image-text model
+        from transformers import AutoModelForImageTextToText as AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():

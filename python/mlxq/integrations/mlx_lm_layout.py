@@ -44,10 +44,10 @@ class MlxLayout:
     unit_offset: tuple[str, ...] = ()
 
     def to_transformers(self, key: str) -> str:
+        """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
+        expert takes the prefix rename, then the switch_mlp one)."""
         for pattern, repl in self.renames:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                return new
+            key = re.sub(pattern, repl, key)
         return key
 
     def weight_renamings(self) -> list:
@@ -209,6 +209,28 @@ LAYOUTS["qwen3_next"] = MlxLayout(
 LAYOUTS["mixtral"] = MlxLayout("mixtral", _MOE_RENAMES_BLOCK, ".switch_mlp.")
 LAYOUTS["jamba"] = MlxLayout(
     "jamba", ((r"\.feed_forward\.switch_mlp\.", ".feed_forward.experts."),), ".switch_mlp."
+)
+# Qwen 3.5 (dense and MoE): an image-text model on the Hub; mlx-lm keeps its language model
+# under `language_model.` (`language_model.model.*`, `language_model.lm_head.*`), which
+# transformers' causal LM names `model.*` and `lm_head.*`. mlx-lm's sanitize stores the
+# RMSNorm weights as 1 + w, as for Qwen3-Next.
+_QWEN_NORMS = (
+    r"\.(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$",
+    r"^model\.norm\.weight$",
+)
+_LANGUAGE_MODEL = (
+    (r"^language_model\.model\.", "model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+)
+# (transformers' causal LM holds the text config: model types qwen3_5_text, qwen3_5_moe_text)
+LAYOUTS["qwen3_5_text"] = MlxLayout(
+    "qwen3_5", _LANGUAGE_MODEL, "language_model.model.", unit_offset=_QWEN_NORMS
+)
+LAYOUTS["qwen3_5_moe_text"] = MlxLayout(
+    "qwen3_5_moe",
+    (*_LANGUAGE_MODEL, *_MOE_RENAMES),
+    "language_model.model.",
+    unit_offset=_QWEN_NORMS,
 )
 # DeepSeek V3: mlx-lm splits `self_attn.kv_b_proj` into `embed_q` and `unembed_out`
 # (mlxq.mla.SplitKvB holds them under kv_b_proj)
