@@ -192,6 +192,18 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     # (its causal LM reads `lm_head.weight.dtype` in forward: refused by name)
     "falcon_h1": (ROPE, TOP),
     "mamba": ({}, {}),
+    # LFM2-MoE: short convolutions (layer 0, a dense MLP) and attention (layer 1, experts)
+    "lfm2_moe": (
+        {
+            **ROPE,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "num_dense_layers": 1,
+            "layer_types": ["conv", "full_attention"],
+        },
+        {**TOP, "full_attn_idxs": [1]},
+    ),
     # Qwen 3.5: image-text models on the Hub; mlx-lm converts their language model (dense and
     # MoE, the linear attention of Qwen3-Next), mlxq loads it as transformers' causal LM
     "qwen3_5": (_QWEN35, {}),
@@ -357,7 +369,16 @@ FAST = (
     "qwen3_5",
 )
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
-MOE_FAST = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "jamba", "qwen3_next", "qwen3_5_moe")
+MOE_FAST = (
+    "qwen3_moe",
+    "mixtral",
+    "olmoe",
+    "qwen2_moe",
+    "jamba",
+    "qwen3_next",
+    "qwen3_5_moe",
+    "lfm2_moe",
+)
 TOKENS = [1, 5, 77, 300, 12, 499, 3, 42, 250, 7, 128, 64]
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 TOLERANCE = 1e-3
 MLX_LM_UNTIED_ONLY = {"qwen2_moe"}  # mlx-lm's qwen2_moe has no tied head
+MLX_LM_TIED_ONLY = {"lfm2_moe"}  # mlx-lm's lfm2_moe has no untied head
 
 
 @pytest.mark.parametrize("arch", MOE_FAST)
@@ -39,7 +40,9 @@ MLX_LM_UNTIED_ONLY = {"qwen2_moe"}  # mlx-lm's qwen2_moe has no tied head
 def test_moe_matches_mlx_lm(arch: str, variant) -> None:
     outcome = run_arch(arch, variant)
     print(f"\n{outcome.line()}")
-    if variant.tied and arch in MLX_LM_UNTIED_ONLY:
+    if (variant.tied and arch in MLX_LM_UNTIED_ONLY) or (
+        not variant.tied and arch in MLX_LM_TIED_ONLY
+    ):
         assert outcome.status == "mlx-lm fails", outcome.line()
         return
     assert outcome.status == "loads", outcome.line()
@@ -115,12 +118,14 @@ def test_greedy_generation_matches_mlx_lm() -> None:
         ("gpt_oss", 1),
         ("jamba", 1),
         ("qwen3_next", 0),
+        ("lfm2_moe", 0),
     ],
 )
 def test_save_pretrained_writes_mlx_lm_layout(tmp_path: Path, arch: str, variant: int) -> None:
     """The saved tensors have mlx-lm's names (switch_mlp, PhiMoE's gate, GraniteMoE's
     router.layer, DeepSeek V3's embed_q/unembed_out, gpt-oss's experts with their biases,
-    Jamba's feed_forward.switch_mlp, Qwen3-Next's norms as 1 + w) and
+    Jamba's feed_forward.switch_mlp, Qwen3-Next's norms as 1 + w, LFM2-MoE's gate_proj/up_proj/
+    down_proj for w1/w3/w2) and
     mlx-lm runs the saved checkpoint as the original one."""
     from safetensors import safe_open
 

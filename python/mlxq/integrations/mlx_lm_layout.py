@@ -207,8 +207,18 @@ LAYOUTS["qwen3_next"] = MlxLayout(
     ),
 )
 LAYOUTS["mixtral"] = MlxLayout("mixtral", _MOE_RENAMES_BLOCK, ".switch_mlp.")
-LAYOUTS["jamba"] = MlxLayout(
-    "jamba", ((r"\.feed_forward\.switch_mlp\.", ".feed_forward.experts."),), ".switch_mlp."
+_MOE_RENAMES_FEED_FORWARD = ((r"\.feed_forward\.switch_mlp\.", ".feed_forward.experts."),)
+LAYOUTS["jamba"] = MlxLayout("jamba", _MOE_RENAMES_FEED_FORWARD, ".switch_mlp.")
+# LFM2-MoE: mlx-lm names the dense layers' w1/w3/w2 gate_proj/up_proj/down_proj
+LAYOUTS["lfm2_moe"] = MlxLayout(
+    "lfm2_moe",
+    (
+        *_MOE_RENAMES_FEED_FORWARD,
+        (r"\.feed_forward\.gate_proj\.", ".feed_forward.w1."),
+        (r"\.feed_forward\.up_proj\.", ".feed_forward.w3."),
+        (r"\.feed_forward\.down_proj\.", ".feed_forward.w2."),
+    ),
+    ".switch_mlp.",
 )
 # Qwen 3.5 (dense and MoE): an image-text model on the Hub; mlx-lm keeps its language model
 # under `language_model.` (`language_model.model.*`, `language_model.lm_head.*`), which
