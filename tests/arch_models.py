@@ -204,6 +204,19 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         },
         {**TOP, "full_attn_idxs": [1]},
     ),
+    # RecurrentGemma: an RG-LRU block (layer 0) and local attention (layer 1); no exact
+    # oracle (README)
+    "recurrent_gemma": (
+        {
+            "lru_width": 128,
+            "attention_window_size": 16,
+            "block_types": ["recurrent", "attention"],
+            "num_key_value_heads": 1,
+            "rope_theta": THETA,
+            "partial_rotary_factor": 0.5,
+        },
+        TOP,
+    ),
     # Qwen 3.5: image-text models on the Hub; mlx-lm converts their language model (dense and
     # MoE, the linear attention of Qwen3-Next), mlxq loads it as transformers' causal LM
     "qwen3_5": (_QWEN35, {}),
