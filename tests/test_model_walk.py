@@ -102,19 +102,22 @@ def test_plan_quantization_config_rules() -> None:
         plan_quantization(model, ModuleFormat(7, 64))
 
 
-class _ReadsHeadWeight(nn.Module):
-    """Like Mamba's causal LM: forward casts by the head's weight dtype; a training-only branch
-    and a helper outside forward read weights too."""
+class _ReadsWeights(nn.Module):
+    """Reads as in transformers' models: Mamba's causal LM casts by its head's weight dtype,
+    its mixer multiplies by `dt_proj.weight`; a training-only branch and a helper outside
+    forward read weights too."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Linear(64, 64)
+        self.dt = nn.Linear(64, 64)
         self.head = nn.Linear(64, 32)
 
     def forward(self, x):
         if self.training:
             return x @ self.body.weight.t()  # training only: not a read at inference
-        return self.head(self.body(x).to(self.head.weight.dtype))
+        x = self.body(x) + x @ self.dt.weight.t()
+        return self.head(x.to(self.head.weight.dtype))
 
     def resize(self):
         return self.body.weight.shape  # not a forward: runs only when asked for
@@ -122,14 +125,38 @@ class _ReadsHeadWeight(nn.Module):
 
 def test_plan_modules_refuses_a_quantized_module_whose_weight_forward_reads() -> None:
     four_bit = ModuleFormat(4, 32)
-    with pytest.raises(NotImplementedError, match=r"'head'.*_ReadsHeadWeight\.forward"):
-        plan_modules(_ReadsHeadWeight(), lambda name, plan: four_bit)
-    # float head: nothing reads a packed weight; the body's reads are training-only or outside
-    # forward, so it may be quantized
-    walk = plan_modules(_ReadsHeadWeight(), lambda n, p: four_bit if n == "body" else None)
-    assert [(m.name, m.format) for m in walk.modules] == [("body", four_bit), ("head", None)]
-    collected = plan_modules(_ReadsHeadWeight(), lambda n, p: four_bit, collect_errors=True)
-    assert [m.name for m in collected.modules if m.error is not None] == ["head"]
+    with pytest.raises(NotImplementedError, match=r"'dt'.*_ReadsWeights\.forward"):
+        plan_modules(_ReadsWeights(), lambda name, plan: four_bit)
+    # the head is read for its dtype only (served by a float layer after loading); the body's
+    # reads are training-only or outside forward
+    walk = plan_modules(_ReadsWeights(), lambda n, p: four_bit if n != "dt" else None)
+    assert [(m.name, m.format) for m in walk.modules] == [
+        ("body", four_bit),
+        ("dt", None),
+        ("head", four_bit),
+    ]
+    collected = plan_modules(_ReadsWeights(), lambda n, p: four_bit, collect_errors=True)
+    assert [m.name for m in collected.modules if m.error is not None] == ["dt"]
+
+
+def test_a_layer_read_for_its_dtype_runs_as_float() -> None:
+    import mlxq
+    from mlxq.nn import AffineLinear
+
+    torch.manual_seed(0)
+    model = _ReadsWeights().eval()
+    head_w = model.head.weight.detach().clone()
+    mlxq.quantize_model(model, bits=4, group_size=32, modules_to_not_convert=["dt"])
+    # the head runs as a float layer holding its dequantized weight: the same function
+    assert type(model.head) is nn.Linear and isinstance(model.body, AffineLinear)
+    expected = mlxq.affine_dequantize(*mlxq.affine_quantize(head_w, 32, 4), 32, 4)
+    assert torch.equal(model.head.weight, expected)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        hidden = model.body(x) + x @ model.dt.weight.t()
+        torch.testing.assert_close(
+            model(x), torch.nn.functional.linear(hidden, expected, model.head.bias)
+        )
 
 
 def test_plan_modules_refuses_a_tied_head_whose_weight_forward_reads() -> None:

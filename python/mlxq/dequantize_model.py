@@ -8,7 +8,7 @@ from torch import nn
 
 from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding, TiedAffineHead
 
-__all__ = ["dequantize_model"]
+__all__ = ["dequantize_model", "float_where_weight_dtype_is_read"]
 
 
 class _ScaledEmbedding(nn.Embedding):
@@ -36,15 +36,40 @@ class _FloatScaledEmbedding(nn.Embedding):
         return super().forward(input_ids) * self.embed_scale
 
 
+def _float_linear(module: AffineLinear, dtype: torch.dtype | None = None) -> nn.Linear:
+    w = module.dequantize_weight()
+    new = nn.Linear(
+        module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+    )
+    new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+    if module.bias is not None:
+        new.bias = nn.Parameter(module.bias.detach().to(dtype or w.dtype), requires_grad=False)
+    return new
+
+
+def float_where_weight_dtype_is_read(model: nn.Module) -> list[str]:
+    """Run as float `nn.Linear`s the quantized linear layers whose `.weight.dtype` the model's
+    own forward reads (`x.to(self.lm_head.weight.dtype)` in Mamba's causal LM, DeepSeek V3.2's
+    indexer): a quantized `weight` holds packed integers, so the cast would hand the layer
+    integers. The float layer holds the dequantized weight in the dtype of the scales (the
+    model's); returns the names replaced. Other reads are refused when loading
+    (:func:`mlxq.model_walk.plan_modules`)."""
+    from mlxq.swap import weight_reads
+
+    done, modules = [], dict(model.named_modules())
+    for name, reads in weight_reads(model).items():
+        module = modules.get(name)
+        if isinstance(module, AffineLinear) and all(r.dtype_only for r in reads):
+            model.set_submodule(name, _float_linear(module))
+            done.append(name)
+    return done
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace mlxq modules by float `nn.Linear` / `nn.Embedding` (in place; for fine-tuning)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, AffineLinear):
-            w = module.dequantize_weight()
-            new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            new.weight = nn.Parameter(w.to(dtype or w.dtype))
-            if module.bias is not None:
-                new.bias = nn.Parameter(module.bias.detach().to(dtype or w.dtype))
+            new = _float_linear(module, dtype)
         elif isinstance(module, AffineEmbedding):
             rows = torch.arange(module.num_embeddings, device=module.weight.device)
             w = AffineEmbedding.forward(module, rows)  # the table itself, not scaled

@@ -25,7 +25,7 @@ from torch import nn
 
 from mlxq.format import SUPPORTED_BITS, ModuleFormat, configured_format, fits
 from mlxq.nn import AffineEmbedding, TiedAffineHead
-from mlxq.swap import MoePlan, SwapPlan, moe_plan, swap_plan, weight_reads
+from mlxq.swap import MoePlan, SwapPlan, WeightRead, moe_plan, swap_plan, weight_reads
 
 __all__ = [
     "HeadDecision",
@@ -176,7 +176,7 @@ def plan_modules(
             if entry.format is not None:
                 _refuse_weight_reads(name, reads)
                 if head.tied and name == head.embedding and head.head is not None:
-                    _refuse_weight_reads(head.head, reads)  # the head becomes its view
+                    _refuse_weight_reads(head.head, reads, tied_head=True)
         except (ValueError, NotImplementedError) as error:
             if not collect_errors:
                 raise
@@ -185,16 +185,21 @@ def plan_modules(
     return plan
 
 
-def _refuse_weight_reads(name: str, reads: Mapping[str, list[str]]) -> None:
-    """A NotImplementedError when model code around `name` reads its `.weight` itself: a
-    quantized module's `weight` holds packed uint32 words, so that code would not run the
-    model the checkpoint describes."""
-    if name in reads:
+def _refuse_weight_reads(
+    name: str, reads: Mapping[str, list[WeightRead]], tied_head: bool = False
+) -> None:
+    """A NotImplementedError when model code around `name` reads its `.weight` itself (a
+    quantized module's `weight` holds packed uint32 words) other than for its dtype, which
+    the loader serves by running the layer in float; a tied head, a view of the embedding,
+    has no weight to serve at all."""
+    bad = [r.reader for r in reads.get(name, ()) if tied_head or not r.dtype_only]
+    if bad:
         raise NotImplementedError(
-            f"mlxq: module {name!r} is quantized in the checkpoint, but "
-            f"{', '.join(reads[name])} reads its .weight directly (not through the module's "
-            "forward), which a quantized module cannot serve (its weight holds packed uint32 "
-            "words); mlxq refuses the model rather than run another one"
+            f"mlxq: module {name!r} is quantized in the checkpoint"
+            f"{' (as the embedding it is tied to)' if tied_head else ''}, but "
+            f"{', '.join(bad)} reads its .weight directly (not through the module's forward), "
+            "which a quantized module cannot serve (its weight holds packed uint32 words); "
+            "mlxq refuses the model rather than run another one"
         )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlxq.dequantize_model import dequantize_model
+from mlxq.dequantize_model import dequantize_model, float_where_weight_dtype_is_read
 from mlxq.format import check_quantization
 from mlxq.model_walk import (
     ModelPlan,
@@ -63,6 +63,7 @@ def quantize_model(
     walk = plan_quantization(model, top, overrides, skip)
     replaced = quantize_planned(model, walk)
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
+    float_where_weight_dtype_is_read(model)  # layers whose dtype the model's forward reads
     group_projections(model)
     return model
 

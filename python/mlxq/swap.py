@@ -29,7 +29,15 @@ from torch import nn
 
 from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
 
-__all__ = ["SwapPlan", "swap_plan", "is_conv1d", "MoePlan", "moe_plan", "weight_reads"]
+__all__ = [
+    "SwapPlan",
+    "swap_plan",
+    "is_conv1d",
+    "MoePlan",
+    "moe_plan",
+    "WeightRead",
+    "weight_reads",
+]
 
 # The bodies of the scaled-embedding forwards mlxq reproduces (whitespace removed), and whether
 # the scale is a tensor cast to the weight's dtype (True) or a Python float (False).
@@ -453,10 +461,19 @@ def _inference_nodes(node: ast.AST):
         yield from _inference_nodes(child)
 
 
-def _class_weight_reads(cls: type) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class WeightRead:
+    """A forward method (`Class.method`) reading a module's `.weight`; `dtype_only` when it only
+    asks for its dtype (`x.to(self.lm_head.weight.dtype)`)."""
+
+    reader: str
+    dtype_only: bool
+
+
+def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
     """For a model class of its own (not torch's or transformers' base classes): the attribute
     chains `a.b` of every `self.a.b.weight` read in its forward methods (not in their
-    training-only branches), with the methods that read them (`Class.method`)."""
+    training-only branches), with their :class:`WeightRead`s."""
     module = cls.__module__ or ""
     if module.startswith(("torch.", "mlxq.")) or (
         module.startswith("transformers.") and not module.startswith("transformers.models.")
@@ -466,11 +483,15 @@ def _class_weight_reads(cls: type) -> dict[str, list[str]]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):
         return {}
-    reads: dict[str, list[str]] = {}
+    reads: dict[str, list[WeightRead]] = {}
     for fn in ast.walk(tree):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not _runs_model(fn.name):
             continue
-        for node in _inference_nodes(fn):
+        nodes = list(_inference_nodes(fn))
+        dtype_of = {
+            id(n.value) for n in nodes if isinstance(n, ast.Attribute) and n.attr == "dtype"
+        }
+        for node in nodes:
             if not (isinstance(node, ast.Attribute) and node.attr == "weight"):
                 continue
             chain, value = [], node.value
@@ -478,29 +499,29 @@ def _class_weight_reads(cls: type) -> dict[str, list[str]]:
                 chain.append(value.attr)
                 value = value.value
             if chain and isinstance(value, ast.Name) and value.id == "self":
-                where = f"{cls.__qualname__}.{fn.name}"
-                readers = reads.setdefault(".".join(reversed(chain)), [])
-                if where not in readers:
-                    readers.append(where)
+                read = WeightRead(f"{cls.__qualname__}.{fn.name}", id(node) in dtype_of)
+                found = reads.setdefault(".".join(reversed(chain)), [])
+                if read not in found:
+                    found.append(read)
     return reads
 
 
-_WEIGHT_READS_CACHE: dict[type, dict[str, list[str]]] = {}
+_WEIGHT_READS_CACHE: dict[type, dict[str, list[WeightRead]]] = {}
 
 
-def weight_reads(model: nn.Module) -> dict[str, list[str]]:
-    """Module name -> the methods of its ancestors' classes that read its `.weight` directly
-    (`self.lm_head.weight.dtype`, `self.out_proj.weight` handed to a fused kernel). Such a
-    module cannot be replaced by a quantized one: the code around it would read the packed
-    uint32 words as float weights."""
-    reads: dict[str, list[str]] = {}
+def weight_reads(model: nn.Module) -> dict[str, list[WeightRead]]:
+    """Module name -> the forward methods of its ancestors' classes that read its `.weight`
+    directly (`self.lm_head.weight.dtype`, `self.dt_proj.weight @ x`). A quantized module's
+    `weight` holds packed words: a module read for its dtype only can run as a float layer
+    (:func:`mlxq.dequantize_model.float_where_weight_dtype_is_read`); any other read means the
+    module cannot be quantized."""
+    reads: dict[str, list[WeightRead]] = {}
     for prefix, module in model.named_modules():
         for cls in type(module).__mro__:
             if cls not in _WEIGHT_READS_CACHE:
                 _WEIGHT_READS_CACHE[cls] = _class_weight_reads(cls)
-            for chain, readers in _WEIGHT_READS_CACHE[cls].items():
+            for chain, found in _WEIGHT_READS_CACHE[cls].items():
                 name = f"{prefix}.{chain}" if prefix else chain
-                for reader in readers:
-                    if reader not in reads.setdefault(name, []):
-                        reads[name].append(reader)
+                known = reads.setdefault(name, [])
+                known.extend(r for r in found if r not in known)
     return reads
