@@ -6,7 +6,8 @@
 # tests/test_cuda_models.py and bench_ops (mlxq vs tinygemm vs dense bf16 at M = 1, 2 and 512;
 # M = 512 again with whole tiles only, MLXQ_CUDA_GEMM_SK=0). Logs in $OUT/logs.tgz (a call
 # brings back 8 files at most). A cold start plus this script takes about 500 s of device time.
-#   WHEELS=dir/of/wheels [SKIP_HARNESS=1] bash benchmarks/cuda/device_run.sh
+# QMV_MODES: the decode harness's modes, in turn (default "wide").
+#   WHEELS=dir/of/wheels [SKIP_HARNESS=1] [QMV_MODES="wide ilv"] bash benchmarks/cuda/device_run.sh
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 L=/tmp/logs
@@ -36,8 +37,10 @@ if [ -z "$SKIP_HARNESS" ]; then
   P2=$!
   wait $P1 $P2
   stamp harnesses built
-  /tmp/qmv_harness wide >$L/qmv.log 2>&1
-  grep -E "copy|checks:|==|us " $L/qmv.log | head -50
+  for mode in ${QMV_MODES:-wide}; do
+    /tmp/qmv_harness $mode >$L/qmv_$mode.log 2>&1
+    grep -E "copy|checks:|==|us " $L/qmv_$mode.log | head -50
+  done
   stamp qmv
   MLXQ_HARNESS_SHAPES=${GEMM_SHAPES:-28672x8192} timeout 150 /tmp/gemm_harness ${GEMM_M:-256 512 768} >$L/gemm.log 2>&1
   grep -v "ok$" $L/gemm.log | head -20

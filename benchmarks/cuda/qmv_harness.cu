@@ -114,6 +114,166 @@ Launch stream(int kw_force = 0) {
   };
 }
 
+// The interleaved form of the op's ring variant, kept here as a measured alternative (it is not
+// faster). One block of Warps warps a multiprocessor, block b taking the tiles [tiles * b / B,
+// tiles * (b + 1) / B) and its warps that block's (tile, step) pairs round robin, tile by tile:
+// warp w takes pairs w, w + Warps, ... So the warps of a multiprocessor read neighbouring steps of
+// the same 16 rows at once (with K = 8192 whole 4 KB rows, where the op's whole tiles a warp read
+// 256 bytes of each of 256 rows), and every multiprocessor gets the same work within one step a
+// warp (the op's 16-warp blocks of whole tiles fill 112 of 132 multiprocessors at 28672 x 8192).
+// Each pair's partial sums go to shared memory, and each output adds its tile's in the order of K.
+// H200, bf16, M = 1, us, one run (qmv_harness "ilv" mode then): 28672 x 8192 group 128 38.1
+// against the op's 37.6, 64 40.6 / 40.1, 32 46.9 / 45.3, M = 2 39.6 / 38.1; 8192 x 28672 42.1 /
+// 40.6. Splitting each block's pairs into contiguous ranges instead (up to two tiles a warp, the
+// same balance without the neighbouring reads) was slower still: 42.2 / 37.2 at group 128.
+static int64_t qmv_stream_ilv_pairs(int64_t N, int64_t K, int U, int blocks) {
+  const int64_t tiles = (N + 15) / 16, steps = ((K / 32 + 3) / 4 + U - 1) / U;
+  return (tiles + blocks - 1) / blocks * steps;  // the most pairs a block takes
+}
+static int64_t qmv_stream_ilv_smem(int64_t N, int64_t M, int64_t K, int U, int blocks,
+                                   int64_t ring_bytes, int warps) {
+  return qmv_stream_smem(M, K, ring_bytes, warps) + qmv_stream_ilv_pairs(N, K, U, blocks) * 128;
+}
+
+// Probe: 1 the copies alone, 2 the products alone (no weight copies); wrong results.
+template <int GS, int U, typename T, int Ring, int Warps, int Probe = 0>
+__global__ void __launch_bounds__(Warps * 32, 1) qmv_stream_ilv_kernel(const QmvParams p) {
+  using S = StreamStep<GS, U>;
+  static_assert(Ring >= 2, "the interleaved form streams through the ring");
+  extern __shared__ __align__(16) uint8_t stream_smem[];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int M = p.M;
+  const int chunks = static_cast<int>(p.K / 32), spans = (chunks + 3) / 4;
+  const int steps = (spans + U - 1) / U;  // of a tile
+  const int kp = steps * U * 128;         // K padded to whole steps (<= qmv_stream_smem's)
+  uint4* xs = reinterpret_cast<uint4*>(stream_smem);                               // [M][kp / 8]
+  float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);                  // [M][kp / 32]
+  uint4* zeros = reinterpret_cast<uint4*>(stream_smem + M * kp * 2 + M * kp / 8);  // [16]
+  constexpr uint32_t kSlot = U * 1024;
+  float* red = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(zeros + 16) +
+                                        Warps * Ring * kSlot);  // [pairs][2][16]
+
+  const int64_t tiles = (p.N + 15) / 16;
+  const int64_t T0 = tiles * blockIdx.x / gridDim.x, T1 = tiles * (blockIdx.x + 1) / gridDim.x;
+  const int pairs = static_cast<int>(T1 - T0) * steps;
+  const int n = wi < pairs ? (pairs - wi + Warps - 1) / Warps : 0;  // pairs of this warp
+
+  StreamLane Lw, Ls;  // the pairs of the copies and of the scales, which run ahead
+  Lw.chunks = chunks, Lw.spans = spans, Lw.t = t, Lw.G = static_cast<int>(p.G);
+  Lw.sb_vec = p.G % 8 == 0, Lw.policy = 0;
+  Ls = Lw;
+  const auto point = [&](StreamLane& l, int tl) {  // tl: a tile of this block
+    const int64_t n0 = (T0 + tl) * 16, last = p.N - 1;
+    const int64_t ra = n0 + g < p.N ? n0 + g : last;
+    const int64_t rb = n0 + g + 8 < p.N ? n0 + g + 8 : last;
+    const int64_t rs = n0 + (lane & 15) < p.N ? n0 + (lane & 15) : last;
+    const int64_t row_words = p.K / 8;
+    l.wa = reinterpret_cast<const uint4*>(p.w + ra * row_words) + t;
+    l.wb = reinterpret_cast<const uint4*>(p.w + rb * row_words) + t;
+    l.sbp = static_cast<const uint16_t*>(lane < 16 ? p.scales : p.biases) + rs * p.G;
+  };
+  // Cursors (tile, step) of the copies, the scales and the products: each moves Warps pairs on.
+  struct Cursor {
+    int tile, step;
+  };
+  const auto advance = [&](Cursor& c) {
+    c.step += Warps;
+    while (c.step >= steps) c.step -= steps, ++c.tile;
+  };
+  const Cursor first = {wi / steps, wi % steps};
+  Cursor cw = first, cs = first, cp = first;
+  const uint32_t ring =
+      static_cast<uint32_t>(__cvta_generic_to_shared(zeros + 16)) + wi * Ring * kSlot + lane * 16;
+  const auto issue_next = [&](uint32_t slot) {
+    point(Lw, cw.tile);
+    if constexpr (Probe != 2) ring_issue<U>(Lw, cw.step, slot);
+    advance(cw);
+  };
+  S cur, nxt;
+  const auto load_sb_next = [&](S& st) {
+    point(Ls, cs.tile);
+    stream_load_sb<GS, U>(Ls, cs.step, st);
+    advance(cs);
+  };
+  if (n > 0) issue_next(ring), load_sb_next(cur);  // on their way while x is staged
+  asm volatile("cp.async.commit_group;");
+#pragma unroll
+  for (int s = 1; s < Ring - 1; ++s) {
+    if (s < n) issue_next(ring + s * kSlot);
+    asm volatile("cp.async.commit_group;");
+  }
+
+  stream_stage_x<T, Warps * 32>(p, kp, xs, sx);
+  if (threadIdx.x < 16) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+  __syncthreads();
+
+  // the B operand and the sums of x as in qmv_stream_kernel
+  const int per_row = kp / 8, xm = g >> 2;
+  const bool has_x = GS == 128 || ((g & 3) == t && xm < M);
+  const uint4* xrow = has_x ? xs + (xm < M ? xm : M - 1) * per_row + t : zeros;
+  const int xstride = has_x ? 16 : 0;
+  const int om = t >> 1;
+  const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
+  for (int i = 0; i < n; ++i) {
+    if (i + Ring - 1 < n) issue_next(ring + ((i + Ring - 1) % Ring) * kSlot);
+    asm volatile("cp.async.commit_group;");
+    asm volatile("cp.async.wait_group %0;" ::"n"(Ring - 1));
+    if constexpr (Probe == 1) continue;
+    ring_read<GS, U>(ring + (i % Ring) * kSlot, cur);
+    if (i + 1 < n) load_sb_next(nxt);
+    float acc_a = 0.f, acc_b = 0.f;
+    stream_step<GS, U, T>(Lw, cp.step, xrow, xstride, sxrow, g, cur, acc_a, acc_b);
+#pragma unroll
+    for (int k = 0; k < S::kSbWords; ++k) cur.sb[k] = nxt.sb[k];
+    if constexpr (GS != 128) {
+      acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+      acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+    }
+    if ((t & 1) == 0 && om < M) {
+      float* r = red + ((cp.tile * steps + cp.step) * 2 + om) * 16;
+      r[g] = acc_a, r[g + 8] = acc_b;
+    }
+    advance(cp);
+  }
+  __syncthreads();
+  T* y = static_cast<T*>(p.y);
+  const int outs = static_cast<int>(T1 - T0) * M * 16;
+  for (int o = threadIdx.x; o < outs; o += Warps * 32) {
+    const int tl = o / (M * 16), rem = o - tl * M * 16, m = rem / 16, r = rem % 16;
+    float v = 0.f;
+    for (int s = 0; s < steps; ++s) v += red[((tl * steps + s) * 2 + m) * 16 + r];
+    const int64_t row = (T0 + tl) * 16 + r;
+    if (row < p.N) y[m * p.N + row] = from_float<T>(v);
+  }
+}
+
+template <int GS, int U, typename T, int Ring, int W, int Probe = 0>
+Launch ilv() {
+  return [](const QmvParams& p, cudaStream_t s) {
+    const int64_t tiles = (p.N + 15) / 16;
+    const int blocks = static_cast<int>(std::min<int64_t>(g_sms, tiles));
+    const int smem =
+        static_cast<int>(qmv_stream_ilv_smem(p.N, p.M, p.K, U, blocks, Ring * U * 1024, W));
+    if (smem > 227 * 1024) {
+      std::fprintf(stderr, "interleaved form does not fit N=%lld K=%lld M=%d\n", (long long)p.N,
+                   (long long)p.K, p.M);
+      std::exit(1);
+    }
+    auto k = qmv_stream_ilv_kernel<GS, U, T, Ring, W, Probe>;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    k<<<blocks, W * 32, smem, s>>>(p);
+  };
+}
+
+template <int GS, typename T>
+std::vector<std::pair<const char*, Launch>> ilv_rows() {
+  return {
+      {"ilv w16 U4x2", ilv<GS, 4, T, 2, 16>()},
+      {"ilv w16 U2x3", ilv<GS, 2, T, 3, 16>()},
+  };
+}
+
 // Blocks of 16 warps (one a multiprocessor: x staged once) with the ring of the 8-warp default
 // and with deeper rings, next to that default (qmv_mma.cu records what they measured).
 template <int GS, typename T>
@@ -381,6 +541,62 @@ static int wide_main() {
   return bad == 0 ? 0 : 1;
 }
 
+// Checks and timings of the interleaved form next to the op's launch (16-warp blocks of whole
+// tiles where they fill 3/4 of the multiprocessors, else 8-warp blocks with K split), with the
+// interleaved form's copies alone and products alone.
+static int ilv_main() {
+  using bf = __nv_bfloat16;
+  using hf = __half;
+  int bad = 0;
+  const auto pairs = [](auto v) {
+    std::vector<Row> rows;
+    for (auto& r : v) rows.push_back({r.first, r.second});
+    return rows;
+  };
+  // K tails (4.5 spans), partial last tiles, warps' pairs across tiles, 16 tiles a block
+  for (int64_t gs : {32, 64, 128}) {
+    for (int64_t K : {gs == 128 ? int64_t{640} : int64_t{576}, 4096 + gs}) {
+      for (int M : {1, 2}) {
+        for (int64_t N : {100, 6000, 33000}) {
+          if (K > 4096 && N == 33000) continue;
+          Problem P{N, K, gs, M, N == 6000};
+          make(P, 1);
+          const std::vector<Row> rows =
+              gs == 32   ? (P.half ? pairs(ilv_rows<32, hf>()) : pairs(ilv_rows<32, bf>()))
+              : gs == 64 ? (P.half ? pairs(ilv_rows<64, hf>()) : pairs(ilv_rows<64, bf>()))
+                         : (P.half ? pairs(ilv_rows<128, hf>()) : pairs(ilv_rows<128, bf>()));
+          for (auto& r : rows) bad += !check(P, r.fn, r.name, true);
+          release(P);
+        }
+      }
+    }
+  }
+  std::printf("checks: %d failed\n", bad);
+  const auto op = [](auto k) { return Row{"w16 ring U4x2 (the op's)", k}; };
+  bench(28672, 8192, 128, 1, false,
+        {op(stream<128, 4, true, bf, false, 1, 2, 16>()),
+         {"ilv w16 U4x2", ilv<128, 4, bf, 2, 16>()},
+         {"ilv w16 U2x3", ilv<128, 2, bf, 3, 16>()},
+         {"probe: ilv w16 U4x2 copies only", ilv<128, 4, bf, 2, 16, 1>()},
+         {"probe: ilv w16 U4x2 products only", ilv<128, 4, bf, 2, 16, 2>()},
+         {"read kernel (floor)", read_floor()}},
+        false);
+  bench(28672, 8192, 64, 1, false,
+        {op(stream<64, 4, true, bf, false, 1, 2, 16>()), {"ilv w16 U4x2", ilv<64, 4, bf, 2, 16>()}},
+        false);
+  bench(28672, 8192, 32, 1, false,
+        {op(stream<32, 4, true, bf, false, 1, 2, 16>()), {"ilv w16 U4x2", ilv<32, 4, bf, 2, 16>()}},
+        false);
+  bench(
+      28672, 8192, 128, 2, false,
+      {op(stream<128, 4, true, bf, false, 1, 2, 16>()), {"ilv w16 U4x2", ilv<128, 4, bf, 2, 16>()}},
+      false);
+  const Row regs = {"w8 registers U4 (the op's)", stream<128, 4, true, bf>()};
+  bench(8192, 28672, 128, 1, false, {regs, {"ilv w16 U4x2", ilv<128, 4, bf, 2, 16>()}}, false);
+  bench(4096, 4096, 128, 1, false, {regs, {"ilv w16 U4x2", ilv<128, 4, bf, 2, 16>()}}, true);
+  return bad == 0 ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   harness_seed(0x9E3779B97F4A7C15ull);
   cudaDeviceProp prop;
@@ -410,6 +626,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "wide") == 0) return wide_main();
+  if (argc > 1 && std::strcmp(argv[1], "ilv") == 0) return ilv_main();
   bandwidth();
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
   // numerics on awkward shapes: K tails (576: 4.5 spans), N tails, split K, M = 2

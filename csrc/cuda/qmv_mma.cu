@@ -70,7 +70,11 @@ void launch_stream_shape(const QmvParams& p, const StreamGrid& grid, int64_t sme
 // where the tiles fill at least 3/4 of the multiprocessors that way. Once x was staged without
 // bank conflicts they measured faster than two blocks of 8 (H200, bf16, us, two runs each,
 // qmv_harness "wide"; 28672 x 8192 groups 128 / 64 / 32 at M = 1 37.1 / 39.8 / 45.4 against
-// 38.2 / 41.5 / 46.3, at M = 2 37.3 against 41.2; 112 blocks on 132 multiprocessors).
+// 38.2 / 41.5 / 46.3, at M = 2 37.3 against 41.2; 112 blocks on 132 multiprocessors). Slower
+// there since: 28 or 32 warps a multiprocessor (2 spans a step, 64-72 registers, K split), and
+// one block a multiprocessor with each block's (tile, step) pairs split evenly among its warps, so
+// that all 132 work (38.1 against 37.6 at group 128; the README has the numbers, qmv_harness.cu
+// the interleaved form).
 constexpr int kWideWarps = 16;
 
 template <int GS, typename T>

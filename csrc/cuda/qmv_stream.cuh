@@ -259,6 +259,39 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
   }
 }
 
+// Stages x for the streaming kernels: chunk c = 16 sp + 4 t + j of 8 values of row m (span sp,
+// lane t's chunk j) at xs[m * kp / 8 + 16 sp + 4 j + t], permuted for the B operand, and the sums
+// of x per 32 values at sx[m * kp / 32 + c / 4]; zeros past K up to kp. The loop's trip count is
+// uniform (the shuffles need all lanes).
+template <typename T, int Threads>
+__device__ __forceinline__ void stream_stage_x(const QmvParams& p, int kp, uint4* xs, float* sx) {
+  const int per_row = kp / 8, total = p.M * per_row;
+  for (int base = 0; base < total; base += Threads) {
+    const int idx = base + threadIdx.x;
+    const int m = idx / per_row, c = idx - m * per_row;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (idx < total && c * 8 < p.K) {
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.K + c * 8);
+    }
+    float s = 0.f;
+    {
+      const float2 f0 = half_pair<T>(v.x), f1 = half_pair<T>(v.y), f2 = half_pair<T>(v.z),
+                   f3 = half_pair<T>(v.w);
+      s = ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    if (idx < total) {
+      // chunk j of lane t's 32 values of a span at 4j + t: the 4 lanes of a row read 64
+      // consecutive bytes (one wavefront; at 4t + j, t = 0 and 2 shared banks)
+      const int sw = m * per_row + (c & ~15) + ((c & 3) << 2) + ((c >> 2) & 3);
+      xs[sw] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+      if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
+    }
+  }
+}
+
 // y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, Warps / KW tiles a block.
 // LoadsOnly (benchmarks): only the loads, a bandwidth probe of this access pattern (wrong
 // results). Warps: per block (benchmarks: 16 with MinBlocks 1 stages x once per multiprocessor,
@@ -319,34 +352,9 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
     stream_load<GS, U, Hint>(L, st0, cur);  // on its way while x is staged
   }
 
-  // Stage x: chunk c = 16 sp + 4 t + j of 8 values of row m (span sp, lane t's chunk j) at
-  // xs[m * kp / 8 + 16 sp + 4 j + t], permuted for the B operand, and the sums of x per 32 values.
-  // The loop's trip count is uniform (the shuffles need all lanes).
-  const int per_row = kp / 8, total = M * per_row;
-  for (int base = 0; base < total; base += Warps * 32) {
-    const int idx = base + threadIdx.x;
-    const int m = idx / per_row, c = idx - m * per_row;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (idx < total && c * 8 < p.K) {
-      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.K + c * 8);
-    }
-    float s = 0.f;
-    {
-      const float2 f0 = half_pair<T>(v.x), f1 = half_pair<T>(v.y), f2 = half_pair<T>(v.z),
-                   f3 = half_pair<T>(v.w);
-      s = ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
-    }
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    s += __shfl_xor_sync(0xffffffffu, s, 2);
-    if (idx < total) {
-      // chunk j of lane t's 32 values of a span at 4j + t: the 4 lanes of a row read 64
-      // consecutive bytes (one wavefront; at 4t + j, t = 0 and 2 shared banks)
-      const int sw = m * per_row + (c & ~15) + ((c & 3) << 2) + ((c >> 2) & 3);
-      xs[sw] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
-                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
-      if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
-    }
-  }
+  // Stage x (the first step's weights are on their way)
+  stream_stage_x<T, Warps * 32>(p, kp, xs, sx);
+  const int per_row = kp / 8;
   if (threadIdx.x < 16) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
