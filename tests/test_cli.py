@@ -112,6 +112,15 @@ def test_generate_applies_the_chat_template_by_default(smollm2_4bit_g32: Path) -
     assert templated and sent and int(sent.group(1)) < int(templated.group(1)) - 10
 
 
+def test_generate_refuses_a_prompt_of_no_tokens(smollm2_4bit_g32: Path) -> None:
+    # an empty sequence would fail deep inside the model (a reshape of 0 elements)
+    args = ["generate", "--model", str(smollm2_4bit_g32), "--max-tokens", "4"]
+    proc = run_cli(*args, "--prompt", "", "--ignore-chat-template")
+    assert proc.returncode != 0
+    assert "encodes to no tokens" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_generate_help_says_which_prompt_is_sent() -> None:
     proc = run_cli("generate", "-h")
     assert "--ignore-chat-template" in proc.stdout and "chat template" in proc.stdout

@@ -38,6 +38,11 @@ def generate(
         )
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[-1] == 0:  # the model would fail on an empty sequence
+        raise CLIError(
+            f"the prompt {prompt!r} encodes to no tokens with {type(tokenizer).__name__}; "
+            "give a prompt the tokenizer knows (or drop --ignore-chat-template)"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     new, stats = timed_generate(
         model,
