@@ -514,9 +514,13 @@ at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
                        ? indices->to(at::kLong)
                        : at::arange(c10::multiply_integers(batch_shape), opts).reshape(batch_shape);
   idx = idx.expand(g.index_shape).reshape({-1}).contiguous();
-  if (idx.numel() > 0) {
+  // The default arange lies in [0, limit) by construction; given indices are read back once
+  // (their min and max in one device-to-host copy: one synchronization on a GPU).
+  if (indices.has_value() && idx.numel() > 0) {
     const auto [lo, hi] = at::aminmax(idx);
-    const int64_t min = lo.item<int64_t>(), max = hi.item<int64_t>();
+    const at::Tensor range = at::stack({lo, hi}).to(at::kCPU);
+    const int64_t min = range.const_data_ptr<int64_t>()[0],
+                  max = range.const_data_ptr<int64_t>()[1];
     TORCH_CHECK_INDEX(min >= 0 && max < limit, "mlxq: ", name, " values must lie in [0, ", limit,
                       ") (the number of matrices in ", name[0] == 'l' ? "x" : "wq",
                       "), got values from ", min, " to ", max);

@@ -143,7 +143,9 @@ GatherGeometry check_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
 
 // The indices (or their defaults) broadcast to g.index_shape and flattened, as a contiguous
 // int64 tensor on `indices`' device, every value checked to lie in [0, limit): out-of-range
-// indices raise an IndexError naming `name` instead of reading outside the batch.
+// indices raise an IndexError naming `name` instead of reading outside the batch. Given indices
+// on a GPU cost one device-to-host copy (their range), which synchronizes the stream and cannot
+// be captured in a CUDA graph; absent ones (an arange) are not read.
 at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
                                const std::vector<int64_t>& batch_shape, const GatherGeometry& g,
                                int64_t limit, const char* name, const at::Device& device);

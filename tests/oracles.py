@@ -407,3 +407,58 @@ def fp_dequantize_ref(wq, scales, mode: str, global_scale=None) -> torch.Tensor:
         scale = scale * g.reshape(*g.shape, 1, 1)
     out = values * np.repeat(scale, FP_GROUP[mode], axis=-1)
     return torch.from_numpy(out)
+
+
+# --- the layer ops: rms_norm and decode_attention ---------------------------------------------
+
+
+def ulp(t: torch.Tensor) -> torch.Tensor:
+    """The spacing of t's dtype at |t| (subnormals: the smallest spacing), in float64."""
+    info = torch.finfo(t.dtype)
+    a = t.double().abs().clamp_min(info.tiny)
+    return torch.exp2(torch.floor(torch.log2(a))) * info.eps
+
+
+def rms_norm_tolerance(x: torch.Tensor, weight: torch.Tensor, want: torch.Tensor, eps_: float):
+    """How far two evaluations of mlxq.ops.rms_norm's contract (fp32 mean, 1/sqrt, the normalized
+    value rounded to x's dtype, the product with weight rounded to want's dtype) may be apart:
+    the fp32 means differ by at most (D + 4) u32 relative each (any summation order), which moves
+    the fp32 normalized value by about half that plus a few roundings; rounded to x's dtype the
+    two may then sit an ulp apart (a tie between them), times |weight|; and the products round
+    once more (an ulp of want's dtype)."""
+    x64, w64 = x.double(), weight.double()
+    n64 = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + eps_)
+    fp32 = (fp32_sum_eps(x.shape[-1]) + 4 * eps(torch.float32)) * (n64 * w64).abs()
+    normalized = n64.to(x.dtype)
+    return ulp(normalized) * w64.abs() + ulp(want) + 2 * fp32 + 1e-45
+
+
+def attention_reference(q, k, v, mask, scale):
+    """float64 attention on the upcast inputs (query head h reads kv head h // (Hq / Hkv)), a row
+    that attends nothing giving 0; returns (out, tol): tol bounds the error of an fp32 evaluation
+    (decode_attention's contract) rounded once to q's dtype. Per key j of a row, the fp32 score
+    is off by at most d_j = (D + 4) u32 scale |q| . |k_j| (its dot product) + u32 (2 |s_j| +
+    |s_j - m|) (the scale, the mask's addition, the max's subtraction) + 2 u32 (exp); a common
+    shift of every score cancels in the softmax. exp(d) ~ 1 + d makes weight j off by d_j + the
+    sum's own error, so the output is off by sum_j p_j (2 d_j + (Lk + 8) u32) |v_j| plus the same
+    relative error of the normalizer times |out|, then the rounding to q's dtype."""
+    rep = q.shape[1] // k.shape[1]
+    q64 = q.double()
+    k64 = k.double().repeat_interleave(rep, 1)
+    v64 = v.double().repeat_interleave(rep, 1)
+    s = q64 @ k64.transpose(-1, -2) * scale
+    s_abs = q64.abs() @ k64.abs().transpose(-1, -2) * abs(scale)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows of -inf scores: 0
+    out = p @ v64
+    u = eps(torch.float32)
+    lk, d = k.shape[-2], q.shape[-1]
+    m = s.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    finite = torch.where(s.isfinite(), s, torch.zeros_like(s))
+    dj = fp32_sum_eps(d) * s_abs + u * (2 * finite.abs() + (finite - m).abs()) + 2 * u
+    w = 2 * dj + (lk + 8) * u
+    tol = p * w @ v64.abs() + (p * w).sum(-1, keepdim=True) * out.abs()
+    if q.dtype != torch.float32:
+        tol = tol + eps(q.dtype) * (out.abs() + tol) + torch.finfo(q.dtype).tiny
+    return out, tol + 1e-30

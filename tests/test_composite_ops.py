@@ -7,13 +7,15 @@ the exact weight within the error of fp32 sums in another order (and, above the 
 with fp16/bf16 x, one rounding of the weight to the dtype of x), and to the CPU op within twice
 that. The gathers group pairs by expert and call the CPU's dense op for each expert: they are
 held to the CPU gather op with repeated, unsorted and broadcast indices, both transposes, and
-to the same argument errors.
+to the same argument errors. The layer ops' composites (rms_norm, rotary_embedding,
+decode_attention: their CUDA kernels) are held to the CPU ops by layer_op_cases.py's checks.
 """
 
 from __future__ import annotations
 
 import re
 
+import layer_op_cases
 import mlxq
 import pytest
 import torch
@@ -349,3 +351,42 @@ def test_one_bit_affine(group_size, dtype, gen):
         assert_within(got, cpu.double(), 2 * tol, f"1-bit vs CPU op m={m}")
     with pytest.raises(ValueError, match="bits=1 only"):
         C.composite_affine_dequantize_1bit(*mlxq.affine_quantize(w, 32, 2), 32, 2)
+
+
+# --- the layer ops (the CUDA kernels of rms_norm, rotary_embedding, decode_attention) ----------
+
+
+def _run_composite(name, *args):
+    return getattr(C, f"composite_{name}")(*args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rms_norm(dtype, gen):
+    layer_op_cases.check_rms_norm(_run_composite, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rotary_embedding_bit_exact(dtype, gen):
+    layer_op_cases.check_rotary_embedding(_run_composite, dtype, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_decode_attention(dtype, gen):
+    layer_op_cases.check_decode_attention(_run_composite, dtype, gen)
+
+
+def test_layer_ops_refuse_what_the_cpu_op_refuses(gen):
+    x, q, k = torch.randn(2, 8), torch.randn(1, 4, 1, 16), torch.randn(1, 3, 5, 16)
+    bad = [
+        ("rms_norm", (x, torch.ones(7), 1e-6)),
+        ("rms_norm", (x, torch.ones(8), -1.0)),
+        ("rotary_embedding", (q, k[:, :2, :1], torch.ones(1, 1, 15), torch.ones(1, 1, 15))),
+        ("decode_attention", (q, k, k, None, None)),  # 3 kv heads do not divide 4
+        ("decode_attention", (q, k[:, :2], k[:, :2].half(), None, None)),
+        ("decode_attention", (q, k[:, :2], k[:, :2], torch.ones(3, 5, dtype=torch.bool), None)),
+    ]
+    for name, args in bad:
+        with pytest.raises((ValueError, TypeError, IndexError, RuntimeError)) as want:
+            getattr(torch.ops.mlxq, name)(*args)
+        with pytest.raises(want.type, match="^" + re.escape(str(want.value).split("\n")[0][:60])):
+            _run_composite(name, *args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import layer_op_cases
 import mlxq
 import pytest
 import torch
@@ -841,3 +842,152 @@ def test_affine_matmul_many_on_cuda_is_affine_matmul(M: int) -> None:
     for out, w in zip(outs, weights, strict=True):
         assert out.device == x.device
         assert torch.equal(out, mlxq.affine_matmul(x, *w, 64, 4))
+
+
+# --- affine gather: the decode kernel over its pairs, the composite otherwise -----------------
+
+
+def _affine_experts(gen, e, n, k, group_size, bits, dtype):
+    wq, s, b = mlxq.affine_quantize(random_weight((e, n, k), dtype, gen), group_size, bits)
+    return wq, s, b, mlxq.affine_dequantize(wq, s.float(), b.float(), group_size, bits)
+
+
+AFFINE_GATHER_CASES = [  # (x batch, lhs, rhs): repeated, unsorted experts; broadcast shapes
+    ((3,), torch.tensor([[0], [1], [2]]), torch.tensor([[4, 1], [1, 0], [4, 4]])),
+    ((2,), None, torch.tensor([[3], [0]])),
+    ((6,), torch.tensor([2, 0, 1, 5, 2, 3]), torch.tensor([3, 0, 3, 1, 2, 4])),
+    ((5,), None, None),  # MLX's defaults: x matrix i with expert i
+    ((1,), torch.zeros(8, dtype=torch.long), torch.tensor([4, 4, 4, 0, 1, 4, 2, 3])),  # top-8
+]
+
+
+def _check_affine_gather(x, wq, s, b, wd, lhs, rhs, group_size, bits, monkeypatch, transpose=True):
+    """The CUDA op (whichever path it takes) and the composite forced by MLXQ_CUDA_GATHER, each
+    against float64 and the CPU op."""
+    kw = dict(group_size=group_size, bits=bits, transpose=transpose)
+    y_cpu = mlxq.affine_gather_matmul(x, wq, s, b, lhs, rhs, **kw)
+    ops = [_cuda(t) for t in (x, wq, s, b, lhs, rhs)]
+    y_gpu = mlxq.affine_gather_matmul(*ops, **kw)
+    assert y_gpu.is_cuda
+    _check_gather(y_gpu.cpu(), y_cpu, x, wd, lhs, rhs, transpose)
+    monkeypatch.setenv("MLXQ_CUDA_GATHER", "composite")
+    y_comp = mlxq.affine_gather_matmul(*ops, **kw)
+    monkeypatch.delenv("MLXQ_CUDA_GATHER")
+    _check_gather(y_comp.cpu(), y_cpu, x, wd, lhs, rhs, transpose)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_affine_gather_decode_kernel(gen, bits: int, group_size: int, dtype, monkeypatch) -> None:
+    # M <= 8 and at most 64 pairs: one launch of the CUDA-core decode kernel, each pair (the
+    # grid's y) streaming its own expert; every decode width on the first index case
+    e, n, k = 5, 37, 384
+    wq, s, b, wd = _affine_experts(gen, e, n, k, group_size, bits, dtype)
+    for i, (xb, lhs, rhs) in enumerate(AFFINE_GATHER_CASES):
+        for m in range(1, DECODE_MAX_ROWS + 1) if i == 0 else (1, 3, 8):
+            x = torch.randn(*xb, m, k, generator=gen).to(dtype)
+            _check_affine_gather(x, wq, s, b, wd, lhs, rhs, group_size, bits, monkeypatch)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_affine_gather_composite_side_and_layouts(gen, dtype, monkeypatch) -> None:
+    e, n, k = 6, 40, 256
+    wq, s, b, wd = _affine_experts(gen, e, n, k, 64, 4, dtype)
+    three, experts = torch.tensor([0, 1, 2]), torch.tensor([5, 0, 5])
+    cases = [  # (x batch, M, lhs, rhs, transpose)
+        ((1,), 1, torch.zeros(70, dtype=torch.long), torch.arange(70) % e, True),  # 70 pairs
+        ((64,), 2, torch.arange(64), torch.arange(64) % e, True),  # 64 pairs: still the kernel
+        ((3,), 9, three, experts, True),  # M past the decode width
+        ((3,), 2, three, experts, False),  # x @ W
+        ((3,), 1, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), True),
+    ]
+    for xb, m, lhs, rhs, transpose in cases:
+        x = torch.randn(*xb, m, k if transpose else n, generator=gen).to(dtype)
+        _check_affine_gather(x, wq, s, b, wd, lhs, rhs, 64, 4, monkeypatch, transpose)
+    # x starting off 16-byte alignment, int32 packed words, scales of another dtype than x
+    x = torch.randn(3, 1, k + 1, generator=gen).to(dtype)[..., 1:]
+    other = torch.float16 if dtype != torch.float16 else torch.bfloat16
+    s2, b2 = s.to(other), b.to(other)
+    wd2 = mlxq.affine_dequantize(wq, s2.float(), b2.float(), 64, 4)
+    _check_affine_gather(x, wq.view(torch.int32), s2, b2, wd2, three, experts, 64, 4, monkeypatch)
+    # 1 bit: the composite
+    wq1, s1, b1, wd1 = _affine_experts(gen, e, n, k, 32, 1, dtype)
+    x = torch.randn(3, 2, k, generator=gen).to(dtype)
+    _check_affine_gather(x, wq1, s1, b1, wd1, three, experts, 32, 1, monkeypatch)
+    # the CPU op's argument errors
+    with pytest.raises(IndexError, match="rhs_indices values must lie in"):
+        mlxq.affine_gather_matmul(_cuda(x), *map(_cuda, (wq, s, b)), None, _cuda(experts + 1))
+
+
+@needs_cuda
+def test_affine_gather_decode_in_cuda_graph(gen) -> None:
+    # absent indices (an arange, never read back) leave the decode launch capturable; given
+    # indices are range-checked with one device-to-host copy, which a capture does not allow
+    wq, s, b, _ = (t.cuda() for t in _affine_experts(gen, 8, 300, 1024, 64, 4, torch.bfloat16))
+    x = torch.randn(1, 2, 1024, generator=gen).bfloat16().cuda()
+    want = mlxq.affine_gather_matmul(x, wq, s, b, None, None, 64, 4)
+    assert want.shape == (8, 2, 300)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = mlxq.affine_gather_matmul(x, wq, s, b, None, None, 64, 4)
+    torch.cuda.current_stream().wait_stream(side)
+    x.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, -want)  # odd in x, one kernel, one summation order
+
+
+# --- rms_norm, rotary_embedding, decode_attention: composites of ATen ops on CUDA -------------
+
+
+def _run_cuda(name, *args):
+    moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    out = getattr(torch.ops.mlxq, name)(*moved)
+    if isinstance(out, tuple):
+        assert all(t.is_cuda for t in out)
+        return tuple(t.cpu() for t in out)
+    assert out.is_cuda
+    return out.cpu()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_ops_against_cpu_op(gen, dtype) -> None:
+    layer_op_cases.check_rotary_embedding(_run_cuda, dtype, gen)  # bit for bit
+    layer_op_cases.check_rms_norm(_run_cuda, dtype, gen)
+    layer_op_cases.check_decode_attention(_run_cuda, dtype, gen)
+
+
+@needs_cuda
+def test_layer_ops_in_cuda_graph(gen) -> None:
+    x = torch.randn(2, 5, 256, generator=gen).bfloat16().cuda()
+    w = torch.randn(256, generator=gen).bfloat16().cuda()
+    q = torch.randn(1, 4, 1, 64, generator=gen).bfloat16().cuda()
+    kv = torch.randn(2, 1, 2, 50, 64, generator=gen).bfloat16().cuda()
+    cos, sin = torch.randn(2, 1, 1, 64, generator=gen).bfloat16().cuda()
+    mask = (torch.rand(1, 1, 1, 50, generator=gen) > 0.3).cuda()
+
+    def step():
+        qr, kr = torch.ops.mlxq.rotary_embedding(q, kv[0, :, :, :1], cos, sin)
+        att = torch.ops.mlxq.decode_attention(qr, kv[0], kv[1], mask, None)
+        return torch.ops.mlxq.rms_norm(x, w, 1e-6), kr, att
+
+    want = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up on the side stream
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, wnt in zip(out, want, strict=True):
+        assert torch.equal(g, wnt)

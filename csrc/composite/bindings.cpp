@@ -67,6 +67,13 @@ void register_composite_bindings(pybind11::module& m) {
       py::arg("transpose") = true, py::arg("global_scale") = py::none(),
       py::arg("sorted_indices") = false,
       "fp_gather_matmul grouped by expert over the device's fp_matmul (composite.h)");
+  m.def("composite_rms_norm", &c::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        "rms_norm composed of ATen ops (composite.h)");
+  m.def("composite_rotary_embedding", &c::rotary_embedding, py::arg("q"), py::arg("k"),
+        py::arg("cos"), py::arg("sin"), "rotary_embedding composed of ATen ops (composite.h)");
+  m.def("composite_decode_attention", &c::decode_attention, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("mask") = py::none(), py::arg("scale") = py::none(),
+        "decode_attention composed of ATen ops (composite.h)");
 }
 
 }  // namespace mlxq

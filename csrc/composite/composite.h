@@ -74,4 +74,16 @@ at::Tensor affine_matmul_1bit(const at::Tensor& x, const at::Tensor& wq, const a
                               const at::Tensor& biases, int64_t group_size, int64_t bits,
                               bool transpose);
 
+// The layer ops (layers_composite.cpp), the CUDA kernels of rms_norm, rotary_embedding and
+// decode_attention. rotary_embedding is the CPU op (and transformers' apply_rotary_pos_emb) bit
+// for bit; rms_norm differs from the CPU op only by its fp32 mean's summation order (the CPU
+// sums the squares in double), which can move the normalized value by an ulp of the dtype of x
+// at a rounding tie; decode_attention computes in fp32 (scores, softmax, weighted sum, sums in
+// another order than the CPU kernel's) and rounds the output once to the dtype of q.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, std::optional<double> scale);
+
 }  // namespace mlxq::composite

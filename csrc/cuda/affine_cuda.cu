@@ -1,6 +1,8 @@
 // CUDA kernels for the mlxq ops: argument checks (checks.h, shared with every backend), layout
 // preparation, and the choice between the streaming decode kernel (M <= 8) and dequantized
 // tiles multiplied by cuBLAS (larger M); 1-bit weights go to the composite ops (composite.h).
+// affine_gather_matmul runs the decode kernel over its pairs for decode sizes and the composite
+// (pairs grouped by expert over affine_matmul) otherwise.
 // Every launch goes to the current CUDA stream of the operands' device, so the ops can be
 // captured in CUDA graphs.
 #include <ATen/ATen.h>
@@ -12,9 +14,11 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -347,6 +351,73 @@ at::Tensor affine_matmul_cuda(const at::Tensor& x, const at::Tensor& wq, const a
   return y.view(g.out_shape);
 }
 
+// MLXQ_CUDA_GATHER=composite sends every gather to the composite op (benchmarks compare the two
+// in one process: read on every call, so a CUDA graph keeps the path chosen at capture).
+bool gather_kernel_enabled() {
+  const char* env = std::getenv("MLXQ_CUDA_GATHER");
+  return env == nullptr || std::string(env) != "composite";
+}
+
+// The most pairs the gather's decode launch takes: each pair streams its expert's weight, so from
+// a few dozen pairs on the composite's grouping by expert (each selected expert read once) wins
+// (the float modes' rule, fp_cuda.cu).
+constexpr int64_t kGatherMaxPairs = 64;
+
+at::Tensor affine_gather_matmul_cuda(const at::Tensor& x, const at::Tensor& wq,
+                                     const at::Tensor& scales, const at::Tensor& biases,
+                                     const std::optional<at::Tensor>& lhs_indices,
+                                     const std::optional<at::Tensor>& rhs_indices,
+                                     int64_t group_size, int64_t bits, bool transpose,
+                                     bool sorted_indices) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ops.py owns the gradient
+  const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                               group_size, bits, transpose);
+  const int64_t N = g.w.rows, K = g.w.cols;
+  const int64_t P = c10::multiply_integers(g.index_shape);
+  // Decode sizes of x @ W.T with few pairs: one launch of the CUDA-core decode kernel, each pair
+  // streaming its own expert (no sort, no device-to-host copy of the experts); 1 bit, larger M
+  // and many pairs group the pairs by expert (composite/gather_composite.cpp). R >= 2 rows of W
+  // per warp, so N / kDecodeWarps bounds the grid's x dimension.
+  const bool decode = bits != 1 && transpose && g.M >= 1 && g.M <= kDecodeMaxRows && N > 0 &&
+                      K > 0 && P >= 1 && P <= kGatherMaxPairs &&
+                      (N + kDecodeWarps - 1) / kDecodeWarps <= INT32_MAX && gather_kernel_enabled();
+  if (!decode) {
+    return composite::affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
+                                           group_size, bits, transpose, sorted_indices);
+  }
+  const c10::cuda::CUDAGuard device(x.device());
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  // checked: every index lies in its batch (one device-to-host read of their range)
+  const at::Tensor lhs =
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
+  const at::Tensor rhs =
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const at::Tensor xc = aligned(x);  // [x_batch, M, K]: each matrix's rows 16-byte aligned
+  const at::Tensor wc = aligned(wq);
+  const at::Tensor sc = scales.contiguous(), bc = biases.contiguous();
+  at::Tensor y = at::empty({P, g.M, N}, x.options());
+  QmvParams p;
+  p.w = static_cast<const uint32_t*>(wc.const_data_ptr());
+  p.scales = sc.const_data_ptr();
+  p.biases = bc.const_data_ptr();
+  p.x = xc.const_data_ptr();
+  p.y = y.mutable_data_ptr();
+  p.N = N;
+  p.K = K;
+  p.G = g.w.groups;
+  p.M = static_cast<int>(g.M);
+  p.group_shift = log2_of(group_size);
+  p.scale_type = scale_type_of(scales.scalar_type());
+  p.lhs = lhs.const_data_ptr<int64_t>();
+  p.rhs = rhs.const_data_ptr<int64_t>();
+  p.pairs = P;
+  p.w_matrix = N * packed_cols(K, bits);
+  p.s_matrix = N * g.w.groups;
+  launch_qmv(static_cast<int>(bits), p, dtype_of(x.scalar_type()),
+             c10::cuda::getCurrentCUDAStream());
+  return y.view(g.out_shape);
+}
+
 at::Tensor affine_dequantize_cuda(const at::Tensor& wq, const at::Tensor& scales,
                                   const at::Tensor& biases, int64_t group_size, int64_t bits) {
   const PackedGeometry g = check_dequantize(wq, scales, biases, group_size, bits);
@@ -401,4 +472,5 @@ TORCH_LIBRARY_IMPL(mlxq, CUDA, m) {
   m.impl("affine_quantize", &mlxq::cuda::affine_quantize_cuda);
   m.impl("affine_dequantize", &mlxq::cuda::affine_dequantize_cuda);
   m.impl("affine_matmul", &mlxq::cuda::affine_matmul_cuda);
+  m.impl("affine_gather_matmul", &mlxq::cuda::affine_gather_matmul_cuda);
 }

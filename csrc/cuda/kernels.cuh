@@ -31,6 +31,14 @@ struct QmvParams {
   int M;            // rows of x (<= the kernel's MT)
   int group_shift;  // log2(group_size)
   ScaleType scale_type;
+  // The gather (affine_gather_matmul, CUDA-core kernel only): pair i = blockIdx.y multiplies the
+  // M rows of x matrix lhs[i] by weight matrix rhs[i] into y matrix i. For a plain matmul: one
+  // pair, lhs = rhs = nullptr.
+  const int64_t* lhs = nullptr;  // [pairs], checked to lie in the batch of x
+  const int64_t* rhs = nullptr;  // [pairs], checked to lie in the batch of W
+  int64_t pairs = 1;             // the grid's y dimension (<= 65535)
+  int64_t w_matrix = 0;          // words per weight matrix (N * K * bits / 32)
+  int64_t s_matrix = 0;          // scales (and biases) per weight matrix (N * G)
 };
 
 // Arguments of the dequantize kernel: out[r, k] = s[r, g] * q[r, k] + b[r, g].
@@ -185,7 +193,8 @@ __device__ __forceinline__ void load_x8(const __half* x, float (&v)[8]) {
 //   acc += s * sum_j q_j x_j + b * sum_j x_j
 // (the group's affine map applied to the chunk's partial dot product, in fp32). The lanes'
 // partial sums are reduced with shuffles at the end. Rows of x past M repeat row M-1 (no
-// branch in the inner loop) and are not written.
+// branch in the inner loop) and are not written. A gather runs its pairs as the grid's y
+// dimension, each block streaming the rows of its pair's weight matrix (QmvParams::rhs).
 
 constexpr int kDecodeWarps = 8;  // warps per block
 
@@ -267,12 +276,19 @@ __device__ __forceinline__ void qmv_step(const QmvParams& p, const int64_t (&sro
 
 // Prefetch: the next U chunks of each row are loaded before the current ones are used (twice
 // the registers for loads, but the warp never waits for memory with nothing in flight).
-template <int Bits, int MT, int R, int U, bool Prefetch, typename T>
+// Gather: the pairs of p.lhs/p.rhs (a template flag, so that the plain matmul's kernels keep
+// their registers: the pair's offsets cost some 40 more in several shapes).
+template <int Bits, int MT, int R, int U, bool Prefetch, typename T, bool Gather = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32) qmv_kernel(const QmvParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kDecodeWarps + (threadIdx.x >> 5);
   const int64_t n0 = warp * R;
   if (n0 >= p.N) return;
+  int64_t e = 0, xi = 0;  // this pair's weight and x matrices
+  if constexpr (Gather) {
+    e = __ldg(p.rhs + blockIdx.y);
+    xi = __ldg(p.lhs + blockIdx.y);
+  }
   const int64_t C = p.K / 32;  // chunks per row
   const int64_t row_words = C * Bits;
   const uint32_t* wrow[R];
@@ -280,13 +296,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) qmv_kernel(const QmvParams 
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r < p.N ? n0 + r : p.N - 1;
-    wrow[r] = p.w + n * row_words;
-    srow[r] = n * p.G;
+    wrow[r] = p.w + e * p.w_matrix + n * row_words;
+    srow[r] = e * p.s_matrix + n * p.G;
   }
+  const T* x = static_cast<const T*>(p.x) + xi * p.M * p.K;
   const T* xrow[MT];
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
-    xrow[m] = static_cast<const T*>(p.x) + static_cast<int64_t>(m < p.M ? m : p.M - 1) * p.K;
+  for (int m = 0; m < MT; ++m) xrow[m] = x + static_cast<int64_t>(m < p.M ? m : p.M - 1) * p.K;
 
   float acc[MT][R];
 #pragma unroll
@@ -319,6 +335,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) qmv_kernel(const QmvParams 
     for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
   if (lane == 0) {
     T* y = static_cast<T*>(p.y);
+    if constexpr (Gather) y += static_cast<int64_t>(blockIdx.y) * p.M * p.N;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll

@@ -16,7 +16,8 @@ enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 // takes 0.06 ms at M=1, 0.14 ms at M=4 and 0.9 ms at M=16, where tiles + cuBLAS take ~0.4 ms.
 constexpr int kDecodeMaxRows = 8;
 
-// y = x @ W.T for 1 <= p.M <= kDecodeMaxRows, x and y in `x_dtype`. Defined in qmv_b<Bits>.cu.
+// y = x @ W.T for 1 <= p.M <= kDecodeMaxRows, x and y in `x_dtype`, for each of p.pairs pairs
+// (the gather's, QmvParams::lhs/rhs; one for a matmul). Defined in qmv_b<Bits>.cu.
 template <int Bits>
 void launch_qmv(const QmvParams& p, DType x_dtype, cudaStream_t stream);
 template <>

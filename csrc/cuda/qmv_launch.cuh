@@ -17,12 +17,13 @@
 namespace mlxq::cuda {
 namespace {
 
-template <int MT, int R, int U, bool Prefetch, typename T>
+template <int MT, int R, int U, bool Prefetch, typename T, bool Gather = false>
 void launch_shape(const QmvParams& p, cudaStream_t stream) {
   const int64_t warps = (p.N + R - 1) / R;
   const int64_t blocks = (warps + kDecodeWarps - 1) / kDecodeWarps;
-  qmv_kernel<MLXQ_QMV_BITS, MT, R, U, Prefetch, T>
-      <<<static_cast<unsigned>(blocks), kDecodeWarps * 32, 0, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(Gather ? p.pairs : 1));
+  qmv_kernel<MLXQ_QMV_BITS, MT, R, U, Prefetch, T, Gather>
+      <<<grid, kDecodeWarps * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -63,8 +64,29 @@ void launch_mt(const QmvParams& p, cudaStream_t stream) {
   }
 }
 
+// The gather's kernels (p.rhs set): one shape per MT, the plain matmul's default ones (at M = 1
+// 'd' for fp16/bf16 x and 'b' for fp32 x; MLXQ_QMV_VARIANT does not apply).
+template <int MT, typename T>
+void launch_gather_mt(const QmvParams& p, cudaStream_t stream) {
+  constexpr int U = MLXQ_QMV_BITS == 2 ? 8 : (MLXQ_QMV_BITS == 8 ? 2 : 4);
+  constexpr int Uh = U > 1 ? U / 2 : 1;
+  if constexpr (MT == 1 && std::is_same_v<T, float>) {
+    return launch_shape<1, 4, Uh, true, T, true>(p, stream);
+  } else if constexpr (MT == 1) {
+    return launch_shape<1, 2, Uh, false, T, true>(p, stream);
+  } else {
+    return launch_shape<MT, (MT <= 2 ? 4 : 2), U, false, T, true>(p, stream);
+  }
+}
+
 template <typename T>
 void launch_typed(const QmvParams& p, cudaStream_t stream) {
+  if (p.rhs != nullptr) {
+    if (p.M <= 1) return launch_gather_mt<1, T>(p, stream);
+    if (p.M <= 2) return launch_gather_mt<2, T>(p, stream);
+    if (p.M <= 4) return launch_gather_mt<4, T>(p, stream);
+    return launch_gather_mt<8, T>(p, stream);
+  }
   if (p.M <= 1) return launch_mt<1, T>(p, stream);
   if (p.M <= 2) return launch_mt<2, T>(p, stream);
   if (p.M <= 4) return launch_mt<4, T>(p, stream);

@@ -692,7 +692,7 @@ def decode_attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention of a few queries against a KV cache read in place, in fp32 (CPU).
+    """Attention of a few queries against a KV cache, in fp32 (CPU and CUDA).
 
     `q` [B, Hq, Lq, D], `k` and `v` [B, Hkv, Lk, D] of one dtype (float32, float16, bfloat16)
     with Hkv dividing Hq (query head h reads kv head h // (Hq // Hkv)), any strides with a
@@ -702,7 +702,9 @@ def decode_attention(
     dtype of `q`. A row that attends no key gives 0, as torch's scaled_dot_product_attention.
     Built for decode (Lq up to ~16) and correct for any Lq; not differentiable. On CPUs with
     AVX512-BF16, bf16 `q . k` uses bf16 dot products (exact products, fp32 sums), which read
-    subnormal bf16 values (below 1.2e-38) as zero.
+    subnormal bf16 values (below 1.2e-38) as zero. The CPU kernel reads the cache in place; on
+    CUDA the op is composed of ATen ops (the cache widened to fp32, each kv head's query rows
+    one batched product; fp32 matmuls follow torch's TF32 setting, off by default).
     """
     return torch.ops.mlxq.decode_attention(q, k, v, mask, scale)
 
@@ -718,10 +720,11 @@ def _decode_attention_fake(q, k, v, mask=None, scale=None):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama-family RMSNorm in one call (CPU):
-    `weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)`, normalized in fp32 (the mean of the
-    fp32 squares summed in double), rounded to the dtype of `x`, then multiplied by `weight` in
-    the promoted dtype of the two. Not differentiable (inference kernel).
+    """transformers' Llama-family RMSNorm in one call (CPU and CUDA):
+    `weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)`, normalized in fp32 (on the CPU the
+    mean of the fp32 squares summed in double; on CUDA an fp32 mean of ATen ops), rounded to the
+    dtype of `x`, then multiplied by `weight` in the promoted dtype of the two. Not
+    differentiable (inference kernel).
     """
     return torch.ops.mlxq.rms_norm(x, weight, eps)
 
@@ -739,7 +742,7 @@ def _rms_norm_fake(x, weight, eps):
 def rotary_embedding(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' rotate-half rotary embedding of q and k in one call (CPU):
+    """transformers' rotate-half rotary embedding of q and k in one call (CPU and CUDA):
     `x * cos + rotate_half(x) * sin` for x in (q, k), where rotate_half(x) is
     `cat(-x[..., D/2:], x[..., :D/2])`. Each product is rounded to the dtype of x, then their
     sum, as the separate tensor ops do, so the outputs equal the Llama family's
