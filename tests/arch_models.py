@@ -189,6 +189,11 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**ROPE, **_DEEPSEEK, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
         {**TOP, "n_routed_experts": 4},
     ),
+    # GLM-4.7-Flash: DeepSeek V3's attention and sigmoid router; mlx-lm has no tied head
+    "glm4_moe_lite": (
+        {**ROPE, **_DEEPSEEK, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
+        {**TOP, "n_routed_experts": 4},
+    ),
     "glm4_moe": (
         {
             **_partial(0.5)[0],

@@ -148,13 +148,15 @@ _MOE_RENAMES_BLOCK = ((r"\.block_sparse_moe\.switch_mlp\.", ".block_sparse_moe.e
 for _model_type in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "glm4_moe"):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
 LAYOUTS["mixtral"] = MlxLayout("mixtral", _MOE_RENAMES_BLOCK, ".switch_mlp.")
-# DeepSeek V3: mlx-lm splits `self_attn.kv_b_proj` into `embed_q` and `unembed_out`
-# (mlxq.mla.SplitKvB holds them under kv_b_proj)
-LAYOUTS["deepseek_v3"] = MlxLayout(
-    "deepseek_v3",
-    ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
-    ".switch_mlp.",
-)
+# DeepSeek V3 and GLM-4.7-Flash (glm4_moe_lite, the same sanitize): mlx-lm splits
+# `self_attn.kv_b_proj` into `embed_q` and `unembed_out` (mlxq.mla.SplitKvB holds them under
+# kv_b_proj)
+for _model_type in ("deepseek_v3", "glm4_moe_lite"):
+    LAYOUTS[_model_type] = MlxLayout(
+        _model_type,
+        ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
+        ".switch_mlp.",
+    )
 # transformers renames PhiMoE's `gate.weight` (only) to `router.weight`: rename the router's
 # folder for all its tensors (transformers' `.block_sparse_moe.` -> `.mlp.` chains after it)
 LAYOUTS["phimoe"] = MlxLayout(
