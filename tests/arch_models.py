@@ -203,6 +203,20 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         },
         {**_partial(0.5)[1], "n_routed_experts": 4, "rope_scaling": None},
     ),
+    # ERNIE 4.5 MoE: layer 1 MoE with one shared expert (transformers' default end index -1
+    # would mean no MoE layer in mlx-lm)
+    "ernie4_5_moe": (
+        {
+            **ROPE,
+            "moe_num_experts": 4,
+            "moe_k": 2,
+            "moe_intermediate_size": 64,
+            "moe_num_shared_experts": 1,
+            "moe_layer_start_index": 1,
+            "moe_layer_end_index": 1,
+        },
+        TOP,
+    ),
     # gpt-oss: experts with biases and a clamped gate; sinks in attention; a sliding window
     # shorter than the test sequences (TOKENS, a generation), so that it shows. transformers'
     # default yarn rope is not used: mlx-lm's yarn rounds the correction range (truncate=True)

@@ -29,6 +29,7 @@ from mlxq.moe import AffineSwitchLinear, AffineWeight, MoeExperts, quantized_rou
 from mlxq.swap import moe_plan
 from oracles import assert_product_within, weight_refs
 from torch import nn
+from torch.nn import functional as F
 
 TOLERANCE = 1e-3
 MLX_LM_UNTIED_ONLY = {"qwen2_moe"}  # mlx-lm's qwen2_moe has no tied head
@@ -570,3 +571,34 @@ def test_granitemoe_rule_refused_explicit_entries_match_mlx_lm(tmp_path: Path) -
         if not (ours / file.name).exists():
             (ours / file.name).write_bytes(file.read_bytes())
     np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), mlx_lm_logits(theirs, TOKENS))
+
+
+def test_glm4_moe_lite_loads_mlx_lm_layout() -> None:
+    """GLM-4.7-Flash in mlx-lm's layout (DeepSeek V3's: switch_mlp stacks, kv_b_proj split
+    into embed_q/unembed_out) loads and matches mlx-lm (mlx-lm has no tied head for it)."""
+    from mlxq.mla import SplitKvB
+
+    assert run_arch("glm4_moe_lite", VARIANTS[0]).status == "mlx-lm fails"
+    outcome = run_arch("glm4_moe_lite", VARIANTS[1])
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    model = _load(tiny_mlx_checkpoint("glm4_moe_lite", VARIANTS[1]))
+    assert isinstance(model.model.layers[0].self_attn.kv_b_proj, SplitKvB)
+    assert isinstance(model.model.layers[1].mlp.experts, MoeExperts)
+
+
+def test_ernie4_5_moe_float32_router_and_dropped_bias() -> None:
+    """ERNIE 4.5 MoE: the router runs `F.linear(x.float(), self.weight.float())` on its
+    quantized weight, and mlx-lm's checkpoint lacks the router's e_score_correction_bias
+    (mlx-lm's sanitize drops it): it loads as zeros, which is mlx-lm's model."""
+    variant = VARIANTS[0]
+    outcome = run_arch("ernie4_5_moe", variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    gate = _load(tiny_mlx_checkpoint("ernie4_5_moe", variant)).model.layers[1].mlp.gate
+    assert isinstance(gate.weight, AffineWeight) and gate.bits == 4
+    assert torch.count_nonzero(gate.moe_statics.e_score_correction_bias) == 0
+    x = torch.randn(3, 128)
+    packed = gate.state_dict()
+    want = mlxq.affine_matmul(x, packed["weight"], packed["scales"], packed["biases"], 64, 4)
+    torch.testing.assert_close(F.linear(x, gate.weight.float()), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="float32 weight"):  # as torch refuses mixed dtypes
+        F.linear(x.bfloat16(), gate.weight.float())

@@ -388,14 +388,20 @@ class AffineWeight:
     """A quantized `[out, in]` weight as a router's forward sees `self.weight`.
 
     Not a tensor: `F.linear(x, w, bias=None)` computes `quantized_matmul(x, ...) (+ bias)` through
-    `__torch_function__`; every other torch function, and attributes other than `shape`,
-    `dtype`, `device`, `element_size()` and `numel()`, raise an error naming the module, so that
+    `__torch_function__` (after `float()`: on the weight dequantized in float32, for a float32
+    `x`); every other torch function, and attributes other than `shape`, `dtype`, `device`,
+    `element_size()` and `numel()`, raise an error naming the module, so that
     a forward mlxq does not reproduce fails loudly instead of running on the packed integers.
     """
 
-    def __init__(self, owner: str, module: nn.Module) -> None:
+    def __init__(self, owner: str, module: nn.Module, float32: bool = False) -> None:
         self._owner = owner
         self._module = module
+        self._float32 = float32  # `self.weight.float()`: dequantized in float32
+
+    def float(self) -> AffineWeight:
+        """The weight as `weight.float()` gives it: F.linear then dequantizes in float32."""
+        return AffineWeight(self._owner, self._module, float32=True)
 
     # shape, dtype and device are those of the packed tensor stored as `weight` (what the state
     # dict and transformers' loader see); the router's forward never reads them (swap.moe_plan
@@ -443,8 +449,18 @@ class AffineWeight:
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if w is owner and isinstance(x, torch.Tensor) and not isinstance(bias, AffineWeight):
                 m = owner._module
+                scales, biases = m.scales, m.biases
+                if owner._float32:
+                    if x.dtype != torch.float32:  # as F.linear(x, w.float()) would
+                        raise RuntimeError(
+                            f"mlxq: module {owner._owner}: F.linear of {x.dtype} input and a "
+                            "float32 weight"
+                        )
+                    if scales.is_floating_point():
+                        scales = scales.float()
+                    biases = biases.float() if biases is not None else None
                 y = quantized_matmul(
-                    x, m.weight_packed, m.scales, m.biases, True, m.group_size, m.bits, m.mode
+                    x, m.weight_packed, scales, biases, True, m.group_size, m.bits, m.mode
                 )
                 return y if bias is None else y + bias.to(y.dtype)
         raise owner._refuse(f"`{getattr(func, '__name__', func)}`")

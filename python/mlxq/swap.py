@@ -287,8 +287,11 @@ _KNOWN_EXPERTS = {
     _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
 }
 
+# `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32): the
+# quantized weight's `.float()` is its dequantized values in float32 (mlxq.moe.AffineWeight)
 _LINEAR_USE = re.compile(
-    r"(?:\bF|functional)\.linear\(\w+,self\.weight(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
+    r"(?:\bF|functional)\.linear\(\w+(?:\.float\(\))?,self\.weight(?:\.float\(\))?"
+    r"(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
 )
 _WEIGHT_USE = re.compile(r"self\.weight(?!\w)")
 

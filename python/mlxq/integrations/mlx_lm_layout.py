@@ -25,6 +25,7 @@ __all__ = [
     "MlxLayout",
     "LAYOUTS",
     "checkpoint_layout",
+    "fill_dropped_tensors",
     "mlx_lm_config_keys",
     "use_mlx_lm_layout",
 ]
@@ -38,6 +39,9 @@ class MlxLayout:
     renames: tuple[tuple[str, str], ...]
     marker: str  # a key prefix only mlx-lm's layout has
     conv1d_as_linear: bool = False  # Conv1D weights stored [out, in] (as nn.Linear)
+    # state-dict keys (regexes) of tensors mlx-lm's sanitize drops because its model has no
+    # use for them; zeros make transformers' forward the one mlx-lm runs
+    dropped_zeros: tuple[str, ...] = ()
 
     def to_transformers(self, key: str) -> str:
         for pattern, repl in self.renames:
@@ -168,6 +172,34 @@ LAYOUTS["phimoe"] = MlxLayout(
 LAYOUTS["granitemoe"] = MlxLayout(
     "granitemoe", (*_MOE_RENAMES_BLOCK, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
 )
+
+
+# ERNIE 4.5 MoE: mlx-lm drops the routers' `e_score_correction_bias` (transformers adds it to
+# the softmax scores before choosing the experts); with zeros both choose alike
+LAYOUTS["ernie4_5_moe"] = MlxLayout(
+    "ernie4_5_moe",
+    _MOE_RENAMES,
+    ".switch_mlp.",
+    dropped_zeros=(r"\.mlp\.gate\.moe_statics\.e_score_correction_bias$",),
+)
+
+
+def fill_dropped_tensors(model, layout: MlxLayout) -> list[str]:
+    """Zero the tensors of `model` that the checkpoint (in mlx-lm's `layout`) lacks because
+    mlx-lm's sanitize drops them (:attr:`MlxLayout.dropped_zeros`); returns their names."""
+    import torch
+
+    if not layout.dropped_zeros:
+        return []
+    pattern = re.compile("|".join(layout.dropped_zeros))
+    filled = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if pattern.search(key) and not getattr(tensor, "_is_hf_initialized", False):
+            with torch.no_grad():
+                tensor.zero_()
+            tensor._is_hf_initialized = True
+            filled.append(key)
+    return filled
 
 
 def _has_marker(key: str, marker: str) -> bool:

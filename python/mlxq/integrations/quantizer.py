@@ -26,6 +26,7 @@ from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
     MlxLayout,
     checkpoint_layout,
+    fill_dropped_tensors,
     mlx_lm_config_keys,
     use_mlx_lm_layout,
 )
@@ -440,6 +441,8 @@ class MLXHfQuantizer(HfQuantizer):
                     if tensor_name in ("scales", "biases", "global_scale"):
                         check_finite(f"{name}.{tensor_name}", tensor)
         if self.pre_quantized:
+            if getattr(self, "_mlx_layout", None) is not None:
+                fill_dropped_tensors(model, self._mlx_layout)  # ERNIE 4.5 MoE's router bias
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
         model.config.quantization_config = config
