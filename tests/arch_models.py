@@ -75,6 +75,16 @@ _DEEPSEEK = {
     "v_head_dim": 32,
 }
 
+# the rope of both layer kinds, for configs that key rope_parameters by layer type
+_PER_TYPE_ROPE = {
+    **_alternating(),
+    "rope_parameters": {
+        kind: {"rope_type": "default", "rope_theta": THETA}
+        for kind in ("sliding_attention", "full_attention")
+    },
+}
+_MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 64}
+
 # model_type -> (transformers config overrides, top-level keys mlx-lm needs in config.json)
 ARCHS: dict[str, tuple[dict, dict]] = {
     "llama": (ROPE, TOP),
@@ -215,6 +225,41 @@ ARCHS: dict[str, tuple[dict, dict]] = {
             "moe_layer_start_index": 1,
             "moe_layer_end_index": 1,
         },
+        TOP,
+    ),
+    # dots.llm1: DeepSeek V3's MoE (sigmoid router, float) with GQA attention; mlx-lm stacks
+    # the experts as `mlp.experts.*`, the names mlxq's experts module has
+    "dots1": (
+        {**ROPE, **_DEEPSEEK, "n_routed_experts": 4, "norm_topk_prob": True},
+        TOP,
+    ),
+    # EXAONE 4.5 MoE: layer 0 dense; mlx-lm reads the MoE layers from `is_moe_layer`
+    "exaone_moe": (
+        {
+            **ROPE,
+            **_alternating(),
+            **_MOE,
+            "num_experts": 4,
+            "num_shared_experts": 1,
+            "first_k_dense_replace": 1,
+        },
+        {**TOP, "is_moe_layer": [False, True]},
+    ),
+    # AFMoE (Trinity): gated attention, router 8-bit (mlx-lm's predicate), experts stacked as
+    # `mlp.experts.*`
+    "afmoe": (
+        {**ROPE, **_alternating(), **_MOE, "num_experts": 4, "num_shared_experts": 1},
+        TOP,
+    ),
+    # Solar Open: every layer MoE in transformers (mlx-lm's first_k_dense_replace must say so)
+    "solar_open": (
+        {**ROPE, **_MOE, "n_routed_experts": 4, "n_shared_experts": 1, "norm_topk_prob": True},
+        {**TOP, "first_k_dense_replace": 0, "partial_rotary_factor": 1.0},
+    ),
+    "mellum": ({**_PER_TYPE_ROPE, **_MOE, "num_experts": 4}, {**TOP, "num_experts": 4}),
+    # Laguna: attention output gates, a sigmoid router with a correction bias (8-bit in mlx-lm)
+    "laguna": (
+        {**_PER_TYPE_ROPE, **_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
         TOP,
     ),
     # gpt-oss: experts with biases and a clamped gate; sinks in attention; a sliding window

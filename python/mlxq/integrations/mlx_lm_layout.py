@@ -149,7 +149,16 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
 # pattern, and a bare `.experts.` would also match `shared_experts.` (DeepSeek, GLM).
 _MOE_RENAMES = ((r"\.mlp\.switch_mlp\.", ".mlp.experts."),)
 _MOE_RENAMES_BLOCK = ((r"\.block_sparse_moe\.switch_mlp\.", ".block_sparse_moe.experts."),)
-for _model_type in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "glm4_moe"):
+for _model_type in (
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "glm4_moe",
+    "exaone_moe",
+    "solar_open",
+    "mellum",
+):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
 LAYOUTS["mixtral"] = MlxLayout("mixtral", _MOE_RENAMES_BLOCK, ".switch_mlp.")
 # DeepSeek V3 and GLM-4.7-Flash (glm4_moe_lite, the same sanitize): mlx-lm splits
@@ -174,6 +183,13 @@ LAYOUTS["granitemoe"] = MlxLayout(
 )
 
 
+# Laguna: mlx-lm's router holds its linear layer as `gate.proj` (the correction bias stays in
+# `gate`); named per tensor, so that saving does not move the bias into `gate.proj`
+LAYOUTS["laguna"] = MlxLayout(
+    "laguna",
+    ((r"\.mlp\.gate\.proj\.(weight|scales|biases)", r".mlp.gate.\1"), *_MOE_RENAMES),
+    ".switch_mlp.",
+)
 # ERNIE 4.5 MoE: mlx-lm drops the routers' `e_score_correction_bias` (transformers adds it to
 # the softmax scores before choosing the experts); with zeros both choose alike
 LAYOUTS["ernie4_5_moe"] = MlxLayout(
