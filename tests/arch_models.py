@@ -262,6 +262,18 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**_PER_TYPE_ROPE, **_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
         TOP,
     ),
+    # mlx-lm's llama4_text is Llama 4's dense variant (no MoE layer); layer 1 without rope.
+    # mlx-lm normalizes q/k on NoPE layers too, transformers on rope layers only (README)
+    "llama4_text": (
+        {
+            **ROPE,
+            "moe_layers": [],
+            "intermediate_size_mlp": 256,
+            "no_rope_layers": [1, 0],
+            "use_qk_norm": False,
+        },
+        TOP,
+    ),
     # gpt-oss: experts with biases and a clamped gate; sinks in attention; a sliding window
     # shorter than the test sequences (TOKENS, a generation), so that it shows. transformers'
     # default yarn rope is not used: mlx-lm's yarn rounds the correction range (truncate=True)
@@ -301,9 +313,19 @@ def _gpt_oss_hub_layout(folder: Path) -> None:
     save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _llama4_text_head(folder: Path) -> None:
+    """mlx-lm's (dense) llama4_text names the untied head `output`, not `lm_head`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    if "lm_head.weight" in tensors:
+        tensors["output.weight"] = tensors.pop("lm_head.weight")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
-MLX_LM_INPUT_LAYOUT = {"gpt_oss": _gpt_oss_hub_layout}
+MLX_LM_INPUT_LAYOUT = {"gpt_oss": _gpt_oss_hub_layout, "llama4_text": _llama4_text_head}
 
 # the Hub's GPT-2 checkpoints (which mlx-lm's sanitize expects) have no `transformer.` prefix
 HUB_PREFIX_DROPPED = {"gpt2": "transformer."}

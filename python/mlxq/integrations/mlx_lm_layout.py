@@ -190,6 +190,8 @@ LAYOUTS["laguna"] = MlxLayout(
     ((r"\.mlp\.gate\.proj\.(weight|scales|biases)", r".mlp.gate.\1"), *_MOE_RENAMES),
     ".switch_mlp.",
 )
+# mlx-lm's llama4_text (Llama 4's dense variant) names the untied head `output`
+LAYOUTS["llama4_text"] = MlxLayout("llama4_text", ((r"^output\.", "lm_head."),), "output.")
 # ERNIE 4.5 MoE: mlx-lm drops the routers' `e_score_correction_bias` (transformers adds it to
 # the softmax scores before choosing the experts); with zeros both choose alike
 LAYOUTS["ernie4_5_moe"] = MlxLayout(
