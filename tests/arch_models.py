@@ -75,6 +75,8 @@ _DEEPSEEK = {
     "v_head_dim": 32,
 }
 
+_INDEXER = {"num_key_value_heads": 4, "index_topk": 64, "index_head_dim": 32, "index_n_heads": 2}
+
 # the rope of both layer kinds, for configs that key rope_parameters by layer type
 _PER_TYPE_ROPE = {
     **_alternating(),
@@ -203,6 +205,24 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     "glm4_moe_lite": (
         {**ROPE, **_DEEPSEEK, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
         {**TOP, "n_routed_experts": 4},
+    ),
+    # DeepSeek V3.2 and GLM-5: V3's attention plus a top-k indexer over the keys. The indexer
+    # keeps more keys than the sequence has here: where it drops some, mlx-lm and transformers
+    # differ already in float (README); num_key_value_heads: transformers repeats the keys
+    # by heads / kv heads
+    "deepseek_v32": (
+        {**ROPE, **_DEEPSEEK, **_INDEXER, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
+        {**TOP, "n_routed_experts": 4},
+    ),
+    "glm_moe_dsa": (
+        {**ROPE, **_DEEPSEEK, **_INDEXER, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
+        {
+            **TOP,
+            "n_routed_experts": 4,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+            "moe_layer_freq": 1,
+        },
     ),
     "glm4_moe": (
         {

@@ -602,3 +602,27 @@ def test_ernie4_5_moe_float32_router_and_dropped_bias() -> None:
     torch.testing.assert_close(F.linear(x, gate.weight.float()), want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="float32 weight"):  # as torch refuses mixed dtypes
         F.linear(x.bfloat16(), gate.weight.float())
+
+
+def test_deepseek_v32_indexer_weights_proj_runs_float() -> None:
+    """DeepSeek V3.2's indexer casts its input to `weights_proj.weight.dtype`: the quantized
+    weights_proj is loaded dequantized (an nn.Linear, same values), the rest stays packed."""
+    from mlxq.nn import AffineLinear
+
+    variant = VARIANTS[1]
+    outcome = run_arch("deepseek_v32", variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    path = tiny_mlx_checkpoint("deepseek_v32", variant)
+    indexer = _load(path).model.layers[1].self_attn.indexer
+    assert type(indexer.weights_proj) is nn.Linear
+    assert indexer.weights_proj.weight.dtype == torch.float32
+    assert isinstance(indexer.wk, AffineLinear)  # its dtype is never read: stays quantized
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        key = "model.layers.1.self_attn.indexer.weights_proj"
+        packed = f.get_tensor(f"{key}.weight")
+        scales, biases = f.get_tensor(f"{key}.scales"), f.get_tensor(f"{key}.biases")
+    bits = packed.shape[1] * 32 // 128
+    want = mlxq.dequantize(packed, scales.float(), biases.float(), 128 // scales.shape[1], bits)
+    torch.testing.assert_close(indexer.weights_proj.weight, want, rtol=0, atol=0)

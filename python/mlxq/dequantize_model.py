@@ -3,6 +3,8 @@ also transformers' `model.dequantize()`)."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -34,6 +36,39 @@ class _FloatScaledEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor):
         return super().forward(input_ids) * self.embed_scale
+
+
+def _float_linear(module: AffineLinear) -> nn.Linear:
+    w = module.dequantize_weight()
+    new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    new.weight = nn.Parameter(w, requires_grad=False)
+    if module.bias is not None:
+        new.bias = nn.Parameter(module.bias.detach().to(w.dtype), requires_grad=False)
+    return new.to(w.device)
+
+
+_WEIGHT_DTYPE_READ = re.compile(r"self\.(\w+)\.weight\.dtype")
+
+
+def float_where_weight_dtype_is_read(model: nn.Module) -> list[str]:
+    """Dequantize the quantized linear layers whose parent's forward reads
+    `self.<child>.weight.dtype` (DeepSeek V3.2's and GLM-5's indexers cast their input to
+    `weights_proj.weight.dtype`): mlxq's `weight` is the packed integers, so the cast would feed
+    the layer integers. The float layer holds the dequantized weight (the same function, small
+    layers); returns their names."""
+    from mlxq.swap import forward_body
+
+    done, reads = [], {}
+    for name, module in list(model.named_modules()):
+        cls = type(module)
+        if cls not in reads:
+            reads[cls] = dict.fromkeys(_WEIGHT_DTYPE_READ.findall(forward_body(cls) or ""))
+        for child in reads[cls]:
+            sub = getattr(module, child, None)
+            if isinstance(sub, AffineLinear) and type(sub) is AffineLinear:
+                setattr(module, child, _float_linear(sub))
+                done.append(f"{name}.{child}" if name else child)
+    return done
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

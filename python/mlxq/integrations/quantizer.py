@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
+from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
@@ -445,6 +446,7 @@ class MLXHfQuantizer(HfQuantizer):
                 fill_dropped_tensors(model, self._mlx_layout)  # ERNIE 4.5 MoE's router bias
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
+        float_where_weight_dtype_is_read(model)  # DeepSeek V3.2's indexer
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)
