@@ -179,6 +179,12 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**ROPE, "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
         {**TOP, "num_experts": 4},
     ),
+    # MiniMax-M2 (mlx-lm runs it as its `minimax`): sigmoid router with a correction bias, its
+    # forward casts the input to `self.weight.dtype`; mlx-lm needs keys transformers 5 lacks
+    "minimax_m2": (
+        {**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2},
+        {**TOP, "shared_intermediate_size": 0, "rotary_dim": 32},
+    ),
     # mlx-lm's phimoe has attention and head biases
     "phimoe": (
         {

@@ -626,3 +626,30 @@ def test_deepseek_v32_indexer_weights_proj_runs_float() -> None:
     bits = packed.shape[1] * 32 // 128
     want = mlxq.dequantize(packed, scales.float(), biases.float(), 128 // scales.shape[1], bits)
     torch.testing.assert_close(indexer.weights_proj.weight, want, rtol=0, atol=0)
+
+
+def test_minimax_m2_router_reads_its_float_dtype(tmp_path: Path) -> None:
+    """MiniMax-M2's router casts its input to `self.weight.dtype`: loaded from MLX it stays
+    quantized and answers the float dtype; saving writes it quantized again, as mlx-lm reads.
+    Quantizing such a router is refused by name (mlx-lm's rule for minimax_m2 too)."""
+    variant = VARIANTS[1]
+    outcome = run_arch("minimax_m2", variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    path = tiny_mlx_checkpoint("minimax_m2", variant)
+    model = _load(path)
+    gate = model.model.layers[0].mlp.gate
+    assert isinstance(gate.weight, AffineWeight) and gate.weight.dtype == torch.float32
+    assert gate.state_dict()["weight"].dtype == torch.uint32
+    model.save_pretrained(tmp_path)
+    for file in path.glob("*token*"):
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    with torch.no_grad():
+        ours = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert float(np.abs(ours - mlx_lm_logits(tmp_path, TOKENS)).max()) <= TOLERANCE
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    float_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    with pytest.raises(NotImplementedError, match=r"mlx_lm/models/minimax\.py"):
+        mlxq.quantize_model(float_model, 4, 64)
+    with pytest.raises(NotImplementedError, match=r"router 'model\.layers\.0\.mlp\.gate'"):
+        mlxq.quantize_model(float_model, 4, 64, overrides={})

@@ -412,6 +412,8 @@ class AffineWeight:
 
     @property
     def dtype(self) -> torch.dtype:
+        if getattr(self._module, "_mlxq_float_dtype", False):  # see float_dtype_for_routers
+            return self._module._mlxq_dtype
         return self._module.weight_packed.dtype
 
     @property
@@ -537,6 +539,41 @@ def quantized_router(
     return new
 
 
+def float_router(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """The quantized router `module` as its own class with its float weight (dequantized)."""
+    w = dequantize(
+        module.weight_packed,
+        module.scales,
+        module.biases,
+        module.group_size,
+        module.bits,
+        module.mode,
+        dtype=None if module.mode == "affine" else module._mlxq_dtype,
+    )
+    new = object.__new__(type(module).__mro__[2])
+    new.__dict__.update(module.__dict__)
+    for attr in ("_mlxq_name", "bits", "group_size", "mode", "_mlxq_dtype"):
+        new.__dict__.pop(attr, None)
+    new._buffers = {
+        k: v for k, v in module._buffers.items() if k not in ("weight", "scales", "biases")
+    }
+    new._parameters = {**module._parameters, "weight": nn.Parameter(w.to(dtype or w.dtype))}
+    return new
+
+
+def float_dtype_for_routers(model: nn.Module) -> list[str]:
+    """After loading: the routers whose forward reads `self.weight.dtype` (swap.MoePlan.
+    reads_dtype, marked at load; MiniMax-M2 casts its input to it) see the dtype their
+    quantized F.linear computes in (that of the scales) from now on, instead of the packed
+    integers' that transformers' loader needed. Returns their names."""
+    done = []
+    for name, module in model.named_modules():
+        if isinstance(module, _AffineRouter) and getattr(module, "_mlxq_reads_dtype", False):
+            module._mlxq_float_dtype = True
+            done.append(name)
+    return done
+
+
 def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace mlxq's quantized MoE parts by float ones in place (part of
     :func:`mlxq.quantize_model.dequantize_model`): stacked experts become :class:`SwitchLinear`
@@ -559,23 +596,7 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
             new = MultiLinear(heads, in_features, out_features, w.dtype, w.device)
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
         elif isinstance(module, _AffineRouter):
-            w = dequantize(
-                module.weight_packed,
-                module.scales,
-                module.biases,
-                module.group_size,
-                module.bits,
-                module.mode,
-                dtype=None if module.mode == "affine" else module._mlxq_dtype,
-            )
-            new = object.__new__(type(module).__mro__[2])
-            new.__dict__.update(module.__dict__)
-            for attr in ("_mlxq_name", "bits", "group_size", "mode", "_mlxq_dtype"):
-                new.__dict__.pop(attr, None)
-            new._buffers = {
-                k: v for k, v in module._buffers.items() if k not in ("weight", "scales", "biases")
-            }
-            new._parameters = {**module._parameters, "weight": nn.Parameter(w.to(dtype or w.dtype))}
+            new = float_router(module, dtype)
         else:
             continue
         model.set_submodule(name, new)

@@ -22,7 +22,7 @@ import inspect
 import re
 import textwrap
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -288,12 +288,15 @@ _KNOWN_EXPERTS = {
 }
 
 # `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32): the
-# quantized weight's `.float()` is its dequantized values in float32 (mlxq.moe.AffineWeight)
+# quantized weight's `.float()` is its dequantized values in float32 (mlxq.moe.AffineWeight);
+# and `x.to(self.weight.dtype)` (MiniMax-M2; see MoePlan.reads_dtype)
 _LINEAR_USE = re.compile(
-    r"(?:\bF|functional)\.linear\(\w+(?:\.float\(\))?,self\.weight(?:\.float\(\))?"
+    r"(?:\bF|functional)\.linear\(\w+(?:\.float\(\)|\.to\(self\.weight\.dtype\))?,"
+    r"self\.weight(?:\.float\(\))?"
     r"(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
 )
 _WEIGHT_USE = re.compile(r"self\.weight(?!\w)")
+_DTYPE_READ = re.compile(r"self\.weight\.dtype(?!\w)")
 
 
 def _function_digest(function) -> str | None:
@@ -327,6 +330,9 @@ class MoePlan:
     out_features: int = 0  # router: rows; experts: intermediate size
     refusal: str | None = None
     variant: str = "swiglu"  # experts only
+    # router only: its forward also reads `self.weight.dtype` (MiniMax-M2 casts its input to
+    # it): loaded from MLX, it answers the float dtype (mlxq.moe.float_dtype_for_routers)
+    reads_dtype: bool = False
 
     @property
     def bias(self) -> bool:
@@ -370,9 +376,10 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
         return _refuse_moe(plan, "its forward calls a super().forward mlxq does not know")
     if supers and not isinstance(module, nn.Linear):
         return _refuse_moe(plan, "its forward calls super().forward")
-    if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) or not uses:
+    dtype_reads = len(_DTYPE_READ.findall(body))
+    if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) + dtype_reads or not uses:
         return _refuse_moe(plan, "its forward uses self.weight other than in F.linear(x, w)")
-    return plan
+    return replace(plan, reads_dtype=True) if dtype_reads else plan
 
 
 def _experts_plan(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> MoePlan:

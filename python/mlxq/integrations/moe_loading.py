@@ -134,6 +134,7 @@ def replace_moe_module(
             return set()
         plan.require()
         new = quantized_router(name, module, fmt.bits, fmt.group_size, dtype, "meta", mode=fmt.mode)
+        new._mlxq_reads_dtype = plan.reads_dtype  # made float after loading
         model.set_submodule(name, new)
         return {name}
     hidden, inter, e = plan.in_features, plan.out_features, plan.num_experts
