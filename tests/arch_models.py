@@ -288,6 +288,20 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**_PER_TYPE_ROPE, **_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
         TOP,
     ),
+    # Gemma 4 with its MoE block (26B-A4B: every layer a dense MLP beside routed experts) and
+    # per-layer inputs
+    "gemma4_text": (
+        {
+            **_PER_TYPE_ROPE,
+            "hidden_size_per_layer_input": 16,
+            "vocab_size_per_layer_input": VOCAB,
+            "enable_moe_block": True,
+            "num_experts": 4,
+            "top_k_experts": 2,
+            "moe_intermediate_size": 64,
+        },
+        {},
+    ),
     # mlx-lm's llama4_text is Llama 4's dense variant (no MoE layer); layer 1 without rope.
     # mlx-lm normalizes q/k on NoPE layers too, transformers on rope layers only (README)
     "llama4_text": (

@@ -193,6 +193,10 @@ LAYOUTS["laguna"] = MlxLayout(
 )
 # mlx-lm's llama4_text (Llama 4's dense variant) names the untied head `output`
 LAYOUTS["llama4_text"] = MlxLayout("llama4_text", ((r"^output\.", "lm_head."),), "output.")
+# Gemma 4 (26B-A4B): mlx-lm stacks the experts under `experts.switch_glu`
+LAYOUTS["gemma4_text"] = MlxLayout(
+    "gemma4_text", ((r"\.experts\.switch_glu\.", ".experts."),), ".switch_glu."
+)
 # ERNIE 4.5 MoE: mlx-lm drops the routers' `e_score_correction_bias` (transformers adds it to
 # the softmax scores before choosing the experts); with zeros both choose alike
 LAYOUTS["ernie4_5_moe"] = MlxLayout(
