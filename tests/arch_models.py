@@ -302,6 +302,48 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         },
         {},
     ),
+    # MiMo-V2-Flash: sliding layers with sinks and twice the KV heads, partial rope with a theta
+    # per layer kind, sigmoid router; mlx-lm reads all of it from keys of its own
+    "mimo_v2_flash": (
+        {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 64,
+            "mlp_layer_types": ["dense", "sparse"],
+            "rope_parameters": {
+                "full_attention": {
+                    "rope_type": "default",
+                    "rope_theta": THETA,
+                    "partial_rotary_factor": 0.5,
+                },
+                "sliding_attention": {
+                    "rope_type": "default",
+                    "rope_theta": 10_000.0,
+                    "partial_rotary_factor": 0.5,
+                },
+            },
+            **_MOE,
+            "n_routed_experts": 4,
+            "v_head_dim": 32,
+        },
+        {
+            "hybrid_layer_pattern": [1, 0],
+            "moe_layer_freq": [0, 1],
+            "add_swa_attention_sink_bias": True,
+            "add_full_attention_sink_bias": False,
+            "sliding_window_size": 64,
+            "n_shared_experts": None,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+            "layernorm_epsilon": 1e-5,
+            "rope_theta": THETA,
+            "swa_rope_theta": 10_000.0,
+            "swa_num_attention_heads": 4,
+            "swa_num_key_value_heads": 4,
+            "swa_head_dim": 32,
+            "swa_v_head_dim": 32,
+            "partial_rotary_factor": 0.5,
+        },
+    ),
     # mlx-lm's llama4_text is Llama 4's dense variant (no MoE layer); layer 1 without rope.
     # mlx-lm normalizes q/k on NoPE layers too, transformers on rope layers only (README)
     "llama4_text": (

@@ -158,6 +158,7 @@ for _model_type in (
     "exaone_moe",
     "solar_open",
     "mellum",
+    "mimo_v2_flash",
 ):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
 for _model_type in ("mixtral", "minimax_m2"):
