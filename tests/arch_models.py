@@ -344,6 +344,57 @@ ARCHS: dict[str, tuple[dict, dict]] = {
             "partial_rotary_factor": 0.5,
         },
     ),
+    # MiniMax-Text-01 in transformers; mlx-lm's `minimax` is MiniMax-M2 (its router needs a
+    # correction bias this model has not): no oracle. All layers full attention
+    "minimax": (
+        {
+            **ROPE,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "layer_types": ["full_attention", "full_attention"],
+        },
+        {**TOP, "shared_intermediate_size": 0, "rotary_dim": 32, "use_qk_norm": False},
+    ),
+    # DBRX: transformers reads rope_theta from attn_config (mlx-lm too); no tied head in either.
+    # mlx-lm keeps one module per expert: refused by mlxq, which runs stacked experts only
+    "dbrx": (
+        dict(
+            d_model=128,
+            n_layers=2,
+            n_heads=4,
+            max_seq_len=256,
+            rope_parameters={"rope_type": "default", "rope_theta": THETA},
+            attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": THETA},
+            ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+        ),
+        {},
+    ),
+    # LongCat-Flash: MLA, zero (identity) experts. transformers 5 saves weights for the zero
+    # experts too, which mlx-lm's model has no place for: no oracle
+    "longcat_flash": (
+        {
+            **ROPE,
+            "num_layers": 2,
+            "ffn_hidden_size": 256,
+            "moe_topk": 2,
+            "n_routed_experts": 4,
+            "zero_expert_num": 2,
+            "expert_ffn_hidden_size": 64,
+            **{k: _DEEPSEEK[k] for k in ("kv_lora_rank", "q_lora_rank", "v_head_dim")},
+            **{k: _DEEPSEEK[k] for k in ("qk_rope_head_dim", "qk_nope_head_dim")},
+            "head_dim": _DEEPSEEK["qk_rope_head_dim"],
+            "num_key_value_heads": 4,
+            "routed_scaling_factor": 1.0,
+        },
+        {
+            **TOP,
+            "attention_method": "MLA",
+            "zero_expert_type": "identity",
+            "mla_scale_q_lora": True,
+            "mla_scale_kv_lora": True,
+            "attention_bias": False,
+        },
+    ),
     # mlx-lm's llama4_text is Llama 4's dense variant (no MoE layer); layer 1 without rope.
     # mlx-lm normalizes q/k on NoPE layers too, transformers on rope layers only (README)
     "llama4_text": (
