@@ -653,3 +653,40 @@ def test_minimax_m2_router_reads_its_float_dtype(tmp_path: Path) -> None:
         mlxq.quantize_model(float_model, 4, 64)
     with pytest.raises(NotImplementedError, match=r"router 'model\.layers\.0\.mlp\.gate'"):
         mlxq.quantize_model(float_model, 4, 64, overrides={})
+
+
+# mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
+# llama4_text's `output` head): untied only, the variant every one of them has in mlx-lm
+MLX_LM_LAYOUTS = (
+    "exaone_moe",
+    "solar_open",
+    "laguna",
+    "gemma4_text",
+    "llama4_text",
+    "mimo_v2_flash",
+)
+
+
+@pytest.mark.parametrize("arch", MLX_LM_LAYOUTS)
+def test_mlx_lm_layouts_load_and_save_back(tmp_path: Path, arch: str) -> None:
+    """Loads within the tolerance, and save_pretrained writes what mlx-lm reads: the same
+    tensor names and shapes as mlx-lm's checkpoint, and mlx-lm's logits from the saved one."""
+    from safetensors import safe_open
+
+    variant = VARIANTS[1]
+    outcome = run_arch(arch, variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    path = tiny_mlx_checkpoint(arch, variant)
+    model = _load(path)
+    model.save_pretrained(tmp_path)
+    for file in path.glob("*token*"):
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+
+    def shapes(folder: Path) -> dict:
+        with safe_open(folder / "model.safetensors", "np") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    assert shapes(tmp_path) == shapes(path)
+    with torch.no_grad():
+        ours = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert float(np.abs(ours - mlx_lm_logits(tmp_path, TOKENS)).max()) <= TOLERANCE
