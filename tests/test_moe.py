@@ -690,3 +690,84 @@ def test_mlx_lm_layouts_load_and_save_back(tmp_path: Path, arch: str) -> None:
     with torch.no_grad():
         ours = model(torch.tensor([TOKENS])).logits[0].numpy()
     assert float(np.abs(ours - mlx_lm_logits(tmp_path, TOKENS)).max()) <= TOLERANCE
+
+
+def _tiny_llama4_checkpoint() -> Path:
+    """A tiny Llama 4 (image-text config, 4 layers: mlx-lm's llama4 hard-codes a NoPE layer
+    every 4th, MoE on odd layers, one expert per token as mlx-lm requires) converted by
+    mlx_lm.convert (4-bit g64), which writes the text model only (cached)."""
+    import json
+    import shutil
+
+    from mlx_lm import convert
+    from mlx_models import TEST_CACHE
+    from mlxq.demo_model import _versions
+    from transformers import AutoConfig, Llama4ForConditionalGeneration
+
+    final = TEST_CACHE / "models" / f"llama4-moe-{_versions('transformers', 'mlx-lm')}-v1"
+    if (final / "config.json").is_file():
+        return final
+    text = dict(
+        hidden_size=128,
+        intermediate_size=64,
+        intermediate_size_mlp=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        max_position_embeddings=256,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        no_rope_layers=[1, 1, 1, 0],
+        use_qk_norm=False,  # mlx-lm's q/k norm eps is fixed at 1e-6
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    vision |= dict(num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64)
+    vision |= dict(projector_input_dim=64, projector_output_dim=64)
+    config = AutoConfig.for_model("llama4", text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.05)
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging / "float")
+    from arch_models import tiny_tokenizer
+
+    tiny_tokenizer(staging / "float")
+    cfg = json.loads((staging / "float" / "config.json").read_text())
+    cfg["text_config"] |= {"rope_theta": 5000.0, "rope_scaling": None}  # what mlx-lm reads
+    (staging / "float" / "config.json").write_text(json.dumps(cfg))
+    convert(str(staging / "float"), str(staging / "mlx"), quantize=True, q_group_size=64, q_bits=4)
+    staging.joinpath("mlx").rename(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def test_llama4_moe_from_mlx_lm() -> None:
+    """Llama 4 converted by mlx-lm loads through AutoModelForCausalLM (the text model): its
+    experts (every expert on its block of router-weighted rows) run as DenseRoutedExperts, the
+    same function as transformers' Llama4TextExperts, and the logits are mlx-lm's."""
+    from mlxq.moe import DenseRoutedExperts
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    path = _tiny_llama4_checkpoint()
+    model = _load(path)
+    ff = model.model.layers[1].feed_forward
+    assert isinstance(ff.experts, DenseRoutedExperts)
+    assert_logits_match_mlx_lm(model, path, torch.tensor(TOKENS), TOLERANCE)
+    model.dequantize()  # the same float weights in transformers' own experts module
+    x = torch.randn(1, 7, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = ff(x)[0]
+        e = ff.experts
+        ref = Llama4TextExperts(model.config)
+        gate_up = torch.cat([e.gate_proj.weight, e.up_proj.weight], 1)
+        ref.gate_up_proj.copy_(gate_up.transpose(1, 2))
+        ref.down_proj.copy_(e.down_proj.weight.transpose(1, 2))
+        ff.experts = ref
+        torch.testing.assert_close(ours, ff(x)[0], rtol=0, atol=1e-5)

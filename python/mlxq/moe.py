@@ -352,6 +352,31 @@ class MoeExperts(nn.Module):
         return ys.new_empty(ys.shape).index_copy(0, order, ys).reshape(t, k, -1)
 
 
+class DenseRoutedExperts(MoeExperts):
+    """Llama 4's experts (`Llama4TextExperts`): `forward(routed_in [E * T, H])`, block e of
+    the rows being the T tokens already multiplied by their routing weight for expert e (0
+    where e was not chosen); returns each expert's output on its block, `[E * T, H]`.
+
+    transformers runs every expert on every row; the all-zero rows give zero rows exactly
+    (no biases, `act(0) * 0 = 0`), so only the others are computed."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        hidden = hidden_states.shape[-1]
+        rows = hidden_states.reshape(self.num_experts, -1, hidden)  # [E, T, H]
+        expert, token = torch.nonzero(rows.ne(0).any(-1), as_tuple=True)  # expert-sorted
+        out = hidden_states.new_zeros(rows.shape)
+        if expert.numel():
+            x = rows[expert, token].reshape(-1, 1, 1, hidden)
+            y = self._experts(x, expert.reshape(-1, 1), True).reshape(-1, hidden)
+            out[expert, token] = y.to(out.dtype)
+        return out.reshape(-1, hidden)
+
+
+def experts_class(variant: str) -> type[MoeExperts]:
+    """mlxq's experts module for a :class:`mlxq.swap.MoePlan` variant."""
+    return DenseRoutedExperts if variant == "llama4" else MoeExperts
+
+
 def fused_expert_stacks(
     module: nn.Module, variant: str
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -368,6 +393,8 @@ def fused_expert_stacks(
             "down_proj": (down.transpose(1, 2), module.down_proj_bias.detach()),
         }
     gate_up = module.gate_up_proj.detach()  # [E, 2I, H]: gate rows, then up rows
+    if variant == "llama4":  # [E, H, 2I] and [E, I, H]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     inter = gate_up.shape[1] // 2
     return {
         "gate_proj": (gate_up[:, :inter], None),

@@ -95,8 +95,8 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
     mlx-lm's three stacks (:func:`~mlxq.moe.fused_expert_stacks`: gpt-oss's biases too)."""
     from mlxq.moe import (
         AffineSwitchLinear,
-        MoeExperts,
         SwitchLinear,
+        experts_class,
         experts_gate,
         fused_expert_stacks,
         quantized_router,
@@ -131,7 +131,7 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
                 w, fmt.bits, fmt.group_size, fmt.mode, bias=bias
             )
     gate = experts_gate(module, entry.moe.variant)
-    model.set_submodule(entry.name, MoeExperts(**projections, **gate))
+    model.set_submodule(entry.name, experts_class(entry.moe.variant)(**projections, **gate))
     return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}
 
 

@@ -267,6 +267,11 @@ _GPT_OSS_EXPERTS_DIGEST = "5c459e4a3ca1baaa62d0fd18d8e6ee238acf863f243b6f0aa0475
 # from above at `limit`, up to [-limit, limit], `(up + 1) * gate * sigmoid(gate * alpha)`
 # (what mlxq.moe.ClampedSwiGLU computes)
 _GPT_OSS_GATE_DIGEST = "d65d1ff72a6d9341b4d3b56d16406ae977f1f01e02f681d8dbec2756e6a7eb23"
+# Llama4TextExperts.forward (transformers 5.24, not wrapped): every expert on its block of
+# the input (`view(E, -1, H)`, the routing weight already applied to it by Llama4TextMoe),
+# `bmm` with `gate_up_proj` [E, H, 2I] (gate columns, then up), `up * act(gate)`, `bmm` with
+# `down_proj` [E, I, H] (what mlxq.moe.DenseRoutedExperts computes)
+_LLAMA4_EXPERTS_DIGEST = "1b9bbda96cd17e6c98097dfebb686c716febc063d2f94cbf96bbef3fc67871cd"
 
 
 @dataclass(frozen=True)
@@ -285,6 +290,7 @@ class _ExpertsForward:
 _KNOWN_EXPERTS = {
     _EAGER_EXPERTS_DIGEST: _ExpertsForward("swiglu", False, False, True, None),
     _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
+    _LLAMA4_EXPERTS_DIGEST: _ExpertsForward("llama4", False, True, True, None),
 }
 
 # `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32): the
@@ -386,7 +392,8 @@ def _experts_plan(name: str, module: nn.Module, params: dict[str, torch.Tensor])
     """The plan of fused experts: refused unless their forward is one mlxq reproduces."""
     cls = type(module)
     gate_up, down = params["gate_up_proj"], params["down_proj"]
-    known = _KNOWN_EXPERTS.get(_experts_digest(cls) or "")
+    # Llama 4's experts forward is not wrapped by use_experts_implementation: its own digest
+    known = _KNOWN_EXPERTS.get(_experts_digest(cls) or _function_digest(cls.forward) or "")
     transposed = known is not None and known.is_transposed
     if transposed:  # [E, H, 2I]
         e, hidden, two_i = gate_up.shape

@@ -37,7 +37,7 @@ class MlxLayout:
 
     model_type: str
     renames: tuple[tuple[str, str], ...]
-    marker: str  # a key prefix only mlx-lm's layout has
+    marker: str | tuple[str, ...]  # a key prefix only mlx-lm's layout has (or any of some)
     conv1d_as_linear: bool = False  # Conv1D weights stored [out, in] (as nn.Linear)
     # state-dict keys (regexes) of tensors mlx-lm's sanitize drops because its model has no
     # use for them; zeros make transformers' forward the one mlx-lm runs
@@ -192,8 +192,18 @@ LAYOUTS["laguna"] = MlxLayout(
     ((r"\.mlp\.gate\.proj\.(weight|scales|biases)", r".mlp.gate.\1"), *_MOE_RENAMES),
     ".switch_mlp.",
 )
-# mlx-lm's llama4_text (Llama 4's dense variant) names the untied head `output`
-LAYOUTS["llama4_text"] = MlxLayout("llama4_text", ((r"^output\.", "lm_head."),), "output.")
+# Llama 4's text model (`llama4_text`, also what transformers builds for a `llama4` checkpoint
+# through AutoModelForCausalLM): mlx-lm's llama4_text (the dense variant) names the untied
+# head `output`; mlx-lm's llama4 keeps the Hub's `language_model.model.` prefix, which
+# transformers maps for every tensor its model has, the stacked experts being mlxq's only
+LAYOUTS["llama4_text"] = MlxLayout(
+    "llama4_text",
+    (
+        (r"^output\.", "lm_head."),
+        (r"^language_model\.model\.(layers\.\d+\.feed_forward\.experts\.)", r"model.\1"),
+    ),
+    ("output.", ".feed_forward.experts.gate_proj."),
+)
 # Gemma 4 (26B-A4B): mlx-lm stacks the experts under `experts.switch_glu`
 LAYOUTS["gemma4_text"] = MlxLayout(
     "gemma4_text", ((r"\.experts\.switch_glu\.", ".experts."),), ".switch_glu."
@@ -226,7 +236,9 @@ def fill_dropped_tensors(model, layout: MlxLayout) -> list[str]:
     return filled
 
 
-def _has_marker(key: str, marker: str) -> bool:
+def _has_marker(key: str, marker: str | tuple[str, ...]) -> bool:
+    if isinstance(marker, tuple):
+        return any(_has_marker(key, m) for m in marker)
     return marker in key if marker.startswith(".") else key.startswith(marker)
 
 

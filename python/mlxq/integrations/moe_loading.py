@@ -18,7 +18,13 @@ from torch import nn
 from mlxq.format import ModuleFormat, stored_format
 from mlxq.integrations.checkpoint import TensorInfo
 from mlxq.mla import AffineMultiLinear, MultiLinear, SplitKvB
-from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, experts_gate, quantized_router
+from mlxq.moe import (
+    AffineSwitchLinear,
+    SwitchLinear,
+    experts_class,
+    experts_gate,
+    quantized_router,
+)
 from mlxq.swap import MoePlan
 
 __all__ = [
@@ -153,7 +159,7 @@ def replace_moe_module(
         fmt = stored_stack_format(f"{name}.{proj}", e, k, n, headers, config)
         gs = stack_global_scale(f"{name}.{proj}", e, fmt, headers)
         projections[proj] = _projection(plan, fmt, k, n, dtype, gs)
-    new = MoeExperts(**projections, **experts_gate(module, plan.variant))
+    new = experts_class(plan.variant)(**projections, **experts_gate(module, plan.variant))
     model.set_submodule(name, new)
     return {f"{name}.{p}" for p in PROJECTIONS if isinstance(projections[p], AffineSwitchLinear)}
 
