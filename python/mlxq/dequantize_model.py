@@ -47,15 +47,16 @@ def _float_linear(module: AffineLinear) -> nn.Linear:
     return new.to(w.device)
 
 
-_WEIGHT_DTYPE_READ = re.compile(r"self\.(\w+)\.weight\.dtype")
+# Only the sparse-attention indexers' `weights_proj` (hidden -> index heads, small): other
+# layers whose dtype a parent reads (Mamba's lm_head, T5's wo) would cost their float size
+_WEIGHT_DTYPE_READ = re.compile(r"self\.(weights_proj)\.weight\.dtype")
 
 
 def float_where_weight_dtype_is_read(model: nn.Module) -> list[str]:
-    """Dequantize the quantized linear layers whose parent's forward reads
-    `self.<child>.weight.dtype` (DeepSeek V3.2's and GLM-5's indexers cast their input to
-    `weights_proj.weight.dtype`): mlxq's `weight` is the packed integers, so the cast would feed
-    the layer integers. The float layer holds the dequantized weight (the same function, small
-    layers); returns their names."""
+    """Dequantize the quantized `weights_proj` layers whose parent's forward reads
+    `self.weights_proj.weight.dtype` (DeepSeek V3.2's and GLM-5's indexers cast their input to
+    it): mlxq's `weight` is the packed integers, so the cast would feed the layer integers.
+    The float layer holds the dequantized weight (the same function); returns their names."""
     from mlxq.swap import forward_body
 
     done, reads = [], {}
