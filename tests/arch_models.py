@@ -75,6 +75,18 @@ _DEEPSEEK = {
     "v_head_dim": 32,
 }
 
+_INDEXER = {"num_key_value_heads": 4, "index_topk": 64, "index_head_dim": 32, "index_n_heads": 2}
+
+# the rope of both layer kinds, for configs that key rope_parameters by layer type
+_PER_TYPE_ROPE = {
+    **_alternating(),
+    "rope_parameters": {
+        kind: {"rope_type": "default", "rope_theta": THETA}
+        for kind in ("sliding_attention", "full_attention")
+    },
+}
+_MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 64}
+
 # model_type -> (transformers config overrides, top-level keys mlx-lm needs in config.json)
 # Qwen3-Next / Qwen 3.5: a gated-delta linear attention layer, then a full attention one
 _LINEAR_ATTENTION = {
@@ -262,6 +274,12 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**ROPE, "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
         {**TOP, "num_experts": 4},
     ),
+    # MiniMax-M2 (mlx-lm runs it as its `minimax`): sigmoid router with a correction bias, its
+    # forward casts the input to `self.weight.dtype`; mlx-lm needs keys transformers 5 lacks
+    "minimax_m2": (
+        {**ROPE, "num_local_experts": 4, "num_experts_per_tok": 2},
+        {**TOP, "shared_intermediate_size": 0, "rotary_dim": 32},
+    ),
     # mlx-lm's phimoe has attention and head biases
     "phimoe": (
         {
@@ -284,6 +302,29 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**ROPE, **_DEEPSEEK, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
         {**TOP, "n_routed_experts": 4},
     ),
+    # GLM-4.7-Flash: DeepSeek V3's attention and sigmoid router; mlx-lm has no tied head
+    "glm4_moe_lite": (
+        {**ROPE, **_DEEPSEEK, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
+        {**TOP, "n_routed_experts": 4},
+    ),
+    # DeepSeek V3.2 and GLM-5: V3's attention plus a top-k indexer over the keys. The indexer
+    # keeps more keys than the sequence has here: where it drops some, mlx-lm and transformers
+    # differ already in float (README); num_key_value_heads: transformers repeats the keys
+    # by heads / kv heads
+    "deepseek_v32": (
+        {**ROPE, **_DEEPSEEK, **_INDEXER, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
+        {**TOP, "n_routed_experts": 4},
+    ),
+    "glm_moe_dsa": (
+        {**ROPE, **_DEEPSEEK, **_INDEXER, "head_dim": _DEEPSEEK["qk_rope_head_dim"]},
+        {
+            **TOP,
+            "n_routed_experts": 4,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+            "moe_layer_freq": 1,
+        },
+    ),
     "glm4_moe": (
         {
             **_partial(0.5)[0],
@@ -292,6 +333,174 @@ ARCHS: dict[str, tuple[dict, dict]] = {
             "use_qk_norm": False,
         },
         {**_partial(0.5)[1], "n_routed_experts": 4, "rope_scaling": None},
+    ),
+    # ERNIE 4.5 MoE: layer 1 MoE with one shared expert (transformers' default end index -1
+    # would mean no MoE layer in mlx-lm)
+    "ernie4_5_moe": (
+        {
+            **ROPE,
+            "moe_num_experts": 4,
+            "moe_k": 2,
+            "moe_intermediate_size": 64,
+            "moe_num_shared_experts": 1,
+            "moe_layer_start_index": 1,
+            "moe_layer_end_index": 1,
+        },
+        TOP,
+    ),
+    # dots.llm1: DeepSeek V3's MoE (sigmoid router, float) with GQA attention; mlx-lm stacks
+    # the experts as `mlp.experts.*`, the names mlxq's experts module has
+    "dots1": (
+        {**ROPE, **_DEEPSEEK, "n_routed_experts": 4, "norm_topk_prob": True},
+        TOP,
+    ),
+    # EXAONE 4.5 MoE: layer 0 dense; mlx-lm reads the MoE layers from `is_moe_layer`
+    "exaone_moe": (
+        {
+            **ROPE,
+            **_alternating(),
+            **_MOE,
+            "num_experts": 4,
+            "num_shared_experts": 1,
+            "first_k_dense_replace": 1,
+        },
+        {**TOP, "is_moe_layer": [False, True]},
+    ),
+    # AFMoE (Trinity): gated attention, router 8-bit (mlx-lm's predicate), experts stacked as
+    # `mlp.experts.*`
+    "afmoe": (
+        {**ROPE, **_alternating(), **_MOE, "num_experts": 4, "num_shared_experts": 1},
+        TOP,
+    ),
+    # Solar Open: every layer MoE in transformers (mlx-lm's first_k_dense_replace must say so)
+    "solar_open": (
+        {**ROPE, **_MOE, "n_routed_experts": 4, "n_shared_experts": 1, "norm_topk_prob": True},
+        {**TOP, "first_k_dense_replace": 0, "partial_rotary_factor": 1.0},
+    ),
+    "mellum": ({**_PER_TYPE_ROPE, **_MOE, "num_experts": 4}, {**TOP, "num_experts": 4}),
+    # Laguna: attention output gates, a sigmoid router with a correction bias (8-bit in mlx-lm)
+    "laguna": (
+        {**_PER_TYPE_ROPE, **_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
+        TOP,
+    ),
+    # Gemma 4 with its MoE block (26B-A4B: every layer a dense MLP beside routed experts) and
+    # per-layer inputs
+    "gemma4_text": (
+        {
+            **_PER_TYPE_ROPE,
+            "hidden_size_per_layer_input": 16,
+            "vocab_size_per_layer_input": VOCAB,
+            "enable_moe_block": True,
+            "num_experts": 4,
+            "top_k_experts": 2,
+            "moe_intermediate_size": 64,
+        },
+        {},
+    ),
+    # MiMo-V2-Flash: sliding layers with sinks and twice the KV heads, partial rope with a theta
+    # per layer kind, sigmoid router; mlx-lm reads all of it from keys of its own
+    "mimo_v2_flash": (
+        {
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 64,
+            "mlp_layer_types": ["dense", "sparse"],
+            "rope_parameters": {
+                "full_attention": {
+                    "rope_type": "default",
+                    "rope_theta": THETA,
+                    "partial_rotary_factor": 0.5,
+                },
+                "sliding_attention": {
+                    "rope_type": "default",
+                    "rope_theta": 10_000.0,
+                    "partial_rotary_factor": 0.5,
+                },
+            },
+            **_MOE,
+            "n_routed_experts": 4,
+            "v_head_dim": 32,
+        },
+        {
+            "hybrid_layer_pattern": [1, 0],
+            "moe_layer_freq": [0, 1],
+            "add_swa_attention_sink_bias": True,
+            "add_full_attention_sink_bias": False,
+            "sliding_window_size": 64,
+            "n_shared_experts": None,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+            "layernorm_epsilon": 1e-5,
+            "rope_theta": THETA,
+            "swa_rope_theta": 10_000.0,
+            "swa_num_attention_heads": 4,
+            "swa_num_key_value_heads": 4,
+            "swa_head_dim": 32,
+            "swa_v_head_dim": 32,
+            "partial_rotary_factor": 0.5,
+        },
+    ),
+    # MiniMax-Text-01 in transformers; mlx-lm's `minimax` is MiniMax-M2 (its router needs a
+    # correction bias this model has not): no oracle. All layers full attention
+    "minimax": (
+        {
+            **ROPE,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "layer_types": ["full_attention", "full_attention"],
+        },
+        {**TOP, "shared_intermediate_size": 0, "rotary_dim": 32, "use_qk_norm": False},
+    ),
+    # DBRX: transformers reads rope_theta from attn_config (mlx-lm too); no tied head in either.
+    # mlx-lm keeps one module per expert: refused by mlxq, which runs stacked experts only
+    "dbrx": (
+        dict(
+            d_model=128,
+            n_layers=2,
+            n_heads=4,
+            max_seq_len=256,
+            rope_parameters={"rope_type": "default", "rope_theta": THETA},
+            attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": THETA},
+            ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+        ),
+        {},
+    ),
+    # LongCat-Flash: MLA, zero (identity) experts. transformers 5 saves weights for the zero
+    # experts too, which mlx-lm's model has no place for: no oracle
+    "longcat_flash": (
+        {
+            **ROPE,
+            "num_layers": 2,
+            "ffn_hidden_size": 256,
+            "moe_topk": 2,
+            "n_routed_experts": 4,
+            "zero_expert_num": 2,
+            "expert_ffn_hidden_size": 64,
+            **{k: _DEEPSEEK[k] for k in ("kv_lora_rank", "q_lora_rank", "v_head_dim")},
+            **{k: _DEEPSEEK[k] for k in ("qk_rope_head_dim", "qk_nope_head_dim")},
+            "head_dim": _DEEPSEEK["qk_rope_head_dim"],
+            "num_key_value_heads": 4,
+            "routed_scaling_factor": 1.0,
+        },
+        {
+            **TOP,
+            "attention_method": "MLA",
+            "zero_expert_type": "identity",
+            "mla_scale_q_lora": True,
+            "mla_scale_kv_lora": True,
+            "attention_bias": False,
+        },
+    ),
+    # mlx-lm's llama4_text is Llama 4's dense variant (no MoE layer); layer 1 without rope.
+    # mlx-lm normalizes q/k on NoPE layers too, transformers on rope layers only (README)
+    "llama4_text": (
+        {
+            **ROPE,
+            "moe_layers": [],
+            "intermediate_size_mlp": 256,
+            "no_rope_layers": [1, 0],
+            "use_qk_norm": False,
+        },
+        TOP,
     ),
     # gpt-oss: experts with biases and a clamped gate; sinks in attention; a sliding window
     # shorter than the test sequences (TOKENS, a generation), so that it shows. transformers'
@@ -358,11 +567,22 @@ def _fused_experts_hub_layout(folder: Path) -> None:
     save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _llama4_text_head(folder: Path) -> None:
+    """mlx-lm's (dense) llama4_text names the untied head `output`, not `lm_head`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    if "lm_head.weight" in tensors:
+        tensors["output.weight"] = tensors.pop("lm_head.weight")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
 MLX_LM_INPUT_LAYOUT = {
     "gpt_oss": _gpt_oss_hub_layout,
     "qwen3_5_moe": _fused_experts_hub_layout,
+    "llama4_text": _llama4_text_head,
 }
 
 # the Hub's GPT-2 checkpoints (which mlx-lm's sanitize expects) have no `transformer.` prefix

@@ -104,8 +104,8 @@ def test_plan_quantization_config_rules() -> None:
 
 class _ReadsWeights(nn.Module):
     """Reads as in transformers' models: Mamba's causal LM casts by its head's weight dtype,
-    its mixer multiplies by `dt_proj.weight`; a training-only branch and a helper outside
-    forward read weights too."""
+    its mixer multiplies by `dt_proj.weight`, Llama 4 moves ids to the embedding's device; a
+    training-only branch and a helper outside forward read weights too."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,6 +116,7 @@ class _ReadsWeights(nn.Module):
     def forward(self, x):
         if self.training:
             return x @ self.body.weight.t()  # training only: not a read at inference
+        x = x.to(self.body.weight.device)  # a device read: served by a packed weight too
         x = self.body(x) + x @ self.dt.weight.t()
         return self.head(x.to(self.head.weight.dtype))
 

@@ -29,6 +29,7 @@ from mlxq.moe import AffineSwitchLinear, AffineWeight, MoeExperts, quantized_rou
 from mlxq.swap import moe_plan
 from oracles import assert_product_within, weight_refs
 from torch import nn
+from torch.nn import functional as F
 
 TOLERANCE = 1e-3
 MLX_LM_UNTIED_ONLY = {"qwen2_moe"}  # mlx-lm's qwen2_moe has no tied head
@@ -584,3 +585,203 @@ def test_granitemoe_rule_refused_explicit_entries_match_mlx_lm(tmp_path: Path) -
         if not (ours / file.name).exists():
             (ours / file.name).write_bytes(file.read_bytes())
     np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), mlx_lm_logits(theirs, TOKENS))
+
+
+def test_glm4_moe_lite_loads_mlx_lm_layout() -> None:
+    """GLM-4.7-Flash in mlx-lm's layout (DeepSeek V3's: switch_mlp stacks, kv_b_proj split
+    into embed_q/unembed_out) loads and matches mlx-lm (mlx-lm has no tied head for it)."""
+    from mlxq.mla import SplitKvB
+
+    assert run_arch("glm4_moe_lite", VARIANTS[0]).status == "mlx-lm fails"
+    outcome = run_arch("glm4_moe_lite", VARIANTS[1])
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    model = _load(tiny_mlx_checkpoint("glm4_moe_lite", VARIANTS[1]))
+    assert isinstance(model.model.layers[0].self_attn.kv_b_proj, SplitKvB)
+    assert isinstance(model.model.layers[1].mlp.experts, MoeExperts)
+
+
+def test_ernie4_5_moe_float32_router_and_dropped_bias() -> None:
+    """ERNIE 4.5 MoE: the router runs `F.linear(x.float(), self.weight.float())` on its
+    quantized weight, and mlx-lm's checkpoint lacks the router's e_score_correction_bias
+    (mlx-lm's sanitize drops it): it loads as zeros, which is mlx-lm's model."""
+    variant = VARIANTS[0]
+    outcome = run_arch("ernie4_5_moe", variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    gate = _load(tiny_mlx_checkpoint("ernie4_5_moe", variant)).model.layers[1].mlp.gate
+    assert isinstance(gate.weight, AffineWeight) and gate.bits == 4
+    assert torch.count_nonzero(gate.moe_statics.e_score_correction_bias) == 0
+    x = torch.randn(3, 128)
+    packed = gate.state_dict()
+    want = mlxq.affine_matmul(x, packed["weight"], packed["scales"], packed["biases"], 64, 4)
+    torch.testing.assert_close(F.linear(x, gate.weight.float()), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="float32 weight"):  # as torch refuses mixed dtypes
+        F.linear(x.bfloat16(), gate.weight.float())
+
+
+def test_deepseek_v32_indexer_weights_proj_runs_float() -> None:
+    """DeepSeek V3.2's indexer casts its input to `weights_proj.weight.dtype`: the quantized
+    weights_proj is loaded dequantized (an nn.Linear, same values), the rest stays packed."""
+    from mlxq.nn import AffineLinear
+
+    variant = VARIANTS[1]
+    outcome = run_arch("deepseek_v32", variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    path = tiny_mlx_checkpoint("deepseek_v32", variant)
+    indexer = _load(path).model.layers[1].self_attn.indexer
+    assert type(indexer.weights_proj) is nn.Linear
+    assert indexer.weights_proj.weight.dtype == torch.float32
+    assert isinstance(indexer.wk, AffineLinear)  # its dtype is never read: stays quantized
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        key = "model.layers.1.self_attn.indexer.weights_proj"
+        packed = f.get_tensor(f"{key}.weight")
+        scales, biases = f.get_tensor(f"{key}.scales"), f.get_tensor(f"{key}.biases")
+    bits = packed.shape[1] * 32 // 128
+    want = mlxq.dequantize(packed, scales.float(), biases.float(), 128 // scales.shape[1], bits)
+    torch.testing.assert_close(indexer.weights_proj.weight, want, rtol=0, atol=0)
+
+
+def test_minimax_m2_router_reads_its_float_dtype(tmp_path: Path) -> None:
+    """MiniMax-M2's router casts its input to `self.weight.dtype`: loaded from MLX it stays
+    quantized and answers the float dtype; saving writes it quantized again, as mlx-lm reads.
+    Quantizing such a router is refused by name (mlx-lm's rule for minimax_m2 too)."""
+    variant = VARIANTS[1]
+    outcome = run_arch("minimax_m2", variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    path = tiny_mlx_checkpoint("minimax_m2", variant)
+    model = _load(path)
+    gate = model.model.layers[0].mlp.gate
+    assert isinstance(gate.weight, AffineWeight) and gate.weight.dtype == torch.float32
+    assert gate.state_dict()["weight"].dtype == torch.uint32
+    model.save_pretrained(tmp_path)
+    for file in path.glob("*token*"):
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    with torch.no_grad():
+        ours = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert float(np.abs(ours - mlx_lm_logits(tmp_path, TOKENS)).max()) <= TOLERANCE
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    float_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    with pytest.raises(NotImplementedError, match=r"mlx_lm/models/minimax\.py"):
+        mlxq.quantize_model(float_model, 4, 64)
+    with pytest.raises(NotImplementedError, match=r"router 'model\.layers\.0\.mlp\.gate'"):
+        mlxq.quantize_model(float_model, 4, 64, overrides={})
+
+
+# mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
+# llama4_text's `output` head): untied only, the variant every one of them has in mlx-lm
+MLX_LM_LAYOUTS = (
+    "exaone_moe",
+    "solar_open",
+    "laguna",
+    "gemma4_text",
+    "llama4_text",
+    "mimo_v2_flash",
+)
+
+
+@pytest.mark.parametrize("arch", MLX_LM_LAYOUTS)
+def test_mlx_lm_layouts_load_and_save_back(tmp_path: Path, arch: str) -> None:
+    """Loads within the tolerance, and save_pretrained writes what mlx-lm reads: the same
+    tensor names and shapes as mlx-lm's checkpoint, and mlx-lm's logits from the saved one."""
+    from safetensors import safe_open
+
+    variant = VARIANTS[1]
+    outcome = run_arch(arch, variant)
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    path = tiny_mlx_checkpoint(arch, variant)
+    model = _load(path)
+    model.save_pretrained(tmp_path)
+    for file in path.glob("*token*"):
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+
+    def shapes(folder: Path) -> dict:
+        with safe_open(folder / "model.safetensors", "np") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    assert shapes(tmp_path) == shapes(path)
+    with torch.no_grad():
+        ours = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert float(np.abs(ours - mlx_lm_logits(tmp_path, TOKENS)).max()) <= TOLERANCE
+
+
+def _tiny_llama4_checkpoint() -> Path:
+    """A tiny Llama 4 (image-text config, 4 layers: mlx-lm's llama4 hard-codes a NoPE layer
+    every 4th, MoE on odd layers, one expert per token as mlx-lm requires) converted by
+    mlx_lm.convert (4-bit g64), which writes the text model only (cached)."""
+    import json
+    import shutil
+
+    from mlx_lm import convert
+    from mlx_models import TEST_CACHE
+    from mlxq.demo_model import _versions
+    from transformers import AutoConfig, Llama4ForConditionalGeneration
+
+    final = TEST_CACHE / "models" / f"llama4-moe-{_versions('transformers', 'mlx-lm')}-v2"
+    if (final / "config.json").is_file():
+        return final
+    text = dict(
+        hidden_size=128,
+        intermediate_size=64,
+        intermediate_size_mlp=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        max_position_embeddings=256,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        no_rope_layers=[1, 1, 1, 0],
+        use_qk_norm=True,  # 3.5e-05 from mlx-lm with it, 8.3e-06 without (eps 1e-6 there)
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    vision |= dict(num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64)
+    vision |= dict(projector_input_dim=64, projector_output_dim=64)
+    config = AutoConfig.for_model("llama4", text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.05)
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging / "float")
+    from arch_models import tiny_tokenizer
+
+    tiny_tokenizer(staging / "float")
+    cfg = json.loads((staging / "float" / "config.json").read_text())
+    cfg["text_config"] |= {"rope_theta": 5000.0, "rope_scaling": None}  # what mlx-lm reads
+    (staging / "float" / "config.json").write_text(json.dumps(cfg))
+    convert(str(staging / "float"), str(staging / "mlx"), quantize=True, q_group_size=64, q_bits=4)
+    staging.joinpath("mlx").rename(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def test_llama4_moe_from_mlx_lm() -> None:
+    """Llama 4 converted by mlx-lm loads through AutoModelForCausalLM (the text model): its
+    experts (every expert on its block of router-weighted rows) run as DenseRoutedExperts, the
+    same function as transformers' Llama4TextExperts, and the logits are mlx-lm's."""
+    from mlxq.moe import DenseRoutedExperts
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    path = _tiny_llama4_checkpoint()
+    model = _load(path)
+    ff = model.model.layers[1].feed_forward
+    assert isinstance(ff.experts, DenseRoutedExperts)
+    assert_logits_match_mlx_lm(model, path, torch.tensor(TOKENS), TOLERANCE)
+    model.dequantize()  # the same float weights in transformers' own experts module
+    x = torch.randn(1, 7, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = ff(x)[0]
+        e = ff.experts
+        ref = Llama4TextExperts(model.config)
+        gate_up = torch.cat([e.gate_proj.weight, e.up_proj.weight], 1)
+        ref.gate_up_proj.copy_(gate_up.transpose(1, 2))
+        ref.down_proj.copy_(e.down_proj.weight.transpose(1, 2))
+        ff.experts = ref
+        torch.testing.assert_close(ours, ff(x)[0], rtol=0, atol=1e-5)

@@ -218,9 +218,13 @@ _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict], ...]] = {
 _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
     "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 gemma4_text "
     "granite granitemoe granitemoehybrid jamba kimi_linear laguna lfm2_moe longcat_flash "
-    "longcat_flash_ngram mellum minimax muse_spark qwen3_5 qwen3_next qwen3_vl_moe rwkv7 "
-    "spark2_5 step3p5".split()
+    "longcat_flash_ngram mellum minimax minimax_m2 muse_spark qwen3_5 qwen3_next qwen3_vl_moe "
+    "rwkv7 spark2_5 step3p5".split()
 )
+
+
+# model types mlx-lm runs with another type's module (mlx_lm.utils.MODEL_REMAPPING)
+_MLX_LM_MODULE = {"minimax_m2": "minimax"}
 
 
 def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]:
@@ -233,7 +237,8 @@ def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]
     if model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:
         raise NotImplementedError(
             f"mlxq: mlx_lm convert quantizes model type {model_type!r} by its own per-module "
-            f"rule (quant_predicate in mlx_lm/models/{model_type}.py), which mlxq does not "
+            f"rule (quant_predicate in mlx_lm/models/{_MLX_LM_MODULE.get(model_type, model_type)}"
+            ".py), which mlxq does not "
             "reproduce yet; give the per-module formats yourself (quantize_model(..., "
             "overrides={...}), {} for the top-level format everywhere)"
         )
@@ -280,6 +285,12 @@ def plan_quantization(
             fmt = configured_format(entry.name, top, overrides, skip)
             if fmt is not None and fits(moe.in_features, fmt):
                 moe.require()
+                if moe.reads_dtype:
+                    raise NotImplementedError(
+                        f"mlxq: router {entry.name!r} ({moe.cls_name}) reads self.weight.dtype "
+                        "in its forward: mlxq runs it quantized when loading an MLX checkpoint "
+                        "but does not quantize it; keep it float (modules_to_not_convert)"
+                    )
                 entry.format = fmt
             continue
         # experts: gate/up read the hidden size, down the intermediate size (as in mlx-lm,

@@ -352,6 +352,31 @@ class MoeExperts(nn.Module):
         return ys.new_empty(ys.shape).index_copy(0, order, ys).reshape(t, k, -1)
 
 
+class DenseRoutedExperts(MoeExperts):
+    """Llama 4's experts (`Llama4TextExperts`): `forward(routed_in [E * T, H])`, block e of
+    the rows being the T tokens already multiplied by their routing weight for expert e (0
+    where e was not chosen); returns each expert's output on its block, `[E * T, H]`.
+
+    transformers runs every expert on every row; the all-zero rows give zero rows exactly
+    (no biases, `act(0) * 0 = 0`), so only the others are computed."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        hidden = hidden_states.shape[-1]
+        rows = hidden_states.reshape(self.num_experts, -1, hidden)  # [E, T, H]
+        expert, token = torch.nonzero(rows.ne(0).any(-1), as_tuple=True)  # expert-sorted
+        out = hidden_states.new_zeros(rows.shape)
+        if expert.numel():
+            x = rows[expert, token].reshape(-1, 1, 1, hidden)
+            y = self._experts(x, expert.reshape(-1, 1), True).reshape(-1, hidden)
+            out[expert, token] = y.to(out.dtype)
+        return out.reshape(-1, hidden)
+
+
+def experts_class(variant: str) -> type[MoeExperts]:
+    """mlxq's experts module for a :class:`mlxq.swap.MoePlan` variant."""
+    return DenseRoutedExperts if variant == "llama4" else MoeExperts
+
+
 def fused_expert_stacks(
     module: nn.Module, variant: str
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -368,6 +393,8 @@ def fused_expert_stacks(
             "down_proj": (down.transpose(1, 2), module.down_proj_bias.detach()),
         }
     gate_up = module.gate_up_proj.detach()  # [E, 2I, H]: gate rows, then up rows
+    if variant == "llama4":  # [E, H, 2I] and [E, I, H]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     inter = gate_up.shape[1] // 2
     return {
         "gate_proj": (gate_up[:, :inter], None),
@@ -388,14 +415,20 @@ class AffineWeight:
     """A quantized `[out, in]` weight as a router's forward sees `self.weight`.
 
     Not a tensor: `F.linear(x, w, bias=None)` computes `quantized_matmul(x, ...) (+ bias)` through
-    `__torch_function__`; every other torch function, and attributes other than `shape`,
-    `dtype`, `device`, `element_size()` and `numel()`, raise an error naming the module, so that
+    `__torch_function__` (after `float()`: on the weight dequantized in float32, for a float32
+    `x`); every other torch function, and attributes other than `shape`, `dtype`, `device`,
+    `element_size()` and `numel()`, raise an error naming the module, so that
     a forward mlxq does not reproduce fails loudly instead of running on the packed integers.
     """
 
-    def __init__(self, owner: str, module: nn.Module) -> None:
+    def __init__(self, owner: str, module: nn.Module, float32: bool = False) -> None:
         self._owner = owner
         self._module = module
+        self._float32 = float32  # `self.weight.float()`: dequantized in float32
+
+    def float(self) -> AffineWeight:
+        """The weight as `weight.float()` gives it: F.linear then dequantizes in float32."""
+        return AffineWeight(self._owner, self._module, float32=True)
 
     # shape, dtype and device are those of the packed tensor stored as `weight` (what the state
     # dict and transformers' loader see); the router's forward never reads them (swap.moe_plan
@@ -406,6 +439,8 @@ class AffineWeight:
 
     @property
     def dtype(self) -> torch.dtype:
+        if getattr(self._module, "_mlxq_float_dtype", False):  # see float_dtype_for_routers
+            return self._module._mlxq_dtype
         return self._module.weight_packed.dtype
 
     @property
@@ -443,8 +478,18 @@ class AffineWeight:
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if w is owner and isinstance(x, torch.Tensor) and not isinstance(bias, AffineWeight):
                 m = owner._module
+                scales, biases = m.scales, m.biases
+                if owner._float32:
+                    if x.dtype != torch.float32:  # as F.linear(x, w.float()) would
+                        raise RuntimeError(
+                            f"mlxq: module {owner._owner}: F.linear of {x.dtype} input and a "
+                            "float32 weight"
+                        )
+                    if scales.is_floating_point():
+                        scales = scales.float()
+                    biases = biases.float() if biases is not None else None
                 y = quantized_matmul(
-                    x, m.weight_packed, m.scales, m.biases, True, m.group_size, m.bits, m.mode
+                    x, m.weight_packed, scales, biases, True, m.group_size, m.bits, m.mode
                 )
                 return y if bias is None else y + bias.to(y.dtype)
         raise owner._refuse(f"`{getattr(func, '__name__', func)}`")
@@ -521,6 +566,41 @@ def quantized_router(
     return new
 
 
+def float_router(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """The quantized router `module` as its own class with its float weight (dequantized)."""
+    w = dequantize(
+        module.weight_packed,
+        module.scales,
+        module.biases,
+        module.group_size,
+        module.bits,
+        module.mode,
+        dtype=None if module.mode == "affine" else module._mlxq_dtype,
+    )
+    new = object.__new__(type(module).__mro__[2])
+    new.__dict__.update(module.__dict__)
+    for attr in ("_mlxq_name", "bits", "group_size", "mode", "_mlxq_dtype"):
+        new.__dict__.pop(attr, None)
+    new._buffers = {
+        k: v for k, v in module._buffers.items() if k not in ("weight", "scales", "biases")
+    }
+    new._parameters = {**module._parameters, "weight": nn.Parameter(w.to(dtype or w.dtype))}
+    return new
+
+
+def float_dtype_for_routers(model: nn.Module) -> list[str]:
+    """After loading: the routers whose forward reads `self.weight.dtype` (swap.MoePlan.
+    reads_dtype, marked at load; MiniMax-M2 casts its input to it) see the dtype their
+    quantized F.linear computes in (that of the scales) from now on, instead of the packed
+    integers' that transformers' loader needed. Returns their names."""
+    done = []
+    for name, module in model.named_modules():
+        if isinstance(module, _AffineRouter) and getattr(module, "_mlxq_reads_dtype", False):
+            module._mlxq_float_dtype = True
+            done.append(name)
+    return done
+
+
 def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace mlxq's quantized MoE parts by float ones in place (part of
     :func:`mlxq.quantize_model.dequantize_model`): stacked experts become :class:`SwitchLinear`
@@ -543,23 +623,7 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
             new = MultiLinear(heads, in_features, out_features, w.dtype, w.device)
             new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
         elif isinstance(module, _AffineRouter):
-            w = dequantize(
-                module.weight_packed,
-                module.scales,
-                module.biases,
-                module.group_size,
-                module.bits,
-                module.mode,
-                dtype=None if module.mode == "affine" else module._mlxq_dtype,
-            )
-            new = object.__new__(type(module).__mro__[2])
-            new.__dict__.update(module.__dict__)
-            for attr in ("_mlxq_name", "bits", "group_size", "mode", "_mlxq_dtype"):
-                new.__dict__.pop(attr, None)
-            new._buffers = {
-                k: v for k, v in module._buffers.items() if k not in ("weight", "scales", "biases")
-            }
-            new._parameters = {**module._parameters, "weight": nn.Parameter(w.to(dtype or w.dtype))}
+            new = float_router(module, dtype)
         else:
             continue
         model.set_submodule(name, new)

@@ -62,8 +62,10 @@ def quantize_model(
     skip = list(modules_to_not_convert or [])
     walk = plan_quantization(model, top, overrides, skip)
     replaced = quantize_planned(model, walk)
+    for name in float_where_weight_dtype_is_read(model):  # its dtype is read by the forward
+        overrides[name] = False  # saved float, and said so for mlx-lm
+        replaced.discard(name)
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
-    float_where_weight_dtype_is_read(model)  # layers whose dtype the model's forward reads
     group_projections(model)
     return model
 
@@ -96,8 +98,8 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
     mlx-lm's three stacks (:func:`~mlxq.moe.fused_expert_stacks`: gpt-oss's biases too)."""
     from mlxq.moe import (
         AffineSwitchLinear,
-        MoeExperts,
         SwitchLinear,
+        experts_class,
         experts_gate,
         fused_expert_stacks,
         quantized_router,
@@ -132,7 +134,7 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
                 w, fmt.bits, fmt.group_size, fmt.mode, bias=bias
             )
     gate = experts_gate(module, entry.moe.variant)
-    model.set_submodule(entry.name, MoeExperts(**projections, **gate))
+    model.set_submodule(entry.name, experts_class(entry.moe.variant)(**projections, **gate))
     return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}
 
 

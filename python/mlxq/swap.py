@@ -22,7 +22,7 @@ import inspect
 import re
 import textwrap
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -275,6 +275,11 @@ _GPT_OSS_EXPERTS_DIGEST = "5c459e4a3ca1baaa62d0fd18d8e6ee238acf863f243b6f0aa0475
 # from above at `limit`, up to [-limit, limit], `(up + 1) * gate * sigmoid(gate * alpha)`
 # (what mlxq.moe.ClampedSwiGLU computes)
 _GPT_OSS_GATE_DIGEST = "d65d1ff72a6d9341b4d3b56d16406ae977f1f01e02f681d8dbec2756e6a7eb23"
+# Llama4TextExperts.forward (transformers 5.24, not wrapped): every expert on its block of
+# the input (`view(E, -1, H)`, the routing weight already applied to it by Llama4TextMoe),
+# `bmm` with `gate_up_proj` [E, H, 2I] (gate columns, then up), `up * act(gate)`, `bmm` with
+# `down_proj` [E, I, H] (what mlxq.moe.DenseRoutedExperts computes)
+_LLAMA4_EXPERTS_DIGEST = "1b9bbda96cd17e6c98097dfebb686c716febc063d2f94cbf96bbef3fc67871cd"
 
 
 @dataclass(frozen=True)
@@ -293,12 +298,19 @@ class _ExpertsForward:
 _KNOWN_EXPERTS = {
     _EAGER_EXPERTS_DIGEST: _ExpertsForward("swiglu", False, False, True, None),
     _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
+    _LLAMA4_EXPERTS_DIGEST: _ExpertsForward("llama4", False, True, True, None),
 }
 
+# `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32): the
+# quantized weight's `.float()` is its dequantized values in float32 (mlxq.moe.AffineWeight);
+# and `x.to(self.weight.dtype)` (MiniMax-M2; see MoePlan.reads_dtype)
 _LINEAR_USE = re.compile(
-    r"(?:\bF|functional)\.linear\(\w+,self\.weight(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
+    r"(?:\bF|functional)\.linear\(\w+(?:\.float\(\)|\.to\(self\.weight\.dtype\))?,"
+    r"self\.weight(?:\.float\(\))?"
+    r"(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
 )
 _WEIGHT_USE = re.compile(r"self\.weight(?!\w)")
+_DTYPE_READ = re.compile(r"self\.weight\.dtype(?!\w)")
 
 
 def _function_digest(function) -> str | None:
@@ -332,6 +344,9 @@ class MoePlan:
     out_features: int = 0  # router: rows; experts: intermediate size
     refusal: str | None = None
     variant: str = "swiglu"  # experts only
+    # router only: its forward also reads `self.weight.dtype` (MiniMax-M2 casts its input to
+    # it): loaded from MLX, it answers the float dtype (mlxq.moe.float_dtype_for_routers)
+    reads_dtype: bool = False
 
     @property
     def bias(self) -> bool:
@@ -375,16 +390,18 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
         return _refuse_moe(plan, "its forward calls a super().forward mlxq does not know")
     if supers and not isinstance(module, nn.Linear):
         return _refuse_moe(plan, "its forward calls super().forward")
-    if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) or not uses:
+    dtype_reads = len(_DTYPE_READ.findall(body))
+    if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) + dtype_reads or not uses:
         return _refuse_moe(plan, "its forward uses self.weight other than in F.linear(x, w)")
-    return plan
+    return replace(plan, reads_dtype=True) if dtype_reads else plan
 
 
 def _experts_plan(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> MoePlan:
     """The plan of fused experts: refused unless their forward is one mlxq reproduces."""
     cls = type(module)
     gate_up, down = params["gate_up_proj"], params["down_proj"]
-    known = _KNOWN_EXPERTS.get(_experts_digest(cls) or "")
+    # Llama 4's experts forward is not wrapped by use_experts_implementation: its own digest
+    known = _KNOWN_EXPERTS.get(_experts_digest(cls) or _function_digest(cls.forward) or "")
     transposed = known is not None and known.is_transposed
     if transposed:  # [E, H, 2I]
         e, hidden, two_i = gate_up.shape
@@ -488,18 +505,18 @@ def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not _runs_model(fn.name):
             continue
         nodes = list(_inference_nodes(fn))
-        dtype_of = {
-            id(n.value) for n in nodes if isinstance(n, ast.Attribute) and n.attr == "dtype"
-        }
+        asked = {id(n.value): n.attr for n in nodes if isinstance(n, ast.Attribute)}
         for node in nodes:
             if not (isinstance(node, ast.Attribute) and node.attr == "weight"):
+                continue
+            if asked.get(id(node)) == "device":  # a packed weight lives where the layer does
                 continue
             chain, value = [], node.value
             while isinstance(value, ast.Attribute):
                 chain.append(value.attr)
                 value = value.value
             if chain and isinstance(value, ast.Name) and value.id == "self":
-                read = WeightRead(f"{cls.__qualname__}.{fn.name}", id(node) in dtype_of)
+                read = WeightRead(f"{cls.__qualname__}.{fn.name}", asked.get(id(node)) == "dtype")
                 found = reads.setdefault(".".join(reversed(chain)), [])
                 if read not in found:
                     found.append(read)

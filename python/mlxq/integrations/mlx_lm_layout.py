@@ -26,6 +26,7 @@ __all__ = [
     "LAYOUTS",
     "UnitOffset",
     "checkpoint_layout",
+    "fill_dropped_tensors",
     "mlx_lm_config_keys",
     "use_mlx_lm_layout",
 ]
@@ -37,11 +38,14 @@ class MlxLayout:
 
     model_type: str
     renames: tuple[tuple[str, str], ...]
-    marker: str  # a key prefix only mlx-lm's layout has
+    marker: str | tuple[str, ...]  # a key prefix only mlx-lm's layout has (or any of some)
     conv1d_as_linear: bool = False  # Conv1D weights stored [out, in] (as nn.Linear)
     # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
     # 1 + w) that mlx-lm's sanitize stores as 1 + w, for its module that multiplies by w
     unit_offset: tuple[str, ...] = ()
+    # state-dict keys (regexes) of tensors mlx-lm's sanitize drops because its model has no
+    # use for them; zeros make transformers' forward the one mlx-lm runs
+    dropped_zeros: tuple[str, ...] = ()
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -192,8 +196,29 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
 # pattern, and a bare `.experts.` would also match `shared_experts.` (DeepSeek, GLM).
 _MOE_RENAMES = ((r"\.mlp\.switch_mlp\.", ".mlp.experts."),)
 _MOE_RENAMES_BLOCK = ((r"\.block_sparse_moe\.switch_mlp\.", ".block_sparse_moe.experts."),)
-for _model_type in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "glm4_moe"):
+for _model_type in (
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "glm4_moe",
+    "exaone_moe",
+    "solar_open",
+    "mellum",
+    "mimo_v2_flash",
+):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
+for _model_type in ("mixtral", "minimax_m2"):
+    LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES_BLOCK, ".switch_mlp.")
+# DeepSeek V3, V3.2, GLM-4.7-Flash (glm4_moe_lite) and GLM-5 (glm_moe_dsa): mlx-lm splits
+# `self_attn.kv_b_proj` into `embed_q` and `unembed_out` (mlxq.mla.SplitKvB holds them under
+# kv_b_proj)
+for _model_type in ("deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa"):
+    LAYOUTS[_model_type] = MlxLayout(
+        _model_type,
+        ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
+        ".switch_mlp.",
+    )
 # Qwen3-Next: its RMSNorms multiply by 1 + w in transformers; mlx-lm's sanitize stores 1 + w
 # (rounded to the checkpoint's dtype) for its plain RMSNorm (not the gated norm of the linear
 # attention)
@@ -206,7 +231,6 @@ LAYOUTS["qwen3_next"] = MlxLayout(
         r"^model\.norm\.weight$",
     ),
 )
-LAYOUTS["mixtral"] = MlxLayout("mixtral", _MOE_RENAMES_BLOCK, ".switch_mlp.")
 _MOE_RENAMES_FEED_FORWARD = ((r"\.feed_forward\.switch_mlp\.", ".feed_forward.experts."),)
 LAYOUTS["jamba"] = MlxLayout("jamba", _MOE_RENAMES_FEED_FORWARD, ".switch_mlp.")
 # LFM2-MoE: mlx-lm names the dense layers' w1/w3/w2 gate_proj/up_proj/down_proj
@@ -242,13 +266,6 @@ LAYOUTS["qwen3_5_moe_text"] = MlxLayout(
     "language_model.model.",
     unit_offset=_QWEN_NORMS,
 )
-# DeepSeek V3: mlx-lm splits `self_attn.kv_b_proj` into `embed_q` and `unembed_out`
-# (mlxq.mla.SplitKvB holds them under kv_b_proj)
-LAYOUTS["deepseek_v3"] = MlxLayout(
-    "deepseek_v3",
-    ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
-    ".switch_mlp.",
-)
 # transformers renames PhiMoE's `gate.weight` (only) to `router.weight`: rename the router's
 # folder for all its tensors (transformers' `.block_sparse_moe.` -> `.mlp.` chains after it)
 LAYOUTS["phimoe"] = MlxLayout(
@@ -262,7 +279,60 @@ LAYOUTS["granitemoe"] = MlxLayout(
 )
 
 
-def _has_marker(key: str, marker: str) -> bool:
+# Laguna: mlx-lm's router holds its linear layer as `gate.proj` (the correction bias stays in
+# `gate`); named per tensor, so that saving does not move the bias into `gate.proj`
+LAYOUTS["laguna"] = MlxLayout(
+    "laguna",
+    ((r"\.mlp\.gate\.proj\.(weight|scales|biases)", r".mlp.gate.\1"), *_MOE_RENAMES),
+    ".switch_mlp.",
+)
+# Llama 4's text model (`llama4_text`, also what transformers builds for a `llama4` checkpoint
+# through AutoModelForCausalLM): mlx-lm's llama4_text (the dense variant) names the untied
+# head `output`; mlx-lm's llama4 keeps the Hub's `language_model.model.` prefix, which
+# transformers maps for every tensor its model has, the stacked experts being mlxq's only
+LAYOUTS["llama4_text"] = MlxLayout(
+    "llama4_text",
+    (
+        (r"^output\.", "lm_head."),
+        (r"^language_model\.model\.(layers\.\d+\.feed_forward\.experts\.)", r"model.\1"),
+    ),
+    ("output.", ".feed_forward.experts.gate_proj."),
+)
+# Gemma 4 (26B-A4B): mlx-lm stacks the experts under `experts.switch_glu`
+LAYOUTS["gemma4_text"] = MlxLayout(
+    "gemma4_text", ((r"\.experts\.switch_glu\.", ".experts."),), ".switch_glu."
+)
+# ERNIE 4.5 MoE: mlx-lm drops the routers' `e_score_correction_bias` (transformers adds it to
+# the softmax scores before choosing the experts); with zeros both choose alike
+LAYOUTS["ernie4_5_moe"] = MlxLayout(
+    "ernie4_5_moe",
+    _MOE_RENAMES,
+    ".switch_mlp.",
+    dropped_zeros=(r"\.mlp\.gate\.moe_statics\.e_score_correction_bias$",),
+)
+
+
+def fill_dropped_tensors(model, layout: MlxLayout) -> list[str]:
+    """Zero the tensors of `model` that the checkpoint (in mlx-lm's `layout`) lacks because
+    mlx-lm's sanitize drops them (:attr:`MlxLayout.dropped_zeros`); returns their names."""
+    import torch
+
+    if not layout.dropped_zeros:
+        return []
+    pattern = re.compile("|".join(layout.dropped_zeros))
+    filled = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if pattern.search(key) and not getattr(tensor, "_is_hf_initialized", False):
+            with torch.no_grad():
+                tensor.zero_()
+            tensor._is_hf_initialized = True
+            filled.append(key)
+    return filled
+
+
+def _has_marker(key: str, marker: str | tuple[str, ...]) -> bool:
+    if isinstance(marker, tuple):
+        return any(_has_marker(key, m) for m in marker)
     return marker in key if marker.startswith(".") else key.startswith(marker)
 
 

@@ -18,7 +18,13 @@ from torch import nn
 from mlxq.format import ModuleFormat, stored_format
 from mlxq.integrations.checkpoint import TensorInfo
 from mlxq.mla import AffineMultiLinear, MultiLinear, SplitKvB
-from mlxq.moe import AffineSwitchLinear, MoeExperts, SwitchLinear, experts_gate, quantized_router
+from mlxq.moe import (
+    AffineSwitchLinear,
+    SwitchLinear,
+    experts_class,
+    experts_gate,
+    quantized_router,
+)
 from mlxq.swap import MoePlan
 
 __all__ = [
@@ -134,6 +140,7 @@ def replace_moe_module(
             return set()
         plan.require()
         new = quantized_router(name, module, fmt.bits, fmt.group_size, dtype, "meta", mode=fmt.mode)
+        new._mlxq_reads_dtype = plan.reads_dtype  # made float after loading
         model.set_submodule(name, new)
         return {name}
     hidden, inter, e = plan.in_features, plan.out_features, plan.num_experts
@@ -152,7 +159,7 @@ def replace_moe_module(
         fmt = stored_stack_format(f"{name}.{proj}", e, k, n, headers, config)
         gs = stack_global_scale(f"{name}.{proj}", e, fmt, headers)
         projections[proj] = _projection(plan, fmt, k, n, dtype, gs)
-    new = MoeExperts(**projections, **experts_gate(module, plan.variant))
+    new = experts_class(plan.variant)(**projections, **experts_gate(module, plan.variant))
     model.set_submodule(name, new)
     return {f"{name}.{p}" for p in PROJECTIONS if isinstance(projections[p], AffineSwitchLinear)}
 

@@ -27,6 +27,7 @@ from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
     MlxLayout,
     checkpoint_layout,
+    fill_dropped_tensors,
     mlx_lm_config_keys,
     use_mlx_lm_layout,
 )
@@ -46,7 +47,7 @@ from mlxq.integrations.moe_loading import (
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
 from mlxq.model_walk import HeadDecision, plan_modules, tie_head
-from mlxq.moe import AffineSwitchLinear
+from mlxq.moe import AffineSwitchLinear, float_dtype_for_routers
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
@@ -444,9 +445,14 @@ class MLXHfQuantizer(HfQuantizer):
                     if tensor_name in ("scales", "biases", "global_scale"):
                         check_finite(f"{name}.{tensor_name}", tensor)
         if self.pre_quantized:
+            if getattr(self, "_mlx_layout", None) is not None:
+                fill_dropped_tensors(model, self._mlx_layout)  # ERNIE 4.5 MoE's router bias
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
-        float_where_weight_dtype_is_read(model)  # Mamba's head, DeepSeek V3.2's indexer
+        for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
+            # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
+            config.overrides[name] = False
+        float_dtype_for_routers(model)  # MiniMax-M2's router
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)
