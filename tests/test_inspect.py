@@ -32,6 +32,9 @@ def _loads(path: Path) -> str | None:
         ("llama", Variant(False)),
         ("gpt2", Variant(tied=True)),  # Conv1D projections
         ("phi", Variant(tied=False, bits=3, group_size=32)),
+        ("mamba", Variant(tied=True)),  # refused: the forward reads the tied head's dtype
+        ("mamba", Variant(tied=False, bits=3, group_size=32)),  # that head runs in float
+        ("qwen3_5", Variant(tied=False)),  # mlx-lm's language_model. prefix, 1 + w norms
     ],
 )
 def test_inspect_and_from_pretrained_take_the_same_decision(arch: str, variant: Variant) -> None:
@@ -44,6 +47,21 @@ def test_inspect_and_from_pretrained_take_the_same_decision(arch: str, variant: 
         assert any(message in error for message in errors), (errors, error)
     else:  # every module the loader quantizes is reported with its format
         assert any(m.bits for m in report.modules)
+
+
+@pytest.mark.parametrize(("arch", "warned"), [("llama", True), ("qwen3_5", False)])
+def test_rope_theta_only_in_rope_parameters(tmp_path: Path, arch: str, warned: bool) -> None:
+    # mlx-lm's llama reads a top-level rope_theta (else its default); its qwen3_5 reads
+    # rope_parameters itself
+    model = tmp_path / "model"
+    shutil.copytree(tiny_mlx_checkpoint(arch, Variant(tied=False)), model)
+    config = json.loads((model / "config.json").read_text())
+    for cfg in (config, config.get("text_config", {})):
+        cfg.pop("rope_theta", None)
+    (model / "config.json").write_text(json.dumps(config))
+    report = inspect_checkpoint(model, str(model))
+    warnings = [p.message for p in report.problems if p.severity == "warning"]
+    assert any("only in rope_parameters" in m for m in warnings) == warned, warnings
 
 
 def test_inspect_leaves_the_stale_index_warning_to_the_loader(

@@ -17,6 +17,7 @@ from typing import Any
 
 from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
 from mlxq.integrations.checkpoint import DTYPE_BYTES
+from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
 
@@ -223,6 +224,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     rope = config.get("rope_parameters") or text_config.get("rope_parameters") or {}
     if (
         mlx_q
+        and config.get("model_type") not in MLX_LM_READS_ROPE_PARAMETERS
         and "rope_theta" in rope
         and "rope_theta" not in config
         and "rope_theta" not in text_config

@@ -24,6 +24,7 @@ from mlxq.swap import is_conv1d, swap_plan
 __all__ = [
     "MlxLayout",
     "LAYOUTS",
+    "MLX_LM_READS_ROPE_PARAMETERS",
     "UnitOffset",
     "checkpoint_layout",
     "fill_dropped_tensors",
@@ -145,6 +146,14 @@ def _sliding_window_pattern(layer_types: Any) -> int | None:
     if full != [t == "full_attention" for t in layer_types]:
         return None
     return p
+
+
+# model types whose mlx-lm module (mlx-lm 0.32) reads `rope_parameters` itself, so that a
+# rope_theta kept only there is not lost
+MLX_LM_READS_ROPE_PARAMETERS = frozenset(
+    "exaone_moe gemma4_text glm_moe_dsa granitemoehybrid laguna lfm2 lfm2_moe mellum "
+    "ministral3 mistral4 olmo_hybrid qwen3 qwen3_5 qwen3_5_moe".split()
+)
 
 
 def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
