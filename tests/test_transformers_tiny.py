@@ -127,6 +127,9 @@ def test_dequantize_gives_float_modules() -> None:
     model.dequantize()
     assert not any(isinstance(m, (AffineLinear, AffineEmbedding)) for m in model.modules())
     np.testing.assert_allclose(_logits(model, tokens), before, rtol=1e-4, atol=1e-4)
+    # for fine-tuning: the float weights train
+    assert model.model.layers[1].mlp.up_proj.weight.requires_grad
+    assert model.model.embed_tokens.weight.requires_grad
 
 
 def test_image_text_checkpoint_with_mlx_vlm_names(tmp_path: Path) -> None:

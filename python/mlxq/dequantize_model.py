@@ -36,14 +36,17 @@ class _FloatScaledEmbedding(nn.Embedding):
         return super().forward(input_ids) * self.embed_scale
 
 
-def _float_linear(module: AffineLinear, dtype: torch.dtype | None = None) -> nn.Linear:
+def _float_linear(
+    module: AffineLinear, dtype: torch.dtype | None = None, trainable: bool = True
+) -> nn.Linear:
     w = module.dequantize_weight()
     new = nn.Linear(
         module.in_features, module.out_features, bias=module.bias is not None, device="meta"
     )
-    new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=False)
+    new.weight = nn.Parameter(w.to(dtype or w.dtype), requires_grad=trainable)
     if module.bias is not None:
-        new.bias = nn.Parameter(module.bias.detach().to(dtype or w.dtype), requires_grad=False)
+        bias = module.bias.detach().to(dtype or w.dtype)
+        new.bias = nn.Parameter(bias, requires_grad=trainable)
     return new
 
 
@@ -60,7 +63,8 @@ def float_where_weight_dtype_is_read(model: nn.Module) -> list[str]:
     for name, reads in weight_reads(model).items():
         module = modules.get(name)
         if isinstance(module, AffineLinear) and all(r.dtype_only for r in reads):
-            model.set_submodule(name, _float_linear(module))
+            # frozen, as the quantized layer it stands for
+            model.set_submodule(name, _float_linear(module, trainable=False))
             done.append(name)
     return done
 
