@@ -506,6 +506,10 @@ GatherGeometry check_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
   return g;
 }
 
+namespace {
+
+// One side of gather_pair_indices: `indices` (or the arange over `batch_shape`) flattened and
+// checked to lie in [0, limit).
 at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
                                const std::vector<int64_t>& batch_shape, const GatherGeometry& g,
                                int64_t limit, const char* name, const at::Device& device) {
@@ -526,6 +530,16 @@ at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
                       "), got values from ", min, " to ", max);
   }
   return idx;
+}
+
+}  // namespace
+
+GatherPairs gather_pair_indices(const GatherGeometry& g, const at::Tensor& x,
+                                const std::optional<at::Tensor>& lhs_indices,
+                                const std::optional<at::Tensor>& rhs_indices) {
+  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
+  return {gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device()),
+          gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device())};
 }
 
 }  // namespace mlxq

@@ -141,14 +141,19 @@ GatherGeometry check_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                       const std::optional<at::Tensor>& rhs_indices, bool transpose,
                                       const c10::optional<at::Tensor>& global_scale);
 
-// The indices (or their defaults) broadcast to g.index_shape and flattened, as a contiguous
-// int64 tensor on `indices`' device, every value checked to lie in [0, limit): out-of-range
-// indices raise an IndexError naming `name` instead of reading outside the batch. Given indices
-// on a GPU cost one device-to-host copy (their range), which synchronizes the stream and cannot
-// be captured in a CUDA graph; absent ones (an arange) are not read.
-at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
-                               const std::vector<int64_t>& batch_shape, const GatherGeometry& g,
-                               int64_t limit, const char* name, const at::Device& device);
+// A gather's pairs: lhs_indices and rhs_indices (or their defaults, aranges over the batch of
+// x, resp. wq) broadcast to g.index_shape and flattened, as contiguous int64 tensors on x's
+// device, every value checked to lie in its batch: out-of-range indices raise an IndexError
+// naming them instead of reading outside the batch. Given indices on a GPU cost one
+// device-to-host copy each (their range), which synchronizes the stream and cannot be captured
+// in a CUDA graph; absent ones are not read.
+struct GatherPairs {
+  at::Tensor lhs;  // pair p multiplies x's matrix lhs[p]
+  at::Tensor rhs;  // with wq's matrix rhs[p]
+};
+GatherPairs gather_pair_indices(const GatherGeometry& g, const at::Tensor& x,
+                                const std::optional<at::Tensor>& lhs_indices,
+                                const std::optional<at::Tensor>& rhs_indices);
 
 }  // namespace mlxq
 

@@ -43,11 +43,7 @@ at::Tensor gather_by_expert(const GatherGeometry& g, const at::Tensor& x,
                             const std::optional<at::Tensor>& lhs_indices,
                             const std::optional<at::Tensor>& rhs_indices, const Dense& dense) {
   const c10::DeviceGuard device(x.device());
-  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
-  const at::Tensor lhs =
-      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
-  const at::Tensor rhs =
-      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
   const int64_t P = lhs.numel(), M = g.M, in = g.in_features, out = g.out_features;
   if (P == 0 || M == 0 || out == 0 || in == 0) return at::zeros(g.out_shape, x.options());
   const at::Tensor x3 = x.reshape({g.x_batch, M, in});

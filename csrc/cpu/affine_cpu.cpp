@@ -561,11 +561,7 @@ at::Tensor affine_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq,
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in affine_matmul_cpu
   const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
                                                group_size, bits, transpose);
-  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
-  const at::Tensor lhs =
-      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
-  const at::Tensor rhs =
-      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
   const int64_t P = lhs.numel(), M = g.M, in = g.in_features, out = g.out_features;
   if (P == 0 || M == 0 || out == 0 || in == 0) return at::zeros(g.out_shape, x.options());
   const at::Tensor xf = x.to(at::kFloat).contiguous().view({g.x_batch * M, in});

@@ -306,11 +306,7 @@ at::Tensor fp_gather_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const
   const int m = check_fp_mode(mode, group_size, bits);
   const GatherGeometry g = check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
                                                   rhs_indices, transpose, global_scale);
-  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
-  const at::Tensor lhs =
-      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
-  const at::Tensor rhs =
-      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
   const int64_t P = lhs.numel(), M = g.M, in = g.in_features, out = g.out_features;
   if (P == 0 || M == 0 || out == 0 || in == 0) return at::zeros(g.out_shape, x.options());
   // One factor global_scale[e] / (448*6) per expert, rounded once in fp32 as fp_matmul does.

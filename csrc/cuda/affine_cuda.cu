@@ -386,12 +386,8 @@ at::Tensor affine_gather_matmul_cuda(const at::Tensor& x, const at::Tensor& wq,
                                            group_size, bits, transpose, sorted_indices);
   }
   const c10::cuda::CUDAGuard device(x.device());
-  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
   // checked: every index lies in its batch (one device-to-host read of their range)
-  const at::Tensor lhs =
-      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
-  const at::Tensor rhs =
-      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
   const at::Tensor xc = aligned(x);  // [x_batch, M, K]: each matrix's rows 16-byte aligned
   const at::Tensor wc = aligned(wq);
   const at::Tensor sc = scales.contiguous(), bc = biases.contiguous();

@@ -67,7 +67,7 @@ namespace mlxq::metal {
 // metal/affine_gather_*.metal), with grid z = the number of pairs and batch_ndim = 0. Binds the
 // broadcast, flattened indices as contiguous uint32 tensors (roles "lhs_indices" and
 // "rhs_indices") at buffers 6 and 7; their values are checked by the caller
-// (mlxq::gather_flat_indices) before a launch.
+// (mlxq::gather_pair_indices) before a launch.
 // With sorted_indices (rhs_indices sorted by expert, as mlx-lm's MoE prefill passes them) and
 // use_sorted_gather(g), the sorted gather qmm instead (affine_gather_qmm_rhs_t/_n,
 // metal/affine_gather_qmm_rhs.metal): grid (ceil(out / 32), ceil(pairs * M / 32), 1), params.M =

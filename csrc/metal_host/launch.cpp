@@ -127,11 +127,7 @@ Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
       plan_affine_gather_matmul(g, x.scalar_type(), group_size, bits, transpose, sorted_indices);
   const at::ScalarType dt = x.scalar_type();
   at::Tensor out = new_output(plan, 0, x.options());
-  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
-  const at::Tensor lhs =
-      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
-  const at::Tensor rhs =
-      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
   std::map<std::string, at::Tensor> roles{{"x", x.contiguous()},
                                           {"wq", packed_words(wq)},
                                           {"scales", scales.to(dt).contiguous()},
@@ -180,11 +176,7 @@ Launch launch_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const 
                                                   rhs_indices, transpose, global_scale);
   DispatchPlan plan = plan_fp_gather_matmul(g, x.scalar_type(), m, transpose, sorted_indices);
   at::Tensor out = new_output(plan, 0, x.options());
-  const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
-  const at::Tensor lhs =
-      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device());
-  const at::Tensor rhs =
-      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device());
+  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
   // One value per matrix of wq (at least one, so that the buffer is never empty).
   const at::Tensor global = global_scale.has_value()
                                 ? global_scale->reshape({-1}).contiguous()

@@ -67,7 +67,7 @@ void encode_launch(const Launch& l, Encoder& enc);
 namespace mlxq::metal {
 
 // affine_gather_matmul: the plan of plan_affine_gather_matmul, with the indices broadcast,
-// flattened and range-checked (mlxq::gather_flat_indices: a sync on MPS) and bound as int32
+// flattened and range-checked (mlxq::gather_pair_indices: a sync on MPS) and bound as int32
 // words (the kernels read them as uint; the plan keeps the batches below 2^31). sorted_indices
 // may pick the sorted gather qmm (plan_affine_gather_matmul).
 Launch launch_affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
