@@ -231,14 +231,12 @@ for _model_type in ("deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa
 # Qwen3-Next: its RMSNorms multiply by 1 + w in transformers; mlx-lm's sanitize stores 1 + w
 # (rounded to the checkpoint's dtype) for its plain RMSNorm (not the gated norm of the linear
 # attention)
+_QWEN_NORMS = (
+    r"\.(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$",
+    r"^model\.norm\.weight$",
+)
 LAYOUTS["qwen3_next"] = MlxLayout(
-    "qwen3_next",
-    _MOE_RENAMES,
-    ".switch_mlp.",
-    unit_offset=(
-        r"\.(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$",
-        r"^model\.norm\.weight$",
-    ),
+    "qwen3_next", _MOE_RENAMES, ".switch_mlp.", unit_offset=_QWEN_NORMS
 )
 _MOE_RENAMES_FEED_FORWARD = ((r"\.feed_forward\.switch_mlp\.", ".feed_forward.experts."),)
 LAYOUTS["jamba"] = MlxLayout("jamba", _MOE_RENAMES_FEED_FORWARD, ".switch_mlp.")
@@ -257,10 +255,6 @@ LAYOUTS["lfm2_moe"] = MlxLayout(
 # under `language_model.` (`language_model.model.*`, `language_model.lm_head.*`), which
 # transformers' causal LM names `model.*` and `lm_head.*`. mlx-lm's sanitize stores the
 # RMSNorm weights as 1 + w, as for Qwen3-Next.
-_QWEN_NORMS = (
-    r"\.(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$",
-    r"^model\.norm\.weight$",
-)
 _LANGUAGE_MODEL = (
     (r"^language_model\.model\.", "model."),
     (r"^language_model\.lm_head\.", "lm_head."),
