@@ -208,3 +208,45 @@ def test_save_pretrained_writes_what_mlx_lm_reads(tmp_path: Path, arch: str, tie
     assert float(np.abs(ours - ref).max()) <= TOLERANCE
     # and transformers + mlxq read mlx-lm's layout back (GPT-2, GPT-NeoX names)
     np.testing.assert_allclose(mlxq_logits(saved, TOKENS), ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", [None, "mixed_3_6"])
+def test_gemma3_language_model_only(tmp_path: Path, recipe: str | None) -> None:
+    # mlx-lm converts Gemma 3 (4B and up, an image-text model) to its language model only,
+    # under `language_model.`, with the quantization block at the top of config.json; transformers
+    # gives Gemma3ForCausalLM only `text_config`, so the block is carried there by mlxq
+    import transformers
+    from mlx_lm import convert
+    from mlxq.cli.common import load_model
+    from vlm_models import tiny_float_checkpoint as tiny_image_text_checkpoint
+
+    float_dir = tiny_image_text_checkpoint("gemma3", tmp_path / "float", tied=True)
+    config = json.loads((float_dir / "config.json").read_text())
+    config["vocab_size"] = config["text_config"]["vocab_size"]  # mlx-lm's gemma3 reads it here
+    (float_dir / "config.json").write_text(json.dumps(config))
+    mlx_dir = tmp_path / "mlx"
+    options = {"quant_predicate": recipe} if recipe else {"q_bits": 4, "q_group_size": 64}
+    convert(str(float_dir), mlx_path=str(mlx_dir), quantize=True, **options)
+    ref = mlx_lm_logits(mlx_dir, TOKENS)
+
+    model = transformers.Gemma3ForCausalLM.from_pretrained(mlx_dir, dtype=torch.float32)
+    assert isinstance(model.model.layers[0].mlp.down_proj, AffineLinear)
+    if recipe:  # mixed_3_6: per-module entries under mlx-lm's names
+        bits = {model.model.layers[i].mlp.down_proj.bits for i in range(2)}
+        assert bits == {3, 6}
+    with torch.no_grad():
+        ours = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert float(np.abs(ours - ref).max()) <= TOLERANCE  # gemma3_text's float difference
+
+    # saved as the text model, in the names of mlx-lm's gemma3_text (the 1B's layout)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    assert json.loads((saved / "config.json").read_text())["model_type"] == "gemma3_text"
+    np.testing.assert_array_equal(mlx_lm_logits(saved, TOKENS), ref)
+
+    # AutoModelForCausalLM builds the image-text model: refused, naming the class to use
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM"):
+        transformers.AutoModelForCausalLM.from_pretrained(mlx_dir, dtype=torch.float32)
+    # `mlxq generate` loads it with that class
+    loaded, _, _ = load_model(str(mlx_dir), "cpu", "float32")
+    assert type(loaded).__name__ == "Gemma3ForCausalLM"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,13 +108,18 @@ def _read_config(path: Path) -> tuple[dict, str | None]:
     return config, None
 
 
-def _meta_model(folder: Path):
+def _meta_model(folder: Path, config_dict: dict, names: Iterable[str]):
+    """The model from_pretrained builds, on the meta device (see `text_model_class`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
+    from mlxq.integrations.checkpoint import text_model_class
+
+    text_class = text_model_class(config_dict, lambda: names)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        if text_class is not None:
+            return text_class._from_config(text_class.config_class.from_pretrained(folder))
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
 
 
 def _check_index(folder: Path, source: str, headers_by_file: dict, problems: list[Problem]):
@@ -246,7 +252,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         return report
 
     try:
-        model = _meta_model(folder)
+        model = _meta_model(folder, config, headers)
     except (ValueError, KeyError, OSError, ImportError) as error:
         problems.append(Problem("error", f"transformers cannot build this model: {error}"))
         return report

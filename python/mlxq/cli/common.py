@@ -125,6 +125,22 @@ def _packed_weight(name: str) -> str | None:
     return None
 
 
+def _tensor_names(source: str) -> set[str]:
+    """The checkpoint's tensor names: local safetensors headers, or a Hub repo's safetensors
+    metadata (headers only, no weights downloaded); empty where they cannot be read."""
+    path = Path(source)
+    if path.is_dir():
+        from mlxq.integrations.checkpoint import read_header
+
+        return {key for file in path.glob("*.safetensors") for key in read_header(file)}
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        return set(get_safetensors_metadata(source).weight_map)
+    except Exception:  # noqa: BLE001 - from_pretrained reports Hub failures itself
+        return set()
+
+
 def _mps_available() -> bool:
     import torch
 
@@ -188,7 +204,10 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    from mlxq.integrations.checkpoint import text_model_class
+
+    cls = text_model_class(config, lambda: _tensor_names(source)) or AutoModelForCausalLM
+    model = cls.from_pretrained(source, dtype=dtype)
     if device != "cpu":
         model = model.to(device)
     model.eval()

@@ -52,8 +52,7 @@ class MLXQuantConfig(QuantizationConfigMixin):
     Args:
         bits: default bits of quantized modules (1, 2, 3, 4, 5, 6, 8).
         group_size: default group size (32, 64, 128).
-        mode: ``"affine"``; the float modes ``mxfp4``/``nvfp4``/``mxfp8`` are recognised but
-            mlxq does not run them yet (loading raises an error naming the layer).
+        mode: ``"affine"`` or one of MLX's float modes ``mxfp4``/``nvfp4``/``mxfp8``.
         overrides: per-module entries, module path -> ``{"bits": .., "group_size": ..}`` or
             ``False`` (kept in float), as in mlx-lm's mixed recipes.
         modules_to_not_convert: module paths kept in float when quantizing a float model.

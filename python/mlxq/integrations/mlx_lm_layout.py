@@ -47,6 +47,9 @@ class MlxLayout:
     # state-dict keys (regexes) of tensors mlx-lm's sanitize drops because its model has no
     # use for them; zeros make transformers' forward the one mlx-lm runs
     dropped_zeros: tuple[str, ...] = ()
+    # False where transformers' names are mlx-lm's own for the saved model (a text model read
+    # out of an image-text checkpoint saves as the text model), so the renames apply on load only
+    save_renamed: bool = True
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -269,6 +272,12 @@ LAYOUTS["qwen3_5_moe_text"] = MlxLayout(
     "language_model.model.",
     unit_offset=_QWEN_NORMS,
 )
+# Gemma 3 (4B and up) is an image-text model: mlx-lm writes its language model only, under
+# `language_model.`. `Gemma3ForCausalLM` reads that checkpoint's text config (gemma3_text) and
+# saves the text model, as mlx-lm's gemma3_text names it (`model.*`, the 1B's layout).
+LAYOUTS["gemma3_text"] = MlxLayout(
+    "gemma3_text", _LANGUAGE_MODEL, "language_model.model.", save_renamed=False
+)
 # transformers renames PhiMoE's `gate.weight` (only) to `router.weight`: rename the router's
 # folder for all its tensors (transformers' `.block_sparse_moe.` -> `.mlp.` chains after it)
 LAYOUTS["phimoe"] = MlxLayout(
@@ -344,7 +353,7 @@ def use_mlx_lm_layout(model) -> None:
     float GPT-2 `Conv1D`s become `nn.Linear` (mlx-lm's `[out, in]`), and the renames are added
     to the ones transformers reverses when saving."""
     layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
-    if layout is None:
+    if layout is None or not layout.save_renamed:
         return
     if layout.conv1d_as_linear:
         for name, module in list(model.named_modules()):

@@ -177,7 +177,8 @@ def _check_layout(model: nn.Module) -> None:
     from mlxq.integrations.mlx_lm_layout import LAYOUTS
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in LAYOUTS:
+    layout = LAYOUTS.get(model_type or "")
+    if layout is not None and layout.save_renamed:  # else mlx-lm names modules as transformers
         raise ValueError(
             f"mlxq: model_type {model_type!r} has different module names in mlx-lm; adapters "
             "for it are not translated yet"

@@ -18,7 +18,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
-from mlxq.integrations.checkpoint import TensorInfo, read_headers
+from mlxq.integrations.checkpoint import TensorInfo, read_headers, text_model_class
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.cpu_attention import use_fp32_decode_attention
 from mlxq.integrations.cpu_layers import use_flat_decode_layers
@@ -358,6 +358,14 @@ class MLXHfQuantizer(HfQuantizer):
             drop_tied_keys(model, replaced)
             return model
         headers = read_headers(checkpoint_files or [])
+        text_class = text_model_class(model.config.to_dict(), lambda: headers)
+        if text_class is not None:  # AutoModelForCausalLM built the image-text model
+            raise ValueError(
+                f"mlxq: {type(model).__name__}: this checkpoint holds the language model only "
+                "(mlx-lm's layout: every tensor under `language_model.`, no vision tower); load "
+                f"it with transformers.{text_class.__name__}.from_pretrained (`mlxq generate` "
+                "does)"
+            )
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
@@ -445,8 +453,16 @@ class MLXHfQuantizer(HfQuantizer):
                     if tensor_name in ("scales", "biases", "global_scale"):
                         check_finite(f"{name}.{tensor_name}", tensor)
         if self.pre_quantized:
-            if getattr(self, "_mlx_layout", None) is not None:
-                fill_dropped_tensors(model, self._mlx_layout)  # ERNIE 4.5 MoE's router bias
+            layout = getattr(self, "_mlx_layout", None)
+            if layout is not None:
+                fill_dropped_tensors(model, layout)  # ERNIE 4.5 MoE's router bias
+                if not layout.save_renamed:  # saved in transformers' names (Gemma 3's text)
+                    load_only = getattr(self, "_layout_renames", [])
+                    model._weight_conversions = [
+                        c
+                        for c in getattr(model, "_weight_conversions", None) or []
+                        if not any(c is r for r in load_only)
+                    ]
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
@@ -468,6 +484,7 @@ class MLXHfQuantizer(HfQuantizer):
         reverses them last, so that `save_pretrained` writes mlx-lm's layout again."""
         layout = getattr(self, "_mlx_layout", None)
         renames = layout.weight_renamings() if layout is not None else []
+        self._layout_renames = renames
         vlm_layout = getattr(self, "_vlm_layout", None)
         if vlm_layout is not None:  # mlx-vlm's names, also reversed last when saving
             renames = [*vlm_layout.weight_renamings(), *renames]

@@ -16,6 +16,12 @@ What it does, and why each piece is needed:
    weight map rebuilt from their headers (:func:`mlxq.integrations.checkpoint.repair_shard_index`).
    Local folders are always checked; Hub repos only while an MLX checkpoint loads (the check
    lists the repo's files).
+4. Text configs read from an image-text config.json: `Gemma3ForCausalLM.from_pretrained` on a
+   `gemma3` checkpoint reads only `text_config`, and transformers drops the top-level
+   quantization block with the rest, so the quantized tensors would meet a float model that
+   finds none of its weights (random weights, a warning at most). A wrapper around
+   ``PreTrainedConfig.get_config_dict`` copies an MLX quantization block into the sub-config
+   that the requesting config class is about to read.
 
 Importing transformers takes seconds, so `import mlxq` does not: if
 ``transformers.modeling_utils`` is not imported yet, a finder on `sys.meta_path` runs
@@ -40,12 +46,16 @@ _loading_mlx: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxq_loadin
 
 
 def is_registered() -> bool:
-    """True once the quantizer and both wrappers are installed in the loaded transformers."""
+    """True once the quantizer and the three wrappers are installed in the loaded transformers."""
     modeling_utils = sys.modules.get(_TARGET)
-    return modeling_utils is not None and all(
+    if modeling_utils is None:
+        return False
+    from transformers.configuration_utils import PreTrainedConfig
+
+    return all(
         getattr(getattr(modeling_utils, fn, None), _MARK, False)
         for fn in ("get_hf_quantizer", "get_checkpoint_shard_files")
-    )
+    ) and getattr(PreTrainedConfig.__dict__["get_config_dict"].__func__, _MARK, False)
 
 
 def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
@@ -77,14 +87,42 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
             }
 
 
+def _with_quantization_in_sub_config(cls: Any, config_dict: dict) -> dict:
+    """`config_dict` with its top-level MLX quantization block copied into the sub-config that
+    `cls` reads instead of the whole dict (as ``PreTrainedConfig.from_pretrained`` picks it: its
+    `base_config_key`, else the one sub-dict of `cls.model_type`); unchanged otherwise."""
+    from mlxq.format import is_mlx_quantization
+
+    q = config_dict.get("quantization_config", config_dict.get("quantization"))
+    if not is_mlx_quantization(q) or not getattr(cls, "model_type", ""):
+        return config_dict
+    key = getattr(cls, "base_config_key", "")
+    if not (key and isinstance(config_dict.get(key), dict)):
+        if config_dict.get("model_type") == cls.model_type:
+            return config_dict
+        keys = [
+            k
+            for k, v in config_dict.items()
+            if isinstance(v, dict) and v.get("model_type") == cls.model_type
+        ]
+        if len(keys) != 1:
+            return config_dict
+        key = keys[0]
+    sub = config_dict[key]
+    if "quantization_config" in sub or "quantization" in sub:
+        return config_dict
+    return {**config_dict, key: {**sub, "quantization_config": q}}
+
+
 def _is_metal(q: Any) -> bool:
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
     return str(getattr(method, "value", method)) == "metal"
 
 
 def register() -> None:
-    """Register the "mlx" quantizer and install the two wrappers (idempotent)."""
+    """Register the "mlx" quantizer and install the three wrappers (idempotent)."""
     import transformers.modeling_utils as modeling_utils
+    from transformers.configuration_utils import PreTrainedConfig
     from transformers.quantizers import auto
 
     from mlxq.integrations.checkpoint import repair_shard_index
@@ -132,6 +170,20 @@ def register() -> None:
         setattr(get_checkpoint_shard_files, _MARK, True)
         get_checkpoint_shard_files.__wrapped__ = original_shard_files
         modeling_utils.get_checkpoint_shard_files = get_checkpoint_shard_files
+
+    base = PreTrainedConfig.__dict__["get_config_dict"]  # a classmethod
+    if not getattr(base.__func__, _MARK, False):
+        original_get_config_dict = base.__func__
+
+        def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+            config_dict, kwargs = original_get_config_dict(
+                cls, pretrained_model_name_or_path, **kwargs
+            )
+            return _with_quantization_in_sub_config(cls, config_dict), kwargs
+
+        setattr(get_config_dict, _MARK, True)
+        get_config_dict.__wrapped__ = original_get_config_dict
+        PreTrainedConfig.get_config_dict = classmethod(get_config_dict)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
