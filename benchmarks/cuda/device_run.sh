@@ -7,6 +7,7 @@
 # M = 512 again with whole tiles only, MLXQ_CUDA_GEMM_SK=0). Logs in $OUT/logs.tgz (a call
 # brings back 8 files at most). A cold start plus this script takes about 500 s of device time.
 # QMV_MODES: the decode harness's modes, in turn (default "wide").
+# SKIP_BENCH=1 leaves out bench_ops. TEST_WORKERS / TEST_TIMEOUT: pytest workers and seconds for test_cuda_ops.py (default 8, 300).
 #   WHEELS=dir/of/wheels [SKIP_HARNESS=1] [QMV_MODES="wide ilv"] bash benchmarks/cuda/device_run.sh
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -54,23 +55,26 @@ export PYTHONPATH=/tmp/site:$PWD/python MLXQ_CACHE=$(mktemp -d) XDG_CACHE_HOME=$
   HF_HOME=$(mktemp -d)
 python3 -c "import mlxq, transformers; print(mlxq.__file__, transformers.__version__)"
 stamp tests
-timeout 300 python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider -n 8 \
+timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \
+  -n ${TEST_WORKERS:-8} \
   --deselect tests/test_cuda_ops.py::test_errors_and_empty >$L/tests.log 2>&1
 tail -8 $L/tests.log
 stamp models
 timeout 90 python3 -m pytest tests/test_cuda_models.py -q -p no:cacheprovider -rs >$L/models.log 2>&1
 tail -6 $L/models.log
-stamp bench_ops
-timeout 120 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 1 2 512 \
-  --cuda-shapes 28672x8192 8192x28672 4096x4096 --cuda-group-sizes 128 --out /tmp/bench_ops \
-  >$L/bench.log 2>&1
-tail -12 $L/bench.log
-timeout 60 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 1 --cuda-shapes 28672x8192 \
-  --cuda-group-sizes 64 32 --out /tmp/bench_ops_gs >$L/bench_gs.log 2>&1
-tail -4 $L/bench_gs.log
-MLXQ_CUDA_GEMM_SK=0 timeout 40 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 512 \
-  --cuda-shapes 28672x8192 --cuda-group-sizes 128 --out /tmp/bench_ops_sk0 >$L/bench_sk0.log 2>&1
-tail -3 $L/bench_sk0.log
+if [ -z "$SKIP_BENCH" ]; then
+  stamp bench_ops
+  timeout 120 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 1 2 512 \
+    --cuda-shapes 28672x8192 8192x28672 4096x4096 --cuda-group-sizes 128 --out /tmp/bench_ops \
+    >$L/bench.log 2>&1
+  tail -12 $L/bench.log
+  timeout 60 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 1 --cuda-shapes 28672x8192 \
+    --cuda-group-sizes 64 32 --out /tmp/bench_ops_gs >$L/bench_gs.log 2>&1
+  tail -4 $L/bench_gs.log
+  MLXQ_CUDA_GEMM_SK=0 timeout 40 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 512 \
+    --cuda-shapes 28672x8192 --cuda-group-sizes 128 --out /tmp/bench_ops_sk0 >$L/bench_sk0.log 2>&1
+  tail -3 $L/bench_sk0.log
+fi
 stamp errors_and_empty
 timeout 60 python3 -m pytest tests/test_cuda_ops.py::test_errors_and_empty -q -p no:cacheprovider \
   >$L/errors.log 2>&1
