@@ -210,17 +210,30 @@ def test_save_pretrained_writes_what_mlx_lm_reads(tmp_path: Path, arch: str, tie
     np.testing.assert_allclose(mlxq_logits(saved, TOKENS), ours, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", [None, "mixed_3_6"])
-def test_gemma3_language_model_only(tmp_path: Path, recipe: str | None) -> None:
-    # mlx-lm converts Gemma 3 (4B and up, an image-text model) to its language model only,
-    # under `language_model.`, with the quantization block at the top of config.json; transformers
-    # gives Gemma3ForCausalLM only `text_config`, so the block is carried there by mlxq
+@pytest.mark.parametrize(
+    ("family", "recipe", "text_class"),
+    [
+        ("gemma3", None, "Gemma3ForCausalLM"),
+        ("gemma3", "mixed_3_6", "Gemma3ForCausalLM"),
+        ("mistral3", None, "MistralForCausalLM"),
+        ("llava", None, "LlamaForCausalLM"),
+    ],
+)
+def test_language_model_of_image_text_checkpoint(
+    tmp_path: Path, family: str, recipe: str | None, text_class: str
+) -> None:
+    # mlx-lm converts some image-text models (Gemma 3 4B and up, Mistral 3, LLaVA) to their
+    # language model only, under `language_model.`, with the quantization block at the top of
+    # config.json; transformers gives the text class only `text_config`, so mlxq carries the
+    # block there, and reads the text model's tensors from under the prefix
+    import shutil
+
     import transformers
     from mlx_lm import convert
     from mlxq.cli.common import load_model
     from vlm_models import tiny_float_checkpoint as tiny_image_text_checkpoint
 
-    float_dir = tiny_image_text_checkpoint("gemma3", tmp_path / "float", tied=True)
+    float_dir = tiny_image_text_checkpoint(family, tmp_path / "float", tied=family == "gemma3")
     config = json.loads((float_dir / "config.json").read_text())
     config["vocab_size"] = config["text_config"]["vocab_size"]  # mlx-lm's gemma3 reads it here
     (float_dir / "config.json").write_text(json.dumps(config))
@@ -229,7 +242,8 @@ def test_gemma3_language_model_only(tmp_path: Path, recipe: str | None) -> None:
     convert(str(float_dir), mlx_path=str(mlx_dir), quantize=True, **options)
     ref = mlx_lm_logits(mlx_dir, TOKENS)
 
-    model = transformers.Gemma3ForCausalLM.from_pretrained(mlx_dir, dtype=torch.float32)
+    cls = getattr(transformers, text_class)
+    model = cls.from_pretrained(mlx_dir, dtype=torch.float32)
     assert isinstance(model.model.layers[0].mlp.down_proj, AffineLinear)
     if recipe:  # mixed_3_6: per-module entries under mlx-lm's names
         bits = {model.model.layers[i].mlp.down_proj.bits for i in range(2)}
@@ -238,15 +252,21 @@ def test_gemma3_language_model_only(tmp_path: Path, recipe: str | None) -> None:
         ours = model(torch.tensor([TOKENS])).logits[0].numpy()
     assert float(np.abs(ours - ref).max()) <= TOLERANCE  # gemma3_text's float difference
 
-    # saved as the text model, in the names of mlx-lm's gemma3_text (the 1B's layout)
+    # saved as the text model, in the names of mlx-lm's text model (Gemma 3 1B's layout)
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
-    assert json.loads((saved / "config.json").read_text())["model_type"] == "gemma3_text"
+    for file in mlx_dir.glob("tokenizer*"):
+        shutil.copy(file, saved)
+    assert (
+        json.loads((saved / "config.json").read_text())["model_type"]
+        == (config["text_config"]["model_type"])
+    )
     np.testing.assert_array_equal(mlx_lm_logits(saved, TOKENS), ref)
 
-    # AutoModelForCausalLM builds the image-text model: refused, naming the class to use
-    with pytest.raises(ValueError, match="Gemma3ForCausalLM"):
+    # AutoModelForCausalLM builds the image-text model (Gemma 3; transformers has no causal LM
+    # for the others' configs): refused, naming the class to use
+    with pytest.raises(ValueError, match=text_class if family == "gemma3" else "AutoModel"):
         transformers.AutoModelForCausalLM.from_pretrained(mlx_dir, dtype=torch.float32)
     # `mlxq generate` loads it with that class
     loaded, _, _ = load_model(str(mlx_dir), "cpu", "float32")
-    assert type(loaded).__name__ == "Gemma3ForCausalLM"
+    assert type(loaded).__name__ == text_class

@@ -124,8 +124,16 @@ LAYOUTS: dict[str, MlxLayout] = {
 
 
 def checkpoint_layout(model_type: str | None, keys: Iterable[str]) -> MlxLayout | None:
-    """mlx-lm's layout when the checkpoint of a `model_type` model uses it, else None."""
+    """mlx-lm's layout when the checkpoint of a `model_type` model uses it, else None.
+
+    Without a layout of its own, a text model whose every tensor lies under `language_model.`
+    is read from mlx-lm's conversion of an image-text model (Gemma 3 4B and up, Mistral 3,
+    LFM2-VL: mlx-lm keeps the language model only); it saves in its own names, which are those
+    of mlx-lm's text model."""
+    keys = list(keys)
     layout = LAYOUTS.get(model_type or "")
+    if layout is None and keys and all(k.startswith("language_model.") for k in keys):
+        return MlxLayout(model_type or "", _LANGUAGE_MODEL, "language_model.", save_renamed=False)
     if layout is None or not any(_has_marker(k, layout.marker) for k in keys):
         return None
     return layout
@@ -271,12 +279,6 @@ LAYOUTS["qwen3_5_moe_text"] = MlxLayout(
     (*_LANGUAGE_MODEL, *_MOE_RENAMES),
     "language_model.model.",
     unit_offset=_QWEN_NORMS,
-)
-# Gemma 3 (4B and up) is an image-text model: mlx-lm writes its language model only, under
-# `language_model.`. `Gemma3ForCausalLM` reads that checkpoint's text config (gemma3_text) and
-# saves the text model, as mlx-lm's gemma3_text names it (`model.*`, the 1B's layout).
-LAYOUTS["gemma3_text"] = MlxLayout(
-    "gemma3_text", _LANGUAGE_MODEL, "language_model.model.", save_renamed=False
 )
 # transformers renames PhiMoE's `gate.weight` (only) to `router.weight`: rename the router's
 # folder for all its tensors (transformers' `.block_sparse_moe.` -> `.mlp.` chains after it)
