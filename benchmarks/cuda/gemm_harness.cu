@@ -22,6 +22,7 @@
 
 #include "cuda/gemm_sm90.cuh"
 #include "cuda/gemm_sm90_sk.cuh"
+#include "cuda/gemm_sm90_ws.cuh"
 #include "harness.h"
 
 using namespace mlxq::cuda;
@@ -89,6 +90,28 @@ static void launch(const GemmParams& p0, cudaStream_t stream) {
   CK(cudaGetLastError());
 }
 
+// The warp-specialized kernel (gemm_sm90_ws.cuh). Tail: 0 whole tiles, 1 the last partial wave
+// as half tiles where gemm_ws_full says so, 2 every tile as two half tiles (checks).
+template <int GS, int Probe = 0, int Tail = 1>
+static void launch_ws(const GemmParams& p0, cudaStream_t stream) {
+  using C = GemmWsCfg;
+  auto kernel = gemm_w4_sm90_ws_kernel<__nv_bfloat16, GS, Probe>;
+  GemmParams p = p0;
+  p.tiles_m = (p.M + C::kNT - 1) / C::kNT;
+  const int64_t tiles = p.tiles_m * ((p.N + C::kTileN - 1) / C::kTileN);
+  p.full = Tail == 0 ? tiles : Tail == 2 ? 0 : gemm_ws_full(tiles, g_sms);
+  const int64_t blocks = p.full + 2 * (tiles - p.full);
+  const CUtensorMap mx = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
+                                    C::kNT, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mxh = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
+                                     C::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
+                                    kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  CK(cudaGetLastError());
+}
+
 struct Shape {
   const char* name;
   void (*fn)(const GemmParams&, cudaStream_t);
@@ -98,6 +121,13 @@ struct Shape {
 template <int GS>
 static std::vector<Shape> shapes_for(bool probes = false) {
   // SK (launch): 1 the host's rule (gemm_sk_blocks), 2 stream-K always; "x": x-major tile order
+#ifdef MLXQ_HARNESS_WS_ONLY  // a quicker build: the op's current shape, its rule, ws
+  std::vector<Shape> v = {{"256", launch<GS, 256, 2, 1, 0, false>, GS},
+                          {"256auto", launch<GS, 256, 2, 1, 0, false, true, 1, 1>, GS},
+                          {"ws", launch_ws<GS, 0, 0>, GS},
+                          {"wstail", launch_ws<GS, 0, 1>, GS},
+                          {"wshalf", launch_ws<GS, 0, 2>, GS}};
+#else
   std::vector<Shape> v = {{"64", launch<GS, 64, 2, 1>, GS},
                           {"128", launch<GS, 128, 2, 1>, GS},
                           {"128x2", launch<GS, 128, 2, 2>, GS},
@@ -105,11 +135,20 @@ static std::vector<Shape> shapes_for(bool probes = false) {
                           {"w256n128", launch<GS, 128, 4, 1>, GS},
                           {"256sk", launch<GS, 256, 2, 1, 0, false, true, 2>, GS},
                           {"256skx", launch<GS, 256, 2, 1, 0, false, true, 2, 1>, GS},
-                          {"256auto", launch<GS, 256, 2, 1, 0, false, true, 1, 1>, GS}};
+                          {"256auto", launch<GS, 256, 2, 1, 0, false, true, 1, 1>, GS},
+                          {"ws", launch_ws<GS, 0, 0>, GS},
+                          {"wstail", launch_ws<GS, 0, 1>, GS},
+                          {"wshalf", launch_ws<GS, 0, 2>, GS}};
+#endif
   if (probes) {
+#ifndef MLXQ_HARNESS_WS_ONLY
     v.push_back({"256:nosplit", launch<GS, 256, 2, 1, 0, false, false>, GS});
     v.push_back({"64:nosplit", launch<GS, 64, 2, 1, 0, true, false>, GS});
     v.push_back({"256skx:nodeq", launch<GS, 256, 2, 1, 1, false, true, 2, 1>, GS});
+#endif
+    v.push_back({"ws:nodeq", launch_ws<GS, 1, 0>, GS});
+    v.push_back({"wstail:nodeq", launch_ws<GS, 1, 1>, GS});
+    v.push_back({"wstail:nomma", launch_ws<GS, 4, 1>, GS});
   }
   return v;
 }
@@ -306,7 +345,8 @@ int main(int argc, char** argv) {
         CK(cudaDeviceSynchronize());
         const bool probe = std::strchr(sh.name, ':') != nullptr;
         // the CPU reference is slow: above M = 128 only the stream-K shapes are checked
-        const bool sk = std::strncmp(sh.name, "256sk", 5) == 0;
+        const bool sk =
+            std::strncmp(sh.name, "256sk", 5) == 0 || std::strncmp(sh.name, "ws", 2) == 0;
         const double e = (M <= 128 || sk) && !probe ? check(P) : 0.0;
         const double t = time_ms([&](int c) { sh.fn(params(P, c), 0); }, 2);
         std::printf(" | %s %.4f (%.2fx%s)", sh.name, t, t / dms,

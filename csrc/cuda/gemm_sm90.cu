@@ -11,6 +11,7 @@
 
 #include "cuda/gemm_sm90.cuh"
 #include "cuda/gemm_sm90_sk.cuh"
+#include "cuda/gemm_sm90_ws.cuh"
 #include "cuda/launch.h"
 
 namespace mlxq::cuda {
@@ -111,6 +112,39 @@ int64_t sk_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
   return gemm_sk_blocks(tiles, sm_count, K / kGemmTileK);
 }
 
+// The warp-specialized kernel (gemm_sm90_ws.cuh) for the 256-row block where it computes whole
+// tiles (no K split, no stream-K). MLXQ_CUDA_GEMM_WS (read on every call, for benchmarks and
+// tests): 0 never (the register-A kernel), 1 whole tiles only, 2 every tile as two half tiles;
+// by default whole tiles with the last partial wave as half tiles (gemm_ws_full). Returns the
+// tiles computed whole, or -1 where it does not run.
+int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count, int64_t sk,
+                    const GemmSplit& plan) {
+  const char* env = std::getenv("MLXQ_CUDA_GEMM_WS");
+  const int mode = env == nullptr || *env == '\0' ? 3 : std::atoi(env);
+  if (sh.nt != 256 || mode == 0 || sk > 0 || plan.split > 1 || K < kGemmTileK) return -1;
+  const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
+  return mode == 1 ? tiles : mode == 2 ? 0 : gemm_ws_full(tiles, sm_count);
+}
+
+template <typename T, int GS>
+void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
+  using C = GemmWsCfg;
+  auto kernel = gemm_w4_sm90_ws_kernel<T, GS>;
+  const CUtensorMapDataType xt =
+      half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUtensorMap mx =
+      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, C::kNT, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mxh =
+      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, C::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
+                                    kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  TORCH_CHECK(blocks <= INT32_MAX, "mlxq: too many blocks for the fused prefill");
+  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int GS>
 void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   const std::string tile = tile_for(p.M);
@@ -123,6 +157,11 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   p.sk = sk_for(sh, p.M, p.N, p.K, sm_count);
   p.xmajor = 1;  // measured 2-4% faster than the other order with stream-K (harness)
   const int64_t blocks = p.sk > 0 ? p.sk : plan.full + plan.rem * plan.split;
+  const int64_t ws_full = ws_full_for(sh, p.M, p.N, p.K, sm_count, p.sk, plan);
+  if (ws_full >= 0) {
+    p.full = ws_full;
+    return launch_ws<T, GS>(p, half, ws_full + 2 * (p.tiles - ws_full), stream);
+  }
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
   if (tile == "128w4") return launch_nt<T, GS, 128, 4, 1, true>(p, half, blocks, stream);
   if (tile == "128x2") return launch_nt<T, GS, 128, 2, 2, true>(p, half, blocks, stream);
@@ -157,6 +196,11 @@ GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_cou
     return {sk, 2 * sk * sh.nt * sh.tile_n, tiles};
   }
   const GemmSplit plan = split_for(sh, M, N, K, sm_count);
+  const int64_t ws_full = ws_full_for(sh, M, N, K, sm_count, sk, plan);
+  if (ws_full >= 0) {  // half tiles, no scratch
+    const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
+    return {ws_full + 2 * (tiles - ws_full), 0, 0};
+  }
   return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem};
 }
 
