@@ -253,7 +253,8 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize(
-    "fused", ["2", "2:64", "2:128", "2:128x2", "2:128w4", "2:256", "2:256:0", "2:256:2", "0"]
+    "fused",
+    ["2", "2:64", "2:128", "2:128x2", "2:128w4", "2:256", "2:256:1", "2:256:2", "2:256:3", "0"],
 )
 def test_prefill_tiles_and_tails(
     gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
@@ -261,10 +262,10 @@ def test_prefill_tiles_and_tails(
     # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
     # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
     # tiles of 128 or 256 rows of W by 64, 128 or 256 rows of x, partial in both; every shape of
-    # MLXQ_CUDA_GEMM_TILE; for 256 the warp-specialized kernel, also as half tiles, and the
-    # register-A kernel: MLXQ_CUDA_GEMM_WS 2 and 0), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0);
-    # the op reads the variables on every call. N = 300 writes y element by element, N = 264
-    # in 16-byte vectors.
+    # MLXQ_CUDA_GEMM_TILE; for 256 also the warp-specialized kernel, MLXQ_CUDA_GEMM_WS 1-3: whole
+    # tiles, half tiles, its default rule), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op
+    # reads the variables on every call. N = 300 writes y element by element, N = 264 in
+    # 16-byte vectors.
     gemm, _, rest = fused.partition(":")
     tile, _, ws = rest.partition(":")
     monkeypatch.setenv("MLXQ_CUDA_GEMM", gemm)

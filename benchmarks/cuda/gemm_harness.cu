@@ -5,7 +5,11 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
 //        benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness && /tmp/gemm_harness
 // "256sk"/"256skx" are the stream-K kernel (gemm_sm90_sk.cuh; x: x-major tile order), "256auto"
-// what the op's rule picks (gemm_sk_blocks); ":nodeq" leaves the dequantization out.
+// what the op's rule picks (gemm_sk_blocks); ":nodeq" leaves the dequantization out. "ws",
+// "wstail", "wshalf": the warp-specialized kernel (gemm_sm90_ws.cuh) with whole tiles, the last
+// partial wave as half tiles, every tile as half tiles; "wsmc*" the same in clusters of two
+// CTAs that multicast x; ":nomma" leaves the products out, ":tma" both. -DMLXQ_HARNESS_WS_ONLY
+// or -DMLXQ_HARNESS_MIN (256, ws, wstail) builds fewer shapes.
 // Arguments: M values (default 32 64 128 256 512 768); MLXQ_HARNESS_SHAPES="NxK,..." picks the
 // shapes (default 28672x8192,8192x28672).
 #include <cublas_v2.h>
@@ -91,20 +95,23 @@ static void launch(const GemmParams& p0, cudaStream_t stream) {
 }
 
 // The warp-specialized kernel (gemm_sm90_ws.cuh). Tail: 0 whole tiles, 1 the last partial wave
-// as half tiles where gemm_ws_full says so, 2 every tile as two half tiles (checks).
-template <int GS, int Probe = 0, int Tail = 1>
+// as half tiles where gemm_ws_full says so, 2 every tile as two half tiles (checks). Mc: in
+// clusters of two CTAs sharing x (tiles of 256 rows of W for the cluster).
+template <int GS, int Probe = 0, int Tail = 1, int Stages = 5, int ABufs = 2, bool Mc = false>
 static void launch_ws(const GemmParams& p0, cudaStream_t stream) {
-  using C = GemmWsCfg;
-  auto kernel = gemm_w4_sm90_ws_kernel<__nv_bfloat16, GS, Probe>;
+  using C = GemmWsCfg<Stages, ABufs>;
+  auto kernel = Mc ? gemm_w4_sm90_wsmc_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs>
+                   : gemm_w4_sm90_ws_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs>;
   GemmParams p = p0;
+  const int cl = Mc ? 2 : 1;
   p.tiles_m = (p.M + C::kNT - 1) / C::kNT;
-  const int64_t tiles = p.tiles_m * ((p.N + C::kTileN - 1) / C::kTileN);
-  p.full = Tail == 0 ? tiles : Tail == 2 ? 0 : gemm_ws_full(tiles, g_sms);
-  const int64_t blocks = p.full + 2 * (tiles - p.full);
+  const int64_t tiles = p.tiles_m * ((p.N + cl * C::kTileN - 1) / (cl * C::kTileN));
+  p.full = Tail == 0 ? tiles : Tail == 2 ? 0 : gemm_ws_full(tiles, g_sms / cl);
+  const int64_t blocks = cl * (p.full + 2 * (tiles - p.full));
   const CUtensorMap mx = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
-                                    C::kNT, CU_TENSOR_MAP_SWIZZLE_128B);
+                                    C::kNT / cl, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mxh = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
-                                     C::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
+                                     C::kNT / 2 / cl, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
                                     kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
   CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
@@ -121,12 +128,21 @@ struct Shape {
 template <int GS>
 static std::vector<Shape> shapes_for(bool probes = false) {
   // SK (launch): 1 the host's rule (gemm_sk_blocks), 2 stream-K always; "x": x-major tile order
-#ifdef MLXQ_HARNESS_WS_ONLY  // a quicker build: the op's current shape, its rule, ws
+#if defined(MLXQ_HARNESS_MIN)  // quickest: the register-A 256-row block and the ws kernel
+  std::vector<Shape> v = {{"256", launch<GS, 256, 2, 1, 0, false>, GS},
+                          {"ws", launch_ws<GS, 0, 0>, GS},
+                          {"wstail", launch_ws<GS, 0, 1>, GS}};
+  if (probes) return v;
+#elif defined(MLXQ_HARNESS_WS_ONLY)  // a quicker build: the op's current shape, its rule, ws
   std::vector<Shape> v = {{"256", launch<GS, 256, 2, 1, 0, false>, GS},
                           {"256auto", launch<GS, 256, 2, 1, 0, false, true, 1, 1>, GS},
                           {"ws", launch_ws<GS, 0, 0>, GS},
                           {"wstail", launch_ws<GS, 0, 1>, GS},
-                          {"wshalf", launch_ws<GS, 0, 2>, GS}};
+                          {"wshalf", launch_ws<GS, 0, 2>, GS},
+                          {"wsmc", launch_ws<GS, 0, 0, 5, 2, true>, GS},
+                          {"wsmctail", launch_ws<GS, 0, 1, 5, 2, true>, GS},
+                          {"wsmchalf", launch_ws<GS, 0, 2, 5, 2, true>, GS},
+                          {"wsmc43tail", launch_ws<GS, 0, 1, 4, 3, true>, GS}};
 #else
   std::vector<Shape> v = {{"64", launch<GS, 64, 2, 1>, GS},
                           {"128", launch<GS, 128, 2, 1>, GS},
@@ -147,8 +163,11 @@ static std::vector<Shape> shapes_for(bool probes = false) {
     v.push_back({"256skx:nodeq", launch<GS, 256, 2, 1, 1, false, true, 2, 1>, GS});
 #endif
     v.push_back({"ws:nodeq", launch_ws<GS, 1, 0>, GS});
-    v.push_back({"wstail:nodeq", launch_ws<GS, 1, 1>, GS});
-    v.push_back({"wstail:nomma", launch_ws<GS, 4, 1>, GS});
+    v.push_back({"ws:nomma", launch_ws<GS, 4, 0>, GS});
+    v.push_back({"ws:tma", launch_ws<GS, 5, 0>, GS});
+    v.push_back({"wsmc:nodeq", launch_ws<GS, 1, 0, 5, 2, true>, GS});
+    v.push_back({"wsmc:nomma", launch_ws<GS, 4, 0, 5, 2, true>, GS});
+    v.push_back({"wsmc:tma", launch_ws<GS, 5, 0, 5, 2, true>, GS});
   }
   return v;
 }

@@ -113,23 +113,28 @@ int64_t sk_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
 }
 
 // The warp-specialized kernel (gemm_sm90_ws.cuh) for the 256-row block where it computes whole
-// tiles (no K split, no stream-K). MLXQ_CUDA_GEMM_WS (read on every call, for benchmarks and
-// tests): 0 never (the register-A kernel), 1 whole tiles only, 2 every tile as two half tiles;
-// by default whole tiles with the last partial wave as half tiles (gemm_ws_full). Returns the
-// tiles computed whole, or -1 where it does not run.
+// tiles (no K split, no stream-K), chosen by MLXQ_CUDA_GEMM_WS (read on every call, for
+// benchmarks and tests): 1 whole tiles, 2 every tile as two half tiles, 3 whole tiles with the
+// last partial wave as half tiles (gemm_ws_full); unset or 0 the register-A kernel. Not the
+// default: on an H200 (bf16, M = 512, ms) the harness put it ahead (28672 x 8192: 0.431 against
+// 0.512-0.530, 8192 x 28672: 0.384-0.387 against 0.40-0.46; dense cuBLAS 0.304-0.312, two runs)
+// but through the op (bench_ops, two runs) it was even: 0.4316-0.4341 against 0.4356-0.4386 and
+// 0.4312-0.4505 against 0.4250-0.4306. Returns the tiles computed whole, or -1.
 int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count, int64_t sk,
                     const GemmSplit& plan) {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WS");
-  const int mode = env == nullptr || *env == '\0' ? 3 : std::atoi(env);
-  if (sh.nt != 256 || mode == 0 || sk > 0 || plan.split > 1 || K < kGemmTileK) return -1;
+  const int mode = env == nullptr ? 0 : std::atoi(env);
+  if (sh.nt != 256 || mode < 1 || mode > 3 || sk > 0 || plan.split > 1 || K < kGemmTileK) {
+    return -1;
+  }
   const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
   return mode == 1 ? tiles : mode == 2 ? 0 : gemm_ws_full(tiles, sm_count);
 }
 
 template <typename T, int GS>
 void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
-  using C = GemmWsCfg;
-  auto kernel = gemm_w4_sm90_ws_kernel<T, GS>;
+  using C = GemmWsCfg<5, 2>;
+  auto kernel = gemm_w4_sm90_ws_kernel<T, GS, 0, 5, 2>;
   const CUtensorMapDataType xt =
       half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUtensorMap mx =
