@@ -252,18 +252,25 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("fused", ["2", "2:64", "2:128", "2:128x2", "2:128w4", "2:256", "0"])
+@pytest.mark.parametrize(
+    "fused",
+    ["2", "2:64", "2:128", "2:128x2", "2:128w4", "2:256", "2:256:1", "2:256:2", "2:256:3", "0"],
+)
 def test_prefill_tiles_and_tails(
     gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
 ) -> None:
     # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
     # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
     # tiles of 128 or 256 rows of W by 64, 128 or 256 rows of x, partial in both; every shape of
-    # MLXQ_CUDA_GEMM_TILE), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op reads the variables
-    # on every call. N = 300 writes y element by element, N = 264 in 16-byte vectors.
-    gemm, _, tile = fused.partition(":")
+    # MLXQ_CUDA_GEMM_TILE; for 256 also the warp-specialized kernel, MLXQ_CUDA_GEMM_WS 1-3: whole
+    # tiles, half tiles, its default rule), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op
+    # reads the variables on every call. N = 300 writes y element by element, N = 264 in
+    # 16-byte vectors.
+    gemm, _, rest = fused.partition(":")
+    tile, _, ws = rest.partition(":")
     monkeypatch.setenv("MLXQ_CUDA_GEMM", gemm)
     monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", tile)
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
     for n in (300, 264):
         wq, s, b = _quantized(gen, n, 1024, group_size, 4, dtype)
         for m in (9, 65, 128, 129, 300, 513):

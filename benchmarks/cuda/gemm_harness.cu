@@ -5,9 +5,14 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
 //        benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness && /tmp/gemm_harness
 // "256sk"/"256skx" are the stream-K kernel (gemm_sm90_sk.cuh; x: x-major tile order), "256auto"
-// what the op's rule picks (gemm_sk_blocks); ":nodeq" leaves the dequantization out.
+// what the op's rule picks (gemm_sk_blocks); ":nodeq" leaves the dequantization out. "ws",
+// "wstail", "wshalf": the warp-specialized kernel (gemm_sm90_ws.cuh) with whole tiles, the last
+// partial wave as half tiles, every tile as half tiles; "wsmc*" the same in clusters of two
+// CTAs that multicast x; ":nomma" leaves the products out, ":tma" both. -DMLXQ_HARNESS_WS_ONLY
+// or -DMLXQ_HARNESS_MIN (256, ws, wstail) builds fewer shapes.
 // Arguments: M values (default 32 64 128 256 512 768); MLXQ_HARNESS_SHAPES="NxK,..." picks the
-// shapes (default 28672x8192,8192x28672).
+// shapes (default 28672x8192,8192x28672); MLXQ_HARNESS_PACK=1 times the op's packing of the
+// (scale, bias) pairs with each call (see main).
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -22,6 +27,7 @@
 
 #include "cuda/gemm_sm90.cuh"
 #include "cuda/gemm_sm90_sk.cuh"
+#include "cuda/gemm_sm90_ws.cuh"
 #include "harness.h"
 
 using namespace mlxq::cuda;
@@ -89,6 +95,31 @@ static void launch(const GemmParams& p0, cudaStream_t stream) {
   CK(cudaGetLastError());
 }
 
+// The warp-specialized kernel (gemm_sm90_ws.cuh). Tail: 0 whole tiles, 1 the last partial wave
+// as half tiles where gemm_ws_full says so, 2 every tile as two half tiles (checks). Mc: in
+// clusters of two CTAs sharing x (tiles of 256 rows of W for the cluster).
+template <int GS, int Probe = 0, int Tail = 1, int Stages = 5, int ABufs = 2, bool Mc = false>
+static void launch_ws(const GemmParams& p0, cudaStream_t stream) {
+  using C = GemmWsCfg<Stages, ABufs>;
+  auto kernel = Mc ? gemm_w4_sm90_wsmc_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs>
+                   : gemm_w4_sm90_ws_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs>;
+  GemmParams p = p0;
+  const int cl = Mc ? 2 : 1;
+  p.tiles_m = (p.M + C::kNT - 1) / C::kNT;
+  const int64_t tiles = p.tiles_m * ((p.N + cl * C::kTileN - 1) / (cl * C::kTileN));
+  p.full = Tail == 0 ? tiles : Tail == 2 ? 0 : gemm_ws_full(tiles, g_sms / cl);
+  const int64_t blocks = cl * (p.full + 2 * (tiles - p.full));
+  const CUtensorMap mx = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
+                                    C::kNT / cl, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mxh = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
+                                     C::kNT / 2 / cl, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
+                                    kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  CK(cudaGetLastError());
+}
+
 struct Shape {
   const char* name;
   void (*fn)(const GemmParams&, cudaStream_t);
@@ -98,6 +129,22 @@ struct Shape {
 template <int GS>
 static std::vector<Shape> shapes_for(bool probes = false) {
   // SK (launch): 1 the host's rule (gemm_sk_blocks), 2 stream-K always; "x": x-major tile order
+#if defined(MLXQ_HARNESS_MIN)  // quickest: the register-A 256-row block and the ws kernel
+  std::vector<Shape> v = {{"256", launch<GS, 256, 2, 1, 0, false>, GS},
+                          {"ws", launch_ws<GS, 0, 0>, GS},
+                          {"wstail", launch_ws<GS, 0, 1>, GS}};
+  if (probes) return v;
+#elif defined(MLXQ_HARNESS_WS_ONLY)  // a quicker build: the op's current shape, its rule, ws
+  std::vector<Shape> v = {{"256", launch<GS, 256, 2, 1, 0, false>, GS},
+                          {"256auto", launch<GS, 256, 2, 1, 0, false, true, 1, 1>, GS},
+                          {"ws", launch_ws<GS, 0, 0>, GS},
+                          {"wstail", launch_ws<GS, 0, 1>, GS},
+                          {"wshalf", launch_ws<GS, 0, 2>, GS},
+                          {"wsmc", launch_ws<GS, 0, 0, 5, 2, true>, GS},
+                          {"wsmctail", launch_ws<GS, 0, 1, 5, 2, true>, GS},
+                          {"wsmchalf", launch_ws<GS, 0, 2, 5, 2, true>, GS},
+                          {"wsmc43tail", launch_ws<GS, 0, 1, 4, 3, true>, GS}};
+#else
   std::vector<Shape> v = {{"64", launch<GS, 64, 2, 1>, GS},
                           {"128", launch<GS, 128, 2, 1>, GS},
                           {"128x2", launch<GS, 128, 2, 2>, GS},
@@ -105,11 +152,23 @@ static std::vector<Shape> shapes_for(bool probes = false) {
                           {"w256n128", launch<GS, 128, 4, 1>, GS},
                           {"256sk", launch<GS, 256, 2, 1, 0, false, true, 2>, GS},
                           {"256skx", launch<GS, 256, 2, 1, 0, false, true, 2, 1>, GS},
-                          {"256auto", launch<GS, 256, 2, 1, 0, false, true, 1, 1>, GS}};
+                          {"256auto", launch<GS, 256, 2, 1, 0, false, true, 1, 1>, GS},
+                          {"ws", launch_ws<GS, 0, 0>, GS},
+                          {"wstail", launch_ws<GS, 0, 1>, GS},
+                          {"wshalf", launch_ws<GS, 0, 2>, GS}};
+#endif
   if (probes) {
+#ifndef MLXQ_HARNESS_WS_ONLY
     v.push_back({"256:nosplit", launch<GS, 256, 2, 1, 0, false, false>, GS});
     v.push_back({"64:nosplit", launch<GS, 64, 2, 1, 0, true, false>, GS});
     v.push_back({"256skx:nodeq", launch<GS, 256, 2, 1, 1, false, true, 2, 1>, GS});
+#endif
+    v.push_back({"ws:nodeq", launch_ws<GS, 1, 0>, GS});
+    v.push_back({"ws:nomma", launch_ws<GS, 4, 0>, GS});
+    v.push_back({"ws:tma", launch_ws<GS, 5, 0>, GS});
+    v.push_back({"wsmc:nodeq", launch_ws<GS, 1, 0, 5, 2, true>, GS});
+    v.push_back({"wsmc:nomma", launch_ws<GS, 4, 0, 5, 2, true>, GS});
+    v.push_back({"wsmc:tma", launch_ws<GS, 5, 0, 5, 2, true>, GS});
   }
   return v;
 }
@@ -120,6 +179,7 @@ struct Problem {
   std::vector<uint16_t> s, b, x;
   std::vector<uint32_t*> dw;
   std::vector<uint32_t*> dsb;
+  std::vector<uint16_t*> ds, db;  // scales and biases apart, for gemm_pack_sb_kernel
   uint16_t* dx = nullptr;
   uint16_t* dy = nullptr;
   uint16_t* dwd = nullptr;  // dense dequantized weight [N, K] bf16
@@ -155,6 +215,12 @@ static void make(Problem& P, int copies) {
     CK(cudaMemcpy(w, P.w.data(), P.w.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(s, sb.data(), sb.size() * 4, cudaMemcpyHostToDevice));
     P.dw.push_back(w), P.dsb.push_back(s);
+    uint16_t *ds, *db;
+    CK(cudaMalloc(&ds, P.s.size() * 2));
+    CK(cudaMalloc(&db, P.b.size() * 2));
+    CK(cudaMemcpy(ds, P.s.data(), P.s.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(db, P.b.data(), P.b.size() * 2, cudaMemcpyHostToDevice));
+    P.ds.push_back(ds), P.db.push_back(db);
   }
   std::vector<uint16_t> wd(P.N * P.K);
   for (int64_t n = 0; n < P.N; ++n)
@@ -252,6 +318,11 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&g_counters, (1 << 16) * sizeof(int)));
     CK(cudaMemset(g_counters, 0, (1 << 16) * sizeof(int)));
   }
+  // MLXQ_HARNESS_PACK=1: each timed call packs its (scale, bias) pairs first, as the op does
+  // (gemm_pack_sb_kernel, timed with it), so the kernel finds them in L2 rather than wherever the
+  // other weight copy's call left them
+  const char* pack_env = std::getenv("MLXQ_HARNESS_PACK");
+  const bool pack = pack_env != nullptr && std::atoi(pack_env) != 0;
   cublasHandle_t handle;
   if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) return 1;
   if (ncu) {
@@ -306,16 +377,28 @@ int main(int argc, char** argv) {
         CK(cudaDeviceSynchronize());
         const bool probe = std::strchr(sh.name, ':') != nullptr;
         // the CPU reference is slow: above M = 128 only the stream-K shapes are checked
-        const bool sk = std::strncmp(sh.name, "256sk", 5) == 0;
+        const bool sk =
+            std::strncmp(sh.name, "256sk", 5) == 0 || std::strncmp(sh.name, "ws", 2) == 0;
         const double e = (M <= 128 || sk) && !probe ? check(P) : 0.0;
-        const double t = time_ms([&](int c) { sh.fn(params(P, c), 0); }, 2);
+        const double t = time_ms(
+            [&](int c) {
+              if (pack) {  // as the op does: the pairs written just before, so in L2
+                const int64_t n = P.N * P.G();
+                gemm_pack_sb_kernel<<<static_cast<unsigned>((n + 255) / 256), 256>>>(
+                    P.ds[c], P.db[c], P.dsb[c], P.G(), P.G(), n);
+              }
+              sh.fn(params(P, c), 0);
+            },
+            2);
         std::printf(" | %s %.4f (%.2fx%s)", sh.name, t, t / dms,
                     e < 0 ? " UNWRITTEN" : (e >= 8e-3 ? " WRONG" : ""));
       }
       std::printf("\n");
       std::fflush(stdout);
     }
-    for (int c = 0; c < 2; ++c) cudaFree(P.dw[c]), cudaFree(P.dsb[c]);
+    for (int c = 0; c < 2; ++c) {
+      cudaFree(P.dw[c]), cudaFree(P.dsb[c]), cudaFree(P.ds[c]), cudaFree(P.db[c]);
+    }
     cudaFree(P.dwd), cudaFree(P.dx), cudaFree(P.dy);
   }
   return 0;

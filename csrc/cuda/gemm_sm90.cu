@@ -11,6 +11,7 @@
 
 #include "cuda/gemm_sm90.cuh"
 #include "cuda/gemm_sm90_sk.cuh"
+#include "cuda/gemm_sm90_ws.cuh"
 #include "cuda/launch.h"
 
 namespace mlxq::cuda {
@@ -111,6 +112,44 @@ int64_t sk_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
   return gemm_sk_blocks(tiles, sm_count, K / kGemmTileK);
 }
 
+// The warp-specialized kernel (gemm_sm90_ws.cuh) for the 256-row block where it computes whole
+// tiles (no K split, no stream-K), chosen by MLXQ_CUDA_GEMM_WS (read on every call, for
+// benchmarks and tests): 1 whole tiles, 2 every tile as two half tiles, 3 whole tiles with the
+// last partial wave as half tiles (gemm_ws_full); unset or 0 the register-A kernel. Not the
+// default: on an H200 (bf16, M = 512, ms) the harness put it ahead (28672 x 8192: 0.431 against
+// 0.512-0.530, 8192 x 28672: 0.384-0.387 against 0.40-0.46; dense cuBLAS 0.304-0.312, two runs)
+// but through the op (bench_ops, two runs) it was even: 0.4316-0.4341 against 0.4356-0.4386 and
+// 0.4312-0.4505 against 0.4250-0.4306. Returns the tiles computed whole, or -1.
+int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count, int64_t sk,
+                    const GemmSplit& plan) {
+  const char* env = std::getenv("MLXQ_CUDA_GEMM_WS");
+  const int mode = env == nullptr ? 0 : std::atoi(env);
+  if (sh.nt != 256 || mode < 1 || mode > 3 || sk > 0 || plan.split > 1 || K < kGemmTileK) {
+    return -1;
+  }
+  const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
+  return mode == 1 ? tiles : mode == 2 ? 0 : gemm_ws_full(tiles, sm_count);
+}
+
+template <typename T, int GS>
+void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
+  using C = GemmWsCfg<5, 2>;
+  auto kernel = gemm_w4_sm90_ws_kernel<T, GS, 0, 5, 2>;
+  const CUtensorMapDataType xt =
+      half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUtensorMap mx =
+      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, C::kNT, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mxh =
+      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, C::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
+                                    kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  TORCH_CHECK(blocks <= INT32_MAX, "mlxq: too many blocks for the fused prefill");
+  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int GS>
 void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   const std::string tile = tile_for(p.M);
@@ -123,6 +162,11 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   p.sk = sk_for(sh, p.M, p.N, p.K, sm_count);
   p.xmajor = 1;  // measured 2-4% faster than the other order with stream-K (harness)
   const int64_t blocks = p.sk > 0 ? p.sk : plan.full + plan.rem * plan.split;
+  const int64_t ws_full = ws_full_for(sh, p.M, p.N, p.K, sm_count, p.sk, plan);
+  if (ws_full >= 0) {
+    p.full = ws_full;
+    return launch_ws<T, GS>(p, half, ws_full + 2 * (p.tiles - ws_full), stream);
+  }
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
   if (tile == "128w4") return launch_nt<T, GS, 128, 4, 1, true>(p, half, blocks, stream);
   if (tile == "128x2") return launch_nt<T, GS, 128, 2, 2, true>(p, half, blocks, stream);
@@ -157,6 +201,11 @@ GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_cou
     return {sk, 2 * sk * sh.nt * sh.tile_n, tiles};
   }
   const GemmSplit plan = split_for(sh, M, N, K, sm_count);
+  const int64_t ws_full = ws_full_for(sh, M, N, K, sm_count, sk, plan);
+  if (ws_full >= 0) {  // half tiles, no scratch
+    const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
+    return {ws_full + 2 * (tiles - ws_full), 0, 0};
+  }
   return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem};
 }
 

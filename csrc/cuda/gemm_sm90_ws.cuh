@@ -1,0 +1,394 @@
+// The warp-specialized form of the fused Hopper prefill kernel (gemm_sm90.cuh: the design, the
+// helpers and GemmParams) for 128 rows of W by 256 rows of x. In the register-A kernel a
+// warpgroup cannot overlap its own dequantization with its products (C7513), and ncu saw its
+// tensor pipe 58% busy. Here a third warpgroup only dequantizes: it reads the TMA'd packed stage,
+// writes the stage's 128 x 64 tile of W in the dtype of x to shared memory in the 128-byte
+// swizzled layout wgmma reads (a ring of two such tiles), and two warpgroups only multiply, both
+// operands from shared memory, one stage of products left in flight while the next is issued.
+// Same numerics as the register-A kernel: s * q + b in one FMA of the dtype of x, products in
+// fp32.
+//
+// The last, partial wave of 256-row tiles (448 tiles on 132 SMs at 28672 x 8192, M = 512: 3.4
+// waves run as 4) can be run as twice as many 128-row half tiles (GemmParams::full: tiles
+// computed whole; each later tile is two blocks, its rows of x split), which take about half as
+// long; no partial sums, so the result does not depend on it.
+//
+// Measured on an H200 (benchmarks/cuda/gemm_harness.cu, bf16, M = 512, ms; dense cuBLAS
+// 0.304-0.312): 28672 x 8192 0.454-0.461 whole tiles, 0.431-0.432 with the half-tile last wave,
+// against 0.512-0.530 for the register-A kernel in the same runs; 8192 x 28672 (128 tiles, one
+// wave) 0.383-0.388 against 0.40-0.46. Leaving parts out (28672 x 8192): no dequantization
+// (the packed words stored as they are) 0.395, no products 0.268, only the TMA loads 0.211.
+// Through the op it measured even with the register-A kernel (gemm_sm90.cu says where it runs).
+// Also measured and not used by the op (harness only): Mc, clusters of two CTAs that multicast
+// x (0.55 at 28672 x 8192, 0.47 at 8192 x 28672; its TMA loads alone took 0.47 against 0.21),
+// and 4 TMA slots with 3 dequantized tiles in clusters (0.56). With 4 slots and 3 or 4 tiles
+// ptxas serialized the single-CTA products (C7514), which is why 5 and 2 stay.
+#pragma once
+
+#include "cuda/gemm_sm90.cuh"
+
+namespace mlxq::cuda {
+
+// Stages: TMA slots (x and packed W); ABufs: dequantized tiles of W.
+template <int Stages, int ABufs>
+struct GemmWsCfg {
+  static constexpr int kThreads = 384;                         // dequantizer + two multipliers
+  static constexpr int kTileN = 128;                           // rows of W per block
+  static constexpr int kNT = 256;                              // rows of x per block (whole tiles)
+  static constexpr int kXBytes = kNT * kGemmTileK * 2;         // 32 KB
+  static constexpr int kWBytes = kTileN * kGemmTileK / 2;      // packed W: 4 KB
+  static constexpr int kStageBytes = kXBytes + kWBytes;        // one TMA slot
+  static constexpr int kStages = Stages;                       // TMA ring
+  static constexpr int kATileBytes = kTileN * kGemmTileK * 2;  // 16 KB dequantized W
+  static constexpr int kABufs = ABufs;                         // ring of dequantized tiles
+  static constexpr int kSmemBytes = kStages * kStageBytes + kABufs * kATileBytes + 1024;
+  static constexpr int kOutStride = kTileN * 2 + 16;  // bytes per staged row of y
+  static_assert(kStageBytes % 1024 == 0 && kATileBytes % 1024 == 0, "swizzle atoms");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+  static_assert(kNT * kOutStride <= kStages * kStageBytes, "the output tile must fit the ring");
+};
+
+#ifdef MLXQ_WGMMA
+namespace sm90 {
+
+// One wgmma.m64nNk16 with both operands from shared-memory descriptors (K-major, 128-byte
+// swizzle), fp32 accumulators d (added to unless acc is 0), for TYPE "bf16" or "f16".
+#define MLXQ_WGMMA_SS_REGS64                                                                      \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),    \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),  \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),  \
+      "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),  \
+      "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),  \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),  \
+      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define MLXQ_WGMMA_SS_REGS128                                                                    \
+  MLXQ_WGMMA_SS_REGS64, "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]),         \
+      "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), \
+      "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), \
+      "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), \
+      "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), \
+      "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),           \
+      "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]),        \
+      "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]),        \
+      "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),        \
+      "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]),        \
+      "+f"(d[127])
+#define MLXQ_WGMMA_SS_D64                                                                       \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
+  "%56, %57, %58, %59, %60, %61, %62, %63"
+#define MLXQ_WGMMA_SS_D128                                                                       \
+  MLXQ_WGMMA_SS_D64                                                                              \
+  ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
+  "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, "   \
+  "%100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, "   \
+  "%115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+
+template <typename T>
+struct WgmmaSS;
+#define MLXQ_WGMMA_SS(CT, TYPE)                                                               \
+  template <>                                                                                 \
+  struct WgmmaSS<CT> {                                                                        \
+    static __device__ __forceinline__ void mma(float (&d)[64], uint64_t da, uint64_t db,      \
+                                               uint32_t acc) {                                \
+      asm volatile(                                                                           \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                        \
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " MLXQ_WGMMA_SS_D64  \
+          "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                                  \
+          : MLXQ_WGMMA_SS_REGS64                                                              \
+          : "l"(da), "l"(db), "r"(acc));                                                      \
+    }                                                                                         \
+    static __device__ __forceinline__ void mma(float (&d)[128], uint64_t da, uint64_t db,     \
+                                               uint32_t acc) {                                \
+      asm volatile(                                                                           \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                       \
+          "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " " MLXQ_WGMMA_SS_D128 \
+          "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                                \
+          : MLXQ_WGMMA_SS_REGS128                                                             \
+          : "l"(da), "l"(db), "r"(acc));                                                      \
+    }                                                                                         \
+  };
+MLXQ_WGMMA_SS(__nv_bfloat16, "bf16")
+MLXQ_WGMMA_SS(__half, "f16")
+#undef MLXQ_WGMMA_SS
+#undef MLXQ_WGMMA_SS_REGS64
+#undef MLXQ_WGMMA_SS_REGS128
+#undef MLXQ_WGMMA_SS_D64
+#undef MLXQ_WGMMA_SS_D128
+
+__device__ __forceinline__ void sts128(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
+                                       uint32_t d) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c),
+               "r"(d)
+               : "memory");
+}
+
+// tma_2d into the same offset of the shared memory of each CTA of the cluster in `mask`,
+// completing on the barrier at `bar`'s offset in each
+__device__ __forceinline__ void tma_2d_mc(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                          uint32_t bar, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
+      "cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+// Arrive on the barrier at `bar`'s offset in CTA `rank` of the cluster
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
+                   : "memory");
+}
+
+// The multipliers of gemm_ws_tile: warpgroup 1 takes rows 0 .. 63 of the W tile, warpgroup 2
+// rows 64 .. 127; thread 128 streams the stages.
+template <typename T, int NTC, int Probe, typename C, bool Mc>
+__device__ __forceinline__ void gemm_ws_mul(const GemmParams& p, const CUtensorMap* map_x,
+                                            const CUtensorMap* map_w, int64_t m0, int64_t n0,
+                                            uint32_t smem0, uint8_t* smem_gen, uint32_t rank,
+                                            uint32_t bar0, uint32_t ebar0, uint32_t abar0,
+                                            uint32_t aebar0) {
+  constexpr int kStages = C::kStages, kAhead = kStages - 2;
+  const int tid = threadIdx.x, wg = tid >> 7, ltid = tid & 127;
+  const int nst = static_cast<int>(p.K / kGemmTileK);
+  const uint32_t abuf0 = smem0 + kStages * C::kStageBytes;
+  const int cw = wg - 1;
+  auto load_stage = [&](int s) {
+    const int slot = s % kStages;
+    if (s >= kStages) mbar_wait(ebar0 + 8 * slot, ((s / kStages) - 1) & 1);
+    const uint32_t base = smem0 + slot * C::kStageBytes, bar = bar0 + 8 * slot;
+    mbar_expect_tx(bar, NTC * kGemmTileK * 2 + C::kWBytes);
+    if constexpr (Mc) {  // this CTA's half of the x tile, into both
+      tma_2d_mc(base + rank * (NTC / 2) * 128, map_x, s * kGemmTileK,
+                static_cast<int>(m0) + static_cast<int>(rank) * (NTC / 2), bar, 3);
+    } else {
+      tma_2d(base, map_x, s * kGemmTileK, static_cast<int>(m0), bar);
+    }
+    tma_2d(base + C::kXBytes, map_w, s * (kGemmTileK / 8), static_cast<int>(n0), bar);
+  };
+  if (tid == 128) {
+    for (int s = 0; s < kAhead && s < nst; ++s) load_stage(s);
+  }
+  float d[NTC / 2];  // the first products overwrite it (scale-d 0)
+  // at least one stage (K >= 64, the host's check): for a loop that may not run ptxas
+  // serializes the products (C7514)
+  int s = 0;
+  do {
+    if (tid == 128 && s + kAhead < nst) load_stage(s + kAhead);
+    const int slot = s % kStages, ab = s % C::kABufs;
+    mbar_wait(bar0 + 8 * slot, (s / kStages) & 1);
+    mbar_wait(abar0 + 8 * ab, (s / C::kABufs) & 1);
+    const uint32_t xb = smem0 + slot * C::kStageBytes;
+    const uint32_t wb = abuf0 + ab * C::kATileBytes + cw * (C::kATileBytes / 2);
+    __syncwarp();
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (Probe & 4) continue;  // harness only: no products
+      WgmmaSS<T>::mma(d, smem_desc(wb + 32 * j), smem_desc(xb + 32 * j), s > 0 || j > 0);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    // products of stage s - 1 are complete: free its x and its tile of W
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+    if (s > 0 && ltid == 0) {
+      mbar_arrive(ebar0 + 8 * ((s - 1) % kStages));
+      if constexpr (Mc) mbar_arrive_cluster(ebar0 + 8 * ((s - 1) % kStages), rank ^ 1);
+      mbar_arrive(aebar0 + 8 * ((s - 1) % C::kABufs));
+    }
+  } while (++s < nst);
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  keep(d);
+
+  // Output as in gemm_w4_sm90_kernel, staged in the TMA ring: every stage has landed and been
+  // multiplied, and the dequantizer read its last W before signalling the last tile.
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int ra = ((tid - 128) >> 5) * 16 + g;  // row of W in the tile (warp of the multipliers)
+#pragma unroll
+  for (int j = 0; j < NTC / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = 8 * j + 2 * t + (e & 1), n = ra + 8 * (e >> 1);
+      *reinterpret_cast<T*>(smem_gen + m * C::kOutStride + 2 * n) = from_float<T>(d[4 * j + e]);
+    }
+  }
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  T* y = static_cast<T*>(p.y);
+  constexpr int kChunks = C::kTileN / 8;  // 16-byte vectors per staged row
+  for (int c = tid - 128; c < NTC * kChunks; c += 256) {
+    const int ml = c / kChunks, nc = c % kChunks;
+    const int64_t m = m0 + ml, n = n0 + 8 * nc;
+    if (m >= p.M || n >= p.N) continue;
+    const uint8_t* src = smem_gen + ml * C::kOutStride + 16 * nc;
+    if (p.vec_out && n + 8 <= p.N) {
+      *reinterpret_cast<uint4*>(y + m * p.N + n) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int i = 0; i < 8 && n + i < p.N; ++i)
+        y[m * p.N + n + i] = reinterpret_cast<const T*>(src)[i];
+    }
+  }
+}
+
+// One tile (NTC = 256 rows of x) or half tile (128) of the warp-specialized kernel: all three
+// warpgroups' parts. Mc: one of a cluster of two CTAs with the same rows of x and other rows of
+// W; each loads half of the x tile into both (TMA multicast), halving the reads of x from L2,
+// and a slot is reused once both CTAs' multipliers are done with it.
+template <typename T, int GS, int NTC, int Probe, int Stages, int ABufs, bool Mc>
+__device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensorMap* map_x,
+                                             const CUtensorMap* map_w, int64_t m0, int64_t n0,
+                                             uint32_t smem0, uint8_t* smem_gen) {
+  using C = GemmWsCfg<Stages, ABufs>;
+  using Op = Wgmma<T>;
+  constexpr int kStages = C::kStages;
+  const int tid = threadIdx.x, wg = tid >> 7, ltid = tid & 127;
+  const int nst = static_cast<int>(p.K / kGemmTileK);
+  const uint32_t abuf0 = smem0 + kStages * C::kStageBytes;
+  // full: a TMA stage has landed; empty: both multiplying warpgroups are done with its x (the
+  // dequantizer is done with its W before it signals afull); afull: a dequantized tile is
+  // written (128 arrivals); aempty: both multipliers' products of it are complete
+  __shared__ __align__(8) uint64_t full[kStages], empty[kStages], afull[C::kABufs],
+      aempty[C::kABufs];
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+  const uint32_t ebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
+  const uint32_t abar0 = static_cast<uint32_t>(__cvta_generic_to_shared(afull));
+  const uint32_t aebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(aempty));
+  if (tid == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(bar0 + 8 * i, 1);
+      mbar_init(ebar0 + 8 * i, Mc ? 4 : 2);
+    }
+    for (int i = 0; i < C::kABufs; ++i) {
+      mbar_init(abar0 + 8 * i, 128);
+      mbar_init(aebar0 + 8 * i, 2);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  uint32_t rank = 0;
+  if constexpr (Mc) {
+    asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    cluster_sync();  // the other CTA's barriers are initialized before loads reach them
+  } else {
+    __syncthreads();
+  }
+
+  if (wg == 0) {
+    // The dequantizer: thread r writes row r of each stage's tile of W, 8 words of 8 values, as
+    // 16-byte chunks c at chunk c ^ (r % 8) of its 128-byte row (the swizzle TMA gives x).
+    const int r = ltid;
+    const uint32_t* sbr = p.sb + (n0 + r < p.N ? n0 + r : p.N - 1) * p.Gp;
+    auto load_pairs = [&](int s, uint32_t (&v)[2]) {
+      if (s < nst) {
+        const int64_t gi = (static_cast<int64_t>(s) * kGemmTileK) >> p.group_shift;
+        v[0] = __ldg(sbr + gi);
+        v[1] = GS == 32 ? __ldg(sbr + gi + 1) : v[0];
+      }
+    };
+    uint32_t pr[2] = {0, 0}, pn[2] = {0, 0};
+    load_pairs(0, pr);
+    for (int s = 0; s < nst; ++s) {
+      load_pairs(s + 1, pn);
+      const int slot = s % kStages, ab = s % C::kABufs;
+      if (s >= C::kABufs) mbar_wait(aebar0 + 8 * ab, ((s / C::kABufs) - 1) & 1);
+      mbar_wait(bar0 + 8 * slot, (s / kStages) & 1);
+      const uint32_t wrow = smem0 + slot * C::kStageBytes + C::kXBytes + r * 32;
+      const uint4 lo = lds128(wrow), hi = lds128(wrow + 16);
+      const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      const uint32_t arow = abuf0 + ab * C::kATileBytes + r * 128;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const uint32_t v = pr[c >> 2];  // the group of values 8c .. 8c + 7
+        const uint32_t sc = __byte_perm(v, 0, 0x1010), bi = __byte_perm(v, 0, 0x3232);
+        uint32_t o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // values 2j, 2j + 1 of the word: byte j, both nibbles
+          const uint32_t u =
+              and_or<0x000F000Fu, Op::kMagic>(__byte_perm(w[c], w[c] >> 4, j | ((j + 4) << 8)));
+          o[j] = (Probe & 1) ? u : Op::deq(u, sc, bi);
+        }
+        sts128(arow + 16 * (c ^ (r & 7)), o[0], o[1], o[2], o[3]);
+      }
+      // the products read the tile through the async proxy
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      mbar_arrive(abar0 + 8 * ab);
+      pr[0] = pn[0], pr[1] = pn[1];
+    }
+  } else {
+    gemm_ws_mul<T, NTC, Probe, C, Mc>(p, map_x, map_w, m0, n0, smem0, smem_gen, rank, bar0, ebar0,
+                                      abar0, aebar0);
+  }
+  if constexpr (Mc) cluster_sync();  // no CTA leaves while the other may still arrive on it
+}
+
+}  // namespace sm90
+#endif
+
+// Tiles: tile t covers rows of x (t % tiles_m) * 256 and rows of W (t / tiles_m) * 128 (Mc:
+// * 256, the CTA of rank r of cluster t taking rows + 128 r). Blocks (Mc: clusters) b < p.full
+// compute tile b; block p.full + 2 i + h computes half h (rows of x + 128 h, 128 of them) of
+// tile p.full + i. map_x boxes 256 rows of x (Mc: 128), map_xh 128 (Mc: 64).
+template <typename T, int GS, int Probe, int Stages, int ABufs, bool Mc>
+__device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensorMap* map_x,
+                                             const CUtensorMap* map_xh, const CUtensorMap* map_w) {
+#ifdef MLXQ_WGMMA
+  using C = GemmWsCfg<Stages, ABufs>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t smem0 = (raw + 1023u) & ~1023u;
+  uint8_t* smem_gen = smem_raw + (smem0 - raw);
+  const int64_t blk = Mc ? blockIdx.x / 2 : blockIdx.x;
+  const int64_t tile_n = Mc ? 2 * C::kTileN : C::kTileN;
+  const int64_t n_off = Mc ? (blockIdx.x % 2) * C::kTileN : 0;
+  if (blk < p.full) {
+    const int64_t m0 = (blk % p.tiles_m) * C::kNT;
+    const int64_t n0 = (blk / p.tiles_m) * tile_n + n_off;
+    sm90::gemm_ws_tile<T, GS, 256, Probe, Stages, ABufs, Mc>(p, map_x, map_w, m0, n0, smem0,
+                                                             smem_gen);
+  } else {
+    const int64_t tile = p.full + (blk - p.full) / 2;
+    const int64_t m0 = (tile % p.tiles_m) * C::kNT + 128 * ((blk - p.full) % 2);
+    const int64_t n0 = (tile / p.tiles_m) * tile_n + n_off;
+    if (m0 >= p.M) return;  // a half tile past M (both CTAs of a cluster)
+    sm90::gemm_ws_tile<T, GS, 128, Probe, Stages, ABufs, Mc>(p, map_xh, map_w, m0, n0, smem0,
+                                                             smem_gen);
+  }
+#else
+  __trap();  // the host only launches this kernel on sm_90 with the sm_90a build
+#endif
+}
+
+// Probe (harness only): 1 skips the dequantization (the packed words as they are), 4 the
+// products.
+template <typename T, int GS, int Probe = 0, int Stages = 5, int ABufs = 2>
+__global__ void __launch_bounds__(384, 1)
+    gemm_w4_sm90_ws_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
+                           const __grid_constant__ CUtensorMap map_xh,
+                           const __grid_constant__ CUtensorMap map_w) {
+  gemm_ws_body<T, GS, Probe, Stages, ABufs, false>(p, &map_x, &map_xh, &map_w);
+}
+// The same in clusters of two CTAs that share their x tiles (Mc above)
+template <typename T, int GS, int Probe = 0, int Stages = 5, int ABufs = 2>
+__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)
+    gemm_w4_sm90_wsmc_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
+                             const __grid_constant__ CUtensorMap map_xh,
+                             const __grid_constant__ CUtensorMap map_w) {
+  gemm_ws_body<T, GS, Probe, Stages, ABufs, true>(p, &map_x, &map_xh, &map_w);
+}
+
+// Whole tiles (GemmParams::full) for the warp-specialized kernel: all of them, except the last
+// partial wave's when its tiles as half tiles fit one wave of the SMs (Mc: sms = the clusters
+// that run at once).
+inline int64_t gemm_ws_full(int64_t tiles, int64_t sms) {
+  const int64_t rem = tiles % sms;
+  return tiles > sms && rem > 0 && 2 * rem <= sms ? tiles - rem : tiles;
+}
+
+}  // namespace mlxq::cuda
