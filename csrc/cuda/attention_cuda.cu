@@ -1,0 +1,407 @@
+// decode_attention on CUDA: a few queries against a KV cache read in place, in its own dtype
+// and strides, with fp32 math (the CPU op's contract, ops.cpp). Flash-decoding: the keys of each
+// (batch, kv head) are split between blocks so that a single query still fills the GPU; each
+// warp of a block runs an online softmax over its keys for up to R query rows (the query heads
+// that share the kv head, times the queries), the block's warps are merged in shared memory, and
+// the splits by a second kernel. Query heads that share a kv head read each key once.
+// No host synchronization and no size that depends on data: a CUDA graph can capture it.
+// Head dims above kMaxD (and grids past CUDA's limits) take the ATen composite.
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include "checks.h"
+#include "composite/composite.h"
+
+namespace mlxq::cuda {
+namespace {
+
+constexpr int kWarps = 4;           // warps per block, each its own keys
+constexpr int kMaxD = 256;          // head dims the kernel takes (8 values per lane)
+constexpr int64_t kMinSplit = 128;  // keys per split at least (32 per warp)
+constexpr int kMaxGrid = 65535;     // the grid's y and z dimensions
+
+enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kF32Mask = 2, kF16Mask = 3, kBF16Mask = 4 };
+
+struct AttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;  // expanded to [B, Hq, Lq, Lk] (broadcast dimensions: stride 0)
+  void* out;         // [B, Hq, Lq, D], contiguous
+  float* part;       // [B * Hkv, rows, splits, D + 2]: (max, sum, outputs) of each split
+  int64_t qs[3], ks[3], vs[3], ms[4];
+  int64_t Hq, Hkv, Lq, Lk, D;
+  int64_t rows;        // query rows per kv head: (Hq / Hkv) * Lq
+  int64_t split_keys;  // keys per split
+  int splits;
+  int mask_kind;
+  float scale;
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// The mask's value at `off`: a float mask's addition, or for a bool mask 0 (attends) or -inf.
+__device__ __forceinline__ float mask_value(const AttnParams& p, int64_t off) {
+  switch (p.mask_kind) {
+    case kBoolMask:
+      return static_cast<const bool*>(p.mask)[off] ? 0.0f : -INFINITY;
+    case kF32Mask:
+      return static_cast<const float*>(p.mask)[off];
+    case kF16Mask:
+      return __half2float(static_cast<const __half*>(p.mask)[off]);
+    case kBF16Mask:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p.mask)[off]);
+    default:
+      return 0.0f;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// One block: split blockIdx.x of the keys of (batch, kv head) blockIdx.y for query rows
+// [R * blockIdx.z, + R) of that kv head (row r: query head kv * rep + r / Lq, query r % Lq).
+// Lane `lane` holds elements lane + 32 i (i < DL) of every row's q and output. U keys per step,
+// their loads issued together.
+template <typename T, int R, int DL>
+__global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttnParams p) {
+  constexpr int U = DL <= 2 ? 4 : (DL == 4 ? 2 : 1);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.y / p.Hkv, kv = blockIdx.y % p.Hkv;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.z) * R;
+  const int nr = static_cast<int>(min(static_cast<int64_t>(R), p.rows - r0));
+  const int64_t rep = p.Hq / p.Hkv;
+  const bool bool_mask = p.mask_kind == kBoolMask;
+
+  float q[R][DL], o[R][DL], m[R], l[R];
+  int64_t moff[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = r0 + (r < nr ? r : 0);
+    const int64_t h = kv * rep + row / p.Lq, t = row % p.Lq;
+    const T* qp = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1] + t * p.qs[2];
+    moff[r] = b * p.ms[0] + h * p.ms[1] + t * p.ms[2];
+#pragma unroll
+    for (int i = 0; i < DL; ++i) {
+      const int d = lane + 32 * i;
+      q[r][i] = d < p.D ? to_float(qp[d]) : 0.0f;
+      o[r][i] = 0.0f;
+    }
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+  }
+  const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + kv * p.ks[1];
+  const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + kv * p.vs[1];
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * p.split_keys;
+  const int64_t j1 = min(p.Lk, j0 + p.split_keys);
+
+  for (int64_t jb = j0 + warp; jb < j1; jb += static_cast<int64_t>(kWarps) * U) {
+    float add[U][R], kf[U][DL], vf[U][DL];
+    bool live[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = jb + static_cast<int64_t>(u) * kWarps;
+      // a key that no row of a bool mask attends adds 0 to every row: not read (as the CPU op)
+      bool any = j < j1;
+#pragma unroll
+      for (int r = 0; r < R; ++r) add[u][r] = any ? mask_value(p, moff[r] + j * p.ms[3]) : 0.0f;
+      if (any && bool_mask) {
+        any = false;
+#pragma unroll
+        for (int r = 0; r < R; ++r) any |= r < nr && add[u][r] == 0.0f;
+      }
+      live[u] = any;
+      const T* kp = kb + j * p.ks[2];
+      const T* vp = vb + j * p.vs[2];
+#pragma unroll
+      for (int i = 0; i < DL; ++i) {
+        const int d = lane + 32 * i;
+        const bool in = any && d < p.D;
+        kf[u][i] = in ? to_float(kp[d]) : 0.0f;
+        vf[u][i] = in ? to_float(vp[d]) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!live[u]) continue;  // the same for every lane
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) s = fmaf(q[r][i], kf[u][i], s);
+        s = warp_sum(s) * p.scale;  // scale * (q . k), then the mask
+        s = bool_mask ? (add[u][r] == 0.0f ? s : -INFINITY) : s + add[u][r];
+        if (s == -INFINITY) continue;  // weight exp(-inf) = 0
+        // online softmax: a new maximum rescales the sums so far (a NaN score never becomes
+        // the maximum, but its weight exp(NaN) makes the row NaN, as the composite's)
+        if (s > m[r]) {
+          const float c = expf(m[r] - s);  // 0 for the first attended key
+          l[r] *= c;
+#pragma unroll
+          for (int i = 0; i < DL; ++i) o[r][i] *= c;
+          m[r] = s;
+        }
+        const float w = expf(s - m[r]);
+        l[r] += w;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) o[r][i] = fmaf(w, vf[u][i], o[r][i]);
+      }
+    }
+  }
+
+  // the warps' (max, sum, outputs) merged per row in shared memory
+  __shared__ float sm[kWarps][R], sl[kWarps][R], so[kWarps][R][DL * 32];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (lane == 0) {
+      sm[warp][r] = m[r];
+      sl[warp][r] = l[r];
+    }
+#pragma unroll
+    for (int i = 0; i < DL; ++i) so[warp][r][lane + 32 * i] = o[r][i];
+  }
+  __syncthreads();
+  for (int r = warp; r < nr; r += kWarps) {
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) top = fmaxf(top, sm[w][r]);
+    float f[kWarps], sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      f[w] = sm[w][r] == -INFINITY ? 0.0f : expf(sm[w][r] - top);
+      sum = fmaf(f[w], sl[w][r], sum);
+    }
+    const int64_t row = r0 + r;
+    if (p.splits == 1) {
+      const int64_t h = kv * rep + row / p.Lq, t = row % p.Lq;
+      T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Lq + t) * p.D;
+      for (int d = lane; d < p.D; d += 32) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) acc = fmaf(f[w], so[w][r][d], acc);
+        out[d] = from_float<T>(sum == 0.0f ? 0.0f : acc / sum);  // no key attended: 0
+      }
+    } else {
+      float* part = p.part + ((blockIdx.y * p.rows + row) * p.splits + blockIdx.x) * (p.D + 2);
+      if (lane == 0) {
+        part[0] = top;
+        part[1] = sum;
+      }
+      for (int d = lane; d < p.D; d += 32) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) acc = fmaf(f[w], so[w][r][d], acc);
+        part[2 + d] = acc;
+      }
+    }
+  }
+}
+
+// The splits of one row (one warp per row, blockIdx.x * kWarps + warp of B * Hkv * rows) merged
+// as the block merged its warps, the output rounded once to T.
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) combine_kernel(const AttnParams p, int64_t total) {
+  const int lane = threadIdx.x & 31;
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (id >= total) return;
+  const int64_t bk = id / p.rows, row = id % p.rows;
+  const int64_t b = bk / p.Hkv, kv = bk % p.Hkv, rep = p.Hq / p.Hkv;
+  const float* part = p.part + id * p.splits * (p.D + 2);
+  float top = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) top = fmaxf(top, part[s * (p.D + 2)]);
+  float sum = 0.0f;
+  for (int s = 0; s < p.splits; ++s) {
+    const float ms = part[s * (p.D + 2)];
+    if (ms != -INFINITY) sum = fmaf(expf(ms - top), part[s * (p.D + 2) + 1], sum);
+  }
+  const int64_t h = kv * rep + row / p.Lq, t = row % p.Lq;
+  T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Lq + t) * p.D;
+  for (int d = lane; d < p.D; d += 32) {
+    float acc = 0.0f;
+    for (int s = 0; s < p.splits; ++s) {
+      const float ms = part[s * (p.D + 2)];
+      if (ms != -INFINITY) acc = fmaf(expf(ms - top), part[s * (p.D + 2) + 2 + d], acc);
+    }
+    out[d] = from_float<T>(sum == 0.0f ? 0.0f : acc / sum);
+  }
+}
+
+template <typename T, int R>
+void launch_rows(const AttnParams& p, dim3 grid, int dl, cudaStream_t stream) {
+  switch (dl) {
+    case 1:
+      attention_kernel<T, R, 1><<<grid, kWarps * 32, 0, stream>>>(p);
+      break;
+    case 2:
+      attention_kernel<T, R, 2><<<grid, kWarps * 32, 0, stream>>>(p);
+      break;
+    case 4:
+      attention_kernel<T, R, 4><<<grid, kWarps * 32, 0, stream>>>(p);
+      break;
+    default:
+      attention_kernel<T, R, 8><<<grid, kWarps * 32, 0, stream>>>(p);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch(const AttnParams& p, int R, int dl, dim3 grid, cudaStream_t stream) {
+  switch (R) {
+    case 1:
+      launch_rows<T, 1>(p, grid, dl, stream);
+      break;
+    case 2:
+      launch_rows<T, 2>(p, grid, dl, stream);
+      break;
+    case 4:
+      launch_rows<T, 4>(p, grid, dl, stream);
+      break;
+    default:
+      launch_rows<T, 8>(p, grid, dl, stream);
+      break;
+  }
+  if (p.splits > 1) {
+    const int64_t total = grid.y * p.rows;
+    const int64_t blocks = (total + kWarps - 1) / kWarps;
+    combine_kernel<T><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(p, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Multiprocessors of `device`, from the driver once per device.
+int sm_count(int device) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "CUDA device index ", device,
+              " out of range");
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+int mask_kind_of(at::ScalarType t) {
+  switch (t) {
+    case at::kBool:
+      return kBoolMask;
+    case at::kHalf:
+      return kF16Mask;
+    case at::kBFloat16:
+      return kBF16Mask;
+    default:
+      return kF32Mask;
+  }
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask,
+                                 std::optional<double> scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const AttentionGeometry g = check_decode_attention(q, k, v, mask);
+  const int64_t rows = g.Hq / std::max<int64_t>(g.Hkv, 1) * g.Lq;
+  const int R = rows <= 1 ? 1 : (rows <= 2 ? 2 : (rows <= 4 ? 4 : 8));
+  const int64_t row_groups = (rows + R - 1) / R;
+  if (g.D > kMaxD || g.B * g.Hkv > kMaxGrid || row_groups > kMaxGrid) {
+    return composite::decode_attention(q, k, v, mask, scale);
+  }
+  const c10::cuda::CUDAGuard device(q.device());
+  at::Tensor out = at::empty({g.B, g.Hq, g.Lq, g.D}, q.options());
+  if (out.numel() == 0) return out;
+  if (g.Lk == 0) return out.zero_();  // no key attended
+  AttnParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    p.qs[i] = q.stride(i);
+    p.ks[i] = k.stride(i);
+    p.vs[i] = v.stride(i);
+  }
+  at::Tensor m;  // keeps the broadcast view alive
+  if (mask.has_value()) {
+    m = mask->expand({g.B, g.Hq, g.Lq, g.Lk});
+    p.mask = m.const_data_ptr();
+    p.mask_kind = mask_kind_of(m.scalar_type());
+    for (int i = 0; i < 4; ++i) p.ms[i] = m.stride(i);
+  }
+  p.Hq = g.Hq;
+  p.Hkv = g.Hkv;
+  p.Lq = g.Lq;
+  p.Lk = g.Lk;
+  p.D = g.D;
+  p.rows = rows;
+  p.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(double(g.D)));
+  // Splits: enough blocks for four per multiprocessor, each split at least kMinSplit keys.
+  const int64_t blocks = g.B * g.Hkv * row_groups;
+  const int sms = sm_count(q.get_device());
+  const int64_t want = std::max<int64_t>(1, (4 * sms + blocks - 1) / blocks);
+  const int64_t most = std::max<int64_t>(1, (g.Lk + kMinSplit - 1) / kMinSplit);
+  int64_t splits = std::min<int64_t>({want, most, 1024});
+  p.split_keys = (g.Lk + splits - 1) / splits;
+  splits = (g.Lk + p.split_keys - 1) / p.split_keys;
+  p.splits = static_cast<int>(splits);
+  at::Tensor part;
+  if (splits > 1) {
+    part = at::empty({g.B * g.Hkv * rows * splits * (g.D + 2)}, q.options().dtype(at::kFloat));
+    p.part = part.mutable_data_ptr<float>();
+  }
+  const int dl = g.D <= 32 ? 1 : (g.D <= 64 ? 2 : (g.D <= 128 ? 4 : 8));
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(g.B * g.Hkv),
+                  static_cast<unsigned>(row_groups));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (q.scalar_type()) {
+    case at::kHalf:
+      launch<__half>(p, R, dl, grid, stream);
+      break;
+    case at::kBFloat16:
+      launch<__nv_bfloat16>(p, R, dl, grid, stream);
+      break;
+    default:
+      launch<float>(p, R, dl, grid, stream);
+      break;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace mlxq::cuda
+
+TORCH_LIBRARY_IMPL(mlxq, CUDA, m) {
+  m.impl("decode_attention", &mlxq::cuda::decode_attention_cuda);
+}
