@@ -8,7 +8,8 @@ with fp16/bf16 x, one rounding of the weight to the dtype of x), and to the CPU 
 that. The gathers group pairs by expert and call the CPU's dense op for each expert: they are
 held to the CPU gather op with repeated, unsorted and broadcast indices, both transposes, and
 to the same argument errors. The layer ops' composites (rms_norm, rotary_embedding,
-decode_attention: their CUDA kernels) are held to the CPU ops by layer_op_cases.py's checks.
+decode_attention: their CUDA kernels, decode_attention's only past its kernel's head dims) are
+held to the CPU ops by layer_op_cases.py's checks.
 """
 
 from __future__ import annotations

@@ -1104,7 +1104,7 @@ def test_captured_gather_checks_indices_on_the_device() -> None:
     assert "lhs_indices or rhs_indices out of range" in run.stderr, out
 
 
-# --- rms_norm, rotary_embedding, decode_attention: composites of ATen ops on CUDA -------------
+# --- rms_norm, rotary_embedding (composites of ATen ops) and decode_attention on CUDA ----------
 
 
 def _run_cuda(name, *args):

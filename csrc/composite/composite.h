@@ -78,8 +78,9 @@ at::Tensor affine_matmul_1bit(const at::Tensor& x, const at::Tensor& wq, const a
                               const at::Tensor& biases, int64_t group_size, int64_t bits,
                               bool transpose);
 
-// The layer ops (layers_composite.cpp), the CUDA kernels of rms_norm, rotary_embedding and
-// decode_attention. rotary_embedding is the CPU op (and transformers' apply_rotary_pos_emb) bit
+// The layer ops (layers_composite.cpp), the CUDA kernels of rms_norm and rotary_embedding, and
+// of decode_attention where its kernel (cuda/attention_cuda.cu) does not apply (head dims above
+// 256). rotary_embedding is the CPU op (and transformers' apply_rotary_pos_emb) bit
 // for bit; rms_norm differs from the CPU op only by its fp32 mean's summation order (the CPU
 // sums the squares in double), which can move the normalized value by an ulp of the dtype of x
 // at a rounding tie; decode_attention computes in fp32 (scores, softmax, weighted sum, sums in
