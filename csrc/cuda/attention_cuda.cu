@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -86,12 +87,6 @@ __device__ __forceinline__ float mask_value(const AttnParams& p, int64_t off) {
   }
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
 // One block: split blockIdx.x of the keys of (batch, kv head) blockIdx.y for query rows
 // [R * blockIdx.z, + R) of that kv head (row r: query head kv * rep + r / Lq, query r % Lq).
 // Lane `lane` holds elements lane + 32 i (i < DL) of every row's q and output. U keys per step,
@@ -154,27 +149,51 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttnParams
         vf[u][i] = in ? to_float(vp[d]) : 0.0f;
       }
     }
+    bool any_live = false;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (!live[u]) continue;  // the same for every lane
+    for (int u = 0; u < U; ++u) any_live |= live[u];
+    if (!any_live) continue;  // the same for every lane
+    // the U x R dot products reduced together: no branch between them, so their shuffles
+    // interleave (one chain of five per product would leave the warp waiting)
+    float s[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        float s = 0.0f;
+        float x = 0.0f;
 #pragma unroll
-        for (int i = 0; i < DL; ++i) s = fmaf(q[r][i], kf[u][i], s);
-        s = warp_sum(s) * p.scale;  // scale * (q . k), then the mask
-        s = bool_mask ? (add[u][r] == 0.0f ? s : -INFINITY) : s + add[u][r];
-        if (s == -INFINITY) continue;  // weight exp(-inf) = 0
-        // online softmax: a new maximum rescales the sums so far (a NaN score never becomes
-        // the maximum, but its weight exp(NaN) makes the row NaN, as the composite's)
-        if (s > m[r]) {
-          const float c = expf(m[r] - s);  // 0 for the first attended key
-          l[r] *= c;
+        for (int i = 0; i < DL; ++i) x = fmaf(q[r][i], kf[u][i], x);
+        s[u][r] = x;
+      }
 #pragma unroll
-          for (int i = 0; i < DL; ++i) o[r][i] *= c;
-          m[r] = s;
-        }
-        const float w = expf(s - m[r]);
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[u][r] += __shfl_xor_sync(0xffffffffu, s[u][r], off);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      // scale * (q . k), then the mask (a key not read scores -inf); the step's maximum
+      float top = m[r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float x = s[u][r] * p.scale;
+        x = bool_mask ? (add[u][r] == 0.0f ? x : -INFINITY) : x + add[u][r];
+        x = live[u] ? x : -INFINITY;
+        s[u][r] = x;
+        top = x > top ? x : top;  // a NaN score is never the maximum; its weight makes NaN
+      }
+      if (top == -INFINITY) continue;  // nothing attended yet: no weight to add
+      // online softmax, one rescale per step: exp(m - top) is 0 for the first attended keys
+      // and exactly 1 when the maximum stays
+      const float c = expf(m[r] - top);
+      l[r] *= c;
+#pragma unroll
+      for (int i = 0; i < DL; ++i) o[r][i] *= c;
+      m[r] = top;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float w = expf(s[u][r] - top);  // exp(-inf) = 0 for masked keys
         l[r] += w;
 #pragma unroll
         for (int i = 0; i < DL; ++i) o[r][i] = fmaf(w, vf[u][i], o[r][i]);
@@ -230,32 +249,55 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttnParams
   }
 }
 
-// The splits of one row (one warp per row, blockIdx.x * kWarps + warp of B * Hkv * rows) merged
-// as the block merged its warps, the output rounded once to T.
+constexpr int kMaxSplits = 1024;
+
+// A block-wide max (is_max) or sum of x, returned to every thread; `red` holds kWarps floats.
+__device__ __forceinline__ float block_reduce(float x, bool is_max, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = is_max ? fmaxf(x, y) : x + y;
+  }
+  __syncthreads();  // `red` is reused
+  if (lane == 0) red[warp] = x;
+  __syncthreads();
+  x = red[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) x = is_max ? fmaxf(x, red[w]) : x + red[w];
+  return x;
+}
+
+// The splits of one row (block blockIdx.x of B * Hkv * rows) merged as the block merged its
+// warps, the output rounded once to T: the splits' maxima and sums reduced over the block's
+// threads, their factors in shared memory, then each thread one output element's sum over the
+// splits (independent loads: the merge does not wait on them one after the other).
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32) combine_kernel(const AttnParams p, int64_t total) {
-  const int lane = threadIdx.x & 31;
-  const int64_t id = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (id >= total) return;
+__global__ void __launch_bounds__(kWarps * 32) combine_kernel(const AttnParams p) {
+  __shared__ float f[kMaxSplits], red[kWarps];
+  const int64_t id = blockIdx.x;
   const int64_t bk = id / p.rows, row = id % p.rows;
   const int64_t b = bk / p.Hkv, kv = bk % p.Hkv, rep = p.Hq / p.Hkv;
-  const float* part = p.part + id * p.splits * (p.D + 2);
+  const int64_t stride = p.D + 2;
+  const float* part = p.part + id * p.splits * stride;
   float top = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) top = fmaxf(top, part[s * (p.D + 2)]);
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) top = fmaxf(top, part[s * stride]);
+  top = block_reduce(top, true, red);
   float sum = 0.0f;
-  for (int s = 0; s < p.splits; ++s) {
-    const float ms = part[s * (p.D + 2)];
-    if (ms != -INFINITY) sum = fmaf(expf(ms - top), part[s * (p.D + 2) + 1], sum);
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
+    const float ms = part[s * stride];
+    const float fs = ms == -INFINITY ? 0.0f : expf(ms - top);
+    f[s] = fs;
+    sum = fmaf(fs, part[s * stride + 1], sum);
   }
+  sum = block_reduce(sum, false, red);  // its barriers also publish f
   const int64_t h = kv * rep + row / p.Lq, t = row % p.Lq;
   T* out = static_cast<T*>(p.out) + ((b * p.Hq + h) * p.Lq + t) * p.D;
-  for (int d = lane; d < p.D; d += 32) {
+  for (int64_t d = threadIdx.x; d < p.D; d += blockDim.x) {
     float acc = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float ms = part[s * (p.D + 2)];
-      if (ms != -INFINITY) acc = fmaf(expf(ms - top), part[s * (p.D + 2) + 2 + d], acc);
-    }
-    out[d] = from_float<T>(sum == 0.0f ? 0.0f : acc / sum);
+#pragma unroll 8
+    for (int s = 0; s < p.splits; ++s) acc = fmaf(f[s], part[s * stride + 2 + d], acc);
+    out[d] = from_float<T>(sum == 0.0f ? 0.0f : acc / sum);  // no key attended: 0
   }
 }
 
@@ -295,9 +337,8 @@ void launch(const AttnParams& p, int R, int dl, dim3 grid, cudaStream_t stream) 
       break;
   }
   if (p.splits > 1) {
-    const int64_t total = grid.y * p.rows;
-    const int64_t blocks = (total + kWarps - 1) / kWarps;
-    combine_kernel<T><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(p, total);
+    const int64_t rows = static_cast<int64_t>(grid.y) * p.rows;
+    combine_kernel<T><<<static_cast<unsigned>(rows), kWarps * 32, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -336,7 +377,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   const int64_t rows = g.Hq / std::max<int64_t>(g.Hkv, 1) * g.Lq;
   const int R = rows <= 1 ? 1 : (rows <= 2 ? 2 : (rows <= 4 ? 4 : 8));
   const int64_t row_groups = (rows + R - 1) / R;
-  if (g.D > kMaxD || g.B * g.Hkv > kMaxGrid || row_groups > kMaxGrid) {
+  if (g.D > kMaxD || g.B * g.Hkv > kMaxGrid || row_groups > kMaxGrid ||
+      g.B * g.Hkv * rows > INT32_MAX) {
     return composite::decode_attention(q, k, v, mask, scale);
   }
   const c10::cuda::CUDAGuard device(q.device());
@@ -372,7 +414,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   const int sms = sm_count(q.get_device());
   const int64_t want = std::max<int64_t>(1, (4 * sms + blocks - 1) / blocks);
   const int64_t most = std::max<int64_t>(1, (g.Lk + kMinSplit - 1) / kMinSplit);
-  int64_t splits = std::min<int64_t>({want, most, 1024});
+  int64_t splits = std::min<int64_t>({want, most, kMaxSplits});
   p.split_keys = (g.Lk + splits - 1) / splits;
   splits = (g.Lk + p.split_keys - 1) / p.split_keys;
   p.splits = static_cast<int>(splits);
