@@ -512,23 +512,29 @@ namespace {
 // checked to lie in [0, limit).
 at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
                                const std::vector<int64_t>& batch_shape, const GatherGeometry& g,
-                               int64_t limit, const char* name, const at::Device& device) {
+                               int64_t limit, const char* name, const at::Device& device,
+                               IndexCheck check) {
   const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
   at::Tensor idx = indices.has_value()
                        ? indices->to(at::kLong)
                        : at::arange(c10::multiply_integers(batch_shape), opts).reshape(batch_shape);
   idx = idx.expand(g.index_shape).reshape({-1}).contiguous();
   // The default arange lies in [0, limit) by construction; given indices are read back once
-  // (their min and max in one device-to-host copy: one synchronization on a GPU).
-  if (indices.has_value() && idx.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(idx);
-    const at::Tensor range = at::stack({lo, hi}).to(at::kCPU);
-    const int64_t min = range.const_data_ptr<int64_t>()[0],
-                  max = range.const_data_ptr<int64_t>()[1];
-    TORCH_CHECK_INDEX(min >= 0 && max < limit, "mlxq: ", name, " values must lie in [0, ", limit,
-                      ") (the number of matrices in ", name[0] == 'l' ? "x" : "wq",
-                      "), got values from ", min, " to ", max);
+  // (their min and max in one device-to-host copy: one synchronization on a GPU), or checked
+  // on the device.
+  if (!indices.has_value() || idx.numel() == 0 || check == IndexCheck::kInKernel) return idx;
+  const auto [lo, hi] = at::aminmax(idx);
+  const char* of = name[0] == 'l' ? "x" : "wq";
+  if (check == IndexCheck::kAsync) {
+    at::_assert_async(at::logical_and(lo >= 0, hi < limit),
+                      std::string("mlxq: ") + name + " values must lie in [0, " +
+                          std::to_string(limit) + ") (the number of matrices in " + of + ")");
+    return idx;
   }
+  const at::Tensor range = at::stack({lo, hi}).to(at::kCPU);
+  const int64_t min = range.const_data_ptr<int64_t>()[0], max = range.const_data_ptr<int64_t>()[1];
+  TORCH_CHECK_INDEX(min >= 0 && max < limit, "mlxq: ", name, " values must lie in [0, ", limit,
+                    ") (the number of matrices in ", of, "), got values from ", min, " to ", max);
   return idx;
 }
 
@@ -536,10 +542,11 @@ at::Tensor gather_flat_indices(const std::optional<at::Tensor>& indices,
 
 GatherPairs gather_pair_indices(const GatherGeometry& g, const at::Tensor& x,
                                 const std::optional<at::Tensor>& lhs_indices,
-                                const std::optional<at::Tensor>& rhs_indices) {
+                                const std::optional<at::Tensor>& rhs_indices, IndexCheck check) {
   const std::vector<int64_t> x_batch(x.sizes().begin(), x.sizes().end() - 2);
-  return {gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device()),
-          gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device())};
+  return {
+      gather_flat_indices(lhs_indices, x_batch, g, g.x_batch, "lhs_indices", x.device(), check),
+      gather_flat_indices(rhs_indices, g.w.batch, g, g.w_batch, "rhs_indices", x.device(), check)};
 }
 
 }  // namespace mlxq

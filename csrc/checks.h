@@ -141,19 +141,28 @@ GatherGeometry check_fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq,
                                       const std::optional<at::Tensor>& rhs_indices, bool transpose,
                                       const c10::optional<at::Tensor>& global_scale);
 
+// How gather_pair_indices checks that given index values lie in their batch.
+enum class IndexCheck {
+  kHost,      // one device-to-host read of their range: an IndexError naming the tensor
+  kAsync,     // on the device, in stream order (at::_assert_async: no synchronization, so a CUDA
+              // graph can capture it); an index out of range ends in a device-side assert
+  kInKernel,  // not here: the caller's kernel checks each index it reads (MLXQ_DEVICE_CHECK)
+};
+
 // A gather's pairs: lhs_indices and rhs_indices (or their defaults, aranges over the batch of
 // x, resp. wq) broadcast to g.index_shape and flattened, as contiguous int64 tensors on x's
-// device, every value checked to lie in its batch: out-of-range indices raise an IndexError
-// naming them instead of reading outside the batch. Given indices on a GPU cost one
-// device-to-host copy each (their range), which synchronizes the stream and cannot be captured
-// in a CUDA graph; absent ones are not read.
+// device, every value checked to lie in its batch (as `check` says): out-of-range indices raise
+// an IndexError naming them instead of reading outside the batch. kHost on a GPU synchronizes
+// the stream and cannot be captured in a CUDA graph; the CUDA ops take it unless the current
+// stream is capturing. Absent indices are never read.
 struct GatherPairs {
   at::Tensor lhs;  // pair p multiplies x's matrix lhs[p]
   at::Tensor rhs;  // with wq's matrix rhs[p]
 };
 GatherPairs gather_pair_indices(const GatherGeometry& g, const at::Tensor& x,
                                 const std::optional<at::Tensor>& lhs_indices,
-                                const std::optional<at::Tensor>& rhs_indices);
+                                const std::optional<at::Tensor>& rhs_indices,
+                                IndexCheck check = IndexCheck::kHost);
 
 }  // namespace mlxq
 

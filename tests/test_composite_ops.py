@@ -8,7 +8,8 @@ with fp16/bf16 x, one rounding of the weight to the dtype of x), and to the CPU 
 that. The gathers group pairs by expert and call the CPU's dense op for each expert: they are
 held to the CPU gather op with repeated, unsorted and broadcast indices, both transposes, and
 to the same argument errors. The layer ops' composites (rms_norm, rotary_embedding,
-decode_attention: their CUDA kernels) are held to the CPU ops by layer_op_cases.py's checks.
+decode_attention: their CUDA kernels, decode_attention's only past its kernel's head dims) are
+held to the CPU ops by layer_op_cases.py's checks.
 """
 
 from __future__ import annotations
@@ -227,6 +228,19 @@ def _gather_operands(case, x_batch_shape, e, m, k, dtype, gen):
     return x, lhs, rhs
 
 
+def _per_pair(x, lhs, rhs, weights, w_batch, shape, dense):
+    """dense(x matrix lhs[p], the matrices of `weights` at rhs[p]) for each pair p, stacked."""
+    lhs = torch.arange(x.shape[:-2].numel()).reshape(x.shape[:-2]) if lhs is None else lhs
+    rhs = torch.arange(w_batch.numel()).reshape(w_batch) if rhs is None else rhs
+    lhs, rhs = (t.reshape(-1) for t in torch.broadcast_tensors(lhs.long(), rhs.long()))
+    x3 = x.reshape(-1, *x.shape[-2:])
+    flat = [w.reshape(w_batch.numel(), *w.shape[len(w_batch) :]) for w in weights]
+    out = [
+        dense(x3[i], [w[e] for w in flat]) for i, e in zip(lhs.tolist(), rhs.tolist(), strict=True)
+    ]
+    return torch.stack(out).reshape(shape) if out else torch.zeros(shape, dtype=x.dtype)
+
+
 def _assert_same_sums(got, want, x, w_abs, lhs, rhs, transpose, what):
     """got and want take the same dense path per expert (fp32 weights, or W rounded to the
     dtype of x, whose magnitudes are within (1 + u)^2 of w_abs) and sum in fp32 in another
@@ -264,6 +278,18 @@ def test_affine_gather(bits, group_size, dtype, gen):
             # the same dense kernels on the same stacked rows: equal up to fp32 sum order
             what = f"affine gather {case[0]} m={m} transpose={transpose}"
             _assert_same_sums(got, want, x, w_abs, lhs, rhs, transpose, what)
+            # capturable (the CUDA ops pass it while capturing a graph): the dense op pair by pair
+            pairs = C.composite_affine_gather_matmul(*args, capturable=True)
+            dense = _per_pair(
+                x,
+                lhs,
+                rhs,
+                (wq, s, b),
+                wq.shape[:-2],
+                want.shape,
+                lambda x, w, t=transpose: torch.ops.mlxq.affine_matmul(x, *w, group_size, bits, t),
+            )
+            assert torch.equal(pairs, dense), what + " capturable"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -289,6 +315,20 @@ def test_fp_gather(mode, with_global, dtype, gen):
             assert got.dtype == want.dtype and got.shape == want.shape
             what = f"{mode} gather {case[0]} m={m} transpose={transpose}"
             _assert_same_sums(got, want, x, w_abs, lhs, rhs, transpose, what)
+            pairs = C.composite_fp_gather_matmul(*args, capturable=True)
+            ops = (wq, s) if gs is None else (wq, s, gs.view(-1, 1))
+            dense = _per_pair(
+                x,
+                lhs,
+                rhs,
+                ops,
+                wq.shape[:-2],
+                want.shape,
+                lambda x, w, t=transpose: torch.ops.mlxq.fp_matmul(
+                    x, w[0], w[1], mode, group, bits, t, *w[2:]
+                ),
+            )
+            assert torch.equal(pairs, dense), what + " capturable"
 
 
 def test_gather_errors_and_empty(gen):
@@ -305,6 +345,11 @@ def test_gather_errors_and_empty(gen):
             torch.ops.mlxq.affine_gather_matmul(*args)
         with pytest.raises(want.type, match="^" + re.escape(str(want.value).split("\n")[0][:60])):
             C.composite_affine_gather_matmul(*args)
+    # capturable: the range checked on the device (at::_assert_async, which on a CPU tensor
+    # raises at once), naming the tensor
+    for args, name in ((bad[0], "rhs_indices"), (bad[1], "lhs_indices")):
+        with pytest.raises(RuntimeError, match=f"mlxq: {name} values must lie in"):
+            C.composite_affine_gather_matmul(*args, capturable=True)
     none = torch.zeros(0, dtype=torch.long)
     empty = C.composite_affine_gather_matmul(x, wq, s, b, none, none, 32, 4, True, False)
     assert empty.shape == (0, 1, 8)

@@ -9,6 +9,9 @@ was built without CUDA; the build logic of the CUDA backend is tested everywhere
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import layer_op_cases
@@ -17,7 +20,7 @@ import pytest
 import torch
 from conftest import random_weight
 from mlxq import _build_helpers as bh
-from oracles import assert_within, fp32_sum_eps, weight_refs
+from oracles import assert_within, attention_reference, fp32_sum_eps, weight_refs
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (2, 3, 4, 5, 6, 8)
@@ -931,8 +934,7 @@ def test_affine_gather_composite_side_and_layouts(gen, dtype, monkeypatch) -> No
 
 @needs_cuda
 def test_affine_gather_decode_in_cuda_graph(gen) -> None:
-    # absent indices (an arange, never read back) leave the decode launch capturable; given
-    # indices are range-checked with one device-to-host copy, which a capture does not allow
+    # absent indices (an arange, never read back); given ones: the next tests
     wq, s, b, _ = (t.cuda() for t in _affine_experts(gen, 8, 300, 1024, 64, 4, torch.bfloat16))
     x = torch.randn(1, 2, 1024, generator=gen).bfloat16().cuda()
     want = mlxq.affine_gather_matmul(x, wq, s, b, None, None, 64, 4)
@@ -950,7 +952,166 @@ def test_affine_gather_decode_in_cuda_graph(gen) -> None:
     assert torch.equal(out, -want)  # odd in x, one kernel, one summation order
 
 
-# --- rms_norm, rotary_embedding, decode_attention: composites of ATen ops on CUDA -------------
+def _captured(fn):
+    """fn() warmed up, then captured in a CUDA graph on a side stream: (graph, its outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph, out
+
+
+@needs_cuda
+def test_gather_with_router_indices_in_cuda_graph(gen) -> None:
+    # MoE decode under CUDA graphs: given indices (a router's) are checked on the device while
+    # the stream captures, so the capture succeeds, and a replay reads the indices of its time
+    e, n, k = 8, 300, 1024
+    wq, s, b, _ = (t.cuda() for t in _affine_experts(gen, e, n, k, 64, 4, torch.bfloat16))
+    fq, fs = (
+        t.cuda() for t in mlxq.quantize(random_weight((e, n, k), torch.float32, gen), mode="mxfp4")
+    )
+    x = torch.randn(2, 1, k, generator=gen).bfloat16().cuda()
+    lhs = torch.tensor([0, 0, 0, 1, 1, 1]).cuda()
+    rhs = torch.tensor([3, 1, 7, 0, 3, 5]).cuda()
+
+    def step():
+        return (
+            mlxq.affine_gather_matmul(x, wq, s, b, lhs, rhs, 64, 4),
+            torch.ops.mlxq.fp_gather_matmul(x, fq, fs, "mxfp4", 32, 4, lhs, rhs),
+        )
+
+    graph, out = _captured(step)
+    for new in ([5, 5, 2, 6, 0, 7], [1, 2, 3, 4, 5, 6]):
+        rhs.copy_(torch.tensor(new))
+        x.normal_(generator=None)
+        graph.replay()
+        want = step()
+        torch.cuda.synchronize()
+        for got, wnt in zip(out, want, strict=True):
+            assert torch.equal(got, wnt)  # the same kernel, its pairs read at replay
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_gather_paths_grouped_eagerly_in_cuda_graph(gen, dtype) -> None:
+    # what eager calls group by expert (a device-to-host read of the experts) takes, while
+    # captured, the decode kernel (more than 64 pairs at M <= 8) or the composite pair by pair
+    # (M > 8, x @ W, 1 bit, float modes at M > 8): each replay against the CPU op
+    e, n, k = 6, 40, 256
+    wq, s, b, wd = _affine_experts(gen, e, n, k, 64, 4, dtype)
+    wq1, s1, b1, wd1 = _affine_experts(gen, e, n, k, 32, 1, dtype)
+    fq, fs = mlxq.quantize(random_weight((e, n, k), torch.float32, gen), mode="mxfp8")
+    fd = torch.stack(
+        [mlxq.dequantize(fq[i], fs[i], mode="mxfp8", dtype=torch.float32) for i in range(e)]
+    )
+    cases = [  # (name, x batch, M, pairs, transpose)
+        ("affine", 1, 1, 70, True),
+        ("affine", 3, 9, 3, True),
+        ("affine", 3, 2, 3, False),
+        ("affine1", 3, 2, 3, True),
+        ("mxfp8", 3, 9, 4, True),
+        ("mxfp8", 1, 1, 70, True),
+    ]
+    for name, xb, m, pairs, transpose in cases:
+        x = torch.randn(xb, m, k if transpose else n, generator=gen).to(dtype)
+        lhs = torch.randint(0, xb, (pairs,), generator=gen)
+        rhs = torch.randint(0, e, (pairs,), generator=gen)
+        if name == "mxfp8":
+            ops, wdq = (fq, fs, None), fd
+            kw = dict(mode="mxfp8", group_size=32, bits=8, transpose=transpose)
+        else:
+            ops, wdq = ((wq, s, b), wd) if name == "affine" else ((wq1, s1, b1), wd1)
+            kw = dict(group_size=64 if name == "affine" else 32, bits=4 if name == "affine" else 1)
+            kw.update(mode="affine", transpose=transpose)
+        xc, lc, rc = x.cuda(), lhs.cuda(), rhs.cuda()
+        opc = [_cuda(t) for t in ops]
+
+        def step(xc=xc, lc=lc, rc=rc, opc=opc, kw=kw):
+            return mlxq.gather_quantized_matmul(xc, *opc, lc, rc, **kw)
+
+        graph, out = _captured(step)
+        for _ in range(2):
+            lhs = torch.randint(0, xb, (pairs,), generator=gen)
+            rhs = torch.randint(0, e, (pairs,), generator=gen)
+            lc.copy_(lhs)
+            rc.copy_(rhs)
+            graph.replay()
+            torch.cuda.synchronize()
+            y_cpu = mlxq.gather_quantized_matmul(x, *ops, lhs, rhs, **kw)
+            _check_gather(out.cpu(), y_cpu, x, wdq, lhs, rhs, transpose)
+
+
+@needs_cuda
+def test_gather_index_errors_name_the_tensor(gen) -> None:
+    # eager (not capturing): the host check's IndexError, on the kernel's and the composite's path
+    wq, s, b, _ = (t.cuda() for t in _affine_experts(gen, 4, 40, 256, 64, 4, torch.float16))
+    fq, fs = (
+        t.cuda()
+        for t in mlxq.quantize(random_weight((4, 40, 256), torch.float32, gen), mode="mxfp4")
+    )
+    for m in (1, 9):  # the decode kernel, the composite
+        x = torch.randn(3, m, 256, generator=gen).half().cuda()
+        ok, bad = torch.tensor([0, 1]).cuda(), torch.tensor([1, 4]).cuda()
+        with pytest.raises(IndexError, match=r"rhs_indices values must lie in \[0, 4\)"):
+            mlxq.affine_gather_matmul(x, wq, s, b, ok, bad, 64, 4)
+        with pytest.raises(IndexError, match=r"lhs_indices values must lie in \[0, 3\)"):
+            mlxq.affine_gather_matmul(x, wq, s, b, bad - 2, ok, 64, 4)
+        with pytest.raises(IndexError, match=r"rhs_indices values must lie in \[0, 4\)"):
+            torch.ops.mlxq.fp_gather_matmul(x, fq, fs, "mxfp4", 32, 4, ok, bad)
+
+
+_DEVICE_ASSERT_SCRIPT = """
+import torch, mlxq
+wq, s, b = mlxq.affine_quantize(torch.randn(4, 64, 256).cuda(), 64, 4)
+x = torch.randn(1, 1, 256).cuda()
+rhs = torch.tensor([0, 3]).cuda()
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    mlxq.affine_gather_matmul(x, wq, s, b, None, rhs, 64, 4)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        y = mlxq.affine_gather_matmul(x, wq, s, b, None, rhs, 64, 4)
+torch.cuda.current_stream().wait_stream(side)
+graph.replay()
+torch.cuda.synchronize()
+print("in range: ran")
+rhs.fill_(4)
+try:
+    graph.replay()
+    torch.cuda.synchronize()
+    print("out of range: no error")
+except RuntimeError as err:
+    print("out of range:", str(err).splitlines()[0])
+"""
+
+
+@needs_cuda
+def test_captured_gather_checks_indices_on_the_device() -> None:
+    # a replay with an index out of range stops the kernel with a device-side assert (as
+    # torch's index kernels do) instead of reading outside wq; it ends the process's CUDA
+    # context, hence a subprocess
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), *sys.path]))
+    run = subprocess.run(
+        [sys.executable, "-c", _DEVICE_ASSERT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert "in range: ran" in run.stdout, run.stdout + run.stderr
+    # seen on an H200: "out of range: CUDA error: device-side assert triggered", and the
+    # kernel's message on stderr
+    out = run.stdout + run.stderr[-2000:]
+    assert "out of range: CUDA error: device-side assert triggered" in run.stdout, out
+    assert "lhs_indices or rhs_indices out of range" in run.stderr, out
+
+
+# --- rms_norm, rotary_embedding (composites of ATen ops) and decode_attention on CUDA ----------
 
 
 def _run_cuda(name, *args):
@@ -998,3 +1159,73 @@ def test_layer_ops_in_cuda_graph(gen) -> None:
     torch.cuda.synchronize()
     for g, wnt in zip(out, want, strict=True):
         assert torch.equal(g, wnt)
+
+
+# --- decode_attention: the kernel (csrc/cuda/attention_cuda.cu) ----------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_kernel_shapes(gen, dtype) -> None:
+    # the kernel's own cases against float64 (and the composite it replaced): many key splits
+    # merged by the second kernel, a mask of another dtype than q, every register width of the
+    # head dim, more query rows than one block takes, and a head dim above 256 (the composite)
+    inf = float("-inf")
+    cases = [  # (B, Hkv, Hq / Hkv, Lq, Lk, D, mask)
+        (1, 2, 4, 1, 5000, 128, None),
+        (2, 8, 4, 1, 4096, 128, "bool"),
+        (1, 4, 2, 1, 1031, 64, "float16"),
+        (3, 1, 1, 2, 777, 256, "bool"),
+        (1, 2, 6, 3, 257, 16, "float32"),  # 18 rows per kv head: blocks of 8
+        (1, 3, 1, 1, 40, 96, None),  # one split
+        (1, 1, 2, 1, 300, 320, "bool"),  # D > 256: the composite
+    ]
+    for case in cases:
+        B, hkv, rep, lq, lk, d, kind = case
+        q = torch.randn(B, hkv * rep, lq, d, generator=gen).to(dtype)
+        k = torch.randn(B, hkv, lk, d, generator=gen).to(dtype)
+        v = torch.randn(B, hkv, lk, d, generator=gen).to(dtype)
+        mask = None
+        if kind == "bool":
+            mask = torch.rand(B, hkv * rep, lq, lk, generator=gen) > 0.4
+        elif kind is not None:
+            add = torch.randn(B, 1, lq, lk, generator=gen)
+            mask = add.masked_fill(add > 1.0, inf).to(getattr(torch, kind))
+        scale = 0.9 / d**0.5
+        ref, tol = attention_reference(q, k, v, mask, scale)
+        got = _run_cuda("decode_attention", q, k, v, mask, scale)
+        assert got.dtype == dtype and got.shape == q.shape
+        assert_within(got, ref, tol, f"attention kernel {case} {dtype}")
+        comp = mlxq._C.composite_decode_attention(*[_cuda(t) for t in (q, k, v, mask)], scale)
+        assert_within(comp.cpu(), ref, tol, f"attention composite {case} {dtype}")
+
+
+@needs_cuda
+def test_decode_attention_static_cache_tail_is_not_read(gen) -> None:
+    # a static cache: the bool mask attends the first 37 of 4096 positions; the rest holds NaN,
+    # which the kernel never reads (as the CPU op, which narrows to the attended keys)
+    q = torch.randn(2, 8, 1, 128, generator=gen).bfloat16()
+    kv = torch.full((2, 2, 2, 4096, 128), float("nan")).bfloat16()
+    kv[..., :37, :] = torch.randn(2, 2, 2, 37, 128, generator=gen).bfloat16()
+    mask = torch.zeros(2, 1, 1, 4096, dtype=torch.bool)
+    mask[..., :37] = True
+    got = _run_cuda("decode_attention", q, kv[0], kv[1], mask, None)
+    ref, tol = attention_reference(q, kv[0, :, :, :37], kv[1, :, :, :37], mask[..., :37], 128**-0.5)
+    assert_within(got, ref, tol, "static cache")
+    assert torch.equal(got, _run_cuda("decode_attention", q, kv[0], kv[1], mask, None))
+
+
+@needs_cuda
+def test_decode_attention_splits_in_cuda_graph(gen) -> None:
+    # the two launches (splits, merge) and their workspace captured; replays read new queries
+    q = torch.randn(1, 32, 1, 128, generator=gen).bfloat16().cuda()
+    k = torch.randn(1, 8, 3000, 128, generator=gen).bfloat16().cuda()
+    v = torch.randn(1, 8, 3000, 128, generator=gen).bfloat16().cuda()
+    mask = (torch.rand(1, 1, 1, 3000, generator=gen) > 0.2).cuda()
+    graph, out = _captured(lambda: torch.ops.mlxq.decode_attention(q, k, v, mask, None))
+    for _ in range(2):
+        q.normal_()
+        graph.replay()
+        want = torch.ops.mlxq.decode_attention(q, k, v, mask, None)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)

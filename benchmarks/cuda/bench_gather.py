@@ -12,7 +12,10 @@ Times, per call (ms), medians of --reps rounds of --iters calls:
   once: one synchronization per call on both paths);
 - graph: the decode kernel alone, captured in a CUDA graph (absent indices over a stack of the
   selected experts, which nothing reads back) and replayed: a stack small enough to stay in the
-  L2 (8 experts of 2048 x 768 at 4 bits: 6.7 MB), so its bandwidth is an upper bound.
+  L2 (8 experts of 2048 x 768 at 4 bits: 6.7 MB), so its bandwidth is an upper bound;
+- graph_router: the op as a model calls it (all experts, router indices given) captured in a
+  CUDA graph, which the device-side index check allows, and replayed (20 calls per replay on the
+  same indices, so the selected experts also stay in the L2).
 
 Measured on an H200 (bf16, 4 bits, g64, top-8 of 128, ms per call, one run): eager decode path
 0.069-0.076 at M = 1-8 against the composite's 0.356-0.369 (4.7-5.2x); graph replay of the
@@ -103,6 +106,15 @@ def main() -> None:
                         mlxq.affine_gather_matmul(x, w8, s8, b8, None, None, **kw)
             torch.cuda.current_stream().wait_stream(side)
             t_graph = timed(lambda i=0, g=graph: g.replay(), 10, args.reps) / 20
+            idx = choices[0].clone()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                graph_r = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph_r, stream=side):
+                    for _ in range(20):
+                        mlxq.affine_gather_matmul(x, wq, s, b, None, idx, **kw)
+            torch.cuda.current_stream().wait_stream(side)
+            t_router = timed(lambda i=0, g=graph_r: g.replay(), 10, args.reps) / 20
             row = dict(
                 proj=name,
                 N=n,
@@ -113,6 +125,7 @@ def main() -> None:
                 speedup=round(t_comp / t_kernel, 2),
                 graph_kernel_ms=round(t_graph, 4),
                 graph_GBps=round(args.top * packed / t_graph / 1e6, 1),
+                graph_router_ms=round(t_router, 4),
                 max_abs_diff=diff,
             )
             rows.append(row)

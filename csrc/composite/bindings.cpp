@@ -52,21 +52,25 @@ void register_composite_bindings(pybind11::module& m) {
         py::arg("scales"), py::arg("biases"), py::arg("lhs_indices") = py::none(),
         py::arg("rhs_indices") = py::none(), py::arg("group_size") = 64, py::arg("bits") = 4,
         py::arg("transpose") = true, py::arg("sorted_indices") = false,
-        "affine_gather_matmul grouped by expert over the device's affine_matmul (composite.h)");
+        py::arg("capturable") = false,
+        "affine_gather_matmul grouped by expert over the device's affine_matmul (composite.h); "
+        "capturable: pair by pair, the indices checked on the device (no host read)");
   m.def(
       "composite_fp_gather_matmul",
       [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
          const std::string& mode, int64_t group_size, int64_t bits,
          const std::optional<at::Tensor>& lhs_indices, const std::optional<at::Tensor>& rhs_indices,
-         bool transpose, const std::optional<at::Tensor>& global_scale, bool sorted_indices) {
+         bool transpose, const std::optional<at::Tensor>& global_scale, bool sorted_indices,
+         bool capturable) {
         return c::fp_gather_matmul(x, wq, scales, mode, group_size, bits, lhs_indices, rhs_indices,
-                                   transpose, global_scale, sorted_indices);
+                                   transpose, global_scale, sorted_indices, capturable);
       },
       py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("mode"), py::arg("group_size"),
       py::arg("bits"), py::arg("lhs_indices") = py::none(), py::arg("rhs_indices") = py::none(),
       py::arg("transpose") = true, py::arg("global_scale") = py::none(),
-      py::arg("sorted_indices") = false,
-      "fp_gather_matmul grouped by expert over the device's fp_matmul (composite.h)");
+      py::arg("sorted_indices") = false, py::arg("capturable") = false,
+      "fp_gather_matmul grouped by expert over the device's fp_matmul (composite.h); "
+      "capturable: pair by pair, the indices checked on the device (no host read)");
   m.def("composite_rms_norm", &c::rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
         "rms_norm composed of ATen ops (composite.h)");
   m.def("composite_rotary_embedding", &c::rotary_embedding, py::arg("q"), py::arg("k"),

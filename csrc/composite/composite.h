@@ -19,7 +19,9 @@
 // - the gather ops: the pairs are grouped by expert (a stable sort of the expert indices and
 //   their runs); each selected expert multiplies all its rows at once through the dense op of
 //   the tensors' device (the dispatcher's affine_matmul / fp_matmul), so the numerics are that
-//   op's and each selected expert is read once per call.
+//   op's and each selected expert is read once per call. With `capturable` (the CUDA ops pass it
+//   while the current stream is capturing a graph) nothing is read back to the host: the indices
+//   are checked on the device and each pair runs the dense op on its own expert.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -53,13 +55,15 @@ at::Tensor affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const
                                 const at::Tensor& biases,
                                 const std::optional<at::Tensor>& lhs_indices,
                                 const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
-                                int64_t bits, bool transpose, bool sorted_indices);
+                                int64_t bits, bool transpose, bool sorted_indices,
+                                bool capturable = false);
 
 at::Tensor fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                             c10::string_view mode, int64_t group_size, int64_t bits,
                             const std::optional<at::Tensor>& lhs_indices,
                             const std::optional<at::Tensor>& rhs_indices, bool transpose,
-                            const c10::optional<at::Tensor>& global_scale, bool sorted_indices);
+                            const c10::optional<at::Tensor>& global_scale, bool sorted_indices,
+                            bool capturable = false);
 
 // 1-bit affine (MLX quantizes it as plain min/max: scale max - min, bias min), which the CUDA
 // kernels do not cover: affine_cuda.cu calls these for bits == 1 (they refuse other bits).
@@ -74,8 +78,9 @@ at::Tensor affine_matmul_1bit(const at::Tensor& x, const at::Tensor& wq, const a
                               const at::Tensor& biases, int64_t group_size, int64_t bits,
                               bool transpose);
 
-// The layer ops (layers_composite.cpp), the CUDA kernels of rms_norm, rotary_embedding and
-// decode_attention. rotary_embedding is the CPU op (and transformers' apply_rotary_pos_emb) bit
+// The layer ops (layers_composite.cpp), the CUDA kernels of rms_norm and rotary_embedding, and
+// of decode_attention where its kernel (cuda/attention_cuda.cu) does not apply (head dims above
+// 256). rotary_embedding is the CPU op (and transformers' apply_rotary_pos_emb) bit
 // for bit; rms_norm differs from the CPU op only by its fp32 mean's summation order (the CPU
 // sums the squares in double), which can move the normalized value by an ulp of the dtype of x
 // at a rounding tie; decode_attention computes in fp32 (scores, softmax, weighted sum, sums in

@@ -3,6 +3,9 @@
 // experts found with unique_consecutive, and each selected expert multiplies the stacked x rows
 // of all its pairs with one call of the dense op of the tensors' device, whose result rows are
 // scattered back to their pairs. The loop runs over the selected experts, never over rows.
+// That grouping reads the experts back to the host; a call made while its CUDA stream is being
+// captured in a graph (`capturable`) multiplies pair by pair instead, its indices checked on the
+// device: every tensor op is then stream-ordered and sizes never depend on index values.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,17 +39,38 @@ const c10::TypedOperatorHandle<FpMatmulFn>& fp_matmul_op() {
 }
 
 // The pairs (lhs[p], rhs[p]) of the checked indices (absent: the batch positions) grouped by
-// expert; dense(rows [c*M, in], expert) -> [c*M, out] in the dtype of x. Returns
-// [*index_shape, M, out].
+// expert; dense(rows [c*M, in], expert) -> [c*M, out] in the dtype of x, the expert an Expert.
+// Returns [*index_shape, M, out].
+// An expert: its index on the host (then its matrices are views), or only on the device (-1 on
+// the host: its matrices are index_select copies, so that the host never reads the index).
+struct Expert {
+  at::Tensor device;  // one int64
+  int64_t host = -1;
+
+  at::Tensor of(const at::Tensor& t3) const {
+    return host >= 0 ? t3[host] : t3.index_select(0, device)[0];
+  }
+};
+
 template <class Dense>
 at::Tensor gather_by_expert(const GatherGeometry& g, const at::Tensor& x,
                             const std::optional<at::Tensor>& lhs_indices,
-                            const std::optional<at::Tensor>& rhs_indices, const Dense& dense) {
+                            const std::optional<at::Tensor>& rhs_indices, bool capturable,
+                            const Dense& dense) {
   const c10::DeviceGuard device(x.device());
-  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
+  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices,
+                                              capturable ? IndexCheck::kAsync : IndexCheck::kHost);
   const int64_t P = lhs.numel(), M = g.M, in = g.in_features, out = g.out_features;
   if (P == 0 || M == 0 || out == 0 || in == 0) return at::zeros(g.out_shape, x.options());
   const at::Tensor x3 = x.reshape({g.x_batch, M, in});
+  at::Tensor y = at::empty({P, M, out}, x.options());
+  if (capturable) {  // P dense products, each reading its pair's matrices through the indices
+    for (int64_t i = 0; i < P; ++i) {
+      const at::Tensor rows = x3.index_select(0, lhs.narrow(0, i, 1)).reshape({M, in});
+      y[i].copy_(dense(rows, Expert{rhs.narrow(0, i, 1)}).reshape({M, out}));
+    }
+    return y.view(g.out_shape);
+  }
   const auto [experts_sorted, order] =
       at::sort(rhs, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
   const auto [experts, inverse, counts] =
@@ -56,12 +80,12 @@ at::Tensor gather_by_expert(const GatherGeometry& g, const at::Tensor& x,
   const int64_t* ep = e_host.const_data_ptr<int64_t>();
   const int64_t* cp = c_host.const_data_ptr<int64_t>();
   const at::Tensor lhs_sorted = lhs.index_select(0, order);
-  at::Tensor y = at::empty({P, M, out}, x.options());
   int64_t begin = 0;
   for (int64_t i = 0; i < e_host.numel(); ++i) {
     const int64_t c = cp[i];
     const at::Tensor rows = x3.index_select(0, lhs_sorted.narrow(0, begin, c)).reshape({c * M, in});
-    y.index_copy_(0, order.narrow(0, begin, c), dense(rows, ep[i]).reshape({c, M, out}));
+    y.index_copy_(0, order.narrow(0, begin, c),
+                  dense(rows, Expert{experts.narrow(0, i, 1), ep[i]}).reshape({c, M, out}));
     begin += c;
   }
   return y.view(g.out_shape);
@@ -73,7 +97,8 @@ at::Tensor affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const
                                 const at::Tensor& biases,
                                 const std::optional<at::Tensor>& lhs_indices,
                                 const std::optional<at::Tensor>& rhs_indices, int64_t group_size,
-                                int64_t bits, bool transpose, bool /*sorted_indices*/) {
+                                int64_t bits, bool transpose, bool /*sorted_indices*/,
+                                bool capturable) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ops.py owns the gradient
   const GatherGeometry g = check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
                                                group_size, bits, transpose);
@@ -81,17 +106,19 @@ at::Tensor affine_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const
   const at::Tensor w3 = wq.reshape({g.w_batch, N, wq.size(-1)});
   const at::Tensor s3 = scales.reshape({g.w_batch, N, scales.size(-1)});
   const at::Tensor b3 = biases.reshape({g.w_batch, N, biases.size(-1)});
-  return gather_by_expert(g, x, lhs_indices, rhs_indices, [&](const at::Tensor& rows, int64_t e) {
-    return affine_matmul_op().call(rows, w3[e], s3[e], b3[e], group_size, bits, transpose);
-  });
+  return gather_by_expert(g, x, lhs_indices, rhs_indices, capturable,
+                          [&](const at::Tensor& rows, const Expert& e) {
+                            return affine_matmul_op().call(rows, e.of(w3), e.of(s3), e.of(b3),
+                                                           group_size, bits, transpose);
+                          });
 }
 
 at::Tensor fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
                             c10::string_view mode, int64_t group_size, int64_t bits,
                             const std::optional<at::Tensor>& lhs_indices,
                             const std::optional<at::Tensor>& rhs_indices, bool transpose,
-                            const c10::optional<at::Tensor>& global_scale,
-                            bool /*sorted_indices*/) {
+                            const c10::optional<at::Tensor>& global_scale, bool /*sorted_indices*/,
+                            bool capturable) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // ops.py owns the gradient
   const int m = check_fp_mode(mode, group_size, bits);
   const GatherGeometry g = check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
@@ -101,11 +128,12 @@ at::Tensor fp_gather_matmul(const at::Tensor& x, const at::Tensor& wq, const at:
   const at::Tensor s3 = scales.reshape({g.w_batch, N, scales.size(-1)});
   // mx.gather_qmm's global scale: one value per matrix, fp_matmul's one-element tensor
   const at::Tensor gs = global_scale.has_value() ? global_scale->reshape({-1}) : at::Tensor();
-  return gather_by_expert(g, x, lhs_indices, rhs_indices, [&](const at::Tensor& rows, int64_t e) {
-    const c10::optional<at::Tensor> ge =
-        gs.defined() ? c10::optional<at::Tensor>(gs.narrow(0, e, 1)) : c10::nullopt;
-    return fp_matmul_op().call(rows, w3[e], s3[e], mode, group_size, bits, transpose, ge);
-  });
+  return gather_by_expert(
+      g, x, lhs_indices, rhs_indices, capturable, [&](const at::Tensor& rows, const Expert& e) {
+        const c10::optional<at::Tensor> ge =
+            gs.defined() ? c10::optional<at::Tensor>(e.of(gs.view({-1, 1}))) : c10::nullopt;
+        return fp_matmul_op().call(rows, e.of(w3), e.of(s3), mode, group_size, bits, transpose, ge);
+      });
 }
 
 }  // namespace mlxq::composite

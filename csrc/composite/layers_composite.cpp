@@ -1,5 +1,6 @@
 // rms_norm, rotary_embedding and decode_attention composed of ATen ops (composite.h): the CUDA
-// kernels of these ops, and callable on CPU tensors so that the tests hold them against the CPU
+// kernels of these ops (decode_attention's only above the head dims of cuda/attention_cuda.cu),
+// and callable on CPU tensors so that the tests hold them against the CPU
 // kernels. Each restates its schema's numerics (ops.cpp) with tensor ops in fp32.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>

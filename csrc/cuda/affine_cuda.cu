@@ -374,20 +374,25 @@ at::Tensor affine_gather_matmul_cuda(const at::Tensor& x, const at::Tensor& wq,
                                                group_size, bits, transpose);
   const int64_t N = g.w.rows, K = g.w.cols;
   const int64_t P = c10::multiply_integers(g.index_shape);
+  const c10::cuda::CUDAGuard device(x.device());
+  const bool capturing = stream_capturing();
   // Decode sizes of x @ W.T with few pairs: one launch of the CUDA-core decode kernel, each pair
   // streaming its own expert (no sort, no device-to-host copy of the experts); 1 bit, larger M
-  // and many pairs group the pairs by expert (composite/gather_composite.cpp). R >= 2 rows of W
+  // and many pairs group the pairs by expert (composite/gather_composite.cpp). While a graph is
+  // captured the grouping cannot read the experts back, so every decode size takes the kernel
+  // (up to the grid's 65535 pairs) and the rest the composite pair by pair. R >= 2 rows of W
   // per warp, so N / kDecodeWarps bounds the grid's x dimension.
   const bool decode = bits != 1 && transpose && g.M >= 1 && g.M <= kDecodeMaxRows && N > 0 &&
-                      K > 0 && P >= 1 && P <= kGatherMaxPairs &&
+                      K > 0 && P >= 1 && P <= (capturing ? 65535 : kGatherMaxPairs) &&
                       (N + kDecodeWarps - 1) / kDecodeWarps <= INT32_MAX && gather_kernel_enabled();
   if (!decode) {
     return composite::affine_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices,
-                                           group_size, bits, transpose, sorted_indices);
+                                           group_size, bits, transpose, sorted_indices, capturing);
   }
-  const c10::cuda::CUDAGuard device(x.device());
-  // checked: every index lies in its batch (one device-to-host read of their range)
-  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
+  // checked: every index lies in its batch (one device-to-host read of their range; while
+  // capturing, by the kernel on the device)
+  const auto [lhs, rhs] = gather_pair_indices(
+      g, x, lhs_indices, rhs_indices, capturing ? IndexCheck::kInKernel : IndexCheck::kHost);
   const at::Tensor xc = aligned(x);  // [x_batch, M, K]: each matrix's rows 16-byte aligned
   const at::Tensor wc = aligned(wq);
   const at::Tensor sc = scales.contiguous(), bc = biases.contiguous();
@@ -407,6 +412,8 @@ at::Tensor affine_gather_matmul_cuda(const at::Tensor& x, const at::Tensor& wq,
   p.lhs = lhs.const_data_ptr<int64_t>();
   p.rhs = rhs.const_data_ptr<int64_t>();
   p.pairs = P;
+  p.x_batch = g.x_batch;
+  p.w_batch = g.w_batch;
   p.w_matrix = N * packed_cols(K, bits);
   p.s_matrix = N * g.w.groups;
   launch_qmv(static_cast<int>(bits), p, dtype_of(x.scalar_type()),

@@ -137,18 +137,25 @@ at::Tensor fp_gather_matmul_cuda(const at::Tensor& x, const at::Tensor& wq,
   const char variant = decode_variant(x.scalar_type(), g.M);
   const int64_t rows_per_warp = fp_qmv_rows_per_warp(g.M, variant);
   const int64_t warps = (N + rows_per_warp - 1) / rows_per_warp;
+  const c10::cuda::CUDAGuard device(x.device());
+  const bool capturing = stream_capturing();
   // Decode sizes of x @ W.T with few pairs: one launch, each pair streaming its own expert
   // (no sort, no device-to-host copy of the experts); the rest groups the pairs by expert.
+  // While a graph is captured the grouping cannot read the experts back: every decode size
+  // takes the kernel, the rest the composite pair by pair (affine_cuda.cu's rule).
   const bool decode = transpose && g.M >= 1 && g.M <= kDecodeMaxRows && N > 0 && P >= 1 &&
-                      P <= std::min(kGatherMaxPairs, kFpMaxPairs) && row_bytes % 16 == 0 &&
-                      (warps + kFpWarps - 1) / kFpWarps <= INT32_MAX && decode_kernel_enabled();
+                      P <= (capturing ? kFpMaxPairs : std::min(kGatherMaxPairs, kFpMaxPairs)) &&
+                      row_bytes % 16 == 0 && (warps + kFpWarps - 1) / kFpWarps <= INT32_MAX &&
+                      decode_kernel_enabled();
   if (!decode) {
     return composite::fp_gather_matmul(x, wq, scales, mode, group_size, bits, lhs_indices,
-                                       rhs_indices, transpose, global_scale, sorted_indices);
+                                       rhs_indices, transpose, global_scale, sorted_indices,
+                                       capturing);
   }
-  const c10::cuda::CUDAGuard device(x.device());
-  // checked: every index lies in its batch (one device-to-host read of their range)
-  const auto [lhs, rhs] = gather_pair_indices(g, x, lhs_indices, rhs_indices);
+  // checked: every index lies in its batch (one device-to-host read of their range; while
+  // capturing, by the kernel on the device)
+  const auto [lhs, rhs] = gather_pair_indices(
+      g, x, lhs_indices, rhs_indices, capturing ? IndexCheck::kInKernel : IndexCheck::kHost);
   const at::Tensor xc = aligned_to(x, 16);
   const at::Tensor wc = aligned_to(wq, 16);
   const at::Tensor sc = aligned_to(scales, 2);
@@ -159,6 +166,8 @@ at::Tensor fp_gather_matmul_cuda(const at::Tensor& x, const at::Tensor& wq,
   p.lhs = lhs.const_data_ptr<int64_t>();
   p.rhs = rhs.const_data_ptr<int64_t>();
   p.pairs = P;
+  p.x_batch = g.x_batch;
+  p.w_batch = g.w_batch;
   p.w_matrix = N * p.chunks;
   p.s_matrix = N * p.G;
   launch(m, p, x.scalar_type(), variant);

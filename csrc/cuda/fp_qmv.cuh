@@ -204,6 +204,8 @@ __global__ void __launch_bounds__(kFpWarps * 32, MT >= 2 ? 2 : 1)
   if (p.rhs != nullptr) {
     e = __ldg(p.rhs + pair);
     xi = __ldg(p.lhs + pair);
+    MLXQ_DEVICE_CHECK(e >= 0 && e < p.w_batch && xi >= 0 && xi < p.x_batch,
+                      "mlxq: fp_gather_matmul: lhs_indices or rhs_indices out of range");
   }
   const int64_t C = p.chunks;
   const uint4* wrow[R];

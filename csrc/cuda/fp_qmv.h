@@ -33,9 +33,11 @@ struct FpQmvParams {
   // The gather (fp_gather_matmul): pair i = blockIdx.y multiplies the M rows of x matrix lhs[i]
   // by weight matrix rhs[i] (with its global scale global[rhs[i]]) into y matrix i. For a plain
   // matmul: one pair, lhs = rhs = nullptr (matrix 0 of each).
-  const int64_t* lhs = nullptr;  // [pairs], checked to lie in the batch of x
-  const int64_t* rhs = nullptr;  // [pairs], checked to lie in the batch of W
+  const int64_t* lhs = nullptr;  // [pairs], in [0, x_batch) (MLXQ_DEVICE_CHECK)
+  const int64_t* rhs = nullptr;  // [pairs], in [0, w_batch)
   int64_t pairs = 1;             // <= kFpMaxPairs
+  int64_t x_batch = 1;           // matrices in x
+  int64_t w_batch = 1;           // matrices in W
   int64_t w_matrix = 0;          // chunks per weight matrix (N * chunks)
   int64_t s_matrix = 0;          // scale bytes per weight matrix (N * G)
 };

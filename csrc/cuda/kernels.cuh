@@ -15,6 +15,16 @@
 
 namespace mlxq::cuda {
 
+// A gather index outside its batch stops the kernel with a device-side assert (cudaErrorAssert,
+// as torch's own index kernels do, e.g. index_select) rather than reading outside the tensor.
+// The host checks the indices first (one device-to-host read) except while the stream is being
+// captured in a CUDA graph, where this is the only check. __assert_fail directly, since assert()
+// is compiled out under NDEBUG; no torch header, so that the standalone harnesses build.
+#define MLXQ_DEVICE_CHECK(cond, msg)                               \
+  do {                                                             \
+    if (!(cond)) __assert_fail(msg, __FILE__, __LINE__, __func__); \
+  } while (0)
+
 // Dtype of the scales and biases (runtime: it does not change the inner loops).
 enum class ScaleType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
@@ -34,9 +44,11 @@ struct QmvParams {
   // The gather (affine_gather_matmul, CUDA-core kernel only): pair i = blockIdx.y multiplies the
   // M rows of x matrix lhs[i] by weight matrix rhs[i] into y matrix i. For a plain matmul: one
   // pair, lhs = rhs = nullptr.
-  const int64_t* lhs = nullptr;  // [pairs], checked to lie in the batch of x
-  const int64_t* rhs = nullptr;  // [pairs], checked to lie in the batch of W
+  const int64_t* lhs = nullptr;  // [pairs], in [0, x_batch) (MLXQ_DEVICE_CHECK)
+  const int64_t* rhs = nullptr;  // [pairs], in [0, w_batch)
   int64_t pairs = 1;             // the grid's y dimension (<= 65535)
+  int64_t x_batch = 1;           // matrices in x
+  int64_t w_batch = 1;           // matrices in W
   int64_t w_matrix = 0;          // words per weight matrix (N * K * bits / 32)
   int64_t s_matrix = 0;          // scales (and biases) per weight matrix (N * G)
 };
@@ -288,6 +300,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) qmv_kernel(const QmvParams 
   if constexpr (Gather) {
     e = __ldg(p.rhs + blockIdx.y);
     xi = __ldg(p.lhs + blockIdx.y);
+    MLXQ_DEVICE_CHECK(e >= 0 && e < p.w_batch && xi >= 0 && xi < p.x_batch,
+                      "mlxq: affine_gather_matmul: lhs_indices or rhs_indices out of range");
   }
   const int64_t C = p.K / 32;  // chunks per row
   const int64_t row_words = C * Bits;
