@@ -4,12 +4,12 @@
 #include "cuda/attention.cuh"
 
 namespace prev {
+using mlxq::cuda::from_float;
+using mlxq::cuda::to_float;
 using mlxq::cuda::attn::AttnParams;
-using mlxq::cuda::attn::from_float;
 using mlxq::cuda::attn::kBoolMask;
 using mlxq::cuda::attn::kWarps;
 using mlxq::cuda::attn::mask_value;
-using mlxq::cuda::attn::to_float;
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

@@ -14,6 +14,8 @@
 
 #include <algorithm>
 
+#include "cuda/float_convert.cuh"
+
 namespace mlxq::cuda::attn {
 
 constexpr int kWarps = 4;           // warps per block, each its own keys
@@ -39,25 +41,6 @@ struct AttnParams {
   int mask_kind;
   float scale;
 };
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // The mask's value at `off`: a float mask's addition, or for a bool mask 0 (attends) or -inf.
 __device__ __forceinline__ float mask_value(const AttnParams& p, int64_t off) {

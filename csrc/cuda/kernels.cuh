@@ -13,6 +13,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "cuda/float_convert.cuh"
+
 namespace mlxq::cuda {
 
 // A gather index outside its batch stops the kernel with a device-side assert (cudaErrorAssert,
@@ -75,21 +77,6 @@ __device__ __forceinline__ float load_scale(const void* p, int64_t i, ScaleType 
     default:
       return static_cast<const float*>(p)[i];
   }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
 }
 
 // Sum of v over the 32 lanes of a warp (the same butterfly order in every lane).
