@@ -183,3 +183,42 @@ def test_inspect_and_generate_name_what_is_wrong(tiny: Path, tmp_path: Path, cas
     assert line.startswith("mlxq: error:")
     for word in words:
         assert word in line, (word, line)
+
+
+# --- floating-point modes: scale bytes that decode to NaN or Inf -------------------------------
+
+# (mode, the stored scale byte): E8M0 0xFF is 2^128 (Inf in fp32; NaN in the OCP spec), E4M3
+# 0x7F and 0xFF are NaN. mlx-lm loads these and computes NaN logits.
+FP_NAN_SCALES = [("mxfp4", 0xFF), ("mxfp8", 0xFF), ("nvfp4", 0x7F), ("nvfp4", 0xFF)]
+
+
+def _fp_checkpoint(mode: str) -> Path:
+    from arch_models import Variant
+    from arch_models import tiny_mlx_checkpoint as arch_checkpoint
+
+    group_size, bits = {"mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}[mode]
+    return arch_checkpoint(
+        "llama", Variant(tied=mode != "nvfp4", bits=bits, group_size=group_size, mode=mode)
+    )
+
+
+@pytest.mark.parametrize(("mode", "code"), FP_NAN_SCALES, ids=lambda v: str(v))
+def test_float_mode_scale_that_is_not_finite_is_named(
+    tmp_path: Path, mode: str, code: int, capsys
+) -> None:
+    from mlxq.cli import main
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(_fp_checkpoint(mode), folder)
+    key = f"{LAYER}.scales"
+
+    def edit(w: dict) -> None:
+        w[key] = w[key].clone()
+        w[key].view(-1)[5] = code
+
+    _tensors(edit)(folder)
+    with pytest.raises(ValueError, match=rf"{key} has 1 non-finite .*{mode}.*index \[0, 5\]"):
+        _load(folder)
+    assert main(["inspect", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert key in out and "non-finite" in out, out[-2000:]

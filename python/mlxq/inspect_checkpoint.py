@@ -76,6 +76,17 @@ def _nbytes(info) -> int:
     return n
 
 
+def _scale_mode(key: str, header: dict) -> str:
+    """The mode of a `scales` tensor as mlx-lm infers it: float scales are affine; uint8 ones
+    belong to the float mode whose packed-weight to scale width ratio their shapes show
+    (K/8 : K/16 nvfp4, K/8 : K/32 mxfp4, K/4 : K/32 mxfp8)."""
+    scales, weight = header[key], header.get(key.removesuffix(".scales") + ".weight")
+    if scales.dtype != "U8" or weight is None or not scales.shape or not weight.shape:
+        return "affine"
+    ratio = weight.shape[-1] / max(scales.shape[-1], 1)
+    return {2: "nvfp4", 4: "mxfp4", 8: "mxfp8"}.get(ratio, "mxfp4")  # 0xFF is bad in all
+
+
 def _nonfinite_scales(folder: Path, headers_by_file: dict) -> list[str]:
     """The loader's NaN/Inf check on every `scales`/`biases` tensor (they are small)."""
     from safetensors import safe_open
@@ -90,7 +101,7 @@ def _nonfinite_scales(folder: Path, headers_by_file: dict) -> list[str]:
         with safe_open(folder / file, "pt") as f:
             for key in keys:
                 try:
-                    check_finite(key, f.get_tensor(key))
+                    check_finite(key, f.get_tensor(key), _scale_mode(key, header))
                 except ValueError as error:
                     errors.append(str(error).removeprefix("mlxq: "))
     return errors
