@@ -115,6 +115,16 @@ def _bits_four(data: dict) -> None:
         data[key][LAYER] = {"bits": "four"}
 
 
+def _without(key: str) -> Callable[[dict], None]:
+    """The quantization block less one of the keys mlx-lm requires (it raises KeyError)."""
+
+    def change(data: dict) -> None:
+        for block in _QUANTIZATION_KEYS:
+            data[block].pop(key)
+
+    return change
+
+
 def _no_quantization(data: dict) -> None:
     data.pop("quantization", None)
     data.pop("quantization_config", None)
@@ -145,6 +155,8 @@ CASES = {
     "index-weight-map-list": (_index({"weight_map": []}), ["index.json", "weight_map"]),
     "index-int-values": (_index({"weight_map": {"a": 1}}), ["index.json", "weight_map"]),
     "no-quantization-block": (_config(_no_quantization), ["packed", "quantization"]),
+    "no-bits": (_config(_without("bits")), ["quantization", "lacks 'bits'"]),
+    "no-group-size": (_config(_without("group_size")), ["quantization", "lacks 'group_size'"]),
 }
 
 

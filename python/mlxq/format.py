@@ -34,6 +34,7 @@ __all__ = [
     "ModuleFormat",
     "find_quantization",
     "is_mlx_quantization",
+    "require_top_level_keys",
     "check_quantization",
     "top_level_format",
     "entry_format",
@@ -86,10 +87,26 @@ def find_quantization(config: dict) -> Any:
 
 
 def is_mlx_quantization(q: Any) -> bool:
-    """True for an MLX `quantization` dict: `bits` and `group_size`, no foreign `quant_method`."""
-    if not isinstance(q, dict) or "bits" not in q or "group_size" not in q:
+    """True for an MLX `quantization` dict: no foreign `quant_method`, and MLX's own keys.
+
+    A block missing `bits` or `group_size` is still MLX's (mlx-lm fails on it with a bare
+    KeyError); it is taken as MLX's so that :func:`require_top_level_keys` names the missing key,
+    instead of transformers' complaint about a `quant_method`."""
+    if not isinstance(q, dict) or q.get("quant_method") not in (None, "mlx"):
         return False
-    return q.get("quant_method") in (None, "mlx")
+    return q.get("quant_method") == "mlx" or any(k in q for k in _TOP_KEYS)
+
+
+def require_top_level_keys(q: dict) -> None:
+    """mlx-lm reads `quantization["group_size"]` and `["bits"]` (a `null` value means the
+    mode's default, a missing key is its KeyError): refuse a block without them by name."""
+    for key in ("group_size", "bits"):
+        if key not in q:
+            raise ValueError(
+                f"mlxq: config.json quantization lacks {key!r} (it has {sorted(q)}); mlx-lm needs "
+                f"both group_size and bits (null for the mode's default): restore the block "
+                "mlx-lm wrote"
+            )
 
 
 def _int_or_null(value: Any, key: str, where: str) -> int | None:
