@@ -118,13 +118,26 @@ def _read_config(path: Path) -> tuple[dict, str | None]:
     return config, None
 
 
+def auto_model_class(config):
+    """The transformers auto class that builds `config`'s model: the causal LM where
+    transformers has one, else the image-text model (mlx-vlm checkpoints of Qwen2-VL, LLaVA,
+    ... load through AutoModelForImageTextToText only); AutoModelForCausalLM otherwise, whose
+    error names the config class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM
+
+
 def _meta_model(folder: Path):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto_model_class(config).from_config(config)
 
 
 def _check_index(folder: Path, source: str, headers_by_file: dict, problems: list[Problem]):

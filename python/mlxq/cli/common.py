@@ -185,10 +185,13 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
         torch.set_num_threads(threads)
     dtype = _pick_dtype(dtype_name, device, config)
     quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mlxq.inspect_checkpoint import auto_model_class
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    auto = auto_model_class(AutoConfig.from_pretrained(source))  # image-text: text generation
+    model = auto.from_pretrained(source, dtype=dtype)
     if device != "cpu":
         model = model.to(device)
     model.eval()
