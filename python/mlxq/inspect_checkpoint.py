@@ -220,6 +220,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
                 ),
             )
         )
+    if q is not None and not isinstance(q, dict):  # transformers' config loading fails on it
+        problems.append(
+            Problem("error", f"config.json quantization must be an object, got {type(q).__name__}")
+        )
+        return report
     mlx_q = is_mlx_quantization(q)
     packed = [k for k, v in headers.items() if v.dtype in ("U32", "I32") and k.endswith("weight")]
     if isinstance(q, dict) and not mlx_q:
