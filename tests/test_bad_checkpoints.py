@@ -115,6 +115,16 @@ def _bits_four(data: dict) -> None:
         data[key][LAYER] = {"bits": "four"}
 
 
+def _without(key: str) -> Callable[[dict], None]:
+    """The quantization block less one of the keys mlx-lm requires (it raises KeyError)."""
+
+    def change(data: dict) -> None:
+        for block in _QUANTIZATION_KEYS:
+            data[block].pop(key)
+
+    return change
+
+
 def _no_quantization(data: dict) -> None:
     data.pop("quantization", None)
     data.pop("quantization_config", None)
@@ -145,6 +155,12 @@ CASES = {
     "index-weight-map-list": (_index({"weight_map": []}), ["index.json", "weight_map"]),
     "index-int-values": (_index({"weight_map": {"a": 1}}), ["index.json", "weight_map"]),
     "no-quantization-block": (_config(_no_quantization), ["packed", "quantization"]),
+    "quantization-list": (
+        _config(lambda c: c.update(quantization=[4], quantization_config=[4])),
+        ["config.json quantization must be an object"],
+    ),
+    "no-bits": (_config(_without("bits")), ["quantization", "lacks 'bits'"]),
+    "no-group-size": (_config(_without("group_size")), ["quantization", "lacks 'group_size'"]),
 }
 
 
@@ -156,7 +172,11 @@ def _broken(tiny: Path, tmp_path: Path, case: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c not in ("config-list",)])
+# transformers' own config loading fails on these before mlxq is asked (a list as the config,
+# or as its quantization_config: AttributeError in transformers' config repr)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c not in ("config-list", "quantization-list")]
+)
 def test_from_pretrained_names_what_is_wrong(tiny: Path, tmp_path: Path, case: str) -> None:
     folder = _broken(tiny, tmp_path, case)
     words = CASES[case][1]
@@ -183,3 +203,42 @@ def test_inspect_and_generate_name_what_is_wrong(tiny: Path, tmp_path: Path, cas
     assert line.startswith("mlxq: error:")
     for word in words:
         assert word in line, (word, line)
+
+
+# --- floating-point modes: scale bytes that decode to NaN or Inf -------------------------------
+
+# (mode, the stored scale byte): E8M0 0xFF is 2^128 (Inf in fp32; NaN in the OCP spec), E4M3
+# 0x7F and 0xFF are NaN. mlx-lm loads these and computes NaN logits.
+FP_NAN_SCALES = [("mxfp4", 0xFF), ("mxfp8", 0xFF), ("nvfp4", 0x7F), ("nvfp4", 0xFF)]
+
+
+def _fp_checkpoint(mode: str) -> Path:
+    from arch_models import Variant
+    from arch_models import tiny_mlx_checkpoint as arch_checkpoint
+
+    group_size, bits = {"mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}[mode]
+    return arch_checkpoint(
+        "llama", Variant(tied=mode != "nvfp4", bits=bits, group_size=group_size, mode=mode)
+    )
+
+
+@pytest.mark.parametrize(("mode", "code"), FP_NAN_SCALES, ids=lambda v: str(v))
+def test_float_mode_scale_that_is_not_finite_is_named(
+    tmp_path: Path, mode: str, code: int, capsys
+) -> None:
+    from mlxq.cli import main
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(_fp_checkpoint(mode), folder)
+    key = f"{LAYER}.scales"
+
+    def edit(w: dict) -> None:
+        w[key] = w[key].clone()
+        w[key].view(-1)[5] = code
+
+    _tensors(edit)(folder)
+    with pytest.raises(ValueError, match=rf"{key} has 1 non-finite .*{mode}.*index \[0, 5\]"):
+        _load(folder)
+    assert main(["inspect", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert key in out and "non-finite" in out, out[-2000:]

@@ -127,3 +127,25 @@ def test_cli_convert_q_mode_equals_mlx_lm_convert(tmp_path: Path, capsys) -> Non
     assert main(["convert", str(float_dir), str(tmp_path / "x"), "--q-mode", "mxfp4",
                  "--recipe", "mixed_3_6"]) == 1  # fmt: skip
     assert "--q-mode affine only" in capsys.readouterr().err
+
+
+def test_modules_without_entries_take_the_mode_their_tensors_show(tmp_path: Path) -> None:
+    """The mixed-mode checkpoint less its per-module entries (nvfp4 on top, affine embeddings and
+    head, mxfp8 down_proj): mlx-lm 0.32 reads each module's mode off its tensors (uint8 or float
+    scales, bits and group size from the shapes) and gives the same logits as with the
+    entries; mlxq too (it refused the affine embedding: "mode 'nvfp4' has no biases")."""
+    import shutil
+
+    source = tiny_mlx_checkpoint("qwen3", VARIANTS[3])
+    folder = tmp_path / "no-entries"
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        config[key] = {k: v for k, v in config[key].items() if not isinstance(v, dict)}
+    assert config["quantization"] == {"group_size": 16, "bits": 4, "mode": "nvfp4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    ref = mlx_lm_logits(folder, TOKENS)
+    np.testing.assert_array_equal(ref, mlx_lm_logits(source, TOKENS))
+    got = mlxq_logits(folder, TOKENS)
+    np.testing.assert_array_equal(got, mlxq_logits(source, TOKENS))
+    assert float(np.abs(got - ref).max()) <= TOLERANCE

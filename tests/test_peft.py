@@ -274,6 +274,28 @@ def test_delta_weight_bit_exact_with_mlx(rank, gen):
 
 
 def test_fuse_bit_exact_with_mlx_lm_fuse(ckpt, gen, tmp_path, monkeypatch):
+    _assert_fuse_bit_exact_with_mlx_lm_fuse(ckpt, gen, tmp_path, monkeypatch, layers=2)
+
+
+# mlx-lm fuses float-mode layers too: dequantize (bfloat16, MLX's default for these modes), add
+# the delta in that dtype, re-quantize in the layer's mode
+FP_VARIANTS = {
+    "mxfp4": dict(tied=True, bits=4, group_size=32, mode="mxfp4"),
+    "nvfp4": dict(tied=False, bits=4, group_size=16, mode="nvfp4"),
+    "mxfp8": dict(tied=True, bits=8, group_size=32, mode="mxfp8"),
+}
+
+
+@pytest.mark.parametrize("mode", list(FP_VARIANTS))
+def test_fuse_float_modes_bit_exact_with_mlx_lm_fuse(mode, gen, tmp_path, monkeypatch):
+    from arch_models import Variant
+    from arch_models import tiny_mlx_checkpoint as arch_checkpoint
+
+    path = arch_checkpoint("qwen3", Variant(**FP_VARIANTS[mode]))
+    _assert_fuse_bit_exact_with_mlx_lm_fuse(path, gen, tmp_path, monkeypatch, layers=2)
+
+
+def _assert_fuse_bit_exact_with_mlx_lm_fuse(ckpt, gen, tmp_path, monkeypatch, layers):
     from mlx_lm import fuse as mlx_fuse
 
     model = _load(ckpt, torch.bfloat16)  # the checkpoint's own dtype, as mlx_lm fuse keeps it
@@ -303,13 +325,15 @@ def test_fuse_bit_exact_with_mlx_lm_fuse(ckpt, gen, tmp_path, monkeypatch):
         assert ours[k].dtype == t.dtype, k
         assert torch.equal(ours[k], t), k
     changed = {k for k, t in theirs.items() if not torch.equal(t, base[k])}
-    # every adapted layer's packed weight, scales and biases moved; nothing else did
+    # every adapted layer's packed weight and scales (and biases) moved; nothing else did
+    affine = any(k.endswith(".biases") for k in base)
+    leaves = ("weight", "scales", "biases") if affine else ("weight", "scales")
     assert changed == {
         f"model.layers.{i}.{blk}.{m}.{leaf}"
-        for i in range(2)
+        for i in range(layers)
         for blk, mods in (("self_attn", TARGETS[:4]), ("mlp", TARGETS[4:]))
         for m in mods
-        for leaf in ("weight", "scales", "biases")
+        for leaf in leaves
     }
 
 

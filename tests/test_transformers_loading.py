@@ -237,18 +237,22 @@ def test_config_round_trip() -> None:
 
 
 @pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
-def test_affine_tensors_under_a_float_mode_name_the_layer(
-    tiny: Path, tmp_path: Path, mode: str
+def test_affine_tensors_under_a_float_mode_load_as_mlx_lm_reads_them(
+    tiny: Path, tiny_logits: torch.Tensor, tmp_path: Path, mode: str
 ) -> None:
-    """A config that says a floating-point mode over affine tensors (biases, float scales) is
-    refused naming the layer, the mode and the tensor that does not belong."""
+    """A top-level floating-point mode over affine tensors (float scales, biases) and no
+    per-module entries: mlx-lm 0.32 reads each such module's mode off its tensors
+    (`infer_quant_config`: float scales are affine), and so does mlxq (it refused them)."""
+    from mlx_models import mlx_lm_logits
 
     def to_mode(c: dict) -> None:
         c["quantization"]["mode"] = c["quantization_config"]["mode"] = mode
 
     folder = _edit(_copy(tiny, tmp_path / "ckpt"), config=to_mode)
-    with pytest.raises(ValueError, match=rf"layer 'model\..*'{mode}'.*biases"):
-        _load(folder)
+    logits = _logits(_load(folder))
+    assert torch.equal(logits, tiny_logits)
+    ref = mlx_lm_logits(folder, TOKENS[0].numpy())
+    assert float((logits[0] - torch.from_numpy(ref)).abs().max()) < 1e-3
 
 
 def _drop(key: str):

@@ -139,3 +139,34 @@ def test_own_class_loads_the_same_model(name: str) -> None:
     np.testing.assert_array_equal(
         mlxq_logits(path, name, inputs, own), mlxq_logits(path, name, inputs, auto)
     )
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava"])
+def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
+    """`mlxq inspect` and `mlxq generate` read an mlx-vlm checkpoint whose family transformers
+    has no causal-LM class for (they asked AutoModelForCausalLM, and inspect reported a model
+    that loads as one that cannot): inspect finds no problem, and generate's text (fp32, greedy,
+    raw prompt) is mlx-vlm's greedy continuation."""
+    from mlxq.cli import main
+    from transformers import AutoTokenizer
+
+    path = tiny_mlx_vlm_checkpoint(name)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "problems     none" in out and "AffineLinear" in out, out[-2000:]
+
+    prompt, steps = "t5 t77 t300 t12", 4
+    argv = ["generate", "--model", str(path), "--prompt", prompt, "--max-tokens", str(steps)]
+    assert main([*argv, "--dtype", "float32", "--ignore-chat-template"]) == 0
+    text = capsys.readouterr().out.splitlines()[0]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(prompt)["input_ids"]
+    sequence = list(ids)
+    for _ in range(steps):  # mlx-vlm's greedy tokens, one full forward a step
+        array = np.array([sequence], dtype=np.int64)
+        inputs = {"input_ids": array, "attention_mask": np.ones_like(array)}
+        token = int(mlx_vlm_logits(path, name, inputs)[-1].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        sequence.append(token)
+    assert text == tokenizer.decode(sequence[len(ids) :], skip_special_tokens=True)

@@ -132,6 +132,16 @@ def convert_checkpoint(
         raise ValueError(
             f"mlxq: {src} is already quantized ({q}); convert takes a float checkpoint"
         )
+    if isinstance(config.get("vision_config"), dict):
+        # not mlx-vlm's conversion (which keeps the vision tower float) and not mlx-lm's: Qwen
+        # 3.5's language model came out under doubled names, and mlx-vlm 0.7.10 runs Gemma 3's
+        # untied head as the embedding (its sanitize overwrites `language_model.lm_head.weight`)
+        raise NotImplementedError(
+            f"mlxq: {src} is an image-text model ({config.get('model_type')!r}, with a "
+            "vision_config); mlxq convert writes text models only: convert it with `mlx_vlm "
+            "convert -q` (or its language model with `mlx_lm convert -q`), whose checkpoints "
+            "mlxq loads"
+        )
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"mlxq: dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
     if recipe and mode != "affine":

@@ -11,7 +11,9 @@ How mlx-lm 0.32 resolves the format of one module (``mlx_lm.utils.load_model``, 
   takes the top-level values, and a dict is passed to ``to_quantized`` as it is, so a missing
   or ``null`` ``group_size``/``bits`` means the default of the entry's *mode* (not the
   top-level value), and a missing ``mode`` means ``"affine"``;
-- any other module is quantized as its tensors say (bits and group size read off the shapes).
+- any other module is quantized as its tensors say (bits and group size read off the shapes,
+  and the mode too: float scales are affine, uint8 ones the float mode of those bits and group
+  size; mlx-lm's ``infer_quant_config``), whatever the top-level mode.
 
 :func:`stored_format` reads one module's format off its safetensors header entries (checked
 against the config); :func:`configured_format` is the format a config gives a module when a
@@ -34,6 +36,7 @@ __all__ = [
     "ModuleFormat",
     "find_quantization",
     "is_mlx_quantization",
+    "require_top_level_keys",
     "check_quantization",
     "top_level_format",
     "entry_format",
@@ -86,10 +89,26 @@ def find_quantization(config: dict) -> Any:
 
 
 def is_mlx_quantization(q: Any) -> bool:
-    """True for an MLX `quantization` dict: `bits` and `group_size`, no foreign `quant_method`."""
-    if not isinstance(q, dict) or "bits" not in q or "group_size" not in q:
+    """True for an MLX `quantization` dict: no foreign `quant_method`, and MLX's own keys.
+
+    A block missing `bits` or `group_size` is still MLX's (mlx-lm fails on it with a bare
+    KeyError); it is taken as MLX's so that :func:`require_top_level_keys` names the missing key,
+    instead of transformers' complaint about a `quant_method`."""
+    if not isinstance(q, dict) or q.get("quant_method") not in (None, "mlx"):
         return False
-    return q.get("quant_method") in (None, "mlx")
+    return q.get("quant_method") == "mlx" or any(k in q for k in _TOP_KEYS)
+
+
+def require_top_level_keys(q: dict) -> None:
+    """mlx-lm reads `quantization["group_size"]` and `["bits"]` (a `null` value means the
+    mode's default, a missing key is its KeyError): refuse a block without them by name."""
+    for key in ("group_size", "bits"):
+        if key not in q:
+            raise ValueError(
+                f"mlxq: config.json quantization lacks {key!r} (it has {sorted(q)}); mlx-lm needs "
+                f"both group_size and bits (null for the mode's default): restore the block "
+                "mlx-lm wrote"
+            )
 
 
 def _int_or_null(value: Any, key: str, where: str) -> int | None:
@@ -261,7 +280,10 @@ def stored_format(
             f"mlxq: layer {name!r}: config.json keeps it float ({name!r}: false) but the "
             f"checkpoint has {name}.scales"
         )
-    mode = want.mode if want is not None else config.default_format.mode
+    if want is not None:
+        mode = want.mode
+    else:
+        mode = _mode_of_tensors(in_features, weight, scales, config.default_format.mode)
     if mode not in RUNNABLE_MODES:
         raise NotImplementedError(
             f"mlxq: layer {name!r} is quantized with mode {mode!r}, which mlxq does not run yet "
@@ -322,6 +344,26 @@ def stored_format(
             f"{fmt.group_size} expected weight {want_w} and scales/biases {want_s}"
         )
     return ModuleFormat(bits, group_size, mode)
+
+
+# (bits, group size) -> the one floating-point mode stored with them (uint8 scales)
+_FP_MODE_OF = {(bits, group): mode for mode, (group, bits) in MODE_DEFAULTS.items()}
+
+
+def _mode_of_tensors(
+    in_features: int, weight: _Header | None, scales: _Header, top_mode: str
+) -> str:
+    """The mode of a module without a per-module entry, read off its tensors as mlx-lm 0.32
+    does (``infer_quant_config``), not taken from the top level: float scales are affine,
+    uint8 ones belong to the float mode of the bits and group size the shapes show. Tensors
+    that fit no mode keep the top-level mode, whose checks then name what is wrong."""
+    if scales.dtype != "U8":
+        return "affine"
+    if weight is None or not weight.shape or not scales.shape or not scales.shape[-1]:
+        return top_mode
+    group, bits = in_features // scales.shape[-1], weight.shape[-1] * 32 // in_features
+    mode = _FP_MODE_OF.get((bits, group))
+    return mode if mode is not None and mode != "affine" else top_mode
 
 
 def _stored_fp_format(

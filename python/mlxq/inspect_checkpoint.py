@@ -77,6 +77,17 @@ def _nbytes(info) -> int:
     return n
 
 
+def _scale_mode(key: str, header: dict) -> str:
+    """The mode of a `scales` tensor as mlx-lm infers it: float scales are affine; uint8 ones
+    belong to the float mode whose packed-weight to scale width ratio their shapes show
+    (K/8 : K/16 nvfp4, K/8 : K/32 mxfp4, K/4 : K/32 mxfp8)."""
+    scales, weight = header[key], header.get(key.removesuffix(".scales") + ".weight")
+    if scales.dtype != "U8" or weight is None or not scales.shape or not weight.shape:
+        return "affine"
+    ratio = weight.shape[-1] / max(scales.shape[-1], 1)
+    return {2: "nvfp4", 4: "mxfp4", 8: "mxfp8"}.get(ratio, "mxfp4")  # 0xFF is bad in all
+
+
 def _nonfinite_scales(folder: Path, headers_by_file: dict) -> list[str]:
     """The loader's NaN/Inf check on every `scales`/`biases` tensor (they are small)."""
     from safetensors import safe_open
@@ -91,7 +102,7 @@ def _nonfinite_scales(folder: Path, headers_by_file: dict) -> list[str]:
         with safe_open(folder / file, "pt") as f:
             for key in keys:
                 try:
-                    check_finite(key, f.get_tensor(key))
+                    check_finite(key, f.get_tensor(key), _scale_mode(key, header))
                 except ValueError as error:
                     errors.append(str(error).removeprefix("mlxq: "))
     return errors
@@ -108,10 +119,25 @@ def _read_config(path: Path) -> tuple[dict, str | None]:
     return config, None
 
 
+def auto_model_class(config):
+    """The transformers auto class that builds `config`'s model: the causal LM where
+    transformers has one, else the image-text model (mlx-vlm checkpoints of Qwen2-VL, LLaVA,
+    ... load through AutoModelForImageTextToText only); AutoModelForCausalLM otherwise, whose
+    error names the config class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM
+
+
 def _meta_model(folder: Path, config_dict: dict, names: Iterable[str]):
-    """The model from_pretrained builds, on the meta device (see `text_model_class`)."""
+    """The model `mlxq generate` loads, on the meta device: the text model's causal LM for
+    mlx-lm's conversion of an image-text model to its language model (`text_model_class`),
+    else the auto class of the config."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from mlxq.integrations.checkpoint import text_model_class
 
@@ -119,7 +145,8 @@ def _meta_model(folder: Path, config_dict: dict, names: Iterable[str]):
     with torch.device("meta"):
         if text_class is not None:
             return text_class._from_config(text_class.config_class.from_pretrained(folder))
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        config = AutoConfig.from_pretrained(folder)
+        return auto_model_class(config).from_config(config)
 
 
 def _check_index(folder: Path, source: str, headers_by_file: dict, problems: list[Problem]):
@@ -202,6 +229,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
                 ),
             )
         )
+    if q is not None and not isinstance(q, dict):  # transformers' config loading fails on it
+        problems.append(
+            Problem("error", f"config.json quantization must be an object, got {type(q).__name__}")
+        )
+        return report
     mlx_q = is_mlx_quantization(q)
     packed = [k for k, v in headers.items() if v.dtype in ("U32", "I32") and k.endswith("weight")]
     if isinstance(q, dict) and not mlx_q:

@@ -201,13 +201,19 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
         torch.set_num_threads(threads)
     dtype = _pick_dtype(dtype_name, device, config)
     quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mlxq.inspect_checkpoint import auto_model_class
 
     start = time.perf_counter()
     from mlxq.integrations.checkpoint import text_model_class
 
-    cls = text_model_class(config, lambda: _tensor_names(source)) or AutoModelForCausalLM
-    model = cls.from_pretrained(source, dtype=dtype)
+    # mlx-lm's conversion of an image-text model to its language model: the text model's
+    # class; else the config's auto class (image-text where transformers has no causal LM)
+    cls = text_model_class(config, lambda: _tensor_names(source))
+    model = (cls or auto_model_class(AutoConfig.from_pretrained(source))).from_pretrained(
+        source, dtype=dtype
+    )
     if device != "cpu":
         model = model.to(device)
     model.eval()

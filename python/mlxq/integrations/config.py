@@ -20,6 +20,7 @@ from mlxq.format import (
     configured_format,
     entry_format,
     is_mlx_quantization,
+    require_top_level_keys,
     top_level_format,
 )
 
@@ -123,6 +124,7 @@ class MLXQuantConfig(QuantizationConfigMixin):
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
         """Build from a config.json block; `kwargs` that are not attributes are returned unused
         (with `return_unused_kwargs`), as transformers' own configs do."""
+        require_top_level_keys(config_dict)
         data = {k: v for k, v in config_dict.items() if k != "quant_method"}
         config = cls(**data)
         unused = {}

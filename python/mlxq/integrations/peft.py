@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from mlxq.nn import AffineLinear
-from mlxq.ops import affine_dequantize, affine_quantize
+from mlxq.ops import dequantize, quantize
 
 try:
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -127,24 +127,26 @@ class AffineLoraLinear(nn.Module, LoraLayer):
         return delta.to(b.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold the adapters into the base: dequantize (the dtype of the scales), add each delta
-        rounded to that dtype, re-quantize with the same bits and group size. `safe_merge`
-        checks the merged weight for NaN/Inf before it replaces the base."""
+        """Fold the adapters into the base: dequantize (the dtype of the scales; bfloat16 for
+        the floating-point modes, MLX's default there), add each delta rounded to that dtype,
+        re-quantize with the same bits, group size and mode. `safe_merge` checks the merged
+        weight for NaN/Inf before it replaces the base."""
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
         if not names:
             return
         base = self.get_base_layer()
+        fmt = (base.group_size, base.bits, base.mode)
         with torch.no_grad():
-            w = affine_dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits)
+            w = dequantize(base.weight, base.scales, base.biases, *fmt)
             for name in names:
                 w = w + self.get_delta_weight(name).to(w.dtype)
             if not torch.isfinite(w).all():
                 # quantizing NaN/Inf gives garbage scales; refuse whether or not safe_merge
                 raise ValueError(f"mlxq: merging adapter(s) {names} gives non-finite weights")
-            q, s, bz = affine_quantize(w, base.group_size, base.bits)
-            base.weight.copy_(q)
-            base.scales.copy_(s)
-            base.biases.copy_(bz)
+            packed = quantize(w, *fmt)  # (weight, scales, biases) affine, (weight, scales) else
+            buffers = (base.weight, base.scales, base.biases)[: len(packed)]
+            for buffer, value in zip(buffers, packed, strict=True):
+                buffer.copy_(value)
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:

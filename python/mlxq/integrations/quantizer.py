@@ -70,13 +70,22 @@ __all__ = [
 _PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Refuse NaN or Inf in scales/biases: the layer would compute garbage without a word."""
-    bad = ~torch.isfinite(tensor)
+def check_finite(name: str, tensor: torch.Tensor, mode: str = "affine") -> None:
+    """Refuse NaN or Inf in scales/biases: the layer would compute garbage without a word.
+
+    The floating-point modes store scales as bytes, which `isfinite` cannot see through: an
+    E8M0 byte (mxfp4, mxfp8) of 0xFF is 2^128, Inf in fp32 (NaN in the OCP spec), and the E4M3
+    bytes (nvfp4) 0x7F and 0xFF are NaN, in MLX and in mlxq's kernels alike."""
+    if tensor.dtype == torch.uint8 and mode != "affine":
+        bad = (tensor & 0x7F) == 0x7F if mode == "nvfp4" else tensor == 0xFF
+        what = f"{mode} scale bytes that decode to NaN or Inf"
+    else:
+        bad = ~torch.isfinite(tensor)
+        what = "NaN or Inf"
     if bool(bad.any()):
         where = [int(i) for i in bad.nonzero()[0]]
         raise ValueError(
-            f"mlxq: {name} has {int(bad.sum())} non-finite values (NaN or Inf), e.g. at index "
+            f"mlxq: {name} has {int(bad.sum())} non-finite values ({what}), e.g. at index "
             f"{where}: the checkpoint is corrupt"
         )
 
@@ -451,7 +460,9 @@ class MLXHfQuantizer(HfQuantizer):
                             + (f" (quantizing it failed: {why})" if why else "")
                         )
                     if tensor_name in ("scales", "biases", "global_scale"):
-                        check_finite(f"{name}.{tensor_name}", tensor)
+                        check_finite(
+                            f"{name}.{tensor_name}", tensor, getattr(module, "mode", "affine")
+                        )
         if self.pre_quantized:
             layout = getattr(self, "_mlx_layout", None)
             if layout is not None:
