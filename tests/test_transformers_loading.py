@@ -394,3 +394,28 @@ def test_quantized_tensors_of_an_unsupported_module_are_refused(tiny: Path, tmp_
     folder = _edit(_copy(tiny, tmp_path / "ckpt"), tensors=quantize_norm)
     with pytest.raises(NotImplementedError, match=r"input_layernorm.scales: .*Qwen3RMSNorm"):
         _load(folder)
+
+
+def test_scales_stored_finer_than_the_model_dtype_are_not_rounded_silently(
+    tiny: Path, tmp_path: Path, caplog
+) -> None:
+    # `mlx_lm convert --dtype float16` stores fp16 scales and leaves the config's bfloat16: a
+    # bf16 load rounds them, which mlxq says, naming the dtype that keeps them
+    from transformers import AutoModelForCausalLM
+
+    def to_fp16(weights: dict) -> None:
+        for key, tensor in weights.items():
+            if key.endswith((".scales", ".biases")):
+                weights[key] = tensor.to(torch.float16)
+
+    folder = _edit(_copy(tiny, tmp_path / "fp16"), tensors=to_fp16)
+    with caplog.at_level(logging.WARNING, logger="mlxq"):
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    warned = [r.getMessage() for r in caplog.records if "rounds them" in r.getMessage()]
+    assert len(warned) == 1 and "float16" in warned[0] and "bfloat16" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mlxq"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+    assert not [r for r in caplog.records if "rounds them" in r.getMessage()]
+    stored = load_file(folder / "model.safetensors")[f"{LAYER}.scales"]
+    assert torch.equal(model.get_submodule(LAYER).scales, stored)  # kept as stored

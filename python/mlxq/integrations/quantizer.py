@@ -10,6 +10,7 @@ so (a K not divisible by the group size), so the config alone is not enough.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -53,6 +54,8 @@ from mlxq.nn import (
     AffineLinear,
 )
 from mlxq.projection_groups import group_projections
+
+logger = logging.getLogger("mlxq")
 
 __all__ = [
     "MLXHfQuantizer",
@@ -282,6 +285,27 @@ def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used
         )
 
 
+# (stored dtype of scales/biases, model dtype) pairs that lose bits when loaded
+_ROUNDING = {("F32", torch.float16), ("F32", torch.bfloat16), ("F16", torch.bfloat16)}
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16"}
+
+
+def warn_if_scales_rounded(model: nn.Module, headers: dict[str, TensorInfo]) -> None:
+    """Say so when the affine scales and biases are stored more precisely than the model's
+    dtype: `mlx_lm convert --dtype float16` leaves the config's bfloat16 in place, so a load
+    without `dtype=` would round fp16 scales to bf16 (mlx-lm runs them as stored)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    stored = {i.dtype for k, i in headers.items() if k.endswith((".scales", ".biases"))}
+    lossy = sorted(s for s in stored if (s, dtype) in _ROUNDING)
+    if lossy:
+        names = " and ".join(_DTYPE_NAMES[s] for s in lossy)
+        logger.warning(
+            f"mlxq: the checkpoint's scales and biases are {names}; the model loads in "
+            f"{str(dtype).removeprefix('torch.')}, which rounds them (mlx-lm runs them as "
+            f"stored): pass dtype=torch.{_DTYPE_NAMES[lossy[-1]]} to from_pretrained to keep them"
+        )
+
+
 def _model_type(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)
@@ -367,6 +391,7 @@ class MLXHfQuantizer(HfQuantizer):
             drop_tied_keys(model, replaced)
             return model
         headers = read_headers(checkpoint_files or [])
+        warn_if_scales_rounded(model, headers)
         text_class = text_model_class(model.config.to_dict(), lambda: headers)
         if text_class is not None:  # AutoModelForCausalLM built the image-text model
             raise ValueError(
