@@ -270,3 +270,41 @@ def test_language_model_of_image_text_checkpoint(
     # `mlxq generate` loads it with that class
     loaded, _, _ = load_model(str(mlx_dir), "cpu", "float32")
     assert type(loaded).__name__ == text_class
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])
+def test_quantized_float_model_saves_what_mlx_lm_convert_writes(tmp_path: Path, arch: str) -> None:
+    # a float Qwen 3.5 (Hub prefix `model.language_model.`) or Qwen3-Next quantized by mlxq
+    # and saved must be `mlx_lm convert`'s checkpoint, tensor for tensor: the text model
+    # under `language_model.` once, conv1d weights channels-last (mlx-lm's sanitize reads a
+    # channels-first one as a Hub checkpoint and adds 1 to the norms a second time)
+    from mlx_lm import convert
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    float_dir = tiny_float_checkpoint(arch, tmp_path / "float", False)
+    ref_dir = tmp_path / "ref"
+    convert(str(float_dir), mlx_path=str(ref_dir), quantize=True, q_bits=4, q_group_size=64)
+    if arch == "qwen3_5":  # quantized while loading
+        model = AutoModelForCausalLM.from_pretrained(
+            float_dir,
+            dtype=torch.bfloat16,
+            quantization_config=mlxq.MLXQuantConfig(bits=4, group_size=64),
+        )
+    else:  # MoE routers are quantized by quantize_model (mlxq convert's path)
+        model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16)
+        eight_bit = {"bits": 8, "group_size": 64}  # mlx-lm's rule for Qwen3-Next's gates
+        overrides = {
+            name: eight_bit
+            for name, _ in model.named_modules()
+            if name.endswith(("mlp.gate", "shared_expert_gate"))
+        }
+        mlxq.quantize_model(model, bits=4, group_size=64, overrides=overrides)
+    model.save_pretrained(tmp_path / "saved")
+    ref = {}
+    for file in ref_dir.glob("*.safetensors"):
+        ref.update(load_file(file))
+    ours = load_file(tmp_path / "saved" / "model.safetensors")
+    assert sorted(ours) == sorted(ref)
+    unequal = [k for k in ref if not torch.equal(ours[k], ref[k])]
+    assert not unequal, unequal[:5]

@@ -361,13 +361,45 @@ def use_mlx_lm_layout(model) -> None:
         for name, module in list(model.named_modules()):
             if is_conv1d(module):
                 model.set_submodule(name, swap_plan(name, module).float_linear(module))
+    from transformers.core_model_loading import PrefixChange
+
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:  # built from a config: what transformers would revert when saving
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange
 
         conversions = get_model_conversion_mapping(model, add_legacy=False)
         conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    elif any(rename in layout.renames for rename in _LANGUAGE_MODEL):
+        # the layout places the text model under mlx-lm's `language_model.` itself; the Hub
+        # prefix a float checkpoint was read with (Qwen 3.5's `model.language_model.`) would
+        # put it there twice
+        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
     # first in the list, so reversed last: the model's own renamings have run by then
     offsets = layout.offset_conversions(name for name, _ in model.named_parameters())
-    model._weight_conversions = [*layout.weight_renamings(), *conversions, *offsets]
+    model._weight_conversions = [
+        *layout.weight_renamings(),
+        *conversions,
+        *offsets,
+        *_channels_last_on_save(model),
+    ]
+
+
+def _channels_last_on_save(model) -> list:
+    """Converters that `save_pretrained` reverses into mlx-lm's channels-last convolution
+    weights, as `mlx_lm convert` writes them: mlx-lm's Qwen 3.5 sanitize takes a
+    channels-first conv1d weight for a Hub checkpoint and adds 1 to the norms again, and
+    Qwen3-Next's does not permute a checkpoint with stacked experts at all."""
+    from torch import nn
+    from transformers.core_model_loading import WeightConverter
+
+    from mlxq.integrations.mlx_vlm_layout import ChannelsLastToFirst
+
+    return [
+        WeightConverter(
+            source_patterns=f"^{re.escape(name)}.weight",  # no `$`: reversed, it would stay
+            target_patterns=f"{name}.weight",
+            operations=[ChannelsLastToFirst(True)],
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv1d)
+    ]
