@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+from functools import partial
 
 import mlxq
 import torch
@@ -47,6 +48,21 @@ def timed(fn, iters: int, reps: int) -> float:
         torch.cuda.synchronize()
         out.append(a.elapsed_time(b) / iters)
     return statistics.median(out)
+
+
+def captured_ms(call, reps: int, calls: int = 20) -> float:
+    """ms per call of `call` replayed from a CUDA graph of `calls` calls (warmed up eagerly
+    on the capturing stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(calls):
+                call()
+    torch.cuda.current_stream().wait_stream(side)
+    return timed(lambda i=0: graph.replay(), 10, reps) / calls
 
 
 def main() -> None:
@@ -96,25 +112,10 @@ def main() -> None:
                 s[sel].contiguous(),
                 b[sel].contiguous(),
             )
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                mlxq.affine_gather_matmul(x, w8, s8, b8, None, None, **kw)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side):
-                    for _ in range(20):
-                        mlxq.affine_gather_matmul(x, w8, s8, b8, None, None, **kw)
-            torch.cuda.current_stream().wait_stream(side)
-            t_graph = timed(lambda i=0, g=graph: g.replay(), 10, args.reps) / 20
+            gather = mlxq.affine_gather_matmul
+            t_graph = captured_ms(partial(gather, x, w8, s8, b8, None, None, **kw), args.reps)
             idx = choices[0].clone()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                graph_r = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph_r, stream=side):
-                    for _ in range(20):
-                        mlxq.affine_gather_matmul(x, wq, s, b, None, idx, **kw)
-            torch.cuda.current_stream().wait_stream(side)
-            t_router = timed(lambda i=0, g=graph_r: g.replay(), 10, args.reps) / 20
+            t_router = captured_ms(partial(gather, x, wq, s, b, None, idx, **kw), args.reps)
             row = dict(
                 proj=name,
                 N=n,
