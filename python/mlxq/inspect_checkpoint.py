@@ -119,19 +119,6 @@ def _read_config(path: Path) -> tuple[dict, str | None]:
     return config, None
 
 
-def auto_model_class(config):
-    """The transformers auto class that builds `config`'s model: the causal LM where
-    transformers has one, else the image-text model (mlx-vlm checkpoints of Qwen2-VL, LLaVA,
-    ... load through AutoModelForImageTextToText only); AutoModelForCausalLM otherwise, whose
-    error names the config class."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        if type(config) in auto._model_mapping:
-            return auto
-    return AutoModelForCausalLM
-
-
 def _meta_model(folder: Path, config_dict: dict, names: Iterable[str]):
     """The model `mlxq generate` loads, on the meta device: the text model's causal LM for
     mlx-lm's conversion of an image-text model to its language model (`text_model_class`),
@@ -139,7 +126,7 @@ def _meta_model(folder: Path, config_dict: dict, names: Iterable[str]):
     import torch
     from transformers import AutoConfig
 
-    from mlxq.integrations.checkpoint import text_model_class
+    from mlxq.integrations.model_class import auto_model_class, text_model_class
 
     text_class = text_model_class(config_dict, lambda: names)
     with torch.device("meta"):

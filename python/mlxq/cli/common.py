@@ -130,9 +130,9 @@ def _tensor_names(source: str) -> set[str]:
     metadata (headers only, no weights downloaded); empty where they cannot be read."""
     path = Path(source)
     if path.is_dir():
-        from mlxq.integrations.checkpoint import read_header
+        from mlxq.integrations.checkpoint import read_headers
 
-        return {key for file in path.glob("*.safetensors") for key in read_header(file)}
+        return set(read_headers(path.glob("*.safetensors")))
     from huggingface_hub import get_safetensors_metadata
 
     try:
@@ -203,11 +203,9 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
     quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
-    from mlxq.inspect_checkpoint import auto_model_class
+    from mlxq.integrations.model_class import auto_model_class, text_model_class
 
     start = time.perf_counter()
-    from mlxq.integrations.checkpoint import text_model_class
-
     # mlx-lm's conversion of an image-text model to its language model: the text model's
     # class; else the config's auto class (image-text where transformers has no causal LM)
     cls = text_model_class(config, lambda: _tensor_names(source))

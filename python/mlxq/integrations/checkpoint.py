@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -247,22 +247,3 @@ def check_shard_index(
     metadata["weight_map"] = new_map
     metadata["all_checkpoint_keys"] = list(new_map)
     return [paths[name] for name in present], metadata, reason
-
-
-def text_model_class(config: dict, tensor_names: Callable[[], Iterable[str]]) -> Any:
-    """The text model's causal LM class (e.g. Gemma3ForCausalLM) where mlx-lm wrote only the
-    language model of an image-text model (config.json has a `text_config`; every tensor is
-    under `language_model.`: Gemma 3 4B and up), for which AutoModelForCausalLM would build
-    the image-text model and find no vision tower; None where AutoModelForCausalLM is right.
-    `tensor_names` is called only when the config leaves the choice open."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as LMS
-
-    text = config.get("text_config")
-    text_class = LMS.get(text.get("model_type")) if isinstance(text, dict) else None
-    if text_class is None or LMS.get(config.get("model_type")) == text_class:
-        return None
-    names = list(tensor_names())
-    if names and all(name.startswith("language_model.") for name in names):
-        return getattr(transformers, text_class)
-    return None

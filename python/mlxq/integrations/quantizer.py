@@ -19,7 +19,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
-from mlxq.integrations.checkpoint import TensorInfo, read_headers, text_model_class
+from mlxq.integrations.checkpoint import TensorInfo, read_headers
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.cpu_attention import use_fp32_decode_attention
 from mlxq.integrations.cpu_layers import use_flat_decode_layers
@@ -41,6 +41,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     mlx_vlm_config_keys,
     unmapped_vlm_note,
 )
+from mlxq.integrations.model_class import text_model_class
 from mlxq.integrations.moe_loading import (
     check_moe_tensors_loaded,
     replace_moe_module,

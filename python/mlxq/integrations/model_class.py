@@ -1,0 +1,42 @@
+"""Which transformers class loads an MLX checkpoint: the text model's causal LM where mlx-lm
+wrote only the language model of an image-text model, else the config's auto class. The
+quantizer, `mlxq generate` and `mlxq inspect` choose alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["auto_model_class", "text_model_class"]
+
+
+def text_model_class(config: dict, tensor_names: Callable[[], Iterable[str]]) -> Any:
+    """The text model's causal LM class (e.g. Gemma3ForCausalLM) where mlx-lm wrote only the
+    language model of an image-text model (config.json has a `text_config`; every tensor is
+    under `language_model.`: Gemma 3 4B and up), for which AutoModelForCausalLM would build
+    the image-text model and find no vision tower; None where AutoModelForCausalLM is right.
+    `tensor_names` is called only when the config leaves the choice open."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as LMS
+
+    text = config.get("text_config")
+    text_class = LMS.get(text.get("model_type")) if isinstance(text, dict) else None
+    if text_class is None or LMS.get(config.get("model_type")) == text_class:
+        return None
+    names = list(tensor_names())
+    if names and all(name.startswith("language_model.") for name in names):
+        return getattr(transformers, text_class)
+    return None
+
+
+def auto_model_class(config: Any) -> Any:
+    """The transformers auto class that builds `config`'s model: the causal LM where
+    transformers has one, else the image-text model (mlx-vlm checkpoints of Qwen2-VL, LLaVA,
+    ... load through AutoModelForImageTextToText only); AutoModelForCausalLM otherwise, whose
+    error names the config class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM
