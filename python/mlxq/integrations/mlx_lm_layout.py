@@ -364,15 +364,16 @@ def use_mlx_lm_layout(model) -> None:
     from transformers.core_model_loading import PrefixChange
 
     conversions = getattr(model, "_weight_conversions", None)
-    if conversions is None:  # built from a config: what transformers would revert when saving
+    built = conversions is None
+    if built:  # built from a config: what transformers would revert when saving
         from transformers.conversion_mapping import get_model_conversion_mapping
 
         conversions = get_model_conversion_mapping(model, add_legacy=False)
-        conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
-    elif any(rename in layout.renames for rename in _LANGUAGE_MODEL):
-        # the layout places the text model under mlx-lm's `language_model.` itself; the Hub
-        # prefix a float checkpoint was read with (Qwen 3.5's `model.language_model.`) would
-        # put it there twice
+    # a prefix change is dropped for a model built from a config (no prefix was read), and
+    # where the layout places the text model under mlx-lm's `language_model.` itself: the Hub
+    # prefix a float checkpoint was read with (Qwen 3.5's `model.language_model.`) would put it
+    # there twice
+    if built or any(rename in layout.renames for rename in _LANGUAGE_MODEL):
         conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
     # first in the list, so reversed last: the model's own renamings have run by then
     offsets = layout.offset_conversions(name for name, _ in model.named_parameters())
@@ -390,16 +391,11 @@ def _channels_last_on_save(model) -> list:
     channels-first conv1d weight for a Hub checkpoint and adds 1 to the norms again, and
     Qwen3-Next's does not permute a checkpoint with stacked experts at all."""
     from torch import nn
-    from transformers.core_model_loading import WeightConverter
 
-    from mlxq.integrations.mlx_vlm_layout import ChannelsLastToFirst
+    from mlxq.integrations.mlx_vlm_layout import channels_last_converter
 
     return [
-        WeightConverter(
-            source_patterns=f"^{re.escape(name)}.weight",  # no `$`: reversed, it would stay
-            target_patterns=f"{name}.weight",
-            operations=[ChannelsLastToFirst(True)],
-        )
+        channels_last_converter(f"{name}.weight")
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv1d)
     ]

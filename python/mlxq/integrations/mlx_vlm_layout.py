@@ -35,6 +35,7 @@ __all__ = [
     "unmapped_vlm_note",
     "ChannelsLastToFirst",
     "channels_last_conversions",
+    "channels_last_converter",
     "mlx_vlm_config_keys",
 ]
 
@@ -219,8 +220,6 @@ def channels_last_conversions(
     is permuted at load; one stored channels-first is loaded as it is. When both read the same
     (e.g. a 3x3 kernel over 3 channels), `prefer_last` (an mlx-vlm checkpoint) decides.
     """
-    from transformers.core_model_loading import WeightConverter
-
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -234,14 +233,20 @@ def channels_last_conversions(
         as_last = _permuted(want, _to_last(len(want)))
         if stored != as_last or (stored == want and not prefer_last):
             continue
-        out.append(
-            WeightConverter(
-                source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
-                target_patterns=key,
-                operations=[ChannelsLastToFirst(True)],
-            )
-        )
+        out.append(channels_last_converter(key))
     return out
+
+
+def channels_last_converter(key: str) -> Any:
+    """A `WeightConverter` permuting the convolution weight `key` from MLX's channels-last
+    layout when loading, and back when `save_pretrained` reverses it."""
+    from transformers.core_model_loading import WeightConverter
+
+    return WeightConverter(
+        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+        target_patterns=key,
+        operations=[ChannelsLastToFirst(True)],
+    )
 
 
 def _rope(text: dict, gemma3: bool) -> dict:
