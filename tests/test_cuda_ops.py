@@ -257,7 +257,22 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize(
     "fused",
-    ["2", "2:64", "2:128", "2:128x2", "2:128w4", "2:256", "2:256:1", "2:256:2", "2:256:3", "0"],
+    [
+        "2",
+        "2:64",
+        "2:128",
+        "2:128x2",
+        "2:128w4",
+        "2:256",
+        "2:256:1",
+        "2:256:2",
+        "2:256:3",
+        "2:256:1:52l",
+        "2:256:3:43l",
+        "2:256:2:52d",
+        "2:256:3:43ld",
+        "0",
+    ],
 )
 def test_prefill_tiles_and_tails(
     gen, group_size: int, dtype: torch.dtype, fused: str, monkeypatch
@@ -266,14 +281,18 @@ def test_prefill_tiles_and_tails(
     # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
     # tiles of 128 or 256 rows of W by 64, 128 or 256 rows of x, partial in both; every shape of
     # MLXQ_CUDA_GEMM_TILE; for 256 also the warp-specialized kernel, MLXQ_CUDA_GEMM_WS 1-3: whole
-    # tiles, half tiles, its default rule), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op
+    # tiles, half tiles, its default rule, with the rings of MLXQ_CUDA_GEMM_WS_RING: the scale
+    # and bias arrays read by the kernel ("d") or packed in pairs before it), and the cuBLAS
+    # tiles (MLXQ_CUDA_GEMM=0); the op
     # reads the variables on every call. N = 300 writes y element by element, N = 264 in
     # 16-byte vectors.
     gemm, _, rest = fused.partition(":")
-    tile, _, ws = rest.partition(":")
+    tile, _, rest = rest.partition(":")
+    ws, _, ring = rest.partition(":")
     monkeypatch.setenv("MLXQ_CUDA_GEMM", gemm)
     monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", tile)
     monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", ring)
     for n in (300, 264):
         wq, s, b = _quantized(gen, n, 1024, group_size, 4, dtype)
         for m in (9, 65, 128, 129, 300, 513):
@@ -284,6 +303,27 @@ def test_prefill_tiles_and_tails(
     wq, s, b = _quantized(gen, 200, 8192, group_size, 4, dtype)
     for m in (9, 300):
         _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, 4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_prefill_ws_rings_agree(gen, group_size: int, dtype: torch.dtype, monkeypatch) -> None:
+    # the warp-specialized kernel's rings (MLXQ_CUDA_GEMM_WS_RING) change when stages are loaded
+    # and where the scales and biases are read from, never the products or their order: every
+    # ring gives the same y bit for bit (whole tiles and the half-tile last wave)
+    monkeypatch.setenv("MLXQ_CUDA_GEMM", "2")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", "256")
+    wq, s, b = _quantized(gen, 264, 2048, group_size, 4, dtype)
+    x = torch.randn(513, 2048, generator=gen).to(dtype)
+    args = (x.cuda(), wq.cuda(), s.cuda(), b.cuda(), group_size, 4)
+    for ws in ("1", "2"):
+        monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
+        monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", "52")
+        ref = mlxq.affine_matmul(*args)
+        for ring in ("52l", "43l", "52d", "43ld"):
+            monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", ring)
+            assert torch.equal(mlxq.affine_matmul(*args), ref), (ws, ring)
 
 
 @needs_cuda

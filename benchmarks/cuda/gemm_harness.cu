@@ -97,12 +97,13 @@ static void launch(const GemmParams& p0, cudaStream_t stream) {
 
 // The warp-specialized kernel (gemm_sm90_ws.cuh). Tail: 0 whole tiles, 1 the last partial wave
 // as half tiles where gemm_ws_full says so, 2 every tile as two half tiles (checks). Mc: in
-// clusters of two CTAs sharing x (tiles of 256 rows of W for the cluster).
-template <int GS, int Probe = 0, int Tail = 1, int Stages = 5, int ABufs = 2, bool Mc = false>
+// clusters of two CTAs sharing x (tiles of 256 rows of W for the cluster). Opt: GemmWsCfg's.
+template <int GS, int Probe = 0, int Tail = 1, int Stages = 5, int ABufs = 2, bool Mc = false,
+          int Opt = 0>
 static void launch_ws(const GemmParams& p0, cudaStream_t stream) {
-  using C = GemmWsCfg<Stages, ABufs>;
-  auto kernel = Mc ? gemm_w4_sm90_wsmc_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs>
-                   : gemm_w4_sm90_ws_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs>;
+  using C = GemmWsCfg<Stages, ABufs, Opt>;
+  auto kernel = Mc ? gemm_w4_sm90_wsmc_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs, Opt>
+                   : gemm_w4_sm90_ws_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs, Opt>;
   GemmParams p = p0;
   const int cl = Mc ? 2 : 1;
   p.tiles_m = (p.M + C::kNT - 1) / C::kNT;
@@ -124,15 +125,22 @@ struct Shape {
   const char* name;
   void (*fn)(const GemmParams&, cudaStream_t);
   int gs;
+  bool direct = false;  // reads the scale and bias arrays itself (no packed pairs)
 };
 
 template <int GS>
 static std::vector<Shape> shapes_for(bool probes = false) {
   // SK (launch): 1 the host's rule (gemm_sk_blocks), 2 stream-K always; "x": x-major tile order
-#if defined(MLXQ_HARNESS_MIN)  // quickest: the register-A 256-row block and the ws kernel
+#if defined(MLXQ_HARNESS_MIN)  // quickest: the register-A 256-row block and the ws kernel's rings
+  // (wstail<slots><tiles>[l: late loads][d: direct scales and biases], gemm_sm90_ws.cuh)
+  constexpr int L = kWsLate, D = kWsDirect;
   std::vector<Shape> v = {{"256", launch<GS, 256, 2, 1, 0, false>, GS},
-                          {"ws", launch_ws<GS, 0, 0>, GS},
-                          {"wstail", launch_ws<GS, 0, 1>, GS}};
+                          {"wstail", launch_ws<GS, 0, 1>, GS},
+                          {"wstail52l", launch_ws<GS, 0, 1, 5, 2, false, L>, GS},
+                          {"wstail43l", launch_ws<GS, 0, 1, 4, 3, false, L>, GS},
+                          {"wstail52d", launch_ws<GS, 0, 1, 5, 2, false, D>, GS, true},
+                          {"wstail43ld", launch_ws<GS, 0, 1, 4, 3, false, L | D>, GS, true}};
+  if (probes) v.push_back({"wstail43l:nodeq", launch_ws<GS, 1, 1, 4, 3, false, L>, GS});
   if (probes) return v;
 #elif defined(MLXQ_HARNESS_WS_ONLY)  // a quicker build: the op's current shape, its rule, ws
   std::vector<Shape> v = {{"256", launch<GS, 256, 2, 1, 0, false>, GS},
@@ -240,16 +248,19 @@ static void set_m(Problem& P, int64_t M) {
 }
 
 static GemmParams params(const Problem& P, int c) {
-  return GemmParams{P.dw[c],
-                    P.dsb[c],
-                    P.dx,
-                    P.dy,
-                    P.N,
-                    P.M,
-                    P.K,
-                    P.G(),
-                    __builtin_ctz(P.GS),
-                    P.N % 8 == 0 ? 1 : 0};
+  GemmParams p{P.dw[c],
+               P.dsb[c],
+               P.dx,
+               P.dy,
+               P.N,
+               P.M,
+               P.K,
+               P.G(),
+               __builtin_ctz(P.GS),
+               P.N % 8 == 0 ? 1 : 0};
+  p.scales = P.ds[c];  // for the ws kernel's direct form
+  p.biases = P.db[c];
+  return p;
 }
 
 // max |y - ref| / max |ref| over sampled outputs; -1 if an output was left unwritten (NaN)
@@ -382,7 +393,7 @@ int main(int argc, char** argv) {
         const double e = (M <= 128 || sk) && !probe ? check(P) : 0.0;
         const double t = time_ms(
             [&](int c) {
-              if (pack) {  // as the op does: the pairs written just before, so in L2
+              if (pack && !sh.direct) {  // as the op does: the pairs written just before (L2)
                 const int64_t n = P.N * P.G();
                 gemm_pack_sb_kernel<<<static_cast<unsigned>((n + 255) / 256), 256>>>(
                     P.ds[c], P.db[c], P.dsb[c], P.G(), P.G(), n);

@@ -131,10 +131,26 @@ int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_cou
   return mode == 1 ? tiles : mode == 2 ? 0 : gemm_ws_full(tiles, sm_count);
 }
 
-template <typename T, int GS>
+// The warp-specialized kernel's ring (gemm_sm90_ws.cuh's GemmWsCfg), MLXQ_CUDA_GEMM_WS_RING (read
+// on every call, for benchmarks and tests): "52" 5 TMA slots and 2 dequantized tiles, loads
+// issued 3 stages ahead; "52l" the same 4 ahead (kWsLate); "43l" 4 slots, 3 tiles, 3 ahead;
+// "52d", "43ld" those reading the scale and bias arrays themselves (kWsDirect: no packed pairs).
+enum class WsRing { k52, k52l, k43l, k52d, k43ld };
+WsRing ws_ring() {
+  const char* env = std::getenv("MLXQ_CUDA_GEMM_WS_RING");
+  const std::string r(env == nullptr ? "" : env);
+  if (r == "52l") return WsRing::k52l;
+  if (r == "43l") return WsRing::k43l;
+  if (r == "52d") return WsRing::k52d;
+  if (r == "43ld") return WsRing::k43ld;
+  return WsRing::k52;
+}
+bool ws_direct(WsRing r) { return r == WsRing::k52d || r == WsRing::k43ld; }
+
+template <typename T, int GS, int Stages, int ABufs, int Opt>
 void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
-  using C = GemmWsCfg<5, 2>;
-  auto kernel = gemm_w4_sm90_ws_kernel<T, GS, 0, 5, 2>;
+  using C = GemmWsCfg<Stages, ABufs, Opt>;
+  auto kernel = gemm_w4_sm90_ws_kernel<T, GS, 0, Stages, ABufs, Opt>;
   const CUtensorMapDataType xt =
       half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUtensorMap mx =
@@ -165,7 +181,19 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   const int64_t ws_full = ws_full_for(sh, p.M, p.N, p.K, sm_count, p.sk, plan);
   if (ws_full >= 0) {
     p.full = ws_full;
-    return launch_ws<T, GS>(p, half, ws_full + 2 * (p.tiles - ws_full), stream);
+    const int64_t b = ws_full + 2 * (p.tiles - ws_full);
+    switch (ws_ring()) {
+      case WsRing::k52l:
+        return launch_ws<T, GS, 5, 2, kWsLate>(p, half, b, stream);
+      case WsRing::k43l:
+        return launch_ws<T, GS, 4, 3, kWsLate>(p, half, b, stream);
+      case WsRing::k52d:
+        return launch_ws<T, GS, 5, 2, kWsDirect>(p, half, b, stream);
+      case WsRing::k43ld:
+        return launch_ws<T, GS, 4, 3, kWsLate | kWsDirect>(p, half, b, stream);
+      default:
+        return launch_ws<T, GS, 5, 2, 0>(p, half, b, stream);
+    }
   }
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
   if (tile == "128w4") return launch_nt<T, GS, 128, 4, 1, true>(p, half, blocks, stream);
@@ -198,23 +226,26 @@ GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_cou
   const int64_t sk = sk_for(sh, M, N, K, sm_count);
   if (sk > 0) {  // two partial tiles a block at most; a counter a tile
     const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
-    return {sk, 2 * sk * sh.nt * sh.tile_n, tiles};
+    return {sk, 2 * sk * sh.nt * sh.tile_n, tiles, true};
   }
   const GemmSplit plan = split_for(sh, M, N, K, sm_count);
   const int64_t ws_full = ws_full_for(sh, M, N, K, sm_count, sk, plan);
   if (ws_full >= 0) {  // half tiles, no scratch
     const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
-    return {ws_full + 2 * (tiles - ws_full), 0, 0};
+    return {ws_full + 2 * (tiles - ws_full), 0, 0, !ws_direct(ws_ring())};
   }
-  return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem};
+  return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem, true};
 }
 
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) {
   const bool vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
   // (scale, bias) pairs, one 4-byte load for a thread's both; written just before the kernel,
-  // they are in L2 when it reads them (reading the two arrays from HBM measured 10-40% slower)
+  // they are in L2 when it reads them (reading the two arrays from HBM measured 10-40% slower
+  // for the register-A kernel). The ws kernel's direct form reads the arrays instead.
+  const bool pairs = gemm_w4_sm90_workspace(a.M, a.N, a.K, a.sm_count).pairs;
+  TORCH_CHECK(!pairs || a.sb != nullptr, "mlxq: the fused prefill needs its (scale, bias) pairs");
   const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
-  if (n > 0) {
+  if (pairs && n > 0) {
     gemm_pack_sb_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
         static_cast<const uint16_t*>(a.scales), static_cast<const uint16_t*>(a.biases), a.sb, a.G,
         gp, n);
@@ -222,6 +253,8 @@ void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) 
   }
   GemmParams p{a.w, a.sb, a.x, a.y,  a.N,        a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
                1,   0,    1,   a.ws, a.counters, 0,   0,   0};
+  p.scales = static_cast<const uint16_t*>(a.scales);  // gp == G: the arrays' row stride
+  p.biases = static_cast<const uint16_t*>(a.biases);
   const bool half = x_dtype == DType::kHalf;
   switch (a.group_shift) {
     case 5:

@@ -80,6 +80,10 @@ struct GemmParams {
   int64_t tiles;
   int64_t sk;
   int xmajor;
+  // [N, Gp] scales and biases (dtype of x), read instead of sb by the warp-specialized kernel's
+  // kWsDirect form (gemm_sm90_ws.cuh)
+  const uint16_t* scales = nullptr;
+  const uint16_t* biases = nullptr;
 };
 
 // The K split of gemm_split_plan: a launch of fewer tiles than half the multiprocessors leaves

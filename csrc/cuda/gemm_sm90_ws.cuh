@@ -29,8 +29,13 @@
 
 namespace mlxq::cuda {
 
-// Stages: TMA slots (x and packed W); ABufs: dequantized tiles of W.
-template <int Stages, int ABufs>
+// Stages: TMA slots (x and packed W); ABufs: dequantized tiles of W; Opt, bits of:
+// kWsLate: each stage's load is issued once the products that free its slot are known complete
+// (the bottom of the multipliers' loop), Stages - 1 stages ahead rather than Stages - 2;
+// kWsDirect: the dequantizer reads the scale and bias arrays (GemmParams::scales, biases) three
+// stages ahead instead of the pairs packed before the kernel (GemmParams::sb).
+constexpr int kWsLate = 1, kWsDirect = 2;
+template <int Stages, int ABufs, int Opt = 0>
 struct GemmWsCfg {
   static constexpr int kThreads = 384;                         // dequantizer + two multipliers
   static constexpr int kTileN = 128;                           // rows of W per block
@@ -41,6 +46,9 @@ struct GemmWsCfg {
   static constexpr int kStages = Stages;                       // TMA ring
   static constexpr int kATileBytes = kTileN * kGemmTileK * 2;  // 16 KB dequantized W
   static constexpr int kABufs = ABufs;                         // ring of dequantized tiles
+  static constexpr bool kLate = (Opt & kWsLate) != 0;
+  static constexpr bool kDirect = (Opt & kWsDirect) != 0;
+  static constexpr int kAhead = kLate ? Stages - 1 : Stages - 2;  // TMA stages issued ahead
   static constexpr int kSmemBytes = kStages * kStageBytes + kABufs * kATileBytes + 1024;
   static constexpr int kOutStride = kTileN * 2 + 16;  // bytes per staged row of y
   static_assert(kStageBytes % 1024 == 0 && kATileBytes % 1024 == 0, "swizzle atoms");
@@ -157,7 +165,8 @@ __device__ __forceinline__ void gemm_ws_mul(const GemmParams& p, const CUtensorM
                                             uint32_t smem0, uint8_t* smem_gen, uint32_t rank,
                                             uint32_t bar0, uint32_t ebar0, uint32_t abar0,
                                             uint32_t aebar0) {
-  constexpr int kStages = C::kStages, kAhead = kStages - 2;
+  constexpr int kStages = C::kStages, kAhead = C::kAhead;
+  constexpr bool Late = C::kLate;
   const int tid = threadIdx.x, wg = tid >> 7, ltid = tid & 127;
   const int nst = static_cast<int>(p.K / kGemmTileK);
   const uint32_t abuf0 = smem0 + kStages * C::kStageBytes;
@@ -182,8 +191,12 @@ __device__ __forceinline__ void gemm_ws_mul(const GemmParams& p, const CUtensorM
   // at least one stage (K >= 64, the host's check): for a loop that may not run ptxas
   // serializes the products (C7514)
   int s = 0;
+  // not unrolled: an unrolled loop had ptxas serialize the products (C7514) for every ring but
+  // 5 slots and 2 tiles (and 6 and 1)
+#pragma unroll 1
   do {
-    if (tid == 128 && s + kAhead < nst) load_stage(s + kAhead);
+    // Late: issued below, into the slot of stage s - 1
+    if (!Late && tid == 128 && s + kAhead < nst) load_stage(s + kAhead);
     const int slot = s % kStages, ab = s % C::kABufs;
     mbar_wait(bar0 + 8 * slot, (s / kStages) & 1);
     mbar_wait(abar0 + 8 * ab, (s / C::kABufs) & 1);
@@ -204,6 +217,8 @@ __device__ __forceinline__ void gemm_ws_mul(const GemmParams& p, const CUtensorM
       if constexpr (Mc) mbar_arrive_cluster(ebar0 + 8 * ((s - 1) % kStages), rank ^ 1);
       mbar_arrive(aebar0 + 8 * ((s - 1) % C::kABufs));
     }
+    // the other warpgroup's products of stage s - 1 complete at about the same time
+    if (Late && tid == 128 && s + kAhead < nst) load_stage(s + kAhead);
   } while (++s < nst);
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   keep(d);
@@ -242,11 +257,11 @@ __device__ __forceinline__ void gemm_ws_mul(const GemmParams& p, const CUtensorM
 // warpgroups' parts. Mc: one of a cluster of two CTAs with the same rows of x and other rows of
 // W; each loads half of the x tile into both (TMA multicast), halving the reads of x from L2,
 // and a slot is reused once both CTAs' multipliers are done with it.
-template <typename T, int GS, int NTC, int Probe, int Stages, int ABufs, bool Mc>
+template <typename T, int GS, int NTC, int Probe, int Stages, int ABufs, bool Mc, int Opt>
 __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensorMap* map_x,
                                              const CUtensorMap* map_w, int64_t m0, int64_t n0,
                                              uint32_t smem0, uint8_t* smem_gen) {
-  using C = GemmWsCfg<Stages, ABufs>;
+  using C = GemmWsCfg<Stages, ABufs, Opt>;
   using Op = Wgmma<T>;
   constexpr int kStages = C::kStages;
   const int tid = threadIdx.x, wg = tid >> 7, ltid = tid & 127;
@@ -284,18 +299,31 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
     // The dequantizer: thread r writes row r of each stage's tile of W, 8 words of 8 values, as
     // 16-byte chunks c at chunk c ^ (r % 8) of its 128-byte row (the swizzle TMA gives x).
     const int r = ltid;
-    const uint32_t* sbr = p.sb + (n0 + r < p.N ? n0 + r : p.N - 1) * p.Gp;
+    const int64_t row = n0 + r < p.N ? n0 + r : p.N - 1;
+    const uint32_t* sbr = p.sb + row * p.Gp;
     auto load_pairs = [&](int s, uint32_t (&v)[2]) {
       if (s < nst) {
         const int64_t gi = (static_cast<int64_t>(s) * kGemmTileK) >> p.group_shift;
-        v[0] = __ldg(sbr + gi);
-        v[1] = GS == 32 ? __ldg(sbr + gi + 1) : v[0];
+        if constexpr (C::kDirect) {
+          const int64_t i = row * p.Gp + gi;
+          v[0] = __ldg(p.scales + i) | (static_cast<uint32_t>(__ldg(p.biases + i)) << 16);
+          v[1] = GS == 32 ? __ldg(p.scales + i + 1) |
+                                (static_cast<uint32_t>(__ldg(p.biases + i + 1)) << 16)
+                          : v[0];
+        } else {
+          v[0] = __ldg(sbr + gi);
+          v[1] = GS == 32 ? __ldg(sbr + gi + 1) : v[0];
+        }
       }
     };
-    uint32_t pr[2] = {0, 0}, pn[2] = {0, 0};
-    load_pairs(0, pr);
+    // q[0]: this stage's pairs; q[i]: stage s + i's, loaded kPA stages ahead (from HBM when
+    // direct: a row's sector of 16 groups is fetched once every 16-32 stages)
+    constexpr int kPA = C::kDirect ? 3 : 1;
+    uint32_t q[kPA + 1][2] = {};
+#pragma unroll
+    for (int i = 0; i < kPA; ++i) load_pairs(i, q[i]);
     for (int s = 0; s < nst; ++s) {
-      load_pairs(s + 1, pn);
+      load_pairs(s + kPA, q[kPA]);
       const int slot = s % kStages, ab = s % C::kABufs;
       if (s >= C::kABufs) mbar_wait(aebar0 + 8 * ab, ((s / C::kABufs) - 1) & 1);
       mbar_wait(bar0 + 8 * slot, (s / kStages) & 1);
@@ -305,7 +333,7 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
       const uint32_t arow = abuf0 + ab * C::kATileBytes + r * 128;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        const uint32_t v = pr[c >> 2];  // the group of values 8c .. 8c + 7
+        const uint32_t v = q[0][c >> 2];  // the group of values 8c .. 8c + 7
         const uint32_t sc = __byte_perm(v, 0, 0x1010), bi = __byte_perm(v, 0, 0x3232);
         uint32_t o[4];
 #pragma unroll
@@ -319,7 +347,8 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
       // the products read the tile through the async proxy
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       mbar_arrive(abar0 + 8 * ab);
-      pr[0] = pn[0], pr[1] = pn[1];
+#pragma unroll
+      for (int i = 0; i < kPA; ++i) q[i][0] = q[i + 1][0], q[i][1] = q[i + 1][1];
     }
   } else {
     gemm_ws_mul<T, NTC, Probe, C, Mc>(p, map_x, map_w, m0, n0, smem0, smem_gen, rank, bar0, ebar0,
@@ -335,11 +364,11 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
 // * 256, the CTA of rank r of cluster t taking rows + 128 r). Blocks (Mc: clusters) b < p.full
 // compute tile b; block p.full + 2 i + h computes half h (rows of x + 128 h, 128 of them) of
 // tile p.full + i. map_x boxes 256 rows of x (Mc: 128), map_xh 128 (Mc: 64).
-template <typename T, int GS, int Probe, int Stages, int ABufs, bool Mc>
+template <typename T, int GS, int Probe, int Stages, int ABufs, bool Mc, int Opt>
 __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensorMap* map_x,
                                              const CUtensorMap* map_xh, const CUtensorMap* map_w) {
 #ifdef MLXQ_WGMMA
-  using C = GemmWsCfg<Stages, ABufs>;
+  using C = GemmWsCfg<Stages, ABufs, Opt>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem0 = (raw + 1023u) & ~1023u;
@@ -350,15 +379,15 @@ __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensor
   if (blk < p.full) {
     const int64_t m0 = (blk % p.tiles_m) * C::kNT;
     const int64_t n0 = (blk / p.tiles_m) * tile_n + n_off;
-    sm90::gemm_ws_tile<T, GS, 256, Probe, Stages, ABufs, Mc>(p, map_x, map_w, m0, n0, smem0,
-                                                             smem_gen);
+    sm90::gemm_ws_tile<T, GS, 256, Probe, Stages, ABufs, Mc, Opt>(p, map_x, map_w, m0, n0, smem0,
+                                                                  smem_gen);
   } else {
     const int64_t tile = p.full + (blk - p.full) / 2;
     const int64_t m0 = (tile % p.tiles_m) * C::kNT + 128 * ((blk - p.full) % 2);
     const int64_t n0 = (tile / p.tiles_m) * tile_n + n_off;
     if (m0 >= p.M) return;  // a half tile past M (both CTAs of a cluster)
-    sm90::gemm_ws_tile<T, GS, 128, Probe, Stages, ABufs, Mc>(p, map_xh, map_w, m0, n0, smem0,
-                                                             smem_gen);
+    sm90::gemm_ws_tile<T, GS, 128, Probe, Stages, ABufs, Mc, Opt>(p, map_xh, map_w, m0, n0, smem0,
+                                                                  smem_gen);
   }
 #else
   __trap();  // the host only launches this kernel on sm_90 with the sm_90a build
@@ -367,20 +396,20 @@ __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensor
 
 // Probe (harness only): 1 skips the dequantization (the packed words as they are), 4 the
 // products.
-template <typename T, int GS, int Probe = 0, int Stages = 5, int ABufs = 2>
+template <typename T, int GS, int Probe = 0, int Stages = 5, int ABufs = 2, int Opt = 0>
 __global__ void __launch_bounds__(384, 1)
     gemm_w4_sm90_ws_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
                            const __grid_constant__ CUtensorMap map_xh,
                            const __grid_constant__ CUtensorMap map_w) {
-  gemm_ws_body<T, GS, Probe, Stages, ABufs, false>(p, &map_x, &map_xh, &map_w);
+  gemm_ws_body<T, GS, Probe, Stages, ABufs, false, Opt>(p, &map_x, &map_xh, &map_w);
 }
 // The same in clusters of two CTAs that share their x tiles (Mc above)
-template <typename T, int GS, int Probe = 0, int Stages = 5, int ABufs = 2>
+template <typename T, int GS, int Probe = 0, int Stages = 5, int ABufs = 2, int Opt = 0>
 __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)
     gemm_w4_sm90_wsmc_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
                              const __grid_constant__ CUtensorMap map_xh,
                              const __grid_constant__ CUtensorMap map_w) {
-  gemm_ws_body<T, GS, Probe, Stages, ABufs, true>(p, &map_x, &map_xh, &map_w);
+  gemm_ws_body<T, GS, Probe, Stages, ABufs, true, Opt>(p, &map_x, &map_xh, &map_w);
 }
 
 // Whole tiles (GemmParams::full) for the warp-specialized kernel: all of them, except the last

@@ -1,0 +1,49 @@
+#!/bin/bash
+# One device call for the M >= 256 prefill kernels (from the repository root): the gemm harness
+# (-DMLXQ_HARNESS_MIN: the register-A 256-row block and the warp-specialized kernel's rings) at
+# GEMM_M on both shapes, then again at M = 512 with MLXQ_HARNESS_PACK=1 (the pairs packed before
+# each call, as the op does), while the extension builds; then the prefill tests of
+# tests/test_cuda_ops.py and benchmarks/cuda/prefill_rings.py (the same kernels through the op,
+# with the pieces of a call). Logs in $OUT/logs.tgz.
+#   WHEELS=dir/of/wheels GEMM_M="256 512 768" bash benchmarks/cuda/ring_run.sh
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+L=/tmp/logs
+mkdir -p "$OUT" $L
+T0=$(date +%s)
+stamp() { echo "[t=$(($(date +%s) - T0))s] $*"; }
+finish() { (cd $L && tar czf "$OUT/logs.tgz" .); }
+trap finish EXIT
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv,noheader
+if [ -n "$WHEELS" ]; then
+  (python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    "$WHEELS"/*.whl >$L/pip.log 2>&1; echo "pip rc=$?" >>$L/pip.log) &
+fi
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi  # see device_run.sh
+(MLXQ_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace >$L/build.log 2>&1
+  echo "build rc=$?" >>$L/build.log) &
+BUILD=$!
+nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -DMLXQ_HARNESS_MIN -Xptxas -v \
+  benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness >$L/gemm_build.log 2>&1
+grep -E "C75|error" $L/gemm_build.log | head -5
+stamp harness built
+export MLXQ_HARNESS_SHAPES=28672x8192,8192x28672
+timeout 120 /tmp/gemm_harness ${GEMM_M:-256 512 768} >$L/gemm.log 2>&1
+grep -v "ok$" $L/gemm.log | head -20
+echo "gemm checks ok: $(grep -c 'ok$' $L/gemm.log)"
+MLXQ_HARNESS_PACK=1 timeout 60 /tmp/gemm_harness 512 >$L/gemm_pack.log 2>&1
+grep -v "ok$" $L/gemm_pack.log | sed 's/^/pack: /' | head -6
+stamp "waiting for the build"
+wait $BUILD
+wait
+tail -2 $L/build.log
+export PYTHONPATH=/tmp/site:$PWD/python
+stamp tests
+timeout ${TEST_TIMEOUT:-150} python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider -n 8 \
+  -k "prefill" >$L/tests.log 2>&1
+tail -6 $L/tests.log
+stamp rings
+timeout ${RINGS_TIMEOUT:-120} python3 benchmarks/cuda/prefill_rings.py --m ${RINGS_M:-256 512 768} \
+  >$L/rings.log 2>&1
+cat $L/rings.log | tail -40
+stamp done
