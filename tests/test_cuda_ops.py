@@ -264,13 +264,13 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
         "2:128x2",
         "2:128w4",
         "2:256",
+        "2:256:0",
         "2:256:1",
         "2:256:2",
-        "2:256:3",
-        "2:256:1:52l",
-        "2:256:3:43l",
-        "2:256:2:52d",
+        "2:256:3:52",
+        "2:256:1:43lw",
         "2:256:3:43ld",
+        "2:256:2:43lwd",
         "0",
     ],
 )
@@ -280,10 +280,10 @@ def test_prefill_tiles_and_tails(
     # 4-bit prefill with scales in the dtype of x: the fused Hopper kernel where it is built
     # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
     # tiles of 128 or 256 rows of W by 64, 128 or 256 rows of x, partial in both; every shape of
-    # MLXQ_CUDA_GEMM_TILE; for 256 also the warp-specialized kernel, MLXQ_CUDA_GEMM_WS 1-3: whole
+    # MLXQ_CUDA_GEMM_TILE; for 256 the warp-specialized kernel, MLXQ_CUDA_GEMM_WS 1-3: whole
     # tiles, half tiles, its default rule, with the rings of MLXQ_CUDA_GEMM_WS_RING: the scale
-    # and bias arrays read by the kernel ("d") or packed in pairs before it), and the cuBLAS
-    # tiles (MLXQ_CUDA_GEMM=0); the op
+    # and bias arrays read by the kernel ("d") or packed in pairs before it; 0 the register-A
+    # kernel), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op
     # reads the variables on every call. N = 300 writes y element by element, N = 264 in
     # 16-byte vectors.
     gemm, _, rest = fused.partition(":")
@@ -321,9 +321,32 @@ def test_prefill_ws_rings_agree(gen, group_size: int, dtype: torch.dtype, monkey
         monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
         monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", "52")
         ref = mlxq.affine_matmul(*args)
-        for ring in ("52l", "43l", "52d", "43ld"):
+        for ring in ("43l", "43lw", "43ld", "43lwd"):
             monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", ring)
             assert torch.equal(mlxq.affine_matmul(*args), ref), (ws, ring)
+
+
+@needs_cuda
+@pytest.mark.parametrize("ws", ["0", "3"])
+def test_prefill_pairs_any_alignment(gen, ws: str, monkeypatch) -> None:
+    # the (scale, bias) pairs the fused kernels read are packed 8 at a time from 16-byte aligned
+    # arrays and one at a time otherwise, with a tail where N * G is not a multiple of 8 (G = 9):
+    # scales and biases starting 2 bytes off alignment give the same y bit for bit
+    monkeypatch.setenv("MLXQ_CUDA_GEMM", "2")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", "256")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
+    wq, s, b = _quantized(gen, 301, 576, 64, 4, torch.bfloat16)
+    x = torch.randn(300, 576, generator=gen).bfloat16().cuda()
+    wq, s, b = wq.cuda(), s.cuda(), b.cuda()
+    _check_matmul(x.cpu(), wq.cpu(), s.cpu(), b.cpu(), 64, 4)
+
+    def off(t: torch.Tensor) -> torch.Tensor:  # the same values at an odd element offset
+        flat = torch.cat([t.new_zeros(1), t.flatten()])
+        return flat[1:].view(t.shape)
+
+    assert off(s).data_ptr() % 16 != 0
+    ref = mlxq.affine_matmul(x, wq, s, b, 64, 4)
+    assert torch.equal(mlxq.affine_matmul(x, wq, off(s), off(b), 64, 4), ref)
 
 
 @needs_cuda

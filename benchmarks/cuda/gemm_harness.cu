@@ -132,14 +132,15 @@ template <int GS>
 static std::vector<Shape> shapes_for(bool probes = false) {
   // SK (launch): 1 the host's rule (gemm_sk_blocks), 2 stream-K always; "x": x-major tile order
 #if defined(MLXQ_HARNESS_MIN)  // quickest: the register-A 256-row block and the ws kernel's rings
-  // (wstail<slots><tiles>[l: late loads][d: direct scales and biases], gemm_sm90_ws.cuh)
-  constexpr int L = kWsLate, D = kWsDirect;
+  // (wstail<slots><tiles>[l: late loads][w: warp arrivals][d: direct scales and biases],
+  // gemm_sm90_ws.cuh)
+  constexpr int L = kWsLate, D = kWsDirect, W = kWsWarpArrive;
   std::vector<Shape> v = {{"256", launch<GS, 256, 2, 1, 0, false>, GS},
                           {"wstail", launch_ws<GS, 0, 1>, GS},
-                          {"wstail52l", launch_ws<GS, 0, 1, 5, 2, false, L>, GS},
                           {"wstail43l", launch_ws<GS, 0, 1, 4, 3, false, L>, GS},
-                          {"wstail52d", launch_ws<GS, 0, 1, 5, 2, false, D>, GS, true},
-                          {"wstail43ld", launch_ws<GS, 0, 1, 4, 3, false, L | D>, GS, true}};
+                          {"wstail43lw", launch_ws<GS, 0, 1, 4, 3, false, L | W>, GS},
+                          {"wstail43ld", launch_ws<GS, 0, 1, 4, 3, false, L | D>, GS, true},
+                          {"wstail43lwd", launch_ws<GS, 0, 1, 4, 3, false, L | W | D>, GS, true}};
   if (probes) v.push_back({"wstail43l:nodeq", launch_ws<GS, 1, 1, 4, 3, false, L>, GS});
   if (probes) return v;
 #elif defined(MLXQ_HARNESS_WS_ONLY)  // a quicker build: the op's current shape, its rule, ws
@@ -394,9 +395,7 @@ int main(int argc, char** argv) {
         const double t = time_ms(
             [&](int c) {
               if (pack && !sh.direct) {  // as the op does: the pairs written just before (L2)
-                const int64_t n = P.N * P.G();
-                gemm_pack_sb_kernel<<<static_cast<unsigned>((n + 255) / 256), 256>>>(
-                    P.ds[c], P.db[c], P.dsb[c], P.G(), P.G(), n);
+                gemm_pack_sb(P.ds[c], P.db[c], P.dsb[c], P.N * P.G(), 0);
               }
               sh.fn(params(P, c), 0);
             },

@@ -114,16 +114,17 @@ int64_t sk_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
 
 // The warp-specialized kernel (gemm_sm90_ws.cuh) for the 256-row block where it computes whole
 // tiles (no K split, no stream-K), chosen by MLXQ_CUDA_GEMM_WS (read on every call, for
-// benchmarks and tests): 1 whole tiles, 2 every tile as two half tiles, 3 whole tiles with the
-// last partial wave as half tiles (gemm_ws_full); unset or 0 the register-A kernel. Not the
-// default: on an H200 (bf16, M = 512, ms) the harness put it ahead (28672 x 8192: 0.431 against
-// 0.512-0.530, 8192 x 28672: 0.384-0.387 against 0.40-0.46; dense cuBLAS 0.304-0.312, two runs)
-// but through the op (bench_ops, two runs) it was even: 0.4316-0.4341 against 0.4356-0.4386 and
-// 0.4312-0.4505 against 0.4250-0.4306. Returns the tiles computed whole, or -1.
+// benchmarks and tests): 1 whole tiles, 2 every tile as two half tiles, 3 (the default) whole
+// tiles with the last partial wave as half tiles (gemm_ws_full); 0 the register-A kernel. With
+// 5 TMA slots and 2 dequantized tiles it was even with the register-A kernel through the op
+// (bench_ops, H200, bf16, M = 512, two runs: 28672 x 8192 0.4316-0.4341 against 0.4356-0.4386,
+// 8192 x 28672 0.4312-0.4505 against 0.4250-0.4306); with 4 slots and 3 tiles (ws_ring) it is
+// ahead wherever it runs (gemm_sm90_ws.cuh has the numbers). Returns the tiles computed whole,
+// or -1.
 int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count, int64_t sk,
                     const GemmSplit& plan) {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WS");
-  const int mode = env == nullptr ? 0 : std::atoi(env);
+  const int mode = env == nullptr || *env == '\0' ? 3 : std::atoi(env);
   if (sh.nt != 256 || mode < 1 || mode > 3 || sk > 0 || plan.split > 1 || K < kGemmTileK) {
     return -1;
   }
@@ -133,19 +134,20 @@ int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_cou
 
 // The warp-specialized kernel's ring (gemm_sm90_ws.cuh's GemmWsCfg), MLXQ_CUDA_GEMM_WS_RING (read
 // on every call, for benchmarks and tests): "52" 5 TMA slots and 2 dequantized tiles, loads
-// issued 3 stages ahead; "52l" the same 4 ahead (kWsLate); "43l" 4 slots, 3 tiles, 3 ahead;
-// "52d", "43ld" those reading the scale and bias arrays themselves (kWsDirect: no packed pairs).
-enum class WsRing { k52, k52l, k43l, k52d, k43ld };
+// issued 3 stages ahead (the first form); "43l" (the default) 4 slots, 3 tiles, loads 3 ahead
+// (kWsLate); "w": one arrival a warp for a dequantized tile (kWsWarpArrive); "d": the scale and
+// bias arrays read by the kernel (kWsDirect: no packed pairs).
+enum class WsRing { k52, k43l, k43lw, k43ld, k43lwd };
 WsRing ws_ring() {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WS_RING");
   const std::string r(env == nullptr ? "" : env);
-  if (r == "52l") return WsRing::k52l;
-  if (r == "43l") return WsRing::k43l;
-  if (r == "52d") return WsRing::k52d;
+  if (r == "52") return WsRing::k52;
+  if (r == "43lw") return WsRing::k43lw;
   if (r == "43ld") return WsRing::k43ld;
-  return WsRing::k52;
+  if (r == "43lwd") return WsRing::k43lwd;
+  return WsRing::k43l;
 }
-bool ws_direct(WsRing r) { return r == WsRing::k52d || r == WsRing::k43ld; }
+bool ws_direct(WsRing r) { return r == WsRing::k43ld || r == WsRing::k43lwd; }
 
 template <typename T, int GS, int Stages, int ABufs, int Opt>
 void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
@@ -182,17 +184,18 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   if (ws_full >= 0) {
     p.full = ws_full;
     const int64_t b = ws_full + 2 * (p.tiles - ws_full);
+    constexpr int L = kWsLate, D = kWsDirect, W = kWsWarpArrive;
     switch (ws_ring()) {
-      case WsRing::k52l:
-        return launch_ws<T, GS, 5, 2, kWsLate>(p, half, b, stream);
-      case WsRing::k43l:
-        return launch_ws<T, GS, 4, 3, kWsLate>(p, half, b, stream);
-      case WsRing::k52d:
-        return launch_ws<T, GS, 5, 2, kWsDirect>(p, half, b, stream);
-      case WsRing::k43ld:
-        return launch_ws<T, GS, 4, 3, kWsLate | kWsDirect>(p, half, b, stream);
-      default:
+      case WsRing::k52:
         return launch_ws<T, GS, 5, 2, 0>(p, half, b, stream);
+      case WsRing::k43lw:
+        return launch_ws<T, GS, 4, 3, L | W>(p, half, b, stream);
+      case WsRing::k43ld:
+        return launch_ws<T, GS, 4, 3, L | D>(p, half, b, stream);
+      case WsRing::k43lwd:
+        return launch_ws<T, GS, 4, 3, L | W | D>(p, half, b, stream);
+      default:
+        return launch_ws<T, GS, 4, 3, L>(p, half, b, stream);
     }
   }
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
@@ -246,9 +249,9 @@ void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) 
   TORCH_CHECK(!pairs || a.sb != nullptr, "mlxq: the fused prefill needs its (scale, bias) pairs");
   const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
   if (pairs && n > 0) {
-    gemm_pack_sb_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        static_cast<const uint16_t*>(a.scales), static_cast<const uint16_t*>(a.biases), a.sb, a.G,
-        gp, n);
+    // gp == G: the pairs are the arrays' elements in order
+    gemm_pack_sb(static_cast<const uint16_t*>(a.scales), static_cast<const uint16_t*>(a.biases),
+                 a.sb, n, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   GemmParams p{a.w, a.sb, a.x, a.y,  a.N,        a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,

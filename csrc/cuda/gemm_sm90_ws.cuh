@@ -33,8 +33,9 @@ namespace mlxq::cuda {
 // kWsLate: each stage's load is issued once the products that free its slot are known complete
 // (the bottom of the multipliers' loop), Stages - 1 stages ahead rather than Stages - 2;
 // kWsDirect: the dequantizer reads the scale and bias arrays (GemmParams::scales, biases) three
-// stages ahead instead of the pairs packed before the kernel (GemmParams::sb).
-constexpr int kWsLate = 1, kWsDirect = 2;
+// stages ahead instead of the pairs packed before the kernel (GemmParams::sb); kWsWarpArrive:
+// a dequantized tile is signalled by one arrival a warp rather than one a thread.
+constexpr int kWsLate = 1, kWsDirect = 2, kWsWarpArrive = 4;
 template <int Stages, int ABufs, int Opt = 0>
 struct GemmWsCfg {
   static constexpr int kThreads = 384;                         // dequantizer + two multipliers
@@ -48,6 +49,7 @@ struct GemmWsCfg {
   static constexpr int kABufs = ABufs;                         // ring of dequantized tiles
   static constexpr bool kLate = (Opt & kWsLate) != 0;
   static constexpr bool kDirect = (Opt & kWsDirect) != 0;
+  static constexpr bool kWarpArrive = (Opt & kWsWarpArrive) != 0;
   static constexpr int kAhead = kLate ? Stages - 1 : Stages - 2;  // TMA stages issued ahead
   static constexpr int kSmemBytes = kStages * kStageBytes + kABufs * kATileBytes + 1024;
   static constexpr int kOutStride = kTileN * 2 + 16;  // bytes per staged row of y
@@ -269,7 +271,8 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
   const uint32_t abuf0 = smem0 + kStages * C::kStageBytes;
   // full: a TMA stage has landed; empty: both multiplying warpgroups are done with its x (the
   // dequantizer is done with its W before it signals afull); afull: a dequantized tile is
-  // written (128 arrivals); aempty: both multipliers' products of it are complete
+  // written (128 arrivals, or 4: kWsWarpArrive); aempty: both multipliers' products of it are
+  // complete
   __shared__ __align__(8) uint64_t full[kStages], empty[kStages], afull[C::kABufs],
       aempty[C::kABufs];
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
@@ -282,7 +285,7 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
       mbar_init(ebar0 + 8 * i, Mc ? 4 : 2);
     }
     for (int i = 0; i < C::kABufs; ++i) {
-      mbar_init(abar0 + 8 * i, 128);
+      mbar_init(abar0 + 8 * i, C::kWarpArrive ? 4 : 128);
       mbar_init(aebar0 + 8 * i, 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -316,14 +319,8 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
         }
       }
     };
-    // q[0]: this stage's pairs; q[i]: stage s + i's, loaded kPA stages ahead (from HBM when
-    // direct: a row's sector of 16 groups is fetched once every 16-32 stages)
-    constexpr int kPA = C::kDirect ? 3 : 1;
-    uint32_t q[kPA + 1][2] = {};
-#pragma unroll
-    for (int i = 0; i < kPA; ++i) load_pairs(i, q[i]);
-    for (int s = 0; s < nst; ++s) {
-      load_pairs(s + kPA, q[kPA]);
+    // One stage: wait for its slot and a free tile, dequantize, signal the multipliers.
+    auto stage = [&](int s, const uint32_t (&pr)[2]) {
       const int slot = s % kStages, ab = s % C::kABufs;
       if (s >= C::kABufs) mbar_wait(aebar0 + 8 * ab, ((s / C::kABufs) - 1) & 1);
       mbar_wait(bar0 + 8 * slot, (s / kStages) & 1);
@@ -333,7 +330,7 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
       const uint32_t arow = abuf0 + ab * C::kATileBytes + r * 128;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        const uint32_t v = q[0][c >> 2];  // the group of values 8c .. 8c + 7
+        const uint32_t v = pr[c >> 2];  // the group of values 8c .. 8c + 7
         const uint32_t sc = __byte_perm(v, 0, 0x1010), bi = __byte_perm(v, 0, 0x3232);
         uint32_t o[4];
 #pragma unroll
@@ -346,9 +343,38 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
       }
       // the products read the tile through the async proxy
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      mbar_arrive(abar0 + 8 * ab);
+      if constexpr (C::kWarpArrive) {  // the warp's writes, then one arrival for them
+        __syncwarp();
+        if ((r & 31) == 0) mbar_arrive(abar0 + 8 * ab);
+      } else {
+        mbar_arrive(abar0 + 8 * ab);
+      }
+    };
+    if constexpr (!C::kDirect) {  // the pairs (in L2) one stage ahead
+      uint32_t pr[2] = {0, 0}, pn[2] = {0, 0};
+      load_pairs(0, pr);
+      for (int s = 0; s < nst; ++s) {
+        load_pairs(s + 1, pn);
+        stage(s, pr);
+        pr[0] = pn[0], pr[1] = pn[1];
+      }
+    } else {
+      // The arrays (a row's 32-byte sector holds 16 groups: from HBM once every 16-32 stages)
+      // kPA stages ahead, in a ring of registers that the unrolled loop names statically: a
+      // register copy of a value still loading would wait for it there.
+      constexpr int kPA = 3;
+      uint32_t q[kPA + 1][2] = {};
 #pragma unroll
-      for (int i = 0; i < kPA; ++i) q[i][0] = q[i + 1][0], q[i][1] = q[i + 1][1];
+      for (int i = 0; i < kPA; ++i) load_pairs(i, q[i]);
+      for (int s0 = 0; s0 < nst; s0 += kPA + 1) {
+#pragma unroll
+        for (int u = 0; u <= kPA; ++u) {
+          if (s0 + u < nst) {
+            load_pairs(s0 + u + kPA, q[(u + kPA) % (kPA + 1)]);
+            stage(s0 + u, q[u]);
+          }
+        }
+      }
     }
   } else {
     gemm_ws_mul<T, NTC, Probe, C, Mc>(p, map_x, map_w, m0, n0, smem0, smem_gen, rank, bar0, ebar0,
