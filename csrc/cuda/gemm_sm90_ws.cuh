@@ -3,7 +3,7 @@
 // warpgroup cannot overlap its own dequantization with its products (C7513), and ncu saw its
 // tensor pipe 58% busy. Here a third warpgroup only dequantizes: it reads the TMA'd packed stage,
 // writes the stage's 128 x 64 tile of W in the dtype of x to shared memory in the 128-byte
-// swizzled layout wgmma reads (a ring of two such tiles), and two warpgroups only multiply, both
+// swizzled layout wgmma reads (a ring of such tiles), and two warpgroups only multiply, both
 // operands from shared memory, one stage of products left in flight while the next is issued.
 // Same numerics as the register-A kernel: s * q + b in one FMA of the dtype of x, products in
 // fp32.
@@ -13,16 +13,38 @@
 // computed whole; each later tile is two blocks, its rows of x split), which take about half as
 // long; no partial sums, so the result does not depend on it.
 //
-// Measured on an H200 (benchmarks/cuda/gemm_harness.cu, bf16, M = 512, ms; dense cuBLAS
-// 0.304-0.312): 28672 x 8192 0.454-0.461 whole tiles, 0.431-0.432 with the half-tile last wave,
-// against 0.512-0.530 for the register-A kernel in the same runs; 8192 x 28672 (128 tiles, one
-// wave) 0.383-0.388 against 0.40-0.46. Leaving parts out (28672 x 8192): no dequantization
-// (the packed words stored as they are) 0.395, no products 0.268, only the TMA loads 0.211.
-// Through the op it measured even with the register-A kernel (gemm_sm90.cu says where it runs).
+// The ring (GemmWsCfg). First 5 TMA slots and 2 dequantized tiles, loads issued 3 stages ahead
+// (the "52" ring). The dequantizer may write a tile only once both multipliers' products of the
+// tile two stages back are complete, so it had one stage of products to write the next one in:
+// any delay of its own reached the tensor cores. The default "43l" ring has 4 slots and 3 tiles
+// (a stage of slack more) and issues each load once the products that free its slot are known
+// complete (late: 3 ahead with 4 slots rather than 2).
+//
+// Measured on an H200 (benchmarks/cuda/gemm_harness.cu, bf16, group 128, ms; wstail: the
+// half-tile last wave). First form, M = 512, dense cuBLAS 0.304-0.312: 28672 x 8192 0.454-0.461
+// whole tiles, 0.431-0.432 wstail, against 0.512-0.530 for the register-A kernel's whole tiles
+// in the same runs; 8192 x 28672 (128 tiles, one wave) 0.383-0.388 against 0.40-0.46. Leaving
+// parts out (28672 x 8192): no dequantization (the packed words stored as they are) 0.395, no
+// products 0.268, only the TMA loads 0.211. The rings, one run (dense / register-A / 52 / 52
+// late / 43l / 52 direct / 43l direct / 43l without dequantization), wstail:
+//   28672 x 8192 M=256 0.1742 / 0.2270 / 0.2313 / 0.2313 / 0.2110 / 0.2470 / 0.2277 / 0.1933
+//                M=512 0.3056 / 0.5106 / 0.4298 / 0.4355 / 0.4026 / 0.4727 / 0.4355 / 0.3818
+//                M=768 0.4747 / 0.7570 / 0.6573 / 0.6618 / 0.6115 / 0.7197 / 0.6575 / 0.6126
+//   8192 x 28672 M=512 0.2996 / 0.4784 / 0.3873 / 0.3887 / 0.3657 / 0.4173 / 0.3704 / 0.3271
+// (8192 x 28672 at M = 256 and 768 the op splits K or runs stream-K: the register-A kernel).
+// With the pairs packed before each call as the op does (MLXQ_HARNESS_PACK=1, pack kernel
+// included), M = 512: 28672 x 8192 0.3042 / 0.5316 / 0.4402 / 0.4450 / 0.4123 / 0.4739 /
+// 0.4362 / 0.3923, 8192 x 28672 0.2988 / 0.4792 / 0.3989 / 0.3978 / 0.3752 / 0.4164 / 0.3714 /
+// 0.3589. Direct (kWsDirect) read the arrays one stage ahead through a register copy that
+// waited for the load each stage; it now keeps three stages in flight (measured in
+// prefill_rings.py). Through the op, the same run (profiler, device time of one call at M =
+// 512; the packing kernel took 8.3-9.0 us before the pair-per-thread form was replaced):
+// register-A 427.8 / 443.0 us, 52 426.0 / 415.2, 52 late 429.7 / 407.3, 43l 398.3 / 368.9, 52
+// direct 466.7 / 419.4, 43l direct 431.1 / 374.7 (28672 x 8192 / 8192 x 28672).
 // Also measured and not used by the op (harness only): Mc, clusters of two CTAs that multicast
 // x (0.55 at 28672 x 8192, 0.47 at 8192 x 28672; its TMA loads alone took 0.47 against 0.21),
-// and 4 TMA slots with 3 dequantized tiles in clusters (0.56). With 4 slots and 3 or 4 tiles
-// ptxas serialized the single-CTA products (C7514), which is why 5 and 2 stay.
+// and 4 TMA slots with 3 dequantized tiles in clusters (0.56). With any ring but 5/2 (and 6/1)
+// ptxas serialized the products (C7514) until the main loop was kept from unrolling.
 #pragma once
 
 #include "cuda/gemm_sm90.cuh"
