@@ -18,7 +18,7 @@ import torch
 from mlxq.bench.ops_cuda import _copies, _env, _nbytes, graph_ms
 from torch.profiler import ProfilerActivity, profile
 
-RINGS = ["52", "43l", "43lw", "43ld", "43lwd"]
+RINGS = ["52", "43l"]
 
 
 def kernels(calls, n: int = 24) -> dict[str, float]:

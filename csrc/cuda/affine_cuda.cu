@@ -258,12 +258,9 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
   }
   if (use_sm90_gemm(W, M, dt, x.get_device())) {
     at::Tensor y = at::empty({M, W.N}, x.options());
+    at::Tensor sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
     const int sms = sm_count(x.get_device());
     const GemmWorkspace wsz = gemm_w4_sm90_workspace(M, W.N, W.K, sms);
-    at::Tensor sb;  // (scale, bias) pairs, where the kernel reads them
-    if (wsz.pairs) {
-      sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
-    }
     at::Tensor ws, counters;  // the K split's scratch, where it splits
     if (wsz.counters > 0) {
       ws = at::empty({wsz.floats}, x.options().dtype(at::kFloat));
@@ -273,7 +270,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     a.w = static_cast<const uint32_t*>(W.w.const_data_ptr());
     a.scales = W.s.const_data_ptr();
     a.biases = W.b.const_data_ptr();
-    a.sb = sb.defined() ? static_cast<uint32_t*>(sb.mutable_data_ptr()) : nullptr;
+    a.sb = static_cast<uint32_t*>(sb.mutable_data_ptr());
     a.x = x.const_data_ptr();
     a.y = y.mutable_data_ptr();
     a.N = W.N;

@@ -118,7 +118,7 @@ int64_t sk_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
 // tiles with the last partial wave as half tiles (gemm_ws_full); 0 the register-A kernel. With
 // 5 TMA slots and 2 dequantized tiles it was even with the register-A kernel through the op
 // (bench_ops, H200, bf16, M = 512, two runs: 28672 x 8192 0.4316-0.4341 against 0.4356-0.4386,
-// 8192 x 28672 0.4312-0.4505 against 0.4250-0.4306); with 4 slots and 3 tiles (ws_ring) it is
+// 8192 x 28672 0.4312-0.4505 against 0.4250-0.4306); with 4 slots and 3 tiles (ws_ring52) it is
 // ahead wherever it runs (gemm_sm90_ws.cuh has the numbers). Returns the tiles computed whole,
 // or -1.
 int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count, int64_t sk,
@@ -134,20 +134,14 @@ int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_cou
 
 // The warp-specialized kernel's ring (gemm_sm90_ws.cuh's GemmWsCfg), MLXQ_CUDA_GEMM_WS_RING (read
 // on every call, for benchmarks and tests): "52" 5 TMA slots and 2 dequantized tiles, loads
-// issued 3 stages ahead (the first form); "43l" (the default) 4 slots, 3 tiles, loads 3 ahead
-// (kWsLate); "w": one arrival a warp for a dequantized tile (kWsWarpArrive); "d": the scale and
-// bias arrays read by the kernel (kWsDirect: no packed pairs).
-enum class WsRing { k52, k43l, k43lw, k43ld, k43lwd };
-WsRing ws_ring() {
+// issued 3 stages ahead (the first form); otherwise "43l": 4 slots, 3 tiles, each load issued
+// once its slot is known free, 3 ahead (kWsLate). The harness's other rings (one arrival a warp
+// for a dequantized tile, the scale and bias arrays read by the kernel instead of packed pairs)
+// measured slower through the op (gemm_sm90_ws.cuh).
+bool ws_ring52() {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WS_RING");
-  const std::string r(env == nullptr ? "" : env);
-  if (r == "52") return WsRing::k52;
-  if (r == "43lw") return WsRing::k43lw;
-  if (r == "43ld") return WsRing::k43ld;
-  if (r == "43lwd") return WsRing::k43lwd;
-  return WsRing::k43l;
+  return env != nullptr && std::string(env) == "52";
 }
-bool ws_direct(WsRing r) { return r == WsRing::k43ld || r == WsRing::k43lwd; }
 
 template <typename T, int GS, int Stages, int ABufs, int Opt>
 void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
@@ -184,19 +178,8 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   if (ws_full >= 0) {
     p.full = ws_full;
     const int64_t b = ws_full + 2 * (p.tiles - ws_full);
-    constexpr int L = kWsLate, D = kWsDirect, W = kWsWarpArrive;
-    switch (ws_ring()) {
-      case WsRing::k52:
-        return launch_ws<T, GS, 5, 2, 0>(p, half, b, stream);
-      case WsRing::k43lw:
-        return launch_ws<T, GS, 4, 3, L | W>(p, half, b, stream);
-      case WsRing::k43ld:
-        return launch_ws<T, GS, 4, 3, L | D>(p, half, b, stream);
-      case WsRing::k43lwd:
-        return launch_ws<T, GS, 4, 3, L | W | D>(p, half, b, stream);
-      default:
-        return launch_ws<T, GS, 4, 3, L>(p, half, b, stream);
-    }
+    if (ws_ring52()) return launch_ws<T, GS, 5, 2, 0>(p, half, b, stream);
+    return launch_ws<T, GS, 4, 3, kWsLate>(p, half, b, stream);
   }
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
   if (tile == "128w4") return launch_nt<T, GS, 128, 4, 1, true>(p, half, blocks, stream);
@@ -229,26 +212,24 @@ GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_cou
   const int64_t sk = sk_for(sh, M, N, K, sm_count);
   if (sk > 0) {  // two partial tiles a block at most; a counter a tile
     const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
-    return {sk, 2 * sk * sh.nt * sh.tile_n, tiles, true};
+    return {sk, 2 * sk * sh.nt * sh.tile_n, tiles};
   }
   const GemmSplit plan = split_for(sh, M, N, K, sm_count);
   const int64_t ws_full = ws_full_for(sh, M, N, K, sm_count, sk, plan);
   if (ws_full >= 0) {  // half tiles, no scratch
     const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
-    return {ws_full + 2 * (tiles - ws_full), 0, 0, !ws_direct(ws_ring())};
+    return {ws_full + 2 * (tiles - ws_full), 0, 0};
   }
-  return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem, true};
+  return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem};
 }
 
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) {
   const bool vec_out = a.N % 8 == 0 && reinterpret_cast<uintptr_t>(a.y) % 16 == 0;
   // (scale, bias) pairs, one 4-byte load for a thread's both; written just before the kernel,
   // they are in L2 when it reads them (reading the two arrays from HBM measured 10-40% slower
-  // for the register-A kernel). The ws kernel's direct form reads the arrays instead.
-  const bool pairs = gemm_w4_sm90_workspace(a.M, a.N, a.K, a.sm_count).pairs;
-  TORCH_CHECK(!pairs || a.sb != nullptr, "mlxq: the fused prefill needs its (scale, bias) pairs");
+  // for the register-A kernel, 3-10% for the warp-specialized one)
   const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
-  if (pairs && n > 0) {
+  if (n > 0) {
     // gp == G: the pairs are the arrays' elements in order
     gemm_pack_sb(static_cast<const uint16_t*>(a.scales), static_cast<const uint16_t*>(a.biases),
                  a.sb, n, stream);
@@ -256,8 +237,6 @@ void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) 
   }
   GemmParams p{a.w, a.sb, a.x, a.y,  a.N,        a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
                1,   0,    1,   a.ws, a.counters, 0,   0,   0};
-  p.scales = static_cast<const uint16_t*>(a.scales);  // gp == G: the arrays' row stride
-  p.biases = static_cast<const uint16_t*>(a.biases);
   const bool half = x_dtype == DType::kHalf;
   switch (a.group_shift) {
     case 5:

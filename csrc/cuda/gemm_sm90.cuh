@@ -81,7 +81,7 @@ struct GemmParams {
   int64_t sk;
   int xmajor;
   // [N, Gp] scales and biases (dtype of x), read instead of sb by the warp-specialized kernel's
-  // kWsDirect form (gemm_sm90_ws.cuh)
+  // kWsDirect form (gemm_sm90_ws.cuh; harness only)
   const uint16_t* scales = nullptr;
   const uint16_t* biases = nullptr;
 };
@@ -131,9 +131,9 @@ inline GemmSplit gemm_split_plan(int64_t tiles, int64_t sms, int64_t stages) {
 }
 
 // out[i] = (s[i], b[i]) for i < n: the [N, G] scale and bias arrays as (scale, bias) pairs; 8
-// pairs a thread in 16-byte vectors where vec. The previous form (a pair a thread, rows padded
-// with a 64-bit division per pair) took 8.3-9.0 us at 28672 x 8192, group 128 (14.7 MB moved) on
-// an H200 (profiler, prefill_rings.py), 2% of the M = 512 call.
+// pairs a thread in 16-byte vectors where vec. At 28672 x 8192, group 128 (14.7 MB moved) on an
+// H200 (profiler, prefill_rings.py) it takes 4.7-4.9 us; the previous form (a pair a thread, rows
+// padded, a 64-bit division per pair) took 8.3-9.0, 2% of the M = 512 call.
 __global__ void gemm_pack_sb_kernel(const uint16_t* s, const uint16_t* b, uint32_t* out, int64_t n,
                                     int vec) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

@@ -35,12 +35,23 @@
 // With the pairs packed before each call as the op does (MLXQ_HARNESS_PACK=1, pack kernel
 // included), M = 512: 28672 x 8192 0.3042 / 0.5316 / 0.4402 / 0.4450 / 0.4123 / 0.4739 /
 // 0.4362 / 0.3923, 8192 x 28672 0.2988 / 0.4792 / 0.3989 / 0.3978 / 0.3752 / 0.4164 / 0.3714 /
-// 0.3589. Direct (kWsDirect) read the arrays one stage ahead through a register copy that
-// waited for the load each stage; it now keeps three stages in flight (measured in
-// prefill_rings.py). Through the op, the same run (profiler, device time of one call at M =
-// 512; the packing kernel took 8.3-9.0 us before the pair-per-thread form was replaced):
-// register-A 427.8 / 443.0 us, 52 426.0 / 415.2, 52 late 429.7 / 407.3, 43l 398.3 / 368.9, 52
-// direct 466.7 / 419.4, 43l direct 431.1 / 374.7 (28672 x 8192 / 8192 x 28672).
+// 0.3589. Through the op, the same run (profiler: device time of one call's kernel at M = 512,
+// 28672 x 8192 / 8192 x 28672, us; the packing kernel then took 8.3-9.0 more): register-A
+// 427.8 / 443.0, 52 426.0 / 415.2, 52 late 429.7 / 407.3, 43l 398.3 / 368.9, 52 direct 466.7 /
+// 419.4, 43l direct 431.1 / 374.7. Direct read the arrays one stage ahead through a register copy
+// that waited for each load; a second run gave it three stages in flight (a register ring named
+// statically by an unrolled loop) and tried one arrival a warp for a dequantized tile
+// (kWsWarpArrive) instead of one a thread. Second run, through the op, M = 512, 28672 x 8192 /
+// 8192 x 28672 (profiler us; the 8-pair packing kernel 4.7-4.9 us): register-A 428.3 / 430.0,
+// 52 424.3 / 429.5, 43l 393.6 / 362.9, 43l warp arrivals 404.3 / 374.3, 43l direct 435.5 /
+// 376.9, both 438.7 / 382.3. CUDA-graph replay (bench_ops' timing, ms per call with the packing,
+// ratio to dense cuBLAS in the same run): dense 0.3015 / 0.2978, register-A 0.4339 (1.439x) /
+// 0.4242 (1.424x), 52 0.4544 / 0.4301, 43l 0.4252 (1.410x) / 0.3890 (1.306x), 43l warp
+// arrivals 0.4505 / 0.4307, 43l direct 0.4736 / 0.4209, both 0.4747 / 0.4272. So the op runs
+// 43l (gemm_sm90.cu); warp arrivals and direct reads stay in the harness. Under graph replay the
+// warp-specialized kernels took 25-27 us a call more than their profiled time plus the packing
+// (the register-A kernel none; the first run's graph timings of the rings also varied by up to
+// 8% between rounds): not yet explained.
 // Also measured and not used by the op (harness only): Mc, clusters of two CTAs that multicast
 // x (0.55 at 28672 x 8192, 0.47 at 8192 x 28672; its TMA loads alone took 0.47 against 0.21),
 // and 4 TMA slots with 3 dequantized tiles in clusters (0.56). With any ring but 5/2 (and 6/1)

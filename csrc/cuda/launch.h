@@ -73,8 +73,7 @@ struct GemmArgs {
   const uint32_t* w;   // [N, K / 8]
   const void* scales;  // [N, G], dtype of x
   const void* biases;  // [N, G]
-  uint32_t* sb;        // [N, gemm_w4_sm90_sb_cols(G)] workspace: (scale, bias) pairs, where
-                       // gemm_w4_sm90_workspace(...).pairs
+  uint32_t* sb;        // [N, gemm_w4_sm90_sb_cols(G)] workspace: (scale, bias) pairs
   const void* x;       // [M, K]
   void* y;             // [M, N]
   int64_t N, M, K, G;
@@ -89,7 +88,6 @@ struct GemmWorkspace {
   int64_t blocks;
   int64_t floats;
   int64_t counters;
-  bool pairs;  // the kernel reads GemmArgs::sb (packed by the launch); else sb may be null
 };
 GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_count);
 // Whether this build and `device` run it (sm_90a code built, compute capability 9.0, and
