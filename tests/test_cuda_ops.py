@@ -222,6 +222,15 @@ def test_matmul_long_rows(gen, bits: int, m: int) -> None:
     _check_matmul(x.float(), wq, s.float(), b.float(), 64, bits)
 
 
+def _wide_range_x(gen, m, k, dtype):
+    """x whose values span 2^80 (bf16) or fp16's normal range within every 128 of them: the
+    streaming kernel's fp16 products scale x per span of 128 by a power of two (Prod in
+    csrc/cuda/qmv_stream.cuh)."""
+    lo, hi = (-40, 40) if dtype == torch.bfloat16 else (-14, 6)
+    e = torch.randint(lo, hi, (m, k), generator=gen).float()
+    return (torch.randn(m, k, generator=gen) * torch.exp2(e)).to(dtype)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
@@ -242,6 +251,10 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
         wq, s, b = _quantized(gen, 77, 576, group_size, 4, dtype)
         for m in (1, 2):
             _check_matmul(torch.randn(m, 576, generator=gen).to(dtype), wq, s, b, group_size, 4)
+    if kernel == "stream":
+        wq, s, b = _quantized(gen, 64, 1024, group_size, 4, dtype)
+        for m in (1, 2):
+            _check_matmul(_wide_range_x(gen, m, 1024, dtype), wq, s, b, group_size, 4)
     if kernel == "stream":  # more 16-row tiles than warp slots: the shared-memory ring variant,
         # in blocks of 8 warps and (enough tiles for 3/4 of the multiprocessors) of 16
         sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -250,6 +263,7 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
             wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
             for m in (1, 2):
                 _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, 4)
+            _check_matmul(_wide_range_x(gen, 1, k, dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda

@@ -25,6 +25,8 @@ struct Problem {
   int64_t N, K, GS;
   int M;
   bool half;
+  int xspread = 0;  // x = +-(1 + u) 2^e, e uniform over [lo, lo + xspread) per value (0: [-2, 2])
+  int xlo = 0;
   std::vector<uint32_t> w;
   std::vector<uint16_t> s, b, x;
   int copies = 1;
@@ -49,7 +51,15 @@ static void make(Problem& P, int copies) {
     P.b[i] = to_h(-0.1f + 0.2f * urand(), P.half);
   }
   P.x.resize(P.M * P.K);
-  for (auto& v : P.x) v = to_h(-2.f + 4.f * urand(), P.half);
+  for (auto& v : P.x) {
+    if (P.xspread == 0) {
+      v = to_h(-2.f + 4.f * urand(), P.half);
+    } else {
+      const int e = P.xlo + static_cast<int>(rnd() % static_cast<uint64_t>(P.xspread));
+      const float m = std::ldexp(1.f + urand(), e);
+      v = to_h((rnd() & 1) ? -m : m, P.half);
+    }
+  }
   P.copies = copies;
   for (int c = 0; c < copies; ++c) {
     uint32_t* w;
@@ -102,12 +112,12 @@ Launch cores() {
 }
 
 template <int GS, int U, bool H, typename T, bool LoadsOnly = false, int MB = 2, int Ring = 0,
-          int W = kStreamWarps>
+          int W = kStreamWarps, Prod P = Prod::kNative, int E = 0>
 Launch stream(int kw_force = 0) {
   return [kw_force](const QmvParams& p, cudaStream_t s) {
     const StreamGrid grid = qmv_stream_grid(p.N, p.K, U, g_sms, MB, kw_force, W);
     const int smem = static_cast<int>(qmv_stream_smem(p.M, p.K, Ring * U * 1024, W));
-    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly, MB, Ring, W>;
+    auto k = qmv_stream_kernel<GS, U, H, T, LoadsOnly, MB, Ring, W, P, E>;
     if (smem > 48 * 1024)
       CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     k<<<static_cast<unsigned>(grid.blocks), W * 32, smem, s>>>(p, grid.kw);
@@ -204,7 +214,8 @@ __global__ void __launch_bounds__(Warps * 32, 1) qmv_stream_ilv_kernel(const Qmv
     asm volatile("cp.async.commit_group;");
   }
 
-  stream_stage_x<T, Warps * 32>(p, kp, xs, sx);
+  const uint4 none[1] = {};
+  stream_stage_x<T, Warps * 32, 1, false>(p, kp, xs, sx, none);
   if (threadIdx.x < 16) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
@@ -541,6 +552,123 @@ static int wide_main() {
   return bad == 0 ? 0 : 1;
 }
 
+// fp16 products (Prod in qmv_stream.cuh) and the prologues (Pro: 1 both register buffers of
+// weights, then x 4 chunks a thread at a time; 2 the first 4 chunks of x before the weights) next
+// to the native products and the first prologue: checks on the tails (K of 4.5 spans, partial
+// tiles, several tile rounds, split K, M = 2, both dtypes of x) and on x spread over a huge range
+// (in each span, and whole rows far from 1), then timings side by side. qmv_mma.cu records what
+// they measured. Names: "early" Pro 1, "x-first" Pro 2.
+constexpr Prod kNat = Prod::kNative, kSub = Prod::kHalfSub, kMag = Prod::kHalfMagic;
+template <int GS, typename T, int Ring, int W, Prod P, int E>
+Launch sv() {  // U = 4, 1 block a multiprocessor for 16 warps, 2 for 8
+  return stream<GS, 4, true, T, false, W == 16 ? 1 : 2, Ring, W, P, E>();
+}
+template <int GS, typename T>
+std::vector<std::pair<const char*, Launch>> f16_check_rows() {
+  return {
+      {"w16 ring U4x2 native x-first (the op's)", sv<GS, T, 2, 16, kNat, 2>()},
+      {"w16 ring U4x2 half-sub x-first", sv<GS, T, 2, 16, kSub, 2>()},
+      {"w16 ring U4x2 half-magic x-first", sv<GS, T, 2, 16, kMag, 2>()},
+      {"w8 ring U4x2 half-sub", sv<GS, T, 2, 8, kSub, 0>()},
+      {"w8 regs U4 half-sub early (the op's)", sv<GS, T, 0, 8, kSub, 1>()},
+      {"w8 regs U4 half-sub (the op's, short x)", sv<GS, T, 0, 8, kSub, 0>()},
+      {"w8 regs U4 half-sub x-first", sv<GS, T, 0, 8, kSub, 2>()},
+      {"w8 regs U4 native early", sv<GS, T, 0, 8, kNat, 1>()},
+  };
+}
+template <int GS, typename T>
+std::vector<Row> f16_time_rows(bool all) {
+  std::vector<Row> rows = {
+      {"w16 ring U4x2 native (the op's before)", sv<GS, T, 2, 16, kNat, 0>()},
+      {"w16 ring U4x2 native x-first (the op's)", sv<GS, T, 2, 16, kNat, 2>()},
+      {"w16 ring U4x2 half-sub", sv<GS, T, 2, 16, kSub, 0>()},
+  };
+  if (all) rows.push_back({"w16 ring U4x2 half-sub x-first", sv<GS, T, 2, 16, kSub, 2>()});
+  return rows;
+}
+
+static int f16_main() {
+  using bf = __nv_bfloat16;
+  using hf = __half;
+  {
+    const int64_t bytes = 1ll << 30;
+    void *src, *dst;
+    CK(cudaMalloc(&src, bytes));
+    CK(cudaMalloc(&dst, bytes));
+    CK(cudaMemset(src, 1, bytes));
+    const double copy_us = graph_us(
+        [&](int, cudaStream_t s) {
+          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+        },
+        1, 5);
+    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
+    cudaFree(src), cudaFree(dst);
+  }
+  int bad = 0;
+  const auto run = [&](Problem& P, auto rows) {
+    for (auto& r : rows) bad += !check(P, r.second, r.first, true);
+  };
+  const auto run_gs = [&](Problem& P) {
+    if (P.GS == 32) run(P, P.half ? f16_check_rows<32, hf>() : f16_check_rows<32, bf>());
+    if (P.GS == 64) run(P, P.half ? f16_check_rows<64, hf>() : f16_check_rows<64, bf>());
+    if (P.GS == 128) run(P, P.half ? f16_check_rows<128, hf>() : f16_check_rows<128, bf>());
+  };
+  for (int64_t gs : {32, 64, 128}) {
+    const int64_t K = gs == 128 ? 640 : 576;
+    for (int M : {1, 2}) {
+      for (int64_t N : {100, 40100}) {
+        Problem P{N, K, gs, M, N == 100};
+        make(P, 1);
+        run_gs(P);
+        release(P);
+      }
+      Problem Z{6000, 4096 + gs, gs, M, true};  // K split over 2-8 warps
+      make(Z, 1);
+      if (gs == 32) bad += !check(Z, sv<32, hf, 0, 8, kSub, 1>(), "regs kw8", true);
+      if (gs == 64) bad += !check(Z, stream<64, 4, true, hf, false, 2, 2, 8, kSub>(4), "kw4", true);
+      if (gs == 128)
+        bad += !check(Z, stream<128, 2, true, hf, false, 2, 0, 8, kMag, 1>(2), "U2 kw2", true);
+      release(Z);
+    }
+  }
+  // bf16 x over 2^40 in every span, at [2^-20, 2^20), [2^-110, 2^-70) and [2^60, 2^100); fp16
+  // x over [2^-14, 2^8)
+  for (int64_t gs : {32, 128}) {
+    for (int lo : {-20, -110, 60}) {
+      Problem P{300, 1024, gs, 2, false};
+      P.xspread = 40, P.xlo = lo;
+      make(P, 1);
+      std::printf("  x of bf16 over [2^%d, 2^%d):\n", lo, lo + 40);
+      run_gs(P);
+      release(P);
+    }
+    Problem H{300, 1024, gs, 1, true};
+    H.xspread = 22, H.xlo = -14;
+    make(H, 1);
+    std::printf("  x of fp16 over [2^-14, 2^8):\n");
+    run_gs(H);
+    release(H);
+  }
+  std::printf("checks: %d failed\n", bad);
+  std::vector<Row> r128 = f16_time_rows<128, bf>(true);
+  r128.push_back({"read kernel (floor)", read_floor()});
+  bench(28672, 8192, 128, 1, false, r128, false);
+  bench(28672, 8192, 64, 1, false, f16_time_rows<64, bf>(false), false);
+  bench(28672, 8192, 32, 1, false, f16_time_rows<32, bf>(false), false);
+  bench(28672, 8192, 128, 2, false, f16_time_rows<128, bf>(false), false);
+  bench(28672, 8192, 128, 1, true, f16_time_rows<128, hf>(false), false);
+  const std::vector<Row> regs = {
+      {"w8 registers U4 native (the op's before)", sv<128, bf, 0, 8, kNat, 0>()},
+      {"w8 registers U4 native x-first", sv<128, bf, 0, 8, kNat, 2>()},
+      {"w8 registers U4 half-sub early (the op's)", sv<128, bf, 0, 8, kSub, 1>()},
+      {"w8 registers U4 half-sub (the op's, short x)", sv<128, bf, 0, 8, kSub, 0>()},
+      {"w8 registers U4 half-sub x-first", sv<128, bf, 0, 8, kSub, 2>()},
+      {"read kernel (floor)", read_floor()}};
+  for (int M : {1, 2}) bench(8192, 28672, 128, M, false, regs, false);
+  bench(4096, 4096, 128, 1, false, regs, true);
+  return bad == 0 ? 0 : 1;
+}
+
 // Checks and timings of the interleaved form next to the op's launch (16-warp blocks of whole
 // tiles where they fill 3/4 of the multiprocessors, else 8-warp blocks with K split), with the
 // interleaved form's copies alone and products alone.
@@ -626,6 +754,18 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "wide") == 0) return wide_main();
+  if (argc > 1 && std::strcmp(argv[1], "f16") == 0) return f16_main();
+  if (argc > 1 && std::strcmp(argv[1], "ncu16") == 0) {  // the 16-warp ring's prologues, products
+    Problem P{28672, 8192, 128, 1, false};
+    make(P, 1);
+    for (const Launch& fn : {sv<128, bf, 2, 16, kNat, 0>(), sv<128, bf, 2, 16, kNat, 2>(),
+                             sv<128, bf, 2, 16, kSub, 2>()}) {
+      fn(params(P, 0), 0);
+      CK(cudaDeviceSynchronize());
+    }
+    release(P);
+    return 0;
+  }
   if (argc > 1 && std::strcmp(argv[1], "ilv") == 0) return ilv_main();
   bandwidth();
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;

@@ -54,10 +54,11 @@ constexpr int kStreamSpans = 4;
 // takes 28.1 (4.45 TB/s).
 constexpr int kRingStages = 2;
 
-template <int GS, typename T, int Ring, int Warps = kStreamWarps, int MinBlocks = 2>
+template <int GS, typename T, int Ring, int Warps = kStreamWarps, int MinBlocks = 2,
+          Prod P = Prod::kNative, int Pro = 0>
 void launch_stream_shape(const QmvParams& p, const StreamGrid& grid, int64_t smem,
                          cudaStream_t stream) {
-  auto kernel = qmv_stream_kernel<GS, kStreamSpans, true, T, false, MinBlocks, Ring, Warps>;
+  auto kernel = qmv_stream_kernel<GS, kStreamSpans, true, T, false, MinBlocks, Ring, Warps, P, Pro>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
@@ -77,13 +78,41 @@ void launch_stream_shape(const QmvParams& p, const StreamGrid& grid, int64_t sme
 // the interleaved form).
 constexpr int kWideWarps = 16;
 
+// Products and prologues (qmv_stream.cuh: Prod, Pro; qmv_harness "f16", H200, bf16 x, us, runs
+// A / B / C in that order, each variant beside the one it replaces in the same run):
+// - The 16-warp ring (28672 x 8192, groups 128 / 64 / 32 at M = 1, then M = 2, fp16 x): the first
+//   4 chunks of x a thread loaded before the first step's weights (Pro 2; x then staged 4 chunks
+//   at a time) 35.77 / 37.81 / 43.67 / 35.69 / 36.62 against 36.72 / 39.40 / 44.42 / 37.59 /
+//   37.60 (C): ncu had 6% of the kernel's stall samples on the first wait for x. Every ring slot
+//   loading before x is staged instead was slower (B: 40.0 / 43.6 / 47.6 against 37.8 / 40.6 /
+//   44.9: x waits behind the weights), a third slot slower still (42.8 / 45.6 / 53.2).
+// - fp16 products (Prod::kHalfSub: 1 SHF and 4 LOP3 per word of 8 nibbles instead of 3 SHF, 4
+//   LOP3 and 4 HSUB2) do not pay in the rings: 38.1 / 40.7 / 45.1 against 37.8 / 40.6 / 44.9
+//   (B), with x-first 36.39 against 35.77 (C); with 0x6400-biased nibbles (4 HSUB2 a word more)
+//   the same (A: 37.7 against 36.6). ncu on the 16-warp ring at group 128: they cut the
+//   instructions 17% (ALU pipe 42.6% -> 33.0% of cycles) and not the time; the stalls move to
+//   waiting on the ring's copies (long scoreboard 0.55 -> 1.35 cycles an instruction) and the
+//   shared loads. Before their x was staged so that each mma's B is two adjacent registers,
+//   ptxas added two moves a mma (A: 37.6 against 36.6).
+// - The register variant (K split) gains from both: 8192 x 28672 M = 1 native 41.5 / 41.7 (B),
+//   41.1 (C) -> fp16 products with both buffers of weights and x 4 chunks at a time loading
+//   before x is staged (Pro 1) 39.9 / 40.1, 39.2; M = 2 63.7 / 63.8, 63.0 -> 57.9 / 57.9, 57.3
+//   (the batched x: native with Pro 1 58.4 / 58.4). 4096 x 4096 (2 steps a warp): native 6.70 /
+//   6.67, 6.64; fp16 products 6.48 / 6.44 (B), with Pro 1 6.66 / 6.65, 6.64: Pro 1 only where a
+//   thread stages more than 8 chunks of x (2 at 4096 x 4096, 14 at 8192 x 28672).
+// The 2-block ring of 8 warps keeps the first prologue and native products (not measured).
+// Even so the M = 1 target (2x tinygemm, ~31 us at 28672 x 8192) is not met: 35.8 us, 1.31x
+// the plain read's 27.4 (C); bench_ops in C (before x-first): 0.0380 ms against tinygemm 0.0626.
+constexpr Prod kRegsProd = Prod::kHalfSub;
+
 template <int GS, typename T>
 void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
   const StreamGrid wide = qmv_stream_grid(p.N, p.K, kStreamSpans, dev.sm_count, 1, 0, kWideWarps);
   const int64_t ring_wide =
       qmv_stream_smem(p.M, p.K, kRingStages * kStreamSpans * 1024, kWideWarps);
   if (wide.kw == 1 && ring_wide <= dev.smem_per_block && 4 * wide.blocks >= 3 * dev.sm_count) {
-    return launch_stream_shape<GS, T, kRingStages, kWideWarps, 1>(p, wide, ring_wide, stream);
+    return launch_stream_shape<GS, T, kRingStages, kWideWarps, 1, Prod::kNative, 2>(
+        p, wide, ring_wide, stream);
   }
   const StreamGrid grid = qmv_stream_grid(p.N, p.K, kStreamSpans, dev.sm_count, 2);
   const int64_t ring = qmv_stream_smem(p.M, p.K, kRingStages * kStreamSpans * 1024);
@@ -91,7 +120,13 @@ void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t 
   if (grid.kw == 1 && ring <= dev.smem_per_block && 2 * (ring + 1024) <= dev.smem_per_sm) {
     return launch_stream_shape<GS, T, kRingStages>(p, grid, ring, stream);
   }
-  return launch_stream_shape<GS, T, 0>(p, grid, qmv_stream_smem(p.M, p.K), stream);
+  // registers (K split): fp16 products; where each thread stages more than 8 chunks of x, both
+  // steps' weights and x 4 chunks at a time loading before x is staged
+  const int64_t smem = qmv_stream_smem(p.M, p.K);
+  if (p.M * p.K > 8 * 8 * kStreamWarps * 32) {
+    return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 1>(p, grid, smem, stream);
+  }
+  return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 0>(p, grid, smem, stream);
 }
 
 template <typename T>

@@ -34,7 +34,9 @@ constexpr int kStreamWarps = 8;  // warps per block (2 blocks per SM); benchmark
 inline int64_t qmv_stream_smem(int64_t M, int64_t K, int64_t ring_bytes = 0,
                                int warps = kStreamWarps) {
   const int64_t kp = (K + 1023) / 1024 * 1024;  // the kernel pads x to whole steps (U <= 8 spans)
-  return M * kp * 2 + M * (kp / 32) * 4 + warps * 2 * 16 * 4 + 256 + warps * ring_bytes;
+  // x, its sums per 32 values, its factors per span (fp16 products), sums of warps, zeros, ring
+  return M * kp * 2 + M * (kp / 32) * 4 + M * (kp / 128) * 4 + warps * 2 * 16 * 4 + 256 +
+         warps * ring_bytes;
 }
 
 // The launch of the streaming kernel: KW warps split the K of a tile only while the tiles alone
@@ -81,6 +83,54 @@ __device__ __forceinline__ float2 half_pair<__nv_bfloat16>(uint32_t w) {
 template <>
 __device__ __forceinline__ float2 half_pair<__half>(uint32_t w) {
   return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+
+// How the products are formed. kNative: x in its own dtype, each nibble an exact integer of that
+// dtype (3 SHF, 4 LOP3 and 4 HSUB2 per 32-bit word of 8 nibbles: bf16's 7 mantissa bits only
+// hold a nibble at bits 0-3 of each half). kHalfSub and kHalfMagic: fp16 products for either
+// dtype of x, x staged as fp16 scaled per span (stream_stage_x_f16), so that with fp16's 10
+// mantissa bits the nibbles at bits 0-3 and 4-7 of each half are both taken by a mask:
+//  - kHalfSub: (w & 0x000F000F) read as fp16 is q * 2^-24 (a subnormal, exact), (w & 0x00F000F0)
+//    16q * 2^-24; 1 SHF (w >> 8 for nibbles 2, 3, 6, 7) and 4 LOP3 a word, nothing else.
+//  - kHalfMagic: the same masks OR'd with 0x6400 (1024) and 1024 taken off (4 HSUB2 more): q, 16q.
+// The 16q nibbles go into their own mma chain (d), added as c + d / 16 at the end of a span.
+// Numerics: products of fp16 values are exact in the tensor cores' fp32 sums, as the native
+// form's are (subnormal fp16 operands included); what changes is x. A span's x are scaled by
+// 2^(15 - E), E the exponent of their largest |x| (clamped to >= -100), so that the largest lies
+// in [2^15, 2^16): fp16 x only ever scale up (exact), and a bf16 x (8 significant bits) keeps
+// all its bits while its exponent is >= E - 32 (the scaled value >= 2^-17). Smaller ones round to
+// a multiple of 2^-24 in the scaled units, an error below 2^-40 |x|max (or 2^-140 where E was
+// clamped) per value, far under the fp32 sums' own error (tests: _matmul_tolerance). The
+// harness's "f16" mode checks bf16 x spread over 2^40 in every span (rows within [2^-110,
+// 2^-70) and [2^60, 2^100) too), test_decode_kernels x over 2^80. The span's sum goes back to
+// x's scale by two exact multiplications, 2^24 (kHalfSub) then 2^(E - 15) (no overflow for any
+// finite x before the fp32 sum of q * x itself would overflow).
+enum class Prod { kNative = 0, kHalfSub = 1, kHalfMagic = 2 };
+
+// c += products of 8 nibbles of row g (qa) and of row g + 8 (qb) at bits 0-3 of their halves
+// (nibbles 0, 4, 2, 6) with x, d += those at bits 4-7 (nibbles 1, 5, 3, 7, as 16q); xv: the
+// scaled fp16 x in the order stream_stage_x_f16 stages, (x0,x4) (x2,x6) (x1,x5) (x3,x7), so that
+// each mma's B is a pair of adjacent registers of the 16-byte load (no moves: in the order of
+// the native form ptxas added 2 IMAD.MOV per mma).
+template <Prod P>
+__device__ __forceinline__ void mma_nibble_words_f16(float (&c)[4], float (&d)[4], uint32_t qa,
+                                                     uint32_t qb, const uint4& xv) {
+  using Mma = MmaType<__half>;
+  const uint32_t w[4] = {qa, qb, qa >> 8, qb >> 8};
+  uint32_t lo[4], hi[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (P == Prod::kHalfSub) {
+      lo[i] = w[i] & 0x000F000Fu;
+      hi[i] = w[i] & 0x00F000F0u;
+    } else {
+      lo[i] = Mma::unbias(and_or<0x000F000Fu, 0x64006400u>(w[i]));
+      hi[i] = Mma::unbias(and_or<0x00F000F0u, 0x64006400u>(w[i]));
+    }
+  }
+  // A: rows g, g + 8 at k (2t, 2t + 1) then (2t + 8, 2t + 9); B the x under them
+  Mma::mma(c, lo[0], lo[1], lo[2], lo[3], xv.x, xv.y);
+  Mma::mma(d, hi[0], hi[1], hi[2], hi[3], xv.z, xv.w);
 }
 
 template <int GS, int U>
@@ -180,11 +230,12 @@ __device__ __forceinline__ void ring_read(uint32_t slot, StreamStep<GS, U>& st) 
 
 // Multiplies one loaded step: acc_a, acc_b (rows g, g + 8) collect this lane's two columns.
 // xs: this lane's B operand, xstride uint4 a span apart (0 where it feeds zeros, see the kernel).
-template <int GS, int U, typename T>
+// fx: this lane's factors per span (its row of x; fp16 products only).
+template <int GS, int U, typename T, Prod P = Prod::kNative>
 __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const uint4* xs,
                                             int xstride, const float* sx, int g,
-                                            const StreamStep<GS, U>& st, float& acc_a,
-                                            float& acc_b) {
+                                            const StreamStep<GS, U>& st, float& acc_a, float& acc_b,
+                                            const float* fx = nullptr) {
   const int t = L.t, t0 = 2 * (t & 1);  // this lane's columns: span lanes t0, t0 + 1
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -193,11 +244,26 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
     // the weights and scales read there are zeros): a step is straight-line code, so that the
     // compiler can interleave its spans' chains of dependent mma.
     float c[4] = {0.f, 0.f, 0.f, 0.f};
+    if constexpr (P == Prod::kNative) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      // x of lane t's chunk of 8 values j, as (x0,x4) (x1,x5) (x2,x6) (x3,x7)
-      const uint4 xv = xs[sp * xstride + 4 * j];
-      mma_nibble_words<T>(c, (&st.qa[u].x)[j], (&st.qb[u].x)[j], xv.x, xv.y, xv.z, xv.w);
+      for (int j = 0; j < 4; ++j) {
+        // x of lane t's chunk of 8 values j, as (x0,x4) (x1,x5) (x2,x6) (x3,x7)
+        const uint4 xv = xs[sp * xstride + 4 * j];
+        mma_nibble_words<T>(c, (&st.qa[u].x)[j], (&st.qb[u].x)[j], xv.x, xv.y, xv.z, xv.w);
+      }
+    } else {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        mma_nibble_words_f16<P>(c, d, (&st.qa[u].x)[j], (&st.qb[u].x)[j], xs[sp * xstride + 4 * j]);
+      }
+      const float f = fx[sp];  // 2^(E - 15) of this span (stream_stage_x_f16)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        c[i] = fmaf(d[i], 0.0625f, c[i]);
+        if constexpr (P == Prod::kHalfSub) c[i] *= 0x1p24f;  // the nibbles were q * 2^-24
+        c[i] *= f;
+      }
     }
     if constexpr (GS == 128) {
       // Every column is the whole span's dot (the span is one group): c[0] row g, c[2] row g + 8.
@@ -259,35 +325,107 @@ __device__ __forceinline__ void stream_step(const StreamLane& L, int step, const
   }
 }
 
+// Chunks base + b * Threads + threadIdx.x (b < Batch) of x (zeros past K and past M rows).
+template <typename T, int Threads, int Batch>
+__device__ __forceinline__ void stream_x_batch(const QmvParams& p, int kp, int base,
+                                               uint4 (&v)[Batch]) {
+  const int per_row = kp / 8, total = p.M * per_row;
+#pragma unroll
+  for (int b = 0; b < Batch; ++b) {
+    const int idx = base + b * Threads + threadIdx.x;
+    const int m = idx / per_row, c = idx - m * per_row;
+    v[b] = make_uint4(0u, 0u, 0u, 0u);
+    if (idx < total && c * 8 < p.K) {
+      v[b] = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.K + c * 8);
+    }
+  }
+}
+
 // Stages x for the streaming kernels: chunk c = 16 sp + 4 t + j of 8 values of row m (span sp,
 // lane t's chunk j) at xs[m * kp / 8 + 16 sp + 4 j + t], permuted for the B operand, and the sums
 // of x per 32 values at sx[m * kp / 32 + c / 4]; zeros past K up to kp. The loop's trip count is
-// uniform (the shuffles need all lanes).
-template <typename T, int Threads>
-__device__ __forceinline__ void stream_stage_x(const QmvParams& p, int kp, uint4* xs, float* sx) {
+// uniform (the shuffles need all lanes). Batch: chunks a thread loads before it waits on them;
+// Pre: v0 holds the first batch, loaded (stream_x_batch) before the weights' first loads.
+template <typename T, int Threads, int Batch, bool Pre>
+__device__ __forceinline__ void stream_stage_x(const QmvParams& p, int kp, uint4* xs, float* sx,
+                                               const uint4 (&v0)[Batch]) {
   const int per_row = kp / 8, total = p.M * per_row;
-  for (int base = 0; base < total; base += Threads) {
-    const int idx = base + threadIdx.x;
-    const int m = idx / per_row, c = idx - m * per_row;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (idx < total && c * 8 < p.K) {
-      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.K + c * 8);
+  for (int base = 0; base < total; base += Batch * Threads) {
+    uint4 v[Batch];
+    if (Pre && base == 0) {
+#pragma unroll
+      for (int b = 0; b < Batch; ++b) v[b] = v0[b];
+    } else {
+      stream_x_batch<T, Threads, Batch>(p, kp, base, v);
     }
-    float s = 0.f;
-    {
-      const float2 f0 = half_pair<T>(v.x), f1 = half_pair<T>(v.y), f2 = half_pair<T>(v.z),
-                   f3 = half_pair<T>(v.w);
-      s = ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+#pragma unroll
+    for (int b = 0; b < Batch; ++b) {
+      const int idx = base + b * Threads + threadIdx.x;
+      const int m = idx / per_row, c = idx - m * per_row;
+      const float2 f0 = half_pair<T>(v[b].x), f1 = half_pair<T>(v[b].y), f2 = half_pair<T>(v[b].z),
+                   f3 = half_pair<T>(v[b].w);
+      float s = ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      if (idx < total) {
+        // chunk j of lane t's 32 values of a span at 4j + t: the 4 lanes of a row read 64
+        // consecutive bytes (one wavefront; at 4t + j, t = 0 and 2 shared banks)
+        const int sw = m * per_row + (c & ~15) + ((c & 3) << 2) + ((c >> 2) & 3);
+        xs[sw] =
+            make_uint4(__byte_perm(v[b].x, v[b].z, 0x5410), __byte_perm(v[b].x, v[b].z, 0x7632),
+                       __byte_perm(v[b].y, v[b].w, 0x5410), __byte_perm(v[b].y, v[b].w, 0x7632));
+        if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
+      }
     }
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    s += __shfl_xor_sync(0xffffffffu, s, 2);
-    if (idx < total) {
-      // chunk j of lane t's 32 values of a span at 4j + t: the 4 lanes of a row read 64
-      // consecutive bytes (one wavefront; at 4t + j, t = 0 and 2 shared banks)
-      const int sw = m * per_row + (c & ~15) + ((c & 3) << 2) + ((c >> 2) & 3);
-      xs[sw] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
-                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
-      if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
+  }
+}
+
+// stream_stage_x for fp16 products: x as fp16 scaled per span of 128 values (16 consecutive
+// threads: a span of one row) by 2^(15 - E), E the exponent of the span's largest |x| (see
+// Prod), in the order (x0,x4) (x2,x6) (x1,x5) (x3,x7) of each chunk of 8, and fx[m * kp / 128 +
+// span] = 2^(E - 15); the sums of x from x itself. Batch and Pre: as for stream_stage_x.
+template <typename T, int Threads, int Batch, bool Pre>
+__device__ __forceinline__ void stream_stage_x_f16(const QmvParams& p, int kp, uint4* xs, float* sx,
+                                                   float* fx, const uint4 (&v0)[Batch]) {
+  const int per_row = kp / 8, total = p.M * per_row;
+  for (int base = 0; base < total; base += Batch * Threads) {
+    uint4 v[Batch];
+    if (Pre && base == 0) {
+#pragma unroll
+      for (int b = 0; b < Batch; ++b) v[b] = v0[b];
+    } else {
+      stream_x_batch<T, Threads, Batch>(p, kp, base, v);
+    }
+#pragma unroll
+    for (int b = 0; b < Batch; ++b) {
+      const int idx = base + b * Threads + threadIdx.x;
+      const int m = idx / per_row, c = idx - m * per_row;
+      const float2 f0 = half_pair<T>(v[b].x), f1 = half_pair<T>(v[b].y), f2 = half_pair<T>(v[b].z),
+                   f3 = half_pair<T>(v[b].w);
+      float s = ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      float mx = fmaxf(fmaxf(fmaxf(fabsf(f0.x), fabsf(f0.y)), fmaxf(fabsf(f1.x), fabsf(f1.y))),
+                       fmaxf(fmaxf(fabsf(f2.x), fabsf(f2.y)), fmaxf(fabsf(f3.x), fabsf(f3.y))));
+#pragma unroll
+      for (int o = 1; o < 16; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      // >= -100: 2^(15 - E) and 2^(E - 15) are normal floats (E <= 128, inf)
+      const int E = max(static_cast<int>(__float_as_uint(mx) >> 23) - 127, -100);
+      const float up = __uint_as_float(static_cast<uint32_t>(127 + 15 - E) << 23);
+      if (idx < total) {
+        const int sw = m * per_row + (c & ~15) + ((c & 3) << 2) + ((c >> 2) & 3);
+        const __half2 h0 = __floats2half2_rn(f0.x * up, f2.x * up);  // exact products
+        const __half2 h1 = __floats2half2_rn(f1.x * up, f3.x * up);
+        const __half2 h2 = __floats2half2_rn(f0.y * up, f2.y * up);
+        const __half2 h3 = __floats2half2_rn(f1.y * up, f3.y * up);
+        xs[sw] = make_uint4(
+            *reinterpret_cast<const uint32_t*>(&h0), *reinterpret_cast<const uint32_t*>(&h1),
+            *reinterpret_cast<const uint32_t*>(&h2), *reinterpret_cast<const uint32_t*>(&h3));
+        if ((c & 3) == 0) sx[m * (kp / 32) + c / 4] = s;
+        if ((c & 15) == 0) {
+          fx[m * (kp / 128) + c / 16] = __uint_as_float(static_cast<uint32_t>(112 + E) << 23);
+        }
+      }
     }
   }
 }
@@ -297,7 +435,7 @@ __device__ __forceinline__ void stream_stage_x(const QmvParams& p, int kp, uint4
 // results). Warps: per block (benchmarks: 16 with MinBlocks 1 stages x once per multiprocessor,
 // which leaves shared memory for a deeper ring; see qmv_mma.cu for what it measured).
 template <int GS, int U, bool Hint, typename T, bool LoadsOnly = false, int MinBlocks = 2,
-          int Ring = 0, int Warps = kStreamWarps>
+          int Ring = 0, int Warps = kStreamWarps, Prod P = Prod::kNative, int Pro = 0>
 __global__ void __launch_bounds__(Warps * 32, MinBlocks)
     qmv_stream_kernel(const QmvParams p, const int KW) {
   using S = StreamStep<GS, U>;
@@ -307,10 +445,12 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
   const int M = p.M;
   const int chunks = static_cast<int>(p.K / 32), spans = (chunks + 3) / 4;
   const int kp = (spans + U - 1) / U * U * 128;  // K padded to whole steps (<= qmv_stream_smem's)
-  uint4* xs = reinterpret_cast<uint4*>(stream_smem);                             // [M][kp / 8]
-  float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);                // [M][kp / 32]
-  float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [W][2][16]
-  uint4* zeros = reinterpret_cast<uint4*>(red + Warps * 2 * 16);                 // [16]
+  uint4* xs = reinterpret_cast<uint4*>(stream_smem);                            // [M][kp / 8]
+  float* sx = reinterpret_cast<float*>(stream_smem + M * kp * 2);               // [M][kp / 32]
+  float* fx = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8);  // [M][kp / 128]
+  float* red = reinterpret_cast<float*>(stream_smem + M * kp * 2 + M * kp / 8 +
+                                        (M * kp / 32 + 15) / 16 * 16);  // [W][2][16]
+  uint4* zeros = reinterpret_cast<uint4*>(red + Warps * 2 * 16);        // [16]
 
   const int tpb = Warps / KW;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * tpb + wi / KW;
@@ -339,6 +479,15 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
     if constexpr (Hint) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
     L.policy = pol;
   }
+  // Pro, the prologue: 0 the first step's weights, then x (a chunk a thread at a time); 1 (the
+  // register variant) both buffers of weights, then x 4 chunks at a time; 2 the first 4 chunks
+  // of x a thread, then the first step's weights, then the rest of x 4 chunks at a time. (1 with
+  // the ring, every slot filled before x is staged, was slower: x waits behind the weights.)
+  static_assert(Pro >= 0 && Pro <= 2 && !(Pro == 1 && Ring > 0), "no such prologue");
+  constexpr bool Early = Pro == 1;
+  constexpr int kBatch = Pro == 0 ? 1 : 4;
+  uint4 x0[kBatch];
+  if constexpr (Pro == 2) stream_x_batch<T, Warps * 32, kBatch>(p, kp, 0, x0);
   S cur, nxt;
   if constexpr (Ring > 0) {
     if (st0 < st1) {  // slot 0 (the ring lies past `zeros`), on its way while x is staged
@@ -350,10 +499,15 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
     asm volatile("cp.async.commit_group;");
   } else if (st0 < st1 && !LoadsOnly) {
     stream_load<GS, U, Hint>(L, st0, cur);  // on its way while x is staged
+    if (Early && st0 + 1 < st1) stream_load<GS, U, Hint>(L, st0 + 1, nxt);
   }
 
   // Stage x (the first step's weights are on their way)
-  stream_stage_x<T, Warps * 32>(p, kp, xs, sx);
+  if constexpr (P == Prod::kNative) {
+    stream_stage_x<T, Warps * 32, kBatch, Pro == 2>(p, kp, xs, sx, x0);
+  } else {
+    stream_stage_x_f16<T, Warps * 32, kBatch, Pro == 2>(p, kp, xs, sx, fx, x0);
+  }
   const int per_row = kp / 8;
   if (threadIdx.x < 16) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
@@ -369,6 +523,7 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
   const int xstride = has_x ? 16 : 0;
   const int om = t >> 1;  // the row of x of this lane's columns 2t, 2t + 1
   const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
+  const float* fxrow = fx + (om < M ? om : 0) * (kp / 128);
   float acc_a = 0.f, acc_b = 0.f;
   if constexpr (LoadsOnly) {
     uint32_t x = 0;
@@ -398,17 +553,18 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
       asm volatile("cp.async.wait_group %0;" ::"n"(Ring - 1));
       ring_read<GS, U>(ring + ((st - st0) % Ring) * kSlot, cur);
       if (st + 1 < st1) stream_load_sb<GS, U>(L, st + 1, nxt);
-      stream_step<GS, U, T>(L, st, xrow, xstride, sxrow, g, cur, acc_a, acc_b);
+      stream_step<GS, U, T, P>(L, st, xrow, xstride, sxrow, g, cur, acc_a, acc_b, fxrow);
 #pragma unroll
       for (int i = 0; i < S::kSbWords; ++i) cur.sb[i] = nxt.sb[i];
     }
   } else {
     for (int st = st0; st < st1; st += 2) {  // two steps per round: the buffers are never copied
-      if (st + 1 < st1) stream_load<GS, U, Hint>(L, st + 1, nxt);
-      stream_step<GS, U, T>(L, st, xrow, xstride, sxrow, g, cur, acc_a, acc_b);
+      if (!Early && st + 1 < st1) stream_load<GS, U, Hint>(L, st + 1, nxt);
+      stream_step<GS, U, T, P>(L, st, xrow, xstride, sxrow, g, cur, acc_a, acc_b, fxrow);
       if (st + 1 >= st1) break;
       if (st + 2 < st1) stream_load<GS, U, Hint>(L, st + 2, cur);
-      stream_step<GS, U, T>(L, st + 1, xrow, xstride, sxrow, g, nxt, acc_a, acc_b);
+      stream_step<GS, U, T, P>(L, st + 1, xrow, xstride, sxrow, g, nxt, acc_a, acc_b, fxrow);
+      if (Early && st + 3 < st1) stream_load<GS, U, Hint>(L, st + 3, nxt);
     }
   }
   // columns 2t, 2t + 1 plus those of lane t ^ 1: the whole dot of rows g, g + 8 with row om
