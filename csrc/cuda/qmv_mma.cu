@@ -103,7 +103,7 @@ constexpr int kWideWarps = 16;
 // The 2-block ring of 8 warps keeps the first prologue and native products (not measured).
 // Even so the M = 1 target (2x tinygemm, ~31 us at 28672 x 8192) is not met: 35.8 us, 1.31x
 // the plain read's 27.4 (C); bench_ops in C (before x-first): 0.0380 ms against tinygemm 0.0626.
-constexpr Prod kRegsProd = Prod::kHalfSub;
+constexpr Prod kRegsProd = Prod::kNative;
 
 template <int GS, typename T>
 void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
