@@ -242,3 +242,63 @@ def test_float_mode_scale_that_is_not_finite_is_named(
     assert main(["inspect", str(folder)]) == 1
     out = capsys.readouterr().out
     assert key in out and "non-finite" in out, out[-2000:]
+
+
+# --- a tied config whose checkpoint holds head tensors -----------------------------------------
+
+# mlx-lm's model for a tied config has no head of its own for these: its strict load refuses
+# the stored head ("parameters not in model"); mlxq refuses it by name instead of loading an
+# untied head. For those, mlx-lm builds the head whatever the config says and runs the stored one.
+TIED_HEAD_REFUSED = {"llama": "lm_head", "qwen3_5": "language_model.lm_head"}
+TIED_HEAD_KEPT = ("phi", "gemma3_text", "gpt_neox")
+
+
+def _untied_with_tied_config(arch: str, folder: Path) -> Path:
+    """mlx-lm's conversion of the tiny untied `arch` model, config.json then saying tied."""
+    from arch_models import VARIANTS, Variant
+    from arch_models import tiny_mlx_checkpoint as arch_checkpoint
+
+    try:
+        path = arch_checkpoint(arch, VARIANTS[1])
+    except ValueError as error:  # no down_proj for the mixed recipe (as run_arch falls back)
+        if "expected keys for mixed quant" not in str(error):
+            raise
+        path = arch_checkpoint(arch, Variant(tied=False, bits=3, group_size=32))
+    shutil.copytree(path, folder)
+
+    def tie(config: dict) -> None:
+        for cfg in (config, config.get("text_config") or {}):
+            cfg["tie_word_embeddings"] = True
+
+    _config(tie)(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", [*TIED_HEAD_REFUSED, *TIED_HEAD_KEPT])
+def test_tied_config_with_stored_head_does_what_mlx_lm_does(
+    tmp_path: Path, arch: str, capsys
+) -> None:
+    from arch_models import TOKENS, mlxq_logits
+    from mlx_models import mlx_lm_logits
+    from mlxq.cli import main
+
+    folder = _untied_with_tied_config(arch, tmp_path / arch)
+    if arch in TIED_HEAD_KEPT:
+        ref = mlx_lm_logits(folder, TOKENS)
+        got = mlxq_logits(folder, TOKENS)
+        assert float(abs(got - ref).max()) <= 1e-3
+        assert main(["inspect", str(folder)]) == 0
+        return
+    head = TIED_HEAD_REFUSED[arch]
+    with pytest.raises(ValueError, match=rf"(?s)not in model:.*{head}\.scales"):
+        mlx_lm_logits(folder, TOKENS)
+    words = ["tie_word_embeddings: true", f"{head}.scales", f"{head}.biases", f"{head}.weight"]
+    with pytest.raises(ValueError) as error:
+        _load(folder)
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert main(["inspect", str(folder)]) == 1
+    assert main(["generate", "--model", str(folder), "--max-tokens", "2"]) == 1
+    text = capsys.readouterr()
+    for word in words:
+        assert text.out.count(word) == 1 and word in text.err.splitlines()[-1], word

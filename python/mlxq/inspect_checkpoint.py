@@ -281,11 +281,14 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         checkpoint_keys_as_model_keys,
         missing_message,
         missing_tensors,
+        refuse_tied_head_tensors,
     )
     from mlxq.model_walk import plan_modules
     from mlxq.swap import swap_plan
 
+    stored_names = list(headers)
     headers = checkpoint_keys_as_model_keys(model, headers)
+    stored_names = dict(zip(headers, stored_names, strict=False))  # model -> file names
 
     def format_of(name: str, plan) -> Any:  # what loading does: read, then require
         fmt = stored_format(name, plan.in_features, plan.out_features, headers, qconfig)
@@ -373,6 +376,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     try:  # the loader's own refusal of quantized tensors it has no module for (MoE experts...)
         check_all_quantized_tensors_used(model, headers, {m.name for m in report.modules})
     except NotImplementedError as error:
+        problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+    try:  # and of a head the config ties whose tensors the checkpoint holds
+        if mlx_q:
+            refuse_tied_head_tensors(model, headers, walk.head, stored_names)
+    except ValueError as error:
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
     missing = [
         key

@@ -25,6 +25,7 @@ __all__ = [
     "MlxLayout",
     "LAYOUTS",
     "MLX_LM_READS_ROPE_PARAMETERS",
+    "MLX_LM_KEEPS_STORED_HEAD",
     "UnitOffset",
     "checkpoint_layout",
     "fill_dropped_tensors",
@@ -164,6 +165,18 @@ def _sliding_window_pattern(layer_types: Any) -> int | None:
 MLX_LM_READS_ROPE_PARAMETERS = frozenset(
     "exaone_moe gemma4_text glm_moe_dsa granitemoehybrid laguna lfm2 lfm2_moe mellum "
     "ministral3 mistral4 olmo_hybrid qwen3 qwen3_5 qwen3_5_moe".split()
+)
+
+
+# model types (transformers' names) whose mlx-lm 0.32 model runs an output head of its own when
+# the checkpoint holds one, whatever `tie_word_embeddings` says: it builds `lm_head` (GPT-NeoX:
+# `embed_out`) unconditionally, or keeps it when its weight is stored (Gemma 3, RecurrentGemma).
+# Every other mlx-lm model with tied embeddings has no head module: its sanitize drops a float
+# `lm_head.weight` and its strict load refuses a quantized head's scales and biases.
+MLX_LM_KEEPS_STORED_HEAD = frozenset(
+    "dbrx deepseek_v2 deepseek_v3 deepseek_v32 gemma3_text glm4 glm4_moe glm4_moe_lite "
+    "glm_moe_dsa gpt_neox gpt_oss gptj kimi_k25 longcat_flash mimo_v2_flash muse_spark "
+    "nanochat nemotron_h phi phimoe qwen2_moe recurrent_gemma stablelm step3p5".split()
 )
 
 

@@ -26,6 +26,7 @@ from mlxq.integrations.cpu_layers import use_flat_decode_layers
 from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
+    MLX_LM_KEEPS_STORED_HEAD,
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
@@ -48,7 +49,7 @@ from mlxq.integrations.moe_loading import (
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
-from mlxq.model_walk import HeadDecision, plan_modules, tie_head
+from mlxq.model_walk import HeadDecision, config_ties, plan_modules, tie_head
 from mlxq.moe import AffineSwitchLinear, float_dtype_for_routers
 from mlxq.nn import (
     AffineEmbedding,
@@ -62,6 +63,7 @@ __all__ = [
     "MLXHfQuantizer",
     "stored_format",
     "check_all_quantized_tensors_used",
+    "refuse_tied_head_tensors",
     "check_finite",
     "check_nothing_missing",
     "missing_tensors",
@@ -286,6 +288,38 @@ def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used
         )
 
 
+def refuse_tied_head_tensors(
+    model: nn.Module, headers, head: HeadDecision, stored_names: dict[str, str] | None = None
+) -> None:
+    """Refuse a checkpoint holding tensors for an output head that config.json ties to the input
+    embedding (`tie_word_embeddings: true`), for the model types whose mlx-lm model then has no
+    head of its own (all but :data:`MLX_LM_KEEPS_STORED_HEAD`): transformers would load the head
+    untied, where mlx-lm ties it (a float head weight is dropped) or refuses it (its strict
+    load: "parameters not in model"); either way the two would not run the same model.
+
+    `headers`: the checkpoint's tensor names as the model's names; `stored_names` maps them to
+    the names in the files, for the message. Image-text models (mlx-vlm's checkpoints, another
+    loader's rules) are left alone."""
+    model_type = _model_type(model)
+    if (
+        head.head is None
+        or model_type in MLX_LM_KEEPS_STORED_HEAD
+        or is_image_text(getattr(model, "config", None))
+        or not config_ties(model)
+    ):
+        return
+    names = stored_names or {}
+    stored = sorted(names.get(k, k) for k in headers if k.startswith(f"{head.head}."))
+    if stored:
+        raise ValueError(
+            f"mlxq: config.json sets tie_word_embeddings: true, but the checkpoint also holds "
+            f"{', '.join(stored)}: mlx-lm's {model_type} then ties the head to "
+            f"{head.embedding} and has no place for these tensors (its strict load refuses "
+            "quantized ones, it drops a float weight), while transformers would load them as "
+            "an untied head. Set tie_word_embeddings to false to use them, or delete them"
+        )
+
+
 # (stored dtype of scales/biases, model dtype) pairs that lose bits when loaded
 _ROUNDING = {("F32", torch.float16), ("F32", torch.bfloat16), ("F16", torch.bfloat16)}
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16"}
@@ -406,7 +440,9 @@ class MLXHfQuantizer(HfQuantizer):
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
         self._vlm_layout: VlmLayout | None = vlm_layout
         mlx_vlm_names = looks_like_mlx_vlm(headers)
+        stored_names = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
+        stored_names = dict(zip(headers, stored_names, strict=False))  # model -> file names
         if vlm_layout is None and mlx_vlm_names and is_image_text(model.config):
             # an image-text family whose mlx-vlm layout is not mapped: refused by name here
             # (later checks would only see the first unmatched tensor)
@@ -451,6 +487,7 @@ class MLXHfQuantizer(HfQuantizer):
             model.set_submodule(name, new)
             replaced.add(name)
         check_all_quantized_tensors_used(model, headers, replaced)
+        refuse_tied_head_tensors(model, headers, walk.head, stored_names)
         if replaced:
             drop_tied_keys(model, replaced)
         tie_quantized_head(model, walk.head)
