@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
-from mlxq.integrations.checkpoint import DTYPE_BYTES
+from mlxq.integrations.checkpoint import DTYPE_BYTES, weight_map_of
 from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
@@ -181,12 +181,17 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     folder_is_local = headers_by_file is None
     if headers_by_file is None:
         headers_by_file = {}
-        for p in sorted(folder.glob("*.safetensors")):
+        # the files the loader reads, as mlx-lm does: every model*.safetensors
+        for p in sorted(folder.glob("model*.safetensors")):
             try:
                 headers_by_file[p.name] = read_header(p)
             except (OSError, ValueError) as error:  # the loader refuses the file: say why
                 file_errors.append(Problem("error", str(error).removeprefix("mlxq: ")))
     headers = {k: v for h in headers_by_file.values() for k, v in h.items()}
+    try:  # a tensor in two files: refused by the loader
+        weight_map_of(headers_by_file)
+    except ValueError as error:
+        file_errors.append(Problem("error", str(error).removeprefix("mlxq: ")))
     q = find_quantization(config)
     report = CheckpointReport(
         source=source,
@@ -204,15 +209,20 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         problems.append(Problem("error", config_error))
         return report
     if not headers_by_file:
-        other = sorted(p.name for p in folder.glob("*.bin")) + sorted(
-            p.name for p in folder.glob("*.pt")
-        )
+        other = [
+            p.name
+            for pattern in ("*.safetensors", "*.bin", "*.pt")
+            for p in sorted(folder.glob(pattern))
+        ]
         problems.append(
             Problem(
                 "error",
-                "no *.safetensors files"
+                "no model*.safetensors files"
                 + (
-                    f" (found {', '.join(other[:3])}: mlxq reads safetensors only)" if other else ""
+                    f" (found {', '.join(other[:3])}: mlxq, as mlx-lm, reads model*.safetensors "
+                    "only)"
+                    if other
+                    else ""
                 ),
             )
         )
