@@ -4,6 +4,7 @@ file, tensor or key is wrong (never random weights, garbage output or a bare tra
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -17,6 +18,7 @@ from mlx_models import tiny_mlx_checkpoint
 from safetensors.torch import load_file, save_file
 
 LAYER = "model.layers.1.mlp.down_proj"
+UNEXPECTED_BIAS = "model.layers.0.self_attn.q_proj.bias"  # Qwen3's attention has no bias
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,11 @@ def _poison(key: str, value: float):
         w[key].view(-1)[3] = value
 
     return _tensors(edit)
+
+
+def _add(key: str, shape: tuple[int, ...]):
+    """A float tensor the model has no place for (bf16, as the checkpoint's float tensors)."""
+    return _tensors(lambda w: w.update({key: torch.ones(shape, dtype=torch.bfloat16)}))
 
 
 def _as_int32(key: str):
@@ -137,6 +144,13 @@ CASES = {
         [f"{LAYER}.weight", "lacks"],
     ),
     "missing-norm": (_drop("model.norm.weight"), ["model.norm.weight", "lacks"]),
+    # float tensors the model has no place for: transformers drops them without a word,
+    # mlx-lm's strict load refuses them (a bias the config turns off changes the logits)
+    "unexpected-bias": (
+        _add(f"{UNEXPECTED_BIAS}", (128,)),
+        [UNEXPECTED_BIAS, "no place for"],
+    ),
+    "stray-tensor": (_add("model.extra_scale", (3,)), ["model.extra_scale", "no place for"]),
     "nan-scales": (_poison(f"{LAYER}.scales", float("nan")), [f"{LAYER}.scales", "non-finite"]),
     "inf-biases": (_poison(f"{LAYER}.biases", float("inf")), [f"{LAYER}.biases", "non-finite"]),
     "int32-scales": (_as_int32(f"{LAYER}.scales"), [f"{LAYER}.scales", "I32"]),
@@ -302,3 +316,31 @@ def test_tied_config_with_stored_head_does_what_mlx_lm_does(
     text = capsys.readouterr()
     for word in words:
         assert text.out.count(word) == 1 and word in text.err.splitlines()[-1], word
+
+
+@pytest.mark.parametrize("case", ["unexpected-bias", "stray-tensor"])
+def test_mlx_lm_refuses_tensors_the_model_has_no_place_for(
+    tiny: Path, tmp_path: Path, case: str
+) -> None:
+    from mlx_models import mlx_lm_logits
+
+    folder = _broken(tiny, tmp_path, case)
+    with pytest.raises(ValueError, match=rf"(?s)not in model:.*{re.escape(CASES[case][1][0])}"):
+        mlx_lm_logits(folder, [1, 5, 77])
+
+
+def test_rotary_inv_freq_is_dropped_as_mlx_lm_drops_it(tmp_path: Path, capsys) -> None:
+    # an older checkpoint's rotary buffer: mlx-lm's Llama sanitize drops it on purpose, and
+    # transformers too (its own rule), so both load it
+    from arch_models import TOKENS, Variant, mlxq_logits
+    from arch_models import tiny_mlx_checkpoint as arch_checkpoint
+    from mlx_models import mlx_lm_logits
+    from mlxq.cli import main
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(arch_checkpoint("llama", Variant(tied=False)), folder)
+    key = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    _tensors(lambda w: w.update({key: torch.rand(16)}))(folder)
+    ref = mlx_lm_logits(folder, TOKENS)
+    assert float(abs(mlxq_logits(folder, TOKENS) - ref).max()) <= 1e-3
+    assert main(["inspect", str(folder)]) == 0, capsys.readouterr().out[-1500:]

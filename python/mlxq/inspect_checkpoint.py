@@ -288,6 +288,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     report.params = sum(p.numel() for p in model.parameters())
     from mlxq.integrations.quantizer import (
         check_all_quantized_tensors_used,
+        check_nothing_unexpected,
         checkpoint_keys_as_model_keys,
         missing_message,
         missing_tensors,
@@ -332,7 +333,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
                 error = caught
         kind = "Linear" if plan.kind == "linear" else "Embedding"
         dims = (plan.in_features, plan.out_features)
-        keys = [k for k in headers if k.rpartition(".")[0] == name]
+        # the tensors the layer has (a bias only where its module has one)
+        leaves = ("weight", "scales", "biases", "global_scale", *(("bias",) if plan.bias else ()))
+        keys = [
+            k for k in headers if k.rpartition(".")[0] == name and k.rpartition(".")[2] in leaves
+        ]
         used.update(keys)
         nbytes = sum(_nbytes(headers[k]) for k in keys)
         params = dims[0] * dims[1] + (dims[1] if plan.bias else 0)
@@ -407,7 +412,12 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     unknown = [k for k in others if k not in known]
     report.other_tensors = len(others) - len(unknown)
     report.other_bytes = sum(_nbytes(headers[k]) for k in others if k in known)
-    if unknown:
+    if unknown and mlx_q:  # the loader's refusal (less what transformers leaves out itself)
+        try:
+            check_nothing_unexpected(model, unknown)
+        except ValueError as error:
+            problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+    elif unknown:
         problems.append(
             Problem(
                 "warning",

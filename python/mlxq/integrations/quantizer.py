@@ -11,6 +11,7 @@ so (a K not divisible by the group size), so the config alone is not enough.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -66,6 +67,8 @@ __all__ = [
     "refuse_tied_head_tensors",
     "check_finite",
     "check_nothing_missing",
+    "check_nothing_unexpected",
+    "unexpected_tensors",
     "missing_tensors",
     "missing_message",
     "tie_quantized_head",
@@ -111,6 +114,36 @@ def check_nothing_missing(model: nn.Module) -> None:
     missing = missing_tensors(model, loaded)
     if missing:
         raise ValueError(f"mlxq: {missing_message(missing)}")
+
+
+def unexpected_tensors(model: nn.Module, keys: Iterable[str]) -> list[str]:
+    """`keys` (checkpoint tensors the model has no place for) less those transformers itself
+    leaves out on purpose, by its own rules (`_keys_to_ignore_on_load_unexpected`, the
+    rotary `inv_freq` and `position_ids` buffers of older checkpoints)."""
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(missing_keys=set(), unexpected_keys=set(keys))
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if callable(adjust):
+        adjust(info)
+    return sorted(info.unexpected_keys)
+
+
+def check_nothing_unexpected(model: nn.Module, unexpected: Iterable[str]) -> None:
+    """Refuse checkpoint tensors the model has no place for: transformers drops them (saying so
+    only in its load report), where mlx-lm's strict load refuses them ("parameters not in
+    model"); a tensor mlx-lm's model uses and transformers' does not (a bias, a norm the config
+    turns off) would change the logits without a word."""
+    unexpected = unexpected_tensors(model, unexpected)
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise ValueError(
+            f"mlxq: the checkpoint holds {', '.join(unexpected[:5])}{more}, which "
+            f"{type(model).__name__} has no place for: transformers would drop "
+            f"{'it' if len(unexpected) == 1 else 'them'} and mlx-lm's strict load refuses "
+            f"{'it' if len(unexpected) == 1 else 'them'} (does config.json describe this "
+            "checkpoint?)"
+        )
 
 
 def missing_tensors(model: nn.Module, present: set[str]) -> list[str]:
@@ -439,6 +472,7 @@ class MLXHfQuantizer(HfQuantizer):
         self._mlx_layout: MlxLayout | None = layout
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
         self._vlm_layout: VlmLayout | None = vlm_layout
+        self._record_unexpected_keys(model)
         mlx_vlm_names = looks_like_mlx_vlm(headers)
         stored_names = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
@@ -496,6 +530,20 @@ class MLXHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = []
         return model
 
+    def _record_unexpected_keys(self, model: nn.Module) -> None:
+        """Keep the checkpoint tensors transformers finds no place for (its load report's
+        unexpected keys, after its own exceptions), refused after loading: transformers tells
+        quantizers nothing of them, so the model's hook that adjusts them reports them here."""
+        self._unexpected: set[str] = set()
+        adjust = model._adjust_missing_and_unexpected_keys
+
+        def record(loading_info, _adjust=adjust) -> None:
+            _adjust(loading_info)
+            self._unexpected = set(loading_info.unexpected_keys)
+            del model._adjust_missing_and_unexpected_keys  # the class's method again
+
+        model._adjust_missing_and_unexpected_keys = record
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         """The float `weight` of a layer quantized while loading (see :mod:`.quantize_on_load`)."""
         if self.pre_quantized or not param_name.endswith(".weight"):
@@ -537,6 +585,7 @@ class MLXHfQuantizer(HfQuantizer):
                         for c in getattr(model, "_weight_conversions", None) or []
                         if not any(c is r for r in load_only)
                     ]
+            check_nothing_unexpected(model, getattr(self, "_unexpected", ()))
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
