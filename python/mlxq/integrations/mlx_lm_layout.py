@@ -27,6 +27,7 @@ __all__ = [
     "MLX_LM_READS_ROPE_PARAMETERS",
     "MLX_LM_KEEPS_STORED_HEAD",
     "UnitOffset",
+    "VISION_DROPPED",
     "checkpoint_layout",
     "fill_dropped_tensors",
     "mlx_lm_config_keys",
@@ -51,6 +52,13 @@ class MlxLayout:
     # False where transformers' names are mlx-lm's own for the saved model (a text model read
     # out of an image-text checkpoint saves as the text model), so the renames apply on load only
     save_renamed: bool = True
+    # checkpoint keys (regexes) that mlx-lm's sanitize drops on purpose, its model having no
+    # place for them: the vision tower of an image-text checkpoint read as the text model
+    dropped: tuple[str, ...] = ()
+
+    def drops(self, key: str) -> bool:
+        """Whether mlx-lm's sanitize drops the checkpoint tensor `key` (see :attr:`dropped`)."""
+        return any(re.search(p, key) for p in self.dropped)
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -124,17 +132,35 @@ LAYOUTS: dict[str, MlxLayout] = {
 }
 
 
+# text model types whose image-text checkpoint (mlx-vlm's, with the vision tower) mlx-lm 0.32
+# reads as the language model, dropping these tensors in its sanitize: Gemma 3 (mlx-lm's gemma3
+# drops `vision_tower` and `multi_modal_projector`)
+VISION_DROPPED: dict[str, tuple[str, ...]] = {
+    "gemma3_text": (r"^vision_tower\.", r"^multi_modal_projector\."),
+}
+
+
 def checkpoint_layout(model_type: str | None, keys: Iterable[str]) -> MlxLayout | None:
     """mlx-lm's layout when the checkpoint of a `model_type` model uses it, else None.
 
     Without a layout of its own, a text model whose every tensor lies under `language_model.`
     is read from mlx-lm's conversion of an image-text model (Gemma 3 4B and up, Mistral 3,
     LFM2-VL: mlx-lm keeps the language model only); it saves in its own names, which are those
-    of mlx-lm's text model."""
+    of mlx-lm's text model. For the text models of :data:`VISION_DROPPED`, an image-text
+    checkpoint that also holds the vision tower reads the same way, the tower left out (as
+    mlx-lm's sanitize drops it)."""
     keys = list(keys)
     layout = LAYOUTS.get(model_type or "")
-    if layout is None and keys and all(k.startswith("language_model.") for k in keys):
-        return MlxLayout(model_type or "", _LANGUAGE_MODEL, "language_model.", save_renamed=False)
+    dropped = VISION_DROPPED.get(model_type or "", ())
+    text = [k for k in keys if not any(re.search(p, k) for p in dropped)]
+    if layout is None and text and all(k.startswith("language_model.") for k in text):
+        return MlxLayout(
+            model_type or "",
+            _LANGUAGE_MODEL,
+            "language_model.",
+            save_renamed=False,
+            dropped=dropped if len(text) < len(keys) else (),
+        )
     if layout is None or not any(_has_marker(k, layout.marker) for k in keys):
         return None
     return layout

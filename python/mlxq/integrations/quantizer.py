@@ -470,6 +470,13 @@ class MLXHfQuantizer(HfQuantizer):
             )
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
+        if layout is not None and layout.dropped:  # Gemma 3's vision tower, read as text
+            kept = {k: v for k, v in headers.items() if not layout.drops(k)}
+            logger.info(
+                f"mlxq: {type(model).__name__} leaves out the checkpoint's "
+                f"{len(headers) - len(kept)} image-text tensors (as mlx-lm does)"
+            )
+            headers = kept
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
         self._vlm_layout: VlmLayout | None = vlm_layout
         self._record_unexpected_keys(model)
@@ -585,7 +592,10 @@ class MLXHfQuantizer(HfQuantizer):
                         for c in getattr(model, "_weight_conversions", None) or []
                         if not any(c is r for r in load_only)
                     ]
-            check_nothing_unexpected(model, getattr(self, "_unexpected", ()))
+            unexpected = getattr(self, "_unexpected", ())
+            if layout is not None:  # what mlx-lm drops on purpose
+                unexpected = [k for k in unexpected if not layout.drops(k)]
+            check_nothing_unexpected(model, unexpected)
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
