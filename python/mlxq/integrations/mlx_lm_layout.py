@@ -31,6 +31,7 @@ __all__ = [
     "checkpoint_layout",
     "fill_dropped_tensors",
     "mlx_lm_config_keys",
+    "mlx_lm_outer_model_type",
     "use_mlx_lm_layout",
 ]
 
@@ -363,6 +364,19 @@ LAYOUTS["ernie4_5_moe"] = MlxLayout(
     ".switch_mlp.",
     dropped_zeros=(r"\.mlp\.gate\.moe_statics\.e_score_correction_bias$",),
 )
+
+
+def mlx_lm_outer_model_type(model_type: str | None) -> str | None:
+    """The model type of mlx-lm's model for a text model that mlx-lm keeps under
+    `language_model.` of its image-text model (Qwen 3.5: `qwen3_5_text` -> `qwen3_5`), whose
+    config.json nests the text settings in `text_config` as `mlx_lm convert` writes it
+    (mlx-lm 0.32 has no `qwen3_5_text` model); None for every other model type."""
+    layout = LAYOUTS.get(model_type or "")
+    if layout is None or layout.model_type == model_type or not layout.save_renamed:
+        return None
+    if not any(rename in layout.renames for rename in _LANGUAGE_MODEL):
+        return None
+    return layout.model_type
 
 
 def fill_dropped_tensors(model, layout: MlxLayout) -> list[str]:

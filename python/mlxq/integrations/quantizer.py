@@ -10,6 +10,7 @@ so (a K not divisible by the group size), so the config alone is not enough.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -32,6 +33,7 @@ from mlxq.integrations.mlx_lm_layout import (
     checkpoint_layout,
     fill_dropped_tensors,
     mlx_lm_config_keys,
+    mlx_lm_outer_model_type,
     use_mlx_lm_layout,
 )
 from mlxq.integrations.mlx_vlm_layout import (
@@ -186,6 +188,36 @@ def add_mlx_lm_config_keys(config) -> None:
     q = getattr(config, "quantization_config", None)
     if hasattr(q, "mlx_dict"):
         config.quantization = q.mlx_dict()
+    outer = mlx_lm_outer_model_type(getattr(config, "model_type", None))
+    if outer is not None:  # Qwen 3.5's text model: saved nested, as mlx_lm convert writes it
+        config.__class__ = _nested_for_mlx_lm(type(config), outer)
+
+
+# keys of a nested config.json that mlx-lm (and transformers' composite config) read at the top
+_TOP_LEVEL_KEYS = ("architectures", "dtype", "quantization", "quantization_config",
+                   "transformers_version")  # fmt: skip
+_NESTED_CONFIGS: dict[tuple[type, str], type] = {}
+
+
+def _nested_for_mlx_lm(cls: type, outer: str) -> type:
+    """A subclass of the text config class `cls` whose config.json (`save_pretrained`) is the
+    image-text layout mlx-lm reads: `model_type` `outer`, the text settings in `text_config`,
+    the quantization block and `tie_word_embeddings` at the top. In memory it stays `cls`."""
+    key = (cls, outer)
+    if key not in _NESTED_CONFIGS:
+
+        def to_json_file(self, json_file_path, use_diff: bool = True) -> None:
+            text = json.loads(cls.to_json_string(self, use_diff=use_diff))
+            text["model_type"] = cls.model_type
+            top = {k: text.pop(k) for k in _TOP_LEVEL_KEYS if k in text}
+            top.update(model_type=outer, text_config=text)
+            if "tie_word_embeddings" in text:
+                top["tie_word_embeddings"] = text["tie_word_embeddings"]
+            with open(json_file_path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(top, indent=2, sort_keys=True) + "\n")
+
+        _NESTED_CONFIGS[key] = type(cls.__name__, (cls,), {"to_json_file": to_json_file})
+    return _NESTED_CONFIGS[key]
 
 
 def add_mlx_vlm_config_keys(config) -> None:
