@@ -260,11 +260,21 @@ def test_float_mode_scale_that_is_not_finite_is_named(
 
 # --- a tied config whose checkpoint holds head tensors -----------------------------------------
 
-# mlx-lm's model for a tied config has no head of its own for these: its strict load refuses
-# the stored head ("parameters not in model"); mlxq refuses it by name instead of loading an
-# untied head. For those, mlx-lm builds the head whatever the config says and runs the stored one.
-TIED_HEAD_REFUSED = {"llama": "lm_head", "qwen3_5": "language_model.lm_head"}
-TIED_HEAD_KEPT = ("phi", "gemma3_text", "gpt_neox")
+# a model's own head beside a tied config: mlx-lm's model for most has no head of its own
+# (its strict load refuses the stored one), and mlxq refuses it by name instead of loading an
+# untied head; some build the head whatever the config says and run the stored one (mlxq's
+# MLX_LM_KEEPS_STORED_HEAD), as mlxq does. Each case asserts both halves against mlx-lm.
+TIED_HEAD_ARCHS = {
+    "llama": "lm_head",
+    "qwen3_moe": "lm_head",
+    "gemma4_text": "lm_head",
+    "qwen3_5": "language_model.lm_head",
+    "phi": None,  # None: mlx-lm keeps the stored head
+    "gemma3_text": None,
+    "gpt_neox": None,
+    "qwen2_moe": None,
+    "solar_open": None,
+}
 
 
 def _untied_with_tied_config(arch: str, folder: Path) -> Path:
@@ -288,7 +298,7 @@ def _untied_with_tied_config(arch: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("arch", [*TIED_HEAD_REFUSED, *TIED_HEAD_KEPT])
+@pytest.mark.parametrize("arch", list(TIED_HEAD_ARCHS))
 def test_tied_config_with_stored_head_does_what_mlx_lm_does(
     tmp_path: Path, arch: str, capsys
 ) -> None:
@@ -297,13 +307,13 @@ def test_tied_config_with_stored_head_does_what_mlx_lm_does(
     from mlxq.cli import main
 
     folder = _untied_with_tied_config(arch, tmp_path / arch)
-    if arch in TIED_HEAD_KEPT:
+    head = TIED_HEAD_ARCHS[arch]
+    if head is None:
         ref = mlx_lm_logits(folder, TOKENS)
         got = mlxq_logits(folder, TOKENS)
         assert float(abs(got - ref).max()) <= 1e-3
         assert main(["inspect", str(folder)]) == 0
         return
-    head = TIED_HEAD_REFUSED[arch]
     with pytest.raises(ValueError, match=rf"(?s)not in model:.*{head}\.scales"):
         mlx_lm_logits(folder, TOKENS)
     words = ["tie_word_embeddings: true", f"{head}.scales", f"{head}.biases", f"{head}.weight"]

@@ -197,13 +197,14 @@ MLX_LM_READS_ROPE_PARAMETERS = frozenset(
 
 # model types (transformers' names) whose mlx-lm 0.32 model runs an output head of its own when
 # the checkpoint holds one, whatever `tie_word_embeddings` says: it builds `lm_head` (GPT-NeoX:
-# `embed_out`) unconditionally, or keeps it when its weight is stored (Gemma 3, RecurrentGemma).
+# `embed_out`) unconditionally (Solar Open: GLM-4 MoE's model), or keeps it when its weight is
+# stored (Gemma 3, RecurrentGemma).
 # Every other mlx-lm model with tied embeddings has no head module: its sanitize drops a float
 # `lm_head.weight` and its strict load refuses a quantized head's scales and biases.
 MLX_LM_KEEPS_STORED_HEAD = frozenset(
     "dbrx deepseek_v2 deepseek_v3 deepseek_v32 gemma3_text glm4 glm4_moe glm4_moe_lite "
     "glm_moe_dsa gpt_neox gpt_oss gptj kimi_k25 longcat_flash mimo_v2_flash muse_spark "
-    "nanochat nemotron_h phi phimoe qwen2_moe recurrent_gemma stablelm step3p5".split()
+    "nanochat nemotron_h phi phimoe qwen2_moe recurrent_gemma solar_open stablelm step3p5".split()
 )
 
 
