@@ -317,6 +317,14 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     for entry in walk.modules:
         name, module = entry.name, entry.module
         plan, error = entry.swap, entry.error
+        split_rows = (
+            _split_kv_b_rows(model, name, module, headers, qconfig, problems) if mlx_q else None
+        )
+        if split_rows is not None:  # DeepSeek V3's kv_b_proj as mlx-lm's embed_q / unembed_out
+            moe_modules.append(name)  # (replaced whole: the float weight's key does not apply)
+            report.modules.extend(split_rows)
+            used.update(k for k in headers if k.startswith(f"{name}."))
+            continue
         if entry.moe is not None:
             moe_rows = _moe_rows(name, entry.moe, headers, qconfig, problems) if mlx_q else None
             if moe_rows is not None:  # MoE experts and quantized routers (mlxq.moe)
@@ -583,4 +591,35 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
         return [ModuleReport(name, plan.cls_name, 0, 0, None, None, None, 0, 0,
                              "cannot load (see problems)")]  # fmt: skip
+    return rows
+
+
+def _split_kv_b_rows(model, name: str, module, headers: dict, qconfig, problems: list[Problem]):
+    """Report rows for DeepSeek V3's `kv_b_proj` stored as mlx-lm's `embed_q`/`unembed_out`,
+    replaced in the meta `model` as the loader replaces it (:class:`mlxq.mla.SplitKvB`); None
+    for any other module."""
+    from mlxq.integrations.moe_loading import replace_split_kv_b
+
+    try:
+        if replace_split_kv_b(model, name, module, headers, qconfig) is None:
+            return None
+    except ValueError as error:
+        problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+        return [ModuleReport(name, "Linear", 0, 0, None, None, None, 0, 0,
+                             "cannot load (see problems)")]  # fmt: skip
+    cfg = model.config.get_text_config()
+    heads, rank = cfg.num_attention_heads, cfg.kv_lora_rank
+    rows = []
+    for part, (k, n) in {"embed_q": (cfg.qk_nope_head_dim, rank),
+                         "unembed_out": (rank, cfg.v_head_dim)}.items():  # fmt: skip
+        full = f"{name}.{part}"
+        sub = model.get_submodule(full)
+        row = ModuleReport(full, f"{heads} heads", n, k, None, None, None, heads * k * n, 0, "")
+        row.bytes = sum(_nbytes(v) for key, v in headers.items() if key.startswith(full + "."))
+        if getattr(sub, "bits", None) is not None:
+            row.bits, row.group_size, row.mode = sub.bits, sub.group_size, sub.mode
+            row.action = "mlxq SplitKvB: per-head quantized matmul (mlx-lm's split kv_b_proj)"
+        else:
+            row.action = "mlxq SplitKvB: per-head float matmul (mlx-lm's split kv_b_proj)"
+        rows.append(row)
     return rows

@@ -253,6 +253,11 @@ def _with_model_type(cls: type, model_type: str) -> type:
     return _RENAMED_CONFIGS[key]
 
 
+# the tensors of a linear or embedding layer, renamed with their module (a quantized layer's
+# scales and biases follow its weight)
+_LAYER_LEAVES = frozenset({"weight", "scales", "biases", "global_scale", "bias"})
+
+
 def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInfo]):
     """Rename checkpoint tensor names the way transformers will when loading them.
 
@@ -281,6 +286,9 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     out: dict[str, TensorInfo] = {}
     for key, info in headers.items():
         module, _, leaf = key.rpartition(".")
+        if leaf not in _LAYER_LEAVES:  # a tensor of its own (MiMo's attention_sink_bias -> sinks)
+            out[rename_source_key(key, renamings, [], prefix, meta)[0]] = info
+            continue
         if module not in modules:
             renamed, _ = rename_source_key(f"{module}.weight", renamings, [], prefix, meta)
             modules[module] = renamed.removesuffix(".weight")
