@@ -8,6 +8,7 @@ swap rules (scaled embeddings, padding_idx, Conv1D, subclasses that override for
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlxq
@@ -308,3 +309,32 @@ def test_quantized_float_model_saves_what_mlx_lm_convert_writes(tmp_path: Path, 
     assert sorted(ours) == sorted(ref)
     unequal = [k for k in ref if not torch.equal(ours[k], ref[k])]
     assert not unequal, unequal[:5]
+    # and config.json reads as mlx-lm reads convert's (mlx-lm 0.32 has no `qwen3_5_text`): the
+    # same model in mlx-lm, and mlxq reads it back as mlx-lm does
+    saved = tmp_path / "saved"
+    for file in ref_dir.iterdir():  # the tokenizer, which mlx-lm loads with the model
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    assert json.loads((saved / "config.json").read_text())["model_type"] == arch
+    ref_logits = mlx_lm_logits(ref_dir, TOKENS)
+    np.testing.assert_array_equal(mlx_lm_logits(saved, TOKENS), ref_logits)
+    assert float(np.abs(mlxq_logits(saved, TOKENS) - ref_logits).max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_checkpoint_saved_again_loads_in_mlx_lm(tmp_path: Path, arch: str) -> None:
+    # mlx-lm's conversion loads as transformers' text model (`qwen3_5_text`, a model type
+    # mlx-lm 0.32 does not have); saved again, config.json nests it as convert wrote it
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_mlx_checkpoint(arch, VARIANTS[1])
+    saved = tmp_path / "saved"
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).save_pretrained(saved)
+    for file in source.iterdir():  # the tokenizer, which mlx-lm loads with the model
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    config = json.loads((saved / "config.json").read_text())
+    assert config["model_type"] == arch and config["text_config"]["model_type"] == f"{arch}_text"
+    ref = mlx_lm_logits(source, TOKENS)
+    np.testing.assert_array_equal(mlx_lm_logits(saved, TOKENS), ref)
+    assert float(np.abs(mlxq_logits(saved, TOKENS) - ref).max()) <= TOLERANCE

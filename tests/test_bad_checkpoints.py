@@ -4,6 +4,7 @@ file, tensor or key is wrong (never random weights, garbage output or a bare tra
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -17,6 +18,7 @@ from mlx_models import tiny_mlx_checkpoint
 from safetensors.torch import load_file, save_file
 
 LAYER = "model.layers.1.mlp.down_proj"
+UNEXPECTED_BIAS = "model.layers.0.self_attn.q_proj.bias"  # Qwen3's attention has no bias
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,11 @@ def _poison(key: str, value: float):
         w[key].view(-1)[3] = value
 
     return _tensors(edit)
+
+
+def _add(key: str, shape: tuple[int, ...]):
+    """A float tensor the model has no place for (bf16, as the checkpoint's float tensors)."""
+    return _tensors(lambda w: w.update({key: torch.ones(shape, dtype=torch.bfloat16)}))
 
 
 def _as_int32(key: str):
@@ -137,6 +144,13 @@ CASES = {
         [f"{LAYER}.weight", "lacks"],
     ),
     "missing-norm": (_drop("model.norm.weight"), ["model.norm.weight", "lacks"]),
+    # float tensors the model has no place for: transformers drops them without a word,
+    # mlx-lm's strict load refuses them (a bias the config turns off changes the logits)
+    "unexpected-bias": (
+        _add(f"{UNEXPECTED_BIAS}", (128,)),
+        [UNEXPECTED_BIAS, "no place for"],
+    ),
+    "stray-tensor": (_add("model.extra_scale", (3,)), ["model.extra_scale", "no place for"]),
     "nan-scales": (_poison(f"{LAYER}.scales", float("nan")), [f"{LAYER}.scales", "non-finite"]),
     "inf-biases": (_poison(f"{LAYER}.biases", float("inf")), [f"{LAYER}.biases", "non-finite"]),
     "int32-scales": (_as_int32(f"{LAYER}.scales"), [f"{LAYER}.scales", "I32"]),
@@ -242,3 +256,101 @@ def test_float_mode_scale_that_is_not_finite_is_named(
     assert main(["inspect", str(folder)]) == 1
     out = capsys.readouterr().out
     assert key in out and "non-finite" in out, out[-2000:]
+
+
+# --- a tied config whose checkpoint holds head tensors -----------------------------------------
+
+# a model's own head beside a tied config: mlx-lm's model for most has no head of its own
+# (its strict load refuses the stored one), and mlxq refuses it by name instead of loading an
+# untied head; some build the head whatever the config says and run the stored one (mlxq's
+# MLX_LM_KEEPS_STORED_HEAD), as mlxq does. Each case asserts both halves against mlx-lm.
+TIED_HEAD_ARCHS = {
+    "llama": "lm_head",
+    "qwen3_moe": "lm_head",
+    "gemma4_text": "lm_head",
+    "qwen3_5": "language_model.lm_head",
+    "phi": None,  # None: mlx-lm keeps the stored head
+    "gemma3_text": None,
+    "gpt_neox": None,
+    "qwen2_moe": None,
+    "solar_open": None,
+}
+
+
+def _untied_with_tied_config(arch: str, folder: Path) -> Path:
+    """mlx-lm's conversion of the tiny untied `arch` model, config.json then saying tied."""
+    from arch_models import VARIANTS, Variant
+    from arch_models import tiny_mlx_checkpoint as arch_checkpoint
+
+    try:
+        path = arch_checkpoint(arch, VARIANTS[1])
+    except ValueError as error:  # no down_proj for the mixed recipe (as run_arch falls back)
+        if "expected keys for mixed quant" not in str(error):
+            raise
+        path = arch_checkpoint(arch, Variant(tied=False, bits=3, group_size=32))
+    shutil.copytree(path, folder)
+
+    def tie(config: dict) -> None:
+        for cfg in (config, config.get("text_config") or {}):
+            cfg["tie_word_embeddings"] = True
+
+    _config(tie)(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", list(TIED_HEAD_ARCHS))
+def test_tied_config_with_stored_head_does_what_mlx_lm_does(
+    tmp_path: Path, arch: str, capsys
+) -> None:
+    from arch_models import TOKENS, mlxq_logits
+    from mlx_models import mlx_lm_logits
+    from mlxq.cli import main
+
+    folder = _untied_with_tied_config(arch, tmp_path / arch)
+    head = TIED_HEAD_ARCHS[arch]
+    if head is None:
+        ref = mlx_lm_logits(folder, TOKENS)
+        got = mlxq_logits(folder, TOKENS)
+        assert float(abs(got - ref).max()) <= 1e-3
+        assert main(["inspect", str(folder)]) == 0
+        return
+    with pytest.raises(ValueError, match=rf"(?s)not in model:.*{head}\.scales"):
+        mlx_lm_logits(folder, TOKENS)
+    words = ["tie_word_embeddings: true", f"{head}.scales", f"{head}.biases", f"{head}.weight"]
+    with pytest.raises(ValueError) as error:
+        _load(folder)
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert main(["inspect", str(folder)]) == 1
+    assert main(["generate", "--model", str(folder), "--max-tokens", "2"]) == 1
+    text = capsys.readouterr()
+    for word in words:
+        assert text.out.count(word) == 1 and word in text.err.splitlines()[-1], word
+
+
+@pytest.mark.parametrize("case", ["unexpected-bias", "stray-tensor"])
+def test_mlx_lm_refuses_tensors_the_model_has_no_place_for(
+    tiny: Path, tmp_path: Path, case: str
+) -> None:
+    from mlx_models import mlx_lm_logits
+
+    folder = _broken(tiny, tmp_path, case)
+    with pytest.raises(ValueError, match=rf"(?s)not in model:.*{re.escape(CASES[case][1][0])}"):
+        mlx_lm_logits(folder, [1, 5, 77])
+
+
+def test_rotary_inv_freq_is_dropped_as_mlx_lm_drops_it(tmp_path: Path, capsys) -> None:
+    # an older checkpoint's rotary buffer: mlx-lm's Llama sanitize drops it on purpose, and
+    # transformers too (its own rule), so both load it
+    from arch_models import TOKENS, Variant, mlxq_logits
+    from arch_models import tiny_mlx_checkpoint as arch_checkpoint
+    from mlx_models import mlx_lm_logits
+    from mlxq.cli import main
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(arch_checkpoint("llama", Variant(tied=False)), folder)
+    key = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    _tensors(lambda w: w.update({key: torch.rand(16)}))(folder)
+    ref = mlx_lm_logits(folder, TOKENS)
+    assert float(abs(mlxq_logits(folder, TOKENS) - ref).max()) <= 1e-3
+    assert main(["inspect", str(folder)]) == 0, capsys.readouterr().out[-1500:]

@@ -35,6 +35,11 @@ def _loads(path: Path) -> str | None:
         ("mamba", Variant(tied=True)),  # refused: the forward reads the tied head's dtype
         ("mamba", Variant(tied=False, bits=3, group_size=32)),  # that head runs in float
         ("qwen3_5", Variant(tied=False)),  # mlx-lm's language_model. prefix, 1 + w norms
+        # mlx-lm's kv_b_proj split into embed_q / unembed_out (SplitKvB)
+        ("deepseek_v3", Variant(tied=False, bits=3, recipe="mixed_3_6")),
+        ("glm4_moe_lite", Variant(tied=False, bits=3, recipe="mixed_3_6")),
+        # a tensor that transformers renames alone (attention_sink_bias -> sinks)
+        ("mimo_v2_flash", Variant(tied=False, bits=3, recipe="mixed_3_6")),
     ],
 )
 def test_inspect_and_from_pretrained_take_the_same_decision(arch: str, variant: Variant) -> None:

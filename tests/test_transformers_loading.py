@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -160,6 +161,105 @@ def test_stale_index_on_a_mocked_hub_repo(
     assert [Path(f).parent for f in files] == [repo, repo]
     assert metadata["weight_map"] == true_map
     assert sorted(metadata["all_checkpoint_keys"]) == sorted(true_map)
+
+
+# --- shards as mlx-lm reads them: every model*.safetensors, no index needed ---------------
+
+
+def _split(folder: Path, names: list[str]) -> dict[str, str]:
+    """Spread model.safetensors over `names` (round robin), index removed; the weight map."""
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    keys = sorted(weights)
+    weight_map = {}
+    for i, name in enumerate(names):
+        part = keys[i :: len(names)]
+        save_file({k: weights[k] for k in part}, folder / name, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(part, name))
+    return weight_map
+
+
+def _mlx_lm_and_mlxq_logits(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    from mlx_models import mlx_lm_logits
+
+    return mlx_lm_logits(folder, TOKENS[0].numpy()), _logits(_load(folder))[0].numpy()
+
+
+SHARDS_WITHOUT_INDEX = {
+    "two-shards": ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+    "model-and-extra": ["model.safetensors", "model-extra.safetensors"],
+}
+
+
+@pytest.mark.parametrize("case", list(SHARDS_WITHOUT_INDEX))
+def test_shards_without_an_index_load_as_mlx_lm_loads_them(
+    tiny: Path, tiny_logits: torch.Tensor, tmp_path: Path, case: str, capsys
+) -> None:
+    # mlx-lm loads every model*.safetensors; transformers alone reads model.safetensors only
+    # (a missing layer) or nothing (no model.safetensors)
+    from mlxq.cli import main
+
+    folder = _copy(tiny, tmp_path / case)
+    _split(folder, SHARDS_WITHOUT_INDEX[case])
+    ref, got = _mlx_lm_and_mlxq_logits(folder)
+    assert float(np.abs(got - ref).max()) <= 1e-3
+    assert torch.equal(_logits(_load(folder)), tiny_logits)
+    assert main(["inspect", str(folder)]) == 0, capsys.readouterr().out[-1500:]
+
+
+def test_index_with_a_shard_more_on_disk_loads_it_too(
+    tiny: Path, tiny_logits: torch.Tensor, tmp_path: Path
+) -> None:
+    # an index naming one of two files: mlx-lm ignores the index and loads both
+    folder = _copy(tiny, tmp_path / "ckpt")
+    weight_map = _split(folder, ["model-00001-of-00002.safetensors", "model-extra.safetensors"])
+    first = {k: v for k, v in weight_map.items() if v.startswith("model-00001")}
+    index = {"metadata": {}, "weight_map": first}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    ref, got = _mlx_lm_and_mlxq_logits(folder)
+    assert float(np.abs(got - ref).max()) <= 1e-3
+    assert torch.equal(_logits(_load(folder)), tiny_logits)
+
+
+def test_index_naming_a_missing_shard_names_the_file(tiny: Path, tmp_path: Path, capsys) -> None:
+    from mlx_models import mlx_lm_logits
+    from mlxq.cli import main
+
+    folder = _copy(tiny, tmp_path / "ckpt")
+    weight_map = _split(
+        folder, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    )
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(KeyError):  # mlx-lm: a tensor its sanitize or load looks for
+        mlx_lm_logits(folder, TOKENS[0].numpy())
+    words = ["model.safetensors.index.json", "model-00002-of-00002.safetensors", "missing"]
+    with pytest.raises(ValueError) as error:
+        _load(folder)
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert main(["inspect", str(folder)]) == 1
+    assert main(["generate", "--model", str(folder), "--max-tokens", "2"]) == 1
+    text = capsys.readouterr()
+    for word in words:
+        assert word in text.out and word in text.err.splitlines()[-1], word
+
+
+def test_tensor_in_two_files_is_refused_by_name(tiny: Path, tmp_path: Path, capsys) -> None:
+    # mlx-lm keeps the copy of whichever file its directory listing gives last
+    from mlxq.cli import main
+
+    folder = _copy(tiny, tmp_path / "ckpt")
+    _split(folder, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    extra = load_file(folder / "model-00001-of-00002.safetensors")
+    key = sorted(extra)[0]
+    save_file({key: extra[key]}, folder / "model-extra.safetensors", metadata={"format": "mlx"})
+    with pytest.raises(ValueError, match=rf"{re.escape(key)}.*model-00001-of-00002.*model-extra"):
+        _load(folder)
+    assert main(["inspect", str(folder)]) == 1
+    assert "model-extra.safetensors" in capsys.readouterr().out
 
 
 # --- registration and config variants -----------------------------------------------------

@@ -170,3 +170,41 @@ def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
             break
         sequence.append(token)
     assert text == tokenizer.decode(sequence[len(ids) :], skip_special_tokens=True)
+
+
+def test_gemma3_text_class_reads_the_language_model_as_mlx_lm_does(tmp_path: Path) -> None:
+    """Gemma3ForCausalLM on mlx-vlm's Gemma 3 checkpoint (language model and vision tower):
+    the language model, the tower left out, as mlx-lm's gemma3 sanitize drops it. Its logits
+    are mlx-lm's, and those of the image-text model on the same text; it saves as a text model.
+    (mlx-lm reads the vocabulary size at the top level, default 262208: the tiny model's is
+    written there.)"""
+    from mlx_models import mlx_lm_logits
+    from transformers import Gemma3ForCausalLM
+
+    path = tmp_path / "gemma3"
+    shutil.copytree(tiny_mlx_vlm_checkpoint("gemma3"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vocab_size"] = cfg["text_config"]["vocab_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    tokens = [2, 5, 77, 300, 12, 499, 3, 42]
+    model = Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        got = model(torch.tensor([tokens])).logits[0].numpy()
+    assert float(np.abs(got - mlx_lm_logits(path, tokens)).max()) <= TOLERANCE
+    with torch.no_grad():
+        full = _load(path)(torch.tensor([tokens])).logits[0].numpy()
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-5)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    from mlxq.integrations.checkpoint import read_header
+
+    names = read_header(saved / "model.safetensors")
+    assert not any(k.startswith(("vision_tower.", "multi_modal_projector.")) for k in names)
+    reloaded = Gemma3ForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    with torch.no_grad():
+        again = reloaded(torch.tensor([tokens])).logits[0].numpy()
+    np.testing.assert_array_equal(again, got)
+    for file in path.iterdir():  # the tokenizer, which mlx-lm loads with the model
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    assert float(np.abs(got - mlx_lm_logits(saved, tokens)).max()) <= TOLERANCE

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
-from mlxq.integrations.checkpoint import DTYPE_BYTES
+from mlxq.integrations.checkpoint import DTYPE_BYTES, weight_map_of
 from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
@@ -181,12 +181,17 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     folder_is_local = headers_by_file is None
     if headers_by_file is None:
         headers_by_file = {}
-        for p in sorted(folder.glob("*.safetensors")):
+        # the files the loader reads, as mlx-lm does: every model*.safetensors
+        for p in sorted(folder.glob("model*.safetensors")):
             try:
                 headers_by_file[p.name] = read_header(p)
             except (OSError, ValueError) as error:  # the loader refuses the file: say why
                 file_errors.append(Problem("error", str(error).removeprefix("mlxq: ")))
     headers = {k: v for h in headers_by_file.values() for k, v in h.items()}
+    try:  # a tensor in two files: refused by the loader
+        weight_map_of(headers_by_file)
+    except ValueError as error:
+        file_errors.append(Problem("error", str(error).removeprefix("mlxq: ")))
     q = find_quantization(config)
     report = CheckpointReport(
         source=source,
@@ -204,15 +209,20 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         problems.append(Problem("error", config_error))
         return report
     if not headers_by_file:
-        other = sorted(p.name for p in folder.glob("*.bin")) + sorted(
-            p.name for p in folder.glob("*.pt")
-        )
+        other = [
+            p.name
+            for pattern in ("*.safetensors", "*.bin", "*.pt")
+            for p in sorted(folder.glob(pattern))
+        ]
         problems.append(
             Problem(
                 "error",
-                "no *.safetensors files"
+                "no model*.safetensors files"
                 + (
-                    f" (found {', '.join(other[:3])}: mlxq reads safetensors only)" if other else ""
+                    f" (found {', '.join(other[:3])}: mlxq, as mlx-lm, reads model*.safetensors "
+                    "only)"
+                    if other
+                    else ""
                 ),
             )
         )
@@ -278,14 +288,18 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     report.params = sum(p.numel() for p in model.parameters())
     from mlxq.integrations.quantizer import (
         check_all_quantized_tensors_used,
+        check_nothing_unexpected,
         checkpoint_keys_as_model_keys,
         missing_message,
         missing_tensors,
+        refuse_tied_head_tensors,
     )
     from mlxq.model_walk import plan_modules
     from mlxq.swap import swap_plan
 
+    stored_names = list(headers)
     headers = checkpoint_keys_as_model_keys(model, headers)
+    stored_names = dict(zip(headers, stored_names, strict=False))  # model -> file names
 
     def format_of(name: str, plan) -> Any:  # what loading does: read, then require
         fmt = stored_format(name, plan.in_features, plan.out_features, headers, qconfig)
@@ -303,6 +317,14 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     for entry in walk.modules:
         name, module = entry.name, entry.module
         plan, error = entry.swap, entry.error
+        split_rows = (
+            _split_kv_b_rows(model, name, module, headers, qconfig, problems) if mlx_q else None
+        )
+        if split_rows is not None:  # DeepSeek V3's kv_b_proj as mlx-lm's embed_q / unembed_out
+            moe_modules.append(name)  # (replaced whole: the float weight's key does not apply)
+            report.modules.extend(split_rows)
+            used.update(k for k in headers if k.startswith(f"{name}."))
+            continue
         if entry.moe is not None:
             moe_rows = _moe_rows(name, entry.moe, headers, qconfig, problems) if mlx_q else None
             if moe_rows is not None:  # MoE experts and quantized routers (mlxq.moe)
@@ -319,7 +341,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
                 error = caught
         kind = "Linear" if plan.kind == "linear" else "Embedding"
         dims = (plan.in_features, plan.out_features)
-        keys = [k for k in headers if k.rpartition(".")[0] == name]
+        # the tensors the layer has (a bias only where its module has one)
+        leaves = ("weight", "scales", "biases", "global_scale", *(("bias",) if plan.bias else ()))
+        keys = [
+            k for k in headers if k.rpartition(".")[0] == name and k.rpartition(".")[2] in leaves
+        ]
         used.update(keys)
         nbytes = sum(_nbytes(headers[k]) for k in keys)
         params = dims[0] * dims[1] + (dims[1] if plan.bias else 0)
@@ -374,6 +400,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         check_all_quantized_tensors_used(model, headers, {m.name for m in report.modules})
     except NotImplementedError as error:
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+    try:  # and of a head the config ties whose tensors the checkpoint holds
+        if mlx_q:
+            refuse_tied_head_tensors(model, headers, walk.head, stored_names)
+    except ValueError as error:
+        problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
     missing = [
         key
         for key in missing_tensors(model, set(headers))
@@ -389,7 +420,12 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     unknown = [k for k in others if k not in known]
     report.other_tensors = len(others) - len(unknown)
     report.other_bytes = sum(_nbytes(headers[k]) for k in others if k in known)
-    if unknown:
+    if unknown and mlx_q:  # the loader's refusal (less what transformers leaves out itself)
+        try:
+            check_nothing_unexpected(model, unknown)
+        except ValueError as error:
+            problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+    elif unknown:
         problems.append(
             Problem(
                 "warning",
@@ -555,4 +591,35 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
         return [ModuleReport(name, plan.cls_name, 0, 0, None, None, None, 0, 0,
                              "cannot load (see problems)")]  # fmt: skip
+    return rows
+
+
+def _split_kv_b_rows(model, name: str, module, headers: dict, qconfig, problems: list[Problem]):
+    """Report rows for DeepSeek V3's `kv_b_proj` stored as mlx-lm's `embed_q`/`unembed_out`,
+    replaced in the meta `model` as the loader replaces it (:class:`mlxq.mla.SplitKvB`); None
+    for any other module."""
+    from mlxq.integrations.moe_loading import replace_split_kv_b
+
+    try:
+        if replace_split_kv_b(model, name, module, headers, qconfig) is None:
+            return None
+    except ValueError as error:
+        problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+        return [ModuleReport(name, "Linear", 0, 0, None, None, None, 0, 0,
+                             "cannot load (see problems)")]  # fmt: skip
+    cfg = model.config.get_text_config()
+    heads, rank = cfg.num_attention_heads, cfg.kv_lora_rank
+    rows = []
+    for part, (k, n) in {"embed_q": (cfg.qk_nope_head_dim, rank),
+                         "unembed_out": (rank, cfg.v_head_dim)}.items():  # fmt: skip
+        full = f"{name}.{part}"
+        sub = model.get_submodule(full)
+        row = ModuleReport(full, f"{heads} heads", n, k, None, None, None, heads * k * n, 0, "")
+        row.bytes = sum(_nbytes(v) for key, v in headers.items() if key.startswith(full + "."))
+        if getattr(sub, "bits", None) is not None:
+            row.bits, row.group_size, row.mode = sub.bits, sub.group_size, sub.mode
+            row.action = "mlxq SplitKvB: per-head quantized matmul (mlx-lm's split kv_b_proj)"
+        else:
+            row.action = "mlxq SplitKvB: per-head float matmul (mlx-lm's split kv_b_proj)"
+        rows.append(row)
     return rows

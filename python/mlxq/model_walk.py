@@ -31,6 +31,7 @@ __all__ = [
     "HeadDecision",
     "PlannedModule",
     "ModelPlan",
+    "config_ties",
     "head_decision",
     "plan_modules",
     "plan_quantization",
@@ -91,7 +92,7 @@ def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
     return next((name for name, module in model.named_modules() if module is target), None)
 
 
-def _config_ties(model: nn.Module) -> bool:
+def config_ties(model: nn.Module) -> bool:
     """`tie_word_embeddings` of the model's (text) config."""
     config = getattr(model, "config", None)
     if config is None:
@@ -118,7 +119,7 @@ def head_decision(model: nn.Module, stored: Collection[str] | None = None) -> He
     head_w, emb_w = getattr(head, "weight", None), getattr(embedding, "weight", None)
     if head_w is None or emb_w is None:
         return decision
-    if head_w is not emb_w and not (head_w.device.type == "meta" and _config_ties(model)):
+    if head_w is not emb_w and not (head_w.device.type == "meta" and config_ties(model)):
         return decision
     if stored is not None and f"{decision.head}.weight" in stored:
         return decision

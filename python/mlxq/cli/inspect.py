@@ -22,7 +22,9 @@ def _hub_headers(repo: str) -> tuple[Path, dict | None]:
             return folder, None
         api = HfApi()
         files = [
-            f for f in api.list_repo_files(repo) if f.endswith(".safetensors") and "/" not in f
+            f
+            for f in api.list_repo_files(repo)
+            if f.startswith("model") and f.endswith(".safetensors") and "/" not in f  # as mlx-lm
         ]
         headers = {}
         for f in files:

@@ -1,9 +1,13 @@
-"""Safetensors headers and the repair of stale shard indexes.
+"""Safetensors headers, the repair of stale shard indexes, and shards without an index.
 
 Many mlx-community repos carry the `model.safetensors.index.json` of the original model: it
 names shards or tensors that the MLX checkpoint does not have. The repair rebuilds the weight
 map from the safetensors files that are actually there (their headers only, no tensor data),
 for local folders and for Hub repos (listed through huggingface_hub).
+
+mlx-lm reads no index at all: it loads every `model*.safetensors` file of the folder. A folder
+with several such files and no index (which transformers reads as `model.safetensors` alone,
+or not at all) loads the same files here (:func:`unindexed_shards`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ __all__ = [
     "read_index",
     "check_shard_index",
     "repair_shard_index",
+    "weight_map_of",
+    "unindexed_shards",
 ]
 
 logger = logging.getLogger("mlxq")
@@ -117,6 +123,46 @@ def read_headers(paths: Iterable[str | os.PathLike]) -> dict[str, TensorInfo]:
     return out
 
 
+def weight_map_of(headers_by_file: dict[str, Iterable[str]]) -> dict[str, str]:
+    """Tensor name -> file name over several files; a tensor held by two files is refused by
+    name (mlx-lm would keep the copy of whichever file its directory listing gives last)."""
+    out: dict[str, str] = {}
+    for name, keys in headers_by_file.items():
+        for key in keys:
+            if key in out:
+                raise ValueError(
+                    f"mlxq: tensor {key!r} is in two files, {out[key]} and {name}: which one "
+                    "mlx-lm loads depends on the order of the directory listing; delete one"
+                )
+            out[key] = name
+    return out
+
+
+def _is_mlx_lm_weight_file(name: str) -> bool:
+    """The files mlx-lm loads: `model*.safetensors` (its glob)."""
+    return name.startswith("model") and name.endswith(".safetensors")
+
+
+def unindexed_shards(
+    source: str | os.PathLike, subfolder: str = ""
+) -> tuple[list[str], dict[str, Any]] | None:
+    """The files mlx-lm loads from a local folder that has several `model*.safetensors` files
+    and no shard index, with their weight map (as `get_checkpoint_shard_files` returns them);
+    None where transformers reads the same files itself (one `model.safetensors`, an index).
+    """
+    if not os.path.isdir(source):
+        return None
+    folder = Path(source) / subfolder
+    if (folder / "model.safetensors.index.json").is_file():
+        return None
+    files = sorted(p for p in folder.glob("model*.safetensors") if p.is_file())
+    if not files or [p.name for p in files] == ["model.safetensors"]:
+        return None
+    weight_map = weight_map_of({p.name: read_header(p) for p in files})
+    metadata = {"weight_map": weight_map, "all_checkpoint_keys": list(weight_map)}
+    return [str(p) for p in files], metadata
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -137,7 +183,9 @@ def _list_hub_safetensors(repo_id: str, subfolder: str, revision: str | None, to
     return sorted(
         f[len(prefix) :]
         for f in files
-        if f.startswith(prefix) and f.endswith(".safetensors") and "/" not in f[len(prefix) :]
+        if f.startswith(prefix)
+        and "/" not in f[len(prefix) :]
+        and _is_mlx_lm_weight_file(f[len(prefix) :])
     )
 
 
@@ -206,14 +254,14 @@ def check_shard_index(
     source = str(pretrained_model_name_or_path)
     if os.path.isdir(source):
         folder = Path(source) / subfolder
-        present = sorted(p.name for p in folder.glob("*.safetensors"))
+        present = sorted(p.name for p in folder.glob("model*.safetensors"))
 
         def local(name: str) -> str:
             return str(folder / name)
     elif download_kwargs.get("local_files_only") or _hub_offline():
         # offline: the repo's files are the ones in the cached snapshot next to the index
         folder = Path(index_filename).parent
-        present = sorted(p.name for p in folder.glob("*.safetensors"))
+        present = sorted(p.name for p in folder.glob("model*.safetensors"))
 
         def local(name: str) -> str:
             return str(folder / name)
@@ -226,8 +274,9 @@ def check_shard_index(
 
     if not present:
         return None  # nothing to rebuild from: let transformers report what is missing
-    if set(named) <= set(present):
-        # the shards exist: are their tensors the ones the index names?
+    if set(named) == set(present):
+        # the shards exist (and no other file that mlx-lm, reading every `model*.safetensors`,
+        # would load too): are their tensors the ones the index names?
         paths = {name: local(name) for name in named}
         headers = {name: read_header(path) for name, path in paths.items()}
         actual = {key: name for name, header in headers.items() for key in header}
@@ -236,8 +285,18 @@ def check_shard_index(
         ):
             return None
     paths = {name: local(name) for name in present}
-    new_map = {key: name for name, path in paths.items() for key in read_header(path)}
+    new_map = weight_map_of({name: read_header(path) for name, path in paths.items()})
     missing = sorted(set(named) - set(present))
+    lost = sorted(k for k, name in weight_map.items() if name in missing and k not in new_map)
+    if lost and any(k.endswith(".scales") for k in weight_map):
+        # an MLX index (it names quantized tensors: not a float original's, left stale in the
+        # repo) whose shard is gone: the checkpoint is incomplete, not its index stale
+        raise ValueError(
+            f"mlxq: {index_filename} names tensors in {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} missing from {source} (e.g. "
+            f"{', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}; {len(lost)} tensors in no "
+            "file present): an incomplete download or copy?"
+        )
     reason = (
         f"the shard index of {source} is stale (it names {len(weight_map)} tensors in "
         f"{len(named)} shards{', missing: ' + ', '.join(missing[:3]) if missing else ''}); "

@@ -25,10 +25,13 @@ __all__ = [
     "MlxLayout",
     "LAYOUTS",
     "MLX_LM_READS_ROPE_PARAMETERS",
+    "MLX_LM_KEEPS_STORED_HEAD",
     "UnitOffset",
+    "VISION_DROPPED",
     "checkpoint_layout",
     "fill_dropped_tensors",
     "mlx_lm_config_keys",
+    "mlx_lm_outer_model_type",
     "use_mlx_lm_layout",
 ]
 
@@ -50,6 +53,13 @@ class MlxLayout:
     # False where transformers' names are mlx-lm's own for the saved model (a text model read
     # out of an image-text checkpoint saves as the text model), so the renames apply on load only
     save_renamed: bool = True
+    # checkpoint keys (regexes) that mlx-lm's sanitize drops on purpose, its model having no
+    # place for them: the vision tower of an image-text checkpoint read as the text model
+    dropped: tuple[str, ...] = ()
+
+    def drops(self, key: str) -> bool:
+        """Whether mlx-lm's sanitize drops the checkpoint tensor `key` (see :attr:`dropped`)."""
+        return any(re.search(p, key) for p in self.dropped)
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -123,17 +133,35 @@ LAYOUTS: dict[str, MlxLayout] = {
 }
 
 
+# text model types whose image-text checkpoint (mlx-vlm's, with the vision tower) mlx-lm 0.32
+# reads as the language model, dropping these tensors in its sanitize: Gemma 3 (mlx-lm's gemma3
+# drops `vision_tower` and `multi_modal_projector`)
+VISION_DROPPED: dict[str, tuple[str, ...]] = {
+    "gemma3_text": (r"^vision_tower\.", r"^multi_modal_projector\."),
+}
+
+
 def checkpoint_layout(model_type: str | None, keys: Iterable[str]) -> MlxLayout | None:
     """mlx-lm's layout when the checkpoint of a `model_type` model uses it, else None.
 
     Without a layout of its own, a text model whose every tensor lies under `language_model.`
     is read from mlx-lm's conversion of an image-text model (Gemma 3 4B and up, Mistral 3,
     LFM2-VL: mlx-lm keeps the language model only); it saves in its own names, which are those
-    of mlx-lm's text model."""
+    of mlx-lm's text model. For the text models of :data:`VISION_DROPPED`, an image-text
+    checkpoint that also holds the vision tower reads the same way, the tower left out (as
+    mlx-lm's sanitize drops it)."""
     keys = list(keys)
     layout = LAYOUTS.get(model_type or "")
-    if layout is None and keys and all(k.startswith("language_model.") for k in keys):
-        return MlxLayout(model_type or "", _LANGUAGE_MODEL, "language_model.", save_renamed=False)
+    dropped = VISION_DROPPED.get(model_type or "", ())
+    text = [k for k in keys if not any(re.search(p, k) for p in dropped)]
+    if layout is None and text and all(k.startswith("language_model.") for k in text):
+        return MlxLayout(
+            model_type or "",
+            _LANGUAGE_MODEL,
+            "language_model.",
+            save_renamed=False,
+            dropped=dropped if len(text) < len(keys) else (),
+        )
     if layout is None or not any(_has_marker(k, layout.marker) for k in keys):
         return None
     return layout
@@ -164,6 +192,19 @@ def _sliding_window_pattern(layer_types: Any) -> int | None:
 MLX_LM_READS_ROPE_PARAMETERS = frozenset(
     "exaone_moe gemma4_text glm_moe_dsa granitemoehybrid laguna lfm2 lfm2_moe mellum "
     "ministral3 mistral4 olmo_hybrid qwen3 qwen3_5 qwen3_5_moe".split()
+)
+
+
+# model types (transformers' names) whose mlx-lm 0.32 model runs an output head of its own when
+# the checkpoint holds one, whatever `tie_word_embeddings` says: it builds `lm_head` (GPT-NeoX:
+# `embed_out`) unconditionally (Solar Open: GLM-4 MoE's model), or keeps it when its weight is
+# stored (Gemma 3, RecurrentGemma).
+# Every other mlx-lm model with tied embeddings has no head module: its sanitize drops a float
+# `lm_head.weight` and its strict load refuses a quantized head's scales and biases.
+MLX_LM_KEEPS_STORED_HEAD = frozenset(
+    "dbrx deepseek_v2 deepseek_v3 deepseek_v32 gemma3_text glm4 glm4_moe glm4_moe_lite "
+    "glm_moe_dsa gpt_neox gpt_oss gptj kimi_k25 longcat_flash mimo_v2_flash muse_spark "
+    "nanochat nemotron_h phi phimoe qwen2_moe recurrent_gemma solar_open stablelm step3p5".split()
 )
 
 
@@ -324,6 +365,19 @@ LAYOUTS["ernie4_5_moe"] = MlxLayout(
     ".switch_mlp.",
     dropped_zeros=(r"\.mlp\.gate\.moe_statics\.e_score_correction_bias$",),
 )
+
+
+def mlx_lm_outer_model_type(model_type: str | None) -> str | None:
+    """The model type of mlx-lm's model for a text model that mlx-lm keeps under
+    `language_model.` of its image-text model (Qwen 3.5: `qwen3_5_text` -> `qwen3_5`), whose
+    config.json nests the text settings in `text_config` as `mlx_lm convert` writes it
+    (mlx-lm 0.32 has no `qwen3_5_text` model); None for every other model type."""
+    layout = LAYOUTS.get(model_type or "")
+    if layout is None or layout.model_type == model_type or not layout.save_renamed:
+        return None
+    if not any(rename in layout.renames for rename in _LANGUAGE_MODEL):
+        return None
+    return layout.model_type
 
 
 def fill_dropped_tensors(model, layout: MlxLayout) -> list[str]:

@@ -10,7 +10,9 @@ so (a K not divisible by the group size), so the config alone is not enough.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,10 +28,12 @@ from mlxq.integrations.cpu_layers import use_flat_decode_layers
 from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
+    MLX_LM_KEEPS_STORED_HEAD,
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
     mlx_lm_config_keys,
+    mlx_lm_outer_model_type,
     use_mlx_lm_layout,
 )
 from mlxq.integrations.mlx_vlm_layout import (
@@ -48,7 +52,7 @@ from mlxq.integrations.moe_loading import (
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
-from mlxq.model_walk import HeadDecision, plan_modules, tie_head
+from mlxq.model_walk import HeadDecision, config_ties, plan_modules, tie_head
 from mlxq.moe import AffineSwitchLinear, float_dtype_for_routers
 from mlxq.nn import (
     AffineEmbedding,
@@ -62,8 +66,11 @@ __all__ = [
     "MLXHfQuantizer",
     "stored_format",
     "check_all_quantized_tensors_used",
+    "refuse_tied_head_tensors",
     "check_finite",
     "check_nothing_missing",
+    "check_nothing_unexpected",
+    "unexpected_tensors",
     "missing_tensors",
     "missing_message",
     "tie_quantized_head",
@@ -111,6 +118,36 @@ def check_nothing_missing(model: nn.Module) -> None:
         raise ValueError(f"mlxq: {missing_message(missing)}")
 
 
+def unexpected_tensors(model: nn.Module, keys: Iterable[str]) -> list[str]:
+    """`keys` (checkpoint tensors the model has no place for) less those transformers itself
+    leaves out on purpose, by its own rules (`_keys_to_ignore_on_load_unexpected`, the
+    rotary `inv_freq` and `position_ids` buffers of older checkpoints)."""
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(missing_keys=set(), unexpected_keys=set(keys))
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if callable(adjust):
+        adjust(info)
+    return sorted(info.unexpected_keys)
+
+
+def check_nothing_unexpected(model: nn.Module, unexpected: Iterable[str]) -> None:
+    """Refuse checkpoint tensors the model has no place for: transformers drops them (saying so
+    only in its load report), where mlx-lm's strict load refuses them ("parameters not in
+    model"); a tensor mlx-lm's model uses and transformers' does not (a bias, a norm the config
+    turns off) would change the logits without a word."""
+    unexpected = unexpected_tensors(model, unexpected)
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise ValueError(
+            f"mlxq: the checkpoint holds {', '.join(unexpected[:5])}{more}, which "
+            f"{type(model).__name__} has no place for: transformers would drop "
+            f"{'it' if len(unexpected) == 1 else 'them'} and mlx-lm's strict load refuses "
+            f"{'it' if len(unexpected) == 1 else 'them'} (does config.json describe this "
+            "checkpoint?)"
+        )
+
+
 def missing_tensors(model: nn.Module, present: set[str]) -> list[str]:
     """State-dict keys of `model` not in `present`, less tied weights and the keys the model
     declares optional (`_keys_to_ignore_on_load_missing`)."""
@@ -151,6 +188,36 @@ def add_mlx_lm_config_keys(config) -> None:
     q = getattr(config, "quantization_config", None)
     if hasattr(q, "mlx_dict"):
         config.quantization = q.mlx_dict()
+    outer = mlx_lm_outer_model_type(getattr(config, "model_type", None))
+    if outer is not None:  # Qwen 3.5's text model: saved nested, as mlx_lm convert writes it
+        config.__class__ = _nested_for_mlx_lm(type(config), outer)
+
+
+# keys of a nested config.json that mlx-lm (and transformers' composite config) read at the top
+_TOP_LEVEL_KEYS = ("architectures", "dtype", "quantization", "quantization_config",
+                   "transformers_version")  # fmt: skip
+_NESTED_CONFIGS: dict[tuple[type, str], type] = {}
+
+
+def _nested_for_mlx_lm(cls: type, outer: str) -> type:
+    """A subclass of the text config class `cls` whose config.json (`save_pretrained`) is the
+    image-text layout mlx-lm reads: `model_type` `outer`, the text settings in `text_config`,
+    the quantization block and `tie_word_embeddings` at the top. In memory it stays `cls`."""
+    key = (cls, outer)
+    if key not in _NESTED_CONFIGS:
+
+        def to_json_file(self, json_file_path, use_diff: bool = True) -> None:
+            text = json.loads(cls.to_json_string(self, use_diff=use_diff))
+            text["model_type"] = cls.model_type
+            top = {k: text.pop(k) for k in _TOP_LEVEL_KEYS if k in text}
+            top.update(model_type=outer, text_config=text)
+            if "tie_word_embeddings" in text:
+                top["tie_word_embeddings"] = text["tie_word_embeddings"]
+            with open(json_file_path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(top, indent=2, sort_keys=True) + "\n")
+
+        _NESTED_CONFIGS[key] = type(cls.__name__, (cls,), {"to_json_file": to_json_file})
+    return _NESTED_CONFIGS[key]
 
 
 def add_mlx_vlm_config_keys(config) -> None:
@@ -186,6 +253,11 @@ def _with_model_type(cls: type, model_type: str) -> type:
     return _RENAMED_CONFIGS[key]
 
 
+# the tensors of a linear or embedding layer, renamed with their module (a quantized layer's
+# scales and biases follow its weight)
+_LAYER_LEAVES = frozenset({"weight", "scales", "biases", "global_scale", "bias"})
+
+
 def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInfo]):
     """Rename checkpoint tensor names the way transformers will when loading them.
 
@@ -214,6 +286,9 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     out: dict[str, TensorInfo] = {}
     for key, info in headers.items():
         module, _, leaf = key.rpartition(".")
+        if leaf not in _LAYER_LEAVES:  # a tensor of its own (MiMo's attention_sink_bias -> sinks)
+            out[rename_source_key(key, renamings, [], prefix, meta)[0]] = info
+            continue
         if module not in modules:
             renamed, _ = rename_source_key(f"{module}.weight", renamings, [], prefix, meta)
             modules[module] = renamed.removesuffix(".weight")
@@ -283,6 +358,38 @@ def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used
             f"mlxq: {key}: module {name!r} ({kind}) of {type(model).__name__} is quantized in the "
             "checkpoint, but mlxq runs quantized nn.Linear and nn.Embedding modules, MoE experts "
             "and routers only"
+        )
+
+
+def refuse_tied_head_tensors(
+    model: nn.Module, headers, head: HeadDecision, stored_names: dict[str, str] | None = None
+) -> None:
+    """Refuse a checkpoint holding tensors for an output head that config.json ties to the input
+    embedding (`tie_word_embeddings: true`), for the model types whose mlx-lm model then has no
+    head of its own (all but :data:`MLX_LM_KEEPS_STORED_HEAD`): transformers would load the head
+    untied, where mlx-lm ties it (a float head weight is dropped) or refuses it (its strict
+    load: "parameters not in model"); either way the two would not run the same model.
+
+    `headers`: the checkpoint's tensor names as the model's names; `stored_names` maps them to
+    the names in the files, for the message. Image-text models (mlx-vlm's checkpoints, another
+    loader's rules) are left alone."""
+    model_type = _model_type(model)
+    if (
+        head.head is None
+        or model_type in MLX_LM_KEEPS_STORED_HEAD
+        or is_image_text(getattr(model, "config", None))
+        or not config_ties(model)
+    ):
+        return
+    names = stored_names or {}
+    stored = sorted(names.get(k, k) for k in headers if k.startswith(f"{head.head}."))
+    if stored:
+        raise ValueError(
+            f"mlxq: config.json sets tie_word_embeddings: true, but the checkpoint also holds "
+            f"{', '.join(stored)}: mlx-lm's {model_type} then ties the head to "
+            f"{head.embedding} and has no place for these tensors (its strict load refuses "
+            "quantized ones, it drops a float weight), while transformers would load them as "
+            "an untied head. Set tie_word_embeddings to false to use them, or delete them"
         )
 
 
@@ -403,10 +510,20 @@ class MLXHfQuantizer(HfQuantizer):
             )
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
+        if layout is not None and layout.dropped:  # Gemma 3's vision tower, read as text
+            kept = {k: v for k, v in headers.items() if not layout.drops(k)}
+            logger.info(
+                f"mlxq: {type(model).__name__} leaves out the checkpoint's "
+                f"{len(headers) - len(kept)} image-text tensors (as mlx-lm does)"
+            )
+            headers = kept
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
         self._vlm_layout: VlmLayout | None = vlm_layout
+        self._record_unexpected_keys(model)
         mlx_vlm_names = looks_like_mlx_vlm(headers)
+        stored_names = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
+        stored_names = dict(zip(headers, stored_names, strict=False))  # model -> file names
         if vlm_layout is None and mlx_vlm_names and is_image_text(model.config):
             # an image-text family whose mlx-vlm layout is not mapped: refused by name here
             # (later checks would only see the first unmatched tensor)
@@ -451,6 +568,7 @@ class MLXHfQuantizer(HfQuantizer):
             model.set_submodule(name, new)
             replaced.add(name)
         check_all_quantized_tensors_used(model, headers, replaced)
+        refuse_tied_head_tensors(model, headers, walk.head, stored_names)
         if replaced:
             drop_tied_keys(model, replaced)
         tie_quantized_head(model, walk.head)
@@ -458,6 +576,20 @@ class MLXHfQuantizer(HfQuantizer):
             _refuse_missing_tensors(model, headers)
         self.modules_to_not_convert = []
         return model
+
+    def _record_unexpected_keys(self, model: nn.Module) -> None:
+        """Keep the checkpoint tensors transformers finds no place for (its load report's
+        unexpected keys, after its own exceptions), refused after loading: transformers tells
+        quantizers nothing of them, so the model's hook that adjusts them reports them here."""
+        self._unexpected: set[str] = set()
+        adjust = model._adjust_missing_and_unexpected_keys
+
+        def record(loading_info, _adjust=adjust) -> None:
+            _adjust(loading_info)
+            self._unexpected = set(loading_info.unexpected_keys)
+            del model._adjust_missing_and_unexpected_keys  # the class's method again
+
+        model._adjust_missing_and_unexpected_keys = record
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         """The float `weight` of a layer quantized while loading (see :mod:`.quantize_on_load`)."""
@@ -500,6 +632,10 @@ class MLXHfQuantizer(HfQuantizer):
                         for c in getattr(model, "_weight_conversions", None) or []
                         if not any(c is r for r in load_only)
                     ]
+            unexpected = getattr(self, "_unexpected", ())
+            if layout is not None:  # what mlx-lm drops on purpose
+                unexpected = [k for k in unexpected if not layout.drops(k)]
+            check_nothing_unexpected(model, unexpected)
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer

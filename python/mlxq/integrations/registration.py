@@ -16,7 +16,12 @@ What it does, and why each piece is needed:
    weight map rebuilt from their headers (:func:`mlxq.integrations.checkpoint.repair_shard_index`).
    Local folders are always checked; Hub repos only while an MLX checkpoint loads (the check
    lists the repo's files).
-4. Text configs read from an image-text config.json: `Gemma3ForCausalLM.from_pretrained` on a
+4. Shards without an index: mlx-lm loads every `model*.safetensors` of a folder; transformers
+   reads `model.safetensors` alone, or fails without one. While an MLX checkpoint loads from a
+   local folder that has several such files and no index, a wrapper around
+   ``transformers.modeling_utils._get_resolved_checkpoint_files`` returns them all, with a
+   weight map from their headers (:func:`mlxq.integrations.checkpoint.unindexed_shards`).
+5. Text configs read from an image-text config.json: `Gemma3ForCausalLM.from_pretrained` on a
    `gemma3` checkpoint reads only `text_config`, and transformers drops the top-level
    quantization block with the rest, so the quantized tensors would meet a float model that
    finds none of its weights (random weights, a warning at most). A wrapper around
@@ -46,7 +51,7 @@ _loading_mlx: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxq_loadin
 
 
 def is_registered() -> bool:
-    """True once the quantizer and the three wrappers are installed in the loaded transformers."""
+    """True once the quantizer and the four wrappers are installed in the loaded transformers."""
     modeling_utils = sys.modules.get(_TARGET)
     if modeling_utils is None:
         return False
@@ -54,7 +59,11 @@ def is_registered() -> bool:
 
     return all(
         getattr(getattr(modeling_utils, fn, None), _MARK, False)
-        for fn in ("get_hf_quantizer", "get_checkpoint_shard_files")
+        for fn in (
+            "get_hf_quantizer",
+            "get_checkpoint_shard_files",
+            "_get_resolved_checkpoint_files",
+        )
     ) and getattr(PreTrainedConfig.__dict__["get_config_dict"].__func__, _MARK, False)
 
 
@@ -120,12 +129,12 @@ def _is_metal(q: Any) -> bool:
 
 
 def register() -> None:
-    """Register the "mlx" quantizer and install the three wrappers (idempotent)."""
+    """Register the "mlx" quantizer and install the four wrappers (idempotent)."""
     import transformers.modeling_utils as modeling_utils
     from transformers.configuration_utils import PreTrainedConfig
     from transformers.quantizers import auto
 
-    from mlxq.integrations.checkpoint import repair_shard_index
+    from mlxq.integrations.checkpoint import repair_shard_index, unindexed_shards
     from mlxq.integrations.config import QUANT_METHOD, MLXQuantConfig
     from mlxq.integrations.quantizer import MLXHfQuantizer
 
@@ -170,6 +179,22 @@ def register() -> None:
         setattr(get_checkpoint_shard_files, _MARK, True)
         get_checkpoint_shard_files.__wrapped__ = original_shard_files
         modeling_utils.get_checkpoint_shard_files = get_checkpoint_shard_files
+
+    original_resolved = modeling_utils._get_resolved_checkpoint_files
+    if not getattr(original_resolved, _MARK, False):
+
+        def _get_resolved_checkpoint_files(*args, **kwargs):
+            source = kwargs.get("pretrained_model_name_or_path", args[0] if args else None)
+            download = kwargs.get("download_kwargs") or {}
+            if _loading_mlx.get() and source is not None and kwargs.get("gguf_file") is None:
+                found = unindexed_shards(source, download.get("subfolder") or "")
+                if found is not None:  # several model*.safetensors, no index: mlx-lm's files
+                    return found
+            return original_resolved(*args, **kwargs)
+
+        setattr(_get_resolved_checkpoint_files, _MARK, True)
+        _get_resolved_checkpoint_files.__wrapped__ = original_resolved
+        modeling_utils._get_resolved_checkpoint_files = _get_resolved_checkpoint_files
 
     base = PreTrainedConfig.__dict__["get_config_dict"]  # a classmethod
     if not getattr(base.__func__, _MARK, False):
