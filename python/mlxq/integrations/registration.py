@@ -50,6 +50,10 @@ _MARK = "__mlxq_wrapped__"
 _loading_mlx: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxq_loading", default=False)
 
 
+# Wrapped where transformers has them (private functions that a release may rename).
+_OPTIONAL_WRAPPED = ("_get_resolved_checkpoint_files",)
+
+
 def is_registered() -> bool:
     """True once the quantizer and the four wrappers are installed in the loaded transformers."""
     modeling_utils = sys.modules.get(_TARGET)
@@ -59,11 +63,8 @@ def is_registered() -> bool:
 
     return all(
         getattr(getattr(modeling_utils, fn, None), _MARK, False)
-        for fn in (
-            "get_hf_quantizer",
-            "get_checkpoint_shard_files",
-            "_get_resolved_checkpoint_files",
-        )
+        for fn in ("get_hf_quantizer", "get_checkpoint_shard_files", *_OPTIONAL_WRAPPED)
+        if fn not in _OPTIONAL_WRAPPED or hasattr(modeling_utils, fn)
     ) and getattr(PreTrainedConfig.__dict__["get_config_dict"].__func__, _MARK, False)
 
 
@@ -180,8 +181,10 @@ def register() -> None:
         get_checkpoint_shard_files.__wrapped__ = original_shard_files
         modeling_utils.get_checkpoint_shard_files = get_checkpoint_shard_files
 
-    original_resolved = modeling_utils._get_resolved_checkpoint_files
-    if not getattr(original_resolved, _MARK, False):
+    # private in transformers: where a release drops it, folders of unindexed shards fail to load
+    # as before (transformers' error), and nothing else changes
+    original_resolved = getattr(modeling_utils, "_get_resolved_checkpoint_files", None)
+    if original_resolved is not None and not getattr(original_resolved, _MARK, False):
 
         def _get_resolved_checkpoint_files(*args, **kwargs):
             source = kwargs.get("pretrained_model_name_or_path", args[0] if args else None)
