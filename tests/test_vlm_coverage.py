@@ -44,7 +44,9 @@ def _load(path: Path):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava_onevision", "lfm2_vl"])
+@pytest.mark.parametrize(
+    "name", ["qwen2_5_vl", "gemma3", "llava_onevision", "lfm2_vl", "qwen3_5", "qwen3_5_moe"]
+)
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     """The saved checkpoint has mlx-vlm's names, channels-last convolutions and the config
     keys mlx-vlm reads: mlx-vlm runs it as the same model, and mlxq reads it back."""
@@ -93,6 +95,8 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("qwen2_5_vl", Variant(quantize_vision=True)),
         ("llava", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("qwen2_5_vl", Variant(recipe=VISION_MXFP4)),
+        ("qwen3_5", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("qwen3_5_moe", Variant(quantize_vision=True)),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -101,6 +105,7 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
     mixed recipe whose per-module entries carry mlx-vlm's names, and entries for vision
     modules only (mxfp4 in an affine 4-bit model): they are found under the model's names
     although no entry names the language model (the mode is read from the entry)."""
+    from mlxq.moe import AffineSwitchLinear
     from mlxq.nn import AffineLinear
 
     outcome = run_family(name, variant)
@@ -111,7 +116,11 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
         qkv = model.model.visual.blocks[0].attn.qkv
         assert isinstance(qkv, AffineLinear)
         assert qkv.mode == ("mxfp4" if variant.recipe == VISION_MXFP4 else "affine")
-        assert model.model.language_model.layers[0].mlp.down_proj.mode == "affine"
+        mlp = model.model.language_model.layers[0].mlp
+        if hasattr(mlp, "shared_expert"):  # an MoE block: stacked experts, a dense expert
+            assert isinstance(mlp.experts.down_proj, AffineSwitchLinear)
+            mlp = mlp.shared_expert
+        assert mlp.down_proj.mode == "affine"
 
 
 def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:

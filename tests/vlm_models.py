@@ -95,6 +95,9 @@ class Family:
     # why mlx-vlm's image + text forward is not the model's (then the image check compares
     # the projected features of each image tile instead, see tile_features)
     no_image_oracle: str = ""
+    # transformers maps the model_type to its own tokenizer class (Qwen 3.5's BPE), which
+    # ignores this file's word-level tokenizer.json: the inputs are tokenized by the file
+    word_tokenizer: bool = False
 
 
 def _qwen_image_processor(patch: int):
@@ -385,6 +388,62 @@ def _lfm2_vl_processor(tokenizer):
     return _SavedImageProcessor(None, {"processor_class": "Lfm2VlProcessor", **settings})
 
 
+def _qwen3_5_keys(cfg: dict) -> None:
+    """mlx-vlm's Qwen 3.5 places full attention every `full_attention_interval` layers (the
+    Hub key; default 4) and reads the rope settings from text_config's `rope_parameters`."""
+    types = cfg["text_config"]["layer_types"]
+    cfg["text_config"]["full_attention_interval"] = types.index("full_attention") + 1
+
+
+_QWEN3_5_TEXT = {
+    "layer_types": ["linear_attention", "full_attention"],
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "rope_parameters": {
+        **_MROPE,
+        "mrope_section": [4, 2, 2],
+        "mrope_interleaved": True,
+        "partial_rotary_factor": 0.5,
+    },
+}
+_QWEN3_5_MOE_TEXT = {
+    **_QWEN3_5_TEXT,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+}
+_QWEN3_5_VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=2,
+    out_hidden_size=128,
+    num_position_embeddings=16,
+    patch_size=16,
+)
+
+
+def _qwen3_5(model_type: str, text: dict) -> Family:
+    return Family(
+        model_type,
+        text=text,
+        vision=dict(_QWEN3_5_VISION),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(16),
+        prompt=_QWEN_PROMPT,
+        image_size=(96, 64),
+        mlx_vlm_keys=_qwen3_5_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+        word_tokenizer=True,
+    )
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -446,6 +505,8 @@ FAMILIES: dict[str, Family] = {
         extra_inputs=("image_grid_thw",),
         torch_inputs=_mm_token_types,
     ),
+    "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
+    "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
     "gemma3": Family(
         "gemma3",
         text={
@@ -879,6 +940,8 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
                 q_bits=variant.bits,
                 quant_predicate=_quant_predicate(variant.recipe),
             )
+        if FAMILIES[name].word_tokenizer:  # mlx-vlm saved its class's rebuild of it
+            shutil.copy(float_dir / "tokenizer.json", staging / "mlx" / "tokenizer.json")
         os.replace(staging / "mlx", final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -908,6 +971,10 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
     # registers mlx-vlm's own processor classes, which its saved processor_config.json names
     importlib.import_module(f"mlx_vlm.models.{family.model_type}")
     processor = load_processor(path)
+    if family.word_tokenizer:
+        from transformers import PreTrainedTokenizerFast
+
+        processor.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     if not with_image:
         ids = processor.tokenizer(TEXT_PROMPT, add_special_tokens=False)["input_ids"]
         ids = np.array([ids], dtype=np.int64)

@@ -49,7 +49,7 @@ _TEXT = (
 @dataclass(frozen=True)
 class VlmLayout:
     """mlx-vlm's tensor names for one image-text `model_type`, as regex renames
-    mlx-vlm -> transformers 5 (the first rename that matches a key wins)."""
+    mlx-vlm -> transformers 5 (applied in turn, as transformers applies them)."""
 
     model_type: str
     renames: tuple[tuple[str, str], ...]
@@ -59,13 +59,23 @@ class VlmLayout:
     vision_model_type: str | None = None  # vision_config.model_type mlx-vlm expects
     text_keys_from_top: tuple[str, ...] = ()  # top-level keys mlx-vlm reads in text_config
     top_keys_from_text: tuple[str, ...] = ()  # text_config keys mlx-vlm reads at the top
+    # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
+    # 1 + w) that mlx-vlm's sanitize stores as 1 + w (Qwen 3.5), see MlxLayout.unit_offset
+    unit_offset: tuple[str, ...] = ()
 
     def to_transformers(self, key: str) -> str:
+        """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
+        expert takes the prefix rename, then the switch_mlp one)."""
         for pattern, repl in self.renames:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                return new
+            key = re.sub(pattern, repl, key)
         return key
+
+    def offset_conversions(self, names: Iterable[str]) -> list:
+        """`WeightConverter`s taking 1 off each of `names` that :attr:`unit_offset` matches
+        at load (`save_pretrained` adds it back)."""
+        from mlxq.integrations.mlx_lm_layout import unit_offset_conversions
+
+        return unit_offset_conversions(names, self.unit_offset)
 
     def weight_renamings(self) -> list:
         """The renames as transformers `WeightRenaming`s (applied on load, reversed on save)."""
@@ -103,14 +113,28 @@ def _idefics3(model_type: str) -> VlmLayout:
     )
 
 
-def _qwen_vl(model_type: str, **kw: Any) -> VlmLayout:
-    return VlmLayout(model_type, (*_TEXT, (r"^vision_tower\.", "model.visual.")), **kw)
+def _qwen_vl(model_type: str, *extra: tuple[str, str], **kw: Any) -> VlmLayout:
+    return VlmLayout(model_type, (*_TEXT, (r"^vision_tower\.", "model.visual."), *extra), **kw)
+
+
+# mlx-vlm stacks each expert projection as `mlp.switch_mlp.<proj>`; mlxq's MoeExperts holds
+# them as `mlp.experts.<proj>` (see mlx_lm_layout's _MOE_RENAMES)
+_SWITCH_MLP = (r"\.mlp\.switch_mlp\.", ".mlp.experts.")
+# Qwen 3.5's RMSNorms multiply by 1 + w in transformers; mlx-vlm's sanitize stores 1 + w for its
+# plain RMSNorm (not the gated norm of the linear attention, nor the vision tower's norms)
+_QWEN3_5_NORMS = (
+    r"^model\.language_model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight$",
+    r"^model\.language_model\.layers\.\d+\.self_attn\.(q_norm|k_norm)\.weight$",
+    r"^model\.language_model\.norm\.weight$",
+)
 
 
 VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
     "qwen3_vl": _qwen_vl("qwen3_vl", vision_model_type="qwen3_vl"),
+    "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS),
+    "qwen3_5_moe": _qwen_vl("qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
         "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)

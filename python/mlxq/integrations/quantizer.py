@@ -418,6 +418,8 @@ class MLXHfQuantizer(HfQuantizer):
         )
         if layout is not None:
             self._value_conversions += layout.offset_conversions(headers)
+        if vlm_layout is not None:  # Qwen 3.5's norms, stored as 1 + w by mlx-vlm
+            self._value_conversions += vlm_layout.offset_conversions(headers)
         config = _with_model_names(model, self.quantization_config, vlm_layout)
         walk = plan_modules(
             model,
