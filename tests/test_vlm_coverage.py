@@ -45,7 +45,16 @@ def _load(path: Path):
 
 
 @pytest.mark.parametrize(
-    "name", ["qwen2_5_vl", "gemma3", "llava_onevision", "lfm2_vl", "qwen3_5", "qwen3_5_moe"]
+    "name",
+    [
+        "qwen2_5_vl",
+        "gemma3",
+        "llava_onevision",
+        "lfm2_vl",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "qwen3_vl_moe",
+    ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     """The saved checkpoint has mlx-vlm's names, channels-last convolutions and the config
@@ -97,6 +106,7 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("qwen2_5_vl", Variant(recipe=VISION_MXFP4)),
         ("qwen3_5", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("qwen3_5_moe", Variant(quantize_vision=True)),
+        ("qwen3_vl_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )

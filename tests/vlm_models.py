@@ -87,6 +87,8 @@ class Family:
     mlx_mask: bool = False
     # float tensor renames into the Hub (transformers 4) layout mlx-vlm converts from
     hub_renames: tuple[tuple[str, str], ...] = ()
+    # other float tensor changes into the Hub layout: (name, tensor) -> tensor
+    hub_tensors: Callable[[str, Any], Any] | None = None
     tied: bool = False  # mlx-vlm's model of the family has a tied head only
     # a factor transformers' model leaves out of its logits and mlx-vlm applies: (config) -> float
     logit_scale: Callable[[Any], float] | None = None
@@ -147,6 +149,49 @@ def _qwen3_keys(cfg: dict) -> None:
     rope = {"type": "default", "mrope_section": section, "mrope_interleaved": True}
     cfg["text_config"].update({"rope_theta": THETA, "rope_scaling": rope})
     cfg["vision_config"]["model_type"] = cfg["model_type"]
+
+
+def _experts_in_out(name: str, tensor):
+    """The Hub (transformers 4) layout of fused experts, [E, in, out], which mlx-vlm's sanitize
+    reads; transformers 5 saves its own [E, out, in] (it converts the Hub's when loading)."""
+    if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+        return tensor.transpose(1, 2)
+    return tensor
+
+
+@contextlib.contextmanager
+def _qwen3_vl_moe_activations():
+    """mlx-vlm 0.7.10's Qwen3-VL-MoE tower swaps the two GELUs of Qwen3-VL's (its own qwen3_vl
+    has them right): exact GELU in the blocks' MLP, where the config's hidden_act is
+    gelu_pytorch_tanh, and the tanh GELU in the patch merger, where the model has the exact one
+    (6e-4 apart on the tiny model). Set back to the model's."""
+    import mlx.nn as nn
+    from mlx_vlm.models.qwen3_vl_moe import vision
+
+    inits = vision.MLP.__init__, vision.PatchMerger.__init__
+
+    def mlp(self, *args, **kwargs):
+        inits[0](self, *args, **kwargs)
+        self.act_fn = nn.GELU(approx="tanh")
+
+    def merger(self, *args, **kwargs):
+        inits[1](self, *args, **kwargs)
+        self.act_fn = nn.GELU()
+
+    vision.MLP.__init__, vision.PatchMerger.__init__ = mlp, merger
+    try:
+        yield
+    finally:
+        vision.MLP.__init__, vision.PatchMerger.__init__ = inits
+
+
+def _qwen3_moe_keys(cfg: dict) -> None:
+    """Qwen3-VL's keys, and the MoE settings mlx-vlm requires (no dense layers here)."""
+    _qwen3_keys(cfg)
+    text = cfg["text_config"]
+    text.setdefault("mlp_only_layers", [])
+    # transformers 5 writes the expert count as num_local_experts only
+    text.setdefault("num_experts", text.get("num_local_experts"))
 
 
 # CLIP/SigLIP towers: the Hub checkpoints (transformers 4) name them `vision_tower.vision_model.`
@@ -505,6 +550,35 @@ FAMILIES: dict[str, Family] = {
         extra_inputs=("image_grid_thw",),
         torch_inputs=_mm_token_types,
     ),
+    "qwen3_vl_moe": Family(
+        "qwen3_vl_moe",
+        text={
+            "rope_parameters": {**_MROPE, "mrope_interleaved": True},
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+        },
+        vision=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+            patch_size=16,
+        ),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(16),
+        prompt=_QWEN_PROMPT,
+        image_size=(96, 64),
+        mlx_vlm_keys=_qwen3_moe_keys,
+        hub_tensors=_experts_in_out,
+        mlx_fix=_qwen3_vl_moe_activations,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+    ),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
     "gemma3": Family(
@@ -827,7 +901,7 @@ def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
             else:  # norms and biases away from their init values (0 or 1)
                 p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(out)
-    if family.hub_renames:
+    if family.hub_renames or family.hub_tensors:
         import re
 
         from safetensors.torch import load_file, save_file
@@ -835,6 +909,8 @@ def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
         tensors = load_file(out / "model.safetensors")
         for pattern, repl in family.hub_renames:
             tensors = {re.sub(pattern, repl, k): v for k, v in tensors.items()}
+        if family.hub_tensors is not None:
+            tensors = {k: family.hub_tensors(k, v).contiguous() for k, v in tensors.items()}
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
     if family.mlx_vlm_keys is not None:

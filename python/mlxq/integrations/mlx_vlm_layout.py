@@ -59,6 +59,9 @@ class VlmLayout:
     vision_model_type: str | None = None  # vision_config.model_type mlx-vlm expects
     text_keys_from_top: tuple[str, ...] = ()  # top-level keys mlx-vlm reads in text_config
     top_keys_from_text: tuple[str, ...] = ()  # text_config keys mlx-vlm reads at the top
+    # (mlx-vlm's key, transformers 5's key) in text_config, e.g. the expert count that
+    # transformers 5 writes as num_local_experts only
+    text_aliases: tuple[tuple[str, str], ...] = ()
     # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
     # 1 + w) that mlx-vlm's sanitize stores as 1 + w (Qwen 3.5), see MlxLayout.unit_offset
     unit_offset: tuple[str, ...] = ()
@@ -133,6 +136,12 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
     "qwen3_vl": _qwen_vl("qwen3_vl", vision_model_type="qwen3_vl"),
+    "qwen3_vl_moe": _qwen_vl(
+        "qwen3_vl_moe",
+        _SWITCH_MLP,
+        vision_model_type="qwen3_vl_moe",
+        text_aliases=(("num_experts", "num_local_experts"),),
+    ),
     "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS),
     "qwen3_5_moe": _qwen_vl("qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
@@ -308,6 +317,7 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
     out["text"].update(rope)
     out["top"].update({k: text[k] for k in layout.top_keys_from_text if k in text})
     out["text"].update({k: cfg[k] for k in layout.text_keys_from_top if k in cfg})
+    out["text"].update({k: text[t] for k, t in layout.text_aliases if t in text})
     if layout.vision_model_type is not None:
         out["vision"]["model_type"] = layout.vision_model_type
     vision = cfg.get("vision_config") or {}

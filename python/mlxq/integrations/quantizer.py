@@ -44,12 +44,13 @@ from mlxq.integrations.mlx_vlm_layout import (
 from mlxq.integrations.model_class import text_model_class
 from mlxq.integrations.moe_loading import (
     check_moe_tensors_loaded,
+    converts_replaced_tensors,
     replace_moe_module,
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
 from mlxq.model_walk import HeadDecision, plan_modules, tie_head
-from mlxq.moe import AffineSwitchLinear, float_dtype_for_routers
+from mlxq.moe import AffineSwitchLinear, MoeExperts, float_dtype_for_routers
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
@@ -430,10 +431,13 @@ class MLXHfQuantizer(HfQuantizer):
             collect_errors=True,  # raised in module order below
         )
         replaced: set[str] = set()
+        self._moe_experts: set[str] = set()
         for entry in walk.modules:
             name, module = entry.name, entry.module
             if entry.moe is not None:  # MoE experts and routers (integrations/moe_loading.py)
                 replaced |= replace_moe_module(model, name, module, entry.moe, headers, config)
+                if isinstance(model.get_submodule(name), MoeExperts):
+                    self._moe_experts.add(name)
                 continue
             split = replace_split_kv_b(model, name, module, headers, config)  # DeepSeek V3
             if split is not None:
@@ -521,6 +525,8 @@ class MLXHfQuantizer(HfQuantizer):
         """mlx-lm's tensor names, for the architectures it renames, go first: the model's own
         renamings (e.g. GPT-NeoX `embed_out` -> `lm_head`) then chain after them, and saving
         reverses them last, so that `save_pretrained` writes mlx-lm's layout again."""
+        from transformers.core_model_loading import WeightConverter
+
         layout = getattr(self, "_mlx_layout", None)
         renames = layout.weight_renamings() if layout is not None else []
         self._layout_renames = renames
@@ -528,6 +534,14 @@ class MLXHfQuantizer(HfQuantizer):
         if vlm_layout is not None:  # mlx-vlm's names, also reversed last when saving
             renames = [*vlm_layout.weight_renamings(), *renames]
         converters = list(getattr(self, "_value_conversions", []))
+        experts = getattr(self, "_moe_experts", set())
+        # the model's own converters of its fused experts (Qwen3-VL-MoE's transpose of the
+        # Hub's [E, in, out]) would run on mlxq's stacked tensors of the same name
+        weight_conversions = [
+            c
+            for c in weight_conversions
+            if not (isinstance(c, WeightConverter) and converts_replaced_tensors(c, experts))
+        ]
         return [
             *renames,
             # transformers >= 5.2x passes the model too; older 5.x only the conversions
