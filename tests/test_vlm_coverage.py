@@ -25,6 +25,7 @@ from vlm_models import (
     model_inputs,
     run_family,
     tiny_mlx_vlm_checkpoint,
+    transformers_config,
 )
 
 TOLERANCE = 1e-3  # fp32 logits of ~1-10
@@ -54,6 +55,7 @@ def _load(path: Path):
         "qwen3_5",
         "qwen3_5_moe",
         "qwen3_vl_moe",
+        "glm4v",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -81,6 +83,28 @@ def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     ours = mlxq_logits(saved, name, inputs, model)
     assert float(np.abs(mlx_vlm_logits(saved, name, inputs) - ours).max()) <= TOLERANCE
     np.testing.assert_allclose(mlxq_logits(saved, name, inputs), ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl_moe", "qwen3_5_moe", "glm4v"])
+def test_config_keys_from_transformers_config_alone(tmp_path: Path, name: str) -> None:
+    """The config.json keys mlxq adds when saving come from transformers 5's config alone (a
+    float model quantized by mlxq has no others): mlx-vlm reads that config as the same model
+    as its own conversion's."""
+    from mlxq.integrations.quantizer import add_mlx_vlm_config_keys
+
+    source = tiny_mlx_vlm_checkpoint(name)
+    config = transformers_config(name)
+    add_mlx_vlm_config_keys(config)
+    cfg = config.to_dict()
+    own = json.loads((source / "config.json").read_text())
+    cfg.update({k: own[k] for k in ("quantization", "quantization_config")})
+    path = tmp_path / "model"
+    shutil.copytree(source, path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    inputs = model_inputs(source, name, with_image=True)
+    np.testing.assert_allclose(
+        mlx_vlm_logits(path, name, inputs), mlx_vlm_logits(source, name, inputs), rtol=0, atol=1e-6
+    )
 
 
 def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
@@ -143,6 +167,39 @@ def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(ValueError, match=r"model_type 'qwen2_5_vl' is an image-text family whose"):
         _load(source)
     assert "timm" in mlx_vlm_layout.unmapped_vlm_note("gemma3n")
+
+
+def test_unmapped_family_is_refused_with_every_tensor_filled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An mlx-vlm checkpoint whose names happen to be transformers' own (so every tensor of the
+    model would be filled) is still refused when its family is not mapped: it was written by
+    MLX and has a vision tower. The same tensors written by transformers (`format: pt`, as
+    mlxq's save_pretrained writes) load, as the model mlxq reads from the mapped checkpoint."""
+    from mlxq.integrations import mlx_vlm_layout
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_mlx_vlm_checkpoint("qwen2_5_vl")
+    layout = mlx_vlm_layout.VLM_LAYOUTS["qwen2_5_vl"]
+    tensors = {
+        layout.to_transformers(k): v for k, v in load_file(source / "model.safetensors").items()
+    }
+    conv = "model.visual.patch_embed.proj.weight"
+    tensors[conv] = tensors[conv].permute(0, 4, 1, 2, 3).contiguous()  # channels-first
+    inputs = model_inputs(source, "qwen2_5_vl", with_image=True)
+    expected = mlxq_logits(source, "qwen2_5_vl", inputs)
+    monkeypatch.delitem(mlx_vlm_layout.VLM_LAYOUTS, "qwen2_5_vl")
+    for writer in ("mlx", "pt"):
+        path = tmp_path / writer
+        shutil.copytree(source, path)
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)
+        save_file(tensors, path / "model.safetensors", metadata={"format": writer})
+        if writer == "mlx":
+            with pytest.raises(ValueError, match=r"written by MLX .*model_type 'qwen2_5_vl' is an"):
+                _load(path)
+        else:
+            got = mlxq_logits(path, "qwen2_5_vl", inputs)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["lfm2_vl", "internvl"])

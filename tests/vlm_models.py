@@ -489,6 +489,150 @@ def _qwen3_5(model_type: str, text: dict) -> Family:
     )
 
 
+def _glm4v_processor(tokenizer):
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    side = 56
+    return Glm4vImageProcessorPil(
+        size={"shortest_edge": side * side, "longest_edge": 4 * side * side},
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
+def _cubic_weights(t: np.ndarray) -> list[np.ndarray]:
+    """Weights of the taps at -1, 0, 1, 2 for fraction t: the cubic convolution kernel with
+    A = -0.75 that PyTorch's bicubic interpolation uses."""
+    a = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _bicubic_border(grid: np.ndarray, norm_w: np.ndarray, norm_h: np.ndarray) -> np.ndarray:
+    """[H, W, C] sampled at normalized points (align_corners=False), bicubic with border
+    padding (every tap clamped into the grid): `F.grid_sample(mode="bicubic",
+    padding_mode="border")`, in float64."""
+    h, w, _ = grid.shape
+    ix, iy = ((norm_w + 1) * w - 1) / 2, ((norm_h + 1) * h - 1) / 2
+    x0, y0 = np.floor(ix), np.floor(iy)
+    wx, wy = _cubic_weights(ix - x0), _cubic_weights(iy - y0)
+    out = np.zeros((len(ix), grid.shape[2]))
+    for j in range(4):
+        rows = np.clip(y0 - 1 + j, 0, h - 1).astype(np.int64)
+        for i in range(4):
+            cols = np.clip(x0 - 1 + i, 0, w - 1).astype(np.int64)
+            out += (wy[j] * wx[i])[:, None] * grid[rows, cols]
+    return out
+
+
+@contextlib.contextmanager
+def _glm4v_position_interpolation():
+    """mlx-vlm 0.7.10's GLM-4V samples the learned position embeddings bilinearly with zero
+    padding (its grid_sample kernel) where the model samples them bicubically with border
+    padding (0.09 apart on the tiny model's embeddings), and reads a quantized embedding's
+    packed weight as the table (a shape error): replaced by the model's rule."""
+    import mlx.core as mx
+    from mlx_vlm.models.glm4v.vision import Glm4vVisionEmbeddings
+
+    def call(self, embeddings, lengths, image_shapes, h_coords, w_coords):
+        emb = self.position_embedding
+        weight = emb.weight
+        if hasattr(emb, "scales"):  # quantized with the tower (mlx-vlm would use the packing)
+            biases = getattr(emb, "biases", None)
+            mode = getattr(emb, "mode", "affine")
+            weight = mx.dequantize(weight, emb.scales, biases, emb.group_size, emb.bits, mode=mode)
+        weight = np.array(weight.astype(mx.float32), dtype=np.float64)
+        side = int(round(weight.shape[0] ** 0.5))
+        shapes = np.array(image_shapes)
+        per_token = np.repeat(np.arange(len(shapes)), np.array(lengths))
+        th, tw = shapes[per_token, 1], shapes[per_token, 2]
+        norm_h = (np.array(h_coords, dtype=np.float64) + 0.5) / th * 2 - 1
+        norm_w = (np.array(w_coords, dtype=np.float64) + 0.5) / tw * 2 - 1
+        pos = _bicubic_border(weight.reshape(side, side, -1), norm_w, norm_h)
+        return embeddings + mx.array(pos.astype(np.float32)).astype(embeddings.dtype)
+
+    original = Glm4vVisionEmbeddings.__call__
+    Glm4vVisionEmbeddings.__call__ = call
+    try:
+        yield
+    finally:
+        Glm4vVisionEmbeddings.__call__ = original
+
+
+def _glm4v_keys(cfg: dict) -> None:
+    """mlx-vlm's GLM-4V reads rope_theta, partial_rotary_factor and the mrope sections at the
+    top of text_config, and `vision_start_token_id` where transformers 5 has
+    `image_start_token_id`."""
+    text = cfg["text_config"]
+    rope = text["rope_parameters"]
+    text["rope_theta"] = rope["rope_theta"]
+    text["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    text["rope_scaling"] = {"rope_type": "default", "mrope_section": rope["mrope_section"]}
+    cfg["vision_start_token_id"] = cfg["image_start_token_id"]
+    cfg["vision_end_token_id"] = cfg["image_end_token_id"]
+    text.setdefault("eos_token_id", cfg.get("eos_token_id") or 2)  # required there
+
+
+_GLM4V_SPECIAL = (
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|video|>",
+)
+_GLM4V_IDS = {
+    "image_start_token_id": "<|begin_of_image|>",
+    "image_end_token_id": "<|end_of_image|>",
+    "image_token_id": "<|image|>",
+    "video_start_token_id": "<|begin_of_video|>",
+    "video_end_token_id": "<|end_of_video|>",
+    "video_token_id": "<|video|>",
+}
+_GLM4V_TEXT = {
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": THETA,
+        "mrope_section": [2, 3, 3],
+        "partial_rotary_factor": 0.5,
+    },
+}
+_GLM4V_VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=2,
+    out_hidden_size=128,
+    patch_size=14,
+    image_size=56,
+)
+
+
+def _glm4v(model_type: str, text: dict) -> Family:
+    return Family(
+        model_type,
+        text=text,
+        vision=dict(_GLM4V_VISION),
+        special=_GLM4V_SPECIAL,
+        token_ids=_GLM4V_IDS,
+        named_tokens={"image_token": "<|image|>"},
+        processor=_glm4v_processor,
+        prompt="t5 t6 <|begin_of_image|><|image|><|end_of_image|> t7 t300 t42",
+        image_size=(84, 56),
+        mlx_vlm_keys=_glm4v_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+        mlx_fix=_glm4v_position_interpolation,
+    )
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -579,6 +723,7 @@ FAMILIES: dict[str, Family] = {
         extra_inputs=("image_grid_thw",),
         torch_inputs=_mm_token_types,
     ),
+    "glm4v": _glm4v("glm4v", _GLM4V_TEXT),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
     "gemma3": Family(
@@ -879,6 +1024,14 @@ def _config(family: Family, ids: dict[str, int], tied: bool):
         **top,
         **family.top,
     )
+
+
+def transformers_config(name: str, tied: bool | None = None):
+    """The tiny model's config as transformers 5 builds it (none of mlx-vlm's keys)."""
+    family = FAMILIES[name]
+    first = VOCAB - len(family.special)
+    ids = {s: first + i for i, s in enumerate(family.special)}
+    return _config(family, ids, variant_of(name).tied if tied is None else tied)
 
 
 def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:

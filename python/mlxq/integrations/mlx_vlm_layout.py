@@ -62,6 +62,11 @@ class VlmLayout:
     # (mlx-vlm's key, transformers 5's key) in text_config, e.g. the expert count that
     # transformers 5 writes as num_local_experts only
     text_aliases: tuple[tuple[str, str], ...] = ()
+    top_aliases: tuple[tuple[str, str], ...] = ()  # the same at the top level
+    text_required: tuple[str, ...] = ()  # text_config keys mlx-vlm indexes (null if unset)
+    # mlx-vlm places full attention every `full_attention_interval` layers (default 4), read
+    # off transformers' layer_types (Qwen 3.5)
+    attention_interval: bool = False
     # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
     # 1 + w) that mlx-vlm's sanitize stores as 1 + w (Qwen 3.5), see MlxLayout.unit_offset
     unit_offset: tuple[str, ...] = ()
@@ -142,8 +147,19 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         vision_model_type="qwen3_vl_moe",
         text_aliases=(("num_experts", "num_local_experts"),),
     ),
-    "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS),
-    "qwen3_5_moe": _qwen_vl("qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS),
+    # GLM-4.1V/4.5V: mlx-vlm names the image start/end tokens vision_start/end_token_id
+    "glm4v": _qwen_vl(
+        "glm4v",
+        top_aliases=(
+            ("vision_start_token_id", "image_start_token_id"),
+            ("vision_end_token_id", "image_end_token_id"),
+        ),
+        text_required=("eos_token_id",),
+    ),
+    "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS, attention_interval=True),
+    "qwen3_5_moe": _qwen_vl(
+        "qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS, attention_interval=True
+    ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
         "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)
@@ -293,6 +309,8 @@ def _rope(text: dict, gemma3: bool) -> dict:
         out["rope_theta"] = rope["rope_theta"]
         if gemma3:  # mlx-vlm's Gemma 3 calls the global base rope_global_base_freq
             out["rope_global_base_freq"] = rope["rope_theta"]
+    if "partial_rotary_factor" in rope:  # GLM-4V reads it at the top of text_config
+        out["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if "mrope_section" in rope:
         out["rope_scaling"] = {"type": "default", "mrope_section": list(rope["mrope_section"])}
     return out
@@ -318,6 +336,15 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
     out["top"].update({k: text[k] for k in layout.top_keys_from_text if k in text})
     out["text"].update({k: cfg[k] for k in layout.text_keys_from_top if k in cfg})
     out["text"].update({k: text[t] for k, t in layout.text_aliases if t in text})
+    out["top"].update({k: cfg[t] for k, t in layout.top_aliases if t in cfg})
+    if layout.attention_interval:
+        # the period of full-attention layers, as mlx-lm's sliding_window_pattern
+        from mlxq.integrations.mlx_lm_layout import _sliding_window_pattern
+
+        interval = _sliding_window_pattern(text.get("layer_types"))
+        if interval is not None:
+            out["text"]["full_attention_interval"] = interval
+    out["text"].update({k: text.get(k, cfg.get(k)) for k in layout.text_required})
     if layout.vision_model_type is not None:
         out["vision"]["model_type"] = layout.vision_model_type
     vision = cfg.get("vision_config") or {}

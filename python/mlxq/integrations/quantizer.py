@@ -19,7 +19,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
-from mlxq.integrations.checkpoint import TensorInfo, read_headers
+from mlxq.integrations.checkpoint import TensorInfo, read_headers, written_by_mlx
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.cpu_attention import use_fp32_decode_attention
 from mlxq.integrations.cpu_layers import use_flat_decode_layers
@@ -33,6 +33,7 @@ from mlxq.integrations.mlx_lm_layout import (
     use_mlx_lm_layout,
 )
 from mlxq.integrations.mlx_vlm_layout import (
+    VLM_LAYOUTS,
     VlmLayout,
     channels_last_conversions,
     checkpoint_vlm_layout,
@@ -270,6 +271,30 @@ def _refuse_missing_tensors(
         )
 
 
+def _refuse_unmapped_vlm(
+    model: nn.Module,
+    headers: dict[str, TensorInfo],
+    stored_keys: list[str],
+    mlx_vlm_names: bool,
+    files: list | None,
+) -> None:
+    """An mlx-vlm checkpoint of an image-text family whose layout mlxq does not map is refused
+    by name: written by MLX with tensors outside the language model (mlx-vlm's conversion; an
+    mlx-lm one keeps the language model only), even when every model tensor would be filled
+    (names that coincide with transformers' are no proof that the config keys, convolution
+    layouts and norm conventions do); else, with mlx-vlm's names, when a tensor stays unfilled
+    (later checks would only see the first unmatched tensor)."""
+    note = unmapped_vlm_note(_model_type(model))
+    if _model_type(model) not in VLM_LAYOUTS and written_by_mlx(files or []):
+        if any(not key.startswith("language_model.") for key in stored_keys):
+            raise ValueError(
+                f"mlxq: {type(model).__name__}: an image-text checkpoint written by MLX "
+                f"(mlx-vlm's conversion): {note}"
+            )
+    if mlx_vlm_names:
+        _refuse_missing_tensors(model, headers, note)
+
+
 def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
     """Quantized tensors of modules mlxq cannot replace would load as garbage: refuse them."""
     for key in headers:
@@ -407,11 +432,10 @@ class MLXHfQuantizer(HfQuantizer):
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
         self._vlm_layout: VlmLayout | None = vlm_layout
         mlx_vlm_names = looks_like_mlx_vlm(headers)
+        stored_keys = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
-        if vlm_layout is None and mlx_vlm_names and is_image_text(model.config):
-            # an image-text family whose mlx-vlm layout is not mapped: refused by name here
-            # (later checks would only see the first unmatched tensor)
-            _refuse_missing_tensors(model, headers, unmapped_vlm_note(_model_type(model)))
+        if vlm_layout is None and is_image_text(model.config):
+            _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
         # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load,
         # and norm weights that mlx-lm stores as 1 + w (Qwen3-Next) get their 1 back
         self._value_conversions = channels_last_conversions(
