@@ -85,7 +85,9 @@ def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     np.testing.assert_allclose(mlxq_logits(saved, name, inputs), ours, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl_moe", "qwen3_5_moe", "glm4v"])
+@pytest.mark.parametrize(
+    "name", ["qwen2_5_vl", "qwen3_vl_moe", "qwen3_5_moe", "glm4v", "glm4v_moe"]
+)
 def test_config_keys_from_transformers_config_alone(tmp_path: Path, name: str) -> None:
     """The config.json keys mlxq adds when saving come from transformers 5's config alone (a
     float model quantized by mlxq has no others): mlx-vlm reads that config as the same model
@@ -131,6 +133,7 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("qwen3_5", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("qwen3_5_moe", Variant(quantize_vision=True)),
         ("qwen3_vl_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("glm4v_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )

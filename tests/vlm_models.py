@@ -534,12 +534,14 @@ def _bicubic_border(grid: np.ndarray, norm_w: np.ndarray, norm_h: np.ndarray) ->
 
 @contextlib.contextmanager
 def _glm4v_position_interpolation():
-    """mlx-vlm 0.7.10's GLM-4V samples the learned position embeddings bilinearly with zero
-    padding (its grid_sample kernel) where the model samples them bicubically with border
-    padding (0.09 apart on the tiny model's embeddings), and reads a quantized embedding's
-    packed weight as the table (a shape error): replaced by the model's rule."""
+    """mlx-vlm 0.7.10's GLM-4V (and GLM-4.5V) samples the learned position embeddings
+    bilinearly with zero padding (its grid_sample kernel) where the model samples them
+    bicubically with border padding (0.09 apart on the tiny model's embeddings), and reads a
+    quantized embedding's packed weight as the table (a shape error): replaced by the model's
+    rule."""
     import mlx.core as mx
-    from mlx_vlm.models.glm4v.vision import Glm4vVisionEmbeddings
+    from mlx_vlm.models.glm4v import vision
+    from mlx_vlm.models.glm4v_moe import vision as moe_vision
 
     def call(self, embeddings, lengths, image_shapes, h_coords, w_coords):
         emb = self.position_embedding
@@ -558,12 +560,15 @@ def _glm4v_position_interpolation():
         pos = _bicubic_border(weight.reshape(side, side, -1), norm_w, norm_h)
         return embeddings + mx.array(pos.astype(np.float32)).astype(embeddings.dtype)
 
-    original = Glm4vVisionEmbeddings.__call__
-    Glm4vVisionEmbeddings.__call__ = call
+    classes = (vision.Glm4vVisionEmbeddings, moe_vision.Glm4vVisionEmbeddings)  # (copies)
+    originals = [cls.__call__ for cls in classes]
+    for cls in classes:
+        cls.__call__ = call
     try:
         yield
     finally:
-        Glm4vVisionEmbeddings.__call__ = original
+        for cls, original in zip(classes, originals, strict=True):
+            cls.__call__ = original
 
 
 def _glm4v_keys(cfg: dict) -> None:
@@ -604,6 +609,23 @@ _GLM4V_TEXT = {
         "partial_rotary_factor": 0.5,
     },
 }
+_GLM4V_MOE_TEXT = {
+    **_GLM4V_TEXT,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+}
+
+
+def _glm4v_moe_keys(cfg: dict) -> None:
+    """GLM-4V's keys, and the query/key norm flag mlx-vlm's GLM-4.5V requires (the Hub's)."""
+    _glm4v_keys(cfg)
+    cfg["text_config"].setdefault("use_qk_norm", False)
+
+
 _GLM4V_VISION = dict(
     depth=2,
     hidden_size=64,
@@ -615,7 +637,7 @@ _GLM4V_VISION = dict(
 )
 
 
-def _glm4v(model_type: str, text: dict) -> Family:
+def _glm4v(model_type: str, text: dict, keys: Callable[[dict], None] = _glm4v_keys) -> Family:
     return Family(
         model_type,
         text=text,
@@ -626,7 +648,7 @@ def _glm4v(model_type: str, text: dict) -> Family:
         processor=_glm4v_processor,
         prompt="t5 t6 <|begin_of_image|><|image|><|end_of_image|> t7 t300 t42",
         image_size=(84, 56),
-        mlx_vlm_keys=_glm4v_keys,
+        mlx_vlm_keys=keys,
         extra_inputs=("image_grid_thw",),
         torch_inputs=_mm_token_types,
         mlx_fix=_glm4v_position_interpolation,
@@ -724,6 +746,7 @@ FAMILIES: dict[str, Family] = {
         torch_inputs=_mm_token_types,
     ),
     "glm4v": _glm4v("glm4v", _GLM4V_TEXT),
+    "glm4v_moe": _glm4v("glm4v_moe", _GLM4V_MOE_TEXT, _glm4v_moe_keys),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
     "gemma3": Family(
@@ -1053,6 +1076,9 @@ def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
                 p.normal_(0, 0.08)
             else:  # norms and biases away from their init values (0 or 1)
                 p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():  # the routers' expert-choice biases (zeros)
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.5)
     model.save_pretrained(out)
     if family.hub_renames or family.hub_tensors:
         import re

@@ -63,7 +63,8 @@ class VlmLayout:
     # transformers 5 writes as num_local_experts only
     text_aliases: tuple[tuple[str, str], ...] = ()
     top_aliases: tuple[tuple[str, str], ...] = ()  # the same at the top level
-    text_required: tuple[str, ...] = ()  # text_config keys mlx-vlm indexes (null if unset)
+    # text_config keys mlx-vlm requires, with the value written where transformers has none
+    text_defaults: tuple[tuple[str, Any], ...] = ()
     # mlx-vlm places full attention every `full_attention_interval` layers (default 4), read
     # off transformers' layer_types (Qwen 3.5)
     attention_interval: bool = False
@@ -137,6 +138,14 @@ _QWEN3_5_NORMS = (
 )
 
 
+# GLM-4.1V/4.5V: mlx-vlm names the image start/end tokens vision_start/end_token_id
+_GLM4V_KEYS: dict[str, Any] = {
+    "top_aliases": (
+        ("vision_start_token_id", "image_start_token_id"),
+        ("vision_end_token_id", "image_end_token_id"),
+    )
+}
+
 VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
@@ -147,14 +156,10 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         vision_model_type="qwen3_vl_moe",
         text_aliases=(("num_experts", "num_local_experts"),),
     ),
-    # GLM-4.1V/4.5V: mlx-vlm names the image start/end tokens vision_start/end_token_id
-    "glm4v": _qwen_vl(
-        "glm4v",
-        top_aliases=(
-            ("vision_start_token_id", "image_start_token_id"),
-            ("vision_end_token_id", "image_end_token_id"),
-        ),
-        text_required=("eos_token_id",),
+    "glm4v": _qwen_vl("glm4v", **_GLM4V_KEYS, text_defaults=(("eos_token_id", None),)),
+    # GLM-4.5V: transformers' text model has no query/key norms (mlx-vlm requires the flag)
+    "glm4v_moe": _qwen_vl(
+        "glm4v_moe", _SWITCH_MLP, **_GLM4V_KEYS, text_defaults=(("use_qk_norm", False),)
     ),
     "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS, attention_interval=True),
     "qwen3_5_moe": _qwen_vl(
@@ -344,7 +349,7 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
         interval = _sliding_window_pattern(text.get("layer_types"))
         if interval is not None:
             out["text"]["full_attention_interval"] = interval
-    out["text"].update({k: text.get(k, cfg.get(k)) for k in layout.text_required})
+    out["text"].update({k: text.get(k, cfg.get(k, v)) for k, v in layout.text_defaults})
     if layout.vision_model_type is not None:
         out["vision"]["model_type"] = layout.vision_model_type
     vision = cfg.get("vision_config") or {}
