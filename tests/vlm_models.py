@@ -655,6 +655,59 @@ def _glm4v(model_type: str, text: dict, keys: Callable[[dict], None] = _glm4v_ke
     )
 
 
+_GEMMA4_PATCH, _GEMMA4_POOL, _GEMMA4_SOFT_TOKENS = 8, 2, 70
+
+
+def _gemma4_processor(tokenizer):
+    # mlx-vlm's processor reads its image settings from processor_config.json
+    settings = {
+        "patch_size": _GEMMA4_PATCH,
+        "max_soft_tokens": _GEMMA4_SOFT_TOKENS,
+        "pooling_kernel_size": _GEMMA4_POOL,
+    }
+    return _SavedImageProcessor(
+        None,
+        {
+            "processor_class": "Gemma4Processor",
+            "image_processor": settings,
+            "image_seq_length": _GEMMA4_SOFT_TOKENS,
+        },
+    )
+
+
+def _gemma4_patches(inputs: dict, config) -> dict:
+    """Gemma 4 in transformers takes the image as patches ([1, N, p*p*3], rows of patches,
+    each patch row-major over (y, x, channel)) with their (x, y) positions, padded to the
+    processor's budget with position -1; mlx-vlm's processor returns the resized image."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None or pixels.ndim != 4:
+        return inputs
+    _, c, h, w = pixels.shape
+    p = _GEMMA4_PATCH
+    patches = pixels[0].reshape(c, h // p, p, w // p, p).transpose(1, 3, 2, 4, 0)
+    patches = patches.reshape((h // p) * (w // p), p * p * c)
+    xs, ys = np.meshgrid(np.arange(w // p), np.arange(h // p), indexing="xy")
+    positions = np.stack([xs, ys], axis=-1).reshape(-1, 2)
+    budget = _GEMMA4_SOFT_TOKENS * _GEMMA4_POOL**2
+    pad = budget - len(patches)
+    patches = np.pad(patches, [(0, pad), (0, 0)])
+    positions = np.pad(positions, [(0, pad), (0, 0)], constant_values=-1)
+    return {**inputs, "pixel_values": patches[None], "image_position_ids": positions[None]}
+
+
+_GEMMA4_SPECIAL = ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "<|video|>")
+_GEMMA4_TEXT = {
+    "layer_types": ["sliding_attention", "full_attention"],
+    "sliding_window": 64,
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": THETA},
+    },
+    "hidden_size_per_layer_input": 16,
+    "vocab_size_per_layer_input": VOCAB,
+}
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -747,6 +800,38 @@ FAMILIES: dict[str, Family] = {
     ),
     "glm4v": _glm4v("glm4v", _GLM4V_TEXT),
     "glm4v_moe": _glm4v("glm4v_moe", _GLM4V_MOE_TEXT, _glm4v_moe_keys),
+    "gemma4": Family(
+        "gemma4",
+        text=_GEMMA4_TEXT,
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+            patch_size=_GEMMA4_PATCH,
+            pooling_kernel_size=_GEMMA4_POOL,
+            position_embedding_size=64,
+        ),
+        special=_GEMMA4_SPECIAL,
+        token_ids={
+            "boi_token_id": "<start_of_image>",
+            "eoi_token_id": "<end_of_image>",
+            "image_token_id": "<image_soft_token>",
+            "video_token_id": "<|video|>",
+        },
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+        processor=_gemma4_processor,
+        prompt="t5 t6 <image_soft_token> t7 t300 t42",
+        image_size=(64, 48),
+        torch_inputs=_gemma4_patches,
+        tied=True,
+    ),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
     "gemma3": Family(

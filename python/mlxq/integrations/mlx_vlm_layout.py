@@ -187,6 +187,11 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
 # mlxq does not map, with the reason; an mlx-vlm checkpoint of one (or of any family missing
 # from VLM_LAYOUTS) that leaves a model tensor unfilled is refused with this note.
 UNVERIFIED_VLM: dict[str, str] = {
+    "gemma4": (
+        "transformers' Gemma4Model.forward reads language_model.embed_tokens.weight[pad_token_id] "
+        "itself to build the per-layer inputs, which the quantized embedding mlx-vlm writes "
+        "cannot serve (its weight holds packed words); mlx-vlm runs the tiny model"
+    ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
         "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
