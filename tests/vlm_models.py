@@ -708,6 +708,32 @@ _GEMMA4_TEXT = {
 }
 
 
+def _llama4_processor(tokenizer):
+    # mlx-vlm's processor (transformers' image processor needs torchvision) reads the tile size
+    # and the tile budget from preprocessor_config.json: one 56-pixel tile, no split
+    settings = {"size": {"height": 56, "width": 56}, "max_patches": 1}
+    return _SavedImageProcessor(None, {"processor_class": "Llama4Processor", **settings})
+
+
+_LLAMA4_SPECIAL = (
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|image|>",
+    "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+)
+
+
+def _llama4_keys(cfg: dict) -> None:
+    """mlx-vlm's Llama 4 reads rope_theta at the top of text_config and vision_config (the
+    tower's from its rope_parameters), and the Hub's vision_feature_layer (the last)."""
+    cfg["text_config"]["rope_theta"] = THETA
+    vision = cfg["vision_config"]
+    vision["rope_theta"] = vision["rope_parameters"]["rope_theta"]
+    vision["vision_feature_layer"] = -1
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -831,6 +857,35 @@ FAMILIES: dict[str, Family] = {
         image_size=(64, 48),
         torch_inputs=_gemma4_patches,
         tied=True,
+    ),
+    "llama4": Family(
+        "llama4",
+        text={
+            **_LLAMA_TEXT,
+            "intermediate_size_mlp": 256,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 1,
+        },
+        # the pixel shuffle (ratio 0.5) feeds 4 x hidden channels to the adapter, whose input
+        # is intermediate_size wide (as in the Hub's: 1408 x 4 = 5632)
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            vision_output_dim=128,
+            projector_input_dim=128,
+            projector_output_dim=128,
+        ),
+        special=_LLAMA4_SPECIAL,
+        token_ids={"image_token_index": "<|patch|>"},
+        processor=_llama4_processor,
+        prompt="t5 t6 <|image|> t7 t300 t42",
+        image_size=(56, 56),
+        mlx_vlm_keys=_llama4_keys,
     ),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),

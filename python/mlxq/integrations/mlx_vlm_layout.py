@@ -187,6 +187,12 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
 # mlxq does not map, with the reason; an mlx-vlm checkpoint of one (or of any family missing
 # from VLM_LAYOUTS) that leaves a model tensor unfilled is refused with this note.
 UNVERIFIED_VLM: dict[str, str] = {
+    "llama4": (
+        "transformers 5.24's Llama4ForConditionalGeneration.forward fails on every call (it "
+        "reads `image_outputs` off its language model's output), so no logits compare with "
+        "mlx-vlm's, which runs the tiny model; mlx-vlm keeps transformers' own tensor names "
+        "there, with the experts stacked per projection"
+    ),
     "gemma4": (
         "transformers' Gemma4Model.forward reads language_model.embed_tokens.weight[pad_token_id] "
         "itself to build the per-layer inputs, which the quantized embedding mlx-vlm writes "
