@@ -62,6 +62,7 @@ def _load(path: Path):
         "qwen3_5_moe",
         "qwen3_vl_moe",
         "glm4v",
+        "mllama",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -92,7 +93,7 @@ def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["qwen2_5_vl", "qwen3_vl_moe", "qwen3_5_moe", "glm4v", "glm4v_moe"]
+    "name", ["qwen2_5_vl", "qwen3_vl_moe", "qwen3_5_moe", "glm4v", "glm4v_moe", "mllama"]
 )
 def test_config_keys_from_transformers_config_alone(tmp_path: Path, name: str) -> None:
     """The config.json keys mlxq adds when saving come from transformers 5's config alone (a

@@ -734,6 +734,51 @@ def _llama4_keys(cfg: dict) -> None:
     vision["vision_feature_layer"] = -1
 
 
+def _mllama_keys(cfg: dict) -> None:
+    """mlx-vlm's Mllama reads rope_theta in text_config and the tower's head count as
+    num_attention_heads (transformers: attention_heads; its default, 16, is the Hub's)."""
+    cfg["text_config"]["rope_theta"] = THETA
+    vision = cfg["vision_config"]
+    vision["num_attention_heads"] = vision["attention_heads"]
+
+
+@contextlib.contextmanager
+def _mllama_text_only():
+    """mlx-vlm 0.7.10's Mllama runs its cross-attention layers on a text-only prompt, with
+    keys and values split off the queries; the model skips them when there are no image
+    states (nothing cached either): skipped here too."""
+    from mlx_vlm.models.mllama.language import MllamaCrossAttentionDecoderLayer as Layer
+
+    original = Layer.__call__
+
+    def call(self, hidden_states, cross_attention_states, *args, cache=None, **kwargs):
+        if cross_attention_states is None and cache is None:
+            return hidden_states
+        return original(self, hidden_states, cross_attention_states, *args, cache=cache, **kwargs)
+
+    Layer.__call__ = call
+    try:
+        yield
+    finally:
+        Layer.__call__ = original
+
+
+def _open_gates(name: str, tensor):
+    """Mllama's tanh gates (cross-attention, tile and position embeddings, global layers)
+    start at zero: opened to ~0.8 so that the vision tower moves the logits visibly."""
+    if tensor.numel() == 1 and name.endswith(("gate", "gate_attn", "gate_ffn")):
+        return tensor + 1.0
+    return tensor
+
+
+def _mllama_processor(tokenizer):
+    from transformers import MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    ip = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=4)
+    return MllamaProcessor(image_processor=ip, tokenizer=tokenizer)
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -886,6 +931,39 @@ FAMILIES: dict[str, Family] = {
         prompt="t5 t6 <|image|> t7 t300 t42",
         image_size=(56, 56),
         mlx_vlm_keys=_llama4_keys,
+    ),
+    "mllama": Family(
+        "mllama",
+        text={
+            **_LLAMA_TEXT,
+            "num_hidden_layers": 3,
+            "cross_attention_layers": [1],
+            "pad_token_id": 0,
+        },
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_global_layers=1,
+            attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            # the Hub's 4 tiles and 8 aspect ratios: mlx-vlm sizes its tile embeddings by a
+            # max_aspect_ratio_id of 8, which transformers derives and does not accept
+            max_num_tiles=4,
+            intermediate_layers_indices=[0],
+            vision_output_dim=128,
+        ),
+        special=("<|image|>",),
+        token_ids={"image_token_index": "<|image|>"},
+        named_tokens={"image_token": "<|image|>"},
+        processor=_mllama_processor,
+        prompt="<|image|> t5 t6 t7 t300 t42",
+        image_size=(56, 28),
+        mlx_vlm_keys=_mllama_keys,
+        mlx_fix=_mllama_text_only,
+        hub_tensors=_open_gates,
+        extra_inputs=("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
     ),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),

@@ -63,6 +63,7 @@ class VlmLayout:
     # transformers 5 writes as num_local_experts only
     text_aliases: tuple[tuple[str, str], ...] = ()
     top_aliases: tuple[tuple[str, str], ...] = ()  # the same at the top level
+    vision_aliases: tuple[tuple[str, str], ...] = ()  # and in vision_config
     # text_config keys mlx-vlm requires, with the value written where transformers has none
     text_defaults: tuple[tuple[str, Any], ...] = ()
     # mlx-vlm places full attention every `full_attention_interval` layers (default 4), read
@@ -168,6 +169,16 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
         "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)
+    ),
+    # Llama 3.2 Vision: mlx-vlm reads the tower's head count as num_attention_heads
+    "mllama": VlmLayout(
+        "mllama",
+        (
+            *_TEXT,
+            (r"^vision_tower\.", "model.vision_model."),
+            (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+        ),
+        vision_aliases=(("num_attention_heads", "attention_heads"),),
     ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
@@ -361,9 +372,10 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
         if interval is not None:
             out["text"]["full_attention_interval"] = interval
     out["text"].update({k: text.get(k, cfg.get(k, v)) for k, v in layout.text_defaults})
+    vision = cfg.get("vision_config") or {}
     if layout.vision_model_type is not None:
         out["vision"]["model_type"] = layout.vision_model_type
-    vision = cfg.get("vision_config") or {}
+    out["vision"].update({k: vision[t] for k, t in layout.vision_aliases if t in vision})
     return {
         "top": {k: v for k, v in out["top"].items() if k not in cfg},
         "text": {k: v for k, v in out["text"].items() if k not in text},
