@@ -69,6 +69,7 @@ class VlmLayout:
     # mlx-vlm places full attention every `full_attention_interval` layers (default 4), read
     # off transformers' layer_types (Qwen 3.5)
     attention_interval: bool = False
+    sliding_pattern: bool = False  # the same period as sliding_window_pattern (Gemma 3, Cohere 2)
     # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
     # 1 + w) that mlx-vlm's sanitize stores as 1 + w (Qwen 3.5), see MlxLayout.unit_offset
     unit_offset: tuple[str, ...] = ()
@@ -168,7 +169,10 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
-        "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)
+        "gemma3",
+        text_keys_from_top=("mm_tokens_per_image",),
+        top_keys_from_text=("hidden_size",),
+        sliding_pattern=True,
     ),
     # Llama 3.2 Vision: mlx-vlm reads the tower's head count as num_attention_heads
     "mllama": VlmLayout(
@@ -185,9 +189,18 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
     "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
     "mistral3": _llava_like("mistral3"),
-    "aya_vision": _llava_like("aya_vision"),
+    "aya_vision": _llava_like("aya_vision", sliding_pattern=True),
     "internvl": _llava_like("internvl"),
-    "lfm2_vl": _llava_like("lfm2_vl"),
+    # LFM2-VL: mlx-vlm sizes its blocks by block_dim/conv_dim/conv_dim_out (default 1024), which
+    # the Hub writes as the hidden size
+    "lfm2_vl": _llava_like(
+        "lfm2_vl",
+        text_aliases=(
+            ("block_dim", "hidden_size"),
+            ("conv_dim", "hidden_size"),
+            ("conv_dim_out", "hidden_size"),
+        ),
+    ),
     "idefics2": _idefics3("idefics2"),
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
@@ -329,9 +342,12 @@ def _rope(text: dict, gemma3: bool) -> dict:
     rope = text.get("rope_parameters")
     if not isinstance(rope, dict):
         return {}
-    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3)
-        rope = rope["full_attention"]
     out: dict[str, Any] = {}
+    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3)
+        sliding = rope.get("sliding_attention")
+        if gemma3 and isinstance(sliding, dict) and "rope_theta" in sliding:
+            out["rope_local_base_freq"] = sliding["rope_theta"]
+        rope = rope["full_attention"]
     if "rope_theta" in rope:
         out["rope_theta"] = rope["rope_theta"]
         if gemma3:  # mlx-vlm's Gemma 3 calls the global base rope_global_base_freq
@@ -364,13 +380,16 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
     out["text"].update({k: cfg[k] for k in layout.text_keys_from_top if k in cfg})
     out["text"].update({k: text[t] for k, t in layout.text_aliases if t in text})
     out["top"].update({k: cfg[t] for k, t in layout.top_aliases if t in cfg})
-    if layout.attention_interval:
-        # the period of full-attention layers, as mlx-lm's sliding_window_pattern
+    if layout.attention_interval or layout.sliding_pattern:
+        # the period of full-attention layers (mlx-vlm derives the layer types from it)
         from mlxq.integrations.mlx_lm_layout import _sliding_window_pattern
 
-        interval = _sliding_window_pattern(text.get("layer_types"))
-        if interval is not None:
-            out["text"]["full_attention_interval"] = interval
+        period = _sliding_window_pattern(text.get("layer_types"))
+        if period is not None:
+            key = (
+                "full_attention_interval" if layout.attention_interval else "sliding_window_pattern"
+            )
+            out["text"][key] = period
     out["text"].update({k: text.get(k, cfg.get(k, v)) for k, v in layout.text_defaults})
     vision = cfg.get("vision_config") or {}
     if layout.vision_model_type is not None:
