@@ -637,6 +637,12 @@ _GLM4V_VISION = dict(
 )
 
 
+def _glm_ocr_keys(cfg: dict) -> None:
+    """mlx-vlm's GLM-OCR reads transformers 5's keys, and its vision config takes no
+    rope_parameters (the Hub's has none; the tower's rope base is fixed at 10000)."""
+    cfg["vision_config"].pop("rope_parameters", None)
+
+
 def _glm4v(model_type: str, text: dict, keys: Callable[[dict], None] = _glm4v_keys) -> Family:
     return Family(
         model_type,
@@ -871,6 +877,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "glm4v": _glm4v("glm4v", _GLM4V_TEXT),
     "glm4v_moe": _glm4v("glm4v_moe", _GLM4V_MOE_TEXT, _glm4v_moe_keys),
+    "glm_ocr": _glm4v("glm_ocr", _GLM4V_TEXT, _glm_ocr_keys),
     "gemma4": Family(
         "gemma4",
         text=_GEMMA4_TEXT,

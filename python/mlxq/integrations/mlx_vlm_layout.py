@@ -37,6 +37,7 @@ __all__ = [
     "channels_last_conversions",
     "channels_last_converter",
     "mlx_vlm_config_keys",
+    "takes_flat_text_keys",
 ]
 
 # mlx-vlm's language model and head, the same in every family it writes
@@ -64,6 +65,11 @@ class VlmLayout:
     text_aliases: tuple[tuple[str, str], ...] = ()
     top_aliases: tuple[tuple[str, str], ...] = ()  # the same at the top level
     vision_aliases: tuple[tuple[str, str], ...] = ()  # and in vision_config
+    # vision_config keys transformers writes and mlx-vlm's config class rejects
+    vision_drop: tuple[str, ...] = ()
+    # False where mlx-vlm reads the rope settings from rope_parameters alone and its config
+    # class rejects the flat keys (GLM-OCR)
+    rope_keys: bool = True
     # text_config keys mlx-vlm requires, with the value written where transformers has none
     text_defaults: tuple[tuple[str, Any], ...] = ()
     # mlx-vlm places full attention every `full_attention_interval` layers (default 4), read
@@ -160,6 +166,9 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     ),
     "glm4v": _qwen_vl("glm4v", **_GLM4V_KEYS, text_defaults=(("eos_token_id", None),)),
     # GLM-4.5V: transformers' text model has no query/key norms (mlx-vlm requires the flag)
+    # GLM-OCR: mlx-vlm reads transformers 5's keys, but its config classes take no flat rope
+    # keys in text_config and no rope settings or dtype in vision_config
+    "glm_ocr": _qwen_vl("glm_ocr", vision_drop=("rope_parameters", "dtype"), rope_keys=False),
     "glm4v_moe": _qwen_vl(
         "glm4v_moe", _SWITCH_MLP, **_GLM4V_KEYS, text_defaults=(("use_qk_norm", False),)
     ),
@@ -242,6 +251,13 @@ def unmapped_vlm_note(model_type: str | None) -> str:
         f"model_type {model_type!r} is an image-text family whose mlx-vlm layout mlxq does not "
         f"map ({reason}); mapped: {', '.join(sorted(VLM_LAYOUTS))}"
     )
+
+
+def takes_flat_text_keys(config: Any) -> bool:
+    """Whether mlx-vlm's config class for this model accepts the flat rope keys
+    (`rope_theta`, `partial_rotary_factor`, ...) that mlx-lm reads, in text_config."""
+    layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
+    return layout is None or layout.rope_keys
 
 
 def is_image_text(config: Any) -> bool:
@@ -338,7 +354,7 @@ def channels_last_converter(key: str) -> Any:
     )
 
 
-def _rope(text: dict, gemma3: bool) -> dict:
+def _rope(text: dict, gemma3: bool, partial: bool = False) -> dict:
     rope = text.get("rope_parameters")
     if not isinstance(rope, dict):
         return {}
@@ -352,24 +368,32 @@ def _rope(text: dict, gemma3: bool) -> dict:
         out["rope_theta"] = rope["rope_theta"]
         if gemma3:  # mlx-vlm's Gemma 3 calls the global base rope_global_base_freq
             out["rope_global_base_freq"] = rope["rope_theta"]
-    if "partial_rotary_factor" in rope:  # GLM-4V reads it at the top of text_config
+    if partial and "partial_rotary_factor" in rope:  # GLM-4V reads it at the top
         out["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if "mrope_section" in rope:
         out["rope_scaling"] = {"type": "default", "mrope_section": list(rope["mrope_section"])}
     return out
 
 
-def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
+_GLM4V = ("glm4v", "glm4v_moe")  # mlx-vlm reads partial_rotary_factor at the top of text_config
+
+
+def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
     """The config.json keys mlx-vlm reads for this image-text config and that transformers 5
     does not write: `{"top": {...}, "text": {...}, "vision": {...}}` for the top level,
-    `text_config` and `vision_config`. Keys already present are not returned."""
+    `text_config` and `vision_config`. Keys already present are not returned. With
+    `"vision_drop"`: the vision_config keys to leave out (mlx-vlm's config rejects them)."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     layout = VLM_LAYOUTS.get(cfg.get("model_type") or "")
     out: dict[str, dict[str, Any]] = {"top": {}, "text": {}, "vision": {}}
     if layout is None:
         return out
     text = cfg.get("text_config") or {}
-    rope = _rope(text, gemma3=layout.model_type == "gemma3")
+    rope = (
+        _rope(text, gemma3=layout.model_type == "gemma3", partial=layout.model_type in _GLM4V)
+        if layout.rope_keys
+        else {}
+    )
     if layout.flat_text_config:  # Qwen2-VL/2.5-VL: text settings at the top, mrope typed
         out["top"].update({k: v for k, v in text.items() if k not in cfg})
         out["top"].update(rope)
@@ -399,4 +423,5 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
         "top": {k: v for k, v in out["top"].items() if k not in cfg},
         "text": {k: v for k, v in out["text"].items() if k not in text},
         "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
+        "vision_drop": [k for k in layout.vision_drop if k in vision],
     }

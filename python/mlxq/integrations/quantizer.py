@@ -40,6 +40,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
+    takes_flat_text_keys,
     unmapped_vlm_note,
 )
 from mlxq.integrations.model_class import text_model_class
@@ -146,6 +147,8 @@ def add_mlx_lm_config_keys(config) -> None:
     (`rope_theta`, `partial_rotary_factor`, `rope_scaling`, ...: mlx-lm silently falls back to
     defaults otherwise; see :func:`mlxq.integrations.mlx_lm_layout.mlx_lm_config_keys`)."""
     for cfg in config_and_text_config(config):
+        if cfg is not config and not takes_flat_text_keys(config):
+            continue  # mlx-vlm's config class rejects them there (GLM-OCR)
         # written into __dict__: `rope_scaling` is a property aliasing `rope_parameters` in
         # transformers 5, and to_dict serializes __dict__
         vars(cfg).update(mlx_lm_config_keys(cfg))
@@ -174,9 +177,37 @@ def add_mlx_vlm_config_keys(config) -> None:
             # to_dict writes the class's model_type: a subclass that names mlx-vlm's (the Hub
             # layout, e.g. "qwen2_5_vl"; transformers reads it back as the same vision config)
             sub_config.__class__ = _with_model_type(type(sub_config), model_type)
+    drop = keys.get("vision_drop")
+    vision = getattr(config, "vision_config", None)
+    if drop and vision is not None:  # keys mlx-vlm's config class rejects (GLM-OCR's rope)
+        vision.__class__ = _without_keys(type(vision), tuple(drop))
 
 
 _RENAMED_CONFIGS: dict[tuple[type, str], type] = {}
+_DROPPING_CONFIGS: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _without_keys(cls: type, keys: tuple[str, ...]) -> type:
+    """A subclass of the config class `cls` that leaves `keys` out of what it serializes
+    (the model keeps reading them; a reload falls back to their defaults)."""
+    if (cls, keys) not in _DROPPING_CONFIGS:
+
+        def to_dict(self):
+            out = cls.to_dict(self)
+            for key in keys:
+                out.pop(key, None)
+            return out
+
+        def to_diff_dict(self):
+            out = cls.to_diff_dict(self)
+            for key in keys:
+                out.pop(key, None)
+            return out
+
+        _DROPPING_CONFIGS[(cls, keys)] = type(
+            cls.__name__, (cls,), {"to_dict": to_dict, "to_diff_dict": to_diff_dict}
+        )
+    return _DROPPING_CONFIGS[(cls, keys)]
 
 
 def _with_model_type(cls: type, model_type: str) -> type:
