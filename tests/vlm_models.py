@@ -382,6 +382,33 @@ def _idefics2_positions():
         yield
 
 
+@contextlib.contextmanager
+def _cohere2_vision_post_layernorm():
+    """mlx-vlm 0.7.10 runs Command A Vision as Aya Vision, projecting the tower's last encoder
+    state; the model projects the tower's output, which has the post-layernorm applied (Aya
+    Vision takes a hidden state before it). Applied here to the state mlx-vlm projects."""
+    from mlx_vlm.models.aya_vision.vision import SigLipVisionModel
+
+    original = SigLipVisionModel.__call__
+
+    def call(self, *args, **kwargs):
+        pooled, x, states = original(self, *args, **kwargs)
+        if states is not None:
+            states = (*states[:-1], pooled)
+        return pooled, x, states
+
+    SigLipVisionModel.__call__ = call
+    try:
+        yield
+    finally:
+        SigLipVisionModel.__call__ = original
+
+
+def _cohere2_vision_keys(cfg: dict) -> None:
+    _text_rope_keys(sliding_window_pattern=2)(cfg)
+    cfg["image_token_index"] = cfg["image_token_id"]
+
+
 _AYA_SPECIAL = (
     "<image>",
     "<|START_OF_IMG|>",
@@ -1103,6 +1130,33 @@ FAMILIES: dict[str, Family] = {
         logit_scale=lambda config: config.text_config.logit_scale,
         tied=True,
     ),
+    # Command A Vision: mlx-vlm runs it with its aya_vision module (no projector layernorm),
+    # which reads the image token as image_token_index (default: the Hub's id)
+    "cohere2_vision": Family(
+        "cohere2_vision",
+        text={
+            **_LLAMA_TEXT,
+            "model_type": "cohere2",
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 64,
+        },
+        vision=dict(_SIGLIP, image_size=56, patch_size=14, vision_use_head=False),
+        special=_AYA_SPECIAL,
+        token_ids={"image_token_id": "<|IMG_PATCH|>"},
+        processor=_aya_processor,
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(56, 56),
+        top={"downsample_factor": 2, "alignment_intermediate_size": 256},
+        mlx_vlm_keys=_cohere2_vision_keys,
+        # transformers 5 saves it under `model.`; the SigLIP tower takes its `vision_model.` level
+        hub_renames=(
+            (r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model."),
+        ),
+        # as aya_vision: transformers leaves out Cohere 2's logit_scale, mlx-vlm applies it
+        logit_scale=lambda config: config.text_config.logit_scale,
+        tied=True,
+        mlx_fix=_cohere2_vision_post_layernorm,
+    ),
     "internvl": Family(
         "internvl",
         text={**_LLAMA_TEXT, "model_type": "qwen3"},
@@ -1449,7 +1503,10 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
 
     family = FAMILIES[name]
     # registers mlx-vlm's own processor classes, which its saved processor_config.json names
-    importlib.import_module(f"mlx_vlm.models.{family.model_type}")
+    from mlx_vlm.utils import MODEL_REMAPPING
+
+    module = MODEL_REMAPPING.get(family.model_type, family.model_type)
+    importlib.import_module(f"mlx_vlm.models.{module}")
     processor = load_processor(path)
     if family.word_tokenizer:
         from transformers import PreTrainedTokenizerFast

@@ -199,6 +199,13 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
     "mistral3": _llava_like("mistral3"),
     "aya_vision": _llava_like("aya_vision", sliding_pattern=True),
+    # Command A Vision: mlx-vlm runs it as aya_vision, which names the image token
+    # image_token_index
+    "cohere2_vision": _llava_like(
+        "cohere2_vision",
+        sliding_pattern=True,
+        top_aliases=(("image_token_index", "image_token_id"),),
+    ),
     "internvl": _llava_like("internvl"),
     # LFM2-VL: mlx-vlm sizes its blocks by block_dim/conv_dim/conv_dim_out (default 1024), which
     # the Hub writes as the hidden size
