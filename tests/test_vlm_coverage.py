@@ -63,6 +63,7 @@ def _load(path: Path):
         "glm4v",
         "glm_ocr",
         "mllama",
+        "paddleocr_vl",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -112,6 +113,27 @@ def test_config_keys_from_transformers_config_alone(tmp_path: Path, name: str) -
     np.testing.assert_allclose(
         mlx_vlm_logits(path, name, inputs), mlx_vlm_logits(source, name, inputs), rtol=0, atol=1e-6
     )
+
+
+def test_fused_projection_is_split() -> None:
+    """PaddleOCR-VL's tower attention, which mlx-vlm fuses into one quantized `qkv` (it also
+    quantizes the tower, named `visual`), loads as transformers' q/k/v projections, each with
+    its third of the rows (weight, scales, biases and bias)."""
+    from mlxq.nn import AffineLinear
+    from safetensors import safe_open
+
+    path = tiny_mlx_vlm_checkpoint("paddleocr_vl")
+    attn = _load(path).model.visual.vision_model.encoder.layers[0].self_attn
+    with safe_open(path / "model.safetensors", "pt") as f:
+        fused = {
+            leaf: f.get_tensor(f"visual.layers.0.self_attn.qkv.{leaf}")
+            for leaf in ("weight", "scales", "biases", "bias")
+        }
+    for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        assert isinstance(proj, AffineLinear)
+        for leaf, tensor in fused.items():
+            part = tensor.chunk(3)[i]
+            torch.testing.assert_close(getattr(proj, leaf), part.to(getattr(proj, leaf).dtype))
 
 
 def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:

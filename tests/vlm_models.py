@@ -812,6 +812,38 @@ def _mllama_processor(tokenizer):
     return MllamaProcessor(image_processor=ip, tokenizer=tokenizer)
 
 
+def _paddleocr_processor(tokenizer):
+    # mlx-vlm's processor reads its image settings from preprocessor_config.json
+    side = 56
+    settings = {"min_pixels": side * side, "max_pixels": 4 * side * side, "patch_size": 14}
+    return _SavedImageProcessor(None, {"processor_class": "PaddleOCRVLProcessor", **settings})
+
+
+def _paddleocr_inputs(inputs: dict, config) -> dict:
+    """PaddleOCR-VL in transformers takes the patches without the batch level mlx-vlm's
+    processor adds ([patches, C, p, p]), and the image tokens' types as Qwen-VL does."""
+    inputs = _mm_token_types(inputs, config)
+    pixels = inputs.get("pixel_values")
+    if pixels is None or pixels.ndim == 4:
+        return inputs
+    return {**inputs, "pixel_values": pixels.reshape(-1, *pixels.shape[2:])}
+
+
+def _paddleocr_keys(cfg: dict) -> None:
+    """mlx-vlm's PaddleOCR-VL reads rope_theta and the mrope sections flat in text_config, and
+    the vision model_type of the whole model."""
+    text = cfg["text_config"]
+    rope = text["rope_parameters"]
+    text["rope_theta"] = rope["rope_theta"]
+    text["rope_scaling"] = {
+        "rope_type": "default",
+        "type": "default",
+        "mrope_section": rope["mrope_section"],
+    }
+    cfg["vision_config"]["model_type"] = "paddleocr_vl"  # the only vision type it takes
+    _flatten_text(cfg)  # and the text settings at the top level (the Hub's layout)
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -998,6 +1030,31 @@ FAMILIES: dict[str, Family] = {
         mlx_fix=_mllama_text_only,
         hub_tensors=_open_gates,
         extra_inputs=("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
+    ),
+    "paddleocr_vl": Family(
+        "paddleocr_vl",
+        # mlx-vlm 0.7.10 builds the projector's output 1024 wide whatever the config says (the
+        # Hub model's text width): the tiny text model is that wide
+        text={
+            "rope_parameters": dict(_MROPE),
+            "model_type": "paddleocr_vl_text",
+            "hidden_size": 1024,
+        },
+        vision=dict(_SIGLIP, image_size=56, patch_size=14),
+        special=("<|IMAGE_START|>", "<|IMAGE_END|>", "<|IMAGE_PLACEHOLDER|>", "<|video_pad|>"),
+        token_ids={
+            "vision_start_token_id": "<|IMAGE_START|>",
+            "vision_end_token_id": "<|IMAGE_END|>",
+            "image_token_id": "<|IMAGE_PLACEHOLDER|>",
+            "video_token_id": "<|video_pad|>",
+        },
+        named_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"},
+        processor=_paddleocr_processor,
+        prompt="t5 t6 <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|> t7 t300 t42",
+        image_size=(84, 56),
+        mlx_vlm_keys=_paddleocr_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_paddleocr_inputs,
     ),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),

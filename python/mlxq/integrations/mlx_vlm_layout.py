@@ -79,6 +79,10 @@ class VlmLayout:
     # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
     # 1 + w) that mlx-vlm's sanitize stores as 1 + w (Qwen 3.5), see MlxLayout.unit_offset
     unit_offset: tuple[str, ...] = ()
+    # projections mlx-vlm fuses that transformers keeps apart: (regex of the fused module's
+    # name part, after the renames; the parts' replacements), split along the output rows at
+    # load (weight, scales, biases and bias alike) and concatenated again when saving
+    splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -86,6 +90,53 @@ class VlmLayout:
         for pattern, repl in self.renames:
             key = re.sub(pattern, repl, key)
         return key
+
+    def split_names(self, key: str) -> list[str]:
+        """The model's names for the checkpoint tensor `key` (transformers' names): its parts
+        where mlx-vlm fused a projection, else `key` itself."""
+        for pattern, parts in self.splits:
+            if re.search(pattern, key):
+                return [re.sub(pattern, part, key) for part in parts]
+        return [key]
+
+    def split_headers(self, headers: Mapping[str, Any]) -> dict[str, Any]:
+        """`headers` (transformers' names -> TensorInfo) with each fused tensor replaced by its
+        parts, each with an equal share of the output rows."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out: dict[str, Any] = {}
+        for key, info in headers.items():
+            names = self.split_names(key)
+            if len(names) == 1:
+                out[key] = info
+                continue
+            rows = info.shape[0] if info.shape else 0
+            if rows % len(names):
+                raise ValueError(
+                    f"mlxq: {key} ({list(info.shape)}) does not split into {len(names)} equal "
+                    f"projections ({', '.join(names)})"
+                )
+            for name in names:
+                out[name] = TensorInfo(info.dtype, (rows // len(names), *info.shape[1:]))
+        return out
+
+    def split_conversions(self, keys: Iterable[str]) -> list:
+        """`WeightConverter`s splitting each fused tensor among `keys` (transformers' names)
+        into its parts at load; `save_pretrained` concatenates them back."""
+        from transformers.core_model_loading import Chunk, WeightConverter
+
+        out = []
+        for key in sorted(keys):
+            names = self.split_names(key)
+            if len(names) > 1:
+                out.append(
+                    WeightConverter(
+                        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+                        target_patterns=names,
+                        operations=[Chunk(0)],
+                    )
+                )
+        return out
 
     def offset_conversions(self, names: Iterable[str]) -> list:
         """`WeightConverter`s taking 1 off each of `names` that :attr:`unit_offset` matches
@@ -192,6 +243,26 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
             (r"^multi_modal_projector\.", "model.multi_modal_projector."),
         ),
         vision_aliases=(("num_attention_heads", "attention_heads"),),
+    ),
+    # PaddleOCR-VL: mlx-vlm keeps the tower's layers and embeddings under `visual.`, the projector
+    # (the Hub's mlp_AR) inside it, and fuses each attention's q/k/v into `qkv`
+    "paddleocr_vl": VlmLayout(
+        "paddleocr_vl",
+        (
+            *_TEXT,
+            (r"^visual\.projector\.", "model.projector."),
+            (r"^visual\.embeddings\.", "model.visual.vision_model.embeddings."),
+            (r"^visual\.post_layernorm\.", "model.visual.vision_model.post_layernorm."),
+            (r"^visual\.layers\.", "model.visual.vision_model.encoder.layers."),
+        ),
+        flat_text_config=True,
+        vision_model_type="paddleocr_vl",
+        splits=(
+            (
+                r"\.self_attn\.qkv\.",
+                (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."),
+            ),
+        ),
     ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),

@@ -231,8 +231,10 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
         headers = {layout.to_transformers(k): v for k, v in headers.items()}
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
-    if vlm_layout is not None:  # mlx-vlm's names for image-text models
-        headers = {vlm_layout.to_transformers(k): v for k, v in headers.items()}
+    if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
+        headers = vlm_layout.split_headers(
+            {vlm_layout.to_transformers(k): v for k, v in headers.items()}
+        )
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -268,6 +270,13 @@ def _with_model_names(
     keys = [f"{name}.weight" for name in names]
     if vlm_layout is not None:
         keys = [vlm_layout.to_transformers(key) for key in keys]
+        if vlm_layout.splits:  # an entry for a fused projection applies to each of its parts
+            pairs = [
+                (n, part)
+                for n, k in zip(names, keys, strict=True)
+                for part in vlm_layout.split_names(k)
+            ]
+            names, keys = [n for n, _ in pairs], [k for _, k in pairs]
     renamed = list(checkpoint_keys_as_model_keys(model, dict.fromkeys(keys, TensorInfo("F32", ()))))
     if len(renamed) != len(names):  # two entries for one module: keep the names as they are
         return config
@@ -476,6 +485,9 @@ class MLXHfQuantizer(HfQuantizer):
             self._value_conversions += layout.offset_conversions(headers)
         if vlm_layout is not None:  # Qwen 3.5's norms, stored as 1 + w by mlx-vlm
             self._value_conversions += vlm_layout.offset_conversions(headers)
+            # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
+            fused = (vlm_layout.to_transformers(k) for k in stored_keys)
+            self._value_conversions += vlm_layout.split_conversions(fused)
         config = _with_model_names(model, self.quantization_config, vlm_layout)
         walk = plan_modules(
             model,
