@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlxq.integrations.mlx_vlm_layout import UNVERIFIED_VLM
 from vlm_models import (
     FAMILIES,
     VISION_MXFP4,
@@ -25,6 +26,7 @@ from vlm_models import (
     model_inputs,
     run_family,
     tiny_mlx_vlm_checkpoint,
+    transformers_config,
 )
 
 TOLERANCE = 1e-3  # fp32 logits of ~1-10
@@ -34,6 +36,10 @@ TOLERANCE = 1e-3  # fp32 logits of ~1-10
 def test_matches_mlx_vlm(name: str) -> None:
     outcome = run_family(name)
     print(f"\n{outcome.line()}")
+    if name in UNVERIFIED_VLM:  # mlx-vlm runs it; mlxq refuses it by name, with the reason
+        assert outcome.status == "refused", outcome.line()
+        assert f"model_type {name!r} is an image-text family" in outcome.reason, outcome.line()
+        return
     assert outcome.status == "loads", outcome.line()
     assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
 
@@ -44,7 +50,22 @@ def _load(path: Path):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava_onevision", "lfm2_vl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "qwen2_5_vl",
+        "gemma3",
+        "llava_onevision",
+        "lfm2_vl",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "qwen3_vl_moe",
+        "glm4v",
+        "glm_ocr",
+        "mllama",
+        "paddleocr_vl",
+    ],
+)
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     """The saved checkpoint has mlx-vlm's names, channels-last convolutions and the config
     keys mlx-vlm reads: mlx-vlm runs it as the same model, and mlxq reads it back."""
@@ -72,6 +93,49 @@ def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     np.testing.assert_allclose(mlxq_logits(saved, name, inputs), ours, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n not in UNVERIFIED_VLM])
+def test_config_keys_from_transformers_config_alone(tmp_path: Path, name: str) -> None:
+    """The config.json keys mlxq adds when saving come from transformers 5's config alone (a
+    float model quantized by mlxq has no others): mlx-vlm reads that config as the same model
+    as its own conversion's."""
+    from mlxq.integrations.quantizer import add_mlx_vlm_config_keys
+
+    source = tiny_mlx_vlm_checkpoint(name)
+    config = transformers_config(name)
+    add_mlx_vlm_config_keys(config)
+    cfg = json.loads(config.to_json_string())  # as save_pretrained writes it
+    own = json.loads((source / "config.json").read_text())
+    cfg.update({k: own[k] for k in ("quantization", "quantization_config")})
+    path = tmp_path / "model"
+    shutil.copytree(source, path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    inputs = model_inputs(source, name, with_image=True)
+    np.testing.assert_allclose(
+        mlx_vlm_logits(path, name, inputs), mlx_vlm_logits(source, name, inputs), rtol=0, atol=1e-6
+    )
+
+
+def test_fused_projection_is_split() -> None:
+    """PaddleOCR-VL's tower attention, which mlx-vlm fuses into one quantized `qkv` (it also
+    quantizes the tower, named `visual`), loads as transformers' q/k/v projections, each with
+    its third of the rows (weight, scales, biases and bias)."""
+    from mlxq.nn import AffineLinear
+    from safetensors import safe_open
+
+    path = tiny_mlx_vlm_checkpoint("paddleocr_vl")
+    attn = _load(path).model.visual.vision_model.encoder.layers[0].self_attn
+    with safe_open(path / "model.safetensors", "pt") as f:
+        fused = {
+            leaf: f.get_tensor(f"visual.layers.0.self_attn.qkv.{leaf}")
+            for leaf in ("weight", "scales", "biases", "bias")
+        }
+    for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        assert isinstance(proj, AffineLinear)
+        for leaf, tensor in fused.items():
+            part = tensor.chunk(3)[i]
+            torch.testing.assert_close(getattr(proj, leaf), part.to(getattr(proj, leaf).dtype))
+
+
 def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
     """transformers would initialise a missing tensor at random and only log it."""
     from safetensors.torch import load_file, save_file
@@ -93,6 +157,10 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("qwen2_5_vl", Variant(quantize_vision=True)),
         ("llava", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("qwen2_5_vl", Variant(recipe=VISION_MXFP4)),
+        ("qwen3_5", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("qwen3_5_moe", Variant(quantize_vision=True)),
+        ("qwen3_vl_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("glm4v_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -101,6 +169,7 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
     mixed recipe whose per-module entries carry mlx-vlm's names, and entries for vision
     modules only (mxfp4 in an affine 4-bit model): they are found under the model's names
     although no entry names the language model (the mode is read from the entry)."""
+    from mlxq.moe import AffineSwitchLinear
     from mlxq.nn import AffineLinear
 
     outcome = run_family(name, variant)
@@ -111,7 +180,11 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
         qkv = model.model.visual.blocks[0].attn.qkv
         assert isinstance(qkv, AffineLinear)
         assert qkv.mode == ("mxfp4" if variant.recipe == VISION_MXFP4 else "affine")
-        assert model.model.language_model.layers[0].mlp.down_proj.mode == "affine"
+        mlp = model.model.language_model.layers[0].mlp
+        if hasattr(mlp, "shared_expert"):  # an MoE block: stacked experts, a dense expert
+            assert isinstance(mlp.experts.down_proj, AffineSwitchLinear)
+            mlp = mlp.shared_expert
+        assert mlp.down_proj.mode == "affine"
 
 
 def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,6 +197,39 @@ def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(ValueError, match=r"model_type 'qwen2_5_vl' is an image-text family whose"):
         _load(source)
     assert "timm" in mlx_vlm_layout.unmapped_vlm_note("gemma3n")
+
+
+def test_unmapped_family_is_refused_with_every_tensor_filled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An mlx-vlm checkpoint whose names happen to be transformers' own (so every tensor of the
+    model would be filled) is still refused when its family is not mapped: it was written by
+    MLX and has a vision tower. The same tensors written by transformers (`format: pt`, as
+    mlxq's save_pretrained writes) load, as the model mlxq reads from the mapped checkpoint."""
+    from mlxq.integrations import mlx_vlm_layout
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_mlx_vlm_checkpoint("qwen2_5_vl")
+    layout = mlx_vlm_layout.VLM_LAYOUTS["qwen2_5_vl"]
+    tensors = {
+        layout.to_transformers(k): v for k, v in load_file(source / "model.safetensors").items()
+    }
+    conv = "model.visual.patch_embed.proj.weight"
+    tensors[conv] = tensors[conv].permute(0, 4, 1, 2, 3).contiguous()  # channels-first
+    inputs = model_inputs(source, "qwen2_5_vl", with_image=True)
+    expected = mlxq_logits(source, "qwen2_5_vl", inputs)
+    monkeypatch.delitem(mlx_vlm_layout.VLM_LAYOUTS, "qwen2_5_vl")
+    for writer in ("mlx", "pt"):
+        path = tmp_path / writer
+        shutil.copytree(source, path)
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)
+        save_file(tensors, path / "model.safetensors", metadata={"format": writer})
+        if writer == "mlx":
+            with pytest.raises(ValueError, match=r"written by MLX .*model_type 'qwen2_5_vl' is an"):
+                _load(path)
+        else:
+            got = mlxq_logits(path, "qwen2_5_vl", inputs)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["lfm2_vl", "internvl"])

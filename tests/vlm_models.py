@@ -87,6 +87,8 @@ class Family:
     mlx_mask: bool = False
     # float tensor renames into the Hub (transformers 4) layout mlx-vlm converts from
     hub_renames: tuple[tuple[str, str], ...] = ()
+    # other float tensor changes into the Hub layout: (name, tensor) -> tensor
+    hub_tensors: Callable[[str, Any], Any] | None = None
     tied: bool = False  # mlx-vlm's model of the family has a tied head only
     # a factor transformers' model leaves out of its logits and mlx-vlm applies: (config) -> float
     logit_scale: Callable[[Any], float] | None = None
@@ -95,6 +97,9 @@ class Family:
     # why mlx-vlm's image + text forward is not the model's (then the image check compares
     # the projected features of each image tile instead, see tile_features)
     no_image_oracle: str = ""
+    # transformers maps the model_type to its own tokenizer class (Qwen 3.5's BPE), which
+    # ignores this file's word-level tokenizer.json: the inputs are tokenized by the file
+    word_tokenizer: bool = False
 
 
 def _qwen_image_processor(patch: int):
@@ -144,6 +149,49 @@ def _qwen3_keys(cfg: dict) -> None:
     rope = {"type": "default", "mrope_section": section, "mrope_interleaved": True}
     cfg["text_config"].update({"rope_theta": THETA, "rope_scaling": rope})
     cfg["vision_config"]["model_type"] = cfg["model_type"]
+
+
+def _experts_in_out(name: str, tensor):
+    """The Hub (transformers 4) layout of fused experts, [E, in, out], which mlx-vlm's sanitize
+    reads; transformers 5 saves its own [E, out, in] (it converts the Hub's when loading)."""
+    if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+        return tensor.transpose(1, 2)
+    return tensor
+
+
+@contextlib.contextmanager
+def _qwen3_vl_moe_activations():
+    """mlx-vlm 0.7.10's Qwen3-VL-MoE tower swaps the two GELUs of Qwen3-VL's (its own qwen3_vl
+    has them right): exact GELU in the blocks' MLP, where the config's hidden_act is
+    gelu_pytorch_tanh, and the tanh GELU in the patch merger, where the model has the exact one
+    (6e-4 apart on the tiny model). Set back to the model's."""
+    import mlx.nn as nn
+    from mlx_vlm.models.qwen3_vl_moe import vision
+
+    inits = vision.MLP.__init__, vision.PatchMerger.__init__
+
+    def mlp(self, *args, **kwargs):
+        inits[0](self, *args, **kwargs)
+        self.act_fn = nn.GELU(approx="tanh")
+
+    def merger(self, *args, **kwargs):
+        inits[1](self, *args, **kwargs)
+        self.act_fn = nn.GELU()
+
+    vision.MLP.__init__, vision.PatchMerger.__init__ = mlp, merger
+    try:
+        yield
+    finally:
+        vision.MLP.__init__, vision.PatchMerger.__init__ = inits
+
+
+def _qwen3_moe_keys(cfg: dict) -> None:
+    """Qwen3-VL's keys, and the MoE settings mlx-vlm requires (no dense layers here)."""
+    _qwen3_keys(cfg)
+    text = cfg["text_config"]
+    text.setdefault("mlp_only_layers", [])
+    # transformers 5 writes the expert count as num_local_experts only
+    text.setdefault("num_experts", text.get("num_local_experts"))
 
 
 # CLIP/SigLIP towers: the Hub checkpoints (transformers 4) name them `vision_tower.vision_model.`
@@ -334,6 +382,33 @@ def _idefics2_positions():
         yield
 
 
+@contextlib.contextmanager
+def _cohere2_vision_post_layernorm():
+    """mlx-vlm 0.7.10 runs Command A Vision as Aya Vision, projecting the tower's last encoder
+    state; the model projects the tower's output, which has the post-layernorm applied (Aya
+    Vision takes a hidden state before it). Applied here to the state mlx-vlm projects."""
+    from mlx_vlm.models.aya_vision.vision import SigLipVisionModel
+
+    original = SigLipVisionModel.__call__
+
+    def call(self, *args, **kwargs):
+        pooled, x, states = original(self, *args, **kwargs)
+        if states is not None:
+            states = (*states[:-1], pooled)
+        return pooled, x, states
+
+    SigLipVisionModel.__call__ = call
+    try:
+        yield
+    finally:
+        SigLipVisionModel.__call__ = original
+
+
+def _cohere2_vision_keys(cfg: dict) -> None:
+    _text_rope_keys(sliding_window_pattern=2)(cfg)
+    cfg["image_token_index"] = cfg["image_token_id"]
+
+
 _AYA_SPECIAL = (
     "<image>",
     "<|START_OF_IMG|>",
@@ -383,6 +458,390 @@ def _lfm2_vl_processor(tokenizer):
         "tile_size": 64,
     }
     return _SavedImageProcessor(None, {"processor_class": "Lfm2VlProcessor", **settings})
+
+
+def _qwen3_5_keys(cfg: dict) -> None:
+    """mlx-vlm's Qwen 3.5 places full attention every `full_attention_interval` layers (the
+    Hub key; default 4) and reads the rope settings from text_config's `rope_parameters`."""
+    types = cfg["text_config"]["layer_types"]
+    cfg["text_config"]["full_attention_interval"] = types.index("full_attention") + 1
+
+
+_QWEN3_5_TEXT = {
+    "layer_types": ["linear_attention", "full_attention"],
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "rope_parameters": {
+        **_MROPE,
+        "mrope_section": [4, 2, 2],
+        "mrope_interleaved": True,
+        "partial_rotary_factor": 0.5,
+    },
+}
+_QWEN3_5_MOE_TEXT = {
+    **_QWEN3_5_TEXT,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+}
+_QWEN3_5_VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=2,
+    out_hidden_size=128,
+    num_position_embeddings=16,
+    patch_size=16,
+)
+
+
+def _qwen3_5(model_type: str, text: dict) -> Family:
+    return Family(
+        model_type,
+        text=text,
+        vision=dict(_QWEN3_5_VISION),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(16),
+        prompt=_QWEN_PROMPT,
+        image_size=(96, 64),
+        mlx_vlm_keys=_qwen3_5_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+        word_tokenizer=True,
+    )
+
+
+def _glm4v_processor(tokenizer):
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    side = 56
+    return Glm4vImageProcessorPil(
+        size={"shortest_edge": side * side, "longest_edge": 4 * side * side},
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
+def _cubic_weights(t: np.ndarray) -> list[np.ndarray]:
+    """Weights of the taps at -1, 0, 1, 2 for fraction t: the cubic convolution kernel with
+    A = -0.75 that PyTorch's bicubic interpolation uses."""
+    a = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _bicubic_border(grid: np.ndarray, norm_w: np.ndarray, norm_h: np.ndarray) -> np.ndarray:
+    """[H, W, C] sampled at normalized points (align_corners=False), bicubic with border
+    padding (every tap clamped into the grid): `F.grid_sample(mode="bicubic",
+    padding_mode="border")`, in float64."""
+    h, w, _ = grid.shape
+    ix, iy = ((norm_w + 1) * w - 1) / 2, ((norm_h + 1) * h - 1) / 2
+    x0, y0 = np.floor(ix), np.floor(iy)
+    wx, wy = _cubic_weights(ix - x0), _cubic_weights(iy - y0)
+    out = np.zeros((len(ix), grid.shape[2]))
+    for j in range(4):
+        rows = np.clip(y0 - 1 + j, 0, h - 1).astype(np.int64)
+        for i in range(4):
+            cols = np.clip(x0 - 1 + i, 0, w - 1).astype(np.int64)
+            out += (wy[j] * wx[i])[:, None] * grid[rows, cols]
+    return out
+
+
+@contextlib.contextmanager
+def _glm4v_position_interpolation():
+    """mlx-vlm 0.7.10's GLM-4V (and GLM-4.5V) samples the learned position embeddings
+    bilinearly with zero padding (its grid_sample kernel) where the model samples them
+    bicubically with border padding (0.09 apart on the tiny model's embeddings), and reads a
+    quantized embedding's packed weight as the table (a shape error): replaced by the model's
+    rule."""
+    import mlx.core as mx
+    from mlx_vlm.models.glm4v import vision
+    from mlx_vlm.models.glm4v_moe import vision as moe_vision
+
+    def call(self, embeddings, lengths, image_shapes, h_coords, w_coords):
+        emb = self.position_embedding
+        weight = emb.weight
+        if hasattr(emb, "scales"):  # quantized with the tower (mlx-vlm would use the packing)
+            biases = getattr(emb, "biases", None)
+            mode = getattr(emb, "mode", "affine")
+            weight = mx.dequantize(weight, emb.scales, biases, emb.group_size, emb.bits, mode=mode)
+        weight = np.array(weight.astype(mx.float32), dtype=np.float64)
+        side = int(round(weight.shape[0] ** 0.5))
+        shapes = np.array(image_shapes)
+        per_token = np.repeat(np.arange(len(shapes)), np.array(lengths))
+        th, tw = shapes[per_token, 1], shapes[per_token, 2]
+        norm_h = (np.array(h_coords, dtype=np.float64) + 0.5) / th * 2 - 1
+        norm_w = (np.array(w_coords, dtype=np.float64) + 0.5) / tw * 2 - 1
+        pos = _bicubic_border(weight.reshape(side, side, -1), norm_w, norm_h)
+        return embeddings + mx.array(pos.astype(np.float32)).astype(embeddings.dtype)
+
+    classes = (vision.Glm4vVisionEmbeddings, moe_vision.Glm4vVisionEmbeddings)  # (copies)
+    originals = [cls.__call__ for cls in classes]
+    for cls in classes:
+        cls.__call__ = call
+    try:
+        yield
+    finally:
+        for cls, original in zip(classes, originals, strict=True):
+            cls.__call__ = original
+
+
+def _glm4v_keys(cfg: dict) -> None:
+    """mlx-vlm's GLM-4V reads rope_theta, partial_rotary_factor and the mrope sections at the
+    top of text_config, and `vision_start_token_id` where transformers 5 has
+    `image_start_token_id`."""
+    text = cfg["text_config"]
+    rope = text["rope_parameters"]
+    text["rope_theta"] = rope["rope_theta"]
+    text["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    text["rope_scaling"] = {"rope_type": "default", "mrope_section": rope["mrope_section"]}
+    cfg["vision_start_token_id"] = cfg["image_start_token_id"]
+    cfg["vision_end_token_id"] = cfg["image_end_token_id"]
+    text.setdefault("eos_token_id", cfg.get("eos_token_id") or 2)  # required there
+
+
+_GLM4V_SPECIAL = (
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|video|>",
+)
+_GLM4V_IDS = {
+    "image_start_token_id": "<|begin_of_image|>",
+    "image_end_token_id": "<|end_of_image|>",
+    "image_token_id": "<|image|>",
+    "video_start_token_id": "<|begin_of_video|>",
+    "video_end_token_id": "<|end_of_video|>",
+    "video_token_id": "<|video|>",
+}
+_GLM4V_TEXT = {
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": THETA,
+        "mrope_section": [2, 3, 3],
+        "partial_rotary_factor": 0.5,
+    },
+}
+_GLM4V_MOE_TEXT = {
+    **_GLM4V_TEXT,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+}
+
+
+def _glm4v_moe_keys(cfg: dict) -> None:
+    """GLM-4V's keys, and the query/key norm flag mlx-vlm's GLM-4.5V requires (the Hub's)."""
+    _glm4v_keys(cfg)
+    cfg["text_config"].setdefault("use_qk_norm", False)
+
+
+_GLM4V_VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=2,
+    out_hidden_size=128,
+    patch_size=14,
+    image_size=56,
+)
+
+
+def _glm_ocr_keys(cfg: dict) -> None:
+    """mlx-vlm's GLM-OCR reads transformers 5's keys, and its vision config takes no
+    rope_parameters (the Hub's has none; the tower's rope base is fixed at 10000)."""
+    cfg["vision_config"].pop("rope_parameters", None)
+
+
+def _glm4v(model_type: str, text: dict, keys: Callable[[dict], None] = _glm4v_keys) -> Family:
+    return Family(
+        model_type,
+        text=text,
+        vision=dict(_GLM4V_VISION),
+        special=_GLM4V_SPECIAL,
+        token_ids=_GLM4V_IDS,
+        named_tokens={"image_token": "<|image|>"},
+        processor=_glm4v_processor,
+        prompt="t5 t6 <|begin_of_image|><|image|><|end_of_image|> t7 t300 t42",
+        image_size=(84, 56),
+        mlx_vlm_keys=keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+        mlx_fix=_glm4v_position_interpolation,
+    )
+
+
+_GEMMA4_PATCH, _GEMMA4_POOL, _GEMMA4_SOFT_TOKENS = 8, 2, 70
+
+
+def _gemma4_processor(tokenizer):
+    # mlx-vlm's processor reads its image settings from processor_config.json
+    settings = {
+        "patch_size": _GEMMA4_PATCH,
+        "max_soft_tokens": _GEMMA4_SOFT_TOKENS,
+        "pooling_kernel_size": _GEMMA4_POOL,
+    }
+    return _SavedImageProcessor(
+        None,
+        {
+            "processor_class": "Gemma4Processor",
+            "image_processor": settings,
+            "image_seq_length": _GEMMA4_SOFT_TOKENS,
+        },
+    )
+
+
+def _gemma4_patches(inputs: dict, config) -> dict:
+    """Gemma 4 in transformers takes the image as patches ([1, N, p*p*3], rows of patches,
+    each patch row-major over (y, x, channel)) with their (x, y) positions, padded to the
+    processor's budget with position -1; mlx-vlm's processor returns the resized image."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None or pixels.ndim != 4:
+        return inputs
+    _, c, h, w = pixels.shape
+    p = _GEMMA4_PATCH
+    patches = pixels[0].reshape(c, h // p, p, w // p, p).transpose(1, 3, 2, 4, 0)
+    patches = patches.reshape((h // p) * (w // p), p * p * c)
+    xs, ys = np.meshgrid(np.arange(w // p), np.arange(h // p), indexing="xy")
+    positions = np.stack([xs, ys], axis=-1).reshape(-1, 2)
+    budget = _GEMMA4_SOFT_TOKENS * _GEMMA4_POOL**2
+    pad = budget - len(patches)
+    patches = np.pad(patches, [(0, pad), (0, 0)])
+    positions = np.pad(positions, [(0, pad), (0, 0)], constant_values=-1)
+    return {**inputs, "pixel_values": patches[None], "image_position_ids": positions[None]}
+
+
+_GEMMA4_SPECIAL = ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "<|video|>")
+_GEMMA4_TEXT = {
+    "layer_types": ["sliding_attention", "full_attention"],
+    "sliding_window": 64,
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": THETA},
+    },
+    "hidden_size_per_layer_input": 16,
+    "vocab_size_per_layer_input": VOCAB,
+}
+
+
+def _llama4_processor(tokenizer):
+    # mlx-vlm's processor (transformers' image processor needs torchvision) reads the tile size
+    # and the tile budget from preprocessor_config.json: one 56-pixel tile, no split
+    settings = {"size": {"height": 56, "width": 56}, "max_patches": 1}
+    return _SavedImageProcessor(None, {"processor_class": "Llama4Processor", **settings})
+
+
+_LLAMA4_SPECIAL = (
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|image|>",
+    "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+)
+
+
+def _llama4_keys(cfg: dict) -> None:
+    """mlx-vlm's Llama 4 reads rope_theta at the top of text_config and vision_config (the
+    tower's from its rope_parameters), and the Hub's vision_feature_layer (the last)."""
+    cfg["text_config"]["rope_theta"] = THETA
+    vision = cfg["vision_config"]
+    vision["rope_theta"] = vision["rope_parameters"]["rope_theta"]
+    vision["vision_feature_layer"] = -1
+
+
+def _mllama_keys(cfg: dict) -> None:
+    """mlx-vlm's Mllama reads rope_theta in text_config and the tower's head count as
+    num_attention_heads (transformers: attention_heads; its default, 16, is the Hub's)."""
+    cfg["text_config"]["rope_theta"] = THETA
+    vision = cfg["vision_config"]
+    vision["num_attention_heads"] = vision["attention_heads"]
+
+
+@contextlib.contextmanager
+def _mllama_text_only():
+    """mlx-vlm 0.7.10's Mllama runs its cross-attention layers on a text-only prompt, with
+    keys and values split off the queries; the model skips them when there are no image
+    states (nothing cached either): skipped here too."""
+    from mlx_vlm.models.mllama.language import MllamaCrossAttentionDecoderLayer as Layer
+
+    original = Layer.__call__
+
+    def call(self, hidden_states, cross_attention_states, *args, cache=None, **kwargs):
+        if cross_attention_states is None and cache is None:
+            return hidden_states
+        return original(self, hidden_states, cross_attention_states, *args, cache=cache, **kwargs)
+
+    Layer.__call__ = call
+    try:
+        yield
+    finally:
+        Layer.__call__ = original
+
+
+def _open_gates(name: str, tensor):
+    """Mllama's tanh gates (cross-attention, tile and position embeddings, global layers)
+    start at zero: opened to ~0.8 so that the vision tower moves the logits visibly."""
+    if tensor.numel() == 1 and name.endswith(("gate", "gate_attn", "gate_ffn")):
+        return tensor + 1.0
+    return tensor
+
+
+def _mllama_processor(tokenizer):
+    from transformers import MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    ip = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=4)
+    return MllamaProcessor(image_processor=ip, tokenizer=tokenizer)
+
+
+def _paddleocr_processor(tokenizer):
+    # mlx-vlm's processor reads its image settings from preprocessor_config.json
+    side = 56
+    settings = {"min_pixels": side * side, "max_pixels": 4 * side * side, "patch_size": 14}
+    return _SavedImageProcessor(None, {"processor_class": "PaddleOCRVLProcessor", **settings})
+
+
+def _paddleocr_inputs(inputs: dict, config) -> dict:
+    """PaddleOCR-VL in transformers takes the patches without the batch level mlx-vlm's
+    processor adds ([patches, C, p, p]), and the image tokens' types as Qwen-VL does."""
+    inputs = _mm_token_types(inputs, config)
+    pixels = inputs.get("pixel_values")
+    if pixels is None or pixels.ndim == 4:
+        return inputs
+    return {**inputs, "pixel_values": pixels.reshape(-1, *pixels.shape[2:])}
+
+
+def _paddleocr_keys(cfg: dict) -> None:
+    """mlx-vlm's PaddleOCR-VL reads rope_theta and the mrope sections flat in text_config, and
+    the vision model_type of the whole model."""
+    text = cfg["text_config"]
+    rope = text["rope_parameters"]
+    text["rope_theta"] = rope["rope_theta"]
+    text["rope_scaling"] = {
+        "rope_type": "default",
+        "type": "default",
+        "mrope_section": rope["mrope_section"],
+    }
+    cfg["vision_config"]["model_type"] = "paddleocr_vl"  # the only vision type it takes
+    _flatten_text(cfg)  # and the text settings at the top level (the Hub's layout)
 
 
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
@@ -446,6 +905,159 @@ FAMILIES: dict[str, Family] = {
         extra_inputs=("image_grid_thw",),
         torch_inputs=_mm_token_types,
     ),
+    "qwen3_vl_moe": Family(
+        "qwen3_vl_moe",
+        text={
+            "rope_parameters": {**_MROPE, "mrope_interleaved": True},
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+        },
+        vision=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+            patch_size=16,
+        ),
+        special=_QWEN_SPECIAL,
+        token_ids=_QWEN_IDS,
+        processor=_qwen_image_processor(16),
+        prompt=_QWEN_PROMPT,
+        image_size=(96, 64),
+        mlx_vlm_keys=_qwen3_moe_keys,
+        hub_tensors=_experts_in_out,
+        mlx_fix=_qwen3_vl_moe_activations,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+    ),
+    "glm4v": _glm4v("glm4v", _GLM4V_TEXT),
+    "glm4v_moe": _glm4v("glm4v_moe", _GLM4V_MOE_TEXT, _glm4v_moe_keys),
+    "glm_ocr": _glm4v("glm_ocr", _GLM4V_TEXT, _glm_ocr_keys),
+    "gemma4": Family(
+        "gemma4",
+        text=_GEMMA4_TEXT,
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+            patch_size=_GEMMA4_PATCH,
+            pooling_kernel_size=_GEMMA4_POOL,
+            position_embedding_size=64,
+        ),
+        special=_GEMMA4_SPECIAL,
+        token_ids={
+            "boi_token_id": "<start_of_image>",
+            "eoi_token_id": "<end_of_image>",
+            "image_token_id": "<image_soft_token>",
+            "video_token_id": "<|video|>",
+        },
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+        processor=_gemma4_processor,
+        prompt="t5 t6 <image_soft_token> t7 t300 t42",
+        image_size=(64, 48),
+        torch_inputs=_gemma4_patches,
+        tied=True,
+    ),
+    "llama4": Family(
+        "llama4",
+        text={
+            **_LLAMA_TEXT,
+            "intermediate_size_mlp": 256,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 1,
+        },
+        # the pixel shuffle (ratio 0.5) feeds 4 x hidden channels to the adapter, whose input
+        # is intermediate_size wide (as in the Hub's: 1408 x 4 = 5632)
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            vision_output_dim=128,
+            projector_input_dim=128,
+            projector_output_dim=128,
+        ),
+        special=_LLAMA4_SPECIAL,
+        token_ids={"image_token_index": "<|patch|>"},
+        processor=_llama4_processor,
+        prompt="t5 t6 <|image|> t7 t300 t42",
+        image_size=(56, 56),
+        mlx_vlm_keys=_llama4_keys,
+    ),
+    "mllama": Family(
+        "mllama",
+        text={
+            **_LLAMA_TEXT,
+            "num_hidden_layers": 3,
+            "cross_attention_layers": [1],
+            "pad_token_id": 0,
+        },
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_global_layers=1,
+            attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            # the Hub's 4 tiles and 8 aspect ratios: mlx-vlm sizes its tile embeddings by a
+            # max_aspect_ratio_id of 8, which transformers derives and does not accept
+            max_num_tiles=4,
+            intermediate_layers_indices=[0],
+            vision_output_dim=128,
+        ),
+        special=("<|image|>",),
+        token_ids={"image_token_index": "<|image|>"},
+        named_tokens={"image_token": "<|image|>"},
+        processor=_mllama_processor,
+        prompt="<|image|> t5 t6 t7 t300 t42",
+        image_size=(56, 28),
+        mlx_vlm_keys=_mllama_keys,
+        mlx_fix=_mllama_text_only,
+        hub_tensors=_open_gates,
+        extra_inputs=("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
+    ),
+    "paddleocr_vl": Family(
+        "paddleocr_vl",
+        # mlx-vlm 0.7.10 builds the projector's output 1024 wide whatever the config says (the
+        # Hub model's text width): the tiny text model is that wide
+        text={
+            "rope_parameters": dict(_MROPE),
+            "model_type": "paddleocr_vl_text",
+            "hidden_size": 1024,
+        },
+        vision=dict(_SIGLIP, image_size=56, patch_size=14),
+        special=("<|IMAGE_START|>", "<|IMAGE_END|>", "<|IMAGE_PLACEHOLDER|>", "<|video_pad|>"),
+        token_ids={
+            "vision_start_token_id": "<|IMAGE_START|>",
+            "vision_end_token_id": "<|IMAGE_END|>",
+            "image_token_id": "<|IMAGE_PLACEHOLDER|>",
+            "video_token_id": "<|video_pad|>",
+        },
+        named_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"},
+        processor=_paddleocr_processor,
+        prompt="t5 t6 <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|> t7 t300 t42",
+        image_size=(84, 56),
+        mlx_vlm_keys=_paddleocr_keys,
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_paddleocr_inputs,
+    ),
+    "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
+    "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
     "gemma3": Family(
         "gemma3",
         text={
@@ -574,6 +1186,33 @@ FAMILIES: dict[str, Family] = {
         # (its own Cohere2ForCausalLM applies it): same argmax, logits 1/logit_scale larger
         logit_scale=lambda config: config.text_config.logit_scale,
         tied=True,
+    ),
+    # Command A Vision: mlx-vlm runs it with its aya_vision module (no projector layernorm),
+    # which reads the image token as image_token_index (default: the Hub's id)
+    "cohere2_vision": Family(
+        "cohere2_vision",
+        text={
+            **_LLAMA_TEXT,
+            "model_type": "cohere2",
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 64,
+        },
+        vision=dict(_SIGLIP, image_size=56, patch_size=14, vision_use_head=False),
+        special=_AYA_SPECIAL,
+        token_ids={"image_token_id": "<|IMG_PATCH|>"},
+        processor=_aya_processor,
+        prompt="t5 t6 <image> t7 t300 t42",
+        image_size=(56, 56),
+        top={"downsample_factor": 2, "alignment_intermediate_size": 256},
+        mlx_vlm_keys=_cohere2_vision_keys,
+        # transformers 5 saves it under `model.`; the SigLIP tower takes its `vision_model.` level
+        hub_renames=(
+            (r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model."),
+        ),
+        # as aya_vision: transformers leaves out Cohere 2's logit_scale, mlx-vlm applies it
+        logit_scale=lambda config: config.text_config.logit_scale,
+        tied=True,
+        mlx_fix=_cohere2_vision_post_layernorm,
     ),
     "internvl": Family(
         "internvl",
@@ -746,6 +1385,14 @@ def _config(family: Family, ids: dict[str, int], tied: bool):
     )
 
 
+def transformers_config(name: str, tied: bool | None = None):
+    """The tiny model's config as transformers 5 builds it (none of mlx-vlm's keys)."""
+    family = FAMILIES[name]
+    first = VOCAB - len(family.special)
+    ids = {s: first + i for i, s in enumerate(family.special)}
+    return _config(family, ids, variant_of(name).tied if tied is None else tied)
+
+
 def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
     """A tiny random bf16 image-text model of family `name` saved by transformers, with a
     tokenizer and image processor, and config.json in the layout mlx-vlm reads."""
@@ -765,8 +1412,11 @@ def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
                 p.normal_(0, 0.08)
             else:  # norms and biases away from their init values (0 or 1)
                 p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():  # the routers' expert-choice biases (zeros)
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.5)
     model.save_pretrained(out)
-    if family.hub_renames:
+    if family.hub_renames or family.hub_tensors:
         import re
 
         from safetensors.torch import load_file, save_file
@@ -774,6 +1424,8 @@ def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
         tensors = load_file(out / "model.safetensors")
         for pattern, repl in family.hub_renames:
             tensors = {re.sub(pattern, repl, k): v for k, v in tensors.items()}
+        if family.hub_tensors is not None:
+            tensors = {k: family.hub_tensors(k, v).contiguous() for k, v in tensors.items()}
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
     if family.mlx_vlm_keys is not None:
@@ -879,6 +1531,8 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
                 q_bits=variant.bits,
                 quant_predicate=_quant_predicate(variant.recipe),
             )
+        if FAMILIES[name].word_tokenizer:  # mlx-vlm saved its class's rebuild of it
+            shutil.copy(float_dir / "tokenizer.json", staging / "mlx" / "tokenizer.json")
         os.replace(staging / "mlx", final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -906,8 +1560,15 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
 
     family = FAMILIES[name]
     # registers mlx-vlm's own processor classes, which its saved processor_config.json names
-    importlib.import_module(f"mlx_vlm.models.{family.model_type}")
+    from mlx_vlm.utils import MODEL_REMAPPING
+
+    module = MODEL_REMAPPING.get(family.model_type, family.model_type)
+    importlib.import_module(f"mlx_vlm.models.{module}")
     processor = load_processor(path)
+    if family.word_tokenizer:
+        from transformers import PreTrainedTokenizerFast
+
+        processor.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     if not with_image:
         ids = processor.tokenizer(TEXT_PROMPT, add_special_tokens=False)["input_ids"]
         ids = np.array([ids], dtype=np.int64)

@@ -25,6 +25,7 @@ __all__ = [
     "DTYPE_BYTES",
     "read_header",
     "read_headers",
+    "written_by_mlx",
     "read_index",
     "check_shard_index",
     "repair_shard_index",
@@ -112,6 +113,27 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         if begin < end:
             raise ValueError(f"mlxq: {path}: tensors {first!r} and {second!r} overlap in the file")
     return out
+
+
+def written_by_mlx(paths: Iterable[str | os.PathLike]) -> bool:
+    """Whether a safetensors file among `paths` says it was written by MLX (its header's
+    `__metadata__` has `format: mlx`, as mlx-lm and mlx-vlm write; transformers writes `pt`)."""
+    for path in paths:
+        if not str(path).endswith(".safetensors"):
+            continue
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                continue
+            (size,) = struct.unpack("<Q", raw)
+            try:
+                header = json.loads(f.read(min(size, 100_000_000)))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        if isinstance(metadata, dict) and metadata.get("format") == "mlx":
+            return True
+    return False
 
 
 def read_headers(paths: Iterable[str | os.PathLike]) -> dict[str, TensorInfo]:

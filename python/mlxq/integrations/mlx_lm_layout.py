@@ -28,6 +28,7 @@ __all__ = [
     "MLX_LM_KEEPS_STORED_HEAD",
     "UnitOffset",
     "VISION_DROPPED",
+    "unit_offset_conversions",
     "checkpoint_layout",
     "fill_dropped_tensors",
     "mlx_lm_config_keys",
@@ -77,17 +78,23 @@ class MlxLayout:
     def offset_conversions(self, names: Iterable[str]) -> list:
         """`WeightConverter`s taking 1 off each of `names` (the model's tensor names) that
         :attr:`unit_offset` matches at load; `save_pretrained` adds it back."""
-        from transformers.core_model_loading import WeightConverter
+        return unit_offset_conversions(names, self.unit_offset)
 
-        return [
-            WeightConverter(
-                source_patterns=f"^{re.escape(name)}",  # no `$`: reversed, it would stay
-                target_patterns=name,
-                operations=[UnitOffset(-1.0)],
-            )
-            for name in sorted(names)
-            if any(re.search(p, name) for p in self.unit_offset)
-        ]
+
+def unit_offset_conversions(names: Iterable[str], patterns: tuple[str, ...]) -> list:
+    """`WeightConverter`s taking 1 off each of `names` that one of `patterns` matches at load;
+    `save_pretrained` adds it back."""
+    from transformers.core_model_loading import WeightConverter
+
+    return [
+        WeightConverter(
+            source_patterns=f"^{re.escape(name)}",  # no `$`: reversed, it would stay
+            target_patterns=name,
+            operations=[UnitOffset(-1.0)],
+        )
+        for name in sorted(names)
+        if any(re.search(p, name) for p in patterns)
+    ]
 
 
 class UnitOffset:

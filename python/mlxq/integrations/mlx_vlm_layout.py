@@ -37,6 +37,7 @@ __all__ = [
     "channels_last_conversions",
     "channels_last_converter",
     "mlx_vlm_config_keys",
+    "takes_flat_text_keys",
 ]
 
 # mlx-vlm's language model and head, the same in every family it writes
@@ -49,7 +50,7 @@ _TEXT = (
 @dataclass(frozen=True)
 class VlmLayout:
     """mlx-vlm's tensor names for one image-text `model_type`, as regex renames
-    mlx-vlm -> transformers 5 (the first rename that matches a key wins)."""
+    mlx-vlm -> transformers 5 (applied in turn, as transformers applies them)."""
 
     model_type: str
     renames: tuple[tuple[str, str], ...]
@@ -59,13 +60,90 @@ class VlmLayout:
     vision_model_type: str | None = None  # vision_config.model_type mlx-vlm expects
     text_keys_from_top: tuple[str, ...] = ()  # top-level keys mlx-vlm reads in text_config
     top_keys_from_text: tuple[str, ...] = ()  # text_config keys mlx-vlm reads at the top
+    # (mlx-vlm's key, transformers 5's key) in text_config, e.g. the expert count that
+    # transformers 5 writes as num_local_experts only
+    text_aliases: tuple[tuple[str, str], ...] = ()
+    top_aliases: tuple[tuple[str, str], ...] = ()  # the same at the top level
+    vision_aliases: tuple[tuple[str, str], ...] = ()  # and in vision_config
+    # vision_config keys transformers writes and mlx-vlm's config class rejects
+    vision_drop: tuple[str, ...] = ()
+    # False where mlx-vlm reads the rope settings from rope_parameters alone and its config
+    # class rejects the flat keys (GLM-OCR)
+    rope_keys: bool = True
+    # text_config keys mlx-vlm requires, with the value written where transformers has none
+    text_defaults: tuple[tuple[str, Any], ...] = ()
+    # mlx-vlm places full attention every `full_attention_interval` layers (default 4), read
+    # off transformers' layer_types (Qwen 3.5)
+    attention_interval: bool = False
+    sliding_pattern: bool = False  # the same period as sliding_window_pattern (Gemma 3, Cohere 2)
+    # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
+    # 1 + w) that mlx-vlm's sanitize stores as 1 + w (Qwen 3.5), see MlxLayout.unit_offset
+    unit_offset: tuple[str, ...] = ()
+    # projections mlx-vlm fuses that transformers keeps apart: (regex of the fused module's
+    # name part, after the renames; the parts' replacements), split along the output rows at
+    # load (weight, scales, biases and bias alike) and concatenated again when saving
+    splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def to_transformers(self, key: str) -> str:
+        """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
+        expert takes the prefix rename, then the switch_mlp one)."""
         for pattern, repl in self.renames:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                return new
+            key = re.sub(pattern, repl, key)
         return key
+
+    def split_names(self, key: str) -> list[str]:
+        """The model's names for the checkpoint tensor `key` (transformers' names): its parts
+        where mlx-vlm fused a projection, else `key` itself."""
+        for pattern, parts in self.splits:
+            if re.search(pattern, key):
+                return [re.sub(pattern, part, key) for part in parts]
+        return [key]
+
+    def split_headers(self, headers: Mapping[str, Any]) -> dict[str, Any]:
+        """`headers` (transformers' names -> TensorInfo) with each fused tensor replaced by its
+        parts, each with an equal share of the output rows."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out: dict[str, Any] = {}
+        for key, info in headers.items():
+            names = self.split_names(key)
+            if len(names) == 1:
+                out[key] = info
+                continue
+            rows = info.shape[0] if info.shape else 0
+            if rows % len(names):
+                raise ValueError(
+                    f"mlxq: {key} ({list(info.shape)}) does not split into {len(names)} equal "
+                    f"projections ({', '.join(names)})"
+                )
+            for name in names:
+                out[name] = TensorInfo(info.dtype, (rows // len(names), *info.shape[1:]))
+        return out
+
+    def split_conversions(self, keys: Iterable[str]) -> list:
+        """`WeightConverter`s splitting each fused tensor among `keys` (transformers' names)
+        into its parts at load; `save_pretrained` concatenates them back."""
+        from transformers.core_model_loading import Chunk, WeightConverter
+
+        out = []
+        for key in sorted(keys):
+            names = self.split_names(key)
+            if len(names) > 1:
+                out.append(
+                    WeightConverter(
+                        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+                        target_patterns=names,
+                        operations=[Chunk(0)],
+                    )
+                )
+        return out
+
+    def offset_conversions(self, names: Iterable[str]) -> list:
+        """`WeightConverter`s taking 1 off each of `names` that :attr:`unit_offset` matches
+        at load (`save_pretrained` adds it back)."""
+        from mlxq.integrations.mlx_lm_layout import unit_offset_conversions
+
+        return unit_offset_conversions(names, self.unit_offset)
 
     def weight_renamings(self) -> list:
         """The renames as transformers `WeightRenaming`s (applied on load, reversed on save)."""
@@ -103,26 +181,113 @@ def _idefics3(model_type: str) -> VlmLayout:
     )
 
 
-def _qwen_vl(model_type: str, **kw: Any) -> VlmLayout:
-    return VlmLayout(model_type, (*_TEXT, (r"^vision_tower\.", "model.visual.")), **kw)
+def _qwen_vl(model_type: str, *extra: tuple[str, str], **kw: Any) -> VlmLayout:
+    return VlmLayout(model_type, (*_TEXT, (r"^vision_tower\.", "model.visual."), *extra), **kw)
 
+
+# mlx-vlm stacks each expert projection as `mlp.switch_mlp.<proj>`; mlxq's MoeExperts holds
+# them as `mlp.experts.<proj>` (see mlx_lm_layout's _MOE_RENAMES)
+_SWITCH_MLP = (r"\.mlp\.switch_mlp\.", ".mlp.experts.")
+# Qwen 3.5's RMSNorms multiply by 1 + w in transformers; mlx-vlm's sanitize stores 1 + w for its
+# plain RMSNorm (not the gated norm of the linear attention, nor the vision tower's norms)
+_QWEN3_5_NORMS = (
+    r"^model\.language_model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight$",
+    r"^model\.language_model\.layers\.\d+\.self_attn\.(q_norm|k_norm)\.weight$",
+    r"^model\.language_model\.norm\.weight$",
+)
+
+
+# GLM-4.1V/4.5V: mlx-vlm names the image start/end tokens vision_start/end_token_id
+_GLM4V_KEYS: dict[str, Any] = {
+    "top_aliases": (
+        ("vision_start_token_id", "image_start_token_id"),
+        ("vision_end_token_id", "image_end_token_id"),
+    )
+}
 
 VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
     "qwen3_vl": _qwen_vl("qwen3_vl", vision_model_type="qwen3_vl"),
+    "qwen3_vl_moe": _qwen_vl(
+        "qwen3_vl_moe",
+        _SWITCH_MLP,
+        vision_model_type="qwen3_vl_moe",
+        text_aliases=(("num_experts", "num_local_experts"),),
+    ),
+    "glm4v": _qwen_vl("glm4v", **_GLM4V_KEYS, text_defaults=(("eos_token_id", None),)),
+    # GLM-4.5V: transformers' text model has no query/key norms (mlx-vlm requires the flag)
+    # GLM-OCR: mlx-vlm reads transformers 5's keys, but its config classes take no flat rope
+    # keys in text_config and no rope settings or dtype in vision_config
+    "glm_ocr": _qwen_vl("glm_ocr", vision_drop=("rope_parameters", "dtype"), rope_keys=False),
+    "glm4v_moe": _qwen_vl(
+        "glm4v_moe", _SWITCH_MLP, **_GLM4V_KEYS, text_defaults=(("use_qk_norm", False),)
+    ),
+    "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS, attention_interval=True),
+    "qwen3_5_moe": _qwen_vl(
+        "qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS, attention_interval=True
+    ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
-        "gemma3", text_keys_from_top=("mm_tokens_per_image",), top_keys_from_text=("hidden_size",)
+        "gemma3",
+        text_keys_from_top=("mm_tokens_per_image",),
+        top_keys_from_text=("hidden_size",),
+        sliding_pattern=True,
+    ),
+    # Llama 3.2 Vision: mlx-vlm reads the tower's head count as num_attention_heads
+    "mllama": VlmLayout(
+        "mllama",
+        (
+            *_TEXT,
+            (r"^vision_tower\.", "model.vision_model."),
+            (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+        ),
+        vision_aliases=(("num_attention_heads", "attention_heads"),),
+    ),
+    # PaddleOCR-VL: mlx-vlm keeps the tower's layers and embeddings under `visual.`, the projector
+    # (the Hub's mlp_AR) inside it, and fuses each attention's q/k/v into `qkv`
+    "paddleocr_vl": VlmLayout(
+        "paddleocr_vl",
+        (
+            *_TEXT,
+            (r"^visual\.projector\.", "model.projector."),
+            (r"^visual\.embeddings\.", "model.visual.vision_model.embeddings."),
+            (r"^visual\.post_layernorm\.", "model.visual.vision_model.post_layernorm."),
+            (r"^visual\.layers\.", "model.visual.vision_model.encoder.layers."),
+        ),
+        flat_text_config=True,
+        vision_model_type="paddleocr_vl",
+        splits=(
+            (
+                r"\.self_attn\.qkv\.",
+                (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."),
+            ),
+        ),
     ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
     "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
     "mistral3": _llava_like("mistral3"),
-    "aya_vision": _llava_like("aya_vision"),
+    "aya_vision": _llava_like("aya_vision", sliding_pattern=True),
+    # Command A Vision: mlx-vlm runs it as aya_vision, which names the image token
+    # image_token_index
+    "cohere2_vision": _llava_like(
+        "cohere2_vision",
+        sliding_pattern=True,
+        top_aliases=(("image_token_index", "image_token_id"),),
+    ),
     "internvl": _llava_like("internvl"),
-    "lfm2_vl": _llava_like("lfm2_vl"),
+    # LFM2-VL: mlx-vlm sizes its blocks by block_dim/conv_dim/conv_dim_out (default 1024), which
+    # the Hub writes as the hidden size
+    "lfm2_vl": _llava_like(
+        "lfm2_vl",
+        text_aliases=(
+            ("block_dim", "hidden_size"),
+            ("conv_dim", "hidden_size"),
+            ("conv_dim_out", "hidden_size"),
+        ),
+    ),
     "idefics2": _idefics3("idefics2"),
     "idefics3": _idefics3("idefics3"),
     "smolvlm": _idefics3("smolvlm"),
@@ -133,6 +298,17 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
 # mlxq does not map, with the reason; an mlx-vlm checkpoint of one (or of any family missing
 # from VLM_LAYOUTS) that leaves a model tensor unfilled is refused with this note.
 UNVERIFIED_VLM: dict[str, str] = {
+    "llama4": (
+        "transformers 5.24's Llama4ForConditionalGeneration.forward fails on every call (it "
+        "reads `image_outputs` off its language model's output), so no logits compare with "
+        "mlx-vlm's, which runs the tiny model; mlx-vlm keeps transformers' own tensor names "
+        "there, with the experts stacked per projection"
+    ),
+    "gemma4": (
+        "transformers' Gemma4Model.forward reads language_model.embed_tokens.weight[pad_token_id] "
+        "itself to build the per-layer inputs, which the quantized embedding mlx-vlm writes "
+        "cannot serve (its weight holds packed words); mlx-vlm runs the tiny model"
+    ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
         "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
@@ -153,6 +329,13 @@ def unmapped_vlm_note(model_type: str | None) -> str:
         f"model_type {model_type!r} is an image-text family whose mlx-vlm layout mlxq does not "
         f"map ({reason}); mapped: {', '.join(sorted(VLM_LAYOUTS))}"
     )
+
+
+def takes_flat_text_keys(config: Any) -> bool:
+    """Whether mlx-vlm's config class for this model accepts the flat rope keys
+    (`rope_theta`, `partial_rotary_factor`, ...) that mlx-lm reads, in text_config."""
+    layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
+    return layout is None or layout.rope_keys
 
 
 def is_image_text(config: Any) -> bool:
@@ -249,33 +432,46 @@ def channels_last_converter(key: str) -> Any:
     )
 
 
-def _rope(text: dict, gemma3: bool) -> dict:
+def _rope(text: dict, gemma3: bool, partial: bool = False) -> dict:
     rope = text.get("rope_parameters")
     if not isinstance(rope, dict):
         return {}
-    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3)
-        rope = rope["full_attention"]
     out: dict[str, Any] = {}
+    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3)
+        sliding = rope.get("sliding_attention")
+        if gemma3 and isinstance(sliding, dict) and "rope_theta" in sliding:
+            out["rope_local_base_freq"] = sliding["rope_theta"]
+        rope = rope["full_attention"]
     if "rope_theta" in rope:
         out["rope_theta"] = rope["rope_theta"]
         if gemma3:  # mlx-vlm's Gemma 3 calls the global base rope_global_base_freq
             out["rope_global_base_freq"] = rope["rope_theta"]
+    if partial and "partial_rotary_factor" in rope:  # GLM-4V reads it at the top
+        out["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if "mrope_section" in rope:
         out["rope_scaling"] = {"type": "default", "mrope_section": list(rope["mrope_section"])}
     return out
 
 
-def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
+_GLM4V = ("glm4v", "glm4v_moe")  # mlx-vlm reads partial_rotary_factor at the top of text_config
+
+
+def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
     """The config.json keys mlx-vlm reads for this image-text config and that transformers 5
     does not write: `{"top": {...}, "text": {...}, "vision": {...}}` for the top level,
-    `text_config` and `vision_config`. Keys already present are not returned."""
+    `text_config` and `vision_config`. Keys already present are not returned. With
+    `"vision_drop"`: the vision_config keys to leave out (mlx-vlm's config rejects them)."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     layout = VLM_LAYOUTS.get(cfg.get("model_type") or "")
     out: dict[str, dict[str, Any]] = {"top": {}, "text": {}, "vision": {}}
     if layout is None:
         return out
     text = cfg.get("text_config") or {}
-    rope = _rope(text, gemma3=layout.model_type == "gemma3")
+    rope = (
+        _rope(text, gemma3=layout.model_type == "gemma3", partial=layout.model_type in _GLM4V)
+        if layout.rope_keys
+        else {}
+    )
     if layout.flat_text_config:  # Qwen2-VL/2.5-VL: text settings at the top, mrope typed
         out["top"].update({k: v for k, v in text.items() if k not in cfg})
         out["top"].update(rope)
@@ -284,11 +480,26 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, dict[str, Any]]:
     out["text"].update(rope)
     out["top"].update({k: text[k] for k in layout.top_keys_from_text if k in text})
     out["text"].update({k: cfg[k] for k in layout.text_keys_from_top if k in cfg})
+    out["text"].update({k: text[t] for k, t in layout.text_aliases if t in text})
+    out["top"].update({k: cfg[t] for k, t in layout.top_aliases if t in cfg})
+    if layout.attention_interval or layout.sliding_pattern:
+        # the period of full-attention layers (mlx-vlm derives the layer types from it)
+        from mlxq.integrations.mlx_lm_layout import _sliding_window_pattern
+
+        period = _sliding_window_pattern(text.get("layer_types"))
+        if period is not None:
+            key = (
+                "full_attention_interval" if layout.attention_interval else "sliding_window_pattern"
+            )
+            out["text"][key] = period
+    out["text"].update({k: text.get(k, cfg.get(k, v)) for k, v in layout.text_defaults})
+    vision = cfg.get("vision_config") or {}
     if layout.vision_model_type is not None:
         out["vision"]["model_type"] = layout.vision_model_type
-    vision = cfg.get("vision_config") or {}
+    out["vision"].update({k: vision[t] for k, t in layout.vision_aliases if t in vision})
     return {
         "top": {k: v for k, v in out["top"].items() if k not in cfg},
         "text": {k: v for k, v in out["text"].items() if k not in text},
         "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
+        "vision_drop": [k for k in layout.vision_drop if k in vision],
     }

@@ -35,6 +35,7 @@ __all__ = [
     "check_moe_tensors_loaded",
     "PROJECTIONS",
     "drop_fused_expert_converters",
+    "converts_replaced_tensors",
 ]
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -232,7 +233,6 @@ def drop_fused_expert_converters(model: nn.Module, experts: set[str], routers: s
     `router.weight`): saving would otherwise reverse them on mlxq's tensors (split a stack, or
     rename a router's `weight` but not its `scales`); mlx-lm's layout renames the whole
     module instead."""
-    import re
 
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
@@ -245,6 +245,24 @@ def drop_fused_expert_converters(model: nn.Module, experts: set[str], routers: s
 
         conversions = get_model_conversion_mapping(model, add_legacy=False)
         conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    model._weight_conversions = [
+        c
+        for c in conversions
+        if not (
+            isinstance(c, (WeightConverter, WeightRenaming))
+            and converts_replaced_tensors(c, experts, routers)
+        )
+    ]
+
+
+def converts_replaced_tensors(
+    conversion, experts: set[str], routers: set[str] = frozenset()
+) -> bool:
+    """Whether every target of `conversion` (a transformers WeightConverter or WeightRenaming)
+    is a fused experts parameter of one of `experts` (replaced by MoeExperts) or the weight of
+    one of the quantized `routers`: mlxq's tensors there must not go through it."""
+    import re
+
     fused = [f"{name}.{param}" for name in experts for param in ("gate_up_proj", "down_proj")]
     fused += [f"{name}.weight" for name in routers]
 
@@ -252,11 +270,4 @@ def drop_fused_expert_converters(model: nn.Module, experts: set[str], routers: s
         regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+") + "$")
         return any(regex.search(key) for key in fused)
 
-    model._weight_conversions = [
-        c
-        for c in conversions
-        if not (
-            isinstance(c, (WeightConverter, WeightRenaming))
-            and all(map(replaced, c._original_target_patterns))
-        )
-    ]
+    return all(map(replaced, conversion._original_target_patterns))

@@ -21,7 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
-from mlxq.integrations.checkpoint import TensorInfo, read_headers
+from mlxq.integrations.checkpoint import TensorInfo, read_headers, written_by_mlx
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
 from mlxq.integrations.cpu_attention import use_fp32_decode_attention
 from mlxq.integrations.cpu_layers import use_flat_decode_layers
@@ -37,23 +37,26 @@ from mlxq.integrations.mlx_lm_layout import (
     use_mlx_lm_layout,
 )
 from mlxq.integrations.mlx_vlm_layout import (
+    VLM_LAYOUTS,
     VlmLayout,
     channels_last_conversions,
     checkpoint_vlm_layout,
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
+    takes_flat_text_keys,
     unmapped_vlm_note,
 )
 from mlxq.integrations.model_class import text_model_class
 from mlxq.integrations.moe_loading import (
     check_moe_tensors_loaded,
+    converts_replaced_tensors,
     replace_moe_module,
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
 from mlxq.model_walk import HeadDecision, config_ties, plan_modules, tie_head
-from mlxq.moe import AffineSwitchLinear, float_dtype_for_routers
+from mlxq.moe import AffineSwitchLinear, MoeExperts, float_dtype_for_routers
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
@@ -181,6 +184,8 @@ def add_mlx_lm_config_keys(config) -> None:
     (`rope_theta`, `partial_rotary_factor`, `rope_scaling`, ...: mlx-lm silently falls back to
     defaults otherwise; see :func:`mlxq.integrations.mlx_lm_layout.mlx_lm_config_keys`)."""
     for cfg in config_and_text_config(config):
+        if cfg is not config and not takes_flat_text_keys(config):
+            continue  # mlx-vlm's config class rejects them there (GLM-OCR)
         # written into __dict__: `rope_scaling` is a property aliasing `rope_parameters` in
         # transformers 5, and to_dict serializes __dict__
         vars(cfg).update(mlx_lm_config_keys(cfg))
@@ -239,9 +244,37 @@ def add_mlx_vlm_config_keys(config) -> None:
             # to_dict writes the class's model_type: a subclass that names mlx-vlm's (the Hub
             # layout, e.g. "qwen2_5_vl"; transformers reads it back as the same vision config)
             sub_config.__class__ = _with_model_type(type(sub_config), model_type)
+    drop = keys.get("vision_drop")
+    vision = getattr(config, "vision_config", None)
+    if drop and vision is not None:  # keys mlx-vlm's config class rejects (GLM-OCR's rope)
+        vision.__class__ = _without_keys(type(vision), tuple(drop))
 
 
 _RENAMED_CONFIGS: dict[tuple[type, str], type] = {}
+_DROPPING_CONFIGS: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _without_keys(cls: type, keys: tuple[str, ...]) -> type:
+    """A subclass of the config class `cls` that leaves `keys` out of what it serializes
+    (the model keeps reading them; a reload falls back to their defaults)."""
+    if (cls, keys) not in _DROPPING_CONFIGS:
+
+        def to_dict(self):
+            out = cls.to_dict(self)
+            for key in keys:
+                out.pop(key, None)
+            return out
+
+        def to_diff_dict(self):
+            out = cls.to_diff_dict(self)
+            for key in keys:
+                out.pop(key, None)
+            return out
+
+        _DROPPING_CONFIGS[(cls, keys)] = type(
+            cls.__name__, (cls,), {"to_dict": to_dict, "to_diff_dict": to_diff_dict}
+        )
+    return _DROPPING_CONFIGS[(cls, keys)]
 
 
 def _with_model_type(cls: type, model_type: str) -> type:
@@ -270,8 +303,10 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
         headers = {layout.to_transformers(k): v for k, v in headers.items()}
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
-    if vlm_layout is not None:  # mlx-vlm's names for image-text models
-        headers = {vlm_layout.to_transformers(k): v for k, v in headers.items()}
+    if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
+        headers = vlm_layout.split_headers(
+            {vlm_layout.to_transformers(k): v for k, v in headers.items()}
+        )
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -310,6 +345,13 @@ def _with_model_names(
     keys = [f"{name}.weight" for name in names]
     if vlm_layout is not None:
         keys = [vlm_layout.to_transformers(key) for key in keys]
+        if vlm_layout.splits:  # an entry for a fused projection applies to each of its parts
+            pairs = [
+                (n, part)
+                for n, k in zip(names, keys, strict=True)
+                for part in vlm_layout.split_names(k)
+            ]
+            names, keys = [n for n, _ in pairs], [k for _, k in pairs]
     renamed = list(checkpoint_keys_as_model_keys(model, dict.fromkeys(keys, TensorInfo("F32", ()))))
     if len(renamed) != len(names):  # two entries for one module: keep the names as they are
         return config
@@ -342,6 +384,30 @@ def _refuse_missing_tensors(
             f"missing; checkpoint tensors without a place: {', '.join(unused[:4]) or 'none'})"
             + (f": {note}" if note else "")
         )
+
+
+def _refuse_unmapped_vlm(
+    model: nn.Module,
+    headers: dict[str, TensorInfo],
+    stored_keys: list[str],
+    mlx_vlm_names: bool,
+    files: list | None,
+) -> None:
+    """An mlx-vlm checkpoint of an image-text family whose layout mlxq does not map is refused
+    by name: written by MLX with tensors outside the language model (mlx-vlm's conversion; an
+    mlx-lm one keeps the language model only), even when every model tensor would be filled
+    (names that coincide with transformers' are no proof that the config keys, convolution
+    layouts and norm conventions do); else, with mlx-vlm's names, when a tensor stays unfilled
+    (later checks would only see the first unmatched tensor)."""
+    note = unmapped_vlm_note(_model_type(model))
+    if _model_type(model) not in VLM_LAYOUTS and written_by_mlx(files or []):
+        if any(not key.startswith("language_model.") for key in stored_keys):
+            raise ValueError(
+                f"mlxq: {type(model).__name__}: an image-text checkpoint written by MLX "
+                f"(mlx-vlm's conversion): {note}"
+            )
+    if mlx_vlm_names:
+        _refuse_missing_tensors(model, headers, note)
 
 
 def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
@@ -521,13 +587,11 @@ class MLXHfQuantizer(HfQuantizer):
         self._vlm_layout: VlmLayout | None = vlm_layout
         self._record_unexpected_keys(model)
         mlx_vlm_names = looks_like_mlx_vlm(headers)
-        stored_names = list(headers)
+        stored_keys = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
-        stored_names = dict(zip(headers, stored_names, strict=False))  # model -> file names
-        if vlm_layout is None and mlx_vlm_names and is_image_text(model.config):
-            # an image-text family whose mlx-vlm layout is not mapped: refused by name here
-            # (later checks would only see the first unmatched tensor)
-            _refuse_missing_tensors(model, headers, unmapped_vlm_note(_model_type(model)))
+        stored_names = dict(zip(headers, stored_keys, strict=False))  # model -> file names
+        if vlm_layout is None and is_image_text(model.config):
+            _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
         # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load,
         # and norm weights that mlx-lm stores as 1 + w (Qwen3-Next) get their 1 back
         self._value_conversions = channels_last_conversions(
@@ -535,6 +599,11 @@ class MLXHfQuantizer(HfQuantizer):
         )
         if layout is not None:
             self._value_conversions += layout.offset_conversions(headers)
+        if vlm_layout is not None:  # Qwen 3.5's norms, stored as 1 + w by mlx-vlm
+            self._value_conversions += vlm_layout.offset_conversions(headers)
+            # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
+            fused = (vlm_layout.to_transformers(k) for k in stored_keys)
+            self._value_conversions += vlm_layout.split_conversions(fused)
         config = _with_model_names(model, self.quantization_config, vlm_layout)
         walk = plan_modules(
             model,
@@ -545,10 +614,13 @@ class MLXHfQuantizer(HfQuantizer):
             collect_errors=True,  # raised in module order below
         )
         replaced: set[str] = set()
+        self._moe_experts: set[str] = set()
         for entry in walk.modules:
             name, module = entry.name, entry.module
             if entry.moe is not None:  # MoE experts and routers (integrations/moe_loading.py)
                 replaced |= replace_moe_module(model, name, module, entry.moe, headers, config)
+                if isinstance(model.get_submodule(name), MoeExperts):
+                    self._moe_experts.add(name)
                 continue
             split = replace_split_kv_b(model, name, module, headers, config)  # DeepSeek V3
             if split is not None:
@@ -655,6 +727,8 @@ class MLXHfQuantizer(HfQuantizer):
         """mlx-lm's tensor names, for the architectures it renames, go first: the model's own
         renamings (e.g. GPT-NeoX `embed_out` -> `lm_head`) then chain after them, and saving
         reverses them last, so that `save_pretrained` writes mlx-lm's layout again."""
+        from transformers.core_model_loading import WeightConverter
+
         layout = getattr(self, "_mlx_layout", None)
         renames = layout.weight_renamings() if layout is not None else []
         self._layout_renames = renames
@@ -662,6 +736,14 @@ class MLXHfQuantizer(HfQuantizer):
         if vlm_layout is not None:  # mlx-vlm's names, also reversed last when saving
             renames = [*vlm_layout.weight_renamings(), *renames]
         converters = list(getattr(self, "_value_conversions", []))
+        experts = getattr(self, "_moe_experts", set())
+        # the model's own converters of its fused experts (Qwen3-VL-MoE's transpose of the
+        # Hub's [E, in, out]) would run on mlxq's stacked tensors of the same name
+        weight_conversions = [
+            c
+            for c in weight_conversions
+            if not (isinstance(c, WeightConverter) and converts_replaced_tensors(c, experts))
+        ]
         return [
             *renames,
             # transformers >= 5.2x passes the model too; older 5.x only the conversions
