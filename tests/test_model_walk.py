@@ -173,3 +173,76 @@ def test_plan_modules_refuses_a_tied_head_whose_weight_forward_reads() -> None:
     # MambaForCausalLM.forward reads as `self.lm_head.weight.dtype`
     with pytest.raises(NotImplementedError, match=r"'lm_head'.*MambaForCausalLM\.forward"):
         plan_modules(model, lambda n, p: four_bit if n.endswith("embeddings") else None)
+
+
+class _ReadsRows(nn.Module):
+    """Gemma 4's read: its forward indexes one row of the embedding's table itself (the pad
+    row), and a helper outside forward compares inputs with the whole table (the reverse
+    lookup of `inputs_embeds`)."""
+
+    def __init__(self, nested: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(48, 64)
+        self.pad, self.nested = 3, nested
+
+    def forward(self, ids):
+        pad = self.emb.weight[self.pad, :]
+        return self.emb(ids) + pad.view(1, 1, -1), self.emb.weight[-1]
+
+    def lookup(self, embeds):
+        return (embeds[:, :, None, :] == self.emb.weight[None, None, :, :]).all(-1)
+
+
+class _ReadsRowsNested(_ReadsRows):
+    def forward(self, ids):
+        row = (lambda: self.emb.weight[self.pad, :])()  # another frame: not served
+        return self.emb(ids) + row
+
+
+class _ReadsLinearRow(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.proj(x) + self.proj.weight[0]
+
+
+def test_an_embedding_serves_the_rows_its_model_reads() -> None:
+    """A quantized embedding whose table the model's forward indexes one row at a time serves
+    those rows, dequantized exactly, in those methods' frames only; any other use of its weight
+    there raises, naming the module and the reader. Reads it cannot serve are refused."""
+    import mlxq
+    from mlxq.nn import AffineEmbedding, RowServingAffineEmbedding, WeightRows
+
+    torch.manual_seed(0)
+    model = _ReadsRows().eval()
+    mlxq.quantize_model(model, bits=4, group_size=32)
+    emb = model.emb
+    assert type(emb) is RowServingAffineEmbedding
+    assert "serves rows to _ReadsRows.forward, _ReadsRows.lookup" in repr(emb)
+    assert emb.weight.dtype == torch.uint32  # outside those methods: the packed words
+    table = AffineEmbedding.forward(emb, torch.arange(48))
+    ids = torch.tensor([[1, 7, 3]])
+    with torch.no_grad():
+        out, last = model(ids)
+    torch.testing.assert_close(out, table[ids] + table[3], rtol=0, atol=0)
+    torch.testing.assert_close(last, table[-1], rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match=r"_ReadsRows\.lookup uses the weight of embe"):
+        model.lookup(table[ids])
+    rows = WeightRows(emb, "emb", "reader")
+    assert (rows.dtype, tuple(rows.shape)) == (table.dtype, (48, 64))
+    torch.testing.assert_close(rows[torch.tensor(5)], table[5], rtol=0, atol=0)
+    for bad in (lambda: rows[1:3], lambda: rows[torch.tensor([1, 2])], lambda: rows * 2):
+        with pytest.raises(NotImplementedError, match="'emb' as"):
+            bad()
+    with pytest.raises(NotImplementedError, match="an argument of where"):
+        torch.where(torch.tensor(True), rows, table)
+    with pytest.raises(IndexError, match="row 48"):
+        rows[48]
+    four_bit = ModuleFormat(4, 32)
+    # a read in a frame of its own, and a linear layer's row: refused as before
+    with pytest.raises(NotImplementedError, match=r"'emb'.*_ReadsRowsNested\.forward"):
+        plan_modules(_ReadsRowsNested(), lambda n, p: four_bit)
+    with pytest.raises(NotImplementedError, match=r"'proj'.*_ReadsLinearRow\.forward"):
+        plan_modules(_ReadsLinearRow(), lambda n, p: four_bit)

@@ -19,7 +19,7 @@ nothing from the integration layer.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -160,7 +160,7 @@ def plan_modules(
     """
     head = head_decision(model, stored)
     plan = ModelPlan(head=head)
-    reads = weight_reads(model)
+    reads = weight_reads(model, every_method=True)
     for name, module in model.named_modules():
         if not name or (head.tied and name == head.head):
             continue
@@ -175,7 +175,8 @@ def plan_modules(
         try:
             entry.format = format_of(name, swap)
             if entry.format is not None:
-                _refuse_weight_reads(name, reads)
+                entry.swap = swap = _with_row_readers(swap, reads.get(name, ()))
+                _refuse_weight_reads(name, reads, served=bool(swap.row_readers))
                 if head.tied and name == head.embedding and head.head is not None:
                     _refuse_weight_reads(head.head, reads, tied_head=True)
         except (ValueError, NotImplementedError) as error:
@@ -186,14 +187,35 @@ def plan_modules(
     return plan
 
 
+def _with_row_readers(swap: SwapPlan, reads: Collection[WeightRead]) -> SwapPlan:
+    """`swap` with the methods its quantized embedding serves rows to, where the model's
+    forward reads single rows of its table (Gemma 4's `embed_tokens.weight[pad_token_id, :]`)
+    and nothing else of it but its dtype: every method of the model reading its weight gets
+    the rows (:class:`mlxq.nn.WeightRows`), which raise for any other use (Gemma 4's reverse
+    lookup of `inputs_embeds` in the whole table). Unchanged otherwise."""
+    forward = [r for r in reads if r.in_forward and not r.dtype_only]
+    if swap.kind != "embedding" or not forward or not all(r.row for r in forward):
+        return swap
+    readers = {r.code: r.reader for r in reads if r.code is not None}
+    return replace(swap, row_readers=tuple(readers.items()))
+
+
 def _refuse_weight_reads(
-    name: str, reads: Mapping[str, list[WeightRead]], tied_head: bool = False
+    name: str,
+    reads: Mapping[str, list[WeightRead]],
+    tied_head: bool = False,
+    served: bool = False,
 ) -> None:
     """A NotImplementedError when model code around `name` reads its `.weight` itself (a
-    quantized module's `weight` holds packed uint32 words) other than for its dtype, which
-    the loader serves by running the layer in float; a tied head, a view of the embedding,
-    has no weight to serve at all."""
-    bad = [r.reader for r in reads.get(name, ()) if tied_head or not r.dtype_only]
+    quantized module's `weight` holds packed uint32 words) in its forward, other than for its
+    dtype, which the loader serves by running the layer in float, or for single rows of an
+    embedding that `served` them; a tied head, a view of the embedding, has no weight to
+    serve at all."""
+    bad = [
+        r.reader
+        for r in reads.get(name, ())
+        if r.in_forward and (tied_head or not (r.dtype_only or (served and r.row)))
+    ]
     if bad:
         raise NotImplementedError(
             f"mlxq: module {name!r} is quantized in the checkpoint"

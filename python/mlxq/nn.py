@@ -10,6 +10,9 @@ the class names keep the affine prefix they were introduced with.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 from torch import nn
 
@@ -21,6 +24,9 @@ __all__ = [
     "AffineEmbedding",
     "ScaledAffineEmbedding",
     "TiedAffineHead",
+    "RowServingAffineEmbedding",
+    "RowServingScaledAffineEmbedding",
+    "WeightRows",
     "SUPPORTED_BITS",
 ]
 
@@ -288,6 +294,118 @@ class ScaledAffineEmbedding(AffineEmbedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, embed_scale={self.embed_scale}"
+
+
+class _ServesRows:
+    """Mixin of an :class:`AffineEmbedding` whose table model code indexes itself, one row at
+    a time (Gemma 4's `self.language_model.embed_tokens.weight[pad_token_id, :]`).
+
+    Only in the frames of the methods it was told of (:meth:`serve_rows`, found in the model's
+    source by :func:`mlxq.swap.weight_reads`), `weight` is a :class:`WeightRows`: indexing one
+    row gives that row of the table, dequantized exactly (unscaled, as `nn.Embedding.weight`
+    holds it); any other use raises, naming the module. Everywhere else (mlxq's own code,
+    loading, saving) `weight` is the packed buffer, as in every quantized module.
+    """
+
+    def serve_rows(self, name: str, readers: dict[types.CodeType, str]) -> None:
+        self._row_name, self._row_readers = name, dict(readers)
+
+    @property
+    def weight(self) -> torch.Tensor | WeightRows:
+        try:
+            packed = self._buffers["weight"]
+        except KeyError:
+            raise AttributeError("weight") from None
+        readers = self.__dict__.get("_row_readers")
+        if not readers:
+            return packed
+        if torch.compiler.is_compiling():  # the reading frame is not visible to dynamo
+            raise NotImplementedError(
+                f"mlxq: embedding {self._row_name!r} serves rows of its quantized table to "
+                f"{', '.join(sorted(readers.values()))} by the reading frame, which torch.compile "
+                "does not allow: run this model uncompiled"
+            )
+        reader = readers.get(sys._getframe(1).f_code)
+        return packed if reader is None else WeightRows(self, self._row_name, reader)
+
+    def extra_repr(self) -> str:
+        readers = ", ".join(sorted(self.__dict__.get("_row_readers", {}).values()))
+        return f"{super().extra_repr()}, serves rows to {readers}"
+
+
+class RowServingAffineEmbedding(_ServesRows, AffineEmbedding):
+    """An :class:`AffineEmbedding` serving rows of its table to model code (see _ServesRows)."""
+
+
+class RowServingScaledAffineEmbedding(_ServesRows, ScaledAffineEmbedding):
+    """A :class:`ScaledAffineEmbedding` serving rows of its (unscaled) table (see _ServesRows)."""
+
+
+class WeightRows:
+    """The `weight` of a quantized embedding as the model method that indexes it sees it:
+    `w[i]`, `w[i, :]` and `w[i, ...]` (one integer `i`) give row `i` dequantized, in the
+    dtype of the table's lookups; `dtype`, `device` and `shape` are the float table's. Anything
+    else (another index, arithmetic, a torch function) raises NotImplementedError naming the
+    module: the packed table holds uint32 words, not the float table the code expects."""
+
+    __slots__ = ("_module", "_name", "_reader")
+
+    def __init__(self, module: AffineEmbedding, name: str, reader: str) -> None:
+        self._module, self._name, self._reader = module, name, reader
+
+    def _refuse(self, use: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"mlxq: {self._reader} uses the weight of embedding {self._name!r} as {use}; the "
+            "module is quantized (its weight holds packed uint32 words) and serves single rows "
+            "only (weight[i] / weight[i, :])"
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        module = self._module
+        return module.scales.dtype if module.mode == "affine" else module.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._module.scales.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._module.num_embeddings, self._module.embedding_dim))
+
+    def __getitem__(self, index):
+        rest = index[1:] if isinstance(index, tuple) else ()
+        first = index[0] if isinstance(index, tuple) and index else index
+        if isinstance(first, torch.Tensor) and first.dim() == 0 and not first.is_floating_point():
+            first = int(first)
+        full = all(r is Ellipsis or r == slice(None) for r in rest)
+        if not (isinstance(first, int) and not isinstance(first, bool) and len(rest) <= 1 and full):
+            raise self._refuse(f"weight[{index!r}]")
+        n = self._module.num_embeddings
+        if not -n <= first < n:
+            raise IndexError(f"mlxq: row {first} of embedding {self._name!r} ({n} rows)")
+        ids = torch.tensor([first % n], device=self.device)
+        return AffineEmbedding.forward(self._module, ids)[0]  # the table's row, unscaled
+
+    def __getattr__(self, attr: str):
+        raise self._refuse(f"a tensor (.{attr})")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        use = f"an argument of {getattr(func, '__name__', func)}"
+        rows = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, cls)), None)
+        if rows is None:
+            raise NotImplementedError(f"mlxq: a quantized embedding's weight used as {use}")
+        raise rows._refuse(use)
+
+    def _operator(self, *args):
+        raise self._refuse("an operand")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _operator
+    __truediv__ = __rtruediv__ = __matmul__ = __rmatmul__ = __neg__ = _operator
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _operator
+    __iter__ = __len__ = __bool__ = __array__ = _operator
+    __hash__ = None
 
 
 class TiedAffineHead(nn.Module):

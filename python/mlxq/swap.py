@@ -27,7 +27,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
+from mlxq.nn import (
+    AffineEmbedding,
+    AffineLinear,
+    RowServingAffineEmbedding,
+    RowServingScaledAffineEmbedding,
+    ScaledAffineEmbedding,
+)
 
 __all__ = [
     "SwapPlan",
@@ -131,6 +137,9 @@ class SwapPlan:
     scale_dtype: torch.dtype | None = None
     padding_idx: int | None = None
     refusal: str | None = None
+    # (code, `Class.method`) of the model methods an embedding serves single rows of its
+    # table to (see mlxq.model_walk.plan_modules): the quantized module is a RowServing one
+    row_readers: tuple[tuple[types.CodeType, str], ...] = ()
 
     def require(self) -> SwapPlan:
         """This plan, or a NotImplementedError naming the module when mlxq cannot replace it."""
@@ -167,14 +176,20 @@ class SwapPlan:
             mode=mode,
         )
         if self.embed_scale is not None:
-            return ScaledAffineEmbedding(
+            cls = RowServingScaledAffineEmbedding if self.row_readers else ScaledAffineEmbedding
+            embedding = cls(
                 self.out_features,
                 self.in_features,
                 self.embed_scale,
                 self.scale_dtype,
                 **common,
             )
-        return AffineEmbedding(self.out_features, self.in_features, **common)
+        else:
+            cls = RowServingAffineEmbedding if self.row_readers else AffineEmbedding
+            embedding = cls(self.out_features, self.in_features, **common)
+        if self.row_readers:
+            embedding.serve_rows(self.name, dict(self.row_readers))
+        return embedding
 
     def quantize(
         self, module: nn.Module, bits: int, group_size: int, mode: str = "affine"
@@ -480,17 +495,61 @@ def _inference_nodes(node: ast.AST):
 
 @dataclass(frozen=True)
 class WeightRead:
-    """A forward method (`Class.method`) reading a module's `.weight`; `dtype_only` when it only
-    asks for its dtype (`x.to(self.lm_head.weight.dtype)`)."""
+    """A method (`Class.method`) reading a module's `.weight`; `dtype_only` when it only asks for
+    its dtype (`x.to(self.lm_head.weight.dtype)`); `row` when it indexes one row
+    (`self.embed_tokens.weight[i, :]`) in the method's own frame, whose `code` it carries;
+    `in_forward` for `forward` and its helpers (the reads that count when refusing a model)."""
 
     reader: str
     dtype_only: bool
+    row: bool = False
+    code: types.CodeType | None = None
+    in_forward: bool = True
+
+
+_SCOPES = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.Lambda,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+    ast.GeneratorExp,
+)
+
+
+def _full_slice(node: ast.expr) -> bool:
+    return (isinstance(node, ast.Slice) and node.lower is node.upper is node.step is None) or (
+        isinstance(node, ast.Constant) and node.value is Ellipsis
+    )
+
+
+def _row_index(index: ast.expr) -> bool:
+    """`w[i]`, `w[i, :]` or `w[i, ...]` with `i` neither a slice nor None (whether `i` is one
+    integer is checked when it runs: :class:`mlxq.nn.WeightRows`)."""
+    first, rest = (index.elts[0], index.elts[1:]) if isinstance(index, ast.Tuple) else (index, [])
+    if isinstance(first, (ast.Slice, ast.Starred, ast.Tuple)):
+        return False
+    if isinstance(first, ast.Constant) and first.value in (None, Ellipsis):
+        return False
+    return len(rest) <= 1 and all(_full_slice(e) for e in rest)
+
+
+def _method_code(cls: type, name: str) -> types.CodeType | None:
+    """The code object that runs for method `name` of `cls` (under its decorators)."""
+    fn = vars(cls).get(name)
+    if isinstance(fn, (staticmethod, classmethod)):
+        fn = fn.__func__
+    if not callable(fn):
+        return None
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return code if code is not None and code.co_name == name else None
 
 
 def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
     """For a model class of its own (not torch's or transformers' base classes): the attribute
-    chains `a.b` of every `self.a.b.weight` read in its forward methods (not in their
-    training-only branches), with their :class:`WeightRead`s."""
+    chains `a.b` of every `self.a.b.weight` read in its methods (not in the training-only
+    branches of their forward), with their :class:`WeightRead`s."""
     module = cls.__module__ or ""
     if module.startswith(("torch.", "mlxq.")) or (
         module.startswith("transformers.") and not module.startswith("transformers.models.")
@@ -500,12 +559,20 @@ def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):
         return {}
+    methods = {id(n) for n in tree.body[0].body} if tree.body else set()
     reads: dict[str, list[WeightRead]] = {}
     for fn in ast.walk(tree):
-        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not _runs_model(fn.name):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        nodes = list(_inference_nodes(fn))
+        in_forward = _runs_model(fn.name)
+        nodes = list(_inference_nodes(fn)) if in_forward else list(ast.walk(fn))[1:]
         asked = {id(n.value): n.attr for n in nodes if isinstance(n, ast.Attribute)}
+        indexed = {id(n.value): n.slice for n in nodes if isinstance(n, ast.Subscript)}
+        # a read in a nested function, lambda or comprehension runs in a frame of its own
+        nested = {
+            id(inner) for scope in nodes if isinstance(scope, _SCOPES) for inner in ast.walk(scope)
+        }
+        code = _method_code(cls, fn.name) if id(fn) in methods else None
         for node in nodes:
             if not (isinstance(node, ast.Attribute) and node.attr == "weight"):
                 continue
@@ -516,7 +583,15 @@ def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
                 chain.append(value.attr)
                 value = value.value
             if chain and isinstance(value, ast.Name) and value.id == "self":
-                read = WeightRead(f"{cls.__qualname__}.{fn.name}", asked.get(id(node)) == "dtype")
+                index = indexed.get(id(node))
+                row = index is not None and _row_index(index) and id(node) not in nested
+                read = WeightRead(
+                    f"{cls.__qualname__}.{fn.name}",
+                    asked.get(id(node)) == "dtype",
+                    row=row and code is not None,
+                    code=code if id(node) not in nested else None,
+                    in_forward=in_forward,
+                )
                 found = reads.setdefault(".".join(reversed(chain)), [])
                 if read not in found:
                     found.append(read)
@@ -526,18 +601,23 @@ def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
 _WEIGHT_READS_CACHE: dict[type, dict[str, list[WeightRead]]] = {}
 
 
-def weight_reads(model: nn.Module) -> dict[str, list[WeightRead]]:
+def weight_reads(model: nn.Module, every_method: bool = False) -> dict[str, list[WeightRead]]:
     """Module name -> the forward methods of its ancestors' classes that read its `.weight`
-    directly (`self.lm_head.weight.dtype`, `self.dt_proj.weight @ x`). A quantized module's
-    `weight` holds packed words: a module read for its dtype only can run as a float layer
-    (:func:`mlxq.dequantize_model.float_where_weight_dtype_is_read`); any other read means the
-    module cannot be quantized."""
+    directly (`self.lm_head.weight.dtype`, `self.dt_proj.weight @ x`); with `every_method`,
+    their other methods too. A quantized module's `weight` holds packed words: a module read
+    for its dtype only can run as a float layer
+    (:func:`mlxq.dequantize_model.float_where_weight_dtype_is_read`), an embedding read for
+    single rows serves them (:class:`mlxq.nn.RowServingAffineEmbedding`); any other read means
+    the module cannot be quantized."""
     reads: dict[str, list[WeightRead]] = {}
     for prefix, module in model.named_modules():
         for cls in type(module).__mro__:
             if cls not in _WEIGHT_READS_CACHE:
                 _WEIGHT_READS_CACHE[cls] = _class_weight_reads(cls)
             for chain, found in _WEIGHT_READS_CACHE[cls].items():
+                found = [r for r in found if every_method or r.in_forward]
+                if not found:
+                    continue
                 name = f"{prefix}.{chain}" if prefix else chain
                 known = reads.setdefault(name, [])
                 known.extend(r for r in found if r not in known)
