@@ -264,6 +264,9 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
             ),
         ),
     ),
+    # Gemma 4: mlx-vlm keeps the tower's names (with its clippable linears' `.linear`) and
+    # the embedder of the image features at the top level
+    "gemma4": _llava_like("gemma4", (r"^embed_vision\.", "model.embed_vision.")),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
@@ -303,11 +306,6 @@ UNVERIFIED_VLM: dict[str, str] = {
         "reads `image_outputs` off its language model's output), so no logits compare with "
         "mlx-vlm's, which runs the tiny model; mlx-vlm keeps transformers' own tensor names "
         "there, with the experts stacked per projection"
-    ),
-    "gemma4": (
-        "transformers' Gemma4Model.forward reads language_model.embed_tokens.weight[pad_token_id] "
-        "itself to build the per-layer inputs, which the quantized embedding mlx-vlm writes "
-        "cannot serve (its weight holds packed words); mlx-vlm runs the tiny model"
     ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
