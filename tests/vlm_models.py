@@ -728,6 +728,41 @@ def _gemma4_patches(inputs: dict, config) -> dict:
     return {**inputs, "pixel_values": patches[None], "image_position_ids": positions[None]}
 
 
+@contextlib.contextmanager
+def _gemma4_patch_embedder_cast():
+    """mlx-vlm 0.7.10's Gemma 4 patch embedder casts the pixels to `input_proj.weight.dtype`,
+    uint32 where mlx-vlm quantized that layer (a tower quantized by a recipe): the pixels
+    in [-1, 1] become integers (6.5 off in the logits; mxfp4's quantized_matmul refuses them).
+    transformers' Gemma4VisionPatchEmbedder.forward casts only to a floating weight dtype, so
+    a quantized layer takes the pixels as they are. Set to transformers' rule."""
+    import mlx.core as mx
+    from mlx_vlm.models.gemma4 import vision
+
+    cls = vision.VisionPatchEmbedder
+    originals = cls._patchify, cls.embed_patches
+
+    def cast(self, x):
+        dtype = self.input_proj.weight.dtype
+        return x.astype(dtype) if mx.issubdtype(dtype, mx.floating) else x
+
+    def patchify(self, pixel_values):
+        b, c, h, w = pixel_values.shape
+        p = self.patch_size
+        patches = pixel_values.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 3, 5, 1)
+        patches = 2 * (patches.reshape(b, (h // p) * (w // p), c * p * p) - 0.5)
+        return self.input_proj(cast(self, patches))
+
+    def embed_patches(self, pixel_values, patch_positions, padding_positions):
+        hidden = self.input_proj(cast(self, 2 * (pixel_values - 0.5)))
+        return hidden + self._position_embeddings(patch_positions, padding_positions)
+
+    cls._patchify, cls.embed_patches = patchify, embed_patches
+    try:
+        yield
+    finally:
+        cls._patchify, cls.embed_patches = originals
+
+
 _GEMMA4_SPECIAL = ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "<|video|>")
 _GEMMA4_TEXT = {
     "layer_types": ["sliding_attention", "full_attention"],
@@ -968,6 +1003,7 @@ FAMILIES: dict[str, Family] = {
         image_size=(64, 48),
         torch_inputs=_gemma4_patches,
         tied=True,
+        mlx_fix=_gemma4_patch_embedder_cast,
     ),
     "llama4": Family(
         "llama4",
