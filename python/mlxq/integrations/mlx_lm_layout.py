@@ -145,6 +145,15 @@ LAYOUTS: dict[str, MlxLayout] = {
 # drops `vision_tower` and `multi_modal_projector`)
 VISION_DROPPED: dict[str, tuple[str, ...]] = {
     "gemma3_text": (r"^vision_tower\.", r"^multi_modal_projector\."),
+    # mlx-lm's gemma4 drops the towers and their embedders (image, audio)
+    "gemma4_text": (
+        r"^vision_tower\.",
+        r"^multi_modal_projector\.",
+        r"^audio_tower\.",
+        r"^embed_audio\.",
+        r"^embed_vision\.",
+        r"^vision_embedder\.",
+    ),
 }
 
 
@@ -161,10 +170,11 @@ def checkpoint_layout(model_type: str | None, keys: Iterable[str]) -> MlxLayout 
     layout = LAYOUTS.get(model_type or "")
     dropped = VISION_DROPPED.get(model_type or "", ())
     text = [k for k in keys if not any(re.search(p, k) for p in dropped)]
-    if layout is None and text and all(k.startswith("language_model.") for k in text):
+    own = layout is None or model_type in VISION_DROPPED  # Gemma 4: its MoE renames follow
+    if own and text and all(k.startswith("language_model.") for k in text):
         return MlxLayout(
             model_type or "",
-            _LANGUAGE_MODEL,
+            _LANGUAGE_MODEL + (layout.renames if layout is not None else ()),
             "language_model.",
             save_renamed=False,
             dropped=dropped if len(text) < len(keys) else (),
