@@ -64,6 +64,7 @@ def _load(path: Path):
         "glm_ocr",
         "mllama",
         "paddleocr_vl",
+        "gemma4",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -278,22 +279,32 @@ def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
     assert text == tokenizer.decode(sequence[len(ids) :], skip_special_tokens=True)
 
 
-def test_gemma3_text_class_reads_the_language_model_as_mlx_lm_does(tmp_path: Path) -> None:
-    """Gemma3ForCausalLM on mlx-vlm's Gemma 3 checkpoint (language model and vision tower):
-    the language model, the tower left out, as mlx-lm's gemma3 sanitize drops it. Its logits
-    are mlx-lm's, and those of the image-text model on the same text; it saves as a text model.
-    (mlx-lm reads the vocabulary size at the top level, default 262208: the tiny model's is
-    written there.)"""
+@pytest.mark.parametrize(
+    ("name", "text_class", "dropped"),
+    [
+        ("gemma3", "Gemma3ForCausalLM", ("vision_tower.", "multi_modal_projector.")),
+        ("gemma4", "Gemma4ForCausalLM", ("vision_tower.", "embed_vision.")),
+    ],
+)
+def test_gemma_text_class_reads_the_language_model_as_mlx_lm_does(
+    tmp_path: Path, name: str, text_class: str, dropped: tuple[str, ...]
+) -> None:
+    """Gemma3ForCausalLM / Gemma4ForCausalLM on mlx-vlm's checkpoint (language model and vision
+    tower): the language model, the tower (and Gemma 4's image embedder) left out, as mlx-lm's
+    gemma3 / gemma4 sanitize drops them. Its logits are mlx-lm's, and those of the image-text
+    model on the same text; it saves as a text model. (mlx-lm reads the vocabulary size at the
+    top level, default 262208 / 262144: the tiny model's is written there.)"""
+    import transformers
     from mlx_models import mlx_lm_logits
-    from transformers import Gemma3ForCausalLM
 
-    path = tmp_path / "gemma3"
-    shutil.copytree(tiny_mlx_vlm_checkpoint("gemma3"), path)
+    cls = getattr(transformers, text_class)
+    path = tmp_path / name
+    shutil.copytree(tiny_mlx_vlm_checkpoint(name), path)
     cfg = json.loads((path / "config.json").read_text())
     cfg["vocab_size"] = cfg["text_config"]["vocab_size"]
     (path / "config.json").write_text(json.dumps(cfg))
     tokens = [2, 5, 77, 300, 12, 499, 3, 42]
-    model = Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = cls.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         got = model(torch.tensor([tokens])).logits[0].numpy()
     assert float(np.abs(got - mlx_lm_logits(path, tokens)).max()) <= TOLERANCE
@@ -305,8 +316,9 @@ def test_gemma3_text_class_reads_the_language_model_as_mlx_lm_does(tmp_path: Pat
     from mlxq.integrations.checkpoint import read_header
 
     names = read_header(saved / "model.safetensors")
-    assert not any(k.startswith(("vision_tower.", "multi_modal_projector.")) for k in names)
-    reloaded = Gemma3ForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    assert not any(k.startswith(dropped) for k in names)
+    assert any(k.startswith(dropped) for k in read_header(path / "model.safetensors"))
+    reloaded = cls.from_pretrained(saved, dtype=torch.float32)
     with torch.no_grad():
         again = reloaded(torch.tensor([tokens])).logits[0].numpy()
     np.testing.assert_array_equal(again, got)
@@ -314,3 +326,42 @@ def test_gemma3_text_class_reads_the_language_model_as_mlx_lm_does(tmp_path: Pat
         if file.is_file() and not (saved / file.name).exists():
             shutil.copy(file, saved / file.name)
     assert float(np.abs(got - mlx_lm_logits(saved, tokens)).max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        Variant(tied=True, quantize_vision=True),
+        Variant(tied=True, bits=3, group_size=32, recipe="mixed_3_6"),
+        Variant(tied=True, recipe=VISION_MXFP4),
+        Variant(tied=True, bits=8, group_size=32),
+    ],
+    ids=lambda v: v.tag,
+)
+def test_gemma4_variants(variant: Variant) -> None:
+    """Gemma 4's quantized embedding serves the pad row Gemma4Model.forward reads of its table
+    (and refuses the reverse lookup of inputs_embeds in the whole table, naming the module);
+    a tower quantized by mlx-vlm runs with its patch embedder as a float layer (transformers'
+    forward reads that layer's weight dtype), its clippable linears quantized."""
+    from mlxq.nn import AffineEmbedding, AffineLinear, RowServingScaledAffineEmbedding
+    from torch import nn
+
+    outcome = run_family("gemma4", variant)
+    assert outcome.status == "loads", outcome.line()
+    assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
+    model = _load(tiny_mlx_vlm_checkpoint("gemma4", variant))
+    text = model.model.language_model
+    assert type(text.embed_tokens) is RowServingScaledAffineEmbedding
+    assert "serves rows to Gemma4Model.forward" in repr(text.embed_tokens)
+    embeds = text.embed_tokens(torch.tensor([[5, 77, 300]]))
+    with pytest.raises(NotImplementedError, match=r"get_per_layer_inputs uses the weight of embed"):
+        text(inputs_embeds=embeds)
+    if variant.bits == 8:  # group 32: the per-layer table (32 wide) is quantized too
+        assert isinstance(text.embed_tokens_per_layer, AffineEmbedding)
+    if not (variant.quantize_vision or variant.recipe == VISION_MXFP4):
+        return
+    tower = model.model.vision_tower
+    assert type(tower.patch_embedder.input_proj) is nn.Linear
+    q_proj = tower.encoder.layers[0].self_attn.q_proj.linear
+    assert isinstance(q_proj, AffineLinear)
+    assert q_proj.mode == ("mxfp4" if variant.recipe == VISION_MXFP4 else "affine")
