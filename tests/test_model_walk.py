@@ -231,6 +231,7 @@ def test_an_embedding_serves_the_rows_its_model_reads() -> None:
     with pytest.raises(NotImplementedError, match=r"_ReadsRows\.lookup uses the weight of embe"):
         model.lookup(table[ids])
     rows = WeightRows(emb, "emb", "reader")
+    assert not hasattr(rows, "_probe")  # private names: a plain AttributeError (torch.compile)
     assert (rows.dtype, tuple(rows.shape)) == (table.dtype, (48, 64))
     torch.testing.assert_close(rows[torch.tensor(5)], table[5], rtol=0, atol=0)
     for bad in (lambda: rows[1:3], lambda: rows[torch.tensor([1, 2])], lambda: rows * 2):

@@ -319,11 +319,13 @@ class _ServesRows:
         readers = self.__dict__.get("_row_readers")
         if not readers:
             return packed
-        if torch.compiler.is_compiling():  # the reading frame is not visible to dynamo
+        if torch.compiler.is_compiling():
+            # dynamo cannot see the reading frame: it breaks the graph here and runs the read
+            # eagerly (measured on Gemma 4: the row served); fullgraph=True fails with this
             raise NotImplementedError(
                 f"mlxq: embedding {self._row_name!r} serves rows of its quantized table to "
                 f"{', '.join(sorted(readers.values()))} by the reading frame, which torch.compile "
-                "does not allow: run this model uncompiled"
+                "cannot trace (compile without fullgraph: a graph break at the read)"
             )
         reader = readers.get(sys._getframe(1).f_code)
         return packed if reader is None else WeightRows(self, self._row_name, reader)
@@ -388,6 +390,8 @@ class WeightRows:
         return AffineEmbedding.forward(self._module, ids)[0]  # the table's row, unscaled
 
     def __getattr__(self, attr: str):
+        if attr.startswith("_"):  # private and special names (its slots before they are set)
+            raise AttributeError(attr)
         raise self._refuse(f"a tensor (.{attr})")
 
     @classmethod
