@@ -248,7 +248,7 @@ def test_own_class_loads_the_same_model(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava", "gemma4"])
 def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
     """`mlxq inspect` and `mlxq generate` read an mlx-vlm checkpoint whose family transformers
     has no causal-LM class for (they asked AutoModelForCausalLM, and inspect reported a model
