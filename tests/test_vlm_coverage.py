@@ -65,6 +65,7 @@ def _load(path: Path):
         "mllama",
         "paddleocr_vl",
         "gemma4",
+        "gemma4_moe",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -284,6 +285,8 @@ def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
     [
         ("gemma3", "Gemma3ForCausalLM", ("vision_tower.", "multi_modal_projector.")),
         ("gemma4", "Gemma4ForCausalLM", ("vision_tower.", "embed_vision.")),
+        # its MoE block: the experts saved as mlx-lm stacks them (`experts.switch_glu`)
+        ("gemma4_moe", "Gemma4ForCausalLM", ("vision_tower.", "embed_vision.")),
     ],
 )
 def test_gemma_text_class_reads_the_language_model_as_mlx_lm_does(
@@ -317,6 +320,7 @@ def test_gemma_text_class_reads_the_language_model_as_mlx_lm_does(
 
     names = read_header(saved / "model.safetensors")
     assert not any(k.startswith(dropped) for k in names)
+    assert any(".experts.switch_glu." in k for k in names) == name.endswith("_moe")
     assert any(k.startswith(dropped) for k in read_header(path / "model.safetensors"))
     reloaded = cls.from_pretrained(saved, dtype=torch.float32)
     with torch.no_grad():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -1379,6 +1380,17 @@ FAMILIES: dict[str, Family] = {
         extra_inputs=("pixel_attention_mask",),
     ),
 }
+# Gemma 4 with its MoE block (26B-A4B): mlx-vlm stacks the experts under `switch_glu`
+FAMILIES["gemma4_moe"] = dataclasses.replace(
+    FAMILIES["gemma4"],
+    text={
+        **_GEMMA4_TEXT,
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 64,
+    },
+)
 
 
 def tiny_tokenizer(out: Path, special: tuple[str, ...], named: dict[str, str] | None = None):

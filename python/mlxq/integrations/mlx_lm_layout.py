@@ -52,11 +52,18 @@ class MlxLayout:
     # use for them; zeros make transformers' forward the one mlx-lm runs
     dropped_zeros: tuple[str, ...] = ()
     # False where transformers' names are mlx-lm's own for the saved model (a text model read
-    # out of an image-text checkpoint saves as the text model), so the renames apply on load only
+    # out of an image-text checkpoint saves as the text model), so the renames of the
+    # `language_model.` prefix apply on load only (see load_only)
     save_renamed: bool = True
     # checkpoint keys (regexes) that mlx-lm's sanitize drops on purpose, its model having no
     # place for them: the vision tower of an image-text checkpoint read as the text model
     dropped: tuple[str, ...] = ()
+
+    def load_only(self) -> tuple[tuple[str, str], ...]:
+        """The renames `save_pretrained` does not reverse: the `language_model.` prefix where
+        the text model saves in its own names (the MoE renames of Gemma 4's text model, read
+        this way, are reversed as usual)."""
+        return () if self.save_renamed else tuple(r for r in self.renames if r in _LANGUAGE_MODEL)
 
     def drops(self, key: str) -> bool:
         """Whether mlx-lm's sanitize drops the checkpoint tensor `key` (see :attr:`dropped`)."""

@@ -265,8 +265,13 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         ),
     ),
     # Gemma 4: mlx-vlm keeps the tower's names (with its clippable linears' `.linear`) and
-    # the embedder of the image features at the top level
-    "gemma4": _llava_like("gemma4", (r"^embed_vision\.", "model.embed_vision.")),
+    # the embedder of the image features at the top level; it stacks the experts of the MoE
+    # block (26B-A4B) under `experts.switch_glu`, as mlx-lm does
+    "gemma4": _llava_like(
+        "gemma4",
+        (r"^embed_vision\.", "model.embed_vision."),
+        (r"\.experts\.switch_glu\.", ".experts."),
+    ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),

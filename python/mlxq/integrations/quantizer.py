@@ -731,7 +731,16 @@ class MLXHfQuantizer(HfQuantizer):
 
         layout = getattr(self, "_mlx_layout", None)
         renames = layout.weight_renamings() if layout is not None else []
-        self._layout_renames = renames
+        # taken out of the model's conversions after loading (not reversed when saving)
+        self._layout_renames = (
+            [
+                r
+                for r, pair in zip(renames, layout.renames, strict=True)
+                if pair in layout.load_only()
+            ]
+            if layout is not None
+            else []
+        )
         vlm_layout = getattr(self, "_vlm_layout", None)
         if vlm_layout is not None:  # mlx-vlm's names, also reversed last when saving
             renames = [*vlm_layout.weight_renamings(), *renames]
