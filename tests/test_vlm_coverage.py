@@ -66,6 +66,7 @@ def _load(path: Path):
         "paddleocr_vl",
         "gemma4",
         "gemma4_moe",
+        "hunyuan_vl",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -163,6 +164,7 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("qwen3_5_moe", Variant(quantize_vision=True)),
         ("qwen3_vl_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("glm4v_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("hunyuan_vl", Variant(tied=True, bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )

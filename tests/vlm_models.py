@@ -101,6 +101,9 @@ class Family:
     # transformers maps the model_type to its own tokenizer class (Qwen 3.5's BPE), which
     # ignores this file's word-level tokenizer.json: the inputs are tokenized by the file
     word_tokenizer: bool = False
+    # the vocabulary size, special tokens at its end (a processor that hard-codes the Hub's
+    # token ids needs the Hub's size)
+    vocab: int = VOCAB
 
 
 def _qwen_image_processor(patch: int):
@@ -880,6 +883,98 @@ def _paddleocr_keys(cfg: dict) -> None:
     _flatten_text(cfg)  # and the text settings at the top level (the Hub's layout)
 
 
+# HunyuanOCR: mlx-vlm's processor hard-codes the Hub's ids of the image tokens (start 120118,
+# end 120119, image 120120; pad 120002), so the tiny model has the Hub's vocabulary size up
+# to the newline token (120121), placed last
+_HUNYUAN_VOCAB = 120122
+_HUNYUAN_SPECIAL = ("<hy_image_start>", "<hy_image_end>", "<hy_image>", "<hy_image_newline>")
+_HUNYUAN_NAMED = {
+    "image_start_token": "<hy_image_start>",
+    "image_end_token": "<hy_image_end>",
+    "image_token": "<hy_image>",
+}
+
+
+def _hunyuan_vl_processor(tokenizer):
+    from transformers import HunYuanVLProcessor
+    from transformers.models.hunyuan_vl.image_processing_pil_hunyuan_vl import (
+        HunYuanVLImageProcessorPil,
+    )
+
+    ip = HunYuanVLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128)
+    return HunYuanVLProcessor(image_processor=ip, tokenizer=tokenizer)
+
+
+@contextlib.contextmanager
+def _hunyuan_vl_call():
+    """mlx-vlm 0.7.10's HunyuanOCR Model.__call__ hands the ids to its language model by a
+    name the language model does not read (so no rope positions: it fails), and without the
+    processor's position ids the language model orders the rope axes (seq, t, h, w) where the
+    model's are (seq, w, h, t) as its processor writes them. Run as mlx-vlm's generate does:
+    the embeddings (which keep the processor's positions), then the language model. The
+    tower's position grid is sampled by transformers' rule (see interpolate)."""
+    import mlx.core as mx
+    import torch
+    from mlx_vlm.models.hunyuan_vl import language
+    from mlx_vlm.models.hunyuan_vl.hunyuan_vl import Model
+    from mlx_vlm.models.hunyuan_vl.vision import PatchEmbed
+
+    def call(self, input_ids, pixel_values=None, mask=None, cache=None, **kwargs):
+        embeds = self.get_input_embeddings(input_ids, pixel_values, **kwargs).inputs_embeds
+        return self.language_model(input_ids, inputs_embeds=embeds, mask=mask, cache=cache)
+
+    def interpolate(self, pos_embed, target_h: int, target_w: int):
+        # mlx-vlm samples the position grid with a scale of edge / (grid + 0.1); transformers
+        # at the grid's size (PyTorch's bilinear rule)
+        grid = torch.from_numpy(np.array(pos_embed.astype(mx.float32))).permute(0, 3, 1, 2)
+        out = torch.nn.functional.interpolate(
+            grid, size=(target_h, target_w), mode="bilinear", align_corners=False
+        )
+        return mx.array(out.permute(0, 2, 3, 1).numpy()).astype(pos_embed.dtype)
+
+    class Doubled(list):
+        # mlx-vlm splits the rotary dims by `sections * 2` (the list repeated: each axis gets
+        # s dims in both halves); transformers 5.24 by [2 * s for s in sections] (axis i gets
+        # dims 2 s_0 + ... of the concatenated halves). `* 2` here doubles each section
+        def __mul__(self, n: int) -> list:
+            return [v * n for v in self]
+
+    original_rope = language.apply_rotary_pos_emb_xdrope
+
+    def rope(q, k, cos, sin, position_ids, sections, output_size):
+        return original_rope(q, k, cos, sin, position_ids, Doubled(sections), output_size)
+
+    originals = (Model.__call__, PatchEmbed._interpolate_pos_embed)
+    Model.__call__, PatchEmbed._interpolate_pos_embed = call, interpolate
+    language.apply_rotary_pos_emb_xdrope = rope
+    try:
+        yield
+    finally:
+        Model.__call__, PatchEmbed._interpolate_pos_embed = originals
+        language.apply_rotary_pos_emb_xdrope = original_rope
+
+
+def _hunyuan_vl_inputs(inputs: dict, config) -> dict:
+    """transformers builds the rope positions itself from the image tokens' types."""
+    inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+    return _mm_token_types(inputs, config)
+
+
+def _hunyuan_vl_keys(cfg: dict) -> None:
+    """mlx-vlm reads the rope as the Hub writes it: rope_theta and an xdrope rope_scaling
+    with alpha and the section sizes in text_config."""
+    text = cfg["text_config"]
+    rope = text["rope_parameters"]
+    text["rope_theta"] = rope["rope_theta"]
+    text["rope_scaling"] = {
+        "type": "xdrope",
+        "alpha": rope["alpha"],
+        "factor": rope["factor"],
+        "xdrope_section": rope["mrope_section"],
+    }
+    cfg["vision_config"]["model_type"] = "hunyuan_vl"  # the only vision type it takes
+
+
 _SIGLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 _LLAMA_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>")
@@ -1034,6 +1129,44 @@ FAMILIES: dict[str, Family] = {
         prompt="t5 t6 <|image|> t7 t300 t42",
         image_size=(56, 56),
         mlx_vlm_keys=_llama4_keys,
+    ),
+    # HunyuanOCR: an xdrope text model (4 rope sections, NTK alpha) and a ViT whose patch
+    # merger adds a newline per row and begin/end embeddings around each image
+    "hunyuan_vl": Family(
+        "hunyuan_vl",
+        text={
+            "rope_parameters": {
+                "rope_type": "dynamic",
+                "rope_theta": THETA,
+                "alpha": 1000.0,
+                "factor": 1.0,
+                "mrope_section": [4, 4, 4, 4],
+            },
+        },
+        vision=dict(
+            _SIGLIP,
+            patch_size=16,
+            spatial_merge_size=2,
+            max_image_size=128,
+            out_hidden_size=TEXT["hidden_size"],
+        ),
+        special=_HUNYUAN_SPECIAL,
+        token_ids={
+            "im_start_id": "<hy_image_start>",
+            "im_end_id": "<hy_image_end>",
+            "image_token_id": "<hy_image>",
+            "im_newline_id": "<hy_image_newline>",
+        },
+        named_tokens=_HUNYUAN_NAMED,
+        processor=_hunyuan_vl_processor,
+        prompt="t5 t6 <hy_image_start><hy_image><hy_image_end> t7 t300 t42",
+        image_size=(96, 64),
+        mlx_vlm_keys=_hunyuan_vl_keys,
+        extra_inputs=("image_grid_thw", "position_ids"),
+        torch_inputs=_hunyuan_vl_inputs,
+        mlx_fix=_hunyuan_vl_call,
+        tied=True,
+        vocab=_HUNYUAN_VOCAB,
     ),
     "mllama": Family(
         "mllama",
@@ -1393,14 +1526,16 @@ FAMILIES["gemma4_moe"] = dataclasses.replace(
 )
 
 
-def tiny_tokenizer(out: Path, special: tuple[str, ...], named: dict[str, str] | None = None):
+def tiny_tokenizer(
+    out: Path, special: tuple[str, ...], named: dict[str, str] | None = None, size: int = VOCAB
+):
     """A word-level tokenizer over `t4..` with <pad>/<s>/</s>/<unk> at 0..3 and the family's
     special tokens at the end of the vocabulary."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    first_special = VOCAB - len(special)
+    first_special = size - len(special)
     vocab.update({f"t{i}": i for i in range(4, first_special)})
     vocab.update({s: first_special + i for i, s in enumerate(special)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -1421,7 +1556,8 @@ def tiny_tokenizer(out: Path, special: tuple[str, ...], named: dict[str, str] | 
 def _config(family: Family, ids: dict[str, int], tied: bool):
     from transformers import AutoConfig
 
-    text = {**TEXT, **copy.deepcopy(family.text), "tie_word_embeddings": tied}
+    text = {**TEXT, "vocab_size": family.vocab, **copy.deepcopy(family.text)}
+    text["tie_word_embeddings"] = tied
     top = {attr: ids[token] for attr, token in family.token_ids.items()}
     return AutoConfig.for_model(
         family.model_type,
@@ -1436,7 +1572,7 @@ def _config(family: Family, ids: dict[str, int], tied: bool):
 def transformers_config(name: str, tied: bool | None = None):
     """The tiny model's config as transformers 5 builds it (none of mlx-vlm's keys)."""
     family = FAMILIES[name]
-    first = VOCAB - len(family.special)
+    first = family.vocab - len(family.special)
     ids = {s: first + i for i, s in enumerate(family.special)}
     return _config(family, ids, variant_of(name).tied if tied is None else tied)
 
@@ -1449,7 +1585,7 @@ def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
 
     family = FAMILIES[name]
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, ids = tiny_tokenizer(out, family.special, family.named_tokens)
+    tokenizer, ids = tiny_tokenizer(out, family.special, family.named_tokens, family.vocab)
     family.processor(tokenizer).save_pretrained(out)
     config = _config(family, ids, tied)
     torch.manual_seed(0)
@@ -1506,7 +1642,7 @@ def _cache_key(name: str, variant: Variant) -> str:
     family = FAMILIES[name]
     spec = json.dumps(
         [TEXT, family.text, family.vision, family.top, family.prompt, family.special]
-        + [family.named_tokens, family.image_size, variant.tag, VOCAB, HARNESS],
+        + [family.named_tokens, family.image_size, variant.tag, family.vocab, HARNESS],
         sort_keys=True,
         default=str,
     )

@@ -83,6 +83,10 @@ class VlmLayout:
     # name part, after the renames; the parts' replacements), split along the output rows at
     # load (weight, scales, biases and bias alike) and concatenated again when saving
     splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # mlx-vlm reads the rope as the Hub's xdrope `rope_scaling` (its NTK alpha and the
+    # section sizes as xdrope_section; HunyuanOCR), transformers' rope_parameters name them
+    # alpha and mrope_section
+    xdrope: bool = False
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -272,6 +276,36 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         (r"^embed_vision\.", "model.embed_vision."),
         (r"\.experts\.switch_glu\.", ".experts."),
     ),
+    # HunyuanOCR: mlx-vlm keeps the Hub's names of the tower (Megatron-style MLP and norms)
+    # and of its patch merger (`perceive`, with an indexed conv stack), which transformers
+    # renames; the image tokens as image_*_token_id
+    "hunyuan_vl": VlmLayout(
+        "hunyuan_vl",
+        (
+            *_TEXT,
+            (
+                r"^vision_tower\.layers\.(\d+)\.input_layernorm\.",
+                r"vision_tower.layers.\1.layer_norm1.",
+            ),
+            (
+                r"^vision_tower\.layers\.(\d+)\.post_attention_layernorm\.",
+                r"vision_tower.layers.\1.layer_norm2.",
+            ),
+            (r"^vision_tower\.(.*)\.mlp\.dense_h_to_4h\.", r"vision_tower.\1.mlp.fc1."),
+            (r"^vision_tower\.(.*)\.mlp\.dense_4h_to_h\.", r"vision_tower.\1.mlp.fc2."),
+            (r"^vision_tower\.perceive\.proj\.0\.", "vision_tower.perceive.proj_conv."),
+            (r"^vision_tower\.perceive\.proj\.2\.", "vision_tower.perceive.proj_out."),
+            (r"^vision_tower\.perceive\.", "vision_tower.patch_merger."),
+            (r"^vision_tower\.", "model.vision_tower."),
+        ),
+        vision_model_type="hunyuan_vl",
+        xdrope=True,
+        top_aliases=(
+            ("image_start_token_id", "im_start_id"),
+            ("image_end_token_id", "im_end_id"),
+            ("image_newline_token_id", "im_newline_id"),
+        ),
+    ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
@@ -456,6 +490,18 @@ def _rope(text: dict, gemma3: bool, partial: bool = False) -> dict:
     return out
 
 
+def _xdrope(text: dict) -> dict:
+    """HunyuanOCR's rope as the Hub writes it (mlx-vlm reads nothing else)."""
+    rope = text.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return {}
+    scaling: dict[str, Any] = {"type": "xdrope"}
+    scaling.update({k: rope[k] for k in ("alpha", "factor") if k in rope})
+    if "mrope_section" in rope:
+        scaling["xdrope_section"] = list(rope["mrope_section"])
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": scaling}
+
+
 _GLM4V = ("glm4v", "glm4v_moe")  # mlx-vlm reads partial_rotary_factor at the top of text_config
 
 
@@ -470,11 +516,14 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
     if layout is None:
         return out
     text = cfg.get("text_config") or {}
-    rope = (
-        _rope(text, gemma3=layout.model_type == "gemma3", partial=layout.model_type in _GLM4V)
-        if layout.rope_keys
-        else {}
-    )
+    if layout.xdrope:
+        rope = _xdrope(text)
+    elif layout.rope_keys:
+        rope = _rope(
+            text, gemma3=layout.model_type == "gemma3", partial=layout.model_type in _GLM4V
+        )
+    else:
+        rope = {}
     if layout.flat_text_config:  # Qwen2-VL/2.5-VL: text settings at the top, mrope typed
         out["top"].update({k: v for k, v in text.items() if k not in cfg})
         out["top"].update(rope)
@@ -502,7 +551,12 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
     out["vision"].update({k: vision[t] for k, t in layout.vision_aliases if t in vision})
     return {
         "top": {k: v for k, v in out["top"].items() if k not in cfg},
-        "text": {k: v for k, v in out["text"].items() if k not in text},
+        # transformers 5 writes rope_scaling as its rope_parameters, without the xdrope keys
+        "text": {
+            k: v
+            for k, v in out["text"].items()
+            if k not in text or (layout.xdrope and k == "rope_scaling" and text[k] != v)
+        },
         "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
         "vision_drop": [k for k in layout.vision_drop if k in vision],
     }
