@@ -518,6 +518,32 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     ),
 }
 
+_MAMBA2 = {  # Mamba-2 mixers: 8 heads of 32 (expand 2), 2 groups, state 16
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 32,
+    "n_groups": 2,
+    "ssm_state_size": 16,
+    "conv_kernel": 4,
+}
+ARCHS.update(
+    {
+        # Nemotron-H (Nemotron Nano 2/3): one layer of each kind, Mamba-2 mixer, MoE (sigmoid
+        # router with a correction bias, a shared expert), attention without rope, relu2 MLP
+        "nemotron_h": (
+            {
+                **_MAMBA2,
+                "num_hidden_layers": 4,
+                "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"],
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "moe_shared_expert_intermediate_size": 64,
+            },
+            {},
+        ),
+    }
+)
+
 # parameters multiplied after the random init, so that a nonlinearity's edge is reached:
 # gpt-oss's gate/up values then pass its clamp (swiglu_limit 7) for about 1% of them
 AMPLIFIED = {"gpt_oss": {"gate_up_proj": 3.0}}

@@ -669,7 +669,41 @@ def test_minimax_m2_router_reads_its_float_dtype(tmp_path: Path) -> None:
         mlxq.quantize_model(float_model, 4, 64, overrides={})
 
 
+def test_nemotron_h_quantized_with_float_routers_is_mlx_lm_convert(tmp_path: Path) -> None:
+    """Nemotron-H's experts have no gate (up/down stacks, mlx-lm's `switch_mlp.fc1`/`fc2`);
+    its router (float32 F.linear through `.type()`) is refused by name unless kept float,
+    which is what mlx-lm does (its gate is no linear layer): then `save_pretrained` writes
+    `mlx_lm convert`'s tensors bit for bit."""
+    import contextlib
+    import io
+
+    from mlx_lm import convert
+    from safetensors.torch import load_file
+
+    src = _tiny_float_moe("nemotron_h", tmp_path / "float")
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=64, q_bits=4)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)  # as mlx-lm reads it
+    with pytest.raises(NotImplementedError, match=r"'model\.layers\.1\.mixer\.gate'"):
+        mlxq.quantize_model(model, 4, 64)
+    routers = [n for n, _ in model.named_modules() if n.endswith("mixer.gate")]
+    mlxq.quantize_model(model, 4, 64, modules_to_not_convert=routers)
+    experts = model.model.layers[1].mixer.experts
+    assert isinstance(experts, MoeExperts) and experts.gate_proj is None
+    model.save_pretrained(tmp_path / "ours")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert "backbone.layers.1.mixer.switch_mlp.fc1.scales" in theirs
+    for key, value in theirs.items():  # (transformers keeps the router weights in float32)
+        dtype = torch.float32 if ".mixer.gate." in key else value.dtype
+        assert ours[key].dtype == dtype and torch.equal(ours[key].to(value.dtype), value), key
+
+
 # mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
+# nemotron_h's ungated fc1/fc2 experts,
 # llama4_text's `output` head): untied only, the variant every one of them has in mlx-lm
 MLX_LM_LAYOUTS = (
     "exaone_moe",
@@ -678,6 +712,7 @@ MLX_LM_LAYOUTS = (
     "gemma4_text",
     "llama4_text",
     "mimo_v2_flash",
+    "nemotron_h",
 )
 
 

@@ -301,7 +301,8 @@ def plan_quantization(
             "up_proj": moe.in_features,
             "down_proj": moe.out_features,
         }
-        for proj, width in widths.items():
+        for proj in moe.projections:
+            width = widths[proj]
             fmt = configured_format(f"{entry.name}.{proj}", top, overrides, skip)
             entry.parts[proj] = fmt if fmt is not None and fits(width, fmt) else None
         if any(entry.parts.values()):

@@ -295,10 +295,15 @@ class _ExpertsForward:
     gate_digest: str | None
 
 
+# NemotronHExperts.forward (transformers 5.24): the eager loop without a gate,
+# `down_proj[e] @ act_fn(up_proj[e] @ x)` (`up_proj` [E, I, H], `down_proj` [E, H, I])
+_UNGATED_EXPERTS_DIGEST = "92a15e16c8631dbf1339dd511cf4e2b602cb77fc5d62bd37528170f267442fd1"
+
 _KNOWN_EXPERTS = {
     _EAGER_EXPERTS_DIGEST: _ExpertsForward("swiglu", False, False, True, None),
     _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
     _LLAMA4_EXPERTS_DIGEST: _ExpertsForward("llama4", False, True, True, None),
+    _UNGATED_EXPERTS_DIGEST: _ExpertsForward("mlp", False, False, True, None),
 }
 
 # `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32): the
@@ -331,10 +336,11 @@ class MoePlan:
     """How a MoE module maps onto mlxq's: `kind` is "experts" (fused `gate_up_proj` and
     `down_proj`) or "router" (a module whose forward uses its 2-D weight through F.linear).
 
-    Experts come in two variants: "swiglu" (transformers' eager loop: `gate_up_proj`
-    [E, 2I, H] is gate rows then up rows, `act_fn(gate) * up`, no biases) and "gpt_oss"
+    Experts come in these variants: "swiglu" (transformers' eager loop: `gate_up_proj`
+    [E, 2I, H] is gate rows then up rows, `act_fn(gate) * up`, no biases), "gpt_oss"
     (`gate_up_proj` [E, H, 2I] with gate and up interleaved, `down_proj` [E, I, H], biases,
-    :class:`mlxq.moe.ClampedSwiGLU`)."""
+    :class:`mlxq.moe.ClampedSwiGLU`), "llama4" (every expert on its block of rows) and "mlp"
+    (Nemotron-H: no gate, `up_proj` [E, I, H], `act_fn(up)`)."""
 
     name: str
     cls_name: str
@@ -347,6 +353,13 @@ class MoePlan:
     # router only: its forward also reads `self.weight.dtype` (MiniMax-M2 casts its input to
     # it): loaded from MLX, it answers the float dtype (mlxq.moe.float_dtype_for_routers)
     reads_dtype: bool = False
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The experts' stacked projections (mlx-lm's switch_mlp/switch_glu members)."""
+        if self.variant == "mlp":
+            return ("up_proj", "down_proj")
+        return ("gate_proj", "up_proj", "down_proj")
 
     @property
     def bias(self) -> bool:
@@ -373,6 +386,9 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
     if gate_up is not None and down is not None and gate_up.dim() == 3:
         return _experts_plan(name, module, params)
+    up = params.get("up_proj")
+    if gate_up is None and up is not None and down is not None and up.dim() == 3:
+        return _ungated_experts_plan(name, module, up, down)
     weight = params.get("weight")
     if weight is None or weight.dim() != 2:
         return None
@@ -394,6 +410,24 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) + dtype_reads or not uses:
         return _refuse_moe(plan, "its forward uses self.weight other than in F.linear(x, w)")
     return replace(plan, reads_dtype=True) if dtype_reads else plan
+
+
+def _ungated_experts_plan(
+    name: str, module: nn.Module, up: torch.Tensor, down: torch.Tensor
+) -> MoePlan:
+    """The plan of experts without a gate (`up_proj` [E, I, H], `down_proj` [E, H, I]):
+    refused unless their forward is Nemotron-H's eager loop."""
+    cls = type(module)
+    e, inter, hidden = up.shape
+    plan = MoePlan(name, cls.__name__, "experts", e, hidden, inter, variant="mlp")
+    known = _KNOWN_EXPERTS.get(_experts_digest(cls) or "")
+    if known is None or known.variant != "mlp":
+        return _refuse_moe(plan, "its forward is not transformers' eager experts loop")
+    if getattr(module, "has_gate", False) or getattr(module, "has_bias", False):
+        return _refuse_moe(plan, "has_gate/has_bias is set on experts with only up_proj")
+    if tuple(down.shape) != (e, hidden, inter):
+        return _refuse_moe(plan, f"down_proj {list(down.shape)} does not fit up_proj")
+    return plan
 
 
 def _experts_plan(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> MoePlan:

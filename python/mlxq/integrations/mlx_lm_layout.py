@@ -341,6 +341,18 @@ LAYOUTS["granitemoe"] = MlxLayout(
 )
 
 
+# Nemotron-H: mlx-lm stacks the experts (no gate) as `mixer.switch_mlp.fc1` (up) and `fc2`
+# (down); transformers' own renaming maps mlx-lm's (the Hub's) `backbone.` to `model.`
+LAYOUTS["nemotron_h"] = MlxLayout(
+    "nemotron_h",
+    (
+        (r"\.mixer\.switch_mlp\.fc1\.", ".mixer.experts.up_proj."),
+        (r"\.mixer\.switch_mlp\.fc2\.", ".mixer.experts.down_proj."),
+    ),
+    ".switch_mlp.",
+)
+
+
 # Laguna: mlx-lm's router holds its linear layer as `gate.proj` (the correction bias stays in
 # `gate`); named per tensor, so that saving does not move the bias into `gate.proj`
 LAYOUTS["laguna"] = MlxLayout(
