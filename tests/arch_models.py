@@ -541,6 +541,25 @@ ARCHS.update(
             },
             {},
         ),
+        # Granite 4.0-H: Mamba-2 layer 0, attention layer 1, both with MoE and a shared MLP.
+        # mlx-lm 0.32 reads the Hub's layer names (transformers 5 writes linear_attention /
+        # full_attention and reads these as them)
+        "granitemoehybrid": (
+            {
+                **ROPE,
+                "layer_types": ["mamba", "attention"],
+                "mamba_n_heads": 8,
+                "mamba_d_head": 32,
+                "mamba_n_groups": 1,
+                "mamba_d_state": 16,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "intermediate_size": 64,
+                "shared_intermediate_size": 64,
+                "position_embedding_type": "rope",
+            },
+            {**TOP, "layer_types": ["mamba", "attention"]},
+        ),
     }
 )
 

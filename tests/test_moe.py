@@ -713,6 +713,7 @@ MLX_LM_LAYOUTS = (
     "llama4_text",
     "mimo_v2_flash",
     "nemotron_h",
+    "granitemoehybrid",
 )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "LAYOUTS",
     "MLX_LM_READS_ROPE_PARAMETERS",
     "MLX_LM_KEEPS_STORED_HEAD",
+    "MLX_LM_LAYER_TYPE_NAMES",
     "UnitOffset",
     "VISION_DROPPED",
     "unit_offset_conversions",
@@ -202,6 +203,13 @@ MLX_LM_READS_ROPE_PARAMETERS = frozenset(
 )
 
 
+# model types whose mlx-lm 0.32 model reads the Hub's layer type names, which transformers 5
+# reads as legacy names and writes as its own (mlx-lm then raises "Unknown layer type")
+MLX_LM_LAYER_TYPE_NAMES: dict[str, dict[str, str]] = {
+    "granitemoehybrid": {"linear_attention": "mamba", "full_attention": "attention"},
+}
+
+
 # model types (transformers' names) whose mlx-lm 0.32 model runs an output head of its own when
 # the checkpoint holds one, whatever `tie_word_embeddings` says: it builds `lm_head` (GPT-NeoX:
 # `embed_out`) unconditionally (Solar Open: GLM-4 MoE's model), or keeps it when its weight is
@@ -336,9 +344,11 @@ LAYOUTS["phimoe"] = MlxLayout(
     ".switch_mlp.",
 )
 # mlx-lm's GraniteMoE router is a `GraniteMoeTopKGating` holding an nn.Linear `layer`
-LAYOUTS["granitemoe"] = MlxLayout(
-    "granitemoe", (*_MOE_RENAMES_BLOCK, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
-)
+# (and Granite 4.0-H's, granitemoehybrid)
+for _model_type in ("granitemoe", "granitemoehybrid"):
+    LAYOUTS[_model_type] = MlxLayout(
+        _model_type, (*_MOE_RENAMES_BLOCK, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
+    )
 
 
 # Nemotron-H: mlx-lm stacks the experts (no gate) as `mixer.switch_mlp.fc1` (up) and `fc2`

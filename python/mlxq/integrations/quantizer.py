@@ -29,6 +29,7 @@ from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_KEEPS_STORED_HEAD,
+    MLX_LM_LAYER_TYPE_NAMES,
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
@@ -193,6 +194,9 @@ def add_mlx_lm_config_keys(config) -> None:
     q = getattr(config, "quantization_config", None)
     if hasattr(q, "mlx_dict"):
         config.quantization = q.mlx_dict()
+    names = MLX_LM_LAYER_TYPE_NAMES.get(getattr(config, "model_type", None) or "")
+    if names is not None:  # Granite 4.0-H: saved in the layer names mlx-lm reads
+        config.__class__ = _with_layer_type_names(type(config), names)
     outer = mlx_lm_outer_model_type(getattr(config, "model_type", None))
     if outer is not None:  # Qwen 3.5's text model: saved nested, as mlx_lm convert writes it
         config.__class__ = _nested_for_mlx_lm(type(config), outer)
@@ -275,6 +279,34 @@ def _without_keys(cls: type, keys: tuple[str, ...]) -> type:
             cls.__name__, (cls,), {"to_dict": to_dict, "to_diff_dict": to_diff_dict}
         )
     return _DROPPING_CONFIGS[(cls, keys)]
+
+
+_LAYER_NAMED_CONFIGS: dict[type, type] = {}
+
+
+def _with_layer_type_names(cls: type, names: dict[str, str]) -> type:
+    """A subclass of the config class `cls` that serializes `layer_types` in mlx-lm's names
+    (`names`); in memory (the model, its cache) they stay transformers' own, and transformers
+    reads mlx-lm's back as its legacy names."""
+    if getattr(cls, "_mlxq_layer_names", None) is not None:
+        return cls
+    if cls not in _LAYER_NAMED_CONFIGS:
+
+        def renamed(out: dict) -> dict:
+            if isinstance(out.get("layer_types"), list):
+                out["layer_types"] = [names.get(t, t) for t in out["layer_types"]]
+            return out
+
+        _LAYER_NAMED_CONFIGS[cls] = type(
+            cls.__name__,
+            (cls,),
+            {
+                "_mlxq_layer_names": names,
+                "to_dict": lambda self: renamed(cls.to_dict(self)),
+                "to_diff_dict": lambda self: renamed(cls.to_diff_dict(self)),
+            },
+        )
+    return _LAYER_NAMED_CONFIGS[cls]
 
 
 def _with_model_type(cls: type, model_type: str) -> type:
