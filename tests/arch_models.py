@@ -560,6 +560,13 @@ ARCHS.update(
             },
             {**TOP, "layer_types": ["mamba", "attention"]},
         ),
+        # Mamba-2 alone. One group: mlx-lm 0.32's gated norm normalizes over all heads at
+        # once, transformers' (as mamba_ssm) per group (README). Its causal LM reads
+        # `lm_head.weight.dtype` in forward: a tied quantized head is refused by name
+        "mamba2": (
+            {"num_heads": 8, "head_dim": 32, "n_groups": 1, "state_size": 16, "chunk_size": 8},
+            {},
+        ),
     }
 )
 
