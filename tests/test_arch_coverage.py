@@ -50,16 +50,17 @@ def test_matches_mlx_lm(arch: str, variant) -> None:
     assert outcome.max_diff <= TOLERANCE, outcome.line()
 
 
-def test_mamba_head_read_for_its_dtype() -> None:
-    # MambaForCausalLM.forward casts by `self.lm_head.weight.dtype`: an untied quantized head
-    # runs as a float layer holding its dequantized weight; a tied one, a view of the quantized
-    # embedding, has no weight to serve and is refused by name
-    untied = run_arch("mamba", VARIANTS[1])
+@pytest.mark.parametrize(("arch", "cls"), [("mamba", "Mamba"), ("mamba2", "Mamba2")])
+def test_mamba_head_read_for_its_dtype(arch: str, cls: str) -> None:
+    # MambaForCausalLM.forward (Mamba2's too) casts by `self.lm_head.weight.dtype`: an untied
+    # quantized head runs as a float layer holding its dequantized weight; a tied one, a view
+    # of the quantized embedding, has no weight to serve and is refused by name
+    untied = run_arch(arch, VARIANTS[1])
     assert untied.status == "loads", untied.line()
     assert untied.max_diff <= TOLERANCE, untied.line()
-    tied = run_arch("mamba", VARIANTS[0])
+    tied = run_arch(arch, VARIANTS[0])
     assert tied.status == "refused", tied.line()
-    assert "'lm_head'" in tied.reason and "MambaForCausalLM.forward" in tied.reason
+    assert "'lm_head'" in tied.reason and f"{cls}ForCausalLM.forward" in tied.reason
 
 
 def test_gemma_embedding_keeps_its_scale() -> None:
