@@ -567,6 +567,10 @@ ARCHS.update(
             {"num_heads": 8, "head_dim": 32, "n_groups": 1, "state_size": 16, "chunk_size": 8},
             {},
         ),
+        # Mistral Small 4: DeepSeek V3's MLA and MoE (layer 0 dense), interleaved rope; its
+        # default yarn rope with Llama 4's query scaling (mlx-lm reads rope_parameters). The
+        # rope covers head_dim (qk_nope + qk_rope) x partial_rotary_factor (qk_rope / head_dim)
+        "mistral4": ({**_DEEPSEEK, "n_routed_experts": 4}, {}),
     }
 )
 
@@ -636,6 +640,17 @@ MLX_LM_INPUT_LAYOUT = {
     "qwen3_5_moe": _fused_experts_hub_layout,
     "llama4_text": _llama4_text_head,
 }
+
+# transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry
+CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}
+
+
+def causal_lm_class(arch: str):
+    """The class a causal LM of `arch` loads with (AutoModelForCausalLM where it maps it)."""
+    import transformers
+
+    return getattr(transformers, CAUSAL_LM_CLASS.get(arch, "AutoModelForCausalLM"))
+
 
 # the Hub's GPT-2 checkpoints (which mlx-lm's sanitize expects) have no `transformer.` prefix
 HUB_PREFIX_DROPPED = {"gpt2": "transformer."}
@@ -760,7 +775,14 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
     torch.manual_seed(0)
     if arch in IMAGE_TEXT:  # saved as the Hub has it: the image-text model
         from transformers import AutoModelForImageTextToText as AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    elif arch in CAUSAL_LM_CLASS:
+        AutoModelForCausalLM = causal_lm_class(arch)
+        config.architectures = [CAUSAL_LM_CLASS[arch]]
+    model = (
+        AutoModelForCausalLM.from_config(config)
+        if hasattr(AutoModelForCausalLM, "from_config")
+        else AutoModelForCausalLM(config)
+    ).to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -830,9 +852,9 @@ def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
 def mlxq_logits(path: Path, tokens) -> np.ndarray:
     """mlxq's fp32 logits through transformers' from_pretrained."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
+    model = causal_lm_class(model_type).from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 

@@ -286,10 +286,10 @@ for _model_type in (
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
 for _model_type in ("mixtral", "minimax_m2"):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES_BLOCK, ".switch_mlp.")
-# DeepSeek V3, V3.2, GLM-4.7-Flash (glm4_moe_lite) and GLM-5 (glm_moe_dsa): mlx-lm splits
-# `self_attn.kv_b_proj` into `embed_q` and `unembed_out` (mlxq.mla.SplitKvB holds them under
-# kv_b_proj)
-for _model_type in ("deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa"):
+# DeepSeek V3, V3.2, GLM-4.7-Flash (glm4_moe_lite), GLM-5 (glm_moe_dsa) and Mistral Small 4
+# (mistral4): mlx-lm splits `self_attn.kv_b_proj` into `embed_q` and `unembed_out`
+# (mlxq.mla.SplitKvB holds them under kv_b_proj)
+for _model_type in ("deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "mistral4"):
     LAYOUTS[_model_type] = MlxLayout(
         _model_type,
         ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
