@@ -571,6 +571,19 @@ ARCHS.update(
         # default yarn rope with Llama 4's query scaling (mlx-lm reads rope_parameters). The
         # rope covers head_dim (qk_nope + qk_rope) x partial_rotary_factor (qk_rope / head_dim)
         "mistral4": ({**_DEEPSEEK, "n_routed_experts": 4}, {}),
+        # OLMo Hybrid: gated-delta linear attention (layer 0), post-norm attention (layer 1).
+        # Keys and values of one width: transformers 5 saves its fused conv1d as q/k/v thirds
+        "olmo_hybrid": (
+            {
+                **ROPE,
+                "layer_types": ["linear_attention", "full_attention"],
+                "linear_num_key_heads": 4,
+                "linear_num_value_heads": 4,
+                "linear_key_head_dim": 32,
+                "linear_value_head_dim": 32,
+            },
+            TOP,
+        ),
     }
 )
 
@@ -633,12 +646,32 @@ def _llama4_text_head(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _olmo_hybrid_norm_names(folder: Path) -> None:
+    """transformers 5 saves OLMo Hybrid's layer norms under legacy names (`attention_layer_norm`,
+    `feedforward_layer_norm`, which it reads back as `input_layernorm` and
+    `post_attention_layernorm`); mlx-lm's model has only the latter: renamed as transformers
+    renames them when loading."""
+    from safetensors.torch import load_file, save_file
+
+    names = {
+        "attention_layer_norm": "input_layernorm",
+        "feedforward_layer_norm": "post_attention_layernorm",
+    }
+    tensors = {}
+    for key, value in load_file(folder / "model.safetensors").items():
+        for old, new in names.items():
+            key = key.replace(f".{old}.", f".{new}.")
+        tensors[key] = value
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
 MLX_LM_INPUT_LAYOUT = {
     "gpt_oss": _gpt_oss_hub_layout,
     "qwen3_5_moe": _fused_experts_hub_layout,
     "llama4_text": _llama4_text_head,
+    "olmo_hybrid": _olmo_hybrid_norm_names,
 }
 
 # transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry

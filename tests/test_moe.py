@@ -703,7 +703,7 @@ def test_nemotron_h_quantized_with_float_routers_is_mlx_lm_convert(tmp_path: Pat
 
 
 # mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
-# nemotron_h's ungated fc1/fc2 experts,
+# nemotron_h's ungated fc1/fc2 experts, olmo_hybrid's separate channels-last q/k/v convolutions,
 # llama4_text's `output` head): untied only, the variant every one of them has in mlx-lm
 MLX_LM_LAYOUTS = (
     "exaone_moe",
@@ -714,6 +714,7 @@ MLX_LM_LAYOUTS = (
     "mimo_v2_flash",
     "nemotron_h",
     "granitemoehybrid",
+    "olmo_hybrid",
 )
 
 

@@ -58,6 +58,10 @@ class MlxLayout:
     # checkpoint keys (regexes) that mlx-lm's sanitize drops on purpose, its model having no
     # place for them: the vision tower of an image-text checkpoint read as the text model
     dropped: tuple[str, ...] = ()
+    # convolutions mlx-lm keeps apart (channels-last) where transformers concatenates them into
+    # one (its own converter, on channels-first weights): ((sources, ...), target), names
+    # relative to a layer's module
+    conv_concat: tuple[tuple[tuple[str, ...], str], ...] = ()
 
     def drops(self, key: str) -> bool:
         """Whether mlx-lm's sanitize drops the checkpoint tensor `key` (see :attr:`dropped`)."""
@@ -75,6 +79,31 @@ class MlxLayout:
         from transformers.core_model_loading import WeightRenaming
 
         return [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in self.renames]
+
+    def conv_concat_conversions(self, headers) -> list:
+        """`WeightConverter`s for :attr:`conv_concat` where the checkpoint (`headers`: stored
+        name -> TensorInfo) holds the sources channels-last (`[C, K, 1]`, as mlx-lm writes
+        them): concatenated, then permuted to channels-first; `save_pretrained` reverses
+        both."""
+        from transformers.core_model_loading import Concatenate, WeightConverter
+
+        from mlxq.integrations.mlx_vlm_layout import ChannelsLastToFirst
+
+        out = []
+        for sources, target in self.conv_concat:
+            shapes = [
+                tuple(info.shape) for key, info in headers.items() if key.endswith(sources[0])
+            ]
+            if not shapes or not all(len(s) == 3 and s[2] == 1 and s[1] > 1 for s in shapes):
+                continue
+            out.append(
+                WeightConverter(
+                    source_patterns=list(sources),
+                    target_patterns=target,
+                    operations=[Concatenate(dim=0), ChannelsLastToFirst(True)],
+                )
+            )
+        return out
 
     def offset_conversions(self, names: Iterable[str]) -> list:
         """`WeightConverter`s taking 1 off each of `names` (the model's tensor names) that
@@ -360,6 +389,17 @@ LAYOUTS["nemotron_h"] = MlxLayout(
         (r"\.mixer\.switch_mlp\.fc2\.", ".mixer.experts.down_proj."),
     ),
     ".switch_mlp.",
+)
+
+
+# OLMo Hybrid: mlx-lm keeps the gated-delta layers' q/k/v convolutions apart, channels-last;
+# transformers concatenates them into `linear_attn.conv1d`
+_QKV_CONV = tuple(f"linear_attn.{p}_conv1d.weight" for p in "qkv")
+LAYOUTS["olmo_hybrid"] = MlxLayout(
+    "olmo_hybrid",
+    (),
+    ".linear_attn.q_conv1d.",
+    conv_concat=((_QKV_CONV, "linear_attn.conv1d.weight"),),
 )
 
 

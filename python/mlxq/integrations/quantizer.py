@@ -619,6 +619,8 @@ class MLXHfQuantizer(HfQuantizer):
         self._vlm_layout: VlmLayout | None = vlm_layout
         self._record_unexpected_keys(model)
         mlx_vlm_names = looks_like_mlx_vlm(headers)
+        # mlx-lm's separate channels-last convolutions that transformers concatenates
+        self._conv_concat = layout.conv_concat_conversions(headers) if layout is not None else []
         stored_keys = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
         stored_names = dict(zip(headers, stored_keys, strict=False))  # model -> file names
@@ -776,7 +778,19 @@ class MLXHfQuantizer(HfQuantizer):
             for c in weight_conversions
             if not (isinstance(c, WeightConverter) and converts_replaced_tensors(c, experts))
         ]
+        # mlx-lm's channels-last convolutions: concatenated and permuted instead of the
+        # model's own concatenation (one converter per source name)
+        conv_concat = getattr(self, "_conv_concat", [])
+        targets = {t for c in conv_concat for t in c._original_target_patterns}
+        weight_conversions = [
+            c
+            for c in weight_conversions
+            if not (
+                isinstance(c, WeightConverter) and targets.intersection(c._original_target_patterns)
+            )
+        ]
         return [
+            *conv_concat,
             *renames,
             # transformers >= 5.2x passes the model too; older 5.x only the conversions
             *super().update_weight_conversions(weight_conversions, *model),
