@@ -584,6 +584,36 @@ ARCHS.update(
             },
             TOP,
         ),
+        # Kimi Linear: KDA linear attention (layer 0), MLA without rope (layer 1); layer 0 dense,
+        # layer 1 MoE (sigmoid router, shared expert). mlx-lm reads the Hub's own keys
+        "kimi_linear": (
+            {
+                **_DEEPSEEK,
+                "q_lora_rank": None,
+                "num_local_experts": 4,
+                "layer_types": ["linear_attention", "full_attention"],
+                "linear_head_dim": 32,
+                "linear_num_heads": 4,
+                "first_k_dense_replace": 1,
+            },
+            {
+                "rope_theta": THETA,
+                "linear_attn_config": {
+                    "head_dim": 32,
+                    "num_heads": 4,
+                    "short_conv_kernel_size": 4,
+                    "kda_layers": [1],
+                    "full_attn_layers": [2],
+                },
+                "model_max_length": 256,
+                "num_experts": 4,
+                "num_experts_per_token": 2,
+                "num_shared_experts": 1,
+                "moe_renormalize": True,
+                "first_k_dense_replace": 1,
+                "mla_use_nope": True,
+            },
+        ),
     }
 )
 
@@ -665,6 +695,21 @@ def _olmo_hybrid_norm_names(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _kimi_linear_dense_mlp(folder: Path) -> None:
+    """transformers 5 saves Kimi Linear's dense MLPs under the MoE name `block_sparse_moe.`
+    (its renaming of the Hub's MoE blocks, reversed for every layer); mlx-lm reads them as the
+    Hub names them, `mlp.`."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = {
+        re.sub(r"\.block_sparse_moe\.(gate|up|down)_proj\.", r".mlp.\1_proj.", k): v
+        for k, v in load_file(folder / "model.safetensors").items()
+    }
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
 MLX_LM_INPUT_LAYOUT = {
@@ -672,6 +717,7 @@ MLX_LM_INPUT_LAYOUT = {
     "qwen3_5_moe": _fused_experts_hub_layout,
     "llama4_text": _llama4_text_head,
     "olmo_hybrid": _olmo_hybrid_norm_names,
+    "kimi_linear": _kimi_linear_dense_mlp,
 }
 
 # transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry

@@ -669,41 +669,41 @@ def test_minimax_m2_router_reads_its_float_dtype(tmp_path: Path) -> None:
         mlxq.quantize_model(float_model, 4, 64, overrides={})
 
 
-def test_nemotron_h_quantized_with_float_routers_is_mlx_lm_convert(tmp_path: Path) -> None:
-    """Nemotron-H's experts have no gate (up/down stacks, mlx-lm's `switch_mlp.fc1`/`fc2`);
-    its router (float32 F.linear through `.type()`) is refused by name unless kept float,
-    which is what mlx-lm does (its gate is no linear layer): then `save_pretrained` writes
-    `mlx_lm convert`'s tensors bit for bit."""
+def test_nemotron_h_quantized_is_mlx_lm_convert(tmp_path: Path) -> None:
+    """Nemotron-H's experts have no gate (up/down stacks, mlx-lm's `switch_mlp.fc1`/`fc2`); its
+    router stays float, as in mlx-lm (whose router is no linear layer): `save_pretrained`
+    writes `mlx_lm convert`'s tensors bit for bit, and mlx-lm reads them as its own."""
     import contextlib
     import io
 
     from mlx_lm import convert
     from safetensors.torch import load_file
-
-    src = _tiny_float_moe("nemotron_h", tmp_path / "float")
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=64, q_bits=4)
     from transformers import AutoModelForCausalLM
 
+    src = _tiny_float_moe("nemotron_h", tmp_path / "float")
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(src), str(theirs), quantize=True, q_group_size=64, q_bits=4)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)  # as mlx-lm reads it
-    with pytest.raises(NotImplementedError, match=r"'model\.layers\.1\.mixer\.gate'"):
-        mlxq.quantize_model(model, 4, 64)
-    routers = [n for n, _ in model.named_modules() if n.endswith("mixer.gate")]
-    mlxq.quantize_model(model, 4, 64, modules_to_not_convert=routers)
+    mlxq.quantize_model(model, 4, 64)
     experts = model.model.layers[1].mixer.experts
     assert isinstance(experts, MoeExperts) and experts.gate_proj is None
-    model.save_pretrained(tmp_path / "ours")
-    ours = load_file(tmp_path / "ours" / "model.safetensors")
-    theirs = load_file(tmp_path / "theirs" / "model.safetensors")
-    assert sorted(ours) == sorted(theirs)
-    assert "backbone.layers.1.mixer.switch_mlp.fc1.scales" in theirs
-    for key, value in theirs.items():  # (transformers keeps the router weights in float32)
+    assert type(model.model.layers[1].mixer.gate.weight) is nn.Parameter
+    model.save_pretrained(ours)
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert "backbone.layers.1.mixer.switch_mlp.fc1.scales" in b
+    for key, value in b.items():  # (transformers keeps the router's tensors in float32)
         dtype = torch.float32 if ".mixer.gate." in key else value.dtype
-        assert ours[key].dtype == dtype and torch.equal(ours[key].to(value.dtype), value), key
+        assert a[key].dtype == dtype and torch.equal(a[key].to(value.dtype), value), key
+    for file in src.glob("*token*"):
+        (ours / file.name).write_bytes(file.read_bytes())
+    np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), mlx_lm_logits(theirs, TOKENS))
 
 
 # mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
-# nemotron_h's ungated fc1/fc2 experts, olmo_hybrid's separate channels-last q/k/v convolutions,
+# nemotron_h's ungated fc1/fc2 experts, olmo_hybrid's and kimi_linear's separate channels-last
+# q/k/v convolutions, kimi_linear's router quantized and read through `.type(torch.float32)`,
 # llama4_text's `output` head): untied only, the variant every one of them has in mlx-lm
 MLX_LM_LAYOUTS = (
     "exaone_moe",
@@ -715,6 +715,7 @@ MLX_LM_LAYOUTS = (
     "nemotron_h",
     "granitemoehybrid",
     "olmo_hybrid",
+    "kimi_linear",
 )
 
 

@@ -208,9 +208,11 @@ def _refuse_weight_reads(
 # `mlx_lm convert` is given no recipe: model_type -> (name suffix, entry). Qwen3-MoE and gpt-oss
 # keep their routers at 8 bits, group 64 (mlx_lm/models/qwen3_moe.py, gpt_oss.py); the entry
 # has no mode, so the router stays affine in a float-mode (mxfp4) conversion too.
-_MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict], ...]] = {
+_MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
     "qwen3_moe": (("mlp.gate", {"group_size": 64, "bits": 8}),),
     "gpt_oss": (("mlp.router", {"group_size": 64, "bits": 8}),),
+    # mlx-lm's Nemotron-H router holds its weight in no linear layer: it stays float
+    "nemotron_h": (("mixer.gate", False),),
 }
 
 
@@ -253,7 +255,7 @@ def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]
             continue
         for suffix, value in rules:
             if entry.name.endswith(suffix) and width % top.group_size == 0:
-                entries[entry.name] = dict(value)
+                entries[entry.name] = dict(value) if isinstance(value, dict) else value
     return entries
 
 

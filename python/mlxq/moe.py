@@ -435,6 +435,12 @@ class AffineWeight:
         """The weight as `weight.float()` gives it: F.linear then dequantizes in float32."""
         return AffineWeight(self._owner, self._module, float32=True)
 
+    def type(self, dtype: torch.dtype) -> AffineWeight:
+        """`weight.type(torch.float32)`, which is :meth:`float`; other dtypes are refused."""
+        if dtype is not torch.float32:
+            raise self._refuse(f"`self.weight.type({dtype})`")
+        return self.float()
+
     # shape, dtype and device are those of the packed tensor stored as `weight` (what the state
     # dict and transformers' loader see); the router's forward never reads them (swap.moe_plan
     # accepts only forwards that use self.weight inside F.linear).

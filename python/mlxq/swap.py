@@ -306,12 +306,14 @@ _KNOWN_EXPERTS = {
     _UNGATED_EXPERTS_DIGEST: _ExpertsForward("mlp", False, False, True, None),
 }
 
-# `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32): the
+# `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32; Kimi Linear's
+# and Nemotron-H's spell it `.type(torch.float32)`): the
 # quantized weight's `.float()` is its dequantized values in float32 (mlxq.moe.AffineWeight);
 # and `x.to(self.weight.dtype)` (MiniMax-M2; see MoePlan.reads_dtype)
 _LINEAR_USE = re.compile(
-    r"(?:\bF|functional)\.linear\(\w+(?:\.float\(\)|\.to\(self\.weight\.dtype\))?,"
-    r"self\.weight(?:\.float\(\))?"
+    r"(?:\bF|functional)\.linear\(\w+(?:\.float\(\)|\.type\(torch\.float32\)"
+    r"|\.to\(self\.weight\.dtype\))?,"
+    r"self\.weight(?:\.float\(\)|\.type\(torch\.float32\))?"
     r"(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
 )
 _WEIGHT_USE = re.compile(r"self\.weight(?!\w)")

@@ -403,6 +403,25 @@ LAYOUTS["olmo_hybrid"] = MlxLayout(
 )
 
 
+# Kimi Linear: mlx-lm names the KDA convolutions `{q,k,v}_conv.conv` (channels-last; transformers
+# concatenates them into `conv1d`) and keeps the router's correction bias beside the router
+LAYOUTS["kimi_linear"] = MlxLayout(
+    "kimi_linear",
+    (
+        (
+            r"\.mlp\.e_score_correction_bias",
+            ".mlp.gate.e_score_correction_bias",
+        ),  # (no $: reversed)
+        (r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."),
+        *_MOE_RENAMES,
+    ),
+    ".switch_mlp.",
+    conv_concat=(
+        (tuple(f"self_attn.{p}_conv.conv.weight" for p in "qkv"), "self_attn.conv1d.weight"),
+    ),
+)
+
+
 # Laguna: mlx-lm's router holds its linear layer as `gate.proj` (the correction bias stays in
 # `gate`); named per tensor, so that saving does not move the bias into `gate.proj`
 LAYOUTS["laguna"] = MlxLayout(
