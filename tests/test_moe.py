@@ -701,6 +701,25 @@ def test_nemotron_h_quantized_is_mlx_lm_convert(tmp_path: Path) -> None:
     np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), mlx_lm_logits(theirs, TOKENS))
 
 
+def test_router_cast_by_type_float32(tmp_path: Path) -> None:
+    """Routers that run `F.linear(x.type(torch.float32), self.weight.type(torch.float32))`
+    (Kimi Linear, DeepSeek V3's family, Nemotron-H) run quantized as a float32 quantized
+    matmul; quantizing one takes an explicit entry (mlx-lm keeps most of them float)."""
+    model = _load(_tiny_float_moe("kimi_linear", tmp_path / "float"))
+    router = "model.layers.1.mlp.gate"
+    with pytest.raises(NotImplementedError, match=r"router 'model\.layers\.1\.mlp\.gate'"):
+        mlxq.quantize_model(model, 4, 64, overrides={})
+    mlxq.quantize_model(model, 4, 64, overrides={router: {"bits": 8, "group_size": 64}})
+    gate = model.get_submodule(router)
+    assert isinstance(gate.weight, AffineWeight) and gate.bits == 8
+    x = torch.randn(3, 128)
+    packed = gate.state_dict()
+    want = mlxq.affine_matmul(x, packed["weight"], packed["scales"], packed["biases"], 64, 8)
+    torch.testing.assert_close(gate(x)[0], want, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="float16"):
+        gate.weight.type(torch.float16)
+
+
 # mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
 # nemotron_h's ungated fc1/fc2 experts, olmo_hybrid's and kimi_linear's separate channels-last
 # q/k/v convolutions, kimi_linear's router quantized and read through `.type(torch.float32)`,

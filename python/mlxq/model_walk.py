@@ -288,6 +288,13 @@ def plan_quantization(
             fmt = configured_format(entry.name, top, overrides, skip)
             if fmt is not None and fits(moe.in_features, fmt):
                 moe.require()
+                if moe.casts_float32 and entry.name not in overrides:
+                    raise NotImplementedError(
+                        f"mlxq: router {entry.name!r} ({moe.cls_name}) is float in mlx-lm's "
+                        "model for most architectures with this router (no linear layer "
+                        "there): keep it float (modules_to_not_convert), or give it a "
+                        "per-module entry to quantize it"
+                    )
                 if moe.reads_dtype:
                     raise NotImplementedError(
                         f"mlxq: router {entry.name!r} ({moe.cls_name}) reads self.weight.dtype "

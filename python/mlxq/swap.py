@@ -355,6 +355,10 @@ class MoePlan:
     # router only: its forward also reads `self.weight.dtype` (MiniMax-M2 casts its input to
     # it): loaded from MLX, it answers the float dtype (mlxq.moe.float_dtype_for_routers)
     reads_dtype: bool = False
+    # router only: its forward casts to float32 with `.type(torch.float32)` (DeepSeek V3's
+    # family, Kimi Linear, Nemotron-H): most of these routers are no linear layer in mlx-lm,
+    # which keeps them float, so quantizing one takes an explicit per-module entry
+    casts_float32: bool = False
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -411,6 +415,7 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     dtype_reads = len(_DTYPE_READ.findall(body))
     if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) + dtype_reads or not uses:
         return _refuse_moe(plan, "its forward uses self.weight other than in F.linear(x, w)")
+    plan = replace(plan, casts_float32="type(torch.float32)" in body)
     return replace(plan, reads_dtype=True) if dtype_reads else plan
 
 
