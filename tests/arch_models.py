@@ -614,6 +614,27 @@ ARCHS.update(
                 "mla_use_nope": True,
             },
         ),
+        # Ling/Ring hybrid (bailing_hybrid): linear attention (layer 0), MLA (layer 1), layer 0
+        # dense, layer 1 MoE. mlx-lm reads keys transformers 5 writes under other names
+        "bailing_hybrid": (
+            {
+                **ROPE,
+                **_DEEPSEEK,
+                "q_lora_rank": None,
+                "num_local_experts": 4,
+                "layer_types": ["linear_attention", "full_attention"],
+                "layer_group_size": 2,
+                "first_k_dense_replace": 1,
+                "num_mtp_layers": 0,
+            },
+            {
+                **TOP,
+                "num_experts_per_tok": 2,
+                "n_group": 1,
+                "max_position_embeddings": 256,
+                "group_norm_size": 4,  # one group per head: transformers' per-head gated norm
+            },
+        ),
     }
 )
 

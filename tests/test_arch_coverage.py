@@ -25,6 +25,7 @@ from arch_models import (
     tiny_float_checkpoint,
     tiny_mlx_checkpoint,
 )
+from arch_models import _config as _float_config
 from mlx_models import mlx_lm_logits
 from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
 from mlxq.swap import swap_plan
@@ -61,6 +62,30 @@ def test_mamba_head_read_for_its_dtype(arch: str, cls: str) -> None:
     tied = run_arch(arch, VARIANTS[0])
     assert tied.status == "refused", tied.line()
     assert "'lm_head'" in tied.reason and f"{cls}ForCausalLM.forward" in tied.reason
+
+
+def test_model_type_mlx_lm_builds_otherwise_is_refused_by_name(tmp_path: Path) -> None:
+    # bailing_hybrid: mlx-lm's own model (lightning linear attention) is not transformers'
+    # (KDA): no oracle from transformers' tiny model, and mlx-lm's checkpoint is refused by
+    # name, not after a shape mismatch (or worse, loaded)
+    import mlx.core as mx
+    from mlx import nn as mlx_nn
+    from mlx.utils import tree_map
+    from mlx_lm.models import bailing_hybrid
+    from mlx_lm.utils import save_config, save_model
+    from transformers import AutoModelForCausalLM
+
+    assert run_arch("bailing_hybrid", VARIANTS[0]).status == "mlx-lm fails"
+    config = json.loads(_float_config("bailing_hybrid", False).to_json_string())
+    config |= ARCHS["bailing_hybrid"][1]
+    model = bailing_hybrid.Model(bailing_hybrid.ModelArgs.from_dict(config))
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.08, model.parameters()))
+    quantizable = lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0  # noqa: E731
+    mlx_nn.quantize(model, 64, 4, class_predicate=quantizable)
+    save_model(tmp_path, model)
+    save_config({**config, "quantization": {"group_size": 64, "bits": 4}}, tmp_path / "config.json")
+    with pytest.raises(NotImplementedError, match="model type 'bailing_hybrid': mlx-lm 0.32's"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
 
 
 def test_gemma_embedding_keeps_its_scale() -> None:

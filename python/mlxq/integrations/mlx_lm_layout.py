@@ -27,6 +27,7 @@ __all__ = [
     "MLX_LM_READS_ROPE_PARAMETERS",
     "MLX_LM_KEEPS_STORED_HEAD",
     "MLX_LM_LAYER_TYPE_NAMES",
+    "MLX_LM_OTHER_MODEL",
     "UnitOffset",
     "VISION_DROPPED",
     "unit_offset_conversions",
@@ -230,6 +231,17 @@ MLX_LM_READS_ROPE_PARAMETERS = frozenset(
     "exaone_moe gemma4_text glm_moe_dsa granitemoehybrid laguna lfm2 lfm2_moe mellum "
     "ministral3 mistral4 olmo_hybrid qwen3 qwen3_5 qwen3_5_moe".split()
 )
+
+
+# model types under which mlx-lm 0.32 and transformers 5.24 build different models: an MLX
+# checkpoint of one is refused by name (what it would need cannot be checked against mlx-lm)
+MLX_LM_OTHER_MODEL: dict[str, str] = {
+    "bailing_hybrid": (
+        "mlx-lm 0.32's bailing_hybrid has lightning linear attention (a fused "
+        "`query_key_value`, `g_proj` and a group norm), transformers 5.24's has KDA linear "
+        "attention (`q/k/v_conv1d`, `f_proj`, `A_log`) and gated MLA: they are different models"
+    ),
+}
 
 
 # model types whose mlx-lm 0.32 model reads the Hub's layer type names, which transformers 5

@@ -30,6 +30,7 @@ from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_KEEPS_STORED_HEAD,
     MLX_LM_LAYER_TYPE_NAMES,
+    MLX_LM_OTHER_MODEL,
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
@@ -605,6 +606,12 @@ class MLXHfQuantizer(HfQuantizer):
                 "(mlx-lm's layout: every tensor under `language_model.`, no vision tower); load "
                 f"it with transformers.{text_class.__name__}.from_pretrained (`mlxq generate` "
                 "does)"
+            )
+        other = MLX_LM_OTHER_MODEL.get(_model_type(model) or "")
+        if other is not None:
+            raise NotImplementedError(
+                f"mlxq: model type {_model_type(model)!r}: {other}; mlxq refuses it rather than "
+                "run a model it has not checked against mlx-lm's"
             )
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
