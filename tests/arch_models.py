@@ -128,6 +128,29 @@ IMAGE_TEXT = {
     for arch in ("qwen3_5", "qwen3_5_moe")
 }
 
+IMAGE_TEXT["muse_spark"] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "out_hidden_size": 128,
+}
+# image-text models' other sub-configs and top-level settings
+IMAGE_TEXT_EXTRA = {
+    "muse_spark": {
+        "audio_config": {
+            "hidden_sizes": [16, 16, 16, 16],
+            "depths": [1, 1, 1, 1],
+            "num_hidden_layers": 4,
+            "out_hidden_size": 128,
+        },
+        "projector_hidden_size": 64,
+    }
+}
+# mlx-lm picks a chat template module for these model types unless the tokenizer has one
+# (mlx-lm 0.32's muse_spark module has none)
+NEEDS_CHAT_TEMPLATE = {"muse_spark"}
+
 ARCHS: dict[str, tuple[dict, dict]] = {
     "llama": (ROPE, TOP),
     "mistral": (ROPE, TOP),
@@ -635,6 +658,18 @@ ARCHS.update(
                 "group_norm_size": 4,  # one group per head: transformers' per-head gated norm
             },
         ),
+        # Muse Spark: an image-text-audio model; mlx-lm converts it (its language model, MoE
+        # layers only) but runs it with Metal kernels only: no oracle on this machine
+        "muse_spark": (
+            {
+                **_MOE,
+                "moe_hidden_size": 64,
+                "num_local_experts": 4,
+                "sliding_window": 64,
+                "mlp_layer_types": ["sparse", "sparse"],
+            },
+            {},
+        ),
     }
 )
 
@@ -844,7 +879,11 @@ def _config(arch: str, tied: bool):
     if arch in IMAGE_TEXT:  # the text settings nest; the vision tower stays tiny
         vision = IMAGE_TEXT[arch]
         return AutoConfig.for_model(
-            arch, text_config=params, vision_config=vision, tie_word_embeddings=tied
+            arch,
+            text_config=params,
+            vision_config=vision,
+            tie_word_embeddings=tied,
+            **copy.deepcopy(IMAGE_TEXT_EXTRA.get(arch, {})),
         )
     return AutoConfig.for_model(arch, **params)
 
@@ -902,6 +941,10 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
         tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tiny_tokenizer(out)
+    if arch in NEEDS_CHAT_TEMPLATE:
+        tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+        tokenizer_config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(ARCHS[arch][1])
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

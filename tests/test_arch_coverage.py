@@ -88,6 +88,18 @@ def test_model_type_mlx_lm_builds_otherwise_is_refused_by_name(tmp_path: Path) -
         AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
 
 
+def test_model_type_mlx_lm_runs_on_metal_only_is_refused_by_name() -> None:
+    # Muse Spark: mlx-lm converts the tiny image-text model but runs it with Metal kernels
+    # only; its checkpoint (tensors of mlx-lm's own) is refused by name
+    from transformers import AutoModelForImageTextToText
+
+    outcome = run_arch("muse_spark", VARIANTS[0])
+    assert outcome.status == "mlx-lm fails" and "Metal" in outcome.reason, outcome.line()
+    path = tiny_mlx_checkpoint("muse_spark", VARIANTS[0])
+    with pytest.raises(NotImplementedError, match="model type 'muse_spark': .*Metal kernels"):
+        AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+
+
 def test_gemma_embedding_keeps_its_scale() -> None:
     """The quantized Gemma embedding multiplies by sqrt(hidden) as transformers' does."""
     from transformers import AutoModelForCausalLM

@@ -27,7 +27,7 @@ __all__ = [
     "MLX_LM_READS_ROPE_PARAMETERS",
     "MLX_LM_KEEPS_STORED_HEAD",
     "MLX_LM_LAYER_TYPE_NAMES",
-    "MLX_LM_OTHER_MODEL",
+    "MLX_LM_UNCHECKED",
     "UnitOffset",
     "VISION_DROPPED",
     "unit_offset_conversions",
@@ -233,13 +233,19 @@ MLX_LM_READS_ROPE_PARAMETERS = frozenset(
 )
 
 
-# model types under which mlx-lm 0.32 and transformers 5.24 build different models: an MLX
-# checkpoint of one is refused by name (what it would need cannot be checked against mlx-lm)
-MLX_LM_OTHER_MODEL: dict[str, str] = {
+# model types whose MLX checkpoints mlxq refuses by name, because no tiny model of them could be
+# checked against mlx-lm 0.32: its model is another than transformers 5.24's, or it cannot run
+# on MLX's CPU back-end
+MLX_LM_UNCHECKED: dict[str, str] = {
     "bailing_hybrid": (
         "mlx-lm 0.32's bailing_hybrid has lightning linear attention (a fused "
         "`query_key_value`, `g_proj` and a group norm), transformers 5.24's has KDA linear "
         "attention (`q/k/v_conv1d`, `f_proj`, `A_log`) and gated MLA: they are different models"
+    ),
+    "muse_spark": (
+        "mlx-lm 0.32 runs Muse Spark with Metal kernels only (no CPU oracle) and converts it to "
+        "tensors of its own (residual gates as alpha/beta, norms as 1 + w, q/k/v/gate fused "
+        "with rope-interleaved rows); mlxq maps neither that layout nor mlx-vlm's"
     ),
 }
 

@@ -30,7 +30,7 @@ from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_KEEPS_STORED_HEAD,
     MLX_LM_LAYER_TYPE_NAMES,
-    MLX_LM_OTHER_MODEL,
+    MLX_LM_UNCHECKED,
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
@@ -607,7 +607,7 @@ class MLXHfQuantizer(HfQuantizer):
                 f"it with transformers.{text_class.__name__}.from_pretrained (`mlxq generate` "
                 "does)"
             )
-        other = MLX_LM_OTHER_MODEL.get(_model_type(model) or "")
+        other = MLX_LM_UNCHECKED.get(_model_type(model) or "")
         if other is not None:
             raise NotImplementedError(
                 f"mlxq: model type {_model_type(model)!r}: {other}; mlxq refuses it rather than "
