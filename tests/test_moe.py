@@ -20,6 +20,7 @@ from arch_models import (
     TOKENS,
     VARIANTS,
     Variant,
+    causal_lm_class,
     mlxq_logits,
     run_arch,
     tiny_mlx_checkpoint,
@@ -723,7 +724,8 @@ def test_router_cast_by_type_float32(tmp_path: Path) -> None:
 # mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
 # nemotron_h's ungated fc1/fc2 experts, olmo_hybrid's and kimi_linear's separate channels-last
 # q/k/v convolutions, kimi_linear's router quantized and read through `.type(torch.float32)`,
-# llama4_text's `output` head): untied only, the variant every one of them has in mlx-lm
+# llama4_text's `output` head, mistral4 through its own class): untied only, the variant every
+# one of them has in mlx-lm
 MLX_LM_LAYOUTS = (
     "exaone_moe",
     "solar_open",
@@ -735,6 +737,7 @@ MLX_LM_LAYOUTS = (
     "granitemoehybrid",
     "olmo_hybrid",
     "kimi_linear",
+    "mistral4",
 )
 
 
@@ -748,7 +751,7 @@ def test_mlx_lm_layouts_load_and_save_back(tmp_path: Path, arch: str) -> None:
     outcome = run_arch(arch, variant)
     assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
     path = tiny_mlx_checkpoint(arch, variant)
-    model = _load(path)
+    model = causal_lm_class(arch).from_pretrained(path, dtype=torch.float32)
     model.save_pretrained(tmp_path)
     for file in path.glob("*token*"):
         (tmp_path / file.name).write_bytes(file.read_bytes())
