@@ -594,13 +594,13 @@ ARCHS.update(
         # default yarn rope with Llama 4's query scaling (mlx-lm reads rope_parameters). The
         # rope covers head_dim (qk_nope + qk_rope) x partial_rotary_factor (qk_rope / head_dim)
         "mistral4": ({**_DEEPSEEK, "n_routed_experts": 4}, {}),
-        # OLMo Hybrid: gated-delta linear attention (layer 0), post-norm attention (layer 1).
-        # Keys and values of one width: transformers 5 saves its fused conv1d as q/k/v thirds
+        # OLMo Hybrid: gated-delta linear attention (layer 0), post-norm attention (layer 1);
+        # keys half as wide as values
         "olmo_hybrid": (
             {
                 **ROPE,
                 "layer_types": ["linear_attention", "full_attention"],
-                "linear_num_key_heads": 4,
+                "linear_num_key_heads": 2,
                 "linear_num_value_heads": 4,
                 "linear_key_head_dim": 32,
                 "linear_value_head_dim": 32,
@@ -732,22 +732,33 @@ def _llama4_text_head(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def _olmo_hybrid_norm_names(folder: Path) -> None:
+def _olmo_hybrid_hub_layout(folder: Path) -> None:
     """transformers 5 saves OLMo Hybrid's layer norms under legacy names (`attention_layer_norm`,
     `feedforward_layer_norm`, which it reads back as `input_layernorm` and
-    `post_attention_layernorm`); mlx-lm's model has only the latter: renamed as transformers
-    renames them when loading."""
+    `post_attention_layernorm`), and its fused q/k/v convolution cut into equal thirds; mlx-lm
+    reads the norms' own names and the q/k/v convolutions at their widths: renamed, and the
+    thirds joined again and cut at the key and value widths."""
+    import torch
     from safetensors.torch import load_file, save_file
 
+    config = json.loads((folder / "config.json").read_text())
+    key = config["linear_num_key_heads"] * config["linear_key_head_dim"]
+    value = config["linear_num_value_heads"] * config["linear_value_head_dim"]
     names = {
         "attention_layer_norm": "input_layernorm",
         "feedforward_layer_norm": "post_attention_layernorm",
     }
     tensors = {}
-    for key, value in load_file(folder / "model.safetensors").items():
+    for name, tensor in load_file(folder / "model.safetensors").items():
         for old, new in names.items():
-            key = key.replace(f".{old}.", f".{new}.")
-        tensors[key] = value
+            name = name.replace(f".{old}.", f".{new}.")
+        tensors[name] = tensor
+    for name in [k for k in tensors if k.endswith("linear_attn.q_conv1d.weight")]:
+        prefix = name.removesuffix("q_conv1d.weight")
+        parts = [tensors.pop(f"{prefix}{p}_conv1d.weight") for p in "qkv"]
+        fused = torch.cat(parts)
+        for p, part in zip("qkv", torch.split(fused, [key, key, value]), strict=True):
+            tensors[f"{prefix}{p}_conv1d.weight"] = part.contiguous()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -772,7 +783,7 @@ MLX_LM_INPUT_LAYOUT = {
     "gpt_oss": _gpt_oss_hub_layout,
     "qwen3_5_moe": _fused_experts_hub_layout,
     "llama4_text": _llama4_text_head,
-    "olmo_hybrid": _olmo_hybrid_norm_names,
+    "olmo_hybrid": _olmo_hybrid_hub_layout,
     "kimi_linear": _kimi_linear_dense_mlp,
 }
 

@@ -86,22 +86,25 @@ class MlxLayout:
         name -> TensorInfo) holds the sources channels-last (`[C, K, 1]`, as mlx-lm writes
         them): concatenated, then permuted to channels-first; `save_pretrained` reverses
         both."""
-        from transformers.core_model_loading import Concatenate, WeightConverter
+        from transformers.core_model_loading import WeightConverter
 
         from mlxq.integrations.mlx_vlm_layout import ChannelsLastToFirst
 
         out = []
         for sources, target in self.conv_concat:
             shapes = [
-                tuple(info.shape) for key, info in headers.items() if key.endswith(sources[0])
+                next((tuple(i.shape) for k, i in headers.items() if k.endswith(src)), None)
+                for src in sources
             ]
-            if not shapes or not all(len(s) == 3 and s[2] == 1 and s[1] > 1 for s in shapes):
+            if any(s is None or len(s) != 3 or s[2] != 1 or s[1] == 1 for s in shapes):
                 continue
+            # split back by the stored widths (transformers' own reverse cuts equal parts)
+            sizes = [s[0] for s in shapes]
             out.append(
                 WeightConverter(
                     source_patterns=list(sources),
                     target_patterns=target,
-                    operations=[Concatenate(dim=0), ChannelsLastToFirst(True)],
+                    operations=[SizedConcat(sizes), ChannelsLastToFirst(True)],
                 )
             )
         return out
@@ -154,6 +157,41 @@ class UnitOffset:
                 return _Op(-self.delta)
 
         return _Op(delta)
+
+
+class SizedConcat:
+    """A transformers `ConversionOps` concatenating its sources (in pattern order) along dim 0;
+    its reverse (used by `save_pretrained`) splits them back by `sizes`."""
+
+    def __new__(cls, sizes: list[int], split: bool = False):
+        import torch
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, sizes: list[int], split: bool) -> None:
+                self.sizes, self.split = list(sizes), split
+
+            def __repr__(self) -> str:
+                return f"Sized{'Split' if self.split else 'Concat'}({self.sizes})"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                if self.split:
+                    (value,) = input_dict.values()
+                    tensor = value[0] if isinstance(value, list) else value
+                    parts = torch.split(tensor, self.sizes, dim=0)
+                    return {t: p.contiguous() for t, p in zip(target_patterns, parts, strict=True)}
+                tensors = []
+                for pattern in source_patterns:
+                    value = input_dict.pop(pattern)
+                    tensors.extend(value if isinstance(value, list) else [value])
+                return {target_patterns[0]: torch.cat(tensors, dim=0)}
+
+            @property
+            def reverse_op(self):
+                return _Op(self.sizes, not self.split)
+
+        return _Op(sizes, split)
 
 
 LAYOUTS: dict[str, MlxLayout] = {
