@@ -586,6 +586,22 @@ ARCHS.update(
         # Mamba-2 alone. One group: mlx-lm 0.32's gated norm normalizes over all heads at
         # once, transformers' (as mamba_ssm) per group (README). Its causal LM reads
         # `lm_head.weight.dtype` in forward: a tied quantized head is refused by name
+        # Granite 4.0-H Micro and Granite 4.0 Micro: no experts, the shared MLP only, which
+        # mlx-lm splits into gate_proj/up_proj (transformers: one fused input_linear)
+        "granitemoehybrid_dense": (
+            {
+                **ROPE,
+                "layer_types": ["mamba", "attention"],
+                "mamba_n_heads": 8,
+                "mamba_d_head": 32,
+                "mamba_n_groups": 1,
+                "mamba_d_state": 16,
+                "num_local_experts": 0,
+                "shared_intermediate_size": 256,
+                "position_embedding_type": "rope",
+            },
+            {**TOP, "layer_types": ["mamba", "attention"]},
+        ),
         "mamba2": (
             {"num_heads": 8, "head_dim": 32, "n_groups": 1, "state_size": 16, "chunk_size": 8},
             {},
@@ -787,6 +803,9 @@ MLX_LM_INPUT_LAYOUT = {
     "kimi_linear": _kimi_linear_dense_mlp,
 }
 
+# entries of the table that are a second variant of a model type
+MODEL_TYPE = {"granitemoehybrid_dense": "granitemoehybrid"}
+
 # transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry
 CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}
 
@@ -896,7 +915,7 @@ def _config(arch: str, tied: bool):
             tie_word_embeddings=tied,
             **copy.deepcopy(IMAGE_TEXT_EXTRA.get(arch, {})),
         )
-    return AutoConfig.for_model(arch, **params)
+    return AutoConfig.for_model(MODEL_TYPE.get(arch, arch), **params)
 
 
 _SAME_AS = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}

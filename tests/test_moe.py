@@ -722,8 +722,9 @@ def test_router_cast_by_type_float32(tmp_path: Path) -> None:
 
 
 # mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
-# nemotron_h's ungated fc1/fc2 experts, olmo_hybrid's and kimi_linear's separate channels-last
-# q/k/v convolutions, kimi_linear's router quantized and read through `.type(torch.float32)`,
+# nemotron_h's ungated fc1/fc2 experts, dense Granite 4.0's split shared MLP, olmo_hybrid's and
+# kimi_linear's separate channels-last q/k/v convolutions, kimi_linear's router quantized and
+# read through `.type(torch.float32)`,
 # llama4_text's `output` head, mistral4 through its own class): untied only, the variant every
 # one of them has in mlx-lm
 MLX_LM_LAYOUTS = (
@@ -735,6 +736,7 @@ MLX_LM_LAYOUTS = (
     "mimo_v2_flash",
     "nemotron_h",
     "granitemoehybrid",
+    "granitemoehybrid_dense",
     "olmo_hybrid",
     "kimi_linear",
     "mistral4",

@@ -63,6 +63,54 @@ class MlxLayout:
     # one (its own converter, on channels-first weights): ((sources, ...), target), names
     # relative to a layer's module
     conv_concat: tuple[tuple[tuple[str, ...], str], ...] = ()
+    # linear layers mlx-lm's sanitize splits that transformers keeps fused: ((parts, ...), fused)
+    # module name suffixes (after the renames); the parts' tensors (weight, scales, biases) are
+    # concatenated along the output rows at load, which is exact for MLX's row-wise groups
+    merges: tuple[tuple[tuple[str, ...], str], ...] = ()
+
+    def merge_headers(self, headers: dict) -> dict:
+        """`headers` (transformers' names -> TensorInfo) with the parts of each merge replaced
+        by the fused tensor; parts stored in different formats are refused by name."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for parts, fused in self.merges:
+            for key in [k for k in headers if re.search(rf"{re.escape(parts[0])}\.\w+$", k)]:
+                module, leaf = key.rsplit(".", 1)
+                base = module.removesuffix(parts[0])
+                infos = [headers.get(f"{base}{p}.{leaf}") for p in parts]
+                shapes = {tuple(i.shape[1:]) for i in infos if i is not None}
+                if all(i is not None and not i.shape for i in infos):  # names only
+                    for p in parts:
+                        del out[f"{base}{p}.{leaf}"]
+                    out[f"{base}{fused}.{leaf}"] = infos[0]
+                    continue
+                if any(i is None for i in infos) or len(shapes) != 1:
+                    raise ValueError(
+                        f"mlxq: {', '.join(f'{base}{p}' for p in parts)} ({leaf}) are stored in "
+                        f"different formats; transformers' {base}{fused} holds them as one "
+                        "layer, which needs one format"
+                    )
+                for p in parts:
+                    del out[f"{base}{p}.{leaf}"]
+                rows = sum(i.shape[0] for i in infos)
+                out[f"{base}{fused}.{leaf}"] = TensorInfo(infos[0].dtype, (rows, *shapes.pop()))
+        return out
+
+    def merge_conversions(self) -> list:
+        """`WeightConverter`s concatenating the parts of each merge at load (`save_pretrained`
+        cuts the fused tensor back into equal parts, as mlx-lm stores them)."""
+        from transformers.core_model_loading import Concatenate, WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=[f"{p}.{leaf}" for p in parts],
+                target_patterns=f"{fused}.{leaf}",
+                operations=[Concatenate(dim=0)],
+            )
+            for parts, fused in self.merges
+            for leaf in ("weight", "scales", "biases")
+        ]
 
     def drops(self, key: str) -> bool:
         """Whether mlx-lm's sanitize drops the checkpoint tensor `key` (see :attr:`dropped`)."""
@@ -429,11 +477,22 @@ LAYOUTS["phimoe"] = MlxLayout(
     ".switch_mlp.",
 )
 # mlx-lm's GraniteMoE router is a `GraniteMoeTopKGating` holding an nn.Linear `layer`
-# (and Granite 4.0-H's, granitemoehybrid)
-for _model_type in ("granitemoe", "granitemoehybrid"):
-    LAYOUTS[_model_type] = MlxLayout(
-        _model_type, (*_MOE_RENAMES_BLOCK, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
-    )
+LAYOUTS["granitemoe"] = MlxLayout(
+    "granitemoe", (*_MOE_RENAMES_BLOCK, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
+)
+# Granite 4.0 (H): GraniteMoE's layout; without experts (the dense models) mlx-lm splits the
+# MLP's fused `shared_mlp.input_linear` into `mlp.gate_proj`/`mlp.up_proj` and names
+# `shared_mlp.output_linear` `mlp.down_proj`
+LAYOUTS["granitemoehybrid"] = MlxLayout(
+    "granitemoehybrid",
+    (
+        *_MOE_RENAMES_BLOCK,
+        (r"\.router\.layer\.", ".router."),
+        (r"\.mlp\.down_proj\.", ".shared_mlp.output_linear."),
+    ),
+    (".switch_mlp.", ".mlp.gate_proj."),
+    merges=(((".mlp.gate_proj", ".mlp.up_proj"), ".shared_mlp.input_linear"),),
+)
 
 
 # Nemotron-H: mlx-lm stacks the experts (no gate) as `mixer.switch_mlp.fc1` (up) and `fc2`
