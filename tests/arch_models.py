@@ -586,6 +586,20 @@ ARCHS.update(
         # Mamba-2 alone. One group: mlx-lm 0.32's gated norm normalizes over all heads at
         # once, transformers' (as mamba_ssm) per group (README). Its causal LM reads
         # `lm_head.weight.dtype` in forward: a tied quantized head is refused by name
+        # Nemotron 3 Super's MoE: the experts work in a latent space (fc1/fc2_latent_proj)
+        "nemotron_h_latent": (
+            {
+                **_MAMBA2,
+                "num_hidden_layers": 4,
+                "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"],
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "moe_shared_expert_intermediate_size": 64,
+                "moe_latent_size": 64,
+            },
+            {},
+        ),
         # Granite 4.0-H Micro and Granite 4.0 Micro: no experts, the shared MLP only, which
         # mlx-lm splits into gate_proj/up_proj (transformers: one fused input_linear)
         "granitemoehybrid_dense": (
@@ -804,7 +818,7 @@ MLX_LM_INPUT_LAYOUT = {
 }
 
 # entries of the table that are a second variant of a model type
-MODEL_TYPE = {"granitemoehybrid_dense": "granitemoehybrid"}
+MODEL_TYPE = {"granitemoehybrid_dense": "granitemoehybrid", "nemotron_h_latent": "nemotron_h"}
 
 # transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry
 CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}
