@@ -111,6 +111,20 @@ def test_greedy_generation_matches_mlx_lm() -> None:
 
 
 @pytest.mark.parametrize(
+    "arch", ["nemotron_h", "granitemoehybrid", "kimi_linear", "olmo_hybrid", "mistral4"]
+)
+def test_hybrid_greedy_generation_matches_mlx_lm(arch: str) -> None:
+    """Greedy decoding through transformers' caches of the hybrid layers (Mamba-2 states,
+    KDA / gated-delta recurrences, compressed MLA) is mlx-lm's argmax under teacher forcing."""
+    path = tiny_mlx_checkpoint(arch, VARIANTS[1])
+    model = causal_lm_class(arch).from_pretrained(path, dtype=torch.float32)
+    prompt = TOKENS[:5]
+    out = greedy_tokens(model, prompt, 16)
+    ref = assert_logits_match_mlx_lm(model, path, out, TOLERANCE)
+    assert np.array_equal(ref.argmax(-1)[len(prompt) - 1 : -1], out[len(prompt) :].numpy())
+
+
+@pytest.mark.parametrize(
     ("arch", "variant"),
     [
         ("mixtral", 0),
