@@ -128,6 +128,29 @@ IMAGE_TEXT = {
     for arch in ("qwen3_5", "qwen3_5_moe")
 }
 
+IMAGE_TEXT["muse_spark"] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "out_hidden_size": 128,
+}
+# image-text models' other sub-configs and top-level settings
+IMAGE_TEXT_EXTRA = {
+    "muse_spark": {
+        "audio_config": {
+            "hidden_sizes": [16, 16, 16, 16],
+            "depths": [1, 1, 1, 1],
+            "num_hidden_layers": 4,
+            "out_hidden_size": 128,
+        },
+        "projector_hidden_size": 64,
+    }
+}
+# mlx-lm picks a chat template module for these model types unless the tokenizer has one
+# (mlx-lm 0.32's muse_spark module has none)
+NEEDS_CHAT_TEMPLATE = {"muse_spark"}
+
 ARCHS: dict[str, tuple[dict, dict]] = {
     "llama": (ROPE, TOP),
     "mistral": (ROPE, TOP),
@@ -518,6 +541,168 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     ),
 }
 
+_MAMBA2 = {  # Mamba-2 mixers: 8 heads of 32 (expand 2), 2 groups, state 16
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 32,
+    "n_groups": 2,
+    "ssm_state_size": 16,
+    "conv_kernel": 4,
+}
+ARCHS.update(
+    {
+        # Nemotron-H (Nemotron Nano 2/3): one layer of each kind, Mamba-2 mixer, MoE (sigmoid
+        # router with a correction bias, a shared expert), attention without rope, relu2 MLP
+        "nemotron_h": (
+            {
+                **_MAMBA2,
+                "num_hidden_layers": 4,
+                "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"],
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "moe_shared_expert_intermediate_size": 64,
+            },
+            {},
+        ),
+        # Granite 4.0-H: Mamba-2 layer 0, attention layer 1, both with MoE and a shared MLP.
+        # mlx-lm 0.32 reads the Hub's layer names (transformers 5 writes linear_attention /
+        # full_attention and reads these as them)
+        "granitemoehybrid": (
+            {
+                **ROPE,
+                "layer_types": ["mamba", "attention"],
+                "mamba_n_heads": 8,
+                "mamba_d_head": 32,
+                "mamba_n_groups": 1,
+                "mamba_d_state": 16,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "intermediate_size": 64,
+                "shared_intermediate_size": 64,
+                "position_embedding_type": "rope",
+            },
+            {**TOP, "layer_types": ["mamba", "attention"]},
+        ),
+        # Mamba-2 alone. One group: mlx-lm 0.32's gated norm normalizes over all heads at
+        # once, transformers' (as mamba_ssm) per group (README). Its causal LM reads
+        # `lm_head.weight.dtype` in forward: a tied quantized head is refused by name
+        # Nemotron 3 Super's MoE: the experts work in a latent space (fc1/fc2_latent_proj)
+        "nemotron_h_latent": (
+            {
+                **_MAMBA2,
+                "num_hidden_layers": 4,
+                "layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"],
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "moe_shared_expert_intermediate_size": 64,
+                "moe_latent_size": 64,
+            },
+            {},
+        ),
+        # Granite 4.0-H Micro and Granite 4.0 Micro: no experts, the shared MLP only, which
+        # mlx-lm splits into gate_proj/up_proj (transformers: one fused input_linear)
+        "granitemoehybrid_dense": (
+            {
+                **ROPE,
+                "layer_types": ["mamba", "attention"],
+                "mamba_n_heads": 8,
+                "mamba_d_head": 32,
+                "mamba_n_groups": 1,
+                "mamba_d_state": 16,
+                "num_local_experts": 0,
+                "shared_intermediate_size": 256,
+                "position_embedding_type": "rope",
+            },
+            {**TOP, "layer_types": ["mamba", "attention"]},
+        ),
+        "mamba2": (
+            {"num_heads": 8, "head_dim": 32, "n_groups": 1, "state_size": 16, "chunk_size": 8},
+            {},
+        ),
+        # Mistral Small 4: DeepSeek V3's MLA and MoE (layer 0 dense), interleaved rope; its
+        # default yarn rope with Llama 4's query scaling (mlx-lm reads rope_parameters). The
+        # rope covers head_dim (qk_nope + qk_rope) x partial_rotary_factor (qk_rope / head_dim)
+        "mistral4": ({**_DEEPSEEK, "n_routed_experts": 4}, {}),
+        # OLMo Hybrid: gated-delta linear attention (layer 0), post-norm attention (layer 1);
+        # keys half as wide as values
+        "olmo_hybrid": (
+            {
+                **ROPE,
+                "layer_types": ["linear_attention", "full_attention"],
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                "linear_key_head_dim": 32,
+                "linear_value_head_dim": 32,
+            },
+            TOP,
+        ),
+        # Kimi Linear: KDA linear attention (layer 0), MLA without rope (layer 1); layer 0 dense,
+        # layer 1 MoE (sigmoid router, shared expert). mlx-lm reads the Hub's own keys
+        "kimi_linear": (
+            {
+                **_DEEPSEEK,
+                "q_lora_rank": None,
+                "num_local_experts": 4,
+                "layer_types": ["linear_attention", "full_attention"],
+                "linear_head_dim": 32,
+                "linear_num_heads": 4,
+                "first_k_dense_replace": 1,
+            },
+            {
+                "rope_theta": THETA,
+                "linear_attn_config": {
+                    "head_dim": 32,
+                    "num_heads": 4,
+                    "short_conv_kernel_size": 4,
+                    "kda_layers": [1],
+                    "full_attn_layers": [2],
+                },
+                "model_max_length": 256,
+                "num_experts": 4,
+                "num_experts_per_token": 2,
+                "num_shared_experts": 1,
+                "moe_renormalize": True,
+                "first_k_dense_replace": 1,
+                "mla_use_nope": True,
+            },
+        ),
+        # Ling/Ring hybrid (bailing_hybrid): linear attention (layer 0), MLA (layer 1), layer 0
+        # dense, layer 1 MoE. mlx-lm reads keys transformers 5 writes under other names
+        "bailing_hybrid": (
+            {
+                **ROPE,
+                **_DEEPSEEK,
+                "q_lora_rank": None,
+                "num_local_experts": 4,
+                "layer_types": ["linear_attention", "full_attention"],
+                "layer_group_size": 2,
+                "first_k_dense_replace": 1,
+                "num_mtp_layers": 0,
+            },
+            {
+                **TOP,
+                "num_experts_per_tok": 2,
+                "n_group": 1,
+                "max_position_embeddings": 256,
+                "group_norm_size": 4,  # one group per head: transformers' per-head gated norm
+            },
+        ),
+        # Muse Spark: an image-text-audio model; mlx-lm converts it (its language model, MoE
+        # layers only) but runs it with Metal kernels only: no oracle on this machine
+        "muse_spark": (
+            {
+                **_MOE,
+                "moe_hidden_size": 64,
+                "num_local_experts": 4,
+                "sliding_window": 64,
+                "mlp_layer_types": ["sparse", "sparse"],
+            },
+            {},
+        ),
+    }
+)
+
 # parameters multiplied after the random init, so that a nonlinearity's edge is reached:
 # gpt-oss's gate/up values then pass its clamp (swiglu_limit 7) for about 1% of them
 AMPLIFIED = {"gpt_oss": {"gate_up_proj": 3.0}}
@@ -577,13 +762,74 @@ def _llama4_text_head(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _olmo_hybrid_hub_layout(folder: Path) -> None:
+    """transformers 5 saves OLMo Hybrid's layer norms under legacy names (`attention_layer_norm`,
+    `feedforward_layer_norm`, which it reads back as `input_layernorm` and
+    `post_attention_layernorm`), and its fused q/k/v convolution cut into equal thirds; mlx-lm
+    reads the norms' own names and the q/k/v convolutions at their widths: renamed, and the
+    thirds joined again and cut at the key and value widths."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    key = config["linear_num_key_heads"] * config["linear_key_head_dim"]
+    value = config["linear_num_value_heads"] * config["linear_value_head_dim"]
+    names = {
+        "attention_layer_norm": "input_layernorm",
+        "feedforward_layer_norm": "post_attention_layernorm",
+    }
+    tensors = {}
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        for old, new in names.items():
+            name = name.replace(f".{old}.", f".{new}.")
+        tensors[name] = tensor
+    for name in [k for k in tensors if k.endswith("linear_attn.q_conv1d.weight")]:
+        prefix = name.removesuffix("q_conv1d.weight")
+        parts = [tensors.pop(f"{prefix}{p}_conv1d.weight") for p in "qkv"]
+        fused = torch.cat(parts)
+        for p, part in zip("qkv", torch.split(fused, [key, key, value]), strict=True):
+            tensors[f"{prefix}{p}_conv1d.weight"] = part.contiguous()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _kimi_linear_dense_mlp(folder: Path) -> None:
+    """transformers 5 saves Kimi Linear's dense MLPs under the MoE name `block_sparse_moe.`
+    (its renaming of the Hub's MoE blocks, reversed for every layer); mlx-lm reads them as the
+    Hub names them, `mlp.`."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = {
+        re.sub(r"\.block_sparse_moe\.(gate|up|down)_proj\.", r".mlp.\1_proj.", k): v
+        for k, v in load_file(folder / "model.safetensors").items()
+    }
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
 MLX_LM_INPUT_LAYOUT = {
     "gpt_oss": _gpt_oss_hub_layout,
     "qwen3_5_moe": _fused_experts_hub_layout,
     "llama4_text": _llama4_text_head,
+    "olmo_hybrid": _olmo_hybrid_hub_layout,
+    "kimi_linear": _kimi_linear_dense_mlp,
 }
+
+# entries of the table that are a second variant of a model type
+MODEL_TYPE = {"granitemoehybrid_dense": "granitemoehybrid", "nemotron_h_latent": "nemotron_h"}
+
+# transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry
+CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}
+
+
+def causal_lm_class(arch: str):
+    """The class a causal LM of `arch` loads with (AutoModelForCausalLM where it maps it)."""
+    import transformers
+
+    return getattr(transformers, CAUSAL_LM_CLASS.get(arch, "AutoModelForCausalLM"))
+
 
 # the Hub's GPT-2 checkpoints (which mlx-lm's sanitize expects) have no `transformer.` prefix
 HUB_PREFIX_DROPPED = {"gpt2": "transformer."}
@@ -677,9 +923,13 @@ def _config(arch: str, tied: bool):
     if arch in IMAGE_TEXT:  # the text settings nest; the vision tower stays tiny
         vision = IMAGE_TEXT[arch]
         return AutoConfig.for_model(
-            arch, text_config=params, vision_config=vision, tie_word_embeddings=tied
+            arch,
+            text_config=params,
+            vision_config=vision,
+            tie_word_embeddings=tied,
+            **copy.deepcopy(IMAGE_TEXT_EXTRA.get(arch, {})),
         )
-    return AutoConfig.for_model(arch, **params)
+    return AutoConfig.for_model(MODEL_TYPE.get(arch, arch), **params)
 
 
 _SAME_AS = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
@@ -708,7 +958,14 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
     torch.manual_seed(0)
     if arch in IMAGE_TEXT:  # saved as the Hub has it: the image-text model
         from transformers import AutoModelForImageTextToText as AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    elif arch in CAUSAL_LM_CLASS:
+        AutoModelForCausalLM = causal_lm_class(arch)
+        config.architectures = [CAUSAL_LM_CLASS[arch]]
+    model = (
+        AutoModelForCausalLM.from_config(config)
+        if hasattr(AutoModelForCausalLM, "from_config")
+        else AutoModelForCausalLM(config)
+    ).to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -728,6 +985,10 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
         tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tiny_tokenizer(out)
+    if arch in NEEDS_CHAT_TEMPLATE:
+        tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+        tokenizer_config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(ARCHS[arch][1])
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -778,9 +1039,9 @@ def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
 def mlxq_logits(path: Path, tokens) -> np.ndarray:
     """mlxq's fp32 logits through transformers' from_pretrained."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
+    model = causal_lm_class(model_type).from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 

@@ -25,6 +25,7 @@ from arch_models import (
     tiny_float_checkpoint,
     tiny_mlx_checkpoint,
 )
+from arch_models import _config as _float_config
 from mlx_models import mlx_lm_logits
 from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding
 from mlxq.swap import swap_plan
@@ -50,16 +51,53 @@ def test_matches_mlx_lm(arch: str, variant) -> None:
     assert outcome.max_diff <= TOLERANCE, outcome.line()
 
 
-def test_mamba_head_read_for_its_dtype() -> None:
-    # MambaForCausalLM.forward casts by `self.lm_head.weight.dtype`: an untied quantized head
-    # runs as a float layer holding its dequantized weight; a tied one, a view of the quantized
-    # embedding, has no weight to serve and is refused by name
-    untied = run_arch("mamba", VARIANTS[1])
+@pytest.mark.parametrize(("arch", "cls"), [("mamba", "Mamba"), ("mamba2", "Mamba2")])
+def test_mamba_head_read_for_its_dtype(arch: str, cls: str) -> None:
+    # MambaForCausalLM.forward (Mamba2's too) casts by `self.lm_head.weight.dtype`: an untied
+    # quantized head runs as a float layer holding its dequantized weight; a tied one, a view
+    # of the quantized embedding, has no weight to serve and is refused by name
+    untied = run_arch(arch, VARIANTS[1])
     assert untied.status == "loads", untied.line()
     assert untied.max_diff <= TOLERANCE, untied.line()
-    tied = run_arch("mamba", VARIANTS[0])
+    tied = run_arch(arch, VARIANTS[0])
     assert tied.status == "refused", tied.line()
-    assert "'lm_head'" in tied.reason and "MambaForCausalLM.forward" in tied.reason
+    assert "'lm_head'" in tied.reason and f"{cls}ForCausalLM.forward" in tied.reason
+
+
+def test_model_type_mlx_lm_builds_otherwise_is_refused_by_name(tmp_path: Path) -> None:
+    # bailing_hybrid: mlx-lm's own model (lightning linear attention) is not transformers'
+    # (KDA): no oracle from transformers' tiny model, and mlx-lm's checkpoint is refused by
+    # name, not after a shape mismatch (or worse, loaded)
+    import mlx.core as mx
+    from mlx import nn as mlx_nn
+    from mlx.utils import tree_map
+    from mlx_lm.models import bailing_hybrid
+    from mlx_lm.utils import save_config, save_model
+    from transformers import AutoModelForCausalLM
+
+    assert run_arch("bailing_hybrid", VARIANTS[0]).status == "mlx-lm fails"
+    config = json.loads(_float_config("bailing_hybrid", False).to_json_string())
+    config |= ARCHS["bailing_hybrid"][1]
+    model = bailing_hybrid.Model(bailing_hybrid.ModelArgs.from_dict(config))
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.08, model.parameters()))
+    quantizable = lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0  # noqa: E731
+    mlx_nn.quantize(model, 64, 4, class_predicate=quantizable)
+    save_model(tmp_path, model)
+    save_config({**config, "quantization": {"group_size": 64, "bits": 4}}, tmp_path / "config.json")
+    with pytest.raises(NotImplementedError, match="model type 'bailing_hybrid': mlx-lm 0.32's"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_model_type_mlx_lm_runs_on_metal_only_is_refused_by_name() -> None:
+    # Muse Spark: mlx-lm converts the tiny image-text model but runs it with Metal kernels
+    # only; its checkpoint (tensors of mlx-lm's own) is refused by name
+    from transformers import AutoModelForImageTextToText
+
+    outcome = run_arch("muse_spark", VARIANTS[0])
+    assert outcome.status == "mlx-lm fails" and "Metal" in outcome.reason, outcome.line()
+    path = tiny_mlx_checkpoint("muse_spark", VARIANTS[0])
+    with pytest.raises(NotImplementedError, match="model type 'muse_spark': .*Metal kernels"):
+        AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
 
 
 def test_gemma_embedding_keeps_its_scale() -> None:

@@ -20,6 +20,7 @@ from arch_models import (
     TOKENS,
     VARIANTS,
     Variant,
+    causal_lm_class,
     mlxq_logits,
     run_arch,
     tiny_mlx_checkpoint,
@@ -103,6 +104,20 @@ def test_greedy_generation_matches_mlx_lm() -> None:
     streaming path) are mlx-lm's argmax under teacher forcing, and the logits match."""
     path = tiny_mlx_checkpoint("qwen3_moe", VARIANTS[1])
     model = _load(path)
+    prompt = TOKENS[:5]
+    out = greedy_tokens(model, prompt, 16)
+    ref = assert_logits_match_mlx_lm(model, path, out, TOLERANCE)
+    assert np.array_equal(ref.argmax(-1)[len(prompt) - 1 : -1], out[len(prompt) :].numpy())
+
+
+@pytest.mark.parametrize(
+    "arch", ["nemotron_h", "granitemoehybrid", "kimi_linear", "olmo_hybrid", "mistral4"]
+)
+def test_hybrid_greedy_generation_matches_mlx_lm(arch: str) -> None:
+    """Greedy decoding through transformers' caches of the hybrid layers (Mamba-2 states,
+    KDA / gated-delta recurrences, compressed MLA) is mlx-lm's argmax under teacher forcing."""
+    path = tiny_mlx_checkpoint(arch, VARIANTS[1])
+    model = causal_lm_class(arch).from_pretrained(path, dtype=torch.float32)
     prompt = TOKENS[:5]
     out = greedy_tokens(model, prompt, 16)
     ref = assert_logits_match_mlx_lm(model, path, out, TOLERANCE)
@@ -669,8 +684,63 @@ def test_minimax_m2_router_reads_its_float_dtype(tmp_path: Path) -> None:
         mlxq.quantize_model(float_model, 4, 64, overrides={})
 
 
+def test_nemotron_h_quantized_is_mlx_lm_convert(tmp_path: Path) -> None:
+    """Nemotron-H's experts have no gate (up/down stacks, mlx-lm's `switch_mlp.fc1`/`fc2`); its
+    router stays float, as in mlx-lm (whose router is no linear layer): `save_pretrained`
+    writes `mlx_lm convert`'s tensors bit for bit, and mlx-lm reads them as its own."""
+    import contextlib
+    import io
+
+    from mlx_lm import convert
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny_float_moe("nemotron_h", tmp_path / "float")
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(src), str(theirs), quantize=True, q_group_size=64, q_bits=4)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)  # as mlx-lm reads it
+    mlxq.quantize_model(model, 4, 64)
+    experts = model.model.layers[1].mixer.experts
+    assert isinstance(experts, MoeExperts) and experts.gate_proj is None
+    assert type(model.model.layers[1].mixer.gate.weight) is nn.Parameter
+    model.save_pretrained(ours)
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert "backbone.layers.1.mixer.switch_mlp.fc1.scales" in b
+    for key, value in b.items():  # (transformers keeps the router's tensors in float32)
+        dtype = torch.float32 if ".mixer.gate." in key else value.dtype
+        assert a[key].dtype == dtype and torch.equal(a[key].to(value.dtype), value), key
+    for file in src.glob("*token*"):
+        (ours / file.name).write_bytes(file.read_bytes())
+    np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), mlx_lm_logits(theirs, TOKENS))
+
+
+def test_router_cast_by_type_float32(tmp_path: Path) -> None:
+    """Routers that run `F.linear(x.type(torch.float32), self.weight.type(torch.float32))`
+    (Kimi Linear, DeepSeek V3's family, Nemotron-H) run quantized as a float32 quantized
+    matmul; quantizing one takes an explicit entry (mlx-lm keeps most of them float)."""
+    model = _load(_tiny_float_moe("kimi_linear", tmp_path / "float"))
+    router = "model.layers.1.mlp.gate"
+    with pytest.raises(NotImplementedError, match=r"router 'model\.layers\.1\.mlp\.gate'"):
+        mlxq.quantize_model(model, 4, 64, overrides={})
+    mlxq.quantize_model(model, 4, 64, overrides={router: {"bits": 8, "group_size": 64}})
+    gate = model.get_submodule(router)
+    assert isinstance(gate.weight, AffineWeight) and gate.bits == 8
+    x = torch.randn(3, 128)
+    packed = gate.state_dict()
+    want = mlxq.affine_matmul(x, packed["weight"], packed["scales"], packed["biases"], 64, 8)
+    torch.testing.assert_close(gate(x)[0], want, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="float16"):
+        gate.weight.type(torch.float16)
+
+
 # mlx-lm layouts mapped for these (switch_mlp / switch_glu stacks, laguna's gate.proj,
-# llama4_text's `output` head): untied only, the variant every one of them has in mlx-lm
+# nemotron_h's ungated fc1/fc2 experts, dense Granite 4.0's split shared MLP, olmo_hybrid's and
+# kimi_linear's separate channels-last q/k/v convolutions, kimi_linear's router quantized and
+# read through `.type(torch.float32)`,
+# llama4_text's `output` head, mistral4 through its own class): untied only, the variant every
+# one of them has in mlx-lm
 MLX_LM_LAYOUTS = (
     "exaone_moe",
     "solar_open",
@@ -678,6 +748,12 @@ MLX_LM_LAYOUTS = (
     "gemma4_text",
     "llama4_text",
     "mimo_v2_flash",
+    "nemotron_h",
+    "granitemoehybrid",
+    "granitemoehybrid_dense",
+    "olmo_hybrid",
+    "kimi_linear",
+    "mistral4",
 )
 
 
@@ -691,7 +767,7 @@ def test_mlx_lm_layouts_load_and_save_back(tmp_path: Path, arch: str) -> None:
     outcome = run_arch(arch, variant)
     assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
     path = tiny_mlx_checkpoint(arch, variant)
-    model = _load(path)
+    model = causal_lm_class(arch).from_pretrained(path, dtype=torch.float32)
     model.save_pretrained(tmp_path)
     for file in path.glob("*token*"):
         (tmp_path / file.name).write_bytes(file.read_bytes())

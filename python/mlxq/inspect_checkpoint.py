@@ -543,7 +543,7 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
     """Report rows for a MoE experts module (one per stacked projection) or a quantized
     router, as the loader replaces them (mlxq.integrations.moe_loading); None for any other
     module (and for routers the checkpoint keeps float: they are reported as they are)."""
-    from mlxq.integrations.moe_loading import PROJECTIONS, stored_stack_format
+    from mlxq.integrations.moe_loading import stored_stack_format
 
     rows: list[ModuleReport] = []
     try:
@@ -568,13 +568,14 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
             row.bytes = sum(_nbytes(v) for k, v in headers.items() if k.startswith(name + "."))
             row.action = "mlxq quantized router: its own forward, F.linear on the packed weight"
             return [row]
-        if f"{name}.gate_up_proj" in headers:
+        fused = f"{name}.up_proj" if plan.variant == "mlp" else f"{name}.gate_up_proj"
+        if fused in headers:
             return None  # transformers' own float layout
         plan.require()
         hidden, inter, e = plan.in_features, plan.out_features, plan.num_experts
         shapes = {"gate_proj": (hidden, inter), "up_proj": (hidden, inter),
                   "down_proj": (inter, hidden)}  # fmt: skip
-        for proj in PROJECTIONS:
+        for proj in plan.projections:
             k, n = shapes[proj]
             full = f"{name}.{proj}"
             fmt = stored_stack_format(full, e, k, n, headers, qconfig)

@@ -230,9 +230,11 @@ def _refuse_weight_reads(
 # `mlx_lm convert` is given no recipe: model_type -> (name suffix, entry). Qwen3-MoE and gpt-oss
 # keep their routers at 8 bits, group 64 (mlx_lm/models/qwen3_moe.py, gpt_oss.py); the entry
 # has no mode, so the router stays affine in a float-mode (mxfp4) conversion too.
-_MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict], ...]] = {
+_MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
     "qwen3_moe": (("mlp.gate", {"group_size": 64, "bits": 8}),),
     "gpt_oss": (("mlp.router", {"group_size": 64, "bits": 8}),),
+    # mlx-lm's Nemotron-H router holds its weight in no linear layer: it stays float
+    "nemotron_h": (("mixer.gate", False),),
 }
 
 
@@ -275,7 +277,7 @@ def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]
             continue
         for suffix, value in rules:
             if entry.name.endswith(suffix) and width % top.group_size == 0:
-                entries[entry.name] = dict(value)
+                entries[entry.name] = dict(value) if isinstance(value, dict) else value
     return entries
 
 
@@ -308,6 +310,13 @@ def plan_quantization(
             fmt = configured_format(entry.name, top, overrides, skip)
             if fmt is not None and fits(moe.in_features, fmt):
                 moe.require()
+                if moe.casts_float32 and entry.name not in overrides:
+                    raise NotImplementedError(
+                        f"mlxq: router {entry.name!r} ({moe.cls_name}) is float in mlx-lm's "
+                        "model for most architectures with this router (no linear layer "
+                        "there): keep it float (modules_to_not_convert), or give it a "
+                        "per-module entry to quantize it"
+                    )
                 if moe.reads_dtype:
                     raise NotImplementedError(
                         f"mlxq: router {entry.name!r} ({moe.cls_name}) reads self.weight.dtype "
@@ -323,7 +332,8 @@ def plan_quantization(
             "up_proj": moe.in_features,
             "down_proj": moe.out_features,
         }
-        for proj, width in widths.items():
+        for proj in moe.projections:
+            width = widths[proj]
             fmt = configured_format(f"{entry.name}.{proj}", top, overrides, skip)
             entry.parts[proj] = fmt if fmt is not None and fits(width, fmt) else None
         if any(entry.parts.values()):

@@ -298,19 +298,20 @@ class MoeExperts(nn.Module):
 
     def __init__(
         self,
-        gate_proj: SwitchProjection,
+        gate_proj: SwitchProjection | None,
         up_proj: SwitchProjection,
         down_proj: SwitchProjection,
         act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         glu: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if (act_fn is None) == (glu is None):
-            raise ValueError("mlxq: MoeExperts takes either act_fn or glu")
+        if (act_fn is None) == (glu is None) or (gate_proj is None and glu is not None):
+            raise ValueError("mlxq: MoeExperts takes either act_fn or glu (glu needs a gate)")
+        # without a gate (Nemotron-H): `down(act_fn(up(x)))`
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.act_fn = act_fn
         self.glu = glu
-        self.num_experts = gate_proj.num_experts
+        self.num_experts = up_proj.num_experts
 
     def forward(
         self,
@@ -331,8 +332,10 @@ class MoeExperts(nn.Module):
     def _experts(self, x: torch.Tensor, idx: torch.Tensor, sorted_indices: bool) -> torch.Tensor:
         """`down(glu(gate(x), up(x)))` of the pairs (x's matrices, experts `idx`):
         `[*idx.shape, 1, H]`; x's lhs indices are the arange over its batch."""
-        gate = self.gate_proj(x, idx, sorted_indices)
         up = self.up_proj(x, idx, sorted_indices)
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(up), idx, sorted_indices)
+        gate = self.gate_proj(x, idx, sorted_indices)
         h = self.glu(gate, up) if self.glu is not None else self.act_fn(gate) * up
         return self.down_proj(h, idx, sorted_indices)
 
@@ -384,6 +387,8 @@ def fused_expert_stacks(
     fused parameters of transformers' experts `module` of :class:`mlxq.swap.MoePlan` variant
     `variant` (views, not copies)."""
     down = module.down_proj.detach()
+    if variant == "mlp":  # no gate: `up_proj` [E, I, H], `down_proj` [E, H, I]
+        return {"up_proj": (module.up_proj.detach(), None), "down_proj": (down, None)}
     if variant == "gpt_oss":  # [E, H, 2I], gate and up interleaved (mlx-lm's sanitize)
         gate_up = module.gate_up_proj.detach().transpose(1, 2)
         bias = module.gate_up_proj_bias.detach()
@@ -429,6 +434,12 @@ class AffineWeight:
     def float(self) -> AffineWeight:
         """The weight as `weight.float()` gives it: F.linear then dequantizes in float32."""
         return AffineWeight(self._owner, self._module, float32=True)
+
+    def type(self, dtype: torch.dtype) -> AffineWeight:
+        """`weight.type(torch.float32)`, which is :meth:`float`; other dtypes are refused."""
+        if dtype is not torch.float32:
+            raise self._refuse(f"`self.weight.type({dtype})`")
+        return self.float()
 
     # shape, dtype and device are those of the packed tensor stored as `weight` (what the state
     # dict and transformers' loader see); the router's forward never reads them (swap.moe_plan

@@ -119,7 +119,7 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
     if not any(entry.parts.values()):
         return set()
     stacks = fused_expert_stacks(module, entry.moe.variant)
-    projections: dict[str, nn.Module] = {}
+    projections: dict[str, nn.Module | None] = {"gate_proj": None}  # (Nemotron-H: no gate)
     for proj, (w, bias) in stacks.items():
         fmt = entry.parts[proj]
         if fmt is None:

@@ -310,18 +310,25 @@ class _ExpertsForward:
     gate_digest: str | None
 
 
+# NemotronHExperts.forward (transformers 5.24): the eager loop without a gate,
+# `down_proj[e] @ act_fn(up_proj[e] @ x)` (`up_proj` [E, I, H], `down_proj` [E, H, I])
+_UNGATED_EXPERTS_DIGEST = "92a15e16c8631dbf1339dd511cf4e2b602cb77fc5d62bd37528170f267442fd1"
+
 _KNOWN_EXPERTS = {
     _EAGER_EXPERTS_DIGEST: _ExpertsForward("swiglu", False, False, True, None),
     _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
     _LLAMA4_EXPERTS_DIGEST: _ExpertsForward("llama4", False, True, True, None),
+    _UNGATED_EXPERTS_DIGEST: _ExpertsForward("mlp", False, False, True, None),
 }
 
-# `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32): the
+# `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32; Kimi Linear's
+# and Nemotron-H's spell it `.type(torch.float32)`): the
 # quantized weight's `.float()` is its dequantized values in float32 (mlxq.moe.AffineWeight);
 # and `x.to(self.weight.dtype)` (MiniMax-M2; see MoePlan.reads_dtype)
 _LINEAR_USE = re.compile(
-    r"(?:\bF|functional)\.linear\(\w+(?:\.float\(\)|\.to\(self\.weight\.dtype\))?,"
-    r"self\.weight(?:\.float\(\))?"
+    r"(?:\bF|functional)\.linear\(\w+(?:\.float\(\)|\.type\(torch\.float32\)"
+    r"|\.to\(self\.weight\.dtype\))?,"
+    r"self\.weight(?:\.float\(\)|\.type\(torch\.float32\))?"
     r"(?:,self\.bias)?\)|super\(\)\.forward\(\w+\)"
 )
 _WEIGHT_USE = re.compile(r"self\.weight(?!\w)")
@@ -346,10 +353,11 @@ class MoePlan:
     """How a MoE module maps onto mlxq's: `kind` is "experts" (fused `gate_up_proj` and
     `down_proj`) or "router" (a module whose forward uses its 2-D weight through F.linear).
 
-    Experts come in two variants: "swiglu" (transformers' eager loop: `gate_up_proj`
-    [E, 2I, H] is gate rows then up rows, `act_fn(gate) * up`, no biases) and "gpt_oss"
+    Experts come in these variants: "swiglu" (transformers' eager loop: `gate_up_proj`
+    [E, 2I, H] is gate rows then up rows, `act_fn(gate) * up`, no biases), "gpt_oss"
     (`gate_up_proj` [E, H, 2I] with gate and up interleaved, `down_proj` [E, I, H], biases,
-    :class:`mlxq.moe.ClampedSwiGLU`)."""
+    :class:`mlxq.moe.ClampedSwiGLU`), "llama4" (every expert on its block of rows) and "mlp"
+    (Nemotron-H: no gate, `up_proj` [E, I, H], `act_fn(up)`)."""
 
     name: str
     cls_name: str
@@ -362,6 +370,17 @@ class MoePlan:
     # router only: its forward also reads `self.weight.dtype` (MiniMax-M2 casts its input to
     # it): loaded from MLX, it answers the float dtype (mlxq.moe.float_dtype_for_routers)
     reads_dtype: bool = False
+    # router only: its forward casts to float32 with `.type(torch.float32)` (DeepSeek V3's
+    # family, Kimi Linear, Nemotron-H): most of these routers are no linear layer in mlx-lm,
+    # which keeps them float, so quantizing one takes an explicit per-module entry
+    casts_float32: bool = False
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The experts' stacked projections (mlx-lm's switch_mlp/switch_glu members)."""
+        if self.variant == "mlp":
+            return ("up_proj", "down_proj")
+        return ("gate_proj", "up_proj", "down_proj")
 
     @property
     def bias(self) -> bool:
@@ -388,6 +407,9 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
     if gate_up is not None and down is not None and gate_up.dim() == 3:
         return _experts_plan(name, module, params)
+    up = params.get("up_proj")
+    if gate_up is None and up is not None and down is not None and up.dim() == 3:
+        return _ungated_experts_plan(name, module, up, down)
     weight = params.get("weight")
     if weight is None or weight.dim() != 2:
         return None
@@ -408,7 +430,26 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     dtype_reads = len(_DTYPE_READ.findall(body))
     if len(_WEIGHT_USE.findall(body)) != len(uses) - len(supers) + dtype_reads or not uses:
         return _refuse_moe(plan, "its forward uses self.weight other than in F.linear(x, w)")
+    plan = replace(plan, casts_float32="type(torch.float32)" in body)
     return replace(plan, reads_dtype=True) if dtype_reads else plan
+
+
+def _ungated_experts_plan(
+    name: str, module: nn.Module, up: torch.Tensor, down: torch.Tensor
+) -> MoePlan:
+    """The plan of experts without a gate (`up_proj` [E, I, H], `down_proj` [E, H, I]):
+    refused unless their forward is Nemotron-H's eager loop."""
+    cls = type(module)
+    e, inter, hidden = up.shape
+    plan = MoePlan(name, cls.__name__, "experts", e, hidden, inter, variant="mlp")
+    known = _KNOWN_EXPERTS.get(_experts_digest(cls) or "")
+    if known is None or known.variant != "mlp":
+        return _refuse_moe(plan, "its forward is not transformers' eager experts loop")
+    if getattr(module, "has_gate", False) or getattr(module, "has_bias", False):
+        return _refuse_moe(plan, "has_gate/has_bias is set on experts with only up_proj")
+    if tuple(down.shape) != (e, hidden, inter):
+        return _refuse_moe(plan, f"down_proj {list(down.shape)} does not fit up_proj")
+    return plan
 
 
 def _experts_plan(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> MoePlan:

@@ -26,6 +26,8 @@ __all__ = [
     "LAYOUTS",
     "MLX_LM_READS_ROPE_PARAMETERS",
     "MLX_LM_KEEPS_STORED_HEAD",
+    "MLX_LM_LAYER_TYPE_NAMES",
+    "MLX_LM_UNCHECKED",
     "UnitOffset",
     "VISION_DROPPED",
     "unit_offset_conversions",
@@ -58,6 +60,58 @@ class MlxLayout:
     # checkpoint keys (regexes) that mlx-lm's sanitize drops on purpose, its model having no
     # place for them: the vision tower of an image-text checkpoint read as the text model
     dropped: tuple[str, ...] = ()
+    # convolutions mlx-lm keeps apart (channels-last) where transformers concatenates them into
+    # one (its own converter, on channels-first weights): ((sources, ...), target), names
+    # relative to a layer's module
+    conv_concat: tuple[tuple[tuple[str, ...], str], ...] = ()
+    # linear layers mlx-lm's sanitize splits that transformers keeps fused: ((parts, ...), fused)
+    # module name suffixes (after the renames); the parts' tensors (weight, scales, biases) are
+    # concatenated along the output rows at load, which is exact for MLX's row-wise groups
+    merges: tuple[tuple[tuple[str, ...], str], ...] = ()
+
+    def merge_headers(self, headers: dict) -> dict:
+        """`headers` (transformers' names -> TensorInfo) with the parts of each merge replaced
+        by the fused tensor; parts stored in different formats are refused by name."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for parts, fused in self.merges:
+            for key in [k for k in headers if re.search(rf"{re.escape(parts[0])}\.\w+$", k)]:
+                module, leaf = key.rsplit(".", 1)
+                base = module.removesuffix(parts[0])
+                infos = [headers.get(f"{base}{p}.{leaf}") for p in parts]
+                shapes = {tuple(i.shape[1:]) for i in infos if i is not None}
+                if all(i is not None and not i.shape for i in infos):  # names only
+                    for p in parts:
+                        del out[f"{base}{p}.{leaf}"]
+                    out[f"{base}{fused}.{leaf}"] = infos[0]
+                    continue
+                if any(i is None for i in infos) or len(shapes) != 1:
+                    raise ValueError(
+                        f"mlxq: {', '.join(f'{base}{p}' for p in parts)} ({leaf}) are stored in "
+                        f"different formats; transformers' {base}{fused} holds them as one "
+                        "layer, which needs one format"
+                    )
+                for p in parts:
+                    del out[f"{base}{p}.{leaf}"]
+                rows = sum(i.shape[0] for i in infos)
+                out[f"{base}{fused}.{leaf}"] = TensorInfo(infos[0].dtype, (rows, *shapes.pop()))
+        return out
+
+    def merge_conversions(self) -> list:
+        """`WeightConverter`s concatenating the parts of each merge at load (`save_pretrained`
+        cuts the fused tensor back into equal parts, as mlx-lm stores them)."""
+        from transformers.core_model_loading import Concatenate, WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=[f"{p}.{leaf}" for p in parts],
+                target_patterns=f"{fused}.{leaf}",
+                operations=[Concatenate(dim=0)],
+            )
+            for parts, fused in self.merges
+            for leaf in ("weight", "scales", "biases")
+        ]
 
     def load_only(self) -> tuple[tuple[str, str], ...]:
         """The renames `save_pretrained` does not reverse: the `language_model.` prefix where
@@ -81,6 +135,34 @@ class MlxLayout:
         from transformers.core_model_loading import WeightRenaming
 
         return [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in self.renames]
+
+    def conv_concat_conversions(self, headers) -> list:
+        """`WeightConverter`s for :attr:`conv_concat` where the checkpoint (`headers`: stored
+        name -> TensorInfo) holds the sources channels-last (`[C, K, 1]`, as mlx-lm writes
+        them): concatenated, then permuted to channels-first; `save_pretrained` reverses
+        both."""
+        from transformers.core_model_loading import WeightConverter
+
+        from mlxq.integrations.mlx_vlm_layout import ChannelsLastToFirst
+
+        out = []
+        for sources, target in self.conv_concat:
+            shapes = [
+                next((tuple(i.shape) for k, i in headers.items() if k.endswith(src)), None)
+                for src in sources
+            ]
+            if any(s is None or len(s) != 3 or s[2] != 1 or s[1] == 1 for s in shapes):
+                continue
+            # split back by the stored widths (transformers' own reverse cuts equal parts)
+            sizes = [s[0] for s in shapes]
+            out.append(
+                WeightConverter(
+                    source_patterns=list(sources),
+                    target_patterns=target,
+                    operations=[SizedConcat(sizes), ChannelsLastToFirst(True)],
+                )
+            )
+        return out
 
     def offset_conversions(self, names: Iterable[str]) -> list:
         """`WeightConverter`s taking 1 off each of `names` (the model's tensor names) that
@@ -130,6 +212,41 @@ class UnitOffset:
                 return _Op(-self.delta)
 
         return _Op(delta)
+
+
+class SizedConcat:
+    """A transformers `ConversionOps` concatenating its sources (in pattern order) along dim 0;
+    its reverse (used by `save_pretrained`) splits them back by `sizes`."""
+
+    def __new__(cls, sizes: list[int], split: bool = False):
+        import torch
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, sizes: list[int], split: bool) -> None:
+                self.sizes, self.split = list(sizes), split
+
+            def __repr__(self) -> str:
+                return f"Sized{'Split' if self.split else 'Concat'}({self.sizes})"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                if self.split:
+                    (value,) = input_dict.values()
+                    tensor = value[0] if isinstance(value, list) else value
+                    parts = torch.split(tensor, self.sizes, dim=0)
+                    return {t: p.contiguous() for t, p in zip(target_patterns, parts, strict=True)}
+                tensors = []
+                for pattern in source_patterns:
+                    value = input_dict.pop(pattern)
+                    tensors.extend(value if isinstance(value, list) else [value])
+                return {target_patterns[0]: torch.cat(tensors, dim=0)}
+
+            @property
+            def reverse_op(self):
+                return _Op(self.sizes, not self.split)
+
+        return _Op(sizes, split)
 
 
 LAYOUTS: dict[str, MlxLayout] = {
@@ -219,6 +336,30 @@ MLX_LM_READS_ROPE_PARAMETERS = frozenset(
 )
 
 
+# model types whose MLX checkpoints mlxq refuses by name, because no tiny model of them could be
+# checked against mlx-lm 0.32: its model is another than transformers 5.24's, or it cannot run
+# on MLX's CPU back-end
+MLX_LM_UNCHECKED: dict[str, str] = {
+    "bailing_hybrid": (
+        "mlx-lm 0.32's bailing_hybrid has lightning linear attention (a fused "
+        "`query_key_value`, `g_proj` and a group norm), transformers 5.24's has KDA linear "
+        "attention (`q/k/v_conv1d`, `f_proj`, `A_log`) and gated MLA: they are different models"
+    ),
+    "muse_spark": (
+        "mlx-lm 0.32 runs Muse Spark with Metal kernels only (no CPU oracle) and converts it to "
+        "tensors of its own (residual gates as alpha/beta, norms as 1 + w, q/k/v/gate fused "
+        "with rope-interleaved rows); mlxq maps neither that layout nor mlx-vlm's"
+    ),
+}
+
+
+# model types whose mlx-lm 0.32 model reads the Hub's layer type names, which transformers 5
+# reads as legacy names and writes as its own (mlx-lm then raises "Unknown layer type")
+MLX_LM_LAYER_TYPE_NAMES: dict[str, dict[str, str]] = {
+    "granitemoehybrid": {"linear_attention": "mamba", "full_attention": "attention"},
+}
+
+
 # model types (transformers' names) whose mlx-lm 0.32 model runs an output head of its own when
 # the checkpoint holds one, whatever `tie_word_embeddings` says: it builds `lm_head` (GPT-NeoX:
 # `embed_out`) unconditionally (Solar Open: GLM-4 MoE's model), or keeps it when its weight is
@@ -295,10 +436,10 @@ for _model_type in (
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
 for _model_type in ("mixtral", "minimax_m2"):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES_BLOCK, ".switch_mlp.")
-# DeepSeek V3, V3.2, GLM-4.7-Flash (glm4_moe_lite) and GLM-5 (glm_moe_dsa): mlx-lm splits
-# `self_attn.kv_b_proj` into `embed_q` and `unembed_out` (mlxq.mla.SplitKvB holds them under
-# kv_b_proj)
-for _model_type in ("deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa"):
+# DeepSeek V3, V3.2, GLM-4.7-Flash (glm4_moe_lite), GLM-5 (glm_moe_dsa) and Mistral Small 4
+# (mistral4): mlx-lm splits `self_attn.kv_b_proj` into `embed_q` and `unembed_out`
+# (mlxq.mla.SplitKvB holds them under kv_b_proj)
+for _model_type in ("deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "mistral4"):
     LAYOUTS[_model_type] = MlxLayout(
         _model_type,
         ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
@@ -355,6 +496,61 @@ LAYOUTS["phimoe"] = MlxLayout(
 # mlx-lm's GraniteMoE router is a `GraniteMoeTopKGating` holding an nn.Linear `layer`
 LAYOUTS["granitemoe"] = MlxLayout(
     "granitemoe", (*_MOE_RENAMES_BLOCK, (r"\.router\.layer\.", ".router.")), ".switch_mlp."
+)
+# Granite 4.0 (H): GraniteMoE's layout; without experts (the dense models) mlx-lm splits the
+# MLP's fused `shared_mlp.input_linear` into `mlp.gate_proj`/`mlp.up_proj` and names
+# `shared_mlp.output_linear` `mlp.down_proj`
+LAYOUTS["granitemoehybrid"] = MlxLayout(
+    "granitemoehybrid",
+    (
+        *_MOE_RENAMES_BLOCK,
+        (r"\.router\.layer\.", ".router."),
+        (r"\.mlp\.down_proj\.", ".shared_mlp.output_linear."),
+    ),
+    (".switch_mlp.", ".mlp.gate_proj."),
+    merges=(((".mlp.gate_proj", ".mlp.up_proj"), ".shared_mlp.input_linear"),),
+)
+
+
+# Nemotron-H: mlx-lm stacks the experts (no gate) as `mixer.switch_mlp.fc1` (up) and `fc2`
+# (down); transformers' own renaming maps mlx-lm's (the Hub's) `backbone.` to `model.`
+LAYOUTS["nemotron_h"] = MlxLayout(
+    "nemotron_h",
+    (
+        (r"\.mixer\.switch_mlp\.fc1\.", ".mixer.experts.up_proj."),
+        (r"\.mixer\.switch_mlp\.fc2\.", ".mixer.experts.down_proj."),
+    ),
+    ".switch_mlp.",
+)
+
+
+# OLMo Hybrid: mlx-lm keeps the gated-delta layers' q/k/v convolutions apart, channels-last;
+# transformers concatenates them into `linear_attn.conv1d`
+_QKV_CONV = tuple(f"linear_attn.{p}_conv1d.weight" for p in "qkv")
+LAYOUTS["olmo_hybrid"] = MlxLayout(
+    "olmo_hybrid",
+    (),
+    ".linear_attn.q_conv1d.",
+    conv_concat=((_QKV_CONV, "linear_attn.conv1d.weight"),),
+)
+
+
+# Kimi Linear: mlx-lm names the KDA convolutions `{q,k,v}_conv.conv` (channels-last; transformers
+# concatenates them into `conv1d`) and keeps the router's correction bias beside the router
+LAYOUTS["kimi_linear"] = MlxLayout(
+    "kimi_linear",
+    (
+        (
+            r"\.mlp\.e_score_correction_bias",
+            ".mlp.gate.e_score_correction_bias",
+        ),  # (no $: reversed)
+        (r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."),
+        *_MOE_RENAMES,
+    ),
+    ".switch_mlp.",
+    conv_concat=(
+        (tuple(f"self_attn.{p}_conv.conv.weight" for p in "qkv"), "self_attn.conv1d.weight"),
+    ),
 )
 
 

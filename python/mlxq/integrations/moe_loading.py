@@ -150,19 +150,22 @@ def replace_moe_module(
         "up_proj": (hidden, inter),
         "down_proj": (inter, hidden),
     }
-    quantized = {f"{name}.{p}.scales" in headers for p in PROJECTIONS}
-    if not any(quantized) and f"{name}.gate_up_proj" in headers:
+    quantized = {f"{name}.{p}.scales" in headers for p in plan.projections}
+    fused = f"{name}.up_proj" if plan.variant == "mlp" else f"{name}.gate_up_proj"
+    if not any(quantized) and fused in headers:
         return set()  # transformers' own float layout: nothing for mlxq to do
     plan.require()
-    projections = {}
-    for proj in PROJECTIONS:
+    projections = {"gate_proj": None}  # (none without a gate: Nemotron-H)
+    for proj in plan.projections:
         k, n = shapes[proj]
         fmt = stored_stack_format(f"{name}.{proj}", e, k, n, headers, config)
         gs = stack_global_scale(f"{name}.{proj}", e, fmt, headers)
         projections[proj] = _projection(plan, fmt, k, n, dtype, gs)
     new = experts_class(plan.variant)(**projections, **experts_gate(module, plan.variant))
     model.set_submodule(name, new)
-    return {f"{name}.{p}" for p in PROJECTIONS if isinstance(projections[p], AffineSwitchLinear)}
+    return {
+        f"{name}.{p}" for p in plan.projections if isinstance(projections[p], AffineSwitchLinear)
+    }
 
 
 def check_moe_tensors_loaded(model: nn.Module) -> None:
@@ -263,7 +266,8 @@ def converts_replaced_tensors(
     one of the quantized `routers`: mlxq's tensors there must not go through it."""
     import re
 
-    fused = [f"{name}.{param}" for name in experts for param in ("gate_up_proj", "down_proj")]
+    params = ("gate_up_proj", "up_proj", "down_proj")  # (up_proj: Nemotron-H's, no gate)
+    fused = [f"{name}.{param}" for name in experts for param in params]
     fused += [f"{name}.weight" for name in routers]
 
     def replaced(pattern: str) -> bool:

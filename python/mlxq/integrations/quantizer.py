@@ -29,6 +29,8 @@ from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_KEEPS_STORED_HEAD,
+    MLX_LM_LAYER_TYPE_NAMES,
+    MLX_LM_UNCHECKED,
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
@@ -193,6 +195,9 @@ def add_mlx_lm_config_keys(config) -> None:
     q = getattr(config, "quantization_config", None)
     if hasattr(q, "mlx_dict"):
         config.quantization = q.mlx_dict()
+    names = MLX_LM_LAYER_TYPE_NAMES.get(getattr(config, "model_type", None) or "")
+    if names is not None:  # Granite 4.0-H: saved in the layer names mlx-lm reads
+        config.__class__ = _with_layer_type_names(type(config), names)
     outer = mlx_lm_outer_model_type(getattr(config, "model_type", None))
     if outer is not None:  # Qwen 3.5's text model: saved nested, as mlx_lm convert writes it
         config.__class__ = _nested_for_mlx_lm(type(config), outer)
@@ -277,6 +282,34 @@ def _without_keys(cls: type, keys: tuple[str, ...]) -> type:
     return _DROPPING_CONFIGS[(cls, keys)]
 
 
+_LAYER_NAMED_CONFIGS: dict[type, type] = {}
+
+
+def _with_layer_type_names(cls: type, names: dict[str, str]) -> type:
+    """A subclass of the config class `cls` that serializes `layer_types` in mlx-lm's names
+    (`names`); in memory (the model, its cache) they stay transformers' own, and transformers
+    reads mlx-lm's back as its legacy names."""
+    if getattr(cls, "_mlxq_layer_names", None) is not None:
+        return cls
+    if cls not in _LAYER_NAMED_CONFIGS:
+
+        def renamed(out: dict) -> dict:
+            if isinstance(out.get("layer_types"), list):
+                out["layer_types"] = [names.get(t, t) for t in out["layer_types"]]
+            return out
+
+        _LAYER_NAMED_CONFIGS[cls] = type(
+            cls.__name__,
+            (cls,),
+            {
+                "_mlxq_layer_names": names,
+                "to_dict": lambda self: renamed(cls.to_dict(self)),
+                "to_diff_dict": lambda self: renamed(cls.to_diff_dict(self)),
+            },
+        )
+    return _LAYER_NAMED_CONFIGS[cls]
+
+
 def _with_model_type(cls: type, model_type: str) -> type:
     if getattr(cls, "model_type", None) == model_type:
         return cls
@@ -301,7 +334,7 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     """
     layout = checkpoint_layout(_model_type(model), headers)
     if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
-        headers = {layout.to_transformers(k): v for k, v in headers.items()}
+        headers = layout.merge_headers({layout.to_transformers(k): v for k, v in headers.items()})
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
     if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
         headers = vlm_layout.split_headers(
@@ -574,6 +607,12 @@ class MLXHfQuantizer(HfQuantizer):
                 f"it with transformers.{text_class.__name__}.from_pretrained (`mlxq generate` "
                 "does)"
             )
+        other = MLX_LM_UNCHECKED.get(_model_type(model) or "")
+        if other is not None:
+            raise NotImplementedError(
+                f"mlxq: model type {_model_type(model)!r}: {other}; mlxq refuses it rather than "
+                "run a model it has not checked against mlx-lm's"
+            )
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
         if layout is not None and layout.dropped:  # Gemma 3's vision tower, read as text
@@ -587,6 +626,8 @@ class MLXHfQuantizer(HfQuantizer):
         self._vlm_layout: VlmLayout | None = vlm_layout
         self._record_unexpected_keys(model)
         mlx_vlm_names = looks_like_mlx_vlm(headers)
+        # mlx-lm's separate channels-last convolutions that transformers concatenates
+        self._conv_concat = layout.conv_concat_conversions(headers) if layout is not None else []
         stored_keys = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
         stored_names = dict(zip(headers, stored_keys, strict=False))  # model -> file names
@@ -599,6 +640,7 @@ class MLXHfQuantizer(HfQuantizer):
         )
         if layout is not None:
             self._value_conversions += layout.offset_conversions(headers)
+            self._value_conversions += layout.merge_conversions()
         if vlm_layout is not None:  # Qwen 3.5's norms, stored as 1 + w by mlx-vlm
             self._value_conversions += vlm_layout.offset_conversions(headers)
             # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
@@ -753,7 +795,19 @@ class MLXHfQuantizer(HfQuantizer):
             for c in weight_conversions
             if not (isinstance(c, WeightConverter) and converts_replaced_tensors(c, experts))
         ]
+        # mlx-lm's channels-last convolutions: concatenated and permuted instead of the
+        # model's own concatenation (one converter per source name)
+        conv_concat = getattr(self, "_conv_concat", [])
+        targets = {t for c in conv_concat for t in c._original_target_patterns}
+        weight_conversions = [
+            c
+            for c in weight_conversions
+            if not (
+                isinstance(c, WeightConverter) and targets.intersection(c._original_target_patterns)
+            )
+        ]
         return [
+            *conv_concat,
             *renames,
             # transformers >= 5.2x passes the model too; older 5.x only the conversions
             *super().update_weight_conversions(weight_conversions, *model),
