@@ -19,6 +19,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mlxq.integrations.weight_ops import (
+    ChannelsLastToFirst,
+    UnitOffset,
+    channels_last_converter,
+    unit_offset_conversions,
+)
 from mlxq.swap import is_conv1d, swap_plan
 
 __all__ = [
@@ -143,8 +149,6 @@ class MlxLayout:
         both."""
         from transformers.core_model_loading import WeightConverter
 
-        from mlxq.integrations.mlx_vlm_layout import ChannelsLastToFirst
-
         out = []
         for sources, target in self.conv_concat:
             shapes = [
@@ -168,50 +172,6 @@ class MlxLayout:
         """`WeightConverter`s taking 1 off each of `names` (the model's tensor names) that
         :attr:`unit_offset` matches at load; `save_pretrained` adds it back."""
         return unit_offset_conversions(names, self.unit_offset)
-
-
-def unit_offset_conversions(names: Iterable[str], patterns: tuple[str, ...]) -> list:
-    """`WeightConverter`s taking 1 off each of `names` that one of `patterns` matches at load;
-    `save_pretrained` adds it back."""
-    from transformers.core_model_loading import WeightConverter
-
-    return [
-        WeightConverter(
-            source_patterns=f"^{re.escape(name)}",  # no `$`: reversed, it would stay
-            target_patterns=name,
-            operations=[UnitOffset(-1.0)],
-        )
-        for name in sorted(names)
-        if any(re.search(p, name) for p in patterns)
-    ]
-
-
-class UnitOffset:
-    """A transformers `ConversionOps` adding `delta` (+-1) to a norm weight, in fp32; exact for
-    stored values in [0.5, 2], where mlx-lm's 1 + w lies (its reverse adds -delta)."""
-
-    def __new__(cls, delta: float):
-        import torch
-        from transformers.core_model_loading import ConversionOps
-
-        class _Op(ConversionOps):
-            def __init__(self, delta: float) -> None:
-                self.delta = delta
-
-            def __repr__(self) -> str:
-                return f"UnitOffset({self.delta:+g})"
-
-            @torch.no_grad()
-            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-                (value,) = input_dict.values()
-                tensor = value[0] if isinstance(value, list) else value
-                return {target_patterns[0]: (tensor.float() + self.delta).to(tensor.dtype)}
-
-            @property
-            def reverse_op(self):
-                return _Op(-self.delta)
-
-        return _Op(delta)
 
 
 class SizedConcat:
@@ -665,8 +625,6 @@ def _channels_last_on_save(model) -> list:
     channels-first conv1d weight for a Hub checkpoint and adds 1 to the norms again, and
     Qwen3-Next's does not permute a checkpoint with stacked experts at all."""
     from torch import nn
-
-    from mlxq.integrations.mlx_vlm_layout import channels_last_converter
 
     return [
         channels_last_converter(f"{name}.weight")

@@ -23,8 +23,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
+
+from mlxq.integrations.weight_ops import (
+    ChannelsLastToFirst,
+    channels_last_converter,
+    channels_last_perm,
+    permuted,
+    unit_offset_conversions,
+)
 
 __all__ = [
     "VlmLayout",
@@ -145,8 +152,6 @@ class VlmLayout:
     def offset_conversions(self, names: Iterable[str]) -> list:
         """`WeightConverter`s taking 1 off each of `names` that :attr:`unit_offset` matches
         at load (`save_pretrained` adds it back)."""
-        from mlxq.integrations.mlx_lm_layout import unit_offset_conversions
-
         return unit_offset_conversions(names, self.unit_offset)
 
     def weight_renamings(self) -> list:
@@ -389,47 +394,6 @@ def checkpoint_vlm_layout(model_type: str | None, keys: Iterable[str]) -> VlmLay
     return layout
 
 
-def _to_first(ndim: int) -> tuple[int, ...]:
-    """Permutation channels-last -> channels-first for a weight of `ndim` dimensions."""
-    return (0, ndim - 1, *range(1, ndim - 1))
-
-
-def _to_last(ndim: int) -> tuple[int, ...]:
-    return (0, *range(2, ndim), 1)
-
-
-def _permuted(shape: tuple[int, ...], perm: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(shape[i] for i in perm)
-
-
-class ChannelsLastToFirst:
-    """A transformers `ConversionOps`: an MLX channels-last convolution weight to PyTorch's
-    channels-first layout (its reverse, used by `save_pretrained`, permutes it back)."""
-
-    def __new__(cls, to_first: bool = True):
-        from transformers.core_model_loading import ConversionOps
-
-        class _Op(ConversionOps):
-            def __init__(self, to_first: bool) -> None:
-                self.to_first = to_first
-
-            def __repr__(self) -> str:
-                return "ChannelsLastToFirst" if self.to_first else "ChannelsFirstToLast"
-
-            @torch.no_grad()
-            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-                (value,) = input_dict.values()
-                tensor = value[0] if isinstance(value, list) else value
-                perm = _to_first(tensor.dim()) if self.to_first else _to_last(tensor.dim())
-                return {target_patterns[0]: tensor.permute(perm).contiguous()}
-
-            @property
-            def reverse_op(self):
-                return _Op(not self.to_first)
-
-        return _Op(to_first)
-
-
 def channels_last_conversions(
     model: nn.Module, headers: Mapping[str, Any], prefer_last: bool
 ) -> list:
@@ -450,23 +414,11 @@ def channels_last_conversions(
             continue
         want = tuple(module.weight.shape)
         stored = tuple(info.shape)
-        as_last = _permuted(want, _to_last(len(want)))
+        as_last = permuted(want, channels_last_perm(len(want)))
         if stored != as_last or (stored == want and not prefer_last):
             continue
         out.append(channels_last_converter(key))
     return out
-
-
-def channels_last_converter(key: str) -> Any:
-    """A `WeightConverter` permuting the convolution weight `key` from MLX's channels-last
-    layout when loading, and back when `save_pretrained` reverses it."""
-    from transformers.core_model_loading import WeightConverter
-
-    return WeightConverter(
-        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
-        target_patterns=key,
-        operations=[ChannelsLastToFirst(True)],
-    )
 
 
 def _rope(text: dict, gemma3: bool, partial: bool = False) -> dict:

@@ -1,0 +1,124 @@
+"""transformers weight conversions (load, and reversed by `save_pretrained`) that both
+checkpoint layouts use: MLX's channels-last convolution weights and mlx-lm's 1 + w norm weights.
+
+Kept apart from mlx_lm_layout and mlx_vlm_layout so that each imports these without importing
+the other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ChannelsLastToFirst",
+    "UnitOffset",
+    "channels_last_converter",
+    "permuted",
+    "channels_last_perm",
+    "unit_offset_conversions",
+]
+
+
+def unit_offset_conversions(names: Iterable[str], patterns: tuple[str, ...]) -> list:
+    """`WeightConverter`s taking 1 off each of `names` that one of `patterns` matches at load;
+    `save_pretrained` adds it back."""
+    from transformers.core_model_loading import WeightConverter
+
+    return [
+        WeightConverter(
+            source_patterns=f"^{re.escape(name)}",  # no `$`: reversed, it would stay
+            target_patterns=name,
+            operations=[UnitOffset(-1.0)],
+        )
+        for name in sorted(names)
+        if any(re.search(p, name) for p in patterns)
+    ]
+
+
+class UnitOffset:
+    """A transformers `ConversionOps` adding `delta` (+-1) to a norm weight, in fp32; exact for
+    stored values in [0.5, 2], where mlx-lm's 1 + w lies (its reverse adds -delta)."""
+
+    def __new__(cls, delta: float):
+        import torch
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, delta: float) -> None:
+                self.delta = delta
+
+            def __repr__(self) -> str:
+                return f"UnitOffset({self.delta:+g})"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                (value,) = input_dict.values()
+                tensor = value[0] if isinstance(value, list) else value
+                return {target_patterns[0]: (tensor.float() + self.delta).to(tensor.dtype)}
+
+            @property
+            def reverse_op(self):
+                return _Op(-self.delta)
+
+        return _Op(delta)
+
+
+def channels_first_perm(ndim: int) -> tuple[int, ...]:
+    """Permutation channels-last -> channels-first for a weight of `ndim` dimensions."""
+    return (0, ndim - 1, *range(1, ndim - 1))
+
+
+def channels_last_perm(ndim: int) -> tuple[int, ...]:
+    return (0, *range(2, ndim), 1)
+
+
+def permuted(shape: tuple[int, ...], perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[i] for i in perm)
+
+
+class ChannelsLastToFirst:
+    """A transformers `ConversionOps`: an MLX channels-last convolution weight to PyTorch's
+    channels-first layout (its reverse, used by `save_pretrained`, permutes it back)."""
+
+    def __new__(cls, to_first: bool = True):
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, to_first: bool) -> None:
+                self.to_first = to_first
+
+            def __repr__(self) -> str:
+                return "ChannelsLastToFirst" if self.to_first else "ChannelsFirstToLast"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                (value,) = input_dict.values()
+                tensor = value[0] if isinstance(value, list) else value
+                perm = (
+                    channels_first_perm(tensor.dim())
+                    if self.to_first
+                    else channels_last_perm(tensor.dim())
+                )
+                return {target_patterns[0]: tensor.permute(perm).contiguous()}
+
+            @property
+            def reverse_op(self):
+                return _Op(not self.to_first)
+
+        return _Op(to_first)
+
+
+def channels_last_converter(key: str) -> Any:
+    """A `WeightConverter` permuting the convolution weight `key` from MLX's channels-last
+    layout when loading, and back when `save_pretrained` reverses it."""
+    from transformers.core_model_loading import WeightConverter
+
+    return WeightConverter(
+        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+        target_patterns=key,
+        operations=[ChannelsLastToFirst(True)],
+    )
