@@ -128,6 +128,17 @@ _QWEN_IDS = {
     "video_token_id": "<|video_pad|>",
 }
 _QWEN_PROMPT = "t5 t6 <|vision_start|><|image_pad|><|vision_end|> t7 t300 t42"
+# Qwen3-VL's tower (dense and MoE language models alike)
+_QWEN3_VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=2,
+    out_hidden_size=128,
+    num_position_embeddings=16,
+    deepstack_visual_indexes=[0],
+    patch_size=16,
+)
 _MROPE = {"rope_type": "default", "rope_theta": THETA, "mrope_section": [4, 6, 6]}
 
 
@@ -1017,16 +1028,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family(
         "qwen3_vl",
         text={"rope_parameters": {**_MROPE, "mrope_interleaved": True}},
-        vision=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            out_hidden_size=128,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[0],
-            patch_size=16,
-        ),
+        vision=dict(_QWEN3_VISION),
         special=_QWEN_SPECIAL,
         token_ids=_QWEN_IDS,
         processor=_qwen_image_processor(16),
@@ -1044,16 +1046,7 @@ FAMILIES: dict[str, Family] = {
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 64,
         },
-        vision=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            out_hidden_size=128,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[0],
-            patch_size=16,
-        ),
+        vision=dict(_QWEN3_VISION),
         special=_QWEN_SPECIAL,
         token_ids=_QWEN_IDS,
         processor=_qwen_image_processor(16),
