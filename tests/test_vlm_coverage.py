@@ -369,3 +369,70 @@ def test_gemma4_variants(variant: Variant) -> None:
     q_proj = tower.encoder.layers[0].self_attn.q_proj.linear
     assert isinstance(q_proj, AffineLinear)
     assert q_proj.mode == ("mxfp4" if variant.recipe == VISION_MXFP4 else "affine")
+
+
+@pytest.mark.parametrize(
+    ("name", "on_load"),
+    [
+        ("qwen3_5", True),
+        ("glm4v", True),
+        ("glm_ocr", False),
+        ("mllama", True),
+        ("cohere2_vision", True),
+        ("paddleocr_vl", True),
+        ("gemma4", True),
+    ],
+)
+def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
+    tmp_path: Path, name: str, on_load: bool
+) -> None:
+    """A float image-text model quantized by mlxq (while loading, or by quantize_model) and
+    saved is `mlx_vlm convert -q`'s checkpoint, tensor for tensor: mlx-vlm's names (before,
+    transformers' names: mlx-vlm refused Mllama's `vision_model.*`, Cohere 2 Vision's tower
+    without its `vision_model.` level, PaddleOCR-VL's split q/k/v), channels-last convolutions
+    and Qwen 3.5's norms as 1 + w; mlx-vlm runs it as its own conversion. The modules
+    mlx-vlm's rule keeps float (the towers) are named in modules_to_not_convert: mlxq
+    quantizes every layer it is given."""
+    import contextlib
+    import io
+
+    import mlxq
+    from mlx_vlm import convert
+    from mlxq.integrations.mlx_vlm_layout import VLM_LAYOUTS
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import FAMILIES, tiny_float_checkpoint, variant_of
+
+    float_dir = tiny_float_checkpoint(name, tmp_path / "float", variant_of(name).tied)
+    ref_dir = tmp_path / "ref"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(float_dir), str(ref_dir), quantize=True, q_group_size=64, q_bits=4)
+    ref = load_file(ref_dir / "model.safetensors")
+    layout = VLM_LAYOUTS[FAMILIES[name].model_type]
+    kept = sorted(  # the float linear layers of mlx-vlm's conversion, in the model's names
+        part
+        for k, v in ref.items()
+        if k.endswith(".weight") and v.dim() == 2 and f"{k[:-7]}.scales" not in ref
+        for part in layout.split_names(layout.to_transformers(k)[:-7])
+    )
+    quant = mlxq.MLXQuantConfig(bits=4, group_size=64, modules_to_not_convert=kept)
+    if on_load:
+        model = AutoModelForImageTextToText.from_pretrained(
+            float_dir, dtype=torch.bfloat16, quantization_config=quant
+        )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(float_dir, dtype=torch.bfloat16)
+        mlxq.quantize_model(model, bits=4, group_size=64, modules_to_not_convert=kept)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    ours = load_file(saved / "model.safetensors")
+    assert sorted(ours) == sorted(ref)
+    unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
+    assert not unequal, unequal[:5]
+    for file in ref_dir.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    inputs = model_inputs(ref_dir, name, with_image=True)
+    np.testing.assert_array_equal(
+        mlx_vlm_logits(saved, name, inputs), mlx_vlm_logits(ref_dir, name, inputs)
+    )
