@@ -249,7 +249,7 @@ def test_own_class_loads_the_same_model(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava", "gemma4"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava", "gemma4", "mllama", "glm4v_moe"])
 def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
     """`mlxq inspect` and `mlxq generate` read an mlx-vlm checkpoint whose family transformers
     has no causal-LM class for (they asked AutoModelForCausalLM, and inspect reported a model
@@ -436,3 +436,37 @@ def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
     np.testing.assert_array_equal(
         mlx_vlm_logits(saved, name, inputs), mlx_vlm_logits(ref_dir, name, inputs)
     )
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe", "mllama"])
+def test_image_text_checkpoint_of_a_config_with_a_text_causal_lm(name: str, capsys) -> None:
+    """transformers maps Qwen 3.5's and Mllama's image-text configs to a text-only causal LM
+    (Qwen3_5ForCausalLM, MllamaForCausalLM): for mlx-vlm's checkpoint, which holds the vision
+    tower too, `mlxq inspect` and `mlxq generate` build the image-text model (before, inspect
+    reported the tower's tensors as ones the model has no place for, and generate refused the
+    checkpoint); mlx-lm's conversion (the language model alone) still loads as the text model."""
+    from mlxq.cli import main
+    from mlxq.cli.common import load_model
+    from mlxq.integrations.model_class import auto_model_class
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    path = tiny_mlx_vlm_checkpoint(name)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "problems     none" in out, out[-2000:]
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(model) is type(_load(path))
+    inputs = model_inputs(path, name, with_image=False)
+    assert (
+        float(
+            np.abs(
+                mlxq_logits(path, name, inputs, model) - mlx_vlm_logits(path, name, inputs)
+            ).max()
+        )
+        <= TOLERANCE
+    )
+    config = AutoConfig.from_pretrained(path)
+    assert auto_model_class(config, lambda: ["language_model.model.norm.weight"]) is (
+        AutoModelForCausalLM
+    )
+    assert auto_model_class(config, lambda: ["vision_tower.x"]) is AutoModelForImageTextToText

@@ -133,7 +133,7 @@ def _meta_model(folder: Path, config_dict: dict, names: Iterable[str]):
         if text_class is not None:
             return text_class._from_config(text_class.config_class.from_pretrained(folder))
         config = AutoConfig.from_pretrained(folder)
-        return auto_model_class(config).from_config(config)
+        return auto_model_class(config, lambda: names).from_config(config)
 
 
 def _check_index(folder: Path, source: str, headers_by_file: dict, problems: list[Problem]):
