@@ -377,6 +377,8 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("qwen3_5", True),
         ("glm4v", True),
         ("glm_ocr", False),
+        # mlx-vlm asks mlx-lm's Qwen 3.5 rule: the routers and shared-expert gates at 8 bits
+        ("qwen3_5_moe", False),
         ("mllama", True),
         ("cohere2_vision", True),
         ("paddleocr_vl", True),
@@ -429,6 +431,8 @@ def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
     assert sorted(ours) == sorted(ref)
     unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
     assert not unequal, unequal[:5]
+    written = json.loads((saved / "config.json").read_text())["quantization"]
+    assert written == json.loads((ref_dir / "config.json").read_text())["quantization"]
     for file in ref_dir.iterdir():  # tokenizer and processor files
         if file.is_file() and not (saved / file.name).exists():
             shutil.copy(file, saved / file.name)

@@ -530,22 +530,8 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
     # reversed first when saving, they would move tensors away from the names mlx-vlm's
     # renames take back (Mllama's `model.vision_model.` to `vision_model.`), and those renames
     # place every tensor themselves
-    # a SigLIP / CLIP tower, which transformers 5 reads from the Hub's `vision_model.` level
-    # (a prefix change of its own), keeps that level in mlx-vlm (`vision_tower.vision_model.`);
-    # where two renames lead to the same names, the checkpoint chose at load, here this does
-    tower_level = any(
-        isinstance(c, PrefixChange)
-        and any(p.startswith("^vision_model") for p in c.source_patterns)
-        for c in conversions
-    )
-    renames, targets = [], {}
-    for pattern, repl in layout.renames:
-        if repl in targets:  # the more specific rename comes first
-            if tower_level:
-                continue
-            renames.remove(targets[repl])
-        targets[repl] = (pattern, repl)
-        renames.append((pattern, repl))
+    renames = _save_renames(layout, conversions)
+    model._mlxq_model_conversions = conversions  # read by mlx_vlm_module_names
     conversions = [c for c in conversions if not isinstance(c, (PrefixChange, WeightRenaming))]
     names = [name for name, _ in model.named_parameters()]
     names += [name for name, _ in model.named_buffers()]
@@ -573,3 +559,50 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
         ),
     ]
     return True
+
+
+def _save_renames(layout: VlmLayout, conversions: list) -> list[tuple[str, str]]:
+    """The layout's renames that saving reverses: where two lead to the same names, the one
+    the model's tower takes. A SigLIP / CLIP tower, which transformers 5 reads from the Hub's
+    `vision_model.` level (a prefix change of its own), keeps that level in mlx-vlm
+    (`vision_tower.vision_model.`); loading a checkpoint, its names choose."""
+    from transformers.core_model_loading import PrefixChange
+
+    tower_level = any(
+        isinstance(c, PrefixChange)
+        and any(p.startswith("^vision_model") for p in c.source_patterns)
+        for c in conversions
+    )
+    renames: list[tuple[str, str]] = []
+    targets: dict[str, tuple[str, str]] = {}
+    for pattern, repl in layout.renames:
+        if repl in targets:  # the more specific rename comes first
+            if tower_level:
+                continue
+            renames.remove(targets[repl])
+        targets[repl] = (pattern, repl)
+        renames.append((pattern, repl))
+    return renames
+
+
+def mlx_vlm_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """mlx-vlm's names of the model's modules `names` (for the per-module entries of
+    config.json), as :func:`use_mlx_vlm_layout` saves their tensors; {} for a model it leaves
+    alone. The renames are literal prefixes (`^...`) or infixes, reversed in turn."""
+    config = getattr(model, "config", None)
+    layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
+    if layout is None or not is_image_text(config):
+        return {}
+    conversions = getattr(model, "_mlxq_model_conversions", None) or []
+    renames = _save_renames(layout, conversions)
+    out = {}
+    for name in names:
+        key = f"{name}."
+        for pattern, repl in reversed(renames):
+            source = re.sub(r"\\(.)", r"\1", pattern.removeprefix("^"))
+            if pattern.startswith("^"):
+                key = source + key[len(repl) :] if key.startswith(repl) else key
+            else:
+                key = key.replace(repl, source)
+        out[name] = key[:-1]
+    return out
