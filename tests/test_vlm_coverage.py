@@ -249,7 +249,9 @@ def test_own_class_loads_the_same_model(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava", "gemma4", "mllama", "glm4v_moe"])
+@pytest.mark.parametrize(
+    "name", ["qwen2_5_vl", "llava", "gemma4", "mllama", "glm4v_moe", "glm_ocr"]
+)
 def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
     """`mlxq inspect` and `mlxq generate` read an mlx-vlm checkpoint whose family transformers
     has no causal-LM class for (they asked AutoModelForCausalLM, and inspect reported a model
