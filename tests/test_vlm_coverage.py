@@ -251,7 +251,9 @@ def test_own_class_loads_the_same_model(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava", "gemma4"])
+@pytest.mark.parametrize(
+    "name", ["qwen2_5_vl", "llava", "gemma4", "mllama", "glm4v_moe", "glm_ocr"]
+)
 def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
     """`mlxq inspect` and `mlxq generate` read an mlx-vlm checkpoint whose family transformers
     has no causal-LM class for (they asked AutoModelForCausalLM, and inspect reported a model
@@ -371,3 +373,108 @@ def test_gemma4_variants(variant: Variant) -> None:
     q_proj = tower.encoder.layers[0].self_attn.q_proj.linear
     assert isinstance(q_proj, AffineLinear)
     assert q_proj.mode == ("mxfp4" if variant.recipe == VISION_MXFP4 else "affine")
+
+
+@pytest.mark.parametrize(
+    ("name", "on_load"),
+    [
+        ("qwen3_5", True),
+        ("glm4v", True),
+        ("glm_ocr", False),
+        # mlx-vlm asks mlx-lm's Qwen 3.5 rule: the routers and shared-expert gates at 8 bits
+        ("qwen3_5_moe", False),
+        ("mllama", True),
+        ("cohere2_vision", True),
+        ("paddleocr_vl", True),
+        ("gemma4", True),
+    ],
+)
+def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
+    tmp_path: Path, name: str, on_load: bool
+) -> None:
+    """A float image-text model quantized by mlxq (while loading, or by quantize_model) and
+    saved is `mlx_vlm convert -q`'s checkpoint, tensor for tensor: mlx-vlm's names (before,
+    transformers' names: mlx-vlm refused Mllama's `vision_model.*`, Cohere 2 Vision's tower
+    without its `vision_model.` level, PaddleOCR-VL's split q/k/v), channels-last convolutions
+    and Qwen 3.5's norms as 1 + w; mlx-vlm runs it as its own conversion. The modules
+    mlx-vlm's rule keeps float (the towers) are named in modules_to_not_convert: mlxq
+    quantizes every layer it is given."""
+    import contextlib
+    import io
+
+    import mlxq
+    from mlx_vlm import convert
+    from mlxq.integrations.mlx_vlm_layout import VLM_LAYOUTS
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import FAMILIES, tiny_float_checkpoint, variant_of
+
+    float_dir = tiny_float_checkpoint(name, tmp_path / "float", variant_of(name).tied)
+    ref_dir = tmp_path / "ref"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(float_dir), str(ref_dir), quantize=True, q_group_size=64, q_bits=4)
+    ref = load_file(ref_dir / "model.safetensors")
+    layout = VLM_LAYOUTS[FAMILIES[name].model_type]
+    kept = sorted(  # the float linear layers of mlx-vlm's conversion, in the model's names
+        part
+        for k, v in ref.items()
+        if k.endswith(".weight") and v.dim() == 2 and f"{k[:-7]}.scales" not in ref
+        for part in layout.split_names(layout.to_transformers(k)[:-7])
+    )
+    quant = mlxq.MLXQuantConfig(bits=4, group_size=64, modules_to_not_convert=kept)
+    if on_load:
+        model = AutoModelForImageTextToText.from_pretrained(
+            float_dir, dtype=torch.bfloat16, quantization_config=quant
+        )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(float_dir, dtype=torch.bfloat16)
+        mlxq.quantize_model(model, bits=4, group_size=64, modules_to_not_convert=kept)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    ours = load_file(saved / "model.safetensors")
+    assert sorted(ours) == sorted(ref)
+    unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
+    assert not unequal, unequal[:5]
+    written = json.loads((saved / "config.json").read_text())["quantization"]
+    assert written == json.loads((ref_dir / "config.json").read_text())["quantization"]
+    for file in ref_dir.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    inputs = model_inputs(ref_dir, name, with_image=True)
+    np.testing.assert_array_equal(
+        mlx_vlm_logits(saved, name, inputs), mlx_vlm_logits(ref_dir, name, inputs)
+    )
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe", "mllama"])
+def test_image_text_checkpoint_of_a_config_with_a_text_causal_lm(name: str, capsys) -> None:
+    """transformers maps Qwen 3.5's and Mllama's image-text configs to a text-only causal LM
+    (Qwen3_5ForCausalLM, MllamaForCausalLM): for mlx-vlm's checkpoint, which holds the vision
+    tower too, `mlxq inspect` and `mlxq generate` build the image-text model (before, inspect
+    reported the tower's tensors as ones the model has no place for, and generate refused the
+    checkpoint); mlx-lm's conversion (the language model alone) still loads as the text model."""
+    from mlxq.cli import main
+    from mlxq.cli.common import load_model
+    from mlxq.integrations.model_class import auto_model_class
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    path = tiny_mlx_vlm_checkpoint(name)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "problems     none" in out, out[-2000:]
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(model) is type(_load(path))
+    inputs = model_inputs(path, name, with_image=False)
+    assert (
+        float(
+            np.abs(
+                mlxq_logits(path, name, inputs, model) - mlx_vlm_logits(path, name, inputs)
+            ).max()
+        )
+        <= TOLERANCE
+    )
+    config = AutoConfig.from_pretrained(path)
+    assert auto_model_class(config, lambda: ["language_model.model.norm.weight"]) is (
+        AutoModelForCausalLM
+    )
+    assert auto_model_class(config, lambda: ["vision_tower.x"]) is AutoModelForImageTextToText

@@ -14,11 +14,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
 from mlxq.integrations.checkpoint import DTYPE_BYTES, weight_map_of
 from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS
+from mlxq.integrations.mlx_vlm_layout import takes_flat_text_keys
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
 
@@ -133,7 +135,7 @@ def _meta_model(folder: Path, config_dict: dict, names: Iterable[str]):
         if text_class is not None:
             return text_class._from_config(text_class.config_class.from_pretrained(folder))
         config = AutoConfig.from_pretrained(folder)
-        return auto_model_class(config).from_config(config)
+        return auto_model_class(config, lambda: names).from_config(config)
 
 
 def _check_index(folder: Path, source: str, headers_by_file: dict, problems: list[Problem]):
@@ -263,6 +265,9 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         and "rope_theta" in rope
         and "rope_theta" not in config
         and "rope_theta" not in text_config
+        # mlx-vlm reads GLM-OCR's rope from rope_parameters alone (its config class rejects
+        # the flat keys: mlx-vlm's own conversion writes none)
+        and takes_flat_text_keys(SimpleNamespace(model_type=config.get("model_type")))
     ):
         problems.append(
             Problem(

@@ -230,11 +230,18 @@ def _refuse_weight_reads(
 # `mlx_lm convert` is given no recipe: model_type -> (name suffix, entry). Qwen3-MoE and gpt-oss
 # keep their routers at 8 bits, group 64 (mlx_lm/models/qwen3_moe.py, gpt_oss.py); the entry
 # has no mode, so the router stays affine in a float-mode (mxfp4) conversion too.
+_QWEN3_5_MOE_GATES = tuple(
+    (suffix, {"group_size": 64, "bits": 8}) for suffix in ("mlp.gate", "shared_expert_gate")
+)
 _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
     "qwen3_moe": (("mlp.gate", {"group_size": 64, "bits": 8}),),
     "gpt_oss": (("mlp.router", {"group_size": 64, "bits": 8}),),
     # mlx-lm's Nemotron-H router holds its weight in no linear layer: it stays float
     "nemotron_h": (("mixer.gate", False),),
+    # Qwen 3.5 MoE inherits Qwen 3.5's predicate (mlx_lm/models/qwen3_5.py, which mlx-vlm's
+    # conversion asks too): with experts, the router and the shared expert's gate at 8 bits
+    "qwen3_5_moe": _QWEN3_5_MOE_GATES,
+    "qwen3_5_moe_text": _QWEN3_5_MOE_GATES,
 }
 
 

@@ -147,12 +147,17 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
     from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
+    from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
     from mlxq.moe import MoeExperts
 
     drop_tied_keys(model, replaced)
-    use_mlx_lm_layout(model)
+    if use_mlx_vlm_layout(model):  # image-text models: saved as mlx-vlm writes them
+        names = mlx_vlm_module_names(model, overrides)  # the entries too (mlx-vlm reads them)
+        overrides = {names.get(k, k): v for k, v in overrides.items()}
+    else:
+        use_mlx_lm_layout(model)
     experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}
     routers = {name for name, m in model.named_modules() if hasattr(m, "_mlxq_name")}
     drop_fused_expert_converters(model, experts, routers)

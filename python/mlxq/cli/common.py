@@ -3,6 +3,7 @@ the device and dtype, loading a model through transformers, and printing run sta
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -208,10 +209,10 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
     start = time.perf_counter()
     # mlx-lm's conversion of an image-text model to its language model: the text model's
     # class; else the config's auto class (image-text where transformers has no causal LM)
-    cls = text_model_class(config, lambda: _tensor_names(source))
-    model = (cls or auto_model_class(AutoConfig.from_pretrained(source))).from_pretrained(
-        source, dtype=dtype
-    )
+    names = functools.cache(lambda: _tensor_names(source))
+    cls = text_model_class(config, names)
+    cls = cls or auto_model_class(AutoConfig.from_pretrained(source), names)
+    model = cls.from_pretrained(source, dtype=dtype)
     if device != "cpu":
         model = model.to(device)
     model.eval()

@@ -512,3 +512,103 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
         "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
         "vision_drop": [k for k in layout.vision_drop if k in vision],
     }
+
+
+def use_mlx_vlm_layout(model: nn.Module) -> bool:
+    """Save a float image-text model that mlxq quantized (while loading, or
+    :func:`mlxq.quantize_model`) in mlx-vlm's layout, as `mlx_vlm convert -q` writes it: its
+    tensor names, convolution weights channels-last, Qwen 3.5's norms as 1 + w and fused
+    projections concatenated. These are the conversions that loading mlx-vlm's checkpoint
+    installs, which `save_pretrained` reverses. False (nothing changed) for a model that is
+    not an image-text model of a mapped family."""
+    config = getattr(model, "config", None)
+    layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
+    if layout is None or not is_image_text(config):
+        return False
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
+
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # built from a config: what transformers would revert when saving
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    # the model's own renames (of older Hub names, a prefix it was read with) are left out:
+    # reversed first when saving, they would move tensors away from the names mlx-vlm's
+    # renames take back (Mllama's `model.vision_model.` to `vision_model.`), and those renames
+    # place every tensor themselves
+    renames = _save_renames(layout, conversions)
+    model._mlxq_model_conversions = conversions  # read by mlx_vlm_module_names
+    conversions = [c for c in conversions if not isinstance(c, (PrefixChange, WeightRenaming))]
+    names = [name for name, _ in model.named_parameters()]
+    names += [name for name, _ in model.named_buffers()]
+    fused = set()
+    for pattern, parts in layout.splits:  # mlx-vlm fuses the tower's projections only
+        literal = re.sub(r"\\(.)", r"\1", pattern)
+        fused |= {
+            n.replace(parts[0], literal)
+            for n in names
+            if parts[0] in n and not n.startswith(("model.language_model.", "lm_head."))
+        }
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    from transformers.core_model_loading import WeightRenaming as Rename
+
+    model._weight_conversions = [
+        # first in the list, so reversed last
+        *(Rename(source_patterns=p, target_patterns=r) for p, r in renames),
+        *conversions,
+        *layout.offset_conversions(names),
+        *layout.split_conversions(fused),
+        *(
+            channels_last_converter(f"{name}.weight")
+            for name, module in model.named_modules()
+            if isinstance(module, convs)
+        ),
+    ]
+    return True
+
+
+def _save_renames(layout: VlmLayout, conversions: list) -> list[tuple[str, str]]:
+    """The layout's renames that saving reverses: where two lead to the same names, the one
+    the model's tower takes. A SigLIP / CLIP tower, which transformers 5 reads from the Hub's
+    `vision_model.` level (a prefix change of its own), keeps that level in mlx-vlm
+    (`vision_tower.vision_model.`); loading a checkpoint, its names choose."""
+    from transformers.core_model_loading import PrefixChange
+
+    tower_level = any(
+        isinstance(c, PrefixChange)
+        and any(p.startswith("^vision_model") for p in c.source_patterns)
+        for c in conversions
+    )
+    renames: list[tuple[str, str]] = []
+    targets: dict[str, tuple[str, str]] = {}
+    for pattern, repl in layout.renames:
+        if repl in targets:  # the more specific rename comes first
+            if tower_level:
+                continue
+            renames.remove(targets[repl])
+        targets[repl] = (pattern, repl)
+        renames.append((pattern, repl))
+    return renames
+
+
+def mlx_vlm_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """mlx-vlm's names of the model's modules `names` (for the per-module entries of
+    config.json), as :func:`use_mlx_vlm_layout` saves their tensors; {} for a model it leaves
+    alone. The renames are literal prefixes (`^...`) or infixes, reversed in turn."""
+    config = getattr(model, "config", None)
+    layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
+    if layout is None or not is_image_text(config):
+        return {}
+    conversions = getattr(model, "_mlxq_model_conversions", None) or []
+    renames = _save_renames(layout, conversions)
+    out = {}
+    for name in names:
+        key = f"{name}."
+        for pattern, repl in reversed(renames):
+            source = re.sub(r"\\(.)", r"\1", pattern.removeprefix("^"))
+            if pattern.startswith("^"):
+                key = source + key[len(repl) :] if key.startswith(repl) else key
+            else:
+                key = key.replace(repl, source)
+        out[name] = key[:-1]
+    return out

@@ -29,13 +29,22 @@ def text_model_class(config: dict, tensor_names: Callable[[], Iterable[str]]) ->
     return None
 
 
-def auto_model_class(config: Any) -> Any:
+def auto_model_class(config: Any, tensor_names: Callable[[], Iterable[str]] | None = None) -> Any:
     """The transformers auto class that builds `config`'s model: the causal LM where
     transformers has one, else the image-text model (mlx-vlm checkpoints of Qwen2-VL, LLaVA,
     ... load through AutoModelForImageTextToText only); AutoModelForCausalLM otherwise, whose
-    error names the config class."""
+    error names the config class. An image-text config whose checkpoint holds tensors outside
+    the language model (`tensor_names`, e.g. mlx-vlm's vision tower) is the image-text model
+    even where transformers maps the config to a text-only causal LM (Qwen 3.5, Mllama)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    if (
+        tensor_names is not None
+        and getattr(config, "vision_config", None) is not None
+        and type(config) in AutoModelForImageTextToText._model_mapping
+        and any(not name.startswith("language_model.") for name in tensor_names())
+    ):
+        return AutoModelForImageTextToText
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if type(config) in auto._model_mapping:
             return auto

@@ -48,6 +48,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     mlx_vlm_config_keys,
     takes_flat_text_keys,
     unmapped_vlm_note,
+    use_mlx_vlm_layout,
 )
 from mlxq.integrations.model_class import text_model_class
 from mlxq.integrations.moe_loading import (
@@ -718,7 +719,7 @@ class MLXHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         on_load = getattr(self, "_on_load", None)
-        if not self.pre_quantized:
+        if not self.pre_quantized and not use_mlx_vlm_layout(model):  # as mlx-vlm saves it
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
