@@ -1350,33 +1350,6 @@ FAMILIES: dict[str, Family] = {
         logit_scale=lambda config: config.text_config.logit_scale,
         tied=True,
     ),
-    # Command A Vision: mlx-vlm runs it with its aya_vision module (no projector layernorm),
-    # which reads the image token as image_token_index (default: the Hub's id)
-    "cohere2_vision": Family(
-        "cohere2_vision",
-        text={
-            **_LLAMA_TEXT,
-            "model_type": "cohere2",
-            "layer_types": ["sliding_attention", "full_attention"],
-            "sliding_window": 64,
-        },
-        vision=dict(_SIGLIP, image_size=56, patch_size=14, vision_use_head=False),
-        special=_AYA_SPECIAL,
-        token_ids={"image_token_id": "<|IMG_PATCH|>"},
-        processor=_aya_processor,
-        prompt="t5 t6 <image> t7 t300 t42",
-        image_size=(56, 56),
-        top={"downsample_factor": 2, "alignment_intermediate_size": 256},
-        mlx_vlm_keys=_cohere2_vision_keys,
-        # transformers 5 saves it under `model.`; the SigLIP tower takes its `vision_model.` level
-        hub_renames=(
-            (r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model."),
-        ),
-        # as aya_vision: transformers leaves out Cohere 2's logit_scale, mlx-vlm applies it
-        logit_scale=lambda config: config.text_config.logit_scale,
-        tied=True,
-        mlx_fix=_cohere2_vision_post_layernorm,
-    ),
     "internvl": Family(
         "internvl",
         text={**_LLAMA_TEXT, "model_type": "qwen3"},
@@ -1507,6 +1480,20 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 # Gemma 4 with its MoE block (26B-A4B): mlx-vlm stacks the experts under `switch_glu`
+# Command A Vision: the aya_vision model under its own type; mlx-vlm runs it with its aya_vision
+# module (no projector layernorm), which reads the image token as image_token_index (default:
+# the Hub's id). As for aya_vision, transformers leaves out Cohere 2's logit_scale.
+FAMILIES["cohere2_vision"] = dataclasses.replace(
+    FAMILIES["aya_vision"],
+    model_type="cohere2_vision",
+    token_ids={"image_token_id": "<|IMG_PATCH|>"},
+    mlx_vlm_keys=_cohere2_vision_keys,
+    # transformers 5 saves it under `model.`; the SigLIP tower takes its `vision_model.` level
+    hub_renames=(
+        (r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model."),
+    ),
+    mlx_fix=_cohere2_vision_post_layernorm,
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={
