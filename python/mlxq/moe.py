@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlxq._pickling import made_class
 from mlxq.format import MODE_DEFAULTS
 from mlxq.ops import (
     affine_dequantize,
@@ -532,10 +533,12 @@ _ROUTER_CLASSES: dict[type, type] = {}
 
 def _router_class(cls: type) -> type:
     if cls not in _ROUTER_CLASSES:
-        _ROUTER_CLASSES[cls] = type(
+        _ROUTER_CLASSES[cls] = made_class(
             f"Affine{cls.__name__}",
             (_AffineRouter, cls),
             {"__module__": __name__, "__doc__": f"{cls.__name__} with an MLX-quantized weight."},
+            _router_class,
+            cls,
         )
     return _ROUTER_CLASSES[cls]
 

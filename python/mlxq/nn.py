@@ -10,6 +10,8 @@ the class names keep the affine prefix they were introduced with.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 import types
 
@@ -310,6 +312,22 @@ class _ServesRows:
     def serve_rows(self, name: str, readers: dict[types.CodeType, str]) -> None:
         self._row_name, self._row_readers = name, dict(readers)
 
+    def __getstate__(self) -> dict:
+        # code objects do not pickle: each reader's method as (module, qualified name)
+        state = super().__getstate__()
+        if state.get("_row_readers"):
+            state["_row_readers"] = tuple(
+                (_code_module(code), code.co_qualname, reader)
+                for code, reader in state["_row_readers"].items()
+            )
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        readers = state.get("_row_readers")
+        if isinstance(readers, tuple):
+            state = {**state, "_row_readers": {_method_code(*r[:2]): r[2] for r in readers}}
+        super().__setstate__(state)
+
     @property
     def weight(self) -> torch.Tensor | WeightRows:
         try:
@@ -333,6 +351,33 @@ class _ServesRows:
     def extra_repr(self) -> str:
         readers = ", ".join(sorted(self.__dict__.get("_row_readers", {}).values()))
         return f"{super().extra_repr()}, serves rows to {readers}"
+
+
+def _code_module(code: types.CodeType) -> str:
+    module = inspect.getmodule(code)
+    if module is None:
+        raise TypeError(
+            f"mlxq: cannot pickle the row-serving embedding: no module defines the method "
+            f"{code.co_qualname} ({code.co_filename}) it serves rows to"
+        )
+    return module.__name__
+
+
+def _method_code(module: str, qualname: str) -> types.CodeType:
+    """The code object of method `qualname` of `module` (as `weight_reads` found it)."""
+    from mlxq.swap import _method_code as method_code
+
+    *owner, name = qualname.split(".")
+    obj = importlib.import_module(module)
+    for part in owner:
+        obj = getattr(obj, part, None)
+    code = method_code(obj, name) if isinstance(obj, type) else None
+    if code is None:
+        raise RuntimeError(
+            f"mlxq: a pickled row-serving embedding serves rows to {module}.{qualname}, "
+            "which this transformers does not define: load the model from its checkpoint"
+        )
+    return code
 
 
 class RowServingAffineEmbedding(_ServesRows, AffineEmbedding):

@@ -45,7 +45,6 @@ import copy
 import inspect
 import itertools
 import operator
-import types
 from collections.abc import Callable
 
 import torch
@@ -58,6 +57,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from mlxq._native import _C
+from mlxq._pickling import bind_forward
 from mlxq.integrations import cpu_attention
 from mlxq.integrations.cpu_norms import MAX_ROWS, _is_llama_rms_norm, _native_forward
 from mlxq.integrations.cpu_rope import MAX_POSITIONS, is_stand_in
@@ -238,6 +238,20 @@ class _Plan:
                 setattr(new, name, copy.deepcopy(value, memo))
         new._watch()
         return new
+
+    def __getstate__(self) -> dict:
+        """Pickled (`torch.save(model)`) without what is derived from the modules: the
+        modeling module's globals, the attention variant and the native object."""
+        skip = _REBUILT | {"attn_globals", "qk_norms", "window"}
+        return {k: v for k, v in vars(self).items() if k not in skip}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)  # the modules, loaded before the layer's plan
+        self.attn_globals = _globals_of(type(self.attn))
+        self.qk_norms, self.window = ATTENTION_VARIANTS[
+            forward_body(forward_owner(type(self.attn)))
+        ]
+        self._watch()
 
     def _build_native(self) -> None:
         """The native step (mlxq._C.FlatDecoderLayer) for the modules' current tensors, where
@@ -505,6 +519,6 @@ def use_flat_decode_layers(model: nn.Module) -> int:
         if "forward" in vars(layer) or not _fits(layer):
             continue
         layer._mlxq_flat_plan = _Plan(layer)
-        layer.forward = types.MethodType(_flat_forward, layer)
+        layer.forward = bind_forward(_flat_forward, layer)
         count += 1
     return count

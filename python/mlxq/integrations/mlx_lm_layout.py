@@ -206,6 +206,9 @@ class SizedConcat:
             def reverse_op(self):
                 return _Op(self.sizes, not self.split)
 
+            def __reduce__(self):  # a local class: pickled as the call that makes it
+                return (SizedConcat, (self.sizes, self.split))
+
         return _Op(sizes, split)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
+from mlxq._pickling import made_class
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers, written_by_mlx
@@ -227,7 +228,9 @@ def _nested_for_mlx_lm(cls: type, outer: str) -> type:
             with open(json_file_path, "w", encoding="utf-8") as f:
                 f.write(json.dumps(top, indent=2, sort_keys=True) + "\n")
 
-        _NESTED_CONFIGS[key] = type(cls.__name__, (cls,), {"to_json_file": to_json_file})
+        _NESTED_CONFIGS[key] = made_class(
+            cls.__name__, (cls,), {"to_json_file": to_json_file}, _nested_for_mlx_lm, cls, outer
+        )
     return _NESTED_CONFIGS[key]
 
 
@@ -277,8 +280,13 @@ def _without_keys(cls: type, keys: tuple[str, ...]) -> type:
                 out.pop(key, None)
             return out
 
-        _DROPPING_CONFIGS[(cls, keys)] = type(
-            cls.__name__, (cls,), {"to_dict": to_dict, "to_diff_dict": to_diff_dict}
+        _DROPPING_CONFIGS[(cls, keys)] = made_class(
+            cls.__name__,
+            (cls,),
+            {"to_dict": to_dict, "to_diff_dict": to_diff_dict},
+            _without_keys,
+            cls,
+            keys,
         )
     return _DROPPING_CONFIGS[(cls, keys)]
 
@@ -299,7 +307,7 @@ def _with_layer_type_names(cls: type, names: dict[str, str]) -> type:
                 out["layer_types"] = [names.get(t, t) for t in out["layer_types"]]
             return out
 
-        _LAYER_NAMED_CONFIGS[cls] = type(
+        _LAYER_NAMED_CONFIGS[cls] = made_class(
             cls.__name__,
             (cls,),
             {
@@ -307,6 +315,9 @@ def _with_layer_type_names(cls: type, names: dict[str, str]) -> type:
                 "to_dict": lambda self: renamed(cls.to_dict(self)),
                 "to_diff_dict": lambda self: renamed(cls.to_diff_dict(self)),
             },
+            _with_layer_type_names,
+            cls,
+            names,
         )
     return _LAYER_NAMED_CONFIGS[cls]
 
@@ -316,7 +327,9 @@ def _with_model_type(cls: type, model_type: str) -> type:
         return cls
     key = (cls, model_type)
     if key not in _RENAMED_CONFIGS:
-        _RENAMED_CONFIGS[key] = type(cls.__name__, (cls,), {"model_type": model_type})
+        _RENAMED_CONFIGS[key] = made_class(
+            cls.__name__, (cls,), {"model_type": model_type}, _with_model_type, cls, model_type
+        )
     return _RENAMED_CONFIGS[key]
 
 

@@ -64,6 +64,9 @@ class UnitOffset:
             def reverse_op(self):
                 return _Op(-self.delta)
 
+            def __reduce__(self):  # a local class: pickled as the call that makes it
+                return (UnitOffset, (self.delta,))
+
         return _Op(delta)
 
 
@@ -108,6 +111,9 @@ class ChannelsLastToFirst:
             @property
             def reverse_op(self):
                 return _Op(not self.to_first)
+
+            def __reduce__(self):  # a local class: pickled as the call that makes it
+                return (ChannelsLastToFirst, (self.to_first,))
 
         return _Op(to_first)
 
