@@ -191,6 +191,20 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
         assert mlp.down_proj.mode == "affine"
 
 
+def test_weight_read_in_helper_forward_calls_is_refused() -> None:
+    """HunYuan-VL's vision embedding reads its position table (`weight[1:, :]`, reshaped) in
+    `interpolate_pos_encoding`, which its forward calls for every image: with that table
+    quantized (mlx-vlm itself fails on this checkpoint) mlxq refuses at load, naming the
+    module and the method, instead of a reshape error in the first image forward."""
+    path = tiny_mlx_vlm_checkpoint("hunyuan_vl", Variant(tied=True, quantize_vision=True))
+    with pytest.raises(
+        NotImplementedError,
+        match=r"'model\.vision_tower\.embeddings\.position_embedding' is quantized.*"
+        r"HunYuanVLVisionPatchEmbed\.interpolate_pos_encoding reads its \.weight directly",
+    ):
+        _load(path)
+
+
 def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     """An mlx-vlm checkpoint of an image-text family whose layout mlxq does not map is
     refused with the family's name and the reason, not with its first unmatched tensor."""

@@ -513,6 +513,28 @@ def _runs_model(name: str) -> bool:
     return "forward" in name
 
 
+# nodes under which a call may not run: a branch, a short circuit, a handler, another frame
+_CONDITIONAL = (ast.If, ast.IfExp, ast.BoolOp, ast.Try, ast.Match, ast.Assert)
+
+
+def _unconditional_self_calls(fn: ast.AST) -> set[str]:
+    """Names of the methods `fn` calls as `self.name(...)` on every run (in loops too: the
+    call runs once per item, as HunYuan-VL's `interpolate_pos_encoding` per image)."""
+    found: set[str] = set()
+    for child in ast.iter_child_nodes(fn):
+        if isinstance(child, (*_CONDITIONAL, *_FRAMES)):
+            continue
+        func = child.func if isinstance(child, ast.Call) else None
+        if (
+            isinstance(func, ast.Attribute)
+            and isinstance(func.value, ast.Name)
+            and func.value.id == "self"
+        ):
+            found.add(func.attr)
+        found |= _unconditional_self_calls(child)
+    return found
+
+
 def _reads_training(test: ast.expr) -> bool:
     return any(
         isinstance(n, ast.Attribute) and n.attr == "training" and isinstance(n.value, ast.Name)
@@ -557,6 +579,7 @@ _SCOPES = (
     ast.DictComp,
     ast.GeneratorExp,
 )
+_FRAMES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 
 
 def _full_slice(node: ast.expr) -> bool:
@@ -602,10 +625,16 @@ def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
         return {}
     methods = {id(n) for n in tree.body[0].body} if tree.body else set()
     reads: dict[str, list[WeightRead]] = {}
+    # the helpers a forward calls on every run count as forward (HunYuan-VL's vision embedding
+    # reads its position table in `interpolate_pos_encoding`, which its forward always calls)
+    helpers = set()
+    for fn in tree.body[0].body if tree.body else ():
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and _runs_model(fn.name):
+            helpers |= _unconditional_self_calls(fn)
     for fn in ast.walk(tree):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        in_forward = _runs_model(fn.name)
+        in_forward = _runs_model(fn.name) or (id(fn) in methods and fn.name in helpers)
         nodes = list(_inference_nodes(fn)) if in_forward else list(ast.walk(fn))[1:]
         asked = {id(n.value): n.attr for n in nodes if isinstance(n, ast.Attribute)}
         indexed = {id(n.value): n.slice for n in nodes if isinstance(n, ast.Subscript)}
