@@ -509,11 +509,12 @@ def _refuse_moe(plan: MoePlan, why: str) -> MoePlan:
 def _runs_model(name: str) -> bool:
     """The methods whose reads count: `forward` and its helpers (`slow_forward`,
     `torch_forward`, ...). Others (`interpolate_pos_encoding`, initialisation, tying) run only
-    when asked for, and a read there of a quantized weight fails loudly on its uint32 dtype."""
+    when asked for, and a read there of a quantized weight fails loudly on its uint32 dtype,
+    unless a forward of the class calls them on every run (:func:`_unconditional_self_calls`)."""
     return "forward" in name
 
 
-# nodes under which a call may not run: a branch, a short circuit, a handler, another frame
+# nodes under which a call may not run: a branch, a short circuit, a handler (or _FRAMES)
 _CONDITIONAL = (ast.If, ast.IfExp, ast.BoolOp, ast.Try, ast.Match, ast.Assert)
 
 
