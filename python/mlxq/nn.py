@@ -353,6 +353,17 @@ class _ServesRows:
         return f"{super().extra_repr()}, serves rows to {readers}"
 
 
+def method_code(cls: type, name: str) -> types.CodeType | None:
+    """The code object that runs for method `name` of `cls` (under its decorators)."""
+    fn = vars(cls).get(name)
+    if isinstance(fn, (staticmethod, classmethod)):
+        fn = fn.__func__
+    if not callable(fn):
+        return None
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return code if code is not None and code.co_name == name else None
+
+
 def _code_module(code: types.CodeType) -> str:
     module = inspect.getmodule(code)
     if module is None:
@@ -365,8 +376,6 @@ def _code_module(code: types.CodeType) -> str:
 
 def _method_code(module: str, qualname: str) -> types.CodeType:
     """The code object of method `qualname` of `module` (as `weight_reads` found it)."""
-    from mlxq.swap import _method_code as method_code
-
     *owner, name = qualname.split(".")
     obj = importlib.import_module(module)
     for part in owner:

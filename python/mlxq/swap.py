@@ -33,6 +33,7 @@ from mlxq.nn import (
     RowServingAffineEmbedding,
     RowServingScaledAffineEmbedding,
     ScaledAffineEmbedding,
+    method_code,
 )
 
 __all__ = [
@@ -600,17 +601,6 @@ def _row_index(index: ast.expr) -> bool:
     return len(rest) <= 1 and all(_full_slice(e) for e in rest)
 
 
-def _method_code(cls: type, name: str) -> types.CodeType | None:
-    """The code object that runs for method `name` of `cls` (under its decorators)."""
-    fn = vars(cls).get(name)
-    if isinstance(fn, (staticmethod, classmethod)):
-        fn = fn.__func__
-    if not callable(fn):
-        return None
-    code = getattr(inspect.unwrap(fn), "__code__", None)
-    return code if code is not None and code.co_name == name else None
-
-
 def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
     """For a model class of its own (not torch's or transformers' base classes): the attribute
     chains `a.b` of every `self.a.b.weight` read in its methods (not in the training-only
@@ -643,7 +633,7 @@ def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
         nested = {
             id(inner) for scope in nodes if isinstance(scope, _SCOPES) for inner in ast.walk(scope)
         }
-        code = _method_code(cls, fn.name) if id(fn) in methods else None
+        code = method_code(cls, fn.name) if id(fn) in methods else None
         for node in nodes:
             if not (isinstance(node, ast.Attribute) and node.attr == "weight"):
                 continue
