@@ -42,7 +42,8 @@ __global__ void fill(__nv_bfloat16* x, int64_t n, uint32_t seed) {
 
 struct Case {
   int64_t B, Hq, Hkv, D, Lk;
-  bool mask;  // a static cache's: [B, 1, 1, Lk], the first quarter attended
+  bool mask;            // a static cache's: [B, 1, 1, Lk], the first quarter attended
+  bool scalar = false;  // k read element by element (as for a k whose rows are not aligned)
 };
 
 struct Layer {
@@ -112,6 +113,7 @@ AttnParams params_of(const Case& c, const Layer& L) {
   }
   p.Hq = c.Hq, p.Hkv = c.Hkv, p.Lq = 1, p.Lk = c.Lk, p.D = c.D;
   p.rows = c.Hq / c.Hkv;
+  p.k_vec = !c.scalar;
   p.scale = 1.0f / std::sqrt(static_cast<float>(c.D));
   const AttnPlan a = plan_of(c);
   p.splits = static_cast<int>(a.splits);
@@ -190,9 +192,11 @@ double time_calls(const Case& c, const std::vector<Layer>& layers, Launch launch
 int main() {
   CHECK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
   const std::vector<Case> checks = {
-      {1, 9, 3, 64, 700, false},    {1, 9, 3, 64, 700, true},  {2, 32, 8, 128, 3000, true},
-      {1, 16, 2, 128, 2000, false}, {1, 8, 4, 80, 333, false}, {1, 4, 1, 256, 1500, false},
-      {1, 2, 2, 32, 40, false},
+      {1, 9, 3, 64, 700, false},          {1, 9, 3, 64, 700, true},
+      {2, 32, 8, 128, 3000, true},        {1, 16, 2, 128, 2000, false},
+      {1, 8, 4, 80, 333, false},          {1, 4, 1, 256, 1500, false},
+      {1, 2, 2, 32, 40, false},           {1, 8, 4, 80, 333, true, true},
+      {2, 32, 8, 128, 3000, false, true},
   };
   int bad = 0;
   for (const Case& c : checks) {

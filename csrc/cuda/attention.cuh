@@ -20,7 +20,7 @@ namespace mlxq::cuda::attn {
 
 constexpr int kWarps = 4;           // warps per block, each its own keys
 constexpr int kMaxD = 256;          // head dims the kernel takes (8 values per lane)
-constexpr int64_t kMinSplit = 128;  // keys per split at least (32 per warp)
+constexpr int64_t kMinSplit = 256;  // keys per split at least (two tiles per warp)
 constexpr int kMaxGrid = 65535;     // the grid's y and z dimensions
 constexpr int kMaxSplits = 1024;    // key ranges per (batch, kv head) at most
 
@@ -39,6 +39,7 @@ struct AttnParams {
   int64_t split_keys;  // keys per split
   int splits;
   int mask_kind;
+  bool k_vec;  // every row of k starts 16-byte aligned and holds whole 16-byte chunks
   float scale;
 };
 
@@ -60,11 +61,14 @@ __device__ __forceinline__ float mask_value(const AttnParams& p, int64_t off) {
 
 // One block: split blockIdx.x of the keys of (batch, kv head) blockIdx.y for query rows
 // [R * blockIdx.z, + R) of that kv head (row r: query head kv * rep + r / Lq, query r % Lq).
-// Lane `lane` holds elements lane + 32 i (i < DL) of every row's q and output. U keys per step,
-// their loads issued together.
+// Each warp takes tiles of 32 keys. Scores: lane l its tile's key l against every row (the rows'
+// q in shared memory, read by all lanes at once), so that each key's exp is computed once per
+// row; the warp's maximum once per tile and row. Weighted sum: lane l holds elements l + 32 i
+// (i < DL) of every row's output, each attended key's weight broadcast from its lane.
 template <typename T, int R, int DL>
 __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttnParams p) {
-  constexpr int U = DL <= 2 ? 4 : (DL == 4 ? 2 : 1);
+  constexpr int E = 16 / sizeof(T);   // elements of one 16-byte load of k
+  constexpr int G = DL <= 4 ? 8 : 4;  // keys whose v loads are in flight together
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.y / p.Hkv, kv = blockIdx.y % p.Hkv;
   const int64_t r0 = static_cast<int64_t>(blockIdx.z) * R;
@@ -72,7 +76,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttnParams
   const int64_t rep = p.Hq / p.Hkv;
   const bool bool_mask = p.mask_kind == kBoolMask;
 
-  float q[R][DL], o[R][DL], m[R], l[R];
+  __shared__ __align__(16) float sq[R][kMaxD];
   int64_t moff[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -80,96 +84,126 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttnParams
     const int64_t h = kv * rep + row / p.Lq, t = row % p.Lq;
     const T* qp = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1] + t * p.qs[2];
     moff[r] = b * p.ms[0] + h * p.ms[1] + t * p.ms[2];
+    for (int d = threadIdx.x; d < p.D; d += blockDim.x) sq[r][d] = to_float(qp[d]);
+  }
+  __syncthreads();
+
+  float o[R][DL], m[R], lsum[R];  // lsum: the weights of this lane's keys (warp-summed at the end)
 #pragma unroll
-    for (int i = 0; i < DL; ++i) {
-      const int d = lane + 32 * i;
-      q[r][i] = d < p.D ? to_float(qp[d]) : 0.0f;
-      o[r][i] = 0.0f;
-    }
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int i = 0; i < DL; ++i) o[r][i] = 0.0f;
     m[r] = -INFINITY;
-    l[r] = 0.0f;
+    lsum[r] = 0.0f;
   }
   const T* kb = static_cast<const T*>(p.k) + b * p.ks[0] + kv * p.ks[1];
   const T* vb = static_cast<const T*>(p.v) + b * p.vs[0] + kv * p.vs[1];
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * p.split_keys;
   const int64_t j1 = min(p.Lk, j0 + p.split_keys);
 
-  for (int64_t jb = j0 + warp; jb < j1; jb += static_cast<int64_t>(kWarps) * U) {
-    float add[U][R], kf[U][DL], vf[U][DL];
-    bool live[U];
+  for (int64_t jt = j0 + 32 * warp; jt < j1; jt += 32 * kWarps) {
+    const int64_t j = jt + lane;
+    bool live = j < j1;
+    float add[R];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t j = jb + static_cast<int64_t>(u) * kWarps;
-      // a key that no row of a bool mask attends adds 0 to every row: not read (as the CPU op)
-      bool any = j < j1;
+    for (int r = 0; r < R; ++r) add[r] = live ? mask_value(p, moff[r] + j * p.ms[3]) : 0.0f;
+    if (live && bool_mask) {  // a key that no row attends is not read (as the CPU op)
+      bool any = false;
 #pragma unroll
-      for (int r = 0; r < R; ++r) add[u][r] = any ? mask_value(p, moff[r] + j * p.ms[3]) : 0.0f;
-      if (any && bool_mask) {
-        any = false;
+      for (int r = 0; r < R; ++r) any |= r < nr && add[r] == 0.0f;
+      live = any;
+    }
+    const unsigned keys = __ballot_sync(0xffffffffu, live);
+    if (keys == 0) continue;  // the same for every lane
+    float s[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) any |= r < nr && add[u][r] == 0.0f;
-      }
-      live[u] = any;
+    for (int r = 0; r < R; ++r) s[r] = 0.0f;
+    if (live) {
       const T* kp = kb + j * p.ks[2];
-      const T* vp = vb + j * p.vs[2];
+      if (p.k_vec) {  // 16-byte loads of the key's row, all in flight
+#pragma unroll 4
+        for (int d0 = 0; d0 < p.D; d0 += E) {
+          union {
+            uint4 u;
+            T t[E];
+          } raw;
+          raw.u = *reinterpret_cast<const uint4*>(kp + d0);
 #pragma unroll
-      for (int i = 0; i < DL; ++i) {
-        const int d = lane + 32 * i;
-        const bool in = any && d < p.D;
-        kf[u][i] = in ? to_float(kp[d]) : 0.0f;
-        vf[u][i] = in ? to_float(vp[d]) : 0.0f;
+          for (int e = 0; e < E; e += 4) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              const float4 qv = *reinterpret_cast<const float4*>(&sq[r][d0 + e]);
+              s[r] = fmaf(qv.x, to_float(raw.t[e]), s[r]);
+              s[r] = fmaf(qv.y, to_float(raw.t[e + 1]), s[r]);
+              s[r] = fmaf(qv.z, to_float(raw.t[e + 2]), s[r]);
+              s[r] = fmaf(qv.w, to_float(raw.t[e + 3]), s[r]);
+            }
+          }
+        }
+      } else {
+        for (int d = 0; d < p.D; ++d) {
+          const float kf = to_float(kp[d]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) s[r] = fmaf(sq[r][d], kf, s[r]);
+        }
       }
     }
-    bool any_live = false;
-#pragma unroll
-    for (int u = 0; u < U; ++u) any_live |= live[u];
-    if (!any_live) continue;  // the same for every lane
-    // the U x R dot products reduced together: no branch between them, so their shuffles
-    // interleave (one chain of five per product would leave the warp waiting)
-    float s[U][R];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float x = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DL; ++i) x = fmaf(q[r][i], kf[u][i], x);
-        s[u][r] = x;
-      }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int r = 0; r < R; ++r) s[u][r] += __shfl_xor_sync(0xffffffffu, s[u][r], off);
+    // the tile's online softmax per row: scale * (q . k), then the mask; the running maximum
+    // moves once per tile (exp(m - top) is 0 before the first attended key, exactly 1 when the
+    // maximum stays), each lane's weight exp(score - maximum)
+    float w[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      // scale * (q . k), then the mask (a key not read scores -inf); the step's maximum
-      float top = m[r];
+      float x = s[r] * p.scale;
+      x = bool_mask ? (add[r] == 0.0f ? x : -INFINITY) : x + add[r];
+      x = live ? x : -INFINITY;
+      float top = x;
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        float x = s[u][r] * p.scale;
-        x = bool_mask ? (add[u][r] == 0.0f ? x : -INFINITY) : x + add[u][r];
-        x = live[u] ? x : -INFINITY;
-        s[u][r] = x;
-        top = x > top ? x : top;  // a NaN score is never the maximum; its weight makes NaN
-      }
-      if (top == -INFINITY) continue;  // nothing attended yet: no weight to add
-      // online softmax, one rescale per step: exp(m - top) is 0 for the first attended keys
-      // and exactly 1 when the maximum stays
+      for (int off = 16; off > 0; off >>= 1)
+        top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
+      // fmaxf skips NaN: a tile of NaN scores only keeps NaN (its rows then give NaN)
+      top = top != top ? top : fmaxf(m[r], top);
+      w[r] = 0.0f;
+      if (top == -INFINITY) continue;  // nothing attended yet (the same for every lane)
       const float c = expf(m[r] - top);
-      l[r] *= c;
+      w[r] = expf(x - top);  // 0 for a key not attended
+      lsum[r] = fmaf(lsum[r], c, w[r]);
 #pragma unroll
       for (int i = 0; i < DL; ++i) o[r][i] *= c;
       m[r] = top;
+    }
+    // the weighted sum: G keys' rows of v loaded together, each key's weights from its lane
+#pragma unroll 1
+    for (int k0 = 0; k0 < 32; k0 += G) {
+      if (((keys >> k0) & ((1u << G) - 1u)) == 0) continue;
+      float vf[G][DL];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const float w = expf(s[u][r] - top);  // exp(-inf) = 0 for masked keys
-        l[r] += w;
+      for (int g = 0; g < G; ++g) {
+        const bool in = (keys >> (k0 + g)) & 1u;
+        const T* vp = vb + (jt + k0 + g) * p.vs[2];
 #pragma unroll
-        for (int i = 0; i < DL; ++i) o[r][i] = fmaf(w, vf[u][i], o[r][i]);
+        for (int i = 0; i < DL; ++i) {
+          const int d = lane + 32 * i;
+          vf[g][i] = in && d < p.D ? to_float(vp[d]) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float wr = __shfl_sync(0xffffffffu, w[r], k0 + g);
+#pragma unroll
+          for (int i = 0; i < DL; ++i) o[r][i] = fmaf(wr, vf[g][i], o[r][i]);
+        }
       }
     }
+  }
+  float l[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    l[r] = lsum[r];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l[r] += __shfl_xor_sync(0xffffffffu, l[r], off);
   }
 
   // the warps' (max, sum, outputs) merged per row in shared memory
@@ -295,7 +329,8 @@ struct AttnPlan {
   int64_t row_groups = 0, splits = 1, split_keys = 1;
 };
 
-// Splits: enough blocks for four per multiprocessor, each split at least kMinSplit keys.
+// Splits: enough blocks for eight per multiprocessor (whole waves matter less), each split at
+// least kMinSplit keys.
 inline AttnPlan attention_plan(int64_t B, int64_t Hkv, int64_t rows, int64_t Lk, int64_t D,
                                int sms) {
   AttnPlan a;
@@ -304,7 +339,7 @@ inline AttnPlan attention_plan(int64_t B, int64_t Hkv, int64_t rows, int64_t Lk,
   a.dl = D <= 32 ? 1 : (D <= 64 ? 2 : (D <= 128 ? 4 : 8));
   if (Lk <= 0) return a;
   const int64_t blocks = std::max<int64_t>(1, B * Hkv * a.row_groups);
-  const int64_t want = std::max<int64_t>(1, (4 * static_cast<int64_t>(sms) + blocks - 1) / blocks);
+  const int64_t want = std::max<int64_t>(1, (8 * static_cast<int64_t>(sms) + blocks - 1) / blocks);
   const int64_t most = std::max<int64_t>(1, (Lk + kMinSplit - 1) / kMinSplit);
   const int64_t splits = std::min<int64_t>({want, most, int64_t{kMaxSplits}});
   a.split_keys = (Lk + splits - 1) / splits;

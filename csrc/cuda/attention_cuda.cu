@@ -83,6 +83,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
     p.mask_kind = mask_kind_of(m.scalar_type());
     for (int i = 0; i < 4; ++i) p.ms[i] = m.stride(i);
   }
+  const int64_t es = k.element_size();
+  p.k_vec = reinterpret_cast<uintptr_t>(k.const_data_ptr()) % 16 == 0 && g.D * es % 16 == 0 &&
+            k.stride(0) * es % 16 == 0 && k.stride(1) * es % 16 == 0 && k.stride(2) * es % 16 == 0;
   p.Hq = g.Hq;
   p.Hkv = g.Hkv;
   p.Lq = g.Lq;
