@@ -360,6 +360,61 @@ def test_prefill_pairs_any_alignment(gen, ws: str, monkeypatch) -> None:
 
 
 @needs_cuda
+@pytest.mark.parametrize("ws", ["0", "3"])
+def test_prefill_sb_cache(gen, ws: str, monkeypatch) -> None:
+    # MLXQ_CUDA_GEMM_SB_CACHE keeps the fused prefill's (scale, bias) pairs per weight: y bit for
+    # bit as when they are packed on every call; an in-place change of the scales or biases is
+    # repacked; weights that share a storage at other offsets (batched weights) keep their own
+    # pairs; mode 1 leaves graph captures packing inside the graph (a change before a replay
+    # reaches it), mode 2 lets a graph read the cached pairs as they were packed
+    monkeypatch.setenv("MLXQ_CUDA_GEMM", "2")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", "256")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
+    wq, s, b = (t.cuda() for t in _quantized(gen, 264, 2048, 64, 4, torch.bfloat16))
+    x = torch.randn(300, 2048, generator=gen).bfloat16().cuda()
+
+    def run(mode: str, *w) -> torch.Tensor:
+        monkeypatch.setenv("MLXQ_CUDA_GEMM_SB_CACHE", mode)
+        return mlxq.affine_matmul(x, *(w or (wq, s, b)), 64, 4)
+
+    ref = run("0")
+    assert torch.equal(run("1"), ref) and torch.equal(run("1"), ref)  # packed, then cached
+    with torch.no_grad():
+        s.mul_(1.5)
+        b.add_(0.25)
+    ref2 = run("0")
+    assert not torch.equal(ref2, ref)
+    assert torch.equal(run("1"), ref2)
+    # two weights in one storage (a stacked weight's entries): their own pairs each
+    ws3, ss3, bs3 = torch.stack([wq, wq.flip(0)]), torch.stack([s, s.flip(0)]), torch.stack([b, b])
+    want = [run("0", ws3[i], ss3[i], bs3[i]) for i in range(2)]
+    for _ in range(2):
+        assert all(torch.equal(run("1", ws3[i], ss3[i], bs3[i]), want[i]) for i in range(2))
+
+    def capture(mode: str):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run(mode)  # warm up (mode 2: the pairs cached before the capture)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                out = run(mode)
+        torch.cuda.current_stream().wait_stream(side)
+        return graph, out
+
+    for mode in ("1", "2"):
+        before = run("0")
+        graph, out = capture(mode)
+        with torch.no_grad():
+            s.mul_(0.5)
+        after = run("0")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, after if mode == "1" else before), mode
+        assert torch.equal(run(mode), after), mode  # eager calls repack
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_prefill_stream_k(gen, group_size: int, dtype: torch.dtype, monkeypatch) -> None:

@@ -7,6 +7,7 @@
 // captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,6 +18,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -202,6 +204,134 @@ bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
   return 4 * gemm_w4_sm90_workspace(M, W.N, W.K, sms).blocks >= 3 * sms;
 }
 
+// The fused prefill's (scale, bias) pairs (launch_gemm_w4_sm90 packs them into a workspace on
+// every call, 4.7-4.9 us at 28672 x 8192 group 128 on an H200) kept per weight from one call to
+// the next where MLXQ_CUDA_GEMM_SB_CACHE (read on every call) asks: 0 (the default) never; 1 for
+// calls outside a CUDA graph capture; 2 also for calls being captured, where the graph then
+// reads the pairs as they were packed: a later in-place change of the scales or biases reaches
+// eager calls (repacked) but not that graph's replays, so re-capture after one. An entry is keyed
+// by the storages of the scales and biases (held weakly, so that a freed storage's address
+// cannot come back as another's while its entry exists) and their offsets, and is repacked when
+// their data pointers or version counters (bumped by every in-place write through torch: copy_,
+// load_state_dict, ...) differ from the packed ones. Inference tensors have no version counter:
+// they are never cached. An entry that a captured graph reads stays for the process; the others
+// are evicted least recently used beyond MLXQ_CUDA_GEMM_SB_CACHE_MB (read once, default 1024).
+int sb_cache_mode() {
+  const char* env = std::getenv("MLXQ_CUDA_GEMM_SB_CACHE");
+  return env == nullptr || *env == '\0' ? 0 : std::atoi(env);
+}
+
+struct SbEntry {
+  SbEntry(const at::Tensor& s, const at::Tensor& b)
+      : s_ref(s.storage().getWeakStorageImpl()), b_ref(b.storage().getWeakStorageImpl()) {}
+  c10::weak_intrusive_ptr<c10::StorageImpl> s_ref, b_ref;
+  const void *s_ptr = nullptr, *b_ptr = nullptr;
+  uint32_t s_ver = 0, b_ver = 0;
+  int64_t N = 0, G = 0;
+  at::Tensor sb;
+  cudaStream_t stream = nullptr;  // the stream sb was allocated on
+  bool pinned = false;            // read by a captured graph
+  uint64_t used = 0;              // last use (LRU clock)
+  int64_t bytes() const { return sb.defined() ? sb.numel() * 4 : 0; }
+};
+using SbKey = std::tuple<const c10::StorageImpl*, int64_t, const c10::StorageImpl*, int64_t>;
+
+struct SbCache {
+  std::mutex mu;
+  std::map<SbKey, SbEntry> entries;
+  std::vector<at::Tensor> retired;  // pinned pairs replaced by a repack: a graph may read them
+  uint64_t clock = 0;
+  int64_t bytes = 0;  // of the unpinned entries
+};
+SbCache& sb_cache() {
+  static SbCache* cache = new SbCache();  // never destroyed: freeing at exit races the allocator
+  return *cache;
+}
+int64_t sb_cache_limit() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("MLXQ_CUDA_GEMM_SB_CACHE_MB");
+    return (env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : 1024) << 20;
+  }();
+  return bytes;
+}
+
+uint32_t version_of(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->version_counter().current_version();
+}
+
+// The pairs of W from the cache, packed on `stream` when missing or stale; undefined where the
+// cache does not apply (then the launch packs them into a workspace, as without the cache).
+at::Tensor cached_pairs(const Weight& W, cudaStream_t stream) {
+  const int mode = sb_cache_mode();
+  if (mode <= 0 || W.s.is_inference() || W.b.is_inference()) return {};
+  const bool capturing = stream_capturing();
+  if (capturing && mode < 2) return {};
+  c10::StorageImpl* si = W.s.storage().unsafeGetStorageImpl();
+  c10::StorageImpl* bi = W.b.storage().unsafeGetStorageImpl();
+  const SbKey key{si, W.s.storage_offset(), bi, W.b.storage_offset()};
+  const void *sp = W.s.const_data_ptr(), *bp = W.b.const_data_ptr();
+  const uint32_t sv = version_of(W.s), bv = version_of(W.b);
+  SbCache& c = sb_cache();
+  const std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.entries.find(key);
+  const bool fresh = it != c.entries.end() && !it->second.s_ref.expired() &&
+                     !it->second.b_ref.expired() && it->second.s_ptr == sp &&
+                     it->second.b_ptr == bp && it->second.s_ver == sv && it->second.b_ver == bv &&
+                     it->second.N == W.N && it->second.G == W.G;
+  if (capturing && !fresh) return {};  // packed inside the graph, as without the cache
+  if (!fresh) {
+    if (it != c.entries.end()) {  // stale: a new buffer (a kernel may still read the old one)
+      if (it->second.pinned) {
+        c.retired.push_back(it->second.sb);
+      } else {
+        c.bytes -= it->second.bytes();
+      }
+      c.entries.erase(it);
+    }
+    // drop the entries of freed storages, then the least recently used beyond the limit
+    const int64_t need = W.N * gemm_w4_sm90_sb_cols(W.G) * 4;
+    for (auto e = c.entries.begin(); e != c.entries.end();) {
+      if (!e->second.pinned && (e->second.s_ref.expired() || e->second.b_ref.expired())) {
+        c.bytes -= e->second.bytes();
+        e = c.entries.erase(e);
+      } else {
+        ++e;
+      }
+    }
+    while (c.bytes + need > sb_cache_limit()) {
+      auto lru = c.entries.end();
+      for (auto e = c.entries.begin(); e != c.entries.end(); ++e) {
+        if (!e->second.pinned && (lru == c.entries.end() || e->second.used < lru->second.used)) {
+          lru = e;
+        }
+      }
+      if (lru == c.entries.end()) break;
+      c.bytes -= lru->second.bytes();
+      c.entries.erase(lru);
+    }
+    if (need > sb_cache_limit()) return {};
+    SbEntry e(W.s, W.b);
+    e.s_ptr = sp, e.b_ptr = bp, e.s_ver = sv, e.b_ver = bv, e.N = W.N, e.G = W.G;
+    e.sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, W.s.options().dtype(at::kInt));
+    e.stream = stream;
+    launch_gemm_pack_sb(sp, bp, static_cast<uint32_t*>(e.sb.mutable_data_ptr()),
+                        W.N * gemm_w4_sm90_sb_cols(W.G), stream);
+    c.bytes += e.bytes();
+    it = c.entries.emplace(key, std::move(e)).first;
+  }
+  SbEntry& e = it->second;
+  e.used = ++c.clock;
+  if (stream != e.stream) {  // the allocator may not reuse the pairs before this stream is done
+    c10::cuda::CUDACachingAllocator::recordStream(
+        e.sb.storage().data_ptr(), c10::cuda::getStreamFromExternal(stream, W.s.get_device()));
+  }
+  if (capturing && !e.pinned) {
+    e.pinned = true;
+    c.bytes -= e.bytes();
+  }
+  return e.sb;
+}
+
 // Bytes of dequantized weight per tile on the prefill path; MLXQ_CUDA_TILE_MB overrides it.
 // Large enough that most layers are one tile (one cuBLAS call at full efficiency), bounded so
 // that huge layers do not double their memory.
@@ -258,7 +388,9 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
   }
   if (use_sm90_gemm(W, M, dt, x.get_device())) {
     at::Tensor y = at::empty({M, W.N}, x.options());
-    at::Tensor sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
+    at::Tensor sb = cached_pairs(W, stream);
+    const bool sb_ready = sb.defined();
+    if (!sb_ready) sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
     const int sms = sm_count(x.get_device());
     const GemmWorkspace wsz = gemm_w4_sm90_workspace(M, W.N, W.K, sms);
     at::Tensor ws, counters;  // the K split's scratch, where it splits
@@ -281,6 +413,7 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     a.sm_count = sms;
     a.ws = ws.defined() ? ws.mutable_data_ptr<float>() : nullptr;
     a.counters = counters.defined() ? counters.mutable_data_ptr<int>() : nullptr;
+    a.sb_ready = sb_ready;
     launch_gemm_w4_sm90(a, dtype_of(dt), stream);
     return y;
   }

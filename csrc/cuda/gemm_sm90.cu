@@ -207,6 +207,14 @@ bool gemm_w4_sm90_available(int device) {
 
 int64_t gemm_w4_sm90_sb_cols(int64_t G) { return G; }
 
+void launch_gemm_pack_sb(const void* scales, const void* biases, uint32_t* sb, int64_t n,
+                         cudaStream_t stream) {
+  // gemm_w4_sm90_sb_cols(G) == G: the pairs are the arrays' elements in order
+  gemm_pack_sb(static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(biases), sb, n,
+               stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_count) {
   const Shape sh = shape_of(tile_for(M));
   const int64_t sk = sk_for(sh, M, N, K, sm_count);
@@ -228,13 +236,9 @@ void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) 
   // (scale, bias) pairs, one 4-byte load for a thread's both; written just before the kernel,
   // they are in L2 when it reads them (reading the two arrays from HBM measured 10-40% slower
   // for the register-A kernel, 3-10% for the warp-specialized one)
+  // (affine_cuda.cu may keep them from an earlier call: GemmArgs::sb_ready)
   const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
-  if (n > 0) {
-    // gp == G: the pairs are the arrays' elements in order
-    gemm_pack_sb(static_cast<const uint16_t*>(a.scales), static_cast<const uint16_t*>(a.biases),
-                 a.sb, n, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (n > 0 && !a.sb_ready) launch_gemm_pack_sb(a.scales, a.biases, a.sb, n, stream);
   GemmParams p{a.w, a.sb, a.x, a.y,  a.N,        a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
                1,   0,    1,   a.ws, a.counters, 0,   0,   0};
   const bool half = x_dtype == DType::kHalf;

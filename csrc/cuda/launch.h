@@ -78,9 +78,10 @@ struct GemmArgs {
   void* y;             // [M, N]
   int64_t N, M, K, G;
   int group_shift;
-  int sm_count;   // multiprocessors of the device
-  float* ws;      // gemm_w4_sm90_workspace(...).floats fp32 values
-  int* counters;  // gemm_w4_sm90_workspace(...).counters zeros (left zero after each call)
+  int sm_count;           // multiprocessors of the device
+  float* ws;              // gemm_w4_sm90_workspace(...).floats fp32 values
+  int* counters;          // gemm_w4_sm90_workspace(...).counters zeros (left zero after each call)
+  bool sb_ready = false;  // sb already holds the pairs (packed by an earlier call): not repacked
 };
 // The launch of a call of these sizes: its blocks, and the scratch of its K split
 // (gemm_sm90.cuh's GemmSplit).
@@ -95,6 +96,10 @@ GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_cou
 bool gemm_w4_sm90_available(int device);
 int64_t gemm_w4_sm90_sb_cols(int64_t G);
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream);
+// sb[i] = (scales[i], biases[i]) for i < n (16-bit scales and biases), as launch_gemm_w4_sm90
+// packs them unless GemmArgs::sb_ready.
+void launch_gemm_pack_sb(const void* scales, const void* biases, uint32_t* sb, int64_t n,
+                         cudaStream_t stream);
 
 // out = dequantized W in `out_dtype` (affine_cuda.cu).
 void launch_dequantize(int bits, const DequantParams& p, DType out_dtype, cudaStream_t stream);
