@@ -216,6 +216,14 @@ bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
 // load_state_dict, ...) differ from the packed ones. Inference tensors have no version counter:
 // they are never cached. An entry that a captured graph reads stays for the process; the others
 // are evicted least recently used beyond MLXQ_CUDA_GEMM_SB_CACHE_MB (read once, default 1024).
+// Measured on an H200 (benchmarks/cuda/graph_probe.py, bf16, group 128, M = 512, profiler over
+// CUDA-graph replays, us a call): 28672 x 8192 the kernel alone 399.5 + 0.9 idle against the
+// packing's 4.7 + 1.2 idle + 399.2 + 0.4; 8192 x 28672 367.9 + 1.0 against 4.8 + 1.1 + 380.2 +
+// 0.5 (eagerly 367.7 against 4.7 + 369.4): the kernel reads the pairs from memory rather than
+// from the L2 the packing left them in at no measured cost, so a call saves the packing and one
+// gap, 1.3-1.5%. 4096 x 4096 as half tiles (MLXQ_CUDA_GEMM=2 MLXQ_CUDA_GEMM_WS=2): 0.0430-0.0431
+// ms against 0.0453-0.0458. Off by default: it keeps a second copy of the scales and biases
+// (N * G * 4 bytes a weight), and mode 2 changes what a graph reads after an in-place update.
 int sb_cache_mode() {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_SB_CACHE");
   return env == nullptr || *env == '\0' ? 0 : std::atoi(env);

@@ -48,10 +48,18 @@
 // ratio to dense cuBLAS in the same run): dense 0.3015 / 0.2978, register-A 0.4339 (1.439x) /
 // 0.4242 (1.424x), 52 0.4544 / 0.4301, 43l 0.4252 (1.410x) / 0.3890 (1.306x), 43l warp
 // arrivals 0.4505 / 0.4307, 43l direct 0.4736 / 0.4209, both 0.4747 / 0.4272. So the op runs
-// 43l (gemm_sm90.cu); warp arrivals and direct reads stay in the harness. Under graph replay the
-// warp-specialized kernels took 25-27 us a call more than their profiled time plus the packing
-// (the register-A kernel none; the first run's graph timings of the rings also varied by up to
-// 8% between rounds): not yet explained.
+// 43l (gemm_sm90.cu); warp arrivals and direct reads stay in the harness. In that run the
+// graph timings of the warp-specialized kernels came out 25-27 us a call above their profiled
+// time plus the packing. The graph adds nothing (benchmarks/cuda/graph_probe.py, H200, M = 512,
+// profiler over graph replays / eager calls, us): 28672 x 8192 packing 4.7 / 4.8, kernel 399.2
+// / 399.6, idle before the packing 1.2 / 1.9 and before the kernel 0.4 / 2.6 (register-A 429.7 /
+// 430.1); 8192 x 28672 packing 4.8 / 4.7, kernel 380.2 / 369.4. So a replayed call is the
+// packing, the kernel and 1.6 us, 405.6 us at 28672 x 8192, which bench_ops then read (0.4046,
+// 0.4052 ms). What moves a timing is the GPU's clock: with the card near its 700 W limit the SM
+// clock read 1440-1980 MHz within one run, dense cuBLAS took 0.3077-0.3512 ms and the register-A
+// kernel 0.4357-0.5137 in CUDA-graph timings seconds apart, and a kernel change measured in
+// separate timings can sit inside that (bench_ops' x_vs_dense_paired times the two graphs back
+// to back).
 // Also measured and not used by the op (harness only): Mc, clusters of two CTAs that multicast
 // x (0.55 at 28672 x 8192, 0.47 at 8192 x 28672; its TMA loads alone took 0.47 against 0.21),
 // and 4 TMA slots with 3 dequantized tiles in clusters (0.56). With any ring but 5/2 (and 6/1)

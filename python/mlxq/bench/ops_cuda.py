@@ -11,6 +11,8 @@ Each row is one (shape, bits, group size, M); columns are milliseconds per call 
 plus ``copy_TBps``, the device copy bandwidth (bytes read + written per second) measured in the
 same run (and ``read_TBps``, a plain fp32 sum, in the run's info), and the ratios:
 ``x_vs_tinygemm`` and ``x_vs_dense`` (> 1: mlxq is faster),
+``x_vs_dense_paired`` (dense over mlxq again, the median of rounds that time the two graphs
+back to back: steadier while the GPU's clock moves; ``paired_range`` its rounds' min-max),
 ``mlxq_TBps`` (packed weight, scale and bias bytes per second at M = 1) and ``of_copy``
 (that bandwidth as a fraction of the copy bandwidth).
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -42,8 +45,8 @@ SHAPES = {"4096x4096": (4096, 4096), "28672x8192": (28672, 8192), "8192x28672": 
 L2_SPILL_BYTES = 256 << 20  # several times the H100/H200 L2 (50 MB)
 
 
-def graph_ms(calls: list[Callable[[], object]], replays: int = 20) -> float:
-    """Milliseconds per call of `calls`, captured once in a CUDA graph and replayed."""
+def _captured(calls: list[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """`calls` captured in a CUDA graph (warmed up outside the capture), replayed once."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -56,6 +59,12 @@ def graph_ms(calls: list[Callable[[], object]], replays: int = 20) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def graph_ms(calls: list[Callable[[], object]], replays: int = 20) -> float:
+    """Milliseconds per call of `calls`, captured once in a CUDA graph and replayed."""
+    graph = _captured(calls)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(3):
@@ -66,6 +75,39 @@ def graph_ms(calls: list[Callable[[], object]], replays: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / (replays * len(calls)))
     return min(times)
+
+
+def paired_ratio(
+    calls: list[Callable[[], object]],
+    peer: list[Callable[[], object]],
+    rounds: int = 12,
+    replays: int = 5,
+) -> tuple[float, float, float]:
+    """(median, min, max) over `rounds` of the peer's ms per call over that of `calls`, both
+    captured in CUDA graphs and timed back to back in each round (which goes first alternates),
+    so that both see the GPU at the same clock. Near its power limit an H200 moved its SM clock
+    between 1440 and 1980 MHz within one run, and each graph_ms with it by up to 10%, so that
+    two graph_ms taken seconds apart can disagree on a ratio by more than a kernel change
+    (benchmarks/cuda/graph_probe.py)."""
+    mine, theirs = _captured(calls), _captured(peer)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    ratios = []
+    for r in range(rounds + 1):  # round 0 warms up
+        order = [(mine, len(calls)), (theirs, len(peer))]
+        if r % 2:
+            order.reverse()
+        ev[0].record()
+        for i, (graph, _) in enumerate(order):
+            for _ in range(replays):
+                graph.replay()
+            ev[i + 1].record()
+        ev[2].synchronize()
+        per_call = [ev[i].elapsed_time(ev[i + 1]) / (replays * n) for i, (_, n) in enumerate(order)]
+        if r % 2:
+            per_call.reverse()
+        if r > 0:
+            ratios.append(per_call[1] / per_call[0])
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 @contextmanager
@@ -146,14 +188,17 @@ def bench_row(n: int, k: int, bits: int, group_size: int, m: int, copy_bw: float
             [lambda c=c: mlxq.affine_matmul(x, *c, group_size, bits) for c in copies32]
         )
         del copies32
-    del copies, calls
-    if bits == 4 and (calls := _tinygemm(n, k, group_size, xb)):
-        row["tinygemm"] = graph_ms(calls)
-        del calls
+    if bits == 4 and (tiny := _tinygemm(n, k, group_size, xb)):
+        row["tinygemm"] = graph_ms(tiny)
+        del tiny
     wd = mlxq.affine_dequantize(wq, sb, bb, group_size, bits)
     dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
-    row["dense_bf16"] = graph_ms([lambda d=d: xb @ d.T for d in dense])
-    del dense, wd
+    dense_calls = [lambda d=d: xb @ d.T for d in dense]
+    row["dense_bf16"] = graph_ms(dense_calls)
+    ratio, lo, hi = paired_ratio(calls, dense_calls)
+    row["x_vs_dense_paired"] = ratio
+    row["paired_range"] = f"{lo:.3f}-{hi:.3f}"
+    del dense, dense_calls, wd, copies, calls
     best = row["mlxq_bf16"]
     row["packed_MB"] = packed / 1e6
     row["copy_TBps"] = copy_bw
@@ -302,6 +347,8 @@ COLUMNS = [
     "dense_bf16",
     "x_vs_tinygemm",
     "x_vs_dense_bf16",
+    "x_vs_dense_paired",
+    "paired_range",
     "mlxq_TBps",
     "of_copy",
 ]
