@@ -14,12 +14,14 @@
 #include <vector>
 
 #include "cuda/kernels.cuh"
+#include "cuda/qmv_bulk.cuh"
 #include "cuda/qmv_stream.cuh"
 #include "harness.h"
 
 using namespace mlxq::cuda;
 
 static int g_sms = 132;
+static int64_t g_smem_optin = 227 * 1024;
 
 struct Problem {
   int64_t N, K, GS;
@@ -725,11 +727,152 @@ static int ilv_main() {
   return bad == 0 ? 0 : 1;
 }
 
+// ---- the bulk-copy kernel (qmv_bulk.cuh) next to the op's launch ------------------------------
+
+template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0>
+Launch bulk(int max_stages = kBulkMaxStages) {
+  return [max_stages](const QmvParams& p, cudaStream_t s) {
+    const BulkShape b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, WPP, max_stages);
+    if (!b.ok) {
+      std::fprintf(stderr, "bulk kernel does not fit N=%lld K=%lld M=%d WPP=%d\n", (long long)p.N,
+                   (long long)p.K, p.M, WPP);
+      std::exit(1);
+    }
+    auto k = qmv_bulk_kernel<GS, T, WPP, P, Probe>;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            static_cast<int>(b.smem)));
+    k<<<b.blocks, (kBulkWarps + 1) * 32, b.smem, s>>>(p, b.stages, b.tpb);
+  };
+}
+
+template <int GS, typename T>
+std::vector<Row> bulk_check_rows() {
+  return {{"bulk wpp4 native", bulk<GS, T, 4>()},
+          {"bulk wpp2 native", bulk<GS, T, 2>()},
+          {"bulk wpp8 native", bulk<GS, T, 8>()},
+          {"bulk wpp4 native 6 stages", bulk<GS, T, 4>(6)},
+          {"bulk wpp4 half-sub", bulk<GS, T, 4, Prod::kHalfSub>()}};
+}
+
+// The op's choice for 28672 x 8192 (16-warp ring, x-first), the bulk variants, their probes and
+// the plain read, in one run.
+static int bulk_main() {
+  using bf = __nv_bfloat16;
+  using hf = __half;
+  {
+    const int64_t bytes = 1ll << 30;
+    void *src, *dst;
+    CK(cudaMalloc(&src, bytes));
+    CK(cudaMalloc(&dst, bytes));
+    CK(cudaMemset(src, 1, bytes));
+    const double copy_us = graph_us(
+        [&](int, cudaStream_t s) {
+          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+        },
+        1, 5);
+    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
+    cudaFree(src), cudaFree(dst);
+  }
+  int bad = 0;
+  // short last chunks (K = 2560: 5 steps), few tiles (6 blocks), many tiles a block, M = 2
+  for (int64_t gs : {32, 64, 128}) {
+    for (int64_t K : {int64_t{2560}, int64_t{4608}}) {
+      for (int M : {1, 2}) {
+        for (int64_t N : {int64_t{96}, int64_t{6000}, int64_t{40000}}) {
+          Problem P{N, K, gs, M, N == 6000};
+          make(P, 1);
+          const std::vector<Row> rows =
+              gs == 32   ? (P.half ? bulk_check_rows<32, hf>() : bulk_check_rows<32, bf>())
+              : gs == 64 ? (P.half ? bulk_check_rows<64, hf>() : bulk_check_rows<64, bf>())
+                         : (P.half ? bulk_check_rows<128, hf>() : bulk_check_rows<128, bf>());
+          for (auto& r : rows) bad += !check(P, r.fn, r.name, N <= 6000);
+          release(P);
+        }
+      }
+    }
+  }
+  for (int lo : {-20, -110, 60}) {  // half-sub with bf16 x over 2^40 in every span
+    Problem P{320, 1024, 32, 2, false};
+    P.xspread = 40, P.xlo = lo;
+    make(P, 1);
+    bad += !check(P, bulk<32, bf, 4, Prod::kHalfSub>(), "bulk wpp4 half-sub x spread", true);
+    bad += !check(P, bulk<32, bf, 4>(), "bulk wpp4 native x spread", true);
+    release(P);
+  }
+  std::printf("checks: %d failed\n", bad);
+  constexpr Prod kN = Prod::kNative, kS = Prod::kHalfSub;
+  const Row floor = {"read kernel (floor)", read_floor()};
+  bench(28672, 8192, 128, 1, false,
+        {{"w16 ring U4x2 x-first (the op's)", stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp4 native", bulk<128, bf, 4>()},
+         {"bulk wpp2 native", bulk<128, bf, 2>()},
+         {"bulk wpp8 native", bulk<128, bf, 8>()},
+         {"bulk wpp4 native 6 stages", bulk<128, bf, 4>(6)},
+         {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()},
+         {"bulk wpp2 half-sub", bulk<128, bf, 2, kS>()},
+         {"probe: bulk wpp4 copies only", bulk<128, bf, 4, kN, 1>()},
+         {"probe: bulk wpp2 copies only", bulk<128, bf, 2, kN, 1>()},
+         {"probe: bulk wpp4 products only", bulk<128, bf, 4, kN, 2>()},
+         {"probe: bulk wpp4 half-sub products only", bulk<128, bf, 4, kS, 2>()},
+         {"probe: w16 ring loads only", stream<128, 4, true, bf, true, 1, 0, 16>()},
+         floor,
+         {"w16 ring U4x2 x-first (the op's) again", stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp4 native again", bulk<128, bf, 4>()}},
+        false);
+  for (int gs : {64, 32}) {
+    const std::vector<Row> rows =
+        gs == 64 ? std::vector<Row>{{"w16 ring x-first (the op's)",
+                                     stream<64, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+                                    {"bulk wpp4 native", bulk<64, bf, 4>()},
+                                    {"bulk wpp2 native", bulk<64, bf, 2>()},
+                                    {"bulk wpp4 half-sub", bulk<64, bf, 4, kS>()}}
+                 : std::vector<Row>{{"w16 ring x-first (the op's)",
+                                     stream<32, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+                                    {"bulk wpp4 native", bulk<32, bf, 4>()},
+                                    {"bulk wpp2 native", bulk<32, bf, 2>()},
+                                    {"bulk wpp4 half-sub", bulk<32, bf, 4, kS>()}};
+    bench(28672, 8192, gs, 1, false, rows, false);
+  }
+  bench(28672, 8192, 128, 2, false,
+        {{"w16 ring x-first (the op's)", stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp4 native", bulk<128, bf, 4>()},
+         {"bulk wpp2 native", bulk<128, bf, 2>()},
+         {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()}},
+        false);
+  bench(28672, 8192, 128, 1, true,
+        {{"w16 ring x-first fp16 (the op's)", stream<128, 4, true, hf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp4 native fp16", bulk<128, hf, 4>()},
+         {"bulk wpp4 half-sub fp16", bulk<128, hf, 4, kS>()}},
+        false);
+  bench(8192, 28672, 128, 1, false,
+        {{"w8 regs half-sub early (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 1>()},
+         {"bulk wpp4 native", bulk<128, bf, 4>()},
+         {"bulk wpp2 native", bulk<128, bf, 2>()},
+         {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()},
+         floor},
+        false);
+  // at M = 2 x takes 115 KB: only the 9 KB slots of wpp2 fit groups + 2 stages
+  bench(8192, 28672, 128, 2, false,
+        {{"w8 regs half-sub early (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 1>()},
+         {"bulk wpp2 native", bulk<128, bf, 2>()},
+         {"bulk wpp2 half-sub", bulk<128, bf, 2, kS>()}},
+        false);
+  bench(4096, 4096, 128, 1, false,
+        {{"w8 regs half-sub (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 0>()},
+         {"bulk wpp4 native", bulk<128, bf, 4>()},
+         {"bulk wpp2 native", bulk<128, bf, 2>()},
+         {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()},
+         floor},
+        true);
+  return bad == 0 ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   harness_seed(0x9E3779B97F4A7C15ull);
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   g_sms = prop.multiProcessorCount;
+  g_smem_optin = static_cast<int64_t>(prop.sharedMemPerBlockOptin);
   CK(cudaMalloc(&g_sink, 4));
   std::printf("%s, %d SMs, L2 %d MB\n", prop.name, g_sms, prop.l2CacheSize >> 20);
   using bf = __nv_bfloat16;
@@ -767,6 +910,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "ilv") == 0) return ilv_main();
+  if (argc > 1 && std::strcmp(argv[1], "bulk") == 0) return bulk_main();
   bandwidth();
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
   // numerics on awkward shapes: K tails (576: 4.5 spans), N tails, split K, M = 2

@@ -1,0 +1,271 @@
+// Streaming decode with Hopper bulk copies (4-bit weights, fp16/bf16 x and scales, M <= 2): one
+// persistent block a multiprocessor, all multiprocessors busy, and one thread that issues every
+// weight copy of its block.
+//
+// Why. The 16-warp ring (qmv_stream.cuh) fills 112 of 132 multiprocessors at 28672 x 8192 (1792
+// tiles of 16 rows, 16 a block), and each of its threads spends instructions on copy addresses
+// and LDGSTS. Here block b takes tiles [tiles * b / B, tiles * (b + 1) / B) with B = the
+// multiprocessors (13 or 14 tiles each there), and the weights arrive by cp.async.bulk (1-D,
+// no tensor map) into a ring of shared memory, completing on mbarriers.
+//
+// Pieces. A tile's rows are cut into chunks of WPP * 512 values; piece (tile, chunk) is 16 row
+// pieces of WPP * 256 bytes, 16 bulk copies (rows 64 bytes apart more than their length, so that
+// rows g and g + 1 of a quarter warp's 16-byte reads fall on other banks). Pieces go round the
+// ring in the order tile by tile, chunk by chunk. The 16 consumer warps form 16 / WPP groups of
+// WPP warps; group i takes pieces i, i + groups, ...; warp q of a group multiplies the q-th 512
+// values (4 spans, one step of qmv_stream_kernel, stream_step) of each of its pieces, after
+// copying them to registers and freeing the slot (mbarrier "empty", WPP arrivals). Each warp
+// adds its sums of a tile in registers and leaves them in shared memory when its tile changes;
+// at the end every output is the sum of its tile's 16 warps, in warp order (deterministic).
+// The scales and biases each lane loads itself one piece ahead (stream_load_sb), x and its sums
+// are staged once a block while the first copies land.
+#pragma once
+
+#include "cuda/qmv_stream.cuh"
+
+namespace mlxq::cuda {
+
+constexpr int kBulkWarps = 16;     // consumer warps; warp 16 issues the copies
+constexpr int kBulkRowPad = 64;    // bytes between a slot's row pieces beyond their length
+constexpr int kBulkMaxStages = 32; // mbarriers reserved for the ring
+
+// The launch of qmv_bulk_kernel for an N x K weight and M rows of x: its blocks, the most tiles
+// one block takes, its ring stages and bytes of dynamic shared memory; ok false where it does
+// not apply (N % 16, K % 512, M > 2, or fewer stages fit than groups + 2).
+struct BulkShape {
+  bool ok;
+  int blocks;
+  int tpb;
+  int stages;
+  int64_t smem;
+};
+
+inline int64_t qmv_bulk_slot_bytes(int wpp) { return 16 * (wpp * 256 + kBulkRowPad); }
+
+inline int64_t qmv_bulk_fixed_smem(int64_t M, int64_t K, int64_t tpb) {
+  const int64_t kp = (K + 511) / 512 * 512;
+  // x, its sums per 32 values, its factors per span (16-byte rounded), zeros, warps' sums,
+  // mbarriers; the ring starts 128-byte aligned
+  const int64_t fixed = M * kp * 2 + M * (kp / 32) * 4 + (M * (kp / 128) * 4 + 15) / 16 * 16 +
+                        256 + tpb * kBulkWarps * M * 16 * 4 + 2 * kBulkMaxStages * 8;
+  return (fixed + 127) / 128 * 128 + 128;  // + the ring's alignment within the block's window
+}
+
+inline BulkShape qmv_bulk_shape(int64_t N, int64_t K, int64_t M, int sm_count,
+                                int64_t smem_per_block, int wpp, int max_stages = kBulkMaxStages) {
+  BulkShape b{false, 0, 0, 0, 0};
+  if (N % 16 != 0 || K % 512 != 0 || M < 1 || M > 2 || N <= 0) return b;
+  const int64_t tiles = N / 16;
+  b.blocks = static_cast<int>(tiles < sm_count ? tiles : sm_count);
+  b.tpb = static_cast<int>((tiles + b.blocks - 1) / b.blocks);
+  const int64_t fixed = qmv_bulk_fixed_smem(M, K, b.tpb);
+  const int64_t fit = (smem_per_block - fixed) / qmv_bulk_slot_bytes(wpp);
+  const int groups = kBulkWarps / wpp;
+  b.stages = static_cast<int>(fit < max_stages ? fit : max_stages);
+  if (b.stages > kBulkMaxStages) b.stages = kBulkMaxStages;
+  b.smem = fixed + b.stages * qmv_bulk_slot_bytes(wpp);
+  b.ok = b.stages >= groups + 2;
+  return b;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MLXQ_BULK 1
+namespace bulk_ptx {
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(phase)
+      : "memory");
+}
+// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), counted on bar
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+}  // namespace bulk_ptx
+#endif
+
+// y = x @ W.T for 1 <= p.M <= 2, N % 16 == 0, K % 512 == 0 (qmv_bulk_shape), blocks of
+// kBulkWarps + 1 warps, `stages` slots in the ring, tpb: BulkShape::tpb. Probe (benchmarks,
+// wrong results): 1 the copies alone, 2 the products alone (no copies).
+template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0>
+__global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
+    qmv_bulk_kernel(const QmvParams p, const int stages, const int tpb) {
+#ifdef MLXQ_BULK
+  constexpr int U = 4;
+  constexpr int kGroups = kBulkWarps / WPP;
+  constexpr int kRow = WPP * 256 + kBulkRowPad;  // a slot's row stride, bytes
+  constexpr int kSlot = 16 * kRow;
+  constexpr int kChunk = WPP * 512;  // values of a piece's rows
+  static_assert(kBulkWarps % WPP == 0, "groups of WPP warps");
+  using S = StreamStep<GS, U>;
+  extern __shared__ __align__(128) uint8_t bulk_smem[];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int M = p.M;
+  const int K = static_cast<int>(p.K);
+  const int kp = K;  // a multiple of 512: whole steps
+  uint4* xs = reinterpret_cast<uint4*>(bulk_smem);                                 // [M][kp/8]
+  float* sx = reinterpret_cast<float*>(bulk_smem + M * kp * 2);                    // [M][kp/32]
+  float* fx = reinterpret_cast<float*>(bulk_smem + M * kp * 2 + M * kp / 8);       // [M][kp/128]
+  uint4* zeros = reinterpret_cast<uint4*>(bulk_smem + M * kp * 2 + M * kp / 8 +
+                                          (M * kp / 32 + 15) / 16 * 16);           // [16]
+  float* red = reinterpret_cast<float*>(zeros + 16);  // [tpb][kBulkWarps][M][16]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(red + tpb * kBulkWarps * M * 16);  // full, empty
+  const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(bars));
+  const uint32_t empty0 = full0 + 8 * kBulkMaxStages;
+  const uint32_t ring =
+      (static_cast<uint32_t>(__cvta_generic_to_shared(bars + 2 * kBulkMaxStages)) + 127u) & ~127u;
+
+  const int64_t tiles = p.N / 16;
+  const int64_t T0 = tiles * blockIdx.x / gridDim.x, T1 = tiles * (blockIdx.x + 1) / gridDim.x;
+  const int nt = static_cast<int>(T1 - T0);
+  const int nc = (K + kChunk - 1) / kChunk;
+  const int pieces = nt * nc;
+  const int64_t row_bytes = p.K / 2;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < stages; ++i) {
+      bulk_ptx::mbar_init(full0 + 8 * i, 1);
+      bulk_ptx::mbar_init(empty0 + 8 * i, WPP);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wi == kBulkWarps) {
+    // The copies: piece pc into slot pc % stages once its previous piece has left it.
+    if (lane == 0) {
+      for (int pc = 0; pc < pieces; ++pc) {
+        const int s = pc % stages;
+        if (pc >= stages) bulk_ptx::mbar_wait(empty0 + 8 * s, ((pc / stages) - 1) & 1);
+        const int c = pc % nc;
+        const uint32_t bytes = static_cast<uint32_t>(min(kChunk, K - c * kChunk) / 2);
+        if constexpr (Probe == 2) {
+          bulk_ptx::mbar_arrive(full0 + 8 * s);
+        } else {
+          bulk_ptx::mbar_expect_tx(full0 + 8 * s, 16 * bytes);
+          const uint8_t* src = reinterpret_cast<const uint8_t*>(p.w) +
+                               (T0 + pc / nc) * 16 * row_bytes + c * (kChunk / 2);
+          const uint32_t dst = ring + s * kSlot;
+#pragma unroll 4
+          for (int r = 0; r < 16; ++r) {
+            bulk_ptx::bulk_copy(dst + r * kRow, src + r * row_bytes, bytes, full0 + 8 * s);
+          }
+        }
+      }
+    }
+    __syncwarp();
+  } else {
+    constexpr int kThreads = kBulkWarps * 32;
+    for (int i = threadIdx.x; i < nt * kBulkWarps * M * 16; i += kThreads) red[i] = 0.f;
+    if (threadIdx.x < 16) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+    const uint4 none[4] = {};
+    if constexpr (P == Prod::kNative) {
+      stream_stage_x<T, kThreads, 4, false>(p, kp, xs, sx, none);
+    } else {
+      stream_stage_x_f16<T, kThreads, 4, false>(p, kp, xs, sx, fx, none);
+    }
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");  // consumers only
+
+    // the B operand, sums and factors of x as in qmv_stream_kernel
+    const int per_row = kp / 8, xm = g >> 2;
+    const bool has_x = GS == 128 || ((g & 3) == t && xm < M);
+    const uint4* xrow = has_x ? xs + (xm < M ? xm : M - 1) * per_row + t : zeros;
+    const int xstride = has_x ? 16 : 0;
+    const int om = t >> 1;
+    const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
+    const float* fxrow = fx + (om < M ? om : 0) * (kp / 128);
+    const int gi = wi / WPP, q = wi % WPP;
+
+    StreamLane L;
+    L.wa = L.wb = nullptr;
+    L.chunks = K / 32;
+    L.spans = K / 128;
+    L.t = t;
+    L.G = static_cast<int>(p.G);
+    L.sb_vec = p.G % 8 == 0;
+    L.policy = 0;
+    const auto step_of = [&](int pc) { return (pc % nc) * WPP + q; };  // of U spans in its row
+    const auto load_sb = [&](int pc, S& st) {
+      const int64_t rs = (T0 + pc / nc) * 16 + (lane & 15);
+      L.sbp = static_cast<const uint16_t*>(lane < 16 ? p.scales : p.biases) + rs * p.G;
+      if (step_of(pc) * U * 128 < K) stream_load_sb<GS, U>(L, step_of(pc), st);
+    };
+    S cur, nxt;
+    if (gi < pieces) load_sb(gi, cur);
+    float acc_a = 0.f, acc_b = 0.f;
+    for (int pc = gi; pc < pieces; pc += kGroups) {
+      const int s = pc % stages, pn = pc + kGroups;
+      if (pn < pieces) load_sb(pn, nxt);
+      bulk_ptx::mbar_wait(full0 + 8 * s, (pc / stages) & 1);
+      const int step = step_of(pc);
+      const bool live = step * U * 128 < K;  // this warp's 512 values of a last, short chunk
+      if (live && Probe != 1) {
+        const uint32_t a = ring + s * kSlot + g * kRow + q * 256 + t * 16;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          cur.qa[u] = bulk_ptx::lds128(a + u * 64);
+          cur.qb[u] = bulk_ptx::lds128(a + 8 * kRow + u * 64);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) bulk_ptx::mbar_arrive(empty0 + 8 * s);  // the weights are in registers
+      if (live && Probe != 1) {
+        stream_step<GS, U, T, P>(L, step, xrow, xstride, sxrow, g, cur, acc_a, acc_b, fxrow);
+      }
+#pragma unroll
+      for (int i = 0; i < S::kSbWords; ++i) cur.sb[i] = nxt.sb[i];
+      const int tl = pc / nc;
+      if (pn >= pieces || pn / nc != tl) {  // this warp's last piece of the tile
+        if constexpr (GS != 128) {
+          acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+          acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+        }
+        if ((t & 1) == 0 && om < M) {
+          float* r = red + ((tl * kBulkWarps + wi) * M + om) * 16;
+          r[g] += acc_a;
+          r[g + 8] += acc_b;
+        }
+        acc_a = acc_b = 0.f;
+      }
+    }
+  }
+  __syncthreads();
+  T* y = static_cast<T*>(p.y);
+  const int outs = nt * M * 16;
+  for (int o = threadIdx.x; o < outs; o += blockDim.x) {
+    const int tl = o / (M * 16), rem = o - tl * M * 16, m = rem / 16, r = rem % 16;
+    const float* src = red + (tl * kBulkWarps * M + m) * 16 + r;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kBulkWarps; ++w) v += src[w * M * 16];
+    y[m * p.N + (T0 + tl) * 16 + r] = from_float<T>(v);
+  }
+#endif
+}
+
+}  // namespace mlxq::cuda
