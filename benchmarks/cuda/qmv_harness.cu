@@ -745,13 +745,19 @@ Launch bulk(int max_stages = kBulkMaxStages) {
   };
 }
 
+struct BulkRow {
+  const char* name;
+  Launch fn;
+  int wpp, stages;
+};
 template <int GS, typename T>
-std::vector<Row> bulk_check_rows() {
-  return {{"bulk wpp4 native", bulk<GS, T, 4>()},
-          {"bulk wpp2 native", bulk<GS, T, 2>()},
-          {"bulk wpp8 native", bulk<GS, T, 8>()},
-          {"bulk wpp4 native 6 stages", bulk<GS, T, 4>(6)},
-          {"bulk wpp4 half-sub", bulk<GS, T, 4, Prod::kHalfSub>()}};
+std::vector<BulkRow> bulk_check_rows() {
+  return {{"bulk wpp4 native", bulk<GS, T, 4>(), 4, kBulkMaxStages},
+          {"bulk wpp8 native", bulk<GS, T, 8>(), 8, kBulkMaxStages},
+          {"bulk wpp8 native 4 stages", bulk<GS, T, 8>(4), 8, 4},
+          {"bulk wpp16 native", bulk<GS, T, 16>(), 16, kBulkMaxStages},
+          {"bulk wpp8 half-sub", bulk<GS, T, 8, Prod::kHalfSub>(), 8, kBulkMaxStages},
+          {"bulk wpp16 half-sub", bulk<GS, T, 16, Prod::kHalfSub>(), 16, kBulkMaxStages}};
 }
 
 // The op's choice for 28672 x 8192 (16-warp ring, x-first), the bulk variants, their probes and
@@ -781,11 +787,18 @@ static int bulk_main() {
         for (int64_t N : {int64_t{96}, int64_t{6000}, int64_t{40000}}) {
           Problem P{N, K, gs, M, N == 6000};
           make(P, 1);
-          const std::vector<Row> rows =
+          const std::vector<BulkRow> rows =
               gs == 32   ? (P.half ? bulk_check_rows<32, hf>() : bulk_check_rows<32, bf>())
               : gs == 64 ? (P.half ? bulk_check_rows<64, hf>() : bulk_check_rows<64, bf>())
                          : (P.half ? bulk_check_rows<128, hf>() : bulk_check_rows<128, bf>());
-          for (auto& r : rows) bad += !check(P, r.fn, r.name, N <= 6000);
+          for (auto& r : rows) {
+            if (!qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, r.wpp, r.stages).ok) {
+              std::printf("  (%s does not fit N=%lld K=%lld M=%d)\n", r.name, (long long)N,
+                          (long long)K, M);
+              continue;
+            }
+            bad += !check(P, r.fn, r.name, N <= 6000);
+          }
           release(P);
         }
       }
@@ -795,73 +808,74 @@ static int bulk_main() {
     Problem P{320, 1024, 32, 2, false};
     P.xspread = 40, P.xlo = lo;
     make(P, 1);
-    bad += !check(P, bulk<32, bf, 4, Prod::kHalfSub>(), "bulk wpp4 half-sub x spread", true);
-    bad += !check(P, bulk<32, bf, 4>(), "bulk wpp4 native x spread", true);
+    bad += !check(P, bulk<32, bf, 8, Prod::kHalfSub>(), "bulk wpp8 half-sub x spread", true);
+    bad += !check(P, bulk<32, bf, 8>(), "bulk wpp8 native x spread", true);
     release(P);
   }
   std::printf("checks: %d failed\n", bad);
   constexpr Prod kN = Prod::kNative, kS = Prod::kHalfSub;
   const Row floor = {"read kernel (floor)", read_floor()};
+  const Row op128 = {"w16 ring U4x2 x-first (the op's)",
+                     stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()};
   bench(28672, 8192, 128, 1, false,
-        {{"w16 ring U4x2 x-first (the op's)", stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+        {op128,
          {"bulk wpp4 native", bulk<128, bf, 4>()},
-         {"bulk wpp2 native", bulk<128, bf, 2>()},
          {"bulk wpp8 native", bulk<128, bf, 8>()},
-         {"bulk wpp4 native 6 stages", bulk<128, bf, 4>(6)},
+         {"bulk wpp8 native 4 stages", bulk<128, bf, 8>(4)},
+         {"bulk wpp16 native", bulk<128, bf, 16>()},
          {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()},
-         {"bulk wpp2 half-sub", bulk<128, bf, 2, kS>()},
+         {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()},
+         {"bulk wpp16 half-sub", bulk<128, bf, 16, kS>()},
          {"probe: bulk wpp4 copies only", bulk<128, bf, 4, kN, 1>()},
-         {"probe: bulk wpp2 copies only", bulk<128, bf, 2, kN, 1>()},
+         {"probe: bulk wpp8 copies only", bulk<128, bf, 8, kN, 1>()},
+         {"probe: bulk wpp16 copies only", bulk<128, bf, 16, kN, 1>()},
          {"probe: bulk wpp4 products only", bulk<128, bf, 4, kN, 2>()},
-         {"probe: bulk wpp4 half-sub products only", bulk<128, bf, 4, kS, 2>()},
-         {"probe: w16 ring loads only", stream<128, 4, true, bf, true, 1, 0, 16>()},
+         {"probe: bulk wpp8 products only", bulk<128, bf, 8, kN, 2>()},
+         {"probe: bulk wpp16 products only", bulk<128, bf, 16, kN, 2>()},
+         {"probe: bulk wpp8 half-sub products only", bulk<128, bf, 8, kS, 2>()},
+         {"probe: bulk wpp16 half-sub products only", bulk<128, bf, 16, kS, 2>()},
          floor,
-         {"w16 ring U4x2 x-first (the op's) again", stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()},
-         {"bulk wpp4 native again", bulk<128, bf, 4>()}},
+         {"w16 ring U4x2 x-first (the op's) again", op128.fn},
+         {"bulk wpp8 native again", bulk<128, bf, 8>()},
+         {"bulk wpp16 native again", bulk<128, bf, 16>()}},
         false);
-  for (int gs : {64, 32}) {
-    const std::vector<Row> rows =
-        gs == 64 ? std::vector<Row>{{"w16 ring x-first (the op's)",
-                                     stream<64, 4, true, bf, false, 1, 2, 16, kN, 2>()},
-                                    {"bulk wpp4 native", bulk<64, bf, 4>()},
-                                    {"bulk wpp2 native", bulk<64, bf, 2>()},
-                                    {"bulk wpp4 half-sub", bulk<64, bf, 4, kS>()}}
-                 : std::vector<Row>{{"w16 ring x-first (the op's)",
-                                     stream<32, 4, true, bf, false, 1, 2, 16, kN, 2>()},
-                                    {"bulk wpp4 native", bulk<32, bf, 4>()},
-                                    {"bulk wpp2 native", bulk<32, bf, 2>()},
-                                    {"bulk wpp4 half-sub", bulk<32, bf, 4, kS>()}};
-    bench(28672, 8192, gs, 1, false, rows, false);
-  }
+  bench(28672, 8192, 64, 1, false,
+        {{"w16 ring x-first (the op's)", stream<64, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp8 native", bulk<64, bf, 8>()},
+         {"bulk wpp16 native", bulk<64, bf, 16>()},
+         {"bulk wpp8 half-sub", bulk<64, bf, 8, kS>()},
+         {"bulk wpp16 half-sub", bulk<64, bf, 16, kS>()}},
+        false);
+  bench(28672, 8192, 32, 1, false,
+        {{"w16 ring x-first (the op's)", stream<32, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp8 native", bulk<32, bf, 8>()},
+         {"bulk wpp16 native", bulk<32, bf, 16>()},
+         {"bulk wpp8 half-sub", bulk<32, bf, 8, kS>()},
+         {"bulk wpp16 half-sub", bulk<32, bf, 16, kS>()}},
+        false);
   bench(28672, 8192, 128, 2, false,
         {{"w16 ring x-first (the op's)", stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()},
-         {"bulk wpp4 native", bulk<128, bf, 4>()},
-         {"bulk wpp2 native", bulk<128, bf, 2>()},
-         {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()}},
+         {"bulk wpp8 native", bulk<128, bf, 8>()},
+         {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()}},
         false);
   bench(28672, 8192, 128, 1, true,
         {{"w16 ring x-first fp16 (the op's)", stream<128, 4, true, hf, false, 1, 2, 16, kN, 2>()},
-         {"bulk wpp4 native fp16", bulk<128, hf, 4>()},
-         {"bulk wpp4 half-sub fp16", bulk<128, hf, 4, kS>()}},
+         {"bulk wpp8 native fp16", bulk<128, hf, 8>()},
+         {"bulk wpp16 native fp16", bulk<128, hf, 16>()},
+         {"bulk wpp16 half-sub fp16", bulk<128, hf, 16, kS>()}},
         false);
   bench(8192, 28672, 128, 1, false,
         {{"w8 regs half-sub early (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 1>()},
+         {"bulk wpp8 native", bulk<128, bf, 8>()},
+         {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()},
          {"bulk wpp4 native", bulk<128, bf, 4>()},
-         {"bulk wpp2 native", bulk<128, bf, 2>()},
-         {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()},
          floor},
-        false);
-  // at M = 2 x takes 115 KB: only the 9 KB slots of wpp2 fit groups + 2 stages
-  bench(8192, 28672, 128, 2, false,
-        {{"w8 regs half-sub early (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 1>()},
-         {"bulk wpp2 native", bulk<128, bf, 2>()},
-         {"bulk wpp2 half-sub", bulk<128, bf, 2, kS>()}},
-        false);
+        false);  // (M = 2: x takes 115 KB, no ring of groups + 2 stages fits)
   bench(4096, 4096, 128, 1, false,
         {{"w8 regs half-sub (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 0>()},
          {"bulk wpp4 native", bulk<128, bf, 4>()},
-         {"bulk wpp2 native", bulk<128, bf, 2>()},
-         {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()},
+         {"bulk wpp8 native", bulk<128, bf, 8>()},
+         {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()},
          floor},
         true);
   return bad == 0 ? 0 : 1;

@@ -40,7 +40,9 @@ struct BulkShape {
   int64_t smem;
 };
 
-inline int64_t qmv_bulk_slot_bytes(int wpp) { return 16 * (wpp * 256 + kBulkRowPad); }
+// A slot: row r of a piece at r * (row bytes) + ((r + 1) / 2) * 64, so that rows 2i and 2i + 1
+// (read by one quarter warp) lie 64 bytes apart modulo 128: other banks.
+inline int64_t qmv_bulk_slot_bytes(int wpp) { return 16 * wpp * 256 + 8 * kBulkRowPad; }
 
 inline int64_t qmv_bulk_fixed_smem(int64_t M, int64_t K, int64_t tpb) {
   const int64_t kp = (K + 511) / 512 * 512;
@@ -48,7 +50,7 @@ inline int64_t qmv_bulk_fixed_smem(int64_t M, int64_t K, int64_t tpb) {
   // mbarriers; the ring starts 128-byte aligned
   const int64_t fixed = M * kp * 2 + M * (kp / 32) * 4 + (M * (kp / 128) * 4 + 15) / 16 * 16 +
                         256 + tpb * kBulkWarps * M * 16 * 4 + 2 * kBulkMaxStages * 8;
-  return (fixed + 127) / 128 * 128 + 128;  // + the ring's alignment within the block's window
+  return (fixed + 127) / 128 * 128;  // the ring starts 128-byte aligned
 }
 
 inline BulkShape qmv_bulk_shape(int64_t N, int64_t K, int64_t M, int sm_count,
@@ -110,15 +112,17 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 
 // y = x @ W.T for 1 <= p.M <= 2, N % 16 == 0, K % 512 == 0 (qmv_bulk_shape), blocks of
 // kBulkWarps + 1 warps, `stages` slots in the ring, tpb: BulkShape::tpb. Probe (benchmarks,
-// wrong results): 1 the copies alone, 2 the products alone (no copies).
+// wrong results): 1 the copies alone, 2 the products alone (no copies). No divisions in the
+// loops (an earlier form took pc / nc, pc % stages and the like a piece: its products alone ran
+// 38.2 us at 28672 x 8192, group 128, WPP 4): slot, phase, tile and chunk are counted on.
 template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0>
 __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
     qmv_bulk_kernel(const QmvParams p, const int stages, const int tpb) {
 #ifdef MLXQ_BULK
   constexpr int U = 4;
   constexpr int kGroups = kBulkWarps / WPP;
-  constexpr int kRow = WPP * 256 + kBulkRowPad;  // a slot's row stride, bytes
-  constexpr int kSlot = 16 * kRow;
+  constexpr int kRb = WPP * 256;  // bytes of a piece's row
+  constexpr int kSlot = 16 * kRb + 8 * kBulkRowPad;
   constexpr int kChunk = WPP * 512;  // values of a piece's rows
   static_assert(kBulkWarps % WPP == 0, "groups of WPP warps");
   using S = StreamStep<GS, U>;
@@ -128,17 +132,17 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
   const int M = p.M;
   const int K = static_cast<int>(p.K);
   const int kp = K;  // a multiple of 512: whole steps
-  uint4* xs = reinterpret_cast<uint4*>(bulk_smem);                                 // [M][kp/8]
-  float* sx = reinterpret_cast<float*>(bulk_smem + M * kp * 2);                    // [M][kp/32]
-  float* fx = reinterpret_cast<float*>(bulk_smem + M * kp * 2 + M * kp / 8);       // [M][kp/128]
+  uint4* xs = reinterpret_cast<uint4*>(bulk_smem);                            // [M][kp / 8]
+  float* sx = reinterpret_cast<float*>(bulk_smem + M * kp * 2);               // [M][kp / 32]
+  float* fx = reinterpret_cast<float*>(bulk_smem + M * kp * 2 + M * kp / 8);  // [M][kp / 128]
   uint4* zeros = reinterpret_cast<uint4*>(bulk_smem + M * kp * 2 + M * kp / 8 +
-                                          (M * kp / 32 + 15) / 16 * 16);           // [16]
-  float* red = reinterpret_cast<float*>(zeros + 16);  // [tpb][kBulkWarps][M][16]
+                                          (M * kp / 32 + 15) / 16 * 16);  // [16]
+  float* red = reinterpret_cast<float*>(zeros + 16);                      // [tpb][16][M][16]
   uint64_t* bars = reinterpret_cast<uint64_t*>(red + tpb * kBulkWarps * M * 16);  // full, empty
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(bulk_smem));
   const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(bars));
   const uint32_t empty0 = full0 + 8 * kBulkMaxStages;
-  const uint32_t ring =
-      (static_cast<uint32_t>(__cvta_generic_to_shared(bars + 2 * kBulkMaxStages)) + 127u) & ~127u;
+  const uint32_t ring = base + ((empty0 + 8 * kBulkMaxStages - base + 127u) & ~127u);
 
   const int64_t tiles = p.N / 16;
   const int64_t T0 = tiles * blockIdx.x / gridDim.x, T1 = tiles * (blockIdx.x + 1) / gridDim.x;
@@ -157,25 +161,27 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
   __syncthreads();
 
   if (wi == kBulkWarps) {
-    // The copies: piece pc into slot pc % stages once its previous piece has left it.
+    // The copies: piece pc into slot s = pc % stages once piece pc - stages has left it.
     if (lane == 0) {
+      const uint8_t* tile_src = reinterpret_cast<const uint8_t*>(p.w) + T0 * 16 * row_bytes;
+      int s = 0, ph = 0, c = 0;
       for (int pc = 0; pc < pieces; ++pc) {
-        const int s = pc % stages;
-        if (pc >= stages) bulk_ptx::mbar_wait(empty0 + 8 * s, ((pc / stages) - 1) & 1);
-        const int c = pc % nc;
+        if (pc >= stages) bulk_ptx::mbar_wait(empty0 + 8 * s, ph ^ 1);
         const uint32_t bytes = static_cast<uint32_t>(min(kChunk, K - c * kChunk) / 2);
         if constexpr (Probe == 2) {
           bulk_ptx::mbar_arrive(full0 + 8 * s);
         } else {
           bulk_ptx::mbar_expect_tx(full0 + 8 * s, 16 * bytes);
-          const uint8_t* src = reinterpret_cast<const uint8_t*>(p.w) +
-                               (T0 + pc / nc) * 16 * row_bytes + c * (kChunk / 2);
+          const uint8_t* src = tile_src + c * (kChunk / 2);
           const uint32_t dst = ring + s * kSlot;
-#pragma unroll 4
+#pragma unroll
           for (int r = 0; r < 16; ++r) {
-            bulk_ptx::bulk_copy(dst + r * kRow, src + r * row_bytes, bytes, full0 + 8 * s);
+            bulk_ptx::bulk_copy(dst + r * kRb + ((r + 1) / 2) * kBulkRowPad, src + r * row_bytes,
+                                bytes, full0 + 8 * s);
           }
         }
+        if (++s == stages) s = 0, ph ^= 1;
+        if (++c == nc) c = 0, tile_src += 16 * row_bytes;
       }
     }
     __syncwarp();
@@ -200,6 +206,9 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
     const float* sxrow = sx + (om < M ? om : 0) * (kp / 32);
     const float* fxrow = fx + (om < M ? om : 0) * (kp / 128);
     const int gi = wi / WPP, q = wi % WPP;
+    // this lane's 16 bytes of rows g and g + 8 in a slot
+    const uint32_t lane_off = g * kRb + ((g + 1) / 2) * kBulkRowPad + q * 256 + t * 16;
+    constexpr uint32_t kOff8 = 8 * kRb + 4 * kBulkRowPad;
 
     StreamLane L;
     L.wa = L.wb = nullptr;
@@ -209,49 +218,66 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
     L.G = static_cast<int>(p.G);
     L.sb_vec = p.G % 8 == 0;
     L.policy = 0;
-    const auto step_of = [&](int pc) { return (pc % nc) * WPP + q; };  // of U spans in its row
-    const auto load_sb = [&](int pc, S& st) {
-      const int64_t rs = (T0 + pc / nc) * 16 + (lane & 15);
-      L.sbp = static_cast<const uint16_t*>(lane < 16 ? p.scales : p.biases) + rs * p.G;
-      if (step_of(pc) * U * 128 < K) stream_load_sb<GS, U>(L, step_of(pc), st);
+    const uint16_t* sb0 = static_cast<const uint16_t*>(lane < 16 ? p.scales : p.biases) +
+                          (T0 * 16 + (lane & 15)) * p.G;
+    const int64_t tile_sb = 16 * p.G;
+    // A piece's place: its tile (of this block) and chunk; `advance` moves it kGroups pieces on.
+    struct Place {
+      int tl, c;
+    };
+    const auto advance = [&](Place& x) {
+      x.c += kGroups;
+      while (x.c >= nc) x.c -= nc, ++x.tl;
+    };
+    const auto load_sb = [&](const Place& x, S& st) {
+      const int step = x.c * WPP + q;
+      L.sbp = sb0 + x.tl * tile_sb;
+      if (step * U * 128 < K) stream_load_sb<GS, U>(L, step, st);
     };
     S cur, nxt;
-    if (gi < pieces) load_sb(gi, cur);
+    Place at = {0, gi};
+    while (at.c >= nc) at.c -= nc, ++at.tl;
+    if (gi < pieces) load_sb(at, cur);
+    int s = gi, ph = 0;  // gi < kGroups < stages
     float acc_a = 0.f, acc_b = 0.f;
     for (int pc = gi; pc < pieces; pc += kGroups) {
-      const int s = pc % stages, pn = pc + kGroups;
-      if (pn < pieces) load_sb(pn, nxt);
-      bulk_ptx::mbar_wait(full0 + 8 * s, (pc / stages) & 1);
-      const int step = step_of(pc);
+      Place nx = at;
+      advance(nx);
+      const bool more = pc + kGroups < pieces;
+      if (more) load_sb(nx, nxt);
+      bulk_ptx::mbar_wait(full0 + 8 * s, ph);
+      const int step = at.c * WPP + q;
       const bool live = step * U * 128 < K;  // this warp's 512 values of a last, short chunk
       if (live && Probe != 1) {
-        const uint32_t a = ring + s * kSlot + g * kRow + q * 256 + t * 16;
+        const uint32_t a = ring + s * kSlot + lane_off;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           cur.qa[u] = bulk_ptx::lds128(a + u * 64);
-          cur.qb[u] = bulk_ptx::lds128(a + 8 * kRow + u * 64);
+          cur.qb[u] = bulk_ptx::lds128(a + kOff8 + u * 64);
         }
       }
       __syncwarp();
       if (lane == 0) bulk_ptx::mbar_arrive(empty0 + 8 * s);  // the weights are in registers
+      s += kGroups;
+      if (s >= stages) s -= stages, ph ^= 1;
       if (live && Probe != 1) {
         stream_step<GS, U, T, P>(L, step, xrow, xstride, sxrow, g, cur, acc_a, acc_b, fxrow);
       }
 #pragma unroll
       for (int i = 0; i < S::kSbWords; ++i) cur.sb[i] = nxt.sb[i];
-      const int tl = pc / nc;
-      if (pn >= pieces || pn / nc != tl) {  // this warp's last piece of the tile
+      if (!more || nx.tl != at.tl) {  // this warp's last piece of the tile
         if constexpr (GS != 128) {
           acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
           acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
         }
         if ((t & 1) == 0 && om < M) {
-          float* r = red + ((tl * kBulkWarps + wi) * M + om) * 16;
+          float* r = red + ((at.tl * kBulkWarps + wi) * M + om) * 16;
           r[g] += acc_a;
           r[g + 8] += acc_b;
         }
         acc_a = acc_b = 0.f;
       }
+      at = nx;
     }
   }
   __syncthreads();
