@@ -729,7 +729,7 @@ static int ilv_main() {
 
 // ---- the bulk-copy kernel (qmv_bulk.cuh) next to the op's launch ------------------------------
 
-template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0>
+template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, int Ahead = 1>
 Launch bulk(int max_stages = kBulkMaxStages) {
   return [max_stages](const QmvParams& p, cudaStream_t s) {
     const BulkShape b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, WPP, max_stages);
@@ -738,7 +738,7 @@ Launch bulk(int max_stages = kBulkMaxStages) {
                    (long long)p.K, p.M, WPP);
       std::exit(1);
     }
-    auto k = qmv_bulk_kernel<GS, T, WPP, P, Probe>;
+    auto k = qmv_bulk_kernel<GS, T, WPP, P, Probe, Ahead>;
     CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             static_cast<int>(b.smem)));
     k<<<b.blocks, (kBulkWarps + 1) * 32, b.smem, s>>>(p, b.stages, b.tpb);
@@ -757,7 +757,10 @@ std::vector<BulkRow> bulk_check_rows() {
           {"bulk wpp8 native 4 stages", bulk<GS, T, 8>(4), 8, 4},
           {"bulk wpp16 native", bulk<GS, T, 16>(), 16, kBulkMaxStages},
           {"bulk wpp8 half-sub", bulk<GS, T, 8, Prod::kHalfSub>(), 8, kBulkMaxStages},
-          {"bulk wpp16 half-sub", bulk<GS, T, 16, Prod::kHalfSub>(), 16, kBulkMaxStages}};
+          {"bulk wpp16 half-sub", bulk<GS, T, 16, Prod::kHalfSub>(), 16, kBulkMaxStages},
+          {"bulk wpp8 4st half-sub ahead2", bulk<GS, T, 8, Prod::kHalfSub, 0, 2>(4), 8, 4},
+          {"bulk wpp8 4st native ahead2", bulk<GS, T, 8, Prod::kNative, 0, 2>(4), 8, 4},
+          {"bulk wpp16 native ahead2", bulk<GS, T, 16, Prod::kNative, 0, 2>(), 16, 32}};
 }
 
 // The op's choice for 28672 x 8192 (16-warp ring, x-first), the bulk variants, their probes and
@@ -817,65 +820,59 @@ static int bulk_main() {
   const Row floor = {"read kernel (floor)", read_floor()};
   const Row op128 = {"w16 ring U4x2 x-first (the op's)",
                      stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()};
+  // (run 2, same binary otherwise: wpp8 at 6 stages 38.98 us, at 4 37.46; products alone 33.5
+  // native, 29.2 half-sub; copies alone 29.3)
   bench(28672, 8192, 128, 1, false,
         {op128,
-         {"bulk wpp4 native", bulk<128, bf, 4>()},
-         {"bulk wpp8 native", bulk<128, bf, 8>()},
-         {"bulk wpp8 native 4 stages", bulk<128, bf, 8>(4)},
-         {"bulk wpp16 native", bulk<128, bf, 16>()},
-         {"bulk wpp4 half-sub", bulk<128, bf, 4, kS>()},
-         {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()},
-         {"bulk wpp16 half-sub", bulk<128, bf, 16, kS>()},
-         {"probe: bulk wpp4 copies only", bulk<128, bf, 4, kN, 1>()},
-         {"probe: bulk wpp8 copies only", bulk<128, bf, 8, kN, 1>()},
-         {"probe: bulk wpp16 copies only", bulk<128, bf, 16, kN, 1>()},
-         {"probe: bulk wpp4 products only", bulk<128, bf, 4, kN, 2>()},
-         {"probe: bulk wpp8 products only", bulk<128, bf, 8, kN, 2>()},
-         {"probe: bulk wpp16 products only", bulk<128, bf, 16, kN, 2>()},
-         {"probe: bulk wpp8 half-sub products only", bulk<128, bf, 8, kS, 2>()},
-         {"probe: bulk wpp16 half-sub products only", bulk<128, bf, 16, kS, 2>()},
+         {"bulk wpp8 4st native", bulk<128, bf, 8>(4)},
+         {"bulk wpp8 4st native ahead2", bulk<128, bf, 8, kN, 0, 2>(4)},
+         {"bulk wpp8 4st half-sub", bulk<128, bf, 8, kS>(4)},
+         {"bulk wpp8 4st half-sub ahead2", bulk<128, bf, 8, kS, 0, 2>(4)},
+         {"bulk wpp8 5st half-sub ahead2", bulk<128, bf, 8, kS, 0, 2>(5)},
+         {"bulk wpp16 native ahead2", bulk<128, bf, 16, kN, 0, 2>()},
+         {"bulk wpp16 half-sub ahead2", bulk<128, bf, 16, kS, 0, 2>()},
+         {"bulk wpp4 6st half-sub ahead2", bulk<128, bf, 4, kS, 0, 2>(6)},
+         {"probe: bulk wpp8 4st native no scales", bulk<128, bf, 8, kN, 3>(4)},
+         {"probe: bulk wpp8 4st half-sub no scales", bulk<128, bf, 8, kS, 3>(4)},
+         {"probe: bulk wpp8 4st copies only", bulk<128, bf, 8, kN, 1>(4)},
+         {"probe: bulk wpp8 4st half-sub products only", bulk<128, bf, 8, kS, 2>(4)},
          floor,
          {"w16 ring U4x2 x-first (the op's) again", op128.fn},
-         {"bulk wpp8 native again", bulk<128, bf, 8>()},
-         {"bulk wpp16 native again", bulk<128, bf, 16>()}},
+         {"bulk wpp8 4st half-sub ahead2 again", bulk<128, bf, 8, kS, 0, 2>(4)}},
         false);
   bench(28672, 8192, 64, 1, false,
         {{"w16 ring x-first (the op's)", stream<64, 4, true, bf, false, 1, 2, 16, kN, 2>()},
-         {"bulk wpp8 native", bulk<64, bf, 8>()},
-         {"bulk wpp16 native", bulk<64, bf, 16>()},
-         {"bulk wpp8 half-sub", bulk<64, bf, 8, kS>()},
-         {"bulk wpp16 half-sub", bulk<64, bf, 16, kS>()}},
+         {"bulk wpp8 4st native ahead2", bulk<64, bf, 8, kN, 0, 2>(4)},
+         {"bulk wpp8 4st half-sub ahead2", bulk<64, bf, 8, kS, 0, 2>(4)},
+         {"bulk wpp8 4st half-sub", bulk<64, bf, 8, kS>(4)}},
         false);
   bench(28672, 8192, 32, 1, false,
         {{"w16 ring x-first (the op's)", stream<32, 4, true, bf, false, 1, 2, 16, kN, 2>()},
-         {"bulk wpp8 native", bulk<32, bf, 8>()},
-         {"bulk wpp16 native", bulk<32, bf, 16>()},
-         {"bulk wpp8 half-sub", bulk<32, bf, 8, kS>()},
-         {"bulk wpp16 half-sub", bulk<32, bf, 16, kS>()}},
+         {"bulk wpp8 4st native", bulk<32, bf, 8>(4)},
+         {"bulk wpp8 4st native ahead2", bulk<32, bf, 8, kN, 0, 2>(4)}},
         false);
   bench(28672, 8192, 128, 2, false,
         {{"w16 ring x-first (the op's)", stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()},
-         {"bulk wpp8 native", bulk<128, bf, 8>()},
-         {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()}},
+         {"bulk wpp8 4st native ahead2", bulk<128, bf, 8, kN, 0, 2>(4)},
+         {"bulk wpp8 4st half-sub ahead2", bulk<128, bf, 8, kS, 0, 2>(4)}},
         false);
   bench(28672, 8192, 128, 1, true,
         {{"w16 ring x-first fp16 (the op's)", stream<128, 4, true, hf, false, 1, 2, 16, kN, 2>()},
-         {"bulk wpp8 native fp16", bulk<128, hf, 8>()},
-         {"bulk wpp16 native fp16", bulk<128, hf, 16>()},
-         {"bulk wpp16 half-sub fp16", bulk<128, hf, 16, kS>()}},
+         {"bulk wpp8 4st native fp16 ahead2", bulk<128, hf, 8, kN, 0, 2>(4)},
+         {"bulk wpp8 4st half-sub fp16 ahead2", bulk<128, hf, 8, kS, 0, 2>(4)}},
         false);
   bench(8192, 28672, 128, 1, false,
         {{"w8 regs half-sub early (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 1>()},
-         {"bulk wpp8 native", bulk<128, bf, 8>()},
-         {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()},
-         {"bulk wpp4 native", bulk<128, bf, 4>()},
+         {"bulk wpp8 4st native", bulk<128, bf, 8>(4)},
+         {"bulk wpp8 4st half-sub", bulk<128, bf, 8, kS>(4)},
+         {"bulk wpp8 4st native ahead2", bulk<128, bf, 8, kN, 0, 2>(4)},
+         {"bulk wpp8 4st half-sub ahead2", bulk<128, bf, 8, kS, 0, 2>(4)},
          floor},
         false);  // (M = 2: x takes 115 KB, no ring of groups + 2 stages fits)
   bench(4096, 4096, 128, 1, false,
         {{"w8 regs half-sub (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 0>()},
-         {"bulk wpp4 native", bulk<128, bf, 4>()},
-         {"bulk wpp8 native", bulk<128, bf, 8>()},
          {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()},
+         {"bulk wpp8 4st half-sub ahead2", bulk<128, bf, 8, kS, 0, 2>(4)},
          floor},
         true);
   return bad == 0 ? 0 : 1;

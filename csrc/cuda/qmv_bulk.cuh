@@ -112,10 +112,12 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 
 // y = x @ W.T for 1 <= p.M <= 2, N % 16 == 0, K % 512 == 0 (qmv_bulk_shape), blocks of
 // kBulkWarps + 1 warps, `stages` slots in the ring, tpb: BulkShape::tpb. Probe (benchmarks,
-// wrong results): 1 the copies alone, 2 the products alone (no copies). No divisions in the
+// wrong results): 1 the copies alone, 2 the products alone (no copies), 3 no loads of scales
+// and biases. Ahead: pieces of a warp between the loads of their scales and their products
+// (1 or 2). No divisions in the
 // loops (an earlier form took pc / nc, pc % stages and the like a piece: its products alone ran
 // 38.2 us at 28672 x 8192, group 128, WPP 4): slot, phase, tile and chunk are counted on.
-template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0>
+template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, int Ahead = 1>
 __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
     qmv_bulk_kernel(const QmvParams p, const int stages, const int tpb) {
 #ifdef MLXQ_BULK
@@ -234,17 +236,33 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
       L.sbp = sb0 + x.tl * tile_sb;
       if (step * U * 128 < K) stream_load_sb<GS, U>(L, step, st);
     };
-    S cur, nxt;
+    // Scales and biases of this warp's pieces pc (cur), pc + groups (n1), pc + 2 groups (n2;
+    // Ahead 2): loaded Ahead pieces before they are used
+    S cur, n1, n2;
     Place at = {0, gi};
     while (at.c >= nc) at.c -= nc, ++at.tl;
-    if (gi < pieces) load_sb(at, cur);
+    Place ahead = at;  // the piece of the last scales loaded
+    if constexpr (Probe == 3) {
+#pragma unroll
+      for (int i = 0; i < S::kSbWords; ++i) cur.sb[i] = n1.sb[i] = n2.sb[i] = 0x3C003C00u;
+    } else {
+      if (gi < pieces) load_sb(at, cur);
+      if (Ahead == 2 && gi + kGroups < pieces) advance(ahead), load_sb(ahead, n1);
+    }
     int s = gi, ph = 0;  // gi < kGroups < stages
     float acc_a = 0.f, acc_b = 0.f;
     for (int pc = gi; pc < pieces; pc += kGroups) {
       Place nx = at;
       advance(nx);
       const bool more = pc + kGroups < pieces;
-      if (more) load_sb(nx, nxt);
+      if constexpr (Probe != 3) {
+        if (Ahead == 2 && pc + 2 * kGroups < pieces) {
+          advance(ahead);
+          load_sb(ahead, n2);
+        } else if (Ahead == 1 && more) {
+          load_sb(nx, n1);
+        }
+      }
       bulk_ptx::mbar_wait(full0 + 8 * s, ph);
       const int step = at.c * WPP + q;
       const bool live = step * U * 128 < K;  // this warp's 512 values of a last, short chunk
@@ -264,7 +282,10 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
         stream_step<GS, U, T, P>(L, step, xrow, xstride, sxrow, g, cur, acc_a, acc_b, fxrow);
       }
 #pragma unroll
-      for (int i = 0; i < S::kSbWords; ++i) cur.sb[i] = nxt.sb[i];
+      for (int i = 0; i < S::kSbWords; ++i) {
+        cur.sb[i] = n1.sb[i];
+        if (Ahead == 2) n1.sb[i] = n2.sb[i];
+      }
       if (!more || nx.tl != at.tl) {  // this warp's last piece of the tile
         if constexpr (GS != 128) {
           acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
