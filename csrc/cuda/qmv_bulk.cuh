@@ -28,6 +28,7 @@ namespace mlxq::cuda {
 constexpr int kBulkWarps = 16;     // consumer warps; warp 16 issues the copies
 constexpr int kBulkRowPad = 64;    // bytes between a slot's row pieces beyond their length
 constexpr int kBulkMaxStages = 32; // mbarriers reserved for the ring
+constexpr int kBulkMaxSb = 4;      // and for the ring of tiles' scales and biases
 
 // The launch of qmv_bulk_kernel for an N x K weight and M rows of x: its blocks, the most tiles
 // one block takes, its ring stages and bytes of dynamic shared memory; ok false where it does
@@ -37,6 +38,7 @@ struct BulkShape {
   int blocks;
   int tpb;
   int stages;
+  int sbs;  // slots of a tile's scales and biases (0: each lane loads its own from global)
   int64_t smem;
 };
 
@@ -47,20 +49,24 @@ inline int64_t qmv_bulk_slot_bytes(int wpp) { return 16 * wpp * 256 + 8 * kBulkR
 inline int64_t qmv_bulk_fixed_smem(int64_t M, int64_t K, int64_t tpb) {
   const int64_t kp = (K + 511) / 512 * 512;
   // x, its sums per 32 values, its factors per span (16-byte rounded), zeros, warps' sums,
-  // mbarriers; the ring starts 128-byte aligned
+  // mbarriers; then (128-byte aligned) the slots of scales and biases, then the ring
   const int64_t fixed = M * kp * 2 + M * (kp / 32) * 4 + (M * (kp / 128) * 4 + 15) / 16 * 16 +
-                        256 + tpb * kBulkWarps * M * 16 * 4 + 2 * kBulkMaxStages * 8;
-  return (fixed + 127) / 128 * 128;  // the ring starts 128-byte aligned
+                        256 + tpb * kBulkWarps * M * 16 * 4 + 2 * (kBulkMaxStages + kBulkMaxSb) * 8;
+  return (fixed + 127) / 128 * 128;
 }
 
+// sbs: slots for whole tiles' scales and biases (64 G bytes each; 0: per-lane global loads).
 inline BulkShape qmv_bulk_shape(int64_t N, int64_t K, int64_t M, int sm_count,
-                                int64_t smem_per_block, int wpp, int max_stages = kBulkMaxStages) {
-  BulkShape b{false, 0, 0, 0, 0};
+                                int64_t smem_per_block, int wpp, int max_stages = kBulkMaxStages,
+                                int64_t G = 0, int sbs = 0) {
+  BulkShape b{false, 0, 0, 0, 0, 0};
   if (N % 16 != 0 || K % 512 != 0 || M < 1 || M > 2 || N <= 0) return b;
+  if (sbs > 0 && (G % 8 != 0 || sbs > kBulkMaxSb)) return b;  // 16-byte rows of scales
   const int64_t tiles = N / 16;
   b.blocks = static_cast<int>(tiles < sm_count ? tiles : sm_count);
   b.tpb = static_cast<int>((tiles + b.blocks - 1) / b.blocks);
-  const int64_t fixed = qmv_bulk_fixed_smem(M, K, b.tpb);
+  b.sbs = sbs;
+  const int64_t fixed = qmv_bulk_fixed_smem(M, K, b.tpb) + sbs * 64 * G;
   const int64_t fit = (smem_per_block - fixed) / qmv_bulk_slot_bytes(wpp);
   const int groups = kBulkWarps / wpp;
   b.stages = static_cast<int>(fit < max_stages ? fit : max_stages);
@@ -117,9 +123,10 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 // (1 or 2). No divisions in the
 // loops (an earlier form took pc / nc, pc % stages and the like a piece: its products alone ran
 // 38.2 us at 28672 x 8192, group 128, WPP 4): slot, phase, tile and chunk are counted on.
-template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, int Ahead = 1>
+template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, int Ahead = 1,
+          bool SbSmem = false>
 __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
-    qmv_bulk_kernel(const QmvParams p, const int stages, const int tpb) {
+    qmv_bulk_kernel(const QmvParams p, const int stages, const int tpb, const int sbs) {
 #ifdef MLXQ_BULK
   constexpr int U = 4;
   constexpr int kGroups = kBulkWarps / WPP;
@@ -144,7 +151,11 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(bulk_smem));
   const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(bars));
   const uint32_t empty0 = full0 + 8 * kBulkMaxStages;
-  const uint32_t ring = base + ((empty0 + 8 * kBulkMaxStages - base + 127u) & ~127u);
+  const uint32_t sbfull0 = empty0 + 8 * kBulkMaxStages, sbempty0 = sbfull0 + 8 * kBulkMaxSb;
+  const uint32_t sbring = base + ((sbempty0 + 8 * kBulkMaxSb - base + 127u) & ~127u);
+  const int64_t G = p.G;
+  const uint32_t sb_slot = static_cast<uint32_t>(64 * G);  // scales [16][G], then biases
+  const uint32_t ring = sbring + (SbSmem ? sbs * sb_slot : 0u);
 
   const int64_t tiles = p.N / 16;
   const int64_t T0 = tiles * blockIdx.x / gridDim.x, T1 = tiles * (blockIdx.x + 1) / gridDim.x;
@@ -158,6 +169,12 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
       bulk_ptx::mbar_init(full0 + 8 * i, 1);
       bulk_ptx::mbar_init(empty0 + 8 * i, WPP);
     }
+    // a tile's scales are freed by every warp that multiplies a piece of it
+    const int touch = (nc < kGroups ? nc : kGroups) * WPP;
+    for (int i = 0; SbSmem && i < sbs; ++i) {
+      bulk_ptx::mbar_init(sbfull0 + 8 * i, 1);
+      bulk_ptx::mbar_init(sbempty0 + 8 * i, touch);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -166,8 +183,20 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
     // The copies: piece pc into slot s = pc % stages once piece pc - stages has left it.
     if (lane == 0) {
       const uint8_t* tile_src = reinterpret_cast<const uint8_t*>(p.w) + T0 * 16 * row_bytes;
-      int s = 0, ph = 0, c = 0;
+      const uint8_t* tile_s = static_cast<const uint8_t*>(p.scales) + T0 * 32 * G;
+      const uint8_t* tile_b = static_cast<const uint8_t*>(p.biases) + T0 * 32 * G;
+      int s = 0, ph = 0, c = 0, tl = 0, ss = 0, sph = 0;
       for (int pc = 0; pc < pieces; ++pc) {
+        if (SbSmem && c == 0) {  // the tile's scales and biases, once tile tl - sbs left the slot
+          if (tl >= sbs) bulk_ptx::mbar_wait(sbempty0 + 8 * ss, sph ^ 1);
+          const uint32_t bar = sbfull0 + 8 * ss, dst = sbring + ss * sb_slot;
+          bulk_ptx::mbar_expect_tx(bar, sb_slot);
+          bulk_ptx::bulk_copy(dst, tile_s, sb_slot / 2, bar);
+          bulk_ptx::bulk_copy(dst + sb_slot / 2, tile_b, sb_slot / 2, bar);
+          tile_s += 32 * G, tile_b += 32 * G;
+          if (++ss == sbs) ss = 0, sph ^= 1;
+          ++tl;
+        }
         if (pc >= stages) bulk_ptx::mbar_wait(empty0 + 8 * s, ph ^ 1);
         const uint32_t bytes = static_cast<uint32_t>(min(kChunk, K - c * kChunk) / 2);
         if constexpr (Probe == 2) {
@@ -236,13 +265,33 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
       L.sbp = sb0 + x.tl * tile_sb;
       if (step * U * 128 < K) stream_load_sb<GS, U>(L, step, st);
     };
+    // SbSmem: the slot and phase of this warp's current tile's scales; this lane's words of a
+    // slot (row lane % 16, scales below 16, biases above) at sb_lane + 2 * (first group)
+    int sb_at = 0, sb_s = 0, sb_ph = 0, sb_waited = -1;  // slot, phase of tile sb_at
+    const uint32_t sb_lane =
+        sbring + (lane < 16 ? 0u : sb_slot / 2) + static_cast<uint32_t>((lane & 15) * 2 * G);
+    const auto smem_sb = [&](int step, S& st) {
+      const uint32_t a = sbring + sb_s * sb_slot + (sb_lane - sbring) + step * S::kGroups * 2;
+      if constexpr (S::kSbWords == 1) {
+        asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(st.sb[0]) : "r"(a));
+      } else if constexpr (S::kSbWords == 2) {
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(st.sb[0]), "=r"(st.sb[1]) : "r"(a));
+      } else {
+#pragma unroll
+        for (int i = 0; i < S::kSbWords / 4; ++i) {
+          const uint4 v = bulk_ptx::lds128(a + 16 * i);
+          st.sb[4 * i] = v.x, st.sb[4 * i + 1] = v.y, st.sb[4 * i + 2] = v.z, st.sb[4 * i + 3] = v.w;
+        }
+      }
+    };
     // Scales and biases of this warp's pieces pc (cur), pc + groups (n1), pc + 2 groups (n2;
     // Ahead 2): loaded Ahead pieces before they are used
     S cur, n1, n2;
     Place at = {0, gi};
     while (at.c >= nc) at.c -= nc, ++at.tl;
     Place ahead = at;  // the piece of the last scales loaded
-    if constexpr (Probe == 3) {
+    if constexpr (SbSmem) {
+    } else if constexpr (Probe == 3) {
 #pragma unroll
       for (int i = 0; i < S::kSbWords; ++i) cur.sb[i] = n1.sb[i] = n2.sb[i] = 0x3C003C00u;
     } else {
@@ -255,7 +304,7 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
       Place nx = at;
       advance(nx);
       const bool more = pc + kGroups < pieces;
-      if constexpr (Probe != 3) {
+      if constexpr (Probe != 3 && !SbSmem) {
         if (Ahead == 2 && pc + 2 * kGroups < pieces) {
           advance(ahead);
           load_sb(ahead, n2);
@@ -266,6 +315,16 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
       bulk_ptx::mbar_wait(full0 + 8 * s, ph);
       const int step = at.c * WPP + q;
       const bool live = step * U * 128 < K;  // this warp's 512 values of a last, short chunk
+      if constexpr (SbSmem) {
+        if (at.tl != sb_waited) {  // a new tile: wait for its scales
+          for (; sb_at < at.tl; ++sb_at) {
+            if (++sb_s == sbs) sb_s = 0, sb_ph ^= 1;
+          }
+          sb_waited = at.tl;
+          bulk_ptx::mbar_wait(sbfull0 + 8 * sb_s, sb_ph);
+        }
+        if (live) smem_sb(step, cur);
+      }
       if (live && Probe != 1) {
         const uint32_t a = ring + s * kSlot + lane_off;
 #pragma unroll
@@ -282,7 +341,7 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
         stream_step<GS, U, T, P>(L, step, xrow, xstride, sxrow, g, cur, acc_a, acc_b, fxrow);
       }
 #pragma unroll
-      for (int i = 0; i < S::kSbWords; ++i) {
+      for (int i = 0; i < S::kSbWords && !SbSmem; ++i) {
         cur.sb[i] = n1.sb[i];
         if (Ahead == 2) n1.sb[i] = n2.sb[i];
       }
@@ -297,6 +356,10 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
           r[g + 8] += acc_b;
         }
         acc_a = acc_b = 0.f;
+        if constexpr (SbSmem) {  // this warp is done with the tile's scales
+          __syncwarp();
+          if (lane == 0) bulk_ptx::mbar_arrive(sbempty0 + 8 * sb_s);
+        }
       }
       at = nx;
     }
