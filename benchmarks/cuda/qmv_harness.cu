@@ -733,9 +733,10 @@ template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, in
           bool Sb = false>
 Launch bulk(int max_stages = kBulkMaxStages) {
   return [max_stages](const QmvParams& p, cudaStream_t s) {
-    BulkShape b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, WPP, max_stages, p.G,
-                                 Sb ? 3 : 0);
-    if (Sb && !b.ok) b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, WPP, max_stages, p.G, 2);
+    BulkShape b =
+        qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, WPP, max_stages, p.G, Sb ? 3 : 0);
+    if (Sb && !b.ok)
+      b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, WPP, max_stages, p.G, 2);
     if (!b.ok) {
       std::fprintf(stderr, "bulk kernel does not fit N=%lld K=%lld M=%d WPP=%d\n", (long long)p.N,
                    (long long)p.K, p.M, WPP);
@@ -821,7 +822,8 @@ static int bulk_main() {
     P.xspread = 40, P.xlo = lo;
     make(P, 1);
     bad += !check(P, bulk<32, bf, 8, Prod::kHalfSub>(), "bulk wpp8 half-sub x spread", true);
-    bad += !check(P, bulk<32, bf, 8, Prod::kHalfSub, 0, 1, true>(4), "bulk wpp8 half-sub sb x", true);
+    bad +=
+        !check(P, bulk<32, bf, 8, Prod::kHalfSub, 0, 1, true>(4), "bulk wpp8 half-sub sb x", true);
     bad += !check(P, bulk<32, bf, 8>(), "bulk wpp8 native x spread", true);
     release(P);
   }

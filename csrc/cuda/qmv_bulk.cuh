@@ -17,18 +17,22 @@
 // copying them to registers and freeing the slot (mbarrier "empty", WPP arrivals). Each warp
 // adds its sums of a tile in registers and leaves them in shared memory when its tile changes;
 // at the end every output is the sum of its tile's 16 warps, in warp order (deterministic).
-// The scales and biases each lane loads itself one piece ahead (stream_load_sb), x and its sums
-// are staged once a block while the first copies land.
+// The scales and biases: each lane loads its own one piece ahead (stream_load_sb), or with
+// SbSmem a tile's 16 rows of scales and of biases (contiguous, 32 G bytes each) come by two more
+// bulk copies into a ring of `sbs` slots of their own, freed by every warp that multiplies a
+// piece of the tile. x and its sums are staged once a block while the first copies land.
+// Measured (qmv_mma.cu has the numbers): 2-5% under the op's other kernels where the tiles fill
+// 3 blocks a multiprocessor, far from the M = 1 target; opt-in (MLXQ_CUDA_BULK=1).
 #pragma once
 
 #include "cuda/qmv_stream.cuh"
 
 namespace mlxq::cuda {
 
-constexpr int kBulkWarps = 16;     // consumer warps; warp 16 issues the copies
-constexpr int kBulkRowPad = 64;    // bytes between a slot's row pieces beyond their length
-constexpr int kBulkMaxStages = 32; // mbarriers reserved for the ring
-constexpr int kBulkMaxSb = 4;      // and for the ring of tiles' scales and biases
+constexpr int kBulkWarps = 16;      // consumer warps; warp 16 issues the copies
+constexpr int kBulkRowPad = 64;     // bytes between a slot's row pieces beyond their length
+constexpr int kBulkMaxStages = 32;  // mbarriers reserved for the ring
+constexpr int kBulkMaxSb = 4;       // and for the ring of tiles' scales and biases
 
 // The launch of qmv_bulk_kernel for an N x K weight and M rows of x: its blocks, the most tiles
 // one block takes, its ring stages and bytes of dynamic shared memory; ok false where it does
@@ -50,8 +54,8 @@ inline int64_t qmv_bulk_fixed_smem(int64_t M, int64_t K, int64_t tpb) {
   const int64_t kp = (K + 511) / 512 * 512;
   // x, its sums per 32 values, its factors per span (16-byte rounded), zeros, warps' sums,
   // mbarriers; then (128-byte aligned) the slots of scales and biases, then the ring
-  const int64_t fixed = M * kp * 2 + M * (kp / 32) * 4 + (M * (kp / 128) * 4 + 15) / 16 * 16 +
-                        256 + tpb * kBulkWarps * M * 16 * 4 + 2 * (kBulkMaxStages + kBulkMaxSb) * 8;
+  const int64_t fixed = M * kp * 2 + M * (kp / 32) * 4 + (M * (kp / 128) * 4 + 15) / 16 * 16 + 256 +
+                        tpb * kBulkWarps * M * 16 * 4 + 2 * (kBulkMaxStages + kBulkMaxSb) * 8;
   return (fixed + 127) / 128 * 128;
 }
 
@@ -140,7 +144,8 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
   const int g = lane >> 2, t = lane & 3;
   const int M = p.M;
   const int K = static_cast<int>(p.K);
-  const int kp = K;  // a multiple of 512: whole steps
+  // K is a multiple of 512 (whole steps): x is staged unpadded
+  const int kp = K;
   uint4* xs = reinterpret_cast<uint4*>(bulk_smem);                            // [M][kp / 8]
   float* sx = reinterpret_cast<float*>(bulk_smem + M * kp * 2);               // [M][kp / 32]
   float* fx = reinterpret_cast<float*>(bulk_smem + M * kp * 2 + M * kp / 8);  // [M][kp / 128]
@@ -275,12 +280,17 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
       if constexpr (S::kSbWords == 1) {
         asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(st.sb[0]) : "r"(a));
       } else if constexpr (S::kSbWords == 2) {
-        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(st.sb[0]), "=r"(st.sb[1]) : "r"(a));
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
+                     : "=r"(st.sb[0]), "=r"(st.sb[1])
+                     : "r"(a));
       } else {
 #pragma unroll
         for (int i = 0; i < S::kSbWords / 4; ++i) {
           const uint4 v = bulk_ptx::lds128(a + 16 * i);
-          st.sb[4 * i] = v.x, st.sb[4 * i + 1] = v.y, st.sb[4 * i + 2] = v.z, st.sb[4 * i + 3] = v.w;
+          st.sb[4 * i] = v.x;
+          st.sb[4 * i + 1] = v.y;
+          st.sb[4 * i + 2] = v.z;
+          st.sb[4 * i + 3] = v.w;
         }
       }
     };
