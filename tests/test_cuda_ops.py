@@ -269,6 +269,25 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
+def test_decode_kernels_bulk(gen, group_size: int, dtype: torch.dtype, monkeypatch) -> None:
+    # the opt-in bulk-copy decode kernel (MLXQ_CUDA_BULK=1, csrc/cuda/qmv_bulk.cuh; sm_90a builds
+    # on compute capability 9.0, elsewhere the default kernels run): tiles for 3 blocks a
+    # multiprocessor and a few more (uneven tiles a block), K of one short piece of 4096 values
+    # (fewer pieces a tile than groups of warps) and of a whole and a short one, M = 1, 2, x over
+    # a wide range (its fp16 products)
+    monkeypatch.setenv("MLXQ_CUDA_BULK", "1")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 16 * 3 * sms + 16 * 5
+    for k in (3072, 5120):
+        wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
+        for m in (1, 2):
+            _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, 4)
+        _check_matmul(_wide_range_x(gen, 1, k, dtype), wq, s, b, group_size, 4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize(
     "fused",
     [

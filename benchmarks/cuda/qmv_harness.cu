@@ -14,12 +14,14 @@
 #include <vector>
 
 #include "cuda/kernels.cuh"
+#include "cuda/qmv_bulk.cuh"
 #include "cuda/qmv_stream.cuh"
 #include "harness.h"
 
 using namespace mlxq::cuda;
 
 static int g_sms = 132;
+static int64_t g_smem_optin = 227 * 1024;
 
 struct Problem {
   int64_t N, K, GS;
@@ -725,11 +727,176 @@ static int ilv_main() {
   return bad == 0 ? 0 : 1;
 }
 
+// ---- the bulk-copy kernel (qmv_bulk.cuh) next to the op's launch ------------------------------
+
+template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, int Ahead = 1,
+          bool Sb = false>
+Launch bulk(int max_stages = kBulkMaxStages) {
+  return [max_stages](const QmvParams& p, cudaStream_t s) {
+    BulkShape b =
+        qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, WPP, max_stages, p.G, Sb ? 3 : 0);
+    if (Sb && !b.ok)
+      b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, WPP, max_stages, p.G, 2);
+    if (!b.ok) {
+      std::fprintf(stderr, "bulk kernel does not fit N=%lld K=%lld M=%d WPP=%d\n", (long long)p.N,
+                   (long long)p.K, p.M, WPP);
+      std::exit(1);
+    }
+    auto k = qmv_bulk_kernel<GS, T, WPP, P, Probe, Ahead, Sb>;
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            static_cast<int>(b.smem)));
+    k<<<b.blocks, (kBulkWarps + 1) * 32, b.smem, s>>>(p, b.stages, b.tpb, b.sbs);
+  };
+}
+
+struct BulkRow {
+  const char* name;
+  Launch fn;
+  int wpp, stages;
+  bool sb;
+};
+static bool bulk_fits(const Problem& P, const BulkRow& r) {
+  const auto shape = [&](int sbs) {
+    return qmv_bulk_shape(P.N, P.K, P.M, g_sms, g_smem_optin, r.wpp, r.stages, P.G(), sbs);
+  };
+  return r.sb ? (shape(3).ok || shape(2).ok) : shape(0).ok;
+}
+template <int GS, typename T>
+std::vector<BulkRow> bulk_check_rows() {
+  constexpr Prod kN = Prod::kNative, kS = Prod::kHalfSub;
+  return {{"bulk wpp8 4st native", bulk<GS, T, 8>(4), 8, 4, false},
+          {"bulk wpp8 4st half-sub", bulk<GS, T, 8, kS>(4), 8, 4, false},
+          {"bulk wpp8 4st native sb", bulk<GS, T, 8, kN, 0, 1, true>(4), 8, 4, true},
+          {"bulk wpp8 4st half-sub sb", bulk<GS, T, 8, kS, 0, 1, true>(4), 8, 4, true},
+          {"bulk wpp4 half-sub sb", bulk<GS, T, 4, kS, 0, 1, true>(), 4, kBulkMaxStages, true},
+          {"bulk wpp16 native", bulk<GS, T, 16>(), 16, kBulkMaxStages, false}};
+}
+
+// The op's choice for 28672 x 8192 (16-warp ring, x-first), the bulk variants, their probes and
+// the plain read, in one run.
+static int bulk_main() {
+  using bf = __nv_bfloat16;
+  using hf = __half;
+  {
+    const int64_t bytes = 1ll << 30;
+    void *src, *dst;
+    CK(cudaMalloc(&src, bytes));
+    CK(cudaMalloc(&dst, bytes));
+    CK(cudaMemset(src, 1, bytes));
+    const double copy_us = graph_us(
+        [&](int, cudaStream_t s) {
+          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+        },
+        1, 5);
+    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
+    cudaFree(src), cudaFree(dst);
+  }
+  int bad = 0;
+  // short last chunks (K = 3072, 5120), fewer chunks than groups, few tiles (6 blocks), many
+  // tiles a block, M = 2
+  for (int64_t gs : {32, 64, 128}) {
+    for (int64_t K : {int64_t{3072}, int64_t{5120}}) {
+      for (int M : {1, 2}) {
+        for (int64_t N : {int64_t{96}, int64_t{6000}, int64_t{40000}}) {
+          Problem P{N, K, gs, M, N == 6000};
+          make(P, 1);
+          const std::vector<BulkRow> rows =
+              gs == 32   ? (P.half ? bulk_check_rows<32, hf>() : bulk_check_rows<32, bf>())
+              : gs == 64 ? (P.half ? bulk_check_rows<64, hf>() : bulk_check_rows<64, bf>())
+                         : (P.half ? bulk_check_rows<128, hf>() : bulk_check_rows<128, bf>());
+          for (auto& r : rows) {
+            if (!bulk_fits(P, r)) {
+              std::printf("  (%s does not fit N=%lld K=%lld M=%d)\n", r.name, (long long)N,
+                          (long long)K, M);
+              continue;
+            }
+            bad += !check(P, r.fn, r.name, N <= 6000);
+          }
+          release(P);
+        }
+      }
+    }
+  }
+  for (int lo : {-20, -110, 60}) {  // half-sub with bf16 x over 2^40 in every span
+    Problem P{320, 1024, 32, 2, false};
+    P.xspread = 40, P.xlo = lo;
+    make(P, 1);
+    bad += !check(P, bulk<32, bf, 8, Prod::kHalfSub>(), "bulk wpp8 half-sub x spread", true);
+    bad +=
+        !check(P, bulk<32, bf, 8, Prod::kHalfSub, 0, 1, true>(4), "bulk wpp8 half-sub sb x", true);
+    bad += !check(P, bulk<32, bf, 8>(), "bulk wpp8 native x spread", true);
+    release(P);
+  }
+  std::printf("checks: %d failed\n", bad);
+  constexpr Prod kN = Prod::kNative, kS = Prod::kHalfSub;
+  const Row floor = {"read kernel (floor)", read_floor()};
+  const Row op128 = {"w16 ring U4x2 x-first (the op's)",
+                     stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()};
+  // Run 3 (H200, us): wpp8 4 stages native 36.99, half-sub 35.69, with scales two pieces
+  // ahead 38.64 / 37.13; without scale loads (probe) 33.73 / 33.19; copies alone 29.24,
+  // half-sub products alone 28.86; the op's 35.80. Here: scales and biases by bulk copies too.
+  constexpr bool kSb = true;
+  bench(28672, 8192, 128, 1, false,
+        {op128,
+         {"bulk wpp8 4st half-sub", bulk<128, bf, 8, kS>(4)},
+         {"bulk wpp8 4st native sb", bulk<128, bf, 8, kN, 0, 1, kSb>(4)},
+         {"bulk wpp8 4st half-sub sb", bulk<128, bf, 8, kS, 0, 1, kSb>(4)},
+         {"bulk wpp8 5st half-sub sb", bulk<128, bf, 8, kS, 0, 1, kSb>(5)},
+         {"bulk wpp8 5st native sb", bulk<128, bf, 8, kN, 0, 1, kSb>(5)},
+         {"bulk wpp4 half-sub sb", bulk<128, bf, 4, kS, 0, 1, kSb>()},
+         {"bulk wpp4 6st half-sub sb", bulk<128, bf, 4, kS, 0, 1, kSb>(6)},
+         {"probe: bulk wpp8 4st sb copies only", bulk<128, bf, 8, kN, 1, 1, kSb>(4)},
+         {"probe: bulk wpp8 4st half-sub sb products only", bulk<128, bf, 8, kS, 2, 1, kSb>(4)},
+         floor,
+         {"w16 ring U4x2 x-first (the op's) again", op128.fn},
+         {"bulk wpp8 4st half-sub sb again", bulk<128, bf, 8, kS, 0, 1, kSb>(4)},
+         {"bulk wpp8 4st native sb again", bulk<128, bf, 8, kN, 0, 1, kSb>(4)}},
+        false);
+  bench(28672, 8192, 64, 1, false,
+        {{"w16 ring x-first (the op's)", stream<64, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp8 4st half-sub", bulk<64, bf, 8, kS>(4)},
+         {"bulk wpp8 4st native sb", bulk<64, bf, 8, kN, 0, 1, kSb>(4)},
+         {"bulk wpp8 4st half-sub sb", bulk<64, bf, 8, kS, 0, 1, kSb>(4)}},
+        false);
+  bench(28672, 8192, 32, 1, false,
+        {{"w16 ring x-first (the op's)", stream<32, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp8 4st native", bulk<32, bf, 8>(4)},
+         {"bulk wpp8 4st native sb", bulk<32, bf, 8, kN, 0, 1, kSb>(4)},
+         {"bulk wpp8 4st half-sub sb", bulk<32, bf, 8, kS, 0, 1, kSb>(4)}},
+        false);
+  bench(28672, 8192, 128, 2, false,
+        {{"w16 ring x-first (the op's)", stream<128, 4, true, bf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp8 4st native sb", bulk<128, bf, 8, kN, 0, 1, kSb>(4)},
+         {"bulk wpp8 4st half-sub sb", bulk<128, bf, 8, kS, 0, 1, kSb>(4)}},
+        false);
+  bench(28672, 8192, 128, 1, true,
+        {{"w16 ring x-first fp16 (the op's)", stream<128, 4, true, hf, false, 1, 2, 16, kN, 2>()},
+         {"bulk wpp8 4st native fp16 sb", bulk<128, hf, 8, kN, 0, 1, kSb>(4)},
+         {"bulk wpp8 4st half-sub fp16 sb", bulk<128, hf, 8, kS, 0, 1, kSb>(4)}},
+        false);
+  bench(8192, 28672, 128, 1, false,
+        {{"w8 regs half-sub early (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 1>()},
+         {"bulk wpp8 4st half-sub", bulk<128, bf, 8, kS>(4)},
+         {"bulk wpp8 4st native sb", bulk<128, bf, 8, kN, 0, 1, kSb>(4)},
+         {"bulk wpp8 4st half-sub sb", bulk<128, bf, 8, kS, 0, 1, kSb>(4)},
+         floor},
+        false);  // (M = 2: x takes 115 KB, no ring of groups + 2 stages fits)
+  bench(4096, 4096, 128, 1, false,
+        {{"w8 regs half-sub (the op's)", stream<128, 4, true, bf, false, 2, 0, 8, kS, 0>()},
+         {"bulk wpp8 half-sub", bulk<128, bf, 8, kS>()},
+         {"bulk wpp8 half-sub sb", bulk<128, bf, 8, kS, 0, 1, kSb>()},
+         {"bulk wpp4 half-sub sb", bulk<128, bf, 4, kS, 0, 1, kSb>()},
+         floor},
+        true);
+  return bad == 0 ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   harness_seed(0x9E3779B97F4A7C15ull);
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   g_sms = prop.multiProcessorCount;
+  g_smem_optin = static_cast<int64_t>(prop.sharedMemPerBlockOptin);
   CK(cudaMalloc(&g_sink, 4));
   std::printf("%s, %d SMs, L2 %d MB\n", prop.name, g_sms, prop.l2CacheSize >> 20);
   using bf = __nv_bfloat16;
@@ -767,6 +934,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc > 1 && std::strcmp(argv[1], "ilv") == 0) return ilv_main();
+  if (argc > 1 && std::strcmp(argv[1], "bulk") == 0) return bulk_main();
   bandwidth();
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
   // numerics on awkward shapes: K tails (576: 4.5 spans), N tails, split K, M = 2

@@ -155,13 +155,19 @@ const DeviceInfo& device_info(int device) {
   TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "CUDA device index ", device,
               " out of range");
   std::call_once(once[device], [device] {
-    int major = 0, sms = 0, block = 0, sm = 0;
+    int major = 0, minor = 0, sms = 0, block = 0, sm = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     C10_CUDA_CHECK(
         cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-    info[device] = {major, {sms, block, sm}};
+#ifdef MLXQ_CUDA_SM90A
+    const bool bulk = major == 9 && minor == 0;  // sm_90a machine code runs on 9.0 alone
+#else
+    const bool bulk = false;
+#endif
+    info[device] = {major, {sms, block, sm, bulk}};
   });
   return info[device];
 }

@@ -62,6 +62,7 @@ struct StreamDevice {
   int sm_count;
   int64_t smem_per_block;  // opt-in maximum of dynamic shared memory per block
   int64_t smem_per_sm;
+  bool bulk = false;  // an sm_90a build on a compute capability 9.0 device (qmv_bulk.cuh)
 };
 bool qmv_stream4_fits(int64_t M, int64_t K, const StreamDevice& dev);
 void launch_qmv_stream4(const QmvParams& p, DType x_dtype, const StreamDevice& dev,

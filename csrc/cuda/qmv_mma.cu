@@ -2,7 +2,11 @@
 // qmv_mma4_kernel in kernels.cuh and qmv_stream_kernel in qmv_stream.cuh.
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "cuda/launch.h"
+#include "cuda/qmv_bulk.cuh"
 #include "cuda/qmv_stream.cuh"
 
 namespace mlxq::cuda {
@@ -105,8 +109,59 @@ constexpr int kWideWarps = 16;
 // the plain read's 27.4 (C); bench_ops in C (before x-first): 0.0380 ms against tinygemm 0.0626.
 constexpr Prod kRegsProd = Prod::kNative;
 
+// The bulk-copy kernel (qmv_bulk.cuh: one persistent block of 16 + 1 warps a multiprocessor, all
+// 132 busy, one thread issuing cp.async.bulk copies of 16 row pieces a piece into a ring, mbarrier
+// waits). H200, bf16, M = 1, us, qmv_harness "bulk", four runs (R1-R4), the op's choice beside it
+// in each run; plain read 27.4-28.3:
+// - R1 (pieces of 16 rows x 256 / 512 / 1024 bytes, WPP 2 / 4 / 8): copies alone 78.2 / 41.1 us
+//   at WPP 2 / 4: about 45 ns a bulk copy per multiprocessor whatever its size up to 1 KB, so
+//   row pieces must be 2 KB or more; WPP 8 41.7 against the op's 36.7.
+// - R2 (no divisions in the loops: with pc / nc, pc % stages a piece the products alone took 38.2,
+//   without 33.5; rows of a slot 64 bytes apart in pairs): copies alone WPP 8 / 16 29.3 / 29.1,
+//   products alone 33.5 / 33.3 (fp16 products 29.2 / 29.1); together WPP 8 at 4 stages 37.5, at 6
+//   39.0, WPP 16 39.3 against the op's 35.8. 8192 x 28672 38.3 against 39.3 (registers, K split).
+// - R3: fp16 products (Prod::kHalfSub) WPP 8 at 4 stages 35.7 (op 35.8 / 36.2); scales two pieces
+//   ahead in registers (spills) 37.1; with no scale loads at all (probe) 33.2: the per-lane global
+//   loads of scales cost ~2.5 us. Group 64 36.4 (op 38.7), 32 43.1 (op 44.3), 8192 x 28672 37.8
+//   (op 39.2), 4096 x 4096 6.53 (op 6.47).
+// - R4: a tile's scales and biases by two bulk copies into a ring of their own (SbSmem), read from
+//   shared memory (16-way bank conflicts: rows 2 G bytes apart): fp16 products 35.00 / 35.00
+//   against the op's 35.63 / 35.94; copies alone 31.9, products alone 32.0 (both up from R3);
+//   group 64 36.85 (op 38.05), 32 43.00 (op 44.61), M = 2 35.81 (op 35.80), fp16 x 34.96 (op
+//   36.91), 8192 x 28672 38.17 (op 39.94), 4096 x 4096 6.95 (op 6.50).
+// So: 2-5% under the op's kernels where the tiles fill 3 blocks a multiprocessor, far from the
+// M = 1 target (31 us): the products alone take as long as the copies alone (~29-32 us each,
+// 896 spans of 16 rows a multiprocessor), and they overlap to ~35. With MLXQ_CUDA_BULK=1 (read
+// on every call; opt-in until a device run of the decode tests and bench_ops with it) the op
+// takes R4's best there: WPP 8, 4 stages, fp16 products, scales by bulk copies.
+constexpr int kBulkWpp = 8, kBulkStages = 4;
+
+template <int GS, typename T>
+void launch_bulk(const QmvParams& p, const BulkShape& b, cudaStream_t stream) {
+  auto kernel = qmv_bulk_kernel<GS, T, kBulkWpp, Prod::kHalfSub, 0, 1, true>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(b.smem)));
+  kernel<<<static_cast<unsigned>(b.blocks), (kBulkWarps + 1) * 32, b.smem, stream>>>(p, b.stages,
+                                                                                     b.tpb, b.sbs);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool bulk_wanted() {
+  const char* env = std::getenv("MLXQ_CUDA_BULK");
+  return env != nullptr && std::string(env) == "1";
+}
+
 template <int GS, typename T>
 void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
+  if (dev.bulk && p.N / 16 >= 3 * int64_t{dev.sm_count} && bulk_wanted()) {
+    const auto shape = [&](int sbs) {
+      return qmv_bulk_shape(p.N, p.K, p.M, dev.sm_count, dev.smem_per_block, kBulkWpp, kBulkStages,
+                            p.G, sbs);
+    };
+    BulkShape b = shape(3);
+    if (!b.ok) b = shape(2);
+    if (b.ok) return launch_bulk<GS, T>(p, b, stream);
+  }
   const StreamGrid wide = qmv_stream_grid(p.N, p.K, kStreamSpans, dev.sm_count, 1, 0, kWideWarps);
   const int64_t ring_wide =
       qmv_stream_smem(p.M, p.K, kRingStages * kStreamSpans * 1024, kWideWarps);
