@@ -241,6 +241,7 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
     # split K over up to 8 warps of a block (summed in shared memory); 40 rows leave a partial
     # 16-row tile, K = 576 a partial 128-value span
     monkeypatch.setenv("MLXQ_CUDA_DECODE", kernel)
+    monkeypatch.setenv("MLXQ_CUDA_BULK", "0")  # the ring below; test_decode_kernels_bulk has bulk
     wq, s, b = _quantized(gen, 40, 8192, group_size, 4, dtype)
     for m in range(1, DECODE_MAX_ROWS + 1):
         _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, 4)
@@ -270,12 +271,12 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_decode_kernels_bulk(gen, group_size: int, dtype: torch.dtype, monkeypatch) -> None:
-    # the opt-in bulk-copy decode kernel (MLXQ_CUDA_BULK=1, csrc/cuda/qmv_bulk.cuh; sm_90a builds
-    # on compute capability 9.0, elsewhere the default kernels run): tiles for 3 blocks a
-    # multiprocessor and a few more (uneven tiles a block), K of one short piece of 4096 values
-    # (fewer pieces a tile than groups of warps) and of a whole and a short one, M = 1, 2, x over
-    # a wide range (its fp16 products)
-    monkeypatch.setenv("MLXQ_CUDA_BULK", "1")
+    # the bulk-copy decode kernel (the default, MLXQ_CUDA_BULK=0 turns it off; csrc/cuda/
+    # qmv_bulk.cuh; sm_90a builds on compute capability 9.0, elsewhere the ring): tiles for 3
+    # blocks a multiprocessor and a few more (uneven tiles a block), K of one short piece of
+    # 4096 values (fewer pieces a tile than groups of warps) and of a whole and a short one,
+    # M = 1, 2, x over a wide range (its fp16 products)
+    monkeypatch.delenv("MLXQ_CUDA_BULK", raising=False)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = 16 * 3 * sms + 16 * 5
     for k in (3072, 5120):

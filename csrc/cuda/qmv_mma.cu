@@ -131,9 +131,8 @@ constexpr Prod kRegsProd = Prod::kNative;
 //   36.91), 8192 x 28672 38.17 (op 39.94), 4096 x 4096 6.95 (op 6.50).
 // So: 2-5% under the op's kernels where the tiles fill 3 blocks a multiprocessor, far from the
 // M = 1 target (31 us): the products alone take as long as the copies alone (~29-32 us each,
-// 896 spans of 16 rows a multiprocessor), and they overlap to ~35. With MLXQ_CUDA_BULK=1 (read
-// on every call; opt-in until a device run of the decode tests and bench_ops with it) the op
-// takes R4's best there: WPP 8, 4 stages, fp16 products, scales by bulk copies.
+// 896 spans of 16 rows a multiprocessor), and they overlap to ~35. The op takes R4's best there
+// (bulk_wanted below): WPP 8, 4 stages, fp16 products, scales by bulk copies.
 constexpr int kBulkWpp = 8, kBulkStages = 4;
 
 template <int GS, typename T>
@@ -146,9 +145,12 @@ void launch_bulk(const QmvParams& p, const BulkShape& b, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// On by default since the lead's device run (bench_ops through the op, one call: 28672 x 8192
+// M = 1 0.0376 -> 0.0354 ms, 8192 x 28672 0.0456 -> 0.0416; M = 2 0.0368 -> 0.0364);
+// MLXQ_CUDA_BULK=0 keeps the ring / register kernels (read on every call).
 bool bulk_wanted() {
   const char* env = std::getenv("MLXQ_CUDA_BULK");
-  return env != nullptr && std::string(env) == "1";
+  return env == nullptr || std::string(env) != "0";
 }
 
 template <int GS, typename T>
