@@ -59,22 +59,80 @@ def _arch_model(arch, tied, bits, group, mode):
     return causal_lm_class(arch).from_pretrained(path, dtype=torch.float32)
 
 
+TOKENS = torch.tensor([[1, 40, 200, 31, 7, 99, 123, 5]])
+
+
 def _text_logits(model) -> np.ndarray:
-    tokens = torch.tensor([[1, 40, 200, 31, 7, 99, 123, 5]])
     with torch.no_grad():
-        return model(tokens).logits[0].float().numpy()
+        return model(TOKENS).logits[0].float().numpy()
+
+
+def _captured(model) -> list:
+    """The outputs transformers captures by hooks it installs at the first forward asking
+    for them (local functions), as a forward with every output flag gives them."""
+    flags = {"output_hidden_states": True, "output_attentions": True}
+    if hasattr(model.config, "output_router_logits"):  # MoE: the routers' logits
+        flags["output_router_logits"] = True
+    with torch.no_grad():
+        out = model(TOKENS, **flags)
+    keys = ("hidden_states", "attentions", "router_logits")
+    return [t.float().numpy() for k in keys for t in (getattr(out, k, None) or ())]
+
+
+def _capture_hooks(model) -> int:
+    return sum(
+        "output_capturing_hook" in getattr(hook, "__code__", _text_logits.__code__).co_name
+        for module in model.modules()
+        for hook in module._forward_hooks.values()
+    )
+
+
+def _generated(model) -> list:
+    with torch.no_grad():
+        return model.generate(TOKENS, max_new_tokens=4, do_sample=False)[0].tolist()
+
+
+def _check_copies(model, check) -> None:
+    features, hooks, want = _features(model), _capture_hooks(model), check(model)
+    for copied in (_round_trip(model), copy.deepcopy(model)):
+        assert _features(copied) == features
+        assert _capture_hooks(copied) == hooks
+        np.testing.assert_equal(check(copied), want)
+    np.testing.assert_equal(check(model), want)  # the original is untouched
 
 
 @pytest.mark.parametrize(("arch", "tied", "bits", "group", "mode"), ARCH_CASES)
 def test_text_model_pickles(arch, tied, bits, group, mode) -> None:
     model = _arch_model(arch, tied, bits, group, mode)
-    want = _text_logits(model)
-    features = _features(model)
-    assert any(f[2] for f in features[1:]) == (arch == "llama" and mode == "affine")  # flat plans
-    for copied in (_round_trip(model), copy.deepcopy(model)):
-        assert _features(copied) == features
-        np.testing.assert_array_equal(_text_logits(copied), want)
-    np.testing.assert_array_equal(_text_logits(model), want)  # the original is untouched
+    assert any(f[2] for f in _features(model)[1:]) == (arch == "llama" and mode == "affine")
+    _check_copies(model, _text_logits)  # fresh
+
+
+@pytest.mark.parametrize(("arch", "tied", "bits", "group", "mode"), ARCH_CASES)
+def test_text_model_pickles_after_forward_and_generate(
+    arch, tied, bits, group, mode, monkeypatch
+) -> None:
+    from mlxq import _pickling
+
+    model = _arch_model(arch, tied, bits, group, mode)
+    captured = _captured(model)  # installs the output-capturing hooks
+    assert _capture_hooks(model) > 0 and len(captured) > 0
+    if arch == "qwen3_moe":  # hooked on mlxq's router (a made class)
+        assert len(captured) == 2 * (model.config.num_hidden_layers + 1) - 1
+    _check_copies(model, _captured)
+    _check_copies(model, _text_logits)
+    _generated(model)
+    _check_copies(model, _generated)
+    # loaded where no hook was named yet (another process), then pickled again
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    monkeypatch.setattr(_pickling, "_CAPTURE_HOOKS", {})
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not {id(h) for m in loaded.modules() for h in m._forward_hooks.values()} & {
+        id(h) for m in model.modules() for h in m._forward_hooks.values()
+    }
+    np.testing.assert_equal(_captured(_round_trip(loaded)), captured)
 
 
 @pytest.mark.parametrize("name", VLM_CASES)
@@ -84,14 +142,16 @@ def test_image_text_model_pickles(name: str) -> None:
 
     path: Path = tiny_mlx_vlm_checkpoint(name, variant_of(name))
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    # copied before the first forward: that installs transformers' output-capturing hooks,
-    # local functions that do not pickle (transformers' own models alike)
-    copies = (_round_trip(model), copy.deepcopy(model))
     features = _features(model)
     if name == "gemma4":  # its embedding serves rows to the model's code
         assert any(f[4] for f in features if isinstance(f, tuple) and len(f) == 5)
     inputs = model_inputs(path, name, with_image=True)
+    fresh = (_round_trip(model), copy.deepcopy(model))
     want = mlxq_logits(path, name, inputs, model=model)
-    for copied in copies:
+    for copied in fresh:
         assert _features(copied) == features
         np.testing.assert_array_equal(mlxq_logits(path, name, inputs, model=copied), want)
+    # after the first forward (LLaVA's asks its vision tower for hidden states: transformers
+    # installs its output-capturing hooks there, local functions)
+    assert (_capture_hooks(model) > 0) == (name == "llava")
+    _check_copies(model, lambda m: mlxq_logits(path, name, inputs, model=m))

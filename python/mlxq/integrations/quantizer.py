@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from mlxq._pickling import made_class
+from mlxq._pickling import made_class, picklable_after_forward
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers, written_by_mlx
@@ -777,6 +777,7 @@ class MLXHfQuantizer(HfQuantizer):
         use_native_rotary_embedding(model)
         group_projections(model)
         use_flat_decode_layers(model)  # after the norms and groups it reads
+        picklable_after_forward(model)
         return model
 
     def update_weight_conversions(self, weight_conversions, *model):
