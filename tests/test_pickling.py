@@ -155,3 +155,33 @@ def test_image_text_model_pickles(name: str) -> None:
     # installs its output-capturing hooks there, local functions)
     assert (_capture_hooks(model) > 0) == (name == "llava")
     _check_copies(model, lambda m: mlxq_logits(path, name, inputs, model=m))
+
+
+def test_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    """torch.load where mlxq loaded nothing yet (its attention implementation, the hooks'
+    names and the made classes come back from `import mlxq` alone), after a forward."""
+    import subprocess
+    import sys
+
+    model = _arch_model("llama", True, 4, 64, "affine")
+    captured = _captured(model)
+    assert model.config._attn_implementation == "mlxq_sdpa"
+    torch.save(model, tmp_path / "model.pt")
+    np.savez(tmp_path / "want.npz", *captured, logits=_text_logits(model))
+    code = f"""
+import sys, numpy as np, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_pickling import _captured, _text_logits
+model = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False)
+want = np.load({str(tmp_path / "want.npz")!r})
+got = _captured(model)
+assert len(got) == len(want.files) - 1, (len(got), want.files)
+for i, array in enumerate(got):
+    np.testing.assert_array_equal(array, want[f"arr_{{i}}"])
+np.testing.assert_array_equal(_text_logits(model), want["logits"])
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -70,6 +70,8 @@ def _bind(func: Callable, module) -> types.MethodType:
 
 
 def _reduce_method(method: types.MethodType):
+    if method.__func__ is _model_getstate:
+        return (_restored_model_getstate, (method.__self__,))
     if method.__func__ in _BOUND:
         return (_bind, (method.__func__, method.__self__))
     return method.__reduce__()
@@ -100,6 +102,16 @@ def _model_getstate(model) -> dict:
         for hook in module._forward_hooks.values():
             _name_capture_hook(hook)
     return type(model).__getstate__(model)
+
+
+def _restored_model_getstate(model) -> types.MethodType:
+    """The binding again, and the entry transformers' `PreTrainedModel.__init__` makes in its
+    output-recording registry (keyed on the class name: a process that built no such model has
+    none, and the loaded model would then capture no hidden states, attentions or router logits)."""
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    _CAN_RECORD_REGISTRY[model] = getattr(type(model), "_can_record_outputs", None)
+    return bind_method(_model_getstate, model)
 
 
 def _make_capture_hook(key: str, index: int, capture_initial_hidden_state: bool) -> Callable:
