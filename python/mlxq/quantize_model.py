@@ -147,7 +147,11 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
     from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
-    from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
+    from mlxq.integrations.mlx_vlm_layout import (
+        mlx_vlm_module_names,
+        save_upcast_in_model_dtype,
+        use_mlx_vlm_layout,
+    )
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
     from mlxq.moe import MoeExperts
@@ -156,6 +160,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     if use_mlx_vlm_layout(model):  # image-text models: saved as mlx-vlm writes them
         names = mlx_vlm_module_names(model, overrides)  # the entries too (mlx-vlm reads them)
         overrides = {names.get(k, k): v for k, v in overrides.items()}
+        save_upcast_in_model_dtype(model)  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
     else:
         use_mlx_lm_layout(model)
     experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}

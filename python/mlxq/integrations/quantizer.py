@@ -47,6 +47,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
+    save_upcast_in_model_dtype,
     takes_flat_text_keys,
     unmapped_vlm_note,
     use_mlx_vlm_layout,
@@ -766,6 +767,7 @@ class MLXHfQuantizer(HfQuantizer):
             check_nothing_unexpected(model, unexpected)
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
+        save_upcast_in_model_dtype(model)  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
             # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
             config.overrides[name] = False

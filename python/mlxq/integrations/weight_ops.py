@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CastOnSave",
+    "cast_on_save_converter",
     "ChannelsLastToFirst",
     "UnitOffset",
     "channels_last_converter",
@@ -127,4 +129,48 @@ def channels_last_converter(key: str) -> Any:
         source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
         target_patterns=key,
         operations=[ChannelsLastToFirst(True)],
+    )
+
+
+class CastOnSave:
+    """A transformers `ConversionOps` that loads a tensor as it is and whose reverse, used by
+    `save_pretrained`, casts it to `dtype` (a torch dtype's name)."""
+
+    def __new__(cls, dtype: str, on_save: bool = False):
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, dtype: str, on_save: bool) -> None:
+                self.dtype, self.on_save = dtype, on_save
+
+            def __repr__(self) -> str:
+                return f"CastOnSave({self.dtype})" if self.on_save else "AsLoaded"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                (value,) = input_dict.values()
+                tensor = value[0] if isinstance(value, list) else value
+                if self.on_save:
+                    tensor = tensor.to(getattr(torch, self.dtype))
+                return {target_patterns[0]: tensor}
+
+            @property
+            def reverse_op(self):
+                return _Op(self.dtype, not self.on_save)
+
+            def __reduce__(self):  # a local class: pickled as the call that makes it
+                return (CastOnSave, (self.dtype, self.on_save))
+
+        return _Op(dtype, on_save)
+
+
+def cast_on_save_converter(key: str, dtype: torch.dtype) -> Any:
+    """A `WeightConverter` that `save_pretrained` reverses into a cast of tensor `key` to
+    `dtype` (loading leaves it as it is)."""
+    from transformers.core_model_loading import WeightConverter
+
+    return WeightConverter(
+        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+        target_patterns=key,
+        operations=[CastOnSave(str(dtype).removeprefix("torch."))],
     )
