@@ -572,10 +572,12 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
 def save_upcast_in_model_dtype(model: nn.Module) -> list[str]:
     """`save_pretrained` writes the tensors transformers keeps in fp32 in a bf16 / fp16 model
     (`_keep_in_fp32_modules(_strict)`: GLM-4.5V's routers) in the model's dtype, as
-    `mlx_vlm convert` casts every float tensor to the config's dtype (no mapped family asks
-    it otherwise): before, mlxq's save wrote them fp32 where mlx-vlm's conversion, and the
-    checkpoint they were read from, had bf16. Returns their names; none for a model that is
-    not an image-text model of a mapped family."""
+    `mlx_vlm convert` casts every float tensor to the config's dtype but those its top-level
+    model's `cast_predicate` keeps (Qwen 3.5's A_log, which transformers does not keep fp32;
+    mlx-vlm 0.7.10's GLM-4.5V model does not pass on its language model's, which would keep
+    e_score_correction_bias): before, mlxq's save wrote them fp32 where mlx-vlm's conversion,
+    and the checkpoint they were read from, had bf16. Returns their names; none for a model
+    that is not an image-text model of a mapped family."""
     import torch
     from transformers.core_model_loading import build_glob_alternation
 
