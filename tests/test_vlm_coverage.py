@@ -96,6 +96,39 @@ def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     np.testing.assert_allclose(mlxq_logits(saved, name, inputs), ours, rtol=0, atol=1e-5)
 
 
+def test_entries_name_the_saved_tensors_in_mlx_vlm_names(tmp_path: Path) -> None:
+    """A float GLM-4V quantized while loading with a per-module entry: the entry names the
+    module as the tensors are saved, in mlx-vlm's names (before: transformers', which mlx-vlm
+    does not look up, reading the 8-bit layer as 4-bit)."""
+    import mlxq
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_float_checkpoint, variant_of
+
+    float_dir = tiny_float_checkpoint("glm4v", tmp_path / "float", variant_of("glm4v").tied)
+    eight = {"bits": 8, "group_size": 64}
+    quant = mlxq.MLXQuantConfig(
+        bits=4,
+        group_size=64,
+        overrides={"model.language_model.layers.0.mlp.down_proj": eight},
+        modules_to_not_convert=["model.visual"],  # as mlx-vlm keeps the tower float
+    )
+    model = AutoModelForImageTextToText.from_pretrained(
+        float_dir, dtype=torch.bfloat16, quantization_config=quant
+    )
+    assert model.model.language_model.layers[0].mlp.down_proj.bits == 8
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for file in float_dir.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    block = json.loads((saved / "config.json").read_text())["quantization"]
+    assert block["language_model.model.layers.0.mlp.down_proj"] == eight
+    assert not any(k.startswith("model.") for k in block)
+    inputs = model_inputs(saved, "glm4v", with_image=True)
+    ours = mlxq_logits(saved, "glm4v", inputs)
+    assert float(np.abs(mlx_vlm_logits(saved, "glm4v", inputs) - ours).max()) <= TOLERANCE
+
+
 def test_bf16_checkpoint_saved_again_is_the_same_file(tmp_path: Path) -> None:
     """mlx-vlm's bf16 GLM-4.5V checkpoint loaded in bf16 and saved is the file it was read
     from, tensor for tensor, dtypes included: transformers keeps the routers (weight and

@@ -146,7 +146,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-    from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
+    from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names, use_mlx_lm_layout
     from mlxq.integrations.mlx_vlm_layout import (
         mlx_vlm_module_names,
         save_upcast_in_model_dtype,
@@ -163,6 +163,8 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
         save_upcast_in_model_dtype(model)  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
     else:
         use_mlx_lm_layout(model)
+        names = mlx_lm_module_names(model, overrides)  # Qwen 3.5's `language_model.`
+        overrides = {names.get(k, k): v for k, v in overrides.items()}
     experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}
     routers = {name for name, m in model.named_modules() if hasattr(m, "_mlxq_name")}
     drop_fused_expert_converters(model, experts, routers)

@@ -36,6 +36,7 @@ from mlxq.integrations.mlx_lm_layout import (
     checkpoint_layout,
     fill_dropped_tensors,
     mlx_lm_config_keys,
+    mlx_lm_module_names,
     mlx_lm_outer_model_type,
     use_mlx_lm_layout,
 )
@@ -47,6 +48,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
+    mlx_vlm_module_names,
     save_upcast_in_model_dtype,
     takes_flat_text_keys,
     unmapped_vlm_note,
@@ -733,7 +735,8 @@ class MLXHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         on_load = getattr(self, "_on_load", None)
-        if not self.pre_quantized and not use_mlx_vlm_layout(model):  # as mlx-vlm saves it
+        vlm = not self.pre_quantized and use_mlx_vlm_layout(model)  # as mlx-vlm saves it
+        if not self.pre_quantized and not vlm:
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
@@ -772,6 +775,16 @@ class MLXHfQuantizer(HfQuantizer):
             # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
             config.overrides[name] = False
         float_dtype_for_routers(model)  # MiniMax-M2's router
+        if not self.pre_quantized:  # the entries name the modules as their tensors are saved
+            names = (mlx_vlm_module_names if vlm else mlx_lm_module_names)(model, config.overrides)
+            if names:  # (a copy: the caller's config may load another model)
+                config = MLXQuantConfig(
+                    bits=config.bits,
+                    group_size=config.group_size,
+                    mode=config.mode,
+                    overrides={names.get(k, k): v for k, v in config.overrides.items()},
+                    modules_to_not_convert=config.modules_to_not_convert,
+                )
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)
