@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +187,71 @@ print("ok")
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _saved(model, out: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    model.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    return load_file(out / "model.safetensors"), config
+
+
+def _same_files(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    assert sorted(a[0]) == sorted(b[0])
+    unequal = [
+        k for k in a[0] if a[0][k].dtype != b[0][k].dtype or not torch.equal(a[0][k], b[0][k])
+    ]
+    assert not unequal, unequal[:5]
+    assert a[1] == b[1]
+
+
+@pytest.mark.parametrize(("arch", "tied", "bits", "group", "mode"), ARCH_CASES)
+def test_text_model_saved_after_forward_and_generate(tmp_path, arch, tied, bits, group, mode):
+    """What a forward, one with every output flag and generate() leave on the model
+    (capture hooks, caches, flat decode plans) is not saved: the files are those of the
+    freshly loaded model, and mlx-lm runs them as the checkpoint read."""
+    from arch_models import Variant, tiny_mlx_checkpoint
+    from mlx_models import mlx_lm_logits
+
+    model = _arch_model(arch, tied, bits, group, mode)
+    fresh = _saved(model, tmp_path / "fresh")
+    _captured(model)
+    _generated(model)
+    after = _saved(model, tmp_path / "after")
+    _same_files(after, fresh)
+    source = tiny_mlx_checkpoint(arch, Variant(tied=tied, bits=bits, group_size=group, mode=mode))
+    for file in source.glob("tokenizer*"):
+        shutil.copy(file, tmp_path / "after")
+    tokens = TOKENS[0].tolist()
+    np.testing.assert_array_equal(
+        mlx_lm_logits(tmp_path / "after", tokens), mlx_lm_logits(source, tokens)
+    )
+
+
+@pytest.mark.parametrize("name", VLM_CASES)
+def test_image_text_model_saved_after_forward(tmp_path, name: str) -> None:
+    """As above for image-text models (LLaVA's forward installs capture hooks): mlx-vlm runs
+    the files saved after a forward as the checkpoint read."""
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import (
+        mlx_vlm_logits,
+        mlxq_logits,
+        model_inputs,
+        tiny_mlx_vlm_checkpoint,
+        variant_of,
+    )
+
+    path = tiny_mlx_vlm_checkpoint(name, variant_of(name))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    fresh = _saved(model, tmp_path / "fresh")
+    inputs = model_inputs(path, name, with_image=True)
+    mlxq_logits(path, name, inputs, model=model)
+    after = _saved(model, tmp_path / "after")
+    _same_files(after, fresh)
+    for file in path.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (tmp_path / "after" / file.name).exists():
+            shutil.copy(file, tmp_path / "after" / file.name)
+    np.testing.assert_array_equal(
+        mlx_vlm_logits(tmp_path / "after", name, inputs), mlx_vlm_logits(path, name, inputs)
+    )
