@@ -255,3 +255,18 @@ def test_image_text_model_saved_after_forward(tmp_path, name: str) -> None:
     np.testing.assert_array_equal(
         mlx_vlm_logits(tmp_path / "after", name, inputs), mlx_vlm_logits(path, name, inputs)
     )
+
+
+def test_quantize_model_result_pickles_after_forward(tmp_path: Path) -> None:
+    """A float model quantized by mlxq.quantize_model pickles after a forward too."""
+    import mlxq
+    from arch_models import tiny_float_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    float_dir = tiny_float_checkpoint("qwen3_moe", tmp_path / "float", False)
+    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    mlxq.quantize_model(model, bits=4, group_size=64)
+    captured = _captured(model)
+    assert _capture_hooks(model) > 0
+    _check_copies(model, _captured)
+    np.testing.assert_equal(_captured(_round_trip(model)), captured)

@@ -142,6 +142,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
+    from mlxq._pickling import picklable_after_forward
     from mlxq.integrations.config import MLXQuantConfig
     from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
@@ -181,6 +182,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)
+    picklable_after_forward(model)
     model.hf_quantizer = MLXHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = qconfig.quant_method
