@@ -423,3 +423,31 @@ def test_entries_name_the_saved_tensors_under_mlx_lm_prefix(tmp_path: Path) -> N
     }
     ours = mlxq_logits(saved, TOKENS)
     assert float(np.abs(mlx_lm_logits(saved, TOKENS) - ours).max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"), [("glm4_moe", 1), ("deepseek_v3", 1), ("ernie4_5_moe", 0)]
+)
+def test_bf16_checkpoint_saved_again_keeps_the_stored_dtypes(
+    tmp_path: Path, arch: str, variant: int
+) -> None:
+    # mlx-lm's bf16 checkpoint loaded in bf16 and saved: every tensor as stored, dtype
+    # included. transformers keeps GLM-4.5's / DeepSeek V3's routers (weight, correction
+    # bias) in fp32, and ERNIE 4.5's quantized router is built on its fp32 weight (fp32
+    # scales): saving wrote those fp32 before
+    from arch_models import causal_lm_class
+    from safetensors.torch import load_file
+
+    source = tiny_mlx_checkpoint(arch, VARIANTS[variant])
+    model = causal_lm_class(arch).from_pretrained(source, dtype=torch.bfloat16)
+    gate = model.model.layers[1].mlp.gate
+    assert any(t.dtype == torch.float32 for t in (*gate.parameters(), *gate.buffers()))
+    model.save_pretrained(tmp_path / "saved")
+    ref = {}
+    for file in source.glob("*.safetensors"):
+        ref.update(load_file(file))
+    ours = load_file(tmp_path / "saved" / "model.safetensors")
+    # (ERNIE: the correction bias mlx-lm drops, which mlxq fills with zeros and writes)
+    assert sorted(k for k in ours if "moe_statics" not in k) == sorted(ref)
+    unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
+    assert not unequal, unequal[:5]

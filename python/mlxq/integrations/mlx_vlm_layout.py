@@ -27,7 +27,7 @@ from torch import nn
 
 from mlxq.integrations.weight_ops import (
     ChannelsLastToFirst,
-    cast_on_save_converter,
+    cast_on_save,
     channels_last_converter,
     channels_last_perm,
     permuted,
@@ -598,17 +598,7 @@ def save_upcast_in_model_dtype(model: nn.Module) -> list[str]:
         for name, tensor in (*model.named_parameters(), *model.named_buffers())
         if tensor.dtype == torch.float32 and kept.search(name)
     ]
-    model._weight_conversions = [
-        *(
-            c  # once (quantize_model after a load)
-            for c in getattr(model, "_weight_conversions", None) or []
-            if not any(
-                type(op).__qualname__.startswith("CastOnSave")
-                for op in getattr(c, "operations", ())
-            )
-        ),
-        *(cast_on_save_converter(name, dtype) for name in names),
-    ]
+    cast_on_save(model, dict.fromkeys(names, dtype))
     return names
 
 

@@ -62,6 +62,7 @@ from mlxq.integrations.moe_loading import (
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
+from mlxq.integrations.weight_ops import save_as_read
 from mlxq.model_walk import HeadDecision, config_ties, plan_modules, tie_head
 from mlxq.moe import AffineSwitchLinear, MoeExperts, float_dtype_for_routers
 from mlxq.nn import (
@@ -647,6 +648,7 @@ class MLXHfQuantizer(HfQuantizer):
         self._conv_concat = layout.conv_concat_conversions(headers) if layout is not None else []
         stored_keys = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
+        self._stored = headers  # the stored dtypes, saved again (save_as_read)
         stored_names = dict(zip(headers, stored_keys, strict=False))  # model -> file names
         if vlm_layout is None and is_image_text(model.config):
             _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
@@ -770,7 +772,10 @@ class MLXHfQuantizer(HfQuantizer):
             check_nothing_unexpected(model, unexpected)
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
-        save_upcast_in_model_dtype(model)  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
+        if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
+            save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
+        else:  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
+            save_upcast_in_model_dtype(model)
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
             # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
             config.overrides[name] = False
