@@ -18,6 +18,7 @@ import torch
 from arch_models import (
     ARCHS,
     FAST,
+    MLX_LM_INPUT_LAYOUT,
     TOKENS,
     VARIANTS,
     mlxq_logits,
@@ -311,17 +312,21 @@ def test_language_model_of_image_text_checkpoint(
     assert type(loaded).__name__ == text_class
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next", "qwen3_5_moe"])
 def test_quantized_float_model_saves_what_mlx_lm_convert_writes(tmp_path: Path, arch: str) -> None:
     # a float Qwen 3.5 (Hub prefix `model.language_model.`) or Qwen3-Next quantized by mlxq
     # and saved must be `mlx_lm convert`'s checkpoint, tensor for tensor: the text model
     # under `language_model.` once, conv1d weights channels-last (mlx-lm's sanitize reads a
-    # channels-first one as a Hub checkpoint and adds 1 to the norms a second time)
+    # channels-first one as a Hub checkpoint and adds 1 to the norms a second time). Qwen 3.5
+    # MoE (the Hub's image-text checkpoint read as Qwen3_5MoeForCausalLM) takes mlxq's own
+    # entries for mlx-lm's rule: routers and shared-expert gates at 8 bits
     from mlx_lm import convert
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     float_dir = tiny_float_checkpoint(arch, tmp_path / "float", False)
+    if arch in MLX_LM_INPUT_LAYOUT:  # Qwen 3.5 MoE: the Hub's fused experts, which mlx-lm reads
+        MLX_LM_INPUT_LAYOUT[arch](float_dir)
     ref_dir = tmp_path / "ref"
     convert(str(float_dir), mlx_path=str(ref_dir), quantize=True, q_bits=4, q_group_size=64)
     if arch == "qwen3_5":  # quantized while loading
@@ -330,6 +335,10 @@ def test_quantized_float_model_saves_what_mlx_lm_convert_writes(tmp_path: Path, 
             dtype=torch.bfloat16,
             quantization_config=mlxq.MLXQuantConfig(bits=4, group_size=64),
         )
+    elif arch == "qwen3_5_moe":  # mlxq's entries (model_walk), as mlxq convert quantizes
+        model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16)
+        assert type(model).__name__ == "Qwen3_5MoeForCausalLM"
+        mlxq.quantize_model(model, bits=4, group_size=64)
     else:  # MoE routers are quantized by quantize_model (mlxq convert's path)
         model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16)
         eight_bit = {"bits": 8, "group_size": 64}  # mlx-lm's rule for Qwen3-Next's gates
@@ -345,8 +354,15 @@ def test_quantized_float_model_saves_what_mlx_lm_convert_writes(tmp_path: Path, 
         ref.update(load_file(file))
     ours = load_file(tmp_path / "saved" / "model.safetensors")
     assert sorted(ours) == sorted(ref)
-    unequal = [k for k in ref if not torch.equal(ours[k], ref[k])]
+    unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
     assert not unequal, unequal[:5]
+    if arch == "qwen3_5_moe":  # the entries, in mlx-lm's names (before: transformers')
+        written = json.loads((tmp_path / "saved" / "config.json").read_text())
+        reference = json.loads((ref_dir / "config.json").read_text())
+        assert written["quantization"] == reference["quantization"]
+        # (mlxq's quant_method: transformers reads the block with it)
+        assert written["quantization_config"].pop("quant_method") == "mlx"
+        assert written["quantization_config"] == reference["quantization_config"]
     # and config.json reads as mlx-lm reads convert's (mlx-lm 0.32 has no `qwen3_5_text`): the
     # same model in mlx-lm, and mlxq reads it back as mlx-lm does
     saved = tmp_path / "saved"
@@ -376,3 +392,62 @@ def test_qwen3_5_checkpoint_saved_again_loads_in_mlx_lm(tmp_path: Path, arch: st
     ref = mlx_lm_logits(source, TOKENS)
     np.testing.assert_array_equal(mlx_lm_logits(saved, TOKENS), ref)
     assert float(np.abs(mlxq_logits(saved, TOKENS) - ref).max()) <= TOLERANCE
+
+
+def test_entries_name_the_saved_tensors_under_mlx_lm_prefix(tmp_path: Path) -> None:
+    # a float Qwen 3.5 quantized while loading with a per-module entry: saved under mlx-lm's
+    # `language_model.`, the entry names the module there too (before: transformers' name,
+    # which mlx-lm does not look up, reading the 8-bit layer as 4-bit)
+    from transformers import AutoModelForCausalLM
+
+    float_dir = tiny_float_checkpoint("qwen3_5", tmp_path / "float", False)
+    eight = {"bits": 8, "group_size": 64}
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir,
+        dtype=torch.bfloat16,
+        quantization_config=mlxq.MLXQuantConfig(
+            bits=4, group_size=64, overrides={"model.layers.0.mlp.down_proj": eight}
+        ),
+    )
+    assert model.model.layers[0].mlp.down_proj.bits == 8
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for file in float_dir.glob("tokenizer*"):
+        shutil.copy(file, saved)
+    block = json.loads((saved / "config.json").read_text())["quantization"]
+    assert block == {
+        "bits": 4,
+        "group_size": 64,
+        "mode": "affine",
+        "language_model.model.layers.0.mlp.down_proj": eight,
+    }
+    ours = mlxq_logits(saved, TOKENS)
+    assert float(np.abs(mlx_lm_logits(saved, TOKENS) - ours).max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"), [("glm4_moe", 1), ("deepseek_v3", 1), ("ernie4_5_moe", 0)]
+)
+def test_bf16_checkpoint_saved_again_keeps_the_stored_dtypes(
+    tmp_path: Path, arch: str, variant: int
+) -> None:
+    # mlx-lm's bf16 checkpoint loaded in bf16 and saved: every tensor as stored, dtype
+    # included. transformers keeps GLM-4.5's / DeepSeek V3's routers (weight, correction
+    # bias) in fp32, and ERNIE 4.5's quantized router is built on its fp32 weight (fp32
+    # scales): saving wrote those fp32 before
+    from arch_models import causal_lm_class
+    from safetensors.torch import load_file
+
+    source = tiny_mlx_checkpoint(arch, VARIANTS[variant])
+    model = causal_lm_class(arch).from_pretrained(source, dtype=torch.bfloat16)
+    gate = model.model.layers[1].mlp.gate
+    assert any(t.dtype == torch.float32 for t in (*gate.parameters(), *gate.buffers()))
+    model.save_pretrained(tmp_path / "saved")
+    ref = {}
+    for file in source.glob("*.safetensors"):
+        ref.update(load_file(file))
+    ours = load_file(tmp_path / "saved" / "model.safetensors")
+    # (ERNIE: the correction bias mlx-lm drops, which mlxq fills with zeros and writes)
+    assert sorted(k for k in ours if "moe_statics" not in k) == sorted(ref)
+    unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
+    assert not unequal, unequal[:5]

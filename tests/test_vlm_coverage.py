@@ -96,6 +96,61 @@ def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
     np.testing.assert_allclose(mlxq_logits(saved, name, inputs), ours, rtol=0, atol=1e-5)
 
 
+def test_entries_name_the_saved_tensors_in_mlx_vlm_names(tmp_path: Path) -> None:
+    """A float GLM-4V quantized while loading with a per-module entry: the entry names the
+    module as the tensors are saved, in mlx-vlm's names (before: transformers', which mlx-vlm
+    does not look up, reading the 8-bit layer as 4-bit)."""
+    import mlxq
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_float_checkpoint, variant_of
+
+    float_dir = tiny_float_checkpoint("glm4v", tmp_path / "float", variant_of("glm4v").tied)
+    eight = {"bits": 8, "group_size": 64}
+    quant = mlxq.MLXQuantConfig(
+        bits=4,
+        group_size=64,
+        overrides={"model.language_model.layers.0.mlp.down_proj": eight},
+        modules_to_not_convert=["model.visual"],  # as mlx-vlm keeps the tower float
+    )
+    model = AutoModelForImageTextToText.from_pretrained(
+        float_dir, dtype=torch.bfloat16, quantization_config=quant
+    )
+    assert model.model.language_model.layers[0].mlp.down_proj.bits == 8
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for file in float_dir.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    block = json.loads((saved / "config.json").read_text())["quantization"]
+    assert block["language_model.model.layers.0.mlp.down_proj"] == eight
+    assert not any(k.startswith("model.") for k in block)
+    inputs = model_inputs(saved, "glm4v", with_image=True)
+    ours = mlxq_logits(saved, "glm4v", inputs)
+    assert float(np.abs(mlx_vlm_logits(saved, "glm4v", inputs) - ours).max()) <= TOLERANCE
+
+
+def test_bf16_checkpoint_saved_again_is_the_same_file(tmp_path: Path) -> None:
+    """mlx-vlm's bf16 GLM-4.5V checkpoint loaded in bf16 and saved is the file it was read
+    from, tensor for tensor, dtypes included: transformers keeps the routers (weight and
+    correction bias) in fp32, which mlxq's save wrote as such before."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    source = tiny_mlx_vlm_checkpoint("glm4v_moe")
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.bfloat16)
+    router = model.model.language_model.layers[1].mlp.gate
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
+    model.save_pretrained(tmp_path / "saved")
+    ours, ref = (
+        load_file(tmp_path / "saved" / "model.safetensors"),
+        load_file(source / "model.safetensors"),
+    )
+    assert sorted(ours) == sorted(ref)
+    assert ref["language_model.model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
+    assert not unequal, unequal[:5]
+
+
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n not in UNVERIFIED_VLM])
 def test_config_keys_from_transformers_config_alone(tmp_path: Path, name: str) -> None:
     """The config.json keys mlxq adds when saving come from transformers 5's config alone (a
@@ -397,6 +452,7 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("glm_ocr", False),
         # mlx-vlm asks mlx-lm's Qwen 3.5 rule: the routers and shared-expert gates at 8 bits
         ("qwen3_5_moe", False),
+        ("glm4v_moe", False),  # MoE experts: quantize_model
         ("mllama", True),
         ("cohere2_vision", True),
         ("paddleocr_vl", True),

@@ -142,12 +142,17 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
+    from mlxq._pickling import picklable_after_forward
     from mlxq.integrations.config import MLXQuantConfig
     from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-    from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
-    from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
+    from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names, use_mlx_lm_layout
+    from mlxq.integrations.mlx_vlm_layout import (
+        mlx_vlm_module_names,
+        save_upcast_in_model_dtype,
+        use_mlx_vlm_layout,
+    )
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
     from mlxq.moe import MoeExperts
@@ -156,8 +161,11 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     if use_mlx_vlm_layout(model):  # image-text models: saved as mlx-vlm writes them
         names = mlx_vlm_module_names(model, overrides)  # the entries too (mlx-vlm reads them)
         overrides = {names.get(k, k): v for k, v in overrides.items()}
+        save_upcast_in_model_dtype(model)  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
     else:
         use_mlx_lm_layout(model)
+        names = mlx_lm_module_names(model, overrides)  # Qwen 3.5's `language_model.`
+        overrides = {names.get(k, k): v for k, v in overrides.items()}
     experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}
     routers = {name for name, m in model.named_modules() if hasattr(m, "_mlxq_name")}
     drop_fused_expert_converters(model, experts, routers)
@@ -174,6 +182,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)
+    picklable_after_forward(model)
     model.hf_quantizer = MLXHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = qconfig.quant_method

@@ -38,6 +38,7 @@ __all__ = [
     "NATIVE_DECODE",
     "native_arguments",
     "use_fp32_decode_attention",
+    "register_attention",
 ]
 
 NAME = "mlxq_sdpa"
@@ -144,7 +145,7 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register() -> None:
+def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -184,6 +185,6 @@ def use_fp32_decode_attention(model: nn.Module) -> bool:
         return False
     if _names_sdpa(model):
         return False
-    _register()
+    register_attention()
     model.set_attn_implementation(NAME)
     return True

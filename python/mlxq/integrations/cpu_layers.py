@@ -57,7 +57,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from mlxq._native import _C
-from mlxq._pickling import bind_forward
+from mlxq._pickling import bind_method
 from mlxq.integrations import cpu_attention
 from mlxq.integrations.cpu_norms import MAX_ROWS, _is_llama_rms_norm, _native_forward
 from mlxq.integrations.cpu_rope import MAX_POSITIONS, is_stand_in
@@ -519,6 +519,6 @@ def use_flat_decode_layers(model: nn.Module) -> int:
         if "forward" in vars(layer) or not _fits(layer):
             continue
         layer._mlxq_flat_plan = _Plan(layer)
-        layer.forward = bind_forward(_flat_forward, layer)
+        layer.forward = bind_method(_flat_forward, layer)
         count += 1
     return count

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlxq._pickling import bind_forward
+from mlxq._pickling import bind_method
 from mlxq.ops import _forward_mode_active, rms_norm
 from mlxq.swap import forward_body, forward_owner
 
@@ -75,6 +75,6 @@ def use_native_rms_norm(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if "forward" not in vars(module) and _is_llama_rms_norm(module):
-            module.forward = bind_forward(_native_forward, module)
+            module.forward = bind_method(_native_forward, module)
             count += 1
     return count

@@ -40,6 +40,7 @@ __all__ = [
     "checkpoint_layout",
     "fill_dropped_tensors",
     "mlx_lm_config_keys",
+    "mlx_lm_module_names",
     "mlx_lm_outer_model_type",
     "use_mlx_lm_layout",
 ]
@@ -620,6 +621,24 @@ def use_mlx_lm_layout(model) -> None:
         *offsets,
         *_channels_last_on_save(model),
     ]
+
+
+def mlx_lm_module_names(model, names) -> dict[str, str]:
+    """The names `save_pretrained` writes the weights of the model's modules `names` under,
+    where they differ (Qwen 3.5's text model under mlx-lm's `language_model.`): the
+    per-module entries of config.json name the modules so, as `mlx_lm convert` writes them
+    and mlx-lm looks them up. The model's renamings reversed, as transformers reverses them."""
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    conversions = getattr(model, "_weight_conversions", None) or []
+    reversed_ = (c.reverse_transform() for c in conversions[::-1])
+    renamings = [r for r in reversed_ if isinstance(r, WeightRenaming)]
+    out = {}
+    for name in names:
+        key = apply_renamings(f"{name}.weight", renamings)
+        if key != f"{name}.weight" and key.endswith(".weight"):
+            out[name] = key.removesuffix(".weight")
+    return out
 
 
 def _channels_last_on_save(model) -> list:

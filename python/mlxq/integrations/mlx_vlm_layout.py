@@ -27,6 +27,7 @@ from torch import nn
 
 from mlxq.integrations.weight_ops import (
     ChannelsLastToFirst,
+    cast_on_save,
     channels_last_converter,
     channels_last_perm,
     permuted,
@@ -44,6 +45,7 @@ __all__ = [
     "channels_last_conversions",
     "channels_last_converter",
     "mlx_vlm_config_keys",
+    "save_upcast_in_model_dtype",
     "takes_flat_text_keys",
 ]
 
@@ -565,6 +567,39 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
         ),
     ]
     return True
+
+
+def save_upcast_in_model_dtype(model: nn.Module) -> list[str]:
+    """`save_pretrained` writes the tensors transformers keeps in fp32 in a bf16 / fp16 model
+    (`_keep_in_fp32_modules(_strict)`: GLM-4.5V's routers) in the model's dtype, as
+    `mlx_vlm convert` casts every float tensor to the config's dtype but those its top-level
+    model's `cast_predicate` keeps (Qwen 3.5's A_log, which transformers does not keep fp32;
+    mlx-vlm 0.7.10's GLM-4.5V model does not pass on its language model's, which would keep
+    e_score_correction_bias): before, mlxq's save wrote them fp32 where mlx-vlm's conversion,
+    and the checkpoint they were read from, had bf16. Returns their names; none for a model
+    that is not an image-text model of a mapped family."""
+    import torch
+    from transformers.core_model_loading import build_glob_alternation
+
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "dtype", None)
+    if (
+        VLM_LAYOUTS.get(getattr(config, "model_type", None) or "") is None
+        or not is_image_text(config)
+        or dtype not in (torch.float16, torch.bfloat16)
+    ):
+        return []
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return []
+    kept, _, _ = build_glob_alternation(list(plan))  # as transformers matches them at load
+    names = [
+        name
+        for name, tensor in (*model.named_parameters(), *model.named_buffers())
+        if tensor.dtype == torch.float32 and kept.search(name)
+    ]
+    cast_on_save(model, dict.fromkeys(names, dtype))
+    return names
 
 
 def _save_renames(layout: VlmLayout, conversions: list) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from mlxq._pickling import made_class
+from mlxq._pickling import made_class, picklable_after_forward
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers, written_by_mlx
@@ -36,6 +36,7 @@ from mlxq.integrations.mlx_lm_layout import (
     checkpoint_layout,
     fill_dropped_tensors,
     mlx_lm_config_keys,
+    mlx_lm_module_names,
     mlx_lm_outer_model_type,
     use_mlx_lm_layout,
 )
@@ -47,6 +48,8 @@ from mlxq.integrations.mlx_vlm_layout import (
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
+    mlx_vlm_module_names,
+    save_upcast_in_model_dtype,
     takes_flat_text_keys,
     unmapped_vlm_note,
     use_mlx_vlm_layout,
@@ -59,6 +62,7 @@ from mlxq.integrations.moe_loading import (
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
+from mlxq.integrations.weight_ops import save_as_read
 from mlxq.model_walk import HeadDecision, config_ties, plan_modules, tie_head
 from mlxq.moe import AffineSwitchLinear, MoeExperts, float_dtype_for_routers
 from mlxq.nn import (
@@ -644,6 +648,7 @@ class MLXHfQuantizer(HfQuantizer):
         self._conv_concat = layout.conv_concat_conversions(headers) if layout is not None else []
         stored_keys = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
+        self._stored = headers  # the stored dtypes, saved again (save_as_read)
         stored_names = dict(zip(headers, stored_keys, strict=False))  # model -> file names
         if vlm_layout is None and is_image_text(model.config):
             _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
@@ -732,7 +737,8 @@ class MLXHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         on_load = getattr(self, "_on_load", None)
-        if not self.pre_quantized and not use_mlx_vlm_layout(model):  # as mlx-vlm saves it
+        vlm = not self.pre_quantized and use_mlx_vlm_layout(model)  # as mlx-vlm saves it
+        if not self.pre_quantized and not vlm:
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
@@ -766,10 +772,24 @@ class MLXHfQuantizer(HfQuantizer):
             check_nothing_unexpected(model, unexpected)
             check_nothing_missing(model)
         check_moe_tensors_loaded(model)
+        if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
+            save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
+        else:  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
+            save_upcast_in_model_dtype(model)
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
             # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
             config.overrides[name] = False
         float_dtype_for_routers(model)  # MiniMax-M2's router
+        if not self.pre_quantized:  # the entries name the modules as their tensors are saved
+            names = (mlx_vlm_module_names if vlm else mlx_lm_module_names)(model, config.overrides)
+            if names:  # (a copy: the caller's config may load another model)
+                config = MLXQuantConfig(
+                    bits=config.bits,
+                    group_size=config.group_size,
+                    mode=config.mode,
+                    overrides={names.get(k, k): v for k, v in config.overrides.items()},
+                    modules_to_not_convert=config.modules_to_not_convert,
+                )
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)
@@ -777,6 +797,7 @@ class MLXHfQuantizer(HfQuantizer):
         use_native_rotary_embedding(model)
         group_projections(model)
         use_flat_decode_layers(model)  # after the norms and groups it reads
+        picklable_after_forward(model)
         return model
 
     def update_weight_conversions(self, weight_conversions, *model):

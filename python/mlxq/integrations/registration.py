@@ -137,12 +137,16 @@ def register() -> None:
 
     from mlxq.integrations.checkpoint import repair_shard_index, unindexed_shards
     from mlxq.integrations.config import QUANT_METHOD, MLXQuantConfig
+    from mlxq.integrations.cpu_attention import register_attention
     from mlxq.integrations.quantizer import MLXHfQuantizer
 
     if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
         auto.register_quantization_config(QUANT_METHOD)(MLXQuantConfig)
     if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
         auto.register_quantizer(QUANT_METHOD)(MLXHfQuantizer)
+    # the attention implementation mlxq gives text models, for models that come back from
+    # torch.load in a process that loaded none (`import mlxq` runs on unpickling)
+    register_attention()
 
     original_get_hf_quantizer = modeling_utils.get_hf_quantizer
     if not getattr(original_get_hf_quantizer, _MARK, False):

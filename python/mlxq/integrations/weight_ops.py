@@ -14,6 +14,10 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CastOnSave",
+    "cast_on_save",
+    "cast_on_save_converter",
+    "save_as_read",
     "ChannelsLastToFirst",
     "UnitOffset",
     "channels_last_converter",
@@ -128,3 +132,85 @@ def channels_last_converter(key: str) -> Any:
         target_patterns=key,
         operations=[ChannelsLastToFirst(True)],
     )
+
+
+class CastOnSave:
+    """A transformers `ConversionOps` that loads a tensor as it is and whose reverse, used by
+    `save_pretrained`, casts it to `dtype` (a torch dtype's name)."""
+
+    def __new__(cls, dtype: str, on_save: bool = False):
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, dtype: str, on_save: bool) -> None:
+                self.dtype, self.on_save = dtype, on_save
+
+            def __repr__(self) -> str:
+                return f"CastOnSave({self.dtype})" if self.on_save else "AsLoaded"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                (value,) = input_dict.values()
+                tensor = value[0] if isinstance(value, list) else value
+                if self.on_save:
+                    tensor = tensor.to(getattr(torch, self.dtype))
+                return {target_patterns[0]: tensor}
+
+            @property
+            def reverse_op(self):
+                return _Op(self.dtype, not self.on_save)
+
+            def __reduce__(self):  # a local class: pickled as the call that makes it
+                return (CastOnSave, (self.dtype, self.on_save))
+
+        return _Op(dtype, on_save)
+
+
+def cast_on_save_converter(key: str, dtype: torch.dtype) -> Any:
+    """A `WeightConverter` that `save_pretrained` reverses into a cast of tensor `key` to
+    `dtype` (loading leaves it as it is)."""
+    from transformers.core_model_loading import WeightConverter
+
+    return WeightConverter(
+        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+        target_patterns=key,
+        operations=[CastOnSave(str(dtype).removeprefix("torch."))],
+    )
+
+
+def cast_on_save(model, dtypes: dict[str, torch.dtype]) -> None:
+    """`save_pretrained` writes tensor `name` of `model` in `dtypes[name]` (replacing the casts
+    asked before: once, where quantize_model follows a load)."""
+    model._weight_conversions = [
+        *(
+            c
+            for c in getattr(model, "_weight_conversions", None) or []
+            if not any(
+                type(op).__qualname__.startswith("CastOnSave")
+                for op in getattr(c, "operations", ())
+            )
+        ),
+        *(cast_on_save_converter(name, dtype) for name, dtype in sorted(dtypes.items())),
+    ]
+
+
+_STORED_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def save_as_read(model, stored: dict) -> list[str]:
+    """A checkpoint read into a bf16 / fp16 model is saved in the dtypes it was read in where
+    the model holds a tensor in fp32 that the file stored in bf16 / fp16: those transformers
+    keeps fp32 (`_keep_in_fp32_modules_strict`: the routers of GLM-4.5, DeepSeek V3, GLM-4.5V)
+    and mlxq's quantized layers built on them (ERNIE 4.5's quantized router's scales). Before,
+    saving wrote them fp32. `stored`: the model's state-dict key -> its header's TensorInfo.
+    Returns their names."""
+    if getattr(getattr(model, "config", None), "dtype", None) not in _STORED_FLOATS.values():
+        return []
+    dtypes = {}
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        info = stored.get(name)
+        if tensor.dtype == torch.float32 and info is not None and info[0] in _STORED_FLOATS:
+            dtypes[name] = _STORED_FLOATS[info[0]]
+    if dtypes:
+        cast_on_save(model, dtypes)
+    return sorted(dtypes)
