@@ -67,6 +67,7 @@ def _load(path: Path):
         "gemma4",
         "gemma4_moe",
         "hunyuan_vl",
+        "granite4_vision",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -165,6 +166,7 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("qwen3_vl_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("glm4v_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("hunyuan_vl", Variant(tied=True, bits=3, group_size=32, recipe="mixed_3_6")),
+        ("granite4_vision", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -201,6 +203,20 @@ def test_weight_read_in_helper_forward_calls_is_refused() -> None:
         NotImplementedError,
         match=r"'model\.vision_tower\.embeddings\.position_embedding' is quantized.*"
         r"HunYuanVLVisionPatchEmbed\.interpolate_pos_encoding reads its \.weight directly",
+    ):
+        _load(path)
+
+
+def test_quantized_pooling_head_is_refused_by_name() -> None:
+    """Granite 4 Vision's SigLIP tower keeps its pooling head (run by the tower's forward, its
+    output unused): mlx-vlm quantizes the head's attention input with the tower, a Linear
+    there, which transformers holds as nn.MultiheadAttention's raw in_proj_weight. mlxq
+    refuses it naming the tensor, not with transformers' size-mismatch report."""
+    path = tiny_mlx_vlm_checkpoint("granite4_vision", Variant(quantize_vision=True))
+    with pytest.raises(
+        NotImplementedError,
+        match=r"model\.vision_tower\.head\.attention\.in_proj\.scales: module "
+        r"'model\.vision_tower\.head\.attention\.in_proj' \(no such module\)",
     ):
         _load(path)
 
@@ -401,6 +417,7 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("cohere2_vision", True),
         ("paddleocr_vl", True),
         ("gemma4", True),
+        ("granite4_vision", True),
     ],
 )
 def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(

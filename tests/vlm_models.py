@@ -1494,6 +1494,95 @@ FAMILIES["cohere2_vision"] = dataclasses.replace(
     ),
     mlx_fix=_cohere2_vision_post_layernorm,
 )
+# Granite 4.0 Vision: a SigLIP tower whose window Q-Former projectors (one per deepstack layer,
+# four spatial offsets) add the image features into the chosen text layers; anyres tiles as
+# LLaVA-NeXT. mlx-vlm builds the Q-Formers 3072 wide and with one head per 64 channels
+# whatever the config says (the Hub's): the tiny Q-Former has those sizes.
+_GRANITE4_GRID = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+@contextlib.contextmanager
+def _granite4_vision_gelu():
+    """mlx-vlm 0.7.10's Granite 4 Vision tower runs the sigmoid GELU (`approx="fast"`,
+    x * sigmoid(1.702 x)) in its MLPs where the SigLIP config (and the Hub's) says
+    gelu_pytorch_tanh (6.9e-3 apart in the tiny model's logits): set to the model's."""
+    import mlx.nn as nn
+    from mlx_vlm.models.granite4_vision import vision
+
+    init = vision.MLP.__init__
+
+    def mlp(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.activation_fn = nn.GELU(approx="precise")
+
+    vision.MLP.__init__ = mlp
+    try:
+        yield
+    finally:
+        vision.MLP.__init__ = init
+
+
+def _granite4_vision_processor(tokenizer):
+    from transformers import Granite4VisionProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=_GRANITE4_GRID,
+    )
+    return Granite4VisionProcessor(
+        image_processor=ip,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="full",
+        image_token="<image>",
+        downsample_rate="1/2",
+    )
+
+
+FAMILIES["granite4_vision"] = Family(
+    "granite4_vision",
+    text={
+        **_LLAMA_TEXT,
+        "num_hidden_layers": 5,
+        "embedding_multiplier": 3.0,
+        "attention_multiplier": 0.2,
+        "residual_multiplier": 0.5,
+        "logits_scaling": 2.0,
+    },
+    vision=dict(_SIGLIP, model_type="siglip_vision_model", image_size=56, patch_size=14),
+    special=("<image>",),
+    token_ids={"image_token_index": "<image>"},
+    named_tokens={"image_token": "<image>"},
+    processor=_granite4_vision_processor,
+    prompt="t5 t6 <image> t7 t300 t42",
+    image_size=(112, 70),
+    top={
+        "image_grid_pinpoints": _GRANITE4_GRID,
+        "vision_feature_select_strategy": "full",
+        "vision_feature_layer": -1,
+        "downsample_rate": "1/2",
+        "deepstack_layer_map": [[1, 0]],
+        "spatial_vision_layer": -1,
+        "spatial_target_layers": [1, 2, 3, 4],
+        "qformer_config": {
+            "num_hidden_layers": 1,
+            "intermediate_size": 3072,
+            "cross_attention_frequency": 1,
+            "use_qformer_text_input": False,
+        },
+    },
+    mlx_vlm_keys=_text_rope_keys(),
+    extra_inputs=("image_sizes",),
+    # transformers 5 saves it under `model.`; the SigLIP tower takes its `vision_model.` level
+    hub_renames=(
+        (r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model."),
+    ),
+    mlx_fix=_granite4_vision_gelu,
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={

@@ -311,6 +311,17 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
             ("image_newline_token_id", "im_newline_id"),
         ),
     ),
+    # Granite 4.0 Vision: the window Q-Former projectors and the image newline at the top level,
+    # and the SigLIP tower's pooling head with its attention input as a Linear (transformers'
+    # nn.MultiheadAttention holds it as raw parameters: a quantized one is refused by name)
+    "granite4_vision": _llava_like(
+        "granite4_vision",
+        (r"^layerwise_projectors\.", "model.layerwise_projectors."),
+        (r"^spatial_projectors\.", "model.spatial_projectors."),
+        (r"^image_newline", "model.image_newline"),
+        (r"\.head\.attention\.in_proj\.weight", ".head.attention.in_proj_weight"),
+        (r"\.head\.attention\.in_proj\.bias", ".head.attention.in_proj_bias"),
+    ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
