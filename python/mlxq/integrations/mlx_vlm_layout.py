@@ -362,6 +362,45 @@ UNVERIFIED_VLM: dict[str, str] = {
         "mlx-vlm's, which runs the tiny model; mlx-vlm keeps transformers' own tensor names "
         "there, with the experts stacked per projection"
     ),
+    # checked by reading mlx-vlm 0.7.10 and transformers 5.24 (helper pass of Granite 4 Vision):
+    # each needs its own input conversion in the test harness before a tiny model can compare
+    "minicpmv4_6": (
+        "no tiny model was compared with mlx-vlm: mlx-vlm's processor marks the image positions "
+        "with <unk> spans (image_bound) and returns ragged per-slice pixels with tgt_sizes, where "
+        "transformers takes patch-packed pixel_values, target_sizes and image_token_id positions; "
+        "its language model is Qwen 3.5's (mlx-vlm's sanitize shifts the norms to 1 + w) and "
+        "mlx-vlm keeps the tower's merger at the top level (vit_merger., merger.)"
+    ),
+    "minicpmv4_7": (
+        "no tiny model was compared with mlx-vlm: mlx-vlm builds it from MiniCPM-V 4.6's config "
+        "classes with its own processor and rope; the 4.6 input conversion is missing as well"
+    ),
+    "molmo2": (
+        "no tiny model was compared with mlx-vlm: transformers' Molmo2 image processor was not "
+        "run here (its torch path), and mlx-vlm's own processor output (image crops and "
+        "pooling indices) was not mapped to transformers' inputs"
+    ),
+    "kimi_k25": (
+        "no tiny model was compared with mlx-vlm: its language model is mlx-vlm's DeepSeek-V3 "
+        "(MLA, MoE), and transformers' Kimi-K2.5 image processor needs torchvision (not "
+        "installed here); no conversion of mlx-vlm's processor output was written"
+    ),
+    "florence2": (
+        "no tiny model was compared with mlx-vlm: its language model is a BART encoder-decoder, "
+        "which the image-text harness (a causal prompt's logits) does not run"
+    ),
+    **{
+        name: (
+            "no tiny model was compared with mlx-vlm: transformers' image processor for it "
+            "needs torchvision (not installed here) and no conversion of mlx-vlm's own "
+            "processor output into transformers' inputs was written"
+        )
+        for name in ("minimax_m3_vl", "unlimited_ocr", "gemma4_unified", "muse_glimmer")
+    },
+    "inkling_mm_model": (
+        "no tiny model was compared with mlx-vlm (its `inkling` module, with an audio tower): "
+        "transformers' image processor needs torchvision (not installed here)"
+    ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
         "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
