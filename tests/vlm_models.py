@@ -104,6 +104,12 @@ class Family:
     # the vocabulary size, special tokens at its end (a processor that hard-codes the Hub's
     # token ids needs the Hub's size)
     vocab: int = VOCAB
+    # a processor whose output is not numpy arrays (ragged per-slice pixels): (output) -> the
+    # numpy inputs kept (fed to transformers through torch_inputs)
+    pack_inputs: Callable[[dict], dict] | None = None
+    # the reverse for mlx-vlm's model: (numpy inputs) -> its keyword arguments (mlx arrays or
+    # lists of them), pixel_values included
+    mlx_kwargs: Callable[[dict], dict] | None = None
 
 
 def _qwen_image_processor(patch: int):
@@ -1583,6 +1589,119 @@ FAMILIES["granite4_vision"] = Family(
     ),
     mlx_fix=_granite4_vision_gelu,
 )
+# MiniCPM-V 4.6: Qwen 3.5's language model, a NaViT SigLIP tower with a window-attention merger
+# after layer `insert_layer_id` and an MLP merger (two 2x2 merges: 16 patches a token); the image
+# as a source tile and slices, each patch-packed ([3, p, n p]). mlx-vlm's processor returns the
+# pieces per image and the spans of image tokens (`image_bound`); transformers takes them
+# concatenated along the width with their patch grids (`target_sizes`) and finds the image
+# tokens by id. mlx-vlm's processor fills the spans with the tokenizer's `image_token`.
+_MINICPMV_SPECIAL = (
+    "<image>",
+    "</image>",
+    "<slice>",
+    "</slice>",
+    "<image_id>",
+    "</image_id>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+@contextlib.contextmanager
+def _minicpmv_merger_gelu():
+    """mlx-vlm 0.7.10's MiniCPM-V 4.6 merger MLP runs the tanh GELU (`approx="precise"`) where
+    the model has the exact one (transformers' MiniCPMV4_6DownsampleMLP: nn.GELU()): set to the
+    model's."""
+    import mlx.nn as nn
+    from mlx_vlm.models.minicpmv4_6 import minicpmv4_6 as module
+
+    init = module.MergerBlock.__init__
+
+    def block(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.act = nn.GELU()
+
+    module.MergerBlock.__init__ = block
+    try:
+        yield
+    finally:
+        module.MergerBlock.__init__ = init
+
+
+def _minicpmv_processor(tokenizer):
+    # mlx-vlm's processor reads its image settings from preprocessor_config.json: 56-pixel
+    # tiles (14-pixel patches, 16 patches a token) and up to 2 slices
+    settings = {
+        "max_slice_nums": 2,
+        "patch_size": 14,
+        "scale_resolution": 56,
+        "slice_mode": True,
+        "use_image_id": True,
+        "downsample_mode": "16x",
+    }
+    return _SavedImageProcessor(None, {"processor_class": "MiniCPMVProcessor", **settings})
+
+
+def _minicpmv_pack(out: dict) -> dict:
+    """mlx-vlm's processor output for one prompt as arrays: the pieces' pixels concatenated
+    along the width ([1, 3, p, sum n p], transformers' layout), their grids, the token spans."""
+    pieces = [np.asarray(p, dtype=np.float32) for p in out["pixel_values"][0]]
+    ids = np.asarray(out["input_ids"], dtype=np.int64)
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "pixel_values": np.concatenate(pieces, axis=-1)[None],
+        "target_sizes": np.asarray(out["tgt_sizes"][0], dtype=np.int64),
+        "image_bound": np.asarray(out["image_bound"][0], dtype=np.int64),
+    }
+
+
+def _minicpmv_mlx_kwargs(inputs: dict) -> dict:
+    """The packed inputs back as mlx-vlm's model takes them: a list of pieces per sample."""
+    import mlx.core as mx
+
+    if "pixel_values" not in inputs:
+        return {}
+    pixels, sizes = inputs["pixel_values"][0], inputs["target_sizes"]
+    widths = np.cumsum([0, *(int(h * w) * pixels.shape[1] for h, w in sizes)])
+    pieces = [mx.array(pixels[..., a:b]) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    return {
+        "pixel_values": [pieces],
+        "tgt_sizes": [mx.array(sizes.astype(np.int32))],
+        "image_bound": [mx.array(inputs["image_bound"].astype(np.int32))],
+    }
+
+
+def _minicpmv_torch_inputs(inputs: dict, config) -> dict:
+    return {k: v for k, v in inputs.items() if k != "image_bound"}
+
+
+FAMILIES["minicpmv4_6"] = Family(
+    "minicpmv4_6",
+    text={**_QWEN3_5_TEXT, "model_type": "qwen3_5_text"},
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        insert_layer_id=0,
+    ),
+    special=_MINICPMV_SPECIAL,
+    token_ids={"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
+    named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    processor=_minicpmv_processor,
+    prompt="t5 t6 <image>./</image> t7 t300 t42",
+    image_size=(112, 56),
+    top={"insert_layer_id": 0, "image_size": 56},
+    mlx_vlm_keys=_qwen3_5_keys,
+    pack_inputs=_minicpmv_pack,
+    mlx_kwargs=_minicpmv_mlx_kwargs,
+    torch_inputs=_minicpmv_torch_inputs,
+    mlx_fix=_minicpmv_merger_gelu,
+    word_tokenizer=True,
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={
@@ -1821,7 +1940,11 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
     if family.word_tokenizer:
         from transformers import PreTrainedTokenizerFast
 
-        processor.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        processor.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(path / "tokenizer.json"), pad_token="<pad>"
+        )
+        if hasattr(processor, "_ensure_tokenizer_attrs"):  # MiniCPM-V: the token ids it keeps
+            processor._ensure_tokenizer_attrs()
     if not with_image:
         ids = processor.tokenizer(TEXT_PROMPT, add_special_tokens=False)["input_ids"]
         ids = np.array([ids], dtype=np.int64)
@@ -1829,6 +1952,8 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
     out = processor(
         text=[family.prompt], images=[test_image(family.image_size)], return_tensors="np"
     )
+    if family.pack_inputs is not None:
+        return family.pack_inputs(out)
     keep = ("input_ids", "attention_mask", "pixel_values", *family.extra_inputs)
     return {k: np.asarray(out[k]) for k in keep if k in out}
 
@@ -1857,8 +1982,10 @@ def _mlx_vlm_logits(path: Path, name: str, inputs: dict[str, np.ndarray]) -> np.
     model = load_model(Path(path))
     model.set_dtype(mx.float32)
     kwargs = {k: mx.array(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    if FAMILIES[name].mlx_kwargs is not None:
+        kwargs = FAMILIES[name].mlx_kwargs(inputs)
     pixels = kwargs.pop("pixel_values", None)
-    if pixels is not None:
+    if isinstance(pixels, mx.array):
         pixels = pixels.astype(mx.float32)
     ids = mx.array(inputs["input_ids"])
     if FAMILIES[name].image_block_mask and pixels is not None:

@@ -236,6 +236,20 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen3_5_moe": _qwen_vl(
         "qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS, attention_interval=True
     ),
+    # MiniCPM-V 4.6: Qwen 3.5's language model (norms stored as 1 + w); mlx-vlm keeps the
+    # tower's window-attention merger at the top level (transformers: inside the tower), so its
+    # rename comes after the tower's (reversed first when saving)
+    "minicpmv4_6": VlmLayout(
+        "minicpmv4_6",
+        (
+            *_TEXT,
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^vit_merger\.", "model.vision_tower.vit_merger."),
+            (r"^merger\.", "model.merger."),
+        ),
+        unit_offset=_QWEN3_5_NORMS,
+        attention_interval=True,
+    ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
         "gemma3",
@@ -364,16 +378,10 @@ UNVERIFIED_VLM: dict[str, str] = {
     ),
     # checked by reading mlx-vlm 0.7.10 and transformers 5.24 (helper pass of Granite 4 Vision):
     # each needs its own input conversion in the test harness before a tiny model can compare
-    "minicpmv4_6": (
-        "no tiny model was compared with mlx-vlm: mlx-vlm's processor marks the image positions "
-        "with <unk> spans (image_bound) and returns ragged per-slice pixels with tgt_sizes, where "
-        "transformers takes patch-packed pixel_values, target_sizes and image_token_id positions; "
-        "its language model is Qwen 3.5's (mlx-vlm's sanitize shifts the norms to 1 + w) and "
-        "mlx-vlm keeps the tower's merger at the top level (vit_merger., merger.)"
-    ),
     "minicpmv4_7": (
         "no tiny model was compared with mlx-vlm: mlx-vlm builds it from MiniCPM-V 4.6's config "
-        "classes with its own processor and rope; the 4.6 input conversion is missing as well"
+        "classes with its own processor and rope, and transformers 5.24 has no image processor "
+        "for it"
     ),
     "molmo2": (
         "no tiny model was compared with mlx-vlm: transformers' Molmo2 image processor was not "
