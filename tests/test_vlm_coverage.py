@@ -69,6 +69,7 @@ def _load(path: Path):
         "hunyuan_vl",
         "granite4_vision",
         "minicpmv4_6",
+        "minicpmv4_7",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -170,6 +171,8 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("granite4_vision", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("minicpmv4_6", Variant(quantize_vision=True)),
         ("minicpmv4_6", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("minicpmv4_7", Variant(quantize_vision=True)),
+        ("minicpmv4_7", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -184,7 +187,7 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
     outcome = run_family(name, variant)
     assert outcome.status == "loads", outcome.line()
     assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
-    if name == "minicpmv4_6" and variant.quantize_vision:  # its tower, not Qwen's
+    if name.startswith("minicpmv4_") and variant.quantize_vision:  # its tower, not Qwen's
         tower = _load(tiny_mlx_vlm_checkpoint(name, variant)).model.vision_tower
         assert isinstance(tower.encoder.layers[0].self_attn.q_proj, AffineLinear)
         # mlx-vlm's own rule for the model keeps the window-attention merger float
@@ -427,6 +430,7 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("gemma4", True),
         ("granite4_vision", True),
         ("minicpmv4_6", False),
+        ("minicpmv4_7", True),
     ],
 )
 def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(

@@ -1653,6 +1653,12 @@ def _minicpmv_pack(out: dict) -> dict:
         "pixel_values": np.concatenate(pieces, axis=-1)[None],
         "target_sizes": np.asarray(out["tgt_sizes"][0], dtype=np.int64),
         "image_bound": np.asarray(out["image_bound"][0], dtype=np.int64),
+        # MiniCPM-V 4.7: image (1) and video (2) tokens, for the rope positions
+        **(
+            {"mm_token_type_ids": np.asarray(out["mm_token_type_ids"], dtype=np.int64)}
+            if "mm_token_type_ids" in out
+            else {}
+        ),
     }
 
 
@@ -1701,6 +1707,20 @@ FAMILIES["minicpmv4_6"] = Family(
     torch_inputs=_minicpmv_torch_inputs,
     mlx_fix=_minicpmv_merger_gelu,
     word_tokenizer=True,
+)
+FAMILIES["minicpmv4_7"] = dataclasses.replace(
+    FAMILIES["minicpmv4_6"],
+    model_type="minicpmv4_7",
+    token_ids={
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "image_start_id": "<image>",
+        "image_end_id": "</image>",
+        "slice_start_id": "<slice>",
+        "slice_end_id": "</slice>",
+        "newline_id": "<nl>",
+    },
+    special=(*_MINICPMV_SPECIAL, "<nl>"),
 )
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],

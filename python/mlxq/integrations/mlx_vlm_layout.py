@@ -250,6 +250,17 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         unit_offset=_QWEN3_5_NORMS,
         attention_interval=True,
     ),
+    "minicpmv4_7": VlmLayout(  # MiniCPM-V 4.7: 4.6's names (its canvas rope has no tensors)
+        "minicpmv4_7",
+        (
+            *_TEXT,
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^vit_merger\.", "model.vision_tower.vit_merger."),
+            (r"^merger\.", "model.merger."),
+        ),
+        unit_offset=_QWEN3_5_NORMS,
+        attention_interval=True,
+    ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
         "gemma3",
@@ -378,11 +389,6 @@ UNVERIFIED_VLM: dict[str, str] = {
     ),
     # checked by reading mlx-vlm 0.7.10 and transformers 5.24 (helper pass of Granite 4 Vision):
     # each needs its own input conversion in the test harness before a tiny model can compare
-    "minicpmv4_7": (
-        "no tiny model was compared with mlx-vlm: mlx-vlm builds it from MiniCPM-V 4.6's config "
-        "classes with its own processor and rope, and transformers 5.24 has no image processor "
-        "for it"
-    ),
     "molmo2": (
         "no tiny model was compared with mlx-vlm: transformers' Molmo2 image processor was not "
         "run here (its torch path), and mlx-vlm's own processor output (image crops and "
