@@ -70,6 +70,7 @@ def _load(path: Path):
         "granite4_vision",
         "minicpmv4_6",
         "minicpmv4_7",
+        "minicpmv4_7_moe",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -173,6 +174,7 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("minicpmv4_6", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("minicpmv4_7", Variant(quantize_vision=True)),
         ("minicpmv4_7", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("minicpmv4_7_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -431,6 +433,7 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("granite4_vision", True),
         ("minicpmv4_6", False),
         ("minicpmv4_7", True),
+        ("minicpmv4_7_moe", False),
     ],
 )
 def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(

@@ -1722,6 +1722,10 @@ FAMILIES["minicpmv4_7"] = dataclasses.replace(
     },
     special=(*_MINICPMV_SPECIAL, "<nl>"),
 )
+# MiniCPM-V 4.7 on Qwen 3.5 MoE's language model
+FAMILIES["minicpmv4_7_moe"] = dataclasses.replace(
+    FAMILIES["minicpmv4_7"], text={**_QWEN3_5_MOE_TEXT, "model_type": "qwen3_5_moe_text"}
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={

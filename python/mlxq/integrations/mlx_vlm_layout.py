@@ -250,13 +250,16 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         unit_offset=_QWEN3_5_NORMS,
         attention_interval=True,
     ),
-    "minicpmv4_7": VlmLayout(  # MiniCPM-V 4.7: 4.6's names (its canvas rope has no tensors)
+    # MiniCPM-V 4.7: 4.6's names (its canvas rope has no tensors), with Qwen 3.5 MoE's stacked
+    # experts where its language model is that one
+    "minicpmv4_7": VlmLayout(
         "minicpmv4_7",
         (
             *_TEXT,
             (r"^vision_tower\.", "model.vision_tower."),
             (r"^vit_merger\.", "model.vision_tower.vit_merger."),
             (r"^merger\.", "model.merger."),
+            _SWITCH_MLP,
         ),
         unit_offset=_QWEN3_5_NORMS,
         attention_interval=True,
