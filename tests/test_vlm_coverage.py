@@ -71,6 +71,7 @@ def _load(path: Path):
         "minicpmv4_6",
         "minicpmv4_7",
         "minicpmv4_7_moe",
+        "kimi_k25",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -175,6 +176,8 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("minicpmv4_7", Variant(quantize_vision=True)),
         ("minicpmv4_7", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("minicpmv4_7_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("kimi_k25", Variant(quantize_vision=True)),
+        ("kimi_k25", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -194,6 +197,9 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
         assert isinstance(tower.encoder.layers[0].self_attn.q_proj, AffineLinear)
         # mlx-vlm's own rule for the model keeps the window-attention merger float
         assert type(tower.vit_merger.linear_1) is torch.nn.Linear
+    elif name == "kimi_k25" and variant.quantize_vision:  # the fused wqkv, split at load
+        attn = _load(tiny_mlx_vlm_checkpoint(name, variant)).model.vision_tower.layers[0].attn
+        assert all(isinstance(p, AffineLinear) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     elif variant.quantize_vision or variant.recipe == VISION_MXFP4:
         model = _load(tiny_mlx_vlm_checkpoint(name, variant))
         qkv = model.model.visual.blocks[0].attn.qkv

@@ -1726,6 +1726,154 @@ FAMILIES["minicpmv4_7"] = dataclasses.replace(
 FAMILIES["minicpmv4_7_moe"] = dataclasses.replace(
     FAMILIES["minicpmv4_7"], text={**_QWEN3_5_MOE_TEXT, "model_type": "qwen3_5_moe_text"}
 )
+# Kimi K2.5: DeepSeek V3's language model (latent attention, sigmoid router, shared expert)
+# and the MoonViT tower (2-D rope, learned positions resampled per image), whose 2x2 patch
+# groups the projector takes as one token. mlx-vlm reads the tower's sizes under the Hub's
+# names (depth, embed_dim, num_heads, init_pos_emb_*) and the image tokens as
+# media_placeholder_token_id; its processor returns patches [N, 3, p, p] with their grid
+# (image_grid_hws), transformers takes the grid as (t, h, w).
+_KIMI_DEEPSEEK = {
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 64,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.0,
+    "kv_lora_rank": 64,
+    "q_lora_rank": 64,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 32,
+    "head_dim": 16,
+}
+
+
+@contextlib.contextmanager
+def _kimi_k25_tower():
+    """mlx-vlm 0.7.10's MoonViT departs from the model three ways, each set to the model's here:
+    (its MLX path off Metal) it resamples the learned position grid with the taps outside the
+    grid dropped and the rest renormalised (Pillow's edge rule) where the model resamples it as
+    F.interpolate(bicubic) does, taps clamped to the border (1.4e-02 apart in the tiny model's
+    logits); its MLPs run the exact GELU where the config says gelu_pytorch_tanh (5.2e-04); its
+    layer norms take eps 1e-6 where the model's take 1e-5 (1e-05)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_vlm.models.kimi_k25 import vision
+
+    emb, mlp, block, tower = (
+        vision.Learnable2DInterpPosEmb,
+        vision.MLP,
+        vision.Qwen2VLVisionBlock,
+        vision.VisionModel,
+    )
+    originals = emb.__call__, mlp.__init__, block.__init__, tower.__init__
+
+    def call(self, x, grid_hws):
+        table = np.array(self.weight.astype(mx.float32), dtype=np.float64)
+        pos = []
+        for h, w in grid_hws.tolist():  # images only: (h, w)
+            norm_h = (np.repeat(np.arange(h), w) + 0.5) / h * 2 - 1
+            norm_w = (np.tile(np.arange(w), h) + 0.5) / w * 2 - 1
+            pos.append(_bicubic_border(table, norm_w, norm_h))
+        return x + mx.array(np.concatenate(pos).astype(np.float32)).astype(x.dtype)
+
+    def mlp_init(self, *args, **kwargs):
+        originals[1](self, *args, **kwargs)
+        self.activation_fn = nn.GELU(approx="precise")
+
+    def block_init(self, config):
+        originals[2](self, config)
+        self.norm0 = nn.LayerNorm(config.embed_dim, eps=1e-5)
+        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-5)
+
+    def tower_init(self, config):
+        originals[3](self, config)
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=1e-5)
+
+    emb.__call__, mlp.__init__, block.__init__, tower.__init__ = (
+        call,
+        mlp_init,
+        block_init,
+        tower_init,
+    )
+    try:
+        yield
+    finally:
+        emb.__call__, mlp.__init__, block.__init__, tower.__init__ = originals
+
+
+def _kimi_k25_processor(tokenizer):
+    # mlx-vlm's processor reads the patch settings from preprocessor_config.json
+    settings = {"media_proc_cfg": {"patch_size": 14, "merge_kernel_size": 2}}
+    return _SavedImageProcessor(None, {"processor_class": "KimiK25Processor", **settings})
+
+
+def _kimi_k25_keys(cfg: dict) -> None:
+    """The Hub's names of the tower's sizes and of the image token, which mlx-vlm reads."""
+    _text_rope_keys()(cfg)
+    vision = cfg["vision_config"]
+    for hub, ours in (
+        ("depth", "num_hidden_layers"),
+        ("embed_dim", "hidden_size"),
+        ("num_heads", "num_attention_heads"),
+        ("init_pos_emb_height", "pos_emb_height"),
+        ("init_pos_emb_width", "pos_emb_width"),
+    ):
+        vision[hub] = vision[ours]
+    vision["model_type"] = "moonvit"  # mlx-vlm's tower refuses transformers' kimi_k25_vision
+    cfg["media_placeholder_token_id"] = cfg["image_token_id"]
+
+
+def _kimi_k25_pack(out: dict) -> dict:
+    ids = np.asarray(out["input_ids"], dtype=np.int64)
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "pixel_values": np.asarray(out["pixel_values"], dtype=np.float32),
+        "image_grid_hws": np.asarray(out["image_grid_hws"], dtype=np.int64),
+    }
+
+
+def _kimi_k25_torch_inputs(inputs: dict, config) -> dict:
+    out = {k: v for k, v in inputs.items() if k != "image_grid_hws"}
+    if "image_grid_hws" in inputs:
+        hws = inputs["image_grid_hws"]
+        out["image_grid_thw"] = np.concatenate([np.ones_like(hws[:, :1]), hws], axis=1)
+    return out
+
+
+FAMILIES["kimi_k25"] = Family(
+    "kimi_k25",
+    text={**_LLAMA_TEXT, **_KIMI_DEEPSEEK, "model_type": "deepseek_v3"},
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=14,
+        pos_emb_height=8,
+        pos_emb_width=8,
+    ),
+    special=("<|media_start|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>"),
+    token_ids={"image_token_id": "<|media_pad|>"},
+    processor=_kimi_k25_processor,
+    prompt="t5 t6 <|media_pad|> t7 t300 t42",
+    image_size=(84, 56),
+    top={"projection_hidden_size": 64},
+    mlx_vlm_keys=_kimi_k25_keys,
+    pack_inputs=_kimi_k25_pack,
+    torch_inputs=_kimi_k25_torch_inputs,
+    mlx_fix=_kimi_k25_tower,
+    # transformers 5.24 saves its language layers as `blocks` and the projector's norm under
+    # `model.` (its conversion reversed); the Hub has `layers` and `mm_projector.`
+    hub_renames=(
+        (r"^language_model\.model\.blocks\.", "language_model.model.layers."),
+        (r"^model\.mm_projector\.", "mm_projector."),
+    ),
+    word_tokenizer=True,
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={

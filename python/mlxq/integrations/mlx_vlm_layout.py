@@ -94,6 +94,10 @@ class VlmLayout:
     # section sizes as xdrope_section; HunyuanOCR), transformers' rope_parameters name them
     # alpha and mrope_section
     xdrope: bool = False
+    # parts of a fused projection whose rows are permuted from the Hub's interleaved rope to
+    # transformers' halves at load (its PermuteForRope over the vision config's heads; the
+    # inverse when saving), e.g. ("q_proj", "k_proj") of Kimi K2.5's tower
+    split_rope: tuple[str, ...] = ()
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -134,8 +138,15 @@ class VlmLayout:
     def split_conversions(self, keys: Iterable[str]) -> list:
         """`WeightConverter`s splitting each fused tensor among `keys` (transformers' names)
         into its parts at load; `save_pretrained` concatenates them back."""
-        from transformers.core_model_loading import Chunk, WeightConverter
+        from transformers.core_model_loading import Chunk, PermuteForRope, WeightConverter
 
+        operations = [Chunk(0)]
+        if self.split_rope:  # a row permutation: quantized rows (and their scales) alike
+            operations.append(
+                PermuteForRope(
+                    subconfig_key="vision_config", permute_layer_names=list(self.split_rope)
+                )
+            )
         out = []
         for key in sorted(keys):
             names = self.split_names(key)
@@ -144,7 +155,7 @@ class VlmLayout:
                     WeightConverter(
                         source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
                         target_patterns=names,
-                        operations=[Chunk(0)],
+                        operations=list(operations),
                     )
                 )
         return out
@@ -263,6 +274,45 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         ),
         unit_offset=_QWEN3_5_NORMS,
         attention_interval=True,
+    ),
+    # Kimi K2.5: DeepSeek V3's language model as mlx-lm splits it (kv_b_proj as embed_q and
+    # unembed_out, stacked experts); mlx-vlm keeps the Hub's MoonViT names (norm0/1 and fc0/1
+    # where transformers counts from 1, `blocks`, the fused wqkv) and its projector's list
+    # indices. The fused wqkv is split, its q/k rows permuted from the Hub's interleaved rope as
+    # transformers' own converter does (a row permutation, which quantized rows take as they
+    # are). Each generic prefix rename comes before the specific ones on its result, so that
+    # saving (the renames reversed, last first) undoes the specific ones first.
+    "kimi_k25": VlmLayout(
+        "kimi_k25",
+        (
+            *_TEXT,
+            (r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."),
+            _SWITCH_MLP,
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^model\.vision_tower\.blocks\.", "model.vision_tower.layers."),
+            # renamed so that transformers' own converter of `wqkv` leaves it to the split below
+            (r"\.attn\.wqkv\.", ".attn.qkv."),
+            (r"\.attn\.wo\.", ".attn.proj."),
+            (r"\.norm1\.", ".norm2."),  # then norm0 -> norm1: a swap, applied in turn
+            (r"\.norm0\.", ".norm1."),
+            (r"\.mlp\.fc1\.", ".mlp.fc2."),
+            (r"\.mlp\.fc0\.", ".mlp.fc1."),
+            (r"\.patch_embed\.pos_emb\.weight", ".patch_embed.pos_emb.position_embeddings"),
+            (r"^mm_projector\.", "model.mm_projector."),
+            (r"^model\.mm_projector\.proj\.0\.", "model.mm_projector.in_proj."),
+            (r"^model\.mm_projector\.proj\.2\.", "model.mm_projector.out_proj."),
+        ),
+        vision_model_type="moonvit",
+        vision_aliases=(
+            ("depth", "num_hidden_layers"),
+            ("embed_dim", "hidden_size"),
+            ("num_heads", "num_attention_heads"),
+            ("init_pos_emb_height", "pos_emb_height"),
+            ("init_pos_emb_width", "pos_emb_width"),
+        ),
+        top_aliases=(("media_placeholder_token_id", "image_token_id"),),
+        splits=((r"\.attn\.qkv\.", (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj.")),),
+        split_rope=("q_proj", "k_proj"),
     ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
@@ -396,11 +446,6 @@ UNVERIFIED_VLM: dict[str, str] = {
         "no tiny model was compared with mlx-vlm: transformers' Molmo2 image processor was not "
         "run here (its torch path), and mlx-vlm's own processor output (image crops and "
         "pooling indices) was not mapped to transformers' inputs"
-    ),
-    "kimi_k25": (
-        "no tiny model was compared with mlx-vlm: its language model is mlx-vlm's DeepSeek-V3 "
-        "(MLA, MoE), and transformers' Kimi-K2.5 image processor needs torchvision (not "
-        "installed here); no conversion of mlx-vlm's processor output was written"
     ),
     "florence2": (
         "no tiny model was compared with mlx-vlm: its language model is a BART encoder-decoder, "
