@@ -72,6 +72,7 @@ def _load(path: Path):
         "minicpmv4_7",
         "minicpmv4_7_moe",
         "kimi_k25",
+        "gemma4_unified",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -178,6 +179,8 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("minicpmv4_7_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("kimi_k25", Variant(quantize_vision=True)),
         ("kimi_k25", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("gemma4_unified", Variant(tied=True, quantize_vision=True)),
+        ("gemma4_unified", Variant(tied=True, bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -200,6 +203,12 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
     elif name == "kimi_k25" and variant.quantize_vision:  # the fused wqkv, split at load
         attn = _load(tiny_mlx_vlm_checkpoint(name, variant)).model.vision_tower.layers[0].attn
         assert all(isinstance(p, AffineLinear) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    elif name == "gemma4_unified" and variant.quantize_vision:
+        # its two projections run float, as Gemma 4's patch embedder (the forward reads their
+        # weight dtype to cast its input), although stored quantized
+        embed = _load(tiny_mlx_vlm_checkpoint(name, variant)).model.embed_vision
+        assert type(embed.patch_dense) is torch.nn.Linear
+        assert type(embed.multimodal_embedder.embedding_projection) is torch.nn.Linear
     elif variant.quantize_vision or variant.recipe == VISION_MXFP4:
         model = _load(tiny_mlx_vlm_checkpoint(name, variant))
         qkv = model.model.visual.blocks[0].attn.qkv
@@ -440,6 +449,7 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("minicpmv4_6", False),
         ("minicpmv4_7", True),
         ("minicpmv4_7_moe", False),
+        ("gemma4_unified", True),
     ],
 )
 def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(

@@ -1874,6 +1874,111 @@ FAMILIES["kimi_k25"] = Family(
     ),
     word_tokenizer=True,
 )
+# Gemma 4 Unified: Gemma 4's language model (bidirectional attention within an image) and an
+# encoder-free image embedder (each 16-pixel patch normed, projected, given its learned x/y
+# position); the audio embedder is built too. mlx-vlm's processor returns the patches and their
+# positions as transformers takes them.
+_GEMMA4U_SOFT_TOKENS = 16
+
+
+def _gemma4_unified_processor(tokenizer):
+    settings = {
+        "patch_size": 8,
+        "pooling_kernel_size": 2,
+        "max_soft_tokens": _GEMMA4U_SOFT_TOKENS,
+        "mm_posemb_size": 16,
+    }
+    return _SavedImageProcessor(
+        None,
+        {
+            "processor_class": "Gemma4UnifiedProcessor",
+            "image_processor": settings,
+            "image_seq_length": _GEMMA4U_SOFT_TOKENS,
+        },
+    )
+
+
+@contextlib.contextmanager
+def _gemma4_unified_image_blocks():
+    """mlx-vlm 0.7.10's Gemma 4 Unified Model.__call__ does not hand `mm_token_type_ids` to its
+    language model, which then attends causally over the image (3.9 apart in the tiny model's
+    logits); its Gemma 4 language model attends bidirectionally within each image (the model's
+    `use_bidirectional_attention: vision`) when given them: handed over here."""
+    from mlx_vlm.models.gemma4_unified import gemma4_unified as module
+
+    cls = module.Model
+    original = cls.__call__
+
+    def call(self, input_ids=None, pixel_values=None, mask=None, cache=None, **kwargs):
+        features = self.get_input_embeddings(
+            input_ids=input_ids, pixel_values=pixel_values, **kwargs
+        )
+        return self.language_model(
+            None,
+            cache=cache,
+            inputs_embeds=features.inputs_embeds,
+            mask=mask,
+            per_layer_inputs=features.per_layer_inputs,
+            mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+        )
+
+    cls.__call__ = call
+    try:
+        yield
+    finally:
+        cls.__call__ = original
+
+
+def _gemma4_unified_keys(cfg: dict) -> None:
+    """mlx-vlm reads the full-attention layers' head size as global_head_dim (default 512),
+    which transformers keeps in per_layer_config only."""
+    text = cfg["text_config"]
+    text["global_head_dim"] = 64
+    vision = cfg["vision_config"]  # and the patch size of the embedder (default 48)
+    vision["model_patch_size"] = vision["patch_size"] * vision["pooling_kernel_size"]
+
+
+FAMILIES["gemma4_unified"] = Family(
+    "gemma4_unified",
+    text={
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 64,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": THETA},
+        },
+        "global_head_dim": 64,
+    },
+    vision=dict(
+        patch_size=8, pooling_kernel_size=2, mm_embed_dim=64, output_proj_dims=64, mm_posemb_size=16
+    ),
+    special=(*_GEMMA4_SPECIAL, "<start_of_audio>", "<end_of_audio>", "<audio_soft_token>"),
+    token_ids={
+        "boi_token_id": "<start_of_image>",
+        "eoi_token_id": "<end_of_image>",
+        "image_token_id": "<image_soft_token>",
+        "video_token_id": "<|video|>",
+        "boa_token_id": "<start_of_audio>",
+        "eoa_token_index": "<end_of_audio>",
+        "audio_token_id": "<audio_soft_token>",
+    },
+    named_tokens={
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+        "boa_token": "<start_of_audio>",
+        "eoa_token": "<end_of_audio>",
+        "audio_token": "<audio_soft_token>",
+    },
+    processor=_gemma4_unified_processor,
+    prompt="t5 t6 <image_soft_token> t7 t300 t42",
+    image_size=(64, 48),
+    top={"vision_soft_tokens_per_image": _GEMMA4U_SOFT_TOKENS},
+    extra_inputs=("image_position_ids", "mm_token_type_ids"),
+    mlx_vlm_keys=_gemma4_unified_keys,
+    mlx_fix=_gemma4_unified_image_blocks,
+    tied=True,
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={

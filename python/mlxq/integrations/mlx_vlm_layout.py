@@ -19,7 +19,7 @@ Three things:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,9 @@ class VlmLayout:
     # transformers' halves at load (its PermuteForRope over the vision config's heads; the
     # inverse when saving), e.g. ("q_proj", "k_proj") of Kimi K2.5's tower
     split_rope: tuple[str, ...] = ()
+    # other keys mlx-vlm reads, computed from transformers' config dict: (config) ->
+    # {"text": {...}, "vision": {...}}
+    derived_keys: Callable[[dict], dict[str, dict[str, Any]]] | None = None
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -225,6 +228,28 @@ _GLM4V_KEYS: dict[str, Any] = {
     )
 }
 
+
+def _gemma4_unified_keys(cfg: dict) -> dict[str, dict[str, Any]]:
+    """Gemma 4 Unified: mlx-vlm reads the full-attention layers' head size and kv heads as
+    global_head_dim / num_global_key_value_heads (transformers keeps them in per_layer_config)
+    and the embedder's patch size as model_patch_size (default 48)."""
+    text = cfg.get("text_config") or {}
+    vision = cfg.get("vision_config") or {}
+    out: dict[str, dict[str, Any]] = {"text": {}, "vision": {}}
+    types = text.get("layer_types") or []
+    overrides = text.get("per_layer_config") or {}
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            layer = overrides.get(str(i), overrides.get(i, {}))
+            out["text"]["global_head_dim"] = layer.get("head_dim", text.get("head_dim"))
+            if "num_key_value_heads" in layer:
+                out["text"]["num_global_key_value_heads"] = layer["num_key_value_heads"]
+            break
+    if "patch_size" in vision and "pooling_kernel_size" in vision:
+        out["vision"]["model_patch_size"] = vision["patch_size"] * vision["pooling_kernel_size"]
+    return out
+
+
 VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
@@ -313,6 +338,19 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         top_aliases=(("media_placeholder_token_id", "image_token_id"),),
         splits=((r"\.attn\.qkv\.", (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj.")),),
         split_rope=("q_proj", "k_proj"),
+    ),
+    # Gemma 4 Unified: mlx-vlm keeps the encoder-free patch embedder as `vision_embedder` and its
+    # projection into the text width as `embed_vision` (transformers: both in embed_vision);
+    # the embedder's rename comes first, so that saving undoes the projection's first
+    "gemma4_unified": VlmLayout(
+        "gemma4_unified",
+        (
+            *_TEXT,
+            (r"^vision_embedder\.", "model.embed_vision."),
+            (r"^embed_vision\.", "model.embed_vision.multimodal_embedder."),
+            (r"\.experts\.switch_glu\.", ".experts."),
+        ),
+        derived_keys=_gemma4_unified_keys,
     ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
@@ -457,7 +495,7 @@ UNVERIFIED_VLM: dict[str, str] = {
             "needs torchvision (not installed here) and no conversion of mlx-vlm's own "
             "processor output into transformers' inputs was written"
         )
-        for name in ("minimax_m3_vl", "unlimited_ocr", "gemma4_unified", "muse_glimmer")
+        for name in ("minimax_m3_vl", "unlimited_ocr", "muse_glimmer")
     },
     "inkling_mm_model": (
         "no tiny model was compared with mlx-vlm (its `inkling` module, with an audio tower): "
@@ -610,6 +648,9 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
             out["text"][key] = period
     out["text"].update({k: text.get(k, cfg.get(k, v)) for k, v in layout.text_defaults})
     vision = cfg.get("vision_config") or {}
+    if layout.derived_keys is not None:
+        for part, keys in layout.derived_keys(cfg).items():
+            out[part].update(keys)
     if layout.vision_model_type is not None:
         out["vision"]["model_type"] = layout.vision_model_type
     out["vision"].update({k: vision[t] for k, t in layout.vision_aliases if t in vision})
