@@ -73,6 +73,7 @@ def _load(path: Path):
         "minicpmv4_7_moe",
         "kimi_k25",
         "gemma4_unified",
+        "muse_glimmer",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -181,6 +182,8 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("kimi_k25", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("gemma4_unified", Variant(tied=True, quantize_vision=True)),
         ("gemma4_unified", Variant(tied=True, bits=3, group_size=32, recipe="mixed_3_6")),
+        ("muse_glimmer", Variant(quantize_vision=True)),
+        ("muse_glimmer", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -209,6 +212,15 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
         embed = _load(tiny_mlx_vlm_checkpoint(name, variant)).model.embed_vision
         assert type(embed.patch_dense) is torch.nn.Linear
         assert type(embed.multimodal_embedder.embedding_projection) is torch.nn.Linear
+    elif name == "muse_glimmer":  # its normed word embedding: the lookup, then its norm
+        from mlxq.nn import NormedAffineEmbedding
+
+        model = _load(tiny_mlx_vlm_checkpoint(name, variant))
+        embed = model.model.language_model.embed_tokens
+        assert type(embed) is NormedAffineEmbedding
+        assert type(embed.embed_norm).__name__ == "MuseGlimmerRMSNorm"
+        if variant.quantize_vision:
+            assert isinstance(model.model.vision_tower.layers[0].attn.q_proj, AffineLinear)
     elif variant.quantize_vision or variant.recipe == VISION_MXFP4:
         model = _load(tiny_mlx_vlm_checkpoint(name, variant))
         qkv = model.model.visual.blocks[0].attn.qkv
@@ -450,6 +462,7 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("minicpmv4_7", True),
         ("minicpmv4_7_moe", False),
         ("gemma4_unified", True),
+        ("muse_glimmer", True),
     ],
 )
 def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
@@ -474,7 +487,8 @@ def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
 
     float_dir = tiny_float_checkpoint(name, tmp_path / "float", variant_of(name).tied)
     ref_dir = tmp_path / "ref"
-    with contextlib.redirect_stdout(io.StringIO()):
+    fix = FAMILIES[name].convert_fix  # where mlx-vlm's convert fails on its own
+    with contextlib.redirect_stdout(io.StringIO()), fix() if fix else contextlib.nullcontext():
         convert(str(float_dir), str(ref_dir), quantize=True, q_group_size=64, q_bits=4)
     ref = load_file(ref_dir / "model.safetensors")
     layout = VLM_LAYOUTS[FAMILIES[name].model_type]
@@ -541,3 +555,31 @@ def test_image_text_checkpoint_of_a_config_with_a_text_causal_lm(name: str, caps
         AutoModelForCausalLM
     )
     assert auto_model_class(config, lambda: ["vision_tower.x"]) is AutoModelForImageTextToText
+
+
+def test_normed_embedding_dequantizes_to_a_module_mlxq_quantizes_again() -> None:
+    """Muse Glimmer's word embedding (`embed_norm(super().forward(ids))`) runs as a quantized
+    lookup then the model's own norm module; dequantized, it is a float embedding with that
+    forward (the rows exact), which mlxq recognises again; an unknown override is refused."""
+    from mlxq.dequantize_model import dequantize_model
+    from mlxq.swap import swap_plan
+
+    model = _load(tiny_mlx_vlm_checkpoint("muse_glimmer"))
+    ids = torch.tensor([[5, 77, 300, 12]])
+    embed = model.model.language_model.embed_tokens
+    with torch.no_grad():
+        want = embed(ids)
+    dequantize_model(model)
+    floated = model.model.language_model.embed_tokens
+    assert type(floated) is not type(embed) and isinstance(floated, torch.nn.Embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(floated(ids), want, rtol=0, atol=0)
+    assert swap_plan("embed", floated).embed_norm is floated.embed_norm
+
+    class Other(torch.nn.Embedding):
+        def forward(self, input_ids):
+            return super().forward(input_ids) + 1
+
+    other = Other(8, 4)
+    other.embed_norm = torch.nn.Identity()
+    assert swap_plan("embed", other).refusal is not None

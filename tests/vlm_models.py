@@ -110,6 +110,8 @@ class Family:
     # the reverse for mlx-vlm's model: (numpy inputs) -> its keyword arguments (mlx arrays or
     # lists of them), pixel_values included
     mlx_kwargs: Callable[[dict], dict] | None = None
+    # a correction of mlx-vlm's conversion where it fails on its own (a context manager)
+    convert_fix: Callable[[], contextlib.AbstractContextManager] | None = None
 
 
 def _qwen_image_processor(patch: int):
@@ -1979,6 +1981,86 @@ FAMILIES["gemma4_unified"] = Family(
     mlx_fix=_gemma4_unified_image_blocks,
     tied=True,
 )
+
+
+# Muse Glimmer: a ViT with 2-D rope and learned positions, its 2x2 patch groups merged and run
+# through an adapter MLP and a projection (then a scale-free RMS norm) into the text model
+def _muse_glimmer_processor(tokenizer):
+    settings = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+    return _SavedImageProcessor(
+        None, {"processor_class": "MuseGlimmerProcessor", "image_processor": settings}
+    )
+
+
+@contextlib.contextmanager
+def _muse_glimmer_processor_config():
+    """mlx-vlm 0.7.10's convert fails saving Muse Glimmer's processor: MuseGlimmerProcessor keeps
+    the model's ModelConfig (unused), which processor_config.json cannot hold (TypeError).
+    Dropped here while converting."""
+    from mlx_vlm.models.muse_glimmer import processing_muse_glimmer as module
+
+    cls = module.MuseGlimmerProcessor
+    init = cls.__init__
+
+    def without_config(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.config = None
+
+    cls.__init__ = without_config
+    try:
+        yield
+    finally:
+        cls.__init__ = init
+
+
+@contextlib.contextmanager
+def _muse_glimmer_positions():
+    """transformers' Muse Glimmer samples the learned position table for a grid of (h, w)
+    patches as for a (w, h) grid, in its raster order (the reference code's meshgrid with
+    indexing="xy", its comment says); mlx-vlm 0.7.10 samples it for the (h, w) grid. The same
+    on square grids (1.7e-06), 0.14 apart on the tiny model's 4 x 6 grid: set to transformers'."""
+    from mlx_vlm.models.muse_glimmer import vision
+
+    cls = vision.PatchEmbedder
+    original = cls._position_embeddings
+
+    def swapped(self, grid):
+        return original(self, [[t, w, h] for t, h, w in grid])
+
+    cls._position_embeddings = swapped
+    try:
+        yield
+    finally:
+        cls._position_embeddings = original
+
+
+FAMILIES["muse_glimmer"] = Family(
+    "muse_glimmer",
+    text={
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 64,
+        "rope_parameters": {"rope_type": "default", "rope_theta": THETA},
+    },
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=14,
+        pos_emb_height=8,
+        pos_emb_width=8,
+        max_position_embeddings=64,
+    ),
+    special=("<|image_start|>", "<|image_end|>", "<|patch|>", "<|video|>"),
+    token_ids={"image_token_id": "<|patch|>", "video_token_id": "<|video|>"},
+    processor=_muse_glimmer_processor,
+    prompt="t5 t6 <|patch|> t7 t300 t42",
+    image_size=(84, 56),
+    top={"out_hidden_size": 256, "projector_hidden_size": 128},
+    extra_inputs=("image_grid_thw",),
+    convert_fix=_muse_glimmer_processor_config,
+    mlx_fix=_muse_glimmer_positions,
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={
@@ -2162,6 +2244,8 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
         float_dir = tiny_float_checkpoint(name, staging / "float", variant.tied)
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            if FAMILIES[name].convert_fix is not None:
+                stack.enter_context(FAMILIES[name].convert_fix())
             if variant.quantize_vision:  # mlx-vlm's own rule keeps vision modules float
                 import importlib
                 from unittest import mock

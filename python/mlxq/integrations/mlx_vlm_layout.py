@@ -352,6 +352,16 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         ),
         derived_keys=_gemma4_unified_keys,
     ),
+    # Muse Glimmer: transformers' names under mlx-vlm's top level
+    "muse_glimmer": VlmLayout(
+        "muse_glimmer",
+        (
+            *_TEXT,
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^vision_adapter\.", "model.vision_adapter."),
+            (r"^vision_projection\.", "model.vision_projection."),
+        ),
+    ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
         "gemma3",
@@ -495,7 +505,7 @@ UNVERIFIED_VLM: dict[str, str] = {
             "needs torchvision (not installed here) and no conversion of mlx-vlm's own "
             "processor output into transformers' inputs was written"
         )
-        for name in ("minimax_m3_vl", "unlimited_ocr", "muse_glimmer")
+        for name in ("minimax_m3_vl", "unlimited_ocr")
     },
     "inkling_mm_model": (
         "no tiny model was compared with mlx-vlm (its `inkling` module, with an audio tower): "
