@@ -488,28 +488,32 @@ UNVERIFIED_VLM: dict[str, str] = {
         "mlx-vlm's, which runs the tiny model; mlx-vlm keeps transformers' own tensor names "
         "there, with the experts stacked per projection"
     ),
-    # checked by reading mlx-vlm 0.7.10 and transformers 5.24 (helper pass of Granite 4 Vision):
-    # each needs its own input conversion in the test harness before a tiny model can compare
+    # found reading mlx-vlm 0.7.10 and transformers 5.24; no tiny model of these was compared
     "molmo2": (
-        "no tiny model was compared with mlx-vlm: transformers' Molmo2 image processor was not "
-        "run here (its torch path), and mlx-vlm's own processor output (image crops and "
-        "pooling indices) was not mapped to transformers' inputs"
+        "no tiny model was compared with mlx-vlm: mlx-vlm keeps the Hub's fused att_proj (q, k "
+        "and v of unequal widths), fused ff_proj and the word embedding in two tables "
+        "(wte.embedding, wte.new_embedding), which transformers' own converters split and "
+        "concatenate at load (mlxq splits fused projections into equal parts only), and its "
+        "processor's crops and pooling indices were not mapped to transformers' inputs"
     ),
     "florence2": (
-        "no tiny model was compared with mlx-vlm: its language model is a BART encoder-decoder, "
-        "which the image-text harness (a causal prompt's logits) does not run"
+        "no tiny model was compared with mlx-vlm: its language model is a BART encoder-decoder "
+        "(the harness compares a causal prompt's logits) and mlx-vlm reads its DaViT tower's "
+        "sizes under the Hub's remote-code names (depths, dim_embed, num_groups, ...)"
     ),
-    **{
-        name: (
-            "no tiny model was compared with mlx-vlm: transformers' image processor for it "
-            "needs torchvision (not installed here) and no conversion of mlx-vlm's own "
-            "processor output into transformers' inputs was written"
-        )
-        for name in ("minimax_m3_vl", "unlimited_ocr")
-    },
+    "unlimited_ocr": (
+        "no tiny model can be converted: mlx-vlm 0.7.10 builds its SAM encoder (DeepSeek-OCR's) "
+        "from SAMViTConfig() defaults (768 wide, 12 layers, 1024-pixel input) whatever "
+        "config.json says"
+    ),
+    "minimax_m3_vl": (
+        "no tiny model was compared with mlx-vlm: MiniMax M3's MoE (clamped SwiGLU experts, "
+        "shared experts) and block-sparse attention indexer were not mapped, and its "
+        "processor output was not converted into transformers' inputs"
+    ),
     "inkling_mm_model": (
         "no tiny model was compared with mlx-vlm (its `inkling` module, with an audio tower): "
-        "transformers' image processor needs torchvision (not installed here)"
+        "its processor output was not converted into transformers' inputs"
     ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
