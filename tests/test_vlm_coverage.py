@@ -322,7 +322,21 @@ def test_own_class_loads_the_same_model(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["qwen2_5_vl", "llava", "gemma4", "mllama", "glm4v_moe", "glm_ocr"]
+    "name",
+    [
+        "qwen2_5_vl",
+        "llava",
+        "gemma4",
+        "mllama",
+        "glm4v_moe",
+        "glm_ocr",
+        "granite4_vision",
+        "minicpmv4_6",
+        "minicpmv4_7_moe",
+        "kimi_k25",
+        "gemma4_unified",
+        "muse_glimmer",
+    ],
 )
 def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
     """`mlxq inspect` and `mlxq generate` read an mlx-vlm checkpoint whose family transformers

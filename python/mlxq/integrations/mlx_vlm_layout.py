@@ -101,6 +101,9 @@ class VlmLayout:
     # other keys mlx-vlm reads, computed from transformers' config dict: (config) ->
     # {"text": {...}, "vision": {...}}
     derived_keys: Callable[[dict], dict[str, dict[str, Any]]] | None = None
+    # mlx-vlm's model reads the text rope from rope_parameters (its own conversion writes no
+    # flat rope_theta, and none is needed): `mlxq inspect` does not warn about it
+    reads_rope_parameters: bool = False
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -285,6 +288,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         ),
         unit_offset=_QWEN3_5_NORMS,
         attention_interval=True,
+        reads_rope_parameters=True,
     ),
     # MiniCPM-V 4.7: 4.6's names (its canvas rope has no tensors), with Qwen 3.5 MoE's stacked
     # experts where its language model is that one
@@ -299,6 +303,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         ),
         unit_offset=_QWEN3_5_NORMS,
         attention_interval=True,
+        reads_rope_parameters=True,
     ),
     # Kimi K2.5: DeepSeek V3's language model as mlx-lm splits it (kv_b_proj as embed_q and
     # unembed_out, stacked experts); mlx-vlm keeps the Hub's MoonViT names (norm0/1 and fc0/1
@@ -361,6 +366,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
             (r"^vision_adapter\.", "model.vision_adapter."),
             (r"^vision_projection\.", "model.vision_projection."),
         ),
+        reads_rope_parameters=True,
     ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
@@ -542,6 +548,13 @@ def takes_flat_text_keys(config: Any) -> bool:
     (`rope_theta`, `partial_rotary_factor`, ...) that mlx-lm reads, in text_config."""
     layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
     return layout is None or layout.rope_keys
+
+
+def reads_rope_parameters(model_type: str | None) -> bool:
+    """Whether mlx-vlm's model of this image-text family reads the text rope from
+    rope_parameters (so a rope_theta kept only there is not lost)."""
+    layout = VLM_LAYOUTS.get(model_type or "")
+    return layout is not None and layout.reads_rope_parameters
 
 
 def is_image_text(config: Any) -> bool:
