@@ -2061,6 +2061,52 @@ FAMILIES["muse_glimmer"] = Family(
     convert_fix=_muse_glimmer_processor_config,
     mlx_fix=_muse_glimmer_positions,
 )
+# MiniMax M3 VL: a sparse-attention MoE language model (clamped SwiGLU experts, a shared
+# expert, a dense first layer) and a Qwen2-VL style tower; mlxq refuses it by name
+# (UNVERIFIED_VLM: mlx-vlm packs the shared expert into the stacked ones)
+_MINIMAX_SPECIAL = ("]<]start of image[>[", "]<]end of image[>[", "]<]image[>[", "]<]video[>[")
+
+
+def _minimax_m3_vl_processor(tokenizer):
+    settings = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+    return _SavedImageProcessor(
+        None, {"processor_class": "MiniMaxM3VLProcessor", "image_processor": settings}
+    )
+
+
+FAMILIES["minimax_m3_vl"] = Family(
+    "minimax_m3_vl",
+    text={
+        "rope_parameters": {"rope_type": "default", "rope_theta": THETA},
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "shared_intermediate_size": 64,
+        "dense_intermediate_size": 256,
+        "mlp_layer_types": ["dense", "sparse"],
+        "rotary_dim": 16,
+        "layer_types": ["full_attention", "minimax_m3_sparse"],
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_block_size": 4,
+        "index_topk_blocks": 16,
+    },
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=14,
+        image_size=56,
+    ),
+    special=_MINIMAX_SPECIAL,
+    token_ids={"image_token_index": "]<]image[>[", "video_token_index": "]<]video[>["},
+    processor=_minimax_m3_vl_processor,
+    prompt="t5 t6 ]<]image[>[ t7 t300 t42",
+    image_size=(84, 56),
+    top={"projector_hidden_size": 128},
+    extra_inputs=("image_grid_thw",),
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={

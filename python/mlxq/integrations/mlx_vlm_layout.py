@@ -513,9 +513,11 @@ UNVERIFIED_VLM: dict[str, str] = {
         "config.json says"
     ),
     "minimax_m3_vl": (
-        "no tiny model was compared with mlx-vlm: MiniMax M3's MoE (clamped SwiGLU experts, "
-        "shared experts) and block-sparse attention indexer were not mapped, and its "
-        "processor output was not converted into transformers' inputs"
+        "mlx-vlm converts and runs the tiny model, but stacks the experts under "
+        "block_sparse_moe.switch_mlp with the shared expert packed in as one more expert (when "
+        "its width equals theirs, as in the Hub's) and keeps the dense MLP's gate and up apart "
+        "where transformers fuses them: mlxq does not unpack these into transformers' "
+        "shared_experts / gate_up_proj"
     ),
     "inkling_mm_model": (
         "no tiny model was compared with mlx-vlm (its `inkling` module, with an audio tower): "
