@@ -67,6 +67,13 @@ def _load(path: Path):
         "gemma4",
         "gemma4_moe",
         "hunyuan_vl",
+        "granite4_vision",
+        "minicpmv4_6",
+        "minicpmv4_7",
+        "minicpmv4_7_moe",
+        "kimi_k25",
+        "gemma4_unified",
+        "muse_glimmer",
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -220,6 +227,18 @@ def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
         ("qwen3_vl_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("glm4v_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
         ("hunyuan_vl", Variant(tied=True, bits=3, group_size=32, recipe="mixed_3_6")),
+        ("granite4_vision", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("minicpmv4_6", Variant(quantize_vision=True)),
+        ("minicpmv4_6", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("minicpmv4_7", Variant(quantize_vision=True)),
+        ("minicpmv4_7", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("minicpmv4_7_moe", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("kimi_k25", Variant(quantize_vision=True)),
+        ("kimi_k25", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
+        ("gemma4_unified", Variant(tied=True, quantize_vision=True)),
+        ("gemma4_unified", Variant(tied=True, bits=3, group_size=32, recipe="mixed_3_6")),
+        ("muse_glimmer", Variant(quantize_vision=True)),
+        ("muse_glimmer", Variant(bits=3, group_size=32, recipe="mixed_3_6")),
     ],
     ids=lambda x: getattr(x, "tag", x),
 )
@@ -234,7 +253,30 @@ def test_quantized_vision_tower_and_mixed_recipe(name: str, variant: Variant) ->
     outcome = run_family(name, variant)
     assert outcome.status == "loads", outcome.line()
     assert outcome.text_diff <= TOLERANCE and outcome.image_diff <= TOLERANCE, outcome.line()
-    if variant.quantize_vision or variant.recipe == VISION_MXFP4:
+    if name.startswith("minicpmv4_") and variant.quantize_vision:  # its tower, not Qwen's
+        tower = _load(tiny_mlx_vlm_checkpoint(name, variant)).model.vision_tower
+        assert isinstance(tower.encoder.layers[0].self_attn.q_proj, AffineLinear)
+        # mlx-vlm's own rule for the model keeps the window-attention merger float
+        assert type(tower.vit_merger.linear_1) is torch.nn.Linear
+    elif name == "kimi_k25" and variant.quantize_vision:  # the fused wqkv, split at load
+        attn = _load(tiny_mlx_vlm_checkpoint(name, variant)).model.vision_tower.layers[0].attn
+        assert all(isinstance(p, AffineLinear) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    elif name == "gemma4_unified" and variant.quantize_vision:
+        # its two projections run float, as Gemma 4's patch embedder (the forward reads their
+        # weight dtype to cast its input), although stored quantized
+        embed = _load(tiny_mlx_vlm_checkpoint(name, variant)).model.embed_vision
+        assert type(embed.patch_dense) is torch.nn.Linear
+        assert type(embed.multimodal_embedder.embedding_projection) is torch.nn.Linear
+    elif name == "muse_glimmer":  # its normed word embedding: the lookup, then its norm
+        from mlxq.nn import NormedAffineEmbedding
+
+        model = _load(tiny_mlx_vlm_checkpoint(name, variant))
+        embed = model.model.language_model.embed_tokens
+        assert type(embed) is NormedAffineEmbedding
+        assert type(embed.embed_norm).__name__ == "MuseGlimmerRMSNorm"
+        if variant.quantize_vision:
+            assert isinstance(model.model.vision_tower.layers[0].attn.q_proj, AffineLinear)
+    elif variant.quantize_vision or variant.recipe == VISION_MXFP4:
         model = _load(tiny_mlx_vlm_checkpoint(name, variant))
         qkv = model.model.visual.blocks[0].attn.qkv
         assert isinstance(qkv, AffineLinear)
@@ -256,6 +298,20 @@ def test_weight_read_in_helper_forward_calls_is_refused() -> None:
         NotImplementedError,
         match=r"'model\.vision_tower\.embeddings\.position_embedding' is quantized.*"
         r"HunYuanVLVisionPatchEmbed\.interpolate_pos_encoding reads its \.weight directly",
+    ):
+        _load(path)
+
+
+def test_quantized_pooling_head_is_refused_by_name() -> None:
+    """Granite 4 Vision's SigLIP tower keeps its pooling head (run by the tower's forward, its
+    output unused): mlx-vlm quantizes the head's attention input with the tower, a Linear
+    there, which transformers holds as nn.MultiheadAttention's raw in_proj_weight. mlxq
+    refuses it naming the tensor, not with transformers' size-mismatch report."""
+    path = tiny_mlx_vlm_checkpoint("granite4_vision", Variant(quantize_vision=True))
+    with pytest.raises(
+        NotImplementedError,
+        match=r"model\.vision_tower\.head\.attention\.in_proj\.scales: module "
+        r"'model\.vision_tower\.head\.attention\.in_proj' \(no such module\)",
     ):
         _load(path)
 
@@ -321,7 +377,21 @@ def test_own_class_loads_the_same_model(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["qwen2_5_vl", "llava", "gemma4", "mllama", "glm4v_moe", "glm_ocr"]
+    "name",
+    [
+        "qwen2_5_vl",
+        "llava",
+        "gemma4",
+        "mllama",
+        "glm4v_moe",
+        "glm_ocr",
+        "granite4_vision",
+        "minicpmv4_6",
+        "minicpmv4_7_moe",
+        "kimi_k25",
+        "gemma4_unified",
+        "muse_glimmer",
+    ],
 )
 def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
     """`mlxq inspect` and `mlxq generate` read an mlx-vlm checkpoint whose family transformers
@@ -457,6 +527,12 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("cohere2_vision", True),
         ("paddleocr_vl", True),
         ("gemma4", True),
+        ("granite4_vision", True),
+        ("minicpmv4_6", False),
+        ("minicpmv4_7", True),
+        ("minicpmv4_7_moe", False),
+        ("gemma4_unified", True),
+        ("muse_glimmer", True),
     ],
 )
 def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
@@ -481,7 +557,8 @@ def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
 
     float_dir = tiny_float_checkpoint(name, tmp_path / "float", variant_of(name).tied)
     ref_dir = tmp_path / "ref"
-    with contextlib.redirect_stdout(io.StringIO()):
+    fix = FAMILIES[name].convert_fix  # where mlx-vlm's convert fails on its own
+    with contextlib.redirect_stdout(io.StringIO()), fix() if fix else contextlib.nullcontext():
         convert(str(float_dir), str(ref_dir), quantize=True, q_group_size=64, q_bits=4)
     ref = load_file(ref_dir / "model.safetensors")
     layout = VLM_LAYOUTS[FAMILIES[name].model_type]
@@ -548,3 +625,31 @@ def test_image_text_checkpoint_of_a_config_with_a_text_causal_lm(name: str, caps
         AutoModelForCausalLM
     )
     assert auto_model_class(config, lambda: ["vision_tower.x"]) is AutoModelForImageTextToText
+
+
+def test_normed_embedding_dequantizes_to_a_module_mlxq_quantizes_again() -> None:
+    """Muse Glimmer's word embedding (`embed_norm(super().forward(ids))`) runs as a quantized
+    lookup then the model's own norm module; dequantized, it is a float embedding with that
+    forward (the rows exact), which mlxq recognises again; an unknown override is refused."""
+    from mlxq.dequantize_model import dequantize_model
+    from mlxq.swap import swap_plan
+
+    model = _load(tiny_mlx_vlm_checkpoint("muse_glimmer"))
+    ids = torch.tensor([[5, 77, 300, 12]])
+    embed = model.model.language_model.embed_tokens
+    with torch.no_grad():
+        want = embed(ids)
+    dequantize_model(model)
+    floated = model.model.language_model.embed_tokens
+    assert type(floated) is not type(embed) and isinstance(floated, torch.nn.Embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(floated(ids), want, rtol=0, atol=0)
+    assert swap_plan("embed", floated).embed_norm is floated.embed_norm
+
+    class Other(torch.nn.Embedding):
+        def forward(self, input_ids):
+            return super().forward(input_ids) + 1
+
+    other = Other(8, 4)
+    other.embed_norm = torch.nn.Identity()
+    assert swap_plan("embed", other).refusal is not None

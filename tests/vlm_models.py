@@ -104,6 +104,14 @@ class Family:
     # the vocabulary size, special tokens at its end (a processor that hard-codes the Hub's
     # token ids needs the Hub's size)
     vocab: int = VOCAB
+    # a processor whose output is not numpy arrays (ragged per-slice pixels): (output) -> the
+    # numpy inputs kept (fed to transformers through torch_inputs)
+    pack_inputs: Callable[[dict], dict] | None = None
+    # the reverse for mlx-vlm's model: (numpy inputs) -> its keyword arguments (mlx arrays or
+    # lists of them), pixel_values included
+    mlx_kwargs: Callable[[dict], dict] | None = None
+    # a correction of mlx-vlm's conversion where it fails on its own (a context manager)
+    convert_fix: Callable[[], contextlib.AbstractContextManager] | None = None
 
 
 def _qwen_image_processor(patch: int):
@@ -1494,6 +1502,611 @@ FAMILIES["cohere2_vision"] = dataclasses.replace(
     ),
     mlx_fix=_cohere2_vision_post_layernorm,
 )
+# Granite 4.0 Vision: a SigLIP tower whose window Q-Former projectors (one per deepstack layer,
+# four spatial offsets) add the image features into the chosen text layers; anyres tiles as
+# LLaVA-NeXT. mlx-vlm builds the Q-Formers 3072 wide and with one head per 64 channels
+# whatever the config says (the Hub's): the tiny Q-Former has those sizes.
+_GRANITE4_GRID = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+@contextlib.contextmanager
+def _granite4_vision_gelu():
+    """mlx-vlm 0.7.10's Granite 4 Vision tower runs the sigmoid GELU (`approx="fast"`,
+    x * sigmoid(1.702 x)) in its MLPs where the SigLIP config (and the Hub's) says
+    gelu_pytorch_tanh (6.9e-3 apart in the tiny model's logits): set to the model's."""
+    import mlx.nn as nn
+    from mlx_vlm.models.granite4_vision import vision
+
+    init = vision.MLP.__init__
+
+    def mlp(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.activation_fn = nn.GELU(approx="precise")
+
+    vision.MLP.__init__ = mlp
+    try:
+        yield
+    finally:
+        vision.MLP.__init__ = init
+
+
+def _granite4_vision_processor(tokenizer):
+    from transformers import Granite4VisionProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=_GRANITE4_GRID,
+    )
+    return Granite4VisionProcessor(
+        image_processor=ip,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="full",
+        image_token="<image>",
+        downsample_rate="1/2",
+    )
+
+
+FAMILIES["granite4_vision"] = Family(
+    "granite4_vision",
+    text={
+        **_LLAMA_TEXT,
+        "num_hidden_layers": 5,
+        "embedding_multiplier": 3.0,
+        "attention_multiplier": 0.2,
+        "residual_multiplier": 0.5,
+        "logits_scaling": 2.0,
+    },
+    vision=dict(_SIGLIP, model_type="siglip_vision_model", image_size=56, patch_size=14),
+    special=("<image>",),
+    token_ids={"image_token_index": "<image>"},
+    named_tokens={"image_token": "<image>"},
+    processor=_granite4_vision_processor,
+    prompt="t5 t6 <image> t7 t300 t42",
+    image_size=(112, 70),
+    top={
+        "image_grid_pinpoints": _GRANITE4_GRID,
+        "vision_feature_select_strategy": "full",
+        "vision_feature_layer": -1,
+        "downsample_rate": "1/2",
+        "deepstack_layer_map": [[1, 0]],
+        "spatial_vision_layer": -1,
+        "spatial_target_layers": [1, 2, 3, 4],
+        "qformer_config": {
+            "num_hidden_layers": 1,
+            "intermediate_size": 3072,
+            "cross_attention_frequency": 1,
+            "use_qformer_text_input": False,
+        },
+    },
+    mlx_vlm_keys=_text_rope_keys(),
+    extra_inputs=("image_sizes",),
+    # transformers 5 saves it under `model.`; the SigLIP tower takes its `vision_model.` level
+    hub_renames=(
+        (r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model."),
+    ),
+    mlx_fix=_granite4_vision_gelu,
+)
+# MiniCPM-V 4.6: Qwen 3.5's language model, a NaViT SigLIP tower with a window-attention merger
+# after layer `insert_layer_id` and an MLP merger (two 2x2 merges: 16 patches a token); the image
+# as a source tile and slices, each patch-packed ([3, p, n p]). mlx-vlm's processor returns the
+# pieces per image and the spans of image tokens (`image_bound`); transformers takes them
+# concatenated along the width with their patch grids (`target_sizes`) and finds the image
+# tokens by id. mlx-vlm's processor fills the spans with the tokenizer's `image_token`.
+_MINICPMV_SPECIAL = (
+    "<image>",
+    "</image>",
+    "<slice>",
+    "</slice>",
+    "<image_id>",
+    "</image_id>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+@contextlib.contextmanager
+def _minicpmv_merger_gelu():
+    """mlx-vlm 0.7.10's MiniCPM-V 4.6 merger MLP runs the tanh GELU (`approx="precise"`) where
+    the model has the exact one (transformers' MiniCPMV4_6DownsampleMLP: nn.GELU()): set to the
+    model's."""
+    import mlx.nn as nn
+    from mlx_vlm.models.minicpmv4_6 import minicpmv4_6 as module
+
+    init = module.MergerBlock.__init__
+
+    def block(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.act = nn.GELU()
+
+    module.MergerBlock.__init__ = block
+    try:
+        yield
+    finally:
+        module.MergerBlock.__init__ = init
+
+
+def _minicpmv_processor(tokenizer):
+    # mlx-vlm's processor reads its image settings from preprocessor_config.json: 56-pixel
+    # tiles (14-pixel patches, 16 patches a token) and up to 2 slices
+    settings = {
+        "max_slice_nums": 2,
+        "patch_size": 14,
+        "scale_resolution": 56,
+        "slice_mode": True,
+        "use_image_id": True,
+        "downsample_mode": "16x",
+    }
+    return _SavedImageProcessor(None, {"processor_class": "MiniCPMVProcessor", **settings})
+
+
+def _minicpmv_pack(out: dict) -> dict:
+    """mlx-vlm's processor output for one prompt as arrays: the pieces' pixels concatenated
+    along the width ([1, 3, p, sum n p], transformers' layout), their grids, the token spans."""
+    pieces = [np.asarray(p, dtype=np.float32) for p in out["pixel_values"][0]]
+    ids = np.asarray(out["input_ids"], dtype=np.int64)
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "pixel_values": np.concatenate(pieces, axis=-1)[None],
+        "target_sizes": np.asarray(out["tgt_sizes"][0], dtype=np.int64),
+        "image_bound": np.asarray(out["image_bound"][0], dtype=np.int64),
+        # MiniCPM-V 4.7: image (1) and video (2) tokens, for the rope positions
+        **(
+            {"mm_token_type_ids": np.asarray(out["mm_token_type_ids"], dtype=np.int64)}
+            if "mm_token_type_ids" in out
+            else {}
+        ),
+    }
+
+
+def _minicpmv_mlx_kwargs(inputs: dict) -> dict:
+    """The packed inputs back as mlx-vlm's model takes them: a list of pieces per sample."""
+    import mlx.core as mx
+
+    if "pixel_values" not in inputs:
+        return {}
+    pixels, sizes = inputs["pixel_values"][0], inputs["target_sizes"]
+    widths = np.cumsum([0, *(int(h * w) * pixels.shape[1] for h, w in sizes)])
+    pieces = [mx.array(pixels[..., a:b]) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    return {
+        "pixel_values": [pieces],
+        "tgt_sizes": [mx.array(sizes.astype(np.int32))],
+        "image_bound": [mx.array(inputs["image_bound"].astype(np.int32))],
+    }
+
+
+def _minicpmv_torch_inputs(inputs: dict, config) -> dict:
+    return {k: v for k, v in inputs.items() if k != "image_bound"}
+
+
+FAMILIES["minicpmv4_6"] = Family(
+    "minicpmv4_6",
+    text={**_QWEN3_5_TEXT, "model_type": "qwen3_5_text"},
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        insert_layer_id=0,
+    ),
+    special=_MINICPMV_SPECIAL,
+    token_ids={"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"},
+    named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    processor=_minicpmv_processor,
+    prompt="t5 t6 <image>./</image> t7 t300 t42",
+    image_size=(112, 56),
+    top={"insert_layer_id": 0, "image_size": 56},
+    mlx_vlm_keys=_qwen3_5_keys,
+    pack_inputs=_minicpmv_pack,
+    mlx_kwargs=_minicpmv_mlx_kwargs,
+    torch_inputs=_minicpmv_torch_inputs,
+    mlx_fix=_minicpmv_merger_gelu,
+    word_tokenizer=True,
+)
+FAMILIES["minicpmv4_7"] = dataclasses.replace(
+    FAMILIES["minicpmv4_6"],
+    model_type="minicpmv4_7",
+    token_ids={
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "image_start_id": "<image>",
+        "image_end_id": "</image>",
+        "slice_start_id": "<slice>",
+        "slice_end_id": "</slice>",
+        "newline_id": "<nl>",
+    },
+    special=(*_MINICPMV_SPECIAL, "<nl>"),
+)
+# MiniCPM-V 4.7 on Qwen 3.5 MoE's language model
+FAMILIES["minicpmv4_7_moe"] = dataclasses.replace(
+    FAMILIES["minicpmv4_7"], text={**_QWEN3_5_MOE_TEXT, "model_type": "qwen3_5_moe_text"}
+)
+# Kimi K2.5: DeepSeek V3's language model (latent attention, sigmoid router, shared expert)
+# and the MoonViT tower (2-D rope, learned positions resampled per image), whose 2x2 patch
+# groups the projector takes as one token. mlx-vlm reads the tower's sizes under the Hub's
+# names (depth, embed_dim, num_heads, init_pos_emb_*) and the image tokens as
+# media_placeholder_token_id; its processor returns patches [N, 3, p, p] with their grid
+# (image_grid_hws), transformers takes the grid as (t, h, w).
+_KIMI_DEEPSEEK = {
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 64,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.0,
+    "kv_lora_rank": 64,
+    "q_lora_rank": 64,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 32,
+    "head_dim": 16,
+}
+
+
+@contextlib.contextmanager
+def _kimi_k25_tower():
+    """mlx-vlm 0.7.10's MoonViT departs from the model three ways, each set to the model's here:
+    (its MLX path off Metal) it resamples the learned position grid with the taps outside the
+    grid dropped and the rest renormalised (Pillow's edge rule) where the model resamples it as
+    F.interpolate(bicubic) does, taps clamped to the border (1.4e-02 apart in the tiny model's
+    logits); its MLPs run the exact GELU where the config says gelu_pytorch_tanh (5.2e-04); its
+    layer norms take eps 1e-6 where the model's take 1e-5 (1e-05)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_vlm.models.kimi_k25 import vision
+
+    emb, mlp, block, tower = (
+        vision.Learnable2DInterpPosEmb,
+        vision.MLP,
+        vision.Qwen2VLVisionBlock,
+        vision.VisionModel,
+    )
+    originals = emb.__call__, mlp.__init__, block.__init__, tower.__init__
+
+    def call(self, x, grid_hws):
+        table = np.array(self.weight.astype(mx.float32), dtype=np.float64)
+        pos = []
+        for h, w in grid_hws.tolist():  # images only: (h, w)
+            norm_h = (np.repeat(np.arange(h), w) + 0.5) / h * 2 - 1
+            norm_w = (np.tile(np.arange(w), h) + 0.5) / w * 2 - 1
+            pos.append(_bicubic_border(table, norm_w, norm_h))
+        return x + mx.array(np.concatenate(pos).astype(np.float32)).astype(x.dtype)
+
+    def mlp_init(self, *args, **kwargs):
+        originals[1](self, *args, **kwargs)
+        self.activation_fn = nn.GELU(approx="precise")
+
+    def block_init(self, config):
+        originals[2](self, config)
+        self.norm0 = nn.LayerNorm(config.embed_dim, eps=1e-5)
+        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-5)
+
+    def tower_init(self, config):
+        originals[3](self, config)
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=1e-5)
+
+    emb.__call__, mlp.__init__, block.__init__, tower.__init__ = (
+        call,
+        mlp_init,
+        block_init,
+        tower_init,
+    )
+    try:
+        yield
+    finally:
+        emb.__call__, mlp.__init__, block.__init__, tower.__init__ = originals
+
+
+def _kimi_k25_processor(tokenizer):
+    # mlx-vlm's processor reads the patch settings from preprocessor_config.json
+    settings = {"media_proc_cfg": {"patch_size": 14, "merge_kernel_size": 2}}
+    return _SavedImageProcessor(None, {"processor_class": "KimiK25Processor", **settings})
+
+
+def _kimi_k25_keys(cfg: dict) -> None:
+    """The Hub's names of the tower's sizes and of the image token, which mlx-vlm reads."""
+    _text_rope_keys()(cfg)
+    vision = cfg["vision_config"]
+    for hub, ours in (
+        ("depth", "num_hidden_layers"),
+        ("embed_dim", "hidden_size"),
+        ("num_heads", "num_attention_heads"),
+        ("init_pos_emb_height", "pos_emb_height"),
+        ("init_pos_emb_width", "pos_emb_width"),
+    ):
+        vision[hub] = vision[ours]
+    vision["model_type"] = "moonvit"  # mlx-vlm's tower refuses transformers' kimi_k25_vision
+    cfg["media_placeholder_token_id"] = cfg["image_token_id"]
+
+
+def _kimi_k25_pack(out: dict) -> dict:
+    ids = np.asarray(out["input_ids"], dtype=np.int64)
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "pixel_values": np.asarray(out["pixel_values"], dtype=np.float32),
+        "image_grid_hws": np.asarray(out["image_grid_hws"], dtype=np.int64),
+    }
+
+
+def _kimi_k25_torch_inputs(inputs: dict, config) -> dict:
+    out = {k: v for k, v in inputs.items() if k != "image_grid_hws"}
+    if "image_grid_hws" in inputs:
+        hws = inputs["image_grid_hws"]
+        out["image_grid_thw"] = np.concatenate([np.ones_like(hws[:, :1]), hws], axis=1)
+    return out
+
+
+FAMILIES["kimi_k25"] = Family(
+    "kimi_k25",
+    text={**_LLAMA_TEXT, **_KIMI_DEEPSEEK, "model_type": "deepseek_v3"},
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=14,
+        pos_emb_height=8,
+        pos_emb_width=8,
+    ),
+    special=("<|media_start|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>"),
+    token_ids={"image_token_id": "<|media_pad|>"},
+    processor=_kimi_k25_processor,
+    prompt="t5 t6 <|media_pad|> t7 t300 t42",
+    image_size=(84, 56),
+    top={"projection_hidden_size": 64},
+    mlx_vlm_keys=_kimi_k25_keys,
+    pack_inputs=_kimi_k25_pack,
+    torch_inputs=_kimi_k25_torch_inputs,
+    mlx_fix=_kimi_k25_tower,
+    # transformers 5.24 saves its language layers as `blocks` and the projector's norm under
+    # `model.` (its conversion reversed); the Hub has `layers` and `mm_projector.`
+    hub_renames=(
+        (r"^language_model\.model\.blocks\.", "language_model.model.layers."),
+        (r"^model\.mm_projector\.", "mm_projector."),
+    ),
+    word_tokenizer=True,
+)
+# Gemma 4 Unified: Gemma 4's language model (bidirectional attention within an image) and an
+# encoder-free image embedder (each 16-pixel patch normed, projected, given its learned x/y
+# position); the audio embedder is built too. mlx-vlm's processor returns the patches and their
+# positions as transformers takes them.
+_GEMMA4U_SOFT_TOKENS = 16
+
+
+def _gemma4_unified_processor(tokenizer):
+    settings = {
+        "patch_size": 8,
+        "pooling_kernel_size": 2,
+        "max_soft_tokens": _GEMMA4U_SOFT_TOKENS,
+        "mm_posemb_size": 16,
+    }
+    return _SavedImageProcessor(
+        None,
+        {
+            "processor_class": "Gemma4UnifiedProcessor",
+            "image_processor": settings,
+            "image_seq_length": _GEMMA4U_SOFT_TOKENS,
+        },
+    )
+
+
+@contextlib.contextmanager
+def _gemma4_unified_image_blocks():
+    """mlx-vlm 0.7.10's Gemma 4 Unified Model.__call__ does not hand `mm_token_type_ids` to its
+    language model, which then attends causally over the image (3.9 apart in the tiny model's
+    logits); its Gemma 4 language model attends bidirectionally within each image (the model's
+    `use_bidirectional_attention: vision`) when given them: handed over here."""
+    from mlx_vlm.models.gemma4_unified import gemma4_unified as module
+
+    cls = module.Model
+    original = cls.__call__
+
+    def call(self, input_ids=None, pixel_values=None, mask=None, cache=None, **kwargs):
+        features = self.get_input_embeddings(
+            input_ids=input_ids, pixel_values=pixel_values, **kwargs
+        )
+        return self.language_model(
+            None,
+            cache=cache,
+            inputs_embeds=features.inputs_embeds,
+            mask=mask,
+            per_layer_inputs=features.per_layer_inputs,
+            mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+        )
+
+    cls.__call__ = call
+    try:
+        yield
+    finally:
+        cls.__call__ = original
+
+
+def _gemma4_unified_keys(cfg: dict) -> None:
+    """mlx-vlm reads the full-attention layers' head size as global_head_dim (default 512),
+    which transformers keeps in per_layer_config only."""
+    text = cfg["text_config"]
+    text["global_head_dim"] = 64
+    vision = cfg["vision_config"]  # and the patch size of the embedder (default 48)
+    vision["model_patch_size"] = vision["patch_size"] * vision["pooling_kernel_size"]
+
+
+FAMILIES["gemma4_unified"] = Family(
+    "gemma4_unified",
+    text={
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 64,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": THETA},
+        },
+        "global_head_dim": 64,
+    },
+    vision=dict(
+        patch_size=8, pooling_kernel_size=2, mm_embed_dim=64, output_proj_dims=64, mm_posemb_size=16
+    ),
+    special=(*_GEMMA4_SPECIAL, "<start_of_audio>", "<end_of_audio>", "<audio_soft_token>"),
+    token_ids={
+        "boi_token_id": "<start_of_image>",
+        "eoi_token_id": "<end_of_image>",
+        "image_token_id": "<image_soft_token>",
+        "video_token_id": "<|video|>",
+        "boa_token_id": "<start_of_audio>",
+        "eoa_token_index": "<end_of_audio>",
+        "audio_token_id": "<audio_soft_token>",
+    },
+    named_tokens={
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+        "boa_token": "<start_of_audio>",
+        "eoa_token": "<end_of_audio>",
+        "audio_token": "<audio_soft_token>",
+    },
+    processor=_gemma4_unified_processor,
+    prompt="t5 t6 <image_soft_token> t7 t300 t42",
+    image_size=(64, 48),
+    top={"vision_soft_tokens_per_image": _GEMMA4U_SOFT_TOKENS},
+    extra_inputs=("image_position_ids", "mm_token_type_ids"),
+    mlx_vlm_keys=_gemma4_unified_keys,
+    mlx_fix=_gemma4_unified_image_blocks,
+    tied=True,
+)
+
+
+# Muse Glimmer: a ViT with 2-D rope and learned positions, its 2x2 patch groups merged and run
+# through an adapter MLP and a projection (then a scale-free RMS norm) into the text model
+def _muse_glimmer_processor(tokenizer):
+    settings = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+    return _SavedImageProcessor(
+        None, {"processor_class": "MuseGlimmerProcessor", "image_processor": settings}
+    )
+
+
+@contextlib.contextmanager
+def _muse_glimmer_processor_config():
+    """mlx-vlm 0.7.10's convert fails saving Muse Glimmer's processor: MuseGlimmerProcessor keeps
+    the model's ModelConfig (unused), which processor_config.json cannot hold (TypeError).
+    Dropped here while converting."""
+    from mlx_vlm.models.muse_glimmer import processing_muse_glimmer as module
+
+    cls = module.MuseGlimmerProcessor
+    init = cls.__init__
+
+    def without_config(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.config = None
+
+    cls.__init__ = without_config
+    try:
+        yield
+    finally:
+        cls.__init__ = init
+
+
+@contextlib.contextmanager
+def _muse_glimmer_positions():
+    """transformers' Muse Glimmer samples the learned position table for a grid of (h, w)
+    patches as for a (w, h) grid, in its raster order (the reference code's meshgrid with
+    indexing="xy", its comment says); mlx-vlm 0.7.10 samples it for the (h, w) grid. The same
+    on square grids (1.7e-06), 0.14 apart on the tiny model's 4 x 6 grid: set to transformers'."""
+    from mlx_vlm.models.muse_glimmer import vision
+
+    cls = vision.PatchEmbedder
+    original = cls._position_embeddings
+
+    def swapped(self, grid):
+        return original(self, [[t, w, h] for t, h, w in grid])
+
+    cls._position_embeddings = swapped
+    try:
+        yield
+    finally:
+        cls._position_embeddings = original
+
+
+FAMILIES["muse_glimmer"] = Family(
+    "muse_glimmer",
+    text={
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 64,
+        "rope_parameters": {"rope_type": "default", "rope_theta": THETA},
+    },
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=14,
+        pos_emb_height=8,
+        pos_emb_width=8,
+        max_position_embeddings=64,
+    ),
+    special=("<|image_start|>", "<|image_end|>", "<|patch|>", "<|video|>"),
+    token_ids={"image_token_id": "<|patch|>", "video_token_id": "<|video|>"},
+    processor=_muse_glimmer_processor,
+    prompt="t5 t6 <|patch|> t7 t300 t42",
+    image_size=(84, 56),
+    top={"out_hidden_size": 256, "projector_hidden_size": 128},
+    extra_inputs=("image_grid_thw",),
+    convert_fix=_muse_glimmer_processor_config,
+    mlx_fix=_muse_glimmer_positions,
+)
+# MiniMax M3 VL: a sparse-attention MoE language model (clamped SwiGLU experts, a shared
+# expert, a dense first layer) and a Qwen2-VL style tower; mlxq refuses it by name
+# (UNVERIFIED_VLM: mlx-vlm packs the shared expert into the stacked ones)
+_MINIMAX_SPECIAL = ("]<]start of image[>[", "]<]end of image[>[", "]<]image[>[", "]<]video[>[")
+
+
+def _minimax_m3_vl_processor(tokenizer):
+    settings = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+    return _SavedImageProcessor(
+        None, {"processor_class": "MiniMaxM3VLProcessor", "image_processor": settings}
+    )
+
+
+FAMILIES["minimax_m3_vl"] = Family(
+    "minimax_m3_vl",
+    text={
+        "rope_parameters": {"rope_type": "default", "rope_theta": THETA},
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "shared_intermediate_size": 64,
+        "dense_intermediate_size": 256,
+        "mlp_layer_types": ["dense", "sparse"],
+        "rotary_dim": 16,
+        "layer_types": ["full_attention", "minimax_m3_sparse"],
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_block_size": 4,
+        "index_topk_blocks": 16,
+    },
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=14,
+        image_size=56,
+    ),
+    special=_MINIMAX_SPECIAL,
+    token_ids={"image_token_index": "]<]image[>[", "video_token_index": "]<]video[>["},
+    processor=_minimax_m3_vl_processor,
+    prompt="t5 t6 ]<]image[>[ t7 t300 t42",
+    image_size=(84, 56),
+    top={"projector_hidden_size": 128},
+    extra_inputs=("image_grid_thw",),
+)
 FAMILIES["gemma4_moe"] = dataclasses.replace(
     FAMILIES["gemma4"],
     text={
@@ -1677,6 +2290,8 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
         float_dir = tiny_float_checkpoint(name, staging / "float", variant.tied)
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            if FAMILIES[name].convert_fix is not None:
+                stack.enter_context(FAMILIES[name].convert_fix())
             if variant.quantize_vision:  # mlx-vlm's own rule keeps vision modules float
                 import importlib
                 from unittest import mock
@@ -1732,7 +2347,11 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
     if family.word_tokenizer:
         from transformers import PreTrainedTokenizerFast
 
-        processor.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        processor.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(path / "tokenizer.json"), pad_token="<pad>"
+        )
+        if hasattr(processor, "_ensure_tokenizer_attrs"):  # MiniCPM-V: the token ids it keeps
+            processor._ensure_tokenizer_attrs()
     if not with_image:
         ids = processor.tokenizer(TEXT_PROMPT, add_special_tokens=False)["input_ids"]
         ids = np.array([ids], dtype=np.int64)
@@ -1740,6 +2359,8 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
     out = processor(
         text=[family.prompt], images=[test_image(family.image_size)], return_tensors="np"
     )
+    if family.pack_inputs is not None:
+        return family.pack_inputs(out)
     keep = ("input_ids", "attention_mask", "pixel_values", *family.extra_inputs)
     return {k: np.asarray(out[k]) for k in keep if k in out}
 
@@ -1768,8 +2389,10 @@ def _mlx_vlm_logits(path: Path, name: str, inputs: dict[str, np.ndarray]) -> np.
     model = load_model(Path(path))
     model.set_dtype(mx.float32)
     kwargs = {k: mx.array(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    if FAMILIES[name].mlx_kwargs is not None:
+        kwargs = FAMILIES[name].mlx_kwargs(inputs)
     pixels = kwargs.pop("pixel_values", None)
-    if pixels is not None:
+    if isinstance(pixels, mx.array):
         pixels = pixels.astype(mx.float32)
     ids = mx.array(inputs["input_ids"])
     if FAMILIES[name].image_block_mask and pixels is not None:

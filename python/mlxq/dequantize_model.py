@@ -6,7 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlxq.nn import AffineEmbedding, AffineLinear, ScaledAffineEmbedding, TiedAffineHead
+from mlxq.nn import (
+    AffineEmbedding,
+    AffineLinear,
+    NormedAffineEmbedding,
+    ScaledAffineEmbedding,
+    TiedAffineHead,
+)
 
 __all__ = ["dequantize_model", "float_where_weight_dtype_is_read"]
 
@@ -34,6 +40,18 @@ class _FloatScaledEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor):
         return super().forward(input_ids) * self.embed_scale
+
+
+class _NormedEmbedding(nn.Embedding):
+    """Float form of a :class:`NormedAffineEmbedding`; its forward is the one :mod:`mlxq.swap`
+    recognises, so it can be quantized again."""
+
+    def __init__(self, num, dim, padding_idx, embed_norm: nn.Module):
+        super().__init__(num, dim, padding_idx)
+        self.embed_norm = embed_norm
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.embed_norm(super().forward(input_ids))
 
 
 def _float_linear(
@@ -78,7 +96,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             rows = torch.arange(module.num_embeddings, device=module.weight.device)
             w = AffineEmbedding.forward(module, rows)  # the table itself, not scaled
             shape = (module.num_embeddings, module.embedding_dim, module.padding_idx)
-            if isinstance(module, ScaledAffineEmbedding) and module.scale_dtype is not None:
+            if isinstance(module, NormedAffineEmbedding):
+                new = _NormedEmbedding(*shape, module.embed_norm)
+            elif isinstance(module, ScaledAffineEmbedding) and module.scale_dtype is not None:
                 new = _ScaledEmbedding(*shape, module.embed_scale, module.scale_dtype)
             elif isinstance(module, ScaledAffineEmbedding):
                 new = _FloatScaledEmbedding(*shape, module.embed_scale)

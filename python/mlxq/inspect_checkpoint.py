@@ -20,7 +20,7 @@ from typing import Any
 from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
 from mlxq.integrations.checkpoint import DTYPE_BYTES, weight_map_of
 from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS
-from mlxq.integrations.mlx_vlm_layout import takes_flat_text_keys
+from mlxq.integrations.mlx_vlm_layout import reads_rope_parameters, takes_flat_text_keys
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
 
@@ -268,6 +268,8 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         # mlx-vlm reads GLM-OCR's rope from rope_parameters alone (its config class rejects
         # the flat keys: mlx-vlm's own conversion writes none)
         and takes_flat_text_keys(SimpleNamespace(model_type=config.get("model_type")))
+        # nor MiniCPM-V's and Muse Glimmer's (mlx-vlm reads rope_parameters)
+        and not reads_rope_parameters(config.get("model_type"))
     ):
         problems.append(
             Problem(

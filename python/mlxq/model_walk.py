@@ -258,6 +258,11 @@ _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
 # model types mlx-lm runs with another type's module (mlx_lm.utils.MODEL_REMAPPING)
 _MLX_LM_MODULE = {"minimax_m2": "minimax"}
 
+# image-text model types whose mlx-vlm model asks its language model's `quant_predicate` (and
+# keeps its own modules out by name, which modules_to_not_convert says here): the entries are
+# those of text_config's model type (MiniCPM-V 4.7 on Qwen 3.5 MoE: its 8-bit gates)
+_TEXT_MODEL_PREDICATE = frozenset({"minicpmv4_6", "minicpmv4_7"})
+
 
 def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]:
     """The per-module entries mlx-lm's own model class would write for `model` (its
@@ -274,6 +279,8 @@ def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]
             "reproduce yet; give the per-module formats yourself (quantize_model(..., "
             "overrides={...}), {} for the top-level format everywhere)"
         )
+    if model_type in _TEXT_MODEL_PREDICATE:
+        model_type = getattr(getattr(config, "text_config", None), "model_type", None)
     rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
     if not rules:
         return {}

@@ -25,6 +25,7 @@ __all__ = [
     "AffineLinear",
     "AffineEmbedding",
     "ScaledAffineEmbedding",
+    "NormedAffineEmbedding",
     "TiedAffineHead",
     "RowServingAffineEmbedding",
     "RowServingScaledAffineEmbedding",
@@ -296,6 +297,33 @@ class ScaledAffineEmbedding(AffineEmbedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, embed_scale={self.embed_scale}"
+
+
+class NormedAffineEmbedding(AffineEmbedding):
+    """An :class:`AffineEmbedding` whose rows go through a module of the embedding it replaces
+    (`embed_norm`, kept as it is): transformers' embeddings whose forward is
+    `self.embed_norm(super().forward(input_ids))` (Muse Glimmer's weight-less RMS norm).
+    :meth:`as_linear` (a tied output head) leaves the norm out, as the models do."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        embed_norm: nn.Module,
+        bits: int = 4,
+        group_size: int = 64,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        mode: str = "affine",
+    ) -> None:
+        super().__init__(
+            num_embeddings, embedding_dim, bits, group_size, padding_idx, dtype, device, mode
+        )
+        self.embed_norm = embed_norm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_norm(super().forward(ids))
 
 
 class _ServesRows:

@@ -7,6 +7,8 @@ A module is replaced only when mlxq reproduces its exact forward:
 - transformers' scaled word embeddings (Gemma 1/2/3/3n/4, MiniCPM3, BART, ...), recognised by
   the source of their `forward` (`super().forward(ids) * self.embed_scale[.to(weight.dtype)]`),
   not by their name: the scale and its rounding are kept;
+- transformers' normed word embeddings (Muse Glimmer), recognised the same way
+  (`self.embed_norm(super().forward(input_ids))`): the norm module is kept;
 - GPT-2's `Conv1D` (`x @ W + b` with `W` stored `[in, out]`): an MLX checkpoint stores it as a
   linear layer (`[out, in]`), so it becomes an `AffineLinear`, or an `nn.Linear` when float.
 Any other subclass of `nn.Linear`/`nn.Embedding` overrides `forward` with code mlxq does not
@@ -30,6 +32,7 @@ from torch import nn
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
+    NormedAffineEmbedding,
     RowServingAffineEmbedding,
     RowServingScaledAffineEmbedding,
     ScaledAffineEmbedding,
@@ -52,6 +55,22 @@ _SCALED_FORWARDS = {
     "returnsuper().forward(input_ids)*self.embed_scale.to(self.weight.dtype)": True,
     "returnsuper().forward(input_ids)*self.embed_scale": False,
 }
+
+
+# The body of the normed-embedding forward mlxq reproduces (whitespace removed)
+_NORMED_FORWARD = "returnself.embed_norm(super().forward(input_ids))"
+
+
+def _embed_norm(module: nn.Embedding) -> nn.Module | None:
+    """The norm module of a known normed embedding (its lookup, then `embed_norm`); None when
+    its forward is not that one."""
+    owner = forward_owner(type(module))
+    if forward_body(owner) != _NORMED_FORWARD or not issubclass(owner.__mro__[1], nn.Embedding):
+        return None
+    if owner.__mro__[1].forward is not nn.Embedding.forward:  # super() must be nn.Embedding's
+        return None
+    norm = getattr(module, "embed_norm", None)
+    return norm if isinstance(norm, nn.Module) else None
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -136,6 +155,7 @@ class SwapPlan:
     transposed: bool = False  # Conv1D: the float weight is [in, out]
     embed_scale: float | None = None
     scale_dtype: torch.dtype | None = None
+    embed_norm: nn.Module | None = None  # a normed embedding's norm module, kept
     padding_idx: int | None = None
     refusal: str | None = None
     # (code, `Class.method`) of the model methods an embedding serves single rows of its
@@ -148,7 +168,7 @@ class SwapPlan:
             raise NotImplementedError(
                 f"mlxq: module {self.name!r} ({self.cls_name}): {self.refusal}; mlxq replaces "
                 "only modules whose forward it reproduces exactly (nn.Linear, nn.Embedding, "
-                "transformers' scaled word embeddings and GPT-2 Conv1D)"
+                "transformers' scaled and normed word embeddings and GPT-2 Conv1D)"
             )
         return self
 
@@ -176,6 +196,15 @@ class SwapPlan:
             device=device,
             mode=mode,
         )
+        if self.embed_norm is not None:
+            if self.row_readers:  # (no model does both)
+                raise NotImplementedError(
+                    f"mlxq: module {self.name!r} ({self.cls_name}): a normed embedding whose "
+                    "table the model reads rows of"
+                )
+            return NormedAffineEmbedding(
+                self.out_features, self.in_features, self.embed_norm, **common
+            )
         if self.embed_scale is not None:
             cls = RowServingScaledAffineEmbedding if self.row_readers else ScaledAffineEmbedding
             embedding = cls(
@@ -252,6 +281,9 @@ def swap_plan(name: str, module: nn.Module) -> SwapPlan | None:
             return _refuse(plan, f"max_norm={module.max_norm} renormalizes rows in forward")
         if cls.forward is nn.Embedding.forward:
             return plan
+        norm = _embed_norm(module)
+        if norm is not None:
+            return SwapPlan(**{**vars(plan), "embed_norm": norm})
         scaled = _scaled_embedding(module)
         if scaled is None:
             return _refuse(plan, "it subclasses nn.Embedding and overrides forward")

@@ -19,7 +19,7 @@ Three things:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,16 @@ class VlmLayout:
     # section sizes as xdrope_section; HunyuanOCR), transformers' rope_parameters name them
     # alpha and mrope_section
     xdrope: bool = False
+    # parts of a fused projection whose rows are permuted from the Hub's interleaved rope to
+    # transformers' halves at load (its PermuteForRope over the vision config's heads; the
+    # inverse when saving), e.g. ("q_proj", "k_proj") of Kimi K2.5's tower
+    split_rope: tuple[str, ...] = ()
+    # other keys mlx-vlm reads, computed from transformers' config dict: (config) ->
+    # {"text": {...}, "vision": {...}}
+    derived_keys: Callable[[dict], dict[str, dict[str, Any]]] | None = None
+    # mlx-vlm's model reads the text rope from rope_parameters (its own conversion writes no
+    # flat rope_theta, and none is needed): `mlxq inspect` does not warn about it
+    reads_rope_parameters: bool = False
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -136,8 +146,15 @@ class VlmLayout:
     def split_conversions(self, keys: Iterable[str]) -> list:
         """`WeightConverter`s splitting each fused tensor among `keys` (transformers' names)
         into its parts at load; `save_pretrained` concatenates them back."""
-        from transformers.core_model_loading import Chunk, WeightConverter
+        from transformers.core_model_loading import Chunk, PermuteForRope, WeightConverter
 
+        operations = [Chunk(0)]
+        if self.split_rope:  # a row permutation: quantized rows (and their scales) alike
+            operations.append(
+                PermuteForRope(
+                    subconfig_key="vision_config", permute_layer_names=list(self.split_rope)
+                )
+            )
         out = []
         for key in sorted(keys):
             names = self.split_names(key)
@@ -146,7 +163,7 @@ class VlmLayout:
                     WeightConverter(
                         source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
                         target_patterns=names,
-                        operations=[Chunk(0)],
+                        operations=list(operations),
                     )
                 )
         return out
@@ -216,6 +233,28 @@ _GLM4V_KEYS: dict[str, Any] = {
     )
 }
 
+
+def _gemma4_unified_keys(cfg: dict) -> dict[str, dict[str, Any]]:
+    """Gemma 4 Unified: mlx-vlm reads the full-attention layers' head size and kv heads as
+    global_head_dim / num_global_key_value_heads (transformers keeps them in per_layer_config)
+    and the embedder's patch size as model_patch_size (default 48)."""
+    text = cfg.get("text_config") or {}
+    vision = cfg.get("vision_config") or {}
+    out: dict[str, dict[str, Any]] = {"text": {}, "vision": {}}
+    types = text.get("layer_types") or []
+    overrides = text.get("per_layer_config") or {}
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            layer = overrides.get(str(i), overrides.get(i, {}))
+            out["text"]["global_head_dim"] = layer.get("head_dim", text.get("head_dim"))
+            if "num_key_value_heads" in layer:
+                out["text"]["num_global_key_value_heads"] = layer["num_key_value_heads"]
+            break
+    if "patch_size" in vision and "pooling_kernel_size" in vision:
+        out["vision"]["model_patch_size"] = vision["patch_size"] * vision["pooling_kernel_size"]
+    return out
+
+
 VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen2_vl": _qwen_vl("qwen2_vl", flat_text_config=True, vision_model_type="qwen2_vl"),
     "qwen2_5_vl": _qwen_vl("qwen2_5_vl", flat_text_config=True, vision_model_type="qwen2_5_vl"),
@@ -237,6 +276,99 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS, attention_interval=True),
     "qwen3_5_moe": _qwen_vl(
         "qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS, attention_interval=True
+    ),
+    # MiniCPM-V 4.6: Qwen 3.5's language model (norms stored as 1 + w); mlx-vlm keeps the
+    # tower's window-attention merger at the top level (transformers: inside the tower), so its
+    # rename comes after the tower's (reversed first when saving)
+    "minicpmv4_6": VlmLayout(
+        "minicpmv4_6",
+        (
+            *_TEXT,
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^vit_merger\.", "model.vision_tower.vit_merger."),
+            (r"^merger\.", "model.merger."),
+        ),
+        unit_offset=_QWEN3_5_NORMS,
+        attention_interval=True,
+        reads_rope_parameters=True,
+    ),
+    # MiniCPM-V 4.7: 4.6's names (its canvas rope has no tensors), with Qwen 3.5 MoE's stacked
+    # experts where its language model is that one
+    "minicpmv4_7": VlmLayout(
+        "minicpmv4_7",
+        (
+            *_TEXT,
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^vit_merger\.", "model.vision_tower.vit_merger."),
+            (r"^merger\.", "model.merger."),
+            _SWITCH_MLP,
+        ),
+        unit_offset=_QWEN3_5_NORMS,
+        attention_interval=True,
+        reads_rope_parameters=True,
+    ),
+    # Kimi K2.5: DeepSeek V3's language model as mlx-lm splits it (kv_b_proj as embed_q and
+    # unembed_out, stacked experts); mlx-vlm keeps the Hub's MoonViT names (norm0/1 and fc0/1
+    # where transformers counts from 1, `blocks`, the fused wqkv) and its projector's list
+    # indices. The fused wqkv is split, its q/k rows permuted from the Hub's interleaved rope as
+    # transformers' own converter does (a row permutation, which quantized rows take as they
+    # are). Each generic prefix rename comes before the specific ones on its result, so that
+    # saving (the renames reversed, last first) undoes the specific ones first.
+    "kimi_k25": VlmLayout(
+        "kimi_k25",
+        (
+            *_TEXT,
+            (r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."),
+            _SWITCH_MLP,
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^model\.vision_tower\.blocks\.", "model.vision_tower.layers."),
+            # renamed so that transformers' own converter of `wqkv` leaves it to the split below
+            (r"\.attn\.wqkv\.", ".attn.qkv."),
+            (r"\.attn\.wo\.", ".attn.proj."),
+            (r"\.norm1\.", ".norm2."),  # then norm0 -> norm1: a swap, applied in turn
+            (r"\.norm0\.", ".norm1."),
+            (r"\.mlp\.fc1\.", ".mlp.fc2."),
+            (r"\.mlp\.fc0\.", ".mlp.fc1."),
+            (r"\.patch_embed\.pos_emb\.weight", ".patch_embed.pos_emb.position_embeddings"),
+            (r"^mm_projector\.", "model.mm_projector."),
+            (r"^model\.mm_projector\.proj\.0\.", "model.mm_projector.in_proj."),
+            (r"^model\.mm_projector\.proj\.2\.", "model.mm_projector.out_proj."),
+        ),
+        vision_model_type="moonvit",
+        vision_aliases=(
+            ("depth", "num_hidden_layers"),
+            ("embed_dim", "hidden_size"),
+            ("num_heads", "num_attention_heads"),
+            ("init_pos_emb_height", "pos_emb_height"),
+            ("init_pos_emb_width", "pos_emb_width"),
+        ),
+        top_aliases=(("media_placeholder_token_id", "image_token_id"),),
+        splits=((r"\.attn\.qkv\.", (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj.")),),
+        split_rope=("q_proj", "k_proj"),
+    ),
+    # Gemma 4 Unified: mlx-vlm keeps the encoder-free patch embedder as `vision_embedder` and its
+    # projection into the text width as `embed_vision` (transformers: both in embed_vision);
+    # the embedder's rename comes first, so that saving undoes the projection's first
+    "gemma4_unified": VlmLayout(
+        "gemma4_unified",
+        (
+            *_TEXT,
+            (r"^vision_embedder\.", "model.embed_vision."),
+            (r"^embed_vision\.", "model.embed_vision.multimodal_embedder."),
+            (r"\.experts\.switch_glu\.", ".experts."),
+        ),
+        derived_keys=_gemma4_unified_keys,
+    ),
+    # Muse Glimmer: transformers' names under mlx-vlm's top level
+    "muse_glimmer": VlmLayout(
+        "muse_glimmer",
+        (
+            *_TEXT,
+            (r"^vision_tower\.", "model.vision_tower."),
+            (r"^vision_adapter\.", "model.vision_adapter."),
+            (r"^vision_projection\.", "model.vision_projection."),
+        ),
+        reads_rope_parameters=True,
     ),
     # mlx-vlm's Gemma 3 scales image features by a top-level hidden_size (default 2048)
     "gemma3": _llava_like(
@@ -313,6 +445,17 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
             ("image_newline_token_id", "im_newline_id"),
         ),
     ),
+    # Granite 4.0 Vision: the window Q-Former projectors and the image newline at the top level,
+    # and the SigLIP tower's pooling head with its attention input as a Linear (transformers'
+    # nn.MultiheadAttention holds it as raw parameters: a quantized one is refused by name)
+    "granite4_vision": _llava_like(
+        "granite4_vision",
+        (r"^layerwise_projectors\.", "model.layerwise_projectors."),
+        (r"^spatial_projectors\.", "model.spatial_projectors."),
+        (r"^image_newline", "model.image_newline"),
+        (r"\.head\.attention\.in_proj\.weight", ".head.attention.in_proj_weight"),
+        (r"\.head\.attention\.in_proj\.bias", ".head.attention.in_proj_bias"),
+    ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
@@ -353,6 +496,35 @@ UNVERIFIED_VLM: dict[str, str] = {
         "mlx-vlm's, which runs the tiny model; mlx-vlm keeps transformers' own tensor names "
         "there, with the experts stacked per projection"
     ),
+    # found reading mlx-vlm 0.7.10 and transformers 5.24; no tiny model of these was compared
+    "molmo2": (
+        "no tiny model was compared with mlx-vlm: mlx-vlm keeps the Hub's fused att_proj (q, k "
+        "and v of unequal widths), fused ff_proj and the word embedding in two tables "
+        "(wte.embedding, wte.new_embedding), which transformers' own converters split and "
+        "concatenate at load (mlxq splits fused projections into equal parts only), and its "
+        "processor's crops and pooling indices were not mapped to transformers' inputs"
+    ),
+    "florence2": (
+        "no tiny model was compared with mlx-vlm: its language model is a BART encoder-decoder "
+        "(the harness compares a causal prompt's logits) and mlx-vlm reads its DaViT tower's "
+        "sizes under the Hub's remote-code names (depths, dim_embed, num_groups, ...)"
+    ),
+    "unlimited_ocr": (
+        "no tiny model can be converted: mlx-vlm 0.7.10 builds its SAM encoder (DeepSeek-OCR's) "
+        "from SAMViTConfig() defaults (768 wide, 12 layers, 1024-pixel input) whatever "
+        "config.json says"
+    ),
+    "minimax_m3_vl": (
+        "mlx-vlm converts and runs the tiny model, but stacks the experts under "
+        "block_sparse_moe.switch_mlp with the shared expert packed in as one more expert (when "
+        "its width equals theirs, as in the Hub's) and keeps the dense MLP's gate and up apart "
+        "where transformers fuses them: mlxq does not unpack these into transformers' "
+        "shared_experts / gate_up_proj"
+    ),
+    "inkling_mm_model": (
+        "no tiny model was compared with mlx-vlm (its `inkling` module, with an audio tower): "
+        "its processor output was not converted into transformers' inputs"
+    ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
         "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
@@ -380,6 +552,13 @@ def takes_flat_text_keys(config: Any) -> bool:
     (`rope_theta`, `partial_rotary_factor`, ...) that mlx-lm reads, in text_config."""
     layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
     return layout is None or layout.rope_keys
+
+
+def reads_rope_parameters(model_type: str | None) -> bool:
+    """Whether mlx-vlm's model of this image-text family reads the text rope from
+    rope_parameters (so a rope_theta kept only there is not lost)."""
+    layout = VLM_LAYOUTS.get(model_type or "")
+    return layout is not None and layout.reads_rope_parameters
 
 
 def is_image_text(config: Any) -> bool:
@@ -500,6 +679,9 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
             out["text"][key] = period
     out["text"].update({k: text.get(k, cfg.get(k, v)) for k, v in layout.text_defaults})
     vision = cfg.get("vision_config") or {}
+    if layout.derived_keys is not None:
+        for part, keys in layout.derived_keys(cfg).items():
+            out[part].update(keys)
     if layout.vision_model_type is not None:
         out["vision"]["model_type"] = layout.vision_model_type
     out["vision"].update({k: vision[t] for k, t in layout.vision_aliases if t in vision})
