@@ -620,6 +620,12 @@ ARCHS.update(
             {"num_heads": 8, "head_dim": 32, "n_groups": 1, "state_size": 16, "chunk_size": 8},
             {},
         ),
+        # Falcon Mamba: Mamba with RMS norms (no weight) on the mixer's B, C and dt; mlx-lm runs
+        # it as its mamba (model_type remapped), the norms chosen by the model type
+        "falcon_mamba": ({}, {}),
+        # IQuest-Coder: Llama's model under its own type (transformers and mlx-lm both run it
+        # as Llama)
+        "iquestcoder": (ROPE, TOP),
         # Mistral Small 4: DeepSeek V3's MLA and MoE (layer 0 dense), interleaved rope; its
         # default yarn rope with Llama 4's query scaling (mlx-lm reads rope_parameters). The
         # rope covers head_dim (qk_nope + qk_rope) x partial_rotary_factor (qk_rope / head_dim)
@@ -846,6 +852,7 @@ FAST = (
     "phi",
     "falcon_h1",
     "qwen3_5",
+    "iquestcoder",
 )
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
 MOE_FAST = (

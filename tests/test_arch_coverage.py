@@ -51,11 +51,14 @@ def test_matches_mlx_lm(arch: str, variant) -> None:
     assert outcome.max_diff <= TOLERANCE, outcome.line()
 
 
-@pytest.mark.parametrize(("arch", "cls"), [("mamba", "Mamba"), ("mamba2", "Mamba2")])
+@pytest.mark.parametrize(
+    ("arch", "cls"), [("mamba", "Mamba"), ("mamba2", "Mamba2"), ("falcon_mamba", "FalconMamba")]
+)
 def test_mamba_head_read_for_its_dtype(arch: str, cls: str) -> None:
-    # MambaForCausalLM.forward (Mamba2's too) casts by `self.lm_head.weight.dtype`: an untied
-    # quantized head runs as a float layer holding its dequantized weight; a tied one, a view
-    # of the quantized embedding, has no weight to serve and is refused by name
+    # MambaForCausalLM.forward (Mamba2's and FalconMamba's too) casts by
+    # `self.lm_head.weight.dtype`: an untied quantized head runs as a float layer holding its
+    # dequantized weight; a tied one, a view of the quantized embedding, has no weight to
+    # serve and is refused by name
     untied = run_arch(arch, VARIANTS[1])
     assert untied.status == "loads", untied.line()
     assert untied.max_diff <= TOLERANCE, untied.line()
