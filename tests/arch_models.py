@@ -135,8 +135,12 @@ IMAGE_TEXT["muse_spark"] = {
     "num_attention_heads": 2,
     "out_hidden_size": 128,
 }
+# Gemma 4 Unified: an encoder-free image-text model (a patch embedder, no vision tower);
+# mlx-lm runs its language model as its gemma4 and drops the embedders
+IMAGE_TEXT["gemma4_unified"] = {"mm_embed_dim": 64, "output_proj_dims": 64, "mm_posemb_size": 64}
 # image-text models' other sub-configs and top-level settings
 IMAGE_TEXT_EXTRA = {
+    "gemma4_unified": {"audio_config": None},
     "muse_spark": {
         "audio_config": {
             "hidden_sizes": [16, 16, 16, 16],
@@ -145,7 +149,7 @@ IMAGE_TEXT_EXTRA = {
             "out_hidden_size": 128,
         },
         "projector_hidden_size": 64,
-    }
+    },
 }
 # mlx-lm picks a chat template module for these model types unless the tokenizer has one
 # (mlx-lm 0.32's muse_spark module has none)
@@ -623,6 +627,13 @@ ARCHS.update(
         # Falcon Mamba: Mamba with RMS norms (no weight) on the mixer's B, C and dt; mlx-lm runs
         # it as its mamba (model_type remapped), the norms chosen by the model type
         "falcon_mamba": ({}, {}),
+        # Gemma 4 Unified's language model (no per-layer inputs, which mlx-lm's gemma4 reads
+        # as present when hidden_size_per_layer_input is set); mlx-lm reads a top-level
+        # vocab_size
+        "gemma4_unified": (
+            {**_PER_TYPE_ROPE, "hidden_size_per_layer_input": 0},
+            {"vocab_size": VOCAB},
+        ),
         # IQuest-Coder: Llama's model under its own type (transformers and mlx-lm both run it
         # as Llama)
         "iquestcoder": (ROPE, TOP),
@@ -828,6 +839,9 @@ MODEL_TYPE = {"granitemoehybrid_dense": "granitemoehybrid", "nemotron_h_latent":
 
 # transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry
 CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}
+# image-text models whose mlx-lm checkpoint (the language model only) loads through the text
+# model's class (AutoModelForCausalLM builds the image-text model, which mlxq refuses naming it)
+CAUSAL_LM_CLASS["gemma4_unified"] = "Gemma4UnifiedForCausalLM"
 
 
 def causal_lm_class(arch: str):
@@ -853,6 +867,7 @@ FAST = (
     "falcon_h1",
     "qwen3_5",
     "iquestcoder",
+    "gemma4_unified",
 )
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
 MOE_FAST = (

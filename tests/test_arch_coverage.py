@@ -33,7 +33,7 @@ from torch import nn
 
 TOLERANCE = 1e-3  # fp32 logits of ~1-10; transformers and mlx-lm float models differ < 1e-3
 # mlx-lm's own models have no untied head for these, and no tied head for those
-MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2"}
+MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4_unified"}
 MLX_LM_UNTIED_ONLY = {"phi", "gpt_neox"}
 
 
@@ -101,6 +101,23 @@ def test_model_type_mlx_lm_runs_on_metal_only_is_refused_by_name() -> None:
     path = tiny_mlx_checkpoint("muse_spark", VARIANTS[0])
     with pytest.raises(NotImplementedError, match="model type 'muse_spark': .*Metal kernels"):
         AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+
+
+def test_gemma4_unified_loads_as_its_text_model() -> None:
+    # mlx-lm converts Gemma 4 Unified's language model only (its gemma4 drops the patch
+    # embedders): AutoModelForCausalLM builds the image-text model and is refused naming the
+    # text class, which `mlxq generate` and `mlxq inspect` use
+    from mlxq.cli.common import load_model
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_mlx_checkpoint("gemma4_unified", VARIANTS[0])
+    with pytest.raises(ValueError, match="Gemma4UnifiedForCausalLM"):
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    loaded, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(loaded).__name__ == "Gemma4UnifiedForCausalLM"
+    report = inspect_checkpoint(path, str(path))
+    assert not report.errors and any(m.bits == 4 for m in report.modules)
 
 
 def test_gemma_embedding_keeps_its_scale() -> None:
