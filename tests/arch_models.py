@@ -478,7 +478,8 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**TOP, "shared_intermediate_size": 0, "rotary_dim": 32, "use_qk_norm": False},
     ),
     # DBRX: transformers reads rope_theta from attn_config (mlx-lm too); no tied head in either.
-    # mlx-lm keeps one module per expert: refused by mlxq, which runs stacked experts only
+    # mlx-lm keeps one linear layer per expert, which mlxq stacks at load. clip_qkv low enough
+    # that the clamp is reached (q/k/v values of about 1)
     "dbrx": (
         dict(
             d_model=128,
@@ -486,7 +487,7 @@ ARCHS: dict[str, tuple[dict, dict]] = {
             n_heads=4,
             max_seq_len=256,
             rope_parameters={"rope_type": "default", "rope_theta": THETA},
-            attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": THETA},
+            attn_config={"kv_n_heads": 2, "clip_qkv": 1.0, "rope_theta": THETA},
             ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
         ),
         {},

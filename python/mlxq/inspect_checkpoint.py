@@ -573,8 +573,7 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
             row.bytes = sum(_nbytes(v) for k, v in headers.items() if k.startswith(name + "."))
             row.action = "mlxq quantized router: its own forward, F.linear on the packed weight"
             return [row]
-        fused = f"{name}.up_proj" if plan.variant == "mlp" else f"{name}.gate_up_proj"
-        if fused in headers:
+        if f"{name}.{plan.float_tensor}" in headers:
             return None  # transformers' own float layout
         plan.require()
         hidden, inter, e = plan.in_features, plan.out_features, plan.num_experts

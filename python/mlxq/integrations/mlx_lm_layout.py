@@ -74,6 +74,53 @@ class MlxLayout:
     # module name suffixes (after the renames); the parts' tensors (weight, scales, biases) are
     # concatenated along the output rows at load, which is exact for MLX's row-wise groups
     merges: tuple[tuple[tuple[str, ...], str], ...] = ()
+    # per-expert layers mlx-lm's sanitize cuts out of a stacked parameter (DBRX's experts):
+    # ((source with `*` for the expert number, target), ...) module name suffixes; each
+    # tensor (weight, scales, biases) of experts 0..E-1 is stacked along a new dim 0 at load,
+    # as mlxq's experts hold them, and cut back into experts by `save_pretrained`
+    stacks: tuple[tuple[str, str], ...] = ()
+
+    def stack_headers(self, headers: dict) -> dict:
+        """`headers` (transformers' names -> TensorInfo) with each stack's experts replaced by
+        the stacked tensor; experts missing or stored in different formats are refused by
+        name."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for source, target in self.stacks:
+            pattern = re.compile(re.escape(source).replace(r"\*", r"(\d+)") + r"\.(\w+)$")
+            groups: dict[tuple[str, str], dict[int, Any]] = {}
+            for key, info in headers.items():
+                m = pattern.search(key)
+                if m is not None:
+                    groups.setdefault((key[: m.start()], m[2]), {})[int(m[1])] = info
+                    del out[key]
+            for (base, leaf), experts in groups.items():
+                found = {(i.dtype, tuple(i.shape)) for i in experts.values()}
+                if sorted(experts) != list(range(len(experts))) or len(found) != 1:
+                    raise ValueError(
+                        f"mlxq: {base}{source} ({leaf}): experts {sorted(experts)} stored as "
+                        f"{sorted(found)}; mlxq stacks them into one {base}{target}, which needs "
+                        "experts 0..E-1 in one format"
+                    )
+                dtype, shape = found.pop()
+                out[f"{base}{target}.{leaf}"] = TensorInfo(dtype, (len(experts), *shape))
+        return out
+
+    def stack_conversions(self) -> list:
+        """`WeightConverter`s stacking each stack's experts at load (`save_pretrained` cuts
+        the stack back into mlx-lm's per-expert tensors)."""
+        from transformers.core_model_loading import MergeModulelist, WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=f"{source}.{leaf}",
+                target_patterns=f"{target}.{leaf}",
+                operations=[MergeModulelist(dim=0)],
+            )
+            for source, target in self.stacks
+            for leaf in ("weight", "scales", "biases")
+        ]
 
     def merge_headers(self, headers: dict) -> dict:
         """`headers` (transformers' names -> TensorInfo) with the parts of each merge replaced
@@ -475,6 +522,21 @@ LAYOUTS["granitemoehybrid"] = MlxLayout(
 )
 
 
+# DBRX: mlx-lm's sanitize cuts the Hub's 2-D experts (`ffn.experts.mlp.w1`/`v1`/`w2`,
+# [E * I, H]) into one linear layer per expert (`ffn.experts.<e>.w1`, w2 transposed to
+# [H, I]); mlxq's experts module holds them stacked
+LAYOUTS["dbrx"] = MlxLayout(
+    "dbrx",
+    (),
+    ".ffn.experts.0.",
+    stacks=(
+        (".ffn.experts.*.w1", ".ffn.experts.gate_proj"),
+        (".ffn.experts.*.v1", ".ffn.experts.up_proj"),
+        (".ffn.experts.*.w2", ".ffn.experts.down_proj"),
+    ),
+)
+
+
 # Nemotron-H: mlx-lm stacks the experts (no gate) as `mixer.switch_mlp.fc1` (up) and `fc2`
 # (down); transformers' own renaming maps mlx-lm's (the Hub's) `backbone.` to `model.`
 LAYOUTS["nemotron_h"] = MlxLayout(
@@ -616,6 +678,7 @@ def use_mlx_lm_layout(model) -> None:
     offsets = layout.offset_conversions(name for name, _ in model.named_parameters())
     model._weight_conversions = [
         *layout.weight_renamings(),
+        *layout.stack_conversions(),  # DBRX's experts: cut into mlx-lm's one layer per expert
         *conversions,
         *offsets,
         *_channels_last_on_save(model),

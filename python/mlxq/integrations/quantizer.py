@@ -349,6 +349,7 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     layout = checkpoint_layout(_model_type(model), headers)
     if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
         headers = layout.merge_headers({layout.to_transformers(k): v for k, v in headers.items()})
+        headers = layout.stack_headers(headers)
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
     if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
         headers = vlm_layout.split_headers(
@@ -655,6 +656,7 @@ class MLXHfQuantizer(HfQuantizer):
         if layout is not None:
             self._value_conversions += layout.offset_conversions(headers)
             self._value_conversions += layout.merge_conversions()
+            self._value_conversions += layout.stack_conversions()
         if vlm_layout is not None:  # Qwen 3.5's norms, stored as 1 + w by mlx-vlm
             self._value_conversions += vlm_layout.offset_conversions(headers)
             # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
