@@ -138,6 +138,15 @@ IMAGE_TEXT["muse_spark"] = {
 # Gemma 4 Unified: an encoder-free image-text model (a patch embedder, no vision tower);
 # mlx-lm runs its language model as its gemma4 and drops the embedders
 IMAGE_TEXT["gemma4_unified"] = {"mm_embed_dim": 64, "output_proj_dims": 64, "mm_posemb_size": 64}
+# image-text models whose image-text model transformers cannot build here (Gemma 3n's vision
+# tower needs timm): their text model is built by its causal LM and saved under the image-text
+# model's names (`model.language_model.*`) with an image-text config.json, as the Hub has it;
+# mlx-lm's config keys go into text_config
+TEXT_MODEL_OF = {"gemma3n": "gemma3n_text"}
+# mlx-lm models whose forward without a cache is not the one they generate with (Gemma 3n's
+# KV-shared layers read the cache of an earlier layer; without one they project their own
+# keys and values): the oracle runs with mlx-lm's prompt cache
+MLX_LM_CACHED = {"gemma3n"}
 # image-text models' other sub-configs and top-level settings
 IMAGE_TEXT_EXTRA = {
     "gemma4_unified": {"audio_config": None},
@@ -635,6 +644,29 @@ ARCHS.update(
             {**_PER_TYPE_ROPE, "hidden_size_per_layer_input": 0},
             {"vocab_size": VOCAB},
         ),
+        # Gemma 3n's language model: 4 layers, the last two reusing the keys and values of the
+        # last earlier layer of their kind (KV sharing), a sliding window shorter than the test
+        # sequences, AltUp with 2 streams, LAuReL, per-layer inputs, and layer 0's activation
+        # sparsity (gelu over the 95th percentile's cut-off). mlx-lm reads its rope keys in
+        # text_config
+        "gemma3n": (
+            {
+                "num_hidden_layers": 4,
+                "layer_types": ["sliding_attention", "full_attention"] * 2,
+                "sliding_window": 8,
+                "num_kv_shared_layers": 2,
+                "laurel_rank": 16,
+                "altup_num_inputs": 2,
+                "hidden_size_per_layer_input": 16,
+                "vocab_size_per_layer_input": VOCAB,
+                "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": THETA},
+                },
+            },
+            {"rope_theta": THETA, "rope_local_base_freq": 10_000.0},
+        ),
         # IQuest-Coder: Llama's model under its own type (transformers and mlx-lm both run it
         # as Llama)
         "iquestcoder": (ROPE, TOP),
@@ -843,6 +875,7 @@ CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}
 # image-text models whose mlx-lm checkpoint (the language model only) loads through the text
 # model's class (AutoModelForCausalLM builds the image-text model, which mlxq refuses naming it)
 CAUSAL_LM_CLASS["gemma4_unified"] = "Gemma4UnifiedForCausalLM"
+CAUSAL_LM_CLASS["gemma3n"] = "Gemma3nForCausalLM"
 
 
 def causal_lm_class(arch: str):
@@ -869,6 +902,7 @@ FAST = (
     "qwen3_5",
     "iquestcoder",
     "gemma4_unified",
+    "gemma3n",
 )
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
 MOE_FAST = (
@@ -952,7 +986,36 @@ def _config(arch: str, tied: bool):
             tie_word_embeddings=tied,
             **copy.deepcopy(IMAGE_TEXT_EXTRA.get(arch, {})),
         )
-    return AutoConfig.for_model(MODEL_TYPE.get(arch, arch), **params)
+    return AutoConfig.for_model(TEXT_MODEL_OF.get(arch, MODEL_TYPE.get(arch, arch)), **params)
+
+
+def _as_image_text(arch: str, folder: Path) -> None:
+    """The text model saved in `folder` rewritten as the Hub's image-text checkpoint (see
+    TEXT_MODEL_OF). Gemma 3n: transformers builds no key/value projections for KV-shared
+    layers, which the Hub's checkpoints (and mlx-lm's model) have: added, random (unused)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    text = json.loads((folder / "config.json").read_text())
+    tensors = {
+        (f"model.language_model.{k.removeprefix('model.')}" if k.startswith("model.") else k): v
+        for k, v in load_file(folder / "model.safetensors").items()
+    }
+    generator = torch.Generator().manual_seed(1)
+    first_shared = text["num_hidden_layers"] - text.get("num_kv_shared_layers", 0)
+    for i in range(first_shared, text["num_hidden_layers"]):
+        for leaf in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
+            like = tensors[f"model.language_model.layers.0.self_attn.{leaf}"]
+            noise = torch.randn(like.shape, generator=generator) * 0.08
+            tensors[f"model.language_model.layers.{i}.self_attn.{leaf}"] = noise.to(like.dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "model_type": arch,
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "text_config": {**text, **ARCHS[arch][1]},
+        "tie_word_embeddings": text["tie_word_embeddings"],
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 _SAME_AS = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
@@ -1008,6 +1071,9 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
         tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tiny_tokenizer(out)
+    if arch in TEXT_MODEL_OF:
+        _as_image_text(arch, out)
+        return out
     if arch in NEEDS_CHAT_TEMPLATE:
         tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
         tokenizer_config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -1098,7 +1164,7 @@ def run_arch(arch: str, variant: Variant) -> Outcome:
                 raise
             variant = Variant(variant.tied, bits=3, group_size=32)
             path = tiny_mlx_checkpoint(arch, variant)
-        ref = mlx_lm_logits(path, TOKENS)
+        ref = mlx_lm_logits(path, TOKENS, cached=arch in MLX_LM_CACHED)
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the oracle cannot run this variant
         return Outcome(arch, variant, "mlx-lm fails", reason=_one_line(e))
     try:

@@ -33,7 +33,7 @@ from torch import nn
 
 TOLERANCE = 1e-3  # fp32 logits of ~1-10; transformers and mlx-lm float models differ < 1e-3
 # mlx-lm's own models have no untied head for these, and no tied head for those
-MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4_unified"}
+MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4_unified", "gemma3n"}
 MLX_LM_UNTIED_ONLY = {"phi", "gpt_neox"}
 
 
@@ -118,6 +118,45 @@ def test_gemma4_unified_loads_as_its_text_model() -> None:
     assert type(loaded).__name__ == "Gemma4UnifiedForCausalLM"
     report = inspect_checkpoint(path, str(path))
     assert not report.errors and any(m.bits == 4 for m in report.modules)
+
+
+def test_gemma3n_text_model_generates_as_mlx_lm(tmp_path: Path) -> None:
+    # mlx-lm keeps Gemma 3n's Hub names (`model.language_model.*`) and the key/value
+    # projections of its KV-shared layers, which it does not use when it runs with its cache
+    # and transformers does not build: `mlxq generate` loads Gemma3nForCausalLM (the image-text
+    # model needs timm), holds those projections without calling them, generates mlx-lm's
+    # greedy tokens past the sliding window (8) from the shared caches, and saves mlx-lm's
+    # checkpoint back
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_models import _mlx_model, greedy_tokens
+    from mlxq.cli.common import load_model
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+    from safetensors import safe_open
+
+    path = tiny_mlx_checkpoint("gemma3n", VARIANTS[0])
+    with safe_open(str(path / "model.safetensors"), "np") as f:
+        assert "model.language_model.layers.3.self_attn.k_proj.scales" in f.keys()
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(model).__name__ == "Gemma3nForCausalLM"
+    shared = model.model.layers[3].self_attn
+    assert shared.is_kv_shared_layer and isinstance(shared.k_proj, AffineLinear)
+    prompt = TOKENS[:5]
+    ours = greedy_tokens(model, prompt, 16)[len(prompt) :].tolist()
+    steps = generate_step(mx.array(prompt), _mlx_model(str(path), "float32"), max_tokens=16)
+    assert ours == [int(token) for token, _ in steps]
+    report = inspect_checkpoint(path, str(path))
+    assert not report.errors and any(m.bits == 4 for m in report.modules)
+    model.save_pretrained(tmp_path)
+    for file in path.glob("tokenizer*"):
+        shutil.copy(file, tmp_path / file.name)
+    with safe_open(str(path / "model.safetensors"), "pt") as a:
+        with safe_open(str(tmp_path / "model.safetensors"), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3n"
+    ref = mlx_lm_logits(path, TOKENS, cached=True)
+    np.testing.assert_array_equal(mlx_lm_logits(tmp_path, TOKENS, cached=True), ref)
 
 
 def test_gemma_embedding_keeps_its_scale() -> None:

@@ -292,6 +292,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         return report
     report.params = sum(p.numel() for p in model.parameters())
     from mlxq.integrations.quantizer import (
+        add_unused_modules,
         check_all_quantized_tensors_used,
         check_nothing_unexpected,
         checkpoint_keys_as_model_keys,
@@ -305,6 +306,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     stored_names = list(headers)
     headers = checkpoint_keys_as_model_keys(model, headers)
     stored_names = dict(zip(headers, stored_names, strict=False))  # model -> file names
+    add_unused_modules(model, headers)  # as the loader: Gemma 3n's KV-shared projections
 
     def format_of(name: str, plan) -> Any:  # what loading does: read, then require
         fmt = stored_format(name, plan.in_features, plan.out_features, headers, qconfig)

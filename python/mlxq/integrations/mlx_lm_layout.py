@@ -34,6 +34,7 @@ __all__ = [
     "MLX_LM_KEEPS_STORED_HEAD",
     "MLX_LM_LAYER_TYPE_NAMES",
     "MLX_LM_UNCHECKED",
+    "MLX_LM_UNUSED_MODULES",
     "UnitOffset",
     "VISION_DROPPED",
     "unit_offset_conversions",
@@ -363,6 +364,15 @@ MLX_LM_UNCHECKED: dict[str, str] = {
 }
 
 
+# model types (transformers' names) whose checkpoints hold modules that transformers does not
+# build and that mlx-lm's model holds without using them. Gemma 3n's KV-shared layers reuse the
+# keys and values of the last earlier layer of their kind (mlx-lm through its cache), so
+# transformers builds no key/value projections or key norm for them: mlxq adds them (copies of
+# the same module of another layer), which the forward never calls, so that their tensors load
+# as mlx-lm's do and `save_pretrained` writes them back for mlx-lm's strict load
+MLX_LM_UNUSED_MODULES: dict[str, str] = {"gemma3n_text": r"\.self_attn\.(k_proj|v_proj|k_norm)$"}
+
+
 # model types whose mlx-lm 0.32 model reads the Hub's layer type names, which transformers 5
 # reads as legacy names and writes as its own (mlx-lm then raises "Unknown layer type")
 MLX_LM_LAYER_TYPE_NAMES: dict[str, dict[str, str]] = {
@@ -399,7 +409,7 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
             out["rope_theta"] = full["rope_theta"]
         if "partial_rotary_factor" in full:
             out["partial_rotary_factor"] = full["partial_rotary_factor"]
-        if "rope_theta" in sliding and model_type in ("gemma3_text", "gemma3"):
+        if "rope_theta" in sliding and model_type in ("gemma3_text", "gemma3", "gemma3n_text"):
             out["rope_local_base_freq"] = sliding["rope_theta"]
         rope_type = full.get("rope_type", full.get("type", "default"))
         if rope_type != "default":
@@ -612,11 +622,19 @@ LAYOUTS["ernie4_5_moe"] = MlxLayout(
 )
 
 
+# text models that mlx-lm keeps inside its image-text model where transformers' own renaming
+# gives the names (Gemma 3n: `model.language_model.*`), with no layout of mlxq's
+_NESTED_BY_NAME = {"gemma3n_text": "gemma3n"}
+
+
 def mlx_lm_outer_model_type(model_type: str | None) -> str | None:
     """The model type of mlx-lm's model for a text model that mlx-lm keeps under
     `language_model.` of its image-text model (Qwen 3.5: `qwen3_5_text` -> `qwen3_5`), whose
     config.json nests the text settings in `text_config` as `mlx_lm convert` writes it
-    (mlx-lm 0.32 has no `qwen3_5_text` model); None for every other model type."""
+    (mlx-lm 0.32 has no `qwen3_5_text` model, nor `gemma3n_text`); None for every other model
+    type."""
+    if model_type in _NESTED_BY_NAME:
+        return _NESTED_BY_NAME[model_type]
     layout = LAYOUTS.get(model_type or "")
     if layout is None or layout.model_type == model_type or not layout.save_renamed:
         return None

@@ -32,6 +32,7 @@ from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_KEEPS_STORED_HEAD,
     MLX_LM_LAYER_TYPE_NAMES,
     MLX_LM_UNCHECKED,
+    MLX_LM_UNUSED_MODULES,
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
@@ -73,6 +74,7 @@ __all__ = [
     "MLXHfQuantizer",
     "stored_format",
     "check_all_quantized_tensors_used",
+    "add_unused_modules",
     "refuse_tied_head_tensors",
     "check_finite",
     "check_nothing_missing",
@@ -123,6 +125,39 @@ def check_nothing_missing(model: nn.Module) -> None:
     missing = missing_tensors(model, loaded)
     if missing:
         raise ValueError(f"mlxq: {missing_message(missing)}")
+
+
+def add_unused_modules(model: nn.Module, headers: dict[str, TensorInfo]) -> list[str]:
+    """Add the modules the checkpoint holds (`headers`: model names) that the model does not
+    build and does not call (:data:`MLX_LM_UNUSED_MODULES`: Gemma 3n's KV-shared layers' key
+    and value projections), each a copy of the module of that name in another layer, so that
+    their tensors load and are saved back; returns their names."""
+    import copy
+    import re
+
+    pattern = MLX_LM_UNUSED_MODULES.get(_model_type(model) or "")
+    if pattern is None:
+        return []
+    modules = dict(model.named_modules())
+    by_role = {re.sub(r"\.\d+\.", ".N.", name): module for name, module in modules.items()}
+    added = []
+    for key in headers:
+        name, _, leaf = key.rpartition(".")
+        parent, _, child = name.rpartition(".")
+        if leaf != "weight" or name in modules or not re.search(pattern, name):
+            continue
+        template = by_role.get(re.sub(r"\.\d+\.", ".N.", name))
+        if template is None or parent not in modules:
+            continue
+        modules[name] = copy.deepcopy(template)
+        modules[parent].add_module(child, modules[name])
+        added.append(name)
+    if added:
+        logger.info(
+            f"mlxq: {type(model).__name__} holds the checkpoint's {len(added)} modules that its "
+            "forward does not call (as mlx-lm holds them), to save them back"
+        )
+    return added
 
 
 def unexpected_tensors(model: nn.Module, keys: Iterable[str]) -> list[str]:
@@ -646,6 +681,7 @@ class MLXHfQuantizer(HfQuantizer):
         stored_keys = list(headers)
         headers = checkpoint_keys_as_model_keys(model, headers)
         stored_names = dict(zip(headers, stored_keys, strict=False))  # model -> file names
+        add_unused_modules(model, headers)  # Gemma 3n's KV-shared layers' projections
         if vlm_layout is None and is_image_text(model.config):
             _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
         # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load,
