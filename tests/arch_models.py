@@ -135,6 +135,19 @@ IMAGE_TEXT["muse_spark"] = {
     "num_attention_heads": 2,
     "out_hidden_size": 128,
 }
+# Gemma 4 (E2B..31B): `mlx_lm convert` of the image-text model keeps its language model (mlx-lm's
+# gemma4 drops the towers and embedders)
+IMAGE_TEXT["gemma4"] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "patch_size": 16,
+    "pooling_kernel_size": 3,
+    "position_embedding_size": 64,
+}
 # Gemma 4 Unified: an encoder-free image-text model (a patch embedder, no vision tower);
 # mlx-lm runs its language model as its gemma4 and drops the embedders
 IMAGE_TEXT["gemma4_unified"] = {"mm_embed_dim": 64, "output_proj_dims": 64, "mm_posemb_size": 64}
@@ -149,6 +162,7 @@ TEXT_MODEL_OF = {"gemma3n": "gemma3n_text"}
 MLX_LM_CACHED = {"gemma3n"}
 # image-text models' other sub-configs and top-level settings
 IMAGE_TEXT_EXTRA = {
+    "gemma4": {"audio_config": None},
     "gemma4_unified": {"audio_config": None},
     "muse_spark": {
         "audio_config": {
@@ -637,6 +651,16 @@ ARCHS.update(
         # Falcon Mamba: Mamba with RMS norms (no weight) on the mixer's B, C and dt; mlx-lm runs
         # it as its mamba (model_type remapped), the norms chosen by the model type
         "falcon_mamba": ({}, {}),
+        # Gemma 4's language model with per-layer inputs (E2B/E4B); mlx-lm reads a top-level
+        # vocab_size
+        "gemma4": (
+            {
+                **_PER_TYPE_ROPE,
+                "hidden_size_per_layer_input": 16,
+                "vocab_size_per_layer_input": VOCAB,
+            },
+            {"vocab_size": VOCAB},
+        ),
         # Gemma 4 Unified's language model (no per-layer inputs, which mlx-lm's gemma4 reads
         # as present when hidden_size_per_layer_input is set); mlx-lm reads a top-level
         # vocab_size
@@ -875,6 +899,7 @@ CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}
 # image-text models whose mlx-lm checkpoint (the language model only) loads through the text
 # model's class (AutoModelForCausalLM builds the image-text model, which mlxq refuses naming it)
 CAUSAL_LM_CLASS["gemma4_unified"] = "Gemma4UnifiedForCausalLM"
+CAUSAL_LM_CLASS["gemma4"] = "Gemma4ForCausalLM"
 CAUSAL_LM_CLASS["gemma3n"] = "Gemma3nForCausalLM"
 
 
@@ -903,6 +928,7 @@ FAST = (
     "iquestcoder",
     "gemma4_unified",
     "gemma3n",
+    "gemma4",
 )
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
 MOE_FAST = (
