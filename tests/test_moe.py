@@ -218,12 +218,19 @@ def _gpt_oss_experts(limit: float = 7.0):
 
 def test_dbrx_experts_stored_apart_must_be_every_expert(tmp_path: Path) -> None:
     """mlx-lm keeps DBRX's experts as one layer each; mlxq stacks experts 0..E-1 of one
-    format, and refuses a checkpoint with an expert missing by name (not a shape error)."""
+    format, and refuses a checkpoint with an expert missing by name (not a shape error).
+    `mlxq inspect` reports the stacks, and no rope warning (mlx-lm's dbrx reads rope_theta
+    from attn_config, as transformers' does)."""
     import shutil
 
+    from mlxq.inspect_checkpoint import inspect_checkpoint
     from safetensors.torch import load_file, save_file
 
     source = tiny_mlx_checkpoint("dbrx", Variant(tied=False, bits=3, group_size=32))
+    report = inspect_checkpoint(source, str(source))
+    assert not report.problems, [p.message for p in report.problems]
+    stacks = [m for m in report.modules if m.name.endswith("ffn.experts.down_proj")]
+    assert len(stacks) == 2 and all(m.bits == 3 for m in stacks)
     model = _load(source)
     experts = model.transformer.blocks[1].ffn.experts
     assert isinstance(experts, MoeExperts) and isinstance(experts.down_proj, AffineSwitchLinear)

@@ -265,6 +265,8 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         and "rope_theta" in rope
         and "rope_theta" not in config
         and "rope_theta" not in text_config
+        # mlx-lm's dbrx reads it from attn_config, where transformers' DBRX keeps it too
+        and "rope_theta" not in (config.get("attn_config") or {})
         # mlx-vlm reads GLM-OCR's rope from rope_parameters alone (its config class rejects
         # the flat keys: mlx-vlm's own conversion writes none)
         and takes_flat_text_keys(SimpleNamespace(model_type=config.get("model_type")))
