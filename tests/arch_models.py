@@ -237,17 +237,27 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     "smollm3": (ROPE, TOP),
     "seed_oss": (ROPE, TOP),
     "ernie4_5": (ROPE, TOP),
-    "exaone4": ({**ROPE, **_alternating()}, {**TOP, "rope_scaling": None}),
+    # mlx-lm's exaone4 reads the Hub's layer pattern string (transformers 5 writes an int)
+    "exaone4": (
+        {**ROPE, **_alternating()},
+        {**TOP, "rope_scaling": None, "sliding_window_pattern": "LG"},
+    ),
     "hunyuan_v1_dense": (ROPE, TOP),
     "internlm3": (ROPE, TOP),
     # transformers' Apertus has q/k norms, no MLP bias and no post norms
     "apertus": (ROPE, {**TOP, "mlp_bias": False, "post_norm": False, "qk_norm": True}),
     "nanochat": (ROPE, TOP),
     "minicpm3": (ROPE, TOP),
-    "lfm2": (ROPE, TOP),
+    # mlx-lm's lfm2 reads the Hub's `block_dim` (transformers 5 calls it hidden_size)
+    # a short-convolution layer, then attention
+    "lfm2": (
+        {**ROPE, "layer_types": ["conv", "full_attention"]},
+        {**TOP, "block_dim": 128, "full_attn_idxs": [1]},
+    ),
     "ministral3": ({}, {}),
     "bitnet": (ROPE, TOP),
-    "exaone": (ROPE, TOP),
+    # mlx-lm's exaone reads the Hub's names (transformers 5 maps them to its own)
+    "exaone": (ROPE, {**TOP, "num_layers": 2, "layer_norm_epsilon": 1e-5}),
     # mixture-of-experts models: transformers 5 fuses the experts into 3-D parameters, mlx-lm
     # stacks them per projection (switch_mlp); routers are quantized too (often at 8 bits)
     # hybrid state-space models: Mamba-2 mixers beside attention (falcon_h1); Mamba alone
@@ -929,6 +939,9 @@ FAST = (
     "gemma4_unified",
     "gemma3n",
     "gemma4",
+    "exaone",
+    "exaone4",
+    "lfm2",
 )
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
 MOE_FAST = (

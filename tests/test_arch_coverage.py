@@ -33,7 +33,7 @@ from torch import nn
 
 TOLERANCE = 1e-3  # fp32 logits of ~1-10; transformers and mlx-lm float models differ < 1e-3
 # mlx-lm's own models have no untied head for these, and no tied head for those
-MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4", "gemma4_unified", "gemma3n"}
+MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4", "gemma4_unified", "gemma3n", "lfm2"}
 MLX_LM_UNTIED_ONLY = {"phi", "gpt_neox"}
 
 
