@@ -247,7 +247,13 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     # transformers' Apertus has q/k norms, no MLP bias and no post norms
     "apertus": (ROPE, {**TOP, "mlp_bias": False, "post_norm": False, "qk_norm": True}),
     "nanochat": (ROPE, TOP),
-    "minicpm3": (ROPE, TOP),
+    # mlx-lm's minicpm3 always runs its longrope (SuScaledRoPE, with the long factors at every
+    # length): with factors 1 and no extension it is the default rope transformers runs here
+    # (MLA: as many key/value heads as query heads; transformers' sdpa needs it said)
+    "minicpm3": (
+        {**ROPE, "num_key_value_heads": 4},
+        {**TOP, "rope_scaling": {"original_max_position_embeddings": 256}},
+    ),
     # mlx-lm's lfm2 reads the Hub's `block_dim` (transformers 5 calls it hidden_size)
     # a short-convolution layer, then attention
     "lfm2": (

@@ -159,6 +159,22 @@ def test_gemma3n_text_model_generates_as_mlx_lm(tmp_path: Path) -> None:
     np.testing.assert_array_equal(mlx_lm_logits(tmp_path, TOKENS, cached=True), ref)
 
 
+def test_minicpm3_tied_head_is_scaled_as_transformers_scales_it() -> None:
+    # MiniCPM3 divides the hidden states by hidden_size / dim_model_base before its head;
+    # mlx-lm 0.32 does so before an untied head only, and skips it before its tied one (its
+    # logits are then that factor smaller, same argmax). mlxq runs transformers' model:
+    # mlx-lm's logits untied, mlx-lm's times dim_model_base / hidden_size tied
+    outcome = run_arch("minicpm3", VARIANTS[1])
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    path = tiny_mlx_checkpoint("minicpm3", VARIANTS[0])
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["dim_model_base"] != config["hidden_size"]
+    ours, ref = mlxq_logits(path, TOKENS), mlx_lm_logits(path, TOKENS)
+    factor = config["dim_model_base"] / config["hidden_size"]
+    assert float(np.abs(ours - ref).max()) > 1  # not mlx-lm's logits
+    np.testing.assert_allclose(ours, ref * factor, rtol=0, atol=TOLERANCE)
+
+
 def test_gemma_embedding_keeps_its_scale() -> None:
     """The quantized Gemma embedding multiplies by sqrt(hidden) as transformers' does."""
     from transformers import AutoModelForCausalLM
