@@ -246,7 +246,8 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     "internlm3": (ROPE, TOP),
     # transformers' Apertus has q/k norms, no MLP bias and no post norms
     "apertus": (ROPE, {**TOP, "mlp_bias": False, "post_norm": False, "qk_norm": True}),
-    "nanochat": (ROPE, TOP),
+    # mlx-lm's nanochat normalizes with eps 1e-5 whatever config.json says
+    "nanochat": ({**ROPE, "rms_norm_eps": 1e-5}, TOP),
     # mlx-lm's minicpm3 always runs its longrope (SuScaledRoPE, with the long factors at every
     # length): with factors 1 and no extension it is the default rope transformers runs here
     # (MLA: as many key/value heads as query heads; transformers' sdpa needs it said)
@@ -897,6 +898,33 @@ def _kimi_linear_dense_mlp(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+# nanochat's own names, which mlx-lm's model has (its sanitize renames nothing)
+_NANOCHAT_NAMES = (
+    (r"^model\.embed_tokens\.", "transformer.wte."),
+    (r"^model\.layers\.", "transformer.h."),
+    (r"\.self_attn\.q_proj\.", ".attn.c_q."),
+    (r"\.self_attn\.k_proj\.", ".attn.c_k."),
+    (r"\.self_attn\.v_proj\.", ".attn.c_v."),
+    (r"\.self_attn\.o_proj\.", ".attn.c_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+    (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+)
+
+
+def _nanochat_names(folder: Path) -> None:
+    """transformers 5 saves nanochat under Llama-like names; mlx-lm reads nanochat's own."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for key, value in load_file(folder / "model.safetensors").items():
+        for pattern, repl in _NANOCHAT_NAMES:
+            key = re.sub(pattern, repl, key)
+        tensors[key] = value
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
 MLX_LM_INPUT_LAYOUT = {
@@ -905,6 +933,7 @@ MLX_LM_INPUT_LAYOUT = {
     "llama4_text": _llama4_text_head,
     "olmo_hybrid": _olmo_hybrid_hub_layout,
     "kimi_linear": _kimi_linear_dense_mlp,
+    "nanochat": _nanochat_names,
 }
 
 # entries of the table that are a second variant of a model type

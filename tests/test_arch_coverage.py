@@ -20,6 +20,7 @@ from arch_models import (
     FAST,
     TOKENS,
     VARIANTS,
+    Variant,
     mlxq_logits,
     run_arch,
     tiny_float_checkpoint,
@@ -173,6 +174,37 @@ def test_minicpm3_tied_head_is_scaled_as_transformers_scales_it() -> None:
     factor = config["dim_model_base"] / config["hidden_size"]
     assert float(np.abs(ours - ref).max()) > 1  # not mlx-lm's logits
     np.testing.assert_allclose(ours, ref * factor, rtol=0, atol=TOLERANCE)
+
+
+def test_nanochat_quantized_whole_generates_and_pickles() -> None:
+    # nanochat has no norm weights: loaded from mlx-lm's checkpoint (its own names), every
+    # tensor is quantized and the model has no parameter, where transformers' `device` and
+    # `dtype` (which its generate reads) look; mlxq reads them from the buffers
+    import copy
+    import io
+
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_models import _mlx_model, greedy_tokens
+    from mlxq.cli.common import load_model
+
+    path = tiny_mlx_checkpoint("nanochat", Variant(tied=False, bits=3, group_size=32))
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert next(model.parameters(), None) is None
+    assert (model.device.type, model.dtype) == ("cpu", torch.float32)
+    prompt = TOKENS[:5]
+    ours = greedy_tokens(model, prompt, 16)[len(prompt) :].tolist()
+    steps = generate_step(mx.array(prompt), _mlx_model(str(path), "float32"), max_tokens=16)
+    assert ours == [int(token) for token, _ in steps]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for again in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert type(again).__name__ == type(model).__name__ and again.device.type == "cpu"
+        with torch.no_grad():
+            torch.testing.assert_close(
+                again(torch.tensor([TOKENS])).logits, model(torch.tensor([TOKENS])).logits
+            )
 
 
 def test_gemma_embedding_keeps_its_scale() -> None:

@@ -785,6 +785,7 @@ MLX_LM_LAYOUTS = (
     "kimi_linear",
     "mistral4",
     "dbrx",  # one linear layer per expert in mlx-lm, stacked by mlxq at load
+    "nanochat",  # nanochat's own names (transformer.h.*.attn.c_q, ...)
 )
 
 

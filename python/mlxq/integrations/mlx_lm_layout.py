@@ -263,6 +263,21 @@ class SizedConcat:
 LAYOUTS: dict[str, MlxLayout] = {
     "gpt2": MlxLayout("gpt2", ((r"^model\.", "transformer."),), "model.h.", conv1d_as_linear=True),
     "gptj": MlxLayout("gptj", ((r"^model\.", "transformer."),), "model.h."),
+    # nanochat's own names (mlx-lm's model has them): transformers 5 renames them Llama's way
+    "nanochat": MlxLayout(
+        "nanochat",
+        (
+            (r"^transformer\.wte\.", "model.embed_tokens."),
+            (r"^transformer\.h\.", "model.layers."),
+            (r"\.attn\.c_q\.", ".self_attn.q_proj."),
+            (r"\.attn\.c_k\.", ".self_attn.k_proj."),
+            (r"\.attn\.c_v\.", ".self_attn.v_proj."),
+            (r"\.attn\.c_proj\.", ".self_attn.o_proj."),
+            (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+            (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+        ),
+        "transformer.h.",
+    ),
     "gpt_neox": MlxLayout(
         "gpt_neox",
         (

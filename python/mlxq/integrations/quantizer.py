@@ -10,6 +10,7 @@ so (a K not divisible by the group size), so the config alone is not enough.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterable
@@ -267,6 +268,30 @@ def _nested_for_mlx_lm(cls: type, outer: str) -> type:
             cls.__name__, (cls,), {"to_json_file": to_json_file}, _nested_for_mlx_lm, cls, outer
         )
     return _NESTED_CONFIGS[key]
+
+
+_BUFFER_PLACED: dict[type, type] = {}
+
+
+def placed_by_buffers(cls: type) -> type:
+    """A subclass of the model class `cls` whose `device` and `dtype` are read from its
+    buffers where it has no parameters: transformers' read the first parameter (its
+    `generate` asks for them), and a model whose every tensor mlxq quantized (nanochat: no
+    norm weights) has none. Otherwise it is `cls`."""
+    if cls not in _BUFFER_PLACED:
+
+        def tensors(self):
+            return itertools.chain(self.parameters(), self.buffers())
+
+        def device(self) -> torch.device:
+            return next(tensors(self)).device
+
+        def dtype(self) -> torch.dtype:
+            return next(t.dtype for t in tensors(self) if t.is_floating_point())
+
+        namespace = {"device": property(device), "dtype": property(dtype)}
+        _BUFFER_PLACED[cls] = made_class(cls.__name__, (cls,), namespace, placed_by_buffers, cls)
+    return _BUFFER_PLACED[cls]
 
 
 def add_mlx_vlm_config_keys(config) -> None:
@@ -770,6 +795,8 @@ class MLXHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         on_load = getattr(self, "_on_load", None)
+        if next(model.parameters(), None) is None:  # nanochat: every tensor quantized
+            model.__class__ = placed_by_buffers(type(model))
         if not self.pre_quantized and not use_mlx_vlm_layout(model):  # as mlx-vlm saves it
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
         for name, module in model.named_modules():
