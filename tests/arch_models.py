@@ -977,6 +977,7 @@ FAST = (
     "exaone",
     "exaone4",
     "lfm2",
+    "apertus",
 )
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
 MOE_FAST = (

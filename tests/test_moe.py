@@ -786,6 +786,7 @@ MLX_LM_LAYOUTS = (
     "mistral4",
     "dbrx",  # one linear layer per expert in mlx-lm, stacked by mlxq at load
     "nanochat",  # nanochat's own names (transformer.h.*.attn.c_q, ...)
+    "apertus",  # xIELU's alpha_p/alpha_n stored as scalars
 )
 
 

@@ -23,6 +23,7 @@ from mlxq.integrations.weight_ops import (
     ChannelsLastToFirst,
     UnitOffset,
     channels_last_converter,
+    scalar_conversions,
     unit_offset_conversions,
 )
 from mlxq.swap import is_conv1d, swap_plan
@@ -57,6 +58,9 @@ class MlxLayout:
     # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
     # 1 + w) that mlx-lm's sanitize stores as 1 + w, for its module that multiplies by w
     unit_offset: tuple[str, ...] = ()
+    # transformers' names (regexes) of one-value parameters of shape [1] that mlx-lm's sanitize
+    # stores as scalars (Apertus's xIELU `alpha_p`/`alpha_n`)
+    scalars: tuple[str, ...] = ()
     # state-dict keys (regexes) of tensors mlx-lm's sanitize drops because its model has no
     # use for them; zeros make transformers' forward the one mlx-lm runs
     dropped_zeros: tuple[str, ...] = ()
@@ -218,8 +222,13 @@ class MlxLayout:
 
     def offset_conversions(self, names: Iterable[str]) -> list:
         """`WeightConverter`s taking 1 off each of `names` (the model's tensor names) that
-        :attr:`unit_offset` matches at load; `save_pretrained` adds it back."""
-        return unit_offset_conversions(names, self.unit_offset)
+        :attr:`unit_offset` matches at load; `save_pretrained` adds it back. Also those giving
+        :attr:`scalars` their shape [1] (written back as scalars)."""
+        names = list(names)
+        return [
+            *unit_offset_conversions(names, self.unit_offset),
+            *scalar_conversions(names, self.scalars),
+        ]
 
 
 class SizedConcat:
@@ -263,6 +272,8 @@ class SizedConcat:
 LAYOUTS: dict[str, MlxLayout] = {
     "gpt2": MlxLayout("gpt2", ((r"^model\.", "transformer."),), "model.h.", conv1d_as_linear=True),
     "gptj": MlxLayout("gptj", ((r"^model\.", "transformer."),), "model.h."),
+    # Apertus: mlx-lm's sanitize squeezes the xIELU activation's alpha_p/alpha_n to scalars
+    "apertus": MlxLayout("apertus", (), ".mlp.act_fn.alpha_p", scalars=(r"\.act_fn\.alpha_[pn]$",)),
     # nanochat's own names (mlx-lm's model has them): transformers 5 renames them Llama's way
     "nanochat": MlxLayout(
         "nanochat",
