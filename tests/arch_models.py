@@ -925,6 +925,22 @@ def _nanochat_names(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _longcat_zero_experts(folder: Path) -> None:
+    """transformers 5 saves tensors for LongCat-Flash's zero (identity) experts, numbered after
+    the routed ones, which its forward does not read and mlx-lm's model has no place for."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    routed = json.loads((folder / "config.json").read_text())["n_routed_experts"]
+    tensors = {
+        k: v
+        for k, v in load_file(folder / "model.safetensors").items()
+        if not ((m := re.search(r"\.experts\.(\d+)\.", k)) and int(m[1]) >= routed)
+    }
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
 MLX_LM_INPUT_LAYOUT = {
@@ -934,6 +950,7 @@ MLX_LM_INPUT_LAYOUT = {
     "olmo_hybrid": _olmo_hybrid_hub_layout,
     "kimi_linear": _kimi_linear_dense_mlp,
     "nanochat": _nanochat_names,
+    "longcat_flash": _longcat_zero_experts,
 }
 
 # entries of the table that are a second variant of a model type

@@ -244,6 +244,15 @@ def test_dbrx_experts_stored_apart_must_be_every_expert(tmp_path: Path) -> None:
         _load(tmp_path / "m")
 
 
+def test_longcat_flash_zero_experts_are_refused_by_name() -> None:
+    """LongCat-Flash's experts add zero (identity) experts after the routed ones: a forward
+    mlxq does not reproduce, refused naming the module (mlx-lm's checkpoint, made from the
+    float model without the unused zero-expert tensors, is the oracle it would need)."""
+    outcome = run_arch("longcat_flash", VARIANTS[1])
+    assert outcome.status == "refused", outcome.line()
+    assert "'model.layers.0.mlp.experts' (LongcatFlashExperts)" in outcome.reason
+
+
 def test_experts_with_another_forward_are_refused() -> None:
     """Experts are recognised by their source (forward, and gpt-oss's _apply_gate), not by
     their class: gpt-oss's own experts are accepted, a subclass that changes either is refused
