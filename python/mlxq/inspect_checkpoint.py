@@ -19,7 +19,7 @@ from typing import Any
 
 from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
 from mlxq.integrations.checkpoint import DTYPE_BYTES, weight_map_of
-from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS
+from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS, checkpoint_layout
 from mlxq.integrations.mlx_vlm_layout import takes_flat_text_keys
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
@@ -306,7 +306,10 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     from mlxq.swap import swap_plan
 
     stored_names = list(headers)
+    layout = checkpoint_layout(config.get("model_type"), headers)
     headers = checkpoint_keys_as_model_keys(model, headers)
+    if layout is not None:  # convolutions mlx-lm keeps apart, concatenated at load
+        headers = layout.concat_headers(headers)
     stored_names = dict(zip(headers, stored_names, strict=False))  # model -> file names
     add_unused_modules(model, headers)  # as the loader: Gemma 3n's KV-shared projections
 

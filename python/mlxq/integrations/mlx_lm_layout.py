@@ -194,6 +194,25 @@ class MlxLayout:
 
         return [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in self.renames]
 
+    def concat_headers(self, headers: dict) -> dict:
+        """`headers` (transformers' names -> TensorInfo) with each set of :attr:`conv_concat`
+        sources stored channels-last replaced by the concatenated channels-first target, as
+        :meth:`conv_concat_conversions` loads them (what `mlxq inspect` checks names against)."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for sources, target in self.conv_concat:
+            for key in [k for k in headers if k.endswith(f".{sources[0]}")]:
+                base = key.removesuffix(sources[0])
+                infos = [headers.get(f"{base}{src}") for src in sources]
+                if any(i is None or len(i.shape) != 3 or i.shape[2] != 1 for i in infos):
+                    continue
+                for src in sources:
+                    del out[f"{base}{src}"]
+                rows = sum(i.shape[0] for i in infos)
+                out[f"{base}{target}"] = TensorInfo(infos[0].dtype, (rows, 1, infos[0].shape[1]))
+        return out
+
     def conv_concat_conversions(self, headers) -> list:
         """`WeightConverter`s for :attr:`conv_concat` where the checkpoint (`headers`: stored
         name -> TensorInfo) holds the sources channels-last (`[C, K, 1]`, as mlx-lm writes
