@@ -135,8 +135,35 @@ IMAGE_TEXT["muse_spark"] = {
     "num_attention_heads": 2,
     "out_hidden_size": 128,
 }
+# Gemma 4 (E2B..31B): `mlx_lm convert` of the image-text model keeps its language model (mlx-lm's
+# gemma4 drops the towers and embedders)
+IMAGE_TEXT["gemma4"] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "patch_size": 16,
+    "pooling_kernel_size": 3,
+    "position_embedding_size": 64,
+}
+# Gemma 4 Unified: an encoder-free image-text model (a patch embedder, no vision tower);
+# mlx-lm runs its language model as its gemma4 and drops the embedders
+IMAGE_TEXT["gemma4_unified"] = {"mm_embed_dim": 64, "output_proj_dims": 64, "mm_posemb_size": 64}
+# image-text models whose image-text model transformers cannot build here (Gemma 3n's vision
+# tower needs timm): their text model is built by its causal LM and saved under the image-text
+# model's names (`model.language_model.*`) with an image-text config.json, as the Hub has it;
+# mlx-lm's config keys go into text_config
+TEXT_MODEL_OF = {"gemma3n": "gemma3n_text"}
+# mlx-lm models whose forward without a cache is not the one they generate with (Gemma 3n's
+# KV-shared layers read the cache of an earlier layer; without one they project their own
+# keys and values): the oracle runs with mlx-lm's prompt cache
+MLX_LM_CACHED = {"gemma3n"}
 # image-text models' other sub-configs and top-level settings
 IMAGE_TEXT_EXTRA = {
+    "gemma4": {"audio_config": None},
+    "gemma4_unified": {"audio_config": None},
     "muse_spark": {
         "audio_config": {
             "hidden_sizes": [16, 16, 16, 16],
@@ -145,7 +172,7 @@ IMAGE_TEXT_EXTRA = {
             "out_hidden_size": 128,
         },
         "projector_hidden_size": 64,
-    }
+    },
 }
 # mlx-lm picks a chat template module for these model types unless the tokenizer has one
 # (mlx-lm 0.32's muse_spark module has none)
@@ -210,17 +237,34 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     "smollm3": (ROPE, TOP),
     "seed_oss": (ROPE, TOP),
     "ernie4_5": (ROPE, TOP),
-    "exaone4": ({**ROPE, **_alternating()}, {**TOP, "rope_scaling": None}),
+    # mlx-lm's exaone4 reads the Hub's layer pattern string (transformers 5 writes an int)
+    "exaone4": (
+        {**ROPE, **_alternating()},
+        {**TOP, "rope_scaling": None, "sliding_window_pattern": "LG"},
+    ),
     "hunyuan_v1_dense": (ROPE, TOP),
     "internlm3": (ROPE, TOP),
     # transformers' Apertus has q/k norms, no MLP bias and no post norms
     "apertus": (ROPE, {**TOP, "mlp_bias": False, "post_norm": False, "qk_norm": True}),
-    "nanochat": (ROPE, TOP),
-    "minicpm3": (ROPE, TOP),
-    "lfm2": (ROPE, TOP),
+    # mlx-lm's nanochat normalizes with eps 1e-5 whatever config.json says
+    "nanochat": ({**ROPE, "rms_norm_eps": 1e-5}, TOP),
+    # mlx-lm's minicpm3 always runs its longrope (SuScaledRoPE, with the long factors at every
+    # length): with factors 1 and no extension it is the default rope transformers runs here
+    # (MLA: as many key/value heads as query heads; transformers' sdpa needs it said)
+    "minicpm3": (
+        {**ROPE, "num_key_value_heads": 4},
+        {**TOP, "rope_scaling": {"original_max_position_embeddings": 256}},
+    ),
+    # mlx-lm's lfm2 reads the Hub's `block_dim` (transformers 5 calls it hidden_size)
+    # a short-convolution layer, then attention
+    "lfm2": (
+        {**ROPE, "layer_types": ["conv", "full_attention"]},
+        {**TOP, "block_dim": 128, "full_attn_idxs": [1]},
+    ),
     "ministral3": ({}, {}),
     "bitnet": (ROPE, TOP),
-    "exaone": (ROPE, TOP),
+    # mlx-lm's exaone reads the Hub's names (transformers 5 maps them to its own)
+    "exaone": (ROPE, {**TOP, "num_layers": 2, "layer_norm_epsilon": 1e-5}),
     # mixture-of-experts models: transformers 5 fuses the experts into 3-D parameters, mlx-lm
     # stacks them per projection (switch_mlp); routers are quantized too (often at 8 bits)
     # hybrid state-space models: Mamba-2 mixers beside attention (falcon_h1); Mamba alone
@@ -474,7 +518,8 @@ ARCHS: dict[str, tuple[dict, dict]] = {
         {**TOP, "shared_intermediate_size": 0, "rotary_dim": 32, "use_qk_norm": False},
     ),
     # DBRX: transformers reads rope_theta from attn_config (mlx-lm too); no tied head in either.
-    # mlx-lm keeps one module per expert: refused by mlxq, which runs stacked experts only
+    # mlx-lm keeps one linear layer per expert, which mlxq stacks at load. clip_qkv low enough
+    # that the clamp is reached (q/k/v values of about 1)
     "dbrx": (
         dict(
             d_model=128,
@@ -482,7 +527,7 @@ ARCHS: dict[str, tuple[dict, dict]] = {
             n_heads=4,
             max_seq_len=256,
             rope_parameters={"rope_type": "default", "rope_theta": THETA},
-            attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": THETA},
+            attn_config={"kv_n_heads": 2, "clip_qkv": 1.0, "rope_theta": THETA},
             ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
         ),
         {},
@@ -620,6 +665,52 @@ ARCHS.update(
             {"num_heads": 8, "head_dim": 32, "n_groups": 1, "state_size": 16, "chunk_size": 8},
             {},
         ),
+        # Falcon Mamba: Mamba with RMS norms (no weight) on the mixer's B, C and dt; mlx-lm runs
+        # it as its mamba (model_type remapped), the norms chosen by the model type
+        "falcon_mamba": ({}, {}),
+        # Gemma 4's language model with per-layer inputs (E2B/E4B); mlx-lm reads a top-level
+        # vocab_size
+        "gemma4": (
+            {
+                **_PER_TYPE_ROPE,
+                "hidden_size_per_layer_input": 16,
+                "vocab_size_per_layer_input": VOCAB,
+            },
+            {"vocab_size": VOCAB},
+        ),
+        # Gemma 4 Unified's language model (no per-layer inputs, which mlx-lm's gemma4 reads
+        # as present when hidden_size_per_layer_input is set); mlx-lm reads a top-level
+        # vocab_size
+        "gemma4_unified": (
+            {**_PER_TYPE_ROPE, "hidden_size_per_layer_input": 0},
+            {"vocab_size": VOCAB},
+        ),
+        # Gemma 3n's language model: 4 layers, the last two reusing the keys and values of the
+        # last earlier layer of their kind (KV sharing), a sliding window shorter than the test
+        # sequences, AltUp with 2 streams, LAuReL, per-layer inputs, and layer 0's activation
+        # sparsity (gelu over the 95th percentile's cut-off). mlx-lm reads its rope keys in
+        # text_config
+        "gemma3n": (
+            {
+                "num_hidden_layers": 4,
+                "layer_types": ["sliding_attention", "full_attention"] * 2,
+                "sliding_window": 8,
+                "num_kv_shared_layers": 2,
+                "laurel_rank": 16,
+                "altup_num_inputs": 2,
+                "hidden_size_per_layer_input": 16,
+                "vocab_size_per_layer_input": VOCAB,
+                "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": THETA},
+                },
+            },
+            {"rope_theta": THETA, "rope_local_base_freq": 10_000.0},
+        ),
+        # IQuest-Coder: Llama's model under its own type (transformers and mlx-lm both run it
+        # as Llama)
+        "iquestcoder": (ROPE, TOP),
         # Mistral Small 4: DeepSeek V3's MLA and MoE (layer 0 dense), interleaved rope; its
         # default yarn rope with Llama 4's query scaling (mlx-lm reads rope_parameters). The
         # rope covers head_dim (qk_nope + qk_rope) x partial_rotary_factor (qk_rope / head_dim)
@@ -807,6 +898,49 @@ def _kimi_linear_dense_mlp(folder: Path) -> None:
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+# nanochat's own names, which mlx-lm's model has (its sanitize renames nothing)
+_NANOCHAT_NAMES = (
+    (r"^model\.embed_tokens\.", "transformer.wte."),
+    (r"^model\.layers\.", "transformer.h."),
+    (r"\.self_attn\.q_proj\.", ".attn.c_q."),
+    (r"\.self_attn\.k_proj\.", ".attn.c_k."),
+    (r"\.self_attn\.v_proj\.", ".attn.c_v."),
+    (r"\.self_attn\.o_proj\.", ".attn.c_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+    (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+)
+
+
+def _nanochat_names(folder: Path) -> None:
+    """transformers 5 saves nanochat under Llama-like names; mlx-lm reads nanochat's own."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for key, value in load_file(folder / "model.safetensors").items():
+        for pattern, repl in _NANOCHAT_NAMES:
+            key = re.sub(pattern, repl, key)
+        tensors[key] = value
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _longcat_zero_experts(folder: Path) -> None:
+    """transformers 5 saves tensors for LongCat-Flash's zero (identity) experts, numbered after
+    the routed ones, which its forward does not read and mlx-lm's model has no place for."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    routed = json.loads((folder / "config.json").read_text())["n_routed_experts"]
+    tensors = {
+        k: v
+        for k, v in load_file(folder / "model.safetensors").items()
+        if not ((m := re.search(r"\.experts\.(\d+)\.", k)) and int(m[1]) >= routed)
+    }
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 # architectures whose transformers 5 checkpoint mlx-lm cannot read: rewritten in a layout its
 # sanitize reads before `mlx_lm.convert`
 MLX_LM_INPUT_LAYOUT = {
@@ -815,6 +949,8 @@ MLX_LM_INPUT_LAYOUT = {
     "llama4_text": _llama4_text_head,
     "olmo_hybrid": _olmo_hybrid_hub_layout,
     "kimi_linear": _kimi_linear_dense_mlp,
+    "nanochat": _nanochat_names,
+    "longcat_flash": _longcat_zero_experts,
 }
 
 # entries of the table that are a second variant of a model type
@@ -822,6 +958,11 @@ MODEL_TYPE = {"granitemoehybrid_dense": "granitemoehybrid", "nemotron_h_latent":
 
 # transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry
 CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}
+# image-text models whose mlx-lm checkpoint (the language model only) loads through the text
+# model's class (AutoModelForCausalLM builds the image-text model, which mlxq refuses naming it)
+CAUSAL_LM_CLASS["gemma4_unified"] = "Gemma4UnifiedForCausalLM"
+CAUSAL_LM_CLASS["gemma4"] = "Gemma4ForCausalLM"
+CAUSAL_LM_CLASS["gemma3n"] = "Gemma3nForCausalLM"
 
 
 def causal_lm_class(arch: str):
@@ -846,6 +987,14 @@ FAST = (
     "phi",
     "falcon_h1",
     "qwen3_5",
+    "iquestcoder",
+    "gemma4_unified",
+    "gemma3n",
+    "gemma4",
+    "exaone",
+    "exaone4",
+    "lfm2",
+    "apertus",
 )
 # mixture-of-experts architectures run by pytest (tests/test_moe.py)
 MOE_FAST = (
@@ -929,7 +1078,36 @@ def _config(arch: str, tied: bool):
             tie_word_embeddings=tied,
             **copy.deepcopy(IMAGE_TEXT_EXTRA.get(arch, {})),
         )
-    return AutoConfig.for_model(MODEL_TYPE.get(arch, arch), **params)
+    return AutoConfig.for_model(TEXT_MODEL_OF.get(arch, MODEL_TYPE.get(arch, arch)), **params)
+
+
+def _as_image_text(arch: str, folder: Path) -> None:
+    """The text model saved in `folder` rewritten as the Hub's image-text checkpoint (see
+    TEXT_MODEL_OF). Gemma 3n: transformers builds no key/value projections for KV-shared
+    layers, which the Hub's checkpoints (and mlx-lm's model) have: added, random (unused)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    text = json.loads((folder / "config.json").read_text())
+    tensors = {
+        (f"model.language_model.{k.removeprefix('model.')}" if k.startswith("model.") else k): v
+        for k, v in load_file(folder / "model.safetensors").items()
+    }
+    generator = torch.Generator().manual_seed(1)
+    first_shared = text["num_hidden_layers"] - text.get("num_kv_shared_layers", 0)
+    for i in range(first_shared, text["num_hidden_layers"]):
+        for leaf in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
+            like = tensors[f"model.language_model.layers.0.self_attn.{leaf}"]
+            noise = torch.randn(like.shape, generator=generator) * 0.08
+            tensors[f"model.language_model.layers.{i}.self_attn.{leaf}"] = noise.to(like.dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {
+        "model_type": arch,
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "text_config": {**text, **ARCHS[arch][1]},
+        "tie_word_embeddings": text["tie_word_embeddings"],
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 _SAME_AS = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
@@ -985,6 +1163,9 @@ def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
         tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tiny_tokenizer(out)
+    if arch in TEXT_MODEL_OF:
+        _as_image_text(arch, out)
+        return out
     if arch in NEEDS_CHAT_TEMPLATE:
         tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
         tokenizer_config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -1075,7 +1256,7 @@ def run_arch(arch: str, variant: Variant) -> Outcome:
                 raise
             variant = Variant(variant.tied, bits=3, group_size=32)
             path = tiny_mlx_checkpoint(arch, variant)
-        ref = mlx_lm_logits(path, TOKENS)
+        ref = mlx_lm_logits(path, TOKENS, cached=arch in MLX_LM_CACHED)
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the oracle cannot run this variant
         return Outcome(arch, variant, "mlx-lm fails", reason=_one_line(e))
     try:

@@ -148,16 +148,21 @@ def _mlx_model(path: str, dtype: str):
     return model
 
 
-def mlx_lm_logits(path: str | Path, tokens, dtype: str = "float32") -> np.ndarray:
+def mlx_lm_logits(
+    path: str | Path, tokens, dtype: str = "float32", cached: bool = False
+) -> np.ndarray:
     """mlx-lm's own forward pass over `tokens` ([T] ints): logits [T, vocab], as float32.
 
     dtype "float32" casts the model first (exactness is tested in fp32);
-    "native" runs it in the checkpoint's dtype.
+    "native" runs it in the checkpoint's dtype. `cached`: with a fresh prompt cache, as
+    mlx-lm's generation runs the prompt (some models differ without one: Gemma 3n).
     """
     import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
 
     model = _mlx_model(str(path), dtype)
-    logits = model(mx.array(np.asarray(tokens, dtype=np.int32)[None]))[0]
+    cache = make_prompt_cache(model) if cached else None
+    logits = model(mx.array(np.asarray(tokens, dtype=np.int32)[None]), cache=cache)[0]
     return np.array(logits.astype(mx.float32))
 
 

@@ -21,6 +21,7 @@ from arch_models import (
     MLX_LM_INPUT_LAYOUT,
     TOKENS,
     VARIANTS,
+    Variant,
     mlxq_logits,
     run_arch,
     tiny_float_checkpoint,
@@ -34,7 +35,7 @@ from torch import nn
 
 TOLERANCE = 1e-3  # fp32 logits of ~1-10; transformers and mlx-lm float models differ < 1e-3
 # mlx-lm's own models have no untied head for these, and no tied head for those
-MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2"}
+MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4", "gemma4_unified", "gemma3n", "lfm2"}
 MLX_LM_UNTIED_ONLY = {"phi", "gpt_neox"}
 
 
@@ -52,11 +53,14 @@ def test_matches_mlx_lm(arch: str, variant) -> None:
     assert outcome.max_diff <= TOLERANCE, outcome.line()
 
 
-@pytest.mark.parametrize(("arch", "cls"), [("mamba", "Mamba"), ("mamba2", "Mamba2")])
+@pytest.mark.parametrize(
+    ("arch", "cls"), [("mamba", "Mamba"), ("mamba2", "Mamba2"), ("falcon_mamba", "FalconMamba")]
+)
 def test_mamba_head_read_for_its_dtype(arch: str, cls: str) -> None:
-    # MambaForCausalLM.forward (Mamba2's too) casts by `self.lm_head.weight.dtype`: an untied
-    # quantized head runs as a float layer holding its dequantized weight; a tied one, a view
-    # of the quantized embedding, has no weight to serve and is refused by name
+    # MambaForCausalLM.forward (Mamba2's and FalconMamba's too) casts by
+    # `self.lm_head.weight.dtype`: an untied quantized head runs as a float layer holding its
+    # dequantized weight; a tied one, a view of the quantized embedding, has no weight to
+    # serve and is refused by name
     untied = run_arch(arch, VARIANTS[1])
     assert untied.status == "loads", untied.line()
     assert untied.max_diff <= TOLERANCE, untied.line()
@@ -99,6 +103,109 @@ def test_model_type_mlx_lm_runs_on_metal_only_is_refused_by_name() -> None:
     path = tiny_mlx_checkpoint("muse_spark", VARIANTS[0])
     with pytest.raises(NotImplementedError, match="model type 'muse_spark': .*Metal kernels"):
         AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+
+
+def test_gemma4_unified_loads_as_its_text_model() -> None:
+    # mlx-lm converts Gemma 4 Unified's language model only (its gemma4 drops the patch
+    # embedders): AutoModelForCausalLM builds the image-text model and is refused naming the
+    # text class, which `mlxq generate` and `mlxq inspect` use
+    from mlxq.cli.common import load_model
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_mlx_checkpoint("gemma4_unified", VARIANTS[0])
+    with pytest.raises(ValueError, match="Gemma4UnifiedForCausalLM"):
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    loaded, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(loaded).__name__ == "Gemma4UnifiedForCausalLM"
+    report = inspect_checkpoint(path, str(path))
+    assert not report.errors and any(m.bits == 4 for m in report.modules)
+
+
+def test_gemma3n_text_model_generates_as_mlx_lm(tmp_path: Path) -> None:
+    # mlx-lm keeps Gemma 3n's Hub names (`model.language_model.*`) and the key/value
+    # projections of its KV-shared layers, which it does not use when it runs with its cache
+    # and transformers does not build: `mlxq generate` loads Gemma3nForCausalLM (the image-text
+    # model needs timm), holds those projections without calling them, generates mlx-lm's
+    # greedy tokens past the sliding window (8) from the shared caches, and saves mlx-lm's
+    # checkpoint back
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_models import _mlx_model, greedy_tokens
+    from mlxq.cli.common import load_model
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+    from safetensors import safe_open
+
+    path = tiny_mlx_checkpoint("gemma3n", VARIANTS[0])
+    with safe_open(str(path / "model.safetensors"), "np") as f:
+        assert "model.language_model.layers.3.self_attn.k_proj.scales" in f.keys()
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(model).__name__ == "Gemma3nForCausalLM"
+    shared = model.model.layers[3].self_attn
+    assert shared.is_kv_shared_layer and isinstance(shared.k_proj, AffineLinear)
+    prompt = TOKENS[:5]
+    ours = greedy_tokens(model, prompt, 16)[len(prompt) :].tolist()
+    steps = generate_step(mx.array(prompt), _mlx_model(str(path), "float32"), max_tokens=16)
+    assert ours == [int(token) for token, _ in steps]
+    report = inspect_checkpoint(path, str(path))
+    assert not report.errors and any(m.bits == 4 for m in report.modules)
+    model.save_pretrained(tmp_path)
+    for file in path.glob("tokenizer*"):
+        shutil.copy(file, tmp_path / file.name)
+    with safe_open(str(path / "model.safetensors"), "pt") as a:
+        with safe_open(str(tmp_path / "model.safetensors"), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3n"
+    ref = mlx_lm_logits(path, TOKENS, cached=True)
+    np.testing.assert_array_equal(mlx_lm_logits(tmp_path, TOKENS, cached=True), ref)
+
+
+def test_minicpm3_tied_head_is_scaled_as_transformers_scales_it() -> None:
+    # MiniCPM3 divides the hidden states by hidden_size / dim_model_base before its head;
+    # mlx-lm 0.32 does so before an untied head only, and skips it before its tied one (its
+    # logits are then that factor smaller, same argmax). mlxq runs transformers' model:
+    # mlx-lm's logits untied, mlx-lm's times dim_model_base / hidden_size tied
+    outcome = run_arch("minicpm3", VARIANTS[1])
+    assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
+    path = tiny_mlx_checkpoint("minicpm3", VARIANTS[0])
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["dim_model_base"] != config["hidden_size"]
+    ours, ref = mlxq_logits(path, TOKENS), mlx_lm_logits(path, TOKENS)
+    factor = config["dim_model_base"] / config["hidden_size"]
+    assert float(np.abs(ours - ref).max()) > 1  # not mlx-lm's logits
+    np.testing.assert_allclose(ours, ref * factor, rtol=0, atol=TOLERANCE)
+
+
+def test_nanochat_quantized_whole_generates_and_pickles() -> None:
+    # nanochat has no norm weights: loaded from mlx-lm's checkpoint (its own names), every
+    # tensor is quantized and the model has no parameter, where transformers' `device` and
+    # `dtype` (which its generate reads) look; mlxq reads them from the buffers
+    import copy
+    import io
+
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_models import _mlx_model, greedy_tokens
+    from mlxq.cli.common import load_model
+
+    path = tiny_mlx_checkpoint("nanochat", Variant(tied=False, bits=3, group_size=32))
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert next(model.parameters(), None) is None
+    assert (model.device.type, model.dtype) == ("cpu", torch.float32)
+    prompt = TOKENS[:5]
+    ours = greedy_tokens(model, prompt, 16)[len(prompt) :].tolist()
+    steps = generate_step(mx.array(prompt), _mlx_model(str(path), "float32"), max_tokens=16)
+    assert ours == [int(token) for token, _ in steps]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for again in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert type(again).__name__ == type(model).__name__ and again.device.type == "cpu"
+        with torch.no_grad():
+            torch.testing.assert_close(
+                again(torch.tensor([TOKENS])).logits, model(torch.tensor([TOKENS])).logits
+            )
 
 
 def test_gemma_embedding_keeps_its_scale() -> None:

@@ -34,6 +34,12 @@ def _loads(path: Path) -> str | None:
         ("phi", Variant(tied=False, bits=3, group_size=32)),
         ("mamba", Variant(tied=True)),  # refused: the forward reads the tied head's dtype
         ("mamba", Variant(tied=False, bits=3, group_size=32)),  # that head runs in float
+        # q/k/v convolutions mlx-lm keeps apart, concatenated at load
+        ("olmo_hybrid", Variant(tied=False, bits=3, recipe="mixed_3_6")),
+        ("kimi_linear", Variant(tied=False, bits=3, recipe="mixed_3_6")),
+        # Falcon Mamba: mlx-lm's mamba (B, C, dt normalized), transformers' own class
+        ("falcon_mamba", Variant(tied=True)),
+        ("falcon_mamba", Variant(tied=False, bits=3, group_size=32)),
         ("qwen3_5", Variant(tied=False)),  # mlx-lm's language_model. prefix, 1 + w norms
         # mlx-lm's kv_b_proj split into embed_q / unembed_out (SplitKvB)
         ("deepseek_v3", Variant(tied=False, bits=3, recipe="mixed_3_6")),

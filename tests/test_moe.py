@@ -216,6 +216,43 @@ def _gpt_oss_experts(limit: float = 7.0):
     return GptOssExperts(config)
 
 
+def test_dbrx_experts_stored_apart_must_be_every_expert(tmp_path: Path) -> None:
+    """mlx-lm keeps DBRX's experts as one layer each; mlxq stacks experts 0..E-1 of one
+    format, and refuses a checkpoint with an expert missing by name (not a shape error).
+    `mlxq inspect` reports the stacks, and no rope warning (mlx-lm's dbrx reads rope_theta
+    from attn_config, as transformers' does)."""
+    import shutil
+
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_mlx_checkpoint("dbrx", Variant(tied=False, bits=3, group_size=32))
+    report = inspect_checkpoint(source, str(source))
+    assert not report.problems, [p.message for p in report.problems]
+    stacks = [m for m in report.modules if m.name.endswith("ffn.experts.down_proj")]
+    assert len(stacks) == 2 and all(m.bits == 3 for m in stacks)
+    model = _load(source)
+    experts = model.transformer.blocks[1].ffn.experts
+    assert isinstance(experts, MoeExperts) and isinstance(experts.down_proj, AffineSwitchLinear)
+    assert experts.down_proj.weight.shape[:2] == (4, 128)  # [E, H, I packed]: w2 transposed
+    shutil.copytree(source, tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    tensors = {k: v for k, v in tensors.items() if ".blocks.1.ffn.experts.1.w1." not in k}
+    save_file(tensors, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "m" / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.experts\.\*\.w1 .*experts \[0, 2, 3\]"):
+        _load(tmp_path / "m")
+
+
+def test_longcat_flash_zero_experts_are_refused_by_name() -> None:
+    """LongCat-Flash's experts add zero (identity) experts after the routed ones: a forward
+    mlxq does not reproduce, refused naming the module (mlx-lm's checkpoint, made from the
+    float model without the unused zero-expert tensors, is the oracle it would need)."""
+    outcome = run_arch("longcat_flash", VARIANTS[1])
+    assert outcome.status == "refused", outcome.line()
+    assert "'model.layers.0.mlp.experts' (LongcatFlashExperts)" in outcome.reason
+
+
 def test_experts_with_another_forward_are_refused() -> None:
     """Experts are recognised by their source (forward, and gpt-oss's _apply_gate), not by
     their class: gpt-oss's own experts are accepted, a subclass that changes either is refused
@@ -469,11 +506,12 @@ def _tiny_float_moe(arch: str, folder: Path) -> Path:
     return tiny_float_checkpoint(arch, folder, tied=False)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "phimoe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "phimoe", "gpt_oss", "dbrx"])
 def test_convert_float_moe_matches_mlx_lm_convert(tmp_path: Path, arch: str) -> None:
     """`mlxq convert` (quantize_model on the loaded float model) writes the tensors of
     `mlx_lm convert -q` bit for bit (switch_mlp stacks, gpt-oss's experts split from the
-    interleaved fused weight with their biases, routers: Qwen3-MoE's and gpt-oss's at 8 bits)
+    interleaved fused weight with their biases, DBRX's one layer per expert with w2
+    transposed, routers: Qwen3-MoE's and gpt-oss's at 8 bits)
     and the same quantization block; the result loads back and matches mlx-lm's fp32 logits.
     mlx-lm converts the Hub layout of the same float model where it cannot read transformers
     5's (gpt-oss)."""
@@ -498,8 +536,9 @@ def test_convert_float_moe_matches_mlx_lm_convert(tmp_path: Path, arch: str) -> 
         convert(str(src), str(theirs), quantize=True, q_group_size=64, q_bits=4)
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:4], sorted(set(b) - set(a))[:4])
-    stacked = ".experts." if arch == "gpt_oss" else ".switch_mlp."  # gpt-oss: mlx-lm's name
-    assert any(f"{stacked}down_proj.scales" in k for k in b)
+    # mlx-lm's names: gpt-oss's stacks, DBRX's experts one by one
+    down = {"gpt_oss": ".experts.down_proj", "dbrx": ".experts.3.w2"}
+    assert any(f"{down.get(arch, '.switch_mlp.down_proj')}.scales" in k for k in b)
     for key in b:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
     q = json.loads((ours / "config.json").read_text())["quantization"]
@@ -754,6 +793,9 @@ MLX_LM_LAYOUTS = (
     "olmo_hybrid",
     "kimi_linear",
     "mistral4",
+    "dbrx",  # one linear layer per expert in mlx-lm, stacked by mlxq at load
+    "nanochat",  # nanochat's own names (transformer.h.*.attn.c_q, ...)
+    "apertus",  # xIELU's alpha_p/alpha_n stored as scalars
 )
 
 
@@ -766,7 +808,7 @@ def test_mlx_lm_layouts_load_and_save_back(tmp_path: Path, arch: str) -> None:
     variant = VARIANTS[1]
     outcome = run_arch(arch, variant)
     assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
-    path = tiny_mlx_checkpoint(arch, variant)
+    path = tiny_mlx_checkpoint(arch, outcome.variant)  # (3-bit g32 without `down_proj`)
     model = causal_lm_class(arch).from_pretrained(path, dtype=torch.float32)
     model.save_pretrained(tmp_path)
     for file in path.glob("*token*"):

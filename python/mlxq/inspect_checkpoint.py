@@ -19,7 +19,7 @@ from typing import Any
 
 from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
 from mlxq.integrations.checkpoint import DTYPE_BYTES, weight_map_of
-from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS
+from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS, checkpoint_layout
 from mlxq.integrations.mlx_vlm_layout import reads_rope_parameters, takes_flat_text_keys
 
 __all__ = ["ModuleReport", "Problem", "CheckpointReport", "inspect_checkpoint", "format_report"]
@@ -265,6 +265,8 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         and "rope_theta" in rope
         and "rope_theta" not in config
         and "rope_theta" not in text_config
+        # mlx-lm's dbrx reads it from attn_config, where transformers' DBRX keeps it too
+        and "rope_theta" not in (config.get("attn_config") or {})
         # mlx-vlm reads GLM-OCR's rope from rope_parameters alone (its config class rejects
         # the flat keys: mlx-vlm's own conversion writes none)
         and takes_flat_text_keys(SimpleNamespace(model_type=config.get("model_type")))
@@ -294,6 +296,7 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         return report
     report.params = sum(p.numel() for p in model.parameters())
     from mlxq.integrations.quantizer import (
+        add_unused_modules,
         check_all_quantized_tensors_used,
         check_nothing_unexpected,
         checkpoint_keys_as_model_keys,
@@ -305,8 +308,12 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     from mlxq.swap import swap_plan
 
     stored_names = list(headers)
+    layout = checkpoint_layout(config.get("model_type"), headers)
     headers = checkpoint_keys_as_model_keys(model, headers)
+    if layout is not None:  # convolutions mlx-lm keeps apart, concatenated at load
+        headers = layout.concat_headers(headers)
     stored_names = dict(zip(headers, stored_names, strict=False))  # model -> file names
+    add_unused_modules(model, headers)  # as the loader: Gemma 3n's KV-shared projections
 
     def format_of(name: str, plan) -> Any:  # what loading does: read, then require
         fmt = stored_format(name, plan.in_features, plan.out_features, headers, qconfig)
@@ -575,8 +582,7 @@ def _moe_rows(name: str, plan, headers: dict, qconfig, problems: list[Problem]):
             row.bytes = sum(_nbytes(v) for k, v in headers.items() if k.startswith(name + "."))
             row.action = "mlxq quantized router: its own forward, F.linear on the packed weight"
             return [row]
-        fused = f"{name}.up_proj" if plan.variant == "mlp" else f"{name}.gate_up_proj"
-        if fused in headers:
+        if f"{name}.{plan.float_tensor}" in headers:
             return None  # transformers' own float layout
         plan.require()
         hidden, inter, e = plan.in_features, plan.out_features, plan.num_experts

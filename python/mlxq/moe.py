@@ -387,6 +387,12 @@ def fused_expert_stacks(
     """mlx-lm's three stacks `{proj: (weight [E, out, in], bias [E, out] or None)}` from the
     fused parameters of transformers' experts `module` of :class:`mlxq.swap.MoePlan` variant
     `variant` (views, not copies)."""
+    if variant == "dbrx":  # rows [E * I, H] per expert; w2[e] is down_proj[e] transposed
+        glu, e = module.mlp, module.num_experts
+        w1, v1, w2 = (
+            getattr(glu, p).detach().view(e, -1, glu.w1.shape[1]) for p in ("w1", "v1", "w2")
+        )
+        return {"gate_proj": (w1, None), "up_proj": (v1, None), "down_proj": (w2.mT, None)}
     down = module.down_proj.detach()
     if variant == "mlp":  # no gate: `up_proj` [E, I, H], `down_proj` [E, H, I]
         return {"up_proj": (module.up_proj.detach(), None), "down_proj": (down, None)}
@@ -414,6 +420,8 @@ def experts_gate(module: nn.Module, variant: str) -> dict[str, nn.Module | Calla
     experts `module` of variant `variant`."""
     if variant == "gpt_oss":
         return {"glu": ClampedSwiGLU(module.alpha, module.limit)}
+    if variant == "dbrx":
+        return {"act_fn": module.mlp.activation_fn}
     return {"act_fn": module.act_fn}
 
 

@@ -347,6 +347,13 @@ class _ExpertsForward:
 # `down_proj[e] @ act_fn(up_proj[e] @ x)` (`up_proj` [E, I, H], `down_proj` [E, H, I])
 _UNGATED_EXPERTS_DIGEST = "92a15e16c8631dbf1339dd511cf4e2b602cb77fc5d62bd37528170f267442fd1"
 
+# DbrxExperts.forward and DbrxExpertGLU.forward (transformers 5.24, not wrapped): the eager
+# loop over the experts hit on the rows of 2-D `mlp.w1`/`v1`/`w2` [E * I, H] viewed [E, I, H]:
+# `act_fn(x @ w1[e].T) * (x @ v1[e].T) @ w2[e]` (so w2[e] is down_proj[e] transposed), times
+# the routing weight, `index_add_` into the output
+_DBRX_EXPERTS_DIGEST = "104ab71571e52d467542024cb90ad1dca1c069f6e80e277bcd0a12fbc2c83fcf"
+_DBRX_GLU_DIGEST = "8f5b39510e75cc34cd37d9275a5607f2e940c248a7af4e9c361e5afbcf1348a5"
+
 _KNOWN_EXPERTS = {
     _EAGER_EXPERTS_DIGEST: _ExpertsForward("swiglu", False, False, True, None),
     _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
@@ -389,8 +396,9 @@ class MoePlan:
     Experts come in these variants: "swiglu" (transformers' eager loop: `gate_up_proj`
     [E, 2I, H] is gate rows then up rows, `act_fn(gate) * up`, no biases), "gpt_oss"
     (`gate_up_proj` [E, H, 2I] with gate and up interleaved, `down_proj` [E, I, H], biases,
-    :class:`mlxq.moe.ClampedSwiGLU`), "llama4" (every expert on its block of rows) and "mlp"
-    (Nemotron-H: no gate, `up_proj` [E, I, H], `act_fn(up)`)."""
+    :class:`mlxq.moe.ClampedSwiGLU`), "llama4" (every expert on its block of rows), "mlp"
+    (Nemotron-H: no gate, `up_proj` [E, I, H], `act_fn(up)`) and "dbrx" (DBRX: 2-D
+    `mlp.w1`/`v1`/`w2` [E * I, H], gate, up and down transposed)."""
 
     name: str
     cls_name: str
@@ -414,6 +422,12 @@ class MoePlan:
         if self.variant == "mlp":
             return ("up_proj", "down_proj")
         return ("gate_proj", "up_proj", "down_proj")
+
+    @property
+    def float_tensor(self) -> str:
+        """The name (under the experts module) of a tensor of transformers' own float layout:
+        present in a checkpoint, the experts are float and stay transformers' module."""
+        return {"mlp": "up_proj", "dbrx": "mlp.w1"}.get(self.variant, "gate_up_proj")
 
     @property
     def bias(self) -> bool:
@@ -443,6 +457,10 @@ def moe_plan(name: str, module: nn.Module) -> MoePlan | None:
     up = params.get("up_proj")
     if gate_up is None and up is not None and down is not None and up.dim() == 3:
         return _ungated_experts_plan(name, module, up, down)
+    if not params and isinstance(getattr(module, "mlp", None), nn.Module):
+        dbrx = _dbrx_experts_plan(name, module)
+        if dbrx is not None:
+            return dbrx
     weight = params.get("weight")
     if weight is None or weight.dim() != 2:
         return None
@@ -482,6 +500,27 @@ def _ungated_experts_plan(
         return _refuse_moe(plan, "has_gate/has_bias is set on experts with only up_proj")
     if tuple(down.shape) != (e, hidden, inter):
         return _refuse_moe(plan, f"down_proj {list(down.shape)} does not fit up_proj")
+    return plan
+
+
+def _dbrx_experts_plan(name: str, module: nn.Module) -> MoePlan | None:
+    """The plan of DBRX's experts (`mlp.w1`/`v1`/`w2`, 2-D [E * I, H]); None for a module
+    without such a child. Refused unless both forwards are DBRX's."""
+    glu = module.mlp
+    params = dict(glu.named_parameters(recurse=False))
+    if set(params) != {"w1", "v1", "w2"} or any(p.dim() != 2 for p in params.values()):
+        return None
+    e, inter = getattr(module, "num_experts", 0), getattr(module, "ffn_hidden_size", 0)
+    rows, hidden = params["w1"].shape
+    plan = MoePlan(name, type(module).__name__, "experts", e, hidden, inter, variant="dbrx")
+    if _function_digest(type(module).forward) != _DBRX_EXPERTS_DIGEST or (
+        _function_digest(type(glu).forward) != _DBRX_GLU_DIGEST
+    ):
+        return _refuse_moe(plan, "its forward is not DBRX's experts loop")
+    if not (isinstance(e, int) and isinstance(inter, int) and e > 0 and rows == e * inter) or any(
+        tuple(p.shape) != (rows, hidden) for p in params.values()
+    ):
+        return _refuse_moe(plan, f"w1/v1/w2 are not [{e} x {inter}, {hidden}]")
     return plan
 
 

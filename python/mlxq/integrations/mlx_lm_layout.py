@@ -23,6 +23,7 @@ from mlxq.integrations.weight_ops import (
     ChannelsLastToFirst,
     UnitOffset,
     channels_last_converter,
+    scalar_conversions,
     unit_offset_conversions,
 )
 from mlxq.swap import is_conv1d, swap_plan
@@ -34,6 +35,7 @@ __all__ = [
     "MLX_LM_KEEPS_STORED_HEAD",
     "MLX_LM_LAYER_TYPE_NAMES",
     "MLX_LM_UNCHECKED",
+    "MLX_LM_UNUSED_MODULES",
     "UnitOffset",
     "VISION_DROPPED",
     "unit_offset_conversions",
@@ -57,6 +59,9 @@ class MlxLayout:
     # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
     # 1 + w) that mlx-lm's sanitize stores as 1 + w, for its module that multiplies by w
     unit_offset: tuple[str, ...] = ()
+    # transformers' names (regexes) of one-value parameters of shape [1] that mlx-lm's sanitize
+    # stores as scalars (Apertus's xIELU `alpha_p`/`alpha_n`)
+    scalars: tuple[str, ...] = ()
     # state-dict keys (regexes) of tensors mlx-lm's sanitize drops because its model has no
     # use for them; zeros make transformers' forward the one mlx-lm runs
     dropped_zeros: tuple[str, ...] = ()
@@ -75,6 +80,53 @@ class MlxLayout:
     # module name suffixes (after the renames); the parts' tensors (weight, scales, biases) are
     # concatenated along the output rows at load, which is exact for MLX's row-wise groups
     merges: tuple[tuple[tuple[str, ...], str], ...] = ()
+    # per-expert layers mlx-lm's sanitize cuts out of a stacked parameter (DBRX's experts):
+    # ((source with `*` for the expert number, target), ...) module name suffixes; each
+    # tensor (weight, scales, biases) of experts 0..E-1 is stacked along a new dim 0 at load,
+    # as mlxq's experts hold them, and cut back into experts by `save_pretrained`
+    stacks: tuple[tuple[str, str], ...] = ()
+
+    def stack_headers(self, headers: dict) -> dict:
+        """`headers` (transformers' names -> TensorInfo) with each stack's experts replaced by
+        the stacked tensor; experts missing or stored in different formats are refused by
+        name."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for source, target in self.stacks:
+            pattern = re.compile(re.escape(source).replace(r"\*", r"(\d+)") + r"\.(\w+)$")
+            groups: dict[tuple[str, str], dict[int, Any]] = {}
+            for key, info in headers.items():
+                m = pattern.search(key)
+                if m is not None:
+                    groups.setdefault((key[: m.start()], m[2]), {})[int(m[1])] = info
+                    del out[key]
+            for (base, leaf), experts in groups.items():
+                found = {(i.dtype, tuple(i.shape)) for i in experts.values()}
+                if sorted(experts) != list(range(len(experts))) or len(found) != 1:
+                    raise ValueError(
+                        f"mlxq: {base}{source} ({leaf}): experts {sorted(experts)} stored as "
+                        f"{sorted(found)}; mlxq stacks them into one {base}{target}, which needs "
+                        "experts 0..E-1 in one format"
+                    )
+                dtype, shape = found.pop()
+                out[f"{base}{target}.{leaf}"] = TensorInfo(dtype, (len(experts), *shape))
+        return out
+
+    def stack_conversions(self) -> list:
+        """`WeightConverter`s stacking each stack's experts at load (`save_pretrained` cuts
+        the stack back into mlx-lm's per-expert tensors)."""
+        from transformers.core_model_loading import MergeModulelist, WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=f"{source}.{leaf}",
+                target_patterns=f"{target}.{leaf}",
+                operations=[MergeModulelist(dim=0)],
+            )
+            for source, target in self.stacks
+            for leaf in ("weight", "scales", "biases")
+        ]
 
     def merge_headers(self, headers: dict) -> dict:
         """`headers` (transformers' names -> TensorInfo) with the parts of each merge replaced
@@ -143,6 +195,25 @@ class MlxLayout:
 
         return [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in self.renames]
 
+    def concat_headers(self, headers: dict) -> dict:
+        """`headers` (transformers' names -> TensorInfo) with each set of :attr:`conv_concat`
+        sources stored channels-last replaced by the concatenated channels-first target, as
+        :meth:`conv_concat_conversions` loads them (what `mlxq inspect` checks names against)."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for sources, target in self.conv_concat:
+            for key in [k for k in headers if k.endswith(f".{sources[0]}")]:
+                base = key.removesuffix(sources[0])
+                infos = [headers.get(f"{base}{src}") for src in sources]
+                if any(i is None or len(i.shape) != 3 or i.shape[2] != 1 for i in infos):
+                    continue
+                for src in sources:
+                    del out[f"{base}{src}"]
+                rows = sum(i.shape[0] for i in infos)
+                out[f"{base}{target}"] = TensorInfo(infos[0].dtype, (rows, 1, infos[0].shape[1]))
+        return out
+
     def conv_concat_conversions(self, headers) -> list:
         """`WeightConverter`s for :attr:`conv_concat` where the checkpoint (`headers`: stored
         name -> TensorInfo) holds the sources channels-last (`[C, K, 1]`, as mlx-lm writes
@@ -171,8 +242,13 @@ class MlxLayout:
 
     def offset_conversions(self, names: Iterable[str]) -> list:
         """`WeightConverter`s taking 1 off each of `names` (the model's tensor names) that
-        :attr:`unit_offset` matches at load; `save_pretrained` adds it back."""
-        return unit_offset_conversions(names, self.unit_offset)
+        :attr:`unit_offset` matches at load; `save_pretrained` adds it back. Also those giving
+        :attr:`scalars` their shape [1] (written back as scalars)."""
+        names = list(names)
+        return [
+            *unit_offset_conversions(names, self.unit_offset),
+            *scalar_conversions(names, self.scalars),
+        ]
 
 
 class SizedConcat:
@@ -216,6 +292,23 @@ class SizedConcat:
 LAYOUTS: dict[str, MlxLayout] = {
     "gpt2": MlxLayout("gpt2", ((r"^model\.", "transformer."),), "model.h.", conv1d_as_linear=True),
     "gptj": MlxLayout("gptj", ((r"^model\.", "transformer."),), "model.h."),
+    # Apertus: mlx-lm's sanitize squeezes the xIELU activation's alpha_p/alpha_n to scalars
+    "apertus": MlxLayout("apertus", (), ".mlp.act_fn.alpha_p", scalars=(r"\.act_fn\.alpha_[pn]$",)),
+    # nanochat's own names (mlx-lm's model has them): transformers 5 renames them Llama's way
+    "nanochat": MlxLayout(
+        "nanochat",
+        (
+            (r"^transformer\.wte\.", "model.embed_tokens."),
+            (r"^transformer\.h\.", "model.layers."),
+            (r"\.attn\.c_q\.", ".self_attn.q_proj."),
+            (r"\.attn\.c_k\.", ".self_attn.k_proj."),
+            (r"\.attn\.c_v\.", ".self_attn.v_proj."),
+            (r"\.attn\.c_proj\.", ".self_attn.o_proj."),
+            (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+            (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+        ),
+        "transformer.h.",
+    ),
     "gpt_neox": MlxLayout(
         "gpt_neox",
         (
@@ -317,6 +410,15 @@ MLX_LM_UNCHECKED: dict[str, str] = {
 }
 
 
+# model types (transformers' names) whose checkpoints hold modules that transformers does not
+# build and that mlx-lm's model holds without using them. Gemma 3n's KV-shared layers reuse the
+# keys and values of the last earlier layer of their kind (mlx-lm through its cache), so
+# transformers builds no key/value projections or key norm for them: mlxq adds them (copies of
+# the same module of another layer), which the forward never calls, so that their tensors load
+# as mlx-lm's do and `save_pretrained` writes them back for mlx-lm's strict load
+MLX_LM_UNUSED_MODULES: dict[str, str] = {"gemma3n_text": r"\.self_attn\.(k_proj|v_proj|k_norm)$"}
+
+
 # model types whose mlx-lm 0.32 model reads the Hub's layer type names, which transformers 5
 # reads as legacy names and writes as its own (mlx-lm then raises "Unknown layer type")
 MLX_LM_LAYER_TYPE_NAMES: dict[str, dict[str, str]] = {
@@ -353,7 +455,7 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
             out["rope_theta"] = full["rope_theta"]
         if "partial_rotary_factor" in full:
             out["partial_rotary_factor"] = full["partial_rotary_factor"]
-        if "rope_theta" in sliding and model_type in ("gemma3_text", "gemma3"):
+        if "rope_theta" in sliding and model_type in ("gemma3_text", "gemma3", "gemma3n_text"):
             out["rope_local_base_freq"] = sliding["rope_theta"]
         rope_type = full.get("rope_type", full.get("type", "default"))
         if rope_type != "default":
@@ -476,6 +578,21 @@ LAYOUTS["granitemoehybrid"] = MlxLayout(
 )
 
 
+# DBRX: mlx-lm's sanitize cuts the Hub's 2-D experts (`ffn.experts.mlp.w1`/`v1`/`w2`,
+# [E * I, H]) into one linear layer per expert (`ffn.experts.<e>.w1`, w2 transposed to
+# [H, I]); mlxq's experts module holds them stacked
+LAYOUTS["dbrx"] = MlxLayout(
+    "dbrx",
+    (),
+    ".ffn.experts.0.",
+    stacks=(
+        (".ffn.experts.*.w1", ".ffn.experts.gate_proj"),
+        (".ffn.experts.*.v1", ".ffn.experts.up_proj"),
+        (".ffn.experts.*.w2", ".ffn.experts.down_proj"),
+    ),
+)
+
+
 # Nemotron-H: mlx-lm stacks the experts (no gate) as `mixer.switch_mlp.fc1` (up) and `fc2`
 # (down); transformers' own renaming maps mlx-lm's (the Hub's) `backbone.` to `model.`
 LAYOUTS["nemotron_h"] = MlxLayout(
@@ -551,11 +668,19 @@ LAYOUTS["ernie4_5_moe"] = MlxLayout(
 )
 
 
+# text models that mlx-lm keeps inside its image-text model where transformers' own renaming
+# gives the names (Gemma 3n: `model.language_model.*`), with no layout of mlxq's
+_NESTED_BY_NAME = {"gemma3n_text": "gemma3n"}
+
+
 def mlx_lm_outer_model_type(model_type: str | None) -> str | None:
     """The model type of mlx-lm's model for a text model that mlx-lm keeps under
     `language_model.` of its image-text model (Qwen 3.5: `qwen3_5_text` -> `qwen3_5`), whose
     config.json nests the text settings in `text_config` as `mlx_lm convert` writes it
-    (mlx-lm 0.32 has no `qwen3_5_text` model); None for every other model type."""
+    (mlx-lm 0.32 has no `qwen3_5_text` model, nor `gemma3n_text`); None for every other model
+    type."""
+    if model_type in _NESTED_BY_NAME:
+        return _NESTED_BY_NAME[model_type]
     layout = LAYOUTS.get(model_type or "")
     if layout is None or layout.model_type == model_type or not layout.save_renamed:
         return None
@@ -617,6 +742,7 @@ def use_mlx_lm_layout(model) -> None:
     offsets = layout.offset_conversions(name for name, _ in model.named_parameters())
     model._weight_conversions = [
         *layout.weight_renamings(),
+        *layout.stack_conversions(),  # DBRX's experts: cut into mlx-lm's one layer per expert
         *conversions,
         *offsets,
         *_channels_last_on_save(model),

@@ -13,9 +13,11 @@ __all__ = ["auto_model_class", "text_model_class"]
 def text_model_class(config: dict, tensor_names: Callable[[], Iterable[str]]) -> Any:
     """The text model's causal LM class (e.g. Gemma3ForCausalLM) where mlx-lm wrote only the
     language model of an image-text model (config.json has a `text_config`; every tensor is
-    under `language_model.`: Gemma 3 4B and up), for which AutoModelForCausalLM would build
-    the image-text model and find no vision tower; None where AutoModelForCausalLM is right.
-    `tensor_names` is called only when the config leaves the choice open."""
+    under `language_model.`: Gemma 3 4B and up; or `model.language_model.`, as mlx-lm's
+    gemma3n keeps the Hub's names), for which AutoModelForCausalLM would build the image-text
+    model and find no vision tower (Gemma 3n's needs timm even to be built); None where
+    AutoModelForCausalLM is right. `tensor_names` is called only when the config leaves the
+    choice open."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as LMS
 
@@ -24,7 +26,8 @@ def text_model_class(config: dict, tensor_names: Callable[[], Iterable[str]]) ->
     if text_class is None or LMS.get(config.get("model_type")) == text_class:
         return None
     names = list(tensor_names())
-    if names and all(name.startswith("language_model.") for name in names):
+    prefixes = ("language_model.", "model.language_model.")
+    if names and any(all(name.startswith(p) for name in names) for p in prefixes):
         return getattr(transformers, text_class)
     return None
 

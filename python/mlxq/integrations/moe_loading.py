@@ -151,8 +151,7 @@ def replace_moe_module(
         "down_proj": (inter, hidden),
     }
     quantized = {f"{name}.{p}.scales" in headers for p in plan.projections}
-    fused = f"{name}.up_proj" if plan.variant == "mlp" else f"{name}.gate_up_proj"
-    if not any(quantized) and fused in headers:
+    if not any(quantized) and f"{name}.{plan.float_tensor}" in headers:
         return set()  # transformers' own float layout: nothing for mlxq to do
     plan.require()
     projections = {"gate_proj": None}  # (none without a gate: Nemotron-H)

@@ -10,6 +10,7 @@ so (a K not divisible by the group size), so the config alone is not enough.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_KEEPS_STORED_HEAD,
     MLX_LM_LAYER_TYPE_NAMES,
     MLX_LM_UNCHECKED,
+    MLX_LM_UNUSED_MODULES,
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
@@ -77,6 +79,7 @@ __all__ = [
     "MLXHfQuantizer",
     "stored_format",
     "check_all_quantized_tensors_used",
+    "add_unused_modules",
     "refuse_tied_head_tensors",
     "check_finite",
     "check_nothing_missing",
@@ -127,6 +130,39 @@ def check_nothing_missing(model: nn.Module) -> None:
     missing = missing_tensors(model, loaded)
     if missing:
         raise ValueError(f"mlxq: {missing_message(missing)}")
+
+
+def add_unused_modules(model: nn.Module, headers: dict[str, TensorInfo]) -> list[str]:
+    """Add the modules the checkpoint holds (`headers`: model names) that the model does not
+    build and does not call (:data:`MLX_LM_UNUSED_MODULES`: Gemma 3n's KV-shared layers' key
+    and value projections), each a copy of the module of that name in another layer, so that
+    their tensors load and are saved back; returns their names."""
+    import copy
+    import re
+
+    pattern = MLX_LM_UNUSED_MODULES.get(_model_type(model) or "")
+    if pattern is None:
+        return []
+    modules = dict(model.named_modules())
+    by_role = {re.sub(r"\.\d+\.", ".N.", name): module for name, module in modules.items()}
+    added = []
+    for key in headers:
+        name, _, leaf = key.rpartition(".")
+        parent, _, child = name.rpartition(".")
+        if leaf != "weight" or name in modules or not re.search(pattern, name):
+            continue
+        template = by_role.get(re.sub(r"\.\d+\.", ".N.", name))
+        if template is None or parent not in modules:
+            continue
+        modules[name] = copy.deepcopy(template)
+        modules[parent].add_module(child, modules[name])
+        added.append(name)
+    if added:
+        logger.info(
+            f"mlxq: {type(model).__name__} holds the checkpoint's {len(added)} modules that its "
+            "forward does not call (as mlx-lm holds them), to save them back"
+        )
+    return added
 
 
 def unexpected_tensors(model: nn.Module, keys: Iterable[str]) -> list[str]:
@@ -236,6 +272,30 @@ def _nested_for_mlx_lm(cls: type, outer: str) -> type:
             cls.__name__, (cls,), {"to_json_file": to_json_file}, _nested_for_mlx_lm, cls, outer
         )
     return _NESTED_CONFIGS[key]
+
+
+_BUFFER_PLACED: dict[type, type] = {}
+
+
+def placed_by_buffers(cls: type) -> type:
+    """A subclass of the model class `cls` whose `device` and `dtype` are read from its
+    buffers where it has no parameters: transformers' read the first parameter (its
+    `generate` asks for them), and a model whose every tensor mlxq quantized (nanochat: no
+    norm weights) has none. Otherwise it is `cls`."""
+    if cls not in _BUFFER_PLACED:
+
+        def tensors(self):
+            return itertools.chain(self.parameters(), self.buffers())
+
+        def device(self) -> torch.device:
+            return next(tensors(self)).device
+
+        def dtype(self) -> torch.dtype:
+            return next(t.dtype for t in tensors(self) if t.is_floating_point())
+
+        namespace = {"device": property(device), "dtype": property(dtype)}
+        _BUFFER_PLACED[cls] = made_class(cls.__name__, (cls,), namespace, placed_by_buffers, cls)
+    return _BUFFER_PLACED[cls]
 
 
 def add_mlx_vlm_config_keys(config) -> None:
@@ -353,6 +413,7 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     layout = checkpoint_layout(_model_type(model), headers)
     if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
         headers = layout.merge_headers({layout.to_transformers(k): v for k, v in headers.items()})
+        headers = layout.stack_headers(headers)
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
     if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
         headers = vlm_layout.split_headers(
@@ -650,6 +711,7 @@ class MLXHfQuantizer(HfQuantizer):
         headers = checkpoint_keys_as_model_keys(model, headers)
         self._stored = headers  # the stored dtypes, saved again (save_as_read)
         stored_names = dict(zip(headers, stored_keys, strict=False))  # model -> file names
+        add_unused_modules(model, headers)  # Gemma 3n's KV-shared layers' projections
         if vlm_layout is None and is_image_text(model.config):
             _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
         # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load,
@@ -660,6 +722,7 @@ class MLXHfQuantizer(HfQuantizer):
         if layout is not None:
             self._value_conversions += layout.offset_conversions(headers)
             self._value_conversions += layout.merge_conversions()
+            self._value_conversions += layout.stack_conversions()
         if vlm_layout is not None:  # Qwen 3.5's norms, stored as 1 + w by mlx-vlm
             self._value_conversions += vlm_layout.offset_conversions(headers)
             # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
@@ -737,6 +800,8 @@ class MLXHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         on_load = getattr(self, "_on_load", None)
+        if next(model.parameters(), None) is None:  # nanochat: every tensor quantized
+            model.__class__ = placed_by_buffers(type(model))
         vlm = not self.pre_quantized and use_mlx_vlm_layout(model)  # as mlx-vlm saves it
         if not self.pre_quantized and not vlm:
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)

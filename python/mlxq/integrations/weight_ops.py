@@ -19,10 +19,12 @@ __all__ = [
     "cast_on_save_converter",
     "save_as_read",
     "ChannelsLastToFirst",
+    "ScalarShape",
     "UnitOffset",
     "channels_last_converter",
     "permuted",
     "channels_last_perm",
+    "scalar_conversions",
     "unit_offset_conversions",
 ]
 
@@ -72,6 +74,52 @@ class UnitOffset:
                 return (UnitOffset, (self.delta,))
 
         return _Op(delta)
+
+
+def scalar_conversions(names: Iterable[str], patterns: tuple[str, ...]) -> list:
+    """`WeightConverter`s giving each of `names` that one of `patterns` matches the shape [1]
+    at load (mlx-lm stores it as a scalar); `save_pretrained` writes the scalar back."""
+    from transformers.core_model_loading import WeightConverter
+
+    return [
+        WeightConverter(
+            source_patterns=f"^{re.escape(name)}",  # no `$`: reversed, it would stay
+            target_patterns=name,
+            operations=[ScalarShape(False)],
+        )
+        for name in sorted(names)
+        if any(re.search(p, name) for p in patterns)
+    ]
+
+
+class ScalarShape:
+    """A transformers `ConversionOps`: a one-value tensor as shape [1] (`scalar=False`) or as
+    a scalar (its reverse); either way the same value, whatever shape it is stored in."""
+
+    def __new__(cls, scalar: bool):
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, scalar: bool) -> None:
+                self.scalar = scalar
+
+            def __repr__(self) -> str:
+                return f"ScalarShape({'[]' if self.scalar else '[1]'})"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                (value,) = input_dict.values()
+                tensor = value[0] if isinstance(value, list) else value
+                return {target_patterns[0]: tensor.reshape(() if self.scalar else (1,))}
+
+            @property
+            def reverse_op(self):
+                return _Op(not self.scalar)
+
+            def __reduce__(self):  # a local class: pickled as the call that makes it
+                return (ScalarShape, (self.scalar,))
+
+        return _Op(scalar)
 
 
 def channels_first_perm(ndim: int) -> tuple[int, ...]:
