@@ -242,14 +242,20 @@ _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
     # conversion asks too): with experts, the router and the shared expert's gate at 8 bits
     "qwen3_5_moe": _QWEN3_5_MOE_GATES,
     "qwen3_5_moe_text": _QWEN3_5_MOE_GATES,
+    # Kimi Linear's router (mlx_lm/models/kimi_linear.py: `mlp.gate`)
+    "kimi_linear": (("mlp.gate", {"group_size": 64, "bits": 8}),),
+    # Granite 4.0 (H) with experts: mlx-lm's router holds an nn.Linear `layer`, which is what its
+    # rule names (`router.layer`; saved under that name, see mlx_lm_module_names)
+    "granitemoehybrid": (("block_sparse_moe.router", {"group_size": 64, "bits": 8}),),
+    # Gemma 4's text model: the router's projection (mlx_lm/models/gemma4_text.py)
+    "gemma4_text": (("router.proj", {"group_size": 64, "bits": 8}),),
 }
-
 
 # model types whose mlx-lm class has a `quant_predicate` mlxq does not reproduce (mlx-lm 0.32,
 # mlx_lm/models/<type>.py): quantizing them without explicit entries is refused
 _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
-    "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 gemma4_text "
-    "granite granitemoe granitemoehybrid jamba kimi_linear laguna lfm2_moe longcat_flash "
+    "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 "
+    "granite granitemoe jamba laguna lfm2_moe longcat_flash "
     "longcat_flash_ngram mellum minimax minimax_m2 muse_spark qwen3_5 qwen3_next qwen3_vl_moe "
     "rwkv7 spark2_5 step3p5".split()
 )
@@ -259,11 +265,13 @@ _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
 _MLX_LM_MODULE = {"minimax_m2": "minimax"}
 
 
-def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]:
+def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict | bool]:
     """The per-module entries mlx-lm's own model class would write for `model` (its
-    `quant_predicate`), for the modules that would be quantized (width a multiple of the top
-    group size, as mlx-lm checks before asking the predicate). Raises NotImplementedError for
-    a model type whose predicate mlxq does not reproduce."""
+    `quant_predicate`), for the modules that would be
+    quantized (width a multiple of the top group size, as mlx-lm checks before asking the
+    predicate). An entry False keeps its module float (the predicate's False: mlx-lm writes no
+    entry for it). Raises NotImplementedError for a model type whose predicate mlxq does not
+    reproduce."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:
@@ -274,16 +282,17 @@ def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]
             "reproduce yet; give the per-module formats yourself (quantize_model(..., "
             "overrides={...}), {} for the top-level format everywhere)"
         )
-    rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
+    else:
+        rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
     if not rules:
         return {}
-    entries: dict[str, dict] = {}
+    entries: dict[str, dict | bool] = {}
     for entry in plan_modules(model, lambda name, plan: None).modules:
         width = entry.swap.in_features if entry.swap is not None else entry.moe.in_features
         if entry.moe is not None and entry.moe.kind == "experts":
             continue
-        for suffix, value in rules:
-            if entry.name.endswith(suffix) and width % top.group_size == 0:
+        for key, value in rules:
+            if entry.name.endswith(key) and width % top.group_size == 0:
                 entries[entry.name] = dict(value) if isinstance(value, dict) else value
     return entries
 

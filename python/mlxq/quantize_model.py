@@ -46,7 +46,8 @@ def quantize_model(
             128; None: the mode's default, for affine 4 bits and group 64, as in MLX).
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
             recorded in the saved config like mlx-lm's mixed recipes. None: the entries
-            mlx-lm's own model class adds (Qwen3-MoE's routers at 8 bits), as `mlx_lm convert`
+            mlx-lm's own model class adds (Qwen3-MoE's, Kimi Linear's, Granite 4.0-H's and
+            Gemma 4's routers at 8 bits), as `mlx_lm convert`
             without a recipe. Fused MoE experts take entries under `<experts>.gate_proj` ....
         modules_to_not_convert: module paths (and their children) kept in float.
         mode: MLX's quantization mode: "affine", "mxfp4", "nvfp4" or "mxfp8" (mlx_lm convert
@@ -55,11 +56,14 @@ def quantize_model(
     Returns the same model.
     """
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    skip = list(modules_to_not_convert or [])
     if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
         overrides = mlx_lm_model_entries(model, top)
+        # where its rule says False, mlx-lm leaves the module float and writes no entry
+        skip += [name for name, entry in overrides.items() if entry is False]
+        overrides = {name: entry for name, entry in overrides.items() if entry is not False}
     overrides = dict(overrides)
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
-    skip = list(modules_to_not_convert or [])
     walk = plan_quantization(model, top, overrides, skip)
     replaced = quantize_planned(model, walk)
     for name in float_where_weight_dtype_is_read(model):  # its dtype is read by the forward
@@ -146,7 +150,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-    from mlxq.integrations.mlx_lm_layout import use_mlx_lm_layout
+    from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names, use_mlx_lm_layout
     from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
@@ -158,6 +162,8 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
         overrides = {names.get(k, k): v for k, v in overrides.items()}
     else:
         use_mlx_lm_layout(model)
+        names = mlx_lm_module_names(model, overrides)  # (GraniteMoE's router.layer)
+        overrides = {names.get(k, k): v for k, v in overrides.items()}
     experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}
     routers = {name for name, m in model.named_modules() if hasattr(m, "_mlxq_name")}
     drop_fused_expert_converters(model, experts, routers)

@@ -41,6 +41,7 @@ __all__ = [
     "fill_dropped_tensors",
     "mlx_lm_config_keys",
     "mlx_lm_outer_model_type",
+    "mlx_lm_module_names",
     "use_mlx_lm_layout",
 ]
 
@@ -620,6 +621,28 @@ def use_mlx_lm_layout(model) -> None:
         *offsets,
         *_channels_last_on_save(model),
     ]
+
+
+def mlx_lm_module_names(model, names: Iterable[str]) -> dict[str, str]:
+    """mlx-lm's names of the model's modules `names` (for the per-module entries of
+    config.json), as :func:`use_mlx_lm_layout` saves their tensors: the layout's literal
+    renames reversed in turn (GraniteMoE's `router` -> `router.layer`); a name no rename
+    touches is its own."""
+    layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
+    renames = layout.renames if layout is not None and layout.save_renamed else ()
+    out = {}
+    for name in names:
+        key = f"{name}."
+        for pattern, repl in reversed(renames):
+            source = re.sub(r"\\(.)", r"\1", pattern.removeprefix("^"))
+            if re.search(r"[\\()|\[\]*+?]", source) or "\\" in repl:  # not literal
+                continue
+            if pattern.startswith("^"):
+                key = source + key[len(repl) :] if key.startswith(repl) else key
+            else:
+                key = key.replace(repl, source)
+        out[name] = key[:-1]
+    return out
 
 
 def _channels_last_on_save(model) -> list:
