@@ -251,12 +251,26 @@ _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
     "gemma4_text": (("router.proj", {"group_size": 64, "bits": 8}),),
 }
 
+# image-text models are saved as `mlx_vlm convert` writes them, so mlx-vlm's model class's
+# rule applies (mlx_vlm/models/<type>/<type>.py `quant_predicate`, mlx-vlm 0.7.10), given as
+# (name suffix, or `*` and a substring of the name; entry); False keeps the module float with
+# no entry, as the predicate's False does. qwen3_vl_moe: mlx-vlm's Model has no predicate (its
+# language model's 8-bit router rule is never asked), so its routers take the top-level format.
+_MLX_VLM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
+    "gemma4": (("*router", {"group_size": 64, "bits": 8}),),  # `"router" in path`
+    "mistral3": (("lm_head", False),),  # the head stays float
+    "qwen3_vl_moe": (),
+    "qwen3_5": (),  # no experts: no predicate
+    "qwen3_5_moe": _QWEN3_5_MOE_GATES,
+}
+
+
 # model types whose mlx-lm class has a `quant_predicate` mlxq does not reproduce (mlx-lm 0.32,
 # mlx_lm/models/<type>.py): quantizing them without explicit entries is refused
 _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
     "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 "
     "granite granitemoe jamba laguna lfm2_moe longcat_flash "
-    "longcat_flash_ngram mellum minimax minimax_m2 muse_spark qwen3_5 qwen3_next qwen3_vl_moe "
+    "longcat_flash_ngram mellum minimax minimax_m2 muse_spark qwen3_5 qwen3_next "
     "rwkv7 spark2_5 step3p5".split()
 )
 
@@ -267,14 +281,17 @@ _MLX_LM_MODULE = {"minimax_m2": "minimax"}
 
 def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict | bool]:
     """The per-module entries mlx-lm's own model class would write for `model` (its
-    `quant_predicate`), for the modules that would be
+    `quant_predicate`; mlx-vlm's for an image-text model), for the modules that would be
     quantized (width a multiple of the top group size, as mlx-lm checks before asking the
     predicate). An entry False keeps its module float (the predicate's False: mlx-lm writes no
     entry for it). Raises NotImplementedError for a model type whose predicate mlxq does not
     reproduce."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:
+    image_text = getattr(config, "vision_config", None) is not None
+    if image_text and model_type in _MLX_VLM_MODEL_ENTRIES:
+        rules = _MLX_VLM_MODEL_ENTRIES[model_type]
+    elif model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:
         raise NotImplementedError(
             f"mlxq: mlx_lm convert quantizes model type {model_type!r} by its own per-module "
             f"rule (quant_predicate in mlx_lm/models/{_MLX_LM_MODULE.get(model_type, model_type)}"
@@ -292,7 +309,8 @@ def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict 
         if entry.moe is not None and entry.moe.kind == "experts":
             continue
         for key, value in rules:
-            if entry.name.endswith(key) and width % top.group_size == 0:
+            hit = key[1:] in entry.name if key[0] == "*" else entry.name.endswith(key)
+            if hit and width % top.group_size == 0:
                 entries[entry.name] = dict(value) if isinstance(value, dict) else value
     return entries
 

@@ -47,8 +47,11 @@ def quantize_model(
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
             recorded in the saved config like mlx-lm's mixed recipes. None: the entries
             mlx-lm's own model class adds (Qwen3-MoE's, Kimi Linear's, Granite 4.0-H's and
-            Gemma 4's routers at 8 bits), as `mlx_lm convert`
+            Gemma 4's routers at 8 bits; mlx-vlm's for an image-text model), as `mlx_lm convert`
             without a recipe. Fused MoE experts take entries under `<experts>.gate_proj` ....
+            An image-text model's entries may name modules as transformers does or as
+            mlx-vlm's config.json does; its vision tower, projector and audio tower stay
+            float unless an entry names them (mlx-vlm's `skip_multimodal_module`).
         modules_to_not_convert: module paths (and their children) kept in float.
         mode: MLX's quantization mode: "affine", "mxfp4", "nvfp4" or "mxfp8" (mlx_lm convert
             --q-mode); per-module entries may name their own.
@@ -62,7 +65,8 @@ def quantize_model(
         # where its rule says False, mlx-lm leaves the module float and writes no entry
         skip += [name for name, entry in overrides.items() if entry is False]
         overrides = {name: entry for name, entry in overrides.items() if entry is not False}
-    overrides = dict(overrides)
+    overrides = _with_model_names(model, dict(overrides))
+    skip += _multimodal_modules(model, overrides, skip)
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
     walk = plan_quantization(model, top, overrides, skip)
     replaced = quantize_planned(model, walk)
@@ -72,6 +76,23 @@ def quantize_model(
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
     group_projections(model)
     return model
+
+
+def _with_model_names(model: nn.Module, overrides: dict[str, dict | bool]) -> dict:
+    """Per-module entries of an image-text model under the model's module names: an entry
+    may name its module as transformers does (`model.language_model.layers.0.mlp.down_proj`)
+    or as mlx-vlm's config.json does (`language_model.model.layers.0.mlp.down_proj`)."""
+    from mlxq.integrations.mlx_vlm_layout import entries_as_model_names
+
+    return entries_as_model_names(model, overrides)
+
+
+def _multimodal_modules(model: nn.Module, overrides: dict, skip: list[str]) -> list[str]:
+    """The modules of an image-text model that `mlx_vlm convert` leaves float (its
+    `skip_multimodal_module`: vision towers, projectors, audio), but those given an entry."""
+    from mlxq.integrations.mlx_vlm_layout import multimodal_modules
+
+    return [name for name in multimodal_modules(model) if name not in overrides]
 
 
 def quantize_planned(model: nn.Module, walk: ModelPlan) -> set[str]:

@@ -567,17 +567,23 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
     return True
 
 
-def _save_renames(layout: VlmLayout, conversions: list) -> list[tuple[str, str]]:
+def _save_renames(
+    layout: VlmLayout, conversions: list, tower_level: bool | None = None
+) -> list[tuple[str, str]]:
     """The layout's renames that saving reverses: where two lead to the same names, the one
     the model's tower takes. A SigLIP / CLIP tower, which transformers 5 reads from the Hub's
     `vision_model.` level (a prefix change of its own), keeps that level in mlx-vlm
     (`vision_tower.vision_model.`); loading a checkpoint, its names choose."""
     from transformers.core_model_loading import PrefixChange
 
-    tower_level = any(
-        isinstance(c, PrefixChange)
-        and any(p.startswith("^vision_model") for p in c.source_patterns)
-        for c in conversions
+    tower_level = (
+        tower_level
+        if tower_level is not None
+        else any(
+            isinstance(c, PrefixChange)
+            and any(p.startswith("^vision_model") for p in c.source_patterns)
+            for c in conversions
+        )
     )
     renames: list[tuple[str, str]] = []
     targets: dict[str, tuple[str, str]] = {}
@@ -591,16 +597,21 @@ def _save_renames(layout: VlmLayout, conversions: list) -> list[tuple[str, str]]
     return renames
 
 
-def mlx_vlm_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+def mlx_vlm_module_names(
+    model: nn.Module, names: Iterable[str], tower_level: bool | None = None
+) -> dict[str, str]:
     """mlx-vlm's names of the model's modules `names` (for the per-module entries of
     config.json), as :func:`use_mlx_vlm_layout` saves their tensors; {} for a model it leaves
-    alone. The renames are literal prefixes (`^...`) or infixes, reversed in turn."""
+    alone. The renames are literal prefixes (`^...`) or infixes, reversed in turn.
+    `tower_level` forces the choice of a SigLIP / CLIP tower's level (see _save_renames)."""
     config = getattr(model, "config", None)
     layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
     if layout is None or not is_image_text(config):
         return {}
-    conversions = getattr(model, "_mlxq_model_conversions", None) or []
-    renames = _save_renames(layout, conversions)
+    conversions = getattr(model, "_mlxq_model_conversions", None)
+    if conversions is None:  # before use_mlx_vlm_layout: the conversions it will read
+        conversions = getattr(model, "_weight_conversions", None) or []
+    renames = _save_renames(layout, conversions, tower_level)
     out = {}
     for name in names:
         key = f"{name}."
@@ -611,4 +622,71 @@ def mlx_vlm_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, st
             else:
                 key = key.replace(repl, source)
         out[name] = key[:-1]
+    return out
+
+
+# mlx-vlm 0.7.10's `skip_multimodal_module` (mlx_vlm/utils.py): `mlx_vlm convert` leaves every
+# module whose (mlx-vlm) name contains one of these float, without an entry
+_MLX_VLM_MULTIMODAL = (
+    "vision",
+    "aligner",
+    "vision_model",
+    "vision_tower",
+    "vl_connector",
+    "sam_model",
+    "audio_model",
+    "audio_tower",
+    "code_predictor",
+    "img_projector",
+    "multi_modal_projector",
+    "patch_merge_mlp",
+)
+
+
+def _quantizable_names(model: nn.Module) -> list[str]:
+    from mlxq.model_walk import plan_modules
+
+    return [m.name for m in plan_modules(model, lambda name, plan: None).modules]
+
+
+def multimodal_modules(model: nn.Module) -> list[str]:
+    """The layers of an image-text model (transformers' names) that `mlx_vlm convert` keeps
+    float by its rule on mlx-vlm's module names (the vision tower, projector, audio tower);
+    [] for a model mlxq does not save in mlx-vlm's layout."""
+    names = mlx_vlm_module_names(model, _quantizable_names(model))
+    return [n for n, v in names.items() if any(m in v for m in _MLX_VLM_MULTIMODAL)]
+
+
+def entries_as_model_names(model: nn.Module, entries: dict[str, Any]) -> dict[str, Any]:
+    """Per-module `entries` of an image-text model, each under the model's own module name.
+
+    An entry may name its module as transformers does (the model's names, e.g.
+    `model.language_model.layers.0.mlp.down_proj`) or as mlx-vlm does in its config.json
+    (`language_model.model.layers.0.mlp.down_proj`); an mlx-vlm name of a projection that
+    transformers splits (PaddleOCR-VL's `qkv`) applies to each part. Other names are kept as
+    they are (fused-expert entries `<experts>.gate_proj`, names of no module). Raises
+    ValueError where two entries give one module different formats."""
+    if not entries:
+        return dict(entries)
+    modules = _quantizable_names(model)
+    names = mlx_vlm_module_names(model, modules)
+    if not names:
+        return dict(entries)
+    # before loading, the model does not know yet whether its tower was read with the Hub's
+    # `vision_model.` level: both of mlx-vlm's names of such a tower are accepted
+    by_mlx: dict[str, list[str]] = {}
+    for level in (None, True, False):
+        for name, mlx in mlx_vlm_module_names(model, modules, level).items():
+            if name not in by_mlx.setdefault(mlx, []):
+                by_mlx[mlx].append(name)
+    out: dict[str, Any] = {}
+    for key, value in entries.items():
+        targets = [key] if key in names else by_mlx.get(key, [key])
+        for target in targets:
+            if target in out and out[target] != value:
+                raise ValueError(
+                    f"mlxq: per-module entries {key!r} and another name of module {target!r} "
+                    f"give it different formats ({value!r}, {out[target]!r})"
+                )
+            out[target] = value
     return out

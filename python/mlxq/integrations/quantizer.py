@@ -47,6 +47,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
+    mlx_vlm_module_names,
     takes_flat_text_keys,
     unmapped_vlm_note,
     use_mlx_vlm_layout,
@@ -417,6 +418,40 @@ def _with_model_names(
     )
 
 
+def _with_overrides(config: MLXQuantConfig, overrides: dict, skip: list | None = None):
+    return MLXQuantConfig(
+        bits=config.bits,
+        group_size=config.group_size,
+        mode=config.mode,
+        overrides=overrides,
+        modules_to_not_convert=config.modules_to_not_convert if skip is None else skip,
+    )
+
+
+def _as_convert_quantizes(model: nn.Module, config: MLXQuantConfig) -> MLXQuantConfig:
+    """The config of quantizing a float model while it loads, as `mlx_lm convert -q` /
+    `mlx_vlm convert -q` quantize it (the same as :func:`mlxq.quantize_model`): entries under
+    the model's module names (an image-text model's may be given in mlx-vlm's names too); with
+    no entries, those of the model class's own rule where mlxq reproduces it; an image-text
+    model's vision tower, projector and audio tower float unless an entry names them."""
+    from mlxq.integrations.mlx_vlm_layout import entries_as_model_names, multimodal_modules
+    from mlxq.model_walk import mlx_lm_model_entries
+
+    overrides = entries_as_model_names(model, config.overrides)
+    skip = list(config.modules_to_not_convert)
+    if not overrides:
+        try:
+            rule = mlx_lm_model_entries(model, config.default_format)
+        except NotImplementedError:  # (quantize_model refuses these; kept as before here)
+            rule = {}
+        skip += [name for name, entry in rule.items() if entry is False]
+        overrides = {name: entry for name, entry in rule.items() if entry is not False}
+    skip += [name for name in multimodal_modules(model) if name not in overrides]
+    if overrides == config.overrides and skip == config.modules_to_not_convert:
+        return config
+    return _with_overrides(config, overrides, skip)
+
+
 def _refuse_missing_tensors(
     model: nn.Module, headers: dict[str, TensorInfo], note: str = ""
 ) -> None:
@@ -607,6 +642,7 @@ class MLXHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:  # a float checkpoint: quantized tensor by tensor as it loads
+            self.quantization_config = _as_convert_quantizes(model, self.quantization_config)
             layers, replaced = plan_on_load(model, self.quantization_config)
             self._on_load = QuantizeOnLoad(layers, checkpoint_files)
             drop_tied_keys(model, replaced)
@@ -770,6 +806,10 @@ class MLXHfQuantizer(HfQuantizer):
             # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
             config.overrides[name] = False
         float_dtype_for_routers(model)  # MiniMax-M2's router
+        if not self.pre_quantized and config.overrides:  # entries saved in mlx-vlm's names
+            names = mlx_vlm_module_names(model, config.overrides)
+            if names:
+                config = _with_overrides(config, {names[k]: v for k, v in config.overrides.items()})
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)
