@@ -19,11 +19,22 @@ def _saved(folder: Path) -> tuple[dict, dict]:
     return tensors, json.loads((folder / "config.json").read_text())["quantization"]
 
 
-def _assert_same_checkpoint(ours: Path, ref: Path) -> None:
+def _assert_same_checkpoint(ours: Path, ref: Path, float32_kept: bool = False) -> None:
+    """The same tensor names, values, dtypes and quantization block. `float32_kept`: a float
+    tensor that transformers keeps in float32 (routers' correction biases, Kimi's dt_bias) may
+    be saved so where mlx-lm casts it to the model's dtype, with the same values once cast."""
     a, qa = _saved(ours)
     b, qb = _saved(ref)
     assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:4], sorted(set(b) - set(a))[:4])
-    unequal = [k for k in b if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+
+    def same(k: str) -> bool:
+        if a[k].dtype == b[k].dtype:
+            return torch.equal(a[k], b[k])
+        return (
+            float32_kept and a[k].dtype == torch.float32 and torch.equal(a[k].to(b[k].dtype), b[k])
+        )
+
+    unequal = [k for k in b if not same(k)]
     assert not unequal, unequal[:5]
     assert qa == qb
 
@@ -47,6 +58,67 @@ def test_text_router_rule_is_mlx_lm_convert(tmp_path: Path, arch: str) -> None:
     _, theirs = _saved(ref)
     assert ours == theirs
     assert sum(isinstance(v, dict) and v["bits"] == 8 for v in ours.values()) >= 1
+
+
+def _quantized_text(tmp_path: Path, arch: str, variant, on_load: bool = False) -> Path:
+    import mlxq
+    from arch_models import causal_lm_class, tiny_float_checkpoint
+    from mlxq.convert import recipe_overrides
+
+    float_dir = tiny_float_checkpoint(arch, tmp_path / "float", variant.tied)
+    cls = causal_lm_class(arch)
+    if on_load:
+        model = cls.from_pretrained(float_dir, dtype=torch.bfloat16)
+        entries = recipe_overrides(model, variant.recipe, 64) if variant.recipe else None
+        quant = mlxq.MLXQuantConfig(variant.bits, variant.group_size, overrides=entries)
+        model = cls.from_pretrained(float_dir, dtype=torch.bfloat16, quantization_config=quant)
+    else:
+        model = cls.from_pretrained(float_dir, dtype=torch.bfloat16)
+        entries = recipe_overrides(model, variant.recipe, 64) if variant.recipe else None
+        mlxq.quantize_model(model, variant.bits, variant.group_size, overrides=entries)
+    model.save_pretrained(tmp_path / "ours")
+    return tmp_path / "ours"
+
+
+@pytest.mark.parametrize(
+    ("arch", "recipe", "on_load", "float32_kept"),
+    [
+        # mlx-lm's recipe on MoE models: routers and each expert stack get entries, named as
+        # mlx-lm names them (Mixtral's block_sparse_moe.switch_mlp; before: "needs down_proj")
+        ("qwen3_moe", "mixed_3_6", False, False),
+        ("mixtral", "mixed_3_6", False, False),
+        # Granite's rule (o_proj, down_proj, head at 8 bits), also while loading (before: the
+        # streaming path quantized them at 4 bits, quantize_model refused)
+        ("granite", None, True, False),
+        ("granite", None, False, False),
+        # GraniteMoE's rule reaches the expert stacks (`switch_mlp.down_proj` ends in
+        # `mlp.down_proj`); dense Granite 4.0 saves its fused MLP split as mlx-lm's
+        ("granitemoe", None, False, False),
+        ("granitemoehybrid_dense", None, False, False),
+        ("granitemoehybrid", None, False, False),
+        # OLMo Hybrid: its norms' own names and q/k/v convolutions, also while loading
+        ("olmo_hybrid", None, True, True),
+        # latent attention saved as mlx-lm's embed_q / unembed_out (before: kv_b_proj)
+        ("mistral4", None, False, False),
+        # routers mlx-lm holds in no linear layer stay float without an entry (before: refused)
+        ("dots1", None, False, True),
+        ("deepseek_v3", "mixed_3_6", False, True),
+        # Kimi Linear: `mlp.` names, q/k/v convolutions, experts, latent attention (before:
+        # `block_sparse_moe.experts.0.w2.weight.weight` ...)
+        ("kimi_linear", "mixed_3_6", False, True),
+    ],
+)
+def test_text_model_saves_mlx_lm_convert(
+    tmp_path: Path, arch: str, recipe: str | None, on_load: bool, float32_kept: bool
+) -> None:
+    """A float text model quantized by mlxq and saved is `mlx_lm convert -q`'s checkpoint of
+    it, tensor for tensor, with the same quantization block."""
+    from arch_models import VARIANTS, tiny_mlx_checkpoint
+
+    variant = VARIANTS[1] if recipe else VARIANTS[0]
+    ref = tiny_mlx_checkpoint(arch, variant)
+    ours = _quantized_text(tmp_path, arch, variant, on_load)
+    _assert_same_checkpoint(ours, ref, float32_kept)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ __all__ = [
     "head_decision",
     "plan_modules",
     "plan_quantization",
+    "mlx_lm_float_modules",
     "mlx_lm_model_entries",
     "tie_head",
 ]
@@ -233,23 +234,65 @@ def _refuse_weight_reads(
 _QWEN3_5_MOE_GATES = tuple(
     (suffix, {"group_size": 64, "bits": 8}) for suffix in ("mlp.gate", "shared_expert_gate")
 )
+_EIGHT = {"group_size": 64, "bits": 8}
+# keys are read on mlx-lm's module names (what its predicate sees): a name suffix, `*` and a
+# substring, or `=` and the whole name
 _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
-    "qwen3_moe": (("mlp.gate", {"group_size": 64, "bits": 8}),),
-    "gpt_oss": (("mlp.router", {"group_size": 64, "bits": 8}),),
-    # mlx-lm's Nemotron-H router holds its weight in no linear layer: it stays float
-    "nemotron_h": (("mixer.gate", False),),
+    "qwen3_moe": (("mlp.gate", _EIGHT),),
+    "gpt_oss": (("mlp.router", _EIGHT),),
     # Qwen 3.5 MoE inherits Qwen 3.5's predicate (mlx_lm/models/qwen3_5.py, which mlx-vlm's
     # conversion asks too): with experts, the router and the shared expert's gate at 8 bits
     "qwen3_5_moe": _QWEN3_5_MOE_GATES,
     "qwen3_5_moe_text": _QWEN3_5_MOE_GATES,
-    # Kimi Linear's router (mlx_lm/models/kimi_linear.py: `mlp.gate`)
-    "kimi_linear": (("mlp.gate", {"group_size": 64, "bits": 8}),),
-    # Granite 4.0 (H) with experts: mlx-lm's router holds an nn.Linear `layer`, which is what its
-    # rule names (`router.layer`; saved under that name, see mlx_lm_module_names)
-    "granitemoehybrid": (("block_sparse_moe.router", {"group_size": 64, "bits": 8}),),
-    # Gemma 4's text model: the router's projection (mlx_lm/models/gemma4_text.py)
-    "gemma4_text": (("router.proj", {"group_size": 64, "bits": 8}),),
+    "qwen3_next": _QWEN3_5_MOE_GATES,
+    "kimi_linear": (("mlp.gate", _EIGHT),),
+    "mellum": (("mlp.gate", _EIGHT),),
+    "jamba": (("router", _EIGHT),),
+    "lfm2_moe": (("feed_forward.gate", _EIGHT),),
+    "minimax": (("block_sparse_moe.gate", _EIGHT),),
+    "minimax_m2": (("block_sparse_moe.gate", _EIGHT),),  # (mlx-lm runs it as minimax)
+    "afmoe": (("*router.gate", _EIGHT),),
+    "longcat_flash": (("classifier", _EIGHT),),
+    "bailing_moe": (("mlp.gate.gate_proj", _EIGHT),),
+    # Granite: o_proj, down_proj and the head at 8 bits (low-bit float modes underflow there)
+    "granite": tuple((k, _EIGHT) for k in ("self_attn.o_proj", "mlp.down_proj", "=lm_head")),
+    "granitemoe": tuple(
+        (k, _EIGHT)
+        for k in ("block_sparse_moe.router.layer", "self_attn.o_proj", "mlp.down_proj", "=lm_head")
+    ),
+    # Granite 4.0 (H): the router's `layer` only where there are experts (the router exists
+    # only then)
+    "granitemoehybrid": (("block_sparse_moe.router.layer", _EIGHT),),
+    "gemma4_text": (("router.proj", _EIGHT),),
 }
+
+# routers mlx-lm's model holds in no linear layer (a MoEGate / TopkRouter with a bare `weight`
+# parameter, mlx_lm/models/<type>.py, mlx-lm 0.32): `mlx_lm convert` leaves them float with no
+# entry, with or without a recipe. model_type -> module name suffixes.
+_MLX_LM_FLOAT_MODULES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        "deepseek_v2 deepseek_v3 deepseek_v32 dots1 exaone_moe glm4_moe glm4_moe_lite "
+        "glm_moe_dsa mimo_v2_flash solar_open".split(),
+        ("mlp.gate",),
+    ),
+    "nemotron_h": ("mixer.gate",),
+    "glm4v_moe": ("mlp.gate",),  # (mlx-vlm's GLM-4.5V: a MoEGate too)
+}
+
+
+def mlx_lm_float_modules(model: nn.Module) -> list[str]:
+    """The routers of `model` that mlx-lm's model holds in no quantizable layer (float in every
+    `mlx_lm convert`, without an entry)."""
+    config = getattr(model, "config", None)
+    suffixes = _MLX_LM_FLOAT_MODULES.get(getattr(config, "model_type", None) or "", ())
+    if not suffixes:
+        return []
+    return [
+        m.name
+        for m in plan_modules(model, lambda name, plan: None).modules
+        if m.moe is not None and m.moe.kind == "router" and m.name.endswith(suffixes)
+    ]
+
 
 # image-text models are saved as `mlx_vlm convert` writes them, so mlx-vlm's model class's
 # rule applies (mlx_vlm/models/<type>/<type>.py `quant_predicate`, mlx-vlm 0.7.10), given as
@@ -268,9 +311,8 @@ _MLX_VLM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
 # model types whose mlx-lm class has a `quant_predicate` mlxq does not reproduce (mlx-lm 0.32,
 # mlx_lm/models/<type>.py): quantizing them without explicit entries is refused
 _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
-    "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 "
-    "granite granitemoe jamba laguna lfm2_moe longcat_flash "
-    "longcat_flash_ngram mellum minimax minimax_m2 muse_spark qwen3_5 qwen3_next "
+    "Klear bailing_hybrid bailing_moe_linear gemma4 laguna "
+    "longcat_flash_ngram muse_spark qwen3_5 "
     "rwkv7 spark2_5 step3p5".split()
 )
 
@@ -279,12 +321,18 @@ _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
 _MLX_LM_MODULE = {"minimax_m2": "minimax"}
 
 
-def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict | bool]:
+def mlx_lm_model_entries(
+    model: nn.Module,
+    top: ModuleFormat,
+    mlx_names: Callable[[list[str]], Mapping[str, str]] | None = None,
+) -> dict[str, dict | bool]:
     """The per-module entries mlx-lm's own model class would write for `model` (its
     `quant_predicate`; mlx-vlm's for an image-text model), for the modules that would be
     quantized (width a multiple of the top group size, as mlx-lm checks before asking the
     predicate). An entry False keeps its module float (the predicate's False: mlx-lm writes no
-    entry for it). Raises NotImplementedError for a model type whose predicate mlxq does not
+    entry for it). `mlx_names` gives mlx-lm's (or mlx-vlm's) names of the model's modules, on
+    which the rules are read (default: the model's own). The entries are keyed by the model's
+    names. Raises NotImplementedError for a model type whose predicate mlxq does not
     reproduce."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -303,15 +351,28 @@ def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict 
         rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
     if not rules:
         return {}
+    planned: list[tuple[str, int]] = []  # (name, input width); experts: each stack
+    for m in plan_modules(model, lambda name, plan: None).modules:
+        if m.moe is not None and m.moe.kind == "experts":
+            widths = {"down_proj": m.moe.out_features}
+            planned += [
+                (f"{m.name}.{p}", widths.get(p, m.moe.in_features)) for p in m.moe.projections
+            ]
+        else:
+            planned.append((m.name, m.swap.in_features if m.swap else m.moe.in_features))
+    names = dict(mlx_names([name for name, _ in planned])) if mlx_names is not None else {}
     entries: dict[str, dict | bool] = {}
-    for entry in plan_modules(model, lambda name, plan: None).modules:
-        width = entry.swap.in_features if entry.swap is not None else entry.moe.in_features
-        if entry.moe is not None and entry.moe.kind == "experts":
-            continue
+    for name, width in planned:
+        path = names.get(name, name)
         for key, value in rules:
-            hit = key[1:] in entry.name if key[0] == "*" else entry.name.endswith(key)
+            if key[0] == "*":
+                hit = key[1:] in path
+            elif key[0] == "=":
+                hit = path == key[1:]
+            else:
+                hit = path.endswith(key)
             if hit and width % top.group_size == 0:
-                entries[entry.name] = dict(value) if isinstance(value, dict) else value
+                entries[name] = dict(value) if isinstance(value, dict) else value
     return entries
 
 

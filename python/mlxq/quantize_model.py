@@ -19,6 +19,7 @@ from mlxq.format import check_quantization
 from mlxq.model_walk import (
     ModelPlan,
     PlannedModule,
+    mlx_lm_float_modules,
     mlx_lm_model_entries,
     plan_quantization,
     tie_head,
@@ -61,21 +62,78 @@ def quantize_model(
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
     skip = list(modules_to_not_convert or [])
     if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
-        overrides = mlx_lm_model_entries(model, top)
+        overrides = mlx_lm_model_entries(model, top, lambda names: _saved_names(model, names))
         # where its rule says False, mlx-lm leaves the module float and writes no entry
         skip += [name for name, entry in overrides.items() if entry is False]
         overrides = {name: entry for name, entry in overrides.items() if entry is not False}
     overrides = _with_model_names(model, dict(overrides))
+    skip += [name for name in mlx_lm_float_modules(model) if name not in overrides]
     skip += _multimodal_modules(model, overrides, skip)
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
+    split = _split_latent_kv_b(model, top, overrides, skip)
     walk = plan_quantization(model, top, overrides, skip)
-    replaced = quantize_planned(model, walk)
+    replaced = quantize_planned(model, walk) | split
     for name in float_where_weight_dtype_is_read(model):  # its dtype is read by the forward
         overrides[name] = False  # saved float, and said so for mlx-lm
         replaced.discard(name)
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
     group_projections(model)
     return model
+
+
+def latent_kv_b_parts(model: nn.Module) -> dict[str, tuple[int, int, int, int]]:
+    """The `self_attn.kv_b_proj` layers of a model that mlx-lm stores split per head into
+    `embed_q` / `unembed_out` (DeepSeek V3's family, Mistral 4, Kimi Linear: their layouts
+    rename those): name -> (heads, qk_nope_head_dim, v_head_dim, kv_lora_rank)."""
+    from mlxq.integrations.mlx_lm_layout import LAYOUTS
+
+    config = getattr(model, "config", None)
+    layout = LAYOUTS.get(getattr(config, "model_type", None) or "")
+    if layout is None or not any("embed_q" in pattern for pattern, _ in layout.renames):
+        return {}
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dims = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
+    heads, nope, v, rank = dims
+    return {
+        name: dims
+        for name, module in model.named_modules()
+        if name.endswith("self_attn.kv_b_proj")
+        and isinstance(module, nn.Linear)
+        and (module.in_features, module.out_features) == (rank, heads * (nope + v))
+    }
+
+
+def _split_latent_kv_b(model: nn.Module, top, overrides: dict, skip: list[str]) -> set[str]:
+    """Replace each latent-attention `kv_b_proj` by mlx-lm's split of it
+    (:meth:`mlxq.mla.SplitKvB.from_kv_b_proj`), `embed_q` (`[heads, rank, nope]`, quantized
+    along nope) and `unembed_out` (`[heads, v, rank]`, along rank) each in its own format
+    (entries `<kv_b_proj>.embed_q` / `.unembed_out`, or one for `kv_b_proj`), float where its
+    width does not fit: the tensors `mlx_lm convert` writes. Returns the quantized parts."""
+    from mlxq.format import configured_format, fits, is_skipped
+    from mlxq.mla import SplitKvB
+
+    quantized: set[str] = set()
+    for name, (heads, nope, v, rank) in latent_kv_b_parts(model).items():
+        if is_skipped(name, skip):
+            continue
+        formats = {}
+        for part, width in (("embed_q", nope), ("unembed_out", rank)):
+            key = f"{name}.{part}"
+            entries = (
+                overrides if key in overrides or name not in overrides else {key: overrides[name]}
+            )
+            fmt = configured_format(key, top, entries, skip)
+            formats[part] = fmt if fmt is not None and fits(width, fmt) else None
+        weight = model.get_submodule(name).weight
+        model.set_submodule(name, SplitKvB.from_kv_b_proj(weight, heads, nope, v, formats))
+        quantized |= {f"{name}.{part}" for part, fmt in formats.items() if fmt is not None}
+    return quantized
+
+
+def _saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    from mlxq.integrations.mlx_vlm_layout import saved_module_names
+
+    return saved_module_names(model, names)
 
 
 def _with_model_names(model: nn.Module, overrides: dict[str, dict | bool]) -> dict:

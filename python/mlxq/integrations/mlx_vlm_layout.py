@@ -690,3 +690,13 @@ def entries_as_model_names(model: nn.Module, entries: dict[str, Any]) -> dict[st
                 )
             out[target] = value
     return out
+
+
+def saved_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The names `save_pretrained` gives the model's modules `names`: mlx-vlm's for an
+    image-text model mlxq saves in its layout, else mlx-lm's (the names the converters' rules
+    and config.json entries use)."""
+    from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names
+
+    names = list(names)
+    return mlx_vlm_module_names(model, names) or mlx_lm_module_names(model, names)

@@ -434,18 +434,25 @@ def _as_convert_quantizes(model: nn.Module, config: MLXQuantConfig) -> MLXQuantC
     the model's module names (an image-text model's may be given in mlx-vlm's names too); with
     no entries, those of the model class's own rule where mlxq reproduces it; an image-text
     model's vision tower, projector and audio tower float unless an entry names them."""
-    from mlxq.integrations.mlx_vlm_layout import entries_as_model_names, multimodal_modules
-    from mlxq.model_walk import mlx_lm_model_entries
+    from mlxq.integrations.mlx_vlm_layout import (
+        entries_as_model_names,
+        multimodal_modules,
+        saved_module_names,
+    )
+    from mlxq.model_walk import mlx_lm_float_modules, mlx_lm_model_entries
 
     overrides = entries_as_model_names(model, config.overrides)
     skip = list(config.modules_to_not_convert)
     if not overrides:
         try:
-            rule = mlx_lm_model_entries(model, config.default_format)
+            rule = mlx_lm_model_entries(
+                model, config.default_format, lambda names: saved_module_names(model, names)
+            )
         except NotImplementedError:  # (quantize_model refuses these; kept as before here)
             rule = {}
         skip += [name for name, entry in rule.items() if entry is False]
         overrides = {name: entry for name, entry in rule.items() if entry is not False}
+    skip += [name for name in mlx_lm_float_modules(model) if name not in overrides]
     skip += [name for name in multimodal_modules(model) if name not in overrides]
     if overrides == config.overrides and skip == config.modules_to_not_convert:
         return config
