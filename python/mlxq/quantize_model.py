@@ -229,10 +229,15 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-    from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names, use_mlx_lm_layout
+    from mlxq.integrations.mlx_lm_layout import (
+        MLX_LM_CAST_KEEP,
+        mlx_lm_module_names,
+        use_mlx_lm_layout,
+    )
     from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
+    from mlxq.integrations.weight_ops import cast_on_save_converters
     from mlxq.moe import MoeExperts
 
     drop_tied_keys(model, replaced)
@@ -256,6 +261,15 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     )
     config.quantization_config = qconfig
     add_mlx_lm_config_keys(config)
+    keep = MLX_LM_CAST_KEEP.get(getattr(config, "model_type", None) or "", ())
+    casts = cast_on_save_converters(model, keep)  # float32 tensors: the model's dtype
+    if casts:
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions is None:  # built from a config: what transformers would revert
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            conversions = get_model_conversion_mapping(model, add_legacy=False)
+        model._weight_conversions = [*conversions, *casts]
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)

@@ -599,12 +599,34 @@ def _has_marker(key: str, marker: str | tuple[str, ...]) -> bool:
     return marker in key if marker.startswith(".") else key.startswith(marker)
 
 
+# mlx-lm's `cast_predicate` (mlx_lm/models/<type>.py): float tensors `mlx_lm convert` leaves in
+# the checkpoint's dtype instead of casting them to the model's
+MLX_LM_CAST_KEEP: dict[str, tuple[str, ...]] = {
+    "lfm2_moe": ("expert_bias",),
+    "bailing_moe": ("expert_bias",),
+    "bailing_moe_linear": ("expert_bias",),
+    "laguna": ("e_score_correction_bias",),
+    "longcat_flash": ("e_score_correction_bias",),
+}
+
+
 def use_mlx_lm_layout(model) -> None:
     """Save in mlx-lm's tensor names where they differ from transformers' (GPT-2, GPT-NeoX):
     float GPT-2 `Conv1D`s become `nn.Linear` (mlx-lm's `[out, in]`), and the renames are added
     to the ones transformers reverses when saving."""
     layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
-    if layout is None or not layout.save_renamed:
+    if layout is None:  # mlx-lm's names; its convolution weights channels-last (Falcon-H1's,
+        # RecurrentGemma's), as `mlx_lm convert` writes them
+        convs = _channels_last_on_save(model)
+        if convs:
+            conversions = getattr(model, "_weight_conversions", None)
+            if conversions is None:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+
+                conversions = get_model_conversion_mapping(model, add_legacy=False)
+            model._weight_conversions = [*conversions, *convs]
+        return
+    if not layout.save_renamed:
         return
     if layout.conv1d_as_linear:
         for name, module in list(model.named_modules()):

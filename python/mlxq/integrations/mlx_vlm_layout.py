@@ -536,8 +536,11 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
     # reversed first when saving, they would move tensors away from the names mlx-vlm's
     # renames take back (Mllama's `model.vision_model.` to `vision_model.`), and those renames
     # place every tensor themselves
-    renames = _save_renames(layout, conversions)
+    # a tower with two mlx-vlm namings is saved as `mlx_vlm convert` writes a float model's
+    level = True if layout.model_type in _FLOAT_TOWER_LEVEL else None
+    renames = _save_renames(layout, conversions, tower_level=level)
     model._mlxq_model_conversions = conversions  # read by mlx_vlm_module_names
+    model._mlxq_tower_level = level
     conversions = [c for c in conversions if not isinstance(c, (PrefixChange, WeightRenaming))]
     names = [name for name, _ in model.named_parameters()]
     names += [name for name, _ in model.named_buffers()]
@@ -565,6 +568,12 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
         ),
     ]
     return True
+
+
+# families whose tower `mlx_vlm convert` writes under `vision_tower.vision_model.` from
+# transformers 5's float checkpoint too, which has no such level (Pixtral's, SigLIP's in LLaVA
+# OneVision); the others take the level their float checkpoint was read with
+_FLOAT_TOWER_LEVEL = frozenset({"mistral3", "llava_onevision"})
 
 
 def _save_renames(
@@ -611,6 +620,8 @@ def mlx_vlm_module_names(
     conversions = getattr(model, "_mlxq_model_conversions", None)
     if conversions is None:  # before use_mlx_vlm_layout: the conversions it will read
         conversions = getattr(model, "_weight_conversions", None) or []
+    if tower_level is None:  # as use_mlx_vlm_layout chose it, if it ran
+        tower_level = getattr(model, "_mlxq_tower_level", None)
     renames = _save_renames(layout, conversions, tower_level)
     out = {}
     for name in names:
@@ -651,9 +662,12 @@ def _quantizable_names(model: nn.Module) -> list[str]:
 
 def multimodal_modules(model: nn.Module) -> list[str]:
     """The layers of an image-text model (transformers' names) that `mlx_vlm convert` keeps
-    float by its rule on mlx-vlm's module names (the vision tower, projector, audio tower);
-    [] for a model mlxq does not save in mlx-vlm's layout."""
-    names = mlx_vlm_module_names(model, _quantizable_names(model))
+    float by its rule on mlx-vlm's module names (the vision tower, projector, audio tower;
+    transformers' names for a family whose layout is not mapped); [] for a text model."""
+    modules = _quantizable_names(model)
+    names = mlx_vlm_module_names(model, modules)
+    if not names and is_image_text(getattr(model, "config", None)):  # a family not mapped
+        names = {n: n for n in modules}  # (Llama 4: its names are transformers' own)
     return [n for n, v in names.items() if any(m in v for m in _MLX_VLM_MULTIMODAL)]
 
 

@@ -29,6 +29,7 @@ from mlxq.integrations.cpu_layers import use_flat_decode_layers
 from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
+    MLX_LM_CAST_KEEP,
     MLX_LM_KEEPS_STORED_HEAD,
     MLX_LM_LAYER_TYPE_NAMES,
     MLX_LM_UNCHECKED,
@@ -47,7 +48,6 @@ from mlxq.integrations.mlx_vlm_layout import (
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
-    mlx_vlm_module_names,
     takes_flat_text_keys,
     unmapped_vlm_note,
     use_mlx_vlm_layout,
@@ -60,6 +60,7 @@ from mlxq.integrations.moe_loading import (
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
+from mlxq.integrations.weight_ops import cast_on_save_converters
 from mlxq.model_walk import HeadDecision, config_ties, plan_modules, tie_head
 from mlxq.moe import AffineSwitchLinear, MoeExperts, float_dtype_for_routers
 from mlxq.nn import (
@@ -777,6 +778,14 @@ class MLXHfQuantizer(HfQuantizer):
         on_load = getattr(self, "_on_load", None)
         if not self.pre_quantized and not use_mlx_vlm_layout(model):  # as mlx-vlm saves it
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
+        if not self.pre_quantized:  # float32 tensors saved in the model's dtype, as mlx-lm
+            keep = MLX_LM_CAST_KEEP.get(_model_type(model) or "", ())
+            casts = cast_on_save_converters(model, keep)
+            if casts:
+                model._weight_conversions = [
+                    *(getattr(model, "_weight_conversions", None) or []),
+                    *casts,
+                ]
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
                 module, "_mlxq_name"
@@ -813,10 +822,13 @@ class MLXHfQuantizer(HfQuantizer):
             # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
             config.overrides[name] = False
         float_dtype_for_routers(model)  # MiniMax-M2's router
-        if not self.pre_quantized and config.overrides:  # entries saved in mlx-vlm's names
-            names = mlx_vlm_module_names(model, config.overrides)
-            if names:
-                config = _with_overrides(config, {names[k]: v for k, v in config.overrides.items()})
+        if not self.pre_quantized and config.overrides:  # entries saved in mlx-(v)lm's names
+            from mlxq.integrations.mlx_vlm_layout import saved_module_names
+
+            names = saved_module_names(model, config.overrides)
+            renamed = {names.get(k, k): v for k, v in config.overrides.items()}
+            if renamed != config.overrides:
+                config = _with_overrides(config, renamed)
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)

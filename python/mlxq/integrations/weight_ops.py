@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CastOnSave",
+    "cast_on_save_converters",
     "ChannelsLastToFirst",
     "UnitOffset",
     "channels_last_converter",
@@ -128,3 +130,57 @@ def channels_last_converter(key: str) -> Any:
         target_patterns=key,
         operations=[ChannelsLastToFirst(True)],
     )
+
+
+class CastOnSave:
+    """A transformers `ConversionOps`: no change when loading; its reverse, which
+    `save_pretrained` runs, casts the tensor to `dtype` (a name: "bfloat16", ...)."""
+
+    def __new__(cls, dtype: str, saving: bool = False):
+        from transformers.core_model_loading import ConversionOps
+
+        class _Op(ConversionOps):
+            def __init__(self, dtype: str, saving: bool) -> None:
+                self.dtype, self.saving = dtype, saving
+
+            def __repr__(self) -> str:
+                return f"CastOnSave({self.dtype})"
+
+            @torch.no_grad()
+            def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+                (value,) = input_dict.values()
+                tensor = value[0] if isinstance(value, list) else value
+                if self.saving:
+                    tensor = tensor.to(getattr(torch, self.dtype))
+                return {target_patterns[0]: tensor}
+
+            @property
+            def reverse_op(self):
+                return _Op(self.dtype, not self.saving)
+
+            def __reduce__(self):  # a local class: pickled as the call that makes it
+                return (CastOnSave, (self.dtype, self.saving))
+
+        return _Op(dtype, saving)
+
+
+def cast_on_save_converters(model, keep: tuple[str, ...] = ()) -> list:
+    """`WeightConverter`s that save the model's float32 tensors (those transformers keeps in
+    float32 in a bfloat16 / float16 model: routers' correction biases, `A_log`, `dt_bias`) in
+    the model's dtype, as `mlx_lm convert` casts every float tensor to it; names containing
+    one of `keep` (the model's mlx-lm `cast_predicate`) stay as they are."""
+    from transformers.core_model_loading import WeightConverter
+
+    dtype = getattr(model, "dtype", None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return []
+    tensors = model.state_dict().items()  # (persistent buffers only)
+    return [
+        WeightConverter(
+            source_patterns=f"^{re.escape(key)}",  # (no `$`, as channels_last_converter)
+            target_patterns=key,
+            operations=[CastOnSave(str(dtype).removeprefix("torch."))],
+        )
+        for key, tensor in tensors
+        if tensor.dtype == torch.float32 and not any(k in key for k in keep)
+    ]
