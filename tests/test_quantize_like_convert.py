@@ -74,6 +74,9 @@ def _quantized_text(tmp_path: Path, arch: str, variant, on_load: bool = False) -
         # the recipe read on mlx-lm's names (Llama 4's head is `output`: low bits), and the
         # entries saved under them while loading too
         ("llama4_text", "mixed_3_6", True),
+        # dense Granite 4.0's recipe entries for its fused MLP, one per mlx-lm part
+        ("granitemoehybrid_dense", "mixed_3_6", True),
+        ("solar_open", "mixed_3_6", False),
         # latent attention saved as mlx-lm's embed_q / unembed_out (before: kv_b_proj)
         ("mistral4", None, False),
         # routers mlx-lm holds in no linear layer stay float without an entry (before: refused),
@@ -176,3 +179,29 @@ def test_image_text_entries_in_either_naming(tmp_path: Path, on_load: bool) -> N
     (a, qa), (b, qb) = saved.values()
     assert qa == qb and set(namings["mlx-vlm"]) <= set(qa)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpt_neox_head_keeps_mlx_lm_name(tmp_path: Path) -> None:
+    """GPT-NeoX's untied head is saved as mlx-lm's `model.embed_out` (before: `embed_out`,
+    transformers' own Hub name, which mlx-lm does not read)."""
+    from arch_models import Variant, tiny_mlx_checkpoint
+
+    variant = Variant(tied=False)
+    ours = _quantized_text(tmp_path, "gpt_neox", variant, on_load=True)
+    _assert_same_checkpoint(ours, tiny_mlx_checkpoint("gpt_neox", variant))
+
+
+def test_dbrx_is_refused_by_name(tmp_path: Path) -> None:
+    """DBRX's fused experts are no module mlxq quantizes, where mlx-lm quantizes them:
+    refused by name (before: saved float, another checkpoint than mlx-lm's)."""
+    import mlxq
+    from arch_models import causal_lm_class, tiny_float_checkpoint
+
+    float_dir = tiny_float_checkpoint("dbrx", tmp_path / "float", False)
+    model = causal_lm_class("dbrx").from_pretrained(float_dir, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"model type 'dbrx': its experts"):
+        mlxq.quantize_model(model, 4, 64)
+    with pytest.raises(NotImplementedError, match=r"model type 'dbrx'"):
+        causal_lm_class("dbrx").from_pretrained(
+            float_dir, dtype=torch.bfloat16, quantization_config=mlxq.MLXQuantConfig(4, 64)
+        )

@@ -376,6 +376,14 @@ def mlx_lm_model_entries(
     return entries
 
 
+# models whose experts mlxq would leave float (no MoE plan for their module) where mlx-lm
+# quantizes them
+_EXPERTS_NOT_QUANTIZED = {
+    "dbrx": "its experts (DbrxExperts' fused w1/v1/w2 parameters) are not quantized by mlxq, "
+    "while mlx_lm convert quantizes each expert's projections",
+}
+
+
 def plan_quantization(
     model: nn.Module,
     top: ModuleFormat,
@@ -389,6 +397,12 @@ def plan_quantization(
     per projection in `parts` (names `<experts>.gate_proj` ... for per-module entries).
     """
     overrides = overrides or {}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _EXPERTS_NOT_QUANTIZED:
+        raise NotImplementedError(
+            f"mlxq: model type {model_type!r}: {_EXPERTS_NOT_QUANTIZED[model_type]}; mlxq "
+            "refuses to quantize it rather than write another checkpoint than mlx_lm convert's"
+        )
     if top.mode == "affine" and top.bits not in SUPPORTED_BITS:
         raise ValueError(f"mlxq: bits={top.bits} is not one of {SUPPORTED_BITS}")
 

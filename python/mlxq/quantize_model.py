@@ -231,7 +231,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
     from mlxq.integrations.mlx_lm_layout import (
         MLX_LM_CAST_KEEP,
-        mlx_lm_module_names,
+        mlx_lm_entries,
         use_mlx_lm_layout,
     )
     from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
@@ -246,8 +246,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
         overrides = {names.get(k, k): v for k, v in overrides.items()}
     else:
         use_mlx_lm_layout(model)
-        names = mlx_lm_module_names(model, overrides)  # (GraniteMoE's router.layer)
-        overrides = {names.get(k, k): v for k, v in overrides.items()}
+        overrides = mlx_lm_entries(model, overrides)  # (GraniteMoE's router.layer)
     experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}
     routers = {name for name, m in model.named_modules() if hasattr(m, "_mlxq_name")}
     drop_fused_expert_converters(model, experts, routers)

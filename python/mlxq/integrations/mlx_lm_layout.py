@@ -41,6 +41,7 @@ __all__ = [
     "fill_dropped_tensors",
     "mlx_lm_config_keys",
     "mlx_lm_outer_model_type",
+    "mlx_lm_entries",
     "mlx_lm_module_names",
     "use_mlx_lm_layout",
 ]
@@ -231,6 +232,7 @@ LAYOUTS: dict[str, MlxLayout] = {
             (r"^model\.embed_out\.", "lm_head."),  # transformers 5 names the head lm_head
         ),
         "model.h.",
+        kept_model_renames=(r"^embed_out\.",),  # (its head is mlx-lm's model.embed_out)
     ),
 }
 
@@ -730,6 +732,27 @@ def mlx_lm_module_names(model, names: Iterable[str]) -> dict[str, str]:
             else:
                 key = key.replace(target, source)
         out[name] = key.removesuffix(".weight")
+    return out
+
+
+def mlx_lm_entries(model, entries: dict) -> dict:
+    """Per-module `entries` (the model's names) under mlx-lm's names, as config.json holds
+    them: renamed (:func:`mlx_lm_module_names`), and an entry of a layer mlx-lm keeps as
+    parts (dense Granite 4.0's `shared_mlp.input_linear`: `mlp.gate_proj`, `mlp.up_proj`)
+    written for each part."""
+    names = mlx_lm_module_names(model, entries)
+    layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
+    merges = layout.merges if layout is not None and not _has_experts(model) else ()
+    out = {}
+    for key, value in entries.items():
+        name = names.get(key, key)
+        for parts, fused in merges:
+            if name.endswith(fused):
+                base = name[: -len(fused)]
+                out.update({f"{base}{part}": value for part in parts})
+                break
+        else:
+            out[name] = value
     return out
 
 

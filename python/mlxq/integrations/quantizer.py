@@ -823,10 +823,15 @@ class MLXHfQuantizer(HfQuantizer):
             config.overrides[name] = False
         float_dtype_for_routers(model)  # MiniMax-M2's router
         if not self.pre_quantized and config.overrides:  # entries saved in mlx-(v)lm's names
-            from mlxq.integrations.mlx_vlm_layout import saved_module_names
+            from mlxq.integrations.mlx_lm_layout import mlx_lm_entries
+            from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names
 
-            names = saved_module_names(model, config.overrides)
-            renamed = {names.get(k, k): v for k, v in config.overrides.items()}
+            names = mlx_vlm_module_names(model, config.overrides)
+            renamed = (
+                {names.get(k, k): v for k, v in config.overrides.items()}
+                if names
+                else mlx_lm_entries(model, config.overrides)
+            )
             if renamed != config.overrides:
                 config = _with_overrides(config, renamed)
         model.config.quantization_config = config

@@ -171,10 +171,14 @@ def cast_on_save_converters(model, keep: tuple[str, ...] = ()) -> list:
     one of `keep` (the model's mlx-lm `cast_predicate`) stay as they are."""
     from transformers.core_model_loading import WeightConverter
 
-    dtype = getattr(model, "dtype", None)
+    tensors = model.state_dict().items()  # (persistent buffers only)
+    sizes: dict[torch.dtype, int] = {}  # the model's dtype: most of its float values
+    for _, tensor in tensors:
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    dtype = max(sizes, key=sizes.get) if sizes else None
     if dtype not in (torch.bfloat16, torch.float16):
         return []
-    tensors = model.state_dict().items()  # (persistent buffers only)
     return [
         WeightConverter(
             source_patterns=f"^{re.escape(key)}",  # (no `$`, as channels_last_converter)
