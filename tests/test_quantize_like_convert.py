@@ -205,3 +205,18 @@ def test_dbrx_is_refused_by_name(tmp_path: Path) -> None:
         causal_lm_class("dbrx").from_pretrained(
             float_dir, dtype=torch.bfloat16, quantization_config=mlxq.MLXQuantConfig(4, 64)
         )
+
+
+def test_falcon_h1_with_mup_multipliers_is_refused_by_name() -> None:
+    """mlx-lm folds Falcon-H1's muP multipliers into the weights when it converts, and its model
+    then leaves them out; mlxq does not fold them: a model with multipliers other than 1 is
+    refused by name rather than saved as a checkpoint mlx-lm misreads."""
+    import mlxq
+    from arch_models import _config, causal_lm_class
+
+    config = _config("falcon_h1", True)
+    config.embedding_multiplier = 2.0
+    config.mlp_multipliers = [1.0, 0.5]
+    model = causal_lm_class("falcon_h1").from_config(config)
+    with pytest.raises(NotImplementedError, match=r"embedding_multiplier, mlp_multipliers"):
+        mlxq.quantize_model(model, 4, 64)

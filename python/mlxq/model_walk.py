@@ -384,6 +384,25 @@ _EXPERTS_NOT_QUANTIZED = {
 }
 
 
+_FALCON_H1_MULTIPLIERS = (
+    "embedding_multiplier lm_head_multiplier attention_in_multiplier attention_out_multiplier "
+    "key_multiplier ssm_in_multiplier ssm_out_multiplier mlp_multipliers ssm_multipliers".split()
+)
+
+
+def _folded_multipliers(config) -> list[str]:
+    """Falcon-H1's multipliers other than 1 (mlx-lm folds those into the weights)."""
+    if getattr(config, "model_type", None) != "falcon_h1":
+        return []
+    out = []
+    for key in _FALCON_H1_MULTIPLIERS:
+        value = getattr(config, key, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(v is not None and float(v) != 1.0 for v in values):
+            out.append(key)
+    return out
+
+
 def plan_quantization(
     model: nn.Module,
     top: ModuleFormat,
@@ -402,6 +421,14 @@ def plan_quantization(
         raise NotImplementedError(
             f"mlxq: model type {model_type!r}: {_EXPERTS_NOT_QUANTIZED[model_type]}; mlxq "
             "refuses to quantize it rather than write another checkpoint than mlx_lm convert's"
+        )
+    folded = _folded_multipliers(getattr(model, "config", None))
+    if folded:
+        raise NotImplementedError(
+            f"mlxq: model type {model_type!r} with muP multipliers ({', '.join(folded)}): "
+            "mlx_lm convert folds them into the weights (its falcon_h1 sanitize) and its model "
+            "no longer applies them, while transformers' model applies them in its forward; "
+            "mlxq does not fold them, so it refuses to write a checkpoint mlx-lm would misread"
         )
     if top.mode == "affine" and top.bits not in SUPPORTED_BITS:
         raise ValueError(f"mlxq: bits={top.bits} is not one of {SUPPORTED_BITS}")
