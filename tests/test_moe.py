@@ -591,19 +591,35 @@ def test_quantize_model_on_float_moe(tmp_path: Path) -> None:
         assert torch.isfinite(model(torch.tensor([TOKENS])).logits).all()
 
 
-def test_moe_refusals_name_the_module(tmp_path: Path) -> None:
-    """What is not reproduced is refused by name: a mixed recipe on a MoE model (mlx-lm's
-    recipe also picks the switch_mlp bits). (Float-mode MoE: tests/test_moe_fp.py.)"""
+def test_moe_recipe_convert_is_mlx_lm_convert(tmp_path: Path) -> None:
+    """`mlxq convert --recipe mixed_3_6` of a MoE model writes `mlx_lm convert
+    --quant-predicate mixed_3_6`'s checkpoint: the recipe also picks the router's and each
+    switch_mlp stack's bits (before: refused). (Float-mode MoE: tests/test_moe_fp.py.)"""
+    import contextlib
+    import io
+    import json
+
+    from mlx_lm import convert
     from mlxq.convert import convert_checkpoint
+    from safetensors.torch import load_file
 
     src = _tiny_float_moe("qwen3_moe", tmp_path / "float")
-    with pytest.raises(NotImplementedError, match=r"recipe 'mixed_3_6'.*'model\.layers\.0"):
-        convert_checkpoint(src, tmp_path / "out", bits=3, recipe="mixed_3_6")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    convert_checkpoint(src, ours, bits=3, recipe="mixed_3_6")
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(src), str(theirs), quantize=True, q_bits=3, quant_predicate="mixed_3_6")
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    q = json.loads((ours / "config.json").read_text())["quantization"]
+    assert q == json.loads((theirs / "config.json").read_text())["quantization"]
+    assert q["model.layers.1.mlp.switch_mlp.down_proj"]["bits"] == 6  # (the last eighth)
 
 
 def test_granitemoe_rule_refused_explicit_entries_match_mlx_lm(tmp_path: Path) -> None:
-    """mlx-lm's GraniteMoE class picks 8 bits for some modules by its own rule, which mlxq does
-    not reproduce: refused by model type. With explicit entries ({}: the top format
+    """mlx-lm's GraniteMoE class picks 8 bits for some modules by its own rule (reproduced
+    without entries: tests/test_quantize_like_convert.py). With explicit entries ({}: the top format
     everywhere) the saved tensors are those of `mlx_lm convert` given the same choice (its
     router under `router.layer`, stacks under `switch_mlp`), and mlx-lm's logits match."""
     import contextlib
@@ -627,8 +643,6 @@ def test_granitemoe_rule_refused_explicit_entries_match_mlx_lm(tmp_path: Path) -
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)  # as mlx-lm loads it
-    with pytest.raises(NotImplementedError, match=r"model type 'granitemoe'"):
-        mlxq.quantize_model(model, 4, 64)
     mlxq.quantize_model(model, 4, 64, overrides={})
     model.save_pretrained(ours)
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
@@ -699,7 +713,8 @@ def test_deepseek_v32_indexer_weights_proj_runs_float() -> None:
 def test_minimax_m2_router_reads_its_float_dtype(tmp_path: Path) -> None:
     """MiniMax-M2's router casts its input to `self.weight.dtype`: loaded from MLX it stays
     quantized and answers the float dtype; saving writes it quantized again, as mlx-lm reads.
-    Quantizing such a router is refused by name (mlx-lm's rule for minimax_m2 too)."""
+    Quantizing such a router is refused by name, with or without entries (mlx-lm's rule for
+    minimax_m2 would put it at 8 bits)."""
     variant = VARIANTS[1]
     outcome = run_arch("minimax_m2", variant)
     assert outcome.status == "loads" and outcome.max_diff <= TOLERANCE, outcome.line()
@@ -717,7 +732,7 @@ def test_minimax_m2_router_reads_its_float_dtype(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     float_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    with pytest.raises(NotImplementedError, match=r"mlx_lm/models/minimax\.py"):
+    with pytest.raises(NotImplementedError, match=r"router 'model\.layers\.0\.mlp\.gate'"):
         mlxq.quantize_model(float_model, 4, 64)
     with pytest.raises(NotImplementedError, match=r"router 'model\.layers\.0\.mlp\.gate'"):
         mlxq.quantize_model(float_model, 4, 64, overrides={})
@@ -747,9 +762,8 @@ def test_nemotron_h_quantized_is_mlx_lm_convert(tmp_path: Path) -> None:
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     assert sorted(a) == sorted(b)
     assert "backbone.layers.1.mixer.switch_mlp.fc1.scales" in b
-    for key, value in b.items():  # (transformers keeps the router's tensors in float32)
-        dtype = torch.float32 if ".mixer.gate." in key else value.dtype
-        assert a[key].dtype == dtype and torch.equal(a[key].to(value.dtype), value), key
+    for key, value in b.items():  # (the router's float32 tensors saved in bf16, as mlx-lm)
+        assert a[key].dtype == value.dtype and torch.equal(a[key], value), key
     for file in src.glob("*token*"):
         (ours / file.name).write_bytes(file.read_bytes())
     np.testing.assert_array_equal(mlx_lm_logits(ours, TOKENS), mlx_lm_logits(theirs, TOKENS))

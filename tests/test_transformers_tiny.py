@@ -166,7 +166,14 @@ def test_image_text_checkpoint_with_mlx_vlm_names(tmp_path: Path) -> None:
         vision_config=vision, text_config=text, image_token_id=1000, tie_word_embeddings=False
     )
     torch.manual_seed(0)
-    model = mlxq.quantize_model(LlavaForConditionalGeneration(config).eval(), 4, 64)
+    model = LlavaForConditionalGeneration(config).eval()
+    # the tower quantized too (mlx-vlm's rule keeps it float: entries name its layers)
+    tower = {
+        name: {"bits": 4, "group_size": 64}
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".vision_tower." in f".{name}"
+    }
+    model = mlxq.quantize_model(model, 4, 64, overrides=tower)
     legacy = (
         ("model.language_model.", "language_model.model."),
         ("lm_head.", "language_model.lm_head."),

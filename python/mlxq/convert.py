@@ -8,7 +8,7 @@ saved with `save_pretrained`, which writes the MLX tensors and the
 quantized whole by :func:`mlxq.quantize_model` (transformers fuses the per-expert tensors as it
 reads them, which the streaming path cannot quantize yet). mlx-lm's mixed recipes
 (``mixed_3_6`` ...) are reproduced module by module, so the per-module entries in config.json
-are the ones mlx-lm would write (not yet for MoE models: refused).
+are the ones mlx-lm would write (MoE models too: routers, and each stacked projection).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 from torch import nn
 
 from mlxq.format import MODE_DEFAULTS, check_quantization, find_quantization
-from mlxq.model_walk import mlx_lm_model_entries, plan_modules
-from mlxq.quantize_model import quantize_model
+from mlxq.model_walk import mlx_lm_float_modules, mlx_lm_model_entries, plan_modules
+from mlxq.quantize_model import latent_kv_b_parts, quantize_model
 
 __all__ = ["RECIPES", "recipe_overrides", "convert_checkpoint", "ConvertSummary"]
 
@@ -39,33 +39,71 @@ def recipe_overrides(model: nn.Module, recipe: str, group_size: int | None) -> d
 
     The first and last eighth of the layers, and every third layer between, keep `v_proj` and
     `down_proj` at the high bit width; `lm_head` always gets the high width; everything else
-    the low one. Only modules mlx-lm would quantize (input width a multiple of the group size)
-    get an entry. A `group_size` of None is written as null, as mlx-lm writes it when no
-    group size was asked for (and read as the mode's default, 64).
+    the low one. The names are read as mlx-lm names the modules (Llama 4's head is `output`:
+    low bits; MoE experts' `switch_mlp.down_proj`: high bits in those layers). Only modules
+    mlx-lm would quantize get an entry (input width a multiple of the group size; routers
+    mlx-lm holds in a linear layer; each stacked projection of fused experts, under
+    `<experts>.gate_proj` ...). A `group_size` of None is written as null, as mlx-lm writes it
+    when no group size was asked for (and read as the mode's default, 64).
+    Raises NotImplementedError for an image-text model: mlx-vlm's recipe is another rule.
     """
+    from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names
+    from mlxq.integrations.mlx_vlm_layout import is_image_text
+
     if recipe not in RECIPES:
         raise ValueError(f"mlxq: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if is_image_text(getattr(model, "config", None)):
+        raise NotImplementedError(
+            f"mlxq: recipe {recipe!r} for an image-text model: mlx_vlm convert's "
+            "--quant-predicate recipe is not mlx-lm's (group 64 whatever the group size, "
+            "embed_tokens at the high width, layers located by the first down_proj in mlx-vlm's "
+            "module order) and mlxq does not reproduce it; give the per-module entries yourself"
+        )
     low, high = RECIPES[recipe]
     width_group = group_size or MODE_DEFAULTS["affine"][0]
     # a tied head is not listed: in MLX it is the embedding itself (no module, no entry)
     walk = plan_modules(model, lambda name, plan: None)
-    modules = [(m.name, m.swap) for m in walk.modules if m.swap is not None]
-    down = [name for name, _ in modules if "down_proj" in name]
+    float_routers = set(mlx_lm_float_modules(model))
+    modules: list[tuple[str, int]] = []  # (name, input width) of what mlx-lm would quantize
+    latent = latent_kv_b_parts(model)  # stored by mlx-lm as two per-head layers
+    for m in walk.modules:
+        if m.name in latent:
+            _, nope, _, rank = latent[m.name]
+            modules += [(f"{m.name}.embed_q", nope), (f"{m.name}.unembed_out", rank)]
+        elif m.swap is not None:
+            modules.append((m.name, m.swap.in_features))
+        elif m.moe.kind == "router":
+            if m.name not in float_routers:
+                modules.append((m.name, m.moe.in_features))
+        else:  # gate/up read the hidden size, down the intermediate size
+            widths = {"down_proj": m.moe.out_features}
+            modules += [
+                (f"{m.name}.{p}", widths.get(p, m.moe.in_features)) for p in m.moe.projections
+            ]
+    mlx = mlx_lm_module_names(model, [name for name, _ in modules])
+    down = [mlx[name] for name, _ in modules if "down_proj" in mlx[name]]
     if not down:
         raise ValueError(f"mlxq: recipe {recipe!r} needs a model with down_proj layers")
     parts = down[0].split(".")
     where = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))
-    layers = len({n.split(".")[where] for n in down if len(n.split(".")) > where})
+    layers = len(
+        {
+            mlx[n].split(".")[where]
+            for n, _ in modules
+            if len(mlx[n].split(".")) > where and mlx[n].split(".")[where].isdigit()
+        }
+    )
 
     out: dict[str, dict] = {}
-    for name, plan in modules:
-        if plan.in_features % width_group:
+    for name, width in modules:
+        if width % width_group:
             continue
-        parts = name.split(".")
+        path = mlx[name]
+        parts = path.split(".")
         index = int(parts[where]) if len(parts) > where and parts[where].isdigit() else 0
         more = index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
-        high_here = ("lm_head" in name) or (
-            more and any(k in name for k in ("v_proj", "v_a_proj", "v_b_proj", "down_proj"))
+        high_here = ("lm_head" in path) or (
+            more and any(k in path for k in ("v_proj", "v_a_proj", "v_b_proj", "down_proj"))
         )
         out[name] = {"group_size": group_size, "bits": high if high_here else low, "mode": "affine"}
     return out
@@ -148,23 +186,14 @@ def convert_checkpoint(
         raise ValueError(f"mlxq: recipes work with mode 'affine' only (as in mlx-lm), got {mode!r}")
     meta = _meta_model(src)
     moe = [m.name for m in plan_modules(meta, lambda name, plan: None).modules if m.moe]
-    if recipe and moe:
-        raise NotImplementedError(
-            f"mlxq: recipe {recipe!r} on a mixture-of-experts model ({moe[0]!r}, ...) is not "
-            "reproduced yet (mlx-lm's recipe also picks the bits of switch_mlp stacks); convert "
-            "without a recipe"
-        )
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
-    # without a recipe, mlx-lm applies its model class's own per-module rule (checked here for
-    # every path: the MoE path applies it in quantize_model, the streaming one needs none)
+    # without a recipe, mlx-lm applies its model class's own per-module rule (quantize_model
+    # and the quantizer loading a float checkpoint apply it when given no entries)
     overrides = recipe_overrides(meta, recipe, group_size) if recipe else None
-    model_entries = mlx_lm_model_entries(meta, top) if not recipe else {}
-    if model_entries and not moe:
-        raise NotImplementedError(
-            f"mlxq: mlx_lm convert gives {next(iter(model_entries))!r} ... their own formats "
-            "for this model type; mlxq applies such entries only when it quantizes a loaded "
-            "model (mlxq.quantize_model)"
-        )
+    from mlxq.integrations.mlx_vlm_layout import saved_module_names
+
+    if not recipe:  # refused here, before loading, for a rule mlxq does not reproduce
+        mlx_lm_model_entries(meta, top, lambda modules: saved_module_names(meta, modules))
     # the top level is written resolved (64, not null), as mlx_lm convert writes it
     qconfig = MLXQuantConfig(
         bits=bits or top.bits,
@@ -181,7 +210,7 @@ def convert_checkpoint(
         # MoE experts cannot be quantized while they load yet (transformers fuses the
         # per-expert tensors as it reads them): the float model is loaded whole, then quantized
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
-        quantize_model(model, bits, group_size, mode=mode)
+        quantize_model(model, bits, group_size, overrides=overrides, mode=mode)
     else:
         # quantized tensor by tensor while loading: the float model is never whole in memory
         model = AutoModelForCausalLM.from_pretrained(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlxq.ops import dequantize, quantized_matmul
+from mlxq.ops import affine_quantize, dequantize, quantize, quantized_matmul
 
 __all__ = ["MultiLinear", "AffineMultiLinear", "SplitKvB"]
 
@@ -74,6 +74,23 @@ class AffineMultiLinear(nn.Module):
             self.mode,
         )
 
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bits: int, group_size: int, mode: str = "affine"
+    ) -> AffineMultiLinear:
+        """Quantize float per-head weights `[heads, out, in]` along `in`, as `mlx.nn.quantize`
+        quantizes mlx-lm's `MultiLinear`."""
+        heads, out_features, in_features = weight.shape
+        module = cls(
+            heads, in_features, out_features, bits, group_size, weight.dtype, weight.device, mode
+        )
+        w = weight.detach().contiguous()
+        if mode == "affine":
+            module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
+        else:
+            module.weight, module.scales = quantize(w, group_size, bits, mode)
+        return module
+
     def dequantize_weight(self) -> torch.Tensor:
         """The float weights `[heads, out, in]`, in the dtype of `scales` (affine) or `dtype`."""
         dtype = None if self.mode == "affine" else self.dtype
@@ -114,6 +131,33 @@ class SplitKvB(nn.Module):
         v = self.unembed_out(flat)  # [heads, T, v_head]
         out = torch.cat([k, v], dim=-1).transpose(0, 1)  # [T, heads, qk_nope + v_head]
         return out.reshape(*lead, self.out_features)
+
+    @classmethod
+    def from_kv_b_proj(
+        cls, weight: torch.Tensor, heads: int, qk_nope_head_dim: int, v_head_dim: int, formats
+    ) -> SplitKvB:
+        """mlx-lm's split of a float `kv_b_proj` weight `[heads * (nope + v), rank]` (its
+        deepseek_v3 sanitize), each part quantized in `formats[part]` (a ModuleFormat) or
+        kept float (None)."""
+        rank = weight.shape[-1]
+        w = weight.detach().reshape(heads, qk_nope_head_dim + v_head_dim, rank)
+        halves = {
+            "embed_q": w[:, :qk_nope_head_dim, :].transpose(-1, -2),  # [heads, rank, nope]
+            "unembed_out": w[:, qk_nope_head_dim:, :],  # [heads, v, rank]
+        }
+        parts = {}
+        for part, half in halves.items():
+            fmt = formats.get(part)
+            if fmt is None:
+                h, out_f, in_f = half.shape
+                float_part = MultiLinear(h, in_f, out_f, half.dtype, half.device)
+                float_part.weight.data.copy_(half)
+                parts[part] = float_part
+            else:
+                parts[part] = AffineMultiLinear.from_float(
+                    half.contiguous(), fmt.bits, fmt.group_size, fmt.mode
+                )
+        return cls(heads, rank, qk_nope_head_dim, v_head_dim, **parts)
 
     def extra_repr(self) -> str:
         return (

@@ -35,6 +35,7 @@ __all__ = [
     "head_decision",
     "plan_modules",
     "plan_quantization",
+    "mlx_lm_float_modules",
     "mlx_lm_model_entries",
     "tie_head",
 ]
@@ -233,24 +234,85 @@ def _refuse_weight_reads(
 _QWEN3_5_MOE_GATES = tuple(
     (suffix, {"group_size": 64, "bits": 8}) for suffix in ("mlp.gate", "shared_expert_gate")
 )
+_EIGHT = {"group_size": 64, "bits": 8}
+# keys are read on mlx-lm's module names (what its predicate sees): a name suffix, `*` and a
+# substring, or `=` and the whole name
 _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
-    "qwen3_moe": (("mlp.gate", {"group_size": 64, "bits": 8}),),
-    "gpt_oss": (("mlp.router", {"group_size": 64, "bits": 8}),),
-    # mlx-lm's Nemotron-H router holds its weight in no linear layer: it stays float
-    "nemotron_h": (("mixer.gate", False),),
+    "qwen3_moe": (("mlp.gate", _EIGHT),),
+    "gpt_oss": (("mlp.router", _EIGHT),),
     # Qwen 3.5 MoE inherits Qwen 3.5's predicate (mlx_lm/models/qwen3_5.py, which mlx-vlm's
     # conversion asks too): with experts, the router and the shared expert's gate at 8 bits
     "qwen3_5_moe": _QWEN3_5_MOE_GATES,
     "qwen3_5_moe_text": _QWEN3_5_MOE_GATES,
+    "qwen3_next": _QWEN3_5_MOE_GATES,
+    "kimi_linear": (("mlp.gate", _EIGHT),),
+    "mellum": (("mlp.gate", _EIGHT),),
+    "jamba": (("router", _EIGHT),),
+    "lfm2_moe": (("feed_forward.gate", _EIGHT),),
+    "minimax": (("block_sparse_moe.gate", _EIGHT),),
+    "minimax_m2": (("block_sparse_moe.gate", _EIGHT),),  # (mlx-lm runs it as minimax)
+    "afmoe": (("*router.gate", _EIGHT),),
+    "longcat_flash": (("classifier", _EIGHT),),
+    "bailing_moe": (("mlp.gate.gate_proj", _EIGHT),),
+    # Granite: o_proj, down_proj and the head at 8 bits (low-bit float modes underflow there)
+    "granite": tuple((k, _EIGHT) for k in ("self_attn.o_proj", "mlp.down_proj", "=lm_head")),
+    "granitemoe": tuple(
+        (k, _EIGHT)
+        for k in ("block_sparse_moe.router.layer", "self_attn.o_proj", "mlp.down_proj", "=lm_head")
+    ),
+    # Granite 4.0 (H): the router's `layer` only where there are experts (the router exists
+    # only then)
+    "granitemoehybrid": (("block_sparse_moe.router.layer", _EIGHT),),
+    "gemma4_text": (("router.proj", _EIGHT),),
+}
+
+# routers mlx-lm's model holds in no linear layer (a MoEGate / TopkRouter with a bare `weight`
+# parameter, mlx_lm/models/<type>.py, mlx-lm 0.32): `mlx_lm convert` leaves them float with no
+# entry, with or without a recipe. model_type -> module name suffixes.
+_MLX_LM_FLOAT_MODULES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        "deepseek_v2 deepseek_v3 deepseek_v32 dots1 exaone_moe glm4_moe glm4_moe_lite "
+        "glm_moe_dsa mimo_v2_flash solar_open".split(),
+        ("mlp.gate",),
+    ),
+    "nemotron_h": ("mixer.gate",),
+    "glm4v_moe": ("mlp.gate",),  # (mlx-vlm's GLM-4.5V: a MoEGate too)
+}
+
+
+def mlx_lm_float_modules(model: nn.Module) -> list[str]:
+    """The routers of `model` that mlx-lm's model holds in no quantizable layer (float in every
+    `mlx_lm convert`, without an entry)."""
+    config = getattr(model, "config", None)
+    suffixes = _MLX_LM_FLOAT_MODULES.get(getattr(config, "model_type", None) or "", ())
+    if not suffixes:
+        return []
+    return [
+        m.name
+        for m in plan_modules(model, lambda name, plan: None).modules
+        if m.moe is not None and m.moe.kind == "router" and m.name.endswith(suffixes)
+    ]
+
+
+# image-text models are saved as `mlx_vlm convert` writes them, so mlx-vlm's model class's
+# rule applies (mlx_vlm/models/<type>/<type>.py `quant_predicate`, mlx-vlm 0.7.10), given as
+# (name suffix, or `*` and a substring of the name; entry); False keeps the module float with
+# no entry, as the predicate's False does. qwen3_vl_moe: mlx-vlm's Model has no predicate (its
+# language model's 8-bit router rule is never asked), so its routers take the top-level format.
+_MLX_VLM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
+    "gemma4": (("*router", {"group_size": 64, "bits": 8}),),  # `"router" in path`
+    "mistral3": (("lm_head", False),),  # the head stays float
+    "qwen3_vl_moe": (),
+    "qwen3_5": (),  # no experts: no predicate
+    "qwen3_5_moe": _QWEN3_5_MOE_GATES,
 }
 
 
 # model types whose mlx-lm class has a `quant_predicate` mlxq does not reproduce (mlx-lm 0.32,
 # mlx_lm/models/<type>.py): quantizing them without explicit entries is refused
 _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
-    "Klear afmoe bailing_hybrid bailing_moe bailing_moe_linear gemma4 gemma4_text "
-    "granite granitemoe granitemoehybrid jamba kimi_linear laguna lfm2_moe longcat_flash "
-    "longcat_flash_ngram mellum minimax minimax_m2 muse_spark qwen3_5 qwen3_next qwen3_vl_moe "
+    "Klear bailing_hybrid bailing_moe_linear gemma4 laguna "
+    "longcat_flash_ngram muse_spark qwen3_5 "
     "rwkv7 spark2_5 step3p5".split()
 )
 
@@ -264,14 +326,25 @@ _MLX_LM_MODULE = {"minimax_m2": "minimax"}
 _TEXT_MODEL_PREDICATE = frozenset({"minicpmv4_6", "minicpmv4_7"})
 
 
-def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]:
+def mlx_lm_model_entries(
+    model: nn.Module,
+    top: ModuleFormat,
+    mlx_names: Callable[[list[str]], Mapping[str, str]] | None = None,
+) -> dict[str, dict | bool]:
     """The per-module entries mlx-lm's own model class would write for `model` (its
-    `quant_predicate`), for the modules that would be quantized (width a multiple of the top
-    group size, as mlx-lm checks before asking the predicate). Raises NotImplementedError for
-    a model type whose predicate mlxq does not reproduce."""
+    `quant_predicate`; mlx-vlm's for an image-text model), for the modules that would be
+    quantized (width a multiple of the top group size, as mlx-lm checks before asking the
+    predicate). An entry False keeps its module float (the predicate's False: mlx-lm writes no
+    entry for it). `mlx_names` gives mlx-lm's (or mlx-vlm's) names of the model's modules, on
+    which the rules are read (default: the model's own). The entries are keyed by the model's
+    names. Raises NotImplementedError for a model type whose predicate mlxq does not
+    reproduce."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:
+    image_text = getattr(config, "vision_config", None) is not None
+    if image_text and model_type in _MLX_VLM_MODEL_ENTRIES:
+        rules = _MLX_VLM_MODEL_ENTRIES[model_type]
+    elif model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:
         raise NotImplementedError(
             f"mlxq: mlx_lm convert quantizes model type {model_type!r} by its own per-module "
             f"rule (quant_predicate in mlx_lm/models/{_MLX_LM_MODULE.get(model_type, model_type)}"
@@ -279,20 +352,62 @@ def mlx_lm_model_entries(model: nn.Module, top: ModuleFormat) -> dict[str, dict]
             "reproduce yet; give the per-module formats yourself (quantize_model(..., "
             "overrides={...}), {} for the top-level format everywhere)"
         )
-    if model_type in _TEXT_MODEL_PREDICATE:
-        model_type = getattr(getattr(config, "text_config", None), "model_type", None)
-    rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
+    else:
+        if model_type in _TEXT_MODEL_PREDICATE:
+            model_type = getattr(getattr(config, "text_config", None), "model_type", None)
+        rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
     if not rules:
         return {}
-    entries: dict[str, dict] = {}
-    for entry in plan_modules(model, lambda name, plan: None).modules:
-        width = entry.swap.in_features if entry.swap is not None else entry.moe.in_features
-        if entry.moe is not None and entry.moe.kind == "experts":
-            continue
-        for suffix, value in rules:
-            if entry.name.endswith(suffix) and width % top.group_size == 0:
-                entries[entry.name] = dict(value) if isinstance(value, dict) else value
+    planned: list[tuple[str, int]] = []  # (name, input width); experts: each stack
+    for m in plan_modules(model, lambda name, plan: None).modules:
+        if m.moe is not None and m.moe.kind == "experts":
+            widths = {"down_proj": m.moe.out_features}
+            planned += [
+                (f"{m.name}.{p}", widths.get(p, m.moe.in_features)) for p in m.moe.projections
+            ]
+        else:
+            planned.append((m.name, m.swap.in_features if m.swap else m.moe.in_features))
+    names = dict(mlx_names([name for name, _ in planned])) if mlx_names is not None else {}
+    entries: dict[str, dict | bool] = {}
+    for name, width in planned:
+        path = names.get(name, name)
+        for key, value in rules:
+            if key[0] == "*":
+                hit = key[1:] in path
+            elif key[0] == "=":
+                hit = path == key[1:]
+            else:
+                hit = path.endswith(key)
+            if hit and width % top.group_size == 0:
+                entries[name] = dict(value) if isinstance(value, dict) else value
     return entries
+
+
+# models whose experts mlxq would leave float (no MoE plan for their module) where mlx-lm
+# quantizes them
+_EXPERTS_NOT_QUANTIZED = {
+    "dbrx": "its experts (DbrxExperts' fused w1/v1/w2 parameters) are not quantized by mlxq, "
+    "while mlx_lm convert quantizes each expert's projections",
+}
+
+
+_FALCON_H1_MULTIPLIERS = (
+    "embedding_multiplier lm_head_multiplier attention_in_multiplier attention_out_multiplier "
+    "key_multiplier ssm_in_multiplier ssm_out_multiplier mlp_multipliers ssm_multipliers".split()
+)
+
+
+def _folded_multipliers(config) -> list[str]:
+    """Falcon-H1's multipliers other than 1 (mlx-lm folds those into the weights)."""
+    if getattr(config, "model_type", None) != "falcon_h1":
+        return []
+    out = []
+    for key in _FALCON_H1_MULTIPLIERS:
+        value = getattr(config, key, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(v is not None and float(v) != 1.0 for v in values):
+            out.append(key)
+    return out
 
 
 def plan_quantization(
@@ -308,6 +423,20 @@ def plan_quantization(
     per projection in `parts` (names `<experts>.gate_proj` ... for per-module entries).
     """
     overrides = overrides or {}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _EXPERTS_NOT_QUANTIZED:
+        raise NotImplementedError(
+            f"mlxq: model type {model_type!r}: {_EXPERTS_NOT_QUANTIZED[model_type]}; mlxq "
+            "refuses to quantize it rather than write another checkpoint than mlx_lm convert's"
+        )
+    folded = _folded_multipliers(getattr(model, "config", None))
+    if folded:
+        raise NotImplementedError(
+            f"mlxq: model type {model_type!r} with muP multipliers ({', '.join(folded)}): "
+            "mlx_lm convert folds them into the weights (its falcon_h1 sanitize) and its model "
+            "no longer applies them, while transformers' model applies them in its forward; "
+            "mlxq does not fold them, so it refuses to write a checkpoint mlx-lm would misread"
+        )
     if top.mode == "affine" and top.bits not in SUPPORTED_BITS:
         raise ValueError(f"mlxq: bits={top.bits} is not one of {SUPPORTED_BITS}")
 

@@ -19,6 +19,7 @@ from mlxq.format import check_quantization
 from mlxq.model_walk import (
     ModelPlan,
     PlannedModule,
+    mlx_lm_float_modules,
     mlx_lm_model_entries,
     plan_quantization,
     tie_head,
@@ -46,8 +47,12 @@ def quantize_model(
             128; None: the mode's default, for affine 4 bits and group 64, as in MLX).
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
             recorded in the saved config like mlx-lm's mixed recipes. None: the entries
-            mlx-lm's own model class adds (Qwen3-MoE's routers at 8 bits), as `mlx_lm convert`
+            mlx-lm's own model class adds (Qwen3-MoE's, Kimi Linear's, Granite 4.0-H's and
+            Gemma 4's routers at 8 bits; mlx-vlm's for an image-text model), as `mlx_lm convert`
             without a recipe. Fused MoE experts take entries under `<experts>.gate_proj` ....
+            An image-text model's entries may name modules as transformers does or as
+            mlx-vlm's config.json does; its vision tower, projector and audio tower stay
+            float unless an entry names them (mlx-vlm's `skip_multimodal_module`).
         modules_to_not_convert: module paths (and their children) kept in float.
         mode: MLX's quantization mode: "affine", "mxfp4", "nvfp4" or "mxfp8" (mlx_lm convert
             --q-mode); per-module entries may name their own.
@@ -55,19 +60,97 @@ def quantize_model(
     Returns the same model.
     """
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
-    if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
-        overrides = mlx_lm_model_entries(model, top)
-    overrides = dict(overrides)
-    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
     skip = list(modules_to_not_convert or [])
+    if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
+        overrides = mlx_lm_model_entries(model, top, lambda names: _saved_names(model, names))
+        # where its rule says False, mlx-lm leaves the module float and writes no entry
+        skip += [name for name, entry in overrides.items() if entry is False]
+        overrides = {name: entry for name, entry in overrides.items() if entry is not False}
+    overrides = _with_model_names(model, dict(overrides))
+    skip += [name for name in mlx_lm_float_modules(model) if name not in overrides]
+    skip += _multimodal_modules(model, overrides, skip)
+    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
+    split = _split_latent_kv_b(model, top, overrides, skip)
     walk = plan_quantization(model, top, overrides, skip)
-    replaced = quantize_planned(model, walk)
+    replaced = quantize_planned(model, walk) | split
     for name in float_where_weight_dtype_is_read(model):  # its dtype is read by the forward
         overrides[name] = False  # saved float, and said so for mlx-lm
         replaced.discard(name)
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
     group_projections(model)
     return model
+
+
+def latent_kv_b_parts(model: nn.Module) -> dict[str, tuple[int, int, int, int]]:
+    """The `self_attn.kv_b_proj` layers of a model that mlx-lm stores split per head into
+    `embed_q` / `unembed_out` (DeepSeek V3's family, Mistral 4, Kimi Linear: their layouts
+    rename those): name -> (heads, qk_nope_head_dim, v_head_dim, kv_lora_rank)."""
+    from mlxq.integrations.mlx_lm_layout import LAYOUTS
+
+    config = getattr(model, "config", None)
+    layout = LAYOUTS.get(getattr(config, "model_type", None) or "")
+    if layout is None or not any("embed_q" in pattern for pattern, _ in layout.renames):
+        return {}
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dims = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
+    heads, nope, v, rank = dims
+    return {
+        name: dims
+        for name, module in model.named_modules()
+        if name.endswith("self_attn.kv_b_proj")
+        and isinstance(module, nn.Linear)
+        and (module.in_features, module.out_features) == (rank, heads * (nope + v))
+    }
+
+
+def _split_latent_kv_b(model: nn.Module, top, overrides: dict, skip: list[str]) -> set[str]:
+    """Replace each latent-attention `kv_b_proj` by mlx-lm's split of it
+    (:meth:`mlxq.mla.SplitKvB.from_kv_b_proj`), `embed_q` (`[heads, rank, nope]`, quantized
+    along nope) and `unembed_out` (`[heads, v, rank]`, along rank) each in its own format
+    (entries `<kv_b_proj>.embed_q` / `.unembed_out`, or one for `kv_b_proj`), float where its
+    width does not fit: the tensors `mlx_lm convert` writes. Returns the quantized parts."""
+    from mlxq.format import configured_format, fits, is_skipped
+    from mlxq.mla import SplitKvB
+
+    quantized: set[str] = set()
+    for name, (heads, nope, v, rank) in latent_kv_b_parts(model).items():
+        if is_skipped(name, skip):
+            continue
+        formats = {}
+        for part, width in (("embed_q", nope), ("unembed_out", rank)):
+            key = f"{name}.{part}"
+            entries = (
+                overrides if key in overrides or name not in overrides else {key: overrides[name]}
+            )
+            fmt = configured_format(key, top, entries, skip)
+            formats[part] = fmt if fmt is not None and fits(width, fmt) else None
+        weight = model.get_submodule(name).weight
+        model.set_submodule(name, SplitKvB.from_kv_b_proj(weight, heads, nope, v, formats))
+        quantized |= {f"{name}.{part}" for part, fmt in formats.items() if fmt is not None}
+    return quantized
+
+
+def _saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    from mlxq.integrations.mlx_vlm_layout import saved_module_names
+
+    return saved_module_names(model, names)
+
+
+def _with_model_names(model: nn.Module, overrides: dict[str, dict | bool]) -> dict:
+    """Per-module entries of an image-text model under the model's module names: an entry
+    may name its module as transformers does (`model.language_model.layers.0.mlp.down_proj`)
+    or as mlx-vlm's config.json does (`language_model.model.layers.0.mlp.down_proj`)."""
+    from mlxq.integrations.mlx_vlm_layout import entries_as_model_names
+
+    return entries_as_model_names(model, overrides)
+
+
+def _multimodal_modules(model: nn.Module, overrides: dict, skip: list[str]) -> list[str]:
+    """The modules of an image-text model that `mlx_vlm convert` leaves float (its
+    `skip_multimodal_module`: vision towers, projectors, audio), but those given an entry."""
+    from mlxq.integrations.mlx_vlm_layout import multimodal_modules
+
+    return [name for name in multimodal_modules(model) if name not in overrides]
 
 
 def quantize_planned(model: nn.Module, walk: ModelPlan) -> set[str]:
@@ -147,25 +230,24 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-    from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names, use_mlx_lm_layout
-    from mlxq.integrations.mlx_vlm_layout import (
-        mlx_vlm_module_names,
-        save_upcast_in_model_dtype,
-        use_mlx_vlm_layout,
+    from mlxq.integrations.mlx_lm_layout import (
+        MLX_LM_CAST_KEEP,
+        mlx_lm_entries,
+        use_mlx_lm_layout,
     )
+    from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
+    from mlxq.integrations.weight_ops import cast_on_save_converters
     from mlxq.moe import MoeExperts
 
     drop_tied_keys(model, replaced)
     if use_mlx_vlm_layout(model):  # image-text models: saved as mlx-vlm writes them
         names = mlx_vlm_module_names(model, overrides)  # the entries too (mlx-vlm reads them)
         overrides = {names.get(k, k): v for k, v in overrides.items()}
-        save_upcast_in_model_dtype(model)  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
     else:
         use_mlx_lm_layout(model)
-        names = mlx_lm_module_names(model, overrides)  # Qwen 3.5's `language_model.`
-        overrides = {names.get(k, k): v for k, v in overrides.items()}
+        overrides = mlx_lm_entries(model, overrides)  # (GraniteMoE's router.layer)
     experts = {name for name, m in model.named_modules() if isinstance(m, MoeExperts)}
     routers = {name for name, m in model.named_modules() if hasattr(m, "_mlxq_name")}
     drop_fused_expert_converters(model, experts, routers)
@@ -179,6 +261,15 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     )
     config.quantization_config = qconfig
     add_mlx_lm_config_keys(config)
+    keep = MLX_LM_CAST_KEEP.get(getattr(config, "model_type", None) or "", ())
+    casts = cast_on_save_converters(model, keep)  # float32 tensors: the model's dtype
+    if casts:
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions is None:  # built from a config: what transformers would revert
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            conversions = get_model_conversion_mapping(model, add_legacy=False)
+        model._weight_conversions = [*conversions, *casts]
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)

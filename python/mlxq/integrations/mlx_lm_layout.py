@@ -44,6 +44,7 @@ __all__ = [
     "mlx_lm_config_keys",
     "mlx_lm_module_names",
     "mlx_lm_outer_model_type",
+    "mlx_lm_entries",
     "use_mlx_lm_layout",
 ]
 
@@ -127,6 +128,14 @@ class MlxLayout:
             for source, target in self.stacks
             for leaf in ("weight", "scales", "biases")
         ]
+
+    # source patterns of the model's own renamings (transformers' conversion mapping) whose
+    # names mlx-lm keeps: a model quantized by mlxq saves without reversing them (Kimi
+    # Linear's `.mlp.`, which transformers reads from the Hub's `.block_sparse_moe.`)
+    kept_model_renames: tuple[str, ...] = ()
+    # rename patterns that describe mlx-lm's model without experts only (Granite 4.0's dense
+    # MLP); a model with experts saves without them, and without the merges
+    dense_only: tuple[str, ...] = ()
 
     def merge_headers(self, headers: dict) -> dict:
         """`headers` (transformers' names -> TensorInfo) with the parts of each merge replaced
@@ -317,6 +326,7 @@ LAYOUTS: dict[str, MlxLayout] = {
             (r"^model\.embed_out\.", "lm_head."),  # transformers 5 names the head lm_head
         ),
         "model.h.",
+        kept_model_renames=(r"^embed_out\.",),  # (its head is mlx-lm's model.embed_out)
     ),
 }
 
@@ -575,6 +585,7 @@ LAYOUTS["granitemoehybrid"] = MlxLayout(
     ),
     (".switch_mlp.", ".mlp.gate_proj."),
     merges=(((".mlp.gate_proj", ".mlp.up_proj"), ".shared_mlp.input_linear"),),
+    dense_only=(r"\.mlp\.down_proj\.",),
 )
 
 
@@ -613,6 +624,8 @@ LAYOUTS["olmo_hybrid"] = MlxLayout(
     (),
     ".linear_attn.q_conv1d.",
     conv_concat=((_QKV_CONV, "linear_attn.conv1d.weight"),),
+    # transformers saves the norms under legacy names; mlx-lm's are the model's own
+    kept_model_renames=("attention_layer_norm", "feedforward_layer_norm"),
 )
 
 
@@ -632,6 +645,7 @@ LAYOUTS["kimi_linear"] = MlxLayout(
     conv_concat=(
         (tuple(f"self_attn.{p}_conv.conv.weight" for p in "qkv"), "self_attn.conv1d.weight"),
     ),
+    kept_model_renames=(r"\.block_sparse_moe\.",),
 )
 
 
@@ -713,12 +727,34 @@ def _has_marker(key: str, marker: str | tuple[str, ...]) -> bool:
     return marker in key if marker.startswith(".") else key.startswith(marker)
 
 
+# mlx-lm's `cast_predicate` (mlx_lm/models/<type>.py): float tensors `mlx_lm convert` leaves in
+# the checkpoint's dtype instead of casting them to the model's
+MLX_LM_CAST_KEEP: dict[str, tuple[str, ...]] = {
+    "lfm2_moe": ("expert_bias",),
+    "bailing_moe": ("expert_bias",),
+    "bailing_moe_linear": ("expert_bias",),
+    "laguna": ("e_score_correction_bias",),
+    "longcat_flash": ("e_score_correction_bias",),
+}
+
+
 def use_mlx_lm_layout(model) -> None:
     """Save in mlx-lm's tensor names where they differ from transformers' (GPT-2, GPT-NeoX):
     float GPT-2 `Conv1D`s become `nn.Linear` (mlx-lm's `[out, in]`), and the renames are added
     to the ones transformers reverses when saving."""
     layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
-    if layout is None or not layout.save_renamed:
+    if layout is None:  # mlx-lm's names; its convolution weights channels-last (Falcon-H1's,
+        # RecurrentGemma's), as `mlx_lm convert` writes them
+        convs = _channels_last_on_save(model)
+        if convs:
+            conversions = getattr(model, "_weight_conversions", None)
+            if conversions is None:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+
+                conversions = get_model_conversion_mapping(model, add_legacy=False)
+            model._weight_conversions = [*conversions, *convs]
+        return
+    if not layout.save_renamed:
         return
     if layout.conv1d_as_linear:
         for name, module in list(model.named_modules()):
@@ -738,36 +774,160 @@ def use_mlx_lm_layout(model) -> None:
     # there twice
     if built or any(rename in layout.renames for rename in _LANGUAGE_MODEL):
         conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+    if layout.kept_model_renames:  # names mlx-lm keeps: not reversed when saving
+        from transformers.core_model_loading import WeightRenaming
+
+        conversions = [
+            c
+            for c in conversions
+            if not (
+                type(c) is WeightRenaming
+                and set(c.source_patterns) <= set(layout.kept_model_renames)
+            )
+        ]
+    # mlx-lm's separate channels-last q/k/v convolutions: split (and permuted) when saving,
+    # in place of the model's own concatenation
+    conv_split = _conv_split_on_save(model, layout)
+    targets = {t for c in conv_split for t in c._original_target_patterns}
+    conversions = [
+        c
+        for c in conversions
+        if not (
+            type(c).__name__ == "WeightConverter" and targets & set(c._original_target_patterns)
+        )
+    ]
     # first in the list, so reversed last: the model's own renamings have run by then
     offsets = layout.offset_conversions(name for name, _ in model.named_parameters())
+    from transformers.core_model_loading import WeightRenaming
+
+    dense = not _has_experts(model)
+    renamings = [
+        WeightRenaming(source_patterns=p, target_patterns=r)
+        for p, r in layout.renames
+        if dense or p not in layout.dense_only
+    ]
     model._weight_conversions = [
-        *layout.weight_renamings(),
+        *conv_split,
+        *renamings,
         *layout.stack_conversions(),  # DBRX's experts: cut into mlx-lm's one layer per expert
         *conversions,
+        *(layout.merge_conversions() if dense else []),  # split again when saving
         *offsets,
-        *_channels_last_on_save(model),
+        *_channels_last_on_save(model, skip=targets),
     ]
 
 
-def mlx_lm_module_names(model, names) -> dict[str, str]:
-    """The names `save_pretrained` writes the weights of the model's modules `names` under,
-    where they differ (Qwen 3.5's text model under mlx-lm's `language_model.`): the
-    per-module entries of config.json name the modules so, as `mlx_lm convert` writes them
-    and mlx-lm looks them up. The model's renamings reversed, as transformers reverses them."""
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
+def mlx_lm_module_names(model, names: Iterable[str]) -> dict[str, str]:
+    """mlx-lm's names of the model's modules `names` (for the per-module entries of
+    config.json), as `save_pretrained` names their tensors: the model's own renamings
+    reversed (Mixtral's `mlp.` -> `block_sparse_moe.`, Nemotron-H's `model.` -> `backbone.`),
+    then the layout's (GraniteMoE's `router` -> `router.layer`); renames that are not literal
+    are left out. A name no rename touches is its own."""
+    from transformers.core_model_loading import WeightRenaming
 
-    conversions = getattr(model, "_weight_conversions", None) or []
-    reversed_ = (c.reverse_transform() for c in conversions[::-1])
-    renamings = [r for r in reversed_ if isinstance(r, WeightRenaming)]
+    layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
+    ours = tuple(layout.renames) if layout is not None and layout.save_renamed else ()
+    if ours and _has_experts(model):
+        ours = tuple(r for r in ours if r[0] not in layout.dense_only)
+    kept = layout.kept_model_renames if layout is not None else ()
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    own = [
+        (source, target)
+        for c in conversions
+        if type(c) is WeightRenaming
+        for source, target in zip(c.source_patterns, c.target_patterns, strict=False)
+        # (renamings of one tensor, `router.layer.weight` -> `router.weight`, are dropped for
+        # the modules mlxq replaces, whose layout renames the whole module)
+        if (source, target) not in ours and source not in kept and "weight" not in source
+    ]
+    # saving reverses the list last to first: the model's renamings, then the layout's
+    renames = [pair for rename in (*ours, *own) for pair in _alternatives(*rename)]
     out = {}
     for name in names:
-        key = apply_renamings(f"{name}.weight", renamings)
-        if key != f"{name}.weight" and key.endswith(".weight"):
-            out[name] = key.removesuffix(".weight")
+        key = f"{name}.weight"
+        for pattern, repl in reversed(renames):
+            source = re.sub(r"\\(.)", r"\1", pattern.removeprefix("^"))
+            target = re.sub(r"\\(.)", r"\1", repl.removeprefix("^"))
+            if re.search(r"[\\()|\[\]*+?$]", source + target):  # not literal
+                continue
+            if pattern.startswith("^"):
+                key = source + key[len(target) :] if key.startswith(target) else key
+            else:
+                key = key.replace(target, source)
+        out[name] = key.removesuffix(".weight")
     return out
 
 
-def _channels_last_on_save(model) -> list:
+def mlx_lm_entries(model, entries: dict) -> dict:
+    """Per-module `entries` (the model's names) under mlx-lm's names, as config.json holds
+    them: renamed (:func:`mlx_lm_module_names`), and an entry of a layer mlx-lm keeps as
+    parts (dense Granite 4.0's `shared_mlp.input_linear`: `mlp.gate_proj`, `mlp.up_proj`)
+    written for each part."""
+    names = mlx_lm_module_names(model, entries)
+    layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
+    merges = layout.merges if layout is not None and not _has_experts(model) else ()
+    out = {}
+    for key, value in entries.items():
+        name = names.get(key, key)
+        for parts, fused in merges:
+            if name.endswith(fused):
+                base = name[: -len(fused)]
+                out.update({f"{base}{part}": value for part in parts})
+                break
+        else:
+            out[name] = value
+    return out
+
+
+def _has_experts(model) -> bool:
+    """Whether the model has MoE experts (transformers' or mlxq's stacks)."""
+    return any(n.endswith(".experts") for n, _ in model.named_modules())
+
+
+def _alternatives(pattern: str, repl: str) -> list[tuple[str, str]]:
+    """A rename with one group of literal alternatives (`\\.(embed_q|unembed_out)\\.` ->
+    `.kv_b_proj.\\1.`) as one literal rename per alternative."""
+    m = re.fullmatch(r"(.*?)\(([\w|]+)\)(.*)", pattern)
+    if m is None or "\\1" not in repl:
+        return [(pattern, repl)]
+    return [(m[1] + alt + m[3], repl.replace("\\1", alt)) for alt in m[2].split("|")]
+
+
+def _conv_split_on_save(model, layout: MlxLayout) -> list:
+    """The layout's conv_concat converters for a model quantized by mlxq (no checkpoint
+    headers to size them): each source convolution as wide as its projection (`q_conv` ->
+    `q_proj`), read off the first layer that has the concatenated convolution."""
+    from transformers.core_model_loading import WeightConverter
+
+    out = []
+    modules = dict(model.named_modules())
+    for sources, target in layout.conv_concat:
+        conv = next((n for n in modules if f"{n}.weight".endswith(target)), None)
+        if conv is None:
+            continue
+        parent = conv[: -len(target.removesuffix(".weight"))]
+        sizes = []
+        for src in sources:
+            letter = re.search(r"(\w)_conv", src)
+            proj = modules.get(f"{parent}{src.split('.')[0]}.{letter[1]}_proj") if letter else None
+            sizes.append(getattr(proj, "out_features", None))
+        if None in sizes or sum(sizes) != modules[conv].weight.shape[0]:
+            continue
+        out.append(
+            WeightConverter(
+                source_patterns=list(sources),
+                target_patterns=target,
+                operations=[SizedConcat(sizes), ChannelsLastToFirst(True)],
+            )
+        )
+    return out
+
+
+def _channels_last_on_save(model, skip: Iterable[str] = ()) -> list:
     """Converters that `save_pretrained` reverses into mlx-lm's channels-last convolution
     weights, as `mlx_lm convert` writes them: mlx-lm's Qwen 3.5 sanitize takes a
     channels-first conv1d weight for a Hub checkpoint and adds 1 to the norms again, and
@@ -778,4 +938,5 @@ def _channels_last_on_save(model) -> list:
         channels_last_converter(f"{name}.weight")
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv1d)
+        and not any(f"{name}.weight".endswith(t) for t in skip)  # (split and permuted there)
     ]

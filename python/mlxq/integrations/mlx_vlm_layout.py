@@ -27,7 +27,6 @@ from torch import nn
 
 from mlxq.integrations.weight_ops import (
     ChannelsLastToFirst,
-    cast_on_save,
     channels_last_converter,
     channels_last_perm,
     permuted,
@@ -45,7 +44,6 @@ __all__ = [
     "channels_last_conversions",
     "channels_last_converter",
     "mlx_vlm_config_keys",
-    "save_upcast_in_model_dtype",
     "takes_flat_text_keys",
 ]
 
@@ -720,8 +718,11 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
     # reversed first when saving, they would move tensors away from the names mlx-vlm's
     # renames take back (Mllama's `model.vision_model.` to `vision_model.`), and those renames
     # place every tensor themselves
-    renames = _save_renames(layout, conversions)
+    # a tower with two mlx-vlm namings is saved as `mlx_vlm convert` writes a float model's
+    level = True if layout.model_type in _FLOAT_TOWER_LEVEL else None
+    renames = _save_renames(layout, conversions, tower_level=level)
     model._mlxq_model_conversions = conversions  # read by mlx_vlm_module_names
+    model._mlxq_tower_level = level
     conversions = [c for c in conversions if not isinstance(c, (PrefixChange, WeightRenaming))]
     names = [name for name, _ in model.named_parameters()]
     names += [name for name, _ in model.named_buffers()]
@@ -751,50 +752,29 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
     return True
 
 
-def save_upcast_in_model_dtype(model: nn.Module) -> list[str]:
-    """`save_pretrained` writes the tensors transformers keeps in fp32 in a bf16 / fp16 model
-    (`_keep_in_fp32_modules(_strict)`: GLM-4.5V's routers) in the model's dtype, as
-    `mlx_vlm convert` casts every float tensor to the config's dtype but those its top-level
-    model's `cast_predicate` keeps (Qwen 3.5's A_log, which transformers does not keep fp32;
-    mlx-vlm 0.7.10's GLM-4.5V model does not pass on its language model's, which would keep
-    e_score_correction_bias): before, mlxq's save wrote them fp32 where mlx-vlm's conversion,
-    and the checkpoint they were read from, had bf16. Returns their names; none for a model
-    that is not an image-text model of a mapped family."""
-    import torch
-    from transformers.core_model_loading import build_glob_alternation
-
-    config = getattr(model, "config", None)
-    dtype = getattr(config, "dtype", None)
-    if (
-        VLM_LAYOUTS.get(getattr(config, "model_type", None) or "") is None
-        or not is_image_text(config)
-        or dtype not in (torch.float16, torch.bfloat16)
-    ):
-        return []
-    plan = model._get_dtype_plan(dtype)
-    if not plan:
-        return []
-    kept, _, _ = build_glob_alternation(list(plan))  # as transformers matches them at load
-    names = [
-        name
-        for name, tensor in (*model.named_parameters(), *model.named_buffers())
-        if tensor.dtype == torch.float32 and kept.search(name)
-    ]
-    cast_on_save(model, dict.fromkeys(names, dtype))
-    return names
+# families whose tower `mlx_vlm convert` writes under `vision_tower.vision_model.` from
+# transformers 5's float checkpoint too, which has no such level (Pixtral's, SigLIP's in LLaVA
+# OneVision); the others take the level their float checkpoint was read with
+_FLOAT_TOWER_LEVEL = frozenset({"mistral3", "llava_onevision"})
 
 
-def _save_renames(layout: VlmLayout, conversions: list) -> list[tuple[str, str]]:
+def _save_renames(
+    layout: VlmLayout, conversions: list, tower_level: bool | None = None
+) -> list[tuple[str, str]]:
     """The layout's renames that saving reverses: where two lead to the same names, the one
     the model's tower takes. A SigLIP / CLIP tower, which transformers 5 reads from the Hub's
     `vision_model.` level (a prefix change of its own), keeps that level in mlx-vlm
     (`vision_tower.vision_model.`); loading a checkpoint, its names choose."""
     from transformers.core_model_loading import PrefixChange
 
-    tower_level = any(
-        isinstance(c, PrefixChange)
-        and any(p.startswith("^vision_model") for p in c.source_patterns)
-        for c in conversions
+    tower_level = (
+        tower_level
+        if tower_level is not None
+        else any(
+            isinstance(c, PrefixChange)
+            and any(p.startswith("^vision_model") for p in c.source_patterns)
+            for c in conversions
+        )
     )
     renames: list[tuple[str, str]] = []
     targets: dict[str, tuple[str, str]] = {}
@@ -808,16 +788,23 @@ def _save_renames(layout: VlmLayout, conversions: list) -> list[tuple[str, str]]
     return renames
 
 
-def mlx_vlm_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+def mlx_vlm_module_names(
+    model: nn.Module, names: Iterable[str], tower_level: bool | None = None
+) -> dict[str, str]:
     """mlx-vlm's names of the model's modules `names` (for the per-module entries of
     config.json), as :func:`use_mlx_vlm_layout` saves their tensors; {} for a model it leaves
-    alone. The renames are literal prefixes (`^...`) or infixes, reversed in turn."""
+    alone. The renames are literal prefixes (`^...`) or infixes, reversed in turn.
+    `tower_level` forces the choice of a SigLIP / CLIP tower's level (see _save_renames)."""
     config = getattr(model, "config", None)
     layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
     if layout is None or not is_image_text(config):
         return {}
-    conversions = getattr(model, "_mlxq_model_conversions", None) or []
-    renames = _save_renames(layout, conversions)
+    conversions = getattr(model, "_mlxq_model_conversions", None)
+    if conversions is None:  # before use_mlx_vlm_layout: the conversions it will read
+        conversions = getattr(model, "_weight_conversions", None) or []
+    if tower_level is None:  # as use_mlx_vlm_layout chose it, if it ran
+        tower_level = getattr(model, "_mlxq_tower_level", None)
+    renames = _save_renames(layout, conversions, tower_level)
     out = {}
     for name in names:
         key = f"{name}."
@@ -829,3 +816,83 @@ def mlx_vlm_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, st
                 key = key.replace(repl, source)
         out[name] = key[:-1]
     return out
+
+
+# mlx-vlm 0.7.10's `skip_multimodal_module` (mlx_vlm/utils.py): `mlx_vlm convert` leaves every
+# module whose (mlx-vlm) name contains one of these float, without an entry
+_MLX_VLM_MULTIMODAL = (
+    "vision",
+    "aligner",
+    "vision_model",
+    "vision_tower",
+    "vl_connector",
+    "sam_model",
+    "audio_model",
+    "audio_tower",
+    "code_predictor",
+    "img_projector",
+    "multi_modal_projector",
+    "patch_merge_mlp",
+)
+
+
+def _quantizable_names(model: nn.Module) -> list[str]:
+    from mlxq.model_walk import plan_modules
+
+    return [m.name for m in plan_modules(model, lambda name, plan: None).modules]
+
+
+def multimodal_modules(model: nn.Module) -> list[str]:
+    """The layers of an image-text model (transformers' names) that `mlx_vlm convert` keeps
+    float by its rule on mlx-vlm's module names (the vision tower, projector, audio tower;
+    transformers' names for a family whose layout is not mapped); [] for a text model."""
+    modules = _quantizable_names(model)
+    names = mlx_vlm_module_names(model, modules)
+    if not names and is_image_text(getattr(model, "config", None)):  # a family not mapped
+        names = {n: n for n in modules}  # (Llama 4: its names are transformers' own)
+    return [n for n, v in names.items() if any(m in v for m in _MLX_VLM_MULTIMODAL)]
+
+
+def entries_as_model_names(model: nn.Module, entries: dict[str, Any]) -> dict[str, Any]:
+    """Per-module `entries` of an image-text model, each under the model's own module name.
+
+    An entry may name its module as transformers does (the model's names, e.g.
+    `model.language_model.layers.0.mlp.down_proj`) or as mlx-vlm does in its config.json
+    (`language_model.model.layers.0.mlp.down_proj`); an mlx-vlm name of a projection that
+    transformers splits (PaddleOCR-VL's `qkv`) applies to each part. Other names are kept as
+    they are (fused-expert entries `<experts>.gate_proj`, names of no module). Raises
+    ValueError where two entries give one module different formats."""
+    if not entries:
+        return dict(entries)
+    modules = _quantizable_names(model)
+    names = mlx_vlm_module_names(model, modules)
+    if not names:
+        return dict(entries)
+    # before loading, the model does not know yet whether its tower was read with the Hub's
+    # `vision_model.` level: both of mlx-vlm's names of such a tower are accepted
+    by_mlx: dict[str, list[str]] = {}
+    for level in (None, True, False):
+        for name, mlx in mlx_vlm_module_names(model, modules, level).items():
+            if name not in by_mlx.setdefault(mlx, []):
+                by_mlx[mlx].append(name)
+    out: dict[str, Any] = {}
+    for key, value in entries.items():
+        targets = [key] if key in names else by_mlx.get(key, [key])
+        for target in targets:
+            if target in out and out[target] != value:
+                raise ValueError(
+                    f"mlxq: per-module entries {key!r} and another name of module {target!r} "
+                    f"give it different formats ({value!r}, {out[target]!r})"
+                )
+            out[target] = value
+    return out
+
+
+def saved_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The names `save_pretrained` gives the model's modules `names`: mlx-vlm's for an
+    image-text model mlxq saves in its layout, else mlx-lm's (the names the converters' rules
+    and config.json entries use)."""
+    from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names
+
+    names = list(names)
+    return mlx_vlm_module_names(model, names) or mlx_lm_module_names(model, names)

@@ -270,6 +270,8 @@ def converts_replaced_tensors(
     fused += [f"{name}.weight" for name in routers]
 
     def replaced(pattern: str) -> bool:
+        # (a pattern may come regex-escaped already: Kimi Linear's `\.experts.down_proj`)
+        pattern = re.sub(r"\\(.)", r"\1", pattern)
         regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+") + "$")
         return any(regex.search(key) for key in fused)
 

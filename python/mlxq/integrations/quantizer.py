@@ -30,6 +30,7 @@ from mlxq.integrations.cpu_layers import use_flat_decode_layers
 from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.mlx_lm_layout import (
+    MLX_LM_CAST_KEEP,
     MLX_LM_KEEPS_STORED_HEAD,
     MLX_LM_LAYER_TYPE_NAMES,
     MLX_LM_UNCHECKED,
@@ -38,7 +39,6 @@ from mlxq.integrations.mlx_lm_layout import (
     checkpoint_layout,
     fill_dropped_tensors,
     mlx_lm_config_keys,
-    mlx_lm_module_names,
     mlx_lm_outer_model_type,
     use_mlx_lm_layout,
 )
@@ -50,8 +50,6 @@ from mlxq.integrations.mlx_vlm_layout import (
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
-    mlx_vlm_module_names,
-    save_upcast_in_model_dtype,
     takes_flat_text_keys,
     unmapped_vlm_note,
     use_mlx_vlm_layout,
@@ -64,7 +62,7 @@ from mlxq.integrations.moe_loading import (
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
-from mlxq.integrations.weight_ops import save_as_read
+from mlxq.integrations.weight_ops import cast_on_save_converters, save_as_read
 from mlxq.model_walk import HeadDecision, config_ties, plan_modules, tie_head
 from mlxq.moe import AffineSwitchLinear, MoeExperts, float_dtype_for_routers
 from mlxq.nn import (
@@ -482,6 +480,47 @@ def _with_model_names(
     )
 
 
+def _with_overrides(config: MLXQuantConfig, overrides: dict, skip: list | None = None):
+    return MLXQuantConfig(
+        bits=config.bits,
+        group_size=config.group_size,
+        mode=config.mode,
+        overrides=overrides,
+        modules_to_not_convert=config.modules_to_not_convert if skip is None else skip,
+    )
+
+
+def _as_convert_quantizes(model: nn.Module, config: MLXQuantConfig) -> MLXQuantConfig:
+    """The config of quantizing a float model while it loads, as `mlx_lm convert -q` /
+    `mlx_vlm convert -q` quantize it (the same as :func:`mlxq.quantize_model`): entries under
+    the model's module names (an image-text model's may be given in mlx-vlm's names too); with
+    no entries, those of the model class's own rule where mlxq reproduces it; an image-text
+    model's vision tower, projector and audio tower float unless an entry names them."""
+    from mlxq.integrations.mlx_vlm_layout import (
+        entries_as_model_names,
+        multimodal_modules,
+        saved_module_names,
+    )
+    from mlxq.model_walk import mlx_lm_float_modules, mlx_lm_model_entries
+
+    overrides = entries_as_model_names(model, config.overrides)
+    skip = list(config.modules_to_not_convert)
+    if not overrides:
+        try:
+            rule = mlx_lm_model_entries(
+                model, config.default_format, lambda names: saved_module_names(model, names)
+            )
+        except NotImplementedError:  # (quantize_model refuses these; kept as before here)
+            rule = {}
+        skip += [name for name, entry in rule.items() if entry is False]
+        overrides = {name: entry for name, entry in rule.items() if entry is not False}
+    skip += [name for name in mlx_lm_float_modules(model) if name not in overrides]
+    skip += [name for name in multimodal_modules(model) if name not in overrides]
+    if overrides == config.overrides and skip == config.modules_to_not_convert:
+        return config
+    return _with_overrides(config, overrides, skip)
+
+
 def _refuse_missing_tensors(
     model: nn.Module, headers: dict[str, TensorInfo], note: str = ""
 ) -> None:
@@ -672,6 +711,7 @@ class MLXHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:  # a float checkpoint: quantized tensor by tensor as it loads
+            self.quantization_config = _as_convert_quantizes(model, self.quantization_config)
             layers, replaced = plan_on_load(model, self.quantization_config)
             self._on_load = QuantizeOnLoad(layers, checkpoint_files)
             drop_tied_keys(model, replaced)
@@ -805,6 +845,14 @@ class MLXHfQuantizer(HfQuantizer):
         vlm = not self.pre_quantized and use_mlx_vlm_layout(model)  # as mlx-vlm saves it
         if not self.pre_quantized and not vlm:
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
+        if not self.pre_quantized:  # float32 tensors saved in the model's dtype, as mlx-lm
+            keep = MLX_LM_CAST_KEEP.get(_model_type(model) or "", ())
+            casts = cast_on_save_converters(model, keep)
+            if casts:
+                model._weight_conversions = [
+                    *(getattr(model, "_weight_conversions", None) or []),
+                    *casts,
+                ]
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
                 module, "_mlxq_name"
@@ -839,22 +887,22 @@ class MLXHfQuantizer(HfQuantizer):
         check_moe_tensors_loaded(model)
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
             save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
-        else:  # GLM-4.5V's routers: bf16, as mlx-vlm writes them
-            save_upcast_in_model_dtype(model)
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
             # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
             config.overrides[name] = False
         float_dtype_for_routers(model)  # MiniMax-M2's router
-        if not self.pre_quantized:  # the entries name the modules as their tensors are saved
-            names = (mlx_vlm_module_names if vlm else mlx_lm_module_names)(model, config.overrides)
-            if names:  # (a copy: the caller's config may load another model)
-                config = MLXQuantConfig(
-                    bits=config.bits,
-                    group_size=config.group_size,
-                    mode=config.mode,
-                    overrides={names.get(k, k): v for k, v in config.overrides.items()},
-                    modules_to_not_convert=config.modules_to_not_convert,
-                )
+        if not self.pre_quantized and config.overrides:  # entries saved in mlx-(v)lm's names
+            from mlxq.integrations.mlx_lm_layout import mlx_lm_entries
+            from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names
+
+            names = mlx_vlm_module_names(model, config.overrides)
+            renamed = (
+                {names.get(k, k): v for k, v in config.overrides.items()}
+                if names
+                else mlx_lm_entries(model, config.overrides)
+            )
+            if renamed != config.overrides:
+                config = _with_overrides(config, renamed)
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
         use_fp32_decode_attention(model)

@@ -17,6 +17,7 @@ __all__ = [
     "CastOnSave",
     "cast_on_save",
     "cast_on_save_converter",
+    "cast_on_save_converters",
     "save_as_read",
     "ChannelsLastToFirst",
     "ScalarShape",
@@ -186,32 +187,58 @@ class CastOnSave:
     """A transformers `ConversionOps` that loads a tensor as it is and whose reverse, used by
     `save_pretrained`, casts it to `dtype` (a torch dtype's name)."""
 
-    def __new__(cls, dtype: str, on_save: bool = False):
+    def __new__(cls, dtype: str, saving: bool = False):
         from transformers.core_model_loading import ConversionOps
 
         class _Op(ConversionOps):
-            def __init__(self, dtype: str, on_save: bool) -> None:
-                self.dtype, self.on_save = dtype, on_save
+            def __init__(self, dtype: str, saving: bool) -> None:
+                self.dtype, self.saving = dtype, saving
 
             def __repr__(self) -> str:
-                return f"CastOnSave({self.dtype})" if self.on_save else "AsLoaded"
+                return f"CastOnSave({self.dtype})" if self.saving else "AsLoaded"
 
             @torch.no_grad()
             def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
                 (value,) = input_dict.values()
                 tensor = value[0] if isinstance(value, list) else value
-                if self.on_save:
+                if self.saving:
                     tensor = tensor.to(getattr(torch, self.dtype))
                 return {target_patterns[0]: tensor}
 
             @property
             def reverse_op(self):
-                return _Op(self.dtype, not self.on_save)
+                return _Op(self.dtype, not self.saving)
 
             def __reduce__(self):  # a local class: pickled as the call that makes it
-                return (CastOnSave, (self.dtype, self.on_save))
+                return (CastOnSave, (self.dtype, self.saving))
 
-        return _Op(dtype, on_save)
+        return _Op(dtype, saving)
+
+
+def cast_on_save_converters(model, keep: tuple[str, ...] = ()) -> list:
+    """`WeightConverter`s that save the model's float32 tensors (those transformers keeps in
+    float32 in a bfloat16 / float16 model: routers' correction biases, `A_log`, `dt_bias`) in
+    the model's dtype, as `mlx_lm convert` casts every float tensor to it; names containing
+    one of `keep` (the model's mlx-lm `cast_predicate`) stay as they are."""
+    from transformers.core_model_loading import WeightConverter
+
+    tensors = model.state_dict().items()  # (persistent buffers only)
+    sizes: dict[torch.dtype, int] = {}  # the model's dtype: most of its float values
+    for _, tensor in tensors:
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    dtype = max(sizes, key=sizes.get) if sizes else None
+    if dtype not in (torch.bfloat16, torch.float16):
+        return []
+    return [
+        WeightConverter(
+            source_patterns=f"^{re.escape(key)}",  # (no `$`, as channels_last_converter)
+            target_patterns=key,
+            operations=[CastOnSave(str(dtype).removeprefix("torch."))],
+        )
+        for key, tensor in tensors
+        if tensor.dtype == torch.float32 and not any(k in key for k in keep)
+    ]
 
 
 def cast_on_save_converter(key: str, dtype: torch.dtype) -> Any:

@@ -1,0 +1,222 @@
+"""A float model quantized by mlxq with no per-module entries is what `mlx_lm convert -q` /
+`mlx_vlm convert -q` writes for it: the model class's own rule (routers at 8 bits, Mistral 3's
+head float in mlx-vlm), and mlx-vlm's float vision towers and projectors. Per-module entries of
+an image-text model may name modules as transformers or as mlx-vlm does.
+The whole matrix: benchmarks/quantize_sweep.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def _saved(folder: Path) -> tuple[dict, dict]:
+    tensors = load_file(folder / "model.safetensors")
+    return tensors, json.loads((folder / "config.json").read_text())["quantization"]
+
+
+def _assert_same_checkpoint(ours: Path, ref: Path) -> None:
+    """The same tensor names, values and dtypes, and the same quantization block."""
+    a, qa = _saved(ours)
+    b, qb = _saved(ref)
+    assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:4], sorted(set(b) - set(a))[:4])
+    unequal = [k for k in b if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not unequal, unequal[:5]
+    assert qa == qb
+
+
+def _quantized_text(tmp_path: Path, arch: str, variant, on_load: bool = False) -> Path:
+    import mlxq
+    from arch_models import causal_lm_class, tiny_float_checkpoint
+    from mlxq.convert import recipe_overrides
+
+    float_dir = tiny_float_checkpoint(arch, tmp_path / "float", variant.tied)
+    cls = causal_lm_class(arch)
+    if on_load:
+        model = cls.from_pretrained(float_dir, dtype=torch.bfloat16)
+        entries = recipe_overrides(model, variant.recipe, 64) if variant.recipe else None
+        quant = mlxq.MLXQuantConfig(variant.bits, variant.group_size, overrides=entries)
+        model = cls.from_pretrained(float_dir, dtype=torch.bfloat16, quantization_config=quant)
+    else:
+        model = cls.from_pretrained(float_dir, dtype=torch.bfloat16)
+        entries = recipe_overrides(model, variant.recipe, 64) if variant.recipe else None
+        mlxq.quantize_model(model, variant.bits, variant.group_size, overrides=entries)
+    model.save_pretrained(tmp_path / "ours")
+    return tmp_path / "ours"
+
+
+@pytest.mark.parametrize(
+    ("arch", "recipe", "on_load"),
+    [
+        # mlx-lm's recipe on MoE models: routers and each expert stack get entries, named as
+        # mlx-lm names them (Mixtral's block_sparse_moe.switch_mlp; before: "needs down_proj")
+        ("qwen3_moe", "mixed_3_6", False),
+        ("mixtral", "mixed_3_6", False),
+        # Granite's rule (o_proj, down_proj, head at 8 bits), also while loading (before: the
+        # streaming path quantized them at 4 bits, quantize_model refused)
+        ("granite", None, True),
+        ("granite", None, False),
+        # GraniteMoE's rule reaches the expert stacks (`switch_mlp.down_proj` ends in
+        # `mlp.down_proj`); dense Granite 4.0 saves its fused MLP split as mlx-lm's
+        ("granitemoe", None, False),
+        ("granitemoehybrid_dense", None, False),
+        ("granitemoehybrid", None, False),
+        # OLMo Hybrid: its norms' own names and q/k/v convolutions, also while loading
+        ("olmo_hybrid", None, True),
+        # depthwise convolutions saved channels-last, as mlx-lm writes them (before:
+        # channels-first, which sends Falcon-H1 through mlx-lm's Hub sanitize again)
+        ("falcon_h1", None, True),
+        ("recurrent_gemma", "mixed_3_6", False),
+        # the recipe read on mlx-lm's names (Llama 4's head is `output`: low bits), and the
+        # entries saved under them while loading too
+        ("llama4_text", "mixed_3_6", True),
+        # dense Granite 4.0's recipe entries for its fused MLP, one per mlx-lm part
+        ("granitemoehybrid_dense", "mixed_3_6", True),
+        ("solar_open", "mixed_3_6", False),
+        # latent attention saved as mlx-lm's embed_q / unembed_out (before: kv_b_proj)
+        ("mistral4", None, False),
+        # routers mlx-lm holds in no linear layer stay float without an entry (before: refused),
+        # their float32 correction biases saved in bf16 as mlx-lm casts them
+        ("dots1", None, False),
+        ("deepseek_v3", "mixed_3_6", False),
+        # Kimi Linear: `mlp.` names, q/k/v convolutions, experts, latent attention (before:
+        # `block_sparse_moe.experts.0.w2.weight.weight` ...)
+        ("kimi_linear", "mixed_3_6", False),
+    ],
+)
+def test_text_model_saves_mlx_lm_convert(
+    tmp_path: Path, arch: str, recipe: str | None, on_load: bool
+) -> None:
+    """A float text model quantized by mlxq and saved is `mlx_lm convert -q`'s checkpoint of
+    it, tensor for tensor, with the same quantization block."""
+    from arch_models import VARIANTS, tiny_mlx_checkpoint
+
+    variant = VARIANTS[1] if recipe else VARIANTS[0]
+    ref = tiny_mlx_checkpoint(arch, variant)
+    ours = _quantized_text(tmp_path, arch, variant, on_load)
+    _assert_same_checkpoint(ours, ref)
+
+
+@pytest.mark.parametrize(
+    ("name", "on_load"),
+    [
+        ("gemma4_moe", False),
+        ("gemma4", True),
+        ("llava", True),
+        ("qwen2_5_vl", False),
+        # mlx-vlm's rule keeps Mistral 3's head float; its Pixtral tower and LLaVA
+        # OneVision's SigLIP saved under `vision_tower.vision_model.` as mlx-vlm writes them
+        ("mistral3", True),
+        ("llava_onevision", False),
+        # GLM-4.5V's MoEGate routers float, their correction biases saved in bf16
+        ("glm4v_moe", False),
+        # Llama 4 (layout not mapped): its tower and projector float by their own names
+        ("llama4", False),
+    ],
+)
+def test_image_text_quantized_as_mlx_vlm_convert(tmp_path: Path, name: str, on_load: bool) -> None:
+    """With no entries and nothing in modules_to_not_convert, mlxq quantizes an image-text
+    model as `mlx_vlm convert -q` does, tensor for tensor: vision tower and projector float
+    (mlx-vlm's skip_multimodal_module; before, mlxq quantized them), Gemma 4's routers at 8
+    bits (mlx-vlm's rule; before, refused)."""
+    import mlxq
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_float_checkpoint, tiny_mlx_vlm_checkpoint, variant_of
+
+    variant = variant_of(name)
+    ref = tiny_mlx_vlm_checkpoint(name, variant)
+    float_dir = tiny_float_checkpoint(name, tmp_path / "float", variant.tied)
+    if on_load:
+        model = AutoModelForImageTextToText.from_pretrained(
+            float_dir, dtype=torch.bfloat16, quantization_config=mlxq.MLXQuantConfig(4, 64)
+        )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(float_dir, dtype=torch.bfloat16)
+        mlxq.quantize_model(model, 4, 64)
+    model.save_pretrained(tmp_path / "ours")
+    _assert_same_checkpoint(tmp_path / "ours", ref)
+
+
+@pytest.mark.parametrize("on_load", [False, True])
+def test_image_text_entries_in_either_naming(tmp_path: Path, on_load: bool) -> None:
+    """An entry of an image-text model may name its module as transformers does
+    (`model.language_model.layers.0.mlp.down_proj`) or as mlx-vlm's config.json does
+    (`language_model.model.layers.0.mlp.down_proj`): both quantize the same layer, and the
+    saved config names it as mlx-vlm does. A vision layer given an entry is quantized."""
+    import mlxq
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_float_checkpoint
+
+    float_dir = tiny_float_checkpoint("llava", tmp_path / "float", False)
+    eight = {"bits": 8, "group_size": 64}
+    vision = "model.vision_tower.encoder.layers.0.mlp.fc1"
+    namings = {
+        "transformers": {"model.language_model.layers.0.mlp.down_proj": eight, vision: eight},
+        "mlx-vlm": {
+            "language_model.model.layers.0.mlp.down_proj": eight,
+            "vision_tower.vision_model.encoder.layers.0.mlp.fc1": eight,
+        },
+    }
+    saved = {}
+    for naming, overrides in namings.items():
+        if on_load:
+            quant = mlxq.MLXQuantConfig(4, 64, overrides=overrides)
+            model = AutoModelForImageTextToText.from_pretrained(
+                float_dir, dtype=torch.bfloat16, quantization_config=quant
+            )
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(float_dir, dtype=torch.bfloat16)
+            mlxq.quantize_model(model, 4, 64, overrides=overrides)
+        assert model.get_submodule("model.language_model.layers.0.mlp.down_proj").bits == 8
+        assert model.get_submodule(vision).bits == 8
+        assert isinstance(model.get_submodule(vision.replace("fc1", "fc2")), torch.nn.Linear)
+        model.save_pretrained(tmp_path / naming)
+        saved[naming] = _saved(tmp_path / naming)
+    (a, qa), (b, qb) = saved.values()
+    assert qa == qb and set(namings["mlx-vlm"]) <= set(qa)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpt_neox_head_keeps_mlx_lm_name(tmp_path: Path) -> None:
+    """GPT-NeoX's untied head is saved as mlx-lm's `model.embed_out` (before: `embed_out`,
+    transformers' own Hub name, which mlx-lm does not read)."""
+    from arch_models import Variant, tiny_mlx_checkpoint
+
+    variant = Variant(tied=False)
+    ours = _quantized_text(tmp_path, "gpt_neox", variant, on_load=True)
+    _assert_same_checkpoint(ours, tiny_mlx_checkpoint("gpt_neox", variant))
+
+
+def test_dbrx_is_refused_by_name(tmp_path: Path) -> None:
+    """DBRX's fused experts are no module mlxq quantizes, where mlx-lm quantizes them:
+    refused by name (before: saved float, another checkpoint than mlx-lm's)."""
+    import mlxq
+    from arch_models import causal_lm_class, tiny_float_checkpoint
+
+    float_dir = tiny_float_checkpoint("dbrx", tmp_path / "float", False)
+    model = causal_lm_class("dbrx").from_pretrained(float_dir, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"model type 'dbrx': its experts"):
+        mlxq.quantize_model(model, 4, 64)
+    with pytest.raises(NotImplementedError, match=r"model type 'dbrx'"):
+        causal_lm_class("dbrx").from_pretrained(
+            float_dir, dtype=torch.bfloat16, quantization_config=mlxq.MLXQuantConfig(4, 64)
+        )
+
+
+def test_falcon_h1_with_mup_multipliers_is_refused_by_name() -> None:
+    """mlx-lm folds Falcon-H1's muP multipliers into the weights when it converts, and its model
+    then leaves them out; mlxq does not fold them: a model with multipliers other than 1 is
+    refused by name rather than saved as a checkpoint mlx-lm misreads."""
+    import mlxq
+    from arch_models import _config, causal_lm_class
+
+    config = _config("falcon_h1", True)
+    config.embedding_multiplier = 2.0
+    config.mlp_multipliers = [1.0, 0.5]
+    model = causal_lm_class("falcon_h1").from_config(config)
+    with pytest.raises(NotImplementedError, match=r"embedding_multiplier, mlp_multipliers"):
+        mlxq.quantize_model(model, 4, 64)
