@@ -47,6 +47,21 @@ ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": THETA}}
 TOP = {"rope_theta": THETA}
 
 
+# Falcon-H1's muP multipliers, every one other than 1 (tiiuae's checkpoints: embedding 5.66,
+# lm_head 0.039, key 0.39, ...)
+FALCON_H1_MUP = {
+    "embedding_multiplier": 2.0,
+    "lm_head_multiplier": 0.25,
+    "attention_in_multiplier": 1.5,
+    "attention_out_multiplier": 0.75,
+    "key_multiplier": 0.5,
+    "ssm_in_multiplier": 1.25,
+    "ssm_out_multiplier": 0.6,
+    "mlp_multipliers": [0.8, 1.3],
+    "ssm_multipliers": [0.9, 1.1, 0.7, 1.2, 0.95],
+}
+
+
 def _partial(factor: float) -> tuple[dict, dict]:
     rope = {"rope_type": "default", "rope_theta": THETA, "partial_rotary_factor": factor}
     return {"rope_parameters": rope}, {**TOP, "partial_rotary_factor": factor}
@@ -270,6 +285,9 @@ ARCHS: dict[str, tuple[dict, dict]] = {
     # hybrid state-space models: Mamba-2 mixers beside attention (falcon_h1); Mamba alone
     # (its causal LM reads `lm_head.weight.dtype` in forward: refused by name)
     "falcon_h1": (ROPE, TOP),
+    # Falcon-H1 with muP multipliers as the Hub's checkpoints have them (none 1): mlx-lm folds
+    # them into the weights when it converts, and its model no longer applies them
+    "falcon_h1_mup": ({**ROPE, **FALCON_H1_MUP}, TOP),
     "mamba": ({}, {}),
     # LFM2-MoE: short convolutions (layer 0, a dense MLP) and attention (layer 1, experts)
     "lfm2_moe": (
@@ -954,7 +972,11 @@ MLX_LM_INPUT_LAYOUT = {
 }
 
 # entries of the table that are a second variant of a model type
-MODEL_TYPE = {"granitemoehybrid_dense": "granitemoehybrid", "nemotron_h_latent": "nemotron_h"}
+MODEL_TYPE = {
+    "granitemoehybrid_dense": "granitemoehybrid",
+    "nemotron_h_latent": "nemotron_h",
+    "falcon_h1_mup": "falcon_h1",
+}
 
 # transformers 5.24 has a causal LM for these configs but no AutoModelForCausalLM entry
 CAUSAL_LM_CLASS = {"mistral4": "Mistral4ForCausalLM"}

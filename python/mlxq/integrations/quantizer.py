@@ -63,7 +63,13 @@ from mlxq.integrations.moe_loading import (
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
 from mlxq.integrations.weight_ops import cast_on_save_converters, save_as_read
-from mlxq.model_walk import HeadDecision, config_ties, plan_modules, tie_head
+from mlxq.model_walk import (
+    HeadDecision,
+    config_ties,
+    folded_multipliers_refusal,
+    plan_modules,
+    tie_head,
+)
 from mlxq.moe import AffineSwitchLinear, MoeExperts, float_dtype_for_routers
 from mlxq.nn import (
     AffineEmbedding,
@@ -732,6 +738,9 @@ class MLXHfQuantizer(HfQuantizer):
                 f"mlxq: model type {_model_type(model)!r}: {other}; mlxq refuses it rather than "
                 "run a model it has not checked against mlx-lm's"
             )
+        folded = folded_multipliers_refusal(model.config)
+        if folded is not None:
+            raise NotImplementedError(f"mlxq: {folded}")
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
         if layout is not None and layout.dropped:  # Gemma 3's vision tower, read as text
