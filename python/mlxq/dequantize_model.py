@@ -117,6 +117,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             head = nn.Linear(module.in_features, module.out_features, bias=False)
             head.weight = emb.weight
             model.set_submodule(name, head)
+    from mlxq.integrations.mlx_lm_layout import unfolded_multipliers_config
+
+    unfolded_multipliers_config(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization"):
         del config.quantization

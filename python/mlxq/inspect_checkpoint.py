@@ -258,12 +258,6 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
         return report
 
-    if mlx_q:  # Falcon-H1's muP multipliers, folded into the weights by mlx_lm convert
-        from mlxq.model_walk import folded_multipliers_refusal
-
-        folded = folded_multipliers_refusal(SimpleNamespace(**config))
-        if folded is not None:
-            problems.append(Problem("error", folded))
     rope = config.get("rope_parameters") or text_config.get("rope_parameters") or {}
     if (
         mlx_q

@@ -32,7 +32,6 @@ __all__ = [
     "PlannedModule",
     "ModelPlan",
     "config_ties",
-    "folded_multipliers_refusal",
     "head_decision",
     "plan_modules",
     "plan_quantization",
@@ -409,21 +408,6 @@ def _folded_multipliers(config) -> list[str]:
         if any(v is not None and float(v) != 1.0 for v in values):
             out.append(key)
     return out
-
-
-def folded_multipliers_refusal(config) -> str | None:
-    """Why an MLX Falcon-H1 checkpoint with muP multipliers other than 1 is refused (None when
-    it has none): `mlx_lm convert` folded them into its weights, which transformers' model
-    would multiply by them again."""
-    folded = _folded_multipliers(config)
-    if not folded:
-        return None
-    return (
-        f"model type 'falcon_h1' with muP multipliers ({', '.join(folded)}): mlx_lm convert "
-        "folded them into this checkpoint's weights (its falcon_h1 sanitize) and mlx-lm's model "
-        "no longer applies them, while transformers' model applies them in its forward; "
-        "mlxq refuses it rather than apply them twice"
-    )
 
 
 def plan_quantization(

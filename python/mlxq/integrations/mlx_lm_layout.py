@@ -45,6 +45,8 @@ __all__ = [
     "mlx_lm_module_names",
     "mlx_lm_outer_model_type",
     "mlx_lm_entries",
+    "run_folded_multipliers",
+    "unfolded_multipliers_config",
     "use_mlx_lm_layout",
 ]
 
@@ -940,3 +942,77 @@ def _channels_last_on_save(model, skip: Iterable[str] = ()) -> list:
         if isinstance(module, nn.Conv1d)
         and not any(f"{name}.weight".endswith(t) for t in skip)  # (split and permuted there)
     ]
+
+
+# Falcon-H1's muP multipliers as transformers' modules hold them (copied from the config when
+# built), each set to 1 where `mlx_lm convert` folded it into the weights (its falcon_h1
+# sanitize): embeddings, untied head, q/k (attention_in), o_proj, out_proj, gate/down, in_proj's
+# rows (ssm_in times the muP vector). Two follow mlx-lm's model rather than transformers':
+# attention_in scales v too in transformers (mlx-lm folds it into q and k only), and mlx-lm
+# never applies key_multiplier (its sanitize's `k_proj` branch catches k first)
+_FALCON_H1_FOLDED = (
+    "embedding_multiplier",  # FalconH1Model
+    "key_multiplier",  # FalconH1Attention
+    "ssm_in_multiplier",  # FalconH1Mixer (mup_vector: its buffer)
+    "gate_multiplier",  # FalconH1MLP
+    "down_multiplier",
+    "attention_in_multiplier",  # FalconH1DecoderLayer
+    "attn_out_multiplier",
+    "ssm_out_multiplier",
+)
+
+
+def run_folded_multipliers(model) -> None:
+    """Run an MLX Falcon-H1 checkpoint as mlx-lm does: the multipliers `mlx_lm convert` folded
+    into its weights are not applied again (the config keeps them: saving writes what mlx-lm
+    reads, and mlx-lm does not fold a converted checkpoint again). A tied head's logits are
+    scaled by lm_head_multiplier / embedding_multiplier, as mlx-lm's model scales them (the
+    embedding it shares holds embedding_multiplier)."""
+    config = model.config
+    if getattr(config, "model_type", None) != "falcon_h1":
+        return
+    import torch
+
+    found: set[str] = set()
+    for module in model.modules():
+        for attr in _FALCON_H1_FOLDED:
+            if isinstance(getattr(module, attr, None), (int, float)):
+                setattr(module, attr, 1.0)
+                found.add(attr)
+        mup = getattr(module, "mup_vector", None)
+        if isinstance(mup, torch.Tensor):
+            with torch.no_grad():
+                mup.fill_(1.0)
+            found.add("mup_vector")
+        if isinstance(getattr(module, "lm_head_multiplier", None), (int, float)):
+            tied = getattr(config, "tie_word_embeddings", False)
+            ratio = config.lm_head_multiplier / config.embedding_multiplier
+            module.lm_head_multiplier = ratio if tied else 1.0
+            found.add("lm_head_multiplier")
+    model._mlxq_folded_multipliers = True  # (a dequantized model's config says so)
+    missing = {*_FALCON_H1_FOLDED, "mup_vector", "lm_head_multiplier"} - found
+    if missing:  # another transformers than the one checked: never apply them twice silently
+        raise NotImplementedError(
+            f"mlxq: falcon_h1: transformers' model holds no {', '.join(sorted(missing))}; mlxq "
+            "cannot undo the muP multipliers mlx_lm convert folded into this checkpoint"
+        )
+
+
+def unfolded_multipliers_config(model) -> None:
+    """A dequantized MLX Falcon-H1 model: its config says the multipliers its modules apply
+    (1 where mlx-lm folded them, the tied head's ratio), so that its float checkpoint loads
+    as it runs in transformers, and in mlx-lm (whose sanitize then folds nothing more)."""
+    if not getattr(model, "_mlxq_folded_multipliers", False):
+        return
+    config = model.config
+    tied = getattr(config, "tie_word_embeddings", False)
+    head = config.lm_head_multiplier / config.embedding_multiplier if tied else 1.0
+    for key in (
+        "embedding_multiplier attention_in_multiplier attention_out_multiplier "
+        "key_multiplier ssm_in_multiplier ssm_out_multiplier"
+    ).split():
+        setattr(config, key, 1.0)
+    config.lm_head_multiplier = head
+    config.mlp_multipliers = [1.0] * len(config.mlp_multipliers)
+    config.ssm_multipliers = [1.0] * len(config.ssm_multipliers)
+    model._mlxq_folded_multipliers = False

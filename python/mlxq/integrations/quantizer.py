@@ -40,6 +40,7 @@ from mlxq.integrations.mlx_lm_layout import (
     fill_dropped_tensors,
     mlx_lm_config_keys,
     mlx_lm_outer_model_type,
+    run_folded_multipliers,
     use_mlx_lm_layout,
 )
 from mlxq.integrations.mlx_vlm_layout import (
@@ -66,7 +67,6 @@ from mlxq.integrations.weight_ops import cast_on_save_converters, save_as_read
 from mlxq.model_walk import (
     HeadDecision,
     config_ties,
-    folded_multipliers_refusal,
     plan_modules,
     tie_head,
 )
@@ -738,9 +738,6 @@ class MLXHfQuantizer(HfQuantizer):
                 f"mlxq: model type {_model_type(model)!r}: {other}; mlxq refuses it rather than "
                 "run a model it has not checked against mlx-lm's"
             )
-        folded = folded_multipliers_refusal(model.config)
-        if folded is not None:
-            raise NotImplementedError(f"mlxq: {folded}")
         layout = checkpoint_layout(_model_type(model), headers)
         self._mlx_layout: MlxLayout | None = layout
         if layout is not None and layout.dropped:  # Gemma 3's vision tower, read as text
@@ -893,6 +890,7 @@ class MLXHfQuantizer(HfQuantizer):
                 unexpected = [k for k in unexpected if not layout.drops(k)]
             check_nothing_unexpected(model, unexpected)
             check_nothing_missing(model)
+            run_folded_multipliers(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
         check_moe_tensors_loaded(model)
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
             save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
