@@ -82,3 +82,40 @@ def test_dequantized_model_saves_a_config_of_unfolded_multipliers(
     with torch.no_grad():
         np.testing.assert_allclose(reread(ids).logits[0].numpy(), after, rtol=0, atol=1e-5)
     assert float(np.abs(mlx_lm_logits(saved, TOKENS) - after).max()) <= TOLERANCE
+
+
+def test_mlx_lm_model_is_transformers_with_v_unscaled_and_no_key_multiplier(
+    tmp_path: Path,
+) -> None:
+    """The oracle checked: mlx-lm's float model of an fp32 checkpoint is transformers' with
+    attention_in_multiplier on q and k only and without key_multiplier (what its sanitize
+    folds), to 1e-6; transformers' own model differs by ~0.6 on logits of ~0.9. Should mlx-lm
+    fold them as transformers applies them, this fails and mlxq's choice needs revisiting."""
+    import contextlib
+    import io
+
+    from arch_models import tiny_float_checkpoint
+    from mlx_lm import convert
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tiny_float_checkpoint(ARCH, tmp_path / "bf16", False)
+    model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "fp32")  # (mlx-lm folds in the checkpoint's dtype)
+    for file in bf16.iterdir():  # config.json with mlx-lm's keys, the tokenizer's files
+        if file.suffix != ".safetensors":
+            shutil.copy(file, tmp_path / "fp32" / file.name)
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(tmp_path / "fp32"), str(tmp_path / "mlx"), dtype="float32")
+    ref = mlx_lm_logits(tmp_path / "mlx", TOKENS)
+    ids = torch.tensor([TOKENS])
+    attention_in = FALCON_H1_MUP["attention_in_multiplier"]
+    with torch.no_grad():
+        transformers_own = model(ids).logits[0].numpy()
+        for layer in model.model.layers:
+            layer.attention_in_multiplier = 1.0
+            layer.self_attn.key_multiplier = 1.0
+            layer.self_attn.q_proj.weight.mul_(attention_in)
+            layer.self_attn.k_proj.weight.mul_(attention_in)
+        as_mlx_lm_folds = model(ids).logits[0].numpy()
+    assert float(np.abs(as_mlx_lm_folds - ref).max()) <= 1e-5
+    assert float(np.abs(transformers_own - ref).max()) > 0.1
