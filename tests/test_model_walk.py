@@ -247,3 +247,31 @@ def test_an_embedding_serves_the_rows_its_model_reads() -> None:
         plan_modules(_ReadsRowsNested(), lambda n, p: four_bit)
     with pytest.raises(NotImplementedError, match=r"'proj'.*_ReadsLinearRow\.forward"):
         plan_modules(_ReadsLinearRow(), lambda n, p: four_bit)
+
+
+@pytest.mark.parametrize("period", [1, 2, 4])
+def test_exaone4_layer_pattern_is_the_string_mlx_lm_indexes(period: int) -> None:
+    # transformers 5 writes sliding_window_pattern as an int, which mlx-lm's exaone4 indexes as
+    # "LLLG": the saved config must build mlx-lm's model with transformers' sliding layers
+    from mlx_lm.models import exaone4
+    from mlxq.integrations.mlx_lm_layout import mlx_lm_config_keys
+    from transformers import Exaone4Config
+
+    config = Exaone4Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, sliding_window=16,
+        sliding_window_pattern=period,
+    )  # fmt: skip
+    cfg = {**config.to_dict(), **mlx_lm_config_keys(config)}
+    model = exaone4.Model(exaone4.ModelArgs.from_dict(cfg))
+    sliding = [layer.self_attn.is_local for layer in model.model.layers]
+    assert sliding == [t == "sliding_attention" for t in config.layer_types]
+    assert any(sliding) == (period > 1)
+    with pytest.raises(ValueError, match="layer_types"):
+        mlx_lm_config_keys(
+            {
+                **cfg,
+                "sliding_window_pattern": 4,
+                "layer_types": ["full_attention", "sliding_attention"],
+            }
+        )

@@ -489,7 +489,24 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
         out["sliding_window_pattern"] = pattern  # mlx-lm derives the layer types from it
     if model_type == "gpt2" and "n_positions" in cfg:
         out["n_ctx"] = cfg["n_positions"]
-    return {k: v for k, v in out.items() if k not in cfg}
+    out = {k: v for k, v in out.items() if k not in cfg}
+    if model_type == "exaone4" and not isinstance(cfg.get("sliding_window_pattern"), str):
+        out["sliding_window_pattern"] = _exaone4_pattern(cfg.get("layer_types"))
+    return out
+
+
+def _exaone4_pattern(layer_types: Any) -> str | None:
+    """mlx-lm's exaone4 reads the Hub's layer pattern string ("LLLG": L sliding, G full,
+    repeated; None: every layer full) and indexes it, where transformers 5 writes an int."""
+    if not layer_types or all(t == "full_attention" for t in layer_types):
+        return None
+    period = _sliding_window_pattern(layer_types)
+    if period is None:
+        raise ValueError(
+            f"mlxq: exaone4 layer_types {layer_types} are not a repeated pattern ending in one "
+            "full-attention layer, which mlx-lm's sliding_window_pattern string cannot express"
+        )
+    return "L" * (period - 1) + "G"
 
 
 # Mixture-of-experts: mlx-lm stacks each expert projection as `<block>.switch_mlp.<proj>.*`
