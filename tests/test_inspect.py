@@ -37,6 +37,7 @@ def _loads(path: Path) -> str | None:
         # q/k/v convolutions mlx-lm keeps apart, concatenated at load
         ("olmo_hybrid", Variant(tied=False, bits=3, recipe="mixed_3_6")),
         ("kimi_linear", Variant(tied=False, bits=3, recipe="mixed_3_6")),
+        ("kimi_linear", Variant(tied=True)),  # tied by the walk; transformers declares no tying
         # Falcon Mamba: mlx-lm's mamba (B, C, dt normalized), transformers' own class
         ("falcon_mamba", Variant(tied=True)),
         ("falcon_mamba", Variant(tied=False, bits=3, group_size=32)),

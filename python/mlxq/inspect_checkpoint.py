@@ -419,10 +419,13 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
             refuse_tied_head_tensors(model, headers, walk.head, stored_names)
     except ValueError as error:
         problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
+    # a head the walk ties has no tensors once loaded (TiedAffineHead), even where transformers
+    # declares no tying for the model (Kimi Linear)
+    followers = [*moe_modules, *([walk.head.head] if walk.head.tied else [])]
     missing = [
         key
         for key in missing_tensors(model, set(headers))
-        if not any(key.startswith(f"{m}.") for m in moe_modules)
+        if not any(key.startswith(f"{m}.") for m in followers)
     ]
     if mlx_q and missing:
         problems.append(Problem("error", missing_message(missing)))
