@@ -237,7 +237,12 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     )
     from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
-    from mlxq.integrations.quantizer import MLXHfQuantizer, add_mlx_lm_config_keys, drop_tied_keys
+    from mlxq.integrations.quantizer import (
+        MLXHfQuantizer,
+        add_mlx_lm_config_keys,
+        drop_tied_keys,
+        placed_by_buffers,
+    )
     from mlxq.integrations.weight_ops import cast_on_save_converters
     from mlxq.moe import MoeExperts
 
@@ -273,6 +278,8 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)
+    if next(model.parameters(), None) is None:  # nanochat: every tensor quantized
+        model.__class__ = placed_by_buffers(type(model))  # (its device, dtype, save_pretrained)
     picklable_after_forward(model)
     model.hf_quantizer = MLXHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
