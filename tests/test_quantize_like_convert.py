@@ -126,6 +126,10 @@ def test_text_model_saves_mlx_lm_convert(
         ("glm4v_moe", False),
         # Llama 4 (layout not mapped): its tower and projector float by their own names
         ("llama4", False),
+        # MiniCPM-V's own predicate (mergers, embedding, head, linear attention float) before
+        # its Qwen 3.5 (MoE) language model's (8-bit gates); before: all quantized
+        ("minicpmv4_6", True),
+        ("minicpmv4_7_moe", False),
     ],
 )
 def test_image_text_quantized_as_mlx_vlm_convert(tmp_path: Path, name: str, on_load: bool) -> None:

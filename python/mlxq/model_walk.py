@@ -236,7 +236,7 @@ _QWEN3_5_MOE_GATES = tuple(
 )
 _EIGHT = {"group_size": 64, "bits": 8}
 # keys are read on mlx-lm's module names (what its predicate sees): a name suffix, `*` and a
-# substring, or `=` and the whole name
+# substring, `=` and the whole name, or `^` and a prefix
 _MLX_LM_MODEL_ENTRIES: dict[str, tuple[tuple[str, dict | bool], ...]] = {
     "qwen3_moe": (("mlp.gate", _EIGHT),),
     "gpt_oss": (("mlp.router", _EIGHT),),
@@ -324,6 +324,12 @@ _MLX_LM_MODULE = {"minimax_m2": "minimax"}
 # keeps its own modules out by name, which modules_to_not_convert says here): the entries are
 # those of text_config's model type (MiniCPM-V 4.7 on Qwen 3.5 MoE: its 8-bit gates)
 _TEXT_MODEL_PREDICATE = frozenset({"minicpmv4_6", "minicpmv4_7"})
+# ...whose own predicate keeps these float before asking the language model's (MiniCPM-V's
+# "sensitive" modules: the embedding, the head, Qwen 3.5's linear attention)
+_IMAGE_TEXT_FLOAT = (
+    *(("^" + top, False) for top in ("vit_merger", "merger")),  # mlx-vlm's top-level mergers
+    *((f"*{part}", False) for part in ("linear_attn", "embed_tokens", "lm_head")),
+)
 
 
 def mlx_lm_model_entries(
@@ -353,9 +359,11 @@ def mlx_lm_model_entries(
             "overrides={...}), {} for the top-level format everywhere)"
         )
     else:
+        own: tuple = ()
         if model_type in _TEXT_MODEL_PREDICATE:
             model_type = getattr(getattr(config, "text_config", None), "model_type", None)
-        rules = _MLX_LM_MODEL_ENTRIES.get(model_type, ())
+            own = _IMAGE_TEXT_FLOAT  # last: its False wins over the language model's entries
+        rules = (*_MLX_LM_MODEL_ENTRIES.get(model_type, ()), *own)
     if not rules:
         return {}
     planned: list[tuple[str, int]] = []  # (name, input width); experts: each stack
@@ -376,6 +384,8 @@ def mlx_lm_model_entries(
                 hit = key[1:] in path
             elif key[0] == "=":
                 hit = path == key[1:]
+            elif key[0] == "^":
+                hit = path.startswith(key[1:])
             else:
                 hit = path.endswith(key)
             if hit and width % top.group_size == 0:
