@@ -130,6 +130,9 @@ def test_text_model_saves_mlx_lm_convert(
         # its Qwen 3.5 (MoE) language model's (8-bit gates); before: all quantized
         ("minicpmv4_6", True),
         ("minicpmv4_7_moe", False),
+        # Kimi K2.5: its MoEGate routers float, kv_b_proj saved as mlx-vlm's embed_q /
+        # unembed_out (before: refused for the routers; kv_b_proj whole)
+        ("kimi_k25", False),
     ],
 )
 def test_image_text_quantized_as_mlx_vlm_convert(tmp_path: Path, name: str, on_load: bool) -> None:

@@ -277,6 +277,7 @@ _MLX_LM_FLOAT_MODULES: dict[str, tuple[str, ...]] = {
     ),
     "nemotron_h": ("mixer.gate",),
     "glm4v_moe": ("mlp.gate",),  # (mlx-vlm's GLM-4.5V: a MoEGate too)
+    "kimi_k25": ("mlp.gate",),  # (mlx-vlm's Kimi K2.5: DeepSeek V3's language model)
 }
 
 

@@ -83,12 +83,14 @@ def quantize_model(
 
 def latent_kv_b_parts(model: nn.Module) -> dict[str, tuple[int, int, int, int]]:
     """The `self_attn.kv_b_proj` layers of a model that mlx-lm stores split per head into
-    `embed_q` / `unembed_out` (DeepSeek V3's family, Mistral 4, Kimi Linear: their layouts
-    rename those): name -> (heads, qk_nope_head_dim, v_head_dim, kv_lora_rank)."""
+    `embed_q` / `unembed_out` (DeepSeek V3's family, Mistral 4, Kimi Linear, Kimi K2.5's
+    language model: their layouts rename those): name -> (heads, qk_nope_head_dim, v_head_dim, kv_lora_rank)."""
     from mlxq.integrations.mlx_lm_layout import LAYOUTS
+    from mlxq.integrations.mlx_vlm_layout import VLM_LAYOUTS, is_image_text
 
     config = getattr(model, "config", None)
-    layout = LAYOUTS.get(getattr(config, "model_type", None) or "")
+    model_type = getattr(config, "model_type", None) or ""
+    layout = (VLM_LAYOUTS if is_image_text(config) else LAYOUTS).get(model_type)  # Kimi K2.5
     if layout is None or not any("embed_q" in pattern for pattern, _ in layout.renames):
         return {}
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
