@@ -208,17 +208,18 @@ def test_gpt_neox_head_keeps_mlx_lm_name(tmp_path: Path) -> None:
     _assert_same_checkpoint(ours, tiny_mlx_checkpoint("gpt_neox", variant))
 
 
-def test_dbrx_is_refused_by_name(tmp_path: Path) -> None:
-    """DBRX's fused experts are no module mlxq quantizes, where mlx-lm quantizes them:
-    refused by name (before: saved float, another checkpoint than mlx-lm's)."""
+def test_dbrx_quantized_as_mlx_lm_convert(tmp_path: Path) -> None:
+    """DBRX's fused experts are quantized as mlx-lm cuts them, one layer per expert (the
+    stacks of tests/test_moe.py's convert test), by quantize_model too; quantizing while
+    loading is refused for it as for every MoE model."""
     import mlxq
-    from arch_models import causal_lm_class, tiny_float_checkpoint
+    from arch_models import Variant, causal_lm_class, tiny_float_checkpoint, tiny_mlx_checkpoint
 
+    variant = Variant(tied=False)
+    ours = _quantized_text(tmp_path, "dbrx", variant, on_load=False)
+    _assert_same_checkpoint(ours, tiny_mlx_checkpoint("dbrx", variant))
     float_dir = tiny_float_checkpoint("dbrx", tmp_path / "float", False)
-    model = causal_lm_class("dbrx").from_pretrained(float_dir, dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match=r"model type 'dbrx': its experts"):
-        mlxq.quantize_model(model, 4, 64)
-    with pytest.raises(NotImplementedError, match=r"model type 'dbrx'"):
+    with pytest.raises(NotImplementedError):
         causal_lm_class("dbrx").from_pretrained(
             float_dir, dtype=torch.bfloat16, quantization_config=mlxq.MLXQuantConfig(4, 64)
         )

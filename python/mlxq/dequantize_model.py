@@ -117,10 +117,28 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             head = nn.Linear(module.in_features, module.out_features, bias=False)
             head.weight = emb.weight
             model.set_submodule(name, head)
-    from mlxq.integrations.mlx_lm_layout import unfolded_multipliers_config
-
-    unfolded_multipliers_config(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
+    _unfolded_multipliers_config(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization"):
         del config.quantization
     return model
+
+
+def _unfolded_multipliers_config(model) -> None:
+    """A dequantized MLX Falcon-H1 model: its config says the multipliers its modules apply
+    (1 where mlx-lm folded them, the tied head's ratio), so that its float checkpoint loads
+    as it runs in transformers, and in mlx-lm (whose sanitize then folds nothing more)."""
+    if not getattr(model, "_mlxq_folded_multipliers", False):
+        return
+    config = model.config
+    tied = getattr(config, "tie_word_embeddings", False)
+    head = config.lm_head_multiplier / config.embedding_multiplier if tied else 1.0
+    for key in (
+        "embedding_multiplier attention_in_multiplier attention_out_multiplier "
+        "key_multiplier ssm_in_multiplier ssm_out_multiplier"
+    ).split():
+        setattr(config, key, 1.0)
+    config.lm_head_multiplier = head
+    config.mlp_multipliers = [1.0] * len(config.mlp_multipliers)
+    config.ssm_multipliers = [1.0] * len(config.ssm_multipliers)
+    model._mlxq_folded_multipliers = False

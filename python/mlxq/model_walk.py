@@ -394,14 +394,6 @@ def mlx_lm_model_entries(
     return entries
 
 
-# models whose experts mlxq would leave float (no MoE plan for their module) where mlx-lm
-# quantizes them
-_EXPERTS_NOT_QUANTIZED = {
-    "dbrx": "its experts (DbrxExperts' fused w1/v1/w2 parameters) are not quantized by mlxq, "
-    "while mlx_lm convert quantizes each expert's projections",
-}
-
-
 _FALCON_H1_MULTIPLIERS = (
     "embedding_multiplier lm_head_multiplier attention_in_multiplier attention_out_multiplier "
     "key_multiplier ssm_in_multiplier ssm_out_multiplier mlp_multipliers ssm_multipliers".split()
@@ -435,11 +427,6 @@ def plan_quantization(
     """
     overrides = overrides or {}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in _EXPERTS_NOT_QUANTIZED:
-        raise NotImplementedError(
-            f"mlxq: model type {model_type!r}: {_EXPERTS_NOT_QUANTIZED[model_type]}; mlxq "
-            "refuses to quantize it rather than write another checkpoint than mlx_lm convert's"
-        )
     folded = _folded_multipliers(getattr(model, "config", None))
     if folded:
         raise NotImplementedError(

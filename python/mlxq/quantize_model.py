@@ -84,7 +84,8 @@ def quantize_model(
 def latent_kv_b_parts(model: nn.Module) -> dict[str, tuple[int, int, int, int]]:
     """The `self_attn.kv_b_proj` layers of a model that mlx-lm stores split per head into
     `embed_q` / `unembed_out` (DeepSeek V3's family, Mistral 4, Kimi Linear, Kimi K2.5's
-    language model: their layouts rename those): name -> (heads, qk_nope_head_dim, v_head_dim, kv_lora_rank)."""
+    language model: their layouts rename those): name -> (heads, qk_nope_head_dim,
+    v_head_dim, kv_lora_rank)."""
     from mlxq.integrations.mlx_lm_layout import LAYOUTS
     from mlxq.integrations.mlx_vlm_layout import VLM_LAYOUTS, is_image_text
 

@@ -46,7 +46,6 @@ __all__ = [
     "mlx_lm_outer_model_type",
     "mlx_lm_entries",
     "run_folded_multipliers",
-    "unfolded_multipliers_config",
     "use_mlx_lm_layout",
 ]
 
@@ -1013,23 +1012,3 @@ def run_folded_multipliers(model) -> None:
             f"mlxq: falcon_h1: transformers' model holds no {', '.join(sorted(missing))}; mlxq "
             "cannot undo the muP multipliers mlx_lm convert folded into this checkpoint"
         )
-
-
-def unfolded_multipliers_config(model) -> None:
-    """A dequantized MLX Falcon-H1 model: its config says the multipliers its modules apply
-    (1 where mlx-lm folded them, the tied head's ratio), so that its float checkpoint loads
-    as it runs in transformers, and in mlx-lm (whose sanitize then folds nothing more)."""
-    if not getattr(model, "_mlxq_folded_multipliers", False):
-        return
-    config = model.config
-    tied = getattr(config, "tie_word_embeddings", False)
-    head = config.lm_head_multiplier / config.embedding_multiplier if tied else 1.0
-    for key in (
-        "embedding_multiplier attention_in_multiplier attention_out_multiplier "
-        "key_multiplier ssm_in_multiplier ssm_out_multiplier"
-    ).split():
-        setattr(config, key, 1.0)
-    config.lm_head_multiplier = head
-    config.mlp_multipliers = [1.0] * len(config.mlp_multipliers)
-    config.ssm_multipliers = [1.0] * len(config.ssm_multipliers)
-    model._mlxq_folded_multipliers = False
