@@ -25,6 +25,7 @@
 #include <stdint.h>
 
 #include "cuda/kernels.cuh"
+#include "cuda/mbarrier.cuh"
 
 namespace mlxq::cuda {
 
@@ -171,24 +172,10 @@ inline void gemm_pack_sb(const uint16_t* s, const uint16_t* b, uint32_t* out, in
 #ifdef MLXQ_WGMMA
 namespace sm90 {
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(phase)
-      : "memory");
-}
+using mbarrier_ptx::mbar_arrive;
+using mbarrier_ptx::mbar_expect_tx;
+using mbarrier_ptx::mbar_init;
+using mbarrier_ptx::mbar_wait;
 // A 2-D box of `map` at (c0 innermost, c1) into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
                                        uint32_t bar) {

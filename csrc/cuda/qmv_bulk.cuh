@@ -25,6 +25,7 @@
 // 3 blocks a multiprocessor, far from the M = 1 target; opt-in (MLXQ_CUDA_BULK=1).
 #pragma once
 
+#include "cuda/mbarrier.cuh"
 #include "cuda/qmv_stream.cuh"
 
 namespace mlxq::cuda {
@@ -83,24 +84,10 @@ inline BulkShape qmv_bulk_shape(int64_t N, int64_t K, int64_t M, int sm_count,
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define MLXQ_BULK 1
 namespace bulk_ptx {
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(phase)
-      : "memory");
-}
+using mbarrier_ptx::mbar_arrive;
+using mbarrier_ptx::mbar_expect_tx;
+using mbarrier_ptx::mbar_init;
+using mbarrier_ptx::mbar_wait;
 // bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), counted on bar
 __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes,
                                           uint32_t bar) {
