@@ -203,3 +203,36 @@ def test_cpu_kernels_run_on_torchs_threads():
     )
     expected = not uses_openmp or bool(cflags)
     assert _C.cpu_threaded() == expected, f"threaded build expected ({why})"
+
+
+def test_sdist_carries_every_native_and_python_source(tmp_path: Path) -> None:
+    """An sdist must rebuild every backend: all of csrc/ (the CUDA .cu / .cuh too) and metal/."""
+    src = tmp_path / "src"
+    for name in ("setup.py", "CMakeLists.txt", "pyproject.toml", "README.md", "MANIFEST.in"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((ROOT / name).read_bytes())
+    wanted = []
+    for top, keep in (("csrc", None), ("metal", None), ("python/mlxq", ".py")):
+        for p in sorted((ROOT / top).rglob("*")):
+            if not p.is_file() or "__pycache__" in p.parts or (keep and p.suffix != keep):
+                continue
+            rel = p.relative_to(ROOT).as_posix()
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_bytes(p.read_bytes())
+            wanted.append(rel)
+    assert any(w.endswith(".cuh") for w in wanted) and any(w.endswith(".cu") for w in wanted)
+    res = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    import tarfile
+
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    missing = [w for w in wanted if w not in shipped]
+    assert not missing, f"the sdist lacks {missing[:10]} ({len(missing)} files)"
