@@ -10,7 +10,7 @@
 // partial wave as half tiles, every tile as half tiles; "wsmc*" the same in clusters of two
 // CTAs that multicast x; ":nomma" leaves the products out, ":tma" both. -DMLXQ_HARNESS_WS_ONLY
 // or -DMLXQ_HARNESS_MIN (256, ws, wstail) builds fewer shapes; -DMLXQ_HARNESS_WSP the 43l ring
-// against the persistent kernel ("wsp*").
+// against 43lt (scales and biases by TMA) and the persistent kernel ("wsp*").
 // Arguments: M values (default 32 64 128 256 512 768); MLXQ_HARNESS_SHAPES="NxK,..." picks the
 // shapes (default 28672x8192,8192x28672); MLXQ_HARNESS_PACK=1 times the op's packing of the
 // (scale, bias) pairs with each call (see main).
@@ -117,8 +117,19 @@ static void launch_ws(const GemmParams& p0, cudaStream_t stream) {
                                      C::kNT / 2 / cl, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
                                     kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
-  CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  if constexpr (C::kTmaSb) {  // the scales and biases by TMA (gemm_w4_sm90_wst_kernel)
+    auto kt = gemm_w4_sm90_wst_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs, Opt>;
+    const CUtensorMap ms = tensor_map(p.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, p.K / GS,
+                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    const CUtensorMap mb = tensor_map(p.biases, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, p.K / GS,
+                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    CK(cudaFuncSetAttribute(kt, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    kt<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw, ms,
+                                                                              mb);
+  } else {
+    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  }
   CK(cudaGetLastError());
 }
 
@@ -164,12 +175,15 @@ static std::vector<Shape> shapes_for(bool probes = false) {
 #if defined(MLXQ_HARNESS_WSP)  // the op's 43l kernel against the persistent one
   // (wsp: packed pairs; wspt: scales and biases by TMA; 3: three CTAs, h: all half tiles)
   constexpr int L = kWsLate, T = kWsTmaSb;
+  // wstail43lt: the non-persistent kernel with the scales and biases by TMA; "wshalf43lt" as
+  // half tiles (checks)
   std::vector<Shape> v = {{"wstail43l", launch_ws<GS, 0, 1, 4, 3, false, L>, GS},
-                          {"wsp", launch_wsp<GS, 0, 1, 0>, GS},
-                          {"wspt", launch_wsp<GS, 0, 1, T>, GS, true},
-                          {"wsp3", launch_wsp<GS, 0, 1, 0, 3>, GS},
-                          {"wspt3h", launch_wsp<GS, 0, 2, T, 3>, GS, true}};
-  if (probes) v.push_back({"wspt:nodeq", launch_wsp<GS, 1, 1, T>, GS, true});
+                          {"wstail43lt", launch_ws<GS, 0, 1, 4, 3, false, L | T>, GS, true},
+                          {"wspt", launch_wsp<GS, 0, 1, T>, GS, true}};
+  if (!probes) v.push_back({"wshalf43lt", launch_ws<GS, 0, 2, 4, 3, false, L | T>, GS, true});
+  if (!probes) v.push_back({"wsp3", launch_wsp<GS, 0, 1, 0, 3>, GS});
+  if (!probes) v.push_back({"wspt3h", launch_wsp<GS, 0, 2, T, 3>, GS, true});
+  if (probes) v.push_back({"wstail43lt:nodeq", launch_ws<GS, 1, 1, 4, 3, false, L | T>, GS, true});
   if (probes) v.push_back({"wstail43l:nodeq", launch_ws<GS, 1, 1, 4, 3, false, L>, GS});
   if (probes) return v;
 #elif defined(MLXQ_HARNESS_MIN)  // quickest: the register-A 256-row block and the ws kernel's rings

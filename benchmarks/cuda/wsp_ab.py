@@ -5,7 +5,7 @@ the kernel reads pairs), then timed in rounds that replay every graph back to ba
 rotating), so that all see the same SM clock; per ring the median and range over the rounds of
 dense's ms per call over its.
 
-    python benchmarks/cuda/wsp_ab.py [--rings 43l p pt] [--m 512] [--rounds 12]
+    python benchmarks/cuda/wsp_ab.py [--rings 43l 43lt pt] [--m 512] [--rounds 12]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mlxq.bench.ops_cuda import _captured, _copies, _env, _nbytes
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rings", nargs="+", default=["43l", "p", "pt"])
+    ap.add_argument("--rings", nargs="+", default=["43l", "43lt", "pt"])
     ap.add_argument("--shapes", nargs="+", default=["28672x8192", "8192x28672"])
     ap.add_argument("--m", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)

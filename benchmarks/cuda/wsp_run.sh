@@ -1,8 +1,10 @@
 #!/bin/bash
-# One device call for the persistent prefill kernel (issue #20): the gemm harness built with
-# -DMLXQ_HARNESS_WSP (43l against wsp / wspt, float64 checks) RUNS times at M = 512 while the
-# extension builds; stops there if a check fails; then test_cuda_ops.py -k "$TEST_K", wsp_ab.py
-# (the rings through the op, timed back to back) and bench_ops at M = 512 (x_vs_dense_paired).
+# One device call for the prefill's warp-specialized rings (issue #20): the gemm harness built
+# with -DMLXQ_HARNESS_WSP (43l, 43lt, the persistent pt; float64 checks) RUNS times at M = 512
+# while the extension builds; stops there if a check fails; then test_cuda_ops.py -k "$TEST_K",
+# wsp_ab.py (the rings through the op, timed back to back) and bench_ops at M = 512
+# (x_vs_dense_paired).
+# The -k selection takes over 150 s with 8 workers (TEST_TIMEOUT, default 300).
 # Logs under $OUT.   WHEELS=.whl bash benchmarks/cuda/wsp_run.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -45,11 +47,11 @@ tail -1 "$OUT/op_build.log"
 stamp built the extension
 export PYTHONPATH=/tmp/site:$PWD/python MLXQ_CACHE=$(mktemp -d) XDG_CACHE_HOME=$(mktemp -d) \
   HF_HOME=$(mktemp -d)
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \
   -n 8 -k "${TEST_K:-prefill or mixed_dtypes or streams_and_cuda_graphs}" >"$OUT/tests.log" 2>&1
 tail -6 "$OUT/tests.log"
 stamp tests
-timeout 60 python3 benchmarks/cuda/wsp_ab.py --rings 43l p pt 2>&1 | tee "$OUT/ab.log"
+timeout 60 python3 benchmarks/cuda/wsp_ab.py --rings 43l 43lt pt 2>&1 | tee "$OUT/ab.log"
 stamp ab
 timeout 60 python3 benchmarks/bench_ops.py --device cuda --bits 4 --m 512 \
   --cuda-shapes 28672x8192 8192x28672 --cuda-group-sizes 128 --out /tmp/bench_ops \

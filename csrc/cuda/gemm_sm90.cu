@@ -134,21 +134,25 @@ int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_cou
 
 // The warp-specialized kernel's ring (gemm_sm90_ws.cuh's GemmWsCfg), MLXQ_CUDA_GEMM_WS_RING (read
 // on every call, for benchmarks and tests): "52" 5 TMA slots and 2 dequantized tiles, loads
-// issued 3 stages ahead (the first form); otherwise "43l": 4 slots, 3 tiles, each load issued
-// once its slot is known free, 3 ahead (kWsLate). The harness's other rings (one arrival a warp
-// for a dequantized tile, the scale and bias arrays read by the kernel instead of packed pairs)
-// measured slower through the op (gemm_sm90_ws.cuh).
-// "p": the persistent kernel (gemm_w4_sm90_wsp_kernel) with the packed pairs, "pt" (the
-// default) the same reading the scale and bias arrays by TMA where it can (G % 8 == 0, both
-// 16-byte aligned; "p" otherwise).
-enum class WsRing { k52, k43l, kP, kPt };
+// issued 3 stages ahead (the first form); "43l": 4 slots, 3 tiles, each load issued once its
+// slot is known free, 3 ahead (kWsLate), reading the packed pairs; otherwise "43lt": the same
+// with the scales and biases TMA'd from their arrays (kWsTmaSb: no packing kernel) where they
+// allow it (G % 8 == 0, both 16-byte aligned; 43l otherwise). "p" / "pt": the persistent
+// kernel (gemm_w4_sm90_wsp_kernel) with pairs / by TMA. Harness, M = 512, bf16, g128, the
+// pairs packed with each call as the op does (two runs, ms; dense cuBLAS 0.3072-0.3081 /
+// 0.2998-0.3002): 28672 x 8192 43l 0.4048-0.4050 (1.31-1.32x dense), 43lt 0.3848-0.3857
+// (1.25x), pt 0.4143-0.4204; 8192 x 28672 43l 0.3656-0.3660 (1.22x), 43lt 0.3453-0.3458
+// (1.15x), pt 0.3717-0.3719. The other forms (one arrival a warp for a dequantized tile, the
+// arrays read through registers: kWsDirect) measured slower through the op (gemm_sm90_ws.cuh).
+enum class WsRing { k52, k43l, k43lt, kP, kPt };
 WsRing ws_ring() {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WS_RING");
   const std::string r(env == nullptr ? "" : env);
   if (r == "52") return WsRing::k52;
   if (r == "43l") return WsRing::k43l;
   if (r == "p") return WsRing::kP;
-  return WsRing::kPt;
+  if (r == "pt") return WsRing::kPt;
+  return WsRing::k43lt;
 }
 bool ws_tma_sb_fits(const void* scales, const void* biases, int64_t G) {
   return G % 8 == 0 &&
@@ -165,6 +169,7 @@ template <typename T, int GS, int Stages, int ABufs, int Opt>
 void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
   using C = GemmWsCfg<Stages, ABufs, Opt>;
   auto kernel = gemm_w4_sm90_ws_kernel<T, GS, 0, Stages, ABufs, Opt>;
+  auto kernel_t = gemm_w4_sm90_wst_kernel<T, GS, 0, Stages, ABufs, Opt>;
   const CUtensorMapDataType xt =
       half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUtensorMap mx =
@@ -173,10 +178,22 @@ void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stre
       tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, C::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
                                     kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
   TORCH_CHECK(blocks <= INT32_MAX, "mlxq: too many blocks for the fused prefill");
-  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  if constexpr (C::kTmaSb) {
+    const int64_t G = p.K / GS;
+    const CUtensorMap ms = tensor_map(p.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G,
+                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    const CUtensorMap mb = tensor_map(p.biases, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G,
+                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel_t, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    kernel_t<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw,
+                                                                                    ms, mb);
+  } else {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -220,8 +237,10 @@ bool uses_tma_sb(const GemmArgs& a) {
   const int64_t sk = sk_for(sh, a.M, a.N, a.K, a.sm_count);
   const int64_t full = ws_full_for(sh, a.M, a.N, a.K, a.sm_count, sk, plan);
   const int64_t tiles = ((a.M + sh.nt - 1) / sh.nt) * ((a.N + sh.tile_n - 1) / sh.tile_n);
-  return full >= 0 && ws_ring() == WsRing::kPt && wsp_fits(a.M, a.N, a.K, 2 * tiles - full) &&
-         ws_tma_sb_fits(a.scales, a.biases, a.G);
+  const WsRing ring = ws_ring();
+  return full >= 0 && ws_tma_sb_fits(a.scales, a.biases, a.G) &&
+         (ring == WsRing::k43lt ||
+          (ring == WsRing::kPt && wsp_fits(a.M, a.N, a.K, 2 * tiles - full)));
 }
 
 template <typename T, int GS>
@@ -248,6 +267,11 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
       case WsRing::k52:
         return launch_ws<T, GS, 5, 2, 0>(p, half, b, stream);
       case WsRing::k43l:
+        return launch_ws<T, GS, 4, 3, kWsLate>(p, half, b, stream);
+      case WsRing::k43lt:
+        if (ws_tma_sb_fits(p.scales, p.biases, p.K / GS)) {
+          return launch_ws<T, GS, 4, 3, kWsLate | kWsTmaSb>(p, half, b, stream);
+        }
         return launch_ws<T, GS, 4, 3, kWsLate>(p, half, b, stream);
       case WsRing::kPt:
         if (ws_tma_sb_fits(p.scales, p.biases, p.K / GS)) {
@@ -283,6 +307,8 @@ bool gemm_w4_sm90_available(int device) {
 }
 
 int64_t gemm_w4_sm90_sb_cols(int64_t G) { return G; }
+
+bool gemm_w4_sm90_reads_pairs(const GemmArgs& a) { return !uses_tma_sb(a); }
 
 void launch_gemm_pack_sb(const void* scales, const void* biases, uint32_t* sb, int64_t n,
                          cudaStream_t stream) {

@@ -64,6 +64,31 @@
 // x (0.55 at 28672 x 8192, 0.47 at 8192 x 28672; its TMA loads alone took 0.47 against 0.21),
 // and 4 TMA slots with 3 dequantized tiles in clusters (0.56). With any ring but 5/2 (and 6/1)
 // ptxas serialized the products (C7514) until the main loop was kept from unrolling.
+//
+// The op's default since (issue #20), "43lt": the 43l ring with the scales and biases TMA'd from
+// their arrays (kWsTmaSb; boxes of 8 groups x 128 rows, a ring of two in 8 KB more shared
+// memory, each box issued one box ahead by the dequantizer's thread 0), so no packing kernel
+// runs before the call, and the dequantizer reads its stage's scale and bias from shared memory
+// rather than a pair per stage from L2. It gained more than the packing's 4.7 us: harness, M =
+// 512, two runs (dense / 43l with the packing / 43lt / pt (below) / 43lt without the
+// dequantization), ms: 28672 x 8192 0.3081 / 0.4050 / 0.3857 / 0.4204 / 0.3684 and 0.3072 /
+// 0.4048 / 0.3848 / 0.4143 / 0.3721; 8192 x 28672 0.2998 / 0.3656 / 0.3453 / 0.3717 / 0.3276
+// and 0.3002 / 0.3660 / 0.3458 / 0.3719 / 0.3624. So 43lt is 1.25x dense at 28672 x 8192 (43l
+// 1.31-1.32x) and 1.15x at 8192 x 28672 (1.22x). Not yet timed through the op (bench_ops).
+//
+// The persistent kernel (gemm_w4_sm90_wsp_kernel, below; rings "p" with the pairs, "pt" by
+// TMA) measured slower, also at 8192 x 28672 where each CTA has one tile, so not for the
+// persistence itself: it needs setmaxnreg (dequantizer 56 registers, multipliers 224: with 216
+// ptxas serialized the products, C7512; without it the accumulators spilled), and its
+// dequantizer at 56 registers is the likely cost (without the dequantization it equals 43l:
+// 28672 x 8192 0.3864 / 0.3861 against 0.3857 / 0.3746). First device run (harness, M = 512,
+// the pairs packed with each call, two runs, ms): 28672 x 8192 dense 0.3092 / 0.3078, 43l 0.4078
+// / 0.4093, p 0.4334 / 0.4361, pt 0.4172 / 0.4176; 8192 x 28672 dense 0.3011 / 0.3025, 43l
+// 0.3676 / 0.3684, p 0.3891 / 0.3908, pt 0.3764 / 0.3756. Through the op (benchmarks/cuda/
+// wsp_ab.py, graphs timed back to back, 12 rounds, the card hot after the tests: ratio over
+// dense, median (range)): 28672 x 8192 43l 1.449x (1.339-1.477), p 1.560x (1.421-1.595), pt
+// 1.499x (1.373-1.530); 8192 x 28672 43l 1.339x (1.245-1.367), p 1.463x (1.338-1.530), pt
+// 1.381x (1.282-1.420). It stays for benchmarks and tests (MLXQ_CUDA_GEMM_WS_RING=p / pt).
 #pragma once
 
 #include "cuda/gemm_sm90.cuh"
@@ -76,7 +101,11 @@ namespace mlxq::cuda {
 // kWsDirect: the dequantizer reads the scale and bias arrays (GemmParams::scales, biases) three
 // stages ahead instead of the pairs packed before the kernel (GemmParams::sb); kWsWarpArrive:
 // a dequantized tile is signalled by one arrival a warp rather than one a thread.
-constexpr int kWsLate = 1, kWsDirect = 2, kWsWarpArrive = 4;
+// kWsTmaSb: the dequantizer's scales and biases by TMA from their arrays (boxes of 8 groups of
+// the tile's 128 rows, a ring of two, each issued a box ahead by the dequantizer's thread 0;
+// gemm_w4_sm90_wst_kernel), so that the op packs no pairs (gemm_pack_sb: a kernel before each
+// call); needs G % 8 == 0 and 16-byte aligned arrays (a tensor map's row stride).
+constexpr int kWsLate = 1, kWsDirect = 2, kWsWarpArrive = 4, kWsTmaSb = 8;
 template <int Stages, int ABufs, int Opt = 0>
 struct GemmWsCfg {
   static constexpr int kThreads = 384;                         // dequantizer + two multipliers
@@ -92,7 +121,11 @@ struct GemmWsCfg {
   static constexpr bool kDirect = (Opt & kWsDirect) != 0;
   static constexpr bool kWarpArrive = (Opt & kWsWarpArrive) != 0;
   static constexpr int kAhead = kLate ? Stages - 1 : Stages - 2;  // TMA stages issued ahead
-  static constexpr int kSmemBytes = kStages * kStageBytes + kABufs * kATileBytes + 1024;
+  static constexpr bool kTmaSb = (Opt & kWsTmaSb) != 0;
+  static constexpr int kSbGroups = 8;                          // groups of a box: 16 bytes
+  static constexpr int kSbBytes = 2 * kTileN * kSbGroups * 2;  // scales, then biases: 4 KB
+  static constexpr int kSbOff = kStages * kStageBytes + kABufs * kATileBytes;  // two boxes
+  static constexpr int kSmemBytes = kSbOff + (kTmaSb ? 2 * kSbBytes : 0) + 1024;
   static constexpr int kOutStride = kTileN * 2 + 16;  // bytes per staged row of y
   static_assert(kStageBytes % 1024 == 0 && kATileBytes % 1024 == 0, "swizzle atoms");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
@@ -169,6 +202,15 @@ MLXQ_WGMMA_SS(__half, "f16")
 #undef MLXQ_WGMMA_SS_REGS128
 #undef MLXQ_WGMMA_SS_D64
 #undef MLXQ_WGMMA_SS_D128
+
+__device__ __forceinline__ uint32_t lds16(uint32_t addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void bar_sync128(int id) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
+}
 
 __device__ __forceinline__ void sts128(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
                                        uint32_t d) {
@@ -302,7 +344,8 @@ __device__ __forceinline__ void gemm_ws_mul(const GemmParams& p, const CUtensorM
 // and a slot is reused once both CTAs' multipliers are done with it.
 template <typename T, int GS, int NTC, int Probe, int Stages, int ABufs, bool Mc, int Opt>
 __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensorMap* map_x,
-                                             const CUtensorMap* map_w, int64_t m0, int64_t n0,
+                                             const CUtensorMap* map_w, const CUtensorMap* map_s,
+                                             const CUtensorMap* map_b, int64_t m0, int64_t n0,
                                              uint32_t smem0, uint8_t* smem_gen) {
   using C = GemmWsCfg<Stages, ABufs, Opt>;
   using Op = Wgmma<T>;
@@ -315,8 +358,9 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
   // written (128 arrivals, or 4: kWsWarpArrive); aempty: both multipliers' products of it are
   // complete
   __shared__ __align__(8) uint64_t full[kStages], empty[kStages], afull[C::kABufs],
-      aempty[C::kABufs];
+      aempty[C::kABufs], sbfull[2];  // sbfull: a box of scales and biases landed (kTmaSb)
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+  const uint32_t sbbar0 = static_cast<uint32_t>(__cvta_generic_to_shared(sbfull));
   const uint32_t ebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
   const uint32_t abar0 = static_cast<uint32_t>(__cvta_generic_to_shared(afull));
   const uint32_t aebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(aempty));
@@ -329,6 +373,7 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
       mbar_init(abar0 + 8 * i, C::kWarpArrive ? 4 : 128);
       mbar_init(aebar0 + 8 * i, 2);
     }
+    for (int i = 0; i < 2; ++i) mbar_init(sbbar0 + 8 * i, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   uint32_t rank = 0;
@@ -391,7 +436,39 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
         mbar_arrive(abar0 + 8 * ab);
       }
     };
-    if constexpr (!C::kDirect) {  // the pairs (in L2) one stage ahead
+    if constexpr (C::kTmaSb) {
+      // boxes of 8 groups, kSpb stages each (the host: G % 8 == 0): thread 0 issues boxes 0
+      // and 1, then box b + 1 as box b starts (its slot's box b - 1 is done: the barrier)
+      constexpr int kSpb = C::kSbGroups * GS / kGemmTileK;
+      const int boxes = nst / kSpb;
+      const uint32_t sb0 = smem0 + C::kSbOff;
+      auto load_box = [&](int b) {
+        const uint32_t dst = sb0 + (b & 1) * C::kSbBytes, bar = sbbar0 + 8 * (b & 1);
+        mbar_expect_tx(bar, C::kSbBytes);
+        tma_2d(dst, map_s, b * C::kSbGroups, static_cast<int>(n0), bar);
+        tma_2d(dst + C::kSbBytes / 2, map_b, b * C::kSbGroups, static_cast<int>(n0), bar);
+      };
+      if (r == 0) {
+        load_box(0);
+        if (boxes > 1) load_box(1);
+      }
+      for (int s = 0; s < nst; ++s) {
+        const int b = s / kSpb;
+        if (s % kSpb == 0) {
+          if (b > 0) {
+            bar_sync128(4);
+            if (r == 0 && b + 1 < boxes) load_box(b + 1);
+          }
+          mbar_wait(sbbar0 + 8 * (b & 1), (b >> 1) & 1);
+        }
+        const int gi = (s * kGemmTileK / GS) % C::kSbGroups;  // first group of the stage
+        const uint32_t a = sb0 + (b & 1) * C::kSbBytes + r * 16 + 2 * gi;
+        uint32_t pr[2];
+        pr[0] = lds16(a) | (lds16(a + C::kSbBytes / 2) << 16);
+        pr[1] = GS == 32 ? lds16(a + 2) | (lds16(a + 2 + C::kSbBytes / 2) << 16) : pr[0];
+        stage(s, pr);
+      }
+    } else if constexpr (!C::kDirect) {  // the pairs (in L2) one stage ahead
       uint32_t pr[2] = {0, 0}, pn[2] = {0, 0};
       load_pairs(0, pr);
       for (int s = 0; s < nst; ++s) {
@@ -433,7 +510,9 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
 // tile p.full + i. map_x boxes 256 rows of x (Mc: 128), map_xh 128 (Mc: 64).
 template <typename T, int GS, int Probe, int Stages, int ABufs, bool Mc, int Opt>
 __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensorMap* map_x,
-                                             const CUtensorMap* map_xh, const CUtensorMap* map_w) {
+                                             const CUtensorMap* map_xh, const CUtensorMap* map_w,
+                                             const CUtensorMap* map_s = nullptr,
+                                             const CUtensorMap* map_b = nullptr) {
 #ifdef MLXQ_WGMMA
   using C = GemmWsCfg<Stages, ABufs, Opt>;
   extern __shared__ uint8_t smem_raw[];
@@ -446,15 +525,15 @@ __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensor
   if (blk < p.full) {
     const int64_t m0 = (blk % p.tiles_m) * C::kNT;
     const int64_t n0 = (blk / p.tiles_m) * tile_n + n_off;
-    sm90::gemm_ws_tile<T, GS, 256, Probe, Stages, ABufs, Mc, Opt>(p, map_x, map_w, m0, n0, smem0,
-                                                                  smem_gen);
+    sm90::gemm_ws_tile<T, GS, 256, Probe, Stages, ABufs, Mc, Opt>(p, map_x, map_w, map_s, map_b, m0,
+                                                                  n0, smem0, smem_gen);
   } else {
     const int64_t tile = p.full + (blk - p.full) / 2;
     const int64_t m0 = (tile % p.tiles_m) * C::kNT + 128 * ((blk - p.full) % 2);
     const int64_t n0 = (tile / p.tiles_m) * tile_n + n_off;
     if (m0 >= p.M) return;  // a half tile past M (both CTAs of a cluster)
-    sm90::gemm_ws_tile<T, GS, 128, Probe, Stages, ABufs, Mc, Opt>(p, map_xh, map_w, m0, n0, smem0,
-                                                                  smem_gen);
+    sm90::gemm_ws_tile<T, GS, 128, Probe, Stages, ABufs, Mc, Opt>(p, map_xh, map_w, map_s, map_b,
+                                                                  m0, n0, smem0, smem_gen);
   }
 #else
   __trap();  // the host only launches this kernel on sm_90 with the sm_90a build
@@ -470,6 +549,17 @@ __global__ void __launch_bounds__(384, 1)
                            const __grid_constant__ CUtensorMap map_w) {
   gemm_ws_body<T, GS, Probe, Stages, ABufs, false, Opt>(p, &map_x, &map_xh, &map_w);
 }
+// The same with the scales and biases by TMA (kWsTmaSb in Opt): map_s / map_b, the [N, G] arrays
+// in boxes of 8 groups x 128 rows
+template <typename T, int GS, int Probe = 0, int Stages = 4, int ABufs = 3, int Opt = 0>
+__global__ void __launch_bounds__(384, 1)
+    gemm_w4_sm90_wst_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
+                            const __grid_constant__ CUtensorMap map_xh,
+                            const __grid_constant__ CUtensorMap map_w,
+                            const __grid_constant__ CUtensorMap map_s,
+                            const __grid_constant__ CUtensorMap map_b) {
+  gemm_ws_body<T, GS, Probe, Stages, ABufs, false, Opt>(p, &map_x, &map_xh, &map_w, &map_s, &map_b);
+}
 // The same in clusters of two CTAs that share their x tiles (Mc above)
 template <typename T, int GS, int Probe = 0, int Stages = 5, int ABufs = 2, int Opt = 0>
 __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)
@@ -479,18 +569,15 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)
   gemm_ws_body<T, GS, Probe, Stages, ABufs, true, Opt>(p, &map_x, &map_xh, &map_w);
 }
 
-// The persistent form (gemm_w4_sm90_wsp_kernel): one CTA per multiprocessor (grid = min(SMs,
+// The persistent form (gemm_w4_sm90_wsp_kernel; measured slower: the header): one CTA per
+// multiprocessor (grid = min(SMs,
 // units)), each taking the units b, b + grid, ... of the same list (whole tiles, then the half
 // tiles of the last partial wave, as gemm_w4_sm90_ws_kernel's blocks), with the 43l ring counted
 // across its units: the loads and the dequantization of a unit's first stages run while the
 // multipliers write out the previous unit (the non-persistent kernel starts each block with an
 // empty ring and ends it with idle tensor cores). y is staged in a buffer of its own (64 rows of
 // x a pass per warpgroup), not in the ring, which holds the next unit's stages by then.
-// kWsTmaSb: the dequantizer's scales and biases come by TMA from their arrays (boxes of 8 groups
-// of 128 rows, a ring of two, each issued a box ahead by the dequantizer's thread 0), so the op
-// packs no pairs (gemm_pack_sb: a kernel before each call); needs G % 8 == 0 and 16-byte aligned
-// arrays (the row stride of a tensor map). Without it the packed pairs (GemmParams::sb).
-constexpr int kWsTmaSb = 8;
+// kWsTmaSb as for gemm_w4_sm90_wst_kernel; without it the packed pairs (GemmParams::sb).
 template <int Opt>
 struct GemmWspCfg {
   using R = GemmWsCfg<4, 3, kWsLate>;                             // the ring of "43l"
@@ -512,15 +599,6 @@ struct GemmWspCfg {
 
 #ifdef MLXQ_WGMMA
 namespace sm90 {
-
-__device__ __forceinline__ uint32_t lds16(uint32_t addr) {
-  unsigned short v;
-  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ void bar_sync128(int id) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
-}
 
 // A unit of the persistent kernel: a whole tile (256 rows of x from m0, 128 of W from n0) or a
 // half tile (128 rows of x); live: there is one. 32-bit (the host checks the sizes): its
