@@ -303,6 +303,9 @@ def test_decode_kernels_bulk(gen, group_size: int, dtype: torch.dtype, monkeypat
         "2:256:2",
         "2:256:3:52",
         "2:256:2:52",
+        "2:256:3:43l",
+        "2:256:3:p",
+        "2:256:2:p",
         "0",
     ],
 )
@@ -313,8 +316,9 @@ def test_prefill_tiles_and_tails(
     # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
     # tiles of 128 or 256 rows of W by 64, 128 or 256 rows of x, partial in both; every shape of
     # MLXQ_CUDA_GEMM_TILE; for 256 the warp-specialized kernel, MLXQ_CUDA_GEMM_WS 1-3: whole
-    # tiles, half tiles, its default rule, with both rings of MLXQ_CUDA_GEMM_WS_RING; 0 the
-    # register-A kernel), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op
+    # tiles, half tiles, its default rule, with the rings of MLXQ_CUDA_GEMM_WS_RING: 52, 43l
+    # (packed pairs), the default 43lt (scales and biases by TMA), the persistent kernel with
+    # packed pairs (p); 0 the register-A kernel), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op
     # reads the variables on every call. N = 300 writes y element by element, N = 264 in
     # 16-byte vectors.
     gemm, _, rest = fused.partition(":")
@@ -341,8 +345,10 @@ def test_prefill_tiles_and_tails(
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_prefill_ws_rings_agree(gen, group_size: int, dtype: torch.dtype, monkeypatch) -> None:
     # the warp-specialized kernel's rings (MLXQ_CUDA_GEMM_WS_RING) change how many stages are
-    # loaded and dequantized ahead, never the products or their order: both give the same y bit
-    # for bit (whole tiles and the half-tile last wave)
+    # loaded and dequantized ahead, whether a block keeps running over several tiles (the
+    # persistent p and pt) and where the scales and biases come from (packed pairs, or their
+    # arrays by TMA: 43lt, the default, and pt), never the products or their order: all give
+    # the same y bit for bit (whole tiles and the half-tile last wave)
     monkeypatch.setenv("MLXQ_CUDA_GEMM", "2")
     monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", "256")
     wq, s, b = _quantized(gen, 264, 2048, group_size, 4, dtype)
@@ -352,8 +358,12 @@ def test_prefill_ws_rings_agree(gen, group_size: int, dtype: torch.dtype, monkey
         monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
         monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", "52")
         ref = mlxq.affine_matmul(*args)
-        monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", "43l")
-        assert torch.equal(mlxq.affine_matmul(*args), ref), ws
+        for ring in ("43l", "43lt", "p", "pt", "p:2", "pt:2", "pt:5"):
+            # p:2: the persistent kernel on 2 CTAs, which then run 5-9 tiles each
+            ring, _, grid = ring.partition(":")
+            monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", ring)
+            monkeypatch.setenv("MLXQ_CUDA_GEMM_WSP_GRID", grid)
+            assert torch.equal(mlxq.affine_matmul(*args), ref), (ws, ring, grid)
 
 
 @needs_cuda
@@ -380,16 +390,21 @@ def test_prefill_pairs_any_alignment(gen, ws: str, monkeypatch) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize("ws", ["0", "3"])
+@pytest.mark.parametrize("ws", ["0", "3:43l", "3"])
 def test_prefill_sb_cache(gen, ws: str, monkeypatch) -> None:
     # MLXQ_CUDA_GEMM_SB_CACHE keeps the fused prefill's (scale, bias) pairs per weight: y bit for
     # bit as when they are packed on every call; an in-place change of the scales or biases is
     # repacked; weights that share a storage at other offsets (batched weights) keep their own
     # pairs; mode 1 leaves graph captures packing inside the graph (a change before a replay
-    # reaches it), mode 2 lets a graph read the cached pairs as they were packed
+    # reaches it), mode 2 lets a graph read the cached pairs as they were packed. The default
+    # ring of the warp-specialized kernel (ws 3, 43lt) reads the scales and biases themselves:
+    # nothing is cached, and a graph's replay reads them as they are then.
+    ws, _, ring = ws.partition(":")
+    reads_arrays = ws == "3" and ring == ""
     monkeypatch.setenv("MLXQ_CUDA_GEMM", "2")
     monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", "256")
     monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", ring)
     wq, s, b = (t.cuda() for t in _quantized(gen, 264, 2048, 64, 4, torch.bfloat16))
     x = torch.randn(300, 2048, generator=gen).bfloat16().cuda()
 
@@ -430,7 +445,7 @@ def test_prefill_sb_cache(gen, ws: str, monkeypatch) -> None:
         after = run("0")
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, after if mode == "1" else before), mode
+        assert torch.equal(out, after if mode == "1" or reads_arrays else before), mode
         assert torch.equal(run(mode), after), mode  # eager calls repack
 
 

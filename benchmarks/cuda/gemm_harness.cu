@@ -9,7 +9,8 @@
 // "wstail", "wshalf": the warp-specialized kernel (gemm_sm90_ws.cuh) with whole tiles, the last
 // partial wave as half tiles, every tile as half tiles; "wsmc*" the same in clusters of two
 // CTAs that multicast x; ":nomma" leaves the products out, ":tma" both. -DMLXQ_HARNESS_WS_ONLY
-// or -DMLXQ_HARNESS_MIN (256, ws, wstail) builds fewer shapes.
+// or -DMLXQ_HARNESS_MIN (256, ws, wstail) builds fewer shapes; -DMLXQ_HARNESS_WSP the 43l ring
+// against 43lt (scales and biases by TMA) and the persistent kernel ("wsp*").
 // Arguments: M values (default 32 64 128 256 512 768); MLXQ_HARNESS_SHAPES="NxK,..." picks the
 // shapes (default 28672x8192,8192x28672); MLXQ_HARNESS_PACK=1 times the op's packing of the
 // (scale, bias) pairs with each call (see main).
@@ -116,8 +117,48 @@ static void launch_ws(const GemmParams& p0, cudaStream_t stream) {
                                      C::kNT / 2 / cl, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
                                     kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if constexpr (C::kTmaSb) {  // the scales and biases by TMA (gemm_w4_sm90_wst_kernel)
+    auto kt = gemm_w4_sm90_wst_kernel<__nv_bfloat16, GS, Probe, Stages, ABufs, Opt>;
+    const CUtensorMap ms = tensor_map(p.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, p.K / GS,
+                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    const CUtensorMap mb = tensor_map(p.biases, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, p.K / GS,
+                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    CK(cudaFuncSetAttribute(kt, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    kt<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw, ms,
+                                                                              mb);
+  } else {
+    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  }
+  CK(cudaGetLastError());
+}
+
+// The persistent kernel (gemm_w4_sm90_wsp_kernel): Tail as launch_ws's; Grid: CTAs (0: one per
+// multiprocessor), fewer to give each several units (checks).
+template <int GS, int Probe = 0, int Tail = 1, int Opt = 0, int Grid = 0>
+static void launch_wsp(const GemmParams& p0, cudaStream_t stream) {
+  using C = GemmWspCfg<Opt>;
+  using R = typename C::R;
+  auto kernel = gemm_w4_sm90_wsp_kernel<__nv_bfloat16, GS, Probe, Opt>;
+  GemmParams p = p0;
+  p.tiles_m = (p.M + R::kNT - 1) / R::kNT;
+  p.tiles = p.tiles_m * ((p.N + R::kTileN - 1) / R::kTileN);
+  p.full = Tail == 0 ? p.tiles : Tail == 2 ? 0 : gemm_ws_full(p.tiles, g_sms);
+  const int64_t units = 2 * p.tiles - p.full;
+  const int64_t grid = std::min<int64_t>(units, Grid ? Grid : g_sms);
+  const CUtensorMap mx = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
+                                    R::kNT, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mxh = tensor_map(p.x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.M, p.K, kGemmTileK,
+                                     R::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
+                                    kGemmTileK / 8, R::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  const CUtensorMap ms = tensor_map(p.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, p.K / GS,
+                                    C::kSbGroups, R::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  const CUtensorMap mb = tensor_map(p.biases, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, p.K / GS,
+                                    C::kSbGroups, R::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
   CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw, ms,
+                                                                              mb);
   CK(cudaGetLastError());
 }
 
@@ -131,7 +172,21 @@ struct Shape {
 template <int GS>
 static std::vector<Shape> shapes_for(bool probes = false) {
   // SK (launch): 1 the host's rule (gemm_sk_blocks), 2 stream-K always; "x": x-major tile order
-#if defined(MLXQ_HARNESS_MIN)  // quickest: the register-A 256-row block and the ws kernel's rings
+#if defined(MLXQ_HARNESS_WSP)  // the op's 43l kernel against the persistent one
+  // (wsp: packed pairs; wspt: scales and biases by TMA; 3: three CTAs, h: all half tiles)
+  constexpr int L = kWsLate, T = kWsTmaSb;
+  // wstail43lt: the non-persistent kernel with the scales and biases by TMA; "wshalf43lt" as
+  // half tiles (checks)
+  std::vector<Shape> v = {{"wstail43l", launch_ws<GS, 0, 1, 4, 3, false, L>, GS},
+                          {"wstail43lt", launch_ws<GS, 0, 1, 4, 3, false, L | T>, GS, true},
+                          {"wspt", launch_wsp<GS, 0, 1, T>, GS, true}};
+  if (!probes) v.push_back({"wshalf43lt", launch_ws<GS, 0, 2, 4, 3, false, L | T>, GS, true});
+  if (!probes) v.push_back({"wsp3", launch_wsp<GS, 0, 1, 0, 3>, GS});
+  if (!probes) v.push_back({"wspt3h", launch_wsp<GS, 0, 2, T, 3>, GS, true});
+  if (probes) v.push_back({"wstail43lt:nodeq", launch_ws<GS, 1, 1, 4, 3, false, L | T>, GS, true});
+  if (probes) v.push_back({"wstail43l:nodeq", launch_ws<GS, 1, 1, 4, 3, false, L>, GS});
+  if (probes) return v;
+#elif defined(MLXQ_HARNESS_MIN)  // quickest: the register-A 256-row block and the ws kernel's rings
   // (wstail<slots><tiles>[l: late loads][w: warp arrivals][d: direct scales and biases],
   // gemm_sm90_ws.cuh)
   constexpr int L = kWsLate, D = kWsDirect, W = kWsWarpArrive;

@@ -230,6 +230,8 @@ bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
 // gap, 1.3-1.5%. 4096 x 4096 as half tiles (MLXQ_CUDA_GEMM=2 MLXQ_CUDA_GEMM_WS=2): 0.0430-0.0431
 // ms against 0.0453-0.0458. Off by default: it keeps a second copy of the scales and biases
 // (N * G * 4 bytes a weight), and mode 2 changes what a graph reads after an in-place update.
+// Where the launch reads no pairs (the warp-specialized kernel's default ring, 43lt, TMAs the
+// scales and biases from their arrays: gemm_w4_sm90_reads_pairs) nothing is packed or cached.
 int sb_cache_mode() {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_SB_CACHE");
   return env == nullptr || *env == '\0' ? 0 : std::atoi(env);
@@ -402,29 +404,33 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
   }
   if (use_sm90_gemm(W, M, dt, x.get_device())) {
     at::Tensor y = at::empty({M, W.N}, x.options());
-    at::Tensor sb = cached_pairs(W, stream);
-    const bool sb_ready = sb.defined();
-    if (!sb_ready) sb = at::empty({W.N, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
     const int sms = sm_count(x.get_device());
+    GemmArgs a;
+    a.scales = W.s.const_data_ptr();
+    a.biases = W.b.const_data_ptr();
+    a.N = W.N;
+    a.M = M;
+    a.K = W.K;
+    a.G = W.G;
+    a.sm_count = sms;
+    // the kernel may read the scales and biases themselves: then no pairs, cached or packed
+    const bool pairs = gemm_w4_sm90_reads_pairs(a);
+    at::Tensor sb = pairs ? cached_pairs(W, stream) : at::Tensor();
+    const bool sb_ready = sb.defined();
+    if (!sb_ready) {
+      sb = at::empty({pairs ? W.N : 0, gemm_w4_sm90_sb_cols(W.G)}, x.options().dtype(at::kInt));
+    }
     const GemmWorkspace wsz = gemm_w4_sm90_workspace(M, W.N, W.K, sms);
     at::Tensor ws, counters;  // the K split's scratch, where it splits
     if (wsz.counters > 0) {
       ws = at::empty({wsz.floats}, x.options().dtype(at::kFloat));
       counters = at::zeros({wsz.counters}, x.options().dtype(at::kInt));
     }
-    GemmArgs a;
     a.w = static_cast<const uint32_t*>(W.w.const_data_ptr());
-    a.scales = W.s.const_data_ptr();
-    a.biases = W.b.const_data_ptr();
     a.sb = static_cast<uint32_t*>(sb.mutable_data_ptr());
     a.x = x.const_data_ptr();
     a.y = y.mutable_data_ptr();
-    a.N = W.N;
-    a.M = M;
-    a.K = W.K;
-    a.G = W.G;
     a.group_shift = log2_of(W.group_size);
-    a.sm_count = sms;
     a.ws = ws.defined() ? ws.mutable_data_ptr<float>() : nullptr;
     a.counters = counters.defined() ? counters.mutable_data_ptr<int>() : nullptr;
     a.sb_ready = sb_ready;

@@ -134,19 +134,42 @@ int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_cou
 
 // The warp-specialized kernel's ring (gemm_sm90_ws.cuh's GemmWsCfg), MLXQ_CUDA_GEMM_WS_RING (read
 // on every call, for benchmarks and tests): "52" 5 TMA slots and 2 dequantized tiles, loads
-// issued 3 stages ahead (the first form); otherwise "43l": 4 slots, 3 tiles, each load issued
-// once its slot is known free, 3 ahead (kWsLate). The harness's other rings (one arrival a warp
-// for a dequantized tile, the scale and bias arrays read by the kernel instead of packed pairs)
-// measured slower through the op (gemm_sm90_ws.cuh).
-bool ws_ring52() {
+// issued 3 stages ahead (the first form); "43l": 4 slots, 3 tiles, each load issued once its
+// slot is known free, 3 ahead (kWsLate), reading the packed pairs; otherwise "43lt": the same
+// with the scales and biases TMA'd from their arrays (kWsTmaSb: no packing kernel) where they
+// allow it (G % 8 == 0, both 16-byte aligned; 43l otherwise). "p" / "pt": the persistent
+// kernel (gemm_w4_sm90_wsp_kernel) with pairs / by TMA. Harness, M = 512, bf16, g128, the
+// pairs packed with each call as the op does (two runs, ms; dense cuBLAS 0.3072-0.3081 /
+// 0.2998-0.3002): 28672 x 8192 43l 0.4048-0.4050 (1.31-1.32x dense), 43lt 0.3848-0.3857
+// (1.25x), pt 0.4143-0.4204; 8192 x 28672 43l 0.3656-0.3660 (1.22x), 43lt 0.3453-0.3458
+// (1.15x), pt 0.3717-0.3719. The other forms (one arrival a warp for a dequantized tile, the
+// arrays read through registers: kWsDirect) measured slower through the op (gemm_sm90_ws.cuh).
+enum class WsRing { k52, k43l, k43lt, kP, kPt };
+WsRing ws_ring() {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WS_RING");
-  return env != nullptr && std::string(env) == "52";
+  const std::string r(env == nullptr ? "" : env);
+  if (r == "52") return WsRing::k52;
+  if (r == "43l") return WsRing::k43l;
+  if (r == "p") return WsRing::kP;
+  if (r == "pt") return WsRing::kPt;
+  return WsRing::k43lt;
+}
+bool ws_tma_sb_fits(const void* scales, const void* biases, int64_t G) {
+  return G % 8 == 0 &&
+         (reinterpret_cast<uintptr_t>(scales) | reinterpret_cast<uintptr_t>(biases)) % 16 == 0;
+}
+// The persistent kernel counts in 32 bits and loads 3 stages ahead across its units: at least 3
+// stages of K (the 43l kernel otherwise).
+bool wsp_fits(int64_t M, int64_t N, int64_t K, int64_t units) {
+  return K / kGemmTileK >= 3 && M < (int64_t{1} << 30) && N < (int64_t{1} << 30) &&
+         units < (int64_t{1} << 30);
 }
 
 template <typename T, int GS, int Stages, int ABufs, int Opt>
 void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
   using C = GemmWsCfg<Stages, ABufs, Opt>;
   auto kernel = gemm_w4_sm90_ws_kernel<T, GS, 0, Stages, ABufs, Opt>;
+  auto kernel_t = gemm_w4_sm90_wst_kernel<T, GS, 0, Stages, ABufs, Opt>;
   const CUtensorMapDataType xt =
       half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUtensorMap mx =
@@ -155,11 +178,69 @@ void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stre
       tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, C::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
                                     kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  TORCH_CHECK(blocks <= INT32_MAX, "mlxq: too many blocks for the fused prefill");
+  if constexpr (C::kTmaSb) {
+    const int64_t G = p.K / GS;
+    const CUtensorMap ms = tensor_map(p.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G,
+                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    const CUtensorMap mb = tensor_map(p.biases, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G,
+                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel_t, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    kernel_t<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw,
+                                                                                    ms, mb);
+  } else {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int GS, int Opt>
+void launch_wsp(const GemmParams& p, bool half, int64_t units, int sm_count, cudaStream_t stream) {
+  using C = GemmWspCfg<Opt>;
+  using R = typename C::R;
+  auto kernel = gemm_w4_sm90_wsp_kernel<T, GS, 0, Opt>;
+  const CUtensorMapDataType xt =
+      half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUtensorMap mx =
+      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, R::kNT, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mxh =
+      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, R::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
+                                    kGemmTileK / 8, R::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  CUtensorMap ms = mw, mb = mw;  // unused without kWsTmaSb
+  if constexpr ((Opt & kWsTmaSb) != 0) {
+    const int64_t G = p.K / GS;
+    ms = tensor_map(p.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G, C::kSbGroups, R::kTileN,
+                    CU_TENSOR_MAP_SWIZZLE_NONE);
+    mb = tensor_map(p.biases, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G, C::kSbGroups, R::kTileN,
+                    CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-  TORCH_CHECK(blocks <= INT32_MAX, "mlxq: too many blocks for the fused prefill");
-  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+  // MLXQ_CUDA_GEMM_WSP_GRID (read on every call, for tests): at most that many CTAs, each then
+  // running more units
+  const char* env = std::getenv("MLXQ_CUDA_GEMM_WSP_GRID");
+  const int64_t cap = env == nullptr || std::atoll(env) <= 0 ? sm_count : std::atoll(env);
+  const int64_t grid = std::min<int64_t>(units, cap);
+  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw, ms,
+                                                                              mb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether launch_typed runs the persistent kernel with the scales and biases by TMA (no pairs).
+bool uses_tma_sb(const GemmArgs& a) {
+  const Shape sh = shape_of(tile_for(a.M));
+  const GemmSplit plan = split_for(sh, a.M, a.N, a.K, a.sm_count);
+  const int64_t sk = sk_for(sh, a.M, a.N, a.K, a.sm_count);
+  const int64_t full = ws_full_for(sh, a.M, a.N, a.K, a.sm_count, sk, plan);
+  const int64_t tiles = ((a.M + sh.nt - 1) / sh.nt) * ((a.N + sh.tile_n - 1) / sh.tile_n);
+  const WsRing ring = ws_ring();
+  return full >= 0 && ws_tma_sb_fits(a.scales, a.biases, a.G) &&
+         (ring == WsRing::k43lt ||
+          (ring == WsRing::kPt && wsp_fits(a.M, a.N, a.K, 2 * tiles - full)));
 }
 
 template <typename T, int GS>
@@ -178,8 +259,28 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   if (ws_full >= 0) {
     p.full = ws_full;
     const int64_t b = ws_full + 2 * (p.tiles - ws_full);
-    if (ws_ring52()) return launch_ws<T, GS, 5, 2, 0>(p, half, b, stream);
-    return launch_ws<T, GS, 4, 3, kWsLate>(p, half, b, stream);
+    WsRing ring = ws_ring();
+    if ((ring == WsRing::kP || ring == WsRing::kPt) && !wsp_fits(p.M, p.N, p.K, b)) {
+      ring = WsRing::k43l;
+    }
+    switch (ring) {
+      case WsRing::k52:
+        return launch_ws<T, GS, 5, 2, 0>(p, half, b, stream);
+      case WsRing::k43l:
+        return launch_ws<T, GS, 4, 3, kWsLate>(p, half, b, stream);
+      case WsRing::k43lt:
+        if (ws_tma_sb_fits(p.scales, p.biases, p.K / GS)) {
+          return launch_ws<T, GS, 4, 3, kWsLate | kWsTmaSb>(p, half, b, stream);
+        }
+        return launch_ws<T, GS, 4, 3, kWsLate>(p, half, b, stream);
+      case WsRing::kPt:
+        if (ws_tma_sb_fits(p.scales, p.biases, p.K / GS)) {
+          return launch_wsp<T, GS, kWsTmaSb>(p, half, b, sm_count, stream);
+        }
+        [[fallthrough]];
+      default:
+        return launch_wsp<T, GS, 0>(p, half, b, sm_count, stream);
+    }
   }
   if (tile == "256") return launch_nt<T, GS, 256, 2, 1, false>(p, half, blocks, stream);
   if (tile == "128w4") return launch_nt<T, GS, 128, 4, 1, true>(p, half, blocks, stream);
@@ -206,6 +307,8 @@ bool gemm_w4_sm90_available(int device) {
 }
 
 int64_t gemm_w4_sm90_sb_cols(int64_t G) { return G; }
+
+bool gemm_w4_sm90_reads_pairs(const GemmArgs& a) { return !uses_tma_sb(a); }
 
 void launch_gemm_pack_sb(const void* scales, const void* biases, uint32_t* sb, int64_t n,
                          cudaStream_t stream) {
@@ -238,9 +341,14 @@ void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream) 
   // for the register-A kernel, 3-10% for the warp-specialized one)
   // (affine_cuda.cu may keep them from an earlier call: GemmArgs::sb_ready)
   const int64_t gp = gemm_w4_sm90_sb_cols(a.G), n = a.N * gp;
-  if (n > 0 && !a.sb_ready) launch_gemm_pack_sb(a.scales, a.biases, a.sb, n, stream);
+  // (the persistent kernel reads the arrays by TMA instead where it can: uses_tma_sb)
+  if (n > 0 && !a.sb_ready && !uses_tma_sb(a)) {
+    launch_gemm_pack_sb(a.scales, a.biases, a.sb, n, stream);
+  }
   GemmParams p{a.w, a.sb, a.x, a.y,  a.N,        a.M, a.K, gp, a.group_shift, vec_out ? 1 : 0,
                1,   0,    1,   a.ws, a.counters, 0,   0,   0};
+  p.scales = static_cast<const uint16_t*>(a.scales);
+  p.biases = static_cast<const uint16_t*>(a.biases);
   const bool half = x_dtype == DType::kHalf;
   switch (a.group_shift) {
     case 5:

@@ -64,6 +64,31 @@
 // x (0.55 at 28672 x 8192, 0.47 at 8192 x 28672; its TMA loads alone took 0.47 against 0.21),
 // and 4 TMA slots with 3 dequantized tiles in clusters (0.56). With any ring but 5/2 (and 6/1)
 // ptxas serialized the products (C7514) until the main loop was kept from unrolling.
+//
+// The op's default since (issue #20), "43lt": the 43l ring with the scales and biases TMA'd from
+// their arrays (kWsTmaSb; boxes of 8 groups x 128 rows, a ring of two in 8 KB more shared
+// memory, each box issued one box ahead by the dequantizer's thread 0), so no packing kernel
+// runs before the call, and the dequantizer reads its stage's scale and bias from shared memory
+// rather than a pair per stage from L2. It gained more than the packing's 4.7 us: harness, M =
+// 512, two runs (dense / 43l with the packing / 43lt / pt (below) / 43lt without the
+// dequantization), ms: 28672 x 8192 0.3081 / 0.4050 / 0.3857 / 0.4204 / 0.3684 and 0.3072 /
+// 0.4048 / 0.3848 / 0.4143 / 0.3721; 8192 x 28672 0.2998 / 0.3656 / 0.3453 / 0.3717 / 0.3276
+// and 0.3002 / 0.3660 / 0.3458 / 0.3719 / 0.3624. So 43lt is 1.25x dense at 28672 x 8192 (43l
+// 1.31-1.32x) and 1.15x at 8192 x 28672 (1.22x). Not yet timed through the op (bench_ops).
+//
+// The persistent kernel (gemm_w4_sm90_wsp_kernel, below; rings "p" with the pairs, "pt" by
+// TMA) measured slower, also at 8192 x 28672 where each CTA has one tile, so not for the
+// persistence itself: it needs setmaxnreg (dequantizer 56 registers, multipliers 224: with 216
+// ptxas serialized the products, C7512; without it the accumulators spilled), and its
+// dequantizer at 56 registers is the likely cost (without the dequantization it equals 43l:
+// 28672 x 8192 0.3864 / 0.3861 against 0.3857 / 0.3746). First device run (harness, M = 512,
+// the pairs packed with each call, two runs, ms): 28672 x 8192 dense 0.3092 / 0.3078, 43l 0.4078
+// / 0.4093, p 0.4334 / 0.4361, pt 0.4172 / 0.4176; 8192 x 28672 dense 0.3011 / 0.3025, 43l
+// 0.3676 / 0.3684, p 0.3891 / 0.3908, pt 0.3764 / 0.3756. Through the op (benchmarks/cuda/
+// wsp_ab.py, graphs timed back to back, 12 rounds, the card hot after the tests: ratio over
+// dense, median (range)): 28672 x 8192 43l 1.449x (1.339-1.477), p 1.560x (1.421-1.595), pt
+// 1.499x (1.373-1.530); 8192 x 28672 43l 1.339x (1.245-1.367), p 1.463x (1.338-1.530), pt
+// 1.381x (1.282-1.420). It stays for benchmarks and tests (MLXQ_CUDA_GEMM_WS_RING=p / pt).
 #pragma once
 
 #include "cuda/gemm_sm90.cuh"
@@ -76,7 +101,11 @@ namespace mlxq::cuda {
 // kWsDirect: the dequantizer reads the scale and bias arrays (GemmParams::scales, biases) three
 // stages ahead instead of the pairs packed before the kernel (GemmParams::sb); kWsWarpArrive:
 // a dequantized tile is signalled by one arrival a warp rather than one a thread.
-constexpr int kWsLate = 1, kWsDirect = 2, kWsWarpArrive = 4;
+// kWsTmaSb: the dequantizer's scales and biases by TMA from their arrays (boxes of 8 groups of
+// the tile's 128 rows, a ring of two, each issued a box ahead by the dequantizer's thread 0;
+// gemm_w4_sm90_wst_kernel), so that the op packs no pairs (gemm_pack_sb: a kernel before each
+// call); needs G % 8 == 0 and 16-byte aligned arrays (a tensor map's row stride).
+constexpr int kWsLate = 1, kWsDirect = 2, kWsWarpArrive = 4, kWsTmaSb = 8;
 template <int Stages, int ABufs, int Opt = 0>
 struct GemmWsCfg {
   static constexpr int kThreads = 384;                         // dequantizer + two multipliers
@@ -92,7 +121,11 @@ struct GemmWsCfg {
   static constexpr bool kDirect = (Opt & kWsDirect) != 0;
   static constexpr bool kWarpArrive = (Opt & kWsWarpArrive) != 0;
   static constexpr int kAhead = kLate ? Stages - 1 : Stages - 2;  // TMA stages issued ahead
-  static constexpr int kSmemBytes = kStages * kStageBytes + kABufs * kATileBytes + 1024;
+  static constexpr bool kTmaSb = (Opt & kWsTmaSb) != 0;
+  static constexpr int kSbGroups = 8;                          // groups of a box: 16 bytes
+  static constexpr int kSbBytes = 2 * kTileN * kSbGroups * 2;  // scales, then biases: 4 KB
+  static constexpr int kSbOff = kStages * kStageBytes + kABufs * kATileBytes;  // two boxes
+  static constexpr int kSmemBytes = kSbOff + (kTmaSb ? 2 * kSbBytes : 0) + 1024;
   static constexpr int kOutStride = kTileN * 2 + 16;  // bytes per staged row of y
   static_assert(kStageBytes % 1024 == 0 && kATileBytes % 1024 == 0, "swizzle atoms");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
@@ -169,6 +202,15 @@ MLXQ_WGMMA_SS(__half, "f16")
 #undef MLXQ_WGMMA_SS_REGS128
 #undef MLXQ_WGMMA_SS_D64
 #undef MLXQ_WGMMA_SS_D128
+
+__device__ __forceinline__ uint32_t lds16(uint32_t addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void bar_sync128(int id) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
+}
 
 __device__ __forceinline__ void sts128(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
                                        uint32_t d) {
@@ -302,7 +344,8 @@ __device__ __forceinline__ void gemm_ws_mul(const GemmParams& p, const CUtensorM
 // and a slot is reused once both CTAs' multipliers are done with it.
 template <typename T, int GS, int NTC, int Probe, int Stages, int ABufs, bool Mc, int Opt>
 __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensorMap* map_x,
-                                             const CUtensorMap* map_w, int64_t m0, int64_t n0,
+                                             const CUtensorMap* map_w, const CUtensorMap* map_s,
+                                             const CUtensorMap* map_b, int64_t m0, int64_t n0,
                                              uint32_t smem0, uint8_t* smem_gen) {
   using C = GemmWsCfg<Stages, ABufs, Opt>;
   using Op = Wgmma<T>;
@@ -315,8 +358,9 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
   // written (128 arrivals, or 4: kWsWarpArrive); aempty: both multipliers' products of it are
   // complete
   __shared__ __align__(8) uint64_t full[kStages], empty[kStages], afull[C::kABufs],
-      aempty[C::kABufs];
+      aempty[C::kABufs], sbfull[2];  // sbfull: a box of scales and biases landed (kTmaSb)
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+  const uint32_t sbbar0 = static_cast<uint32_t>(__cvta_generic_to_shared(sbfull));
   const uint32_t ebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
   const uint32_t abar0 = static_cast<uint32_t>(__cvta_generic_to_shared(afull));
   const uint32_t aebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(aempty));
@@ -329,6 +373,7 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
       mbar_init(abar0 + 8 * i, C::kWarpArrive ? 4 : 128);
       mbar_init(aebar0 + 8 * i, 2);
     }
+    for (int i = 0; i < 2; ++i) mbar_init(sbbar0 + 8 * i, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   uint32_t rank = 0;
@@ -391,7 +436,39 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
         mbar_arrive(abar0 + 8 * ab);
       }
     };
-    if constexpr (!C::kDirect) {  // the pairs (in L2) one stage ahead
+    if constexpr (C::kTmaSb) {
+      // boxes of 8 groups, kSpb stages each (the host: G % 8 == 0): thread 0 issues boxes 0
+      // and 1, then box b + 1 as box b starts (its slot's box b - 1 is done: the barrier)
+      constexpr int kSpb = C::kSbGroups * GS / kGemmTileK;
+      const int boxes = nst / kSpb;
+      const uint32_t sb0 = smem0 + C::kSbOff;
+      auto load_box = [&](int b) {
+        const uint32_t dst = sb0 + (b & 1) * C::kSbBytes, bar = sbbar0 + 8 * (b & 1);
+        mbar_expect_tx(bar, C::kSbBytes);
+        tma_2d(dst, map_s, b * C::kSbGroups, static_cast<int>(n0), bar);
+        tma_2d(dst + C::kSbBytes / 2, map_b, b * C::kSbGroups, static_cast<int>(n0), bar);
+      };
+      if (r == 0) {
+        load_box(0);
+        if (boxes > 1) load_box(1);
+      }
+      for (int s = 0; s < nst; ++s) {
+        const int b = s / kSpb;
+        if (s % kSpb == 0) {
+          if (b > 0) {
+            bar_sync128(4);
+            if (r == 0 && b + 1 < boxes) load_box(b + 1);
+          }
+          mbar_wait(sbbar0 + 8 * (b & 1), (b >> 1) & 1);
+        }
+        const int gi = (s * kGemmTileK / GS) % C::kSbGroups;  // first group of the stage
+        const uint32_t a = sb0 + (b & 1) * C::kSbBytes + r * 16 + 2 * gi;
+        uint32_t pr[2];
+        pr[0] = lds16(a) | (lds16(a + C::kSbBytes / 2) << 16);
+        pr[1] = GS == 32 ? lds16(a + 2) | (lds16(a + 2 + C::kSbBytes / 2) << 16) : pr[0];
+        stage(s, pr);
+      }
+    } else if constexpr (!C::kDirect) {  // the pairs (in L2) one stage ahead
       uint32_t pr[2] = {0, 0}, pn[2] = {0, 0};
       load_pairs(0, pr);
       for (int s = 0; s < nst; ++s) {
@@ -433,7 +510,9 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
 // tile p.full + i. map_x boxes 256 rows of x (Mc: 128), map_xh 128 (Mc: 64).
 template <typename T, int GS, int Probe, int Stages, int ABufs, bool Mc, int Opt>
 __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensorMap* map_x,
-                                             const CUtensorMap* map_xh, const CUtensorMap* map_w) {
+                                             const CUtensorMap* map_xh, const CUtensorMap* map_w,
+                                             const CUtensorMap* map_s = nullptr,
+                                             const CUtensorMap* map_b = nullptr) {
 #ifdef MLXQ_WGMMA
   using C = GemmWsCfg<Stages, ABufs, Opt>;
   extern __shared__ uint8_t smem_raw[];
@@ -446,15 +525,15 @@ __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensor
   if (blk < p.full) {
     const int64_t m0 = (blk % p.tiles_m) * C::kNT;
     const int64_t n0 = (blk / p.tiles_m) * tile_n + n_off;
-    sm90::gemm_ws_tile<T, GS, 256, Probe, Stages, ABufs, Mc, Opt>(p, map_x, map_w, m0, n0, smem0,
-                                                                  smem_gen);
+    sm90::gemm_ws_tile<T, GS, 256, Probe, Stages, ABufs, Mc, Opt>(p, map_x, map_w, map_s, map_b, m0,
+                                                                  n0, smem0, smem_gen);
   } else {
     const int64_t tile = p.full + (blk - p.full) / 2;
     const int64_t m0 = (tile % p.tiles_m) * C::kNT + 128 * ((blk - p.full) % 2);
     const int64_t n0 = (tile / p.tiles_m) * tile_n + n_off;
     if (m0 >= p.M) return;  // a half tile past M (both CTAs of a cluster)
-    sm90::gemm_ws_tile<T, GS, 128, Probe, Stages, ABufs, Mc, Opt>(p, map_xh, map_w, m0, n0, smem0,
-                                                                  smem_gen);
+    sm90::gemm_ws_tile<T, GS, 128, Probe, Stages, ABufs, Mc, Opt>(p, map_xh, map_w, map_s, map_b,
+                                                                  m0, n0, smem0, smem_gen);
   }
 #else
   __trap();  // the host only launches this kernel on sm_90 with the sm_90a build
@@ -470,6 +549,17 @@ __global__ void __launch_bounds__(384, 1)
                            const __grid_constant__ CUtensorMap map_w) {
   gemm_ws_body<T, GS, Probe, Stages, ABufs, false, Opt>(p, &map_x, &map_xh, &map_w);
 }
+// The same with the scales and biases by TMA (kWsTmaSb in Opt): map_s / map_b, the [N, G] arrays
+// in boxes of 8 groups x 128 rows
+template <typename T, int GS, int Probe = 0, int Stages = 4, int ABufs = 3, int Opt = 0>
+__global__ void __launch_bounds__(384, 1)
+    gemm_w4_sm90_wst_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
+                            const __grid_constant__ CUtensorMap map_xh,
+                            const __grid_constant__ CUtensorMap map_w,
+                            const __grid_constant__ CUtensorMap map_s,
+                            const __grid_constant__ CUtensorMap map_b) {
+  gemm_ws_body<T, GS, Probe, Stages, ABufs, false, Opt>(p, &map_x, &map_xh, &map_w, &map_s, &map_b);
+}
 // The same in clusters of two CTAs that share their x tiles (Mc above)
 template <typename T, int GS, int Probe = 0, int Stages = 5, int ABufs = 2, int Opt = 0>
 __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)
@@ -477,6 +567,336 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1)
                              const __grid_constant__ CUtensorMap map_xh,
                              const __grid_constant__ CUtensorMap map_w) {
   gemm_ws_body<T, GS, Probe, Stages, ABufs, true, Opt>(p, &map_x, &map_xh, &map_w);
+}
+
+// The persistent form (gemm_w4_sm90_wsp_kernel; measured slower: the header): one CTA per
+// multiprocessor (grid = min(SMs,
+// units)), each taking the units b, b + grid, ... of the same list (whole tiles, then the half
+// tiles of the last partial wave, as gemm_w4_sm90_ws_kernel's blocks), with the 43l ring counted
+// across its units: the loads and the dequantization of a unit's first stages run while the
+// multipliers write out the previous unit (the non-persistent kernel starts each block with an
+// empty ring and ends it with idle tensor cores). y is staged in a buffer of its own (64 rows of
+// x a pass per warpgroup), not in the ring, which holds the next unit's stages by then.
+// kWsTmaSb as for gemm_w4_sm90_wst_kernel; without it the packed pairs (GemmParams::sb).
+template <int Opt>
+struct GemmWspCfg {
+  using R = GemmWsCfg<4, 3, kWsLate>;                             // the ring of "43l"
+  static constexpr int kThreads = 384;                            // dequantizer + two multipliers
+  static constexpr int kSbGroups = 8;                             // groups of a box: a 16-byte row
+  static constexpr int kSbBytes = 2 * R::kTileN * kSbGroups * 2;  // scales, then biases: 4 KB
+  static constexpr int kOutRows = 64;                             // rows of x a pass of the output
+  static constexpr int kOutStride = 64 * 2 + 16;  // a warpgroup's 64 values of a row, padded
+  static constexpr int kSbOff = R::kStages * R::kStageBytes + R::kABufs * R::kATileBytes;
+  static constexpr int kOutOff = kSbOff + 2 * kSbBytes;
+  static constexpr int kSmemBytes = kOutOff + 2 * kOutRows * kOutStride + 1024;
+  static constexpr bool kTmaSb = (Opt & kWsTmaSb) != 0;
+  // registers a thread of the dequantizer / of the multipliers (setmaxnreg), out of the 168 of
+  // 384 threads
+  static constexpr int kDeqRegs = 56, kMulRegs = 224;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+  static_assert(128 * kDeqRegs + 256 * kMulRegs <= 384 * 168, "register file");
+};
+
+#ifdef MLXQ_WGMMA
+namespace sm90 {
+
+// A unit of the persistent kernel: a whole tile (256 rows of x from m0, 128 of W from n0) or a
+// half tile (128 rows of x); live: there is one. 32-bit (the host checks the sizes): its
+// divisions stay short.
+struct WspUnit {
+  int u, m0, n0;
+  bool half, live;
+};
+// The first unit u, u + grid, ... that has rows of x (a half tile can start past M)
+__device__ __forceinline__ WspUnit wsp_unit(const GemmParams& p, int u) {
+  const int full = static_cast<int>(p.full), tiles_m = static_cast<int>(p.tiles_m);
+  const int units = full + 2 * (static_cast<int>(p.tiles) - full);
+  WspUnit it{0, 0, 0, false, false};
+  for (; u < units; u += gridDim.x) {
+    const bool half = u >= full;
+    const int tile = half ? full + (u - full) / 2 : u;
+    const int tm = tile / tiles_m;
+    const int m0 = (tile - tm * tiles_m) * 256 + (half ? 128 * ((u - full) & 1) : 0);
+    if (m0 < p.M) return WspUnit{u, m0, tm * 128, half, true};
+  }
+  return it;
+}
+
+// Thread 128's TMA load of stage ls of unit it into the ring's slot of the CTA's stage lg,
+// once the stage that held it has left (both multipliers' products complete).
+template <typename C>
+__device__ __forceinline__ void wsp_load(const CUtensorMap* map_x, const CUtensorMap* map_xh,
+                                         const CUtensorMap* map_w, const WspUnit& it, int ls,
+                                         int lg, uint32_t smem0, uint32_t bar0, uint32_t ebar0) {
+  using R = typename C::R;
+  const int slot = lg % R::kStages;
+  if (lg >= R::kStages) mbar_wait(ebar0 + 8 * slot, ((lg / R::kStages) - 1) & 1);
+  const uint32_t base = smem0 + slot * R::kStageBytes, bar = bar0 + 8 * slot;
+  mbar_expect_tx(bar, (it.half ? 128 : 256) * kGemmTileK * 2 + R::kWBytes);
+  tma_2d(base, it.half ? map_xh : map_x, ls * kGemmTileK, it.m0, bar);
+  tma_2d(base + R::kXBytes, map_w, ls * (kGemmTileK / 8), it.n0, bar);
+}
+
+// The multipliers' part of unit `it` (NTC rows of x): its stages are the CTA's g .. g + nst - 1
+// in the ring; at the bottom of stage s thread 128 loads stage s + kAhead, of `nx` (the CTA's
+// next unit) past the end of this one (nst >= kAhead: the host).
+template <typename T, int NTC, int Probe, typename C>
+__device__ __forceinline__ void wsp_mul(const GemmParams& p, const CUtensorMap* map_x,
+                                        const CUtensorMap* map_xh, const CUtensorMap* map_w,
+                                        const WspUnit& it, const WspUnit& nx, int g, int nst,
+                                        uint32_t smem0, uint8_t* out, uint32_t bar0, uint32_t ebar0,
+                                        uint32_t abar0, uint32_t aebar0) {
+  using R = typename C::R;
+  constexpr int kStages = R::kStages, kABufs = R::kABufs, kAhead = R::kAhead;
+  const int tid = threadIdx.x, ltid = tid & 127, cw = (tid >> 7) - 1;
+  const uint32_t abuf0 = smem0 + kStages * R::kStageBytes;
+  float d[NTC / 2];  // the first products overwrite it (scale-d 0)
+  int s = 0;
+  // not unrolled (C7514, gemm_ws_mul)
+#pragma unroll 1
+  do {
+    const int gs = g + s, slot = gs % kStages, ab = gs % kABufs;
+    mbar_wait(bar0 + 8 * slot, (gs / kStages) & 1);
+    mbar_wait(abar0 + 8 * ab, (gs / kABufs) & 1);
+    const uint32_t xb = smem0 + slot * R::kStageBytes;
+    const uint32_t wb = abuf0 + ab * R::kATileBytes + cw * (R::kATileBytes / 2);
+    __syncwarp();
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (Probe & 4) continue;  // harness only: no products
+      WgmmaSS<T>::mma(d, smem_desc(wb + 32 * j), smem_desc(xb + 32 * j), s > 0 || j > 0);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+    if (s > 0 && ltid == 0) {  // products of stage s - 1 complete: free its slot and tile
+      mbar_arrive(ebar0 + 8 * ((gs - 1) % kStages));
+      mbar_arrive(aebar0 + 8 * ((gs - 1) % kABufs));
+    }
+    if (tid == 128) {
+      const int ls = s + kAhead;
+      if (ls < nst) {
+        wsp_load<C>(map_x, map_xh, map_w, it, ls, gs + kAhead, smem0, bar0, ebar0);
+      } else if (nx.live) {
+        wsp_load<C>(map_x, map_xh, map_w, nx, ls - nst, gs + kAhead, smem0, bar0, ebar0);
+      }
+    }
+  } while (++s < nst);
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  keep(d);
+  if (ltid == 0) {  // the last stage's slot and tile, for the next unit
+    mbar_arrive(ebar0 + 8 * ((g + nst - 1) % kStages));
+    mbar_arrive(aebar0 + 8 * ((g + nst - 1) % kABufs));
+  }
+
+  // y, 64 rows of x a pass: the warpgroup's 64 x 64 values into its buffer, then 16-byte
+  // vectors along the rows of y
+  const int lane = tid & 31, gq = lane >> 2, t = lane & 3;
+  const int ra = (ltid >> 5) * 16 + gq;  // row of W in the warpgroup's 64
+  uint8_t* buf = out + cw * (C::kOutRows * C::kOutStride);
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int c = 0; c < NTC / 64; ++c) {
+    bar_sync128(2 + cw);  // the previous pass has read the buffer
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = 8 * j + 2 * t + (e & 1), n = ra + 8 * (e >> 1);
+        *reinterpret_cast<T*>(buf + m * C::kOutStride + 2 * n) =
+            from_float<T>(d[4 * (8 * c + j) + e]);
+      }
+    }
+    bar_sync128(2 + cw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = ltid + 128 * i, ml = idx >> 3, nc = idx & 7;
+      const int64_t m = it.m0 + 64 * c + ml, n = it.n0 + 64 * cw + 8 * nc;
+      if (m >= p.M || n >= p.N) continue;
+      const uint8_t* src = buf + ml * C::kOutStride + 16 * nc;
+      if (p.vec_out && n + 8 <= p.N) {
+        *reinterpret_cast<uint4*>(y + m * p.N + n) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int k = 0; k < 8 && n + k < p.N; ++k)
+          y[m * p.N + n + k] = reinterpret_cast<const T*>(src)[k];
+      }
+    }
+  }
+}
+
+}  // namespace sm90
+#endif
+
+// Probe (harness only): 1 skips the dequantization, 4 the products. map_s / map_b: the [N, G]
+// scales and biases, boxes of 8 groups x 128 rows (kWsTmaSb; unused otherwise).
+template <typename T, int GS, int Probe = 0, int Opt = 0>
+__global__ void __launch_bounds__(384, 1)
+    gemm_w4_sm90_wsp_kernel(const GemmParams p, const __grid_constant__ CUtensorMap map_x,
+                            const __grid_constant__ CUtensorMap map_xh,
+                            const __grid_constant__ CUtensorMap map_w,
+                            const __grid_constant__ CUtensorMap map_s,
+                            const __grid_constant__ CUtensorMap map_b) {
+#ifdef MLXQ_WGMMA
+  using namespace sm90;
+  using C = GemmWspCfg<Opt>;
+  using R = typename C::R;
+  using Op = Wgmma<T>;
+  constexpr int kStages = R::kStages, kABufs = R::kABufs;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t smem0 = (raw + 1023u) & ~1023u;
+  uint8_t* smem_gen = smem_raw + (smem0 - raw);
+  const int tid = threadIdx.x, wg = tid >> 7, ltid = tid & 127;
+  const int nst = static_cast<int>(p.K / kGemmTileK);
+  const uint32_t abuf0 = smem0 + kStages * R::kStageBytes;
+  // full, empty, afull, aempty as in gemm_ws_tile; sbfull: a box of scales and biases landed
+  __shared__ __align__(8) uint64_t full[kStages], empty[kStages], afull[kABufs], aempty[kABufs],
+      sbfull[2];
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+  const uint32_t ebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
+  const uint32_t abar0 = static_cast<uint32_t>(__cvta_generic_to_shared(afull));
+  const uint32_t aebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(aempty));
+  const uint32_t sbbar0 = static_cast<uint32_t>(__cvta_generic_to_shared(sbfull));
+  if (tid == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(bar0 + 8 * i, 1);
+      mbar_init(ebar0 + 8 * i, 2);
+    }
+    for (int i = 0; i < kABufs; ++i) {
+      mbar_init(abar0 + 8 * i, 128);
+      mbar_init(aebar0 + 8 * i, 2);
+    }
+    for (int i = 0; i < 2; ++i) mbar_init(sbbar0 + 8 * i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // The dequantizer (gemm_ws_tile's), over the CTA's units and their stages in turn
+    if constexpr (C::kDeqRegs > 0) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::kDeqRegs));
+    }
+    const int r = ltid;
+    const uint32_t sb0 = smem0 + C::kSbOff;
+    // One stage (the CTA's g-th): wait for its slot and a free tile, dequantize, signal.
+    auto stage = [&](int g, const uint32_t (&pr)[2]) {
+      const int slot = g % kStages, ab = g % kABufs;
+      if (g >= kABufs) mbar_wait(aebar0 + 8 * ab, ((g / kABufs) - 1) & 1);
+      mbar_wait(bar0 + 8 * slot, (g / kStages) & 1);
+      const uint32_t wrow = smem0 + slot * R::kStageBytes + R::kXBytes + r * 32;
+      const uint4 lo = lds128(wrow), hi = lds128(wrow + 16);
+      const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      const uint32_t arow = abuf0 + ab * R::kATileBytes + r * 128;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const uint32_t v = pr[c >> 2];  // the group of values 8c .. 8c + 7
+        const uint32_t sc = __byte_perm(v, 0, 0x1010), bi = __byte_perm(v, 0, 0x3232);
+        uint32_t o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t u =
+              and_or<0x000F000Fu, Op::kMagic>(__byte_perm(w[c], w[c] >> 4, j | ((j + 4) << 8)));
+          o[j] = (Probe & 1) ? u : Op::deq(u, sc, bi);
+        }
+        sts128(arow + 16 * (c ^ (r & 7)), o[0], o[1], o[2], o[3]);
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      mbar_arrive(abar0 + 8 * ab);
+    };
+    int g = 0;
+    if constexpr (C::kTmaSb) {
+      // Boxes of 8 groups, kSpb stages each, bpu = nst / kSpb a unit (the host: G % 8 == 0).
+      // Thread 0 issues the CTA's box q + 1 as box q starts (its slot's box q - 1 is done by
+      // then: the barrier); boxes 0 and 1 before the first.
+      constexpr int kSpb = C::kSbGroups * GS / kGemmTileK;
+      const int bpu = nst / kSpb;
+      auto load_box = [&](const WspUnit& u, int b, int q) {
+        const uint32_t dst = sb0 + (q & 1) * C::kSbBytes, bar = sbbar0 + 8 * (q & 1);
+        mbar_expect_tx(bar, C::kSbBytes);
+        tma_2d(dst, &map_s, b * C::kSbGroups, u.n0, bar);
+        tma_2d(dst + C::kSbBytes / 2, &map_b, b * C::kSbGroups, u.n0, bar);
+      };
+      WspUnit it = wsp_unit(p, blockIdx.x);
+      if (ltid == 0 && it.live) {
+        load_box(it, 0, 0);
+        const WspUnit nx = bpu > 1 ? it : wsp_unit(p, it.u + gridDim.x);
+        if (nx.live) load_box(nx, bpu > 1 ? 1 : 0, 1);
+      }
+      int q = 0;
+      while (it.live) {
+        const WspUnit nx = wsp_unit(p, it.u + gridDim.x);
+        for (int s = 0; s < nst; ++s, ++g) {
+          if (s % kSpb == 0) {
+            if (q > 0) {
+              bar_sync128(4);
+              const int b = s / kSpb + 1;
+              if (ltid == 0) {
+                if (b < bpu) {
+                  load_box(it, b, q + 1);
+                } else if (nx.live) {
+                  load_box(nx, 0, q + 1);
+                }
+              }
+            }
+            mbar_wait(sbbar0 + 8 * (q & 1), (q >> 1) & 1);
+            ++q;
+          }
+          const int gi = (s * kGemmTileK / GS) % C::kSbGroups;  // first group of the stage
+          const uint32_t a = sb0 + ((q - 1) & 1) * C::kSbBytes + r * 16 + 2 * gi;
+          uint32_t pr[2];
+          pr[0] = lds16(a) | (lds16(a + C::kSbBytes / 2) << 16);
+          pr[1] = GS == 32 ? lds16(a + 2) | (lds16(a + 2 + C::kSbBytes / 2) << 16) : pr[0];
+          stage(g, pr);
+        }
+        it = nx;
+      }
+    } else {
+      for (WspUnit it = wsp_unit(p, blockIdx.x); it.live; it = wsp_unit(p, it.u + gridDim.x)) {
+        const int64_t row = it.n0 + r < p.N ? it.n0 + r : p.N - 1;
+        const uint32_t* sbr = p.sb + row * p.Gp;
+        auto pairs = [&](int s, uint32_t (&v)[2]) {  // the pairs (in L2) one stage ahead
+          if (s < nst) {
+            const int gi = s * kGemmTileK / GS;
+            v[0] = __ldg(sbr + gi);
+            v[1] = GS == 32 ? __ldg(sbr + gi + 1) : v[0];
+          }
+        };
+        uint32_t pr[2] = {0, 0}, pn[2] = {0, 0};
+        pairs(0, pr);
+        for (int s = 0; s < nst; ++s, ++g) {
+          pairs(s + 1, pn);
+          stage(g, pr);
+          pr[0] = pn[0], pr[1] = pn[1];
+        }
+      }
+    }
+  } else {
+    // The multipliers; thread 128 also streams the stages, kAhead ahead, across units.
+    if constexpr (C::kMulRegs > 0) {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(C::kMulRegs));
+    }
+    WspUnit it = wsp_unit(p, blockIdx.x);
+    if (tid == 128) {
+      for (int i = 0; i < R::kAhead && it.live; ++i) {
+        wsp_load<C>(&map_x, &map_xh, &map_w, it, i, i, smem0, bar0, ebar0);
+      }
+    }
+    uint8_t* out = smem_gen + C::kOutOff;
+    for (int g = 0; it.live; g += nst) {
+      const WspUnit nx = wsp_unit(p, it.u + gridDim.x);
+      if (it.half) {
+        wsp_mul<T, 128, Probe, C>(p, &map_x, &map_xh, &map_w, it, nx, g, nst, smem0, out, bar0,
+                                  ebar0, abar0, aebar0);
+      } else {
+        wsp_mul<T, 256, Probe, C>(p, &map_x, &map_xh, &map_w, it, nx, g, nst, smem0, out, bar0,
+                                  ebar0, abar0, aebar0);
+      }
+      it = nx;
+    }
+  }
+#else
+  __trap();  // the host only launches this kernel on sm_90 with the sm_90a build
+#endif
 }
 
 // Whole tiles (GemmParams::full) for the warp-specialized kernel: all of them, except the last

@@ -96,6 +96,9 @@ GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_cou
 // MLXQ_CUDA_GEMM is not 0; affine_cuda.cu decides where it pays, "2" forces it).
 bool gemm_w4_sm90_available(int device);
 int64_t gemm_w4_sm90_sb_cols(int64_t G);
+// Whether the launch of `a` (its sizes, scales and biases; sb unused) reads the (scale, bias)
+// pairs, or takes the scales and biases from their arrays (nothing to pack or cache).
+bool gemm_w4_sm90_reads_pairs(const GemmArgs& a);
 void launch_gemm_w4_sm90(const GemmArgs& a, DType x_dtype, cudaStream_t stream);
 // sb[i] = (scales[i], biases[i]) for i < n (16-bit scales and biases), as launch_gemm_w4_sm90
 // packs them unless GemmArgs::sb_ready.
