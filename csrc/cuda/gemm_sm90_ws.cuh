@@ -65,7 +65,8 @@
 // and 4 TMA slots with 3 dequantized tiles in clusters (0.56). With any ring but 5/2 (and 6/1)
 // ptxas serialized the products (C7514) until the main loop was kept from unrolling.
 //
-// The op's default since (issue #20), "43lt": the 43l ring with the scales and biases TMA'd from
+// "43lt" (MLXQ_CUDA_GEMM_WS_RING=43lt; to be the op's default once it has run through
+// tests/test_cuda_ops.py on a GPU): the 43l ring with the scales and biases TMA'd from
 // their arrays (kWsTmaSb; boxes of 8 groups x 128 rows, a ring of two in 8 KB more shared
 // memory, each box issued one box ahead by the dequantizer's thread 0), so no packing kernel
 // runs before the call, and the dequantizer reads its stage's scale and bias from shared memory
