@@ -135,9 +135,9 @@ constexpr Prod kRegsProd = Prod::kNative;
 // (bulk_wanted below): WPP 8, 4 stages, fp16 products, scales by bulk copies.
 constexpr int kBulkWpp = 8, kBulkStages = 4;
 
-template <int GS, typename T>
+template <int GS, typename T, bool Lanes>
 void launch_bulk(const QmvParams& p, const BulkShape& b, cudaStream_t stream) {
-  auto kernel = qmv_bulk_kernel<GS, T, kBulkWpp, Prod::kHalfSub, 0, 1, true>;
+  auto kernel = qmv_bulk_kernel<GS, T, kBulkWpp, Prod::kHalfSub, 0, 1, true, Lanes>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(b.smem)));
   kernel<<<static_cast<unsigned>(b.blocks), (kBulkWarps + 1) * 32, b.smem, stream>>>(p, b.stages,
@@ -153,16 +153,30 @@ bool bulk_wanted() {
   return env == nullptr || std::string(env) != "0";
 }
 
+// The bulk kernel's reach: where the 16-row tiles give each multiprocessor at least this many
+// (MLXQ_CUDA_BULK_TILES, read on every call, for benchmarks), and whether 16 lanes issue a
+// piece's row copies (MLXQ_CUDA_BULK_LANES=1) instead of one.
+int bulk_min_tiles() {
+  const char* env = std::getenv("MLXQ_CUDA_BULK_TILES");
+  const int v = env != nullptr ? std::atoi(env) : 0;
+  return v > 0 ? v : 3;
+}
+bool bulk_lanes() {
+  const char* env = std::getenv("MLXQ_CUDA_BULK_LANES");
+  return env != nullptr && std::string(env) == "1";
+}
+
 template <int GS, typename T>
 void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
-  if (dev.bulk && p.N / 16 >= 3 * int64_t{dev.sm_count} && bulk_wanted()) {
+  if (dev.bulk && p.N / 16 >= bulk_min_tiles() * int64_t{dev.sm_count} && bulk_wanted()) {
     const auto shape = [&](int sbs) {
       return qmv_bulk_shape(p.N, p.K, p.M, dev.sm_count, dev.smem_per_block, kBulkWpp, kBulkStages,
                             p.G, sbs);
     };
     BulkShape b = shape(3);
     if (!b.ok) b = shape(2);
-    if (b.ok) return launch_bulk<GS, T>(p, b, stream);
+    if (b.ok && bulk_lanes()) return launch_bulk<GS, T, true>(p, b, stream);
+    if (b.ok) return launch_bulk<GS, T, false>(p, b, stream);
   }
   const StreamGrid wide = qmv_stream_grid(p.N, p.K, kStreamSpans, dev.sm_count, 1, 0, kWideWarps);
   const int64_t ring_wide =
