@@ -270,28 +270,33 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("tiles,lanes", [("3", "0"), ("1", "0"), ("1", "1")])
+@pytest.mark.parametrize("tiles", [None, "1"])
 def test_decode_kernels_bulk(
-    gen, group_size: int, dtype: torch.dtype, tiles: str, lanes: str, monkeypatch
+    gen, group_size: int, dtype: torch.dtype, tiles: str | None, monkeypatch
 ) -> None:
     # the bulk-copy decode kernel (the default, MLXQ_CUDA_BULK=0 turns it off; csrc/cuda/
     # qmv_bulk.cuh; sm_90a builds on compute capability 9.0, elsewhere the ring): tiles for 3
     # blocks a multiprocessor and a few more (uneven tiles a block), K of one short piece of
     # 4096 values (fewer pieces a tile than groups of warps) and of a whole and a short one,
-    # M = 1, 2, x over a wide range (its fp16 products). Where it reaches down to 1 tile a
-    # multiprocessor (MLXQ_CUDA_BULK_TILES), also 1-2 tiles a block; MLXQ_CUDA_BULK_LANES=1: a
-    # piece's 16 row copies issued by 16 lanes.
+    # M = 1, 2, x over a wide range (its fp16 products); tiles for 1-2 blocks a multiprocessor
+    # with K of 2 pieces and a short one (where the op takes it by default), and with K of at most
+    # 2 pieces where MLXQ_CUDA_BULK_TILES=1 takes it down to 1 tile a multiprocessor
     monkeypatch.delenv("MLXQ_CUDA_BULK", raising=False)
-    monkeypatch.setenv("MLXQ_CUDA_BULK_TILES", tiles)
-    monkeypatch.setenv("MLXQ_CUDA_BULK_LANES", lanes)
+    if tiles is None:
+        monkeypatch.delenv("MLXQ_CUDA_BULK_TILES", raising=False)
+    else:
+        monkeypatch.setenv("MLXQ_CUDA_BULK_TILES", tiles)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    ns = [16 * 3 * sms + 16 * 5] + ([16 * sms + 16 * 5, 16 * 2 * sms - 16] if tiles == "1" else [])
-    for n in ns:
-        for k in (3072, 5120):
-            wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
-            for m in (1, 2):
-                _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, 4)
-            _check_matmul(_wide_range_x(gen, 1, k, dtype), wq, s, b, group_size, 4)
+    cases = [(16 * 3 * sms + 16 * 5, k) for k in (3072, 5120)]
+    if tiles is None:
+        cases.append((16 * sms + 16 * 5, 2 * 4096 + 512))
+    else:
+        cases += [(16 * sms + 16 * 5, 3072), (16 * 2 * sms - 16, 5120)]
+    for n, k in cases:
+        wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
+        for m in (1, 2):
+            _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, 4)
+        _check_matmul(_wide_range_x(gen, 1, k, dtype), wq, s, b, group_size, 4)
 
 
 @needs_cuda

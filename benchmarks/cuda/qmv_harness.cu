@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "cuda/kernels.cuh"
@@ -919,13 +920,21 @@ static Launch read_once() {
 }
 
 // The op's launch (qmv_mma.cu, launch_stream_gs) for 4-bit fp16/bf16 x, M <= 2: the bulk kernel
-// where the tiles give each multiprocessor min_tiles or more (lanes: its row copies by 16 lanes),
-// else the 16-warp ring, the 8-warp ring, or the register variant with K split.
+// where it reaches (bulk_reach), else the 16-warp ring, the 8-warp ring, or the register variant
+// with K split. rule 1: the op's; rule 0: the op before it took the bulk kernel down to 1 tile a
+// multiprocessor where K >= 8192 and steps of 2 spans in the register variant. min_tiles > 0:
+// bulk where the tiles give each multiprocessor that many (MLXQ_CUDA_BULK_TILES); lanes: its
+// row copies by 16 lanes.
+static bool bulk_reach(int64_t N, int64_t K, int rule, int min_tiles) {
+  const int64_t tiles = N / 16;
+  if (min_tiles > 0) return tiles >= int64_t{min_tiles} * g_sms;
+  return tiles >= 3 * int64_t{g_sms} || (rule == 1 && tiles >= g_sms && K >= 8192);
+}
 template <int GS, typename T>
-Launch op_choice(int min_tiles = 3, bool lanes = false) {
-  return [min_tiles, lanes](const QmvParams& p, cudaStream_t s) {
+Launch op_choice(int rule = 1, int min_tiles = 0, bool lanes = false) {
+  return [rule, min_tiles, lanes](const QmvParams& p, cudaStream_t s) {
     constexpr Prod kS = Prod::kHalfSub, kN = Prod::kNative;
-    if (p.N / 16 >= int64_t{min_tiles} * g_sms) {
+    if (bulk_reach(p.N, p.K, rule, min_tiles)) {
       BulkShape b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, 8, 4, p.G, 3);
       if (!b.ok) b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, 8, 4, p.G, 2);
       if (b.ok) {
@@ -946,12 +955,13 @@ Launch op_choice(int min_tiles = 3, bool lanes = false) {
     if (p.M * p.K > 8 * 8 * kStreamWarps * 32) {
       return stream<GS, 4, true, T, false, 2, 0, 8, kN, 1>()(p, s);
     }
+    if (rule == 1) return stream<GS, 2, true, T, false, 2, 0, 8, kN, 0>()(p, s);
     return stream<GS, 4, true, T, false, 2, 0, 8, kN, 0>()(p, s);
   };
 }
 
-static const char* op_kernel_name(int64_t N, int64_t K, int M, int64_t G, int min_tiles) {
-  if (N / 16 >= int64_t{min_tiles} * g_sms) {
+static const char* op_kernel_name(int64_t N, int64_t K, int M, int64_t G, int rule) {
+  if (bulk_reach(N, K, rule, 0)) {
     BulkShape b = qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, 8, 4, G, 3);
     if (!b.ok) b = qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, 8, 4, G, 2);
     if (b.ok) return "bulk";
@@ -963,17 +973,23 @@ static const char* op_kernel_name(int64_t N, int64_t K, int M, int64_t G, int mi
   const StreamGrid grid = qmv_stream_grid(N, K, 4, g_sms, 2);
   const int64_t ring = qmv_stream_smem(M, K, 2 * 4 * 1024);
   if (grid.kw == 1 && ring <= g_smem_optin && 2 * (ring + 1024) <= g_smem_sm) return "ring w8";
-  static char buf[64];
-  std::snprintf(buf, sizeof buf, "registers w8 kw%d, %lld blocks", grid.kw, (long long)grid.blocks);
+  const bool u2 = rule == 1 && M * K <= 8 * 8 * kStreamWarps * 32;
+  const StreamGrid g = u2 ? qmv_stream_grid(N, K, 2, g_sms, 2) : grid;
+  static char bufs[2][64];  // two calls in one printf
+  static int turn = 0;
+  char* buf = bufs[turn ^= 1];
+  std::snprintf(buf, 64, "registers w8 U%d kw%d, %lld blocks", u2 ? 2 : 4, g.kw,
+                (long long)g.blocks);
   return buf;
 }
 
 template <int GS, typename T>
 std::vector<Row> small_rows(int64_t N, int64_t K, int M) {
   constexpr Prod kN = Prod::kNative, kS = Prod::kHalfSub;
-  std::vector<Row> rows = {{"op (now)", op_choice<GS, T>()},
-                           {"op, bulk >= 1 tile/SM", op_choice<GS, T>(1)},
-                           {"op, bulk >= 1 tile/SM, 16 lanes", op_choice<GS, T>(1, true)}};
+  std::vector<Row> rows = {{"op (before)", op_choice<GS, T>(0)},
+                           {"op (now)", op_choice<GS, T>(1)},
+                           {"op, bulk >= 1 tile/SM", op_choice<GS, T>(1, 1)},
+                           {"op, bulk >= 1 tile/SM, 16 lanes", op_choice<GS, T>(1, 1, true)}};
   BulkShape b = qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, 8, kBulkMaxStages, K / GS, 3);
   if (!b.ok) b = qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, 8, kBulkMaxStages, K / GS, 2);
   if (b.ok) {
@@ -995,7 +1011,12 @@ std::vector<Row> small_rows(int64_t N, int64_t K, int M) {
     rows.push_back({"read kernel (floor)", read_floor()});
     rows.push_back({"floor: one load a thread", read_once()});
     rows.push_back({"floor: empty launch", launch_floor()});
+  } else {
+    rows.push_back({"w8 regs U4 native", stream<GS, 4, true, T, false, 2, 0, 8, kN, 0>()});
+    rows.push_back({"w8 regs U2 native", stream<GS, 2, true, T, false, 2, 0, 8, kN, 0>()});
   }
+  rows.push_back({"op (before) again", op_choice<GS, T>(0)});
+  rows.push_back({"op (now) again", op_choice<GS, T>(1)});
   return rows;
 }
 
@@ -1049,6 +1070,31 @@ static int small_main() {
       }
     }
   }
+  // the op's choice on K tails (4.5 spans), partial tiles, K split 2-8 ways (the register
+  // variant's 2-span steps), tiles for the rings, M = 1, 2, both dtypes, every group size
+  for (int64_t gs : {32, 64, 128}) {
+    for (int64_t K : {gs == 128 ? int64_t{640} : int64_t{576}, 4096 + gs, int64_t{8192}}) {
+      for (int M : {1, 2}) {
+        for (int64_t N : {int64_t{100}, int64_t{1040}, int64_t{6000}}) {
+          Problem P{N, K, gs, M, N == 1040};
+          make(P, 1);
+          const auto run = [&](auto tag) {
+            using T = decltype(tag);
+            const Launch fn = gs == 32   ? op_choice<32, T>(1)
+                              : gs == 64 ? op_choice<64, T>(1)
+                                         : op_choice<128, T>(1);
+            const std::string name = std::string("op: ") + op_kernel_name(N, K, M, K / gs, 1);
+            bad += !check(P, fn, name.c_str(), true);
+          };
+          if (P.half)
+            run(hf{});
+          else
+            run(bf{});
+          release(P);
+        }
+      }
+    }
+  }
   std::printf("checks: %d failed\n", bad);
   struct Shape {
     int64_t N, K;
@@ -1056,26 +1102,35 @@ static int small_main() {
   const Shape shapes[] = {{4096, 4096}, {1024, 4096},  {14336, 4096}, {4096, 14336},
                           {3584, 3584}, {3584, 18944}, {18944, 3584}, {28672, 8192}};
   for (const Shape& sh : shapes) {
-    std::printf("   (op now: %s)\n", op_kernel_name(sh.N, sh.K, 1, sh.K / 128, 3));
+    std::printf("   (op before: %s; now: %s)\n", op_kernel_name(sh.N, sh.K, 1, sh.K / 128, 0),
+                op_kernel_name(sh.N, sh.K, 1, sh.K / 128, 1));
     if (sh.N == 28672) {
       bench(sh.N, sh.K, 128, 1, false,
             {{"op (now)", op_choice<128, bf>()},
-             {"op, 16 lanes", op_choice<128, bf>(3, true)},
+             {"op, 16 lanes", op_choice<128, bf>(1, 3, true)},
              {"read kernel (floor)", read_floor()},
              {"op (now) again", op_choice<128, bf>()},
-             {"op, 16 lanes again", op_choice<128, bf>(3, true)}},
+             {"op, 16 lanes again", op_choice<128, bf>(1, 3, true)}},
             false);
       continue;
     }
     bench(sh.N, sh.K, 128, 1, false, small_rows<128, bf>(sh.N, sh.K, 1),
           sh.N * sh.K <= 4096 * 4096);
   }
-  for (const Shape& sh : {Shape{4096, 4096}, Shape{4096, 14336}, Shape{14336, 4096}}) {
-    std::printf("   (op now, group 64: %s)\n", op_kernel_name(sh.N, sh.K, 1, sh.K / 64, 3));
+  for (const Shape& sh : {Shape{4096, 4096}, Shape{4096, 14336}, Shape{14336, 4096},
+                          Shape{1024, 4096}, Shape{3584, 3584}}) {
+    std::printf("   (op now, group 64: %s)\n", op_kernel_name(sh.N, sh.K, 1, sh.K / 64, 1));
     bench(sh.N, sh.K, 64, 1, false, small_rows<64, bf>(sh.N, sh.K, 1), false);
-    std::printf("   (op now, M = 2: %s)\n", op_kernel_name(sh.N, sh.K, 2, sh.K / 128, 3));
+    std::printf("   (op now, M = 2: %s)\n", op_kernel_name(sh.N, sh.K, 2, sh.K / 128, 1));
     bench(sh.N, sh.K, 128, 2, false, small_rows<128, bf>(sh.N, sh.K, 2), false);
   }
+  // fp16 x and group 32 on q / o, M = 2 where x is larger (8192 x 28672: unchanged, K split)
+  std::printf("   (op now, fp16 group 32: %s)\n", op_kernel_name(4096, 4096, 1, 128, 1));
+  bench(4096, 4096, 32, 1, true,
+        {{"op (before)", op_choice<32, hf>(0)}, {"op (now)", op_choice<32, hf>(1)}}, true);
+  std::printf("   (op now, M = 2: %s)\n", op_kernel_name(8192, 28672, 2, 224, 1));
+  bench(8192, 28672, 128, 2, false,
+        {{"op (before)", op_choice<128, bf>(0)}, {"op (now)", op_choice<128, bf>(1)}}, false);
   return bad == 0 ? 0 : 1;
 }
 

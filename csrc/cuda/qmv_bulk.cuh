@@ -22,7 +22,8 @@
 // bulk copies into a ring of `sbs` slots of their own, freed by every warp that multiplies a
 // piece of the tile. x and its sums are staged once a block while the first copies land.
 // Measured (qmv_mma.cu has the numbers): 2-5% under the op's other kernels where the tiles fill
-// 3 blocks a multiprocessor, far from the M = 1 target; opt-in (MLXQ_CUDA_BULK=1).
+// 3 blocks a multiprocessor, 24% under the K split register variant at 4096 x 14336 (1-2 tiles a
+// block, 4 pieces a tile); the op's default there (launch_stream_gs, bulk_reaches).
 #pragma once
 
 #include "cuda/mbarrier.cuh"
@@ -115,7 +116,7 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 // loops (an earlier form took pc / nc, pc % stages and the like a piece: its products alone ran
 // 38.2 us at 28672 x 8192, group 128, WPP 4): slot, phase, tile and chunk are counted on.
 // Lanes: the 16 row copies of a piece are issued by 16 lanes of the copy warp in one instruction
-// (else by lane 0 in turn).
+// (else by lane 0 in turn); measured slower (qmv_mma.cu, bulk_reaches), kept for qmv_harness.
 template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, int Ahead = 1,
           bool SbSmem = false, bool Lanes = false>
 __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
