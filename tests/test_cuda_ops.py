@@ -256,6 +256,12 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
         wq, s, b = _quantized(gen, 64, 1024, group_size, 4, dtype)
         for m in (1, 2):
             _check_matmul(_wide_range_x(gen, m, 1024, dtype), wq, s, b, group_size, 4)
+    if kernel == "stream":  # the register variant's steps of 4 spans (MLXQ_CUDA_REGS_SPANS)
+        monkeypatch.setenv("MLXQ_CUDA_REGS_SPANS", "4")
+        wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
+        for m in (1, 2):
+            _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
+        monkeypatch.delenv("MLXQ_CUDA_REGS_SPANS")
     if kernel == "stream":  # more 16-row tiles than warp slots: the shared-memory ring variant,
         # in blocks of 8 warps and (enough tiles for 3/4 of the multiprocessors) of 16
         sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -6,8 +6,10 @@
 # decode subset of tests/test_cuda_ops.py. Logs in $OUT/logs.tgz, the bench table in $OUT.
 # HARNESS: a qmv_harness built beforehand (nvcc -O3 -std=c++17 -gencode=arch=compute_90a,
 # code=sm_90a -Icsrc benchmarks/cuda/qmv_harness.cu), else built here. BENCH_SHAPES, BENCH_M,
-# BENCH_GS, BENCH_ENV ("NAME:VAR=VAL[,VAR=VAL] ..."), TEST_K, TEST_ENV (variables for a second
-# pass of the tests), SKIP_HARNESS=1, SKIP_TESTS=1.
+# BENCH_GS, BENCH_ENV ("NAME:VAR=VAL[,VAR=VAL] ..."), TEST_K ("all": the whole file), TEST_ENV
+# (variables for a second pass of the tests), SKIP_HARNESS=1, SKIP_TESTS=1. The op's decode launch
+# before the register variant's 2-span steps and the bulk kernel's wider reach, beside the default:
+#   BENCH_ENV="before:MLXQ_CUDA_BULK_TILES=3,MLXQ_CUDA_REGS_SPANS=4"
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 L=/tmp/logs
@@ -59,16 +61,19 @@ cp $L/bench.log "$OUT/"
 sed -n '/^# mlxq op benchmark/,$p' $L/bench.log | sed -E 's/ \| /|/g'
 if [ -z "$SKIP_TESTS" ]; then
   stamp tests
-  K=${TEST_K:-decode or long_rows or all_formats}
-  timeout ${TEST_TIMEOUT:-150} python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \
-    -n ${TEST_WORKERS:-14} -k "$K" >$L/tests.log 2>&1
+  K=${TEST_K:-decode or long_rows or all_formats}  # TEST_K=all: the whole file
+  SEL=(-k "$K")
+  if [ "$K" = all ]; then SEL=(); fi
+  OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-150} python3 -m pytest tests/test_cuda_ops.py -q \
+    -p no:cacheprovider -n ${TEST_WORKERS:-14} "${SEL[@]}" >$L/tests.log 2>&1
   echo "tests rc=$?"
   tail -4 $L/tests.log
   if [ -n "$TEST_ENV" ]; then
     stamp "tests with $TEST_ENV"
     # shellcheck disable=SC2086
-    env $TEST_ENV timeout ${TEST_TIMEOUT:-150} python3 -m pytest tests/test_cuda_ops.py -q \
-      -p no:cacheprovider -n ${TEST_WORKERS:-14} -k "$K" >$L/tests_env.log 2>&1
+    env $TEST_ENV OMP_NUM_THREADS=2 timeout ${TEST_TIMEOUT:-150} python3 -m pytest \
+      tests/test_cuda_ops.py -q -p no:cacheprovider -n ${TEST_WORKERS:-14} "${SEL[@]}" \
+      >$L/tests_env.log 2>&1
     echo "tests rc=$?"
     tail -4 $L/tests_env.log
   fi

@@ -178,6 +178,13 @@ bool bulk_reaches(const QmvParams& p, int sm_count) {
   return tiles >= 3 * int64_t{sm_count} || (tiles >= sm_count && p.K >= 2 * 4096);
 }
 
+// MLXQ_CUDA_REGS_SPANS=4 (read on every call, for benchmarks) keeps the register variant's steps
+// of 4 spans where it now takes 2 (launch_stream_gs).
+int regs_spans() {
+  const char* env = std::getenv("MLXQ_CUDA_REGS_SPANS");
+  return env != nullptr && std::string(env) == "4" ? 4 : 2;
+}
+
 template <int GS, typename T>
 void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
   if (dev.bulk && bulk_reaches(p, dev.sm_count) && bulk_wanted()) {
@@ -215,6 +222,9 @@ void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t 
   const int64_t smem = qmv_stream_smem(p.M, p.K);
   if (p.M * p.K > 8 * 8 * kStreamWarps * 32) {
     return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 1>(p, grid, smem, stream);
+  }
+  if (regs_spans() == 4) {
+    return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 0>(p, grid, smem, stream);
   }
   const StreamGrid grid2 = qmv_stream_grid(p.N, p.K, 2, dev.sm_count, 2);
   return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 0, 2>(p, grid2, smem, stream);
