@@ -384,6 +384,27 @@ def test_bench_rounds_pool_runs_and_keep_errors() -> None:
     assert merge_rounds([a, {"error": "boom"}]) == {"error": "boom"}
 
 
+def test_cuda_bench_shapes_and_env_columns() -> None:
+    # the CUDA op benchmark's parsing, on any machine: shapes "NxK" beyond its table, columns
+    # timed with environment variables set, and where the table puts them
+    from mlxq.bench.ops_cuda import format_table, parse_env_variants, shape_of
+
+    assert shape_of("14336x4096") == (14336, 4096) and shape_of("3584X18944") == (3584, 18944)
+    for bad in ("4096", "4096x", "ax4096"):
+        with pytest.raises(ValueError):
+            shape_of(bad)
+    got = parse_env_variants(["t1:MLXQ_CUDA_BULK_TILES=1", "l:A=1,B=x=y"])
+    assert got == {"t1": {"MLXQ_CUDA_BULK_TILES": "1"}, "l": {"A": "1", "B": "x=y"}}
+    for bad in ("noname", ":A=1", "n:A", "n:=1"):
+        with pytest.raises(ValueError):
+            parse_env_variants([bad])
+    row = {"N": 4096, "K": 4096, "bits": 4, "group_size": 128, "M": 1, "mlxq_bf16": 0.007}
+    row |= {"mlxq_t1": 0.005, "t1_vs_default": 1.4, "mlxq_prev": 0.008}
+    header, _, cells = format_table([row]).splitlines()
+    assert "mlxq_bf16 | mlxq_fp32 | mlxq_t1 | t1_vs_default | mlxq_prev" in header
+    assert "0.0070 |  | 0.0050 | 1.4000 | 0.0080" in cells
+
+
 def test_bytes_per_token_counts_the_tied_head_once(smollm2_4bit_g32: Path) -> None:
     from mlxq.bench.model import bytes_per_token
 

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "cuda/kernels.cuh"
@@ -22,6 +23,8 @@ using namespace mlxq::cuda;
 
 static int g_sms = 132;
 static int64_t g_smem_optin = 227 * 1024;
+static int64_t g_smem_sm = 228 * 1024;
+static int g_max_copies = 16;  // weight copies a timing cycles through ("small": 64)
 
 struct Problem {
   int64_t N, K, GS;
@@ -386,7 +389,8 @@ static double graph_us(const std::function<void(int, cudaStream_t)>& call, int n
 }
 
 static double time_us(Problem& P, const Launch& fn) {
-  return graph_us([&](int c, cudaStream_t s) { fn(params(P, c), s); }, P.copies, 40);
+  return graph_us([&](int c, cudaStream_t s) { fn(params(P, c), s); }, P.copies,
+                  std::max(40, P.copies));
 }
 
 // A grid-stride read of n 16-byte words with F independent streaming loads in flight per thread.
@@ -464,7 +468,8 @@ static void bench(int64_t N, int64_t K, int64_t GS, int M, bool half, const std:
                   bool full_ref) {
   Problem P{N, K, GS, M, half};
   const double bytes = N * K / 2.0 + 4.0 * N * (K / GS);
-  const int copies = std::max(1, std::min(16, static_cast<int>(std::ceil(400e6 / bytes))));
+  const int copies =
+      std::max(1, std::min(g_max_copies, static_cast<int>(std::ceil(400e6 / bytes))));
   make(P, copies);
   std::printf("== N=%lld K=%lld gs=%lld M=%d %s (%.1f MB packed, %d copies)\n", (long long)N,
               (long long)K, (long long)GS, M, half ? "fp16" : "bf16", P.packed_bytes() / 1e6,
@@ -730,7 +735,7 @@ static int ilv_main() {
 // ---- the bulk-copy kernel (qmv_bulk.cuh) next to the op's launch ------------------------------
 
 template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, int Ahead = 1,
-          bool Sb = false>
+          bool Sb = false, bool Lanes = false>
 Launch bulk(int max_stages = kBulkMaxStages) {
   return [max_stages](const QmvParams& p, cudaStream_t s) {
     BulkShape b =
@@ -742,7 +747,7 @@ Launch bulk(int max_stages = kBulkMaxStages) {
                    (long long)p.K, p.M, WPP);
       std::exit(1);
     }
-    auto k = qmv_bulk_kernel<GS, T, WPP, P, Probe, Ahead, Sb>;
+    auto k = qmv_bulk_kernel<GS, T, WPP, P, Probe, Ahead, Sb, Lanes>;
     CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             static_cast<int>(b.smem)));
     k<<<b.blocks, (kBulkWarps + 1) * 32, b.smem, s>>>(p, b.stages, b.tpb, b.sbs);
@@ -891,12 +896,251 @@ static int bulk_main() {
   return bad == 0 ? 0 : 1;
 }
 
+// ---- the shapes real models decode with ------------------------------------------------------
+// Llama-3-8B-class layers at M = 1 (q / o 4096 x 4096, k / v 1024 x 4096, gate / up 14336 x 4096,
+// down 4096 x 14336; Mistral alike), Qwen2.5-7B's (3584 x 3584, 3584 x 18944), next to the
+// op's choice of kernel (qmv_mma.cu's launch_stream_gs, rebuilt here with its thresholds as
+// arguments), the bulk kernel where its tiles give each multiprocessor fewer than 3, its row
+// copies issued by 16 lanes, the register variant's shapes, probes and floors.
+
+__global__ void empty_kernel(uint32_t* out) {
+  if (threadIdx.x == 1000) out[0] = 0;  // never: a launch and nothing else
+}
+static Launch launch_floor() {
+  return [](const QmvParams&, cudaStream_t s) { empty_kernel<<<g_sms * 2, 256, 0, s>>>(g_sink); };
+}
+// One 16-byte streaming load a thread, every load issued at once (the harness's read floor
+// takes two in turn where its 8 blocks a multiprocessor cover less than the weight).
+static Launch read_once() {
+  return [](const QmvParams& p, cudaStream_t s) {
+    const int64_t n = p.N * p.K / 32;
+    read_kernel_f<1><<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(
+        reinterpret_cast<const uint4*>(p.w), n, g_sink);
+  };
+}
+
+// The op's launch (qmv_mma.cu, launch_stream_gs) for 4-bit fp16/bf16 x, M <= 2: the bulk kernel
+// where it reaches (bulk_reach), else the 16-warp ring, the 8-warp ring, or the register variant
+// with K split. rule 1: the op's; rule 0: the op before it took the bulk kernel down to 1 tile a
+// multiprocessor where K >= 8192 and steps of 2 spans in the register variant. min_tiles > 0:
+// bulk where the tiles give each multiprocessor that many (MLXQ_CUDA_BULK_TILES); lanes: its
+// row copies by 16 lanes.
+static bool bulk_reach(int64_t N, int64_t K, int rule, int min_tiles) {
+  const int64_t tiles = N / 16;
+  if (min_tiles > 0) return tiles >= int64_t{min_tiles} * g_sms;
+  return tiles >= 3 * int64_t{g_sms} || (rule == 1 && tiles >= g_sms && K >= 8192);
+}
+template <int GS, typename T>
+Launch op_choice(int rule = 1, int min_tiles = 0, bool lanes = false) {
+  return [rule, min_tiles, lanes](const QmvParams& p, cudaStream_t s) {
+    constexpr Prod kS = Prod::kHalfSub, kN = Prod::kNative;
+    if (bulk_reach(p.N, p.K, rule, min_tiles)) {
+      BulkShape b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, 8, 4, p.G, 3);
+      if (!b.ok) b = qmv_bulk_shape(p.N, p.K, p.M, g_sms, g_smem_optin, 8, 4, p.G, 2);
+      if (b.ok) {
+        return lanes ? bulk<GS, T, 8, kS, 0, 1, true, true>(4)(p, s)
+                     : bulk<GS, T, 8, kS, 0, 1, true, false>(4)(p, s);
+      }
+    }
+    const StreamGrid wide = qmv_stream_grid(p.N, p.K, 4, g_sms, 1, 0, 16);
+    const int64_t ring_wide = qmv_stream_smem(p.M, p.K, 2 * 4 * 1024, 16);
+    if (wide.kw == 1 && ring_wide <= g_smem_optin && 4 * wide.blocks >= 3 * g_sms) {
+      return stream<GS, 4, true, T, false, 1, 2, 16, kN, 2>()(p, s);
+    }
+    const StreamGrid grid = qmv_stream_grid(p.N, p.K, 4, g_sms, 2);
+    const int64_t ring = qmv_stream_smem(p.M, p.K, 2 * 4 * 1024);
+    if (grid.kw == 1 && ring <= g_smem_optin && 2 * (ring + 1024) <= g_smem_sm) {
+      return stream<GS, 4, true, T, false, 2, 2>()(p, s);
+    }
+    if (p.M * p.K > 8 * 8 * kStreamWarps * 32) {
+      return stream<GS, 4, true, T, false, 2, 0, 8, kN, 1>()(p, s);
+    }
+    if (rule == 1) return stream<GS, 2, true, T, false, 2, 0, 8, kN, 0>()(p, s);
+    return stream<GS, 4, true, T, false, 2, 0, 8, kN, 0>()(p, s);
+  };
+}
+
+static const char* op_kernel_name(int64_t N, int64_t K, int M, int64_t G, int rule) {
+  if (bulk_reach(N, K, rule, 0)) {
+    BulkShape b = qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, 8, 4, G, 3);
+    if (!b.ok) b = qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, 8, 4, G, 2);
+    if (b.ok) return "bulk";
+  }
+  const StreamGrid wide = qmv_stream_grid(N, K, 4, g_sms, 1, 0, 16);
+  if (wide.kw == 1 && qmv_stream_smem(M, K, 2 * 4 * 1024, 16) <= g_smem_optin &&
+      4 * wide.blocks >= 3 * g_sms)
+    return "ring w16";
+  const StreamGrid grid = qmv_stream_grid(N, K, 4, g_sms, 2);
+  const int64_t ring = qmv_stream_smem(M, K, 2 * 4 * 1024);
+  if (grid.kw == 1 && ring <= g_smem_optin && 2 * (ring + 1024) <= g_smem_sm) return "ring w8";
+  const bool u2 = rule == 1 && M * K <= 8 * 8 * kStreamWarps * 32;
+  const StreamGrid g = u2 ? qmv_stream_grid(N, K, 2, g_sms, 2) : grid;
+  static char bufs[2][64];  // two calls in one printf
+  static int turn = 0;
+  char* buf = bufs[turn ^= 1];
+  std::snprintf(buf, 64, "registers w8 U%d kw%d, %lld blocks", u2 ? 2 : 4, g.kw,
+                (long long)g.blocks);
+  return buf;
+}
+
+template <int GS, typename T>
+std::vector<Row> small_rows(int64_t N, int64_t K, int M) {
+  constexpr Prod kN = Prod::kNative, kS = Prod::kHalfSub;
+  std::vector<Row> rows = {{"op (before)", op_choice<GS, T>(0)},
+                           {"op (now)", op_choice<GS, T>(1)},
+                           {"op, bulk >= 1 tile/SM", op_choice<GS, T>(1, 1)},
+                           {"op, bulk >= 1 tile/SM, 16 lanes", op_choice<GS, T>(1, 1, true)}};
+  BulkShape b = qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, 8, kBulkMaxStages, K / GS, 3);
+  if (!b.ok) b = qmv_bulk_shape(N, K, M, g_sms, g_smem_optin, 8, kBulkMaxStages, K / GS, 2);
+  if (b.ok) {
+    rows.push_back({"bulk wpp8 all stages sb", bulk<GS, T, 8, kS, 0, 1, true, false>()});
+    rows.push_back({"bulk wpp8 all stages sb lanes", bulk<GS, T, 8, kS, 0, 1, true, true>()});
+  }
+  if (M == 1) {
+    rows.push_back({"w8 regs U4 native", stream<GS, 4, true, T, false, 2, 0, 8, kN, 0>()});
+    rows.push_back({"w8 regs U2 native", stream<GS, 2, true, T, false, 2, 0, 8, kN, 0>()});
+    rows.push_back({"w16 regs U4 native", stream<GS, 4, true, T, false, 1, 0, 16, kN, 0>()});
+    rows.push_back({"w8 regs U4 half-sub", stream<GS, 4, true, T, false, 2, 0, 8, kS, 0>()});
+    rows.push_back({"probe: w8 regs U4 loads only", stream<GS, 4, true, T, true>()});
+    if (b.ok) {
+      rows.push_back({"probe: bulk 4st copies only", bulk<GS, T, 8, kN, 1, 1, true>(4)});
+      rows.push_back(
+          {"probe: bulk 4st lanes copies only", bulk<GS, T, 8, kN, 1, 1, true, true>(4)});
+      rows.push_back({"probe: bulk 4st products only", bulk<GS, T, 8, kS, 2, 1, true>(4)});
+    }
+    rows.push_back({"read kernel (floor)", read_floor()});
+    rows.push_back({"floor: one load a thread", read_once()});
+    rows.push_back({"floor: empty launch", launch_floor()});
+  } else {
+    rows.push_back({"w8 regs U4 native", stream<GS, 4, true, T, false, 2, 0, 8, kN, 0>()});
+    rows.push_back({"w8 regs U2 native", stream<GS, 2, true, T, false, 2, 0, 8, kN, 0>()});
+  }
+  rows.push_back({"op (before) again", op_choice<GS, T>(0)});
+  rows.push_back({"op (now) again", op_choice<GS, T>(1)});
+  return rows;
+}
+
+static int small_main() {
+  using bf = __nv_bfloat16;
+  using hf = __half;
+  g_max_copies = 64;  // 1024 x 4096 is 2.2 MB: 64 copies to miss the L2
+  {
+    const int64_t bytes = 1ll << 30;
+    void *src, *dst;
+    CK(cudaMalloc(&src, bytes));
+    CK(cudaMalloc(&dst, bytes));
+    CK(cudaMemset(src, 1, bytes));
+    const double copy_us = graph_us(
+        [&](int, cudaStream_t s) {
+          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+        },
+        1, 5);
+    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
+    cudaFree(src), cudaFree(dst);
+  }
+  int bad = 0;
+  // the lanes' copies: short last chunks (K = 3072, 5120), fewer chunks than groups, few tiles,
+  // many tiles a block, M = 2, both dtypes, every group size
+  constexpr Prod kN = Prod::kNative, kS = Prod::kHalfSub;
+  for (int64_t gs : {32, 64, 128}) {
+    for (int64_t K : {int64_t{3072}, int64_t{5120}}) {
+      for (int M : {1, 2}) {
+        for (int64_t N : {int64_t{96}, int64_t{6000}}) {
+          Problem P{N, K, gs, M, N == 6000};
+          make(P, 1);
+          const auto run = [&](auto tag) {
+            using T = decltype(tag);
+            if (gs == 32) {
+              bad += !check(P, bulk<32, T, 8, kS, 0, 1, true, true>(4), "bulk lanes sb", true);
+              bad += !check(P, bulk<32, T, 8, kN, 0, 1, false, true>(4), "bulk lanes", true);
+            } else if (gs == 64) {
+              bad += !check(P, bulk<64, T, 8, kS, 0, 1, true, true>(4), "bulk lanes sb", true);
+              bad += !check(P, bulk<64, T, 8, kN, 0, 1, false, true>(4), "bulk lanes", true);
+            } else {
+              bad += !check(P, bulk<128, T, 8, kS, 0, 1, true, true>(4), "bulk lanes sb", true);
+              bad += !check(P, bulk<128, T, 8, kN, 0, 1, false, true>(4), "bulk lanes", true);
+            }
+          };
+          if (P.half)
+            run(hf{});
+          else
+            run(bf{});
+          release(P);
+        }
+      }
+    }
+  }
+  // the op's choice on K tails (4.5 spans), partial tiles, K split 2-8 ways (the register
+  // variant's 2-span steps), tiles for the rings, M = 1, 2, both dtypes, every group size
+  for (int64_t gs : {32, 64, 128}) {
+    for (int64_t K : {gs == 128 ? int64_t{640} : int64_t{576}, 4096 + gs, int64_t{8192}}) {
+      for (int M : {1, 2}) {
+        for (int64_t N : {int64_t{100}, int64_t{1040}, int64_t{6000}}) {
+          Problem P{N, K, gs, M, N == 1040};
+          make(P, 1);
+          const auto run = [&](auto tag) {
+            using T = decltype(tag);
+            const Launch fn = gs == 32   ? op_choice<32, T>(1)
+                              : gs == 64 ? op_choice<64, T>(1)
+                                         : op_choice<128, T>(1);
+            const std::string name = std::string("op: ") + op_kernel_name(N, K, M, K / gs, 1);
+            bad += !check(P, fn, name.c_str(), true);
+          };
+          if (P.half)
+            run(hf{});
+          else
+            run(bf{});
+          release(P);
+        }
+      }
+    }
+  }
+  std::printf("checks: %d failed\n", bad);
+  struct Shape {
+    int64_t N, K;
+  };
+  const Shape shapes[] = {{4096, 4096}, {1024, 4096},  {14336, 4096}, {4096, 14336},
+                          {3584, 3584}, {3584, 18944}, {18944, 3584}, {28672, 8192}};
+  for (const Shape& sh : shapes) {
+    std::printf("   (op before: %s; now: %s)\n", op_kernel_name(sh.N, sh.K, 1, sh.K / 128, 0),
+                op_kernel_name(sh.N, sh.K, 1, sh.K / 128, 1));
+    if (sh.N == 28672) {
+      bench(sh.N, sh.K, 128, 1, false,
+            {{"op (now)", op_choice<128, bf>()},
+             {"op, 16 lanes", op_choice<128, bf>(1, 3, true)},
+             {"read kernel (floor)", read_floor()},
+             {"op (now) again", op_choice<128, bf>()},
+             {"op, 16 lanes again", op_choice<128, bf>(1, 3, true)}},
+            false);
+      continue;
+    }
+    bench(sh.N, sh.K, 128, 1, false, small_rows<128, bf>(sh.N, sh.K, 1),
+          sh.N * sh.K <= 4096 * 4096);
+  }
+  for (const Shape& sh : {Shape{4096, 4096}, Shape{4096, 14336}, Shape{14336, 4096},
+                          Shape{1024, 4096}, Shape{3584, 3584}}) {
+    std::printf("   (op now, group 64: %s)\n", op_kernel_name(sh.N, sh.K, 1, sh.K / 64, 1));
+    bench(sh.N, sh.K, 64, 1, false, small_rows<64, bf>(sh.N, sh.K, 1), false);
+    std::printf("   (op now, M = 2: %s)\n", op_kernel_name(sh.N, sh.K, 2, sh.K / 128, 1));
+    bench(sh.N, sh.K, 128, 2, false, small_rows<128, bf>(sh.N, sh.K, 2), false);
+  }
+  // fp16 x and group 32 on q / o, M = 2 where x is larger (8192 x 28672: unchanged, K split)
+  std::printf("   (op now, fp16 group 32: %s)\n", op_kernel_name(4096, 4096, 1, 128, 1));
+  bench(4096, 4096, 32, 1, true,
+        {{"op (before)", op_choice<32, hf>(0)}, {"op (now)", op_choice<32, hf>(1)}}, true);
+  std::printf("   (op now, M = 2: %s)\n", op_kernel_name(8192, 28672, 2, 224, 1));
+  bench(8192, 28672, 128, 2, false,
+        {{"op (before)", op_choice<128, bf>(0)}, {"op (now)", op_choice<128, bf>(1)}}, false);
+  return bad == 0 ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   harness_seed(0x9E3779B97F4A7C15ull);
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   g_sms = prop.multiProcessorCount;
   g_smem_optin = static_cast<int64_t>(prop.sharedMemPerBlockOptin);
+  g_smem_sm = static_cast<int64_t>(prop.sharedMemPerMultiprocessor);
   CK(cudaMalloc(&g_sink, 4));
   std::printf("%s, %d SMs, L2 %d MB\n", prop.name, g_sms, prop.l2CacheSize >> 20);
   using bf = __nv_bfloat16;
@@ -935,6 +1179,7 @@ int main(int argc, char** argv) {
   }
   if (argc > 1 && std::strcmp(argv[1], "ilv") == 0) return ilv_main();
   if (argc > 1 && std::strcmp(argv[1], "bulk") == 0) return bulk_main();
+  if (argc > 1 && std::strcmp(argv[1], "small") == 0) return small_main();
   bandwidth();
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
   // numerics on awkward shapes: K tails (576: 4.5 spans), N tails, split K, M = 2

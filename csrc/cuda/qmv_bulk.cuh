@@ -22,7 +22,8 @@
 // bulk copies into a ring of `sbs` slots of their own, freed by every warp that multiplies a
 // piece of the tile. x and its sums are staged once a block while the first copies land.
 // Measured (qmv_mma.cu has the numbers): 2-5% under the op's other kernels where the tiles fill
-// 3 blocks a multiprocessor, far from the M = 1 target; opt-in (MLXQ_CUDA_BULK=1).
+// 3 blocks a multiprocessor, 24% under the K split register variant at 4096 x 14336 (1-2 tiles a
+// block, 4 pieces a tile); the op's default there (launch_stream_gs, bulk_reaches).
 #pragma once
 
 #include "cuda/mbarrier.cuh"
@@ -114,8 +115,10 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 // (1 or 2). No divisions in the
 // loops (an earlier form took pc / nc, pc % stages and the like a piece: its products alone ran
 // 38.2 us at 28672 x 8192, group 128, WPP 4): slot, phase, tile and chunk are counted on.
+// Lanes: the 16 row copies of a piece are issued by 16 lanes of the copy warp in one instruction
+// (else by lane 0 in turn); measured slower (qmv_mma.cu, bulk_reaches), kept for qmv_harness.
 template <int GS, typename T, int WPP, Prod P = Prod::kNative, int Probe = 0, int Ahead = 1,
-          bool SbSmem = false>
+          bool SbSmem = false, bool Lanes = false>
 __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
     qmv_bulk_kernel(const QmvParams p, const int stages, const int tpb, const int sbs) {
 #ifdef MLXQ_BULK
@@ -173,18 +176,20 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
 
   if (wi == kBulkWarps) {
     // The copies: piece pc into slot s = pc % stages once piece pc - stages has left it.
-    if (lane == 0) {
+    if (Lanes ? lane < 16 : lane == 0) {  // every issuing lane walks the same pieces
       const uint8_t* tile_src = reinterpret_cast<const uint8_t*>(p.w) + T0 * 16 * row_bytes;
       const uint8_t* tile_s = static_cast<const uint8_t*>(p.scales) + T0 * 32 * G;
       const uint8_t* tile_b = static_cast<const uint8_t*>(p.biases) + T0 * 32 * G;
       int s = 0, ph = 0, c = 0, tl = 0, ss = 0, sph = 0;
       for (int pc = 0; pc < pieces; ++pc) {
         if (SbSmem && c == 0) {  // the tile's scales and biases, once tile tl - sbs left the slot
-          if (tl >= sbs) bulk_ptx::mbar_wait(sbempty0 + 8 * ss, sph ^ 1);
-          const uint32_t bar = sbfull0 + 8 * ss, dst = sbring + ss * sb_slot;
-          bulk_ptx::mbar_expect_tx(bar, sb_slot);
-          bulk_ptx::bulk_copy(dst, tile_s, sb_slot / 2, bar);
-          bulk_ptx::bulk_copy(dst + sb_slot / 2, tile_b, sb_slot / 2, bar);
+          if (lane == 0) {
+            if (tl >= sbs) bulk_ptx::mbar_wait(sbempty0 + 8 * ss, sph ^ 1);
+            const uint32_t bar = sbfull0 + 8 * ss, dst = sbring + ss * sb_slot;
+            bulk_ptx::mbar_expect_tx(bar, sb_slot);
+            bulk_ptx::bulk_copy(dst, tile_s, sb_slot / 2, bar);
+            bulk_ptx::bulk_copy(dst + sb_slot / 2, tile_b, sb_slot / 2, bar);
+          }
           tile_s += 32 * G, tile_b += 32 * G;
           if (++ss == sbs) ss = 0, sph ^= 1;
           ++tl;
@@ -192,15 +197,22 @@ __global__ void __launch_bounds__((kBulkWarps + 1) * 32, 1)
         if (pc >= stages) bulk_ptx::mbar_wait(empty0 + 8 * s, ph ^ 1);
         const uint32_t bytes = static_cast<uint32_t>(min(kChunk, K - c * kChunk) / 2);
         if constexpr (Probe == 2) {
-          bulk_ptx::mbar_arrive(full0 + 8 * s);
+          if (lane == 0) bulk_ptx::mbar_arrive(full0 + 8 * s);
         } else {
-          bulk_ptx::mbar_expect_tx(full0 + 8 * s, 16 * bytes);
           const uint8_t* src = tile_src + c * (kChunk / 2);
           const uint32_t dst = ring + s * kSlot;
-#pragma unroll
-          for (int r = 0; r < 16; ++r) {
+          if (lane == 0) bulk_ptx::mbar_expect_tx(full0 + 8 * s, 16 * bytes);
+          if constexpr (Lanes) {
+            __syncwarp(0xFFFFu);  // the bytes are expected before any copy completes
+            const int r = lane;
             bulk_ptx::bulk_copy(dst + r * kRb + ((r + 1) / 2) * kBulkRowPad, src + r * row_bytes,
                                 bytes, full0 + 8 * s);
+          } else {
+#pragma unroll
+            for (int r = 0; r < 16; ++r) {
+              bulk_ptx::bulk_copy(dst + r * kRb + ((r + 1) / 2) * kBulkRowPad, src + r * row_bytes,
+                                  bytes, full0 + 8 * s);
+            }
           }
         }
         if (++s == stages) s = 0, ph ^= 1;

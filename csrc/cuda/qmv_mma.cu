@@ -59,10 +59,10 @@ constexpr int kStreamSpans = 4;
 constexpr int kRingStages = 2;
 
 template <int GS, typename T, int Ring, int Warps = kStreamWarps, int MinBlocks = 2,
-          Prod P = Prod::kNative, int Pro = 0>
+          Prod P = Prod::kNative, int Pro = 0, int U = kStreamSpans>
 void launch_stream_shape(const QmvParams& p, const StreamGrid& grid, int64_t smem,
                          cudaStream_t stream) {
-  auto kernel = qmv_stream_kernel<GS, kStreamSpans, true, T, false, MinBlocks, Ring, Warps, P, Pro>;
+  auto kernel = qmv_stream_kernel<GS, U, true, T, false, MinBlocks, Ring, Warps, P, Pro>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
@@ -153,9 +153,41 @@ bool bulk_wanted() {
   return env == nullptr || std::string(env) != "0";
 }
 
+// The bulk kernel's reach: the 16-row tiles give each multiprocessor 3 or more, or 1 or more
+// where a tile's K is 2 or more of its 4096-value pieces (K >= 8192), so that each block's ring
+// holds several pieces. Measured on the shapes real models use (H200, bf16, us, qmv_harness
+// "small", two runs R1 / R2, the op's kernel before / bulk): down 4096 x 14336 (256 tiles, 4
+// pieces a tile, the last short; before: registers with K split 8 ways) M = 1 15.50 / 11.86, R2
+// 15.69 / 11.87; group 64 17.01 / 12.83, R2 17.11 / 12.84; M = 2 16.83 / 14.17, R2 16.93 / 14.14;
+// through bench_ops (R1, MLXQ_CUDA_BULK_TILES=1 beside the default in one process) 0.0157 /
+// 0.0120 ms (1.31x; group 64 1.29x, M = 2 1.18x). With one piece a tile it loses: 4096 x 4096
+// (2 tiles a block, one piece for each group of 8 warps: nothing to pipeline) 6.72 / 6.81 against
+// the register variant's 5.89 with U = 2 (below; M = 2: bulk 6.90, U = 2 6.67). Shapes whose
+// scales rows are not 16-byte multiples (G % 8, Qwen2.5's K = 3584 and 18944) never take it.
+// MLXQ_CUDA_BULK_TILES=n (read on every call, for benchmarks) takes it where the tiles give each
+// multiprocessor n or more, whatever K.
+// Also measured, not taken: a piece's 16 row copies issued by 16 lanes at once (qmv_bulk_kernel's
+// Lanes) instead of one lane in turn: 28672 x 8192 34.98 -> 37.92 (R2 35.42 -> 38.66), 14336 x
+// 4096 12.99 -> 13.78, 4096 x 14336 11.86 -> 11.93: the ~45 ns a row copy is the
+// multiprocessor's copy engine, not the issuing thread.
+bool bulk_reaches(const QmvParams& p, int sm_count) {
+  const int64_t tiles = p.N / 16;
+  const char* env = std::getenv("MLXQ_CUDA_BULK_TILES");
+  const int forced = env != nullptr ? std::atoi(env) : 0;
+  if (forced > 0) return tiles >= int64_t{forced} * sm_count;
+  return tiles >= 3 * int64_t{sm_count} || (tiles >= sm_count && p.K >= 2 * 4096);
+}
+
+// MLXQ_CUDA_REGS_SPANS=4 (read on every call, for benchmarks) keeps the register variant's steps
+// of 4 spans where it now takes 2 (launch_stream_gs).
+int regs_spans() {
+  const char* env = std::getenv("MLXQ_CUDA_REGS_SPANS");
+  return env != nullptr && std::string(env) == "4" ? 4 : 2;
+}
+
 template <int GS, typename T>
 void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t stream) {
-  if (dev.bulk && p.N / 16 >= 3 * int64_t{dev.sm_count} && bulk_wanted()) {
+  if (dev.bulk && bulk_reaches(p, dev.sm_count) && bulk_wanted()) {
     const auto shape = [&](int sbs) {
       return qmv_bulk_shape(p.N, p.K, p.M, dev.sm_count, dev.smem_per_block, kBulkWpp, kBulkStages,
                             p.G, sbs);
@@ -177,13 +209,25 @@ void launch_stream_gs(const QmvParams& p, const StreamDevice& dev, cudaStream_t 
   if (grid.kw == 1 && ring <= dev.smem_per_block && 2 * (ring + 1024) <= dev.smem_per_sm) {
     return launch_stream_shape<GS, T, kRingStages>(p, grid, ring, stream);
   }
-  // registers (K split): fp16 products; where each thread stages more than 8 chunks of x, both
-  // steps' weights and x 4 chunks at a time loading before x is staged
+  // registers (K split): where each thread stages more than 8 chunks of x, both steps' weights
+  // and x 4 chunks at a time loading before x is staged; else steps of 2 spans (U = 2, 2 KB a
+  // warp): a warp's second step loads while its first is multiplied, where with 4 spans most
+  // warps had one step, multiplied only once all of it had landed (4096 x 4096: the loads alone
+  // take 5.1 us, the kernel 6.7). H200, bf16, us, qmv_harness "small", U = 4 / U = 2, runs R1, R2:
+  // 4096 x 4096 M = 1 6.69 / 5.86, R2 6.68 / 5.89 (group 64 7.32 / 6.65, R2 7.32 / 6.69; fp16
+  // group 32 R2 7.94 / 6.99; M = 2 R2 7.49 / 6.67); Qwen2.5's 3584 x 3584 7.24 / 6.59, R2 7.26 /
+  // 6.57 (224 blocks of K split 8 ways instead of 112 of 4; group 64 R2 7.11 / 5.92, M = 2 7.84 /
+  // 7.16); 1024 x 4096 4.36 / 4.29, R2 4.38 / 4.25 (group 64 4.63 / 4.48, M = 2 4.99 / 4.90). Pro
+  // 1's shapes stay: 3584 x 18944 (x of 18944 values) U = 2 without Pro 1 21.02 against 21.43.
   const int64_t smem = qmv_stream_smem(p.M, p.K);
   if (p.M * p.K > 8 * 8 * kStreamWarps * 32) {
     return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 1>(p, grid, smem, stream);
   }
-  return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 0>(p, grid, smem, stream);
+  if (regs_spans() == 4) {
+    return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 0>(p, grid, smem, stream);
+  }
+  const StreamGrid grid2 = qmv_stream_grid(p.N, p.K, 2, dev.sm_count, 2);
+  return launch_stream_shape<GS, T, 0, kStreamWarps, 2, kRegsProd, 0, 2>(p, grid2, smem, stream);
 }
 
 template <typename T>

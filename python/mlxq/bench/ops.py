@@ -235,6 +235,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument(
         "--cuda-group-sizes", type=int, nargs="+", default=[128, 64], help="with --device cuda"
     )
+    p.add_argument(
+        "--cuda-env",
+        nargs="*",
+        default=[],
+        metavar="NAME:VAR=VAL[,VAR=VAL]",
+        help="with --device cuda: a column mlxq_NAME timed with these environment variables set",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda":
         return _main_cuda(args)
@@ -280,7 +287,12 @@ def _main_cuda(args: argparse.Namespace) -> list[dict]:
     from mlxq.bench import ops_cuda
 
     info, rows = ops_cuda.run(
-        args.cuda_shapes, args.bits, args.cuda_group_sizes, args.m, args.modes
+        args.cuda_shapes,
+        args.bits,
+        args.cuda_group_sizes,
+        args.m,
+        args.modes,
+        ops_cuda.parse_env_variants(args.cuda_env),
     )
     print()
     print(f"# mlxq op benchmark on CUDA ({info})")

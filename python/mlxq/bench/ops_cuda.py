@@ -42,8 +42,45 @@ import torch
 
 import mlxq
 
-SHAPES = {"4096x4096": (4096, 4096), "28672x8192": (28672, 8192), "8192x28672": (8192, 28672)}
+# N x K; Llama-3-8B-class decode (Mistral alike): q / o 4096 x 4096, k / v 1024 x 4096, gate /
+# up 14336 x 4096, down 4096 x 14336; any other "NxK" is taken as written (shape_of)
+SHAPES = {
+    "4096x4096": (4096, 4096),
+    "28672x8192": (28672, 8192),
+    "8192x28672": (8192, 28672),
+    "1024x4096": (1024, 4096),
+    "14336x4096": (14336, 4096),
+    "4096x14336": (4096, 14336),
+}
 L2_SPILL_BYTES = 256 << 20  # several times the H100/H200 L2 (50 MB)
+
+
+def shape_of(name: str) -> tuple[int, int]:
+    """(N, K) of a shape name "NxK"."""
+    if name in SHAPES:
+        return SHAPES[name]
+    n, sep, k = name.lower().partition("x")
+    if not sep or not n.isdigit() or not k.isdigit():
+        raise ValueError(f"shape {name!r} is not NxK")
+    return int(n), int(k)
+
+
+def parse_env_variants(specs: list[str] | None) -> dict[str, dict[str, str]]:
+    """``NAME:VAR=VAL[,VAR=VAL]`` -> {NAME: {VAR: VAL}}: columns ``mlxq_NAME`` timed with those
+    environment variables set (the op reads its kernel switches on every call)."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs or []:
+        name, sep, assigns = spec.partition(":")
+        if not sep or not name:
+            raise ValueError(f"env variant {spec!r} is not NAME:VAR=VAL[,VAR=VAL]")
+        env = {}
+        for a in assigns.split(","):
+            var, eq, val = a.partition("=")
+            if not eq or not var:
+                raise ValueError(f"env variant {spec!r}: {a!r} is not VAR=VAL")
+            env[var] = val
+        out[name] = env
+    return out
 
 
 def _captured(calls: list[Callable[[], object]]) -> torch.cuda.CUDAGraph:
@@ -113,15 +150,22 @@ def paired_ratio(
 
 @contextmanager
 def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
+    with _envs({name: value}):
+        yield
+
+
+@contextmanager
+def _envs(values: dict[str, str]):
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+        for name, v in old.items():
+            if v is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = v
 
 
 def _warm_clock(fn: Callable[[], object], seconds: float = 0.5) -> None:
@@ -179,7 +223,15 @@ def _tinygemm(n: int, k: int, group_size: int, x: torch.Tensor):
     return [lambda p=p, z=z: op(x, p, group_size, z) for p, z in copies]
 
 
-def bench_row(n: int, k: int, bits: int, group_size: int, m: int, copy_bw: float) -> dict:
+def bench_row(
+    n: int,
+    k: int,
+    bits: int,
+    group_size: int,
+    m: int,
+    copy_bw: float,
+    variants: dict[str, dict[str, str]] | None = None,
+) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
     wq, s, b = mlxq.affine_quantize(w, group_size, bits)
@@ -192,6 +244,10 @@ def bench_row(n: int, k: int, bits: int, group_size: int, m: int, copy_bw: float
     copies = [(wq.clone(), sb.clone(), bb.clone()) for _ in range(_copies(packed))]
     calls = [lambda c=c: mlxq.affine_matmul(xb, c[0], c[1], c[2], group_size, bits) for c in copies]
     row["mlxq_bf16"] = graph_ms(calls)
+    for name, env in (variants or {}).items():  # timed beside the default, in this process
+        with _envs(env):
+            row[f"mlxq_{name}"] = graph_ms(calls)
+        row[f"{name}_vs_default"] = row["mlxq_bf16"] / row[f"mlxq_{name}"]
     if bits == 4:  # the path before the tensor-core kernels (chosen when the graph is captured)
         with _env(*(("MLXQ_CUDA_DECODE", "cores") if m <= 8 else ("MLXQ_CUDA_GEMM", "0"))):
             row["mlxq_prev"] = graph_ms(calls)
@@ -373,9 +429,11 @@ def run(
     group_sizes: list[int],
     ms: list[int],
     modes: list[str] | None = None,
+    variants: dict[str, dict[str, str]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Benchmark every combination (float `modes` at the decode sizes M <= 8 only); returns
-    (info, rows)."""
+    (info, rows). `variants` (parse_env_variants): columns timed with environment variables
+    set."""
     copy_bw = copy_tbps()
     info = {
         "torch": torch.__version__,
@@ -384,14 +442,20 @@ def run(
         "read_TBps": read_tbps(),
     }
     rows = []
+    columns = list(COLUMNS)
+    for name in variants or {}:
+        columns[columns.index("mlxq_prev") : columns.index("mlxq_prev")] = [
+            f"mlxq_{name}",
+            f"{name}_vs_default",
+        ]
     for shape in shapes:
-        n, k = SHAPES[shape]
+        n, k = shape_of(shape)
         for bits in bits_list:
             for gs in group_sizes:
                 # the other widths only at M = 1, where the packed size sets the speed
                 for m in ms if bits == 4 else [1]:
-                    rows.append(bench_row(n, k, bits, gs, m, copy_bw))
-                    print(" | ".join(_cell(rows[-1], c) for c in COLUMNS), flush=True)
+                    rows.append(bench_row(n, k, bits, gs, m, copy_bw, variants))
+                    print(" | ".join(_cell(rows[-1], c) for c in columns), flush=True)
         for mode in modes or []:
             for m in [m for m in ms if m <= 8]:
                 rows.append(bench_fp_row(n, k, mode, m, copy_bw))
@@ -410,8 +474,13 @@ def _cell(row: dict, col: str) -> str:
 def format_table(rows: list[dict]) -> str:
     """The affine rows, then the float-mode rows, as markdown tables."""
     tables = []
+    affine = list(COLUMNS)
+    names = [c[: -len("_vs_default")] for r in rows for c in r if c.endswith("_vs_default")]
+    for name in dict.fromkeys(names):  # the environment variants' columns, in their order
+        at = affine.index("mlxq_prev")
+        affine[at:at] = [f"mlxq_{name}", f"{name}_vs_default"]
     for columns, kind in (
-        (COLUMNS, [r for r in rows if "mode" not in r]),
+        (affine, [r for r in rows if "mode" not in r]),
         (FP_COLUMNS, [r for r in rows if "mode" in r and "experts" not in r]),
         (GATHER_COLUMNS, [r for r in rows if "experts" in r]),
     ):
