@@ -256,8 +256,8 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
         wq, s, b = _quantized(gen, 64, 1024, group_size, 4, dtype)
         for m in (1, 2):
             _check_matmul(_wide_range_x(gen, m, 1024, dtype), wq, s, b, group_size, 4)
-    if kernel == "stream":  # the register variant's steps of 4 spans (MLXQ_CUDA_REGS_SPANS)
-        monkeypatch.setenv("MLXQ_CUDA_REGS_SPANS", "4")
+    if kernel == "stream":  # the register variant's steps of 2 spans (MLXQ_CUDA_REGS_SPANS)
+        monkeypatch.setenv("MLXQ_CUDA_REGS_SPANS", "2")
         wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
         for m in (1, 2):
             _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
@@ -276,7 +276,7 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("tiles", [None, "1"])
+@pytest.mark.parametrize("tiles", [None, "small", "1"])
 def test_decode_kernels_bulk(
     gen, group_size: int, dtype: torch.dtype, tiles: str | None, monkeypatch
 ) -> None:
@@ -285,16 +285,18 @@ def test_decode_kernels_bulk(
     # blocks a multiprocessor and a few more (uneven tiles a block), K of one short piece of
     # 4096 values (fewer pieces a tile than groups of warps) and of a whole and a short one,
     # M = 1, 2, x over a wide range (its fp16 products); tiles for 1-2 blocks a multiprocessor
-    # with K of 2 pieces and a short one (where the op takes it by default), and with K of at most
-    # 2 pieces where MLXQ_CUDA_BULK_TILES=1 takes it down to 1 tile a multiprocessor
+    # with K of 2 pieces and a short one (where MLXQ_CUDA_DECODE_SMALL=1 takes it), and with K of
+    # at most 2 pieces where MLXQ_CUDA_BULK_TILES=1 takes it down to 1 tile a multiprocessor
     monkeypatch.delenv("MLXQ_CUDA_BULK", raising=False)
-    if tiles is None:
-        monkeypatch.delenv("MLXQ_CUDA_BULK_TILES", raising=False)
-    else:
+    monkeypatch.delenv("MLXQ_CUDA_BULK_TILES", raising=False)
+    monkeypatch.delenv("MLXQ_CUDA_DECODE_SMALL", raising=False)
+    if tiles == "small":
+        monkeypatch.setenv("MLXQ_CUDA_DECODE_SMALL", "1")
+    elif tiles is not None:
         monkeypatch.setenv("MLXQ_CUDA_BULK_TILES", tiles)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = [(16 * 3 * sms + 16 * 5, k) for k in (3072, 5120)]
-    if tiles is None:
+    if tiles == "small":
         cases.append((16 * sms + 16 * 5, 2 * 4096 + 512))
     else:
         cases += [(16 * sms + 16 * 5, 3072), (16 * 2 * sms - 16, 5120)]

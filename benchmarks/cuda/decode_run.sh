@@ -7,9 +7,9 @@
 # HARNESS: a qmv_harness built beforehand (nvcc -O3 -std=c++17 -gencode=arch=compute_90a,
 # code=sm_90a -Icsrc benchmarks/cuda/qmv_harness.cu), else built here. BENCH_SHAPES, BENCH_M,
 # BENCH_GS, BENCH_ENV ("NAME:VAR=VAL[,VAR=VAL] ..."), TEST_K ("all": the whole file), TEST_ENV
-# (variables for a second pass of the tests), SKIP_HARNESS=1, SKIP_TESTS=1. The op's decode launch
-# before the register variant's 2-span steps and the bulk kernel's wider reach, beside the default:
-#   BENCH_ENV="before:MLXQ_CUDA_BULK_TILES=3,MLXQ_CUDA_REGS_SPANS=4"
+# (variables for a second pass of the tests), SKIP_HARNESS=1, SKIP_TESTS=1. The opt-in decode launch
+# (the register variant's 2-span steps, the bulk kernel's wider reach) beside the default:
+#   BENCH_ENV="small:MLXQ_CUDA_DECODE_SMALL=1"
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 L=/tmp/logs

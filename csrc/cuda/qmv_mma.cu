@@ -165,24 +165,36 @@ bool bulk_wanted() {
 // the register variant's 5.89 with U = 2 (below; M = 2: bulk 6.90, U = 2 6.67). Shapes whose
 // scales rows are not 16-byte multiples (G % 8, Qwen2.5's K = 3584 and 18944) never take it.
 // MLXQ_CUDA_BULK_TILES=n (read on every call, for benchmarks) takes it where the tiles give each
-// multiprocessor n or more, whatever K.
+// multiprocessor n or more, whatever K. The K >= 8192 reach and the register variant's 2-span
+// steps (below) are opt-in, MLXQ_CUDA_DECODE_SMALL=1, until they have run through
+// tests/test_cuda_ops.py on a GPU as the op's choice (only qmv_harness has run them, float64-
+// checked; the session's device time ran out); the default is the 3-tile rule and 4 spans.
 // Also measured, not taken: a piece's 16 row copies issued by 16 lanes at once (qmv_bulk_kernel's
 // Lanes) instead of one lane in turn: 28672 x 8192 34.98 -> 37.92 (R2 35.42 -> 38.66), 14336 x
 // 4096 12.99 -> 13.78, 4096 x 14336 11.86 -> 11.93: the ~45 ns a row copy is the
 // multiprocessor's copy engine, not the issuing thread.
+bool small_shape_choices() {
+  const char* env = std::getenv("MLXQ_CUDA_DECODE_SMALL");
+  return env != nullptr && std::string(env) == "1";
+}
+
 bool bulk_reaches(const QmvParams& p, int sm_count) {
   const int64_t tiles = p.N / 16;
   const char* env = std::getenv("MLXQ_CUDA_BULK_TILES");
   const int forced = env != nullptr ? std::atoi(env) : 0;
   if (forced > 0) return tiles >= int64_t{forced} * sm_count;
-  return tiles >= 3 * int64_t{sm_count} || (tiles >= sm_count && p.K >= 2 * 4096);
+  return tiles >= 3 * int64_t{sm_count} ||
+         (small_shape_choices() && tiles >= sm_count && p.K >= 2 * 4096);
 }
 
-// MLXQ_CUDA_REGS_SPANS=4 (read on every call, for benchmarks) keeps the register variant's steps
-// of 4 spans where it now takes 2 (launch_stream_gs).
+// The register variant's steps: 4 spans, or 2 with MLXQ_CUDA_DECODE_SMALL=1 (launch_stream_gs);
+// MLXQ_CUDA_REGS_SPANS=2 or 4 (read on every call, for benchmarks) picks either.
 int regs_spans() {
   const char* env = std::getenv("MLXQ_CUDA_REGS_SPANS");
-  return env != nullptr && std::string(env) == "4" ? 4 : 2;
+  if (env != nullptr && (std::string(env) == "2" || std::string(env) == "4")) {
+    return std::atoi(env);
+  }
+  return small_shape_choices() ? 2 : 4;
 }
 
 template <int GS, typename T>
