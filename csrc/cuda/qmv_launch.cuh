@@ -1,14 +1,19 @@
 // Body of qmv_b<Bits>.cu: the decode launcher for one bit width (MLXQ_QMV_BITS), which picks
 // the kernel's x-row count MT (the next power of two >= M, M <= kDecodeMaxRows) and rows per warp
-// R.
+// R; for 2, 3, 5 and 6 bits it takes the tensor-core kernel of qmv_lowbit.cuh where it applies
+// (lowbit_applies).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
 
+#include <array>
 #include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <type_traits>
 
 #include "cuda/launch.h"
+#include "cuda/qmv_lowbit.cuh"
 
 #ifndef MLXQ_QMV_BITS
 #error "define MLXQ_QMV_BITS before including qmv_launch.cuh"
@@ -79,8 +84,56 @@ void launch_gather_mt(const QmvParams& p, cudaStream_t stream) {
   }
 }
 
+// What the tensor-core choice reads of a device, once per process and device.
+struct LowbitDevice {
+  int major = 0;
+  int sm_count = 0;
+  int64_t smem_optin = 0;
+};
+const LowbitDevice& lowbit_device() {
+  static std::array<std::once_flag, 64> once;
+  static std::array<LowbitDevice, 64> info;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  TORCH_CHECK(dev >= 0 && dev < 64, "CUDA device index ", dev, " out of range");
+  std::call_once(once[dev], [dev] {
+    int major = 0, sms = 0, smem = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    info[dev] = {major, sms, smem};
+  });
+  return info[dev];
+}
+
+// The tensor-core kernel (qmv_lowbit.cuh) takes 2, 3, 5 and 6 bits with fp16/bf16 x and scales
+// and biases of that dtype, M <= 2, no gather, compute capability >= 8.0 and x in a block's
+// shared memory. MLXQ_CUDA_DECODE=cores (read on every call, as affine_cuda.cu reads it) keeps the
+// CUDA-core kernel, for benchmarks.
+bool lowbit_applies(const QmvParams& p, DType x_dtype) {
+  constexpr int b = MLXQ_QMV_BITS;
+  if constexpr (b == 4 || b == 8) {
+    return false;
+  } else {
+    if (p.rhs != nullptr || p.M > 2 || x_dtype == DType::kFloat) return false;
+    const ScaleType want = x_dtype == DType::kHalf ? ScaleType::kHalf : ScaleType::kBFloat16;
+    if (p.scale_type != want) return false;
+    const char* env = std::getenv("MLXQ_CUDA_DECODE");
+    if (env != nullptr && std::strcmp(env, "cores") == 0) return false;
+    const LowbitDevice& dev = lowbit_device();
+    return dev.major >= 8 && qmv_lowbit_smem(p.M, p.K, kLowbitSpans<b>) <= dev.smem_optin;
+  }
+}
+
 template <typename T>
 void launch_typed(const QmvParams& p, cudaStream_t stream) {
+  if constexpr (MLXQ_QMV_BITS != 4 && MLXQ_QMV_BITS != 8 && !std::is_same_v<T, float>) {
+    if (lowbit_applies(p, std::is_same_v<T, __half> ? DType::kHalf : DType::kBFloat16)) {
+      launch_qmv_lowbit_typed<MLXQ_QMV_BITS, T>(p, lowbit_device().sm_count, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   if (p.rhs != nullptr) {
     if (p.M <= 1) return launch_gather_mt<1, T>(p, stream);
     if (p.M <= 2) return launch_gather_mt<2, T>(p, stream);

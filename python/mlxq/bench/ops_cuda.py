@@ -4,7 +4,8 @@ and the float modes' decode (fp_matmul, M <= 8) vs their composite op vs dense b
 Each row is one (shape, bits, group size, M); columns are milliseconds per call of
 - ``mlxq_bf16`` (bf16 x, bf16 scales) and ``mlxq_fp32`` (M = 1 only),
 - ``mlxq_prev``: the same call on the path mlxq took before its tensor-core kernels (the
-  CUDA-core decode for M <= 8, dequantized tiles + cuBLAS above), selected with
+  CUDA-core decode for M <= 8, dequantized tiles + cuBLAS above; 4 bits, and 2, 3, 5 and 6
+  bits at M <= 8), selected with
   ``MLXQ_CUDA_DECODE=cores`` / ``MLXQ_CUDA_GEMM=0`` (read by the op on every call),
 - ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, 4-bit, same group size),
 - ``dense_bf16``: cuBLAS ``x @ W.T`` with the dequantized bf16 weight,
@@ -179,7 +180,9 @@ def bench_row(n: int, k: int, bits: int, group_size: int, m: int, copy_bw: float
     copies = [(wq.clone(), sb.clone(), bb.clone()) for _ in range(_copies(packed))]
     calls = [lambda c=c: mlxq.affine_matmul(xb, c[0], c[1], c[2], group_size, bits) for c in copies]
     row["mlxq_bf16"] = graph_ms(calls)
-    if bits == 4:  # the path before the tensor-core kernels (chosen when the graph is captured)
+    # the path before the tensor-core kernels (chosen when the graph is captured): 4 bits, and
+    # the decode of 2, 3, 5 and 6 bits (qmv_lowbit.cuh)
+    if bits == 4 or (m <= 8 and bits != 8):
         with _env(*(("MLXQ_CUDA_DECODE", "cores") if m <= 8 else ("MLXQ_CUDA_GEMM", "0"))):
             row["mlxq_prev"] = graph_ms(calls)
     if m == 1:
