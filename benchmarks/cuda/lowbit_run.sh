@@ -25,7 +25,7 @@ nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Xptxas -v \
   benchmarks/cuda/lowbit_harness.cu -o /tmp/lowbit_harness >"$OUT/harness_build.log" 2>&1 ||
   grep -i error "$OUT/harness_build.log" | head
 stamp harness built
-/tmp/lowbit_harness $HARNESS >"$OUT/harness.log" 2>&1
+timeout "${HARNESS_TIMEOUT:-150}" /tmp/lowbit_harness $HARNESS >"$OUT/harness.log" 2>&1
 echo "harness rc=$?"
 grep -E "^==|us |checks:" "$OUT/harness.log" | cut -c1-72
 grep -E "bad of" "$OUT/harness.log" | grep -v " 0 bad" | head
