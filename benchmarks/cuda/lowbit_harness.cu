@@ -297,6 +297,7 @@ void run_bits(bool quick) {
 }
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines survive a timeout
   harness_seed(0x1234567ull);
   CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
   CK(cudaMalloc(&g_sink, 4));
