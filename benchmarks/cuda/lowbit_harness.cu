@@ -271,29 +271,34 @@ std::vector<Row> rows_for(bool timing) {
   return r;
 }
 
+// Phase 0: correctness over edge shapes (full float64 reference): rows not a multiple of 16,
+// chunks not a multiple of 4 (a partial span), K split (long rows), a single chunk. Phase 1:
+// 28672 x 8192 bf16 M = 1 at groups 64 and 128 (first 1024 rows checked). Phase 2: fp16, group
+// 32, M = 2, 4096 x 4096, 8192 x 28672.
 template <int Bits>
-void run_bits(bool quick) {
+void run_bits(int phase) {
   using bf = __nv_bfloat16;
   using hf = __half;
-  // correctness over edge shapes (full float64 reference): rows not a multiple of 16, chunks not
-  // a multiple of 4 (a partial span), K split (long rows), a single chunk
-  for (int M : {1, 2}) {
-    bench(Bits, 1000, 4160, 32, M, false, rows_for<Bits, bf>(false), true);
-    bench(Bits, 1000, 4160, 64, M, true, rows_for<Bits, hf>(false), true);
-    bench(Bits, 1000, 4224, 128, M, false, rows_for<Bits, bf>(false), true);
-    bench(Bits, 37, 4224, 128, M, true, rows_for<Bits, hf>(false), true);
-    bench(Bits, 64, 28672, 64, M, false, rows_for<Bits, bf>(false), true);
-    bench(Bits, 16, 32, 32, M, false, rows_for<Bits, bf>(false), true);
+  if (phase == 0) {
+    for (int M : {1, 2}) {
+      bench(Bits, 1000, 4160, 32, M, false, rows_for<Bits, bf>(false), true);
+      bench(Bits, 1000, 4160, 64, M, true, rows_for<Bits, hf>(false), true);
+      bench(Bits, 1000, 4224, 128, M, false, rows_for<Bits, bf>(false), true);
+      bench(Bits, 37, 4224, 128, M, true, rows_for<Bits, hf>(false), true);
+      bench(Bits, 64, 28672, 64, M, false, rows_for<Bits, bf>(false), true);
+      bench(Bits, 16, 32, 32, M, false, rows_for<Bits, bf>(false), true);
+    }
+  } else if (phase == 1) {
+    for (int64_t GS : {64, 128}) {
+      bench(Bits, 28672, 8192, GS, 1, false, rows_for<Bits, bf>(true), false);
+    }
+  } else {
+    bench(Bits, 28672, 8192, 64, 1, true, rows_for<Bits, hf>(true), false);
+    bench(Bits, 28672, 8192, 32, 1, false, rows_for<Bits, bf>(true), false);
+    bench(Bits, 28672, 8192, 64, 2, false, rows_for<Bits, bf>(true), false);
+    bench(Bits, 4096, 4096, 64, 1, false, rows_for<Bits, bf>(true), false);
+    bench(Bits, 8192, 28672, 64, 1, false, rows_for<Bits, bf>(true), false);
   }
-  // timings (first 1024 rows checked)
-  for (int64_t GS : {64, 128})
-    bench(Bits, 28672, 8192, GS, 1, false, rows_for<Bits, bf>(true), false);
-  if (quick) return;
-  bench(Bits, 28672, 8192, 64, 1, true, rows_for<Bits, hf>(true), false);
-  bench(Bits, 28672, 8192, 32, 1, false, rows_for<Bits, bf>(true), false);
-  bench(Bits, 28672, 8192, 64, 2, false, rows_for<Bits, bf>(true), false);
-  bench(Bits, 4096, 4096, 64, 1, false, rows_for<Bits, bf>(true), false);
-  bench(Bits, 8192, 28672, 64, 1, false, rows_for<Bits, bf>(true), false);
 }
 
 int main(int argc, char** argv) {
@@ -302,10 +307,12 @@ int main(int argc, char** argv) {
   CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
   CK(cudaMalloc(&g_sink, 4));
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
-  run_bits<2>(quick);
-  run_bits<3>(quick);
-  run_bits<5>(quick);
-  run_bits<6>(quick);
+  for (int phase = 0; phase < (quick ? 2 : 3); ++phase) {
+    run_bits<2>(phase);
+    run_bits<3>(phase);
+    run_bits<5>(phase);
+    run_bits<6>(phase);
+  }
   std::printf("checks: %s (%d failed)\n", g_failed == 0 ? "all ok" : "FAILED", g_failed);
   return g_failed == 0 ? 0 : 1;
 }
