@@ -292,11 +292,11 @@ def test_decode_kernels_bulk(gen, group_size: int, dtype: torch.dtype, monkeypat
 @pytest.mark.parametrize("bits", [2, 3, 5, 6])
 @pytest.mark.parametrize("kernel", ["cores", "default"])
 def test_decode_kernels_lowbit(gen, bits: int, group_size: int, dtype, kernel: str, monkeypatch):
-    # the 2/3/5/6-bit decode: the tensor-core kernel (csrc/cuda/qmv_lowbit.cuh, M <= 2, scales in
-    # x's dtype) and the CUDA-core one (MLXQ_CUDA_DECODE=cores); K split over a block's warps
-    # (few rows, long K), a partial 16-row tile, partial 128-value spans (K = 576), more
-    # tiles than warp slots, x over a wide range, and M past 2 (the CUDA-core kernel); group 128
-    # has no partial span (K a multiple of 128)
+    # the 2/3/5/6-bit decode: the tensor-core kernel (csrc/cuda/qmv_lowbit.cuh, M <= 2, 5 bits at
+    # M = 2 only, scales in x's dtype) and the CUDA-core one (MLXQ_CUDA_DECODE=cores); K split
+    # over a block's warps (few rows, long K), a partial 16-row tile, partial 128-value spans
+    # (K = 576; group 128 has none), more tiles than warp slots, x over a wide range, and M past 2
+    # (the CUDA-core kernel)
     if kernel == "cores":
         monkeypatch.setenv("MLXQ_CUDA_DECODE", "cores")
     else:

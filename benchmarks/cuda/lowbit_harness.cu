@@ -264,7 +264,7 @@ std::vector<Row> rows_for(bool timing) {
   std::vector<Row> r = {{"cores", cores<Bits, T>()}, {"mma", lowbit<Bits, T>()}};
   if (timing) {
     // one other step length beside the default
-    constexpr int Alt = Bits == 2 ? 4 : (Bits == 3 ? 6 : (Bits == 5 ? 2 : 3));
+    constexpr int Alt = Bits == 2 ? 8 : (Bits == 3 ? 6 : 3);
     r.push_back({"mma U" + std::to_string(Alt), lowbit<Bits, T, Alt>()});
     r.push_back({"floor", read_floor(Bits)});
   }

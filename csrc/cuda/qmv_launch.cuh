@@ -106,16 +106,28 @@ const LowbitDevice& lowbit_device() {
   return info[dev];
 }
 
-// The tensor-core kernel (qmv_lowbit.cuh) takes 2, 3, 5 and 6 bits with fp16/bf16 x and scales
-// and biases of that dtype, M <= 2, no gather, compute capability >= 8.0 and x in a block's
-// shared memory. MLXQ_CUDA_DECODE=cores (read on every call, as affine_cuda.cu reads it) keeps the
-// CUDA-core kernel, for benchmarks.
+// The tensor-core kernel (qmv_lowbit.cuh) takes 2, 3 and 6 bits at M <= 2 and 5 bits at M = 2,
+// with fp16/bf16 x and scales and biases of that dtype, no gather, compute capability >= 8.0 and
+// x in a block's shared memory; where it measured faster than this file's CUDA-core kernel. H200,
+// bf16 x, us, lowbit_harness, one run (CUDA-core / tensor-core; M = 1 unless said):
+//   28672 x 8192 group 64: 2 bits 82.7 / 48.4, 3 bits 86.7 / 69.2, 5 bits 95.5 / 110.6,
+//     6 bits 96.8 / 80.3; group 128: 76.5 / 48.4, 80.7 / 69.4, 84.4 / 110.4, 86.7 / 79.9;
+//     group 32: 87.3 / 66.6, 91.4 / 90.6, 106.4 / 119.0, 108.5 / 92.1;
+//     fp16 x, group 64: 79.0 / 48.3, 82.1 / 69.5, 92.0 / 109.5, 94.1 / 75.7;
+//     M = 2, group 64: 222.9 / 53.0, 136.9 / 76.3, 216.7 / 115.4, 214.5 / 85.5;
+//   4096 x 4096 group 64: 10.5 / 7.6, 10.9 / 9.1, 11.3 / 12.4, 11.7 / 10.6;
+//   8192 x 28672 group 64: 90.0 / 49.1, 93.5 / 69.3, 119.1 / 113.7, 118.1 / 81.9.
+// 5 bits at M = 1 stays on CUDA cores (its odd-width word loads and wider pairs: slower
+// everywhere but the K-split 8192 x 28672). MLXQ_CUDA_DECODE=cores (read on every call, as
+// affine_cuda.cu reads it) keeps the CUDA-core kernel, for benchmarks.
 bool lowbit_applies(const QmvParams& p, DType x_dtype) {
   constexpr int b = MLXQ_QMV_BITS;
   if constexpr (b == 4 || b == 8) {
     return false;
   } else {
-    if (p.rhs != nullptr || p.M > 2 || x_dtype == DType::kFloat) return false;
+    if (p.rhs != nullptr || p.M > 2 || (b == 5 && p.M < 2) || x_dtype == DType::kFloat) {
+      return false;
+    }
     const ScaleType want = x_dtype == DType::kHalf ? ScaleType::kHalf : ScaleType::kBFloat16;
     if (p.scale_type != want) return false;
     const char* env = std::getenv("MLXQ_CUDA_DECODE");

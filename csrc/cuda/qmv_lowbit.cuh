@@ -19,6 +19,20 @@
 // one 16-byte load; sum(x) per 32 values is staged with it, and per group y += s * sum(q*x) +
 // b * sum(x) in fp32: the products q*x are exact, so, as for every decode kernel here, the weights
 // are dequantized and summed in fp32.
+//
+// Measured (H200, bf16, M = 1, 28672 x 8192, us, benchmarks/cuda/lowbit_harness.cu, one run; every
+// shape's float64 checks passed): groups 64 / 128, this kernel against the CUDA-core one and a
+// plain read of the packed bytes: 2 bits 48.4 / 48.4 against 82.7 / 76.5 (read 14.9), 3 bits
+// 69.2 / 69.4 against 86.7 / 80.7 (21.1), 5 bits 110.6 / 110.4 against 95.5 / 84.4 (34.2), 6 bits
+// 80.3 / 79.9 against 96.8 / 86.7 (40.6); more in qmv_launch.cuh, which takes it where it is the
+// faster. So it beats the CUDA-core kernel by 1.6-1.7x at 2 bits and 1.1-1.2x at 6 bits (and
+// loses at 5), but stays far from the read (1.4-2.4 TB/s of packed bytes against 4.5-4.9): time
+// grows with the width much more slowly than the bytes (2 bits 3.3x the read, 6 bits 2.0x). Not yet
+// measured (the next device run's questions): the scales and biases are loaded per span at the
+// point of use (4 or 8 scalar loads a lane, their L1 misses exposed once per 8-16 spans a row; the
+// 4-bit kernels fetch them with the weights, shuffled out of vector loads), x is staged by every
+// block before its first step (8 scalar loads per 16 bytes), and 5 bits reads its chunks a word at
+// a time (no aligned vector width for 20 bytes).
 #pragma once
 
 #include <type_traits>
@@ -29,9 +43,13 @@ namespace mlxq::cuda {
 
 constexpr int kLowbitWarps = 8;  // warps per block (two blocks a multiprocessor)
 
-// Spans of 128 values per step (the loads one buffer holds): ~96-128 bytes of weights a lane.
+// Spans of 128 values per step (the loads one buffer holds: 2 * U * Bits words a lane). H200,
+// bf16, M = 1, us, 28672 x 8192 groups 64 / 128 (lowbit_harness, one run): 2 bits U8 50.2 / 50.2,
+// U4 48.4 / 48.4 (also ahead at M = 2, at 8192 x 28672 and group 32; 7.6 against 7.3 at 4096 x
+// 4096); 3 bits U4 69.2 / 69.4, U6 73.8 / 73.0; 5 bits U3 115.7 / 115.1, U2 110.6 / 110.4; 6 bits
+// U2 80.3 / 79.9, U3 85.8 / 84.8.
 template <int Bits>
-constexpr int kLowbitSpans = Bits == 2 ? 8 : (Bits == 3 ? 4 : (Bits == 5 ? 3 : 2));
+constexpr int kLowbitSpans = Bits == 5 ? 2 : (Bits == 6 ? 2 : 4);
 
 // How a chunk's 32 codes pair into A registers (see the header comment).
 template <int Bits, typename T>
