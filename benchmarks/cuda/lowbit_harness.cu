@@ -3,7 +3,10 @@
 // M = 1, R4 at M = 2), each checked against a float64 CPU reference and timed by CUDA-graph
 // replay over enough weight copies to miss the L2, with a plain read of the same packed bytes.
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-//        benchmarks/cuda/lowbit_harness.cu -o /tmp/lowbit_harness && /tmp/lowbit_harness [quick]
+//        benchmarks/cuda/lowbit_harness.cu -o /tmp/lowbit_harness && /tmp/lowbit_harness [mode]
+// Modes: none (checks, then every timing), "quick" (checks, then 28672 x 8192 bf16 M = 1 at groups
+// 64 and 128), "probes" (as none, with the kernel's probe rows: no scale loads, x not staged, the
+// loads alone).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -119,16 +122,16 @@ Launch cores() {
   };
 }
 
-template <int Bits, typename T, int U = kLowbitSpans<Bits>>
+template <int Bits, typename T, int U = kLowbitSpans<Bits>, int Probe = 0>
 Launch lowbit() {
   return [](const QmvParams& p, cudaStream_t s) {
     switch (p.group_shift) {
       case 5:
-        return launch_qmv_lowbit_gs<Bits, 32, T, U>(p, g_sms, s);
+        return launch_qmv_lowbit_gs<Bits, 32, T, U, Probe>(p, g_sms, s);
       case 6:
-        return launch_qmv_lowbit_gs<Bits, 64, T, U>(p, g_sms, s);
+        return launch_qmv_lowbit_gs<Bits, 64, T, U, Probe>(p, g_sms, s);
       default:
-        return launch_qmv_lowbit_gs<Bits, 128, T, U>(p, g_sms, s);
+        return launch_qmv_lowbit_gs<Bits, 128, T, U, Probe>(p, g_sms, s);
     }
   };
 }
@@ -235,6 +238,7 @@ struct Row {
 };
 
 static int g_failed = 0;
+static bool g_probes = false;  // "probes": the kernel's probe rows beside the timings
 
 // Checks (and times unless check_only) each row on one problem.
 static void bench(int bits, int64_t N, int64_t K, int64_t GS, int M, bool half,
@@ -248,7 +252,7 @@ static void bench(int bits, int64_t N, int64_t K, int64_t GS, int M, bool half,
               (long long)N, (long long)K, (long long)GS, M, half ? "fp16" : "bf16",
               P.packed_bytes() / 1e6, copies);
   for (const Row& r : rows) {
-    const bool floor = r.name == "floor";
+    const bool floor = r.name == "floor" || r.name.rfind("probe", 0) == 0;
     const bool ok = floor || check(P, r.fn, r.name.c_str(), check_only);
     if (!ok) ++g_failed;
     if (check_only) continue;
@@ -267,6 +271,11 @@ std::vector<Row> rows_for(bool timing) {
     constexpr int Alt = Bits == 2 ? 8 : (Bits == 3 ? 6 : 3);
     r.push_back({"mma U" + std::to_string(Alt), lowbit<Bits, T, Alt>()});
     r.push_back({"floor", read_floor(Bits)});
+    if (g_probes) {  // what each part of the kernel costs (wrong results, not checked)
+      r.push_back({"probe: no scale loads", lowbit<Bits, T, kLowbitSpans<Bits>, 1>()});
+      r.push_back({"probe: x not staged", lowbit<Bits, T, kLowbitSpans<Bits>, 2>()});
+      r.push_back({"probe: loads alone", lowbit<Bits, T, kLowbitSpans<Bits>, 3>()});
+    }
   }
   return r;
 }
@@ -307,6 +316,7 @@ int main(int argc, char** argv) {
   CK(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
   CK(cudaMalloc(&g_sink, 4));
   const bool quick = argc > 1 && std::strcmp(argv[1], "quick") == 0;
+  g_probes = argc > 1 && std::strcmp(argv[1], "probes") == 0;
   for (int phase = 0; phase < (quick ? 2 : 3); ++phase) {
     run_bits<2>(phase);
     run_bits<3>(phase);

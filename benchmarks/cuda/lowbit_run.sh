@@ -3,8 +3,10 @@
 # while benchmarks/cuda/lowbit_harness.cu runs (float64 checks, then the tensor-core kernel beside
 # the CUDA-core one and a plain read, us), then test_cuda_ops.py -k "$TEST_K" and bench_ops for
 # 2, 3, 5, 6 and 8 bits at M = 1 (mlxq_prev: the CUDA-core decode, MLXQ_CUDA_DECODE=cores).
-# Logs under $OUT. WHEELS: a folder of wheels (transformers) for the tests; HARNESS=quick: group
-# sizes 64 and 128 at 28672 x 8192 only.
+# Logs under $OUT. WHEELS: a folder of wheels (transformers) for the tests; HARNESS: the harness's
+# mode ("quick": group sizes 64 and 128 at 28672 x 8192 only; "probes": every timing with the
+# kernel's probe rows). HARNESS_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT: seconds (150, 150, 120; the
+# H200 run took 78 s for the harness and 136 s to build, and the tests needed more than 70).
 #   WHEELS=.whl bash benchmarks/cuda/lowbit_run.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1

@@ -22,17 +22,18 @@
 //
 // Measured (H200, bf16, M = 1, 28672 x 8192, us, benchmarks/cuda/lowbit_harness.cu, one run; every
 // shape's float64 checks passed): groups 64 / 128, this kernel against the CUDA-core one and a
-// plain read of the packed bytes: 2 bits 48.4 / 48.4 against 82.7 / 76.5 (read 14.9), 3 bits
-// 69.2 / 69.4 against 86.7 / 80.7 (21.1), 5 bits 110.6 / 110.4 against 95.5 / 84.4 (34.2), 6 bits
-// 80.3 / 79.9 against 96.8 / 86.7 (40.6); more in qmv_launch.cuh, which takes it where it is the
-// faster. So it beats the CUDA-core kernel by 1.6-1.7x at 2 bits and 1.1-1.2x at 6 bits (and
-// loses at 5), but stays far from the read (1.4-2.4 TB/s of packed bytes against 4.5-4.9): time
-// grows with the width much more slowly than the bytes (2 bits 3.3x the read, 6 bits 2.0x). Not yet
-// measured (the next device run's questions): the scales and biases are loaded per span at the
-// point of use (4 or 8 scalar loads a lane, their L1 misses exposed once per 8-16 spans a row; the
-// 4-bit kernels fetch them with the weights, shuffled out of vector loads), x is staged by every
-// block before its first step (8 scalar loads per 16 bytes), and 5 bits reads its chunks a word at
-// a time (no aligned vector width for 20 bytes).
+// plain read of the packed bytes: 2 bits 48.4 / 48.4 against 82.7 / 76.5 (read 14.9), 3 bits 69.2 /
+// 69.4 against 86.7 / 80.7 (21.1), 5 bits 110.6 / 110.4 against 95.5 / 84.4 (34.2), 6 bits 80.3 /
+// 79.9 against 96.8 / 86.7 (40.6); more in qmv_launch.cuh, which takes it where it is the faster.
+// So it beats the CUDA-core kernel by 1.6-1.7x at 2 bits and 1.1-1.2x at 6 bits (and loses at 5),
+// but stays far from the read (1.4-2.4 TB/s of packed bytes against 4.5-4.9): time grows with the
+// width much more slowly than the bytes (2 bits 3.3x the read, 6 bits 2.0x). Not yet measured (the
+// next device run's questions; lowbit_harness's "probes" mode times the kernel without each of
+// them): the scales and biases are loaded per span at the point of use (4 or 8 scalar loads a lane,
+// their L1 misses exposed once per 4-16 spans a row; the 4-bit kernels fetch them with the weights,
+// shuffled out of vector loads), x is staged by every block before its first step (8 scalar loads
+// per 16 bytes), and 5 bits reads its chunks a word at a time (no aligned vector width for 20
+// bytes).
 #pragma once
 
 #include <type_traits>
@@ -237,8 +238,10 @@ struct LowbitStep {
 };
 
 // y = x @ W.T for 1 <= p.M <= 2 (U: spans a step; benchmarks try others); KW warps split the K
-// of a tile (qmv_stream_grid), kLowbitWarps / KW tiles a block.
-template <int Bits, int GS, typename T, int U = kLowbitSpans<Bits>>
+// of a tile (qmv_stream_grid), kLowbitWarps / KW tiles a block. Probe (benchmarks, wrong results:
+// what each part costs): 1 no scale or bias loads (s = 1, b = 0), 2 x not staged, 3 the weight
+// loads alone.
+template <int Bits, int GS, typename T, int U = kLowbitSpans<Bits>, int Probe = 0>
 __global__ void __launch_bounds__(kLowbitWarps * 32, 2)
     qmv_lowbit_kernel(const QmvParams p, const int KW) {
   using S = LowbitStep<Bits, U>;
@@ -278,7 +281,7 @@ __global__ void __launch_bounds__(kLowbitWarps * 32, 2)
   S cur, nxt;
   if (st0 < st1) load(st0, cur);  // on its way while x is staged
 
-  lowbit_stage_x<Bits, T>(p, kp, xs, sx);
+  if constexpr (Probe != 2) lowbit_stage_x<Bits, T>(p, kp, xs, sx);
   if (threadIdx.x < 16) zeros[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
@@ -295,35 +298,51 @@ __global__ void __launch_bounds__(kLowbitWarps * 32, 2)
   const int64_t sa = ra * p.G, sb = rb * p.G, glast = p.G - 1;
   float acc_a = 0.f, acc_b = 0.f;
 
+  const auto scale = [&](const uint16_t* base, int64_t i) {
+    if constexpr (Probe == 1) {
+      return base == sp16 ? 1.f : 0.f;
+    } else {
+      return lowbit_scale<T>(base, i);
+    }
+  };
   const auto multiply = [&](int step, const S& st) {
+    if constexpr (Probe == 3) {
+      uint32_t x = 0;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int sp = step * U + u;
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      lowbit_chunk_mma<Bits, T>(c, st.qa[u], st.qb[u], xrow + sp * xstride);
-      // the groups of chunks sp*4 + t0 and + 1 (clamped: past K the products and sums are 0)
-      const int64_t c0 = static_cast<int64_t>(sp) * 4 + t0;
-      const int64_t g0 = c0 * 32 / GS < glast ? c0 * 32 / GS : glast;
-      const int64_t g1 = (c0 + 1) * 32 / GS < glast ? (c0 + 1) * 32 / GS : glast;
-      const float2 xsum = *reinterpret_cast<const float2*>(sxrow + c0);
-      const float s_a0 = lowbit_scale<T>(sp16, sa + g0), b_a0 = lowbit_scale<T>(bp16, sa + g0);
-      const float s_b0 = lowbit_scale<T>(sp16, sb + g0), b_b0 = lowbit_scale<T>(bp16, sb + g0);
-      if constexpr (GS >= 64) {  // both chunks in one group
-        acc_a = fmaf(s_a0, c[0] + c[1], acc_a);
-        acc_a = fmaf(b_a0, xsum.x + xsum.y, acc_a);
-        acc_b = fmaf(s_b0, c[2] + c[3], acc_b);
-        acc_b = fmaf(b_b0, xsum.x + xsum.y, acc_b);
-      } else {
-        const float s_a1 = lowbit_scale<T>(sp16, sa + g1), b_a1 = lowbit_scale<T>(bp16, sa + g1);
-        const float s_b1 = lowbit_scale<T>(sp16, sb + g1), b_b1 = lowbit_scale<T>(bp16, sb + g1);
-        acc_a = fmaf(s_a0, c[0], acc_a);
-        acc_a = fmaf(s_a1, c[1], acc_a);
-        acc_a = fmaf(b_a0, xsum.x, acc_a);
-        acc_a = fmaf(b_a1, xsum.y, acc_a);
-        acc_b = fmaf(s_b0, c[2], acc_b);
-        acc_b = fmaf(s_b1, c[3], acc_b);
-        acc_b = fmaf(b_b0, xsum.x, acc_b);
-        acc_b = fmaf(b_b1, xsum.y, acc_b);
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int i = 0; i < Bits; ++i) x ^= st.qa[u][i] ^ st.qb[u][i];
+      acc_a += __uint_as_float(x & 0x3FFFFFFFu);
+    } else {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int sp = step * U + u;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        lowbit_chunk_mma<Bits, T>(c, st.qa[u], st.qb[u], xrow + sp * xstride);
+        // the groups of chunks sp*4 + t0 and + 1 (clamped: past K the products and sums are 0)
+        const int64_t c0 = static_cast<int64_t>(sp) * 4 + t0;
+        const int64_t g0 = c0 * 32 / GS < glast ? c0 * 32 / GS : glast;
+        const int64_t g1 = (c0 + 1) * 32 / GS < glast ? (c0 + 1) * 32 / GS : glast;
+        const float2 xsum = *reinterpret_cast<const float2*>(sxrow + c0);
+        const float s_a0 = scale(sp16, sa + g0), b_a0 = scale(bp16, sa + g0);
+        const float s_b0 = scale(sp16, sb + g0), b_b0 = scale(bp16, sb + g0);
+        if constexpr (GS >= 64) {  // both chunks in one group
+          acc_a = fmaf(s_a0, c[0] + c[1], acc_a);
+          acc_a = fmaf(b_a0, xsum.x + xsum.y, acc_a);
+          acc_b = fmaf(s_b0, c[2] + c[3], acc_b);
+          acc_b = fmaf(b_b0, xsum.x + xsum.y, acc_b);
+        } else {
+          const float s_a1 = scale(sp16, sa + g1), b_a1 = scale(bp16, sa + g1);
+          const float s_b1 = scale(sp16, sb + g1), b_b1 = scale(bp16, sb + g1);
+          acc_a = fmaf(s_a0, c[0], acc_a);
+          acc_a = fmaf(s_a1, c[1], acc_a);
+          acc_a = fmaf(b_a0, xsum.x, acc_a);
+          acc_a = fmaf(b_a1, xsum.y, acc_a);
+          acc_b = fmaf(s_b0, c[2], acc_b);
+          acc_b = fmaf(s_b1, c[3], acc_b);
+          acc_b = fmaf(b_b0, xsum.x, acc_b);
+          acc_b = fmaf(b_b1, xsum.y, acc_b);
+        }
       }
     }
   };
@@ -363,11 +382,11 @@ __global__ void __launch_bounds__(kLowbitWarps * 32, 2)
 
 // Host side: the launch on a device of `sm_count` multiprocessors (the caller checks that
 // qmv_lowbit_smem fits a block, and the launch).
-template <int Bits, int GS, typename T, int U = kLowbitSpans<Bits>>
+template <int Bits, int GS, typename T, int U = kLowbitSpans<Bits>, int Probe = 0>
 inline void launch_qmv_lowbit_gs(const QmvParams& p, int sm_count, cudaStream_t stream) {
   const StreamGrid grid = qmv_stream_grid(p.N, p.K, U, sm_count, 2, 0, kLowbitWarps);
   const int64_t smem = qmv_lowbit_smem(p.M, p.K, U);
-  auto kernel = qmv_lowbit_kernel<Bits, GS, T, U>;
+  auto kernel = qmv_lowbit_kernel<Bits, GS, T, U, Probe>;
   if (smem > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(smem));
