@@ -310,6 +310,41 @@ def test_decode_kernels_bulk(
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", [2, 3, 5, 6])
+@pytest.mark.parametrize("kernel", ["cores", "default", "lowbit"])
+def test_decode_kernels_lowbit(gen, bits: int, group_size: int, dtype, kernel: str, monkeypatch):
+    # the 2/3/5/6-bit decode: the tensor-core kernel (csrc/cuda/qmv_lowbit.cuh, opt-in with
+    # MLXQ_CUDA_LOWBIT=1; M <= 2, 5 bits at M = 2 only, scales in x's dtype) and the CUDA-core one
+    # (the default; MLXQ_CUDA_DECODE=cores keeps it whatever MLXQ_CUDA_LOWBIT says); K split
+    # over a block's warps (few rows, long K), a partial 16-row tile, partial 128-value spans
+    # (K = 576; group 128 has none), more tiles than warp slots, x over a wide range, and M past 2
+    # (the CUDA-core kernel)
+    monkeypatch.delenv("MLXQ_CUDA_DECODE", raising=False)
+    monkeypatch.delenv("MLXQ_CUDA_LOWBIT", raising=False)
+    if kernel == "cores":
+        monkeypatch.setenv("MLXQ_CUDA_DECODE", "cores")
+        monkeypatch.setenv("MLXQ_CUDA_LOWBIT", "1")
+    elif kernel == "lowbit":
+        monkeypatch.setenv("MLXQ_CUDA_LOWBIT", "1")
+    wq, s, b = _quantized(gen, 40, 8192, group_size, bits, dtype)
+    for m in (1, 2, 3):
+        _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, bits)
+    _check_matmul(_wide_range_x(gen, 2, 8192, dtype), wq, s, b, group_size, bits)
+    k = 576 if group_size < 128 else 640
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for n in (77, 16 * 16 * sms + 40):
+        wq, s, b = _quantized(gen, n, k, group_size, bits, dtype)
+        for m in (1, 2):
+            _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, bits)
+    # scales in another dtype than x: the CUDA-core kernel
+    _check_matmul(
+        torch.randn(1, k, generator=gen).to(dtype), wq, s.float(), b.float(), group_size, bits
+    )
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize(
     "fused",
     [
