@@ -9,6 +9,9 @@ quantized whole by :func:`mlxq.quantize_model` (transformers fuses the per-exper
 reads them, which the streaming path cannot quantize yet). mlx-lm's mixed recipes
 (``mixed_3_6`` ...) are reproduced module by module, so the per-module entries in config.json
 are the ones mlx-lm would write (MoE models too: routers, and each stacked projection).
+
+For an image-text model, mlx-vlm's mixed recipes (its own rule) are reproduced by
+:func:`mlx_vlm_recipe_overrides`, applied with :func:`recipe_arguments`.
 """
 
 from __future__ import annotations
@@ -27,15 +30,71 @@ from mlxq.format import MODE_DEFAULTS, check_quantization, find_quantization
 from mlxq.model_walk import mlx_lm_float_modules, mlx_lm_model_entries, plan_modules
 from mlxq.quantize_model import latent_kv_b_parts, quantize_model
 
-__all__ = ["RECIPES", "recipe_overrides", "convert_checkpoint", "ConvertSummary"]
+__all__ = [
+    "RECIPES",
+    "VLM_RECIPES",
+    "recipe_overrides",
+    "mlx_vlm_recipe_overrides",
+    "recipe_arguments",
+    "convert_checkpoint",
+    "ConvertSummary",
+]
 
 # recipe -> (low bits, high bits), as in mlx-lm 0.32 (mlx_lm/convert.py)
 RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
+# and for image-text models, as in mlx-vlm 0.7.10 (mlx_vlm/convert.py QUANT_RECIPES)
+VLM_RECIPES = {
+    "mixed_2_6": (2, 6),
+    "mixed_3_4": (3, 4),
+    "mixed_3_5": (3, 5),
+    "mixed_3_6": (3, 6),
+    "mixed_3_8": (3, 8),
+    "mixed_4_6": (4, 6),
+    "mixed_4_8": (4, 8),
+}
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
-def recipe_overrides(model: nn.Module, recipe: str, group_size: int | None) -> dict[str, dict]:
-    """Per-module formats of one of mlx-lm's mixed recipes (llama.cpp Q*_K_M-like choices).
+def _recipe_modules(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(name, input width, width along MLX's weight axis 1) of each layer an MLX converter
+    may quantize, named as mlxq's entries name them: latent attention's `kv_b_proj` as its
+    two per-head parts, fused experts as one stack per projection (`[E, out, in]` in MLX, so
+    axis 1 is the output width), routers mlx-lm holds in no linear layer left out."""
+    from mlxq.integrations.mlx_vlm_layout import tied_head_mlx_vlm_writes
+
+    # a tied head is not listed: in MLX it is the embedding itself (no module, no entry)
+    walk = plan_modules(model, lambda name, plan: None)
+    float_routers = set(mlx_lm_float_modules(model))
+    latent = latent_kv_b_parts(model)  # stored by the converters as two per-head layers
+    modules: list[tuple[str, int, int]] = []
+    for m in walk.modules:
+        if m.name in latent:  # MultiLinear weights [heads, out, in]
+            _, nope, v, rank = latent[m.name]
+            modules += [(f"{m.name}.embed_q", nope, rank), (f"{m.name}.unembed_out", rank, v)]
+        elif m.swap is not None:
+            modules.append((m.name, m.swap.in_features, m.swap.in_features))
+        elif m.moe.kind == "router":
+            if m.name not in float_routers:
+                modules.append((m.name, m.moe.in_features, m.moe.in_features))
+        else:  # gate/up read the hidden size, down the intermediate size
+            hidden, inner = m.moe.in_features, m.moe.out_features
+            for p in m.moe.projections:
+                down = p == "down_proj"
+                modules.append(
+                    (f"{m.name}.{p}", inner if down else hidden, hidden if down else inner)
+                )
+    head = tied_head_mlx_vlm_writes(model)  # Gemma 3's: a layer of its own in mlx-vlm
+    if head is not None:
+        width = model.get_submodule(head).weight.shape[-1]
+        modules.append((head, width, width))
+    return modules
+
+
+def recipe_overrides(
+    model: nn.Module, recipe: str, group_size: int | None
+) -> dict[str, dict | bool]:
+    """Per-module formats of one of mlx-lm's mixed recipes (llama.cpp Q*_K_M-like choices), or
+    of mlx-vlm's for an image-text model (:func:`mlx_vlm_recipe_overrides`).
 
     The first and last eighth of the layers, and every third layer between, keep `v_proj` and
     `down_proj` at the high bit width; `lm_head` always gets the high width; everything else
@@ -45,41 +104,20 @@ def recipe_overrides(model: nn.Module, recipe: str, group_size: int | None) -> d
     mlx-lm holds in a linear layer; each stacked projection of fused experts, under
     `<experts>.gate_proj` ...). A `group_size` of None is written as null, as mlx-lm writes it
     when no group size was asked for (and read as the mode's default, 64).
-    Raises NotImplementedError for an image-text model: mlx-vlm's recipe is another rule.
     """
     from mlxq.integrations.mlx_lm_layout import mlx_lm_module_names
     from mlxq.integrations.mlx_vlm_layout import is_image_text
 
-    if recipe not in RECIPES:
-        raise ValueError(f"mlxq: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     if is_image_text(getattr(model, "config", None)):
-        raise NotImplementedError(
-            f"mlxq: recipe {recipe!r} for an image-text model: mlx_vlm convert's "
-            "--quant-predicate recipe is not mlx-lm's (group 64 whatever the group size, "
-            "embed_tokens at the high width, layers located by the first down_proj in mlx-vlm's "
-            "module order) and mlxq does not reproduce it; give the per-module entries yourself"
+        return mlx_vlm_recipe_overrides(model, recipe, group_size)
+    if recipe not in RECIPES:
+        hint = " (an mlx-vlm recipe: image-text models only)" if recipe in VLM_RECIPES else ""
+        raise ValueError(
+            f"mlxq: unknown recipe {recipe!r}{hint}; choose one of {', '.join(RECIPES)}"
         )
     low, high = RECIPES[recipe]
     width_group = group_size or MODE_DEFAULTS["affine"][0]
-    # a tied head is not listed: in MLX it is the embedding itself (no module, no entry)
-    walk = plan_modules(model, lambda name, plan: None)
-    float_routers = set(mlx_lm_float_modules(model))
-    modules: list[tuple[str, int]] = []  # (name, input width) of what mlx-lm would quantize
-    latent = latent_kv_b_parts(model)  # stored by mlx-lm as two per-head layers
-    for m in walk.modules:
-        if m.name in latent:
-            _, nope, _, rank = latent[m.name]
-            modules += [(f"{m.name}.embed_q", nope), (f"{m.name}.unembed_out", rank)]
-        elif m.swap is not None:
-            modules.append((m.name, m.swap.in_features))
-        elif m.moe.kind == "router":
-            if m.name not in float_routers:
-                modules.append((m.name, m.moe.in_features))
-        else:  # gate/up read the hidden size, down the intermediate size
-            widths = {"down_proj": m.moe.out_features}
-            modules += [
-                (f"{m.name}.{p}", widths.get(p, m.moe.in_features)) for p in m.moe.projections
-            ]
+    modules = [(name, width) for name, width, _ in _recipe_modules(model)]
     mlx = mlx_lm_module_names(model, [name for name, _ in modules])
     down = [mlx[name] for name, _ in modules if "down_proj" in mlx[name]]
     if not down:
@@ -107,6 +145,103 @@ def recipe_overrides(model: nn.Module, recipe: str, group_size: int | None) -> d
         )
         out[name] = {"group_size": group_size, "bits": high if high_here else low, "mode": "affine"}
     return out
+
+
+# image-text families whose mixed recipe mlx-vlm 0.7.10 does not write: why
+_VLM_RECIPE_FAILS = {
+    "idefics2": "mlx-vlm 0.7.10's Idefics 2 model has no `layers`, which its recipe counts "
+    "(mlx_vlm convert --quant-predicate raises AttributeError)",
+}
+
+
+def mlx_vlm_recipe_overrides(
+    model: nn.Module, recipe: str, group_size: int | None = None
+) -> dict[str, dict | bool]:
+    """Per-module formats of mlx-vlm 0.7.10's mixed recipe `recipe` for an image-text model
+    (`mlx_vlm convert -q --quant-predicate mixed_3_6`: its mixed_quant_predicate_builder).
+
+    mlx-vlm's rule, not mlx-lm's: every entry has group 64 whatever `group_size`; `v_proj`
+    and `down_proj` (LFM2: `feed_forward.w2`) get the high width in the first and last eighth
+    of the layers and every third between, `lm_head` and `embed_tokens` always; everything
+    else the low width. The layer index is read at the place of the first digit in the
+    language model's `down_proj` name (mlx-vlm takes the first such module in its module
+    order, which is the language model's in every family, or Gemma 4's tower at the same
+    place), out of `len(model.layers)` (the language model's). The recipe replaces the
+    model's own rule (Mistral 3's head, Gemma 4's routers, MiniCPM-V's float modules get
+    entries too), but the vision tower, projector and audio tower stay float
+    (`skip_multimodal_module`). A module gets no entry, and stays float, where its MLX weight's
+    axis 1 (the output width of stacked experts and per-head layers) is not a multiple of 64,
+    or its input width not one of 64 and of the top-level group size (`group_size`, default
+    64): its entry is False (:func:`recipe_arguments` passes those as modules_to_not_convert,
+    so that no entry is written for them, as mlx-vlm writes none). The entries name the
+    modules as the model does (quantize_model reads either naming).
+    Raises NotImplementedError where mlx-vlm writes no such checkpoint or mlxq does not map
+    the family's names.
+    """
+    from mlxq.integrations.mlx_vlm_layout import _MLX_VLM_MULTIMODAL, mlx_vlm_module_names
+
+    if recipe not in VLM_RECIPES:
+        raise ValueError(
+            f"mlxq: unknown mlx-vlm recipe {recipe!r}; choose one of {', '.join(VLM_RECIPES)}"
+        )
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in _VLM_RECIPE_FAILS:
+        raise NotImplementedError(f"mlxq: recipe {recipe!r}: {_VLM_RECIPE_FAILS[model_type]}")
+    low, high = VLM_RECIPES[recipe]
+    group = 64  # mlx-vlm's recipe ignores --q-group-size
+    top_group = group_size or MODE_DEFAULTS["affine"][0]
+    modules = _recipe_modules(model)
+    mlx = mlx_vlm_module_names(model, [name for name, _, _ in modules])
+    if not mlx:
+        raise NotImplementedError(
+            f"mlxq: recipe {recipe!r} for {model_type!r}: mlxq does not map this family's "
+            "names to mlx-vlm's, which its recipe reads; give the per-module entries yourself"
+        )
+    text = [m for m in modules if not any(k in mlx[m[0]] for k in _MLX_VLM_MULTIMODAL)]
+
+    def is_down(path: str) -> bool:
+        return "down_proj" in path or "feed_forward.w2" in path
+
+    def digit_at(path: str) -> int:
+        parts = path.split(".")
+        return next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+
+    places = {digit_at(mlx[name]) for name, _, _ in text if is_down(mlx[name])}
+    if len(places) != 1:
+        raise NotImplementedError(
+            f"mlxq: recipe {recipe!r} for {model_type!r}: the language model's down_proj "
+            f"layers ({len(places)} layouts) do not give mlx-vlm's layer index"
+        )
+    where = places.pop()
+    splits = [mlx[name].split(".") for name, _, _ in text]
+    layers = len({p[where] for p in splits if len(p) > where and p[where].isdigit()})
+    out: dict[str, dict | bool] = {}
+    for name, width, rows in text:
+        if rows % group or width % group or width % top_group:
+            out[name] = False  # the recipe's predicate says no: float, without an entry
+            continue
+        path = mlx[name]
+        parts = path.split(".")
+        index = int(parts[where]) if len(parts) > where and parts[where].isdigit() else 0
+        more = index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
+        high_here = (more and ("v_proj" in path or is_down(path))) or (
+            "lm_head" in path or "embed_tokens" in path
+        )
+        out[name] = {"group_size": group, "bits": high if high_here else low}
+    return out
+
+
+def recipe_arguments(model: nn.Module, recipe: str, group_size: int | None) -> dict:
+    """:func:`~mlxq.quantize_model`'s keyword arguments for a mixed recipe, `overrides` and
+    `modules_to_not_convert`: ``quantize_model(model, bits, group_size, **recipe_arguments(
+    model, "mixed_3_6", group_size))`` writes what the converter writes (mlx-lm's recipe for a
+    text model, mlx-vlm's for an image-text one, where the layers its recipe keeps float get
+    no entry)."""
+    entries = recipe_overrides(model, recipe, group_size)
+    return {
+        "overrides": {name: e for name, e in entries.items() if e is not False},
+        "modules_to_not_convert": [name for name, e in entries.items() if e is False],
+    }
 
 
 @dataclass
