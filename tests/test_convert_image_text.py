@@ -1,6 +1,8 @@
-"""mlx-vlm's mixed recipes (`mlx_vlm convert -q --quant-predicate mixed_3_6` ...: group 64,
-embed_tokens at the high width, its predicate in place of the model's) through
-`quantize_model`: the same tensors (names, dtypes, values) and `quantization` block.
+"""`mlxq convert` of a float image-text checkpoint is `mlx_vlm convert -q`'s checkpoint of it:
+the same tensors (names, dtypes, values), the same `quantization` block, the source's JSON
+files and processor beside it, and mlxq runs it with mlx-vlm's fp32 logits. mlx-vlm's mixed
+recipes (`--quant-predicate mixed_3_6` ...: group 64, embed_tokens at the high width, its
+predicate in place of the model's) likewise, through `quantize_model` and `mlxq convert`.
 The oracles are tests/vlm_models.py's tiny models converted by mlx-vlm 0.7.10 (cached).
 """
 
@@ -10,9 +12,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+TOLERANCE = 1e-3  # fp32 logits of ~1-10, as tests/test_vlm_coverage.py (Gemma 3: 4.5e-4)
 
 
 def _assert_same_checkpoint(ours: Path, ref: Path) -> None:
@@ -37,6 +42,80 @@ def wide_qwen3_vl_moe(monkeypatch: pytest.MonkeyPatch) -> str:
     wide = dataclasses.replace(family, text={**family.text, "moe_intermediate_size": 192})
     monkeypatch.setitem(vlm_models.FAMILIES, "qwen3_vl_moe_wide", wide)
     return "qwen3_vl_moe_wide"
+
+
+@pytest.fixture
+def deep_qwen2_5_vl(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Qwen2.5-VL with 12 text layers: the recipe's high-width layers then fall as in a real
+    model (the first and last eighth, every third between), not only on the last of two."""
+    import vlm_models
+
+    family = vlm_models.FAMILIES["qwen2_5_vl"]
+    deep = dataclasses.replace(family, text={**family.text, "num_hidden_layers": 12})
+    monkeypatch.setitem(vlm_models.FAMILIES, "qwen2_5_vl_deep", deep)
+    return "qwen2_5_vl_deep"
+
+
+def _logit_diffs(ours: Path, ref: Path, name: str) -> list[float]:
+    """max |mlxq's logits on `ours` - mlx-vlm's on `ref`| for the text and the image + text
+    prompt; the processor saved with `ours` gives mlx-vlm's inputs."""
+    from vlm_models import FAMILIES, mlx_vlm_logits, mlxq_logits, model_inputs
+
+    diffs = []
+    for with_image in (False, True):
+        inputs = model_inputs(ours, name, with_image)
+        theirs = model_inputs(ref, name, with_image)
+        assert inputs.keys() == theirs.keys()
+        assert all(np.array_equal(inputs[k], theirs[k]) for k in inputs)
+        got = mlxq_logits(ours, name, inputs)
+        if FAMILIES[name].logit_scale is not None:
+            from transformers import AutoConfig
+
+            got = got * FAMILIES[name].logit_scale(AutoConfig.from_pretrained(ours))
+        diffs.append(float(np.abs(got - mlx_vlm_logits(ref, name, inputs)).max()))
+    return diffs
+
+
+@pytest.mark.parametrize(
+    ("name", "tied", "logits"),
+    [
+        ("llava", False, True),
+        ("qwen2_5_vl", False, False),
+        ("idefics3", False, False),
+        # mlx-vlm's rule: Mistral 3's head float (no entry)
+        ("mistral3", False, False),
+        ("gemma3", True, True),
+        # MoE: loaded whole, then quantized (experts stacked as mlx-vlm's switch_mlp)
+        ("qwen3_vl_moe_wide", False, False),
+    ],
+)
+def test_convert_equals_mlx_vlm_convert(
+    tmp_path: Path, name: str, tied: bool, logits: bool, request: pytest.FixtureRequest
+) -> None:
+    """mlxq convert writes `mlx_vlm convert -q`'s checkpoint (before: refused, "writes text
+    models only"); mlx-vlm's processor reads the same inputs off it, and mlxq runs it with
+    mlx-vlm's logits on its own conversion."""
+    from mlxq.convert import convert_checkpoint
+    from vlm_models import Variant, tiny_float_checkpoint, tiny_mlx_vlm_checkpoint
+
+    if name == "qwen3_vl_moe_wide":
+        request.getfixturevalue("wide_qwen3_vl_moe")
+    ref = tiny_mlx_vlm_checkpoint(name, Variant(tied=tied))
+    src = tiny_float_checkpoint(name, tmp_path / "float", tied)
+    summary = convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=64)
+    assert summary.quantized > 0 and summary.kept_float  # the vision tower stays float
+    _assert_same_checkpoint(tmp_path / "ours", ref)
+    # every file mlx-vlm writes but its README, its index of the one shard and, where
+    # transformers cannot build the processor (Qwen2.5-VL's video processor needs
+    # torchvision), processor_config.json: its processor (mlx-vlm's own classes) loads from
+    # the source's files all the same (the inputs are compared below)
+    files = {p.name for p in (tmp_path / "ours").iterdir()}
+    missing = {p.name for p in ref.iterdir()} - files
+    assert missing <= {"README.md", "model.safetensors.index.json", "processor_config.json"}
+    assert {"tokenizer.json", "tokenizer_config.json"} <= files
+    if logits:
+        diffs = _logit_diffs(tmp_path / "ours", ref, name)
+        assert max(diffs) <= TOLERANCE, diffs
 
 
 # mixed_3_6 at 3 bits group 32 (entries at group 64: mlx-vlm's recipe ignores the group size);
@@ -82,10 +161,37 @@ def test_mlx_vlm_recipe_equals_mlx_vlm_convert(
     _assert_same_checkpoint(tmp_path / "ours", ref)
 
 
-def test_what_mlx_vlm_does_not_write_is_refused_by_name() -> None:
-    """Where mlx-vlm writes no such checkpoint mlxq refuses by name: Idefics 2's recipe
-    (mlx-vlm's model has no `layers`); a recipe mlx-lm lacks for a text model."""
-    from mlxq.convert import recipe_overrides
+def test_every_mlx_vlm_recipe_through_the_cli(tmp_path: Path, deep_qwen2_5_vl: str) -> None:
+    """Each of mlx-vlm's seven recipes (four of them mlx-lm's too, three its own), written
+    by `mlxq convert --recipe`, is mlx-vlm's checkpoint. Qwen2.5-VL's tower has down_proj
+    layers too (mlx-vlm reads the layer index where the language model's has it), and its
+    12 text layers place the high widths as in a real model."""
+    from mlxq.cli import main
+    from mlxq.convert import VLM_RECIPES
+    from vlm_models import Variant, tiny_float_checkpoint, tiny_mlx_vlm_checkpoint
+
+    assert len(VLM_RECIPES) == 7
+    name = deep_qwen2_5_vl
+    src = tiny_float_checkpoint(name, tmp_path / "float", False)
+    for recipe in VLM_RECIPES:
+        ref = tiny_mlx_vlm_checkpoint(name, Variant(recipe=recipe))
+        out = tmp_path / recipe
+        assert main(["convert", str(src), str(out), "--recipe", recipe]) == 0
+        _assert_same_checkpoint(out, ref)
+    entries = json.loads((tmp_path / "mixed_3_6" / "config.json").read_text())["quantization"]
+    high = [
+        i
+        for i in range(12)
+        if entries[f"language_model.model.layers.{i}.mlp.down_proj"]["bits"] == 6
+    ]
+    assert high == [0, 3, 6, 9, 10, 11]
+
+
+def test_what_mlx_vlm_does_not_write_is_refused_by_name(tmp_path: Path, capsys) -> None:
+    """Where mlx-vlm writes no such checkpoint, or one that runs wrong, mlxq refuses by name:
+    Idefics 2's recipe (mlx-vlm's model has no `layers`), Gemma 3 with an untied head (mlx-vlm
+    runs the embedding as its head), a recipe mlx-lm lacks for a text model."""
+    from mlxq.convert import convert_checkpoint, recipe_overrides
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from vlm_models import transformers_config
 
@@ -93,6 +199,16 @@ def test_what_mlx_vlm_does_not_write_is_refused_by_name() -> None:
         idefics2 = AutoModelForImageTextToText.from_config(transformers_config("idefics2"))
     with pytest.raises(NotImplementedError, match="Idefics 2 model has no `layers`"):
         recipe_overrides(idefics2, "mixed_3_6", 64)
+    from vlm_models import tiny_float_checkpoint
+
+    src = tiny_float_checkpoint("gemma3", tmp_path / "float", False)
+    with pytest.raises(NotImplementedError, match="Gemma 3 image-text model with an untied"):
+        convert_checkpoint(src, tmp_path / "out", bits=4, group_size=64)
+    assert not (tmp_path / "out").exists()
+    from mlxq.cli import main
+
+    assert main(["convert", str(src), str(tmp_path / "out2")]) == 1
+    assert "untied head" in capsys.readouterr().err
     with torch.device("meta"):
         text = AutoModelForCausalLM.from_config(transformers_config("llava").text_config)
     with pytest.raises(ValueError, match="mixed_3_5.*image-text models only"):

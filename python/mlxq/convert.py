@@ -1,4 +1,5 @@
-"""Float transformers checkpoint -> MLX checkpoint (what `mlx_lm.convert -q` writes), in torch.
+"""Float transformers checkpoint -> MLX checkpoint (what `mlx_lm.convert -q` writes, or
+`mlx_vlm.convert -q` for an image-text model), in torch.
 
 The float model is loaded by transformers with an :class:`~mlxq.integrations.MLXQuantConfig`,
 which quantizes each layer as its weight is read (bit-exact with `mlx.nn.quantize`, and the
@@ -10,8 +11,10 @@ reads them, which the streaming path cannot quantize yet). mlx-lm's mixed recipe
 (``mixed_3_6`` ...) are reproduced module by module, so the per-module entries in config.json
 are the ones mlx-lm would write (MoE models too: routers, and each stacked projection).
 
-For an image-text model, mlx-vlm's mixed recipes (its own rule) are reproduced by
-:func:`mlx_vlm_recipe_overrides`, applied with :func:`recipe_arguments`.
+An image-text model (a config with a vision_config) is loaded by transformers' image-text
+class and written as `mlx_vlm convert -q` writes it: vision tower and projectors float,
+mlx-vlm's names, its model class's rule, the source's JSON files and processor beside it;
+mlx-vlm's mixed recipes (its own rule, :func:`mlx_vlm_recipe_overrides`) likewise.
 """
 
 from __future__ import annotations
@@ -263,13 +266,59 @@ def _read_config(src: str) -> dict:
     return json.loads(Path(hf_hub_download(src, "config.json")).read_text())
 
 
-def _meta_model(src: str) -> nn.Module:
+def _model_class(image_text: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if image_text else AutoModelForCausalLM
+
+
+def _meta_model(src: str, image_text: bool = False) -> nn.Module:
     """The model of checkpoint `src` on the meta device (names and shapes, no weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+        return _model_class(image_text).from_config(AutoConfig.from_pretrained(src))
+
+
+def _copy_side_files(src: str, out: Path) -> None:
+    """What `mlx_vlm convert` copies next to the weights: the source's JSON and Python files
+    (config.json and the index excepted: written here), then the processor (tokenizer
+    included) as transformers saves it. Not the source's folders, which mlx-vlm copies too:
+    a local checkpoint's may hold the original weights."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    folder = Path(src)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(src, allow_patterns=["*.json", "*.py"]))
+    written = {"config.json", "model.safetensors.index.json"}
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.suffix in (".json", ".py") and file.name not in written:
+            shutil.copy(file, out / file.name)
+    for auto in (AutoProcessor, AutoTokenizer):
+        try:
+            auto.from_pretrained(src).save_pretrained(out)
+            return
+        except (OSError, ValueError, TypeError, ImportError):  # no processor (or torchvision)
+            continue
+
+
+def _refuse_what_mlx_vlm_misreads(model: nn.Module, src: str) -> None:
+    """An image-text model `mlx_vlm convert` writes wrong, and whose right checkpoint mlx-vlm
+    would misread: Gemma 3 with its own head (mlx-vlm 0.7.10's sanitize replaces
+    `language_model.lm_head.weight` by the embedding whatever the checkpoint holds; its
+    tests look for `lm_head.weight`)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    untied = head is not None and head.weight is not embedding.weight
+    if model.config.model_type == "gemma3" and untied:
+        raise NotImplementedError(
+            f"mlxq: {src} is a Gemma 3 image-text model with an untied head: mlx-vlm 0.7.10 "
+            "runs the embedding as its head whatever the checkpoint holds (its Gemma 3 "
+            "sanitize overwrites `language_model.lm_head.weight`), so no checkpoint of it "
+            "runs right in mlx-vlm; convert its language model with `mlx_lm convert -q`"
+        )
 
 
 def convert_checkpoint(
@@ -284,6 +333,11 @@ def convert_checkpoint(
 ) -> ConvertSummary:
     """Quantize the float transformers checkpoint `src` (folder or Hub repo) into `out`.
 
+    A text model is written as `mlx_lm convert -q` writes it; an image-text model (one with a
+    vision_config) as `mlx_vlm convert -q` does: loaded by transformers' image-text class,
+    its vision tower and projectors float, in mlx-vlm's names and layout, with the source's
+    JSON files and its processor next to it; `recipe` is then one of mlx-vlm's
+    (:data:`VLM_RECIPES`, its own rule: :func:`mlx_vlm_recipe_overrides`).
     `dtype` is the float type of the saved scales, biases and unquantized layers: "auto" keeps
     the checkpoint's own (as mlx-lm does), or one of float16, bfloat16, float32. `out` must not
     exist or be empty. `bits`/`group_size` None are the mode's defaults (affine: 4 and 64).
@@ -291,7 +345,7 @@ def convert_checkpoint(
     mlx-lm. Raises ValueError for an already quantized `src`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mlxq.integrations.config import MLXQuantConfig
 
@@ -305,27 +359,23 @@ def convert_checkpoint(
         raise ValueError(
             f"mlxq: {src} is already quantized ({q}); convert takes a float checkpoint"
         )
-    if isinstance(config.get("vision_config"), dict):
-        # not mlx-vlm's conversion (which keeps the vision tower float) and not mlx-lm's: Qwen
-        # 3.5's language model came out under doubled names, and mlx-vlm 0.7.10 runs Gemma 3's
-        # untied head as the embedding (its sanitize overwrites `language_model.lm_head.weight`)
-        raise NotImplementedError(
-            f"mlxq: {src} is an image-text model ({config.get('model_type')!r}, with a "
-            "vision_config); mlxq convert writes text models only: convert it with `mlx_vlm "
-            "convert -q` (or its language model with `mlx_lm convert -q`), whose checkpoints "
-            "mlxq loads"
-        )
+    image_text = isinstance(config.get("vision_config"), dict)
     if dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"mlxq: dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
     if recipe and mode != "affine":
         raise ValueError(f"mlxq: recipes work with mode 'affine' only (as in mlx-lm), got {mode!r}")
-    meta = _meta_model(src)
+    meta = _meta_model(src, image_text)
+    if image_text:
+        _refuse_what_mlx_vlm_misreads(meta, src)
     moe = [m.name for m in plan_modules(meta, lambda name, plan: None).modules if m.moe]
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
-    # without a recipe, mlx-lm applies its model class's own per-module rule (quantize_model
-    # and the quantizer loading a float checkpoint apply it when given no entries)
-    overrides = recipe_overrides(meta, recipe, group_size) if recipe else None
-    from mlxq.integrations.mlx_vlm_layout import saved_module_names
+    # without a recipe, mlx-lm / mlx-vlm apply their model class's own per-module rule
+    # (quantize_model and the quantizer loading a float checkpoint apply it when given no
+    # entries); a recipe's layers kept float get no entry (modules_to_not_convert)
+    arguments = recipe_arguments(meta, recipe, group_size) if recipe else {}
+    overrides = arguments.get("overrides")
+    keep_float = arguments.get("modules_to_not_convert")
+    from mlxq.integrations.mlx_vlm_layout import saved_module_names, tied_head_mlx_vlm_writes
 
     if not recipe:  # refused here, before loading, for a rule mlxq does not reproduce
         mlx_lm_model_entries(meta, top, lambda modules: saved_module_names(meta, modules))
@@ -335,22 +385,23 @@ def convert_checkpoint(
         group_size=group_size or top.group_size,
         mode=mode,
         overrides=overrides,
+        modules_to_not_convert=keep_float,
     )
     progress(
         f"loading {src}, quantizing each layer as it loads: mode={mode} bits={bits} "
         f"group_size={group_size} recipe={recipe}"
     )
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if moe:
+    auto = _model_class(image_text)
+    if moe or tied_head_mlx_vlm_writes(meta):
         # MoE experts cannot be quantized while they load yet (transformers fuses the
-        # per-expert tensors as it reads them): the float model is loaded whole, then quantized
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
-        quantize_model(model, bits, group_size, overrides=overrides, mode=mode)
+        # per-expert tensors as it reads them), nor a tied head mlx-vlm writes as its own
+        # layer (Gemma 3's): the float model is loaded whole, then quantized
+        model = auto.from_pretrained(src, dtype=torch_dtype)
+        quantize_model(model, bits, group_size, mode=mode, **arguments)
     else:
         # quantized tensor by tensor while loading: the float model is never whole in memory
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=torch_dtype, quantization_config=qconfig
-        )
+        model = auto.from_pretrained(src, dtype=torch_dtype, quantization_config=qconfig)
     from mlxq.moe import AffineSwitchLinear
     from mlxq.nn import AffineEmbedding, AffineLinear
 
@@ -364,12 +415,15 @@ def convert_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         model.save_pretrained(staging)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(src)
-        except (OSError, ValueError):  # a model without tokenizer files converts all the same
-            tokenizer = None
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        if image_text:
+            _copy_side_files(src, staging)
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(src)
+            except (OSError, ValueError):  # a model without tokenizer files converts all the same
+                tokenizer = None
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(staging, out)
