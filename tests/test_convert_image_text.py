@@ -58,7 +58,8 @@ def deep_qwen2_5_vl(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def _logit_diffs(ours: Path, ref: Path, name: str) -> list[float]:
     """max |mlxq's logits on `ours` - mlx-vlm's on `ref`| for the text and the image + text
-    prompt; the processor saved with `ours` gives mlx-vlm's inputs."""
+    prompt; the processor saved with `ours` gives mlx-vlm's inputs, and mlx-vlm runs `ours`
+    as its own conversion."""
     from vlm_models import FAMILIES, mlx_vlm_logits, mlxq_logits, model_inputs
 
     diffs = []
@@ -72,7 +73,9 @@ def _logit_diffs(ours: Path, ref: Path, name: str) -> list[float]:
             from transformers import AutoConfig
 
             got = got * FAMILIES[name].logit_scale(AutoConfig.from_pretrained(ours))
-        diffs.append(float(np.abs(got - mlx_vlm_logits(ref, name, inputs)).max()))
+        expected = mlx_vlm_logits(ref, name, inputs)
+        assert np.array_equal(mlx_vlm_logits(ours, name, inputs), expected)
+        diffs.append(float(np.abs(got - expected).max()))
     return diffs
 
 
