@@ -3,11 +3,13 @@
 For every text architecture of tests/arch_models.py and image-text family of
 tests/vlm_models.py: the tiny float model is loaded by transformers, quantized by
 `mlxq.quantize_model` (no per-module entries: the model class's own rule, as mlx-lm's and
-mlx-vlm's convert apply it; or mlx-lm's mixed recipe) and saved; the saved tensors (names,
+mlx-vlm's convert apply it; or the converter's mixed recipe, mlx-vlm's own for image-text
+models: mlxq.convert.recipe_arguments) and saved; the saved tensors (names,
 dtypes, values) and the config's quantization block are compared with the reference
 conversion of the same float model (cached by the tests, made here when missing unless
 --cached-only). Non-MoE text models are also quantized while they load
-(`from_pretrained(quantization_config=MLXQuantConfig(...))`).
+(`from_pretrained(quantization_config=MLXQuantConfig(...))`), and image-text models are also
+converted by `mlxq convert` (mlxq.convert.convert_checkpoint).
 
     python benchmarks/quantize_sweep.py [--only ARCH,...] [--text-only|--vlm-only] [--cached-only]
 
@@ -158,7 +160,7 @@ def vlm_lines(name: str, cached_only: bool) -> list[str]:
         tag = f"{name:22s} {variant.tag:24s}"
         ref = TEST_CACHE_MODELS / V._cache_key(name, variant)
         if not (ref / "config.json").is_file():
-            if cached_only or variant.recipe:
+            if cached_only:
                 lines.append(f"{tag} not cached")
                 continue
             try:
@@ -169,18 +171,35 @@ def vlm_lines(name: str, cached_only: bool) -> list[str]:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             float_dir = V.tiny_float_checkpoint(name, tmp / "float", variant.tied)
-            for way in ("quantize_model", "on_load"):
+            for way in ("quantize_model", "on_load", "mlxq_convert"):
                 try:
+                    if way == "mlxq_convert":
+                        from mlxq.convert import convert_checkpoint
+
+                        convert_checkpoint(
+                            float_dir,
+                            tmp / way,
+                            variant.bits,
+                            variant.group_size,
+                            recipe=variant.recipe,
+                        )
+                        problems = compare(tmp / way, ref)
+                        state = "match" if not problems else "MISMATCH: " + "; ".join(problems)
+                        lines.append(f"{tag} {way:14s} {state}")
+                        continue
                     model = AutoModelForImageTextToText.from_pretrained(
                         float_dir, dtype=torch.bfloat16
                     )
-                    overrides = None
+                    arguments = {}
                     if variant.recipe:
-                        from mlxq.convert import recipe_overrides
+                        from mlxq.convert import recipe_arguments
 
-                        overrides = recipe_overrides(model, variant.recipe, variant.group_size)
+                        arguments = recipe_arguments(model, variant.recipe, variant.group_size)
                     if way == "quantize_model":
-                        _quantize_and_save(model, tmp / way, variant, overrides)
+                        import mlxq
+
+                        mlxq.quantize_model(model, variant.bits, variant.group_size, **arguments)
+                        model.save_pretrained(tmp / way)
                     else:
                         from mlxq.integrations import MLXQuantConfig
                         from mlxq.model_walk import plan_modules
@@ -188,7 +207,7 @@ def vlm_lines(name: str, cached_only: bool) -> list[str]:
                         if any(m.moe for m in plan_modules(model, lambda n, p: None).modules):
                             continue  # refused by name while loading (tested)
                         quant = MLXQuantConfig(
-                            bits=variant.bits, group_size=variant.group_size, overrides=overrides
+                            bits=variant.bits, group_size=variant.group_size, **arguments
                         )
                         model = AutoModelForImageTextToText.from_pretrained(
                             float_dir, dtype=torch.bfloat16, quantization_config=quant
@@ -242,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines:
             print(line, flush=True)
             words = line[48:].split()
-            state = words[1] if words[0] in ("quantize_model", "on_load") else words[0]
+            state = (
+                words[1] if words[0] in ("quantize_model", "on_load", "mlxq_convert") else words[0]
+            )
             state = {"not": "not cached", "no": "no oracle"}.get(state, state.rstrip(":"))
             counts[state] = counts.get(state, 0) + 1
     print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

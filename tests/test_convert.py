@@ -87,23 +87,3 @@ def test_stale_staging_folders_of_the_model_cache_are_removed(tmp_path: Path) ->
 def test_test_cache_is_under_the_mlxq_cache() -> None:
     if "MLXQ_TEST_CACHE" not in os.environ:
         assert TEST_CACHE == demo_model.mlxq_cache_dir() / "tests"
-
-
-@pytest.mark.parametrize("family", ["gemma3", "llava"])
-def test_image_text_checkpoint_is_refused_by_name(family: str, tmp_path: Path, capsys) -> None:
-    """convert writes text-model checkpoints (mlx_lm convert's). An image-text one it used to
-    write anyway, as neither converter writes it: Gemma 3 with the vision tower quantized (mlx-vlm
-    loaded it without a word and, its sanitize swapping the untied head's packed weight for the
-    embedding's, ran 4.6 logits away from mlxq), Qwen 3.5's language model under doubled names
-    (`language_model.model.language_model.*`)."""
-    from mlxq.cli import main
-    from vlm_models import FAMILIES, tiny_float_checkpoint
-
-    src = tiny_float_checkpoint(family, tmp_path / "float", FAMILIES[family].tied)
-    with pytest.raises(
-        NotImplementedError, match=rf"image-text model \('{family}'.*mlx_vlm convert"
-    ):
-        convert_checkpoint(src, tmp_path / "out", bits=4, group_size=64)
-    assert not (tmp_path / "out").exists()
-    assert main(["convert", str(src), str(tmp_path / "out2")]) == 1
-    assert "mlx_vlm convert" in capsys.readouterr().err

@@ -60,6 +60,7 @@ def quantize_model(
     Returns the same model.
     """
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    _untie_head_as_mlx_vlm(model)
     skip = list(modules_to_not_convert or [])
     if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
         overrides = mlx_lm_model_entries(model, top, lambda names: _saved_names(model, names))
@@ -137,6 +138,13 @@ def _saved_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     from mlxq.integrations.mlx_vlm_layout import saved_module_names
 
     return saved_module_names(model, names)
+
+
+def _untie_head_as_mlx_vlm(model: nn.Module) -> None:
+    """Gemma 3's tied head given its own copy of the embedding, as mlx-vlm writes it."""
+    from mlxq.integrations.mlx_vlm_layout import untie_head_as_mlx_vlm
+
+    untie_head_as_mlx_vlm(model)
 
 
 def _with_model_names(model: nn.Module, overrides: dict[str, dict | bool]) -> dict:

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_inspect)
 
-    from mlxq.convert import RECIPES
+    from mlxq.convert import VLM_RECIPES
 
     p = sub.add_parser("convert", help="float transformers checkpoint -> MLX checkpoint")
     p.add_argument("hf_path", metavar="HF_PATH", help="float checkpoint: folder or Hub repo id")
@@ -107,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="affine",
         help="MLX quantization mode, as mlx_lm convert --q-mode (recipes: affine only)",
     )
-    p.add_argument("--recipe", choices=list(RECIPES), default=None, help="mlx-lm mixed recipe")
+    p.add_argument(
+        "--recipe",
+        choices=list(VLM_RECIPES),
+        default=None,
+        help="mixed recipe: mlx-lm's for a text model (mixed_2_6, mixed_3_4, mixed_3_6, "
+        "mixed_4_6), mlx-vlm's for an image-text model (all of these)",
+    )
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
     p.set_defaults(func=cmd_convert)
 

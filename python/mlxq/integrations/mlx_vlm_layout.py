@@ -792,7 +792,8 @@ def mlx_vlm_module_names(
     model: nn.Module, names: Iterable[str], tower_level: bool | None = None
 ) -> dict[str, str]:
     """mlx-vlm's names of the model's modules `names` (for the per-module entries of
-    config.json), as :func:`use_mlx_vlm_layout` saves their tensors; {} for a model it leaves
+    config.json), as :func:`use_mlx_vlm_layout` saves their tensors (the parts of a tower
+    projection mlx-vlm fuses all under the fused one's name); {} for a model it leaves
     alone. The renames are literal prefixes (`^...`) or infixes, reversed in turn.
     `tower_level` forces the choice of a SigLIP / CLIP tower's level (see _save_renames)."""
     config = getattr(model, "config", None)
@@ -814,8 +815,20 @@ def mlx_vlm_module_names(
                 key = source + key[len(repl) :] if key.startswith(repl) else key
             else:
                 key = key.replace(repl, source)
+        if not name.startswith(("model.language_model.", "lm_head.")):
+            key = _fused_name(layout, key)  # mlx-vlm fuses the tower's projections only
         out[name] = key[:-1]
     return out
+
+
+def _fused_name(layout: VlmLayout, key: str) -> str:
+    """mlx-vlm's name of the projection it fuses (PaddleOCR-VL's `self_attn.qkv`) for a
+    part of it (`self_attn.q_proj`), `key` ending in a dot; other names unchanged."""
+    for pattern, parts in layout.splits:
+        for part in parts:
+            if part in key:
+                return key.replace(part, re.sub(r"\\(.)", r"\1", pattern))
+    return key
 
 
 # mlx-vlm 0.7.10's `skip_multimodal_module` (mlx_vlm/utils.py): `mlx_vlm convert` leaves every
@@ -851,6 +864,37 @@ def multimodal_modules(model: nn.Module) -> list[str]:
     if not names and is_image_text(getattr(model, "config", None)):  # a family not mapped
         names = {n: n for n in modules}  # (Llama 4: its names are transformers' own)
     return [n for n, v in names.items() if any(m in v for m in _MLX_VLM_MULTIMODAL)]
+
+
+# families whose mlx-vlm 0.7.10 model has an output head of its own even when the model ties
+# it (its sanitize copies the embedding into it): `mlx_vlm convert` writes it quantized, and
+# mlx-vlm cannot load a checkpoint without it (Gemma 3's `language_model.lm_head`)
+_OWN_HEAD = frozenset({"gemma3"})
+
+
+def tied_head_mlx_vlm_writes(model: nn.Module) -> str | None:
+    """The name of the tied output head of an image-text model that mlx-vlm's model of the
+    family holds as a layer of its own (:data:`_OWN_HEAD`), else None."""
+    from mlxq.model_walk import head_decision
+
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _OWN_HEAD or not is_image_text(config):
+        return None
+    head = head_decision(model)
+    return head.head if head.tied else None
+
+
+def untie_head_as_mlx_vlm(model: nn.Module) -> None:
+    """Give a tied head that mlx-vlm holds as its own layer (:func:`tied_head_mlx_vlm_writes`)
+    its own copy of the embedding, so that it is quantized and saved as `mlx_vlm convert`
+    writes it (the embedding's values in the head's format)."""
+    name = tied_head_mlx_vlm_writes(model)
+    if name is None:
+        return
+    head = model.get_submodule(name)
+    if head.weight.device.type == "meta":
+        return
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
 
 
 def entries_as_model_names(model: nn.Module, entries: dict[str, Any]) -> dict[str, Any]:
