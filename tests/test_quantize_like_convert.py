@@ -238,3 +238,69 @@ def test_falcon_h1_with_mup_multipliers_is_refused_by_name() -> None:
     model = causal_lm_class("falcon_h1").from_config(config)
     with pytest.raises(NotImplementedError, match=r"embedding_multiplier, mlp_multipliers"):
         mlxq.quantize_model(model, 4, 64)
+
+
+@pytest.mark.parametrize("torch_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("arch", ["glm4_moe", "deepseek_v3", "ernie4_5_moe", "exaone_moe", "dots1"])
+def test_fp32_kept_tensors_saved_as_convert(tmp_path: Path, arch: str, torch_dtype) -> None:
+    """A MoE checkpoint storing its routers' weights and correction biases in float32 (as the
+    Hub does; transformers keeps them float32) is saved by quantize_model as `mlx_lm convert -q`
+    writes it: those tensors in the dtype the file stores, or cast to config.json's
+    `torch_dtype` unless mlx-lm's cast_predicate keeps them (before: all cast to bf16).
+    ERNIE 4.5's router bias left out (mlx-lm's sanitize drops it) and EXAONE MoE's kept under
+    the router (`mlp.gate.`), as mlx-lm writes them (before: saved, and at `mlp.`)."""
+    import mlxq
+    from arch_models import (
+        Variant,
+        causal_lm_class,
+        float_kept_in_fp32,
+        tiny_float_checkpoint,
+        tiny_mlx_checkpoint_fp32_kept,
+    )
+
+    variant = Variant(tied=False)
+    ref = tiny_mlx_checkpoint_fp32_kept(arch, variant, torch_dtype)
+    float_dir = tiny_float_checkpoint(arch, tmp_path / "float", variant.tied)
+    assert float_kept_in_fp32(float_dir, arch, torch_dtype)
+    model = causal_lm_class(arch).from_pretrained(float_dir, dtype=torch.bfloat16)
+    mlxq.quantize_model(model, 4, 64)
+    model.save_pretrained(tmp_path / "ours")
+    _assert_same_checkpoint(tmp_path / "ours", ref)
+
+
+@pytest.mark.parametrize(
+    ("arch", "old_layout"),
+    [
+        # mlxq saved EXAONE MoE's router bias beside the router (the Hub's name) before
+        ("exaone_moe", {".mlp.gate.e_score_correction_bias": ".mlp.e_score_correction_bias"}),
+        # and ERNIE 4.5's, which mlx-lm drops, as the Hub names it (zeros: mlx-lm's model)
+        ("ernie4_5_moe", {".mlp.gate.weight": ".mlp.moe_statics.e_score_correction_bias"}),
+    ],
+)
+def test_router_biases_load_in_either_layout(tmp_path: Path, arch: str, old_layout: dict) -> None:
+    """A checkpoint in mlx_lm convert's names and one in the names mlxq saved before load to
+    the same model, whose logits are mlx-lm's."""
+    import shutil
+
+    import numpy as np
+    from arch_models import TOKENS, Variant, mlxq_logits, tiny_mlx_checkpoint
+    from mlx_models import mlx_lm_logits
+    from safetensors.torch import save_file
+
+    ref = tiny_mlx_checkpoint(arch, Variant(tied=False))
+    shutil.copytree(ref, tmp_path / "old")
+    tensors = load_file(ref / "model.safetensors")
+    for key in list(tensors):
+        for new, old in old_layout.items():
+            if key.endswith(new):
+                value = tensors[key] if "gate.weight" not in new else None
+                if value is None:  # (ERNIE: added, the router's width)
+                    value = torch.zeros(1, tensors[key.replace(".weight", ".scales")].shape[0])
+                else:
+                    del tensors[key]
+                tensors[key.removesuffix(new) + old] = value
+    save_file(tensors, tmp_path / "old" / "model.safetensors", metadata={"format": "mlx"})
+    want = mlx_lm_logits(ref, TOKENS)
+    got = mlxq_logits(ref, TOKENS)
+    assert float(np.abs(got - want).max()) <= 1e-3
+    np.testing.assert_array_equal(mlxq_logits(tmp_path / "old", TOKENS), got)
