@@ -54,6 +54,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     mlx_vlm_config_keys,
     takes_flat_text_keys,
     unmapped_vlm_note,
+    use_in_proj_attention,
     use_mlx_vlm_layout,
 )
 from mlxq.integrations.model_class import text_model_class
@@ -825,6 +826,8 @@ class MLXHfQuantizer(HfQuantizer):
             headers = kept
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
         self._vlm_layout: VlmLayout | None = vlm_layout
+        if vlm_layout is not None:  # a quantized MultiheadAttention input (Granite 4 Vision)
+            use_in_proj_attention(model, vlm_layout, headers)
         self._record_unexpected_keys(model)
         mlx_vlm_names = looks_like_mlx_vlm(headers)
         # mlx-lm's separate channels-last convolutions that transformers concatenates
