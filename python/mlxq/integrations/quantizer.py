@@ -642,6 +642,20 @@ def _refuse_unmapped_vlm(
         _refuse_missing_tensors(model, headers, note)
 
 
+def check_all_quantized_on_load(on_load: QuantizeOnLoad) -> None:
+    """Every layer planned to be quantized while loading got its float weight from the
+    checkpoint: transformers fills a tensor the file lacks with uninitialised memory (reported
+    as missing in its load report), which would be this layer's packed weights and scales."""
+    missing = sorted(set(on_load.layers) - on_load.done - set(on_load.errors))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(
+            f"mlxq: the checkpoint holds no float weight for {len(missing)} layers mlxq was to "
+            f"quantize while loading ({', '.join(f'{n}.weight' for n in missing[:3])}{more}): "
+            "it is not this model class's checkpoint, or names its tensors otherwise"
+        )
+
+
 def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
     """Quantized tensors of modules mlxq cannot replace would load as garbage: refuse them."""
     for key in headers:
@@ -932,6 +946,8 @@ class MLXHfQuantizer(HfQuantizer):
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
         if not self.pre_quantized:  # float32 tensors saved as mlx_lm convert writes them
             save_float_dtypes_as_convert(model, self.__dict__.pop("_float_source", None), vlm)
+        if on_load is not None:
+            check_all_quantized_on_load(on_load)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
                 module, "_mlxq_name"
