@@ -94,6 +94,10 @@ _UNTIED_ONLY = {"nanochat"}  # mlx-lm's model has no tied head
         # test_model_walk.py)
         ("nanochat", None, False),
         ("exaone4", None, True),
+        # LFM2-MoE's fp32 expert_bias in the dtype the file stores (mlx-lm's cast_predicate
+        # keeps it; before: fp32); Laguna's router bias under `gate.` (before: switch_mlp.)
+        ("lfm2_moe", None, False),
+        ("laguna", "mixed_3_6", False),
     ],
 )
 def test_text_model_saves_mlx_lm_convert(
@@ -304,3 +308,21 @@ def test_router_biases_load_in_either_layout(tmp_path: Path, arch: str, old_layo
     got = mlxq_logits(ref, TOKENS)
     assert float(np.abs(got - want).max()) <= 1e-3
     np.testing.assert_array_equal(mlxq_logits(tmp_path / "old", TOKENS), got)
+
+
+def test_gemma3n_entries_named_as_its_tensors(tmp_path: Path) -> None:
+    """Gemma 3n's text model, read from the image-text checkpoint, saves its tensors under
+    `model.language_model.` and its per-module entries too, as mlx_lm convert writes them
+    (before: `model.altup_projections.0`, ..., which mlx-lm does not look up). The KV-shared
+    layers' k/v projections, which the file holds and transformers' model does not build,
+    are the only difference (benchmarks/quantize_sweep.py's notes)."""
+    from arch_models import Variant, tiny_mlx_checkpoint
+
+    variant = Variant(tied=True, bits=3, recipe="mixed_3_6")  # (mlx-lm ties Gemma 3n's head)
+    ref = tiny_mlx_checkpoint("gemma3n", variant)
+    ours = _quantized_text(tmp_path, "gemma3n", variant)
+    (a, qa), (b, qb) = _saved(ours), _saved(ref)
+    shared = {k.rpartition(".")[0] for k in set(b) - set(a)}
+    assert shared and all(".self_attn." in k for k in shared) and not set(a) - set(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert qa == {k: v for k, v in qb.items() if k not in shared}

@@ -673,11 +673,14 @@ LAYOUTS["kimi_linear"] = MlxLayout(
 
 
 # Laguna: mlx-lm's router holds its linear layer as `gate.proj` (the correction bias stays in
-# `gate`); named per tensor, so that saving does not move the bias into `gate.proj`
+# `gate`); named per tensor, so that saving does not move the bias into `gate.proj`. The Hub
+# keeps the bias with the experts, where transformers' renaming (not reversed when saving)
+# would put it back: mlx-lm writes it under `gate.`
 LAYOUTS["laguna"] = MlxLayout(
     "laguna",
     ((r"\.mlp\.gate\.proj\.(weight|scales|biases)", r".mlp.gate.\1"), *_MOE_RENAMES),
     ".switch_mlp.",
+    kept_model_renames=("mlp.experts.e_score_correction_bias",),
 )
 # Llama 4's text model (`llama4_text`, also what transformers builds for a `llama4` checkpoint
 # through AutoModelForCausalLM): mlx-lm's llama4_text (the dense variant) names the untied
@@ -913,6 +916,13 @@ def mlx_lm_module_names(model, names: Iterable[str]) -> dict[str, str]:
     ]
     # saving reverses the list last to first: the model's renamings, then the layout's
     renames = [pair for rename in (*ours, *own) for pair in _alternatives(*rename)]
+    # the prefix the checkpoint was read with, which saving puts back last (Gemma 3n's text
+    # model read from the image-text checkpoint: `model.` -> `model.language_model.`)
+    prefixes = [
+        (f"{c.model_prefix}." if c.model_prefix else "", c.prefix_to_remove)
+        for c in conversions
+        if type(c).__name__ == "PrefixChange" and getattr(c, "prefix_to_remove", None)
+    ]
     out = {}
     for name in names:
         key = f"{name}.weight"
@@ -925,6 +935,9 @@ def mlx_lm_module_names(model, names: Iterable[str]) -> dict[str, str]:
                 key = source + key[len(target) :] if key.startswith(target) else key
             else:
                 key = key.replace(target, source)
+        for model_prefix, removed in prefixes:
+            if key.startswith(model_prefix) and not key.startswith(f"{model_prefix}{removed}."):
+                key = f"{model_prefix}{removed}.{key[len(model_prefix) :]}"
         out[name] = key.removesuffix(".weight")
     return out
 
