@@ -326,3 +326,27 @@ def test_gemma3n_entries_named_as_its_tensors(tmp_path: Path) -> None:
     assert shared and all(".self_attn." in k for k in shared) and not set(a) - set(b)
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert qa == {k: v for k, v in qb.items() if k not in shared}
+
+
+@pytest.mark.parametrize(
+    ("arch", "torch_dtype"), [("glm4_moe", None), ("ernie4_5_moe", "bfloat16")]
+)
+def test_mlxq_convert_saves_fp32_kept_tensors_as_convert(
+    tmp_path: Path, arch: str, torch_dtype
+) -> None:
+    """`mlxq convert` of the fp32-storing MoE checkpoint writes mlx_lm convert's tensors (the
+    routers' in the stored dtype or torch_dtype's, as test_fp32_kept_tensors_saved_as_convert;
+    before: cast to bf16)."""
+    from arch_models import (
+        Variant,
+        float_kept_in_fp32,
+        tiny_float_checkpoint,
+        tiny_mlx_checkpoint_fp32_kept,
+    )
+    from mlxq.convert import convert_checkpoint
+
+    ref = tiny_mlx_checkpoint_fp32_kept(arch, Variant(tied=False), torch_dtype)
+    float_dir = tiny_float_checkpoint(arch, tmp_path / "float", False)
+    float_kept_in_fp32(float_dir, arch, torch_dtype)
+    convert_checkpoint(float_dir, tmp_path / "ours", bits=4, group_size=64)
+    _assert_same_checkpoint(tmp_path / "ours", ref)
