@@ -83,7 +83,8 @@ _UNTIED_ONLY = {"nanochat"}  # mlx-lm's model has no tied head
         # latent attention saved as mlx-lm's embed_q / unembed_out (before: kv_b_proj)
         ("mistral4", None, False),
         # routers mlx-lm holds in no linear layer stay float without an entry (before: refused),
-        # their float32 correction biases saved in bf16 as mlx-lm casts them
+        # their float32 correction biases saved in the dtype the file stores (bf16 here; fp32:
+        # test_fp32_kept_tensors_saved_as_convert)
         ("dots1", None, False),
         ("deepseek_v3", "mixed_3_6", False),
         # Kimi Linear: `mlp.` names, q/k/v convolutions, experts, latent attention (before:
@@ -126,7 +127,8 @@ def test_text_model_saves_mlx_lm_convert(
         # OneVision's SigLIP saved under `vision_tower.vision_model.` as mlx-vlm writes them
         ("mistral3", True),
         ("llava_onevision", False),
-        # GLM-4.5V's MoEGate routers float, their correction biases saved in bf16
+        # GLM-4.5V's MoEGate routers float, their correction biases cast to text_config's dtype
+        # (bf16), as mlx-vlm casts them
         ("glm4v_moe", False),
         # Llama 4 (layout not mapped): its tower and projector float by their own names
         ("llama4", False),

@@ -220,8 +220,10 @@ class CastOnSave:
 def cast_on_save_converters(model, keep: tuple[str, ...] = ()) -> list:
     """`WeightConverter`s that save the model's float32 tensors (those transformers keeps in
     float32 in a bfloat16 / float16 model: routers' correction biases, `A_log`, `dt_bias`) in
-    the model's dtype, as `mlx_lm convert` casts every float tensor to it; names containing
-    one of `keep` (the model's mlx-lm `cast_predicate`) stay as they are."""
+    the model's dtype, as `mlx_lm convert` casts every float tensor to the config's dtype;
+    names containing one of `keep` (the model's mlx-lm `cast_predicate`) stay as they are.
+    The rule of a model built in memory (no file): one read from a checkpoint is saved as
+    `mlx_lm convert` writes that checkpoint (:func:`save_as_convert`)."""
     from transformers.core_model_loading import WeightConverter
 
     tensors = model.state_dict().items()  # (persistent buffers only)
