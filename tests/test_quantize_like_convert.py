@@ -352,3 +352,24 @@ def test_mlxq_convert_saves_fp32_kept_tensors_as_convert(
     float_kept_in_fp32(float_dir, arch, torch_dtype)
     convert_checkpoint(float_dir, tmp_path / "ours", bits=4, group_size=64)
     _assert_same_checkpoint(tmp_path / "ours", ref)
+
+
+@pytest.mark.parametrize(("arch", "bias_dtype"), [("glm4_moe", torch.float32), ("dots1", None)])
+def test_model_built_in_memory_saves_fp32_kept_tensors_in_its_dtype(
+    tmp_path: Path, arch: str, bias_dtype
+) -> None:
+    """A model built in memory has no file to read the stored dtypes from: its fp32 router
+    tensors are saved in the model's dtype, as `mlx_lm convert` casts them to the config's,
+    but for those mlx-lm's cast_predicate keeps (GLM-4.5's correction bias stays fp32)."""
+    import mlxq
+    from arch_models import _config, causal_lm_class
+    from safetensors.torch import load_file
+
+    model = causal_lm_class(arch).from_config(_config(arch, False), dtype=torch.bfloat16)
+    gate = "model.layers.1.mlp.gate"
+    assert model.get_submodule(gate).weight.dtype == torch.float32
+    mlxq.quantize_model(model, 4, 64)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved[f"{gate}.weight"].dtype == torch.bfloat16
+    assert saved[f"{gate}.e_score_correction_bias"].dtype == (bias_dtype or torch.bfloat16)
