@@ -30,6 +30,43 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
+# Rows that still differ, and why (mlx-lm 0.32.2 / mlx-vlm 0.7.10, transformers 5.24): printed
+# after the row and counted apart ("noted") in the summary
+NOTES = {
+    # transformers' model reads these weights itself (the indexer casts to weights_proj's
+    # dtype; Mamba's untied head is read as `.weight`): mlxq keeps them float with a `false`
+    # entry, mlx-lm quantizes them
+    **dict.fromkeys(
+        ("deepseek_v32", "glm_moe_dsa"),
+        "indexer.weights_proj kept float: transformers casts to its weight's dtype",
+    ),
+    **dict.fromkeys(
+        ("falcon_mamba", "mamba", "mamba2"),
+        "lm_head kept float: transformers' forward reads lm_head.weight directly",
+    ),
+    # the Hub's file keeps k/v projections for Gemma 3n's KV-shared layers (unused), which
+    # mlx-lm quantizes and transformers' model does not build
+    "gemma3n": "KV-shared layers' k/v projections: in the file, not in transformers' model",
+    # mlx_lm convert of the image-text Gemma 4 keeps its language model under
+    # `language_model.`; transformers' Gemma4ForCausalLM reads none of the image-text float
+    # checkpoint (every tensor missing: the row compares a random model; loading refuses it)
+    **dict.fromkeys(
+        ("gemma4", "gemma4_unified"),
+        "Gemma4ForCausalLM cannot read the image-text float checkpoint (the vlm rows can)",
+    ),
+    # transformers' Kimi Linear never ties its head (`_tied_weights_keys = {}`); mlx-lm's ties
+    # it and drops lm_head.weight: with tie_word_embeddings they are different models
+    "kimi_linear": "tied: transformers' model keeps its own head, mlx-lm's ties it",
+    # mlx-vlm 0.7.10's gemma3 sanitize looks for `lm_head.weight` while the key is
+    # `language_model.lm_head.weight`: an untied head is replaced by the embedding
+    "gemma3": "untied: mlx-vlm's sanitize replaces the head by the embedding (its bug)",
+    # 2I == H in the tiny model: transformers' Transpose(check_dims) leaves a square fused
+    # gate_up_proj untransposed when loading, so its float model is not mlx-vlm's reading of
+    # the same file (the tiny model's degenerate shape, not mlxq)
+    "qwen3_vl_moe": "square gate_up_proj: transformers loads it untransposed (check_dims)",
+}
+
+
 def compare(ours: Path, ref: Path) -> list[str]:
     """What differs between two saved checkpoints: tensor names, dtypes, values, and the
     quantization block of config.json (which holds every per-module bits/group entry)."""
@@ -259,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc(file=sys.stderr)
             lines = [f"{name:22s} {'':24s} ERROR: {_one_line(e)}"]
         for line in lines:
-            print(line, flush=True)
             words = line[48:].split()
             state = (
                 words[1] if words[0] in ("quantize_model", "on_load", "mlxq_convert") else words[0]
             )
             state = {"not": "not cached", "no": "no oracle"}.get(state, state.rstrip(":"))
+            if state == "MISMATCH" and name in NOTES:
+                line, state = f"{line} [noted: {NOTES[name]}]", "MISMATCH noted"
+            print(line, flush=True)
             counts[state] = counts.get(state, 0) + 1
     print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0

@@ -1239,6 +1239,60 @@ def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
     return final
 
 
+def float_kept_in_fp32(folder: Path, arch: str, torch_dtype: str | None) -> list[str]:
+    """Rewrite the float checkpoint in `folder` as the Hub stores a bf16 MoE model: the tensors
+    transformers keeps in float32 (`_keep_in_fp32_modules_strict`: routers' weights and
+    correction biases) stored in float32, with values no bf16 holds (a cast shows), and
+    config.json's `torch_dtype` set (mlx-lm then casts all but its cast_predicate's names) or
+    not (transformers 5 writes none: every tensor keeps its stored dtype). Returns their names."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = causal_lm_class(arch).from_pretrained(folder, dtype=torch.bfloat16)
+    kept = {k for k, v in model.state_dict().items() if v.dtype == torch.float32}
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(kept & set(tensors))
+    generator = torch.Generator().manual_seed(2)
+    for name in names:
+        v = tensors[name].float()
+        tensors[name] = v + (torch.rand(v.shape, generator=generator) - 0.5) * 2e-3 * v.abs()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    if torch_dtype is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config["torch_dtype"] = torch_dtype
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return names
+
+
+def tiny_mlx_checkpoint_fp32_kept(arch: str, variant: Variant, torch_dtype: str | None) -> Path:
+    """`mlx_lm convert -q` of the float checkpoint of :func:`float_kept_in_fp32` (cached)."""
+    from mlx_lm import convert
+
+    key = f"{_cache_key(arch, variant)}-fp32kept-{torch_dtype}"
+    final = TEST_CACHE / "models" / key
+    if (final / "config.json").is_file():
+        return final
+    staging = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        float_dir = tiny_float_checkpoint(arch, staging / "float", variant.tied)
+        float_kept_in_fp32(float_dir, arch, torch_dtype)
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert(
+                str(float_dir),
+                str(staging / "mlx"),
+                quantize=True,
+                q_group_size=variant.group_size,
+                q_bits=variant.bits,
+                quant_predicate=variant.recipe,
+            )
+        os.replace(staging / "mlx", final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
 def mlxq_logits(path: Path, tokens) -> np.ndarray:
     """mlxq's fp32 logits through transformers' from_pretrained."""
     import torch

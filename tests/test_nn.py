@@ -228,3 +228,36 @@ def test_embedding_refuses_out_of_range_ids_like_nn_embedding(bad: int, id_dtype
     good = torch.tensor([[0, 3], [9, 9]], dtype=id_dtype)
     assert emb(good).shape == (2, 2, 32)
     assert torch.equal(emb(good), emb(good.long()))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_in_proj_multihead_attention_is_torch_mha(batch_first: bool, gen) -> None:
+    """InProjMultiheadAttention (nn.MultiheadAttention with its input projection a module) gives
+    torch's outputs and attention weights, float or with the projection quantized (against
+    torch's MHA holding the dequantized weight)."""
+    from mlxq.nn import AffineLinear, InProjMultiheadAttention
+
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.copy_(torch.randn(192, generator=gen))
+    ours = InProjMultiheadAttention.from_mha(mha)
+    q, x = torch.randn(2, 3, 64, generator=gen), torch.randn(2, 9, 64, generator=gen)
+    if not batch_first:  # [L, N, E]
+        q, x = q.transpose(0, 1), x.transpose(0, 1)
+    for quantized in (False, True):
+        if quantized:
+            ours.in_proj = AffineLinear.from_float(ours.in_proj, 4, 32)
+            with torch.no_grad():
+                mha.in_proj_weight.copy_(ours.in_proj.dequantize_weight())
+        with torch.no_grad():
+            for kwargs in ({}, {"average_attn_weights": False}, {"need_weights": False}):
+                want, got = mha(q, x, x, **kwargs), ours(q, x, x, **kwargs)
+                torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+                if want[1] is None:
+                    assert got[1] is None
+                else:
+                    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+            y = x * 0.5  # (a value other than the key: its own projection)
+            torch.testing.assert_close(ours(q, x, y)[0], mha(q, x, y)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="masks"):
+        ours(q, x, x, attn_mask=torch.zeros(3, 9, dtype=torch.bool))

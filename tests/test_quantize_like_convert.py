@@ -83,7 +83,8 @@ _UNTIED_ONLY = {"nanochat"}  # mlx-lm's model has no tied head
         # latent attention saved as mlx-lm's embed_q / unembed_out (before: kv_b_proj)
         ("mistral4", None, False),
         # routers mlx-lm holds in no linear layer stay float without an entry (before: refused),
-        # their float32 correction biases saved in bf16 as mlx-lm casts them
+        # their float32 correction biases saved in the dtype the file stores (bf16 here; fp32:
+        # test_fp32_kept_tensors_saved_as_convert)
         ("dots1", None, False),
         ("deepseek_v3", "mixed_3_6", False),
         # Kimi Linear: `mlp.` names, q/k/v convolutions, experts, latent attention (before:
@@ -94,6 +95,10 @@ _UNTIED_ONLY = {"nanochat"}  # mlx-lm's model has no tied head
         # test_model_walk.py)
         ("nanochat", None, False),
         ("exaone4", None, True),
+        # LFM2-MoE's fp32 expert_bias in the dtype the file stores (mlx-lm's cast_predicate
+        # keeps it; before: fp32); Laguna's router bias under `gate.` (before: switch_mlp.)
+        ("lfm2_moe", None, False),
+        ("laguna", "mixed_3_6", False),
     ],
 )
 def test_text_model_saves_mlx_lm_convert(
@@ -122,7 +127,8 @@ def test_text_model_saves_mlx_lm_convert(
         # OneVision's SigLIP saved under `vision_tower.vision_model.` as mlx-vlm writes them
         ("mistral3", True),
         ("llava_onevision", False),
-        # GLM-4.5V's MoEGate routers float, their correction biases saved in bf16
+        # GLM-4.5V's MoEGate routers float, their correction biases cast to text_config's dtype
+        # (bf16), as mlx-vlm casts them
         ("glm4v_moe", False),
         # Llama 4 (layout not mapped): its tower and projector float by their own names
         ("llama4", False),
@@ -238,3 +244,132 @@ def test_falcon_h1_with_mup_multipliers_is_refused_by_name() -> None:
     model = causal_lm_class("falcon_h1").from_config(config)
     with pytest.raises(NotImplementedError, match=r"embedding_multiplier, mlp_multipliers"):
         mlxq.quantize_model(model, 4, 64)
+
+
+@pytest.mark.parametrize("torch_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("arch", ["glm4_moe", "deepseek_v3", "ernie4_5_moe", "exaone_moe", "dots1"])
+def test_fp32_kept_tensors_saved_as_convert(tmp_path: Path, arch: str, torch_dtype) -> None:
+    """A MoE checkpoint storing its routers' weights and correction biases in float32 (as the
+    Hub does; transformers keeps them float32) is saved by quantize_model as `mlx_lm convert -q`
+    writes it: those tensors in the dtype the file stores, or cast to config.json's
+    `torch_dtype` unless mlx-lm's cast_predicate keeps them (before: all cast to bf16).
+    ERNIE 4.5's router bias left out (mlx-lm's sanitize drops it) and EXAONE MoE's kept under
+    the router (`mlp.gate.`), as mlx-lm writes them (before: saved, and at `mlp.`)."""
+    import mlxq
+    from arch_models import (
+        Variant,
+        causal_lm_class,
+        float_kept_in_fp32,
+        tiny_float_checkpoint,
+        tiny_mlx_checkpoint_fp32_kept,
+    )
+
+    variant = Variant(tied=False)
+    ref = tiny_mlx_checkpoint_fp32_kept(arch, variant, torch_dtype)
+    float_dir = tiny_float_checkpoint(arch, tmp_path / "float", variant.tied)
+    assert float_kept_in_fp32(float_dir, arch, torch_dtype)
+    model = causal_lm_class(arch).from_pretrained(float_dir, dtype=torch.bfloat16)
+    mlxq.quantize_model(model, 4, 64)
+    model.save_pretrained(tmp_path / "ours")
+    _assert_same_checkpoint(tmp_path / "ours", ref)
+
+
+@pytest.mark.parametrize(
+    ("arch", "old_layout"),
+    [
+        # mlxq saved EXAONE MoE's router bias beside the router (the Hub's name) before
+        ("exaone_moe", {".mlp.gate.e_score_correction_bias": ".mlp.e_score_correction_bias"}),
+        # and ERNIE 4.5's, which mlx-lm drops, as the Hub names it (zeros: mlx-lm's model)
+        ("ernie4_5_moe", {".mlp.gate.weight": ".mlp.moe_statics.e_score_correction_bias"}),
+    ],
+)
+def test_router_biases_load_in_either_layout(tmp_path: Path, arch: str, old_layout: dict) -> None:
+    """A checkpoint in mlx_lm convert's names and one in the names mlxq saved before load to
+    the same model, whose logits are mlx-lm's."""
+    import shutil
+
+    import numpy as np
+    from arch_models import TOKENS, Variant, mlxq_logits, tiny_mlx_checkpoint
+    from mlx_models import mlx_lm_logits
+    from safetensors.torch import save_file
+
+    ref = tiny_mlx_checkpoint(arch, Variant(tied=False))
+    shutil.copytree(ref, tmp_path / "old")
+    tensors = load_file(ref / "model.safetensors")
+    for key in list(tensors):
+        for new, old in old_layout.items():
+            if key.endswith(new):
+                value = tensors[key] if "gate.weight" not in new else None
+                if value is None:  # (ERNIE: added, the router's width)
+                    value = torch.zeros(1, tensors[key.replace(".weight", ".scales")].shape[0])
+                else:
+                    del tensors[key]
+                tensors[key.removesuffix(new) + old] = value
+    save_file(tensors, tmp_path / "old" / "model.safetensors", metadata={"format": "mlx"})
+    want = mlx_lm_logits(ref, TOKENS)
+    got = mlxq_logits(ref, TOKENS)
+    assert float(np.abs(got - want).max()) <= 1e-3
+    np.testing.assert_array_equal(mlxq_logits(tmp_path / "old", TOKENS), got)
+
+
+def test_gemma3n_entries_named_as_its_tensors(tmp_path: Path) -> None:
+    """Gemma 3n's text model, read from the image-text checkpoint, saves its tensors under
+    `model.language_model.` and its per-module entries too, as mlx_lm convert writes them
+    (before: `model.altup_projections.0`, ..., which mlx-lm does not look up). The KV-shared
+    layers' k/v projections, which the file holds and transformers' model does not build,
+    are the only difference (benchmarks/quantize_sweep.py's notes)."""
+    from arch_models import Variant, tiny_mlx_checkpoint
+
+    variant = Variant(tied=True, bits=3, recipe="mixed_3_6")  # (mlx-lm ties Gemma 3n's head)
+    ref = tiny_mlx_checkpoint("gemma3n", variant)
+    ours = _quantized_text(tmp_path, "gemma3n", variant)
+    (a, qa), (b, qb) = _saved(ours), _saved(ref)
+    shared = {k.rpartition(".")[0] for k in set(b) - set(a)}
+    assert shared and all(".self_attn." in k for k in shared) and not set(a) - set(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert qa == {k: v for k, v in qb.items() if k not in shared}
+
+
+@pytest.mark.parametrize(
+    ("arch", "torch_dtype"), [("glm4_moe", None), ("ernie4_5_moe", "bfloat16")]
+)
+def test_mlxq_convert_saves_fp32_kept_tensors_as_convert(
+    tmp_path: Path, arch: str, torch_dtype
+) -> None:
+    """`mlxq convert` of the fp32-storing MoE checkpoint writes mlx_lm convert's tensors (the
+    routers' in the stored dtype or torch_dtype's, as test_fp32_kept_tensors_saved_as_convert;
+    before: cast to bf16)."""
+    from arch_models import (
+        Variant,
+        float_kept_in_fp32,
+        tiny_float_checkpoint,
+        tiny_mlx_checkpoint_fp32_kept,
+    )
+    from mlxq.convert import convert_checkpoint
+
+    ref = tiny_mlx_checkpoint_fp32_kept(arch, Variant(tied=False), torch_dtype)
+    float_dir = tiny_float_checkpoint(arch, tmp_path / "float", False)
+    float_kept_in_fp32(float_dir, arch, torch_dtype)
+    convert_checkpoint(float_dir, tmp_path / "ours", bits=4, group_size=64)
+    _assert_same_checkpoint(tmp_path / "ours", ref)
+
+
+@pytest.mark.parametrize(("arch", "bias_dtype"), [("glm4_moe", torch.float32), ("dots1", None)])
+def test_model_built_in_memory_saves_fp32_kept_tensors_in_its_dtype(
+    tmp_path: Path, arch: str, bias_dtype
+) -> None:
+    """A model built in memory has no file to read the stored dtypes from: its fp32 router
+    tensors are saved in the model's dtype, as `mlx_lm convert` casts them to the config's,
+    but for those mlx-lm's cast_predicate keeps (GLM-4.5's correction bias stays fp32)."""
+    import mlxq
+    from arch_models import _config, causal_lm_class
+    from safetensors.torch import load_file
+
+    model = causal_lm_class(arch).from_config(_config(arch, False), dtype=torch.bfloat16)
+    gate = "model.layers.1.mlp.gate"
+    assert model.get_submodule(gate).weight.dtype == torch.float32
+    mlxq.quantize_model(model, 4, 64)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved[f"{gate}.weight"].dtype == torch.bfloat16
+    assert saved[f"{gate}.e_score_correction_bias"].dtype == (bias_dtype or torch.bfloat16)

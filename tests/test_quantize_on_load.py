@@ -18,6 +18,7 @@ from mlx_models import TEST_CACHE
 from mlxq.integrations import MLXQuantConfig
 from mlxq.nn import AffineEmbedding, AffineLinear, TiedAffineHead
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,3 +146,20 @@ def test_memory_benchmark_runs_as_a_script(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert json.loads(out.read_text())[0]["way"] == "convert"
+
+
+def test_layer_without_float_weight_is_refused_by_name(tmp_path: Path) -> None:
+    """A layer to quantize while loading whose float weight the checkpoint lacks is refused by
+    name (before: transformers left its packed weight and scales uninitialised memory, so the
+    model loaded with garbage weights, or failed the non-finite scales check as 'corrupt')."""
+    from safetensors.torch import save_file
+
+    path = tiny_float_checkpoint("llama", tmp_path / "float", False)
+    tensors = load_file(path / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    tensors["model.layers.1.mlp.down_proj.renamed"] = tensors.pop(key)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"no float weight for 1 layers .*\({key}\)"):
+        AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, quantization_config=MLXQuantConfig(4, 64)
+        )

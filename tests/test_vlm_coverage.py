@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from mlxq.integrations.mlx_vlm_layout import UNVERIFIED_VLM
+from torch import nn
 from vlm_models import (
     FAMILIES,
     VISION_MXFP4,
@@ -302,18 +303,45 @@ def test_weight_read_in_helper_forward_calls_is_refused() -> None:
         _load(path)
 
 
-def test_quantized_pooling_head_is_refused_by_name() -> None:
+def test_quantized_pooling_head_loads(tmp_path: Path) -> None:
     """Granite 4 Vision's SigLIP tower keeps its pooling head (run by the tower's forward, its
-    output unused): mlx-vlm quantizes the head's attention input with the tower, a Linear
-    there, which transformers holds as nn.MultiheadAttention's raw in_proj_weight. mlxq
-    refuses it naming the tensor, not with transformers' size-mismatch report."""
+    output unused): mlx-vlm quantizes the head's attention input with the tower when asked
+    to (a Linear there; transformers holds nn.MultiheadAttention's raw in_proj_weight).
+    mlxq loads it into InProjMultiheadAttention, whose forward is torch's MHA with the
+    dequantized weight; the logits are mlx-vlm's; saved, it keeps mlx-vlm's names (before:
+    refused by name)."""
+    from mlxq.nn import AffineLinear, InProjMultiheadAttention
+    from safetensors.torch import load_file
+
     path = tiny_mlx_vlm_checkpoint("granite4_vision", Variant(quantize_vision=True))
-    with pytest.raises(
-        NotImplementedError,
-        match=r"model\.vision_tower\.head\.attention\.in_proj\.scales: module "
-        r"'model\.vision_tower\.head\.attention\.in_proj' \(no such module\)",
-    ):
-        _load(path)
+    model = _load(path)
+    attention = model.model.vision_tower.head.attention
+    assert isinstance(attention, InProjMultiheadAttention)
+    assert isinstance(attention.in_proj, AffineLinear)
+    mha = nn.MultiheadAttention(attention.embed_dim, attention.num_heads, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(attention.in_proj.dequantize_weight())
+        mha.in_proj_bias.copy_(attention.in_proj.bias)
+        mha.out_proj.weight.copy_(_dense(attention.out_proj))
+        mha.out_proj.bias.copy_(attention.out_proj.bias)
+        probe, x = torch.randn(2, 1, attention.embed_dim), torch.randn(2, 7, attention.embed_dim)
+        want, got = mha(probe, x, x), attention(probe, x, x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    inputs = model_inputs(path, "granite4_vision", with_image=True)
+    ours = mlxq_logits(path, "granite4_vision", inputs, model)
+    ref = mlx_vlm_logits(path, "granite4_vision", inputs)
+    assert float(np.abs(ref - ours).max()) <= TOLERANCE
+    model.save_pretrained(tmp_path)  # (in fp32, as loaded: the stored values, cast)
+    saved, stored = load_file(tmp_path / "model.safetensors"), load_file(path / "model.safetensors")
+    assert sorted(saved) == sorted(stored)
+    head = [k for k in stored if ".head.attention.in_proj." in k]
+    assert len(head) == 4  # weight, scales, biases, bias
+    assert all(torch.equal(saved[k].to(stored[k].dtype), stored[k]) for k in head)
+
+
+def _dense(linear: nn.Module) -> torch.Tensor:
+    return linear.dequantize_weight() if hasattr(linear, "dequantize_weight") else linear.weight
 
 
 def test_unmapped_family_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "ScaledAffineEmbedding",
     "NormedAffineEmbedding",
     "TiedAffineHead",
+    "InProjMultiheadAttention",
     "RowServingAffineEmbedding",
     "RowServingScaledAffineEmbedding",
     "WeightRows",
@@ -523,6 +524,93 @@ class TiedAffineHead(nn.Module):
 
 
 # --- one place that turns a module's mode into op calls -----------------------------------------
+
+
+class InProjMultiheadAttention(nn.Module):
+    """`torch.nn.MultiheadAttention` (no masks, no dropout: inference) with its fused q/k/v
+    input projection held as a module, `in_proj` (`[3E, E]`, with bias), so that it can be an
+    :class:`AffineLinear`: nn.MultiheadAttention keeps it as raw `in_proj_weight` /
+    `in_proj_bias` parameters, where mlx-vlm quantizes SigLIP's pooling head as a Linear
+    (Granite 4 Vision). Called as nn.MultiheadAttention is; returns the same
+    `(output, weights)`."""
+
+    def __init__(
+        self, in_proj: nn.Module, out_proj: nn.Module, num_heads: int, batch_first: bool
+    ) -> None:
+        super().__init__()
+        self.in_proj, self.out_proj = in_proj, out_proj
+        self.num_heads, self.batch_first = num_heads, batch_first
+        self.embed_dim = out_proj.in_features
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> InProjMultiheadAttention:
+        """The same attention, its input projection an nn.Linear (sharing the parameters)."""
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise NotImplementedError(
+                "mlxq: nn.MultiheadAttention with separate q/k/v projections (kdim/vdim)"
+            )
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise NotImplementedError("mlxq: nn.MultiheadAttention with add_bias_kv/add_zero_attn")
+        weight = mha.in_proj_weight
+        in_proj = nn.Linear(
+            weight.shape[1],
+            weight.shape[0],
+            bias=mha.in_proj_bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        in_proj.weight = mha.in_proj_weight
+        if mha.in_proj_bias is not None:
+            in_proj.bias = mha.in_proj_bias
+        return cls(in_proj, mha.out_proj, mha.num_heads, mha.batch_first)
+
+    # nn.MultiheadAttention's names, for code that reaches for them (transformers' SigLIP
+    # weight init, which skips tensors loaded from the checkpoint): in_proj's own tensors,
+    # packed where it is quantized
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        return self.in_proj.bias
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise NotImplementedError(f"mlxq: {type(self).__name__} takes no attention masks")
+        if not self.batch_first:  # [L, N, E] -> [N, L, E]
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        e, h = self.embed_dim, self.num_heads
+        # one projection per distinct input; each keeps only its third of the rows
+        q = self.in_proj(query)[..., :e]
+        kv = self.in_proj(key)
+        v = kv[..., 2 * e :] if value is key else self.in_proj(value)[..., 2 * e :]
+        k = kv[..., e : 2 * e]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [N, L, E] -> [N, H, L, E/H]
+            return t.unflatten(-1, (h, e // h)).transpose(1, 2)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        weights = torch.softmax((q @ k.transpose(-2, -1)) * (e // h) ** -0.5, dim=-1)
+        out = self.out_proj((weights @ v).transpose(1, 2).flatten(-2))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(1) if average_attn_weights else weights
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
 def _quantize_into(module: AffineLinear | AffineEmbedding, w: torch.Tensor) -> None:

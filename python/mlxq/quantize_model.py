@@ -241,24 +241,23 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-    from mlxq.integrations.mlx_lm_layout import (
-        MLX_LM_CAST_KEEP,
-        mlx_lm_entries,
-        use_mlx_lm_layout,
-    )
+    from mlxq.integrations.mlx_lm_layout import mlx_lm_entries, use_mlx_lm_layout
     from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
     from mlxq.integrations.quantizer import (
         MLXHfQuantizer,
         add_mlx_lm_config_keys,
         drop_tied_keys,
+        float_checkpoint_files,
         placed_by_buffers,
+        read_float_checkpoint,
+        save_float_dtypes_as_convert,
     )
-    from mlxq.integrations.weight_ops import cast_on_save_converters
     from mlxq.moe import MoeExperts
 
     drop_tied_keys(model, replaced)
-    if use_mlx_vlm_layout(model):  # image-text models: saved as mlx-vlm writes them
+    vlm = use_mlx_vlm_layout(model)
+    if vlm:  # image-text models: saved as mlx-vlm writes them
         names = mlx_vlm_module_names(model, overrides)  # the entries too (mlx-vlm reads them)
         overrides = {names.get(k, k): v for k, v in overrides.items()}
     else:
@@ -277,15 +276,10 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     )
     config.quantization_config = qconfig
     add_mlx_lm_config_keys(config)
-    keep = MLX_LM_CAST_KEEP.get(getattr(config, "model_type", None) or "", ())
-    casts = cast_on_save_converters(model, keep)  # float32 tensors: the model's dtype
-    if casts:
-        conversions = getattr(model, "_weight_conversions", None)
-        if conversions is None:  # built from a config: what transformers would revert
-            from transformers.conversion_mapping import get_model_conversion_mapping
-
-            conversions = get_model_conversion_mapping(model, add_legacy=False)
-        model._weight_conversions = [*conversions, *casts]
+    # float32 tensors saved in the dtypes mlx_lm convert writes for the checkpoint the model was
+    # read from (found by its name_or_path), or in the model's dtype for one built in memory
+    source = read_float_checkpoint(model, float_checkpoint_files(model))
+    save_float_dtypes_as_convert(model, source, vlm)
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)

@@ -522,12 +522,17 @@ for _model_type in (
     "olmoe",
     "deepseek_v2",
     "glm4_moe",
-    "exaone_moe",
     "solar_open",
     "mellum",
     "mimo_v2_flash",
 ):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES, ".switch_mlp.")
+# EXAONE MoE: the Hub keeps the router's correction bias beside it (`mlp.e_score_correction_bias`),
+# mlx-lm's sanitize moves it into the router (`mlp.gate.`), where transformers' model has it:
+# transformers' own renaming is not reversed when saving
+LAYOUTS["exaone_moe"] = MlxLayout(
+    "exaone_moe", _MOE_RENAMES, ".switch_mlp.", kept_model_renames=("mlp.e_score_correction_bias",)
+)
 for _model_type in ("mixtral", "minimax_m2"):
     LAYOUTS[_model_type] = MlxLayout(_model_type, _MOE_RENAMES_BLOCK, ".switch_mlp.")
 # DeepSeek V3, V3.2, GLM-4.7-Flash (glm4_moe_lite), GLM-5 (glm_moe_dsa) and Mistral Small 4
@@ -668,11 +673,14 @@ LAYOUTS["kimi_linear"] = MlxLayout(
 
 
 # Laguna: mlx-lm's router holds its linear layer as `gate.proj` (the correction bias stays in
-# `gate`); named per tensor, so that saving does not move the bias into `gate.proj`
+# `gate`); named per tensor, so that saving does not move the bias into `gate.proj`. The Hub
+# keeps the bias with the experts, where transformers' renaming (not reversed when saving)
+# would put it back: mlx-lm writes it under `gate.`
 LAYOUTS["laguna"] = MlxLayout(
     "laguna",
     ((r"\.mlp\.gate\.proj\.(weight|scales|biases)", r".mlp.gate.\1"), *_MOE_RENAMES),
     ".switch_mlp.",
+    kept_model_renames=("mlp.experts.e_score_correction_bias",),
 )
 # Llama 4's text model (`llama4_text`, also what transformers builds for a `llama4` checkpoint
 # through AutoModelForCausalLM): mlx-lm's llama4_text (the dense variant) names the untied
@@ -739,20 +747,62 @@ def fill_dropped_tensors(model, layout: MlxLayout) -> list[str]:
     return filled
 
 
+def ignore_dropped_on_save(model, layout: MlxLayout) -> list[str]:
+    """`save_pretrained` leaves out the tensors mlx-lm's sanitize drops and mlxq fills with
+    zeros when loading (:attr:`MlxLayout.dropped_zeros`: ERNIE 4.5 MoE's router correction
+    bias), as `mlx_lm convert` writes no such tensor. Returns their names."""
+    if not layout.dropped_zeros:
+        return []
+    pattern = re.compile("|".join(layout.dropped_zeros))
+    names = [k for k in model.state_dict() if pattern.search(k)]
+    model._keys_to_ignore_on_save = {*(model._keys_to_ignore_on_save or ()), *names}
+    return names
+
+
 def _has_marker(key: str, marker: str | tuple[str, ...]) -> bool:
     if isinstance(marker, tuple):
         return any(_has_marker(key, m) for m in marker)
     return marker in key if marker.startswith(".") else key.startswith(marker)
 
 
-# mlx-lm's `cast_predicate` (mlx_lm/models/<type>.py): float tensors `mlx_lm convert` leaves in
-# the checkpoint's dtype instead of casting them to the model's
+# mlx-lm's `cast_predicate` (mlx_lm/models/<type>.py, 0.32): float tensors `mlx_lm convert`
+# leaves in the checkpoint's dtype instead of casting them to the config's (names holding one
+# of these; mlx-lm tests some as suffixes, which these are where they occur)
+_BIAS = ("e_score_correction_bias",)
+_LINEAR = ("e_score_correction_bias", "A_log", "dt_bias")  # Kimi Linear / K3
 MLX_LM_CAST_KEEP: dict[str, tuple[str, ...]] = {
-    "lfm2_moe": ("expert_bias",),
-    "bailing_moe": ("expert_bias",),
-    "bailing_moe_linear": ("expert_bias",),
-    "laguna": ("e_score_correction_bias",),
-    "longcat_flash": ("e_score_correction_bias",),
+    **dict.fromkeys(("lfm2_moe", "bailing_moe", "bailing_moe_linear"), ("expert_bias",)),
+    **dict.fromkeys(("afmoe", "bailing_hybrid", "Klear"), ("expert_bias",)),
+    **dict.fromkeys(
+        (
+            "deepseek_v3",
+            "kimi_k2",
+            "joyai_llm_flash",
+            "deepseek_v32",
+            "exaone_moe",
+            "glm4_moe",
+            "glm4_moe_lite",
+            "kimi_k25",
+            "kimi_vl",
+            "laguna",
+            "longcat_flash",
+            "longcat_flash_ngram",
+            "mimo_v2_flash",
+            "minimax",
+            "minimax_m2",
+            "minimax_m3_vl",
+        ),
+        _BIAS,
+    ),
+    "nemotron_h": _BIAS,
+    "deepseek_v41": ("attn_hc.", "ffn_hc.", "sinks", *_BIAS, "compressor."),
+    "deepseek_v41_text": ("attn_hc.", "ffn_hc.", "sinks", *_BIAS, "compressor."),
+    "kimi_linear": _LINEAR,
+    "kimi_k3": _LINEAR,
+    "qwen3_5": ("A_log",),
+    "qwen3_5_moe": ("A_log",),
+    "muse_spark": ("_alpha", "_beta"),
+    "step3p5": ("router_bias",),
 }
 
 
@@ -761,6 +811,8 @@ def use_mlx_lm_layout(model) -> None:
     float GPT-2 `Conv1D`s become `nn.Linear` (mlx-lm's `[out, in]`), and the renames are added
     to the ones transformers reverses when saving."""
     layout = LAYOUTS.get(getattr(model.config, "model_type", None) or "")
+    if layout is not None:
+        ignore_dropped_on_save(model, layout)
     if layout is None:  # mlx-lm's names; its convolution weights channels-last (Falcon-H1's,
         # RecurrentGemma's), as `mlx_lm convert` writes them
         convs = _channels_last_on_save(model)
@@ -864,6 +916,13 @@ def mlx_lm_module_names(model, names: Iterable[str]) -> dict[str, str]:
     ]
     # saving reverses the list last to first: the model's renamings, then the layout's
     renames = [pair for rename in (*ours, *own) for pair in _alternatives(*rename)]
+    # the prefix the checkpoint was read with, which saving puts back last (Gemma 3n's text
+    # model read from the image-text checkpoint: `model.` -> `model.language_model.`)
+    prefixes = [
+        (f"{c.model_prefix}." if c.model_prefix else "", c.prefix_to_remove)
+        for c in conversions
+        if type(c).__name__ == "PrefixChange" and getattr(c, "prefix_to_remove", None)
+    ]
     out = {}
     for name in names:
         key = f"{name}.weight"
@@ -876,6 +935,9 @@ def mlx_lm_module_names(model, names: Iterable[str]) -> dict[str, str]:
                 key = source + key[len(target) :] if key.startswith(target) else key
             else:
                 key = key.replace(target, source)
+        for model_prefix, removed in prefixes:
+            if key.startswith(model_prefix) and not key.startswith(f"{model_prefix}{removed}."):
+                key = f"{model_prefix}{removed}.{key[len(model_prefix) :]}"
         out[name] = key.removesuffix(".weight")
     return out
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -104,6 +104,16 @@ class VlmLayout:
     # mlx-vlm's model reads the text rope from rope_parameters (its own conversion writes no
     # flat rope_theta, and none is needed): `mlxq inspect` does not warn about it
     reads_rope_parameters: bool = False
+    # mlx-vlm's names (regexes ending in `.`) of modules that transformers holds as raw
+    # parameters where mlx-vlm has a Linear (nn.MultiheadAttention's in_proj_weight): their
+    # renames (those starting with the regex) apply only while they are float; a quantized
+    # one keeps mlx-vlm's names, loaded into mlxq.nn.InProjMultiheadAttention
+    float_only: tuple[str, ...] = ()
+
+    def quantized_float_only(self, keys: Iterable[str]) -> list[str]:
+        """The :attr:`float_only` modules that `keys` (mlx-vlm's names) hold quantized."""
+        keys = list(keys)
+        return [p for p in self.float_only if any(re.search(f"{p}scales$", k) for k in keys)]
 
     def to_transformers(self, key: str) -> str:
         """`key` renamed as transformers applies the renames: each in turn (a Qwen 3.5 MoE
@@ -445,7 +455,8 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     ),
     # Granite 4.0 Vision: the window Q-Former projectors and the image newline at the top level,
     # and the SigLIP tower's pooling head with its attention input as a Linear (transformers'
-    # nn.MultiheadAttention holds it as raw parameters: a quantized one is refused by name)
+    # nn.MultiheadAttention holds it as raw parameters; a quantized one, as mlx-vlm writes it
+    # when asked to quantize the tower, loads into mlxq's InProjMultiheadAttention)
     "granite4_vision": _llava_like(
         "granite4_vision",
         (r"^layerwise_projectors\.", "model.layerwise_projectors."),
@@ -453,6 +464,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         (r"^image_newline", "model.image_newline"),
         (r"\.head\.attention\.in_proj\.weight", ".head.attention.in_proj_weight"),
         (r"\.head\.attention\.in_proj\.bias", ".head.attention.in_proj_bias"),
+        float_only=(r"\.head\.attention\.in_proj\.",),
     ),
     "paligemma": _llava_like("paligemma"),
     "llava": _llava_like("llava"),
@@ -568,9 +580,33 @@ def checkpoint_vlm_layout(model_type: str | None, keys: Iterable[str]) -> VlmLay
     """mlx-vlm's layout when the checkpoint of a `model_type` model uses it, else None
     (recognised by a key prefix only mlx-vlm writes, e.g. `language_model.model.`)."""
     layout = VLM_LAYOUTS.get(model_type or "")
+    keys = list(keys)
     if layout is None or not any(k.startswith(layout.marker) for k in keys):
         return None
+    quantized = layout.quantized_float_only(keys)
+    if quantized:  # (Granite 4 Vision's pooling head quantized: mlx-vlm's names kept)
+        renames = tuple(r for r in layout.renames if not r[0].startswith(tuple(quantized)))
+        return replace(layout, renames=renames)
     return layout
+
+
+def use_in_proj_attention(model: nn.Module, layout: VlmLayout, keys: Iterable[str]) -> list[str]:
+    """Replace each nn.MultiheadAttention whose input projection the checkpoint (`keys`,
+    mlx-vlm's names) holds quantized by mlxq.nn.InProjMultiheadAttention, whose `in_proj`
+    module then loads it. Returns their names."""
+    from mlxq.nn import InProjMultiheadAttention
+
+    names = []
+    for key in keys:
+        name = layout.to_transformers(key)
+        if not name.endswith(".in_proj.scales"):
+            continue
+        name = name.removesuffix(".in_proj.scales")
+        module = model.get_submodule(name) if name else None
+        if isinstance(module, nn.MultiheadAttention):
+            model.set_submodule(name, InProjMultiheadAttention.from_mha(module))
+            names.append(name)
+    return names
 
 
 def channels_last_conversions(

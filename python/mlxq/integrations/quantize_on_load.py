@@ -85,6 +85,7 @@ class QuantizeOnLoad(ConversionOps):
         # transformers logs a conversion's exception and goes on: kept here so that the
         # quantizer's check after loading names the layer and the reason
         self.errors: dict[str, str] = {}
+        self.done: set[str] = set()  # the layers quantized (the others found no float weight)
 
     def convert(self, input_dict: dict, **kwargs: Any) -> dict[str, torch.Tensor]:
         key, value = next(iter(input_dict.items()))
@@ -95,6 +96,7 @@ class QuantizeOnLoad(ConversionOps):
         except Exception as error:
             self.errors[name] = str(error).removeprefix("mlxq: ")
             raise
+        self.done.add(name)
         # every 16 MiB of float weights: reading /proc/self/smaps costs ~30 ms in a process
         # with torch loaded, and a page of the file stays resident until then anyway
         self._pending += value.numel() * value.element_size()

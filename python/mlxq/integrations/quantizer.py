@@ -38,6 +38,7 @@ from mlxq.integrations.mlx_lm_layout import (
     MlxLayout,
     checkpoint_layout,
     fill_dropped_tensors,
+    ignore_dropped_on_save,
     mlx_lm_config_keys,
     mlx_lm_outer_model_type,
     run_folded_multipliers,
@@ -53,6 +54,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     mlx_vlm_config_keys,
     takes_flat_text_keys,
     unmapped_vlm_note,
+    use_in_proj_attention,
     use_mlx_vlm_layout,
 )
 from mlxq.integrations.model_class import text_model_class
@@ -63,7 +65,12 @@ from mlxq.integrations.moe_loading import (
     replace_split_kv_b,
 )
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
-from mlxq.integrations.weight_ops import cast_on_save_converters, save_as_read
+from mlxq.integrations.weight_ops import (
+    cast_on_save_converters,
+    convert_cast_dtype,
+    save_as_convert,
+    save_as_read,
+)
 from mlxq.model_walk import (
     HeadDecision,
     config_ties,
@@ -447,6 +454,74 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     return out
 
 
+def float_checkpoint_files(model: nn.Module) -> list[str]:
+    """The safetensors files `model` was read from: its `name_or_path` as a folder, or as a Hub
+    id already in the local cache (nothing is downloaded); [] for a model built in memory."""
+    import os
+
+    source = str(getattr(model, "name_or_path", "") or "")
+    if not source:
+        return []
+    folder = source if os.path.isdir(source) else None
+    if folder is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(
+                source, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]
+            )
+        except Exception:  # noqa: BLE001 - not a cached Hub id: as a model built in memory
+            return []
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f).get("weight_map", {}).values()))
+    else:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    return [os.path.join(folder, n) for n in names]
+
+
+def read_float_checkpoint(model: nn.Module, files: list[str]) -> tuple[dict, dict] | None:
+    """The stored dtypes of a float checkpoint's tensors (keyed by `model`'s state-dict names)
+    and its config.json, or None where there are no files (a model built in memory)."""
+    import os
+
+    files = [f for f in files if str(f).endswith(".safetensors")]
+    if not files:
+        return None
+    config_file = os.path.join(os.path.dirname(str(files[0])), "config.json")
+    config = {}
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+    return checkpoint_keys_as_model_keys(model, read_headers(files)), config
+
+
+def save_float_dtypes_as_convert(
+    model: nn.Module, source: tuple[dict, dict] | None, vlm: bool
+) -> None:
+    """`save_pretrained` writes the tensors a quantized model holds in float32 in the dtypes
+    `mlx_lm convert -q` / `mlx_vlm convert -q` write: read from the float checkpoint the model
+    came from where there is one (`source`: :func:`read_float_checkpoint`; the file's dtype or
+    the config's, mlx-lm's cast_predicate kept), else the model's dtype (a model built in
+    memory: as if converted from a checkpoint of the model's dtype). `vlm`: saved in mlx-vlm's
+    layout, whose convert casts as mlx-lm's but with its own models' cast_predicates (not
+    mirrored: every float tensor is cast)."""
+    keep = () if vlm else MLX_LM_CAST_KEEP.get(_model_type(model) or "", ())
+    if source is not None:
+        stored, config = source
+        save_as_convert(model, stored, convert_cast_dtype(config), keep)
+        return
+    casts = cast_on_save_converters(model, keep)
+    if casts:
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions is None:  # built from a config: what transformers would revert
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            conversions = get_model_conversion_mapping(model, add_legacy=False)
+        model._weight_conversions = [*conversions, *casts]
+
+
 def _with_model_names(
     model: nn.Module, config: MLXQuantConfig, vlm_layout: VlmLayout | None = None
 ) -> MLXQuantConfig:
@@ -565,6 +640,20 @@ def _refuse_unmapped_vlm(
             )
     if mlx_vlm_names:
         _refuse_missing_tensors(model, headers, note)
+
+
+def check_all_quantized_on_load(on_load: QuantizeOnLoad) -> None:
+    """Every layer planned to be quantized while loading got its float weight from the
+    checkpoint: transformers fills a tensor the file lacks with uninitialised memory (reported
+    as missing in its load report), which would be this layer's packed weights and scales."""
+    missing = sorted(set(on_load.layers) - on_load.done - set(on_load.errors))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(
+            f"mlxq: the checkpoint holds no float weight for {len(missing)} layers mlxq was to "
+            f"quantize while loading ({', '.join(f'{n}.weight' for n in missing[:3])}{more}): "
+            "it is not this model class's checkpoint, or names its tensors otherwise"
+        )
 
 
 def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
@@ -717,6 +806,8 @@ class MLXHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:  # a float checkpoint: quantized tensor by tensor as it loads
+            # the stored dtypes, saved as mlx_lm convert writes them (save_float_dtypes_as_convert)
+            self._float_source = read_float_checkpoint(model, list(checkpoint_files or []))
             self.quantization_config = _as_convert_quantizes(model, self.quantization_config)
             layers, replaced = plan_on_load(model, self.quantization_config)
             self._on_load = QuantizeOnLoad(layers, checkpoint_files)
@@ -749,6 +840,8 @@ class MLXHfQuantizer(HfQuantizer):
             headers = kept
         vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
         self._vlm_layout: VlmLayout | None = vlm_layout
+        if vlm_layout is not None:  # a quantized MultiheadAttention input (Granite 4 Vision)
+            use_in_proj_attention(model, vlm_layout, headers)
         self._record_unexpected_keys(model)
         mlx_vlm_names = looks_like_mlx_vlm(headers)
         # mlx-lm's separate channels-last convolutions that transformers concatenates
@@ -851,14 +944,10 @@ class MLXHfQuantizer(HfQuantizer):
         vlm = not self.pre_quantized and use_mlx_vlm_layout(model)  # as mlx-vlm saves it
         if not self.pre_quantized and not vlm:
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
-        if not self.pre_quantized:  # float32 tensors saved in the model's dtype, as mlx-lm
-            keep = MLX_LM_CAST_KEEP.get(_model_type(model) or "", ())
-            casts = cast_on_save_converters(model, keep)
-            if casts:
-                model._weight_conversions = [
-                    *(getattr(model, "_weight_conversions", None) or []),
-                    *casts,
-                ]
+        if not self.pre_quantized:  # float32 tensors saved as mlx_lm convert writes them
+            save_float_dtypes_as_convert(model, self.__dict__.pop("_float_source", None), vlm)
+        if on_load is not None:
+            check_all_quantized_on_load(on_load)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
                 module, "_mlxq_name"
@@ -878,6 +967,7 @@ class MLXHfQuantizer(HfQuantizer):
             layout = getattr(self, "_mlx_layout", None)
             if layout is not None:
                 fill_dropped_tensors(model, layout)  # ERNIE 4.5 MoE's router bias
+                ignore_dropped_on_save(model, layout)  # (and saved as mlx-lm: without it)
                 if not layout.save_renamed:  # saved in transformers' names (Gemma 3's text)
                     load_only = getattr(self, "_layout_renames", [])
                     model._weight_conversions = [

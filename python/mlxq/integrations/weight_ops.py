@@ -19,6 +19,8 @@ __all__ = [
     "cast_on_save_converter",
     "cast_on_save_converters",
     "save_as_read",
+    "convert_cast_dtype",
+    "save_as_convert",
     "ChannelsLastToFirst",
     "ScalarShape",
     "UnitOffset",
@@ -218,8 +220,10 @@ class CastOnSave:
 def cast_on_save_converters(model, keep: tuple[str, ...] = ()) -> list:
     """`WeightConverter`s that save the model's float32 tensors (those transformers keeps in
     float32 in a bfloat16 / float16 model: routers' correction biases, `A_log`, `dt_bias`) in
-    the model's dtype, as `mlx_lm convert` casts every float tensor to it; names containing
-    one of `keep` (the model's mlx-lm `cast_predicate`) stay as they are."""
+    the model's dtype, as `mlx_lm convert` casts every float tensor to the config's dtype;
+    names containing one of `keep` (the model's mlx-lm `cast_predicate`) stay as they are.
+    The rule of a model built in memory (no file): one read from a checkpoint is saved as
+    `mlx_lm convert` writes that checkpoint (:func:`save_as_convert`)."""
     from transformers.core_model_loading import WeightConverter
 
     tensors = model.state_dict().items()  # (persistent buffers only)
@@ -289,3 +293,63 @@ def save_as_read(model, stored: dict) -> list[str]:
     if dtypes:
         cast_on_save(model, dtypes)
     return sorted(dtypes)
+
+
+_HEADER_FLOATS = {**_STORED_FLOATS, "F32": torch.float32}
+_CONVERT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def convert_cast_dtype(config: dict) -> torch.dtype | None:
+    """The dtype `mlx_lm convert` / `mlx_vlm convert` cast a float checkpoint's tensors to (no
+    --dtype given), from its config.json: `torch_dtype`, else text_config's `dtype`. None for
+    a text model saved by transformers 5, which writes only a top-level `dtype` (not read by
+    mlx-lm 0.32): then every tensor keeps the dtype the file stores."""
+    name = config.get("torch_dtype")
+    if name is None:
+        name = (config.get("text_config") or {}).get("dtype")
+    return _CONVERT_DTYPES.get(name) if isinstance(name, str) else None
+
+
+def save_as_convert(
+    model, stored: dict, cast: torch.dtype | None, keep: tuple[str, ...] = ()
+) -> dict[str, torch.dtype]:
+    """A bf16 / fp16 model read from a float checkpoint and quantized saves the tensors it holds
+    in fp32 (those transformers keeps fp32: routers' weights and correction biases; mlxq's
+    quantized layers built on them: ERNIE 4.5's router) in the dtype `mlx_lm convert -q` writes
+    for that checkpoint: `cast` (:func:`convert_cast_dtype`) unless a name holds one of `keep`
+    (mlx-lm's `cast_predicate`), else the dtype the file stores. A tensor the file lacks is
+    saved in the model's dtype (the rule of a model built in memory,
+    :func:`cast_on_save_converters`). `stored`: the model's state-dict key -> its header's
+    TensorInfo; a quantized layer's scales and biases follow its stored `weight`.
+    Returns the casts asked of save_pretrained (name -> dtype)."""
+    tensors = model.state_dict()
+    sizes: dict[torch.dtype, int] = {}  # the model's dtype: most of its float values
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    dtype = max(sizes, key=sizes.get) if sizes else None
+    if dtype not in (torch.bfloat16, torch.float16):
+        return {}
+    dtypes = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32:
+            continue
+        info = stored.get(name)
+        if info is None and name.endswith((".scales", ".biases")):
+            info = stored.get(f"{name.rpartition('.')[0]}.weight")
+        kept = any(k in name for k in keep)
+        if info is None or info[0] not in _HEADER_FLOATS:
+            if not kept:
+                dtypes[name] = dtype
+        elif cast is not None and not kept:
+            dtypes[name] = cast
+        else:
+            dtypes[name] = _HEADER_FLOATS[info[0]]
+    dtypes = {k: v for k, v in dtypes.items() if v != torch.float32}
+    if dtypes:
+        if getattr(model, "_weight_conversions", None) is None:  # what transformers reverts
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+        cast_on_save(model, dtypes)
+    return dtypes
