@@ -114,6 +114,14 @@ def _index(content) -> Callable[[Path], None]:
     return apply
 
 
+def _index_without_shards(folder: Path) -> None:
+    """A right index whose only shard is gone (a copy of the small files only)."""
+    names = load_file(folder / "model.safetensors")
+    weight_map = dict.fromkeys(names, "model.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "model.safetensors").unlink()
+
+
 _QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
 
@@ -168,6 +176,8 @@ CASES = {
     "index-list": (_index([]), ["model.safetensors.index.json", "weight_map"]),
     "index-weight-map-list": (_index({"weight_map": []}), ["index.json", "weight_map"]),
     "index-int-values": (_index({"weight_map": {"a": 1}}), ["index.json", "weight_map"]),
+    # before: a bare FileNotFoundError from reading the header of the absent shard
+    "index-without-shards": (_index_without_shards, ["no model*.safetensors"]),
     "no-quantization-block": (_config(_no_quantization), ["packed", "quantization"]),
     "quantization-list": (
         _config(lambda c: c.update(quantization=[4], quantization_config=[4])),

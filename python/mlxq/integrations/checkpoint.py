@@ -295,7 +295,15 @@ def check_shard_index(
             return _download(source, name, subfolder, **download_kwargs)
 
     if not present:
-        return None  # nothing to rebuild from: let transformers report what is missing
+        if not os.path.isdir(source):
+            return None  # a Hub repo or cache without them: transformers' download reports it
+        # a local folder: transformers would hand the absent paths on and fail in a bare
+        # FileNotFoundError while reading them
+        raise ValueError(
+            f"mlxq: {index_filename} names {', '.join(named[:3])}"
+            f"{' ...' if len(named) > 3 else ''}, but {Path(index_filename).parent} holds no "
+            "model*.safetensors file: an incomplete download or copy?"
+        )
     if set(named) == set(present):
         # the shards exist (and no other file that mlx-lm, reading every `model*.safetensors`,
         # would load too): are their tensors the ones the index names?
