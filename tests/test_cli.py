@@ -66,6 +66,17 @@ def test_help_lists_every_command() -> None:
         assert command in proc.stdout
 
 
+@pytest.mark.parametrize("name", ["ops", "model"])
+def test_bench_help_names_the_command(name: str, capsys) -> None:
+    # `mlxq bench ops -h` printed `usage: __main__.py` (its parser had no prog)
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(f"mlxq.bench.{name}").main(["-h"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mlxq bench {name} ")
+
+
 def test_demo_answers_paris() -> None:
     # builds (once per cache) the 4-bit g32 checkpoint with mlxq's own converter, then chats
     proc = run_cli("demo", "--max-tokens", "24")
