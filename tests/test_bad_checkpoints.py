@@ -122,6 +122,15 @@ def _index_without_shards(folder: Path) -> None:
     (folder / "model.safetensors").unlink()
 
 
+def _sharded_save_over_single(folder: Path) -> None:
+    """What a sharded save_pretrained leaves over a single-file one: model.safetensors stays
+    beside the new shards and their index (transformers reads model.safetensors alone)."""
+    names = load_file(folder / "model.safetensors")
+    shutil.copy(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+    weight_map = dict.fromkeys(names, "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
 _QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
 
@@ -178,6 +187,8 @@ CASES = {
     "index-int-values": (_index({"weight_map": {"a": 1}}), ["index.json", "weight_map"]),
     # before: a bare FileNotFoundError from reading the header of the absent shard
     "index-without-shards": (_index_without_shards, ["no model*.safetensors"]),
+    # before: loaded model.safetensors alone, the older model (silently)
+    "sharded-save-over-single": (_sharded_save_over_single, ["in two files", "model.safetensors"]),
     "no-quantization-block": (_config(_no_quantization), ["packed", "quantization"]),
     "quantization-list": (
         _config(lambda c: c.update(quantization=[4], quantization_config=[4])),
