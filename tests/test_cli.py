@@ -158,6 +158,18 @@ ERROR_CASES = {
     "inspect-file": (["inspect", "{file}"], 1, ["is a file"]),
     "generate-zero-tokens": (["generate", "--model", "{ckpt}", "--max-tokens", "0"], 1, ["--max"]),
     "demo-negative-tokens": (["demo", "--max-tokens", "-3"], 1, ["--max-tokens"]),
+    # before: a negative or NaN temperature decoded greedily, --threads 0 was ignored
+    "generate-negative-temperature": (
+        ["generate", "--model", "{ckpt}", "--temperature", "-1"],
+        1,
+        ["--temperature", "-1"],
+    ),
+    "generate-nan-temperature": (
+        ["generate", "--model", "{ckpt}", "--temperature", "nan"],
+        1,
+        ["--temperature", "nan"],
+    ),
+    "demo-zero-threads": (["demo", "--threads", "0"], 1, ["--threads", "0"]),
     "generate-float-model": (
         ["generate", "--model", "{float}"],
         1,
