@@ -206,6 +206,17 @@ def test_embedding_rejects_float_ids() -> None:
         emb(torch.zeros(2))
 
 
+def test_meta_modules_give_shapes_as_nn_modules_do() -> None:
+    # a meta AffineEmbedding raised "Tensor.item() cannot be called on meta tensors" (its id
+    # check), where nn.Embedding on meta gives the output's shape (shape inference, init_empty)
+    emb = AffineEmbedding.from_float(torch.nn.Embedding(10, 32), bits=4, group_size=32)
+    lin = AffineLinear.from_float(torch.nn.Linear(32, 8), bits=4, group_size=32)
+    ids = torch.tensor([[1, 2, 3]], device="meta")
+    out = emb.to("meta")(ids)
+    assert out.device.type == "meta" and out.shape == (1, 3, 32)
+    assert lin.to("meta")(out).shape == (1, 3, 8)
+
+
 OUT_OF_RANGE = [
     (bad, dtype) for bad in (-1, -10, 10, 11) for dtype in (torch.int64, torch.int32, torch.int16)
 ] + [(2**40, torch.int64)]
