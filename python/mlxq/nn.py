@@ -36,8 +36,19 @@ __all__ = [
 
 
 def _check_format(
-    name: str, in_features: int, bits: int, group_size: int, mode: str = "affine"
+    name: str, in_features: int, bits: int, group_size: int, mode: str = "affine", **sizes: int
 ) -> None:
+    # ints, not floats that compare equal (bits=4.0 passed `in SUPPORTED_BITS` and failed in
+    # torch.empty), and sizes >= 0 (a negative one was torch's "negative dimension" error)
+    def integer(value) -> bool:  # int, numpy's ints; not bool, not float
+        return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+    for key, value in {"bits": bits, "group_size": group_size}.items():
+        if not integer(value):
+            raise TypeError(f"mlxq: {name}: {key} must be an int, got {value!r}")
+    for key, value in {"in_features": in_features, **sizes}.items():
+        if not integer(value) or value < 0:
+            raise ValueError(f"mlxq: {name}: {key} must be an int >= 0, got {value!r}")
     if mode != "affine":
         if mode not in MODE_DEFAULTS:
             raise ValueError(
@@ -66,6 +77,19 @@ def _check_format(
             f"mlxq: {name}: in_features={in_features} is not a multiple of group_size="
             f"{group_size} (and of 32/gcd(bits, 32) for bits={bits})"
         )
+
+
+def _refuse_converted_words(module: nn.Module, state_dict: dict, prefix: str, errors: list) -> bool:
+    """`load_state_dict` copies with a dtype conversion: a float (or other) `weight` would turn
+    the packed words' numbers into new words, not keep their bits. Records an error, True then."""
+    packed = state_dict.get(prefix + "weight")
+    if isinstance(packed, torch.Tensor) and packed.dtype not in (torch.uint32, torch.int32):
+        errors.append(
+            f"mlxq: {prefix}weight of {type(module).__name__} holds packed words (uint32 or "
+            f"int32), got {packed.dtype}: loading it would convert the numbers, not keep the bits"
+        )
+        return True
+    return False
 
 
 def _packed_buffers(
@@ -102,7 +126,9 @@ class AffineLinear(PicklesUnsignedBuffers, nn.Module):
         mode: str = "affine",
     ) -> None:
         super().__init__()
-        _check_format(type(self).__name__, in_features, bits, group_size, mode)
+        _check_format(
+            type(self).__name__, in_features, bits, group_size, mode, out_features=out_features
+        )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.mode, self.dtype = bits, group_size, mode, dtype
         weight, scales, biases = _packed_buffers(
@@ -152,6 +178,14 @@ class AffineLinear(PicklesUnsignedBuffers, nn.Module):
         group = self.projection_group
         return self.add_bias(_matmul(self, x) if group is None else group.output(self, x))
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, metadata, strict, missing, unexpected, errors
+    ):
+        if not _refuse_converted_words(self, state_dict, prefix, errors):
+            super()._load_from_state_dict(
+                state_dict, prefix, metadata, strict, missing, unexpected, errors
+            )
+
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         """`y` (this layer's `x @ W.T`) plus its bias, in the dtype of `y`."""
         bias = self.bias
@@ -186,7 +220,14 @@ class AffineEmbedding(PicklesUnsignedBuffers, nn.Module):
         mode: str = "affine",
     ) -> None:
         super().__init__()
-        _check_format(type(self).__name__, embedding_dim, bits, group_size, mode)
+        _check_format(
+            type(self).__name__,
+            embedding_dim,
+            bits,
+            group_size,
+            mode,
+            num_embeddings=num_embeddings,
+        )
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.padding_idx = bits, group_size, padding_idx
         self.mode, self.dtype = mode, dtype
@@ -239,6 +280,14 @@ class AffineEmbedding(PicklesUnsignedBuffers, nn.Module):
             biases,
         )
         return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, metadata, strict, missing, unexpected, errors
+    ):
+        if not _refuse_converted_words(self, state_dict, prefix, errors):
+            super()._load_from_state_dict(
+                state_dict, prefix, metadata, strict, missing, unexpected, errors
+            )
 
     def _check_ids(self, flat: torch.Tensor) -> None:
         # One reduction, on every device (index_select does not check bounds on all of them).
