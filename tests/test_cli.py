@@ -77,6 +77,20 @@ def test_bench_help_names_the_command(name: str, capsys) -> None:
     assert capsys.readouterr().out.startswith(f"usage: mlxq bench {name} ")
 
 
+def test_python_m_mlxq_doctor_runs_without_a_warning() -> None:
+    # the README's `python -m mlxq.doctor`: `import mlxq` imported mlxq.doctor, so runpy ran it
+    # again with "RuntimeWarning: 'mlxq.doctor' found in sys.modules"
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "mlxq.doctor"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0 and "RuntimeWarning" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.startswith("mlxq doctor")
+
+
 def test_demo_answers_paris() -> None:
     # builds (once per cache) the 4-bit g32 checkpoint with mlxq's own converter, then chats
     proc = run_cli("demo", "--max-tokens", "24")
