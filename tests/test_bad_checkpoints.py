@@ -223,7 +223,12 @@ def test_from_pretrained_names_what_is_wrong(tiny: Path, tmp_path: Path, case: s
         assert word in str(error.value), (word, str(error.value)[:500])
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# the loader's own refusals (`mlxq generate` loads through from_pretrained; inspect reported
+# these folders already): left out here, where each case costs two CLI processes
+LOADER_ONLY = ("index-without-shards", "sharded-save-over-single")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in LOADER_ONLY])
 def test_inspect_and_generate_name_what_is_wrong(tiny: Path, tmp_path: Path, case: str) -> None:
     folder = _broken(tiny, tmp_path, case)
     words = CASES[case][1]
