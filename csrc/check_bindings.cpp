@@ -37,7 +37,7 @@ void register_check_bindings(pybind11::module& m) {
   m.def("check_rotary_embedding", &check_rotary_embedding, py::arg("q"), py::arg("k"),
         py::arg("cos"), py::arg("sin"), "Checks the arguments of rotary_embedding.");
   m.def("decode_attention_out_shape", &decode_attention_out_shape, py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("mask"),
+        py::arg("v"), py::arg("mask"), py::arg("scale") = py::none(),
         "Checks the arguments of decode_attention and returns its output shape.");
 }
 

@@ -563,7 +563,11 @@ bool unit_last_stride(const at::Tensor& t) {
 
 std::vector<SymInt> check_decode_attention_sym(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v,
-                                               const std::optional<at::Tensor>& mask) {
+                                               const std::optional<at::Tensor>& mask,
+                                               std::optional<double> scale) {
+  // a NaN or infinite scale makes every score NaN (or inf - inf): refused, not computed
+  TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale),
+                    "mlxq: decode_attention: scale must be finite, got ", scale.value_or(0.0));
   TORCH_CHECK_TYPE(is_float(q.scalar_type()), "mlxq: q must be float32, float16 or bfloat16, got ",
                    q.scalar_type());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
@@ -618,16 +622,17 @@ std::vector<SymInt> check_decode_attention_sym(const at::Tensor& q, const at::Te
 }  // namespace
 
 AttentionGeometry check_decode_attention(const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& v,
-                                         const std::optional<at::Tensor>& mask) {
-  check_decode_attention_sym(q, k, v, mask);
+                                         const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                         std::optional<double> scale) {
+  check_decode_attention_sym(q, k, v, mask, scale);
   return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
 }
 
 std::vector<c10::SymInt> decode_attention_out_shape(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v,
-                                                    const std::optional<at::Tensor>& mask) {
-  return check_decode_attention_sym(q, k, v, mask);
+                                                    const std::optional<at::Tensor>& mask,
+                                                    std::optional<double> scale) {
+  return check_decode_attention_sym(q, k, v, mask, scale);
 }
 
 at::ScalarType check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {

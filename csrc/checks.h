@@ -175,11 +175,11 @@ struct AttentionGeometry {
 };
 
 // q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] of one float dtype with Hkv >= 1 dividing Hq, a
-// unit-stride last dimension (any other strides), and an optional mask (bool, or float32,
-// float16, bfloat16) that broadcasts to [B, Hq, Lq, Lk]; all on one device.
+// unit-stride last dimension (any other strides), an optional mask (bool, or float32, float16,
+// bfloat16) that broadcasts to [B, Hq, Lq, Lk], all on one device, and a finite scale if given.
 AttentionGeometry check_decode_attention(const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& v,
-                                         const std::optional<at::Tensor>& mask);
+                                         const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                         std::optional<double> scale);
 
 // rms_norm's arguments: x float of any shape with a last dimension of D >= 1 values, weight
 // float [D], both on one device, eps finite and >= 0. Returns the output dtype (x's and weight's
@@ -194,6 +194,7 @@ void check_rotary_embedding(const at::Tensor& q, const at::Tensor& k, const at::
 // The same checks; returns the output shape [B, Hq, Lq, D] (sizes may be symbolic).
 std::vector<c10::SymInt> decode_attention_out_shape(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v,
-                                                    const std::optional<at::Tensor>& mask);
+                                                    const std::optional<at::Tensor>& mask,
+                                                    std::optional<double> scale);
 
 }  // namespace mlxq

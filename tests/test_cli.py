@@ -66,6 +66,31 @@ def test_help_lists_every_command() -> None:
         assert command in proc.stdout
 
 
+@pytest.mark.parametrize("name", ["ops", "model"])
+def test_bench_help_names_the_command(name: str, capsys) -> None:
+    # `mlxq bench ops -h` printed `usage: __main__.py` (its parser had no prog)
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(f"mlxq.bench.{name}").main(["-h"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mlxq bench {name} ")
+
+
+def test_python_m_mlxq_doctor_runs_without_a_warning() -> None:
+    # the README's `python -m mlxq.doctor`: `import mlxq` imported mlxq.doctor, so runpy ran it
+    # again with "RuntimeWarning: 'mlxq.doctor' found in sys.modules"
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "mlxq.doctor"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0 and "RuntimeWarning" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.startswith("mlxq doctor")
+
+
 def test_demo_answers_paris() -> None:
     # builds (once per cache) the 4-bit g32 checkpoint with mlxq's own converter, then chats
     proc = run_cli("demo", "--max-tokens", "24")
@@ -147,6 +172,18 @@ ERROR_CASES = {
     "inspect-file": (["inspect", "{file}"], 1, ["is a file"]),
     "generate-zero-tokens": (["generate", "--model", "{ckpt}", "--max-tokens", "0"], 1, ["--max"]),
     "demo-negative-tokens": (["demo", "--max-tokens", "-3"], 1, ["--max-tokens"]),
+    # before: a negative or NaN temperature decoded greedily, --threads 0 was ignored
+    "generate-negative-temperature": (
+        ["generate", "--model", "{ckpt}", "--temperature", "-1"],
+        1,
+        ["--temperature", "-1"],
+    ),
+    "generate-nan-temperature": (
+        ["generate", "--model", "{ckpt}", "--temperature", "nan"],
+        1,
+        ["--temperature", "nan"],
+    ),
+    "demo-zero-threads": (["demo", "--threads", "0"], 1, ["--threads", "0"]),
     "generate-float-model": (
         ["generate", "--model", "{float}"],
         1,

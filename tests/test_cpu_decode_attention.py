@@ -314,6 +314,9 @@ def _bad_calls():
         ((q, k, k, torch.ones(1, 1, 1, 1, 10, dtype=torch.bool)), ValueError, "mask shape"),
         ((q, k, k, torch.ones(1, 1, 1, 10, dtype=torch.int32)), TypeError, "mask must be bool"),
         ((q, k, k.to("meta"), None), ValueError, "one device"),
+        # a NaN / infinite scale gave finite garbage (the default scale's result, or zeros)
+        ((q, k, k, None, float("nan")), ValueError, "scale must be finite, got nan"),
+        ((q, k, k, None, float("inf")), ValueError, "scale must be finite, got inf"),
     ]
 
 

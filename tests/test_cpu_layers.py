@@ -465,3 +465,28 @@ def test_dynamic_cache_grows_in_place_and_follows_crops(monkeypatch) -> None:
     )
     _, cache = _decode(mistral)
     assert not any("_mlxq_kv" in vars(layer) for layer in cache.layers)
+
+
+def test_export_with_a_dynamic_sequence_length() -> None:
+    """torch.export of a loaded model with a dynamic sequence length: the eager fast paths
+    (flat layer, native norm, rotary op) test sizes only outside tracing, so no guard pins the
+    length (before: the norm's row test guarded `5 <= L <= 8` and export refused `Dim`)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_mlx_checkpoint("qwen3", 4, 64), dtype=torch.float32
+    )
+    assert _flat_layers(model)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids, use_cache=False).logits
+
+    length = torch.export.Dim("length", min=2, max=64)
+    program = torch.export.export(Logits(), (PROMPT[:, :5],), dynamic_shapes=({1: length},))
+    with torch.no_grad():
+        for ids in (PROMPT[:, :3], PROMPT, torch.arange(40)[None] * 7):
+            # eager short calls take the native paths (fp32 sums in another order)
+            torch.testing.assert_close(program.module()(ids), model(ids).logits, rtol=0, atol=5e-5)

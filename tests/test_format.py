@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.nn as mxnn
 import pytest
+import torch
 from mlxq.format import (
     KNOWN_MODES,
     ModuleFormat,
@@ -46,6 +47,10 @@ def test_top_level_nulls_resolve_per_mode() -> None:
     [
         ({"bits": "four", "group_size": 64}, ["'bits'", "'four'", "str"]),
         ({"bits": 4, "group_size": 64.0}, ["'group_size'", "64.0", "float"]),
+        # 0 read as null (the default): quantize_model(group_size=0) quantized at 64
+        ({"bits": 4, "group_size": 0}, ["'group_size'", "positive", "got 0"]),
+        ({"bits": 0, "group_size": 64}, ["'bits'", "positive", "got 0"]),
+        ({"bits": 4, "group_size": 64, "a.b": {"group_size": 0}}, ["'a.b'", "got 0"]),
         (
             {"bits": 4, "group_size": 64, "mode": "int4"},
             ["unknown MLX quantization mode", "'int4'"],
@@ -64,6 +69,12 @@ def test_wrong_keys_and_types_are_named(block: dict, words: list[str]) -> None:
         assert word in str(error.value)
     with pytest.raises(ValueError):
         MLXQuantConfig.from_dict(block)
+    top = {k: block[k] for k in ("bits", "group_size") if k in block}
+    if len(block) == 2:  # quantize_model's arguments go through the same check
+        from mlxq.quantize_model import quantize_model
+
+        with pytest.raises(ValueError):
+            quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), **top)
 
 
 def test_quantize_input_is_refused_by_name() -> None:

@@ -200,10 +200,53 @@ def test_bad_format_is_a_clear_error(kwargs: dict, message: str) -> None:
         AffineEmbedding(8, args["in_features"], bits=args["bits"], group_size=args["group_size"])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"bits": 4.0}, TypeError, "bits must be an int, got 4.0"),  # was torch.empty's error
+        ({"group_size": True}, TypeError, "group_size must be an int"),
+        ({"in_features": -64}, ValueError, "in_features must be an int >= 0, got -64"),
+        ({"out_features": -8}, ValueError, "out_features must be an int >= 0, got -8"),
+    ],
+)
+def test_bad_argument_types_are_named(kwargs: dict, error: type, message: str) -> None:
+    args = {"in_features": 128, "out_features": 8, "bits": 4, "group_size": 64, **kwargs}
+    with pytest.raises(error, match=message):
+        AffineLinear(**args)
+
+
+@pytest.mark.parametrize("cls", ["linear", "embedding"])
+def test_state_dict_with_converted_words_is_refused(cls: str) -> None:
+    """load_state_dict copies with a dtype conversion: float words were turned into other
+    words without a word; int32 words (the same bits) still load."""
+    if cls == "linear":
+        module = AffineLinear.from_float(torch.nn.Linear(64, 8), bits=4, group_size=32)
+    else:
+        module = AffineEmbedding.from_float(torch.nn.Embedding(8, 64), bits=4, group_size=32)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    words = state["weight"].clone()
+    with pytest.raises(RuntimeError, match="weight of Affine.*packed words.*float32"):
+        module.load_state_dict({**state, "weight": state["weight"].float()})
+    assert torch.equal(module.weight, words)
+    module.load_state_dict({**state, "weight": words.view(torch.int32)})
+    assert module.weight.dtype == torch.uint32 and torch.equal(module.weight, words)
+
+
 def test_embedding_rejects_float_ids() -> None:
     emb = AffineEmbedding.from_float(torch.nn.Embedding(10, 32), bits=4, group_size=32)
     with pytest.raises(TypeError, match="integer ids"):
         emb(torch.zeros(2))
+
+
+def test_meta_modules_give_shapes_as_nn_modules_do() -> None:
+    # a meta AffineEmbedding raised "Tensor.item() cannot be called on meta tensors" (its id
+    # check), where nn.Embedding on meta gives the output's shape (shape inference, init_empty)
+    emb = AffineEmbedding.from_float(torch.nn.Embedding(10, 32), bits=4, group_size=32)
+    lin = AffineLinear.from_float(torch.nn.Linear(32, 8), bits=4, group_size=32)
+    ids = torch.tensor([[1, 2, 3]], device="meta")
+    out = emb.to("meta")(ids)
+    assert out.device.type == "meta" and out.shape == (1, 3, 32)
+    assert lin.to("meta")(out).shape == (1, 3, 8)
 
 
 OUT_OF_RANGE = [

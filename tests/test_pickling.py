@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -94,9 +95,23 @@ def _generated(model) -> list:
         return model.generate(TOKENS, max_new_tokens=4, do_sample=False)[0].tolist()
 
 
+def _shared_storages(model) -> int:
+    """How many packed buffers share their storage with an earlier one (tied heads)."""
+    seen, shared = set(), 0
+    for buffer in model.buffers():
+        if buffer.dtype == torch.uint32:
+            ptr = buffer.untyped_storage().data_ptr()
+            shared += ptr in seen
+            seen.add(ptr)
+    return shared
+
+
 def _check_copies(model, check) -> None:
     features, hooks, want = _features(model), _capture_hooks(model), check(model)
-    for copied in (_round_trip(model), copy.deepcopy(model)):
+    # plain pickle too (multiprocessing, Ray): torch's legacy storage format cannot load uint32
+    # tensors, so mlxq's modules pickle their packed words as int32 views
+    for copied in (_round_trip(model), copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert _shared_storages(copied) == _shared_storages(model)
         assert _features(copied) == features
         assert _capture_hooks(copied) == hooks
         np.testing.assert_equal(check(copied), want)

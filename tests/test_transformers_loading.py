@@ -519,3 +519,18 @@ def test_scales_stored_finer_than_the_model_dtype_are_not_rounded_silently(
     assert not [r for r in caplog.records if "rounds them" in r.getMessage()]
     stored = load_file(folder / "model.safetensors")[f"{LAYER}.scales"]
     assert torch.equal(model.get_submodule(LAYER).scales, stored)  # kept as stored
+
+
+def test_half_and_float_cast_an_mlx_model_as_to_does(tiny: Path, tiny_logits) -> None:
+    """transformers' `.half()` / `.float()` refused every quantized model ("not supported for
+    quantized model") while `.to(torch.float16)` casts it; an MLX model takes both now."""
+    import copy
+
+    model = _load(tiny)
+    by_to = _logits(copy.deepcopy(model).to(torch.float16))
+    half = model.half()
+    assert half is model and model.dtype == torch.float16
+    assert torch.equal(_logits(model), by_to)
+    assert model.float().dtype == torch.float32
+    # fp16 scales widened back to fp32 (exact), so close to the fp32 model's logits
+    torch.testing.assert_close(_logits(model), tiny_logits, rtol=0, atol=2e-2)

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const a
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, std::optional<double> scale) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const AttentionGeometry g = check_decode_attention(q, k, v, mask);
+  const AttentionGeometry g = check_decode_attention(q, k, v, mask, scale);
   const c10::DeviceGuard device(q.device());
   if (g.B * g.Hq * g.Lq * g.D == 0) return at::empty({g.B, g.Hq, g.Lq, g.D}, q.options());
   if (g.Lk == 0) return at::zeros({g.B, g.Hq, g.Lq, g.D}, q.options());  // no key attended

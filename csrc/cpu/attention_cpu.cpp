@@ -85,7 +85,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const std::optional<at::Tensor>& mask,
                                 std::optional<double> scale) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const AttentionGeometry g = check_decode_attention(q, k, v, mask);
+  const AttentionGeometry g = check_decode_attention(q, k, v, mask, scale);
   at::Tensor out = at::empty({g.B, g.Hq, g.Lq, g.D}, q.options());
   if (out.numel() == 0) return out;
   AttentionArgs a;

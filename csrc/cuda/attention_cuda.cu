@@ -56,7 +56,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& mask,
                                  std::optional<double> scale) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const AttentionGeometry g = check_decode_attention(q, k, v, mask);
+  const AttentionGeometry g = check_decode_attention(q, k, v, mask, scale);
   const int64_t rows = g.Hq / std::max<int64_t>(g.Hkv, 1) * g.Lq;
   if (g.D > kMaxD || g.B * g.Hkv > kMaxGrid || (rows + 7) / 8 > kMaxGrid ||
       g.B * g.Hkv * rows > INT32_MAX) {

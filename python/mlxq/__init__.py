@@ -15,7 +15,6 @@ from mlxq._threads import set_openmp_wait_policy as _set_openmp_wait_policy
 
 _set_openmp_wait_policy()  # before torch loads OpenMP (see mlxq._threads)
 
-from mlxq.doctor import backend_info, doctor_report  # noqa: E402
 from mlxq.integrations.registration import install as _install_transformers_hook  # noqa: E402
 from mlxq.metal.backend import install as _install_metal  # noqa: E402
 from mlxq.nn import AffineEmbedding, AffineLinear  # noqa: E402
@@ -51,4 +50,10 @@ def __getattr__(name: str):
         from mlxq.integrations.config import MLXQuantConfig
 
         return MLXQuantConfig
+    if name in ("backend_info", "doctor_report"):
+        # on first use: imported by `import mlxq`, `python -m mlxq.doctor` (the README's) ran
+        # the module a second time with runpy's RuntimeWarning
+        from mlxq import doctor
+
+        return getattr(doctor, name)
     raise AttributeError(f"module 'mlxq' has no attribute {name!r}")

@@ -13,7 +13,9 @@ import itertools
 import types
 from collections.abc import Callable
 
-__all__ = ["made_class", "bind_method", "picklable_after_forward"]
+import torch
+
+__all__ = ["made_class", "bind_method", "picklable_after_forward", "PicklesUnsignedBuffers"]
 
 _FACTORY = "_mlxq_factory"
 
@@ -179,3 +181,39 @@ def __getattr__(name: str):
     if hook is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return hook
+
+
+# torch's plain pickling (pickle.dumps, multiprocessing; torch.save has its own format) writes a
+# tensor's storage in the legacy format, which has no storage class for uint16/32/64: loading one
+# fails ("UntypedStorage has no attribute 'dtype'", torch 2.13). Packed weights are uint32.
+_SIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+class _SignedView:
+    """Pickles an unsigned tensor as its signed view (the same bits) and the view back."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __reduce__(self):
+        return (_unsigned_view, (self.tensor.view(_SIGNED[self.tensor.dtype]), self.tensor.dtype))
+
+
+def _unsigned_view(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.view(dtype)
+
+
+class PicklesUnsignedBuffers:
+    """nn.Module mixin: unsigned buffers (packed weights) pickle as signed views, so that
+    `pickle.loads(pickle.dumps(module))` works (see `_SIGNED`); views keep storages shared."""
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        buffers = state.get("_buffers")
+        if buffers and any(getattr(t, "dtype", None) in _SIGNED for t in buffers.values()):
+            state = dict(state)
+            state["_buffers"] = {
+                name: _SignedView(t) if getattr(t, "dtype", None) in _SIGNED else t
+                for name, t in buffers.items()
+            }
+        return state

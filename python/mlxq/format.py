@@ -114,9 +114,11 @@ def require_top_level_keys(q: dict) -> None:
 def _int_or_null(value: Any, key: str, where: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    # 0 is refused too: it used to read as null (the mode's default) through `value or
+    # default`, so quantize_model(group_size=0) quantized at 64; MLX itself divides by it
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
-            f"mlxq: config.json quantization{where}: {key!r} must be a non-negative integer or "
+            f"mlxq: config.json quantization{where}: {key!r} must be a positive integer or "
             f"null, got {value!r} ({type(value).__name__})"
         )
     return value

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlxq._pickling import made_class
+from mlxq._pickling import PicklesUnsignedBuffers, made_class
 from mlxq.format import MODE_DEFAULTS
 from mlxq.ops import (
     affine_dequantize,
@@ -83,7 +83,7 @@ class SwitchProjection(nn.Module):
         return y + self.bias[indices].unsqueeze(-2).to(y.dtype)
 
 
-class AffineSwitchLinear(SwitchProjection):
+class AffineSwitchLinear(PicklesUnsignedBuffers, SwitchProjection):
     """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`), in any
     MLX mode: "affine" (float `scales` and `biases`) or "mxfp4", "nvfp4", "mxfp8" (uint8
     `scales`, no `biases`; nvfp4 optionally with mlx-lm's per-expert float32 `global_scale`
@@ -515,7 +515,7 @@ class AffineWeight:
         raise owner._refuse(f"`{getattr(func, '__name__', func)}`")
 
 
-class _AffineRouter:
+class _AffineRouter(PicklesUnsignedBuffers):
     """Mixin placed before a router class: `self.weight` becomes an :class:`AffineWeight`
     over the packed buffers (`weight` in the state dict, as in MLX checkpoints)."""
 

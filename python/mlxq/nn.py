@@ -18,6 +18,7 @@ import types
 import torch
 from torch import nn
 
+from mlxq._pickling import PicklesUnsignedBuffers
 from mlxq.format import MODE_DEFAULTS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize, quantize
 
@@ -36,8 +37,19 @@ __all__ = [
 
 
 def _check_format(
-    name: str, in_features: int, bits: int, group_size: int, mode: str = "affine"
+    name: str, in_features: int, bits: int, group_size: int, mode: str = "affine", **sizes: int
 ) -> None:
+    # ints, not floats that compare equal (bits=4.0 passed `in SUPPORTED_BITS` and failed in
+    # torch.empty), and sizes >= 0 (a negative one was torch's "negative dimension" error)
+    def integer(value) -> bool:  # int, numpy's ints; not bool, not float
+        return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+    for key, value in {"bits": bits, "group_size": group_size}.items():
+        if not integer(value):
+            raise TypeError(f"mlxq: {name}: {key} must be an int, got {value!r}")
+    for key, value in {"in_features": in_features, **sizes}.items():
+        if not integer(value) or value < 0:
+            raise ValueError(f"mlxq: {name}: {key} must be an int >= 0, got {value!r}")
     if mode != "affine":
         if mode not in MODE_DEFAULTS:
             raise ValueError(
@@ -68,6 +80,19 @@ def _check_format(
         )
 
 
+def _refuse_converted_words(module: nn.Module, state_dict: dict, prefix: str, errors: list) -> bool:
+    """`load_state_dict` copies with a dtype conversion: a float (or other) `weight` would turn
+    the packed words' numbers into new words, not keep their bits. Records an error, True then."""
+    packed = state_dict.get(prefix + "weight")
+    if isinstance(packed, torch.Tensor) and packed.dtype not in (torch.uint32, torch.int32):
+        errors.append(
+            f"mlxq: {prefix}weight of {type(module).__name__} holds packed words (uint32 or "
+            f"int32), got {packed.dtype}: loading it would convert the numbers, not keep the bits"
+        )
+        return True
+    return False
+
+
 def _packed_buffers(
     rows: int, cols: int, bits: int, group_size: int, dtype: torch.dtype, device, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -82,7 +107,7 @@ def _mode_repr(mode: str) -> str:
     return "" if mode == "affine" else f", mode={mode}"
 
 
-class AffineLinear(nn.Module):
+class AffineLinear(PicklesUnsignedBuffers, nn.Module):
     """A linear layer `y = x @ W.T + bias` whose `W` is MLX-quantized (any `mode`).
 
     Activations may be float16, bfloat16 or float32; the product is computed in fp32 and
@@ -102,7 +127,9 @@ class AffineLinear(nn.Module):
         mode: str = "affine",
     ) -> None:
         super().__init__()
-        _check_format(type(self).__name__, in_features, bits, group_size, mode)
+        _check_format(
+            type(self).__name__, in_features, bits, group_size, mode, out_features=out_features
+        )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.mode, self.dtype = bits, group_size, mode, dtype
         weight, scales, biases = _packed_buffers(
@@ -152,6 +179,14 @@ class AffineLinear(nn.Module):
         group = self.projection_group
         return self.add_bias(_matmul(self, x) if group is None else group.output(self, x))
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, metadata, strict, missing, unexpected, errors
+    ):
+        if not _refuse_converted_words(self, state_dict, prefix, errors):
+            super()._load_from_state_dict(
+                state_dict, prefix, metadata, strict, missing, unexpected, errors
+            )
+
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         """`y` (this layer's `x @ W.T`) plus its bias, in the dtype of `y`."""
         bias = self.bias
@@ -165,7 +200,7 @@ class AffineLinear(nn.Module):
         )
 
 
-class AffineEmbedding(nn.Module):
+class AffineEmbedding(PicklesUnsignedBuffers, nn.Module):
     """An embedding table stored MLX-quantized (any `mode`).
 
     A lookup gathers the packed rows of the requested ids and dequantizes only those; the
@@ -186,7 +221,14 @@ class AffineEmbedding(nn.Module):
         mode: str = "affine",
     ) -> None:
         super().__init__()
-        _check_format(type(self).__name__, embedding_dim, bits, group_size, mode)
+        _check_format(
+            type(self).__name__,
+            embedding_dim,
+            bits,
+            group_size,
+            mode,
+            num_embeddings=num_embeddings,
+        )
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.padding_idx = bits, group_size, padding_idx
         self.mode, self.dtype = mode, dtype
@@ -226,7 +268,7 @@ class AffineEmbedding(nn.Module):
         flat = ids.reshape(-1)
         if flat.dtype not in (torch.int32, torch.int64):
             flat = flat.long()
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and flat.device.type != "meta":  # no values there
             self._check_ids(flat)
         # index_select, not indexing: a negative id must not wrap around to the last rows
         # (nn.Embedding raises for it); compiled graphs keep index_select's own bounds check.
@@ -239,6 +281,14 @@ class AffineEmbedding(nn.Module):
             biases,
         )
         return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, metadata, strict, missing, unexpected, errors
+    ):
+        if not _refuse_converted_words(self, state_dict, prefix, errors):
+            super()._load_from_state_dict(
+                state_dict, prefix, metadata, strict, missing, unexpected, errors
+            )
 
     def _check_ids(self, flat: torch.Tensor) -> None:
         # One reduction, on every device (index_select does not check bounds on all of them).

@@ -713,7 +713,7 @@ def decode_attention(
 # decode calls run no Python autograd kernel).
 @torch.library.register_fake("mlxq::decode_attention")
 def _decode_attention_fake(q, k, v, mask=None, scale=None):
-    return q.new_empty(_C.decode_attention_out_shape(q, k, v, mask))
+    return q.new_empty(_C.decode_attention_out_shape(q, k, v, mask, scale))
 
 
 # --- RMSNorm -------------------------------------------------------------------------------------

@@ -191,6 +191,8 @@ def quiet_transformers() -> None:
 
 def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | None = None):
     """Load an MLX checkpoint through transformers + mlxq. Returns (model, tokenizer, info)."""
+    if threads is not None and threads < 1:  # 0 was ignored, a negative one a torch error
+        raise CLIError(f"--threads must be at least 1, got {threads}")
     source, config = resolve_config(name)
     _require_quantized(name, config)
     import torch
@@ -198,7 +200,7 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
     import mlxq  # noqa: F401  (registers the "mlx" quantizer with transformers)
 
     device = pick_device(device)
-    if threads:
+    if threads is not None:
         torch.set_num_threads(threads)
     dtype = _pick_dtype(dtype_name, device, config)
     quiet_transformers()

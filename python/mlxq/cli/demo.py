@@ -62,6 +62,8 @@ def demo_checkpoint(cache_dir: str | None = None) -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.threads is not None and args.threads < 1:  # before building the demo model
+        raise CLIError(f"--threads must be at least 1, got {args.threads}")
     import importlib.util
 
     missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from mlxq.cli.common import CLIError, load_model, print_stats
@@ -60,6 +61,8 @@ def generate(
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not 0 <= args.temperature < math.inf:  # a negative or NaN one decoded greedily
+        raise CLIError(f"--temperature must be finite and >= 0 (0: greedy), got {args.temperature}")
     model, tokenizer, info = load_model(args.model, args.device, args.dtype, args.threads)
     chat = not args.ignore_chat_template
     stats = generate(

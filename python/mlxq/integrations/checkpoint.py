@@ -169,17 +169,24 @@ def unindexed_shards(
     source: str | os.PathLike, subfolder: str = ""
 ) -> tuple[list[str], dict[str, Any]] | None:
     """The files mlx-lm loads from a local folder that has several `model*.safetensors` files
-    and no shard index, with their weight map (as `get_checkpoint_shard_files` returns them);
-    None where transformers reads the same files itself (one `model.safetensors`, an index).
+    and no shard index (or one beside a `model.safetensors`), with their weight map (as
+    `get_checkpoint_shard_files` returns them); None where transformers reads the same files
+    itself (one `model.safetensors`, an index and its shards).
     """
     if not os.path.isdir(source):
         return None
     folder = Path(source) / subfolder
-    if (folder / "model.safetensors.index.json").is_file():
-        return None
     files = sorted(p for p in folder.glob("model*.safetensors") if p.is_file())
     if not files or [p.name for p in files] == ["model.safetensors"]:
         return None
+    if (folder / "model.safetensors.index.json").is_file() and not (
+        folder / "model.safetensors"
+    ).is_file():
+        return None  # the index's shards: get_checkpoint_shard_files checks them
+    # model.safetensors beside other shards (a sharded save over a single-file one, which
+    # save_pretrained leaves): transformers would read model.safetensors alone, even with an
+    # index naming the others, so the files are read here, as mlx-lm reads them (a tensor in
+    # two files is refused by name)
     weight_map = weight_map_of({p.name: read_header(p) for p in files})
     metadata = {"weight_map": weight_map, "all_checkpoint_keys": list(weight_map)}
     return [str(p) for p in files], metadata
@@ -295,7 +302,15 @@ def check_shard_index(
             return _download(source, name, subfolder, **download_kwargs)
 
     if not present:
-        return None  # nothing to rebuild from: let transformers report what is missing
+        if not os.path.isdir(source):
+            return None  # a Hub repo or cache without them: transformers' download reports it
+        # a local folder: transformers would hand the absent paths on and fail in a bare
+        # FileNotFoundError while reading them
+        raise ValueError(
+            f"mlxq: {index_filename} names {', '.join(named[:3])}"
+            f"{' ...' if len(named) > 3 else ''}, but {Path(index_filename).parent} holds no "
+            "model*.safetensors file: an incomplete download or copy?"
+        )
     if set(named) == set(present):
         # the shards exist (and no other file that mlx-lm, reading every `model*.safetensors`,
         # would load too): are their tensors the ones the index names?

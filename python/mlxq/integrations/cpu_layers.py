@@ -391,14 +391,15 @@ def _flat_forward(
 ) -> torch.Tensor:
     plan: _Plan = self._mlxq_flat_plan
     if not (
-        type(hidden_states) is torch.Tensor
+        # first: a size test while compiling would guard the sequence length (see cpu_norms)
+        not torch.compiler.is_compiling()
+        and type(hidden_states) is torch.Tensor
         and hidden_states.device.type == "cpu"
         and 0 < hidden_states.numel() <= MAX_ROWS * hidden_states.shape[-1]
         and not torch.is_grad_enabled()
         and not self.training
         and position_embeddings is not None
         and "past_key_values" not in kwargs
-        and not torch.compiler.is_compiling()
         and not _forward_mode_active()
         and plan.intact()
     ):

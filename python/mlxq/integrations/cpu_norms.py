@@ -48,9 +48,11 @@ LLAMA_RMS_NORM_BODY = (
 def _native_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     if (
-        hidden_states.device.type != "cpu"
+        # first: a size test under torch.compile / torch.export would add a guard on the
+        # sequence length (torch.export then refuses a dynamic one) for a path never traced
+        torch.compiler.is_compiling()
+        or hidden_states.device.type != "cpu"
         or not 0 < hidden_states.numel() <= MAX_ROWS * hidden_states.shape[-1]
-        or torch.compiler.is_compiling()
         or (torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad))
         or _forward_mode_active()
     ):

@@ -69,6 +69,10 @@ def _fits(q, k, cos, sin, unsqueeze_dim) -> bool:
         and type(sin) is torch.Tensor
     ):
         return False
+    # before any test of a size: under torch.compile / torch.export each would add a guard
+    # (torch.export then refuses a dynamic sequence length), and the traced call never runs the op
+    if torch.compiler.is_compiling() or _forward_mode_active():
+        return False
     if q.device.type != "cpu" or type(unsqueeze_dim) is not int or unsqueeze_dim not in (1, 2):
         return False
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
@@ -86,8 +90,6 @@ def _fits(q, k, cos, sin, unsqueeze_dim) -> bool:
         dim,
         q.shape[0],
     ):
-        return False
-    if torch.compiler.is_compiling() or _forward_mode_active():
         return False
     return not (
         torch.is_grad_enabled()

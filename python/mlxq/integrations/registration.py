@@ -27,6 +27,8 @@ What it does, and why each piece is needed:
    finds none of its weights (random weights, a warning at most). A wrapper around
    ``PreTrainedConfig.get_config_dict`` copies an MLX quantization block into the sub-config
    that the requesting config class is about to read.
+6. Casts: transformers' ``PreTrainedModel.half`` / ``float`` refuse every quantized model (its
+   ``.to(dtype)`` and ``.bfloat16()`` cast it); for an MLX model they cast as ``nn.Module``'s do.
 
 Importing transformers takes seconds, so `import mlxq` does not: if
 ``transformers.modeling_utils`` is not imported yet, a finder on `sys.meta_path` runs
@@ -131,6 +133,7 @@ def _is_metal(q: Any) -> bool:
 
 def register() -> None:
     """Register the "mlx" quantizer and install the four wrappers (idempotent)."""
+    import torch
     import transformers.modeling_utils as modeling_utils
     from transformers.configuration_utils import PreTrainedConfig
     from transformers.quantizers import auto
@@ -202,6 +205,24 @@ def register() -> None:
         setattr(_get_resolved_checkpoint_files, _MARK, True)
         _get_resolved_checkpoint_files.__wrapped__ = original_resolved
         modeling_utils._get_resolved_checkpoint_files = _get_resolved_checkpoint_files
+
+    # transformers refuses `.half()` / `.float()` on every quantized model, while `.to(dtype)`
+    # and `.bfloat16()` cast it: mlxq's layers run in any float dtype (their scales and biases
+    # follow the cast, the packed words stay), so an MLX model takes them as any model does
+    for method in ("half", "float"):
+        original_cast = getattr(modeling_utils.PreTrainedModel, method)
+        if getattr(original_cast, _MARK, False):
+            continue
+
+        def cast(self, *args, _original=original_cast, _method=method):
+            if isinstance(getattr(self, "hf_quantizer", None), MLXHfQuantizer):
+                return getattr(torch.nn.Module, _method)(self, *args)
+            return _original(self, *args)
+
+        setattr(cast, _MARK, True)
+        cast.__wrapped__ = original_cast
+        cast.__name__ = cast.__qualname__ = method
+        setattr(modeling_utils.PreTrainedModel, method, cast)
 
     base = PreTrainedConfig.__dict__["get_config_dict"]  # a classmethod
     if not getattr(base.__func__, _MARK, False):
