@@ -356,28 +356,7 @@ __global__ void __launch_bounds__(kLowbitWarps * 32, 2)
   // columns 2t, 2t + 1 plus those of lane t ^ 1: the whole dot of rows g, g + 8 with row om
   acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
   acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
-  T* y = static_cast<T*>(p.y);
-  if (KW == 1) {
-    if ((t & 1) == 0 && om < M && active) {
-      if (n0 + g < p.N) y[om * p.N + n0 + g] = from_float<T>(acc_a);
-      if (n0 + g + 8 < p.N) y[om * p.N + n0 + g + 8] = from_float<T>(acc_b);
-    }
-    return;
-  }
-  if ((t & 1) == 0 && om < M) {
-    red[(wi * 2 + om) * 16 + g] = acc_a;
-    red[(wi * 2 + om) * 16 + g + 8] = acc_b;
-  }
-  __syncthreads();
-  const int outs = tpb * M * 16;
-  if (static_cast<int>(threadIdx.x) < outs) {
-    const int tb = threadIdx.x / (M * 16), rem = threadIdx.x - tb * M * 16;
-    const int m = rem / 16, r = rem % 16;
-    const int64_t n = (static_cast<int64_t>(blockIdx.x) * tpb + tb) * 16 + r;
-    float v = 0.f;
-    for (int k = 0; k < KW; ++k) v += red[((tb * KW + k) * 2 + m) * 16 + r];
-    if (n < p.N) y[m * p.N + n] = from_float<T>(v);
-  }
+  stream_store_y<T>(p, M, KW, tpb, wi, g, t, n0, active, acc_a, acc_b, red);
 }
 
 // Host side: the launch on a device of `sm_count` multiprocessors (the caller checks that

@@ -430,6 +430,39 @@ __device__ __forceinline__ void stream_stage_x_f16(const QmvParams& p, int kp, u
   }
 }
 
+// The end of the streaming decode kernels (this file's and qmv_lowbit.cuh's): lane (g, t) holds
+// the dots of rows g and g + 8 of the tile at n0 with row t >> 1 of x; where KW warps split the
+// tile's K, their partial dots meet in `red` ([warps][2][16]) and are summed in a fixed order.
+template <typename T>
+__device__ __forceinline__ void stream_store_y(const QmvParams& p, const int M, const int KW,
+                                               const int tpb, const int wi, const int g,
+                                               const int t, const int64_t n0, const bool active,
+                                               float acc_a, float acc_b, float* red) {
+  const int om = t >> 1;
+  T* y = static_cast<T*>(p.y);
+  if (KW == 1) {
+    if ((t & 1) == 0 && om < M && active) {
+      if (n0 + g < p.N) y[om * p.N + n0 + g] = from_float<T>(acc_a);
+      if (n0 + g + 8 < p.N) y[om * p.N + n0 + g + 8] = from_float<T>(acc_b);
+    }
+    return;
+  }
+  if ((t & 1) == 0 && om < M) {
+    red[(wi * 2 + om) * 16 + g] = acc_a;
+    red[(wi * 2 + om) * 16 + g + 8] = acc_b;
+  }
+  __syncthreads();
+  const int outs = tpb * M * 16;
+  if (static_cast<int>(threadIdx.x) < outs) {
+    const int tb = threadIdx.x / (M * 16), rem = threadIdx.x - tb * M * 16;
+    const int m = rem / 16, r = rem % 16;
+    const int64_t n = (static_cast<int64_t>(blockIdx.x) * tpb + tb) * 16 + r;
+    float v = 0.f;
+    for (int k = 0; k < KW; ++k) v += red[((tb * KW + k) * 2 + m) * 16 + r];
+    if (n < p.N) y[m * p.N + n] = from_float<T>(v);
+  }
+}
+
 // y = x @ W.T for 1 <= p.M <= 2; KW warps split the K of a tile, Warps / KW tiles a block.
 // LoadsOnly (benchmarks): only the loads, a bandwidth probe of this access pattern (wrong
 // results). Warps: per block (benchmarks: 16 with MinBlocks 1 stages x once per multiprocessor,
@@ -572,28 +605,7 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
     acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
     acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
   }
-  T* y = static_cast<T*>(p.y);
-  if (KW == 1) {
-    if ((t & 1) == 0 && om < M && active) {
-      if (n0 + g < p.N) y[om * p.N + n0 + g] = from_float<T>(acc_a);
-      if (n0 + g + 8 < p.N) y[om * p.N + n0 + g + 8] = from_float<T>(acc_b);
-    }
-    return;
-  }
-  if ((t & 1) == 0 && om < M) {
-    red[(wi * 2 + om) * 16 + g] = acc_a;
-    red[(wi * 2 + om) * 16 + g + 8] = acc_b;
-  }
-  __syncthreads();
-  const int outs = tpb * M * 16;
-  if (static_cast<int>(threadIdx.x) < outs) {
-    const int tb = threadIdx.x / (M * 16), rem = threadIdx.x - tb * M * 16;
-    const int m = rem / 16, r = rem % 16;
-    const int64_t n = (static_cast<int64_t>(blockIdx.x) * tpb + tb) * 16 + r;
-    float v = 0.f;
-    for (int k = 0; k < KW; ++k) v += red[((tb * KW + k) * 2 + m) * 16 + r];
-    if (n < p.N) y[m * p.N + n] = from_float<T>(v);
-  }
+  stream_store_y<T>(p, M, KW, tpb, wi, g, t, n0, active, acc_a, acc_b, red);
 }
 
 }  // namespace mlxq::cuda
