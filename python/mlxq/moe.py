@@ -521,7 +521,7 @@ class _AffineRouter(PicklesUnsignedBuffers):
 
     @property
     def weight(self) -> AffineWeight:
-        return AffineWeight(f"{self._mlxq_name!r} ({type(self).__mro__[2].__name__})", self)
+        return AffineWeight(f"{self._mlxq_name!r} ({self._mlxq_router_of.__name__})", self)
 
     @property
     def weight_packed(self) -> torch.Tensor:
@@ -544,7 +544,12 @@ def _router_class(cls: type) -> type:
         _ROUTER_CLASSES[cls] = made_class(
             f"Affine{cls.__name__}",
             (_AffineRouter, cls),
-            {"__module__": __name__, "__doc__": f"{cls.__name__} with an MLX-quantized weight."},
+            {
+                "__module__": __name__,
+                "__doc__": f"{cls.__name__} with an MLX-quantized weight.",
+                # the router class it was made from (its MRO also holds mlxq's mixins)
+                "_mlxq_router_of": cls,
+            },
             _router_class,
             cls,
         )
@@ -599,7 +604,7 @@ def float_router(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Modu
         module.mode,
         dtype=None if module.mode == "affine" else module._mlxq_dtype,
     )
-    new = object.__new__(type(module).__mro__[2])
+    new = object.__new__(module._mlxq_router_of)
     new.__dict__.update(module.__dict__)
     for attr in ("_mlxq_name", "bits", "group_size", "mode", "_mlxq_dtype"):
         new.__dict__.pop(attr, None)
