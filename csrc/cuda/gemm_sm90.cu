@@ -167,34 +167,45 @@ bool wsp_fits(int64_t M, int64_t N, int64_t K, int64_t units) {
          units < (int64_t{1} << 30);
 }
 
+// The tensor maps of the warp-specialized kernels: x in boxes of nt and nt / 2 rows (whole and
+// half tiles), the packed W in boxes of tile_n rows.
+struct WsMaps {
+  CUtensorMap x, xh, w;
+};
+WsMaps ws_maps(const GemmParams& p, bool half, int nt, int tile_n) {
+  const CUtensorMapDataType xt =
+      half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return {tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, nt, CU_TENSOR_MAP_SWIZZLE_128B),
+          tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, nt / 2, CU_TENSOR_MAP_SWIZZLE_128B),
+          tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8, kGemmTileK / 8, tile_n,
+                     CU_TENSOR_MAP_SWIZZLE_NONE)};
+}
+
+// The scale or bias array [N, G] as kWsTmaSb reads it: boxes of `groups` groups x tile_n rows.
+CUtensorMap ws_sb_map(const void* a, const GemmParams& p, int gs, int groups, int tile_n) {
+  return tensor_map(a, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, p.K / gs, groups, tile_n,
+                    CU_TENSOR_MAP_SWIZZLE_NONE);
+}
+
 template <typename T, int GS, int Stages, int ABufs, int Opt>
 void launch_ws(const GemmParams& p, bool half, int64_t blocks, cudaStream_t stream) {
   using C = GemmWsCfg<Stages, ABufs, Opt>;
   auto kernel = gemm_w4_sm90_ws_kernel<T, GS, 0, Stages, ABufs, Opt>;
   auto kernel_t = gemm_w4_sm90_wst_kernel<T, GS, 0, Stages, ABufs, Opt>;
-  const CUtensorMapDataType xt =
-      half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUtensorMap mx =
-      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, C::kNT, CU_TENSOR_MAP_SWIZZLE_128B);
-  const CUtensorMap mxh =
-      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, C::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
-  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
-                                    kGemmTileK / 8, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  const WsMaps m = ws_maps(p, half, C::kNT, C::kTileN);
   TORCH_CHECK(blocks <= INT32_MAX, "mlxq: too many blocks for the fused prefill");
   if constexpr (C::kTmaSb) {
-    const int64_t G = p.K / GS;
-    const CUtensorMap ms = tensor_map(p.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G,
-                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
-    const CUtensorMap mb = tensor_map(p.biases, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G,
-                                      C::kSbGroups, C::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
+    const CUtensorMap ms = ws_sb_map(p.scales, p, GS, C::kSbGroups, C::kTileN);
+    const CUtensorMap mb = ws_sb_map(p.biases, p, GS, C::kSbGroups, C::kTileN);
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel_t, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-    kernel_t<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw,
-                                                                                    ms, mb);
+    kernel_t<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, m.x, m.xh,
+                                                                                    m.w, ms, mb);
   } else {
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-    kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw);
+    kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p, m.x, m.xh,
+                                                                                  m.w);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -204,21 +215,11 @@ void launch_wsp(const GemmParams& p, bool half, int64_t units, int sm_count, cud
   using C = GemmWspCfg<Opt>;
   using R = typename C::R;
   auto kernel = gemm_w4_sm90_wsp_kernel<T, GS, 0, Opt>;
-  const CUtensorMapDataType xt =
-      half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUtensorMap mx =
-      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, R::kNT, CU_TENSOR_MAP_SWIZZLE_128B);
-  const CUtensorMap mxh =
-      tensor_map(p.x, xt, 2, p.M, p.K, kGemmTileK, R::kNT / 2, CU_TENSOR_MAP_SWIZZLE_128B);
-  const CUtensorMap mw = tensor_map(p.w, CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, p.N, p.K / 8,
-                                    kGemmTileK / 8, R::kTileN, CU_TENSOR_MAP_SWIZZLE_NONE);
-  CUtensorMap ms = mw, mb = mw;  // unused without kWsTmaSb
+  const WsMaps m = ws_maps(p, half, R::kNT, R::kTileN);
+  CUtensorMap ms = m.w, mb = m.w;  // unused without kWsTmaSb
   if constexpr ((Opt & kWsTmaSb) != 0) {
-    const int64_t G = p.K / GS;
-    ms = tensor_map(p.scales, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G, C::kSbGroups, R::kTileN,
-                    CU_TENSOR_MAP_SWIZZLE_NONE);
-    mb = tensor_map(p.biases, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, p.N, G, C::kSbGroups, R::kTileN,
-                    CU_TENSOR_MAP_SWIZZLE_NONE);
+    ms = ws_sb_map(p.scales, p, GS, C::kSbGroups, R::kTileN);
+    mb = ws_sb_map(p.biases, p, GS, C::kSbGroups, R::kTileN);
   }
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
@@ -227,7 +228,7 @@ void launch_wsp(const GemmParams& p, bool half, int64_t units, int sm_count, cud
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WSP_GRID");
   const int64_t cap = env == nullptr || std::atoll(env) <= 0 ? sm_count : std::atoll(env);
   const int64_t grid = std::min<int64_t>(units, cap);
-  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(p, mx, mxh, mw, ms,
+  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(p, m.x, m.xh, m.w, ms,
                                                                               mb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
