@@ -256,8 +256,8 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
         wq, s, b = _quantized(gen, 64, 1024, group_size, 4, dtype)
         for m in (1, 2):
             _check_matmul(_wide_range_x(gen, m, 1024, dtype), wq, s, b, group_size, 4)
-    if kernel == "stream":  # the register variant's steps of 2 spans (MLXQ_CUDA_REGS_SPANS)
-        monkeypatch.setenv("MLXQ_CUDA_REGS_SPANS", "2")
+    if kernel == "stream":  # the register variant's steps of 4 spans (2 are the default)
+        monkeypatch.setenv("MLXQ_CUDA_REGS_SPANS", "4")
         wq, s, b = _quantized(gen, 300, 1024, group_size, 4, dtype)
         for m in (1, 2):
             _check_matmul(torch.randn(m, 1024, generator=gen).to(dtype), wq, s, b, group_size, 4)
@@ -311,11 +311,11 @@ def test_decode_kernels_bulk(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("bits", [2, 3, 5, 6])
-@pytest.mark.parametrize("kernel", ["cores", "default", "lowbit"])
+@pytest.mark.parametrize("kernel", ["cores", "default", "lowbit_off"])
 def test_decode_kernels_lowbit(gen, bits: int, group_size: int, dtype, kernel: str, monkeypatch):
-    # the 2/3/5/6-bit decode: the tensor-core kernel (csrc/cuda/qmv_lowbit.cuh, opt-in with
-    # MLXQ_CUDA_LOWBIT=1; M <= 2, 5 bits at M = 2 only, scales in x's dtype) and the CUDA-core one
-    # (the default; MLXQ_CUDA_DECODE=cores keeps it whatever MLXQ_CUDA_LOWBIT says); K split
+    # the 2/3/5/6-bit decode: the tensor-core kernel (csrc/cuda/qmv_lowbit.cuh, the default;
+    # M <= 2, 5 bits at M = 2 only, scales in x's dtype) and the CUDA-core one (MLXQ_CUDA_LOWBIT=0,
+    # or MLXQ_CUDA_DECODE=cores whatever MLXQ_CUDA_LOWBIT says); K split
     # over a block's warps (few rows, long K), a partial 16-row tile, partial 128-value spans
     # (K = 576; group 128 has none), more tiles than warp slots, x over a wide range, and M past 2
     # (the CUDA-core kernel)
@@ -324,8 +324,8 @@ def test_decode_kernels_lowbit(gen, bits: int, group_size: int, dtype, kernel: s
     if kernel == "cores":
         monkeypatch.setenv("MLXQ_CUDA_DECODE", "cores")
         monkeypatch.setenv("MLXQ_CUDA_LOWBIT", "1")
-    elif kernel == "lowbit":
-        monkeypatch.setenv("MLXQ_CUDA_LOWBIT", "1")
+    elif kernel == "lowbit_off":
+        monkeypatch.setenv("MLXQ_CUDA_LOWBIT", "0")
     wq, s, b = _quantized(gen, 40, 8192, group_size, bits, dtype)
     for m in (1, 2, 3):
         _check_matmul(torch.randn(m, 8192, generator=gen).to(dtype), wq, s, b, group_size, bits)

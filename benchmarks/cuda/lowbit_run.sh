@@ -2,8 +2,8 @@
 # One device call for the 2/3/5/6-bit decode (csrc/cuda/qmv_lowbit.cuh): the extension builds
 # while benchmarks/cuda/lowbit_harness.cu runs (float64 checks, then the tensor-core kernel beside
 # the CUDA-core one and a plain read, us), then test_cuda_ops.py -k "$TEST_K" and bench_ops for
-# 2, 3, 5, 6 and 8 bits at M = 1 (mlxq_lowbit: the opt-in tensor-core decode, MLXQ_CUDA_LOWBIT=1,
-# beside the default CUDA-core kernel).
+# 2, 3, 5, 6 and 8 bits at M = 1 (mlxq_prev: the CUDA-core decode, MLXQ_CUDA_LOWBIT=0,
+# beside the default, the tensor-core kernel).
 # Logs under $OUT. WHEELS: a folder of wheels (transformers) for the tests; HARNESS: the harness's
 # mode ("quick": group sizes 64 and 128 at 28672 x 8192 only; "probes": every timing with the
 # kernel's probe rows). HARNESS_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT: seconds (150, 150, 120; the

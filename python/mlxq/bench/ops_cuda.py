@@ -3,11 +3,10 @@ and the float modes' decode (fp_matmul, M <= 8) vs their composite op vs dense b
 
 Each row is one (shape, bits, group size, M); columns are milliseconds per call of
 - ``mlxq_bf16`` (bf16 x, bf16 scales) and ``mlxq_fp32`` (M = 1 only),
-- ``mlxq_prev``: the same call on the path mlxq took before its tensor-core kernels (the
-  CUDA-core decode for M <= 8, dequantized tiles + cuBLAS above; 4 bits), selected with
-  ``MLXQ_CUDA_DECODE=cores`` / ``MLXQ_CUDA_GEMM=0`` (read by the op on every call),
-- ``mlxq_lowbit``: 2, 3, 5 and 6 bits at M <= 2 with the opt-in tensor-core decode
-  (``MLXQ_CUDA_LOWBIT=1``, csrc/cuda/qmv_lowbit.cuh) beside the default CUDA-core kernel,
+- ``mlxq_prev``: the same call on the path mlxq took before its tensor-core kernels (4 bits:
+  the CUDA-core decode for M <= 8, dequantized tiles + cuBLAS above, selected with
+  ``MLXQ_CUDA_DECODE=cores`` / ``MLXQ_CUDA_GEMM=0``; 2, 3, 5 and 6 bits at M <= 2: the
+  CUDA-core decode, ``MLXQ_CUDA_LOWBIT=0``; read by the op on every call),
 - ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, 4-bit, same group size),
 - ``dense_bf16``: cuBLAS ``x @ W.T`` with the dequantized bf16 weight,
 plus ``copy_TBps``, the device copy bandwidth (bytes read + written per second) measured in the
@@ -253,9 +252,9 @@ def bench_row(
     if bits == 4:  # the path before the tensor-core kernels (chosen when the graph is captured)
         with _env(*(("MLXQ_CUDA_DECODE", "cores") if m <= 8 else ("MLXQ_CUDA_GEMM", "0"))):
             row["mlxq_prev"] = graph_ms(calls)
-    elif m <= 2 and bits != 8:  # the opt-in tensor-core decode of 2, 3, 5, 6 bits (qmv_lowbit)
-        with _env("MLXQ_CUDA_LOWBIT", "1"):
-            row["mlxq_lowbit"] = graph_ms(calls)
+    elif m <= 2 and bits != 8:  # the CUDA-core decode before qmv_lowbit's tensor-core kernel
+        with _env("MLXQ_CUDA_LOWBIT", "0"):
+            row["mlxq_prev"] = graph_ms(calls)
     if m == 1:
         copies32 = [(c[0], c[1].float(), c[2].float()) for c in copies]
         row["mlxq_fp32"] = graph_ms(
@@ -417,7 +416,6 @@ COLUMNS = [
     "mlxq_bf16",
     "mlxq_fp32",
     "mlxq_prev",
-    "mlxq_lowbit",
     "tinygemm",
     "dense_bf16",
     "x_vs_tinygemm",
