@@ -1,0 +1,129 @@
+"""Checkpoints written by mlx-lm's quantization tools other than `convert` (mlx_lm.quant.
+dynamic_quant, awq, gptq, dwq; tests/quant_tools.py runs them): each loads in mlxq with the
+bits and group size its config gives every layer, and runs mlx-lm's forward in fp32; `mlxq
+inspect` and `mlxq generate` read them too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlx_models import TEST_CACHE, mlx_lm_logits
+from mlxq.nn import AffineEmbedding, AffineLinear
+from quant_tools import TOOLS, quant_tool_checkpoint
+
+FP32_LOGIT_ATOL = 1e-3  # measured: 7e-6 to 1.2e-5 on logits of magnitude ~4.5
+TOKENS = torch.tensor([1, 502, 3000, 17, 900, 2048, 44, 4000, 12, 77])
+
+
+def _quantized(model) -> dict[str, tuple[int, int]]:
+    return {
+        n: (m.bits, m.group_size)
+        for n, m in model.named_modules()
+        if isinstance(m, (AffineLinear, AffineEmbedding))
+    }
+
+
+def _expected(path: Path, names) -> dict[str, tuple[int, int]]:
+    """Each layer's (bits, group size) as mlx-lm reads config.json: its own entry, else the
+    top-level one."""
+    q = json.loads((path / "config.json").read_text())["quantization"]
+    out = {}
+    for n in names:
+        entry = q.get(n, q)
+        assert entry is not False, n  # a module the tool left float is not quantized here
+        out[n] = (entry["bits"], entry["group_size"])
+    return out
+
+
+@pytest.fixture(scope="module", params=TOOLS)
+def tool(request) -> tuple[str, Path]:
+    return request.param, quant_tool_checkpoint(request.param)
+
+
+def test_loads_with_the_layout_the_tool_wrote_and_matches_mlx_lm(tool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    name, path = tool
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    layers = _quantized(model)
+    assert len(layers) == 16  # 2 x 7 projections, the embedding and the head
+    assert layers == _expected(path, layers)
+    with torch.inference_mode():
+        ours = model(TOKENS[None]).logits[0].numpy()
+    ref = mlx_lm_logits(path, TOKENS.numpy())
+    diff = float(np.abs(ours - ref).max())
+    print(f"\n[{name}] max |logits - mlx-lm| = {diff:.2e} (max |logit| {np.abs(ref).max():.1f})")
+    assert diff < FP32_LOGIT_ATOL
+    assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_each_tool_wrote_its_own_layout(tool) -> None:
+    """What sets each tool's checkpoint apart from `mlx_lm convert`'s, so that the test above
+    covers it (if a new mlx-lm writes otherwise, this says so)."""
+    from safetensors import safe_open
+
+    name, path = tool
+    config = json.loads((path / "config.json").read_text())
+    q = config["quantization"]
+    assert config["quantization_config"] == q
+    entries = {k: v for k, v in q.items() if isinstance(v, dict)}
+    with safe_open(path / "model.safetensors", "np") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    scale_dtypes = {d for k, d in dtypes.items() if k.endswith((".scales", ".biases"))}
+    if name == "dynamic_quant":  # the sensitive layers at 8 bits, group 32; the rest 4, 64
+        assert {(v["bits"], v["group_size"]) for v in entries.values()} == {(8, 32)}
+        assert (q["bits"], q["group_size"]) == (4, 64)
+    elif name == "awq":
+        # a placeholder top level (4, 64) that no layer uses, an entry for every leaf module
+        # (false for norms and rope), no "mode"
+        assert (q["bits"], q["group_size"]) == (4, 64) and "mode" not in q
+        assert {(v["bits"], v["group_size"]) for v in entries.values()} == {(3, 64), (4, 32)}
+        assert q["model.norm"] is False and q["model.layers.0.self_attn.rope"] is False
+    elif name == "gptq":  # GPTQ'd linears at 4 bits; the embedding at the fallback 6 bits
+        assert entries == {"model.embed_tokens": {"bits": 6, "group_size": 64}}
+    elif name == "dwq":
+        # trained scales and biases in bf16 from a float16 model; its 8-bit layers (not
+        # trained) keep float16: two dtypes of scales in one checkpoint
+        assert config["torch_dtype"] == "float16"
+        assert scale_dtypes == {"BF16", "F16"}
+        assert {dtypes[k] for k in dtypes if "v_proj.scales" in k} == {"F16"}
+        assert {dtypes[k] for k in dtypes if "q_proj.scales" in k} == {"BF16"}
+
+
+def test_inspect_and_generate_read_every_tool(capsys) -> None:
+    from mlxq.cli import main
+
+    paths = [quant_tool_checkpoint(t) for t in TOOLS]
+    for path in paths:
+        assert main(["inspect", str(path), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["problems"] == []
+        got = {m["name"]: (m["bits"], m["group_size"]) for m in report["modules"] if m["bits"]}
+        assert got == _expected(path, got) and len(got) == 16
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MLXQ_CACHE=str(TEST_CACHE))
+    env.pop("MLXQ_DEBUG", None)
+    # generation: one checkpoint (the two-dtype DWQ one), fp32, greedy, as mlx-lm's fp32 argmax
+    path = paths[TOOLS.index("dwq")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxq", "generate", "--model", str(path), "--prompt", "Hi",
+         "--ignore-chat-template", "--max-tokens", "4", "--dtype", "float32"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = list(tok("Hi").input_ids)
+    for _ in range(4):
+        ids.append(int(mlx_lm_logits(path, np.array(ids))[-1].argmax()))
+    assert tok.decode(ids[-4:]).strip() in proc.stdout
