@@ -127,3 +127,31 @@ def test_inspect_and_generate_read_every_tool(capsys) -> None:
     for _ in range(4):
         ids.append(int(mlx_lm_logits(path, np.array(ids))[-1].argmax()))
     assert tok.decode(ids[-4:]).strip() in proc.stdout
+
+
+def test_dwq_two_scale_dtypes_are_named_and_kept_in_float32(caplog) -> None:
+    """DWQ's bf16 (trained) and fp16 (8-bit, untrained) scales: a 16-bit load rounds one kind
+    (a bf16 load the fp16 ones; an fp16 load bf16 values outside fp16's range), which mlxq says,
+    naming float32, where both are kept as stored."""
+    import logging
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    path = quant_tool_checkpoint("dwq")
+    for dtype in (torch.bfloat16, torch.float16):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mlxq"):
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        warned = [r.getMessage() for r in caplog.records if "rounds them" in r.getMessage()]
+        assert len(warned) == 1 and "bfloat16 and float16" in warned[0], warned
+        assert "dtype=torch.float32" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mlxq"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert not [r for r in caplog.records if "rounds them" in r.getMessage()]
+    stored = load_file(path / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
+        for part in ("scales", "biases"):
+            got = getattr(model.get_submodule(name), part)
+            assert torch.equal(got, stored[f"{name}.{part}"].float()), (name, part)
