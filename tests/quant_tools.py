@@ -18,22 +18,46 @@ from pathlib import Path
 from mlx_models import TEST_CACHE, tiny_float_model
 
 TOOLS = ("dynamic_quant", "awq", "gptq", "dwq")
+# DeepSeek V2 with experts (SwitchLinear) and a router; q_lora_rank None: AWQ's deepseek_v2
+# recipe scales q_proj (DeepSeek-V2-Lite's attention)
+MOE_ARCHS = {"deepseek_v2": {"q_lora_rank": None}}
 
 
-def _random_tokens(n: int, length: int, seed: int):
+def _random_tokens(n: int, length: int, seed: int, vocab: int = 4096):
     import mlx.core as mx
 
     mx.random.seed(seed)
-    # low ids: the tiny model's vocabulary is the tokenizer's, and any ids will do
-    return mx.random.randint(0, 4096, (n, length)).astype(mx.int32)
+    # any ids will do: low ones, so that a large vocabulary's rare rows stay untouched
+    return mx.random.randint(0, min(vocab, 4096), (n, length)).astype(mx.int32)
+
+
+def _load(src: Path, **kwargs):
+    """mlx-lm's `load`; a MoE model runs the tool in float32 (MLX's CPU gather_mm takes float32
+    only) and is cast back to bf16 when saved, as its checkpoint has it from a Mac."""
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    model, tokenizer, config = load(str(src), return_config=True, **kwargs)
+    if config["model_type"] in MOE_ARCHS:
+        model.set_dtype(mx.float32)
+    return model, tokenizer, config
+
+
+def _save(dst: Path, src: Path, model, tokenizer, config) -> None:
+    import mlx.core as mx
+    from mlx_lm.utils import save
+
+    if config["model_type"] in MOE_ARCHS:
+        model.set_dtype(mx.bfloat16)
+    save(dst, src, model, tokenizer, config)
 
 
 def _dynamic_quant(src: Path, dst: Path) -> None:
     from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
-    from mlx_lm.utils import load, quantize_model, save
+    from mlx_lm.utils import quantize_model
 
-    model, tokenizer, config = load(str(src), return_config=True)
-    data = _random_tokens(4, 64, 0)
+    model, tokenizer, config = _load(src)
+    data = _random_tokens(4, 64, 0, config["vocab_size"])
     low, high = (4, 64), (8, 32)  # another bits and group size for the sensitive layers
     sens = dict(estimate_sensitivities(model, data, *low, *high))
     threshold = estimate_threshold(model, sens, 5.0, *low, *high)
@@ -48,17 +72,16 @@ def _dynamic_quant(src: Path, dst: Path) -> None:
     model, config = quantize_model(
         model, config, group_size=low[1], bits=low[0], quant_predicate=predicate
     )
-    save(dst, src, model, tokenizer, config)
+    _save(dst, src, model, tokenizer, config)
 
 
 def _awq(src: Path, dst: Path) -> None:
     from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
-    from mlx_lm.utils import load, save
 
-    model, tokenizer, config = load(str(src), lazy=True, return_config=True)
+    model, tokenizer, config = _load(src, lazy=True)
     awq_quantize(
         model,
-        _random_tokens(8, 64, 1),
+        _random_tokens(8, 64, 1, config["vocab_size"]),
         AWQ_MODEL_CONFIGS[config["model_type"]],
         bits=3,
         group_size=64,
@@ -66,26 +89,27 @@ def _awq(src: Path, dst: Path) -> None:
         embed_group_size=32,
         n_grid=4,
     )
-    save(dst, src, model, tokenizer, update_config(model, config))
+    _save(dst, src, model, tokenizer, update_config(model, config))
 
 
 def _gptq(src: Path, dst: Path) -> None:
     from mlx_lm.quant.gptq import gptq_quantize
-    from mlx_lm.utils import load, save
 
-    model, tokenizer, config = load(str(src), lazy=True, return_config=True)
-    model, config["quantization"] = gptq_quantize(model, _random_tokens(8, 64, 2), 4, 64, 6, 64)
-    save(dst, src, model, tokenizer, config)
+    model, tokenizer, config = _load(src, lazy=True)
+    model, config["quantization"] = gptq_quantize(
+        model, _random_tokens(8, 64, 2, config["vocab_size"]), 4, 64, 6, 64
+    )
+    _save(dst, src, model, tokenizer, config)
 
 
 def _dwq(src: Path, dst: Path) -> None:
     import mlx.optimizers as optimizers
     import numpy as np
     from mlx_lm.quant.dwq import dwq_quantize
-    from mlx_lm.utils import load, quantize_model, save
+    from mlx_lm.utils import quantize_model
 
     np.random.seed(3)
-    model, tokenizer, config = load(str(src), return_config=True)
+    model, tokenizer, config = _load(src)
     q_model = copy.deepcopy(model)
     # a mixed student (as `--quantized-model` takes one): DWQ trains only the layers below 8 bits
     _, config = quantize_model(
@@ -97,12 +121,12 @@ def _dwq(src: Path, dst: Path) -> None:
             {"bits": 8, "group_size": 32} if p.endswith(("v_proj", "down_proj")) else True
         ),
     )
-    tokens = np.array(_random_tokens(6, 17, 3))
+    tokens = np.array(_random_tokens(6, 17, 3, config["vocab_size"]))
     data = [(list(map(int, row)), 0) for row in tokens]
     # a large learning rate, so that the trained scales and biases move off mx.quantize's grid
     opt = optimizers.Adam(learning_rate=1e-3, bias_correction=True)
     dwq_quantize(q_model, lambda b, i, split: model(b), opt, data[:4], data[4:], 2, 16, 3)
-    save(dst, src, q_model, tokenizer, config)
+    _save(dst, src, q_model, tokenizer, config)
 
 
 _WRITERS = {"dynamic_quant": _dynamic_quant, "awq": _awq, "gptq": _gptq, "dwq": _dwq}
@@ -112,7 +136,9 @@ _FLOAT_DTYPE = {"dwq": "float16"}
 
 
 def quant_tool_checkpoint(tool: str, arch: str = "qwen3") -> Path:
-    """A tiny random `arch` model quantized by mlx_lm.quant.`tool` (cached)."""
+    """A tiny random `arch` model (tests/mlx_models.py's TINY_ARCHS, else tests/arch_models.py's
+    untied one) quantized by mlx_lm.quant.`tool` (cached)."""
+    from mlx_models import TINY_ARCHS
     from mlxq.demo_model import _versions
 
     final = TEST_CACHE / "models" / f"quant-{tool}-{arch}-{_versions('transformers', 'mlx-lm')}"
@@ -122,7 +148,14 @@ def quant_tool_checkpoint(tool: str, arch: str = "qwen3") -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        src = tiny_float_model(arch, staging / "float")
+        if arch in TINY_ARCHS:
+            src = tiny_float_model(arch, staging / "float")
+        else:
+            from arch_models import tiny_float_checkpoint
+
+            src = tiny_float_checkpoint(
+                arch, staging / "float", tied=False, **MOE_ARCHS.get(arch, {})
+            )
         if (dtype := _FLOAT_DTYPE.get(tool)) is not None:
             _recast(src, dtype)
         _WRITERS[tool](src, staging / "out")

@@ -42,26 +42,38 @@ def _expected(path: Path, names) -> dict[str, tuple[int, int]]:
     return out
 
 
+CASES = [(t, "qwen3") for t in TOOLS] + [("awq", "deepseek_v2"), ("gptq", "deepseek_v2")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(c))
+def case(request) -> tuple[str, str, Path]:
+    tool, arch = request.param
+    return tool, arch, quant_tool_checkpoint(tool, arch)
+
+
+def test_loads_with_the_layout_the_tool_wrote_and_matches_mlx_lm(case) -> None:
+    from transformers import AutoModelForCausalLM
+
+    name, arch, path = case
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # 2 x 7 projections, the embedding and the head (DeepSeek: layer 0 dense, layer 1's
+    # shared experts; its routed experts are mlxq MoE modules, not in this count)
+    layers = _quantized(model)
+    assert len(layers) == 16
+    assert layers == _expected(path, layers)
+    tokens = TOKENS % model.config.vocab_size
+    with torch.inference_mode():
+        ours = model(tokens[None]).logits[0].numpy()
+    ref = mlx_lm_logits(path, tokens.numpy())
+    diff = float(np.abs(ours - ref).max())
+    print(f"\n[{name} {arch}] max |logits - mlx-lm| = {diff:.2e} (|logit| {np.abs(ref).max():.1f})")
+    assert diff < FP32_LOGIT_ATOL
+    assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
 @pytest.fixture(scope="module", params=TOOLS)
 def tool(request) -> tuple[str, Path]:
     return request.param, quant_tool_checkpoint(request.param)
-
-
-def test_loads_with_the_layout_the_tool_wrote_and_matches_mlx_lm(tool) -> None:
-    from transformers import AutoModelForCausalLM
-
-    name, path = tool
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    layers = _quantized(model)
-    assert len(layers) == 16  # 2 x 7 projections, the embedding and the head
-    assert layers == _expected(path, layers)
-    with torch.inference_mode():
-        ours = model(TOKENS[None]).logits[0].numpy()
-    ref = mlx_lm_logits(path, TOKENS.numpy())
-    diff = float(np.abs(ours - ref).max())
-    print(f"\n[{name}] max |logits - mlx-lm| = {diff:.2e} (max |logit| {np.abs(ref).max():.1f})")
-    assert diff < FP32_LOGIT_ATOL
-    assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
 def test_each_tool_wrote_its_own_layout(tool) -> None:
@@ -86,6 +98,12 @@ def test_each_tool_wrote_its_own_layout(tool) -> None:
         assert (q["bits"], q["group_size"]) == (4, 64) and "mode" not in q
         assert {(v["bits"], v["group_size"]) for v in entries.values()} == {(3, 64), (4, 32)}
         assert q["model.norm"] is False and q["model.layers.0.self_attn.rope"] is False
+        # with experts: entries for the SwitchLinear stacks, and false for the router, which
+        # AWQ scales (its input's scale folded in) but leaves float
+        moe = json.loads((quant_tool_checkpoint("awq", "deepseek_v2") / "config.json").read_text())
+        moe = moe["quantization"]
+        assert moe["model.layers.1.mlp.switch_mlp.down_proj"] == {"group_size": 64, "bits": 3}
+        assert moe["model.layers.1.mlp.gate"] is False
     elif name == "gptq":  # GPTQ'd linears at 4 bits; the embedding at the fallback 6 bits
         assert entries == {"model.embed_tokens": {"bits": 6, "group_size": 64}}
     elif name == "dwq":
