@@ -173,3 +173,24 @@ def test_dwq_two_scale_dtypes_are_named_and_kept_in_float32(caplog) -> None:
         for part in ("scales", "biases"):
             got = getattr(model.get_submodule(name), part)
             assert torch.equal(got, stored[f"{name}.{part}"].float()), (name, part)
+
+
+def test_awq_checkpoint_round_trips_through_save_and_mlx_lm(tmp_path: Path) -> None:
+    """AWQ's config (an entry for every leaf module, false ones included, and no "mode")
+    survives mlxq's save_pretrained: the same tensors, the same entries, mlx-lm's same logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    path = quant_tool_checkpoint("awq")
+    saved = tmp_path / "saved"
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(saved)
+    original = json.loads((path / "config.json").read_text())["quantization"]
+    written = json.loads((saved / "config.json").read_text())["quantization"]
+    assert written == {**original, "mode": "affine"}  # mlx-lm's default mode, now explicit
+    a, b = load_file(path / "model.safetensors"), load_file(saved / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (saved / f).write_bytes((path / f).read_bytes())
+    np.testing.assert_array_equal(
+        mlx_lm_logits(saved, TOKENS.numpy()), mlx_lm_logits(path, TOKENS.numpy())
+    )
