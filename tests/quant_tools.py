@@ -21,6 +21,9 @@ TOOLS = ("dynamic_quant", "awq", "gptq", "dwq")
 # DeepSeek V2 with experts (SwitchLinear) and a router; q_lora_rank None: AWQ's deepseek_v2
 # recipe scales q_proj (DeepSeek-V2-Lite's attention)
 MOE_ARCHS = {"deepseek_v2": {"q_lora_rank": None}}
+# image-text families whose language model mlx-lm quantizes (AWQ's lm_key "language_model"):
+# checkpoints under `language_model.`, read by this text class (tests/vlm_models.py's models)
+IMAGE_TEXT_CLASS = {"gemma3": "Gemma3ForCausalLM"}
 
 
 def _random_tokens(n: int, length: int, seed: int, vocab: int = 4096):
@@ -136,8 +139,9 @@ _FLOAT_DTYPE = {"dwq": "float16"}
 
 
 def quant_tool_checkpoint(tool: str, arch: str = "qwen3") -> Path:
-    """A tiny random `arch` model (tests/mlx_models.py's TINY_ARCHS, else tests/arch_models.py's
-    untied one) quantized by mlx_lm.quant.`tool` (cached)."""
+    """A tiny random `arch` model (tests/mlx_models.py's TINY_ARCHS, an image-text family of
+    :data:`IMAGE_TEXT_CLASS`, else tests/arch_models.py's untied one) quantized by
+    mlx_lm.quant.`tool` (cached)."""
     from mlx_models import TINY_ARCHS
     from mlxq.demo_model import _versions
 
@@ -150,6 +154,8 @@ def quant_tool_checkpoint(tool: str, arch: str = "qwen3") -> Path:
     try:
         if arch in TINY_ARCHS:
             src = tiny_float_model(arch, staging / "float")
+        elif arch in IMAGE_TEXT_CLASS:
+            src = _image_text_float(arch, staging / "float")
         else:
             from arch_models import tiny_float_checkpoint
 
@@ -177,3 +183,15 @@ def _recast(folder: Path, dtype: str) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _image_text_float(family: str, out: Path) -> Path:
+    import json
+
+    from vlm_models import tiny_float_checkpoint
+
+    src = tiny_float_checkpoint(family, out, tied=True)
+    config = json.loads((src / "config.json").read_text())
+    config["vocab_size"] = config["text_config"]["vocab_size"]  # mlx-lm's gemma3 reads it here
+    (src / "config.json").write_text(json.dumps(config))
+    return src

@@ -16,9 +16,11 @@ import pytest
 import torch
 from mlx_models import TEST_CACHE, mlx_lm_logits
 from mlxq.nn import AffineEmbedding, AffineLinear
-from quant_tools import TOOLS, quant_tool_checkpoint
+from quant_tools import IMAGE_TEXT_CLASS, TOOLS, quant_tool_checkpoint
 
-FP32_LOGIT_ATOL = 1e-3  # measured: 7e-6 to 1.2e-5 on logits of magnitude ~4.5
+# measured: 6e-6 to 1.2e-5 on logits of ~4.5; Gemma 3 5e-4 (its float difference from mlx-lm:
+# `mlx_lm convert` checkpoints show it too, and GPTQ, which folds nothing into the norms)
+FP32_LOGIT_ATOL = 1e-3
 TOKENS = torch.tensor([1, 502, 3000, 17, 900, 2048, 44, 4000, 12, 77])
 
 
@@ -43,6 +45,9 @@ def _expected(path: Path, names) -> dict[str, tuple[int, int]]:
 
 
 CASES = [(t, "qwen3") for t in TOOLS] + [("awq", "deepseek_v2"), ("gptq", "deepseek_v2")]
+# AWQ on Gemma 3's language model: Gemma's (1 + w) norms take the folded scales, names under
+# `language_model.`
+CASES += [("awq", "gemma3")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(c))
@@ -55,12 +60,19 @@ def test_loads_with_the_layout_the_tool_wrote_and_matches_mlx_lm(case) -> None:
     from transformers import AutoModelForCausalLM
 
     name, arch, path = case
+    if arch in IMAGE_TEXT_CLASS:
+        import transformers
+
+        AutoModelForCausalLM = getattr(transformers, IMAGE_TEXT_CLASS[arch])  # noqa: N806
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     # 2 x 7 projections, the embedding and the head (DeepSeek: layer 0 dense, layer 1's
-    # shared experts; its routed experts are mlxq MoE modules, not in this count)
+    # shared experts; its routed experts are mlxq MoE modules, not in this count; Gemma 3:
+    # tied, the quantized embedding is the head)
     layers = _quantized(model)
-    assert len(layers) == 16
-    assert layers == _expected(path, layers)
+    assert len(layers) == (15 if arch == "gemma3" else 16)
+    prefix = "language_model." if arch in IMAGE_TEXT_CLASS else ""
+    expected = _expected(path, [prefix + n for n in layers])
+    assert layers == {n.removeprefix(prefix): v for n, v in expected.items()}
     tokens = TOKENS % model.config.vocab_size
     with torch.inference_mode():
         ours = model(tokens[None]).logits[0].numpy()
