@@ -1148,12 +1148,15 @@ def _check_mlx_keys(arch: str, config) -> None:
             raise AssertionError(f"{arch}: mlx-lm key {key}={value}, transformers {rope[name]}")
 
 
-def tiny_float_checkpoint(arch: str, out: Path, tied: bool) -> Path:
-    """A tiny random bf16 model of `arch` saved by transformers, readable by mlx-lm."""
+def tiny_float_checkpoint(arch: str, out: Path, tied: bool, **overrides) -> Path:
+    """A tiny random bf16 model of `arch` saved by transformers, readable by mlx-lm;
+    `overrides`: config attributes set over :data:`ARCHS`' (tests/quant_tools.py's)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config = _config(arch, tied)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     _check_mlx_keys(arch, getattr(config, "text_config", config))
     torch.manual_seed(0)
     if arch in IMAGE_TEXT:  # saved as the Hub has it: the image-text model

@@ -707,22 +707,32 @@ def refuse_tied_head_tensors(
 
 # (stored dtype of scales/biases, model dtype) pairs that lose bits when loaded
 _ROUNDING = {("F32", torch.float16), ("F32", torch.bfloat16), ("F16", torch.bfloat16)}
-_DTYPE_NAMES = {"F32": "float32", "F16": "float16"}
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def warn_if_scales_rounded(model: nn.Module, headers: dict[str, TensorInfo]) -> None:
     """Say so when the affine scales and biases are stored more precisely than the model's
     dtype: `mlx_lm convert --dtype float16` leaves the config's bfloat16 in place, so a load
-    without `dtype=` would round fp16 scales to bf16 (mlx-lm runs them as stored)."""
+    without `dtype=` would round fp16 scales to bf16 (mlx-lm runs them as stored).
+
+    `mlx_lm.quant.dwq` stores the layers it trained in bf16 next to untrained (8-bit) ones in
+    the model's dtype: with both 16-bit dtypes stored, only float32 holds every value (bf16 to
+    fp16 rounds what lies outside fp16's normal range)."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     stored = {i.dtype for k, i in headers.items() if k.endswith((".scales", ".biases"))}
-    lossy = sorted(s for s in stored if (s, dtype) in _ROUNDING)
+    both = {"F16", "BF16"} <= stored
+    lossy = sorted(
+        s
+        for s in stored
+        if (s, dtype) in _ROUNDING or (both and (s, dtype) == ("BF16", torch.float16))
+    )
     if lossy:
-        names = " and ".join(_DTYPE_NAMES[s] for s in lossy)
+        names = " and ".join(_DTYPE_NAMES[s] for s in sorted(stored if both else lossy))
+        keep = "float32" if both else _DTYPE_NAMES[lossy[-1]]
         logger.warning(
             f"mlxq: the checkpoint's scales and biases are {names}; the model loads in "
             f"{str(dtype).removeprefix('torch.')}, which rounds them (mlx-lm runs them as "
-            f"stored): pass dtype=torch.{_DTYPE_NAMES[lossy[-1]]} to from_pretrained to keep them"
+            f"stored): pass dtype=torch.{keep} to from_pretrained to keep them"
         )
 
 
