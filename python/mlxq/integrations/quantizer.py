@@ -795,6 +795,18 @@ class MLXHfQuantizer(HfQuantizer):
                     "cuda needs mlxq built with its CUDA backend)"
                 )
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """`dtype=` of from_pretrained (or the config's): one the quantized kernels run in."""
+        from mlxq._casts import KERNEL_DTYPES
+
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"mlxq: an MLX model cannot load in {dtype}: mlxq's quantized kernels run in "
+                "float32, float16 or bfloat16 only (load in one, then dequantize_model to cast "
+                "a float model)"
+            )
+        return dtype
+
     def update_device_map(self, device_map):
         """A placement strategy ("auto", ...) is accelerate's to follow where mlxq runs on CUDA
         (layers spread over the GPUs); elsewhere it means the one device mlxq runs on here."""
