@@ -59,7 +59,8 @@ def quantize_model(
 
     Returns the same model.
     """
-    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    source = "quantize_model arguments"  # named by errors (not a config.json)
+    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode}, source=source)
     _untie_head_as_mlx_vlm(model)
     skip = list(modules_to_not_convert or [])
     if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
@@ -70,7 +71,9 @@ def quantize_model(
     overrides = _with_model_names(model, dict(overrides))
     skip += [name for name in mlx_lm_float_modules(model) if name not in overrides]
     skip += _multimodal_modules(model, overrides, skip)
-    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
+    top = check_quantization(
+        {"group_size": group_size, "bits": bits, "mode": mode, **overrides}, source=source
+    )
     split = _split_latent_kv_b(model, top, overrides, skip)
     walk = plan_quantization(model, top, overrides, skip)
     replaced = quantize_planned(model, walk) | split
