@@ -22,7 +22,8 @@ float model is quantized.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ __all__ = [
     "entry_format",
     "is_skipped",
     "configured_format",
+    "top_level_disagreements",
     "fits",
     "stored_format",
 ]
@@ -217,6 +219,36 @@ def check_quantization(
             f"{', '.join(_TOP_KEYS)} nor a per-module entry); refusing to guess what it means"
         )
     return top
+
+
+def top_level_disagreements(q: dict, stored: Iterable[ModuleFormat]) -> list[str]:
+    """The top-level values (bits, group_size, mode) of an MLX quantization block that no
+    quantized module is stored in, each with what the modules' tensors say instead.
+
+    mlx-lm 0.32 reads each module's format off its tensors (or its per-module entry) and uses
+    the top-level values for none of them, so `{"bits": 7}` over 4-bit tensors loads, in
+    mlx-lm as in mlxq; only tools that trust the block are misled. `stored`: the formats of
+    the quantized modules (empty: nothing to compare)."""
+    stored = list(stored)
+    if not stored:
+        return []
+    top = top_level_format(q)
+    out = []
+    for key in ("bits", "group_size", "mode"):
+        said = getattr(top, key)
+        counts = Counter(getattr(fmt, key) for fmt in stored)
+        if said in counts:
+            continue
+        raw = q.get(key, "affine") if key == "mode" else q.get(key)
+        stated = f"{key}={raw!r}" + ("" if raw == said else f" ({said!r} for mode {top.mode})")
+        found = ", ".join(f"{v!r} ({n} module{'s' * (n > 1)})" for v, n in counts.most_common())
+        out.append(
+            f"config.json quantization says {stated}, but no quantized module is stored so: "
+            f"the tensors and per-module entries say {key} {found}; mlx-lm 0.32 and mlxq read "
+            "each module's format from those, so this value is unused (tools trusting it are "
+            "misled)"
+        )
+    return out
 
 
 def is_skipped(name: str, skip: list[str] | tuple[str, ...]) -> bool:
