@@ -282,7 +282,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     # float32 tensors saved in the dtypes mlx_lm convert writes for the checkpoint the model was
     # read from (found by its name_or_path), or in the model's dtype for one built in memory
     source = read_float_checkpoint(model, float_checkpoint_files(model))
-    save_float_dtypes_as_convert(model, source, vlm)
+    save_float_dtypes_as_convert(model, source)
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)
