@@ -166,7 +166,7 @@ def test_a_top_level_value_no_module_is_stored_in_is_flagged(
     assert not [m for m in before if "config.json quantization says" in m]
     warnings = [p.message for p in inspect_checkpoint(model, str(model)).problems]
     assert len(warnings) == 1 and warnings[0].startswith(f"config.json quantization says {said},")
-    assert f"say {stored} (14 modules)" in warnings[0]
+    assert f"their tensors say {stored} (14 modules)" in warnings[0]
     # loading stays as mlx-lm's: the same model as the original
     tokens = torch.tensor([[5, 60, 700]])
     logits = [

@@ -228,7 +228,7 @@ def top_level_disagreements(q: dict, stored: Iterable[ModuleFormat]) -> list[str
     mlx-lm 0.32 reads each module's format off its tensors (or its per-module entry) and uses
     the top-level values for none of them, so `{"bits": 7}` over 4-bit tensors loads, in
     mlx-lm as in mlxq; only tools that trust the block are misled. `stored`: the formats of
-    the quantized modules (empty: nothing to compare)."""
+    the quantized modules without a per-module entry (empty: nothing to compare)."""
     stored = list(stored)
     if not stored:
         return []
@@ -243,10 +243,10 @@ def top_level_disagreements(q: dict, stored: Iterable[ModuleFormat]) -> list[str
         stated = f"{key}={raw!r}" + ("" if raw == said else f" ({said!r} for mode {top.mode})")
         found = ", ".join(f"{v!r} ({n} module{'s' * (n > 1)})" for v, n in counts.most_common())
         out.append(
-            f"config.json quantization says {stated}, but no quantized module is stored so: "
-            f"the tensors and per-module entries say {key} {found}; mlx-lm 0.32 and mlxq read "
-            "each module's format from those, so this value is unused (tools trusting it are "
-            "misled)"
+            f"config.json quantization says {stated}, but no quantized module without an entry "
+            f"of its own is stored so: their tensors say {key} {found}; mlx-lm 0.32 and mlxq "
+            "read each module's format from its tensors, so this value is unused (tools "
+            "trusting it are misled)"
         )
     return out
 

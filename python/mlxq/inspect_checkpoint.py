@@ -418,10 +418,19 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         used.update(k for k in headers if k.rpartition(".")[0] == walk.head.head)
         report.modules.append(row)
     if mlx_q:  # a top-level value no module is stored in: it loads, but the block misleads
+
+        def has_entry(name: str) -> bool:  # under the model's name or the file's
+            key = stored_names.get(f"{name}.weight") or stored_names.get(f"{name}.scales") or ""
+            return name in qconfig.overrides or key.rpartition(".")[0] in qconfig.overrides
+
+        # the modules the top level describes: those without an entry of their own (a mixed
+        # recipe's block may state a width no module has: mlx_lm convert writes --q-bits)
         stored = [
             ModuleFormat(r.bits, r.group_size, r.mode)
             for r in report.modules
-            if r.bits is not None and r.bytes  # not a tied head (the embedding's format)
+            if r.bits is not None
+            and r.bytes  # not a tied head (the embedding's format)
+            and not has_entry(r.name)
         ]
         for message in top_level_disagreements(q, stored):
             problems.append(Problem("warning", message))
