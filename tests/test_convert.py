@@ -87,3 +87,63 @@ def test_stale_staging_folders_of_the_model_cache_are_removed(tmp_path: Path) ->
 def test_test_cache_is_under_the_mlxq_cache() -> None:
     if "MLXQ_TEST_CACHE" not in os.environ:
         assert TEST_CACHE == demo_model.mlxq_cache_dir() / "tests"
+
+
+_CAST_PROBES = [
+    f"model.layers.0.{leaf}"
+    for leaf in (
+        "mlp.gate.e_score_correction_bias", "mixer.A_log", "linear_attn.dt_bias",
+        "mlp.expert_bias", "mlp.router_bias", "attn_hc.fn", "ffn_hc.fn", "self_attn.sinks",
+        "attn.compressor.wkv", "a_alpha", "a_beta", "self_attn.q_proj.weight", "mlp.gate.weight",
+    )
+]  # fmt: skip
+
+
+def test_cast_keep_tables_follow_the_converters_cast_predicates() -> None:
+    """MLX_LM_CAST_KEEP / MLX_VLM_CAST_KEEP say which float tensors `mlx_lm convert` /
+    `mlx_vlm convert` leave uncast: each model class's cast_predicate (that needs no instance)
+    keeps the same probe names (nemotron_h's A_log and glm_moe_dsa's bias were missing)."""
+    import importlib
+    import pkgutil
+
+    from mlxq.integrations.mlx_lm_layout import MLX_LM_CAST_KEEP
+    from mlxq.integrations.mlx_vlm_layout import MLX_VLM_CAST_KEEP, VLM_LAYOUTS
+
+    def kept_by(model_class) -> list[str] | None:
+        prop = getattr(model_class, "cast_predicate", None)
+        if prop is None:
+            return []
+        try:  # most build their predicate without touching self
+            predicate = prop.fget(None)
+            return [p for p in _CAST_PROBES if not predicate(p)]
+        except AttributeError:  # delegates to its language model (an instance)
+            return None
+
+    mlx_lm_models = pytest.importorskip("mlx_lm.models")
+    checked, wrong = 0, []
+    for info in pkgutil.iter_modules(mlx_lm_models.__path__):
+        try:
+            module = importlib.import_module(f"mlx_lm.models.{info.name}")
+        except (ImportError, SystemExit):  # olmo exits without its package
+            continue
+        kept = kept_by(getattr(module, "Model", None))
+        if kept is None:
+            continue
+        ours = MLX_LM_CAST_KEEP.get(info.name, ())
+        checked += 1
+        if kept != [p for p in _CAST_PROBES if any(k in p for k in ours)]:
+            wrong.append((info.name, kept))
+    for model_type in VLM_LAYOUTS:
+        try:
+            module = importlib.import_module(f"mlx_vlm.models.{model_type}")
+        except ImportError:
+            continue
+        model_class = getattr(module, "Model", None)
+        kept = kept_by(model_class)
+        if kept is None:  # Model.cast_predicate returns its language model's
+            kept = kept_by(getattr(module, "LanguageModel", None))
+        ours = MLX_VLM_CAST_KEEP.get(model_type, ())
+        checked += 1
+        if kept != [p for p in _CAST_PROBES if any(k in p for k in ours)]:
+            wrong.append((model_type, kept))
+    assert checked > 20 and not wrong, wrong

@@ -216,3 +216,31 @@ def test_what_mlx_vlm_does_not_write_is_refused_by_name(tmp_path: Path, capsys) 
         text = AutoModelForCausalLM.from_config(transformers_config("llava").text_config)
     with pytest.raises(ValueError, match="mixed_3_5.*image-text models only"):
         recipe_overrides(text, "mixed_3_5", 64)
+
+
+def test_convert_keeps_what_mlx_vlm_cast_predicate_keeps(tmp_path: Path) -> None:
+    """mlx-vlm's Qwen 3.5 keeps `A_log` in the stored dtype when convert casts to the config's
+    (its cast_predicate); mlxq wrote it bf16 (mlx-vlm's predicates were not applied, and
+    transformers rounded the fp32 tensor at load). Checkpoint with fp32 A_log and dt_bias."""
+    from mlx_vlm import convert
+    from mlxq.convert import convert_checkpoint
+    from safetensors.torch import save_file
+    from vlm_models import tiny_float_checkpoint
+
+    src = tiny_float_checkpoint("qwen3_5", tmp_path / "float", False)
+    tensors = load_file(src / "model.safetensors")
+    fp32 = [k for k in tensors if k.endswith(("A_log", "dt_bias"))]
+    assert fp32
+    tensors.update({k: tensors[k].float() for k in fp32})
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"  # (without it mlx-vlm casts nothing)
+    (src / "config.json").write_text(json.dumps(config))
+    convert(str(src), str(tmp_path / "ref"), quantize=True, q_group_size=64, q_bits=4)
+    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=64)
+    _assert_same_checkpoint(tmp_path / "ours", tmp_path / "ref")
+    ref = load_file(tmp_path / "ref" / "model.safetensors")
+    dtypes = {
+        k.rpartition(".")[2]: v.dtype for k, v in ref.items() if k.endswith(("A_log", "dt_bias"))
+    }
+    assert dtypes == {"A_log": torch.float32, "dt_bias": torch.bfloat16}  # the predicate's rule

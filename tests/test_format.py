@@ -100,3 +100,40 @@ def test_find_quantization_and_skip_rule() -> None:
     assert find_quantization({"model_type": "llama"}) is None
     assert is_skipped("model.visual.blocks.0", ["model.visual"])
     assert is_skipped("lm_head", ["lm_head"]) and not is_skipped("lm_head2", ["lm_head"])
+
+
+def test_errors_name_the_source_of_the_bad_value() -> None:
+    """Bad quantize_model / MLXQuantConfig arguments were reported as "config.json
+    quantization: ..." with no config.json involved; each error names its real source."""
+    import mlxq
+    import torch
+    from mlxq.integrations.config import MLXQuantConfig
+
+    cases = [
+        (
+            lambda: mlxq.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), group_size=0),
+            "mlxq: quantize_model arguments: 'group_size'",
+        ),
+        (
+            lambda: mlxq.quantize_model(
+                torch.nn.Sequential(torch.nn.Linear(64, 8)), overrides={"0": {"bits": "x"}}
+            ),
+            "mlxq: quantize_model arguments, overrides['0']: 'bits'",
+        ),
+        (lambda: MLXQuantConfig(mode="int3"), "mlxq: MLXQuantConfig arguments: unknown MLX"),
+        (
+            lambda: MLXQuantConfig(overrides={"a": 3}),
+            "mlxq: MLXQuantConfig arguments, overrides['a']",
+        ),
+        (  # a checkpoint's block, as transformers reads it
+            lambda: MLXQuantConfig.from_dict({"bits": 4, "group_size": 64, "a": {"bits": 0}}),
+            "mlxq: config.json quantization['a']: 'bits'",
+        ),
+    ]
+    for make, prefix in cases:
+        with pytest.raises(ValueError) as error:
+            make()
+        assert str(error.value).startswith(prefix), str(error.value)
+    # the source is reset after from_dict: a later constructor call names its arguments again
+    with pytest.raises(ValueError, match="^mlxq: MLXQuantConfig arguments: 'bits'"):
+        MLXQuantConfig(bits=0)

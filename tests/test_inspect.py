@@ -135,3 +135,44 @@ def test_inspect_rows_are_the_modules_the_loader_builds(arch: str, variant: Vari
     ]
     assert quantized and set(quantized) <= set(rows)
     assert checked == len(rows)
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "said", "stored"),
+    [
+        ({"bits": 7}, "bits", "bits=7", "bits 4"),
+        ({"group_size": 48}, "group_size", "group_size=48", "group_size 128"),
+        ({"mode": "mxfp4"}, "mode", "mode='mxfp4'", "mode 'affine'"),
+    ],
+)
+def test_a_top_level_value_no_module_is_stored_in_is_flagged(
+    tmp_path: Path, edit: dict, key: str, said: str, stored: str
+) -> None:
+    """A top-level bits / group_size / mode that disagrees with every module's tensors loads
+    (mlx-lm 0.32 reads each module's format off its tensors: checked here), and inspect
+    said nothing; it warns, naming the key, the stated value and what the tensors say."""
+    import torch
+    from mlx_models import tiny_mlx_checkpoint as tiny_qwen3
+    from transformers import AutoModelForCausalLM
+
+    original = tiny_qwen3("qwen3", 4, 128)
+    model = tmp_path / "model"
+    shutil.copytree(original, model)
+    config = json.loads((model / "config.json").read_text())
+    for block in ("quantization", "quantization_config"):
+        config[block].update(edit)
+    (model / "config.json").write_text(json.dumps(config))
+    before = [p.message for p in inspect_checkpoint(original, str(original)).problems]
+    assert not [m for m in before if "config.json quantization says" in m]
+    warnings = [p.message for p in inspect_checkpoint(model, str(model)).problems]
+    assert len(warnings) == 1 and warnings[0].startswith(f"config.json quantization says {said},")
+    assert f"their tensors say {stored} (14 modules)" in warnings[0]
+    # loading stays as mlx-lm's: the same model as the original
+    tokens = torch.tensor([[5, 60, 700]])
+    logits = [
+        AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)(tokens).logits
+        for p in (original, model)
+    ]
+    assert torch.equal(*logits)
+    mlx_lm = pytest.importorskip("mlx_lm")
+    mlx_lm.load(str(model))  # mlx-lm loads it too (it would raise on a refusal)

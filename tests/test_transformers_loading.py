@@ -534,3 +534,32 @@ def test_half_and_float_cast_an_mlx_model_as_to_does(tiny: Path, tiny_logits) ->
     assert model.float().dtype == torch.float32
     # fp16 scales widened back to fp32 (exact), so close to the fp32 model's logits
     torch.testing.assert_close(_logits(model), tiny_logits, rtol=0, atol=2e-2)
+
+
+def test_a_cast_the_kernels_cannot_run_is_refused_at_cast_time(tiny: Path) -> None:
+    """`.double()` / `.to(torch.float64)` cast an MLX model silently and its forward failed
+    later ("scales must be float32, ...", no layer named); `.type(torch.float16)` cast the
+    packed words too. Each is refused at the cast, naming the dtype and the first quantized
+    module, with nothing cast; so is `dtype=torch.float64` at load."""
+    model = _load(tiny)
+    before = {k: (t.dtype, t.clone()) for k, t in model.state_dict().items()}
+    for cast, what in (
+        (lambda m: m.double(), "torch.float64"),
+        (lambda m: m.to(torch.float64), "torch.float64"),
+        (lambda m: m.to("cpu", torch.float64), "torch.float64"),
+        (lambda m: m.type(torch.float16), "packed uint32 words to torch.float16"),
+    ):
+        with pytest.raises(TypeError, match=f"model.embed_tokens.*{what}.*nothing was cast"):
+            cast(model)
+    after = model.state_dict()
+    assert all(after[k].dtype == d and torch.equal(after[k], t) for k, (d, t) in before.items())
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(TypeError, match="cannot load in torch.float64"):
+        AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float64)
+    # a layer outside transformers refuses it too, before its own tensors are cast
+    layer = AffineLinear(64, 32, bits=4, group_size=32, dtype=torch.float32)
+    with pytest.raises(TypeError, match="quantized AffineLinear: .*torch.float64"):
+        layer.double()
+    assert layer.scales.dtype == torch.float32 and layer.weight.dtype == torch.uint32
+    assert layer.bfloat16().scales.dtype == torch.bfloat16  # the kernels' dtypes still cast

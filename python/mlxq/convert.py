@@ -368,7 +368,9 @@ def convert_checkpoint(
     if image_text:
         _refuse_what_mlx_vlm_misreads(meta, src)
     moe = [m.name for m in plan_modules(meta, lambda name, plan: None).modules if m.moe]
-    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    top = check_quantization(
+        {"group_size": group_size, "bits": bits, "mode": mode}, source="convert arguments"
+    )
     # without a recipe, mlx-lm / mlx-vlm apply their model class's own per-module rule
     # (quantize_model and the quantizer loading a float checkpoint apply it when given no
     # entries); a recipe's layers kept float get no entry (modules_to_not_convert)

@@ -22,7 +22,8 @@ float model is quantized.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,12 +37,14 @@ __all__ = [
     "ModuleFormat",
     "find_quantization",
     "is_mlx_quantization",
+    "CONFIG_JSON",
     "require_top_level_keys",
     "check_quantization",
     "top_level_format",
     "entry_format",
     "is_skipped",
     "configured_format",
+    "top_level_disagreements",
     "fits",
     "stored_format",
 ]
@@ -99,6 +102,17 @@ def is_mlx_quantization(q: Any) -> bool:
     return q.get("quant_method") == "mlx" or any(k in q for k in _TOP_KEYS)
 
 
+CONFIG_JSON = "config.json quantization"
+
+
+def _at(source: str, name: str | None = None) -> str:
+    """Where a value came from, for an error: `source` is the config.json block (entries are
+    its keys) or the arguments of a call such as quantize_model (entries are its overrides)."""
+    if name is None:
+        return source
+    return f"{source}[{name!r}]" if source == CONFIG_JSON else f"{source}, overrides[{name!r}]"
+
+
 def require_top_level_keys(q: dict) -> None:
     """mlx-lm reads `quantization["group_size"]` and `["bits"]` (a `null` value means the
     mode's default, a missing key is its KeyError): refuse a block without them by name."""
@@ -111,23 +125,23 @@ def require_top_level_keys(q: dict) -> None:
             )
 
 
-def _int_or_null(value: Any, key: str, where: str) -> int | None:
+def _int_or_null(value: Any, key: str, at: str) -> int | None:
     if value is None:
         return None
     # 0 is refused too: it used to read as null (the mode's default) through `value or
     # default`, so quantize_model(group_size=0) quantized at 64; MLX itself divides by it
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
-            f"mlxq: config.json quantization{where}: {key!r} must be a positive integer or "
+            f"mlxq: {at}: {key!r} must be a positive integer or "
             f"null, got {value!r} ({type(value).__name__})"
         )
     return value
 
 
-def _mode(value: Any, where: str) -> str:
+def _mode(value: Any, at: str) -> str:
     if value not in KNOWN_MODES:
         raise ValueError(
-            f"mlxq: config.json quantization{where}: unknown MLX quantization mode {value!r} "
+            f"mlxq: {at}: unknown MLX quantization mode {value!r} "
             f"(MLX modes: {', '.join(KNOWN_MODES)})"
         )
     return value
@@ -138,70 +152,103 @@ def _resolve(mode: str, group_size: int | None, bits: int | None) -> ModuleForma
     return ModuleFormat(bits or default_bits, group_size or default_group, mode)
 
 
-def top_level_format(q: dict) -> ModuleFormat:
-    """The top-level format of an MLX quantization block, `null` values resolved per mode."""
-    mode = _mode(q.get("mode", "affine"), "")
+def top_level_format(q: dict, source: str = CONFIG_JSON) -> ModuleFormat:
+    """The top-level format of an MLX quantization block, `null` values resolved per mode
+    (`source`, named by errors: where the block came from, see :func:`_at`)."""
+    mode = _mode(q.get("mode", "affine"), source)
     return _resolve(
         mode,
-        _int_or_null(q.get("group_size"), "group_size", ""),
-        _int_or_null(q.get("bits"), "bits", ""),
+        _int_or_null(q.get("group_size"), "group_size", source),
+        _int_or_null(q.get("bits"), "bits", source),
     )
 
 
-def entry_format(name: str, entry: Any, top: ModuleFormat) -> ModuleFormat | None:
+def entry_format(
+    name: str, entry: Any, top: ModuleFormat, source: str = CONFIG_JSON
+) -> ModuleFormat | None:
     """The format of module `name` from its per-module entry (see the module docstring);
     None where the entry keeps it float. Raises ValueError naming the module and key for an
     entry of the wrong type."""
-    where = f"[{name!r}]"
+    at = _at(source, name)
     if entry is False:
         return None
     if entry is True:
         return top
     if not isinstance(entry, dict):
         raise ValueError(
-            f"mlxq: config.json quantization{where} must be an object, true or false, "
-            f"got {entry!r} ({type(entry).__name__})"
+            f"mlxq: {at} must be an object, true or false, got {entry!r} ({type(entry).__name__})"
         )
     unknown = sorted(set(entry) - set(_ENTRY_KEYS))
     if unknown:
         raise ValueError(
-            f"mlxq: config.json quantization{where}: unknown key {unknown[0]!r} "
+            f"mlxq: {at}: unknown key {unknown[0]!r} "
             f"(mlxq reads {', '.join(_ENTRY_KEYS)}); refusing to guess what it changes"
         )
     if entry.get("quantize_input"):
         raise NotImplementedError(
             f"mlxq: layer {name!r}: quantize_input=true (quantized activations) is not run by mlxq"
         )
-    mode = _mode(entry.get("mode", "affine"), where)
+    mode = _mode(entry.get("mode", "affine"), at)
     return _resolve(
         mode,
-        _int_or_null(entry.get("group_size"), "group_size", where),
-        _int_or_null(entry.get("bits"), "bits", where),
+        _int_or_null(entry.get("group_size"), "group_size", at),
+        _int_or_null(entry.get("bits"), "bits", at),
     )
 
 
-def check_quantization(q: Any, extra_keys: tuple[str, ...] = ()) -> ModuleFormat:
+def check_quantization(
+    q: Any, extra_keys: tuple[str, ...] = (), source: str = CONFIG_JSON
+) -> ModuleFormat:
     """Validate a whole MLX quantization block; return its top-level format.
 
     Every key must be a top-level key, a per-module entry (an object, true or false) or one
-    of `extra_keys`; values of the wrong type raise ValueError naming the key.
+    of `extra_keys`; values of the wrong type raise ValueError naming the key and `source`
+    (:data:`CONFIG_JSON`, or the call whose arguments `q` holds: "quantize_model arguments").
     """
     if not isinstance(q, dict):
-        raise ValueError(
-            f"mlxq: config.json quantization must be an object, got {type(q).__name__}"
-        )
-    top = top_level_format(q)
+        raise ValueError(f"mlxq: {source} must be an object, got {type(q).__name__}")
+    top = top_level_format(q, source)
     for key, value in q.items():
         if key in _TOP_KEYS or key in _WRAPPER_KEYS or key in extra_keys:
             continue
         if isinstance(value, (dict, bool)):
-            entry_format(key, value, top)
+            entry_format(key, value, top, source)
             continue
         raise ValueError(
-            f"mlxq: config.json quantization: unknown key {key!r} = {value!r} (neither "
+            f"mlxq: {source}: unknown key {key!r} = {value!r} (neither "
             f"{', '.join(_TOP_KEYS)} nor a per-module entry); refusing to guess what it means"
         )
     return top
+
+
+def top_level_disagreements(q: dict, stored: Iterable[ModuleFormat]) -> list[str]:
+    """The top-level values (bits, group_size, mode) of an MLX quantization block that no
+    quantized module is stored in, each with what the modules' tensors say instead.
+
+    mlx-lm 0.32 reads each module's format off its tensors (or its per-module entry) and uses
+    the top-level values for none of them, so `{"bits": 7}` over 4-bit tensors loads, in
+    mlx-lm as in mlxq; only tools that trust the block are misled. `stored`: the formats of
+    the quantized modules without a per-module entry (empty: nothing to compare)."""
+    stored = list(stored)
+    if not stored:
+        return []
+    top = top_level_format(q)
+    out = []
+    for key in ("bits", "group_size", "mode"):
+        said = getattr(top, key)
+        counts = Counter(getattr(fmt, key) for fmt in stored)
+        if said in counts:
+            continue
+        raw = q.get(key, "affine") if key == "mode" else q.get(key)
+        stated = f"{key}={raw!r}" + ("" if raw == said else f" ({said!r} for mode {top.mode})")
+        found = ", ".join(f"{v!r} ({n} module{'s' * (n > 1)})" for v, n in counts.most_common())
+        out.append(
+            f"config.json quantization says {stated}, but no quantized module without an entry "
+            f"of its own is stored so: their tensors say {key} {found}; mlx-lm 0.32 and mlxq "
+            "read each module's format from its tensors, so this value is unused (tools "
+            "trusting it are misled)"
+        )
+    return out
 
 
 def is_skipped(name: str, skip: list[str] | tuple[str, ...]) -> bool:
@@ -214,6 +261,7 @@ def configured_format(
     top: ModuleFormat,
     overrides: Mapping[str, dict | bool],
     skip: list[str] | tuple[str, ...] = (),
+    source: str = CONFIG_JSON,
 ) -> ModuleFormat | None:
     """The format a quantization config gives module `name`: None where it is skipped or its
     entry keeps it float, its per-module entry where it has one, else the top-level format."""
@@ -221,7 +269,7 @@ def configured_format(
         return None
     if name not in overrides:
         return top
-    return entry_format(name, overrides[name], top)
+    return entry_format(name, overrides[name], top, source)
 
 
 def fits(in_features: int, fmt: ModuleFormat) -> bool:

@@ -17,7 +17,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from mlxq.format import RUNNABLE_MODES, find_quantization, is_mlx_quantization, stored_format
+from mlxq.format import (
+    RUNNABLE_MODES,
+    ModuleFormat,
+    find_quantization,
+    is_mlx_quantization,
+    stored_format,
+    top_level_disagreements,
+)
 from mlxq.integrations.checkpoint import DTYPE_BYTES, weight_map_of
 from mlxq.integrations.mlx_lm_layout import MLX_LM_READS_ROPE_PARAMETERS, checkpoint_layout
 from mlxq.integrations.mlx_vlm_layout import reads_rope_parameters, takes_flat_text_keys
@@ -410,6 +417,23 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
             row.bits, row.group_size, row.mode = emb_fmt.bits, emb_fmt.group_size, emb_fmt.mode
         used.update(k for k in headers if k.rpartition(".")[0] == walk.head.head)
         report.modules.append(row)
+    if mlx_q:  # a top-level value no module is stored in: it loads, but the block misleads
+
+        def has_entry(name: str) -> bool:  # under the model's name or the file's
+            key = stored_names.get(f"{name}.weight") or stored_names.get(f"{name}.scales") or ""
+            return name in qconfig.overrides or key.rpartition(".")[0] in qconfig.overrides
+
+        # the modules the top level describes: those without an entry of their own (a mixed
+        # recipe's block may state a width no module has: mlx_lm convert writes --q-bits)
+        stored = [
+            ModuleFormat(r.bits, r.group_size, r.mode)
+            for r in report.modules
+            if r.bits is not None
+            and r.bytes  # not a tied head (the embedding's format)
+            and not has_entry(r.name)
+        ]
+        for message in top_level_disagreements(q, stored):
+            problems.append(Problem("warning", message))
     try:  # the loader's own refusal of quantized tensors it has no module for (MoE experts...)
         check_all_quantized_tensors_used(model, headers, {m.name for m in report.modules})
     except NotImplementedError as error:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mlxq._casts import RefusesUnsupportedCasts
 from mlxq._pickling import PicklesUnsignedBuffers
 from mlxq.ops import affine_quantize, dequantize, quantize, quantized_matmul
 
@@ -33,7 +34,7 @@ class MultiLinear(nn.Module):
         return torch.matmul(x, w.transpose(-1, -2) if transpose else w)
 
 
-class AffineMultiLinear(PicklesUnsignedBuffers, nn.Module):
+class AffineMultiLinear(RefusesUnsupportedCasts, PicklesUnsignedBuffers, nn.Module):
     """Per-head MLX-quantized weights (mlx-lm's `QuantizedMultiLinear`): packed `weight`
     `[heads, out, in*bits/32]`, `scales`/`biases` `[heads, out, in/group_size]` in mode
     "affine"; uint8 `scales` and no `biases` in the floating-point modes."""

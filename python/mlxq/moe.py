@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlxq._casts import RefusesUnsupportedCasts
 from mlxq._pickling import PicklesUnsignedBuffers, made_class
 from mlxq.format import MODE_DEFAULTS
 from mlxq.ops import (
@@ -83,7 +84,7 @@ class SwitchProjection(nn.Module):
         return y + self.bias[indices].unsqueeze(-2).to(y.dtype)
 
 
-class AffineSwitchLinear(PicklesUnsignedBuffers, SwitchProjection):
+class AffineSwitchLinear(RefusesUnsupportedCasts, PicklesUnsignedBuffers, SwitchProjection):
     """`num_experts` quantized linear layers stacked (mlx-lm's `QuantizedSwitchLinear`), in any
     MLX mode: "affine" (float `scales` and `biases`) or "mxfp4", "nvfp4", "mxfp8" (uint8
     `scales`, no `biases`; nvfp4 optionally with mlx-lm's per-expert float32 `global_scale`
@@ -515,7 +516,7 @@ class AffineWeight:
         raise owner._refuse(f"`{getattr(func, '__name__', func)}`")
 
 
-class _AffineRouter(PicklesUnsignedBuffers):
+class _AffineRouter(RefusesUnsupportedCasts, PicklesUnsignedBuffers):
     """Mixin placed before a router class: `self.weight` becomes an :class:`AffineWeight`
     over the packed buffers (`weight` in the state dict, as in MLX checkpoints)."""
 

@@ -18,6 +18,7 @@ import types
 import torch
 from torch import nn
 
+from mlxq._casts import RefusesUnsupportedCasts
 from mlxq._pickling import PicklesUnsignedBuffers
 from mlxq.format import MODE_DEFAULTS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from mlxq.ops import affine_dequantize, affine_matmul, affine_quantize, quantize
@@ -107,7 +108,7 @@ def _mode_repr(mode: str) -> str:
     return "" if mode == "affine" else f", mode={mode}"
 
 
-class AffineLinear(PicklesUnsignedBuffers, nn.Module):
+class AffineLinear(RefusesUnsupportedCasts, PicklesUnsignedBuffers, nn.Module):
     """A linear layer `y = x @ W.T + bias` whose `W` is MLX-quantized (any `mode`).
 
     Activations may be float16, bfloat16 or float32; the product is computed in fp32 and
@@ -200,7 +201,7 @@ class AffineLinear(PicklesUnsignedBuffers, nn.Module):
         )
 
 
-class AffineEmbedding(PicklesUnsignedBuffers, nn.Module):
+class AffineEmbedding(RefusesUnsupportedCasts, PicklesUnsignedBuffers, nn.Module):
     """An embedding table stored MLX-quantized (any `mode`).
 
     A lookup gathers the packed rows of the requested ids and dequantizes only those; the

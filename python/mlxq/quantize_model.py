@@ -59,7 +59,8 @@ def quantize_model(
 
     Returns the same model.
     """
-    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode})
+    source = "quantize_model arguments"  # named by errors (not a config.json)
+    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode}, source=source)
     _untie_head_as_mlx_vlm(model)
     skip = list(modules_to_not_convert or [])
     if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
@@ -70,7 +71,9 @@ def quantize_model(
     overrides = _with_model_names(model, dict(overrides))
     skip += [name for name in mlx_lm_float_modules(model) if name not in overrides]
     skip += _multimodal_modules(model, overrides, skip)
-    top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode, **overrides})
+    top = check_quantization(
+        {"group_size": group_size, "bits": bits, "mode": mode, **overrides}, source=source
+    )
     split = _split_latent_kv_b(model, top, overrides, skip)
     walk = plan_quantization(model, top, overrides, skip)
     replaced = quantize_planned(model, walk) | split
@@ -279,7 +282,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     # float32 tensors saved in the dtypes mlx_lm convert writes for the checkpoint the model was
     # read from (found by its name_or_path), or in the model's dtype for one built in memory
     source = read_float_checkpoint(model, float_checkpoint_files(model))
-    save_float_dtypes_as_convert(model, source, vlm)
+    save_float_dtypes_as_convert(model, source)
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)

@@ -8,11 +8,13 @@ transformers can dispatch it.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from mlxq.format import (
+    CONFIG_JSON,
     KNOWN_MODES,
     RUNNABLE_MODES,
     ModuleFormat,
@@ -34,6 +36,12 @@ __all__ = [
 ]
 
 QUANT_METHOD = "mlx"
+
+# what an MLXQuantConfig's errors name as the source of its values: config.json's block while
+# from_dict builds one (a checkpoint's config), the constructor's arguments otherwise; its
+# attributes once built (validated then: only a value set after that can fail)
+_SOURCE = contextvars.ContextVar("mlxq_quant_config_source", default="MLXQuantConfig arguments")
+_ATTRIBUTES = "MLXQuantConfig attributes"
 
 
 def config_and_text_config(config: Any) -> list[Any]:
@@ -84,15 +92,16 @@ class MLXQuantConfig(QuantizationConfigMixin):
     def post_init(self) -> None:
         """Validate every key and value (an error names the one at fault)."""
         top = check_quantization(
-            {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+            {"group_size": self.group_size, "bits": self.bits, "mode": self.mode},
+            source=_SOURCE.get(),
         )
         for name, entry in self.overrides.items():
-            entry_format(name, entry, top)
+            entry_format(name, entry, top, _SOURCE.get())
 
     @property
     def default_format(self) -> ModuleFormat:
         """The top-level format, `None` bits or group size resolved to the mode's default."""
-        return top_level_format(self.mlx_dict())
+        return top_level_format(self.mlx_dict(), _ATTRIBUTES)
 
     def module_format(self, name: str) -> ModuleFormat | None:
         """The configured format of module `name`, or None where the config keeps it float.
@@ -101,7 +110,7 @@ class MLXQuantConfig(QuantizationConfigMixin):
         one gets the top-level format.
         """
         return configured_format(
-            name, self.default_format, self.overrides, self.modules_to_not_convert
+            name, self.default_format, self.overrides, self.modules_to_not_convert, _ATTRIBUTES
         )
 
     def mlx_dict(self) -> dict[str, Any]:
@@ -126,7 +135,11 @@ class MLXQuantConfig(QuantizationConfigMixin):
         (with `return_unused_kwargs`), as transformers' own configs do."""
         require_top_level_keys(config_dict)
         data = {k: v for k, v in config_dict.items() if k != "quant_method"}
-        config = cls(**data)
+        token = _SOURCE.set(CONFIG_JSON)
+        try:
+            config = cls(**data)
+        finally:
+            _SOURCE.reset(token)
         unused = {}
         for key, value in kwargs.items():
             if hasattr(config, key):

@@ -571,6 +571,15 @@ def reads_rope_parameters(model_type: str | None) -> bool:
     return layout is not None and layout.reads_rope_parameters
 
 
+# mlx-vlm's `cast_predicate` (mlx_vlm/models/<type>, 0.7.10) of the families mapped here: float
+# tensors `mlx_vlm convert` leaves in the checkpoint's dtype (names holding one of these). Only
+# the top `Model`'s counts (convert reads `model.cast_predicate`): GLM-4.5V's and Kimi K2.5's
+# language models define one that their `Model` does not expose, so convert casts all of theirs.
+MLX_VLM_CAST_KEEP: dict[str, tuple[str, ...]] = dict.fromkeys(
+    ("qwen3_5", "qwen3_5_moe", "minicpmv4_7"), ("A_log",)
+)
+
+
 def is_image_text(config: Any) -> bool:
     """True for a composite config with a vision tower (an image-text model)."""
     return getattr(config, "vision_config", None) is not None

@@ -45,6 +45,7 @@ from mlxq.integrations.mlx_lm_layout import (
     use_mlx_lm_layout,
 )
 from mlxq.integrations.mlx_vlm_layout import (
+    MLX_VLM_CAST_KEEP,
     VLM_LAYOUTS,
     VlmLayout,
     channels_last_conversions,
@@ -497,17 +498,39 @@ def read_float_checkpoint(model: nn.Module, files: list[str]) -> tuple[dict, dic
     return checkpoint_keys_as_model_keys(model, read_headers(files)), config
 
 
-def save_float_dtypes_as_convert(
-    model: nn.Module, source: tuple[dict, dict] | None, vlm: bool
-) -> None:
+def convert_cast_keeps(model: nn.Module) -> tuple[str, ...]:
+    """Name markers of the float tensors the converter of `model`'s saved layout leaves in the
+    stored dtype (its model class's `cast_predicate`): mlx-vlm's for an image-text model of a
+    family saved in mlx-vlm's layout (as :func:`use_mlx_vlm_layout` decides), else mlx-lm's."""
+    model_type = _model_type(model) or ""
+    if model_type in VLM_LAYOUTS and is_image_text(getattr(model, "config", None)):
+        return MLX_VLM_CAST_KEEP.get(model_type, ())
+    return MLX_LM_CAST_KEEP.get(model_type, ())
+
+
+def keep_stored_fp32(model: nn.Module, stored: dict) -> list[str]:
+    """Load in fp32 the tensors a float checkpoint stores in fp32 that its converter keeps
+    (:func:`convert_cast_keeps`; Qwen 3.5's `A_log`), where transformers would cast them to a
+    bf16 / fp16 model's dtype: their fp32 values are then saved as `mlx_lm convert` /
+    `mlx_vlm convert` write them (before: rounded to bf16 at load, saved so). Adds the markers
+    to `_keep_in_fp32_modules_strict` (read after the quantizer's preprocessing); returns them."""
+    keep = convert_cast_keeps(model)
+    markers = sorted({k for k in keep for n, i in stored.items() if k in n and i[0] == "F32"})
+    if markers:
+        strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        model._keep_in_fp32_modules_strict = strict | set(markers)
+    return markers
+
+
+def save_float_dtypes_as_convert(model: nn.Module, source: tuple[dict, dict] | None) -> None:
     """`save_pretrained` writes the tensors a quantized model holds in float32 in the dtypes
     `mlx_lm convert -q` / `mlx_vlm convert -q` write: read from the float checkpoint the model
     came from where there is one (`source`: :func:`read_float_checkpoint`; the file's dtype or
     the config's, mlx-lm's cast_predicate kept), else the model's dtype (a model built in
-    memory: as if converted from a checkpoint of the model's dtype). `vlm`: saved in mlx-vlm's
-    layout, whose convert casts as mlx-lm's but with its own models' cast_predicates (not
-    mirrored: every float tensor is cast)."""
-    keep = () if vlm else MLX_LM_CAST_KEEP.get(_model_type(model) or "", ())
+    memory: as if converted from a checkpoint of the model's dtype). The tensors the model's
+    cast_predicate keeps (mlx-lm's, or mlx-vlm's for a model saved in its layout:
+    :func:`convert_cast_keeps`) keep their stored dtype."""
+    keep = convert_cast_keeps(model)
     if source is not None:
         stored, config = source
         save_as_convert(model, stored, convert_cast_dtype(config), keep)
@@ -805,6 +828,18 @@ class MLXHfQuantizer(HfQuantizer):
                     "cuda needs mlxq built with its CUDA backend)"
                 )
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """`dtype=` of from_pretrained (or the config's): one the quantized kernels run in."""
+        from mlxq._casts import KERNEL_DTYPES
+
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"mlxq: an MLX model cannot load in {dtype}: mlxq's quantized kernels run in "
+                "float32, float16 or bfloat16 only (load in one, then dequantize_model to cast "
+                "a float model)"
+            )
+        return dtype
+
     def update_device_map(self, device_map):
         """A placement strategy ("auto", ...) is accelerate's to follow where mlxq runs on CUDA
         (layers spread over the GPUs); elsewhere it means the one device mlxq runs on here."""
@@ -818,6 +853,8 @@ class MLXHfQuantizer(HfQuantizer):
         if not self.pre_quantized:  # a float checkpoint: quantized tensor by tensor as it loads
             # the stored dtypes, saved as mlx_lm convert writes them (save_float_dtypes_as_convert)
             self._float_source = read_float_checkpoint(model, list(checkpoint_files or []))
+            if self._float_source is not None:
+                keep_stored_fp32(model, self._float_source[0])
             self.quantization_config = _as_convert_quantizes(model, self.quantization_config)
             layers, replaced = plan_on_load(model, self.quantization_config)
             self._on_load = QuantizeOnLoad(layers, checkpoint_files)
@@ -955,7 +992,7 @@ class MLXHfQuantizer(HfQuantizer):
         if not self.pre_quantized and not vlm:
             use_mlx_lm_layout(model)  # save as mlx-lm names the tensors (GPT-2, GPT-NeoX)
         if not self.pre_quantized:  # float32 tensors saved as mlx_lm convert writes them
-            save_float_dtypes_as_convert(model, self.__dict__.pop("_float_source", None), vlm)
+            save_float_dtypes_as_convert(model, self.__dict__.pop("_float_source", None))
         if on_load is not None:
             check_all_quantized_on_load(on_load)
         for name, module in model.named_modules():

@@ -224,6 +224,31 @@ def register() -> None:
         cast.__name__ = cast.__qualname__ = method
         setattr(modeling_utils.PreTrainedModel, method, cast)
 
+    # a cast the quantized layers cannot take (model.double(), .to(torch.float64)) is refused
+    # before any tensor of the model is cast, naming the first quantized module; each layer
+    # refuses it too (mlxq._casts), but only after the modules before it were cast
+    original_apply = modeling_utils.PreTrainedModel._apply
+    if not getattr(original_apply, _MARK, False):
+
+        def _apply(self, fn, *args, **kwargs):
+            if isinstance(getattr(self, "hf_quantizer", None), MLXHfQuantizer):
+                from mlxq._casts import RefusesUnsupportedCasts, cast_refusal
+
+                for name, module in self.named_modules():
+                    if isinstance(module, RefusesUnsupportedCasts):
+                        why = cast_refusal(module, fn)
+                        if why is not None:
+                            raise TypeError(
+                                f"mlxq: cannot cast this MLX model ({name}, "
+                                f"{type(module).__name__}, is quantized): {why}; nothing was cast"
+                            )
+                        break  # one quantized module answers for all
+            return original_apply(self, fn, *args, **kwargs)
+
+        setattr(_apply, _MARK, True)
+        _apply.__wrapped__ = original_apply
+        modeling_utils.PreTrainedModel._apply = _apply
+
     base = PreTrainedConfig.__dict__["get_config_dict"]  # a classmethod
     if not getattr(base.__func__, _MARK, False):
         original_get_config_dict = base.__func__

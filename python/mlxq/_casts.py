@@ -1,0 +1,46 @@
+"""Casts a quantized layer cannot take: its kernels run in float32, float16 or bfloat16 only
+and read the packed words as uint32, so `model.double()`, `.to(torch.float64)` or
+`.type(torch.float16)` (which casts the packed words too) would leave a model whose forward
+fails later without naming the layer. Quantized modules refuse such a cast before anything
+of theirs is cast; the transformers integration asks the first one before the whole model is
+(so nothing is cast at all), naming it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["KERNEL_DTYPES", "RefusesUnsupportedCasts", "cast_refusal"]
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cast_refusal(module: torch.nn.Module, fn: Callable) -> str | None:
+    """Why `module._apply(fn)` (nn.Module.to/double/type/...) would leave `module` unable to run,
+    or None: `fn` is tried on an empty float32 and an empty uint32 tensor on its device."""
+    device = next((t.device for t in module.buffers(recurse=False)), None)
+    try:
+        floats = fn(torch.empty(0, device=device))
+        words = fn(torch.empty(0, dtype=torch.uint32, device=device))
+    except Exception:  # a cast that fails on its own (from meta, ...) says why itself
+        return None
+    if isinstance(floats, torch.Tensor) and floats.dtype not in KERNEL_DTYPES:
+        return (
+            f"it would cast it to {floats.dtype}, and mlxq's quantized kernels run in "
+            "float32, float16 or bfloat16 only (dequantize_model gives a float model that can)"
+        )
+    if isinstance(words, torch.Tensor) and words.dtype != torch.uint32:
+        return f"it would cast its packed uint32 words to {words.dtype} (use .to(dtype))"
+    return None
+
+
+class RefusesUnsupportedCasts:
+    """nn.Module mixin of the quantized layers: `_apply` (behind .to, .double, .type, ...)
+    refuses a cast the layer cannot run in before any of its tensors is cast."""
+
+    def _apply(self, fn, recurse=True):
+        why = cast_refusal(self, fn)
+        if why is not None:
+            raise TypeError(f"mlxq: cannot cast the quantized {type(self).__name__}: {why}")
+        return super()._apply(fn, recurse)
