@@ -1209,11 +1209,13 @@ def _cache_key(arch: str, variant: Variant) -> str:
     return f"arch-{arch}-{variant.tag}-{_versions('transformers', 'mlx-lm')}-{digest}"
 
 
-def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
-    """The tiny model converted by `mlx_lm.convert` (cached). Raises what mlx-lm raises."""
+def _cached_conversion(key: str, arch: str, variant: Variant, prepare, **options) -> Path:
+    """`mlx_lm.convert` of the tiny float checkpoint, after `prepare(float_dir)` rewrites it,
+    cached under `key`: built in a per-process staging folder and moved into place whole, so
+    that a crash or a concurrent run never leaves a half-written cache entry."""
     from mlx_lm import convert
 
-    final = TEST_CACHE / "models" / _cache_key(arch, variant)
+    final = TEST_CACHE / "models" / key
     if (final / "config.json").is_file():
         return final
     staging = final.with_name(final.name + f".tmp{os.getpid()}")
@@ -1221,8 +1223,7 @@ def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
     staging.mkdir(parents=True)
     try:
         float_dir = tiny_float_checkpoint(arch, staging / "float", variant.tied)
-        if arch in MLX_LM_INPUT_LAYOUT:
-            MLX_LM_INPUT_LAYOUT[arch](float_dir)
+        prepare(float_dir)
         with contextlib.redirect_stdout(io.StringIO()):
             convert(
                 str(float_dir),
@@ -1230,13 +1231,24 @@ def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
                 quantize=True,
                 q_group_size=variant.group_size,
                 q_bits=variant.bits,
-                q_mode=variant.mode,
-                quant_predicate=PREDICATES.get(variant.recipe, variant.recipe),
+                **options,
             )
         os.replace(staging / "mlx", final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
+    """The tiny model converted by `mlx_lm.convert` (cached). Raises what mlx-lm raises."""
+    return _cached_conversion(
+        _cache_key(arch, variant),
+        arch,
+        variant,
+        MLX_LM_INPUT_LAYOUT.get(arch, lambda folder: None),
+        q_mode=variant.mode,
+        quant_predicate=PREDICATES.get(variant.recipe, variant.recipe),
+    )
 
 
 def float_kept_in_fp32(folder: Path, arch: str, torch_dtype: str | None) -> list[str]:
@@ -1266,31 +1278,13 @@ def float_kept_in_fp32(folder: Path, arch: str, torch_dtype: str | None) -> list
 
 def tiny_mlx_checkpoint_fp32_kept(arch: str, variant: Variant, torch_dtype: str | None) -> Path:
     """`mlx_lm convert -q` of the float checkpoint of :func:`float_kept_in_fp32` (cached)."""
-    from mlx_lm import convert
-
-    key = f"{_cache_key(arch, variant)}-fp32kept-{torch_dtype}"
-    final = TEST_CACHE / "models" / key
-    if (final / "config.json").is_file():
-        return final
-    staging = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        float_dir = tiny_float_checkpoint(arch, staging / "float", variant.tied)
-        float_kept_in_fp32(float_dir, arch, torch_dtype)
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert(
-                str(float_dir),
-                str(staging / "mlx"),
-                quantize=True,
-                q_group_size=variant.group_size,
-                q_bits=variant.bits,
-                quant_predicate=variant.recipe,
-            )
-        os.replace(staging / "mlx", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return _cached_conversion(
+        f"{_cache_key(arch, variant)}-fp32kept-{torch_dtype}",
+        arch,
+        variant,
+        lambda folder: float_kept_in_fp32(folder, arch, torch_dtype),
+        quant_predicate=variant.recipe,
+    )
 
 
 def mlxq_logits(path: Path, tokens) -> np.ndarray:
