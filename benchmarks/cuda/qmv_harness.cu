@@ -18,6 +18,7 @@
 #include "cuda/qmv_bulk.cuh"
 #include "cuda/qmv_stream.cuh"
 #include "harness.h"
+#include "qmv_problem.h"
 
 using namespace mlxq::cuda;
 
@@ -65,42 +66,7 @@ static void make(Problem& P, int copies) {
       v = to_h((rnd() & 1) ? -m : m, P.half);
     }
   }
-  P.copies = copies;
-  for (int c = 0; c < copies; ++c) {
-    uint32_t* w;
-    uint16_t *s, *b;
-    CK(cudaMalloc(&w, P.w.size() * 4));
-    CK(cudaMalloc(&s, P.s.size() * 2));
-    CK(cudaMalloc(&b, P.b.size() * 2));
-    CK(cudaMemcpy(w, P.w.data(), P.w.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(s, P.s.data(), P.s.size() * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(b, P.b.data(), P.b.size() * 2, cudaMemcpyHostToDevice));
-    P.dw.push_back(w), P.ds.push_back(s), P.db.push_back(b);
-  }
-  CK(cudaMalloc(&P.dx, P.x.size() * 2));
-  CK(cudaMemcpy(P.dx, P.x.data(), P.x.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMalloc(&P.dy, P.M * P.N * 2));
-}
-
-static void release(Problem& P) {
-  for (int c = 0; c < P.copies; ++c) cudaFree(P.dw[c]), cudaFree(P.ds[c]), cudaFree(P.db[c]);
-  cudaFree(P.dx), cudaFree(P.dy);
-}
-
-static QmvParams params(const Problem& P, int c) {
-  QmvParams p;
-  p.w = P.dw[c];
-  p.scales = P.ds[c];
-  p.biases = P.db[c];
-  p.x = P.dx;
-  p.y = P.dy;
-  p.N = P.N;
-  p.K = P.K;
-  p.G = P.G();
-  p.M = P.M;
-  p.group_shift = P.GS == 32 ? 5 : (P.GS == 64 ? 6 : 7);
-  p.scale_type = P.half ? ScaleType::kHalf : ScaleType::kBFloat16;
-  return p;
+  upload(P, copies);
 }
 
 using Launch = std::function<void(const QmvParams&, cudaStream_t)>;
