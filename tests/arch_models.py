@@ -18,13 +18,11 @@ import copy
 import hashlib
 import io
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mlx_models import TEST_CACHE, mlx_lm_logits
+from mlx_models import cached_checkpoint, mlx_lm_logits
 
 VOCAB = 512
 BASE = dict(
@@ -1210,33 +1208,24 @@ def _cache_key(arch: str, variant: Variant) -> str:
 
 
 def _cached_conversion(key: str, arch: str, variant: Variant, prepare, **options) -> Path:
-    """`mlx_lm.convert` of the tiny float checkpoint, after `prepare(float_dir)` rewrites it,
-    cached under `key`: built in a per-process staging folder and moved into place whole, so
-    that a crash or a concurrent run never leaves a half-written cache entry."""
+    """`mlx_lm.convert` of the tiny float checkpoint after `prepare(float_dir)` rewrote it,
+    cached under `key`."""
     from mlx_lm import convert
 
-    final = TEST_CACHE / "models" / key
-    if (final / "config.json").is_file():
-        return final
-    staging = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        float_dir = tiny_float_checkpoint(arch, staging / "float", variant.tied)
+    def build(float_dir: Path, out: Path) -> None:
+        tiny_float_checkpoint(arch, float_dir, variant.tied)
         prepare(float_dir)
         with contextlib.redirect_stdout(io.StringIO()):
             convert(
                 str(float_dir),
-                str(staging / "mlx"),
+                str(out),
                 quantize=True,
                 q_group_size=variant.group_size,
                 q_bits=variant.bits,
                 **options,
             )
-        os.replace(staging / "mlx", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+
+    return cached_checkpoint(key, build)
 
 
 def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
