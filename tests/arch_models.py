@@ -1325,6 +1325,26 @@ def run_arch(arch: str, variant: Variant) -> Outcome:
     return Outcome(arch, variant, "loads", max_diff=float(np.abs(got - ref).max()))
 
 
+# mlx-lm's own models have no untied head for these, and no tied head for those
+MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4", "gemma4_unified", "gemma3n", "lfm2"}
+MLX_LM_TIED_ONLY |= {"lfm2_moe"}
+MLX_LM_UNTIED_ONLY = {"phi", "gpt_neox", "qwen2_moe"}
+
+
+def assert_matches_mlx_lm(arch: str, variant: Variant, tolerance: float = 1e-3) -> None:
+    """mlxq loads the tiny model's `variant` and its fp32 logits are mlx-lm's within
+    `tolerance`; where mlx-lm's own model has no such head, mlx-lm must fail instead."""
+    outcome = run_arch(arch, variant)
+    print(f"\n{outcome.line()}")
+    if (variant.tied and arch in MLX_LM_UNTIED_ONLY) or (
+        not variant.tied and arch in MLX_LM_TIED_ONLY
+    ):
+        assert outcome.status == "mlx-lm fails", outcome.line()
+        return
+    assert outcome.status == "loads", outcome.line()
+    assert outcome.max_diff <= tolerance, outcome.line()
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}"

@@ -20,6 +20,7 @@ from arch_models import (
     TOKENS,
     VARIANTS,
     Variant,
+    assert_matches_mlx_lm,
     causal_lm_class,
     mlxq_logits,
     run_arch,
@@ -33,22 +34,12 @@ from torch import nn
 from torch.nn import functional as F
 
 TOLERANCE = 1e-3
-MLX_LM_UNTIED_ONLY = {"qwen2_moe"}  # mlx-lm's qwen2_moe has no tied head
-MLX_LM_TIED_ONLY = {"lfm2_moe"}  # mlx-lm's lfm2_moe has no untied head
 
 
 @pytest.mark.parametrize("arch", MOE_FAST)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.tag)
 def test_moe_matches_mlx_lm(arch: str, variant) -> None:
-    outcome = run_arch(arch, variant)
-    print(f"\n{outcome.line()}")
-    if (variant.tied and arch in MLX_LM_UNTIED_ONLY) or (
-        not variant.tied and arch in MLX_LM_TIED_ONLY
-    ):
-        assert outcome.status == "mlx-lm fails", outcome.line()
-        return
-    assert outcome.status == "loads", outcome.line()
-    assert outcome.max_diff <= TOLERANCE, outcome.line()
+    assert_matches_mlx_lm(arch, variant, TOLERANCE)
 
 
 def _load(path: Path):
