@@ -379,6 +379,22 @@ __global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out) {
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads
 }
 
+// The device-to-device copy of 1 GB (read + write), the line each mode's table starts with.
+static void print_copy_bandwidth() {
+  const int64_t bytes = 1ll << 30;
+  void *src, *dst;
+  CK(cudaMalloc(&src, bytes));
+  CK(cudaMalloc(&dst, bytes));
+  CK(cudaMemset(src, 1, bytes));
+  const double copy_us = graph_us(
+      [&](int, cudaStream_t s) {
+        CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+      },
+      1, 5);
+  std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
+  cudaFree(src), cudaFree(dst);
+}
+
 static void bandwidth() {
   const int64_t bytes = 1ll << 30;
   void *src, *dst;
@@ -455,20 +471,7 @@ static void bench(int64_t N, int64_t K, int64_t GS, int M, bool half, const std:
 static int wide_main() {
   using bf = __nv_bfloat16;
   using hf = __half;
-  {
-    const int64_t bytes = 1ll << 30;
-    void *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
-    CK(cudaMemset(src, 1, bytes));
-    const double copy_us = graph_us(
-        [&](int, cudaStream_t s) {
-          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-        },
-        1, 5);
-    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
-    cudaFree(src), cudaFree(dst);
-  }
+  print_copy_bandwidth();
   int bad = 0;
   // tails: K of 4.5 spans, partial last tiles, several tile rounds, split K, M = 2, fp16
   for (int64_t gs : {32, 64, 128}) {
@@ -563,20 +566,7 @@ std::vector<Row> f16_time_rows(bool all) {
 static int f16_main() {
   using bf = __nv_bfloat16;
   using hf = __half;
-  {
-    const int64_t bytes = 1ll << 30;
-    void *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
-    CK(cudaMemset(src, 1, bytes));
-    const double copy_us = graph_us(
-        [&](int, cudaStream_t s) {
-          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-        },
-        1, 5);
-    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
-    cudaFree(src), cudaFree(dst);
-  }
+  print_copy_bandwidth();
   int bad = 0;
   const auto run = [&](Problem& P, auto rows) {
     for (auto& r : rows) bad += !check(P, r.second, r.first, true);
@@ -748,20 +738,7 @@ std::vector<BulkRow> bulk_check_rows() {
 static int bulk_main() {
   using bf = __nv_bfloat16;
   using hf = __half;
-  {
-    const int64_t bytes = 1ll << 30;
-    void *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
-    CK(cudaMemset(src, 1, bytes));
-    const double copy_us = graph_us(
-        [&](int, cudaStream_t s) {
-          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-        },
-        1, 5);
-    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
-    cudaFree(src), cudaFree(dst);
-  }
+  print_copy_bandwidth();
   int bad = 0;
   // short last chunks (K = 3072, 5120), fewer chunks than groups, few tiles (6 blocks), many
   // tiles a block, M = 2
@@ -990,20 +967,7 @@ static int small_main() {
   using bf = __nv_bfloat16;
   using hf = __half;
   g_max_copies = 64;  // 1024 x 4096 is 2.2 MB: 64 copies to miss the L2
-  {
-    const int64_t bytes = 1ll << 30;
-    void *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
-    CK(cudaMemset(src, 1, bytes));
-    const double copy_us = graph_us(
-        [&](int, cudaStream_t s) {
-          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-        },
-        1, 5);
-    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
-    cudaFree(src), cudaFree(dst);
-  }
+  print_copy_bandwidth();
   int bad = 0;
   // the lanes' copies: short last chunks (K = 3072, 5120), fewer chunks than groups, few tiles,
   // many tiles a block, M = 2, both dtypes, every group size
