@@ -322,38 +322,6 @@ static bool check(Problem& P, const Launch& fn, const char* name, bool full_ref)
   return bad == 0;
 }
 
-static double graph_us(const std::function<void(int, cudaStream_t)>& call, int ncopies, int calls) {
-  cudaStream_t s;
-  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  for (int i = 0; i < ncopies; ++i) call(i, s);  // warm up
-  CK(cudaStreamSynchronize(s));
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < calls; ++i) call(i % ncopies, s);
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  CK(cudaGraphLaunch(ge, s));
-  CK(cudaStreamSynchronize(s));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  double best = 1e30;
-  for (int r = 0; r < 7; ++r) {
-    CK(cudaEventRecord(a, s));
-    CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(b, s));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    best = std::min(best, 1000.0 * ms / calls);
-  }
-  CK(cudaGetLastError());
-  cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
-  cudaEventDestroy(a), cudaEventDestroy(b);
-  return best;
-}
-
 static double time_us(Problem& P, const Launch& fn) {
   return graph_us([&](int c, cudaStream_t s) { fn(params(P, c), s); }, P.copies,
                   std::max(40, P.copies));
