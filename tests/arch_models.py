@@ -18,13 +18,11 @@ import copy
 import hashlib
 import io
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mlx_models import TEST_CACHE, mlx_lm_logits
+from mlx_models import cached_checkpoint, mlx_lm_logits
 
 VOCAB = 512
 BASE = dict(
@@ -1212,34 +1210,37 @@ def _cache_key(arch: str, variant: Variant) -> str:
     return f"arch-{arch}-{variant.tag}-{_versions('transformers', 'mlx-lm')}-{digest}"
 
 
-def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
-    """The tiny model converted by `mlx_lm.convert` (cached). Raises what mlx-lm raises."""
+def _cached_conversion(key: str, arch: str, variant: Variant, prepare, **options) -> Path:
+    """`mlx_lm.convert` of the tiny float checkpoint after `prepare(float_dir)` rewrote it,
+    cached under `key`."""
     from mlx_lm import convert
 
-    final = TEST_CACHE / "models" / _cache_key(arch, variant)
-    if (final / "config.json").is_file():
-        return final
-    staging = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        float_dir = tiny_float_checkpoint(arch, staging / "float", variant.tied)
-        if arch in MLX_LM_INPUT_LAYOUT:
-            MLX_LM_INPUT_LAYOUT[arch](float_dir)
+    def build(float_dir: Path, out: Path) -> None:
+        tiny_float_checkpoint(arch, float_dir, variant.tied)
+        prepare(float_dir)
         with contextlib.redirect_stdout(io.StringIO()):
             convert(
                 str(float_dir),
-                str(staging / "mlx"),
+                str(out),
                 quantize=True,
                 q_group_size=variant.group_size,
                 q_bits=variant.bits,
-                q_mode=variant.mode,
-                quant_predicate=PREDICATES.get(variant.recipe, variant.recipe),
+                **options,
             )
-        os.replace(staging / "mlx", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+
+    return cached_checkpoint(key, build)
+
+
+def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
+    """The tiny model converted by `mlx_lm.convert` (cached). Raises what mlx-lm raises."""
+    return _cached_conversion(
+        _cache_key(arch, variant),
+        arch,
+        variant,
+        MLX_LM_INPUT_LAYOUT.get(arch, lambda folder: None),
+        q_mode=variant.mode,
+        quant_predicate=PREDICATES.get(variant.recipe, variant.recipe),
+    )
 
 
 def float_kept_in_fp32(folder: Path, arch: str, torch_dtype: str | None) -> list[str]:
@@ -1269,31 +1270,13 @@ def float_kept_in_fp32(folder: Path, arch: str, torch_dtype: str | None) -> list
 
 def tiny_mlx_checkpoint_fp32_kept(arch: str, variant: Variant, torch_dtype: str | None) -> Path:
     """`mlx_lm convert -q` of the float checkpoint of :func:`float_kept_in_fp32` (cached)."""
-    from mlx_lm import convert
-
-    key = f"{_cache_key(arch, variant)}-fp32kept-{torch_dtype}"
-    final = TEST_CACHE / "models" / key
-    if (final / "config.json").is_file():
-        return final
-    staging = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        float_dir = tiny_float_checkpoint(arch, staging / "float", variant.tied)
-        float_kept_in_fp32(float_dir, arch, torch_dtype)
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert(
-                str(float_dir),
-                str(staging / "mlx"),
-                quantize=True,
-                q_group_size=variant.group_size,
-                q_bits=variant.bits,
-                quant_predicate=variant.recipe,
-            )
-        os.replace(staging / "mlx", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return _cached_conversion(
+        f"{_cache_key(arch, variant)}-fp32kept-{torch_dtype}",
+        arch,
+        variant,
+        lambda folder: float_kept_in_fp32(folder, arch, torch_dtype),
+        quant_predicate=variant.recipe,
+    )
 
 
 def mlxq_logits(path: Path, tokens) -> np.ndarray:
@@ -1343,6 +1326,26 @@ def run_arch(arch: str, variant: Variant) -> Outcome:
     except (NotImplementedError, ValueError, RuntimeError) as e:
         return Outcome(arch, variant, "refused", reason=_one_line(e))
     return Outcome(arch, variant, "loads", max_diff=float(np.abs(got - ref).max()))
+
+
+# mlx-lm's own models have no untied head for these, and no tied head for those
+MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4", "gemma4_unified", "gemma3n", "lfm2"}
+MLX_LM_TIED_ONLY |= {"lfm2_moe"}
+MLX_LM_UNTIED_ONLY = {"phi", "gpt_neox", "qwen2_moe"}
+
+
+def assert_matches_mlx_lm(arch: str, variant: Variant, tolerance: float = 1e-3) -> None:
+    """mlxq loads the tiny model's `variant` and its fp32 logits are mlx-lm's within
+    `tolerance`; where mlx-lm's own model has no such head, mlx-lm must fail instead."""
+    outcome = run_arch(arch, variant)
+    print(f"\n{outcome.line()}")
+    if (variant.tied and arch in MLX_LM_UNTIED_ONLY) or (
+        not variant.tied and arch in MLX_LM_TIED_ONLY
+    ):
+        assert outcome.status == "mlx-lm fails", outcome.line()
+        return
+    assert outcome.status == "loads", outcome.line()
+    assert outcome.max_diff <= tolerance, outcome.line()
 
 
 def _one_line(e: BaseException) -> str:

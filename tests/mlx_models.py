@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,16 @@ def _test_cache() -> Path:
 
 
 TEST_CACHE = _test_cache()
+
+
+def cached_checkpoint(key: str, build: Callable[[Path, Path], object]) -> Path:
+    """TEST_CACHE/models/`key`, made once by `build(float_dir, out)`: the float checkpoint goes
+    in `float_dir` (scratch), the converted one into `out`. mlxq's own model cache does the
+    rest (a staging folder moved into place whole, so that a killed or concurrent build never
+    leaves a half-written entry; a build that lost the race to an equal one is dropped)."""
+    from mlxq.demo_model import _cached_build
+
+    return _cached_build(key, lambda out: build(out.with_name("float"), out), TEST_CACHE)
 
 
 def smollm2(bits: int = 4, group_size: int = 32, recipe: str | None = None) -> Path:
@@ -112,29 +122,12 @@ def tiny_mlx_checkpoint(arch: str, bits: int = 4, group_size: int = 128) -> Path
     from mlx_lm import convert
     from mlxq.demo_model import _versions
 
-    final = (
-        TEST_CACHE
-        / "models"
-        / f"tiny-{arch}-{bits}bit-g{group_size}-{_versions('transformers', 'mlx-lm')}"
-    )
-    if (final / "config.json").is_file():
-        return final
-    staging = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        float_dir = tiny_float_model(arch, staging / "float")
-        convert(
-            str(float_dir),
-            str(staging / "mlx"),
-            quantize=True,
-            q_group_size=group_size,
-            q_bits=bits,
-        )
-        os.replace(staging / "mlx", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    def build(float_dir: Path, out: Path) -> None:
+        tiny_float_model(arch, float_dir)
+        convert(str(float_dir), str(out), quantize=True, q_group_size=group_size, q_bits=bits)
+
+    key = f"tiny-{arch}-{bits}bit-g{group_size}-{_versions('transformers', 'mlx-lm')}"
+    return cached_checkpoint(key, build)
 
 
 @functools.lru_cache(maxsize=4)

@@ -22,6 +22,7 @@ from arch_models import (
     TOKENS,
     VARIANTS,
     Variant,
+    assert_matches_mlx_lm,
     mlxq_logits,
     run_arch,
     tiny_float_checkpoint,
@@ -34,23 +35,12 @@ from mlxq.swap import swap_plan
 from torch import nn
 
 TOLERANCE = 1e-3  # fp32 logits of ~1-10; transformers and mlx-lm float models differ < 1e-3
-# mlx-lm's own models have no untied head for these, and no tied head for those
-MLX_LM_TIED_ONLY = {"gemma", "gemma2", "gpt2", "gemma4", "gemma4_unified", "gemma3n", "lfm2"}
-MLX_LM_UNTIED_ONLY = {"phi", "gpt_neox"}
 
 
 @pytest.mark.parametrize("arch", FAST)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.tag)
 def test_matches_mlx_lm(arch: str, variant) -> None:
-    outcome = run_arch(arch, variant)
-    print(f"\n{outcome.line()}")
-    if (variant.tied and arch in MLX_LM_UNTIED_ONLY) or (
-        not variant.tied and arch in MLX_LM_TIED_ONLY
-    ):
-        assert outcome.status == "mlx-lm fails", outcome.line()
-        return
-    assert outcome.status == "loads", outcome.line()
-    assert outcome.max_diff <= TOLERANCE, outcome.line()
+    assert_matches_mlx_lm(arch, variant, TOLERANCE)
 
 
 @pytest.mark.parametrize(

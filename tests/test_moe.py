@@ -20,6 +20,7 @@ from arch_models import (
     TOKENS,
     VARIANTS,
     Variant,
+    assert_matches_mlx_lm,
     causal_lm_class,
     mlxq_logits,
     run_arch,
@@ -33,22 +34,12 @@ from torch import nn
 from torch.nn import functional as F
 
 TOLERANCE = 1e-3
-MLX_LM_UNTIED_ONLY = {"qwen2_moe"}  # mlx-lm's qwen2_moe has no tied head
-MLX_LM_TIED_ONLY = {"lfm2_moe"}  # mlx-lm's lfm2_moe has no untied head
 
 
 @pytest.mark.parametrize("arch", MOE_FAST)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.tag)
 def test_moe_matches_mlx_lm(arch: str, variant) -> None:
-    outcome = run_arch(arch, variant)
-    print(f"\n{outcome.line()}")
-    if (variant.tied and arch in MLX_LM_UNTIED_ONLY) or (
-        not variant.tied and arch in MLX_LM_TIED_ONLY
-    ):
-        assert outcome.status == "mlx-lm fails", outcome.line()
-        return
-    assert outcome.status == "loads", outcome.line()
-    assert outcome.max_diff <= TOLERANCE, outcome.line()
+    assert_matches_mlx_lm(arch, variant, TOLERANCE)
 
 
 def _load(path: Path):
@@ -843,16 +834,13 @@ def _tiny_llama4_checkpoint() -> Path:
     every 4th, MoE on odd layers, one expert per token as mlx-lm requires) converted by
     mlx_lm.convert (4-bit g64), which writes the text model only (cached)."""
     import json
-    import shutil
 
+    from arch_models import tiny_tokenizer
     from mlx_lm import convert
-    from mlx_models import TEST_CACHE
+    from mlx_models import cached_checkpoint
     from mlxq.demo_model import _versions
     from transformers import AutoConfig, Llama4ForConditionalGeneration
 
-    final = TEST_CACHE / "models" / f"llama4-moe-{_versions('transformers', 'mlx-lm')}-v2"
-    if (final / "config.json").is_file():
-        return final
     text = dict(
         hidden_size=128,
         intermediate_size=64,
@@ -873,25 +861,22 @@ def _tiny_llama4_checkpoint() -> Path:
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
     vision |= dict(num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64)
     vision |= dict(projector_input_dim=64, projector_output_dim=64)
-    config = AutoConfig.for_model("llama4", text_config=text, vision_config=vision)
-    torch.manual_seed(0)
-    model = Llama4ForConditionalGeneration(config).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.08) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.05)
-    staging = final.with_name(final.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging / "float")
-    from arch_models import tiny_tokenizer
 
-    tiny_tokenizer(staging / "float")
-    cfg = json.loads((staging / "float" / "config.json").read_text())
-    cfg["text_config"] |= {"rope_theta": 5000.0, "rope_scaling": None}  # what mlx-lm reads
-    (staging / "float" / "config.json").write_text(json.dumps(cfg))
-    convert(str(staging / "float"), str(staging / "mlx"), quantize=True, q_group_size=64, q_bits=4)
-    staging.joinpath("mlx").rename(final)
-    shutil.rmtree(staging, ignore_errors=True)
-    return final
+    def build(float_dir: Path, out: Path) -> None:
+        config = AutoConfig.for_model("llama4", text_config=text, vision_config=vision)
+        torch.manual_seed(0)
+        model = Llama4ForConditionalGeneration(config).to(torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.08) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(float_dir)
+        tiny_tokenizer(float_dir)
+        cfg = json.loads((float_dir / "config.json").read_text())
+        cfg["text_config"] |= {"rope_theta": 5000.0, "rope_scaling": None}  # what mlx-lm reads
+        (float_dir / "config.json").write_text(json.dumps(cfg))
+        convert(str(float_dir), str(out), quantize=True, q_group_size=64, q_bits=4)
+
+    return cached_checkpoint(f"llama4-moe-{_versions('transformers', 'mlx-lm')}-v2", build)
 
 
 def test_llama4_moe_from_mlx_lm() -> None:

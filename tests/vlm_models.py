@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlx_models import TEST_CACHE
+from mlx_models import cached_checkpoint
 
 VOCAB = 512
 HARNESS = 2  # bump when a checkpoint built here changes (part of the cache key)
@@ -2280,14 +2279,9 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
     from mlx_vlm import convert
 
     variant = variant or variant_of(name)
-    final = TEST_CACHE / "models" / _cache_key(name, variant)
-    if (final / "config.json").is_file():
-        return final
-    staging = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        float_dir = tiny_float_checkpoint(name, staging / "float", variant.tied)
+
+    def build(float_dir: Path, out: Path) -> None:
+        tiny_float_checkpoint(name, float_dir, variant.tied)
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
             if FAMILIES[name].convert_fix is not None:
@@ -2304,18 +2298,16 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
                 )
             convert(
                 str(float_dir),
-                str(staging / "mlx"),
+                str(out),
                 quantize=True,
                 q_group_size=variant.group_size,
                 q_bits=variant.bits,
                 quant_predicate=_quant_predicate(variant.recipe),
             )
         if FAMILIES[name].word_tokenizer:  # mlx-vlm saved its class's rebuild of it
-            shutil.copy(float_dir / "tokenizer.json", staging / "mlx" / "tokenizer.json")
-        os.replace(staging / "mlx", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+            shutil.copy(float_dir / "tokenizer.json", out / "tokenizer.json")
+
+    return cached_checkpoint(_cache_key(name, variant), build)
 
 
 def test_image(size: tuple[int, int]):

@@ -10,33 +10,20 @@
 # (variables for a second pass of the tests), SKIP_HARNESS=1, SKIP_TESTS=1. The opt-in decode launch
 # (the register variant's 2-span steps, the bulk kernel's wider reach) beside the default:
 #   BENCH_ENV="small:MLXQ_CUDA_DECODE_SMALL=1"
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-L=/tmp/logs
-mkdir -p "$OUT" $L
-T0=$(date +%s)
-stamp() { echo "[t=$(($(date +%s) - T0))s] $*"; }
-finish() { (cd $L && tar czf "$OUT/logs.tgz" .); }
-trap finish EXIT
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv,noheader
-# the system g++ (device_run.sh says why)
-if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
-(MLXQ_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace >$L/build.log 2>&1
-  echo "build rc=$?" >>$L/build.log) &
-BUILD=$!
+. "$(dirname "$0")/run_common.sh"
+logs_to_tgz /tmp/logs
+build_extension $L/build.log
 if [ -z "$SKIP_HARNESS" ]; then
   H=${HARNESS:-}
   if [ -z "$H" ] || [ ! -x "$H" ]; then
-    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-      benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >$L/qmv_build.log 2>&1
+    $NVCC benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >$L/qmv_build.log 2>&1
     H=/tmp/qmv_harness
   fi
   stamp harness
   timeout 200 "$H" small >$L/qmv_small.log 2>&1
   RC=$?
   if [ $RC = 126 ] || [ $RC = 127 ]; then  # a prebuilt binary that does not run here
-    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-      benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >$L/qmv_build.log 2>&1
+    $NVCC benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >$L/qmv_build.log 2>&1
     timeout 200 /tmp/qmv_harness small >$L/qmv_small.log 2>&1
     RC=$?
   fi
@@ -46,10 +33,8 @@ if [ -z "$SKIP_HARNESS" ]; then
   cp $L/qmv_small.log "$OUT/"
 fi
 stamp "waiting for the build"
-wait $BUILD
-tail -2 $L/build.log
-export PYTHONPATH=$PWD/python MLXQ_CACHE=$(mktemp -d) XDG_CACHE_HOME=$(mktemp -d) \
-  HF_HOME=$(mktemp -d)
+wait_build $L/build.log 2
+op_env
 stamp bench_ops
 # shellcheck disable=SC2086
 timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_ops.py --device cuda --bits 4 \

@@ -10,28 +10,11 @@
 # SKIP_BENCH=1 / SKIP_MODELS=1 leave out bench_ops / test_cuda_models.py. TEST_WORKERS,
 # TEST_TIMEOUT, TEST_K: pytest workers, seconds and -k selection for test_cuda_ops.py (8, 300).
 #   WHEELS=dir/of/wheels [SKIP_HARNESS=1] [QMV_MODES="wide ilv"] bash benchmarks/cuda/device_run.sh
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-L=/tmp/logs
-mkdir -p "$OUT" $L
-T0=$(date +%s)
-stamp() { echo "[t=$(($(date +%s) - T0))s] $*"; }
-finish() { (cd $L && tar czf "$OUT/logs.tgz" .); }
-trap finish EXIT
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv,noheader
+. "$(dirname "$0")/run_common.sh"
+logs_to_tgz /tmp/logs
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
-if [ -n "$WHEELS" ]; then
-  (python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    "$WHEELS"/*.whl >$L/pip.log 2>&1; echo "pip rc=$?" >>$L/pip.log) &
-fi
-# The lent image's default C++ compiler (/opt/gcc) builds an extension whose argument checks
-# segfault when their message prints a number (test_errors_and_empty); built with the system g++
-# (13.3) the same test passes (H200, two builds of one tree in one call).
-if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
-(MLXQ_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace >$L/build.log 2>&1
-  echo "build rc=$?" >>$L/build.log) &
-BUILD=$!
-NVCC="nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc"
+install_wheels
+build_extension $L/build.log
 if [ -z "$SKIP_HARNESS" ]; then
   $NVCC benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >$L/qmv_build.log 2>&1 &
   P1=$!
@@ -49,11 +32,8 @@ if [ -z "$SKIP_HARNESS" ]; then
   echo "gemm checks ok: $(grep -c 'ok$' $L/gemm.log)"
 fi
 stamp "waiting for the build"
-wait $BUILD
-wait
-tail -3 $L/build.log
-export PYTHONPATH=/tmp/site:$PWD/python MLXQ_CACHE=$(mktemp -d) XDG_CACHE_HOME=$(mktemp -d) \
-  HF_HOME=$(mktemp -d)
+wait_build $L/build.log 3
+op_env
 python3 -c "import mlxq, transformers; print(mlxq.__file__, transformers.__version__)"
 stamp tests
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \

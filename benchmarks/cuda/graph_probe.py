@@ -21,7 +21,7 @@ from contextlib import ExitStack
 
 import mlxq
 import torch
-from mlxq.bench.ops_cuda import _copies, _env, _nbytes, graph_ms
+from mlxq.bench.ops_cuda import _env, graph_ms, weight_copies
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -94,14 +94,7 @@ def fmt(tr: dict) -> str:
 
 def probe_shape(n: int, k: int, m: int, rounds: int, configs) -> None:
     gs, bits = 128, 4
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-    wq, s, b = mlxq.affine_quantize(w, gs, bits)
-    del w
-    s, b = s.bfloat16(), b.bfloat16()
-    copies = [(wq.clone(), s.clone(), b.clone()) for _ in range(_copies(_nbytes(wq, s, b)))]
-    wd = mlxq.affine_dequantize(wq, s, b, gs, bits)
-    dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
+    copies, dense, gen = weight_copies(n, k, gs, bits)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     calls = [lambda c=c: mlxq.affine_matmul(x, *c, gs, bits) for c in copies]
     dense_calls = [lambda d=d: x @ d.T for d in dense]
@@ -166,7 +159,7 @@ def probe_shape(n: int, k: int, m: int, rounds: int, configs) -> None:
             print(f"  trace graph {tag} {name}: {fmt(trace(replays))}", flush=True)
             print(f"  trace eager {tag} {name}: {fmt(trace(eager))}", flush=True)
             del graph
-    del copies, dense, wd
+    del copies, dense
     torch.cuda.empty_cache()
 
 
@@ -203,16 +196,10 @@ def main() -> None:
 def probe_small(configs) -> None:
     n = k = 4096
     gs, bits, m = 128, 4, 512
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-    wq, s, b = mlxq.affine_quantize(w, gs, bits)
-    s, b = s.bfloat16(), b.bfloat16()
-    copies = [(wq.clone(), s.clone(), b.clone()) for _ in range(_copies(_nbytes(wq, s, b)))]
-    wd = mlxq.affine_dequantize(wq, s, b, gs, bits)
-    dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
+    copies, dense, gen = weight_copies(n, k, gs, bits, seed=1)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     calls = [lambda c=c: mlxq.affine_matmul(x, *c, gs, bits) for c in copies]
-    ref = (x.double() @ wd.double().T).float()
+    ref = (x.double() @ dense[0].double().T).float()
     for rnd in range(3):
         d = graph_ms([lambda dd=dd: x @ dd.T for dd in dense])
         cells = [f"dense {d:.4f}"]

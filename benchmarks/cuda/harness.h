@@ -1,15 +1,17 @@
-// Helpers shared by the standalone CUDA harnesses (qmv_harness.cu, gemm_harness.cu): the CUDA
-// error check, a seeded xorshift generator for the test data, and fp16/bf16 conversions on the
-// host (round to nearest even).
+// Helpers shared by the standalone CUDA harnesses (qmv_harness.cu, lowbit_harness.cu,
+// gemm_harness.cu): the CUDA error check, a seeded xorshift generator for the test data, fp16/bf16
+// conversions on the host (round to nearest even), and CUDA-graph timing.
 #pragma once
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 
 #define CK(x)                                                                                 \
   do {                                                                                        \
@@ -60,4 +62,38 @@ inline float from_h(uint16_t v, bool half) {
   __half h;
   std::memcpy(&h, &v, 2);
   return __half2float(h);
+}
+
+// Microseconds a call, the best of 7 replays of a CUDA graph of `calls` calls; call(i, stream)
+// uses copy i of its data (i < ncopies; the copies cycle, so that a call can miss the L2).
+inline double graph_us(const std::function<void(int, cudaStream_t)>& call, int ncopies, int calls) {
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  for (int i = 0; i < ncopies; ++i) call(i, s);  // warm up
+  CK(cudaStreamSynchronize(s));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) call(i % ncopies, s);
+  CK(cudaStreamEndCapture(s, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  CK(cudaGraphLaunch(ge, s));
+  CK(cudaStreamSynchronize(s));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  double best = 1e30;
+  for (int r = 0; r < 7; ++r) {
+    CK(cudaEventRecord(a, s));
+    CK(cudaGraphLaunch(ge, s));
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    best = std::min(best, 1000.0 * ms / calls);
+  }
+  CK(cudaGetLastError());
+  cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
+  cudaEventDestroy(a), cudaEventDestroy(b);
+  return best;
 }

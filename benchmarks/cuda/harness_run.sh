@@ -7,24 +7,12 @@
 #   MODES="f16" RUNS=2 NCU_MODE=ncu16 bash benchmarks/cuda/harness_run.sh
 #   OP=1 WHEELS=.whl TEST_K=decode bash benchmarks/cuda/harness_run.sh
 set -o pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-stamp() { echo "[t=$(($(date +%s) - T0))s] $*"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv,noheader
+. "$(dirname "$0")/run_common.sh"
 if [ -n "$OP" ]; then
-  if [ -n "$WHEELS" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-      "$WHEELS"/*.whl >"$OUT/pip.log" 2>&1 &
-  fi
-  # the system g++ (device_run.sh says why)
-  if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
-  (MLXQ_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace >"$OUT/op_build.log" 2>&1
-    echo "build rc=$?" >>"$OUT/op_build.log") &
-  BUILD=$!
+  install_wheels
+  build_extension "$OUT/op_build.log"
 fi
-nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Xptxas -v \
-  benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >"$OUT/build.log" 2>&1 || {
+$NVCC -Xptxas -v benchmarks/cuda/qmv_harness.cu -o /tmp/qmv_harness >"$OUT/build.log" 2>&1 || {
   grep -i error "$OUT/build.log" | head
   exit 1
 }
@@ -51,12 +39,9 @@ if [ -n "$NCU_MODE" ]; then
     "$OUT/ncu_details.txt" | cut -c1-120 | head -40
 fi
 if [ -n "$OP" ]; then
-  wait $BUILD
-  wait
-  tail -2 "$OUT/op_build.log"
+  wait_build "$OUT/op_build.log" 2
   stamp built the extension
-  export PYTHONPATH=/tmp/site:$PWD/python MLXQ_CACHE=$(mktemp -d) XDG_CACHE_HOME=$(mktemp -d) \
-    HF_HOME=$(mktemp -d)
+  op_env
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \
     -n 8 ${TEST_K:+-k "$TEST_K"} >"$OUT/tests.log" 2>&1
   tail -6 "$OUT/tests.log"

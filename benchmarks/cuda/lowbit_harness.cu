@@ -20,6 +20,7 @@
 
 #include "cuda/qmv_lowbit.cuh"
 #include "harness.h"
+#include "qmv_problem.h"
 
 using namespace mlxq::cuda;
 
@@ -64,42 +65,7 @@ static void make(Problem& P, int copies) {
   }
   P.x.resize(P.M * P.K);
   for (auto& v : P.x) v = to_h(-2.f + 4.f * urand(), P.half);
-  P.copies = copies;
-  for (int c = 0; c < copies; ++c) {
-    uint32_t* w;
-    uint16_t *s, *b;
-    CK(cudaMalloc(&w, P.w.size() * 4));
-    CK(cudaMalloc(&s, P.s.size() * 2));
-    CK(cudaMalloc(&b, P.b.size() * 2));
-    CK(cudaMemcpy(w, P.w.data(), P.w.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(s, P.s.data(), P.s.size() * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(b, P.b.data(), P.b.size() * 2, cudaMemcpyHostToDevice));
-    P.dw.push_back(w), P.ds.push_back(s), P.db.push_back(b);
-  }
-  CK(cudaMalloc(&P.dx, P.x.size() * 2));
-  CK(cudaMemcpy(P.dx, P.x.data(), P.x.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMalloc(&P.dy, P.M * P.N * 2));
-}
-
-static void release(Problem& P) {
-  for (int c = 0; c < P.copies; ++c) cudaFree(P.dw[c]), cudaFree(P.ds[c]), cudaFree(P.db[c]);
-  cudaFree(P.dx), cudaFree(P.dy);
-}
-
-static QmvParams params(const Problem& P, int c) {
-  QmvParams p;
-  p.w = P.dw[c];
-  p.scales = P.ds[c];
-  p.biases = P.db[c];
-  p.x = P.dx;
-  p.y = P.dy;
-  p.N = P.N;
-  p.K = P.K;
-  p.G = P.G();
-  p.M = P.M;
-  p.group_shift = P.GS == 32 ? 5 : (P.GS == 64 ? 6 : 7);
-  p.scale_type = P.half ? ScaleType::kHalf : ScaleType::kBFloat16;
-  return p;
+  upload(P, copies);
 }
 
 using Launch = std::function<void(const QmvParams&, cudaStream_t)>;
@@ -198,38 +164,6 @@ static bool check(Problem& P, const Launch& fn, const char* name, bool full_ref)
       name, P.bits, (long long)P.N, (long long)P.K, (long long)P.GS, P.M, P.half ? "fp16" : "bf16",
       worst, (long long)bad, (long long)(rows * P.M));
   return bad == 0;
-}
-
-static double graph_us(const std::function<void(int, cudaStream_t)>& call, int ncopies, int calls) {
-  cudaStream_t s;
-  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  for (int i = 0; i < ncopies; ++i) call(i, s);  // warm up
-  CK(cudaStreamSynchronize(s));
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < calls; ++i) call(i % ncopies, s);
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  CK(cudaGraphLaunch(ge, s));
-  CK(cudaStreamSynchronize(s));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  double best = 1e30;
-  for (int r = 0; r < 7; ++r) {
-    CK(cudaEventRecord(a, s));
-    CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(b, s));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    best = std::min(best, 1000.0 * ms / calls);
-  }
-  CK(cudaGetLastError());
-  cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
-  cudaEventDestroy(a), cudaEventDestroy(b);
-  return best;
 }
 
 struct Row {

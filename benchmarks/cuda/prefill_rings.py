@@ -15,7 +15,7 @@ from contextlib import ExitStack
 
 import mlxq
 import torch
-from mlxq.bench.ops_cuda import _copies, _env, _nbytes, graph_ms
+from mlxq.bench.ops_cuda import _env, graph_ms, weight_copies
 from torch.profiler import ProfilerActivity, profile
 
 RINGS = ["52", "43l"]
@@ -51,14 +51,7 @@ def main() -> None:
     ]
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-        wq, s, b = mlxq.affine_quantize(w, gs, bits)
-        del w
-        s, b = s.bfloat16(), b.bfloat16()
-        copies = [(wq.clone(), s.clone(), b.clone()) for _ in range(_copies(_nbytes(wq, s, b)))]
-        wd = mlxq.affine_dequantize(wq, s, b, gs, bits)
-        dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
+        copies, dense, gen = weight_copies(n, k, gs, bits)
         for m in args.m:
             x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
             calls = [lambda c=c, x=x: mlxq.affine_matmul(x, *c, gs, bits) for c in copies]
@@ -81,7 +74,7 @@ def main() -> None:
                         parts = kernels(calls)
                     cells = [f"{key} {us:.1f} us" for key, us in sorted(parts.items())]
                     print(f"  pieces {shape} M={m} {name}: " + " | ".join(cells), flush=True)
-        del copies, dense, wd
+        del copies, dense
         torch.cuda.empty_cache()
 
 

@@ -11,7 +11,7 @@ import os
 
 import mlxq
 import torch
-from mlxq.bench.ops_cuda import _copies, _env, _nbytes, graph_ms
+from mlxq.bench.ops_cuda import _env, graph_ms, weight_copies
 
 
 def main() -> None:
@@ -23,20 +23,13 @@ def main() -> None:
     gs, bits = 128, 4
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-        wq, s, b = mlxq.affine_quantize(w, gs, bits)
-        del w
-        s, b = s.bfloat16(), b.bfloat16()
-        copies = [(wq.clone(), s.clone(), b.clone()) for _ in range(_copies(_nbytes(wq, s, b)))]
-        wd = mlxq.affine_dequantize(wq, s, b, gs, bits)
-        dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
+        copies, dense, gen = weight_copies(n, k, gs, bits)
         for m in args.m:
             x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
             dense_ms = graph_ms([lambda d=d, x=x: x @ d.T for d in dense])
             calls = [lambda c=c, x=x: mlxq.affine_matmul(x, *c, gs, bits) for c in copies]
             cells = [f"{shape} M={m}: dense {dense_ms:.4f}"]
-            ref = x.float() @ wd.float().T
+            ref = x.float() @ dense[0].float().T
             for tile in args.tiles:
                 with _env("MLXQ_CUDA_GEMM", "2"), _env("MLXQ_CUDA_GEMM_TILE", tile):
                     y = mlxq.affine_matmul(x, *copies[0], gs, bits).float()
@@ -51,7 +44,7 @@ def main() -> None:
                 ms = graph_ms(calls)
             cells.append(f"default {ms:.4f} ({ms / dense_ms:.2f}x)")
             print(" | ".join(cells), flush=True)
-        del copies, dense, wd
+        del copies, dense
         torch.cuda.empty_cache()
 
 

@@ -18,6 +18,7 @@
 #include "cuda/qmv_bulk.cuh"
 #include "cuda/qmv_stream.cuh"
 #include "harness.h"
+#include "qmv_problem.h"
 
 using namespace mlxq::cuda;
 
@@ -65,42 +66,7 @@ static void make(Problem& P, int copies) {
       v = to_h((rnd() & 1) ? -m : m, P.half);
     }
   }
-  P.copies = copies;
-  for (int c = 0; c < copies; ++c) {
-    uint32_t* w;
-    uint16_t *s, *b;
-    CK(cudaMalloc(&w, P.w.size() * 4));
-    CK(cudaMalloc(&s, P.s.size() * 2));
-    CK(cudaMalloc(&b, P.b.size() * 2));
-    CK(cudaMemcpy(w, P.w.data(), P.w.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(s, P.s.data(), P.s.size() * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(b, P.b.data(), P.b.size() * 2, cudaMemcpyHostToDevice));
-    P.dw.push_back(w), P.ds.push_back(s), P.db.push_back(b);
-  }
-  CK(cudaMalloc(&P.dx, P.x.size() * 2));
-  CK(cudaMemcpy(P.dx, P.x.data(), P.x.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMalloc(&P.dy, P.M * P.N * 2));
-}
-
-static void release(Problem& P) {
-  for (int c = 0; c < P.copies; ++c) cudaFree(P.dw[c]), cudaFree(P.ds[c]), cudaFree(P.db[c]);
-  cudaFree(P.dx), cudaFree(P.dy);
-}
-
-static QmvParams params(const Problem& P, int c) {
-  QmvParams p;
-  p.w = P.dw[c];
-  p.scales = P.ds[c];
-  p.biases = P.db[c];
-  p.x = P.dx;
-  p.y = P.dy;
-  p.N = P.N;
-  p.K = P.K;
-  p.G = P.G();
-  p.M = P.M;
-  p.group_shift = P.GS == 32 ? 5 : (P.GS == 64 ? 6 : 7);
-  p.scale_type = P.half ? ScaleType::kHalf : ScaleType::kBFloat16;
-  return p;
+  upload(P, copies);
 }
 
 using Launch = std::function<void(const QmvParams&, cudaStream_t)>;
@@ -356,38 +322,6 @@ static bool check(Problem& P, const Launch& fn, const char* name, bool full_ref)
   return bad == 0;
 }
 
-static double graph_us(const std::function<void(int, cudaStream_t)>& call, int ncopies, int calls) {
-  cudaStream_t s;
-  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  for (int i = 0; i < ncopies; ++i) call(i, s);  // warm up
-  CK(cudaStreamSynchronize(s));
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < calls; ++i) call(i % ncopies, s);
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  CK(cudaGraphLaunch(ge, s));
-  CK(cudaStreamSynchronize(s));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  double best = 1e30;
-  for (int r = 0; r < 7; ++r) {
-    CK(cudaEventRecord(a, s));
-    CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(b, s));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    best = std::min(best, 1000.0 * ms / calls);
-  }
-  CK(cudaGetLastError());
-  cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(s);
-  cudaEventDestroy(a), cudaEventDestroy(b);
-  return best;
-}
-
 static double time_us(Problem& P, const Launch& fn) {
   return graph_us([&](int c, cudaStream_t s) { fn(params(P, c), s); }, P.copies,
                   std::max(40, P.copies));
@@ -411,6 +345,22 @@ __global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out) {
     acc ^= a.x ^ a.y ^ a.z ^ a.w;
   }
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads
+}
+
+// The device-to-device copy of 1 GB (read + write), the line each mode's table starts with.
+static void print_copy_bandwidth() {
+  const int64_t bytes = 1ll << 30;
+  void *src, *dst;
+  CK(cudaMalloc(&src, bytes));
+  CK(cudaMalloc(&dst, bytes));
+  CK(cudaMemset(src, 1, bytes));
+  const double copy_us = graph_us(
+      [&](int, cudaStream_t s) {
+        CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
+      },
+      1, 5);
+  std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
+  cudaFree(src), cudaFree(dst);
 }
 
 static void bandwidth() {
@@ -489,20 +439,7 @@ static void bench(int64_t N, int64_t K, int64_t GS, int M, bool half, const std:
 static int wide_main() {
   using bf = __nv_bfloat16;
   using hf = __half;
-  {
-    const int64_t bytes = 1ll << 30;
-    void *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
-    CK(cudaMemset(src, 1, bytes));
-    const double copy_us = graph_us(
-        [&](int, cudaStream_t s) {
-          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-        },
-        1, 5);
-    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
-    cudaFree(src), cudaFree(dst);
-  }
+  print_copy_bandwidth();
   int bad = 0;
   // tails: K of 4.5 spans, partial last tiles, several tile rounds, split K, M = 2, fp16
   for (int64_t gs : {32, 64, 128}) {
@@ -597,20 +534,7 @@ std::vector<Row> f16_time_rows(bool all) {
 static int f16_main() {
   using bf = __nv_bfloat16;
   using hf = __half;
-  {
-    const int64_t bytes = 1ll << 30;
-    void *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
-    CK(cudaMemset(src, 1, bytes));
-    const double copy_us = graph_us(
-        [&](int, cudaStream_t s) {
-          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-        },
-        1, 5);
-    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
-    cudaFree(src), cudaFree(dst);
-  }
+  print_copy_bandwidth();
   int bad = 0;
   const auto run = [&](Problem& P, auto rows) {
     for (auto& r : rows) bad += !check(P, r.second, r.first, true);
@@ -782,20 +706,7 @@ std::vector<BulkRow> bulk_check_rows() {
 static int bulk_main() {
   using bf = __nv_bfloat16;
   using hf = __half;
-  {
-    const int64_t bytes = 1ll << 30;
-    void *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
-    CK(cudaMemset(src, 1, bytes));
-    const double copy_us = graph_us(
-        [&](int, cudaStream_t s) {
-          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-        },
-        1, 5);
-    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
-    cudaFree(src), cudaFree(dst);
-  }
+  print_copy_bandwidth();
   int bad = 0;
   // short last chunks (K = 3072, 5120), fewer chunks than groups, few tiles (6 blocks), many
   // tiles a block, M = 2
@@ -1024,20 +935,7 @@ static int small_main() {
   using bf = __nv_bfloat16;
   using hf = __half;
   g_max_copies = 64;  // 1024 x 4096 is 2.2 MB: 64 copies to miss the L2
-  {
-    const int64_t bytes = 1ll << 30;
-    void *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
-    CK(cudaMemset(src, 1, bytes));
-    const double copy_us = graph_us(
-        [&](int, cudaStream_t s) {
-          CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-        },
-        1, 5);
-    std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
-    cudaFree(src), cudaFree(dst);
-  }
+  print_copy_bandwidth();
   int bad = 0;
   // the lanes' copies: short last chunks (K = 3072, 5120), fewer chunks than groups, few tiles,
   // many tiles a block, M = 2, both dtypes, every group size

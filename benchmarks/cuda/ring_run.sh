@@ -8,25 +8,12 @@
 # TEST_K, TEST_WORKERS, TEST_THREADS (OpenMP threads a worker), TEST_TIMEOUT; RINGS_M,
 # RINGS_ROUNDS, RINGS_TIMEOUT.
 #   WHEELS=dir/of/wheels GEMM_M="256 512 768" bash benchmarks/cuda/ring_run.sh
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-L=/tmp/logs
-mkdir -p "$OUT" $L
-T0=$(date +%s)
-stamp() { echo "[t=$(($(date +%s) - T0))s] $*"; }
-finish() { (cd $L && tar czf "$OUT/logs.tgz" .); }
-trap finish EXIT
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv,noheader
-if [ -n "$WHEELS" ]; then
-  (python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    "$WHEELS"/*.whl >$L/pip.log 2>&1; echo "pip rc=$?" >>$L/pip.log) &
-fi
-if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi  # see device_run.sh
-(MLXQ_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace >$L/build.log 2>&1
-  echo "build rc=$?" >>$L/build.log) &
-BUILD=$!
+. "$(dirname "$0")/run_common.sh"
+logs_to_tgz /tmp/logs
+install_wheels
+build_extension $L/build.log
 if [ -z "$SKIP_HARNESS" ]; then
-  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -DMLXQ_HARNESS_MIN -Xptxas -v \
+  $NVCC -DMLXQ_HARNESS_MIN -Xptxas -v \
     benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness >$L/gemm_build.log 2>&1
   grep -E "C75|error" $L/gemm_build.log | head -5
   stamp harness built
@@ -38,10 +25,8 @@ if [ -z "$SKIP_HARNESS" ]; then
   grep -v "ok$" $L/gemm_pack.log | sed 's/^/pack: /' | head -6
 fi
 stamp "waiting for the build"
-wait $BUILD
-wait
-tail -2 $L/build.log
-export PYTHONPATH=/tmp/site:$PWD/python
+wait_build $L/build.log 2
+op_env
 stamp tests
 OMP_NUM_THREADS=${TEST_THREADS:-2} timeout ${TEST_TIMEOUT:-150} python3 -m pytest \
   tests/test_cuda_ops.py -q -p no:cacheprovider -n ${TEST_WORKERS:-8} -k "${TEST_K:-prefill}" \

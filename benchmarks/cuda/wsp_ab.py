@@ -15,7 +15,7 @@ import statistics
 
 import mlxq
 import torch
-from mlxq.bench.ops_cuda import _captured, _copies, _env, _nbytes
+from mlxq.bench.ops_cuda import _captured, _env, weight_copies
 
 
 def main() -> None:
@@ -29,16 +29,9 @@ def main() -> None:
     args = ap.parse_args()
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-        wq, s, b = mlxq.affine_quantize(w, args.group_size, 4)
-        del w
-        s, b = s.bfloat16(), b.bfloat16()
+        copies, dense, gen = weight_copies(n, k, args.group_size, 4)
         x = torch.randn(args.m, k, device="cuda", generator=gen).bfloat16()
-        copies = [(wq.clone(), s.clone(), b.clone()) for _ in range(_copies(_nbytes(wq, s, b)))]
         calls = [lambda c=c, x=x: mlxq.affine_matmul(x, *c, args.group_size, 4) for c in copies]
-        wd = mlxq.affine_dequantize(wq, s, b, args.group_size, 4)
-        dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
         graphs = {"dense": (_captured([lambda d=d, x=x: x @ d.T for d in dense]), len(dense))}
         ref = None
         for ring in args.rings:
@@ -73,7 +66,7 @@ def main() -> None:
                 f"({min(per[nm]):.4f}-{max(per[nm]):.4f}), over dense "
                 f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
             )
-        del graphs, copies, calls, dense, wd
+        del graphs, copies, calls, dense
 
 
 if __name__ == "__main__":

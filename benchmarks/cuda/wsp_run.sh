@@ -7,22 +7,11 @@
 # The -k selection takes over 150 s with 8 workers (TEST_TIMEOUT, default 300).
 # Logs under $OUT.   WHEELS=.whl bash benchmarks/cuda/wsp_run.sh
 set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-stamp() { echo "[t=$(($(date +%s) - T0))s] $*"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv,noheader
-if [ -n "$WHEELS" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    "$WHEELS"/*.whl >"$OUT/pip.log" 2>&1 &
-fi
-if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi  # device_run.sh: why
-(MLXQ_CUDA_ARCHS=90 MAX_JOBS=16 python3 setup.py build_ext --inplace >"$OUT/op_build.log" 2>&1
-  echo "build rc=$?" >>"$OUT/op_build.log") &
-BUILD=$!
-nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -DMLXQ_HARNESS_WSP \
-  benchmarks/cuda/gemm_harness.cu -lcuda -lcublas -o /tmp/gemm_harness >"$OUT/hbuild.log" 2>&1 || {
+. "$(dirname "$0")/run_common.sh"
+install_wheels
+build_extension "$OUT/op_build.log"
+$NVCC -DMLXQ_HARNESS_WSP benchmarks/cuda/gemm_harness.cu \
+  -lcuda -lcublas -o /tmp/gemm_harness >"$OUT/hbuild.log" 2>&1 || {
   tail -5 "$OUT/hbuild.log"
   exit 1
 }
@@ -41,12 +30,9 @@ if [ "$ok" = 0 ]; then
   kill $BUILD
   exit 1
 fi
-wait $BUILD
-wait
-tail -1 "$OUT/op_build.log"
+wait_build "$OUT/op_build.log" 1
 stamp built the extension
-export PYTHONPATH=/tmp/site:$PWD/python MLXQ_CACHE=$(mktemp -d) XDG_CACHE_HOME=$(mktemp -d) \
-  HF_HOME=$(mktemp -d)
+op_env
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \
   -n 8 -k "${TEST_K:-prefill or mixed_dtypes or streams_and_cuda_graphs}" >"$OUT/tests.log" 2>&1
 tail -6 "$OUT/tests.log"

@@ -21,8 +21,8 @@
 #include "checks.h"
 #include "cpu/bf16_pieces.h"
 #include "cpu/cpu_features.h"
-#include "cpu/gather_pairs.h"
 #include "cpu/kernel_table.h"
+#include "cpu/matmul_pairs.h"
 #include "cpu/quantize.h"
 #include "cpu/thread_tiles.h"
 #include "mlx_rounding.h"
@@ -339,26 +339,14 @@ at::Tensor affine_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at
     at::Tensor y = matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose, x.scalar_type());
     return round_to(y, x.scalar_type()).reshape(g.out_shape);
   }
-  // Batched weights: map each broadcast batch entry to its x and w entries with tiny index
-  // tensors, so that broadcasting never copies a weight.
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  auto batch_index = [&](at::IntArrayRef shape) {
-    const int64_t n = c10::multiply_integers(shape);
-    return at::arange(n, at::kLong).reshape(shape).expand(g.batch).reshape({-1}).contiguous();
-  };
-  const at::Tensor xi = batch_index(x.sizes().slice(0, x.dim() - 2));
-  const at::Tensor wi = batch_index(g.w.batch);
-  const at::Tensor x3 = xf.reshape({-1, g.M, g.in_features});
+  // Batched weights: entry by entry, no weight copied (matmul_pairs.h)
   const at::Tensor w3 = w.reshape({-1, rows, Kp});
   const at::Tensor s3 = s.reshape({-1, rows, G}), b3 = b.reshape({-1, rows, G});
-  const int64_t B = xi.size(0);
-  at::Tensor y = at::empty({B, g.M, g.out_features}, xf.options());
-  const int64_t* xip = xi.const_data_ptr<int64_t>();
-  const int64_t* wip = wi.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) {
-    const QuantWeight W = view_weight(w3[wip[i]], s3[wip[i]], b3[wip[i]], group_size, bits);
-    y[i].copy_(matmul_2d(x3[xip[i]], W, transpose, x.scalar_type()));
-  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor y = broadcast_batch_matmul(xf, g, [&](const at::Tensor& x2, int64_t e) {
+    const QuantWeight W = view_weight(w3[e], s3[e], b3[e], group_size, bits);
+    return matmul_2d(x2, W, transpose, x.scalar_type());
+  });
   return y.to(x.scalar_type()).reshape(g.out_shape);
 }
 

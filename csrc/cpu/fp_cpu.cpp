@@ -13,8 +13,8 @@
 #include "cpu/bf16_pieces.h"
 #include "cpu/cpu_features.h"
 #include "cpu/fp_format.h"
-#include "cpu/gather_pairs.h"
 #include "cpu/kernel_table.h"
+#include "cpu/matmul_pairs.h"
 #include "cpu/thread_tiles.h"
 
 namespace mlxq::cpu {
@@ -160,23 +160,12 @@ at::Tensor fp_matmul_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Te
     at::Tensor y = fp_matmul_2d(xf.reshape({g.M, g.in_features}), W, transpose, x.scalar_type());
     return y.to(x.scalar_type()).reshape(g.out_shape);
   }
-  auto batch_index = [&](at::IntArrayRef shape) {
-    const int64_t n = c10::multiply_integers(shape);
-    return at::arange(n, at::kLong).reshape(shape).expand(g.batch).reshape({-1}).contiguous();
-  };
-  const at::Tensor xi = batch_index(x.sizes().slice(0, x.dim() - 2));
-  const at::Tensor wi = batch_index(g.w.batch);
-  const at::Tensor x3 = xf.reshape({-1, g.M, g.in_features});
   const at::Tensor w3 = w.reshape({-1, rows, Kp});
   const at::Tensor s3 = s.reshape({-1, rows, G});
-  const int64_t B = xi.size(0);
-  at::Tensor y = at::empty({B, g.M, g.out_features}, xf.options());
-  const int64_t* xip = xi.const_data_ptr<int64_t>();
-  const int64_t* wip = wi.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) {
-    const FpWeight W = view_fp_weight(w3[wip[i]], s3[wip[i]], m, group_size, bits, global);
-    y[i].copy_(fp_matmul_2d(x3[xip[i]], W, transpose, x.scalar_type()));
-  }
+  const at::Tensor y = broadcast_batch_matmul(xf, g, [&](const at::Tensor& x2, int64_t e) {
+    const FpWeight W = view_fp_weight(w3[e], s3[e], m, group_size, bits, global);
+    return fp_matmul_2d(x2, W, transpose, x.scalar_type());
+  });
   return y.to(x.scalar_type()).reshape(g.out_shape);
 }
 
@@ -287,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> fp_quantize_cpu(const at::Tensor& w, c10::str
 
 // --- fp_gather_matmul (mx.gather_qmm with mode mxfp4 / nvfp4 / mxfp8) --------------------------
 //
-// The pairs are grouped by expert as for affine_gather_matmul (gather_pairs.h) and each group is
+// The pairs are grouped by expert as for affine_gather_matmul (matmul_pairs.h) and each group is
 // one fp_matmul of its stacked x rows, with the dense op's kernels and numerics: small groups
 // (decode) run the streaming decode kernels (fp_qmv, or the bf16 one), all of them inside one
 // parallel region; large groups (prefill) and x @ W take fp_matmul_2d's dequantized fp32 tiles and

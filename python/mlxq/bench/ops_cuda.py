@@ -210,6 +210,24 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def weight_copies(
+    n: int, k: int, group_size: int = 128, bits: int = 4, seed: int = 0, device: str = "cuda"
+) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor], torch.Generator]:
+    """A random [n, k] weight (std 0.02) quantized with bf16 scales and biases, in as many
+    copies (wq, scales, biases) as a timing cycles through to miss the L2, and its dequantized
+    bf16 form likewise. Also the seeded generator that drew the weight: x is drawn from it next,
+    so that every harness times the same data."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(n, k, device=device, generator=gen) * 0.02
+    wq, s, b = mlxq.affine_quantize(w, group_size, bits)
+    del w
+    s, b = s.bfloat16(), b.bfloat16()
+    copies = [(wq.clone(), s.clone(), b.clone()) for _ in range(_copies(_nbytes(wq, s, b)))]
+    wd = mlxq.affine_dequantize(wq, s, b, group_size, bits)
+    dense = [wd.clone() for _ in range(_copies(_nbytes(wd)))]
+    return copies, dense, gen
+
+
 def _tinygemm(n: int, k: int, group_size: int, x: torch.Tensor):
     """Calls of torch's int4 tinygemm on copies of a random int4 weight, or None."""
     op = getattr(torch.ops.aten, "_weight_int4pack_mm", None)

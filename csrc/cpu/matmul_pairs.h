@@ -1,16 +1,20 @@
-// The pairs of a gather matmul (MLX's gather_qmm) grouped by the weight matrix they use, for the
-// CPU kernels of every gather op (affine_cpu.cpp, fp_cpu.cpp): output pair p multiplies x matrix
-// lhs[p] ([M, in]) with matrix rhs[p] of the quantized stack (an expert). Pairs that share an
-// expert form one group whose x rows are stacked, so each selected expert's packed rows are read
-// once per call however many tokens chose it, and experts nobody chose are never touched.
+// Which x matrix multiplies which weight matrix, for the CPU matmuls with a stack of weights
+// (affine_cpu.cpp, fp_cpu.cpp). The gather ops: output pair p multiplies x matrix lhs[p]
+// ([M, in]) with matrix rhs[p] of the quantized stack (an expert). Pairs that share an expert
+// form one group whose x rows are stacked, so each selected expert's packed rows are read once
+// per call however many tokens chose it, and experts nobody chose are never touched. The plain
+// matmuls with a batched weight: broadcast_batch_matmul, entry by entry.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "checks.h"
 
 namespace mlxq::cpu {
 
@@ -71,6 +75,27 @@ inline at::Tensor in_pair_order(const at::Tensor& y, const std::vector<int64_t>&
   int64_t* ip = inverse.mutable_data_ptr<int64_t>();
   for (int64_t j = 0; j < P; ++j) ip[order[j]] = j;
   return result.index_select(0, inverse);
+}
+
+// A matmul with a batched weight (affine_matmul, fp_matmul): output entry i of the broadcast
+// batch is product(x entry [M, in], index of the weight entry) -> [M, out]. Each entry is
+// mapped to its x and w entries with tiny index tensors, so that broadcasting never copies a
+// weight. `xf`: x in fp32, contiguous; the result is fp32 [batch entries, M, out].
+template <typename Product>
+at::Tensor broadcast_batch_matmul(const at::Tensor& xf, const MatmulGeometry& g, Product product) {
+  auto batch_index = [&](at::IntArrayRef shape) {
+    const int64_t n = c10::multiply_integers(shape);
+    return at::arange(n, at::kLong).reshape(shape).expand(g.batch).reshape({-1}).contiguous();
+  };
+  const at::Tensor xi = batch_index(xf.sizes().slice(0, xf.dim() - 2));
+  const at::Tensor wi = batch_index(g.w.batch);
+  const at::Tensor x3 = xf.reshape({-1, g.M, g.in_features});
+  const int64_t B = xi.size(0);
+  at::Tensor y = at::empty({B, g.M, g.out_features}, xf.options());
+  const int64_t* xip = xi.const_data_ptr<int64_t>();
+  const int64_t* wip = wi.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) y[i].copy_(product(x3[xip[i]], wip[i]));
+  return y;
 }
 
 }  // namespace mlxq::cpu
