@@ -68,8 +68,6 @@ static void make(Problem& P, int copies) {
   upload(P, copies);
 }
 
-using Launch = std::function<void(const QmvParams&, cudaStream_t)>;
-
 // The CUDA-core kernel in the op's shapes (qmv_launch.cuh before this kernel).
 template <int Bits, typename T>
 Launch cores() {
@@ -102,25 +100,6 @@ Launch lowbit() {
   };
 }
 
-template <int F>
-__global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out) {
-  uint32_t acc = 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; i + (F - 1) * stride < n; i += F * stride) {
-    uint4 v[F];
-#pragma unroll
-    for (int f = 0; f < F; ++f) v[f] = __ldcs(p + i + f * stride);
-#pragma unroll
-    for (int f = 0; f < F; ++f) acc ^= v[f].x ^ v[f].y ^ v[f].z ^ v[f].w;
-  }
-  for (; i < n; i += stride) {
-    const uint4 a = __ldcs(p + i);
-    acc ^= a.x ^ a.y ^ a.z ^ a.w;
-  }
-  if (acc == 0x12345678u) out[0] = acc;
-}
-
 // The packed weights read once by a plain streaming kernel: the floor of a kernel reading them.
 static Launch read_floor(int bits) {
   return [bits](const QmvParams& p, cudaStream_t s) {
@@ -130,34 +109,9 @@ static Launch read_floor(int bits) {
 }
 
 static bool check(Problem& P, const Launch& fn, const char* name, bool full_ref) {
-  CK(cudaMemset(P.dy, 0xFF, P.M * P.N * 2));  // poison: NaN in both dtypes
-  fn(params(P, 0), 0);
-  CK(cudaGetLastError());
-  CK(cudaDeviceSynchronize());
-  std::vector<uint16_t> y(P.M * P.N);
-  CK(cudaMemcpy(y.data(), P.dy, y.size() * 2, cudaMemcpyDeviceToHost));
-  const int64_t G = P.G();
-  const double eps = P.half ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
-  double worst = 0;
-  int64_t bad = 0;
   const int64_t rows = full_ref ? P.N : std::min<int64_t>(P.N, 1024);
-  for (int m = 0; m < P.M; ++m) {
-    for (int64_t n = 0; n < rows; ++n) {
-      double ref = 0, bound = 0;
-      for (int64_t k = 0; k < P.K; ++k) {
-        const double s = from_h(P.s[n * G + k / P.GS], P.half);
-        const double b = from_h(P.b[n * G + k / P.GS], P.half);
-        const double wv = s * P.code(n, k) + b, xv = from_h(P.x[m * P.K + k], P.half);
-        ref += wv * xv;
-        bound += std::fabs(wv * xv);
-      }
-      const double got = from_h(y[m * P.N + n], P.half);
-      const double tol = 64 * std::ldexp(1.0, -24) * bound + eps * std::fabs(ref) + 1e-30;
-      const double r = std::fabs(got - ref) / tol;
-      if (!(r <= 1.0)) ++bad;
-      if (!(r <= worst)) worst = r;
-    }
-  }
+  const auto [worst, bad] =
+      check_float64(P, fn, rows, [&](int64_t n, int64_t k) { return P.code(n, k); });
   std::printf(
       "  check %-22s %d-bit N=%lld K=%lld gs=%lld M=%d %s: max err/tol %.3g, %lld bad of "
       "%lld\n",

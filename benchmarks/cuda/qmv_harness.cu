@@ -69,8 +69,6 @@ static void make(Problem& P, int copies) {
   upload(P, copies);
 }
 
-using Launch = std::function<void(const QmvParams&, cudaStream_t)>;
-
 // ---- kernels under test ---------------------------------------------------------------------
 
 template <typename T, int MT, int R, int U, bool Pre>
@@ -271,9 +269,6 @@ std::vector<std::pair<const char*, Launch>> wide_rows() {
   };
 }
 
-template <int F>
-__global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out);
-
 // The packed weights read once by a plain streaming kernel (no arithmetic): the floor for a
 // kernel that reads them, launch included.
 static uint32_t* g_sink = nullptr;
@@ -287,35 +282,10 @@ static Launch read_floor() {
 // ---- reference and timing -------------------------------------------------------------------
 
 static bool check(Problem& P, const Launch& fn, const char* name, bool full_ref) {
-  CK(cudaMemset(P.dy, 0xFF, P.M * P.N * 2));  // poison: NaN in both dtypes
-  fn(params(P, 0), 0);
-  CK(cudaGetLastError());
-  CK(cudaDeviceSynchronize());
-  std::vector<uint16_t> y(P.M * P.N);
-  CK(cudaMemcpy(y.data(), P.dy, y.size() * 2, cudaMemcpyDeviceToHost));
-  const int64_t G = P.G();
-  const double eps = P.half ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
-  double worst = 0;
-  int64_t bad = 0;
   const int64_t rows = full_ref ? P.N : std::min<int64_t>(P.N, 2048);
-  for (int m = 0; m < P.M; ++m) {
-    for (int64_t n = 0; n < rows; ++n) {
-      double ref = 0, bound = 0;
-      for (int64_t k = 0; k < P.K; ++k) {
-        const uint32_t q = (P.w[n * (P.K / 8) + k / 8] >> (4 * (k % 8))) & 15u;
-        const double s = from_h(P.s[n * G + k / P.GS], P.half);
-        const double b = from_h(P.b[n * G + k / P.GS], P.half);
-        const double wv = s * q + b, xv = from_h(P.x[m * P.K + k], P.half);
-        ref += wv * xv;
-        bound += std::fabs(wv * xv);
-      }
-      const double got = from_h(y[m * P.N + n], P.half);
-      const double tol = 64 * std::ldexp(1.0, -24) * bound + eps * std::fabs(ref) + 1e-30;
-      const double r = std::fabs(got - ref) / tol;
-      if (!(r <= 1.0)) ++bad;
-      if (!(r <= worst)) worst = r;
-    }
-  }
+  const auto [worst, bad] = check_float64(P, fn, rows, [&](int64_t n, int64_t k) {
+    return static_cast<double>((P.w[n * (P.K / 8) + k / 8] >> (4 * (k % 8))) & 15u);
+  });
   std::printf("  check %-34s N=%lld K=%lld gs=%lld M=%d %s: max err/tol %.3g, %lld bad of %lld\n",
               name, (long long)P.N, (long long)P.K, (long long)P.GS, P.M, P.half ? "fp16" : "bf16",
               worst, (long long)bad, (long long)(rows * P.M));
@@ -327,55 +297,33 @@ static double time_us(Problem& P, const Launch& fn) {
                   std::max(40, P.copies));
 }
 
-// A grid-stride read of n 16-byte words with F independent streaming loads in flight per thread.
-template <int F>
-__global__ void read_kernel_f(const uint4* p, int64_t n, uint32_t* out) {
-  uint32_t acc = 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; i + (F - 1) * stride < n; i += F * stride) {
-    uint4 v[F];
-#pragma unroll
-    for (int f = 0; f < F; ++f) v[f] = __ldcs(p + i + f * stride);
-#pragma unroll
-    for (int f = 0; f < F; ++f) acc ^= v[f].x ^ v[f].y ^ v[f].z ^ v[f].w;
-  }
-  for (; i < n; i += stride) {
-    const uint4 a = __ldcs(p + i);
-    acc ^= a.x ^ a.y ^ a.z ^ a.w;
-  }
-  if (acc == 0x12345678u) out[0] = acc;  // keeps the loads
+// 1 GB buffers, src set, and the time of one device-to-device copy of src to dst (us)
+static double copy_1gb_us(void** src, void** dst) {
+  const int64_t bytes = 1ll << 30;
+  CK(cudaMalloc(src, bytes));
+  CK(cudaMalloc(dst, bytes));
+  CK(cudaMemset(*src, 1, bytes));
+  return graph_us(
+      [&](int, cudaStream_t s) {
+        CK(cudaMemcpyAsync(*dst, *src, bytes, cudaMemcpyDeviceToDevice, s));
+      },
+      1, 5);
 }
 
 // The device-to-device copy of 1 GB (read + write), the line each mode's table starts with.
 static void print_copy_bandwidth() {
-  const int64_t bytes = 1ll << 30;
   void *src, *dst;
-  CK(cudaMalloc(&src, bytes));
-  CK(cudaMalloc(&dst, bytes));
-  CK(cudaMemset(src, 1, bytes));
-  const double copy_us = graph_us(
-      [&](int, cudaStream_t s) {
-        CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-      },
-      1, 5);
-  std::printf("copy (read+write): %.3f TB/s\n", 2.0 * bytes / copy_us / 1e6);
+  const double copy_us = copy_1gb_us(&src, &dst);
+  std::printf("copy (read+write): %.3f TB/s\n", 2.0 * (1ll << 30) / copy_us / 1e6);
   cudaFree(src), cudaFree(dst);
 }
 
 static void bandwidth() {
   const int64_t bytes = 1ll << 30;
   void *src, *dst;
-  CK(cudaMalloc(&src, bytes));
-  CK(cudaMalloc(&dst, bytes));
-  CK(cudaMemset(src, 1, bytes));
+  const double copy_us = copy_1gb_us(&src, &dst);
   uint32_t* out;
   CK(cudaMalloc(&out, 4));
-  const double copy_us = graph_us(
-      [&](int, cudaStream_t s) {
-        CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
-      },
-      1, 5);
   const double read_us = graph_us(
       [&](int, cudaStream_t s) {
         read_kernel_f<4><<<g_sms * 8, 256, 0, s>>>(static_cast<const uint4*>(src), bytes / 16, out);
