@@ -6,13 +6,7 @@
 # Logs in $OUT (8 files at most come back, and what is there when a limit kills the call).
 # SKIP_ATTN=1 leaves the attention harness and tests out.
 #   bash benchmarks/cuda/probe_run.sh
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-L=$OUT
-mkdir -p "$OUT"
-T0=$(date +%s)
-stamp() { echo "[t=$(($(date +%s) - T0))s] $*"; }
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv,noheader
+. "$(dirname "$0")/run_common.sh"
 if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi  # see device_run.sh
 # REUSE_BUILD=1: the extension a previous call on this (still warm) machine left in /tmp/ext
 if [ -n "$REUSE_BUILD" ] && ls /tmp/ext/_C*.so >/dev/null 2>&1; then
@@ -24,8 +18,7 @@ else
 fi
 BUILD=$!
 if [ -z "$SKIP_ATTN" ]; then
-  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-    benchmarks/cuda/attention_harness.cu benchmarks/cuda/attention_prev.cu \
+  $NVCC benchmarks/cuda/attention_harness.cu benchmarks/cuda/attention_prev.cu \
     -o /tmp/attention_harness >/tmp/attn_build.log 2>&1 || tail -5 /tmp/attn_build.log
   timeout 90 /tmp/attention_harness >$L/attn.log 2>&1
   echo "attention harness rc=$?"
