@@ -111,6 +111,28 @@ def test_matmul_tolerance_is_tight_enough() -> None:
             assert float(off[:, 5].median()) > 1, f"{dtype} m={m}: {off[:, 5]}"
 
 
+def test_tolerance_takes_fp16_overflow() -> None:
+    # runs everywhere: fp16 sums of wide-range x can pass fp16's max (a bulk decode case did, at
+    # one row of 2192 for some seeds): the op's inf is the float64 product rounded once and passes;
+    # an inf of the wrong sign, or where the product stays below the overflow point, fails
+    gen = torch.Generator().manual_seed(5)
+    wq, s, b = _quantized(gen, 4, 512, 64, 4, torch.float16)
+    w, _ = weight_refs(wq, s, b, 64, 4)
+    x = (torch.sign(w[0]) * 80000 / w[0].abs().sum()).to(torch.float16)[None]  # row 0: ~80000
+    ref, tol = _matmul_tolerance(x, wq, s, b, 64, 4)
+    assert ref[0, 0] > 70000 and ref[0, 1:].abs().max() < 60000, ref
+    y = mlxq.affine_matmul(x, wq, s, b, 64, 4)
+    assert torch.isposinf(y[0, 0]) and torch.isfinite(y[0, 1:]).all()
+    assert_within(y, ref, tol, "CPU op")
+    for wrong in (-float("inf"), torch.finfo(torch.float16).max):
+        bad = y.clone()
+        bad[0, 0] = wrong
+        with pytest.raises(AssertionError, match="1/4 elements out of tolerance"):
+            assert_within(bad, ref, tol, "bad")
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_within(torch.full_like(y, float("inf")), ref, tol, "inf everywhere")
+
+
 # --- build logic (runs everywhere) -----------------------------------------------------------
 
 
