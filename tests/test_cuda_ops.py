@@ -315,7 +315,7 @@ def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, m
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("tiles", [None, "small", "1"])
+@pytest.mark.parametrize("tiles", [None, "reach_off", "1"])
 def test_decode_kernels_bulk(
     gen, group_size: int, dtype: torch.dtype, tiles: str | None, monkeypatch
 ) -> None:
@@ -324,21 +324,25 @@ def test_decode_kernels_bulk(
     # blocks a multiprocessor and a few more (uneven tiles a block), K of one short piece of
     # 4096 values (fewer pieces a tile than groups of warps) and of a whole and a short one,
     # M = 1, 2, x over a wide range (its fp16 products); tiles for 1-2 blocks a multiprocessor
-    # with K of 2 pieces and a short one (where MLXQ_CUDA_DECODE_SMALL=1 takes it), and with K of
-    # at most 2 pieces where MLXQ_CUDA_BULK_TILES=1 takes it down to 1 tile a multiprocessor
+    # with K of 2 pieces and a short one (the default reaches it; MLXQ_CUDA_DECODE_SMALL=0 leaves
+    # it to the register kernel), and with K of at most 2 pieces where MLXQ_CUDA_BULK_TILES=1
+    # takes it down to 1 tile a multiprocessor
     monkeypatch.delenv("MLXQ_CUDA_BULK", raising=False)
     monkeypatch.delenv("MLXQ_CUDA_BULK_TILES", raising=False)
     monkeypatch.delenv("MLXQ_CUDA_DECODE_SMALL", raising=False)
-    if tiles == "small":
-        monkeypatch.setenv("MLXQ_CUDA_DECODE_SMALL", "1")
+    if tiles == "reach_off":
+        monkeypatch.setenv("MLXQ_CUDA_DECODE_SMALL", "0")
     elif tiles is not None:
         monkeypatch.setenv("MLXQ_CUDA_BULK_TILES", tiles)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    reach = (16 * sms + 16 * 5, 2 * 4096 + 512)
     cases = [(16 * 3 * sms + 16 * 5, k) for k in (3072, 5120)]
-    if tiles == "small":
-        cases.append((16 * sms + 16 * 5, 2 * 4096 + 512))
+    if tiles == "reach_off":
+        cases = [reach]
     else:
         cases += [(16 * sms + 16 * 5, 3072), (16 * 2 * sms - 16, 5120)]
+        if tiles is None:
+            cases.append(reach)
     for n, k in cases:
         wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
         for m in (1, 2):

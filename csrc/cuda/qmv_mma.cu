@@ -166,19 +166,19 @@ bool bulk_wanted() {
 // scales rows are not 16-byte multiples (G % 8, Qwen2.5's K = 3584 and 18944) never take it.
 // MLXQ_CUDA_BULK_TILES=n (read on every call, for benchmarks) takes it where the tiles give each
 // multiprocessor n or more, whatever K. The K >= 8192 reach and the register variant's 2-span
-// steps (below) ran through the whole of tests/test_cuda_ops.py on an H200. The steps are the
-// default. The K >= 8192 reach stays opt-in, MLXQ_CUDA_DECODE_SMALL=1: in three runs of the whole
-// file under load (15 pytest workers on one GPU) one of its cases failed each time (fp16 group 32,
-// K = 8704: its 3 pieces a tile, the last short), while the same test alone passed and a float64
-// probe of that shape was within 0.01 of its bound: an intermittent fault not yet found. Through
-// the op it took 4096 x 14336 M = 1 from 0.0173 to 0.0138 ms.
+// steps (below) ran through the whole of tests/test_cuda_ops.py on an H200; both are the default.
+// The reach's one failure in loaded runs (fp16, K = 8704) was the test's: a row of wide-range x
+// summed past fp16's max, which the op rightly rounds to inf (the CPU op too; the oracle now takes
+// it). 10 processes x ~5900 rounds of its 12 cases on one GPU gave bitwise the same outputs.
+// Through the op it takes 4096 x 14336 M = 1 from 0.0173 to 0.0138 ms; MLXQ_CUDA_DECODE_SMALL=0
+// (read on every call) leaves those shapes to the register kernel.
 // Also measured, not taken: a piece's 16 row copies issued by 16 lanes at once (qmv_bulk_kernel's
 // Lanes) instead of one lane in turn: 28672 x 8192 34.98 -> 37.92 (R2 35.42 -> 38.66), 14336 x
 // 4096 12.99 -> 13.78, 4096 x 14336 11.86 -> 11.93: the ~45 ns a row copy is the
 // multiprocessor's copy engine, not the issuing thread.
 bool small_shape_choices() {
   const char* env = std::getenv("MLXQ_CUDA_DECODE_SMALL");
-  return env != nullptr && std::string(env) == "1";
+  return env == nullptr || std::string(env) != "0";
 }
 
 bool bulk_reaches(const QmvParams& p, int sm_count) {
