@@ -549,3 +549,62 @@ def test_bf16_checkpoint_saved_again_keeps_the_stored_dtypes(
     assert sorted(ours) == sorted(ref)
     unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
     assert not unequal, unequal[:5]
+
+
+@pytest.mark.parametrize(
+    ("family", "text_class"),
+    [("kimi_k25", "DeepseekV3ForCausalLM"), ("llama4", "Llama4ForCausalLM")],
+)
+def test_language_model_of_image_text_moe_checkpoint(
+    tmp_path: Path, family: str, text_class: str
+) -> None:
+    # mlx-lm converts Kimi K2.5 (DeepSeek V3's text model) and Llama 4 to their language model
+    # only, under `language_model.`, the experts stacked per projection (switch_mlp): mlxq
+    # reads them with the text model's own renames after the prefix's (before: Kimi K2.5's
+    # stacked experts were not found); Kimi K2.5's saves as mlx-lm's DeepSeek V3
+    from mlxq.cli.common import load_model
+    from mlxq.moe import AffineSwitchLinear, MoeExperts
+    from vlm_models import tiny_mlx_lm_checkpoint
+
+    path = tiny_mlx_lm_checkpoint(family)
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(model).__name__ == text_class
+    experts = [m for m in model.modules() if isinstance(m, MoeExperts)]
+    assert experts and all(isinstance(e.down_proj, AffineSwitchLinear) for e in experts)
+    assert {e.down_proj.bits for e in experts} == {4}
+    ref = mlx_lm_logits(path, TOKENS)
+    with torch.no_grad():
+        ours = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert float(np.abs(ours - ref).max()) <= TOLERANCE
+    if family == "llama4":  # saved as `llama4_text`, mlx-lm's dense Llama 4 (README): open
+        return
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "deepseek_v3"
+    for file in path.glob("tokenizer*"):
+        shutil.copy(file, tmp_path / file.name)
+    np.testing.assert_allclose(mlx_lm_logits(tmp_path, TOKENS), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_bigcode", "mamba", "internlm3"])
+def test_mlx_vlm_conversion_of_a_text_model(arch: str) -> None:
+    # mlx-vlm 0.7 converts text models too: mlx-lm's tensors under `language_model.` (whatever
+    # their top-level name: GPT-BigCode's `transformer.`, Mamba's `backbone.`) and an empty
+    # vision_config. mlxq reads them as the text model (before: Qwen3-MoE refused as an
+    # image-text model, the others for modules `language_model.transformer...` it lacks),
+    # with the logits of mlx-lm's conversion of the same model, tensor for tensor the same.
+    # mlx-vlm's own InternLM3 departs from the model (2.4 off in these logits; mlx-lm's agrees)
+    from arch_models import mlx_vlm_text_logits, tiny_mlx_vlm_checkpoint
+    from safetensors.torch import load_file
+
+    variant = Variant(tied=False)
+    path = tiny_mlx_vlm_checkpoint(arch, variant)
+    assert json.loads((path / "config.json").read_text())["vision_config"] == {}
+    ours = mlxq_logits(path, TOKENS)
+    if arch != "internlm3":
+        assert float(np.abs(ours - mlx_vlm_text_logits(path, TOKENS)).max()) <= TOLERANCE
+    reference = tiny_mlx_checkpoint(arch, variant)
+    theirs, own = load_file(path / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert sorted(theirs) == sorted(f"language_model.{k}" for k in own)
+    assert all(torch.equal(theirs[f"language_model.{k}"], v) for k, v in own.items())
+    np.testing.assert_array_equal(ours, mlxq_logits(reference, TOKENS))
+    assert float(np.abs(ours - mlx_lm_logits(reference, TOKENS)).max()) <= TOLERANCE

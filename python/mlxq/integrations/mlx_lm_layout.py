@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mlxq.integrations.weight_ops import (
@@ -186,7 +186,9 @@ class MlxLayout:
         """The renames `save_pretrained` does not reverse: the `language_model.` prefix where
         the text model saves in its own names (the MoE renames of Gemma 4's text model, read
         this way, are reversed as usual)."""
-        return () if self.save_renamed else tuple(r for r in self.renames if r in _LANGUAGE_MODEL)
+        if self.save_renamed:
+            return ()
+        return tuple(r for r in self.renames if r in _LANGUAGE_MODEL or r == _LANGUAGE_MODEL_ANY)
 
     def drops(self, key: str) -> bool:
         """Whether mlx-lm's sanitize drops the checkpoint tensor `key` (see :attr:`dropped`)."""
@@ -352,22 +354,28 @@ VISION_DROPPED: dict[str, tuple[str, ...]] = {
 def checkpoint_layout(model_type: str | None, keys: Iterable[str]) -> MlxLayout | None:
     """mlx-lm's layout when the checkpoint of a `model_type` model uses it, else None.
 
-    Without a layout of its own, a text model whose every tensor lies under `language_model.`
-    is read from mlx-lm's conversion of an image-text model (Gemma 3 4B and up, Mistral 3,
-    LFM2-VL: mlx-lm keeps the language model only); it saves in its own names, which are those
-    of mlx-lm's text model. For the text models of :data:`VISION_DROPPED`, an image-text
-    checkpoint that also holds the vision tower reads the same way, the tower left out (as
-    mlx-lm's sanitize drops it)."""
+    A text model whose every tensor lies under `language_model.` is read from mlx-lm's
+    conversion of an image-text model (Gemma 3 4B and up, Mistral 3, LFM2-VL, Kimi K2.5: mlx-lm
+    keeps the language model only) or from mlx-vlm's conversion of a text model (its port of
+    mlx-lm's model under `language_model.`, whatever mlx-lm's top-level names); the text
+    model's own layout (MoE renames) applies after the prefix. It saves in its own names,
+    which are those of mlx-lm's text model. For the text models of :data:`VISION_DROPPED`, an
+    image-text checkpoint that also holds the vision tower reads the same way, the tower left
+    out (as mlx-lm's sanitize drops it)."""
     keys = list(keys)
     layout = LAYOUTS.get(model_type or "")
     dropped = VISION_DROPPED.get(model_type or "", ())
     text = [k for k in keys if not any(re.search(p, k) for p in dropped)]
-    own = layout is None or model_type in VISION_DROPPED  # Gemma 4: its MoE renames follow
+    # a layout that names the prefix itself (Qwen 3.5's) is read as it is; any other text
+    # model's own renames (MoE experts: Kimi K2.5's DeepSeek V3, Gemma 4) follow the prefix's
+    own = layout is None or not any(r in layout.renames for r in _LANGUAGE_MODEL)
     if own and text and all(k.startswith("language_model.") for k in text):
-        return MlxLayout(
-            model_type or "",
-            _LANGUAGE_MODEL + (layout.renames if layout is not None else ()),
-            "language_model.",
+        if layout is None:
+            layout = MlxLayout(model_type or "", (), "language_model.")
+        return replace(
+            layout,
+            renames=(*_LANGUAGE_MODEL, _LANGUAGE_MODEL_ANY, *layout.renames),
+            marker="language_model.",
             save_renamed=False,
             dropped=dropped if len(text) < len(keys) else (),
         )
@@ -575,6 +583,9 @@ _LANGUAGE_MODEL = (
     (r"^language_model\.model\.", "model."),
     (r"^language_model\.lm_head\.", "lm_head."),
 )
+# mlx-vlm keeps a text model (its port of mlx-lm's) under `language_model.` whatever mlx-lm's
+# own top-level names are (GPT-BigCode's `transformer.`, Mamba's `backbone.`)
+_LANGUAGE_MODEL_ANY = (r"^language_model\.", "")
 # (transformers' causal LM holds the text config: model types qwen3_5_text, qwen3_5_moe_text)
 LAYOUTS["qwen3_5_text"] = MlxLayout(
     "qwen3_5", _LANGUAGE_MODEL, "language_model.model.", unit_offset=_QWEN_NORMS
