@@ -585,6 +585,27 @@ def test_language_model_of_image_text_moe_checkpoint(
     np.testing.assert_allclose(mlx_lm_logits(tmp_path, TOKENS), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_language_model_without_a_causal_lm_is_refused_by_name(family: str) -> None:
+    # mlx-lm's conversion of Qwen2-VL / Qwen3-VL holds the language model only; transformers
+    # 5.24 has no causal LM for its text model, and the image-text model it builds has a
+    # vision tower nothing fills (before: refused for missing vision tensors, or for a
+    # quantized `model.embed_tokens` it has no such module for)
+    from mlxq.cli.common import load_model
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_mlx_lm_checkpoint
+
+    path = tiny_mlx_lm_checkpoint(family)
+    match = f"model type '{family}': this checkpoint holds the language model only"
+    with pytest.raises(NotImplementedError, match=match):
+        load_model(str(path), "cpu", "float32")
+    with pytest.raises(NotImplementedError, match=match):
+        AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    report = inspect_checkpoint(path, str(path))  # `mlxq inspect` says the same
+    assert len(report.errors) == 1 and match in report.errors[0].message
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_bigcode", "mamba", "internlm3"])
 def test_mlx_vlm_conversion_of_a_text_model(arch: str) -> None:
     # mlx-vlm 0.7 converts text models too: mlx-lm's tensors under `language_model.` (whatever

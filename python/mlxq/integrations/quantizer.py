@@ -58,7 +58,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     use_in_proj_attention,
     use_mlx_vlm_layout,
 )
-from mlxq.integrations.model_class import text_model_class
+from mlxq.integrations.model_class import language_model_only_refusal, text_model_class
 from mlxq.integrations.moe_loading import (
     check_moe_tensors_loaded,
     converts_replaced_tensors,
@@ -870,6 +870,9 @@ class MLXHfQuantizer(HfQuantizer):
                 f"it with transformers.{text_class.__name__}.from_pretrained (`mlxq generate` "
                 "does)"
             )
+        text_only = language_model_only_refusal(model.config.to_dict(), headers)
+        if text_only is not None:
+            raise NotImplementedError(f"mlxq: {type(model).__name__}: {text_only}")
         other = MLX_LM_UNCHECKED.get(_model_type(model) or "")
         if other is not None:
             raise NotImplementedError(
