@@ -606,6 +606,49 @@ def test_language_model_without_a_causal_lm_is_refused_by_name(family: str) -> N
     assert len(report.errors) == 1 and match in report.errors[0].message
 
 
+def test_model_types_of_mlx_lm_only_are_refused_by_name(tmp_path: Path) -> None:
+    # every model type mlx-lm 0.32 runs (its modules, MODEL_REMAPPING) that transformers 5.24
+    # does not know: a checkpoint of one is refused naming its type, never loaded as another
+    import os
+
+    import mlx_lm.utils
+    from mlxq.cli.common import load_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    folder = Path(mlx_lm.utils.__file__).parent / "models"
+    modules = {name.removesuffix(".py") for name in os.listdir(folder)}
+    types = sorted((modules | set(mlx_lm.utils.MODEL_REMAPPING)) - set(CONFIG_MAPPING_NAMES))
+    types = [t for t in types if hasattr(_mlx_lm_module(t), "ModelArgs")]
+    assert {"plamo2", "internlm2", "kimi_k2", "rwkv7"} <= set(types)
+    for model_type in types:
+        path = tmp_path / model_type
+        path.mkdir()
+        block = {"group_size": 64, "bits": 4}
+        config = {"model_type": model_type, "quantization": block, "quantization_config": block}
+        (path / "config.json").write_text(json.dumps(config))
+        tensor = {"model.embed_tokens.weight": torch.zeros(8, 8, dtype=torch.int32)}
+        save_file(tensor, path / "model.safetensors", metadata={"format": "mlx"})
+        match = f"model type `{model_type}`"
+        with pytest.raises(ValueError, match=match):
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with pytest.raises(ValueError, match=match):
+            load_model(str(path), "cpu", "float32")
+
+
+def _mlx_lm_module(model_type: str):
+    import importlib
+
+    import mlx_lm.utils
+
+    name = mlx_lm.utils.MODEL_REMAPPING.get(model_type, model_type)
+    try:
+        return importlib.import_module(f"mlx_lm.models.{name}")
+    except ImportError:
+        return None
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_bigcode", "mamba", "internlm3"])
 def test_mlx_vlm_conversion_of_a_text_model(arch: str) -> None:
     # mlx-vlm 0.7 converts text models too: mlx-lm's tensors under `language_model.` (whatever
