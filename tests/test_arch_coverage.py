@@ -664,14 +664,16 @@ def _mlx_lm_module(model_type: str):
         return None
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_bigcode", "mamba", "internlm3"])
-def test_mlx_vlm_conversion_of_a_text_model(arch: str) -> None:
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_bigcode", "mamba", "internlm3", "laguna"])
+def test_mlx_vlm_conversion_of_a_text_model(tmp_path: Path, arch: str) -> None:
     # mlx-vlm 0.7 converts text models too: mlx-lm's tensors under `language_model.` (whatever
     # their top-level name: GPT-BigCode's `transformer.`, Mamba's `backbone.`) and an empty
     # vision_config. mlxq reads them as the text model (before: Qwen3-MoE refused as an
     # image-text model, the others for modules `language_model.transformer...` it lacks),
     # with the logits of mlx-lm's conversion of the same model, tensor for tensor the same.
-    # mlx-vlm's own InternLM3 departs from the model (2.4 off in these logits; mlx-lm's agrees)
+    # mlx-vlm's own InternLM3 departs from the model (2.4 off in these logits; mlx-lm's agrees).
+    # mlx-vlm's Laguna fuses the experts' gate and up stacks (`switch_mlp.gate_up_proj`): cut
+    # in two at load (before: refused, experts not found), saved as mlx-lm's separate stacks
     from arch_models import mlx_vlm_text_logits, tiny_mlx_vlm_checkpoint
     from safetensors.torch import load_file
 
@@ -683,7 +685,33 @@ def test_mlx_vlm_conversion_of_a_text_model(arch: str) -> None:
         assert float(np.abs(ours - mlx_vlm_text_logits(path, TOKENS)).max()) <= TOLERANCE
     reference = tiny_mlx_checkpoint(arch, variant)
     theirs, own = load_file(path / "model.safetensors"), load_file(reference / "model.safetensors")
+    if arch == "laguna":  # each fused stack: mlx-lm's gate stack, then its up stack
+        fused = {k: v for k, v in theirs.items() if ".switch_mlp.gate_up_proj." in k}
+        assert fused
+        for key, value in fused.items():
+            parts = [
+                own[key.removeprefix("language_model.").replace("gate_up", p)]
+                for p in ("gate", "up")
+            ]
+            assert torch.equal(value, torch.cat(parts, dim=1))
+            del theirs[key]
+        own = {
+            k: v
+            for k, v in own.items()
+            if ".switch_mlp.gate_proj." not in k and ".switch_mlp.up_proj." not in k
+        }
     assert sorted(theirs) == sorted(f"language_model.{k}" for k in own)
     assert all(torch.equal(theirs[f"language_model.{k}"], v) for k, v in own.items())
     np.testing.assert_array_equal(ours, mlxq_logits(reference, TOKENS))
-    assert float(np.abs(ours - mlx_lm_logits(reference, TOKENS)).max()) <= TOLERANCE
+    ref = mlx_lm_logits(reference, TOKENS)
+    assert float(np.abs(ours - ref).max()) <= TOLERANCE
+    if arch == "laguna":  # saved in mlx-lm's names: mlx-lm's model, the same logits
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.save_pretrained(tmp_path)
+        for file in reference.glob("tokenizer*"):
+            shutil.copy(file, tmp_path / file.name)
+        saved = load_file(tmp_path / "model.safetensors")
+        assert sorted(saved) == sorted(load_file(reference / "model.safetensors"))
+        np.testing.assert_array_equal(mlx_lm_logits(tmp_path, TOKENS), ref)

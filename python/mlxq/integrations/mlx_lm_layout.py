@@ -137,6 +137,55 @@ class MlxLayout:
     # rename patterns that describe mlx-lm's model without experts only (Granite 4.0's dense
     # MLP); a model with experts saves without them, and without the merges
     dense_only: tuple[str, ...] = ()
+    # expert stacks that mlx-vlm's port fuses where mlx-lm keeps them apart: (fused, (first,
+    # second)) module name suffixes (after the renames); the fused tensors ([E, 2I, ...], the
+    # first part's rows, then the second's) are cut in two along dim 1 at load, exact for
+    # MLX's row-wise groups. `save_pretrained` writes mlx-lm's separate stacks
+    fused_stacks: tuple[tuple[str, tuple[str, str]], ...] = ()
+
+    def _fused(self, keys: Iterable[str]) -> list[tuple[str, tuple[str, str], str]]:
+        """(fused, parts, leaf) of :attr:`fused_stacks` whose fused tensor `keys` hold."""
+        keys = list(keys)
+        return [
+            (fused, parts, leaf)
+            for fused, parts in self.fused_stacks
+            for leaf in ("weight", "scales", "biases")
+            if any(k.endswith(f".{fused}.{leaf}") for k in keys)
+        ]
+
+    def split_headers(self, headers: dict) -> dict:
+        """`headers` (transformers' names -> TensorInfo) with each fused stack replaced by its
+        two halves (see :attr:`fused_stacks`)."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for fused, parts, leaf in self._fused(headers):
+            for key in [k for k in headers if k.endswith(f".{fused}.{leaf}")]:
+                info = out.pop(key)
+                if len(info.shape) != 3 or info.shape[1] % 2:
+                    raise ValueError(
+                        f"mlxq: {key}: {tuple(info.shape)}, expected [experts, 2 x rows, ...] "
+                        f"(mlx-vlm's fused {parts[0]} and {parts[1]})"
+                    )
+                base = key.removesuffix(f"{fused}.{leaf}")
+                half = (info.shape[0], info.shape[1] // 2, *info.shape[2:])
+                for part in parts:
+                    out[f"{base}{part}.{leaf}"] = TensorInfo(info.dtype, half)
+        return out
+
+    def split_conversions(self, keys: Iterable[str]) -> list:
+        """`WeightConverter`s cutting the fused stacks that `keys` (transformers' names) hold
+        into their halves at load."""
+        from transformers.core_model_loading import Chunk, WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=f"{fused}.{leaf}",
+                target_patterns=[f"{part}.{leaf}" for part in parts],
+                operations=[Chunk(dim=1)],
+            )
+            for fused, parts, leaf in self._fused(keys)
+        ]
 
     def merge_headers(self, headers: dict) -> dict:
         """`headers` (transformers' names -> TensorInfo) with the parts of each merge replaced
@@ -692,6 +741,8 @@ LAYOUTS["laguna"] = MlxLayout(
     ((r"\.mlp\.gate\.proj\.(weight|scales|biases)", r".mlp.gate.\1"), *_MOE_RENAMES),
     ".switch_mlp.",
     kept_model_renames=("mlp.experts.e_score_correction_bias",),
+    # (mlx-vlm's laguna: `switch_mlp.gate_up_proj`, gate rows then up rows)
+    fused_stacks=(("mlp.experts.gate_up_proj", ("mlp.experts.gate_proj", "mlp.experts.up_proj")),),
 )
 # Llama 4's text model (`llama4_text`, also what transformers builds for a `llama4` checkpoint
 # through AutoModelForCausalLM): mlx-lm's llama4_text (the dense variant) names the untied
