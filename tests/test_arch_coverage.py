@@ -8,6 +8,7 @@ swap rules (scaled embeddings, padding_idx, Conv1D, subclasses that override for
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -609,12 +610,14 @@ def test_mlx_lm_conversion_of_minimax_m3_vl_is_refused_by_name() -> None:
         load_model(str(path), "cpu", "float32")
 
 
-def test_model_types_of_mlx_lm_only_are_refused_by_name(tmp_path: Path) -> None:
-    # every model type mlx-lm 0.32 runs (its modules, MODEL_REMAPPING) that transformers 5.24
-    # does not know: a checkpoint of one is refused naming its type, never loaded as another
+def test_model_types_only_mlx_lm_or_mlx_vlm_run_are_refused_by_name(tmp_path: Path) -> None:
+    # every model type mlx-lm 0.32 (its modules, MODEL_REMAPPING) or mlx-vlm 0.7.10 (its model
+    # packages, MODEL_REMAPPING) runs that transformers 5.24 does not know: a checkpoint of
+    # one is refused naming its type, never loaded as another
     import os
 
     import mlx_lm.utils
+    import mlx_vlm.utils
     from mlxq.cli.common import load_model
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -625,7 +628,12 @@ def test_model_types_of_mlx_lm_only_are_refused_by_name(tmp_path: Path) -> None:
     types = sorted((modules | set(mlx_lm.utils.MODEL_REMAPPING)) - set(CONFIG_MAPPING_NAMES))
     types = [t for t in types if hasattr(_mlx_lm_module(t), "ModelArgs")]
     assert {"plamo2", "internlm2", "kimi_k2", "rwkv7"} <= set(types)
-    for model_type in types:
+    folder = Path(mlx_vlm.utils.__file__).parent / "models"
+    packages = {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
+    vlm_types = (packages | set(mlx_vlm.utils.MODEL_REMAPPING)) - set(CONFIG_MAPPING_NAMES)
+    vlm_types = sorted(vlm_types - set(types))
+    assert {"deepseekocr", "moondream2", "phi4mm", "internvl_chat"} <= set(vlm_types)
+    for model_type in types + vlm_types:
         path = tmp_path / model_type
         path.mkdir()
         block = {"group_size": 64, "bits": 4}
@@ -633,9 +641,10 @@ def test_model_types_of_mlx_lm_only_are_refused_by_name(tmp_path: Path) -> None:
         (path / "config.json").write_text(json.dumps(config))
         tensor = {"model.embed_tokens.weight": torch.zeros(8, 8, dtype=torch.int32)}
         save_file(tensor, path / "model.safetensors", metadata={"format": "mlx"})
-        match = f"model type `{model_type}`"
-        with pytest.raises(ValueError, match=match):
-            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        match = f"model type `{re.escape(model_type)}`"
+        if model_type in types:
+            with pytest.raises(ValueError, match=match):
+                AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         with pytest.raises(ValueError, match=match):
             load_model(str(path), "cpu", "float32")
     # and those whose config transformers knows without a model that generates from it: Step
