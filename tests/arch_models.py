@@ -1243,6 +1243,41 @@ def tiny_mlx_checkpoint(arch: str, variant: Variant) -> Path:
     )
 
 
+def tiny_mlx_vlm_checkpoint(arch: str, variant: Variant) -> Path:
+    """The tiny text model converted by `mlx_vlm.convert -q` (cached): mlx-vlm 0.7 runs text
+    models too, its port of mlx-lm's under `language_model.`, with an empty vision_config."""
+    import mlx_vlm
+    from mlx_vlm import convert
+
+    def build(float_dir: Path, out: Path) -> None:
+        tiny_float_checkpoint(arch, float_dir, variant.tied)
+        MLX_LM_INPUT_LAYOUT.get(arch, lambda folder: None)(float_dir)
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert(
+                str(float_dir),
+                str(out),
+                quantize=True,
+                q_group_size=variant.group_size,
+                q_bits=variant.bits,
+            )
+
+    key = f"{_cache_key(arch, variant)}-vlm{mlx_vlm.__version__}"
+    return cached_checkpoint(key, build)
+
+
+def mlx_vlm_text_logits(path: Path, tokens) -> np.ndarray:
+    """mlx-vlm's fp32 logits of a text model it converted (its language model's forward)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_vlm.utils import load_model
+
+    model = load_model(Path(path))
+    floats = lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p  # noqa: E731
+    model.update(tree_map(floats, model.parameters()))
+    out = model.language_model(mx.array(np.asarray(tokens, dtype=np.int32)[None]))
+    return np.array(getattr(out, "logits", out)[0].astype(mx.float32))
+
+
 def float_kept_in_fp32(folder: Path, arch: str, torch_dtype: str | None) -> list[str]:
     """Rewrite the float checkpoint in `folder` as the Hub stores a bf16 MoE model: the tensors
     transformers keeps in float32 (`_keep_in_fp32_modules_strict`: routers' weights and

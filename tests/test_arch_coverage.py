@@ -8,6 +8,7 @@ swap rules (scaled embeddings, padding_idx, Conv1D, subclasses that override for
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -549,3 +550,177 @@ def test_bf16_checkpoint_saved_again_keeps_the_stored_dtypes(
     assert sorted(ours) == sorted(ref)
     unequal = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k], ref[k])]
     assert not unequal, unequal[:5]
+
+
+def test_language_model_of_kimi_k25_checkpoint(tmp_path: Path) -> None:
+    # mlx-lm converts Kimi K2.5 to its language model (DeepSeek V3's) only, under
+    # `language_model.`, the experts stacked per projection (switch_mlp): mlxq reads them with
+    # DeepSeek V3's renames after the prefix's (before: the stacked experts were not found),
+    # and saves the text model as mlx-lm's DeepSeek V3 (Llama 4's mlx-lm conversion: test_moe)
+    from mlxq.cli.common import load_model
+    from mlxq.moe import AffineSwitchLinear, MoeExperts
+    from vlm_models import tiny_mlx_lm_checkpoint
+
+    path = tiny_mlx_lm_checkpoint("kimi_k25")
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    experts = [m for m in model.modules() if isinstance(m, MoeExperts)]
+    assert experts and all(isinstance(e.down_proj, AffineSwitchLinear) for e in experts)
+    assert {e.down_proj.bits for e in experts} == {4}
+    ref = mlx_lm_logits(path, TOKENS)
+    with torch.no_grad():
+        ours = model(torch.tensor([TOKENS])).logits[0].numpy()
+    assert float(np.abs(ours - ref).max()) <= TOLERANCE
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "deepseek_v3"
+    for file in path.glob("tokenizer*"):
+        shutil.copy(file, tmp_path / file.name)
+    np.testing.assert_allclose(mlx_lm_logits(tmp_path, TOKENS), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_language_model_without_a_causal_lm_is_refused_by_name(family: str) -> None:
+    # mlx-lm's conversion of Qwen2-VL / Qwen3-VL (-MoE) holds the language model only; transformers
+    # 5.24 has no causal LM for its text model, and the image-text model it builds has a
+    # vision tower nothing fills (before: refused for missing vision tensors, or for a
+    # quantized `model.embed_tokens` it has no such module for)
+    from mlxq.cli.common import load_model
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_mlx_lm_checkpoint
+
+    path = tiny_mlx_lm_checkpoint(family)
+    match = f"model type '{family}': this checkpoint holds the language model only"
+    with pytest.raises(NotImplementedError, match=match):
+        load_model(str(path), "cpu", "float32")
+    with pytest.raises(NotImplementedError, match=match):
+        AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    report = inspect_checkpoint(path, str(path))  # `mlxq inspect` says the same
+    assert len(report.errors) == 1 and match in report.errors[0].message
+
+
+def test_mlx_lm_conversion_of_minimax_m3_vl_is_refused_by_name() -> None:
+    # mlx-lm converts MiniMax-M3-VL's language model; transformers' experts module (the shared
+    # expert packed in) has a forward mlxq does not reproduce: refused naming it
+    from mlxq.cli.common import load_model
+    from vlm_models import tiny_mlx_lm_checkpoint
+
+    path = tiny_mlx_lm_checkpoint("minimax_m3_vl")
+    with pytest.raises(NotImplementedError, match=r"\(MiniMaxM3VLExperts\): its forward"):
+        load_model(str(path), "cpu", "float32")
+
+
+def test_model_types_only_mlx_lm_or_mlx_vlm_run_are_refused_by_name(tmp_path: Path) -> None:
+    # every model type mlx-lm 0.32 (its modules, MODEL_REMAPPING) or mlx-vlm 0.7.10 (its model
+    # packages, MODEL_REMAPPING) runs that transformers 5.24 does not know: a checkpoint of
+    # one is refused naming its type, never loaded as another
+    import os
+
+    import mlx_lm.utils
+    import mlx_vlm.utils
+    from mlxq.cli.common import load_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    folder = Path(mlx_lm.utils.__file__).parent / "models"
+    modules = {name.removesuffix(".py") for name in os.listdir(folder)}
+    types = sorted((modules | set(mlx_lm.utils.MODEL_REMAPPING)) - set(CONFIG_MAPPING_NAMES))
+    types = [t for t in types if hasattr(_mlx_lm_module(t), "ModelArgs")]
+    assert {"plamo2", "internlm2", "kimi_k2", "rwkv7"} <= set(types)
+    folder = Path(mlx_vlm.utils.__file__).parent / "models"
+    packages = {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
+    vlm_types = (packages | set(mlx_vlm.utils.MODEL_REMAPPING)) - set(CONFIG_MAPPING_NAMES)
+    vlm_types = sorted(vlm_types - set(types))
+    assert {"deepseekocr", "moondream2", "phi4mm", "internvl_chat"} <= set(vlm_types)
+    for model_type in types + vlm_types:
+        path = tmp_path / model_type
+        path.mkdir()
+        block = {"group_size": 64, "bits": 4}
+        config = {"model_type": model_type, "quantization": block, "quantization_config": block}
+        (path / "config.json").write_text(json.dumps(config))
+        tensor = {"model.embed_tokens.weight": torch.zeros(8, 8, dtype=torch.int32)}
+        save_file(tensor, path / "model.safetensors", metadata={"format": "mlx"})
+        match = f"model type `{re.escape(model_type)}`"
+        if model_type in types:
+            with pytest.raises(ValueError, match=match):
+                AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with pytest.raises(ValueError, match=match):
+            load_model(str(path), "cpu", "float32")
+    # and those whose config transformers knows without a model that generates from it: Step
+    # 3.5's text config (of its image-text step3p7), Pixtral's vision tower
+    for model_type, config_class in (("step3p5", "Step3p7TextConfig"), ("pixtral", "Pixtral")):
+        path = tmp_path / model_type
+        path.mkdir()
+        block = {"group_size": 64, "bits": 4}
+        config = {"model_type": model_type, "quantization": block, "quantization_config": block}
+        (path / "config.json").write_text(json.dumps(config))
+        tensor = {"model.embed_tokens.weight": torch.zeros(8, 8, dtype=torch.int32)}
+        save_file(tensor, path / "model.safetensors", metadata={"format": "mlx"})
+        with pytest.raises(ValueError, match=f"Unrecognized configuration class .*{config_class}"):
+            load_model(str(path), "cpu", "float32")
+
+
+def _mlx_lm_module(model_type: str):
+    import importlib
+
+    import mlx_lm.utils
+
+    name = mlx_lm.utils.MODEL_REMAPPING.get(model_type, model_type)
+    try:
+        return importlib.import_module(f"mlx_lm.models.{name}")
+    except ImportError:
+        return None
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_bigcode", "mamba", "internlm3", "laguna"])
+def test_mlx_vlm_conversion_of_a_text_model(tmp_path: Path, arch: str) -> None:
+    # mlx-vlm 0.7 converts text models too: mlx-lm's tensors under `language_model.` (whatever
+    # their top-level name: GPT-BigCode's `transformer.`, Mamba's `backbone.`) and an empty
+    # vision_config. mlxq reads them as the text model (before: Qwen3-MoE refused as an
+    # image-text model, the others for modules `language_model.transformer...` it lacks),
+    # with the logits of mlx-lm's conversion of the same model, tensor for tensor the same.
+    # mlx-vlm's own InternLM3 departs from the model (2.4 off in these logits; mlx-lm's agrees).
+    # mlx-vlm's Laguna fuses the experts' gate and up stacks (`switch_mlp.gate_up_proj`): cut
+    # in two at load (before: refused, experts not found), saved as mlx-lm's separate stacks
+    from arch_models import mlx_vlm_text_logits, tiny_mlx_vlm_checkpoint
+    from safetensors.torch import load_file
+
+    variant = Variant(tied=False)
+    path = tiny_mlx_vlm_checkpoint(arch, variant)
+    assert json.loads((path / "config.json").read_text())["vision_config"] == {}
+    ours = mlxq_logits(path, TOKENS)
+    if arch != "internlm3":
+        assert float(np.abs(ours - mlx_vlm_text_logits(path, TOKENS)).max()) <= TOLERANCE
+    reference = tiny_mlx_checkpoint(arch, variant)
+    theirs, own = load_file(path / "model.safetensors"), load_file(reference / "model.safetensors")
+    if arch == "laguna":  # each fused stack: mlx-lm's gate stack, then its up stack
+        fused = {k: v for k, v in theirs.items() if ".switch_mlp.gate_up_proj." in k}
+        assert fused
+        for key, value in fused.items():
+            parts = [
+                own[key.removeprefix("language_model.").replace("gate_up", p)]
+                for p in ("gate", "up")
+            ]
+            assert torch.equal(value, torch.cat(parts, dim=1))
+            del theirs[key]
+        own = {
+            k: v
+            for k, v in own.items()
+            if ".switch_mlp.gate_proj." not in k and ".switch_mlp.up_proj." not in k
+        }
+    assert sorted(theirs) == sorted(f"language_model.{k}" for k in own)
+    assert all(torch.equal(theirs[f"language_model.{k}"], v) for k, v in own.items())
+    np.testing.assert_array_equal(ours, mlxq_logits(reference, TOKENS))
+    ref = mlx_lm_logits(reference, TOKENS)
+    assert float(np.abs(ours - ref).max()) <= TOLERANCE
+    if arch == "laguna":  # saved in mlx-lm's names: mlx-lm's model, the same logits
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.save_pretrained(tmp_path)
+        for file in reference.glob("tokenizer*"):
+            shutil.copy(file, tmp_path / file.name)
+        saved = load_file(tmp_path / "model.safetensors")
+        assert sorted(saved) == sorted(load_file(reference / "model.safetensors"))
+        np.testing.assert_array_equal(mlx_lm_logits(tmp_path, TOKENS), ref)

@@ -2169,13 +2169,14 @@ def transformers_config(name: str, tied: bool | None = None):
     return _config(family, ids, variant_of(name).tied if tied is None else tied)
 
 
-def tiny_float_checkpoint(name: str, out: Path, tied: bool) -> Path:
-    """A tiny random bf16 image-text model of family `name` saved by transformers, with a
-    tokenizer and image processor, and config.json in the layout mlx-vlm reads."""
+def tiny_float_checkpoint(name: str, out: Path, tied: bool, family: Family | None = None) -> Path:
+    """A tiny random bf16 image-text model of family `name` (or of `family`, a variant of it)
+    saved by transformers, with a tokenizer and image processor, and config.json in the
+    layout mlx-vlm reads."""
     import torch
     from transformers import AutoModelForImageTextToText
 
-    family = FAMILIES[name]
+    family = family or FAMILIES[name]
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, ids = tiny_tokenizer(out, family.special, family.named_tokens, family.vocab)
     family.processor(tokenizer).save_pretrained(out)
@@ -2308,6 +2309,41 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
             shutil.copy(float_dir / "tokenizer.json", out / "tokenizer.json")
 
     return cached_checkpoint(_cache_key(name, variant), build)
+
+
+# mlx-lm's conversions of image-text models (their language model only): text_config settings
+# over the family's that mlx-lm 0.32 needs (its llama4 indexes the cache of a fourth layer, a
+# chunked-attention one, and reads text_config's rope_scaling)
+MLX_LM_TEXT = {"llama4": {"num_hidden_layers": 4}}
+MLX_LM_TEXT_KEYS = {"llama4": {"rope_scaling": None}, "qwen3_vl_moe": {"norm_topk_prob": True}}
+
+
+def tiny_mlx_lm_checkpoint(name: str) -> Path:
+    """The tiny image-text model of family `name` converted by `mlx_lm.convert -q` (4-bit,
+    group 64; mlx-lm keeps the language model only), cached. Raises what mlx-lm raises."""
+    from mlx_lm import convert
+    from mlxq.demo_model import _versions
+
+    family = FAMILIES[name]
+    family = dataclasses.replace(family, text={**family.text, **MLX_LM_TEXT.get(name, {})})
+
+    def build(float_dir: Path, out: Path) -> None:
+        tiny_float_checkpoint(name, float_dir, family.tied, family)
+        config = json.loads((float_dir / "config.json").read_text())
+        config["text_config"].update(MLX_LM_TEXT_KEYS.get(name, {}))
+        config.setdefault("vocab_size", config["text_config"]["vocab_size"])
+        (float_dir / "config.json").write_text(json.dumps(config, indent=2))
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert(str(float_dir), str(out), quantize=True, q_group_size=64, q_bits=4)
+
+    spec = json.dumps(
+        [TEXT, family.text, family.vision, family.top, MLX_LM_TEXT_KEYS.get(name), HARNESS],
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    key = f"mlx-lm-of-{name}-{_versions('transformers', 'mlx-lm')}-{digest}"
+    return cached_checkpoint(key, build)
 
 
 def test_image(size: tuple[int, int]):

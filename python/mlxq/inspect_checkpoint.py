@@ -296,6 +296,12 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     if file_errors:  # the model cannot load: the rest would repeat the same reason
         return report
 
+    from mlxq.integrations.model_class import language_model_only_refusal
+
+    refusal = language_model_only_refusal(config, headers)
+    if refusal is not None:  # (the loader's refusal, not the vision tower's missing tensors)
+        problems.append(Problem("error", refusal))
+        return report
     try:
         model = _meta_model(folder, config, headers)
     except (ValueError, KeyError, OSError, ImportError) as error:

@@ -348,7 +348,8 @@ def mlx_lm_model_entries(
     reproduce."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    image_text = getattr(config, "vision_config", None) is not None
+    # (mlx-vlm writes an empty vision_config for the text models it converts)
+    image_text = getattr(config, "vision_config", None) not in (None, {})
     if image_text and model_type in _MLX_VLM_MODEL_ENTRIES:
         rules = _MLX_VLM_MODEL_ENTRIES[model_type]
     elif model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:

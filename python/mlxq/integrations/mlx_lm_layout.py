@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mlxq.integrations.weight_ops import (
@@ -137,6 +137,55 @@ class MlxLayout:
     # rename patterns that describe mlx-lm's model without experts only (Granite 4.0's dense
     # MLP); a model with experts saves without them, and without the merges
     dense_only: tuple[str, ...] = ()
+    # expert stacks that mlx-vlm's port fuses where mlx-lm keeps them apart: (fused, (first,
+    # second)) module name suffixes (after the renames); the fused tensors ([E, 2I, ...], the
+    # first part's rows, then the second's) are cut in two along dim 1 at load, exact for
+    # MLX's row-wise groups. `save_pretrained` writes mlx-lm's separate stacks
+    fused_stacks: tuple[tuple[str, tuple[str, str]], ...] = ()
+
+    def _fused(self, keys: Iterable[str]) -> list[tuple[str, tuple[str, str], str]]:
+        """(fused, parts, leaf) of :attr:`fused_stacks` whose fused tensor `keys` hold."""
+        keys = list(keys)
+        return [
+            (fused, parts, leaf)
+            for fused, parts in self.fused_stacks
+            for leaf in ("weight", "scales", "biases")
+            if any(k.endswith(f".{fused}.{leaf}") for k in keys)
+        ]
+
+    def split_headers(self, headers: dict) -> dict:
+        """`headers` (transformers' names -> TensorInfo) with each fused stack replaced by its
+        two halves (see :attr:`fused_stacks`)."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for fused, parts, leaf in self._fused(headers):
+            for key in [k for k in headers if k.endswith(f".{fused}.{leaf}")]:
+                info = out.pop(key)
+                if len(info.shape) != 3 or info.shape[1] % 2:
+                    raise ValueError(
+                        f"mlxq: {key}: {tuple(info.shape)}, expected [experts, 2 x rows, ...] "
+                        f"(mlx-vlm's fused {parts[0]} and {parts[1]})"
+                    )
+                base = key.removesuffix(f"{fused}.{leaf}")
+                half = (info.shape[0], info.shape[1] // 2, *info.shape[2:])
+                for part in parts:
+                    out[f"{base}{part}.{leaf}"] = TensorInfo(info.dtype, half)
+        return out
+
+    def split_conversions(self, keys: Iterable[str]) -> list:
+        """`WeightConverter`s cutting the fused stacks that `keys` (transformers' names) hold
+        into their halves at load."""
+        from transformers.core_model_loading import Chunk, WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=f"{fused}.{leaf}",
+                target_patterns=[f"{part}.{leaf}" for part in parts],
+                operations=[Chunk(dim=1)],
+            )
+            for fused, parts, leaf in self._fused(keys)
+        ]
 
     def merge_headers(self, headers: dict) -> dict:
         """`headers` (transformers' names -> TensorInfo) with the parts of each merge replaced
@@ -186,7 +235,9 @@ class MlxLayout:
         """The renames `save_pretrained` does not reverse: the `language_model.` prefix where
         the text model saves in its own names (the MoE renames of Gemma 4's text model, read
         this way, are reversed as usual)."""
-        return () if self.save_renamed else tuple(r for r in self.renames if r in _LANGUAGE_MODEL)
+        if self.save_renamed:
+            return ()
+        return tuple(r for r in self.renames if r in _LANGUAGE_MODEL or r == _LANGUAGE_MODEL_ANY)
 
     def drops(self, key: str) -> bool:
         """Whether mlx-lm's sanitize drops the checkpoint tensor `key` (see :attr:`dropped`)."""
@@ -352,22 +403,28 @@ VISION_DROPPED: dict[str, tuple[str, ...]] = {
 def checkpoint_layout(model_type: str | None, keys: Iterable[str]) -> MlxLayout | None:
     """mlx-lm's layout when the checkpoint of a `model_type` model uses it, else None.
 
-    Without a layout of its own, a text model whose every tensor lies under `language_model.`
-    is read from mlx-lm's conversion of an image-text model (Gemma 3 4B and up, Mistral 3,
-    LFM2-VL: mlx-lm keeps the language model only); it saves in its own names, which are those
-    of mlx-lm's text model. For the text models of :data:`VISION_DROPPED`, an image-text
-    checkpoint that also holds the vision tower reads the same way, the tower left out (as
-    mlx-lm's sanitize drops it)."""
+    A text model whose every tensor lies under `language_model.` is read from mlx-lm's
+    conversion of an image-text model (Gemma 3 4B and up, Mistral 3, LFM2-VL, Kimi K2.5: mlx-lm
+    keeps the language model only) or from mlx-vlm's conversion of a text model (its port of
+    mlx-lm's model under `language_model.`, whatever mlx-lm's top-level names); the text
+    model's own layout (MoE renames) applies after the prefix. It saves in its own names,
+    which are those of mlx-lm's text model. For the text models of :data:`VISION_DROPPED`, an
+    image-text checkpoint that also holds the vision tower reads the same way, the tower left
+    out (as mlx-lm's sanitize drops it)."""
     keys = list(keys)
     layout = LAYOUTS.get(model_type or "")
     dropped = VISION_DROPPED.get(model_type or "", ())
     text = [k for k in keys if not any(re.search(p, k) for p in dropped)]
-    own = layout is None or model_type in VISION_DROPPED  # Gemma 4: its MoE renames follow
+    # a layout that names the prefix itself (Qwen 3.5's) is read as it is; any other text
+    # model's own renames (MoE experts: Kimi K2.5's DeepSeek V3, Gemma 4) follow the prefix's
+    own = layout is None or not any(r in layout.renames for r in _LANGUAGE_MODEL)
     if own and text and all(k.startswith("language_model.") for k in text):
-        return MlxLayout(
-            model_type or "",
-            _LANGUAGE_MODEL + (layout.renames if layout is not None else ()),
-            "language_model.",
+        if layout is None:
+            layout = MlxLayout(model_type or "", (), "language_model.")
+        return replace(
+            layout,
+            renames=(*_LANGUAGE_MODEL, _LANGUAGE_MODEL_ANY, *layout.renames),
+            marker="language_model.",
             save_renamed=False,
             dropped=dropped if len(text) < len(keys) else (),
         )
@@ -575,6 +632,9 @@ _LANGUAGE_MODEL = (
     (r"^language_model\.model\.", "model."),
     (r"^language_model\.lm_head\.", "lm_head."),
 )
+# mlx-vlm keeps a text model (its port of mlx-lm's) under `language_model.` whatever mlx-lm's
+# own top-level names are (GPT-BigCode's `transformer.`, Mamba's `backbone.`)
+_LANGUAGE_MODEL_ANY = (r"^language_model\.", "")
 # (transformers' causal LM holds the text config: model types qwen3_5_text, qwen3_5_moe_text)
 LAYOUTS["qwen3_5_text"] = MlxLayout(
     "qwen3_5", _LANGUAGE_MODEL, "language_model.model.", unit_offset=_QWEN_NORMS
@@ -681,6 +741,8 @@ LAYOUTS["laguna"] = MlxLayout(
     ((r"\.mlp\.gate\.proj\.(weight|scales|biases)", r".mlp.gate.\1"), *_MOE_RENAMES),
     ".switch_mlp.",
     kept_model_renames=("mlp.experts.e_score_correction_bias",),
+    # (mlx-vlm's laguna: `switch_mlp.gate_up_proj`, gate rows then up rows)
+    fused_stacks=(("mlp.experts.gate_up_proj", ("mlp.experts.gate_proj", "mlp.experts.up_proj")),),
 )
 # Llama 4's text model (`llama4_text`, also what transformers builds for a `llama4` checkpoint
 # through AutoModelForCausalLM): mlx-lm's llama4_text (the dense variant) names the untied

@@ -581,8 +581,11 @@ MLX_VLM_CAST_KEEP: dict[str, tuple[str, ...]] = dict.fromkeys(
 
 
 def is_image_text(config: Any) -> bool:
-    """True for a composite config with a vision tower (an image-text model)."""
-    return getattr(config, "vision_config", None) is not None
+    """True for a composite config with a vision tower (an image-text model). mlx-vlm writes
+    an empty `vision_config` into the config.json of the text models it converts (Llama,
+    Qwen3-MoE, ...): no vision tower."""
+    vision = getattr(config, "vision_config", None)
+    return vision is not None and vision != {}
 
 
 def checkpoint_vlm_layout(model_type: str | None, keys: Iterable[str]) -> VlmLayout | None:

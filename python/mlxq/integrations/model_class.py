@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["auto_model_class", "text_model_class"]
+__all__ = ["auto_model_class", "language_model_only_refusal", "text_model_class"]
 
 
 def text_model_class(config: dict, tensor_names: Callable[[], Iterable[str]]) -> Any:
@@ -30,6 +30,33 @@ def text_model_class(config: dict, tensor_names: Callable[[], Iterable[str]]) ->
     if names and any(all(name.startswith(p) for name in names) for p in prefixes):
         return getattr(transformers, text_class)
     return None
+
+
+def language_model_only_refusal(config: dict, tensor_names: Iterable[str]) -> str | None:
+    """Why mlx-lm's conversion of an image-text model to its language model (every tensor
+    under `language_model.`, no vision tower: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) cannot load, where
+    transformers has no causal LM for the text model nor for the whole config: the image-text
+    model it would build has a vision tower that nothing fills. None where this does not
+    apply."""
+    from transformers import __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as LMS
+
+    text = config.get("text_config")
+    if not isinstance(text, dict):  # (mlx-lm's config.json may leave out vision_config)
+        return None
+    model_type, text_type = config.get("model_type"), text.get("model_type")
+    if LMS.get(text_type) is not None or LMS.get(model_type) is not None:
+        return None
+    names = list(tensor_names)
+    if not names or not all(name.startswith("language_model.") for name in names):
+        return None
+    return (
+        f"model type {model_type!r}: this checkpoint holds the language model only (mlx-lm's "
+        "conversion: every tensor under `language_model.`, no vision tower), and transformers "
+        f"{__version__} has no causal LM for its text model ({text_type!r}); the image-text "
+        "model it builds instead would run a vision tower that nothing fills. Convert the "
+        "image-text model with `mlx_vlm convert`"
+    )
 
 
 def auto_model_class(config: Any, tensor_names: Callable[[], Iterable[str]] | None = None) -> Any:

@@ -58,7 +58,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     use_in_proj_attention,
     use_mlx_vlm_layout,
 )
-from mlxq.integrations.model_class import text_model_class
+from mlxq.integrations.model_class import language_model_only_refusal, text_model_class
 from mlxq.integrations.moe_loading import (
     check_moe_tensors_loaded,
     converts_replaced_tensors,
@@ -425,7 +425,7 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     layout = checkpoint_layout(_model_type(model), headers)
     if layout is not None:  # mlx-lm renamed this architecture's tensors (GPT-2, GPT-NeoX)
         headers = layout.merge_headers({layout.to_transformers(k): v for k, v in headers.items()})
-        headers = layout.stack_headers(headers)
+        headers = layout.split_headers(layout.stack_headers(headers))
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
     if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
         headers = vlm_layout.split_headers(
@@ -870,6 +870,9 @@ class MLXHfQuantizer(HfQuantizer):
                 f"it with transformers.{text_class.__name__}.from_pretrained (`mlxq generate` "
                 "does)"
             )
+        text_only = language_model_only_refusal(model.config.to_dict(), headers)
+        if text_only is not None:
+            raise NotImplementedError(f"mlxq: {type(model).__name__}: {text_only}")
         other = MLX_LM_UNCHECKED.get(_model_type(model) or "")
         if other is not None:
             raise NotImplementedError(
@@ -909,6 +912,11 @@ class MLXHfQuantizer(HfQuantizer):
             self._value_conversions += layout.offset_conversions(headers)
             self._value_conversions += layout.merge_conversions()
             self._value_conversions += layout.stack_conversions()
+            # (load only: saved apart, as mlx-lm keeps them)
+            self._split_stacks = layout.split_conversions(
+                layout.to_transformers(k) for k in stored_keys
+            )
+            self._value_conversions += self._split_stacks
         if vlm_layout is not None:  # Qwen 3.5's norms, stored as 1 + w by mlx-vlm
             self._value_conversions += vlm_layout.offset_conversions(headers)
             # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
@@ -1015,6 +1023,12 @@ class MLXHfQuantizer(HfQuantizer):
             if layout is not None:
                 fill_dropped_tensors(model, layout)  # ERNIE 4.5 MoE's router bias
                 ignore_dropped_on_save(model, layout)  # (and saved as mlx-lm: without it)
+                split = getattr(self, "_split_stacks", [])  # mlx-vlm's fused expert stacks
+                model._weight_conversions = [
+                    c
+                    for c in getattr(model, "_weight_conversions", None) or []
+                    if not any(c is s for s in split)
+                ]
                 if not layout.save_renamed:  # saved in transformers' names (Gemma 3's text)
                     load_only = getattr(self, "_layout_renames", [])
                     model._weight_conversions = [
