@@ -99,6 +99,17 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
             }
 
 
+def _argument_config(requested: Any) -> Any:
+    """A dict with quant_method "mlx" passed as from_pretrained(quantization_config=...), as an
+    MLXQuantConfig whose errors name that argument (transformers would build it with
+    `from_dict`, whose errors name config.json); anything else unchanged."""
+    from mlxq.integrations.config import ARGUMENT_BLOCK, QUANT_METHOD, MLXQuantConfig
+
+    if isinstance(requested, dict) and requested.get("quant_method") == QUANT_METHOD:
+        return MLXQuantConfig.from_block(requested, ARGUMENT_BLOCK)
+    return requested
+
+
 def _with_quantization_in_sub_config(cls: Any, config_dict: dict) -> dict:
     """`config_dict` with its top-level MLX quantization block copied into the sub-config that
     `cls` reads instead of the whole dict (as ``PreTrainedConfig.from_pretrained`` picks it: its
@@ -155,6 +166,7 @@ def register() -> None:
     if not getattr(original_get_hf_quantizer, _MARK, False):
 
         def get_hf_quantizer(config, quantization_config, *args, **kwargs):
+            quantization_config = _argument_config(quantization_config)
             _tag_mlx_quantization(config, quantization_config)
             result = original_get_hf_quantizer(config, quantization_config, *args, **kwargs)
             _loading_mlx.set(isinstance(result[0], MLXHfQuantizer))
