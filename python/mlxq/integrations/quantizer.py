@@ -786,8 +786,8 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 def warn_if_scales_rounded(model: nn.Module, headers: dict[str, TensorInfo]) -> None:
     """Say so when the affine scales and biases are stored more precisely than the model's
-    dtype: `mlx_lm convert --dtype float16` leaves the config's bfloat16 in place, so a load
-    without `dtype=` would round fp16 scales to bf16 (mlx-lm runs them as stored).
+    dtype (mlx-lm runs them as stored): an explicit `dtype=torch.bfloat16` on fp16 scales
+    (without `dtype=`, :func:`mlx_lm_dtype` picks one that keeps them).
 
     `mlx_lm.quant.dwq` stores the layers it trained in bf16 next to untrained (8-bit) ones in
     the model's dtype: with both 16-bit dtypes stored, only float32 holds every value (bf16 to
