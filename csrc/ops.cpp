@@ -5,8 +5,9 @@
 // (checks.h, through check_bindings.cpp).
 #include <torch/extension.h>
 
-#include "cpu/cpu_features.h"
-
+namespace mlxq::cpu {
+void register_cpu_bindings(pybind11::module& m);  // csrc/cpu/bindings.cpp
+}  // namespace mlxq::cpu
 namespace mlxq {
 void register_check_bindings(pybind11::module& m);          // csrc/check_bindings.cpp
 void register_composite_bindings(pybind11::module& m);      // csrc/composite/bindings.cpp
@@ -85,19 +86,9 @@ TORCH_LIBRARY_FRAGMENT(mlxq, m) {
   m.def("rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
 }
 
-namespace mlxq::cpu {
-at::Tensor vector_exp_for_tests(const at::Tensor& x);  // csrc/cpu/attention_cpu.cpp
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mlxq native op library (ops are reached through torch.ops.mlxq)";
-  m.def("set_cpu_isa", &mlxq::cpu::set_isa, "Force the CPU kernels onto portable, avx2 or auto");
-  m.def("cpu_isa", &mlxq::cpu::active_isa,
-        "Instruction set the CPU kernels run with on this machine (avx512, avx2, neon, portable)");
-  m.def("cpu_threaded", &mlxq::cpu::threaded,
-        "Whether the CPU kernels run on torch's intra-op threads (False: built without OpenMP)");
-  m.def("cpu_vector_exp", &mlxq::cpu::vector_exp_for_tests,
-        "exp of a float32 CPU tensor by the active CPU kernels' own vector exp (for its tests)");
+  mlxq::cpu::register_cpu_bindings(m);
   mlxq::register_check_bindings(m);
   mlxq::register_composite_bindings(m);
   mlxq::register_decoder_layer_bindings(m);

@@ -11,6 +11,7 @@ conversions, keyed by the tool, the inputs and the versions of transformers and 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -95,12 +96,12 @@ def _awq(src: Path, dst: Path) -> None:
     _save(dst, src, model, tokenizer, update_config(model, config))
 
 
-def _gptq(src: Path, dst: Path) -> None:
+def _gptq(src: Path, dst: Path, bits: int = 4) -> None:
     from mlx_lm.quant.gptq import gptq_quantize
 
     model, tokenizer, config = _load(src, lazy=True)
     model, config["quantization"] = gptq_quantize(
-        model, _random_tokens(8, 64, 2, config["vocab_size"]), 4, 64, 6, 64
+        model, _random_tokens(8, 64, 2, config["vocab_size"]), bits, 64, 6, 64
     )
     _save(dst, src, model, tokenizer, config)
 
@@ -133,6 +134,8 @@ def _dwq(src: Path, dst: Path) -> None:
 
 
 _WRITERS = {"dynamic_quant": _dynamic_quant, "awq": _awq, "gptq": _gptq, "dwq": _dwq}
+# GPTQ at the other ends of its bit range (its linears at 2 / 8 bits; the embedding at 6)
+_WRITERS |= {f"gptq{b}": functools.partial(_gptq, bits=b) for b in (2, 8)}
 # DWQ trains in bf16 and writes what it trained (scales, biases, norms) so, whatever the
 # model's dtype: from a float16 model, its 8-bit layers keep float16 scales and the rest is bf16
 _FLOAT_DTYPE = {"dwq": "float16"}

@@ -23,6 +23,27 @@ from mlxq.metal import backend as mb
 # --- build: the platform logic of setup.py / CMakeLists.txt ---------------------------------
 
 
+def test_python_module_binds_only_through_each_backends_register_function() -> None:
+    """ops.cpp's PYBIND11_MODULE defines no function itself: each backend binds its own
+    (the CPU's ISA switches from csrc/cpu/bindings.cpp, as composite/ and metal_host/ do), and
+    the names the Python layer reads are still exported."""
+    import re
+
+    text = (ROOT / "csrc" / "ops.cpp").read_text()
+    body = text[text.index("PYBIND11_MODULE") :]
+    calls = [
+        c.strip() for c in body[body.index("{") + 1 : body.rindex("}")].split(";") if c.strip()
+    ]
+    assert calls[0].startswith("m.doc()")
+    assert all(re.fullmatch(r"mlxq::(\w+::)?register_\w+_bindings\(m\)", c) for c in calls[1:]), (
+        calls
+    )
+    assert "mlxq::cpu::register_cpu_bindings(m)" in calls
+    assert "csrc/cpu/bindings.cpp" in bh.read_source_list(ROOT)
+    for name in ("set_cpu_isa", "cpu_isa", "cpu_threaded", "cpu_vector_exp"):
+        assert callable(getattr(_C, name)), name
+
+
 def test_native_sources_per_platform() -> None:
     listed = bh.read_source_list(ROOT)
     mm = [f for f in listed if f.endswith(".mm")]

@@ -168,6 +168,31 @@ def test_state_dict_is_mlx_layout_and_to_dtype_keeps_packing() -> None:
     assert torch.equal(fresh(x), module(x))
 
 
+def test_refused_cast_of_a_plain_model_names_the_layer_path() -> None:
+    """A cast the kernels cannot run, on a plain nn.Module (no transformers hook asks first),
+    named the layer's class only ("the quantized AffineLinear"); it names its path in the model
+    being cast, and the float modules cast before it."""
+    m = torch.nn.Sequential(
+        torch.nn.LayerNorm(64),
+        torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU()),
+        torch.nn.ModuleDict({"out": torch.nn.Linear(64, 32)}),
+    )
+    mlxq.quantize_model(m, bits=4, group_size=32)
+    for cast, what in (
+        (lambda: m.double(), "'1.0' of the Sequential: it would cast it to torch.float64"),
+        (lambda: m.to(torch.float64), "'1.0' of the Sequential: it would cast it to torch.float64"),
+        (lambda: m.type(torch.float16), "'1.0' of the Sequential: it would cast its packed"),
+        (lambda: m[2].double(), "'out' of the ModuleDict: it would cast it"),
+    ):
+        with pytest.raises(TypeError) as error:
+            cast()
+        assert str(error.value).startswith(f"mlxq: cannot cast the quantized AffineLinear {what}")
+    with pytest.raises(TypeError, match=r"AffineLinear '1\.0' .*1 module\(s\) before it .*'0'"):
+        m.double()
+    with pytest.raises(TypeError, match=r"^mlxq: cannot cast the quantized AffineLinear: it"):
+        m[1][0].double()  # the layer itself: no path
+
+
 def test_matches_dequantized_float_linear_and_gradients_flow(gen: torch.Generator) -> None:
     _seed_from(gen)
     module = AffineLinear.from_float(torch.nn.Linear(64, 16), bits=6, group_size=32)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 from mlx_models import TEST_CACHE, mlx_lm_logits
+from mlxq.moe import AffineSwitchLinear
 from mlxq.nn import AffineEmbedding, AffineLinear
-from quant_tools import IMAGE_TEXT_CLASS, TOOLS, quant_tool_checkpoint
+from quant_tools import IMAGE_TEXT_CLASS, MOE_ARCHS, TOOLS, quant_tool_checkpoint
 
 # measured: 6e-6 to 1.2e-5 on logits of ~4.5; Gemma 3 5e-4 (its float difference from mlx-lm:
 # `mlx_lm convert` checkpoints show it too, and GPTQ, which folds nothing into the norms)
@@ -44,7 +45,9 @@ def _expected(path: Path, names) -> dict[str, tuple[int, int]]:
     return out
 
 
-CASES = [(t, "qwen3") for t in TOOLS] + [("awq", "deepseek_v2"), ("gptq", "deepseek_v2")]
+CASES = [(t, "qwen3") for t in TOOLS] + [(t, "deepseek_v2") for t in TOOLS]
+# GPTQ's linears at 2 and 8 bits (the embedding at its fallback 6)
+CASES += [("gptq2", "qwen3"), ("gptq8", "qwen3")]
 # AWQ on Gemma 3's language model: Gemma's (1 + w) norms take the folded scales, names under
 # `language_model.`
 CASES += [("awq", "gemma3")]
@@ -73,6 +76,16 @@ def test_loads_with_the_layout_the_tool_wrote_and_matches_mlx_lm(case) -> None:
     prefix = "language_model." if arch in IMAGE_TEXT_CLASS else ""
     expected = _expected(path, [prefix + n for n in layers])
     assert layers == {n.removeprefix(prefix): v for n, v in expected.items()}
+    if name in ("gptq2", "gptq8"):  # every GPTQ'd linear at those bits (the embedding at 6)
+        assert set(layers.values()) == {(int(name[4:]), 64), (6, 64)}
+    # each expert stack (mlx-lm's `switch_mlp.*`) in the format its entry or the top level gives
+    stacks = {
+        n.replace(".experts.", ".switch_mlp."): (m.bits, m.group_size)
+        for n, m in model.named_modules()
+        if isinstance(m, AffineSwitchLinear)
+    }
+    assert len(stacks) == (3 if arch in MOE_ARCHS else 0)
+    assert stacks == _expected(path, stacks)
     tokens = TOKENS % model.config.vocab_size
     with torch.inference_mode():
         ours = model(tokens[None]).logits[0].numpy()

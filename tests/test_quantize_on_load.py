@@ -163,3 +163,37 @@ def test_layer_without_float_weight_is_refused_by_name(tmp_path: Path) -> None:
         AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.bfloat16, quantization_config=MLXQuantConfig(4, 64)
         )
+
+
+def test_bad_quantization_config_argument_is_named_as_the_argument(tmp_path: Path) -> None:
+    """A bad dict passed as from_pretrained(quantization_config=...) was reported as
+    "config.json quantization..." (transformers builds it with from_dict, as for a checkpoint's
+    block); errors now name the argument, and a good dict loads as its MLXQuantConfig does."""
+    path = tiny_float_checkpoint("llama", tmp_path / "float", True)
+    down = "model.layers.0.mlp.down_proj"
+    cases = [
+        ({"bits": 0, "group_size": 64}, "mlxq: from_pretrained quantization_config: 'bits'"),
+        ({"bits": 4}, "mlxq: from_pretrained quantization_config lacks 'group_size'"),
+        (
+            {"bits": 4, "group_size": 64, down: {"bits": 7.0}},
+            f"mlxq: from_pretrained quantization_config['{down}']: 'bits'",
+        ),
+    ]
+    for q, prefix in cases:
+        with pytest.raises(ValueError) as error:
+            AutoModelForCausalLM.from_pretrained(
+                path, quantization_config={**q, "quant_method": "mlx"}
+            )
+        assert str(error.value).startswith(prefix), str(error.value)
+    # a checkpoint's own block still names config.json
+    with pytest.raises(ValueError, match=r"^mlxq: config\.json quantization: 'bits'"):
+        MLXQuantConfig.from_dict({"bits": 0, "group_size": 64})
+    good = {"quant_method": "mlx", "bits": 8, "group_size": 64, down: {"bits": 4, "group_size": 32}}
+    a = AutoModelForCausalLM.from_pretrained(path, quantization_config=good)
+    b = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=MLXQuantConfig(8, 64, overrides={down: {"bits": 4, "group_size": 32}}),
+    )
+    assert a.model.layers[0].mlp.down_proj.bits == 4 and a.model.layers[1].mlp.down_proj.bits == 8
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)

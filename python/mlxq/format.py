@@ -37,6 +37,7 @@ __all__ = [
     "ModuleFormat",
     "find_quantization",
     "is_mlx_quantization",
+    "Block",
     "CONFIG_JSON",
     "require_top_level_keys",
     "check_quantization",
@@ -102,26 +103,32 @@ def is_mlx_quantization(q: Any) -> bool:
     return q.get("quant_method") == "mlx" or any(k in q for k in _TOP_KEYS)
 
 
-CONFIG_JSON = "config.json quantization"
+class Block(str):
+    """An error source that is a whole quantization block, whose per-module entries are its own
+    keys (`block['name']`); any other source is a call's arguments, whose entries are its
+    overrides (`source, overrides['name']`)."""
+
+
+CONFIG_JSON = Block("config.json quantization")
 
 
 def _at(source: str, name: str | None = None) -> str:
-    """Where a value came from, for an error: `source` is the config.json block (entries are
-    its keys) or the arguments of a call such as quantize_model (entries are its overrides)."""
+    """Where a value came from, for an error: `source` is a block such as config.json's (entries
+    are its keys) or the arguments of a call such as quantize_model (entries are its overrides)."""
     if name is None:
         return source
-    return f"{source}[{name!r}]" if source == CONFIG_JSON else f"{source}, overrides[{name!r}]"
+    return f"{source}[{name!r}]" if isinstance(source, Block) else f"{source}, overrides[{name!r}]"
 
 
-def require_top_level_keys(q: dict) -> None:
+def require_top_level_keys(q: dict, source: str = CONFIG_JSON) -> None:
     """mlx-lm reads `quantization["group_size"]` and `["bits"]` (a `null` value means the
     mode's default, a missing key is its KeyError): refuse a block without them by name."""
     for key in ("group_size", "bits"):
         if key not in q:
+            fix = "restore the block mlx-lm wrote" if source == CONFIG_JSON else "give both"
             raise ValueError(
-                f"mlxq: config.json quantization lacks {key!r} (it has {sorted(q)}); mlx-lm needs "
-                f"both group_size and bits (null for the mode's default): restore the block "
-                "mlx-lm wrote"
+                f"mlxq: {source} lacks {key!r} (it has {sorted(q)}); mlx-lm needs both "
+                f"group_size and bits (null for the mode's default): {fix}"
             )
 
 

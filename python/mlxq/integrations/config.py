@@ -17,6 +17,7 @@ from mlxq.format import (
     CONFIG_JSON,
     KNOWN_MODES,
     RUNNABLE_MODES,
+    Block,
     ModuleFormat,
     check_quantization,
     configured_format,
@@ -42,6 +43,8 @@ QUANT_METHOD = "mlx"
 # attributes once built (validated then: only a value set after that can fail)
 _SOURCE = contextvars.ContextVar("mlxq_quant_config_source", default="MLXQuantConfig arguments")
 _ATTRIBUTES = "MLXQuantConfig attributes"
+# a dict passed as from_pretrained(quantization_config=...), read as a block (its entries are keys)
+ARGUMENT_BLOCK = Block("from_pretrained quantization_config")
 
 
 def config_and_text_config(config: Any) -> list[Any]:
@@ -133,9 +136,21 @@ class MLXQuantConfig(QuantizationConfigMixin):
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
         """Build from a config.json block; `kwargs` that are not attributes are returned unused
         (with `return_unused_kwargs`), as transformers' own configs do."""
-        require_top_level_keys(config_dict)
+        return cls.from_block(config_dict, CONFIG_JSON, return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_block(
+        cls,
+        config_dict: dict[str, Any],
+        source: Block,
+        return_unused_kwargs: bool = False,
+        **kwargs,
+    ):
+        """:meth:`from_dict` for a block that errors name as `source` (:data:`ARGUMENT_BLOCK`
+        for a dict the caller passed to from_pretrained, not a checkpoint's)."""
+        require_top_level_keys(config_dict, source)
         data = {k: v for k, v in config_dict.items() if k != "quant_method"}
-        token = _SOURCE.set(CONFIG_JSON)
+        token = _SOURCE.set(source)
         try:
             config = cls(**data)
         finally:

@@ -728,6 +728,57 @@ def refuse_tied_head_tensors(
         )
 
 
+_STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def mlx_lm_dtype(files: list[str], config: Any, pre_quantized: bool) -> torch.dtype | None:
+    """The dtype to load an MLX checkpoint in when from_pretrained is given none ("auto"),
+    as mlx-lm 0.32 runs it, or None to keep transformers' (config.json's `dtype`).
+
+    mlx-lm's `load` casts nothing: each tensor runs in the dtype its file stores, whatever
+    config.json says (`mlx_lm convert --dtype float16` leaves its `dtype: bfloat16`), and MLX
+    promotes mixed operands. The activations pass every quantized layer (output in its scales'
+    dtype) and norm, so those set their dtype: one stored dtype is the model's; several (fp32
+    norms beside bf16 scales, from a float checkpoint without `torch_dtype`, whose fp32
+    tensors `mlx_lm convert` keeps; DWQ's bf16 and fp16 scales) mean float32, the one dtype
+    holding each value as stored. Tensors elsewhere (a router's fp32 bias) are local in mlx-lm.
+
+    A float checkpoint quantized while it loads (`pre_quantized` False) gets the dtype `mlx_lm
+    convert -q` writes: config.json's `torch_dtype`, else the one dtype its float tensors are
+    stored in (mixed: None; mlx-lm keeps each, a torch model holds one)."""
+    import os
+
+    files = [f for f in files or [] if str(f).endswith(".safetensors")]
+    if not files:
+        return None
+    config_file = os.path.join(os.path.dirname(str(files[0])), "config.json")
+    raw = {}
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            raw = json.load(f)
+    headers = read_headers(files)
+    if not pre_quantized:
+        cast = convert_cast_dtype(raw)
+        if cast is not None:
+            return cast
+        keep = MLX_LM_CAST_KEEP.get(getattr(config, "model_type", "") or "", ())
+        stored = {
+            _STORED_DTYPES[i.dtype]
+            for name, i in headers.items()
+            if i.dtype in _STORED_DTYPES and not any(k in name for k in keep)
+        }
+        return stored.pop() if len(stored) == 1 else None
+    stored = {
+        _STORED_DTYPES[i.dtype]
+        for name, i in headers.items()
+        if i.dtype in _STORED_DTYPES
+        and (name.endswith((".scales", ".biases")) or "norm" in name.rpartition(".")[0])
+    }
+    if not stored:
+        return None
+    return stored.pop() if len(stored) == 1 else torch.float32
+
+
 # (stored dtype of scales/biases, model dtype) pairs that lose bits when loaded
 _ROUNDING = {("F32", torch.float16), ("F32", torch.bfloat16), ("F16", torch.bfloat16)}
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -735,8 +786,8 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 def warn_if_scales_rounded(model: nn.Module, headers: dict[str, TensorInfo]) -> None:
     """Say so when the affine scales and biases are stored more precisely than the model's
-    dtype: `mlx_lm convert --dtype float16` leaves the config's bfloat16 in place, so a load
-    without `dtype=` would round fp16 scales to bf16 (mlx-lm runs them as stored).
+    dtype (mlx-lm runs them as stored): an explicit `dtype=torch.bfloat16` on fp16 scales
+    (without `dtype=`, :func:`mlx_lm_dtype` picks one that keeps them).
 
     `mlx_lm.quant.dwq` stores the layers it trained in bf16 next to untrained (8-bit) ones in
     the model's dtype: with both 16-bit dtypes stored, only float32 holds every value (bf16 to

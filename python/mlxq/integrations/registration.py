@@ -29,6 +29,10 @@ What it does, and why each piece is needed:
    that the requesting config class is about to read.
 6. Casts: transformers' ``PreTrainedModel.half`` / ``float`` refuse every quantized model (its
    ``.to(dtype)`` and ``.bfloat16()`` cast it); for an MLX model they cast as ``nn.Module``'s do.
+7. The default dtype: without ``dtype=``, transformers loads in config.json's ``dtype``; mlx-lm
+   runs each tensor as its file stores it. A wrapper around ``transformers.modeling_utils.
+   _get_dtype`` replaces "auto" for an MLX load by the dtype mlx-lm runs the checkpoint in
+   (:func:`mlxq.integrations.quantizer.mlx_lm_dtype`); an explicit ``dtype=`` is left alone.
 
 Importing transformers takes seconds, so `import mlxq` does not: if
 ``transformers.modeling_utils`` is not imported yet, a finder on `sys.meta_path` runs
@@ -53,7 +57,7 @@ _loading_mlx: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxq_loadin
 
 
 # Wrapped where transformers has them (private functions that a release may rename).
-_OPTIONAL_WRAPPED = ("_get_resolved_checkpoint_files",)
+_OPTIONAL_WRAPPED = ("_get_resolved_checkpoint_files", "_get_dtype")
 
 
 def is_registered() -> bool:
@@ -97,6 +101,17 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
                 "modules_to_not_convert": q.get("modules_to_not_convert") or [],
                 "quant_method": QUANT_METHOD,
             }
+
+
+def _argument_config(requested: Any) -> Any:
+    """A dict with quant_method "mlx" passed as from_pretrained(quantization_config=...), as an
+    MLXQuantConfig whose errors name that argument (transformers would build it with
+    `from_dict`, whose errors name config.json); anything else unchanged."""
+    from mlxq.integrations.config import ARGUMENT_BLOCK, QUANT_METHOD, MLXQuantConfig
+
+    if isinstance(requested, dict) and requested.get("quant_method") == QUANT_METHOD:
+        return MLXQuantConfig.from_block(requested, ARGUMENT_BLOCK)
+    return requested
 
 
 def _with_quantization_in_sub_config(cls: Any, config_dict: dict) -> dict:
@@ -155,6 +170,7 @@ def register() -> None:
     if not getattr(original_get_hf_quantizer, _MARK, False):
 
         def get_hf_quantizer(config, quantization_config, *args, **kwargs):
+            quantization_config = _argument_config(quantization_config)
             _tag_mlx_quantization(config, quantization_config)
             result = original_get_hf_quantizer(config, quantization_config, *args, **kwargs)
             _loading_mlx.set(isinstance(result[0], MLXHfQuantizer))
@@ -187,6 +203,36 @@ def register() -> None:
         setattr(get_checkpoint_shard_files, _MARK, True)
         get_checkpoint_shard_files.__wrapped__ = original_shard_files
         modeling_utils.get_checkpoint_shard_files = get_checkpoint_shard_files
+
+    # private in transformers: where a release drops it (or renames its arguments), a load
+    # without dtype= takes config.json's dtype as before
+    original_get_dtype = getattr(modeling_utils, "_get_dtype", None)
+    if original_get_dtype is not None and not getattr(original_get_dtype, _MARK, False):
+        import inspect
+
+        signature = inspect.signature(original_get_dtype)
+
+        def _get_dtype(*args, **kwargs):
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                return original_get_dtype(*args, **kwargs)
+            quantizer = bound.arguments.get("hf_quantizer")
+            if bound.arguments.get("dtype") == "auto" and isinstance(quantizer, MLXHfQuantizer):
+                from mlxq.integrations.quantizer import mlx_lm_dtype
+
+                dtype = mlx_lm_dtype(
+                    bound.arguments.get("checkpoint_files"),
+                    bound.arguments.get("config"),
+                    quantizer.pre_quantized,
+                )
+                if dtype is not None:
+                    bound.arguments["dtype"] = dtype
+            return original_get_dtype(*bound.args, **bound.kwargs)
+
+        setattr(_get_dtype, _MARK, True)
+        _get_dtype.__wrapped__ = original_get_dtype
+        modeling_utils._get_dtype = _get_dtype
 
     # private in transformers: where a release drops it, folders of unindexed shards fail to load
     # as before (transformers' error), and nothing else changes
