@@ -1210,10 +1210,13 @@ def _cache_key(arch: str, variant: Variant) -> str:
     return f"arch-{arch}-{variant.tag}-{_versions('transformers', 'mlx-lm')}-{digest}"
 
 
-def _cached_conversion(key: str, arch: str, variant: Variant, prepare, **options) -> Path:
-    """`mlx_lm.convert` of the tiny float checkpoint after `prepare(float_dir)` rewrote it,
-    cached under `key`."""
-    from mlx_lm import convert
+def _cached_conversion(
+    key: str, arch: str, variant: Variant, prepare, convert=None, **options
+) -> Path:
+    """`convert` (mlx_lm.convert unless given) of the tiny float checkpoint after
+    `prepare(float_dir)` rewrote it, cached under `key`."""
+    if convert is None:
+        from mlx_lm import convert
 
     def build(float_dir: Path, out: Path) -> None:
         tiny_float_checkpoint(arch, float_dir, variant.tied)
@@ -1249,20 +1252,9 @@ def tiny_mlx_vlm_checkpoint(arch: str, variant: Variant) -> Path:
     import mlx_vlm
     from mlx_vlm import convert
 
-    def build(float_dir: Path, out: Path) -> None:
-        tiny_float_checkpoint(arch, float_dir, variant.tied)
-        MLX_LM_INPUT_LAYOUT.get(arch, lambda folder: None)(float_dir)
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert(
-                str(float_dir),
-                str(out),
-                quantize=True,
-                q_group_size=variant.group_size,
-                q_bits=variant.bits,
-            )
-
     key = f"{_cache_key(arch, variant)}-vlm{mlx_vlm.__version__}"
-    return cached_checkpoint(key, build)
+    prepare = MLX_LM_INPUT_LAYOUT.get(arch, lambda folder: None)
+    return _cached_conversion(key, arch, variant, prepare, convert)
 
 
 def mlx_vlm_text_logits(path: Path, tokens) -> np.ndarray:

@@ -619,7 +619,6 @@ def test_model_types_only_mlx_lm_or_mlx_vlm_run_are_refused_by_name(tmp_path: Pa
     import mlx_lm.utils
     import mlx_vlm.utils
     from mlxq.cli.common import load_model
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -634,13 +633,7 @@ def test_model_types_only_mlx_lm_or_mlx_vlm_run_are_refused_by_name(tmp_path: Pa
     vlm_types = sorted(vlm_types - set(types))
     assert {"deepseekocr", "moondream2", "phi4mm", "internvl_chat"} <= set(vlm_types)
     for model_type in types + vlm_types:
-        path = tmp_path / model_type
-        path.mkdir()
-        block = {"group_size": 64, "bits": 4}
-        config = {"model_type": model_type, "quantization": block, "quantization_config": block}
-        (path / "config.json").write_text(json.dumps(config))
-        tensor = {"model.embed_tokens.weight": torch.zeros(8, 8, dtype=torch.int32)}
-        save_file(tensor, path / "model.safetensors", metadata={"format": "mlx"})
+        path = _bare_checkpoint(tmp_path / model_type, model_type)
         match = f"model type `{re.escape(model_type)}`"
         if model_type in types:
             with pytest.raises(ValueError, match=match):
@@ -650,15 +643,22 @@ def test_model_types_only_mlx_lm_or_mlx_vlm_run_are_refused_by_name(tmp_path: Pa
     # and those whose config transformers knows without a model that generates from it: Step
     # 3.5's text config (of its image-text step3p7), Pixtral's vision tower
     for model_type, config_class in (("step3p5", "Step3p7TextConfig"), ("pixtral", "Pixtral")):
-        path = tmp_path / model_type
-        path.mkdir()
-        block = {"group_size": 64, "bits": 4}
-        config = {"model_type": model_type, "quantization": block, "quantization_config": block}
-        (path / "config.json").write_text(json.dumps(config))
-        tensor = {"model.embed_tokens.weight": torch.zeros(8, 8, dtype=torch.int32)}
-        save_file(tensor, path / "model.safetensors", metadata={"format": "mlx"})
+        path = _bare_checkpoint(tmp_path / model_type, model_type)
         with pytest.raises(ValueError, match=f"Unrecognized configuration class .*{config_class}"):
             load_model(str(path), "cpu", "float32")
+
+
+def _bare_checkpoint(path: Path, model_type: str) -> Path:
+    """A folder with a 4-bit MLX config.json of `model_type` and one packed tensor."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    block = {"group_size": 64, "bits": 4}
+    config = {"model_type": model_type, "quantization": block, "quantization_config": block}
+    (path / "config.json").write_text(json.dumps(config))
+    tensor = {"model.embed_tokens.weight": torch.zeros(8, 8, dtype=torch.int32)}
+    save_file(tensor, path / "model.safetensors", metadata={"format": "mlx"})
+    return path
 
 
 def _mlx_lm_module(model_type: str):

@@ -485,17 +485,26 @@ def float_checkpoint_files(model: nn.Module) -> list[str]:
 def read_float_checkpoint(model: nn.Module, files: list[str]) -> tuple[dict, dict] | None:
     """The stored dtypes of a float checkpoint's tensors (keyed by `model`'s state-dict names)
     and its config.json, or None where there are no files (a model built in memory)."""
+    found = _safetensors_and_config(files)
+    if found is None:
+        return None
+    files, config = found
+    return checkpoint_keys_as_model_keys(model, read_headers(files)), config
+
+
+def _safetensors_and_config(files: list[str] | None) -> tuple[list[str], dict] | None:
+    """The .safetensors among `files` and the config.json beside them ({} where there is
+    none), or None where there are no such files (a model built in memory)."""
     import os
 
-    files = [f for f in files if str(f).endswith(".safetensors")]
+    files = [f for f in files or [] if str(f).endswith(".safetensors")]
     if not files:
         return None
     config_file = os.path.join(os.path.dirname(str(files[0])), "config.json")
-    config = {}
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
-    return checkpoint_keys_as_model_keys(model, read_headers(files)), config
+    if not os.path.isfile(config_file):
+        return files, {}
+    with open(config_file) as f:
+        return files, json.load(f)
 
 
 def convert_cast_keeps(model: nn.Module) -> tuple[str, ...]:
@@ -746,16 +755,10 @@ def mlx_lm_dtype(files: list[str], config: Any, pre_quantized: bool) -> torch.dt
     A float checkpoint quantized while it loads (`pre_quantized` False) gets the dtype `mlx_lm
     convert -q` writes: config.json's `torch_dtype`, else the one dtype its float tensors are
     stored in (mixed: None; mlx-lm keeps each, a torch model holds one)."""
-    import os
-
-    files = [f for f in files or [] if str(f).endswith(".safetensors")]
-    if not files:
+    found = _safetensors_and_config(files)
+    if found is None:
         return None
-    config_file = os.path.join(os.path.dirname(str(files[0])), "config.json")
-    raw = {}
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            raw = json.load(f)
+    files, raw = found
     headers = read_headers(files)
     if not pre_quantized:
         cast = convert_cast_dtype(raw)
