@@ -446,6 +446,57 @@ def test_header_reader_rejects_non_safetensors(tmp_path: Path) -> None:
         ckpt.read_header(bad)
 
 
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+# what the safetensors library refuses without naming the file ("file not fully covered",
+# "invalid type: integer"), and a shape whose negative sizes multiply to the right byte count
+@pytest.mark.parametrize(
+    ("header", "data", "words"),
+    [
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            bytes(12),
+            ["cover 8", "12"],
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+            },
+            bytes(12),
+            ["cover 8", "12"],
+        ),
+        (
+            {
+                "__metadata__": {"format": 5},
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            bytes(4),
+            ["__metadata__", "'format': 5"],
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}},
+            bytes(8),
+            ["'a'", "[-1, -2]"],
+        ),
+        ({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, bytes(4), ["'Q4'"]),
+    ],
+    ids=["trailing-bytes", "gap", "metadata-not-strings", "negative-shape", "unknown-dtype"],
+)
+def test_header_reader_names_the_file_where_safetensors_would_not(
+    tmp_path: Path, header: dict, data: bytes, words: list[str]
+) -> None:
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(_safetensors_bytes(header, data))
+    with pytest.raises(ValueError) as error:
+        ckpt.read_header(bad)
+    for word in [str(bad), *words]:
+        assert word in str(error.value), str(error.value)
+
+
 @pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
 def test_device_map_places_buffers(tiny: Path, device_map) -> None:
     model = _load(tiny, device_map=device_map)
