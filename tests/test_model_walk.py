@@ -275,3 +275,21 @@ def test_exaone4_layer_pattern_is_the_string_mlx_lm_indexes(period: int) -> None
                 "layer_types": ["full_attention", "sliding_attention"],
             }
         )
+
+
+# before: planned, then failed at the first layer built (mid-load for `mlxq convert` and
+# quantize-on-load); mx.quantize refuses each of these
+@pytest.mark.parametrize(
+    ("top", "words"),
+    [
+        (ModuleFormat(4, 16, "affine"), ["group_size=16", "'affine'"]),
+        (ModuleFormat(8, 32, "mxfp4"), ["'mxfp4'", "bits=4", "bits=8"]),
+        (ModuleFormat(4, 32, "nvfp4"), ["'nvfp4'", "group_size=16", "group_size=32"]),
+    ],
+    ids=["affine-g16", "mxfp4-8bit", "nvfp4-g32"],
+)
+def test_plan_refuses_formats_mlx_cannot_quantize(top: ModuleFormat, words: list[str]) -> None:
+    with pytest.raises(ValueError) as error:
+        plan_quantization(_llama(tied=True), top)
+    for word in words:
+        assert word in str(error.value), str(error.value)
