@@ -94,8 +94,10 @@ __all__ = [
     "add_unused_modules",
     "refuse_tied_head_tensors",
     "check_finite",
+    "check_float_parameters_finite",
     "check_nothing_missing",
     "check_nothing_unexpected",
+    "check_no_mismatched_shapes",
     "unexpected_tensors",
     "missing_tensors",
     "missing_message",
@@ -125,6 +127,15 @@ def check_finite(name: str, tensor: torch.Tensor, mode: str = "affine") -> None:
             f"mlxq: {name} has {int(bad.sum())} non-finite values ({what}), e.g. at index "
             f"{where}: the checkpoint is corrupt"
         )
+
+
+def check_float_parameters_finite(model: nn.Module) -> None:
+    """Refuse NaN or Inf in the float parameters read from an MLX checkpoint (norms, float
+    layers, biases): as in scales, one such value makes every logit NaN without a word (mlx-lm
+    runs them too). Parameters only: buffers may hold -inf on purpose (attention masks)."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta":
+            check_finite(name, param.detach())
 
 
 def check_nothing_missing(model: nn.Module) -> None:
@@ -204,6 +215,21 @@ def check_nothing_unexpected(model: nn.Module, unexpected: Iterable[str]) -> Non
             f"{'it' if len(unexpected) == 1 else 'them'} and mlx-lm's strict load refuses "
             f"{'it' if len(unexpected) == 1 else 'them'} (does config.json describe this "
             "checkpoint?)"
+        )
+
+
+def check_no_mismatched_shapes(model: nn.Module, mismatched: Iterable[tuple]) -> None:
+    """Refuse float tensors stored in another shape than the model's (a norm of the wrong width):
+    transformers raises only "look at the above report", a report that a caller who silences its
+    logging (`mlxq generate`) never sees; with `ignore_mismatched_sizes=True` it would fill them
+    randomly. `mismatched`: transformers' (name, stored shape, model shape) triples."""
+    rows = sorted((name, list(stored), list(expected)) for name, stored, expected in mismatched)
+    if rows:
+        said = "; ".join(f"{n} is stored {s}, the model's is {e}" for n, s, e in rows[:5])
+        more = f"; and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise ValueError(
+            f"mlxq: the checkpoint's tensors do not fit {type(model).__name__}: {said}{more} "
+            "(does config.json describe this checkpoint?)"
         )
 
 
@@ -964,12 +990,17 @@ class MLXHfQuantizer(HfQuantizer):
         unexpected keys, after its own exceptions), refused after loading: transformers tells
         quantizers nothing of them, so the model's hook that adjusts them reports them here."""
         self._unexpected: set[str] = set()
+        self._mismatched: set[tuple] = set()
         adjust = model._adjust_missing_and_unexpected_keys
 
         def record(loading_info, _adjust=adjust) -> None:
             _adjust(loading_info)
             self._unexpected = set(loading_info.unexpected_keys)
             del model._adjust_missing_and_unexpected_keys  # the class's method again
+            # refused after loading, by name: transformers' own refusal follows this hook in a
+            # `finally` and would replace an error raised here
+            self._mismatched = set(loading_info.mismatched_keys)
+            loading_info.mismatched_keys.clear()
 
         model._adjust_missing_and_unexpected_keys = record
 
@@ -1022,11 +1053,13 @@ class MLXHfQuantizer(HfQuantizer):
                         for c in getattr(model, "_weight_conversions", None) or []
                         if not any(c is r for r in load_only)
                     ]
+            check_no_mismatched_shapes(model, getattr(self, "_mismatched", ()))
             unexpected = getattr(self, "_unexpected", ())
             if layout is not None:  # what mlx-lm drops on purpose
                 unexpected = [k for k in unexpected if not layout.drops(k)]
             check_nothing_unexpected(model, unexpected)
             check_nothing_missing(model)
+            check_float_parameters_finite(model)
             run_folded_multipliers(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
         check_moe_tensors_loaded(model)
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
