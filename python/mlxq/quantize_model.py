@@ -179,9 +179,14 @@ def quantize_planned(model: nn.Module, walk: ModelPlan) -> set[str]:
             continue
         if entry.swap is None or fmt is None:
             continue
-        new = entry.swap.require().quantize(
-            entry.module, bits=fmt.bits, group_size=fmt.group_size, mode=fmt.mode
-        )
+        try:
+            new = entry.swap.require().quantize(
+                entry.module, bits=fmt.bits, group_size=fmt.group_size, mode=fmt.mode
+            )
+        except ValueError as error:  # a NaN in the float weight: name the layer
+            raise ValueError(
+                f"mlxq: layer {entry.name!r}: {str(error).removeprefix('mlxq: ')}"
+            ) from None
         model.set_submodule(entry.name, new)
         replaced.add(entry.name)
     if tie_head(model, walk.head):
@@ -227,9 +232,14 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
                 float_stack.bias.data.copy_(bias)
             projections[proj] = float_stack
         else:
-            projections[proj] = AffineSwitchLinear.from_float(
-                w, fmt.bits, fmt.group_size, fmt.mode, bias=bias
-            )
+            try:
+                projections[proj] = AffineSwitchLinear.from_float(
+                    w, fmt.bits, fmt.group_size, fmt.mode, bias=bias
+                )
+            except ValueError as error:
+                raise ValueError(
+                    f"mlxq: experts '{entry.name}.{proj}': {str(error).removeprefix('mlxq: ')}"
+                ) from None
     gate = experts_gate(module, entry.moe.variant)
     model.set_submodule(entry.name, experts_class(entry.moe.variant)(**projections, **gate))
     return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}

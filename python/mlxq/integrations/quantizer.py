@@ -691,6 +691,14 @@ def _refuse_unmapped_vlm(
         _refuse_missing_tensors(model, headers, note)
 
 
+def check_quantized_on_load_errors(on_load: QuantizeOnLoad) -> None:
+    """Refuse the model when a layer failed to quantize while loading, naming it and why."""
+    if on_load.errors:
+        name, why = sorted(on_load.errors.items())[0]
+        more = f" (and {len(on_load.errors) - 1} more layers)" if len(on_load.errors) > 1 else ""
+        raise ValueError(f"mlxq: quantizing layer {name!r} while loading failed: {why}{more}")
+
+
 def check_all_quantized_on_load(on_load: QuantizeOnLoad) -> None:
     """Every layer planned to be quantized while loading got its float weight from the
     checkpoint: transformers fills a tensor the file lacks with uninitialised memory (reported
@@ -885,6 +893,7 @@ class MLXHfQuantizer(HfQuantizer):
             layers, replaced = plan_on_load(model, self.quantization_config)
             self._on_load = QuantizeOnLoad(layers, checkpoint_files)
             drop_tied_keys(model, replaced)
+            self._take_conversion_errors(model)
             return model
         headers = read_headers(checkpoint_files or [])
         warn_if_scales_rounded(model, headers)
@@ -985,6 +994,22 @@ class MLXHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = []
         return model
 
+    def _take_conversion_errors(self, model: nn.Module) -> None:
+        """Take the errors of quantizing a layer while loading out of transformers' load report,
+        refused after loading by name (:func:`check_quantized_on_load_errors`): transformers
+        raises only "look at the CONVERSION entries of the above report", a report that a
+        caller who silences its logging (`mlxq convert`, `mlxq generate`) never sees."""
+        adjust = model._adjust_missing_and_unexpected_keys
+        on_load = self._on_load
+
+        def take(loading_info, _adjust=adjust) -> None:
+            _adjust(loading_info)
+            del model._adjust_missing_and_unexpected_keys  # the class's method again
+            if on_load.errors:
+                loading_info.conversion_errors.clear()
+
+        model._adjust_missing_and_unexpected_keys = take
+
     def _record_unexpected_keys(self, model: nn.Module) -> None:
         """Keep the checkpoint tensors transformers finds no place for (its load report's
         unexpected keys, after its own exceptions), refused after loading: transformers tells
@@ -1025,6 +1050,7 @@ class MLXHfQuantizer(HfQuantizer):
         if not self.pre_quantized:  # float32 tensors saved as mlx_lm convert writes them
             save_float_dtypes_as_convert(model, self.__dict__.pop("_float_source", None))
         if on_load is not None:
+            check_quantized_on_load_errors(on_load)
             check_all_quantized_on_load(on_load)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
