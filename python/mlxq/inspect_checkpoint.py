@@ -172,7 +172,21 @@ def _check_index(folder: Path, source: str, headers_by_file: dict, problems: lis
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         # the loader's own check, without its once-per-checkpoint warning: a later
         # from_pretrained in this process still warns
-        result = check_shard_index(folder, index)
+        try:
+            result = check_shard_index(folder, index)
+        except ValueError as error:
+            if not (folder / "model.safetensors").is_file():
+                raise  # transformers reads the index: the loader refuses it too
+            # transformers reads model.safetensors alone and mlx-lm every model*.safetensors:
+            # neither opens the index, and the model loads
+            problems.append(
+                Problem(
+                    "warning",
+                    f"{str(error).removeprefix('mlxq: ')}; unused (model.safetensors is read "
+                    "without it)",
+                )
+            )
+            return
         if result is not None:
             problems.append(Problem("warning", f"{result[2]} (mlxq repairs this when loading)"))
         return
