@@ -192,6 +192,12 @@ ERROR_CASES = {
     "generate-mps-missing": (["generate", "--model", "{ckpt}", "--device", "mps"], 1, ["MPS"]),
     "convert-quantized-input": (["convert", "{ckpt}", "{tmp}/new"], 1, ["already quantized"]),
     "convert-existing-output": (["convert", "{float}", "{tmp}"], 1, ["already exists"]),
+    # before: "[Errno 17] File exists", after reading the whole model
+    "convert-output-under-a-file": (
+        ["convert", "{float}", "{file}/out"],
+        1,
+        ["weights.bin is a file", "cannot be created"],
+    ),
     "argparse-no-model": (["generate"], 2, ["--model"]),
     "argparse-bad-device": (["generate", "--model", "x", "--device", "tpu"], 2, ["tpu"]),
     "argparse-bad-bits": (["convert", "a", "b", "--bits", "7"], 2, ["--bits"]),
