@@ -293,3 +293,15 @@ def test_plan_refuses_formats_mlx_cannot_quantize(top: ModuleFormat, words: list
         plan_quantization(_llama(tied=True), top)
     for word in words:
         assert word in str(error.value), str(error.value)
+
+
+def test_quantize_model_refuses_a_quantized_model() -> None:
+    # before: the second call skipped the packed layers (kept at 4-bit g64) and rewrote the
+    # config to 8-bit g32, which save_pretrained then wrote beside 4-bit tensors
+    import mlxq
+
+    model = _llama(tied=False, meta=False)
+    mlxq.quantize_model(model, bits=4, group_size=64)
+    with pytest.raises(ValueError, match=r"quantized already .*bits=4, group_size=64"):
+        mlxq.quantize_model(model, bits=8, group_size=32)
+    assert model.config.quantization_config.bits == 4

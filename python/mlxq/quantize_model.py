@@ -61,6 +61,7 @@ def quantize_model(
     """
     source = "quantize_model arguments"  # named by errors (not a config.json)
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode}, source=source)
+    _refuse_quantized(model)
     _untie_head_as_mlx_vlm(model)
     skip = list(modules_to_not_convert or [])
     if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
@@ -83,6 +84,29 @@ def quantize_model(
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
     group_projections(model)
     return model
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """Refuse a model that already holds packed layers (a loaded MLX checkpoint, or a second
+    call): the walk skips them, so they kept their format while the config was rewritten to the
+    new one, and `save_pretrained` wrote a block that its tensors contradict."""
+    import torch
+
+    for name, module in model.named_modules():
+        scales = module._buffers.get("scales") if hasattr(module, "_buffers") else None
+        weight = module._buffers.get("weight", getattr(module, "weight", None))
+        packed = isinstance(weight, torch.Tensor) and weight.dtype in (torch.uint32, torch.int32)
+        if isinstance(scales, torch.Tensor) and packed:
+            fmt = ", ".join(
+                f"{key}={getattr(module, key)}"
+                for key in ("bits", "group_size", "mode")
+                if hasattr(module, key)
+            )
+            raise ValueError(
+                f"mlxq: quantize_model takes a float model, but {name or 'the model'!r} is "
+                f"quantized already ({type(module).__name__}{': ' + fmt if fmt else ''}); "
+                "dequantize it first (model.dequantize()) to quantize it in another format"
+            )
 
 
 def latent_kv_b_parts(model: nn.Module) -> dict[str, tuple[int, int, int, int]]:
