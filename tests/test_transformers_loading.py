@@ -587,6 +587,27 @@ def test_half_and_float_cast_an_mlx_model_as_to_does(tiny: Path, tiny_logits) ->
     torch.testing.assert_close(_logits(model), tiny_logits, rtol=0, atol=2e-2)
 
 
+def test_scales_beyond_float16_are_refused_at_load_and_cast(tiny: Path, tmp_path: Path) -> None:
+    """A bias stored finite in bf16 but beyond float16's range: loading in float16 said "the
+    checkpoint is corrupt", and `.half()` made it Inf without a word (NaN logits), after the
+    layers before it were cast. Now each names the tensor or layer, and nothing is cast."""
+    from transformers import AutoModelForCausalLM
+
+    def big(w: dict) -> None:
+        w[f"{LAYER}.biases"] = w[f"{LAYER}.biases"].clone()
+        w[f"{LAYER}.biases"].view(-1)[5] = 1e5
+
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), tensors=big)
+    with pytest.raises(ValueError, match=rf"{LAYER}.biases \(stored BF16\) .* float16's range"):
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+    model = _load(folder)
+    before = {k: t.dtype for k, t in model.state_dict().items()}
+    with pytest.raises(TypeError, match=rf"\({LAYER}, AffineLinear.*biases .*float16's range"):
+        model.half()
+    assert {k: t.dtype for k, t in model.state_dict().items()} == before
+    assert torch.isfinite(_logits(model.bfloat16())).all()
+
+
 def test_a_cast_the_kernels_cannot_run_is_refused_at_cast_time(tiny: Path) -> None:
     """`.double()` / `.to(torch.float64)` cast an MLX model silently and its forward failed
     later ("scales must be float32, ...", no layer named); `.type(torch.float16)` cast the

@@ -1064,9 +1064,22 @@ class MLXHfQuantizer(HfQuantizer):
                             + (f" (quantizing it failed: {why})" if why else "")
                         )
                     if tensor_name in ("scales", "biases", "global_scale"):
-                        check_finite(
-                            f"{name}.{tensor_name}", tensor, getattr(module, "mode", "affine")
-                        )
+                        key = f"{name}.{tensor_name}"
+                        stored = getattr(self, "_stored", {}).get(key)
+                        try:
+                            check_finite(key, tensor, getattr(module, "mode", "affine"))
+                        except ValueError:
+                            if tensor.dtype != torch.float16 or stored is None:
+                                raise
+                            if stored.dtype == "F16":
+                                raise
+                            # finite as stored, infinite once cast: not a corrupt file
+                            raise ValueError(
+                                f"mlxq: {key} (stored {stored.dtype}) holds values beyond "
+                                "float16's range (65504), which the cast to the model's float16 "
+                                "makes infinite; load it with dtype=torch.bfloat16 or "
+                                "torch.float32"
+                            ) from None
         if self.pre_quantized:
             layout = getattr(self, "_mlx_layout", None)
             if layout is not None:
