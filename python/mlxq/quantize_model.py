@@ -83,15 +83,23 @@ def quantize_model(
         replaced.discard(name)
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
     group_projections(model)
+    model._mlxq_quantized = True  # a second call is refused (_refuse_quantized)
     return model
 
 
 def _refuse_quantized(model: nn.Module) -> None:
-    """Refuse a model that already holds packed layers (a loaded MLX checkpoint, or a second
-    call): the walk skips them, so they kept their format while the config was rewritten to the
-    new one, and `save_pretrained` wrote a block that its tensors contradict."""
+    """Refuse a model that was quantized already (a loaded MLX checkpoint, or a second call) and
+    holds packed layers: the walk skips them, so they kept their format while the config was
+    rewritten to the new one, and `save_pretrained` wrote a block that its tensors contradict.
+    A call that raised half-way marks nothing (its packed layers stay, and a second call with
+    the refused module fixed completes it)."""
     import torch
 
+    from mlxq.integrations.quantizer import MLXHfQuantizer
+
+    loaded = isinstance(getattr(model, "hf_quantizer", None), MLXHfQuantizer)
+    if not (loaded or getattr(model, "_mlxq_quantized", False)):
+        return
     for name, module in model.named_modules():
         scales = module._buffers.get("scales") if hasattr(module, "_buffers") else None
         weight = module._buffers.get("weight", getattr(module, "weight", None))
