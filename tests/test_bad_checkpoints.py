@@ -196,6 +196,20 @@ CASES = {
     ),
     "no-bits": (_config(_without("bits")), ["quantization", "lacks 'bits'"]),
     "no-group-size": (_config(_without("group_size")), ["quantization", "lacks 'group_size'"]),
+    # before: from_pretrained raised "look at the above report", a report `mlxq generate` does
+    # not show, and `mlxq inspect` found no problem
+    "float-misshaped": (
+        _tensors(lambda w: w.update({"model.norm.weight": w["model.norm.weight"][:-1].clone()})),
+        ["model.norm.weight", "[127]", "[128]"],
+    ),
+    # before: loaded, and every logit was NaN (NaN in scales and biases was refused already)
+    "nan-norm": (_poison("model.norm.weight", float("nan")), ["model.norm.weight", "non-finite"]),
+    # before: `mlxq generate` printed only the first line of transformers' validation error,
+    # "Validation error for field 'hidden_size':", and `mlxq inspect` a traceback's last line
+    "config-wrong-type": (
+        _config(lambda c: c.update(hidden_size="128")),
+        ["config.json", "hidden_size", "got str"],
+    ),
 }
 
 
@@ -208,9 +222,11 @@ def _broken(tiny: Path, tmp_path: Path, case: str) -> Path:
 
 
 # transformers' own config loading fails on these before mlxq is asked (a list as the config,
-# or as its quantization_config: AttributeError in transformers' config repr)
+# or as its quantization_config: AttributeError in transformers' config repr; a field of the
+# wrong type: huggingface_hub's validation error)
 @pytest.mark.parametrize(
-    "case", [c for c in CASES if c not in ("config-list", "quantization-list")]
+    "case",
+    [c for c in CASES if c not in ("config-list", "quantization-list", "config-wrong-type")],
 )
 def test_from_pretrained_names_what_is_wrong(tiny: Path, tmp_path: Path, case: str) -> None:
     folder = _broken(tiny, tmp_path, case)

@@ -192,6 +192,18 @@ ERROR_CASES = {
     "generate-mps-missing": (["generate", "--model", "{ckpt}", "--device", "mps"], 1, ["MPS"]),
     "convert-quantized-input": (["convert", "{ckpt}", "{tmp}/new"], 1, ["already quantized"]),
     "convert-existing-output": (["convert", "{float}", "{tmp}"], 1, ["already exists"]),
+    # before: "(Couldn't instantiate the backend tokenizer from one of: )", naming nothing
+    "generate-no-tokenizer": (
+        ["generate", "--model", "{notok}", "--max-tokens", "1"],
+        1,
+        ["tokenizer", "none of tokenizer.json"],
+    ),
+    # before: "[Errno 17] File exists", after reading the whole model
+    "convert-output-under-a-file": (
+        ["convert", "{float}", "{file}/out"],
+        1,
+        ["weights.bin is a file", "cannot be created"],
+    ),
     "argparse-no-model": (["generate"], 2, ["--model"]),
     "argparse-bad-device": (["generate", "--model", "x", "--device", "tpu"], 2, ["tpu"]),
     "argparse-bad-bits": (["convert", "a", "b", "--bits", "7"], 2, ["--bits"]),
@@ -232,7 +244,12 @@ def error_runs(
 ) -> dict[str, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("cli-errors")
     (tmp / "weights.bin").write_bytes(b"x")
+    no_tokenizer = tmp_path_factory.mktemp("no-tokenizer")  # the model's files, linked
+    for f in smollm2_4bit_g32.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            (no_tokenizer / f.name).symlink_to(f)
     subs = {
+        "{notok}": str(no_tokenizer),
         "{tmp}": str(tmp),
         "{file}": str(tmp / "weights.bin"),
         "{ckpt}": str(smollm2_4bit_g32),

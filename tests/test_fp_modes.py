@@ -291,6 +291,11 @@ S32 = torch.zeros(4, 2, dtype=torch.uint8)
             ValueError,
             ["mode", "'mxfp4'", "'fp4'"],
         ),
+        (  # before: the op schema's RuntimeError
+            lambda: mlxq.quantize(torch.zeros(2, 64), mode="nvfp4", global_scale=2.0),
+            TypeError,
+            ["global_scale", "tensor", "got float 2.0"],
+        ),
         (
             lambda: mlxq.quantize(torch.zeros(2, 48), mode="mxfp4"),
             ValueError,

@@ -92,6 +92,19 @@ def test_inspect_leaves_the_stale_index_warning_to_the_loader(
     assert any("stale" in r.getMessage() for r in caplog.records)  # still said, once
 
 
+@pytest.mark.parametrize("content", ["", "[]"], ids=["empty", "list"])
+def test_unreadable_index_beside_model_safetensors_is_a_warning(tmp_path: Path, content) -> None:
+    # transformers reads model.safetensors alone (mlx-lm every model*.safetensors): the index is
+    # never opened and the model loads; before, inspect called it an error (exit 1)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_mlx_checkpoint("llama", Variant(tied=True)), model)
+    (model / "model.safetensors.index.json").write_text(content)
+    report = inspect_checkpoint(model, str(model))
+    assert not report.errors, report.errors
+    assert any("index.json" in p.message for p in report.problems if p.severity == "warning")
+    assert _loads(model) is None
+
+
 @pytest.mark.parametrize(
     ("arch", "variant"),
     [("llama", Variant(tied=True)), ("llama", Variant(tied=False)), ("gpt2", Variant(tied=True))],

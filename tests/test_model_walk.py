@@ -275,3 +275,33 @@ def test_exaone4_layer_pattern_is_the_string_mlx_lm_indexes(period: int) -> None
                 "layer_types": ["full_attention", "sliding_attention"],
             }
         )
+
+
+# before: planned, then failed at the first layer built (mid-load for `mlxq convert` and
+# quantize-on-load); mx.quantize refuses each of these
+@pytest.mark.parametrize(
+    ("top", "words"),
+    [
+        (ModuleFormat(4, 16, "affine"), ["group_size=16", "'affine'"]),
+        (ModuleFormat(8, 32, "mxfp4"), ["'mxfp4'", "bits=4", "bits=8"]),
+        (ModuleFormat(4, 32, "nvfp4"), ["'nvfp4'", "group_size=16", "group_size=32"]),
+    ],
+    ids=["affine-g16", "mxfp4-8bit", "nvfp4-g32"],
+)
+def test_plan_refuses_formats_mlx_cannot_quantize(top: ModuleFormat, words: list[str]) -> None:
+    with pytest.raises(ValueError) as error:
+        plan_quantization(_llama(tied=True), top)
+    for word in words:
+        assert word in str(error.value), str(error.value)
+
+
+def test_quantize_model_refuses_a_quantized_model() -> None:
+    # before: the second call skipped the packed layers (kept at 4-bit g64) and rewrote the
+    # config to 8-bit g32, which save_pretrained then wrote beside 4-bit tensors
+    import mlxq
+
+    model = _llama(tied=False, meta=False)
+    mlxq.quantize_model(model, bits=4, group_size=64)
+    with pytest.raises(ValueError, match=r"quantized already .*bits=4, group_size=64"):
+        mlxq.quantize_model(model, bits=8, group_size=32)
+    assert model.config.quantization_config.bits == 4

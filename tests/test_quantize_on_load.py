@@ -197,3 +197,34 @@ def test_bad_quantization_config_argument_is_named_as_the_argument(tmp_path: Pat
     assert a.model.layers[0].mlp.down_proj.bits == 4 and a.model.layers[1].mlp.down_proj.bits == 8
     sa, sb = a.state_dict(), b.state_dict()
     assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# before: MLX's quantizer turned the group's NaN into finite codes, so `mlxq convert` wrote a
+# checkpoint that loads and computes another weight without a word; and a layer that failed to
+# quantize while loading surfaced as transformers' "look at the CONVERSION entries of the above
+# report", a report `mlxq convert` does not show
+def test_non_finite_float_weight_is_refused_naming_the_layer(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tiny_float_checkpoint("llama", tmp_path / "float", tied=True)
+    layer = "model.layers.1.mlp.down_proj"
+    weights = load_file(path / "model.safetensors")
+    weights[f"{layer}.weight"] = weights[f"{layer}.weight"].clone()
+    weights[f"{layer}.weight"][3, 5] = float("nan")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    words = [layer, "non-finite", "[3, 5]"]
+    with pytest.raises(ValueError) as error:
+        AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=MLXQuantConfig(bits=4, group_size=64)
+        )
+    assert all(word in str(error.value) for word in words), str(error.value)
+    whole = AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError) as error:
+        mlxq.quantize_model(whole, bits=4, group_size=64)
+    assert all(word in str(error.value) for word in words), str(error.value)
+    from mlxq.moe import AffineSwitchLinear
+
+    experts = torch.zeros(2, 8, 64)
+    experts[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite .* \[1, 2, 3\]"):
+        AffineSwitchLinear.from_float(experts, 4, 64)

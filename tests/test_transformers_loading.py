@@ -446,6 +446,57 @@ def test_header_reader_rejects_non_safetensors(tmp_path: Path) -> None:
         ckpt.read_header(bad)
 
 
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+# what the safetensors library refuses without naming the file ("file not fully covered",
+# "invalid type: integer"), and a shape whose negative sizes multiply to the right byte count
+@pytest.mark.parametrize(
+    ("header", "data", "words"),
+    [
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            bytes(12),
+            ["cover 8", "12"],
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+            },
+            bytes(12),
+            ["cover 8", "12"],
+        ),
+        (
+            {
+                "__metadata__": {"format": 5},
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            bytes(4),
+            ["__metadata__", "'format': 5"],
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}},
+            bytes(8),
+            ["'a'", "[-1, -2]"],
+        ),
+        ({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, bytes(4), ["'Q4'"]),
+    ],
+    ids=["trailing-bytes", "gap", "metadata-not-strings", "negative-shape", "unknown-dtype"],
+)
+def test_header_reader_names_the_file_where_safetensors_would_not(
+    tmp_path: Path, header: dict, data: bytes, words: list[str]
+) -> None:
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(_safetensors_bytes(header, data))
+    with pytest.raises(ValueError) as error:
+        ckpt.read_header(bad)
+    for word in [str(bad), *words]:
+        assert word in str(error.value), str(error.value)
+
+
 @pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
 def test_device_map_places_buffers(tiny: Path, device_map) -> None:
     model = _load(tiny, device_map=device_map)
@@ -534,6 +585,27 @@ def test_half_and_float_cast_an_mlx_model_as_to_does(tiny: Path, tiny_logits) ->
     assert model.float().dtype == torch.float32
     # fp16 scales widened back to fp32 (exact), so close to the fp32 model's logits
     torch.testing.assert_close(_logits(model), tiny_logits, rtol=0, atol=2e-2)
+
+
+def test_scales_beyond_float16_are_refused_at_load_and_cast(tiny: Path, tmp_path: Path) -> None:
+    """A bias stored finite in bf16 but beyond float16's range: loading in float16 said "the
+    checkpoint is corrupt", and `.half()` made it Inf without a word (NaN logits), after the
+    layers before it were cast. Now each names the tensor or layer, and nothing is cast."""
+    from transformers import AutoModelForCausalLM
+
+    def big(w: dict) -> None:
+        w[f"{LAYER}.biases"] = w[f"{LAYER}.biases"].clone()
+        w[f"{LAYER}.biases"].view(-1)[5] = 1e5
+
+    folder = _edit(_copy(tiny, tmp_path / "ckpt"), tensors=big)
+    with pytest.raises(ValueError, match=rf"{LAYER}.biases \(stored BF16\) .* float16's range"):
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+    model = _load(folder)
+    before = {k: t.dtype for k, t in model.state_dict().items()}
+    with pytest.raises(TypeError, match=rf"\({LAYER}, AffineLinear.*biases .*float16's range"):
+        model.half()
+    assert {k: t.dtype for k, t in model.state_dict().items()} == before
+    assert torch.isfinite(_logits(model.bfloat16())).all()
 
 
 def test_a_cast_the_kernels_cannot_run_is_refused_at_cast_time(tiny: Path) -> None:

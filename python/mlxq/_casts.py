@@ -33,6 +33,20 @@ def cast_refusal(module: torch.nn.Module, fn: Callable) -> str | None:
         )
     if isinstance(words, torch.Tensor) and words.dtype != torch.uint32:
         return f"it would cast its packed uint32 words to {words.dtype} (use .to(dtype))"
+    if isinstance(floats, torch.Tensor) and floats.dtype == torch.float16:
+        # scales or biases beyond float16's range become Inf: NaN logits without a word
+        for key, tensor in module.named_buffers(recurse=False):
+            if (
+                tensor.is_floating_point()
+                and tensor.dtype != torch.float16
+                and tensor.device.type != "meta"
+                and bool(torch.isfinite(tensor).all())
+                and not bool(torch.isfinite(tensor.to(torch.float16)).all())
+            ):
+                return (
+                    f"its {key} holds values beyond float16's range (65504), which float16 "
+                    "would make infinite (bfloat16 holds them)"
+                )
     return None
 
 

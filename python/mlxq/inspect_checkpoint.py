@@ -10,6 +10,7 @@ what would make it fail.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -98,14 +99,20 @@ def _scale_mode(key: str, header: dict) -> str:
 
 
 def _nonfinite_scales(folder: Path, headers_by_file: dict) -> list[str]:
-    """The loader's NaN/Inf check on every `scales`/`biases` tensor (they are small)."""
+    """The loader's NaN/Inf check on every `scales`/`biases` tensor and float tensor (norms,
+    float layers: small beside the packed weights of a quantized checkpoint)."""
     from safetensors import safe_open
 
     from mlxq.integrations.quantizer import check_finite
 
     errors = []
+    floats = ("F16", "BF16", "F32", "F64")
     for file, header in headers_by_file.items():
-        keys = [k for k in header if k.endswith((".scales", ".biases"))]
+        keys = [
+            k
+            for k in header
+            if k.endswith((".scales", ".biases")) or getattr(header[k], "dtype", None) in floats
+        ]
         if not keys:
             continue
         with safe_open(folder / file, "pt") as f:
@@ -126,6 +133,17 @@ def _read_config(path: Path) -> tuple[dict, str | None]:
     if not isinstance(config, dict):
         return {}, f"{path.name} must be a JSON object, got {type(config).__name__}"
     return config, None
+
+
+def config_validation_errors() -> tuple[type[BaseException], ...]:
+    """The errors of transformers' config validation (huggingface_hub's strict dataclasses:
+    `hidden_size: "128"`, `num_hidden_layers` against `layer_types`), which derive from
+    Exception only."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: configs are not validated
+        return ()
+    return (StrictDataclassError,)
 
 
 def _meta_model(folder: Path, config_dict: dict, names: Iterable[str]):
@@ -154,7 +172,21 @@ def _check_index(folder: Path, source: str, headers_by_file: dict, problems: lis
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         # the loader's own check, without its once-per-checkpoint warning: a later
         # from_pretrained in this process still warns
-        result = check_shard_index(folder, index)
+        try:
+            result = check_shard_index(folder, index)
+        except ValueError as error:
+            if not (folder / "model.safetensors").is_file():
+                raise  # transformers reads the index: the loader refuses it too
+            # transformers reads model.safetensors alone and mlx-lm every model*.safetensors:
+            # neither opens the index, and the model loads
+            problems.append(
+                Problem(
+                    "warning",
+                    f"{str(error).removeprefix('mlxq: ')}; unused (model.safetensors is read "
+                    "without it)",
+                )
+            )
+            return
         if result is not None:
             problems.append(Problem("warning", f"{result[2]} (mlxq repairs this when loading)"))
         return
@@ -304,13 +336,20 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
         return report
     try:
         model = _meta_model(folder, config, headers)
-    except (ValueError, KeyError, OSError, ImportError) as error:
-        problems.append(Problem("error", f"transformers cannot build this model: {error}"))
+    except (ValueError, KeyError, OSError, ImportError, *config_validation_errors()) as error:
+        why = (
+            "the model's config.json is invalid"
+            if isinstance(error, config_validation_errors())
+            else "transformers cannot build this model"
+        )
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        problems.append(Problem("error", f"{why}: {text}"))
         return report
     report.params = sum(p.numel() for p in model.parameters())
     from mlxq.integrations.quantizer import (
         add_unused_modules,
         check_all_quantized_tensors_used,
+        check_no_mismatched_shapes,
         check_nothing_unexpected,
         checkpoint_keys_as_model_keys,
         missing_message,
@@ -466,6 +505,19 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     known = set(model.state_dict())
     unknown = [k for k in others if k not in known]
     report.other_tensors = len(others) - len(unknown)
+    # the loader's refusal of float tensors of another size than the model's (the count only:
+    # loading permutes channels-last convolutions and reshapes scalars, of the same size)
+    state = model.state_dict()
+    resized = [
+        (k, headers[k].shape, tuple(state[k].shape))
+        for k in others
+        if k in known and math.prod(headers[k].shape) != state[k].numel()
+    ]
+    if mlx_q and resized:
+        try:
+            check_no_mismatched_shapes(model, resized)
+        except ValueError as error:
+            problems.append(Problem("error", str(error).removeprefix("mlxq: ")))
     report.other_bytes = sum(_nbytes(headers[k]) for k in others if k in known)
     if unknown and mlx_q:  # the loader's refusal (less what transformers leaves out itself)
         try:

@@ -15,6 +15,7 @@ from torch import nn
 
 from mlxq._casts import RefusesUnsupportedCasts
 from mlxq._pickling import PicklesUnsignedBuffers
+from mlxq.nn import refuse_nonfinite_weight
 from mlxq.ops import affine_quantize, dequantize, quantize, quantized_matmul
 
 __all__ = ["MultiLinear", "AffineMultiLinear", "SplitKvB"]
@@ -87,6 +88,7 @@ class AffineMultiLinear(RefusesUnsupportedCasts, PicklesUnsignedBuffers, nn.Modu
             heads, in_features, out_features, bits, group_size, weight.dtype, weight.device, mode
         )
         w = weight.detach().contiguous()
+        refuse_nonfinite_weight(w)
         if mode == "affine":
             module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
         else:

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from mlxq.format import SUPPORTED_BITS, ModuleFormat, configured_format, fits
+from mlxq.format import (
+    MODE_DEFAULTS,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    ModuleFormat,
+    configured_format,
+    fits,
+)
 from mlxq.nn import AffineEmbedding, TiedAffineHead
 from mlxq.swap import MoePlan, SwapPlan, WeightRead, moe_plan, swap_plan, weight_reads
 
@@ -436,8 +443,22 @@ def plan_quantization(
             "no longer applies them, while transformers' model applies them in its forward; "
             "mlxq does not fold them, so it refuses to write a checkpoint mlx-lm would misread"
         )
+    # refused before any weight is read or quantized (as mx.quantize refuses them); before,
+    # an affine group of 16 or mxfp4 at 8 bits failed at the first layer built, mid-load
     if top.mode == "affine" and top.bits not in SUPPORTED_BITS:
         raise ValueError(f"mlxq: bits={top.bits} is not one of {SUPPORTED_BITS}")
+    if top.mode == "affine" and top.group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"mlxq: group_size={top.group_size} is not one of {SUPPORTED_GROUP_SIZES} for "
+            "mode 'affine'"
+        )
+    if top.mode != "affine" and (top.group_size, top.bits) != MODE_DEFAULTS.get(top.mode):
+        want = MODE_DEFAULTS.get(top.mode)
+        raise ValueError(
+            f"mlxq: mode {top.mode!r} needs "
+            + (f"group_size={want[0]} and bits={want[1]}" if want else "a known mode")
+            + f", got group_size={top.group_size} and bits={top.bits}"
+        )
 
     def format_of(name: str, swap: SwapPlan) -> ModuleFormat | None:
         fmt = configured_format(name, top, overrides, skip)

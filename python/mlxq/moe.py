@@ -28,6 +28,7 @@ from torch import nn
 from mlxq._casts import RefusesUnsupportedCasts
 from mlxq._pickling import PicklesUnsignedBuffers, made_class
 from mlxq.format import MODE_DEFAULTS
+from mlxq.nn import refuse_nonfinite_weight
 from mlxq.ops import (
     affine_dequantize,
     affine_quantize,
@@ -157,6 +158,7 @@ class AffineSwitchLinear(RefusesUnsupportedCasts, PicklesUnsignedBuffers, Switch
         )
         module._init_bias(bias is not None, weight.dtype, weight.device)
         w = weight.detach().contiguous()
+        refuse_nonfinite_weight(w)
         if mode == "affine":
             module.weight, module.scales, module.biases = affine_quantize(w, group_size, bits)
         else:

@@ -664,7 +664,24 @@ class InProjMultiheadAttention(nn.Module):
         return f"num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
+def refuse_nonfinite_weight(w: torch.Tensor) -> None:
+    """Refuse a float weight with NaN or Inf before quantizing it: MLX's quantizer (and so
+    `mlx_lm convert`, bit for bit mlxq's) turns a group with one NaN into finite codes, scale
+    and bias, so the NaN is lost without a word and the layer computes another weight."""
+    if w.numel() == 0 or bool(torch.isfinite(w.sum(dtype=torch.float32))):
+        return  # (a sum, not a mask as large as w: this runs on every layer quantized)
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):  # (else only the sum overflowed)
+        where = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(
+            f"mlxq: the float weight {list(w.shape)} to quantize has {int(bad.sum())} non-finite "
+            f"values (NaN or Inf), e.g. at index {where}; MLX's quantizer would turn them into "
+            "finite codes without a word (a corrupt float checkpoint?)"
+        )
+
+
 def _quantize_into(module: AffineLinear | AffineEmbedding, w: torch.Tensor) -> None:
+    refuse_nonfinite_weight(w)
     if module.mode == "affine":
         module.weight, module.scales, module.biases = affine_quantize(
             w, module.group_size, module.bits

@@ -255,6 +255,13 @@ def _check_biases(mode: str, biases: torch.Tensor | None) -> None:
 
 
 def _check_no_global_scale(mode: str, global_scale: torch.Tensor | None) -> None:
+    if global_scale is not None and not isinstance(global_scale, torch.Tensor):
+        # (the op's schema said only "Expected a value of type 'Optional[Tensor]'", a
+        # RuntimeError); MLX takes an array too
+        raise TypeError(
+            "mlxq: global_scale must be a float32 tensor (e.g. torch.tensor(2.0); for a gather, "
+            f"one value per matrix), got {type(global_scale).__name__} {global_scale!r:.40}"
+        )
     if mode == "affine" and global_scale is not None:
         raise ValueError("mlxq: global_scale is only used by mode 'nvfp4', got mode 'affine'")
 
@@ -557,6 +564,7 @@ def fp_gather_matmul(
     (shape `wq.shape[:-2]`), matrix e's weights multiplied by global_scale[e] / (448*6).
     Differentiable with respect to `x` (reverse mode).
     """
+    _check_no_global_scale(mode, global_scale)
     return torch.ops.mlxq.fp_gather_matmul(
         x,
         wq,

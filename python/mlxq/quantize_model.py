@@ -61,6 +61,7 @@ def quantize_model(
     """
     source = "quantize_model arguments"  # named by errors (not a config.json)
     top = check_quantization({"group_size": group_size, "bits": bits, "mode": mode}, source=source)
+    _refuse_quantized(model)
     _untie_head_as_mlx_vlm(model)
     skip = list(modules_to_not_convert or [])
     if overrides is None:  # no recipe: the entries mlx-lm's own model class would add
@@ -82,7 +83,38 @@ def quantize_model(
         replaced.discard(name)
     _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
     group_projections(model)
+    model._mlxq_quantized = True  # a second call is refused (_refuse_quantized)
     return model
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """Refuse a model that was quantized already (a loaded MLX checkpoint, or a second call) and
+    holds packed layers: the walk skips them, so they kept their format while the config was
+    rewritten to the new one, and `save_pretrained` wrote a block that its tensors contradict.
+    A call that raised half-way marks nothing (its packed layers stay, and a second call with
+    the refused module fixed completes it)."""
+    import torch
+
+    from mlxq.integrations.quantizer import MLXHfQuantizer
+
+    loaded = isinstance(getattr(model, "hf_quantizer", None), MLXHfQuantizer)
+    if not (loaded or getattr(model, "_mlxq_quantized", False)):
+        return
+    for name, module in model.named_modules():
+        scales = module._buffers.get("scales") if hasattr(module, "_buffers") else None
+        weight = module._buffers.get("weight", getattr(module, "weight", None))
+        packed = isinstance(weight, torch.Tensor) and weight.dtype in (torch.uint32, torch.int32)
+        if isinstance(scales, torch.Tensor) and packed:
+            fmt = ", ".join(
+                f"{key}={getattr(module, key)}"
+                for key in ("bits", "group_size", "mode")
+                if hasattr(module, key)
+            )
+            raise ValueError(
+                f"mlxq: quantize_model takes a float model, but {name or 'the model'!r} is "
+                f"quantized already ({type(module).__name__}{': ' + fmt if fmt else ''}); "
+                "dequantize it first (model.dequantize()) to quantize it in another format"
+            )
 
 
 def latent_kv_b_parts(model: nn.Module) -> dict[str, tuple[int, int, int, int]]:
@@ -179,9 +211,14 @@ def quantize_planned(model: nn.Module, walk: ModelPlan) -> set[str]:
             continue
         if entry.swap is None or fmt is None:
             continue
-        new = entry.swap.require().quantize(
-            entry.module, bits=fmt.bits, group_size=fmt.group_size, mode=fmt.mode
-        )
+        try:
+            new = entry.swap.require().quantize(
+                entry.module, bits=fmt.bits, group_size=fmt.group_size, mode=fmt.mode
+            )
+        except ValueError as error:  # a NaN in the float weight: name the layer
+            raise ValueError(
+                f"mlxq: layer {entry.name!r}: {str(error).removeprefix('mlxq: ')}"
+            ) from None
         model.set_submodule(entry.name, new)
         replaced.add(entry.name)
     if tie_head(model, walk.head):
@@ -227,9 +264,14 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
                 float_stack.bias.data.copy_(bias)
             projections[proj] = float_stack
         else:
-            projections[proj] = AffineSwitchLinear.from_float(
-                w, fmt.bits, fmt.group_size, fmt.mode, bias=bias
-            )
+            try:
+                projections[proj] = AffineSwitchLinear.from_float(
+                    w, fmt.bits, fmt.group_size, fmt.mode, bias=bias
+                )
+            except ValueError as error:
+                raise ValueError(
+                    f"mlxq: experts '{entry.name}.{proj}': {str(error).removeprefix('mlxq: ')}"
+                ) from None
     gate = experts_gate(module, entry.moe.variant)
     model.set_submodule(entry.name, experts_class(entry.moe.variant)(**projections, **gate))
     return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}

@@ -557,7 +557,9 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="mlxq bench model", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="mlxq bench model", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help="MLX checkpoint (default: SmolLM2 4-bit, cached)")
     p.add_argument("--float-model", type=Path, help="float checkpoint for the dense peers")

@@ -207,7 +207,9 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="mlxq bench ops", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="mlxq bench ops", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument("--m", type=int, nargs="+", default=[1, 8, 32, 128, 512])
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=64)

@@ -129,9 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException, limit: int = 1000) -> str:
+    """The error's message on one line: every line of it, joined (the first line alone can be
+    a heading, as pydantic-style validation errors give: "Validation error for field 'x':"),
+    cut at `limit` characters where a multi-line message is longer."""
     text = str(error).strip() or type(error).__name__
-    text = text.splitlines()[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = " ".join(lines)
+    if len(lines) > 1 and len(text) > limit:
+        text = text[:limit].rstrip() + " ..."
     return text.removeprefix("mlxq: ").removeprefix("mlxq.")
 
 
@@ -152,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - one line, not a traceback, for users
         if debug:
             raise
+        from mlxq.inspect_checkpoint import config_validation_errors
+
         known = (OSError, ValueError, NotImplementedError, ImportError, TypeError, RuntimeError)
         prefix = "" if isinstance(error, known) else f"{type(error).__name__}: "
         hint = "" if isinstance(error, known) else " (MLXQ_DEBUG=1 shows the traceback)"
+        if isinstance(error, config_validation_errors()):  # the user's config, not a bug
+            prefix, hint = "the model's config.json is invalid: ", ""
         print(f"mlxq: error: {prefix}{_one_line(error)}{hint}", file=sys.stderr)
         return 1

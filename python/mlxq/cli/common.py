@@ -221,6 +221,13 @@ def load_model(name: str, device: str, dtype_name: str = "auto", threads: int | 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
+        files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+        if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in files):
+            # transformers' own words name no file ("... from one of: ")
+            raise CLIError(
+                f"{name}: cannot load its tokenizer: the folder has none of {', '.join(files)} "
+                "(copy the tokenizer files of the model it was converted from)"
+            ) from None
         raise CLIError(
             f"{name}: cannot load its tokenizer ({str(error).splitlines()[0]})"
         ) from None

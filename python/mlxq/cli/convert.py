@@ -15,6 +15,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"{args.out} already exists and is not empty; pass a new folder")
+    # before reading the model (which can take minutes), not at the write: "[Errno 17] File
+    # exists" naming the parent
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CLIError(f"{parent} is a file, so {args.out} cannot be created; pass a folder")
     source, config = resolve_config(args.hf_path)
     if find_quantization(config) is not None:
         raise CLIError(

@@ -85,6 +85,14 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             raise ValueError(f"mlxq: {path}: safetensors header is not JSON ({error})") from None
     if not isinstance(header, dict):
         raise ValueError(f"mlxq: {path}: safetensors header must be an object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):  # the safetensors library refuses it without naming the file
+        raise ValueError(
+            f"mlxq: {path}: safetensors __metadata__ must map strings to strings, got "
+            f"{metadata!r:.200}"
+        )
     data_size = size_on_disk - 8 - size
     out: dict[str, TensorInfo] = {}
     ranges = []
@@ -93,12 +101,19 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
             continue
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in DTYPE_BYTES:
+                raise ValueError(f"unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"shape {shape!r} is not a list of sizes >= 0")
+            if not all(isinstance(o, int) for o in (begin, end)):
+                raise ValueError(f"data_offsets {[begin, end]!r} are not integers")
             nbytes = DTYPE_BYTES[dtype]
             for d in shape:
-                nbytes *= int(d)
+                nbytes *= d
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(
-                f"mlxq: {path}: tensor {name!r} has a malformed header entry {info!r} ({error!r})"
+                f"mlxq: {path}: tensor {name!r} has a malformed header entry {info!r:.300} "
+                f"({error})"
             ) from None
         if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
             raise ValueError(
@@ -112,6 +127,14 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:], strict=False):
         if begin < end:
             raise ValueError(f"mlxq: {path}: tensors {first!r} and {second!r} overlap in the file")
+    # the safetensors library also wants the tensors to fill the data exactly (its "file not
+    # fully covered", which names no file): no gap, no bytes after the last tensor
+    covered = sum(end - begin for begin, end, _ in ranges)
+    if covered != data_size:
+        raise ValueError(
+            f"mlxq: {path}: its tensors cover {covered} of the file's {data_size} data bytes "
+            "(bytes appended to the file, or a gap between tensors: a corrupt file)"
+        )
     return out
 
 

@@ -94,8 +94,10 @@ __all__ = [
     "add_unused_modules",
     "refuse_tied_head_tensors",
     "check_finite",
+    "check_float_parameters_finite",
     "check_nothing_missing",
     "check_nothing_unexpected",
+    "check_no_mismatched_shapes",
     "unexpected_tensors",
     "missing_tensors",
     "missing_message",
@@ -125,6 +127,15 @@ def check_finite(name: str, tensor: torch.Tensor, mode: str = "affine") -> None:
             f"mlxq: {name} has {int(bad.sum())} non-finite values ({what}), e.g. at index "
             f"{where}: the checkpoint is corrupt"
         )
+
+
+def check_float_parameters_finite(model: nn.Module) -> None:
+    """Refuse NaN or Inf in the float parameters read from an MLX checkpoint (norms, float
+    layers, biases): as in scales, one such value makes every logit NaN without a word (mlx-lm
+    runs them too). Parameters only: buffers may hold -inf on purpose (attention masks)."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta":
+            check_finite(name, param.detach())
 
 
 def check_nothing_missing(model: nn.Module) -> None:
@@ -204,6 +215,21 @@ def check_nothing_unexpected(model: nn.Module, unexpected: Iterable[str]) -> Non
             f"{'it' if len(unexpected) == 1 else 'them'} and mlx-lm's strict load refuses "
             f"{'it' if len(unexpected) == 1 else 'them'} (does config.json describe this "
             "checkpoint?)"
+        )
+
+
+def check_no_mismatched_shapes(model: nn.Module, mismatched: Iterable[tuple]) -> None:
+    """Refuse float tensors stored in another shape than the model's (a norm of the wrong width):
+    transformers raises only "look at the above report", a report that a caller who silences its
+    logging (`mlxq generate`) never sees; with `ignore_mismatched_sizes=True` it would fill them
+    randomly. `mismatched`: transformers' (name, stored shape, model shape) triples."""
+    rows = sorted((name, list(stored), list(expected)) for name, stored, expected in mismatched)
+    if rows:
+        said = "; ".join(f"{n} is stored {s}, the model's is {e}" for n, s, e in rows[:5])
+        more = f"; and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise ValueError(
+            f"mlxq: the checkpoint's tensors do not fit {type(model).__name__}: {said}{more} "
+            "(does config.json describe this checkpoint?)"
         )
 
 
@@ -674,6 +700,14 @@ def _refuse_unmapped_vlm(
         _refuse_missing_tensors(model, headers, note)
 
 
+def check_quantized_on_load_errors(on_load: QuantizeOnLoad) -> None:
+    """Refuse the model when a layer failed to quantize while loading, naming it and why."""
+    if on_load.errors:
+        name, why = sorted(on_load.errors.items())[0]
+        more = f" (and {len(on_load.errors) - 1} more layers)" if len(on_load.errors) > 1 else ""
+        raise ValueError(f"mlxq: quantizing layer {name!r} while loading failed: {why}{more}")
+
+
 def check_all_quantized_on_load(on_load: QuantizeOnLoad) -> None:
     """Every layer planned to be quantized while loading got its float weight from the
     checkpoint: transformers fills a tensor the file lacks with uninitialised memory (reported
@@ -913,6 +947,7 @@ class MLXHfQuantizer(HfQuantizer):
             layers, replaced = plan_on_load(model, self.quantization_config)
             self._on_load = QuantizeOnLoad(layers, checkpoint_files)
             drop_tied_keys(model, replaced)
+            self._take_conversion_errors(model)
             return model
         headers = read_headers(checkpoint_files or [])
         warn_if_scales_rounded(model, headers)
@@ -1021,17 +1056,38 @@ class MLXHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = []
         return model
 
+    def _take_conversion_errors(self, model: nn.Module) -> None:
+        """Take the errors of quantizing a layer while loading out of transformers' load report,
+        refused after loading by name (:func:`check_quantized_on_load_errors`): transformers
+        raises only "look at the CONVERSION entries of the above report", a report that a
+        caller who silences its logging (`mlxq convert`, `mlxq generate`) never sees."""
+        adjust = model._adjust_missing_and_unexpected_keys
+        on_load = self._on_load
+
+        def take(loading_info, _adjust=adjust) -> None:
+            _adjust(loading_info)
+            del model._adjust_missing_and_unexpected_keys  # the class's method again
+            if on_load.errors:
+                loading_info.conversion_errors.clear()
+
+        model._adjust_missing_and_unexpected_keys = take
+
     def _record_unexpected_keys(self, model: nn.Module) -> None:
         """Keep the checkpoint tensors transformers finds no place for (its load report's
         unexpected keys, after its own exceptions), refused after loading: transformers tells
         quantizers nothing of them, so the model's hook that adjusts them reports them here."""
         self._unexpected: set[str] = set()
+        self._mismatched: set[tuple] = set()
         adjust = model._adjust_missing_and_unexpected_keys
 
         def record(loading_info, _adjust=adjust) -> None:
             _adjust(loading_info)
             self._unexpected = set(loading_info.unexpected_keys)
             del model._adjust_missing_and_unexpected_keys  # the class's method again
+            # refused after loading, by name: transformers' own refusal follows this hook in a
+            # `finally` and would replace an error raised here
+            self._mismatched = set(loading_info.mismatched_keys)
+            loading_info.mismatched_keys.clear()
 
         model._adjust_missing_and_unexpected_keys = record
 
@@ -1056,6 +1112,7 @@ class MLXHfQuantizer(HfQuantizer):
         if not self.pre_quantized:  # float32 tensors saved as mlx_lm convert writes them
             save_float_dtypes_as_convert(model, self.__dict__.pop("_float_source", None))
         if on_load is not None:
+            check_quantized_on_load_errors(on_load)
             check_all_quantized_on_load(on_load)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
@@ -1069,9 +1126,22 @@ class MLXHfQuantizer(HfQuantizer):
                             + (f" (quantizing it failed: {why})" if why else "")
                         )
                     if tensor_name in ("scales", "biases", "global_scale"):
-                        check_finite(
-                            f"{name}.{tensor_name}", tensor, getattr(module, "mode", "affine")
-                        )
+                        key = f"{name}.{tensor_name}"
+                        stored = getattr(self, "_stored", {}).get(key)
+                        try:
+                            check_finite(key, tensor, getattr(module, "mode", "affine"))
+                        except ValueError:
+                            if tensor.dtype != torch.float16 or stored is None:
+                                raise
+                            if stored.dtype == "F16":
+                                raise
+                            # finite as stored, infinite once cast: not a corrupt file
+                            raise ValueError(
+                                f"mlxq: {key} (stored {stored.dtype}) holds values beyond "
+                                "float16's range (65504), which the cast to the model's float16 "
+                                "makes infinite; load it with dtype=torch.bfloat16 or "
+                                "torch.float32"
+                            ) from None
         if self.pre_quantized:
             layout = getattr(self, "_mlx_layout", None)
             if layout is not None:
@@ -1090,11 +1160,13 @@ class MLXHfQuantizer(HfQuantizer):
                         for c in getattr(model, "_weight_conversions", None) or []
                         if not any(c is r for r in load_only)
                     ]
+            check_no_mismatched_shapes(model, getattr(self, "_mismatched", ()))
             unexpected = getattr(self, "_unexpected", ())
             if layout is not None:  # what mlx-lm drops on purpose
                 unexpected = [k for k in unexpected if not layout.drops(k)]
             check_nothing_unexpected(model, unexpected)
             check_nothing_missing(model)
+            check_float_parameters_finite(model)
             run_folded_multipliers(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
         check_moe_tensors_loaded(model)
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them

@@ -280,6 +280,10 @@ def register() -> None:
             if isinstance(getattr(self, "hf_quantizer", None), MLXHfQuantizer):
                 from mlxq._casts import RefusesUnsupportedCasts, cast_refusal
 
+                try:  # to float16, each module's scales must fit it: ask every one
+                    to_half = fn(torch.empty(0)).dtype == torch.float16
+                except Exception:  # noqa: BLE001 - a cast that fails says why itself
+                    to_half = False
                 for name, module in self.named_modules():
                     if isinstance(module, RefusesUnsupportedCasts):
                         why = cast_refusal(module, fn)
@@ -288,7 +292,8 @@ def register() -> None:
                                 f"mlxq: cannot cast this MLX model ({name}, "
                                 f"{type(module).__name__}, is quantized): {why}; nothing was cast"
                             )
-                        break  # one quantized module answers for all
+                        if not to_half:
+                            break  # one quantized module answers for all
             return original_apply(self, fn, *args, **kwargs)
 
         setattr(_apply, _MARK, True)
