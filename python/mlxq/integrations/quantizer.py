@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -700,6 +700,20 @@ def _refuse_unmapped_vlm(
         _refuse_missing_tensors(model, headers, note)
 
 
+def _read_load_report(model: nn.Module, read: Callable[[Any], None]) -> None:
+    """Run `read(loading_info)` on transformers' load report once, after the model's own hook
+    that adjusts it (`_adjust_missing_and_unexpected_keys`, called once a load; transformers
+    tells quantizers nothing else of the report), the class's hook then back in place."""
+    adjust = model._adjust_missing_and_unexpected_keys
+
+    def hook(loading_info) -> None:
+        adjust(loading_info)
+        del model._adjust_missing_and_unexpected_keys  # the class's method again
+        read(loading_info)
+
+    model._adjust_missing_and_unexpected_keys = hook
+
+
 def check_quantized_on_load_errors(on_load: QuantizeOnLoad) -> None:
     """Refuse the model when a layer failed to quantize while loading, naming it and why."""
     if on_load.errors:
@@ -1061,16 +1075,13 @@ class MLXHfQuantizer(HfQuantizer):
         refused after loading by name (:func:`check_quantized_on_load_errors`): transformers
         raises only "look at the CONVERSION entries of the above report", a report that a
         caller who silences its logging (`mlxq convert`, `mlxq generate`) never sees."""
-        adjust = model._adjust_missing_and_unexpected_keys
         on_load = self._on_load
 
-        def take(loading_info, _adjust=adjust) -> None:
-            _adjust(loading_info)
-            del model._adjust_missing_and_unexpected_keys  # the class's method again
+        def take(loading_info) -> None:
             if on_load.errors:
                 loading_info.conversion_errors.clear()
 
-        model._adjust_missing_and_unexpected_keys = take
+        _read_load_report(model, take)
 
     def _record_unexpected_keys(self, model: nn.Module) -> None:
         """Keep the checkpoint tensors transformers finds no place for (its load report's
@@ -1078,18 +1089,15 @@ class MLXHfQuantizer(HfQuantizer):
         quantizers nothing of them, so the model's hook that adjusts them reports them here."""
         self._unexpected: set[str] = set()
         self._mismatched: set[tuple] = set()
-        adjust = model._adjust_missing_and_unexpected_keys
 
-        def record(loading_info, _adjust=adjust) -> None:
-            _adjust(loading_info)
+        def record(loading_info) -> None:
             self._unexpected = set(loading_info.unexpected_keys)
-            del model._adjust_missing_and_unexpected_keys  # the class's method again
             # refused after loading, by name: transformers' own refusal follows this hook in a
             # `finally` and would replace an error raised here
             self._mismatched = set(loading_info.mismatched_keys)
             loading_info.mismatched_keys.clear()
 
-        model._adjust_missing_and_unexpected_keys = record
+        _read_load_report(model, record)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         """The float `weight` of a layer quantized while loading (see :mod:`.quantize_on_load`)."""
@@ -1147,19 +1155,17 @@ class MLXHfQuantizer(HfQuantizer):
             if layout is not None:
                 fill_dropped_tensors(model, layout)  # ERNIE 4.5 MoE's router bias
                 ignore_dropped_on_save(model, layout)  # (and saved as mlx-lm: without it)
-                split = getattr(self, "_split_stacks", [])  # mlx-vlm's fused expert stacks
+                # conversions for loading only, not reversed on save: mlx-vlm's fused expert
+                # stacks (saved apart, as mlx-lm keeps them) and, where the model saves in
+                # transformers' names (Gemma 3's text), the layout's renames
+                load_only = list(getattr(self, "_split_stacks", []))
+                if not layout.save_renamed:
+                    load_only += getattr(self, "_layout_renames", [])
                 model._weight_conversions = [
                     c
                     for c in getattr(model, "_weight_conversions", None) or []
-                    if not any(c is s for s in split)
+                    if not any(c is r for r in load_only)
                 ]
-                if not layout.save_renamed:  # saved in transformers' names (Gemma 3's text)
-                    load_only = getattr(self, "_layout_renames", [])
-                    model._weight_conversions = [
-                        c
-                        for c in getattr(model, "_weight_conversions", None) or []
-                        if not any(c is r for r in load_only)
-                    ]
             check_no_mismatched_shapes(model, getattr(self, "_mismatched", ()))
             unexpected = getattr(self, "_unexpected", ())
             if layout is not None:  # what mlx-lm drops on purpose
