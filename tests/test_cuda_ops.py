@@ -402,6 +402,7 @@ def test_decode_kernels_lowbit(gen, bits: int, group_size: int, dtype, kernel: s
         "2:256:2",
         "2:256:3:52",
         "2:256:2:52",
+        "2:256:3:43l",
         "2:256:3:43lt",
         "2:256:3:p",
         "2:256:2:p",
@@ -415,8 +416,8 @@ def test_prefill_tiles_and_tails(
     # (forced with MLXQ_CUDA_GEMM=2: by default it runs only where its blocks fill the GPU;
     # tiles of 128 or 256 rows of W by 64, 128 or 256 rows of x, partial in both; every shape of
     # MLXQ_CUDA_GEMM_TILE; for 256 the warp-specialized kernel, MLXQ_CUDA_GEMM_WS 1-3: whole
-    # tiles, half tiles, its default rule, with the rings of MLXQ_CUDA_GEMM_WS_RING: 52, the
-    # default 43l (packed pairs), 43lt (scales and biases by TMA), the persistent kernel with
+    # tiles, half tiles, its default rule, with the rings of MLXQ_CUDA_GEMM_WS_RING: 52, 43l
+    # (packed pairs), the default 43lt (scales and biases by TMA), the persistent kernel with
     # packed pairs (p); 0 the register-A kernel), and the cuBLAS tiles (MLXQ_CUDA_GEMM=0); the op
     # reads the variables on every call. N = 300 writes y element by element, N = 264 in
     # 16-byte vectors.
@@ -489,17 +490,17 @@ def test_prefill_pairs_any_alignment(gen, ws: str, monkeypatch) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize("ws", ["0", "3", "3:43lt"])
+@pytest.mark.parametrize("ws", ["0", "3:43l", "3", "3:43lt"])
 def test_prefill_sb_cache(gen, ws: str, monkeypatch) -> None:
     # MLXQ_CUDA_GEMM_SB_CACHE keeps the fused prefill's (scale, bias) pairs per weight: y bit for
     # bit as when they are packed on every call; an in-place change of the scales or biases is
     # repacked; weights that share a storage at other offsets (batched weights) keep their own
     # pairs; mode 1 leaves graph captures packing inside the graph (a change before a replay
-    # reaches it), mode 2 lets a graph read the cached pairs as they were packed. The ring 43lt
-    # of the warp-specialized kernel (ws 3) reads the scales and biases themselves: nothing is
-    # cached, and a graph's replay reads them as they are then.
+    # reaches it), mode 2 lets a graph read the cached pairs as they were packed. The
+    # warp-specialized kernel (ws 3) with its default ring, 43lt, reads the scales and biases
+    # themselves: nothing is cached, and a graph's replay reads them as they are then.
     ws, _, ring = ws.partition(":")
-    reads_arrays = ring == "43lt"
+    reads_arrays = ws == "3" and ring in ("", "43lt")
     monkeypatch.setenv("MLXQ_CUDA_GEMM", "2")
     monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", "256")
     monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)

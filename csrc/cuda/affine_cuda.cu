@@ -230,9 +230,9 @@ bool use_sm90_gemm(const Weight& W, int64_t M, at::ScalarType dt, int device) {
 // gap, 1.3-1.5%. 4096 x 4096 as half tiles (MLXQ_CUDA_GEMM=2 MLXQ_CUDA_GEMM_WS=2): 0.0430-0.0431
 // ms against 0.0453-0.0458. Off by default: it keeps a second copy of the scales and biases
 // (N * G * 4 bytes a weight), and mode 2 changes what a graph reads after an in-place update.
-// Where the launch reads no pairs (the warp-specialized kernel's ring 43lt,
-// MLXQ_CUDA_GEMM_WS_RING=43lt, TMAs the scales and biases from their arrays:
-// gemm_w4_sm90_reads_pairs) nothing is packed or cached.
+// Where the launch reads no pairs (the warp-specialized kernel's default ring, 43lt, TMAs the
+// scales and biases from their arrays: gemm_w4_sm90_reads_pairs) nothing is packed or cached;
+// the pairs remain for the register-A kernel, the other rings and arrays 43lt cannot TMA.
 int sb_cache_mode() {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_SB_CACHE");
   return env == nullptr || *env == '\0' ? 0 : std::atoi(env);

@@ -135,26 +135,28 @@ int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_cou
 // The warp-specialized kernel's ring (gemm_sm90_ws.cuh's GemmWsCfg), MLXQ_CUDA_GEMM_WS_RING (read
 // on every call, for benchmarks and tests): "52" 5 TMA slots and 2 dequantized tiles, loads
 // issued 3 stages ahead (the first form); "43l": 4 slots, 3 tiles, each load issued once its
-// slot is known free, 3 ahead (kWsLate), reading the packed pairs (the default); "43lt": the
-// same with the scales and biases TMA'd from their arrays (kWsTmaSb: no packing kernel) where
-// they allow it (G % 8 == 0, both 16-byte aligned; 43l otherwise). 43lt stays opt-in until it
-// has run through tests/test_cuda_ops.py as the op's choice on a GPU (only the harness has run
-// it: bit-identical to 43l in its float64-checked cases). "p" / "pt": the persistent
-// kernel (gemm_w4_sm90_wsp_kernel) with pairs / by TMA. Harness, M = 512, bf16, g128, the
-// pairs packed with each call as the op does (two runs, ms; dense cuBLAS 0.3072-0.3081 /
-// 0.2998-0.3002): 28672 x 8192 43l 0.4048-0.4050 (1.31-1.32x dense), 43lt 0.3848-0.3857
-// (1.25x), pt 0.4143-0.4204; 8192 x 28672 43l 0.3656-0.3660 (1.22x), 43lt 0.3453-0.3458
-// (1.15x), pt 0.3717-0.3719. The other forms (one arrival a warp for a dequantized tile, the
-// arrays read through registers: kWsDirect) measured slower through the op (gemm_sm90_ws.cuh).
+// slot is known free, 3 ahead (kWsLate), reading the (scale, bias) pairs packed before the call;
+// "43lt" (the default): the same with the scales and biases TMA'd from their arrays (kWsTmaSb:
+// no packing kernel) where they allow it (G % 8 == 0, both 16-byte aligned; 43l otherwise);
+// bit-identical to 43l (tests/test_cuda_ops.py). "p" / "pt": the persistent kernel
+// (gemm_w4_sm90_wsp_kernel) with pairs / by TMA. Through the op, the graphs replayed back to back
+// in 12 rounds whose order rotates (benchmarks/cuda/wsp_ab.py, H200, bf16, g128, M = 512; median
+// over dense cuBLAS, two runs in one call): 28672 x 8192 43l 1.456x / 1.469x, 43lt 1.373x /
+// 1.375x, pt 1.525x; 8192 x 28672 43l 1.345x / 1.330x, 43lt 1.238x / 1.247x, pt 1.408x; the
+// fastest rounds 43l 0.4015 / 43lt 0.3810 ms (dense 0.3049) and 0.3744 / 0.3491 (0.3109). An
+// earlier bench_ops column had 43lt slower (0.4298 against 0.4030 ms); that run timed the two
+// seconds apart, as the clock moved (its 4096 x 4096 row, where no fused kernel runs, moved as
+// much). The other forms (one arrival a warp for a dequantized tile, the arrays read through
+// registers: kWsDirect) measured slower through the op (gemm_sm90_ws.cuh).
 enum class WsRing { k52, k43l, k43lt, kP, kPt };
 WsRing ws_ring() {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WS_RING");
   const std::string r(env == nullptr ? "" : env);
   if (r == "52") return WsRing::k52;
-  if (r == "43lt") return WsRing::k43lt;
+  if (r == "43l") return WsRing::k43l;
   if (r == "p") return WsRing::kP;
   if (r == "pt") return WsRing::kPt;
-  return WsRing::k43l;
+  return WsRing::k43lt;
 }
 bool ws_tma_sb_fits(const void* scales, const void* biases, int64_t G) {
   return G % 8 == 0 &&
