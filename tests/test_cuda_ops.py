@@ -467,6 +467,31 @@ def test_prefill_ws_rings_agree(gen, group_size: int, dtype: torch.dtype, monkey
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", ["1", "2", "3", "3:43l", "3:p"])
+def test_prefill_ragged_rows(gen, dtype: torch.dtype, fused: str, monkeypatch) -> None:
+    # the warp-specialized kernel runs the last 1-128 rows of x past a multiple of 256 as one
+    # half tile a row of W tiles (GemmParams::ragged; not for the persistent ring p), never
+    # other products or another order: y bit for bit as with MLXQ_CUDA_GEMM_WS_RAGGED=0 (those
+    # rows in whole tiles), for whole tiles, half tiles and the default rule; M = 385 is one row
+    # past the rule (129 rows: a whole tile either way); one M against the float64 oracle
+    ws, _, ring = fused.partition(":")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM", "2")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_TILE", "256")
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_WS", ws)
+    monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RING", ring)
+    wq, s, b = _quantized(gen, 264, 2048, 64, 4, dtype)
+    args = (wq.cuda(), s.cuda(), b.cuda(), 64, 4)
+    for m in (257, 300, 384, 385, 513, 640):
+        x = torch.randn(m, 2048, generator=gen).to(dtype).cuda()
+        monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RAGGED", "0")
+        ref = mlxq.affine_matmul(x, *args)
+        monkeypatch.setenv("MLXQ_CUDA_GEMM_WS_RAGGED", "1")
+        assert torch.equal(mlxq.affine_matmul(x, *args), ref), m
+    _check_matmul(torch.randn(300, 2048, generator=gen).to(dtype), wq, s, b, 64, 4)
+
+
+@needs_cuda
 @pytest.mark.parametrize("ws", ["0", "3"])
 def test_prefill_pairs_any_alignment(gen, ws: str, monkeypatch) -> None:
     # the (scale, bias) pairs the fused kernels read are packed 8 at a time from 16-byte aligned

@@ -119,17 +119,37 @@ int64_t sk_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count) {
 // 5 TMA slots and 2 dequantized tiles it was even with the register-A kernel through the op
 // (bench_ops, H200, bf16, M = 512, two runs: 28672 x 8192 0.4316-0.4341 against 0.4356-0.4386,
 // 8192 x 28672 0.4312-0.4505 against 0.4250-0.4306); with 4 slots and 3 tiles (ws_ring52) it is
-// ahead wherever it runs (gemm_sm90_ws.cuh has the numbers). Returns the tiles computed whole,
-// or -1.
-int64_t ws_full_for(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count, int64_t sk,
-                    const GemmSplit& plan) {
+// ahead wherever it runs (gemm_sm90_ws.cuh has the numbers). Where the last rows of x are 1-128
+// past a multiple of 256 (M > 256) and the kernel is not the persistent one, those rows run as
+// one half tile a row of W tiles after the others (GemmParams::ragged; before, a whole tile of
+// mostly absent rows: M = 384 cost as much as 512); MLXQ_CUDA_GEMM_WS_RAGGED=0 (read on every
+// call, for benchmarks and tests) keeps the whole tiles. Products and their order are the same
+// either way.
+struct WsPlan {
+  int64_t full = -1;    // tiles computed whole; -1 where the kernel does not run
+  int64_t tiles_m = 0;  // tiles of x computed whole or as two halves, a row of W tiles
+  int64_t tiles = 0;    // such tiles in all
+  int ragged = 0;
+  int64_t blocks = 0;
+  bool runs() const { return full >= 0; }
+};
+WsPlan ws_plan(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count, int64_t sk,
+               const GemmSplit& plan, bool persistent) {
   const char* env = std::getenv("MLXQ_CUDA_GEMM_WS");
   const int mode = env == nullptr || *env == '\0' ? 3 : std::atoi(env);
+  WsPlan w;
   if (sh.nt != 256 || mode < 1 || mode > 3 || sk > 0 || plan.split > 1 || K < kGemmTileK) {
-    return -1;
+    return w;
   }
-  const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
-  return mode == 1 ? tiles : mode == 2 ? 0 : gemm_ws_full(tiles, sm_count);
+  const char* renv = std::getenv("MLXQ_CUDA_GEMM_WS_RAGGED");
+  const bool ragged_on = renv == nullptr || *renv == '\0' || std::atoi(renv) != 0;
+  const int64_t tiles_n = (N + sh.tile_n - 1) / sh.tile_n;
+  w.ragged = !persistent && ragged_on && M > sh.nt && M % sh.nt != 0 && M % sh.nt <= sh.nt / 2;
+  w.tiles_m = w.ragged ? M / sh.nt : (M + sh.nt - 1) / sh.nt;
+  w.tiles = w.tiles_m * tiles_n;
+  w.full = mode == 1 ? w.tiles : mode == 2 ? 0 : gemm_ws_full(w.tiles, sm_count);
+  w.blocks = w.full + 2 * (w.tiles - w.full) + (w.ragged ? tiles_n : 0);
+  return w;
 }
 
 // The warp-specialized kernel's ring (gemm_sm90_ws.cuh's GemmWsCfg), MLXQ_CUDA_GEMM_WS_RING (read
@@ -167,6 +187,24 @@ bool ws_tma_sb_fits(const void* scales, const void* biases, int64_t G) {
 bool wsp_fits(int64_t M, int64_t N, int64_t K, int64_t units) {
   return K / kGemmTileK >= 3 && M < (int64_t{1} << 30) && N < (int64_t{1} << 30) &&
          units < (int64_t{1} << 30);
+}
+
+// The ring launch_typed runs and its plan: a persistent ring only where wsp_fits (43l in its
+// place otherwise).
+struct WsChoice {
+  WsRing ring;
+  WsPlan plan;
+};
+WsChoice ws_choice(const Shape& sh, int64_t M, int64_t N, int64_t K, int sm_count, int64_t sk,
+                   const GemmSplit& split) {
+  WsRing ring = ws_ring();
+  const bool persistent = ring == WsRing::kP || ring == WsRing::kPt;
+  WsPlan w = ws_plan(sh, M, N, K, sm_count, sk, split, persistent);
+  if (persistent && w.runs() && !wsp_fits(M, N, K, w.blocks)) {
+    ring = WsRing::k43l;
+    w = ws_plan(sh, M, N, K, sm_count, sk, split, false);
+  }
+  return {ring, w};
 }
 
 // The tensor maps of the warp-specialized kernels: x in boxes of nt and nt / 2 rows (whole and
@@ -235,17 +273,15 @@ void launch_wsp(const GemmParams& p, bool half, int64_t units, int sm_count, cud
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether launch_typed runs the persistent kernel with the scales and biases by TMA (no pairs).
+// Whether launch_typed runs a warp-specialized kernel with the scales and biases by TMA (no
+// pairs).
 bool uses_tma_sb(const GemmArgs& a) {
   const Shape sh = shape_of(tile_for(a.M));
   const GemmSplit plan = split_for(sh, a.M, a.N, a.K, a.sm_count);
   const int64_t sk = sk_for(sh, a.M, a.N, a.K, a.sm_count);
-  const int64_t full = ws_full_for(sh, a.M, a.N, a.K, a.sm_count, sk, plan);
-  const int64_t tiles = ((a.M + sh.nt - 1) / sh.nt) * ((a.N + sh.tile_n - 1) / sh.tile_n);
-  const WsRing ring = ws_ring();
-  return full >= 0 && ws_tma_sb_fits(a.scales, a.biases, a.G) &&
-         (ring == WsRing::k43lt ||
-          (ring == WsRing::kPt && wsp_fits(a.M, a.N, a.K, 2 * tiles - full)));
+  const WsChoice c = ws_choice(sh, a.M, a.N, a.K, a.sm_count, sk, plan);
+  return c.plan.runs() && ws_tma_sb_fits(a.scales, a.biases, a.G) &&
+         (c.ring == WsRing::k43lt || c.ring == WsRing::kPt);
 }
 
 template <typename T, int GS>
@@ -260,15 +296,14 @@ void launch_typed(GemmParams p, bool half, int sm_count, cudaStream_t stream) {
   p.sk = sk_for(sh, p.M, p.N, p.K, sm_count);
   p.xmajor = 1;  // measured 2-4% faster than the other order with stream-K (harness)
   const int64_t blocks = p.sk > 0 ? p.sk : plan.full + plan.rem * plan.split;
-  const int64_t ws_full = ws_full_for(sh, p.M, p.N, p.K, sm_count, p.sk, plan);
-  if (ws_full >= 0) {
-    p.full = ws_full;
-    const int64_t b = ws_full + 2 * (p.tiles - ws_full);
-    WsRing ring = ws_ring();
-    if ((ring == WsRing::kP || ring == WsRing::kPt) && !wsp_fits(p.M, p.N, p.K, b)) {
-      ring = WsRing::k43l;
-    }
-    switch (ring) {
+  const WsChoice ws = ws_choice(sh, p.M, p.N, p.K, sm_count, p.sk, plan);
+  if (ws.plan.runs()) {
+    p.full = ws.plan.full;
+    p.tiles_m = ws.plan.tiles_m;
+    p.tiles = ws.plan.tiles;
+    p.ragged = ws.plan.ragged;
+    const int64_t b = ws.plan.blocks;
+    switch (ws.ring) {
       case WsRing::k52:
         return launch_ws<T, GS, 5, 2, 0>(p, half, b, stream);
       case WsRing::k43l:
@@ -331,11 +366,8 @@ GemmWorkspace gemm_w4_sm90_workspace(int64_t M, int64_t N, int64_t K, int sm_cou
     return {sk, 2 * sk * sh.nt * sh.tile_n, tiles};
   }
   const GemmSplit plan = split_for(sh, M, N, K, sm_count);
-  const int64_t ws_full = ws_full_for(sh, M, N, K, sm_count, sk, plan);
-  if (ws_full >= 0) {  // half tiles, no scratch
-    const int64_t tiles = ((M + sh.nt - 1) / sh.nt) * ((N + sh.tile_n - 1) / sh.tile_n);
-    return {ws_full + 2 * (tiles - ws_full), 0, 0};
-  }
+  const WsChoice ws = ws_choice(sh, M, N, K, sm_count, sk, plan);
+  if (ws.plan.runs()) return {ws.plan.blocks, 0, 0};  // half tiles, no scratch
   return {plan.full + plan.rem * plan.split, plan.ws_floats(sh.nt, sh.tile_n), plan.rem};
 }
 

@@ -85,6 +85,9 @@ struct GemmParams {
   // kWsDirect form (gemm_sm90_ws.cuh; harness only)
   const uint16_t* scales = nullptr;
   const uint16_t* biases = nullptr;
+  // Warp-specialized kernel (gemm_sm90_ws.cuh): 1 where the last rows of x, 1-128 of them past
+  // tiles_m whole tiles, run as one half tile a row of W tiles after the others (ragged M)
+  int ragged = 0;
 };
 
 // The K split of gemm_split_plan: a launch of fewer tiles than half the multiprocessors leaves

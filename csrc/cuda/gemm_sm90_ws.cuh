@@ -508,7 +508,10 @@ __device__ __forceinline__ void gemm_ws_tile(const GemmParams& p, const CUtensor
 // Tiles: tile t covers rows of x (t % tiles_m) * 256 and rows of W (t / tiles_m) * 128 (Mc:
 // * 256, the CTA of rank r of cluster t taking rows + 128 r). Blocks (Mc: clusters) b < p.full
 // compute tile b; block p.full + 2 i + h computes half h (rows of x + 128 h, 128 of them) of
-// tile p.full + i. map_x boxes 256 rows of x (Mc: 128), map_xh 128 (Mc: 64).
+// tile p.full + i; with p.ragged, block p.full + 2 (tiles - full) + j computes the last 1-128
+// rows of x (from tiles_m * 256) against rows of W j * 128 as a half tile, so that a partial
+// tile of x costs a half tile rather than a whole one of mostly absent rows. map_x boxes 256 rows
+// of x (Mc: 128), map_xh 128 (Mc: 64).
 template <typename T, int GS, int Probe, int Stages, int ABufs, bool Mc, int Opt>
 __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensorMap* map_x,
                                              const CUtensorMap* map_xh, const CUtensorMap* map_w,
@@ -529,9 +532,16 @@ __device__ __forceinline__ void gemm_ws_body(const GemmParams& p, const CUtensor
     sm90::gemm_ws_tile<T, GS, 256, Probe, Stages, ABufs, Mc, Opt>(p, map_x, map_w, map_s, map_b, m0,
                                                                   n0, smem0, smem_gen);
   } else {
-    const int64_t tile = p.full + (blk - p.full) / 2;
-    const int64_t m0 = (tile % p.tiles_m) * C::kNT + 128 * ((blk - p.full) % 2);
-    const int64_t n0 = (tile / p.tiles_m) * tile_n + n_off;
+    const int64_t h = blk - p.full, halves = 2 * (p.tiles - p.full);
+    int64_t m0, n0;
+    if (!p.ragged || h < halves) {
+      const int64_t tile = p.full + h / 2;
+      m0 = (tile % p.tiles_m) * C::kNT + 128 * (h % 2);
+      n0 = (tile / p.tiles_m) * tile_n + n_off;
+    } else {  // ragged: the last rows of x
+      m0 = p.tiles_m * C::kNT;
+      n0 = (h - halves) * tile_n + n_off;
+    }
     if (m0 >= p.M) return;  // a half tile past M (both CTAs of a cluster)
     sm90::gemm_ws_tile<T, GS, 128, Probe, Stages, ABufs, Mc, Opt>(p, map_xh, map_w, map_s, map_b,
                                                                   m0, n0, smem0, smem_gen);
