@@ -60,6 +60,7 @@ def _load(path: Path):
         "lfm2_vl",
         "qwen3_5",
         "qwen3_5_moe",
+        "qwen4_exp",
         "qwen3_vl_moe",
         "glm4v",
         "glm_ocr",

@@ -538,6 +538,29 @@ def _qwen3_5(model_type: str, text: dict) -> Family:
     )
 
 
+# Qwen4-Exp: Qwen 3.5 MoE with hyper-connections (4 streams) and an indexer (QSA) on its
+# full-attention layers, which transformers calls indexed_attention; no per-layer (n-gram)
+# embeddings (ple_layer_ids): refused, see test_vlm_coverage
+_QWEN4_EXP_TEXT = {
+    **_QWEN3_5_MOE_TEXT,
+    "hc_lowrank": 16,
+    "indexer_n_heads": 2,
+    "indexer_kv_heads": 1,  # mlx-vlm requires one
+    "indexer_head_dim": 32,
+    "indexer_budget": 64,
+    "indexer_compress_ratio": 4,
+}
+
+
+def _qwen4_exp_keys(cfg: dict) -> None:
+    """The Hub's layout: `full_attention` for the indexed layers, the output gate named."""
+    text = cfg["text_config"]
+    text["layer_types"] = [
+        "full_attention" if t == "indexed_attention" else t for t in text["layer_types"]
+    ]
+    text["output_gate_type"] = text["output_gate_type"] or text["hidden_act"]
+
+
 def _glm4v_processor(tokenizer):
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
@@ -1228,6 +1251,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
+    "qwen4_exp": dataclasses.replace(
+        _qwen3_5("qwen4_exp", _QWEN4_EXP_TEXT), mlx_vlm_keys=_qwen4_exp_keys
+    ),
     "gemma3": Family(
         "gemma3",
         text={

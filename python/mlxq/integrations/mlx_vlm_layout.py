@@ -109,6 +109,11 @@ class VlmLayout:
     # renames (those starting with the regex) apply only while they are float; a quantized
     # one keeps mlx-vlm's names, loaded into mlxq.nn.InProjMultiheadAttention
     float_only: tuple[str, ...] = ()
+    # text_config layer types written in mlx-vlm's (the Hub's) names: (transformers', mlx-vlm's)
+    text_layer_type_names: tuple[tuple[str, str], ...] = ()
+    # (key, source) in text_config: transformers writes `key` as None, meaning `source`'s value,
+    # where mlx-vlm's config class has a default of its own (Qwen4-Exp's output_gate_type)
+    text_none_means: tuple[tuple[str, str], ...] = ()
 
     def quantized_float_only(self, keys: Iterable[str]) -> list[str]:
         """The :attr:`float_only` modules that `keys` (mlx-vlm's names) hold quantized."""
@@ -282,6 +287,16 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         "glm4v_moe", _SWITCH_MLP, **_GLM4V_KEYS, text_defaults=(("use_qk_norm", False),)
     ),
     "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS, attention_interval=True),
+    # Qwen4-Exp: Qwen 3.5 MoE's names, with norms stored as they are (its mlx-vlm RMSNorm adds
+    # the 1 itself); mlx-vlm reads the indexed-attention layers under the Hub's `full_attention`
+    # and defaults the linear attention's output gate to sigmoid where transformers' None means
+    # hidden_act
+    "qwen4_exp": _qwen_vl(
+        "qwen4_exp",
+        _SWITCH_MLP,
+        text_layer_type_names=(("indexed_attention", "full_attention"),),
+        text_none_means=(("output_gate_type", "hidden_act"),),
+    ),
     "qwen3_5_moe": _qwen_vl(
         "qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS, attention_interval=True
     ),
@@ -724,6 +739,8 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
             )
             out["text"][key] = period
     out["text"].update({k: text.get(k, cfg.get(k, v)) for k, v in layout.text_defaults})
+    none_means = dict(layout.text_none_means)
+    out["text"].update({k: text.get(s) for k, s in none_means.items() if text.get(k) is None})
     vision = cfg.get("vision_config") or {}
     if layout.derived_keys is not None:
         for part, keys in layout.derived_keys(cfg).items():
@@ -737,7 +754,9 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
         "text": {
             k: v
             for k, v in out["text"].items()
-            if k not in text or (layout.xdrope and k == "rope_scaling" and text[k] != v)
+            if k not in text
+            or (layout.xdrope and k == "rope_scaling" and text[k] != v)
+            or (k in none_means and text[k] is None)
         },
         "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
         "vision_drop": [k for k in layout.vision_drop if k in vision],

@@ -355,6 +355,11 @@ def add_mlx_vlm_config_keys(config) -> None:
             # to_dict writes the class's model_type: a subclass that names mlx-vlm's (the Hub
             # layout, e.g. "qwen2_5_vl"; transformers reads it back as the same vision config)
             sub_config.__class__ = _with_model_type(type(sub_config), model_type)
+    layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
+    text = getattr(config, "text_config", None)
+    if layout is not None and layout.text_layer_type_names and text is not None:
+        names = dict(layout.text_layer_type_names)  # serialized only; in memory they stay
+        text.__class__ = _with_layer_type_names(type(text), names)
     drop = keys.get("vision_drop")
     vision = getattr(config, "vision_config", None)
     if drop and vision is not None:  # keys mlx-vlm's config class rejects (GLM-OCR's rope)
