@@ -61,6 +61,7 @@ def _load(path: Path):
         "qwen3_5",
         "qwen3_5_moe",
         "qwen4_exp",
+        "cohere_compass",
         "qwen3_vl_moe",
         "glm4v",
         "glm_ocr",

@@ -561,6 +561,9 @@ def _qwen4_exp_keys(cfg: dict) -> None:
     text["output_gate_type"] = text["output_gate_type"] or text["hidden_act"]
 
 
+_COMPASS_SPECIAL = ("<|VISION_START|>", "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDEO_PAD|>")
+
+
 def _glm4v_processor(tokenizer):
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
@@ -1251,6 +1254,23 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
+    # mlx-vlm's final norm is an RMSNorm when text_config has rms_norm_eps (this file's TEXT
+    # gives one; transformers' config class has no such key): left out, as the Hub's config
+    "cohere_compass": Family(
+        "cohere_compass",
+        text={
+            "rope_parameters": {"full_attention": {**_MROPE, "mrope_interleaved": True}},
+            "rms_norm_eps": None,
+        },
+        vision=dict(_QWEN3_VISION),
+        special=_COMPASS_SPECIAL,
+        token_ids=dict(zip(_QWEN_IDS, _COMPASS_SPECIAL, strict=True)),
+        processor=_qwen_image_processor(16),
+        prompt="t5 t6 <|VISION_START|><|IMAGE_PAD|><|VISION_END|> t7 t300 t42",
+        image_size=(96, 64),
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+    ),
     "qwen4_exp": dataclasses.replace(
         _qwen3_5("qwen4_exp", _QWEN4_EXP_TEXT), mlx_vlm_keys=_qwen4_exp_keys
     ),

@@ -287,6 +287,10 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         "glm4v_moe", _SWITCH_MLP, **_GLM4V_KEYS, text_defaults=(("use_qk_norm", False),)
     ),
     "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS, attention_interval=True),
+    # Cohere Compass (North Vision): Qwen3-VL's tower and names around Cohere's parallel block;
+    # mlx-vlm reads the rope per layer type from rope_parameters, and the flat keys (a
+    # rope_scaling) would make transformers' strict config refuse the saved config.json
+    "cohere_compass": _qwen_vl("cohere_compass", rope_keys=False, reads_rope_parameters=True),
     # Qwen4-Exp: Qwen 3.5 MoE's names, with norms stored as they are (its mlx-vlm RMSNorm adds
     # the 1 itself); mlx-vlm reads the indexed-attention layers under the Hub's `full_attention`
     # and defaults the linear attention's output gate to sigmoid where transformers' None means
