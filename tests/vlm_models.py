@@ -2164,6 +2164,37 @@ FAMILIES["gemma4_moe"] = dataclasses.replace(
 )
 
 
+# families mlxq refuses by name (mlx_vlm_layout.UNVERIFIED_VLM): mlx-vlm converts these tiny
+# models; GLM-5-Next's two layers are its linear-attention ones (the fused projections)
+FAMILIES["glm5_next"] = dataclasses.replace(
+    FAMILIES["glm4v"],
+    model_type="glm5_next",
+    text={
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "kv_lora_rank": 64,
+        "q_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "qk_rope_head_dim": 0,  # its indexed (DSA) layers take no rope
+        "index_topk": 64,
+        "index_head_dim": 32,
+        "index_n_heads": 2,
+        "linear_head_dim": 32,
+        "linear_num_heads": 4,
+        "num_key_value_heads": 4,
+        "pad_token_id": 0,  # the Hub's (154820) is outside the tiny vocabulary
+    },
+    vision={**_GLM4V_VISION, "projection_intermediate_size": 128},
+    mlx_vlm_keys=None,
+)
+# Diffusion Gemma: Gemma 4's MoE language model as a block-diffusion encoder and decoder
+FAMILIES["diffusion_gemma"] = dataclasses.replace(
+    FAMILIES["gemma4_moe"], model_type="diffusion_gemma"
+)
+
+
 def tiny_tokenizer(
     out: Path, special: tuple[str, ...], named: dict[str, str] | None = None, size: int = VOCAB
 ):

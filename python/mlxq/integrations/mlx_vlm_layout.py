@@ -554,6 +554,25 @@ UNVERIFIED_VLM: dict[str, str] = {
         "no tiny model was compared with mlx-vlm (its `inkling` module, with an audio tower): "
         "its processor output was not converted into transformers' inputs"
     ),
+    # found with tiny models of transformers 5.24 converted by mlx-vlm 0.7.10
+    "glm5_next": (
+        "mlx-vlm fuses each linear-attention layer's q/k/v projections into qkv_proj, their "
+        "convolutions into qkv_conv, and f_a_proj, b_proj and g_a_proj (of unequal widths) into "
+        "fbg_a_proj, and the dense MLP's gate and up into gate_up_proj; mlxq splits fused "
+        "projections into equal parts only"
+    ),
+    "diffusion_gemma": (
+        "a block-diffusion model (DiffusionGemmaForBlockDiffusion: an encoder over the prompt "
+        "and a decoder that denoises a block), not a causal LM whose logits compare with "
+        "mlx-vlm's; mlx-vlm keeps transformers' model.encoder / model.decoder names and its "
+        "image + text forward fails on the tiny model"
+    ),
+    "step3p7": (
+        "no tiny model was compared with mlx-vlm: mlx-vlm reads the Hub's remote-code layout "
+        "(the tower's width/layers/heads, its fused attn.in_proj that transformers unfuses "
+        "with a rope permutation, vit_large_projector), so transformers' checkpoint does not "
+        "convert"
+    ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
         "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
