@@ -709,12 +709,38 @@ def _muse_spark_float(out: Path) -> Path:
     return tiny_float_checkpoint("muse_spark", out, tied=True)
 
 
+def _nemotron_h_omni_float(out: Path) -> Path:
+    from arch_models import ARCHS, BASE
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
+    vision.update(intermediate_size=128, patch_size=16, image_size=64, video_temporal_patch_size=2)
+    audio = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2)
+    audio.update(intermediate_size=128, projection_hidden_size=128, projection_bias=False)
+    config = AutoConfig.for_model(
+        "nemotron_h_omni",
+        text_config={**BASE, **ARCHS["nemotron_h"][0]},
+        vision_config=vision,
+        audio_config=audio,
+        projector_hidden_size=128,
+        vision_hidden_size=64,
+        image_token_id=500,
+    )
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    return out
+
+
 # refused by another rule: mlxq maps neither mlx-lm's nor mlx-vlm's Muse Spark (MLX_LM_UNCHECKED)
 _REFUSED_AS_TEXT = {"muse_spark": r"model type 'muse_spark': .*nor mlx-vlm's"}
 
 
 @pytest.mark.parametrize(
-    ("model_type", "build"), [("step3p7", _step3p7_float), ("muse_spark", _muse_spark_float)]
+    ("model_type", "build"),
+    [
+        ("step3p7", _step3p7_float),
+        ("nemotron_h_omni", _nemotron_h_omni_float),
+        ("muse_spark", _muse_spark_float),
+    ],
 )
 def test_family_without_a_converted_tiny_model_is_refused_by_name(
     tmp_path: Path, model_type: str, build
@@ -755,7 +781,8 @@ def test_every_image_text_family_of_both_is_compared_or_refused_by_name() -> Non
     maps to an image-text class is a family compared with mlx-vlm here, one refused by name
     with its reason (UNVERIFIED_VLM, or another tested rule), or a text model compared with
     mlx-lm: a family new to either library fails here until it is checked (before:
-    cohere_compass, qwen4_exp, glm5_next, step3p7 and diffusion_gemma were none of these)."""
+    cohere_compass, qwen4_exp, glm5_next, step3p7, diffusion_gemma and nemotron_h_omni were
+    none of these)."""
     import mlx_vlm.utils
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as IMAGE_TEXT,

@@ -573,6 +573,12 @@ UNVERIFIED_VLM: dict[str, str] = {
         "with a rope permutation, vit_large_projector), so transformers' checkpoint does not "
         "convert"
     ),
+    "nemotron_h_omni": (
+        "no tiny model was compared with mlx-vlm: mlx-vlm reads the Hub's remote-code config "
+        "(the language model's block types as mamba/attention/moe/mlp where transformers 5 "
+        "writes linear_attention/full_attention/..., its RADIO tower's and Parakeet audio "
+        "encoder's settings), so transformers' checkpoint does not convert"
+    ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
         "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
