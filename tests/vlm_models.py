@@ -538,9 +538,10 @@ def _qwen3_5(model_type: str, text: dict) -> Family:
     )
 
 
-# Qwen4-Exp: Qwen 3.5 MoE with hyper-connections (4 streams) and an indexer (QSA) on its
-# full-attention layers, which transformers calls indexed_attention; no per-layer (n-gram)
-# embeddings (ple_layer_ids): refused, see test_vlm_coverage
+# Qwen4-Exp: Qwen 3.5 MoE with hyper-connections (4 streams), an indexer (QSA) on its
+# full-attention layers, which transformers calls indexed_attention, and hashed n-gram
+# embeddings (PLE) on its first (linear-attention) layer, a table that mlx-vlm stores in
+# `split_ngram_parts` row shards (quantized at group 32: its rows are 32 wide)
 _QWEN4_EXP_TEXT = {
     **_QWEN3_5_MOE_TEXT,
     "hc_lowrank": 16,
@@ -549,6 +550,12 @@ _QWEN4_EXP_TEXT = {
     "indexer_head_dim": 32,
     "indexer_budget": 64,
     "indexer_compress_ratio": 4,
+    "ple_layer_ids": [1],  # one-indexed
+    "ngram_vocab_size_base": 1000,  # the Hub's 20M rows: ~95 GiB
+    "make_ngram_vocab_size_divisible_by": 8,
+    "heads_per_ngram": 2,
+    "split_ngram_parts": 4,
+    "eos_token_id": 2,  # PLE pads the n-gram context with it
 }
 
 

@@ -115,6 +115,64 @@ class VlmLayout:
     # where mlx-vlm's config class has a default of its own (Qwen4-Exp's output_gate_type)
     text_none_means: tuple[tuple[str, str], ...] = ()
 
+    # tables mlx-vlm stores in row shards: (shard module name part with `*` for the shard
+    # number, the table's name part, the config attribute holding the shard count), after the
+    # renames; the shards' tensors (weight, scales, biases) are concatenated along the rows at
+    # load, exact for MLX's row-wise groups (Qwen4-Exp's n-gram embedding `shards.N`)
+    concats: tuple[tuple[str, str, str], ...] = ()
+
+    def _concat_pattern(self, source: str) -> re.Pattern:
+        return re.compile(re.escape(source).replace(r"\*", r"(\d+)") + r"(?=\.|$)")
+
+    def concat_module(self, name: str) -> str:
+        """The table a shard's module `name` (either library's naming) belongs to, else `name`."""
+        for source, target, _ in self.concats:
+            name = self._concat_pattern(source).sub(target, name)
+        return name
+
+    def concat_headers(self, headers: Mapping[str, Any]) -> dict[str, Any]:
+        """`headers` (transformers' names -> TensorInfo) with each sharded table's shards
+        replaced by the whole table; shards missing or stored in different formats are refused
+        by name."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for source, target, _ in self.concats:
+            pattern = self._concat_pattern(source)
+            groups: dict[str, dict[int, Any]] = {}
+            for key, info in headers.items():
+                m = pattern.search(key)
+                if m is not None:
+                    table = key[: m.start()] + target + key[m.end() :]
+                    groups.setdefault(table, {})[int(m[1])] = info
+                    del out[key]
+            for table, shards in groups.items():
+                formats = {(i.dtype, tuple(i.shape[1:])) for i in shards.values()}
+                if sorted(shards) != list(range(len(shards))) or len(formats) != 1:
+                    raise ValueError(
+                        f"mlxq: the shards of {table} are not shards 0..{len(shards) - 1} of one "
+                        f"format ({sorted(shards)}, {sorted(formats, key=str)})"
+                    )
+                rows = sum(i.shape[0] for i in shards.values())
+                dtype, rest = formats.pop()
+                out[table] = TensorInfo(dtype, (rows, *rest))
+        return out
+
+    def concat_conversions(self) -> list:
+        """`WeightConverter`s concatenating each sharded table's shards at load
+        (`save_pretrained` cuts the table back into the count of shards its config gives)."""
+        from transformers.core_model_loading import Concatenate, WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=f"{source}.{leaf}",
+                target_patterns=f"{target}.{leaf}",
+                operations=[Concatenate(dim=0, num_shards_attribute=count)],
+            )
+            for source, target, count in self.concats
+            for leaf in ("weight", "scales", "biases")
+        ]
+
     def quantized_float_only(self, keys: Iterable[str]) -> list[str]:
         """The :attr:`float_only` modules that `keys` (mlx-vlm's names) hold quantized."""
         keys = list(keys)
@@ -300,6 +358,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         _SWITCH_MLP,
         text_layer_type_names=(("indexed_attention", "full_attention"),),
         text_none_means=(("output_gate_type", "hidden_act"),),
+        concats=((".ngram_embedding.shards.*", ".ngram_embedding", "split_ngram_parts"),),
     ),
     "qwen3_5_moe": _qwen_vl(
         "qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS, attention_interval=True
@@ -1015,8 +1074,10 @@ def entries_as_model_names(model: nn.Module, entries: dict[str, Any]) -> dict[st
         for name, mlx in mlx_vlm_module_names(model, modules, level).items():
             if name not in by_mlx.setdefault(mlx, []):
                 by_mlx[mlx].append(name)
+    layout = VLM_LAYOUTS.get(getattr(model.config, "model_type", None) or "")
     out: dict[str, Any] = {}
     for key, value in entries.items():
+        key = layout.concat_module(key) if layout is not None else key  # a table's shard
         targets = [key] if key in names else by_mlx.get(key, [key])
         for target in targets:
             if target in out and out[target] != value:

@@ -459,8 +459,8 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
         headers = layout.split_headers(layout.stack_headers(headers))
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
     if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
-        headers = vlm_layout.split_headers(
-            {vlm_layout.to_transformers(k): v for k, v in headers.items()}
+        headers = vlm_layout.concat_headers(
+            vlm_layout.split_headers({vlm_layout.to_transformers(k): v for k, v in headers.items()})
         )
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -1030,6 +1030,7 @@ class MLXHfQuantizer(HfQuantizer):
             # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
             fused = (vlm_layout.to_transformers(k) for k in stored_keys)
             self._value_conversions += vlm_layout.split_conversions(fused)
+            self._value_conversions += vlm_layout.concat_conversions()  # sharded tables
         config = _with_model_names(model, self.quantization_config, vlm_layout)
         walk = plan_modules(
             model,
