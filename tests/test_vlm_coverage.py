@@ -424,6 +424,7 @@ def test_own_class_loads_the_same_model(name: str) -> None:
         "kimi_k25",
         "gemma4_unified",
         "muse_glimmer",
+        "cohere_compass",
     ],
 )
 def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
@@ -566,6 +567,7 @@ def test_gemma4_variants(variant: Variant) -> None:
         ("minicpmv4_7_moe", False),
         ("gemma4_unified", True),
         ("muse_glimmer", True),
+        ("cohere_compass", True),
     ],
 )
 def test_quantized_float_model_saves_what_mlx_vlm_convert_writes(
@@ -794,3 +796,18 @@ def test_every_image_text_family_of_both_is_compared_or_refused_by_name() -> Non
     checked = {f.model_type for f in FAMILIES.values()} | set(UNVERIFIED_VLM)
     checked |= set(_REFUSED_AS_TEXT) | _TEXT_MODELS
     assert sorted(t for t in types if t in IMAGE_TEXT and t not in checked) == []
+
+
+def test_quantizing_a_float_qwen4_exp_without_entries_is_refused(tmp_path: Path) -> None:
+    """mlx-vlm's Qwen4-Exp rule (8-bit routers and shared-expert gates, the n-gram embedding's
+    shards at a fallback group of 32, an entry per shard) is not reproduced: quantize_model
+    without entries refuses naming it (before: 4-bit routers, the embedding left float, saved
+    as a checkpoint that is not mlx-vlm's conversion)."""
+    import mlxq
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_float_checkpoint, variant_of
+
+    float_dir = tiny_float_checkpoint("qwen4_exp", tmp_path / "float", variant_of("qwen4_exp").tied)
+    model = AutoModelForImageTextToText.from_pretrained(float_dir, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"'qwen4_exp' by its own .*fallback_group_size"):
+        mlxq.quantize_model(model, bits=4, group_size=64)

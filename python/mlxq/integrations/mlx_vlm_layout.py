@@ -359,6 +359,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         text_layer_type_names=(("indexed_attention", "full_attention"),),
         text_none_means=(("output_gate_type", "hidden_act"),),
         concats=((".ngram_embedding.shards.*", ".ngram_embedding", "split_ngram_parts"),),
+        reads_rope_parameters=True,  # (its config requires them there)
     ),
     "qwen3_5_moe": _qwen_vl(
         "qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS, attention_interval=True
