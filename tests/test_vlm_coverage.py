@@ -811,3 +811,23 @@ def test_quantizing_a_float_qwen4_exp_without_entries_is_refused(tmp_path: Path)
     model = AutoModelForImageTextToText.from_pretrained(float_dir, dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError, match=r"'qwen4_exp' by its own .*fallback_group_size"):
         mlxq.quantize_model(model, bits=4, group_size=64)
+
+
+def test_qwen4_exp_greedy_decode_with_its_caches_is_mlx_vlm_s() -> None:
+    """Qwen4-Exp generates through its caches (the n-gram context and convolution states of
+    its PLE layer, the linear attention's, the indexer's compressed keys; 13 prompt tokens,
+    past the token budget of 8): its greedy tokens are mlx-vlm's, one full forward a step.
+    (Its tokenizer class ignores the tiny word-level vocabulary, so ids are given.)"""
+    path = tiny_mlx_vlm_checkpoint("qwen4_exp")
+    model = _load(path)
+    ids, steps = [5, 77, 300, 12, 499, 3, 42, 250, 7, 128, 64, 9, 11], 6
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=None
+        )
+    sequence = list(ids)
+    for _ in range(steps):
+        array = np.array([sequence], dtype=np.int64)
+        inputs = {"input_ids": array, "attention_mask": np.ones_like(array)}
+        sequence.append(int(mlx_vlm_logits(path, "qwen4_exp", inputs)[-1].argmax()))
+    assert out[0, len(ids) :].tolist() == sequence[len(ids) :]
