@@ -831,3 +831,22 @@ def test_qwen4_exp_greedy_decode_with_its_caches_is_mlx_vlm_s() -> None:
         inputs = {"input_ids": array, "attention_mask": np.ones_like(array)}
         sequence.append(int(mlx_vlm_logits(path, "qwen4_exp", inputs)[-1].argmax()))
     assert out[0, len(ids) :].tolist() == sequence[len(ids) :]
+
+
+def test_missing_shard_of_a_sharded_table_is_refused(tmp_path: Path) -> None:
+    """Qwen4-Exp's n-gram table without one of its shards is refused naming the table (the
+    concatenation would otherwise build a shorter table than the model's)."""
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_mlx_vlm_checkpoint("qwen4_exp")
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    tensors = load_file(broken / "model.safetensors")
+    shard = "language_model.model.layers.0.ple.ple_embedding.ngram_embedding.shards.2"
+    for leaf in ("weight", "scales", "biases"):
+        del tensors[f"{shard}.{leaf}"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "mlx"})
+    (broken / "model.safetensors.index.json").unlink(missing_ok=True)
+    match = r"shards of .*ple_embedding\.ngram_embedding\.weight are not shards 0\.\.2"
+    with pytest.raises(ValueError, match=match):
+        _load(broken)
