@@ -538,6 +538,39 @@ def _qwen3_5(model_type: str, text: dict) -> Family:
     )
 
 
+# Qwen4-Exp: Qwen 3.5 MoE with hyper-connections (4 streams), an indexer (QSA) on its
+# full-attention layers, which transformers calls indexed_attention, and hashed n-gram
+# embeddings (PLE) on its first (linear-attention) layer, a table that mlx-vlm stores in
+# `split_ngram_parts` row shards (quantized at group 32: its rows are 32 wide)
+_QWEN4_EXP_TEXT = {
+    **_QWEN3_5_MOE_TEXT,
+    "hc_lowrank": 16,
+    "indexer_n_heads": 2,
+    "indexer_kv_heads": 1,  # mlx-vlm requires one
+    "indexer_head_dim": 32,
+    "indexer_budget": 8,  # below the prompts' length: the sparse selection runs (0.66 apart)
+    "indexer_compress_ratio": 4,
+    "ple_layer_ids": [1],  # one-indexed
+    "ngram_vocab_size_base": 1000,  # the Hub's 20M rows: ~95 GiB
+    "make_ngram_vocab_size_divisible_by": 8,
+    "heads_per_ngram": 2,
+    "split_ngram_parts": 4,
+    "eos_token_id": 2,  # PLE pads the n-gram context with it
+}
+
+
+def _qwen4_exp_keys(cfg: dict) -> None:
+    """The Hub's layout: `full_attention` for the indexed layers, the output gate named."""
+    text = cfg["text_config"]
+    text["layer_types"] = [
+        "full_attention" if t == "indexed_attention" else t for t in text["layer_types"]
+    ]
+    text["output_gate_type"] = text["output_gate_type"] or text["hidden_act"]
+
+
+_COMPASS_SPECIAL = ("<|VISION_START|>", "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDEO_PAD|>")
+
+
 def _glm4v_processor(tokenizer):
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
@@ -1228,6 +1261,26 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_5": _qwen3_5("qwen3_5", _QWEN3_5_TEXT),
     "qwen3_5_moe": _qwen3_5("qwen3_5_moe", _QWEN3_5_MOE_TEXT),
+    # mlx-vlm's final norm is an RMSNorm when text_config has rms_norm_eps (this file's TEXT
+    # gives one; transformers' config class has no such key): left out, as the Hub's config
+    "cohere_compass": Family(
+        "cohere_compass",
+        text={
+            "rope_parameters": {"full_attention": {**_MROPE, "mrope_interleaved": True}},
+            "rms_norm_eps": None,
+        },
+        vision=dict(_QWEN3_VISION),
+        special=_COMPASS_SPECIAL,
+        token_ids=dict(zip(_QWEN_IDS, _COMPASS_SPECIAL, strict=True)),
+        processor=_qwen_image_processor(16),
+        prompt="t5 t6 <|VISION_START|><|IMAGE_PAD|><|VISION_END|> t7 t300 t42",
+        image_size=(96, 64),
+        extra_inputs=("image_grid_thw",),
+        torch_inputs=_mm_token_types,
+    ),
+    "qwen4_exp": dataclasses.replace(
+        _qwen3_5("qwen4_exp", _QWEN4_EXP_TEXT), mlx_vlm_keys=_qwen4_exp_keys
+    ),
     "gemma3": Family(
         "gemma3",
         text={
@@ -2115,6 +2168,37 @@ FAMILIES["gemma4_moe"] = dataclasses.replace(
         "top_k_experts": 2,
         "moe_intermediate_size": 64,
     },
+)
+
+
+# families mlxq refuses by name (mlx_vlm_layout.UNVERIFIED_VLM): mlx-vlm converts these tiny
+# models; GLM-5-Next's two layers are its linear-attention ones (the fused projections)
+FAMILIES["glm5_next"] = dataclasses.replace(
+    FAMILIES["glm4v"],
+    model_type="glm5_next",
+    text={
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "kv_lora_rank": 64,
+        "q_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "qk_rope_head_dim": 0,  # its indexed (DSA) layers take no rope
+        "index_topk": 64,
+        "index_head_dim": 32,
+        "index_n_heads": 2,
+        "linear_head_dim": 32,
+        "linear_num_heads": 4,
+        "num_key_value_heads": 4,
+        "pad_token_id": 0,  # the Hub's (154820) is outside the tiny vocabulary
+    },
+    vision={**_GLM4V_VISION, "projection_intermediate_size": 128},
+    mlx_vlm_keys=None,
+)
+# Diffusion Gemma: Gemma 4's MoE language model as a block-diffusion encoder and decoder
+FAMILIES["diffusion_gemma"] = dataclasses.replace(
+    FAMILIES["gemma4_moe"], model_type="diffusion_gemma"
 )
 
 

@@ -325,6 +325,16 @@ _MLX_LM_PREDICATES_NOT_REPRODUCED = frozenset(
 )
 
 
+# image-text model types whose mlx-vlm class has a `quant_predicate` mlxq does not reproduce
+# (mlx-vlm 0.7.10): quantizing them without explicit entries is refused, with what the rule does
+_MLX_VLM_PREDICATES_NOT_REPRODUCED = {
+    "qwen4_exp": (
+        "mlx_vlm/models/qwen4_exp/language.py: the routers and shared-expert gates at 8 bits, "
+        "and each shard of the n-gram embeddings at group 32 where the top-level group does "
+        "not divide its rows (fallback_group_size), one entry per shard"
+    ),
+}
+
 # model types mlx-lm runs with another type's module (mlx_lm.utils.MODEL_REMAPPING)
 _MLX_LM_MODULE = {"minimax_m2": "minimax"}
 
@@ -357,6 +367,13 @@ def mlx_lm_model_entries(
     model_type = getattr(config, "model_type", None)
     # (mlx-vlm writes an empty vision_config for the text models it converts)
     image_text = getattr(config, "vision_config", None) not in (None, {})
+    if image_text and model_type in _MLX_VLM_PREDICATES_NOT_REPRODUCED:
+        raise NotImplementedError(
+            f"mlxq: mlx_vlm convert quantizes model type {model_type!r} by its own per-module "
+            f"rule ({_MLX_VLM_PREDICATES_NOT_REPRODUCED[model_type]}), which mlxq does not "
+            "reproduce yet; give the per-module formats yourself (quantize_model(..., "
+            "overrides={...}), {} for the top-level format everywhere)"
+        )
     if image_text and model_type in _MLX_VLM_MODEL_ENTRIES:
         rules = _MLX_VLM_MODEL_ENTRIES[model_type]
     elif model_type in _MLX_LM_PREDICATES_NOT_REPRODUCED:

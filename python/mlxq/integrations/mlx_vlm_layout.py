@@ -109,6 +109,69 @@ class VlmLayout:
     # renames (those starting with the regex) apply only while they are float; a quantized
     # one keeps mlx-vlm's names, loaded into mlxq.nn.InProjMultiheadAttention
     float_only: tuple[str, ...] = ()
+    # text_config layer types written in mlx-vlm's (the Hub's) names: (transformers', mlx-vlm's)
+    text_layer_type_names: tuple[tuple[str, str], ...] = ()
+    # (key, source) in text_config: transformers writes `key` as None, meaning `source`'s value,
+    # where mlx-vlm's config class has a default of its own (Qwen4-Exp's output_gate_type)
+    text_none_means: tuple[tuple[str, str], ...] = ()
+
+    # tables mlx-vlm stores in row shards: (shard module name part with `*` for the shard
+    # number, the table's name part, the config attribute holding the shard count), after the
+    # renames; the shards' tensors (weight, scales, biases) are concatenated along the rows at
+    # load, exact for MLX's row-wise groups (Qwen4-Exp's n-gram embedding `shards.N`)
+    concats: tuple[tuple[str, str, str], ...] = ()
+
+    def _concat_pattern(self, source: str) -> re.Pattern:
+        return re.compile(re.escape(source).replace(r"\*", r"(\d+)") + r"(?=\.|$)")
+
+    def concat_module(self, name: str) -> str:
+        """The table a shard's module `name` (either library's naming) belongs to, else `name`."""
+        for source, target, _ in self.concats:
+            name = self._concat_pattern(source).sub(target, name)
+        return name
+
+    def concat_headers(self, headers: Mapping[str, Any]) -> dict[str, Any]:
+        """`headers` (transformers' names -> TensorInfo) with each sharded table's shards
+        replaced by the whole table; shards missing or stored in different formats are refused
+        by name."""
+        from mlxq.integrations.checkpoint import TensorInfo
+
+        out = dict(headers)
+        for source, target, _ in self.concats:
+            pattern = self._concat_pattern(source)
+            groups: dict[str, dict[int, Any]] = {}
+            for key, info in headers.items():
+                m = pattern.search(key)
+                if m is not None:
+                    table = key[: m.start()] + target + key[m.end() :]
+                    groups.setdefault(table, {})[int(m[1])] = info
+                    del out[key]
+            for table, shards in groups.items():
+                formats = {(i.dtype, tuple(i.shape[1:])) for i in shards.values()}
+                if sorted(shards) != list(range(len(shards))) or len(formats) != 1:
+                    raise ValueError(
+                        f"mlxq: the shards of {table} are not shards 0..{len(shards) - 1} of one "
+                        f"format ({sorted(shards)}, {sorted(formats, key=str)})"
+                    )
+                rows = sum(i.shape[0] for i in shards.values())
+                dtype, rest = formats.pop()
+                out[table] = TensorInfo(dtype, (rows, *rest))
+        return out
+
+    def concat_conversions(self) -> list:
+        """`WeightConverter`s concatenating each sharded table's shards at load
+        (`save_pretrained` cuts the table back into the count of shards its config gives)."""
+        from transformers.core_model_loading import Concatenate, WeightConverter
+
+        return [
+            WeightConverter(
+                source_patterns=f"{source}.{leaf}",
+                target_patterns=f"{target}.{leaf}",
+                operations=[Concatenate(dim=0, num_shards_attribute=count)],
+            )
+            for source, target, count in self.concats
+            for leaf in ("weight", "scales", "biases")
+        ]
 
     def quantized_float_only(self, keys: Iterable[str]) -> list[str]:
         """The :attr:`float_only` modules that `keys` (mlx-vlm's names) hold quantized."""
@@ -282,6 +345,22 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         "glm4v_moe", _SWITCH_MLP, **_GLM4V_KEYS, text_defaults=(("use_qk_norm", False),)
     ),
     "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS, attention_interval=True),
+    # Cohere Compass (North Vision): Qwen3-VL's tower and names around Cohere's parallel block;
+    # mlx-vlm reads the rope per layer type from rope_parameters, and the flat keys (a
+    # rope_scaling) would make transformers' strict config refuse the saved config.json
+    "cohere_compass": _qwen_vl("cohere_compass", rope_keys=False, reads_rope_parameters=True),
+    # Qwen4-Exp: Qwen 3.5 MoE's names, with norms stored as they are (its mlx-vlm RMSNorm adds
+    # the 1 itself); mlx-vlm reads the indexed-attention layers under the Hub's `full_attention`
+    # and defaults the linear attention's output gate to sigmoid where transformers' None means
+    # hidden_act
+    "qwen4_exp": _qwen_vl(
+        "qwen4_exp",
+        _SWITCH_MLP,
+        text_layer_type_names=(("indexed_attention", "full_attention"),),
+        text_none_means=(("output_gate_type", "hidden_act"),),
+        concats=((".ngram_embedding.shards.*", ".ngram_embedding", "split_ngram_parts"),),
+        reads_rope_parameters=True,  # (its config requires them there)
+    ),
     "qwen3_5_moe": _qwen_vl(
         "qwen3_5_moe", _SWITCH_MLP, unit_offset=_QWEN3_5_NORMS, attention_interval=True
     ),
@@ -535,6 +614,31 @@ UNVERIFIED_VLM: dict[str, str] = {
         "no tiny model was compared with mlx-vlm (its `inkling` module, with an audio tower): "
         "its processor output was not converted into transformers' inputs"
     ),
+    # found with tiny models of transformers 5.24 converted by mlx-vlm 0.7.10
+    "glm5_next": (
+        "mlx-vlm fuses each linear-attention layer's q/k/v projections into qkv_proj, their "
+        "convolutions into qkv_conv, and f_a_proj, b_proj and g_a_proj (of unequal widths) into "
+        "fbg_a_proj, and the dense MLP's gate and up into gate_up_proj; mlxq splits fused "
+        "projections into equal parts only"
+    ),
+    "diffusion_gemma": (
+        "a block-diffusion model (DiffusionGemmaForBlockDiffusion: an encoder over the prompt "
+        "and a decoder that denoises a block), not a causal LM whose logits compare with "
+        "mlx-vlm's; mlx-vlm keeps transformers' model.encoder / model.decoder names and its "
+        "image + text forward fails on the tiny model"
+    ),
+    "step3p7": (
+        "no tiny model was compared with mlx-vlm: mlx-vlm reads the Hub's remote-code layout "
+        "(the tower's width/layers/heads, its fused attn.in_proj that transformers unfuses "
+        "with a rope permutation, vit_large_projector), so transformers' checkpoint does not "
+        "convert"
+    ),
+    "nemotron_h_omni": (
+        "no tiny model was compared with mlx-vlm: mlx-vlm reads the Hub's remote-code config "
+        "(the language model's block types as mamba/attention/moe/mlp where transformers 5 "
+        "writes linear_attention/full_attention/..., its RADIO tower's and Parakeet audio "
+        "encoder's settings), so transformers' checkpoint does not convert"
+    ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
         "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
@@ -724,6 +828,8 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
             )
             out["text"][key] = period
     out["text"].update({k: text.get(k, cfg.get(k, v)) for k, v in layout.text_defaults})
+    none_means = dict(layout.text_none_means)
+    out["text"].update({k: text.get(s) for k, s in none_means.items() if text.get(k) is None})
     vision = cfg.get("vision_config") or {}
     if layout.derived_keys is not None:
         for part, keys in layout.derived_keys(cfg).items():
@@ -737,7 +843,9 @@ def mlx_vlm_config_keys(config: Any) -> dict[str, Any]:
         "text": {
             k: v
             for k, v in out["text"].items()
-            if k not in text or (layout.xdrope and k == "rope_scaling" and text[k] != v)
+            if k not in text
+            or (layout.xdrope and k == "rope_scaling" and text[k] != v)
+            or (k in none_means and text[k] is None)
         },
         "vision": {k: v for k, v in out["vision"].items() if vision.get(k) != v},
         "vision_drop": [k for k in layout.vision_drop if k in vision],
@@ -967,8 +1075,10 @@ def entries_as_model_names(model: nn.Module, entries: dict[str, Any]) -> dict[st
         for name, mlx in mlx_vlm_module_names(model, modules, level).items():
             if name not in by_mlx.setdefault(mlx, []):
                 by_mlx[mlx].append(name)
+    layout = VLM_LAYOUTS.get(getattr(model.config, "model_type", None) or "")
     out: dict[str, Any] = {}
     for key, value in entries.items():
+        key = layout.concat_module(key) if layout is not None else key  # a table's shard
         targets = [key] if key in names else by_mlx.get(key, [key])
         for target in targets:
             if target in out and out[target] != value:

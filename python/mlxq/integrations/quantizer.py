@@ -355,6 +355,11 @@ def add_mlx_vlm_config_keys(config) -> None:
             # to_dict writes the class's model_type: a subclass that names mlx-vlm's (the Hub
             # layout, e.g. "qwen2_5_vl"; transformers reads it back as the same vision config)
             sub_config.__class__ = _with_model_type(type(sub_config), model_type)
+    layout = VLM_LAYOUTS.get(getattr(config, "model_type", None) or "")
+    text = getattr(config, "text_config", None)
+    if layout is not None and layout.text_layer_type_names and text is not None:
+        names = dict(layout.text_layer_type_names)  # serialized only; in memory they stay
+        text.__class__ = _with_layer_type_names(type(text), names)
     drop = keys.get("vision_drop")
     vision = getattr(config, "vision_config", None)
     if drop and vision is not None:  # keys mlx-vlm's config class rejects (GLM-OCR's rope)
@@ -454,8 +459,8 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
         headers = layout.split_headers(layout.stack_headers(headers))
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
     if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
-        headers = vlm_layout.split_headers(
-            {vlm_layout.to_transformers(k): v for k, v in headers.items()}
+        headers = vlm_layout.concat_headers(
+            vlm_layout.split_headers({vlm_layout.to_transformers(k): v for k, v in headers.items()})
         )
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -1025,6 +1030,7 @@ class MLXHfQuantizer(HfQuantizer):
             # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
             fused = (vlm_layout.to_transformers(k) for k in stored_keys)
             self._value_conversions += vlm_layout.split_conversions(fused)
+            self._value_conversions += vlm_layout.concat_conversions()  # sharded tables
         config = _with_model_names(model, self.quantization_config, vlm_layout)
         walk = plan_modules(
             model,
