@@ -147,3 +147,34 @@ def test_cast_keep_tables_follow_the_converters_cast_predicates() -> None:
         if kept != [p for p in _CAST_PROBES if any(k in p for k in ours)]:
             wrong.append((model_type, kept))
     assert checked > 20 and not wrong, wrong
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # quantized while it loads / whole
+def test_convert_keeps_stored_dtypes_without_torch_dtype(arch: str, tmp_path: Path) -> None:
+    """A float checkpoint with fp32 norms and head beside bf16 weights and no `dtype` in its
+    config.json: mlx_lm convert casts nothing, so every tensor keeps its stored dtype (the
+    fp32 head quantizes to fp32 scales). mlxq wrote bf16 norms (transformers' one dtype)."""
+    from arch_models import tiny_float_checkpoint
+    from mlx_lm import convert
+    from safetensors.torch import save_file
+
+    src = tiny_float_checkpoint(arch, tmp_path / "float", tied=False)
+    tensors = load_file(src / "model.safetensors")
+    generator = torch.Generator().manual_seed(3)
+    for name, t in tensors.items():
+        if "norm" in name or name == "lm_head.weight":  # values bf16 does not hold
+            tensors[name] = t.float() + 1e-3 * torch.rand(t.shape, generator=generator)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.pop("dtype", None)
+    (src / "config.json").write_text(json.dumps(config))
+
+    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32)
+    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4)
+    a = load_file(tmp_path / "ours" / "model.safetensors")
+    b = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert b["model.norm.weight"].dtype == torch.float32  # the case under test
+    for key in b:
+        assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
+        assert torch.equal(a[key], b[key]), key
