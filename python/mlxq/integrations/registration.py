@@ -141,6 +141,39 @@ def _with_quantization_in_sub_config(cls: Any, config_dict: dict) -> dict:
     return {**config_dict, key: {**sub, "quantization_config": q}}
 
 
+# model types mlx-lm 0.32 runs as another (its MODEL_REMAPPING) that transformers 5.24 does not
+# know, whose config.json has the same keys meaning the same: Kimi K2 and JoyAI-LLM-Flash ship
+# DeepSeek V3's config class and model (`architectures: DeepseekV3ForCausalLM`, remote code)
+_MLX_LM_REMAPPED = {"kimi_k2": "deepseek_v3", "joyai_llm_flash": "deepseek_v3"}
+# keys mlx-lm's DeepSeek V3 reads that transformers' ignores, and the one value both agree on
+_DEEPSEEK_V3_FIXED = {"moe_layer_freq": 1, "topk_method": "noaux_tc"}
+
+
+def _model_type_as_mlx_lm_reads(config_dict: dict) -> dict:
+    """An MLX checkpoint's config.json of a model type mlx-lm runs as DeepSeek V3 (Kimi K2,
+    JoyAI-LLM-Flash) as transformers' DeepSeek V3 reads it (a copy; unchanged otherwise).
+
+    Refused (ValueError naming key and value) where a key mlx-lm reads and transformers'
+    DeepSeek V3 does not (`moe_layer_freq`: MoE every n-th layer; `topk_method`) holds other
+    than the one value both models agree on; DeepSeek V3 checkpoints likewise."""
+    from mlxq.format import find_quantization, is_mlx_quantization
+
+    model_type = config_dict.get("model_type")
+    target = _MLX_LM_REMAPPED.get(model_type, model_type)
+    if target != "deepseek_v3" or not is_mlx_quantization(find_quantization(config_dict)):
+        return config_dict
+    for key, value in _DEEPSEEK_V3_FIXED.items():
+        if config_dict.get(key, value) != value:
+            raise ValueError(
+                f"mlxq: config.json of model type {model_type!r} sets {key}: "
+                f"{config_dict[key]!r}; mlx-lm's DeepSeek V3 reads it, transformers' does not "
+                f"(its model is that of {key}: {value!r}), so no model here matches mlx-lm's"
+            )
+    if target == model_type:
+        return config_dict
+    return {**config_dict, "model_type": target}
+
+
 def _is_metal(q: Any) -> bool:
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
     return str(getattr(method, "value", method)) == "metal"
@@ -308,6 +341,7 @@ def register() -> None:
             config_dict, kwargs = original_get_config_dict(
                 cls, pretrained_model_name_or_path, **kwargs
             )
+            config_dict = _model_type_as_mlx_lm_reads(config_dict)
             return _with_quantization_in_sub_config(cls, config_dict), kwargs
 
         setattr(get_config_dict, _MARK, True)
