@@ -170,6 +170,9 @@ ERROR_CASES = {
     "generate-bad-id": (["generate", "--model", "bad repo id!"], 1, ["no such folder"]),
     "generate-no-config": (["generate", "--model", "{tmp}"], 1, ["has no config.json"]),
     "inspect-file": (["inspect", "{file}"], 1, ["is a file"]),
+    # with --json, also a JSON object on stdout (before: stdout empty)
+    "inspect-json-no-folder": (["inspect", "/no/such/folder", "--json"], 1, ["no such folder"]),
+    "inspect-json-not-a-model": (["inspect", "{tmp}", "--json"], 1, ["has no config.json"]),
     "generate-zero-tokens": (["generate", "--model", "{ckpt}", "--max-tokens", "0"], 1, ["--max"]),
     "demo-negative-tokens": (["demo", "--max-tokens", "-3"], 1, ["--max-tokens"]),
     # before: a negative or NaN temperature decoded greedily, --threads 0 was ignored
@@ -279,6 +282,16 @@ def test_bad_input_gives_one_line(case: str, error_runs: dict) -> None:
         assert last.startswith("mlxq") and "error:" in last
         for needle in needles:
             assert needle in last, last
+
+
+@pytest.mark.parametrize("case", [c for c in ERROR_CASES if "--json" in ERROR_CASES[c][0]])
+def test_json_error_is_json(case: str, error_runs: dict) -> None:
+    # scripts parse stdout: a failed `inspect --json` prints the error as JSON there too
+    proc = error_runs[case]
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and report["error"] in proc.stderr
+    assert report["problems"] == [{"severity": "error", "message": report["error"]}]
+    assert all(needle in report["error"] for needle in ERROR_CASES[case][2])
 
 
 def _mixed_entries(config: dict) -> dict[str, int]:
