@@ -60,6 +60,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     use_mlx_vlm_layout,
 )
 from mlxq.integrations.model_class import language_model_only_refusal, text_model_class
+from mlxq.integrations.moe_config import check_expert_counts
 from mlxq.integrations.moe_loading import (
     check_moe_tensors_loaded,
     converts_replaced_tensors,
@@ -979,6 +980,9 @@ class MLXHfQuantizer(HfQuantizer):
         return device_map
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        found = _safetensors_and_config(list(checkpoint_files or []))
+        if found is not None:  # a MoE config transformers and mlx-lm read alike, or refused
+            check_expert_counts(model, found[1])
         if not self.pre_quantized:  # a float checkpoint: quantized tensor by tensor as it loads
             # the stored dtypes, saved as mlx_lm convert writes them (save_float_dtypes_as_convert)
             self._float_source = read_float_checkpoint(model, list(checkpoint_files or []))
