@@ -486,3 +486,25 @@ def test_doctor() -> None:
     assert "torch" in proc.stdout
     for key in ("cpu_isa", "cpu_threaded", "transformers_version", "mlx-lm_version", "cache"):
         assert key in proc.stdout, key
+
+
+@pytest.mark.parametrize(("arch", "capped"), [("llama", False), ("gpt2", True)])
+def test_generate_past_the_context_length_says_so(arch: str, capped: bool) -> None:
+    # tiny models of 256 positions, asked for more: never silent. A rotary model (Llama) runs
+    # past it as mlx_lm generate does, with a warning; GPT-2's learned positions (`wpe`) end
+    # there: capped with a warning (before: no word for Llama, and for GPT-2 an IndexError
+    # after 254 tokens)
+    from arch_models import VARIANTS, tiny_mlx_checkpoint
+
+    path = tiny_mlx_checkpoint(arch, VARIANTS[1 if arch == "llama" else 0])
+    proc = run_cli(
+        "generate", "--model", str(path), "--max-tokens", "260", "--ignore-chat-template",
+        "--prompt", "hello there", "--temperature", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("mlxq: warning:")]
+    assert len(warning) == 1 and "past the model's context length" in warning[0], proc.stderr
+    assert "make 262 tokens" in warning[0] and "max_position_embeddings: 256" in warning[0]
+    assert ("generating 254 tokens" in warning[0]) == capped
+    if capped:
+        assert "decode 254 tokens" in proc.stdout
