@@ -904,6 +904,26 @@ def test_llama4_moe_from_mlx_lm() -> None:
         torch.testing.assert_close(ours, ff(x)[0], rtol=0, atol=1e-5)
 
 
+def test_llama4_moe_saved_as_mlx_lm_llama4(tmp_path: Path) -> None:
+    """Llama 4 with experts saved back is mlx-lm's `llama4` (model_type llama4, the text
+    config nested, every tensor under `language_model.`): mlx_lm.load gives the original's
+    logits. Before: `llama4_text` with transformers' names, which mlx-lm reads as its dense
+    llama4_text and refuses (45 parameters not in the model)."""
+    import json
+    import shutil
+
+    path = _tiny_llama4_checkpoint()
+    model = _load(path)
+    model.save_pretrained(tmp_path)
+    for file in path.glob("tokenizer*"):
+        shutil.copy(file, tmp_path / file.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "llama4" and config["text_config"]["num_local_experts"] == 4
+    ref = mlx_lm_logits(path, TOKENS)
+    np.testing.assert_allclose(mlx_lm_logits(tmp_path, TOKENS), ref, rtol=0, atol=1e-5)
+    assert_logits_match_mlx_lm(_load(tmp_path), path, torch.tensor(TOKENS), TOLERANCE)
+
+
 @pytest.mark.parametrize(
     ("arch", "edit", "match"),
     [

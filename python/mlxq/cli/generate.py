@@ -8,7 +8,6 @@ from typing import Any
 
 from mlxq.cli.common import CLIError, load_model, print_stats
 
-
 # config keys holding the number of positions a model was built for
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 # modules holding one learned embedding per position: no position past their rows exists

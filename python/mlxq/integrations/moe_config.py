@@ -77,7 +77,8 @@ def check_expert_counts(model: nn.Module, raw: dict) -> None:
             f"transformers builds {', '.join(map(str, sorted(built)))} experts, mlx-lm reads "
             f"{count_key} ({mlx_count}); the two would run different models. Make them agree"
         )
-    if isinstance(mlx_count, int) and isinstance(mlx_topk, int) and mlx_topk > mlx_count:
+    # (no router built: a dense variant, as Granite 4.0's with num_local_experts 0)
+    if built and isinstance(mlx_count, int) and isinstance(mlx_topk, int) and mlx_topk > mlx_count:
         raise ValueError(
             f"mlxq: config.json of model type {model_type!r} sets {topk_key}: {mlx_topk}, more "
             f"experts per token than {count_key}: {mlx_count}"

@@ -40,9 +40,11 @@ from mlxq.integrations.mlx_lm_layout import (
     checkpoint_layout,
     fill_dropped_tensors,
     ignore_dropped_on_save,
+    llama4_with_experts,
     mlx_lm_config_keys,
     mlx_lm_outer_model_type,
     run_folded_multipliers,
+    save_llama4_as_mlx_lm,
     use_mlx_lm_layout,
 )
 from mlxq.integrations.mlx_vlm_layout import (
@@ -280,7 +282,7 @@ def add_mlx_lm_config_keys(config) -> None:
     names = MLX_LM_LAYER_TYPE_NAMES.get(getattr(config, "model_type", None) or "")
     if names is not None:  # Granite 4.0-H: saved in the layer names mlx-lm reads
         config.__class__ = _with_layer_type_names(type(config), names)
-    outer = mlx_lm_outer_model_type(getattr(config, "model_type", None))
+    outer = mlx_lm_outer_model_type(getattr(config, "model_type", None), config)
     if outer is not None:  # Qwen 3.5's text model: saved nested, as mlx_lm convert writes it
         config.__class__ = _nested_for_mlx_lm(type(config), outer)
 
@@ -1226,6 +1228,8 @@ class MLXHfQuantizer(HfQuantizer):
                 config = _with_overrides(config, renamed)
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
+        if llama4_with_experts(model.config):  # mlx-lm's llama4: under `language_model.`
+            save_llama4_as_mlx_lm(model)
         use_fp32_decode_attention(model)
         use_native_rms_norm(model)
         use_native_rotary_embedding(model)
