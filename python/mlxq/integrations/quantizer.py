@@ -554,6 +554,7 @@ def keep_stored_fp32(model: nn.Module, stored: dict, config: dict | None = None)
     load, saved so). Kept: the converter's cast_predicate names (:func:`convert_cast_keeps`;
     Qwen 3.5's `A_log`) always; every tensor stored in fp32 where the converter casts nothing
     (`config`, the checkpoint's config.json, names no `torch_dtype`: :func:`convert_cast_dtype`;
+    None where from_pretrained was given a dtype, which casts them all as `--dtype` does;
     fp32 norms beside bf16 linear weights, as transformers 5 saves a bf16 model with fp32
     norms). Adds the markers (exact names for the latter) to `_keep_in_fp32_modules_strict`
     (read after the quantizer's preprocessing); returns them.
@@ -989,7 +990,11 @@ class MLXHfQuantizer(HfQuantizer):
             # the stored dtypes, saved as mlx_lm convert writes them (save_float_dtypes_as_convert)
             self._float_source = read_float_checkpoint(model, list(checkpoint_files or []))
             if self._float_source is not None:
-                keep_stored_fp32(model, *self._float_source)
+                stored, config = self._float_source
+                # each tensor kept as stored where no dtype= was given (mlx_lm convert without
+                # --dtype); an explicit one casts them all (with --dtype)
+                auto = getattr(self, "dtype_was_auto", False)
+                keep_stored_fp32(model, stored, config if auto else None)
             self.quantization_config = _as_convert_quantizes(model, self.quantization_config)
             layers, replaced = plan_on_load(model, self.quantization_config)
             self._on_load = QuantizeOnLoad(layers, checkpoint_files)

@@ -251,6 +251,8 @@ def register() -> None:
             except TypeError:
                 return original_get_dtype(*args, **kwargs)
             quantizer = bound.arguments.get("hf_quantizer")
+            if isinstance(quantizer, MLXHfQuantizer):  # an explicit dtype= casts every tensor
+                quantizer.dtype_was_auto = bound.arguments.get("dtype") == "auto"
             if bound.arguments.get("dtype") == "auto" and isinstance(quantizer, MLXHfQuantizer):
                 from mlxq.integrations.quantizer import mlx_lm_dtype
 
