@@ -587,6 +587,7 @@ def test_model_types_mlx_lm_runs_as_deepseek_v3(tmp_path: Path, model_type: str)
     # only mlx-lm reads (moe_layer_freq) at another value is refused by name
     from arch_models import _cache_key, _cached_conversion
     from mlxq.cli.common import load_model
+    from mlxq.inspect_checkpoint import inspect_checkpoint
 
     variant = VARIANTS[1]
 
@@ -604,6 +605,8 @@ def test_model_types_mlx_lm_runs_as_deepseek_v3(tmp_path: Path, model_type: str)
     model.save_pretrained(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3"
+    report = inspect_checkpoint(path, str(path))  # `mlxq inspect` reads it the same
+    assert not report.errors, report.errors
 
     other = tmp_path / "freq2"
     shutil.copytree(path, other)

@@ -26,7 +26,9 @@ What it does, and why each piece is needed:
    quantization block with the rest, so the quantized tensors would meet a float model that
    finds none of its weights (random weights, a warning at most). A wrapper around
    ``PreTrainedConfig.get_config_dict`` copies an MLX quantization block into the sub-config
-   that the requesting config class is about to read.
+   that the requesting config class is about to read; and reads the model types mlx-lm runs
+   as DeepSeek V3 (`kimi_k2`, `joyai_llm_flash`) as `deepseek_v3`. Installed as soon as
+   ``transformers.configuration_utils`` loads (`AutoConfig` may read a config first).
 6. Casts: transformers' ``PreTrainedModel.half`` / ``float`` refuse every quantized model (its
    ``.to(dtype)`` and ``.bfloat16()`` cast it); for an MLX model they cast as ``nn.Module``'s do.
 7. The default dtype: without ``dtype=``, transformers loads in config.json's ``dtype``; mlx-lm
@@ -50,6 +52,7 @@ from typing import Any
 __all__ = ["install", "register", "is_registered"]
 
 _TARGET = "transformers.modeling_utils"
+_CONFIG_TARGET = "transformers.configuration_utils"
 _MARK = "__mlxq_wrapped__"
 # set by each from_pretrained's quantizer lookup: Hub repos are checked for a stale index only
 # while an MLX checkpoint loads (local folders always: it costs a directory listing)
@@ -183,7 +186,6 @@ def register() -> None:
     """Register the "mlx" quantizer and install the four wrappers (idempotent)."""
     import torch
     import transformers.modeling_utils as modeling_utils
-    from transformers.configuration_utils import PreTrainedConfig
     from transformers.quantizers import auto
 
     from mlxq.integrations.checkpoint import repair_shard_index, unindexed_shards
@@ -335,6 +337,15 @@ def register() -> None:
         _apply.__wrapped__ = original_apply
         modeling_utils.PreTrainedModel._apply = _apply
 
+    _install_config_hook()
+
+
+def _install_config_hook() -> None:
+    """Wrap ``PreTrainedConfig.get_config_dict`` (idempotent): installed as soon as
+    transformers' configuration module loads, since `AutoConfig.from_pretrained` may read an
+    MLX config.json before any model module is imported."""
+    from transformers.configuration_utils import PreTrainedConfig
+
     base = PreTrainedConfig.__dict__["get_config_dict"]  # a classmethod
     if not getattr(base.__func__, _MARK, False):
         original_get_config_dict = base.__func__
@@ -352,11 +363,13 @@ def register() -> None:
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds `transformers.modeling_utils` through the other finders, then registers after it."""
+    """Finds `transformers.modeling_utils` through the other finders, then registers after it
+    (and `transformers.configuration_utils`, then wraps its config reading: item 5)."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname not in (_TARGET, _CONFIG_TARGET):
             return None
+        then = register if fullname == _TARGET else _install_config_hook
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
@@ -365,9 +378,9 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
                 loader = spec.loader
                 exec_module = loader.exec_module
 
-                def exec_then_register(module, _exec=exec_module):
+                def exec_then_register(module, _exec=exec_module, _then=then):
                     _exec(module)
-                    register()
+                    _then()
 
                 spec.loader = _LoaderProxy(loader, exec_then_register)
                 return spec
@@ -392,5 +405,8 @@ def install() -> None:
     """Register now if transformers is loaded, else right after it loads (idempotent)."""
     if _TARGET in sys.modules:
         register()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        return
+    if _CONFIG_TARGET in sys.modules:
+        _install_config_hook()
+    if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
