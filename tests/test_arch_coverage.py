@@ -578,6 +578,44 @@ def test_language_model_of_kimi_k25_checkpoint(tmp_path: Path) -> None:
     np.testing.assert_allclose(mlx_lm_logits(tmp_path, TOKENS), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["kimi_k2", "joyai_llm_flash"])
+def test_model_types_mlx_lm_runs_as_deepseek_v3(tmp_path: Path, model_type: str) -> None:
+    # mlx-lm 0.32 runs Kimi K2 and JoyAI-LLM-Flash as DeepSeek V3 (MODEL_REMAPPING), whose
+    # config keys they share; transformers 5.24 refused the model type. A tiny DeepSeek V3
+    # converted by mlx-lm under that model type loads as transformers' DeepSeek V3 with
+    # mlx-lm's logits (saved back as deepseek_v3, which mlx-lm reads as the same model); a key
+    # only mlx-lm reads (moe_layer_freq) at another value is refused by name
+    from arch_models import _cache_key, _cached_conversion
+    from mlxq.cli.common import load_model
+    from mlxq.inspect_checkpoint import inspect_checkpoint
+
+    variant = VARIANTS[1]
+
+    def rename(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+
+    key = f"{_cache_key('deepseek_v3', variant)}-as-{model_type}"
+    path = _cached_conversion(key, "deepseek_v3", variant, rename)
+    assert json.loads((path / "config.json").read_text())["model_type"] == model_type
+    model, _, _ = load_model(str(path), "cpu", "float32")
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    ref = mlx_lm_logits(path, TOKENS)
+    assert float(np.abs(mlxq_logits(path, TOKENS) - ref).max()) <= TOLERANCE
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3"
+    report = inspect_checkpoint(path, str(path))  # `mlxq inspect` reads it the same
+    assert not report.errors, report.errors
+
+    other = tmp_path / "freq2"
+    shutil.copytree(path, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "moe_layer_freq": 2}))
+    with pytest.raises(ValueError, match=f"model type '{model_type}' sets moe_layer_freq: 2"):
+        load_model(str(other), "cpu", "float32")
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_language_model_without_a_causal_lm_is_refused_by_name(family: str) -> None:
     # mlx-lm's conversion of Qwen2-VL / Qwen3-VL (-MoE) holds the language model only; transformers
@@ -632,7 +670,9 @@ def test_model_types_only_mlx_lm_or_mlx_vlm_run_are_refused_by_name(tmp_path: Pa
     vlm_types = (packages | set(mlx_vlm.utils.MODEL_REMAPPING)) - set(CONFIG_MAPPING_NAMES)
     vlm_types = sorted(vlm_types - set(types))
     assert {"deepseekocr", "moondream2", "phi4mm", "internvl_chat"} <= set(vlm_types)
-    for model_type in types + vlm_types:
+    # but those mlx-lm runs as DeepSeek V3, which load as it (the test above)
+    as_deepseek_v3 = ("kimi_k2", "joyai_llm_flash")
+    for model_type in [t for t in types + vlm_types if t not in as_deepseek_v3]:
         path = _bare_checkpoint(tmp_path / model_type, model_type)
         match = f"model type `{re.escape(model_type)}`"
         if model_type in types:

@@ -170,6 +170,9 @@ ERROR_CASES = {
     "generate-bad-id": (["generate", "--model", "bad repo id!"], 1, ["no such folder"]),
     "generate-no-config": (["generate", "--model", "{tmp}"], 1, ["has no config.json"]),
     "inspect-file": (["inspect", "{file}"], 1, ["is a file"]),
+    # with --json, also a JSON object on stdout (before: stdout empty)
+    "inspect-json-no-folder": (["inspect", "/no/such/folder", "--json"], 1, ["no such folder"]),
+    "inspect-json-not-a-model": (["inspect", "{tmp}", "--json"], 1, ["has no config.json"]),
     "generate-zero-tokens": (["generate", "--model", "{ckpt}", "--max-tokens", "0"], 1, ["--max"]),
     "demo-negative-tokens": (["demo", "--max-tokens", "-3"], 1, ["--max-tokens"]),
     # before: a negative or NaN temperature decoded greedily, --threads 0 was ignored
@@ -279,6 +282,16 @@ def test_bad_input_gives_one_line(case: str, error_runs: dict) -> None:
         assert last.startswith("mlxq") and "error:" in last
         for needle in needles:
             assert needle in last, last
+
+
+@pytest.mark.parametrize("case", [c for c in ERROR_CASES if "--json" in ERROR_CASES[c][0]])
+def test_json_error_is_json(case: str, error_runs: dict) -> None:
+    # scripts parse stdout: a failed `inspect --json` prints the error as JSON there too
+    proc = error_runs[case]
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and report["error"] in proc.stderr
+    assert report["problems"] == [{"severity": "error", "message": report["error"]}]
+    assert all(needle in report["error"] for needle in ERROR_CASES[case][2])
 
 
 def _mixed_entries(config: dict) -> dict[str, int]:
@@ -473,3 +486,25 @@ def test_doctor() -> None:
     assert "torch" in proc.stdout
     for key in ("cpu_isa", "cpu_threaded", "transformers_version", "mlx-lm_version", "cache"):
         assert key in proc.stdout, key
+
+
+@pytest.mark.parametrize(("arch", "capped"), [("llama", False), ("gpt2", True)])
+def test_generate_past_the_context_length_says_so(arch: str, capped: bool) -> None:
+    # tiny models of 256 positions, asked for more: never silent. A rotary model (Llama) runs
+    # past it as mlx_lm generate does, with a warning; GPT-2's learned positions (`wpe`) end
+    # there: capped with a warning (before: no word for Llama, and for GPT-2 an IndexError
+    # after 254 tokens)
+    from arch_models import VARIANTS, tiny_mlx_checkpoint
+
+    path = tiny_mlx_checkpoint(arch, VARIANTS[1 if arch == "llama" else 0])
+    proc = run_cli(
+        "generate", "--model", str(path), "--max-tokens", "260", "--ignore-chat-template",
+        "--prompt", "hello there", "--temperature", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("mlxq: warning:")]
+    assert len(warning) == 1 and "past the model's context length" in warning[0], proc.stderr
+    assert "make 262 tokens" in warning[0] and "max_position_embeddings: 256" in warning[0]
+    assert ("generating 254 tokens" in warning[0]) == capped
+    if capped:
+        assert "decode 254 tokens" in proc.stdout

@@ -147,3 +147,61 @@ def test_cast_keep_tables_follow_the_converters_cast_predicates() -> None:
         if kept != [p for p in _CAST_PROBES if any(k in p for k in ours)]:
             wrong.append((model_type, kept))
     assert checked > 20 and not wrong, wrong
+
+
+def _float_with_stored_dtypes(folder: Path, arch: str, dtype: torch.dtype) -> Path:
+    """A tiny bf16 float checkpoint whose norms and head are stored in `dtype` (values bf16
+    does not hold), its config.json without `dtype` (mlx_lm convert then casts nothing)."""
+    from arch_models import tiny_float_checkpoint
+    from safetensors.torch import save_file
+
+    src = tiny_float_checkpoint(arch, folder, tied=False)
+    tensors = load_file(src / "model.safetensors")
+    generator = torch.Generator().manual_seed(3)
+    for name, t in tensors.items():
+        if "norm" in name or name == "lm_head.weight":
+            noise = 1e-3 * torch.rand(t.shape, generator=generator)
+            tensors[name] = (t.float() + noise).to(dtype)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.pop("dtype", None)
+    (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # quantized while it loads / whole
+def test_convert_keeps_stored_dtypes_without_torch_dtype(arch: str, tmp_path: Path) -> None:
+    """A float checkpoint with fp32 norms and head beside bf16 weights and no `dtype` in its
+    config.json: mlx_lm convert casts nothing, so every tensor keeps its stored dtype (the
+    fp32 head quantizes to fp32 scales). mlxq wrote bf16 norms (transformers' one dtype)."""
+    from mlx_lm import convert
+
+    src = _float_with_stored_dtypes(tmp_path / "float", arch, torch.float32)
+    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32)
+    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4)
+    a = load_file(tmp_path / "ours" / "model.safetensors")
+    b = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert b["model.norm.weight"].dtype == torch.float32  # the case under test
+    for key in b:
+        assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_convert_with_a_dtype_casts_every_tensor(tmp_path: Path) -> None:
+    # --dtype bfloat16 (from_pretrained's dtype=): every float tensor cast, as mlx_lm convert
+    # --dtype bfloat16 does; and without one, a float16 tensor beside the bf16 model (which
+    # mlx-lm would keep float16) is refused by name
+    from mlx_lm import convert
+
+    src = _float_with_stored_dtypes(tmp_path / "float", "qwen3", torch.float16)
+    with pytest.raises(ValueError, match=r"lm_head.weight, model.layers.0.*stored in float16"):
+        convert_checkpoint(src, tmp_path / "refused", bits=4, group_size=32)
+    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32, dtype="bfloat16")
+    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4,
+            dtype="bfloat16")  # fmt: skip
+    a = load_file(tmp_path / "ours" / "model.safetensors")
+    b = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b) and b["model.norm.weight"].dtype == torch.bfloat16
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key

@@ -305,3 +305,46 @@ def test_quantize_model_refuses_a_quantized_model() -> None:
     with pytest.raises(ValueError, match=r"quantized already .*bits=4, group_size=64"):
         mlxq.quantize_model(model, bits=8, group_size=32)
     assert model.config.quantization_config.bits == 4
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"),
+    [
+        ("llama", "tied"),  # tied head (a view of the embedding), grouped projections
+        ("gemma3_text", "tied"),  # scaled embedding
+        ("gpt2", "tied"),  # Conv1D projections
+        ("qwen3_moe", "untied"),  # experts' stacks, 8-bit routers (mixed recipe)
+        ("deepseek_v3", "untied"),  # per-head latent layers, float MoEGate routers
+        ("mixtral", "nvfp4"),  # float-mode experts
+    ],
+)
+def test_packed_layers_by_class_are_those_by_buffers(arch: str, variant: str) -> None:
+    # quantize_model's refusal of a quantized model finds its packed layers by class
+    # (RefusesUnsupportedCasts); they must be exactly the modules holding a packed weight
+    # beside scales, in a loaded MLX checkpoint and after quantize_model alike
+    import mlxq
+    from arch_models import VARIANTS, Variant, causal_lm_class, tiny_mlx_checkpoint
+    from mlxq._casts import RefusesUnsupportedCasts
+
+    def by_buffers(model: nn.Module) -> list[str]:
+        out = []
+        for name, module in model.named_modules():
+            weight, scales = module._buffers.get("weight"), module._buffers.get("scales")
+            if scales is not None and weight is not None and not weight.is_floating_point():
+                out.append(name)
+        return out
+
+    def by_class(model: nn.Module) -> list[str]:
+        return [n for n, m in model.named_modules() if isinstance(m, RefusesUnsupportedCasts)]
+
+    chosen = {"tied": VARIANTS[0], "untied": VARIANTS[1]}
+    chosen["nvfp4"] = Variant(tied=False, mode="nvfp4", bits=4, group_size=16)
+    path = tiny_mlx_checkpoint(arch, chosen[variant])
+    model = causal_lm_class(arch).from_pretrained(path, dtype=torch.float32)
+    assert by_buffers(model) and by_buffers(model) == by_class(model)
+    model.dequantize()
+    assert not by_class(model)
+    mlxq.quantize_model(model, 4, 32)
+    assert by_buffers(model) and by_buffers(model) == by_class(model)
+    with pytest.raises(ValueError, match="quantized already"):
+        mlxq.quantize_model(model, 8, 64)

@@ -902,3 +902,52 @@ def test_llama4_moe_from_mlx_lm() -> None:
         ref.down_proj.copy_(e.down_proj.weight.transpose(1, 2))
         ff.experts = ref
         torch.testing.assert_close(ours, ff(x)[0], rtol=0, atol=1e-5)
+
+
+def test_llama4_moe_saved_as_mlx_lm_llama4(tmp_path: Path) -> None:
+    """Llama 4 with experts saved back is mlx-lm's `llama4` (model_type llama4, the text
+    config nested, every tensor under `language_model.`): mlx_lm.load gives the original's
+    logits. Before: `llama4_text` with transformers' names, which mlx-lm reads as its dense
+    llama4_text and refuses (45 parameters not in the model)."""
+    import json
+    import shutil
+
+    path = _tiny_llama4_checkpoint()
+    model = _load(path)
+    model.save_pretrained(tmp_path)
+    for file in path.glob("tokenizer*"):
+        shutil.copy(file, tmp_path / file.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "llama4" and config["text_config"]["num_local_experts"] == 4
+    ref = mlx_lm_logits(path, TOKENS)
+    np.testing.assert_allclose(mlx_lm_logits(tmp_path, TOKENS), ref, rtol=0, atol=1e-5)
+    assert_logits_match_mlx_lm(_load(tmp_path), path, torch.tensor(TOKENS), TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("arch", "edit", "match"),
+    [
+        # before: loaded, then torch.topk failed in the forward ("selected index k out of range")
+        ("qwen3_moe", {"num_experts_per_tok": 5}, "sets num_experts_per_tok: 5, more experts"),
+        ("deepseek_v3", {"num_experts_per_tok": 5}, "sets num_experts_per_tok: 5, more experts"),
+        # transformers' Qwen3-MoE reads num_local_experts (4), mlx-lm's num_experts (2)
+        ("qwen3_moe", {"num_experts": 2}, r"transformers builds 4 experts, mlx-lm reads num_exp"),
+        # transformers' Mixtral reads num_experts (its alias, 2), mlx-lm's num_local_experts (4)
+        ("mixtral", {"num_experts": 2}, r"builds 2 experts, mlx-lm reads num_local_experts \(4"),
+    ],
+)
+def test_moe_config_read_otherwise_is_refused_at_load(
+    tmp_path: Path, arch: str, edit: dict, match: str
+) -> None:
+    # a tiny MoE model with 4 experts, 2 per token, converted by mlx-lm; its config.json edited
+    import json
+    import shutil
+
+    from mlxq.cli.common import load_model
+
+    path = tmp_path / arch
+    shutil.copytree(tiny_mlx_checkpoint(arch, VARIANTS[1]), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=match):
+        load_model(str(path), "cpu", "float32")

@@ -321,6 +321,44 @@ def _refuse_what_mlx_vlm_misreads(model: nn.Module, src: str) -> None:
         )
 
 
+def _load_float_whole(auto, src: str, dtype, meta: nn.Module) -> nn.Module:
+    """The float model of `src` loaded whole by `auto`, in `dtype`; with "auto", in the dtype
+    `mlx_lm convert` quantizes it in and with the tensors it keeps in fp32 held in fp32 (the
+    rules of a float checkpoint quantized while it loads: mlx_lm_dtype, keep_stored_fp32),
+    not in transformers' pick (config.json's `dtype`, else the first float tensor's)."""
+    import torch
+
+    from mlxq.integrations.quantizer import (
+        float_checkpoint_files,
+        keep_stored_fp32,
+        mlx_lm_dtype,
+        read_float_checkpoint,
+    )
+
+    files = float_checkpoint_files(meta) if dtype == "auto" else []
+    source = read_float_checkpoint(meta, files)
+    if source is None:
+        return auto.from_pretrained(src, dtype=dtype)
+    dtype = mlx_lm_dtype(files, meta.config, pre_quantized=False) or "auto"
+    if isinstance(dtype, torch.dtype):
+        meta = meta.to(dtype)
+    keep_stored_fp32(meta, *source)
+    # transformers reads the markers from the class as it builds the model: set for this load
+    cls = type(meta)
+    before = cls.__dict__.get("_keep_in_fp32_modules_strict", _UNSET)
+    cls._keep_in_fp32_modules_strict = meta._keep_in_fp32_modules_strict
+    try:
+        return auto.from_pretrained(src, dtype=dtype)
+    finally:
+        if before is _UNSET:
+            del cls._keep_in_fp32_modules_strict
+        else:
+            cls._keep_in_fp32_modules_strict = before
+
+
+_UNSET = object()
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -399,7 +437,7 @@ def convert_checkpoint(
         # MoE experts cannot be quantized while they load yet (transformers fuses the
         # per-expert tensors as it reads them), nor a tied head mlx-vlm writes as its own
         # layer (Gemma 3's): the float model is loaded whole, then quantized
-        model = auto.from_pretrained(src, dtype=torch_dtype)
+        model = _load_float_whole(auto, src, torch_dtype, meta)
         quantize_model(model, bits, group_size, mode=mode, **arguments)
     else:
         # quantized tensor by tensor while loading: the float model is never whole in memory

@@ -92,19 +92,18 @@ def _refuse_quantized(model: nn.Module) -> None:
     holds packed layers: the walk skips them, so they kept their format while the config was
     rewritten to the new one, and `save_pretrained` wrote a block that its tensors contradict.
     A call that raised half-way marks nothing (its packed layers stay, and a second call with
-    the refused module fixed completes it)."""
-    import torch
-
+    the refused module fixed completes it). Packed layers are found by class: every quantized
+    layer class carries RefusesUnsupportedCasts (linear, embedding, experts' stacks, routers,
+    per-head latent layers; a tied head is a view of its embedding), the same modules as those
+    holding a packed `weight` beside `scales` (tests/test_model_walk.py checks both agree)."""
+    from mlxq._casts import RefusesUnsupportedCasts
     from mlxq.integrations.quantizer import MLXHfQuantizer
 
     loaded = isinstance(getattr(model, "hf_quantizer", None), MLXHfQuantizer)
     if not (loaded or getattr(model, "_mlxq_quantized", False)):
         return
     for name, module in model.named_modules():
-        scales = module._buffers.get("scales") if hasattr(module, "_buffers") else None
-        weight = module._buffers.get("weight", getattr(module, "weight", None))
-        packed = isinstance(weight, torch.Tensor) and weight.dtype in (torch.uint32, torch.int32)
-        if isinstance(scales, torch.Tensor) and packed:
+        if isinstance(module, RefusesUnsupportedCasts):
             fmt = ", ".join(
                 f"{key}={getattr(module, key)}"
                 for key in ("bits", "group_size", "mode")

@@ -141,6 +141,20 @@ def _one_line(error: BaseException, limit: int = 1000) -> str:
     return text.removeprefix("mlxq: ").removeprefix("mlxq.")
 
 
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """Report a failed command: one line on stderr, and with --json also a JSON object on
+    stdout carrying the error (in the report's `problems` shape), so that scripts reading the
+    JSON see why instead of nothing. Returns the exit status (1)."""
+    print(f"mlxq: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False) is True:  # only inspect has the flag (bench passes its own)
+        import json
+
+        source = getattr(args, "model", None)
+        problem = {"severity": "error", "message": message}
+        print(json.dumps({"source": source, "error": message, "problems": [problem]}, indent=1))
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mlxq` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -151,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmlxq: interrupted", file=sys.stderr)
         return 130
     except CLIError as error:
-        print(f"mlxq: error: {error}", file=sys.stderr)
-        return 1
+        return _fail(args, str(error))
     except BrokenPipeError:
         return 1
     except Exception as error:  # noqa: BLE001 - one line, not a traceback, for users
@@ -165,5 +178,4 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if isinstance(error, known) else " (MLXQ_DEBUG=1 shows the traceback)"
         if isinstance(error, config_validation_errors()):  # the user's config, not a bug
             prefix, hint = "the model's config.json is invalid: ", ""
-        print(f"mlxq: error: {prefix}{_one_line(error)}{hint}", file=sys.stderr)
-        return 1
+        return _fail(args, f"{prefix}{_one_line(error)}{hint}")

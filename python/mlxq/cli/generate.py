@@ -8,6 +8,50 @@ from typing import Any
 
 from mlxq.cli.common import CLIError, load_model, print_stats
 
+# config keys holding the number of positions a model was built for
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+# modules holding one learned embedding per position: no position past their rows exists
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def fit_context(model, prompt_tokens: int, max_tokens: int) -> int:
+    """`max_tokens` where the prompt and the completion fit the model's context length, else
+    never silently: a warning on stderr, and the count capped where the model has learned
+    position embeddings (GPT-2's `wpe`: positions past its rows do not exist, the forward
+    would fail on them); a rotary model runs past its length, as `mlx_lm generate` does (it
+    does not check), out of the positions it was trained on. Raises CLIError where the prompt
+    alone fills a table of positions."""
+    import sys
+
+    config = model.config.get_text_config()
+    key = next((k for k in _CONTEXT_KEYS if isinstance(getattr(config, k, None), int)), None)
+    total = prompt_tokens + max_tokens
+    if key is None or total <= getattr(config, key):
+        return max_tokens
+    length = getattr(config, key)
+    table = next(
+        (n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in _POSITION_TABLES), None
+    )
+    said = (
+        f"the prompt ({prompt_tokens} tokens) and --max-tokens {max_tokens} make {total} "
+        f"tokens, past the model's context length ({key}: {length})"
+    )
+    if table is None:
+        print(
+            f"mlxq: warning: {said}; generating all the same, as mlx_lm generate does: the "
+            "positions past it were not trained on, the text may degrade",
+            file=sys.stderr,
+        )
+        return max_tokens
+    if prompt_tokens >= length:
+        raise CLIError(f"{said}, and the prompt alone fills the learned positions of {table}")
+    print(
+        f"mlxq: warning: {said}; {table} holds one learned embedding per position: "
+        f"generating {length - prompt_tokens} tokens",
+        file=sys.stderr,
+    )
+    return length - prompt_tokens
+
 
 def generate(
     model,
@@ -44,6 +88,7 @@ def generate(
             f"the prompt {prompt!r} encodes to no tokens with {type(tokenizer).__name__}; "
             "give a prompt the tokenizer knows (or drop --ignore-chat-template)"
         )
+    max_tokens = fit_context(model, inputs["input_ids"].shape[-1], max_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     new, stats = timed_generate(
         model,

@@ -44,6 +44,8 @@ __all__ = [
     "mlx_lm_config_keys",
     "mlx_lm_module_names",
     "mlx_lm_outer_model_type",
+    "llama4_with_experts",
+    "save_llama4_as_mlx_lm",
     "mlx_lm_entries",
     "run_folded_multipliers",
     "use_mlx_lm_layout",
@@ -531,7 +533,7 @@ def mlx_lm_config_keys(config: Any) -> dict[str, Any]:
                 k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")
             }
             out["rope_scaling"] = scaling
-        elif model_type == "exaone4":  # a required argument of mlx-lm's exaone4
+        elif model_type in ("exaone4", "llama4_text"):  # required by mlx-lm's exaone4, llama4
             out["rope_scaling"] = None
         if model_type == "gpt_neox":
             out["rotary_emb_base"] = full.get("rope_theta", 10000.0)
@@ -775,12 +777,46 @@ LAYOUTS["ernie4_5_moe"] = MlxLayout(
 _NESTED_BY_NAME = {"gemma3n_text": "gemma3n"}
 
 
-def mlx_lm_outer_model_type(model_type: str | None) -> str | None:
+def llama4_with_experts(config: Any) -> bool:
+    """Llama 4's text model with MoE layers: mlx-lm 0.32 runs it only as its image-text
+    `llama4` (its `llama4_text` is the dense variant, which refuses the experts' tensors)."""
+    model_type = getattr(config, "model_type", None)
+    return model_type == "llama4_text" and bool(getattr(config, "moe_layers", None))
+
+
+def save_llama4_as_mlx_lm(model) -> None:
+    """Save Llama 4's text model with experts as mlx-lm's `llama4` reads it: every tensor
+    under `language_model.` (the config nested: :func:`mlx_lm_outer_model_type`), in place of
+    the layout's renames (`output.`, the dense `llama4_text`'s head) and of a prefix read with
+    the checkpoint; reversed last when saving, after the model's own renamings."""
+    from transformers.core_model_loading import WeightRenaming
+
+    ours = {*_LANGUAGE_MODEL, _LANGUAGE_MODEL_ANY, *LAYOUTS["llama4_text"].renames}
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    kept = [
+        c
+        for c in conversions
+        if not (
+            type(c) is WeightRenaming
+            and any((p, t) in ours for p in c.source_patterns for t in c.target_patterns)
+        )
+    ]
+    prefix = [WeightRenaming(source_patterns=p, target_patterns=r) for p, r in _LANGUAGE_MODEL]
+    model._weight_conversions = [*prefix, *kept]
+
+
+def mlx_lm_outer_model_type(model_type: str | None, config: Any = None) -> str | None:
     """The model type of mlx-lm's model for a text model that mlx-lm keeps under
-    `language_model.` of its image-text model (Qwen 3.5: `qwen3_5_text` -> `qwen3_5`), whose
-    config.json nests the text settings in `text_config` as `mlx_lm convert` writes it
-    (mlx-lm 0.32 has no `qwen3_5_text` model, nor `gemma3n_text`); None for every other model
-    type."""
+    `language_model.` of its image-text model (Qwen 3.5: `qwen3_5_text` -> `qwen3_5`; Llama 4
+    with experts, `config`: `llama4_text` -> `llama4`), whose config.json nests the text
+    settings in `text_config` as `mlx_lm convert` writes it (mlx-lm 0.32 has no `qwen3_5_text`
+    model, nor `gemma3n_text`); None for every other model type."""
+    if config is not None and llama4_with_experts(config):
+        return "llama4"
     if model_type in _NESTED_BY_NAME:
         return _NESTED_BY_NAME[model_type]
     layout = LAYOUTS.get(model_type or "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,10 @@ def plan_on_load(model: nn.Module, config) -> tuple[dict[str, OnLoadLayer], set[
         model, config.default_format, config.overrides, config.modules_to_not_convert
     )
     layers: dict[str, OnLoadLayer] = {}
+    # the weights transformers loads in fp32 in a bf16 / fp16 model (its dtype plan; mlxq adds
+    # the ones the converter keeps as stored, keep_stored_fp32): quantized in fp32, as MLX does
+    keep = [k.replace("*", ".*") for k in getattr(model, "_keep_in_fp32_modules_strict", ()) or ()]
+    fp32 = re.compile("|".join(keep)) if keep else None
     for entry in walk.modules:
         if entry.moe is not None and (entry.format is not None or any(entry.parts.values())):
             raise NotImplementedError(
@@ -64,6 +69,12 @@ def plan_on_load(model: nn.Module, config) -> tuple[dict[str, OnLoadLayer], set[
             continue
         weight = entry.module.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.get_default_dtype()
+        if (
+            dtype in (torch.bfloat16, torch.float16)
+            and fp32
+            and fp32.search(f"{entry.name}.weight")
+        ):
+            dtype = torch.float32
         new = entry.swap.require().empty(fmt.bits, fmt.group_size, dtype, "meta", fmt.mode)
         model.set_submodule(entry.name, new)
         layers[entry.name] = OnLoadLayer(entry.swap, fmt, dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -39,9 +40,11 @@ from mlxq.integrations.mlx_lm_layout import (
     checkpoint_layout,
     fill_dropped_tensors,
     ignore_dropped_on_save,
+    llama4_with_experts,
     mlx_lm_config_keys,
     mlx_lm_outer_model_type,
     run_folded_multipliers,
+    save_llama4_as_mlx_lm,
     use_mlx_lm_layout,
 )
 from mlxq.integrations.mlx_vlm_layout import (
@@ -59,6 +62,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     use_mlx_vlm_layout,
 )
 from mlxq.integrations.model_class import language_model_only_refusal, text_model_class
+from mlxq.integrations.moe_config import check_expert_counts
 from mlxq.integrations.moe_loading import (
     check_moe_tensors_loaded,
     converts_replaced_tensors,
@@ -278,7 +282,7 @@ def add_mlx_lm_config_keys(config) -> None:
     names = MLX_LM_LAYER_TYPE_NAMES.get(getattr(config, "model_type", None) or "")
     if names is not None:  # Granite 4.0-H: saved in the layer names mlx-lm reads
         config.__class__ = _with_layer_type_names(type(config), names)
-    outer = mlx_lm_outer_model_type(getattr(config, "model_type", None))
+    outer = mlx_lm_outer_model_type(getattr(config, "model_type", None), config)
     if outer is not None:  # Qwen 3.5's text model: saved nested, as mlx_lm convert writes it
         config.__class__ = _nested_for_mlx_lm(type(config), outer)
 
@@ -548,18 +552,42 @@ def convert_cast_keeps(model: nn.Module) -> tuple[str, ...]:
     return MLX_LM_CAST_KEEP.get(model_type, ())
 
 
-def keep_stored_fp32(model: nn.Module, stored: dict) -> list[str]:
-    """Load in fp32 the tensors a float checkpoint stores in fp32 that its converter keeps
-    (:func:`convert_cast_keeps`; Qwen 3.5's `A_log`), where transformers would cast them to a
-    bf16 / fp16 model's dtype: their fp32 values are then saved as `mlx_lm convert` /
-    `mlx_vlm convert` write them (before: rounded to bf16 at load, saved so). Adds the markers
-    to `_keep_in_fp32_modules_strict` (read after the quantizer's preprocessing); returns them."""
+def keep_stored_fp32(model: nn.Module, stored: dict, config: dict | None = None) -> list[str]:
+    """Load in fp32 the tensors a float checkpoint stores in fp32 that its converter keeps,
+    where transformers would cast them to a bf16 / fp16 model's dtype: their fp32 values are
+    then saved as `mlx_lm convert` / `mlx_vlm convert` write them (before: rounded to bf16 at
+    load, saved so). Kept: the converter's cast_predicate names (:func:`convert_cast_keeps`;
+    Qwen 3.5's `A_log`) always; every tensor stored in fp32 where the converter casts nothing
+    (`config`, the checkpoint's config.json, names no `torch_dtype`: :func:`convert_cast_dtype`;
+    None where from_pretrained was given a dtype, which casts them all as `--dtype` does;
+    fp32 norms beside bf16 linear weights, as transformers 5 saves a bf16 model with fp32
+    norms). Adds the markers (exact names for the latter) to `_keep_in_fp32_modules_strict`
+    (read after the quantizer's preprocessing); returns them.
+
+    Raises ValueError for a tensor stored in the other 16-bit float type than the model's
+    where the converter casts nothing: the model cannot hold it as stored (an fp32 copy would
+    quantize otherwise than MLX does on the stored dtype)."""
+    import re
+
     keep = convert_cast_keeps(model)
-    markers = sorted({k for k in keep for n, i in stored.items() if k in n and i[0] == "F32"})
+    markers = {k for k in keep for n, i in stored.items() if k in n and i[0] == "F32"}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if config is not None and convert_cast_dtype(config) is None:
+        markers |= {f"^{re.escape(n)}$" for n, i in stored.items() if i[0] == "F32"}
+        other = {torch.bfloat16: "F16", torch.float16: "BF16"}.get(dtype)
+        mixed = sorted(n for n, i in stored.items() if i[0] == other)
+        if mixed:
+            raise ValueError(
+                f"mlxq: {', '.join(mixed[:4])}{' ...' if len(mixed) > 4 else ''} stored in "
+                f"{_DTYPE_NAMES[other]} beside a {str(dtype).removeprefix('torch.')} model, "
+                "and config.json names no torch_dtype: mlx_lm convert keeps each tensor's "
+                "stored dtype, which one torch model cannot hold; pass a dtype (convert "
+                "--dtype) to cast them all"
+            )
     if markers:
         strict = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-        model._keep_in_fp32_modules_strict = strict | set(markers)
-    return markers
+        model._keep_in_fp32_modules_strict = strict | markers
+    return sorted(markers)
 
 
 def save_float_dtypes_as_convert(model: nn.Module, source: tuple[dict, dict] | None) -> None:
@@ -806,8 +834,8 @@ def mlx_lm_dtype(files: list[str], config: Any, pre_quantized: bool) -> torch.dt
     holding each value as stored. Tensors elsewhere (a router's fp32 bias) are local in mlx-lm.
 
     A float checkpoint quantized while it loads (`pre_quantized` False) gets the dtype `mlx_lm
-    convert -q` writes: config.json's `torch_dtype`, else the one dtype its float tensors are
-    stored in (mixed: None; mlx-lm keeps each, a torch model holds one)."""
+    convert -q` writes: config.json's `torch_dtype`, else the dtype most of its float values
+    are stored in (mlx-lm then keeps each tensor's: :func:`keep_stored_fp32` keeps fp32 ones)."""
     found = _safetensors_and_config(files)
     if found is None:
         return None
@@ -818,12 +846,15 @@ def mlx_lm_dtype(files: list[str], config: Any, pre_quantized: bool) -> torch.dt
         if cast is not None:
             return cast
         keep = MLX_LM_CAST_KEEP.get(getattr(config, "model_type", "") or "", ())
-        stored = {
-            _STORED_DTYPES[i.dtype]
-            for name, i in headers.items()
-            if i.dtype in _STORED_DTYPES and not any(k in name for k in keep)
-        }
-        return stored.pop() if len(stored) == 1 else None
+        sizes: dict[torch.dtype, int] = {}
+        for name, i in headers.items():
+            if i.dtype in _STORED_DTYPES and not any(k in name for k in keep):
+                dtype = _STORED_DTYPES[i.dtype]
+                sizes[dtype] = sizes.get(dtype, 0) + math.prod(i.shape)
+        # mixed: the dtype of most values (the linear weights), the others kept as stored
+        # (keep_stored_fp32), not transformers' pick (config.json's `dtype`, else the first
+        # float tensor's: an fp32 norm would make every bf16 weight quantize in fp32)
+        return max(sizes, key=sizes.get) if sizes else None
     stored = {
         _STORED_DTYPES[i.dtype]
         for name, i in headers.items()
@@ -957,11 +988,18 @@ class MLXHfQuantizer(HfQuantizer):
         return device_map
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        found = _safetensors_and_config(list(checkpoint_files or []))
+        if found is not None:  # a MoE config transformers and mlx-lm read alike, or refused
+            check_expert_counts(model, found[1])
         if not self.pre_quantized:  # a float checkpoint: quantized tensor by tensor as it loads
             # the stored dtypes, saved as mlx_lm convert writes them (save_float_dtypes_as_convert)
             self._float_source = read_float_checkpoint(model, list(checkpoint_files or []))
             if self._float_source is not None:
-                keep_stored_fp32(model, self._float_source[0])
+                stored, config = self._float_source
+                # each tensor kept as stored where no dtype= was given (mlx_lm convert without
+                # --dtype); an explicit one casts them all (with --dtype)
+                auto = getattr(self, "dtype_was_auto", False)
+                keep_stored_fp32(model, stored, config if auto else None)
             self.quantization_config = _as_convert_quantizes(model, self.quantization_config)
             layers, replaced = plan_on_load(model, self.quantization_config)
             self._on_load = QuantizeOnLoad(layers, checkpoint_files)
@@ -1201,6 +1239,8 @@ class MLXHfQuantizer(HfQuantizer):
                 config = _with_overrides(config, renamed)
         model.config.quantization_config = config
         add_mlx_lm_config_keys(model.config)
+        if llama4_with_experts(model.config):  # mlx-lm's llama4: under `language_model.`
+            save_llama4_as_mlx_lm(model)
         use_fp32_decode_attention(model)
         use_native_rms_norm(model)
         use_native_rotary_embedding(model)

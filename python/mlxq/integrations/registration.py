@@ -26,7 +26,9 @@ What it does, and why each piece is needed:
    quantization block with the rest, so the quantized tensors would meet a float model that
    finds none of its weights (random weights, a warning at most). A wrapper around
    ``PreTrainedConfig.get_config_dict`` copies an MLX quantization block into the sub-config
-   that the requesting config class is about to read.
+   that the requesting config class is about to read; and reads the model types mlx-lm runs
+   as DeepSeek V3 (`kimi_k2`, `joyai_llm_flash`) as `deepseek_v3`. Installed as soon as
+   ``transformers.configuration_utils`` loads (`AutoConfig` may read a config first).
 6. Casts: transformers' ``PreTrainedModel.half`` / ``float`` refuse every quantized model (its
    ``.to(dtype)`` and ``.bfloat16()`` cast it); for an MLX model they cast as ``nn.Module``'s do.
 7. The default dtype: without ``dtype=``, transformers loads in config.json's ``dtype``; mlx-lm
@@ -50,6 +52,7 @@ from typing import Any
 __all__ = ["install", "register", "is_registered"]
 
 _TARGET = "transformers.modeling_utils"
+_CONFIG_TARGET = "transformers.configuration_utils"
 _MARK = "__mlxq_wrapped__"
 # set by each from_pretrained's quantizer lookup: Hub repos are checked for a stale index only
 # while an MLX checkpoint loads (local folders always: it costs a directory listing)
@@ -141,6 +144,39 @@ def _with_quantization_in_sub_config(cls: Any, config_dict: dict) -> dict:
     return {**config_dict, key: {**sub, "quantization_config": q}}
 
 
+# model types mlx-lm 0.32 runs as another (its MODEL_REMAPPING) that transformers 5.24 does not
+# know, whose config.json has the same keys meaning the same: Kimi K2 and JoyAI-LLM-Flash ship
+# DeepSeek V3's config class and model (`architectures: DeepseekV3ForCausalLM`, remote code)
+_MLX_LM_REMAPPED = {"kimi_k2": "deepseek_v3", "joyai_llm_flash": "deepseek_v3"}
+# keys mlx-lm's DeepSeek V3 reads that transformers' ignores, and the one value both agree on
+_DEEPSEEK_V3_FIXED = {"moe_layer_freq": 1, "topk_method": "noaux_tc"}
+
+
+def _model_type_as_mlx_lm_reads(config_dict: dict) -> dict:
+    """An MLX checkpoint's config.json of a model type mlx-lm runs as DeepSeek V3 (Kimi K2,
+    JoyAI-LLM-Flash) as transformers' DeepSeek V3 reads it (a copy; unchanged otherwise).
+
+    Refused (ValueError naming key and value) where a key mlx-lm reads and transformers'
+    DeepSeek V3 does not (`moe_layer_freq`: MoE every n-th layer; `topk_method`) holds other
+    than the one value both models agree on; DeepSeek V3 checkpoints likewise."""
+    from mlxq.format import find_quantization, is_mlx_quantization
+
+    model_type = config_dict.get("model_type")
+    target = _MLX_LM_REMAPPED.get(model_type, model_type)
+    if target != "deepseek_v3" or not is_mlx_quantization(find_quantization(config_dict)):
+        return config_dict
+    for key, value in _DEEPSEEK_V3_FIXED.items():
+        if config_dict.get(key, value) != value:
+            raise ValueError(
+                f"mlxq: config.json of model type {model_type!r} sets {key}: "
+                f"{config_dict[key]!r}; mlx-lm's DeepSeek V3 reads it, transformers' does not "
+                f"(its model is that of {key}: {value!r}), so no model here matches mlx-lm's"
+            )
+    if target == model_type:
+        return config_dict
+    return {**config_dict, "model_type": target}
+
+
 def _is_metal(q: Any) -> bool:
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
     return str(getattr(method, "value", method)) == "metal"
@@ -150,7 +186,6 @@ def register() -> None:
     """Register the "mlx" quantizer and install the four wrappers (idempotent)."""
     import torch
     import transformers.modeling_utils as modeling_utils
-    from transformers.configuration_utils import PreTrainedConfig
     from transformers.quantizers import auto
 
     from mlxq.integrations.checkpoint import repair_shard_index, unindexed_shards
@@ -218,6 +253,8 @@ def register() -> None:
             except TypeError:
                 return original_get_dtype(*args, **kwargs)
             quantizer = bound.arguments.get("hf_quantizer")
+            if isinstance(quantizer, MLXHfQuantizer):  # an explicit dtype= casts every tensor
+                quantizer.dtype_was_auto = bound.arguments.get("dtype") == "auto"
             if bound.arguments.get("dtype") == "auto" and isinstance(quantizer, MLXHfQuantizer):
                 from mlxq.integrations.quantizer import mlx_lm_dtype
 
@@ -300,6 +337,15 @@ def register() -> None:
         _apply.__wrapped__ = original_apply
         modeling_utils.PreTrainedModel._apply = _apply
 
+    _install_config_hook()
+
+
+def _install_config_hook() -> None:
+    """Wrap ``PreTrainedConfig.get_config_dict`` (idempotent): installed as soon as
+    transformers' configuration module loads, since `AutoConfig.from_pretrained` may read an
+    MLX config.json before any model module is imported."""
+    from transformers.configuration_utils import PreTrainedConfig
+
     base = PreTrainedConfig.__dict__["get_config_dict"]  # a classmethod
     if not getattr(base.__func__, _MARK, False):
         original_get_config_dict = base.__func__
@@ -308,6 +354,7 @@ def register() -> None:
             config_dict, kwargs = original_get_config_dict(
                 cls, pretrained_model_name_or_path, **kwargs
             )
+            config_dict = _model_type_as_mlx_lm_reads(config_dict)
             return _with_quantization_in_sub_config(cls, config_dict), kwargs
 
         setattr(get_config_dict, _MARK, True)
@@ -316,11 +363,13 @@ def register() -> None:
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds `transformers.modeling_utils` through the other finders, then registers after it."""
+    """Finds `transformers.modeling_utils` through the other finders, then registers after it
+    (and `transformers.configuration_utils`, then wraps its config reading: item 5)."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname not in (_TARGET, _CONFIG_TARGET):
             return None
+        then = register if fullname == _TARGET else _install_config_hook
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
@@ -329,9 +378,9 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
                 loader = spec.loader
                 exec_module = loader.exec_module
 
-                def exec_then_register(module, _exec=exec_module):
+                def exec_then_register(module, _exec=exec_module, _then=then):
                     _exec(module)
-                    register()
+                    _then()
 
                 spec.loader = _LoaderProxy(loader, exec_then_register)
                 return spec
@@ -356,5 +405,8 @@ def install() -> None:
     """Register now if transformers is loaded, else right after it loads (idempotent)."""
     if _TARGET in sys.modules:
         register()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        return
+    if _CONFIG_TARGET in sys.modules:
+        _install_config_hook()
+    if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())

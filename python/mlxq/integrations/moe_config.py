@@ -1,0 +1,85 @@
+"""A mixture-of-experts config.json read the same way by transformers and mlx-lm, or refused.
+
+Two faults only show late otherwise: more experts per token than experts (transformers'
+forward fails in torch.topk with "selected index k out of range", after the whole load), and
+two expert counts that disagree (`num_experts` beside `num_local_experts`): transformers builds
+the count of the key its config class reads (through its attribute_map, the one written last
+where both are aliases), mlx-lm 0.32 the count of its ModelArgs key, so the two run different
+models (or one fails to load the tensors). Both are refused at load, naming keys and values.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["MLX_LM_EXPERT_KEYS", "check_expert_counts"]
+
+# model type -> (expert count key, experts per token key) that mlx-lm 0.32's ModelArgs reads
+_NUM_EXPERTS = "num_experts afmoe bailing_hybrid exaone_moe gemma4_text jamba kimi_linear laguna "
+_NUM_EXPERTS += "lfm2_moe mellum olmoe qwen2_moe qwen3_moe qwen3_next"
+_LOCAL = "num_local_experts gpt_oss granitemoe granitemoehybrid minimax minimax_m2 mixtral phimoe"
+_ROUTED = "n_routed_experts deepseek_v2 deepseek_v3 deepseek_v32 dots1 glm4_moe glm4_moe_lite "
+_ROUTED += "glm_moe_dsa mimo_v2_flash mistral4 nemotron_h solar_open"
+MLX_LM_EXPERT_KEYS: dict[str, tuple[str, str]] = {
+    model_type: (key, "num_experts_per_tok")
+    for key, *types in (s.split() for s in (_NUM_EXPERTS, _LOCAL, _ROUTED))
+    for model_type in types
+}
+MLX_LM_EXPERT_KEYS.update(
+    kimi_linear=("num_experts", "num_experts_per_token"),
+    ernie4_5_moe=("moe_num_experts", "moe_k"),
+    longcat_flash=("n_routed_experts", "moe_topk"),
+)
+_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk")
+
+
+def _moe_dict(raw: dict) -> dict:
+    """The part of config.json the language model reads: its text_config where it has one
+    holding an expert count, else the top level."""
+    text = raw.get("text_config")
+    if isinstance(text, dict) and any(k in text for k in _COUNT_KEYS):
+        return text
+    return raw
+
+
+def check_expert_counts(model: nn.Module, raw: dict) -> None:
+    """Refuse (ValueError naming keys and values) a MoE `model` built from config.json `raw`
+    where a router selects more experts per token than it has, or where the expert count
+    transformers built differs from the one mlx-lm reads (:data:`MLX_LM_EXPERT_KEYS`)."""
+    cfg = _moe_dict(raw)
+    model_type = cfg.get("model_type") or raw.get("model_type")
+    counts = {k: cfg[k] for k in _COUNT_KEYS if isinstance(cfg.get(k), int)}
+    said = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "no expert count"
+    routers = {
+        (m.top_k, m.num_experts)
+        for m in model.modules()
+        if isinstance(getattr(m, "top_k", None), int)
+        and isinstance(getattr(m, "num_experts", None), int)
+    }
+    for top_k, experts in sorted(routers):
+        if top_k > experts:
+            keys = [f"{k}: {cfg[k]}" for k in _TOPK_KEYS if k in cfg] or [f"top_k {top_k}"]
+            raise ValueError(
+                f"mlxq: config.json of model type {model_type!r} sets {', '.join(keys)}, more "
+                f"experts per token than the {experts} experts it has ({said}); torch.topk "
+                "would fail in the forward ('selected index k out of range')"
+            )
+    mlx_keys = MLX_LM_EXPERT_KEYS.get(model_type)
+    if mlx_keys is None:
+        return
+    count_key, topk_key = mlx_keys
+    mlx_count, mlx_topk = cfg.get(count_key), cfg.get(topk_key)
+    built = {experts for _, experts in routers}
+    if isinstance(mlx_count, int) and built and built != {mlx_count}:
+        raise ValueError(
+            f"mlxq: config.json of model type {model_type!r} gives two expert counts ({said}): "
+            f"transformers builds {', '.join(map(str, sorted(built)))} experts, mlx-lm reads "
+            f"{count_key} ({mlx_count}); the two would run different models. Make them agree"
+        )
+    # (no router built: a dense variant, as Granite 4.0's with num_local_experts 0)
+    if built and isinstance(mlx_count, int) and isinstance(mlx_topk, int) and mlx_topk > mlx_count:
+        raise ValueError(
+            f"mlxq: config.json of model type {model_type!r} sets {topk_key}: {mlx_topk}, more "
+            f"experts per token than {count_key}: {mlx_count}"
+        )
