@@ -507,6 +507,27 @@ def test_device_map_places_buffers(tiny: Path, device_map) -> None:
     assert np.isfinite(_logits(model).numpy()).all()
 
 
+@pytest.mark.parametrize("device_map", ["meta", {"": "meta"}, torch.device("meta")])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_device_map_meta_gives_the_model_without_its_weights(tiny: Path, device_map, moe) -> None:
+    """As for a float model: every tensor on the meta device with the shape and dtype a real
+    load gives it (quantized layers and packed experts included), and a forward of shapes."""
+    from arch_models import TOKENS as ids
+    from arch_models import Variant, causal_lm_class
+    from arch_models import tiny_mlx_checkpoint as tiny_arch
+
+    path = tiny_arch("qwen3_moe", Variant(tied=False)) if moe else tiny
+    cls = causal_lm_class("qwen3_moe") if moe else None
+    load = cls.from_pretrained if moe else _load
+    model, loaded = load(path, device_map=device_map), load(path)
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+    shapes = lambda m: {k: (t.shape, t.dtype) for k, t in m.state_dict().items()}  # noqa: E731
+    assert shapes(model) == shapes(loaded)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device="meta")).logits
+    assert logits.device.type == "meta" and logits.shape == loaded(torch.tensor([ids])).logits.shape
+
+
 @pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs an Apple GPU (MPS)")
 def test_device_map_mps_and_to_match_cpu(tiny: Path, tiny_logits: torch.Tensor) -> None:
     model = _load(tiny, device_map="mps")
