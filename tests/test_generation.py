@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 from mlxq import generation
@@ -55,8 +56,20 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
     ).eval()
     prompt = torch.tensor([[1, 400, 2000, 31, 7, 99, 1234, 5]])
     eager, _ = generation.timed_generate(model, prompt, 6, min_new_tokens=6)
-    compiled, stats = generation.timed_generate(model, prompt, 6, min_new_tokens=6, compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled, stats = generation.timed_generate(
+            model, prompt, 6, min_new_tokens=6, compile=True
+        )
     assert torch.equal(compiled, eager)
+    # mlxq's own arguments to generate are current ones (`mlxq generate --compile` printed
+    # transformers' FutureWarning on `past_key_values`), and /proc is read with closed files
+    ours = [
+        str(w.message)
+        for w in caught
+        if "past_key_values" in str(w.message) or issubclass(w.category, ResourceWarning)
+    ]
+    assert not ours, ours
     assert stats["first_step_s"] > 0 and stats["decode_tps"] > 0
 
 

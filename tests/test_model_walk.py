@@ -249,6 +249,34 @@ def test_an_embedding_serves_the_rows_its_model_reads() -> None:
         plan_modules(_ReadsLinearRow(), lambda n, p: four_bit)
 
 
+def test_a_row_serving_embedding_compiles_without_breaks_in_mlxq() -> None:
+    """torch.compile runs a row-serving embedding's forward eagerly (its rows are served by the
+    reading frame); its id check then is not traced either (it was: two graph breaks at its
+    `bool()` in mlxq's code), out-of-range ids are still refused, and outputs are eager's."""
+    import mlxq
+
+    torch.manual_seed(0)
+    model = _ReadsRows().eval()
+    mlxq.quantize_model(model, bits=4, group_size=32)
+    ids = torch.tensor([[1, 7, 3]])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(ids)
+        explained = torch._dynamo.explain(model)(ids)
+        compiled = torch.compile(model)
+        for got, want in zip(compiled(ids), eager, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with pytest.raises(IndexError, match="got 48"):
+            compiled(torch.tensor([[1, 48]]))
+    in_mlxq = [
+        f"{frame.filename}:{frame.lineno}"
+        for reason in explained.break_reasons
+        for frame in reason.user_stack or []
+        if "/mlxq/" in frame.filename
+    ]
+    assert not in_mlxq, in_mlxq
+
+
 @pytest.mark.parametrize("period", [1, 2, 4])
 def test_exaone4_layer_pattern_is_the_string_mlx_lm_indexes(period: int) -> None:
     # transformers 5 writes sliding_window_pattern as an int, which mlx-lm's exaone4 indexes as

@@ -507,6 +507,40 @@ def test_device_map_places_buffers(tiny: Path, device_map) -> None:
     assert np.isfinite(_logits(model).numpy()).all()
 
 
+@pytest.mark.parametrize("device_map", ["meta", {"": "meta"}, torch.device("meta")])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_device_map_meta_gives_the_model_without_its_weights(tiny: Path, device_map, moe) -> None:
+    """As for a float model: every tensor on the meta device with the shape and dtype a real
+    load gives it (quantized layers and packed experts included), a forward of shapes, and,
+    materialized (`to_empty`) and filled from a real load's state dict, mlx-lm's logits."""
+    from arch_models import TOKENS as ids
+    from arch_models import Variant, causal_lm_class
+    from arch_models import tiny_mlx_checkpoint as tiny_arch
+    from mlx_models import mlx_lm_logits
+
+    path = tiny_arch("qwen3_moe", Variant(tied=False)) if moe else tiny
+    cls = causal_lm_class("qwen3_moe" if moe else "qwen3")
+    model = cls.from_pretrained(path, device_map=device_map, dtype=torch.float32)
+    loaded = cls.from_pretrained(path, dtype=torch.float32)
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+    shapes = lambda m: {k: (t.shape, t.dtype) for k, t in m.state_dict().items()}  # noqa: E731
+    assert shapes(model) == shapes(loaded)
+    forward = lambda m, device="cpu": m(torch.tensor([ids], device=device)).logits  # noqa: E731
+    with torch.no_grad():
+        logits, want_shape = forward(model, "meta"), forward(loaded).shape
+    assert logits.device.type == "meta" and logits.shape == want_shape
+    model.to_empty(device="cpu")
+    model.load_state_dict(loaded.state_dict())
+    for name, buffer in loaded.named_buffers():  # not in a state dict: the rotary frequencies
+        if name not in loaded.state_dict():
+            model.get_submodule(name.rpartition(".")[0]).register_buffer(
+                name.rpartition(".")[2], buffer.clone(), persistent=False
+            )
+    with torch.no_grad():
+        got = forward(model)[0].numpy()
+    np.testing.assert_allclose(got, mlx_lm_logits(path, ids), atol=1e-4, rtol=0)
+
+
 @pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs an Apple GPU (MPS)")
 def test_device_map_mps_and_to_match_cpu(tiny: Path, tiny_logits: torch.Tensor) -> None:
     model = _load(tiny, device_map="mps")

@@ -70,6 +70,7 @@ def compiled_decode_kwargs(model, total_tokens: int) -> dict[str, Any]:
     import os
 
     from transformers import CompileConfig, StaticCache
+    from transformers.generation import utils as generation_utils
 
     from mlxq.demo_model import mlxq_cache_dir
 
@@ -83,14 +84,17 @@ def compiled_decode_kwargs(model, total_tokens: int) -> dict[str, Any]:
     config._compile_all_devices = True  # transformers compiles only on GPUs unless told
     length = -(-total_tokens // CACHE_BUCKET) * CACHE_BUCKET
     cache = StaticCache(config=model.config, max_cache_len=length)
-    return {"past_key_values": cache, "compile_config": config}
+    # newer transformers name generate's cache `cache` and warn on `past_key_values`
+    renamed = "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ())
+    return {"cache" if renamed else "past_key_values": cache, "compile_config": config}
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
     """(busy jiffies of all CPUs, jiffies of this process) from /proc, or None off Linux."""
     try:
-        fields = open("/proc/stat").readline().split()[1:]
-        own = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as stat, open("/proc/self/stat") as own_stat:
+            fields = stat.readline().split()[1:]
+            own = own_stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
     values = [int(v) for v in fields]

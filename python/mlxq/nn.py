@@ -291,6 +291,10 @@ class AffineEmbedding(RefusesUnsupportedCasts, PicklesUnsignedBuffers, nn.Module
                 state_dict, prefix, metadata, strict, missing, unexpected, errors
             )
 
+    # Called in eager code only (a compiled forward skips it); where a forward runs eagerly
+    # under torch.compile (a row-serving embedding's), not traced: its `bool()` would be one
+    # more graph break in that forward, reported in mlxq's code.
+    @torch.compiler.disable
     def _check_ids(self, flat: torch.Tensor) -> None:
         # One reduction, on every device (index_select does not check bounds on all of them).
         bad = (flat < 0) | (flat >= self.num_embeddings)

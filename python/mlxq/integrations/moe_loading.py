@@ -12,6 +12,8 @@ name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -167,8 +169,9 @@ def replace_moe_module(
     }
 
 
-def check_moe_tensors_loaded(model: nn.Module) -> None:
-    """Every tensor of mlxq's MoE modules came from the checkpoint.
+def check_moe_tensors_loaded(model: nn.Module, skip: Callable[[str], bool]) -> None:
+    """Every tensor of mlxq's MoE modules came from the checkpoint, except in the modules
+    named by `skip` (those the device_map places on the meta device).
 
     transformers materializes a missing tensor (it reports it as MISSING and initializes it),
     so a tensor still on the meta device is not the only sign of a name that did not map: the
@@ -176,7 +179,7 @@ def check_moe_tensors_loaded(model: nn.Module) -> None:
     """
     for name, module in model.named_modules():
         kinds = (AffineSwitchLinear, SwitchLinear, AffineMultiLinear, MultiLinear)
-        if not isinstance(module, kinds) and not hasattr(module, "_mlxq_name"):
+        if (not isinstance(module, kinds) and not hasattr(module, "_mlxq_name")) or skip(name):
             continue
         tensors = dict(module.named_buffers(recurse=False))
         tensors.update(module.named_parameters(recurse=False))

@@ -981,11 +981,27 @@ class MLXHfQuantizer(HfQuantizer):
     def update_device_map(self, device_map):
         """A placement strategy ("auto", ...) is accelerate's to follow where mlxq runs on CUDA
         (layers spread over the GPUs); elsewhere it means the one device mlxq runs on here."""
+        self._device_map = device_map
         if isinstance(device_map, str) and device_map in _PLACEMENT_STRATEGIES:
             if torch.cuda.is_available() and _has_cuda_kernels():
                 return device_map
             return {"": "mps" if torch.backends.mps.is_available() else "cpu"}
         return device_map
+
+    def _placed_on_meta(self, name: str) -> bool:
+        """Whether the user's device_map puts module `name` on the meta device: its tensors are
+        then left unloaded on purpose, as transformers leaves a float model's (for a look at
+        the structure and sizes without reading the weights)."""
+        device_map = getattr(self, "_device_map", None)
+        if not isinstance(device_map, dict):
+            device_map = {"": device_map}
+        owners = [k for k in device_map if k == "" or name == k or name.startswith(f"{k}.")]
+        if not owners:
+            return False
+        device = device_map[max(owners, key=len)]
+        if device is None or isinstance(device, int) or device in _PLACEMENT_STRATEGIES:
+            return False
+        return device != "disk" and torch.device(device).type == "meta"
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         found = _safetensors_and_config(list(checkpoint_files or []))
@@ -1171,6 +1187,8 @@ class MLXHfQuantizer(HfQuantizer):
                 module, "_mlxq_name"
             ):
                 for tensor_name, tensor in module.named_buffers(recurse=False):
+                    if tensor.device.type == "meta" and self._placed_on_meta(name):
+                        continue
                     if tensor.device.type == "meta":
                         why = on_load.errors.get(name) if on_load is not None else None
                         raise ValueError(
@@ -1218,7 +1236,7 @@ class MLXHfQuantizer(HfQuantizer):
             check_nothing_missing(model)
             check_float_parameters_finite(model)
             run_folded_multipliers(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
-        check_moe_tensors_loaded(model)
+        check_moe_tensors_loaded(model, skip=self._placed_on_meta)
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
             save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
         for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
