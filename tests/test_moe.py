@@ -276,6 +276,70 @@ def test_experts_with_another_forward_are_refused() -> None:
         plan.require()
 
 
+def _experts_loop_of_transformers_5_0(folder: Path):
+    """transformers 5.0-5.17's eager experts loop, rebuilt from the installed one: 5.20 gave
+    `one_hot` a class for the expert-parallel sentinel index `num_experts` (which the loop
+    skips); before, that index raised in `one_hot`. In a file, so that its source is read as
+    transformers'."""
+    import importlib.util
+    import inspect
+    import textwrap
+
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    source = textwrap.dedent(inspect.getsource(Qwen3MoeExperts.forward.__wrapped__))
+    assert source.count("num_classes=self.num_experts + 1") == 1
+    source = source.replace("num_classes=self.num_experts + 1", "num_classes=self.num_experts")
+    file = folder / "experts_loop_5_0.py"
+    file.write_text("import torch\nfrom torch import nn\n\n\n" + source)
+    spec = importlib.util.spec_from_file_location("experts_loop_5_0", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.forward
+
+
+def test_experts_loop_of_transformers_5_0_to_5_17_is_recognised(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Before 5.20 transformers wrote the eager experts loop without the sentinel's class
+    (digest checked in 5.0.0, 5.5.4, 5.10.4, 5.14.1, 5.17.0): the same values for every index
+    a router gives, so mlxq replaces it too, and the model gives mlx-lm's logits."""
+    import functools
+
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as qwen3_moe
+    from mlxq import swap
+
+    old_loop = _experts_loop_of_transformers_5_0(tmp_path)
+
+    class Qwen3MoeExperts517(qwen3_moe.Qwen3MoeExperts):
+        @functools.wraps(old_loop)
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return old_loop(self, hidden_states, top_k_index, top_k_weights)
+
+    config = qwen3_moe.Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=32, num_experts=4)
+    experts = Qwen3MoeExperts517(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(5, 64, generator=gen)
+    index = torch.randint(0, 4, (5, 2), generator=gen)
+    weights = torch.rand(5, 2, generator=gen)
+    new_loop = qwen3_moe.Qwen3MoeExperts.forward.__wrapped__
+    torch.testing.assert_close(
+        experts(x, index, weights), new_loop(experts, x, index, weights), rtol=0, atol=0
+    )
+    plan = moe_plan("mlp.experts", experts)
+    assert plan.refusal is None and plan.variant == "swiglu"
+    assert swap._function_digest(old_loop) == swap._EAGER_EXPERTS_DIGEST_5_0
+
+    monkeypatch.setattr(qwen3_moe, "Qwen3MoeExperts", Qwen3MoeExperts517)
+    path = tiny_mlx_checkpoint("qwen3_moe", VARIANTS[0])
+    model = _load(path)
+    assert isinstance(model.model.layers[0].mlp.experts, MoeExperts)
+    assert_logits_match_mlx_lm(model, path, torch.tensor(TOKENS), TOLERANCE)
+
+
 def test_gpt_oss_experts_module_matches_transformers() -> None:
     """MoeExperts over mlx-lm's stacks (float, and 8-bit affine from the same weights) is
     transformers' GptOssExperts: biases, interleaved gate/up, clamp (reached here), alpha."""
