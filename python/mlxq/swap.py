@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from mlxq.integrations.transformers_version import MIN_TRANSFORMERS
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
@@ -452,10 +453,14 @@ class MoePlan:
     def require(self) -> MoePlan:
         """This plan, or a NotImplementedError naming the module when mlxq cannot replace it."""
         if self.refusal is not None:
+            import transformers
+
+            # the forwards are recognised as the supported transformers releases write them
             raise NotImplementedError(
                 f"mlxq: module {self.name!r} ({self.cls_name}): {self.refusal}; mlxq replaces "
                 "only MoE experts whose forward is transformers' eager experts loop or gpt-oss's, "
-                "and routers that use their weight only through F.linear"
+                "and routers that use their weight only through F.linear, as transformers "
+                f"{MIN_TRANSFORMERS} and later write them (installed: {transformers.__version__})"
             )
         return self
 
