@@ -316,11 +316,8 @@ def _refuse(plan: SwapPlan, why: str) -> SwapPlan:
 # weight, `index_add_` into the output. Checked against Mixtral, Qwen2/Qwen3-MoE, OLMoE,
 # PhiMoE, GraniteMoE, DeepSeek V2/V3 and GLM-4-MoE in transformers 5.24.
 _EAGER_EXPERTS_DIGEST = "9aeb8813b50f2bd3ebab6a861ae28a9bd91af7cb79009da5ddf793d92690033c"
-# The same loop as transformers 5.0 to 5.17 write it (digest checked in 5.0.0, 5.5.4, 5.10.4,
-# 5.14.1 and 5.17.0): `one_hot(..., num_classes=num_experts)`, without the class 5.20 added
-# for the expert-parallel sentinel index `num_experts` (there it raised in one_hot). Routers
-# give only indices below num_experts, where both loops compute the same.
-_EAGER_EXPERTS_DIGEST_5_0 = "bdd38645d0dd92f3ea1e71f3a4ef0f2ff332a4dd1f237d50a5cef8d8c8252bf6"
+# (5.0-5.17 write it with one class fewer in its one_hot, digest bdd38645...: the same values,
+# but those releases are below mlxq's floor, MIN_TRANSFORMERS, for other reasons)
 # GptOssExperts.forward (transformers 5.24): the same loop with `x @ gate_up_proj[e] +
 # gate_up_proj_bias[e]` (weights stored [in, out]), `self._apply_gate`, and `@ down_proj[e] +
 # down_proj_bias[e]`
@@ -352,20 +349,12 @@ class _ExpertsForward:
 # NemotronHExperts.forward (transformers 5.24): the eager loop without a gate,
 # `down_proj[e] @ act_fn(up_proj[e] @ x)` (`up_proj` [E, I, H], `down_proj` [E, H, I])
 _UNGATED_EXPERTS_DIGEST = "92a15e16c8631dbf1339dd511cf4e2b602cb77fc5d62bd37528170f267442fd1"
-# as transformers 5.5 to 5.17 write it (no sentinel class, as _EAGER_EXPERTS_DIGEST_5_0)
-_UNGATED_EXPERTS_DIGEST_5_5 = "8085b5556b17d9270ffaf57941ae8aebd1b4a8c07a4f9f640951c19676ace579"
 
 # DbrxExperts.forward and DbrxExpertGLU.forward (transformers 5.24, not wrapped): the eager
 # loop over the experts hit on the rows of 2-D `mlp.w1`/`v1`/`w2` [E * I, H] viewed [E, I, H]:
 # `act_fn(x @ w1[e].T) * (x @ v1[e].T) @ w2[e]` (so w2[e] is down_proj[e] transposed), times
 # the routing weight, `index_add_` into the output
 _DBRX_EXPERTS_DIGEST = "104ab71571e52d467542024cb90ad1dca1c069f6e80e277bcd0a12fbc2c83fcf"
-# transformers 5.17's (no sentinel class, as _EAGER_EXPERTS_DIGEST_5_0). Up to 5.14 DBRX's
-# forwards differ (GLU weights used untransposed, rows viewed with ffn_hidden_size): refused.
-_DBRX_EXPERTS_DIGESTS = {
-    _DBRX_EXPERTS_DIGEST,
-    "8b24692823ffc9e34954ffd099d17577f2075b72df807630d785acc9abea706f",
-}
 _DBRX_GLU_DIGEST = "8f5b39510e75cc34cd37d9275a5607f2e940c248a7af4e9c361e5afbcf1348a5"
 
 _KNOWN_EXPERTS = {
@@ -374,8 +363,6 @@ _KNOWN_EXPERTS = {
     _LLAMA4_EXPERTS_DIGEST: _ExpertsForward("llama4", False, True, True, None),
     _UNGATED_EXPERTS_DIGEST: _ExpertsForward("mlp", False, False, True, None),
 }
-_KNOWN_EXPERTS[_EAGER_EXPERTS_DIGEST_5_0] = _KNOWN_EXPERTS[_EAGER_EXPERTS_DIGEST]
-_KNOWN_EXPERTS[_UNGATED_EXPERTS_DIGEST_5_5] = _KNOWN_EXPERTS[_UNGATED_EXPERTS_DIGEST]
 
 # `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32; Kimi Linear's
 # and Nemotron-H's spell it `.type(torch.float32)`): the
@@ -533,7 +520,7 @@ def _dbrx_experts_plan(name: str, module: nn.Module) -> MoePlan | None:
     e, inter = getattr(module, "num_experts", 0), getattr(module, "ffn_hidden_size", 0)
     rows, hidden = params["w1"].shape
     plan = MoePlan(name, type(module).__name__, "experts", e, hidden, inter, variant="dbrx")
-    if _function_digest(type(module).forward) not in _DBRX_EXPERTS_DIGESTS or (
+    if _function_digest(type(module).forward) != _DBRX_EXPERTS_DIGEST or (
         _function_digest(type(glu).forward) != _DBRX_GLU_DIGEST
     ):
         return _refuse_moe(plan, "its forward is not DBRX's experts loop")
