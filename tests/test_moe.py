@@ -248,6 +248,7 @@ def test_experts_with_another_forward_are_refused() -> None:
     """Experts are recognised by their source (forward, and gpt-oss's _apply_gate), not by
     their class: gpt-oss's own experts are accepted, a subclass that changes either is refused
     with its name."""
+    import transformers
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
@@ -272,8 +273,11 @@ def test_experts_with_another_forward_are_refused() -> None:
 
     config = Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=64, num_experts=4)
     plan = moe_plan("mlp.experts", Doubled(config))
-    with pytest.raises(NotImplementedError, match=r"'mlp\.experts' \(Doubled\).*eager experts"):
+    with pytest.raises(
+        NotImplementedError, match=r"'mlp\.experts' \(Doubled\).*eager experts"
+    ) as e:
         plan.require()
+    assert f"(installed: {transformers.__version__})" in str(e.value)  # which release wrote it
 
 
 def test_gpt_oss_experts_module_matches_transformers() -> None:

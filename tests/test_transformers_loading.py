@@ -265,6 +265,21 @@ def test_tensor_in_two_files_is_refused_by_name(tiny: Path, tmp_path: Path, caps
 # --- registration and config variants -----------------------------------------------------
 
 
+def test_older_transformers_is_refused_naming_both_versions(monkeypatch) -> None:
+    """A transformers below the supported floor is refused when mlxq registers (on `import
+    mlxq`, or right after transformers.modeling_utils loads), not deep inside a load."""
+    import transformers
+    from mlxq.integrations import registration
+    from mlxq.integrations.transformers_version import MIN_TRANSFORMERS
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    want = rf"transformers>={re.escape(MIN_TRANSFORMERS)}, but transformers 5\.17\.0 is installed"
+    with pytest.raises(ImportError, match=want):
+        registration.register()
+    monkeypatch.setattr(transformers, "__version__", MIN_TRANSFORMERS)
+    registration.register()
+
+
 def test_registration_is_idempotent_and_keeps_metal() -> None:
     from mlxq.integrations import registration
     from transformers.quantizers import auto

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from mlxq.integrations.transformers_version import MIN_TRANSFORMERS
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
@@ -315,6 +316,8 @@ def _refuse(plan: SwapPlan, why: str) -> SwapPlan:
 # weight, `index_add_` into the output. Checked against Mixtral, Qwen2/Qwen3-MoE, OLMoE,
 # PhiMoE, GraniteMoE, DeepSeek V2/V3 and GLM-4-MoE in transformers 5.24.
 _EAGER_EXPERTS_DIGEST = "9aeb8813b50f2bd3ebab6a861ae28a9bd91af7cb79009da5ddf793d92690033c"
+# (5.0-5.17 write it with one class fewer in its one_hot, digest bdd38645...: the same values,
+# but those releases are below mlxq's floor, MIN_TRANSFORMERS, for other reasons)
 # GptOssExperts.forward (transformers 5.24): the same loop with `x @ gate_up_proj[e] +
 # gate_up_proj_bias[e]` (weights stored [in, out]), `self._apply_gate`, and `@ down_proj[e] +
 # down_proj_bias[e]`
@@ -437,10 +440,14 @@ class MoePlan:
     def require(self) -> MoePlan:
         """This plan, or a NotImplementedError naming the module when mlxq cannot replace it."""
         if self.refusal is not None:
+            import transformers
+
+            # the forwards are recognised as the supported transformers releases write them
             raise NotImplementedError(
                 f"mlxq: module {self.name!r} ({self.cls_name}): {self.refusal}; mlxq replaces "
                 "only MoE experts whose forward is transformers' eager experts loop or gpt-oss's, "
-                "and routers that use their weight only through F.linear"
+                "and routers that use their weight only through F.linear, as transformers "
+                f"{MIN_TRANSFORMERS} and later write them (installed: {transformers.__version__})"
             )
         return self
 
