@@ -188,6 +188,25 @@ def test_convert_keeps_stored_dtypes_without_torch_dtype(arch: str, tmp_path: Pa
         assert torch.equal(a[key], b[key]), key
 
 
+def test_device_map_meta_quantizing_on_load_gives_a_real_loads_tensors(tmp_path: Path) -> None:
+    """device_map="meta" while a float checkpoint quantizes on load (fp32 norms and head kept
+    as stored): every tensor on meta with the shape and dtype of a real load's. Before: each
+    layer's quantization failed ('Tensor.item() cannot be called on meta tensors')."""
+    from arch_models import causal_lm_class
+    from mlxq import MLXQuantConfig
+
+    src = _float_with_stored_dtypes(tmp_path / "float", "qwen3", torch.float32)
+    load = lambda **kw: causal_lm_class("qwen3").from_pretrained(  # noqa: E731
+        src, quantization_config=MLXQuantConfig(4, 32), **kw
+    )
+    meta, real = load(device_map="meta").state_dict(), load().state_dict()
+    assert {t.device.type for t in meta.values()} == {"meta"}
+    assert real["lm_head.scales"].dtype == real["model.norm.weight"].dtype == torch.float32
+    assert {k: (t.shape, t.dtype) for k, t in meta.items()} == {
+        k: (t.shape, t.dtype) for k, t in real.items()
+    }
+
+
 def test_convert_with_a_dtype_casts_every_tensor(tmp_path: Path) -> None:
     # --dtype bfloat16 (from_pretrained's dtype=): every float tensor cast, as mlx_lm convert
     # --dtype bfloat16 does; and without one, a float16 tensor beside the bf16 model (which
