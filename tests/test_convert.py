@@ -240,3 +240,20 @@ def test_convert_with_a_dtype_casts_every_tensor(tmp_path: Path) -> None:
     assert sorted(a) == sorted(b) and b["model.norm.weight"].dtype == torch.bfloat16
     for key in b:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # quantized while it loads / whole
+def test_convert_to_float32_casts_bf16_norms(arch: str, tmp_path: Path) -> None:
+    # --dtype float32 of a bf16 checkpoint without torch_dtype: every tensor float32, as
+    # mlx_lm convert --dtype float32 writes (the stored dtypes are kept only without --dtype)
+    from mlx_lm import convert
+
+    src = _float_with_stored_dtypes(tmp_path / "float", arch, torch.bfloat16)
+    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32, dtype="float32")
+    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4,
+            dtype="float32")  # fmt: skip
+    a = load_file(tmp_path / "ours" / "model.safetensors")
+    b = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b) and b["model.norm.weight"].dtype == torch.float32
+    for key in b:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key

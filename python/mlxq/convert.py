@@ -351,7 +351,9 @@ def _load_float_whole(auto, src: str, dtype, meta: nn.Module) -> nn.Module:
     before = cls.__dict__.get("_keep_in_fp32_modules_strict", _UNSET)
     cls._keep_in_fp32_modules_strict = meta._keep_in_fp32_modules_strict
     try:
-        return auto.from_pretrained(src, dtype=dtype)
+        model = auto.from_pretrained(src, dtype=dtype)
+        model._mlxq_as_stored = getattr(meta, "_mlxq_as_stored", False)  # (keep_stored_fp32)
+        return model
     finally:
         if before is _UNSET:
             del cls._keep_in_fp32_modules_strict

@@ -574,6 +574,7 @@ def keep_stored_fp32(model: nn.Module, stored: dict, config: dict | None = None)
     markers = {k for k in keep for n, i in stored.items() if k in n and i[0] == "F32"}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if config is not None and convert_cast_dtype(config) is None:
+        model._mlxq_as_stored = True  # read by save_as_convert
         markers |= {f"^{re.escape(n)}$" for n, i in stored.items() if i[0] == "F32"}
         other = {torch.bfloat16: "F16", torch.float16: "BF16"}.get(dtype)
         mixed = sorted(n for n, i in stored.items() if i[0] == other)

@@ -328,9 +328,12 @@ def save_as_convert(
         if tensor.is_floating_point():
             sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
     dtype = max(sizes, key=sizes.get) if sizes else None
-    # an fp32 model of a checkpoint convert casts nothing: its 16-bit tensors (bf16 norms),
-    # upcast at load, saved as stored (a quantized layer's scales stay as computed, in fp32)
-    fp32_as_stored = dtype == torch.float32 and cast is None
+    # an fp32 model of a checkpoint convert casts nothing, loaded without dtype= (the mark
+    # of keep_stored_fp32): its 16-bit tensors (bf16 norms), upcast at load, saved as stored
+    # (a quantized layer's scales stay as computed, in fp32)
+    fp32_as_stored = (
+        dtype == torch.float32 and cast is None and getattr(model, "_mlxq_as_stored", False)
+    )
     if dtype not in (torch.bfloat16, torch.float16) and not fp32_as_stored:
         return {}
     dtypes = {}
