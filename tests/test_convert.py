@@ -173,6 +173,22 @@ def _float_with_stored_dtypes(
     return src
 
 
+def _ours_and_mlx_lm_convert(src: Path, tmp_path: Path, **dtype: str) -> dict[str, dict]:
+    """mlxq convert and mlx_lm convert of `src` (4-bit g32, `dtype=` to both where given):
+    asserts the same tensors (names, dtypes, values); returns mlx_lm's."""
+    from mlx_lm import convert
+
+    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32, **dtype)
+    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4, **dtype)
+    a = load_file(tmp_path / "ours" / "model.safetensors")
+    b = load_file(tmp_path / "theirs" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in b:
+        assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
+        assert torch.equal(a[key], b[key]), key
+    return b
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # quantized while it loads / whole
 @pytest.mark.parametrize("base", [torch.bfloat16, torch.float32])
 def test_convert_keeps_stored_dtypes_without_torch_dtype(
@@ -183,8 +199,6 @@ def test_convert_keeps_stored_dtypes_without_torch_dtype(
     fp32 head quantizes to fp32 scales). mlxq wrote bf16 norms (transformers' one dtype).
     Likewise bf16 norms beside fp32 weights (mlxq wrote fp32 norms); a bf16 head there, which
     MLX quantizes in bf16, is refused by name."""
-    from mlx_lm import convert
-
     other = torch.float32 if base == torch.bfloat16 else torch.bfloat16
     if base == torch.float32:
         src = _float_with_stored_dtypes(tmp_path / "head", arch, other, base)
@@ -193,15 +207,8 @@ def test_convert_keeps_stored_dtypes_without_torch_dtype(
     src = _float_with_stored_dtypes(
         tmp_path / "float", arch, other, base, head=base == torch.bfloat16
     )
-    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32)
-    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4)
-    a = load_file(tmp_path / "ours" / "model.safetensors")
-    b = load_file(tmp_path / "theirs" / "model.safetensors")
-    assert sorted(a) == sorted(b)
-    assert b["model.norm.weight"].dtype == other  # the case under test
-    for key in b:
-        assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
-        assert torch.equal(a[key], b[key]), key
+    theirs = _ours_and_mlx_lm_convert(src, tmp_path)
+    assert theirs["model.norm.weight"].dtype == other  # the case under test
 
 
 def test_device_map_meta_quantizing_on_load_gives_a_real_loads_tensors(tmp_path: Path) -> None:
@@ -227,33 +234,17 @@ def test_convert_with_a_dtype_casts_every_tensor(tmp_path: Path) -> None:
     # --dtype bfloat16 (from_pretrained's dtype=): every float tensor cast, as mlx_lm convert
     # --dtype bfloat16 does; and without one, a float16 tensor beside the bf16 model (which
     # mlx-lm would keep float16) is refused by name
-    from mlx_lm import convert
-
     src = _float_with_stored_dtypes(tmp_path / "float", "qwen3", torch.float16)
     with pytest.raises(ValueError, match=r"lm_head.weight, model.layers.0.*stored in float16"):
         convert_checkpoint(src, tmp_path / "refused", bits=4, group_size=32)
-    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32, dtype="bfloat16")
-    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4,
-            dtype="bfloat16")  # fmt: skip
-    a = load_file(tmp_path / "ours" / "model.safetensors")
-    b = load_file(tmp_path / "theirs" / "model.safetensors")
-    assert sorted(a) == sorted(b) and b["model.norm.weight"].dtype == torch.bfloat16
-    for key in b:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    theirs = _ours_and_mlx_lm_convert(src, tmp_path, dtype="bfloat16")
+    assert theirs["model.norm.weight"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # quantized while it loads / whole
 def test_convert_to_float32_casts_bf16_norms(arch: str, tmp_path: Path) -> None:
     # --dtype float32 of a bf16 checkpoint without torch_dtype: every tensor float32, as
     # mlx_lm convert --dtype float32 writes (the stored dtypes are kept only without --dtype)
-    from mlx_lm import convert
-
     src = _float_with_stored_dtypes(tmp_path / "float", arch, torch.bfloat16)
-    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32, dtype="float32")
-    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4,
-            dtype="float32")  # fmt: skip
-    a = load_file(tmp_path / "ours" / "model.safetensors")
-    b = load_file(tmp_path / "theirs" / "model.safetensors")
-    assert sorted(a) == sorted(b) and b["model.norm.weight"].dtype == torch.float32
-    for key in b:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    theirs = _ours_and_mlx_lm_convert(src, tmp_path, dtype="float32")
+    assert theirs["model.norm.weight"].dtype == torch.float32
