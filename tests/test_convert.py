@@ -149,9 +149,11 @@ def test_cast_keep_tables_follow_the_converters_cast_predicates() -> None:
     assert checked > 20 and not wrong, wrong
 
 
-def _float_with_stored_dtypes(folder: Path, arch: str, dtype: torch.dtype) -> Path:
-    """A tiny bf16 float checkpoint whose norms and head are stored in `dtype` (values bf16
-    does not hold), its config.json without `dtype` (mlx_lm convert then casts nothing)."""
+def _float_with_stored_dtypes(
+    folder: Path, arch: str, dtype: torch.dtype, base: torch.dtype = torch.bfloat16, head=True
+) -> Path:
+    """A tiny `base` float checkpoint whose norms (and head) are stored in `dtype` (values
+    bf16 does not hold), its config.json without `dtype` (mlx_lm convert casts nothing)."""
     from arch_models import tiny_float_checkpoint
     from safetensors.torch import save_file
 
@@ -159,9 +161,11 @@ def _float_with_stored_dtypes(folder: Path, arch: str, dtype: torch.dtype) -> Pa
     tensors = load_file(src / "model.safetensors")
     generator = torch.Generator().manual_seed(3)
     for name, t in tensors.items():
-        if "norm" in name or name == "lm_head.weight":
+        if "norm" in name or (head and name == "lm_head.weight"):
             noise = 1e-3 * torch.rand(t.shape, generator=generator)
             tensors[name] = (t.float() + noise).to(dtype)
+        else:
+            tensors[name] = t.to(base)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     config.pop("dtype", None)
@@ -169,39 +173,78 @@ def _float_with_stored_dtypes(folder: Path, arch: str, dtype: torch.dtype) -> Pa
     return src
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # quantized while it loads / whole
-def test_convert_keeps_stored_dtypes_without_torch_dtype(arch: str, tmp_path: Path) -> None:
-    """A float checkpoint with fp32 norms and head beside bf16 weights and no `dtype` in its
-    config.json: mlx_lm convert casts nothing, so every tensor keeps its stored dtype (the
-    fp32 head quantizes to fp32 scales). mlxq wrote bf16 norms (transformers' one dtype)."""
+def _ours_and_mlx_lm_convert(src: Path, tmp_path: Path, **dtype: str) -> dict[str, dict]:
+    """mlxq convert and mlx_lm convert of `src` (4-bit g32, `dtype=` to both where given):
+    asserts the same tensors (names, dtypes, values); returns mlx_lm's."""
     from mlx_lm import convert
 
-    src = _float_with_stored_dtypes(tmp_path / "float", arch, torch.float32)
-    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32)
-    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4)
+    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32, **dtype)
+    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4, **dtype)
     a = load_file(tmp_path / "ours" / "model.safetensors")
     b = load_file(tmp_path / "theirs" / "model.safetensors")
     assert sorted(a) == sorted(b)
-    assert b["model.norm.weight"].dtype == torch.float32  # the case under test
     for key in b:
         assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
         assert torch.equal(a[key], b[key]), key
+    return b
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # quantized while it loads / whole
+@pytest.mark.parametrize("base", [torch.bfloat16, torch.float32])
+def test_convert_keeps_stored_dtypes_without_torch_dtype(
+    arch: str, base: torch.dtype, tmp_path: Path
+) -> None:
+    """A float checkpoint with fp32 norms and head beside bf16 weights and no `dtype` in its
+    config.json: mlx_lm convert casts nothing, so every tensor keeps its stored dtype (the
+    fp32 head quantizes to fp32 scales). mlxq wrote bf16 norms (transformers' one dtype).
+    Likewise bf16 norms beside fp32 weights (mlxq wrote fp32 norms); a bf16 head there, which
+    MLX quantizes in bf16, is refused by name."""
+    other = torch.float32 if base == torch.bfloat16 else torch.bfloat16
+    if base == torch.float32:
+        src = _float_with_stored_dtypes(tmp_path / "head", arch, other, base)
+        with pytest.raises(ValueError, match=r"lm_head.weight stored in bfloat16 beside a float32"):
+            convert_checkpoint(src, tmp_path / "refused", bits=4, group_size=32)
+    src = _float_with_stored_dtypes(
+        tmp_path / "float", arch, other, base, head=base == torch.bfloat16
+    )
+    theirs = _ours_and_mlx_lm_convert(src, tmp_path)
+    assert theirs["model.norm.weight"].dtype == other  # the case under test
+
+
+def test_device_map_meta_quantizing_on_load_gives_a_real_loads_tensors(tmp_path: Path) -> None:
+    """device_map="meta" while a float checkpoint quantizes on load (fp32 norms and head kept
+    as stored): every tensor on meta with the shape and dtype of a real load's. Before: each
+    layer's quantization failed ('Tensor.item() cannot be called on meta tensors')."""
+    from arch_models import causal_lm_class
+    from mlxq import MLXQuantConfig
+
+    src = _float_with_stored_dtypes(tmp_path / "float", "qwen3", torch.float32)
+    load = lambda **kw: causal_lm_class("qwen3").from_pretrained(  # noqa: E731
+        src, quantization_config=MLXQuantConfig(4, 32), **kw
+    )
+    meta, real = load(device_map="meta").state_dict(), load().state_dict()
+    assert {t.device.type for t in meta.values()} == {"meta"}
+    assert real["lm_head.scales"].dtype == real["model.norm.weight"].dtype == torch.float32
+    assert {k: (t.shape, t.dtype) for k, t in meta.items()} == {
+        k: (t.shape, t.dtype) for k, t in real.items()
+    }
 
 
 def test_convert_with_a_dtype_casts_every_tensor(tmp_path: Path) -> None:
     # --dtype bfloat16 (from_pretrained's dtype=): every float tensor cast, as mlx_lm convert
     # --dtype bfloat16 does; and without one, a float16 tensor beside the bf16 model (which
     # mlx-lm would keep float16) is refused by name
-    from mlx_lm import convert
-
     src = _float_with_stored_dtypes(tmp_path / "float", "qwen3", torch.float16)
     with pytest.raises(ValueError, match=r"lm_head.weight, model.layers.0.*stored in float16"):
         convert_checkpoint(src, tmp_path / "refused", bits=4, group_size=32)
-    convert_checkpoint(src, tmp_path / "ours", bits=4, group_size=32, dtype="bfloat16")
-    convert(str(src), str(tmp_path / "theirs"), quantize=True, q_group_size=32, q_bits=4,
-            dtype="bfloat16")  # fmt: skip
-    a = load_file(tmp_path / "ours" / "model.safetensors")
-    b = load_file(tmp_path / "theirs" / "model.safetensors")
-    assert sorted(a) == sorted(b) and b["model.norm.weight"].dtype == torch.bfloat16
-    for key in b:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    theirs = _ours_and_mlx_lm_convert(src, tmp_path, dtype="bfloat16")
+    assert theirs["model.norm.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])  # quantized while it loads / whole
+def test_convert_to_float32_casts_bf16_norms(arch: str, tmp_path: Path) -> None:
+    # --dtype float32 of a bf16 checkpoint without torch_dtype: every tensor float32, as
+    # mlx_lm convert --dtype float32 writes (the stored dtypes are kept only without --dtype)
+    src = _float_with_stored_dtypes(tmp_path / "float", arch, torch.bfloat16)
+    theirs = _ours_and_mlx_lm_convert(src, tmp_path, dtype="float32")
+    assert theirs["model.norm.weight"].dtype == torch.float32

@@ -955,3 +955,18 @@ def test_moe_config_read_otherwise_is_refused_at_load(
     (path / "config.json").write_text(json.dumps({**config, **edit}))
     with pytest.raises(ValueError, match=match):
         load_model(str(path), "cpu", "float32")
+
+
+def test_moe_config_read_otherwise_is_refused_by_convert(tmp_path: Path) -> None:
+    # mlxq convert of a float MoE checkpoint (loaded whole, then quantized) runs the checks of
+    # a load; before: 6 experts per token of 4 converted, the checkpoint failing in the forward
+    import json
+
+    from arch_models import tiny_float_checkpoint
+    from mlxq.convert import convert_checkpoint
+
+    src = tiny_float_checkpoint("qwen3_moe", tmp_path / "float", tied=False)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 6}))
+    with pytest.raises(ValueError, match="sets num_experts_per_tok: 6, more experts per token"):
+        convert_checkpoint(src, tmp_path / "out", bits=4, group_size=32)

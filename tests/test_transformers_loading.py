@@ -305,10 +305,16 @@ def test_registration_is_idempotent_and_keeps_metal() -> None:
     assert cfg.quantization_config == {"quant_method": "metal", "bits": 4, "group_size": 64}
 
 
-@pytest.mark.parametrize("transformers_first", [False, True], ids=["mlxq-first", "hf-first"])
-def test_only_import_mlxq_in_a_fresh_process(tiny: Path, transformers_first: bool) -> None:
-    if transformers_first:  # registers at `import mlxq`, as modeling_utils is there already
+@pytest.mark.parametrize("order", ["mlxq-first", "hf-first", "reloaded"])
+def test_only_import_mlxq_in_a_fresh_process(tiny: Path, order: str) -> None:
+    if order == "hf-first":  # registers at `import mlxq`, as modeling_utils is there already
         head = "import transformers.modeling_utils, mlxq\n"
+    elif order == "reloaded":  # as IPython's autoreload does: one hook, not two asking each
+        # other for transformers' modules without end (RecursionError at `AutoConfig`)
+        head = (
+            "import importlib, mlxq, mlxq.integrations.registration as r\n"
+            "importlib.reload(r).install()\n"
+        )
     else:  # registers when transformers loads modeling_utils, after a fast `import mlxq`
         head = (
             "import sys, mlxq\n"

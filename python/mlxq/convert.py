@@ -328,6 +328,7 @@ def _load_float_whole(auto, src: str, dtype, meta: nn.Module) -> nn.Module:
     not in transformers' pick (config.json's `dtype`, else the first float tensor's)."""
     import torch
 
+    from mlxq.integrations.moe_config import check_expert_counts
     from mlxq.integrations.quantizer import (
         float_checkpoint_files,
         keep_stored_fp32,
@@ -335,9 +336,11 @@ def _load_float_whole(auto, src: str, dtype, meta: nn.Module) -> nn.Module:
         read_float_checkpoint,
     )
 
-    files = float_checkpoint_files(meta) if dtype == "auto" else []
+    files = float_checkpoint_files(meta)
     source = read_float_checkpoint(meta, files)
-    if source is None:
+    if source is not None:  # the MoE config checks of a load with the quantizer
+        check_expert_counts(meta, source[1])
+    if source is None or dtype != "auto":
         return auto.from_pretrained(src, dtype=dtype)
     dtype = mlx_lm_dtype(files, meta.config, pre_quantized=False) or "auto"
     if isinstance(dtype, torch.dtype):
@@ -348,7 +351,9 @@ def _load_float_whole(auto, src: str, dtype, meta: nn.Module) -> nn.Module:
     before = cls.__dict__.get("_keep_in_fp32_modules_strict", _UNSET)
     cls._keep_in_fp32_modules_strict = meta._keep_in_fp32_modules_strict
     try:
-        return auto.from_pretrained(src, dtype=dtype)
+        model = auto.from_pretrained(src, dtype=dtype)
+        model._mlxq_as_stored = getattr(meta, "_mlxq_as_stored", False)  # (keep_stored_fp32)
+        return model
     finally:
         if before is _UNSET:
             del cls._keep_in_fp32_modules_strict

@@ -680,7 +680,7 @@ def reads_rope_parameters(model_type: str | None) -> bool:
 # the top `Model`'s counts (convert reads `model.cast_predicate`): GLM-4.5V's and Kimi K2.5's
 # language models define one that their `Model` does not expose, so convert casts all of theirs.
 MLX_VLM_CAST_KEEP: dict[str, tuple[str, ...]] = dict.fromkeys(
-    ("qwen3_5", "qwen3_5_moe", "minicpmv4_7"), ("A_log",)
+    ("qwen3_5", "qwen3_5_moe", "minicpmv4_7", "qwen4_exp"), ("A_log",)
 )
 
 

@@ -133,7 +133,8 @@ class QuantizeOnLoad(ConversionOps):
         w = value.to(layer.dtype)
         w = w.t() if plan.transposed else w
         module = plan.empty(fmt.bits, fmt.group_size, layer.dtype, w.device, fmt.mode)
-        module.load_quantized(w.contiguous())
+        if w.device.type != "meta":  # device_map="meta": the tensors' shapes, no values
+            module.load_quantized(w.contiguous())
         return {
             f"{name}.{leaf}": tensor
             for leaf, tensor in module.named_buffers(recurse=False)

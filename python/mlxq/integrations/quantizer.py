@@ -566,20 +566,28 @@ def keep_stored_fp32(model: nn.Module, stored: dict, config: dict | None = None)
 
     Raises ValueError for a tensor stored in the other 16-bit float type than the model's
     where the converter casts nothing: the model cannot hold it as stored (an fp32 copy would
-    quantize otherwise than MLX does on the stored dtype)."""
+    quantize otherwise than MLX does on the stored dtype), and for a 16-bit matrix (a weight
+    MLX quantizes in its stored dtype) beside a float32 model."""
     import re
 
     keep = convert_cast_keeps(model)
     markers = {k for k in keep for n, i in stored.items() if k in n and i[0] == "F32"}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if config is not None and convert_cast_dtype(config) is None:
+        model._mlxq_as_stored = True  # read by save_as_convert
         markers |= {f"^{re.escape(n)}$" for n, i in stored.items() if i[0] == "F32"}
         other = {torch.bfloat16: "F16", torch.float16: "BF16"}.get(dtype)
         mixed = sorted(n for n, i in stored.items() if i[0] == other)
+        if dtype == torch.float32:  # 16-bit matrices, which MLX quantizes in their dtype (the
+            # fp32 model would quantize them in fp32); 16-bit vectors are saved as stored
+            mixed = sorted(
+                n for n, i in stored.items() if i[0] in ("BF16", "F16") and len(i[1]) > 1
+            )
         if mixed:
+            name = _DTYPE_NAMES[stored[mixed[0]][0]]
             raise ValueError(
                 f"mlxq: {', '.join(mixed[:4])}{' ...' if len(mixed) > 4 else ''} stored in "
-                f"{_DTYPE_NAMES[other]} beside a {str(dtype).removeprefix('torch.')} model, "
+                f"{name} beside a {str(dtype).removeprefix('torch.')} model, "
                 "and config.json names no torch_dtype: mlx_lm convert keeps each tensor's "
                 "stored dtype, which one torch model cannot hold; pass a dtype (convert "
                 "--dtype) to cast them all"

@@ -370,12 +370,16 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     """Finds `transformers.modeling_utils` through the other finders, then registers after it
     (and `transformers.configuration_utils`, then wraps its config reading: item 5)."""
 
+    # known by this mark, not by class: a reloaded module (IPython's autoreload) defines a new
+    # class, and two such finders asking each other would recurse without end
+    __mlxq_wrapped__ = True
+
     def find_spec(self, fullname, path, target=None):
         if fullname not in (_TARGET, _CONFIG_TARGET):
             return None
         then = register if fullname == _TARGET else _install_config_hook
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            if getattr(finder, _MARK, False) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
@@ -412,5 +416,5 @@ def install() -> None:
         return
     if _CONFIG_TARGET in sys.modules:
         _install_config_hook()
-    if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+    if not any(getattr(f, _MARK, False) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())

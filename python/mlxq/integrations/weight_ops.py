@@ -328,14 +328,20 @@ def save_as_convert(
         if tensor.is_floating_point():
             sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
     dtype = max(sizes, key=sizes.get) if sizes else None
-    if dtype not in (torch.bfloat16, torch.float16):
+    # an fp32 model of a checkpoint convert casts nothing, loaded without dtype= (the mark
+    # of keep_stored_fp32): its 16-bit tensors (bf16 norms), upcast at load, saved as stored
+    # (a quantized layer's scales stay as computed, in fp32)
+    fp32_as_stored = (
+        dtype == torch.float32 and cast is None and getattr(model, "_mlxq_as_stored", False)
+    )
+    if dtype not in (torch.bfloat16, torch.float16) and not fp32_as_stored:
         return {}
     dtypes = {}
     for name, tensor in tensors.items():
         if tensor.dtype != torch.float32:
             continue
         info = stored.get(name)
-        if info is None and name.endswith((".scales", ".biases")):
+        if info is None and name.endswith((".scales", ".biases")) and not fp32_as_stored:
             info = stored.get(f"{name.rpartition('.')[0]}.weight")
         kept = any(k in name for k in keep)
         if info is None or info[0] not in _HEADER_FLOATS:
