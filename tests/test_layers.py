@@ -14,6 +14,7 @@ LAYERS = {
     "format": 0,
     "_native": 0,
     "_threads": 0,
+    "_transformers_version": 0,
     "ops": 1,
     "nn": 2,
     "moe": 2,

@@ -269,8 +269,8 @@ def test_older_transformers_is_refused_naming_both_versions(monkeypatch) -> None
     """A transformers below the supported floor is refused when mlxq registers (on `import
     mlxq`, or right after transformers.modeling_utils loads), not deep inside a load."""
     import transformers
+    from mlxq._transformers_version import MIN_TRANSFORMERS
     from mlxq.integrations import registration
-    from mlxq.integrations.transformers_version import MIN_TRANSFORMERS
 
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     want = rf"transformers>={re.escape(MIN_TRANSFORMERS)}, but transformers 5\.17\.0 is installed"

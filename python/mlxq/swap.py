@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from mlxq.integrations.transformers_version import MIN_TRANSFORMERS
+from mlxq._transformers_version import MIN_TRANSFORMERS
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,

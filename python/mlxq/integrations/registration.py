@@ -185,7 +185,7 @@ def _is_metal(q: Any) -> bool:
 def register() -> None:
     """Register the "mlx" quantizer and install the four wrappers (idempotent); an
     ImportError first on a transformers older than mlxq supports."""
-    from mlxq.integrations.transformers_version import require_supported_transformers
+    from mlxq._transformers_version import require_supported_transformers
 
     require_supported_transformers()
     import torch
