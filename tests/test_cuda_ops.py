@@ -276,9 +276,9 @@ def _wide_range_x(gen, m, k, dtype):
 @pytest.mark.parametrize("kernel", ["cores", "mma", "stream"])
 def test_decode_kernels(gen, group_size: int, dtype: torch.dtype, kernel: str, monkeypatch) -> None:
     # every decode kernel (the op reads MLXQ_CUDA_DECODE on every call; "stream", the default for
-    # M <= 2, falls back above); few rows and a long K: the streaming tensor-core kernels
-    # split K over up to 8 warps of a block (summed in shared memory); 40 rows leave a partial
-    # 16-row tile, K = 576 a partial 128-value span
+    # M <= 2, runs once a pair of rows above); few rows and a long K: the streaming tensor-core
+    # kernels split K over up to 8 warps of a block (summed in shared memory); 40 rows leave a
+    # partial 16-row tile, K = 576 a partial 128-value span
     monkeypatch.setenv("MLXQ_CUDA_DECODE", kernel)
     monkeypatch.setenv("MLXQ_CUDA_BULK", "0")  # the ring below; test_decode_kernels_bulk has bulk
     wq, s, b = _quantized(gen, 40, 8192, group_size, 4, dtype)
@@ -330,6 +330,8 @@ def test_decode_kernels_bulk(
     monkeypatch.delenv("MLXQ_CUDA_BULK", raising=False)
     monkeypatch.delenv("MLXQ_CUDA_BULK_TILES", raising=False)
     monkeypatch.delenv("MLXQ_CUDA_DECODE_SMALL", raising=False)
+    # M = 3, 4 as two launches of this kernel (a pair of rows each), whatever the layer's size
+    monkeypatch.setenv("MLXQ_CUDA_DECODE_PAIRS_MAX", "4")
     if tiles == "reach_off":
         monkeypatch.setenv("MLXQ_CUDA_DECODE_SMALL", "0")
     elif tiles is not None:
@@ -345,7 +347,7 @@ def test_decode_kernels_bulk(
             cases.append(reach)
     for n, k in cases:
         wq, s, b = _quantized(gen, n, k, group_size, 4, dtype)
-        for m in (1, 2):
+        for m in (1, 2, 3, 4):
             _check_matmul(torch.randn(m, k, generator=gen).to(dtype), wq, s, b, group_size, 4)
         _check_matmul(_wide_range_x(gen, 1, k, dtype), wq, s, b, group_size, 4)
 

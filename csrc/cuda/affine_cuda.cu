@@ -135,7 +135,22 @@ void dequantize_rows(const Weight& W, int64_t n0, int64_t n1, at::Tensor& out) {
 // (benchmarks/cuda/qmv_harness.cu, M=1) 0.042 at group 128, 0.043 at 64, 0.047 at 32 (torch's
 // int4 tinygemm: 0.062, 0.066, 0.076). MLXQ_CUDA_DECODE=cores|mma|stream forces one where it
 // applies (read on every call, so that a benchmark can compare them in one process).
-enum class Decode { kCores, kMma, kStream };
+// For 4-bit M = 3 .. 8 the streaming kernel can also run once a pair of rows of x ("pairs",
+// reading W (M + 1) / 2 times). MLXQ_CUDA_DECODE=stream forces pairs for every M.
+enum class Decode { kCores, kMma, kStream, kStreamPairs };
+
+// Whether M > 2 rows run as pairs of the streaming kernel rather than qmv_mma4: at M = 3, 4 on
+// every layer of 2^25 weights or more. Measured on an H200 (bf16, ms, pairs / mma4, group 128 and
+// 64): 28672 x 8192 M=3 0.071/0.096, 0.078/0.136, M=4 0.072/0.097, 0.081/0.136; 4096 x 14336
+// M=4 0.027/0.030, 0.030/0.041; 14336 x 4096 M=4 0.025/0.030, 0.028/0.040; 8192 x 28672 M=3
+// 0.099/0.106, 0.105/0.164, M=4 0.115/0.107, 0.123/0.166; smaller layers go to mma4 (4096 x 4096
+// M=4 0.012/0.010), and so does M >= 5 (pairs win only at group 64 on 28672 x 8192: 0.118 /
+// 0.142). MLXQ_CUDA_DECODE_PAIRS_MAX=m (read on every call) runs pairs for M <= m instead.
+bool stream_pairs(const Weight& W, int64_t M) {
+  const char* env = std::getenv("MLXQ_CUDA_DECODE_PAIRS_MAX");
+  if (env != nullptr) return M <= std::atoll(env);
+  return M <= 4 && W.N * W.K >= (int64_t{1} << 25);
+}
 
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
@@ -183,8 +198,10 @@ Decode decode_kernel(const Weight& W, int64_t M, at::ScalarType dt, const Device
   if (dev.major < 8) return Decode::kCores;
   if (v == "mma") return Decode::kMma;
   const bool stream_ok = W.s.scalar_type() == dt && W.b.scalar_type() == dt && aligned16(W.s) &&
-                         aligned16(W.b) && qmv_stream4_fits(M, W.K, dev.stream);
-  if (stream_ok) return Decode::kStream;
+                         aligned16(W.b) &&
+                         qmv_stream4_fits(std::min<int64_t>(M, 2), W.K, dev.stream);
+  if (stream_ok && M <= 2) return Decode::kStream;
+  if (stream_ok && (v == "stream" || stream_pairs(W, M))) return Decode::kStreamPairs;
   return M * W.group_size >= 256 ? Decode::kMma : Decode::kCores;
 }
 
@@ -393,6 +410,15 @@ at::Tensor matmul_2d(const at::Tensor& x, const Weight& W, bool transpose) {
     switch (decode_kernel(W, M, dt, dev)) {
       case Decode::kStream:
         launch_qmv_stream4(p, dtype_of(dt), dev.stream, stream);
+        break;
+      case Decode::kStreamPairs:
+        for (int64_t r = 0; r < M; r += 2) {  // rows r, r + 1 of x and y
+          QmvParams q = p;
+          q.x = static_cast<const char*>(p.x) + r * W.K * x.element_size();
+          q.y = static_cast<char*>(p.y) + r * W.N * y.element_size();
+          q.M = static_cast<int>(std::min<int64_t>(2, M - r));
+          launch_qmv_stream4(q, dtype_of(dt), dev.stream, stream);
+        }
         break;
       case Decode::kMma:
         launch_qmv_mma4(p, dtype_of(dt), stream);
