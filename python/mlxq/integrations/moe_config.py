@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["MLX_LM_EXPERT_KEYS", "check_expert_counts"]
+__all__ = ["MLX_LM_EXPERT_KEYS", "MLX_VLM_EXPERT_KEYS", "check_expert_counts"]
 
 # model type -> (expert count key, experts per token key) that mlx-lm 0.32's ModelArgs reads
 _NUM_EXPERTS = "num_experts afmoe bailing_hybrid exaone_moe gemma4_text jamba kimi_linear laguna "
@@ -32,11 +32,29 @@ MLX_LM_EXPERT_KEYS.update(
     ernie4_5_moe=("moe_num_experts", "moe_k"),
     longcat_flash=("n_routed_experts", "moe_topk"),
 )
+# the language model's model type (text_config's) -> the keys mlx-vlm 0.7.10 reads from the
+# text_config of an image-text checkpoint (its TextConfig; mlx-lm's llama4 and step3p5 read
+# the same); Kimi K2.5's DeepSeek V3 and Gemma 4's are mlx-lm's own above
+MLX_VLM_EXPERT_KEYS: dict[str, tuple[str, str]] = {
+    "qwen3_vl_moe_text": ("num_experts", "num_experts_per_tok"),
+    "qwen3_5_moe_text": ("num_experts", "num_experts_per_tok"),
+    "qwen4_exp_text": ("num_experts", "num_experts_per_tok"),
+    "glm4v_moe_text": ("n_routed_experts", "num_experts_per_tok"),
+    "glm5_next_text": ("n_routed_experts", "num_experts_per_tok"),
+    "llama4_text": ("num_local_experts", "num_experts_per_tok"),
+    "minimax_m3_vl_text": ("num_local_experts", "num_experts_per_tok"),
+    "diffusion_gemma_text": ("num_experts", "top_k_experts"),
+    "step3p5": ("moe_num_experts", "moe_top_k"),
+}
 _COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-_TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "moe_top_k")
+_TOPK_KEYS += ("top_k_experts",)
 # routers whose top-k and expert count live in their config, not in attributes of their own:
 # class name -> (top-k key, expert count key) of that config
-_CONFIG_ROUTERS = {"Gemma4TextRouter": ("top_k_experts", "num_experts")}
+_CONFIG_ROUTERS = {
+    "Gemma4TextRouter": ("top_k_experts", "num_experts"),
+    "DiffusionGemmaTextRouter": ("top_k_experts", "num_experts"),
+}
 
 
 def _moe_dict(raw: dict) -> dict:
@@ -81,7 +99,8 @@ def check_expert_counts(model: nn.Module, raw: dict) -> None:
                 f"experts per token than the {experts} experts it has ({said}); torch.topk "
                 "would fail in the forward ('selected index k out of range')"
             )
-    mlx_keys = MLX_LM_EXPERT_KEYS.get(model_type)
+    mlx_keys = MLX_LM_EXPERT_KEYS.get(model_type, MLX_VLM_EXPERT_KEYS.get(model_type))
+    reader = "mlx-lm" if cfg is raw else "mlx-lm/mlx-vlm"  # (a text_config: image-text)
     # (no router built: a dense variant, as Granite 4.0's with num_local_experts 0)
     if mlx_keys is None or not routers:
         return
@@ -96,6 +115,6 @@ def check_expert_counts(model: nn.Module, raw: dict) -> None:
             raise ValueError(
                 f"mlxq: config.json of model type {model_type!r} gives two values of {what} "
                 f"({given}): transformers builds {', '.join(map(str, sorted(built)))} {what}, "
-                f"mlx-lm reads {key} ({value}); the two would run different models. Make them "
+                f"{reader} reads {key} ({value}); the two would run different models. Make them "
                 "agree"
             )
