@@ -878,3 +878,27 @@ def test_vlm_moe_config_read_otherwise_is_refused_at_load(
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         _load(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "match"),
+    [
+        # Kimi K2.5's language model is mlx-vlm's DeepSeek V3, which reads moe_layer_freq (MoE
+        # every n-th layer) and topk_method; transformers' ignores both: before, loaded as
+        # transformers' model (MoE in every layer after the dense ones), not mlx-vlm's
+        ("kimi_k25", {"moe_layer_freq": 2}, "sets text_config.moe_layer_freq: 2"),
+        ("kimi_k25", {"topk_method": "greedy"}, "sets text_config.topk_method: 'greedy'"),
+        # mlx-vlm's GLM-4.5V asserts noaux_tc; transformers' runs noaux_tc whatever the key says
+        ("glm4v_moe", {"topk_method": "greedy"}, "sets text_config.topk_method: 'greedy'"),
+    ],
+)
+def test_vlm_text_config_key_only_mlx_vlm_reads_is_refused(
+    tmp_path: Path, name: str, edit: dict, match: str
+) -> None:
+    path = tmp_path / name
+    shutil.copytree(tiny_mlx_vlm_checkpoint(name), path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"].update(edit)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        _load(path)
