@@ -34,7 +34,8 @@ MLX_LM_EXPERT_KEYS.update(
 )
 # the language model's model type (text_config's) -> the keys mlx-vlm 0.7.10 reads from the
 # text_config of an image-text checkpoint (its TextConfig; mlx-lm's llama4 and step3p5 read
-# the same); Kimi K2.5's DeepSeek V3 and Gemma 4's are mlx-lm's own above
+# the same; Kimi K2.5's DeepSeek V3 and Gemma 4's are mlx-lm's own above), or from the top
+# level of a text model's
 MLX_VLM_EXPERT_KEYS: dict[str, tuple[str, str]] = {
     "qwen3_vl_moe_text": ("num_experts", "num_experts_per_tok"),
     "qwen3_5_moe_text": ("num_experts", "num_experts_per_tok"),
@@ -45,6 +46,13 @@ MLX_VLM_EXPERT_KEYS: dict[str, tuple[str, str]] = {
     "minimax_m3_vl_text": ("num_local_experts", "num_experts_per_tok"),
     "diffusion_gemma_text": ("num_experts", "top_k_experts"),
     "step3p5": ("moe_num_experts", "moe_top_k"),
+    # text models mlx-vlm runs and mlx-lm 0.32 does not (their config.json's top level)
+    "cohere2_moe": ("num_experts", "num_experts_per_tok"),
+    "deepseek_v4": ("n_routed_experts", "num_experts_per_tok"),
+    "flint": ("num_experts", "num_experts_per_tok"),
+    "hy_v4": ("n_routed_experts", "num_experts_per_tok"),
+    "kolibri1": ("num_experts", "num_experts_per_tok"),
+    "openai_privacy_filter": ("num_local_experts", "num_experts_per_tok"),
 }
 _COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "moe_top_k")
@@ -100,7 +108,8 @@ def check_expert_counts(model: nn.Module, raw: dict) -> None:
                 "would fail in the forward ('selected index k out of range')"
             )
     mlx_keys = MLX_LM_EXPERT_KEYS.get(model_type, MLX_VLM_EXPERT_KEYS.get(model_type))
-    reader = "mlx-lm" if cfg is raw else "mlx-lm/mlx-vlm"  # (a text_config: image-text)
+    # (a text_config: an image-text checkpoint, mlx-vlm's)
+    reader = "mlx-lm" if cfg is raw and model_type in MLX_LM_EXPERT_KEYS else "mlx-vlm"
     # (no router built: a dense variant, as Granite 4.0's with num_local_experts 0)
     if mlx_keys is None or not routers:
         return
