@@ -813,3 +813,25 @@ def test_convert_dtype_matches_mlx_lm(dtype: str) -> None:
     ref = mlx_lm_logits(path, TOKENS)
     got = mlxq_logits(path, TOKENS)
     assert float(np.abs(got - ref).max()) <= 5e-5
+
+
+@pytest.mark.parametrize("arch", ["cohere", "cohere2"])
+def test_cohere_logit_scale_is_read_as_mlx_lm_reads(tmp_path: Path, arch: str) -> None:
+    # mlx-lm's Cohere and Cohere 2 multiply the logits by config.json's logit_scale (default
+    # 0.0625), as transformers' do: a value of neither default nor 1 (0.5), and none (both
+    # default to 0.0625), give mlx-lm's logits; the oracle's own logits at 0.5 are those at
+    # the default times 8, so a scale read otherwise (or not at all) would show
+    src = tiny_mlx_checkpoint(arch, VARIANTS[0])
+    refs = {}
+    for scale in (0.5, None):
+        path = tmp_path / f"scale-{scale}"
+        shutil.copytree(src, path)
+        config = json.loads((path / "config.json").read_text())
+        config.pop("logit_scale", None)
+        if scale is not None:
+            config["logit_scale"] = scale
+        (path / "config.json").write_text(json.dumps(config))
+        refs[scale] = mlx_lm_logits(path, TOKENS)
+        # (measured: 2.7e-6 and 3.4e-7 apart, of logits up to 1.9 and 0.23)
+        assert float(np.abs(mlxq_logits(path, TOKENS) - refs[scale]).max()) <= TOLERANCE
+    np.testing.assert_allclose(refs[0.5], 8 * refs[None], rtol=1e-4, atol=1e-4)

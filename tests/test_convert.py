@@ -211,6 +211,27 @@ def test_convert_keeps_stored_dtypes_without_torch_dtype(
     assert theirs["model.norm.weight"].dtype == other  # the case under test
 
 
+def test_saved_dtype_is_the_one_mlx_lm_convert_keeps(tmp_path: Path) -> None:
+    """A float checkpoint of bf16 weights beside fp32 norms and head under transformers 5's
+    `dtype: bfloat16` (which mlx_lm convert keeps in config.json, casting nothing): mlxq
+    convert, and a save after quantizing while it loads, write that dtype too. Before:
+    float32 (transformers writes its first float parameter's dtype, an fp32 norm's)."""
+    from arch_models import causal_lm_class
+    from mlxq import MLXQuantConfig
+
+    src = _float_with_stored_dtypes(tmp_path / "float", "qwen3", torch.float32)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    _ours_and_mlx_lm_convert(src, tmp_path)  # (the same tensors, fp32 norms and head kept)
+    saved = lambda folder: json.loads((folder / "config.json").read_text())["dtype"]  # noqa: E731
+    assert saved(tmp_path / "theirs") == "bfloat16"
+    assert saved(tmp_path / "ours") == "bfloat16"
+    model = causal_lm_class("qwen3").from_pretrained(src, quantization_config=MLXQuantConfig(4, 32))
+    assert model.model.norm.weight.dtype == torch.float32  # the case under test
+    model.save_pretrained(tmp_path / "saved")
+    assert saved(tmp_path / "saved") == "bfloat16"
+
+
 def test_device_map_meta_quantizing_on_load_gives_a_real_loads_tensors(tmp_path: Path) -> None:
     """device_map="meta" while a float checkpoint quantizes on load (fp32 norms and head kept
     as stored): every tensor on meta with the shape and dtype of a real load's. Before: each

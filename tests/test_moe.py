@@ -938,6 +938,16 @@ def test_llama4_moe_saved_as_mlx_lm_llama4(tmp_path: Path) -> None:
         ("qwen3_moe", {"num_experts": 2}, r"transformers builds 4 experts, mlx-lm reads num_exp"),
         # transformers' Mixtral reads num_experts (its alias, 2), mlx-lm's num_local_experts (4)
         ("mixtral", {"num_experts": 2}, r"builds 2 experts, mlx-lm reads num_local_experts \(4"),
+        # transformers' ERNIE 4.5 MoE reads the alias num_experts_per_tok (2), mlx-lm moe_k (3):
+        # before, loaded and ran 2 experts per token where mlx-lm runs 3
+        ("ernie4_5_moe", {"moe_k": 3, "num_experts_per_tok": 2}, r"builds 2 experts per tok"),
+        # mlx-lm's moe_k (6) beyond the 4 experts, transformers' routers within them (2): the
+        # one case where "more per token than experts" on mlx-lm's keys differed from the
+        # routers' (before: refused by that second check); now the disagreement is refused
+        ("ernie4_5_moe", {"moe_k": 6, "num_experts_per_tok": 2}, r"mlx-lm reads moe_k \(6\)"),
+        # Gemma 4's router reads top_k_experts from its config (no top_k attribute): before,
+        # loaded, then torch.topk failed in the forward
+        ("gemma4_text", {"top_k_experts": 6}, "sets top_k_experts: 6, more experts per token"),
     ],
 )
 def test_moe_config_read_otherwise_is_refused_at_load(

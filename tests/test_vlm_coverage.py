@@ -850,3 +850,55 @@ def test_missing_shard_of_a_sharded_table_is_refused(tmp_path: Path) -> None:
     match = r"shards of .*ple_embedding\.ngram_embedding\.weight are not shards 0\.\.2"
     with pytest.raises(ValueError, match=match):
         _load(broken)
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "match"),
+    [
+        # transformers' Qwen3-VL-MoE text config takes the alias num_local_experts (2), mlx-vlm's
+        # num_experts (4, the experts converted): before, refused by a shape error on the
+        # experts' tensor that named no config key
+        ("qwen3_vl_moe", {"num_local_experts": 2}, r"builds 2 experts, mlx-vlm reads num_experts"),
+        # GLM-4.5V: transformers the alias num_local_experts, mlx-vlm n_routed_experts
+        ("glm4v_moe", {"num_local_experts": 2}, r"mlx-vlm reads n_routed_experts \(4\)"),
+        # Gemma 4's router reads top_k_experts from its config: before, loaded, then torch.topk
+        # failed in the forward
+        ("gemma4_moe", {"top_k_experts": 6}, "sets top_k_experts: 6, more experts per token"),
+    ],
+)
+def test_vlm_moe_config_read_otherwise_is_refused_at_load(
+    tmp_path: Path, name: str, edit: dict, match: str
+) -> None:
+    # the family's tiny MoE model (4 experts, 2 per token) converted by mlx-vlm, its text_config
+    # edited
+    path = tmp_path / name
+    shutil.copytree(tiny_mlx_vlm_checkpoint(name), path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"].update(edit)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        _load(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "match"),
+    [
+        # Kimi K2.5's language model is mlx-vlm's DeepSeek V3, which reads moe_layer_freq (MoE
+        # every n-th layer) and topk_method; transformers' ignores both: before, loaded as
+        # transformers' model (MoE in every layer after the dense ones), not mlx-vlm's
+        ("kimi_k25", {"moe_layer_freq": 2}, "sets text_config.moe_layer_freq: 2"),
+        ("kimi_k25", {"topk_method": "greedy"}, "sets text_config.topk_method: 'greedy'"),
+        # mlx-vlm's GLM-4.5V asserts noaux_tc; transformers' runs noaux_tc whatever the key says
+        ("glm4v_moe", {"topk_method": "greedy"}, "sets text_config.topk_method: 'greedy'"),
+    ],
+)
+def test_vlm_text_config_key_only_mlx_vlm_reads_is_refused(
+    tmp_path: Path, name: str, edit: dict, match: str
+) -> None:
+    path = tmp_path / name
+    shutil.copytree(tiny_mlx_vlm_checkpoint(name), path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"].update(edit)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        _load(path)

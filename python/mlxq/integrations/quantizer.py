@@ -433,6 +433,54 @@ def _with_layer_type_names(cls: type, names: dict[str, str]) -> type:
     return _LAYER_NAMED_CONFIGS[cls]
 
 
+_DTYPE_SAVED_CONFIGS: dict[tuple[type, str], type] = {}
+
+
+def _saving_dtype(cls: type, name: str) -> type:
+    """A subclass of the config class `cls` that serializes `dtype` as `name`."""
+    key = (cls, name)
+    if key not in _DTYPE_SAVED_CONFIGS:
+
+        def named(out: dict) -> dict:
+            out["dtype"] = name
+            return out
+
+        _DTYPE_SAVED_CONFIGS[key] = made_class(
+            cls.__name__,
+            (cls,),
+            {
+                "_mlxq_dtype_of": cls,
+                "to_dict": lambda self: named(cls.to_dict(self)),
+                "to_diff_dict": lambda self: named(cls.to_diff_dict(self)),
+            },
+            _saving_dtype,
+            cls,
+            name,
+        )
+    return _DTYPE_SAVED_CONFIGS[key]
+
+
+def save_dtype_of_most_values(model: nn.Module) -> None:
+    """Make `save_pretrained` write config.json's `dtype` as the dtype most of the model's float
+    values are in (bfloat16 for bf16 weights beside fp32 norms, as `mlx_lm convert` keeps the
+    float checkpoint's `dtype: bfloat16`), not transformers' pick, its first float
+    parameter's: after quantization that is a norm's, which a float checkpoint quantized while
+    it loads may keep in fp32 (`keep_stored_fp32`), writing "float32"."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    cls = getattr(type(config), "_mlxq_dtype_of", type(config))
+    most = max(sizes, key=sizes.get) if sizes else None
+    if most is None or most == model.dtype:
+        config.__class__ = cls  # transformers' own pick is that dtype
+        return
+    config.__class__ = _saving_dtype(cls, str(most).removeprefix("torch."))
+
+
 def _with_model_type(cls: type, model_type: str) -> type:
     if getattr(cls, "model_type", None) == model_type:
         return cls
@@ -1332,6 +1380,12 @@ class MLXHfQuantizer(HfQuantizer):
 
     def is_serializable(self) -> bool:
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        """transformers' (no state dict of its own), after :func:`save_dtype_of_most_values`:
+        save_pretrained calls it before writing config.json."""
+        save_dtype_of_most_values(model)
+        return super().get_state_dict_and_metadata(model)
 
     @property
     def is_trainable(self) -> bool:

@@ -150,6 +150,23 @@ def _with_quantization_in_sub_config(cls: Any, config_dict: dict) -> dict:
 _MLX_LM_REMAPPED = {"kimi_k2": "deepseek_v3", "joyai_llm_flash": "deepseek_v3"}
 # keys mlx-lm's DeepSeek V3 reads that transformers' ignores, and the one value both agree on
 _DEEPSEEK_V3_FIXED = {"moe_layer_freq": 1, "topk_method": "noaux_tc"}
+# image-text model types whose language model in mlx-vlm 0.7.10 reads keys of text_config that
+# transformers' ignores: Kimi K2.5's is mlx-vlm's DeepSeek V3; GLM-4.5V's asserts noaux_tc
+_MLX_VLM_TEXT_FIXED = {"kimi_k25": _DEEPSEEK_V3_FIXED, "glm4v_moe": {"topk_method": "noaux_tc"}}
+
+
+def _refuse_other_values(model_type: str, config: dict, fixed: dict, where: str) -> None:
+    """ValueError naming the first key of `fixed` that `config` (config.json's part `where`:
+    "" or "text_config.") sets to another value than the one transformers' model is."""
+    oracle = "mlx-vlm" if where else "mlx-lm"
+    reader = "mlx-vlm's language model" if where else "mlx-lm's DeepSeek V3"
+    for key, value in fixed.items():
+        if config.get(key, value) != value:
+            raise ValueError(
+                f"mlxq: config.json of model type {model_type!r} sets {where}{key}: "
+                f"{config[key]!r}; {reader} reads it, transformers' does not (its model is "
+                f"that of {key}: {value!r}), so no model here matches {oracle}'s"
+            )
 
 
 def _model_type_as_mlx_lm_reads(config_dict: dict) -> dict:
@@ -158,20 +175,21 @@ def _model_type_as_mlx_lm_reads(config_dict: dict) -> dict:
 
     Refused (ValueError naming key and value) where a key mlx-lm reads and transformers'
     DeepSeek V3 does not (`moe_layer_freq`: MoE every n-th layer; `topk_method`) holds other
-    than the one value both models agree on; DeepSeek V3 checkpoints likewise."""
+    than the one value both models agree on; DeepSeek V3 checkpoints likewise, and the
+    text_config of image-text ones whose mlx-vlm language model reads such keys (Kimi K2.5's
+    DeepSeek V3, GLM-4.5V's `topk_method`)."""
     from mlxq.format import find_quantization, is_mlx_quantization
 
     model_type = config_dict.get("model_type")
     target = _MLX_LM_REMAPPED.get(model_type, model_type)
-    if target != "deepseek_v3" or not is_mlx_quantization(find_quantization(config_dict)):
+    if not is_mlx_quantization(find_quantization(config_dict)):
         return config_dict
-    for key, value in _DEEPSEEK_V3_FIXED.items():
-        if config_dict.get(key, value) != value:
-            raise ValueError(
-                f"mlxq: config.json of model type {model_type!r} sets {key}: "
-                f"{config_dict[key]!r}; mlx-lm's DeepSeek V3 reads it, transformers' does not "
-                f"(its model is that of {key}: {value!r}), so no model here matches mlx-lm's"
-            )
+    text = config_dict.get("text_config")
+    if model_type in _MLX_VLM_TEXT_FIXED and isinstance(text, dict):
+        _refuse_other_values(model_type, text, _MLX_VLM_TEXT_FIXED[model_type], "text_config.")
+    if target != "deepseek_v3":
+        return config_dict
+    _refuse_other_values(model_type, config_dict, _DEEPSEEK_V3_FIXED, "")
     if target == model_type:
         return config_dict
     return {**config_dict, "model_type": target}
