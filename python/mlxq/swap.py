@@ -88,8 +88,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def forward_body(cls: type) -> str | None:
     """The body of `cls.forward` with all whitespace removed; None if it has no source."""
+    return _function_body_text(cls.forward)
+
+
+@functools.lru_cache(maxsize=1024)
+def _function_body_text(fn: object) -> str | None:
+    # cached by the function itself (a model walk asks once per module, ~100 a model)
     try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
+        source = textwrap.dedent(inspect.getsource(fn))
     except (OSError, TypeError):
         return None
     lines = source.splitlines()
@@ -698,8 +704,7 @@ def _class_definition(cls: type) -> ast.stmt | None:
         except OSError:
             stat = None
         if stat is not None:
-            tree = _module_tree(file, stat.st_mtime_ns, stat.st_size)
-            found = _find_class(tree, cls.__qualname__) if tree is not None else None
+            found = _module_classes(file, stat.st_mtime_ns, stat.st_size).get(cls.__qualname__)
             if found is not None:
                 return found
     try:
@@ -710,41 +715,31 @@ def _class_definition(cls: type) -> ast.stmt | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _module_tree(file: str, mtime_ns: int, size: int) -> ast.Module | None:
-    """The parsed source of `file` (keyed by its modification time and size too, so that an
-    edited file is parsed again)."""
+def _module_classes(file: str, mtime_ns: int, size: int) -> dict[str, ast.ClassDef]:
+    """Qualified name -> the first `class` statement of that name in `file`, in inspect's
+    order (depth first, in source order; a function's locals are `name.<locals>`). Keyed by
+    the file's modification time and size too, so that an edited file is parsed again."""
     linecache.checkcache(file)
     lines = linecache.getlines(file)
     try:
-        return ast.parse("".join(lines)) if lines else None
+        tree = ast.parse("".join(lines))
     except SyntaxError:
-        return None
+        return {}
+    classes: dict[str, ast.ClassDef] = {}
 
-
-def _find_class(tree: ast.AST, qualname: str) -> ast.ClassDef | None:
-    """The first `class` statement whose qualified name is `qualname`, in inspect's order
-    (depth first, in source order; a function's locals are `name.<locals>`)."""
-    stack: list[str] = []
-
-    def visit(node: ast.AST) -> ast.ClassDef | None:
+    def visit(node: ast.AST, stack: tuple[str, ...]) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                stack.extend((child.name, "<locals>"))
-                found = visit(child)
-                del stack[-2:]
+                visit(child, (*stack, child.name, "<locals>"))
             elif isinstance(child, ast.ClassDef):
-                stack.append(child.name)
-                if ".".join(stack) == qualname:
-                    return child
-                found = visit(child)
-                stack.pop()
+                inner = (*stack, child.name)
+                classes.setdefault(".".join(inner), child)
+                visit(child, inner)
             else:
-                found = visit(child)
-            if found is not None:
-                return found
-        return None
+                visit(child, stack)
 
-    return visit(tree)
+    visit(tree, ())
+    return classes
 
 
 def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
