@@ -6,7 +6,9 @@ seconds of CPU each); tests that check what many command lines print (one malfor
 checkpoint each) run them here instead. Each runs `mlxq.cli.main(argv)` as `mlxq/__main__.py`
 does (`sys.exit(main())`), with file descriptors 1 and 2 redirected to files of its own, so
 that what native code writes is captured too, and an escaping exception prints its traceback
-to that stderr with status 1, as the interpreter would.
+to that stderr with status 1, as the interpreter would. What a process does once (a warning
+shown once, an import's own output) happens for the first command line only: tests that count
+every line a command prints keep a process each (tests/test_cli.py).
 """
 
 from __future__ import annotations
