@@ -7,8 +7,6 @@ import json
 import re
 import shutil
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,12 +28,6 @@ def _load(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mlxq", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def _tensors(edit: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -240,20 +232,34 @@ def test_from_pretrained_names_what_is_wrong(tiny: Path, tmp_path: Path, case: s
 
 
 # the loader's own refusals (`mlxq generate` loads through from_pretrained; inspect reported
-# these folders already): left out here, where each case costs two CLI processes
+# these folders already): left out here, where each case costs two CLI runs
 LOADER_ONLY = ("index-without-shards", "sharded-save-over-single")
+CLI_CASES = [c for c in CASES if c not in LOADER_ONLY]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c not in LOADER_ONLY])
-def test_inspect_and_generate_name_what_is_wrong(tiny: Path, tmp_path: Path, case: str) -> None:
-    folder = _broken(tiny, tmp_path, case)
+@pytest.fixture(scope="module")
+def cli_runs(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`mlxq inspect` and `mlxq generate` of every broken folder, all in one new process
+    (tests/cli_batch.py: a process each imported torch and transformers 2 x 23 times)."""
+    from cli_batch import run_cli_batch
+
+    argvs = {}
+    for case in CLI_CASES:
+        folder = _broken(tiny, tmp_path_factory.mktemp("cli"), case)
+        argvs[f"{case}:inspect"] = ["inspect", str(folder)]
+        argvs[f"{case}:generate"] = ["generate", "--model", str(folder), "--max-tokens", "2"]
+    return run_cli_batch(argvs)
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_inspect_and_generate_name_what_is_wrong(cli_runs: dict, case: str) -> None:
     words = CASES[case][1]
-    report = _cli("inspect", str(folder))
+    report = cli_runs[f"{case}:inspect"]
     assert report.returncode == 1, report.stdout + report.stderr
     text = report.stdout + report.stderr
     for word in words:
         assert word in text, (word, text[-2000:])
-    gen = _cli("generate", "--model", str(folder), "--max-tokens", "2")
+    gen = cli_runs[f"{case}:generate"]
     assert gen.returncode == 1 and "Traceback" not in gen.stderr, gen.stderr[-2000:]
     line = gen.stderr.strip().splitlines()[-1]
     assert line.startswith("mlxq: error:")

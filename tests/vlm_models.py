@@ -111,6 +111,8 @@ class Family:
     mlx_kwargs: Callable[[dict], dict] | None = None
     # a correction of mlx-vlm's conversion where it fails on its own (a context manager)
     convert_fix: Callable[[], contextlib.AbstractContextManager] | None = None
+    # image settings that mlx-vlm's loaded processor drops, set on it again: (processor) -> None
+    loaded_processor_fix: Callable[[object], None] | None = None
 
 
 def _qwen_image_processor(patch: int):
@@ -944,6 +946,7 @@ _HUNYUAN_NAMED = {
     "image_end_token": "<hy_image_end>",
     "image_token": "<hy_image>",
 }
+_HUNYUAN_PIXELS = (64 * 64, 128 * 128)  # the tiny image's bounds (min, max pixels)
 
 
 def _hunyuan_vl_processor(tokenizer):
@@ -952,8 +955,16 @@ def _hunyuan_vl_processor(tokenizer):
         HunYuanVLImageProcessorPil,
     )
 
-    ip = HunYuanVLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128)
+    ip = HunYuanVLImageProcessorPil(min_pixels=_HUNYUAN_PIXELS[0], max_pixels=_HUNYUAN_PIXELS[1])
     return HunYuanVLProcessor(image_processor=ip, tokenizer=tokenizer)
+
+
+def _hunyuan_vl_pixels(processor) -> None:
+    """mlx-vlm 0.7.10's HunYuanVLProcessor.from_pretrained builds its image processor with the
+    defaults (512 x 512 pixels at least), not processor_config.json's: the 96 x 64 test image
+    became 1120 patches and 303 tokens, whose logits over the 120122-row tied head took mlx's
+    CPU quantized matmul ~13 s a forward. The bounds the float checkpoint was saved with."""
+    processor.image_processor.min_pixels, processor.image_processor.max_pixels = _HUNYUAN_PIXELS
 
 
 @contextlib.contextmanager
@@ -1200,6 +1211,7 @@ FAMILIES: dict[str, Family] = {
         mlx_fix=_hunyuan_vl_call,
         tied=True,
         vocab=_HUNYUAN_VOCAB,
+        loaded_processor_fix=_hunyuan_vl_pixels,
     ),
     "mllama": Family(
         "mllama",
@@ -2456,6 +2468,8 @@ def model_inputs(path: Path, name: str, with_image: bool) -> dict[str, np.ndarra
     module = MODEL_REMAPPING.get(family.model_type, family.model_type)
     importlib.import_module(f"mlx_vlm.models.{module}")
     processor = load_processor(path)
+    if family.loaded_processor_fix is not None:
+        family.loaded_processor_fix(processor)
     if family.word_tokenizer:
         from transformers import PreTrainedTokenizerFast
 

@@ -19,8 +19,11 @@ with an error naming the module and its class.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
+import linecache
+import os
 import re
 import textwrap
 import types
@@ -85,8 +88,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def forward_body(cls: type) -> str | None:
     """The body of `cls.forward` with all whitespace removed; None if it has no source."""
+    return _function_body_text(cls.forward)
+
+
+@functools.lru_cache(maxsize=1024)
+def _function_body_text(fn: object) -> str | None:
+    # cached by the function itself (a model walk asks once per module, ~100 a model)
     try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
+        source = textwrap.dedent(inspect.getsource(fn))
     except (OSError, TypeError):
         return None
     lines = source.splitlines()
@@ -679,6 +688,60 @@ def _row_index(index: ast.expr) -> bool:
     return len(rest) <= 1 and all(_full_slice(e) for e in rest)
 
 
+def _class_definition(cls: type) -> ast.stmt | None:
+    """The statement defining `cls` (its `class` node), as `inspect.getsource(cls)` finds it:
+    the first class of that qualified name in its module's source. Before Python 3.13 that
+    call parses the whole module again for every class (0.1-0.2 s for a transformers modeling
+    file, a few seconds a model of ~20 classes); the module is parsed once here. Source that
+    is not a file linecache reads is left to inspect."""
+    try:
+        file = inspect.getsourcefile(cls)
+    except TypeError:
+        return None
+    if file is not None:
+        try:
+            stat = os.stat(file)
+        except OSError:
+            stat = None
+        if stat is not None:
+            found = _module_classes(file, stat.st_mtime_ns, stat.st_size).get(cls.__qualname__)
+            if found is not None:
+                return found
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    return tree.body[0] if tree.body else None
+
+
+@functools.lru_cache(maxsize=8)
+def _module_classes(file: str, mtime_ns: int, size: int) -> dict[str, ast.ClassDef]:
+    """Qualified name -> the first `class` statement of that name in `file`, in inspect's
+    order (depth first, in source order; a function's locals are `name.<locals>`). Keyed by
+    the file's modification time and size too, so that an edited file is parsed again."""
+    linecache.checkcache(file)
+    lines = linecache.getlines(file)
+    try:
+        tree = ast.parse("".join(lines))
+    except SyntaxError:
+        return {}
+    classes: dict[str, ast.ClassDef] = {}
+
+    def visit(node: ast.AST, stack: tuple[str, ...]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, (*stack, child.name, "<locals>"))
+            elif isinstance(child, ast.ClassDef):
+                inner = (*stack, child.name)
+                classes.setdefault(".".join(inner), child)
+                visit(child, inner)
+            else:
+                visit(child, stack)
+
+    visit(tree, ())
+    return classes
+
+
 def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
     """For a model class of its own (not torch's or transformers' base classes): the attribute
     chains `a.b` of every `self.a.b.weight` read in its methods (not in the training-only
@@ -688,16 +751,15 @@ def _class_weight_reads(cls: type) -> dict[str, list[WeightRead]]:
         module.startswith("transformers.") and not module.startswith("transformers.models.")
     ):
         return {}
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
+    tree = _class_definition(cls)
+    if tree is None:
         return {}
-    methods = {id(n) for n in tree.body[0].body} if tree.body else set()
+    methods = {id(n) for n in tree.body}
     reads: dict[str, list[WeightRead]] = {}
     # the helpers a forward calls on every run count as forward (HunYuan-VL's vision embedding
     # reads its position table in `interpolate_pos_encoding`, which its forward always calls)
     helpers = set()
-    for fn in tree.body[0].body if tree.body else ():
+    for fn in tree.body:
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and _runs_model(fn.name):
             helpers |= _unconditional_self_calls(fn)
     for fn in ast.walk(tree):
