@@ -67,11 +67,11 @@ _loading_mlx: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxq_loadin
 
 
 # Wrapped where transformers has them (private functions that a release may rename).
-_OPTIONAL_WRAPPED = ("_get_resolved_checkpoint_files", "_get_dtype")
+_OPTIONAL_WRAPPED = ("_get_resolved_checkpoint_files", "_get_dtype", "kernelize")
 
 
 def is_registered() -> bool:
-    """True once the quantizer and the four wrappers are installed in the loaded transformers."""
+    """True once the quantizer and the wrappers are installed in the loaded transformers."""
     modeling_utils = sys.modules.get(_TARGET)
     if modeling_utils is None:
         return False
