@@ -31,6 +31,7 @@ from mlxq.swap import forward_body, forward_owner
 __all__ = [
     "LLAMA_RMS_NORM_BODY",
     "MAX_ROWS",
+    "give_native_forward",
     "has_native_forward",
     "runs_class_forward",
     "use_native_rms_norm",
@@ -93,12 +94,17 @@ def has_native_forward(module: nn.Module) -> bool:
     return getattr(vars(module).get("forward"), "__func__", None) is _native_forward
 
 
+def give_native_forward(module: nn.Module) -> None:
+    """Give the norm `module` the native forward (one :func:`use_native_rms_norm` chose)."""
+    module.forward = bind_method(_native_forward, module)
+
+
 def use_native_rms_norm(model: nn.Module) -> int:
     """Give every Llama-family RMSNorm of `model` the native eager CPU forward (see the module
     doc); returns how many. Called by mlxq's transformers integration after loading."""
     count = 0
     for module in model.modules():
         if "forward" not in vars(module) and _is_llama_rms_norm(module):
-            module.forward = bind_method(_native_forward, module)
+            give_native_forward(module)
             count += 1
     return count

@@ -23,8 +23,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from mlxq._pickling import bind_method
-from mlxq.integrations.cpu_norms import _native_forward, has_native_forward, runs_class_forward
+from mlxq.integrations.cpu_norms import give_native_forward, has_native_forward, runs_class_forward
 
 __all__ = ["drop_class_forwards", "fast_paths_kept"]
 
@@ -62,4 +61,4 @@ def fast_paths_kept(model: nn.Module) -> Iterator[None]:
                 del module.forward
         for module in native:
             if runs_class_forward(module):
-                module.forward = bind_method(_native_forward, module)
+                give_native_forward(module)

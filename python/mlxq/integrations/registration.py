@@ -39,9 +39,10 @@ What it does, and why each piece is needed:
 8. Hub kernels: transformers >= 5.25 runs ``kernelize`` on every model that ``from_pretrained``
    loads while `kernels` is installed; where it has no kernel for the device it puts back the
    class's own forward of each hub-kernel layer, which would drop mlxq's native CPU norms
-   (:mod:`mlxq.integrations.cpu_norms`) and the flat decode step that relies on them. A wrapper
-   around ``transformers.modeling_utils.kernelize`` undoes that fallback
-   (:func:`mlxq.integrations.kernelize_guard.fast_paths_kept`); a hub kernel it installs stays.
+   (:mod:`mlxq.integrations.cpu_norms`) and the flat decode step that relies on them. The
+   quantizer undoes it before giving its forwards (from_pretrained kernelizes first), and a
+   wrapper around ``transformers.modeling_utils.kernelize`` after later calls (`train()` /
+   `eval()`): :mod:`mlxq.integrations.kernelize_guard`; a hub kernel it installs stays.
 
 Importing transformers takes seconds, so `import mlxq` does not: if
 ``transformers.modeling_utils`` is not imported yet, a finder on `sys.meta_path` runs
