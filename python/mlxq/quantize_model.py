@@ -285,6 +285,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_layers import use_flat_decode_layers
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
+    from mlxq.integrations.kernelize_guard import drop_class_forwards
     from mlxq.integrations.mlx_lm_layout import mlx_lm_entries, use_mlx_lm_layout
     from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
@@ -324,6 +325,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     # read from (found by its name_or_path), or in the model's dtype for one built in memory
     source = read_float_checkpoint(model, float_checkpoint_files(model))
     save_float_dtypes_as_convert(model, source)
+    drop_class_forwards(model)  # transformers' kernelize fallback (kernelize_guard)
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)

@@ -358,6 +358,9 @@ class _ExpertsForward:
 # NemotronHExperts.forward (transformers 5.24): the eager loop without a gate,
 # `down_proj[e] @ act_fn(up_proj[e] @ x)` (`up_proj` [E, I, H], `down_proj` [E, H, I])
 _UNGATED_EXPERTS_DIGEST = "92a15e16c8631dbf1339dd511cf4e2b602cb77fc5d62bd37528170f267442fd1"
+# the same in transformers 5.25: written as the eager loop above (one_hot over E + 1 classes,
+# the extra one skipped; the sum kept in the input's dtype, no final cast), same values in fp32
+_UNGATED_EXPERTS_DIGEST_2 = "af4bb886c3078d74aa8ee393fcccaf8e824692447e072425ea9170fbf4f10a49"
 
 # DbrxExperts.forward and DbrxExpertGLU.forward (transformers 5.24, not wrapped): the eager
 # loop over the experts hit on the rows of 2-D `mlp.w1`/`v1`/`w2` [E * I, H] viewed [E, I, H]:
@@ -371,6 +374,7 @@ _KNOWN_EXPERTS = {
     _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
     _LLAMA4_EXPERTS_DIGEST: _ExpertsForward("llama4", False, True, True, None),
     _UNGATED_EXPERTS_DIGEST: _ExpertsForward("mlp", False, False, True, None),
+    _UNGATED_EXPERTS_DIGEST_2: _ExpertsForward("mlp", False, False, True, None),
 }
 
 # `x.float()` / `self.weight.float()` too (ERNIE 4.5 MoE's router runs in float32; Kimi Linear's

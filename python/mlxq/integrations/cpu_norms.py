@@ -28,7 +28,14 @@ from mlxq._pickling import bind_method
 from mlxq.ops import _forward_mode_active, rms_norm
 from mlxq.swap import forward_body, forward_owner
 
-__all__ = ["LLAMA_RMS_NORM_BODY", "MAX_ROWS", "use_native_rms_norm"]
+__all__ = [
+    "LLAMA_RMS_NORM_BODY",
+    "MAX_ROWS",
+    "give_native_forward",
+    "has_native_forward",
+    "runs_class_forward",
+    "use_native_rms_norm",
+]
 
 # Rows (tokens) up to which the op runs: SmolLM2's norm at 1 row took 3 us against 13 for
 # transformers' forward, at 512 rows 187 us against 96.
@@ -71,12 +78,33 @@ def _is_llama_rms_norm(module: nn.Module) -> bool:
     )
 
 
+def runs_class_forward(module: nn.Module) -> bool:
+    """Whether `module` runs its class's own forward: no instance forward, or one that only
+    binds the class's (what `kernels.kernelize` gives a module it has no kernel for on the
+    device: transformers >= 5.25 kernelizes every model it loads when `kernels` is installed)."""
+    forward = vars(module).get("forward")
+    return forward is None or (
+        getattr(forward, "__self__", None) is module
+        and getattr(forward, "__func__", None) is type(module).forward
+    )
+
+
+def has_native_forward(module: nn.Module) -> bool:
+    """Whether `module` has the native forward :func:`use_native_rms_norm` gives."""
+    return getattr(vars(module).get("forward"), "__func__", None) is _native_forward
+
+
+def give_native_forward(module: nn.Module) -> None:
+    """Give the norm `module` the native forward (one :func:`use_native_rms_norm` chose)."""
+    module.forward = bind_method(_native_forward, module)
+
+
 def use_native_rms_norm(model: nn.Module) -> int:
     """Give every Llama-family RMSNorm of `model` the native eager CPU forward (see the module
     doc); returns how many. Called by mlxq's transformers integration after loading."""
     count = 0
     for module in model.modules():
         if "forward" not in vars(module) and _is_llama_rms_norm(module):
-            module.forward = bind_method(_native_forward, module)
+            give_native_forward(module)
             count += 1
     return count

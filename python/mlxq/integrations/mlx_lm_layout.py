@@ -603,6 +603,11 @@ for _model_type in ("deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa
         ((r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."), *_MOE_RENAMES),
         ".switch_mlp.",
     )
+# LongCat-Flash: only the experts' switch_mlp is read. mlxq refuses the model (up to transformers
+# 5.24 at its experts, from 5.25 at its router, whose forward reads the quantized classifier's
+# weight), so its attention (two modules a layer, kv_b_proj split as DeepSeek's) has no layout
+# yet; without this the refusal named the experts' tensors as missing from the checkpoint
+LAYOUTS["longcat_flash"] = MlxLayout("longcat_flash", _MOE_RENAMES, ".switch_mlp.")
 # Qwen3-Next: its RMSNorms multiply by 1 + w in transformers; mlx-lm's sanitize stores 1 + w
 # (rounded to the checkpoint's dtype) for its plain RMSNorm (not the gated norm of the linear
 # attention)

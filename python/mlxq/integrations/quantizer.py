@@ -30,6 +30,7 @@ from mlxq.integrations.cpu_attention import use_fp32_decode_attention
 from mlxq.integrations.cpu_layers import use_flat_decode_layers
 from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
+from mlxq.integrations.kernelize_guard import drop_class_forwards
 from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_CAST_KEEP,
     MLX_LM_KEEPS_STORED_HEAD,
@@ -1315,6 +1316,7 @@ class MLXHfQuantizer(HfQuantizer):
         add_mlx_lm_config_keys(model.config)
         if llama4_with_experts(model.config):  # mlx-lm's llama4: under `language_model.`
             save_llama4_as_mlx_lm(model)
+        drop_class_forwards(model)  # kernelize's fallback (kernelize_guard), before the forwards
         use_fp32_decode_attention(model)
         use_native_rms_norm(model)
         use_native_rotary_embedding(model)

@@ -36,6 +36,14 @@ What it does, and why each piece is needed:
    _get_dtype`` replaces "auto" for an MLX load by the dtype mlx-lm runs the checkpoint in
    (:func:`mlxq.integrations.quantizer.mlx_lm_dtype`); an explicit ``dtype=`` is left alone.
 
+8. Hub kernels: transformers >= 5.25 runs ``kernelize`` on every model that ``from_pretrained``
+   loads while `kernels` is installed; where it has no kernel for the device it puts back the
+   class's own forward of each hub-kernel layer, which would drop mlxq's native CPU norms
+   (:mod:`mlxq.integrations.cpu_norms`) and the flat decode step that relies on them. The
+   quantizer undoes it before giving its forwards (from_pretrained kernelizes first), and a
+   wrapper around ``transformers.modeling_utils.kernelize`` after later calls (`train()` /
+   `eval()`): :mod:`mlxq.integrations.kernelize_guard`; a hub kernel it installs stays.
+
 Importing transformers takes seconds, so `import mlxq` does not: if
 ``transformers.modeling_utils`` is not imported yet, a finder on `sys.meta_path` runs
 :func:`register` right after it is.
@@ -60,11 +68,11 @@ _loading_mlx: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxq_loadin
 
 
 # Wrapped where transformers has them (private functions that a release may rename).
-_OPTIONAL_WRAPPED = ("_get_resolved_checkpoint_files", "_get_dtype")
+_OPTIONAL_WRAPPED = ("_get_resolved_checkpoint_files", "_get_dtype", "kernelize")
 
 
 def is_registered() -> bool:
-    """True once the quantizer and the four wrappers are installed in the loaded transformers."""
+    """True once the quantizer and the wrappers are installed in the loaded transformers."""
     modeling_utils = sys.modules.get(_TARGET)
     if modeling_utils is None:
         return False
@@ -201,7 +209,7 @@ def _is_metal(q: Any) -> bool:
 
 
 def register() -> None:
-    """Register the "mlx" quantizer and install the four wrappers (idempotent); an
+    """Register the "mlx" quantizer and install the wrappers (idempotent); an
     ImportError first on a transformers older than mlxq supports."""
     from mlxq._transformers_version import require_supported_transformers
 
@@ -358,6 +366,24 @@ def register() -> None:
         setattr(_apply, _MARK, True)
         _apply.__wrapped__ = original_apply
         modeling_utils.PreTrainedModel._apply = _apply
+
+    # transformers >= 5.25 kernelizes every model from_pretrained loads when `kernels` is
+    # installed (a dependency of 5.25), and again on train() / eval(): where no hub kernel
+    # exists for the device (every layer on the CPU) it binds each hub-kernel layer's class
+    # forward to it, dropping mlxq's native norms and with them the flat decode step
+    original_kernelize = getattr(modeling_utils, "kernelize", None)
+    if original_kernelize is not None and not getattr(original_kernelize, _MARK, False):
+        from mlxq.integrations.kernelize_guard import fast_paths_kept
+
+        def kernelize(model, *args, **kwargs):
+            with fast_paths_kept(model):
+                # (read at call time: the tests stand in for `kernels`, which may be missing)
+                return kernelize.__wrapped__(model, *args, **kwargs)
+
+        setattr(kernelize, _MARK, True)
+        kernelize.__wrapped__ = original_kernelize
+        kernelize.__doc__ = original_kernelize.__doc__
+        modeling_utils.kernelize = kernelize
 
     _install_config_hook()
 
