@@ -1,4 +1,4 @@
-"""torch.export and torch.compile of loaded models with a dynamic sequence length.
+"""torch.export and torch.compile of loaded models with a dynamic sequence length (and batch).
 
 The eager kernel paths are picked by size (bf16/fp16 CPU attention: the native op for a few
 queries or a prompt of few scores, else sdpa; MoE: expert pairs sorted from SORT_MIN_PAIRS on).
@@ -19,11 +19,12 @@ from mlxq.moe import SORT_MIN_PAIRS
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
-LENGTHS = (1, 17, 33, 100)
+# (batch, length): the batch is dynamic too
+SHAPES = ((1, 1), (1, 17), (1, 33), (1, 100), (3, 17))
 
 
-def _ids(length: int) -> torch.Tensor:
-    return (torch.arange(length)[None] * 37 + 11) % 200
+def _ids(length: int, batch: int = 1) -> torch.Tensor:
+    return (torch.arange(batch * length).reshape(batch, length) * 37 + 11) % 200
 
 
 class _Logits(torch.nn.Module):
@@ -37,7 +38,10 @@ class _Logits(torch.nn.Module):
 
 def _export(model):
     length = torch.export.Dim("length", min=1, max=128)
-    return torch.export.export(_Logits(model), (_ids(5),), dynamic_shapes=({1: length},))
+    batch = torch.export.Dim("batch", min=1, max=8)
+    return torch.export.export(
+        _Logits(model), (_ids(5, 2),), dynamic_shapes=({0: batch, 1: length},)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +70,10 @@ def test_bf16_attention_exports_for_every_length(llama_bf16, grad, monkeypatch) 
         program = _export(llama_bf16)
         conds = [n for n in program.graph.nodes if n.target is torch.ops.higher_order.cond]
         assert len(conds) == llama_bf16.config.num_hidden_layers
-        for length in LENGTHS:
-            got, want = program.module()(_ids(length)), llama_bf16(_ids(length)).logits
-            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"length {length}")
+        for batch, length in SHAPES if not grad else ((1, 1), (3, 17)):  # (16 is the bound)
+            ids = _ids(length, batch)
+            got, want = program.module()(ids), llama_bf16(ids).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{batch} x {length}")
 
 
 def test_moe_exports_for_every_length(moe_fp32) -> None:
@@ -80,10 +85,11 @@ def test_moe_exports_for_every_length(moe_fp32) -> None:
     assert 17 * top_k < SORT_MIN_PAIRS <= 33 * top_k
     program = _export(moe_fp32)
     with torch.no_grad():
-        for length in LENGTHS:
-            got, want = program.module()(_ids(length)), moe_fp32(_ids(length)).logits
+        for batch, length in SHAPES:
+            ids = _ids(length, batch)
+            got, want = program.module()(ids), moe_fp32(ids).logits
             atol = 5e-5 if length == 1 else 0
-            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=f"length {length}")
+            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=f"{batch} x {length}")
 
 
 @pytest.mark.parametrize("which", ["llama_bf16", "moe_fp32"])
