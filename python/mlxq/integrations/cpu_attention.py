@@ -199,6 +199,13 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _is_exporting() -> bool:
+    """torch.compiler.is_exporting() (torch >= 2.6; before it, torch.export keeps the guard,
+    and refuses a dynamic length across the bound by torch's own constraint error)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 def _traced_attention(module: nn.Module, query, key, value, attention_mask, kwargs: dict):
     """:func:`_attention` under torch.compile / torch.export: the same three paths by the
     same rule, with the size tests made without a guard where the sizes settle them. A length
@@ -212,7 +219,7 @@ def _traced_attention(module: nn.Module, query, key, value, attention_mask, kwar
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     fits = _native_fits(module, query, key, value, attention_mask, kwargs)
     short = _known_native_size(query, key) if fits else known_le(query.shape[-2], MAX_QUERIES)
-    if short is None and torch.compiler.is_exporting():
+    if short is None and _is_exporting():
         return _traced_choice(module, query, key, value, attention_mask, fits, kwargs), None
     if short is None:
         short = bool(_native_size(query, key) if fits else query.shape[-2] <= MAX_QUERIES)
