@@ -109,3 +109,31 @@ def test_compile_over_prompt_lengths_breaks_and_recompiles_once(which, request) 
     assert not breaks, breaks
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+def test_attention_call_exports_for_any_query_and_key_lengths() -> None:
+    """The attention interface alone, queries and keys of independent dynamic lengths (their
+    scores stay under the prompt bound: the op at every length), no mask (sdpa's `is_causal`
+    rule): one query attends every key (the traced causal mask is all-true for it, where a
+    plain tril would keep the first key only), several are causal from the first key.
+    Equal to eager."""
+    attention = torch.nn.Module()
+    attention.num_key_value_groups, attention.is_causal, attention.training = 3, True, False
+
+    class Call(torch.nn.Module):
+        def forward(self, q, k, v):
+            return cpu_attention._attention(attention, q, k, v, None, scaling=0.2)[0]
+
+    def qkv(lq: int, lk: int):
+        g = torch.Generator().manual_seed(lq * 1000 + lk)
+        q, k, v = (torch.randn(1, h, n, 32, generator=g) for h, n in ((6, lq), (2, lk), (2, lk)))
+        return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+    lq, lk = torch.export.Dim("lq", min=1, max=256), torch.export.Dim("lk", min=1, max=256)
+    with torch.no_grad():
+        program = torch.export.export(Call(), qkv(5, 7), dynamic_shapes=({2: lq}, {2: lk}, {2: lk}))
+        for shape in ((1, 1), (1, 40), (3, 9), (17, 17), (200, 200)):
+            args = qkv(*shape)
+            torch.testing.assert_close(
+                program.module()(*args), Call()(*args), rtol=0, atol=0, msg=f"{shape}"
+            )

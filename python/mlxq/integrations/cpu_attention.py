@@ -141,8 +141,11 @@ def _native_call(
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    # eager: `q_length > 1` is a plain test; a traced dynamic length (None) gets no guard
-    one = q_length <= 1 if isinstance(q_length, int) else known_le(q_length, 1)
+    # eager: `q_length > 1` is a plain test. A traced length is taken as maybe one at run time
+    # (None), whatever tracing claims to know: torch.export reasons about a `Dim(min=1)` as if
+    # it were at least 2 (it took `q_length > 1` as known, and its programs kept the first key
+    # only for one query over several keys)
+    one = q_length <= 1 if isinstance(q_length, int) else None
     if attention_mask is None and is_causal and one is not True:
         attention_mask = torch.ones(
             q_length, kv_length, dtype=torch.bool, device=query.device
