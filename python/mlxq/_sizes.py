@@ -19,7 +19,8 @@ __all__ = ["known_le"]
 def known_le(a: int | torch.SymInt, b: int | torch.SymInt) -> bool | None:
     """`a <= b` where it is decided without a guard: always in eager (plain ints), and under
     tracing where the sizes are static or their ranges settle it (a `Dim` whose bounds lie on
-    one side); else None."""
+    one side); else None. Not for a test whose answer differs between sizes 1 and 2: tracing
+    reasons about a `Dim(min=1)` as if it were at least 2, and the program still runs at 1."""
     # two tests, no negation: torch.sym_not of a plain bool breaks torch.compile's graph, and
     # isinstance(..., bool) is True there for a SymBool too
     if statically_known_true(a <= b):
