@@ -137,3 +137,18 @@ def test_attention_call_exports_for_any_query_and_key_lengths() -> None:
             torch.testing.assert_close(
                 program.module()(*args), Call()(*args), rtol=0, atol=0, msg=f"{shape}"
             )
+
+
+def test_llama4_routed_experts_export() -> None:
+    """Llama 4's experts (DenseRoutedExperts: only the rows the router gave a weight, found by
+    `torch.nonzero`) under torch.export: their count is data, so the traced call computes the
+    empty case too instead of testing it (the test failed export: a guard on a data-dependent
+    size). Static length: transformers' Llama 4 MoE block itself guards on a dynamic one."""
+    from test_moe import _tiny_llama4_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(
+        _tiny_llama4_checkpoint(), dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        program = torch.export.export(_Logits(model), (_ids(7),))
+        torch.testing.assert_close(program.module()(_ids(7)), model(_ids(7)).logits, rtol=0, atol=0)

@@ -375,7 +375,8 @@ class DenseRoutedExperts(MoeExperts):
         rows = hidden_states.reshape(self.num_experts, -1, hidden)  # [E, T, H]
         expert, token = torch.nonzero(rows.ne(0).any(-1), as_tuple=True)  # expert-sorted
         out = hidden_states.new_zeros(rows.shape)
-        if expert.numel():
+        # (a traced call computes the empty case too: the count is data, a guard on it fails)
+        if torch.compiler.is_compiling() or expert.numel():
             x = rows[expert, token].reshape(-1, 1, 1, hidden)
             y = self._experts(x, expert.reshape(-1, 1), True).reshape(-1, hidden)
             out[expert, token] = y.to(out.dtype)
