@@ -15,6 +15,7 @@ LAYERS = {
     "_native": 0,
     "_threads": 0,
     "_transformers_version": 0,
+    "_sizes": 0,
     "ops": 1,
     "nn": 2,
     "moe": 2,

@@ -27,6 +27,7 @@ from torch import nn
 
 from mlxq._casts import RefusesUnsupportedCasts
 from mlxq._pickling import PicklesUnsignedBuffers, made_class
+from mlxq._sizes import known_le
 from mlxq.format import MODE_DEFAULTS
 from mlxq.nn import refuse_nonfinite_weight
 from mlxq.ops import (
@@ -326,7 +327,9 @@ class MoeExperts(nn.Module):
         hidden = hidden_states.shape[-1]
         x = hidden_states.reshape(-1, 1, 1, hidden)  # [T, 1, 1, H]: one x matrix per token
         idx = top_k_index.reshape(x.shape[0], -1)  # [T, k]
-        if idx.numel() >= SORT_MIN_PAIRS:
+        # a pair count that tracing cannot settle without a guard (torch.export with a dynamic
+        # length) takes the sorted path: it computes every pair's row as the unsorted one does
+        if known_le(SORT_MIN_PAIRS, idx.numel()) is not False:
             y = self._sorted_experts(x, idx)
         else:
             y = self._experts(x, idx, False).squeeze(-2)  # [T, k, H]
@@ -372,7 +375,8 @@ class DenseRoutedExperts(MoeExperts):
         rows = hidden_states.reshape(self.num_experts, -1, hidden)  # [E, T, H]
         expert, token = torch.nonzero(rows.ne(0).any(-1), as_tuple=True)  # expert-sorted
         out = hidden_states.new_zeros(rows.shape)
-        if expert.numel():
+        # (a traced call computes the empty case too: the count is data, a guard on it fails)
+        if torch.compiler.is_compiling() or expert.numel():
             x = rows[expert, token].reshape(-1, 1, 1, hidden)
             y = self._experts(x, expert.reshape(-1, 1), True).reshape(-1, hidden)
             out[expert, token] = y.to(out.dtype)

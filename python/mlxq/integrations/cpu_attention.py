@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mlxq._native import _C
+from mlxq._sizes import known_le
 
 __all__ = [
     "NAME",
@@ -94,12 +95,65 @@ def _native_fits(module: nn.Module, query, key, value, attention_mask, kwargs) -
     )
 
 
+@torch._dynamo.assume_constant_result
+def _cpu_isa() -> str:
+    """`_C.cpu_isa()`, which torch.compile takes as a constant of the traced graph (a call
+    it cannot trace broke the graph at every layer of a prompt): it only moves the threshold
+    between two paths that are both right."""
+    return _C.cpu_isa()
+
+
 def _prompt_scores(query: torch.Tensor) -> int:
     """The most queries x keys of a prompt that takes the op."""
     rows16 = query.dtype == torch.bfloat16 and query.shape[-1] % 32 == 0
-    if rows16 and _C.cpu_isa() == "avx512":
+    if rows16 and _cpu_isa() == "avx512":
         return MAX_PROMPT_SCORES * ROWS16_PROMPT_FACTOR
     return MAX_PROMPT_SCORES
+
+
+def _native_size(query: torch.Tensor, key: torch.Tensor) -> bool | torch.SymBool:
+    """Whether a call of these sizes takes the op (where `_native_fits`): a few queries, or a
+    prompt whose queries x keys stay under `_prompt_scores`; under tracing a SymBool (no guard)
+    where the sizes do not settle it."""
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    if known_le(q_length, MAX_QUERIES):
+        return True  # (no call of `_prompt_scores`)
+    # `|`, not `or`: `or` would turn a traced length's first test into a guard
+    return (q_length <= MAX_QUERIES) | (q_length * kv_length <= _prompt_scores(query))
+
+
+def _known_native_size(query: torch.Tensor, key: torch.Tensor) -> bool | None:
+    """`_native_size` where it is decided without a guard on the lengths, else None."""
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    few = known_le(q_length, MAX_QUERIES)
+    if few:
+        return True
+    scores = known_le(q_length * kv_length, _prompt_scores(query))
+    return True if scores else (False if few is False and scores is False else None)
+
+
+def _native_call(
+    module: nn.Module, query, key, value, attention_mask, kwargs: dict
+) -> tuple[torch.Tensor | None, float | None]:
+    """The (mask, scale) of the op's call, with sdpa_attention_forward's causal rule: a causal
+    mask only for several queries without a mask, aligned to the first key."""
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # eager: `q_length > 1` is a plain test. A traced length is taken as maybe one at run time
+    # (None), whatever tracing claims to know: torch.export reasons about a `Dim(min=1)` as if
+    # it were at least 2 (it took `q_length > 1` as known, and its programs kept the first key
+    # only for one query over several keys)
+    one = q_length <= 1 if isinstance(q_length, int) else None
+    if attention_mask is None and is_causal and one is not True:
+        attention_mask = torch.ones(
+            q_length, kv_length, dtype=torch.bool, device=query.device
+        ).tril()
+        if one is None:  # one query at run time attends every key (sdpa's rule above)
+            single = torch.scalar_tensor(q_length, dtype=torch.int64, device=query.device) == 1
+            attention_mask = attention_mask | single
+    return attention_mask, kwargs.get("scaling")
 
 
 def native_arguments(
@@ -108,7 +162,8 @@ def native_arguments(
     """The (mask, scale) with which `mlxq.ops.decode_attention(query, key, value, mask, scale)`,
     transposed to [B, Lq, H, D], is this interface's result, where it takes the native op (a
     bf16/fp16 CPU call that `_native_fits`, with sdpa_attention_forward's causal rule: a causal
-    mask only for several queries without a mask, aligned to the first key); else None."""
+    mask only for several queries without a mask, aligned to the first key); else None.
+    Eager calls (its size tests would be guards under tracing: :func:`_traced_attention`)."""
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
         return None
     q_length, kv_length = query.shape[-2], key.shape[-2]
@@ -116,17 +171,25 @@ def native_arguments(
         return None
     if not _native_fits(module, query, key, value, attention_mask, kwargs):
         return None
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    if q_length > 1 and attention_mask is None and is_causal:
-        attention_mask = torch.ones(
-            q_length, kv_length, dtype=torch.bool, device=query.device
-        ).tril()
-    return attention_mask, kwargs.get("scaling")
+    return _native_call(module, query, key, value, attention_mask, kwargs)
+
+
+def _widened(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa on fp32 copies of q, k, v (and a float mask), rounded back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = attention_mask
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    out, weights = sdpa_attention_forward(
+        module, query.float(), key.float(), value.float(), mask, **kwargs
+    )
+    return out.to(query.dtype), weights
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    if torch.compiler.is_compiling():
+        return _traced_attention(module, query, key, value, attention_mask, kwargs)
     native = native_arguments(module, query, key, value, attention_mask, kwargs)
     if native is not None:
         out = torch.ops.mlxq.decode_attention(query, key, value, *native)
@@ -135,14 +198,73 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
 
     reduced = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
     if reduced and query.shape[-2] <= MAX_QUERIES:
-        mask = attention_mask
-        if mask is not None and mask.is_floating_point():
-            mask = mask.float()
-        out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), mask, **kwargs
-        )
-        return out.to(query.dtype), weights
+        return _widened(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _is_exporting() -> bool:
+    """torch.compiler.is_exporting() (torch >= 2.6; before it, torch.export keeps the guard,
+    and refuses a dynamic length across the bound by torch's own constraint error)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
+def _traced_attention(module: nn.Module, query, key, value, attention_mask, kwargs: dict):
+    """:func:`_attention` under torch.compile / torch.export: the same three paths by the
+    same rule, with the size tests made without a guard where the sizes settle them. A length
+    they do not settle gets, under torch.export, a `torch.cond` that picks at run time
+    (:func:`_traced_choice`); under torch.compile a guard and a graph per path, as before
+    (inductor's cond passed a transposed q where its subgraph asserted a contiguous one)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    reduced = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+    if not reduced:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    fits = _native_fits(module, query, key, value, attention_mask, kwargs)
+    short = _known_native_size(query, key) if fits else known_le(query.shape[-2], MAX_QUERIES)
+    if short is None and _is_exporting():
+        return _traced_choice(module, query, key, value, attention_mask, fits, kwargs), None
+    if short is None:
+        short = bool(_native_size(query, key) if fits else query.shape[-2] <= MAX_QUERIES)
+    if short and fits:
+        mask, scale = _native_call(module, query, key, value, attention_mask, kwargs)
+        out = torch.ops.mlxq.decode_attention(query, key, value, mask, scale)
+        return out.transpose(1, 2).contiguous(), None
+    if short:
+        return _widened(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _traced_choice(
+    module: nn.Module, query, key, value, attention_mask, fits: bool, kwargs: dict
+) -> torch.Tensor:
+    """:func:`_attention`'s output for a length only known at run time (torch.export with a
+    dynamic length): a `torch.cond` on the eager rule's size test, between the op (or, where
+    the op does not fit, the fp32 widening) and transformers' sdpa, so that every length
+    computes what eager computes, without a guard on it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    masked = attention_mask is not None
+    operands = (query, key, value, *((attention_mask,) if masked else ()))
+
+    def short(q, k, v, *mask):
+        m = mask[0] if masked else None
+        if fits:
+            out = torch.ops.mlxq.decode_attention(
+                q, k, v, *_native_call(module, q, k, v, m, kwargs)
+            )
+            return out.transpose(1, 2).contiguous()
+        return _widened(module, q, k, v, m, **kwargs)[0]
+
+    def long(q, k, v, *mask):
+        m = mask[0] if masked else None
+        return sdpa_attention_forward(module, q, k, v, m, **kwargs)[0].contiguous()
+
+    if fits:
+        test = _native_size(query, key)
+    else:
+        test = query.shape[-2] <= MAX_QUERIES
+    return torch.cond(test, short, long, operands)
 
 
 def register_attention() -> None:
