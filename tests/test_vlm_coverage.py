@@ -952,3 +952,34 @@ def test_logit_scale_is_applied_as_mlx_vlm_applies_it(
     assert json.loads((saved / "config.json").read_text())["text_config"]["logit_scale"] == 0.5
     assert np.abs(mlx_vlm_logits(saved, name, inputs) - expected).max() <= TOLERANCE
     assert np.abs(mlxq_logits(saved, name, inputs) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("on_load", [True, False])
+def test_quantized_float_aya_vision_runs_as_mlx_vlm_runs_its_save(
+    tmp_path: Path, on_load: bool
+) -> None:
+    """A float Aya Vision quantized by mlxq (while loading, or by quantize_model) applies
+    logit_scale as its saved checkpoint runs in mlx-vlm (and in mlxq once loaded again)."""
+    import mlxq
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_float_checkpoint
+
+    name = "aya_vision"
+    float_dir = tiny_float_checkpoint(name, tmp_path / "float", True)
+    skip = ["vision_tower", "multi_modal_projector"]
+    if on_load:
+        quant = mlxq.MLXQuantConfig(bits=4, group_size=64, modules_to_not_convert=skip)
+        model = AutoModelForImageTextToText.from_pretrained(
+            float_dir, dtype=torch.float32, quantization_config=quant
+        )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(float_dir, dtype=torch.float32)
+        mlxq.quantize_model(model, bits=4, group_size=64, modules_to_not_convert=skip)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for file in float_dir.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    inputs = model_inputs(saved, name, with_image=True)
+    expected = mlx_vlm_logits(saved, name, inputs)
+    assert np.abs(mlxq_logits(saved, name, inputs, model) - expected).max() <= TOLERANCE
