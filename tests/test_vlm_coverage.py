@@ -909,11 +909,13 @@ def test_logit_scale_is_applied_as_mlx_vlm_applies_it(
     tmp_path: Path, name: str, default: float
 ) -> None:
     """Cohere's logit_scale (0.5 here) scales mlxq's logits as mlx-vlm's, from the forward and
-    from `generate` with sampling, also after save_pretrained and a pickle. Before, Aya Vision
-    (and Cohere 2 Vision, its module in mlx-vlm) gave logits 1/logit_scale times mlx-vlm's:
-    transformers' image-text class leaves the scale out (max diff 3.07 at the default)."""
+    from `generate` with sampling, also after save_pretrained, a pickle and dequantize_model.
+    Before, Aya Vision (and Cohere 2 Vision, its module in mlx-vlm) gave logits 1/logit_scale
+    times mlx-vlm's: transformers' image-text class leaves the scale out (max diff 3.07 at the
+    default)."""
     import pickle
 
+    from mlxq.dequantize_model import dequantize_model
     from transformers import AutoModelForImageTextToText
 
     source = tiny_mlx_vlm_checkpoint(name)
@@ -952,6 +954,8 @@ def test_logit_scale_is_applied_as_mlx_vlm_applies_it(
     assert json.loads((saved / "config.json").read_text())["text_config"]["logit_scale"] == 0.5
     assert np.abs(mlx_vlm_logits(saved, name, inputs) - expected).max() <= TOLERANCE
     assert np.abs(mlxq_logits(saved, name, inputs) - expected).max() <= TOLERANCE
+    dequantize_model(model)  # (for fine-tuning) the float head keeps the scale
+    assert np.abs(mlxq_logits(path, name, inputs, model) - expected).max() <= TOLERANCE
 
 
 @pytest.mark.parametrize("on_load", [True, False])
