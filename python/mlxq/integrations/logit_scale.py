@@ -8,7 +8,8 @@ logits 1/logit_scale times mlx-vlm's (16x at the default), so sampling with a te
 from another distribution. mlxq runs these checkpoints as mlx-vlm does: the head's output is
 scaled by a forward hook (the loss transformers computes from it and `generate` see the scaled
 logits; the saved tensors and config.json are unchanged, and mlx-vlm reads the same
-logit_scale back). Cohere Compass needs nothing: both apply its optional logit_scale.
+logit_scale back). The hook is set when mlxq loads a model and by `quantize_model`;
+`dequantize_model` keeps it. Cohere Compass needs nothing: both apply its logit_scale.
 """
 
 from __future__ import annotations
