@@ -902,3 +902,88 @@ def test_vlm_text_config_key_only_mlx_vlm_reads_is_refused(
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         _load(path)
+
+
+@pytest.mark.parametrize(("name", "default"), [("aya_vision", 0.0625), ("cohere_compass", 1.0)])
+def test_logit_scale_is_applied_as_mlx_vlm_applies_it(
+    tmp_path: Path, name: str, default: float
+) -> None:
+    """Cohere's logit_scale (0.5 here) scales mlxq's logits as mlx-vlm's, from the forward and
+    from `generate` with sampling, also after save_pretrained, a pickle and dequantize_model.
+    Before, Aya Vision (and Cohere 2 Vision, its module in mlx-vlm) gave logits 1/logit_scale
+    times mlx-vlm's: transformers' image-text class leaves the scale out (max diff 3.07 at the
+    default)."""
+    import pickle
+
+    from mlxq.dequantize_model import dequantize_model
+    from transformers import AutoModelForImageTextToText
+
+    source = tiny_mlx_vlm_checkpoint(name)
+    path = tmp_path / "scaled"
+    shutil.copytree(source, path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["logit_scale"] = 0.5
+    (path / "config.json").write_text(json.dumps(config))
+    inputs = model_inputs(path, name, with_image=True)
+    expected = mlx_vlm_logits(path, name, inputs)
+    # the oracle reads it (its logits scale with it), so 0.5 is a check of its own
+    base = mlx_vlm_logits(source, name, inputs)
+    np.testing.assert_allclose(expected, base * (0.5 / default), rtol=1e-4, atol=1e-4)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    assert np.abs(mlxq_logits(path, name, inputs, model) - expected).max() <= TOLERANCE
+    family = FAMILIES[name]
+    numpy_inputs = family.torch_inputs(inputs, model.config) if family.torch_inputs else inputs
+    kwargs = {k: torch.from_numpy(v) for k, v in numpy_inputs.items()}
+    kwargs["pixel_values"] = kwargs["pixel_values"].float()
+    out = model.generate(
+        **kwargs,
+        do_sample=True,
+        temperature=0.7,
+        max_new_tokens=2,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert np.abs(out.logits[0][0].numpy() - expected[-1]).max() <= TOLERANCE
+    restored = pickle.loads(pickle.dumps(model))
+    assert np.abs(mlxq_logits(path, name, inputs, restored) - expected).max() <= TOLERANCE
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for file in path.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    assert json.loads((saved / "config.json").read_text())["text_config"]["logit_scale"] == 0.5
+    assert np.abs(mlx_vlm_logits(saved, name, inputs) - expected).max() <= TOLERANCE
+    assert np.abs(mlxq_logits(saved, name, inputs) - expected).max() <= TOLERANCE
+    dequantize_model(model)  # (for fine-tuning) the float head keeps the scale
+    assert np.abs(mlxq_logits(path, name, inputs, model) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("on_load", [True, False])
+def test_quantized_float_aya_vision_runs_as_mlx_vlm_runs_its_save(
+    tmp_path: Path, on_load: bool
+) -> None:
+    """A float Aya Vision quantized by mlxq (while loading, or by quantize_model) applies
+    logit_scale as its saved checkpoint runs in mlx-vlm (and in mlxq once loaded again)."""
+    import mlxq
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_float_checkpoint
+
+    name = "aya_vision"
+    float_dir = tiny_float_checkpoint(name, tmp_path / "float", True)
+    skip = ["vision_tower", "multi_modal_projector"]
+    if on_load:
+        quant = mlxq.MLXQuantConfig(bits=4, group_size=64, modules_to_not_convert=skip)
+        model = AutoModelForImageTextToText.from_pretrained(
+            float_dir, dtype=torch.float32, quantization_config=quant
+        )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(float_dir, dtype=torch.float32)
+        mlxq.quantize_model(model, bits=4, group_size=64, modules_to_not_convert=skip)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for file in float_dir.iterdir():  # tokenizer and processor files
+        if file.is_file() and not (saved / file.name).exists():
+            shutil.copy(file, saved / file.name)
+    inputs = model_inputs(saved, name, with_image=True)
+    expected = mlx_vlm_logits(saved, name, inputs)
+    assert np.abs(mlxq_logits(saved, name, inputs, model) - expected).max() <= TOLERANCE

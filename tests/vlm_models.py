@@ -90,8 +90,6 @@ class Family:
     # other float tensor changes into the Hub layout: (name, tensor) -> tensor
     hub_tensors: Callable[[str, Any], Any] | None = None
     tied: bool = False  # mlx-vlm's model of the family has a tied head only
-    # a factor transformers' model leaves out of its logits and mlx-vlm applies: (config) -> float
-    logit_scale: Callable[[Any], float] | None = None
     # a correction of mlx-vlm's forward where it departs from the model (a context manager)
     mlx_fix: Callable[[], contextlib.AbstractContextManager] | None = None
     # why mlx-vlm's image + text forward is not the model's (then the image check compares
@@ -1417,9 +1415,6 @@ FAMILIES: dict[str, Family] = {
         top={"downsample_factor": 2, "alignment_intermediate_size": 256},
         mlx_vlm_keys=_text_rope_keys(sliding_window_pattern=2),
         hub_renames=_HUB_VISION_MODEL,
-        # transformers' AyaVisionForConditionalGeneration leaves out Cohere 2's logit_scale
-        # (its own Cohere2ForCausalLM applies it): same argmax, logits 1/logit_scale larger
-        logit_scale=lambda config: config.text_config.logit_scale,
         tied=True,
     ),
     "internvl": Family(
@@ -1554,7 +1549,7 @@ FAMILIES: dict[str, Family] = {
 # Gemma 4 with its MoE block (26B-A4B): mlx-vlm stacks the experts under `switch_glu`
 # Command A Vision: the aya_vision model under its own type; mlx-vlm runs it with its aya_vision
 # module (no projector layernorm), which reads the image token as image_token_index (default:
-# the Hub's id). As for aya_vision, transformers leaves out Cohere 2's logit_scale.
+# the Hub's id). As for aya_vision, mlxq applies the logit_scale transformers leaves out.
 FAMILIES["cohere2_vision"] = dataclasses.replace(
     FAMILIES["aya_vision"],
     model_type="cohere2_vision",
@@ -2608,8 +2603,6 @@ def save_round_trip(name: str, out: Path, variant: Variant | None = None) -> flo
             np.abs(mlx_tile_features(out, inputs) - mlxq_tile_features(model, inputs)).max()
         )
     ours = mlxq_logits(out, name, inputs, model)
-    if family.logit_scale is not None:
-        ours = ours * family.logit_scale(model.config)
     return float(np.abs(mlx_vlm_logits(out, name, inputs) - ours).max())
 
 
@@ -2653,8 +2646,6 @@ def run_family(name: str, variant: Variant | None = None) -> Outcome:
             got = [mlxq_logits(path, name, inputs[0], model), mlxq_tile_features(model, inputs[1])]
         else:
             got = [mlxq_logits(path, name, x, model) for x in inputs]
-        if FAMILIES[name].logit_scale is not None:
-            got = [g * FAMILIES[name].logit_scale(model.config) for g in got]
     except (NotImplementedError, ValueError, RuntimeError) as e:
         return Outcome(name, variant, "refused", reason=_one_line(e))
     diffs = [float(np.abs(g - r).max()) for g, r in zip(got, refs, strict=True)]

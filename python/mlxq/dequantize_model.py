@@ -107,6 +107,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             new.weight = nn.Parameter(w.to(dtype or w.dtype))
         else:
             continue
+        _keep_forward_hooks(module, new)
         model.set_submodule(name, new)
     from mlxq.moe import dequantize_moe
 
@@ -116,12 +117,25 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             emb = model.get_input_embeddings()
             head = nn.Linear(module.in_features, module.out_features, bias=False)
             head.weight = emb.weight
+            _keep_forward_hooks(module, head)
             model.set_submodule(name, head)
     _unfolded_multipliers_config(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization"):
         del config.quantization
     return model
+
+
+def _keep_forward_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The forward hooks of a replaced module stay on its float form: Aya Vision's
+    logit_scale (a hook on its head, see mlxq.integrations.logit_scale), so that its logits do
+    not change by a factor of 16 when the model is dequantized."""
+    for key, hook in old._forward_hooks.items():
+        new._forward_hooks[key] = hook
+        if key in old._forward_hooks_with_kwargs:
+            new._forward_hooks_with_kwargs[key] = True
+        if key in old._forward_hooks_always_called:
+            new._forward_hooks_always_called[key] = True
 
 
 def _unfolded_multipliers_config(model) -> None:

@@ -286,6 +286,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     from mlxq.integrations.cpu_norms import use_native_rms_norm
     from mlxq.integrations.cpu_rope import use_native_rotary_embedding
     from mlxq.integrations.kernelize_guard import drop_class_forwards
+    from mlxq.integrations.logit_scale import scale_logits_as_mlx_vlm
     from mlxq.integrations.mlx_lm_layout import mlx_lm_entries, use_mlx_lm_layout
     from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
@@ -329,6 +330,7 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
     use_native_rotary_embedding(model)
     use_flat_decode_layers(model)
+    scale_logits_as_mlx_vlm(model)  # Aya Vision's logit_scale, as its loaded checkpoint runs
     if next(model.parameters(), None) is None:  # nanochat: every tensor quantized
         model.__class__ = placed_by_buffers(type(model))  # (its device, dtype, save_pretrained)
     picklable_after_forward(model)

@@ -31,6 +31,7 @@ from mlxq.integrations.cpu_layers import use_flat_decode_layers
 from mlxq.integrations.cpu_norms import use_native_rms_norm
 from mlxq.integrations.cpu_rope import use_native_rotary_embedding
 from mlxq.integrations.kernelize_guard import drop_class_forwards
+from mlxq.integrations.logit_scale import scale_logits_as_mlx_vlm
 from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_CAST_KEEP,
     MLX_LM_KEEPS_STORED_HEAD,
@@ -1322,6 +1323,7 @@ class MLXHfQuantizer(HfQuantizer):
         use_native_rotary_embedding(model)
         group_projections(model)
         use_flat_decode_layers(model)  # after the norms and groups it reads
+        scale_logits_as_mlx_vlm(model)  # Aya Vision's logit_scale: transformers leaves it out
         picklable_after_forward(model)
         return model
 
