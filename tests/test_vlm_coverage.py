@@ -871,13 +871,18 @@ def test_vlm_moe_config_read_otherwise_is_refused_at_load(
 ) -> None:
     # the family's tiny MoE model (4 experts, 2 per token) converted by mlx-vlm, its text_config
     # edited
+    with pytest.raises(ValueError, match=match):
+        _load(_with_text_config(tmp_path, name, edit))
+
+
+def _with_text_config(tmp_path: Path, name: str, edit: dict) -> Path:
+    """A copy of the family's tiny mlx-vlm checkpoint with `edit` applied to its text_config."""
     path = tmp_path / name
     shutil.copytree(tiny_mlx_vlm_checkpoint(name), path)
     config = json.loads((path / "config.json").read_text())
     config["text_config"].update(edit)
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=match):
-        _load(path)
+    return path
 
 
 @pytest.mark.parametrize(
@@ -895,13 +900,8 @@ def test_vlm_moe_config_read_otherwise_is_refused_at_load(
 def test_vlm_text_config_key_only_mlx_vlm_reads_is_refused(
     tmp_path: Path, name: str, edit: dict, match: str
 ) -> None:
-    path = tmp_path / name
-    shutil.copytree(tiny_mlx_vlm_checkpoint(name), path)
-    config = json.loads((path / "config.json").read_text())
-    config["text_config"].update(edit)
-    (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
-        _load(path)
+        _load(_with_text_config(tmp_path, name, edit))
 
 
 @pytest.mark.parametrize(("name", "default"), [("aya_vision", 0.0625), ("cohere_compass", 1.0)])
