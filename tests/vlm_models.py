@@ -2142,7 +2142,7 @@ FAMILIES["minimax_m3_vl"] = Family(
         "intermediate_size": 64,
         "shared_intermediate_size": 64,
         "dense_intermediate_size": 256,
-        "mlp_layer_types": ["dense", "sparse"],
+        "mlp_layer_types": ["dense", "dense"],
         "rotary_dim": 16,
         "layer_types": ["full_attention", "minimax_m3_sparse"],
         "index_n_heads": 2,
@@ -2178,8 +2178,9 @@ FAMILIES["gemma4_moe"] = dataclasses.replace(
 )
 
 
-# families mlxq refuses by name (mlx_vlm_layout.UNVERIFIED_VLM): mlx-vlm converts these tiny
-# models; GLM-5-Next's two layers are its linear-attention ones (the fused projections)
+# GLM-5-Next: a linear-attention layer (its fused projections) and a sparse-attention one
+# (DeepSeek's MLA with an indexer), both with dense MLPs: its MoE experts (a clamped SwiGLU) are
+# refused by name. transformers' forward fails on a model of linear-attention layers alone.
 FAMILIES["glm5_next"] = dataclasses.replace(
     FAMILIES["glm4v"],
     model_type="glm5_next",
@@ -2198,11 +2199,15 @@ FAMILIES["glm5_next"] = dataclasses.replace(
         "linear_head_dim": 32,
         "linear_num_heads": 4,
         "num_key_value_heads": 4,
+        "layer_types": ["linear_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "dense"],
         "pad_token_id": 0,  # the Hub's (154820) is outside the tiny vocabulary
     },
     vision={**_GLM4V_VISION, "projection_intermediate_size": 128},
     mlx_vlm_keys=None,
 )
+# families mlxq refuses by name (mlx_vlm_layout.UNVERIFIED_VLM): mlx-vlm converts these tiny
+# models
 # Diffusion Gemma: Gemma 4's MoE language model as a block-diffusion encoder and decoder
 FAMILIES["diffusion_gemma"] = dataclasses.replace(
     FAMILIES["gemma4_moe"], model_type="diffusion_gemma"

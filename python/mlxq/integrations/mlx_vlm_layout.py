@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -34,6 +34,7 @@ from mlxq.integrations.weight_ops import (
 )
 
 __all__ = [
+    "Split",
     "VlmLayout",
     "VLM_LAYOUTS",
     "checkpoint_vlm_layout",
@@ -52,6 +53,24 @@ _TEXT = (
     (r"^language_model\.lm_head\.", "lm_head."),
     (r"^language_model\.model\.", "model.language_model."),
 )
+
+
+class Split(NamedTuple):
+    """A projection mlx-vlm fuses that transformers keeps apart, split along the output rows at
+    load (weight, scales, biases and bias alike: MLX's quantization groups run along the input,
+    so each part's rows carry their own packed words, scales and biases) and concatenated again
+    when saving."""
+
+    pattern: str  # regex of the fused module's name part (after the renames), e.g. `\.qkv\.`
+    parts: tuple[str, ...]  # its replacements, one per part, in the fused tensor's row order
+    # each part's rows, read from the text config (GLM-5-Next's f_a/b/g_a of unequal widths);
+    # None: equal parts
+    widths: Callable[[Any], tuple[int, ...]] | None = None
+    text: bool = False  # fused in the language model (else in the vision tower)
+
+
+def _in_text_model(key: str) -> bool:
+    return key.startswith(("model.language_model.", "lm_head."))
 
 
 @dataclass(frozen=True)
@@ -86,10 +105,8 @@ class VlmLayout:
     # transformers' names (regexes) of zero-centred norm weights (the module multiplies by
     # 1 + w) that mlx-vlm's sanitize stores as 1 + w (Qwen 3.5), see MlxLayout.unit_offset
     unit_offset: tuple[str, ...] = ()
-    # projections mlx-vlm fuses that transformers keeps apart: (regex of the fused module's
-    # name part, after the renames; the parts' replacements), split along the output rows at
-    # load (weight, scales, biases and bias alike) and concatenated again when saving
-    splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # projections mlx-vlm fuses that transformers keeps apart (see Split)
+    splits: tuple[Split, ...] = ()
     # mlx-vlm reads the rope as the Hub's xdrope `rope_scaling` (its NTK alpha and the
     # section sizes as xdrope_section; HunyuanOCR), transformers' rope_parameters name them
     # alpha and mrope_section
@@ -185,17 +202,51 @@ class VlmLayout:
             key = re.sub(pattern, repl, key)
         return key
 
+    def _split_of(self, key: str) -> Split | None:
+        """The split whose fused module `key` (transformers' names) is, else None."""
+        for split in self.splits:
+            if split.text == _in_text_model(key) and re.search(split.pattern, key):
+                return split
+        return None
+
     def split_names(self, key: str) -> list[str]:
         """The model's names for the checkpoint tensor `key` (transformers' names): its parts
         where mlx-vlm fused a projection, else `key` itself."""
-        for pattern, parts in self.splits:
-            if re.search(pattern, key):
-                return [re.sub(pattern, part, key) for part in parts]
-        return [key]
+        split = self._split_of(key)
+        if split is None:
+            return [key]
+        return [re.sub(split.pattern, part, key) for part in split.parts]
 
-    def split_headers(self, headers: Mapping[str, Any]) -> dict[str, Any]:
+    def split_widths(self, key: str, rows: int, config: Any = None) -> list[int]:
+        """The rows of each part of the fused tensor `key` of `rows` rows: from the text config
+        where the split names them, else equal shares. A split that does not add up to `rows`
+        is refused naming the tensor and the widths."""
+        split = self._split_of(key)
+        names = self.split_names(key)
+        if split is None:
+            return [rows]
+        if split.widths is None:
+            if rows % len(names):
+                raise ValueError(
+                    f"mlxq: {key} ({rows} rows) does not split into {len(names)} equal "
+                    f"projections ({', '.join(names)})"
+                )
+            return [rows // len(names)] * len(names)
+        if config is None:
+            raise ValueError(f"mlxq: splitting {key} needs the model's config (its widths)")
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        widths = [int(w) for w in split.widths(text)]
+        if sum(widths) != rows or len(widths) != len(names) or min(widths) <= 0:
+            raise ValueError(
+                f"mlxq: {key} ({rows} rows) does not split into {', '.join(names)} of "
+                f"{widths} rows (the widths its config gives)"
+            )
+        return widths
+
+    def split_headers(self, headers: Mapping[str, Any], config: Any = None) -> dict[str, Any]:
         """`headers` (transformers' names -> TensorInfo) with each fused tensor replaced by its
-        parts, each with an equal share of the output rows."""
+        parts, each with its share of the output rows (see :meth:`split_widths`; `config`,
+        the model's, gives the widths of unequal parts)."""
         from mlxq.integrations.checkpoint import TensorInfo
 
         out: dict[str, Any] = {}
@@ -205,23 +256,22 @@ class VlmLayout:
                 out[key] = info
                 continue
             rows = info.shape[0] if info.shape else 0
-            if rows % len(names):
-                raise ValueError(
-                    f"mlxq: {key} ({list(info.shape)}) does not split into {len(names)} equal "
-                    f"projections ({', '.join(names)})"
-                )
-            for name in names:
-                out[name] = TensorInfo(info.dtype, (rows // len(names), *info.shape[1:]))
+            widths = self.split_widths(key, rows, config)
+            for name, width in zip(names, widths, strict=True):
+                out[name] = TensorInfo(info.dtype, (width, *info.shape[1:]))
         return out
 
-    def split_conversions(self, keys: Iterable[str]) -> list:
+    def split_conversions(self, keys: Iterable[str], config: Any = None) -> list:
         """`WeightConverter`s splitting each fused tensor among `keys` (transformers' names)
-        into its parts at load; `save_pretrained` concatenates them back."""
+        into its parts at load; `save_pretrained` concatenates them back. `config` (the
+        model's) gives the widths of unequal parts."""
         from transformers.core_model_loading import Chunk, PermuteForRope, WeightConverter
 
-        operations = [Chunk(0)]
+        from mlxq.integrations.mlx_lm_layout import SizedConcat
+
+        rope = []
         if self.split_rope:  # a row permutation: quantized rows (and their scales) alike
-            operations.append(
+            rope.append(
                 PermuteForRope(
                     subconfig_key="vision_config", permute_layer_names=list(self.split_rope)
                 )
@@ -229,14 +279,22 @@ class VlmLayout:
         out = []
         for key in sorted(keys):
             names = self.split_names(key)
-            if len(names) > 1:
-                out.append(
-                    WeightConverter(
-                        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
-                        target_patterns=names,
-                        operations=list(operations),
-                    )
+            if len(names) == 1:
+                continue
+            split = self._split_of(key)
+            if split is not None and split.widths is not None:
+                text = config.get_text_config() if hasattr(config, "get_text_config") else config
+                widths = [int(w) for w in split.widths(text)]
+                cut = SizedConcat(widths, split=True)  # checked against the file by split_headers
+            else:
+                cut = Chunk(0)
+            out.append(
+                WeightConverter(
+                    source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+                    target_patterns=names,
+                    operations=[cut, *rope],
                 )
+            )
         return out
 
     def offset_conversions(self, names: Iterable[str]) -> list:
@@ -345,6 +403,41 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         "glm4v_moe", _SWITCH_MLP, **_GLM4V_KEYS, text_defaults=(("use_qk_norm", False),)
     ),
     "qwen3_5": _qwen_vl("qwen3_5", unit_offset=_QWEN3_5_NORMS, attention_interval=True),
+    # GLM-5-Next: GLM-4V's names around a language model whose linear-attention layers
+    # mlx-vlm fuses (q/k/v into qkv_proj; f_a, b and g_a, of unequal widths, into fbg_a_proj;
+    # the q/k/v convolutions into qkv_conv, which transformers holds fused as conv1d), as it
+    # fuses each dense MLP's gate and up into gate_up_proj. mlx-vlm keeps the forget gate's
+    # other tensors at the attention's level (transformers: in its forget_gate).
+    "glm5_next": _qwen_vl(
+        "glm5_next",
+        (r"\.self_attn\.qkv_conv\.conv\.", ".self_attn.conv1d."),
+        (r"\.self_attn\.f_b_proj\.", ".self_attn.forget_gate.f_b_proj."),
+        (r"\.self_attn\.dt_bias", ".self_attn.forget_gate.dt_bias"),
+        (r"\.self_attn\.A_log", ".self_attn.forget_gate.A_log"),
+        # the sparse-attention layers' kv_b_proj as mlx-lm splits DeepSeek V3's
+        (r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."),
+        splits=(
+            # (mlx-vlm requires qk_rope_head_dim 0: kv_a_proj_with_mqa is kv_lora_rank wide)
+            Split(
+                r"\.self_attn\.qkv_a_proj\.",
+                (".self_attn.q_a_proj.", ".self_attn.kv_a_proj_with_mqa."),
+                widths=lambda c: (c.q_lora_rank, c.kv_lora_rank + c.qk_rope_head_dim),
+                text=True,
+            ),
+            Split(
+                r"\.self_attn\.qkv_proj\.",
+                (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."),
+                text=True,
+            ),
+            Split(
+                r"\.self_attn\.fbg_a_proj\.",
+                (".self_attn.forget_gate.f_a_proj.", ".self_attn.b_proj.", ".self_attn.g_a_proj."),
+                widths=lambda c: (c.linear_head_dim, c.linear_num_heads, c.linear_head_dim),
+                text=True,
+            ),
+            Split(r"\.mlp\.gate_up_proj\.", (".mlp.gate_proj.", ".mlp.up_proj."), text=True),
+        ),
+    ),
     # Cohere Compass (North Vision): Qwen3-VL's tower and names around Cohere's parallel block;
     # mlx-vlm reads the rope per layer type from rope_parameters, and the flat keys (a
     # rope_scaling) would make transformers' strict config refuse the saved config.json
@@ -430,7 +523,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
             ("init_pos_emb_width", "pos_emb_width"),
         ),
         top_aliases=(("media_placeholder_token_id", "image_token_id"),),
-        splits=((r"\.attn\.qkv\.", (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj.")),),
+        splits=(Split(r"\.attn\.qkv\.", (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj.")),),
         split_rope=("q_proj", "k_proj"),
     ),
     # Gemma 4 Unified: mlx-vlm keeps the encoder-free patch embedder as `vision_embedder` and its
@@ -488,7 +581,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         flat_text_config=True,
         vision_model_type="paddleocr_vl",
         splits=(
-            (
+            Split(
                 r"\.self_attn\.qkv\.",
                 (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."),
             ),
@@ -615,12 +708,6 @@ UNVERIFIED_VLM: dict[str, str] = {
         "its processor output was not converted into transformers' inputs"
     ),
     # found with tiny models of transformers 5.24 converted by mlx-vlm 0.7.10
-    "glm5_next": (
-        "mlx-vlm fuses each linear-attention layer's q/k/v projections into qkv_proj, their "
-        "convolutions into qkv_conv, and f_a_proj, b_proj and g_a_proj (of unequal widths) into "
-        "fbg_a_proj, and the dense MLP's gate and up into gate_up_proj; mlxq splits fused "
-        "projections into equal parts only"
-    ),
     "diffusion_gemma": (
         "a block-diffusion model (DiffusionGemmaForBlockDiffusion: an encoder over the prompt "
         "and a decoder that denoises a block), not a causal LM whose logits compare with "
@@ -883,12 +970,12 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
     names = [name for name, _ in model.named_parameters()]
     names += [name for name, _ in model.named_buffers()]
     fused = set()
-    for pattern, parts in layout.splits:  # mlx-vlm fuses the tower's projections only
-        literal = re.sub(r"\\(.)", r"\1", pattern)
+    for split in layout.splits:  # each in its own model (the tower's or the language model's)
+        literal = re.sub(r"\\(.)", r"\1", split.pattern)
         fused |= {
-            n.replace(parts[0], literal)
+            n.replace(split.parts[0], literal)
             for n in names
-            if parts[0] in n and not n.startswith(("model.language_model.", "lm_head."))
+            if split.parts[0] in n and _in_text_model(n) == split.text
         }
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     from transformers.core_model_loading import WeightRenaming as Rename
@@ -898,7 +985,7 @@ def use_mlx_vlm_layout(model: nn.Module) -> bool:
         *(Rename(source_patterns=p, target_patterns=r) for p, r in renames),
         *conversions,
         *layout.offset_conversions(names),
-        *layout.split_conversions(fused),
+        *layout.split_conversions(fused, config),
         *(
             channels_last_converter(f"{name}.weight")
             for name, module in model.named_modules()
@@ -971,19 +1058,20 @@ def mlx_vlm_module_names(
                 key = source + key[len(repl) :] if key.startswith(repl) else key
             else:
                 key = key.replace(repl, source)
-        if not name.startswith(("model.language_model.", "lm_head.")):
-            key = _fused_name(layout, key)  # mlx-vlm fuses the tower's projections only
-        out[name] = key[:-1]
+        out[name] = _fused_name(layout, key, text=_in_text_model(name))[:-1]
     return out
 
 
-def _fused_name(layout: VlmLayout, key: str) -> str:
+def _fused_name(layout: VlmLayout, key: str, text: bool) -> str:
     """mlx-vlm's name of the projection it fuses (PaddleOCR-VL's `self_attn.qkv`) for a
-    part of it (`self_attn.q_proj`), `key` ending in a dot; other names unchanged."""
-    for pattern, parts in layout.splits:
-        for part in parts:
+    part of it (`self_attn.q_proj`), `key` ending in a dot, in the language model (`text`) or
+    the tower; other names unchanged."""
+    for split in layout.splits:
+        if split.text != text:
+            continue
+        for part in split.parts:
             if part in key:
-                return key.replace(part, re.sub(r"\\(.)", r"\1", pattern))
+                return key.replace(part, re.sub(r"\\(.)", r"\1", split.pattern))
     return key
 
 

@@ -514,7 +514,9 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
     vlm_layout = checkpoint_vlm_layout(_model_type(model), headers)
     if vlm_layout is not None:  # mlx-vlm's names for image-text models (and fused parts)
         headers = vlm_layout.concat_headers(
-            vlm_layout.split_headers({vlm_layout.to_transformers(k): v for k, v in headers.items()})
+            vlm_layout.split_headers(
+                {vlm_layout.to_transformers(k): v for k, v in headers.items()}, model.config
+            )
         )
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -1141,7 +1143,7 @@ class MLXHfQuantizer(HfQuantizer):
             self._value_conversions += vlm_layout.offset_conversions(headers)
             # projections mlx-vlm fused (PaddleOCR-VL's qkv), split at load
             fused = (vlm_layout.to_transformers(k) for k in stored_keys)
-            self._value_conversions += vlm_layout.split_conversions(fused)
+            self._value_conversions += vlm_layout.split_conversions(fused, model.config)
             self._value_conversions += vlm_layout.concat_conversions()  # sharded tables
         config = _with_model_names(model, self.quantization_config, vlm_layout)
         walk = plan_modules(
@@ -1297,9 +1299,17 @@ class MLXHfQuantizer(HfQuantizer):
         check_moe_tensors_loaded(model, skip=self._placed_on_meta)
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
             save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
-        for name in float_where_weight_dtype_is_read(model):  # Mamba's head, V3.2's indexer
+        floats = float_where_weight_dtype_is_read(model)  # Mamba's head, V3.2's indexer
+        # a checkpoint's entries are in its own names (mlx-vlm's, which save_pretrained
+        # writes again); a float model's are renamed below
+        saved = {}
+        if floats and self.pre_quantized:
+            from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names
+
+            saved = mlx_vlm_module_names(model, floats)
+        for name in floats:
             # saved float: the entry tells mlx-lm so (it would expect this layer's scales)
-            config.overrides[name] = False
+            config.overrides[saved.get(name, name)] = False
         float_dtype_for_routers(model)  # MiniMax-M2's router
         if not self.pre_quantized and config.overrides:  # entries saved in mlx-(v)lm's names
             from mlxq.integrations.mlx_lm_layout import mlx_lm_entries
