@@ -191,25 +191,61 @@ def test_config_keys_from_transformers_config_alone(tmp_path: Path, name: str) -
     )
 
 
-def test_fused_projection_is_split() -> None:
-    """PaddleOCR-VL's tower attention, which mlx-vlm fuses into one quantized `qkv` (it also
-    quantizes the tower, named `visual`), loads as transformers' q/k/v projections, each with
-    its third of the rows (weight, scales, biases and bias)."""
+@pytest.mark.parametrize(
+    ("name", "fused", "module", "parts"),
+    [
+        # PaddleOCR-VL's tower attention (mlx-vlm quantizes that tower, named `visual`): thirds
+        (
+            "paddleocr_vl",
+            "visual.layers.0.self_attn.qkv",
+            "model.visual.vision_model.encoder.layers.0.self_attn",
+            ("q_proj", "k_proj", "v_proj"),
+        ),
+        # GLM-5-Next's linear attention: f_a, b and g_a of 32, 4 and 32 rows (its config's
+        # linear_head_dim, linear_num_heads, linear_head_dim)
+        (
+            "glm5_next",
+            "language_model.model.layers.0.self_attn.fbg_a_proj",
+            "model.language_model.layers.0.self_attn",
+            ("forget_gate.f_a_proj", "b_proj", "g_a_proj"),
+        ),
+    ],
+)
+def test_fused_projection_is_split(name: str, fused: str, module: str, parts: tuple) -> None:
+    """A projection mlx-vlm fuses into one quantized tensor loads as transformers' separate
+    projections, each with its own rows of the fused weight, scales, biases (and bias)."""
     from mlxq.nn import AffineLinear
     from safetensors import safe_open
 
-    path = tiny_mlx_vlm_checkpoint("paddleocr_vl")
-    attn = _load(path).model.visual.vision_model.encoder.layers[0].self_attn
+    path = tiny_mlx_vlm_checkpoint(name)
+    attn = _load(path).get_submodule(module)
+    projs = [attn.get_submodule(p) for p in parts]
+    widths = [p.out_features for p in projs]
     with safe_open(path / "model.safetensors", "pt") as f:
-        fused = {
-            leaf: f.get_tensor(f"visual.layers.0.self_attn.qkv.{leaf}")
-            for leaf in ("weight", "scales", "biases", "bias")
-        }
-    for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        leaves = [k.rsplit(".", 1)[1] for k in f.keys() if k.startswith(f"{fused}.")]
+        tensors = {leaf: f.get_tensor(f"{fused}.{leaf}") for leaf in leaves}
+    assert {"weight", "scales", "biases"} <= set(tensors)
+    assert sum(widths) == len(tensors["weight"])
+    for proj, chunk in zip(projs, range(len(projs)), strict=True):
         assert isinstance(proj, AffineLinear)
-        for leaf, tensor in fused.items():
-            part = tensor.chunk(3)[i]
+        for leaf, tensor in tensors.items():
+            part = tensor.split(widths)[chunk]
             torch.testing.assert_close(getattr(proj, leaf), part.to(getattr(proj, leaf).dtype))
+
+
+def test_fused_projection_whose_widths_do_not_add_up_is_refused(tmp_path: Path) -> None:
+    """GLM-5-Next's fbg_a_proj is cut by the widths its config gives: a config whose widths do
+    not add up to the stored rows is refused naming the tensor and the widths."""
+    source = tiny_mlx_vlm_checkpoint("glm5_next")
+    path = tmp_path / "glm5_next"
+    shutil.copytree(source, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text_config"]["linear_num_heads"] = 2  # 32 + 2 + 32 rows, where 68 are stored
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError, match=r"layers\.0\.self_attn\.fbg_a_proj.*68 rows.*\[32, 2, 32\]"
+    ):
+        _load(path)
 
 
 def test_missing_vision_tensor_is_refused(tmp_path: Path) -> None:
