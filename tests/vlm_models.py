@@ -2579,6 +2579,28 @@ def mlxq_tile_features(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return model.model.multi_modal_projector(selected).numpy()
 
 
+def saved_and_expected_shapes(source: Path, out: Path) -> tuple[dict, dict]:
+    """(name -> shape) of the tensors `save_pretrained` wrote to `out` from mlx-vlm's checkpoint
+    `source`, and of those it should write: `source`'s, less the scales and biases of the layers
+    saved float with a False entry in `out`'s config.json (layers whose weight dtype the forward
+    reads run float: GLM-5-Next's indexer weights_proj); their weight is left out of both."""
+    from safetensors import safe_open
+
+    entries = json.loads((out / "config.json").read_text()).get("quantization", {})
+    floats = {k for k, v in entries.items() if v is False}
+    shapes = []
+    for path in (out, source):
+        with safe_open(path / "model.safetensors", "np") as f:
+            shapes.append(
+                {
+                    k: f.get_slice(k).get_shape()
+                    for k in f.keys()
+                    if k.rsplit(".", 1)[0] not in floats
+                }
+            )
+    return shapes[0], shapes[1]
+
+
 def save_round_trip(name: str, out: Path, variant: Variant | None = None) -> float:
     """Load the mlx-vlm checkpoint in mlxq, `save_pretrained` it to `out` (with the source's
     tokenizer and processor files) and return max |mlx-vlm logits on the saved checkpoint -
@@ -2592,15 +2614,9 @@ def save_round_trip(name: str, out: Path, variant: Variant | None = None) -> flo
     for file in source.iterdir():  # tokenizer and processor files
         if file.is_file() and not (out / file.name).exists():
             shutil.copy(file, out / file.name)
-    from safetensors import safe_open
-
-    with (
-        safe_open(out / "model.safetensors", "np") as f,
-        safe_open(source / "model.safetensors", "np") as g,
-    ):
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-        if shapes != {k: g.get_slice(k).get_shape() for k in g.keys()}:
-            raise ValueError(f"{name}: the saved tensors are not mlx-vlm's names and shapes")
+    saved, want = saved_and_expected_shapes(source, out)
+    if saved != want:
+        raise ValueError(f"{name}: the saved tensors are not mlx-vlm's names and shapes")
     inputs = model_inputs(out, name, with_image=True)
     family = FAMILIES[name]
     if family.no_image_oracle:

@@ -683,7 +683,7 @@ UNVERIFIED_VLM: dict[str, str] = {
         "no tiny model was compared with mlx-vlm: mlx-vlm keeps the Hub's fused att_proj (q, k "
         "and v of unequal widths), fused ff_proj and the word embedding in two tables "
         "(wte.embedding, wte.new_embedding), which transformers' own converters split and "
-        "concatenate at load (mlxq splits fused projections into equal parts only), and its "
+        "concatenate at load (not mapped in mlxq for it), and its "
         "processor's crops and pooling indices were not mapped to transformers' inputs"
     ),
     "florence2": (
