@@ -987,3 +987,47 @@ def test_moe_config_read_otherwise_is_refused_by_convert(tmp_path: Path) -> None
     (src / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 6}))
     with pytest.raises(ValueError, match="sets num_experts_per_tok: 6, more experts per token"):
         convert_checkpoint(src, tmp_path / "out", bits=4, group_size=32)
+
+
+def test_glm5_next_experts_clamp_as_transformers_and_mlx_vlm() -> None:
+    """GLM-5-Next's experts (transformers' Glm5NextTextExperts: the eager loop through an
+    `_apply_gate` that clamps the gate from above and the up part both ways at swiglu_limit)
+    are recognised and run as MoeExperts with LimitedSwiGLU: transformers' output on values
+    that the clamp reaches, and mlx-vlm's `_limited_swiglu` on the gate itself."""
+    import mlx.core as mx
+    from mlx_vlm.models.glm5_next.language import _limited_swiglu
+    from mlxq.moe import LimitedSwiGLU, SwitchLinear, experts_gate, fused_expert_stacks
+    from mlxq.swap import moe_plan
+    from transformers.models.glm5_next.configuration_glm5_next import Glm5NextTextConfig
+    from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextExperts
+
+    config = Glm5NextTextConfig(
+        hidden_size=64, moe_intermediate_size=32, n_routed_experts=4, swiglu_limit=2.0
+    )
+    torch.manual_seed(0)
+    experts = Glm5NextTextExperts(config)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.5)
+    plan = moe_plan("mlp.experts", experts)
+    assert plan is not None and plan.refusal is None and plan.variant == "limited_swiglu"
+    x = torch.randn(9, 64)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(9)])
+    w = torch.softmax(torch.randn(9, 2), -1)
+    with torch.no_grad():
+        ref = experts(x, idx, w)
+        gate_up = torch.einsum("th,tih->ti", x, experts.gate_up_proj[idx[:, 0]])
+    assert (gate_up.abs() > 2.0).float().mean() > 0.3  # the clamp matters
+    gate = experts_gate(experts, plan.variant)
+    assert isinstance(gate["glu"], LimitedSwiGLU) and gate["glu"].limit == 2.0
+    floats = {}
+    for proj, (weight, _) in fused_expert_stacks(experts, plan.variant).items():
+        e, n, k = weight.shape
+        floats[proj] = SwitchLinear(e, k, n)
+        floats[proj].weight.data.copy_(weight)
+    with torch.no_grad():
+        got = MoeExperts(**floats, **gate)(x, idx, w)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    g, u = (torch.linspace(-6, 6, 97) * s for s in (1.0, -1.3))
+    want = np.array(_limited_swiglu(mx.array(g.numpy()), mx.array(u.numpy()), 2.0))
+    np.testing.assert_allclose(gate["glu"](g, u).numpy(), want, rtol=1e-6, atol=1e-6)

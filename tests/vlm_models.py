@@ -2142,7 +2142,7 @@ FAMILIES["minimax_m3_vl"] = Family(
         "intermediate_size": 64,
         "shared_intermediate_size": 64,
         "dense_intermediate_size": 256,
-        "mlp_layer_types": ["dense", "dense"],
+        "mlp_layer_types": ["dense", "sparse"],
         "rotary_dim": 16,
         "layer_types": ["full_attention", "minimax_m3_sparse"],
         "index_n_heads": 2,
@@ -2200,7 +2200,7 @@ FAMILIES["glm5_next"] = dataclasses.replace(
         "linear_num_heads": 4,
         "num_key_value_heads": 4,
         "layer_types": ["linear_attention", "full_attention"],
-        "mlp_layer_types": ["dense", "dense"],
+        "mlp_layer_types": ["dense", "sparse"],
         "pad_token_id": 0,  # the Hub's (154820) is outside the tiny vocabulary
     },
     vision={**_GLM4V_VISION, "projection_intermediate_size": 128},

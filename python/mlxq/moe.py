@@ -285,6 +285,24 @@ class ClampedSwiGLU(nn.Module):
         return f"alpha={self.alpha}, limit={self.limit}"
 
 
+class LimitedSwiGLU(nn.Module):
+    """GLM-5-Next's gate (transformers' `Glm5NextTextExperts._apply_gate`, mlx-vlm's
+    `_limited_swiglu`): the gate clamped from above at `limit`, the up part to
+    `[-limit, limit]`, then `silu(gate) * up`."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return F.silu(gate) * up
+
+    def extra_repr(self) -> str:
+        return f"limit={self.limit}"
+
+
 # mlx-lm's SwitchGLU sorts the (token, expert) pairs by expert from this many pairs on
 # (`indices.size >= 64`): decode-sized calls (a few tokens x top-k) do not pay the sort.
 SORT_MIN_PAIRS = 64
@@ -427,6 +445,8 @@ def experts_gate(module: nn.Module, variant: str) -> dict[str, nn.Module | Calla
     experts `module` of variant `variant`."""
     if variant == "gpt_oss":
         return {"glu": ClampedSwiGLU(module.alpha, module.limit)}
+    if variant == "limited_swiglu":
+        return {"glu": LimitedSwiGLU(module.swiglu_limit)}
     if variant == "dbrx":
         return {"act_fn": module.mlp.activation_fn}
     return {"act_fn": module.act_fn}

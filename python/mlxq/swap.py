@@ -335,6 +335,11 @@ _GPT_OSS_EXPERTS_DIGEST = "5c459e4a3ca1baaa62d0fd18d8e6ee238acf863f243b6f0aa0475
 # from above at `limit`, up to [-limit, limit], `(up + 1) * gate * sigmoid(gate * alpha)`
 # (what mlxq.moe.ClampedSwiGLU computes)
 _GPT_OSS_GATE_DIGEST = "d65d1ff72a6d9341b4d3b56d16406ae977f1f01e02f681d8dbec2756e6a7eb23"
+# Glm5NextTextExperts.forward (transformers 5.24): the eager loop (written with other names)
+# through `self._apply_gate`, whose gate is clamped from above at `swiglu_limit`, the up part
+# to [-swiglu_limit, swiglu_limit], then `silu(gate) * up` (mlxq.moe.LimitedSwiGLU)
+_GLM5_NEXT_EXPERTS_DIGEST = "129ee7171d45403394054d26a5b4cf6e3c0f5b506958fe4941976388eb6616db"
+_GLM5_NEXT_GATE_DIGEST = "e7fd5947aab565765365b3ce6dfcfdb48cbf5537dc7d62bdb40c20eed643494b"
 # Llama4TextExperts.forward (transformers 5.24, not wrapped): every expert on its block of
 # the input (`view(E, -1, H)`, the routing weight already applied to it by Llama4TextMoe),
 # `bmm` with `gate_up_proj` [E, H, 2I] (gate columns, then up), `up * act(gate)`, `bmm` with
@@ -372,6 +377,9 @@ _DBRX_GLU_DIGEST = "8f5b39510e75cc34cd37d9275a5607f2e940c248a7af4e9c361e5afbcf13
 _KNOWN_EXPERTS = {
     _EAGER_EXPERTS_DIGEST: _ExpertsForward("swiglu", False, False, True, None),
     _GPT_OSS_EXPERTS_DIGEST: _ExpertsForward("gpt_oss", True, True, False, _GPT_OSS_GATE_DIGEST),
+    _GLM5_NEXT_EXPERTS_DIGEST: _ExpertsForward(
+        "limited_swiglu", False, False, True, _GLM5_NEXT_GATE_DIGEST
+    ),
     _LLAMA4_EXPERTS_DIGEST: _ExpertsForward("llama4", False, True, True, None),
     _UNGATED_EXPERTS_DIGEST: _ExpertsForward("mlp", False, False, True, None),
     _UNGATED_EXPERTS_DIGEST_2: _ExpertsForward("mlp", False, False, True, None),
@@ -412,7 +420,8 @@ class MoePlan:
     Experts come in these variants: "swiglu" (transformers' eager loop: `gate_up_proj`
     [E, 2I, H] is gate rows then up rows, `act_fn(gate) * up`, no biases), "gpt_oss"
     (`gate_up_proj` [E, H, 2I] with gate and up interleaved, `down_proj` [E, I, H], biases,
-    :class:`mlxq.moe.ClampedSwiGLU`), "llama4" (every expert on its block of rows), "mlp"
+    :class:`mlxq.moe.ClampedSwiGLU`), "limited_swiglu" (GLM-5-Next: "swiglu"'s layout with
+    :class:`mlxq.moe.LimitedSwiGLU`), "llama4" (every expert on its block of rows), "mlp"
     (Nemotron-H: no gate, `up_proj` [E, I, H], `act_fn(up)`) and "dbrx" (DBRX: 2-D
     `mlp.w1`/`v1`/`w2` [E * I, H], gate, up and down transposed)."""
 
@@ -458,7 +467,8 @@ class MoePlan:
             # the forwards are recognised as the supported transformers releases write them
             raise NotImplementedError(
                 f"mlxq: module {self.name!r} ({self.cls_name}): {self.refusal}; mlxq replaces "
-                "only MoE experts whose forward is transformers' eager experts loop or gpt-oss's, "
+                "only MoE experts whose forward is transformers' eager experts loop (or its "
+                "gpt-oss or GLM-5-Next form), "
                 "and routers that use their weight only through F.linear, as transformers "
                 f"{MIN_TRANSFORMERS} and later write them (installed: {transformers.__version__})"
             )
@@ -587,10 +597,10 @@ def _experts_plan(name: str, module: nn.Module, params: dict[str, torch.Tensor])
             if got is None or tuple(got.shape) != shape:
                 have = None if got is None else list(got.shape)
                 return _refuse_moe(plan, f"{bias} is {have}, expected {list(shape)}")
-    if known.variant == "gpt_oss":
-        for attr in ("alpha", "limit"):
-            if not isinstance(getattr(module, attr, None), (int, float)):
-                return _refuse_moe(plan, f"its {attr} is not a number")
+    numbers = {"gpt_oss": ("alpha", "limit"), "limited_swiglu": ("swiglu_limit",)}
+    for attr in numbers.get(known.variant, ()):
+        if not isinstance(getattr(module, attr, None), (int, float)):
+            return _refuse_moe(plan, f"its {attr} is not a number")
     return plan
 
 

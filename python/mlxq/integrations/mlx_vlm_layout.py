@@ -416,6 +416,7 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
         (r"\.self_attn\.A_log", ".self_attn.forget_gate.A_log"),
         # the sparse-attention layers' kv_b_proj as mlx-lm splits DeepSeek V3's
         (r"\.self_attn\.(embed_q|unembed_out)\.", r".self_attn.kv_b_proj.\1."),
+        _SWITCH_MLP,
         splits=(
             # (mlx-vlm requires qk_rope_head_dim 0: kv_a_proj_with_mqa is kv_lora_rank wide)
             Split(
@@ -436,6 +437,11 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
                 text=True,
             ),
             Split(r"\.mlp\.gate_up_proj\.", (".mlp.gate_proj.", ".mlp.up_proj."), text=True),
+            Split(
+                r"\.shared_experts\.gate_up_proj\.",
+                (".shared_experts.gate_proj.", ".shared_experts.up_proj."),
+                text=True,
+            ),
         ),
     ),
     # Cohere Compass (North Vision): Qwen3-VL's tower and names around Cohere's parallel block;
