@@ -772,9 +772,18 @@ def reads_rope_parameters(model_type: str | None) -> bool:
 # tensors `mlx_vlm convert` leaves in the checkpoint's dtype (names holding one of these). Only
 # the top `Model`'s counts (convert reads `model.cast_predicate`): GLM-4.5V's and Kimi K2.5's
 # language models define one that their `Model` does not expose, so convert casts all of theirs.
-MLX_VLM_CAST_KEEP: dict[str, tuple[str, ...]] = dict.fromkeys(
-    ("qwen3_5", "qwen3_5_moe", "minicpmv4_7", "qwen4_exp"), ("A_log",)
-)
+MLX_VLM_CAST_KEEP: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("qwen3_5", "qwen3_5_moe", "minicpmv4_7", "qwen4_exp"), ("A_log",)),
+    # mlx-vlm 0.7.10's glm5_next cast_predicate (in transformers' names: `.attn_hc.` alike)
+    "glm5_next": (
+        "A_log",
+        "dt_bias",
+        "e_score_correction_bias",
+        ".attn_hc.",
+        ".ffn_hc.",
+        "index_kpool_compress",
+    ),
+}
 
 
 def is_image_text(config: Any) -> bool:

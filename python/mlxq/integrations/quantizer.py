@@ -75,6 +75,7 @@ from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
 from mlxq.integrations.weight_ops import (
     cast_on_save_converters,
     convert_cast_dtype,
+    join_casts,
     save_as_convert,
     save_as_read,
 )
@@ -670,7 +671,7 @@ def save_float_dtypes_as_convert(model: nn.Module, source: tuple[dict, dict] | N
             from transformers.conversion_mapping import get_model_conversion_mapping
 
             conversions = get_model_conversion_mapping(model, add_legacy=False)
-        model._weight_conversions = [*conversions, *casts]
+        model._weight_conversions = [*conversions, *join_casts(conversions, casts)]
 
 
 def _with_model_names(

@@ -18,6 +18,7 @@ __all__ = [
     "cast_on_save",
     "cast_on_save_converter",
     "cast_on_save_converters",
+    "join_casts",
     "save_as_read",
     "convert_cast_dtype",
     "save_as_convert",
@@ -245,6 +246,26 @@ def cast_on_save_converters(model, keep: tuple[str, ...] = ()) -> list:
     ]
 
 
+def join_casts(conversions: list, casts: list) -> list:
+    """The `casts` (:func:`cast_on_save_converters`) of tensors that no converter of
+    `conversions` saves; the cast of a tensor that one does (GLM-5-Next's float32 conv1d,
+    which mlx-vlm's layout also permutes channels-last) joins that converter's operations:
+    transformers saves each tensor through one converter, so a second would be ignored."""
+    owners = {
+        (tuple(c.source_patterns), tuple(c.target_patterns)): c
+        for c in conversions
+        if getattr(c, "operations", None)
+    }
+    out = []
+    for cast in casts:
+        owner = owners.get((tuple(cast.source_patterns), tuple(cast.target_patterns)))
+        if owner is None:
+            out.append(cast)
+        else:
+            owner.operations.extend(cast.operations)
+    return out
+
+
 def cast_on_save_converter(key: str, dtype: torch.dtype) -> Any:
     """A `WeightConverter` that `save_pretrained` reverses into a cast of tensor `key` to
     `dtype` (loading leaves it as it is)."""
@@ -257,20 +278,23 @@ def cast_on_save_converter(key: str, dtype: torch.dtype) -> Any:
     )
 
 
+def _is_cast(op: Any) -> bool:
+    return type(op).__qualname__.startswith("CastOnSave")
+
+
 def cast_on_save(model, dtypes: dict[str, torch.dtype]) -> None:
     """`save_pretrained` writes tensor `name` of `model` in `dtypes[name]` (replacing the casts
     asked before: once, where quantize_model follows a load)."""
-    model._weight_conversions = [
-        *(
-            c
-            for c in getattr(model, "_weight_conversions", None) or []
-            if not any(
-                type(op).__qualname__.startswith("CastOnSave")
-                for op in getattr(c, "operations", ())
-            )
-        ),
-        *(cast_on_save_converter(name, dtype) for name, dtype in sorted(dtypes.items())),
-    ]
+    kept = []
+    for c in getattr(model, "_weight_conversions", None) or []:
+        ops = list(getattr(c, "operations", ()))
+        if any(_is_cast(op) for op in ops):
+            if all(_is_cast(op) for op in ops):
+                continue  # a cast's own converter
+            c.operations = [op for op in ops if not _is_cast(op)]  # a cast joined to it
+        kept.append(c)
+    casts = [cast_on_save_converter(name, dtype) for name, dtype in sorted(dtypes.items())]
+    model._weight_conversions = [*kept, *join_casts(kept, casts)]
 
 
 _STORED_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16}
