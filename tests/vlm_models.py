@@ -2178,9 +2178,9 @@ FAMILIES["gemma4_moe"] = dataclasses.replace(
 )
 
 
-# GLM-5-Next: a linear-attention layer (its fused projections) and a sparse-attention one
-# (DeepSeek's MLA with an indexer), both with dense MLPs: its MoE experts (a clamped SwiGLU) are
-# refused by name. transformers' forward fails on a model of linear-attention layers alone.
+# GLM-5-Next: a linear-attention layer (its fused projections) with a dense MLP and a
+# sparse-attention one (DeepSeek's MLA with an indexer) with the MoE block (experts with a
+# clamped SwiGLU, a shared expert); transformers' forward fails on linear-attention layers alone
 FAMILIES["glm5_next"] = dataclasses.replace(
     FAMILIES["glm4v"],
     model_type="glm5_next",

@@ -406,8 +406,9 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     # GLM-5-Next: GLM-4V's names around a language model whose linear-attention layers
     # mlx-vlm fuses (q/k/v into qkv_proj; f_a, b and g_a, of unequal widths, into fbg_a_proj;
     # the q/k/v convolutions into qkv_conv, which transformers holds fused as conv1d), as it
-    # fuses each dense MLP's gate and up into gate_up_proj. mlx-vlm keeps the forget gate's
-    # other tensors at the attention's level (transformers: in its forget_gate).
+    # fuses the sparse-attention layers' q_a/kv_a into qkv_a_proj and each dense or shared-
+    # expert MLP's gate and up into gate_up_proj; experts stacked in switch_mlp. mlx-vlm keeps
+    # the forget gate's other tensors at the attention's level (transformers: in forget_gate).
     "glm5_next": _qwen_vl(
         "glm5_next",
         (r"\.self_attn\.qkv_conv\.conv\.", ".self_attn.conv1d."),
