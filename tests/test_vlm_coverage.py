@@ -459,6 +459,7 @@ def test_own_class_loads_the_same_model(name: str) -> None:
         "gemma4_unified",
         "muse_glimmer",
         "cohere_compass",
+        "glm5_next",  # (decoding through its linear-attention and MLA caches)
     ],
 )
 def test_inspect_and_generate_image_text_checkpoint(name: str, capsys) -> None:
