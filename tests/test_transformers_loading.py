@@ -319,6 +319,8 @@ def test_only_import_mlxq_in_a_fresh_process(tiny: Path, order: str) -> None:
         head = (
             "import sys, mlxq\n"
             "assert 'transformers' not in sys.modules, 'import mlxq must not import transformers'\n"
+            # as slow to import as torch itself (@torch.compiler.disable at import did)
+            "assert 'torch._dynamo' not in sys.modules, 'import mlxq must not import dynamo'\n"
         )
     code = head + (
         "from transformers import AutoModelForCausalLM\n"

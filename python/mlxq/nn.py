@@ -293,8 +293,11 @@ class AffineEmbedding(RefusesUnsupportedCasts, PicklesUnsignedBuffers, nn.Module
 
     # Called in eager code only (a compiled forward skips it); where a forward runs eagerly
     # under torch.compile (a row-serving embedding's), not traced: its `bool()` would be one
-    # more graph break in that forward, reported in mlxq's code.
-    @torch.compiler.disable
+    # more graph break in that forward, reported in mlxq's code. torch's lazy form of
+    # torch.compiler.disable (torch >= 2.1): that one imports torch._dynamo at `import mlxq`
+    # (as long as `import torch`); this wrapper's frame lies in a module dynamo skips, so a
+    # compile counts the same frames, graphs and breaks.
+    @torch._disable_dynamo
     def _check_ids(self, flat: torch.Tensor) -> None:
         # One reduction, on every device (index_select does not check bounds on all of them).
         bad = (flat < 0) | (flat >= self.num_embeddings)
