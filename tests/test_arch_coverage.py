@@ -639,12 +639,14 @@ def test_language_model_without_a_causal_lm_is_refused_by_name(family: str) -> N
 
 def test_mlx_lm_conversion_of_minimax_m3_vl_is_refused_by_name() -> None:
     # mlx-lm converts MiniMax-M3-VL's language model; transformers' experts module (the shared
-    # expert packed in) has a forward mlxq does not reproduce: refused naming it
+    # expert packed in) runs the experts loop mlxq knows (GLM-5-Next's form) with a gate
+    # (_apply_gate) mlxq does not reproduce: refused naming the module and the function
     from mlxq.cli.common import load_model
     from vlm_models import tiny_mlx_lm_checkpoint
 
     path = tiny_mlx_lm_checkpoint("minimax_m3_vl")
-    with pytest.raises(NotImplementedError, match=r"\(MiniMaxM3VLExperts\): its forward"):
+    match = r"\(MiniMaxM3VLExperts\): its _apply_gate is not the one mlxq reproduces"
+    with pytest.raises(NotImplementedError, match=match):
         load_model(str(path), "cpu", "float32")
 
 
