@@ -1,5 +1,5 @@
 """Whole models on CUDA against the CPU: SmolLM2 greedy tokens and bf16 logits, `mlxq generate
---device cuda`, and transformers' `device_map="auto"` across two GPUs.
+--device cuda`, and transformers' `device_map="auto"` across two GPUs and with CPU offload.
 
 The SmolLM2 checkpoint is the test suite's cached mlx-lm conversion (4 bits, group 32); a GPU
 machine without mlx-lm and the GGUF can point MLXQ_TEST_SMOLLM2 at a prebuilt MLX checkpoint
@@ -127,5 +127,24 @@ def test_device_map_auto_across_two_gpus() -> None:
     assert placement is not None, "device_map='auto' was not placed by accelerate"
     devices = {str(d) for d in placement.values()}
     assert {"0", "1"} <= devices, placement
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    assert torch.equal(_greedy(split, ids, 24), _greedy(cpu, ids, 24))
+
+
+@needs_cuda
+def test_device_map_auto_gpu_with_cpu_offload() -> None:
+    # a GPU too small for the model: accelerate keeps the layers past the memory cap on the CPU
+    # and moves their packed weights, scales and biases to the GPU at each forward (its offload
+    # hooks, no code of ours); the greedy tokens must still be the CPU's
+    path = _smollm2()
+    cpu, tok = _load(path, torch.float32)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    split, _ = _load(
+        path, torch.float32, device_map="auto", max_memory={0: int(size * 0.6), "cpu": "20GiB"}
+    )
+    placement = getattr(split, "hf_device_map", None)
+    assert placement is not None, "device_map='auto' was not placed by accelerate"
+    devices = {str(d) for d in placement.values()}
+    assert {"0", "cpu"} <= devices, placement
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     assert torch.equal(_greedy(split, ids, 24), _greedy(cpu, ids, 24))

@@ -7,7 +7,8 @@
 # M = 512 again with whole tiles only, MLXQ_CUDA_GEMM_SK=0). Logs in $OUT/logs.tgz (a call
 # brings back 8 files at most). A cold start plus this script takes about 500 s of device time.
 # QMV_MODES: the decode harness's modes, in turn (default "wide").
-# SKIP_BENCH=1 / SKIP_MODELS=1 leave out bench_ops / test_cuda_models.py. TEST_WORKERS,
+# SKIP_BENCH=1 / SKIP_MODELS=1 / SKIP_TESTS=1 leave out bench_ops / test_cuda_models.py /
+# test_cuda_ops.py (MLXQ_TEST_SMOLLM2: a prebuilt SmolLM2 MLX checkpoint for the models). TEST_WORKERS,
 # TEST_TIMEOUT, TEST_K: pytest workers, seconds and -k selection for test_cuda_ops.py (8, 300).
 #   WHEELS=dir/of/wheels [SKIP_HARNESS=1] [QMV_MODES="wide ilv"] bash benchmarks/cuda/device_run.sh
 . "$(dirname "$0")/run_common.sh"
@@ -35,14 +36,16 @@ stamp "waiting for the build"
 wait_build $L/build.log 3
 op_env
 python3 -c "import mlxq, transformers; print(mlxq.__file__, transformers.__version__)"
-stamp tests
-timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \
-  -n ${TEST_WORKERS:-8} ${TEST_K:+-k "$TEST_K"} \
-  --deselect tests/test_cuda_ops.py::test_errors_and_empty >$L/tests.log 2>&1
-tail -8 $L/tests.log
+if [ -z "$SKIP_TESTS" ]; then
+  stamp tests
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_cuda_ops.py -q -p no:cacheprovider \
+    -n ${TEST_WORKERS:-8} ${TEST_K:+-k "$TEST_K"} \
+    --deselect tests/test_cuda_ops.py::test_errors_and_empty >$L/tests.log 2>&1
+  tail -8 $L/tests.log
+fi
 if [ -z "$SKIP_MODELS" ]; then
   stamp models
-  timeout 90 python3 -m pytest tests/test_cuda_models.py -q -p no:cacheprovider -rs >$L/models.log 2>&1
+  timeout 180 python3 -m pytest tests/test_cuda_models.py -q -p no:cacheprovider -rs >$L/models.log 2>&1
   tail -6 $L/models.log
 fi
 if [ -z "$SKIP_BENCH" ]; then
