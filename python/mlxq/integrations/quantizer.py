@@ -21,17 +21,12 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from mlxq._pickling import made_class, picklable_after_forward
+from mlxq._pickling import made_class
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers, written_by_mlx
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
-from mlxq.integrations.cpu_attention import use_fp32_decode_attention
-from mlxq.integrations.cpu_layers import use_flat_decode_layers
-from mlxq.integrations.cpu_norms import use_native_rms_norm
-from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-from mlxq.integrations.kernelize_guard import drop_class_forwards
-from mlxq.integrations.logit_scale import scale_logits_as_mlx_vlm
+from mlxq.integrations.forwards import use_mlxq_forwards
 from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_CAST_KEEP,
     MLX_LM_KEEPS_STORED_HEAD,
@@ -90,7 +85,6 @@ from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
 )
-from mlxq.projection_groups import group_projections
 
 logger = logging.getLogger("mlxq")
 
@@ -1328,14 +1322,7 @@ class MLXHfQuantizer(HfQuantizer):
         add_mlx_lm_config_keys(model.config)
         if llama4_with_experts(model.config):  # mlx-lm's llama4: under `language_model.`
             save_llama4_as_mlx_lm(model)
-        drop_class_forwards(model)  # kernelize's fallback (kernelize_guard), before the forwards
-        use_fp32_decode_attention(model)
-        use_native_rms_norm(model)
-        use_native_rotary_embedding(model)
-        group_projections(model)
-        use_flat_decode_layers(model)  # after the norms and groups it reads
-        scale_logits_as_mlx_vlm(model)  # Aya Vision's logit_scale: transformers leaves it out
-        picklable_after_forward(model)
+        use_mlxq_forwards(model)  # (quantize_model's too)
         return model
 
     def update_weight_conversions(self, weight_conversions, *model):
