@@ -371,30 +371,33 @@ _RENAMED_CONFIGS: dict[tuple[type, str], type] = {}
 _DROPPING_CONFIGS: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
+def _serializing_through(
+    cls: type, edit: Callable[[dict], dict], factory: Callable, *args, **attributes
+) -> type:
+    """A subclass of the config class `cls` whose `to_dict` and `to_diff_dict` (what
+    config.json is written from) pass through `edit`; in memory it reads as `cls` does.
+    `factory(*args)` makes it again when a pickled model loads (:func:`made_class`);
+    `attributes` go into its namespace."""
+    namespace = {
+        **attributes,
+        "to_dict": lambda self: edit(cls.to_dict(self)),
+        "to_diff_dict": lambda self: edit(cls.to_diff_dict(self)),
+    }
+    return made_class(cls.__name__, (cls,), namespace, factory, *args)
+
+
 def _without_keys(cls: type, keys: tuple[str, ...]) -> type:
     """A subclass of the config class `cls` that leaves `keys` out of what it serializes
     (the model keeps reading them; a reload falls back to their defaults)."""
     if (cls, keys) not in _DROPPING_CONFIGS:
 
-        def to_dict(self):
-            out = cls.to_dict(self)
+        def dropped(out: dict) -> dict:
             for key in keys:
                 out.pop(key, None)
             return out
 
-        def to_diff_dict(self):
-            out = cls.to_diff_dict(self)
-            for key in keys:
-                out.pop(key, None)
-            return out
-
-        _DROPPING_CONFIGS[(cls, keys)] = made_class(
-            cls.__name__,
-            (cls,),
-            {"to_dict": to_dict, "to_diff_dict": to_diff_dict},
-            _without_keys,
-            cls,
-            keys,
+        _DROPPING_CONFIGS[(cls, keys)] = _serializing_through(
+            cls, dropped, _without_keys, cls, keys
         )
     return _DROPPING_CONFIGS[(cls, keys)]
 
@@ -415,17 +418,8 @@ def _with_layer_type_names(cls: type, names: dict[str, str]) -> type:
                 out["layer_types"] = [names.get(t, t) for t in out["layer_types"]]
             return out
 
-        _LAYER_NAMED_CONFIGS[cls] = made_class(
-            cls.__name__,
-            (cls,),
-            {
-                "_mlxq_layer_names": names,
-                "to_dict": lambda self: renamed(cls.to_dict(self)),
-                "to_diff_dict": lambda self: renamed(cls.to_diff_dict(self)),
-            },
-            _with_layer_type_names,
-            cls,
-            names,
+        _LAYER_NAMED_CONFIGS[cls] = _serializing_through(
+            cls, renamed, _with_layer_type_names, cls, names, _mlxq_layer_names=names
         )
     return _LAYER_NAMED_CONFIGS[cls]
 
@@ -442,17 +436,8 @@ def _saving_dtype(cls: type, name: str) -> type:
             out["dtype"] = name
             return out
 
-        _DTYPE_SAVED_CONFIGS[key] = made_class(
-            cls.__name__,
-            (cls,),
-            {
-                "_mlxq_dtype_of": cls,
-                "to_dict": lambda self: named(cls.to_dict(self)),
-                "to_diff_dict": lambda self: named(cls.to_diff_dict(self)),
-            },
-            _saving_dtype,
-            cls,
-            name,
+        _DTYPE_SAVED_CONFIGS[key] = _serializing_through(
+            cls, named, _saving_dtype, cls, name, _mlxq_dtype_of=cls
         )
     return _DTYPE_SAVED_CONFIGS[key]
 
