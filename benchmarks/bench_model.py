@@ -1,4 +1,5 @@
-"""Whole-model benchmark: SmolLM2-135M 4-bit, mlxq vs mlx-lm vs dense transformers.
+"""Whole-model benchmark: an MLX checkpoint (SmolLM2-135M 4-bit unless --model names another),
+mlxq vs mlx-lm vs llama.cpp vs dense transformers; on the CPU, or the GPU with --device cuda.
 
     python benchmarks/bench_model.py [--peers mlxq dense_bf16 dense_fp32 mlx_lm] [--threads 2]
 

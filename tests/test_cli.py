@@ -443,6 +443,9 @@ def test_bench_model(tmp_path: Path) -> None:
     ratio = payload["targets"]["decode_vs_mlx_lm"]["ratio"]
     assert ratio == pytest.approx(results["mlxq"]["decode_tps"] / results["mlx_lm"]["decode_tps"])
     assert "| mlxq |" in proc.stdout and "| limit |" in proc.stdout
+    # titled by the checkpoint benchmarked (it said SmolLM2-135M-Instruct whatever --model was)
+    assert f"# {model.name} (llama, 4-bit affine, group 64) whole-model" in proc.stdout
+    assert "SmolLM2" not in proc.stdout and payload["info"]["label"].startswith(model.name)
     # the two peers of --interleave decoded alternating in one process, 3 rounds
     inter = payload["interleaved"]
     assert inter["peers"] == ["mlxq", "dense_bf16"] and inter["rounds"] == 3, inter
@@ -451,6 +454,36 @@ def test_bench_model(tmp_path: Path) -> None:
     assert inter["round_ratio_min"] <= inter["round_ratio_max"]
     assert [len(inter["decode_tps_runs"][p]) for p in inter["peers"]] == [3, 3]
     assert "decode alternating in one process (3 rounds, 4 tokens after 16)" in proc.stdout
+
+
+def test_bench_model_labels_and_verdicts(tmp_path: Path) -> None:
+    # the title follows --model; on CUDA no verdict of the CPU targets (a 135M model on an H200
+    # printed "decode_vs_limit: 0.00x ... NOT met"), and the line says why
+    from mlxq.bench.model import NO_CUDA_TARGETS, TARGETS, model_label, ratios, verdict_lines
+
+    quant = {"bits": 2, "group_size": 64, "model.layers.0.mlp.down_proj": {"bits": 8}}
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "qwen3", "quantization": quant})
+    )
+    assert model_label(tmp_path) == f"{tmp_path.name} (qwen3, 2-bit affine, group 64, mixed)"
+    assert model_label(tmp_path, default=True).startswith("SmolLM2-135M-Instruct (qwen3, ")
+    nvfp4 = {"model_type": "llama", "quantization_config": {"bits": 4, "mode": "nvfp4"}}
+    (tmp_path / "config.json").write_text(json.dumps(nvfp4))
+    assert model_label(tmp_path) == f"{tmp_path.name} (llama, 4-bit nvfp4)"
+    assert model_label(tmp_path / "absent") == "absent"
+
+    run = {"prefill_tps": 100.0, "decode_tps": 20.0, "loaded_decode_tps": 15.0}
+    results = {peer: dict(run) for peer in ("mlxq", "mlxq_bf16", "dense_bf16")}
+    results["limit"] = {"decode_tps": 1e5}
+    cpu = ratios(results)
+    assert set(cpu) == {n for n, (a, b, _, _) in TARGETS.items() if {a, b} <= set(results)}
+    assert cpu["decode_vs_limit"] == {"ratio": 2e-4, "target": 0.5, "met": False}
+    lines = verdict_lines(cpu)
+    assert "decode_vs_limit: 0.00x (target >= 0.5x) NOT met" in lines
+    assert "prefill_vs_dense_bf16: 1.00x (target >= 1.0x) met" in lines
+    assert ratios(results, "cuda") == {}
+    assert verdict_lines(cpu, "cuda") == [f"targets: {NO_CUDA_TARGETS}"]
+    assert "CPU" in NO_CUDA_TARGETS
 
 
 def test_bench_rounds_pool_runs_and_keep_errors() -> None:

@@ -41,6 +41,13 @@ def test_models_that_name_sdpa_keep_it():
     model.set_attn_implementation("sdpa")
     assert not cpu_attention.use_fp32_decode_attention(model)
     assert model.config._attn_implementation == "sdpa"
+    # also as the subclass mlxq makes of a model left without parameters (placed by its
+    # buffers), whose own module is mlxq's: the modeling module read is still Falcon's
+    from mlxq.integrations.quantizer import placed_by_buffers
+
+    model.__class__ = placed_by_buffers(type(model))
+    assert not cpu_attention.use_fp32_decode_attention(model)
+    assert model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize(

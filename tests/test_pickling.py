@@ -285,3 +285,33 @@ def test_quantize_model_result_pickles_after_forward(tmp_path: Path) -> None:
     assert _capture_hooks(model) > 0
     _check_copies(model, _captured)
     np.testing.assert_equal(_captured(_round_trip(model)), captured)
+
+
+def test_config_classes_that_edit_what_they_save_pickle() -> None:
+    """The config subclasses mlxq makes to write config.json as mlx-lm (mlx-vlm) reads it
+    (integrations/quantizer.py): what they serialize is edited, what the model reads is not,
+    and a pickled config comes back as the same class, made again by its factory."""
+    from mlxq.integrations import quantizer
+    from transformers import Qwen3Config
+
+    base = dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    names = {"sliding_attention": "sliding", "full_attention": "full"}
+    cases = [  # (class, the key edited, its value saved)
+        (quantizer._without_keys(Qwen3Config, ("rope_parameters",)), "rope_parameters", None),
+        (quantizer._with_layer_type_names(Qwen3Config, names), "layer_types", ["sliding", "full"]),
+        (quantizer._saving_dtype(Qwen3Config, "bfloat16"), "dtype", "bfloat16"),
+    ]
+    for cls, key, saved in cases:
+        config = Qwen3Config(**base, dtype="float32")
+        plain = Qwen3Config(**base, dtype="float32")
+        config.__class__ = cls
+        assert getattr(config, key) == getattr(plain, key)  # in memory: as it was
+        for method in ("to_dict", "to_diff_dict"):
+            want = getattr(plain, method)()
+            if saved is None:
+                want.pop(key, None)
+            else:
+                want[key] = saved
+            assert getattr(config, method)() == want, (cls, method)
+        copied = pickle.loads(pickle.dumps(config))
+        assert type(copied) is cls and copied.to_dict() == config.to_dict()

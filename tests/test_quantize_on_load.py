@@ -54,6 +54,25 @@ def _assert_same(streamed, whole) -> None:
         assert torch.equal(a[key], b[key]), key
     for (name, m), (_, n) in zip(streamed.named_modules(), whole.named_modules(), strict=True):
         assert type(m) is type(n), name
+    assert _forwards(streamed) == _forwards(whole)
+
+
+def _forwards(model) -> dict:
+    """What mlxq's forwards left on `model` (integrations/forwards.py): the attention
+    implementation, and per module its instance forward, projection group, flat decode plan and
+    forward hooks; both ways of quantizing run the one function that sets them."""
+    out: dict = {"attention": model.config._attn_implementation}
+    for name, module in model.named_modules():
+        forward = vars(module).get("forward")
+        group = getattr(module, "projection_group", None)
+        out[name] = (
+            getattr(forward, "__func__", forward).__qualname__ if forward is not None else None,
+            None if group is None else (module.projection_index, len(group.members)),
+            hasattr(module, "_mlxq_flat_plan"),
+            "__getstate__" in vars(module),  # pickles after a forward
+            [type(hook).__qualname__ for hook in module._forward_hooks.values()],
+        )
+    return out
 
 
 def test_smollm2_streamed_equals_whole_model_quantize() -> None:
@@ -63,9 +82,8 @@ def test_smollm2_streamed_equals_whole_model_quantize() -> None:
     assert isinstance(streamed.lm_head, TiedAffineHead)  # tied: the quantized embedding
     assert isinstance(streamed.model.layers[0].mlp.down_proj, AffineLinear)
     ids = torch.tensor([[1, 504, 3458, 282, 260, 3575, 282, 4649, 47]])
-    from mlxq.integrations.cpu_attention import use_fp32_decode_attention
-
-    use_fp32_decode_attention(whole)  # what from_pretrained gives the streamed model
+    # (quantize_model gives the fp32 decode attention from_pretrained gives: it once did not)
+    assert whole.config._attn_implementation == "mlxq_sdpa"
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, whole(ids).logits)
 

@@ -41,8 +41,8 @@ def quantize_model(
 
     Args:
         model: a float model (any `nn.Module`; transformers models also get their config set
-            and, as a loaded MLX checkpoint, the native eager CPU RMSNorm of
-            `mlxq.integrations.cpu_norms`).
+            and the forwards a loaded MLX checkpoint runs with,
+            :func:`mlxq.integrations.forwards.use_mlxq_forwards`).
         bits, group_size: the default format (affine: bits 1, 2, 3, 4, 5, 6, 8; group 32, 64,
             128; None: the mode's default, for affine 4 bits and group 64, as in MLX).
         overrides: module path -> ``{"bits": .., "group_size": ..}`` or ``False`` (keep float),
@@ -81,8 +81,8 @@ def quantize_model(
     for name in float_where_weight_dtype_is_read(model):  # its dtype is read by the forward
         overrides[name] = False  # saved float, and said so for mlx-lm
         replaced.discard(name)
-    _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced)
-    group_projections(model)
+    if not _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced):
+        group_projections(model)  # a plain torch model: the one forward that needs no config
     model._mlxq_quantized = True  # a second call is refused (_refuse_quantized)
     return model
 
@@ -276,17 +276,14 @@ def _quantize_moe(model: nn.Module, entry: PlannedModule) -> set[str]:
     return {f"{entry.name}.{p}" for p, f in entry.parts.items() if f is not None}
 
 
-def _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced) -> None:
+def _mark_transformers_model(model, bits, group_size, top, overrides, skip, replaced) -> bool:
+    """A transformers model: its MLX quantization config, saved as mlx-lm (mlx-vlm) writes it,
+    and the forwards a loaded MLX checkpoint runs with; returns whether `model` is one."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
-        return
-    from mlxq._pickling import picklable_after_forward
+        return False
     from mlxq.integrations.config import MLXQuantConfig
-    from mlxq.integrations.cpu_layers import use_flat_decode_layers
-    from mlxq.integrations.cpu_norms import use_native_rms_norm
-    from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-    from mlxq.integrations.kernelize_guard import drop_class_forwards
-    from mlxq.integrations.logit_scale import scale_logits_as_mlx_vlm
+    from mlxq.integrations.forwards import use_mlxq_forwards
     from mlxq.integrations.mlx_lm_layout import mlx_lm_entries, use_mlx_lm_layout
     from mlxq.integrations.mlx_vlm_layout import mlx_vlm_module_names, use_mlx_vlm_layout
     from mlxq.integrations.moe_loading import drop_fused_expert_converters
@@ -326,14 +323,10 @@ def _mark_transformers_model(model, bits, group_size, top, overrides, skip, repl
     # read from (found by its name_or_path), or in the model's dtype for one built in memory
     source = read_float_checkpoint(model, float_checkpoint_files(model))
     save_float_dtypes_as_convert(model, source)
-    drop_class_forwards(model)  # transformers' kernelize fallback (kernelize_guard)
-    use_native_rms_norm(model)  # as a loaded MLX checkpoint runs
-    use_native_rotary_embedding(model)
-    use_flat_decode_layers(model)
-    scale_logits_as_mlx_vlm(model)  # Aya Vision's logit_scale, as its loaded checkpoint runs
     if next(model.parameters(), None) is None:  # nanochat: every tensor quantized
         model.__class__ = placed_by_buffers(type(model))  # (its device, dtype, save_pretrained)
-    picklable_after_forward(model)
+    use_mlxq_forwards(model)  # as a loaded MLX checkpoint runs (the loader's very call)
     model.hf_quantizer = MLXHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = qconfig.quant_method
+    return True

@@ -277,8 +277,13 @@ def register_attention() -> None:
 
 def _names_sdpa(model: nn.Module) -> bool:
     """Whether the model's code compares its attention implementation with "sdpa" by name
-    (falcon, gemma4, ...): renaming it would send such a model down another path."""
-    return _module_names_sdpa(type(model).__module__)
+    (falcon, gemma4, ...): renaming it would send such a model down another path. That code is
+    the modeling module of its transformers class, not of a subclass mlxq made of it
+    (`placed_by_buffers`, whose module is mlxq's)."""
+    cls = next(
+        (c for c in type(model).__mro__ if not c.__module__.startswith("mlxq.")), type(model)
+    )
+    return _module_names_sdpa(cls.__module__)
 
 
 @functools.cache

@@ -21,17 +21,12 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from mlxq._pickling import made_class, picklable_after_forward
+from mlxq._pickling import made_class
 from mlxq.dequantize_model import float_where_weight_dtype_is_read
 from mlxq.format import stored_format
 from mlxq.integrations.checkpoint import TensorInfo, read_headers, written_by_mlx
 from mlxq.integrations.config import MLXQuantConfig, config_and_text_config
-from mlxq.integrations.cpu_attention import use_fp32_decode_attention
-from mlxq.integrations.cpu_layers import use_flat_decode_layers
-from mlxq.integrations.cpu_norms import use_native_rms_norm
-from mlxq.integrations.cpu_rope import use_native_rotary_embedding
-from mlxq.integrations.kernelize_guard import drop_class_forwards
-from mlxq.integrations.logit_scale import scale_logits_as_mlx_vlm
+from mlxq.integrations.forwards import use_mlxq_forwards
 from mlxq.integrations.mlx_lm_layout import (
     MLX_LM_CAST_KEEP,
     MLX_LM_KEEPS_STORED_HEAD,
@@ -90,7 +85,6 @@ from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
 )
-from mlxq.projection_groups import group_projections
 
 logger = logging.getLogger("mlxq")
 
@@ -377,30 +371,33 @@ _RENAMED_CONFIGS: dict[tuple[type, str], type] = {}
 _DROPPING_CONFIGS: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
+def _serializing_through(
+    cls: type, edit: Callable[[dict], dict], factory: Callable, *args, **attributes
+) -> type:
+    """A subclass of the config class `cls` whose `to_dict` and `to_diff_dict` (what
+    config.json is written from) pass through `edit`; in memory it reads as `cls` does.
+    `factory(*args)` makes it again when a pickled model loads (:func:`made_class`);
+    `attributes` go into its namespace."""
+    namespace = {
+        **attributes,
+        "to_dict": lambda self: edit(cls.to_dict(self)),
+        "to_diff_dict": lambda self: edit(cls.to_diff_dict(self)),
+    }
+    return made_class(cls.__name__, (cls,), namespace, factory, *args)
+
+
 def _without_keys(cls: type, keys: tuple[str, ...]) -> type:
     """A subclass of the config class `cls` that leaves `keys` out of what it serializes
     (the model keeps reading them; a reload falls back to their defaults)."""
     if (cls, keys) not in _DROPPING_CONFIGS:
 
-        def to_dict(self):
-            out = cls.to_dict(self)
+        def dropped(out: dict) -> dict:
             for key in keys:
                 out.pop(key, None)
             return out
 
-        def to_diff_dict(self):
-            out = cls.to_diff_dict(self)
-            for key in keys:
-                out.pop(key, None)
-            return out
-
-        _DROPPING_CONFIGS[(cls, keys)] = made_class(
-            cls.__name__,
-            (cls,),
-            {"to_dict": to_dict, "to_diff_dict": to_diff_dict},
-            _without_keys,
-            cls,
-            keys,
+        _DROPPING_CONFIGS[(cls, keys)] = _serializing_through(
+            cls, dropped, _without_keys, cls, keys
         )
     return _DROPPING_CONFIGS[(cls, keys)]
 
@@ -421,17 +418,8 @@ def _with_layer_type_names(cls: type, names: dict[str, str]) -> type:
                 out["layer_types"] = [names.get(t, t) for t in out["layer_types"]]
             return out
 
-        _LAYER_NAMED_CONFIGS[cls] = made_class(
-            cls.__name__,
-            (cls,),
-            {
-                "_mlxq_layer_names": names,
-                "to_dict": lambda self: renamed(cls.to_dict(self)),
-                "to_diff_dict": lambda self: renamed(cls.to_diff_dict(self)),
-            },
-            _with_layer_type_names,
-            cls,
-            names,
+        _LAYER_NAMED_CONFIGS[cls] = _serializing_through(
+            cls, renamed, _with_layer_type_names, cls, names, _mlxq_layer_names=names
         )
     return _LAYER_NAMED_CONFIGS[cls]
 
@@ -448,17 +436,8 @@ def _saving_dtype(cls: type, name: str) -> type:
             out["dtype"] = name
             return out
 
-        _DTYPE_SAVED_CONFIGS[key] = made_class(
-            cls.__name__,
-            (cls,),
-            {
-                "_mlxq_dtype_of": cls,
-                "to_dict": lambda self: named(cls.to_dict(self)),
-                "to_diff_dict": lambda self: named(cls.to_diff_dict(self)),
-            },
-            _saving_dtype,
-            cls,
-            name,
+        _DTYPE_SAVED_CONFIGS[key] = _serializing_through(
+            cls, named, _saving_dtype, cls, name, _mlxq_dtype_of=cls
         )
     return _DTYPE_SAVED_CONFIGS[key]
 
@@ -1328,14 +1307,7 @@ class MLXHfQuantizer(HfQuantizer):
         add_mlx_lm_config_keys(model.config)
         if llama4_with_experts(model.config):  # mlx-lm's llama4: under `language_model.`
             save_llama4_as_mlx_lm(model)
-        drop_class_forwards(model)  # kernelize's fallback (kernelize_guard), before the forwards
-        use_fp32_decode_attention(model)
-        use_native_rms_norm(model)
-        use_native_rotary_embedding(model)
-        group_projections(model)
-        use_flat_decode_layers(model)  # after the norms and groups it reads
-        scale_logits_as_mlx_vlm(model)  # Aya Vision's logit_scale: transformers leaves it out
-        picklable_after_forward(model)
+        use_mlxq_forwards(model)  # (quantize_model's too)
         return model
 
     def update_weight_conversions(self, weight_conversions, *model):
