@@ -162,6 +162,21 @@ def test_offloading_a_quantized_embedding_tied_to_the_head_is_refused(tmp_path: 
         _load("qwen3", path, torch.float32, device_map=device_map, offload_folder=str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        # its router's forward reads the weight's dtype: accelerate would cast the packed words
+        ("minimax_m2", "offloads the quantized router 'model.layers.1.mlp.gate', whose forward"),
+        # mlx-lm drops the router's correction bias; mlxq fills it after loading
+        ("ernie4_5_moe", "offloads model.layers.1.mlp.gate.moe_statics.e_score_correction_bias"),
+    ],
+)
+def test_moe_parts_mlxq_cannot_offload_are_refused(arch: str, message: str, tmp_path: Path):
+    path = tiny_arch(arch, Variant(tied=False))
+    with pytest.raises(NotImplementedError, match=message):
+        _load(arch, path, torch.float32, device_map=HALF_ON_DISK, offload_folder=str(tmp_path))
+
+
 def test_quantizing_while_loading_refuses_disk_offload(tmp_path: Path) -> None:
     from mlx_models import tiny_float_model
     from mlxq import MLXQuantConfig

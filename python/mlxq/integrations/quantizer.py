@@ -203,21 +203,22 @@ def refuse_offloaded_dtype_routers(model: nn.Module) -> None:
             )
 
 
-def refuse_offloaded_fills(offloaded: dict[str, Any], layout: MlxLayout) -> None:
+def refuse_offloaded_fills(model: nn.Module, layout: MlxLayout) -> None:
     """Refuse offloading a tensor that mlxq fills after loading (:func:`fill_dropped_tensors`:
-    ERNIE 4.5 MoE's router bias, which mlx-lm drops): it is meta, and accelerate's hook would
-    load a value nobody wrote."""
+    ERNIE 4.5 MoE's router correction bias, which mlx-lm drops): it is meta in the model, and
+    accelerate's hook has no value of it to load (the checkpoint has none)."""
     import re
 
-    if not layout.dropped_zeros or not offloaded:
+    if not layout.dropped_zeros:
         return
     pattern = re.compile("|".join(layout.dropped_zeros))
-    hit = sorted(k for k in offloaded if pattern.search(k))
-    if hit:
-        raise NotImplementedError(
-            f"mlxq: the device_map offloads {hit[0]}, which mlxq fills with zeros after loading "
-            "(mlx-lm's checkpoints drop it): keep its layer on the execution device"
-        )
+    for key in model.state_dict(keep_vars=True):
+        if pattern.search(key) and is_offloaded(model.get_submodule(key.rpartition(".")[0])):
+            raise NotImplementedError(
+                f"mlxq: the device_map offloads {key}, which mlxq fills with zeros after "
+                "loading (mlx-lm's checkpoints drop it), so that accelerate has no value of it "
+                "to load: keep its layer on the execution device"
+            )
 
 
 def add_unused_modules(model: nn.Module, headers: dict[str, TensorInfo]) -> list[str]:
@@ -1367,7 +1368,7 @@ class MLXHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             layout = getattr(self, "_mlx_layout", None)
             if layout is not None:
-                refuse_offloaded_fills(offloaded, layout)
+                refuse_offloaded_fills(model, layout)
                 fill_dropped_tensors(model, layout)  # ERNIE 4.5 MoE's router bias
                 ignore_dropped_on_save(model, layout)  # (and saved as mlx-lm: without it)
                 # conversions for loading only, not reversed on save: mlx-vlm's fused expert
