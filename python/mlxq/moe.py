@@ -20,6 +20,7 @@ any other use raises an error naming the module (see :func:`quantized_router`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -458,7 +459,8 @@ class AffineWeight:
     Not a tensor: `F.linear(x, w, bias=None)` computes `quantized_matmul(x, ...) (+ bias)` through
     `__torch_function__` (after `float()`: on the weight dequantized in float32, for a float32
     `x`); every other torch function, and attributes other than `shape`, `dtype`, `device`,
-    `element_size()` and `numel()`, raise an error naming the module, so that
+    `element_size()`, `numel()` (and accelerate's `data_ptr()` and `to(device)`, on the packed
+    tensor), raise an error naming the module, so that
     a forward mlxq does not reproduce fails loudly instead of running on the packed integers.
     """
 
@@ -502,6 +504,21 @@ class AffineWeight:
     def numel(self) -> int:
         return self._module.weight_packed.numel()
 
+    # accelerate's device hooks (a dispatched device_map, offload) move a module's state-dict
+    # tensors by name, and `getattr(router, "weight")` is this object: its moves act on the
+    # packed tensor they mean, as shape/dtype/device describe it. (A router's forward never
+    # calls them: swap.moe_plan accepts none that does.)
+    def data_ptr(self) -> int:
+        return self._module.weight_packed.data_ptr()
+
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The packed tensor on another device (accelerate's placement); a cast is refused."""
+        packed = self._module.weight_packed
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != packed.dtype:
+            raise self._refuse(f"`self.weight.to({dtype})`")
+        return packed.to(device=device, non_blocking=non_blocking)
+
     def _refuse(self, what: str) -> NotImplementedError:
         return NotImplementedError(
             f"mlxq: module {self._owner} uses its quantized weight in {what}; mlxq runs a "
@@ -510,7 +527,10 @@ class AffineWeight:
 
     def __getattr__(self, name: str):
         if name == "_is_hf_initialized":  # transformers' init functions skip loaded tensors
-            return getattr(self._module.weight_packed, name, False)
+            packed = self._module.weight_packed
+            # and a meta one (accelerate's disk offload keeps it there, its values in a file)
+            # is left alone as an init function leaves a float model's: nothing to write
+            return getattr(packed, name, False) or packed.device.type == "meta"
         if name.startswith("_"):
             raise AttributeError(name)
         raise self._refuse(f"`self.weight.{name}`")

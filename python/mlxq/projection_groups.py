@@ -128,6 +128,11 @@ def group_projections(model: nn.Module) -> int:
             members = [getattr(parent, n, None) for n in names]
             if not all(type(m) is AffineLinear for m in members):
                 continue
+            # a member with an instance forward is wrapped by someone (accelerate's offload
+            # hook, which loads its tensors for its own call only: they are meta otherwise);
+            # the group would read its tensors without that forward
+            if any("forward" in vars(m) for m in members):
+                continue
             if not all(_same_format(members[0], m) for m in members):
                 continue
             ProjectionGroup(members)

@@ -61,6 +61,7 @@ from mlxq._pickling import bind_method
 from mlxq.integrations import cpu_attention
 from mlxq.integrations.cpu_norms import MAX_ROWS, _is_llama_rms_norm, _native_forward
 from mlxq.integrations.cpu_rope import MAX_POSITIONS, is_stand_in
+from mlxq.integrations.offload import is_offloaded
 from mlxq.nn import AffineLinear, _matmul
 from mlxq.ops import _forward_mode_active
 from mlxq.swap import forward_body, forward_owner, function_body
@@ -518,6 +519,10 @@ def use_flat_decode_layers(model: nn.Module) -> int:
     count = 0
     for layer in model.modules():
         if "forward" in vars(layer) or not _fits(layer):
+            continue
+        # accelerate's offload hooks on the layer's modules load their tensors (meta otherwise)
+        # at each module's forward, which the flat step does not call: such layers keep theirs
+        if any(is_offloaded(m) for m in layer.modules()):
             continue
         layer._mlxq_flat_plan = _Plan(layer)
         layer.forward = bind_method(_flat_forward, layer)

@@ -66,6 +66,7 @@ from mlxq.integrations.moe_loading import (
     replace_moe_module,
     replace_split_kv_b,
 )
+from mlxq.integrations.offload import is_offloaded, offloaded_tensors
 from mlxq.integrations.quantize_on_load import QuantizeOnLoad, plan_on_load
 from mlxq.integrations.weight_ops import (
     cast_on_save_converters,
@@ -84,6 +85,7 @@ from mlxq.moe import AffineSwitchLinear, MoeExperts, float_dtype_for_routers
 from mlxq.nn import (
     AffineEmbedding,
     AffineLinear,
+    TiedAffineHead,
 )
 
 logger = logging.getLogger("mlxq")
@@ -130,30 +132,87 @@ def check_finite(name: str, tensor: torch.Tensor, mode: str = "affine") -> None:
         )
 
 
-def check_float_parameters_finite(model: nn.Module) -> None:
+def check_float_parameters_finite(
+    model: nn.Module, offloaded: dict[str, Callable[[], torch.Tensor]] | None = None
+) -> None:
     """Refuse NaN or Inf in the float parameters read from an MLX checkpoint (norms, float
     layers, biases): as in scales, one such value makes every logit NaN without a word (mlx-lm
-    runs them too). Parameters only: buffers may hold -inf on purpose (attention masks)."""
+    runs them too). Parameters only: buffers may hold -inf on purpose (attention masks).
+    `offloaded`: accelerate's offloaded tensors (meta in the model), read one at a time."""
+    offloaded = offloaded or {}
     for name, param in model.named_parameters():
+        if param.device.type == "meta" and name in offloaded:
+            param = offloaded[name]()
         if param.is_floating_point() and param.device.type != "meta":
             check_finite(name, param.detach())
 
 
-def check_nothing_missing(model: nn.Module) -> None:
+def check_nothing_missing(model: nn.Module, offloaded: Iterable[str] = ()) -> None:
     """Every parameter and persistent buffer must have come from the checkpoint.
 
     transformers marks what it loaded (and tied weights) with `_is_hf_initialized` and fills
     anything else with random values, saying so only in its load report; a quantized model
     with a random layer generates garbage, so a missing tensor is an error naming it.
+    `offloaded`: the names of loaded tensors that accelerate's offload made meta since (their
+    values in its hooks, without the mark).
     """
     loaded = {
         key
         for key, tensor in model.state_dict(keep_vars=True).items()
         if getattr(tensor, "_is_hf_initialized", False)
     }
+    loaded.update(offloaded)
     missing = missing_tensors(model, loaded)
     if missing:
         raise ValueError(f"mlxq: {missing_message(missing)}")
+
+
+def refuse_offloaded_tied_embedding(model: nn.Module) -> None:
+    """Refuse a tied head (:class:`mlxq.nn.TiedAffineHead`) whose quantized embedding accelerate
+    offloads: the head reads the embedding's tensors without the embedding's forward, whose
+    hook alone loads them (they are meta in between)."""
+    for name, module in model.named_modules():
+        embedding = getattr(module, "_embedding", None)
+        if isinstance(module, TiedAffineHead) and is_offloaded(embedding):
+            where = _module_name(model, embedding) or "the embedding"
+            raise NotImplementedError(
+                f"mlxq: the device_map offloads {where}, whose quantized tensors the tied head "
+                f"{name!r} reads too (as MLX ties them): accelerate loads them only for the "
+                f"embedding's own forward. Keep {where} on the execution device (device_map "
+                "entry, or more max_memory there)"
+            )
+
+
+def refuse_offloaded_dtype_routers(model: nn.Module) -> None:
+    """Refuse offloading a quantized router whose forward reads `self.weight.dtype` (MiniMax-M2;
+    :func:`mlxq.moe.float_dtype_for_routers`): that dtype is the float one its forward computes
+    in, and accelerate, which casts each tensor it loads back to it, would cast the packed
+    integers."""
+    for name, module in model.named_modules():
+        if getattr(module, "_mlxq_reads_dtype", False) and is_offloaded(module):
+            raise NotImplementedError(
+                f"mlxq: the device_map offloads the quantized router {name!r}, whose forward "
+                "reads its weight's dtype (accelerate would cast its packed integers when "
+                "loading it): keep its layer on the execution device"
+            )
+
+
+def refuse_offloaded_fills(model: nn.Module, layout: MlxLayout) -> None:
+    """Refuse offloading a tensor that mlxq fills after loading (:func:`fill_dropped_tensors`:
+    ERNIE 4.5 MoE's router correction bias, which mlx-lm drops): it is meta in the model, and
+    accelerate's hook has no value of it to load (the checkpoint has none)."""
+    import re
+
+    if not layout.dropped_zeros:
+        return
+    pattern = re.compile("|".join(layout.dropped_zeros))
+    for key in model.state_dict(keep_vars=True):
+        if pattern.search(key) and is_offloaded(model.get_submodule(key.rpartition(".")[0])):
+            raise NotImplementedError(
+                f"mlxq: the device_map offloads {key}, which mlxq fills with zeros after "
+                "loading (mlx-lm's checkpoints drop it), so that accelerate has no value of it "
+                "to load: keep its layer on the execution device"
+            )
 
 
 def add_unused_modules(model: nn.Module, headers: dict[str, TensorInfo]) -> list[str]:
@@ -994,6 +1053,16 @@ class MLXHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
         devices = device_map.values() if isinstance(device_map, dict) else [device_map]
+        if not self.pre_quantized and "disk" in devices:
+            # transformers' disk offload would point a layer's packed weight at the float weight
+            # of the file (it re-saves only tensors a WeightConverter made)
+            disk = sorted(k for k, v in device_map.items() if v == "disk")
+            raise NotImplementedError(
+                f"mlxq: quantizing a float checkpoint while loading cannot offload to disk (the "
+                f"device_map puts {', '.join(disk[:3])}{' ...' if len(disk) > 3 else ''} there): "
+                "quantize it once (mlxq convert, or save_pretrained of the quantized model) and "
+                "load that checkpoint with the device_map"
+            )
         for device in devices:
             if device is None or device in (*_PLACEMENT_STRATEGIES, "disk"):
                 continue
@@ -1019,14 +1088,22 @@ class MLXHfQuantizer(HfQuantizer):
         return dtype
 
     def update_device_map(self, device_map):
-        """A placement strategy ("auto", ...) is accelerate's to follow where mlxq runs on CUDA
-        (layers spread over the GPUs); elsewhere it means the one device mlxq runs on here."""
+        """A placement strategy ("auto", ...) is accelerate's to follow (layers spread over the
+        GPUs where mlxq runs on CUDA, the rest offloaded to "cpu" and "disk" as `max_memory`
+        plans); on Apple silicon without CUDA it means the one device mlxq runs on, MPS."""
         self._device_map = device_map
         if isinstance(device_map, str) and device_map in _PLACEMENT_STRATEGIES:
-            if torch.cuda.is_available() and _has_cuda_kernels():
-                return device_map
-            return {"": "mps" if torch.backends.mps.is_available() else "cpu"}
+            cuda = torch.cuda.is_available() and _has_cuda_kernels()
+            if not cuda and torch.backends.mps.is_available():
+                return {"": "mps"}
         return device_map
+
+    def adjust_max_memory(self, max_memory: dict[str, int | str]) -> dict[str, int | str]:
+        """A placement strategy plans over the CPU (and disk) alone where this build of mlxq has
+        no CUDA kernels, GPUs or not (accelerate would place layers there otherwise)."""
+        if torch.cuda.is_available() and not _has_cuda_kernels():
+            return {k: v for k, v in max_memory.items() if not isinstance(k, int)}
+        return max_memory
 
     def _placed_on_meta(self, name: str) -> bool:
         """Whether the user's device_map puts module `name` on the meta device: its tensors are
@@ -1192,6 +1269,9 @@ class MLXHfQuantizer(HfQuantizer):
 
         def record(loading_info) -> None:
             self._unexpected = set(loading_info.unexpected_keys)
+            # (before accelerate dispatches the model: an offloaded tensor, meta in the model
+            # afterwards, loaded where it is not in here)
+            self._not_loaded = set(loading_info.missing_keys)
             # refused after loading, by name: transformers' own refusal follows this hook in a
             # `finally` and would replace an error raised here
             self._mismatched = set(loading_info.mismatched_keys)
@@ -1222,6 +1302,14 @@ class MLXHfQuantizer(HfQuantizer):
         if on_load is not None:
             check_quantized_on_load_errors(on_load)
             check_all_quantized_on_load(on_load)
+        # accelerate dispatched the model before this (transformers >= 5.2x): the tensors of the
+        # modules it offloads are meta here, their values in its hooks (integrations/offload.py)
+        offloaded = offloaded_tensors(model)
+        not_loaded = getattr(self, "_not_loaded", set())
+        loaded_offloaded = {k for k in offloaded if k not in not_loaded}
+        if offloaded:
+            refuse_offloaded_tied_embedding(model)
+            refuse_offloaded_dtype_routers(model)
         for name, module in model.named_modules():
             if isinstance(module, (AffineLinear, AffineEmbedding, AffineSwitchLinear)) or hasattr(
                 module, "_mlxq_name"
@@ -1229,6 +1317,10 @@ class MLXHfQuantizer(HfQuantizer):
                 for tensor_name, tensor in module.named_buffers(recurse=False):
                     if tensor.device.type == "meta" and self._placed_on_meta(name):
                         continue
+                    if f"{name}.{tensor_name}" in loaded_offloaded:
+                        if tensor_name not in ("scales", "biases", "global_scale"):
+                            continue
+                        tensor = offloaded[f"{name}.{tensor_name}"]()  # its values checked below
                     if tensor.device.type == "meta":
                         why = on_load.errors.get(name) if on_load is not None else None
                         raise ValueError(
@@ -1255,6 +1347,7 @@ class MLXHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             layout = getattr(self, "_mlx_layout", None)
             if layout is not None:
+                refuse_offloaded_fills(model, layout)
                 fill_dropped_tensors(model, layout)  # ERNIE 4.5 MoE's router bias
                 ignore_dropped_on_save(model, layout)  # (and saved as mlx-lm: without it)
                 # conversions for loading only, not reversed on save: mlx-vlm's fused expert
@@ -1273,10 +1366,10 @@ class MLXHfQuantizer(HfQuantizer):
             if layout is not None:  # what mlx-lm drops on purpose
                 unexpected = [k for k in unexpected if not layout.drops(k)]
             check_nothing_unexpected(model, unexpected)
-            check_nothing_missing(model)
-            check_float_parameters_finite(model)
+            check_nothing_missing(model, loaded_offloaded)
+            check_float_parameters_finite(model, offloaded)
             run_folded_multipliers(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
-        check_moe_tensors_loaded(model, skip=self._placed_on_meta)
+        check_moe_tensors_loaded(model, skip=self._placed_on_meta, loaded=loaded_offloaded)
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
             save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
         floats = float_where_weight_dtype_is_read(model)  # Mamba's head, V3.2's indexer

@@ -44,6 +44,14 @@ What it does, and why each piece is needed:
    wrapper around ``transformers.modeling_utils.kernelize`` after later calls (`train()` /
    `eval()`): :mod:`mlxq.integrations.kernelize_guard`; a hub kernel it installs stays.
 
+9. Offload: mlxq's quantized tensors are buffers, which transformers offloads (a device_map
+   with "disk", or "cpu" beside a GPU) only with ``offload_buffers=True``. For an MLX model it is
+   always on: a subclass of ``transformers.modeling_utils.LoadStateDictConfig`` sets it for the
+   load (tensors placed on "disk" are read from the checkpoint or the offload folder at each
+   forward, never held in memory) and a wrapper around
+   ``transformers.modeling_utils.accelerate_dispatch`` for accelerate's hooks
+   (:mod:`mlxq.integrations.offload`).
+
 Importing transformers takes seconds, so `import mlxq` does not: if
 ``transformers.modeling_utils`` is not imported yet, a finder on `sys.meta_path` runs
 :func:`register` right after it is.
@@ -68,7 +76,13 @@ _loading_mlx: contextvars.ContextVar[bool] = contextvars.ContextVar("mlxq_loadin
 
 
 # Wrapped where transformers has them (private functions that a release may rename).
-_OPTIONAL_WRAPPED = ("_get_resolved_checkpoint_files", "_get_dtype", "kernelize")
+_OPTIONAL_WRAPPED = (
+    "_get_resolved_checkpoint_files",
+    "_get_dtype",
+    "kernelize",
+    "LoadStateDictConfig",
+    "accelerate_dispatch",
+)
 
 
 def is_registered() -> bool:
@@ -318,6 +332,45 @@ def register() -> None:
         setattr(_get_resolved_checkpoint_files, _MARK, True)
         _get_resolved_checkpoint_files.__wrapped__ = original_resolved
         modeling_utils._get_resolved_checkpoint_files = _get_resolved_checkpoint_files
+
+    # accelerate's offload: mlxq's packed weights, scales and biases are buffers, which
+    # transformers offloads (to "disk" while loading, to "cpu"/"disk" when dispatching) only with
+    # `offload_buffers=True`; without it they stay in memory where the device_map planned them
+    # away, or, on "disk", are never loaded. For an MLX model it is always on: a module's other
+    # buffers that the checkpoint does not hold (rotary `inv_freq`) stay on its device as before.
+    original_load_config = getattr(modeling_utils, "LoadStateDictConfig", None)
+    if original_load_config is not None and not vars(original_load_config).get(_MARK, False):
+        # (an __init__, replacing the argument: the dataclass is frozen, calls no __post_init__
+        # it did not define, and from_pretrained passes each argument by name)
+        def __init__(self, *args, **kwargs) -> None:
+            if isinstance(kwargs.get("hf_quantizer"), MLXHfQuantizer):
+                kwargs["offload_buffers"] = True
+            original_load_config.__init__(self, *args, **kwargs)
+
+        load_config = type(
+            original_load_config.__name__,
+            (original_load_config,),
+            {"__init__": __init__, _MARK: True, "__module__": _TARGET},
+        )
+        load_config.__wrapped__ = original_load_config
+        modeling_utils.LoadStateDictConfig = load_config
+
+    original_dispatch = getattr(modeling_utils, "accelerate_dispatch", None)
+    if original_dispatch is not None and not getattr(original_dispatch, _MARK, False):
+
+        def accelerate_dispatch(model, hf_quantizer, *args, **kwargs):
+            if isinstance(hf_quantizer, MLXHfQuantizer):
+                if "offload_buffers" in kwargs:
+                    kwargs["offload_buffers"] = True
+                elif len(args) >= 4:  # (device_map, offload_folder, offload_index, offload_buffers)
+                    args = (*args[:3], True, *args[4:])
+                else:
+                    kwargs["offload_buffers"] = True
+            return original_dispatch(model, hf_quantizer, *args, **kwargs)
+
+        setattr(accelerate_dispatch, _MARK, True)
+        accelerate_dispatch.__wrapped__ = original_dispatch
+        modeling_utils.accelerate_dispatch = accelerate_dispatch
 
     # transformers refuses `.half()` / `.float()` on every quantized model, while `.to(dtype)`
     # and `.bfloat16()` cast it: mlxq's layers run in any float dtype (their scales and biases
