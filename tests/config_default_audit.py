@@ -7,9 +7,13 @@ mlxq and mlx-lm's in mlx-lm. This lists, for every model type that both know, ea
 a default whose transformers default (read through the config's attribute_map, and from
 `rope_parameters` for the rope keys transformers 5 keeps there) is another value.
 
-Which differences change the forward is read from mlx-lm's source by hand; the decisions are
-:data:`mlxq.integrations.config_defaults.MLX_LM_DEFAULTS` (the test pins that every row this
-audit finds is either decided there or listed in :data:`NOT_FORWARD` with the reason).
+Keys that set a shape (:data:`SHAPE_KEYS`: the tensors would not fit, loudly) and rope dicts
+that say nothing but default RoPE are left out. Which of the rest change the forward is read
+from mlx-lm's source by hand: decided in :mod:`mlxq.integrations.config_defaults` (mlx-lm's
+default given at load, or refused), or listed here in :data:`NOT_FORWARD` or
+:data:`UNVERIFIED` with the reason; tests/test_config_defaults.py pins that every mlx-lm row is
+one of these. The mlx-vlm rows (its TextConfig/VisionConfig against transformers' sub-config
+classes) are printed for reading; only some are decided (MLX_TEXT_CONFIG_DEFAULTS/_REFUSED).
 
     python tests/config_default_audit.py          # the table, mlx-lm then mlx-vlm
 """

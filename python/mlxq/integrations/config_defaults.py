@@ -21,7 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MLX_LM_DEFAULTS", "MLX_LM_PLAIN_ROPE", "with_mlx_lm_defaults"]
+__all__ = [
+    "MLX_LM_DEFAULTS",
+    "MLX_LM_PLAIN_ROPE",
+    "MLX_TEXT_CONFIG_DEFAULTS",
+    "MLX_TEXT_CONFIG_REFUSED",
+    "with_mlx_lm_defaults",
+]
 
 _TIED = {"tie_word_embeddings": True}
 _DEEPSEEK_V3 = {
@@ -94,6 +100,17 @@ MLX_LM_DEFAULTS: dict[str, dict[str, Any]] = {
 # (its rope_scaling defaults to None: plain RoPE) -> that scaling's rope_type
 MLX_LM_PLAIN_ROPE = {"apertus": "llama3", "gpt_oss": "yarn", "ministral3": "yarn",
                      "mistral4": "yarn"}  # fmt: skip
+# image-text model type -> {text_config key: the default of mlx-vlm 0.7.10's TextConfig, which
+# mlx-lm 0.32's model of the language model shares}, where transformers' text config has another
+MLX_TEXT_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma4": {"final_logit_softcapping": 30.0},
+    "gemma4_unified": {"final_logit_softcapping": 30.0},
+}
+# image-text model type -> {text_config key: what mlx-lm's and mlx-vlm's defaults are}, where
+# the two oracles' defaults differ (which converted the checkpoint is not in config.json)
+MLX_TEXT_CONFIG_REFUSED: dict[str, dict[str, str]] = {
+    "gemma3": {"sliding_window": "mlx-lm 0.32's 512, mlx-vlm 0.7.10's 1024, transformers' 4096"},
+}
 # keys transformers 5 keeps in rope_parameters (a top-level one is moved there)
 _ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
 
@@ -140,6 +157,9 @@ def with_mlx_lm_defaults(config_dict: dict) -> dict:
     if not isinstance(model_type, str):
         return config_dict
     _check_rope_scaling(model_type, config_dict)
+    text = config_dict.get("text_config")
+    if isinstance(text, dict):
+        config_dict = _with_text_config_defaults(model_type, config_dict, text)
     defaults = MLX_LM_DEFAULTS.get(model_type)
     if not defaults:
         return config_dict
@@ -174,3 +194,17 @@ def with_mlx_lm_defaults(config_dict: dict) -> dict:
         # transformers 5 reads these from rope_parameters where config.json has one
         out["rope_parameters"] = {**params, **rope_added}
     return out
+
+
+def _with_text_config_defaults(model_type: str, config_dict: dict, text: dict) -> dict:
+    """`config_dict` whose text_config has the defaults of :data:`MLX_TEXT_CONFIG_DEFAULTS`
+    it lacks; refused where it lacks a key of :data:`MLX_TEXT_CONFIG_REFUSED`."""
+    for key, said in MLX_TEXT_CONFIG_REFUSED.get(model_type, {}).items():
+        if key not in text:
+            raise ValueError(
+                f"mlxq: config.json of model type {model_type!r} has no text_config.{key}: its "
+                f"defaults differ ({said}), so no model here is sure to match the one that "
+                f"converted it. Set text_config.{key} in config.json"
+            )
+    added = {k: v for k, v in MLX_TEXT_CONFIG_DEFAULTS.get(model_type, {}).items() if k not in text}
+    return {**config_dict, "text_config": {**text, **added}} if added else config_dict
