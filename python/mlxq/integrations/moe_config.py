@@ -46,6 +46,10 @@ MLX_VLM_EXPERT_KEYS: dict[str, tuple[str, str]] = {
     "minimax_m3_vl_text": ("num_local_experts", "num_experts_per_tok"),
     "diffusion_gemma_text": ("num_experts", "top_k_experts"),
     "step3p5": ("moe_num_experts", "moe_top_k"),
+    # Qwen3-Omni-MoE: thinker_config.text_config and talker_config.text_config (mlx-vlm's
+    # TextConfig for both; transformers' talker reads num_experts as num_local_experts)
+    "qwen3_omni_moe_text": ("num_experts", "num_experts_per_tok"),
+    "qwen3_omni_moe_talker_text": ("num_experts", "num_experts_per_tok"),
     # text models mlx-vlm runs and mlx-lm 0.32 does not (their config.json's top level)
     "cohere2_moe": ("num_experts", "num_experts_per_tok"),
     "deepseek_v4": ("n_routed_experts", "num_experts_per_tok"),
@@ -74,10 +78,31 @@ def _moe_dict(raw: dict) -> dict:
     return raw
 
 
-def _routers(model: nn.Module) -> set[tuple[int, int]]:
-    """(experts per token, experts) of every router transformers built in `model`."""
+# sub-models of a composite config.json whose language model nests one level deeper:
+# {outer key}.text_config -> the prefix of the modules transformers builds from it
+_NESTED_TEXT = {"thinker_config": "thinker.", "talker_config": "talker."}
+
+
+def _moe_parts(raw: dict) -> list[tuple[str, dict]]:
+    """(module name prefix, config dict) of each language model of config.json `raw`: the
+    nested ones of a composite model (Qwen3-Omni-MoE's thinker and talker), else the one of
+    :func:`_moe_dict` (all modules)."""
+    nested = []
+    for outer, prefix in _NESTED_TEXT.items():
+        sub = raw.get(outer)
+        text = sub.get("text_config") if isinstance(sub, dict) else None
+        if isinstance(text, dict) and any(k in text for k in _COUNT_KEYS):
+            nested.append((prefix, text))
+    return nested or [("", _moe_dict(raw))]
+
+
+def _routers(model: nn.Module, prefix: str = "") -> set[tuple[int, int]]:
+    """(experts per token, experts) of every router transformers built in `model` (those
+    under module name `prefix` only, where given)."""
     found = set()
-    for m in model.modules():
+    for name, m in model.named_modules():
+        if not name.startswith(prefix):
+            continue
         top_k, experts = getattr(m, "top_k", None), getattr(m, "num_experts", None)
         keys = _CONFIG_ROUTERS.get(type(m).__name__)
         if keys is not None:
@@ -91,17 +116,23 @@ def check_expert_counts(model: nn.Module, raw: dict) -> None:
     """Refuse (ValueError naming keys and values) a MoE `model` built from config.json `raw`
     where a router selects more experts per token than it has, or where the expert count or
     the experts per token transformers built differ from those mlx-lm reads
-    (:data:`MLX_LM_EXPERT_KEYS`)."""
-    cfg = _moe_dict(raw)
+    (:data:`MLX_LM_EXPERT_KEYS`); each language model of a composite config.json against its
+    own part (Qwen3-Omni-MoE's `thinker_config.text_config` and `talker_config.text_config`)."""
+    for prefix, cfg in _moe_parts(raw):
+        _check_part(model, raw, cfg, prefix)
+
+
+def _check_part(model: nn.Module, raw: dict, cfg: dict, prefix: str) -> None:
     model_type = cfg.get("model_type") or raw.get("model_type")
+    where = {"": ""}.get(prefix, f"{prefix.rstrip('.')}_config.text_config.")
     counts = {k: cfg[k] for k in _COUNT_KEYS if isinstance(cfg.get(k), int)}
-    said = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "no expert count"
-    routers = _routers(model)
+    said = ", ".join(f"{where}{k}: {v}" for k, v in counts.items()) or "no expert count"
+    routers = _routers(model, prefix)
     # (one check of "more per token than experts": where mlx-lm's keys say otherwise than the
     # routers, the disagreement below is refused, so theirs would repeat this one)
     for top_k, experts in sorted(routers):
         if top_k > experts:
-            keys = [f"{k}: {cfg[k]}" for k in _TOPK_KEYS if k in cfg] or [f"top_k {top_k}"]
+            keys = [f"{where}{k}: {cfg[k]}" for k in _TOPK_KEYS if k in cfg] or [f"top_k {top_k}"]
             raise ValueError(
                 f"mlxq: config.json of model type {model_type!r} sets {', '.join(keys)}, more "
                 f"experts per token than the {experts} experts it has ({said}); torch.topk "
@@ -120,10 +151,11 @@ def check_expert_counts(model: nn.Module, raw: dict) -> None:
         value = cfg.get(key)
         if isinstance(value, int) and built != {value}:
             keys = _COUNT_KEYS if what == "experts" else _TOPK_KEYS
-            given = ", ".join(f"{k}: {cfg[k]}" for k in keys if k in cfg)
+            given = ", ".join(f"{where}{k}: {cfg[k]}" for k in keys if k in cfg)
             raise ValueError(
                 f"mlxq: config.json of model type {model_type!r} gives two values of {what} "
                 f"({given}): transformers builds {', '.join(map(str, sorted(built)))} {what}, "
-                f"{reader} reads {key} ({value}); the two would run different models. Make them "
+                f"{reader} reads {where}{key} ({value}); the two would run different models. "
+                "Make them "
                 "agree"
             )

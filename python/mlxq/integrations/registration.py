@@ -199,13 +199,17 @@ def _model_type_as_mlx_lm_reads(config_dict: dict) -> dict:
     DeepSeek V3 does not (`moe_layer_freq`: MoE every n-th layer; `topk_method`) holds other
     than the one value both models agree on; DeepSeek V3 checkpoints likewise, and the
     text_config of image-text ones whose mlx-vlm language model reads such keys (Kimi K2.5's
-    DeepSeek V3, GLM-4.5V's `topk_method`)."""
+    DeepSeek V3, GLM-4.5V's `topk_method`).
+
+    Keys it lacks whose mlx-lm default is not transformers' get mlx-lm's, or are refused
+    (:mod:`mlxq.integrations.config_defaults`)."""
     from mlxq.format import find_quantization, is_mlx_quantization
 
     model_type = config_dict.get("model_type")
     target = _MLX_LM_REMAPPED.get(model_type, model_type)
     if not is_mlx_quantization(find_quantization(config_dict)):
         return config_dict
+    config_dict = _with_mlx_lm_defaults(config_dict, target)
     text = config_dict.get("text_config")
     if model_type in _MLX_VLM_TEXT_FIXED and isinstance(text, dict):
         _refuse_other_values(model_type, text, _MLX_VLM_TEXT_FIXED[model_type], "text_config.")
@@ -215,6 +219,17 @@ def _model_type_as_mlx_lm_reads(config_dict: dict) -> dict:
     if target == model_type:
         return config_dict
     return {**config_dict, "model_type": target}
+
+
+def _with_mlx_lm_defaults(config_dict: dict, model_type: Any) -> dict:
+    """`config_dict` read as mlx-lm reads it as `model_type` (the model type mlx-lm runs): its
+    defaults for the keys it lacks (:func:`mlxq.integrations.config_defaults.
+    with_mlx_lm_defaults`), keeping config.json's own `model_type`."""
+    from mlxq.integrations.config_defaults import with_mlx_lm_defaults
+
+    out = with_mlx_lm_defaults({**config_dict, "model_type": model_type})  # (a copy)
+    out["model_type"] = config_dict.get("model_type")
+    return out
 
 
 def _is_metal(q: Any) -> bool:

@@ -1,0 +1,210 @@
+"""Keys an MLX config.json lacks, read with mlx-lm's defaults, not transformers' (or refused).
+
+transformers' `save_pretrained` writes only the values that differ from its config class's
+defaults, and mlx-lm 0.32 builds its `ModelArgs` from config.json with dataclass defaults of
+its own. Where a key is absent and the two defaults differ, the two libraries would run
+different models from one checkpoint, silently. The checkpoint is mlx-lm's (mlx-lm is the
+oracle), so the config.json of an MLX checkpoint gets mlx-lm's default for each such key that
+changes the forward (:data:`MLX_LM_DEFAULTS`, from `tests/config_default_audit.py` and mlx-lm's
+source) before transformers reads it. Refused, naming keys and values, where that cannot be
+exact:
+
+- the config gives the value under another name that transformers reads and mlx-lm does not
+  (ERNIE 4.5 MoE's `num_experts_per_tok`, transformers' alias of `moe_k`): mlx-lm runs its
+  default whatever the alias says, which is not the model the config describes;
+- the key is a RoPE scaling that mlx-lm lacks and transformers' default has
+  (:data:`MLX_LM_PLAIN_ROPE`: GPT-OSS's yarn, Apertus's llama3): mlx-lm runs plain RoPE, which
+  transformers' config cannot be told to run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "MLX_LM_DEFAULTS",
+    "MLX_LM_PLAIN_ROPE",
+    "MLX_TEXT_CONFIG_DEFAULTS",
+    "MLX_TEXT_CONFIG_REFUSED",
+    "with_mlx_lm_defaults",
+]
+
+_TIED = {"tie_word_embeddings": True}
+_DEEPSEEK_V3 = {
+    "num_experts_per_tok": 1,
+    "routed_scaling_factor": 1.0,
+    "n_group": 1,
+    "topk_group": 1,
+}
+# model type -> {key: mlx-lm 0.32's default} where transformers 5.24's config class has another
+# default and mlx-lm's model reads the key in its forward (or, tie_word_embeddings, in which head
+# it builds: mlx-lm's sanitize drops `lm_head` when tied, so its converted checkpoints have none)
+MLX_LM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "afmoe": {"num_experts_per_tok": 8, "route_scale": 2.826, "sliding_window": 2048,
+              "mup_enabled": True},
+    "bitnet": {"rope_theta": 10000.0, **_TIED},
+    "cohere": {"rope_theta": 8000000.0},
+    "cohere2": {"rope_theta": 50000.0},
+    "deepseek_v3": _DEEPSEEK_V3,
+    "deepseek_v32": _DEEPSEEK_V3,
+    "ernie4_5_moe": {"moe_k": 1},
+    "exaone": _TIED,
+    "exaone_moe": {"rope_theta": 1000000.0},
+    # the multipliers mlx_lm convert folded into the weights run as 1 in mlxq either way
+    # (mlx_lm_layout.run_folded_multipliers); the tied head's ratio and saving read these
+    "falcon_h1": {
+        "rope_theta": 1e11,
+        "attention_out_multiplier": 0.9375,
+        "embedding_multiplier": 5.656854249492381,
+        "key_multiplier": 0.390625,
+        "lm_head_multiplier": 0.0390625,
+        "mamba_norm_before_gate": False,
+        "mlp_multipliers": [0.8838834764831844, 0.5859375],
+        "ssm_in_multiplier": 1.25,
+        "ssm_multipliers": [0.3535533905932738, 0.25, 0.3535533905932738, 0.5,
+                            0.3535533905932738],
+        "ssm_out_multiplier": 0.23570226039551587,
+        **_TIED,
+    },
+    "gemma2": {"query_pre_attn_scalar": 144},  # (an int in transformers' config)
+    "gemma3_text": {"sliding_window": 512},
+    "gemma4_text": {"final_logit_softcapping": 30.0},
+    "glm": _TIED,
+    "glm4_moe_lite": {"rope_theta": 1000000.0},
+    "granite": _TIED,
+    "granitemoe": _TIED,
+    "granitemoehybrid": {"position_embedding_type": "rope", "time_step_limit": [0.001, 100.0],
+                         **_TIED},
+    "iquestcoder": _TIED,
+    "jamba": _TIED,
+    "kimi_linear": {"num_experts_per_token": 1, "routed_scaling_factor": 1.0},
+    "llama": _TIED,
+    "mimo_v2_flash": {"attention_value_scale": None},  # mlx-lm: no value scale at all
+    "minicpm3": {"rope_theta": 1000000.0, "tie_word_embeddings": False},
+    "ministral3": _TIED,
+    # mlx-lm runs Mistral as Llama: full attention where config.json gives no layer_types
+    "mistral": {"sliding_window": None, **_TIED},
+    "nemotron_h": {"norm_topk_prob": False},  # mlx-lm's None: not renormalized
+    "olmo2": _TIED,
+    "olmoe": _TIED,
+    "phi": {"partial_rotary_factor": 0.4},
+    "phimoe": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6},
+    "qwen2": {"rope_theta": 1000000.0, **_TIED},
+    "qwen2_moe": {"rope_theta": 1000000.0},
+    "qwen3_next": {"norm_topk_prob": False},
+    "seed_oss": _TIED,
+    "smollm3": {"rope_theta": 10000.0},
+    "starcoder2": {"rope_theta": 100000.0},
+}  # fmt: skip
+# model types whose transformers config defaults to a RoPE scaling that mlx-lm 0.32 runs without
+# (its rope_scaling defaults to None: plain RoPE) -> that scaling's rope_type
+MLX_LM_PLAIN_ROPE = {"apertus": "llama3", "gpt_oss": "yarn", "ministral3": "yarn",
+                     "mistral4": "yarn"}  # fmt: skip
+# image-text model type -> {text_config key: the default of mlx-vlm 0.7.10's TextConfig, which
+# mlx-lm 0.32's model of the language model shares}, where transformers' text config has another
+MLX_TEXT_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma4": {"final_logit_softcapping": 30.0},
+    "gemma4_unified": {"final_logit_softcapping": 30.0},
+}
+# image-text model type -> {text_config key: what mlx-lm's and mlx-vlm's defaults are}, where
+# the two oracles' defaults differ (which converted the checkpoint is not in config.json)
+MLX_TEXT_CONFIG_REFUSED: dict[str, dict[str, str]] = {
+    "gemma3": {"sliding_window": "mlx-lm 0.32's 512, mlx-vlm 0.7.10's 1024, transformers' 4096"},
+}
+# keys transformers 5 keeps in rope_parameters (a top-level one is moved there)
+_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
+
+
+def _rope_parameters(config_dict: dict) -> dict:
+    rope = config_dict.get("rope_parameters") or config_dict.get("rope_scaling") or {}
+    if isinstance(rope.get("full_attention"), dict):  # keyed by layer type
+        rope = rope["full_attention"]
+    return rope if isinstance(rope, dict) else {}
+
+
+def _aliases(model_type: str, key: str) -> list[str]:
+    """The names transformers' config class of `model_type` also reads `key` under."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        attribute_map = getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) or {}
+    except KeyError:
+        return []
+    return [alias for alias, target in attribute_map.items() if target == key]
+
+
+def _check_rope_scaling(model_type: str, config_dict: dict) -> None:
+    scaling = MLX_LM_PLAIN_ROPE.get(model_type)
+    if scaling is None:
+        return
+    if config_dict.get("rope_scaling") is None and config_dict.get("rope_parameters") is None:
+        raise ValueError(
+            f"mlxq: config.json of model type {model_type!r} has no rope_scaling (nor "
+            f"rope_parameters): mlx-lm 0.32 defaults it to None and runs plain RoPE, "
+            f"transformers' {model_type} defaults to {scaling!r} scaling; the two would run "
+            "different models. Give rope_scaling in config.json"
+        )
+
+
+def with_mlx_lm_defaults(config_dict: dict) -> dict:
+    """`config_dict` (an MLX checkpoint's config.json, top level) with mlx-lm's default of every
+    key of :data:`MLX_LM_DEFAULTS` that it lacks (a copy; unchanged where none is lacking).
+
+    Refused (ValueError naming the keys and both values) where the config gives the key only
+    under a transformers alias that mlx-lm does not read, with another value than mlx-lm's
+    default, or lacks a RoPE scaling that transformers would add (:data:`MLX_LM_PLAIN_ROPE`)."""
+    model_type = config_dict.get("model_type")
+    if not isinstance(model_type, str):
+        return config_dict
+    _check_rope_scaling(model_type, config_dict)
+    text = config_dict.get("text_config")
+    if isinstance(text, dict):
+        config_dict = _with_text_config_defaults(model_type, config_dict, text)
+    defaults = MLX_LM_DEFAULTS.get(model_type)
+    if not defaults:
+        return config_dict
+    rope = _rope_parameters(config_dict)
+    added: dict[str, Any] = {}
+    for key, value in defaults.items():
+        if key in config_dict:
+            continue
+        if key in _ROPE_KEYS and key in rope:
+            # given in rope_parameters only: transformers reads it there (`mlxq inspect`
+            # warns where mlx-lm reads the top-level key alone)
+            continue
+        for alias in _aliases(model_type, key):
+            if alias in config_dict and config_dict[alias] != value:
+                raise ValueError(
+                    f"mlxq: config.json of model type {model_type!r} sets {alias}: "
+                    f"{config_dict[alias]!r} and no {key}: transformers reads {alias} as {key}, "
+                    f"mlx-lm 0.32 reads {key} alone and runs its default {value!r}; the two "
+                    f"would run different models. Set {key} in config.json"
+                )
+        added[key] = value
+    if not added:
+        return config_dict
+    out = {**config_dict, **added}
+    params = config_dict.get("rope_parameters")
+    rope_added = {k: v for k, v in added.items() if k in _ROPE_KEYS}
+    if (
+        rope_added
+        and isinstance(params, dict)
+        and not isinstance(params.get("full_attention"), dict)
+    ):
+        # transformers 5 reads these from rope_parameters where config.json has one
+        out["rope_parameters"] = {**params, **rope_added}
+    return out
+
+
+def _with_text_config_defaults(model_type: str, config_dict: dict, text: dict) -> dict:
+    """`config_dict` whose text_config has the defaults of :data:`MLX_TEXT_CONFIG_DEFAULTS`
+    it lacks; refused where it lacks a key of :data:`MLX_TEXT_CONFIG_REFUSED`."""
+    for key, said in MLX_TEXT_CONFIG_REFUSED.get(model_type, {}).items():
+        if key not in text:
+            raise ValueError(
+                f"mlxq: config.json of model type {model_type!r} has no text_config.{key}: its "
+                f"defaults differ ({said}), so no model here is sure to match the one that "
+                f"converted it. Set text_config.{key} in config.json"
+            )
+    added = {k: v for k, v in MLX_TEXT_CONFIG_DEFAULTS.get(model_type, {}).items() if k not in text}
+    return {**config_dict, "text_config": {**text, **added}} if added else config_dict
