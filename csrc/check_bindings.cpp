@@ -27,6 +27,38 @@ void register_check_bindings(pybind11::module& m) {
   m.def("quantize_out_shapes", &quantize_out_shapes, py::arg("w"), py::arg("group_size"),
         py::arg("bits"),
         "Checks the arguments of affine_quantize and returns the shapes of wq, scales, biases.");
+  // The gather checks read concrete sizes: the fake kernels call these for tensors without
+  // symbolic sizes (under dynamic shapes they compute the output shape themselves).
+  m.def(
+      "gather_matmul_out_shape",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const at::Tensor& biases, const std::optional<at::Tensor>& lhs_indices,
+         const std::optional<at::Tensor>& rhs_indices, int64_t group_size, int64_t bits,
+         bool transpose) {
+        return check_gather_matmul(x, wq, scales, biases, lhs_indices, rhs_indices, group_size,
+                                   bits, transpose)
+            .out_shape;
+      },
+      py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("biases"), py::arg("lhs_indices"),
+      py::arg("rhs_indices"), py::arg("group_size"), py::arg("bits"), py::arg("transpose"),
+      "Checks the arguments of affine_gather_matmul (all but the index values) and returns its "
+      "output shape.");
+  m.def(
+      "fp_gather_matmul_out_shape",
+      [](const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scales,
+         const std::string& mode, int64_t group_size, int64_t bits,
+         const std::optional<at::Tensor>& lhs_indices, const std::optional<at::Tensor>& rhs_indices,
+         bool transpose, const std::optional<at::Tensor>& global_scale) {
+        const int m = check_fp_mode(mode, group_size, bits);
+        return check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
+                                      rhs_indices, transpose, global_scale)
+            .out_shape;
+      },
+      py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("mode"), py::arg("group_size"),
+      py::arg("bits"), py::arg("lhs_indices"), py::arg("rhs_indices"), py::arg("transpose"),
+      py::arg("global_scale"),
+      "Checks the arguments of fp_gather_matmul (all but the index values) and returns its "
+      "output shape.");
   m.def(
       "check_rms_norm",
       [](const at::Tensor& x, const at::Tensor& weight, double eps) {

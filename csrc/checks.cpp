@@ -464,9 +464,22 @@ void check_gather_operands(GatherGeometry& g, const at::Tensor& x, const at::Ten
                       " and rhs_indices shape ", shape_str(rhs_shape),
                       " do not broadcast (an absent index is the batch shape of x, resp. wq)");
   }
+  // The pairs are flattened (one int64 index each) and the output allocated: sizes whose
+  // products overflow int64 are refused by name here, not by torch's "numel: integer
+  // multiplication overflow" deep inside the kernel (stride-0 index tensors give any size).
+  SymInt count;
+  TORCH_CHECK_VALUE(product_fits(c10::fromIntArrayRefSlow(g.index_shape), &count),
+                    "mlxq: lhs_indices shape ", shape_str(lhs_shape), " and rhs_indices shape ",
+                    shape_str(rhs_shape), " broadcast to ", shape_str(g.index_shape),
+                    ", more index pairs than int64 can count");
   g.out_shape = g.index_shape;
   g.out_shape.push_back(g.M);
   g.out_shape.push_back(g.out_features);
+  TORCH_CHECK_VALUE(product_fits(c10::fromIntArrayRefSlow(g.out_shape), &count),
+                    "mlxq: the output of the gather of x ", shape_str(x.sizes()),
+                    " with the quantized weights (wq ", shape_str(wq.sizes()),
+                    ") over index shape ", shape_str(g.index_shape), " would have shape ",
+                    shape_str(g.out_shape), ", more elements than int64 can count");
 }
 
 }  // namespace

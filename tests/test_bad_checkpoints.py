@@ -141,6 +141,11 @@ def _without(key: str) -> Callable[[dict], None]:
     return change
 
 
+def _one_layer(data: dict) -> None:
+    """config.json of the first layer only (the checkpoint holds two)."""
+    data.update(num_hidden_layers=1, layer_types=data["layer_types"][:1])
+
+
 def _no_quantization(data: dict) -> None:
     data.pop("quantization", None)
     data.pop("quantization_config", None)
@@ -201,6 +206,19 @@ CASES = {
     "config-wrong-type": (
         _config(lambda c: c.update(hidden_size="128")),
         ["config.json", "hidden_size", "got str"],
+    ),
+    # before: from_pretrained and `mlxq generate` said mlxq runs quantized nn.Linear and
+    # nn.Embedding modules only, "module 'model.layers.1.mlp.down_proj' (no such module)"
+    "fewer-layers": (
+        _config(_one_layer),
+        [f"{LAYER}.scales", "Qwen3ForCausalLM has no", "does config.json describe"],
+    ),
+    # before: transformers' "has no `quant_method` attribute" from from_pretrained and `mlxq
+    # generate` ("quantized with quant_method None, not MLX affine"), and `mlxq inspect` found no
+    # error ("not an MLX checkpoint")
+    "quantization-empty": (
+        _config(lambda c: c.update(quantization={}, quantization_config={})),
+        ["config.json quantization lacks 'group_size' (it has [])"],
     ),
 }
 
@@ -402,3 +420,21 @@ def test_rotary_inv_freq_is_dropped_as_mlx_lm_drops_it(tmp_path: Path, capsys) -
     ref = mlx_lm_logits(folder, TOKENS)
     assert float(abs(mlxq_logits(folder, TOKENS) - ref).max()) <= 1e-3
     assert main(["inspect", str(folder)]) == 0, capsys.readouterr().out[-1500:]
+
+
+def test_empty_quantization_config_beside_quantization_loads_as_mlx_lm(
+    tiny: Path, tmp_path: Path
+) -> None:
+    # mlx-lm reads `quantization` and never an empty `quantization_config` beside it; before,
+    # transformers read the empty one and refused the checkpoint ("no `quant_method`")
+    from mlx_models import mlx_lm_logits
+    from mlxq.cli import main
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny, folder)
+    _config(lambda c: c.update(quantization_config={}))(folder)
+    tokens = [1, 5, 77, 300]
+    with torch.no_grad():
+        got = _load(folder)(torch.tensor([tokens])).logits[0].numpy()
+    assert float(abs(got - mlx_lm_logits(folder, tokens)).max()) <= 1e-3
+    assert main(["inspect", str(folder)]) == 0

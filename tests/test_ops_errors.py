@@ -345,7 +345,7 @@ import json, sys, torch, mlxq
 U32 = torch.uint32
 def big(*shape, dtype=torch.float32, device="cpu"):
     return torch.zeros([1] * len(shape), dtype=dtype, device=device).expand(*shape)
-dq, mm = mlxq.affine_dequantize, mlxq.affine_matmul
+dq, mm, gm = mlxq.affine_dequantize, mlxq.affine_matmul, mlxq.affine_gather_matmul
 """
 
 # (id, call as source text (`device` is "cpu" or "meta"), fragments of the ValueError message)
@@ -388,6 +388,33 @@ OVERFLOW_CASES = [
         ["wq shape [576460752303423488, 8]", "dequantizes to shape [576460752303423488, 64]",
          "more elements than int64"],
     ),
+    # before: torch's "numel: integer multiplication overflow" (CPU), "Storage size calculation
+    # overflowed" (meta), naming no operand
+    (
+        "gather index pairs",
+        "s = big(4, 8, 2, device=device); gm(big(4, 1, 64, device=device), "
+        "big(4, 8, 8, dtype=U32, device=device), s, s, big(2**40, 1, dtype=torch.int64, "
+        "device=device), big(1, 2**40, dtype=torch.int64, device=device), 32, 4)",
+        ["lhs_indices shape [1099511627776, 1]", "rhs_indices shape [1, 1099511627776]",
+         "broadcast to [1099511627776, 1099511627776]", "more index pairs than int64"],
+    ),
+    # before: a CPU allocation of 2^48 bytes failed (for a copy of x), the meta kernel's output
+    # "Storage size calculation overflowed"
+    (
+        "gather output",
+        "s = big(4, 2**24, 2, device=device); gm(big(1, 2**40, 64, device=device), "
+        "big(4, 2**24, 8, dtype=U32, device=device), s, s, None, None, 32, 4)",
+        ["gather of x [1, 1099511627776, 64]", "wq [4, 16777216, 8]", "index shape [4]",
+         "[4, 1099511627776, 16777216]", "more elements than int64"],
+    ),
+    # the meta kernel accepted this one (shape [1, 1, 1])
+    (
+        "gather K",
+        "s = big(1, 1, 2**59, device=device); "
+        "gm(big(1, 1, 0, device=device), big(1, 1, 0, dtype=U32, device=device), s, s, "
+        "None, None, 32, 4)",
+        ["scales shape [1, 1, 576460752303423488]", "K = 576460752303423488 * 32", "int64 range"],
+    ),
 ]  # fmt: skip
 
 
@@ -426,7 +453,11 @@ def test_overflowing_sizes_are_refused(overflow_results, case_id, call, fragment
         exec(call, scope)  # noqa: S102
     assert str(info.value) == message
     # the Metal dispatch plan (built from the same checks) refuses it too
-    scope.update(dq=mlxq._C.plan_affine_dequantize, mm=mlxq._C.plan_affine_matmul)
+    scope.update(
+        dq=mlxq._C.plan_affine_dequantize,
+        mm=mlxq._C.plan_affine_matmul,
+        gm=mlxq._C.plan_affine_gather_matmul,
+    )
     with pytest.raises(ValueError) as info:
         exec(call, scope)  # noqa: S102
     assert str(info.value) == message
@@ -435,6 +466,8 @@ def test_overflowing_sizes_are_refused(overflow_results, case_id, call, fragment
 # --- the fake (meta) kernels run the real kernels' check ---------------------------------------
 
 M_W = packed()
+# a batch of 3 mxfp4 matrices [4, 64]: packed weight and uint8 scales (all zeros)
+FP3 = (torch.zeros(3, 4, 8, dtype=U32), torch.zeros(3, 4, 2, dtype=torch.uint8))
 BAD_FOR_BOTH = [
     # the cases of issue 18 that the fake kernels used to accept (or fail with IndexError)
     ("x K=63", mm, (x_(2, 63), *M_W, 32, 4)),
@@ -453,6 +486,45 @@ BAD_FOR_BOTH = [
     ("quantize K=0", qz, (x_(4, 0), 32, 4)),
     ("quantize int w", qz, (torch.zeros(2, 64, dtype=I32), 32, 4)),
     ("quantize bits", qz, (x_(2, 64), 32, 7)),
+    # the gathers' fake kernels used to compute a shape without the native check: meta and fake
+    # tensors accepted all of these (and K overflowing int64)
+    ("gather bits", mlxq.affine_gather_matmul, (x_(3, 2, 64), *W3, None, None, 32, 7)),
+    ("gather group", mlxq.affine_gather_matmul, (x_(3, 2, 64), *W3, None, None, 0, 4)),
+    ("gather x K=63", mlxq.affine_gather_matmul, (x_(3, 2, 63), *W3, None, None, 32, 4)),
+    ("gather int x", mlxq.affine_gather_matmul, (x_(3, 2, 64).int(), *W3, None, None, 32, 4)),
+    (
+        "gather float64 scales",
+        mlxq.affine_gather_matmul,
+        (x_(3, 2, 64), W3[0], W3[1].double(), W3[2].double(), None, None, 32, 4),
+    ),
+    (
+        "gather wq of 7 words",
+        mlxq.affine_gather_matmul,
+        (x_(3, 2, 64), W3[0][..., :7], *W3[1:], None, None, 32, 4),
+    ),
+    (
+        "gather float indices",
+        mlxq.affine_gather_matmul,
+        (x_(3, 2, 64), *W3, None, torch.zeros(2), 32, 4),
+    ),
+    (
+        "gather bool indices",
+        mlxq.affine_gather_matmul,
+        (x_(3, 2, 64), *W3, torch.zeros(2, dtype=torch.bool), None, 32, 4),
+    ),
+    ("fp gather group", mlxq.fp_gather_matmul, (x_(3, 2, 64), *FP3, "mxfp4", 64, 4)),
+    ("fp gather mode", mlxq.fp_gather_matmul, (x_(3, 2, 64), *FP3, "affine", 32, 4)),
+    ("fp gather x K=32", mlxq.fp_gather_matmul, (x_(3, 2, 32), *FP3, "mxfp4", 32, 4)),
+    (
+        "fp gather int16 scales",
+        mlxq.fp_gather_matmul,
+        (x_(3, 2, 64), FP3[0], FP3[1].to(torch.int16), "mxfp4", 32, 4),
+    ),
+    (
+        "fp gather float indices",
+        mlxq.fp_gather_matmul,
+        (x_(3, 2, 64), *FP3, "mxfp4", 32, 4, torch.zeros(2), None),
+    ),
 ]
 
 

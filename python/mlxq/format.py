@@ -97,10 +97,11 @@ def is_mlx_quantization(q: Any) -> bool:
 
     A block missing `bits` or `group_size` is still MLX's (mlx-lm fails on it with a bare
     KeyError); it is taken as MLX's so that :func:`require_top_level_keys` names the missing key,
-    instead of transformers' complaint about a `quant_method`."""
+    instead of transformers' complaint about a `quant_method`. So is an empty block (`{}`, both
+    keys gone): no quantizer reads it, and `mlxq inspect` used to call it a foreign one."""
     if not isinstance(q, dict) or q.get("quant_method") not in (None, "mlx"):
         return False
-    return q.get("quant_method") == "mlx" or any(k in q for k in _TOP_KEYS)
+    return q.get("quant_method") == "mlx" or not q or any(k in q for k in _TOP_KEYS)
 
 
 class Block(str):
@@ -127,7 +128,8 @@ def require_top_level_keys(q: dict, source: str = CONFIG_JSON) -> None:
         if key not in q:
             fix = "restore the block mlx-lm wrote" if source == CONFIG_JSON else "give both"
             raise ValueError(
-                f"mlxq: {source} lacks {key!r} (it has {sorted(q)}); mlx-lm needs both "
+                f"mlxq: {source} lacks {key!r} (it has "
+                f"{sorted(k for k in q if k not in _WRAPPER_KEYS)}); mlx-lm needs both "
                 f"group_size and bits (null for the mode's default): {fix}"
             )
 

@@ -461,6 +461,14 @@ def _index_shape(indices: torch.Tensor | None, batch) -> list[int]:
     return list(indices.shape) if indices is not None else list(batch)
 
 
+def _concrete_sizes(*tensors: torch.Tensor | None) -> bool:
+    """Whether no size of `tensors` is symbolic: the gather fake kernels then run the real
+    kernels' native check (which reads concrete sizes), so that meta and fake tensors refuse
+    exactly what the real op refuses, with its message; under dynamic shapes they compute the
+    output shape themselves and the real op checks the rest when it runs."""
+    return all(isinstance(d, int) for t in tensors if t is not None for d in t.shape)
+
+
 @torch.library.register_fake("mlxq::affine_gather_matmul")
 def _gather_matmul_fake(
     x,
@@ -474,10 +482,15 @@ def _gather_matmul_fake(
     transpose: bool = True,
     sorted_indices: bool = False,
 ):
-    torch._check_value(group_size > 0, lambda: f"mlxq: group_size must be > 0, got {group_size}")
     tensors = dict(x=x, wq=wq, scales=scales, biases=biases)
     tensors.update({k: v for k, v in (("lhs_indices", lhs_indices), ("rhs_indices", rhs_indices))})
     _check_one_device(**{k: v for k, v in tensors.items() if v is not None})
+    if _concrete_sizes(*tensors.values()):
+        shape = _C.gather_matmul_out_shape(
+            x, wq, scales, biases, lhs_indices, rhs_indices, group_size, bits, transpose
+        )
+        return x.new_empty(shape)
+    torch._check_value(group_size > 0, lambda: f"mlxq: group_size must be > 0, got {group_size}")
     torch._check_value(x.dim() >= 2, lambda: "mlxq: x must have at least 2 dimensions [..., M, K]")
     torch._check_value(wq.dim() >= 2, lambda: "mlxq: wq must have at least 2 dimensions")
     rows, cols = wq.shape[-2], scales.shape[-1] * group_size
@@ -626,10 +639,15 @@ def _fp_gather_matmul_fake(
     global_scale=None,
     sorted_indices: bool = False,
 ):
-    _check_fp_mode_fake(mode, group_size, bits)
     tensors = dict(x=x, wq=wq, scales=scales, lhs_indices=lhs_indices, rhs_indices=rhs_indices)
     tensors["global_scale"] = global_scale
     _check_one_device(**{k: v for k, v in tensors.items() if v is not None})
+    if _concrete_sizes(*tensors.values()):
+        shape = _C.fp_gather_matmul_out_shape(
+            x, wq, scales, mode, group_size, bits, lhs_indices, rhs_indices, transpose, global_scale
+        )
+        return x.new_empty(shape)
+    _check_fp_mode_fake(mode, group_size, bits)
     torch._check_value(x.dim() >= 2, lambda: "mlxq: x must have at least 2 dimensions [..., M, K]")
     torch._check_value(wq.dim() >= 2, lambda: "mlxq: wq must have at least 2 dimensions")
     if global_scale is not None:

@@ -868,12 +868,34 @@ def check_all_quantized_on_load(on_load: QuantizeOnLoad) -> None:
         )
 
 
-def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used: set[str]):
-    """Quantized tensors of modules mlxq cannot replace would load as garbage: refuse them."""
-    for key in headers:
-        if not key.endswith(".scales") or key[: -len(".scales")] in used:
+def check_all_quantized_tensors_used(
+    model, headers: dict[str, TensorInfo], used: set[str], skip_absent: bool = False
+) -> None:
+    """Quantized tensors of modules mlxq cannot replace would load as garbage: refuse them.
+
+    Those of a module the model does not have at all (a config.json with fewer layers than the
+    checkpoint) are refused as tensors the model has no place for (a ValueError worded as
+    :func:`check_nothing_unexpected`'s), not as a kind of module mlxq cannot run; with
+    `skip_absent` they are left to the caller's own check of such tensors (`mlxq inspect`).
+    """
+    scaled = [k[: -len(".scales")] for k in headers if k.endswith(".scales")]
+    absent = [name for name in scaled if name not in used and not _has_submodule(model, name)]
+    if absent and not skip_absent:
+        # not check_nothing_unexpected itself: before loading, the model's hook that adjusts
+        # unexpected keys is the quantizer's recorder of transformers' load report
+        prefixes = tuple(f"{name}." for name in absent)
+        keys = sorted(k for k in headers if k.startswith(prefixes))
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        raise ValueError(
+            f"mlxq: the checkpoint holds {', '.join(keys[:5])}{more}, quantized tensors of "
+            f"{', '.join(repr(n) for n in absent[:3])}{' ...' if len(absent) > 3 else ''}, "
+            f"which {type(model).__name__} has no module for: transformers would drop them and "
+            "mlx-lm's strict load refuses them (does config.json describe this checkpoint?)"
+        )
+    for name in scaled:
+        if name in used or (skip_absent and name in absent):
             continue
-        name = key[: -len(".scales")]
+        key = f"{name}.scales"
         try:
             kind = type(model.get_submodule(name)).__name__
         except AttributeError:
@@ -883,6 +905,14 @@ def check_all_quantized_tensors_used(model, headers: dict[str, TensorInfo], used
             "checkpoint, but mlxq runs quantized nn.Linear and nn.Embedding modules, MoE experts "
             "and routers only"
         )
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def refuse_tied_head_tensors(

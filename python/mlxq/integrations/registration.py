@@ -114,8 +114,10 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
 
     for cfg in config_and_text_config(config):
         q = getattr(cfg, "quantization_config", None)
-        if q is None:
-            q = getattr(cfg, "quantization", None)  # older mlx-lm wrote only this key
+        if q is None or q == {}:
+            # older mlx-lm wrote only this key; an empty quantization_config beside it is no
+            # block (mlx-lm reads `quantization` first, as find_quantization does)
+            q = getattr(cfg, "quantization", None)
         if isinstance(q, dict) and "quant_method" not in q and is_mlx_quantization(q):
             cfg.quantization_config = {**q, "quant_method": QUANT_METHOD}
         elif isinstance(requested, MLXQuantConfig) and _is_metal(q):
