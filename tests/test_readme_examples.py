@@ -621,3 +621,53 @@ def test_inline_command_lines_parse() -> None:
                 assert value in action.choices, f"README's `{m.group(0)}`: {token} for {action}"
         checked += 1
     assert checked >= 10, checked
+
+
+# --- "take MLX's arguments in MLX's order" (Every MLX quantization mode) -----------------------
+
+
+def _mlx_parameters(doc: str) -> tuple[int, list[tuple[str, str | None, bool]]]:
+    """From an MLX function's signature line (its __doc__'s first line): how many leading
+    parameters are positional-only (before `/`), and (name, default, keyword-only) of the
+    others, in order (`stream` left out)."""
+    inside = doc.splitlines()[0].split("(", 1)[1].rsplit(")", 1)[0]
+    params = [p.strip() for p in inside.split(",")]
+    lead = params.index("/") if "/" in params else 0
+    out, keyword_only = [], False
+    for p in params[lead + 1 if "/" in params else 0 :]:
+        if p == "*":
+            keyword_only = True
+            continue
+        name, _, default = p.partition("=")
+        if (name := name.split(":")[0].strip()) != "stream":
+            out.append((name, default.strip() or None, keyword_only))
+    return lead, out
+
+
+@pytest.mark.parametrize("name", ["quantize", "dequantize", "quantized_matmul"])
+def test_mode_functions_take_mlx_arguments_in_mlx_order(name: str) -> None:
+    """README: `mlxq.quantize` / `dequantize` / `quantized_matmul` take MLX's arguments in MLX's
+    order (`group_size=None, bits=None, mode="affine"`, keyword `global_scale`, `dtype`), with
+    MLX's defaults."""
+    import inspect
+
+    import mlx.core as mx
+    import mlxq
+
+    lead, theirs = _mlx_parameters(getattr(mx, name).__doc__)
+    ours = list(inspect.signature(getattr(mlxq, name)).parameters.values())
+    positional = [p for p in ours if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    keyword = {p.name: p for p in ours if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(keyword) <= {"global_scale", "dtype"}, (name, set(keyword))
+    # MLX's positional-only arrays (w; x, w) come first in ours too, whatever their names; the
+    # rest in MLX's order, but for global_scale and dtype, which ours takes by keyword only
+    expected = [(n, d) for n, d, kw in theirs if not kw and n not in keyword]
+    assert [p.name for p in positional[lead:]] == [n for n, _ in expected], name
+    for p, (_, their_default) in zip(positional[lead:], expected, strict=True):
+        if their_default is not None:
+            assert repr(p.default).replace('"', "'") == their_default, (name, p.name)
+    defaults = {n: d for n, d, _ in theirs}
+    if name == "quantized_matmul":  # MLX 0.32 takes nvfp4's global scale in gather_qmm only
+        defaults.setdefault("global_scale", "None")
+    for n, p in keyword.items():
+        assert repr(p.default) == defaults[n], (name, n)
