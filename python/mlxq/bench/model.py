@@ -601,7 +601,8 @@ def merge_rounds(runs: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `mlxq bench model` (also read by the README's tests)."""
     p = argparse.ArgumentParser(
         prog="mlxq bench model", description=" ".join(__doc__.split("\n\n")[0].split())
     )
@@ -665,6 +666,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="results path without suffix (.json, .png); default: the mlxq cache's bench/model",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())

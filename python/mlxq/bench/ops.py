@@ -206,7 +206,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `mlxq bench ops` (also read by the README's tests)."""
     p = argparse.ArgumentParser(
         prog="mlxq bench ops", description=" ".join(__doc__.split("\n\n")[0].split())
     )
@@ -244,6 +245,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         metavar="NAME:VAR=VAL[,VAR=VAL]",
         help="with --device cuda: a column mlxq_NAME timed with these environment variables set",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.device == "cuda":
         return _main_cuda(args)
