@@ -50,8 +50,8 @@ void register_check_bindings(pybind11::module& m) {
          const std::optional<at::Tensor>& lhs_indices, const std::optional<at::Tensor>& rhs_indices,
          bool transpose, const std::optional<at::Tensor>& global_scale) {
         const int m = check_fp_mode(mode, group_size, bits);
-        return check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices,
-                                      rhs_indices, transpose, global_scale)
+        return check_fp_gather_matmul(x, wq, scales, m, group_size, bits, lhs_indices, rhs_indices,
+                                      transpose, global_scale)
             .out_shape;
       },
       py::arg("x"), py::arg("wq"), py::arg("scales"), py::arg("mode"), py::arg("group_size"),
