@@ -22,6 +22,19 @@ extern "C" HIDDEN const int mlxq_emu_nkernels;
 extern "C" char __start_mlxq_tg[] __attribute__((weak, visibility("hidden")));
 extern "C" char __stop_mlxq_tg[] __attribute__((weak, visibility("hidden")));
 
+// float -> bfloat conversions on CPUs without an instruction for them (no AVX512-BF16): clang
+// then calls compiler-rt's __truncsfbf2, which zig's `cc -shared` does not link into the
+// library (dlopen failed with "undefined symbol: __truncsfbf2"). Weak, so that a toolchain
+// linking compiler-rt keeps its own. Round to nearest even; a NaN stays a quiet NaN.
+extern "C" __attribute__((weak, visibility("hidden"))) __bf16 __truncsfbf2(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  const uint16_t h = (u & 0x7fffffffu) > 0x7f800000u
+                         ? static_cast<uint16_t>((u >> 16) | 0x40u)
+                         : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return __builtin_bit_cast(__bf16, h);
+}
+
 namespace {
 
 constexpr int kMaxThreads = 1024;
