@@ -184,3 +184,29 @@ def assert_logits_match_mlx_lm(model, path: str | Path, tokens, tolerance: float
         got = model(tokens[None]).logits[0].numpy()
     assert float(np.abs(got - ref).max()) <= tolerance
     return ref
+
+
+def write_mlx_lm_adapters(
+    ckpt: str | Path, out: Path, num_layers: int, keys: list[str], scale: float, seed: int
+) -> None:
+    """LoRA adapters made by mlx-lm's own code, as `mlx_lm lora` sets them up and saves them
+    (rank 4 on `keys` of the last `num_layers` layers), with a random lora_b instead of
+    training, so that they change the logits."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(str(ckpt))
+    model.freeze()
+    params = {"rank": 4, "scale": scale, "dropout": 0.0, "keys": keys}
+    linear_to_lora_layers(model, num_layers, params)
+    mx.random.seed(seed)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    out.mkdir()
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    cfg = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+    (out / "adapter_config.json").write_text(json.dumps(cfg))

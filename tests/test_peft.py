@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mlx_models import tiny_mlx_checkpoint
+from mlx_models import tiny_mlx_checkpoint, write_mlx_lm_adapters
 from mlxq.nn import AffineLinear
 from oracles import assert_within, dequantize_ref, matmul_tolerance
 from safetensors import safe_open
@@ -218,32 +218,9 @@ def test_export_to_mlx_lm_logits_match(ckpt, gen, tmp_path):
     assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
 
 
-def _mlx_lm_trained_adapters(ckpt: Path, out: Path) -> None:
-    """Adapters made by mlx-lm's own code: its LoRA layers on the last layer, as `mlx_lm lora`
-    sets them up and saves them (random lora_b instead of training it)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    model = _mlx_lm(ckpt, float32=False)
-    model.freeze()
-    params = {"rank": 4, "scale": 7.0, "dropout": 0.0, "keys": ["self_attn.o_proj", "mlp.up_proj"]}
-    linear_to_lora_layers(model, 1, params)
-    mx.random.seed(3)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
-    out.mkdir()
-    mx.save_safetensors(
-        str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
-    )
-    cfg = {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": params}
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
-
-
 def test_import_from_mlx_lm_logits_match(ckpt, gen, tmp_path):
     adapters = tmp_path / "mlx_adapters"
-    _mlx_lm_trained_adapters(ckpt, adapters)
+    write_mlx_lm_adapters(ckpt, adapters, 1, ["self_attn.o_proj", "mlp.up_proj"], 7.0, 3)
     model = mlxq_peft.load_mlx_lm_adapters(_load(ckpt), adapters)
     adapted = [n for n, m in model.named_modules() if isinstance(m, mlxq_peft.AffineLoraLinear)]
     assert [n.split("model.layers.")[1] for n in adapted] == ["1.self_attn.o_proj", "1.mlp.up_proj"]

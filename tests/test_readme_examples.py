@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mlx_models import TEST_CACHE, smollm2, tiny_mlx_checkpoint
+from mlx_models import TEST_CACHE, smollm2, tiny_mlx_checkpoint, write_mlx_lm_adapters
 from oracles import assert_within, fp_dequantize_ref, matmul_tolerance, weight_refs, words
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,35 +320,6 @@ def test_transformers_example() -> None:
 # --- Fine-tuning with PEFT --------------------------------------------------------------------
 
 
-def _mlx_lm_adapters(ckpt: Path, out: Path) -> None:
-    """Adapters written by mlx-lm's own LoRA layers, as `mlx_lm lora` saves them (random
-    lora_b, so that they change the logits)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    model, _ = load(str(ckpt))
-    model.freeze()
-    params = {
-        "rank": 4,
-        "scale": 5.0,
-        "dropout": 0.0,
-        "keys": ["self_attn.q_proj", "mlp.down_proj"],
-    }
-    linear_to_lora_layers(model, 2, params)
-    mx.random.seed(5)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
-    out.mkdir()
-    mx.save_safetensors(
-        str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
-    )
-    cfg = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params}
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
-
-
 def _mlx_logits(model, tokens: torch.Tensor) -> np.ndarray:
     import mlx.core as mx
 
@@ -376,7 +347,9 @@ def test_peft_example(tmp_path, monkeypatch, one_thread) -> None:
 
     ckpt = tiny_mlx_checkpoint("qwen3", 4, 64)
     monkeypatch.chdir(tmp_path)  # the block writes ./adapters and ./fused
-    _mlx_lm_adapters(ckpt, tmp_path / "adapters_from_mlx_lm")
+    write_mlx_lm_adapters(
+        ckpt, tmp_path / "adapters_from_mlx_lm", 2, ["self_attn.q_proj", "mlp.down_proj"], 5.0, 5
+    )
     tok = AutoTokenizer.from_pretrained(ckpt)
     batch = dict(
         tok(["The mlxq project runs MLX-quantized models inside PyTorch."], return_tensors="pt")
