@@ -50,9 +50,15 @@ SHAPE_KEYS = frozenset(
 # the differences found that do not change what runs (or fail loudly), with the reason read in
 # mlx-lm 0.32's source; the rest are decided in mlxq.integrations.config_defaults
 NOT_FORWARD: dict[tuple[str, str], str] = {
+    ("bailing_hybrid", "partial_rotary_factor"): "mlx-lm's model is not transformers' (refused "
+    "by name)",
     **{
-        ("bailing_hybrid", key): "mlx-lm's model is not transformers' (refused by name)"
-        for key in ("partial_rotary_factor", "rope_scaling")
+        ("laguna", key): "mlx-lm derives transformers' list (the same rule)"
+        for key in ("layer_types", "num_attention_heads_per_layer", "mlp_layer_types")
+    },
+    **{
+        ("step3p5", key): "mlxq refuses step3p5 (transformers has no model of Step3p7TextConfig)"
+        for key in ("sliding_window", "layer_types", "moe_router_scaling_factor")
     },
     ("deepseek_v2", "topk_method"): "'gready' and 'greedy': mlx-lm tests group_limited_greedy only",
     ("falcon_h1", "mamba_chunk_size"): "the scan's chunking: same result up to rounding",
@@ -92,28 +98,7 @@ NOT_FORWARD: dict[tuple[str, str], str] = {
     ("recurrent_gemma", "block_types"): "mlx-lm derives it from _block_types as transformers",
 }
 # differences not settled here (left for a follow-up: the reason says what is open)
-UNVERIFIED: dict[tuple[str, str], str] = {
-    ("gemma4_text", "num_kv_shared_layers"): "mlx-lm 20, transformers 0: KV sharing changes the "
-    "forward; whether transformers' model then wants the shared layers' k/v tensors is unchecked",
-    **{
-        ("laguna", key): "per-layer lists mlx-lm reads from rope_parameters/layer types; unchecked"
-        for key in (
-            "partial_rotary_factor",
-            "rope_parameters",
-            "layer_types",
-            "num_attention_heads_per_layer",
-            "mlp_layer_types",
-        )
-    },
-    ("gemma4_text", "layer_types"): "derived otherwise: mlx-lm (and mlx-vlm) one full layer in "
-    "sliding_window_pattern (5), transformers one in 6; the same for <= 5 layers (the tiny test "
-    "model); a derived default (num_hidden_layers) is not done yet",
-    ("mellum", "rope_parameters"): "mlx-lm {} against per-layer-type rope; unchecked",
-    ("step3p5", "sliding_window"): "mlx-lm 512, transformers (step3p7's config) None; unchecked",
-    ("step3p5", "moe_router_scaling_factor"): "mlx-lm 3.0, transformers 1.0; unchecked",
-    ("step3p5", "layer_types"): "unchecked",
-    ("step3p5", "rope_scaling"): "per-layer-type rope; unchecked",
-}
+UNVERIFIED: dict[tuple[str, str], str] = {}
 
 
 def transformers_default(config: Any, key: str) -> Any:
