@@ -13,7 +13,8 @@ from mlx-lm's source by hand: decided in :mod:`mlxq.integrations.config_defaults
 default given at load, or refused), or listed here in :data:`NOT_FORWARD` or
 :data:`UNVERIFIED` with the reason; tests/test_config_defaults.py pins that every mlx-lm row is
 one of these. The mlx-vlm rows (its TextConfig/VisionConfig against transformers' sub-config
-classes) are printed for reading; only some are decided (MLX_TEXT_CONFIG_DEFAULTS/_REFUSED).
+classes) of the image-text families mlxq maps are pinned the same way (decided in
+MLX_TEXT_CONFIG_DEFAULTS/_REFUSED/_DERIVED, or :data:`VLM_NOT_FORWARD`, :data:`VLM_UNVERIFIED`).
 
     python tests/config_default_audit.py          # the table, mlx-lm then mlx-vlm
 """
@@ -99,6 +100,85 @@ NOT_FORWARD: dict[tuple[str, str], str] = {
 }
 # differences not settled here (left for a follow-up: the reason says what is open)
 UNVERIFIED: dict[tuple[str, str], str] = {}
+
+_LOUD_VLM = "mlx-vlm fails to load the checkpoint without it (loud)"
+_SAME_LOGITS = "mlxq gives mlx-vlm's logits without it (the tiny model)"
+# the mlx-vlm rows (of the image-text families mlxq maps) that do not change what runs, with the
+# reason: read in mlx-vlm 0.7.10's source or seen with the tiny models of tests/vlm_models.py
+# (the key deleted from the converted config.json: mlx-vlm fails, or gives mlxq's logits to
+# 1e-5 on a text prompt; vision_config keys on an image prompt); the rest are decided in
+# mlxq.integrations.config_defaults (MLX_TEXT_CONFIG_*), or open (VLM_UNVERIFIED)
+VLM_NOT_FORWARD: dict[tuple[str, str], str] = {
+    ("cohere_compass.text_config", "tie_word_embeddings"): "the head: " + _SAME_LOGITS,
+    ("cohere_compass.text_config", "layer_types"): "mlx-vlm derives all full attention, as "
+    "transformers",
+    ("gemma4.text_config", "partial_rotary_factor"): "not read: the rope of each layer type is",
+    ("gemma4.text_config", "use_double_wide_mlp"): "shapes: the tensors do not fit (loud)",
+    ("gemma4.vision_config", "rope_parameters"): _SAME_LOGITS + " (axial rope, theta 100)",
+    ("gemma4_unified.text_config", "partial_rotary_factor"): "not read: the rope of each layer "
+    "type is",
+    ("gemma4_unified.text_config", "rope_parameters"): _SAME_LOGITS + "; mlx-lm's default is "
+    "transformers'",
+    ("gemma4_unified.text_config", "attention_k_eq_v"): "shapes: v_proj present or not (loud)",
+    ("glm4v_moe.text_config", "rope_theta"): "mlx-vlm raises KeyError 'rope_theta' (loud)",
+    ("glm4v_moe.text_config", "tie_word_embeddings"): "the head: " + _SAME_LOGITS,
+    ("glm5_next.text_config", "mlp_layer_types"): _LOUD_VLM,
+    ("glm5_next.text_config", "layer_types"): _LOUD_VLM,
+    ("glm5_next.text_config", "indexer_types"): _SAME_LOGITS,
+    ("glm_ocr.text_config", "dtype"): "the weights' dtype, not the forward",
+    ("granite4_vision.text_config", "tie_word_embeddings"): "the head: " + _SAME_LOGITS,
+    ("hunyuan_vl.text_config", "org_vocab_size"): "not in transformers' config.json; "
+    + _SAME_LOGITS,
+    ("hunyuan_vl.text_config", "attention_head_dim"): "not in transformers' config.json; "
+    + _SAME_LOGITS,
+    ("hunyuan_vl.text_config", "rope_scaling"): "mlx-vlm asserts its xdrope sections (loud)",
+    ("hunyuan_vl.text_config", "dtype"): "the weights' dtype, not the forward",
+    ("hunyuan_vl.text_config", "eod_token_id"): "a token id, not the forward",
+    ("hunyuan_vl.text_config", "pad_id"): "a token id, not the forward",
+    ("hunyuan_vl.text_config", "sep_token_id"): "a token id, not the forward",
+    ("internvl.vision_config", "attention_bias"): "shapes: bias tensors present or not (loud)",
+    ("kimi_k25.vision_config", "merge_kernel_size"): _SAME_LOGITS,
+    ("muse_glimmer.text_config", "layer_types"): _SAME_LOGITS,
+    ("muse_glimmer.text_config", "layer_rope_theta"): _SAME_LOGITS,
+    ("muse_glimmer.vision_config", "rope_parameters"): _SAME_LOGITS,
+    ("muse_glimmer.vision_config", "layer_types"): _SAME_LOGITS,
+    ("paddleocr_vl.text_config", "hidden_act"): "mlx-vlm's ('silu',) is transformers' silu",
+    ("paddleocr_vl.text_config", "use_bias"): "mlx-vlm's (False,) is transformers' False",
+    ("qwen3_vl.vision_config", "deepstack_visual_indexes"): _LOUD_VLM + " (the mergers)",
+    ("qwen3_vl_moe.text_config", "tie_word_embeddings"): "the head: " + _SAME_LOGITS,
+    ("qwen3_vl_moe.vision_config", "deepstack_visual_indexes"): _LOUD_VLM + " (the mergers)",
+    ("qwen4_exp.text_config", "layer_types"): _LOUD_VLM,
+    ("qwen4_exp.text_config", "split_ngram_parts"): _LOUD_VLM,
+    ("qwen4_exp.text_config", "ple_embed_dim"): _SAME_LOGITS,
+}
+_MROPE = "the mrope sections of rope_scaling (a text prompt cannot tell): unchecked"
+# mlx-vlm rows still open (the reason says what)
+VLM_UNVERIFIED: dict[tuple[str, str], str] = {
+    ("cohere_compass.text_config", "sliding_window"): "mlx-vlm's None, transformers' 4096: "
+    "differs past 4096 tokens on sliding layers; unchecked",
+    ("qwen2_vl.text_config", "sliding_window"): "mlx-vlm's 32768, transformers' None: past "
+    "32768 tokens; unchecked",
+    ("qwen2_5_vl.vision_config", "tokens_per_second"): "mlx-vlm 2, transformers 4: video "
+    "positions only (the same logits on an image prompt); video unchecked",
+    ("glm4v.text_config", "rope_scaling"): _MROPE,
+    ("glm4v_moe.text_config", "rope_scaling"): _MROPE,
+    ("qwen3_vl.text_config", "rope_scaling"): _MROPE,
+    ("qwen3_vl_moe.text_config", "rope_scaling"): _MROPE,
+    ("paddleocr_vl.text_config", "rope_scaling"): _MROPE,
+    ("glm_ocr.text_config", "rope_parameters"): "transformers' default mrope sections [8, 12, "
+    "12] (mlx-vlm's [16, 24, 24]) fail in mlxq on the tiny model (loud, a torch error); on a "
+    "real one they would run: unchecked",
+    **{
+        ("qwen4_exp.text_config", key): "mlx-vlm's default, transformers' None: unchecked"
+        for key in (
+            "indexer_n_heads",
+            "indexer_kv_heads",
+            "indexer_head_dim",
+            "indexer_budget",
+            "indexer_compress_ratio",
+        )
+    },
+}
 
 
 def transformers_default(config: Any, key: str) -> Any:

@@ -134,6 +134,38 @@ def test_audit_rows_are_decided() -> None:
     assert not undecided, undecided
 
 
+def test_mlx_vlm_audit_rows_are_decided() -> None:
+    # the same for mlx-vlm's rows of the image-text families mlxq maps: each text_config key
+    # given mlx-vlm's default, refused, derived, or listed with the reason (none stale)
+    from config_default_audit import VLM_NOT_FORWARD, VLM_UNVERIFIED, mlx_vlm_rows
+    from mlxq.integrations.config_defaults import (
+        MLX_TEXT_CONFIG_DEFAULTS,
+        MLX_TEXT_CONFIG_DERIVED,
+        MLX_TEXT_CONFIG_REFUSED,
+    )
+    from mlxq.integrations.mlx_vlm_layout import VLM_LAYOUTS
+
+    rows = [(where, key) for where, key, *_ in mlx_vlm_rows()]
+    listed = {**VLM_NOT_FORWARD, **VLM_UNVERIFIED}
+    assert not [k for k in listed if k not in rows]
+    undecided = []
+    for where, key in rows:
+        family, _, sub = where.partition(".")
+        if family not in VLM_LAYOUTS or (where, key) in listed:
+            continue
+        decided = [
+            table.get(family, ())
+            for table in (
+                MLX_TEXT_CONFIG_DEFAULTS,
+                MLX_TEXT_CONFIG_REFUSED,
+                MLX_TEXT_CONFIG_DERIVED,
+            )
+        ]
+        if sub != "text_config" or not any(key in d for d in decided):
+            undecided.append((where, key))
+    assert not undecided, undecided
+
+
 def _omni_thinker_on_meta(raw: dict):
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
@@ -184,6 +216,11 @@ def test_text_config_key_the_oracles_default_apart_is_refused(tmp_path: Path) ->
         with_mlx_lm_defaults(config)
     given = {"model_type": "gemma3", "text_config": {"sliding_window": 1024}}
     assert with_mlx_lm_defaults(given) == given
+    # Gemma 4's text_config without rope_parameters: mlx-vlm rotates the whole head of its
+    # full-attention layers (0.41 off mlx-lm's tiny model), mlx-lm and transformers a quarter
+    config = {"model_type": "gemma4", "text_config": {"num_kv_shared_layers": 0}}
+    with pytest.raises(ValueError, match=r"no text_config.rope_parameters.*0.25, mlx-vlm .*1.0"):
+        with_mlx_lm_defaults(config)
 
 
 def test_laguna_top_level_partial_rotary_factor(tmp_path: Path) -> None:
@@ -267,7 +304,12 @@ def test_gemma4_layer_types_derived_as_the_oracles(model_type, layers, pattern) 
     import mlx_lm.models.gemma4_text as lm
     from mlxq.integrations.config_defaults import with_mlx_lm_defaults
 
-    text = {"num_hidden_layers": layers, "num_kv_shared_layers": 0}
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    text = {
+        "num_hidden_layers": layers,
+        "num_kv_shared_layers": 0,
+        "rope_parameters": {_FULL: rope, _SLIDING: rope},
+    }
     if pattern is not None:
         text["sliding_window_pattern"] = pattern
     derived = [lm.ModelArgs.from_dict(text).layer_types]
@@ -351,3 +393,57 @@ def test_mlx_vlm_text_checkpoint_key_its_port_defaults_apart_is_refused(tmp_path
     with pytest.raises(ValueError, match=r"no sliding_window: .*mlx-vlm 0.7.10's 1024"):
         with_mlx_lm_defaults(config)
     assert with_mlx_lm_defaults({"model_type": "gemma3_text"})["sliding_window"] == 512
+
+
+@pytest.mark.parametrize(
+    ("name", "keys"),
+    [
+        # partial_rotary_factor: mlx-vlm's GLM-4.1V 0.5, transformers' 1.0 (mlxq failed in
+        # the rotary embedding: the mrope sections fit half the head)
+        ("glm4v", ("partial_rotary_factor",)),
+        # rms_norm_eps and rope_theta: mlx-vlm's Llama 3.2 Vision 1e-6 and 10000,
+        # transformers' 1e-5 and 500000
+        ("mllama", ("rms_norm_eps", "rope_theta")),
+        # Granite 4 Vision's muP multipliers, theta and eps: mlx-vlm's those of the released
+        # model (embedding 12, attention 1/64, residual 0.22, logits 10, theta 1e7, eps 1e-5),
+        # transformers' 1.0, 10000 and 1e-6
+        (
+            "granite4_vision",
+            (
+                "embedding_multiplier",
+                "attention_multiplier",
+                "residual_multiplier",
+                "logits_scaling",
+                "rope_theta",
+                "rms_norm_eps",
+            ),
+        ),
+        # rope_parameters: mlx-vlm's (and mlx-lm's) Qwen 3.5 theta 100000, transformers' 10000
+        ("qwen3_5", ("rope_parameters",)),
+        # Qwen4-Exp: mlx-vlm's sigmoid output gate and theta 1e7, transformers' silu and 10000
+        ("qwen4_exp", ("output_gate_type", "rope_parameters")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_absent_text_config_key_runs_mlx_vlm_default(name: str, keys, tmp_path: Path) -> None:
+    # an image-text checkpoint converted by mlx-vlm whose text_config lacks the keys: mlx-vlm's
+    # TextConfig defaults them otherwise than transformers' text config (no mlx-lm model of
+    # these types reads them otherwise), so mlxq gives mlx-vlm's text-only logits
+    from vlm_models import mlx_vlm_logits, model_inputs, tiny_mlx_vlm_checkpoint
+    from vlm_models import mlxq_logits as vlm_mlxq_logits
+
+    folder = tmp_path / name
+    shutil.copytree(tiny_mlx_vlm_checkpoint(name), folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
+    for key in keys:
+        rope = text.get("rope_parameters")
+        assert key in text or key in (rope or {}), f"{name}'s text_config has no {key}"
+        text.pop(key, None)
+        if isinstance(rope, dict):
+            rope.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    inputs = model_inputs(folder, name, with_image=False)
+    ref = mlx_vlm_logits(folder, name, inputs)
+    diff = float(np.abs(vlm_mlxq_logits(folder, name, inputs) - ref).max())
+    assert diff <= TOLERANCE, f"{name} without text_config {keys}: max|diff| {diff:.2e}"

@@ -27,6 +27,7 @@ mlx-lm and mlx-vlm (which converted the checkpoint is not in config.json) derive
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "MLX_LM_DERIVED",
     "MLX_LM_PLAIN_ROPE",
     "MLX_TEXT_CONFIG_DEFAULTS",
+    "MLX_TEXT_CONFIG_DERIVED",
     "MLX_TEXT_CONFIG_REFUSED",
     "MLX_VLM_TEXT_REFUSED",
     "with_mlx_lm_defaults",
@@ -110,16 +112,46 @@ MLX_LM_DEFAULTS: dict[str, dict[str, Any]] = {
 # (its rope_scaling defaults to None: plain RoPE) -> that scaling's rope_type
 MLX_LM_PLAIN_ROPE = {"apertus": "llama3", "gpt_oss": "yarn", "ministral3": "yarn",
                      "mistral4": "yarn"}  # fmt: skip
+# mlx-lm's and mlx-vlm's Qwen 3.5 text rope (transformers' theta is 10000)
+_QWEN3_5_ROPE = {
+    "rope_type": "default",
+    "mrope_section": [11, 11, 10],
+    "rope_theta": 100000.0,
+    "partial_rotary_factor": 0.25,
+}
 # image-text model type -> {text_config key: the default of mlx-vlm 0.7.10's TextConfig, which
-# mlx-lm 0.32's model of the language model shares}, where transformers' text config has another
+# mlx-lm 0.32's model of the language model shares (or mlx-lm has no model of the type: Llama
+# 3.2 Vision, Granite 4 Vision, GLM-4.1V, Qwen4-Exp)}, where transformers' text config has
+# another (each checked against mlx-vlm's logits: tests/test_config_defaults.py)
 MLX_TEXT_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma4": {"final_logit_softcapping": 30.0},
     "gemma4_unified": {"final_logit_softcapping": 30.0},
+    "glm4v": {"partial_rotary_factor": 0.5},
+    "granite4_vision": {
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000000.0,
+        "embedding_multiplier": 12.0,
+        "attention_multiplier": 0.015625,
+        "residual_multiplier": 0.22,
+        "logits_scaling": 10.0,
+    },
+    "mllama": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "qwen3_5": {"rope_parameters": _QWEN3_5_ROPE},
+    "qwen3_5_moe": {"rope_parameters": _QWEN3_5_ROPE},
+    # (transformers' None: hidden_act, silu)
+    "qwen4_exp": {
+        "output_gate_type": "sigmoid",
+        "rope_parameters": {**_QWEN3_5_ROPE, "rope_theta": 10000000.0},
+    },
 }
 # image-text model type -> {text_config key: what mlx-lm's and mlx-vlm's defaults are}, where
 # the two oracles' defaults differ (which converted the checkpoint is not in config.json)
 MLX_TEXT_CONFIG_REFUSED: dict[str, dict[str, str]] = {
     "gemma3": {"sliding_window": "mlx-lm 0.32's 512, mlx-vlm 0.7.10's 1024, transformers' 4096"},
+    "gemma4": {
+        "rope_parameters": "full-attention partial_rotary_factor: mlx-lm 0.32's and "
+        "transformers' 0.25, mlx-vlm 0.7.10's 1.0"
+    },
 }
 # text model type -> {key: the defaults}, where the port of mlx-vlm 0.7.10 that runs a text
 # checkpoint it converted (config.json with an empty vision_config) defaults the key otherwise
@@ -142,6 +174,11 @@ MLX_VLM_TEXT_REFUSED: dict[str, dict[str, str]] = {
 MLX_LM_DERIVED: dict[str, tuple[str, ...]] = {
     "gemma4_text": ("num_kv_shared_layers", "layer_types"),
     "laguna": ("rope_parameters", "partial_rotary_factor"),
+}
+# image-text model type -> text_config keys settled by the rule of :func:`_gemma4_layers`
+MLX_TEXT_CONFIG_DERIVED: dict[str, tuple[str, ...]] = {
+    "gemma4": ("num_kv_shared_layers", "layer_types"),
+    "gemma4_unified": ("num_kv_shared_layers", "layer_types"),
 }
 # Gemma 4 model type -> {oracle: (its default num_kv_shared_layers, sliding_window_pattern)} for
 # the language model's config (top level for gemma4_text, text_config for the image-text types:
@@ -254,9 +291,20 @@ def _with_text_config_defaults(model_type: str, config_dict: dict, text: dict) -
                 f"defaults differ ({said}), so no model here is sure to match the one that "
                 f"converted it. Set text_config.{key} in config.json"
             )
-    added = {k: v for k, v in MLX_TEXT_CONFIG_DEFAULTS.get(model_type, {}).items() if k not in text}
+    rope = text.get("rope_parameters")
+    rope = rope if isinstance(rope, dict) else {}
+    added = {}
+    for key, value in MLX_TEXT_CONFIG_DEFAULTS.get(model_type, {}).items():
+        if key in text or (key in _ROPE_KEYS and key in rope):
+            continue  # (given in rope_parameters only: transformers reads it there)
+        if key == "rope_parameters" and text.get("rope_scaling") is not None:
+            continue  # (transformers reads rope_scaling as rope_parameters)
+        added[key] = copy.deepcopy(value)
     if added:
         text = {**text, **added}
+        rope_added = {k: v for k, v in added.items() if k in _ROPE_KEYS}
+        if rope_added and rope and not isinstance(rope.get("full_attention"), dict):
+            text["rope_parameters"] = {**rope, **rope_added}  # (transformers 5 reads it there)
     if model_type in _GEMMA4_ORACLES:
         text = _gemma4_layers(model_type, text, "text_config.")
     return (
