@@ -23,6 +23,12 @@ transformers: one in 6, and always the last), Laguna's per-layer-type `rope_para
 theta 10000 and config.json's `partial_rotary_factor` where a layer type's rope says none).
 They are given as mlx-lm derives them, or refused where transformers cannot run that, or where
 mlx-lm and mlx-vlm (which converted the checkpoint is not in config.json) derive them apart.
+
+An image-text checkpoint's text_config gets mlx-vlm 0.7.10's defaults where mlx-lm has none
+other (:data:`MLX_TEXT_CONFIG_DEFAULTS`), refused where the two differ
+(:data:`MLX_TEXT_CONFIG_REFUSED`). A text model converted by mlx-vlm (config.json with an empty
+vision_config) runs in mlx-vlm's port of mlx-lm's model, whose defaults are mlx-lm's except
+those of :data:`MLX_VLM_TEXT_REFUSED`: refused.
 """
 
 from __future__ import annotations
