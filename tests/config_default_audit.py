@@ -150,26 +150,17 @@ VLM_NOT_FORWARD: dict[tuple[str, str], str] = {
     ("qwen4_exp.text_config", "layer_types"): _LOUD_VLM,
     ("qwen4_exp.text_config", "split_ngram_parts"): _LOUD_VLM,
     ("qwen4_exp.text_config", "ple_embed_dim"): _SAME_LOGITS,
-}
-_MROPE = "the mrope sections of rope_scaling (a text prompt cannot tell): unchecked"
-# mlx-vlm rows still open (the reason says what)
-VLM_UNVERIFIED: dict[tuple[str, str], str] = {
-    ("cohere_compass.text_config", "sliding_window"): "mlx-vlm's None, transformers' 4096: "
-    "differs past 4096 tokens on sliding layers; unchecked",
-    ("qwen2_vl.text_config", "sliding_window"): "mlx-vlm's 32768, transformers' None: past "
-    "32768 tokens; unchecked",
-    ("qwen2_5_vl.vision_config", "tokens_per_second"): "mlx-vlm 2, transformers 4: video "
-    "positions only (the same logits on an image prompt); video unchecked",
-    ("glm4v.text_config", "rope_scaling"): _MROPE,
-    ("glm4v_moe.text_config", "rope_scaling"): _MROPE,
-    ("qwen3_vl.text_config", "rope_scaling"): _MROPE,
-    ("qwen3_vl_moe.text_config", "rope_scaling"): _MROPE,
-    ("paddleocr_vl.text_config", "rope_scaling"): _MROPE,
-    ("glm_ocr.text_config", "rope_parameters"): "transformers' default mrope sections [8, 12, "
-    "12] (mlx-vlm's [16, 24, 24]) fail in mlxq on the tiny model (loud, a torch error); on a "
-    "real one they would run: unchecked",
     **{
-        ("qwen4_exp.text_config", key): "mlx-vlm's default, transformers' None: unchecked"
+        (f"{family}.text_config", "rope_scaling"): "mlx-vlm reads the mrope sections from "
+        "rope_parameters too: " + _SAME_LOGITS + " on an image prompt"
+        for family in ("glm4v_moe", "qwen3_vl", "qwen3_vl_moe", "paddleocr_vl")
+    },
+    ("glm4v.text_config", "rope_scaling"): "absent: mlx-vlm's and transformers' default "
+    "mrope sections are [8, 12, 12]; refused where rope_parameters gives others, which "
+    "mlx-vlm does not read (config_defaults._check_glm4v_mrope)",
+    **{
+        ("qwen4_exp.text_config", key): "transformers' config refuses the set with one absent "
+        "(QSA config is missing required fields); all absent, mlx-vlm's shapes do not fit (loud)"
         for key in (
             "indexer_n_heads",
             "indexer_kv_heads",
@@ -178,6 +169,18 @@ VLM_UNVERIFIED: dict[tuple[str, str], str] = {
             "indexer_compress_ratio",
         )
     },
+}
+# mlx-vlm rows still open (the reason says what)
+VLM_UNVERIFIED: dict[tuple[str, str], str] = {
+    ("cohere_compass.text_config", "sliding_window"): "mlx-vlm's None, transformers' 4096: "
+    "differs past 4096 tokens on sliding layers; unchecked",
+    ("qwen2_vl.text_config", "sliding_window"): "mlx-vlm's 32768, transformers' None: past "
+    "32768 tokens; unchecked",
+    ("qwen2_5_vl.vision_config", "tokens_per_second"): "mlx-vlm 2, transformers 4: video "
+    "positions only (the same logits on an image prompt); video unchecked",
+    ("glm_ocr.text_config", "rope_parameters"): "transformers' default mrope sections [8, 12, "
+    "12] (mlx-vlm's [16, 24, 24]) fail in mlxq on the tiny model (loud, a torch error); on a "
+    "real one they would run: unchecked",
 }
 
 

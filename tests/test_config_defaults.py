@@ -223,6 +223,29 @@ def test_text_config_key_the_oracles_default_apart_is_refused(tmp_path: Path) ->
         with_mlx_lm_defaults(config)
 
 
+def test_glm4v_mrope_sections_mlx_vlm_does_not_read_are_refused(tmp_path: Path) -> None:
+    # GLM-4.1V's text_config with no rope_scaling: mlx-vlm runs its default mrope sections
+    # [8, 12, 12] whatever rope_parameters says (0.06 off the tiny model's [2, 3, 3] on an
+    # image prompt), transformers reads rope_parameters: refused; the same sections pass
+    from mlxq.integrations.config_defaults import with_mlx_lm_defaults
+    from transformers import AutoModelForImageTextToText
+    from vlm_models import tiny_mlx_vlm_checkpoint
+
+    folder = tmp_path / "glm4v"
+    shutil.copytree(tiny_mlx_vlm_checkpoint("glm4v"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_config"]["rope_scaling"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    with pytest.raises(ValueError, match=r"no text_config.rope_scaling .*\[2, 3, 3\]"):
+        AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    same = {
+        "model_type": "glm4v",
+        "text_config": {"rope_parameters": {"mrope_section": [8, 12, 12]}},
+    }
+    rope = with_mlx_lm_defaults(same)["text_config"]["rope_parameters"]
+    assert rope["mrope_section"] == [8, 12, 12]
+
+
 def test_laguna_top_level_partial_rotary_factor(tmp_path: Path) -> None:
     # a layer type's rope without partial_rotary_factor: mlx-lm's Laguna takes config.json's
     # top-level one (half the head here), transformers' the whole head
@@ -290,8 +313,14 @@ def test_gemma4_defaults_mlx_lm_cannot_run_are_refused(tmp_path: Path) -> None:
     ):
         AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     path = _checkpoint_without("gemma4_text", TIED, tmp_path / "2", ("layer_types",))
-    with pytest.raises(ValueError, match=r"layer_types ending in 'sliding_attention'"):
+    with pytest.raises(ValueError, match=r"derives .*layer_types ending in 'sliding_attention'"):
         AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # (the same given: transformers would run the last layer as full attention, with a log line)
+    from mlxq.integrations.config_defaults import with_mlx_lm_defaults
+
+    given = {"model_type": "gemma4_text", "num_kv_shared_layers": 0, "num_hidden_layers": 2}
+    with pytest.raises(ValueError, match=r"gives layer_types ending in 'sliding_attention'"):
+        with_mlx_lm_defaults({**given, "layer_types": [_FULL, _SLIDING]})
 
 
 @pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4", "gemma4_unified"])

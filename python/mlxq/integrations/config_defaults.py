@@ -299,6 +299,8 @@ def _with_text_config_defaults(model_type: str, config_dict: dict, text: dict) -
             )
     rope = text.get("rope_parameters")
     rope = rope if isinstance(rope, dict) else {}
+    if model_type == "glm4v" and text.get("rope_scaling") is None:
+        _check_glm4v_mrope(rope)
     added = {}
     for key, value in MLX_TEXT_CONFIG_DEFAULTS.get(model_type, {}).items():
         if key in text or (key in _ROPE_KEYS and key in rope):
@@ -318,6 +320,25 @@ def _with_text_config_defaults(model_type: str, config_dict: dict, text: dict) -
         if text is not config_dict["text_config"]
         else config_dict
     )
+
+
+# mlx-vlm 0.7.10's GLM-4.1V reads the mrope sections from text_config.rope_scaling alone
+# (default [8, 12, 12], transformers' default too); transformers 5 from rope_parameters
+_GLM4V_MROPE = [8, 12, 12]
+
+
+def _check_glm4v_mrope(rope: dict) -> None:
+    """ValueError where GLM-4.1V's text_config has no rope_scaling and its rope_parameters
+    give other mrope sections than the default mlx-vlm then runs."""
+    given = rope.get("mrope_section")
+    if given is not None and list(given) != _GLM4V_MROPE:
+        raise ValueError(
+            "mlxq: config.json of model type 'glm4v' has no text_config.rope_scaling and "
+            f"text_config.rope_parameters.mrope_section {list(given)}: mlx-vlm 0.7.10 reads the "
+            f"sections from rope_scaling alone (its default {_GLM4V_MROPE}), transformers "
+            "from rope_parameters; the two would run different models. Set "
+            "text_config.rope_scaling in config.json"
+        )
 
 
 def _check_mlx_vlm_text(model_type: str, config_dict: dict) -> None:
