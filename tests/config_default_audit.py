@@ -155,6 +155,11 @@ VLM_NOT_FORWARD: dict[tuple[str, str], str] = {
         "rope_parameters too: " + _SAME_LOGITS + " on an image prompt"
         for family in ("glm4v_moe", "qwen3_vl", "qwen3_vl_moe", "paddleocr_vl")
     },
+    ("cohere_compass.text_config", "sliding_window"): "read on sliding_attention layers "
+    "alone (mlx-vlm's None: no window, transformers' 4096): refused where layer_types has "
+    "one (config_defaults)",
+    ("qwen2_vl.text_config", "sliding_window"): "mlx-vlm's Qwen2-VL does not read it (no "
+    "window); transformers' None unless use_sliding_window",
     ("glm4v.text_config", "rope_scaling"): "absent: mlx-vlm's and transformers' default "
     "mrope sections are [8, 12, 12]; refused where rope_parameters gives others, which "
     "mlx-vlm does not read (config_defaults._check_glm4v_mrope)",
@@ -172,10 +177,6 @@ VLM_NOT_FORWARD: dict[tuple[str, str], str] = {
 }
 # mlx-vlm rows still open (the reason says what)
 VLM_UNVERIFIED: dict[tuple[str, str], str] = {
-    ("cohere_compass.text_config", "sliding_window"): "mlx-vlm's None, transformers' 4096: "
-    "differs past 4096 tokens on sliding layers; unchecked",
-    ("qwen2_vl.text_config", "sliding_window"): "mlx-vlm's 32768, transformers' None: past "
-    "32768 tokens; unchecked",
     ("qwen2_5_vl.vision_config", "tokens_per_second"): "mlx-vlm 2, transformers 4: video "
     "positions only (the same logits on an image prompt); video unchecked",
     ("glm_ocr.text_config", "rope_parameters"): "transformers' default mrope sections [8, 12, "

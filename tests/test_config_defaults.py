@@ -223,6 +223,20 @@ def test_text_config_key_the_oracles_default_apart_is_refused(tmp_path: Path) ->
         with_mlx_lm_defaults(config)
 
 
+def test_cohere_compass_window_of_sliding_layers_is_refused() -> None:
+    # Command A Vision's text_config with sliding layers and no sliding_window: mlx-vlm runs
+    # them without a window (its None), transformers with 4096: refused; without sliding
+    # layers the window is not read
+    from mlxq.integrations.config_defaults import with_mlx_lm_defaults
+
+    text = {"layer_types": [_SLIDING, _FULL]}
+    config = {"model_type": "cohere_compass", "text_config": text}
+    with pytest.raises(ValueError, match=r"no text_config.sliding_window: mlx-vlm .* None"):
+        with_mlx_lm_defaults(config)
+    full = {"model_type": "cohere_compass", "text_config": {"layer_types": [_FULL, _FULL]}}
+    assert with_mlx_lm_defaults(full) == full
+
+
 def test_glm4v_mrope_sections_mlx_vlm_does_not_read_are_refused(tmp_path: Path) -> None:
     # GLM-4.1V's text_config with no rope_scaling: mlx-vlm runs its default mrope sections
     # [8, 12, 12] whatever rope_parameters says (0.06 off the tiny model's [2, 3, 3] on an

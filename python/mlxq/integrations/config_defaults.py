@@ -301,6 +301,14 @@ def _with_text_config_defaults(model_type: str, config_dict: dict, text: dict) -
     rope = rope if isinstance(rope, dict) else {}
     if model_type == "glm4v" and text.get("rope_scaling") is None:
         _check_glm4v_mrope(rope)
+    sliding = _SLIDING in (text.get("layer_types") or ())
+    if model_type == "cohere_compass" and sliding and "sliding_window" not in text:
+        raise ValueError(
+            "mlxq: config.json of model type 'cohere_compass' has sliding_attention layers and "
+            "no text_config.sliding_window: mlx-vlm 0.7.10 defaults it to None (no window), "
+            "transformers to 4096; the two would run different models past 4096 tokens. Set "
+            "text_config.sliding_window in config.json"
+        )
     added = {}
     for key, value in MLX_TEXT_CONFIG_DEFAULTS.get(model_type, {}).items():
         if key in text or (key in _ROPE_KEYS and key in rope):
