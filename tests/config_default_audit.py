@@ -179,9 +179,9 @@ VLM_NOT_FORWARD: dict[tuple[str, str], str] = {
 VLM_UNVERIFIED: dict[tuple[str, str], str] = {
     ("qwen2_5_vl.vision_config", "tokens_per_second"): "mlx-vlm 2, transformers 4: video "
     "positions only (the same logits on an image prompt); video unchecked",
-    ("glm_ocr.text_config", "rope_parameters"): "transformers' default mrope sections [8, 12, "
-    "12] (mlx-vlm's [16, 24, 24]) fail in mlxq on the tiny model (loud, a torch error); on a "
-    "real one they would run: unchecked",
+    ("glm_ocr.text_config", "rope_parameters"): "mlx-vlm's default mrope sections [16, 24, "
+    "24] fit GLM-OCR's head, transformers' [8, 12, 12] fail in its rotary embedding (loud, a "
+    "torch split error); giving mlx-vlm's would run it, untested (the tiny head fits neither)",
 }
 
 
