@@ -13,7 +13,8 @@ from mlx-lm's source by hand: decided in :mod:`mlxq.integrations.config_defaults
 default given at load, or refused), or listed here in :data:`NOT_FORWARD` or
 :data:`UNVERIFIED` with the reason; tests/test_config_defaults.py pins that every mlx-lm row is
 one of these. The mlx-vlm rows (its TextConfig/VisionConfig against transformers' sub-config
-classes) are printed for reading; only some are decided (MLX_TEXT_CONFIG_DEFAULTS/_REFUSED).
+classes) of the image-text families mlxq maps are pinned the same way (decided in
+MLX_TEXT_CONFIG_DEFAULTS/_REFUSED/_DERIVED, or :data:`VLM_NOT_FORWARD`, :data:`VLM_UNVERIFIED`).
 
     python tests/config_default_audit.py          # the table, mlx-lm then mlx-vlm
 """
@@ -50,9 +51,15 @@ SHAPE_KEYS = frozenset(
 # the differences found that do not change what runs (or fail loudly), with the reason read in
 # mlx-lm 0.32's source; the rest are decided in mlxq.integrations.config_defaults
 NOT_FORWARD: dict[tuple[str, str], str] = {
+    ("bailing_hybrid", "partial_rotary_factor"): "mlx-lm's model is not transformers' (refused "
+    "by name)",
     **{
-        ("bailing_hybrid", key): "mlx-lm's model is not transformers' (refused by name)"
-        for key in ("partial_rotary_factor", "rope_scaling")
+        ("laguna", key): "mlx-lm derives transformers' list (the same rule)"
+        for key in ("layer_types", "num_attention_heads_per_layer", "mlp_layer_types")
+    },
+    **{
+        ("step3p5", key): "mlxq refuses step3p5 (transformers has no model of Step3p7TextConfig)"
+        for key in ("sliding_window", "layer_types", "moe_router_scaling_factor")
     },
     ("deepseek_v2", "topk_method"): "'gready' and 'greedy': mlx-lm tests group_limited_greedy only",
     ("falcon_h1", "mamba_chunk_size"): "the scan's chunking: same result up to rounding",
@@ -92,27 +99,89 @@ NOT_FORWARD: dict[tuple[str, str], str] = {
     ("recurrent_gemma", "block_types"): "mlx-lm derives it from _block_types as transformers",
 }
 # differences not settled here (left for a follow-up: the reason says what is open)
-UNVERIFIED: dict[tuple[str, str], str] = {
-    ("gemma4_text", "num_kv_shared_layers"): "mlx-lm 20, transformers 0: KV sharing changes the "
-    "forward; whether transformers' model then wants the shared layers' k/v tensors is unchecked",
+UNVERIFIED: dict[tuple[str, str], str] = {}
+
+_LOUD_VLM = "mlx-vlm fails to load the checkpoint without it (loud)"
+_SAME_LOGITS = "mlxq gives mlx-vlm's logits without it (the tiny model)"
+# the mlx-vlm rows (of the image-text families mlxq maps) that do not change what runs, with the
+# reason: read in mlx-vlm 0.7.10's source or seen with the tiny models of tests/vlm_models.py
+# (the key deleted from the converted config.json: mlx-vlm fails, or gives mlxq's logits to
+# 1e-5 on a text prompt; vision_config keys on an image prompt); the rest are decided in
+# mlxq.integrations.config_defaults (MLX_TEXT_CONFIG_*), or open (VLM_UNVERIFIED)
+VLM_NOT_FORWARD: dict[tuple[str, str], str] = {
+    ("cohere_compass.text_config", "tie_word_embeddings"): "the head: " + _SAME_LOGITS,
+    ("cohere_compass.text_config", "layer_types"): "mlx-vlm derives all full attention, as "
+    "transformers",
+    ("gemma4.text_config", "partial_rotary_factor"): "not read: the rope of each layer type is",
+    ("gemma4.text_config", "use_double_wide_mlp"): "shapes: the tensors do not fit (loud)",
+    ("gemma4.vision_config", "rope_parameters"): _SAME_LOGITS + " (axial rope, theta 100)",
+    ("gemma4_unified.text_config", "partial_rotary_factor"): "not read: the rope of each layer "
+    "type is",
+    ("gemma4_unified.text_config", "rope_parameters"): _SAME_LOGITS + "; mlx-lm's default is "
+    "transformers'",
+    ("gemma4_unified.text_config", "attention_k_eq_v"): "shapes: v_proj present or not (loud)",
+    ("glm4v_moe.text_config", "rope_theta"): "mlx-vlm raises KeyError 'rope_theta' (loud)",
+    ("glm4v_moe.text_config", "tie_word_embeddings"): "the head: " + _SAME_LOGITS,
+    ("glm5_next.text_config", "mlp_layer_types"): _LOUD_VLM,
+    ("glm5_next.text_config", "layer_types"): _LOUD_VLM,
+    ("glm5_next.text_config", "indexer_types"): _SAME_LOGITS,
+    ("glm_ocr.text_config", "dtype"): "the weights' dtype, not the forward",
+    ("granite4_vision.text_config", "tie_word_embeddings"): "the head: " + _SAME_LOGITS,
+    ("hunyuan_vl.text_config", "org_vocab_size"): "not in transformers' config.json; "
+    + _SAME_LOGITS,
+    ("hunyuan_vl.text_config", "attention_head_dim"): "not in transformers' config.json; "
+    + _SAME_LOGITS,
+    ("hunyuan_vl.text_config", "rope_scaling"): "mlx-vlm asserts its xdrope sections (loud)",
+    ("hunyuan_vl.text_config", "dtype"): "the weights' dtype, not the forward",
+    ("hunyuan_vl.text_config", "eod_token_id"): "a token id, not the forward",
+    ("hunyuan_vl.text_config", "pad_id"): "a token id, not the forward",
+    ("hunyuan_vl.text_config", "sep_token_id"): "a token id, not the forward",
+    ("internvl.vision_config", "attention_bias"): "shapes: bias tensors present or not (loud)",
+    ("kimi_k25.vision_config", "merge_kernel_size"): _SAME_LOGITS,
+    ("muse_glimmer.text_config", "layer_types"): _SAME_LOGITS,
+    ("muse_glimmer.text_config", "layer_rope_theta"): _SAME_LOGITS,
+    ("muse_glimmer.vision_config", "rope_parameters"): _SAME_LOGITS,
+    ("muse_glimmer.vision_config", "layer_types"): _SAME_LOGITS,
+    ("paddleocr_vl.text_config", "hidden_act"): "mlx-vlm's ('silu',) is transformers' silu",
+    ("paddleocr_vl.text_config", "use_bias"): "mlx-vlm's (False,) is transformers' False",
+    ("qwen3_vl.vision_config", "deepstack_visual_indexes"): _LOUD_VLM + " (the mergers)",
+    ("qwen3_vl_moe.text_config", "tie_word_embeddings"): "the head: " + _SAME_LOGITS,
+    ("qwen3_vl_moe.vision_config", "deepstack_visual_indexes"): _LOUD_VLM + " (the mergers)",
+    ("qwen4_exp.text_config", "layer_types"): _LOUD_VLM,
+    ("qwen4_exp.text_config", "split_ngram_parts"): _LOUD_VLM,
+    ("qwen4_exp.text_config", "ple_embed_dim"): _SAME_LOGITS,
     **{
-        ("laguna", key): "per-layer lists mlx-lm reads from rope_parameters/layer types; unchecked"
+        (f"{family}.text_config", "rope_scaling"): "mlx-vlm reads the mrope sections from "
+        "rope_parameters too: " + _SAME_LOGITS + " on an image prompt"
+        for family in ("glm4v_moe", "qwen3_vl", "qwen3_vl_moe", "paddleocr_vl")
+    },
+    ("cohere_compass.text_config", "sliding_window"): "read on sliding_attention layers "
+    "alone (mlx-vlm's None: no window, transformers' 4096): refused where layer_types has "
+    "one (config_defaults)",
+    ("qwen2_vl.text_config", "sliding_window"): "mlx-vlm's Qwen2-VL does not read it (no "
+    "window); transformers' None unless use_sliding_window",
+    ("glm4v.text_config", "rope_scaling"): "absent: mlx-vlm's and transformers' default "
+    "mrope sections are [8, 12, 12]; refused where rope_parameters gives others, which "
+    "mlx-vlm does not read (config_defaults._check_glm4v_mrope)",
+    **{
+        ("qwen4_exp.text_config", key): "transformers' config refuses the set with one absent "
+        "(QSA config is missing required fields); all absent, mlx-vlm's shapes do not fit (loud)"
         for key in (
-            "partial_rotary_factor",
-            "rope_parameters",
-            "layer_types",
-            "num_attention_heads_per_layer",
-            "mlp_layer_types",
+            "indexer_n_heads",
+            "indexer_kv_heads",
+            "indexer_head_dim",
+            "indexer_budget",
+            "indexer_compress_ratio",
         )
     },
-    ("gemma4_text", "layer_types"): "derived otherwise: mlx-lm (and mlx-vlm) one full layer in "
-    "sliding_window_pattern (5), transformers one in 6; the same for <= 5 layers (the tiny test "
-    "model); a derived default (num_hidden_layers) is not done yet",
-    ("mellum", "rope_parameters"): "mlx-lm {} against per-layer-type rope; unchecked",
-    ("step3p5", "sliding_window"): "mlx-lm 512, transformers (step3p7's config) None; unchecked",
-    ("step3p5", "moe_router_scaling_factor"): "mlx-lm 3.0, transformers 1.0; unchecked",
-    ("step3p5", "layer_types"): "unchecked",
-    ("step3p5", "rope_scaling"): "per-layer-type rope; unchecked",
+}
+# mlx-vlm rows still open (the reason says what)
+VLM_UNVERIFIED: dict[tuple[str, str], str] = {
+    ("qwen2_5_vl.vision_config", "tokens_per_second"): "mlx-vlm 2, transformers 4: video "
+    "positions only (the same logits on an image prompt); video unchecked",
+    ("glm_ocr.text_config", "rope_parameters"): "mlx-vlm's default mrope sections [16, 24, "
+    "24] fit GLM-OCR's head, transformers' [8, 12, 12] fail in its rotary embedding (loud, a "
+    "torch split error); giving mlx-vlm's would run it, untested (the tiny head fits neither)",
 }
 
 
