@@ -815,6 +815,23 @@ def test_family_without_a_converted_tiny_model_is_refused_by_name(
         _load(path)
 
 
+def test_qwen3_omni_moe_conversion_is_refused_by_name() -> None:
+    """mlx-vlm's conversion of a tiny Qwen3-Omni-MoE (its towers' settings under
+    thinker_config, none at the top) is refused naming the family and why, through its own
+    class and AutoModelForMultimodalLM (before: loading crashed inside transformers with
+    "`get_input_embeddings` not auto-handled", and no rule saw a vision tower)."""
+    from transformers import AutoModelForMultimodalLM, Qwen3OmniMoeForConditionalGeneration
+    from vlm_models import tiny_mlx_vlm_omni_checkpoint
+
+    path = tiny_mlx_vlm_omni_checkpoint()
+    reason = re.escape(UNVERIFIED_VLM["qwen3_omni_moe"][:60])
+    for auto in (Qwen3OmniMoeForConditionalGeneration, AutoModelForMultimodalLM):
+        with pytest.raises(
+            ValueError, match=rf"written by MLX .*model_type 'qwen3_omni_moe' is an .*{reason}"
+        ):
+            auto.from_pretrained(path, dtype=torch.float32)
+
+
 # image-text model types of both libraries that are text models in mlx-vlm (transformers maps
 # Mistral 4 to Mistral4ForCausalLM; mlx-vlm's package is a language model): tests/arch_models.py
 _TEXT_MODELS = {"mistral4"}
@@ -822,16 +839,23 @@ _TEXT_MODELS = {"mistral4"}
 
 def test_every_image_text_family_of_both_is_compared_or_refused_by_name() -> None:
     """Each model type that mlx-vlm runs (its packages and remapped names) and transformers
-    maps to an image-text class is a family compared with mlx-vlm here, one refused by name
-    with its reason (UNVERIFIED_VLM, or another tested rule), or a text model compared with
-    mlx-lm: a family new to either library fails here until it is checked (before:
-    cohere_compass, qwen4_exp, glm5_next, step3p7, diffusion_gemma and nemotron_h_omni were
-    none of these)."""
+    maps to an image-text (or multimodal LM) class is a family compared with mlx-vlm here, one
+    refused by name with its reason (UNVERIFIED_VLM, or another tested rule), or a text model
+    compared with mlx-lm: a family new to either library fails here until it is checked
+    (before: cohere_compass, qwen4_exp, glm5_next, step3p7, diffusion_gemma and
+    nemotron_h_omni were none of these; qwen3_omni_moe, a multimodal LM only, was not looked
+    at)."""
     import mlx_vlm.utils
     from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as IMAGE_TEXT,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
     )
 
+    # (multimodal LMs too: Qwen3-Omni-MoE has no image-text auto class)
+    IMAGE_TEXT = {
+        **MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        **MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
+    }
     folder = Path(mlx_vlm.utils.__file__).parent / "models"
     types = {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
     types |= set(mlx_vlm.utils.MODEL_REMAPPING)

@@ -2407,6 +2407,89 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
     return cached_checkpoint(_cache_key(name, variant), build)
 
 
+# Qwen3-Omni-MoE's thinker (language model, vision and audio towers), no talker: a family that
+# transformers maps to no image-text auto class (AutoModelForMultimodalLM only)
+_OMNI_THINKER = {
+    "text_config": {
+        **TEXT,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "rope_parameters": {**_MROPE, "mrope_interleaved": True},
+    },
+    "vision_config": {k: v for k, v in _QWEN3_VISION.items() if k not in ("patch_size",)},
+    "audio_config": {
+        "encoder_layers": 1,
+        "d_model": 64,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 128,
+        "output_dim": 128,
+        "downsample_hidden_size": 32,
+    },
+    "image_token_id": VOCAB - 3,
+    "audio_token_id": VOCAB - 2,
+    "video_token_id": VOCAB - 1,
+}
+
+
+def _omni_hub_keys(cfg: dict) -> None:
+    """The Hub's keys mlx-vlm 0.7.10 requires: the thinker's rope_theta and mrope
+    rope_scaling, and the (unbuilt) talker's expert count, head size and rope_theta."""
+    text = cfg["thinker_config"]["text_config"]
+    section = text["rope_parameters"]["mrope_section"]
+    text["rope_theta"] = THETA
+    text["rope_scaling"] = {"type": "default", "mrope_section": section, "interleaved": True}
+    talker = cfg["talker_config"]["text_config"]
+    talker.setdefault("num_experts", talker.get("num_local_experts"))
+    talker.setdefault("head_dim", talker["hidden_size"] // talker["num_attention_heads"])
+    talker.setdefault("rope_theta", THETA)
+
+
+def tiny_mlx_vlm_omni_checkpoint() -> Path:
+    """A tiny random Qwen3-Omni-MoE (thinker only) converted by `mlx_vlm.convert -q` (4-bit,
+    group 64), cached. Its processor (audio feature extractor, video processor) is not built:
+    mlx-vlm saves the word-level tokenizer in its place."""
+    import importlib
+    from unittest import mock
+
+    import torch
+    from mlx_vlm import convert
+    from mlxq.demo_model import _versions
+    from transformers import AutoConfig, Qwen3OmniMoeForConditionalGeneration
+
+    def build(float_dir: Path, out: Path) -> None:
+        float_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer, _ = tiny_tokenizer(float_dir, ())
+        config = AutoConfig.for_model(
+            "qwen3_omni_moe",
+            enable_audio_output=False,
+            thinker_config=copy.deepcopy(_OMNI_THINKER),
+        )
+        torch.manual_seed(0)
+        model = Qwen3OmniMoeForConditionalGeneration(config).to(torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0, 0.08)
+                else:
+                    p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(float_dir)
+        cfg = json.loads((float_dir / "config.json").read_text())
+        _omni_hub_keys(cfg)
+        (float_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        utils = importlib.import_module("mlx_vlm.utils")
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            mock.patch.object(utils, "load_processor", lambda *a, **k: tokenizer),
+        ):
+            convert(str(float_dir), str(out), quantize=True, q_group_size=64, q_bits=4)
+
+    spec = json.dumps([_OMNI_THINKER, HARNESS], sort_keys=True, default=str)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    key = f"vlm-qwen3_omni_moe-{_versions('transformers', 'mlx-vlm')}-{digest}"
+    return cached_checkpoint(key, build)
+
+
 # mlx-lm's conversions of image-text models (their language model only): text_config settings
 # over the family's that mlx-lm 0.32 needs (its llama4 indexes the cache of a fourth layer, a
 # chunked-attention one, and reads text_config's rope_scaling)
