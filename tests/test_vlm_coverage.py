@@ -815,21 +815,62 @@ def test_family_without_a_converted_tiny_model_is_refused_by_name(
         _load(path)
 
 
-def test_qwen3_omni_moe_conversion_is_refused_by_name() -> None:
+def test_qwen3_omni_moe_conversion_is_refused_by_name(capsys) -> None:
     """mlx-vlm's conversion of a tiny Qwen3-Omni-MoE (its towers' settings under
     thinker_config, none at the top) is refused naming the family and why, through its own
     class and AutoModelForMultimodalLM (before: loading crashed inside transformers with
-    "`get_input_embeddings` not auto-handled", and no rule saw a vision tower)."""
+    "`get_input_embeddings` not auto-handled", and no rule saw a vision tower); `mlxq inspect`
+    names it too (before: AutoModelForCausalLM's "Unrecognized configuration class")."""
     from transformers import AutoModelForMultimodalLM, Qwen3OmniMoeForConditionalGeneration
     from vlm_models import tiny_mlx_vlm_omni_checkpoint
 
     path = tiny_mlx_vlm_omni_checkpoint()
-    reason = re.escape(UNVERIFIED_VLM["qwen3_omni_moe"][:60])
+    reason = re.escape(UNVERIFIED_VLM.get("qwen3_omni_moe", "")[:60])
     for auto in (Qwen3OmniMoeForConditionalGeneration, AutoModelForMultimodalLM):
         with pytest.raises(
             ValueError, match=rf"written by MLX .*model_type 'qwen3_omni_moe' is an .*{reason}"
         ):
             auto.from_pretrained(path, dtype=torch.float32)
+    _assert_inspect_names(path, "qwen3_omni_moe", capsys)
+
+
+def test_mlx_vlm_pixtral_conversion_is_refused_by_name(capsys) -> None:
+    """mlx-vlm runs a LLaVA with a Pixtral tower under model_type 'pixtral', which transformers
+    reads as PixtralVisionConfig (the tower alone): its tiny conversion is refused naming the
+    family and why by the auto class mlxq's CLI picks (before: AutoModelForCausalLM's
+    "Unrecognized configuration class PixtralVisionConfig") and by LlavaForConditionalGeneration
+    (the image-text class that reads its config)."""
+    from mlxq.cli import main
+    from mlxq.integrations.model_class import auto_model_class
+    from safetensors import safe_open
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from vlm_models import tiny_mlx_vlm_pixtral_checkpoint
+
+    path = tiny_mlx_vlm_pixtral_checkpoint()
+    with safe_open(path / "model.safetensors", "np") as f:
+        names = list(f.keys())
+    reason = re.escape(UNVERIFIED_VLM.get("pixtral", "")[:60])
+    with pytest.raises(
+        ValueError, match=rf"model type 'pixtral': .*PixtralVisionConfig .*{reason}"
+    ):
+        auto_model_class(AutoConfig.from_pretrained(path), lambda: names)
+    with pytest.raises(
+        ValueError, match=rf"written by MLX .*model_type 'pixtral' is an .*{reason}"
+    ):
+        LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    _assert_inspect_names(path, "pixtral", capsys)
+    argv = ["generate", "--model", str(path), "--prompt", "t5", "--max-tokens", "1"]
+    assert main(argv) != 0
+    assert re.search(rf"model type 'pixtral': .*{reason}", capsys.readouterr().err)
+
+
+def _assert_inspect_names(path: Path, model_type: str, capsys) -> None:
+    from mlxq.cli import main
+
+    main(["inspect", str(path)])
+    out = capsys.readouterr().out
+    reason = re.escape(UNVERIFIED_VLM.get(model_type, "")[:60])
+    assert re.search(rf"error: model type {model_type!r}: .*{reason}", out), out[-2000:]
 
 
 # image-text model types of both libraries that are text models in mlx-vlm (transformers maps

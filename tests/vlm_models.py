@@ -2490,6 +2490,50 @@ def tiny_mlx_vlm_omni_checkpoint() -> Path:
     return cached_checkpoint(key, build)
 
 
+def tiny_mlx_vlm_pixtral_checkpoint() -> Path:
+    """A tiny random LLaVA with a Pixtral tower (transformers' LlavaForConditionalGeneration)
+    with config.json's model_type set to 'pixtral', the name mlx-vlm 0.7.10 runs it under (its
+    llava package takes CLIP / SigLIP towers only), converted by `mlx_vlm.convert -q` (4-bit,
+    group 64), cached."""
+    import torch
+    from mlx_vlm import convert
+    from mlxq.demo_model import _versions
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    text = {**TEXT, "model_type": "mistral", "rope_theta": THETA}
+    vision = dict(model_type="pixtral", hidden_size=64, intermediate_size=128, head_dim=32)
+    vision.update(num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
+
+    def build(float_dir: Path, out: Path) -> None:
+        float_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer, ids = tiny_tokenizer(float_dir, ("[IMG]",))
+        config = AutoConfig.for_model(
+            "llava",
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids["[IMG]"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.08)
+        model.save_pretrained(float_dir)
+        _pixtral_processor(tokenizer).save_pretrained(float_dir)
+        cfg = json.loads((float_dir / "config.json").read_text())
+        cfg["model_type"] = "pixtral"
+        (float_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert(str(float_dir), str(out), quantize=True, q_group_size=64, q_bits=4)
+
+    spec = json.dumps([text, vision, HARNESS], sort_keys=True, default=str)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    key = f"vlm-pixtral-{_versions('transformers', 'mlx-vlm')}-{digest}"
+    return cached_checkpoint(key, build)
+
+
 # mlx-lm's conversions of image-text models (their language model only): text_config settings
 # over the family's that mlx-lm 0.32 needs (its llama4 indexes the cache of a fourth layer, a
 # chunked-attention one, and reads text_config's rope_scaling)

@@ -734,6 +734,12 @@ UNVERIFIED_VLM: dict[str, str] = {
         "writes linear_attention/full_attention/..., its RADIO tower's and Parakeet audio "
         "encoder's settings), so transformers' checkpoint does not convert"
     ),
+    "pixtral": (
+        "mlx-vlm 0.7.10 writes a LLaVA with a Pixtral tower as model_type 'pixtral' (its llava "
+        "package runs CLIP / SigLIP towers only), which transformers reads as "
+        "PixtralVisionConfig, the tower's config alone, with no image-text class; no logits "
+        "were compared"
+    ),
     "qwen3_omni_moe": (
         "mlx-vlm 0.7.10 converts the tiny model (its thinker's language model under "
         "thinker.language_model.model / .lm_head and its tower under thinker.vision_tower, "
