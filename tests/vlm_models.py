@@ -1546,6 +1546,30 @@ FAMILIES: dict[str, Family] = {
         extra_inputs=("pixel_attention_mask",),
     ),
 }
+
+
+def _prefix_token_types(inputs: dict, config) -> dict:
+    """transformers' PaliGemmaProcessor marks a prompt without suffix as prefix
+    (token_type_ids 0), which PaliGemma 2 in transformers 5 attends bidirectionally (without
+    them its Gemma 2 runs causally); mlx-vlm attends over the whole prompt alike."""
+    return {**inputs, "token_type_ids": np.zeros_like(inputs["input_ids"])}
+
+
+# PaliGemma 2: the same model type with a Gemma 2 language model (pre/post feed-forward norms,
+# attention and final logit soft-capping, query_pre_attn_scalar); its sliding window is above
+# the prompts' length (mlx-vlm 0.7.10's PaliGemma has none, as mlx-lm's Gemma 2)
+FAMILIES["paligemma2"] = dataclasses.replace(
+    FAMILIES["paligemma"],
+    text={
+        **FAMILIES["paligemma"].text,
+        "model_type": "gemma2",
+        "query_pre_attn_scalar": 32,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 512,
+    },
+    torch_inputs=_prefix_token_types,
+)
 # Gemma 4 with its MoE block (26B-A4B): mlx-vlm stacks the experts under `switch_glu`
 # Command A Vision: the aya_vision model under its own type; mlx-vlm runs it with its aya_vision
 # module (no projector layernorm), which reads the image token as image_token_index (default:
