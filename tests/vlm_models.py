@@ -1570,6 +1570,77 @@ FAMILIES["paligemma2"] = dataclasses.replace(
     },
     torch_inputs=_prefix_token_types,
 )
+
+
+@contextlib.contextmanager
+def _mistral4_yarn_mscale():
+    """mlx-vlm 0.7.10's Mistral 4 attention (the language model of its mistral3 package)
+    scales the scores by qk_head_dim**-0.5 alone; the model (transformers' yarn_apply_mscale,
+    mlx-lm's apply_yarn_mscale) multiplies that by yarn's mscale squared,
+    (0.1 * mscale_all_dim * ln(factor) + 1)**2: 1.63 for the tiny model, 2.4 apart in the
+    logits. Set back to the model's."""
+    import math
+
+    from mlx_vlm.models.mistral4 import language
+
+    init = language.Mistral4Attention.__init__
+
+    def patched(self, config):
+        init(self, config)
+        rope = config.rope_parameters or {}
+        factor, mscale = rope.get("factor", 1.0), rope.get("mscale_all_dim", 0)
+        if factor > 1 and mscale:
+            self.scale *= (0.1 * mscale * math.log(factor) + 1.0) ** 2
+
+    language.Mistral4Attention.__init__ = patched
+    try:
+        yield
+    finally:
+        language.Mistral4Attention.__init__ = init
+
+
+# yarn as the Hub's Ministral 3 and Mistral Small 4 configs have it, with an original context
+# of 4 so that Llama 4's position-dependent query scaling acts within the prompts
+_MISTRAL_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": THETA,
+    "factor": 16.0,
+    "original_max_position_embeddings": 4,
+    "max_position_embeddings": 512,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
+# Ministral 3: Mistral 3's model type with a ministral3 language model
+FAMILIES["mistral3_ministral3"] = dataclasses.replace(
+    FAMILIES["mistral3"], text={"model_type": "ministral3", "rope_parameters": dict(_MISTRAL_YARN)}
+)
+# Mistral Small 4: a mistral4 language model (MLA attention, routed and shared experts, which
+# mlx-vlm stacks under switch_mlp)
+FAMILIES["mistral3_mistral4"] = dataclasses.replace(
+    FAMILIES["mistral3"],
+    text={
+        "model_type": "mistral4",
+        "kv_lora_rank": 32,
+        "q_lora_rank": 64,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 16,
+        "qk_head_dim": 32,
+        "v_head_dim": 32,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 0,
+        "rope_parameters": {**_MISTRAL_YARN, "partial_rotary_factor": 0.5},
+    },
+    mlx_fix=_mistral4_yarn_mscale,
+)
+
+
 # Gemma 4 with its MoE block (26B-A4B): mlx-vlm stacks the experts under `switch_glu`
 # Command A Vision: the aya_vision model under its own type; mlx-vlm runs it with its aya_vision
 # module (no projector layernorm), which reads the image token as image_token_index (default:

@@ -650,7 +650,8 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
     "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
-    "mistral3": _llava_like("mistral3"),
+    # (Mistral Small 4: a mistral4 language model, its experts stacked in switch_mlp)
+    "mistral3": _llava_like("mistral3", _SWITCH_MLP),
     "aya_vision": _llava_like("aya_vision", sliding_pattern=True),
     # Command A Vision: mlx-vlm runs it as aya_vision, which names the image token
     # image_token_index
