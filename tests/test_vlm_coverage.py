@@ -775,6 +775,47 @@ def _nemotron_h_omni_float(out: Path) -> Path:
     return out
 
 
+def _florence2_float(out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(vocab_size=512, d_model=128, encoder_layers=2, decoder_layers=2)
+    text.update(encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=128)
+    text.update(encoder_attention_heads=4, decoder_attention_heads=4)
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1])
+    vision.update(patch_prenorm=[False, True], embed_dim=[32, 64], num_heads=[2, 4])
+    vision.update(num_groups=[2, 4], window_size=4, projection_dim=128)
+    vision.update(max_temporal_embeddings=4, max_position_embeddings=16)
+    config = AutoConfig.for_model(
+        "florence2", text_config=text, vision_config=vision, image_token_id=500
+    )
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    return out
+
+
+def _molmo2_float(out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    heads = dict(num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, **heads)
+    vision.update(image_size=[56, 56], patch_size=14, num_position_embeddings=16)
+    adapter = dict(vision_feature_layer=[-1, -2], hidden_size=64, intermediate_size=128)
+    adapter.update(text_hidden_size=128, **heads)
+    text = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    text.update(vocab_size=480, additional_vocab_size=32, num_hidden_layers=2)
+    text.update(intermediate_size=256, max_position_embeddings=512)
+    ids = ("image_start", "low_res_image_start", "image_end", "frame_start", "frame_end")
+    config = AutoConfig.for_model(
+        "molmo2",
+        vision_config=vision,
+        adapter_config=adapter,
+        text_config=text,
+        image_patch_id=500,
+        **{f"{name}_token_id": 501 + i for i, name in enumerate(ids)},
+    )
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    return out
+
+
 # refused by another rule: mlxq maps neither mlx-lm's nor mlx-vlm's Muse Spark (MLX_LM_UNCHECKED)
 _REFUSED_AS_TEXT = {"muse_spark": r"model type 'muse_spark': .*nor mlx-vlm's"}
 
@@ -785,6 +826,8 @@ _REFUSED_AS_TEXT = {"muse_spark": r"model type 'muse_spark': .*nor mlx-vlm's"}
         ("step3p7", _step3p7_float),
         ("nemotron_h_omni", _nemotron_h_omni_float),
         ("muse_spark", _muse_spark_float),
+        ("florence2", _florence2_float),
+        ("molmo2", _molmo2_float),
     ],
 )
 def test_family_without_a_converted_tiny_model_is_refused_by_name(
