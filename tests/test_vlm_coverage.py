@@ -82,6 +82,7 @@ def _load(path: Path):
         "gemma4_unified",
         "muse_glimmer",
         "glm5_next",
+        "mistral3_mistral4",  # (its experts saved back under switch_mlp)
     ],
 )
 def test_save_pretrained_loads_in_mlx_vlm(tmp_path: Path, name: str) -> None:
@@ -774,6 +775,47 @@ def _nemotron_h_omni_float(out: Path) -> Path:
     return out
 
 
+def _florence2_float(out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(vocab_size=512, d_model=128, encoder_layers=2, decoder_layers=2)
+    text.update(encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=128)
+    text.update(encoder_attention_heads=4, decoder_attention_heads=4)
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1])
+    vision.update(patch_prenorm=[False, True], embed_dim=[32, 64], num_heads=[2, 4])
+    vision.update(num_groups=[2, 4], window_size=4, projection_dim=128)
+    vision.update(max_temporal_embeddings=4, max_position_embeddings=16)
+    config = AutoConfig.for_model(
+        "florence2", text_config=text, vision_config=vision, image_token_id=500
+    )
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    return out
+
+
+def _molmo2_float(out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    heads = dict(num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, **heads)
+    vision.update(image_size=[56, 56], patch_size=14, num_position_embeddings=16)
+    adapter = dict(vision_feature_layer=[-1, -2], hidden_size=64, intermediate_size=128)
+    adapter.update(text_hidden_size=128, **heads)
+    text = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    text.update(vocab_size=480, additional_vocab_size=32, num_hidden_layers=2)
+    text.update(intermediate_size=256, max_position_embeddings=512)
+    ids = ("image_start", "low_res_image_start", "image_end", "frame_start", "frame_end")
+    config = AutoConfig.for_model(
+        "molmo2",
+        vision_config=vision,
+        adapter_config=adapter,
+        text_config=text,
+        image_patch_id=500,
+        **{f"{name}_token_id": 501 + i for i, name in enumerate(ids)},
+    )
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    return out
+
+
 # refused by another rule: mlxq maps neither mlx-lm's nor mlx-vlm's Muse Spark (MLX_LM_UNCHECKED)
 _REFUSED_AS_TEXT = {"muse_spark": r"model type 'muse_spark': .*nor mlx-vlm's"}
 
@@ -784,6 +826,8 @@ _REFUSED_AS_TEXT = {"muse_spark": r"model type 'muse_spark': .*nor mlx-vlm's"}
         ("step3p7", _step3p7_float),
         ("nemotron_h_omni", _nemotron_h_omni_float),
         ("muse_spark", _muse_spark_float),
+        ("florence2", _florence2_float),
+        ("molmo2", _molmo2_float),
     ],
 )
 def test_family_without_a_converted_tiny_model_is_refused_by_name(
@@ -815,6 +859,64 @@ def test_family_without_a_converted_tiny_model_is_refused_by_name(
         _load(path)
 
 
+def test_qwen3_omni_moe_conversion_is_refused_by_name(capsys) -> None:
+    """mlx-vlm's conversion of a tiny Qwen3-Omni-MoE (its towers' settings under
+    thinker_config, none at the top) is refused naming the family and why, through its own
+    class and AutoModelForMultimodalLM (before: loading crashed inside transformers with
+    "`get_input_embeddings` not auto-handled", and no rule saw a vision tower); `mlxq inspect`
+    names it too (before: AutoModelForCausalLM's "Unrecognized configuration class")."""
+    from transformers import AutoModelForMultimodalLM, Qwen3OmniMoeForConditionalGeneration
+    from vlm_models import tiny_mlx_vlm_omni_checkpoint
+
+    path = tiny_mlx_vlm_omni_checkpoint()
+    reason = re.escape(UNVERIFIED_VLM.get("qwen3_omni_moe", "")[:60])
+    for auto in (Qwen3OmniMoeForConditionalGeneration, AutoModelForMultimodalLM):
+        with pytest.raises(
+            ValueError, match=rf"written by MLX .*model_type 'qwen3_omni_moe' is an .*{reason}"
+        ):
+            auto.from_pretrained(path, dtype=torch.float32)
+    _assert_inspect_names(path, "qwen3_omni_moe", capsys)
+
+
+def test_mlx_vlm_pixtral_conversion_is_refused_by_name(capsys) -> None:
+    """mlx-vlm runs a LLaVA with a Pixtral tower under model_type 'pixtral', which transformers
+    reads as PixtralVisionConfig (the tower alone): its tiny conversion is refused naming the
+    family and why by the auto class mlxq's CLI picks (before: AutoModelForCausalLM's
+    "Unrecognized configuration class PixtralVisionConfig") and by LlavaForConditionalGeneration
+    (the image-text class that reads its config)."""
+    from mlxq.cli import main
+    from mlxq.integrations.model_class import auto_model_class
+    from safetensors import safe_open
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from vlm_models import tiny_mlx_vlm_pixtral_checkpoint
+
+    path = tiny_mlx_vlm_pixtral_checkpoint()
+    with safe_open(path / "model.safetensors", "np") as f:
+        names = list(f.keys())
+    reason = re.escape(UNVERIFIED_VLM.get("pixtral", "")[:60])
+    with pytest.raises(
+        ValueError, match=rf"model type 'pixtral': .*PixtralVisionConfig .*{reason}"
+    ):
+        auto_model_class(AutoConfig.from_pretrained(path), lambda: names)
+    with pytest.raises(
+        ValueError, match=rf"written by MLX .*model_type 'pixtral' is an .*{reason}"
+    ):
+        LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    _assert_inspect_names(path, "pixtral", capsys)
+    argv = ["generate", "--model", str(path), "--prompt", "t5", "--max-tokens", "1"]
+    assert main(argv) != 0
+    assert re.search(rf"model type 'pixtral': .*{reason}", capsys.readouterr().err)
+
+
+def _assert_inspect_names(path: Path, model_type: str, capsys) -> None:
+    from mlxq.cli import main
+
+    main(["inspect", str(path)])
+    out = capsys.readouterr().out
+    reason = re.escape(UNVERIFIED_VLM.get(model_type, "")[:60])
+    assert re.search(rf"error: model type {model_type!r}: .*{reason}", out), out[-2000:]
+
+
 # image-text model types of both libraries that are text models in mlx-vlm (transformers maps
 # Mistral 4 to Mistral4ForCausalLM; mlx-vlm's package is a language model): tests/arch_models.py
 _TEXT_MODELS = {"mistral4"}
@@ -822,16 +924,23 @@ _TEXT_MODELS = {"mistral4"}
 
 def test_every_image_text_family_of_both_is_compared_or_refused_by_name() -> None:
     """Each model type that mlx-vlm runs (its packages and remapped names) and transformers
-    maps to an image-text class is a family compared with mlx-vlm here, one refused by name
-    with its reason (UNVERIFIED_VLM, or another tested rule), or a text model compared with
-    mlx-lm: a family new to either library fails here until it is checked (before:
-    cohere_compass, qwen4_exp, glm5_next, step3p7, diffusion_gemma and nemotron_h_omni were
-    none of these)."""
+    maps to an image-text (or multimodal LM) class is a family compared with mlx-vlm here, one
+    refused by name with its reason (UNVERIFIED_VLM, or another tested rule), or a text model
+    compared with mlx-lm: a family new to either library fails here until it is checked
+    (before: cohere_compass, qwen4_exp, glm5_next, step3p7, diffusion_gemma and
+    nemotron_h_omni were none of these; qwen3_omni_moe, a multimodal LM only, was not looked
+    at)."""
     import mlx_vlm.utils
     from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as IMAGE_TEXT,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
     )
 
+    # (multimodal LMs too: Qwen3-Omni-MoE has no image-text auto class)
+    IMAGE_TEXT = {
+        **MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        **MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
+    }
     folder = Path(mlx_vlm.utils.__file__).parent / "models"
     types = {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
     types |= set(mlx_vlm.utils.MODEL_REMAPPING)

@@ -1546,6 +1546,101 @@ FAMILIES: dict[str, Family] = {
         extra_inputs=("pixel_attention_mask",),
     ),
 }
+
+
+def _prefix_token_types(inputs: dict, config) -> dict:
+    """transformers' PaliGemmaProcessor marks a prompt without suffix as prefix
+    (token_type_ids 0), which PaliGemma 2 in transformers 5 attends bidirectionally (without
+    them its Gemma 2 runs causally); mlx-vlm attends over the whole prompt alike."""
+    return {**inputs, "token_type_ids": np.zeros_like(inputs["input_ids"])}
+
+
+# PaliGemma 2: the same model type with a Gemma 2 language model (pre/post feed-forward norms,
+# attention and final logit soft-capping, query_pre_attn_scalar); its sliding window is above
+# the prompts' length (mlx-vlm 0.7.10's PaliGemma has none, as mlx-lm's Gemma 2)
+FAMILIES["paligemma2"] = dataclasses.replace(
+    FAMILIES["paligemma"],
+    text={
+        **FAMILIES["paligemma"].text,
+        "model_type": "gemma2",
+        "query_pre_attn_scalar": 32,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 512,
+    },
+    torch_inputs=_prefix_token_types,
+)
+
+
+@contextlib.contextmanager
+def _mistral4_yarn_mscale():
+    """mlx-vlm 0.7.10's Mistral 4 attention (the language model of its mistral3 package)
+    scales the scores by qk_head_dim**-0.5 alone; the model (transformers' yarn_apply_mscale,
+    mlx-lm's apply_yarn_mscale) multiplies that by yarn's mscale squared,
+    (0.1 * mscale_all_dim * ln(factor) + 1)**2: 1.63 for the tiny model, 2.4 apart in the
+    logits. Set back to the model's."""
+    import math
+
+    from mlx_vlm.models.mistral4 import language
+
+    init = language.Mistral4Attention.__init__
+
+    def patched(self, config):
+        init(self, config)
+        rope = config.rope_parameters or {}
+        factor, mscale = rope.get("factor", 1.0), rope.get("mscale_all_dim", 0)
+        if factor > 1 and mscale:
+            self.scale *= (0.1 * mscale * math.log(factor) + 1.0) ** 2
+
+    language.Mistral4Attention.__init__ = patched
+    try:
+        yield
+    finally:
+        language.Mistral4Attention.__init__ = init
+
+
+# yarn as the Hub's Ministral 3 and Mistral Small 4 configs have it, with an original context
+# of 4 so that Llama 4's position-dependent query scaling acts within the prompts
+_MISTRAL_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": THETA,
+    "factor": 16.0,
+    "original_max_position_embeddings": 4,
+    "max_position_embeddings": 512,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
+# Ministral 3: Mistral 3's model type with a ministral3 language model
+FAMILIES["mistral3_ministral3"] = dataclasses.replace(
+    FAMILIES["mistral3"], text={"model_type": "ministral3", "rope_parameters": dict(_MISTRAL_YARN)}
+)
+# Mistral Small 4: a mistral4 language model (MLA attention, routed and shared experts, which
+# mlx-vlm stacks under switch_mlp)
+FAMILIES["mistral3_mistral4"] = dataclasses.replace(
+    FAMILIES["mistral3"],
+    text={
+        "model_type": "mistral4",
+        "kv_lora_rank": 32,
+        "q_lora_rank": 64,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 16,
+        "qk_head_dim": 32,
+        "v_head_dim": 32,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 0,
+        "rope_parameters": {**_MISTRAL_YARN, "partial_rotary_factor": 0.5},
+    },
+    mlx_fix=_mistral4_yarn_mscale,
+)
+
+
 # Gemma 4 with its MoE block (26B-A4B): mlx-vlm stacks the experts under `switch_glu`
 # Command A Vision: the aya_vision model under its own type; mlx-vlm runs it with its aya_vision
 # module (no projector layernorm), which reads the image token as image_token_index (default:
@@ -2405,6 +2500,133 @@ def tiny_mlx_vlm_checkpoint(name: str, variant: Variant | None = None) -> Path:
             shutil.copy(float_dir / "tokenizer.json", out / "tokenizer.json")
 
     return cached_checkpoint(_cache_key(name, variant), build)
+
+
+# Qwen3-Omni-MoE's thinker (language model, vision and audio towers), no talker: a family that
+# transformers maps to no image-text auto class (AutoModelForMultimodalLM only)
+_OMNI_THINKER = {
+    "text_config": {
+        **TEXT,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "rope_parameters": {**_MROPE, "mrope_interleaved": True},
+    },
+    "vision_config": {k: v for k, v in _QWEN3_VISION.items() if k not in ("patch_size",)},
+    "audio_config": {
+        "encoder_layers": 1,
+        "d_model": 64,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 128,
+        "output_dim": 128,
+        "downsample_hidden_size": 32,
+    },
+    "image_token_id": VOCAB - 3,
+    "audio_token_id": VOCAB - 2,
+    "video_token_id": VOCAB - 1,
+}
+
+
+def _omni_hub_keys(cfg: dict) -> None:
+    """The Hub's keys mlx-vlm 0.7.10 requires: the thinker's rope_theta and mrope
+    rope_scaling, and the (unbuilt) talker's expert count, head size and rope_theta."""
+    text = cfg["thinker_config"]["text_config"]
+    section = text["rope_parameters"]["mrope_section"]
+    text["rope_theta"] = THETA
+    text["rope_scaling"] = {"type": "default", "mrope_section": section, "interleaved": True}
+    talker = cfg["talker_config"]["text_config"]
+    talker.setdefault("num_experts", talker.get("num_local_experts"))
+    talker.setdefault("head_dim", talker["hidden_size"] // talker["num_attention_heads"])
+    talker.setdefault("rope_theta", THETA)
+
+
+def tiny_mlx_vlm_omni_checkpoint() -> Path:
+    """A tiny random Qwen3-Omni-MoE (thinker only) converted by `mlx_vlm.convert -q` (4-bit,
+    group 64), cached. Its processor (audio feature extractor, video processor) is not built:
+    mlx-vlm saves the word-level tokenizer in its place."""
+    import importlib
+    from unittest import mock
+
+    import torch
+    from mlx_vlm import convert
+    from mlxq.demo_model import _versions
+    from transformers import AutoConfig, Qwen3OmniMoeForConditionalGeneration
+
+    def build(float_dir: Path, out: Path) -> None:
+        float_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer, _ = tiny_tokenizer(float_dir, ())
+        config = AutoConfig.for_model(
+            "qwen3_omni_moe",
+            enable_audio_output=False,
+            thinker_config=copy.deepcopy(_OMNI_THINKER),
+        )
+        torch.manual_seed(0)
+        model = Qwen3OmniMoeForConditionalGeneration(config).to(torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0, 0.08)
+                else:
+                    p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(float_dir)
+        cfg = json.loads((float_dir / "config.json").read_text())
+        _omni_hub_keys(cfg)
+        (float_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        utils = importlib.import_module("mlx_vlm.utils")
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            mock.patch.object(utils, "load_processor", lambda *a, **k: tokenizer),
+        ):
+            convert(str(float_dir), str(out), quantize=True, q_group_size=64, q_bits=4)
+
+    spec = json.dumps([_OMNI_THINKER, HARNESS], sort_keys=True, default=str)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    key = f"vlm-qwen3_omni_moe-{_versions('transformers', 'mlx-vlm')}-{digest}"
+    return cached_checkpoint(key, build)
+
+
+def tiny_mlx_vlm_pixtral_checkpoint() -> Path:
+    """A tiny random LLaVA with a Pixtral tower (transformers' LlavaForConditionalGeneration)
+    with config.json's model_type set to 'pixtral', the name mlx-vlm 0.7.10 runs it under (its
+    llava package takes CLIP / SigLIP towers only), converted by `mlx_vlm.convert -q` (4-bit,
+    group 64), cached."""
+    import torch
+    from mlx_vlm import convert
+    from mlxq.demo_model import _versions
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    text = {**TEXT, "model_type": "mistral", "rope_theta": THETA}
+    vision = dict(model_type="pixtral", hidden_size=64, intermediate_size=128, head_dim=32)
+    vision.update(num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
+
+    def build(float_dir: Path, out: Path) -> None:
+        float_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer, ids = tiny_tokenizer(float_dir, ("[IMG]",))
+        config = AutoConfig.for_model(
+            "llava",
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids["[IMG]"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.08)
+        model.save_pretrained(float_dir)
+        _pixtral_processor(tokenizer).save_pretrained(float_dir)
+        cfg = json.loads((float_dir / "config.json").read_text())
+        cfg["model_type"] = "pixtral"
+        (float_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert(str(float_dir), str(out), quantize=True, q_group_size=64, q_bits=4)
+
+    spec = json.dumps([text, vision, HARNESS], sort_keys=True, default=str)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    key = f"vlm-pixtral-{_versions('transformers', 'mlx-vlm')}-{digest}"
+    return cached_checkpoint(key, build)
 
 
 # mlx-lm's conversions of image-text models (their language model only): text_config settings

@@ -337,12 +337,15 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     try:
         model = _meta_model(folder, config, headers)
     except (ValueError, KeyError, OSError, ImportError, *config_validation_errors()) as error:
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        if text.startswith("mlxq: "):  # mlxq's own refusal (auto_model_class): its words
+            problems.append(Problem("error", text.removeprefix("mlxq: ")))
+            return report
         why = (
             "the model's config.json is invalid"
             if isinstance(error, config_validation_errors())
             else "transformers cannot build this model"
         )
-        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         problems.append(Problem("error", f"{why}: {text}"))
         return report
     report.params = sum(p.numel() for p in model.parameters())

@@ -38,6 +38,7 @@ __all__ = [
     "VlmLayout",
     "VLM_LAYOUTS",
     "checkpoint_vlm_layout",
+    "has_vision_tower",
     "UNVERIFIED_VLM",
     "looks_like_mlx_vlm",
     "unmapped_vlm_note",
@@ -649,7 +650,8 @@ VLM_LAYOUTS: dict[str, VlmLayout] = {
     "llava": _llava_like("llava"),
     "llava_next": _llava_like("llava_next", (r"^image_newline", "model.image_newline")),
     "llava_onevision": _llava_like("llava_onevision", (r"^image_newline", "model.image_newline")),
-    "mistral3": _llava_like("mistral3"),
+    # (Mistral Small 4: a mistral4 language model, its experts stacked in switch_mlp)
+    "mistral3": _llava_like("mistral3", _SWITCH_MLP),
     "aya_vision": _llava_like("aya_vision", sliding_pattern=True),
     # Command A Vision: mlx-vlm runs it as aya_vision, which names the image token
     # image_token_index
@@ -733,6 +735,20 @@ UNVERIFIED_VLM: dict[str, str] = {
         "writes linear_attention/full_attention/..., its RADIO tower's and Parakeet audio "
         "encoder's settings), so transformers' checkpoint does not convert"
     ),
+    "pixtral": (
+        "mlx-vlm 0.7.10 writes a LLaVA with a Pixtral tower as model_type 'pixtral' (its llava "
+        "package runs CLIP / SigLIP towers only), which transformers reads as "
+        "PixtralVisionConfig, the tower's config alone, with no image-text class; no logits "
+        "were compared"
+    ),
+    "qwen3_omni_moe": (
+        "mlx-vlm 0.7.10 converts the tiny model (its thinker's language model under "
+        "thinker.language_model.model / .lm_head and its tower under thinker.vision_tower, "
+        "where transformers has thinker.model, thinker.lm_head and thinker.visual), but "
+        "transformers 5.24 maps Qwen3OmniMoeConfig to no image-text or causal-LM auto class "
+        "and its Qwen3OmniMoeForConditionalGeneration has no input embeddings of its own: no "
+        "logits were compared"
+    ),
     "gemma3n": (
         "transformers 5 builds Gemma 3n's MobileNetV5 vision tower through timm (which needs "
         "torchvision) and its audio tower has no mlx-vlm counterpart checked here: no tiny "
@@ -793,6 +809,17 @@ def is_image_text(config: Any) -> bool:
     Qwen3-MoE, ...): no vision tower."""
     vision = getattr(config, "vision_config", None)
     return vision is not None and vision != {}
+
+
+def has_vision_tower(config: Any) -> bool:
+    """True for an image-text config (:func:`is_image_text`) or a composite one holding an
+    image-text sub-config: Qwen3-Omni-MoE keeps its tower's settings under
+    `thinker_config.vision_config`, so its config has no `vision_config` of its own."""
+    if is_image_text(config):
+        return True
+    return any(
+        is_image_text(getattr(config, name, None)) for name in getattr(config, "sub_configs", {})
+    )
 
 
 def checkpoint_vlm_layout(model_type: str | None, keys: Iterable[str]) -> VlmLayout | None:

@@ -7,7 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["auto_model_class", "language_model_only_refusal", "text_model_class"]
+__all__ = [
+    "auto_model_class",
+    "language_model_only_refusal",
+    "no_auto_class_refusal",
+    "text_model_class",
+]
 
 
 def text_model_class(config: dict, tensor_names: Callable[[], Iterable[str]]) -> Any:
@@ -78,4 +83,34 @@ def auto_model_class(config: Any, tensor_names: Callable[[], Iterable[str]] | No
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if type(config) in auto._model_mapping:
             return auto
+    refusal = no_auto_class_refusal(config, tensor_names)
+    if refusal is not None:
+        raise ValueError(refusal)
     return AutoModelForCausalLM
+
+
+def no_auto_class_refusal(
+    config: Any, tensor_names: Callable[[], Iterable[str]] | None
+) -> str | None:
+    """Why an image-text checkpoint (a vision tower in its config, at the top or in a
+    sub-config; tensors outside `language_model.`: mlx-vlm's conversion) whose config
+    transformers maps to neither AutoModelForCausalLM nor AutoModelForImageTextToText cannot
+    load: mlx-vlm's `pixtral` (read by transformers as the tower's PixtralVisionConfig alone),
+    Qwen3-Omni-MoE (a multimodal LM only). Names the model type and why mlxq does not map its
+    mlx-vlm layout, where transformers would name only a config class that AutoModelForCausalLM
+    does not take. None where this does not apply."""
+    from transformers import __version__
+
+    from mlxq.integrations.mlx_vlm_layout import has_vision_tower, unmapped_vlm_note
+
+    if tensor_names is None or not has_vision_tower(config):
+        return None
+    if all(name.startswith("language_model.") for name in tensor_names()):
+        return None
+    model_type = getattr(config, "model_type", None)
+    return (
+        f"mlxq: model type {model_type!r}: transformers {__version__} maps "
+        f"{type(config).__name__} to neither AutoModelForCausalLM nor "
+        f"AutoModelForImageTextToText, and this checkpoint holds more than a language model "
+        f"(mlx-vlm's conversion): {unmapped_vlm_note(model_type)}"
+    )

@@ -50,6 +50,7 @@ from mlxq.integrations.mlx_vlm_layout import (
     VlmLayout,
     channels_last_conversions,
     checkpoint_vlm_layout,
+    has_vision_tower,
     is_image_text,
     looks_like_mlx_vlm,
     mlx_vlm_config_keys,
@@ -1210,7 +1211,9 @@ class MLXHfQuantizer(HfQuantizer):
         self._stored = headers  # the stored dtypes, saved again (save_as_read)
         stored_names = dict(zip(headers, stored_keys, strict=False))  # model -> file names
         add_unused_modules(model, headers)  # Gemma 3n's KV-shared layers' projections
-        if vlm_layout is None and is_image_text(model.config):
+        # (a tower in a sub-config too: Qwen3-Omni-MoE's thinker, refused by name before its
+        # class fails on a missing get_input_embeddings)
+        if vlm_layout is None and has_vision_tower(model.config):
             _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
         # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load,
         # and norm weights that mlx-lm stores as 1 + w (Qwen3-Next) get their 1 back
