@@ -78,6 +78,22 @@ def test_models_without_the_lm_head_run_the_quantized_body_exactly(name: str, ca
             assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("arch", ["qwen3_next", "lfm2"])
+def test_base_model_takes_the_conversions_of_the_checkpoints_names(arch: str) -> None:
+    """mlxq's converters for mlx-lm's layout (Qwen3-Next's norms stored as 1 + w, LFM2's
+    channels-last convolutions) matched the model's names, which the base model's lack the
+    checkpoint's `model.` in: AutoModel refused LFM2 ("stored [128, 3, 1], the model's is
+    [128, 1, 3]") and, once it found Qwen3-Next's experts, ran its final norm off by one
+    (hidden states 3.0 away). Now the base model runs the causal LM's body exactly."""
+    from arch_models import causal_lm_class
+
+    path = tiny_arch(arch, Variant(tied=True))
+    causal = causal_lm_class(arch).from_pretrained(path, dtype=torch.float32)
+    base = _load(path, "AutoModel")
+    with torch.no_grad():
+        assert torch.equal(base(IDS).last_hidden_state, causal.model(IDS).last_hidden_state)
+
+
 def test_a_missing_tensor_of_the_base_model_is_still_refused(qwen3: Path, tmp_path: Path):
     """Only what lies outside the base model may be dropped or new."""
     folder = shutil.copytree(qwen3, tmp_path / "ckpt")

@@ -633,6 +633,20 @@ def _base_prefix_moved(model: nn.Module, name: str, prefix: str | None) -> str:
     return name
 
 
+def _converted_name(model: nn.Module, stored_keys: Iterable[str]) -> Callable[[str], str]:
+    """The name a `WeightConverter` sees for the model's tensor `key` (the checkpoint's name
+    renamed, before transformers strips the base-model prefix): for the base model itself
+    (`AutoModel`) on a checkpoint whose names carry the prefix (a causal LM's: `model.`), `key`
+    with it; else `key`. `stored_keys`: the checkpoint's tensor names."""
+    prefix = getattr(model, "base_model_prefix", None) or None
+    if prefix is None or prefix in dict(model.named_children()):  # (not the base model)
+        return lambda key: key
+    mark = f"{prefix}."
+    if not any(k.startswith(mark) for k in stored_keys):
+        return lambda key: key
+    return lambda key: key if key.startswith(mark) else mark + key
+
+
 def outside_the_base_model(model: nn.Module) -> Callable[[str], bool] | None:
     """For a model without a language-modelling head (the base model of `AutoModel`, or one
     with another task's head: `AutoModelForSequenceClassification`, ...), the test of whether
@@ -1305,11 +1319,12 @@ class MLXHfQuantizer(HfQuantizer):
             _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
         # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load,
         # and norm weights that mlx-lm stores as 1 + w (Qwen3-Next) get their 1 back
+        source = _converted_name(model, stored_keys)
         self._value_conversions = channels_last_conversions(
-            model, headers, prefer_last=vlm_layout is not None
+            model, headers, prefer_last=vlm_layout is not None, source_key=source
         )
         if layout is not None:
-            self._value_conversions += layout.offset_conversions(headers)
+            self._value_conversions += layout.offset_conversions(headers, source)
             self._value_conversions += layout.merge_conversions()
             self._value_conversions += layout.stack_conversions()
             # (load only: saved apart, as mlx-lm keeps them)
