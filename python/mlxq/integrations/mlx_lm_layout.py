@@ -15,7 +15,7 @@ Two things, both per architecture:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -303,14 +303,17 @@ class MlxLayout:
             )
         return out
 
-    def offset_conversions(self, names: Iterable[str]) -> list:
+    def offset_conversions(
+        self, names: Iterable[str], source: Callable[[str], str] | None = None
+    ) -> list:
         """`WeightConverter`s taking 1 off each of `names` (the model's tensor names) that
         :attr:`unit_offset` matches at load; `save_pretrained` adds it back. Also those giving
-        :attr:`scalars` their shape [1] (written back as scalars)."""
+        :attr:`scalars` their shape [1] (written back as scalars). `source`: the name each
+        converter matches for a model name, where they differ (the base model's)."""
         names = list(names)
         return [
-            *unit_offset_conversions(names, self.unit_offset),
-            *scalar_conversions(names, self.scalars),
+            *unit_offset_conversions(names, self.unit_offset, source),
+            *scalar_conversions(names, self.scalars, source),
         ]
 
 

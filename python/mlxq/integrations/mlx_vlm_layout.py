@@ -856,7 +856,10 @@ def use_in_proj_attention(model: nn.Module, layout: VlmLayout, keys: Iterable[st
 
 
 def channels_last_conversions(
-    model: nn.Module, headers: Mapping[str, Any], prefer_last: bool
+    model: nn.Module,
+    headers: Mapping[str, Any],
+    prefer_last: bool,
+    source_key: Callable[[str], str] | None = None,
 ) -> list:
     """`WeightConverter`s for the convolution weights the checkpoint stores channels-last.
 
@@ -864,6 +867,9 @@ def channels_last_conversions(
     `TensorInfo`. A weight whose stored shape is the channels-last form of the module's shape
     is permuted at load; one stored channels-first is loaded as it is. When both read the same
     (e.g. a 3x3 kernel over 3 channels), `prefer_last` (an mlx-vlm checkpoint) decides.
+    `source_key`: the name a converter matches for a model name, where they differ
+    (transformers converts before it strips the base-model prefix: `AutoModel` on a causal
+    LM's checkpoint).
     """
     out = []
     for name, module in model.named_modules():
@@ -878,7 +884,7 @@ def channels_last_conversions(
         as_last = permuted(want, channels_last_perm(len(want)))
         if stored != as_last or (stored == want and not prefer_last):
             continue
-        out.append(channels_last_converter(key))
+        out.append(channels_last_converter(key, source_key(key) if source_key else None))
     return out
 
 

@@ -101,6 +101,8 @@ __all__ = [
     "check_float_parameters_finite",
     "check_nothing_missing",
     "check_nothing_unexpected",
+    "outside_the_base_model",
+    "quantized_weight_count",
     "check_no_mismatched_shapes",
     "unexpected_tensors",
     "missing_tensors",
@@ -148,14 +150,19 @@ def check_float_parameters_finite(
             check_finite(name, param.detach())
 
 
-def check_nothing_missing(model: nn.Module, offloaded: Iterable[str] = ()) -> None:
+def check_nothing_missing(
+    model: nn.Module,
+    offloaded: Iterable[str] = (),
+    new_head: Callable[[str], bool] | None = None,
+) -> None:
     """Every parameter and persistent buffer must have come from the checkpoint.
 
     transformers marks what it loaded (and tied weights) with `_is_hf_initialized` and fills
     anything else with random values, saying so only in its load report; a quantized model
     with a random layer generates garbage, so a missing tensor is an error naming it.
     `offloaded`: the names of loaded tensors that accelerate's offload made meta since (their
-    values in its hooks, without the mark).
+    values in its hooks, without the mark). `new_head`: the test of a key that may be missing
+    (:func:`outside_the_base_model`: another task's head, new).
     """
     loaded = {
         key
@@ -163,7 +170,7 @@ def check_nothing_missing(model: nn.Module, offloaded: Iterable[str] = ()) -> No
         if getattr(tensor, "_is_hf_initialized", False)
     }
     loaded.update(offloaded)
-    missing = missing_tensors(model, loaded)
+    missing = [k for k in missing_tensors(model, loaded) if new_head is None or not new_head(k)]
     if missing:
         raise ValueError(f"mlxq: {missing_message(missing)}")
 
@@ -277,6 +284,33 @@ def check_nothing_unexpected(model: nn.Module, unexpected: Iterable[str]) -> Non
             f"{'it' if len(unexpected) == 1 else 'them'} (does config.json describe this "
             "checkpoint?)"
         )
+
+
+def say_other_task_head(
+    model: nn.Module,
+    unexpected: Iterable[str],
+    missing: Iterable[str],
+    outside: Callable[[str], bool],
+) -> None:
+    """Warn, naming them, of the checkpoint's tensors a model without its LM head leaves out
+    and of the tensors of its own head that the checkpoint lacks (random: transformers' load
+    report says so too, unless its logging is silenced)."""
+    dropped = sorted(k for k in unexpected if outside(k))
+    new = sorted(k for k in missing if outside(k))
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    said = []
+    if dropped:
+        said.append(f"leaves out the checkpoint's {listed(dropped)} (a head it does not have)")
+    if new:
+        said.append(
+            f"has {listed(new)}, which the checkpoint lacks: initialised randomly, to be trained "
+            "on the downstream task"
+        )
+    if said:
+        logger.warning(f"mlxq: {type(model).__name__} {'; and '.join(said)}")
 
 
 def check_no_mismatched_shapes(model: nn.Module, mismatched: Iterable[tuple]) -> None:
@@ -577,9 +611,80 @@ def checkpoint_keys_as_model_keys(model: nn.Module, headers: dict[str, TensorInf
             continue
         if module not in modules:
             renamed, _ = rename_source_key(f"{module}.weight", renamings, [], prefix, meta)
-            modules[module] = renamed.removesuffix(".weight")
+            modules[module] = _base_prefix_moved(model, renamed.removesuffix(".weight"), prefix)
         out[f"{modules[module]}.{leaf}" if modules[module] else leaf] = info
     return out
+
+
+def _base_prefix_moved(model: nn.Module, name: str, prefix: str | None) -> str:
+    """Module `name` with the base-model prefix stripped or added as transformers will when
+    loading: it moves the prefix only where that gives a key the model holds, and the modules
+    mlxq replaces before loading (stacked MoE experts) hold none yet. Decided here by the
+    top-level module instead: `AutoModel` (the base model) on a causal LM's checkpoint strips
+    `model.`, a task model on a base model's checkpoint adds it."""
+    if not prefix:
+        return name
+    children = dict(model.named_children())
+    first, _, rest = name.partition(".")
+    if first == prefix and prefix not in children and rest.partition(".")[0] in children:
+        return rest
+    base = children.get(prefix)
+    if first not in children and base is not None and hasattr(base, first):
+        return f"{prefix}.{name}"
+    return name
+
+
+def _converted_name(model: nn.Module, stored_keys: Iterable[str]) -> Callable[[str], str]:
+    """The name a `WeightConverter` sees for the model's tensor `key` (the checkpoint's name
+    renamed, before transformers strips the base-model prefix): for the base model itself
+    (`AutoModel`) on a checkpoint whose names carry the prefix (a causal LM's: `model.`), `key`
+    with it; else `key`. `stored_keys`: the checkpoint's tensor names."""
+    prefix = getattr(model, "base_model_prefix", None) or None
+    if prefix is None or prefix in dict(model.named_children()):  # (not the base model)
+        return lambda key: key
+    mark = f"{prefix}."
+    if not any(k.startswith(mark) for k in stored_keys):
+        return lambda key: key
+    return lambda key: key if key.startswith(mark) else mark + key
+
+
+def outside_the_base_model(model: nn.Module) -> Callable[[str], bool] | None:
+    """For a model without a language-modelling head (the base model of `AutoModel`, or one
+    with another task's head: `AutoModelForSequenceClassification`, ...), the test of whether
+    a tensor (in the model's names) lies outside its base model: the checkpoint's LM head,
+    which such a model has no place for, or its own new head, which no causal LM's checkpoint
+    holds (transformers initialises it randomly and says so, "newly initialized", as for a
+    float checkpoint). Everything of the base model must still load exactly. None for a model
+    that generates: the checkpoint's whole model, held to mlx-lm's strict load."""
+    can_generate = getattr(model, "can_generate", None)
+    if can_generate is None or can_generate():
+        return None
+    prefix = getattr(model, "base_model_prefix", None) or None
+    children = {name for name, _ in model.named_children()}
+    if prefix is not None and prefix in children:  # a task model: its base model's tensors
+        return lambda key: not key.startswith(f"{prefix}.")
+    # the base model itself: a name under the prefix is the base model's, unstripped
+    return lambda key: key.partition(".")[0] not in children and key.partition(".")[0] != prefix
+
+
+def quantized_weight_count(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """The number of weights mlxq's quantized layers of `model` hold packed (buffers, which
+    transformers' `num_parameters` does not see): each layer's float weight, `scales` times the
+    group size ([..., N, K / group_size] scales for an [..., N, K] weight, in every mode), once
+    per layer (a tied head reads its embedding's). `exclude_embeddings`: without the quantized
+    embeddings, as transformers leaves out `nn.Embedding` weights."""
+    from mlxq._casts import RefusesUnsupportedCasts
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, RefusesUnsupportedCasts):
+            continue
+        if exclude_embeddings and isinstance(module, AffineEmbedding):
+            continue
+        scales = module._buffers.get("scales")
+        if scales is not None:
+            count += scales.numel() * module.group_size
+    return count
 
 
 def float_checkpoint_files(model: nn.Module) -> list[str]:
@@ -1217,11 +1322,12 @@ class MLXHfQuantizer(HfQuantizer):
             _refuse_unmapped_vlm(model, headers, stored_keys, mlx_vlm_names, checkpoint_files)
         # channels-last convolution weights (mlx-vlm's vision towers) are permuted at load,
         # and norm weights that mlx-lm stores as 1 + w (Qwen3-Next) get their 1 back
+        source = _converted_name(model, stored_keys)
         self._value_conversions = channels_last_conversions(
-            model, headers, prefer_last=vlm_layout is not None
+            model, headers, prefer_last=vlm_layout is not None, source_key=source
         )
         if layout is not None:
-            self._value_conversions += layout.offset_conversions(headers)
+            self._value_conversions += layout.offset_conversions(headers, source)
             self._value_conversions += layout.merge_conversions()
             self._value_conversions += layout.stack_conversions()
             # (load only: saved apart, as mlx-lm keeps them)
@@ -1270,7 +1376,13 @@ class MLXHfQuantizer(HfQuantizer):
             )
             model.set_submodule(name, new)
             replaced.add(name)
-        check_all_quantized_tensors_used(model, headers, replaced)
+        outside = outside_the_base_model(model)
+        self._outside = outside
+        if outside is not None:  # the checkpoint's LM head: not this model's (dropped)
+            body = {k: v for k, v in headers.items() if not outside(k)}
+            check_all_quantized_tensors_used(model, body, replaced)
+        else:
+            check_all_quantized_tensors_used(model, headers, replaced)
         refuse_tied_head_tensors(model, headers, walk.head, stored_names)
         if replaced:
             drop_tied_keys(model, replaced)
@@ -1398,8 +1510,12 @@ class MLXHfQuantizer(HfQuantizer):
             unexpected = getattr(self, "_unexpected", ())
             if layout is not None:  # what mlx-lm drops on purpose
                 unexpected = [k for k in unexpected if not layout.drops(k)]
+            outside = getattr(self, "_outside", None)
+            if outside is not None:  # the LM head dropped, another task's head new: said
+                say_other_task_head(model, unexpected, not_loaded, outside)
+                unexpected = [k for k in unexpected if not outside(k)]
             check_nothing_unexpected(model, unexpected)
-            check_nothing_missing(model, loaded_offloaded)
+            check_nothing_missing(model, loaded_offloaded, new_head=outside)
             check_float_parameters_finite(model, offloaded)
             run_folded_multipliers(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
         check_moe_tensors_loaded(model, skip=self._placed_on_meta, loaded=loaded_offloaded)

@@ -31,6 +31,8 @@ What it does, and why each piece is needed:
    ``transformers.configuration_utils`` loads (`AutoConfig` may read a config first).
 6. Casts: transformers' ``PreTrainedModel.half`` / ``float`` refuse every quantized model (its
    ``.to(dtype)`` and ``.bfloat16()`` cast it); for an MLX model they cast as ``nn.Module``'s do.
+   ``num_parameters`` counts each quantized layer's weight as its float weight would count
+   (transformers sees only parameters, and mlxq's packed weights are buffers).
 7. The default dtype: without ``dtype=``, transformers loads in config.json's ``dtype``; mlx-lm
    runs each tensor as its file stores it. A wrapper around ``transformers.modeling_utils.
    _get_dtype`` replaces "auto" for an MLX load by the dtype mlx-lm runs the checkpoint in
@@ -252,7 +254,7 @@ def register() -> None:
     from mlxq.integrations.checkpoint import repair_shard_index, unindexed_shards
     from mlxq.integrations.config import QUANT_METHOD, MLXQuantConfig
     from mlxq.integrations.cpu_attention import register_attention
-    from mlxq.integrations.quantizer import MLXHfQuantizer
+    from mlxq.integrations.quantizer import MLXHfQuantizer, quantized_weight_count
 
     if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
         auto.register_quantization_config(QUANT_METHOD)(MLXQuantConfig)
@@ -406,6 +408,26 @@ def register() -> None:
         cast.__wrapped__ = original_cast
         cast.__name__ = cast.__qualname__ = method
         setattr(modeling_utils.PreTrainedModel, method, cast)
+
+    # transformers counts parameters only, and mlxq's packed weights are buffers: an MLX model
+    # of 135M weights said it had 50k. Each quantized layer counts as its float weight would
+    # (frozen: never trainable), as transformers counts bitsandbytes' 4-bit weights
+    original_count = modeling_utils.PreTrainedModel.num_parameters
+    if not getattr(original_count, _MARK, False):
+
+        def num_parameters(
+            self, only_trainable: bool = False, exclude_embeddings: bool = False
+        ) -> int:
+            count = original_count(self, only_trainable, exclude_embeddings)
+            if isinstance(getattr(self, "hf_quantizer", None), MLXHfQuantizer):
+                if not only_trainable:
+                    count += quantized_weight_count(self, exclude_embeddings)
+            return count
+
+        setattr(num_parameters, _MARK, True)
+        num_parameters.__wrapped__ = original_count
+        num_parameters.__doc__ = original_count.__doc__
+        modeling_utils.PreTrainedModel.num_parameters = num_parameters
 
     # a cast the quantized layers cannot take (model.double(), .to(torch.float64)) is refused
     # before any tensor of the model is cast, naming the first quantized module; each layer

@@ -8,7 +8,7 @@ the other.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,19 +33,23 @@ __all__ = [
 ]
 
 
-def unit_offset_conversions(names: Iterable[str], patterns: tuple[str, ...]) -> list:
+def unit_offset_conversions(
+    names: Iterable[str], patterns: tuple[str, ...], source: Callable[[str], str] | None = None
+) -> list:
     """`WeightConverter`s taking 1 off each of `names` that one of `patterns` matches at load;
-    `save_pretrained` adds it back."""
+    `save_pretrained` adds it back. `source`: the name the converter matches for a model name
+    where they differ (the base model's: with the checkpoint's `model.`)."""
     from transformers.core_model_loading import WeightConverter
 
+    source = source or (lambda name: name)  # (`patterns` match its names)
     return [
         WeightConverter(
-            source_patterns=f"^{re.escape(name)}",  # no `$`: reversed, it would stay
+            source_patterns=f"^{re.escape(source(name))}",  # no `$`: reversed, it would stay
             target_patterns=name,
             operations=[UnitOffset(-1.0)],
         )
         for name in sorted(names)
-        if any(re.search(p, name) for p in patterns)
+        if any(re.search(p, source(name)) for p in patterns)
     ]
 
 
@@ -80,19 +84,23 @@ class UnitOffset:
         return _Op(delta)
 
 
-def scalar_conversions(names: Iterable[str], patterns: tuple[str, ...]) -> list:
+def scalar_conversions(
+    names: Iterable[str], patterns: tuple[str, ...], source: Callable[[str], str] | None = None
+) -> list:
     """`WeightConverter`s giving each of `names` that one of `patterns` matches the shape [1]
-    at load (mlx-lm stores it as a scalar); `save_pretrained` writes the scalar back."""
+    at load (mlx-lm stores it as a scalar); `save_pretrained` writes the scalar back.
+    `source`: as for :func:`unit_offset_conversions`."""
     from transformers.core_model_loading import WeightConverter
 
+    source = source or (lambda name: name)  # (`patterns` match its names)
     return [
         WeightConverter(
-            source_patterns=f"^{re.escape(name)}",  # no `$`: reversed, it would stay
+            source_patterns=f"^{re.escape(source(name))}",  # no `$`: reversed, it would stay
             target_patterns=name,
             operations=[ScalarShape(False)],
         )
         for name in sorted(names)
-        if any(re.search(p, name) for p in patterns)
+        if any(re.search(p, source(name)) for p in patterns)
     ]
 
 
@@ -174,13 +182,15 @@ class ChannelsLastToFirst:
         return _Op(to_first)
 
 
-def channels_last_converter(key: str) -> Any:
+def channels_last_converter(key: str, source_key: str | None = None) -> Any:
     """A `WeightConverter` permuting the convolution weight `key` from MLX's channels-last
-    layout when loading, and back when `save_pretrained` reverses it."""
+    layout when loading, and back when `save_pretrained` reverses it. `source_key`: the name
+    it matches where it differs from `key` (the base model's: with the checkpoint's `model.`)."""
     from transformers.core_model_loading import WeightConverter
 
     return WeightConverter(
-        source_patterns=f"^{re.escape(key)}",  # no `$`: reversed, it would stay
+        # no `$`: reversed, it would stay
+        source_patterns=f"^{re.escape(source_key or key)}",
         target_patterns=key,
         operations=[ChannelsLastToFirst(True)],
     )
