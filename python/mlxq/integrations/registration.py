@@ -234,6 +234,22 @@ def _with_mlx_lm_defaults(config_dict: dict, model_type: Any) -> dict:
     return out
 
 
+def _float_mlx_checkpoint_as_mlx(config_dict: dict, path: Any, subfolder: str) -> dict:
+    """`config_dict` with :data:`mlxq.integrations.checkpoint.FLOAT_MLX_BLOCK` as its
+    quantization block when it has none and `path` is a local folder of a float checkpoint
+    written by mlx-lm (:func:`~mlxq.integrations.checkpoint.is_float_mlx_checkpoint`): read as
+    an MLX checkpoint, whose layout mlxq maps back as it does for quantized ones, every module
+    float. Unchanged otherwise (a copy where it changes)."""
+    from mlxq.format import find_quantization
+    from mlxq.integrations.checkpoint import FLOAT_MLX_BLOCK, is_float_mlx_checkpoint
+
+    if find_quantization(config_dict) is not None or not isinstance(path, (str, os.PathLike)):
+        return config_dict
+    if not is_float_mlx_checkpoint(os.path.join(os.fspath(path), subfolder)):
+        return config_dict
+    return {**config_dict, "quantization": dict(FLOAT_MLX_BLOCK)}
+
+
 def _is_metal(q: Any) -> bool:
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
     return str(getattr(method, "value", method)) == "metal"
@@ -471,6 +487,9 @@ def _install_config_hook() -> None:
         def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
             config_dict, kwargs = original_get_config_dict(
                 cls, pretrained_model_name_or_path, **kwargs
+            )
+            config_dict = _float_mlx_checkpoint_as_mlx(
+                config_dict, pretrained_model_name_or_path, kwargs.get("subfolder") or ""
             )
             config_dict = _model_type_as_mlx_lm_reads(config_dict)
             return _with_quantization_in_sub_config(cls, config_dict), kwargs
