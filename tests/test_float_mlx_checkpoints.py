@@ -84,3 +84,18 @@ def test_float_mlx_checkpoint_inspects_and_saves_for_mlx_lm(tmp_path: Path) -> N
     for file in path.glob("tokenizer*"):
         shutil.copy(file, tmp_path / file.name)
     np.testing.assert_array_equal(mlx_lm_logits(tmp_path, TOKENS), mlx_lm_logits(path, TOKENS))
+
+
+def test_quantization_config_argument_still_quantizes_on_load() -> None:
+    # the block mlxq reads such a folder with does not take the place of the caller's
+    import mlxq
+    from mlxq.nn import AffineLinear
+    from transformers import AutoModelForCausalLM
+
+    path = float_mlx_checkpoint("llama", True)
+    config = mlxq.MLXQuantConfig(bits=3, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=config
+    )
+    layers = [m for m in model.modules() if isinstance(m, AffineLinear)]
+    assert len(layers) == 14 and {(m.bits, m.group_size) for m in layers} == {(3, 32)}

@@ -27,6 +27,7 @@ __all__ = [
     "read_headers",
     "written_by_mlx",
     "FLOAT_MLX_BLOCK",
+    "FloatMlxBlock",
     "is_float_mlx_checkpoint",
     "read_index",
     "check_shard_index",
@@ -164,6 +165,12 @@ def written_by_mlx(paths: Iterable[str | os.PathLike]) -> bool:
 # the quantization block a float checkpoint written by mlx-lm is read with (no module takes it:
 # each module's format is read off its tensors, and these have no `scales`): mlx-lm's defaults
 FLOAT_MLX_BLOCK = {"group_size": 64, "bits": 4, "mode": "affine"}
+
+
+class FloatMlxBlock(dict):
+    """:data:`FLOAT_MLX_BLOCK` as given to a float MLX checkpoint's config (a dict, saved as
+    one), known by its class: a `quantization_config=` passed to from_pretrained quantizes such
+    a checkpoint on load instead of yielding to it."""
 
 
 def is_float_mlx_checkpoint(folder: str | os.PathLike) -> bool:

@@ -105,6 +105,7 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
     A transformers MetalConfig checkpoint (same packing, `qbiases` naming) is taken over only
     when the caller asked for it by passing an `MLXQuantConfig`; otherwise it stays Metal's.
     """
+    from mlxq.integrations.checkpoint import FloatMlxBlock
     from mlxq.integrations.config import (
         QUANT_METHOD,
         MLXQuantConfig,
@@ -118,6 +119,8 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
             # older mlx-lm wrote only this key; an empty quantization_config beside it is no
             # block (mlx-lm reads `quantization` first, as find_quantization does)
             q = getattr(cfg, "quantization", None)
+        if isinstance(q, FloatMlxBlock) and requested is not None:
+            continue  # a float MLX checkpoint, quantized on load as the caller asks
         if isinstance(q, dict) and "quant_method" not in q and is_mlx_quantization(q):
             cfg.quantization_config = {**q, "quant_method": QUANT_METHOD}
         elif isinstance(requested, MLXQuantConfig) and _is_metal(q):
@@ -241,13 +244,17 @@ def _float_mlx_checkpoint_as_mlx(config_dict: dict, path: Any, subfolder: str) -
     an MLX checkpoint, whose layout mlxq maps back as it does for quantized ones, every module
     float. Unchanged otherwise (a copy where it changes)."""
     from mlxq.format import find_quantization
-    from mlxq.integrations.checkpoint import FLOAT_MLX_BLOCK, is_float_mlx_checkpoint
+    from mlxq.integrations.checkpoint import (
+        FLOAT_MLX_BLOCK,
+        FloatMlxBlock,
+        is_float_mlx_checkpoint,
+    )
 
     if find_quantization(config_dict) is not None or not isinstance(path, (str, os.PathLike)):
         return config_dict
     if not is_float_mlx_checkpoint(os.path.join(os.fspath(path), subfolder)):
         return config_dict
-    return {**config_dict, "quantization": dict(FLOAT_MLX_BLOCK)}
+    return {**config_dict, "quantization": FloatMlxBlock(FLOAT_MLX_BLOCK)}
 
 
 def _is_metal(q: Any) -> bool:
