@@ -213,7 +213,11 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
     `headers_by_file` ({file name: {tensor: TensorInfo}}) replaces reading the headers from
     `folder` (for Hub repos whose headers were fetched without the weights).
     """
-    from mlxq.integrations.checkpoint import read_header
+    from mlxq.integrations.checkpoint import (
+        FLOAT_MLX_BLOCK,
+        is_float_mlx_checkpoint,
+        read_header,
+    )
     from mlxq.integrations.config import MLXQuantConfig
 
     config, config_error = _read_config(folder / "config.json")
@@ -272,6 +276,8 @@ def inspect_checkpoint(folder: Path, source: str, headers_by_file: dict | None =
             Problem("error", f"config.json quantization must be an object, got {type(q).__name__}")
         )
         return report
+    if q is None and folder_is_local and is_float_mlx_checkpoint(folder):
+        q = dict(FLOAT_MLX_BLOCK)  # read as the loader reads it: mlx-lm's layout, all float
     mlx_q = is_mlx_quantization(q)
     packed = [k for k, v in headers.items() if v.dtype in ("U32", "I32") and k.endswith("weight")]
     if isinstance(q, dict) and not mlx_q:

@@ -349,6 +349,14 @@ class ScaledAffineEmbedding(AffineEmbedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = super().forward(ids)
+        if self.mode != "affine" and rows.dtype != torch.bfloat16:
+            # MLX looks a floating-point-mode table up in bfloat16 (no float scale sets another
+            # dtype; the values are exact there) and mlx-lm's models scale the rows in that
+            # dtype (`h * hidden_size**0.5`), whatever the model's: the product is rounded to
+            # bfloat16, then widened as MLX widens it at the first op with a float32 operand.
+            # Unrounded, a float32 Gemma 3 differs from mlx-lm's by ~1e-2 in the logits
+            scale = torch.tensor(self.embed_scale, dtype=torch.bfloat16, device=rows.device)
+            return (rows.to(torch.bfloat16) * scale).to(rows.dtype)
         if self.scale_dtype is None:
             return rows * self.embed_scale
         scale = torch.tensor(self.embed_scale, dtype=self.scale_dtype, device=rows.device)

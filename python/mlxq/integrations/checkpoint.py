@@ -26,6 +26,9 @@ __all__ = [
     "read_header",
     "read_headers",
     "written_by_mlx",
+    "FLOAT_MLX_BLOCK",
+    "FloatMlxBlock",
+    "is_float_mlx_checkpoint",
     "read_index",
     "check_shard_index",
     "repair_shard_index",
@@ -157,6 +160,41 @@ def written_by_mlx(paths: Iterable[str | os.PathLike]) -> bool:
         if isinstance(metadata, dict) and metadata.get("format") == "mlx":
             return True
     return False
+
+
+# the quantization block a float checkpoint written by mlx-lm is read with (no module takes it:
+# each module's format is read off its tensors, and these have no `scales`): mlx-lm's defaults
+FLOAT_MLX_BLOCK = {"group_size": 64, "bits": 4, "mode": "affine"}
+
+
+class FloatMlxBlock(dict):
+    """:data:`FLOAT_MLX_BLOCK` as given to a float MLX checkpoint's config (a dict, saved as
+    one), known by its class: a `quantization_config=` passed to from_pretrained quantizes such
+    a checkpoint on load instead of yielding to it."""
+
+
+def is_float_mlx_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether local `folder` holds a float checkpoint written by MLX: safetensors that MLX wrote
+    (`mlx_lm convert` without `-q`, `convert -d`, `fuse --dequantize`: no quantization block),
+    none with quantized tensors (`*.scales`; packed weights without a block stay refused). Such
+    a checkpoint keeps mlx-lm's tensor layout (stacked experts `switch_mlp.*`, DeepSeek's
+    `embed_q`/`unembed_out`, GPT-2's `model.*` names, channels-last convolutions, ...), which
+    transformers' own loader takes for missing and unexpected keys and fills with random
+    weights, a warning at most: read with :data:`FLOAT_MLX_BLOCK` (the caller checks that
+    config.json has no block), mlxq maps it back as for quantized checkpoints."""
+    import glob
+
+    if not os.path.isdir(folder):
+        return False
+    pattern = os.path.join(glob.escape(os.fspath(folder)), "*.safetensors")
+    files = sorted(glob.glob(pattern))
+    if not written_by_mlx(files):
+        return False
+    try:
+        keys = read_headers(files)
+    except (OSError, ValueError):  # the loader names what is wrong with the file
+        return False
+    return not any(k.endswith(".scales") for k in keys)
 
 
 def read_headers(paths: Iterable[str | os.PathLike]) -> dict[str, TensorInfo]:

@@ -107,6 +107,7 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
     A transformers MetalConfig checkpoint (same packing, `qbiases` naming) is taken over only
     when the caller asked for it by passing an `MLXQuantConfig`; otherwise it stays Metal's.
     """
+    from mlxq.integrations.checkpoint import FloatMlxBlock
     from mlxq.integrations.config import (
         QUANT_METHOD,
         MLXQuantConfig,
@@ -120,6 +121,8 @@ def _tag_mlx_quantization(config: Any, requested: Any = None) -> None:
             # older mlx-lm wrote only this key; an empty quantization_config beside it is no
             # block (mlx-lm reads `quantization` first, as find_quantization does)
             q = getattr(cfg, "quantization", None)
+        if isinstance(q, FloatMlxBlock) and requested is not None:
+            continue  # a float MLX checkpoint, quantized on load as the caller asks
         if isinstance(q, dict) and "quant_method" not in q and is_mlx_quantization(q):
             cfg.quantization_config = {**q, "quant_method": QUANT_METHOD}
         elif isinstance(requested, MLXQuantConfig) and _is_metal(q):
@@ -234,6 +237,26 @@ def _with_mlx_lm_defaults(config_dict: dict, model_type: Any) -> dict:
     out = with_mlx_lm_defaults({**config_dict, "model_type": model_type})  # (a copy)
     out["model_type"] = config_dict.get("model_type")
     return out
+
+
+def _float_mlx_checkpoint_as_mlx(config_dict: dict, path: Any, subfolder: str) -> dict:
+    """`config_dict` with :data:`mlxq.integrations.checkpoint.FLOAT_MLX_BLOCK` as its
+    quantization block when it has none and `path` is a local folder of a float checkpoint
+    written by mlx-lm (:func:`~mlxq.integrations.checkpoint.is_float_mlx_checkpoint`): read as
+    an MLX checkpoint, whose layout mlxq maps back as it does for quantized ones, every module
+    float. Unchanged otherwise (a copy where it changes)."""
+    from mlxq.format import find_quantization
+    from mlxq.integrations.checkpoint import (
+        FLOAT_MLX_BLOCK,
+        FloatMlxBlock,
+        is_float_mlx_checkpoint,
+    )
+
+    if find_quantization(config_dict) is not None or not isinstance(path, (str, os.PathLike)):
+        return config_dict
+    if not is_float_mlx_checkpoint(os.path.join(os.fspath(path), subfolder)):
+        return config_dict
+    return {**config_dict, "quantization": FloatMlxBlock(FLOAT_MLX_BLOCK)}
 
 
 def _is_metal(q: Any) -> bool:
@@ -493,6 +516,9 @@ def _install_config_hook() -> None:
         def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
             config_dict, kwargs = original_get_config_dict(
                 cls, pretrained_model_name_or_path, **kwargs
+            )
+            config_dict = _float_mlx_checkpoint_as_mlx(
+                config_dict, pretrained_model_name_or_path, kwargs.get("subfolder") or ""
             )
             config_dict = _model_type_as_mlx_lm_reads(config_dict)
             return _with_quantization_in_sub_config(cls, config_dict), kwargs
