@@ -99,3 +99,26 @@ def test_quantization_config_argument_still_quantizes_on_load() -> None:
     )
     layers = [m for m in model.modules() if isinstance(m, AffineLinear)]
     assert len(layers) == 14 and {(m.bits, m.group_size) for m in layers} == {(3, 32)}
+
+
+def test_float_mlx_checkpoint_trains_without_adapters(tmp_path: Path) -> None:
+    # nothing in it is quantized: transformers' Trainer may fine-tune every weight (a float
+    # checkpoint loaded by transformers alone could be, where its layout let it load)
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(
+        float_mlx_checkpoint("qwen3_moe", True), dtype=torch.float32
+    )
+    before = model.lm_head.weight.detach().clone()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
+    row = torch.as_tensor(TOKENS)
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": row, "labels": row}]).train()
+    assert not torch.equal(model.lm_head.weight, before)

@@ -175,6 +175,40 @@ def test_training_lowers_loss(ckpt, gen, dtype, one_thread):
             assert torch.equal(b, packed[key]), name
 
 
+def test_transformers_trainer_trains_adapters(ckpt, gen, tmp_path, one_thread):
+    """transformers' Trainer takes a PEFT model on an mlxq model (the quantizer says it is
+    trainable), trains the adapters, and leaves the packed base as it was; a bare quantized
+    model without adapters is still refused by Trainer."""
+    from transformers import Trainer, TrainingArguments
+
+    model = _load(ckpt)
+    packed = {n: b.clone() for n, b in model.named_buffers() if b.dtype == torch.uint32}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=6,
+        learning_rate=3e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
+    data = [{"input_ids": row, "labels": row} for row in _batch(gen, 4, 12)]
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=model, args=args, train_dataset=data)
+    peft_model = peft.get_peft_model(model, mlxq_peft.lora_config(r=8, target_modules=TARGETS))
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    result = Trainer(model=peft_model, args=args, train_dataset=data).train()
+    assert result.global_step == 6
+    changed = [n for n, p in peft_model.named_parameters() if n in before and "lora_B" in n]
+    assert changed and all(
+        not torch.equal(p, before[n]) for n, p in peft_model.named_parameters() if n in changed
+    )
+    for name, b in peft_model.named_buffers():
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if key in packed:
+            assert torch.equal(b, packed[key]), name
+
+
 def test_gradient_checkpointing_same_gradients(ckpt, gen, one_thread):
     data = _batch(gen, 2, 12)
     grads = []

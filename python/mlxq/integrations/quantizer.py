@@ -1519,6 +1519,7 @@ class MLXHfQuantizer(HfQuantizer):
             check_float_parameters_finite(model, offloaded)
             run_folded_multipliers(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
         check_moe_tensors_loaded(model, skip=self._placed_on_meta, loaded=loaded_offloaded)
+        self._all_float = not any(n.endswith(".scales") for n, _ in model.named_buffers())
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
             save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
         floats = float_where_weight_dtype_is_read(model)  # Mamba's head, V3.2's indexer
@@ -1618,7 +1619,16 @@ class MLXHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Gradients flow through the quantized layers to their inputs (the ops' autograd), so
+        transformers' Trainer may train adapters (PEFT) on an mlxq model; the packed weights
+        themselves stay frozen."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Whether Trainer may train the model without adapters: only where nothing in it is
+        quantized (a float checkpoint written by mlx-lm, read through mlxq for its layout)."""
+        return getattr(self, "_all_float", False)
 
     @property
     def is_compileable(self) -> bool:
