@@ -290,13 +290,7 @@ def with_mlx_lm_defaults(config_dict: dict) -> dict:
 def _with_text_config_defaults(model_type: str, config_dict: dict, text: dict) -> dict:
     """`config_dict` whose text_config has the defaults of :data:`MLX_TEXT_CONFIG_DEFAULTS`
     it lacks; refused where it lacks a key of :data:`MLX_TEXT_CONFIG_REFUSED`."""
-    for key, said in MLX_TEXT_CONFIG_REFUSED.get(model_type, {}).items():
-        if key not in text:
-            raise ValueError(
-                f"mlxq: config.json of model type {model_type!r} has no text_config.{key}: its "
-                f"defaults differ ({said}), so no model here is sure to match the one that "
-                f"converted it. Set text_config.{key} in config.json"
-            )
+    _refuse_absent(MLX_TEXT_CONFIG_REFUSED, model_type, text, "text_config.")
     rope = text.get("rope_parameters")
     rope = rope if isinstance(rope, dict) else {}
     if model_type == "glm4v" and text.get("rope_scaling") is None:
@@ -352,12 +346,31 @@ def _check_glm4v_mrope(rope: dict) -> None:
 def _check_mlx_vlm_text(model_type: str, config_dict: dict) -> None:
     """ValueError naming the first key of :data:`MLX_VLM_TEXT_REFUSED` that the config.json
     of a text model converted by mlx-vlm lacks."""
-    for key, said in MLX_VLM_TEXT_REFUSED.get(model_type, {}).items():
-        if key not in config_dict:
+    _refuse_absent(
+        MLX_VLM_TEXT_REFUSED,
+        model_type,
+        config_dict,
+        "",
+        " converted by mlx-vlm (its empty vision_config)",
+        "and no model here runs mlx-vlm's",
+    )
+
+
+def _refuse_absent(
+    refused: dict,
+    model_type: str,
+    present: dict,
+    where: str,
+    converted: str = "",
+    why: str = "so no model here is sure to match the one that converted it",
+) -> None:
+    """ValueError naming the first key of `refused[model_type]` (key -> both defaults, said)
+    absent from `present` (config.json's part `where`: "" or "text_config.")."""
+    for key, said in refused.get(model_type, {}).items():
+        if key not in present:
             raise ValueError(
-                f"mlxq: config.json of model type {model_type!r} converted by mlx-vlm (its "
-                f"empty vision_config) has no {key}: its defaults differ ({said}), and no "
-                f"model here runs mlx-vlm's. Set {key} in config.json"
+                f"mlxq: config.json of model type {model_type!r}{converted} has no {where}{key}: "
+                f"its defaults differ ({said}), {why}. Set {where}{key} in config.json"
             )
 
 
