@@ -1376,13 +1376,10 @@ class MLXHfQuantizer(HfQuantizer):
             )
             model.set_submodule(name, new)
             replaced.add(name)
-        outside = outside_the_base_model(model)
-        self._outside = outside
-        if outside is not None:  # the checkpoint's LM head: not this model's (dropped)
-            body = {k: v for k, v in headers.items() if not outside(k)}
-            check_all_quantized_tensors_used(model, body, replaced)
-        else:
-            check_all_quantized_tensors_used(model, headers, replaced)
+        outside = self._outside = outside_the_base_model(model)
+        # (the checkpoint's LM head, where the model has none: not this model's, dropped)
+        body = headers if outside is None else {k: v for k, v in headers.items() if not outside(k)}
+        check_all_quantized_tensors_used(model, body, replaced)
         refuse_tied_head_tensors(model, headers, walk.head, stored_names)
         if replaced:
             drop_tied_keys(model, replaced)
@@ -1519,7 +1516,7 @@ class MLXHfQuantizer(HfQuantizer):
             check_float_parameters_finite(model, offloaded)
             run_folded_multipliers(model)  # Falcon-H1's muP multipliers, folded by mlx-lm
         check_moe_tensors_loaded(model, skip=self._placed_on_meta, loaded=loaded_offloaded)
-        self._all_float = not any(n.endswith(".scales") for n, _ in model.named_buffers())
+        self._all_float = quantized_weight_count(model) == 0  # (is_qat_trainable)
         if self.pre_quantized:  # routers transformers keeps fp32: saved as the file has them
             save_as_read(model, self.__dict__.pop("_stored", {}))  # (not kept: pickling)
         floats = float_where_weight_dtype_is_read(model)  # Mamba's head, V3.2's indexer
